@@ -1,0 +1,52 @@
+"""Pure tensor math: measures, preprocessing, permutation nulls and calibration.
+
+Every function takes ``torch.Tensor`` inputs of shape (n, d) on any device, computes in float32
+or better (float64 stays float64), returns tensors, and never touches the global RNG.
+"""
+
+from alignment_callback.functional.calibration import (
+    CalibrationResult,
+    calibrate,
+    calibrated_alignment,
+)
+from alignment_callback.functional.gram_measures import linear_cka, rbf_cka, rsa, unbiased_cka
+from alignment_callback.functional.kernels import hsic_biased, hsic_unbiased
+from alignment_callback.functional.knn_measures import (
+    cknna,
+    cycle_knn,
+    edit_distance_knn,
+    lcs_knn,
+    mutual_knn,
+)
+from alignment_callback.functional.layers import LayerAlignmentResult, calibrated_layer_alignment
+from alignment_callback.functional.permutation import permutation_null, permutations
+from alignment_callback.functional.preprocessing import pool_features, prepare_features
+from alignment_callback.functional.registry import BUILTIN_MEASURES, Measure, get_measure
+from alignment_callback.functional.svcca import svcca
+
+__all__ = [
+    "BUILTIN_MEASURES",
+    "CalibrationResult",
+    "LayerAlignmentResult",
+    "Measure",
+    "calibrate",
+    "calibrated_alignment",
+    "calibrated_layer_alignment",
+    "cknna",
+    "cycle_knn",
+    "edit_distance_knn",
+    "get_measure",
+    "hsic_biased",
+    "hsic_unbiased",
+    "lcs_knn",
+    "linear_cka",
+    "mutual_knn",
+    "permutation_null",
+    "permutations",
+    "pool_features",
+    "prepare_features",
+    "rbf_cka",
+    "rsa",
+    "svcca",
+    "unbiased_cka",
+]

@@ -1,0 +1,110 @@
+"""Gram matrices, centring and HSIC estimators (METHOD.md section 3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def linear_gram(x: Tensor) -> Tensor:
+    """Linear kernel ``K = X Xᵀ``."""
+    return x @ x.T
+
+
+def squared_distances(x: Tensor) -> Tensor:
+    """Squared Euclidean distances ``D_ij = ‖x_i − x_j‖²`` (exact zeros on the diagonal)."""
+    sq = (x * x).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min_(0.0)
+    d2.fill_diagonal_(0.0)
+    return d2
+
+
+def median(values: Tensor) -> Tensor:
+    """Median of all entries, averaging the two middle values for an even count (NumPy's)."""
+    flat = values.flatten()
+    m = flat.numel()
+    lo = torch.kthvalue(flat, (m + 1) // 2).values
+    hi = torch.kthvalue(flat, m // 2 + 1).values
+    return (lo + hi) / 2
+
+
+def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
+    """RBF kernel ``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``.
+
+    ``sigma`` is absolute (PRH convention, default 1.0), or ``"median"`` for
+    ``σ = sqrt(median of all n² squared distances)``.
+    """
+    d2 = squared_distances(x)
+    if isinstance(sigma, str):
+        if sigma != "median":
+            raise ValueError(f"sigma must be a positive number or 'median', got {sigma!r}")
+        s2 = median(d2)
+        if not bool(s2 > 0):
+            raise ValueError("zero-variance representation: median squared distance is 0")
+        return torch.exp(-d2 / (2.0 * s2))
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    return torch.exp(-d2 / (2.0 * float(sigma) ** 2))
+
+
+def center_gram(k: Tensor) -> Tensor:
+    """Double centring ``H K H`` with ``H = I − 11ᵀ/n``."""
+    k = k - k.mean(0, keepdim=True)
+    return k - k.mean(1, keepdim=True)
+
+
+def u_center_gram(k: Tensor) -> Tensor:
+    """U-centring (Székely & Rizzo 2014) of a symmetric gram: zero diagonal and
+
+    ``Ũ_ij = K̃_ij − r_i/(n−2) − r_j/(n−2) + s/((n−1)(n−2))`` for i ≠ j, with K̃ the gram with
+    zeroed diagonal, r its row sums and s its total.  For symmetric K, L:
+    ``⟨U(K), U(L)⟩_F / (n(n−3)) = hsic_unbiased(K, L)``, so unbiased CKA is a cosine of
+    U-centred grams, and a permutation acts on U(L) as it acts on L.
+    """
+    n = k.shape[0]
+    if n < 4:
+        raise ValueError(f"unbiased HSIC needs n >= 4 samples, got {n}")
+    kt = k.clone()
+    kt.fill_diagonal_(0.0)
+    r = kt.sum(1)
+    s = r.sum()
+    u = kt - r[:, None] / (n - 2) - r[None, :] / (n - 2) + s / ((n - 1) * (n - 2))
+    u.fill_diagonal_(0.0)
+    return u
+
+
+def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
+    """Biased HSIC ``tr(K H L H)`` (no 1/(n−1)² factor; it cancels in CKA)."""
+    if k.shape != l.shape or k.dim() != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"grams must be square and of equal shape, got {tuple(k.shape)}, {tuple(l.shape)}")
+    return (center_gram(k) * l).sum()
+
+
+def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
+    """Unbiased HSIC (Song et al. 2012, eq. 5), valid for non-symmetric matrices too.
+
+    With K̃, L̃ the matrices with zeroed diagonals:
+    ``[tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2·1ᵀK̃L̃1/(n−2)] / (n(n−3))``,
+    where ``tr(K̃L̃) = Σ_ij K̃_ij L̃_ji`` and ``1ᵀK̃L̃1 = Σ_j colsum(K̃)_j rowsum(L̃)_j``.
+    """
+    if k.shape != l.shape or k.dim() != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"grams must be square and of equal shape, got {tuple(k.shape)}, {tuple(l.shape)}")
+    n = k.shape[0]
+    if n < 4:
+        raise ValueError(f"unbiased HSIC needs n >= 4 samples, got {n}")
+    kt = k.clone()
+    kt.fill_diagonal_(0.0)
+    lt = l.clone()
+    lt.fill_diagonal_(0.0)
+    trace = (kt * lt.T).sum()
+    cross = (kt.sum(0) * lt.sum(1)).sum()
+    value = trace + kt.sum() * lt.sum() / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)
+    return value / (n * (n - 3))
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..m of a 1-D tensor, ties receiving their average rank (as scipy's rankdata)."""
+    uniq, inverse, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(values.dtype)
+    avg = ends - (counts.to(values.dtype) - 1) / 2
+    return avg[inverse]

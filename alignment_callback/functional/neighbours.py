@@ -1,0 +1,141 @@
+"""k-nearest-neighbour lists and the index tricks the fast nulls use (METHOD.md sections 3, 5).
+
+Neighbours are the k rows with the largest inner product, self excluded, ordered by decreasing
+similarity. On L2-normalised rows this is cosine similarity. Ties are broken by ``torch.topk``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_BLOCK_ELEMENTS = 1 << 24  # gram rows computed at a time for top-k: ~64 MB in float32
+
+
+def knn(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k neighbours of every row of ``x`` by inner product, self excluded.
+
+    Returns ``(indices, values)``, both (n, k), ordered by decreasing inner product.
+    The gram is computed in row blocks, so memory stays O(n·block) rather than O(n²).
+    """
+    n = x.shape[0]
+    rows = max(1, min(n, _BLOCK_ELEMENTS // max(n, 1)))
+    idx_parts, val_parts = [], []
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        g = x[start:stop] @ x.T
+        ar = torch.arange(stop - start, device=x.device)
+        g[ar, ar + start] = -torch.inf
+        vals, idx = torch.topk(g, k, dim=1, largest=True, sorted=True)
+        idx_parts.append(idx)
+        val_parts.append(vals)
+    return torch.cat(idx_parts), torch.cat(val_parts)
+
+
+_DENSE_TABLE_BYTES = 1 << 28  # n×n slot table used for O(1) look-ups while it fits in 256 MB
+
+
+@dataclass(frozen=True)
+class NeighbourState:
+    """Neighbour lists of one representation, prepared once and reused for every permutation.
+
+    Attributes:
+        n: number of samples.
+        indices: (n, k) neighbour indices, most similar first.
+        values: (n, k) inner products ``⟨x_i, x_j⟩`` for those neighbours.
+        table: (n, n) int16/int32 with ``t + 1`` where ``j = indices[i, t]`` and 0 elsewhere
+            (when it fits in memory), else ``None``.
+        keys, key_slot: sorted pair keys ``i·n + j`` and the flat slot ``i·k + t`` of each,
+            used for look-ups when there is no table.
+        reciprocal: (n, k) bool, ``i ∈ N(j)`` for ``j = indices[i, t]``.
+    """
+
+    n: int
+    indices: Tensor
+    values: Tensor
+    table: Tensor | None
+    keys: Tensor | None
+    key_slot: Tensor | None
+    reciprocal: Tensor
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+
+def lookup(state: NeighbourState, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+    """Is ``cols`` a neighbour of ``rows`` in ``state``? Returns ``(found, flat_slot)``.
+
+    ``flat_slot = rows·k + t`` indexes ``state.indices.flatten()`` where found; elsewhere it is
+    a valid but meaningless index, so callers mask with ``found``.
+    """
+    if state.table is not None:
+        t = state.table[rows, cols].long()
+        found = t > 0
+        return found, rows * state.k + (t - 1).clamp_min_(0)
+    q = rows * state.n + cols
+    pos = torch.searchsorted(state.keys, q).clamp_max_(state.keys.numel() - 1)
+    return state.keys[pos] == q, state.key_slot[pos]
+
+
+def neighbour_state(x: Tensor, k: int) -> NeighbourState:
+    """Prepare :class:`NeighbourState` for ``x`` (n, d) with ``k`` neighbours."""
+    n = x.shape[0]
+    indices, values = knn(x, k)
+    rows = torch.arange(n, device=x.device).repeat_interleave(k)
+    table = keys = order = None
+    dtype = torch.int16 if k < 2**15 - 1 else torch.int32
+    if n * n * (2 if dtype == torch.int16 else 4) <= _DENSE_TABLE_BYTES:
+        table = torch.zeros(n, n, dtype=dtype, device=x.device)
+        slots = torch.arange(1, k + 1, dtype=dtype, device=x.device).repeat(n)
+        table[rows, indices.flatten()] = slots
+    else:
+        keys, order = torch.sort(rows * n + indices.flatten())
+    empty = torch.empty(0, dtype=torch.bool, device=x.device)
+    partial = NeighbourState(n, indices, values, table, keys, order, empty)
+    found, _ = lookup(partial, indices.flatten(), rows)
+    return NeighbourState(n, indices, values, table, keys, order, found.view(n, k))
+
+
+def remap_neighbours(state: NeighbourState, perms: Tensor, inverse: Tensor) -> Tensor:
+    """Neighbour lists of ``y[π]`` from those of ``y``: ``N_{Y[π]}(i) = π⁻¹(N_Y(π(i)))``.
+
+    ``perms`` and ``inverse`` are (B, n); returns (B, n, k). Order within each list is kept.
+    """
+    b, n = perms.shape
+    moved = state.indices[perms]  # (B, n, k): N_Y(π(i))
+    return torch.gather(inverse, 1, moved.reshape(b, -1)).view(b, n, -1)
+
+
+def lcs_length(a: Tensor, b: Tensor) -> Tensor:
+    """Longest-common-subsequence length of paired sequences ``a[..., :]`` and ``b[..., :]``."""
+    eq = a.unsqueeze(-1) == b.unsqueeze(-2)  # (..., ka, kb)
+    ka, kb = eq.shape[-2], eq.shape[-1]
+    prev = torch.zeros(*eq.shape[:-2], kb + 1, dtype=torch.int32, device=a.device)
+    for i in range(ka):
+        cur = torch.zeros_like(prev)
+        for j in range(kb):
+            diag = prev[..., j] + 1
+            best = torch.maximum(prev[..., j + 1], cur[..., j])
+            cur[..., j + 1] = torch.where(eq[..., i, j], diag, best)
+        prev = cur
+    return prev[..., kb]
+
+
+def levenshtein(a: Tensor, b: Tensor) -> Tensor:
+    """Levenshtein (edit) distance of paired sequences ``a[..., :]`` and ``b[..., :]``."""
+    eq = a.unsqueeze(-1) == b.unsqueeze(-2)
+    ka, kb = eq.shape[-2], eq.shape[-1]
+    batch = eq.shape[:-2]
+    prev = torch.arange(kb + 1, dtype=torch.int32, device=a.device).expand(*batch, kb + 1).clone()
+    for i in range(ka):
+        cur = torch.empty_like(prev)
+        cur[..., 0] = i + 1
+        for j in range(kb):
+            sub = prev[..., j] + (~eq[..., i, j]).to(torch.int32)
+            ins_del = torch.minimum(prev[..., j + 1], cur[..., j]) + 1
+            cur[..., j + 1] = torch.minimum(sub, ins_del)
+        prev = cur
+    return prev[..., kb]

@@ -1,0 +1,131 @@
+"""Reduce raw activations to (n, d) feature matrices (METHOD.md section 2).
+
+Preprocessing is an explicit step, separate from the measures: the measures take the rows they are
+given.  The PRH convention is ``pool -> optional outlier clamp -> L2-normalise each row``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Union
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional._checks import as_float
+
+PoolMode = Literal["flatten", "mean", "cls", "first", "last", "none"]
+Pool = Union[PoolMode, Callable[[Tensor], Tensor]]
+
+POOL_MODES: tuple[str, ...] = ("flatten", "mean", "cls", "first", "last", "none")
+
+
+def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None) -> Tensor:
+    """Reduce an activation of shape (n, ...) to (n, d).
+
+    Args:
+        x: activations, first dimension = samples.
+        pool: how to reduce the non-sample dimensions
+
+            * ``"flatten"``: reshape to (n, prod(rest)).
+            * ``"mean"``: mean over dimension 1 (tokens for (n, T, d); channels-last is *not*
+              assumed: for conv maps (n, C, H, W) the mean is over every spatial position,
+              giving (n, C)).
+            * ``"cls"`` / ``"first"``: element 0 along dimension 1 (the CLS token).
+            * ``"last"``: element -1 along dimension 1 (or the last unmasked token if ``mask``).
+            * ``"none"``: no pooling; ``x`` must already be 2-D.
+            * a callable ``f(x) -> (n, d)``.
+        mask: optional (n, T) attention mask for 3-D inputs; ``"mean"`` then averages only the
+            unmasked tokens and ``"last"`` takes the last unmasked token.
+
+    Returns:
+        A 2-D tensor (n, d). 1-D input (n,) becomes (n, 1).
+    """
+    if callable(pool):
+        out = pool(x)
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"the pool callable must return a (n, d) tensor with n={x.shape[0]}, got {shape}"
+            )
+        return out
+    if pool not in POOL_MODES:
+        raise ValueError(f"unknown pool {pool!r}; expected one of {POOL_MODES} or a callable")
+    if x.dim() == 0:
+        raise ValueError("activations must have a sample dimension, got a 0-dim tensor")
+    if x.dim() == 1:
+        return x.unsqueeze(1)
+    if x.dim() == 2 or pool == "none":
+        if x.dim() != 2:
+            raise ValueError(f"pool='none' needs 2-D activations, got shape {tuple(x.shape)}")
+        return x
+    if pool == "flatten":
+        return x.reshape(x.shape[0], -1)
+    if pool == "mean":
+        if mask is not None:
+            if x.dim() != 3:
+                raise ValueError("an attention mask needs (n, T, d) activations")
+            m = mask.to(x.dtype).unsqueeze(-1)
+            return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        if x.dim() == 3:
+            return x.mean(1)
+        return x.reshape(x.shape[0], x.shape[1], -1).mean(-1)
+    if pool in ("cls", "first"):
+        return x[:, 0].reshape(x.shape[0], -1)
+    # pool == "last"
+    if mask is not None:
+        idx = (mask.long().cumsum(1).argmax(1)).to(x.device)
+        return x[torch.arange(x.shape[0], device=x.device), idx].reshape(x.shape[0], -1)
+    return x[:, -1].reshape(x.shape[0], -1)
+
+
+def clamp_outliers(x: Tensor, quantile: float) -> Tensor:
+    """Clamp ``|x|`` at the ``quantile`` of ``|x|`` over the whole matrix (PRH uses 0.95)."""
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"clamp_quantile must be in (0, 1], got {quantile}")
+    flat = x.abs().flatten()
+    # torch.quantile has an input-size limit; kthvalue gives the same "lower" order statistic
+    # without it.  Linear interpolation as torch.quantile/numpy default:
+    pos = quantile * (flat.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, flat.numel() - 1)
+    s = torch.sort(flat).values
+    c = s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    return x.clamp(-c, c)
+
+
+def prepare_features(
+    x: Tensor,
+    pool: Pool = "flatten",
+    clamp_quantile: float | None = None,
+    normalize: bool = True,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Preprocess activations for the measures (METHOD.md section 2).
+
+    ``x`` of shape (n, ...) -> pool to (n, d) -> optionally clamp ``|x|`` at the
+    ``clamp_quantile`` of ``|x|`` (PRH: 0.95) -> optionally L2-normalise each row.
+
+    Args:
+        x: activations of shape (n, ...); any float dtype (computed in float32 or float64).
+        pool: see :func:`pool_features`; default ``"flatten"``.
+        clamp_quantile: ``None`` (default) for no clamping, or a quantile in (0, 1].
+        normalize: L2-normalise rows (default True, the PRH convention). A zero row raises.
+        mask: optional (n, T) attention mask used by ``"mean"`` and ``"last"`` pooling.
+
+    Returns:
+        A float tensor of shape (n, d) on the input's device.
+    """
+    x = as_float(x.detach())
+    x = pool_features(x, pool, mask=mask)
+    x = as_float(x)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("activations contain NaN/Inf values")
+    if clamp_quantile is not None:
+        x = clamp_outliers(x, clamp_quantile)
+    if normalize:
+        norms = x.norm(dim=1, keepdim=True)
+        zero = int((norms == 0).sum())
+        if zero:
+            raise ValueError(f"{zero} sample(s) have an all-zero feature vector; cannot L2-normalise")
+        x = x / norms
+    return x

@@ -1,0 +1,182 @@
+"""The measure registry: every measure as ``prepare`` (once per representation) + ``score``
+(for a batch of permutations of Y's rows).
+
+``prepare`` is what the fast nulls and the cached-reference mode reuse: a frozen reference's
+prepared state is computed once.  ``state_key`` names what ``prepare`` computes, so measures
+that need the same state (e.g. mutual kNN and cycle kNN with the same k) can share it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Union
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional import gram_measures as gm
+from alignment_callback.functional import knn_measures as km
+from alignment_callback.functional import svcca as sv
+from alignment_callback.functional._checks import check_matrix, check_pair
+
+MetricFn = Callable[[Tensor, Tensor], Any]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A similarity measure with a fast permutation path.
+
+    Attributes:
+        name: display name.
+        prepare: ``x (n, d) -> state``; computed once per representation.
+        score: ``(state_x, state_y, perms (B, n)) -> (B,)`` scores of ``(x, y[π])``.
+        state_key: hashable description of what ``prepare`` computes.
+        max_score: the measure's maximum (s_max), ``None`` if unbounded.
+        perm_cost: ``n -> elements`` of temporary memory per permutation (sets chunk sizes).
+        score_layers: optional ``(states_x, states_y, perms) -> (B, LA, LB)`` fast layer path.
+        kwargs: the keyword arguments the measure was built with.
+    """
+
+    name: str
+    prepare: Callable[[Tensor], Any]
+    score: Callable[[Any, Any, Tensor], Tensor]
+    state_key: Hashable
+    max_score: float | None = 1.0
+    perm_cost: Callable[[int], int] = lambda n: n * n
+    score_layers: Callable[[list, list, Tensor], Tensor] | None = None
+    kwargs: dict = field(default_factory=dict)
+    min_samples: int = 2
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        """The measure's value on ``(x, y)`` (no permutation)."""
+        sx, sy = self.prepare(x), self.prepare(y)
+        return self.score(sx, sy, torch.arange(x.shape[0], device=x.device)[None])[0]
+
+
+def _gram(name: str, prep: Callable[[Tensor], Any], key: Hashable, min_samples: int = 2, **kw):
+    return Measure(
+        name, prep, gm.gram_score, key, 1.0, lambda n: n * n, gm.gram_layer_scores, kw, min_samples
+    )
+
+
+def _knn(name: str, score, k: int, minimum: int = 1, cost: int = 1, min_samples: int = 2):
+    def prep(x: Tensor):
+        return km.knn_state(x, k, name, minimum)
+
+    return Measure(name, prep, score, ("knn", k), 1.0, lambda n: n * k * cost, None, {"k": k},
+                   min_samples)
+
+
+def _linear_cka() -> Measure:
+    return _gram("linear_cka", gm.linear_state, ("linear_centred",))
+
+
+def _rbf_cka(sigma: float | str = 1.0) -> Measure:
+    return _gram("rbf_cka", lambda x: gm.rbf_state(x, sigma), ("rbf_centred", sigma), sigma=sigma)
+
+
+def _unbiased_cka() -> Measure:
+    return _gram("unbiased_cka", gm.unbiased_state, ("linear_ucentred",), min_samples=4)
+
+
+def _rsa() -> Measure:
+    return _gram("rsa", gm.rsa_state, ("cosine_rank",), min_samples=3)
+
+
+def _mutual_knn(k: int = 10) -> Measure:
+    return _knn("mutual_knn", km.mutual_knn_score, k)
+
+
+def _cycle_knn(k: int = 10) -> Measure:
+    return _knn("cycle_knn", km.cycle_knn_score, k)
+
+
+def _cknna(k: int = 10) -> Measure:
+    return _knn("cknna", km.cknna_score, k, minimum=2, cost=4, min_samples=4)
+
+
+def _lcs_knn(k: int = 10) -> Measure:
+    return _knn("lcs_knn", km.lcs_knn_score, k, cost=2 * k)
+
+
+def _edit_distance_knn(k: int = 10) -> Measure:
+    return _knn("edit_distance_knn", km.edit_distance_knn_score, k, cost=2 * k)
+
+
+def _svcca(cca_dim: int = 10) -> Measure:
+    return Measure(
+        "svcca", lambda x: sv.svcca_state(x, cca_dim), sv.svcca_score, ("svcca", cca_dim), 1.0,
+        lambda n: n * cca_dim, None, {"cca_dim": cca_dim},
+    )
+
+
+BUILTIN_MEASURES: dict[str, Callable[..., Measure]] = {
+    "linear_cka": _linear_cka,
+    "rbf_cka": _rbf_cka,
+    "unbiased_cka": _unbiased_cka,
+    "mutual_knn": _mutual_knn,
+    "cycle_knn": _cycle_knn,
+    "cknna": _cknna,
+    "svcca": _svcca,
+    "lcs_knn": _lcs_knn,
+    "edit_distance_knn": _edit_distance_knn,
+    "rsa": _rsa,
+}
+
+
+def _recompute(fn: MetricFn) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def score(x: Tensor, y: Tensor, perms: Tensor) -> Tensor:
+        vals = [torch.as_tensor(fn(x, y[p]), device=x.device).reshape(()) for p in perms]
+        return torch.stack(vals).to(x.dtype)
+
+    return score
+
+
+MetricSpec = Union[str, Measure, MetricFn]
+
+
+def get_measure(metric: MetricSpec, **kwargs: Any) -> Measure:
+    """Resolve ``metric`` (a built-in name, a :class:`Measure`, or a callable ``f(x, y)``).
+
+    Keyword arguments go to the built-in (``k``, ``sigma``, ``cca_dim``) or are bound to the
+    callable.  A callable without a fast path is recomputed on every permuted Y (exact, slow).
+    """
+    if isinstance(metric, Measure):
+        if kwargs:
+            raise TypeError(f"a Measure object takes no extra keyword arguments, got {sorted(kwargs)}")
+        return metric
+    if isinstance(metric, str):
+        if metric not in BUILTIN_MEASURES:
+            raise ValueError(f"unknown metric {metric!r}; built-ins: {sorted(BUILTIN_MEASURES)}")
+        factory = BUILTIN_MEASURES[metric]
+        allowed = set(inspect.signature(factory).parameters)
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise TypeError(
+                f"{metric} got unexpected keyword argument(s) {sorted(unknown)}; it accepts "
+                f"{sorted(allowed) or 'none'}"
+            )
+        return factory(**kwargs)
+    if callable(metric):
+        fn = (lambda x, y: metric(x, y, **kwargs)) if kwargs else metric
+        name = getattr(metric, "__name__", type(metric).__name__)
+        return Measure(name, lambda x: x, _recompute(fn), ("features",), 1.0, lambda n: n, None,
+                       dict(kwargs))
+    raise TypeError(f"metric must be a name, a Measure or a callable, got {type(metric).__name__}")
+
+
+def prepare_pair(measure: Measure, x: Tensor, y: Tensor) -> tuple[Any, Any]:
+    """Validate a paired input and prepare both sides."""
+    x, y = check_pair(x, y)
+    if x.shape[0] < measure.min_samples:
+        raise ValueError(f"{measure.name} needs at least {measure.min_samples} samples, got {x.shape[0]}")
+    return measure.prepare(x), measure.prepare(y)
+
+
+def prepare_one(measure: Measure, x: Tensor, name: str = "x") -> Any:
+    """Validate one representation and prepare it (used to cache a frozen reference)."""
+    x = check_matrix(x, name)
+    if x.shape[0] < measure.min_samples:
+        raise ValueError(f"{measure.name} needs at least {measure.min_samples} samples, got {x.shape[0]}")
+    return measure.prepare(x)

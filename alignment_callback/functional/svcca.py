@@ -1,0 +1,50 @@
+"""SVCCA (Raghu et al. 2017) with a deterministic SVD (METHOD.md section 3).
+
+Columns are centred and scaled to unit variance, the top ``cca_dim`` left singular vectors U of
+each side span the kept subspaces, and the canonical correlations between two subspaces with
+orthonormal bases are the singular values of ``U_xᵀ U_y``.  A row permutation of Y permutes the
+rows of U_y, so the null costs an (n×c)ᵀ(n×c) product and a c×c SVD per permutation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional._checks import check_pair
+
+
+def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
+    """Orthonormal (n, cca_dim) basis of the top singular directions of standardised ``x``."""
+    n, d = x.shape
+    if int(cca_dim) != cca_dim or cca_dim < 1:
+        raise ValueError(f"cca_dim must be a positive integer, got {cca_dim!r}")
+    if cca_dim > min(n - 1, d):
+        raise ValueError(
+            f"svcca: cca_dim={cca_dim} is too large for data with n={n} samples and d={d} "
+            f"features (need cca_dim <= min(n - 1, d))"
+        )
+    xc = x - x.mean(0, keepdim=True)
+    std = xc.std(0, keepdim=True)
+    xs = xc / torch.where(std > 0, std, torch.ones_like(std))
+    u, s, _ = torch.linalg.svd(xs, full_matrices=False)
+    if not bool(s[cca_dim - 1] > s[0] * max(n, d) * torch.finfo(s.dtype).eps):
+        raise ValueError(
+            f"svcca: the representation has fewer than cca_dim={cca_dim} non-degenerate "
+            "directions (zero-variance or rank-deficient features)"
+        )
+    return u[:, :cca_dim]
+
+
+def svcca_score(ux: Tensor, uy: Tensor, perms: Tensor) -> Tensor:
+    """Mean canonical correlation of ``span(U_x)`` and ``span(U_y[π])`` for each π → (B,)."""
+    m = ux.T.unsqueeze(0) @ uy[perms]  # (B, c, c)
+    return torch.linalg.svdvals(m).clamp_max(1.0).mean(-1)
+
+
+def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:
+    """SVCCA: mean canonical correlation between the top-``cca_dim`` (default 10) singular
+    subspaces of the column-standardised representations. In [0, 1]."""
+    x, y = check_pair(x, y)
+    ident = torch.arange(x.shape[0], device=x.device)[None]
+    return svcca_score(svcca_state(x, cca_dim), svcca_state(y, cca_dim), ident)[0]

@@ -51,7 +51,7 @@ def _state(matrix: Tensor, scale: Tensor, what: str) -> GramState:
 def linear_state(x: Tensor) -> GramState:
     """``H X Xᵀ H`` (computed from column-centred features)."""
     xc = x - x.mean(0, keepdim=True)
-    return _state(linear_gram(xc), linear_gram(x).norm(), "linear gram")
+    return _state(linear_gram(xc), (x * x).sum(), "linear gram")
 
 
 def rbf_state(x: Tensor, sigma: float | str = 1.0) -> GramState:

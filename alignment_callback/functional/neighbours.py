@@ -109,33 +109,38 @@ def remap_neighbours(state: NeighbourState, perms: Tensor, inverse: Tensor) -> T
     return torch.gather(inverse, 1, moved.reshape(b, -1)).view(b, n, -1)
 
 
+def _pairwise_equal(a: Tensor, b: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``eq[i, j, m] = a[m, i] == b[m, j]`` with the batch flattened last (contiguous DP rows)."""
+    batch = a.shape[:-1]
+    a2 = a.reshape(-1, a.shape[-1]).T
+    b2 = b.reshape(-1, b.shape[-1]).T
+    return a2.unsqueeze(1) == b2.unsqueeze(0), batch
+
+
 def lcs_length(a: Tensor, b: Tensor) -> Tensor:
     """Longest-common-subsequence length of paired sequences ``a[..., :]`` and ``b[..., :]``."""
-    eq = a.unsqueeze(-1) == b.unsqueeze(-2)  # (..., ka, kb)
-    ka, kb = eq.shape[-2], eq.shape[-1]
-    prev = torch.zeros(*eq.shape[:-2], kb + 1, dtype=torch.int32, device=a.device)
+    eq, batch = _pairwise_equal(a, b)
+    ka, kb, m = eq.shape
+    prev = torch.zeros(kb + 1, m, dtype=torch.int16, device=a.device)
     for i in range(ka):
         cur = torch.zeros_like(prev)
         for j in range(kb):
-            diag = prev[..., j] + 1
-            best = torch.maximum(prev[..., j + 1], cur[..., j])
-            cur[..., j + 1] = torch.where(eq[..., i, j], diag, best)
+            best = torch.maximum(prev[j + 1], cur[j])
+            cur[j + 1] = torch.where(eq[i, j], prev[j] + 1, best)
         prev = cur
-    return prev[..., kb]
+    return prev[kb].view(batch)
 
 
 def levenshtein(a: Tensor, b: Tensor) -> Tensor:
     """Levenshtein (edit) distance of paired sequences ``a[..., :]`` and ``b[..., :]``."""
-    eq = a.unsqueeze(-1) == b.unsqueeze(-2)
-    ka, kb = eq.shape[-2], eq.shape[-1]
-    batch = eq.shape[:-2]
-    prev = torch.arange(kb + 1, dtype=torch.int32, device=a.device).expand(*batch, kb + 1).clone()
+    eq, batch = _pairwise_equal(a, b)
+    ka, kb, m = eq.shape
+    prev = torch.arange(kb + 1, dtype=torch.int16, device=a.device)[:, None].repeat(1, m)
     for i in range(ka):
         cur = torch.empty_like(prev)
-        cur[..., 0] = i + 1
+        cur[0] = i + 1
         for j in range(kb):
-            sub = prev[..., j] + (~eq[..., i, j]).to(torch.int32)
-            ins_del = torch.minimum(prev[..., j + 1], cur[..., j]) + 1
-            cur[..., j + 1] = torch.minimum(sub, ins_del)
+            step = torch.minimum(prev[j + 1], cur[j]) + 1
+            cur[j + 1] = torch.minimum(step, prev[j] + (~eq[i, j]))
         prev = cur
-    return prev[..., kb]
+    return prev[kb].view(batch)

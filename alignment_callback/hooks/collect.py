@@ -1,0 +1,186 @@
+"""Run a model over probe batches and return the pooled activations of chosen layers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from alignment_callback.functional.preprocessing import Pool
+from alignment_callback.hooks.recorder import ActivationRecorder
+from alignment_callback.hooks.selection import Layers
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Run a block in ``eval()`` mode under ``torch.no_grad()``, leaving no trace.
+
+    On exit (also on exceptions) the ``training`` flag of *every* submodule is restored exactly
+    (mixed train/eval models included) and the global torch RNG state (CPU, and CUDA when it is
+    initialised) is put back, so probing never shifts the training run's random stream (a
+    ``DataLoader`` draws a seed from it even with ``shuffle=False``).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(flags[0][1])  # lets overridden train() methods see the root's mode
+        for module, flag in flags:
+            module.training = flag
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (or buffer); CPU for a stateless model."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples / lists / mappings to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        moved = [to_device(v, device) for v in obj]
+        return moved if isinstance(obj, list) else tuple(moved)
+    return obj
+
+
+def run_batch(
+    model: nn.Module,
+    batch: Any,
+    device: torch.device,
+    input_key: str | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> Any:
+    """One forward pass on one batch with the batch rules of :func:`collect_activations`."""
+    if batch_transform is not None:
+        batch = batch_transform(batch)
+    batch = to_device(batch, device)
+    if forward is not None:
+        return forward(model, batch)
+    if batch_transform is not None:
+        inputs = batch
+    elif isinstance(batch, Tensor):
+        return model(batch)
+    elif isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    elif isinstance(batch, Mapping):
+        inputs = batch if input_key is None else batch[input_key]
+    else:
+        raise TypeError(
+            f"cannot feed a {type(batch).__name__} batch to the model; "
+            "pass batch_transform=... or forward=..."
+        )
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _batches(data: Any, batch_size: int) -> Iterable[Any]:
+    if isinstance(data, Tensor):
+        return data.split(batch_size)
+    if isinstance(data, Mapping):
+        return [data]
+    return data
+
+
+def collect_activations(
+    model: nn.Module,
+    dataloader_or_batches: Any,
+    layers: Layers,
+    pool: Pool = "mean",
+    device: torch.device | str | None = None,
+    input_key: str | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    max_batches: int | None = None,
+    batch_size: int = 256,
+    mask_key: str | None = "attention_mask",
+    **recorder_kwargs: Any,
+) -> dict[str, Tensor]:
+    """Run ``model`` over probe batches and return ``{layer: (n, d)}`` pooled activations.
+
+    The model runs in ``eval()`` mode under ``torch.no_grad()``; afterwards (also on errors)
+    every submodule's train/eval flag and the global RNG state are restored exactly.
+
+    Args:
+        model: the model (wrappers fine; names are normalised, see :func:`resolve_layers`).
+        dataloader_or_batches: a DataLoader or any iterable of batches; a single tensor is split
+            into batches of ``batch_size`` rows; a single dict is one batch.
+        layers: names, globs or regexes (see :func:`resolve_layers`).
+        pool: pooling at capture time (default ``"mean"``; see :func:`pool_features`).
+        device: where inputs go (default: the device of the model's first parameter, or CPU).
+        input_key: for dict batches, call ``model(batch[input_key])`` instead of
+            ``model(**batch)`` (default ``None``).
+        batch_transform: ``f(batch) -> inputs`` replacing the batch rules below; a mapping
+            result is passed as keywords, a tuple as positional arguments, anything else as the
+            single argument (default ``None``).
+        forward: ``f(model, batch)`` called instead of ``model(...)`` with the device-moved
+            batch (after ``batch_transform`` if given) (default ``None``).
+        max_batches: stop after this many batches (default ``None``: all).
+        batch_size: rows per batch when a tensor is given (default 256).
+        mask_key: for dict batches, the key of an ``(n, T)`` attention mask used to pool
+            ``(n, T, d)`` outputs over real tokens only (default ``"attention_mask"``; ``None``
+            disables it).
+        **recorder_kwargs: ``detach``, ``to_cpu``, ``dtype``, ``output_key`` for
+            :class:`ActivationRecorder`.
+
+    Batch rules: a tensor -> ``model(batch)``; a tuple / list -> ``model(batch[0])`` (the rest are
+    labels); a dict -> ``model(**batch)`` or ``model(batch[input_key])``.
+
+    Raises:
+        ValueError: no batch was given, or a layer matches nothing.
+        RuntimeError: a layer did not run exactly once per forward pass, or layers produced
+            different numbers of rows (a layer whose output is not batch-first).
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    dev = torch.device(device) if device is not None else model_device(model)
+    rec = ActivationRecorder(model, layers, pool=pool, **recorder_kwargs)
+    n_batches = 0
+    with evaluation_mode(model), rec:
+        for batch in _batches(dataloader_or_batches, batch_size):
+            if max_batches is not None and n_batches >= max_batches:
+                break
+            mask = batch.get(mask_key) if mask_key and isinstance(batch, Mapping) else None
+            rec.mask = mask if isinstance(mask, Tensor) else None
+            before = dict(rec.calls)
+            run_batch(model, batch, dev, input_key, batch_transform, forward)
+            bad = {n: rec.calls[n] - before[n] for n in rec.layers if rec.calls[n] - before[n] != 1}
+            if bad:
+                raise RuntimeError(
+                    f"these layers did not run exactly once in a forward pass: {bad} (calls per "
+                    "pass); rows would not line up with samples. A module reused inside the model "
+                    "or a container without forward (nn.ModuleList) cannot be recorded; hook its "
+                    "children or use ActivationRecorder directly."
+                )
+            n_batches += 1
+        rec.mask = None
+    if n_batches == 0:
+        raise ValueError("dataloader_or_batches yielded no batch")
+    acts = rec.activations
+    rows = {name: a.shape[0] for name, a in acts.items()}
+    if len(set(rows.values())) > 1:
+        raise RuntimeError(
+            f"layers produced different numbers of rows {rows}; a layer whose output is not "
+            "batch-first (e.g. (T, n, d)) needs a pool callable or output_key"
+        )
+    return acts

@@ -1,0 +1,65 @@
+"""List every hookable layer of a model with the shape of its output on one batch."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from alignment_callback.hooks.collect import evaluation_mode, model_device, run_batch
+from alignment_callback.hooks.outputs import OutputKey, select_output
+from alignment_callback.hooks.selection import named_layers
+
+
+def list_layers(
+    model: nn.Module,
+    example_batch: Any,
+    device: torch.device | str | None = None,
+    input_key: str | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    output_key: OutputKey = None,
+) -> list[tuple[str, tuple[int, ...]]]:
+    """Run one batch and return ``[(layer_name, output_shape), ...]`` for every hookable layer.
+
+    Names are normalised (no ``module.`` / ``_orig_mod.``) and in model order; the root module,
+    modules that did not run, and modules whose output holds no tensor are left out.  The shape
+    is that of the tensor :func:`select_output` picks (before pooling), on the module's first
+    call.  Like :func:`collect_activations` this runs in ``eval()`` mode without gradients and
+    restores every train/eval flag and the RNG state afterwards.
+
+    Args:
+        model: the model.
+        example_batch: one batch, with the batch rules of :func:`collect_activations` (a tensor
+            is used whole).
+        device, input_key, batch_transform, forward: as in :func:`collect_activations`
+            (defaults: model's device, ``None``, ``None``, ``None``).
+        output_key: as in :class:`ActivationRecorder` (default ``None``).
+    """
+    table = named_layers(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if name in shapes:
+                return
+            try:
+                x: Tensor = select_output(output, output_key, name)
+            except (TypeError, KeyError):
+                return
+            shapes[name] = tuple(x.shape)
+
+        return hook
+
+    dev = torch.device(device) if device is not None else model_device(model)
+    with evaluation_mode(model):
+        try:
+            for name, _, module in table:
+                handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
+            run_batch(model, example_batch, dev, input_key, batch_transform, forward)
+        finally:
+            for h in handles:
+                h.remove()
+    return [(name, shapes[name]) for name, _, _ in table if name in shapes]

@@ -1,0 +1,79 @@
+"""Turn whatever a module returns into the one tensor to record."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Union
+
+from torch import Tensor
+
+OutputKey = Union[int, str, None]
+
+
+def _first_tensor(values: Any) -> Tensor | None:
+    return next((v for v in values if isinstance(v, Tensor)), None)
+
+
+def _by_key(output: Any, key: int | str, layer: str) -> Any:
+    try:
+        if isinstance(key, int):
+            if isinstance(output, Mapping):  # HF ModelOutput / dict: index the non-None values
+                return [v for v in output.values() if v is not None][key]
+            return output[key]
+        if isinstance(output, Mapping) and key in output:
+            return output[key]
+        return getattr(output, key)
+    except (IndexError, KeyError, AttributeError, TypeError) as err:
+        raise KeyError(
+            f"layer {layer!r}: output_key={key!r} not found in its {type(output).__name__} output"
+        ) from err
+
+
+def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -> Tensor:
+    """Pick the tensor to record from a module's output.
+
+    Args:
+        output: what the module's ``forward`` returned.
+        output_key: ``None`` (default) for the rules below; an ``int`` indexes a tuple/list (or the
+            non-``None`` values of a dict / ``ModelOutput``); a ``str`` is a dict key or attribute
+            (``"pooler_output"``).  The selected value must be a tensor.
+        layer: the layer's name, used in error messages only.
+
+    Default rules:
+        * a ``Tensor`` is returned as is;
+        * a tuple / list gives its *first* tensor element (HF layers return
+          ``(hidden_states, attentions, ...)``; LSTMs ``(output, (h, c))``);
+        * a dict or HF ``ModelOutput`` gives ``last_hidden_state``, else the last element of
+          ``hidden_states``, else its first tensor value.
+
+    Raises:
+        TypeError: no tensor could be found (the message names the layer).
+    """
+    if output_key is not None:
+        picked = _by_key(output, output_key, layer)
+        if not isinstance(picked, Tensor):
+            raise TypeError(
+                f"layer {layer!r}: output_key={output_key!r} selects a "
+                f"{type(picked).__name__}, not a tensor"
+            )
+        return picked
+    if isinstance(output, Tensor):
+        return output
+    found: Tensor | None = None
+    if isinstance(output, (tuple, list)):
+        found = _first_tensor(output)
+    elif isinstance(output, Mapping) or hasattr(output, "last_hidden_state"):
+        found = getattr(output, "last_hidden_state", None)
+        if not isinstance(found, Tensor) and isinstance(output, Mapping):
+            found = output.get("last_hidden_state")
+            hidden = output.get("hidden_states")
+            if not isinstance(found, Tensor) and isinstance(hidden, (tuple, list)) and hidden:
+                found = hidden[-1] if isinstance(hidden[-1], Tensor) else None
+            if not isinstance(found, Tensor):
+                found = _first_tensor(output.values())
+    if not isinstance(found, Tensor):
+        raise TypeError(
+            f"layer {layer!r} returned a {type(output).__name__} with no tensor to record; "
+            "pass output_key=<index or key> to choose one, or hook another layer"
+        )
+    return found

@@ -1,0 +1,156 @@
+"""Forward-hook recorder: pooled, detached, CPU copies of chosen layers' outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from alignment_callback.functional.preprocessing import Pool, pool_features
+from alignment_callback.hooks.outputs import OutputKey, select_output
+from alignment_callback.hooks.selection import Layers, resolve_modules
+
+
+def _shares_memory(x: Tensor, y: Tensor) -> bool:
+    try:
+        return y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+        return True
+
+
+class ActivationRecorder:
+    """Context manager that records the outputs of chosen layers during forward passes.
+
+    Each time a hooked layer runs, its output is reduced at once (so memory stays ``n x d`` per
+    layer): :func:`select_output` -> ``detach()`` -> :func:`pool_features` -> cast to ``dtype``
+    -> move to CPU -> appended.  The stored tensor never shares memory with the model's output
+    (an in-place op later in the model cannot change it, and a pooled view cannot keep the full
+    activation alive).
+
+    Example::
+
+        with ActivationRecorder(model, "encoder.layer.*", pool="cls") as rec:
+            model(batch)
+        feats = rec.activations  # {"encoder.layer.0": (n, d), ...}
+
+    Args:
+        model: the model (DDP / DataParallel / ``torch.compile`` wrappers are fine).
+        layers: names, globs or regexes; see :func:`resolve_layers`.
+        pool: ``"mean"`` (default), ``"cls"``, ``"first"``, ``"last"``, ``"flatten"``,
+            ``"none"`` or a callable ``(n, ...) -> (n, d)``; see :func:`pool_features`.
+        detach: detach outputs from the autograd graph (default True).
+        to_cpu: move recorded tensors to the CPU (default True).
+        dtype: dtype of the recorded tensors (default ``torch.float32``; ``None`` keeps it).
+        output_key: which part of a tuple / dict output to record (default ``None``: see
+            :func:`select_output`).
+
+    Attributes:
+        mask: optional ``(n, T)`` attention mask for the *next* forward pass; when set, 3-D
+            outputs of shape ``(n, T, d)`` are pooled over unmasked tokens only (``"mean"``
+            and ``"last"``).  :func:`collect_activations` sets it from ``attention_mask``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Layers,
+        pool: Pool = "mean",
+        detach: bool = True,
+        to_cpu: bool = True,
+        dtype: torch.dtype | None = torch.float32,
+        output_key: OutputKey = None,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.detach = detach
+        self.to_cpu = to_cpu
+        self.dtype = dtype
+        self.output_key = output_key
+        self.mask: Tensor | None = None
+        self._modules = resolve_modules(model, layers)
+        self._handles: list[RemovableHandle] = []
+        self._store: dict[str, list[Tensor]] = {name: [] for name, _ in self._modules}
+        self.calls: dict[str, int] = {name: 0 for name, _ in self._modules}
+        self._cache: dict[str, Tensor] | None = None
+
+    @property
+    def layers(self) -> list[str]:
+        """The resolved (normalised) layer names, in model order."""
+        return [name for name, _ in self._modules]
+
+    def __enter__(self) -> "ActivationRecorder":
+        if self._handles:
+            raise RuntimeError("this ActivationRecorder is already active (entered twice)")
+        try:
+            for name, module in self._modules:
+                self._handles.append(
+                    module.register_forward_hook(self._make_hook(name), with_kwargs=True)
+                )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook (idempotent); recorded activations are kept."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            self._record(name, output)
+
+        return hook
+
+    def _record(self, name: str, output: Any) -> None:
+        x = select_output(output, self.output_key, name)
+        if self.detach:
+            x = x.detach()
+        mask = self.mask
+        if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+            y = pool_features(x, self.pool, mask=mask.to(x.device))
+        else:
+            y = pool_features(x, self.pool)
+        if self.dtype is not None:
+            y = y.to(self.dtype)
+        if self.to_cpu:
+            y = y.cpu()
+        if _shares_memory(x, y):
+            y = y.clone()  # never alias the model's buffer (in-place ops, memory of views)
+        self._store[name].append(y)
+        self.calls[name] += 1
+        self._cache = None
+
+    @property
+    def activations(self) -> dict[str, Tensor]:
+        """``{layer: (n_total, d)}``: the batches of every layer that ran, concatenated (cached)."""
+        if self._cache is None:
+            self._cache = {n: torch.cat(v, 0) for n, v in self._store.items() if v}
+        return self._cache
+
+    def __getitem__(self, name: str) -> Tensor:
+        acts = self.activations
+        if name not in acts:
+            if name in self._store:
+                raise KeyError(
+                    f"layer {name!r} has recorded nothing: it did not run (containers such as "
+                    "nn.ModuleList have no forward of their own)"
+                )
+            raise KeyError(f"{name!r} is not one of the recorded layers {self.layers}")
+        return acts[name]
+
+    def clear(self) -> None:
+        """Drop every recorded activation (hooks stay in place)."""
+        for v in self._store.values():
+            v.clear()
+        self.calls = {name: 0 for name in self.calls}
+        self._cache = None
+
+    def __repr__(self) -> str:
+        state = "active" if self._handles else "inactive"
+        return f"ActivationRecorder({state}, layers={self.layers}, pool={self.pool!r})"

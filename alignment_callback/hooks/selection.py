@@ -1,0 +1,163 @@
+"""Choose which submodules to hook: exact names, globs or regexes.
+
+Names are *normalised*: the prefixes that wrappers add are removed, so the same layer name works
+on a plain model, a ``torch.compile``-d one (``_orig_mod.``) and a DDP / DataParallel one
+(``module.``).  Hooks are still put on the real submodules.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Iterable, Sequence, Union
+
+from torch import nn
+
+LayerSpec = Union[str, "re.Pattern[str]"]
+Layers = Union[LayerSpec, Sequence[LayerSpec]]
+
+_WRAPPER_ATTRS = ("module", "_orig_mod")
+_WRAPPER_PREFIX = re.compile(r"^(?:(?:module|_orig_mod)\.)+")
+
+
+def _wrapper_prefix(model: nn.Module) -> str:
+    """Real-name prefix of the innermost model under DDP / DataParallel / compile wrappers.
+
+    A wrapper is recognised by its structure: a module whose *only* child is named ``module``
+    or ``_orig_mod`` (so stripping the prefix can never make two names collide).
+    """
+    prefix = ""
+    root = model
+    while True:
+        children = list(root.named_children())
+        if len(children) != 1 or children[0][0] not in _WRAPPER_ATTRS:
+            return prefix
+        prefix += children[0][0] + "."
+        root = children[0][1]
+
+
+def normalize_pattern(name: str) -> str:
+    """Strip leading ``module.`` / ``_orig_mod.`` and inner ``._orig_mod`` segments."""
+    name = _WRAPPER_PREFIX.sub("", name)
+    return re.sub(r"(^|\.)_orig_mod(?=\.|$)", "", name).lstrip(".")
+
+
+def named_layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """Every hookable submodule as ``(normalised_name, real_name, module)``, in model order.
+
+    The root module (and the wrapper modules above the real model) are skipped; when two real
+    names normalise to the same name (an inner ``torch.compile`` wrapper) the outer one is kept.
+    """
+    prefix = _wrapper_prefix(model)
+    out: list[tuple[str, str, nn.Module]] = []
+    seen: set[str] = set()
+    for real, module in model.named_modules():
+        if not real.startswith(prefix):
+            continue  # the root or one of the wrappers above the real model
+        name = normalize_pattern(real[len(prefix):])
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        out.append((name, real, module))
+    return out
+
+
+def _glob_to_regex(pattern: str) -> "re.Pattern[str]":
+    """Translate a dotted-name glob: ``*`` stays inside one component, ``**`` spans several."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append(r"[^.]*")
+        elif c == "?":
+            out.append(r"[^.]")
+        elif c == "[":
+            j = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)
+            if j < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : j]
+                body = "^" + body[1:] if body.startswith("!") else body
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
+def _matcher(spec: LayerSpec):
+    """Return ``(label, match(normalised_name, real_name) -> bool)`` for one layer spec."""
+    if isinstance(spec, re.Pattern):
+        return spec.pattern, lambda n, r: bool(spec.fullmatch(n) or spec.fullmatch(r))
+    if not isinstance(spec, str):
+        raise TypeError(f"a layer must be a str or re.Pattern, got {type(spec).__name__}")
+    if spec.startswith("re:"):
+        rx = re.compile(spec[3:])
+        return spec[3:], lambda n, r: bool(rx.fullmatch(n) or rx.fullmatch(r))
+    if any(c in spec for c in "*?["):
+        raw, norm = _glob_to_regex(spec), _glob_to_regex(normalize_pattern(spec))
+        return spec, lambda n, r: bool(norm.fullmatch(n) or raw.fullmatch(r))
+    short = normalize_pattern(spec)
+    return spec, lambda n, r: n == short or r == spec
+
+
+def _as_list(layers: Layers) -> list[LayerSpec]:
+    if isinstance(layers, (str, re.Pattern)):
+        return [layers]
+    out = list(layers)
+    if not out:
+        raise ValueError("no layers given: pass a name, a glob, a 're:' regex, or a list of them")
+    return out
+
+
+def resolve_modules(model: nn.Module, layers: Layers) -> list[tuple[str, nn.Module]]:
+    """Like :func:`resolve_layers` but returns ``(normalised_name, module)`` pairs."""
+    table = named_layers(model)
+    chosen: set[str] = set()
+    for spec in _as_list(layers):
+        label, match = _matcher(spec)
+        hits = [name for name, real, _ in table if match(name, real)]
+        if not hits:
+            names = [name for name, _, _ in table]
+            close = difflib.get_close_matches(normalize_pattern(label), names, n=5, cutoff=0.5)
+            raise ValueError(
+                f"layer {label!r} matched none of the model's {len(names)} layers; "
+                f"closest names: {close or names[:5]}. "
+                "Use list_layers(model, batch) to see every name and its output shape."
+            )
+        chosen.update(hits)
+    return [(name, module) for name, _, module in table if name in chosen]
+
+
+def resolve_layers(model: nn.Module, layers: Layers) -> list[str]:
+    """Resolve layer specs to normalised module names, in model (``named_modules``) order.
+
+    Args:
+        model: the model, possibly wrapped by DDP / DataParallel (``module.``) or
+            ``torch.compile`` (``_orig_mod.``); those prefixes are removed from names.
+        layers: one spec or a sequence of specs; each is
+
+            * an exact module name (``"encoder.layer.3"``; ``"module.encoder.layer.3"`` also
+              works on a wrapped model),
+            * a glob (``"encoder.layer.*.output"``): ``*`` and ``?`` stay within one dotted
+              component, ``**`` spans several, ``[...]`` is a character class,
+            * a regex, as a ``"re:"``-prefixed string or a compiled ``re.Pattern``, which must
+              match the whole name (``re.fullmatch``).
+
+    Returns:
+        The matched names, without duplicates, in the order of ``model.named_modules()``.
+
+    Raises:
+        ValueError: a spec matches no module (the message lists the closest valid names).
+    """
+    return [name for name, _ in resolve_modules(model, layers)]
+
+
+def layer_names(model: nn.Module) -> Iterable[str]:
+    """All normalised hookable layer names of ``model``, in model order."""
+    return [name for name, _, _ in named_layers(model)]

@@ -1,0 +1,88 @@
+"""Shared row handling for the metric objects: option splitting, pooling at update time,
+preprocessing at compute time, sample-index ordering and the ``max_samples`` bound."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Union
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional.preprocessing import pool_features, prepare_features
+
+TORCHMETRICS_KWARGS = frozenset({
+    "compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",
+    "distributed_available_fn", "sync_on_compute", "compute_with_cache",
+})
+
+Preprocess = Union[bool, Mapping[str, Any], Callable[[Tensor], Tensor]]
+
+
+def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``**kwargs`` into (torchmetrics options, measure keyword arguments)."""
+    tm = {k: v for k, v in kwargs.items() if k in TORCHMETRICS_KWARGS}
+    return tm, {k: v for k, v in kwargs.items() if k not in TORCHMETRICS_KWARGS}
+
+
+class RowPreprocessor:
+    """``preprocess`` option of the metrics, split into a per-row part (pooling, at ``update``)
+    and a whole-matrix part (outlier clamp + L2 normalisation, at ``compute``).
+
+    ``True`` (default): PRH convention, flatten + L2-normalise rows. ``False``: rows are used as
+    given (must be 2-D). A mapping: keyword arguments of
+    :func:`~alignment_callback.functional.prepare_features` (``pool``, ``clamp_quantile``,
+    ``normalize``). A callable: applied to the concatenated (flattened) rows at compute time.
+    """
+
+    def __init__(self, preprocess: Preprocess = True) -> None:
+        self.fn: Callable[[Tensor], Tensor] | None = None
+        self.pool: Any = "flatten"
+        self.options: dict[str, Any] | None = {"clamp_quantile": None, "normalize": True}
+        if preprocess is False:
+            self.options, self.pool = None, "none"
+        elif callable(preprocess):
+            self.fn = preprocess
+        elif isinstance(preprocess, Mapping):
+            opts = dict(preprocess)
+            self.pool = opts.pop("pool", "flatten")
+            unknown = set(opts) - {"clamp_quantile", "normalize"}
+            if unknown:
+                raise ValueError(f"unknown preprocess option(s) {sorted(unknown)}; expected pool, "
+                                 "clamp_quantile, normalize")
+            self.options.update(opts)
+        elif preprocess is not True:
+            raise TypeError("preprocess must be True, False, a mapping of prepare_features options or a callable")
+
+    def rows(self, x: Tensor) -> Tensor:
+        """Per-batch part: detach, pool to (n, d), float."""
+        x = x.detach()
+        x = pool_features(x, self.pool)
+        return x if x.dtype == torch.float64 else x.float()
+
+    def matrix(self, x: Tensor) -> Tensor:
+        """Whole-matrix part, applied to all accumulated rows."""
+        if self.fn is not None:
+            return self.fn(x)
+        if self.options is None:
+            return x
+        return prepare_features(x, pool="none", **self.options)
+
+
+def order_rows(index: Tensor | None, *sides: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+    """Sort rows by sample index and drop repeated indices (DistributedSampler padding)."""
+    if index is None or index.numel() == 0:
+        return None, list(sides)
+    idx, order = torch.sort(index.long(), stable=True)
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    keep[1:] = idx[1:] != idx[:-1]
+    sel = order[keep]
+    return idx[keep], [s[sel.to(s.device)] for s in sides]
+
+
+def check_capacity(current: int, incoming: int, max_samples: int | None) -> None:
+    """Raise if accumulating ``incoming`` more rows would exceed ``max_samples``."""
+    if max_samples is not None and current + incoming > max_samples:
+        raise ValueError(
+            f"accumulated samples would exceed max_samples={max_samples} ({current} stored + "
+            f"{incoming} new); call reset() between probe passes or raise max_samples"
+        )

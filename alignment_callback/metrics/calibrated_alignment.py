@@ -1,0 +1,92 @@
+"""``CalibratedAlignment``: a permutation-calibrated similarity of two representations."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from alignment_callback.functional.calibration import AUTO
+from alignment_callback.functional.registry import MetricSpec
+from alignment_callback.metrics._rows import Preprocess
+from alignment_callback.metrics.base import AlignmentMetricBase
+from alignment_callback.metrics.plotting import plot_scores
+
+RESULT_KEYS = ("raw", "calibrated", "p_value", "threshold", "null_mean", "null_std",
+               "effect_size", "percentile")
+
+
+class CalibratedAlignment(AlignmentMetricBase):
+    """Permutation-calibrated alignment of paired rows ``x`` (model) and ``y`` (reference).
+
+    ``update(x, y)`` accumulates paired rows (list states reduced with ``"cat"``, so DDP
+    gathers them rank-major, pairs intact); ``compute()`` calibrates the score on all rows
+    against ``num_permutations`` seeded permutations of the reference rows (METHOD.md §4) and
+    returns a dict of 0-dim tensors ``raw, calibrated, p_value, threshold, null_mean,
+    null_std, effect_size, percentile``.  The full result (with the null) is kept in
+    ``last_result``.
+
+    Args:
+        metric: built-in name (default ``"mutual_knn"``), a ``Measure`` or a callable.
+        num_permutations: K (default 500).
+        alpha: level of the threshold τ (default 0.05).
+        seed: permutation seed (default 0): same seed, same permutations, comparable scores.
+        max_samples: bound on accumulated rows; exceeding it raises ``ValueError`` (default
+            None: unbounded).
+        preprocess: ``True`` (flatten + L2-normalise rows, the PRH convention), ``False``,
+            a dict of ``prepare_features`` options, or a callable on the concatenated rows.
+        groups: optional group label per sample (block permutations, METHOD.md §4).
+        max_score: s_max; ``"auto"`` uses the measure's (1.0 for built-ins).
+        **kwargs: the measure's options (``k``, ``sigma``, ``cca_dim``) and torchmetrics'
+            (``compute_on_cpu``, ``sync_on_compute``, ...).
+
+    ``forward(x, y)`` accumulates like ``update`` and returns the *uncalibrated* raw score of
+    that batch alone (``None`` if the batch is too small for the measure or the reference is
+    cached); calibration needs the whole probe set, so use ``compute()`` for it.
+
+    Cached-reference mode: ``set_reference(y)`` preprocesses the frozen reference once and
+    keeps its grams / neighbour lists; then ``update(x, index=None)`` takes the model side
+    only, and every ``compute()`` reuses the reference's prepared state.  ``index`` (sample
+    ids) lets rows arrive in any order or with duplicates (DistributedSampler padding): rows are
+    sorted by id and duplicates dropped before computing.
+    """
+
+    def __init__(
+        self,
+        metric: MetricSpec = "mutual_knn",
+        num_permutations: int = 500,
+        alpha: float = 0.05,
+        seed: int = 0,
+        max_samples: int | None = None,
+        preprocess: Preprocess = True,
+        groups: Sequence[Any] | Tensor | None = None,
+        max_score: float | None | str = AUTO,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(metric, num_permutations, alpha, seed, max_samples, preprocess, "max",
+                         groups, max_score, x_layers=["x"], y_layers=["y"], **kwargs)
+
+    def update(self, x: Tensor, y: Tensor | None = None, index: Tensor | None = None) -> None:
+        """Accumulate a batch: model rows ``x`` (n, ...) and reference rows ``y`` (n, ...)."""
+        self._update_layers({"x": x}, None if y is None else {"y": y}, index)
+
+    def set_reference(self, y: Tensor) -> None:
+        """Cache a frozen reference (all probe rows, in sample order)."""
+        self._set_reference_layers({"y": y})
+
+    def compute(self) -> dict[str, Tensor]:
+        """Calibrated result on all accumulated rows (dict of 0-dim tensors)."""
+        result = self._compute_result()
+        self.last_result = result
+        return {key: getattr(result, key) for key in RESULT_KEYS}
+
+    def forward(self, x: Tensor, y: Tensor | None = None, index: Tensor | None = None) -> Tensor | None:
+        """Accumulate the batch and return its raw (uncalibrated) score, see class docs."""
+        self.update(x, y, index)
+        return self._raw_batch({"x": x}, None if y is None else {"y": y})
+
+    def plot(self, val: Any = None, ax: Any = None) -> tuple[Any, Any]:
+        """Raw and calibrated score with the threshold band; ``val`` is one ``compute()``
+        result or a list of them (a curve over epochs). Default: ``compute()`` now."""
+        return plot_scores(self.compute() if val is None else val, ax=ax,
+                           title=f"{self.measure.name} (K={self.num_permutations})")

@@ -1,0 +1,90 @@
+"""``LayerAlignment``: aggregation-aware calibrated alignment over layer pairs."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from torch import Tensor
+
+from alignment_callback.functional.calibration import AUTO
+from alignment_callback.functional.layers import Aggregate
+from alignment_callback.functional.registry import MetricSpec
+from alignment_callback.metrics._rows import Preprocess
+from alignment_callback.metrics.base import AlignmentMetricBase
+from alignment_callback.metrics.calibrated_alignment import RESULT_KEYS
+from alignment_callback.metrics.plotting import plot_layer_heatmap
+
+
+class LayerAlignment(AlignmentMetricBase):
+    """Calibrated alignment of several model layers against several reference layers.
+
+    ``update(xs, ys)`` takes ``{layer name: rows}`` for each side.  ``compute()`` builds the
+    raw LA×LB matrix ``metric(x_a, y_b)`` and calibrates the aggregate (``"max"`` by default,
+    or ``"mean"``, ``"topK"``, a callable) aggregation-aware: the same permutation is applied to
+    every reference layer, the whole matrix recomputed (fast path) and aggregated
+    (METHOD.md §4, Algorithm 2; Westfall–Young maxT for max).
+
+    Returns a dict: the scalar fields of :class:`CalibratedAlignment` for the aggregate plus
+    ``matrix`` (LA, LB), ``pair_calibrated`` (LA, LB: each pair against its own null, for
+    heatmaps — it does not account for the selection) and ``argmax`` (2,) indices.  Names of
+    the best pair: ``last_result.best_pair``.
+
+    Args: as :class:`CalibratedAlignment` (default metric ``"linear_cka"``), plus
+    ``aggregate`` and optional ``x_layers`` / ``y_layers`` names (otherwise taken from the first
+    update; give them to load a ``state_dict`` into a fresh metric).
+    """
+
+    def __init__(
+        self,
+        metric: MetricSpec = "linear_cka",
+        aggregate: Aggregate = "max",
+        num_permutations: int = 500,
+        alpha: float = 0.05,
+        seed: int = 0,
+        max_samples: int | None = None,
+        preprocess: Preprocess = True,
+        groups: Sequence[Any] | Tensor | None = None,
+        max_score: float | None | str = AUTO,
+        x_layers: Sequence[str] | None = None,
+        y_layers: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(metric, num_permutations, alpha, seed, max_samples, preprocess, aggregate,
+                         groups, max_score, x_layers=x_layers, y_layers=y_layers, **kwargs)
+
+    def update(
+        self, xs: Mapping[str, Tensor], ys: Mapping[str, Tensor] | None = None,
+        index: Tensor | None = None,
+    ) -> None:
+        """Accumulate a batch of rows for every layer of each side."""
+        self._update_layers(xs, ys, index)
+
+    def set_reference(self, ys: Mapping[str, Tensor]) -> None:
+        """Cache a frozen reference's layers (all probe rows, in sample order)."""
+        self._set_reference_layers(ys)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Aggregation-aware calibrated result (see class docs)."""
+        r = self._compute_result()
+        self.last_result = r
+        out = {key: getattr(r, key) for key in RESULT_KEYS}
+        out.update(matrix=r.matrix, pair_calibrated=r.pair_calibrated,
+                   argmax=r.matrix.new_tensor(r.argmax, dtype=None).long())
+        return out
+
+    def forward(
+        self, xs: Mapping[str, Tensor], ys: Mapping[str, Tensor] | None = None,
+        index: Tensor | None = None,
+    ) -> Tensor | None:
+        """Accumulate and return the raw aggregate of this batch alone (uncalibrated)."""
+        self.update(xs, ys, index)
+        return self._raw_batch(xs, ys)
+
+    def plot(self, val: Any = None, ax: Any = None) -> tuple[Any, Any]:
+        """Layer×layer heatmap of the raw matrix (``val``: a ``compute()`` dict or a matrix)."""
+        if val is None:
+            val = self.compute()
+        matrix = val["matrix"] if isinstance(val, Mapping) else val
+        argmax = tuple(int(i) for i in val["argmax"]) if isinstance(val, Mapping) else None
+        return plot_layer_heatmap(matrix, self.x_layers, self.y_layers, ax=ax, argmax=argmax,
+                                  title=f"{self.measure.name}: raw, {self.aggregate} outlined")

@@ -1,0 +1,334 @@
+"""``AlignmentCallback``: calibrated alignment to a frozen reference, live during training."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor, nn
+
+from alignment_callback.callback import logging as lg
+from alignment_callback.callback.probe import Probe, iterate_probe, load_probe, load_reference
+from alignment_callback.functional.layers import Aggregate
+from alignment_callback.hooks import collect_activations
+from alignment_callback.metrics import LayerAlignment
+from alignment_callback.metrics.plotting import plot_layer_heatmap
+
+Layers = Union[str, Sequence[str], Mapping[str, str]]
+MetricsSpec = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
+
+DEFAULT_METRICS = ("linear_cka", "mutual_knn", "cknna")
+LOGGED_FIELDS = ("raw", "calibrated", "p_value", "threshold", "null_mean", "effect_size")
+
+
+class AlignmentCallback(Callback):
+    """Track permutation-calibrated alignment between the model in training and a frozen
+    reference on a fixed probe set.
+
+    At the start of training (baseline, logged as epoch 0) and then every ``every_n_epochs``
+    epochs (or every ``every_n_train_steps`` steps) the callback runs the probe through the
+    model under ``no_grad`` in eval mode, captures the chosen layers with forward hooks, and
+    for each metric computes the raw LA×LB layer matrix and the aggregation-aware calibrated
+    aggregate (METHOD.md §4) against the reference's activations, which are computed once and
+    cached with their grams / neighbour lists.  The same seeded permutations are used every
+    time, so the curve is comparable across epochs.
+
+    Logged through every attached logger, per metric ``<prefix>/<metric>/{raw, calibrated,
+    p_value, threshold, null_mean, effect_size}``, the arg-max pair indices, per-pair raw
+    values when ``log_pairs``, and layer×layer heatmaps (raw and per-pair calibrated) where the
+    logger takes images (W&B, TensorBoard, MLflow; PNG files for CSV) plus a ``wandb.Table``.
+    ``<prefix>/epoch`` is logged alongside and W&B plots the series against it.  The
+    calibrated aggregates are also ``pl_module.log``-ged (logger=False) so ``ModelCheckpoint``
+    and ``EarlyStopping`` can monitor e.g. ``"alignment/mutual_knn/calibrated"``.
+
+    Training is unchanged: global RNG states are restored, train/eval modes restored, no
+    gradients, hooks removed, activations freed after each step.  Under DDP the alignment is
+    computed on global rank 0 only (no collective inside the computation, so nothing can hang)
+    and the scalar results are broadcast so every rank's ``callback_metrics`` agree.
+
+    Args:
+        reference: frozen reference (``nn.Module``/``LightningModule``) or a checkpoint path
+            (see ``reference_class``).  It is put in eval mode with ``requires_grad_(False)``.
+        probe: the probe inputs: a non-shuffling ``DataLoader``, a tensor, a ``.pt`` path, a
+            callable returning batches, or a list of batches; the same rows every time.
+        layers: model layers (names, globs, ``"re:"`` regexes; see ``resolve_layers``), or a
+            mapping ``{model layer: reference layer}`` to compare only those pairs (the
+            aggregate is then taken over the mapped pairs).
+        reference_layers: reference layers (default: the same names as ``layers``).
+        metrics: names (default ``("linear_cka", "mutual_knn", "cknna")``) or a mapping
+            ``{name: {kwargs}}`` e.g. ``{"mutual_knn": {"k": 5}}``.
+        every_n_epochs: run after every n-th training epoch (default 1).
+        every_n_train_steps: run every n optimiser steps instead (default None).
+        num_permutations: K (default 500). alpha: τ level (default 0.05).
+        aggregate: ``"max"`` (default), ``"mean"``, ``"topK"`` or a callable.
+        seed: permutation seed (default 0). baseline: run once before training (default True).
+        pool / reference_pool: pooling of 3-D+ outputs (default ``"mean"``).
+        preprocess: metric preprocessing (default True: L2-normalise rows).
+        log_prefix: key prefix (default ``"alignment"``). log_heatmaps: default True.
+        log_pairs: also log every pair's raw score (default False).
+        on_error: ``"warn"`` (default: warn with the reason and keep training) or ``"raise"``.
+        input_key / batch_transform: how to get the model input from a batch (dict batches).
+        reference_inputs: a separate probe for the reference (row-aligned with ``probe``; for
+            cross-modal pairs), with ``reference_input_key`` / ``reference_batch_transform``.
+        reference_class: ``LightningModule`` class to load a checkpoint path ``reference``.
+        compute_device: where metrics run (default: the model's device).
+        log_to_module: also ``pl_module.log`` calibrated values for monitors (default True).
+    """
+
+    def __init__(
+        self,
+        reference: Union[nn.Module, str, os.PathLike],
+        probe: Probe,
+        layers: Layers,
+        reference_layers: Union[str, Sequence[str], None] = None,
+        metrics: MetricsSpec = DEFAULT_METRICS,
+        every_n_epochs: int | None = 1,
+        every_n_train_steps: int | None = None,
+        num_permutations: int = 500,
+        alpha: float = 0.05,
+        aggregate: Aggregate = "max",
+        seed: int = 0,
+        baseline: bool = True,
+        pool: Any = "mean",
+        reference_pool: Any = None,
+        preprocess: Any = True,
+        log_prefix: str = "alignment",
+        log_heatmaps: bool = True,
+        log_pairs: bool = False,
+        on_error: str = "warn",
+        input_key: str | None = None,
+        batch_transform: Callable[[Any], Any] | None = None,
+        reference_inputs: Probe | None = None,
+        reference_input_key: str | None = None,
+        reference_batch_transform: Callable[[Any], Any] | None = None,
+        reference_class: Any = None,
+        compute_device: Union[str, torch.device, None] = None,
+        log_to_module: bool = True,
+    ) -> None:
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps must be >= 1, got {every_n_train_steps}")
+        if every_n_train_steps is None and (every_n_epochs is None or every_n_epochs < 1):
+            raise ValueError("give every_n_epochs >= 1 or every_n_train_steps >= 1")
+        self.reference = load_reference(reference, reference_class)
+        self.probe = load_probe(probe)
+        self.reference_inputs = load_probe(reference_inputs) if reference_inputs is not None else None
+        self.pair_map: dict[str, str] | None = None
+        if isinstance(layers, Mapping):
+            self.pair_map = dict(layers)
+            layers, reference_layers = list(layers.keys()), list(layers.values())
+        self.layers = layers
+        self.reference_layers = reference_layers if reference_layers is not None else layers
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        self.metric_specs: dict[str, dict[str, Any]] = (
+            {name: dict(kw) for name, kw in metrics.items()} if isinstance(metrics, Mapping)
+            else {name: {} for name in metrics}
+        )
+        if not self.metric_specs:
+            raise ValueError("no metrics given")
+        self.every_n_epochs = every_n_epochs
+        self.every_n_train_steps = every_n_train_steps
+        self.num_permutations = num_permutations
+        self.alpha = alpha
+        self.aggregate = aggregate
+        self.seed = seed
+        self.baseline = baseline
+        self.pool = pool
+        self.reference_pool = pool if reference_pool is None else reference_pool
+        self.preprocess = preprocess
+        self.log_prefix = log_prefix
+        self.log_heatmaps = log_heatmaps
+        self.log_pairs = log_pairs
+        self.on_error = on_error
+        self.input_key = input_key
+        self.batch_transform = batch_transform
+        self.reference_input_key = reference_input_key if reference_inputs is not None else input_key
+        self.reference_batch_transform = (
+            reference_batch_transform if reference_inputs is not None else batch_transform
+        )
+        self.compute_device = compute_device
+        self.log_to_module = log_to_module
+        self.history: list[dict[str, Any]] = []
+        self._metrics: dict[str, LayerAlignment] | None = None
+        self.last_results: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------- identity
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(log_prefix=self.log_prefix, metrics=sorted(self.metric_specs))
+
+    def state_dict(self) -> dict[str, Any]:
+        """History of results (primitives only, safe for ``weights_only`` checkpoints)."""
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    # ---------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        lg.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/epoch")
+        if self.baseline and not self.history:
+            self._maybe_run(trainer, pl_module, epoch=0)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_train_steps is not None or trainer.sanity_checking:
+            return
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs == 0:
+            self._maybe_run(trainer, pl_module, epoch=epoch)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        n = self.every_n_train_steps
+        if n is not None and trainer.global_step > 0 and trainer.global_step % n == 0:
+            self._maybe_run(trainer, pl_module, epoch=trainer.current_epoch)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._metrics = None  # drop cached reference state (memory)
+
+    # -------------------------------------------------------------------------- running
+    def _maybe_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        step = int(trainer.global_step)
+        if any(h["step"] == step and h["epoch"] == epoch for h in self.history):
+            return  # already done (resumed run): no duplicate steps
+        values: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            values = self._run_safely(trainer, pl_module, epoch, step)
+        if trainer.world_size > 1:
+            values = trainer.strategy.broadcast(values, src=0)
+            if values is not None and not trainer.is_global_zero:
+                self.history.append(dict(values))
+        if values is not None and self.log_to_module:
+            for name in self.metric_specs:
+                key = f"{self.log_prefix}/{name}/calibrated"
+                if key in values:
+                    pl_module.log(key, float(values[key]), logger=False, on_step=False, on_epoch=True)
+
+    def _run_safely(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int
+                    ) -> dict[str, float] | None:
+        try:
+            return self.run(trainer, pl_module, epoch, step)
+        except Exception as err:  # noqa: BLE001 - reported, training goes on unless asked
+            if self.on_error == "raise":
+                raise
+            warnings.warn(f"alignment step at epoch {epoch} (step {step}) skipped: "
+                          f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+            return None
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _device(self, pl_module: nn.Module) -> torch.device:
+        if self.compute_device is not None:
+            return torch.device(self.compute_device)
+        return next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+
+    def _build_metrics(self, device: torch.device, model_device: torch.device) -> dict[str, LayerAlignment]:
+        """Reference activations once, then one cached-reference metric per measure."""
+        self.reference.to(model_device)
+        ref = collect_activations(
+            self.reference, iterate_probe(self.reference_inputs or self.probe), self.reference_layers,
+            pool=self.reference_pool, device=model_device, input_key=self.reference_input_key,
+            batch_transform=self.reference_batch_transform,
+        )
+        ref = {name: t.to(device) for name, t in ref.items()}
+        metrics = {}
+        for name, kwargs in self.metric_specs.items():
+            m = LayerAlignment(
+                name, aggregate=self._aggregate(list(ref)), num_permutations=self.num_permutations,
+                alpha=self.alpha, seed=self.seed, preprocess=self.preprocess, sync_on_compute=False,
+                **kwargs,
+            )
+            m.set_reference(ref)
+            metrics[name] = m
+        return metrics
+
+    def _aggregate(self, ref_names: list[str]) -> Aggregate:
+        if self.pair_map is None:
+            return self.aggregate
+        return _MappedAggregate(self.pair_map, ref_names, self.aggregate)
+
+    @torch.no_grad()
+    def run(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> dict[str, float]:
+        """One alignment step: capture, compute every metric, log; returns the logged scalars."""
+        start = time.perf_counter()
+        model_device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        device = self._device(pl_module)
+        if self._metrics is None:
+            self._metrics = self._build_metrics(device, model_device)
+        acts = collect_activations(
+            pl_module, iterate_probe(self.probe), self.layers, pool=self.pool, device=model_device,
+            input_key=self.input_key, batch_transform=self.batch_transform,
+        )
+        values: dict[str, float] = {f"{self.log_prefix}/epoch": float(epoch)}
+        results = {}
+        for name, metric in self._metrics.items():
+            metric.reset()
+            metric.update({k: v.to(device) for k, v in acts.items()})
+            out = metric.compute()
+            result = metric.last_result
+            results[name] = result
+            for field in LOGGED_FIELDS:
+                values[f"{self.log_prefix}/{name}/{field}"] = float(out[field])
+            values[f"{self.log_prefix}/{name}/best_model_layer"] = float(result.argmax[0])
+            values[f"{self.log_prefix}/{name}/best_reference_layer"] = float(result.argmax[1])
+            if self.log_pairs:
+                for a, xa in enumerate(result.x_names):
+                    for b, yb in enumerate(result.y_names):
+                        values[f"{self.log_prefix}/{name}/pair/{xa}__{yb}"] = float(result.matrix[a, b])
+            metric.reset()
+        del acts
+        values[f"{self.log_prefix}/seconds"] = time.perf_counter() - start
+        lg.log_scalars(trainer.loggers, values, step)
+        if self.log_heatmaps and trainer.loggers:
+            self._log_heatmaps(trainer, results, epoch, step)
+        self.last_results = results
+        entry = dict(values)
+        entry.update(epoch=epoch, step=step)
+        entry.update({f"{self.log_prefix}/{n}/best_pair": "|".join(r.best_pair) for n, r in results.items()})
+        self.history.append(entry)
+        return entry
+
+    def _log_heatmaps(self, trainer: Trainer, results: Mapping[str, Any], epoch: int, step: int) -> None:
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError:
+            warnings.warn("log_heatmaps needs matplotlib; skipping heatmaps", RuntimeWarning, stacklevel=2)
+            self.log_heatmaps = False
+            return
+        for name, r in results.items():
+            for kind, matrix in (("raw", r.matrix), ("calibrated", r.pair_calibrated)):
+                fig, _ = plot_layer_heatmap(matrix, r.x_names, r.y_names, argmax=r.argmax,
+                                            title=f"{name} {kind} (epoch {epoch})")
+                lg.log_figure(trainer.loggers, f"{self.log_prefix}/{name}/heatmap_{kind}", fig, step,
+                              f"epoch{epoch:04d}")
+                plt.close(fig)
+            rows = [[xa, yb, float(r.matrix[a, b]), float(r.pair_calibrated[a, b]),
+                     float(r.pair_p_value[a, b])]
+                    for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names)]
+            lg.log_table(trainer.loggers, f"{self.log_prefix}/{name}/pairs",
+                         ["model_layer", "reference_layer", "raw", "calibrated", "p_value"], rows, step)
+
+
+class _MappedAggregate:
+    """Aggregate over the mapped (model layer → reference layer) pairs only."""
+
+    def __init__(self, pair_map: Mapping[str, str], ref_names: list[str], aggregate: Aggregate) -> None:
+        from alignment_callback.functional.layers import aggregate_fn
+
+        self.__name__ = f"{aggregate if isinstance(aggregate, str) else 'custom'}_over_pairs"
+        model_names = list(pair_map)
+        self.index = [(model_names.index(a), ref_names.index(b)) for a, b in pair_map.items()]
+        self.inner = aggregate_fn(aggregate)[1]
+
+    def __call__(self, matrix: Tensor) -> Tensor:
+        vals = torch.stack([matrix[a, b] for a, b in self.index])
+        return self.inner(vals.view(1, 1, -1))[0]
+
+

@@ -1,0 +1,76 @@
+"""Send alignment results to whatever Lightning loggers are attached.
+
+Scalars go through each logger's ``log_metrics`` (rank-zero only inside each logger; W&B's
+logger keeps its own step sync, we never call ``wandb.log(step=...)``).  Heatmaps go where a
+logger takes images: W&B (``log_image``), TensorBoard (``add_figure``), MLflow
+(``log_figure``); the CSV logger gets PNG files in its log directory.  W&B also gets a
+``wandb.Table`` of the layer matrix.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+_DEFINED: set[int] = set()
+
+
+def _kind(logger: Any) -> str:
+    name = type(logger).__name__
+    for kind in ("Wandb", "TensorBoard", "CSV", "MLFlow"):
+        if name.startswith(kind):
+            return kind.lower()
+    return "other"
+
+
+def define_axes(loggers: Sequence[Any], prefix: str, step_metric: str) -> None:
+    """W&B: plot every ``prefix/*`` series against ``step_metric`` (epoch or global step)."""
+    for logger in loggers:
+        if _kind(logger) == "wandb" and id(logger) not in _DEFINED:
+            try:
+                exp = logger.experiment
+                exp.define_metric(step_metric)
+                exp.define_metric(f"{prefix}/*", step_metric=step_metric)
+                _DEFINED.add(id(logger))
+            except Exception:  # a disabled run has no define_metric: nothing to configure
+                pass
+
+
+def log_scalars(loggers: Sequence[Any], metrics: Mapping[str, float], step: int) -> None:
+    """``log_metrics`` on every logger."""
+    for logger in loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def _figure_array(fig: Any) -> Any:
+    import numpy as np
+
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def log_figure(loggers: Sequence[Any], key: str, fig: Any, step: int, label: str) -> list[str]:
+    """Log a matplotlib figure as an image where supported; returns files written (CSV)."""
+    written = []
+    for logger in loggers:
+        kind = _kind(logger)
+        if kind == "wandb":
+            logger.log_image(key=key, images=[_figure_array(fig)], step=step)
+        elif kind == "tensorboard":
+            logger.experiment.add_figure(key, fig, global_step=step, close=False)
+        elif kind == "mlflow":
+            logger.experiment.log_figure(logger.run_id, fig, f"{key}/{label}.png")
+        elif kind == "csv" and getattr(logger, "log_dir", None):
+            folder = os.path.join(logger.log_dir, "alignment_heatmaps")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{key.replace('/', '_')}_{label}.png")
+            fig.savefig(path, dpi=100)
+            written.append(path)
+    return written
+
+
+def log_table(loggers: Sequence[Any], key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+    """W&B tables (other loggers have no table type)."""
+    for logger in loggers:
+        if _kind(logger) == "wandb":
+            logger.log_table(key=key, columns=columns, data=rows, step=step)

@@ -73,11 +73,20 @@ def u_center_gram(k: Tensor) -> Tensor:
     return u
 
 
-def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
-    """Biased HSIC ``tr(K H L H)`` (no 1/(n−1)² factor; it cancels in CKA)."""
+def _check_grams(k: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
     if k.shape != l.shape or k.dim() != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"grams must be square and of equal shape, got {tuple(k.shape)}, {tuple(l.shape)}")
-    return (center_gram(k) * l).sum()
+    if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(l).all())):
+        raise ValueError("grams contain NaN/Inf values")
+    dtype = torch.promote_types(torch.promote_types(k.dtype, l.dtype), torch.float32)
+    return k.to(dtype), l.to(dtype)
+
+
+def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
+    """Biased HSIC ``tr(K H L H) = Σ_ij (HKH)_ij L_ji`` (no 1/(n−1)² factor; it cancels in
+    CKA). Valid for non-symmetric matrices too."""
+    k, l = _check_grams(k, l)
+    return (center_gram(k) * l.T).sum()
 
 
 def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
@@ -87,8 +96,7 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     ``[tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2·1ᵀK̃L̃1/(n−2)] / (n(n−3))``,
     where ``tr(K̃L̃) = Σ_ij K̃_ij L̃_ji`` and ``1ᵀK̃L̃1 = Σ_j colsum(K̃)_j rowsum(L̃)_j``.
     """
-    if k.shape != l.shape or k.dim() != 2 or k.shape[0] != k.shape[1]:
-        raise ValueError(f"grams must be square and of equal shape, got {tuple(k.shape)}, {tuple(l.shape)}")
+    k, l = _check_grams(k, l)
     n = k.shape[0]
     if n < 4:
         raise ValueError(f"unbiased HSIC needs n >= 4 samples, got {n}")

@@ -1,0 +1,94 @@
+"""Fast permutation nulls vs naive recomputation, measured in one run.
+
+For each measure: the calibrated call on the fast path (observed + K permutations), and the
+naive baseline, which recomputes the measure from the features on each permuted Y (timed on
+``--naive-perms`` permutations and reported per permutation).  The ratio is per-permutation
+naive cost over per-permutation fast cost.  Also the aggregation-aware layer calibration
+(LA×LB linear CKA) and the peak resident memory, which must stay far below K·n·n floats.
+
+    python benchmarks/bench_nulls.py            # METHOD.md settings: n=1024, d=768, K=1000
+    python benchmarks/bench_nulls.py --quick    # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+import alignment_callback.functional as F
+
+DEFAULT_SUITE = ("linear_cka", "rbf_cka", "unbiased_cka", "mutual_knn", "cycle_knn", "cknna")
+OTHERS = ("svcca", "lcs_knn", "edit_distance_knn", "rsa")
+KNN = {"mutual_knn", "cycle_knn", "cknna", "lcs_knn", "edit_distance_knn"}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--d", type=int, default=768)
+    p.add_argument("--permutations", type=int, default=1000)
+    p.add_argument("--naive-perms", type=int, default=10)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--layer-permutations", type=int, default=500)
+    p.add_argument("--layer-naive-perms", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="n=256, d=128, K=100, 4x4 layers")
+    args = p.parse_args()
+    if args.quick:
+        args.n, args.d, args.permutations, args.layers, args.layer_permutations = 256, 128, 100, 4, 50
+    torch.set_num_threads(args.threads)
+    n, d, K = args.n, args.d, args.permutations
+    g = torch.Generator().manual_seed(0)
+    x = F.prepare_features(torch.randn(n, d, generator=g))
+    y = F.prepare_features(torch.randn(n, d, generator=g))
+    print(f"n={n} d={d} K={K} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"{'measure':18s} {'fast total s':>12s} {'fast ms/perm':>12s} {'naive ms/perm':>13s} "
+          f"{'speedup':>8s} {'target':>7s}")
+    suite_total = 0.0
+    perms = F.permutations(n, args.naive_perms, seed=123)
+    rows = []
+    for name in DEFAULT_SUITE + OTHERS:
+        fn = getattr(F, name)
+        t0 = time.perf_counter()
+        F.calibrated_alignment(x, y, name, num_permutations=K)
+        fast = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for pi in perms:
+            fn(x, y[pi])
+        naive = (time.perf_counter() - t0) / len(perms)
+        speed = naive * K / fast
+        target = 100.0 if name in KNN else 3.0
+        if name in DEFAULT_SUITE:
+            suite_total += fast
+        rows.append((name, fast, speed, target))
+        print(f"{name:18s} {fast:12.2f} {1e3 * fast / K:12.3f} {1e3 * naive:13.2f} {speed:7.1f}x "
+              f"{target:6.0f}x {'ok' if speed >= target else 'BELOW'}")
+    print(f"default suite calibrated in {suite_total:.2f} s (target <= 10 s at n=1024, d=768, K=1000)")
+
+    la = lb = args.layers
+    xs = [F.prepare_features(torch.randn(n, d // 2, generator=g)) for _ in range(la)]
+    ys = [F.prepare_features(torch.randn(n, d // 2, generator=g)) for _ in range(lb)]
+    t0 = time.perf_counter()
+    res = F.calibrated_layer_alignment(xs, ys, "linear_cka", num_permutations=args.layer_permutations)
+    fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for pi in F.permutations(n, args.layer_naive_perms, seed=7):
+        torch.stack([torch.stack([F.linear_cka(a, b[pi]) for b in ys]) for a in xs]).max()
+    naive = (time.perf_counter() - t0) / args.layer_naive_perms
+    print(f"layers {la}x{lb} linear_cka, K={args.layer_permutations}: {fast:.2f} s "
+          f"(target <= 30 s); naive {naive * args.layer_permutations:.1f} s estimated "
+          f"({naive * 1e3:.0f} ms/perm) -> {naive * args.layer_permutations / fast:.1f}x; "
+          f"calibrated max={float(res.calibrated):.3f}")
+    full = K * n * n * 4 / 2**20
+    print(f"peak RSS {peak_rss_mb():.0f} MB (holding K x n x n float32 would need {full:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Bad input gives a clear ValueError naming the problem, never a silent NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import alignment_callback.functional as F
+
+ALL_MEASURES = [
+    ("linear_cka", {}),
+    ("rbf_cka", {"sigma": 1.0}),
+    ("rbf_cka", {"sigma": "median"}),
+    ("unbiased_cka", {}),
+    ("mutual_knn", {"k": 5}),
+    ("cycle_knn", {"k": 5}),
+    ("cknna", {"k": 5}),
+    ("svcca", {"cca_dim": 5}),
+    ("lcs_knn", {"k": 5}),
+    ("edit_distance_knn", {"k": 5}),
+    ("rsa", {}),
+]
+KNN_MEASURES = ["mutual_knn", "cycle_knn", "cknna", "lcs_knn", "edit_distance_knn"]
+
+
+def _mid(m) -> str:
+    name, kw = m
+    return name + "".join(f"-{k}={v}" for k, v in kw.items())
+
+
+def _data(n=30, d=12, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("measure", ALL_MEASURES, ids=_mid)
+def test_different_number_of_samples(measure):
+    name, kw = measure
+    with pytest.raises(ValueError, match="same number of samples"):
+        getattr(F, name)(_data(30), _data(31, seed=1), **kw)
+
+
+@pytest.mark.parametrize("name", KNN_MEASURES)
+@pytest.mark.parametrize("n, k", [(10, 10), (10, 15), (5, 7)])
+def test_n_not_larger_than_k(name, n, k):
+    with pytest.raises(ValueError, match=r"too small for k|n > k"):
+        getattr(F, name)(_data(n), _data(n, seed=1), k=k)
+
+
+@pytest.mark.parametrize("name", KNN_MEASURES)
+def test_n_just_larger_than_k_is_fine(name):
+    out = getattr(F, name)(_data(11), _data(11, seed=1), k=10)
+    assert torch.isfinite(out)
+
+
+@pytest.mark.parametrize("name", KNN_MEASURES)
+@pytest.mark.parametrize("k", [0, -1])
+def test_k_not_positive(name, k):
+    with pytest.raises(ValueError, match=r"k >= \d"):
+        getattr(F, name)(_data(), _data(seed=1), k=k)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_cknna_needs_k_at_least_2(k):
+    with pytest.raises(ValueError, match=r"k >= 2"):
+        F.cknna(_data(), _data(seed=1), k=k)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("side", ["x", "y"])
+@pytest.mark.parametrize("measure", ALL_MEASURES, ids=_mid)
+def test_nan_inf(measure, side, bad):
+    name, kw = measure
+    x, y = _data(), _data(seed=1)
+    (x if side == "x" else y)[3, 2] = bad
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        getattr(F, name)(x, y, **kw)
+
+
+@pytest.mark.parametrize("side", ["x", "y"])
+@pytest.mark.parametrize("measure", ALL_MEASURES, ids=_mid)
+def test_not_2d(measure, side):
+    name, kw = measure
+    x, y = _data(), _data(seed=1)
+    if side == "x":
+        x = x.reshape(30, 3, 4)
+    else:
+        y = y.reshape(30, 3, 4)
+    with pytest.raises(ValueError, match="2-D"):
+        getattr(F, name)(x, y, **kw)
+
+
+@pytest.mark.parametrize("measure", ALL_MEASURES, ids=_mid)
+def test_1d_input(measure):
+    name, kw = measure
+    with pytest.raises(ValueError, match="2-D"):
+        getattr(F, name)(_data()[:, 0], _data(seed=1)[:, 0], **kw)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, y: F.unbiased_cka(x, y),
+        lambda x, y: F.cknna(x, y, k=2),
+        lambda x, y: F.hsic_unbiased(x @ x.T, y @ y.T),
+    ],
+    ids=["unbiased_cka", "cknna", "hsic_unbiased"],
+)
+def test_unbiased_hsic_needs_4_samples(call):
+    with pytest.raises(ValueError, match=r"4 samples"):
+        call(_data(3), _data(3, seed=1))
+
+
+@pytest.mark.parametrize("name", ["hsic_biased", "hsic_unbiased"])
+@pytest.mark.parametrize(
+    "shapes", [((5, 4), (5, 4)), ((5, 5), (6, 6)), ((5, 5, 2), (5, 5, 2))], ids=str
+)
+def test_hsic_grams_must_be_square_and_equal(name, shapes):
+    (a, b) = shapes
+    with pytest.raises(ValueError, match=r"square"):
+        getattr(F, name)(torch.ones(a, dtype=torch.float64), torch.ones(b, dtype=torch.float64))
+
+
+def _constant_rows(n=30, d=12):
+    row = _data(1, d, seed=5)
+    return row.repeat(n, 1)
+
+
+@pytest.mark.parametrize(
+    "measure",
+    [("linear_cka", {}), ("rbf_cka", {"sigma": 1.0}), ("unbiased_cka", {})],
+    ids=_mid,
+)
+@pytest.mark.parametrize("side", ["x", "y"])
+@pytest.mark.parametrize("kind", ["constant_rows", "all_zero"])
+def test_zero_variance_cka(measure, side, kind):
+    name, kw = measure
+    z = _constant_rows() if kind == "constant_rows" else torch.zeros(30, 12, dtype=torch.float64)
+    x, y = (z, _data(seed=1)) if side == "x" else (_data(), z)
+    with pytest.raises(ValueError, match="zero-variance"):
+        getattr(F, name)(x, y, **kw)
+
+
+@pytest.mark.parametrize("side", ["x", "y"])
+def test_zero_variance_rbf_median(side):
+    """Constant rows: every distance is 0, so the median bandwidth is 0 as well."""
+    z = _constant_rows()
+    x, y = (z, _data(seed=1)) if side == "x" else (_data(), z)
+    with pytest.raises(ValueError, match=r"zero-variance|sigma|median"):
+        F.rbf_cka(x, y, sigma="median")
+
+
+@pytest.mark.parametrize(
+    "n, d, cca_dim",
+    [(30, 8, 10), (8, 30, 10), (30, 12, 13), (30, 12, 0)],
+)
+def test_svcca_cca_dim_too_large(n, d, cca_dim):
+    with pytest.raises(ValueError, match="cca_dim"):
+        F.svcca(_data(n, d), _data(n, d, seed=1), cca_dim=cca_dim)
+
+
+def test_svcca_cca_dim_too_large_on_one_side_only():
+    with pytest.raises(ValueError, match="cca_dim"):
+        F.svcca(_data(30, 20), _data(30, 6, seed=1), cca_dim=10)
+
+
+@pytest.mark.parametrize("measure", ALL_MEASURES, ids=_mid)
+def test_valid_input_gives_finite_value(measure):
+    """Sanity: the inputs used above are otherwise valid."""
+    name, kw = measure
+    out = getattr(F, name)(_data(), _data(seed=1), **kw)
+    assert out.dim() == 0 and bool(torch.isfinite(out))
+
+
+def test_numpy_arrays_rejected_or_accepted_cleanly():
+    """A numpy array is not a tensor: either a TypeError/ValueError, or the same value."""
+    x, y = np.random.default_rng(0).standard_normal((2, 30, 12))
+    try:
+        out = F.linear_cka(x, y)
+    except (TypeError, ValueError):
+        return
+    ref = F.linear_cka(torch.from_numpy(x), torch.from_numpy(y))
+    assert float(out) == pytest.approx(ref.item(), rel=1e-12)

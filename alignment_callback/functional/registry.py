@@ -127,8 +127,8 @@ BUILTIN_MEASURES: dict[str, Callable[..., Measure]] = {
 
 def _recompute(fn: MetricFn) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     def score(x: Tensor, y: Tensor, perms: Tensor) -> Tensor:
-        vals = [torch.as_tensor(fn(x, y[p]), device=x.device).reshape(()) for p in perms]
-        return torch.stack(vals).to(x.dtype)
+        vals = [torch.as_tensor(fn(x, y[p]), dtype=x.dtype, device=x.device).reshape(()) for p in perms]
+        return torch.stack(vals)
 
     return score
 

@@ -84,24 +84,31 @@ class AlignmentMetricBase(Metric):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate {side} layer names: {names}")
         setattr(self, f"{side}_layers", names)
+        # layer states may be registered lazily (first update): inherit the persistence set by
+        # ``persistent()`` so far, which the always-present ``index`` state records
+        persistent = self._persistent.get("index", False)
         for i in range(len(names)):
-            self.add_state(f"{side}{i}", default=[], dist_reduce_fx="cat")
+            self.add_state(f"{side}{i}", default=[], dist_reduce_fx="cat", persistent=persistent)
 
-    def _append(self, side: str, layers: Mapping[str, Tensor]) -> int:
+    def _check_side(self, side: str, layers: Mapping[str, Tensor]) -> int:
+        """Validate one side's batch against the registered layer names; its number of rows."""
+        names = getattr(self, f"{side}_layers")
+        if names and set(layers) != set(names):
+            raise ValueError(f"{side} layers {sorted(layers)} do not match the first update's {sorted(names)}")
+        if not layers:
+            raise ValueError(f"no {side} layers given")
+        counts = {name: int(t.shape[0]) for name, t in layers.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"{side} layers have different numbers of rows: {counts}")
+        return next(iter(counts.values()))
+
+    def _append(self, side: str, layers: Mapping[str, Tensor]) -> None:
         names = getattr(self, f"{side}_layers")
         if not names:
             self._register(side, list(layers))
             names = getattr(self, f"{side}_layers")
-        if set(layers) != set(names):
-            raise ValueError(f"{side} layers {sorted(layers)} do not match the first update's {sorted(names)}")
-        counts = {name: int(t.shape[0]) for name, t in layers.items()}
-        if len(set(counts.values())) != 1:
-            raise ValueError(f"{side} layers have different numbers of rows: {counts}")
-        n = next(iter(counts.values()))
-        check_capacity(self._stored_rows(side), n, self.max_samples)
         for i, name in enumerate(names):
-            getattr(self, f"{side}{i}").append(self.preprocessor.rows(layers[name]))
-        return n
+            getattr(self, f"{side}{i}").append(layers[name])
 
     def _stored_rows(self, side: str) -> int:
         state = getattr(self, f"{side}0")
@@ -114,17 +121,25 @@ class AlignmentMetricBase(Metric):
             raise ValueError("update() needs the reference side unless set_reference() was called")
         if ys is not None and self._reference is not None:
             raise ValueError("the reference is cached (set_reference); call update() with the model side only")
-        n = self._append("x", xs)
+        # validate everything before storing anything: a rejected batch leaves no partial rows
+        n = self._check_side("x", xs)
         if ys is not None:
-            if self._append("y", ys) != n:
+            ny = self._check_side("y", ys)
+            if ny != n:
                 raise ValueError(
-                    f"x and y must have the same number of samples (rows) per update: got {n} and "
-                    f"{next(iter(ys.values())).shape[0]}"
+                    f"x and y must have the same number of samples (rows) per update: got {n} and {ny}"
                 )
         if index is not None:
             index = torch.as_tensor(index, device=self.device).reshape(-1).long()
             if index.numel() != n:
                 raise ValueError(f"index has {index.numel()} entries for {n} rows")
+        check_capacity(self._stored_rows("x") if self.x_layers else 0, n, self.max_samples)
+        xs = {name: self.preprocessor.rows(t) for name, t in xs.items()}  # pool (may raise)
+        ys = None if ys is None else {name: self.preprocessor.rows(t) for name, t in ys.items()}
+        self._append("x", xs)
+        if ys is not None:
+            self._append("y", ys)
+        if index is not None:
             self.index.append(index)
 
     # ---------------------------------------------------------------------- reference cache
@@ -155,7 +170,7 @@ class AlignmentMetricBase(Metric):
         return [dim_zero_cat(getattr(self, f"{side}{i}")) for i in range(len(names))]
 
     def _compute_result(self) -> LayerAlignmentResult:
-        if not self.x_layers or (self._reference is None and not self.y_layers):
+        if not self.x_layers or (self._reference is None and not self.y_layers) or not self._stored_rows("x"):
             raise RuntimeError(f"{type(self).__name__}.compute() called before any update()")
         xs = self._gather("x")
         if not xs[0].numel():

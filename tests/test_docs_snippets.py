@@ -1,0 +1,52 @@
+"""Execute the runnable code blocks of the docs.
+
+Convention: a fenced ```python block whose first line is ``# runnable`` is executed, each in a
+fresh namespace, by this test; other blocks (fragments with undefined names) are not.  Any
+``docs/*.md`` page can add runnable snippets.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+import pytest
+import torch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+MARKER = "# runnable"
+FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+def runnable_snippets() -> list[tuple[str, str]]:
+    """``(id, code)`` for every runnable block; ids are ``page.md:line``."""
+    found = []
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        for match in FENCE.finditer(text):
+            code = match.group(1)
+            if code.lstrip().splitlines()[:1] == [MARKER]:
+                line = text.count("\n", 0, match.start()) + 1
+                found.append((f"{page.name}:{line}", code))
+    return found
+
+
+SNIPPETS = runnable_snippets()
+
+
+def test_runnable_snippets_found() -> None:
+    """The convention is in use (guards against a broken fence regex silently running nothing)."""
+    assert any(name.startswith("plain_pytorch.md:") for name, _ in SNIPPETS)
+
+
+@pytest.mark.parametrize("name,code", SNIPPETS, ids=[name for name, _ in SNIPPETS])
+def test_doc_snippet_runs(name: str, code: str, monkeypatch, tmp_path) -> None:
+    matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)  # files a snippet writes land in a temporary directory
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices on a shared 2-core machine
+    try:
+        exec(compile(code, f"<{name}>", "exec"), {"__name__": "__main__"})
+    finally:
+        torch.set_num_threads(threads)

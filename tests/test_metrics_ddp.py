@@ -1,0 +1,158 @@
+"""Two CPU processes (gloo): the metrics' cat-gathered states give every rank the same result as
+one process that saw all rows.
+
+torchmetrics gathers list states rank-major (rank 0's rows, then rank 1's), padding and trimming
+uneven per-rank counts, so the single-process reference is fed rank 0's rows then rank 1's.  With
+``index=`` the order (and DistributedSampler-style duplicates) no longer matters.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from alignment_callback.metrics import CalibratedAlignment, LayerAlignment
+from alignment_callback.metrics.calibrated_alignment import RESULT_KEYS
+
+pytestmark = pytest.mark.slow
+
+K = 40
+N = 80
+SPLIT = 37  # rank 0: 37 rows, rank 1: 43 rows (uneven: exercises padding + trimming)
+TIMEOUT_S = 90.0
+# (no ``tests.helpers`` import: the spawned workers re-import this module, and Lightning would
+# add seconds to each worker's start on a busy 2-core machine)
+
+
+def _data() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 10, generator=g)
+    y = x @ torch.randn(10, 6, generator=g) + 0.8 * torch.randn(N, 6, generator=g)
+    x2 = torch.tanh(x @ torch.randn(10, 8, generator=g))
+    y2 = torch.randn(N, 5, generator=g)
+    order = torch.randperm(N, generator=g)  # the "rank-major" row order of the plain split
+    # DistributedSampler-like shards with sample ids: shuffled, padded with repeated ids, uneven
+    ids = torch.randperm(N, generator=g)
+    shard0 = torch.cat([ids[:SPLIT], ids[:2]])  # 39 rows (2 duplicates)
+    shard1 = torch.cat([ids[SPLIT:], ids[SPLIT:SPLIT + 1]])  # 44 rows (1 duplicate)
+    return dict(x=x, y=y, x2=x2, y2=y2, order=order, shard0=shard0, shard1=shard1)
+
+
+def _metrics() -> dict[str, object]:
+    return {
+        "ca": CalibratedAlignment("mutual_knn", num_permutations=K, seed=4, k=5),
+        "la": LayerAlignment("linear_cka", num_permutations=K, seed=4),
+        "ca_index": CalibratedAlignment("linear_cka", num_permutations=K, seed=4),
+        "la_index": LayerAlignment("mutual_knn", aggregate="mean", num_permutations=K, seed=4, k=5),
+        "cached_index": CalibratedAlignment("mutual_knn", num_permutations=K, seed=4, k=5),
+    }
+
+
+def _feed(metrics: dict, d: dict, rows: torch.Tensor, ids: torch.Tensor) -> None:
+    """``rows``: rows in rank-major order (no ids); ``ids``: sample ids for the index= metrics."""
+    x, y, x2, y2 = d["x"], d["y"], d["x2"], d["y2"]
+    metrics["ca"].update(x[rows], y[rows])
+    metrics["la"].update({"a": x[rows], "b": x2[rows]}, {"c": y[rows], "d": y2[rows]})
+    metrics["ca_index"].update(x[ids], y[ids], index=ids)
+    metrics["la_index"].update({"a": x[ids], "b": x2[ids]}, {"c": y[ids], "d": y2[ids]}, index=ids)
+    metrics["cached_index"].update(x[ids], index=ids)
+
+
+def _results(metrics: dict) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {k: v.clone() for k, v in m.compute().items()} for name, m in metrics.items()}
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    try:
+        d = _data()
+        metrics = _metrics()
+        metrics["cached_index"].set_reference(d["y"])  # every rank holds the whole frozen reference
+        rows = d["order"][:SPLIT] if rank == 0 else d["order"][SPLIT:]
+        ids = d[f"shard{rank}"]
+        # two updates per rank (uneven batches inside the shard too)
+        for part in (slice(0, 11), slice(11, None)):
+            _feed(metrics, d, rows[part], ids[part])
+        local_rows = metrics["ca"]._stored_rows("x")
+        results = _results(metrics)
+        # after compute the local (unsynced) states are restored
+        results["_local"] = {"rows": torch.tensor(local_rows),
+                             "after": torch.tensor(metrics["ca"]._stored_rows("x"))}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(out_dir: Path) -> None:
+    ctx = mp.spawn(_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1.0):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S:.0f} s (hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def _single_process() -> dict[str, dict[str, torch.Tensor]]:
+    d = _data()
+    metrics = _metrics()
+    metrics["cached_index"].set_reference(d["y"])
+    # rank-major order for the plain metrics; in-order, deduplicated rows for the index= ones
+    _feed(metrics, d, d["order"], torch.arange(N))
+    return _results(metrics)
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    _spawn(out)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single_results() -> dict[str, dict[str, torch.Tensor]]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _single_process()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", ["ca", "la", "ca_index", "la_index", "cached_index"])
+def test_ddp_matches_single_process(ddp_results, single_results, name: str) -> None:
+    expected = single_results[name]
+    keys = RESULT_KEYS + (("matrix", "pair_calibrated", "argmax") if name.startswith("la") else ())
+    for rank, results in enumerate(ddp_results):
+        for key in keys:
+            torch.testing.assert_close(results[name][key], expected[key],
+                                       msg=lambda m, k=key, r=rank: f"rank {r}, {name}.{k}: {m}")
+
+
+def test_ddp_local_states_restored(ddp_results) -> None:
+    for rank, results in enumerate(ddp_results):
+        local = SPLIT if rank == 0 else N - SPLIT
+        assert int(results["_local"]["rows"]) == local
+        assert int(results["_local"]["after"]) == local

@@ -41,7 +41,8 @@ class AlignmentCallback(Callback):
     p_value, threshold, null_mean, effect_size}``, the arg-max pair indices, per-pair raw
     values when ``log_pairs``, and layer×layer heatmaps (raw and per-pair calibrated) where the
     logger takes images (W&B, TensorBoard, MLflow; PNG files for CSV) plus a ``wandb.Table``.
-    ``<prefix>/epoch`` is logged alongside and W&B plots the series against it.  The
+    ``<prefix>/epoch`` and ``<prefix>/step`` are logged alongside; W&B plots the series against
+    the epoch (the global step with ``every_n_train_steps``).  The
     calibrated aggregates are also ``pl_module.log``-ged (logger=False) so ``ModelCheckpoint``
     and ``EarlyStopping`` can monitor e.g. ``"alignment/mutual_knn/calibrated"``.
 
@@ -172,9 +173,12 @@ class AlignmentCallback(Callback):
 
     # ---------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        lg.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/epoch")
+        axis = "step" if self.every_n_train_steps is not None else "epoch"
+        lg.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
         if self.baseline and not self.history:
-            self._maybe_run(trainer, pl_module, epoch=0)
+            # in step mode the baseline is not pl_module.log-ged: an epoch-level value logged
+            # here would replace the latest step value in callback_metrics at every epoch end
+            self._maybe_run(trainer, pl_module, epoch=0, monitor=self.every_n_train_steps is None)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_train_steps is not None or trainer.sanity_checking:
@@ -187,13 +191,14 @@ class AlignmentCallback(Callback):
                            batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
         if n is not None and trainer.global_step > 0 and trainer.global_step % n == 0:
-            self._maybe_run(trainer, pl_module, epoch=trainer.current_epoch)
+            self._maybe_run(trainer, pl_module, epoch=trainer.current_epoch, in_batch_hook=True)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._metrics = None  # drop cached reference state (memory)
 
     # -------------------------------------------------------------------------- running
-    def _maybe_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+    def _maybe_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
+                   in_batch_hook: bool = False, monitor: bool = True) -> None:
         step = int(trainer.global_step)
         if any(h["step"] == step and h["epoch"] == epoch for h in self.history):
             return  # already done (resumed run): no duplicate steps
@@ -204,11 +209,14 @@ class AlignmentCallback(Callback):
             values = trainer.strategy.broadcast(values, src=0)
             if values is not None and not trainer.is_global_zero:
                 self.history.append(dict(values))
-        if values is not None and self.log_to_module:
+        if values is not None and self.log_to_module and monitor:
             for name in self.metric_specs:
                 key = f"{self.log_prefix}/{name}/calibrated"
                 if key in values:
-                    pl_module.log(key, float(values[key]), logger=False, on_step=False, on_epoch=True)
+                    # from a batch hook log on_step: with on_epoch the monitors would see the
+                    # epoch mean of the steps' values, and only at the end of the epoch
+                    pl_module.log(key, float(values[key]), logger=False, on_step=in_batch_hook,
+                                  on_epoch=not in_batch_hook)
 
     def _run_safely(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int
                     ) -> dict[str, float] | None:
@@ -232,8 +240,9 @@ class AlignmentCallback(Callback):
     def _build_metrics(self, device: torch.device, model_device: torch.device) -> dict[str, LayerAlignment]:
         """Reference activations once, then one cached-reference metric per measure."""
         self.reference.to(model_device)
+        ref_probe = self.probe if self.reference_inputs is None else self.reference_inputs
         ref = collect_activations(
-            self.reference, iterate_probe(self.reference_inputs or self.probe), self.reference_layers,
+            self.reference, iterate_probe(ref_probe), self.reference_layers,
             pool=self.reference_pool, device=model_device, input_key=self.reference_input_key,
             batch_transform=self.reference_batch_transform,
         )
@@ -266,7 +275,8 @@ class AlignmentCallback(Callback):
             pl_module, iterate_probe(self.probe), self.layers, pool=self.pool, device=model_device,
             input_key=self.input_key, batch_transform=self.batch_transform,
         )
-        values: dict[str, float] = {f"{self.log_prefix}/epoch": float(epoch)}
+        values: dict[str, float] = {f"{self.log_prefix}/epoch": float(epoch),
+                                    f"{self.log_prefix}/step": float(step)}
         results = {}
         for name, metric in self._metrics.items():
             metric.reset()

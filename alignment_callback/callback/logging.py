@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
-_DEFINED: set[int] = set()
+_DEFINED_ATTR = "_alignment_callback_axes"  # prefixes already defined, kept on the logger
 
 
 def _kind(logger: Any) -> str:
@@ -26,14 +26,24 @@ def _kind(logger: Any) -> str:
 def define_axes(loggers: Sequence[Any], prefix: str, step_metric: str) -> None:
     """W&B: plot every ``prefix/*`` series against ``step_metric`` (epoch or global step)."""
     for logger in loggers:
-        if _kind(logger) == "wandb" and id(logger) not in _DEFINED:
+        if _kind(logger) != "wandb":
+            continue
+        done = getattr(logger, _DEFINED_ATTR, None)
+        if done is None:
+            done = set()
             try:
-                exp = logger.experiment
-                exp.define_metric(step_metric)
-                exp.define_metric(f"{prefix}/*", step_metric=step_metric)
-                _DEFINED.add(id(logger))
-            except Exception:  # a disabled run has no define_metric: nothing to configure
+                setattr(logger, _DEFINED_ATTR, done)
+            except AttributeError:
                 pass
+        if (prefix, step_metric) in done:
+            continue
+        try:
+            exp = logger.experiment
+            exp.define_metric(step_metric)
+            exp.define_metric(f"{prefix}/*", step_metric=step_metric)
+            done.add((prefix, step_metric))
+        except Exception:  # a disabled run has no define_metric: nothing to configure
+            pass
 
 
 def log_scalars(loggers: Sequence[Any], metrics: Mapping[str, float], step: int) -> None:

@@ -1,0 +1,53 @@
+"""Worker for ``test_callback_ddp.py``: ``python -m tests._ddp_callback_worker OUT_DIR STRATEGY``.
+
+Trains ``MLP(lr=0)`` (weights never change) on 2 CPU processes (gloo) with an
+``AlignmentCallback`` and writes, from every rank, its callback history and the alignment values
+in ``trainer.callback_metrics`` to ``OUT_DIR/rank{r}.json``.  Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger
+
+from alignment_callback import AlignmentCallback
+from tests.helpers import FAST_TRAINER, LAYERS, MLP, RefMLP, make_probe, train_loader
+
+K = 30
+METRICS = ["linear_cka", "mutual_knn"]
+MAX_EPOCHS = 2
+
+
+class Dump(pl.Callback):
+    def __init__(self, out: str, watched: AlignmentCallback) -> None:
+        self.out, self.watched = out, watched
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        payload = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "history": self.watched.history,
+            "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()
+                                 if k.startswith("alignment/")},
+            "params": {k: v.tolist() for k, v in pl_module.state_dict().items()},
+        }
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
+
+
+def main(out: str, strategy: str) -> None:
+    cb = AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS, metrics=METRICS,
+                           num_permutations=K, log_heatmaps=True)
+    trainer = pl.Trainer(
+        **{**FAST_TRAINER, "devices": 2}, strategy=strategy, max_epochs=MAX_EPOCHS,
+        logger=CSVLogger(out, name="csv"), callbacks=[cb, Dump(out, cb)],
+        enable_checkpointing=False,
+    )
+    trainer.fit(MLP(lr=0.0), train_loader())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

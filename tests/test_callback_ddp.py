@@ -1,0 +1,85 @@
+"""AlignmentCallback under DDP on 2 CPU processes (gloo): no hang, rank 0 computes what one
+process computes for the same weights, every rank gets the same history and monitor values."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import _ddp_callback_worker as W
+from tests.helpers import (
+    LAYERS,
+    MLP,
+    RefMLP,
+    alignment_rows,
+    make_probe,
+    offline_alignment,
+    single_thread,  # noqa: F401  (autouse fixture)
+)
+
+pytestmark = pytest.mark.slow
+TIMEOUT_S = 150
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_worker(out: Path, strategy: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "tests._ddp_callback_worker", str(out), strategy]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and the ranks it started
+        log, _ = proc.communicate()
+        pytest.fail(f"DDP run did not finish within {TIMEOUT_S} s (hang?)\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-5000:]
+    return log
+
+
+@pytest.mark.parametrize("strategy", [
+    "ddp",  # the worker script is re-launched for rank 1 (2 interpreters in all)
+    pytest.param("ddp_spawn", marks=pytest.mark.skipif(
+        not os.environ.get("ALIGNMENT_SLOW_TESTS"),
+        reason="3 interpreters, ~40 s on a busy 2-core machine; set ALIGNMENT_SLOW_TESTS=1")),
+])
+def test_ddp_two_cpu_processes(tmp_path, strategy):
+    _run_worker(tmp_path, strategy)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+
+    # lr=0: the weights are the initial ones on both ranks, so every alignment step equals the
+    # single-process computation on a fresh model
+    model, reference = MLP(lr=0.0), RefMLP(seed=1)
+    init = {k: v.tolist() for k, v in model.state_dict().items()}
+    assert ranks[0]["params"] == init
+    expected = {name: offline_alignment(model, reference, make_probe(), LAYERS, name, W.K)
+                for name in W.METRICS}
+
+    hist0, hist1 = ranks[0]["history"], ranks[1]["history"]
+    assert [h["epoch"] for h in hist0] == list(range(W.MAX_EPOCHS + 1))
+    assert hist1 == hist0  # broadcast from rank 0
+    for h in hist0:
+        for name, res in expected.items():
+            for field in ("raw", "calibrated", "p_value", "threshold"):
+                assert h[f"alignment/{name}/{field}"] == pytest.approx(
+                    float(getattr(res, field)), rel=1e-5, abs=1e-6), (h["epoch"], name, field)
+    for r in ranks:  # ModelCheckpoint / EarlyStopping see the same value on every rank
+        for name, res in expected.items():
+            key = f"alignment/{name}/calibrated"
+            assert r["callback_metrics"][key] == pytest.approx(float(res.calibrated),
+                                                               rel=1e-5, abs=1e-6)
+
+    (csv_file,) = list(tmp_path.glob("csv/version_*/metrics.csv"))  # rank 0 only
+    rows = alignment_rows(csv_file)
+    assert [float(r["alignment/epoch"]) for r in rows] == [0.0, 1.0, 2.0]
+    steps = [int(r["step"]) for r in rows]
+    assert len(set(steps)) == len(steps)
+    pngs = list(tmp_path.glob("csv/version_*/alignment_heatmaps/*.png"))
+    assert len(pngs) == len(W.METRICS) * 2 * (W.MAX_EPOCHS + 1)

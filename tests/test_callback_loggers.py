@@ -1,0 +1,239 @@
+"""AlignmentCallback through TensorBoard, W&B (offline, read back from the run file) and MLflow."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+
+from alignment_callback import AlignmentCallback
+from tests.helpers import (
+    FAST_TRAINER,
+    LAYERS,
+    MLP,
+    RefMLP,
+    make_probe,
+    single_thread,  # noqa: F401  (autouse fixture)
+    train_loader,
+)
+
+K = 20
+METRICS = ["linear_cka", "mutual_knn"]
+
+
+def _callback(**kw):
+    return AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS,
+                             metrics=kw.pop("metrics", METRICS), num_permutations=K, **kw)
+
+
+def _fit(logger, callbacks, max_epochs=1):
+    trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, callbacks=callbacks,
+                         enable_checkpointing=False, **FAST_TRAINER)
+    trainer.fit(MLP(), train_loader())
+    return trainer
+
+
+# --------------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_scalars_and_heatmap_images(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    cb = _callback()
+    _fit(logger, [cb], max_epochs=2)
+    logger.experiment.flush()
+
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for name in METRICS:
+        for field in ("raw", "calibrated", "p_value", "threshold"):
+            assert f"alignment/{name}/{field}" in tags["scalars"]
+    events = acc.Scalars("alignment/linear_cka/calibrated")
+    assert [e.step for e in events] == [h["step"] for h in cb.history] == [0, 4, 8]
+    for e, h in zip(events, cb.history):
+        assert e.value == pytest.approx(h["alignment/linear_cka/calibrated"], rel=1e-6)
+    assert [e.value for e in acc.Scalars("alignment/epoch")] == [0.0, 1.0, 2.0]
+    for name in METRICS:
+        for kind in ("raw", "calibrated"):
+            images = acc.Images(f"alignment/{name}/heatmap_{kind}")
+            assert [im.step for im in images] == [0, 4, 8]
+            assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+            assert images[0].width > 50 and images[0].height > 50
+
+
+# ----------------------------------------------------------------------------------------- W&B
+_BLOCK, _HEADER = 32768, 7
+
+
+def _wandb_records(path: str):
+    """Records of a ``run-*.wandb`` file (W&B's LevelDB-log framing of protobuf ``Record``s).
+
+    wandb 0.31 no longer ships its Python ``DataStore`` reader (the Go core writes the file), so
+    this is the same framing read back: a 7-byte file header ``:W&B`` + magic 0xBEE1 + version,
+    then 32 KiB blocks of chunks ``crc32 (4, LE) | length (2, LE) | type (1) | data`` with types
+    FULL=1, FIRST=2, MIDDLE=3, LAST=4; the CRC (zlib.crc32 seeded with the type byte) is checked.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1
+    pos, pending = _HEADER, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # block trailer padding
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        if crc == 0 and length == 0 and kind == 0:  # zero padding up to the block end
+            pos += left
+            continue
+        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, f"bad CRC at {pos}"
+        pos += _HEADER + length
+        if kind == 1:
+            payload = chunk
+        elif kind == 2:
+            pending = chunk
+            continue
+        elif kind == 3:
+            pending += chunk
+            continue
+        elif kind == 4:
+            payload, pending = pending + chunk, b""
+        else:
+            raise AssertionError(f"unknown chunk type {kind}")
+        record = pb.Record()
+        record.ParseFromString(payload)
+        yield record
+
+
+def _wait_for_complete_run_file(path: str, timeout: float = 60.0) -> list:
+    """All records once the file ends with the run's ``exit`` record.
+
+    ``wandb.finish()`` can return while wandb-core is still writing the offline file (we saw
+    truncated blocks and half-written chunks right after it), so poll until it is complete.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(_wandb_records(path))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                return records
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} has no exit record after {timeout} s")
+        time.sleep(0.2)
+
+
+def _history(records) -> list[dict]:
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                         for i in r.history.item})
+    return rows
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
+                       "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+                       "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+                       "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_DISABLE_GIT": "true",
+                       "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off"}.items():
+        # restored afterwards (WandbLogger(offline=True) sets WANDB_MODE process-wide)
+        monkeypatch.setenv(var, value)
+    yield
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="alignment-tests")
+    cb = _callback()
+    cb2 = _callback(metrics=["linear_cka"], log_prefix="second", log_heatmaps=False)
+    _fit(logger, [cb, cb2], max_epochs=2)
+    summary_keys = set(logger.experiment.summary.keys())
+    wandb.finish()
+
+    expected_keys = {"alignment/linear_cka/calibrated", "alignment/epoch", "second/linear_cka/raw"}
+    assert expected_keys <= summary_keys
+    (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    records = _wait_for_complete_run_file(run_file)
+    history = _history(records)
+    scalar_rows = [h for h in history if "alignment/linear_cka/calibrated" in h]
+    assert [h["alignment/epoch"] for h in scalar_rows] == [0, 1, 2]
+    assert [h["trainer/global_step"] for h in scalar_rows] == [h["step"] for h in cb.history]
+    for row, entry in zip(scalar_rows, cb.history):
+        for name in METRICS:
+            for field in ("raw", "calibrated", "p_value", "threshold"):
+                key = f"alignment/{name}/{field}"
+                assert row[key] == pytest.approx(entry[key], rel=1e-6)
+    assert [h["second/epoch"] for h in history if "second/linear_cka/raw" in h] == [0, 1, 2]
+
+    # series plotted against the epoch: define_metric for each callback's prefix
+    metric_defs = {(m.metric.glob_name or m.metric.name): m.metric.step_metric
+                   for m in records if m.WhichOneof("record_type") == "metric"}
+    assert metric_defs.get("alignment/*") == "alignment/epoch"
+    assert metric_defs.get("second/*") == "second/epoch"
+
+    # heatmaps: image history entries whose files exist under files/media
+    run_dir = Path(run_file).parent
+    image_files = []
+    for name in METRICS:
+        for kind in ("raw", "calibrated"):
+            key = f"alignment/{name}/heatmap_{kind}"
+            rows = [h for h in history if f"{key}/filenames" in h]
+            assert len(rows) == 3, key
+            for h in rows:
+                assert h[f"{key}/_type"] == "images/separated"
+                image_files += h[f"{key}/filenames"]
+    assert image_files and all(f.startswith("media/images/alignment/") for f in image_files)
+    for f in image_files:
+        assert (run_dir / "files" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tables = glob.glob(str(run_dir / "files" / "media" / "table" / "alignment" / "*"
+                           / "pairs_*.table.json"))
+    assert len(tables) == 3 * len(METRICS)
+    table = json.loads(Path(tables[0]).read_text())
+    assert table["columns"] == ["model_layer", "reference_layer", "raw", "calibrated", "p_value"]
+    assert len(table["data"]) == len(LAYERS) ** 2
+
+
+# -------------------------------------------------------------------------------------- MLflow
+def test_mlflow_metrics_and_heatmap_artifacts(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = MLFlowLogger(experiment_name="alignment", tracking_uri=uri,
+                          artifact_location=(tmp_path / "artifacts").as_uri())
+    cb = _callback(metrics=["linear_cka"])
+    _fit(logger, [cb], max_epochs=1)
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(logger.run_id, "alignment/linear_cka/calibrated")
+    assert sorted(m.step for m in history) == [h["step"] for h in cb.history] == [0, 4]
+    by_step = {m.step: m.value for m in history}
+    for h in cb.history:
+        assert by_step[h["step"]] == pytest.approx(h["alignment/linear_cka/calibrated"], rel=1e-6)
+    epochs = client.get_metric_history(logger.run_id, "alignment/epoch")
+    assert sorted(m.value for m in epochs) == [0.0, 1.0]
+    for kind in ("raw", "calibrated"):
+        artifacts = client.list_artifacts(logger.run_id, f"alignment/linear_cka/heatmap_{kind}")
+        files = [a.path for a in artifacts]
+        assert sorted(os.path.basename(f) for f in files) == ["epoch0000.png", "epoch0001.png"]

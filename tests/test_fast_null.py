@@ -14,14 +14,6 @@ import torch
 import alignment_callback.functional as F
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These are many tiny (n <= 64) problems: one intra-op thread is faster, and avoids the
-    OpenMP oversubscription slow-down (seen at 7x) when other processes share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 KNN = {"mutual_knn", "cycle_knn", "cknna", "lcs_knn", "edit_distance_knn"}
 MEASURES = sorted(F.BUILTIN_MEASURES)

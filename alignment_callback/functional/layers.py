@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from alignment_callback.functional.calibration import AUTO, calibrate_tensor
+from alignment_callback.functional.calibration import AUTO, CalibrationResult, calibrate_tensor
 from alignment_callback.functional.permutation import chunk_size_for, iter_permutations
 from alignment_callback.functional.registry import Measure, MetricSpec, get_measure, prepare_one
 
@@ -23,15 +23,15 @@ Layers = Union[Sequence[Tensor], Mapping[str, Tensor]]
 Aggregate = Union[str, Callable[[Tensor], Tensor]]
 
 
-@dataclass(frozen=True)
-class LayerAlignmentResult:
+@dataclass(frozen=True, kw_only=True)
+class LayerAlignmentResult(CalibrationResult):
     """Aggregation-aware calibration of an LA×LB layer matrix.
+
+    The fields of :class:`CalibrationResult` (``raw``, ``calibrated``, ``p_value``,
+    ``threshold``, ... and ``null``, the K null aggregates) describe the aggregate; in addition:
 
     Attributes:
         matrix: raw (LA, LB) scores ``s(X_a, Y_b)``.
-        raw, calibrated, p_value, threshold, null_mean, null_std, effect_size, percentile:
-            as in :class:`CalibrationResult`, for the aggregate.
-        null: (K,) null aggregates A_k.
         argmax: (a, b) indices of the best raw pair; ``best_pair`` gives their names.
         x_names, y_names: layer names (indices as strings for sequences).
         pair_threshold, pair_calibrated, pair_p_value: (LA, LB) per-pair calibration against
@@ -40,15 +40,6 @@ class LayerAlignmentResult:
     """
 
     matrix: Tensor
-    raw: Tensor
-    calibrated: Tensor
-    p_value: Tensor
-    threshold: Tensor
-    null_mean: Tensor
-    null_std: Tensor
-    effect_size: Tensor
-    percentile: Tensor
-    null: Tensor
     argmax: tuple[int, int]
     x_names: list[str]
     y_names: list[str]
@@ -57,17 +48,10 @@ class LayerAlignmentResult:
     pair_p_value: Tensor
     aggregate: str
 
-    SCALARS = ("raw", "calibrated", "p_value", "threshold", "null_mean", "null_std",
-               "effect_size", "percentile")
-
     @property
     def best_pair(self) -> tuple[str, str]:
         """Names of the arg-max layer pair."""
         return self.x_names[self.argmax[0]], self.y_names[self.argmax[1]]
-
-    def as_dict(self) -> dict[str, float]:
-        """The aggregate's scalar fields as Python floats."""
-        return {name: float(getattr(self, name)) for name in self.SCALARS}
 
 
 def aggregate_fn(aggregate: Aggregate) -> tuple[str, Callable[[Tensor], Tensor]]:

@@ -9,6 +9,7 @@ from alignment_callback.functional.calibration import (
     calibrate,
     calibrated_alignment,
 )
+from alignment_callback.functional.fdr import benjamini_hochberg
 from alignment_callback.functional.gram_measures import linear_cka, rbf_cka, rsa, unbiased_cka
 from alignment_callback.functional.kernels import hsic_biased, hsic_unbiased
 from alignment_callback.functional.knn_measures import (
@@ -29,6 +30,7 @@ __all__ = [
     "CalibrationResult",
     "LayerAlignmentResult",
     "Measure",
+    "benjamini_hochberg",
     "calibrate",
     "calibrated_alignment",
     "calibrated_layer_alignment",

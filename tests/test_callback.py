@@ -359,3 +359,10 @@ def test_every_n_train_steps_monitor_sees_the_latest_value(tmp_path):
         assert seen == pytest.approx(latest), (where, step)
     best = max(h[key] for h in cb.history if h["step"] in (2, 4, 6, 8))
     assert float(ckpt.best_model_score) == pytest.approx(best)
+
+
+def test_load_probe_keeps_a_single_dict_batch_whole():
+    from alignment_callback.callback.probe import load_probe
+
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3)}
+    assert load_probe(batch) == [batch]

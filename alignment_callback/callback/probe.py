@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,7 @@ def load_probe(probe: Probe) -> Any:
     * a tensor (split into batches of 256 rows),
     * a path to a ``.pt`` file holding a tensor / dict / tuple (loaded with ``weights_only``),
     * a zero-argument callable returning an iterable of batches (called at every run),
+    * one dict batch (e.g. a tokenizer's output),
     * any re-iterable of batches (e.g. a list).
     """
     if isinstance(probe, (str, os.PathLike)):
@@ -32,6 +33,8 @@ def load_probe(probe: Probe) -> Any:
         return probe
     if isinstance(probe, Tensor) or callable(probe):
         return probe
+    if isinstance(probe, Mapping):  # one dict batch (e.g. tokenizer output)
+        return [probe]
     if isinstance(probe, Iterable):
         batches = list(probe)
         if not batches:

@@ -1,7 +1,23 @@
-"""torchmetrics ``Metric`` objects for calibrated alignment (usable without Lightning)."""
+"""torchmetrics ``Metric`` objects for calibrated alignment (usable without Lightning).
 
-from alignment_callback.metrics.calibrated_alignment import CalibratedAlignment
-from alignment_callback.metrics.layer_alignment import LayerAlignment
-from alignment_callback.metrics.plotting import plot_layer_heatmap, plot_scores
+Imported lazily, so ``alignment_callback.metrics.plotting`` does not pay for torchmetrics.
+"""
 
-__all__ = ["CalibratedAlignment", "LayerAlignment", "plot_layer_heatmap", "plot_scores"]
+from typing import Any
+
+_LAZY = {
+    "CalibratedAlignment": "alignment_callback.metrics.calibrated_alignment",
+    "LayerAlignment": "alignment_callback.metrics.layer_alignment",
+    "plot_layer_heatmap": "alignment_callback.metrics.plotting",
+    "plot_scores": "alignment_callback.metrics.plotting",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'alignment_callback.metrics' has no attribute {name!r}")

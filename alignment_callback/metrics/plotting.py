@@ -70,41 +70,51 @@ def plot_scores(
 
 
 def plot_layer_heatmap(
-    matrix: Tensor,
+    matrix: Any,
     x_names: Sequence[str],
     y_names: Sequence[str],
     ax: Any = None,
-    argmax: tuple[int, int] | None = None,
+    argmax: Sequence[int] | None = None,
     title: str | None = None,
-    vmin: float | None = 0.0,
-    vmax: float | None = 1.0,
+    vmin: float | None = None,
+    vmax: float | None = None,
     cmap: str = "viridis",
+    xlabel: str = "reference layer",
+    ylabel: str = "model layer",
+    marks: Any = None,
 ) -> tuple[Any, Any]:
-    """Layer×layer heatmap (model layers as rows, reference layers as columns); the arg-max pair
-    is outlined. Returns ``(fig, ax)``."""
-    m = torch.as_tensor(matrix).detach().cpu().double().numpy()
-    fig, ax = _axes(ax, (3.0 + 0.5 * max(4, m.shape[1]), 2.5 + 0.45 * max(4, m.shape[0])))
-    im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+    """Layer×layer heatmap (model layers as rows, reference layers as columns).
+
+    The arg-max pair is outlined; values are written in the cells (up to 12×12), with a ``*``
+    where ``marks`` (a boolean matrix, e.g. significant pairs) is set.  The colour range is
+    ``[min(0, m), max(1, m)]`` unless ``vmin`` / ``vmax`` are given.  Returns ``(fig, ax)``.
+    """
+    import numpy as np
+
+    m = np.asarray(torch.as_tensor(matrix).detach().cpu().double().numpy(), dtype=float)
+    lo = min(0.0, float(m.min())) if vmin is None else vmin
+    hi = max(1.0, float(m.max())) if vmax is None else vmax
+    fig, ax = _axes(ax, (3.0 + 0.55 * max(4, m.shape[1]), 2.5 + 0.45 * max(4, m.shape[0])))
+    im = ax.imshow(m, vmin=lo, vmax=hi, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(y_names)))
     ax.set_xticklabels(list(y_names), rotation=60, ha="right", fontsize="small")
     ax.set_yticks(range(len(x_names)))
     ax.set_yticklabels(list(x_names), fontsize="small")
-    ax.set_xlabel("reference layer")
-    ax.set_ylabel("model layer")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if argmax is not None:
-        a, b = argmax
-        ax.add_patch(_pyplot().Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    if m.size <= 64:
-        for (i, j), v in _enumerate(m):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="x-small", color="white")
+        a, b = (int(i) for i in argmax)
+        ax.add_patch(_pyplot().Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red",
+                                         linewidth=2))
+    if m.size <= 144:
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                star = "*" if marks is not None and bool(marks[i][j]) else ""
+                light = (m[i, j] - lo) / ((hi - lo) or 1.0) > 0.6
+                ax.text(j, i, f"{m[i, j]:.2f}{star}", ha="center", va="center",
+                        fontsize="x-small", color="black" if light else "white")
     fig.colorbar(im, ax=ax)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize="small")
     fig.tight_layout()
     return fig, ax
-
-
-def _enumerate(m: Any):
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            yield (i, j), m[i, j]

@@ -322,38 +322,16 @@ def _ci(rec: dict) -> str:
 def _heatmap(matrix: Any, rows: Sequence[str], cols: Sequence[str], path: Path, title: str,
              xlabel: str, ylabel: str, argmax: Sequence[int] | None = None,
              marks: Any = None) -> None:
-    """A small annotated heatmap (matplotlib Agg); ``marks`` (bool matrix) adds a ``*``."""
+    """Save an annotated heatmap (matplotlib Agg); ``marks`` (bool matrix) adds a ``*``."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    m = np.asarray(matrix, dtype=float)
-    vmin, vmax = min(0.0, float(m.min())), max(1.0, float(m.max()))
-    size = (3.0 + 0.55 * max(4, m.shape[1]), 2.5 + 0.45 * max(4, m.shape[0]))
-    fig, ax = plt.subplots(figsize=size)
-    im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels(list(cols), rotation=60, ha="right", fontsize="small")
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(list(rows), fontsize="small")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if argmax is not None:
-        a, b = argmax
-        ax.add_patch(plt.Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red",
-                                   linewidth=2))
-    if m.size <= 144:
-        for i in range(m.shape[0]):
-            for j in range(m.shape[1]):
-                star = "*" if marks is not None and marks[i][j] else ""
-                light = (m[i, j] - vmin) / ((vmax - vmin) or 1.0) > 0.6
-                ax.text(j, i, f"{m[i, j]:.2f}{star}", ha="center", va="center", fontsize="x-small",
-                        color="black" if light else "white")
-    fig.colorbar(im, ax=ax)
-    ax.set_title(title, fontsize="small")
-    fig.tight_layout()
+    from alignment_callback.metrics.plotting import plot_layer_heatmap
+
+    fig, _ = plot_layer_heatmap(matrix, rows, cols, argmax=argmax, title=title, xlabel=xlabel,
+                                ylabel=ylabel, marks=marks)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

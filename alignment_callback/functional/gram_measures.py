@@ -87,9 +87,11 @@ def gram_score(sx: GramState, sy: GramState, perms: Tensor) -> Tensor:
     """``⟨A, B[π][:, π]⟩ / (‖A‖‖B‖)`` for each row π of ``perms`` (B, n) → (B,)."""
     a = sx.matrix.reshape(-1)
     out = torch.empty(perms.shape[0], dtype=a.dtype, device=a.device)
+    rows, gathered = torch.empty_like(sy.matrix), torch.empty_like(sy.matrix)
     for i, p in enumerate(perms):
-        g = sy.matrix.index_select(0, p).index_select(1, p)
-        out[i] = torch.dot(a, g.reshape(-1))
+        torch.index_select(sy.matrix, 0, p, out=rows)
+        torch.index_select(rows, 1, p, out=gathered)
+        out[i] = torch.dot(a, gathered.reshape(-1))
     return out / (sx.norm * sy.norm)
 
 
@@ -105,10 +107,15 @@ def gram_layer_scores(sxs: list[GramState], sys: list[GramState], perms: Tensor)
     if permute_x:
         perms = torch.argsort(perms, dim=1)
     fixed_flat = torch.stack([s.matrix.reshape(-1) for s in fixed])  # (L_fixed, n²)
+    n = moved[0].matrix.shape[0]
+    rows = moved[0].matrix.new_empty(n, n)
+    gathered = moved[0].matrix.new_empty(len(moved), n, n)  # reused: no per-permutation allocs
     out = []
     for p in perms:
-        g = torch.stack([s.matrix.index_select(0, p).index_select(1, p).reshape(-1) for s in moved])
-        out.append(g @ fixed_flat.T)  # (L_moved, L_fixed)
+        for i, s in enumerate(moved):
+            torch.index_select(s.matrix, 0, p, out=rows)
+            torch.index_select(rows, 1, p, out=gathered[i])
+        out.append(gathered.view(len(moved), -1) @ fixed_flat.T)  # (L_moved, L_fixed)
     dots = torch.stack(out)
     if not permute_x:  # dots[b, c, a] = <Y_c[π], X_a>  ->  [b, a, c]
         dots = dots.transpose(1, 2)

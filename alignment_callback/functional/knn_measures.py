@@ -37,49 +37,60 @@ def _rows(perms: Tensor, k: int) -> Tensor:
 def mutual_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
     """``mean_i |N_X(i) ∩ N_{Y[π]}(i)| / k`` for each π (B, n) → (B,)."""
     r = remap_neighbours(sy, perms, invert(perms))
-    found, _ = lookup(sx, _rows(perms, sy.k), r)
+    found, _ = lookup(sx, _rows(perms, sy.k), r, slots=False)
     return found.sum((1, 2)).to(sx.values.dtype) / (sx.n * sx.k)
 
 
 def cycle_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
     """``mean_i 1[∃ j ∈ N_{Y[π]}(i): i ∈ N_X(j)]`` for each π → (B,)."""
     r = remap_neighbours(sy, perms, invert(perms))
-    found, _ = lookup(sx, r, _rows(perms, sy.k))
+    found, _ = lookup(sx, r, _rows(perms, sy.k), slots=False)
     return found.any(2).sum(1).to(sx.values.dtype) / sx.n
 
 
-def _masked_hsic(a: Tensor, b: Tensor, cols: Tensor, both: Tensor, n: int) -> Tensor:
-    """Unbiased HSIC of two sparse n×n matrices stored by row (METHOD.md, Song et al. eq. 5).
+def _masked_hsic(batch: Tensor, rows: Tensor, cols: Tensor, a: Tensor, b: Tensor, both: Tensor,
+                 size: int, n: int) -> Tensor:
+    """Unbiased HSIC (Song et al. eq. 5) of pairs of sparse n×n matrices given as entries.
 
-    ``a``, ``b``: (B, n, k) entries at (i, cols[.., i, s]) (zero where absent); ``both``: the
-    entry's transpose is present in both matrices, so ``tr(ÃB̃) = Σ a·b·both`` (valid because
-    the underlying grams are symmetric).  ``1ᵀÃB̃1 = Σ_j colsum(Ã)_j rowsum(B̃)_j``.
+    Entry e belongs to matrix pair ``batch[e]`` at (rows[e], cols[e]) with values a[e] (Ã) and
+    b[e] (B̃) — both matrices share the sparsity pattern M (diagonal excluded).  ``both[e]``:
+    the transposed entry is in M too, so ``tr(ÃB̃) = Σ a·b·both`` (the grams are symmetric).
+    ``1ᵀÃB̃1 = Σ_j colsum(Ã)_j rowsum(B̃)_j``.  Returns (size,).
     """
-    bsz = a.shape[0]
-    trace = (a * b * both).sum((1, 2))
-    col_a = torch.zeros(bsz, n, dtype=a.dtype, device=a.device)
-    col_a.scatter_add_(1, cols.reshape(bsz, -1), a.reshape(bsz, -1))
-    cross = (col_a * b.sum(2)).sum(1)
-    total = trace + a.sum((1, 2)) * b.sum((1, 2)) / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)
-    return total / (n * (n - 3))
+    def total(v: Tensor) -> Tensor:
+        return torch.zeros(size, dtype=v.dtype, device=v.device).index_add_(0, batch, v)
+
+    def per_node(index: Tensor, v: Tensor) -> Tensor:
+        return torch.zeros(size * n, dtype=v.dtype, device=v.device).index_add_(0, batch * n + index, v)
+
+    trace = total(a * b * both.to(a.dtype))
+    cross = (per_node(cols, a) * per_node(rows, b)).view(size, n).sum(1)
+    value = trace + total(a) * total(b) / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)
+    return value / (n * (n - 3))
 
 
 def _self_hsic(s: NeighbourState) -> Tensor:
-    v = s.values[None]
-    return _masked_hsic(v, v, s.indices[None], s.reciprocal[None], s.n)[0]
+    rows = torch.arange(s.n, device=s.indices.device).repeat_interleave(s.k)
+    v = s.values.reshape(-1)
+    zero = torch.zeros_like(rows)
+    return _masked_hsic(zero, rows, s.indices.reshape(-1), v, v, s.reciprocal.reshape(-1), 1, s.n)[0]
 
 
 def cknna_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
     """CKNNA for each π: ``sim(K, L_π) / sqrt(sim(K, K)·sim(L, L))`` with
-    ``sim(K, L) = HSIC_u(M⊙K, M⊙L)``, ``M = M_K ⊙ M_L`` (PRH) → (B,)."""
-    inv = invert(perms)
-    r = remap_neighbours(sy, perms, inv)
-    found, slot = lookup(sx, _rows(perms, sy.k), r)
-    zero = torch.zeros((), dtype=sx.values.dtype, device=sx.values.device)
-    kval = torch.where(found, sx.values.reshape(-1)[slot], zero)
-    lval = torch.where(found, sy.values[perms], zero)
-    both = found & sx.reciprocal.reshape(-1)[slot] & sy.reciprocal[perms]
-    cross = _masked_hsic(kval, lval, r, both, sx.n)
+    ``sim(K, L) = HSIC_u(M⊙K, M⊙L)``, ``M = M_K ⊙ M_L`` (PRH) → (B,).
+
+    Only the entries of M (mutual neighbours, ≈ k²/n per row under the null) are touched.
+    """
+    r = remap_neighbours(sy, perms, invert(perms))
+    found, _ = lookup(sx, _rows(perms, sy.k), r, slots=False)
+    b, i, t = found.nonzero(as_tuple=True)
+    _, slot = lookup(sx, i, r[b, i, t])  # slots only for the few entries in M
+    src = perms[b, i]  # the row of Y this entry came from: π(i)
+    kval = sx.values.reshape(-1)[slot]
+    lval = sy.values[src, t]
+    both = sx.reciprocal.reshape(-1)[slot] & sy.reciprocal[src, t]
+    cross = _masked_hsic(b, i, r[b, i, t], kval, lval, both, perms.shape[0], sx.n)
     return cross / torch.sqrt(_self_term(sx) * _self_term(sy))
 
 
@@ -93,18 +104,32 @@ def _self_term(s: NeighbourState) -> Tensor:
     return value
 
 
+def _ordered_list_scores(sx: NeighbourState, sy: NeighbourState, perms: Tensor, dp,
+                         no_match: int) -> Tensor:
+    """Sum over i of ``dp(N_X(i), N_{Y[π]}(i))`` for each π → (B,).
+
+    The k×k dynamic programme runs only on rows whose lists share an element (found with the
+    cheap table look-up); elsewhere its value is ``no_match`` (LCS 0, edit distance k).  Under
+    a permutation null that skips most rows.
+    """
+    r = remap_neighbours(sy, perms, invert(perms))
+    found, _ = lookup(sx, _rows(perms, sy.k), r, slots=False)
+    hit = found.any(2)
+    b, i = hit.nonzero(as_tuple=True)
+    values = torch.full(hit.shape, no_match, dtype=torch.int64, device=perms.device)
+    if b.numel():
+        values[b, i] = dp(sx.indices[i], r[b, i]).long()
+    return values.sum(1).to(sx.values.dtype)
+
+
 def lcs_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
     """``mean_i LCS(N_X(i), N_{Y[π]}(i)) / k`` of the ordered neighbour lists → (B,)."""
-    r = remap_neighbours(sy, perms, invert(perms))
-    lcs = lcs_length(sx.indices.expand_as(r), r)
-    return lcs.sum(1).to(sx.values.dtype) / (sx.n * sx.k)
+    return _ordered_list_scores(sx, sy, perms, lcs_length, 0) / (sx.n * sx.k)
 
 
 def edit_distance_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
     """``1 − mean_i Levenshtein(N_X(i), N_{Y[π]}(i)) / k`` → (B,)."""
-    r = remap_neighbours(sy, perms, invert(perms))
-    dist = levenshtein(sx.indices.expand_as(r), r)
-    return 1.0 - dist.sum(1).to(sx.values.dtype) / (sx.n * sx.k)
+    return 1.0 - _ordered_list_scores(sx, sy, perms, levenshtein, sx.k) / (sx.n * sx.k)
 
 
 def knn_state(x: Tensor, k: int, measure: str = "kNN measure", minimum: int = 1) -> NeighbourState:

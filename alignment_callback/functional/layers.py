@@ -103,8 +103,7 @@ def layer_null_from_states(
     device: torch.device, groups: Sequence[Any] | Tensor | None = None,
 ) -> Tensor:
     """(K, LA, LB) null layer matrices, one shared permutation per k for all Y layers."""
-    cost = measure.perm_cost(n) * (min(len(sxs), len(sys)) if measure.score_layers else 1)
-    chunk = chunk_size_for(cost)
+    chunk = chunk_size_for(measure.perm_cost(n))
     return torch.cat([
         layer_scores(measure, sxs, sys, perms.to(device))
         for perms in iter_permutations(n, num_permutations, seed, chunk, groups)

@@ -65,19 +65,20 @@ class NeighbourState:
         return self.indices.shape[1]
 
 
-def lookup(state: NeighbourState, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
+def lookup(state: NeighbourState, rows: Tensor, cols: Tensor, slots: bool = True
+           ) -> tuple[Tensor, Tensor | None]:
     """Is ``cols`` a neighbour of ``rows`` in ``state``? Returns ``(found, flat_slot)``.
 
     ``flat_slot = rows·k + t`` indexes ``state.indices.flatten()`` where found; elsewhere it is
-    a valid but meaningless index, so callers mask with ``found``.
+    a valid but meaningless index, so callers mask with ``found``.  ``slots=False`` skips it.
     """
-    if state.table is not None:
-        t = state.table[rows, cols].long()
-        found = t > 0
-        return found, rows * state.k + (t - 1).clamp_min_(0)
     q = rows * state.n + cols
+    if state.table is not None:
+        t = state.table.view(-1)[q]
+        found = t > 0
+        return found, (rows * state.k + (t.long() - 1).clamp_min_(0)) if slots else None
     pos = torch.searchsorted(state.keys, q).clamp_max_(state.keys.numel() - 1)
-    return state.keys[pos] == q, state.key_slot[pos]
+    return state.keys[pos] == q, state.key_slot[pos] if slots else None
 
 
 def neighbour_state(x: Tensor, k: int) -> NeighbourState:
@@ -117,25 +118,21 @@ def _pairwise_equal(a: Tensor, b: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return a2.unsqueeze(1) == b2.unsqueeze(0), batch
 
 
-def lcs_length(a: Tensor, b: Tensor) -> Tensor:
-    """Longest-common-subsequence length of paired sequences ``a[..., :]`` and ``b[..., :]``."""
-    eq, batch = _pairwise_equal(a, b)
+def _lcs_dp(eq: Tensor) -> Tensor:
     ka, kb, m = eq.shape
-    prev = torch.zeros(kb + 1, m, dtype=torch.int16, device=a.device)
+    prev = torch.zeros(kb + 1, m, dtype=torch.int16, device=eq.device)
     for i in range(ka):
         cur = torch.zeros_like(prev)
         for j in range(kb):
             best = torch.maximum(prev[j + 1], cur[j])
             cur[j + 1] = torch.where(eq[i, j], prev[j] + 1, best)
         prev = cur
-    return prev[kb].view(batch)
+    return prev[kb]
 
 
-def levenshtein(a: Tensor, b: Tensor) -> Tensor:
-    """Levenshtein (edit) distance of paired sequences ``a[..., :]`` and ``b[..., :]``."""
-    eq, batch = _pairwise_equal(a, b)
+def _levenshtein_dp(eq: Tensor) -> Tensor:
     ka, kb, m = eq.shape
-    prev = torch.arange(kb + 1, dtype=torch.int16, device=a.device)[:, None].repeat(1, m)
+    prev = torch.arange(kb + 1, dtype=torch.int16, device=eq.device)[:, None].repeat(1, m)
     for i in range(ka):
         cur = torch.empty_like(prev)
         cur[0] = i + 1
@@ -143,4 +140,16 @@ def levenshtein(a: Tensor, b: Tensor) -> Tensor:
             step = torch.minimum(prev[j + 1], cur[j]) + 1
             cur[j + 1] = torch.minimum(step, prev[j] + (~eq[i, j]))
         prev = cur
-    return prev[kb].view(batch)
+    return prev[kb]
+
+
+def lcs_length(a: Tensor, b: Tensor) -> Tensor:
+    """Longest-common-subsequence length of paired sequences ``a[..., :]`` and ``b[..., :]``."""
+    eq, batch = _pairwise_equal(a, b)
+    return _lcs_dp(eq).view(batch)
+
+
+def levenshtein(a: Tensor, b: Tensor) -> Tensor:
+    """Levenshtein (edit) distance of paired sequences ``a[..., :]`` and ``b[..., :]``."""
+    eq, batch = _pairwise_equal(a, b)
+    return _levenshtein_dp(eq).view(batch)

@@ -55,8 +55,11 @@ class Measure:
 
 
 def _gram(name: str, prep: Callable[[Tensor], Any], key: Hashable, min_samples: int = 2, **kw):
+    # gram scores loop over the permutations of a chunk, one n×n gather alive at a time, so a
+    # chunk's temporaries are only its permutations (n each): large chunks, and the layer path
+    # stacks the fixed side's matrices once per chunk
     return Measure(
-        name, prep, gm.gram_score, key, 1.0, lambda n: n * n, gm.gram_layer_scores, kw, min_samples
+        name, prep, gm.gram_score, key, 1.0, lambda n: n, gm.gram_layer_scores, kw, min_samples
     )
 
 

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench confounders text clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_nulls.py
+	$(BIN)/python benchmarks/bench_callback_overhead.py
+
+confounders: install
+	$(BIN)/python examples/confounders.py
+
+text: install
+	$(BIN)/python examples/text_reference.py
 
 clean:
-	rm -rf $(VENV) wandb lightning_logs *.egg-info
+	rm -rf $(VENV) wandb lightning_logs mlruns mlflow.db alignment_out *.egg-info \
+		alignment_curves.png alignment_heatmap.png text_alignment_*.png

@@ -114,6 +114,9 @@ def finish_loggers(loggers: Sequence[Any], images: Sequence[str], out: str) -> l
                                  images=[path])
             run_dir = os.path.dirname(run.dir)  # .../wandb/offline-run-<time>-<id>
             run.finish()
+            import wandb
+
+            wandb.teardown()  # wait for the W&B service to flush the offline run file
             lines.append(f"W&B (offline) run: {run_dir}\n  upload it with:  wandb sync {run_dir}")
         elif kind == "TensorBoardLogger":
             lines.append(f"TensorBoard logs: {logger.log_dir}\n"

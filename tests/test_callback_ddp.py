@@ -45,9 +45,7 @@ def _run_worker(out: Path, strategy: str) -> str:
 
 @pytest.mark.parametrize("strategy", [
     "ddp",  # the worker script is re-launched for rank 1 (2 interpreters in all)
-    pytest.param("ddp_spawn", marks=pytest.mark.skipif(
-        not os.environ.get("ALIGNMENT_SLOW_TESTS"),
-        reason="3 interpreters, ~40 s on a busy 2-core machine; set ALIGNMENT_SLOW_TESTS=1")),
+    "ddp_spawn",  # the ranks are spawned from the worker (3 interpreters)
 ])
 def test_ddp_two_cpu_processes(tmp_path, strategy):
     _run_worker(tmp_path, strategy)

@@ -15,6 +15,7 @@ from alignment_callback.callback import logging as lg
 from alignment_callback.callback.probe import Probe, iterate_probe, load_probe, load_reference
 from alignment_callback.functional.layers import Aggregate
 from alignment_callback.hooks import collect_activations
+from alignment_callback.hooks.collect import model_device as model_device_of
 from alignment_callback.metrics import LayerAlignment
 from alignment_callback.metrics.plotting import plot_layer_heatmap
 
@@ -232,11 +233,6 @@ class AlignmentCallback(Callback):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _device(self, pl_module: nn.Module) -> torch.device:
-        if self.compute_device is not None:
-            return torch.device(self.compute_device)
-        return next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-
     def _build_metrics(self, device: torch.device, model_device: torch.device) -> dict[str, LayerAlignment]:
         """Reference activations once, then one cached-reference metric per measure."""
         self.reference.to(model_device)
@@ -267,8 +263,8 @@ class AlignmentCallback(Callback):
     def run(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> dict[str, float]:
         """One alignment step: capture, compute every metric, log; returns the logged scalars."""
         start = time.perf_counter()
-        model_device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        device = self._device(pl_module)
+        model_device = model_device_of(pl_module)
+        device = model_device if self.compute_device is None else torch.device(self.compute_device)
         if self._metrics is None:
             self._metrics = self._build_metrics(device, model_device)
         acts = collect_activations(

@@ -26,7 +26,10 @@ TIMEOUT = 300
 
 def run_example(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None
                 ) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ)
+    # a fresh process, as a user would start it: no W&B state inherited from this pytest process
+    # (an in-process W&B test exports WANDB_SERVICE, which would attach the example to *our*
+    # wandb-core service instead of its own, and its run file would never be written)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=TIMEOUT)

@@ -138,40 +138,44 @@ def knn_state(x: Tensor, k: int, measure: str = "kNN measure", minimum: int = 1)
     return neighbour_state(x, k)
 
 
-def _pair(score, x: Tensor, y: Tensor, k: int, name: str, minimum: int = 1) -> Tensor:
-    x, y = check_pair(x, y)
-    if name == "cknna" and x.shape[0] < 4:
+def cknna_state(x: Tensor, k: int) -> NeighbourState:
+    """Neighbour lists for CKNNA: k >= 2, and n >= 4 for the unbiased HSIC."""
+    if x.shape[0] < 4:
         raise ValueError(f"cknna needs at least 4 samples (unbiased HSIC), got {x.shape[0]}")
-    sx, sy = knn_state(x, k, name, minimum), knn_state(y, k, name, minimum)
-    return score(sx, sy, torch.arange(x.shape[0], device=x.device)[None])[0]
+    return knn_state(x, k, "cknna", minimum=2)
+
+
+def _pair(prepare, score, x: Tensor, y: Tensor) -> Tensor:
+    x, y = check_pair(x, y)
+    return score(prepare(x), prepare(y), torch.arange(x.shape[0], device=x.device)[None])[0]
 
 
 def mutual_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """Mutual kNN: ``mean_i |N_X(i) ∩ N_Y(i)| / k`` (neighbours by inner product, self
     excluded, default k = 10, needs n > k). In [0, 1]; ≈ k/(n−1) for independent data."""
-    return _pair(mutual_knn_score, x, y, k, "mutual_knn")
+    return _pair(lambda t: knn_state(t, k, "mutual_knn"), mutual_knn_score, x, y)
 
 
 def cycle_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """Cycle kNN: ``mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]`` (Y's neighbours, then X's). Not
     symmetric. Default k = 10."""
-    return _pair(cycle_knn_score, x, y, k, "cycle_knn")
+    return _pair(lambda t: knn_state(t, k, "cycle_knn"), cycle_knn_score, x, y)
 
 
 def cknna(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """CKNNA (PRH): CKA with unbiased HSIC restricted to mutual k-nearest-neighbour pairs of the
     linear grams. Default k = 10; needs k >= 2, n > k and n >= 4. No epsilon in the
     denominator."""
-    return _pair(cknna_score, x, y, k, "cknna", minimum=2)
+    return _pair(lambda t: cknna_state(t, k), cknna_score, x, y)
 
 
 def lcs_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """Mean over i of the longest common subsequence of the ordered neighbour lists, divided
     by k (PRH returns the unnormalised length). Default k = 10."""
-    return _pair(lcs_knn_score, x, y, k, "lcs_knn")
+    return _pair(lambda t: knn_state(t, k, "lcs_knn"), lcs_knn_score, x, y)
 
 
 def edit_distance_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """``1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k`` on ordered neighbour lists. Default
     k = 10."""
-    return _pair(edit_distance_knn_score, x, y, k, "edit_distance_knn")
+    return _pair(lambda t: knn_state(t, k, "edit_distance_knn"), edit_distance_knn_score, x, y)

@@ -2,15 +2,14 @@
 (for a batch of permutations of Y's rows).
 
 ``prepare`` is what the fast nulls and the cached-reference mode reuse: a frozen reference's
-prepared state is computed once.  ``state_key`` names what ``prepare`` computes, so measures
-that need the same state (e.g. mutual kNN and cycle kNN with the same k) can share it.
+prepared state is computed once.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor
@@ -31,7 +30,6 @@ class Measure:
         name: display name.
         prepare: ``x (n, d) -> state``; computed once per representation.
         score: ``(state_x, state_y, perms (B, n)) -> (B,)`` scores of ``(x, y[π])``.
-        state_key: hashable description of what ``prepare`` computes.
         max_score: the measure's maximum (s_max), ``None`` if unbounded.
         perm_cost: ``n -> elements`` of temporary memory per permutation (sets chunk sizes).
         score_layers: optional ``(states_x, states_y, perms) -> (B, LA, LB)`` fast layer path.
@@ -41,7 +39,6 @@ class Measure:
     name: str
     prepare: Callable[[Tensor], Any]
     score: Callable[[Any, Any, Tensor], Tensor]
-    state_key: Hashable
     max_score: float | None = 1.0
     perm_cost: Callable[[int], int] = lambda n: n * n
     score_layers: Callable[[list, list, Tensor], Tensor] | None = None
@@ -54,37 +51,36 @@ class Measure:
         return self.score(sx, sy, torch.arange(x.shape[0], device=x.device)[None])[0]
 
 
-def _gram(name: str, prep: Callable[[Tensor], Any], key: Hashable, min_samples: int = 2, **kw):
+def _gram(name: str, prep: Callable[[Tensor], Any], min_samples: int = 2, **kw):
     # gram scores loop over the permutations of a chunk, one n×n gather alive at a time, so a
     # chunk's temporaries are only its permutations (n each): large chunks, and the layer path
     # stacks the fixed side's matrices once per chunk
     return Measure(
-        name, prep, gm.gram_score, key, 1.0, lambda n: n, gm.gram_layer_scores, kw, min_samples
+        name, prep, gm.gram_score, perm_cost=lambda n: n, score_layers=gm.gram_layer_scores,
+        kwargs=kw, min_samples=min_samples,
     )
 
 
-def _knn(name: str, score, k: int, minimum: int = 1, cost: int = 1, min_samples: int = 2):
-    def prep(x: Tensor):
-        return km.knn_state(x, k, name, minimum)
-
-    return Measure(name, prep, score, ("knn", k), 1.0, lambda n: n * k * cost, None, {"k": k},
-                   min_samples)
+def _knn(name: str, score, k: int, cost: int = 1, prep: Callable[[Tensor], Any] | None = None
+         ) -> Measure:
+    prep = prep or (lambda x: km.knn_state(x, k, name))
+    return Measure(name, prep, score, perm_cost=lambda n: n * k * cost, kwargs={"k": k})
 
 
 def _linear_cka() -> Measure:
-    return _gram("linear_cka", gm.linear_state, ("linear_centred",))
+    return _gram("linear_cka", gm.linear_state)
 
 
 def _rbf_cka(sigma: float | str = 1.0) -> Measure:
-    return _gram("rbf_cka", lambda x: gm.rbf_state(x, sigma), ("rbf_centred", sigma), sigma=sigma)
+    return _gram("rbf_cka", lambda x: gm.rbf_state(x, sigma), sigma=sigma)
 
 
 def _unbiased_cka() -> Measure:
-    return _gram("unbiased_cka", gm.unbiased_state, ("linear_ucentred",), min_samples=4)
+    return _gram("unbiased_cka", gm.unbiased_state, min_samples=4)
 
 
 def _rsa() -> Measure:
-    return _gram("rsa", gm.rsa_state, ("cosine_rank",), min_samples=3)
+    return _gram("rsa", gm.rsa_state, min_samples=3)
 
 
 def _mutual_knn(k: int = 10) -> Measure:
@@ -96,7 +92,7 @@ def _cycle_knn(k: int = 10) -> Measure:
 
 
 def _cknna(k: int = 10) -> Measure:
-    return _knn("cknna", km.cknna_score, k, minimum=2, cost=4, min_samples=4)
+    return _knn("cknna", km.cknna_score, k, cost=4, prep=lambda x: km.cknna_state(x, k))
 
 
 def _lcs_knn(k: int = 10) -> Measure:
@@ -108,10 +104,8 @@ def _edit_distance_knn(k: int = 10) -> Measure:
 
 
 def _svcca(cca_dim: int = 10) -> Measure:
-    return Measure(
-        "svcca", lambda x: sv.svcca_state(x, cca_dim), sv.svcca_score, ("svcca", cca_dim), 1.0,
-        lambda n: n * cca_dim, None, {"cca_dim": cca_dim},
-    )
+    return Measure("svcca", lambda x: sv.svcca_state(x, cca_dim), sv.svcca_score,
+                   perm_cost=lambda n: n * cca_dim, kwargs={"cca_dim": cca_dim})
 
 
 BUILTIN_MEASURES: dict[str, Callable[..., Measure]] = {
@@ -164,22 +158,24 @@ def get_measure(metric: MetricSpec, **kwargs: Any) -> Measure:
     if callable(metric):
         fn = (lambda x, y: metric(x, y, **kwargs)) if kwargs else metric
         name = getattr(metric, "__name__", type(metric).__name__)
-        return Measure(name, lambda x: x, _recompute(fn), ("features",), 1.0, lambda n: n, None,
-                       dict(kwargs))
+        return Measure(name, lambda x: x, _recompute(fn), perm_cost=lambda n: n, kwargs=dict(kwargs))
     raise TypeError(f"metric must be a name, a Measure or a callable, got {type(metric).__name__}")
+
+
+def _check_samples(measure: Measure, n: int) -> None:
+    if n < measure.min_samples:
+        raise ValueError(f"{measure.name} needs at least {measure.min_samples} samples, got {n}")
 
 
 def prepare_pair(measure: Measure, x: Tensor, y: Tensor) -> tuple[Any, Any]:
     """Validate a paired input and prepare both sides."""
     x, y = check_pair(x, y)
-    if x.shape[0] < measure.min_samples:
-        raise ValueError(f"{measure.name} needs at least {measure.min_samples} samples, got {x.shape[0]}")
+    _check_samples(measure, x.shape[0])
     return measure.prepare(x), measure.prepare(y)
 
 
 def prepare_one(measure: Measure, x: Tensor, name: str = "x") -> Any:
     """Validate one representation and prepare it (used to cache a frozen reference)."""
     x = check_matrix(x, name)
-    if x.shape[0] < measure.min_samples:
-        raise ValueError(f"{measure.name} needs at least {measure.min_samples} samples, got {x.shape[0]}")
+    _check_samples(measure, x.shape[0])
     return measure.prepare(x)

@@ -194,6 +194,22 @@ def test_knn_fast_null_default_k_and_large_k():
             torch.testing.assert_close(null, ref, atol=1e-10, rtol=0, msg=f"{name} k={k}")
 
 
+@pytest.mark.parametrize("name", sorted(KNN))
+def test_knn_null_without_dense_table_equals_recompute(name, monkeypatch):
+    """Large n uses sorted pair keys instead of the n×n tables: same values."""
+    from alignment_callback.functional import neighbours
+
+    x, y = _related(seed=6)
+    with_table = F.permutation_null(x, y, name, 20, seed=3, k=5)
+    monkeypatch.setattr(neighbours, "_DENSE_TABLE_BYTES", 0)
+    state = neighbours.neighbour_state(x, 5)
+    assert state.table is None and state.member is None and state.keys is not None
+    null = F.permutation_null(x, y, name, 20, seed=3, k=5)
+    ref = _recompute(FUNCS[name], x, y, F.permutations(48, 20, seed=3), k=5)
+    torch.testing.assert_close(null, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(null, with_table, atol=1e-12, rtol=0)
+
+
 def test_callable_metric_is_recomputed():
     x, y = _related(seed=5)
     calls = []
@@ -269,6 +285,7 @@ def _layer_matrices(fn, xs, ys, perms, **kw) -> torch.Tensor:
 @pytest.mark.parametrize("name,la,lb", [
     ("linear_cka", 2, 3), ("linear_cka", 3, 2), ("linear_cka", 2, 2),
     ("rsa", 3, 2), ("unbiased_cka", 2, 3), ("mutual_knn", 2, 3), ("mutual_knn", 3, 2),
+    ("cycle_knn", 2, 3), ("cknna", 3, 2), ("lcs_knn", 2, 2), ("edit_distance_knn", 2, 3),
 ])
 def test_layer_null_equals_recomputed_matrices(name, la, lb):
     xs, ys = _layers(la, lb, seed=la * 10 + lb)

@@ -8,17 +8,21 @@ permutation instead of a new O(n²d) gram (METHOD.md section 5).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from alignment_callback.functional._checks import check_k, check_pair
 from alignment_callback.functional.neighbours import (
     NeighbourState,
+    contains,
     lcs_length,
     levenshtein,
     lookup,
     neighbour_state,
     remap_neighbours,
+    row_keys,
 )
 
 
@@ -29,22 +33,25 @@ def invert(perms: Tensor) -> Tensor:
     return inv.scatter_(1, perms, ar)
 
 
-def _rows(perms: Tensor, k: int) -> Tensor:
-    b, n = perms.shape
-    return torch.arange(n, device=perms.device).view(1, n, 1).expand(b, n, k)
+def _remap(sy: NeighbourState, perms: Tensor, r: Tensor | None) -> Tensor:
+    return remap_neighbours(sy, perms, invert(perms)) if r is None else r
 
 
-def mutual_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
-    """``mean_i |N_X(i) ∩ N_{Y[π]}(i)| / k`` for each π (B, n) → (B,)."""
-    r = remap_neighbours(sy, perms, invert(perms))
-    found, _ = lookup(sx, _rows(perms, sy.k), r, slots=False)
+def mutual_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+                     r: Tensor | None = None) -> Tensor:
+    """``mean_i |N_X(i) ∩ N_{Y[π]}(i)| / k`` for each π (B, n) → (B,).
+
+    ``r``: Y's remapped lists (B, n, k) when the caller already has them (layer path).
+    """
+    found = contains(sx, row_keys(sx, _remap(sy, perms, r)))
     return found.sum((1, 2)).to(sx.values.dtype) / (sx.n * sx.k)
 
 
-def cycle_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
+def cycle_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+                    r: Tensor | None = None) -> Tensor:
     """``mean_i 1[∃ j ∈ N_{Y[π]}(i): i ∈ N_X(j)]`` for each π → (B,)."""
-    r = remap_neighbours(sy, perms, invert(perms))
-    found, _ = lookup(sx, r, _rows(perms, sy.k), slots=False)
+    r = _remap(sy, perms, r)
+    found = contains(sx, r * sx.n + torch.arange(sx.n, device=r.device).view(-1, 1))
     return found.any(2).sum(1).to(sx.values.dtype) / sx.n
 
 
@@ -76,15 +83,15 @@ def _self_hsic(s: NeighbourState) -> Tensor:
     return _masked_hsic(zero, rows, s.indices.reshape(-1), v, v, s.reciprocal.reshape(-1), 1, s.n)[0]
 
 
-def cknna_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
+def cknna_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+                r: Tensor | None = None) -> Tensor:
     """CKNNA for each π: ``sim(K, L_π) / sqrt(sim(K, K)·sim(L, L))`` with
     ``sim(K, L) = HSIC_u(M⊙K, M⊙L)``, ``M = M_K ⊙ M_L`` (PRH) → (B,).
 
     Only the entries of M (mutual neighbours, ≈ k²/n per row under the null) are touched.
     """
-    r = remap_neighbours(sy, perms, invert(perms))
-    found, _ = lookup(sx, _rows(perms, sy.k), r, slots=False)
-    b, i, t = found.nonzero(as_tuple=True)
+    r = _remap(sy, perms, r)
+    b, i, t = contains(sx, row_keys(sx, r)).nonzero(as_tuple=True)
     _, slot = lookup(sx, i, r[b, i, t])  # slots only for the few entries in M
     src = perms[b, i]  # the row of Y this entry came from: π(i)
     kval = sx.values.reshape(-1)[slot]
@@ -105,16 +112,15 @@ def _self_term(s: NeighbourState) -> Tensor:
 
 
 def _ordered_list_scores(sx: NeighbourState, sy: NeighbourState, perms: Tensor, dp,
-                         no_match: int) -> Tensor:
+                         no_match: int, r: Tensor | None) -> Tensor:
     """Sum over i of ``dp(N_X(i), N_{Y[π]}(i))`` for each π → (B,).
 
     The k×k dynamic programme runs only on rows whose lists share an element (found with the
     cheap table look-up); elsewhere its value is ``no_match`` (LCS 0, edit distance k).  Under
     a permutation null that skips most rows.
     """
-    r = remap_neighbours(sy, perms, invert(perms))
-    found, _ = lookup(sx, _rows(perms, sy.k), r, slots=False)
-    hit = found.any(2)
+    r = _remap(sy, perms, r)
+    hit = contains(sx, row_keys(sx, r)).any(2)
     b, i = hit.nonzero(as_tuple=True)
     values = torch.full(hit.shape, no_match, dtype=torch.int64, device=perms.device)
     if b.numel():
@@ -122,14 +128,33 @@ def _ordered_list_scores(sx: NeighbourState, sy: NeighbourState, perms: Tensor, 
     return values.sum(1).to(sx.values.dtype)
 
 
-def lcs_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
+def lcs_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+                  r: Tensor | None = None) -> Tensor:
     """``mean_i LCS(N_X(i), N_{Y[π]}(i)) / k`` of the ordered neighbour lists → (B,)."""
-    return _ordered_list_scores(sx, sy, perms, lcs_length, 0) / (sx.n * sx.k)
+    return _ordered_list_scores(sx, sy, perms, lcs_length, 0, r) / (sx.n * sx.k)
 
 
-def edit_distance_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor) -> Tensor:
+def edit_distance_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+                            r: Tensor | None = None) -> Tensor:
     """``1 − mean_i Levenshtein(N_X(i), N_{Y[π]}(i)) / k`` → (B,)."""
-    return 1.0 - _ordered_list_scores(sx, sy, perms, levenshtein, sx.k) / (sx.n * sx.k)
+    return 1.0 - _ordered_list_scores(sx, sy, perms, levenshtein, sx.k, r) / (sx.n * sx.k)
+
+
+def knn_layer_scores(score: Callable[..., Tensor]) -> Callable[[list, list, Tensor], Tensor]:
+    """The layer path of a kNN ``score``: (B, LA, LB) for states ``sxs`` × ``sys``.
+
+    Each Y layer's lists are remapped once per chunk of permutations (not once per pair) and
+    the inverse permutations are computed once for all layers.
+    """
+    def layer_scores(sxs: list, sys: list, perms: Tensor) -> Tensor:
+        inverse = invert(perms)
+        cols = []
+        for sy in sys:
+            r = remap_neighbours(sy, perms, inverse)
+            cols.append(torch.stack([score(sx, sy, perms, r) for sx in sxs], 1))
+        return torch.stack(cols, 2)
+
+    return layer_scores
 
 
 def knn_state(x: Tensor, k: int, measure: str = "kNN measure", minimum: int = 1) -> NeighbourState:

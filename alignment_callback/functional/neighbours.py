@@ -34,7 +34,7 @@ def knn(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.cat(idx_parts), torch.cat(val_parts)
 
 
-_DENSE_TABLE_BYTES = 1 << 28  # n×n slot table used for O(1) look-ups while it fits in 256 MB
+_DENSE_TABLE_BYTES = 1 << 28  # n×n slot + membership tables for O(1) look-ups while they fit in 256 MB
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class NeighbourState:
         values: (n, k) inner products ``⟨x_i, x_j⟩`` for those neighbours.
         table: (n, n) int16/int32 with ``t + 1`` where ``j = indices[i, t]`` and 0 elsewhere
             (when it fits in memory), else ``None``.
+        member: (n, n) bool, ``j ∈ N(i)`` (with ``table``), else ``None``: membership tests
+            are one ``torch.take`` per query batch.
         keys, key_slot: sorted pair keys ``i·n + j`` and the flat slot ``i·k + t`` of each,
             used for look-ups when there is no table.
         reciprocal: (n, k) bool, ``i ∈ N(j)`` for ``j = indices[i, t]``.
@@ -56,6 +58,7 @@ class NeighbourState:
     indices: Tensor
     values: Tensor
     table: Tensor | None
+    member: Tensor | None
     keys: Tensor | None
     key_slot: Tensor | None
     reciprocal: Tensor
@@ -63,6 +66,20 @@ class NeighbourState:
     @property
     def k(self) -> int:
         return self.indices.shape[1]
+
+
+def row_keys(state: NeighbourState, cols: Tensor) -> Tensor:
+    """Flat keys ``i·n + cols[..., i, :]`` of (…, n, m) column indices whose row is their position."""
+    base = torch.arange(0, state.n * state.n, state.n, device=cols.device)
+    return cols + base.view(-1, 1)
+
+
+def contains(state: NeighbourState, keys: Tensor) -> Tensor:
+    """``j ∈ N(i)`` for flat keys ``i·n + j`` (any shape) → bool of the same shape."""
+    if state.member is not None:
+        return torch.take(state.member, keys)
+    pos = torch.searchsorted(state.keys, keys.reshape(-1)).clamp_max_(state.keys.numel() - 1)
+    return (state.keys[pos] == keys.reshape(-1)).view(keys.shape)
 
 
 def lookup(state: NeighbourState, rows: Tensor, cols: Tensor, slots: bool = True
@@ -73,12 +90,13 @@ def lookup(state: NeighbourState, rows: Tensor, cols: Tensor, slots: bool = True
     a valid but meaningless index, so callers mask with ``found``.  ``slots=False`` skips it.
     """
     q = rows * state.n + cols
+    if not slots:
+        return contains(state, q), None
     if state.table is not None:
-        t = state.table.view(-1)[q]
-        found = t > 0
-        return found, (rows * state.k + (t.long() - 1).clamp_min_(0)) if slots else None
+        t = torch.take(state.table, q)
+        return t > 0, rows * state.k + (t.long() - 1).clamp_min_(0)
     pos = torch.searchsorted(state.keys, q).clamp_max_(state.keys.numel() - 1)
-    return state.keys[pos] == q, state.key_slot[pos] if slots else None
+    return state.keys[pos] == q, state.key_slot[pos]
 
 
 def neighbour_state(x: Tensor, k: int) -> NeighbourState:
@@ -86,18 +104,19 @@ def neighbour_state(x: Tensor, k: int) -> NeighbourState:
     n = x.shape[0]
     indices, values = knn(x, k)
     rows = torch.arange(n, device=x.device).repeat_interleave(k)
-    table = keys = order = None
+    table = member = keys = order = None
     dtype = torch.int16 if k < 2**15 - 1 else torch.int32
-    if n * n * (2 if dtype == torch.int16 else 4) <= _DENSE_TABLE_BYTES:
+    if n * n * (3 if dtype == torch.int16 else 5) <= _DENSE_TABLE_BYTES:
         table = torch.zeros(n, n, dtype=dtype, device=x.device)
         slots = torch.arange(1, k + 1, dtype=dtype, device=x.device).repeat(n)
         table[rows, indices.flatten()] = slots
+        member = table > 0
     else:
         keys, order = torch.sort(rows * n + indices.flatten())
     empty = torch.empty(0, dtype=torch.bool, device=x.device)
-    partial = NeighbourState(n, indices, values, table, keys, order, empty)
-    found, _ = lookup(partial, indices.flatten(), rows)
-    return NeighbourState(n, indices, values, table, keys, order, found.view(n, k))
+    partial = NeighbourState(n, indices, values, table, member, keys, order, empty)
+    found = contains(partial, indices * n + torch.arange(n, device=x.device).view(n, 1))
+    return NeighbourState(n, indices, values, table, member, keys, order, found)
 
 
 def remap_neighbours(state: NeighbourState, perms: Tensor, inverse: Tensor) -> Tensor:

@@ -64,7 +64,8 @@ def _gram(name: str, prep: Callable[[Tensor], Any], min_samples: int = 2, **kw):
 def _knn(name: str, score, k: int, cost: int = 1, prep: Callable[[Tensor], Any] | None = None
          ) -> Measure:
     prep = prep or (lambda x: km.knn_state(x, k, name))
-    return Measure(name, prep, score, perm_cost=lambda n: n * k * cost, kwargs={"k": k})
+    return Measure(name, prep, score, perm_cost=lambda n: n * k * cost,
+                   score_layers=km.knn_layer_scores(score), kwargs={"k": k})
 
 
 def _linear_cka() -> Measure:

@@ -40,7 +40,8 @@ class Dump(pl.Callback):
 
 def main(out: str, strategy: str) -> None:
     cb = AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS, metrics=METRICS,
-                           num_permutations=K, log_heatmaps=True)
+                           num_permutations=K, log_heatmaps=True,
+                           background=True)  # ignored under DDP: rank 0 computes in the loop
     trainer = pl.Trainer(
         **{**FAST_TRAINER, "devices": 2}, strategy=strategy, max_epochs=MAX_EPOCHS,
         logger=CSVLogger(out, name="csv"), callbacks=[cb, Dump(out, cb)],

@@ -8,6 +8,7 @@ import math
 import operator
 import os
 import random
+import threading
 import warnings
 
 import lightning.pytorch as pl
@@ -60,11 +61,13 @@ def _fit(tmp_path, callbacks, max_epochs=1, model=None, loader=None, logger=True
 
 
 # ----------------------------------------------------------------------- logged keys and values
-def test_csv_keys_rows_and_values_match_offline_recomputation(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_csv_keys_rows_and_values_match_offline_recomputation(tmp_path, background):
     reference = RefMLP(seed=1)
-    cb = _callback(reference=reference, log_heatmaps=True)
+    cb = _callback(reference=reference, log_heatmaps=True, background=background)
     trainer, model = _fit(tmp_path, [cb], max_epochs=2)
 
+    assert cb._threaded is background
     rows = alignment_rows(csv_metrics_file(trainer.logger))
     assert [float(r["alignment/epoch"]) for r in rows] == [0.0, 1.0, 2.0]  # baseline + 2 epochs
     steps = [int(r["step"]) for r in rows]
@@ -91,17 +94,16 @@ def test_csv_keys_rows_and_values_match_offline_recomputation(tmp_path):
         assert cb.history[-1][f"alignment/{name}/best_pair"] == "|".join(res.best_pair)
         torch.testing.assert_close(cb.last_results[name].matrix, res.matrix, rtol=1e-5, atol=1e-6)
 
-    # heatmaps: raw and calibrated per metric per alignment step, as PNG files
+    # heatmaps: one image (raw | calibrated per pair) per metric per alignment step, as PNGs
     folder = os.path.join(trainer.logger.log_dir, "alignment_heatmaps")
     pngs = sorted(os.listdir(folder))
-    assert len(pngs) == len(DEFAULT_METRICS) * 2 * 3
+    assert len(pngs) == len(DEFAULT_METRICS) * 3
     for name in DEFAULT_METRICS:
-        for kind in ("raw", "calibrated"):
-            for epoch in range(3):
-                fname = f"alignment_{name}_heatmap_{kind}_epoch{epoch:04d}.png"
-                assert fname in pngs
-                with open(os.path.join(folder, fname), "rb") as f:
-                    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        for h in cb.history:
+            fname = f"alignment_{name}_heatmap_epoch{h['epoch']:04d}_step{h['step']:06d}.png"
+            assert fname in pngs
+            with open(os.path.join(folder, fname), "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- training unchanged
@@ -109,13 +111,14 @@ def _global_rng():
     return torch.get_rng_state(), np.random.get_state(), random.getstate()
 
 
-def _train_once(tmp_path, with_callback):
+def _train_once(tmp_path, with_callback, background=False):
     pl.seed_everything(0)
     model = MLP(dropout=0.3)
     # a DataLoader probe: creating its iterator draws a seed from the global torch RNG
     probe = DataLoader(TensorDataset(make_probe()), batch_size=32, shuffle=False)
     cbs = [_callback(reference=RefMLP(seed=1), probe=probe, log_heatmaps=True,
-                     metrics=["linear_cka", "mutual_knn"])] if with_callback else []
+                     metrics=["linear_cka", "mutual_knn"], background=background)
+           ] if with_callback else []
     trainer = pl.Trainer(max_epochs=2, logger=CSVLogger(tmp_path, name="csv"), callbacks=cbs,
                          deterministic=True, enable_checkpointing=False, **FAST_TRAINER)
     trainer.fit(model, train_loader(shuffle=True))
@@ -130,8 +133,10 @@ def restore_determinism(monkeypatch):
     torch.use_deterministic_algorithms(before)
 
 
-def test_training_is_bitwise_identical_with_and_without_callback(tmp_path, restore_determinism):
-    model_a, rng_a, cbs = _train_once(tmp_path / "a", with_callback=True)
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_training_is_bitwise_identical_with_and_without_callback(tmp_path, restore_determinism,
+                                                                 background):
+    model_a, rng_a, cbs = _train_once(tmp_path / "a", with_callback=True, background=background)
     model_b, rng_b, _ = _train_once(tmp_path / "b", with_callback=False)
     assert [h["epoch"] for h in cbs[0].history] == [0, 1, 2]  # the callback did run
 
@@ -152,9 +157,10 @@ def test_training_is_bitwise_identical_with_and_without_callback(tmp_path, resto
 
 # ------------------------------------------------------------------------------------- resume
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_resume_from_checkpoint_continues_history(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_resume_from_checkpoint_continues_history(tmp_path, background):
     ckpt_dir = tmp_path / "ckpt"
-    cb1 = _callback(metrics=["linear_cka"])
+    cb1 = _callback(metrics=["linear_cka"], background=background)
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True)
     _fit(tmp_path / "run1", [cb1, ckpt], max_epochs=2, enable_checkpointing=True)
     assert [h["epoch"] for h in cb1.history] == [0, 1, 2]
@@ -165,7 +171,7 @@ def test_resume_from_checkpoint_continues_history(tmp_path):
     (state,) = [v for k, v in loaded["callbacks"].items() if "AlignmentCallback" in k]
     assert [h["epoch"] for h in state["history"]] == [0, 1, 2]
 
-    cb2 = _callback(metrics=["linear_cka"])
+    cb2 = _callback(metrics=["linear_cka"], background=background)
     log2 = CSVLogger(tmp_path / "run2", name="csv")
     trainer = pl.Trainer(max_epochs=4, logger=log2,
                          callbacks=[cb2, ModelCheckpoint(dirpath=ckpt_dir)],
@@ -184,12 +190,44 @@ def test_resume_from_checkpoint_continues_history(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ schedules
-def test_every_n_train_steps(tmp_path):
-    cb = _callback(metrics=["linear_cka"], every_n_train_steps=3)
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_every_n_train_steps(tmp_path, background):
+    cb = _callback(metrics=["linear_cka"], every_n_train_steps=3, background=background)
     _fit(tmp_path, [cb], max_epochs=2)  # 4 steps per epoch, 8 in all
     steps = [h["step"] for h in cb.history]
     assert steps == [0, 3, 6]
     assert all(s % 3 == 0 for s in steps)
+
+
+def test_background_history_equals_synchronous(tmp_path):
+    histories = []
+    for background in (False, True):
+        pl.seed_everything(0)
+        cb = _callback(every_n_train_steps=2, background=background)
+        _fit(tmp_path / str(background), [cb], max_epochs=2)
+        histories.append([{k: v for k, v in h.items() if not k.endswith("/seconds")}
+                          for h in cb.history])
+    assert [h["step"] for h in histories[0]] == [0, 2, 4, 6, 8]
+    assert histories[0] == histories[1]
+
+
+def test_background_queue_keeps_order_and_bounds_pending_jobs():
+    import time
+
+    from alignment_callback.callback.background import BackgroundQueue
+
+    queue = BackgroundQueue(max_pending=2)
+    finished = []
+    for i in range(5):
+        done = queue.submit(lambda i=i: (time.sleep(0.02), i)[1], epoch=i, step=i)
+        assert len(queue) <= 2
+        finished += [job.future.result() for job in done]
+    assert queue.has(4, 4) and not queue.has(0, 0)
+    assert queue.outcomes() == [3, 4]  # waits, keeps them queued
+    finished += [job.future.result() for job in queue.ready(wait=True)]
+    assert finished == [0, 1, 2, 3, 4] and len(queue) == 0
+    queue.shutdown()
+    assert not [t for t in threading.enumerate() if t.name.startswith("alignment")]
 
 
 def test_every_n_epochs(tmp_path):
@@ -280,11 +318,12 @@ def test_nan_probe_warns_and_training_completes(tmp_path):
     assert cb.history == []
 
 
-def test_nan_layer_of_the_model_warns(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_nan_layer_of_the_model_warns(tmp_path, background):
     model = MLP()
     with torch.no_grad():
         model.fc2.bias[0] = float("nan")  # fc2 and later layers become NaN, fc1 stays fine
-    cb = _callback(metrics=["linear_cka"], on_error="warn")
+    cb = _callback(metrics=["linear_cka"], on_error="warn", background=background)
     with pytest.warns(RuntimeWarning, match="NaN"):
         trainer, _ = _fit(tmp_path, [cb], model=model)
     assert trainer.state.finished and cb.history == []
@@ -294,6 +333,17 @@ def test_on_error_raise(tmp_path):
     cb = _callback(probe=_nan_probe(), metrics=["linear_cka"], on_error="raise")
     with pytest.raises(ValueError, match="NaN"):
         _fit(tmp_path, [cb])
+
+
+def test_on_error_raise_from_the_background_thread(tmp_path):
+    model = MLP()
+    with torch.no_grad():
+        model.fc2.bias[0] = float("nan")  # fails in the worker, not in the capture
+    cb = _callback(metrics=["linear_cka"], on_error="raise", background=True)
+    with pytest.raises(ValueError, match="NaN"):
+        _fit(tmp_path, [cb], model=model, max_epochs=3)
+    assert cb.history == [] and len(cb._queue) == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("alignment")]
 
 
 def test_shuffling_probe_loader_rejected():

@@ -41,12 +41,13 @@ def _fit(logger, callbacks, max_epochs=1):
 
 
 # --------------------------------------------------------------------------------- TensorBoard
-def test_tensorboard_scalars_and_heatmap_images(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_tensorboard_scalars_and_heatmap_images(tmp_path, background):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb")
-    cb = _callback()
+    cb = _callback(background=background)
     _fit(logger, [cb], max_epochs=2)
     logger.experiment.flush()
 
@@ -62,11 +63,10 @@ def test_tensorboard_scalars_and_heatmap_images(tmp_path):
         assert e.value == pytest.approx(h["alignment/linear_cka/calibrated"], rel=1e-6)
     assert [e.value for e in acc.Scalars("alignment/epoch")] == [0.0, 1.0, 2.0]
     for name in METRICS:
-        for kind in ("raw", "calibrated"):
-            images = acc.Images(f"alignment/{name}/heatmap_{kind}")
-            assert [im.step for im in images] == [0, 4, 8]
-            assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
-            assert images[0].width > 50 and images[0].height > 50
+        images = acc.Images(f"alignment/{name}/heatmap")
+        assert [im.step for im in images] == [0, 4, 8]
+        assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+        assert images[0].width > 2 * images[0].height > 100  # raw | calibrated side by side
 
 
 # ----------------------------------------------------------------------------------------- W&B
@@ -160,12 +160,13 @@ def wandb_env(tmp_path, monkeypatch):
         wandb.finish()
 
 
-def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env, background):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="alignment-tests")
-    cb = _callback()
+    cb = _callback(background=background)
     cb2 = _callback(metrics=["linear_cka"], log_prefix="second", log_heatmaps=False)
     _fit(logger, [cb, cb2], max_epochs=2)
     summary_keys = set(logger.experiment.summary.keys())
@@ -196,13 +197,12 @@ def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env):
     run_dir = Path(run_file).parent
     image_files = []
     for name in METRICS:
-        for kind in ("raw", "calibrated"):
-            key = f"alignment/{name}/heatmap_{kind}"
-            rows = [h for h in history if f"{key}/filenames" in h]
-            assert len(rows) == 3, key
-            for h in rows:
-                assert h[f"{key}/_type"] == "images/separated"
-                image_files += h[f"{key}/filenames"]
+        key = f"alignment/{name}/heatmap"
+        rows = [h for h in history if f"{key}/filenames" in h]
+        assert len(rows) == 3, key
+        for h in rows:
+            assert h[f"{key}/_type"] == "images/separated"
+            image_files += h[f"{key}/filenames"]
     assert image_files and all(f.startswith("media/images/alignment/") for f in image_files)
     for f in image_files:
         assert (run_dir / "files" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -233,7 +233,6 @@ def test_mlflow_metrics_and_heatmap_artifacts(tmp_path):
         assert by_step[h["step"]] == pytest.approx(h["alignment/linear_cka/calibrated"], rel=1e-6)
     epochs = client.get_metric_history(logger.run_id, "alignment/epoch")
     assert sorted(m.value for m in epochs) == [0.0, 1.0]
-    for kind in ("raw", "calibrated"):
-        artifacts = client.list_artifacts(logger.run_id, f"alignment/linear_cka/heatmap_{kind}")
-        files = [a.path for a in artifacts]
-        assert sorted(os.path.basename(f) for f in files) == ["epoch0000.png", "epoch0001.png"]
+    artifacts = client.list_artifacts(logger.run_id, "alignment/linear_cka/heatmap")
+    files = sorted(os.path.basename(a.path) for a in artifacts)
+    assert files == ["epoch0000_step000000.png", "epoch0001_step000004.png"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 import warnings
@@ -12,12 +13,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from alignment_callback.callback import logging as lg
+from alignment_callback.callback.background import BackgroundQueue, Job
 from alignment_callback.callback.probe import Probe, iterate_probe, load_probe, load_reference
 from alignment_callback.functional.layers import Aggregate
 from alignment_callback.hooks import collect_activations
 from alignment_callback.hooks.collect import model_device as model_device_of
 from alignment_callback.metrics import LayerAlignment
-from alignment_callback.metrics.plotting import plot_layer_heatmap
 
 Layers = Union[str, Sequence[str], Mapping[str, str]]
 MetricsSpec = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
@@ -40,8 +41,9 @@ class AlignmentCallback(Callback):
 
     Logged through every attached logger, per metric ``<prefix>/<metric>/{raw, calibrated,
     p_value, threshold, null_mean, effect_size}``, the arg-max pair indices, per-pair raw
-    values when ``log_pairs``, and layer×layer heatmaps (raw and per-pair calibrated) where the
-    logger takes images (W&B, TensorBoard, MLflow; PNG files for CSV) plus a ``wandb.Table``.
+    values when ``log_pairs``, and a layer×layer heatmap image ``<prefix>/<metric>/heatmap``
+    (raw and per-pair calibrated side by side) where the logger takes images (W&B,
+    TensorBoard, MLflow; PNG files for CSV) plus a ``wandb.Table`` of every pair.
     ``<prefix>/epoch`` and ``<prefix>/step`` are logged alongside; W&B plots the series against
     the epoch (the global step with ``every_n_train_steps``).  The
     calibrated aggregates are also ``pl_module.log``-ged (logger=False) so ``ModelCheckpoint``
@@ -51,6 +53,15 @@ class AlignmentCallback(Callback):
     gradients, hooks removed, activations freed after each step.  Under DDP the alignment is
     computed on global rank 0 only (no collective inside the computation, so nothing can hang)
     and the scalar results are broadcast so every rank's ``callback_metrics`` agree.
+
+    With ``background=True`` only the capture (the probe's forward passes) runs in the training
+    loop; the metrics, their permutation nulls and the heatmaps are computed by one worker
+    thread while training goes on, and each result is logged, in order and with its own
+    epoch/step, at the first training hook after it is ready (all of them by the end of
+    ``fit``).  The values are identical to the synchronous ones.  They are not
+    ``pl_module.log``-ged (when a value arrives depends on timing, so a monitor on it would make
+    training timing-dependent).  At most two steps are outstanding (the loop waits beyond
+    that).  Single-process runs only: under DDP the callback runs synchronously.
 
     Args:
         reference: frozen reference (``nn.Module``/``LightningModule``) or a checkpoint path
@@ -78,7 +89,9 @@ class AlignmentCallback(Callback):
             cross-modal pairs), with ``reference_input_key`` / ``reference_batch_transform``.
         reference_class: ``LightningModule`` class to load a checkpoint path ``reference``.
         compute_device: where metrics run (default: the model's device).
-        log_to_module: also ``pl_module.log`` calibrated values for monitors (default True).
+        log_to_module: also ``pl_module.log`` calibrated values for monitors (default True;
+            not with ``background``).
+        background: compute in a worker thread, overlapping training (default False).
     """
 
     def __init__(
@@ -110,6 +123,7 @@ class AlignmentCallback(Callback):
         reference_class: Any = None,
         compute_device: Union[str, torch.device, None] = None,
         log_to_module: bool = True,
+        background: bool = False,
     ) -> None:
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
@@ -156,6 +170,9 @@ class AlignmentCallback(Callback):
         )
         self.compute_device = compute_device
         self.log_to_module = log_to_module
+        self.background = background
+        self._queue = BackgroundQueue()
+        self._threaded = False  # background in effect for the current fit
         self.history: list[dict[str, Any]] = []
         self._metrics: dict[str, LayerAlignment] | None = None
         self.last_results: dict[str, Any] = {}
@@ -166,8 +183,12 @@ class AlignmentCallback(Callback):
         return self._generate_state_key(log_prefix=self.log_prefix, metrics=sorted(self.metric_specs))
 
     def state_dict(self) -> dict[str, Any]:
-        """History of results (primitives only, safe for ``weights_only`` checkpoints)."""
-        return {"history": [dict(h) for h in self.history]}
+        """History of results (primitives only, safe for ``weights_only`` checkpoints).
+
+        Background steps still in flight are waited for and included.
+        """
+        pending = [entry for entry, _, _ in self._queue.outcomes()]
+        return {"history": [dict(h) for h in self.history + pending]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
@@ -176,6 +197,13 @@ class AlignmentCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         axis = "step" if self.every_n_train_steps is not None else "epoch"
         lg.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
+        if self.log_heatmaps and importlib.util.find_spec("matplotlib") is None:
+            warnings.warn("log_heatmaps needs matplotlib; skipping heatmaps", RuntimeWarning, stacklevel=2)
+            self.log_heatmaps = False
+        self._threaded = self.background and trainer.world_size == 1
+        if self.background and not self._threaded:
+            warnings.warn("AlignmentCallback(background=True) runs synchronously under multi-process "
+                          "strategies (rank 0 computes, results are broadcast)", UserWarning, stacklevel=2)
         if self.baseline and not self.history:
             # in step mode the baseline is not pl_module.log-ged: an epoch-level value logged
             # here would replace the latest step value in callback_metrics at every epoch end
@@ -187,42 +215,59 @@ class AlignmentCallback(Callback):
         epoch = trainer.current_epoch + 1
         if epoch % self.every_n_epochs == 0:
             self._maybe_run(trainer, pl_module, epoch=epoch)
+        self._publish(trainer, self._queue.ready())
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         n = self.every_n_train_steps
         if n is not None and trainer.global_step > 0 and trainer.global_step % n == 0:
             self._maybe_run(trainer, pl_module, epoch=trainer.current_epoch, in_batch_hook=True)
+        if len(self._queue):
+            self._publish(trainer, self._queue.ready())
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._publish(trainer, self._queue.ready(wait=True))
+        self._queue.shutdown()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._queue.shutdown(cancel=True)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._queue.shutdown(cancel=True)
         self._metrics = None  # drop cached reference state (memory)
 
     # -------------------------------------------------------------------------- running
     def _maybe_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
                    in_batch_hook: bool = False, monitor: bool = True) -> None:
         step = int(trainer.global_step)
-        if any(h["step"] == step and h["epoch"] == epoch for h in self.history):
+        if self._queue.has(epoch, step) or any(h["step"] == step and h["epoch"] == epoch
+                                               for h in self.history):
             return  # already done (resumed run): no duplicate steps
+        if self._threaded:
+            acts = self._guarded(epoch, step, self._capture, pl_module)
+            if acts is not None:
+                done = self._queue.submit(self._guarded, epoch, step, self._compute, acts, epoch,
+                                          step, bool(trainer.loggers), epoch=epoch, step=step)
+                self._publish(trainer, done)
+            return
         values: dict[str, float] | None = None
         if trainer.is_global_zero:
-            values = self._run_safely(trainer, pl_module, epoch, step)
+            outcome = self._guarded(epoch, step, self._capture_and_compute, pl_module, epoch, step,
+                                    bool(trainer.loggers))
+            if outcome is not None:
+                self._log_outcome(trainer, outcome)
+                values = outcome[0]
         if trainer.world_size > 1:
             values = trainer.strategy.broadcast(values, src=0)
             if values is not None and not trainer.is_global_zero:
                 self.history.append(dict(values))
-        if values is not None and self.log_to_module and monitor:
-            for name in self.metric_specs:
-                key = f"{self.log_prefix}/{name}/calibrated"
-                if key in values:
-                    # from a batch hook log on_step: with on_epoch the monitors would see the
-                    # epoch mean of the steps' values, and only at the end of the epoch
-                    pl_module.log(key, float(values[key]), logger=False, on_step=in_batch_hook,
-                                  on_epoch=not in_batch_hook)
+        if values is not None and monitor:
+            self._log_to_module(pl_module, values, in_batch_hook)
 
-    def _run_safely(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int
-                    ) -> dict[str, float] | None:
+    def _guarded(self, epoch: int, step: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; a failure warns and returns None unless ``on_error="raise"``."""
         try:
-            return self.run(trainer, pl_module, epoch, step)
+            return fn(*args)
         except Exception as err:  # noqa: BLE001 - reported, training goes on unless asked
             if self.on_error == "raise":
                 raise
@@ -232,6 +277,29 @@ class AlignmentCallback(Callback):
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def _publish(self, trainer: Trainer, jobs: list[Job]) -> None:
+        """Log finished background jobs in order (main thread); re-raise under ``on_error="raise"``."""
+        for job in jobs:
+            error = job.future.exception()
+            if error is not None:  # only with on_error="raise": _guarded warned otherwise
+                self._queue.shutdown(cancel=True)
+                raise error
+            outcome = job.future.result()
+            if outcome is not None:
+                self._log_outcome(trainer, outcome)
+
+    def _log_to_module(self, pl_module: LightningModule, values: Mapping[str, Any],
+                       in_batch_hook: bool) -> None:
+        if not self.log_to_module:
+            return
+        for name in self.metric_specs:
+            key = f"{self.log_prefix}/{name}/calibrated"
+            if key in values:
+                # from a batch hook log on_step: with on_epoch the monitors would see the
+                # epoch mean of the steps' values, and only at the end of the epoch
+                pl_module.log(key, float(values[key]), logger=False, on_step=in_batch_hook,
+                              on_epoch=not in_batch_hook)
 
     def _build_metrics(self, device: torch.device, model_device: torch.device) -> dict[str, LayerAlignment]:
         """Reference activations once, then one cached-reference metric per measure."""
@@ -260,8 +328,9 @@ class AlignmentCallback(Callback):
         return _MappedAggregate(self.pair_map, ref_names, self.aggregate)
 
     @torch.no_grad()
-    def run(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> dict[str, float]:
-        """One alignment step: capture, compute every metric, log; returns the logged scalars."""
+    def _capture(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float]:
+        """The model's probe activations on the compute device (training thread), and the
+        seconds it took."""
         start = time.perf_counter()
         model_device = model_device_of(pl_module)
         device = model_device if self.compute_device is None else torch.device(self.compute_device)
@@ -271,12 +340,23 @@ class AlignmentCallback(Callback):
             pl_module, iterate_probe(self.probe), self.layers, pool=self.pool, device=model_device,
             input_key=self.input_key, batch_transform=self.batch_transform,
         )
-        values: dict[str, float] = {f"{self.log_prefix}/epoch": float(epoch),
-                                    f"{self.log_prefix}/step": float(step)}
+        return {k: v.to(device) for k, v in acts.items()}, time.perf_counter() - start
+
+    @torch.no_grad()
+    def _compute(self, captured: tuple[dict[str, Tensor], float], epoch: int, step: int,
+                 render: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Every metric on captured activations: ``(history entry, results, heatmap images)``.
+
+        Touches only the callback's own metric objects, so it may run in the worker thread.
+        """
+        start = time.perf_counter()
+        acts, capture_seconds = captured
+        values: dict[str, Any] = {f"{self.log_prefix}/epoch": float(epoch),
+                                  f"{self.log_prefix}/step": float(step)}
         results = {}
         for name, metric in self._metrics.items():
             metric.reset()
-            metric.update({k: v.to(device) for k, v in acts.items()})
+            metric.update(acts)
             out = metric.compute()
             result = metric.last_result
             results[name] = result
@@ -289,37 +369,51 @@ class AlignmentCallback(Callback):
                     for b, yb in enumerate(result.y_names):
                         values[f"{self.log_prefix}/{name}/pair/{xa}__{yb}"] = float(result.matrix[a, b])
             metric.reset()
-        del acts
-        values[f"{self.log_prefix}/seconds"] = time.perf_counter() - start
-        lg.log_scalars(trainer.loggers, values, step)
-        if self.log_heatmaps and trainer.loggers:
-            self._log_heatmaps(trainer, results, epoch, step)
-        self.last_results = results
+        del acts, captured
+        values[f"{self.log_prefix}/seconds"] = capture_seconds + time.perf_counter() - start
+        images = {}
+        if self.log_heatmaps and render:
+            from alignment_callback.metrics.plotting import heatmap_image
+
+            images = {name: heatmap_image(r, f"{name} after epoch {epoch} (step {step})")
+                      for name, r in results.items()}
         entry = dict(values)
         entry.update(epoch=epoch, step=step)
         entry.update({f"{self.log_prefix}/{n}/best_pair": "|".join(r.best_pair) for n, r in results.items()})
-        self.history.append(entry)
-        return entry
+        return entry, results, images
 
-    def _log_heatmaps(self, trainer: Trainer, results: Mapping[str, Any], epoch: int, step: int) -> None:
-        try:
-            import matplotlib.pyplot as plt
-        except ImportError:
-            warnings.warn("log_heatmaps needs matplotlib; skipping heatmaps", RuntimeWarning, stacklevel=2)
-            self.log_heatmaps = False
-            return
-        for name, r in results.items():
-            for kind, matrix in (("raw", r.matrix), ("calibrated", r.pair_calibrated)):
-                fig, _ = plot_layer_heatmap(matrix, r.x_names, r.y_names, argmax=r.argmax,
-                                            title=f"{name} {kind} (epoch {epoch})")
-                lg.log_figure(trainer.loggers, f"{self.log_prefix}/{name}/heatmap_{kind}", fig, step,
-                              f"epoch{epoch:04d}")
-                plt.close(fig)
-            rows = [[xa, yb, float(r.matrix[a, b]), float(r.pair_calibrated[a, b]),
-                     float(r.pair_p_value[a, b])]
-                    for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names)]
-            lg.log_table(trainer.loggers, f"{self.log_prefix}/{name}/pairs",
-                         ["model_layer", "reference_layer", "raw", "calibrated", "p_value"], rows, step)
+    def _capture_and_compute(self, pl_module: LightningModule, epoch: int, step: int, render: bool
+                             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        return self._compute(self._capture(pl_module), epoch, step, render)
+
+    def run(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> dict[str, Any]:
+        """One synchronous alignment step: capture, compute every metric, log; returns the
+        history entry (the logged scalars plus ``epoch``, ``step`` and the best pairs)."""
+        outcome = self._capture_and_compute(pl_module, epoch, step, bool(trainer.loggers))
+        self._log_outcome(trainer, outcome)
+        return outcome[0]
+
+    def _log_outcome(self, trainer: Trainer, outcome: tuple[dict[str, Any], dict[str, Any], dict[str, Any]]
+                     ) -> None:
+        """Scalars, heatmaps and tables to the loggers; the entry to the history (main thread)."""
+        entry, results, images = outcome
+        step = int(entry["step"])
+        scalars = {k: v for k, v in entry.items() if k.startswith(f"{self.log_prefix}/")
+                   and not k.endswith("/best_pair")}
+        lg.log_scalars(trainer.loggers, scalars, step)
+        for name, image in images.items():
+            lg.log_image(trainer.loggers, f"{self.log_prefix}/{name}/heatmap", image, step,
+                         f"epoch{int(entry['epoch']):04d}_step{step:06d}")
+        if self.log_heatmaps and trainer.loggers:
+            for name, r in results.items():
+                rows = [[xa, yb, float(r.matrix[a, b]), float(r.pair_calibrated[a, b]),
+                         float(r.pair_p_value[a, b])]
+                        for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names)]
+                lg.log_table(trainer.loggers, f"{self.log_prefix}/{name}/pairs",
+                             ["model_layer", "reference_layer", "raw", "calibrated", "p_value"],
+                             rows, step)
+        self.last_results = results
+        self.history.append(entry)
 
 
 class _MappedAggregate:

@@ -1,9 +1,9 @@
 """Send alignment results to whatever Lightning loggers are attached.
 
 Scalars go through each logger's ``log_metrics`` (rank-zero only inside each logger; W&B's
-logger keeps its own step sync, we never call ``wandb.log(step=...)``).  Heatmaps go where a
-logger takes images: W&B (``log_image``), TensorBoard (``add_figure``), MLflow
-(``log_figure``); the CSV logger gets PNG files in its log directory.  W&B also gets a
+logger keeps its own step sync, we never call ``wandb.log(step=...)``).  Heatmaps, rendered
+once to an RGB array, go where a logger takes images: W&B (``log_image``), TensorBoard
+(``add_image``), MLflow (``log_image``); the CSV logger gets PNG files in its log directory.  W&B also gets a
 ``wandb.Table`` of the layer matrix.
 """
 
@@ -52,29 +52,24 @@ def log_scalars(loggers: Sequence[Any], metrics: Mapping[str, float], step: int)
         logger.log_metrics(dict(metrics), step=step)
 
 
-def _figure_array(fig: Any) -> Any:
-    import numpy as np
-
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-
-
-def log_figure(loggers: Sequence[Any], key: str, fig: Any, step: int, label: str) -> list[str]:
-    """Log a matplotlib figure as an image where supported; returns files written (CSV)."""
+def log_image(loggers: Sequence[Any], key: str, image: Any, step: int, label: str) -> list[str]:
+    """Log an (H, W, 3) uint8 image where supported; returns the files written (CSV)."""
     written = []
     for logger in loggers:
         kind = _kind(logger)
         if kind == "wandb":
-            logger.log_image(key=key, images=[_figure_array(fig)], step=step)
+            logger.log_image(key=key, images=[image], step=step)
         elif kind == "tensorboard":
-            logger.experiment.add_figure(key, fig, global_step=step, close=False)
+            logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
         elif kind == "mlflow":
-            logger.experiment.log_figure(logger.run_id, fig, f"{key}/{label}.png")
+            logger.experiment.log_image(logger.run_id, image, f"{key}/{label}.png")
         elif kind == "csv" and getattr(logger, "log_dir", None):
+            from PIL import Image
+
             folder = os.path.join(logger.log_dir, "alignment_heatmaps")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"{key.replace('/', '_')}_{label}.png")
-            fig.savefig(path, dpi=100)
+            Image.fromarray(image).save(path)
             written.append(path)
     return written
 

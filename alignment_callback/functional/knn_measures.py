@@ -8,6 +8,7 @@ permutation instead of a new O(n²d) gram (METHOD.md section 5).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -90,18 +91,26 @@ def cknna_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
 
     Only the entries of M (mutual neighbours, ≈ k²/n per row under the null) are touched.
     """
-    r = _remap(sy, perms, r)
-    b, i, t = contains(sx, row_keys(sx, r)).nonzero(as_tuple=True)
-    _, slot = lookup(sx, i, r[b, i, t])  # slots only for the few entries in M
-    src = perms[b, i]  # the row of Y this entry came from: π(i)
+    n, k = sx.n, sy.k
+    keys = row_keys(sx, _remap(sy, perms, r))  # i·n + j for j ∈ N_{Y[π]}(i), (B, n, k)
+    e = contains(sx, keys).view(-1).nonzero().squeeze(1)  # flat (b, i, t) of the entries in M
+    q = keys.view(-1)[e]
+    i, j = q // n, q % n
+    b, t = e // (n * k), e % k
+    _, slot = lookup(sx, i, j)  # X's slot of each entry
+    src = torch.take(perms, b * n + i) * k + t  # Y's slot: row π(i), position t
     kval = sx.values.reshape(-1)[slot]
-    lval = sy.values[src, t]
-    both = sx.reciprocal.reshape(-1)[slot] & sy.reciprocal[src, t]
-    cross = _masked_hsic(b, i, r[b, i, t], kval, lval, both, perms.shape[0], sx.n)
+    lval = sy.values.reshape(-1)[src]
+    both = sx.reciprocal.reshape(-1)[slot] & sy.reciprocal.reshape(-1)[src]
+    cross = _masked_hsic(b, i, j, kval, lval, both, perms.shape[0], n)
     return cross / torch.sqrt(_self_term(sx) * _self_term(sy))
 
 
 def _self_term(s: NeighbourState) -> Tensor:
+    return s.self_hsic if s.self_hsic is not None else _checked_self_hsic(s)
+
+
+def _checked_self_hsic(s: NeighbourState) -> Tensor:
     value = _self_hsic(s)
     if not bool(value > 0):
         raise ValueError(
@@ -167,7 +176,8 @@ def cknna_state(x: Tensor, k: int) -> NeighbourState:
     """Neighbour lists for CKNNA: k >= 2, and n >= 4 for the unbiased HSIC."""
     if x.shape[0] < 4:
         raise ValueError(f"cknna needs at least 4 samples (unbiased HSIC), got {x.shape[0]}")
-    return knn_state(x, k, "cknna", minimum=2)
+    state = knn_state(x, k, "cknna", minimum=2)
+    return replace(state, self_hsic=_checked_self_hsic(state))
 
 
 def _pair(prepare, score, x: Tensor, y: Tensor) -> Tensor:

@@ -52,6 +52,8 @@ class NeighbourState:
         keys, key_slot: sorted pair keys ``i·n + j`` and the flat slot ``i·k + t`` of each,
             used for look-ups when there is no table.
         reciprocal: (n, k) bool, ``i ∈ N(j)`` for ``j = indices[i, t]``.
+        self_hsic: CKNNA's permutation-invariant self term ``HSIC_u(M⊙K, M⊙K)``, when
+            prepared for CKNNA.
     """
 
     n: int
@@ -62,6 +64,7 @@ class NeighbourState:
     keys: Tensor | None
     key_slot: Tensor | None
     reciprocal: Tensor
+    self_hsic: Tensor | None = None
 
     @property
     def k(self) -> int:

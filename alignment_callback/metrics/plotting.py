@@ -1,7 +1,14 @@
-"""Plots for alignment results (matplotlib is optional: imported only when plotting)."""
+"""Plots for alignment results (matplotlib is optional: imported only when plotting).
+
+``plot_scores`` and ``plot_layer_heatmap`` follow the torchmetrics convention (``ax=None``
+makes a pyplot figure; returns ``(fig, ax)``).  ``heatmap_image`` renders a result to an RGB
+array with matplotlib's object-oriented API and no pyplot, under a lock, so the callback can
+draw in its background thread.
+"""
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -22,10 +29,12 @@ def _pyplot() -> Any:
     return plt
 
 
+_RENDER_LOCK = threading.Lock()  # matplotlib's font caches are shared: one render at a time
+
+
 def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
-    plt = _pyplot()
     if ax is None:
-        fig, ax = plt.subplots(figsize=figsize)
+        fig, ax = _pyplot().subplots(figsize=figsize)
         return fig, ax
     return ax.get_figure(), ax
 
@@ -82,6 +91,7 @@ def plot_layer_heatmap(
     xlabel: str = "reference layer",
     ylabel: str = "model layer",
     marks: Any = None,
+    colorbar: bool = True,
 ) -> tuple[Any, Any]:
     """Layer×layer heatmap (model layers as rows, reference layers as columns).
 
@@ -94,7 +104,8 @@ def plot_layer_heatmap(
     m = np.asarray(torch.as_tensor(matrix).detach().cpu().double().numpy(), dtype=float)
     lo = min(0.0, float(m.min())) if vmin is None else vmin
     hi = max(1.0, float(m.max())) if vmax is None else vmax
-    fig, ax = _axes(ax, (3.0 + 0.55 * max(4, m.shape[1]), 2.5 + 0.45 * max(4, m.shape[0])))
+    own_figure = ax is None
+    fig, ax = _axes(ax, _heatmap_size(m.shape))
     im = ax.imshow(m, vmin=lo, vmax=hi, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(y_names)))
     ax.set_xticklabels(list(y_names), rotation=60, ha="right", fontsize="small")
@@ -104,8 +115,9 @@ def plot_layer_heatmap(
     ax.set_ylabel(ylabel)
     if argmax is not None:
         a, b = (int(i) for i in argmax)
-        ax.add_patch(_pyplot().Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red",
-                                         linewidth=2))
+        from matplotlib.patches import Rectangle
+
+        ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     if m.size <= 144:
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
@@ -113,8 +125,45 @@ def plot_layer_heatmap(
                 light = (m[i, j] - lo) / ((hi - lo) or 1.0) > 0.6
                 ax.text(j, i, f"{m[i, j]:.2f}{star}", ha="center", va="center",
                         fontsize="x-small", color="black" if light else "white")
-    fig.colorbar(im, ax=ax)
+    if colorbar:
+        fig.colorbar(im, ax=ax)
     if title:
         ax.set_title(title, fontsize="small")
-    fig.tight_layout()
+    if own_figure:
+        fig.tight_layout()
     return fig, ax
+
+
+def _heatmap_size(shape: Sequence[int]) -> tuple[float, float]:
+    return 3.0 + 0.55 * max(4, shape[1]), 2.5 + 0.45 * max(4, shape[0])
+
+
+def heatmap_image(result: Any, title: str, dpi: int = 80) -> Any:
+    """Raw matrix and per-pair calibrated matrix of a ``LayerAlignmentResult`` side by side,
+    the arg-max pair outlined, as an (H, W, 3) uint8 array.
+
+    Uses a bare ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no global figure
+    registry) and a lock around drawing, so it is safe to call from a worker thread while the
+    main thread does not use pyplot concurrently.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width, height = _heatmap_size(tuple(result.matrix.shape))
+    both = torch.stack([torch.as_tensor(result.matrix), torch.as_tensor(result.pair_calibrated)])
+    lo, hi = min(0.0, float(both.min())), max(1.0, float(both.max()))
+    with _RENDER_LOCK:
+        fig = Figure(figsize=(2 * width - 1.5, height), dpi=dpi)
+        canvas = FigureCanvasAgg(fig)
+        left, right = fig.subplots(1, 2, sharey=True)
+        for ax, matrix, name in ((left, result.matrix, "raw"),
+                                 (right, result.pair_calibrated, "calibrated per pair")):
+            plot_layer_heatmap(matrix, result.x_names, result.y_names, ax=ax, argmax=result.argmax,
+                               title=name, colorbar=False, vmin=lo, vmax=hi)
+        right.set_ylabel("")
+        right.tick_params(labelleft=False)
+        fig.suptitle(f"{title} (colours {lo:g} to {hi:g}; red box: best raw pair)", fontsize="small")
+        fig.subplots_adjust(left=0.14, right=0.98, bottom=0.28, top=0.82, wspace=0.08)
+        canvas.draw()
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()

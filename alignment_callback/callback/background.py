@@ -1,0 +1,76 @@
+"""Alignment steps computed off the training thread, published in order on the main thread."""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+
+@dataclass
+class Job:
+    """One alignment step: where it was taken and its (future) outcome."""
+
+    epoch: int
+    step: int
+    future: Future
+
+
+class BackgroundQueue:
+    """A single worker thread and the FIFO of its jobs.
+
+    At most ``max_pending`` jobs are outstanding (one running, the rest waiting); ``submit``
+    blocks on the oldest one beyond that, so memory stays bounded when alignment is slower
+    than training.  Jobs are handed back strictly in submission order, so the history and the
+    logged steps keep their order.
+    """
+
+    def __init__(self, max_pending: int = 2) -> None:
+        self.max_pending = max(1, int(max_pending))
+        self._executor: ThreadPoolExecutor | None = None
+        self._jobs: deque[Job] = deque()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self._jobs)
+
+    def has(self, epoch: int, step: int) -> bool:
+        return any(j.epoch == epoch and j.step == step for j in self._jobs)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, epoch: int, step: int) -> list[Job]:
+        """Queue ``fn(*args)``; returns the jobs that had to be finished first (in order)."""
+        finished = []
+        while len(self._jobs) >= self.max_pending:
+            job = self._jobs.popleft()
+            job.future.exception()  # wait; the outcome is read by the caller
+            finished.append(job)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignment")
+        self._jobs.append(Job(epoch, step, self._executor.submit(fn, *args)))
+        return finished
+
+    def ready(self, wait: bool = False) -> list[Job]:
+        """Pop the finished jobs at the head of the queue (all of them when ``wait``)."""
+        out = []
+        while self._jobs and (wait or self._jobs[0].future.done()):
+            job = self._jobs.popleft()
+            job.future.exception()  # waits when needed; never raises the job's error here
+            out.append(job)
+        return out
+
+    def outcomes(self) -> list[Any]:
+        """Wait for every queued job and return the successful results, leaving them queued."""
+        return [j.future.result() for j in self._jobs if j.future.exception() is None]
+
+    def shutdown(self, cancel: bool = False) -> None:
+        """Stop the worker (after the running job); ``cancel`` drops the queued ones."""
+        if cancel:
+            for job in self._jobs:
+                job.future.cancel()
+            self._jobs.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=cancel)
+            self._executor = None

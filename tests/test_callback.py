@@ -211,6 +211,44 @@ def test_background_history_equals_synchronous(tmp_path):
     assert histories[0] == histories[1]
 
 
+class _ThreadRecordingMLP(MLP):
+    """Records the thread of every eval-mode forward pass (the probe's)."""
+
+    probe_threads: list = []
+
+    def forward(self, x):
+        if not self.training:
+            type(self).probe_threads.append(threading.current_thread().name)
+        return super().forward(x)
+
+
+class _Uncopyable(MLP):
+    def __deepcopy__(self, memo):
+        raise TypeError("this model holds an uncopyable resource")
+
+
+def test_background_runs_the_probe_on_a_copy_in_the_worker(tmp_path):
+    _ThreadRecordingMLP.probe_threads = []
+    cb = _callback(metrics=["linear_cka"], background=True)
+    _, model = _fit(tmp_path, [cb], max_epochs=2, model=_ThreadRecordingMLP())
+    threads = _ThreadRecordingMLP.probe_threads
+    assert len(threads) == 3  # 3 alignment steps, one probe batch of 64 rows each
+    assert all(t.startswith("alignment") for t in threads), threads
+    assert [h["epoch"] for h in cb.history] == [0, 1, 2]
+    # the last step saw the final weights: same values as the pure functions on them
+    res = offline_alignment(model, RefMLP(seed=1), make_probe(), LAYERS, "linear_cka", K)
+    assert cb.history[-1]["alignment/linear_cka/raw"] == pytest.approx(float(res.raw), rel=1e-5)
+    assert cb.history[-1]["alignment/linear_cka/calibrated"] == pytest.approx(
+        float(res.calibrated), rel=1e-5, abs=1e-6)
+
+
+def test_background_falls_back_to_the_loop_for_an_uncopyable_model(tmp_path):
+    cb = _callback(metrics=["linear_cka"], background=True)
+    with pytest.warns(RuntimeWarning, match="cannot be copied"):
+        _fit(tmp_path, [cb], max_epochs=1, model=_Uncopyable())
+    assert [h["epoch"] for h in cb.history] == [0, 1]
+
+
 def test_background_queue_keeps_order_and_bounds_pending_jobs():
     import time
 

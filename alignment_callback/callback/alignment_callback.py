@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import time
@@ -18,6 +19,7 @@ from alignment_callback.callback.probe import Probe, iterate_probe, load_probe, 
 from alignment_callback.functional.layers import Aggregate
 from alignment_callback.hooks import collect_activations
 from alignment_callback.hooks.collect import model_device as model_device_of
+from alignment_callback.hooks.collect import preserved_rng
 from alignment_callback.metrics import LayerAlignment
 
 Layers = Union[str, Sequence[str], Mapping[str, str]]
@@ -54,11 +56,14 @@ class AlignmentCallback(Callback):
     computed on global rank 0 only (no collective inside the computation, so nothing can hang)
     and the scalar results are broadcast so every rank's ``callback_metrics`` agree.
 
-    With ``background=True`` only the capture (the probe's forward passes) runs in the training
-    loop; the metrics, their permutation nulls and the heatmaps are computed by one worker
-    thread while training goes on, and each result is logged, in order and with its own
-    epoch/step, at the first training hook after it is ready (all of them by the end of
-    ``fit``).  The values are identical to the synchronous ones.  They are not
+    With ``background=True`` the metrics, their permutation nulls and the heatmaps are computed
+    by one worker thread while training goes on, and each result is logged, in order and with
+    its own epoch/step, at the first training hook after it is ready (all of them by the end of
+    ``fit``).  For a model on the CPU the probe's forward passes run in the worker too, on a
+    private copy of the model (made once with ``deepcopy``; its weights are refreshed from a
+    snapshot taken in the loop, and the probe batches are materialised once); the eval-mode
+    forward must then not draw random numbers.  On an accelerator, or when the model cannot be
+    copied, the capture stays in the loop.  The values are identical to the synchronous ones.  They are not
     ``pl_module.log``-ged (when a value arrives depends on timing, so a monitor on it would make
     training timing-dependent).  At most two steps are outstanding (the loop waits beyond
     that).  Single-process runs only: under DDP the callback runs synchronously.
@@ -173,6 +178,10 @@ class AlignmentCallback(Callback):
         self.background = background
         self._queue = BackgroundQueue()
         self._threaded = False  # background in effect for the current fit
+        self._shadow: Any = None  # background, CPU model: the worker's copy (False: not possible)
+        self._shadow_tensors: list[Tensor] = []
+        self._probe_batches: Any = None
+        self._device = torch.device("cpu")  # where the metrics compute
         self.history: list[dict[str, Any]] = []
         self._metrics: dict[str, LayerAlignment] | None = None
         self.last_results: dict[str, Any] = {}
@@ -235,6 +244,7 @@ class AlignmentCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._queue.shutdown(cancel=True)
         self._metrics = None  # drop cached reference state (memory)
+        self._shadow, self._shadow_tensors, self._probe_batches = None, [], None
 
     # -------------------------------------------------------------------------- running
     def _maybe_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
@@ -244,11 +254,16 @@ class AlignmentCallback(Callback):
                                                for h in self.history):
             return  # already done (resumed run): no duplicate steps
         if self._threaded:
-            acts = self._guarded(epoch, step, self._capture, pl_module)
-            if acts is not None:
-                done = self._queue.submit(self._guarded, epoch, step, self._compute, acts, epoch,
-                                          step, bool(trainer.loggers), epoch=epoch, step=step)
-                self._publish(trainer, done)
+            render = bool(trainer.loggers)
+            weights = self._guarded(epoch, step, self._snapshot, pl_module)
+            if weights is not None:  # capture in the worker, on the model's copy
+                job = (self._compute_on_copy, weights, epoch, step, render)
+            else:
+                acts = self._guarded(epoch, step, self._capture, pl_module)
+                job = None if acts is None else (self._compute, acts, epoch, step, render)
+            if job is not None:
+                self._publish(trainer, self._queue.submit(self._guarded, epoch, step, *job,
+                                                          epoch=epoch, step=step))
             return
         values: dict[str, float] | None = None
         if trainer.is_global_zero:
@@ -327,20 +342,77 @@ class AlignmentCallback(Callback):
             return self.aggregate
         return _MappedAggregate(self.pair_map, ref_names, self.aggregate)
 
+    def _devices(self, pl_module: LightningModule) -> tuple[torch.device, torch.device]:
+        """(compute device, model device); builds the metrics (reference pass) the first time."""
+        model_device = model_device_of(pl_module)
+        device = model_device if self.compute_device is None else torch.device(self.compute_device)
+        if self._metrics is None:
+            self._metrics = self._build_metrics(device, model_device)
+        self._device = device
+        return device, model_device
+
     @torch.no_grad()
     def _capture(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float]:
         """The model's probe activations on the compute device (training thread), and the
         seconds it took."""
         start = time.perf_counter()
-        model_device = model_device_of(pl_module)
-        device = model_device if self.compute_device is None else torch.device(self.compute_device)
-        if self._metrics is None:
-            self._metrics = self._build_metrics(device, model_device)
+        device, model_device = self._devices(pl_module)
         acts = collect_activations(
             pl_module, iterate_probe(self.probe), self.layers, pool=self.pool, device=model_device,
             input_key=self.input_key, batch_transform=self.batch_transform,
         )
         return {k: v.to(device) for k, v in acts.items()}, time.perf_counter() - start
+
+    @torch.no_grad()
+    def _snapshot(self, pl_module: LightningModule) -> list[Tensor] | None:
+        """Background mode, CPU model: a copy of this step's weights for the worker's model
+        copy (made on first use), or None when the capture has to stay in the loop."""
+        if self._shadow is False:
+            return None
+        device, model_device = self._devices(pl_module)
+        if model_device.type != "cpu":
+            self._shadow = False
+            return None
+        tensors = [*pl_module.parameters(), *pl_module.buffers()]
+        if self._shadow is None:
+            try:  # the trainer (and what hangs off it) is not copied
+                trainer = getattr(pl_module, "_trainer", None)
+                shadow = copy.deepcopy(pl_module, {id(trainer): None} if trainer is not None else {})
+            except Exception as err:  # noqa: BLE001 - fall back to capturing in the loop
+                warnings.warn(f"background=True: the model cannot be copied ({type(err).__name__}: "
+                              f"{err}); the probe runs in the training loop", RuntimeWarning,
+                              stacklevel=2)
+                self._shadow = False
+                return None
+            shadow.requires_grad_(False)
+            for p in shadow.parameters():
+                p.grad = None
+            self._shadow_tensors = [*shadow.parameters(), *shadow.buffers()]
+            if [t.shape for t in self._shadow_tensors] != [t.shape for t in tensors]:
+                self._shadow = False
+                return None
+            probe = iterate_probe(self.probe)
+            if not isinstance(probe, (Tensor, list)):
+                with preserved_rng():  # a DataLoader draws a seed from the global RNG
+                    probe = list(probe)
+            self._shadow, self._probe_batches = shadow, probe
+        return [t.detach().clone() for t in tensors]
+
+    @torch.no_grad()
+    def _compute_on_copy(self, weights: list[Tensor], epoch: int, step: int, render: bool
+                         ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """Worker thread: load the snapshot into the model copy, capture, compute."""
+        start = time.perf_counter()
+        for dst, src in zip(self._shadow_tensors, weights):
+            dst.copy_(src)
+        del weights
+        acts = collect_activations(
+            self._shadow, self._probe_batches, self.layers, pool=self.pool,
+            device=torch.device("cpu"), input_key=self.input_key,
+            batch_transform=self.batch_transform, restore_rng=False,  # never rewind the loop's RNG
+        )
+        acts = {k: v.to(self._device) for k, v in acts.items()}
+        return self._compute((acts, time.perf_counter() - start), epoch, step, render)
 
     @torch.no_grad()
     def _compute(self, captured: tuple[dict[str, Tensor], float], epoch: int, step: int,

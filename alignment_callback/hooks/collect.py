@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
 import torch
@@ -15,28 +15,39 @@ from alignment_callback.hooks.selection import Layers
 
 
 @contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Run a block in ``eval()`` mode under ``torch.no_grad()``, leaving no trace.
-
-    On exit (also on exceptions) the ``training`` flag of *every* submodule is restored exactly
-    (mixed train/eval models included) and the global torch RNG state (CPU, and CUDA when it is
-    initialised) is put back, so probing never shifts the training run's random stream (a
-    ``DataLoader`` draws a seed from it even with ``shuffle=False``).
-    """
-    flags = [(m, m.training) for m in model.modules()]
+def preserved_rng() -> Iterator[None]:
+    """Put the global torch RNG state (CPU, and CUDA when initialised) back on exit."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        model.eval()
-        with torch.no_grad():
-            yield
+        yield
     finally:
-        model.train(flags[0][1])  # lets overridden train() methods see the root's mode
-        for module, flag in flags:
-            module.training = flag
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module, restore_rng: bool = True) -> Iterator[None]:
+    """Run a block in ``eval()`` mode under ``torch.no_grad()``, leaving no trace.
+
+    On exit (also on exceptions) the ``training`` flag of *every* submodule is restored exactly
+    (mixed train/eval models included) and, with ``restore_rng`` (default), the global torch RNG
+    state (CPU, and CUDA when it is initialised) is put back, so probing never shifts the
+    training run's random stream (a ``DataLoader`` draws a seed from it even with
+    ``shuffle=False``).  A thread other than the training loop's must pass
+    ``restore_rng=False``: restoring a state saved earlier would rewind the loop's stream.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    with preserved_rng() if restore_rng else nullcontext():
+        try:
+            model.eval()
+            with torch.no_grad():
+                yield
+        finally:
+            model.train(flags[0][1])  # lets overridden train() methods see the root's mode
+            for module, flag in flags:
+                module.training = flag
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -114,6 +125,7 @@ def collect_activations(
     max_batches: int | None = None,
     batch_size: int = 256,
     mask_key: str | None = "attention_mask",
+    restore_rng: bool = True,
     **recorder_kwargs: Any,
 ) -> dict[str, Tensor]:
     """Run ``model`` over probe batches and return ``{layer: (n, d)}`` pooled activations.
@@ -140,6 +152,8 @@ def collect_activations(
         mask_key: for dict batches, the key of an ``(n, T)`` attention mask used to pool
             ``(n, T, d)`` outputs over real tokens only (default ``"attention_mask"``; ``None``
             disables it).
+        restore_rng: put the global RNG state back afterwards (default True; see
+            :func:`evaluation_mode`, pass False from a thread other than the training loop's).
         **recorder_kwargs: ``detach``, ``to_cpu``, ``dtype``, ``output_key`` for
             :class:`ActivationRecorder`.
 
@@ -156,7 +170,7 @@ def collect_activations(
     dev = torch.device(device) if device is not None else model_device(model)
     rec = ActivationRecorder(model, layers, pool=pool, **recorder_kwargs)
     n_batches = 0
-    with evaluation_mode(model), rec:
+    with evaluation_mode(model, restore_rng), rec:
         for batch in _batches(dataloader_or_batches, batch_size):
             if max_batches is not None and n_batches >= max_batches:
                 break

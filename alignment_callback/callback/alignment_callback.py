@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -182,6 +184,7 @@ class AlignmentCallback(Callback):
         self._shadow_tensors: list[Tensor] = []
         self._probe_batches: Any = None
         self._device = torch.device("cpu")  # where the metrics compute
+        self._scratch: str | None = None  # heatmap PNGs for W&B when no CSV logger writes them
         self.history: list[dict[str, Any]] = []
         self._metrics: dict[str, LayerAlignment] | None = None
         self.last_results: dict[str, Any] = {}
@@ -196,7 +199,7 @@ class AlignmentCallback(Callback):
 
         Background steps still in flight are waited for and included.
         """
-        pending = [entry for entry, _, _ in self._queue.outcomes()]
+        pending = [outcome[0] for outcome in self._queue.outcomes() if outcome is not None]
         return {"history": [dict(h) for h in self.history + pending]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -245,6 +248,9 @@ class AlignmentCallback(Callback):
         self._queue.shutdown(cancel=True)
         self._metrics = None  # drop cached reference state (memory)
         self._shadow, self._shadow_tensors, self._probe_batches = None, [], None
+        if self._scratch is not None:  # W&B copied the files into its run directory
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     # -------------------------------------------------------------------------- running
     def _maybe_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
@@ -255,7 +261,9 @@ class AlignmentCallback(Callback):
             return  # already done (resumed run): no duplicate steps
         if self._threaded:
             render = bool(trainer.loggers)
-            weights = self._guarded(epoch, step, self._snapshot, pl_module)
+            if self._guarded(epoch, step, self._devices, pl_module) is None:
+                return  # the reference pass failed (warned)
+            weights = self._snapshot(pl_module)
             if weights is not None:  # capture in the worker, on the model's copy
                 job = (self._compute_on_copy, weights, epoch, step, render)
             else:
@@ -369,8 +377,7 @@ class AlignmentCallback(Callback):
         copy (made on first use), or None when the capture has to stay in the loop."""
         if self._shadow is False:
             return None
-        device, model_device = self._devices(pl_module)
-        if model_device.type != "cpu":
+        if model_device_of(pl_module).type != "cpu":
             self._shadow = False
             return None
         tensors = [*pl_module.parameters(), *pl_module.buffers()]
@@ -447,8 +454,9 @@ class AlignmentCallback(Callback):
         if self.log_heatmaps and render:
             from alignment_callback.metrics.plotting import heatmap_image
 
-            images = {name: heatmap_image(r, f"{name} after epoch {epoch} (step {step})")
-                      for name, r in results.items()}
+            for name, r in results.items():
+                image = heatmap_image(r, f"{name} after epoch {epoch} (step {step})")
+                images[name] = (image, lg.encode_png(image))
         entry = dict(values)
         entry.update(epoch=epoch, step=step)
         entry.update({f"{self.log_prefix}/{n}/best_pair": "|".join(r.best_pair) for n, r in results.items()})
@@ -473,9 +481,11 @@ class AlignmentCallback(Callback):
         scalars = {k: v for k, v in entry.items() if k.startswith(f"{self.log_prefix}/")
                    and not k.endswith("/best_pair")}
         lg.log_scalars(trainer.loggers, scalars, step)
-        for name, image in images.items():
-            lg.log_image(trainer.loggers, f"{self.log_prefix}/{name}/heatmap", image, step,
-                         f"epoch{int(entry['epoch']):04d}_step{step:06d}")
+        for name, (image, png) in images.items():
+            if self._scratch is None:
+                self._scratch = tempfile.mkdtemp(prefix="alignment_heatmaps_")
+            lg.log_image(trainer.loggers, f"{self.log_prefix}/{name}/heatmap", image, png, step,
+                         f"epoch{int(entry['epoch']):04d}_step{step:06d}", self._scratch)
         if self.log_heatmaps and trainer.loggers:
             for name, r in results.items():
                 rows = [[xa, yb, float(r.matrix[a, b]), float(r.pair_calibrated[a, b]),

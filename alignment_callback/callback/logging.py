@@ -52,25 +52,48 @@ def log_scalars(loggers: Sequence[Any], metrics: Mapping[str, float], step: int)
         logger.log_metrics(dict(metrics), step=step)
 
 
-def log_image(loggers: Sequence[Any], key: str, image: Any, step: int, label: str) -> list[str]:
-    """Log an (H, W, 3) uint8 image where supported; returns the files written (CSV)."""
-    written = []
-    for logger in loggers:
+def encode_png(image: Any) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 array (done once, off the training loop if possible)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: int, label: str,
+              scratch: str) -> list[str]:
+    """Log an (H, W, 3) uint8 image, already encoded as ``png``, where supported.
+
+    CSV loggers get ``<log_dir>/alignment_heatmaps/<key>_<label>.png``; W&B gets that file (or
+    one written to ``scratch``) so the image is not encoded again; TensorBoard and MLflow take
+    the array.  Returns the files written into CSV log directories.
+    """
+    written: list[str] = []
+    path = None
+    for logger in sorted(loggers, key=lambda lg: _kind(lg) != "csv"):  # CSV files first
         kind = _kind(logger)
-        if kind == "wandb":
-            logger.log_image(key=key, images=[image], step=step)
+        if kind == "csv" and getattr(logger, "log_dir", None):
+            folder = os.path.join(logger.log_dir, "alignment_heatmaps")
+            os.makedirs(folder, exist_ok=True)
+            target = os.path.join(folder, f"{key.replace('/', '_')}_{label}.png")
+            with open(target, "wb") as f:
+                f.write(png)
+            written.append(target)
+            path = path or target
+        elif kind == "wandb":
+            if path is None:
+                os.makedirs(scratch, exist_ok=True)
+                path = os.path.join(scratch, f"{key.replace('/', '_')}_{label}.png")
+                with open(path, "wb") as f:
+                    f.write(png)
+            logger.log_image(key=key, images=[path], step=step)
         elif kind == "tensorboard":
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
         elif kind == "mlflow":
             logger.experiment.log_image(logger.run_id, image, f"{key}/{label}.png")
-        elif kind == "csv" and getattr(logger, "log_dir", None):
-            from PIL import Image
-
-            folder = os.path.join(logger.log_dir, "alignment_heatmaps")
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"{key.replace('/', '_')}_{label}.png")
-            Image.fromarray(image).save(path)
-            written.append(path)
     return written
 
 

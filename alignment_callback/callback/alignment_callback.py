@@ -65,10 +65,11 @@ class AlignmentCallback(Callback):
     private copy of the model (made once with ``deepcopy``; its weights are refreshed from a
     snapshot taken in the loop, and the probe batches are materialised once); the eval-mode
     forward must then not draw random numbers.  On an accelerator, or when the model cannot be
-    copied, the capture stays in the loop.  The values are identical to the synchronous ones.  They are not
-    ``pl_module.log``-ged (when a value arrives depends on timing, so a monitor on it would make
-    training timing-dependent).  At most two steps are outstanding (the loop waits beyond
-    that).  Single-process runs only: under DDP the callback runs synchronously.
+    copied, the capture stays in the loop.  The values are identical to the synchronous ones.
+    They are not ``pl_module.log``-ged (when a value arrives depends on timing, so a monitor on
+    it would make training timing-dependent).  At most two steps are outstanding (the loop
+    waits beyond that); a checkpoint never waits (steps in flight are redone on resume).
+    Single-process runs only: under DDP the callback runs synchronously.
 
     Args:
         reference: frozen reference (``nn.Module``/``LightningModule``) or a checkpoint path
@@ -185,6 +186,7 @@ class AlignmentCallback(Callback):
         self._probe_batches: Any = None
         self._device = torch.device("cpu")  # where the metrics compute
         self._scratch: str | None = None  # heatmap PNGs for W&B when no CSV logger writes them
+        self._resume_pending: list[tuple[int, int]] = []  # from a checkpoint: steps to redo
         self.history: list[dict[str, Any]] = []
         self._metrics: dict[str, LayerAlignment] | None = None
         self.last_results: dict[str, Any] = {}
@@ -197,13 +199,18 @@ class AlignmentCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """History of results (primitives only, safe for ``weights_only`` checkpoints).
 
-        Background steps still in flight are waited for and included.
+        Does not wait for the newest background step: finished steps not yet logged are
+        included, and a step still being computed is kept as ``pending`` ``(epoch, step)``; a
+        run resumed from the checkpoint recomputes it at its start (same weights: the
+        checkpoint's, when the checkpoint was written at that step).
         """
-        pending = [outcome[0] for outcome in self._queue.outcomes() if outcome is not None]
-        return {"history": [dict(h) for h in self.history + pending]}
+        done, running = self._queue.snapshot()
+        history = self.history + [outcome[0] for outcome in done if outcome is not None]
+        return {"history": [dict(h) for h in history], "pending": [list(p) for p in running]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._resume_pending = [(int(e), int(s)) for e, s in state_dict.get("pending", [])]
 
     # ---------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -220,6 +227,10 @@ class AlignmentCallback(Callback):
             # in step mode the baseline is not pl_module.log-ged: an epoch-level value logged
             # here would replace the latest step value in callback_metrics at every epoch end
             self._maybe_run(trainer, pl_module, epoch=0, monitor=self.every_n_train_steps is None)
+        for epoch, step in self._resume_pending:  # in flight when the checkpoint was written
+            if step == trainer.global_step:
+                self._maybe_run(trainer, pl_module, epoch=epoch, monitor=False)
+        self._resume_pending = []
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_train_steps is not None or trainer.sanity_checking:

@@ -61,9 +61,18 @@ class BackgroundQueue:
             out.append(job)
         return out
 
-    def outcomes(self) -> list[Any]:
-        """Wait for every queued job and return the successful results, leaving them queued."""
-        return [j.future.result() for j in self._jobs if j.future.exception() is None]
+    def snapshot(self) -> tuple[list[Any], list[tuple[int, int]]]:
+        """The results of the finished, successful jobs and the ``(epoch, step)`` of the others.
+
+        Waits for every job but the newest (normally finished already: a backlog is at most
+        one job), so at most the newest is reported unfinished.  All jobs stay queued.
+        """
+        for job in list(self._jobs)[:-1]:
+            job.future.exception()
+        done = [j.future.result() for j in self._jobs
+                if j.future.done() and j.future.exception() is None]
+        running = [(j.epoch, j.step) for j in self._jobs if not j.future.done()]
+        return done, running
 
     def shutdown(self, cancel: bool = False) -> None:
         """Stop the worker (after the running job); ``cancel`` drops the queued ones."""

@@ -375,12 +375,18 @@ class AlignmentCallback(Callback):
         """The model's probe activations on the compute device (training thread), and the
         seconds it took."""
         start = time.perf_counter()
-        device, model_device = self._devices(pl_module)
+        _, model_device = self._devices(pl_module)
+        acts = self._model_activations(pl_module, iterate_probe(self.probe), model_device)
+        return acts, time.perf_counter() - start
+
+    def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
+                           restore_rng: bool = True) -> dict[str, Tensor]:
+        """The chosen layers of ``model`` on the probe batches, on the compute device."""
         acts = collect_activations(
-            pl_module, iterate_probe(self.probe), self.layers, pool=self.pool, device=model_device,
-            input_key=self.input_key, batch_transform=self.batch_transform,
+            model, batches, self.layers, pool=self.pool, device=model_device,
+            input_key=self.input_key, batch_transform=self.batch_transform, restore_rng=restore_rng,
         )
-        return {k: v.to(device) for k, v in acts.items()}, time.perf_counter() - start
+        return {k: v.to(self._device) for k, v in acts.items()}
 
     @torch.no_grad()
     def _snapshot(self, pl_module: LightningModule) -> list[Tensor] | None:
@@ -424,12 +430,9 @@ class AlignmentCallback(Callback):
         for dst, src in zip(self._shadow_tensors, weights):
             dst.copy_(src)
         del weights
-        acts = collect_activations(
-            self._shadow, self._probe_batches, self.layers, pool=self.pool,
-            device=torch.device("cpu"), input_key=self.input_key,
-            batch_transform=self.batch_transform, restore_rng=False,  # never rewind the loop's RNG
-        )
-        acts = {k: v.to(self._device) for k, v in acts.items()}
+        # restore_rng=False: restoring from this thread would rewind the training loop's RNG
+        acts = self._model_activations(self._shadow, self._probe_batches, torch.device("cpu"),
+                                       restore_rng=False)
         return self._compute((acts, time.perf_counter() - start), epoch, step, render)
 
     @torch.no_grad()

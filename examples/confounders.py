@@ -5,7 +5,7 @@ zero. A faithful score should say so at every width and depth.
 
 (a) Width. Two independent Gaussian matrices X, Y of shape (n, d), n = 256, d/n = 0.25 … 8.
     Raw linear CKA grows with d/n (≈ d/(n+d)); the permutation threshold τ grows with it, and the
-    calibrated score stays 0. Mutual kNN is already centred in expectation (k/(n−1) for any d),
+    calibrated score stays 0. Mutual kNN is already centered in expectation (k/(n−1) for any d),
     but its raw value still needs τ to be read: is 0.05 a lot at this n and k?
 
 (b) Depth. Two independent stacks of L random layers (L = 1 … 12; layer l of a stack is

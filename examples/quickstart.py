@@ -53,7 +53,7 @@ def quiet_lightning() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no database set-up chatter
     # tiny in-memory data sets need no DataLoader workers
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    # one optimiser step per batch: fewer steps than log_every_n_steps is fine
+    # one optimizer step per batch: fewer steps than log_every_n_steps is fine
     warnings.filterwarnings("ignore", message=r".*log_every_n_steps.*")
     # torch 2.13 deprecates a pytree class Lightning 2.6 still uses internally
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
@@ -138,7 +138,7 @@ def finish_loggers(loggers: Sequence[Any], images: Sequence[str], out: str) -> l
 
 # -------------------------------------------------------------------------------------- data
 def digits(probe_size: int = 500, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """sklearn's 1797 digits, standardised with training statistics; a fixed held-out probe."""
+    """sklearn's 1797 digits, standardized with training statistics; a fixed held-out probe."""
     import numpy as np
     from sklearn.datasets import load_digits
 
@@ -160,7 +160,7 @@ class DigitsMLP(pl.LightningModule):
                  in_dim: int = 64, classes: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters()
-        with torch.random.fork_rng(devices=[]):  # initialise from our own seed
+        with torch.random.fork_rng(devices=[]):  # initialize from our own seed
             torch.manual_seed(seed)
             dims = [in_dim] + [hidden] * depth
             self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(a, b), nn.ReLU())
@@ -211,7 +211,7 @@ class DigitsCNN(DigitsMLP):
 
     @staticmethod
     def image(x: Tensor) -> Tensor:
-        """(n, 64) standardised pixels -> (n, 1, 16, 16)."""
+        """(n, 64) standardized pixels -> (n, 1, 16, 16)."""
         return nn.functional.interpolate(x.view(-1, 1, 8, 8), size=16, mode="bilinear",
                                          align_corners=False)
 

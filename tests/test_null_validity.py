@@ -33,7 +33,7 @@ def _kw(name: str) -> dict:
     return {"cca_dim": 5} if name == "svcca" else {}
 
 
-def _normalise(t: torch.Tensor) -> torch.Tensor:
+def _normalize(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=1)
 
 
@@ -58,7 +58,7 @@ def test_type_one_error_under_independence(name, d):
     p_values, calibrated = [], []
     for r in range(R):
         x, y = _independent(N, d, seed=100_000 * d + r)
-        res = F.calibrated_alignment(_normalise(x), _normalise(y), name, num_permutations=K,
+        res = F.calibrated_alignment(_normalize(x), _normalize(y), name, num_permutations=K,
                                      alpha=ALPHA, seed=r, **_kw(name))
         p_values.append(float(res.p_value))
         calibrated.append(float(res.calibrated))
@@ -88,7 +88,7 @@ def test_planted_signal_is_detected(name):
     w = torch.randn(d, 48, generator=g, dtype=torch.float64) / d**0.5
     y = x @ w + 0.1 * torch.randn(n, 48, generator=g, dtype=torch.float64)
     K = 200
-    res = F.calibrated_alignment(_normalise(x), _normalise(y), name, num_permutations=K,
+    res = F.calibrated_alignment(_normalize(x), _normalize(y), name, num_permutations=K,
                                  seed=1, **_kw(name))
     assert float(res.p_value) == pytest.approx(1 / (K + 1), abs=1e-15)
     assert float(res.percentile) == 100.0
@@ -105,7 +105,7 @@ def test_planted_signal_float32():
     x = torch.randn(64, 32, generator=g)
     y = x @ torch.randn(32, 32, generator=g) / 32**0.5 + 0.1 * torch.randn(64, 32, generator=g)
     for name in ("linear_cka", "mutual_knn", "cknna"):
-        res = F.calibrated_alignment(_normalise(x), _normalise(y), name, num_permutations=100)
+        res = F.calibrated_alignment(_normalize(x), _normalize(y), name, num_permutations=100)
         assert res.raw.dtype == torch.float32
         assert float(res.p_value) == pytest.approx(1 / 101, abs=1e-7)
         assert float(res.calibrated) > 0
@@ -136,25 +136,25 @@ def test_width_confounder_raw_grows_calibrated_stays_zero():
     assert max(cal_rates) <= _band(ALPHA, R), cal_rates
 
 
-def _centred_linear_gram(x: np.ndarray) -> np.ndarray:
+def _centered_linear_gram(x: np.ndarray) -> np.ndarray:
     xc = x - x.mean(0, keepdims=True)
     return xc @ xc.T
 
 
-@pytest.mark.parametrize("case", ["independent", "related", "normalised"])
+@pytest.mark.parametrize("case", ["independent", "related", "normalized"])
 def test_linear_cka_permutation_mean_exact_formula(case):
-    g = torch.Generator().manual_seed({"independent": 1, "related": 2, "normalised": 3}[case])
+    g = torch.Generator().manual_seed({"independent": 1, "related": 2, "normalized": 3}[case])
     n = 48
     x = torch.randn(n, 20, generator=g, dtype=torch.float64) + 0.3
     if case == "related":
         y = x[:, :12] ** 2 + 0.5 * torch.randn(n, 12, generator=g, dtype=torch.float64)
     else:
         y = torch.randn(n, 12, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 12, dtype=torch.float64)
-    if case == "normalised":
-        x, y = _normalise(x), _normalise(y)
+    if case == "normalized":
+        x, y = _normalize(x), _normalize(y)
     K = 2000
     null = F.permutation_null(x, y, "linear_cka", K, seed=5).numpy()
-    kc, lc = _centred_linear_gram(x.numpy()), _centred_linear_gram(y.numpy())
+    kc, lc = _centered_linear_gram(x.numpy()), _centered_linear_gram(y.numpy())
     expected = np.trace(kc) * np.trace(lc) / ((n - 1) * np.linalg.norm(kc) * np.linalg.norm(lc))
     se = null.std(ddof=1) / math.sqrt(K)
     assert abs(null.mean() - expected) <= 3.5 * se, (null.mean(), expected, se)
@@ -167,7 +167,7 @@ def test_mutual_knn_expected_value_under_independence(d):
     vals = np.empty(R)
     for r in range(R):
         x, y = _independent(n, d, seed=50_000 * d + r)
-        vals[r] = float(F.mutual_knn(_normalise(x), _normalise(y), k=k))
+        vals[r] = float(F.mutual_knn(_normalize(x), _normalize(y), k=k))
     expected = k / (n - 1)
     se = vals.std(ddof=1) / math.sqrt(R)
     assert abs(vals.mean() - expected) <= 3 * se, (vals.mean(), expected, se)

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from alignment_callback.callback import logging as lg
+from alignment_callback.callback import dispatch as lg
 from alignment_callback.callback.background import BackgroundQueue, Job
 from alignment_callback.callback.probe import Probe, iterate_probe, load_probe, load_reference
 from alignment_callback.functional.layers import Aggregate
@@ -40,7 +40,7 @@ class AlignmentCallback(Callback):
     model under ``no_grad`` in eval mode, captures the chosen layers with forward hooks, and
     for each metric computes the raw LA×LB layer matrix and the aggregation-aware calibrated
     aggregate (METHOD.md §4) against the reference's activations, which are computed once and
-    cached with their grams / neighbour lists.  The same seeded permutations are used every
+    cached with their grams / neighbor lists.  The same seeded permutations are used every
     time, so the curve is comparable across epochs.
 
     Logged through every attached logger, per metric ``<prefix>/<metric>/{raw, calibrated,
@@ -63,7 +63,7 @@ class AlignmentCallback(Callback):
     its own epoch/step, at the first training hook after it is ready (all of them by the end of
     ``fit``).  For a model on the CPU the probe's forward passes run in the worker too, on a
     private copy of the model (made once with ``deepcopy``; its weights are refreshed from a
-    snapshot taken in the loop, and the probe batches are materialised once); the eval-mode
+    snapshot taken in the loop, and the probe batches are materialized once); the eval-mode
     forward must then not draw random numbers.  On an accelerator, or when the model cannot be
     copied, the capture stays in the loop.  The values are identical to the synchronous ones.
     They are not ``pl_module.log``-ged (when a value arrives depends on timing, so a monitor on
@@ -83,12 +83,12 @@ class AlignmentCallback(Callback):
         metrics: names (default ``("linear_cka", "mutual_knn", "cknna")``) or a mapping
             ``{name: {kwargs}}`` e.g. ``{"mutual_knn": {"k": 5}}``.
         every_n_epochs: run after every n-th training epoch (default 1).
-        every_n_train_steps: run every n optimiser steps instead (default None).
+        every_n_train_steps: run every n optimizer steps instead (default None).
         num_permutations: K (default 500). alpha: τ level (default 0.05).
         aggregate: ``"max"`` (default), ``"mean"``, ``"topK"`` or a callable.
         seed: permutation seed (default 0). baseline: run once before training (default True).
         pool / reference_pool: pooling of 3-D+ outputs (default ``"mean"``).
-        preprocess: metric preprocessing (default True: L2-normalise rows).
+        preprocess: metric preprocessing (default True: L2-normalize rows).
         log_prefix: key prefix (default ``"alignment"``). log_heatmaps: default True.
         log_pairs: also log every pair's raw score (default False).
         on_error: ``"warn"`` (default: warn with the reason and keep training) or ``"raise"``.

@@ -13,7 +13,7 @@ Probe = Union[DataLoader, Tensor, str, os.PathLike, Callable[[], Iterable[Any]],
 
 
 def load_probe(probe: Probe) -> Any:
-    """Normalise a probe into something :func:`collect_activations` iterates.
+    """Normalize a probe into something :func:`collect_activations` iterates.
 
     * a ``DataLoader`` (must not shuffle: the same rows, in the same order, every time),
     * a tensor (split into batches of 256 rows),
@@ -44,7 +44,7 @@ def load_probe(probe: Probe) -> Any:
 
 
 def iterate_probe(probe: Any) -> Any:
-    """The batches of a normalised probe (calls a callable probe)."""
+    """The batches of a normalized probe (calls a callable probe)."""
     return probe() if callable(probe) and not isinstance(probe, (Tensor, nn.Module)) else probe
 
 

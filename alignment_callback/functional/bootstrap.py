@@ -1,8 +1,8 @@
 """Approximate uncertainty of a calibrated score by row subsampling ("m-out-of-n" bootstrap).
 
 **Why not the classical bootstrap.** Resampling rows *with* replacement duplicates samples.  A
-duplicated row is its own nearest neighbour at distance 0, so kNN measures (mutual kNN, CKNNA,
-...) see neighbour lists made of copies, grams gain identical rows, and — worse — the
+duplicated row is its own nearest neighbor at distance 0, so kNN measures (mutual kNN, CKNNA,
+...) see neighbor lists made of copies, grams gain identical rows, and — worse — the
 permutation null stops being valid: copies of one sample are not exchangeable with the others
 (the same reason grouped samples need block permutations, METHOD.md section 4).  Scores and
 thresholds computed on such resamples are biased.
@@ -10,7 +10,7 @@ thresholds computed on such resamples are biased.
 **What this module does instead.** Each replicate draws ``fraction · n`` rows (default 80 %)
 *without* replacement ("m-out-of-n" subsampling, Politis & Romano), recomputes the whole
 calibration (score, permutation null, τ, calibrated score) on that subsample, and the interval is
-the percentile interval of the replicates.  No row is duplicated, so neighbour lists and the null
+the percentile interval of the replicates.  No row is duplicated, so neighbor lists and the null
 stay valid within a replicate.
 
 **Caveats (why it is "approximate").** A subsample has fewer rows, and raw scores and τ depend on
@@ -89,7 +89,7 @@ def bootstrap_interval(
     """Approximate percentile interval of the calibrated score by m-out-of-n subsampling.
 
     Each of ``num_bootstrap`` replicates keeps ``m = round(fraction · n)`` rows drawn *without*
-    replacement (duplicated rows would break kNN neighbour uniqueness and row exchangeability;
+    replacement (duplicated rows would break kNN neighbor uniqueness and row exchangeability;
     see the module docstring), and recomputes the calibrated score there with
     :func:`calibrated_alignment` (tensors) or :func:`calibrated_layer_alignment` (layer
     sequences / mappings; pass ``aggregate=`` in ``kw``).  The estimate uses permutation seed

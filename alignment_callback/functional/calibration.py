@@ -58,7 +58,7 @@ def threshold_index(num_permutations: int, alpha: float) -> int:
 def calibrate_tensor(
     score: Tensor, null: Tensor, alpha: float = 0.05, max_score: float | None = 1.0
 ) -> dict[str, Tensor]:
-    """Vectorised calibration: ``score`` of shape S, ``null`` of shape (K, *S).
+    """Vectorized calibration: ``score`` of shape S, ``null`` of shape (K, *S).
 
     Returns the scalar fields of :class:`CalibrationResult`, each of shape S.
     """

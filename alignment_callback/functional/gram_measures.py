@@ -1,11 +1,11 @@
 """Gram-family measures: linear / RBF / unbiased CKA and RSA (METHOD.md sections 3 and 5).
 
-All four are a cosine between two n×n "centred" matrices A, B:
+All four are a cosine between two n×n "centered" matrices A, B:
 
 * linear CKA: A = H K H, K = X Xᵀ (biased HSIC, ``tr(KHLH) = ⟨HKH, HLH⟩``);
 * RBF CKA: the same with an RBF kernel;
-* unbiased CKA: A = U(K), the U-centred linear gram (``⟨U(K), U(L)⟩ = n(n−3)·HSIC_u``);
-* RSA: A = centred average ranks of the upper-triangle cosine distances (zero diagonal), so the
+* unbiased CKA: A = U(K), the U-centered linear gram (``⟨U(K), U(L)⟩ = n(n−3)·HSIC_u``);
+* RSA: A = centered average ranks of the upper-triangle cosine distances (zero diagonal), so the
   cosine is Spearman's correlation.
 
 A permutation π of Y's rows maps B to B[π][:, π]; the norms are invariant.  The null therefore
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._checks import check_pair
+from alignment_callback.functional._validation import check_pair
 from alignment_callback.functional.kernels import (
     average_ranks,
     center_gram,
@@ -31,7 +31,7 @@ from alignment_callback.functional.kernels import (
 
 @dataclass(frozen=True)
 class GramState:
-    """A centred n×n matrix and its Frobenius norm (> 0)."""
+    """A centered n×n matrix and its Frobenius norm (> 0)."""
 
     matrix: Tensor
     norm: Tensor
@@ -42,14 +42,14 @@ def _state(matrix: Tensor, scale: Tensor, what: str) -> GramState:
     tol = 1e3 * torch.finfo(matrix.dtype).eps * scale
     if not bool(norm > tol):
         raise ValueError(
-            f"zero-variance representation: the {what} is zero after centring "
+            f"zero-variance representation: the {what} is zero after centering "
             f"(all samples are identical or constant); CKA/RSA are undefined for it"
         )
     return GramState(matrix, norm)
 
 
 def linear_state(x: Tensor) -> GramState:
-    """``H X Xᵀ H`` (computed from column-centred features)."""
+    """``H X Xᵀ H`` (computed from column-centered features)."""
     xc = x - x.mean(0, keepdim=True)
     return _state(linear_gram(xc), (x * x).sum(), "linear gram")
 
@@ -61,13 +61,13 @@ def rbf_state(x: Tensor, sigma: float | str = 1.0) -> GramState:
 
 
 def unbiased_state(x: Tensor) -> GramState:
-    """U-centred linear gram (zero diagonal)."""
+    """U-centered linear gram (zero diagonal)."""
     k = linear_gram(x)
-    return _state(u_center_gram(k), k.norm(), "U-centred linear gram")
+    return _state(u_center_gram(k), k.norm(), "U-centered linear gram")
 
 
 def rsa_state(x: Tensor) -> GramState:
-    """Centred average ranks of the cosine distances ``1 − cos(x_i, x_j)`` over i < j."""
+    """Centered average ranks of the cosine distances ``1 − cos(x_i, x_j)`` over i < j."""
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
         raise ValueError("rsa: a sample has an all-zero feature vector; cosine distance undefined")
@@ -99,7 +99,7 @@ def gram_layer_scores(sxs: list[GramState], sys: list[GramState], perms: Tensor)
     """Layer matrices under each permutation: (B, LA, LB), Y layers permuted by π.
 
     The side with fewer layers is gathered (X with π⁻¹, which gives the same scores because
-    every measure is invariant to relabelling rows jointly), and the LA×LB inner products are
+    every measure is invariant to relabeling rows jointly), and the LA×LB inner products are
     one matrix product of flattened matrices.
     """
     permute_x = len(sxs) < len(sys)

@@ -1,4 +1,4 @@
-"""Gram matrices, centring and HSIC estimators (METHOD.md section 3)."""
+"""Gram matrices, centering and HSIC estimators (METHOD.md section 3)."""
 
 from __future__ import annotations
 
@@ -48,18 +48,18 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
 
 
 def center_gram(k: Tensor) -> Tensor:
-    """Double centring ``H K H`` with ``H = I − 11ᵀ/n``."""
+    """Double centering ``H K H`` with ``H = I − 11ᵀ/n``."""
     k = k - k.mean(0, keepdim=True)
     return k - k.mean(1, keepdim=True)
 
 
 def u_center_gram(k: Tensor) -> Tensor:
-    """U-centring (Székely & Rizzo 2014) of a symmetric gram: zero diagonal and
+    """U-centering (Székely & Rizzo 2014) of a symmetric gram: zero diagonal and
 
     ``Ũ_ij = K̃_ij − r_i/(n−2) − r_j/(n−2) + s/((n−1)(n−2))`` for i ≠ j, with K̃ the gram with
     zeroed diagonal, r its row sums and s its total.  For symmetric K, L:
     ``⟨U(K), U(L)⟩_F / (n(n−3)) = hsic_unbiased(K, L)``, so unbiased CKA is a cosine of
-    U-centred grams, and a permutation acts on U(L) as it acts on L.
+    U-centered grams, and a permutation acts on U(L) as it acts on L.
     """
     n = k.shape[0]
     if n < 4:

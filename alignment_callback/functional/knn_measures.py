@@ -1,8 +1,8 @@
-"""Neighbourhood measures: mutual kNN, cycle kNN, CKNNA, LCS kNN, edit-distance kNN.
+"""Neighborhood measures: mutual kNN, cycle kNN, CKNNA, LCS kNN, edit-distance kNN.
 
-Every measure works on neighbour lists prepared once per representation
-(:class:`~alignment_callback.functional.neighbours.NeighbourState`).  Under a permutation π of
-Y's rows the neighbours of i in Y[π] are π⁻¹(N_Y(π(i))): an index remap costing O(nk) per
+Every measure works on neighbor lists prepared once per representation
+(:class:`~alignment_callback.functional.neighbors.NeighborState`).  Under a permutation π of
+Y's rows the neighbors of i in Y[π] are π⁻¹(N_Y(π(i))): an index remap costing O(nk) per
 permutation instead of a new O(n²d) gram (METHOD.md section 5).
 """
 
@@ -14,15 +14,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._checks import check_k, check_pair
-from alignment_callback.functional.neighbours import (
-    NeighbourState,
+from alignment_callback.functional._validation import check_k, check_pair
+from alignment_callback.functional.neighbors import (
+    NeighborState,
     contains,
     lcs_length,
     levenshtein,
     lookup,
-    neighbour_state,
-    remap_neighbours,
+    neighbor_state,
+    remap_neighbors,
     row_keys,
 )
 
@@ -34,11 +34,11 @@ def invert(perms: Tensor) -> Tensor:
     return inv.scatter_(1, perms, ar)
 
 
-def _remap(sy: NeighbourState, perms: Tensor, r: Tensor | None) -> Tensor:
-    return remap_neighbours(sy, perms, invert(perms)) if r is None else r
+def _remap(sy: NeighborState, perms: Tensor, r: Tensor | None) -> Tensor:
+    return remap_neighbors(sy, perms, invert(perms)) if r is None else r
 
 
-def mutual_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+def mutual_knn_score(sx: NeighborState, sy: NeighborState, perms: Tensor,
                      r: Tensor | None = None) -> Tensor:
     """``mean_i |N_X(i) ∩ N_{Y[π]}(i)| / k`` for each π (B, n) → (B,).
 
@@ -48,7 +48,7 @@ def mutual_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
     return found.sum((1, 2)).to(sx.values.dtype) / (sx.n * sx.k)
 
 
-def cycle_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+def cycle_knn_score(sx: NeighborState, sy: NeighborState, perms: Tensor,
                     r: Tensor | None = None) -> Tensor:
     """``mean_i 1[∃ j ∈ N_{Y[π]}(i): i ∈ N_X(j)]`` for each π → (B,)."""
     r = _remap(sy, perms, r)
@@ -77,19 +77,19 @@ def _masked_hsic(batch: Tensor, rows: Tensor, cols: Tensor, a: Tensor, b: Tensor
     return value / (n * (n - 3))
 
 
-def _self_hsic(s: NeighbourState) -> Tensor:
+def _self_hsic(s: NeighborState) -> Tensor:
     rows = torch.arange(s.n, device=s.indices.device).repeat_interleave(s.k)
     v = s.values.reshape(-1)
     zero = torch.zeros_like(rows)
     return _masked_hsic(zero, rows, s.indices.reshape(-1), v, v, s.reciprocal.reshape(-1), 1, s.n)[0]
 
 
-def cknna_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+def cknna_score(sx: NeighborState, sy: NeighborState, perms: Tensor,
                 r: Tensor | None = None) -> Tensor:
     """CKNNA for each π: ``sim(K, L_π) / sqrt(sim(K, K)·sim(L, L))`` with
     ``sim(K, L) = HSIC_u(M⊙K, M⊙L)``, ``M = M_K ⊙ M_L`` (PRH) → (B,).
 
-    Only the entries of M (mutual neighbours, ≈ k²/n per row under the null) are touched.
+    Only the entries of M (mutual neighbors, ≈ k²/n per row under the null) are touched.
     """
     n, k = sx.n, sy.k
     keys = row_keys(sx, _remap(sy, perms, r))  # i·n + j for j ∈ N_{Y[π]}(i), (B, n, k)
@@ -106,21 +106,21 @@ def cknna_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
     return cross / torch.sqrt(_self_term(sx) * _self_term(sy))
 
 
-def _self_term(s: NeighbourState) -> Tensor:
+def _self_term(s: NeighborState) -> Tensor:
     return s.self_hsic if s.self_hsic is not None else _checked_self_hsic(s)
 
 
-def _checked_self_hsic(s: NeighbourState) -> Tensor:
+def _checked_self_hsic(s: NeighborState) -> Tensor:
     value = _self_hsic(s)
     if not bool(value > 0):
         raise ValueError(
             "cknna is undefined: the unbiased HSIC of a representation's kNN-masked gram with "
-            f"itself is {float(value):.3g} <= 0 (degenerate neighbourhoods, e.g. constant data)"
+            f"itself is {float(value):.3g} <= 0 (degenerate neighborhoods, e.g. constant data)"
         )
     return value
 
 
-def _ordered_list_scores(sx: NeighbourState, sy: NeighbourState, perms: Tensor, dp,
+def _ordered_list_scores(sx: NeighborState, sy: NeighborState, perms: Tensor, dp,
                          no_match: int, r: Tensor | None) -> Tensor:
     """Sum over i of ``dp(N_X(i), N_{Y[π]}(i))`` for each π → (B,).
 
@@ -137,13 +137,13 @@ def _ordered_list_scores(sx: NeighbourState, sy: NeighbourState, perms: Tensor, 
     return values.sum(1).to(sx.values.dtype)
 
 
-def lcs_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+def lcs_knn_score(sx: NeighborState, sy: NeighborState, perms: Tensor,
                   r: Tensor | None = None) -> Tensor:
-    """``mean_i LCS(N_X(i), N_{Y[π]}(i)) / k`` of the ordered neighbour lists → (B,)."""
+    """``mean_i LCS(N_X(i), N_{Y[π]}(i)) / k`` of the ordered neighbor lists → (B,)."""
     return _ordered_list_scores(sx, sy, perms, lcs_length, 0, r) / (sx.n * sx.k)
 
 
-def edit_distance_knn_score(sx: NeighbourState, sy: NeighbourState, perms: Tensor,
+def edit_distance_knn_score(sx: NeighborState, sy: NeighborState, perms: Tensor,
                             r: Tensor | None = None) -> Tensor:
     """``1 − mean_i Levenshtein(N_X(i), N_{Y[π]}(i)) / k`` → (B,)."""
     return 1.0 - _ordered_list_scores(sx, sy, perms, levenshtein, sx.k, r) / (sx.n * sx.k)
@@ -159,21 +159,21 @@ def knn_layer_scores(score: Callable[..., Tensor]) -> Callable[[list, list, Tens
         inverse = invert(perms)
         cols = []
         for sy in sys:
-            r = remap_neighbours(sy, perms, inverse)
+            r = remap_neighbors(sy, perms, inverse)
             cols.append(torch.stack([score(sx, sy, perms, r) for sx in sxs], 1))
         return torch.stack(cols, 2)
 
     return layer_scores
 
 
-def knn_state(x: Tensor, k: int, measure: str = "kNN measure", minimum: int = 1) -> NeighbourState:
-    """Check ``k`` against n and prepare neighbour lists."""
+def knn_state(x: Tensor, k: int, measure: str = "kNN measure", minimum: int = 1) -> NeighborState:
+    """Check ``k`` against n and prepare neighbor lists."""
     check_k(x.shape[0], k, minimum=minimum, measure=measure)
-    return neighbour_state(x, k)
+    return neighbor_state(x, k)
 
 
-def cknna_state(x: Tensor, k: int) -> NeighbourState:
-    """Neighbour lists for CKNNA: k >= 2, and n >= 4 for the unbiased HSIC."""
+def cknna_state(x: Tensor, k: int) -> NeighborState:
+    """Neighbor lists for CKNNA: k >= 2, and n >= 4 for the unbiased HSIC."""
     if x.shape[0] < 4:
         raise ValueError(f"cknna needs at least 4 samples (unbiased HSIC), got {x.shape[0]}")
     state = knn_state(x, k, "cknna", minimum=2)
@@ -186,31 +186,31 @@ def _pair(prepare, score, x: Tensor, y: Tensor) -> Tensor:
 
 
 def mutual_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """Mutual kNN: ``mean_i |N_X(i) ∩ N_Y(i)| / k`` (neighbours by inner product, self
+    """Mutual kNN: ``mean_i |N_X(i) ∩ N_Y(i)| / k`` (neighbors by inner product, self
     excluded, default k = 10, needs n > k). In [0, 1]; ≈ k/(n−1) for independent data."""
     return _pair(lambda t: knn_state(t, k, "mutual_knn"), mutual_knn_score, x, y)
 
 
 def cycle_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """Cycle kNN: ``mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]`` (Y's neighbours, then X's). Not
+    """Cycle kNN: ``mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]`` (Y's neighbors, then X's). Not
     symmetric. Default k = 10."""
     return _pair(lambda t: knn_state(t, k, "cycle_knn"), cycle_knn_score, x, y)
 
 
 def cknna(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """CKNNA (PRH): CKA with unbiased HSIC restricted to mutual k-nearest-neighbour pairs of the
+    """CKNNA (PRH): CKA with unbiased HSIC restricted to mutual k-nearest-neighbor pairs of the
     linear grams. Default k = 10; needs k >= 2, n > k and n >= 4. No epsilon in the
     denominator."""
     return _pair(lambda t: cknna_state(t, k), cknna_score, x, y)
 
 
 def lcs_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """Mean over i of the longest common subsequence of the ordered neighbour lists, divided
-    by k (PRH returns the unnormalised length). Default k = 10."""
+    """Mean over i of the longest common subsequence of the ordered neighbor lists, divided
+    by k (PRH returns the unnormalized length). Default k = 10."""
     return _pair(lambda t: knn_state(t, k, "lcs_knn"), lcs_knn_score, x, y)
 
 
 def edit_distance_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """``1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k`` on ordered neighbour lists. Default
+    """``1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k`` on ordered neighbor lists. Default
     k = 10."""
     return _pair(lambda t: knn_state(t, k, "edit_distance_knn"), edit_distance_knn_score, x, y)

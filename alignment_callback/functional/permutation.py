@@ -117,7 +117,7 @@ def permutation_null(
     """Permutation null of ``metric``: a (K,) tensor whose k-th value is
     ``metric(x, y[permutations(n, K, seed)[k]])``.
 
-    Built-in measures use the fast path (grams / neighbour lists computed once, then gathered
+    Built-in measures use the fast path (grams / neighbor lists computed once, then gathered
     or remapped per permutation); a plain callable is recomputed on every permuted Y.
     """
     measure = get_measure(metric, **metric_kwargs)

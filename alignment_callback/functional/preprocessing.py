@@ -1,7 +1,7 @@
 """Reduce raw activations to (n, d) feature matrices (METHOD.md section 2).
 
 Preprocessing is an explicit step, separate from the measures: the measures take the rows they are
-given.  The PRH convention is ``pool -> optional outlier clamp -> L2-normalise each row``.
+given.  The PRH convention is ``pool -> optional outlier clamp -> L2-normalize each row``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Callable, Literal, Union
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._checks import as_float
+from alignment_callback.functional._validation import as_float
 
 PoolMode = Literal["flatten", "mean", "cls", "first", "last", "none"]
 Pool = Union[PoolMode, Callable[[Tensor], Tensor]]
@@ -103,13 +103,13 @@ def prepare_features(
     """Preprocess activations for the measures (METHOD.md section 2).
 
     ``x`` of shape (n, ...) -> pool to (n, d) -> optionally clamp ``|x|`` at the
-    ``clamp_quantile`` of ``|x|`` (PRH: 0.95) -> optionally L2-normalise each row.
+    ``clamp_quantile`` of ``|x|`` (PRH: 0.95) -> optionally L2-normalize each row.
 
     Args:
         x: activations of shape (n, ...); any float dtype (computed in float32 or float64).
         pool: see :func:`pool_features`; default ``"flatten"``.
         clamp_quantile: ``None`` (default) for no clamping, or a quantile in (0, 1].
-        normalize: L2-normalise rows (default True, the PRH convention). A zero row raises.
+        normalize: L2-normalize rows (default True, the PRH convention). A zero row raises.
         mask: optional (n, T) attention mask used by ``"mean"`` and ``"last"`` pooling.
 
     Returns:
@@ -126,6 +126,6 @@ def prepare_features(
         norms = x.norm(dim=1, keepdim=True)
         zero = int((norms == 0).sum())
         if zero:
-            raise ValueError(f"{zero} sample(s) have an all-zero feature vector; cannot L2-normalise")
+            raise ValueError(f"{zero} sample(s) have an all-zero feature vector; cannot L2-normalize")
         x = x / norms
     return x

@@ -17,7 +17,7 @@ from torch import Tensor
 from alignment_callback.functional import gram_measures as gm
 from alignment_callback.functional import knn_measures as km
 from alignment_callback.functional import svcca as sv
-from alignment_callback.functional._checks import check_matrix, check_pair
+from alignment_callback.functional._validation import check_matrix, check_pair
 
 MetricFn = Callable[[Tensor, Tensor], Any]
 

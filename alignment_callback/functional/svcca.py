@@ -1,6 +1,6 @@
 """SVCCA (Raghu et al. 2017) with a deterministic SVD (METHOD.md section 3).
 
-Columns are centred and scaled to unit variance, the top ``cca_dim`` left singular vectors U of
+Columns are centered and scaled to unit variance, the top ``cca_dim`` left singular vectors U of
 each side span the kept subspaces, and the canonical correlations between two subspaces with
 orthonormal bases are the singular values of ``U_xᵀ U_y``.  A row permutation of Y permutes the
 rows of U_y, so the null costs an (n×c)ᵀ(n×c) product and a c×c SVD per permutation.
@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._checks import check_pair
+from alignment_callback.functional._validation import check_pair
 
 
 def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
-    """Orthonormal (n, cca_dim) basis of the top singular directions of standardised ``x``."""
+    """Orthonormal (n, cca_dim) basis of the top singular directions of standardized ``x``."""
     n, d = x.shape
     if int(cca_dim) != cca_dim or cca_dim < 1:
         raise ValueError(f"cca_dim must be a positive integer, got {cca_dim!r}")
@@ -44,7 +44,7 @@ def svcca_score(ux: Tensor, uy: Tensor, perms: Tensor) -> Tensor:
 
 def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:
     """SVCCA: mean canonical correlation between the top-``cca_dim`` (default 10) singular
-    subspaces of the column-standardised representations. In [0, 1]."""
+    subspaces of the column-standardized representations. In [0, 1]."""
     x, y = check_pair(x, y)
     ident = torch.arange(x.shape[0], device=x.device)[None]
     return svcca_score(svcca_state(x, cca_dim), svcca_state(y, cca_dim), ident)[0]

@@ -1,7 +1,7 @@
 """Activation capture: choose layers, hook them, pool their outputs at capture time."""
 
 from alignment_callback.hooks.collect import collect_activations
-from alignment_callback.hooks.inspect import list_layers
+from alignment_callback.hooks.layer_listing import list_layers
 from alignment_callback.hooks.outputs import select_output
 from alignment_callback.hooks.recorder import ActivationRecorder
 from alignment_callback.hooks.selection import resolve_layers

@@ -16,7 +16,7 @@ from alignment_callback.hooks.selection import Layers
 
 @contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Put the global torch RNG state (CPU, and CUDA when initialised) back on exit."""
+    """Put the global torch RNG state (CPU, and CUDA when initialized) back on exit."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
@@ -33,7 +33,7 @@ def evaluation_mode(model: nn.Module, restore_rng: bool = True) -> Iterator[None
 
     On exit (also on exceptions) the ``training`` flag of *every* submodule is restored exactly
     (mixed train/eval models included) and, with ``restore_rng`` (default), the global torch RNG
-    state (CPU, and CUDA when it is initialised) is put back, so probing never shifts the
+    state (CPU, and CUDA when it is initialized) is put back, so probing never shifts the
     training run's random stream (a ``DataLoader`` draws a seed from it even with
     ``shuffle=False``).  A thread other than the training loop's must pass
     ``restore_rng=False``: restoring a state saved earlier would rewind the loop's stream.
@@ -134,7 +134,7 @@ def collect_activations(
     every submodule's train/eval flag and the global RNG state are restored exactly.
 
     Args:
-        model: the model (wrappers fine; names are normalised, see :func:`resolve_layers`).
+        model: the model (wrappers fine; names are normalized, see :func:`resolve_layers`).
         dataloader_or_batches: a DataLoader or any iterable of batches; a single tensor is split
             into batches of ``batch_size`` rows; a single dict is one batch.
         layers: names, globs or regexes (see :func:`resolve_layers`).

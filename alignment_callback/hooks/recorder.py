@@ -77,7 +77,7 @@ class ActivationRecorder:
 
     @property
     def layers(self) -> list[str]:
-        """The resolved (normalised) layer names, in model order."""
+        """The resolved (normalized) layer names, in model order."""
         return [name for name, _ in self._modules]
 
     def __enter__(self) -> "ActivationRecorder":

@@ -1,6 +1,6 @@
 """Choose which submodules to hook: exact names, globs or regexes.
 
-Names are *normalised*: the prefixes that wrappers add are removed, so the same layer name works
+Names are *normalized*: the prefixes that wrappers add are removed, so the same layer name works
 on a plain model, a ``torch.compile``-d one (``_orig_mod.``) and a DDP / DataParallel one
 (``module.``).  Hooks are still put on the real submodules.
 """
@@ -23,7 +23,7 @@ _WRAPPER_PREFIX = re.compile(r"^(?:(?:module|_orig_mod)\.)+")
 def _wrapper_prefix(model: nn.Module) -> str:
     """Real-name prefix of the innermost model under DDP / DataParallel / compile wrappers.
 
-    A wrapper is recognised by its structure: a module whose *only* child is named ``module``
+    A wrapper is recognized by its structure: a module whose *only* child is named ``module``
     or ``_orig_mod`` (so stripping the prefix can never make two names collide).
     """
     prefix = ""
@@ -43,10 +43,10 @@ def normalize_pattern(name: str) -> str:
 
 
 def named_layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
-    """Every hookable submodule as ``(normalised_name, real_name, module)``, in model order.
+    """Every hookable submodule as ``(normalized_name, real_name, module)``, in model order.
 
     The root module (and the wrapper modules above the real model) are skipped; when two real
-    names normalise to the same name (an inner ``torch.compile`` wrapper) the outer one is kept.
+    names normalize to the same name (an inner ``torch.compile`` wrapper) the outer one is kept.
     """
     prefix = _wrapper_prefix(model)
     out: list[tuple[str, str, nn.Module]] = []
@@ -91,7 +91,7 @@ def _glob_to_regex(pattern: str) -> "re.Pattern[str]":
 
 
 def _matcher(spec: LayerSpec):
-    """Return ``(label, match(normalised_name, real_name) -> bool)`` for one layer spec."""
+    """Return ``(label, match(normalized_name, real_name) -> bool)`` for one layer spec."""
     if isinstance(spec, re.Pattern):
         return spec.pattern, lambda n, r: bool(spec.fullmatch(n) or spec.fullmatch(r))
     if not isinstance(spec, str):
@@ -116,7 +116,7 @@ def _as_list(layers: Layers) -> list[LayerSpec]:
 
 
 def resolve_modules(model: nn.Module, layers: Layers) -> list[tuple[str, nn.Module]]:
-    """Like :func:`resolve_layers` but returns ``(normalised_name, module)`` pairs."""
+    """Like :func:`resolve_layers` but returns ``(normalized_name, module)`` pairs."""
     table = named_layers(model)
     chosen: set[str] = set()
     for spec in _as_list(layers):
@@ -135,7 +135,7 @@ def resolve_modules(model: nn.Module, layers: Layers) -> list[tuple[str, nn.Modu
 
 
 def resolve_layers(model: nn.Module, layers: Layers) -> list[str]:
-    """Resolve layer specs to normalised module names, in model (``named_modules``) order.
+    """Resolve layer specs to normalized module names, in model (``named_modules``) order.
 
     Args:
         model: the model, possibly wrapped by DDP / DataParallel (``module.``) or
@@ -159,5 +159,5 @@ def resolve_layers(model: nn.Module, layers: Layers) -> list[str]:
 
 
 def layer_names(model: nn.Module) -> Iterable[str]:
-    """All normalised hookable layer names of ``model``, in model order."""
+    """All normalized hookable layer names of ``model``, in model order."""
     return [name for name, _, _ in named_layers(model)]

@@ -26,9 +26,9 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
 
 class RowPreprocessor:
     """``preprocess`` option of the metrics, split into a per-row part (pooling, at ``update``)
-    and a whole-matrix part (outlier clamp + L2 normalisation, at ``compute``).
+    and a whole-matrix part (outlier clamp + L2 normalization, at ``compute``).
 
-    ``True`` (default): PRH convention, flatten + L2-normalise rows. ``False``: rows are used as
+    ``True`` (default): PRH convention, flatten + L2-normalize rows. ``False``: rows are used as
     given (must be 2-D). A mapping: keyword arguments of
     :func:`~alignment_callback.functional.prepare_features` (``pool``, ``clamp_quantile``,
     ``normalize``). A callable: applied to the concatenated (flattened) rows at compute time.

@@ -145,7 +145,7 @@ class AlignmentMetricBase(Metric):
     # ---------------------------------------------------------------------- reference cache
     @torch.no_grad()
     def _set_reference_layers(self, ys: Mapping[str, Tensor]) -> None:
-        """Preprocess and prepare (grams / neighbour lists) a frozen reference once."""
+        """Preprocess and prepare (grams / neighbor lists) a frozen reference once."""
         if self.y_layers and list(ys) != self.y_layers:
             raise ValueError(f"reference layers {list(ys)} do not match {self.y_layers}")
         cache = {}

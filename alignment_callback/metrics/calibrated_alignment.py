@@ -33,7 +33,7 @@ class CalibratedAlignment(AlignmentMetricBase):
         seed: permutation seed (default 0): same seed, same permutations, comparable scores.
         max_samples: bound on accumulated rows; exceeding it raises ``ValueError`` (default
             None: unbounded).
-        preprocess: ``True`` (flatten + L2-normalise rows, the PRH convention), ``False``,
+        preprocess: ``True`` (flatten + L2-normalize rows, the PRH convention), ``False``,
             a dict of ``prepare_features`` options, or a callable on the concatenated rows.
         groups: optional group label per sample (block permutations, METHOD.md §4).
         max_score: s_max; ``"auto"`` uses the measure's (1.0 for built-ins).
@@ -45,7 +45,7 @@ class CalibratedAlignment(AlignmentMetricBase):
     cached); calibration needs the whole probe set, so use ``compute()`` for it.
 
     Cached-reference mode: ``set_reference(y)`` preprocesses the frozen reference once and
-    keeps its grams / neighbour lists; then ``update(x, index=None)`` takes the model side
+    keeps its grams / neighbor lists; then ``update(x, index=None)`` takes the model side
     only, and every ``compute()`` reuses the reference's prepared state.  ``index`` (sample
     ids) lets rows arrive in any order or with duplicates (DistributedSampler padding): rows are
     sorted by id and duplicates dropped before computing.

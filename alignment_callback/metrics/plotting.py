@@ -96,7 +96,7 @@ def plot_layer_heatmap(
     """Layer×layer heatmap (model layers as rows, reference layers as columns).
 
     The arg-max pair is outlined; values are written in the cells (up to 12×12), with a ``*``
-    where ``marks`` (a boolean matrix, e.g. significant pairs) is set.  The colour range is
+    where ``marks`` (a boolean matrix, e.g. significant pairs) is set.  The color range is
     ``[min(0, m), max(1, m)]`` unless ``vmin`` / ``vmax`` are given.  Returns ``(fig, ax)``.
     """
     import numpy as np
@@ -163,7 +163,7 @@ def heatmap_image(result: Any, title: str, dpi: int = 80) -> Any:
                                title=name, colorbar=False, vmin=lo, vmax=hi)
         right.set_ylabel("")
         right.tick_params(labelleft=False)
-        fig.suptitle(f"{title} (colours {lo:g} to {hi:g}; red box: best raw pair)", fontsize="small")
+        fig.suptitle(f"{title} (colors {lo:g} to {hi:g}; red box: best raw pair)", fontsize="small")
         fig.subplots_adjust(left=0.14, right=0.98, bottom=0.28, top=0.82, wspace=0.08)
         canvas.draw()
         return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -75,7 +75,7 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument("--metric", action="append", metavar="M",
                    help="measure (repeatable or comma-separated; default: "
                         f"{' '.join(DEFAULT_METRICS)})")
-    g.add_argument("--k", type=int, default=10, help="neighbours for kNN measures (default 10)")
+    g.add_argument("--k", type=int, default=10, help="neighbors for kNN measures (default 10)")
     g.add_argument("--sigma", type=_sigma, default=1.0,
                    help="RBF bandwidth for rbf_cka: a number or 'median' (default 1.0)")
     g.add_argument("--permutations", type=int, default=500, metavar="K",
@@ -98,7 +98,7 @@ def _common_options() -> argparse.ArgumentParser:
     p.add_argument("--clamp-quantile", type=float, default=None, metavar="Q",
                    help="clamp |x| at its Q-quantile (PRH: 0.95; default off)")
     p.add_argument("--no-normalize", action="store_true",
-                   help="do not L2-normalise rows (default: normalise, PRH convention)")
+                   help="do not L2-normalize rows (default: normalize, PRH convention)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
     o = common.add_argument_group("output")
     o.add_argument("--out", default="alignment_out", metavar="DIR",
@@ -260,7 +260,7 @@ def _tolist(t: Any) -> Any:
     return t.detach().double().cpu().tolist()
 
 
-def analyse_pair(xa: dict, xb: dict, metric: str, args: argparse.Namespace, groups: Any,
+def analyze_pair(xa: dict, xb: dict, metric: str, args: argparse.Namespace, groups: Any,
                  keep_null: bool = False) -> dict[str, Any]:
     """Calibrated layer alignment of one pair for one metric, as a JSON-ready record."""
     from alignment_callback.functional.bootstrap import bootstrap_interval
@@ -370,7 +370,7 @@ def run_compare(args: argparse.Namespace) -> int:
     results = {}
     for metric in metrics:
         t0 = time.perf_counter()
-        results[metric] = analyse_pair(xa, xb, metric, args, groups, keep_null=True)
+        results[metric] = analyze_pair(xa, xb, metric, args, groups, keep_null=True)
         results[metric]["seconds"] = round(time.perf_counter() - t0, 3)
 
     settings = {"metrics": metrics, "k": args.k, "sigma": args.sigma, "device": args.device,
@@ -571,7 +571,7 @@ def run_matrix(args: argparse.Namespace) -> int:
             current_x = key_x[i]
             xa, xb = get(files_x[i], key_x[i]), get(files_y[j], key_y[j])
             t0 = time.perf_counter()
-            results = {m: analyse_pair(xa, xb, m, args, groups) for m in missing}
+            results = {m: analyze_pair(xa, xb, m, args, groups) for m in missing}
             _append_line(jsonl, {
                 "x_model": names_x[i], "y_model": names_y[j], "x_file": key_x[i],
                 "y_file": key_y[j], "x_fingerprint": fingerprints[key_x[i]],

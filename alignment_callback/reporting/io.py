@@ -165,7 +165,7 @@ def preprocess_layers(
     device: torch.device | str | None = None,
 ) -> dict[str, Tensor]:
     """Apply :func:`prepare_features` to every layer (pool 3-D+ inputs -> optional clamp ->
-    optional row L2-normalisation), on ``device`` if given.
+    optional row L2-normalization), on ``device`` if given.
 
     2-D layers are not pooled (every pool mode leaves them as they are).  Errors are raised as
     :class:`FeatureFileError` naming ``source`` and the layer.

@@ -23,7 +23,7 @@ def list_layers(
 ) -> list[tuple[str, tuple[int, ...]]]:
     """Run one batch and return ``[(layer_name, output_shape), ...]`` for every hookable layer.
 
-    Names are normalised (no ``module.`` / ``_orig_mod.``) and in model order; the root module,
+    Names are normalized (no ``module.`` / ``_orig_mod.``) and in model order; the root module,
     modules that did not run, and modules whose output holds no tensor are left out.  The shape
     is that of the tensor :func:`select_output` picks (before pooling), on the module's first
     call.  Like :func:`collect_activations` this runs in ``eval()`` mode without gradients and

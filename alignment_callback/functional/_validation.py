@@ -49,7 +49,7 @@ def check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def check_k(n: int, k: int, minimum: int = 1, measure: str = "kNN measure") -> int:
-    """Check the neighbour count: ``minimum <= k < n`` (self is excluded, so n > k is needed)."""
+    """Check the neighbor count: ``minimum <= k < n`` (self is excluded, so n > k is needed)."""
     if isinstance(k, bool) or int(k) != k:
         raise TypeError(f"k must be an integer, got {k!r}")
     k = int(k)
@@ -57,7 +57,7 @@ def check_k(n: int, k: int, minimum: int = 1, measure: str = "kNN measure") -> i
         raise ValueError(f"{measure} needs k >= {minimum}, got k={k}")
     if n <= k:
         raise ValueError(
-            f"{measure} needs more samples than neighbours: n={n} is too small for k={k} "
+            f"{measure} needs more samples than neighbors: n={n} is too small for k={k} "
             f"(need n > k)"
         )
     return k

@@ -1,7 +1,7 @@
-"""k-nearest-neighbour lists and the index tricks the fast nulls use (METHOD.md sections 3, 5).
+"""k-nearest-neighbor lists and the index tricks the fast nulls use (METHOD.md sections 3, 5).
 
-Neighbours are the k rows with the largest inner product, self excluded, ordered by decreasing
-similarity. On L2-normalised rows this is cosine similarity. Ties are broken by ``torch.topk``.
+Neighbors are the k rows with the largest inner product, self excluded, ordered by decreasing
+similarity. On L2-normalized rows this is cosine similarity. Ties are broken by ``torch.topk``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ _BLOCK_ELEMENTS = 1 << 24  # gram rows computed at a time for top-k: ~64 MB in f
 
 
 def knn(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k neighbours of every row of ``x`` by inner product, self excluded.
+    """Top-k neighbors of every row of ``x`` by inner product, self excluded.
 
     Returns ``(indices, values)``, both (n, k), ordered by decreasing inner product.
     The gram is computed in row blocks, so memory stays O(n·block) rather than O(n²).
@@ -38,13 +38,13 @@ _DENSE_TABLE_BYTES = 1 << 28  # n×n slot + membership tables for O(1) look-ups 
 
 
 @dataclass(frozen=True)
-class NeighbourState:
-    """Neighbour lists of one representation, prepared once and reused for every permutation.
+class NeighborState:
+    """Neighbor lists of one representation, prepared once and reused for every permutation.
 
     Attributes:
         n: number of samples.
-        indices: (n, k) neighbour indices, most similar first.
-        values: (n, k) inner products ``⟨x_i, x_j⟩`` for those neighbours.
+        indices: (n, k) neighbor indices, most similar first.
+        values: (n, k) inner products ``⟨x_i, x_j⟩`` for those neighbors.
         table: (n, n) int16/int32 with ``t + 1`` where ``j = indices[i, t]`` and 0 elsewhere
             (when it fits in memory), else ``None``.
         member: (n, n) bool, ``j ∈ N(i)`` (with ``table``), else ``None``: membership tests
@@ -71,13 +71,13 @@ class NeighbourState:
         return self.indices.shape[1]
 
 
-def row_keys(state: NeighbourState, cols: Tensor) -> Tensor:
+def row_keys(state: NeighborState, cols: Tensor) -> Tensor:
     """Flat keys ``i·n + cols[..., i, :]`` of (…, n, m) column indices whose row is their position."""
     base = torch.arange(0, state.n * state.n, state.n, device=cols.device)
     return cols + base.view(-1, 1)
 
 
-def contains(state: NeighbourState, keys: Tensor) -> Tensor:
+def contains(state: NeighborState, keys: Tensor) -> Tensor:
     """``j ∈ N(i)`` for flat keys ``i·n + j`` (any shape) → bool of the same shape."""
     if state.member is not None:
         return torch.take(state.member, keys)
@@ -85,9 +85,9 @@ def contains(state: NeighbourState, keys: Tensor) -> Tensor:
     return (state.keys[pos] == keys.reshape(-1)).view(keys.shape)
 
 
-def lookup(state: NeighbourState, rows: Tensor, cols: Tensor, slots: bool = True
+def lookup(state: NeighborState, rows: Tensor, cols: Tensor, slots: bool = True
            ) -> tuple[Tensor, Tensor | None]:
-    """Is ``cols`` a neighbour of ``rows`` in ``state``? Returns ``(found, flat_slot)``.
+    """Is ``cols`` a neighbor of ``rows`` in ``state``? Returns ``(found, flat_slot)``.
 
     ``flat_slot = rows·k + t`` indexes ``state.indices.flatten()`` where found; elsewhere it is
     a valid but meaningless index, so callers mask with ``found``.  ``slots=False`` skips it.
@@ -102,8 +102,8 @@ def lookup(state: NeighbourState, rows: Tensor, cols: Tensor, slots: bool = True
     return state.keys[pos] == q, state.key_slot[pos]
 
 
-def neighbour_state(x: Tensor, k: int) -> NeighbourState:
-    """Prepare :class:`NeighbourState` for ``x`` (n, d) with ``k`` neighbours."""
+def neighbor_state(x: Tensor, k: int) -> NeighborState:
+    """Prepare :class:`NeighborState` for ``x`` (n, d) with ``k`` neighbors."""
     n = x.shape[0]
     indices, values = knn(x, k)
     rows = torch.arange(n, device=x.device).repeat_interleave(k)
@@ -117,13 +117,13 @@ def neighbour_state(x: Tensor, k: int) -> NeighbourState:
     else:
         keys, order = torch.sort(rows * n + indices.flatten())
     empty = torch.empty(0, dtype=torch.bool, device=x.device)
-    partial = NeighbourState(n, indices, values, table, member, keys, order, empty)
+    partial = NeighborState(n, indices, values, table, member, keys, order, empty)
     found = contains(partial, indices * n + torch.arange(n, device=x.device).view(n, 1))
-    return NeighbourState(n, indices, values, table, member, keys, order, found)
+    return NeighborState(n, indices, values, table, member, keys, order, found)
 
 
-def remap_neighbours(state: NeighbourState, perms: Tensor, inverse: Tensor) -> Tensor:
-    """Neighbour lists of ``y[π]`` from those of ``y``: ``N_{Y[π]}(i) = π⁻¹(N_Y(π(i)))``.
+def remap_neighbors(state: NeighborState, perms: Tensor, inverse: Tensor) -> Tensor:
+    """Neighbor lists of ``y[π]`` from those of ``y``: ``N_{Y[π]}(i) = π⁻¹(N_Y(π(i)))``.
 
     ``perms`` and ``inverse`` are (B, n); returns (B, n, k). Order within each list is kept.
     """

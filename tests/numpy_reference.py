@@ -128,55 +128,58 @@ def unbiased_cka(x, y) -> float:
 # --------------------------------------------------------------------------- kNN family
 
 
-def knn_indices(x, k: int) -> np.ndarray:
+def knn_indices(x, k: int, keys=None) -> np.ndarray:
     """(n, k) indices of the k rows with the largest inner product <x_i, x_j>, j != i.
 
-    Ordered by decreasing similarity (ties broken by the smaller index).
+    Ordered by decreasing similarity; exact ties go to the lower ``keys`` value (the library's
+    per-row tie-breaking priorities), or to the smaller index when ``keys`` is None.
     """
-    x = _f64(x)
-    n = x.shape[0]
-    G = x @ x.T
+    return _top_k_rows(_f64(x) @ _f64(x).T, k, keys)
+
+
+def _top_k_rows(G, k: int, keys=None) -> np.ndarray:
+    n = G.shape[0]
+    keys = np.arange(n) if keys is None else np.asarray(keys)
     out = np.empty((n, k), dtype=np.int64)
     for i in range(n):
         others = np.array([j for j in range(n) if j != i])
-        # lexsort: last key is primary -> decreasing similarity, then increasing index
-        order = np.lexsort((others, -G[i, others]))
+        # lexsort: last key is primary -> decreasing similarity, then increasing priority
+        order = np.lexsort((keys[others], -G[i, others]))
         out[i] = others[order[:k]]
     return out
 
 
-def mutual_knn(x, y, k: int = 10) -> float:
+def mutual_knn(x, y, k: int = 10, keys_x=None, keys_y=None) -> float:
     """mean_i |N_X(i) & N_Y(i)| / k."""
-    nx, ny = knn_indices(x, k), knn_indices(y, k)
+    nx, ny = knn_indices(x, k, keys_x), knn_indices(y, k, keys_y)
     n = nx.shape[0]
     return float(np.mean([len(set(nx[i]) & set(ny[i])) / k for i in range(n)]))
 
 
-def cycle_knn(x, y, k: int = 10) -> float:
+def cycle_knn(x, y, k: int = 10, keys_x=None, keys_y=None) -> float:
     """mean_i 1[exists j in N_Y(i): i in N_X(j)]."""
-    nx, ny = knn_indices(x, k), knn_indices(y, k)
+    nx, ny = knn_indices(x, k, keys_x), knn_indices(y, k, keys_y)
     n = nx.shape[0]
     hits = [any(i in set(nx[j]) for j in ny[i]) for i in range(n)]
     return float(np.mean(hits))
 
 
-def knn_mask(K, k: int) -> np.ndarray:
-    """M(i, j) = 1[j in the k largest entries of row i of K, j != i]."""
+def knn_mask(K, k: int, keys=None) -> np.ndarray:
+    """M(i, j) = 1[j in the k largest entries of row i of K, j != i] (ties as knn_indices)."""
     K = _f64(K)
     n = K.shape[0]
     M = np.zeros((n, n))
+    top = _top_k_rows(K, k, keys)
     for i in range(n):
-        others = np.array([j for j in range(n) if j != i])
-        order = np.lexsort((others, -K[i, others]))
-        M[i, others[order[:k]]] = 1.0
+        M[i, top[i]] = 1.0
     return M
 
 
-def cknna(x, y, k: int = 10) -> float:
+def cknna(x, y, k: int = 10, keys_x=None, keys_y=None) -> float:
     """PRH CKNNA: sim(K, L) = HSIC_unbiased(M*K, M*L) with M = M_K * M_L (self excluded);
     sim(K, K) uses M_K. CKNNA = sim(K, L) / sqrt(sim(K, K) sim(L, L)). No epsilon."""
     K, L = linear_gram(x), linear_gram(y)
-    MK, ML = knn_mask(K, k), knn_mask(L, k)
+    MK, ML = knn_mask(K, k, keys_x), knn_mask(L, k, keys_y)
     M = MK * ML
     s_kl = hsic_unbiased(M * K, M * L)
     s_kk = hsic_unbiased(MK * K, MK * K)
@@ -212,15 +215,15 @@ def levenshtein(a, b) -> int:
     return D[len(a)][len(b)]
 
 
-def lcs_knn(x, y, k: int = 10) -> float:
+def lcs_knn(x, y, k: int = 10, keys_x=None, keys_y=None) -> float:
     """mean_i LCS(N_X(i), N_Y(i)) / k, on neighbor lists ordered by decreasing similarity."""
-    nx, ny = knn_indices(x, k), knn_indices(y, k)
+    nx, ny = knn_indices(x, k, keys_x), knn_indices(y, k, keys_y)
     return float(np.mean([lcs_length(a, b) for a, b in zip(nx, ny)]) / k)
 
 
-def edit_distance_knn(x, y, k: int = 10) -> float:
+def edit_distance_knn(x, y, k: int = 10, keys_x=None, keys_y=None) -> float:
     """1 - mean_i Levenshtein(N_X(i), N_Y(i)) / k."""
-    nx, ny = knn_indices(x, k), knn_indices(y, k)
+    nx, ny = knn_indices(x, k, keys_x), knn_indices(y, k, keys_y)
     return float(1.0 - np.mean([levenshtein(a, b) for a, b in zip(nx, ny)]) / k)
 
 

@@ -195,19 +195,17 @@ def test_knn_fast_null_default_k_and_large_k():
 
 
 @pytest.mark.parametrize("name", sorted(KNN))
-def test_knn_null_without_dense_table_equals_recompute(name, monkeypatch):
-    """Large n uses sorted pair keys instead of the n×n tables: same values."""
-    from alignment_callback.functional import neighbors
+def test_knn_null_in_small_chunks_equals_recompute(name, monkeypatch):
+    """Chunks of one or two permutations (as at large n) give the same null."""
+    from alignment_callback.functional import permutation
 
     x, y = _related(seed=6)
-    with_table = F.permutation_null(x, y, name, 20, seed=3, k=5)
-    monkeypatch.setattr(neighbors, "_DENSE_TABLE_BYTES", 0)
-    state = neighbors.neighbor_state(x, 5)
-    assert state.table is None and state.member is None and state.keys is not None
+    whole = F.permutation_null(x, y, name, 20, seed=3, k=5)
+    monkeypatch.setattr(permutation, "_CHUNK_ELEMENTS", 48 * 5 * 5 * 2 * 2)  # 2 permutations
     null = F.permutation_null(x, y, name, 20, seed=3, k=5)
     ref = _recompute(FUNCS[name], x, y, F.permutations(48, 20, seed=3), k=5)
     torch.testing.assert_close(null, ref, atol=1e-10, rtol=0)
-    torch.testing.assert_close(null, with_table, atol=1e-12, rtol=0)
+    torch.testing.assert_close(null, whole, atol=1e-12, rtol=0)
 
 
 def test_callable_metric_is_recomputed():

@@ -236,15 +236,16 @@ def test_cached_reference_errors_and_reuse() -> None:
         metric.update(x, y)
     metric.update(x)
     first = metric.compute()
-    state = metric._reference["y"][1]
-    feats = metric._reference["y"][0]
+    state = metric._reference.states[metric.measure][0]
+    feats = metric._reference.features[0]
 
     metric.reset()  # clears model rows, keeps the reference
     assert metric.has_reference
     x2 = x + 2.0 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     metric.update(x2)
     second = metric.compute()
-    assert metric._reference["y"][1] is state and metric._reference["y"][0] is feats
+    assert metric._reference.states[metric.measure][0] is state
+    assert metric._reference.features[0] is feats
     ref2 = F.calibrated_alignment(F.prepare_features(x2), F.prepare_features(y), "mutual_knn", K,
                                   seed=3, k=5)
     assert_result(second, ref2)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from alignment_callback.callback import dispatch as lg
 from alignment_callback.callback.background import BackgroundQueue, Job
 from alignment_callback.callback.probe import Probe, iterate_probe, load_probe, load_reference
-from alignment_callback.functional.layers import Aggregate
+from alignment_callback.functional.aggregation import Aggregate
 from alignment_callback.hooks import collect_activations
 from alignment_callback.hooks.collect import model_device as model_device_of
 from alignment_callback.hooks.collect import preserved_rng
@@ -516,7 +516,7 @@ class _MappedAggregate:
     """Aggregate over the mapped (model layer → reference layer) pairs only."""
 
     def __init__(self, pair_map: Mapping[str, str], ref_names: list[str], aggregate: Aggregate) -> None:
-        from alignment_callback.functional.layers import aggregate_fn
+        from alignment_callback.functional.aggregation import aggregate_fn
 
         self.__name__ = f"{aggregate if isinstance(aggregate, str) else 'custom'}_over_pairs"
         model_names = list(pair_map)

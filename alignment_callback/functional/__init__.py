@@ -4,11 +4,8 @@ Every function takes ``torch.Tensor`` inputs of shape (n, d) on any device, comp
 or better (float64 stays float64), returns tensors, and never touches the global RNG.
 """
 
-from alignment_callback.functional.calibration import (
-    CalibrationResult,
-    calibrate,
-    calibrated_alignment,
-)
+from alignment_callback.functional.aggregation import Layers, LayerAlignmentResult
+from alignment_callback.functional.calibration import CalibrationResult, calibrate
 from alignment_callback.functional.fdr import benjamini_hochberg
 from alignment_callback.functional.gram_measures import linear_cka, rbf_cka, rsa, unbiased_cka
 from alignment_callback.functional.kernels import hsic_biased, hsic_unbiased
@@ -19,19 +16,34 @@ from alignment_callback.functional.knn_measures import (
     lcs_knn,
     mutual_knn,
 )
-from alignment_callback.functional.layers import LayerAlignmentResult, calibrated_layer_alignment
-from alignment_callback.functional.permutation import permutation_null, permutations
+from alignment_callback.functional.permutation import Permutations, permutations
+from alignment_callback.functional.pipeline import (
+    calibrate_measures,
+    calibrated_alignment,
+    calibrated_layer_alignment,
+    permutation_null,
+)
 from alignment_callback.functional.preprocessing import pool_features, prepare_features
-from alignment_callback.functional.registry import BUILTIN_MEASURES, Measure, get_measure
+from alignment_callback.functional.registry import (
+    BUILTIN_MEASURES,
+    Measure,
+    MeasureInfo,
+    get_measure,
+    register_measure,
+)
 from alignment_callback.functional.svcca import svcca
 
 __all__ = [
     "BUILTIN_MEASURES",
     "CalibrationResult",
     "LayerAlignmentResult",
+    "Layers",
     "Measure",
+    "MeasureInfo",
+    "Permutations",
     "benjamini_hochberg",
     "calibrate",
+    "calibrate_measures",
     "calibrated_alignment",
     "calibrated_layer_alignment",
     "cknna",
@@ -48,6 +60,7 @@ __all__ = [
     "pool_features",
     "prepare_features",
     "rbf_cka",
+    "register_measure",
     "rsa",
     "svcca",
     "unbiased_cka",

@@ -1,18 +1,71 @@
-"""Input checks shared by every functional measure (clear errors, never silent NaNs)."""
+"""Input and argument checks shared by the whole library: one place, one message per mistake.
+
+Every check names the argument it is about, so a wrong ``seed=`` reads
+``seed must be an integer in [0, 2**63 - 1], got 1.5`` wherever it was passed (the functional
+API, the metric objects, the callback or the command line).
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
 
 import torch
 from torch import Tensor
 
+AUTO = "auto"
+MAX_SEED = 2**63 - 1
+
 
 def as_float(x: Tensor, name: str = "x") -> Tensor:
-    """Return ``x`` as a floating tensor of at least float32 precision (float64 stays float64)."""
+    """``x`` detached, as a floating tensor of at least float32 precision (float64 stays
+    float64); gradients are never tracked through a measure."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    x = x.detach()
     if x.dtype == torch.float64:
         return x
     return x.to(torch.float32)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """A permutation seed: an integer in ``[0, 2**63 - 1]``."""
+    if not _is_int(seed) or not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, 2**63 - 1], got {seed!r}")
+    return int(seed)
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """An integer ``>= minimum`` (bools and floats such as 2.7 are refused)."""
+    if not _is_int(value) or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_num_permutations(value: Any, name: str = "num_permutations") -> int:
+    """The number of permutations K: a positive integer."""
+    return check_positive_int(value, name)
+
+
+def check_alpha(alpha: Any, name: str = "alpha") -> float:
+    """The level α of the threshold: a real number in (0, 1)."""
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def check_max_score(value: Any, name: str = "max_score") -> float | str | None:
+    """s_max: ``"auto"`` (the measure's own), ``None`` (unbounded) or a finite number."""
+    if value is None or value == AUTO and isinstance(value, str):
+        return value
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be 'auto', None or a finite number, got {value!r}")
+    return float(value)
 
 
 def check_matrix(x: Tensor, name: str = "x") -> Tensor:

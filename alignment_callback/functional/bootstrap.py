@@ -30,9 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignment_callback.functional.calibration import calibrated_alignment
-from alignment_callback.functional.layers import calibrated_layer_alignment
-from alignment_callback.functional.registry import MetricSpec
+from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
+from alignment_callback.functional.registry import MeasureSpec
 
 
 class BootstrapInterval(NamedTuple):
@@ -76,7 +75,7 @@ def _take(x: Any, idx: Tensor) -> Any:
 def bootstrap_interval(
     x: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     y: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
-    metric: MetricSpec = "mutual_knn",
+    metric: MeasureSpec = "mutual_knn",
     num_bootstrap: int = 200,
     confidence: float = 0.95,
     seed: int = 0,

@@ -1,18 +1,16 @@
-"""Permutation calibration (the calibration paper's Algorithm 1, METHOD.md section 4)."""
+"""Permutation calibration: a score against its null gives τ, a calibrated score and a p-value
+(the calibration paper's Algorithm 1; see ``docs/calibration.md``)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from alignment_callback.functional.permutation import null_from_states
-from alignment_callback.functional.registry import MetricSpec, get_measure, prepare_pair
-
-AUTO = "auto"
+from alignment_callback.functional._validation import check_alpha
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,8 @@ class CalibrationResult:
         effect_size: ``(s − null_mean) / null_std`` (0 if both differences are 0, ±inf if only
             the std is 0).
         percentile: percent of null values below s, ties counted half (mid-rank).
-        null: the K null scores.
+        null: the K null scores (empty when the null is analytic).
+        null_method: ``"permutation"`` or ``"moments"`` (how the null was obtained).
     """
 
     raw: Tensor
@@ -40,6 +39,7 @@ class CalibrationResult:
     effect_size: Tensor
     percentile: Tensor
     null: Tensor
+    null_method: str = "permutation"
 
     SCALARS = ("raw", "calibrated", "p_value", "threshold", "null_mean", "null_std",
                "effect_size", "percentile")
@@ -55,15 +55,24 @@ def threshold_index(num_permutations: int, alpha: float) -> int:
     return max(0, min(idx, num_permutations))
 
 
+def resolution(dtype: torch.dtype) -> float:
+    """The smallest ``s_max − τ`` that float error cannot fake: 1e-5 for scores computed from
+    float32 (or lower precision) data, 1e-11 for float64."""
+    return 1e-11 if dtype == torch.float64 else 1e-5
+
+
 def calibrate_tensor(
-    score: Tensor, null: Tensor, alpha: float = 0.05, max_score: float | None = 1.0
+    score: Tensor, null: Tensor, alpha: float = 0.05, max_score: float | None = 1.0,
+    data_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """Vectorized calibration: ``score`` of shape S, ``null`` of shape (K, *S).
 
-    Returns the scalar fields of :class:`CalibrationResult`, each of shape S.
+    Returns the scalar fields of :class:`CalibrationResult`, each of shape S, plus
+    ``"unresolved"``: where ``s_max − τ`` is below :func:`resolution` of ``data_dtype``
+    (default: the scores' dtype) the calibrated score is 0, never a ratio of rounding errors;
+    callers warn with :func:`warn_unresolved`.
     """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    alpha = check_alpha(alpha)
     if max_score is not None and not math.isfinite(max_score):
         raise ValueError(f"max_score must be finite or None, got {max_score}")
     k = null.shape[0]
@@ -79,25 +88,40 @@ def calibrate_tensor(
     tau = torch.sort(combined, dim=0).values[threshold_index(k, alpha)]
     p_value = (1.0 + (null >= score).sum(0).to(dtype)) / (k + 1)
     excess = score - tau
+    zero = torch.zeros_like(excess)
     if max_score is None:
         calibrated = excess.clamp_min(0.0)
     else:
         denom = max_score - tau
-        safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-        calibrated = torch.where(excess > 0, (excess / safe).clamp(0.0, 1.0), torch.zeros_like(excess))
-        calibrated = torch.where((excess > 0) & (denom <= 0), torch.ones_like(excess), calibrated)
+        unresolved = denom <= resolution(data_dtype or dtype)
+        safe = torch.where(unresolved, torch.ones_like(denom), denom)
+        calibrated = torch.where((excess > 0) & ~unresolved, (excess / safe).clamp(0.0, 1.0), zero)
     mean = null.mean(0)
     std = null.std(0) if k > 1 else torch.zeros_like(mean)
     diff = score - mean
     effect = torch.where(
         std > 0, diff / torch.where(std > 0, std, torch.ones_like(std)),
-        torch.where(diff == 0, torch.zeros_like(diff), torch.sign(diff) * torch.inf),
+        torch.where(diff == 0, zero, torch.sign(diff) * torch.inf),
     )
     below = (null < score).sum(0).to(dtype) + 0.5 * (null == score).sum(0).to(dtype)
     return {
         "raw": score, "calibrated": calibrated, "p_value": p_value, "threshold": tau,
         "null_mean": mean, "null_std": std, "effect_size": effect, "percentile": 100.0 * below / k,
+        "unresolved": torch.zeros_like(score, dtype=torch.bool) if max_score is None else unresolved,
     }
+
+
+def warn_unresolved(fields: dict[str, Tensor], max_score: float | None, what: str = "the score",
+                    hint: str | None = None) -> None:
+    """Warn (``RuntimeWarning``) when :func:`calibrate_tensor` found s_max − τ unresolvable."""
+    if max_score is None or not bool(fields["unresolved"].any()):
+        return
+    tau = float(fields["threshold"].max())
+    warnings.warn(
+        f"{what}: the null threshold τ = {tau:.9g} is within float error of the maximum "
+        f"{max_score:g}, so the measure cannot tell aligned from independent data here; the "
+        "calibrated score is reported as 0" + (f". Hint: {hint}" if hint else ""),
+        RuntimeWarning, stacklevel=3)
 
 
 def calibrate(
@@ -105,48 +129,43 @@ def calibrate(
 ) -> CalibrationResult:
     """Calibrate an observed ``score`` against its permutation ``null`` (K,).
 
-    Args:
-        score: the observed similarity s.
-        null: null scores ``s_k = s(X, Y[π_k])``.
-        alpha: level of the threshold (default 0.05): τ is the ⌈(1 − α)(K + 1)⌉-th smallest
-            of the combined ``{s, s_1..s_K}`` (an order statistic, no interpolation).
-        max_score: s_max (default 1.0); ``None`` for unbounded measures (calibrated = [s − τ]₊).
+    Parameters
+    ----------
+    score : Tensor or float
+        The observed similarity s.
+    null : Tensor of shape (K,)
+        Null scores ``s_k = s(X, Y[π_k])``.
+    alpha : float, default=0.05
+        Level of the threshold: τ is the ⌈(1 − α)(K + 1)⌉-th smallest of the combined
+        ``{s, s_1..s_K}`` (an order statistic, no interpolation).
+    max_score : float or None, default=1.0
+        s_max; ``None`` for unbounded measures (calibrated = [s − τ]₊).
 
-    Under the null, ``P(p_value ≤ α) ≤ α`` and ``P(calibrated > 0) ≤ α``.
+    Returns
+    -------
+    CalibrationResult
+        Under the null, ``P(p_value ≤ α) ≤ α`` and ``P(calibrated > 0) ≤ α``.
+
+    References
+    ----------
+    Permutation calibration of representational similarity (Algorithm 1), arXiv 2602.14486.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import calibrate
+    >>> res = calibrate(0.9, torch.linspace(0.0, 0.5, 199))
+    >>> round(float(res.p_value), 3), round(float(res.calibrated), 3)
+    (0.005, 0.8)
     """
     null = torch.as_tensor(null).reshape(-1)
     score_t = torch.as_tensor(score, dtype=null.dtype if null.is_floating_point() else None,
                               device=null.device).reshape(())
     fields_ = calibrate_tensor(score_t, null, alpha, max_score)
+    warn_unresolved(fields_, max_score)
+    fields_.pop("unresolved")
     return CalibrationResult(null=null, **fields_)
 
 
-@torch.no_grad()
-def calibrated_alignment(
-    x: Tensor,
-    y: Tensor,
-    metric: MetricSpec = "mutual_knn",
-    num_permutations: int = 500,
-    alpha: float = 0.05,
-    seed: int = 0,
-    groups: Sequence[Any] | Tensor | None = None,
-    max_score: float | None | str = AUTO,
-    **metric_kwargs: Any,
-) -> CalibrationResult:
-    """Permutation-calibrated alignment of ``x`` (n, p) and ``y`` (n, q), rows paired.
-
-    The observed score and K null scores ``metric(x, y[π_k])`` (permutations from
-    :func:`permutations` with ``seed``, or block permutations with ``groups``) are computed on
-    the fast path, then calibrated with :func:`calibrate`. ``max_score="auto"`` uses the measure's s_max
-    (1.0 for every built-in).  Default metric mutual kNN (k = 10), K = 500, α = 0.05.
-    """
-    measure = get_measure(metric, **metric_kwargs)
-    sx, sy = prepare_pair(measure, x, y)
-    n = x.shape[0]
-    observed = measure.score(sx, sy, torch.arange(n, device=x.device)[None])[0]
-    null = null_from_states(measure, sx, sy, n, num_permutations, seed, x.device, groups)
-    smax = measure.max_score if max_score == AUTO else max_score
-    return calibrate(observed, null, alpha, smax)
-
-
-__all__ = ["CalibrationResult", "calibrate", "calibrate_tensor", "calibrated_alignment", "threshold_index"]
+__all__ = ["CalibrationResult", "calibrate", "calibrate_tensor", "resolution", "threshold_index",
+           "warn_unresolved"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import check_pair
 from alignment_callback.functional.kernels import (
     average_ranks,
@@ -50,6 +51,7 @@ def _state(matrix: Tensor, scale: Tensor, what: str) -> GramState:
 
 def linear_state(x: Tensor) -> GramState:
     """``H X Xᵀ H`` (computed from column-centered features)."""
+    x = rescale_exactly(x)
     xc = x - x.mean(0, keepdim=True)
     return _state(linear_gram(xc), (x * x).sum(), "linear gram")
 
@@ -62,12 +64,13 @@ def rbf_state(x: Tensor, sigma: float | str = 1.0) -> GramState:
 
 def unbiased_state(x: Tensor) -> GramState:
     """U-centered linear gram (zero diagonal)."""
-    k = linear_gram(x)
+    k = linear_gram(rescale_exactly(x))
     return _state(u_center_gram(k), k.norm(), "U-centered linear gram")
 
 
 def rsa_state(x: Tensor) -> GramState:
     """Centered average ranks of the cosine distances ``1 − cos(x_i, x_j)`` over i < j."""
+    x = rescale_exactly(x, per_row=True)
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
         raise ValueError("rsa: a sample has an all-zero feature vector; cosine distance undefined")

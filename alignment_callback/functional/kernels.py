@@ -1,9 +1,11 @@
-"""Gram matrices, centering and HSIC estimators (METHOD.md section 3)."""
+"""Gram matrices, centering and HSIC estimators."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from alignment_callback.functional._scaling import rescale_exactly
 
 
 def linear_gram(x: Tensor) -> Tensor:
@@ -32,19 +34,39 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
     """RBF kernel ``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``.
 
     ``sigma`` is absolute (PRH convention, default 1.0), or ``"median"`` for
-    ``σ = sqrt(median of all n² squared distances)``.
+    ``σ = sqrt(median of all n² squared distances)`` (scale-free: the data is first rescaled
+    exactly by a power of two, so huge or tiny magnitudes work).
+
+    Raises ``ValueError`` naming overflow or underflow when the data's scale makes the kernel
+    meaningless at this absolute ``sigma`` (distances overflow, or are all negligible against
+    2σ² so the kernel is constant).
     """
-    d2 = squared_distances(x)
     if isinstance(sigma, str):
         if sigma != "median":
             raise ValueError(f"sigma must be a positive number or 'median', got {sigma!r}")
+        d2 = squared_distances(rescale_exactly(x))
         s2 = median(d2)
         if not bool(s2 > 0):
             raise ValueError("zero-variance representation: median squared distance is 0")
         return torch.exp(-d2 / (2.0 * s2))
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
-    return torch.exp(-d2 / (2.0 * float(sigma) ** 2))
+    d2 = squared_distances(x)
+    scale = 2.0 * float(sigma) ** 2
+    if not bool(torch.isfinite(d2).all()):
+        raise ValueError(
+            f"rbf_cka: squared distances overflow {x.dtype} (largest |x| = "
+            f"{float(x.abs().max()):.3g}); at sigma={sigma} the kernel would be the identity. "
+            "Rescale the features (e.g. L2-normalize rows) or use sigma='median'"
+        )
+    distinct = bool((x != x[:1]).any())
+    if distinct and not bool((d2 / scale > torch.finfo(x.dtype).eps).any()):
+        raise ValueError(
+            f"rbf_cka: squared distances underflow against 2*sigma^2 = {scale:g} (largest "
+            f"distance² = {float(d2.max()):.3g}); the RBF kernel is constant at sigma={sigma}. "
+            "Rescale the features or use sigma='median'"
+        )
+    return torch.exp(-d2 / scale)
 
 
 def center_gram(k: Tensor) -> Tensor:

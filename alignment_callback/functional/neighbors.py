@@ -1,7 +1,22 @@
-"""k-nearest-neighbor lists and the index tricks the fast nulls use (METHOD.md sections 3, 5).
+"""k-nearest-neighbor lists: exact search in row blocks, tie handling, and the index algebra
+of the fast permutation null.
 
-Neighbors are the k rows with the largest inner product, self excluded, ordered by decreasing
-similarity. On L2-normalized rows this is cosine similarity. Ties are broken by ``torch.topk``.
+The neighbors ``N(i)`` of row i are the k other rows with the largest inner product
+``⟨x_i, x_j⟩`` (cosine similarity on L2-normalized rows), most similar first.
+
+**Ties.** Discrete data (one-hot or quantized features, dead ReLUs, duplicated probe inputs) has
+exactly equal similarities.  Breaking such ties by row index would make X and Y pick "the same"
+tied neighbors by accident of ordering, which inflates every kNN measure under independence.
+Instead every row gets a priority key, drawn from a seeded generator with one stream per role
+(``"x"``: the model side, ``"y"``: the reference side), and exact ties go to the lowest key.
+Keys travel with their rows under a permutation, so neighbor lists stay permutation-equivariant
+(``N_{Y[π]}(i) = π⁻¹(N_Y(π(i)))`` exactly, the fast null equals recomputation on ``Y[π]`` with
+keys ``keys[π]``), and the two sides break ties independently.  Data without exact ties (any
+continuous data) gets exactly the lists a plain top-k gives.
+
+**Membership without n×n tables.**  "Is j a neighbor of i" is answered from the lists
+themselves, by comparing a row's k queries with its k neighbors (k×k comparisons), so memory
+is O(n·k) and the per-permutation cost grows like n·k², whatever n is.
 """
 
 from __future__ import annotations
@@ -11,136 +26,141 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-_BLOCK_ELEMENTS = 1 << 24  # gram rows computed at a time for top-k: ~64 MB in float32
+from alignment_callback.functional._scaling import rescale_exactly
+
+_BLOCK_ELEMENTS = 1 << 24  # similarity entries computed at a time: ~64 MB in float32
+TIE_SEEDS = {"x": 20_240_521, "y": 20_240_522}  # one priority stream per side
 
 
-def knn(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def tie_keys(n: int, role: str = "x", device: torch.device | str | None = None) -> Tensor:
+    """Tie-breaking priorities of n rows: a random permutation of ``0..n-1`` drawn from a
+    generator seeded per role (``"x"`` or ``"y"``); the global RNG is untouched.
+
+    Examples
+    --------
+    >>> from alignment_callback.functional.neighbors import tie_keys
+    >>> bool((tie_keys(5, "x") == tie_keys(5, "x")).all())
+    True
+    >>> sorted(tie_keys(5, "y").tolist())
+    [0, 1, 2, 3, 4]
+    """
+    if role not in TIE_SEEDS:
+        raise ValueError(f"role must be 'x' or 'y', got {role!r}")
+    keys = torch.randperm(n, generator=torch.Generator().manual_seed(TIE_SEEDS[role]))
+    return keys if device is None else keys.to(device)
+
+
+def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Top-k neighbors of every row of ``x`` by inner product, self excluded.
 
-    Returns ``(indices, values)``, both (n, k), ordered by decreasing inner product.
-    The gram is computed in row blocks, so memory stays O(n·block) rather than O(n²).
+    Parameters
+    ----------
+    x : Tensor of shape (n, d)
+    k : int, the number of neighbors (``k < n``).
+    keys : Tensor of shape (n,), default=None
+        Tie-breaking priorities (lower wins an exact tie); ``None`` uses :func:`tie_keys` with
+        role ``"x"``.
+
+    Returns
+    -------
+    (indices, values) : both (n, k), ordered by decreasing inner product (ties by key).
+    Similarities are computed in row blocks (memory O(n·block), never n×n at once), after an
+    exact power-of-two rescaling of ``x`` (see ``_scaling``), so magnitudes like 1e±30 work.
     """
     n = x.shape[0]
+    x = rescale_exactly(x)
+    take = min(k + 1, n)  # one past the k-th shows a tie across the boundary
     rows = max(1, min(n, _BLOCK_ELEMENTS // max(n, 1)))
+    priority: Tensor | None = None
     idx_parts, val_parts = [], []
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         g = x[start:stop] @ x.T
         ar = torch.arange(stop - start, device=x.device)
         g[ar, ar + start] = -torch.inf
-        vals, idx = torch.topk(g, k, dim=1, largest=True, sorted=True)
-        idx_parts.append(idx)
-        val_parts.append(vals)
+        vals, idx = torch.topk(g, take, dim=1, largest=True, sorted=True)
+        tied = (vals[:, 1:] == vals[:, :-1]).any(1)
+        if bool(tied.any()):  # re-rank these rows exactly: similarity, then priority
+            if priority is None:
+                priority = torch.argsort((tie_keys(n, "x") if keys is None else keys).to(x.device))
+            r = tied.nonzero().squeeze(1)
+            sv, si = torch.sort(g[r][:, priority], dim=1, descending=True, stable=True)
+            vals[r], idx[r] = sv[:, :take], priority[si[:, :take]]
+        idx_parts.append(idx[:, :k])
+        val_parts.append(vals[:, :k])
     return torch.cat(idx_parts), torch.cat(val_parts)
 
 
-_DENSE_TABLE_BYTES = 1 << 28  # n×n slot + membership tables for O(1) look-ups while they fit in 256 MB
-
-
 @dataclass(frozen=True)
-class NeighborState:
+class NeighborLists:
     """Neighbor lists of one representation, prepared once and reused for every permutation.
 
     Attributes:
-        n: number of samples.
         indices: (n, k) neighbor indices, most similar first.
-        values: (n, k) inner products ``⟨x_i, x_j⟩`` for those neighbors.
-        table: (n, n) int16/int32 with ``t + 1`` where ``j = indices[i, t]`` and 0 elsewhere
-            (when it fits in memory), else ``None``.
-        member: (n, n) bool, ``j ∈ N(i)`` (with ``table``), else ``None``: membership tests
-            are one ``torch.take`` per query batch.
-        keys, key_slot: sorted pair keys ``i·n + j`` and the flat slot ``i·k + t`` of each,
-            used for look-ups when there is no table.
+        values: (n, k) inner products ``⟨x_i, x_j⟩`` of those neighbors (of the exactly
+            rescaled rows; scale-invariant measures only).
         reciprocal: (n, k) bool, ``i ∈ N(j)`` for ``j = indices[i, t]``.
-        self_hsic: CKNNA's permutation-invariant self term ``HSIC_u(M⊙K, M⊙K)``, when
-            prepared for CKNNA.
     """
 
-    n: int
     indices: Tensor
     values: Tensor
-    table: Tensor | None
-    member: Tensor | None
-    keys: Tensor | None
-    key_slot: Tensor | None
     reciprocal: Tensor
-    self_hsic: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.indices.shape[0]
 
     @property
     def k(self) -> int:
         return self.indices.shape[1]
 
-
-def row_keys(state: NeighborState, cols: Tensor) -> Tensor:
-    """Flat keys ``i·n + cols[..., i, :]`` of (…, n, m) column indices whose row is their position."""
-    base = torch.arange(0, state.n * state.n, state.n, device=cols.device)
-    return cols + base.view(-1, 1)
-
-
-def contains(state: NeighborState, keys: Tensor) -> Tensor:
-    """``j ∈ N(i)`` for flat keys ``i·n + j`` (any shape) → bool of the same shape."""
-    if state.member is not None:
-        return torch.take(state.member, keys)
-    pos = torch.searchsorted(state.keys, keys.reshape(-1)).clamp_max_(state.keys.numel() - 1)
-    return (state.keys[pos] == keys.reshape(-1)).view(keys.shape)
+    def prefix(self, k: int) -> "NeighborLists":
+        """The lists of the k nearest neighbors (a prefix: the order is a total order)."""
+        if k == self.k:
+            return self
+        return neighbor_lists_from(self.indices[:, :k].contiguous(), self.values[:, :k].contiguous())
 
 
-def lookup(state: NeighborState, rows: Tensor, cols: Tensor, slots: bool = True
-           ) -> tuple[Tensor, Tensor | None]:
-    """Is ``cols`` a neighbor of ``rows`` in ``state``? Returns ``(found, flat_slot)``.
-
-    ``flat_slot = rows·k + t`` indexes ``state.indices.flatten()`` where found; elsewhere it is
-    a valid but meaningless index, so callers mask with ``found``.  ``slots=False`` skips it.
-    """
-    q = rows * state.n + cols
-    if not slots:
-        return contains(state, q), None
-    if state.table is not None:
-        t = torch.take(state.table, q)
-        return t > 0, rows * state.k + (t.long() - 1).clamp_min_(0)
-    pos = torch.searchsorted(state.keys, q).clamp_max_(state.keys.numel() - 1)
-    return state.keys[pos] == q, state.key_slot[pos]
+def neighbor_lists_from(indices: Tensor, values: Tensor) -> NeighborLists:
+    """:class:`NeighborLists` from (n, k) indices and values (computes ``reciprocal``)."""
+    n = indices.shape[0]
+    own = torch.arange(n, device=indices.device).view(n, 1, 1)
+    reciprocal = (indices[indices] == own).any(-1)  # (n, k, k): N(j) compared with i
+    return NeighborLists(indices, values, reciprocal)
 
 
-def neighbor_state(x: Tensor, k: int) -> NeighborState:
-    """Prepare :class:`NeighborState` for ``x`` (n, d) with ``k`` neighbors."""
-    n = x.shape[0]
-    indices, values = knn(x, k)
-    rows = torch.arange(n, device=x.device).repeat_interleave(k)
-    table = member = keys = order = None
-    dtype = torch.int16 if k < 2**15 - 1 else torch.int32
-    if n * n * (3 if dtype == torch.int16 else 5) <= _DENSE_TABLE_BYTES:
-        table = torch.zeros(n, n, dtype=dtype, device=x.device)
-        slots = torch.arange(1, k + 1, dtype=dtype, device=x.device).repeat(n)
-        table[rows, indices.flatten()] = slots
-        member = table > 0
-    else:
-        keys, order = torch.sort(rows * n + indices.flatten())
-    empty = torch.empty(0, dtype=torch.bool, device=x.device)
-    partial = NeighborState(n, indices, values, table, member, keys, order, empty)
-    found = contains(partial, indices * n + torch.arange(n, device=x.device).view(n, 1))
-    return NeighborState(n, indices, values, table, member, keys, order, found)
+def neighbor_lists(x: Tensor, k: int, role: str = "x") -> NeighborLists:
+    """Exact k-nearest-neighbor lists of ``x`` (n, d), ties broken by the ``role``'s keys."""
+    indices, values = knn(x, k, tie_keys(x.shape[0], role, x.device))
+    return neighbor_lists_from(indices, values)
 
 
-def remap_neighbors(state: NeighborState, perms: Tensor, inverse: Tensor) -> Tensor:
+def invert(perms: Tensor) -> Tensor:
+    """Inverse permutations of the rows of ``perms`` (B, n)."""
+    inv = torch.empty_like(perms)
+    ar = torch.arange(perms.shape[1], device=perms.device).expand_as(perms)
+    return inv.scatter_(1, perms, ar)
+
+
+def remap(lists: NeighborLists, perms: Tensor, inverse: Tensor) -> Tensor:
     """Neighbor lists of ``y[π]`` from those of ``y``: ``N_{Y[π]}(i) = π⁻¹(N_Y(π(i)))``.
 
-    ``perms`` and ``inverse`` are (B, n); returns (B, n, k). Order within each list is kept.
+    ``perms`` and ``inverse`` are (B, n); returns (B, n, k), order within each list kept.
     """
     b, n = perms.shape
-    moved = state.indices[perms]  # (B, n, k): N_Y(π(i))
+    moved = lists.indices[perms]  # (B, n, k): N_Y(π(i))
     return torch.gather(inverse, 1, moved.reshape(b, -1)).view(b, n, -1)
 
 
-def _pairwise_equal(a: Tensor, b: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    """``eq[i, j, m] = a[m, i] == b[m, j]`` with the batch flattened last (contiguous DP rows)."""
-    batch = a.shape[:-1]
-    a2 = a.reshape(-1, a.shape[-1]).T
-    b2 = b.reshape(-1, b.shape[-1]).T
-    return a2.unsqueeze(1) == b2.unsqueeze(0), batch
+def match(queries: Tensor, lists: NeighborLists) -> Tensor:
+    """``eq[..., i, t, s] = (queries[..., i, t] == lists.indices[i, s])``: which of row i's
+    queries are among its neighbors, and at which slot (k×k comparisons per row)."""
+    return queries.unsqueeze(-1) == lists.indices.unsqueeze(-2)
 
 
 def _lcs_dp(eq: Tensor) -> Tensor:
+    """LCS lengths from ``eq`` (ka, kb, m): ``eq[s, t, r]`` = element s of a equals element t
+    of b in row r."""
     ka, kb, m = eq.shape
     prev = torch.zeros(kb + 1, m, dtype=torch.int16, device=eq.device)
     for i in range(ka):
@@ -153,6 +173,7 @@ def _lcs_dp(eq: Tensor) -> Tensor:
 
 
 def _levenshtein_dp(eq: Tensor) -> Tensor:
+    """Levenshtein distances from ``eq`` (ka, kb, m), as :func:`_lcs_dp`."""
     ka, kb, m = eq.shape
     prev = torch.arange(kb + 1, dtype=torch.int16, device=eq.device)[:, None].repeat(1, m)
     for i in range(ka):
@@ -165,13 +186,27 @@ def _levenshtein_dp(eq: Tensor) -> Tensor:
     return prev[kb]
 
 
+def _rows_last(eq: Tensor) -> Tensor:
+    """(..., ka, kb) → (ka, kb, m) with the leading dimensions flattened last (contiguous DP)."""
+    ka, kb = eq.shape[-2:]
+    return eq.reshape(-1, ka, kb).permute(1, 2, 0).contiguous()
+
+
+def lcs_from_matches(eq: Tensor) -> Tensor:
+    """LCS length of every pair of sequences whose element equalities are ``eq`` (..., ka, kb)."""
+    return _lcs_dp(_rows_last(eq)).view(eq.shape[:-2])
+
+
+def levenshtein_from_matches(eq: Tensor) -> Tensor:
+    """Levenshtein distance of every pair of sequences with equalities ``eq`` (..., ka, kb)."""
+    return _levenshtein_dp(_rows_last(eq)).view(eq.shape[:-2])
+
+
 def lcs_length(a: Tensor, b: Tensor) -> Tensor:
     """Longest-common-subsequence length of paired sequences ``a[..., :]`` and ``b[..., :]``."""
-    eq, batch = _pairwise_equal(a, b)
-    return _lcs_dp(eq).view(batch)
+    return lcs_from_matches(a.unsqueeze(-1) == b.unsqueeze(-2))
 
 
 def levenshtein(a: Tensor, b: Tensor) -> Tensor:
     """Levenshtein (edit) distance of paired sequences ``a[..., :]`` and ``b[..., :]``."""
-    eq, batch = _pairwise_equal(a, b)
-    return _levenshtein_dp(eq).view(batch)
+    return levenshtein_from_matches(a.unsqueeze(-1) == b.unsqueeze(-2))

@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignment_callback.functional.registry import MetricSpec, get_measure, prepare_pair
+from alignment_callback.functional._validation import check_num_permutations, check_seed
 
 _CHUNK_ELEMENTS = 1 << 24  # temporary elements per chunk of permutations (~64 MB in float32)
 _MAX_CHUNK = 256
+_CACHE_ELEMENTS = 1 << 24  # permutation sets up to this many entries stay in memory (128 MB)
 
 
 class GroupPermuter:
@@ -63,10 +64,9 @@ def iter_permutations(
     groups: Sequence[Any] | Tensor | None = None,
 ) -> Iterator[Tensor]:
     """Yield the permutations of :func:`permutations` as (B, n) chunks, B <= ``chunk_size``."""
-    if isinstance(num_permutations, bool) or int(num_permutations) != num_permutations or num_permutations < 1:
-        raise ValueError(f"num_permutations must be a positive integer, got {num_permutations!r}")
+    num_permutations = check_num_permutations(num_permutations)
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed))
+    gen.manual_seed(check_seed(seed))
     draw = GroupPermuter(groups, n) if groups is not None else (lambda g: torch.randperm(n, generator=g))
     remaining = int(num_permutations)
     while remaining > 0:
@@ -91,35 +91,73 @@ def chunk_size_for(cost_per_perm: int) -> int:
     return max(1, min(_MAX_CHUNK, _CHUNK_ELEMENTS // max(1, cost_per_perm)))
 
 
-def null_from_states(
-    measure, sx: Any, sy: Any, n: int, num_permutations: int, seed: int, device: torch.device,
-    groups: Sequence[Any] | Tensor | None = None,
-) -> Tensor:
-    """Null scores (K,) for prepared states: ``score(sx, sy, π_k)`` for every permutation."""
-    chunk = chunk_size_for(measure.perm_cost(n))
-    parts = [
-        measure.score(sx, sy, perms.to(device))
-        for perms in iter_permutations(n, num_permutations, seed, chunk, groups)
-    ]
-    return torch.cat(parts)
+class Permutations:
+    """One permutation set ``(n, K, seed, groups)``, drawn once and reused by every measure
+    (and, in the engine, every step).
 
+    ``chunks`` yields the same permutations whatever the chunk size, in order, optionally only
+    those with index in ``[start, stop)`` (a share of the null for one process).  Sets of up to
+    ``cache_elements`` entries are kept in memory per device; larger ones are drawn again.
 
-@torch.no_grad()
-def permutation_null(
-    x: Tensor,
-    y: Tensor,
-    metric: MetricSpec = "mutual_knn",
-    num_permutations: int = 500,
-    seed: int = 0,
-    groups: Sequence[Any] | Tensor | None = None,
-    **metric_kwargs: Any,
-) -> Tensor:
-    """Permutation null of ``metric``: a (K,) tensor whose k-th value is
-    ``metric(x, y[permutations(n, K, seed)[k]])``.
-
-    Built-in measures use the fast path (grams / neighbor lists computed once, then gathered
-    or remapped per permutation); a plain callable is recomputed on every permuted Y.
+    Parameters
+    ----------
+    n : int
+        Number of samples.
+    num_permutations : int
+        K, checked to be a positive integer.
+    seed : int, default=0
+        Seed of the dedicated generator (the global RNG is never used).
+    groups : sequence of labels, optional
+        Block permutations of groups (see :class:`GroupPermuter`).
     """
-    measure = get_measure(metric, **metric_kwargs)
-    sx, sy = prepare_pair(measure, x, y)
-    return null_from_states(measure, sx, sy, x.shape[0], num_permutations, seed, x.device, groups)
+
+    def __init__(self, n: int, num_permutations: int, seed: int = 0,
+                 groups: Sequence[Any] | Tensor | None = None,
+                 cache_elements: int = _CACHE_ELEMENTS) -> None:
+        self.n = int(n)
+        self.num_permutations = check_num_permutations(num_permutations)
+        self.seed = check_seed(seed)
+        self.groups = groups
+        if groups is not None:
+            GroupPermuter(groups, self.n)  # validate now
+        self.cache_elements = cache_elements
+        self._cache: dict[torch.device, Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.num_permutations
+
+    def _all(self, device: torch.device) -> Tensor | None:
+        if self.n * self.num_permutations > self.cache_elements:
+            return None
+        if device not in self._cache:
+            cpu = self._cache.get(torch.device("cpu"))
+            if cpu is None:
+                cpu = torch.cat(list(iter_permutations(self.n, self.num_permutations, self.seed,
+                                                       groups=self.groups)))
+                self._cache[torch.device("cpu")] = cpu
+            self._cache[device] = cpu.to(device)
+        return self._cache[device]
+
+    def chunks(self, chunk_size: int, device: torch.device | str | None = None, start: int = 0,
+               stop: int | None = None) -> Iterator[Tensor]:
+        """(B, n) chunks of permutations ``start .. stop - 1`` on ``device``."""
+        device = torch.device("cpu" if device is None else device)
+        stop = self.num_permutations if stop is None else min(stop, self.num_permutations)
+        size = max(1, int(chunk_size))
+        full = self._all(device)
+        if full is not None:
+            for a in range(start, stop, size):
+                yield full[a:min(stop, a + size)]
+            return
+        done = 0
+        for part in iter_permutations(self.n, self.num_permutations, self.seed, size, self.groups):
+            lo, hi = max(start - done, 0), min(stop - done, part.shape[0])
+            if lo < hi:
+                yield part[lo:hi].to(device)
+            done += part.shape[0]
+            if done >= stop:
+                return
+
+    def tensor(self, device: torch.device | str | None = None) -> Tensor:
+        """All permutations as one (K, n) tensor."""
+        return torch.cat(list(self.chunks(_MAX_CHUNK, device)))

@@ -11,6 +11,7 @@ from typing import Callable, Literal, Union
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import as_float
 
 PoolMode = Literal["flatten", "mean", "cls", "first", "last", "none"]
@@ -123,6 +124,7 @@ def prepare_features(
     if clamp_quantile is not None:
         x = clamp_outliers(x, clamp_quantile)
     if normalize:
+        x = rescale_exactly(x, per_row=True)  # exact: ‖x·c‖ would overflow at c = 1e20
         norms = x.norm(dim=1, keepdim=True)
         zero = int((norms == 0).sum())
         if zero:

@@ -1,15 +1,25 @@
-"""The measure registry: every measure as ``prepare`` (once per representation) + ``score``
-(for a batch of permutations of Y's rows).
+"""The measure registry: every measure declared once, with what the rest of the library reads.
 
-``prepare`` is what the fast nulls and the cached-reference mode reuse: a frozen reference's
-prepared state is computed once.
+A *measure* is the math (``linear_cka``, ``mutual_knn``, ...); a *metric* is the torchmetrics
+object that computes one.  Each measure is declared by a :class:`MeasureInfo`: its parameters
+with defaults and checks, its family, symmetry, range, minimum number of samples, how its fast
+permutation null works, and two functions:
+
+* ``prepare(x, role, shared, **params) -> state``, run once per representation (a frozen
+  reference is prepared once per fit);
+* ``score(state_x, state_y, perms, **params) -> (B,)``, the measure of ``(x, y[π])`` for each
+  row π of ``perms`` (the identity gives the observed score).
+
+The command line, the callback, the metric objects, the docs table and the parametrized tests
+all read this registry, so adding a measure is one :func:`register_measure` call plus its
+NumPy reference in ``tests/``.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 import torch
 from torch import Tensor
@@ -17,166 +27,369 @@ from torch import Tensor
 from alignment_callback.functional import gram_measures as gm
 from alignment_callback.functional import knn_measures as km
 from alignment_callback.functional import svcca as sv
-from alignment_callback.functional._validation import check_matrix, check_pair
+from alignment_callback.functional._validation import check_matrix, check_pair, check_positive_int
 
-MetricFn = Callable[[Tensor, Tensor], Any]
+MeasureFn = Callable[[Tensor, Tensor], Any]
+
+
+# ----------------------------------------------------------------------------- declarations
+def _two_samples(params: Mapping[str, Any]) -> int:
+    return 2
+
+
+def _n_per_permutation(n: int, params: Mapping[str, Any]) -> int:
+    return n
+
+
+@dataclass(frozen=True)
+class Param:
+    """A measure parameter: name, default, a check returning the normalized value, and help."""
+
+    name: str
+    default: Any
+    check: Callable[[Any, str], Any]
+    help: str
+
+
+@dataclass(frozen=True)
+class MeasureInfo:
+    """The declaration of a measure (see the module docstring).
+
+    Attributes:
+        name: canonical name.
+        family: ``"gram"`` (a function of one n×n matrix per side; the null gathers it),
+            ``"knn"`` (neighbor lists; the null remaps them) or ``"other"``.
+        summary: the math in one line (the docs table).
+        prepare: ``(x, role, shared, **params) -> state``.
+        score: ``(state_x, state_y, perms, **params) -> (B,)``.
+        layer_scores: optional ``(states_x, states_y, perms, **params) -> (B, LA, LB)``.
+        params: the parameters, in order.
+        symmetric: ``s(x, y) == s(y, x)``.
+        value_range: documented (min, max); ``max`` is s_max (``None``: unbounded).
+        min_samples: ``params -> n``: the fewest samples the measure is defined for.
+        perm_cost: ``(n, params) -> elements`` of temporary memory per permutation.
+        null_method: how the fast null works (the docs table).
+        invariances: what the measure is invariant to (the docs table).
+        shared: name of a preparation several measures share (``"neighbor_lists"``), or None.
+        group: measures of one group compute their nulls in one pass (``"knn"``), or None.
+        aliases: other accepted names.
+        degenerate_hint: ``params -> advice`` when the null sits at s_max.
+    """
+
+    name: str
+    family: str
+    summary: str
+    prepare: Callable[..., Any]
+    score: Callable[..., Tensor]
+    layer_scores: Callable[..., Tensor] | None = None
+    params: tuple[Param, ...] = ()
+    symmetric: bool = True
+    value_range: tuple[float | None, float | None] = (0.0, 1.0)
+    min_samples: Callable[[Mapping[str, Any]], int] = _two_samples
+    perm_cost: Callable[[int, Mapping[str, Any]], int] = _n_per_permutation
+    null_method: str = ""
+    invariances: str = ""
+    shared: str | None = None
+    group: str | None = None
+    aliases: tuple[str, ...] = ()
+    degenerate_hint: Callable[[Mapping[str, Any]], str] | None = None
+
+    def bind(self, **kwargs: Any) -> "Measure":
+        """This measure with ``kwargs`` checked and defaults filled in."""
+        known = {p.name: p for p in self.params}
+        unknown = set(kwargs) - set(known)
+        if unknown:
+            raise TypeError(
+                f"{self.name} got unexpected keyword argument(s) {sorted(unknown)}; it accepts "
+                f"{sorted(known) or 'none'}"
+            )
+        params = {p.name: p.check(kwargs.get(p.name, p.default), f"{self.name}: {p.name}")
+                  for p in self.params}
+        return Measure(self, tuple(params.items()))
 
 
 @dataclass(frozen=True)
 class Measure:
-    """A similarity measure with a fast permutation path.
+    """A measure with its parameters bound: what every computation receives.
 
-    Attributes:
-        name: display name.
-        prepare: ``x (n, d) -> state``; computed once per representation.
-        score: ``(state_x, state_y, perms (B, n)) -> (B,)`` scores of ``(x, y[π])``.
-        max_score: the measure's maximum (s_max), ``None`` if unbounded.
-        perm_cost: ``n -> elements`` of temporary memory per permutation (sets chunk sizes).
-        score_layers: optional ``(states_x, states_y, perms) -> (B, LA, LB)`` fast layer path.
-        kwargs: the keyword arguments the measure was built with.
+    Picklable (its functions are module-level), hashable, and comparable: two measures with the
+    same name and parameters share prepared states and nulls.
     """
 
-    name: str
-    prepare: Callable[[Tensor], Any]
-    score: Callable[[Any, Any, Tensor], Tensor]
-    max_score: float | None = 1.0
-    perm_cost: Callable[[int], int] = lambda n: n * n
-    score_layers: Callable[[list, list, Tensor], Tensor] | None = None
-    kwargs: dict = field(default_factory=dict)
-    min_samples: int = 2
+    info: MeasureInfo = field(compare=False)
+    params: tuple[tuple[str, Any], ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.info.name)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # pickled by name: the declaration is looked up again (its functions are not copied)
+        if REGISTRY.get(self.info.name) is self.info:
+            return _bind_registered, (self.info.name, self.params)
+        return Measure, (self.info, self.params, self.name)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The bound parameters as a dict."""
+        return dict(self.params)
+
+    @property
+    def max_score(self) -> float | None:
+        """s_max, the measure's maximum (``None`` if unbounded)."""
+        return self.info.value_range[1]
+
+    @property
+    def min_samples(self) -> int:
+        return self.info.min_samples(self.kwargs)
+
+    @property
+    def family(self) -> str:
+        return self.info.family
+
+    def perm_cost(self, n: int) -> int:
+        """Temporary elements per permutation (sets chunk sizes)."""
+        return self.info.perm_cost(n, self.kwargs)
+
+    def prepare(self, x: Tensor, role: str = "x", shared: Any = None) -> Any:
+        """The prepared state of one representation (``role``: ``"x"`` model, ``"y"``
+        reference; only tie-breaking depends on it)."""
+        return self.info.prepare(x, role, shared, **self.kwargs)
+
+    def score(self, sx: Any, sy: Any, perms: Tensor) -> Tensor:
+        """(B,) scores of ``(x, y[π])`` for every row π of ``perms``."""
+        return self.info.score(sx, sy, perms, **self.kwargs)
+
+    def layer_scores(self, sxs: list, sys: list, perms: Tensor) -> Tensor:
+        """(B, LA, LB) scores, every Y layer permuted by the same π."""
+        if self.info.layer_scores is not None:
+            return self.info.layer_scores(sxs, sys, perms, **self.kwargs)
+        rows = [torch.stack([self.score(sx, sy, perms) for sy in sys], 1) for sx in sxs]
+        return torch.stack(rows, 1)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         """The measure's value on ``(x, y)`` (no permutation)."""
-        sx, sy = self.prepare(x), self.prepare(y)
+        x, y = check_pair(x, y)
+        check_samples(self, x.shape[0])
+        sx, sy = self.prepare(x, "x"), self.prepare(y, "y")
         return self.score(sx, sy, torch.arange(x.shape[0], device=x.device)[None])[0]
 
 
-def _gram(name: str, prep: Callable[[Tensor], Any], min_samples: int = 2, **kw):
-    # gram scores loop over the permutations of a chunk, one n×n gather alive at a time, so a
-    # chunk's temporaries are only its permutations (n each): large chunks, and the layer path
-    # stacks the fixed side's matrices once per chunk
-    return Measure(
-        name, prep, gm.gram_score, perm_cost=lambda n: n, score_layers=gm.gram_layer_scores,
-        kwargs=kw, min_samples=min_samples,
-    )
+# ------------------------------------------------------------------------------ parameters
+def _int_at_least(minimum: int) -> Callable[[Any, str], int]:
+    return functools.partial(_check_int, minimum=minimum)
 
 
-def _knn(name: str, score, k: int, cost: int = 1, prep: Callable[[Tensor], Any] | None = None
-         ) -> Measure:
-    prep = prep or (lambda x: km.knn_state(x, k, name))
-    return Measure(name, prep, score, perm_cost=lambda n: n * k * cost,
-                   score_layers=km.knn_layer_scores(score), kwargs={"k": k})
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    return check_positive_int(value, name, minimum)
 
 
-def _linear_cka() -> Measure:
-    return _gram("linear_cka", gm.linear_state)
+def _check_sigma(value: Any, name: str) -> float | str:
+    if isinstance(value, str):
+        if value != "median":
+            raise ValueError(f"{name} must be a positive number or 'median', got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number or 'median', got {value!r}")
+    return float(value) if not isinstance(value, int) else value
 
 
-def _rbf_cka(sigma: float | str = 1.0) -> Measure:
-    return _gram("rbf_cka", lambda x: gm.rbf_state(x, sigma), sigma=sigma)
+K_PARAM = Param("k", 10, _int_at_least(1), "neighbors per sample")
+K2_PARAM = Param("k", 10, _int_at_least(2), "neighbors per sample (>= 2)")
+SIGMA_PARAM = Param("sigma", 1.0, _check_sigma,
+                    "RBF bandwidth: absolute (rows are usually L2-normalized) or 'median'")
+CCA_DIM_PARAM = Param("cca_dim", 10, _int_at_least(1), "singular directions kept per side")
 
 
-def _unbiased_cka() -> Measure:
-    return _gram("unbiased_cka", gm.unbiased_state, min_samples=4)
+# ------------------------------------------------------------------------------- adapters
+def _gram_prepare(x: Tensor, role: str, shared: Any, *, state: Callable[..., Any], **params: Any) -> Any:
+    return state(x, **params)
 
 
-def _rsa() -> Measure:
-    return _gram("rsa", gm.rsa_state, min_samples=3)
+def _gram_score(sx: Any, sy: Any, perms: Tensor, **params: Any) -> Tensor:
+    return gm.gram_score(sx, sy, perms)
 
 
-def _mutual_knn(k: int = 10) -> Measure:
-    return _knn("mutual_knn", km.mutual_knn_score, k)
+def _gram_layers(sxs: list, sys: list, perms: Tensor, **params: Any) -> Tensor:
+    return gm.gram_layer_scores(sxs, sys, perms)
 
 
-def _cycle_knn(k: int = 10) -> Measure:
-    return _knn("cycle_knn", km.cycle_knn_score, k)
+def _knn_prepare(x: Tensor, role: str, shared: Any, *, kind: str, k: int) -> km.KnnState:
+    return km.knn_state(x, k, kind, role, lists=shared)
 
 
-def _cknna(k: int = 10) -> Measure:
-    return _knn("cknna", km.cknna_score, k, cost=4, prep=lambda x: km.cknna_state(x, k))
+def _knn_score(sx: km.KnnState, sy: km.KnnState, perms: Tensor, *, kind: str, k: int) -> Tensor:
+    return km.knn_score(kind, sx, sy, perms)
 
 
-def _lcs_knn(k: int = 10) -> Measure:
-    return _knn("lcs_knn", km.lcs_knn_score, k, cost=2 * k)
+def _knn_layers(sxs: list, sys: list, perms: Tensor, *, kind: str, k: int) -> Tensor:
+    return km.knn_layer_scores([(kind, sxs, sys)], perms)[0]
 
 
-def _edit_distance_knn(k: int = 10) -> Measure:
-    return _knn("edit_distance_knn", km.edit_distance_knn_score, k, cost=2 * k)
+def _knn_cost(n: int, params: Mapping[str, Any]) -> int:
+    return 2 * n * params["k"] ** 2  # the k×k match and cycle tables
 
 
-def _svcca(cca_dim: int = 10) -> Measure:
-    return Measure("svcca", lambda x: sv.svcca_state(x, cca_dim), sv.svcca_score,
-                   perm_cost=lambda n: n * cca_dim, kwargs={"cca_dim": cca_dim})
+def _knn_min(params: Mapping[str, Any], minimum: int = 2) -> int:
+    return max(params["k"] + 1, minimum)
 
 
-BUILTIN_MEASURES: dict[str, Callable[..., Measure]] = {
-    "linear_cka": _linear_cka,
-    "rbf_cka": _rbf_cka,
-    "unbiased_cka": _unbiased_cka,
-    "mutual_knn": _mutual_knn,
-    "cycle_knn": _cycle_knn,
-    "cknna": _cknna,
-    "svcca": _svcca,
-    "lcs_knn": _lcs_knn,
-    "edit_distance_knn": _edit_distance_knn,
-    "rsa": _rsa,
-}
+def _svcca_prepare(x: Tensor, role: str, shared: Any, *, cca_dim: int) -> Tensor:
+    return sv.svcca_state(x, cca_dim)
 
 
-def _recompute(fn: MetricFn) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    def score(x: Tensor, y: Tensor, perms: Tensor) -> Tensor:
-        vals = [torch.as_tensor(fn(x, y[p]), dtype=x.dtype, device=x.device).reshape(()) for p in perms]
-        return torch.stack(vals)
-
-    return score
+def _svcca_score(sx: Tensor, sy: Tensor, perms: Tensor, *, cca_dim: int) -> Tensor:
+    return sv.svcca_score(sx, sy, perms)
 
 
-MetricSpec = Union[str, Measure, MetricFn]
+def _rbf_hint(params: Mapping[str, Any]) -> str:
+    return (f"sigma={params['sigma']!r} is far from the scale of the data's distances, so the "
+            "RBF kernel is nearly the identity (or constant); try sigma='median'")
 
 
-def get_measure(metric: MetricSpec, **kwargs: Any) -> Measure:
-    """Resolve ``metric`` (a built-in name, a :class:`Measure`, or a callable ``f(x, y)``).
+REGISTRY: dict[str, MeasureInfo] = {}
+_ALIASES: dict[str, str] = {}
 
-    Keyword arguments go to the built-in (``k``, ``sigma``, ``cca_dim``) or are bound to the
-    callable.  A callable without a fast path is recomputed on every permuted Y (exact, slow).
+
+def register_measure(info: MeasureInfo) -> MeasureInfo:
+    """Add a measure (and its aliases) to the registry; returns it."""
+    for name in (info.name, *info.aliases):
+        if name in REGISTRY or name in _ALIASES:
+            raise ValueError(f"a measure named {name!r} is already registered")
+    REGISTRY[info.name] = info
+    for alias in info.aliases:
+        _ALIASES[alias] = info.name
+    return info
+
+
+def _gram(name: str, state: Callable[..., Any], summary: str, min_n: int = 2, **kw: Any) -> MeasureInfo:
+    return register_measure(MeasureInfo(
+        name, "gram", summary, functools.partial(_gram_prepare, state=state), _gram_score,
+        _gram_layers, min_samples=functools.partial(_constant, value=min_n),
+        null_method="n×n matrix gathered per permutation (norms are invariant)", **kw))
+
+
+def _constant(params: Mapping[str, Any], value: int) -> int:
+    return value
+
+
+def _knn(name: str, summary: str, minimum_k: int = 1, min_n: int = 2, **kw: Any) -> MeasureInfo:
+    return register_measure(MeasureInfo(
+        name, "knn", summary, functools.partial(_knn_prepare, kind=name),
+        functools.partial(_knn_score, kind=name), functools.partial(_knn_layers, kind=name),
+        params=(K2_PARAM if minimum_k == 2 else K_PARAM,),
+        min_samples=functools.partial(_knn_min, minimum=min_n), perm_cost=_knn_cost,
+        null_method="neighbor lists remapped per permutation, k×k matches per row",
+        invariances="rotation, isotropic scaling (of L2-normalized rows: any row scaling)",
+        shared="neighbor_lists", group="knn", **kw))
+
+
+_GRAM_INVARIANCE = "rotation, isotropic scaling, translation"
+_gram("linear_cka", gm.linear_state, "HSIC(K,L)/√(HSIC(K,K)·HSIC(L,L)), K = XXᵀ, biased HSIC",
+      invariances=_GRAM_INVARIANCE)
+_gram("rbf_cka", gm.rbf_state, "CKA with K_ij = exp(−‖x_i − x_j‖²/(2σ²))",
+      params=(SIGMA_PARAM,), invariances="rotation, translation (isotropic scaling with sigma='median')",
+      degenerate_hint=_rbf_hint)
+_gram("unbiased_cka", gm.unbiased_state, "linear CKA with the unbiased HSIC (Song et al. 2012)",
+      min_n=4, value_range=(-1.0, 1.0), invariances=_GRAM_INVARIANCE)
+_gram("rsa", gm.rsa_state, "Spearman ρ of the upper triangles of the cosine-distance matrices",
+      min_n=3, value_range=(-1.0, 1.0), invariances="rotation, any row scaling")
+_knn("mutual_knn", "mean_i |N_X(i) ∩ N_Y(i)| / k")
+_knn("cycle_knn", "mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]", symmetric=False)
+_knn("cknna", "unbiased-HSIC CKA restricted to mutual kNN pairs (PRH)", minimum_k=2, min_n=4,
+     value_range=(-1.0, 1.0))
+_knn("lcs_knn", "mean_i LCS(N_X(i), N_Y(i)) / k of the ordered lists")
+_knn("edit_distance_knn", "1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k of the ordered lists")
+register_measure(MeasureInfo(
+    "svcca", "other", "mean canonical correlation of the top cca_dim singular subspaces",
+    _svcca_prepare, _svcca_score, params=(CCA_DIM_PARAM,),
+    min_samples=sv.svcca_min_samples, perm_cost=sv.svcca_cost,
+    null_method="rows of Y's orthonormal basis permuted; a cca_dim² SVD per permutation",
+    invariances="rotation, translation, per-feature scaling"))
+
+#: The built-in measures by name (read-only view of the registry's canonical names).
+BUILTIN_MEASURES: Mapping[str, MeasureInfo] = REGISTRY
+
+
+# ---------------------------------------------------------------------------- resolution
+def _recompute_prepare(x: Tensor, role: str, shared: Any, **bound: Any) -> Tensor:
+    return x
+
+
+def _recompute_score(sx: Tensor, sy: Tensor, perms: Tensor, *, fn: MeasureFn, **bound: Any) -> Tensor:
+    vals = [torch.as_tensor(fn(sx, sy[p]), dtype=sx.dtype, device=sx.device).reshape(()) for p in perms]
+    return torch.stack(vals)
+
+
+def _bound_call(x: Tensor, y: Tensor, *, fn: MeasureFn, kwargs: dict[str, Any]) -> Any:
+    return fn(x, y, **kwargs)
+
+
+def _from_callable(fn: MeasureFn, kwargs: dict[str, Any]) -> Measure:
+    bound = functools.partial(_bound_call, fn=fn, kwargs=kwargs) if kwargs else fn
+    name = getattr(fn, "__name__", type(fn).__name__)
+    info = MeasureInfo(name, "other", "user-supplied callable", _recompute_prepare,
+                       functools.partial(_recompute_score, fn=bound), value_range=(None, 1.0),
+                       null_method="recomputed on every permuted Y")
+    return Measure(info, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])), name)
+
+
+MeasureSpec = Union[str, Measure, MeasureFn]
+
+
+def _bind_registered(name: str, params: tuple[tuple[str, Any], ...]) -> Measure:
+    return Measure(REGISTRY[name], params)
+
+
+def canonical_name(name: str) -> str:
+    """The registered name of ``name`` or of an alias; a clear error for unknown names."""
+    if name in REGISTRY:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(REGISTRY) + list(_ALIASES), n=3)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"unknown measure {name!r}{hint} Built-ins: {', '.join(sorted(REGISTRY))}")
+
+
+def get_measure(metric: MeasureSpec, **kwargs: Any) -> Measure:
+    """Resolve ``metric``: a built-in name (or alias), a :class:`Measure`, or a callable
+    ``f(x, y)`` (recomputed on every permuted Y: exact, slow).
+
+    Keyword arguments are the measure's parameters (``k``, ``sigma``, ``cca_dim``), checked
+    against its declaration; for a callable they are bound to it.
     """
     if isinstance(metric, Measure):
         if kwargs:
             raise TypeError(f"a Measure object takes no extra keyword arguments, got {sorted(kwargs)}")
         return metric
     if isinstance(metric, str):
-        if metric not in BUILTIN_MEASURES:
-            raise ValueError(f"unknown metric {metric!r}; built-ins: {sorted(BUILTIN_MEASURES)}")
-        factory = BUILTIN_MEASURES[metric]
-        allowed = set(inspect.signature(factory).parameters)
-        unknown = set(kwargs) - allowed
-        if unknown:
-            raise TypeError(
-                f"{metric} got unexpected keyword argument(s) {sorted(unknown)}; it accepts "
-                f"{sorted(allowed) or 'none'}"
-            )
-        return factory(**kwargs)
+        return REGISTRY[canonical_name(metric)].bind(**kwargs)
     if callable(metric):
-        fn = (lambda x, y: metric(x, y, **kwargs)) if kwargs else metric
-        name = getattr(metric, "__name__", type(metric).__name__)
-        return Measure(name, lambda x: x, _recompute(fn), perm_cost=lambda n: n, kwargs=dict(kwargs))
+        return _from_callable(metric, dict(kwargs))
     raise TypeError(f"metric must be a name, a Measure or a callable, got {type(metric).__name__}")
 
 
-def _check_samples(measure: Measure, n: int) -> None:
-    if n < measure.min_samples:
-        raise ValueError(f"{measure.name} needs at least {measure.min_samples} samples, got {n}")
+def check_samples(measure: Measure, n: int) -> None:
+    """Raise when ``n`` samples are too few for ``measure`` (e.g. n <= k for kNN)."""
+    need = measure.min_samples
+    if n < need:
+        detail = "".join(f", {k}={v}" for k, v in measure.params)
+        raise ValueError(f"{measure.name}{detail} needs at least {need} samples, got n={n}")
 
 
 def prepare_pair(measure: Measure, x: Tensor, y: Tensor) -> tuple[Any, Any]:
-    """Validate a paired input and prepare both sides."""
+    """Validate a paired input and prepare both sides (x as the model, y as the reference)."""
     x, y = check_pair(x, y)
-    _check_samples(measure, x.shape[0])
-    return measure.prepare(x), measure.prepare(y)
+    check_samples(measure, x.shape[0])
+    return measure.prepare(x, "x"), measure.prepare(y, "y")
 
 
-def prepare_one(measure: Measure, x: Tensor, name: str = "x") -> Any:
+def prepare_one(measure: Measure, x: Tensor, name: str = "x", role: str = "x") -> Any:
     """Validate one representation and prepare it (used to cache a frozen reference)."""
     x = check_matrix(x, name)
-    _check_samples(measure, x.shape[0])
-    return measure.prepare(x)
+    check_samples(measure, x.shape[0])
+    return measure.prepare(x, role)

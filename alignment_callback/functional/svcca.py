@@ -8,9 +8,12 @@ rows of U_y, so the null costs an (n×c)ᵀ(n×c) product and a c×c SVD per per
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import check_pair
 
 
@@ -24,6 +27,7 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
             f"svcca: cca_dim={cca_dim} is too large for data with n={n} samples and d={d} "
             f"features (need cca_dim <= min(n - 1, d))"
         )
+    x = rescale_exactly(x)
     xc = x - x.mean(0, keepdim=True)
     std = xc.std(0, keepdim=True)
     xs = xc / torch.where(std > 0, std, torch.ones_like(std))
@@ -34,6 +38,16 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
             "directions (zero-variance or rank-deficient features)"
         )
     return u[:, :cca_dim]
+
+
+def svcca_min_samples(params: Mapping[str, Any]) -> int:
+    """Fewest samples for ``cca_dim`` directions: ``cca_dim + 1``."""
+    return params["cca_dim"] + 1
+
+
+def svcca_cost(n: int, params: Mapping[str, Any]) -> int:
+    """Temporary elements per permutation: the permuted (n, cca_dim) basis."""
+    return n * params["cca_dim"]
 
 
 def svcca_score(ux: Tensor, uy: Tensor, perms: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """Shared machinery of the alignment metrics: row accumulation over named layers, a cached
-frozen reference, and calibration at ``compute()``."""
+frozen reference, and calibration at ``compute()`` through the library's one pipeline
+(:func:`alignment_callback.functional.pipeline.calibrate_prepared`)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,46 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from alignment_callback.functional.calibration import AUTO
-from alignment_callback.functional.layers import (
+from alignment_callback.functional._validation import (
+    AUTO,
+    check_alpha,
+    check_max_score,
+    check_num_permutations,
+    check_seed,
+)
+from alignment_callback.functional.aggregation import (
     Aggregate,
     LayerAlignmentResult,
     aggregate_fn,
-    calibrate_layers_from_matrices,
-    layer_null_from_states,
-    layer_scores,
+    named_layers,
 )
-from alignment_callback.functional.permutation import null_from_states
-from alignment_callback.functional.registry import MetricSpec, get_measure, prepare_one
-from alignment_callback.metrics._rows import Preprocess, RowPreprocessor, check_capacity, order_rows, split_kwargs
+from alignment_callback.functional.permutation import GroupPermuter, Permutations
+from alignment_callback.functional.pipeline import (
+    PreparedSide,
+    calibrate_prepared,
+    observed_matrices,
+    prepare_side,
+    side_features,
+)
+from alignment_callback.functional.registry import MeasureSpec, get_measure
+from alignment_callback.metrics._rows import (
+    Preprocess,
+    RowPreprocessor,
+    check_capacity,
+    order_rows,
+    split_kwargs,
+)
 
 
 class AlignmentMetricBase(Metric):
     """Accumulates paired rows of named layers; calibrates at ``compute()``.
 
-    Subclasses fix how ``update`` maps its arguments to ``{layer: rows}``.
+    Rows of layer ``name`` are kept in the list state ``<side><slot>``, the slot being the
+    name's position in the *sorted* layer names, so every process stores a layer in the same
+    state whatever order its update dicts had; results are reported in the order of the first
+    update (or of ``x_layers`` / ``y_layers``).  Before a distributed sync the processes agree
+    on the layers, their widths and the dtype (one clear error on every rank otherwise), and a
+    process that never called ``update`` joins with empty rows.
     """
 
     is_differentiable = False
@@ -36,7 +59,7 @@ class AlignmentMetricBase(Metric):
 
     def __init__(
         self,
-        metric: MetricSpec,
+        metric: MeasureSpec,
         num_permutations: int = 500,
         alpha: float = 0.05,
         seed: int = 0,
@@ -52,24 +75,23 @@ class AlignmentMetricBase(Metric):
         tm_kwargs, measure_kwargs = split_kwargs(kwargs)
         super().__init__(**tm_kwargs)
         self.measure = get_measure(metric, **measure_kwargs)
-        if int(num_permutations) < 1:
-            raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        if max_samples is not None and max_samples < 2:
-            raise ValueError(f"max_samples must be >= 2 or None, got {max_samples}")
-        self.num_permutations = int(num_permutations)
-        self.alpha = float(alpha)
-        self.seed = int(seed)
+        self.num_permutations = check_num_permutations(num_permutations)
+        self.alpha = check_alpha(alpha)
+        self.seed = check_seed(seed)
+        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 2):
+            raise ValueError(f"max_samples must be an integer >= 2 or None, got {max_samples!r}")
         self.max_samples = max_samples
         self.preprocessor = RowPreprocessor(preprocess)
-        self.aggregate = aggregate
         aggregate_fn(aggregate)  # validate early
+        self.aggregate = aggregate
         self.groups = groups
-        self.max_score = self.measure.max_score if max_score == AUTO else max_score
+        self.max_score = check_max_score(max_score)
+        self._persist = False
         self.x_layers: list[str] = []
         self.y_layers: list[str] = []
-        self._reference: dict[str, tuple[Tensor, Any]] | None = None
+        self._widths: dict[str, list[int]] = {"x": [], "y": []}
+        self._reference: PreparedSide | None = None
+        self._permutations: Permutations | None = None
         self.last_result: LayerAlignmentResult | None = None
         self.add_state("index", default=[], dist_reduce_fx="cat")
         if x_layers is not None:
@@ -78,45 +100,72 @@ class AlignmentMetricBase(Metric):
             self._register("y", list(y_layers))
 
     # ----------------------------------------------------------------------------- states
+    def persistent(self, mode: bool = False) -> None:
+        """Whether the accumulated rows go into ``state_dict`` (also for layers registered
+        later, at the first update)."""
+        self._persist = mode
+        super().persistent(mode)
+
+    @staticmethod
+    def _slots(names: Sequence[str]) -> dict[str, int]:
+        return {name: i for i, name in enumerate(sorted(names))}
+
     def _register(self, side: str, names: list[str]) -> None:
         if not names:
             raise ValueError(f"no {side} layers given")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate {side} layer names: {names}")
         setattr(self, f"{side}_layers", names)
-        # layer states may be registered lazily (first update): inherit the persistence set by
-        # ``persistent()`` so far, which the always-present ``index`` state records
-        persistent = self._persistent.get("index", False)
         for i in range(len(names)):
-            self.add_state(f"{side}{i}", default=[], dist_reduce_fx="cat", persistent=persistent)
+            if not hasattr(self, f"{side}{i}"):
+                self.add_state(f"{side}{i}", default=[], dist_reduce_fx="cat",
+                               persistent=self._persist)
+
+    def _state(self, side: str, name: str) -> Any:
+        names = getattr(self, f"{side}_layers")
+        return getattr(self, f"{side}{self._slots(names)[name]}")
 
     def _check_side(self, side: str, layers: Mapping[str, Tensor]) -> int:
-        """Validate one side's batch against the registered layer names; its number of rows."""
+        """Validate one side's batch against the registered layers; its number of rows."""
         names = getattr(self, f"{side}_layers")
-        if names and set(layers) != set(names):
-            raise ValueError(f"{side} layers {sorted(layers)} do not match the first update's {sorted(names)}")
         if not layers:
             raise ValueError(f"no {side} layers given")
+        if names and set(layers) != set(names):
+            raise ValueError(f"{side} layers {sorted(layers)} do not match the first update's {sorted(names)}")
         counts = {name: int(t.shape[0]) for name, t in layers.items()}
         if len(set(counts.values())) != 1:
             raise ValueError(f"{side} layers have different numbers of rows: {counts}")
         return next(iter(counts.values()))
 
-    def _append(self, side: str, layers: Mapping[str, Tensor]) -> None:
-        names = getattr(self, f"{side}_layers")
-        if not names:
-            self._register(side, list(layers))
-            names = getattr(self, f"{side}_layers")
-        for i, name in enumerate(names):
-            getattr(self, f"{side}{i}").append(layers[name])
+    def _check_widths(self, side: str, rows: Mapping[str, Tensor]) -> None:
+        widths = self._widths[side]
+        if not widths:
+            return
+        for name, t in rows.items():
+            expected = widths[self._slots(rows)[name]]
+            if t.dim() != 2 or t.shape[1] != expected:
+                raise ValueError(
+                    f"{side} layer {name!r} has {tuple(t.shape[1:])} features in this batch but "
+                    f"{expected} in earlier ones; every batch must have the same width"
+                )
+
+    def _append(self, side: str, rows: Mapping[str, Tensor]) -> None:
+        if not getattr(self, f"{side}_layers"):
+            self._register(side, list(rows))
+        if not self._widths[side]:
+            self._widths[side] = [int(rows[name].shape[1]) for name in sorted(rows)]
+        for name, t in rows.items():
+            self._state(side, name).append(t)
 
     def _stored_rows(self, side: str) -> int:
+        if not getattr(self, f"{side}_layers"):
+            return 0
         state = getattr(self, f"{side}0")
         return int(state.shape[0]) if isinstance(state, Tensor) else sum(int(t.shape[0]) for t in state)
 
-    def _update_layers(
-        self, xs: Mapping[str, Tensor], ys: Mapping[str, Tensor] | None, index: Tensor | None
-    ) -> None:
+    def _update_layers(self, xs: Any, ys: Any, index: Tensor | None) -> None:
+        xs = self._as_layers(xs, "x")
+        ys = None if ys is None else self._as_layers(ys, "y")
         if ys is None and self._reference is None:
             raise ValueError("update() needs the reference side unless set_reference() was called")
         if ys is not None and self._reference is not None:
@@ -130,30 +179,50 @@ class AlignmentMetricBase(Metric):
                     f"x and y must have the same number of samples (rows) per update: got {n} and {ny}"
                 )
         if index is not None:
-            index = torch.as_tensor(index, device=self.device).reshape(-1).long()
+            index = torch.as_tensor(index, device=self.device).reshape(-1)
+            if index.is_floating_point() or index.dtype == torch.bool:
+                raise ValueError(f"index must hold integer sample ids, got dtype {index.dtype}")
+            index = index.long()
             if index.numel() != n:
                 raise ValueError(f"index has {index.numel()} entries for {n} rows")
-        check_capacity(self._stored_rows("x") if self.x_layers else 0, n, self.max_samples)
-        xs = {name: self.preprocessor.rows(t) for name, t in xs.items()}  # pool (may raise)
-        ys = None if ys is None else {name: self.preprocessor.rows(t) for name, t in ys.items()}
-        self._append("x", xs)
-        if ys is not None:
-            self._append("y", ys)
+            if bool((index < 0).any()):
+                raise ValueError(f"index must hold sample ids >= 0, got {int(index.min())}")
+        check_capacity(self._stored_rows("x"), n, self.max_samples)
+        x_rows = {name: self.preprocessor.rows(t) for name, t in xs.items()}  # pool (may raise)
+        y_rows = None if ys is None else {name: self.preprocessor.rows(t) for name, t in ys.items()}
+        self._check_widths("x", x_rows)
+        if y_rows is not None:
+            self._check_widths("y", y_rows)
+        self._append("x", x_rows)
+        if y_rows is not None:
+            self._append("y", y_rows)
         if index is not None:
             self.index.append(index)
 
+    def _as_layers(self, layers: Any, side: str) -> dict[str, Tensor]:
+        """A batch as ``{name: rows}``: a mapping as is; a tensor is the single layer named
+        after the side (``"x"`` / ``"y"``) or the only registered one; a list names its tensors
+        "0", "1", ..."""
+        if isinstance(layers, Tensor):
+            names = getattr(self, f"{side}_layers")
+            return {names[0] if len(names) == 1 else side: layers}
+        if isinstance(layers, (list, tuple, Mapping)):
+            return named_layers(layers, side)
+        raise TypeError(f"{side} must be a tensor, a list of tensors or a {{layer name: tensor}} "
+                        f"mapping, got {type(layers).__name__}")
+
     # ---------------------------------------------------------------------- reference cache
     @torch.no_grad()
-    def _set_reference_layers(self, ys: Mapping[str, Tensor]) -> None:
+    def _set_reference_layers(self, ys: Any) -> None:
         """Preprocess and prepare (grams / neighbor lists) a frozen reference once."""
-        if self.y_layers and list(ys) != self.y_layers:
+        ys = self._as_layers(ys, "y")
+        if self.y_layers and set(ys) != set(self.y_layers):
             raise ValueError(f"reference layers {list(ys)} do not match {self.y_layers}")
-        cache = {}
-        for name, t in ys.items():
-            feats = self.preprocessor.matrix(self.preprocessor.rows(t))
-            cache[name] = (feats, prepare_one(self.measure, feats, f"reference layer {name!r}"))
-        self.y_layers = list(ys)
-        self._reference = cache
+        matrices = {name: self.preprocessor.matrix(self.preprocessor.rows(t)) for name, t in ys.items()}
+        names, feats = side_features(matrices, "reference")
+        self._reference = prepare_side(names, feats, [self.measure], "y")
+        if not self.y_layers:
+            self.y_layers = list(ys)
 
     def clear_reference(self) -> None:
         """Drop the cached reference; ``update`` then needs both sides again."""
@@ -164,60 +233,120 @@ class AlignmentMetricBase(Metric):
         """Whether a frozen reference is cached."""
         return self._reference is not None
 
+    # ------------------------------------------------------------------- distributed layout
+    def sync(self, dist_sync_fn: Any = None, process_group: Any = None, should_sync: bool = True,
+             distributed_available: Any = None) -> None:
+        """Agree on the layer layout across processes, then torchmetrics' sync."""
+        available = distributed_available() if callable(distributed_available) else False
+        if should_sync and available:
+            self._agree_on_layout(process_group or self.process_group)
+        super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
+
+    def _layout(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": bool(self.index) if isinstance(self.index, list) else True}
+        for side in ("x", "y"):
+            names = getattr(self, f"{side}_layers")
+            rows = self._stored_rows(side) if names else 0
+            out[side] = (sorted(names), list(self._widths[side]), rows)
+        out["dtype"] = next((str(t.dtype) for t in getattr(self, "x0", []) or []), None)
+        return out
+
+    def _agree_on_layout(self, group: Any) -> None:
+        import torch.distributed as dist
+
+        layouts: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(layouts, self._layout(), group=group)
+        for side in ("x", "y"):
+            filled = [(r, lay[side]) for r, lay in enumerate(layouts) if lay[side][2] > 0]
+            if not filled:
+                continue
+            rank, (names, widths, _) = filled[0]
+            for other, (names2, widths2, _) in filled[1:]:
+                if names2 != names or widths2 != widths:
+                    raise ValueError(
+                        f"{type(self).__name__}: the processes hold different {side} layers: "
+                        f"rank {rank} has {dict(zip(names, widths))} (name: width), rank {other} "
+                        f"has {dict(zip(names2, widths2))}; every process must update the same "
+                        "layers with the same widths"
+                    )
+            dtypes = {lay["dtype"] for lay in layouts if lay["dtype"] is not None}
+            dtype = torch.float64 if "torch.float64" in dtypes else torch.float32
+            if not getattr(self, f"{side}_layers"):
+                self._register(side, list(names))
+                self._widths[side] = list(widths)
+            for name in names:
+                state = self._state(side, name)
+                if isinstance(state, list):
+                    if not state:
+                        state.append(torch.empty(0, widths[self._slots(names)[name]], device=self.device))
+                    state[:] = [t.to(dtype) for t in state]
+        with_index = [lay["index"] for lay in layouts if lay["x"][2] > 0]
+        if any(with_index) and not all(with_index):
+            raise ValueError(f"{type(self).__name__}: some processes passed index= and others "
+                             "did not; pass sample ids on every process or on none")
+        if any(with_index) and isinstance(self.index, list) and not self.index:
+            self.index.append(torch.empty(0, dtype=torch.long, device=self.device))
+
     # ------------------------------------------------------------------------------ compute
     def _gather(self, side: str) -> list[Tensor]:
         names = getattr(self, f"{side}_layers")
-        return [dim_zero_cat(getattr(self, f"{side}{i}")) for i in range(len(names))]
+        slots = self._slots(names)
+        return [dim_zero_cat(getattr(self, f"{side}{slots[name]}")) for name in names]
+
+    def _perms(self, n: int, groups: Any) -> Permutations:
+        if groups is not None:
+            return Permutations(n, self.num_permutations, self.seed, groups)
+        if self._permutations is None or self._permutations.n != n:
+            self._permutations = Permutations(n, self.num_permutations, self.seed)
+        return self._permutations
 
     def _compute_result(self) -> LayerAlignmentResult:
-        if not self.x_layers or (self._reference is None and not self.y_layers) or not self._stored_rows("x"):
+        if not self.x_layers or not self._stored_rows("x"):
+            raise RuntimeError(f"{type(self).__name__}.compute() called before any update()")
+        if self._reference is None and not self.y_layers:
             raise RuntimeError(f"{type(self).__name__}.compute() called before any update()")
         xs = self._gather("x")
-        if not xs[0].numel():
-            raise RuntimeError(f"{type(self).__name__}.compute() called before any update()")
         ys = self._gather("y") if self._reference is None else []
         index = dim_zero_cat(self.index) if (isinstance(self.index, Tensor) or self.index) else None
         index, rows = order_rows(index, *xs, *ys)
         xs, ys = rows[: len(xs)], rows[len(xs):]
-        device = xs[0].device
         if self._reference is not None:
-            ref_n = next(iter(self._reference.values()))[0].shape[0]
-            full = index is None or (index.numel() == ref_n and bool((index.cpu() == torch.arange(ref_n)).all()))
+            yside = self._reference
+            ref_n = yside.n
             if index is None and xs[0].shape[0] != ref_n:
                 raise ValueError(
                     f"the model side has {xs[0].shape[0]} rows but the cached reference has {ref_n}; "
                     "rows must be the same probe samples (pass index= to select a subset)"
                 )
-            device = next(iter(self._reference.values()))[0].device
-            if full:
-                sys = [state for _, state in self._reference.values()]
-            else:
-                sel = index.to(device)
-                sys = [prepare_one(self.measure, feats[sel]) for feats, _ in self._reference.values()]
+            if index is not None and int(index.max()) >= ref_n:
+                raise ValueError(f"index holds sample id {int(index.max())} but the cached "
+                                 f"reference has only {ref_n} rows")
+            full = index is None or (index.numel() == ref_n and
+                                     bool((index.cpu() == torch.arange(ref_n)).all()))
+            if not full:
+                yside = prepare_side(yside.names, [f[index.to(f.device)] for f in yside.features],
+                                     [self.measure], "y")
+            device, dtype = yside.device, yside.dtype
         else:
-            sys = [prepare_one(self.measure, self.preprocessor.matrix(y), f"y layer {nm!r}")
-                   for nm, y in zip(self.y_layers, ys)]
-        sxs = [prepare_one(self.measure, self.preprocessor.matrix(x.to(device)), f"x layer {nm!r}")
-               for nm, x in zip(self.x_layers, xs)]
-        n = xs[0].shape[0]
+            matrices = {name: self.preprocessor.matrix(y) for name, y in zip(self.y_layers, ys)}
+            y_names, y_feats = side_features(matrices, "y")
+            device, dtype = y_feats[0].device, y_feats[0].dtype
+        matrices = {name: self.preprocessor.matrix(x.to(device)) for name, x in zip(self.x_layers, xs)}
+        x_names, x_feats = side_features(matrices, "x")
+        dtype = torch.promote_types(dtype, x_feats[0].dtype)
+        xside = prepare_side(x_names, [t.to(dtype) for t in x_feats], [self.measure], "x")
+        if self._reference is None:
+            yside = prepare_side(y_names, [t.to(dtype) for t in y_feats], [self.measure], "y")
         groups = self.groups
         if groups is not None and index is not None:
             groups = torch.as_tensor(groups)[index.cpu()]
-        ident = torch.arange(n, device=device)[None]
-        if len(sxs) == 1 and len(sys) == 1:  # scalar path (exactly calibrated_alignment)
-            observed = self.measure.score(sxs[0], sys[0], ident)[0]
-            null = null_from_states(self.measure, sxs[0], sys[0], n, self.num_permutations,
-                                    self.seed, device, groups)
-            matrix, null_m = observed.reshape(1, 1), null.reshape(-1, 1, 1)
-        else:
-            matrix = layer_scores(self.measure, sxs, sys, ident)[0]
-            null_m = layer_null_from_states(self.measure, sxs, sys, n, self.num_permutations,
-                                            self.seed, device, groups)
-        return calibrate_layers_from_matrices(
-            matrix, null_m, self.aggregate, self.alpha, self.max_score, self.x_layers, self.y_layers
-        )
+        if groups is not None:
+            GroupPermuter(groups, xside.n)  # clear error for a wrong length
+        perms = self._perms(xside.n, groups)
+        return calibrate_prepared([self.measure], xside, yside, perms, self.alpha, self.aggregate,
+                                  self.max_score)[self.measure]
 
-    def _raw_batch(self, xs: Mapping[str, Tensor], ys: Mapping[str, Tensor] | None) -> Tensor | None:
+    def _raw_batch(self, xs: Any, ys: Any) -> Tensor | None:
         """Uncalibrated aggregate on one paired batch (what ``forward`` returns).
 
         ``None`` when the reference is cached (no paired batch) or the batch is too small for
@@ -226,12 +355,15 @@ class AlignmentMetricBase(Metric):
         if ys is None:
             return None
         prep = self.preprocessor
+        xs, ys = self._as_layers(xs, "x"), self._as_layers(ys, "y")
         try:
             with torch.no_grad():
-                sxs = [prepare_one(self.measure, prep.matrix(prep.rows(t))) for t in xs.values()]
-                sys = [prepare_one(self.measure, prep.matrix(prep.rows(t))) for t in ys.values()]
+                xn, xf = side_features({k: prep.matrix(prep.rows(t)) for k, t in xs.items()}, "x")
+                yn, yf = side_features({k: prep.matrix(prep.rows(t)) for k, t in ys.items()}, "y")
+                dtype = torch.promote_types(xf[0].dtype, yf[0].dtype)
+                xside = prepare_side(xn, [t.to(dtype) for t in xf], [self.measure], "x")
+                yside = prepare_side(yn, [t.to(dtype) for t in yf], [self.measure], "y")
         except ValueError:
             return None
-        x0 = next(iter(xs.values()))
-        matrix = layer_scores(self.measure, sxs, sys, torch.arange(x0.shape[0], device=x0.device)[None])
-        return aggregate_fn(self.aggregate)[1](matrix)[0]
+        matrix = observed_matrices([self.measure], xside, yside)[self.measure]
+        return aggregate_fn(self.aggregate)[1](matrix.unsqueeze(0))[0]

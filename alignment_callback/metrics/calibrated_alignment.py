@@ -6,8 +6,8 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
-from alignment_callback.functional.calibration import AUTO
-from alignment_callback.functional.registry import MetricSpec
+from alignment_callback.functional._validation import AUTO
+from alignment_callback.functional.registry import MeasureSpec
 from alignment_callback.metrics._rows import Preprocess
 from alignment_callback.metrics.base import AlignmentMetricBase
 from alignment_callback.metrics.plotting import plot_scores
@@ -53,7 +53,7 @@ class CalibratedAlignment(AlignmentMetricBase):
 
     def __init__(
         self,
-        metric: MetricSpec = "mutual_knn",
+        metric: MeasureSpec = "mutual_knn",
         num_permutations: int = 500,
         alpha: float = 0.05,
         seed: int = 0,

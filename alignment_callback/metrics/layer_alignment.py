@@ -6,9 +6,9 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
-from alignment_callback.functional.calibration import AUTO
-from alignment_callback.functional.layers import Aggregate
-from alignment_callback.functional.registry import MetricSpec
+from alignment_callback.functional._validation import AUTO
+from alignment_callback.functional.aggregation import Aggregate
+from alignment_callback.functional.registry import MeasureSpec
 from alignment_callback.metrics._rows import Preprocess
 from alignment_callback.metrics.base import AlignmentMetricBase
 from alignment_callback.metrics.calibrated_alignment import RESULT_KEYS
@@ -36,7 +36,7 @@ class LayerAlignment(AlignmentMetricBase):
 
     def __init__(
         self,
-        metric: MetricSpec = "linear_cka",
+        metric: MeasureSpec = "linear_cka",
         aggregate: Aggregate = "max",
         num_permutations: int = 500,
         alpha: float = 0.05,

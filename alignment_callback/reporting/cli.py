@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import inspect
 import json
 import math
 import os
@@ -185,7 +184,7 @@ def metric_kwargs(metric: str, args: argparse.Namespace) -> dict[str, Any]:
     """The measure keywords the options set for ``metric`` (``k`` for kNN, ``sigma`` for RBF)."""
     from alignment_callback.functional.registry import BUILTIN_MEASURES
 
-    params = inspect.signature(BUILTIN_MEASURES[metric]).parameters
+    params = {p.name for p in BUILTIN_MEASURES[metric].params}
     kw: dict[str, Any] = {}
     if "k" in params:
         kw["k"] = args.k
@@ -264,7 +263,7 @@ def analyze_pair(xa: dict, xb: dict, metric: str, args: argparse.Namespace, grou
                  keep_null: bool = False) -> dict[str, Any]:
     """Calibrated layer alignment of one pair for one metric, as a JSON-ready record."""
     from alignment_callback.functional.bootstrap import bootstrap_interval
-    from alignment_callback.functional.layers import calibrated_layer_alignment
+    from alignment_callback.functional.pipeline import calibrated_layer_alignment
     from alignment_callback.reporting.io import finite_or_none
 
     kw = metric_kwargs(metric, args)

@@ -1,0 +1,37 @@
+"""Exact rescaling by powers of two, so extreme magnitudes neither overflow nor underflow.
+
+Multiplying by 2**e changes only the exponent of every float, so every product, sum, norm and
+ratio computed afterwards equals the unscaled one times a power of two, bit for bit (as long as
+nothing overflowed or underflowed before).  Scale-invariant measures (cosines, rankings, CKA)
+therefore give identical results on ``x`` and ``x · c``, including ``c = 1e20`` in float32, where
+``x @ x.T`` or ``‖x‖²`` would otherwise overflow.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SAFE_EXPONENT = 16  # largest magnitudes in [2**-16, 2**16] are left as they are
+
+
+def _exponent_to_unit(maxabs: Tensor) -> Tensor:
+    """``e`` with ``maxabs · 2**-e`` in [0.5, 1) (0 where ``maxabs`` is 0 or already safe)."""
+    _, e = torch.frexp(maxabs)
+    safe = (maxabs == 0) | ((e >= -SAFE_EXPONENT) & (e <= SAFE_EXPONENT))
+    return torch.where(safe, torch.zeros_like(e), e)
+
+
+def rescale_exactly(x: Tensor, per_row: bool = False) -> Tensor:
+    """``x · 2**-e`` with the largest ``|x|`` (of the matrix, or of each row) in [0.5, 1).
+
+    Returns ``x`` itself when its magnitudes are already moderate (in ``[2**-16, 2**16]``), so
+    ordinary inputs are not copied.
+    """
+    if x.numel() == 0:
+        return x
+    maxabs = x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True) if per_row else x.abs().amax()
+    e = _exponent_to_unit(maxabs)
+    if not bool((e != 0).any()):
+        return x
+    return torch.ldexp(x, (-e).to(x.dtype)) if x.is_floating_point() else x

@@ -1,0 +1,457 @@
+"""The one calibration pipeline: prepare each side once, score the observed layer matrices and
+their permutation nulls for several measures together, and calibrate.
+
+Every calibrated number in the library comes from :func:`calibrate_prepared`: the functional
+API (:func:`calibrated_alignment` is the 1×1 case of :func:`calibrated_layer_alignment`), the
+metric objects and the engine behind the callback and the command line.
+
+Work is shared wherever the math allows:
+
+* each layer is prepared once per measure, and kNN measures share one neighbor list per layer
+  built for the largest k (a smaller k reads a prefix);
+* the permutations are drawn once (:class:`~alignment_callback.functional.permutation.Permutations`)
+  and every measure reads the same ones;
+* the kNN measures compute their nulls in one pass (each reference layer remapped once per
+  chunk, each layer pair matched once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional._validation import (
+    AUTO,
+    check_alpha,
+    check_matrix,
+    check_max_score,
+)
+from alignment_callback.functional.aggregation import (
+    Aggregate,
+    Layers,
+    LayerAlignmentResult,
+    aggregate_fn,
+    calibrate_layers_from_matrices,
+    named_layers,
+)
+from alignment_callback.functional.calibration import CalibrationResult
+from alignment_callback.functional.knn_measures import check_distinct_rows, knn_layer_scores
+from alignment_callback.functional.neighbors import neighbor_lists
+from alignment_callback.functional.permutation import Permutations, chunk_size_for
+from alignment_callback.functional.registry import (
+    Measure,
+    MeasureSpec,
+    check_samples,
+    get_measure,
+)
+
+Groups = Any  # a sequence / array / tensor of one group label per sample
+
+
+# --------------------------------------------------------------------------------- sides
+@dataclass
+class PreparedSide:
+    """One side's layers, preprocessed features and prepared states for a set of measures.
+
+    Attributes:
+        role: ``"x"`` (the model) or ``"y"`` (the reference): only tie-breaking depends on it.
+        names: layer names, in order.
+        features: the (n, d) matrices the states were prepared from.
+        states: per measure, one prepared state per layer.
+    """
+
+    role: str
+    names: list[str]
+    features: list[Tensor]
+    states: dict[Measure, list[Any]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.features[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.features[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.features[0].dtype
+
+    def subset(self, rows: Tensor) -> "PreparedSide":
+        """The same layers restricted to ``rows`` (states are prepared again on use)."""
+        return PreparedSide(self.role, list(self.names), [f[rows.to(f.device)] for f in self.features])
+
+
+def side_features(layers: Layers | Tensor, label: str, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> tuple[list[str], list[Tensor]]:
+    """Checked (n, d) matrices of one side: same n, same device, one dtype (the widest given
+    or ``dtype``), detached; errors name the side and the layer.  A single tensor is one layer
+    named "0" (errors then name the side alone)."""
+    if isinstance(layers, Tensor):
+        names, mats = ["0"], [check_matrix(layers, label)]
+    else:
+        layers = named_layers(layers, label)
+        names = list(layers)
+        mats = [check_matrix(t, f"{label} layer {name!r}") for name, t in layers.items()]
+    n = mats[0].shape[0]
+    for name, t in zip(names, mats):
+        if t.shape[0] != n:
+            raise ValueError(f"all layers must have the same number of samples: {label} layer "
+                             f"{name!r} has {t.shape[0]}, expected {n}")
+    if dtype is None:
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in mats) else torch.float32
+    dev = torch.device(device) if device is not None else mats[0].device
+    return names, [t.to(device=dev, dtype=dtype) for t in mats]
+
+
+def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Sequence[Measure],
+                 role: str, side: PreparedSide | None = None) -> PreparedSide:
+    """Prepare ``features`` for every measure not prepared yet in ``side`` (or a new side).
+
+    kNN measures get one shared neighbor list per layer, built for their largest k.
+    """
+    side = side or PreparedSide(role, list(names), list(features))
+    todo = [m for m in dict.fromkeys(measures) if m not in side.states]
+    for m in todo:
+        check_samples(m, side.n)
+    shared: dict[str, list[Any]] = {}
+    knn = [m for m in todo if m.info.shared == "neighbor_lists"]
+    if knn:
+        kmax = max(m.kwargs["k"] for m in knn)
+        for m in knn:  # first the checks that name the measure (k < n, distinct rows)
+            for f in side.features:
+                check_distinct_rows(f, m.name)
+        shared["neighbor_lists"] = [neighbor_lists(f, kmax, role) for f in side.features]
+    for m in todo:
+        lists = shared.get(m.info.shared or "")
+        side.states[m] = [m.prepare(f, role, None if lists is None else lists[i])
+                          for i, f in enumerate(side.features)]
+    return side
+
+
+# ----------------------------------------------------------------------------- scoring
+def _clamp(measure: Measure, scores: Tensor) -> Tensor:
+    """Keep a bounded measure inside its documented range (float error can step out)."""
+    lo, hi = measure.info.value_range
+    return scores.clamp(min=lo, max=hi) if lo is not None or hi is not None else scores
+
+
+def _group_scores(measures: Sequence[Measure], xside: PreparedSide, yside: PreparedSide,
+                  perms: Tensor) -> list[Tensor]:
+    """(B, LA, LB) scores of each measure for the permutations ``perms`` (kNN jointly)."""
+    out: dict[Measure, Tensor] = {}
+    knn = [m for m in measures if m.info.group == "knn"]
+    if knn:
+        requests = [(m.name, xside.states[m], yside.states[m]) for m in knn]
+        out.update(zip(knn, knn_layer_scores(requests, perms)))
+    for m in measures:
+        if m not in out:
+            out[m] = m.layer_scores(xside.states[m], yside.states[m], perms)
+    return [_clamp(m, out[m]) for m in measures]
+
+
+def _chunk_groups(measures: Sequence[Measure], n: int) -> list[list[Measure]]:
+    """Measures computed together in one pass over the permutations: all kNN measures, and
+    each other measure on its own."""
+    knn = [m for m in measures if m.info.group == "knn"]
+    groups = [knn] if knn else []
+    return groups + [[m] for m in measures if m.info.group != "knn"]
+
+
+def layer_nulls(measures: Sequence[Measure], xside: PreparedSide, yside: PreparedSide,
+                permutations: Permutations, start: int = 0, stop: int | None = None
+                ) -> dict[Measure, Tensor]:
+    """(K', LA, LB) null layer matrices of each measure for permutations ``start .. stop-1``."""
+    parts: dict[Measure, list[Tensor]] = {m: [] for m in measures}
+    for group in _chunk_groups(measures, xside.n):
+        cost = max(m.perm_cost(xside.n) for m in group)
+        for perms in permutations.chunks(chunk_size_for(cost), xside.device, start, stop):
+            for m, scores in zip(group, _group_scores(group, xside, yside, perms)):
+                parts[m].append(scores)
+    return {m: torch.cat(p) for m, p in parts.items()}
+
+
+def observed_matrices(measures: Sequence[Measure], xside: PreparedSide, yside: PreparedSide
+                      ) -> dict[Measure, Tensor]:
+    """The raw (LA, LB) layer matrix of each measure."""
+    ident = torch.arange(xside.n, device=xside.device)[None]
+    return {m: s[0] for m, s in zip(measures, _group_scores(measures, xside, yside, ident))}
+
+
+Gather = Callable[[dict[Measure, Tensor]], dict[Measure, Tensor]]
+
+
+def calibrate_prepared(
+    measures: Sequence[Measure],
+    xside: PreparedSide,
+    yside: PreparedSide,
+    permutations: Permutations,
+    alpha: float = 0.05,
+    aggregate: Aggregate | Mapping[Measure, Aggregate] = "max",
+    max_score: float | None | str = AUTO,
+    share: tuple[int, int] | None = None,
+    gather: Gather | None = None,
+) -> dict[Measure, LayerAlignmentResult]:
+    """Observed matrices, permutation nulls and calibration of several measures at once.
+
+    Parameters
+    ----------
+    measures : sequence of Measure
+    xside, yside : PreparedSide
+        Both sides prepared for every measure (same n, same device).
+    permutations : Permutations
+        The permutation set (drawn once; every measure reads the same permutations).
+    alpha : float, default=0.05
+    aggregate : str, callable or mapping measure -> aggregate, default="max"
+    max_score : float, None or "auto", default="auto"
+        s_max; ``"auto"`` takes each measure's own.
+    share, gather : optional
+        Split the null over processes: this process computes the permutations in
+        ``range(*share)`` and ``gather`` turns its partial nulls into the full (K, LA, LB)
+        nulls in permutation order (e.g. an all-gather).
+
+    Returns
+    -------
+    dict measure -> LayerAlignmentResult
+    """
+    alpha = check_alpha(alpha)
+    max_score = check_max_score(max_score)
+    if xside.n != yside.n:
+        raise ValueError(f"x and y must have the same number of samples (rows): got {xside.n} "
+                         f"and {yside.n}")
+    if permutations.n != xside.n:
+        raise ValueError(f"the permutations are of {permutations.n} samples, the data has {xside.n}")
+    measures = list(dict.fromkeys(measures))
+    observed = observed_matrices(measures, xside, yside)
+    start, stop = share if share is not None else (0, len(permutations))
+    nulls = layer_nulls(measures, xside, yside, permutations, start, stop)
+    if gather is not None:
+        nulls = gather(nulls)
+    out = {}
+    for m in measures:
+        agg = aggregate.get(m, "max") if isinstance(aggregate, Mapping) else aggregate
+        smax = m.max_score if max_score == AUTO else max_score
+        hint = m.info.degenerate_hint(m.kwargs) if m.info.degenerate_hint else None
+        out[m] = calibrate_layers_from_matrices(
+            observed[m], nulls[m], agg, alpha, smax, list(xside.names), list(yside.names),
+            data_dtype=xside.dtype, measure=m.name, hint=hint)
+    return out
+
+
+# ------------------------------------------------------------------------ public functions
+def _sides(xs: Layers | Tensor, ys: Layers | Tensor, measures: Sequence[Measure]) -> tuple[PreparedSide, PreparedSide]:
+    x_names, xt = side_features(xs, "x")
+    y_names, yt = side_features(ys, "y")
+    dtype = torch.promote_types(xt[0].dtype, yt[0].dtype)
+    if xt[0].device != yt[0].device:
+        raise ValueError(f"x and y are on different devices: {xt[0].device} and {yt[0].device}")
+    if xt[0].shape[0] != yt[0].shape[0]:
+        raise ValueError(f"x and y must have the same number of samples (rows): got "
+                         f"{xt[0].shape[0]} and {yt[0].shape[0]}")
+    xt, yt = [t.to(dtype) for t in xt], [t.to(dtype) for t in yt]
+    return (prepare_side(x_names, xt, measures, "x"), prepare_side(y_names, yt, measures, "y"))
+
+
+@torch.no_grad()
+def calibrate_measures(
+    xs: Layers,
+    ys: Layers,
+    measures: Mapping[str, MeasureSpec] | Sequence[MeasureSpec],
+    aggregate: Aggregate = "max",
+    num_permutations: int = 500,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: Groups | None = None,
+    max_score: float | None | str = AUTO,
+) -> dict[str, LayerAlignmentResult]:
+    """Calibrated layer alignment of several measures at once, sharing preparation and work.
+
+    ``measures`` is a list of names / :class:`Measure` objects, or ``{label: measure}``; the
+    result is keyed by label (the measure's name for a list).  Other arguments as in
+    :func:`calibrated_layer_alignment`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import calibrate_measures
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(64, 8, generator=g)
+    >>> res = calibrate_measures({"a": x}, {"b": x + 0.1 * torch.randn(64, 8, generator=g)},
+    ...                          ["linear_cka", "mutual_knn"], num_permutations=99)
+    >>> sorted(res), float(res["mutual_knn"].p_value) == 0.01
+    (['linear_cka', 'mutual_knn'], True)
+    """
+    items = (list(measures.items()) if isinstance(measures, Mapping)
+             else [(None, spec) for spec in measures])
+    resolved = [(label, get_measure(spec)) for label, spec in items]
+    labels = [label or m.name for label, m in resolved]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"measure labels must be unique, got {labels}")
+    ms = [m for _, m in resolved]
+    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), ms)
+    perms = Permutations(xside.n, num_permutations, seed, groups)
+    results = calibrate_prepared(ms, xside, yside, perms, alpha, aggregate, max_score)
+    return {label: results[m] for label, m in zip(labels, ms)}
+
+
+@torch.no_grad()
+def calibrated_layer_alignment(
+    xs: Layers,
+    ys: Layers,
+    metric: MeasureSpec = "linear_cka",
+    aggregate: Aggregate = "max",
+    num_permutations: int = 500,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: Groups | None = None,
+    max_score: float | None | str = AUTO,
+    **metric_kwargs: Any,
+) -> LayerAlignmentResult:
+    """Aggregation-aware calibration of ``agg_{a,b} metric(xs[a], ys[b])``.
+
+    Parameters
+    ----------
+    xs, ys : mapping name -> (n, d) tensor, sequence of tensors, or one tensor
+        Layers of the two models, rows paired across models (same n).
+    metric : str, Measure or callable, default="linear_cka"
+    aggregate : {"max", "mean", "topK"} or callable, default="max"
+        ``"max"`` is PRH's report; the null of the aggregate applies the same permutation to
+        every ``ys`` layer (Westfall–Young maxT for ``"max"``).
+    num_permutations, alpha, seed, groups, max_score, **metric_kwargs
+        As in :func:`calibrated_alignment`.
+
+    Returns
+    -------
+    LayerAlignmentResult
+        The raw matrix, the calibrated aggregate with its p-value and threshold, the arg-max
+        pair and per-pair calibration.
+
+    References
+    ----------
+    Algorithm 2 (aggregation-aware calibration) of arXiv 2602.14486; Westfall & Young (1993),
+    *Resampling-Based Multiple Testing*.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import calibrated_layer_alignment
+    >>> g = torch.Generator().manual_seed(0)
+    >>> xs = {"l1": torch.randn(50, 8, generator=g), "l2": torch.randn(50, 8, generator=g)}
+    >>> res = calibrated_layer_alignment(xs, {"r": xs["l2"]}, "linear_cka", num_permutations=99)
+    >>> res.best_pair, round(float(res.raw), 4), float(res.calibrated)
+    (('l2', 'r'), 1.0, 1.0)
+    """
+    measure = get_measure(metric, **metric_kwargs)
+    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), [measure])
+    perms = Permutations(xside.n, num_permutations, seed, groups)
+    return calibrate_prepared([measure], xside, yside, perms, alpha, aggregate, max_score)[measure]
+
+
+@torch.no_grad()
+def calibrated_alignment(
+    x: Tensor,
+    y: Tensor,
+    metric: MeasureSpec = "mutual_knn",
+    num_permutations: int = 500,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: Groups | None = None,
+    max_score: float | None | str = AUTO,
+    **metric_kwargs: Any,
+) -> CalibrationResult:
+    """Permutation-calibrated alignment of ``x`` (n, p) and ``y`` (n, q), rows paired.
+
+    The observed score and K null scores ``metric(x, y[π_k])`` are computed on the fast path
+    (grams / neighbor lists prepared once, gathered or remapped per permutation) and calibrated:
+    τ is the ⌈(1 − α)(K + 1)⌉-th smallest of ``{s, s_1..s_K}``, the calibrated score is
+    ``max((s − τ)/(s_max − τ), 0)`` and the p-value ``(1 + #{s_k ≥ s})/(K + 1)``.
+
+    Parameters
+    ----------
+    x, y : Tensor of shape (n, p) and (n, q)
+    metric : str, Measure or callable, default="mutual_knn"
+        A built-in name (see ``BUILTIN_MEASURES``), a :class:`Measure`, or ``f(x, y)``
+        (recomputed for every permutation).
+    num_permutations : int, default=500
+        K.
+    alpha : float, default=0.05
+    seed : int, default=0
+        Seed of the permutations: the same seed gives the same permutations (comparable
+        scores across measures and epochs).
+    groups : sequence of labels, default=None
+        Rows sharing a label are permuted together (several captions per image, frames of a
+        video): rows of such data are not exchangeable one by one.
+    max_score : float, None or "auto", default="auto"
+        s_max; ``"auto"`` uses the measure's (1.0 for the built-ins).
+    **metric_kwargs
+        The measure's parameters (``k``, ``sigma``, ``cca_dim``).
+
+    Returns
+    -------
+    CalibrationResult
+
+    References
+    ----------
+    Algorithm 1 of "calibrated representational similarity", arXiv 2602.14486.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import calibrated_alignment
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(100, 16, generator=g)
+    >>> res = calibrated_alignment(x, x + 0.5 * torch.randn(100, 16, generator=g),
+    ...                            "mutual_knn", num_permutations=199)
+    >>> float(res.p_value), float(res.calibrated) > 0
+    (0.005, True)
+    """
+    measure = get_measure(metric, **metric_kwargs)
+    xside, yside = _sides(_single(x, "x"), _single(y, "y"), [measure])
+    perms = Permutations(xside.n, num_permutations, seed, groups)
+    return calibrate_prepared([measure], xside, yside, perms, alpha, "max",
+                              max_score)[measure].scalar()
+
+
+def _single(x: Any, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+@torch.no_grad()
+def permutation_null(
+    x: Tensor,
+    y: Tensor,
+    metric: MeasureSpec = "mutual_knn",
+    num_permutations: int = 500,
+    seed: int = 0,
+    groups: Groups | None = None,
+    **metric_kwargs: Any,
+) -> Tensor:
+    """Permutation null of ``metric``: a (K,) tensor whose k-th value is
+    ``metric(x, y[permutations(n, K, seed)[k]])``.
+
+    Built-in measures use the fast path (grams / neighbor lists computed once, then gathered
+    or remapped per permutation); a plain callable is recomputed on every permuted Y.
+    """
+    measure = get_measure(metric, **metric_kwargs)
+    xside, yside = _sides(_single(x, "x"), _single(y, "y"), [measure])
+    perms = Permutations(xside.n, num_permutations, seed, groups)
+    return layer_nulls([measure], xside, yside, perms)[measure][:, 0, 0]
+
+
+__all__ = [
+    "PreparedSide",
+    "calibrate_measures",
+    "calibrate_prepared",
+    "calibrated_alignment",
+    "calibrated_layer_alignment",
+    "layer_nulls",
+    "observed_matrices",
+    "permutation_null",
+    "prepare_side",
+    "side_features",
+]

@@ -1,0 +1,152 @@
+"""kNN measures on tied and discrete data (binary, ternary, one-hot, half-zero rows, duplicated
+rows): permutation-equivariant tie breaking, a fast null equal to recomputation, and a valid
+test under independence (false-positive rate ≤ α + 3σ) per pair and for the layer max.
+
+Exact ties go to the row with the lowest priority key; keys are drawn per side ("x" for the
+model, "y" for the reference) and travel with their rows under a permutation, so recomputing a
+measure on ``y[π]`` with keys ``keys_y[π]`` gives the fast null's value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import alignment_callback.functional as F
+from alignment_callback.functional.neighbors import knn, tie_keys
+from tests import numpy_reference as ref
+
+KNN = ("mutual_knn", "cycle_knn", "cknna", "lcs_knn", "edit_distance_knn")
+KINDS = ("binary", "ternary", "onehot", "halfzero", "duplicated")
+ALPHA = 0.05
+NP = {"mutual_knn": ref.mutual_knn, "cycle_knn": ref.cycle_knn, "cknna": ref.cknna,
+      "lcs_knn": ref.lcs_knn, "edit_distance_knn": ref.edit_distance_knn}
+
+
+def tied(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
+    """Discrete or duplicated features (float64; integer-valued where discrete, so every
+    similarity is exact and ties are exact on every implementation)."""
+    if kind == "binary":
+        return torch.randint(0, 2, (n, 3), generator=g).double()
+    if kind == "ternary":
+        return torch.randint(-1, 2, (n, 3), generator=g).double()
+    if kind == "onehot":
+        return torch.nn.functional.one_hot(torch.randint(0, 4, (n,), generator=g), 4).double()
+    if kind == "halfzero":
+        x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+        x[torch.randperm(n, generator=g)[: n // 2]] = 0.0
+        return x
+    base = torch.randn(n // 2, 5, generator=g, dtype=torch.float64)  # duplicated rows
+    return base[torch.randint(0, n // 2, (n,), generator=g)]
+
+
+def band(reps: int) -> float:
+    return ALPHA + 3.0 * math.sqrt(ALPHA * (1 - ALPHA) / reps)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", KNN)
+def test_fast_null_equals_recompute_with_travelling_keys(name, kind):
+    g = torch.Generator().manual_seed(5)
+    n, k = 24, 4
+    x, y = tied(kind, n, g), tied(kind, n, g)
+    kx, ky = tie_keys(n, "x").numpy(), tie_keys(n, "y").numpy()
+    observed = float(getattr(F, name)(x, y, k=k))
+    assert observed == pytest.approx(NP[name](x.numpy(), y.numpy(), k, kx, ky), abs=1e-12)
+    null = F.permutation_null(x, y, name, 12, seed=3, k=k)
+    for value, p in zip(null, F.permutations(n, 12, seed=3)):
+        p = p.numpy()
+        expected = NP[name](x.numpy(), y.numpy()[p], k, kx, ky[p])
+        assert float(value) == pytest.approx(expected, abs=1e-12)
+
+
+def test_ties_are_broken_by_key_not_index():
+    x = torch.ones(6, 2, dtype=torch.float64)
+    x[0] = torch.tensor([1.0, 0.0])  # row 0 differs; rows 1..5 are identical
+    keys = torch.tensor([0, 5, 4, 3, 2, 1])
+    idx, _ = knn(x, 2, keys)
+    # row 1 sees rows 2..5 tied at similarity 2 (and row 0 at 1): lowest keys first
+    assert idx[1].tolist() == [5, 4]
+    # same lists whatever the row order, once the keys travel with the rows
+    p = torch.tensor([3, 1, 5, 0, 2, 4])
+    idx_p, _ = knn(x[p], 2, keys[p])
+    inverse = torch.argsort(p)
+    assert torch.equal(idx_p, inverse[idx[p]])
+
+
+def test_continuous_data_lists_equal_plain_topk():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    idx, vals = knn(x, 10)
+    sim = x @ x.T
+    sim.fill_diagonal_(-torch.inf)
+    top_vals, top_idx = torch.topk(sim, 10, dim=1)
+    assert torch.equal(idx, top_idx) and torch.equal(vals, top_vals)
+
+
+@pytest.mark.parametrize("name", KNN)
+def test_all_rows_identical_is_a_clear_error(name):
+    x = torch.ones(20, 3)
+    y = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="every row .* identical"):
+        getattr(F, name)(x, y, k=3)
+    with pytest.raises(ValueError, match="every row .* identical"):
+        F.calibrated_alignment(y, x, name, 10, k=3)
+
+
+def _measures(k: int) -> list:
+    return [F.get_measure(name, k=k) for name in KNN]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_type_one_error_on_tied_data_per_pair(kind):
+    reps, n = 200, 48
+    rejected = {name: 0 for name in KNN}
+    for r in range(reps):
+        g = torch.Generator().manual_seed(10_000 + r)
+        x, y = tied(kind, n, g), tied(kind, n, g)
+        res = F.calibrate_measures(x[None].unbind(0), y[None].unbind(0), _measures(5),
+                                   num_permutations=99, seed=r)
+        for name in KNN:
+            rejected[name] += float(res[name].p_value) <= ALPHA
+            assert (float(res[name].calibrated) > 0) == (float(res[name].raw) > float(res[name].threshold))
+    rates = {name: c / reps for name, c in rejected.items()}
+    assert max(rates.values()) <= band(reps), rates
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_type_one_error_on_tied_data_layer_max(kind):
+    reps, n = 150, 48
+    rejected = {name: 0 for name in KNN}
+    for r in range(reps):
+        g = torch.Generator().manual_seed(20_000 + r)
+        xs = {f"x{i}": tied(kind, n, g) for i in range(3)}
+        ys = {f"y{i}": tied(kind, n, g) for i in range(3)}
+        res = F.calibrate_measures(xs, ys, _measures(5), aggregate="max", num_permutations=99, seed=r)
+        for name in KNN:
+            rejected[name] += float(res[name].p_value) <= ALPHA
+    rates = {name: c / reps for name, c in rejected.items()}
+    assert max(rates.values()) <= band(reps), rates
+
+
+@pytest.mark.slow
+def test_duplicated_probe_inputs_need_groups():
+    """Duplicated probe inputs duplicate rows at the same positions on both sides; grouped
+    (block) permutations keep the test valid."""
+    reps, n = 150, 48
+    rejected = {"plain": 0, "grouped": 0}
+    for r in range(reps):
+        g = torch.Generator().manual_seed(30_000 + r)
+        source = torch.randint(0, n // 2, (n,), generator=g)  # input of each probe row
+        x = torch.randn(n // 2, 5, generator=g, dtype=torch.float64)[source]
+        y = torch.randn(n // 2, 5, generator=g, dtype=torch.float64)[source]
+        for label, groups in (("plain", None), ("grouped", source.numpy())):
+            res = F.calibrated_alignment(x, y, "mutual_knn", 99, seed=r, groups=groups, k=5)
+            rejected[label] += float(res.p_value) <= ALPHA
+    assert rejected["grouped"] / reps <= band(reps), rejected
+    assert rejected["plain"] / reps > 0.5, rejected  # why groups= exists

@@ -85,7 +85,7 @@ def main() -> None:
     computing = sum(h["alignment/seconds"] for h in bg_cb.history)
     print(f"threads={torch.get_num_threads()} of {os.cpu_count()} cores, epochs={args.epochs}, "
           f"K={args.permutations}, probe n={len(x_probe)}, 4×3 layer pairs, metrics "
-          f"{list(fg_cb.metric_specs)}, {steps} alignment steps, loggers: {args.logger} + csv")
+          f"{list(fg_cb.measures)}, {steps} alignment steps, loggers: {args.logger} + csv")
     print(f"{'fit':<34}{'wall s':>8}{'CPU s':>8}{'overhead':>10}")
     for name, (wall, cpu) in (("without the callback", base),
                               ("with it, background=True (default)", bg),
@@ -94,7 +94,7 @@ def main() -> None:
         print(f"{name:<34}{wall:>8.1f}{cpu:>8.1f}{overhead:>10}")
     print(f"target: <= 10% wall-clock overhead for the quickstart's default (background) setting")
     print(f"background: {computing / steps:.2f} s of computing per step in the worker thread "
-          f"(probe pass, {len(bg_cb.metric_specs)} nulls, heatmaps excluded)")
+          f"(probe pass, {len(bg_cb.measures)} nulls, heatmaps excluded)")
     print(f"foreground: {(fg[0] - base[0]) / steps:.2f} s per step inside the loop, so "
           f"background=False costs about {100 * (fg[0] - base[0]) / steps / 60:.1f}% with 1-minute "
           "epochs")

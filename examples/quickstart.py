@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit_seconds = time.perf_counter() - t_fit
 
     # 3. figures and summary
-    metrics = list(callback.metric_specs)
+    metrics = list(callback.measures)
     history = callback.history
     curves = os.path.join(args.out, "alignment_curves.png")
     heatmap = os.path.join(args.out, "alignment_heatmap.png")

@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer(args.epochs, loggers, [callback]).fit(student, train)
     fit_seconds = time.perf_counter() - t_fit
 
-    metrics = list(callback.metric_specs)
+    metrics = list(callback.measures)
     history = callback.history
     curves = os.path.join(args.out, "text_alignment_curves.png")
     heatmap = os.path.join(args.out, "text_alignment_heatmap.png")

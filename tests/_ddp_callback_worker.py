@@ -39,7 +39,7 @@ class Dump(pl.Callback):
 
 
 def main(out: str, strategy: str) -> None:
-    cb = AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS, metrics=METRICS,
+    cb = AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS, measures=METRICS,
                            num_permutations=K, log_heatmaps=True,
                            background=True)  # ignored under DDP: rank 0 computes in the loop
     trainer = pl.Trainer(

@@ -49,7 +49,7 @@ trainer:
             hidden: 12
         probe: {probe_path}
         layers: {LAYERS}
-        metrics: [linear_cka]
+        measures: [linear_cka]
         num_permutations: 20
         log_heatmaps: false
 model:
@@ -64,7 +64,7 @@ data:
     (cb,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "AlignmentCallback"]
     assert type(cb.reference).__name__ == "RefMLP" and cb.reference.fc1.out_features == 12
     assert torch.equal(cb.probe, make_probe())
-    assert cb.num_permutations == 20 and list(cb.metric_specs) == ["linear_cka"]
+    assert cb.num_permutations == 20 and list(cb.measures) == ["linear_cka"]
     assert [h["epoch"] for h in cb.history] == [0, 1]
 
     rows = alignment_rows(tmp_path / "logs" / "cli" / "version_0" / "metrics.csv")

@@ -1,8 +1,13 @@
-"""``AlignmentCallback``: calibrated alignment to a frozen reference, live during training."""
+"""``AlignmentCallback``: calibrated alignment to a frozen reference, live during training.
+
+The callback decides *when* an alignment step runs, captures the probe's activations, hands them
+to the :class:`~alignment_callback.engine.AlignmentEngine` and logs what comes back.  The
+computing lives in the engine, the worker thread and model copy in ``background.py``, the logger
+calls in ``dispatch.py``.
+"""
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 import shutil
@@ -13,22 +18,23 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from alignment_callback.callback import dispatch as lg
-from alignment_callback.callback.background import BackgroundQueue, Job
+from alignment_callback.callback import dispatch
+from alignment_callback.callback.background import BackgroundQueue, Job, ModelCopy, Snapshot
 from alignment_callback.callback.probe import Probe, iterate_probe, load_probe, load_reference
+from alignment_callback.engine import AlignmentEngine, StepResult
+from alignment_callback.engine.engine import MeasuresSpec
 from alignment_callback.functional.aggregation import Aggregate
-from alignment_callback.hooks import collect_activations
+from alignment_callback.hooks import collect_activations, resolve_layers
 from alignment_callback.hooks.collect import model_device as model_device_of
 from alignment_callback.hooks.collect import preserved_rng
-from alignment_callback.metrics import LayerAlignment
 
-Layers = Union[str, Sequence[str], Mapping[str, str]]
-MetricsSpec = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
+LayerSpec = Union[str, Sequence[str], Mapping[str, str]]
 
-DEFAULT_METRICS = ("linear_cka", "mutual_knn", "cknna")
-LOGGED_FIELDS = ("raw", "calibrated", "p_value", "threshold", "null_mean", "effect_size")
+DEFAULT_MEASURES = ("linear_cka", "mutual_knn", "cknna")
+Outcome = tuple[StepResult, dict[str, Any]]  # a step's result and its rendered heatmaps
 
 
 class AlignmentCallback(Callback):
@@ -38,77 +44,85 @@ class AlignmentCallback(Callback):
     At the start of training (baseline, logged as epoch 0) and then every ``every_n_epochs``
     epochs (or every ``every_n_train_steps`` steps) the callback runs the probe through the
     model under ``no_grad`` in eval mode, captures the chosen layers with forward hooks, and
-    for each metric computes the raw LA×LB layer matrix and the aggregation-aware calibrated
-    aggregate (METHOD.md §4) against the reference's activations, which are computed once and
-    cached with their grams / neighbor lists.  The same seeded permutations are used every
-    time, so the curve is comparable across epochs.
+    for each measure computes the raw LA×LB layer matrix and the aggregation-aware calibrated
+    aggregate against the reference's activations, which are computed once and cached with
+    their grams / neighbor lists.  The same seeded permutations are used every time, so the
+    curve is comparable across epochs.
 
-    Logged through every attached logger, per metric ``<prefix>/<metric>/{raw, calibrated,
+    Logged through every attached logger, per measure ``<prefix>/<measure>/{raw, calibrated,
     p_value, threshold, null_mean, effect_size}``, the arg-max pair indices, per-pair raw
-    values when ``log_pairs``, and a layer×layer heatmap image ``<prefix>/<metric>/heatmap``
+    values when ``log_pairs``, and a layer×layer heatmap image ``<prefix>/<measure>/heatmap``
     (raw and per-pair calibrated side by side) where the logger takes images (W&B,
     TensorBoard, MLflow; PNG files for CSV) plus a ``wandb.Table`` of every pair.
     ``<prefix>/epoch`` and ``<prefix>/step`` are logged alongside; W&B plots the series against
-    the epoch (the global step with ``every_n_train_steps``).  The
-    calibrated aggregates are also ``pl_module.log``-ged (logger=False) so ``ModelCheckpoint``
-    and ``EarlyStopping`` can monitor e.g. ``"alignment/mutual_knn/calibrated"``.
+    the epoch (the global step with ``every_n_train_steps``).  The calibrated aggregates are
+    also ``pl_module.log``-ged (logger=False) so ``ModelCheckpoint`` and ``EarlyStopping`` can
+    monitor e.g. ``"alignment/mutual_knn/calibrated"`` (foreground mode).
 
     Training is unchanged: global RNG states are restored, train/eval modes restored, no
     gradients, hooks removed, activations freed after each step.  Under DDP the alignment is
-    computed on global rank 0 only (no collective inside the computation, so nothing can hang)
-    and the scalar results are broadcast so every rank's ``callback_metrics`` agree.
+    computed on global rank 0 and the results are broadcast (an error is broadcast too, so
+    every rank raises the same one and no collective waits forever).
 
-    With ``background=True`` the metrics, their permutation nulls and the heatmaps are computed
+    Configuration mistakes fail before the first training step, whatever ``on_error`` says:
+    an unknown measure or option, bad arguments (at construction), layers that match nothing
+    in the student or the reference model, a probe with too few samples for a measure (e.g.
+    k >= n), and ``background=True`` with a checkpoint or early-stopping monitor on an
+    alignment key.  ``on_error`` governs failures that depend on the data (NaN activations).
+
+    With ``background=True`` the measures, their permutation nulls and the heatmaps are computed
     by one worker thread while training goes on, and each result is logged, in order and with
     its own epoch/step, at the first training hook after it is ready (all of them by the end of
-    ``fit``).  For a model on the CPU the probe's forward passes run in the worker too, on a
-    private copy of the model (made once with ``deepcopy``; its weights are refreshed from a
-    snapshot taken in the loop, and the probe batches are materialized once); the eval-mode
-    forward must then not draw random numbers.  On an accelerator, or when the model cannot be
-    copied, the capture stays in the loop.  The values are identical to the synchronous ones.
-    They are not ``pl_module.log``-ged (when a value arrives depends on timing, so a monitor on
-    it would make training timing-dependent).  At most two steps are outstanding (the loop
-    waits beyond that); a checkpoint never waits (steps in flight are redone on resume).
-    Single-process runs only: under DDP the callback runs synchronously.
+    ``fit``; finished ones also when training stops on an exception).  For a model on the CPU
+    the probe's forward passes run in the worker too, on a private copy of the model refreshed
+    at every step from the model's weights, buffers and plain attributes (a stage flag or a
+    schedule); at the first step the copy's activations are checked against the model's, and
+    if they differ (a forward that reads the trainer, or state the copy cannot hold) the
+    capture stays in the loop with a warning.  The values equal the foreground ones.  They are
+    not ``pl_module.log``-ged (when a value arrives depends on timing).  At most two steps are
+    outstanding; a checkpoint never waits (steps in flight are redone on resume).
+    Single-process runs only: under DDP the callback runs in the foreground.
 
     Args:
         reference: frozen reference (``nn.Module``/``LightningModule``) or a checkpoint path
             (see ``reference_class``).  It is put in eval mode with ``requires_grad_(False)``.
-        probe: the probe inputs: a non-shuffling ``DataLoader``, a tensor, a ``.pt`` path, a
-            callable returning batches, or a list of batches; the same rows every time.
-        layers: model layers (names, globs, ``"re:"`` regexes; see ``resolve_layers``), or a
-            mapping ``{model layer: reference layer}`` to compare only those pairs (the
-            aggregate is then taken over the mapped pairs).
+        probe: the probe inputs: a ``DataLoader`` with a sequential sampler, a tensor, a
+            ``.pt`` path, a callable returning batches, or a list of batches; the same rows in
+            the same order every time.
+        layers: student layers (names, globs, ``"re:"`` regexes; see ``resolve_layers``), or a
+            mapping ``{student layer: reference layer}`` to aggregate over those pairs only.
         reference_layers: reference layers (default: the same names as ``layers``).
-        metrics: names (default ``("linear_cka", "mutual_knn", "cknna")``) or a mapping
-            ``{name: {kwargs}}`` e.g. ``{"mutual_knn": {"k": 5}}``.
+        measures: names (default ``("linear_cka", "mutual_knn", "cknna")``) or a mapping
+            ``{name: {options}}`` e.g. ``{"mutual_knn": {"k": 5}}``.
         every_n_epochs: run after every n-th training epoch (default 1).
         every_n_train_steps: run every n optimizer steps instead (default None).
         num_permutations: K (default 500). alpha: τ level (default 0.05).
         aggregate: ``"max"`` (default), ``"mean"``, ``"topK"`` or a callable.
         seed: permutation seed (default 0). baseline: run once before training (default True).
         pool / reference_pool: pooling of 3-D+ outputs (default ``"mean"``).
-        preprocess: metric preprocessing (default True: L2-normalize rows).
+        preprocess: feature preprocessing (default True: L2-normalize rows).
         log_prefix: key prefix (default ``"alignment"``). log_heatmaps: default True.
         log_pairs: also log every pair's raw score (default False).
-        on_error: ``"warn"`` (default: warn with the reason and keep training) or ``"raise"``.
+        on_error: ``"warn"`` (default: warn with the reason and keep training) or ``"raise"``;
+            data-dependent failures only.
         input_key / batch_transform: how to get the model input from a batch (dict batches).
         reference_inputs: a separate probe for the reference (row-aligned with ``probe``; for
             cross-modal pairs), with ``reference_input_key`` / ``reference_batch_transform``.
         reference_class: ``LightningModule`` class to load a checkpoint path ``reference``.
-        compute_device: where metrics run (default: the model's device).
+        compute_device: where measures run (default: the model's device).
         log_to_module: also ``pl_module.log`` calibrated values for monitors (default True;
             not with ``background``).
         background: compute in a worker thread, overlapping training (default False).
+        metrics: deprecated name of ``measures``.
     """
 
     def __init__(
         self,
         reference: Union[nn.Module, str, os.PathLike],
         probe: Probe,
-        layers: Layers,
+        layers: LayerSpec,
         reference_layers: Union[str, Sequence[str], None] = None,
-        metrics: MetricsSpec = DEFAULT_METRICS,
+        measures: MeasuresSpec = DEFAULT_MEASURES,
         every_n_epochs: int | None = 1,
         every_n_train_steps: int | None = None,
         num_permutations: int = 500,
@@ -132,40 +146,29 @@ class AlignmentCallback(Callback):
         compute_device: Union[str, torch.device, None] = None,
         log_to_module: bool = True,
         background: bool = False,
+        metrics: MeasuresSpec | None = None,
     ) -> None:
-        if on_error not in ("warn", "raise"):
-            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
-        if every_n_train_steps is not None and every_n_train_steps < 1:
-            raise ValueError(f"every_n_train_steps must be >= 1, got {every_n_train_steps}")
-        if every_n_train_steps is None and (every_n_epochs is None or every_n_epochs < 1):
-            raise ValueError("give every_n_epochs >= 1 or every_n_train_steps >= 1")
-        self.reference = load_reference(reference, reference_class)
-        self.probe = load_probe(probe)
-        self.reference_inputs = load_probe(reference_inputs) if reference_inputs is not None else None
+        if metrics is not None:
+            warnings.warn("AlignmentCallback(metrics=...) is deprecated: the argument is called "
+                          "measures= (a measure is the math, a metric the torchmetrics object)",
+                          DeprecationWarning, stacklevel=2)
+            measures = metrics
+        self.__validate_init_configuration(on_error, log_prefix, every_n_epochs,
+                                           every_n_train_steps)
+        self.__init_triggers(every_n_epochs, every_n_train_steps, baseline)
         self.pair_map: dict[str, str] | None = None
         if isinstance(layers, Mapping):
             self.pair_map = dict(layers)
             layers, reference_layers = list(layers.keys()), list(layers.values())
         self.layers = layers
         self.reference_layers = reference_layers if reference_layers is not None else layers
-        if isinstance(metrics, str):
-            metrics = [metrics]
-        self.metric_specs: dict[str, dict[str, Any]] = (
-            {name: dict(kw) for name, kw in metrics.items()} if isinstance(metrics, Mapping)
-            else {name: {} for name in metrics}
-        )
-        if not self.metric_specs:
-            raise ValueError("no metrics given")
-        self.every_n_epochs = every_n_epochs
-        self.every_n_train_steps = every_n_train_steps
-        self.num_permutations = num_permutations
-        self.alpha = alpha
-        self.aggregate = aggregate
-        self.seed = seed
-        self.baseline = baseline
+        self.engine = AlignmentEngine(measures, num_permutations, alpha, seed, aggregate,
+                                      pairs=self.pair_map, preprocess=preprocess)
+        self.reference = load_reference(reference, reference_class)
+        self.probe = load_probe(probe)
+        self.reference_inputs = load_probe(reference_inputs) if reference_inputs is not None else None
         self.pool = pool
         self.reference_pool = pool if reference_pool is None else reference_pool
-        self.preprocess = preprocess
         self.log_prefix = log_prefix
         self.log_heatmaps = log_heatmaps
         self.log_pairs = log_pairs
@@ -181,20 +184,59 @@ class AlignmentCallback(Callback):
         self.background = background
         self._queue = BackgroundQueue()
         self._threaded = False  # background in effect for the current fit
-        self._shadow: Any = None  # background, CPU model: the worker's copy (False: not possible)
-        self._shadow_tensors: list[Tensor] = []
+        self._copy: ModelCopy | None | bool = None  # the worker's model copy (False: not possible)
         self._probe_batches: Any = None
-        self._device = torch.device("cpu")  # where the metrics compute
+        self._reference_acts: dict[str, Tensor] | None = None  # until the reference is prepared
+        self._device = torch.device("cpu")  # where the measures compute
         self._scratch: str | None = None  # heatmap PNGs for W&B when no CSV logger writes them
         self._resume_pending: list[tuple[int, int]] = []  # from a checkpoint: steps to redo
         self.history: list[dict[str, Any]] = []
-        self._metrics: dict[str, LayerAlignment] | None = None
         self.last_results: dict[str, Any] = {}
+
+    def __validate_init_configuration(self, on_error: str, log_prefix: str,
+                                      every_n_epochs: int | None,
+                                      every_n_train_steps: int | None) -> None:
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
+        if not isinstance(log_prefix, str) or not log_prefix:
+            raise ValueError(f"log_prefix must be a non-empty string, got {log_prefix!r}")
+        for name, value in (("every_n_epochs", every_n_epochs),
+                            ("every_n_train_steps", every_n_train_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if every_n_train_steps is None and every_n_epochs is None:
+            raise ValueError("give every_n_epochs >= 1 or every_n_train_steps >= 1")
+
+    def __init_triggers(self, every_n_epochs: int | None, every_n_train_steps: int | None,
+                        baseline: bool) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.every_n_train_steps = every_n_train_steps
+        self.baseline = baseline
+
+    @property
+    def measures(self) -> dict[str, Any]:
+        """``{label: Measure}`` of the measures this callback computes."""
+        return self.engine.measures
+
+    @property
+    def num_permutations(self) -> int:
+        """K, the permutations of every null."""
+        return self.engine.num_permutations
+
+    @property
+    def alpha(self) -> float:
+        """The level of the threshold τ."""
+        return self.engine.alpha
+
+    @property
+    def seed(self) -> int:
+        """The permutation seed."""
+        return self.engine.seed
 
     # ------------------------------------------------------------------------- identity
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(log_prefix=self.log_prefix, metrics=sorted(self.metric_specs))
+        return self._generate_state_key(log_prefix=self.log_prefix, metrics=sorted(self.measures))
 
     def state_dict(self) -> dict[str, Any]:
         """History of results (primitives only, safe for ``weights_only`` checkpoints).
@@ -205,7 +247,7 @@ class AlignmentCallback(Callback):
         checkpoint's, when the checkpoint was written at that step).
         """
         done, running = self._queue.snapshot()
-        history = self.history + [outcome[0] for outcome in done if outcome is not None]
+        history = self.history + [self._entry(outcome[0]) for outcome in done if outcome is not None]
         return {"history": [dict(h) for h in history], "pending": [list(p) for p in running]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -213,16 +255,46 @@ class AlignmentCallback(Callback):
         self._resume_pending = [(int(e), int(s)) for e, s in state_dict.get("pending", [])]
 
     # ---------------------------------------------------------------------------- hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Configuration checks that need the models, before training starts."""
+        if stage != "fit":
+            return
+        resolve_layers(pl_module, self.layers, "student model")
+        resolve_layers(self.reference, self.reference_layers, "reference model")
+        if self.background:
+            for cb in trainer.callbacks:
+                monitor = getattr(cb, "monitor", None)
+                if isinstance(monitor, str) and monitor.startswith(f"{self.log_prefix}/"):
+                    raise ValueError(
+                        f"{type(cb).__name__}(monitor={monitor!r}) cannot watch an alignment key "
+                        "computed with AlignmentCallback(background=True): background results "
+                        "arrive whenever the worker finishes, so they are not logged to the "
+                        "module and a monitor would see them late or never. Use "
+                        "background=False for monitored keys."
+                    )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The reference's probe pass, once; a probe too small for a measure is an error."""
+        model_device = model_device_of(pl_module)
+        self._device = model_device if self.compute_device is None else torch.device(self.compute_device)
+        self.engine.device = self._device
+        if self.engine.reference is None:
+            acts = self._reference_activations(model_device)
+            n = next(iter(acts.values())).shape[0]
+            self.engine.check_samples(n, "the probe")
+            self._reference_acts = acts
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         axis = "step" if self.every_n_train_steps is not None else "epoch"
-        lg.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
+        dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
         if self.log_heatmaps and importlib.util.find_spec("matplotlib") is None:
-            warnings.warn("log_heatmaps needs matplotlib; skipping heatmaps", RuntimeWarning, stacklevel=2)
+            rank_zero_warn("log_heatmaps needs matplotlib; skipping heatmaps", category=RuntimeWarning)
             self.log_heatmaps = False
         self._threaded = self.background and trainer.world_size == 1
         if self.background and not self._threaded:
-            warnings.warn("AlignmentCallback(background=True) runs synchronously under multi-process "
-                          "strategies (rank 0 computes, results are broadcast)", UserWarning, stacklevel=2)
+            rank_zero_warn("AlignmentCallback(background=True) runs in the foreground under "
+                           "multi-process strategies (rank 0 computes, results are broadcast)",
+                           category=UserWarning)
         if self.baseline and not self.history:
             # in step mode the baseline is not pl_module.log-ged: an epoch-level value logged
             # here would replace the latest step value in callback_metrics at every epoch end
@@ -253,50 +325,76 @@ class AlignmentCallback(Callback):
         self._queue.shutdown()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Publish the background steps that had finished, drop the rest."""
+        finished = [job for job in self._queue.ready() if job.future.exception() is None]
         self._queue.shutdown(cancel=True)
+        self._publish(trainer, finished)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._queue.shutdown(cancel=True)
-        self._metrics = None  # drop cached reference state (memory)
-        self._shadow, self._shadow_tensors, self._probe_batches = None, [], None
+        self.engine.clear()  # drop cached reference state (memory)
+        self._reference_acts = None
+        self._copy, self._probe_batches = None, None
         if self._scratch is not None:  # W&B copied the files into its run directory
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
 
     # -------------------------------------------------------------------------- running
+    def _already_done(self, epoch: int, step: int) -> bool:
+        """A step that was computed (or is queued): never twice.  In step mode the global step
+        alone identifies it (gradient accumulation calls the batch hook several times per
+        step, and an epoch may end between them); in epoch mode the epoch does too."""
+        if self.every_n_train_steps is not None:
+            return any(j.step == step for j in self._queue) or any(h["step"] == step for h in self.history)
+        return self._queue.has(epoch, step) or any(
+            h["step"] == step and h["epoch"] == epoch for h in self.history)
+
     def _maybe_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
                    in_batch_hook: bool = False, monitor: bool = True) -> None:
         step = int(trainer.global_step)
-        if self._queue.has(epoch, step) or any(h["step"] == step and h["epoch"] == epoch
-                                               for h in self.history):
-            return  # already done (resumed run): no duplicate steps
-        if self._threaded:
-            render = bool(trainer.loggers)
-            if self._guarded(epoch, step, self._devices, pl_module) is None:
-                return  # the reference pass failed (warned)
-            weights = self._snapshot(pl_module)
-            if weights is not None:  # capture in the worker, on the model's copy
-                job = (self._compute_on_copy, weights, epoch, step, render)
-            else:
-                acts = self._guarded(epoch, step, self._capture, pl_module)
-                job = None if acts is None else (self._compute, acts, epoch, step, render)
-            if job is not None:
-                self._publish(trainer, self._queue.submit(self._guarded, epoch, step, *job,
-                                                          epoch=epoch, step=step))
+        if self._already_done(epoch, step):
             return
-        values: dict[str, float] | None = None
+        if self._threaded:
+            self._submit(trainer, pl_module, epoch, step)
+            return
+        entry: dict[str, Any] | None = None
+        error: str | None = None
         if trainer.is_global_zero:
-            outcome = self._guarded(epoch, step, self._capture_and_compute, pl_module, epoch, step,
-                                    bool(trainer.loggers))
+            try:
+                outcome = self._guarded(epoch, step, self._capture_and_compute, pl_module, epoch,
+                                        step, bool(trainer.loggers))
+            except Exception as err:  # on_error="raise": tell the other ranks before raising
+                if trainer.world_size == 1:
+                    raise
+                error = f"{type(err).__name__}: {err}"
+                outcome = None
             if outcome is not None:
                 self._log_outcome(trainer, outcome)
-                values = outcome[0]
+                entry = self.history[-1]
         if trainer.world_size > 1:
-            values = trainer.strategy.broadcast(values, src=0)
-            if values is not None and not trainer.is_global_zero:
-                self.history.append(dict(values))
-        if values is not None and monitor:
-            self._log_to_module(pl_module, values, in_batch_hook)
+            entry, error = trainer.strategy.broadcast((entry, error), src=0)
+            if error is not None:
+                raise RuntimeError(f"alignment step at epoch {epoch} (step {step}) failed on rank "
+                                   f"0: {error}")
+            if entry is not None and not trainer.is_global_zero:
+                self.history.append(dict(entry))
+        if entry is not None and monitor:
+            self._log_to_module(pl_module, entry, in_batch_hook)
+
+    def _submit(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> None:
+        """Background mode: capture on the model copy in the worker, or in the loop."""
+        render = bool(trainer.loggers)
+        snapshot = self._snapshot(pl_module)
+        if snapshot is not None:
+            job = (self._compute_on_copy, snapshot, epoch, step, render)
+        else:
+            captured = self._first_copy_check(pl_module) if self._copy is None else None
+            if captured is None:
+                captured = self._guarded(epoch, step, self._capture, pl_module)
+            job = None if captured is None else (self._compute, captured, epoch, step, render)
+        if job is not None:
+            self._publish(trainer, self._queue.submit(self._guarded, epoch, step, *job,
+                                                      epoch=epoch, step=step))
 
     def _guarded(self, epoch: int, step: int, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``; a failure warns and returns None unless ``on_error="raise"``."""
@@ -327,7 +425,7 @@ class AlignmentCallback(Callback):
                        in_batch_hook: bool) -> None:
         if not self.log_to_module:
             return
-        for name in self.metric_specs:
+        for name in self.measures:
             key = f"{self.log_prefix}/{name}/calibrated"
             if key in values:
                 # from a batch hook log on_step: with on_epoch the monitors would see the
@@ -335,196 +433,155 @@ class AlignmentCallback(Callback):
                 pl_module.log(key, float(values[key]), logger=False, on_step=in_batch_hook,
                               on_epoch=not in_batch_hook)
 
-    def _build_metrics(self, device: torch.device, model_device: torch.device) -> dict[str, LayerAlignment]:
-        """Reference activations once, then one cached-reference metric per measure."""
+    # -------------------------------------------------------------------------- capture
+    def _collect(self, model: nn.Module, batches: Any, layers: Any, pool: Any, input_key: Any,
+                 transform: Any, model_device: torch.device, restore_rng: bool = True
+                 ) -> dict[str, Tensor]:
+        acts = collect_activations(
+            model, batches, layers, pool=pool, device=model_device, input_key=input_key,
+            batch_transform=transform, restore_rng=restore_rng,
+            to_cpu=self._device.type == "cpu",
+        )
+        return {k: v.to(self._device) for k, v in acts.items()}
+
+    def _reference_activations(self, model_device: torch.device) -> dict[str, Tensor]:
         self.reference.to(model_device)
         ref_probe = self.probe if self.reference_inputs is None else self.reference_inputs
-        ref = collect_activations(
-            self.reference, iterate_probe(ref_probe), self.reference_layers,
-            pool=self.reference_pool, device=model_device, input_key=self.reference_input_key,
-            batch_transform=self.reference_batch_transform,
-        )
-        ref = {name: t.to(device) for name, t in ref.items()}
-        metrics = {}
-        for name, kwargs in self.metric_specs.items():
-            m = LayerAlignment(
-                name, aggregate=self._aggregate(list(ref)), num_permutations=self.num_permutations,
-                alpha=self.alpha, seed=self.seed, preprocess=self.preprocess, sync_on_compute=False,
-                **kwargs,
-            )
-            m.set_reference(ref)
-            metrics[name] = m
-        return metrics
+        return self._collect(self.reference, iterate_probe(ref_probe), self.reference_layers,
+                             self.reference_pool, self.reference_input_key,
+                             self.reference_batch_transform, model_device)
 
-    def _aggregate(self, ref_names: list[str]) -> Aggregate:
-        if self.pair_map is None:
-            return self.aggregate
-        return _MappedAggregate(self.pair_map, ref_names, self.aggregate)
-
-    def _devices(self, pl_module: LightningModule) -> tuple[torch.device, torch.device]:
-        """(compute device, model device); builds the metrics (reference pass) the first time."""
-        model_device = model_device_of(pl_module)
-        device = model_device if self.compute_device is None else torch.device(self.compute_device)
-        if self._metrics is None:
-            self._metrics = self._build_metrics(device, model_device)
-        self._device = device
-        return device, model_device
+    def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
+                           restore_rng: bool = True) -> dict[str, Tensor]:
+        """The chosen layers of ``model`` on the probe batches, on the compute device."""
+        return self._collect(model, batches, self.layers, self.pool, self.input_key,
+                             self.batch_transform, model_device, restore_rng)
 
     @torch.no_grad()
     def _capture(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float]:
         """The model's probe activations on the compute device (training thread), and the
         seconds it took."""
         start = time.perf_counter()
-        _, model_device = self._devices(pl_module)
-        acts = self._model_activations(pl_module, iterate_probe(self.probe), model_device)
+        acts = self._model_activations(pl_module, iterate_probe(self.probe), model_device_of(pl_module))
         return acts, time.perf_counter() - start
 
-    def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
-                           restore_rng: bool = True) -> dict[str, Tensor]:
-        """The chosen layers of ``model`` on the probe batches, on the compute device."""
-        acts = collect_activations(
-            model, batches, self.layers, pool=self.pool, device=model_device,
-            input_key=self.input_key, batch_transform=self.batch_transform, restore_rng=restore_rng,
-        )
-        return {k: v.to(self._device) for k, v in acts.items()}
+    def _probe_list(self) -> Any:
+        probe = iterate_probe(self.probe)
+        if not isinstance(probe, (Tensor, list)):
+            with preserved_rng():  # a DataLoader draws a seed from the global RNG
+                probe = list(probe)
+        return probe
 
     @torch.no_grad()
-    def _snapshot(self, pl_module: LightningModule) -> list[Tensor] | None:
-        """Background mode, CPU model: a copy of this step's weights for the worker's model
-        copy (made on first use), or None when the capture has to stay in the loop."""
-        if self._shadow is False:
-            return None
+    def _first_copy_check(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float] | None:
+        """Background mode, first step on a CPU model: make the worker's copy and check that it
+        gives the model's activations; returns the (model's) activations of this step, or None
+        when the model is not on the CPU (the capture then stays in the loop)."""
         if model_device_of(pl_module).type != "cpu":
-            self._shadow = False
+            self._copy = False
             return None
-        tensors = [*pl_module.parameters(), *pl_module.buffers()]
-        if self._shadow is None:
-            try:  # the trainer (and what hangs off it) is not copied
-                trainer = getattr(pl_module, "_trainer", None)
-                shadow = copy.deepcopy(pl_module, {id(trainer): None} if trainer is not None else {})
-            except Exception as err:  # noqa: BLE001 - fall back to capturing in the loop
-                warnings.warn(f"background=True: the model cannot be copied ({type(err).__name__}: "
-                              f"{err}); the probe runs in the training loop", RuntimeWarning,
-                              stacklevel=2)
-                self._shadow = False
-                return None
-            shadow.requires_grad_(False)
-            for p in shadow.parameters():
-                p.grad = None
-            self._shadow_tensors = [*shadow.parameters(), *shadow.buffers()]
-            if [t.shape for t in self._shadow_tensors] != [t.shape for t in tensors]:
-                self._shadow = False
-                return None
-            probe = iterate_probe(self.probe)
-            if not isinstance(probe, (Tensor, list)):
-                with preserved_rng():  # a DataLoader draws a seed from the global RNG
-                    probe = list(probe)
-            self._shadow, self._probe_batches = shadow, probe
-        return [t.detach().clone() for t in tensors]
+        start = time.perf_counter()
+        actual = self._model_activations(pl_module, iterate_probe(self.probe), torch.device("cpu"))
+        seconds = time.perf_counter() - start
+        reason = None
+        try:
+            copy = ModelCopy(pl_module)
+        except Exception as err:  # noqa: BLE001 - fall back to capturing in the loop
+            reason = f"the model cannot be copied ({type(err).__name__}: {err})"
+        else:
+            batches = self._probe_list()
+            try:
+                copy.load(ModelCopy.snapshot(pl_module))
+                seen = self._model_activations(copy.model, batches, torch.device("cpu"))
+            except Exception as err:  # noqa: BLE001
+                reason = (f"the model's copy cannot run the probe ({type(err).__name__}: {err}); "
+                          "its forward reads state the copy does not have, such as the trainer")
+            else:
+                if seen.keys() != actual.keys() or any(not _same(seen[k], actual[k]) for k in seen):
+                    reason = ("the model's copy gives other activations than the model: its "
+                              "forward reads state that is not copied")
+        if reason is not None:
+            rank_zero_warn(f"background=True: {reason}; the probe runs in the training loop",
+                           category=RuntimeWarning)
+            self._copy = False
+        else:
+            self._copy, self._probe_batches = copy, batches
+        return actual, seconds
 
+    def _snapshot(self, pl_module: LightningModule) -> Snapshot | None:
+        """Background mode: this step's weights and plain state for the worker's model copy,
+        or None when the capture has to stay in the loop (no copy, or not checked yet)."""
+        if not isinstance(self._copy, ModelCopy):
+            return None
+        return ModelCopy.snapshot(pl_module)
+
+    # -------------------------------------------------------------------------- compute
     @torch.no_grad()
-    def _compute_on_copy(self, weights: list[Tensor], epoch: int, step: int, render: bool
-                         ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    def _compute_on_copy(self, snapshot: Snapshot, epoch: int, step: int, render: bool) -> Outcome:
         """Worker thread: load the snapshot into the model copy, capture, compute."""
         start = time.perf_counter()
-        for dst, src in zip(self._shadow_tensors, weights):
-            dst.copy_(src)
-        del weights
+        model = self._copy.load(snapshot)
+        del snapshot
         # restore_rng=False: restoring from this thread would rewind the training loop's RNG
-        acts = self._model_activations(self._shadow, self._probe_batches, torch.device("cpu"),
+        acts = self._model_activations(model, self._probe_batches, torch.device("cpu"),
                                        restore_rng=False)
         return self._compute((acts, time.perf_counter() - start), epoch, step, render)
 
     @torch.no_grad()
     def _compute(self, captured: tuple[dict[str, Tensor], float], epoch: int, step: int,
-                 render: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """Every metric on captured activations: ``(history entry, results, heatmap images)``.
-
-        Touches only the callback's own metric objects, so it may run in the worker thread.
-        """
-        start = time.perf_counter()
+                 render: bool) -> Outcome:
+        """Every measure on captured activations, and the heatmaps: may run in the worker."""
         acts, capture_seconds = captured
-        values: dict[str, Any] = {f"{self.log_prefix}/epoch": float(epoch),
-                                  f"{self.log_prefix}/step": float(step)}
-        results = {}
-        for name, metric in self._metrics.items():
-            metric.reset()
-            metric.update(acts)
-            out = metric.compute()
-            result = metric.last_result
-            results[name] = result
-            for field in LOGGED_FIELDS:
-                values[f"{self.log_prefix}/{name}/{field}"] = float(out[field])
-            values[f"{self.log_prefix}/{name}/best_model_layer"] = float(result.argmax[0])
-            values[f"{self.log_prefix}/{name}/best_reference_layer"] = float(result.argmax[1])
-            if self.log_pairs:
-                for a, xa in enumerate(result.x_names):
-                    for b, yb in enumerate(result.y_names):
-                        values[f"{self.log_prefix}/{name}/pair/{xa}__{yb}"] = float(result.matrix[a, b])
-            metric.reset()
+        if self.engine.reference is None:
+            self.engine.set_reference(self._reference_acts)
+            self._reference_acts = None
+        result = self.engine.step(acts, epoch=epoch, step=step, seconds=capture_seconds)
         del acts, captured
-        values[f"{self.log_prefix}/seconds"] = capture_seconds + time.perf_counter() - start
         images = {}
         if self.log_heatmaps and render:
             from alignment_callback.metrics.plotting import heatmap_image
 
-            for name, r in results.items():
+            for name, r in result.results.items():
                 image = heatmap_image(r, f"{name} after epoch {epoch} (step {step})")
-                images[name] = (image, lg.encode_png(image))
-        entry = dict(values)
-        entry.update(epoch=epoch, step=step)
-        entry.update({f"{self.log_prefix}/{n}/best_pair": "|".join(r.best_pair) for n, r in results.items()})
-        return entry, results, images
+                images[name] = (image, dispatch.encode_png(image))
+        return result, images
 
-    def _capture_and_compute(self, pl_module: LightningModule, epoch: int, step: int, render: bool
-                             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    def _capture_and_compute(self, pl_module: LightningModule, epoch: int, step: int,
+                             render: bool) -> Outcome:
         return self._compute(self._capture(pl_module), epoch, step, render)
 
-    def run(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> dict[str, Any]:
-        """One synchronous alignment step: capture, compute every metric, log; returns the
-        history entry (the logged scalars plus ``epoch``, ``step`` and the best pairs)."""
-        outcome = self._capture_and_compute(pl_module, epoch, step, bool(trainer.loggers))
-        self._log_outcome(trainer, outcome)
-        return outcome[0]
+    def _entry(self, result: StepResult) -> dict[str, Any]:
+        return result.history_entry(self.log_prefix, self.log_pairs)
 
-    def _log_outcome(self, trainer: Trainer, outcome: tuple[dict[str, Any], dict[str, Any], dict[str, Any]]
-                     ) -> None:
+    def run(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> dict[str, Any]:
+        """One synchronous alignment step: capture, compute every measure, log; returns the
+        history entry (the logged scalars plus ``epoch``, ``step`` and the best pairs)."""
+        self._log_outcome(trainer, self._capture_and_compute(pl_module, epoch, step, bool(trainer.loggers)))
+        return self.history[-1]
+
+    def _log_outcome(self, trainer: Trainer, outcome: Outcome) -> None:
         """Scalars, heatmaps and tables to the loggers; the entry to the history (main thread)."""
-        entry, results, images = outcome
-        step = int(entry["step"])
-        scalars = {k: v for k, v in entry.items() if k.startswith(f"{self.log_prefix}/")
-                   and not k.endswith("/best_pair")}
-        lg.log_scalars(trainer.loggers, scalars, step)
+        result, images = outcome
+        entry = self._entry(result)
+        step = result.step
+        dispatch.log_scalars(trainer.loggers, result.scalars(self.log_prefix, self.log_pairs), step)
         for name, (image, png) in images.items():
             if self._scratch is None:
                 self._scratch = tempfile.mkdtemp(prefix="alignment_heatmaps_")
-            lg.log_image(trainer.loggers, f"{self.log_prefix}/{name}/heatmap", image, png, step,
-                         f"epoch{int(entry['epoch']):04d}_step{step:06d}", self._scratch)
+            dispatch.log_image(trainer.loggers, f"{self.log_prefix}/{name}/heatmap", image, png,
+                               step, f"epoch{result.epoch:04d}_step{step:06d}", self._scratch)
         if self.log_heatmaps and trainer.loggers:
-            for name, r in results.items():
+            for name, r in result.results.items():
                 rows = [[xa, yb, float(r.matrix[a, b]), float(r.pair_calibrated[a, b]),
                          float(r.pair_p_value[a, b])]
                         for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names)]
-                lg.log_table(trainer.loggers, f"{self.log_prefix}/{name}/pairs",
-                             ["model_layer", "reference_layer", "raw", "calibrated", "p_value"],
-                             rows, step)
-        self.last_results = results
+                dispatch.log_table(trainer.loggers, f"{self.log_prefix}/{name}/pairs",
+                                   ["model_layer", "reference_layer", "raw", "calibrated", "p_value"],
+                                   rows, step)
+        self.last_results = result.results
         self.history.append(entry)
 
 
-class _MappedAggregate:
-    """Aggregate over the mapped (model layer → reference layer) pairs only."""
-
-    def __init__(self, pair_map: Mapping[str, str], ref_names: list[str], aggregate: Aggregate) -> None:
-        from alignment_callback.functional.aggregation import aggregate_fn
-
-        self.__name__ = f"{aggregate if isinstance(aggregate, str) else 'custom'}_over_pairs"
-        model_names = list(pair_map)
-        self.index = [(model_names.index(a), ref_names.index(b)) for a, b in pair_map.items()]
-        self.inner = aggregate_fn(aggregate)[1]
-
-    def __call__(self, matrix: Tensor) -> Tensor:
-        vals = torch.stack([matrix[a, b] for a, b in self.index])
-        return self.inner(vals.view(1, 1, -1))[0]
-
-
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Bitwise-equal values (NaN equal to NaN: a NaN model is a data problem, reported later)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())

@@ -1,11 +1,16 @@
-"""Alignment steps computed off the training thread, published in order on the main thread."""
+"""Alignment steps computed off the training thread, published in order on the main thread,
+and the private model copy that lets the probe pass run there too."""
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
 
 
 @dataclass
@@ -83,3 +88,64 @@ class BackgroundQueue:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=cancel)
             self._executor = None
+
+
+def _plain_state(model: nn.Module) -> list[dict[str, Any]]:
+    """Per submodule, its public attributes that are neither tensors nor modules (a stage
+    flag, a schedule, a step counter): state a forward may read besides the weights."""
+    out = []
+    for module in model.modules():
+        out.append({key: value for key, value in vars(module).items()
+                    if not key.startswith("_") and not isinstance(value, (Tensor, nn.Module))})
+    return out
+
+
+@dataclass
+class Snapshot:
+    """What a step's model copy needs from the training model: tensors and plain state."""
+
+    tensors: list[Tensor]
+    plain: list[dict[str, Any]]
+
+
+class ModelCopy:
+    """A private copy of a CPU model for the worker thread.
+
+    Made once with ``deepcopy`` (without the trainer it is attached to); at every step it is
+    refreshed from a :class:`Snapshot` of the training model taken in the loop: parameters,
+    buffers *and* plain attributes (see :func:`_plain_state`), so a forward that reads a
+    schedule or a stage flag sees this step's value.  Raises ``TypeError`` / ``RuntimeError``
+    when the model cannot be copied (the caller falls back to the loop).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        try:
+            trainer = model.trainer  # LightningModule: a property; the copy gets no trainer
+        except (AttributeError, RuntimeError):
+            trainer = None
+        memo = {id(trainer): None} if trainer is not None else {}
+        self.model = copy.deepcopy(model, memo)
+        self.model.requires_grad_(False)
+        for p in self.model.parameters():
+            p.grad = None
+        self.tensors = [*self.model.parameters(), *self.model.buffers()]
+        source = [*model.parameters(), *model.buffers()]
+        if [t.shape for t in self.tensors] != [t.shape for t in source]:
+            raise RuntimeError("the model's copy has other parameters or buffers than the model")
+
+    @staticmethod
+    @torch.no_grad()
+    def snapshot(model: nn.Module) -> Snapshot:
+        """This step's weights and plain state (taken in the training loop; deep copies)."""
+        tensors = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+        return Snapshot(tensors, copy.deepcopy(_plain_state(model)))
+
+    @torch.no_grad()
+    def load(self, snapshot: Snapshot) -> nn.Module:
+        """Make the copy equal to the model at the snapshot; returns the copy."""
+        for dst, src in zip(self.tensors, snapshot.tensors):
+            dst.copy_(src)
+        for module, state in zip(self.model.modules(), snapshot.plain):
+            for key, value in state.items():
+                setattr(module, key, value)
+        return self.model

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
 Probe = Union[DataLoader, Tensor, str, os.PathLike, Callable[[], Iterable[Any]], Iterable[Any]]
 
@@ -15,7 +15,8 @@ Probe = Union[DataLoader, Tensor, str, os.PathLike, Callable[[], Iterable[Any]],
 def load_probe(probe: Probe) -> Any:
     """Normalize a probe into something :func:`collect_activations` iterates.
 
-    * a ``DataLoader`` (must not shuffle: the same rows, in the same order, every time),
+    * a ``DataLoader`` with a sequential sampler (the same rows, in the same order, every
+      time; see :func:`check_sequential`),
     * a tensor (split into batches of 256 rows),
     * a path to a ``.pt`` file holding a tensor / dict / tuple (loaded with ``weights_only``),
     * a zero-argument callable returning an iterable of batches (called at every run),
@@ -25,11 +26,7 @@ def load_probe(probe: Probe) -> Any:
     if isinstance(probe, (str, os.PathLike)):
         return torch.load(probe, map_location="cpu", weights_only=True)
     if isinstance(probe, DataLoader):
-        if isinstance(probe.sampler, RandomSampler):
-            raise ValueError(
-                "the probe DataLoader shuffles (RandomSampler): rows must be the same samples in "
-                "the same order at every alignment step; use shuffle=False"
-            )
+        check_sequential(probe)
         return probe
     if isinstance(probe, Tensor) or callable(probe):
         return probe
@@ -41,6 +38,38 @@ def load_probe(probe: Probe) -> Any:
             raise ValueError("the probe is empty")
         return batches
     raise TypeError(f"unsupported probe type {type(probe).__name__}")
+
+
+def check_sequential(loader: DataLoader, argument: str = "probe") -> None:
+    """Refuse a DataLoader whose rows could come in another order at another alignment step.
+
+    Rows of the model and of the cached reference are compared position by position, so the
+    probe must yield the same samples in the same order every time: a ``SequentialSampler``
+    (``shuffle=False``), batched by a plain ``BatchSampler``.  Anything else (a
+    ``RandomSampler``, ``SubsetRandomSampler``, a shuffling or custom ``batch_sampler``) is an
+    error; pass the rows as a tensor or a list of batches to use another fixed order.
+    """
+    if isinstance(loader.dataset, IterableDataset):
+        return  # its order is the dataset's own
+    batch_sampler = loader.batch_sampler
+    sampler = batch_sampler.sampler if isinstance(batch_sampler, BatchSampler) else None
+    if type(batch_sampler) is not BatchSampler and batch_sampler is not None:
+        raise ValueError(
+            f"{argument}: the DataLoader uses a custom batch_sampler "
+            f"({type(batch_sampler).__name__}); rows must be the same samples in the same order "
+            "at every alignment step: use shuffle=False and batch_size=..., or pass a tensor or "
+            "a list of batches"
+        )
+    if batch_sampler is None:
+        sampler = loader.sampler
+    if not isinstance(sampler, SequentialSampler):
+        what = "shuffles (RandomSampler)" if type(sampler).__name__ == "RandomSampler" else \
+            f"samples with {type(sampler).__name__}"
+        raise ValueError(
+            f"{argument}: the DataLoader {what}; rows must be the same samples in the same order "
+            "at every alignment step: use shuffle=False (a SequentialSampler), or pass a tensor "
+            "or a list of batches"
+        )
 
 
 def iterate_probe(probe: Any) -> Any:

@@ -88,6 +88,8 @@ class LayerAlignmentResult(CalibrationResult):
 def aggregate_fn(aggregate: Aggregate) -> tuple[str, Callable[[Tensor], Tensor]]:
     """Resolve ``"max"``, ``"mean"``, ``"topK"`` (mean of the K largest, e.g. ``"top3"``) or a
     callable ``f(matrix (LA, LB)) -> scalar`` into a batched ``(B, LA, LB) -> (B,)``."""
+    if isinstance(aggregate, MappedAggregate):
+        return aggregate.__name__, aggregate
     if callable(aggregate):
         name = getattr(aggregate, "__name__", "custom")
         return name, _Batched(aggregate)
@@ -126,6 +128,34 @@ class _Batched:
 
     def __call__(self, s: Tensor) -> Tensor:
         return torch.stack([torch.as_tensor(self.fn(m)).reshape(()) for m in s]).to(s.dtype)
+
+
+class MappedAggregate:
+    """An aggregate over chosen (model layer, reference layer) pairs only.
+
+    Parameters
+    ----------
+    pairs : mapping model layer -> reference layer
+    x_names, y_names : the layer names of the matrix's rows and columns
+    aggregate : "max", "mean" or "topK", default="max"
+        How the chosen pairs are combined.
+    """
+
+    def __init__(self, pairs: Mapping[str, str], x_names: Sequence[str], y_names: Sequence[str],
+                 aggregate: Aggregate = "max") -> None:
+        missing = [(a, b) for a, b in pairs.items() if a not in x_names or b not in y_names]
+        if missing:
+            raise ValueError(f"layer pairs {missing} are not among the model layers {list(x_names)} "
+                             f"x reference layers {list(y_names)}")
+        inner_name, self.inner = aggregate_fn(aggregate)
+        self.__name__ = f"{inner_name}_over_pairs"
+        lb = len(y_names)
+        self.flat = torch.tensor([list(x_names).index(a) * lb + list(y_names).index(b)
+                                  for a, b in pairs.items()])
+
+    def __call__(self, s: Tensor) -> Tensor:
+        chosen = s.flatten(1)[:, self.flat.to(s.device)]
+        return self.inner(chosen.unsqueeze(1))
 
 
 def calibrate_layers_from_matrices(

@@ -115,7 +115,8 @@ def _as_list(layers: Layers) -> list[LayerSpec]:
     return out
 
 
-def resolve_modules(model: nn.Module, layers: Layers) -> list[tuple[str, nn.Module]]:
+def resolve_modules(model: nn.Module, layers: Layers, model_name: str = "model"
+                    ) -> list[tuple[str, nn.Module]]:
     """Like :func:`resolve_layers` but returns ``(normalized_name, module)`` pairs."""
     table = named_layers(model)
     chosen: set[str] = set()
@@ -126,7 +127,7 @@ def resolve_modules(model: nn.Module, layers: Layers) -> list[tuple[str, nn.Modu
             names = [name for name, _, _ in table]
             close = difflib.get_close_matches(normalize_pattern(label), names, n=5, cutoff=0.5)
             raise ValueError(
-                f"layer {label!r} matched none of the model's {len(names)} layers; "
+                f"layer {label!r} matched none of the {model_name}'s {len(names)} layers; "
                 f"closest names: {close or names[:5]}. "
                 "Use list_layers(model, batch) to see every name and its output shape."
             )
@@ -134,7 +135,7 @@ def resolve_modules(model: nn.Module, layers: Layers) -> list[tuple[str, nn.Modu
     return [(name, module) for name, _, module in table if name in chosen]
 
 
-def resolve_layers(model: nn.Module, layers: Layers) -> list[str]:
+def resolve_layers(model: nn.Module, layers: Layers, model_name: str = "model") -> list[str]:
     """Resolve layer specs to normalized module names, in model (``named_modules``) order.
 
     Args:
@@ -152,10 +153,13 @@ def resolve_layers(model: nn.Module, layers: Layers) -> list[str]:
     Returns:
         The matched names, without duplicates, in the order of ``model.named_modules()``.
 
+        model_name: how error messages call the model (default ``"model"``; the callback says
+            ``"student model"`` or ``"reference model"``).
+
     Raises:
         ValueError: a spec matches no module (the message lists the closest valid names).
     """
-    return [name for name, _ in resolve_modules(model, layers)]
+    return [name for name, _ in resolve_modules(model, layers, model_name)]
 
 
 def layer_names(model: nn.Module) -> Iterable[str]:

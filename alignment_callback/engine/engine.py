@@ -1,0 +1,204 @@
+"""``AlignmentEngine``: one alignment step, computed once and shared across measures."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional._validation import (
+    AUTO,
+    check_alpha,
+    check_max_score,
+    check_num_permutations,
+    check_seed,
+)
+from alignment_callback.functional.aggregation import Aggregate, MappedAggregate, aggregate_fn
+from alignment_callback.functional.permutation import GroupPermuter, Permutations
+from alignment_callback.functional.pipeline import (
+    Gather,
+    PreparedSide,
+    calibrate_prepared,
+    prepare_side,
+    side_features,
+)
+from alignment_callback.functional.registry import Measure, MeasureSpec, get_measure
+from alignment_callback.engine.result import StepResult
+from alignment_callback.metrics._rows import Preprocess, RowPreprocessor
+
+MeasuresSpec = Union[str, Sequence[MeasureSpec], Mapping[str, Union[Mapping[str, Any], Measure]]]
+
+
+def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
+    """``{label: Measure}`` from names, :class:`Measure` objects, or ``{name: {options}}``.
+
+    Labels are the names as given (an alias stays the label: it is what the user logs);
+    options are checked against each measure's declaration, so a wrong name or option fails
+    here, before any data is seen.
+    """
+    if isinstance(measures, str):
+        measures = [measures]
+    if isinstance(measures, Mapping):
+        out = {}
+        for label, options in measures.items():
+            if isinstance(options, Measure):
+                out[str(label)] = options
+            elif isinstance(options, Mapping):
+                out[str(label)] = get_measure(str(label), **dict(options))
+            else:
+                raise TypeError(f"measures[{label!r}] must be a dict of options or a Measure, got "
+                                f"{type(options).__name__}")
+    else:
+        out = {}
+        for spec in measures:
+            m = get_measure(spec)
+            label = spec if isinstance(spec, str) else m.name
+            if label in out:
+                raise ValueError(f"measure {label!r} is given twice")
+            out[label] = m
+    if not out:
+        raise ValueError("no measures given")
+    return out
+
+
+class AlignmentEngine:
+    """Calibrated alignment of a model's layers with a cached reference, step after step.
+
+    Parameters
+    ----------
+    measures : names, Measure objects, or ``{name: {options}}``
+        E.g. ``["linear_cka", "mutual_knn"]`` or ``{"mutual_knn": {"k": 5}}``.
+    num_permutations : int, default=500
+    alpha : float, default=0.05
+    seed : int, default=0
+        The permutations are drawn once from this seed and reused at every step, so the
+        curve over steps is comparable.
+    aggregate : {"max", "mean", "topK"} or callable, default="max"
+    pairs : mapping model layer -> reference layer, default=None
+        Aggregate over these pairs only (the whole LA×LB matrix is still computed).
+    groups : sequence of labels, default=None
+        Block permutations (rows sharing a label move together).
+    preprocess : bool, mapping or callable, default=True
+        Applied once per layer: ``True`` L2-normalizes rows (PRH), ``False`` uses rows as
+        given, a mapping passes ``pool`` / ``clamp_quantile`` / ``normalize`` to
+        ``prepare_features``, a callable maps (n, d) rows to features.
+    device : torch.device or str, default=None
+        Where everything is computed (default: where the activations are).
+    max_score : float, None or "auto", default="auto"
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.engine import AlignmentEngine
+    >>> g = torch.Generator().manual_seed(0)
+    >>> ref = {"r": torch.randn(80, 6, generator=g)}
+    >>> engine = AlignmentEngine(["linear_cka", "mutual_knn"], num_permutations=99)
+    >>> engine.set_reference(ref)
+    >>> result = engine.step({"m": ref["r"] @ torch.randn(6, 6, generator=g)}, epoch=1)
+    >>> sorted(result.results), float(result.results["mutual_knn"].p_value)
+    (['linear_cka', 'mutual_knn'], 0.01)
+    """
+
+    def __init__(
+        self,
+        measures: MeasuresSpec,
+        num_permutations: int = 500,
+        alpha: float = 0.05,
+        seed: int = 0,
+        aggregate: Aggregate = "max",
+        pairs: Mapping[str, str] | None = None,
+        groups: Any = None,
+        preprocess: Preprocess = True,
+        device: torch.device | str | None = None,
+        max_score: float | None | str = AUTO,
+    ) -> None:
+        self.measures = resolve_measures(measures)
+        self.num_permutations = check_num_permutations(num_permutations)
+        self.alpha = check_alpha(alpha)
+        self.seed = check_seed(seed)
+        aggregate_fn(aggregate)
+        self.aggregate = aggregate
+        self.pairs = dict(pairs) if pairs is not None else None
+        self.groups = groups
+        self.preprocessor = RowPreprocessor(preprocess)
+        self.device = torch.device(device) if device is not None else None
+        self.max_score = check_max_score(max_score)
+        self.reference: PreparedSide | None = None
+        self.permutations: Permutations | None = None
+
+    # ----------------------------------------------------------------------------- checks
+    @property
+    def min_samples(self) -> int:
+        """The fewest probe samples every measure is defined for."""
+        return max(m.min_samples for m in self.measures.values())
+
+    def check_samples(self, n: int, what: str = "the probe") -> None:
+        """Raise a configuration error when ``n`` samples are too few for a measure."""
+        short = [f"{label} ({', '.join(f'{k}={v}' for k, v in m.params) or 'defaults'}) needs "
+                 f">= {m.min_samples}" for label, m in self.measures.items() if n < m.min_samples]
+        if short:
+            raise ValueError(f"{what} has {n} samples, too few: " + "; ".join(short))
+        if self.groups is not None:
+            GroupPermuter(self.groups, n)
+
+    # ------------------------------------------------------------------------------ sides
+    def features(self, layers: Mapping[str, Tensor], label: str) -> tuple[list[str], list[Tensor]]:
+        """Preprocessed (n, d) features of ``layers`` on the compute device, one dtype."""
+        prep = self.preprocessor
+        moved = {name: (t if self.device is None else t.to(self.device)) for name, t in layers.items()}
+        return side_features({name: prep.matrix(prep.rows(t)) for name, t in moved.items()}, label)
+
+    @torch.no_grad()
+    def set_reference(self, layers: Mapping[str, Tensor]) -> PreparedSide:
+        """Preprocess and prepare the frozen reference's layers once, for every measure."""
+        names, feats = self.features(layers, "reference")
+        self.check_samples(feats[0].shape[0], "the reference's probe activation")
+        self.reference = prepare_side(names, feats, list(self.measures.values()), "y")
+        if self.permutations is None or self.permutations.n != self.reference.n:
+            self.permutations = Permutations(self.reference.n, self.num_permutations, self.seed,
+                                             self.groups)
+        return self.reference
+
+    def clear(self) -> None:
+        """Drop the reference's prepared state (memory)."""
+        self.reference = None
+
+    def _aggregate(self, x_names: Sequence[str], y_names: Sequence[str]) -> Aggregate:
+        if self.pairs is None:
+            return self.aggregate
+        return MappedAggregate(self.pairs, x_names, y_names, self.aggregate)
+
+    # ------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, layers: Mapping[str, Tensor], epoch: int = 0, step: int = 0,
+             share: tuple[int, int] | None = None, gather: Gather | None = None,
+             seconds: float = 0.0) -> StepResult:
+        """Calibrated alignment of the model's ``layers`` with the reference, every measure.
+
+        ``share`` / ``gather``: compute only permutations ``range(*share)`` here and assemble
+        the full null with ``gather`` (the null split over processes); ``seconds`` already
+        spent (capturing) is added to the step's time.
+        """
+        if self.reference is None:
+            raise RuntimeError("set_reference() must be called before step()")
+        start = time.perf_counter()
+        names, feats = self.features(layers, "model")
+        if feats[0].shape[0] != self.reference.n:
+            raise ValueError(f"the model's probe activations have {feats[0].shape[0]} rows but the "
+                             f"reference's have {self.reference.n}: rows must be the same probe "
+                             "samples in the same order")
+        dtype = torch.promote_types(feats[0].dtype, self.reference.dtype)
+        if dtype != self.reference.dtype:  # a float64 model against a float32 reference
+            self.reference = prepare_side(self.reference.names,
+                                          [f.to(dtype) for f in self.reference.features],
+                                          list(self.measures.values()), "y")
+        measures = list(self.measures.values())
+        xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x")
+        results = calibrate_prepared(measures, xside, self.reference, self.permutations,
+                                     self.alpha, self._aggregate(names, self.reference.names),
+                                     self.max_score, share, gather)
+        by_label = {label: results[m] for label, m in self.measures.items()}
+        return StepResult(epoch, step, by_label, xside.n,
+                          seconds + time.perf_counter() - start)

@@ -409,6 +409,9 @@ def test_bad_arguments():
     assert math.isfinite(float(pr.linear_predictivity(x[:4], y[:4], folds=2)))
     with pytest.raises(ValueError, match="same number of samples"):
         sm.procrustes_similarity(x, y[:-1])
+    big = torch.ones(2000, 2, dtype=F64)  # centering round-off grows with n: still detected
+    with pytest.raises(ValueError, match="zero-variance"):
+        sm.bures_similarity(big, big + torch.arange(2000.0, dtype=F64)[:, None], "rbf", 1.0)
     const = torch.ones(30, 4, dtype=F64)
     for name, (_, _, fn, _) in MEASURES.items():
         with pytest.raises(ValueError, match="zero-variance"):

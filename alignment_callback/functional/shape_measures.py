@@ -187,16 +187,16 @@ def bures_state(x: Tensor, kernel: str = "linear", sigma: float | str = 1.0) -> 
     if _check_kernel(kernel) == "linear":
         return procrustes_state(x)
     k = center_gram(rbf_gram(x, sigma))
-    k = (k + k.T) / 2
-    evals, evecs = torch.linalg.eigh(k)
-    n = x.shape[0]
-    top = evals[-1]
-    if not bool(top > 1e3 * torch.finfo(k.dtype).eps):  # RBF entries are <= 1
+    eps = torch.finfo(k.dtype).eps
+    if not bool(k.abs().max() > 1e3 * eps):  # RBF entries are <= 1; centering leaves ~eps
         raise ValueError(
             "zero-variance representation: the centered RBF gram is zero (all samples are "
-            "identical); bures_similarity is undefined for it"
+            "identical, or sigma is so large that they look so); bures_similarity is undefined "
+            "for it"
         )
-    keep = evals > top * n * torch.finfo(k.dtype).eps
+    evals, evecs = torch.linalg.eigh((k + k.T) / 2)
+    top = evals[-1]
+    keep = evals > top * x.shape[0] * eps
     return _factor(evecs[:, keep], evals[keep].sqrt())
 
 

@@ -385,6 +385,27 @@ def test_cca_family_rank_errors():
         cm.cca_similarity(x, y, dims=5)
 
 
+@pytest.mark.parametrize("fail", ["batch", "always"])
+def test_pwcca_svd_fallback(monkeypatch, fail):
+    """A non-converging SVD (many tied correlations, float32) is redone in float64, then by
+    svdvals + eigh: same values."""
+    x, y = _pair(40, 6, 9, seed=5, dtype=torch.float32)
+    perms = permutations(40, 4, seed=2)
+    sx, sy = cm.pwcca_state(x), cm.pwcca_state(y)
+    want = cm.pwcca_score(sx, sy, perms)
+    real_svd = torch.linalg.svd
+
+    def flaky(a, *args, **kwargs):
+        if fail == "always" or a.dim() == 3:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real_svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    got = cm.pwcca_score(sx, sy, perms)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_bad_arguments():
     x, y = _pair(30, 4, 6, seed=3)
     for alpha in (-0.1, 1.5, "1", True):

@@ -93,13 +93,42 @@ def pwcca_state(x: Tensor) -> CCAState:
     return cca_state(x, "pwcca")
 
 
+def _left_svd(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Left singular vectors (B, r_x, k) and singular values (B, k) of ``m`` (B, r_x, r_y).
+
+    LAPACK's divide-and-conquer SVD can fail to converge on matrices with many repeated
+    singular values, which CCA produces when ``r_x + r_y > n − 1`` (at least
+    ``r_x + r_y − (n − 1)`` correlations equal 1), mostly in float32.  A failed batch is redone
+    matrix by matrix in float64, and a matrix that still fails takes its singular values from
+    ``svdvals`` and its left vectors from ``eigh(m mᵀ)``.
+    """
+    try:
+        lmat, rho, _ = torch.linalg.svd(m, full_matrices=False)
+        return lmat, rho
+    except torch.linalg.LinAlgError:
+        pass
+    k = min(m.shape[-2:])
+    lmats, rhos = [], []
+    for mi in m.double():
+        try:
+            lmat, rho, _ = torch.linalg.svd(mi, full_matrices=False)
+        except torch.linalg.LinAlgError:
+            rho = torch.linalg.svdvals(mi)
+            lmat = torch.linalg.eigh(mi @ mi.T).eigenvectors.flip(-1)[:, :k]
+        lmats.append(lmat)
+        rhos.append(rho)
+    return torch.stack(lmats).to(m.dtype), torch.stack(rhos).to(m.dtype)
+
+
 def pwcca_score(sx: CCAState, sy: CCAState, perms: Tensor) -> Tensor:
     """PWCCA of ``(x, y[π])`` for each π → (B,), weights from x's side.
 
     With ``U_xᵀ U_y[π] = L diag(ρ) Rᵀ``, x's unit-norm canonical variates are ``h_i = U_x L_i``
-    and ``⟨h_i, x_j⟩ = (Lᵀ coords)_ij``.
+    and ``⟨h_i, x_j⟩ = (Lᵀ coords)_ij``.  Within a group of tied correlations the canonical
+    directions are not unique and neither are the L1 weights; the group's total weight then
+    depends on the SVD's choice of basis (exact ties occur only for forced unit correlations).
     """
-    lmat, rho, _ = torch.linalg.svd(sx.u.T.unsqueeze(0) @ sy.u[perms], full_matrices=False)
+    lmat, rho = _left_svd(sx.u.T.unsqueeze(0) @ sy.u[perms])
     w = (lmat.mT @ sx.coords).abs().sum(-1)  # (B, k): Σ_j |⟨h_i, x_j⟩|
     return (w * rho.clamp(0.0, 1.0)).sum(-1) / w.sum(-1)
 

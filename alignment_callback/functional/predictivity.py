@@ -27,9 +27,10 @@ the training basis), and ``M 1 = 0``.  So every squared error is a quadratic for
 ``L`` becomes ``L[π][:, π]``.  ``prepare`` builds the forms once from x — one n × n matrix
 (summed over folds) for a fixed penalty; ``folds × |grid|`` outer-fold forms and as many
 inner-CV forms when the penalty is chosen by inner CV, each stored as its upper triangle
-(``n(n + 1)/2`` numbers: 70 such at the defaults) — and a chunk of permutations is one gather
-of L's upper triangle and one matrix product with the forms.  The choice of penalty is redone
-for every permutation (the inner errors are forms too), so the null is exact.
+(``n(n + 1)/2`` numbers: 70 such at the defaults, 147 MB in float32 at n = 1024) — and a
+permutation is one n × n gather of L plus one dot product (fixed penalty, as cheap as linear
+CKA), or plus one row of a chunk-wide matrix product with the packed forms.  The choice of
+penalty is redone for every permutation (the inner errors are forms too), so the null is exact.
 """
 
 from __future__ import annotations
@@ -192,12 +193,14 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
 
 
 class PredictivityForms:
-    """x's quadratic forms, packed as upper triangles (weights 2 off the diagonal)."""
+    """x's quadratic forms: one full n × n matrix for a fixed penalty; otherwise the outer and
+    inner forms packed as upper triangles (weights 2 off the diagonal) at flat indices
+    ``flat`` of an n × n matrix."""
 
     def __init__(self, x: Tensor, grid: tuple[float, ...], fixed: bool, folds: int) -> None:
         n = x.shape[0]
         iu = torch.triu_indices(n, n, device=x.device)
-        self.iu = iu
+        self.flat = iu[0] * n + iu[1]
         weight = torch.where(iu[0] == iu[1], 1.0, 2.0).to(x.dtype)
         self.fixed = fixed
 
@@ -220,7 +223,7 @@ class PredictivityForms:
             for start, stop in slices:
                 test, train = _split(n, start, stop, x.device)
                 total += residual_forms(_Fit(x[train], x[test]), test, train, grid)[0]
-            self.total = pack(total)
+            self.total = total
             return
         outer, inner = [], []
         for start, stop in slices:
@@ -278,12 +281,21 @@ def predictivity_score(sx: PredictivityState, sy: PredictivityState, perms: Tens
         raise ValueError(
             f"x and y must have the same number of samples, got {sx.x.shape[0]} and {n}"
         )
-    idx = perms[:, forms.iu[0]] * n + perms[:, forms.iu[1]]
-    packed = gram.reshape(-1)[idx]  # (B, P): upper triangle of L[π][:, π]
+    b = perms.shape[0]
+    rows, gathered = torch.empty_like(gram), torch.empty_like(gram)
     if forms.fixed:
-        sse = packed @ forms.total
+        total = forms.total.reshape(-1)
+        sse = gram.new_empty(b)
     else:
-        b = perms.shape[0]
+        packed = gram.new_empty(b, forms.flat.shape[0])
+    for i, p in enumerate(perms):  # L[π][:, π], one n × n gather alive at a time
+        torch.index_select(gram, 0, p, out=rows)
+        torch.index_select(rows, 1, p, out=gathered)
+        if forms.fixed:
+            sse[i] = torch.dot(gathered.reshape(-1), total)
+        else:
+            torch.take(gathered, forms.flat, out=packed[i])
+    if not forms.fixed:
         inner = (packed @ forms.inner.T).view(b, *forms.shape)
         outer = (packed @ forms.outer.T).view(b, *forms.shape)
         sse = outer.gather(2, inner.argmin(2, keepdim=True)).sum((1, 2))

@@ -593,3 +593,67 @@ def test_predictivity_has_no_width_inflation_but_a_negative_bias():
     assert all(-0.3 < m < 0.0 for m in means), means
     assert max(means) - min(means) < 0.1, means
     assert np.mean(np.array(cal_all) > 0) <= _band(ALPHA, len(cal_all))
+
+
+# --------------------------------------------------------------------------- registry wiring
+
+
+def _declared():
+    """The Measure objects of the registration declarations handed over with these modules."""
+    from alignment_callback.functional.gram_measures import gram_layer_scores, gram_score
+    from alignment_callback.functional.registry import Measure
+
+    return {
+        "procrustes": Measure("procrustes", sm.procrustes_state, sm.procrustes_score,
+                              perm_cost=lambda n: n * n),
+        "shape_metric": Measure("shape_metric", partial(sm.shape_state, alpha=0.5),
+                                sm.shape_score, perm_cost=lambda n: n * n,
+                                kwargs={"alpha": 0.5}),
+        "bures": Measure("bures", partial(sm.bures_state, kernel="rbf", sigma="median"),
+                         sm.bures_score, perm_cost=lambda n: n * n,
+                         kwargs={"kernel": "rbf", "sigma": "median"}),
+        "cca": Measure("cca", cm.cca_state, partial(cm.cca_score, dims=None),
+                       perm_cost=lambda n: n * n, kwargs={"dims": None}, min_samples=3),
+        "pwcca": Measure("pwcca", cm.pwcca_state, cm.pwcca_score, perm_cost=lambda n: n * n,
+                         min_samples=3),
+        "linear_predictivity": Measure(
+            "linear_predictivity", partial(pr.predictivity_state, ridge=None, folds=5),
+            pr.predictivity_score, perm_cost=lambda n: n * n,
+            kwargs={"ridge": None, "folds": 5}, min_samples=pr.min_samples(5)),
+        "rv_coefficient": Measure("rv_coefficient", rvm.rv_state, gram_score,
+                                  perm_cost=lambda n: n, score_layers=gram_layer_scores),
+    }
+
+
+FUNCTIONALS = {
+    "procrustes": sm.procrustes_similarity,
+    "shape_metric": partial(sm.shape_metric, alpha=0.5),
+    "bures": partial(sm.bures_similarity, kernel="rbf", sigma="median"),
+    "cca": cm.cca_similarity,
+    "pwcca": cm.pwcca,
+    "linear_predictivity": pr.linear_predictivity,
+    "rv_coefficient": rvm.rv_coefficient,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONALS))
+def test_declared_measures_run_through_the_calibration(name):
+    from alignment_callback.functional.calibration import calibrated_alignment
+    from alignment_callback.functional.layers import calibrated_layer_alignment
+    from alignment_callback.functional.permutation import permutation_null
+
+    measure = _declared()[name]
+    x, y = _pair(30, 4, 6, seed=40)
+    res = calibrated_alignment(x, y, measure, num_permutations=20, seed=3)
+    assert float(res.raw) == pytest.approx(float(FUNCTIONALS[name](x, y)), abs=1e-12)
+    assert float(measure(x, y)) == pytest.approx(float(res.raw), abs=1e-12)
+    null = permutation_null(x, y, measure, num_permutations=20, seed=3)
+    want = torch.stack([FUNCTIONALS[name](x, y[p]) for p in permutations(30, 20, seed=3)])
+    torch.testing.assert_close(null, want, atol=1e-10, rtol=0)
+    xs = [x, x[:, :3] + 0.1 * y[:, :3]]
+    ys = [y, y[:, :5]]
+    layers = calibrated_layer_alignment(xs, ys, measure, num_permutations=20, seed=3)
+    for a in range(2):
+        for b in range(2):
+            want = float(FUNCTIONALS[name](xs[a], ys[b]))
+            assert float(layers.matrix[a, b]) == pytest.approx(want, abs=1e-12)

@@ -1,0 +1,302 @@
+"""Linear predictivity: cross-validated R² of a ridge regression from x to y (Brain-Score /
+neural-predictivity style), with an exact fast permutation null.
+
+Definition (all choices fixed and deterministic):
+
+* **Folds** by row position, as scikit-learn's ``KFold(folds, shuffle=False)``: contiguous
+  blocks, the first ``n % folds`` of size ``n // folds + 1``.  A permutation null shuffles y's
+  rows and never the folds, so it stays exact.
+* **Fit** on a training set T (m rows): intercept by centering, ``β = (X_Tᶜᵀ X_Tᶜ + λ I)⁻¹
+  X_Tᶜᵀ (Y_T − ȳ_T)`` with ``X_Tᶜ = X_T − x̄_T``; prediction ``ŷ = ȳ_T + (x − x̄_T) β``.  Computed
+  from the thin SVD ``X_Tᶜ = U S Vᵀ`` (rank-truncated; ``λ = 0`` is minimum-norm least squares).
+* **Penalty** relative to the training data's scale, so the measure is scale-free:
+  ``λ = ridge · ‖X_Tᶜ‖²_F / min(m − 1, p)`` (``ridge = 1`` is the mean eigenvalue of the
+  centered training cross-product).  ``ridge=None`` chooses, separately in every outer fold,
+  the grid value in :data:`RIDGE_GRID` with the smallest pooled inner-CV squared error
+  (``folds`` inner folds by position within the training rows, first minimum on ties); a
+  sequence is used as the grid instead.
+* **Score** pooled over all outputs and test folds (scikit-learn's
+  ``r2_score(..., multioutput="variance_weighted")`` of the out-of-fold predictions):
+  ``R² = 1 − Σ_f ‖Y_f − Ŷ_f‖²_F / ‖Y − ȳ‖²_F`` with ȳ the mean over all n rows.  The
+  mean of per-output R² (sklearn's ``"uniform_average"``) is this R² on column-standardized y.
+
+Fast null.  Out-of-fold predictions are a linear operator of y fixed by x:
+``Y_E − Ŷ_E = M Y`` with ``M = [I_E, −(11ᵀ/m + P diag(s/(s² + λ)) Uᵀ)]`` (P the test rows in
+the training basis), and ``M 1 = 0``.  So every squared error is a quadratic form
+``‖M Y‖² = ⟨MᵀM, L⟩`` of y's centered gram ``L = (Y − ȳ)(Y − ȳ)ᵀ``, and under a permutation
+``L`` becomes ``L[π][:, π]``.  ``prepare`` builds the forms once from x — one n × n matrix
+(summed over folds) for a fixed penalty; ``folds × |grid|`` outer-fold forms and as many
+inner-CV forms when the penalty is chosen by inner CV, each stored as its upper triangle
+(``n(n + 1)/2`` numbers: 70 such at the defaults, 147 MB in float32 at n = 1024) — and a
+permutation is one n × n gather of L plus one dot product (fixed penalty, as cheap as linear
+CKA), or plus one row of a chunk-wide matrix product with the packed forms.  The choice of
+penalty is redone for every permutation (the inner errors are forms too), so the null is exact.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional._validation import check_matrix, check_pair
+
+RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+"""Relative penalties searched by inner CV when ``ridge=None``."""
+
+
+def fold_slices(n: int, folds: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` test blocks of ``KFold(folds, shuffle=False)`` on n rows."""
+    base, extra = divmod(n, folds)
+    out, start = [], 0
+    for f in range(folds):
+        stop = start + base + (1 if f < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+Ridge = float | Sequence[float] | None
+
+
+def _check_params(ridge: Ridge, folds: int) -> tuple[tuple[float, ...], bool]:
+    """Return (penalty grid, fixed?)."""
+    if isinstance(folds, bool) or int(folds) != folds or folds < 2:
+        raise ValueError(f"linear_predictivity: folds must be an integer >= 2, got {folds!r}")
+    if ridge is None:
+        return RIDGE_GRID, False
+    values = (ridge,) if isinstance(ridge, (int, float)) else tuple(ridge)
+    if not values:
+        raise ValueError("linear_predictivity: the ridge grid is empty")
+    for v in values:
+        bad = isinstance(v, bool) or not isinstance(v, (int, float))
+        if bad or not 0 <= v < float("inf"):
+            raise ValueError(
+                f"linear_predictivity: ridge must be None, a finite number >= 0 or a sequence of "
+                f"them, got {ridge!r}"
+            )
+    return tuple(float(v) for v in values), len(values) == 1
+
+
+def min_samples(folds: int = 5) -> int:
+    """Smallest n accepted: ``2·folds`` (each outer training set can hold ``folds`` inner folds)."""
+    return 2 * int(folds)
+
+
+class _Fit:
+    """Ridge regression fitted on rows ``x_train`` and evaluated at rows ``x_test``."""
+
+    def __init__(self, x_train: Tensor, x_test: Tensor) -> None:
+        m, p = x_train.shape
+        mean = x_train.mean(0, keepdim=True)
+        xc = x_train - mean
+        u, s, vh = torch.linalg.svd(xc, full_matrices=False)
+        eps = torch.finfo(x_train.dtype).eps
+        r = int((s > s[0] * max(m, p) * eps).sum()) if bool(s[0] > 0) else 0
+        self.m = m
+        self.u, self.s = u[:, :r], s[:r]
+        self.p = (x_test - mean) @ vh[:r].T  # (n_test, r)
+        self.scale = float((xc * xc).sum()) / min(m - 1, p) if m > 1 else 0.0
+
+    def coef(self, ridge: float) -> Tensor:
+        """``s / (s² + λ)`` with ``λ = ridge · scale``."""
+        return self.s / (self.s * self.s + ridge * self.scale)
+
+    def predict(self, y_train: Tensor, ridge: float) -> Tensor:
+        coef = self.coef(ridge)[:, None] * (self.u.T @ y_train)
+        return y_train.mean(0, keepdim=True) + self.p @ coef
+
+    def operator(self, ridge: float) -> Tensor:
+        """(n_test, m) matrix A with ``predict(y_train) = A @ y_train``."""
+        return 1.0 / self.m + (self.p * self.coef(ridge)) @ self.u.T
+
+
+def _split(n: int, start: int, stop: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    rows = torch.arange(n, device=device)
+    return rows[start:stop], torch.cat([rows[:start], rows[stop:]])
+
+
+def _check_variance(t: Tensor, what: str) -> Tensor:
+    """Column-centered ``t``; raises for zero variance."""
+    tc = t - t.mean(0, keepdim=True)
+    tol = 1e3 * torch.finfo(t.dtype).eps * t.abs().max() * (t.shape[0] * t.shape[1]) ** 0.5
+    if not bool(tc.norm() > tol):
+        raise ValueError(
+            f"zero-variance representation: {what} is constant over samples; "
+            f"linear_predictivity is undefined for it"
+        )
+    return tc
+
+
+def _check_n(n: int, folds: int) -> None:
+    if n < min_samples(folds):
+        raise ValueError(
+            f"linear_predictivity needs n >= 2*folds = {min_samples(folds)} samples for "
+            f"folds={folds}, got n={n}"
+        )
+
+
+# --------------------------------------------------------------------------- direct path
+
+
+def _inner_choice(x: Tensor, y: Tensor, grid: tuple[float, ...], folds: int) -> int:
+    """Index of the grid penalty with the smallest pooled inner-CV squared error."""
+    sse = torch.zeros(len(grid), dtype=x.dtype, device=x.device)
+    for start, stop in fold_slices(x.shape[0], folds):
+        test, train = _split(x.shape[0], start, stop, x.device)
+        fit = _Fit(x[train], x[test])
+        for k, ridge in enumerate(grid):
+            sse[k] += ((y[test] - fit.predict(y[train], ridge)) ** 2).sum()
+    return int(torch.argmin(sse))
+
+
+def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 5) -> Tensor:
+    """Cross-validated R² of a ridge regression predicting y from x (see the module docstring
+    for the exact folds, penalty and R² definitions).
+
+    Args:
+        ridge: relative penalty ``λ / (‖X_Tᶜ‖²_F / min(m − 1, p))`` (0 = least squares); None
+            (default) chooses it per outer fold by inner CV over :data:`RIDGE_GRID`
+            ``(1e-3, …, 1e3)``; a sequence is used as the grid.
+        folds: outer (and inner) folds, contiguous by row position (default 5).
+
+    Range (−∞, 1]: 1 for perfect out-of-fold predictions, about 0 (often slightly below) when
+    x carries no information about y.  **Directional**: ``linear_predictivity(x, y)`` predicts y
+    from x and differs from ``linear_predictivity(y, x)``.  Invariant to orthogonal maps,
+    isotropic scaling and translation of either side (of x: because the penalty is relative
+    and the fit has an intercept; of y: the pooled R²).  Not invariant to anisotropic scaling
+    of y (outputs are weighted by their variance) nor, with a penalty > 0, to general linear
+    maps of x.  Needs n >= 2·folds and non-constant x and y.
+
+    This computes the regression directly (one thin SVD per fit: ``folds`` outer fits plus
+    ``folds²`` inner ones); the permutation null uses the quadratic-form path of
+    :func:`predictivity_state` / :func:`predictivity_score`, which gives the same values.
+    """
+    x, y = check_pair(x, y)
+    grid, fixed = _check_params(ridge, folds)
+    n = x.shape[0]
+    _check_n(n, folds)
+    _check_variance(x, "x")
+    yc = _check_variance(y, "y")
+    sse = torch.zeros((), dtype=x.dtype, device=x.device)
+    for start, stop in fold_slices(n, folds):
+        test, train = _split(n, start, stop, x.device)
+        lam = grid[0] if fixed else grid[_inner_choice(x[train], yc[train], grid, folds)]
+        fit = _Fit(x[train], x[test])
+        sse = sse + ((yc[test] - fit.predict(yc[train], lam)) ** 2).sum()
+    return 1.0 - sse / (yc * yc).sum()
+
+
+# --------------------------------------------------------------------------- fast null path
+
+
+class PredictivityForms:
+    """x's quadratic forms: one full n × n matrix for a fixed penalty; otherwise the outer and
+    inner forms packed as upper triangles (weights 2 off the diagonal) at flat indices
+    ``flat`` of an n × n matrix."""
+
+    def __init__(self, x: Tensor, grid: tuple[float, ...], fixed: bool, folds: int) -> None:
+        n = x.shape[0]
+        iu = torch.triu_indices(n, n, device=x.device)
+        self.flat = iu[0] * n + iu[1]
+        weight = torch.where(iu[0] == iu[1], 1.0, 2.0).to(x.dtype)
+        self.fixed = fixed
+
+        def pack(g: Tensor) -> Tensor:
+            return g[iu[0], iu[1]] * weight
+
+        def residual_forms(fit: Tensor, test: Tensor, train: Tensor, lams) -> list[Tensor]:
+            """MᵀM (n × n) for each penalty, M = [I_test, −A_train]."""
+            out = []
+            for lam in lams:
+                mmat = x.new_zeros(test.shape[0], n)
+                mmat[:, test] = torch.eye(test.shape[0], dtype=x.dtype, device=x.device)
+                mmat[:, train] = -fit.operator(lam)
+                out.append(mmat.T @ mmat)
+            return out
+
+        slices = fold_slices(n, folds)
+        if fixed:
+            total = x.new_zeros(n, n)
+            for start, stop in slices:
+                test, train = _split(n, start, stop, x.device)
+                total += residual_forms(_Fit(x[train], x[test]), test, train, grid)[0]
+            self.total = total
+            return
+        outer, inner = [], []
+        for start, stop in slices:
+            test, train = _split(n, start, stop, x.device)
+            outer += [pack(g) for g in residual_forms(_Fit(x[train], x[test]), test, train, grid)]
+            acc = [x.new_zeros(n, n) for _ in grid]
+            for a, b in fold_slices(train.shape[0], folds):
+                itest, itrain = train[a:b], torch.cat([train[:a], train[b:]])
+                fit = _Fit(x[itrain], x[itest])
+                for k, g in enumerate(residual_forms(fit, itest, itrain, grid)):
+                    acc[k] += g
+            inner += [pack(g) for g in acc]
+        self.outer = torch.stack(outer)  # (folds·|grid|, P), fold-major
+        self.inner = torch.stack(inner)
+        self.shape = (folds, len(grid))
+
+
+class PredictivityState:
+    """One representation, usable as either side.
+
+    As y: :attr:`target` (its centered gram and total sum of squares).  As x: :attr:`forms`.
+    Both are computed on first use (so preparing a side only builds what its role needs).
+    """
+
+    def __init__(self, x: Tensor, ridge: Ridge = None, folds: int = 5) -> None:
+        x = check_matrix(x)
+        self.grid, self.fixed = _check_params(ridge, folds)
+        self.folds = int(folds)
+        _check_n(x.shape[0], self.folds)
+        self._xc = _check_variance(x, "the representation")
+        self.x = x
+
+    @cached_property
+    def target(self) -> tuple[Tensor, Tensor]:
+        """``(L = Y_c Y_cᵀ, tr L)``."""
+        gram = self._xc @ self._xc.T
+        return gram, (self._xc * self._xc).sum()
+
+    @cached_property
+    def forms(self) -> PredictivityForms:
+        return PredictivityForms(self.x, self.grid, self.fixed, self.folds)
+
+
+def predictivity_state(x: Tensor, ridge: Ridge = None, folds: int = 5) -> PredictivityState:
+    """Prepare a representation for :func:`predictivity_score` (either side; lazy)."""
+    return PredictivityState(x, ridge, folds)
+
+
+def predictivity_score(sx: PredictivityState, sy: PredictivityState, perms: Tensor) -> Tensor:
+    """Cross-validated R² of predicting ``y[π]`` from x for each π (B, n) → (B,)."""
+    forms = sx.forms
+    gram, sst = sy.target
+    n = gram.shape[0]
+    if sx.x.shape[0] != n:
+        raise ValueError(
+            f"x and y must have the same number of samples, got {sx.x.shape[0]} and {n}"
+        )
+    b = perms.shape[0]
+    rows, gathered = torch.empty_like(gram), torch.empty_like(gram)
+    if forms.fixed:
+        total = forms.total.reshape(-1)
+        sse = gram.new_empty(b)
+    else:
+        packed = gram.new_empty(b, forms.flat.shape[0])
+    for i, p in enumerate(perms):  # L[π][:, π], one n × n gather alive at a time
+        torch.index_select(gram, 0, p, out=rows)
+        torch.index_select(rows, 1, p, out=gathered)
+        if forms.fixed:
+            sse[i] = torch.dot(gathered.reshape(-1), total)
+        else:
+            torch.take(gathered, forms.flat, out=packed[i])
+    if not forms.fixed:
+        inner = (packed @ forms.inner.T).view(b, *forms.shape)
+        outer = (packed @ forms.outer.T).view(b, *forms.shape)
+        sse = outer.gather(2, inner.argmin(2, keepdim=True)).sum((1, 2))
+    return 1.0 - sse / sst

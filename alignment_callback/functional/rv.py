@@ -1,0 +1,41 @@
+"""Escoufier's RV coefficient (Robert & Escoufier 1976).
+
+For column-centered X (n × p), Y (n × q) with cross-products ``S_xy = XᵀY``:
+
+    RV = tr(S_xy S_yx) / √(tr(S_xx²) · tr(S_yy²)) = ‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F).
+
+Since ``tr(XᵀY YᵀX) = ⟨XXᵀ, YYᵀ⟩`` and ``tr((XᵀX)²) = ‖XXᵀ‖²_F``, RV is the cosine of the centered
+linear grams, i.e. **exactly linear CKA** with the biased HSIC (Kornblith et al. 2019 note the
+identity).  It is therefore computed on the gram path: the state is the centered linear gram and
+a permutation is one O(n²) gather + dot (``gram_measures.gram_score``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional._validation import check_pair
+from alignment_callback.functional.gram_measures import GramState, gram_score, linear_state
+
+
+def rv_state(x: Tensor) -> GramState:
+    """The centered linear gram ``(X − x̄)(X − x̄)ᵀ`` and its Frobenius norm."""
+    return linear_state(x)
+
+
+def rv_score(sx: GramState, sy: GramState, perms: Tensor) -> Tensor:
+    """``⟨K, L[π][:, π]⟩ / (‖K‖‖L‖)`` for each π (B, n) → (B,)."""
+    return gram_score(sx, sy, perms)
+
+
+def rv_coefficient(x: Tensor, y: Tensor) -> Tensor:
+    """Escoufier's RV coefficient of the column-centered features,
+    ``‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)``; identical to :func:`linear_cka`.
+
+    Range [0, 1], 1 iff ``Y = c X Q`` (Q orthogonal).  Symmetric.  Invariant to orthogonal
+    maps, isotropic scaling and translation.  Needs n >= 2 and non-constant representations.
+    Fast null: one n×n gather + dot per permutation.
+    """
+    x, y = check_pair(x, y)
+    return rv_score(rv_state(x), rv_state(y), torch.arange(x.shape[0], device=x.device)[None])[0]

@@ -1,0 +1,230 @@
+"""Shape family: orthogonal Procrustes, generalized shape metrics and Bures similarity.
+
+All three are one computation on a per-representation *factor* ``Z`` (n × r, ‖Z‖_F = 1) with
+``Z Zᵀ`` the side's normalized centered (transformed) gram:
+
+* Procrustes / linear Bures: ``Z = U S / ‖S‖`` from the thin SVD ``X − x̄ = U S Vᵀ``, so
+  ``Z Zᵀ = X̂ X̂ᵀ`` with ``X̂`` the column-centered, Frobenius-normalized features;
+* shape metric (Williams et al. 2021) with partial whitening α: ``Z ∝ U g(S)``,
+  ``g(s) = α s + (1 − α)`` (netrep's ``whiten`` convention, see :func:`shape_state`);
+* RBF Bures: ``Z = V Λ^½ / ‖Λ^½‖`` from the eigendecomposition ``H K H = V Λ Vᵀ``.
+
+The similarity is the nuclear norm ``‖Z_xᵀ Z_y‖_*``: for Procrustes this is
+``max_Q tr(X̂ᵀ Ŷ Q)`` over orthogonal Q (zero-padding the narrower side), i.e. ``1 − d²/2`` with
+``d = min_Q ‖X̂ − Ŷ Q‖_F`` the orthogonal Procrustes distance, and it is the fidelity
+``tr((K^½ L K^½)^½)`` of the normalized grams ``K = Z_x Z_xᵀ``, ``L = Z_y Z_yᵀ``, i.e. the
+normalized Bures similarity (Harvey et al. 2023).
+
+Fast null: a row permutation π of Y permutes the rows of ``Z_y``, so a chunk of permutations is
+one batched ``(r_x × n)(n × r_y)`` product and one ``svdvals`` per permutation, whatever the
+feature width d is (``r ≤ min(n − 1, d)``).  The naive path recomputes a thin SVD
+(O(n d min(n, d))) or an n × n eigendecomposition (RBF) per permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional._validation import check_pair
+from alignment_callback.functional.kernels import center_gram, rbf_gram
+
+
+@dataclass(frozen=True)
+class FactorState:
+    """``z`` (n, r), unit Frobenius norm: ``z zᵀ`` is the normalized centered gram."""
+
+    z: Tensor
+
+
+def centered_svd(x: Tensor, measure: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of the column-centered ``x`` truncated to its numerical rank.
+
+    Returns ``(u (n, r), s (r,), vh (r, d))``.  Directions with ``s <= s_max·max(n, d)·eps``
+    are numerical noise and dropped.  Raises ``ValueError`` for a zero-variance representation.
+    """
+    n, d = x.shape
+    xc = x - x.mean(0, keepdim=True)
+    u, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    eps = torch.finfo(x.dtype).eps
+    if not bool(s[0] > 1e3 * eps * x.abs().max() * math.sqrt(n * d)):
+        raise ValueError(
+            f"zero-variance representation: all samples are identical after centering; "
+            f"{measure} is undefined for it"
+        )
+    r = int((s > s[0] * max(n, d) * eps).sum())
+    return u[:, :r], s[:r], vh[:r]
+
+
+def _factor(u: Tensor, g: Tensor) -> FactorState:
+    return FactorState(u * (g / g.norm()))
+
+
+def procrustes_state(x: Tensor) -> FactorState:
+    """``Z = U S / ‖S‖`` from the thin SVD of the column-centered ``x``."""
+    u, s, _ = centered_svd(x, "procrustes_similarity")
+    return _factor(u, s)
+
+
+def procrustes_score(sx: FactorState, sy: FactorState, perms: Tensor) -> Tensor:
+    """``‖Z_xᵀ Z_y[π]‖_*`` for each row π of ``perms`` (B, n) → (B,), clamped to [0, 1]."""
+    m = sx.z.T.unsqueeze(0) @ sy.z[perms]  # (B, r_x, r_y)
+    return torch.linalg.svdvals(m).sum(-1).clamp(0.0, 1.0)
+
+
+def _identity(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device)[None]
+
+
+def procrustes_similarity(x: Tensor, y: Tensor) -> Tensor:
+    """Orthogonal Procrustes similarity ``‖X̂ᵀ Ŷ‖_*`` of the column-centered,
+    Frobenius-normalized features ``X̂ = (X − x̄)/‖X − x̄‖_F`` (and Ŷ).
+
+    Equals ``1 − d²/2`` with ``d = min_Q ‖X̂ − Ŷ Q‖_F`` the orthogonal Procrustes distance (Q
+    orthogonal, the narrower side zero-padded), ``cos`` of the Procrustes angular distance
+    (Williams et al. 2021, α = 1), and the normalized Bures similarity of the linear grams
+    (:func:`bures_similarity`).
+
+    Range [0, 1], 1 iff Ŷ = X̂ Q.  Symmetric.  Invariant to orthogonal maps of either side's
+    features, isotropic scaling and translation; not to anisotropic scaling or general linear
+    maps.  Needs n >= 2 and a non-constant representation.  Fast null: one batched r×r product
+    and an r×r ``svdvals`` per permutation (r <= min(n − 1, d)).
+    """
+    x, y = check_pair(x, y)
+    ident = _identity(x.shape[0], x.device)
+    return procrustes_score(procrustes_state(x), procrustes_state(y), ident)[0]
+
+
+# --------------------------------------------------------------------------- shape metric
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"shape_metric: alpha must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def shape_state(x: Tensor, alpha: float = 1.0) -> FactorState:
+    """Partially whitened, normalized factor ``Z ∝ U g(S)``, ``g(s) = α s + (1 − α)``.
+
+    This is netrep's ``LinearMetric`` whitening (``netrep.utils.whiten``): with
+    ``X − x̄ = U S Vᵀ`` and ``XᵀX = V S² Vᵀ`` *unnormalized* (no 1/n), the whitening matrix
+    ``V diag(α + (1 − α) s⁻¹) Vᵀ`` maps X to ``U diag(α s + (1 − α)) Vᵀ``; netrep's variance
+    rescaling is a global factor that cancels in the angle.  netrep clips the eigenvalues of
+    XᵀX at an absolute 1e-7; here directions below the relative rank tolerance of
+    :func:`centered_svd` are dropped instead (identical whenever every non-zero singular value
+    of the centered data exceeds √1e-7 ≈ 3.2e-4).
+
+    ``alpha = 0`` (CCA-like) depends on the column space only: if it is all n − 1 centered
+    directions (rank n − 1, e.g. d >= n − 1) the angle is a constant, so this raises.
+    """
+    alpha = _check_alpha(alpha)
+    u, s, _ = centered_svd(x, "shape_metric")
+    n = x.shape[0]
+    if alpha == 0.0 and u.shape[1] >= n - 1:
+        raise ValueError(
+            f"shape_metric with alpha=0 (CCA-like) is degenerate here: the centered "
+            f"representation has rank {u.shape[1]} = n - 1 (n={n} samples, d={x.shape[1]} "
+            f"features), so it spans every centered direction and the distance is a constant "
+            f"whatever the other representation is; use alpha > 0, fewer features (n >= d + 2) "
+            f"or more samples"
+        )
+    return _factor(u, alpha * s + (1.0 - alpha))
+
+
+def shape_score(sx: FactorState, sy: FactorState, perms: Tensor) -> Tensor:
+    """``1 − θ/(π/2)`` with ``θ = arccos ‖Z_xᵀ Z_y[π]‖_*`` for each π → (B,)."""
+    cos = procrustes_score(sx, sy, perms)
+    return 1.0 - torch.arccos(cos) / (math.pi / 2)
+
+
+def shape_metric(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
+    """Generalized shape metric (Williams et al. 2021, "Generalized shape metrics on neural
+    representations", NeurIPS) as a similarity: ``1 − θ/(π/2)``.
+
+    ``θ = arccos(max_Q ⟨φ_α(X), φ_α(Y) Q⟩ / (‖φ_α(X)‖‖φ_α(Y)‖))`` is the angular shape distance
+    (netrep's ``LinearMetric(alpha, score_method="angular")``, ``center_columns=True``,
+    zero-padding), φ_α the partial whitening of the column-centered data (see
+    :func:`shape_state`), Q orthogonal.  θ is in [0, π/2] (the optimal alignment makes the
+    inner product >= 0), so the similarity is in [0, 1], 1 iff the whitened shapes coincide;
+    ``θ = (π/2)(1 − value)`` recovers the distance.
+
+    * ``alpha = 1``: Procrustes (``cos θ = procrustes_similarity``).  Invariant to orthogonal
+      maps, isotropic scaling and translation.
+    * ``alpha = 0``: CCA-like, ``cos θ = Σρ_i / √(r_x r_y)`` (ρ the canonical correlations, r
+      the ranks).  Invariant to invertible linear maps and translation.  Needs rank < n − 1 on
+      both sides (n >= d + 2 for full-rank data), else ``ValueError``.
+    * ``0 < alpha < 1``: invariant to orthogonal maps and translation, **not** to isotropic
+      scaling: as in netrep the whitening interpolates between the raw singular values and 1,
+      so the input's overall scale sets how much it is whitened.
+
+    Symmetric.  Needs n >= 2.  Fast null: as :func:`procrustes_similarity`.
+    """
+    x, y = check_pair(x, y)
+    ident = _identity(x.shape[0], x.device)
+    return shape_score(shape_state(x, alpha), shape_state(y, alpha), ident)[0]
+
+
+# --------------------------------------------------------------------------- Bures
+
+
+def _check_kernel(kernel: str) -> str:
+    if kernel not in ("linear", "rbf"):
+        raise ValueError(f"bures_similarity: kernel must be 'linear' or 'rbf', got {kernel!r}")
+    return kernel
+
+
+def bures_state(x: Tensor, kernel: str = "linear", sigma: float | str = 1.0) -> FactorState:
+    """Normalized factor of the centered gram: ``Z Zᵀ = HKH / tr(HKH)``.
+
+    Linear: the Procrustes factor (thin SVD of the centered features).  RBF: ``V Λ^½`` from
+    the eigendecomposition of the centered RBF gram, eigenvalues ``<= λ_max·n·eps`` (numerical
+    noise and the negative round-off ones) dropped.
+    """
+    if _check_kernel(kernel) == "linear":
+        return procrustes_state(x)
+    k = center_gram(rbf_gram(x, sigma))
+    eps = torch.finfo(k.dtype).eps
+    if not bool(k.abs().max() > 1e3 * eps):  # RBF entries are <= 1; centering leaves ~eps
+        raise ValueError(
+            "zero-variance representation: the centered RBF gram is zero (all samples are "
+            "identical, or sigma is so large that they look so); bures_similarity is undefined "
+            "for it"
+        )
+    evals, evecs = torch.linalg.eigh((k + k.T) / 2)
+    top = evals[-1]
+    keep = evals > top * x.shape[0] * eps
+    return _factor(evecs[:, keep], evals[keep].sqrt())
+
+
+def bures_score(sx: FactorState, sy: FactorState, perms: Tensor) -> Tensor:
+    """Fidelity of the normalized centered grams ``‖Z_xᵀ Z_y[π]‖_*`` for each π → (B,)."""
+    return procrustes_score(sx, sy, perms)
+
+
+def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float | str = 1.0
+                     ) -> Tensor:
+    """Normalized Bures similarity ``tr((K^½ L K^½)^½) / √(tr K · tr L)`` of the centered grams
+    ``K = H Kₓ H``, ``L = H K_y H``.
+
+    ``kernel="linear"`` (``K = XXᵀ``) equals :func:`procrustes_similarity`.  ``kernel="rbf"``
+    uses ``exp(−‖x_i − x_j‖²/(2σ²))`` with absolute ``sigma`` (default 1.0) or
+    ``sigma="median"`` (as :func:`~alignment_callback.functional.kernels.rbf_gram`).
+
+    Range [0, 1], 1 iff the normalized centered grams are equal.  Symmetric.  Linear: invariant
+    to orthogonal maps, isotropic scaling, translation.  RBF: invariant to orthogonal maps and
+    translation; to isotropic scaling only with ``sigma="median"``.  Needs n >= 2.
+
+    Cost: ``tr((K^½LK^½)^½) = ‖Z_xᵀ Z_y‖_*`` with ``K = Z_x Z_xᵀ``.  Linear: Z from a thin SVD,
+    r <= min(n − 1, d).  RBF: Z from an n × n eigendecomposition (O(n³), once per side), and
+    the centered RBF gram usually has numerical rank close to n − 1, so each permutation costs
+    an O(n r_x r_y) product plus an r × r SVD — about O(n³) — against two O(n³)
+    eigendecompositions plus that SVD when recomputing.  The square root makes the RBF value
+    accurate to about ``√(n·eps)`` relative when the gram has eigenvalues at round-off level.
+    """
+    x, y = check_pair(x, y)
+    ident = _identity(x.shape[0], x.device)
+    return bures_score(bures_state(x, kernel, sigma), bures_state(y, kernel, sigma), ident)[0]

@@ -36,6 +36,12 @@ __all__ = [
 ]
 
 
+#: The measures this module implements (the CKA, kNN, SVCCA and RSA families); the shape, CCA,
+#: predictivity and RV families are in ``numpy_reference_families.py``.
+MEASURES = ("linear_cka", "rbf_cka", "unbiased_cka", "mutual_knn", "cycle_knn", "cknna", "svcca",
+            "lcs_knn", "edit_distance_knn", "rsa")
+
+
 def _f64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 

@@ -6,6 +6,7 @@ or better (float64 stays float64), returns tensors, and never touches the global
 
 from alignment_callback.functional.aggregation import Layers, LayerAlignmentResult
 from alignment_callback.functional.calibration import CalibrationResult, calibrate
+from alignment_callback.functional.cca_measures import cca_similarity, pwcca
 from alignment_callback.functional.fdr import benjamini_hochberg
 from alignment_callback.functional.gram_measures import linear_cka, rbf_cka, rsa, unbiased_cka
 from alignment_callback.functional.kernels import hsic_biased, hsic_unbiased
@@ -23,6 +24,7 @@ from alignment_callback.functional.pipeline import (
     calibrated_layer_alignment,
     permutation_null,
 )
+from alignment_callback.functional.predictivity import linear_predictivity
 from alignment_callback.functional.preprocessing import pool_features, prepare_features
 from alignment_callback.functional.registry import (
     BUILTIN_MEASURES,
@@ -30,6 +32,12 @@ from alignment_callback.functional.registry import (
     MeasureInfo,
     get_measure,
     register_measure,
+)
+from alignment_callback.functional.rv import rv_coefficient
+from alignment_callback.functional.shape_measures import (
+    bures_similarity,
+    procrustes_similarity,
+    shape_metric,
 )
 from alignment_callback.functional.svcca import svcca
 
@@ -42,10 +50,12 @@ __all__ = [
     "MeasureInfo",
     "Permutations",
     "benjamini_hochberg",
+    "bures_similarity",
     "calibrate",
     "calibrate_measures",
     "calibrated_alignment",
     "calibrated_layer_alignment",
+    "cca_similarity",
     "cknna",
     "cycle_knn",
     "edit_distance_knn",
@@ -53,15 +63,20 @@ __all__ = [
     "hsic_biased",
     "hsic_unbiased",
     "lcs_knn",
+    "linear_predictivity",
     "linear_cka",
     "mutual_knn",
     "permutation_null",
     "permutations",
     "pool_features",
     "prepare_features",
+    "procrustes_similarity",
+    "pwcca",
     "rbf_cka",
     "register_measure",
     "rsa",
+    "rv_coefficient",
+    "shape_metric",
     "svcca",
     "unbiased_cka",
 ]

@@ -118,8 +118,9 @@ def warn_unresolved(fields: dict[str, Tensor], max_score: float | None, what: st
         return
     tau = float(fields["threshold"].max())
     warnings.warn(
-        f"{what}: the null threshold τ = {tau:.9g} is within float error of the maximum "
-        f"{max_score:g}, so the measure cannot tell aligned from independent data here; the "
+        f"{what}: the null threshold τ = {tau:.9g} reaches the maximum "
+        f"{max_score:g} (to float resolution), so the measure cannot tell aligned from independent "
+        "data here; the "
         "calibrated score is reported as 0" + (f". Hint: {hint}" if hint else ""),
         RuntimeWarning, stacklevel=3)
 

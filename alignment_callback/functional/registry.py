@@ -24,8 +24,11 @@ from typing import Any, Callable, Mapping, Union
 import torch
 from torch import Tensor
 
+from alignment_callback.functional import cca_measures as cm
 from alignment_callback.functional import gram_measures as gm
 from alignment_callback.functional import knn_measures as km
+from alignment_callback.functional import predictivity as pr
+from alignment_callback.functional import shape_measures as shm
 from alignment_callback.functional import svcca as sv
 from alignment_callback.functional._validation import check_matrix, check_pair, check_positive_int
 
@@ -287,7 +290,7 @@ def _knn(name: str, summary: str, minimum_k: int = 1, min_n: int = 2, **kw: Any)
 
 _GRAM_INVARIANCE = "rotation, isotropic scaling, translation"
 _gram("linear_cka", gm.linear_state, "HSIC(K,L)/√(HSIC(K,K)·HSIC(L,L)), K = XXᵀ, biased HSIC",
-      invariances=_GRAM_INVARIANCE)
+      invariances=_GRAM_INVARIANCE, aliases=("cka-kernel=linear-hsic=gretton-score",))
 _gram("rbf_cka", gm.rbf_state, "CKA with K_ij = exp(−‖x_i − x_j‖²/(2σ²))",
       params=(SIGMA_PARAM,), invariances="rotation, translation (isotropic scaling with sigma='median')",
       degenerate_hint=_rbf_hint)
@@ -307,6 +310,100 @@ register_measure(MeasureInfo(
     min_samples=sv.svcca_min_samples, perm_cost=sv.svcca_cost,
     null_method="rows of Y's orthonormal basis permuted; a cca_dim² SVD per permutation",
     invariances="rotation, translation, per-feature scaling"))
+
+
+# ----------------------------------------------------------------- shape, CCA, predictivity
+def _call_state(x: Tensor, role: str, shared: Any, *, state: Callable[..., Any], **params: Any) -> Any:
+    return state(x, **params)
+
+
+def _call_score(sx: Any, sy: Any, perms: Tensor, *, score: Callable[..., Tensor],
+                **params: Any) -> Tensor:
+    return score(sx, sy, perms)
+
+
+def _square_cost(n: int, params: Mapping[str, Any]) -> int:
+    return n * n
+
+
+def _check_alpha_param(value: Any, name: str) -> float:
+    return shm._check_alpha(value)
+
+
+def _check_kernel_param(value: Any, name: str) -> str:
+    return shm._check_kernel(value)
+
+
+def _check_dims_param(value: Any, name: str) -> int | None:
+    return cm._check_dims(value)
+
+
+def _check_ridge(value: Any, name: str) -> Any:
+    pr._check_params(value, 2)
+    return value if value is None or isinstance(value, (int, float)) else tuple(value)
+
+
+def _check_folds(value: Any, name: str) -> int:
+    pr._check_params(None, value)
+    return int(value)
+
+
+def _cca_score_dims(sx: Any, sy: Any, perms: Tensor, **params: Any) -> Tensor:
+    return cm.cca_score(sx, sy, perms, params.get("dims"))
+
+
+def _cca_state(x: Tensor, dims: int | None = None) -> Any:
+    return cm.cca_state(x)
+
+
+def _cca_min(params: Mapping[str, Any]) -> int:
+    return max(3, (params["dims"] or 1) + 2)
+
+
+def _predictivity_min(params: Mapping[str, Any]) -> int:
+    return pr.min_samples(params["folds"])
+
+
+def _other(name: str, summary: str, state: Callable[..., Any], score: Callable[..., Tensor],
+           **kw: Any) -> MeasureInfo:
+    return register_measure(MeasureInfo(
+        name, "other", summary, functools.partial(_call_state, state=state),
+        functools.partial(_call_score, score=score), perm_cost=_square_cost, **kw))
+
+
+_FACTOR_NULL = "rows of Y's (n, r) factor permuted; an r×r product and its singular values"
+_other("procrustes_similarity", "‖X̂ᵀŶ‖_* of centered, Frobenius-normalized features (= 1 − d²/2)",
+       shm.procrustes_state, shm.procrustes_score, null_method=_FACTOR_NULL,
+       invariances=_GRAM_INVARIANCE)
+_other("shape_metric", "1 − θ/(π/2), θ the angular shape distance with partial whitening α",
+       shm.shape_state, shm.shape_score,
+       params=(Param("alpha", 1.0, _check_alpha_param, "partial whitening: 0 CCA-like, 1 Procrustes"),),
+       null_method=_FACTOR_NULL, aliases=("procrustes-angular-score",),
+       invariances="rotation, translation; isotropic scaling at α = 1; invertible linear maps at α = 0")
+_other("bures_similarity", "tr((K^½ L K^½)^½)/√(tr K·tr L) of the centered grams",
+       shm.bures_state, shm.bures_score,
+       params=(Param("kernel", "linear", _check_kernel_param, "'linear' or 'rbf'"), SIGMA_PARAM),
+       null_method=_FACTOR_NULL + " (RBF: r ≈ n, O(n³) per permutation)", aliases=("nbs",),
+       invariances="linear: rotation, isotropic scaling, translation; rbf: rotation, translation")
+register_measure(MeasureInfo(
+    "cca_similarity", "other", "mean of the top `dims` canonical correlations",
+    functools.partial(_call_state, state=_cca_state), _cca_score_dims, perm_cost=_square_cost,
+       params=(Param("dims", None, _check_dims_param, "correlations averaged (None: all)"),),
+    min_samples=_cca_min, null_method="rows of Y's orthonormal basis permuted; an SVD per permutation",
+    invariances="invertible linear maps, translation"))
+_other("pwcca", "Σ α_i ρ_i, weights from x's projections (Morcos et al. 2018)", cm.pwcca_state,
+       cm.pwcca_score, symmetric=False, min_samples=functools.partial(_constant, value=3),
+       null_method="rows of Y's orthonormal basis permuted; an SVD per permutation",
+       invariances="translation, isotropic scaling of x, invertible linear maps of y")
+_other("linear_predictivity", "cross-validated R² of ridge regression x → y (pooled over outputs)",
+       pr.predictivity_state, pr.predictivity_score, symmetric=False, value_range=(None, 1.0),
+       params=(Param("ridge", None, _check_ridge, "penalty (None: inner CV over a grid)"),
+               Param("folds", 5, _check_folds, "contiguous cross-validation folds")),
+       min_samples=_predictivity_min,
+       null_method="quadratic forms of Y's centered gram, built once from x; a gather per permutation",
+       invariances="rotation, isotropic scaling, translation of either side")
+_gram("rv_coefficient", gm.linear_state, "Escoufier's RV of column-centered data (= linear CKA)",
+      invariances=_GRAM_INVARIANCE)
 
 #: The built-in measures by name (read-only view of the registry's canonical names).
 BUILTIN_MEASURES: Mapping[str, MeasureInfo] = REGISTRY

@@ -1,0 +1,128 @@
+"""One harness over the measure registry: every registered measure, whatever its family, is
+declared completely, equals its float64 NumPy reference, has a fast null equal to
+recomputation, gives the same numbers through every entry point (functional, layers, metric
+objects, the engine), pickles, and refuses too few samples.  A new measure is one registration
+plus a NumPy reference in ``REFERENCES`` below, and this file checks it."""
+
+from __future__ import annotations
+
+import pickle
+from functools import partial
+
+import pytest
+import torch
+
+import alignment_callback.functional as F
+from alignment_callback.engine import AlignmentEngine
+from alignment_callback.functional.registry import REGISTRY, canonical_name
+from alignment_callback.metrics import CalibratedAlignment
+from tests import numpy_reference as ref
+from tests import numpy_reference_families as fam
+
+#: float64 NumPy references, written from each measure's definition, at default parameters.
+REFERENCES = {
+    "linear_cka": ref.linear_cka,
+    "rbf_cka": ref.rbf_cka,
+    "unbiased_cka": ref.unbiased_cka,
+    "rsa": ref.rsa,
+    "mutual_knn": ref.mutual_knn,
+    "cycle_knn": ref.cycle_knn,
+    "cknna": ref.cknna,
+    "lcs_knn": ref.lcs_knn,
+    "edit_distance_knn": ref.edit_distance_knn,
+    "svcca": partial(ref.svcca, cca_dim=10),
+    "procrustes_similarity": fam.procrustes_similarity,
+    "shape_metric": partial(fam.shape_metric, alpha=1.0),
+    "bures_similarity": lambda x, y: fam.bures_fidelity(fam.center(fam.linear_gram(x)),
+                                                        fam.center(fam.linear_gram(y))),
+    "cca_similarity": fam.cca_similarity,
+    "pwcca": fam.pwcca,
+    "linear_predictivity": fam.ridge_cv_r2,
+    "rv_coefficient": fam.rv_coefficient,
+}
+NAMES = sorted(REGISTRY)
+N, DX, DY = 40, 12, 11
+
+
+def data(n: int = N, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, DX, generator=g, dtype=dtype)
+    y = x[:, :DY] @ torch.randn(DY, DY, generator=g, dtype=dtype) + torch.randn(n, DY, generator=g, dtype=dtype)
+    return x, y
+
+
+def test_every_registered_measure_has_a_reference():
+    assert sorted(REFERENCES) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_declaration_is_complete(name):
+    info = REGISTRY[name]
+    assert info.family in ("gram", "knn", "other")
+    assert info.summary and info.null_method and info.invariances
+    assert info.value_range[1] is not None  # every built-in has an s_max
+    measure = F.get_measure(name)
+    assert measure.min_samples >= 2 and measure.perm_cost(100) >= 100
+    assert hasattr(F, name), f"functional {name} is not exported"
+    for alias in info.aliases:
+        assert canonical_name(alias) == name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_equals_numpy_reference(name):
+    x, y = data()
+    expected = REFERENCES[name](x.numpy(), y.numpy())
+    assert float(getattr(F, name)(x, y)) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert float(F.get_measure(name)(x, y)) == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_null_equals_recomputation(name):
+    x, y = data(seed=1)
+    measure = F.get_measure(name)
+    null = F.permutation_null(x, y, name, 8, seed=2)
+    expected = torch.stack([measure(x, y[p]) for p in F.permutations(N, 8, seed=2)])
+    torch.testing.assert_close(null, expected.to(null.dtype), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_entry_point_gives_the_same_numbers(name):
+    x, y = data(seed=3)
+    x2 = torch.tanh(x)
+    functional = F.calibrated_alignment(x, y, name, 20, seed=4)
+    metric = CalibratedAlignment(name, num_permutations=20, seed=4, preprocess=False)
+    metric.update(x[:25], y[:25])
+    metric.update(x[25:], y[25:])
+    out = metric.compute()
+    layers = F.calibrated_layer_alignment({"a": x, "b": x2}, {"c": y}, name, num_permutations=20, seed=4)
+    engine = AlignmentEngine([name], num_permutations=20, seed=4, preprocess=False)
+    engine.set_reference({"c": y})
+    step = engine.step({"a": x, "b": x2}).results[name]
+    for key in ("raw", "calibrated", "p_value", "threshold"):
+        assert float(out[key]) == pytest.approx(float(getattr(functional, key)), abs=1e-12), key
+        assert float(getattr(step, key)) == pytest.approx(float(getattr(layers, key)), abs=1e-12), key
+    assert float(layers.matrix[0, 0]) == pytest.approx(float(functional.raw), abs=1e-12)
+    assert float(layers.matrix[1, 0]) == pytest.approx(float(F.get_measure(name)(x2, y)), abs=1e-12)
+    torch.testing.assert_close(step.matrix, layers.matrix)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_measure_pickles_and_too_few_samples_are_refused(name):
+    measure = F.get_measure(name)
+    assert pickle.loads(pickle.dumps(measure)) == measure
+    x, y = data(n=measure.min_samples - 1)
+    with pytest.raises(ValueError, match=f"needs at least {measure.min_samples} samples"):
+        F.calibrated_alignment(x, y, name, 5)
+
+
+def test_unknown_option_is_refused_with_the_accepted_ones():
+    with pytest.raises(TypeError, match=r"linear_cka got unexpected keyword argument\(s\) \['k'\]"):
+        F.get_measure("linear_cka", k=3)
+    with pytest.raises(TypeError, match=r"it accepts \['k'\]"):
+        F.get_measure("mutual_knn", sigma=1.0)
+
+
+def test_numpy_references_do_not_use_the_library():
+    for module in (ref, fam):
+        source = open(module.__file__).read()
+        assert "import alignment_callback" not in source and "from alignment_callback" not in source

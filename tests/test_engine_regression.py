@@ -56,3 +56,18 @@ def test_matrix_null_and_calibration_equal_v01(v01, today, name):
         assert abs(float(getattr(new, key)) - old[key]) <= max(tol, 0.0) * 10, key
     if tol == 0.0:
         assert torch.equal(new.matrix, old["matrix"])
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_engine_step_equals_v01(v01, name):
+    """The callback's path: the engine preprocesses the pooled activations and calibrates every
+    measure in one step."""
+    from alignment_callback.engine import AlignmentEngine
+
+    engine = AlignmentEngine(list(EXACT), num_permutations=v01["num_permutations"], seed=v01["seed"])
+    engine.set_reference(v01["y"])
+    new = engine.step(v01["x"]).results[name]
+    old = v01["results"][name]
+    torch.testing.assert_close(new.matrix, old["matrix"], atol=EXACT[name], rtol=0)
+    torch.testing.assert_close(new.null, old["null"].flatten(1).amax(1), atol=EXACT[name], rtol=0)
+    assert float(new.calibrated) == pytest.approx(old["calibrated"], abs=10 * EXACT[name])

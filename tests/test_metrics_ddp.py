@@ -48,6 +48,8 @@ def _data() -> dict[str, torch.Tensor]:
 
 def _metrics() -> dict[str, object]:
     return {
+        "order": LayerAlignment("linear_cka", num_permutations=K, seed=4),
+        "idle": LayerAlignment("mutual_knn", num_permutations=K, seed=4, k=5),
         "ca": CalibratedAlignment("mutual_knn", num_permutations=K, seed=4, k=5),
         "la": LayerAlignment("linear_cka", num_permutations=K, seed=4),
         "ca_index": CalibratedAlignment("linear_cka", num_permutations=K, seed=4),
@@ -64,6 +66,19 @@ def _feed(metrics: dict, d: dict, rows: torch.Tensor, ids: torch.Tensor) -> None
     metrics["ca_index"].update(x[ids], y[ids], index=ids)
     metrics["la_index"].update({"a": x[ids], "b": x2[ids]}, {"c": y[ids], "d": y2[ids]}, index=ids)
     metrics["cached_index"].update(x[ids], index=ids)
+
+
+def _feed_rank(metrics: dict, d: dict, rows: torch.Tensor, rank: int) -> None:
+    """Rank-specific feeding: rank 1 lists the layers in another order, and never updates
+    the "idle" metric."""
+    x, y, x2, y2 = d["x"], d["y"], d["x2"], d["y2"]
+    xs = {"a": x[rows], "b": x2[rows]}
+    ys = {"c": y[rows], "d": y2[rows]}
+    if rank == 1:
+        xs, ys = dict(reversed(xs.items())), dict(reversed(ys.items()))
+    metrics["order"].update(xs, ys)
+    if rank == 0:
+        metrics["idle"].update(xs, ys)
 
 
 def _results(metrics: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -84,8 +99,16 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         # two updates per rank (uneven batches inside the shard too)
         for part in (slice(0, 11), slice(11, None)):
             _feed(metrics, d, rows[part], ids[part])
+            _feed_rank(metrics, d, rows[part], rank)
         local_rows = metrics["ca"]._stored_rows("x")
         results = _results(metrics)
+        conflict = LayerAlignment("linear_cka", num_permutations=K)
+        conflict.update({"a" if rank == 0 else "z": d["x"][rows]}, {"c": d["y"][rows]})
+        try:
+            conflict.compute()
+            results["_conflict"] = "no error"
+        except ValueError as err:
+            results["_conflict"] = str(err)
         # after compute the local (unsynced) states are restored
         results["_local"] = {"rows": torch.tensor(local_rows),
                              "after": torch.tensor(metrics["ca"]._stored_rows("x"))}
@@ -121,7 +144,12 @@ def _single_process() -> dict[str, dict[str, torch.Tensor]]:
     metrics["cached_index"].set_reference(d["y"])
     # rank-major order for the plain metrics; in-order, deduplicated rows for the index= ones
     _feed(metrics, d, d["order"], torch.arange(N))
-    return _results(metrics)
+    _feed_rank(metrics, d, d["order"], 0)
+    out = _results(metrics)
+    idle = LayerAlignment("mutual_knn", num_permutations=K, seed=4, k=5)  # rank 0's rows only
+    _feed_rank({"order": LayerAlignment(), "idle": idle}, d, d["order"][:SPLIT], 0)
+    out["idle"] = _results({"idle": idle})["idle"]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +169,11 @@ def single_results() -> dict[str, dict[str, torch.Tensor]]:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ["ca", "la", "ca_index", "la_index", "cached_index"])
+@pytest.mark.parametrize("name", ["ca", "la", "ca_index", "la_index", "cached_index", "order", "idle"])
 def test_ddp_matches_single_process(ddp_results, single_results, name: str) -> None:
     expected = single_results[name]
-    keys = RESULT_KEYS + (("matrix", "pair_calibrated", "argmax") if name.startswith("la") else ())
+    layered = name.startswith("la") or name in ("order", "idle")
+    keys = RESULT_KEYS + (("matrix", "pair_calibrated", "argmax") if layered else ())
     for rank, results in enumerate(ddp_results):
         for key in keys:
             torch.testing.assert_close(results[name][key], expected[key],
@@ -156,3 +185,10 @@ def test_ddp_local_states_restored(ddp_results) -> None:
         local = SPLIT if rank == 0 else N - SPLIT
         assert int(results["_local"]["rows"]) == local
         assert int(results["_local"]["after"]) == local
+
+
+def test_ddp_different_layers_on_two_ranks_is_one_clear_error_on_both(ddp_results) -> None:
+    for results in ddp_results:
+        message = results["_conflict"]
+        assert "the processes hold different x layers" in message, message
+        assert "rank 0 has {'a': 10}" in message and "rank 1 has {'z': 10}" in message

@@ -49,8 +49,9 @@ class AlignmentMetricBase(Metric):
     name's position in the *sorted* layer names, so every process stores a layer in the same
     state whatever order its update dicts had; results are reported in the order of the first
     update (or of ``x_layers`` / ``y_layers``).  Before a distributed sync the processes agree
-    on the layers, their widths and the dtype (one clear error on every rank otherwise), and a
-    process that never called ``update`` joins with empty rows.
+    on the layers, their widths and the dtype (one clear error on every rank otherwise), a
+    process that never called ``update`` joins with empty rows, and every process reports in
+    the layer order of the lowest rank holding rows.
     """
 
     is_differentiable = False
@@ -237,6 +238,8 @@ class AlignmentMetricBase(Metric):
     def sync(self, dist_sync_fn: Any = None, process_group: Any = None, should_sync: bool = True,
              distributed_available: Any = None) -> None:
         """Agree on the layer layout across processes, then torchmetrics' sync."""
+        if distributed_available is None:
+            distributed_available = self.distributed_available_fn
         available = distributed_available() if callable(distributed_available) else False
         if should_sync and available:
             self._agree_on_layout(process_group or self.process_group)
@@ -247,7 +250,7 @@ class AlignmentMetricBase(Metric):
         for side in ("x", "y"):
             names = getattr(self, f"{side}_layers")
             rows = self._stored_rows(side) if names else 0
-            out[side] = (sorted(names), list(self._widths[side]), rows)
+            out[side] = (sorted(names), list(self._widths[side]), rows, list(names))
         out["dtype"] = next((str(t.dtype) for t in getattr(self, "x0", []) or []), None)
         return out
 
@@ -260,8 +263,8 @@ class AlignmentMetricBase(Metric):
             filled = [(r, lay[side]) for r, lay in enumerate(layouts) if lay[side][2] > 0]
             if not filled:
                 continue
-            rank, (names, widths, _) = filled[0]
-            for other, (names2, widths2, _) in filled[1:]:
+            rank, (names, widths, _, order) = filled[0]
+            for other, (names2, widths2, _, _) in filled[1:]:
                 if names2 != names or widths2 != widths:
                     raise ValueError(
                         f"{type(self).__name__}: the processes hold different {side} layers: "
@@ -272,8 +275,9 @@ class AlignmentMetricBase(Metric):
             dtypes = {lay["dtype"] for lay in layouts if lay["dtype"] is not None}
             dtype = torch.float64 if "torch.float64" in dtypes else torch.float32
             if not getattr(self, f"{side}_layers"):
-                self._register(side, list(names))
+                self._register(side, list(order))
                 self._widths[side] = list(widths)
+            setattr(self, f"{side}_layers", list(order))  # report in the first process's order
             for name in names:
                 state = self._state(side, name)
                 if isinstance(state, list):

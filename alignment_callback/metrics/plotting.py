@@ -43,21 +43,71 @@ def _value(v: Any) -> float:
     return float(v.item() if isinstance(v, Tensor) else v)
 
 
+def _history_series(history: list[Mapping[str, Any]], measure: str | None, prefix: str
+                    ) -> tuple[list[Mapping[str, Any]], str]:
+    """A callback history (flat ``<prefix>/<measure>/<field>`` keys) as per-step
+    ``{"raw", "calibrated", "threshold"}`` dicts of one measure."""
+    found = sorted({key[len(prefix) + 1:-len("/raw")] for h in history for key in h
+                    if key.startswith(f"{prefix}/") and key.endswith("/raw")})
+    if not found:
+        raise ValueError(f"nothing to plot: the entries have neither 'raw' nor '{prefix}/<measure>/raw' "
+                         "keys (pass prefix= if the callback used another log_prefix)")
+    if measure is None:
+        if len(found) > 1:
+            raise ValueError(f"the history holds several measures {found}; pass measure=one of them")
+        measure = found[0]
+    if measure not in found:
+        raise ValueError(f"measure {measure!r} is not in the history; it holds {found}")
+    fields = ("raw", "calibrated", "threshold", "p_value")
+    return [{f: h[f"{prefix}/{measure}/{f}"] for f in fields if f"{prefix}/{measure}/{f}" in h}
+            for h in history], measure
+
+
 def plot_scores(
     val: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     ax: Any = None,
     steps: Sequence[float] | None = None,
     title: str | None = None,
-    xlabel: str = "step",
+    xlabel: str | None = None,
+    measure: str | None = None,
+    prefix: str = "alignment",
 ) -> tuple[Any, Any]:
     """Raw and calibrated score with the null threshold τ, for one result or a history.
 
     The band from 0 to τ is what chance alone reaches (the null); raw scores inside it are not
-    evidence of alignment. Returns ``(fig, ax)``.
+    evidence of alignment.
+
+    Parameters
+    ----------
+    val : a result dict, a list of them, or ``AlignmentCallback.history``
+        Result dicts have ``raw``, ``calibrated`` and ``threshold`` entries (what the metric
+        objects' ``compute()`` returns).  A callback history has flat
+        ``<prefix>/<measure>/<field>`` keys: pick the measure with ``measure``.
+    ax : matplotlib Axes, default=None
+        Axes to draw on (default: a new pyplot figure).
+    steps : sequence of float, default=None
+        x values (default: the history's epochs, else 0, 1, 2, ...).
+    title, xlabel : str, default=None
+        Default title: the measure's name for a history; default x label: ``"epoch"`` for a
+        history, else ``"step"``.
+    measure : str, default=None
+        For a callback history: which measure (optional when it holds one).
+    prefix : str, default="alignment"
+        The callback's ``log_prefix``.
+
+    Returns
+    -------
+    (fig, ax)
     """
     history = [val] if isinstance(val, Mapping) else list(val)
     if not history:
         raise ValueError("nothing to plot: empty history")
+    if "raw" not in history[0]:
+        epochs = [h.get("epoch") for h in history]
+        history, measure = _history_series(history, measure, prefix)
+        if steps is None and all(e is not None for e in epochs):
+            steps, xlabel = epochs, xlabel or "epoch"
+        title = title or measure
     xs = list(steps) if steps is not None else list(range(len(history)))
     raw = [_value(h["raw"]) for h in history]
     cal = [_value(h["calibrated"]) for h in history]
@@ -69,7 +119,7 @@ def plot_scores(
     ax.plot(xs, tau, color="0.4", linestyle="--", marker=marker, label="threshold τ")
     ax.plot(xs, raw, color="tab:blue", marker=marker, label="raw")
     ax.plot(xs, cal, color="tab:red", marker=marker, label="calibrated")
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(xlabel or "step")
     ax.set_ylabel("score")
     ax.set_ylim(min(0.0, min(raw + cal + tau)) - 0.02, max(1.0, max(raw + tau)) + 0.02)
     if title:

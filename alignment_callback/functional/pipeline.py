@@ -50,6 +50,11 @@ from alignment_callback.functional.registry import (
 
 Groups = Any  # a sequence / array / tensor of one group label per sample
 
+#: Gram-family states kept per side without streaming; a streamed layer null holds at most
+#: GRAM_BLOCK reference states and one model state at a time.
+GRAM_KEPT = 4
+GRAM_BLOCK = 4
+
 
 # --------------------------------------------------------------------------------- sides
 @dataclass
@@ -67,6 +72,14 @@ class PreparedSide:
     names: list[str]
     features: list[Tensor]
     states: dict[Measure, list[Any]] = field(default_factory=dict)
+    lazy: set[Measure] = field(default_factory=set)
+
+    def state(self, measure: Measure, i: int) -> Any:
+        """Layer ``i``'s state for ``measure``: kept, or prepared now and not kept (a lazy
+        gram-family measure, whose n×n states are streamed to bound memory)."""
+        if measure in self.states:
+            return self.states[measure][i]
+        return measure.prepare(self.features[i], self.role)
 
     @property
     def n(self) -> int:
@@ -108,13 +121,20 @@ def side_features(layers: Layers | Tensor, label: str, dtype: torch.dtype | None
 
 
 def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Sequence[Measure],
-                 role: str, side: PreparedSide | None = None) -> PreparedSide:
+                 role: str, side: PreparedSide | None = None, keep_gram: bool | None = None
+                 ) -> PreparedSide:
     """Prepare ``features`` for every measure not prepared yet in ``side`` (or a new side).
 
     kNN measures get one shared neighbor list per layer, built for their largest k.
+    Gram-family states (one n×n matrix per layer) are kept when ``keep_gram`` (default: when
+    the side has at most :data:`GRAM_KEPT` layers); otherwise they are *lazy*: prepared block
+    by block when the null needs them and dropped after, so memory does not grow with the
+    number of layers.
     """
     side = side or PreparedSide(role, list(names), list(features))
-    todo = [m for m in dict.fromkeys(measures) if m not in side.states]
+    if keep_gram is None:
+        keep_gram = len(side.features) <= GRAM_KEPT
+    todo = [m for m in dict.fromkeys(measures) if m not in side.states and m not in side.lazy]
     for m in todo:
         check_samples(m, side.n)
     shared: dict[str, list[Any]] = {}
@@ -126,6 +146,10 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
                 check_distinct_rows(f, m.name)
         shared["neighbor_lists"] = [neighbor_lists(f, kmax, role) for f in side.features]
     for m in todo:
+        if m.family == "gram" and not keep_gram:
+            m.prepare(side.features[0], role)  # fail now (zero variance, ...), keep nothing
+            side.lazy.add(m)
+            continue
         lists = shared.get(m.info.shared or "")
         side.states[m] = [m.prepare(f, role, None if lists is None else lists[i])
                           for i, f in enumerate(side.features)]
@@ -141,7 +165,7 @@ def _clamp(measure: Measure, scores: Tensor) -> Tensor:
 
 def _group_scores(measures: Sequence[Measure], xside: PreparedSide, yside: PreparedSide,
                   perms: Tensor) -> list[Tensor]:
-    """(B, LA, LB) scores of each measure for the permutations ``perms`` (kNN jointly)."""
+    """(B, LA, LB) scores of each (kept) measure for the permutations ``perms`` (kNN jointly)."""
     out: dict[Measure, Tensor] = {}
     knn = [m for m in measures if m.info.group == "knn"]
     if knn:
@@ -153,7 +177,11 @@ def _group_scores(measures: Sequence[Measure], xside: PreparedSide, yside: Prepa
     return [_clamp(m, out[m]) for m in measures]
 
 
-def _chunk_groups(measures: Sequence[Measure], n: int) -> list[list[Measure]]:
+def _streamed(m: Measure, xside: PreparedSide, yside: PreparedSide) -> bool:
+    return m in xside.lazy or m in yside.lazy
+
+
+def _chunk_groups(measures: Sequence[Measure]) -> list[list[Measure]]:
     """Measures computed together in one pass over the permutations: all kNN measures, and
     each other measure on its own."""
     knn = [m for m in measures if m.info.group == "knn"]
@@ -161,24 +189,66 @@ def _chunk_groups(measures: Sequence[Measure], n: int) -> list[list[Measure]]:
     return groups + [[m] for m in measures if m.info.group != "knn"]
 
 
+def _blocks(m: Measure, xside: PreparedSide, yside: PreparedSide) -> list[tuple[range, range]]:
+    """(model layers, reference layers) blocks of a streamed measure: kept states are used
+    whole; otherwise at most GRAM_BLOCK reference states and one model state at a time."""
+    la, lb = len(xside.features), len(yside.features)
+    ys = [range(lb)] if m in yside.states else [range(b, min(lb, b + GRAM_BLOCK))
+                                                for b in range(0, lb, GRAM_BLOCK)]
+    xs = [range(la)] if m in xside.states else [range(a, a + 1) for a in range(la)]
+    return [(xr, yr) for yr in ys for xr in xs]
+
+
+def _streamed_matrices(m: Measure, xside: PreparedSide, yside: PreparedSide,
+                       permutations: Permutations | None, start: int, stop: int | None
+                       ) -> Tensor:
+    """(B, LA, LB) scores of a streamed gram-family measure, block by block: the identity
+    when ``permutations`` is None, else permutations ``start .. stop-1``."""
+    n = xside.n
+    out: Tensor | None = None
+    for xr, yr in _blocks(m, xside, yside):
+        ys = [yside.state(m, b) for b in yr]
+        xs = [xside.state(m, a) for a in xr]
+        if permutations is None:
+            parts = [m.layer_scores(xs, ys, torch.arange(n, device=xside.device)[None])]
+        else:
+            parts = [m.layer_scores(xs, ys, p) for p in
+                     permutations.chunks(chunk_size_for(m.perm_cost(n)), xside.device, start, stop)]
+        block = _clamp(m, torch.cat(parts))
+        if out is None:
+            out = block.new_empty(block.shape[0], len(xside.features), len(yside.features))
+        out[:, xr.start:xr.stop, yr.start:yr.stop] = block
+        del xs, ys, parts
+    return out
+
+
 def layer_nulls(measures: Sequence[Measure], xside: PreparedSide, yside: PreparedSide,
                 permutations: Permutations, start: int = 0, stop: int | None = None
                 ) -> dict[Measure, Tensor]:
     """(K', LA, LB) null layer matrices of each measure for permutations ``start .. stop-1``."""
-    parts: dict[Measure, list[Tensor]] = {m: [] for m in measures}
-    for group in _chunk_groups(measures, xside.n):
+    out = {m: _streamed_matrices(m, xside, yside, permutations, start, stop)
+           for m in measures if _streamed(m, xside, yside)}
+    kept = [m for m in measures if m not in out]
+    parts: dict[Measure, list[Tensor]] = {m: [] for m in kept}
+    for group in _chunk_groups(kept):
         cost = max(m.perm_cost(xside.n) for m in group)
         for perms in permutations.chunks(chunk_size_for(cost), xside.device, start, stop):
             for m, scores in zip(group, _group_scores(group, xside, yside, perms)):
                 parts[m].append(scores)
-    return {m: torch.cat(p) for m, p in parts.items()}
+    out.update({m: torch.cat(p) for m, p in parts.items()})
+    return {m: out[m] for m in measures}
 
 
 def observed_matrices(measures: Sequence[Measure], xside: PreparedSide, yside: PreparedSide
                       ) -> dict[Measure, Tensor]:
     """The raw (LA, LB) layer matrix of each measure."""
-    ident = torch.arange(xside.n, device=xside.device)[None]
-    return {m: s[0] for m, s in zip(measures, _group_scores(measures, xside, yside, ident))}
+    out = {m: _streamed_matrices(m, xside, yside, None, 0, None)[0]
+           for m in measures if _streamed(m, xside, yside)}
+    kept = [m for m in measures if m not in out]
+    if kept:
+        ident = torch.arange(xside.n, device=xside.device)[None]
+        out.update({m: s[0] for m, s in zip(kept, _group_scores(kept, xside, yside, ident))})
+    return {m: out[m] for m in measures}
 
 
 Gather = Callable[[dict[Measure, Tensor]], dict[Measure, Tensor]]

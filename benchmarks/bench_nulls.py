@@ -6,7 +6,7 @@ naive baseline, which recomputes the measure from the features on each permuted 
 naive cost over per-permutation fast cost.  Also the aggregation-aware layer calibration
 (LA×LB linear CKA) and the peak resident memory, which must stay far below K·n·n floats.
 
-    python benchmarks/bench_nulls.py            # METHOD.md settings: n=1024, d=768, K=1000
+    python benchmarks/bench_nulls.py            # the paper's timing setting: n=1024, d=768, K=1000
     python benchmarks/bench_nulls.py --quick    # small smoke run
 """
 

@@ -1,6 +1,6 @@
 """Independent float64 NumPy reference implementations of the alignment measures.
 
-Written directly from docs/METHOD.md sections 2-3 (not from the library's code) so that the
+Written directly from the definitions in docs/measures.md (not from the library's code) so that the
 tests compare two independent implementations. Clarity over speed: loops are fine here.
 
 All functions take NumPy arrays X (n, p), Y (n, q) and return Python floats.
@@ -93,7 +93,7 @@ def hsic_biased(K, L) -> float:
 
 
 def hsic_unbiased(K, L) -> float:
-    """Song et al. (2012) eq. 5, exactly as METHOD.md writes it.
+    """Song et al. (2012) eq. 5, exactly as docs/measures.md writes it.
 
     With K~, L~ the grams with zeroed diagonals:
     [tr(K~L~) + 1'K~1 * 1'L~1 / ((n-1)(n-2)) - 2 * 1'K~L~1 / (n-2)] / (n(n-3)),

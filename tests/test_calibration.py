@@ -1,4 +1,4 @@
-"""Permutation calibration (METHOD.md section 4) against a hand-written float64 NumPy reference
+"""Permutation calibration (docs/calibration.md) against a hand-written float64 NumPy reference
 and against the authors' package ``calibrated-similarity`` (the conformance oracle)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import alignment_callback.functional as F
 
 
 def ref_calibrate(s: float, null, alpha: float = 0.05, smax: float | None = 1.0) -> dict:
-    """METHOD.md section 4, written out literally in float64 NumPy."""
+    """docs/calibration.md, written out literally in float64 NumPy."""
     null = np.asarray(null, dtype=np.float64)
     K = null.size
     combined = np.sort(np.concatenate([[s], null]))

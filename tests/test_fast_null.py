@@ -1,4 +1,4 @@
-"""Fast permutation nulls equal brute-force recomputation (METHOD.md sections 4 and 5).
+"""Fast permutation nulls equal brute-force recomputation (docs/calibration.md).
 
 For every built-in measure the null that ``permutation_null`` computes on the fast path (grams
 gathered, neighbor lists remapped, ...) must equal, value for value, the public measure

@@ -1,4 +1,4 @@
-"""Aggregation-aware layer calibration (METHOD.md section 4, depth confounder)."""
+"""Aggregation-aware layer calibration (docs/calibration.md, depth confounder)."""
 
 from __future__ import annotations
 

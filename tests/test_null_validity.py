@@ -1,4 +1,4 @@
-"""Statistical validity of the permutation calibration (METHOD.md sections 1 and 4).
+"""Statistical validity of the permutation calibration (docs/calibration.md).
 
 (a) Under independence the test is valid: P(p <= alpha) <= alpha and P(calibrated > 0) <= alpha,
     for every measure, at small and large d/n.
@@ -130,7 +130,7 @@ def test_width_confounder_raw_grows_calibrated_stays_zero():
         means.append(np.mean(raws))
         cal_rates.append(np.mean(np.array(cals) > 0))
         cal_medians.append(np.median(cals))
-        # METHOD.md: raw linear CKA of independent Gaussians ~ d / (n + d)
+        # docs/calibration.md: raw linear CKA of independent Gaussians ~ d / (n + d)
         assert np.mean(raws) == pytest.approx(d / (n + d), abs=0.03), (d, np.mean(raws))
     assert all(b > a for a, b in zip(means, means[1:])), means  # strictly increasing
     assert means[-1] > 0.85  # "looks aligned" ...

@@ -1,6 +1,6 @@
 """Library measures vs the shared reference values (shared/reference/prh_reference.{json,npz}).
 
-Each entry holds `exact` (METHOD.md's definitions in float64 NumPy) and `prh_value` (the public
+Each entry holds `exact` (the definitions of docs/measures.md in float64 NumPy) and `prh_value` (the public
 code of The Platonic Representation Hypothesis, run as published). We must match `exact` to 1e-6
 relative and `prh_value` to 1e-2 relative (the published code adds 1e-6 to the denominators of
 unbiased CKA and CKNNA).

@@ -4,7 +4,7 @@
 duplicated row is its own nearest neighbor at distance 0, so kNN measures (mutual kNN, CKNNA,
 ...) see neighbor lists made of copies, grams gain identical rows, and — worse — the
 permutation null stops being valid: copies of one sample are not exchangeable with the others
-(the same reason grouped samples need block permutations, METHOD.md section 4).  Scores and
+(the same reason grouped samples need block permutations, docs/calibration.md).  Scores and
 thresholds computed on such resamples are biased.
 
 **What this module does instead.** Each replicate draws ``fraction · n`` rows (default 80 %)

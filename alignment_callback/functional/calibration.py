@@ -157,7 +157,7 @@ def calibrate(
     >>> from alignment_callback.functional import calibrate
     >>> res = calibrate(0.9, torch.linspace(0.0, 0.5, 199))
     >>> round(float(res.p_value), 3), round(float(res.calibrated), 3)
-    (0.005, 0.8)
+    (0.005, 0.809)
     """
     null = torch.as_tensor(null).reshape(-1)
     score_t = torch.as_tensor(score, dtype=null.dtype if null.is_floating_point() else None,

@@ -1,4 +1,4 @@
-"""Gram-family measures: linear / RBF / unbiased CKA and RSA (METHOD.md sections 3 and 5).
+"""Gram-family measures: linear / RBF / unbiased CKA and RSA (docs/measures.md).
 
 All four are a cosine between two n×n "centered" matrices A, B:
 

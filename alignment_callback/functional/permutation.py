@@ -1,4 +1,4 @@
-"""Seeded permutations and permutation nulls (METHOD.md section 4).
+"""Seeded permutations and permutation nulls (docs/calibration.md).
 
 Permutations come from a dedicated ``torch.Generator`` seeded with ``seed`` (never the global
 RNG), always drawn on the CPU so the same seed gives the same permutations on every device.
@@ -22,7 +22,7 @@ _CACHE_ELEMENTS = 1 << 24  # permutation sets up to this many entries stay in me
 
 
 class GroupPermuter:
-    """Block permutations: rows sharing a group label move together (METHOD.md section 4).
+    """Block permutations: rows sharing a group label move together (docs/calibration.md).
 
     Groups of equal size are shuffled among themselves; row ``o`` of a group goes to row ``o``
     of its new group (rows within a group keep index order).  Groups of a size no other group

@@ -1,4 +1,4 @@
-"""Reduce raw activations to (n, d) feature matrices (METHOD.md section 2).
+"""Reduce raw activations to (n, d) feature matrices (docs/measures.md, preprocessing).
 
 Preprocessing is an explicit step, separate from the measures: the measures take the rows they are
 given.  The PRH convention is ``pool -> optional outlier clamp -> L2-normalize each row``.
@@ -101,7 +101,7 @@ def prepare_features(
     normalize: bool = True,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Preprocess activations for the measures (METHOD.md section 2).
+    """Preprocess activations for the measures (docs/measures.md, preprocessing).
 
     ``x`` of shape (n, ...) -> pool to (n, d) -> optionally clamp ``|x|`` at the
     ``clamp_quantile`` of ``|x|`` (PRH: 0.95) -> optionally L2-normalize each row.

@@ -1,4 +1,4 @@
-"""SVCCA (Raghu et al. 2017) with a deterministic SVD (METHOD.md section 3).
+"""SVCCA (Raghu et al. 2017) with a deterministic SVD (docs/measures.md).
 
 Columns are centered and scaled to unit variance, the top ``cca_dim`` left singular vectors U of
 each side span the kept subspaces, and the canonical correlations between two subspaces with

@@ -21,7 +21,7 @@ class CalibratedAlignment(AlignmentMetricBase):
 
     ``update(x, y)`` accumulates paired rows (list states reduced with ``"cat"``, so DDP
     gathers them rank-major, pairs intact); ``compute()`` calibrates the score on all rows
-    against ``num_permutations`` seeded permutations of the reference rows (METHOD.md §4) and
+    against ``num_permutations`` seeded permutations of the reference rows (docs/calibration.md) and
     returns a dict of 0-dim tensors ``raw, calibrated, p_value, threshold, null_mean,
     null_std, effect_size, percentile``.  The full result (with the null) is kept in
     ``last_result``.
@@ -35,7 +35,7 @@ class CalibratedAlignment(AlignmentMetricBase):
             None: unbounded).
         preprocess: ``True`` (flatten + L2-normalize rows, the PRH convention), ``False``,
             a dict of ``prepare_features`` options, or a callable on the concatenated rows.
-        groups: optional group label per sample (block permutations, METHOD.md §4).
+        groups: optional group label per sample (block permutations, docs/calibration.md).
         max_score: s_max; ``"auto"`` uses the measure's (1.0 for built-ins).
         **kwargs: the measure's options (``k``, ``sigma``, ``cca_dim``) and torchmetrics'
             (``compute_on_cpu``, ``sync_on_compute``, ...).

@@ -22,7 +22,7 @@ class LayerAlignment(AlignmentMetricBase):
     raw LA×LB matrix ``metric(x_a, y_b)`` and calibrates the aggregate (``"max"`` by default,
     or ``"mean"``, ``"topK"``, a callable) aggregation-aware: the same permutation is applied to
     every reference layer, the whole matrix recomputed (fast path) and aggregated
-    (METHOD.md §4, Algorithm 2; Westfall–Young maxT for max).
+    (docs/calibration.md, Algorithm 2; Westfall–Young maxT for max).
 
     Returns a dict: the scalar fields of :class:`CalibratedAlignment` for the aggregate plus
     ``matrix`` (LA, LB), ``pair_calibrated`` (LA, LB: each pair against its own null, for

@@ -48,7 +48,8 @@ def data(kind: str, n: int, d: int, rng: np.random.Generator) -> torch.Tensor:
     elif kind == "t3":
         x = rng.standard_t(3, size=(n, d))
     elif kind == "lowrank":  # rank-3 signal plus 10% noise
-        x = rng.standard_normal((n, 3)) @ rng.standard_normal((3, d)) + 0.3 * rng.standard_normal((n, d))
+        signal = rng.standard_normal((n, 3)) @ rng.standard_normal((3, d))
+        x = signal + 0.3 * rng.standard_normal((n, d))
     else:
         raise ValueError(kind)
     return torch.from_numpy(x).to(F64)
@@ -105,7 +106,8 @@ def section_exhaustive() -> None:
                 b = torch.from_numpy(rng.standard_normal((n, n)))
                 a, b = a + a.T, b + b.T
             else:
-                a, b = matrix(measure, data("t3", n, 3, rng)), matrix(measure, data("t3", n, 3, rng))
+                a = matrix(measure, data("t3", n, 3, rng))
+                b = matrix(measure, data("t3", n, 3, rng))
             ex = dist_moments(perm_scores(a, b, perms))
             m = M.cosine_moments(M.gram_invariants(a), M.gram_invariants(b))
             err = max(abs(m.mean - ex[0]) / math.sqrt(ex[1]), abs(m.variance - ex[1]) / ex[1],
@@ -117,7 +119,8 @@ def section_exhaustive() -> None:
             x, y = data("gauss", n, 3, rng), data("gauss", n, 3, rng)
             ix, iy = knn(x, k)[0], knn(y, k)[0]
             ax, ay = adjacency(ix), adjacency(iy)
-            t = (ax.reshape(-1) @ ay[perms[:, :, None], perms[:, None, :]].reshape(len(perms), -1).T)
+            moved = ay[perms[:, :, None], perms[:, None, :]].reshape(len(perms), -1)
+            t = ax.reshape(-1) @ moved.T
             ex = dist_moments(t)
             m = M.permutation_moments(M.knn_graph_invariants(ix), M.knn_graph_invariants(iy))
             err = max(abs(m.mean - ex[0]) / ex[0], abs(m.variance - ex[1]) / max(ex[1], 1e-300),
@@ -196,7 +199,8 @@ def section_features() -> None:
                       for f in ("diag_sq", "frob_sq", "diag_cube", "cube", "diag_frob",
                                 "diag_quad", "trace_cube", "norm", "diag_mean", "offdiag_mean"))
             ma, mb = M.cosine_moments(a, a), M.cosine_moments(b, b)
-            mrel = max(abs(ma.mean - mb.mean) / mb.mean, abs(ma.variance - mb.variance) / mb.variance,
+            mrel = max(abs(ma.mean - mb.mean) / mb.mean,
+                       abs(ma.variance - mb.variance) / mb.variance,
                        abs(ma.skewness - mb.skewness) / abs(mb.skewness))
             print(f"n={n:5d} d={d:4d} {kind:8s} invariants {rel:.1e}  moments {mrel:.1e}")
 
@@ -208,7 +212,7 @@ def tail_error(s: torch.Tensor, m: M.PermutationMoments) -> tuple[float, float]:
     srt = torch.sort(s, descending=True).values
     worst = 0.0
     for p in PROBS:
-        t = srt[int(round(p * k)) - 1]  # #{s >= t} ≈ p·K
+        t = srt[round(p * k) - 1]  # #{s >= t} ≈ p·K
         emp = float((s >= t).sum()) / k
         p3 = float(M.pearson3_sf(t, m.mean, m.std, m.skewness))
         worst = max(worst, abs(p3 - emp))
@@ -226,7 +230,7 @@ def section_pvalues(k_perms: int = 20_000, ns=(8, 16, 32, 64, 128, 256), seed: i
             for ratio in (0.1, 1.0, 8.0):
                 line = f"{measure:8s} {kind:7s} d/n={ratio:<4g}"
                 for n in ns:
-                    d = max(1, int(round(ratio * n)))
+                    d = max(1, round(ratio * n))
                     x, y = data(kind, n, d, rng), data(kind, n, d, rng)
                     a, b = matrix(measure, x), matrix(measure, y)
                     m = M.cosine_moments(M.gram_invariants(a), M.gram_invariants(b))
@@ -268,7 +272,7 @@ def section_validity(k_perms: int = 20_000, ns=(16, 32, 64, 128), seeds: int = 3
         for kind in ("gauss", "t3", "lowrank"):
             for ratio in (0.1, 1.0, 8.0):
                 for n in ns:
-                    d = max(1, int(round(ratio * n)))
+                    d = max(1, round(ratio * n))
                     for _ in range(seeds):
                         a = matrix(measure, data(kind, n, d, rng))
                         b = matrix(measure, data(kind, n, d, rng))
@@ -280,8 +284,9 @@ def section_validity(k_perms: int = 20_000, ns=(16, 32, 64, 128), seeds: int = 3
                         lev = M.pair_leverage(ia, ib)
                         lev_d = n * (ia.max_diag_sq / ia.diag_sq if ia.diag_sq > 0 else 0) * (
                             ib.max_diag_sq / ib.diag_sq if ib.diag_sq > 0 else 0)
-                        rows.append(dict(measure=measure, kind=kind, ratio=ratio, n=n,
-                                         skew=m.skewness, lev=lev, lev_d=lev_d, err=err))
+                        rows.append({"measure": measure, "kind": kind, "ratio": ratio,
+                                     "n": n, "skew": m.skewness, "lev": lev, "lev_d": lev_d,
+                                     "err": err})
                 print(f"{measure:8s} {kind:7s} d/n={ratio:<4g} worst err "
                       f"{max(r['err'] for r in rows[-len(ns) * seeds:]):.3f}", flush=True)
     with open(out, "w") as fh:
@@ -314,7 +319,7 @@ def section_fpr(draws: int = 400, alpha: float = 0.05) -> None:
             for kind in ("gauss", "t3", "lowrank"):
                 line = f"{measure:8s} n={n:3d} {kind:7s}"
                 for ratio in (0.1, 1.0, 8.0):
-                    d = max(1, int(round(ratio * n)))
+                    d = max(1, round(ratio * n))
                     hits, kept, kept_hits, skews = 0, 0, 0, []
                     for _ in range(draws):
                         a = matrix(measure, data(kind, n, d, rng))
@@ -374,8 +379,9 @@ def section_bench(n: int = 1024, d: int = 768, k_perms: int = 1000, alpha: float
     t0 = time.perf_counter()
     s_feat = float(M.feature_linear_cka(x, y))
     t_s = time.perf_counter() - t0
-    print(f"linear CKA in feature space: invariants (both) {t_feat:.3f}s, score {t_s * 1e3:.1f} ms, "
-          f"s={s_feat:.5f}, p={float(M.pearson3_sf(s_feat, *_msk(M.cosine_moments(fa, fb)))):.4f}")
+    p_feat = float(M.pearson3_sf(s_feat, *_msk(M.cosine_moments(fa, fb))))
+    print(f"linear CKA in feature space: invariants (both) {t_feat:.3f}s, "
+          f"score {t_s * 1e3:.1f} ms, s={s_feat:.5f}, p={p_feat:.4f}")
 
 
 def _msk(m: M.PermutationMoments) -> tuple[float, float, float]:
@@ -386,27 +392,37 @@ MEMORY_SCRIPT = """
 import resource, sys, time, torch
 torch.set_num_threads({threads})
 from alignment_callback.functional.moments import feature_invariants
+
+
+def hwm():  # peak RSS of this process image (VmHWM; ru_maxrss also keeps the parent's peak)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 n, d = {n}, {d}
 g = torch.Generator().manual_seed(0)
 x = torch.randn(n, d, generator=g)  # float32 input, as a network's activations
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = hwm()
 t0 = time.perf_counter()
 inv = feature_invariants(x)
 el = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"n={{n}} d={{d}}: {{el:.1f}} s, peak RSS {{peak:.0f}} MB (before the call {{base:.0f}} MB, "
-      f"input {{x.numel() * 4 / 2**20:.0f}} MB float32)")
+print(f"n={{n}} d={{d}}: {{el:.1f}} s, peak RSS {{hwm():.0f}} MB "
+      f"(VmHWM; {{base:.0f}} MB before the call, input {{x.numel() * 4 / 2**20:.0f}} MB "
+      f"float32), ru_maxrss {{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}} MB")
 """
 
 
 def section_memory(n: int = 100_000, d: int = 256, threads: int = 1) -> None:
     print(f"\n== feature_invariants at n={n}, d={d} in a fresh process ({threads} thread) ==")
     code = MEMORY_SCRIPT.format(n=n, d=d, threads=threads)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     print(out.stdout.strip() or out.stderr.strip())
 
 
-SECTIONS = {
+SECTIONS = {  # memory first: ru_maxrss is inherited from the parent
+    "memory": section_memory,
     "exhaustive": section_exhaustive,
     "mc": section_mc,
     "features": section_features,
@@ -414,7 +430,6 @@ SECTIONS = {
     "validity": section_validity,
     "fpr": section_fpr,
     "bench": section_bench,
-    "memory": section_memory,
 }
 
 

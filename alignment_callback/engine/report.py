@@ -1,0 +1,497 @@
+"""Plain-language reports of calibrated results, as Markdown and plain HTML.
+
+Lightning-free and computation-free: the builders take plain data (lists of dicts, as written to
+``matrix.json`` or kept in a training history) and return a :class:`Report` that renders the
+same content as Markdown (:meth:`Report.to_markdown`) or HTML (:meth:`Report.to_html`, images
+referenced by relative path).
+
+* :func:`matrix_report`: a model-pair matrix (``alignment-callback matrix``): settings, a table
+  of calibrated values with p and Benjamini–Hochberg-adjusted p per pair and measure, heatmaps,
+  and one sentence per measure.
+* :func:`training_report`: a training history (the callback's end-of-fit report): settings,
+  final values with p and BH across measures, a table of the curves, images, and one sentence
+  per curve.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+#: Below this absolute change a curve is said to stay where it was.
+FLAT = 0.005
+
+
+# ------------------------------------------------------------------------------ formatting
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number with ``digits`` decimals; ``None``/NaN as ``n/a``; other values as text.
+
+    >>> fmt(0.123456), fmt(None), fmt(3), fmt("max")
+    ('0.1235', 'n/a', '3', 'max')
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_p(value: Any) -> str:
+    """A p-value with 4 significant digits (``0.001996``).
+
+    >>> fmt_p(1 / 501), fmt_p(0.5), fmt_p(None)
+    ('0.001996', '0.5', 'n/a')
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{float(value):.4g}"
+
+
+def _options(kwargs: Mapping[str, Any] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (kwargs or {}).items())
+
+
+# ---------------------------------------------------------------------------------- report
+@dataclass
+class Report:
+    """A document of headings, paragraphs, bullet lists, tables and images.
+
+    Examples
+    --------
+    >>> r = Report("Demo")
+    >>> r.paragraph("one | two")
+    >>> r.table(["a", "b"], [["1", "x|y"]])
+    >>> print(r.to_markdown())
+    # Demo
+    <BLANKLINE>
+    one | two
+    <BLANKLINE>
+    | a | b |
+    |---|---|
+    | 1 | x\\|y |
+    <BLANKLINE>
+    """
+
+    title: str
+    blocks: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("heading", level, text))
+
+    def paragraph(self, text: str) -> None:
+        self.blocks.append(("paragraph", text))
+
+    def bullets(self, items: Iterable[str]) -> None:
+        self.blocks.append(("bullets", list(items)))
+
+    def table(self, headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+        self.blocks.append(("table", list(headers), [list(map(str, r)) for r in rows]))
+
+    def image(self, src: str, alt: str) -> None:
+        self.blocks.append(("image", src, alt))
+
+    # --------------------------------------------------------------------------- rendering
+    def to_markdown(self) -> str:
+        """The report as GitHub-flavored Markdown."""
+        out = [f"# {self.title}", ""]
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "heading":
+                out += ["#" * block[1] + " " + block[2], ""]
+            elif kind == "paragraph":
+                out += [block[1], ""]
+            elif kind == "bullets":
+                out += [f"- {item}" for item in block[1]] + [""]
+            elif kind == "table":
+                cells = [[c.replace("|", "\\|") for c in row] for row in [block[1], *block[2]]]
+                out.append("| " + " | ".join(cells[0]) + " |")
+                out.append("|" + "|".join("---" for _ in cells[0]) + "|")
+                out += ["| " + " | ".join(row) + " |" for row in cells[1:]]
+                out.append("")
+            elif kind == "image":
+                out += [f"![{block[2]}]({block[1]})", ""]
+        return "\n".join(out)
+
+    def to_html(self) -> str:
+        """The same content as a self-contained HTML page (images by relative path)."""
+        e = html.escape
+        body = [f"<h1>{e(self.title)}</h1>"]
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "heading":
+                body.append(f"<h{block[1]}>{e(block[2])}</h{block[1]}>")
+            elif kind == "paragraph":
+                body.append(f"<p>{e(block[1])}</p>")
+            elif kind == "bullets":
+                body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in block[1]) + "</ul>")
+            elif kind == "table":
+                head = "".join(f"<th>{e(h)}</th>" for h in block[1])
+                rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>"
+                               for r in block[2])
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif kind == "image":
+                body.append(f'<p><img src="{e(block[1])}" alt="{e(block[2])}"></p>')
+        style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+                 "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 8px;"
+                 "text-align:left}img{max-width:100%}")
+        return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+                f"<title>{e(self.title)}</title><style>{style}</style></head>\n<body>\n"
+                + "\n".join(body) + "\n</body></html>\n")
+
+    def write(self, markdown_path: str | os.PathLike,
+              html_path: str | os.PathLike | None = None) -> list[Path]:
+        """Write the Markdown (and, if given, the HTML) file; returns the paths written."""
+        paths = [Path(markdown_path)]
+        paths[0].write_text(self.to_markdown())
+        if html_path is not None:
+            paths.append(Path(html_path))
+            paths[1].write_text(self.to_html())
+        return paths
+
+
+# --------------------------------------------------------------------------------- helpers
+def bh_adjust(p_values: Sequence[float]) -> list[float]:
+    """Benjamini–Hochberg adjusted p-values of a flat list (the library's
+    :func:`~alignment_callback.functional.fdr.benjamini_hochberg`).
+
+    >>> [round(q, 6) for q in bh_adjust([0.01, 0.04, 0.03])]
+    [0.03, 0.04, 0.04]
+    """
+    if not p_values:
+        return []
+    import torch
+
+    from alignment_callback.functional.fdr import benjamini_hochberg
+
+    _, adjusted = benjamini_hochberg(torch.tensor([float(p) for p in p_values],
+                                                  dtype=torch.float64))
+    return [float(q) for q in adjusted]
+
+
+def _settings_bullets(settings: Mapping[str, Any]) -> list[str]:
+    s = dict(settings)
+    items = []
+    labels = [("n", "n (probe samples)"), ("permutations", "K (permutations)"),
+              ("alpha", "α (level of the threshold τ and of the BH false discovery rate)"),
+              ("aggregate", "aggregate over layer pairs"), ("seed", "permutation seed")]
+    for key, label in labels:
+        if key in s:
+            value = s.pop(key)
+            items.append(f"{label}: {value:g}" if key == "alpha" and isinstance(value, float)
+                         else f"{label}: {fmt(value)}")
+    if "measures" in s:
+        measures = s.pop("measures")
+        if isinstance(measures, Mapping):
+            text = "; ".join(f"{m} ({_options(o)})" if o else m for m, o in measures.items())
+        else:
+            text = ", ".join(map(str, measures))
+        items.append(f"measures: {text}")
+    for key in ("x_files", "y_files", "files"):
+        if key in s:
+            value = s.pop(key)
+            names = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            label = {"x_files": "files (rows, X)", "y_files": "files (columns, Y)"}.get(key, key)
+            items.append(f"{label}: {names}")
+    items += [f"{k}: {fmt(v)}" for k, v in s.items() if not isinstance(v, (dict, list))]
+    return items
+
+
+def matrix_sentence(measure: str, rows: Sequence[Mapping[str, Any]], alpha: float) -> str:
+    """One plain sentence reading a measure's pairs.
+
+    ``rows`` hold ``raw``, ``threshold`` and ``significant`` (BH decision) per pair.
+
+    >>> rows = [{"raw": 0.42, "threshold": 0.19, "significant": True},
+    ...         {"raw": 0.10, "threshold": 0.12, "significant": False}]
+    >>> print(matrix_sentence("mutual_knn", rows, 0.05))  # doctest: +NORMALIZE_WHITESPACE
+    mutual_knn: 1 of 2 pairs are aligned above chance after BH at q ≤ 0.05; raw scores
+    reach 0.42 but chance alone reaches 0.19 at this width and depth.
+    """
+    m = len(rows)
+    k = sum(bool(r["significant"]) for r in rows)
+    if k == 0:
+        head = f"none of the {m} pairs is aligned above chance" if m > 1 else \
+            "the pair is not aligned above chance"
+    elif k == m:
+        head = f"all {m} pairs are aligned above chance" if m > 1 else \
+            "the pair is aligned above chance"
+    else:
+        head = f"{k} of {m} pairs are aligned above chance"
+    raws = [r["raw"] for r in rows if r.get("raw") is not None]
+    taus = [r["threshold"] for r in rows if r.get("threshold") is not None]
+    tail = ""
+    if raws and taus:
+        tail = (f"; raw scores reach {max(raws):.2f} but chance alone reaches {max(taus):.2f} at "
+                "this width and depth")
+    return f"{measure}: {head} after BH at q ≤ {alpha:g}{tail}."
+
+
+# ---------------------------------------------------------------------------------- matrix
+def matrix_report(
+    settings: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    images: Sequence[tuple[str, str]] = (),
+    alpha: float | None = None,
+    title: str = "Calibrated alignment matrix",
+) -> Report:
+    """The report of a model-pair matrix.
+
+    Parameters
+    ----------
+    settings : mapping
+        Shown as a list; known keys first: ``n``, ``permutations``, ``alpha``, ``aggregate``,
+        ``seed``, ``measures`` (``{name: options}``), ``x_files``, ``y_files``.
+    rows : sequence of mappings
+        One per pair and measure: ``x``, ``y``, ``measure``, ``raw``, ``threshold``,
+        ``calibrated``, ``p_value`` and optionally ``p_bh`` and ``significant`` (computed here
+        per measure across its pairs when absent).
+    images : sequence of (caption, relative path), default=()
+    alpha : float, default=None
+        The BH level (default ``settings["alpha"]``, else 0.05).
+    title : str, default="Calibrated alignment matrix"
+
+    Returns
+    -------
+    Report
+
+    Examples
+    --------
+    >>> rows = [{"x": "a", "y": "b", "measure": "linear_cka", "raw": 0.8, "threshold": 0.2,
+    ...          "calibrated": 0.75, "p_value": 0.002}]
+    >>> md = matrix_report({"n": 100, "alpha": 0.05}, rows).to_markdown()
+    >>> "| a | b | linear_cka | 0.8000 | 0.2000 | 0.7500 | 0.002 | 0.002 | yes |" in md
+    True
+    """
+    alpha = float(alpha if alpha is not None else settings.get("alpha", 0.05))
+    by_measure: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_measure.setdefault(str(row["measure"]), []).append(dict(row))
+    for measure_rows in by_measure.values():
+        if any("p_bh" not in r for r in measure_rows):
+            adjusted = bh_adjust([float(r["p_value"]) for r in measure_rows])
+            for r, q in zip(measure_rows, adjusted):
+                r["p_bh"] = q
+        for r in measure_rows:
+            r.setdefault("significant", r["p_bh"] <= alpha)
+    report = Report(title)
+    report.heading("Reading")
+    for measure, measure_rows in by_measure.items():
+        report.paragraph(matrix_sentence(measure, measure_rows, alpha))
+    report.paragraph(
+        f"Calibrated = max((raw − τ)/(s_max − τ), 0), where τ is what the measure reaches on "
+        f"unrelated rows (the 1 − α quantile of its permutation null); p_BH is the "
+        f"Benjamini–Hochberg adjusted p-value across the pairs of each measure, and a pair is "
+        f"significant when p_BH ≤ {alpha:g}."
+    )
+    report.heading("Settings")
+    report.bullets(_settings_bullets(settings))
+    report.heading("Calibrated values")
+    table = []
+    for measure, measure_rows in by_measure.items():
+        for r in measure_rows:
+            table.append([str(r["x"]), str(r["y"]), measure, fmt(r["raw"]), fmt(r["threshold"]),
+                          fmt(r["calibrated"]), fmt_p(r["p_value"]), fmt_p(r["p_bh"]),
+                          fmt(bool(r["significant"]))])
+    report.table(["x", "y", "measure", "raw", "τ", "calibrated", "p", "p_BH",
+                  f"significant (q ≤ {alpha:g})"], table)
+    if images:
+        report.heading("Heatmaps")
+        for caption, src in images:
+            report.image(src, caption)
+    return report
+
+
+# -------------------------------------------------------------------------------- training
+def history_series(history: Sequence[Mapping[str, Any]], prefix: str = "alignment"
+                   ) -> dict[str, dict[str, list[Any]]]:
+    """``{measure: {field: [value per step]}}`` from flat history entries
+    (``<prefix>/<measure>/<field>`` keys, as :meth:`StepResult.history_entry` writes them),
+    plus ``{"epoch": [...], "step": [...]}`` under the key ``""``.  A field missing from an
+    entry is ``None`` there.
+
+    >>> h = [{"epoch": 0, "step": 0, "alignment/cka/raw": 0.3},
+    ...      {"epoch": 1, "step": 10, "alignment/cka/raw": 0.5}]
+    >>> history_series(h)["cka"]["raw"], history_series(h)[""]["step"]
+    ([0.3, 0.5], [0, 10])
+    """
+    start = f"{prefix}/"
+    fields: dict[str, list[str]] = {}
+    for entry in history:
+        for key in entry:
+            parts = key.split("/")
+            if key.startswith(start) and len(parts) == 3:
+                names = fields.setdefault(parts[1], [])
+                if parts[2] not in names:
+                    names.append(parts[2])
+    out: dict[str, dict[str, list[Any]]] = {"": {
+        "epoch": [e.get("epoch", e.get(f"{start}epoch")) for e in history],
+        "step": [e.get("step", e.get(f"{start}step")) for e in history],
+    }}
+    for name, names in fields.items():
+        out[name] = {fld: [e.get(f"{start}{name}/{fld}") for e in history] for fld in names}
+    return out
+
+
+def _move(first: float, last: float) -> str:
+    if last - first > FLAT:
+        return f"rose {first:.2f} → {last:.2f}"
+    if first - last > FLAT:
+        return f"fell {first:.2f} → {last:.2f}"
+    return f"stayed at {last:.2f}"
+
+
+def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[float],
+                   threshold: float | None = None, p_value: float | None = None) -> str:
+    """One plain sentence reading a measure's curve over training.
+
+    >>> print(curve_sentence("linear_cka", [0.31, 0.40, 0.52], [0.0, 0.0, 0.0], 0.55))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    linear_cka: raw rose 0.31 → 0.52 while calibrated stayed 0: the rise is what chance
+    reaches at this width (τ = 0.55 at the last step).
+    >>> print(curve_sentence("mutual_knn", [0.10, 0.30], [0.0, 0.21], 0.12, 0.002))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    mutual_knn: raw rose 0.10 → 0.30 and calibrated rose 0.00 → 0.21: above chance at the
+    last step (τ = 0.12, p = 0.002).
+    """
+    raw = [float(v) for v in raw if v is not None]
+    cal = [float(v) for v in calibrated if v is not None]
+    if not raw or not cal:
+        return f"{measure}: no values."
+    tau = f"τ = {threshold:.2f}" if threshold is not None else ""
+    raw_move = _move(raw[0], raw[-1])
+    if all(v == 0 for v in cal):
+        if raw[-1] - raw[0] > FLAT:
+            why = "the rise is what chance reaches at this width"
+        else:
+            why = "no step is above what chance reaches at this width"
+        return (f"{measure}: raw {raw_move} while calibrated stayed 0: {why}"
+                + (f" ({tau} at the last step)." if tau else "."))
+    end = "above chance at the last step" if cal[-1] > 0 else "at chance level at the last step"
+    p_text = f"p = {fmt_p(p_value)}" if p_value is not None else ""
+    detail = ", ".join(x for x in (tau, p_text) if x)
+    return (f"{measure}: raw {raw_move} and calibrated {_move(cal[0], cal[-1])}: {end}"
+            + (f" ({detail})." if detail else "."))
+
+
+def training_report(
+    history: Sequence[Mapping[str, Any]],
+    settings: Mapping[str, Any] | None = None,
+    images: Sequence[tuple[str, str]] = (),
+    prefix: str = "alignment",
+    alpha: float | None = None,
+    title: str = "Calibrated alignment during training",
+    max_rows: int = 50,
+) -> Report:
+    """The end-of-fit report of a training history.
+
+    Parameters
+    ----------
+    history : sequence of mappings
+        One flat entry per alignment step with ``epoch``, ``step`` and
+        ``<prefix>/<measure>/<field>`` keys (``raw``, ``calibrated``, ``p_value``,
+        ``threshold``, ``best_pair``, ...), as :meth:`StepResult.history_entry` returns.
+    settings : mapping, default=None
+        Shown as a list (as in :func:`matrix_report`).
+    images : sequence of (caption, relative path), default=()
+        Curves and last heatmaps, drawn by the caller.
+    prefix : str, default="alignment"
+    alpha : float, default=None
+        BH level across the measures' final p-values (default ``settings["alpha"]``, else
+        0.05).
+    title : str, default="Calibrated alignment during training"
+    max_rows : int, default=50
+        Steps shown in the curve table (evenly spaced, first and last always included).
+
+    Returns
+    -------
+    Report
+
+    Examples
+    --------
+    >>> h = [{"epoch": 0, "step": 0, "alignment/linear_cka/raw": 0.31,
+    ...       "alignment/linear_cka/calibrated": 0.0, "alignment/linear_cka/p_value": 0.4,
+    ...       "alignment/linear_cka/threshold": 0.55},
+    ...      {"epoch": 1, "step": 8, "alignment/linear_cka/raw": 0.52,
+    ...       "alignment/linear_cka/calibrated": 0.0, "alignment/linear_cka/p_value": 0.2,
+    ...       "alignment/linear_cka/threshold": 0.56}]
+    >>> md = training_report(h).to_markdown()
+    >>> "linear_cka: raw rose 0.31 → 0.52 while calibrated stayed 0" in md
+    True
+    """
+    settings = dict(settings or {})
+    alpha = float(alpha if alpha is not None else settings.get("alpha", 0.05))
+    series = history_series(history, prefix)
+    steps = series.pop("")
+    report = Report(title)
+    if not history:
+        report.paragraph("No alignment step was recorded.")
+        return report
+    report.heading("Reading")
+    for name, values in series.items():
+        report.paragraph(curve_sentence(name, values.get("raw", []),
+                                        values.get("calibrated", []),
+                                        (values.get("threshold") or [None])[-1],
+                                        (values.get("p_value") or [None])[-1]))
+    report.heading("Final values")
+    names = list(series)
+    final_p = [series[n].get("p_value", [None])[-1] for n in names]
+    tested = [i for i, p in enumerate(final_p) if p is not None]
+    adjusted = bh_adjust([float(final_p[i]) for i in tested])
+    q_of = dict(zip(tested, adjusted))
+    rows = []
+    for i, name in enumerate(names):
+        v = {fld: vals[-1] for fld, vals in series[name].items()}
+        q = q_of.get(i)
+        rows.append([name, fmt(v.get("raw")), fmt(v.get("threshold")), fmt(v.get("calibrated")),
+                     fmt_p(v.get("p_value")), fmt_p(q),
+                     fmt(None if q is None else q <= alpha),
+                     str(v.get("best_pair") or "").replace("|", " ~ ")])
+    report.paragraph(f"At the last step (epoch {steps['epoch'][-1]}, step {steps['step'][-1]}); "
+                     f"p_BH adjusts the measures' p-values together (Benjamini–Hochberg, "
+                     f"q ≤ {alpha:g}).")
+    report.table(["measure", "raw", "τ", "calibrated", "p", "p_BH",
+                  f"significant (q ≤ {alpha:g})", "best layer pair"], rows)
+    if settings:
+        report.heading("Settings")
+        report.bullets(_settings_bullets(settings))
+    report.heading("Curves")
+    count = len(history)
+    kept = max(min(count, max_rows), 2)
+    shown = sorted({round(i * (count - 1) / (kept - 1)) for i in range(kept)})
+    headers = ["epoch", "step"]
+    for name in names:
+        headers += [f"{name} raw", f"{name} calibrated"]
+    table = []
+    for i in shown:
+        row = [fmt(steps["epoch"][i]), fmt(steps["step"][i])]
+        for name in names:
+            row += [fmt((series[name].get("raw") or [None] * count)[i]),
+                    fmt((series[name].get("calibrated") or [None] * count)[i])]
+        table.append(row)
+    report.table(headers, table)
+    if images:
+        report.heading("Figures")
+        for caption, src in images:
+            report.image(src, caption)
+    return report
+
+
+__all__ = [
+    "Report",
+    "bh_adjust",
+    "curve_sentence",
+    "fmt",
+    "fmt_p",
+    "history_series",
+    "matrix_report",
+    "matrix_sentence",
+    "training_report",
+]

@@ -1,0 +1,134 @@
+"""The Markdown / HTML report builders (``alignment_callback.engine.report``) on small synthetic
+inputs: the numbers in the report are the inputs, the sentences count what they say."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from alignment_callback.engine.report import (
+    Report,
+    bh_adjust,
+    curve_sentence,
+    history_series,
+    matrix_report,
+    matrix_sentence,
+    training_report,
+)
+from alignment_callback.functional import benjamini_hochberg
+
+ROWS = [
+    {"x": "a", "y": "b", "measure": "mutual_knn", "raw": 0.4213, "threshold": 0.1875,
+     "calibrated": 0.2881, "p_value": 0.001996},
+    {"x": "a", "y": "c", "measure": "mutual_knn", "raw": 0.1533, "threshold": 0.1912,
+     "calibrated": 0.0, "p_value": 0.4311},
+    {"x": "d", "y": "b", "measure": "mutual_knn", "raw": 0.3301, "threshold": 0.1799,
+     "calibrated": 0.1832, "p_value": 0.003992},
+    {"x": "a", "y": "b", "measure": "linear_cka", "raw": 0.7236, "threshold": 0.1342,
+     "calibrated": 0.6808, "p_value": 0.001996},
+]
+SETTINGS = {"n": 300, "permutations": 500, "alpha": 0.05, "aggregate": "max", "seed": 0,
+            "measures": {"mutual_knn": {"k": 10}, "linear_cka": {}},
+            "x_files": ["a.pt", "d.pt"], "y_files": ["b.pt", "c.pt"]}
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")]
+            for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+def test_matrix_report_numbers_equal_inputs_and_bh():
+    report = matrix_report(SETTINGS, ROWS, images=[("heat", "matrix_mutual_knn.png")])
+    md = report.to_markdown()
+    rows = table_rows(md)
+    assert rows[0][:6] == ["x", "y", "measure", "raw", "τ", "calibrated"]
+    body = {(r[0], r[1], r[2]): r for r in rows[1:]}
+    assert len(body) == len(ROWS)
+    knn = [r for r in ROWS if r["measure"] == "mutual_knn"]
+    _, adjusted = benjamini_hochberg(torch.tensor([r["p_value"] for r in knn],
+                                                  dtype=torch.float64))
+    for r in ROWS:
+        cells = body[(r["x"], r["y"], r["measure"])]
+        for k, name in enumerate(("raw", "threshold", "calibrated"), start=3):
+            assert float(cells[k]) == pytest.approx(r[name], abs=5e-5)
+        assert float(cells[6]) == pytest.approx(r["p_value"], rel=1e-3)
+    for r, q in zip(knn, adjusted.tolist()):
+        cells = body[(r["x"], r["y"], "mutual_knn")]
+        assert float(cells[7]) == pytest.approx(q, rel=1e-3)
+        assert cells[8] == ("yes" if q <= 0.05 else "no")
+    # one sentence per measure, counting the BH decisions and quoting the largest raw / tau
+    assert ("mutual_knn: 2 of 3 pairs are aligned above chance after BH at q ≤ 0.05; raw "
+            "scores reach 0.42 but chance alone reaches 0.19 at this width and depth.") in md
+    assert "linear_cka: the pair is aligned above chance after BH at q ≤ 0.05" in md
+    for text in ("n (probe samples): 300", "K (permutations): 500", "mutual_knn (k=10)",
+                 "files (rows, X): a.pt, d.pt", "aggregate over layer pairs: max",
+                 "![heat](matrix_mutual_knn.png)"):
+        assert text in md, text
+    page = report.to_html()
+    assert '<img src="matrix_mutual_knn.png" alt="heat">' in page
+    assert page.count("<tr>") == len(ROWS) + 1 and "0.4213" in page and "q ≤ 0.05" in page
+
+
+def test_matrix_report_uses_given_bh_and_counts_extremes():
+    rows = [dict(r, p_bh=0.5, significant=False) for r in ROWS if r["measure"] == "mutual_knn"]
+    md = matrix_report(SETTINGS, rows).to_markdown()
+    assert "none of the 3 pairs is aligned above chance" in md
+    assert all(r[7] == "0.5" and r[8] == "no" for r in table_rows(md)[1:])
+    both = [{"raw": 0.9, "threshold": 0.1, "significant": True}] * 2
+    assert matrix_sentence("m", both, 0.1).startswith(
+        "m: all 2 pairs are aligned above chance after BH at q ≤ 0.1")
+
+
+def history(raw, cal, p, tau, measure="linear_cka"):
+    return [{"epoch": e, "step": 10 * e, f"alignment/{measure}/raw": r,
+             f"alignment/{measure}/calibrated": c, f"alignment/{measure}/p_value": q,
+             f"alignment/{measure}/threshold": t, f"alignment/{measure}/best_pair": "fc2|fc2"}
+            for e, (r, c, q, t) in enumerate(zip(raw, cal, p, tau))]
+
+
+def test_training_report_curves_final_values_and_sentences():
+    h = history([0.31, 0.42, 0.52], [0.0, 0.0, 0.0], [0.6, 0.3, 0.2], [0.55, 0.56, 0.57])
+    knn = history([0.10, 0.20, 0.30], [0.0, 0.05, 0.21], [0.5, 0.04, 0.002],
+                  [0.11, 0.12, 0.12], "mutual_knn")
+    for entry, other in zip(h, knn):
+        entry.update(other)
+    report = training_report(h, {"n": 64, "alpha": 0.05, "permutations": 200},
+                             images=[("curves", "alignment_curves.png")])
+    md = report.to_markdown()
+    assert ("linear_cka: raw rose 0.31 → 0.52 while calibrated stayed 0: the rise is what "
+            "chance reaches at this width (τ = 0.57 at the last step).") in md
+    assert ("mutual_knn: raw rose 0.10 → 0.30 and calibrated rose 0.00 → 0.21: above chance "
+            "at the last step (τ = 0.12, p = 0.002).") in md
+    rows = table_rows(md)
+    final = {r[0]: r for r in rows if r[0] in ("linear_cka", "mutual_knn")}
+    adjusted = bh_adjust([0.2, 0.002])
+    assert final["linear_cka"][1:5] == ["0.5200", "0.5700", "0.0000", "0.2"]
+    assert float(final["linear_cka"][5]) == pytest.approx(adjusted[0])
+    assert float(final["mutual_knn"][5]) == pytest.approx(adjusted[1], rel=1e-3)
+    assert final["mutual_knn"][6] == "yes" and final["linear_cka"][6] == "no"
+    assert final["linear_cka"][7] == "fc2 ~ fc2"
+    curve = [r for r in rows if r[0] in ("0", "1", "2")]
+    assert [r[:4] for r in curve] == [["0", "0", "0.3100", "0.0000"],
+                                      ["1", "10", "0.4200", "0.0000"],
+                                      ["2", "20", "0.5200", "0.0000"]]
+    assert "![curves](alignment_curves.png)" in md and "K (permutations): 200" in md
+    assert "<h2>Final values</h2>" in report.to_html()
+
+
+def test_history_helpers_and_edge_cases():
+    h = [{"epoch": 0, "step": 0, "alignment/cka/raw": 0.2},
+         {"epoch": 1, "step": 5, "alignment/cka/raw": 0.2, "alignment/cka/calibrated": 0.0}]
+    series = history_series(h)
+    assert series["cka"]["raw"] == [0.2, 0.2] and series["cka"]["calibrated"] == [None, 0.0]
+    assert curve_sentence("cka", [0.2, 0.2], [0.0, 0.0]) == (
+        "cka: raw stayed at 0.20 while calibrated stayed 0: no step is above what chance "
+        "reaches at this width.")
+    assert curve_sentence("cka", [0.5, 0.3], [0.4, 0.0], 0.3, 0.4).endswith(
+        "calibrated fell 0.40 → 0.00: at chance level at the last step (τ = 0.30, p = 0.4).")
+    assert "No alignment step" in training_report([]).to_markdown()
+    r = Report("t")
+    r.table(["a"], [["<b>|"]])
+    assert "<b>\\|" in r.to_markdown() and "&lt;b&gt;|" in r.to_html()
+    assert re.search(r"<title>t</title>", r.to_html())

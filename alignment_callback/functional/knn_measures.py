@@ -2,12 +2,14 @@
 
 Every measure works on neighbor lists prepared once per representation
 (:class:`~alignment_callback.functional.neighbors.NeighborLists`).  Under a permutation π of
-Y's rows the neighbors of i in Y[π] are π⁻¹(N_Y(π(i))): an index remap costing O(n·k) per
-permutation instead of a new O(n²·d) similarity matrix.  All kNN measures of one step share
+Y's rows the neighbors of i in Y[π] are π⁻¹(N_Y(π(i))), so j is one of them exactly when π(j)
+is a neighbor of π(i) in Y: each model edge (i, j) is mapped through π and looked up in the
+reference's table, O(n·k) per permutation instead of a new O(n²·d) similarity matrix.  All kNN measures of one step share
 one list per layer, built for the largest k (a smaller k reads a prefix), and
-:func:`knn_layer_scores` computes several measures in one pass: each reference layer's lists
-are remapped once per chunk of permutations and each (model, reference) layer pair is matched
-once (k×k comparisons per row).  Nothing in a chunk synchronizes with the host.
+:func:`knn_layer_scores` computes several measures in one pass: each model layer's edges are
+mapped through π once per chunk of permutations, and each (model, reference) layer pair is
+looked up once in the reference's hash table of neighbors.  Nothing in a chunk synchronizes
+with the host.
 """
 
 from __future__ import annotations
@@ -21,12 +23,9 @@ from torch import Tensor
 from alignment_callback.functional._validation import check_k, check_pair
 from alignment_callback.functional.neighbors import (
     NeighborLists,
-    invert,
     lcs_from_matches,
     levenshtein_from_matches,
-    match,
     neighbor_lists,
-    remap,
 )
 
 KNN_KINDS = ("mutual_knn", "cycle_knn", "cknna", "lcs_knn", "edit_distance_knn")
@@ -110,55 +109,81 @@ def _checked_self_hsic(own: NeighborLists) -> Tensor:
 # ------------------------------------------------------------------- scores from one match
 @dataclass
 class _Match:
-    """What one (model layer, reference layer) pair shares across measures in a chunk."""
+    """What one (model layer, reference layer) pair shares across measures in a chunk.
 
-    eq: Tensor  # (B, n, kmax, kmax): remapped Y list entry t == X list entry s
-    remapped: Tensor  # (B, n, kmax): N_{Y[π]}(i)
-    perms: Tensor
+    Model edges ``(i, s)``: ``j = N_X(i)[s]``.  Under π the reference lists of ``y[π]`` are
+    ``π⁻¹(N_Y(π(i)))``, so ``j ∈ N_{Y[π]}(i)`` at slot t exactly when ``π(j)`` sits at slot t of
+    ``N_Y(π(i))``: ``forward[b, i, s] = t + 1`` (0: not a neighbor).  ``reverse[b, j, s]`` is
+    the slot + 1 of ``π(j)`` in ``N_Y(π(i))`` for the model edge ``j → i = N_X(j)[s]`` (cycle kNN).
+    """
+
+    perms: Tensor  # (B, n)
+    moved: Tensor  # (B, n, kmax): π(N_X(i)[s])
     x_lists: NeighborLists
-    _cycle: Tensor | None = None
+    y_lists: NeighborLists
+    _forward: Tensor | None = None
+    _reverse: Tensor | None = None
 
-    def cycle(self) -> Tensor:
-        """(B, n, kmax, kmax): ``i == N_X(j)[s]`` for ``j = remapped[.., i, t]``."""
-        if self._cycle is None:
-            n = self.remapped.shape[1]
-            own = torch.arange(n, device=self.remapped.device).view(1, n, 1, 1)
-            self._cycle = self.x_lists.indices[self.remapped] == own
-        return self._cycle
+    @property
+    def forward(self) -> Tensor:
+        if self._forward is None:
+            self._forward = self.y_lists.table.lookup(self.perms.unsqueeze(-1), self.moved)
+        return self._forward
+
+    @property
+    def reverse(self) -> Tensor:
+        if self._reverse is None:
+            self._reverse = self.y_lists.table.lookup(self.moved, self.perms.unsqueeze(-1))
+        return self._reverse
+
+
+def _found(slots: Tensor, k: int) -> Tensor:
+    """(B, n, k) bool: model edge s < k is among the first k reference neighbors."""
+    head = slots[..., :k]
+    return (head > 0) & (head <= k)
 
 
 def _mutual(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
-    found = m.eq[..., :k, :k].any(-1)
-    return found.sum((1, 2)).to(sx.own.values.dtype) / (sx.own.n * k)
+    return _found(m.forward, k).sum((1, 2)).to(sx.own.values.dtype) / (sx.own.n * k)
 
 
 def _cycle_score(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
-    hit = m.cycle()[..., :k, :k].any(-1).any(-1)
-    return hit.sum(1).to(sx.own.values.dtype) / sx.own.n
+    batch, n = m.perms.shape
+    back = _found(m.reverse, k).to(torch.uint8).reshape(batch, -1)
+    target = sx.own.indices.reshape(1, -1).expand(batch, -1)
+    hit = torch.zeros(batch, n, dtype=torch.uint8, device=back.device)
+    hit.scatter_reduce_(1, target, back, reduce="amax")
+    return hit.sum(1).to(sx.own.values.dtype) / n
 
 
 def _cknna(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
-    eq = m.eq[..., :k, :k]
-    batch, n = eq.shape[:2]
-    found = eq.any(-1)
-    slot = eq.to(torch.uint8).argmax(-1)  # X's slot of each found entry
     xo, yo = sx.own, sy.own
-    kval = xo.values.double().expand(batch, n, k).gather(2, slot)
-    lval = yo.values.double()[m.perms]  # Y's slot: row π(i), position t
-    both = found & xo.reciprocal.expand(batch, n, k).gather(2, slot) & yo.reciprocal[m.perms]
-    zero = torch.zeros((), dtype=torch.float64, device=eq.device)
-    a, b = torch.where(found, kval, zero), torch.where(found, lval, zero)
-    cross = _masked_hsic(m.remapped[..., :k], a, b, both, n)
+    batch, n = m.perms.shape
+    found = _found(m.forward, k)
+    slot = (m.forward[..., :k] - 1).clamp(0, k - 1)  # Y's slot of each found entry
+    flat = m.perms.unsqueeze(-1) * k + slot  # row π(i), position t of Y's own lists
+    lval = torch.take(yo.values.double(), flat)
+    both = found & xo.reciprocal & torch.take(yo.reciprocal, flat)
+    zero = torch.zeros((), dtype=torch.float64, device=found.device)
+    a = torch.where(found, xo.values.double(), zero)
+    b = torch.where(found, lval, zero)
+    cross = _masked_hsic(xo.indices.expand(batch, n, k), a, b, both, n)
     return (cross / torch.sqrt(sx.self_hsic * sy.self_hsic)).to(xo.values.dtype)
 
 
+def _matches(m: _Match, k: int) -> Tensor:
+    """(B, n, k, k) bool: model list entry s equals reference list entry t (of ``y[π]``)."""
+    slots = m.forward[..., :k]
+    return slots.unsqueeze(-1) == torch.arange(1, k + 1, device=slots.device)
+
+
 def _lcs(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
-    total = lcs_from_matches(m.eq[..., :k, :k]).sum(1)
+    total = lcs_from_matches(_matches(m, k)).sum(1)
     return total.to(sx.own.values.dtype) / (sx.own.n * k)
 
 
 def _edit(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
-    total = levenshtein_from_matches(m.eq[..., :k, :k]).sum(1)
+    total = levenshtein_from_matches(_matches(m, k)).sum(1)
     return 1.0 - total.to(sx.own.values.dtype) / (sx.own.n * k)
 
 
@@ -172,7 +197,8 @@ def knn_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[
 
     Each request is ``(kind, x_states, y_states)`` (``kind`` in :data:`KNN_KINDS`); all
     requests must share the same per-layer ``lists``.  Y layers are permuted by each row of
-    ``perms``; each Y layer is remapped once and each layer pair matched once per chunk.
+    ``perms``.  Per chunk, each model layer's edges are mapped through π once, and each layer
+    pair is looked up once (twice with cycle kNN) for all measures.
     """
     kind0, xs0, ys0 = requests[0]
     kmax = max(s.k for _, xs, _ in requests for s in xs)
@@ -180,12 +206,10 @@ def knn_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[
     for kind, xs, ys in requests:
         dtype = xs[0].own.values.dtype
         out.append(torch.empty(batch, len(xs), len(ys), dtype=dtype, device=perms.device))
-    inverse = invert(perms)
-    for b, sy in enumerate(ys0):
-        remapped = remap(sy.lists, perms, inverse)[..., :kmax]
-        for a, sx in enumerate(xs0):
-            x_lists = sx.lists if sx.lists.k == kmax else sx.lists.prefix(kmax)
-            m = _Match(match(remapped, x_lists), remapped, perms, x_lists)
+    for a, sx in enumerate(xs0):
+        moved = perms[:, sx.lists.indices[:, :kmax]]  # π(N_X(i)[s]): (B, n, kmax)
+        for b, sy in enumerate(ys0):
+            m = _Match(perms, moved, sx.lists, sy.lists)
             for (kind, xs, ys), o in zip(requests, out):
                 o[:, a, b] = _SCORES[kind](m, xs[a], ys[b], xs[a].k)
     return out

@@ -14,9 +14,10 @@ Keys travel with their rows under a permutation, so neighbor lists stay permutat
 keys ``keys[π]``), and the two sides break ties independently.  Data without exact ties (any
 continuous data) gets exactly the lists a plain top-k gives.
 
-**Membership without n×n tables.**  "Is j a neighbor of i" is answered from the lists
-themselves, by comparing a row's k queries with its k neighbors (k×k comparisons), so memory
-is O(n·k) and the per-permutation cost grows like n·k², whatever n is.
+**Membership without n×n tables.**  "Is b a neighbor of a, and at which slot" is answered by a
+:class:`SlotTable`: a perfect hash of each row's k neighbors into 4k buckets (a per-row
+multiplier is drawn until the row's neighbors do not collide), so a look-up is two gathers,
+memory is O(n·k) and the per-permutation cost grows like n·k, whatever n is.
 """
 
 from __future__ import annotations
@@ -91,6 +92,61 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return torch.cat(idx_parts), torch.cat(val_parts)
 
 
+_SLOT_BITS = 16  # table entries: neighbor << 16 | slot (k < 65536)
+_HASH_BITS = 32
+
+
+@dataclass(frozen=True)
+class SlotTable:
+    """A per-row perfect hash of a kNN graph: is ``b ∈ N(a)``, and at which slot.
+
+    Row a's neighbors go to buckets ``h_a(b) = ((b · m_a) mod 2³²) >> (32 − bits)`` of the
+    row's ``2**bits >= 4k`` buckets, with ``m_a`` an odd multiplier drawn (from a fixed seed)
+    until no two of them collide.  Entries are ``b << 16 | slot`` (−1 when empty).
+    """
+
+    multipliers: Tensor  # (n,) int64
+    entries: Tensor  # (n · 2**bits,) int64
+    bits: int
+
+    def lookup(self, a: Tensor, b: Tensor) -> Tensor:
+        """``slot + 1`` of ``b`` in ``N(a)`` (0 when ``b`` is not a neighbor of ``a``);
+        ``a`` broadcasts against ``b`` (e.g. (B, n, 1) rows for (B, n, k) queries)."""
+        m = self.multipliers[a]
+        bucket = ((b * m) & 0xFFFFFFFF) >> (_HASH_BITS - self.bits)
+        e = self.entries[(a << self.bits) + bucket]
+        hit = (e >> _SLOT_BITS) == b
+        return torch.where(hit, (e & ((1 << _SLOT_BITS) - 1)) + 1, torch.zeros_like(e))
+
+
+def slot_table(indices: Tensor) -> SlotTable:
+    """Build the :class:`SlotTable` of (n, k) neighbor lists (deterministic)."""
+    n, k = indices.shape
+    if k >= 1 << _SLOT_BITS:
+        raise ValueError(f"k={k} is too large for the neighbor look-up table")
+    bits = max(2, (4 * k - 1).bit_length())
+    gen = torch.Generator().manual_seed(20_240_523)
+    multipliers = torch.zeros(n, dtype=torch.long)
+    todo = torch.arange(n)
+    cpu = indices.cpu()
+    for _ in range(200):
+        candidates = torch.randint(0, 1 << 30, (todo.numel(),), generator=gen) * 2 + 1
+        h = ((cpu[todo] * candidates[:, None]) & 0xFFFFFFFF) >> (_HASH_BITS - bits)
+        h = torch.sort(h, dim=1).values
+        ok = ~(h[:, 1:] == h[:, :-1]).any(1)
+        multipliers[todo[ok]] = candidates[ok]
+        todo = todo[~ok]
+        if not todo.numel():
+            break
+    else:  # pragma: no cover - probability ~ (1 - 0.3)**200 per row
+        raise RuntimeError("could not build the neighbor look-up table")
+    h = ((cpu * multipliers[:, None]) & 0xFFFFFFFF) >> (_HASH_BITS - bits)
+    entries = torch.full((n << bits,), -1, dtype=torch.long)
+    slots = torch.arange(k).expand(n, k)
+    entries[(torch.arange(n)[:, None] << bits) + h] = (cpu << _SLOT_BITS) | slots
+    return SlotTable(multipliers.to(indices.device), entries.to(indices.device), bits)
+
+
 @dataclass(frozen=True)
 class NeighborLists:
     """Neighbor lists of one representation, prepared once and reused for every permutation.
@@ -105,6 +161,7 @@ class NeighborLists:
     indices: Tensor
     values: Tensor
     reciprocal: Tensor
+    table: SlotTable | None = None
 
     @property
     def n(self) -> int:
@@ -122,40 +179,19 @@ class NeighborLists:
 
 
 def neighbor_lists_from(indices: Tensor, values: Tensor) -> NeighborLists:
-    """:class:`NeighborLists` from (n, k) indices and values (computes ``reciprocal``)."""
+    """:class:`NeighborLists` from (n, k) indices and values (builds the look-up table and
+    ``reciprocal``)."""
     n = indices.shape[0]
-    own = torch.arange(n, device=indices.device).view(n, 1, 1)
-    reciprocal = (indices[indices] == own).any(-1)  # (n, k, k): N(j) compared with i
-    return NeighborLists(indices, values, reciprocal)
+    table = slot_table(indices)
+    rows = torch.arange(n, device=indices.device).view(n, 1)
+    reciprocal = table.lookup(indices, rows) > 0  # i ∈ N(j) for j = indices[i, t]
+    return NeighborLists(indices, values, reciprocal, table)
 
 
 def neighbor_lists(x: Tensor, k: int, role: str = "x") -> NeighborLists:
     """Exact k-nearest-neighbor lists of ``x`` (n, d), ties broken by the ``role``'s keys."""
     indices, values = knn(x, k, tie_keys(x.shape[0], role, x.device))
     return neighbor_lists_from(indices, values)
-
-
-def invert(perms: Tensor) -> Tensor:
-    """Inverse permutations of the rows of ``perms`` (B, n)."""
-    inv = torch.empty_like(perms)
-    ar = torch.arange(perms.shape[1], device=perms.device).expand_as(perms)
-    return inv.scatter_(1, perms, ar)
-
-
-def remap(lists: NeighborLists, perms: Tensor, inverse: Tensor) -> Tensor:
-    """Neighbor lists of ``y[π]`` from those of ``y``: ``N_{Y[π]}(i) = π⁻¹(N_Y(π(i)))``.
-
-    ``perms`` and ``inverse`` are (B, n); returns (B, n, k), order within each list kept.
-    """
-    b, n = perms.shape
-    moved = lists.indices[perms]  # (B, n, k): N_Y(π(i))
-    return torch.gather(inverse, 1, moved.reshape(b, -1)).view(b, n, -1)
-
-
-def match(queries: Tensor, lists: NeighborLists) -> Tensor:
-    """``eq[..., i, t, s] = (queries[..., i, t] == lists.indices[i, s])``: which of row i's
-    queries are among its neighbors, and at which slot (k×k comparisons per row)."""
-    return queries.unsqueeze(-1) == lists.indices.unsqueeze(-2)
 
 
 def _lcs_dp(eq: Tensor) -> Tensor:

@@ -11,8 +11,8 @@ Work is shared wherever the math allows:
   built for the largest k (a smaller k reads a prefix);
 * the permutations are drawn once (:class:`~alignment_callback.functional.permutation.Permutations`)
   and every measure reads the same ones;
-* the kNN measures compute their nulls in one pass (each reference layer remapped once per
-  chunk, each layer pair matched once).
+* the kNN measures compute their nulls in one pass (each model layer's edges mapped through
+  π once per chunk, each layer pair looked up once).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class MeasureInfo:
     Attributes:
         name: canonical name.
         family: ``"gram"`` (a function of one n×n matrix per side; the null gathers it),
-            ``"knn"`` (neighbor lists; the null remaps them) or ``"other"``.
+            ``"knn"`` (neighbor lists; the null maps edges through π) or ``"other"``.
         summary: the math in one line (the docs table).
         prepare: ``(x, role, shared, **params) -> state``.
         score: ``(state_x, state_y, perms, **params) -> (B,)``.
@@ -231,7 +231,13 @@ def _knn_layers(sxs: list, sys: list, perms: Tensor, *, kind: str, k: int) -> Te
 
 
 def _knn_cost(n: int, params: Mapping[str, Any]) -> int:
-    return 2 * n * params["k"] ** 2  # the k×k match and cycle tables
+    # mapped edges, look-ups and their (B, n, k) int64 temporaries, weighted so that a chunk's
+    # arrays stay in cache (measured: 2-3x faster than chunks sized by memory alone)
+    return 128 * n * params["k"]
+
+
+def _ordered_knn_cost(n: int, params: Mapping[str, Any]) -> int:
+    return _knn_cost(n, params) + 16 * n * params["k"] ** 2  # and the k×k matches of the DP
 
 
 def _knn_min(params: Mapping[str, Any], minimum: int = 2) -> int:
@@ -277,13 +283,14 @@ def _constant(params: Mapping[str, Any], value: int) -> int:
     return value
 
 
-def _knn(name: str, summary: str, minimum_k: int = 1, min_n: int = 2, **kw: Any) -> MeasureInfo:
+def _knn(name: str, summary: str, minimum_k: int = 1, min_n: int = 2,
+         perm_cost: Callable[[int, Mapping[str, Any]], int] = _knn_cost, **kw: Any) -> MeasureInfo:
     return register_measure(MeasureInfo(
         name, "knn", summary, functools.partial(_knn_prepare, kind=name),
         functools.partial(_knn_score, kind=name), functools.partial(_knn_layers, kind=name),
         params=(K2_PARAM if minimum_k == 2 else K_PARAM,),
-        min_samples=functools.partial(_knn_min, minimum=min_n), perm_cost=_knn_cost,
-        null_method="neighbor lists remapped per permutation, k×k matches per row",
+        min_samples=functools.partial(_knn_min, minimum=min_n), perm_cost=perm_cost,
+        null_method="model edges mapped through π, looked up in the reference's hash table",
         invariances="rotation, isotropic scaling (of L2-normalized rows: any row scaling)",
         shared="neighbor_lists", group="knn", **kw))
 
@@ -302,8 +309,9 @@ _knn("mutual_knn", "mean_i |N_X(i) ∩ N_Y(i)| / k")
 _knn("cycle_knn", "mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]", symmetric=False)
 _knn("cknna", "unbiased-HSIC CKA restricted to mutual kNN pairs (PRH)", minimum_k=2, min_n=4,
      value_range=(-1.0, 1.0))
-_knn("lcs_knn", "mean_i LCS(N_X(i), N_Y(i)) / k of the ordered lists")
-_knn("edit_distance_knn", "1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k of the ordered lists")
+_knn("lcs_knn", "mean_i LCS(N_X(i), N_Y(i)) / k of the ordered lists", perm_cost=_ordered_knn_cost)
+_knn("edit_distance_knn", "1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k of the ordered lists",
+     perm_cost=_ordered_knn_cost)
 register_measure(MeasureInfo(
     "svcca", "other", "mean canonical correlation of the top cca_dim singular subspaces",
     _svcca_prepare, _svcca_score, params=(CCA_DIM_PARAM,),

@@ -1,0 +1,78 @@
+"""The engine shares work: each layer is prepared once per step for every measure, kNN measures
+share one neighbor search per layer (built for the largest k), the reference is prepared once
+per fit, and the permutations are drawn once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment_callback.engine import AlignmentEngine
+from alignment_callback.functional import neighbors, permutation, preprocessing
+
+KNN = {"mutual_knn": {"k": 5}, "cknna": {"k": 10}, "cycle_knn": {"k": 5}}
+
+
+def _layers(prefix: str, count: int, n: int = 60, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"{prefix}{i}": torch.randn(n, 6 + i, generator=g) for i in range(count)}
+
+
+def test_neighbor_search_runs_once_per_layer_whatever_the_number_of_knn_measures(monkeypatch):
+    calls = []
+    real = neighbors.knn
+    monkeypatch.setattr(neighbors, "knn", lambda x, k, keys=None: (calls.append(k), real(x, k, keys))[1])
+    engine = AlignmentEngine({**KNN, "linear_cka": {}}, num_permutations=20)
+    engine.set_reference(_layers("r", 3))
+    assert calls == [10, 10, 10]  # once per reference layer, for the largest k
+    for step in range(2):
+        engine.step(_layers("m", 4, seed=step + 1), step=step)
+    assert calls == [10] * (3 + 2 * 4)  # once per model layer per step
+
+
+def test_permutations_are_drawn_once_per_fit(monkeypatch):
+    draws = []
+    real = permutation.iter_permutations
+    monkeypatch.setattr(permutation, "iter_permutations",
+                        lambda *a, **k: (draws.append(a[:3]), real(*a, **k))[1])
+    engine = AlignmentEngine(["linear_cka", "mutual_knn", "cknna"], num_permutations=20)
+    engine.set_reference(_layers("r", 2))
+    for step in range(3):
+        engine.step(_layers("m", 2, seed=step + 1))
+    assert draws == [(60, 20, 0)]
+
+
+def test_features_are_prepared_once_per_layer_per_step(monkeypatch):
+    from alignment_callback.metrics import _rows
+
+    calls = []
+    real = preprocessing.prepare_features
+    monkeypatch.setattr(_rows, "prepare_features",
+                        lambda x, **kw: (calls.append(x.shape), real(x, **kw))[1])
+    engine = AlignmentEngine(["linear_cka", "mutual_knn", "cknna"], num_permutations=10)
+    engine.set_reference(_layers("r", 3))
+    engine.step(_layers("m", 3, seed=1))
+    assert len(calls) == 3 + 3
+
+
+def test_shared_neighbor_lists_give_the_single_measure_values():
+    ref, model = _layers("r", 2), _layers("m", 3, seed=5)
+    joint = AlignmentEngine(KNN, num_permutations=30)
+    joint.set_reference(ref)
+    together = joint.step(model).results
+    for name, options in KNN.items():
+        alone = AlignmentEngine({name: options}, num_permutations=30)
+        alone.set_reference(ref)
+        single = alone.step(model).results[name]
+        torch.testing.assert_close(together[name].matrix, single.matrix, rtol=0, atol=1e-12)
+        torch.testing.assert_close(together[name].null, single.null, rtol=0, atol=1e-12)
+        assert float(together[name].calibrated) == pytest.approx(float(single.calibrated), abs=1e-12)
+
+
+def test_step_needs_the_reference_and_the_same_rows():
+    engine = AlignmentEngine(["linear_cka"], num_permutations=10)
+    with pytest.raises(RuntimeError, match="set_reference"):
+        engine.step(_layers("m", 1))
+    engine.set_reference(_layers("r", 1))
+    with pytest.raises(ValueError, match="have 30 rows but the reference's have 60"):
+        engine.step(_layers("m", 1, n=30))

@@ -278,3 +278,16 @@ def test_use_backend_switches_the_default(monkeypatch):
     with use_backend("torch"):
         gram_dots(a, b, perms)
     assert used == [1] and gram_null.default_backend == "auto"
+
+
+def test_auto_falls_back_to_torch_without_numba(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    a, b = _sym(30, gen, torch.float32), _sym(30, gen, torch.float32)
+    perms = _perms(30, 4, gen)
+    expected = gram_dots(a, b, perms, backend="torch")
+    monkeypatch.setattr(gram_null, "_numba_module", None)
+    monkeypatch.setattr(gram_null, "_numba_error", ImportError("No module named 'numba'"))
+    assert not gram_null.numba_available()
+    assert torch.equal(gram_dots(a, b, perms), expected)
+    with pytest.raises(ImportError, match="needs numba"):
+        gram_dots(a, b, perms, backend="numba")

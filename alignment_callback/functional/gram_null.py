@@ -14,7 +14,7 @@ Two backends give the same numbers (to float64 rounding):
     σ(k) from a block of A's rows that stays in cache while all the permutations of a task go
     over B.  For symmetric inputs only the part of row π(i) right of the diagonal is read
     (``T = Σ_i A_ii B_π(i)π(i) + 2 Σ_i Σ_{k>π(i)} A_iσ(k) B_π(i)k``), so B costs n²/2 reads.
-    Products and sums are float64; no n×n temporary.  Tasks (row panel × group of 16
+    Products and sums are float64; no n×n temporary.  Tasks (row panel × group of 32
     permutations) run on up to ``torch.get_num_threads()`` Python threads (the kernels release
     the GIL) that take tasks from a shared counter, so a thread on a busy core simply does
     fewer of them; the split does not depend on the number of threads, so neither do the
@@ -72,7 +72,7 @@ several times faster than large ones (whose pages are also freshly mapped on eac
 they cost more torch calls per permutation (about 35 at n = 1024), which is cheap on the CPU."""
 
 _A_BLOCK_BYTES = 256 * 1024  # rows of the fixed matrices kept in L2 while permutations stream
-_PERM_GROUP = 16  # permutations per task: a block of A is reused across them
+_PERM_GROUP = 32  # permutations per task: a block of A is reused across them
 _MAX_PANELS = 4  # row panels per call (tasks = panels × permutation groups)
 _MIN_PARALLEL_WORK = 1 << 21  # multiply-adds below which one thread does everything
 
@@ -92,7 +92,7 @@ def _numba_kernels():
     if _numba_module is None and _numba_error is None:
         try:
             from alignment_callback.functional import _gram_null_numba
-        except ImportError as err:  # numba missing or broken (e.g. incompatible numpy)
+        except Exception as err:  # numba missing or broken (e.g. an incompatible numpy)
             _numba_error = err
         else:
             _numba_module = _gram_null_numba

@@ -107,6 +107,21 @@ def test_layers_match_the_definition(backend):
     _assert_close(mixed[:, 2, 1], *_reference(fixed[1], moved[2], perms))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("la,lb", [(4, 1), (1, 4), (4, 4), (5, 6), (6, 5), (9, 8)])
+def test_layer_shapes_of_the_register_blocks(la, lb, symmetric):
+    """The numba kernel dots in 4×4 / 1×4 / 4×1 / 1×1 blocks: every remainder is covered."""
+    gen = torch.Generator().manual_seed(la * 10 + lb)
+    n = 33
+    fixed = torch.stack([_sym(n, gen, torch.float32) for _ in range(la)])
+    moved = torch.stack([_sym(n, gen, torch.float32) for _ in range(lb)])
+    perms = _perms(n, 3, gen)
+    got = gram_dots_layers(fixed, moved, perms, symmetric=symmetric, backend="numba")
+    for b_ in range(lb):
+        for a_ in range(la):
+            _assert_close(got[:, b_, a_], *_reference(fixed[a_], moved[b_], perms))
+
+
 def test_layers_equal_single_products():
     gen = torch.Generator().manual_seed(3)
     fixed = [_sym(40, gen) for _ in range(3)]

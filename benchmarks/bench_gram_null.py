@@ -9,9 +9,9 @@ For each n: milliseconds per permutation of
 
 next to the memory-read bound ``n²·4 B / bandwidth`` (reading the permuted float32 matrix once)
 and the ratio to it.  The bandwidth is measured first: best of several ``torch.sum`` over a
-1 GiB float32 tensor on one thread.  Then the same for ``gram_dots_layers`` with 4×4 layers
-(bound: the 4 moved matrices read once per permutation) against today's layer loop
-(``gram_layer_scores``: 4 gathers + one float32 matrix product per permutation).
+1 GiB float32 tensor on one thread.  Then the same for ``gram_dots_layers`` with 4×4 and 12×12
+layers (bound: the L moved matrices read once per permutation) against today's layer loop
+(``gram_layer_scores``: L gathers + one float32 matrix product per permutation).
 
 Every timing is the best of 3 repetitions; the load average is printed because the machine may
 be shared.  ``old err`` is today's float32 result minus the exact one, divided by ‖A‖·‖B‖ (in
@@ -103,7 +103,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="n = 256, 512 with few permutations")
     args = p.parse_args()
     sizes = {256: (16, 128), 512: (8, 64)} if args.quick else {1024: (32, 256), 2048: (16, 128), 4096: (8, 64)}
-    layer_sizes = {256: (4, 32)} if args.quick else {1024: (8, 64), 2048: (4, 32)}
+    # (layers per side, n): (permutations old, new)
+    layer_sizes = {(4, 256): (4, 32)} if args.quick else {
+        (4, 1024): (8, 64), (4, 2048): (4, 32), (12, 1024): (4, 32)}
     threads_before = torch.get_num_threads()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, numba backend: "
           f"{gram_null.numba_available()}, load average at start: "
@@ -133,19 +135,19 @@ def main() -> None:
               f"{1e3 * new2:8.3f} {1e3 * bound:7.3f} {old1 / bound:7.2f} {new1 / bound:7.2f} "
               f"{new2 / bound:7.2f} {old1 / new1:6.1f}x {err:8.1e}")
 
-    print("\ngram_dots_layers, 4×4 float32 layers, ms per permutation (bound: 4 moved matrices read once)")
-    print(f"{'n':>5s} {'K old/new':>9s} {'old 1T':>8s} {'new 1T':>8s} {'new 2T':>8s} {'bound':>7s} "
+    print("\ngram_dots_layers, L×L float32 layers, ms per permutation (bound: L moved matrices read once)")
+    print(f"{'L':>3s} {'n':>5s} {'K old/new':>9s} {'old 1T':>8s} {'new 1T':>8s} {'new 2T':>8s} {'bound':>7s} "
           f"{'old/bnd':>7s} {'1T/bnd':>7s} {'2T/bnd':>7s} {'speedup':>7s}")
-    for n, (k_old, k_new) in layer_sizes.items():
-        fixed = [symmetric(n, gen) for _ in range(4)]
-        moved = [symmetric(n, gen) for _ in range(4)]
+    for (layers, n), (k_old, k_new) in layer_sizes.items():
+        fixed = [symmetric(n, gen) for _ in range(layers)]
+        moved = [symmetric(n, gen) for _ in range(layers)]
         perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(k_new)])
         gram_dots_layers(fixed, moved, perms[:2])
         old1 = best_of(with_threads(1, chunked(old_layer_dots, fixed, moved, perms=perms[:k_old]))) / k_old
         new1 = best_of(with_threads(1, chunked(gram_dots_layers, fixed, moved, perms=perms))) / k_new
         new2 = best_of(with_threads(2, chunked(gram_dots_layers, fixed, moved, perms=perms))) / k_new
-        bound = 4 * n * n * 4 / bw
-        print(f"{n:5d} {k_old:4d}/{k_new:<4d} {1e3 * old1:8.3f} {1e3 * new1:8.3f} {1e3 * new2:8.3f} "
+        bound = layers * n * n * 4 / bw
+        print(f"{layers:3d} {n:5d} {k_old:4d}/{k_new:<4d} {1e3 * old1:8.3f} {1e3 * new1:8.3f} {1e3 * new2:8.3f} "
               f"{1e3 * bound:7.3f} {old1 / bound:7.2f} {new1 / bound:7.2f} {new2 / bound:7.2f} "
               f"{old1 / new1:6.1f}x")
     torch.set_num_threads(threads_before)

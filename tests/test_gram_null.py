@@ -306,3 +306,27 @@ def test_auto_falls_back_to_torch_without_numba(monkeypatch):
     assert torch.equal(gram_dots(a, b, perms), expected)
     with pytest.raises(ImportError, match="needs numba"):
         gram_dots(a, b, perms, backend="numba")
+
+
+def test_a_stalled_helper_thread_does_not_stall_the_call():
+    """A helper descheduled mid-task (here: sleeping) is covered by the calling thread."""
+    import threading
+    import time
+
+    main = threading.get_ident()
+    stalled = []
+
+    def task(t):
+        if threading.get_ident() != main and not stalled:
+            stalled.append(t)
+            time.sleep(2.0)
+        else:
+            time.sleep(0.02)
+        return np.full(3, float(t))
+
+    start = time.perf_counter()
+    results = gram_null._run_tasks(task, 6, threads=2)
+    elapsed = time.perf_counter() - start
+    assert [r[0] for r in results] == list(range(6))
+    assert stalled, "the helper thread took no task"
+    assert elapsed < 1.0, f"the call waited {elapsed:.2f} s for the stalled helper"

@@ -104,7 +104,7 @@ def _dot11(x, y, m):  # pragma: no cover - compiled
 
 @_jit(fastmath=True)
 def dots_task(fixed, moved, perms, inv, r0, r1, rb, p0, p1, sym, out):  # pragma: no cover
-    """Add to ``out[p, b, a]`` (float64 (P, Lb, La)) the rows ``r0 <= i < r1`` of
+    """Add to ``out[p - p0, b, a]`` (float64 (p1 - p0, Lb, La)) the rows ``r0 <= i < r1`` of
 
         T_p[b, a] = Σ_i Σ_k fixed[a][i, σ_p(k)] · moved[b][π_p(i), k],    σ_p = π_p⁻¹,
 
@@ -131,7 +131,7 @@ def dots_task(fixed, moved, perms, inv, r0, r1, rb, p0, p1, sym, out):  # pragma
         b1 = min(r1, b0 + rb)
         for p in range(p0, p1):
             ip = inv[p]
-            op = out[p]
+            op = out[p - p0]
             for i in range(b0, b1):
                 row = perms[p, i]
                 start = row + 1 if sym else 0

@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -179,11 +180,14 @@ def gram_dots(
     symmetric : bool, default True
         Whether ``a`` and ``b`` are symmetric (they must be, for the gram measures).  The numba
         backend then reads only the upper triangle of the moved matrix (half the memory
-        traffic); with a matrix that is not exactly symmetric its value differs from the
-        definition by up to about Σ|a|·|b − bᵀ| and may differ from the ``"torch"`` backend,
-        which always uses the definition.  ``False`` makes numba use the full definition too
-        (about 1.7× slower).  Grams computed in floating point (``H K H``) can be asymmetric by
-        a rounding error; ``(m + m.T) / 2`` makes them exactly symmetric.
+        traffic): each pair {i, j} is counted twice as ``a[i, j] · b[π(i), π(j)]`` with
+        π(i) < π(j).  For inputs that are not exactly symmetric this differs from the
+        definition by at most ``½ Σ_ij (|a_ij|·|b − bᵀ|_π(i)π(j) + |a − aᵀ|_ij·|b_π(i)π(j)|)``
+        (and from the ``"torch"`` backend, which always uses the definition).  Centered grams
+        computed in float32 can be asymmetric by a rounding error (measured on CKA values: up
+        to 2e-9 for RBF, 3e-11 for unbiased CKA; linear grams and RSA matrices were exactly
+        symmetric); ``(m + m.T) / 2`` makes a matrix exactly symmetric.  ``False`` makes numba
+        use the full definition as well (exact for any matrices, 1.7-1.9× slower).
     backend : {"auto", "numba", "torch"} or None, default None
         None uses :data:`default_backend` (``"auto"`` unless changed, e.g. by
         :func:`use_backend`).  ``"auto"``: numba on CPU when it is installed, otherwise torch.
@@ -203,16 +207,17 @@ def gram_dots(
 
     Notes
     -----
-    Cost (numba, one thread, float32, measured on a Xeon with 16 GB/s single-core read
-    bandwidth): 0.65-1.0 × n²·4 B / bandwidth per permutation for n = 1024..4096, i.e. at
-    or below the time to read B once.  The first call of a process compiles the kernel (about
-    2 s per dtype) unless numba's on-disk cache already holds it.
+    Cost (numba, float32, one thread, a 2-core Xeon with 13-16 GB/s single-core read
+    bandwidth; ``benchmarks/bench_gram_null.py``): 0.6-0.8 × n²·4 B / bandwidth per
+    permutation for n = 1024..4096, i.e. less than reading B once; two threads halve it on
+    an idle machine.  The first call in a process compiles the kernel (2-3 s for the first
+    dtype, 1-2 s for the other) unless numba's on-disk cache holds it (then about 0.5 s).
     """
     _check_square(a, "a")
     _check_square(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return _dots(a[None], b[None], perms, symmetric, backend)[:, 0, 0]
+    return _dots([a], [b], perms, symmetric, backend)[:, 0, 0]
 
 
 def gram_dots_layers(
@@ -238,8 +243,11 @@ def gram_dots_layers(
     fixed, moved : sequence of Tensor, or Tensor
         LA (resp. LB) symmetric (n, n) matrices with the same n, float32 or float64, on one
         device.  A (L, n, n) tensor is used as is; a list is stacked (a copy), so passing a
-        stacked tensor saves memory when the layers are many or large.  Moving the side with
-        fewer layers is cheaper (the moved matrices are the ones streamed from memory).
+        stacked tensor saves memory when the layers are many or large.  On the numba backend
+        the rows of the fixed matrices are gathered (LA gathers per row and permutation) and
+        the moved ones are streamed (LB reads), and gathers cost more: fixing the side with
+        fewer layers is the faster orientation (n = 1024: 2 fixed × 12 moved 1.9 ms, 12 × 2
+        3.0 ms per permutation).
     perms : Tensor
         (P, n) integer tensor of permutations, as in :func:`gram_dots`.
     symmetric, backend
@@ -250,7 +258,7 @@ def gram_dots_layers(
     Tensor
         (P, LB, LA) float64 on the device of the inputs.
     """
-    return _dots(_stack(fixed, "fixed"), _stack(moved, "moved"), perms, symmetric, backend)
+    return _dots(_layers(fixed, "fixed"), _layers(moved, "moved"), perms, symmetric, backend)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -261,7 +269,8 @@ def _check_square(m: Tensor, what: str) -> None:
         raise ValueError(f"{what} must be a square (n, n) tensor, got {getattr(m, 'shape', type(m))}")
 
 
-def _stack(mats: Sequence[Tensor] | Tensor, what: str) -> Tensor:
+def _layers(mats: Sequence[Tensor] | Tensor, what: str) -> list[Tensor] | Tensor:
+    """Validated matrices: a (L, n, n) tensor as is, or a non-empty list of equal (n, n)."""
     if isinstance(mats, Tensor):
         if mats.dim() != 3 or mats.shape[1] != mats.shape[2] or mats.shape[0] == 0:
             raise ValueError(f"{what} must be (L, n, n) with L >= 1 or a list of (n, n), got {tuple(mats.shape)}")
@@ -273,51 +282,73 @@ def _stack(mats: Sequence[Tensor] | Tensor, what: str) -> Tensor:
         _check_square(m, f"{what}[{i}]")
         if m.shape != mats[0].shape:
             raise ValueError(f"{what} matrices differ in shape: {tuple(mats[0].shape)} and {tuple(m.shape)}")
-    if len(mats) == 1:
-        return mats[0][None]
-    dtype = torch.float64 if any(m.dtype == torch.float64 for m in mats) else mats[0].dtype
-    return torch.stack([m.to(dtype) for m in mats])
+    return mats
 
 
-def _common_dtype(*tensors: Tensor) -> torch.dtype:
-    for t in tensors:
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"gram matrices must be floating point, got {t.dtype}")
-    if any(t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32  # float16/bfloat16 -> float32 is exact
+def _parts(mats: list[Tensor] | Tensor) -> list[Tensor]:
+    return [mats] if isinstance(mats, Tensor) else mats
 
 
-def _dots(fixed: Tensor, moved: Tensor, perms: Tensor, symmetric: bool, backend: str | None) -> Tensor:
-    """(P, LB, LA) float64 for stacked (LA, n, n) fixed and (LB, n, n) moved matrices."""
-    n = fixed.shape[-1]
-    if moved.shape[1:] != fixed.shape[1:]:
-        raise ValueError(f"fixed and moved matrices differ in size: {n} and {moved.shape[-1]}")
+def _dots(fixed: list[Tensor] | Tensor, moved: list[Tensor] | Tensor, perms: Tensor,
+          symmetric: bool, backend: str | None) -> Tensor:
+    """(P, LB, LA) float64 for LA fixed and LB moved matrices (lists or stacked tensors)."""
+    tensors = _parts(fixed) + _parts(moved)
+    n = tensors[0].shape[-1]
+    if any(t.shape[-1] != n for t in tensors):
+        raise ValueError(f"fixed and moved matrices differ in size: {sorted({t.shape[-1] for t in tensors})}")
     if not isinstance(perms, Tensor) or perms.dim() != 2 or perms.shape[1] != n:
         raise ValueError(f"perms must be (P, {n}), got {getattr(perms, 'shape', type(perms))}")
     if perms.dtype.is_floating_point or perms.dtype.is_complex or perms.dtype == torch.bool:
         raise TypeError(f"perms must be an integer tensor, got {perms.dtype}")
-    device = fixed.device
-    if moved.device != device or perms.device != device:
-        raise ValueError(
-            f"fixed, moved and perms must be on one device, got {device}, {moved.device}, {perms.device}"
-        )
-    dtype = _common_dtype(fixed, moved)
-    fixed, moved = fixed.detach().to(dtype), moved.detach().to(dtype)
-    perms = perms.detach().to(torch.int64)
+    device = tensors[0].device
+    if any(t.device != device for t in tensors) or perms.device != device:
+        raise ValueError(f"matrices and perms must be on one device, got "
+                         f"{sorted({str(t.device) for t in tensors} | {str(perms.device)})}")
+    for t in tensors:
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"gram matrices must be floating point, got {t.dtype}")
+    wide = any(t.dtype == torch.float64 for t in tensors)  # else float32 (exact for halves)
     if _resolve_backend(backend, device) == "numba":
-        return _numba_dots(fixed, moved, perms, bool(symmetric))
-    return _torch_dots(fixed, moved, perms)
+        return _numba_dots(_numpy_stack(fixed, wide), _numpy_stack(moved, wide),
+                           _numpy_perms(perms), bool(symmetric))
+    dtype = torch.float64 if wide else torch.float32
+    return _torch_dots(_torch_stack(fixed, dtype), _torch_stack(moved, dtype), perms.detach())
+
+
+def _torch_stack(mats: list[Tensor] | Tensor, dtype: torch.dtype) -> Tensor:
+    if isinstance(mats, Tensor):
+        return mats.detach().to(dtype)
+    if len(mats) == 1:
+        return mats[0].detach().to(dtype)[None]
+    return torch.stack([m.detach().to(dtype) for m in mats])
 
 
 # ----------------------------------------------------------------------------- numba backend
+# Everything here is NumPy: a parallel torch op (a large copy or cast) would wake torch's OpenMP
+# threads, which keep spinning after it and compete with the kernel's threads.
 
 
-def _numba_dots(fixed: Tensor, moved: Tensor, perms: Tensor, symmetric: bool) -> Tensor:
+def _numpy(t: Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()  # NumPy has no bfloat16
+    return t.numpy()
+
+
+def _numpy_stack(mats: list[Tensor] | Tensor, wide: bool) -> np.ndarray:
+    dtype = np.float64 if wide else np.float32
+    if isinstance(mats, Tensor) or len(mats) == 1:
+        one = _numpy(mats) if isinstance(mats, Tensor) else _numpy(mats[0])[None]
+        return np.ascontiguousarray(one, dtype=dtype)
+    return np.stack([_numpy(m) for m in mats], dtype=dtype)
+
+
+def _numpy_perms(perms: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(perms.detach().numpy(), dtype=np.int64)
+
+
+def _numba_dots(fa: np.ndarray, mb: np.ndarray, pm: np.ndarray, symmetric: bool) -> Tensor:
     k = _numba_kernels()
-    fa = fixed.contiguous().numpy()
-    mb = moved.contiguous().numpy()
-    pm = perms.contiguous().numpy()
     la, n = fa.shape[0], fa.shape[1]
     lb, num = mb.shape[0], pm.shape[0]
     if num == 0 or n == 0:
@@ -333,46 +364,92 @@ def _numba_dots(fixed: Tensor, moved: Tensor, perms: Tensor, symmetric: bool) ->
     panel_rows = -(-nblocks // panels) * rb
     panels = -(-n // panel_rows)
     groups = -(-num // _PERM_GROUP)
-    partial = np.zeros((panels, num, lb, la))  # one slice per row panel: no write conflicts
 
-    def task(t: int) -> None:
+    def task(t: int) -> np.ndarray:  # (permutations of the group, LB, LA), row panel's share
         panel, group = divmod(t, groups)
         r0, p0 = panel * panel_rows, group * _PERM_GROUP
-        k.dots_task(fa, mb, pm, inv, r0, min(n, r0 + panel_rows), rb,
-                    p0, min(num, p0 + _PERM_GROUP), symmetric, partial[panel])
+        p1 = min(num, p0 + _PERM_GROUP)
+        out = np.zeros((p1 - p0, lb, la))
+        k.dots_task(fa, mb, pm, inv, r0, min(n, r0 + panel_rows), rb, p0, p1, symmetric, out)
+        return out
 
     work = num * la * lb * n * n // (2 if symmetric else 1)
     threads = 1 if work < _MIN_PARALLEL_WORK else torch.get_num_threads()
-    _run_tasks(task, panels * groups, threads)
-    return torch.from_numpy(partial.sum(axis=0) if panels > 1 else partial[0])
+    results = _run_tasks(task, panels * groups, threads)
+    total = np.concatenate(results[:groups])  # panel 0; then the other panels, in order
+    for panel in range(1, panels):
+        total += np.concatenate(results[panel * groups:(panel + 1) * groups])
+    return torch.from_numpy(total)
 
 
 class _Tasks:
-    """Tasks ``0..count-1`` claimed from a shared counter by whichever thread is free."""
+    """Tasks ``0..count-1`` claimed from a shared counter by whichever thread is free.
+
+    ``fn(t)`` returns the task's result in a buffer of its own; the first result of a task is
+    kept.  A thread that finds no task left to claim re-runs the oldest unfinished task once it
+    has taken 1.5× as long as a task usually takes (its thread was descheduled on a busy
+    core): both runs compute the same numbers bit for bit, so the first to finish wins, and a
+    stalled helper thread delays the call by about one task instead of a scheduler time slice.
+    (A stalled calling thread still has to finish its own run before the call returns.)
+    """
 
     def __init__(self, fn, count: int) -> None:
         self.fn, self.count = fn, count
+        self.results: list = [None] * count
+        self._started = [0.0] * count
+        self._covered: set[int] = set()
+        self._durations: list[float] = []
         self._next = itertools.count()  # next() is atomic under the GIL
         self._left = count
         self._lock = threading.Lock()
         self.done = threading.Event()
         self.error: BaseException | None = None
 
+    def _run(self, t: int) -> None:
+        if self.error is not None:
+            return
+        start = time.perf_counter()
+        try:
+            result = self.fn(t)
+        except BaseException as err:  # re-raised by the calling thread
+            self.error = self.error or err
+            self.done.set()
+            return
+        with self._lock:
+            self._durations.append(time.perf_counter() - start)
+            if self.results[t] is None:
+                self.results[t] = result
+                self._left -= 1
+                if self._left == 0:
+                    self.done.set()
+
     def work(self) -> None:
-        while True:
+        """Claim and run tasks; then cover for a stalled thread until all are done."""
+        while self.error is None:
             t = next(self._next)
             if t >= self.count:
-                return
-            try:
-                if self.error is None:
-                    self.fn(t)
-            except BaseException as err:  # re-raised by the calling thread
-                self.error = self.error or err
-            finally:
-                with self._lock:
-                    self._left -= 1
-                    if self._left == 0:
-                        self.done.set()
+                break
+            self._started[t] = time.perf_counter()
+            self._run(t)
+        while not self.done.is_set() and self.error is None:
+            with self._lock:
+                pending = [t for t in range(self.count)
+                           if self.results[t] is None and t not in self._covered]
+                durations = sorted(self._durations)
+            if not pending:  # every unfinished task is run twice already
+                self.done.wait()
+                break
+            oldest = min(pending, key=self._started.__getitem__)
+            typical = durations[len(durations) // 2] if durations else 1e-3
+            wait = self._started[oldest] + 1.5 * typical - time.perf_counter()
+            if wait > 0:
+                self.done.wait(wait)
+                continue
+            with self._lock:
+                if self.results[oldest] is not None or oldest in self._covered:
+                    continue
+                self._covered.add(oldest)
+            self._run(oldest)
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -400,29 +477,29 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _run_tasks(fn, count: int, threads: int) -> None:
-    """Run ``fn(0..count-1)`` on the calling thread and up to ``threads - 1`` pool threads.
+def _run_tasks(fn, count: int, threads: int) -> list:
+    """``[fn(t) for t in range(count)]`` on the calling thread and up to ``threads - 1`` pool
+    threads.
 
-    The caller only waits for tasks that were claimed, never for a helper to start, so a busy
-    pool (or a forked child without its threads) just leaves more tasks to the caller.
+    The caller never waits for a helper to start (a busy pool, or a forked child without the
+    parent's threads, just leaves more tasks to the caller), and any thread re-runs the task
+    of a thread that stalls (see :class:`_Tasks`).
     """
     threads = max(1, min(threads, count))
     if threads == 1:
-        for t in range(count):
-            fn(t)
-        return
+        return [fn(t) for t in range(count)]
     tasks = _Tasks(fn, count)
     pool = _helpers(threads - 1)
     for _ in range(threads - 1):
         pool.submit(tasks.work)
     try:
         tasks.work()
-        tasks.done.wait()
     except BaseException as err:  # e.g. KeyboardInterrupt: helpers stop after their task
         tasks.error = tasks.error or err
         raise
     if tasks.error is not None:
         raise tasks.error
+    return tasks.results
 
 
 # ----------------------------------------------------------------------------- torch backend

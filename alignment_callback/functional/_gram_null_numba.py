@@ -81,7 +81,8 @@ def _dot14(x, y0, y1, y2, y3, m, o, f):  # pragma: no cover - compiled
     c0 = 0.0; c1 = 0.0; c2 = 0.0; c3 = 0.0  # noqa: E702
     for j in range(m):
         u = x[j]
-        c0 += _F64(y0[j]) * u; c1 += _F64(y1[j]) * u; c2 += _F64(y2[j]) * u; c3 += _F64(y3[j]) * u  # noqa: E702
+        c0 += _F64(y0[j]) * u; c1 += _F64(y1[j]) * u  # noqa: E702
+        c2 += _F64(y2[j]) * u; c3 += _F64(y3[j]) * u  # noqa: E702
     o[0] += f * c0; o[1] += f * c1; o[2] += f * c2; o[3] += f * c3  # noqa: E702
 
 
@@ -172,6 +173,7 @@ def dots_task(fixed, moved, perms, inv, r0, r1, rb, p0, p1, sym, out):  # pragma
                 for b in range(lb4, lb):
                     y = moved[b, row, start:]
                     for aq in range(0, la4, 4):
-                        _dot41(buf[aq], buf[aq + 1], buf[aq + 2], buf[aq + 3], y, m, op[b, aq:aq + 4], f)
+                        _dot41(buf[aq], buf[aq + 1], buf[aq + 2], buf[aq + 3], y, m,
+                               op[b, aq:aq + 4], f)
                     for a in range(la4, la):
                         op[b, a] += f * _dot11(buf[a], y, m)

@@ -216,7 +216,9 @@ def gram_dots(
     _check_square(a, "a")
     _check_square(b, "b")
     if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     return _dots([a], [b], perms, symmetric, backend)[:, 0, 0]
 
 
@@ -266,14 +268,17 @@ def gram_dots_layers(
 
 def _check_square(m: Tensor, what: str) -> None:
     if not isinstance(m, Tensor) or m.dim() != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"{what} must be a square (n, n) tensor, got {getattr(m, 'shape', type(m))}")
+        got = getattr(m, "shape", type(m))
+        raise ValueError(f"{what} must be a square (n, n) tensor, got {got}")
 
 
 def _layers(mats: Sequence[Tensor] | Tensor, what: str) -> list[Tensor] | Tensor:
     """Validated matrices: a (L, n, n) tensor as is, or a non-empty list of equal (n, n)."""
     if isinstance(mats, Tensor):
         if mats.dim() != 3 or mats.shape[1] != mats.shape[2] or mats.shape[0] == 0:
-            raise ValueError(f"{what} must be (L, n, n) with L >= 1 or a list of (n, n), got {tuple(mats.shape)}")
+            raise ValueError(
+                f"{what} must be (L, n, n) with L >= 1 or a list of (n, n), got {tuple(mats.shape)}"
+            )
         return mats
     mats = list(mats)
     if not mats:
@@ -281,7 +286,9 @@ def _layers(mats: Sequence[Tensor] | Tensor, what: str) -> list[Tensor] | Tensor
     for i, m in enumerate(mats):
         _check_square(m, f"{what}[{i}]")
         if m.shape != mats[0].shape:
-            raise ValueError(f"{what} matrices differ in shape: {tuple(mats[0].shape)} and {tuple(m.shape)}")
+            raise ValueError(
+                f"{what} matrices differ in shape: {tuple(mats[0].shape)} and {tuple(m.shape)}"
+            )
     return mats
 
 
@@ -295,7 +302,8 @@ def _dots(fixed: list[Tensor] | Tensor, moved: list[Tensor] | Tensor, perms: Ten
     tensors = _parts(fixed) + _parts(moved)
     n = tensors[0].shape[-1]
     if any(t.shape[-1] != n for t in tensors):
-        raise ValueError(f"fixed and moved matrices differ in size: {sorted({t.shape[-1] for t in tensors})}")
+        sizes = sorted({t.shape[-1] for t in tensors})
+        raise ValueError(f"fixed and moved matrices differ in size: {sizes}")
     if not isinstance(perms, Tensor) or perms.dim() != 2 or perms.shape[1] != n:
         raise ValueError(f"perms must be (P, {n}), got {getattr(perms, 'shape', type(perms))}")
     if perms.dtype.is_floating_point or perms.dtype.is_complex or perms.dtype == torch.bool:
@@ -530,7 +538,8 @@ def _torch_dots(fixed: Tensor, moved: Tensor, perms: Tensor) -> Tensor:
         parts = []
         for p0 in range(0, num, group):
             p1 = min(num, p0 + group)
-            index = scaled[p0:p1, r0:r1, None] + perms[p0:p1, None, :]  # (q, r, n): π(i)·n + π(j)
+            # (q, r, n) flat indices π(i)·n + π(j)
+            index = scaled[p0:p1, r0:r1, None] + perms[p0:p1, None, :]
             gathered = flat[:, index].to(torch.float64).reshape(lb, p1 - p0, (r1 - r0) * n)
             parts.append(gathered @ a_block)  # (LB, q, LA), one matrix product
         block = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

@@ -70,7 +70,7 @@ permutation)."""
 TORCH_BATCH_BYTES_CPU: int = 4 * 2**20
 """The same bound for the ``"torch"`` backend on the CPU, where batches that stay in cache are
 several times faster than large ones (whose pages are also freshly mapped on each allocation);
-they cost more torch calls per permutation (about 35 at n = 1024), which is cheap on the CPU."""
+they cost more torch calls per permutation (about 30 at n = 1024), which is cheap on the CPU."""
 
 _A_BLOCK_BYTES = 256 * 1024  # rows of the fixed matrices kept in L2 while permutations stream
 _PERM_GROUP = 32  # permutations per task: a block of A is reused across them
@@ -207,10 +207,10 @@ def gram_dots(
 
     Notes
     -----
-    Cost (numba, float32, one thread, a 2-core Xeon with 13-16 GB/s single-core read
-    bandwidth; ``benchmarks/bench_gram_null.py``): 0.6-0.8 × n²·4 B / bandwidth per
-    permutation for n = 1024..4096, i.e. less than reading B once; two threads halve it on
-    an idle machine.  The first call in a process compiles the kernel (2-3 s for the first
+    Cost (numba, float32, one thread, a 2-core Xeon whose single-core read bandwidth measured
+    12 GB/s in the same run; ``benchmarks/bench_gram_null.py``): 0.57-0.65 × n²·4 B /
+    bandwidth per permutation for n = 1024, 2048, 4096, i.e. less than reading B once (only
+    its upper triangle is read); two threads halve it when both cores are free.  The first call in a process compiles the kernel (2-3 s for the first
     dtype, 1-2 s for the other) unless numba's on-disk cache holds it (then about 0.5 s).
     """
     _check_square(a, "a")
@@ -248,8 +248,8 @@ def gram_dots_layers(
         stacked tensor saves memory when the layers are many or large.  On the numba backend
         the rows of the fixed matrices are gathered (LA gathers per row and permutation) and
         the moved ones are streamed (LB reads), and gathers cost more: fixing the side with
-        fewer layers is the faster orientation (n = 1024: 2 fixed × 12 moved 1.9 ms, 12 × 2
-        3.0 ms per permutation).
+        fewer layers is the faster orientation (n = 1024, one thread: 2 fixed × 12 moved
+        about 2 ms, 12 × 2 about 3 ms per permutation).
     perms : Tensor
         (P, n) integer tensor of permutations, as in :func:`gram_dots`.
     symmetric, backend

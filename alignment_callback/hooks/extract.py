@@ -1,0 +1,334 @@
+"""Save a model's probe activations to a feature file, with a fingerprint of the probe.
+
+A feature file is a ``{layer name: (n, d) tensor}`` dict saved with ``torch.save`` (what the
+command line's ``compare`` / ``matrix`` read).  :func:`extract_features` adds one reserved
+entry, ``"__probe__": {"rows": n, "sha256": "..."}``, the fingerprint of the probe the rows came
+from (:func:`probe_fingerprint`).  The reader of the command line strips it, so files written
+before it existed read as before, and it lets a consumer refuse "features made from another
+probe" (:func:`check_fingerprint`).
+
+Lightning-free: the model is any ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from alignment_callback.functional.preprocessing import Pool
+from alignment_callback.hooks.collect import collect_activations
+from alignment_callback.hooks.selection import Layers
+
+#: The reserved key of a feature file that holds the probe's fingerprint.
+PROBE_KEY = "__probe__"
+#: Extensions :func:`save_features` writes.
+SAVE_EXTENSIONS: tuple[str, ...] = (".pt", ".pth", ".safetensors")
+
+
+# ------------------------------------------------------------------------------ fingerprint
+class _Stream:
+    """One leaf of the probe (a tensor at one position of every batch), hashed row-major."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.rows = 0
+        self.dtypes: list[str] = []
+        self.row_shapes: list[list[int]] = []
+
+    def add(self, value: Any) -> None:
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, Tensor):
+            t = value.detach().cpu().contiguous()
+            dtype, shape = str(t.dtype), list(t.shape)
+            if dtype not in self.dtypes:
+                self.dtypes.append(dtype)
+            if t.dim() == 0:
+                self.hash.update(repr(t.item()).encode())
+                return
+            if shape[1:] not in self.row_shapes:
+                self.row_shapes.append(shape[1:])
+            self.rows += shape[0]
+            self.hash.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:  # a string, number or None inside a batch
+            self.hash.update(repr(value).encode())
+
+    def summary(self) -> list[Any]:
+        return [self.rows, self.dtypes, self.row_shapes, self.hash.hexdigest()]
+
+
+def _probe_batches(probe: Any) -> Iterable[Any]:
+    if isinstance(probe, (Tensor, np.ndarray, Mapping)):
+        return [probe]
+    if callable(probe) and not isinstance(probe, nn.Module):
+        return probe()
+    if isinstance(probe, Iterable):
+        return probe
+    raise TypeError(f"probe: unsupported type {type(probe).__name__}; expected a tensor, a dict "
+                    "batch, a list of batches or a DataLoader")
+
+
+def _leaves(batch: Any, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:
+    if isinstance(batch, Mapping):
+        for key in sorted(batch, key=str):
+            yield from _leaves(batch[key], path + (str(key),))
+    elif isinstance(batch, (list, tuple)):
+        for i, value in enumerate(batch):
+            yield from _leaves(value, path + (str(i),))
+    else:
+        yield path, batch
+
+
+def probe_fingerprint(probe: Any) -> dict[str, Any]:
+    """The fingerprint of a probe: its number of rows and a sha256 of its content.
+
+    The hash covers every tensor of the probe (its bytes, dtype and per-row shape) position by
+    position, so it does not depend on how the rows are split into batches: a ``(n, ...)``
+    tensor, the list of its batches and a ``DataLoader`` over it (``shuffle=False``) have the
+    same fingerprint, and any change of a value, of the row order or of the dtype changes it.
+
+    Parameters
+    ----------
+    probe : Tensor, ndarray, dict batch, list of batches, DataLoader or zero-argument callable
+        The probe inputs as given to :func:`collect_activations` (a callable is called once).
+
+    Returns
+    -------
+    dict
+        ``{"rows": n, "sha256": hex digest}``; ``n`` is the number of rows of the probe's first
+        tensor (sorted by position).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.hooks.extract import probe_fingerprint
+    >>> x = torch.arange(12.0).reshape(6, 2)
+    >>> fp = probe_fingerprint(x)
+    >>> fp["rows"], fp == probe_fingerprint(list(x.split(4))), fp == probe_fingerprint(x.flip(0))
+    (6, True, False)
+    """
+    streams: dict[tuple[str, ...], _Stream] = {}
+    for batch in _probe_batches(probe):
+        for path, value in _leaves(batch):
+            streams.setdefault(path, _Stream()).add(value)
+    if not streams:
+        raise ValueError("probe: it holds no batch")
+    summary = {"/".join(path): s.summary() for path, s in sorted(streams.items())}
+    rows = next((s.rows for _, s in sorted(streams.items()) if s.rows), 0)
+    digest = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
+    return {"rows": int(rows), "sha256": digest}
+
+
+def _valid_fingerprint(value: Any) -> bool:
+    return (isinstance(value, Mapping) and isinstance(value.get("rows"), int)
+            and isinstance(value.get("sha256"), str))
+
+
+def read_fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The probe fingerprint stored in a feature file, or ``None`` if it has none.
+
+    Reads the ``"__probe__"`` entry of a ``.pt`` / ``.pth`` dict (loaded with
+    ``weights_only=True``, memory-mapped) or the ``"__probe__"`` metadata of a ``.safetensors``
+    file; other formats (and files written before fingerprints existed) give ``None``.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    dict or None
+        ``{"rows": n, "sha256": hex digest}``.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext in (".pt", ".pth"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        value = obj.get(PROBE_KEY) if isinstance(obj, Mapping) else None
+    elif ext == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(PROBE_KEY)
+        value = json.loads(text) if text else None
+    else:
+        return None
+    return {"rows": int(value["rows"]), "sha256": str(value["sha256"])} \
+        if _valid_fingerprint(value) else None
+
+
+def check_fingerprint(path: str | os.PathLike, probe: Any) -> bool:
+    """Raise if the feature file ``path`` was made from another probe than ``probe``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A feature file (see :func:`read_fingerprint`).
+    probe : probe or dict
+        The probe itself or its :func:`probe_fingerprint`.
+
+    Returns
+    -------
+    bool
+        ``True`` if the file's fingerprint matches, ``False`` if the file has none (nothing
+        could be checked).
+
+    Raises
+    ------
+    ValueError
+        The fingerprints differ; the message names the file and both row counts.
+    """
+    stored = read_fingerprint(path)
+    if stored is None:
+        return False
+    mine = probe if _valid_fingerprint(probe) else probe_fingerprint(probe)
+    if stored["rows"] != mine["rows"] or stored["sha256"] != mine["sha256"]:
+        raise ValueError(
+            f"{path}: the features were made from another probe ({stored['rows']} rows, sha256 "
+            f"{stored['sha256'][:12]}...) than this one ({mine['rows']} rows, sha256 "
+            f"{mine['sha256'][:12]}...); extract them again from this probe"
+        )
+    return True
+
+
+# ------------------------------------------------------------------------------ extraction
+def save_features(features: Mapping[str, Tensor], path: str | os.PathLike,
+                  fingerprint: Mapping[str, Any] | None = None) -> Path:
+    """Write ``{layer: tensor}`` (and a probe fingerprint) to ``path``, atomically.
+
+    Parameters
+    ----------
+    features : mapping layer name -> Tensor
+    path : str or path-like
+        ``.pt`` / ``.pth`` (a dict, read with ``torch.load(weights_only=True)``; the fingerprint
+        is the ``"__probe__"`` entry) or ``.safetensors`` (the fingerprint is metadata).
+    fingerprint : dict, default=None
+        ``{"rows": n, "sha256": ...}`` from :func:`probe_fingerprint`.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in SAVE_EXTENSIONS:
+        raise ValueError(f"{path}: cannot write feature files with extension {path.suffix!r}; "
+                         f"use one of {', '.join(SAVE_EXTENSIONS)}")
+    if PROBE_KEY in features:
+        raise ValueError(f"{path}: a layer may not be named {PROBE_KEY!r} (reserved for the "
+                         "probe fingerprint)")
+    tensors = {str(k): v.detach().cpu().contiguous() for k, v in features.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if ext == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {PROBE_KEY: json.dumps(dict(fingerprint))} if fingerprint else None
+        save_file(tensors, str(tmp), metadata=meta)
+    else:
+        obj: dict[str, Any] = dict(tensors)
+        if fingerprint:
+            obj[PROBE_KEY] = {"rows": int(fingerprint["rows"]),
+                              "sha256": str(fingerprint["sha256"])}
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _split_mapping(batch: Mapping[str, Any], batch_size: int) -> list[Any]:
+    """A dict batch of n rows as batches of ``batch_size`` rows (when every tensor has n rows)."""
+    rows = {t.shape[0] for t in batch.values() if isinstance(t, Tensor) and t.dim() > 0}
+    if len(rows) != 1 or not all(isinstance(t, Tensor) and t.dim() > 0 for t in batch.values()):
+        return [batch]
+    n = rows.pop()
+    return [{k: v[i:i + batch_size] for k, v in batch.items()} for i in range(0, n, batch_size)]
+
+
+def extract_features(
+    model: nn.Module,
+    probe: Any,
+    layers: Layers,
+    path: str | os.PathLike | None = None,
+    pool: Pool = "mean",
+    batch_size: int = 256,
+    input_key: str | None = None,
+    device: torch.device | str | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    **collect_kwargs: Any,
+) -> dict[str, Tensor]:
+    """Run ``model`` over ``probe``, return ``{layer: (n, d)}`` and save it with a fingerprint.
+
+    The activations are exactly those of :func:`collect_activations` with the same arguments
+    (eval mode, no grad, the model's train flags and the global RNG restored afterwards); a
+    single dict batch (e.g. a tokenizer's output) is split into batches of ``batch_size`` rows.
+
+    Parameters
+    ----------
+    model : nn.Module
+    probe : Tensor, dict batch, list of batches or DataLoader (``shuffle=False``)
+        The probe inputs, the same rows in the same order for every model compared later.
+    layers : str, pattern or sequence of them
+        Names, globs (``"encoder.layer.*"``) or regexes (see :func:`resolve_layers`).
+    path : str or path-like, default=None
+        Where to save (``.pt``, ``.pth`` or ``.safetensors``); ``None`` saves nothing.
+    pool : {"mean", "cls", "first", "last", "flatten", "none"} or callable, default="mean"
+        Pooling of 3-D+ outputs at capture time.
+    batch_size : int, default=256
+        Rows per forward pass for a tensor or dict probe.
+    input_key : str, default=None
+        For dict batches, call ``model(batch[input_key])`` instead of ``model(**batch)``.
+    device : torch.device or str, default=None
+        Where the inputs go (default: the model's device).
+    batch_transform, forward : callable, default=None
+        As in :func:`collect_activations`.
+    **collect_kwargs
+        Other :func:`collect_activations` arguments (``max_batches``, ``mask_key``, ``dtype``,
+        ``output_key``, ...).
+
+    Returns
+    -------
+    dict of str -> Tensor
+        The activations (CPU); the file also holds ``"__probe__": probe_fingerprint(probe)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from alignment_callback.hooks.extract import extract_features
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> feats = extract_features(model, torch.randn(10, 4), ["0", "2"])
+    >>> {k: tuple(v.shape) for k, v in feats.items()}
+    {'0': (10, 8), '2': (10, 2)}
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    fingerprint = probe_fingerprint(probe)
+    data = _split_mapping(probe, batch_size) if isinstance(probe, Mapping) else probe
+    feats = collect_activations(model, data, layers, pool=pool, device=device,
+                                input_key=input_key, batch_transform=batch_transform,
+                                forward=forward, batch_size=batch_size, **collect_kwargs)
+    if path is not None:
+        save_features(feats, path, fingerprint)
+    return feats
+
+
+__all__ = [
+    "PROBE_KEY",
+    "check_fingerprint",
+    "extract_features",
+    "probe_fingerprint",
+    "read_fingerprint",
+    "save_features",
+]

@@ -25,7 +25,8 @@ from alignment_callback.functional import (
     calibrated_layer_alignment,
     prepare_features,
 )
-from alignment_callback.reporting import cli
+from alignment_callback.functional.registry import get_measure
+from alignment_callback.reporting import cli, compute
 from alignment_callback.reporting.io import FeatureFileError, load_features, load_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +222,7 @@ def test_matrix_interrupt_keeps_finished_pairs(data, monkeypatch, capsys):
     root, _ = data
     out = root / "out_interrupt"
     calls = {"n": 0}
-    real = cli.analyze_pair
+    real = compute.step_pair
 
     def flaky(*a, **kw):
         calls["n"] += 1
@@ -229,7 +230,7 @@ def test_matrix_interrupt_keeps_finished_pairs(data, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(cli, "analyze_pair", flaky)
+    monkeypatch.setattr(compute, "step_pair", flaky)
     code = cli.main(["matrix", str(root / "dx"), str(root / "dy"), "--metric", "linear_cka",
                      *FAST, "--out", str(out)])
     assert code == 130
@@ -239,7 +240,7 @@ def test_matrix_interrupt_keeps_finished_pairs(data, monkeypatch, capsys):
     # a line cut short by a crash is skipped and the next line starts fresh
     with open(out / "pairs.jsonl", "a") as f:
         f.write('{"x_model": "c", "y_mod')
-    monkeypatch.setattr(cli, "analyze_pair", real)
+    monkeypatch.setattr(compute, "step_pair", real)
     assert cli.main(["matrix", str(root / "dx"), str(root / "dy"), "--metric", "linear_cka",
                      *FAST, "--out", str(out)]) == 0
     err = capsys.readouterr().err
@@ -336,3 +337,53 @@ def test_load_features_formats(tmp_path):
     assert load_groups(tmp_path / "g.npy", 4).tolist() == [0, 0, 1, 1]
     with pytest.raises(FeatureFileError, match="4 group labels"):
         load_groups(tmp_path / "g.npy", 5)
+
+
+# --------------------------------------------------------------------------------- engine path
+def test_matrix_mixed_dtypes_and_options_equal_library(tmp_path, capsys):
+    """Each DIR_Y file is prepared once and every DIR_X file stepped against it: float64 and
+    float32 files in any order, and options from --option, give the library's numbers."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(N, 5, generator=g)
+    raw = {
+        "a64": {"l": (z @ torch.randn(5, 9, generator=g)).double()},
+        "b32": {"l": z @ torch.randn(5, 7, generator=g) + torch.randn(N, 7, generator=g)},
+        "y32": {"m": z @ torch.randn(5, 6, generator=g), "n": torch.randn(N, 4, generator=g)},
+        "y64": {"m": torch.randn(N, 8, generator=g, dtype=torch.float64)},
+    }
+    for sub, names in (("dx", ("a64", "b32")), ("dy", ("y32", "y64"))):
+        (tmp_path / sub).mkdir()
+        for name in names:
+            torch.save(raw[name], tmp_path / sub / f"{name}.pt")
+    measures = {"linear_cka": {}, "mutual_knn": {"k": 4}, "shape_metric": {"alpha": 0.5}}
+    assert cli.main(["matrix", str(tmp_path / "dx"), str(tmp_path / "dy"), "--measure",
+                     ",".join(measures), "--k", "4", "--option", "alpha=0.5",
+                     "--permutations", str(K), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    doc = json.loads((tmp_path / "out" / "matrix.json").read_text())
+    assert doc["settings"]["measures"] == {"linear_cka": {}, "mutual_knn": {"k": 4},
+                                           "shape_metric": {"alpha": 0.5}}
+    for pair in doc["pairs"]:
+        xs, ys = prepared(raw[pair["x_model"]]), prepared(raw[pair["y_model"]])
+        for metric, kw in measures.items():
+            # a Measure object: shape_metric's alpha would be taken as the calibration level
+            lib = calibrated_layer_alignment(xs, ys, get_measure(metric, **kw),
+                                             num_permutations=K)
+            check_record(pair["results"][metric], lib)
+            assert pair["results"][metric]["kwargs"] == kw
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "shape_metric (alpha=0.5)" in report and "| a64 | y32 | linear_cka |" in report
+
+
+def test_compare_measure_aliases_and_deprecated_metric(data, capsys):
+    root, raw = data
+    code = cli.main(["compare", str(root / "a.pt"), str(root / "b.npz"), "--metric", "nbs",
+                     "--measure", "bures_similarity", "--permutations", str(K),
+                     "--out", str(root / "out_alias")])
+    err = capsys.readouterr().err
+    assert code == 0 and "--metric is deprecated; use --measure" in err
+    doc = json.loads((root / "out_alias" / "alignment.json").read_text())
+    assert list(doc["results"]) == ["bures_similarity"]  # the alias and the name: one measure
+    lib = calibrated_layer_alignment(prepared(raw["a"]), prepared(raw["b"]), "bures_similarity",
+                                     num_permutations=K)
+    check_record(doc["results"]["bures_similarity"], lib)

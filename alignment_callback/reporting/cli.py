@@ -3,34 +3,63 @@
 ``compare A B``        one feature file against another (all layers of A × all layers of B,
                        aggregation-aware calibration, METHOD.md section 4).
 ``matrix DIR_X DIR_Y`` every file of DIR_X against every file of DIR_Y (PRH's model-pair matrix),
-                       with Benjamini–Hochberg adjusted p-values across pairs; resumable.
+                       with Benjamini–Hochberg adjusted p-values across pairs and a report;
+                       resumable; sharded over processes under ``torchrun``.
+``extract``            a model's probe activations to a feature file (with the probe's
+                       fingerprint).
 
 Exit codes: 0 success, 2 bad input (one ``error: ...`` line on stderr), 130 interrupted,
 1 unexpected internal error.  ``--debug`` shows tracebacks.  See ``docs/cli.md``.
+
+The work is split by what it is about: :mod:`.plan` (measures, options, settings, pairs, what
+is done), :mod:`.compute` (pairs through the engine), :mod:`.store` (``pairs*.jsonl``),
+:mod:`.write` (files and console), :mod:`.distributed` (``torchrun``), :mod:`.extract` and
+:mod:`.io` (feature files).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import json
-import math
-import os
-import platform
 import re
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-DEFAULT_METRICS: tuple[str, ...] = ("linear_cka", "mutual_knn", "cknna")
-BOOTSTRAP_CONFIDENCE = 0.95
-BOOTSTRAP_FRACTION = 0.8
+from alignment_callback.reporting import compute, store, write
+from alignment_callback.reporting.distributed import (
+    DEFAULT_TIMEOUT_S,
+    GroupFailure,
+    Outcome,
+    ProcessGroup,
+    first_failure,
+)
+from alignment_callback.reporting.plan import (
+    DEFAULT_MEASURES,
+    CLIError,
+    check_args,
+    choose_measures,
+    deprecation_note,
+    describe_settings,
+    measure_names_text,
+    parameters_text,
+    plan_matrix,
+    run_settings,
+    shard,
+    shorthand_help,
+    warn_resolution,
+)
+
+#: Kept for callers of the earlier name.
+DEFAULT_METRICS = DEFAULT_MEASURES
 
 EPILOG = """\
 saving features (one file per model; rows = the same probe inputs, in the same order):
 
+  alignment-callback extract --model my_models:make_model --probe probe.pt \\
+      --layers 'encoder.layer.*' --out model_a.pt
+  # or in Python:
   import torch
   from alignment_callback import collect_activations
   feats = collect_activations(model, probe_loader, layers="encoder.layer.*", pool="mean")
@@ -45,10 +74,6 @@ error. Documentation: docs/cli.md
 """
 
 
-class CLIError(ValueError):
-    """Bad command-line input (reported as ``error: ...`` with exit code 2)."""
-
-
 # --------------------------------------------------------------------------------- arguments
 def _sigma(text: str) -> float | str:
     if text == "median":
@@ -57,8 +82,6 @@ def _sigma(text: str) -> float | str:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'median', got {text!r}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"sigma must be positive, got {text}")
     return value
 
 
@@ -71,12 +94,18 @@ def _aggregate(text: str) -> str:
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("calibration")
-    g.add_argument("--metric", action="append", metavar="M",
+    g.add_argument("--measure", action="append", metavar="M",
                    help="measure (repeatable or comma-separated; default: "
-                        f"{' '.join(DEFAULT_METRICS)})")
-    g.add_argument("--k", type=int, default=10, help="neighbors for kNN measures (default 10)")
-    g.add_argument("--sigma", type=_sigma, default=1.0,
-                   help="RBF bandwidth for rbf_cka: a number or 'median' (default 1.0)")
+                        f"{' '.join(DEFAULT_MEASURES)}); one of: {measure_names_text()}")
+    g.add_argument("--metric", action="append", metavar="M",
+                   help="deprecated alias of --measure")
+    g.add_argument("--option", action="append", metavar="NAME=VALUE",
+                   help="a measure parameter, checked by its declaration and applied to every "
+                        "chosen measure that declares it (repeatable), e.g. --option alpha=0.5, "
+                        f"--option folds=3. Parameters: {parameters_text()}")
+    g.add_argument("--k", type=int, default=None, help=shorthand_help("k", "K"))
+    g.add_argument("--sigma", type=_sigma, default=None, metavar="SIGMA",
+                   help=shorthand_help("sigma", "SIGMA") + "; a number or 'median'")
     g.add_argument("--permutations", type=int, default=500, metavar="K",
                    help="permutations K (default 500)")
     g.add_argument("--alpha", type=float, default=0.05,
@@ -106,6 +135,42 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
+def _extract_parser(sub: Any, fmt: Any) -> None:
+    ex = sub.add_parser(
+        "extract", formatter_class=fmt,
+        help="save a model's probe activations to a feature file",
+        description="Run a model over the probe and save {layer: (n, d)} activations to a "
+                    "feature file that compare/matrix read, with a fingerprint of the probe "
+                    "(rows and sha256) under the reserved key '__probe__'.",
+    )
+    src = ex.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="MODULE:FACTORY",
+                     help="an importable function or class returning the nn.Module (called with "
+                          "no arguments or --model-kwargs; --checkpoint then loads a state dict)")
+    src.add_argument("--lightning-class", metavar="MODULE:CLASS",
+                     help="a LightningModule class, loaded with load_from_checkpoint(--checkpoint)")
+    ex.add_argument("--checkpoint", metavar="CKPT",
+                    help="Lightning checkpoint or state dict (.ckpt/.pt)")
+    ex.add_argument("--model-kwargs", metavar="JSON",
+                    help="keyword arguments of the factory (or of load_from_checkpoint) as a "
+                         "JSON object")
+    ex.add_argument("--probe", required=True, metavar="PROBE.pt",
+                    help="the probe inputs: a tensor, a dict batch or a list of batches (.pt, "
+                         "read with weights_only=True)")
+    ex.add_argument("--layers", required=True, action="append", nargs="+", metavar="PATTERN",
+                    help="layer names, globs ('encoder.layer.*') or regexes (repeatable)")
+    ex.add_argument("--out", required=True, metavar="FEATS.pt",
+                    help="feature file to write (.pt, .pth or .safetensors)")
+    ex.add_argument("--pool", choices=("mean", "cls", "first", "last", "flatten"),
+                    default="mean", help="pooling of 3-D+ outputs at capture time (default mean)")
+    ex.add_argument("--batch-size", type=int, default=256, help="rows per forward pass "
+                    "(default 256)")
+    ex.add_argument("--input-key", metavar="KEY",
+                    help="for dict probes: call model(batch[KEY]) instead of model(**batch)")
+    ex.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    ex.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``alignment-callback`` argument parser."""
     from alignment_callback import __version__
@@ -117,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{compare,matrix}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{compare,matrix,extract}")
     common = _common_options()
     compare = sub.add_parser(
         "compare", parents=[common], formatter_class=fmt, epilog=EPILOG,
@@ -125,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibrated alignment of feature file A against feature file B: all layers "
                     "of A x all layers of B, aggregated (max by default) and calibrated "
                     "aggregation-aware. Writes alignment.json, alignment.csv and "
-                    "heatmap_<metric>.png to --out.",
+                    "heatmap_<measure>.png to --out.",
     )
     compare.add_argument("a", help="feature file of model A")
     compare.add_argument("b", help="feature file of model B")
@@ -134,536 +200,209 @@ def build_parser() -> argparse.ArgumentParser:
         help="every feature file of DIR_X against every file of DIR_Y",
         description="Model-pair matrix: every feature file of DIR_X against every feature file "
                     "of DIR_Y, with Benjamini-Hochberg adjusted p-values across all pairs (per "
-                    "metric). Resumable: finished pairs are appended to --out/pairs.jsonl and "
-                    "skipped on a rerun with the same settings. Writes matrix.json, matrix.csv "
-                    "and matrix_<metric>.png.",
+                    "measure). Resumable: finished pairs are appended to --out/pairs.jsonl and "
+                    "skipped on a rerun with the same settings. Writes matrix.json, matrix.csv, "
+                    "matrix_<measure>.png, report.md and report.html. Under torchrun "
+                    "(torchrun --nproc-per-node N -m alignment_callback matrix ...) the pairs "
+                    "are shared among the processes.",
     )
     matrix.add_argument("dir_x", help="folder of feature files (rows of the matrix)")
     matrix.add_argument("dir_y", help="folder of feature files (columns of the matrix)")
+    matrix.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="under torchrun: how long a process waits for the others at the "
+                             "end (default 7 days)")
+    _extract_parser(sub, fmt)
     return parser
 
 
-def _metrics(args: argparse.Namespace) -> list[str]:
-    from alignment_callback.functional.registry import BUILTIN_MEASURES
-
-    names: list[str] = []
-    for item in args.metric or list(DEFAULT_METRICS):
-        for name in item.split(","):
-            name = name.strip()
-            if not name:
-                continue
-            if name not in BUILTIN_MEASURES:
-                raise CLIError(f"unknown metric {name!r}; built-ins: "
-                               f"{', '.join(sorted(BUILTIN_MEASURES))}")
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise CLIError("no metric given")
-    return names
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if args.permutations < 1:
-        raise CLIError(f"--permutations must be >= 1, got {args.permutations}")
-    if not 0.0 < args.alpha < 1.0:
-        raise CLIError(f"--alpha must be in (0, 1), got {args.alpha}")
-    if args.k < 1:
-        raise CLIError(f"--k must be >= 1, got {args.k}")
-    if args.clamp_quantile is not None and not 0.0 < args.clamp_quantile <= 1.0:
-        raise CLIError(f"--clamp-quantile must be in (0, 1], got {args.clamp_quantile}")
-    if args.bootstrap < 0:
-        raise CLIError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CLIError("--device cuda was requested but CUDA is not available")
-
-
-def metric_kwargs(metric: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The measure keywords the options set for ``metric`` (``k`` for kNN, ``sigma`` for RBF)."""
-    from alignment_callback.functional.registry import BUILTIN_MEASURES
-
-    params = {p.name for p in BUILTIN_MEASURES[metric].params}
-    kw: dict[str, Any] = {}
-    if "k" in params:
-        kw["k"] = args.k
-    if "sigma" in params:
-        kw["sigma"] = args.sigma
-    return kw
-
-
-def _warn_resolution(num_permutations: int, tests: int, alpha: float) -> None:
-    """Warn when 1/(K + 1), the smallest attainable p-value, is too coarse for ``alpha``.
-
-    One test (compare) needs 1/(K + 1) <= alpha.  After Benjamini–Hochberg over m tests, r pairs
-    at the smallest p get q = m / (r (K + 1)), so a pair is only detectable together with at
-    least r = ⌈m / (alpha (K + 1))⌉ such pairs.
-    """
-    smallest = 1.0 / (num_permutations + 1)
-    if tests * smallest <= alpha:
-        return
-    need = math.ceil(tests / alpha - 1e-9) - 1
-    if tests == 1:
-        detail = f"no p-value can reach alpha={alpha}"
-    else:
-        r = math.ceil(tests * smallest / alpha - 1e-9)
-        detail = (f"after Benjamini-Hochberg over {tests} pairs a pair is only significant if at "
-                  f"least {r} pairs reach that smallest p")
-    print(f"warning: with K={num_permutations} permutations the smallest p-value is "
-          f"1/{num_permutations + 1}, so {detail}; --permutations >= {need} avoids this",
-          file=sys.stderr, flush=True)
-
-
-def run_settings(args: argparse.Namespace, groups: Any) -> dict[str, Any]:
-    """Settings that change results (metric keywords are recorded per metric)."""
-    from alignment_callback.reporting.io import labels_digest
-
-    return {
-        "permutations": args.permutations, "alpha": args.alpha, "aggregate": args.aggregate,
-        "seed": args.seed, "pool": args.pool, "clamp_quantile": args.clamp_quantile,
-        "normalize": not args.no_normalize, "groups": labels_digest(groups),
-        "bootstrap": args.bootstrap,
-        "bootstrap_fraction": BOOTSTRAP_FRACTION if args.bootstrap else None,
-    }
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-    import torch
-
-    from alignment_callback import __version__
-
-    return {"alignment_callback": __version__, "torch": torch.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-# --------------------------------------------------------------------------------- analysis
-def _load(path: str | Path, args: argparse.Namespace) -> dict[str, Any]:
-    from alignment_callback.reporting.io import load_features, preprocess_layers
-
-    raw = load_features(path)
-    return preprocess_layers(raw, pool=args.pool, clamp_quantile=args.clamp_quantile,
-                             normalize=not args.no_normalize, source=path, device=args.device)
-
-
-def _rows(layers: dict[str, Any]) -> int:
-    return int(next(iter(layers.values())).shape[0])
-
-
-def _tolist(t: Any) -> Any:
-    return t.detach().double().cpu().tolist()
-
-
-def analyze_pair(xa: dict, xb: dict, metric: str, args: argparse.Namespace, groups: Any,
-                 keep_null: bool = False) -> dict[str, Any]:
-    """Calibrated layer alignment of one pair for one metric, as a JSON-ready record."""
-    from alignment_callback.functional.bootstrap import bootstrap_interval
-    from alignment_callback.functional.pipeline import calibrated_layer_alignment
-    from alignment_callback.reporting.io import finite_or_none
-
-    kw = metric_kwargs(metric, args)
-    res = calibrated_layer_alignment(
-        xa, xb, metric, aggregate=args.aggregate, num_permutations=args.permutations,
-        alpha=args.alpha, seed=args.seed, groups=groups, **kw,
-    )
-    rec: dict[str, Any] = {"metric": metric, "kwargs": kw, "aggregate": res.aggregate,
-                           "n_samples": _rows(xa)}
-    rec.update({k: finite_or_none(v) for k, v in res.as_dict().items()})
-    rec.update({
-        "best_pair": list(res.best_pair), "argmax": list(res.argmax),
-        "x_layers": list(res.x_names), "y_layers": list(res.y_names),
-        "matrix": _tolist(res.matrix), "pair_calibrated": _tolist(res.pair_calibrated),
-        "pair_p_value": _tolist(res.pair_p_value), "pair_threshold": _tolist(res.pair_threshold),
-        "bootstrap": None,
-    })
-    if keep_null:
-        rec["null"] = _tolist(res.null)
-    if args.bootstrap:
-        bi = bootstrap_interval(
-            xa, xb, metric, num_bootstrap=args.bootstrap, confidence=BOOTSTRAP_CONFIDENCE,
-            seed=args.seed, num_permutations=args.permutations, alpha=args.alpha,
-            fraction=BOOTSTRAP_FRACTION, groups=groups, aggregate=args.aggregate, **kw,
-        )
-        rec["bootstrap"] = {
-            "low": bi.low, "high": bi.high, "confidence": BOOTSTRAP_CONFIDENCE,
-            "fraction": BOOTSTRAP_FRACTION, "subsample_size": bi.subsample_size,
-            "method": "m-out-of-n subsampling without replacement (approximate)",
-            "replicates": _tolist(bi.replicates),
-        }
-    return rec
-
-
-# --------------------------------------------------------------------------------- output
-def _fmt(v: Any, spec: str = ".4f") -> str:
-    if v is None:
-        return "nan"
-    return format(v, spec)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
-def _ci(rec: dict) -> str:
-    b = rec.get("bootstrap")
-    return "" if not b else f"[{b['low']:.4f}, {b['high']:.4f}]"
-
-
-def _heatmap(matrix: Any, rows: Sequence[str], cols: Sequence[str], path: Path, title: str,
-             xlabel: str, ylabel: str, argmax: Sequence[int] | None = None,
-             marks: Any = None) -> None:
-    """Save an annotated heatmap (matplotlib Agg); ``marks`` (bool matrix) adds a ``*``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    from alignment_callback.metrics.plotting import plot_layer_heatmap
-
-    fig, _ = plot_layer_heatmap(matrix, rows, cols, argmax=argmax, title=title, xlabel=xlabel,
-                                ylabel=ylabel, marks=marks)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(["" if v is None else v for v in r] for r in rows)
+def _note_deprecations(args: argparse.Namespace) -> None:
+    note = deprecation_note(args)
+    if note:
+        print(note, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------- compare
 def run_compare(args: argparse.Namespace) -> int:
-    """``compare A B``."""
+    """``compare A B``: load both files, one engine step for every measure, write."""
     from alignment_callback.reporting.io import load_groups
 
-    metrics = _metrics(args)
-    _check_args(args)
-    xa, xb = _load(args.a, args), _load(args.b, args)
-    na, nb = _rows(xa), _rows(xb)
+    measures = choose_measures(args)
+    check_args(args)
+    if _world_size() > 1:
+        raise CLIError("compare runs in one process; launch it without torchrun (WORLD_SIZE > 1)")
+    groups = load_groups(args.groups) if args.groups else None
+    loader = compute.FeatureLoader(args, measures, groups)
+    xa = loader.load(args.a)
+    xb = loader.load(args.b, check_rows=False)
+    na, nb = (int(next(iter(x.values())).shape[0]) for x in (xa, xb))
     if na != nb:
         raise CLIError(
             f"row mismatch: {args.a} has {na} rows but {args.b} has {nb}; both files must hold "
             "the same probe inputs in the same order"
         )
-    groups = load_groups(args.groups, na) if args.groups else None
-    _warn_resolution(args.permutations, 1, args.alpha)
+    warn_resolution(args.permutations, 1, args.alpha)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for metric in metrics:
-        t0 = time.perf_counter()
-        results[metric] = analyze_pair(xa, xb, metric, args, groups, keep_null=True)
-        results[metric]["seconds"] = round(time.perf_counter() - t0, 3)
-
-    settings = {"metrics": metrics, "k": args.k, "sigma": args.sigma, "device": args.device,
-                "groups_file": args.groups, **run_settings(args, groups)}
-    doc = {
-        "command": "compare", "created": _now(), "n_samples": na,
-        "inputs": {
-            "a": {"path": str(args.a), "layers": {k: list(v.shape) for k, v in xa.items()}},
-            "b": {"path": str(args.b), "layers": {k: list(v.shape) for k, v in xb.items()}},
-        },
-        "settings": settings, "versions": _versions(), "results": results,
-    }
-    _write_json(out / "alignment.json", doc)
-    header = ["metric", "aggregate", "raw", "threshold", "calibrated", "p_value", "null_mean",
-              "null_std", "effect_size", "percentile", "best_x_layer", "best_y_layer",
-              "n_samples", "num_permutations", "alpha", "ci_low", "ci_high"]
-    rows = []
-    for m, r in results.items():
-        b = r["bootstrap"] or {}
-        rows.append([m, r["aggregate"], r["raw"], r["threshold"], r["calibrated"], r["p_value"],
-                     r["null_mean"], r["null_std"], r["effect_size"], r["percentile"],
-                     r["best_pair"][0], r["best_pair"][1], na, args.permutations, args.alpha,
-                     b.get("low"), b.get("high")])
-    _write_csv(out / "alignment.csv", header, rows)
-    pngs = []
-    for m, r in results.items():
-        png = out / f"heatmap_{m}.png"
-        _heatmap(r["matrix"], r["x_layers"], r["y_layers"], png,
-                 f"{m}: raw {r['aggregate']} {r['raw']:.3f}, tau {r['threshold']:.3f}, "
-                 f"calibrated {r['calibrated']:.3f}, p {r['p_value']:.3g}",
-                 xlabel=f"B layer ({Path(args.b).name})", ylabel=f"A layer ({Path(args.a).name})",
-                 argmax=r["argmax"])
-        pngs.append(png.name)
-
-    print(f"A: {args.a} ({len(xa)} layer(s))  B: {args.b} ({len(xb)} layer(s))  n={na}")
-    print(f"K={args.permutations} permutations, alpha={args.alpha}, aggregate={args.aggregate}, "
-          f"seed={args.seed}" + (", grouped" if groups is not None else ""))
-    headers = ["metric", "raw", "tau", "calibrated", "p", "best layer pair"]
-    if args.bootstrap:
-        headers.append(f"{int(BOOTSTRAP_CONFIDENCE * 100)}% interval (approx.)")
-    table = []
-    for m, r in results.items():
-        row = [m, _fmt(r["raw"]), _fmt(r["threshold"]), _fmt(r["calibrated"]),
-               _fmt(r["p_value"], ".4g"), f"{r['best_pair'][0]} ~ {r['best_pair'][1]}"]
-        if args.bootstrap:
-            row.append(_ci(r))
-        table.append(row)
-    print()
-    print(_table(headers, table))
-    print()
-    print(f"wrote {out / 'alignment.json'}, alignment.csv, {', '.join(pngs)}")
+    start = time.perf_counter()
+    results = compute.compare_pair(xa, xb, args.a, args.b, measures,
+                                   compute.Calibration.from_args(args), groups,
+                                   warn=write.warn_line)
+    write.write_compare(out, args, xa, xb, results, describe_settings(args, measures, groups),
+                        time.perf_counter() - start, groups is not None)
+    _note_deprecations(args)
     return 0
 
 
-# --------------------------------------------------------------------------------- matrix
-class _Progress:
-    """tqdm bar over pairs on stderr, or a plain counter without tqdm."""
+def _world_size() -> int:
+    import os
 
-    def __init__(self, total: int) -> None:
-        self.total, self.count = total, 0
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, desc="pairs", unit="pair", file=sys.stderr,
-                            dynamic_ncols=True)
-
-    def update(self, label: str) -> None:
-        self.count += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(label, refresh=False)
-            self.bar.update(1)
-        else:
-            print(f"[{self.count}/{self.total}] {label}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def _append_line(path: Path, record: dict) -> None:
-    """Append one JSON line and make it durable (flush + fsync)."""
-    line = json.dumps(record, allow_nan=False) + "\n"
-    prefix = ""
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # a line cut short by a crash: start a fresh line
-                prefix = "\n"
-    with open(path, "a") as f:
-        f.write(prefix + line)
-        f.flush()
-        os.fsync(f.fileno())
+# ---------------------------------------------------------------------------------- matrix
+class _Interrupted(Exception):
+    def __init__(self, finished: int) -> None:
+        super().__init__("interrupted")
+        self.finished = finished
 
 
-def read_pairs(path: Path, settings: dict, kwargs: dict[str, dict],
-               fingerprints: dict[str, list[int]]) -> dict[tuple[str, str], dict[str, dict]]:
-    """Results in ``pairs.jsonl`` valid for these settings: ``{(x_file, y_file): {metric: rec}}``.
+def _compute_share(args: argparse.Namespace, measures: dict, group: ProcessGroup,
+                   lines: list[dict]) -> tuple[Any, Any]:
+    """Plan, then compute this process's share of the pending pairs, appending each to its
+    pairs file (and to ``lines``).  Returns ``(plan, groups)``."""
+    import torch
 
-    A line counts if its settings equal ``settings``, both files still have the recorded
-    fingerprint (size, mtime), and per metric the measure keywords match; later lines win.
-    Malformed lines (e.g. cut by a crash) are skipped.
-    """
-    done: dict[tuple[str, str], dict[str, dict]] = {}
-    if not path.exists():
-        return done
-    settings = json.loads(json.dumps(settings))
-    kwargs = json.loads(json.dumps(kwargs))
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-                if rec.get("settings") != settings:
-                    continue
-                xf, yf = rec["x_file"], rec["y_file"]
-                if (fingerprints.get(xf) != rec["x_fingerprint"]
-                        or fingerprints.get(yf) != rec["y_fingerprint"]):
-                    continue
-                for metric, res in rec["results"].items():
-                    if metric in kwargs and res.get("kwargs") == kwargs[metric]:
-                        done.setdefault((xf, yf), {})[metric] = res
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
-    return done
+    from alignment_callback.reporting.io import load_groups
+
+    groups = load_groups(args.groups) if args.groups else None
+    plan = plan_matrix(args, measures, groups)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.done = store.read_pairs(store.pair_files(out), plan.settings, plan.kwargs,
+                                 plan.fingerprints)
+    tasks = plan.pending()
+    total = len(plan.pairs)
+    own = store.pairs_file(out, group.rank if group.active else None)
+    if group.rank == 0:
+        partial = sum(len(t.missing) < len(measures) for t in tasks)
+        warn_resolution(args.permutations, total, args.alpha)
+        read = [p for p in store.pair_files(out) if p != own]
+        where = own if not group.active and not read else f"{out}/pairs*.jsonl"
+        print(f"matrix: {len(plan.files_x)} x {len(plan.files_y)} = {total} pairs, "
+              f"{len(measures)} measure(s); {total - len(tasks)} already done in {where}, "
+              f"{len(tasks)} to compute"
+              + (f" ({partial} of them only for missing measures)" if partial else "")
+              + (f", shared among {group.world_size} processes" if group.active else ""),
+              file=sys.stderr, flush=True)
+    mine = shard(tasks, group.rank, group.world_size)
+    device = args.device
+    if device == "cuda" and group.active:
+        device = torch.device("cuda", group.local_rank)
+        torch.cuda.set_device(device)
+    loader = compute.FeatureLoader(args, measures, groups, device=device)
+    progress = write.Progress(len(mine), enabled=group.rank == 0)
+    try:
+        for task, line in compute.iter_pairs(mine, plan, loader,
+                                             compute.Calibration.from_args(args), groups,
+                                             warn=lambda t: progress.write(f"warning: {t}")):
+            store.append_line(own, line)
+            lines.append(line)
+            progress.update(f"{plan.names_x[task.i]} vs {plan.names_y[task.j]}")
+    except KeyboardInterrupt:
+        progress.close()
+        finished = total - len(tasks) + len(lines)
+        if not group.active:
+            print(f"interrupted: {finished} of {total} pairs done ({len(lines)} in this run), "
+                  f"saved in {own}; rerun the same command to resume", file=sys.stderr,
+                  flush=True)
+        raise _Interrupted(finished) from None
+    finally:
+        progress.close()
+    return plan, groups
+
+
+def _outcome(group: ProcessGroup, err: BaseException, debug: bool) -> Outcome:
+    if debug:
+        traceback.print_exc()
+    if isinstance(err, (_Interrupted, KeyboardInterrupt)):
+        return Outcome(group.rank, 130, "interrupted; finished pairs are saved, rerun the same "
+                       "command to resume")
+    if isinstance(err, GroupFailure):
+        return Outcome(group.rank, err.code, err.message)
+    if isinstance(err, (ValueError, TypeError, OSError)):
+        return Outcome(group.rank, 2, _one_line(err))
+    return Outcome(group.rank, 1, f"internal error ({type(err).__name__}: {_one_line(err)}); "
+                   "rerun with --debug for the traceback")
+
+
+def _agree(group: ProcessGroup, outcome: Outcome) -> list[Outcome]:
+    """Every process's outcome; raise the first failure on every process."""
+    outcomes = group.all_gather(outcome)
+    failed = first_failure(outcomes)
+    if failed is not None:
+        prefix = f"rank {failed.rank}: " if failed.code != 130 else ""
+        raise GroupFailure(failed.code, prefix + failed.message)
+    return outcomes
+
+
+def _write_outputs(args: argparse.Namespace, plan: Any, groups: Any,
+                   received: list[dict]) -> None:
+    out = Path(args.out)
+    files = store.pair_files(out)
+    plan.done = store.read_pairs(files, plan.settings, plan.kwargs, plan.fingerprints)
+    store.merge_records(plan.done, received, plan.settings, plan.kwargs, plan.fingerprints)
+    if not plan.is_complete():
+        missing = len(plan.pending())
+        raise RuntimeError(f"{missing} pair(s) are still missing after the run")
+    summary = compute.matrix_summary(plan, args.alpha)
+    settings = {**describe_settings(args, plan.measures, groups)}
+    write.write_matrix(out, args, plan, summary, settings, files, groups is not None)
 
 
 def run_matrix(args: argparse.Namespace) -> int:
-    """``matrix DIR_X DIR_Y``."""
-    import torch
-
-    from alignment_callback.functional.fdr import benjamini_hochberg
-    from alignment_callback.reporting.io import (
-        file_fingerprint,
-        list_feature_files,
-        load_groups,
-        model_names,
-    )
-
-    metrics = _metrics(args)
-    _check_args(args)
-    files_x, files_y = list_feature_files(args.dir_x), list_feature_files(args.dir_y)
-    names_x, names_y = model_names(files_x), model_names(files_y)
-    key_x = [str(f.resolve()) for f in files_x]
-    key_y = [str(f.resolve()) for f in files_y]
-    fingerprints = {k: file_fingerprint(k) for k in key_x + key_y}
-    groups = load_groups(args.groups) if args.groups else None
-    settings = run_settings(args, groups)
-    kwargs = {m: metric_kwargs(m, args) for m in metrics}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    jsonl = out / "pairs.jsonl"
-
-    done = read_pairs(jsonl, settings, kwargs, fingerprints)
-    pairs = [(i, j) for i in range(len(files_x)) for j in range(len(files_y))]
-    pending = []
-    partial = 0
-    for i, j in pairs:
-        have = done.get((key_x[i], key_y[j]), {})
-        missing = [m for m in metrics if m not in have]
-        if missing:
-            pending.append((i, j, missing))
-            partial += len(missing) < len(metrics)
-    total = len(pairs)
-    _warn_resolution(args.permutations, total, args.alpha)
-    print(f"matrix: {len(files_x)} x {len(files_y)} = {total} pairs, {len(metrics)} metric(s); "
-          f"{total - len(pending)} already done in {jsonl}, {len(pending)} to compute"
-          + (f" ({partial} of them only for missing metrics)" if partial else ""),
-          file=sys.stderr, flush=True)
-
-    cache: dict[str, dict] = {}
-    first: list[Any] = []  # (path, rows) of the first file loaded
-
-    def get(path: Path, key: str) -> dict:
-        if key not in cache:
-            feats = _load(path, args)
-            n = _rows(feats)
-            if not first:
-                first.append((path, n))
-                if groups is not None and len(groups) != n:
-                    raise CLIError(f"{args.groups}: has {len(groups)} group labels but the "
-                                   f"features have {n} rows")
-            elif n != first[0][1]:
-                raise CLIError(
-                    f"row mismatch: {path} has {n} rows but {first[0][0]} has {first[0][1]}; "
-                    "every file must hold the same probe inputs in the same order"
-                )
-            cache[key] = feats
-        return cache[key]
-
-    progress = _Progress(len(pending))
-    finished = 0
-    current_x: str | None = None
+    """``matrix DIR_X DIR_Y``: plan, compute the pending pairs (this process's share), store
+    them, and (rank 0) write the summary of every pair."""
+    measures = choose_measures(args)
+    check_args(args)
+    group = ProcessGroup.from_env(args.dist_timeout)
     try:
-        for i, j, missing in pending:
-            if current_x is not None and current_x != key_x[i] and current_x not in key_y:
-                cache.pop(current_x, None)  # keep the Y side cached, drop finished X files
-            current_x = key_x[i]
-            xa, xb = get(files_x[i], key_x[i]), get(files_y[j], key_y[j])
-            t0 = time.perf_counter()
-            results = {m: analyze_pair(xa, xb, m, args, groups) for m in missing}
-            _append_line(jsonl, {
-                "x_model": names_x[i], "y_model": names_y[j], "x_file": key_x[i],
-                "y_file": key_y[j], "x_fingerprint": fingerprints[key_x[i]],
-                "y_fingerprint": fingerprints[key_y[j]], "settings": settings,
-                "results": results, "seconds": round(time.perf_counter() - t0, 3),
-                "finished_at": _now(),
-            })
-            finished += 1
-            progress.update(f"{names_x[i]} vs {names_y[j]}")
-    except KeyboardInterrupt:
-        progress.close()
-        print(f"interrupted: {total - len(pending) + finished} of {total} pairs done "
-              f"({finished} in this run), saved in {jsonl}; rerun the same command to resume",
-              file=sys.stderr, flush=True)
-        return 130
+        if not group.active:
+            lines: list[dict] = []
+            try:
+                plan, groups = _compute_share(args, measures, group, lines)
+            except _Interrupted:
+                return 130
+            _write_outputs(args, plan, groups, lines)
+            _note_deprecations(args)
+            return 0
+        return _run_group(args, measures, group)
     finally:
-        progress.close()
+        group.close()
 
-    done = read_pairs(jsonl, settings, kwargs, fingerprints)
-    lx, ly = len(files_x), len(files_y)
-    n_samples = done[(key_x[0], key_y[0])][metrics[0]]["n_samples"]
-    summary: dict[str, Any] = {}
-    csv_rows = []
-    for m in metrics:
-        recs = [[done[(key_x[i], key_y[j])][m] for j in range(ly)] for i in range(lx)]
 
-        def field(name: str, recs: list = recs) -> list:
-            return [[recs[i][j][name] for j in range(ly)] for i in range(lx)]
-
-        def boot(name: str, recs: list = recs) -> list:
-            return [[(recs[i][j]["bootstrap"] or {}).get(name) for j in range(ly)]
-                    for i in range(lx)]
-
-        p = torch.tensor(field("p_value"), dtype=torch.float64)
-        rejected, adjusted = benjamini_hochberg(p, alpha=args.alpha)
-        summary[m] = {
-            "kwargs": kwargs[m], "raw": field("raw"), "threshold": field("threshold"),
-            "calibrated": field("calibrated"), "p_value": field("p_value"),
-            "p_bh": adjusted.tolist(), "significant_bh": rejected.tolist(),
-            "effect_size": field("effect_size"), "best_pair": field("best_pair"),
-            "ci_low": boot("low"), "ci_high": boot("high"),
-        }
-        for i in range(lx):
-            for j in range(ly):
-                r = recs[i][j]
-                b = r["bootstrap"] or {}
-                csv_rows.append([
-                    names_x[i], names_y[j], m, r["aggregate"], r["raw"], r["threshold"],
-                    r["calibrated"], r["p_value"], float(adjusted[i, j]), bool(rejected[i, j]),
-                    r["effect_size"], r["best_pair"][0], r["best_pair"][1], b.get("low"),
-                    b.get("high"),
-                ])
-    doc = {
-        "command": "matrix", "created": _now(), "n_samples": n_samples,
-        "x_models": names_x, "y_models": names_y,
-        "x_files": [str(f) for f in files_x], "y_files": [str(f) for f in files_y],
-        "settings": {"metrics": metrics, "k": args.k, "sigma": args.sigma,
-                     "device": args.device, "groups_file": args.groups, **settings},
-        "fdr": {"method": "benjamini-hochberg", "alpha": args.alpha,
-                "family": "all pairs of the matrix, separately per metric"},
-        "versions": _versions(), "results": summary,
-        "pairs": [{"x_model": names_x[i], "y_model": names_y[j],
-                   "results": {m: done[(key_x[i], key_y[j])][m] for m in metrics}}
-                  for i, j in pairs],
-    }
-    _write_json(out / "matrix.json", doc)
-    _write_csv(out / "matrix.csv",
-               ["x_model", "y_model", "metric", "aggregate", "raw", "threshold", "calibrated",
-                "p_value", "p_bh", "significant_bh", "effect_size", "best_x_layer",
-                "best_y_layer", "ci_low", "ci_high"], csv_rows)
-    for m in metrics:
-        s = summary[m]
-        _heatmap(s["calibrated"], names_x, names_y, out / f"matrix_{m}.png",
-                 f"{m}: calibrated ({args.aggregate} over layers); * = BH q <= {args.alpha}",
-                 xlabel=f"{args.dir_y}", ylabel=f"{args.dir_x}", marks=s["significant_bh"])
-
-    print(f"K={args.permutations} permutations, alpha={args.alpha}, aggregate={args.aggregate}, "
-          f"seed={args.seed}" + (", grouped" if groups is not None else "")
-          + f"; * = significant after Benjamini-Hochberg across {total} pairs (q <= {args.alpha})")
-    for m in metrics:
-        s = summary[m]
-        print(f"\n{m} (calibrated):")
-        grid = [[names_x[i]] + [
-            f"{s['calibrated'][i][j]:.4f}" + ("*" if s["significant_bh"][i][j] else " ")
-            for j in range(ly)] for i in range(lx)]
-        print(_table([""] + names_y, grid))
-        print(f"{sum(map(sum, s['significant_bh']))} of {total} pairs significant after BH")
-    print(f"\nwrote {out / 'matrix.json'}, matrix.csv, "
-          + ", ".join(f"matrix_{m}.png" for m in metrics) + f" (per-pair results: {jsonl})")
+def _run_group(args: argparse.Namespace, measures: dict, group: ProcessGroup) -> int:
+    lines: list[dict] = []
+    plan = groups = None
+    try:
+        plan, groups = _compute_share(args, measures, group, lines)
+        outcome = Outcome(group.rank, finished=len(lines), lines=lines)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - gathered, then re-raised
+        outcome = _outcome(group, err, args.debug)
+    outcomes = _agree(group, outcome)  # every process reaches this collective
+    outcome = Outcome(group.rank)
+    if group.rank == 0:
+        try:
+            received = [line for o in outcomes for line in (o.lines or [])]
+            _write_outputs(args, plan, groups, received)
+            _note_deprecations(args)
+        except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001
+            outcome = _outcome(group, err, args.debug)
+    _agree(group, outcome)
     return 0
 
 
-# --------------------------------------------------------------------------------- entry point
+# -------------------------------------------------------------------------------- entry point
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
@@ -679,7 +418,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "compare":
             return run_compare(args)
+        if args.command == "extract":
+            from alignment_callback.reporting.extract import run_extract
+
+            return run_extract(args)
         return run_matrix(args)
+    except GroupFailure as err:  # the same on every process of a torchrun group
+        print(f"error: {err.message}" if err.code != 130 else err.message, file=sys.stderr)
+        return err.code
     except KeyboardInterrupt:
         if args.debug:
             raise
@@ -697,6 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--debug for the traceback", file=sys.stderr)
         return 1
 
+
+__all__ = ["DEFAULT_METRICS", "CLIError", "build_parser", "main", "run_compare", "run_matrix",
+           "run_settings"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

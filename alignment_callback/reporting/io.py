@@ -10,6 +10,10 @@ fixed order (the same order in every file that is compared):
 * ``.npz``: each array is a layer (named by its key).
 * ``.safetensors``: each tensor is a layer (needs the ``safetensors`` package).
 
+A ``.pt`` dict may also hold the probe's fingerprint under the reserved key ``"__probe__"``
+(written by :func:`alignment_callback.hooks.extract.extract_features`); it is not a layer and is
+dropped here.
+
 Every problem is reported as a :class:`FeatureFileError` (a ``ValueError``) with a one-line
 message naming the file (and the layer).
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +33,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional.preprocessing import Pool, prepare_features
+from alignment_callback.hooks.extract import PROBE_KEY
 
 FEATURE_EXTENSIONS: tuple[str, ...] = (".pt", ".pth", ".npy", ".npz", ".safetensors")
 GROUP_EXTENSIONS: tuple[str, ...] = (".npy", ".txt", ".csv")
@@ -104,7 +111,8 @@ def _from_object(obj: Any, path: Path) -> dict[str, Tensor]:
     if isinstance(obj, (Tensor, np.ndarray)):
         return {"features": _as_tensor(obj, path, "features")}
     if isinstance(obj, Mapping):
-        return {str(k): _as_tensor(v, path, str(k)) for k, v in obj.items()}
+        return {str(k): _as_tensor(v, path, str(k)) for k, v in obj.items()
+                if not (k == PROBE_KEY and isinstance(v, Mapping))}
     if isinstance(obj, (list, tuple)):
         return {str(i): _as_tensor(v, path, str(i)) for i, v in enumerate(obj)}
     raise FeatureFileError(
@@ -113,25 +121,74 @@ def _from_object(obj: Any, path: Path) -> dict[str, Tensor]:
     )
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80  # first byte of a legacy (non-zip) torch.save file: a pickle protocol mark
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def read_pt(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with errors that say what is wrong with the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - classified below
+        raise _pt_error(path, err) from err
+
+
+def _pt_error(path: Path, err: BaseException) -> FeatureFileError:
+    """A pickled-object file (refused by ``weights_only``) or a truncated / corrupt one."""
+    chain = f"{err} {err.__context__ or ''} {err.__cause__ or ''}"
+    found = _UNSUPPORTED_GLOBAL.search(chain)
+    if found:
+        return FeatureFileError(
+            f"{path}: holds pickled Python objects ({found.group(1)}) that "
+            "torch.load(weights_only=True) refuses to load; save tensors only, e.g. "
+            "torch.save({name: torch.as_tensor(array) for name, array in layers.items()}, path)"
+        )
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        reason = "the file is empty"
+    elif head != _ZIP_MAGIC and head[0] != _PICKLE_PROTO:
+        reason = "cannot read it as a zip archive or a legacy torch pickle"
+    elif head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
+        reason = "its zip archive has no central directory: the file is cut short"
+    else:
+        inner = err.__context__ if "Weights only load failed" in str(err) and err.__context__ \
+            else err
+        reason = _short(inner).split(". ")[0] if str(inner).strip() else \
+            f"{type(inner).__name__}: it ends before its data does"
+    return FeatureFileError(f"{path}: not a readable .pt file (truncated or corrupt: {reason})")
+
+
 def load_features(path: str | Path) -> dict[str, Tensor]:
     """Load a feature file as ``{layer name: tensor}`` (CPU, float32; float64 stays float64).
 
-    Supported: ``.pt``/``.pth`` (a tensor -> ``{"features": t}``, a dict of layer name ->
-    tensor, or a list of tensors; loaded with ``torch.load(weights_only=True)``), ``.npy`` (one
-    array -> ``{"features": a}``), ``.npz`` (each array a layer), ``.safetensors`` (each tensor a
-    layer; needs the ``safetensors`` package).  Layer order is the file's order.
+    Parameters
+    ----------
+    path : str or Path
+        ``.pt``/``.pth`` (a tensor -> ``{"features": t}``, a dict of layer name -> tensor, or a
+        list of tensors; loaded with ``torch.load(weights_only=True)``; a ``"__probe__"``
+        fingerprint entry is dropped), ``.npy`` (one array -> ``{"features": a}``), ``.npz``
+        (each array a layer), ``.safetensors`` (each tensor a layer; needs the
+        ``safetensors`` package).  Layer order is the file's order.
 
-    Raises:
-        FeatureFileError: the file is missing or unreadable, has an unknown extension, holds
-            something other than tensors, a layer has fewer than 2 rows or NaN/Inf values, or
-            the layers disagree on the number of rows.  The message names the file and layer.
+    Returns
+    -------
+    dict of str -> Tensor
+
+    Raises
+    ------
+    FeatureFileError
+        The file is missing, truncated or corrupt, holds pickled objects (``.pt``) or
+        something other than tensors, has an unknown extension, a layer has fewer than 2 rows
+        or NaN/Inf values, or the layers disagree on the number of rows.  The message names
+        the file and the layer.
     """
     path = Path(path)
     ext = _check_path(path, FEATURE_EXTENSIONS, "feature")
     try:
         if ext in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            layers = _from_object(obj, path)
+            layers = _from_object(read_pt(path), path)
         elif ext == ".npy":
             layers = {"features": _as_tensor(np.load(path, allow_pickle=False), path, "features")}
         elif ext == ".npz":

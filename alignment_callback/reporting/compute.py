@@ -1,0 +1,370 @@
+"""From feature files to result records, through the alignment engine.
+
+One pair is one :class:`~alignment_callback.engine.AlignmentEngine` step: the reference (the
+Y / B file) is prepared once for every measure, the model (the X / A file) once per step, the
+permutations are drawn once and read by every measure.  In ``matrix`` each Y file is prepared
+once and every X file is stepped against it.  The records hold exactly the numbers of
+:func:`~alignment_callback.functional.calibrated_layer_alignment` for the same preprocessing.
+
+Every data error names the file and the layer (or the two files and layers of a pair).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from alignment_callback.engine import AlignmentEngine
+from alignment_callback.functional.aggregation import LayerAlignmentResult
+from alignment_callback.functional.pipeline import observed_matrices, prepare_side
+from alignment_callback.functional.registry import Measure
+from alignment_callback.reporting.io import FeatureFileError, finite_or_none
+from alignment_callback.reporting.plan import (
+    BOOTSTRAP_CONFIDENCE,
+    BOOTSTRAP_FRACTION,
+    CLIError,
+    MatrixPlan,
+    PairTask,
+)
+
+Layers = dict[str, Tensor]
+Warn = Callable[[str], None]
+_DATA_ERRORS = (ValueError, torch.linalg.LinAlgError)
+_QUIET = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The calibration options of a run (``--permutations``, ``--alpha``, ...)."""
+
+    permutations: int
+    alpha: float
+    aggregate: str
+    seed: int
+    bootstrap: int = 0
+
+    @classmethod
+    def from_args(cls, args: Any) -> "Calibration":
+        return cls(args.permutations, args.alpha, args.aggregate, args.seed, args.bootstrap)
+
+
+def _tolist(t: Tensor) -> Any:
+    return t.detach().double().cpu().tolist()
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# ---------------------------------------------------------------------------------- loading
+class FeatureLoader:
+    """Read, preprocess and check feature files; the first file read fixes n.
+
+    Checks, each naming the file and the layer: a constant layer (all rows identical after
+    preprocessing, up to round-off), too few rows for a chosen measure (e.g. ``k >= n``), a row count other
+    than the first file's, and a ``--groups`` file of another length.  Loaded features are
+    kept (``keep=True``) so that a file needed again is read once.
+    """
+
+    def __init__(self, args: Any, measures: Mapping[str, Measure], groups: Any = None,
+                 device: torch.device | str | None = None) -> None:
+        self.args = args
+        self.measures = dict(measures)
+        self.groups = groups
+        self.device = device if device is not None else args.device
+        self.first: tuple[Path, int] | None = None
+        self.cache: dict[str, Layers] = {}
+
+    def load(self, path: str | Path, key: str | None = None, keep: bool = True,
+             check_rows: bool = True) -> Layers:
+        """The preprocessed ``{layer: (n, d)}`` of ``path``."""
+        key = key or str(path)
+        if key in self.cache:
+            return self.cache[key]
+        from alignment_callback.reporting.io import load_features, preprocess_layers
+
+        raw = load_features(path)
+        opts = dict(pool=self.args.pool, clamp_quantile=self.args.clamp_quantile,
+                    normalize=not self.args.no_normalize)
+        feats = preprocess_layers(raw, source=path, device=self.device, **opts)
+        self._check_constant(path, raw, feats, opts)
+        n = int(next(iter(feats.values())).shape[0])
+        if self.first is None:
+            self.first = (Path(path), n)
+            self._check_first(Path(path), feats, n)
+        elif check_rows and n != self.first[1]:
+            raise CLIError(
+                f"row mismatch: {path} has {n} rows but {self.first[0]} has {self.first[1]}; "
+                "every file must hold the same probe inputs in the same order"
+            )
+        if keep:
+            self.cache[key] = feats
+        return feats
+
+    def drop(self, key: str) -> None:
+        self.cache.pop(key, None)
+
+    @staticmethod
+    def _constant(t: Tensor) -> bool:
+        """All rows equal up to float round-off (a few ulps of the largest value)."""
+        spread = float((t - t[:1]).abs().max())
+        return spread <= 64 * torch.finfo(t.dtype).eps * float(t.abs().max())
+
+    def _check_constant(self, path: str | Path, raw: Layers, feats: Layers,
+                        opts: dict[str, Any]) -> None:
+        for name, t in feats.items():
+            if self._constant(t):
+                hint = ""
+                if opts["normalize"]:
+                    from alignment_callback.reporting.io import preprocess_layers
+
+                    plain = preprocess_layers({name: raw[name]}, source=path,
+                                              **{**opts, "normalize": False})[name]
+                    if not self._constant(plain):
+                        hint = (" after L2 row normalization (its rows differ only by a positive "
+                                "scale; try --no-normalize)")
+                raise FeatureFileError(
+                    f"{path}: layer {name!r} is constant: all {t.shape[0]} rows are identical"
+                    f"{hint}, so no similarity measure is defined for it"
+                )
+
+    def _check_first(self, path: Path, feats: Layers, n: int) -> None:
+        if self.groups is not None and len(self.groups) != n:
+            raise CLIError(f"{self.args.groups}: has {len(self.groups)} group labels but the "
+                           f"features have {n} rows")
+        short = [(name, m) for name, m in self.measures.items() if n < m.min_samples]
+        if short:
+            layers = list(feats)
+            more = ", ..." if len(layers) > 3 else ""
+            which = (f"layer {layers[0]!r}" if len(layers) == 1 else
+                     f"layers {', '.join(map(repr, layers[:3]))}{more}")
+            need = "; ".join(
+                f"{name}" + "".join(f", {k}={v}" for k, v in m.params)
+                + f" needs at least {m.min_samples}" for name, m in short)
+            raise FeatureFileError(
+                f"{path}: {which} {'has' if len(layers) == 1 else 'have'} {n} rows (probe "
+                f"samples), too few: {need}" + (" (lower --k)" if any(
+                    "k" in m.kwargs for _, m in short) else "")
+            )
+
+
+# ------------------------------------------------------------------------------ engine step
+def make_engine(measures: Mapping[str, Measure], cal: Calibration, groups: Any = None
+                ) -> AlignmentEngine:
+    """An engine for already preprocessed features (``preprocess=False``)."""
+    return AlignmentEngine(dict(measures), num_permutations=cal.permutations, alpha=cal.alpha,
+                           seed=cal.seed, aggregate=cal.aggregate, groups=groups,
+                           preprocess=False)
+
+
+def _prepare_layer(engine: AlignmentEngine, name: str, t: Tensor, role: str,
+                   dtype: torch.dtype | None = None) -> Any:
+    names, feats = engine.features({name: t}, "features")
+    if dtype is not None:
+        feats = [f.to(dtype) for f in feats]
+    return prepare_side(names, feats, list(engine.measures.values()), role)
+
+
+def _locate_layer(engine: AlignmentEngine, layers: Layers, path: str | Path, role: str,
+                  dtype: torch.dtype | None = None) -> FeatureFileError | None:
+    """The first layer of ``path`` whose preparation fails, as an error naming it."""
+    for name, t in layers.items():
+        try:
+            _prepare_layer(engine, name, t, role, dtype)
+        except _DATA_ERRORS as err:
+            return FeatureFileError(f"{path}: layer {name!r}: {_one_line(err)}")
+    return None
+
+
+def set_reference(engine: AlignmentEngine, layers: Layers, path: str | Path) -> None:
+    """Prepare the reference file once for every measure; errors name the file and layer."""
+    try:
+        engine.set_reference(layers)
+    except _DATA_ERRORS as err:
+        located = _locate_layer(engine, layers, path, "y")
+        raise (located or FeatureFileError(f"{path}: {_one_line(err)}")) from err
+
+
+def _locate_pair(engine: AlignmentEngine, xa: Layers, ya: Layers, x_path: str | Path,
+                 y_path: str | Path, err: BaseException) -> FeatureFileError:
+    dtype = torch.promote_types(next(iter(xa.values())).dtype, next(iter(ya.values())).dtype)
+    located = _locate_layer(engine, xa, x_path, "x", dtype)
+    if located is not None:
+        return located
+    measures = list(engine.measures.values())
+    for b, tb in ya.items():
+        try:
+            yside = _prepare_layer(engine, b, tb, "y", dtype)
+        except _DATA_ERRORS as e:
+            return FeatureFileError(f"{y_path}: layer {b!r}: {_one_line(e)}")
+        for a, ta in xa.items():
+            try:
+                observed_matrices(measures, _prepare_layer(engine, a, ta, "x", dtype), yside)
+            except _DATA_ERRORS as e:
+                return FeatureFileError(f"{x_path} layer {a!r} vs {y_path} layer {b!r}: "
+                                        f"{_one_line(e)}")
+    return FeatureFileError(f"{x_path} vs {y_path}: {_one_line(err)}")
+
+
+def _record(res: LayerAlignmentResult, measure: Measure, n: int, keep_null: bool) -> dict:
+    rec: dict[str, Any] = {"metric": measure.name, "kwargs": measure.kwargs,
+                           "aggregate": res.aggregate, "n_samples": n}
+    rec.update({k: finite_or_none(v) for k, v in res.as_dict().items()})
+    rec.update({
+        "best_pair": list(res.best_pair), "argmax": list(res.argmax),
+        "x_layers": list(res.x_names), "y_layers": list(res.y_names),
+        "matrix": _tolist(res.matrix), "pair_calibrated": _tolist(res.pair_calibrated),
+        "pair_p_value": _tolist(res.pair_p_value), "pair_threshold": _tolist(res.pair_threshold),
+        "bootstrap": None,
+    })
+    if keep_null:
+        rec["null"] = _tolist(res.null)
+    return rec
+
+
+def _bootstrap(xa: Layers, ya: Layers, measure: Measure, cal: Calibration, groups: Any) -> dict:
+    from alignment_callback.functional.bootstrap import bootstrap_interval
+
+    bi = bootstrap_interval(
+        xa, ya, measure, num_bootstrap=cal.bootstrap, confidence=BOOTSTRAP_CONFIDENCE,
+        seed=cal.seed, num_permutations=cal.permutations, alpha=cal.alpha,
+        fraction=BOOTSTRAP_FRACTION, groups=groups, aggregate=cal.aggregate,
+    )
+    return {
+        "low": bi.low, "high": bi.high, "confidence": BOOTSTRAP_CONFIDENCE,
+        "fraction": BOOTSTRAP_FRACTION, "subsample_size": bi.subsample_size,
+        "method": "m-out-of-n subsampling without replacement (approximate)",
+        "replicates": _tolist(bi.replicates),
+    }
+
+
+def step_pair(engine: AlignmentEngine, ya: Layers, xa: Layers, x_path: str | Path,
+              y_path: str | Path, cal: Calibration, groups: Any = None, keep_null: bool = False,
+              warn: Warn | None = None) -> dict[str, dict]:
+    """Every measure of one pair in one engine step: ``{measure: record}``.
+
+    ``engine`` holds ``ya`` (from ``y_path``) as its reference.  Warnings of the calibration
+    (a degenerate threshold) are passed to ``warn`` prefixed with the two files.
+    """
+    x_dtype, y_dtype = next(iter(xa.values())).dtype, next(iter(ya.values())).dtype
+    ref = engine.reference
+    if ref is None or ref.dtype not in (y_dtype, torch.promote_types(x_dtype, y_dtype)):
+        set_reference(engine, ya, y_path)  # undo a float64 promotion made for an earlier file
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            step = engine.step(xa)
+        except _DATA_ERRORS as err:
+            raise _locate_pair(engine, xa, ya, x_path, y_path, err) from err
+    for w in caught:
+        if issubclass(w.category, _QUIET):
+            continue
+        if warn is not None:
+            warn(f"{x_path} vs {y_path}: {_one_line(w.message)}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    records = {}
+    for name, measure in engine.measures.items():
+        rec = _record(step.results[name], measure, step.n, keep_null)
+        if cal.bootstrap:
+            rec["bootstrap"] = _bootstrap(xa, ya, measure, cal, groups)
+        records[name] = rec
+    return records
+
+
+def compare_pair(xa: Layers, xb: Layers, a_path: str | Path, b_path: str | Path,
+                 measures: Mapping[str, Measure], cal: Calibration, groups: Any = None,
+                 warn: Warn | None = None) -> dict[str, dict]:
+    """``compare A B``: every measure of A (the model) against B (the reference), with nulls."""
+    engine = make_engine(measures, cal, groups)
+    set_reference(engine, xb, b_path)
+    return step_pair(engine, xb, xa, a_path, b_path, cal, groups, keep_null=True, warn=warn)
+
+
+# ----------------------------------------------------------------------------------- matrix
+def pair_line(plan: MatrixPlan, task: PairTask, results: dict[str, dict], seconds: float
+              ) -> dict[str, Any]:
+    """The ``pairs.jsonl`` line of one finished pair."""
+    import datetime
+
+    i, j = task.i, task.j
+    return {
+        "x_model": plan.names_x[i], "y_model": plan.names_y[j], "x_file": plan.key_x[i],
+        "y_file": plan.key_y[j], "x_fingerprint": plan.fingerprints[plan.key_x[i]],
+        "y_fingerprint": plan.fingerprints[plan.key_y[j]], "settings": plan.settings,
+        "results": results, "seconds": round(seconds, 3),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def iter_pairs(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,
+               cal: Calibration, groups: Any = None, warn: Warn | None = None
+               ) -> Iterator[tuple[PairTask, dict[str, Any]]]:
+    """Compute ``tasks`` (Y-major), yielding ``(task, pairs.jsonl line)`` as each finishes.
+
+    Each Y file is prepared once per run of consecutive tasks that share it (and the same
+    missing measures); X files are read once and kept.
+    """
+    if not tasks:
+        return
+    loader.load(plan.files_x[tasks[0].i], plan.key_x[tasks[0].i])  # n is fixed by an X file
+    current: tuple[int, tuple[str, ...]] | None = None
+    engine: AlignmentEngine | None = None
+    ya: Layers = {}
+    for task in tasks:
+        if (task.j, task.missing) != current:
+            current = (task.j, task.missing)
+            ya = loader.load(plan.files_y[task.j], plan.key_y[task.j],
+                             keep=plan.key_y[task.j] in plan.key_x)
+            engine = make_engine({m: plan.measures[m] for m in task.missing}, cal, groups)
+            set_reference(engine, ya, plan.files_y[task.j])
+        xa = loader.load(plan.files_x[task.i], plan.key_x[task.i])
+        start = time.perf_counter()
+        results = step_pair(engine, ya, xa, plan.files_x[task.i], plan.files_y[task.j], cal,
+                            groups, warn=warn)
+        yield task, pair_line(plan, task, results, time.perf_counter() - start)
+
+
+def matrix_summary(plan: MatrixPlan, alpha: float) -> dict[str, dict[str, Any]]:
+    """Per measure the LX×LY matrices of the records and Benjamini–Hochberg across pairs."""
+    from alignment_callback.functional.fdr import benjamini_hochberg
+
+    lx, ly = len(plan.files_x), len(plan.files_y)
+    summary: dict[str, Any] = {}
+    for m in plan.measures:
+        def field(name: str, m: str = m) -> list:
+            return [[plan.record(i, j, m)[name] for j in range(ly)] for i in range(lx)]
+
+        def boot(name: str, m: str = m) -> list:
+            return [[(plan.record(i, j, m)["bootstrap"] or {}).get(name) for j in range(ly)]
+                    for i in range(lx)]
+
+        p = torch.tensor(field("p_value"), dtype=torch.float64)
+        rejected, adjusted = benjamini_hochberg(p, alpha=alpha)
+        summary[m] = {
+            "kwargs": plan.measures[m].kwargs, "raw": field("raw"),
+            "threshold": field("threshold"), "calibrated": field("calibrated"),
+            "p_value": field("p_value"), "p_bh": adjusted.tolist(),
+            "significant_bh": rejected.tolist(), "effect_size": field("effect_size"),
+            "best_pair": field("best_pair"), "ci_low": boot("low"), "ci_high": boot("high"),
+        }
+    return summary
+
+
+__all__ = [
+    "Calibration",
+    "FeatureLoader",
+    "compare_pair",
+    "iter_pairs",
+    "make_engine",
+    "matrix_summary",
+    "pair_line",
+    "set_reference",
+    "step_pair",
+]

@@ -1,0 +1,279 @@
+"""What a run writes: JSON, CSV and PNG files, the Markdown / HTML report, console tables and
+the progress bar."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from alignment_callback.reporting.plan import BOOTSTRAP_CONFIDENCE, MatrixPlan
+
+COMPARE_CSV_HEADER = [
+    "metric", "aggregate", "raw", "threshold", "calibrated", "p_value", "null_mean", "null_std",
+    "effect_size", "percentile", "best_x_layer", "best_y_layer", "n_samples", "num_permutations",
+    "alpha", "ci_low", "ci_high",
+]
+MATRIX_CSV_HEADER = [
+    "x_model", "y_model", "metric", "aggregate", "raw", "threshold", "calibrated", "p_value",
+    "p_bh", "significant_bh", "effect_size", "best_x_layer", "best_y_layer", "ci_low", "ci_high",
+]
+
+
+# ---------------------------------------------------------------------------------- basics
+def versions() -> dict[str, str]:
+    """Versions recorded in every output."""
+    import numpy
+    import torch
+
+    from alignment_callback import __version__
+
+    return {"alignment_callback": __version__, "torch": torch.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (a temporary file, then a rename); non-finite floats refused."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(["" if v is None else v for v in r] for r in rows)
+
+
+def heatmap(matrix: Any, rows: Sequence[str], cols: Sequence[str], path: Path, title: str,
+            xlabel: str, ylabel: str, argmax: Sequence[int] | None = None,
+            marks: Any = None) -> None:
+    """Save an annotated heatmap (matplotlib Agg); ``marks`` (bool matrix) adds a ``*``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from alignment_callback.metrics.plotting import plot_layer_heatmap
+
+    fig, _ = plot_layer_heatmap(matrix, rows, cols, argmax=argmax, title=title, xlabel=xlabel,
+                                ylabel=ylabel, marks=marks)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt(v: Any, spec: str = ".4f") -> str:
+    return "nan" if v is None else format(v, spec)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A left-aligned plain-text table."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _ci(rec: dict) -> str:
+    b = rec.get("bootstrap")
+    return "" if not b else f"[{b['low']:.4f}, {b['high']:.4f}]"
+
+
+def calibration_line(args: Any, grouped: bool) -> str:
+    return (f"K={args.permutations} permutations, alpha={args.alpha}, "
+            f"aggregate={args.aggregate}, seed={args.seed}" + (", grouped" if grouped else ""))
+
+
+class Progress:
+    """tqdm bar over pairs on stderr, or a plain counter without tqdm (``enabled=False``:
+    silent)."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.count, self.enabled = total, 0, enabled
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, desc="pairs", unit="pair", file=sys.stderr,
+                                dynamic_ncols=True)
+
+    def update(self, label: str) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"[{self.count}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def write(self, line: str) -> None:
+        """A line on stderr that does not break the bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def warn_line(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------- compare
+def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, dict],
+                  settings: dict, seconds: float, grouped: bool) -> None:
+    """``alignment.json``, ``alignment.csv``, ``heatmap_<measure>.png`` and the console table."""
+    na = int(next(iter(xa.values())).shape[0])
+    doc = {
+        "command": "compare", "created": now(), "n_samples": na,
+        "inputs": {
+            "a": {"path": str(args.a), "layers": {k: list(v.shape) for k, v in xa.items()}},
+            "b": {"path": str(args.b), "layers": {k: list(v.shape) for k, v in xb.items()}},
+        },
+        "settings": settings, "versions": versions(), "seconds": round(seconds, 3),
+        "results": results,
+    }
+    write_json(out / "alignment.json", doc)
+    rows = []
+    for m, r in results.items():
+        b = r["bootstrap"] or {}
+        rows.append([m, r["aggregate"], r["raw"], r["threshold"], r["calibrated"], r["p_value"],
+                     r["null_mean"], r["null_std"], r["effect_size"], r["percentile"],
+                     r["best_pair"][0], r["best_pair"][1], na, args.permutations, args.alpha,
+                     b.get("low"), b.get("high")])
+    write_csv(out / "alignment.csv", COMPARE_CSV_HEADER, rows)
+    pngs = []
+    for m, r in results.items():
+        png = out / f"heatmap_{m}.png"
+        heatmap(r["matrix"], r["x_layers"], r["y_layers"], png,
+                f"{m}: raw {r['aggregate']} {r['raw']:.3f}, tau {r['threshold']:.3f}, "
+                f"calibrated {r['calibrated']:.3f}, p {r['p_value']:.3g}",
+                xlabel=f"B layer ({Path(args.b).name})", ylabel=f"A layer ({Path(args.a).name})",
+                argmax=r["argmax"])
+        pngs.append(png.name)
+
+    print(f"A: {args.a} ({len(xa)} layer(s))  B: {args.b} ({len(xb)} layer(s))  n={na}")
+    print(calibration_line(args, grouped))
+    headers = ["metric", "raw", "tau", "calibrated", "p", "best layer pair"]
+    if args.bootstrap:
+        headers.append(f"{int(BOOTSTRAP_CONFIDENCE * 100)}% interval (approx.)")
+    lines = []
+    for m, r in results.items():
+        row = [m, fmt(r["raw"]), fmt(r["threshold"]), fmt(r["calibrated"]),
+               fmt(r["p_value"], ".4g"), f"{r['best_pair'][0]} ~ {r['best_pair'][1]}"]
+        if args.bootstrap:
+            row.append(_ci(r))
+        lines.append(row)
+    print()
+    print(table(headers, lines))
+    print()
+    print(f"wrote {out / 'alignment.json'}, alignment.csv, {', '.join(pngs)}")
+
+
+# ---------------------------------------------------------------------------------- matrix
+def matrix_rows(plan: MatrixPlan, summary: dict[str, dict]) -> list[dict[str, Any]]:
+    """One plain row per pair and measure (the report's and the CSV's content)."""
+    rows = []
+    for m, s in summary.items():
+        for i, j in plan.pairs:
+            r = plan.record(i, j, m)
+            b = r["bootstrap"] or {}
+            rows.append({
+                "x": plan.names_x[i], "y": plan.names_y[j], "measure": m,
+                "aggregate": r["aggregate"], "raw": r["raw"], "threshold": r["threshold"],
+                "calibrated": r["calibrated"], "p_value": r["p_value"],
+                "p_bh": s["p_bh"][i][j], "significant": s["significant_bh"][i][j],
+                "effect_size": r["effect_size"], "best_pair": r["best_pair"],
+                "ci_low": b.get("low"), "ci_high": b.get("high"),
+            })
+    return rows
+
+
+def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict],
+                 settings: dict, pairs_files: Sequence[Path], grouped: bool) -> None:
+    """``matrix.json``, ``matrix.csv``, ``matrix_<measure>.png``, ``report.md``,
+    ``report.html`` and the console tables."""
+    from alignment_callback.engine.report import matrix_report
+
+    lx, ly = len(plan.files_x), len(plan.files_y)
+    n_samples = plan.record(0, 0, next(iter(plan.measures)))["n_samples"]
+    doc = {
+        "command": "matrix", "created": now(), "n_samples": n_samples,
+        "x_models": plan.names_x, "y_models": plan.names_y,
+        "x_files": [str(f) for f in plan.files_x], "y_files": [str(f) for f in plan.files_y],
+        "settings": settings,
+        "fdr": {"method": "benjamini-hochberg", "alpha": args.alpha,
+                "family": "all pairs of the matrix, separately per metric"},
+        "versions": versions(), "results": summary,
+        "pairs": [{"x_model": plan.names_x[i], "y_model": plan.names_y[j],
+                   "results": {m: plan.record(i, j, m) for m in plan.measures}}
+                  for i, j in plan.pairs],
+    }
+    write_json(out / "matrix.json", doc)
+    rows = matrix_rows(plan, summary)
+    write_csv(out / "matrix.csv", MATRIX_CSV_HEADER, [
+        [r["x"], r["y"], r["measure"], r["aggregate"], r["raw"], r["threshold"],
+         r["calibrated"], r["p_value"], r["p_bh"], r["significant"], r["effect_size"],
+         r["best_pair"][0], r["best_pair"][1], r["ci_low"], r["ci_high"]] for r in rows])
+    images = []
+    for m, s in summary.items():
+        png = f"matrix_{m}.png"
+        heatmap(s["calibrated"], plan.names_x, plan.names_y, out / png,
+                f"{m}: calibrated ({args.aggregate} over layers); * = BH q <= {args.alpha}",
+                xlabel=f"{args.dir_y}", ylabel=f"{args.dir_x}", marks=s["significant_bh"])
+        images.append((f"{m}: calibrated scores, * = significant after BH", png))
+    report_settings = {
+        "n": n_samples, "permutations": args.permutations, "alpha": args.alpha,
+        "aggregate": args.aggregate, "seed": args.seed,
+        "measures": {m: plan.measures[m].kwargs for m in plan.measures},
+        "x_files": [f.name for f in plan.files_x], "y_files": [f.name for f in plan.files_y],
+        "preprocessing": (f"pool={args.pool}, clamp_quantile={args.clamp_quantile}, "
+                          f"normalize={not args.no_normalize}"),
+        "groups": args.groups or "none (rows exchangeable)",
+        "bootstrap": args.bootstrap,
+    }
+    report = matrix_report(report_settings, rows, images, alpha=args.alpha)
+    report.write(out / "report.md", out / "report.html")
+
+    total = lx * ly
+    print(calibration_line(args, grouped)
+          + f"; * = significant after Benjamini-Hochberg across {total} pairs (q <= {args.alpha})")
+    for m, s in summary.items():
+        print(f"\n{m} (calibrated):")
+        grid = [[plan.names_x[i]] + [
+            f"{s['calibrated'][i][j]:.4f}" + ("*" if s["significant_bh"][i][j] else " ")
+            for j in range(ly)] for i in range(lx)]
+        print(table([""] + plan.names_y, grid))
+        print(f"{sum(map(sum, s['significant_bh']))} of {total} pairs significant after BH")
+    files = ", ".join(str(p) for p in pairs_files)
+    print(f"\nwrote {out / 'matrix.json'}, matrix.csv, "
+          + ", ".join(f"matrix_{m}.png" for m in summary)
+          + f", report.md, report.html (per-pair results: {files})")
+
+
+__all__ = [
+    "Progress",
+    "heatmap",
+    "table",
+    "write_compare",
+    "write_csv",
+    "write_json",
+    "write_matrix",
+]

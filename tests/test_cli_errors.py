@@ -1,0 +1,117 @@
+"""Every data error of the command line is one ``error: ...`` line (exit code 2) naming the file
+and the layer: NaN/Inf, too few rows, constant layers, rank problems of the CCA family,
+``k >= n``, truncated / corrupt ``.pt`` files and ``.pt`` files of pickled objects."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from alignment_callback.reporting import cli
+
+N = 40
+FAST = ["--permutations", "19"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    torch.save({"h1": rand(N, 8), "h2": rand(N, 6)}, root / "good.pt")
+    inf = rand(N, 5)
+    inf[2, 1] = float("inf")
+    torch.save({"ok": rand(N, 5), "blown": inf}, root / "inf.pt")
+    torch.save({"ok": rand(N, 5), "flat": torch.full((N, 5), 0.3)}, root / "constant.pt")
+    scale = torch.rand(N, 1, generator=g) + 0.5
+    torch.save({"ok": rand(N, 5), "scaled": scale * torch.ones(N, 5)}, root / "scaled.pt")
+    zero = rand(N, 5)
+    zero[7] = 0.0
+    torch.save({"ok": rand(N, 5), "dead": zero}, root / "zero_row.pt")
+    torch.save({"ok": rand(N, 5), "wide": rand(N, 3 * N)}, root / "wide.pt")
+    torch.save({"tiny": rand(1, 5)}, root / "one_row.pt")
+    torch.save({"ok": rand(N, 5), "arr": np.zeros((N, 3))}, root / "pickled.pt")
+    torch.save(torch.nn.Linear(3, 3), root / "module.pt")
+    data = (root / "good.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (root / "empty.pt").write_bytes(b"")
+    (root / "garbage.pt").write_bytes(b"\x00\x01 not a torch file")
+    (root / "dx").mkdir()
+    (root / "dy").mkdir()
+    shutil.copy(root / "good.pt", root / "dx" / "good.pt")
+    shutil.copy(root / "good.pt", root / "dy" / "good.pt")
+    shutil.copy(root / "constant.pt", root / "dy" / "constant.pt")
+    return root
+
+
+CASES = [
+    # (arguments, texts the one error line must contain)
+    (["inf.pt", "good.pt"], ["inf.pt", "layer 'blown'", "NaN/Inf"]),
+    (["good.pt", "one_row.pt"], ["one_row.pt", "layer 'tiny'", "1 row(s)"]),
+    (["good.pt", "constant.pt"], ["constant.pt", "layer 'flat'", "constant", "identical"]),
+    (["scaled.pt", "good.pt"], ["scaled.pt", "layer 'scaled'", "after L2 row normalization",
+                                "--no-normalize"]),
+    (["good.pt", "zero_row.pt"], ["zero_row.pt", "layer 'dead'", "all-zero"]),
+    (["good.pt", "wide.pt", "--measure", "cca_similarity"],
+     ["wide.pt", "layer 'wide'", "rank 39 = n - 1"]),
+    (["wide.pt", "good.pt", "--measure", "pwcca"], ["wide.pt", "layer 'wide'", "rank"]),
+    (["good.pt", "good.pt", "--measure", "cca_similarity", "--option", "dims=7"],
+     ["good.pt layer 'h2' vs good.pt layer 'h1'", "dims=7"]),
+    (["good.pt", "good.pt", "--measure", "svcca", "--option", "cca_dim=7"],
+     ["good.pt", "layer 'h2'", "cca_dim=7"]),
+    (["good.pt", "good.pt", "--measure", "mutual_knn", "--k", str(N)],
+     ["good.pt", "layers 'h1', 'h2'", f"{N} rows", f"k={N}", f"at least {N + 1}", "--k"]),
+    (["truncated.pt", "good.pt"], ["truncated.pt: not a readable .pt file (truncated or corrupt",
+                                   "cut short"]),
+    (["good.pt", "empty.pt"], ["empty.pt: not a readable .pt file (truncated or corrupt",
+                               "empty"]),
+    (["garbage.pt", "good.pt"], ["garbage.pt: not a readable .pt file (truncated or corrupt"]),
+    (["good.pt", "pickled.pt"], ["pickled.pt: holds pickled Python objects", "numpy",
+                                 "save tensors only"]),
+    (["module.pt", "good.pt"], ["module.pt: holds pickled Python objects",
+                                "torch.nn.modules.linear.Linear"]),
+]
+
+
+@pytest.mark.parametrize("argv, texts", CASES, ids=[c[0][0] + "-" + c[0][1] + (
+    "-" + c[0][3] if len(c[0]) > 3 else "") for c in CASES])
+def test_compare_data_errors_name_file_and_layer(files, capsys, monkeypatch, argv, texts):
+    monkeypatch.chdir(files)
+    code = cli.main(["compare", *argv, *FAST, "--out", "out"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for text in texts:
+        assert text in err[0], (text, err[0])
+    assert "weights_only" not in err[0] or "pickled" in err[0]
+
+
+def test_matrix_data_error_names_file_and_layer(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    code = cli.main(["matrix", "dx", "dy", *FAST, "--out", "out_matrix"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ")
+    assert "dy/constant.pt: layer 'flat' is constant" in err[-1]
+
+
+def test_bad_options_name_the_option(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    for argv, text in (
+        (["--option", "alpha=0.5"], "--option alpha=0.5: none of the chosen measures"),
+        (["--measure", "shape_metric", "--option", "alpha=2"], "--option alpha=2: shape_metric"),
+        (["--option", "folds"], "--option folds: expected NAME=VALUE"),
+        (["--measure", "cknna", "--k", "1"], "--k 1: cknna: k must be an integer >= 2"),
+        (["--measure", "rbf_cka", "--sigma", "-1"], "--sigma -1.0: rbf_cka: sigma must be"),
+        (["--k", "3", "--option", "k=4"], "--option k=4: k is also given by --k 3"),
+        (["--measure", "no_such"], "--measure: unknown measure 'no_such'"),
+    ):
+        code = cli.main(["compare", "good.pt", "good.pt", *argv, *FAST, "--out", "out"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and text in err[0], (argv, err)
+        assert "linear_cka" in err[0] or "measures" not in argv  # registry lists in errors

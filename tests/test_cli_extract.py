@@ -1,0 +1,204 @@
+"""``alignment-callback extract`` and the probe fingerprint of feature files.
+
+The saved features are reloaded with the CLI's reader and compared with ``collect_activations``
+on the same model and probe; the fingerprint detects a file made from another probe.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from alignment_callback.hooks import collect_activations
+from alignment_callback.hooks.extract import (
+    PROBE_KEY,
+    check_fingerprint,
+    extract_features,
+    probe_fingerprint,
+    read_fingerprint,
+)
+from alignment_callback.reporting import cli
+from alignment_callback.reporting.io import load_features
+
+ROOT = Path(__file__).resolve().parents[1]
+N, IN = 40, 8
+
+
+class Tiny(nn.Module):
+    def __init__(self, hidden: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc1 = nn.Linear(IN, hidden)
+        self.fc2 = nn.Linear(hidden, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def make_model(hidden: int = 16, seed: int = 0) -> nn.Module:
+    """The factory the CLI imports as ``tests.test_cli_extract:make_model``."""
+    return Tiny(hidden, seed)
+
+
+def not_a_model() -> str:
+    return "nope"
+
+
+class KeyModel(nn.Module):
+    """Takes ``model(batch["x"])`` (``--input-key x``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Tiny(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.fixture()
+def probe(tmp_path):
+    x = torch.randn(N, IN, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "probe.pt")
+    return x, tmp_path / "probe.pt"
+
+
+def run(*argv) -> int:
+    return cli.main(["extract", *map(str, argv)])
+
+
+def assert_same(feats: dict, expected: dict) -> None:
+    assert list(feats) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(feats[name], expected[name], rtol=0, atol=0)
+
+
+def test_extract_from_factory_equals_collect_activations(probe, tmp_path, capsys):
+    x, probe_path = probe
+    out = tmp_path / "feats.pt"
+    assert run("--model", "tests.test_cli_extract:make_model", "--model-kwargs",
+               '{"hidden": 12, "seed": 3}', "--probe", probe_path, "--layers", "fc1", "fc2",
+               "--batch-size", "16", "--out", out) == 0
+    assert "2 layer(s)" in capsys.readouterr().out
+    expected = collect_activations(make_model(12, 3), x, ["fc1", "fc2"], batch_size=16)
+    assert_same(load_features(out), expected)
+    raw = torch.load(out, weights_only=True)
+    assert raw[PROBE_KEY] == probe_fingerprint(x) == read_fingerprint(out)
+    assert raw[PROBE_KEY]["rows"] == N
+    assert check_fingerprint(out, x) is True
+    assert check_fingerprint(out, list(x.split(7))) is True  # batching does not matter
+
+
+def test_extract_from_lightning_checkpoint(probe, tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from tests.helpers import MLP
+
+    x, probe_path = probe
+    model = MLP(in_dim=IN, hidden=10, seed=4)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": pl.__version__}, ckpt)
+    out = tmp_path / "lit.pt"
+    assert run("--lightning-class", "tests.helpers:MLP", "--checkpoint", ckpt, "--probe",
+               probe_path, "--layers", "fc*", "head", "--out", out) == 0
+    expected = collect_activations(model, x, ["fc*", "head"])
+    assert_same(load_features(out), expected)
+    assert read_fingerprint(out) == probe_fingerprint(x)
+    # the same weights through a factory and a state-dict checkpoint (Lightning's format too)
+    out2 = tmp_path / "sd.pt"
+    assert run("--model", "tests.helpers:MLP", "--model-kwargs", '{"in_dim": 8, "hidden": 10}',
+               "--checkpoint", ckpt, "--probe", probe_path, "--layers", "fc*", "head",
+               "--out", out2) == 0
+    assert_same(load_features(out2), expected)
+
+
+def test_fingerprint_mismatch_and_old_files(probe, tmp_path):
+    x, _ = probe
+    out = tmp_path / "a.pt"
+    feats = extract_features(make_model(), x, ["fc1"], out)
+    with pytest.raises(ValueError, match=r"a\.pt: the features were made from another probe"):
+        check_fingerprint(out, x.flip(0))  # same rows, other order
+    with pytest.raises(ValueError, match="another probe"):
+        check_fingerprint(out, probe_fingerprint(x[:-1]))
+    torch.save(feats, tmp_path / "old.pt")  # written before fingerprints existed
+    assert read_fingerprint(tmp_path / "old.pt") is None
+    assert check_fingerprint(tmp_path / "old.pt", x) is False
+    assert_same(load_features(tmp_path / "old.pt"), load_features(out))
+    x2 = x.clone()
+    x2[3, 2] += 1e-3
+    assert probe_fingerprint(x2) != probe_fingerprint(x)
+    assert probe_fingerprint(x.double()) != probe_fingerprint(x)
+
+
+def test_dict_probe_input_key_and_safetensors(tmp_path):
+    pytest.importorskip("safetensors")
+    x = torch.randn(N, IN, generator=torch.Generator().manual_seed(2))
+    batch = {"x": x, "ids": torch.arange(N)}
+    torch.save(batch, tmp_path / "probe.pt")
+    out = tmp_path / "f.safetensors"
+    assert run("--model", "tests.test_cli_extract:KeyModel", "--probe", tmp_path / "probe.pt",
+               "--input-key", "x", "--layers", "inner.fc1", "--batch-size", "8",
+               "--out", out) == 0
+    expected = collect_activations(KeyModel(), x, ["inner.fc1"], batch_size=8)
+    torch.testing.assert_close(load_features(out)["inner.fc1"], expected["inner.fc1"])
+    assert read_fingerprint(out) == probe_fingerprint(batch)
+    assert read_fingerprint(out)["rows"] == N
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["--model", "no_such_module_xyz:f"], "--model no_such_module_xyz:f: cannot import"),
+    (["--model", "tests.test_cli_extract:missing"], "has no attribute 'missing'"),
+    (["--model", "tests.test_cli_extract"], "expected MODULE:NAME"),
+    (["--model", "tests.test_cli_extract:not_a_model"], "returned a str, not an nn.Module"),
+    (["--model", "tests.test_cli_extract:make_model", "--model-kwargs", "{bad"],
+     "--model-kwargs: not valid JSON"),
+    (["--model", "tests.test_cli_extract:make_model", "--checkpoint", "nowhere.ckpt"],
+     "--checkpoint nowhere.ckpt: no such file"),
+    (["--lightning-class", "tests.test_cli_extract:Tiny", "--checkpoint", "probe.pt"],
+     "not a LightningModule class"),
+])
+def test_extract_errors_name_the_option(probe, tmp_path, capsys, monkeypatch, argv, text):
+    monkeypatch.chdir(tmp_path)
+    code = run(*argv, "--probe", "probe.pt", "--layers", "fc1", "--out", "o.pt")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and text in err[0], err
+
+
+def test_extract_layer_and_probe_errors(probe, tmp_path, capsys):
+    _, probe_path = probe
+    base = ["--model", "tests.test_cli_extract:make_model", "--out", tmp_path / "o.pt"]
+    assert run(*base, "--probe", probe_path, "--layers", "nope*") == 2
+    assert "nope*" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 cut")
+    assert run(*base, "--probe", tmp_path / "bad.pt", "--layers", "fc1") == 2
+    err = capsys.readouterr().err
+    assert "--probe" in err and "bad.pt: not a readable .pt file (truncated or corrupt" in err
+    torch.save(torch.randn(N, IN + 1), tmp_path / "wide.pt")
+    assert run(*base, "--probe", tmp_path / "wide.pt", "--layers", "fc1") == 2
+    assert "running the model on it failed" in capsys.readouterr().err
+
+
+def test_extract_console_script_subprocess(probe, tmp_path):
+    """``python -m alignment_callback extract`` from another folder: the factory's module is
+    found in the current folder."""
+    _, probe_path = probe
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "alignment_callback", "extract", "--model", "my_models:make",
+         "--probe", str(probe_path), "--layers", "0", "2", "--out", "feats.pt"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    feats = load_features(tmp_path / "feats.pt")
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {"0": (N, 6), "2": (N, 3)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,11 +106,10 @@ def test_one_failing_process_fails_both_with_the_same_error(folders):
     # 2 x 2 pairs, Y-major: process 0 computes (m0, y0) and (m0, y1), process 1 reads m1 only
     proc = launch("matrix", "dx_bad", "dy", *ARGS, "--out", "failing", cwd=root)
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if "error: " in line]
-    assert len(errors) == 2, proc.stderr[-3000:]
-    messages = {line[line.index("error: "):] for line in errors}
-    assert len(messages) == 1, messages  # the same line on both processes
-    message = messages.pop()
+    errors = re.findall(r"error: [^\n]*", proc.stderr)
+    assert len(errors) == 2, proc.stderr[-3000:]  # both processes printed before exiting
+    assert len(set(errors)) == 1, errors  # the same line on both processes
+    message = errors[0]
     assert message.startswith("error: rank 1: ") and "m1.pt: not a readable .pt file" in message
     assert not (root / "failing" / "matrix.json").exists()
     # the pairs process 0 finished are kept for the rerun

@@ -342,7 +342,11 @@ def _agree(group: ProcessGroup, outcome: Outcome) -> list[Outcome]:
     failed = first_failure(outcomes)
     if failed is not None:
         prefix = f"rank {failed.rank}: " if failed.code != 130 else ""
-        raise GroupFailure(failed.code, prefix + failed.message)
+        failure = GroupFailure(failed.code, prefix + failed.message, printed=True)
+        sys.stderr.write(failure.line + "\n")  # one write: lines of processes do not mix
+        sys.stderr.flush()
+        group.barrier()  # every process has printed before any exits (torchrun then stops all)
+        raise failure
     return outcomes
 
 
@@ -424,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_extract(args)
         return run_matrix(args)
     except GroupFailure as err:  # the same on every process of a torchrun group
-        print(f"error: {err.message}" if err.code != 130 else err.message, file=sys.stderr)
+        if not err.printed:
+            print(err.line, file=sys.stderr)
         return err.code
     except KeyboardInterrupt:
         if args.debug:

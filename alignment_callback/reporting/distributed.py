@@ -64,6 +64,13 @@ class ProcessGroup:
         dist.all_gather_object(out, obj)
         return out
 
+    def barrier(self) -> None:
+        """Wait for every process (no-op for a single process)."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def close(self) -> None:
         """Leave the group if this object created it."""
         if self.created:
@@ -87,10 +94,16 @@ class Outcome:
 class GroupFailure(Exception):
     """Raised on every process when any process failed: the first failure (by rank)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, printed: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.printed = printed
+
+    @property
+    def line(self) -> str:
+        """The stderr line: ``error: ...`` (an interruption is not an error)."""
+        return self.message if self.code == 130 else f"error: {self.message}"
 
 
 def first_failure(outcomes: list[Outcome]) -> Outcome | None:

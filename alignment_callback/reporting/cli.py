@@ -20,6 +20,7 @@ is done), :mod:`.compute` (pairs through the engine), :mod:`.store` (``pairs*.js
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -255,8 +256,6 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def _world_size() -> int:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
@@ -285,16 +284,10 @@ def _compute_share(args: argparse.Namespace, measures: dict, group: ProcessGroup
     total = len(plan.pairs)
     own = store.pairs_file(out, group.rank if group.active else None)
     if group.rank == 0:
-        partial = sum(len(t.missing) < len(measures) for t in tasks)
         warn_resolution(args.permutations, total, args.alpha)
         read = [p for p in store.pair_files(out) if p != own]
-        where = own if not group.active and not read else f"{out}/pairs*.jsonl"
-        print(f"matrix: {len(plan.files_x)} x {len(plan.files_y)} = {total} pairs, "
-              f"{len(measures)} measure(s); {total - len(tasks)} already done in {where}, "
-              f"{len(tasks)} to compute"
-              + (f" ({partial} of them only for missing measures)" if partial else "")
-              + (f", shared among {group.world_size} processes" if group.active else ""),
-              file=sys.stderr, flush=True)
+        write.matrix_intro(plan, tasks, own if not group.active and not read
+                           else f"{out}/pairs*.jsonl", group.world_size)
     mine = shard(tasks, group.rank, group.world_size)
     device = args.device
     if device == "cuda" and group.active:
@@ -313,9 +306,7 @@ def _compute_share(args: argparse.Namespace, measures: dict, group: ProcessGroup
         progress.close()
         finished = total - len(tasks) + len(lines)
         if not group.active:
-            print(f"interrupted: {finished} of {total} pairs done ({len(lines)} in this run), "
-                  f"saved in {own}; rerun the same command to resume", file=sys.stderr,
-                  flush=True)
+            write.interrupted_line(finished, total, len(lines), own)
         raise _Interrupted(finished) from None
     finally:
         progress.close()

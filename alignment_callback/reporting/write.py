@@ -188,6 +188,23 @@ def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, d
 
 
 # ---------------------------------------------------------------------------------- matrix
+def matrix_intro(plan: MatrixPlan, tasks: Sequence[Any], where: Any, world_size: int) -> None:
+    """The first stderr line of ``matrix``: pairs, measures, what is done and what is left."""
+    total = len(plan.files_x) * len(plan.files_y)
+    partial = sum(len(t.missing) < len(plan.measures) for t in tasks)
+    print(f"matrix: {len(plan.files_x)} x {len(plan.files_y)} = {total} pairs, "
+          f"{len(plan.measures)} measure(s); {total - len(tasks)} already done in {where}, "
+          f"{len(tasks)} to compute"
+          + (f" ({partial} of them only for missing measures)" if partial else "")
+          + (f", shared among {world_size} processes" if world_size > 1 else ""),
+          file=sys.stderr, flush=True)
+
+
+def interrupted_line(finished: int, total: int, this_run: int, path: Path) -> None:
+    print(f"interrupted: {finished} of {total} pairs done ({this_run} in this run), saved in "
+          f"{path}; rerun the same command to resume", file=sys.stderr, flush=True)
+
+
 def matrix_rows(plan: MatrixPlan, summary: dict[str, dict]) -> list[dict[str, Any]]:
     """One plain row per pair and measure (the report's and the CSV's content)."""
     rows = []

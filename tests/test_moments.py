@@ -26,13 +26,28 @@ from alignment_callback.functional.gram_measures import (
     unbiased_state,
 )
 from alignment_callback.functional.kernels import center_gram, rbf_gram, u_center_gram
-from alignment_callback.functional.knn_measures import (
-    cknna_score,
-    cknna_state,
-    cycle_knn_score,
-    mutual_knn_score,
-)
-from alignment_callback.functional.neighbors import knn, neighbor_state
+from alignment_callback.functional.knn_measures import knn_score, knn_state
+from alignment_callback.functional.neighbors import knn
+
+
+def neighbor_state(x, k, kind="mutual_knn", role="x"):
+    return knn_state(x, k, kind, role)
+
+
+def mutual_knn_score(sx, sy, perms):
+    return knn_score("mutual_knn", sx, sy, perms)
+
+
+def cycle_knn_score(sx, sy, perms):
+    return knn_score("cycle_knn", sx, sy, perms)
+
+
+def cknna_state(x, k, role="x"):
+    return knn_state(x, k, "cknna", role)
+
+
+def cknna_score(sx, sy, perms):
+    return knn_score("cknna", sx, sy, perms)
 
 F64 = torch.float64
 ALPHA = 0.05
@@ -184,26 +199,26 @@ def test_cosine_moments_are_the_moments_of_the_library_scores() -> None:
     _assert_moments(M.cosine_moments(ga, gb), ref)
     _assert_moments(M.cosine_moments(M.feature_invariants(x), M.feature_invariants(y)), ref)
     k = 2
-    nx, ny = neighbor_state(x, k), neighbor_state(y, k)
+    nx, ny = neighbor_state(x, k), neighbor_state(y, k, role="y")
     ref = _dist(mutual_knn_score(nx, ny, perms))
-    kx, ky = M.knn_graph_invariants(nx.indices), M.knn_graph_invariants(ny.indices)
+    kx, ky = M.knn_graph_invariants(nx.own.indices), M.knn_graph_invariants(ny.own.indices)
     mk = M.mutual_knn_moments(kx, ky)
     _assert_moments(mk, ref)
     assert mk.mean == pytest.approx(k / (n - 1), rel=1e-12)
     for kx, ky in ((2, 2), (1, 3), (3, 1)):
-        nx, ny = neighbor_state(x, kx), neighbor_state(y, ky)
+        nx, ny = neighbor_state(x, kx), neighbor_state(y, ky, role="y")
         exact = float(cycle_knn_score(nx, ny, perms).mean())
-        assert M.cycle_knn_mean(nx.indices, ky) == pytest.approx(exact, rel=1e-12, abs=1e-14)
+        assert M.cycle_knn_mean(nx.own.indices, ky) == pytest.approx(exact, rel=1e-12, abs=1e-14)
 
 
 @pytest.mark.parametrize("n,k", [(6, 2), (7, 3)])
 def test_cknna_mean_equals_exhaustive(n: int, k: int) -> None:
     rng = np.random.default_rng(n * k)
     x, y = _data("t3", n, 3, rng), _data("gauss", n, 4, rng)
-    sx, sy = cknna_state(x, k), cknna_state(y, k)
+    sx, sy = cknna_state(x, k), cknna_state(y, k, role="y")
     perms = torch.tensor(list(itertools.permutations(range(n))))
     exact = float(cknna_score(sx, sy, perms).mean())
-    mean = M.cknna_mean(sx.indices, sx.values, sy.indices, sy.values)
+    mean = M.cknna_mean(sx.own.indices, sx.own.values, sy.own.indices, sy.own.values)
     assert mean == pytest.approx(exact, rel=1e-12)
 
 
@@ -212,9 +227,9 @@ def test_knn_means_monte_carlo() -> None:
     n, k, rng = 300, 10, np.random.default_rng(9)
     x, y = _data("t3", n, 6, rng), _data("gauss", n, 6, rng)
     perms = _perms(n, 2000, 3)
-    sx, sy = cknna_state(x, k), cknna_state(y, k)
-    for exact, scores in ((M.cycle_knn_mean(sx.indices, k), cycle_knn_score(sx, sy, perms)),
-                          (M.cknna_mean(sx.indices, sx.values, sy.indices, sy.values),
+    sx, sy = cknna_state(x, k), cknna_state(y, k, role="y")
+    for exact, scores in ((M.cycle_knn_mean(sx.own.indices, k), cycle_knn_score(sx, sy, perms)),
+                          (M.cknna_mean(sx.own.indices, sx.own.values, sy.own.indices, sy.own.values),
                            cknna_score(sx, sy, perms))):
         assert abs(float(scores.mean()) - exact) <= 4 * float(scores.std()) / math.sqrt(len(perms))
 
@@ -241,9 +256,9 @@ def test_exact_moments_match_monte_carlo_n256() -> None:
         _mc_check(s, M.cosine_moments(M.gram_invariants(sx.matrix), M.gram_invariants(sy.matrix)))
     # mutual kNN (k = 10): the count T over the remapped neighbor lists
     k = 10
-    nx, ny = neighbor_state(x, k), neighbor_state(y, k)
+    nx, ny = neighbor_state(x, k), neighbor_state(y, k, role="y")
     t = torch.cat([mutual_knn_score(nx, ny, q) for q in perms.split(2000)]) * (n * k)
-    kx, ky = M.knn_graph_invariants(nx.indices), M.knn_graph_invariants(ny.indices)
+    kx, ky = M.knn_graph_invariants(nx.own.indices), M.knn_graph_invariants(ny.own.indices)
     m = M.permutation_moments(kx, ky)
     _mc_check(t, m)
 

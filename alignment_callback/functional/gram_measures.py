@@ -9,44 +9,83 @@ All four are a cosine between two n×n "centered" matrices A, B:
   cosine is Spearman's correlation.
 
 A permutation π of Y's rows maps B to B[π][:, π]; the norms are invariant.  The null therefore
-costs one O(n²) gather + dot per permutation instead of a new O(n²d) gram.
+costs one pass over the n×n matrices per permutation (a fused, float64-accumulating kernel,
+``gram_null``) instead of a new O(n²d) gram.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import check_pair
+from alignment_callback.functional.gram_null import gram_dots, gram_dots_layers
 from alignment_callback.functional.kernels import (
     average_ranks,
     center_gram,
     linear_gram,
     rbf_gram,
+    symmetrize_,
     u_center_gram,
 )
+from alignment_callback.functional.permutation import inverse_permutations
 
 
 @dataclass(frozen=True)
 class GramState:
-    """A centered n×n matrix and its Frobenius norm (> 0)."""
+    """A centered, exactly symmetric n×n matrix and its Frobenius norm (float64, > 0).
+
+    ``stack`` / ``index``: when the matrix is a view of one (L, n, n) tensor holding every
+    layer of a side (see :func:`stack_states`), the layer path reads that tensor as it is.
+    """
 
     matrix: Tensor
     norm: Tensor
+    stack: Tensor | None = None
+    index: int = 0
 
 
 def _state(matrix: Tensor, scale: Tensor, what: str) -> GramState:
-    norm = matrix.norm()
-    tol = 1e3 * torch.finfo(matrix.dtype).eps * scale
+    symmetrize_(matrix)  # the null reads one triangle of each permuted matrix
+    ident = torch.arange(matrix.shape[0], device=matrix.device)[None]
+    norm = gram_dots(matrix, matrix, ident)[0].sqrt()  # float64, no n×n temporary
+    tol = 1e3 * torch.finfo(matrix.dtype).eps * float(scale)
     if not bool(norm > tol):
         raise ValueError(
             f"zero-variance representation: the {what} is zero after centering "
             f"(all samples are identical or constant); CKA/RSA are undefined for it"
         )
     return GramState(matrix, norm)
+
+
+def stack_states(states: Iterable[GramState], count: int) -> list[GramState]:
+    """Gather ``count`` states into one (count, n, n) tensor, one at a time (so memory never
+    holds more than the stack and one state), and return views of it."""
+    stack: Tensor | None = None
+    out = []
+    for i, st in enumerate(states):
+        if stack is None:
+            stack = st.matrix.new_empty(count, *st.matrix.shape)
+        stack[i].copy_(st.matrix)
+        out.append(GramState(stack[i], st.norm, stack, i))
+        del st
+    return out
+
+
+def _stacked(states: Sequence[GramState]) -> Tensor:
+    """The (L, n, n) tensor of ``states``: a view when they are consecutive layers of one
+    stack (or a single state), else a copy."""
+    first = states[0]
+    if len(states) == 1:
+        return first.matrix.unsqueeze(0)
+    if first.stack is not None and all(
+            s.stack is first.stack and s.index == first.index + i for i, s in enumerate(states)):
+        return first.stack[first.index:first.index + len(states)]
+    return torch.stack([s.matrix for s in states])
 
 
 def linear_state(x: Tensor) -> GramState:
@@ -87,44 +126,30 @@ def rsa_state(x: Tensor) -> GramState:
 
 
 def gram_score(sx: GramState, sy: GramState, perms: Tensor) -> Tensor:
-    """``⟨A, B[π][:, π]⟩ / (‖A‖‖B‖)`` for each row π of ``perms`` (B, n) → (B,)."""
-    a = sx.matrix.reshape(-1)
-    out = torch.empty(perms.shape[0], dtype=a.dtype, device=a.device)
-    rows, gathered = torch.empty_like(sy.matrix), torch.empty_like(sy.matrix)
-    for i, p in enumerate(perms):
-        torch.index_select(sy.matrix, 0, p, out=rows)
-        torch.index_select(rows, 1, p, out=gathered)
-        out[i] = torch.dot(a, gathered.reshape(-1))
-    return out / (sx.norm * sy.norm)
+    """``⟨A, B[π][:, π]⟩ / (‖A‖‖B‖)`` for each row π of ``perms`` (B, n) → (B,).
+
+    Accumulated in float64 by a fused kernel (see ``gram_null``): no n×n temporary; returned in
+    the matrices' dtype.
+    """
+    dots = gram_dots(sx.matrix, sy.matrix, perms)
+    return (dots / (sx.norm * sy.norm)).to(sx.matrix.dtype)
 
 
 def gram_layer_scores(sxs: list[GramState], sys: list[GramState], perms: Tensor) -> Tensor:
     """Layer matrices under each permutation: (B, LA, LB), Y layers permuted by π.
 
-    The side with fewer layers is gathered (X with π⁻¹, which gives the same scores because
-    every measure is invariant to relabeling rows jointly), and the LA×LB inner products are
-    one matrix product of flattened matrices.
+    The side with fewer layers is the fixed side of the kernel (its rows are gathered; the other
+    side's rows stream), using ``Σ A_ij B_π(i)π(j) = Σ A_π⁻¹(k)π⁻¹(l) B_kl`` when that is X:
+    every measure is invariant to relabeling rows jointly.
     """
-    permute_x = len(sxs) < len(sys)
-    moved, fixed = (sxs, sys) if permute_x else (sys, sxs)
-    if permute_x:
-        perms = torch.argsort(perms, dim=1)
-    fixed_flat = torch.stack([s.matrix.reshape(-1) for s in fixed])  # (L_fixed, n²)
-    n = moved[0].matrix.shape[0]
-    rows = moved[0].matrix.new_empty(n, n)
-    gathered = moved[0].matrix.new_empty(len(moved), n, n)  # reused: no per-permutation allocs
-    out = []
-    for p in perms:
-        for i, s in enumerate(moved):
-            torch.index_select(s.matrix, 0, p, out=rows)
-            torch.index_select(rows, 1, p, out=gathered[i])
-        out.append(gathered.view(len(moved), -1) @ fixed_flat.T)  # (L_moved, L_fixed)
-    dots = torch.stack(out)
-    if not permute_x:  # dots[b, c, a] = <Y_c[π], X_a>  ->  [b, a, c]
-        dots = dots.transpose(1, 2)
+    xs, ys = _stacked(sxs), _stacked(sys)
+    if len(sxs) <= len(sys):
+        dots = gram_dots_layers(xs, ys, perms).transpose(1, 2)  # [p, b, a] -> [p, a, b]
+    else:
+        dots = gram_dots_layers(ys, xs, inverse_permutations(perms))  # [p, a, b]
     nx = torch.stack([s.norm for s in sxs])
     ny = torch.stack([s.norm for s in sys])
-    return dots / (nx[:, None] * ny[None, :])
+    return (dots / (nx[:, None] * ny[None, :])).to(sxs[0].matrix.dtype)
 
 
 def _identity(n: int, device: torch.device) -> Tensor:

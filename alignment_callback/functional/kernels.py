@@ -75,6 +75,19 @@ def center_gram(k: Tensor) -> Tensor:
     return k - k.mean(1, keepdim=True)
 
 
+def symmetrize_(m: Tensor, tile: int = 512) -> Tensor:
+    """Make a nearly symmetric matrix exactly symmetric, in place: ``m ← (m + mᵀ)/2``, tile by
+    tile (no n×n temporary).  Matrix products and centering leave rounding-level asymmetry."""
+    n = m.shape[0]
+    for a in range(0, n, tile):
+        for b in range(a, n, tile):
+            upper, lower = m[a:a + tile, b:b + tile], m[b:b + tile, a:a + tile]
+            avg = (upper + lower.T) * 0.5
+            upper.copy_(avg)
+            lower.copy_(avg.T)
+    return m
+
+
 def u_center_gram(k: Tensor) -> Tensor:
     """U-centering (Székely & Rizzo 2014) of a symmetric gram: zero diagonal and
 

@@ -137,19 +137,19 @@ class _Match:
         return self._reverse
 
 
-def _found(slots: Tensor, k: int) -> Tensor:
-    """(B, n, k) bool: model edge s < k is among the first k reference neighbors."""
-    head = slots[..., :k]
-    return (head > 0) & (head <= k)
+def _found(slots: Tensor, kx: int, ky: int) -> Tensor:
+    """(B, n, kx) bool: model edge s < kx is among the first ky reference neighbors."""
+    head = slots[..., :kx]
+    return (head > 0) & (head <= ky)
 
 
 def _mutual(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
-    return _found(m.forward, k).sum((1, 2)).to(sx.own.values.dtype) / (sx.own.n * k)
+    return _found(m.forward, k, sy.k).sum((1, 2)).to(sx.own.values.dtype) / (sx.own.n * k)
 
 
 def _cycle_score(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
     batch, n = m.perms.shape
-    back = _found(m.reverse, k).to(torch.uint8).reshape(batch, -1)
+    back = _found(m.reverse, k, sy.k).to(torch.uint8).reshape(batch, -1)
     target = sx.own.indices.reshape(1, -1).expand(batch, -1)
     hit = torch.zeros(batch, n, dtype=torch.uint8, device=back.device)
     hit.scatter_reduce_(1, target, back, reduce="amax")
@@ -159,9 +159,9 @@ def _cycle_score(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
 def _cknna(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
     xo, yo = sx.own, sy.own
     batch, n = m.perms.shape
-    found = _found(m.forward, k)
-    slot = (m.forward[..., :k] - 1).clamp(0, k - 1)  # Y's slot of each found entry
-    flat = m.perms.unsqueeze(-1) * k + slot  # row π(i), position t of Y's own lists
+    found = _found(m.forward, k, sy.k)
+    slot = (m.forward[..., :k] - 1).clamp(0, sy.k - 1)  # Y's slot of each found entry
+    flat = m.perms.unsqueeze(-1) * sy.k + slot  # row π(i), position t of Y's own lists
     lval = torch.take(yo.values.double(), flat)
     both = found & xo.reciprocal & torch.take(yo.reciprocal, flat)
     zero = torch.zeros((), dtype=torch.float64, device=found.device)
@@ -171,19 +171,19 @@ def _cknna(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
     return (cross / torch.sqrt(sx.self_hsic * sy.self_hsic)).to(xo.values.dtype)
 
 
-def _matches(m: _Match, k: int) -> Tensor:
-    """(B, n, k, k) bool: model list entry s equals reference list entry t (of ``y[π]``)."""
-    slots = m.forward[..., :k]
-    return slots.unsqueeze(-1) == torch.arange(1, k + 1, device=slots.device)
+def _matches(m: _Match, kx: int, ky: int) -> Tensor:
+    """(B, n, kx, ky) bool: model list entry s equals reference list entry t (of ``y[π]``)."""
+    slots = m.forward[..., :kx]
+    return slots.unsqueeze(-1) == torch.arange(1, ky + 1, device=slots.device)
 
 
 def _lcs(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
-    total = lcs_from_matches(_matches(m, k)).sum(1)
+    total = lcs_from_matches(_matches(m, k, sy.k)).sum(1)
     return total.to(sx.own.values.dtype) / (sx.own.n * k)
 
 
 def _edit(m: _Match, sx: KnnState, sy: KnnState, k: int) -> Tensor:
-    total = levenshtein_from_matches(_matches(m, k)).sum(1)
+    total = levenshtein_from_matches(_matches(m, k, sy.k)).sum(1)
     return 1.0 - total.to(sx.own.values.dtype) / (sx.own.n * k)
 
 
@@ -201,7 +201,7 @@ def knn_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[
     pair is looked up once (twice with cycle kNN) for all measures.
     """
     kind0, xs0, ys0 = requests[0]
-    kmax = max(s.k for _, xs, _ in requests for s in xs)
+    kmax = max(s.k for _, xs, _ in requests for s in xs)  # model edges used by any request
     batch, out = perms.shape[0], []
     for kind, xs, ys in requests:
         dtype = xs[0].own.values.dtype

@@ -86,6 +86,13 @@ def permutations(
     return torch.cat(list(iter_permutations(n, num_permutations, seed, groups=groups)))
 
 
+def inverse_permutations(perms: Tensor) -> Tensor:
+    """Inverse permutations of the rows of ``perms`` (B, n)."""
+    inv = torch.empty_like(perms)
+    ar = torch.arange(perms.shape[1], device=perms.device).expand_as(perms)
+    return inv.scatter_(1, perms, ar)
+
+
 def chunk_size_for(cost_per_perm: int) -> int:
     """Permutations per chunk so that temporaries stay near ``_CHUNK_ELEMENTS``."""
     return max(1, min(_MAX_CHUNK, _CHUNK_ELEMENTS // max(1, cost_per_perm)))

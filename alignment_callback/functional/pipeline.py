@@ -38,6 +38,7 @@ from alignment_callback.functional.aggregation import (
     named_layers,
 )
 from alignment_callback.functional.calibration import CalibrationResult
+from alignment_callback.functional.gram_measures import stack_states
 from alignment_callback.functional.knn_measures import check_distinct_rows, knn_layer_scores
 from alignment_callback.functional.neighbors import neighbor_lists
 from alignment_callback.functional.permutation import Permutations, chunk_size_for
@@ -150,6 +151,10 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
             m.prepare(side.features[0], role)  # fail now (zero variance, ...), keep nothing
             side.lazy.add(m)
             continue
+        if m.family == "gram":  # one (L, n, n) tensor the kernel reads as it is
+            side.states[m] = stack_states((m.prepare(f, role) for f in side.features),
+                                          len(side.features))
+            continue
         lists = shared.get(m.info.shared or "")
         side.states[m] = [m.prepare(f, role, None if lists is None else lists[i])
                           for i, f in enumerate(side.features)]
@@ -207,7 +212,8 @@ def _streamed_matrices(m: Measure, xside: PreparedSide, yside: PreparedSide,
     n = xside.n
     out: Tensor | None = None
     for xr, yr in _blocks(m, xside, yside):
-        ys = [yside.state(m, b) for b in yr]
+        ys = (yside.states[m] if m in yside.states
+              else stack_states((yside.state(m, b) for b in yr), len(yr)))
         xs = [xside.state(m, a) for a in xr]
         if permutations is None:
             parts = [m.layer_scores(xs, ys, torch.arange(n, device=xside.device)[None])]

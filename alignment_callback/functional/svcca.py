@@ -1,9 +1,11 @@
-"""SVCCA (Raghu et al. 2017) with a deterministic SVD (docs/measures.md).
+"""SVCCA (Raghu et al. 2017), deterministic (docs/measures.md).
 
 Columns are centered and scaled to unit variance, the top ``cca_dim`` left singular vectors U of
 each side span the kept subspaces, and the canonical correlations between two subspaces with
-orthonormal bases are the singular values of ``U_xᵀ U_y``.  A row permutation of Y permutes the
-rows of U_y, so the null costs an (n×c)ᵀ(n×c) product and a c×c SVD per permutation.
+orthonormal bases are the singular values of ``U_xᵀ U_y``.  U comes from the symmetric
+eigendecomposition of the smaller of the covariance XᵀX (d×d) and the gram XXᵀ (n×n), not from
+an SVD of X.  A row permutation of Y permutes the rows of U_y, so the null costs an
+(n×c)ᵀ(n×c) product and the singular values of a c×c matrix per permutation.
 """
 
 from __future__ import annotations
@@ -31,13 +33,21 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
     xc = x - x.mean(0, keepdim=True)
     std = xc.std(0, keepdim=True)
     xs = xc / torch.where(std > 0, std, torch.ones_like(std))
-    u, s, _ = torch.linalg.svd(xs, full_matrices=False)
-    if not bool(s[cca_dim - 1] > s[0] * max(n, d) * torch.finfo(s.dtype).eps):
+    if d <= n:  # X = U S Vᵀ: XᵀX = V S² Vᵀ, U = X V / S
+        evals, vecs = torch.linalg.eigh(xs.T @ xs)
+    else:  # XXᵀ = U S² Uᵀ
+        evals, vecs = torch.linalg.eigh(xs @ xs.T)
+    evals, vecs = evals.flip(0)[:cca_dim], vecs.flip(1)[:, :cca_dim]
+    if not bool(evals[-1] > evals[0] * max(n, d) * torch.finfo(evals.dtype).eps):
         raise ValueError(
             f"svcca: the representation has fewer than cca_dim={cca_dim} non-degenerate "
             "directions (zero-variance or rank-deficient features)"
         )
-    return u[:, :cca_dim]
+    if d > n:
+        return vecs
+    u = (xs @ vecs) / evals.sqrt()
+    q, _ = torch.linalg.qr(u)  # re-orthonormalize: U = XV/S loses orthogonality at small S
+    return q
 
 
 def svcca_min_samples(params: Mapping[str, Any]) -> int:

@@ -373,6 +373,18 @@ def test_matrix_mixed_dtypes_and_options_equal_library(tmp_path, capsys):
             assert pair["results"][metric]["kwargs"] == kw
     report = (tmp_path / "out" / "report.md").read_text()
     assert "shape_metric (alpha=0.5)" in report and "| a64 | y32 | linear_cka |" in report
+    # the report's table holds the numbers of matrix.json
+    table = {tuple(c.strip() for c in line.strip("|").split("|")[:3]):
+             [c.strip() for c in line.strip("|").split("|")[3:]]
+             for line in report.splitlines() if line.startswith("| ") and "---" not in line}
+    for i, x in enumerate(doc["x_models"]):
+        for j, y in enumerate(doc["y_models"]):
+            for metric, res in doc["results"].items():
+                raw, tau, cal, p, q = table[(x, y, metric)][:5]
+                assert raw == f"{res['raw'][i][j]:.4f}" and tau == f"{res['threshold'][i][j]:.4f}"
+                assert cal == f"{res['calibrated'][i][j]:.4f}"
+                assert p == f"{res['p_value'][i][j]:.4g}" and q == f"{res['p_bh'][i][j]:.4g}"
+    assert (tmp_path / "out" / "report.html").read_text().count("<img ") == len(measures)
 
 
 def test_compare_measure_aliases_and_deprecated_metric(data, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from alignment_callback.hooks import collect_activations
 from alignment_callback.hooks.extract import (
@@ -95,6 +96,8 @@ def test_extract_from_factory_equals_collect_activations(probe, tmp_path, capsys
     assert raw[PROBE_KEY]["rows"] == N
     assert check_fingerprint(out, x) is True
     assert check_fingerprint(out, list(x.split(7))) is True  # batching does not matter
+    loader = DataLoader(TensorDataset(x, torch.randn(N, 2)), batch_size=9)
+    assert check_fingerprint(out, loader) is True  # nor labels next to the inputs
 
 
 def test_extract_from_lightning_checkpoint(probe, tmp_path):

@@ -90,10 +90,12 @@ def _leaves(batch: Any, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str,
 def probe_fingerprint(probe: Any) -> dict[str, Any]:
     """The fingerprint of a probe: its number of rows and a sha256 of its content.
 
-    The hash covers every tensor of the probe (its bytes, dtype and per-row shape) position by
-    position, so it does not depend on how the rows are split into batches: a ``(n, ...)``
-    tensor, the list of its batches and a ``DataLoader`` over it (``shuffle=False``) have the
-    same fingerprint, and any change of a value, of the row order or of the dtype changes it.
+    The hash covers what the model is fed under :func:`collect_activations`' batch rules — a
+    tensor batch, the *first* element of a tuple / list batch (the rest are labels), every entry
+    of a dict batch — tensor by tensor (bytes, dtype and per-row shape), so it does not depend
+    on how the rows are split into batches or on labels: a ``(n, ...)`` tensor ``x``, the list
+    of its batches and a ``DataLoader(TensorDataset(x, y))`` (``shuffle=False``) have the same
+    fingerprint, and any change of an input value, of the row order or of the dtype changes it.
 
     Parameters
     ----------
@@ -114,9 +116,14 @@ def probe_fingerprint(probe: Any) -> dict[str, Any]:
     >>> fp = probe_fingerprint(x)
     >>> fp["rows"], fp == probe_fingerprint(list(x.split(4))), fp == probe_fingerprint(x.flip(0))
     (6, True, False)
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> fp == probe_fingerprint(DataLoader(TensorDataset(x, torch.zeros(6)), batch_size=4))
+    True
     """
     streams: dict[tuple[str, ...], _Stream] = {}
     for batch in _probe_batches(probe):
+        if isinstance(batch, (list, tuple)) and batch:
+            batch = batch[0]  # (inputs, labels, ...): the model sees the inputs
         for path, value in _leaves(batch):
             streams.setdefault(path, _Stream()).add(value)
     if not streams:

@@ -92,7 +92,7 @@ def main() -> None:
                               ("with it, background=False", fg)):
         overhead = "" if wall is base[0] else f"{100 * (wall - base[0]) / base[0]:>9.1f}%"
         print(f"{name:<34}{wall:>8.1f}{cpu:>8.1f}{overhead:>10}")
-    print(f"target: <= 10% wall-clock overhead for the quickstart's default (background) setting")
+    print("target: <= 10% wall-clock overhead for the quickstart's default (background) setting")
     print(f"background: {computing / steps:.2f} s of computing per step in the worker thread "
           f"(probe pass, {len(bg_cb.measures)} nulls, heatmaps excluded)")
     print(f"foreground: {(fg[0] - base[0]) / steps:.2f} s per step inside the loop, so "

@@ -189,15 +189,15 @@ class AlignmentEngine:
             raise ValueError(f"the model's probe activations have {feats[0].shape[0]} rows but the "
                              f"reference's have {self.reference.n}: rows must be the same probe "
                              "samples in the same order")
-        dtype = torch.promote_types(feats[0].dtype, self.reference.dtype)
-        if dtype != self.reference.dtype:  # a float64 model against a float32 reference
-            self.reference = prepare_side(self.reference.names,
-                                          [f.to(dtype) for f in self.reference.features],
-                                          list(self.measures.values()), "y")
         measures = list(self.measures.values())
+        dtype = torch.promote_types(feats[0].dtype, self.reference.dtype)
+        reference = self.reference
+        if dtype != reference.dtype:  # a float64 model against a float32 reference: this step
+            reference = prepare_side(reference.names, [f.to(dtype) for f in reference.features],
+                                     measures, "y")
         xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x")
-        results = calibrate_prepared(measures, xside, self.reference, self.permutations,
-                                     self.alpha, self._aggregate(names, self.reference.names),
+        results = calibrate_prepared(measures, xside, reference, self.permutations,
+                                     self.alpha, self._aggregate(names, reference.names),
                                      self.max_score, share, gather)
         by_label = {label: results[m] for label, m in self.measures.items()}
         return StepResult(epoch, step, by_label, xside.n,

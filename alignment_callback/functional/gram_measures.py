@@ -68,6 +68,8 @@ def stack_states(states: Iterable[GramState], count: int) -> list[GramState]:
     stack: Tensor | None = None
     out = []
     for i, st in enumerate(states):
+        if count == 1:  # the matrix itself is the stack: no copy
+            return [GramState(st.matrix, st.norm, st.matrix.unsqueeze(0), 0)]
         if stack is None:
             stack = st.matrix.new_empty(count, *st.matrix.shape)
         stack[i].copy_(st.matrix)

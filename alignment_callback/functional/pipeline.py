@@ -33,7 +33,6 @@ from alignment_callback.functional.aggregation import (
     Aggregate,
     Layers,
     LayerAlignmentResult,
-    aggregate_fn,
     calibrate_layers_from_matrices,
     named_layers,
 )

@@ -252,10 +252,8 @@ def step_pair(engine: AlignmentEngine, ya: Layers, xa: Layers, x_path: str | Pat
     ``engine`` holds ``ya`` (from ``y_path``) as its reference.  Warnings of the calibration
     (a degenerate threshold) are passed to ``warn`` prefixed with the two files.
     """
-    x_dtype, y_dtype = next(iter(xa.values())).dtype, next(iter(ya.values())).dtype
-    ref = engine.reference
-    if ref is None or ref.dtype not in (y_dtype, torch.promote_types(x_dtype, y_dtype)):
-        set_reference(engine, ya, y_path)  # undo a float64 promotion made for an earlier file
+    if engine.reference is None:
+        set_reference(engine, ya, y_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

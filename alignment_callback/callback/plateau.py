@@ -1,0 +1,380 @@
+"""``AlignmentPlateau``: call a function once, when an alignment value stops improving.
+
+The use case is REPA-style training, where an auxiliary loss pulls a model's hidden states
+towards a frozen encoder's features: that loss helps early and can hurt later (HASTE, "REPA
+Works Until It Doesn't", reports both), so one wants to switch it off once the alignment it
+buys has plateaued.  ``AlignmentPlateau`` watches a key such as
+``"alignment/cknna/calibrated"`` with :class:`~lightning.pytorch.callbacks.EarlyStopping`'s
+rule (improvement over the best value so far by more than ``min_delta``, in the direction of
+``mode``; ``patience`` checks in a row without one) and, instead of stopping training, calls
+``on_plateau(trainer, pl_module)`` exactly once.
+
+Where the values come from (``source``):
+
+* an :class:`AlignmentCallback`'s ``history`` (the default whenever the trainer has an
+  ``AlignmentCallback`` that logs the monitored key, or ``source=<that callback>``): every new
+  history entry is one check, read at the first training hook after it was added (batch start or
+  end, epoch end, train end).  Nothing is counted twice, a value recomputed less often than the
+  hooks run is never re-read as a stale "no improvement", the order of the two callbacks in
+  the list does not matter, and it works with ``AlignmentCallback(background=True)``, whose
+  results reach the history (in order) but not ``trainer.callback_metrics``.  The baseline
+  (the entry at global step 0, before any training) is not a check;
+* ``trainer.callback_metrics`` (``source="metrics"``, or the default when no
+  ``AlignmentCallback`` logs the key: a value ``pl_module.log``-ged by anything else): one check
+  at every training epoch end (``check_on="epoch"``) or after every optimizer step
+  (``check_on="step"``), like ``EarlyStopping``.  The key must then be logged afresh for every
+  check (a value left over from an earlier epoch counts as one more check without improvement),
+  and the logging code must run before this callback's hook (put this callback after the one
+  that logs).
+
+State (best value, checks without improvement, whether and where it fired, the last history
+entry read) is saved in checkpoints, so a resumed run continues the count and never calls
+``on_plateau`` a second time.  Note what this does *not* restore: whatever ``on_plateau``
+changed.  Keep that in the checkpoint too (e.g. the loss weight as a registered buffer, as in
+``examples/plateau.py``), or read :attr:`AlignmentPlateau.fired` in ``training_step``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from alignment_callback.callback.alignment_callback import AlignmentCallback
+
+OnPlateau = Callable[["pl.Trainer", "pl.LightningModule"], Any]
+Source = None | str | AlignmentCallback
+
+MODES = ("min", "max")
+CHECK_ON = ("epoch", "step")
+
+
+class AlignmentPlateau(Callback):
+    """Call ``on_plateau(trainer, pl_module)`` once, at the first check where ``monitor`` has
+    not improved by more than ``min_delta`` for ``patience`` consecutive checks.
+
+    Improvement follows ``EarlyStopping``: with ``mode="max"`` a value ``v`` improves on the
+    best so far ``b`` when ``v - min_delta > b`` (``mode="min"``: ``v + min_delta < b``); the
+    first value checked always does.  An improvement resets the count, anything else adds one;
+    when the count reaches ``patience`` the function is called and the callback stops checking.
+    Non-finite values are skipped with a warning.
+
+    Args:
+        monitor: the key to watch (default ``"alignment/cknna/calibrated"``).
+        mode: ``"max"`` (default: alignment should rise) or ``"min"``.
+        patience: checks without improvement before ``on_plateau`` is called (an integer
+            >= 1; default 3).
+        min_delta: the smallest change that counts as an improvement (>= 0; default 0).
+        on_plateau: ``f(trainer, pl_module)``, called once (keyword-only, required).  Under
+            DDP it is called on every rank at the same check.
+        source: ``None`` (default): the history of the trainer's ``AlignmentCallback`` that
+            logs ``monitor``, else ``trainer.callback_metrics``; an ``AlignmentCallback``:
+            its history; ``"metrics"``: ``trainer.callback_metrics``.  See the module
+            docstring.
+        check_on: ``"epoch"`` (default) or ``"step"``: when ``trainer.callback_metrics`` is
+            read (ignored for a history source, where every new entry is a check).
+        strict: ``True`` (default, as ``EarlyStopping``): a check without the key is an error
+            (and so is a source that does not log it, at setup); ``False``: such checks are
+            skipped, and a key that never appeared is reported with a warning when training
+            ends.
+        verbose: log each check's outcome and the call (rank 0; default False).
+        name: an extra label for :attr:`state_key`, needed only to use two plateaus with the
+            same ``monitor`` and ``mode`` in one trainer.
+
+    Attributes:
+        best: the best value so far (None before the first check).
+        wait: checks since the last improvement.
+        fired: whether ``on_plateau`` has been called (also in an earlier, resumed run).
+        fired_at: ``{"epoch", "step", "value", "best"}`` of the check that called it, else None
+            (``epoch`` and ``step`` numbered like ``AlignmentCallback``'s history: the epoch
+            count after an epoch-end check, the global step).
+
+    Example::
+
+        plateau = AlignmentPlateau("alignment/cknna/calibrated", patience=3, min_delta=0.01,
+                                   on_plateau=lambda trainer, module: module.repa_weight.zero_())
+        trainer = Trainer(callbacks=[AlignmentCallback(dinov2, probe, layers), plateau])
+    """
+
+    def __init__(
+        self,
+        monitor: str = "alignment/cknna/calibrated",
+        mode: str = "max",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        *,
+        on_plateau: OnPlateau,
+        source: Source = None,
+        check_on: str = "epoch",
+        strict: bool = True,
+        verbose: bool = False,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        _validate(monitor, mode, patience, min_delta, on_plateau, source, check_on, strict,
+                  verbose, name)
+        self.monitor = monitor
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.on_plateau = on_plateau
+        self.source = source
+        self.check_on = check_on
+        self.strict = strict
+        self.verbose = verbose
+        self.name = name
+        self.best: float | None = None
+        self.wait = 0
+        self.fired = False
+        self.fired_at: dict[str, Any] | None = None
+        self._cursor: tuple[int, int] | None = None  # (step, epoch) of the last entry read
+        self._last_step: int | None = None  # metrics source, check_on="step": last step read
+        self._seen = False  # the key was present at some check
+        self._missed = 0  # checks without the key (this run)
+        self._history: AlignmentCallback | None = None  # resolved at setup
+
+    # ------------------------------------------------------------------------- identity
+    @property
+    def state_key(self) -> str:
+        if self.name is None:
+            return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode, name=self.name)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Primitives only (safe for ``weights_only`` checkpoints)."""
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best": self.best,
+            "wait": self.wait,
+            "fired": self.fired,
+            "fired_at": None if self.fired_at is None else dict(self.fired_at),
+            "cursor": None if self._cursor is None else list(self._cursor),
+            "last_step": self._last_step,
+            "seen": self._seen,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        best = state_dict.get("best")
+        self.best = None if best is None else float(best)
+        self.wait = int(state_dict.get("wait", 0))
+        self.fired = bool(state_dict.get("fired", False))
+        fired_at = state_dict.get("fired_at")
+        self.fired_at = None if fired_at is None else dict(fired_at)
+        cursor = state_dict.get("cursor")
+        self._cursor = None if cursor is None else (int(cursor[0]), int(cursor[1]))
+        last_step = state_dict.get("last_step")
+        self._last_step = None if last_step is None else int(last_step)
+        self._seen = bool(state_dict.get("seen", False))
+
+    def reads_history_of(self, callback: Any) -> bool:
+        """Whether this plateau reads ``callback``'s history rather than
+        ``trainer.callback_metrics`` (so it may watch a ``background=True`` callback)."""
+        if isinstance(self.source, AlignmentCallback):
+            return self.source is callback
+        return (self.source is None and isinstance(callback, AlignmentCallback)
+                and self._logs_monitor(callback))
+
+    # ---------------------------------------------------------------------------- setup
+    def _logs_monitor(self, callback: AlignmentCallback) -> bool:
+        """``callback`` logs ``monitor`` (``<prefix>/<measure>/...`` of one of its measures)."""
+        head = f"{callback.log_prefix}/"
+        if not self.monitor.startswith(head):
+            return False
+        return self.monitor[len(head):].split("/", 1)[0] in callback.measures
+
+    def _keys_of(self, callback: AlignmentCallback) -> str:
+        return ", ".join(f"{callback.log_prefix}/{m}/calibrated" for m in callback.measures)
+
+    def _report(self, message: str, error: type[Exception] = ValueError) -> None:
+        """An error with ``strict``, else a warning."""
+        if self.strict:
+            raise error(message)
+        rank_zero_warn(message, category=RuntimeWarning)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the source: an ``AlignmentCallback``'s history or ``callback_metrics``."""
+        if stage != "fit":
+            return
+        self._missed = 0
+        aligners = [cb for cb in trainer.callbacks if isinstance(cb, AlignmentCallback)]
+        if isinstance(self.source, AlignmentCallback):
+            if not any(cb is self.source for cb in aligners):
+                raise ValueError("AlignmentPlateau(source=...) must be one of the trainer's "
+                                 "callbacks: pass the same AlignmentCallback object to "
+                                 "Trainer(callbacks=[...])")
+            self._history = self.source
+            if not self._logs_monitor(self.source):
+                self._report(f"AlignmentPlateau(monitor={self.monitor!r}): the source "
+                             f"AlignmentCallback does not log this key; it logs e.g. "
+                             f"{self._keys_of(self.source)}")
+            return
+        self._history = None
+        if self.source == "metrics":
+            return
+        matches = [cb for cb in aligners if self._logs_monitor(cb)]
+        if len(matches) > 1:
+            raise ValueError(f"AlignmentPlateau(monitor={self.monitor!r}): {len(matches)} "
+                             "AlignmentCallbacks log this key; pass the one to watch as source=")
+        if matches:
+            self._history = matches[0]
+            return
+        prefixed = [cb for cb in aligners if self.monitor.startswith(f"{cb.log_prefix}/")]
+        if prefixed:
+            self._report(f"AlignmentPlateau(monitor={self.monitor!r}): no AlignmentCallback "
+                         f"logs this key (they log e.g. "
+                         f"{'; '.join(self._keys_of(cb) for cb in prefixed)}); reading "
+                         "trainer.callback_metrics instead")
+
+    # ---------------------------------------------------------------------------- hooks
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self._history is not None:
+            self._read_history(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._history is not None:
+            self._read_history(trainer, pl_module)
+        elif self.check_on == "step":
+            step = int(trainer.global_step)
+            # once per optimizer step (gradient accumulation calls this hook several times)
+            if step > 0 and step != self._last_step:
+                self._last_step = step
+                self._read_metrics(trainer, pl_module, int(trainer.current_epoch), step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._history is not None:
+            self._read_history(trainer, pl_module)
+        elif self.check_on == "epoch" and not trainer.sanity_checking:
+            self._read_metrics(trainer, pl_module, int(trainer.current_epoch) + 1,
+                               int(trainer.global_step))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._history is not None:
+            self._read_history(trainer, pl_module)
+        if not self._seen and self._missed:
+            where = ("the AlignmentCallback's history" if self._history is not None
+                     else "trainer.callback_metrics")
+            rank_zero_warn(f"AlignmentPlateau(monitor={self.monitor!r}): the key never appeared "
+                           f"in {where} ({self._missed} check(s) without it), so on_plateau was "
+                           "never called", category=RuntimeWarning)
+
+    # --------------------------------------------------------------------------- checks
+    def _read_history(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every history entry added since the last read is one check (the baseline excepted)."""
+        new = []
+        for entry in reversed(self._history.history):
+            key = (int(entry["step"]), int(entry["epoch"]))
+            if self._cursor is not None and key <= self._cursor:
+                break
+            new.append((key, entry))
+        for key, entry in reversed(new):
+            self._cursor = key
+            step, epoch = key
+            if step == 0 or self.fired:  # the baseline: before any training
+                continue
+            value = entry.get(self.monitor)
+            if value is None:
+                self._missing(sorted(k for k in entry if isinstance(k, str)), "history entry")
+                continue
+            self._check(trainer, pl_module, float(value), epoch, step)
+
+    def _read_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int,
+                      step: int) -> None:
+        if self.fired or trainer.fast_dev_run:
+            return
+        logs = trainer.callback_metrics
+        raw = logs.get(self.monitor)
+        value = None if raw is None else float(raw.squeeze() if hasattr(raw, "squeeze") else raw)
+        fire = False
+        if value is None:
+            self._missing(sorted(logs), "trainer.callback_metrics")
+        else:
+            fire = self._evaluate(value, epoch, step)
+        if trainer.world_size > 1:  # every rank fires at the same check (like EarlyStopping)
+            fire = bool(trainer.strategy.reduce_boolean_decision(fire, all=False))
+        if fire:
+            self._fire(trainer, pl_module, epoch, step, value)
+
+    def _missing(self, available: list[str], where: str) -> None:
+        self._missed += 1
+        if self.strict:
+            raise RuntimeError(
+                f"AlignmentPlateau(monitor={self.monitor!r}): the key is not in the {where}; "
+                f"available keys: {', '.join(available) or '(none)'}. Pass another monitor, "
+                "or strict=False to skip checks without it")
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, value: float,
+               epoch: int, step: int) -> None:
+        if self._evaluate(value, epoch, step):
+            self._fire(trainer, pl_module, epoch, step, value)
+
+    def _improves(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "max":
+            return value - self.min_delta > self.best
+        return value + self.min_delta < self.best
+
+    def _evaluate(self, value: float, epoch: int, step: int) -> bool:
+        """One check: update best / wait; True when the plateau is reached now."""
+        if not math.isfinite(value):
+            rank_zero_warn(f"AlignmentPlateau: {self.monitor} = {value} at epoch {epoch} (step "
+                           f"{step}) is not finite; the check is skipped", category=RuntimeWarning)
+            return False
+        self._seen = True
+        if self._improves(value):
+            self.best, self.wait = value, 0
+            if self.verbose:
+                rank_zero_info(f"AlignmentPlateau: {self.monitor} = {value:.4f} at epoch {epoch} "
+                               f"(step {step}): new best")
+            return False
+        self.wait += 1
+        if self.verbose:
+            rank_zero_info(f"AlignmentPlateau: {self.monitor} = {value:.4f} at epoch {epoch} "
+                           f"(step {step}): no improvement over {self.best:.4f} by more than "
+                           f"{self.min_delta:g} for {self.wait} of {self.patience} check(s)")
+        return self.wait >= self.patience
+
+    def _fire(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int,
+              step: int, value: float | None) -> None:
+        self.fired = True
+        self.fired_at = {"epoch": int(epoch), "step": int(step), "value": value,
+                         "best": self.best}
+        if self.verbose:
+            rank_zero_info(f"AlignmentPlateau: {self.monitor} has not improved by more than "
+                           f"{self.min_delta:g} for {self.wait} check(s) (best {self.best}); "
+                           f"calling on_plateau at epoch {epoch} (step {step})")
+        self.on_plateau(trainer, pl_module)
+
+
+def _validate(monitor: Any, mode: Any, patience: Any, min_delta: Any, on_plateau: Any,
+              source: Any, check_on: Any, strict: Any, verbose: Any, name: Any) -> None:
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"AlignmentPlateau: monitor must be a non-empty string, got {monitor!r}")
+    if mode not in MODES:
+        raise ValueError(f"AlignmentPlateau: mode must be 'min' or 'max', got {mode!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"AlignmentPlateau: patience must be an integer >= 1, got {patience!r}")
+    if (isinstance(min_delta, bool) or not isinstance(min_delta, (int, float))
+            or not math.isfinite(min_delta) or min_delta < 0):
+        raise ValueError(f"AlignmentPlateau: min_delta must be a finite number >= 0, got "
+                         f"{min_delta!r}")
+    if not callable(on_plateau):
+        raise TypeError(f"AlignmentPlateau: on_plateau must be a callable f(trainer, pl_module), "
+                        f"got {on_plateau!r}")
+    if not (source is None or source == "metrics" or isinstance(source, AlignmentCallback)):
+        raise ValueError(f"AlignmentPlateau: source must be None, 'metrics' or an "
+                         f"AlignmentCallback, got {source!r}")
+    if check_on not in CHECK_ON:
+        raise ValueError(f"AlignmentPlateau: check_on must be 'epoch' or 'step', got {check_on!r}")
+    for arg, value in (("strict", strict), ("verbose", verbose)):
+        if not isinstance(value, bool):
+            raise TypeError(f"AlignmentPlateau: {arg} must be True or False, got {value!r}")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"AlignmentPlateau: name must be a non-empty string or None, got {name!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+
+import torch
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,6 +28,11 @@ class Dump(pl.Callback):
     def __init__(self, out: str, watched: AlignmentCallback) -> None:
         self.out, self.watched = out, watched
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        payload = {"rank": trainer.global_rank, "error": f"{type(exception).__name__}: {exception}"}
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         payload = {
             "rank": trainer.global_rank,
@@ -38,17 +45,29 @@ class Dump(pl.Callback):
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
 
 
-def main(out: str, strategy: str) -> None:
+class BreakRank1(pl.Callback):
+    """Rank 1's model yields NaN activations: its share of the null fails."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == 1:
+            with torch.no_grad():
+                pl_module.fc2.bias[0] = float("nan")
+
+
+def main(out: str, strategy: str, mode: str = "ok") -> None:
+    failing = mode == "fail_rank1"
     cb = AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS, measures=METRICS,
                            num_permutations=K, log_heatmaps=True,
-                           background=True)  # ignored under DDP: rank 0 computes in the loop
+                           on_error="raise" if failing else "warn",
+                           background=True)  # ignored under DDP: every rank computes in the loop
     trainer = pl.Trainer(
         **{**FAST_TRAINER, "devices": 2}, strategy=strategy, max_epochs=MAX_EPOCHS,
-        logger=CSVLogger(out, name="csv"), callbacks=[cb, Dump(out, cb)],
+        logger=CSVLogger(out, name="csv"),
+        callbacks=[cb, Dump(out, cb)] + ([BreakRank1()] if failing else []),
         enable_checkpointing=False,
     )
     trainer.fit(MLP(lr=0.0), train_loader())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -28,9 +28,9 @@ TIMEOUT_S = 150
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run_worker(out: Path, strategy: str) -> str:
+def _run_worker(out: Path, strategy: str, mode: str = "ok", expect_ok: bool = True) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "tests._ddp_callback_worker", str(out), strategy]
+    cmd = [sys.executable, "-m", "tests._ddp_callback_worker", str(out), strategy, mode]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -39,7 +39,7 @@ def _run_worker(out: Path, strategy: str) -> str:
         os.killpg(proc.pid, signal.SIGKILL)  # the worker and the ranks it started
         log, _ = proc.communicate()
         pytest.fail(f"DDP run did not finish within {TIMEOUT_S} s (hang?)\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-5000:]
+    assert (proc.returncode == 0) == expect_ok, log[-5000:]
     return log
 
 
@@ -81,3 +81,12 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
     assert len(set(steps)) == len(steps)
     pngs = list(tmp_path.glob("csv/version_*/alignment_heatmaps/*.png"))
     assert len(pngs) == len(W.METRICS) * (W.MAX_EPOCHS + 1)  # one raw|calibrated image each
+
+
+def test_ddp_failure_on_one_rank_is_the_same_error_on_every_rank(tmp_path):
+    """Rank 1's share of the null fails (NaN activations): both ranks end with the same error,
+    none waits for the other in a collective."""
+    _run_worker(tmp_path, "ddp", mode="fail_rank1", expect_ok=False)
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    assert errors[0] == errors[1], errors
+    assert "the alignment null failed on rank 1" in errors[0] and "NaN" in errors[0]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from alignment_callback.callback import dispatch
 from alignment_callback.callback.background import BackgroundQueue, Job, ModelCopy, Snapshot
+from alignment_callback.callback.distributed import guarded_step
 from alignment_callback.callback.probe import Probe, iterate_probe, load_probe, load_reference
 from alignment_callback.engine import AlignmentEngine, StepResult
 from alignment_callback.engine.engine import MeasuresSpec
@@ -60,9 +61,11 @@ class AlignmentCallback(Callback):
     monitor e.g. ``"alignment/mutual_knn/calibrated"`` (foreground mode).
 
     Training is unchanged: global RNG states are restored, train/eval modes restored, no
-    gradients, hooks removed, activations freed after each step.  Under DDP the alignment is
-    computed on global rank 0 and the results are broadcast (an error is broadcast too, so
-    every rank raises the same one and no collective waits forever).
+    gradients, hooks removed, activations freed after each step.  Under a multi-process
+    strategy (DDP) every process runs the probe and computes its share of the K permutations;
+    the null is gathered (values identical to one process's), rank 0 logs and its results are
+    broadcast.  An error on any process reaches every process, so all raise (or warn) the same
+    and no collective waits forever.
 
     Configuration mistakes fail before the first training step, whatever ``on_error`` says:
     an unknown measure or option, bad arguments (at construction), layers that match nothing
@@ -113,6 +116,10 @@ class AlignmentCallback(Callback):
         log_to_module: also ``pl_module.log`` calibrated values for monitors (default True;
             not with ``background``).
         background: compute in a worker thread, overlapping training (default False).
+        null: ``"permutation"`` (default), ``"moments"`` (exact permutation moments with a
+            Pearson type III null: a p-value at every step for the cost of a few traces;
+            gram-family measures on one layer pair) or ``"auto"`` (moments where validated,
+            permutations elsewhere, e.g. for an aggregate over layer pairs).
         metrics: deprecated name of ``measures``.
     """
 
@@ -146,6 +153,7 @@ class AlignmentCallback(Callback):
         compute_device: Union[str, torch.device, None] = None,
         log_to_module: bool = True,
         background: bool = False,
+        null: str = "permutation",
         metrics: MeasuresSpec | None = None,
     ) -> None:
         if metrics is not None:
@@ -163,7 +171,7 @@ class AlignmentCallback(Callback):
         self.layers = layers
         self.reference_layers = reference_layers if reference_layers is not None else layers
         self.engine = AlignmentEngine(measures, num_permutations, alpha, seed, aggregate,
-                                      pairs=self.pair_map, preprocess=preprocess)
+                                      pairs=self.pair_map, preprocess=preprocess, null=null)
         self.reference = load_reference(reference, reference_class)
         self.probe = load_probe(probe)
         self.reference_inputs = load_probe(reference_inputs) if reference_inputs is not None else None
@@ -357,29 +365,44 @@ class AlignmentCallback(Callback):
         if self._threaded:
             self._submit(trainer, pl_module, epoch, step)
             return
-        entry: dict[str, Any] | None = None
-        error: str | None = None
-        if trainer.is_global_zero:
-            try:
-                outcome = self._guarded(epoch, step, self._capture_and_compute, pl_module, epoch,
-                                        step, bool(trainer.loggers))
-            except Exception as err:  # on_error="raise": tell the other ranks before raising
-                if trainer.world_size == 1:
-                    raise
-                error = f"{type(err).__name__}: {err}"
-                outcome = None
+        if trainer.world_size > 1:
+            entry = self._distributed_run(trainer, pl_module, epoch, step)
+        else:
+            outcome = self._guarded(epoch, step, self._capture_and_compute, pl_module, epoch, step,
+                                    bool(trainer.loggers))
+            entry = None
             if outcome is not None:
                 self._log_outcome(trainer, outcome)
                 entry = self.history[-1]
-        if trainer.world_size > 1:
-            entry, error = trainer.strategy.broadcast((entry, error), src=0)
-            if error is not None:
-                raise RuntimeError(f"alignment step at epoch {epoch} (step {step}) failed on rank "
-                                   f"0: {error}")
-            if entry is not None and not trainer.is_global_zero:
-                self.history.append(dict(entry))
         if entry is not None and monitor:
             self._log_to_module(pl_module, entry, in_batch_hook)
+
+    def _distributed_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
+                         step: int) -> dict[str, Any] | None:
+        """Every process captures and computes its share of the permutations; the null is
+        gathered, rank 0 logs, and its entry is broadcast.  A failure on any process is every
+        process's failure (no collective waits for a process that raised)."""
+        outcome, error = None, None
+        try:
+            outcome = self._capture_and_compute(pl_module, epoch, step,
+                                                trainer.is_global_zero and bool(trainer.loggers),
+                                                distributed=True)
+        except Exception as err:  # noqa: BLE001 - every rank reports the same below
+            error = f"{type(err).__name__}: {err}"
+        entry = None
+        if trainer.is_global_zero and outcome is not None:
+            self._log_outcome(trainer, outcome)
+            entry = self.history[-1]
+        entry, error = trainer.strategy.broadcast((entry, error), src=0)
+        if error is not None:
+            if self.on_error == "raise":
+                raise RuntimeError(f"alignment step at epoch {epoch} (step {step}) failed: {error}")
+            rank_zero_warn(f"alignment step at epoch {epoch} (step {step}) skipped: {error}",
+                           category=RuntimeWarning)
+            return None
+        if entry is not None and not trainer.is_global_zero:
+            self.history.append(dict(entry))
+        return entry
 
     def _submit(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> None:
         """Background mode: capture on the model copy in the worker, or in the loop."""
@@ -529,13 +552,18 @@ class AlignmentCallback(Callback):
 
     @torch.no_grad()
     def _compute(self, captured: tuple[dict[str, Tensor], float], epoch: int, step: int,
-                 render: bool) -> Outcome:
-        """Every measure on captured activations, and the heatmaps: may run in the worker."""
+                 render: bool, distributed: bool = False) -> Outcome:
+        """Every measure on captured activations, and the heatmaps: may run in the worker.
+        ``distributed``: this process computes its share of the permutations only."""
         acts, capture_seconds = captured
         if self.engine.reference is None:
             self.engine.set_reference(self._reference_acts)
             self._reference_acts = None
-        result = self.engine.step(acts, epoch=epoch, step=step, seconds=capture_seconds)
+        if distributed:
+            result = guarded_step(self.engine.step, self.engine.num_permutations, layers=acts,
+                                  epoch=epoch, step=step, seconds=capture_seconds)
+        else:
+            result = self.engine.step(acts, epoch=epoch, step=step, seconds=capture_seconds)
         del acts, captured
         images = {}
         if self.log_heatmaps and render:
@@ -547,8 +575,8 @@ class AlignmentCallback(Callback):
         return result, images
 
     def _capture_and_compute(self, pl_module: LightningModule, epoch: int, step: int,
-                             render: bool) -> Outcome:
-        return self._compute(self._capture(pl_module), epoch, step, render)
+                             render: bool, distributed: bool = False) -> Outcome:
+        return self._compute(self._capture(pl_module), epoch, step, render, distributed)
 
     def _entry(self, result: StepResult) -> dict[str, Any]:
         return result.history_entry(self.log_prefix, self.log_pairs)

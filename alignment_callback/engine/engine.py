@@ -16,6 +16,7 @@ from alignment_callback.functional._validation import (
     check_seed,
 )
 from alignment_callback.functional.aggregation import Aggregate, MappedAggregate, aggregate_fn
+from alignment_callback.functional.analytic_null import check_null
 from alignment_callback.functional.permutation import GroupPermuter, Permutations
 from alignment_callback.functional.pipeline import (
     Gather,
@@ -87,6 +88,9 @@ class AlignmentEngine:
     device : torch.device or str, default=None
         Where everything is computed (default: where the activations are).
     max_score : float, None or "auto", default="auto"
+    null : {"permutation", "moments", "auto"}, default="permutation"
+        How each null is obtained (see ``calibrated_alignment``); the reference's invariants
+        for the analytic null are computed once, like its prepared state.
 
     Examples
     --------
@@ -113,6 +117,7 @@ class AlignmentEngine:
         preprocess: Preprocess = True,
         device: torch.device | str | None = None,
         max_score: float | None | str = AUTO,
+        null: str = "permutation",
     ) -> None:
         self.measures = resolve_measures(measures)
         self.num_permutations = check_num_permutations(num_permutations)
@@ -125,6 +130,7 @@ class AlignmentEngine:
         self.preprocessor = RowPreprocessor(preprocess)
         self.device = torch.device(device) if device is not None else None
         self.max_score = check_max_score(max_score)
+        self.null = check_null(null)
         self.reference: PreparedSide | None = None
         self.permutations: Permutations | None = None
 
@@ -155,7 +161,8 @@ class AlignmentEngine:
         """Preprocess and prepare the frozen reference's layers once, for every measure."""
         names, feats = self.features(layers, "reference")
         self.check_samples(feats[0].shape[0], "the reference's probe activation")
-        self.reference = prepare_side(names, feats, list(self.measures.values()), "y")
+        self.reference = prepare_side(names, feats, list(self.measures.values()), "y",
+                                      null=self.null)
         if self.permutations is None or self.permutations.n != self.reference.n:
             self.permutations = Permutations(self.reference.n, self.num_permutations, self.seed,
                                              self.groups)
@@ -194,11 +201,11 @@ class AlignmentEngine:
         reference = self.reference
         if dtype != reference.dtype:  # a float64 model against a float32 reference: this step
             reference = prepare_side(reference.names, [f.to(dtype) for f in reference.features],
-                                     measures, "y")
-        xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x")
+                                     measures, "y", null=self.null)
+        xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x", null=self.null)
         results = calibrate_prepared(measures, xside, reference, self.permutations,
                                      self.alpha, self._aggregate(names, reference.names),
-                                     self.max_score, share, gather)
+                                     self.max_score, share, gather, self.null)
         by_label = {label: results[m] for label, m in self.measures.items()}
         return StepResult(epoch, step, by_label, xside.n,
                           seconds + time.perf_counter() - start)

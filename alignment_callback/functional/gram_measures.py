@@ -49,6 +49,25 @@ class GramState:
     index: int = 0
 
 
+@dataclass(frozen=True)
+class FeatureState:
+    """A linear-kernel representation kept as column-centered features (n, d) instead of its
+    n×n gram: what a large probe with d < n needs for the observed score and the analytic
+    null (no permutation null can be drawn from it)."""
+
+    features: Tensor
+
+
+def linear_feature_state(x: Tensor) -> FeatureState:
+    """Column-centered features for linear CKA / RV in feature space (O(n·d) memory)."""
+    x = rescale_exactly(x)
+    xc = x - x.mean(0, keepdim=True)
+    if not bool((xc != 0).any()):
+        raise ValueError("zero-variance representation: every sample is identical; CKA is "
+                         "undefined for it")
+    return FeatureState(xc)
+
+
 def _state(matrix: Tensor, scale: Tensor, what: str) -> GramState:
     symmetrize_(matrix)  # the null reads one triangle of each permuted matrix
     ident = torch.arange(matrix.shape[0], device=matrix.device)[None]
@@ -144,6 +163,8 @@ def gram_layer_scores(sxs: list[GramState], sys: list[GramState], perms: Tensor)
     side's rows stream), using ``Σ A_ij B_π(i)π(j) = Σ A_π⁻¹(k)π⁻¹(l) B_kl`` when that is X:
     every measure is invariant to relabeling rows jointly.
     """
+    if isinstance(sxs[0], FeatureState) or isinstance(sys[0], FeatureState):
+        return _feature_scores(sxs, sys, perms)
     xs, ys = _stacked(sxs), _stacked(sys)
     if len(sxs) <= len(sys):
         dots = gram_dots_layers(xs, ys, perms).transpose(1, 2)  # [p, b, a] -> [p, a, b]
@@ -152,6 +173,19 @@ def gram_layer_scores(sxs: list[GramState], sys: list[GramState], perms: Tensor)
     nx = torch.stack([s.norm for s in sxs])
     ny = torch.stack([s.norm for s in sys])
     return (dots / (nx[:, None] * ny[None, :])).to(sxs[0].matrix.dtype)
+
+
+def _feature_scores(sxs: list[FeatureState], sys: list[FeatureState], perms: Tensor) -> Tensor:
+    """Linear CKA ``‖XᵀY‖²/(‖XᵀX‖‖YᵀY‖)`` in feature space, for the identity only."""
+    n = perms.shape[1]
+    if perms.shape[0] != 1 or not bool((perms[0] == torch.arange(n, device=perms.device)).all()):
+        raise RuntimeError("a permutation null needs the n×n grams; this representation was "
+                           "prepared in feature space for the analytic null")
+    from alignment_callback.functional.moments import feature_linear_cka
+
+    out = torch.stack([torch.stack([feature_linear_cka(a.features, b.features) for b in sys])
+                       for a in sxs])
+    return out[None].to(sxs[0].features.dtype)
 
 
 def _identity(n: int, device: torch.device) -> Tensor:

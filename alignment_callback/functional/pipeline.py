@@ -17,6 +17,8 @@ Work is shared wherever the math allows:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,8 +38,14 @@ from alignment_callback.functional.aggregation import (
     calibrate_layers_from_matrices,
     named_layers,
 )
-from alignment_callback.functional.calibration import CalibrationResult
-from alignment_callback.functional.gram_measures import stack_states
+from alignment_callback.functional.analytic_null import (
+    analytic_fields,
+    check_null,
+    exact_knn_moments,
+    invariants,
+)
+from alignment_callback.functional.calibration import CalibrationResult, resolution, warn_unresolved
+from alignment_callback.functional.gram_measures import FeatureState, stack_states
 from alignment_callback.functional.knn_measures import check_distinct_rows, knn_layer_scores
 from alignment_callback.functional.neighbors import neighbor_lists
 from alignment_callback.functional.permutation import Permutations, chunk_size_for
@@ -73,6 +81,15 @@ class PreparedSide:
     features: list[Tensor]
     states: dict[Measure, list[Any]] = field(default_factory=dict)
     lazy: set[Measure] = field(default_factory=set)
+    invariants: dict[tuple[Measure, int], Any] = field(default_factory=dict)
+
+    def invariant(self, measure: Measure, i: int, compute: Callable[[Any], Any]) -> Any:
+        """Layer ``i``'s permutation invariants for ``measure`` (computed once, kept: a
+        cached reference's serve every step)."""
+        key = (measure, i)
+        if key not in self.invariants:
+            self.invariants[key] = compute(self.state(measure, i))
+        return self.invariants[key]
 
     def state(self, measure: Measure, i: int) -> Any:
         """Layer ``i``'s state for ``measure``: kept, or prepared now and not kept (a lazy
@@ -121,15 +138,17 @@ def side_features(layers: Layers | Tensor, label: str, dtype: torch.dtype | None
 
 
 def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Sequence[Measure],
-                 role: str, side: PreparedSide | None = None, keep_gram: bool | None = None
-                 ) -> PreparedSide:
+                 role: str, side: PreparedSide | None = None, keep_gram: bool | None = None,
+                 null: str = "permutation") -> PreparedSide:
     """Prepare ``features`` for every measure not prepared yet in ``side`` (or a new side).
 
     kNN measures get one shared neighbor list per layer, built for their largest k.
     Gram-family states (one n×n matrix per layer) are kept when ``keep_gram`` (default: when
     the side has at most :data:`GRAM_KEPT` layers); otherwise they are *lazy*: prepared block
     by block when the null needs them and dropped after, so memory does not grow with the
-    number of layers.
+    number of layers.  With an analytic ``null`` a single layer with d < n of a linear-kernel
+    measure is kept as features (no n×n matrix at all).  Before n×n matrices are allocated,
+    their memory is estimated and a probe too large for it is refused with a clear error.
     """
     side = side or PreparedSide(role, list(names), list(features))
     if keep_gram is None:
@@ -146,6 +165,14 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
                 check_distinct_rows(f, m.name)
         shared["neighbor_lists"] = [neighbor_lists(f, kmax, role) for f in side.features]
     for m in todo:
+        route = m.info.feature_state
+        if (route is not None and null != "permutation" and len(side.features) == 1
+                and side.features[0].shape[1] < side.n):
+            side.states[m] = [route(side.features[0])]
+            continue
+        if m.family == "gram":
+            check_gram_memory(m, side.n, side.dtype, side.device,
+                              len(side.features) if keep_gram else 1)
         if m.family == "gram" and not keep_gram:
             m.prepare(side.features[0], role)  # fail now (zero variance, ...), keep nothing
             side.lazy.add(m)
@@ -158,6 +185,39 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
         side.states[m] = [m.prepare(f, role, None if lists is None else lists[i])
                           for i, f in enumerate(side.features)]
     return side
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` (None when it cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_gram_memory(measure: Measure, n: int, dtype: torch.dtype, device: torch.device,
+                      kept: int) -> None:
+    """Refuse, before allocating, n×n matrices that would not fit: the estimate (the kept
+    states plus two being built) against the memory available, and what to do instead."""
+    need = (kept + 2) * n * n * torch.tensor([], dtype=dtype).element_size()
+    free = _available_bytes(device)
+    if free is None or need <= free:
+        return
+    alternatives = ("linear_cka or rv_coefficient with null='moments' (computed from the "
+                    "features, no n×n matrix)" if not measure.info.feature_state
+                    else "null='moments' (computed from the features, no n×n matrix)")
+    raise MemoryError(
+        f"{measure.name} at n={n} needs about {need / 2**30:.1f} GiB for its n×n matrices "
+        f"({kept + 2} of {n * n * torch.tensor([], dtype=dtype).element_size() / 2**30:.2f} GiB), "
+        f"but only {free / 2**30:.1f} GiB is available on {device}. Use {alternatives}, a kNN "
+        "measure (O(n·k) memory), or fewer probe samples"
+    )
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -269,8 +329,9 @@ def calibrate_prepared(
     max_score: float | None | str = AUTO,
     share: tuple[int, int] | None = None,
     gather: Gather | None = None,
+    null: str = "permutation",
 ) -> dict[Measure, LayerAlignmentResult]:
-    """Observed matrices, permutation nulls and calibration of several measures at once.
+    """Observed matrices, nulls and calibration of several measures at once.
 
     Parameters
     ----------
@@ -287,6 +348,10 @@ def calibrate_prepared(
         Split the null over processes: this process computes the permutations in
         ``range(*share)`` and ``gather`` turns its partial nulls into the full (K, LA, LB)
         nulls in permutation order (e.g. an all-gather).
+    null : {"permutation", "moments", "auto"}, default="permutation"
+        ``"moments"``: the exact permutation moments and a Pearson type III null for every
+        gram-family measure on a single pair (see ``analytic_null``); ``"auto"``: that where
+        it is validated, permutations elsewhere.  Each result records its ``null_method``.
 
     Returns
     -------
@@ -299,25 +364,108 @@ def calibrate_prepared(
                          f"and {yside.n}")
     if permutations.n != xside.n:
         raise ValueError(f"the permutations are of {permutations.n} samples, the data has {xside.n}")
+    null = check_null(null)
     measures = list(dict.fromkeys(measures))
+    for m in measures:  # feature space only when both sides are in it, for one pair
+        in_features = [_in_features(side, m) for side in (xside, yside)]
+        if any(in_features) and not (all(in_features) and _single_pair(xside, yside)):
+            _to_grams(m, xside, yside)
     observed = observed_matrices(measures, xside, yside)
+    out = _analytic_results(measures, observed, xside, yside, alpha, max_score, null)
+    rest = [m for m in measures if m not in out]
+    for m in rest:  # a feature-space state cannot give a permutation null: n×n after all
+        _to_grams(m, xside, yside)
     start, stop = share if share is not None else (0, len(permutations))
-    nulls = layer_nulls(measures, xside, yside, permutations, start, stop)
-    if gather is not None:
+    nulls = layer_nulls(rest, xside, yside, permutations, start, stop) if rest else {}
+    if gather is not None and rest:
         nulls = gather(nulls)
-    out = {}
-    for m in measures:
+    for m in rest:
         agg = aggregate.get(m, "max") if isinstance(aggregate, Mapping) else aggregate
         smax = m.max_score if max_score == AUTO else max_score
         hint = m.info.degenerate_hint(m.kwargs) if m.info.degenerate_hint else None
-        out[m] = calibrate_layers_from_matrices(
+        res = calibrate_layers_from_matrices(
             observed[m], nulls[m], agg, alpha, smax, list(xside.names), list(yside.names),
             data_dtype=xside.dtype, measure=m.name, hint=hint)
+        out[m] = _with_exact_knn_moments(m, res, xside, yside) if null == "auto" else res
+    return {m: out[m] for m in measures}
+
+
+def _in_features(side: PreparedSide, m: Measure) -> bool:
+    return isinstance(side.states.get(m, [None])[0], FeatureState)
+
+
+def _to_grams(m: Measure, *sides: PreparedSide) -> None:
+    """Replace feature-space states of ``m`` by n×n ones (memory checked first)."""
+    for side in sides:
+        if _in_features(side, m):
+            del side.states[m]
+            prepare_side(side.names, side.features, [m], side.role, side)
+
+
+def _single_pair(xside: PreparedSide, yside: PreparedSide) -> bool:
+    return len(xside.features) == 1 and len(yside.features) == 1
+
+
+def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tensor],
+                      xside: PreparedSide, yside: PreparedSide, alpha: float,
+                      max_score: float | None | str, null: str) -> dict[Measure, LayerAlignmentResult]:
+    """Results from the exact moments, for the measures and pairs where ``null`` asks for them."""
+    out: dict[Measure, LayerAlignmentResult] = {}
+    if null == "permutation":
+        return out
+    for m in measures:
+        if not m.info.analytic or not _single_pair(xside, yside):
+            if null == "moments":
+                why = ("the aggregate over several layer pairs needs their joint permutation null"
+                       if m.info.analytic else "it has no analytic null (the gram family has)")
+                raise ValueError(f"null='moments' cannot calibrate {m.name}: {why}; use "
+                                 "null='permutation', or null='auto' to use moments where they "
+                                 "apply")
+            continue
+        inv_x = xside.invariant(m, 0, invariants)
+        inv_y = yside.invariant(m, 0, invariants)
+        smax = m.max_score if max_score == AUTO else max_score
+        fields, valid = analytic_fields(float(observed[m][0, 0]), inv_x, inv_y, alpha, smax,
+                                        observed[m].dtype)
+        if null == "auto" and not valid:
+            continue
+        unresolved = smax is not None and smax - float(fields["threshold"]) <= resolution(xside.dtype)
+        fields["unresolved"] = torch.tensor(unresolved)
+        hint = m.info.degenerate_hint(m.kwargs) if m.info.degenerate_hint else None
+        warn_unresolved(fields, smax, m.name, hint)
+        del fields["unresolved"]
+        matrix = observed[m]
+        out[m] = LayerAlignmentResult(
+            matrix=matrix, null=matrix.new_empty(0), argmax=(0, 0), x_names=list(xside.names),
+            y_names=list(yside.names), pair_threshold=fields["threshold"].reshape(1, 1),
+            pair_calibrated=fields["calibrated"].reshape(1, 1),
+            pair_p_value=fields["p_value"].reshape(1, 1), aggregate="max", measure=m.name,
+            null_method="moments", **fields)
     return out
 
 
+def _with_exact_knn_moments(m: Measure, res: LayerAlignmentResult, xside: PreparedSide,
+                            yside: PreparedSide) -> LayerAlignmentResult:
+    """``null="auto"``: a single kNN pair reports the exact permutation mean (and std)."""
+    if m.info.group != "knn" or not _single_pair(xside, yside):
+        return res
+    exact = exact_knn_moments(m.name, xside.states[m][0], yside.states[m][0])
+    if exact is None:
+        return res
+    mean, std = exact
+    dtype = res.raw.dtype
+    std_t = res.null_std if std is None else torch.tensor(std, dtype=dtype)
+    diff = float(res.raw) - mean
+    sd = float(std_t)
+    effect = diff / sd if sd > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    return dataclasses.replace(res, null_mean=torch.tensor(mean, dtype=dtype), null_std=std_t,
+                               effect_size=torch.tensor(effect, dtype=dtype),
+                               null_method="permutation (exact mean)")
+
+
 # ------------------------------------------------------------------------ public functions
-def _sides(xs: Layers | Tensor, ys: Layers | Tensor, measures: Sequence[Measure]) -> tuple[PreparedSide, PreparedSide]:
+def _sides(xs: Layers | Tensor, ys: Layers | Tensor, measures: Sequence[Measure],
+           null: str = "permutation") -> tuple[PreparedSide, PreparedSide]:
     x_names, xt = side_features(xs, "x")
     y_names, yt = side_features(ys, "y")
     dtype = torch.promote_types(xt[0].dtype, yt[0].dtype)
@@ -327,7 +475,8 @@ def _sides(xs: Layers | Tensor, ys: Layers | Tensor, measures: Sequence[Measure]
         raise ValueError(f"x and y must have the same number of samples (rows): got "
                          f"{xt[0].shape[0]} and {yt[0].shape[0]}")
     xt, yt = [t.to(dtype) for t in xt], [t.to(dtype) for t in yt]
-    return (prepare_side(x_names, xt, measures, "x"), prepare_side(y_names, yt, measures, "y"))
+    return (prepare_side(x_names, xt, measures, "x", null=null),
+            prepare_side(y_names, yt, measures, "y", null=null))
 
 
 @torch.no_grad()
@@ -341,6 +490,7 @@ def calibrate_measures(
     seed: int = 0,
     groups: Groups | None = None,
     max_score: float | None | str = AUTO,
+    null: str = "permutation",
 ) -> dict[str, LayerAlignmentResult]:
     """Calibrated layer alignment of several measures at once, sharing preparation and work.
 
@@ -366,9 +516,9 @@ def calibrate_measures(
     if len(set(labels)) != len(labels):
         raise ValueError(f"measure labels must be unique, got {labels}")
     ms = [m for _, m in resolved]
-    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), ms)
+    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), ms, check_null(null))
     perms = Permutations(xside.n, num_permutations, seed, groups)
-    results = calibrate_prepared(ms, xside, yside, perms, alpha, aggregate, max_score)
+    results = calibrate_prepared(ms, xside, yside, perms, alpha, aggregate, max_score, null=null)
     return {label: results[m] for label, m in zip(labels, ms)}
 
 
@@ -383,6 +533,7 @@ def calibrated_layer_alignment(
     seed: int = 0,
     groups: Groups | None = None,
     max_score: float | None | str = AUTO,
+    null: str = "permutation",
     **metric_kwargs: Any,
 ) -> LayerAlignmentResult:
     """Aggregation-aware calibration of ``agg_{a,b} metric(xs[a], ys[b])``.
@@ -420,9 +571,10 @@ def calibrated_layer_alignment(
     (('l2', 'r'), 1.0, 1.0)
     """
     measure = get_measure(metric, **metric_kwargs)
-    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), [measure])
+    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), [measure], check_null(null))
     perms = Permutations(xside.n, num_permutations, seed, groups)
-    return calibrate_prepared([measure], xside, yside, perms, alpha, aggregate, max_score)[measure]
+    return calibrate_prepared([measure], xside, yside, perms, alpha, aggregate, max_score,
+                              null=null)[measure]
 
 
 @torch.no_grad()
@@ -435,6 +587,7 @@ def calibrated_alignment(
     seed: int = 0,
     groups: Groups | None = None,
     max_score: float | None | str = AUTO,
+    null: str = "permutation",
     **metric_kwargs: Any,
 ) -> CalibrationResult:
     """Permutation-calibrated alignment of ``x`` (n, p) and ``y`` (n, q), rows paired.
@@ -461,8 +614,16 @@ def calibrated_alignment(
         video): rows of such data are not exchangeable one by one.
     max_score : float, None or "auto", default="auto"
         s_max; ``"auto"`` uses the measure's (1.0 for the built-ins).
+    null : {"permutation", "moments", "auto"}, default="permutation"
+        How the null is obtained: K permutations; the exact permutation moments with a
+        Pearson type III distribution (gram family; no permutation drawn, and with a linear
+        kernel and d < n no n×n matrix either); or moments where they are validated
+        (n >= 32, moderate skew, no outlying sample on both sides) and permutations
+        elsewhere.  ``result.null_method`` says which was used.
     **metric_kwargs
-        The measure's parameters (``k``, ``sigma``, ``cca_dim``).
+        The measure's parameters (``k``, ``sigma``, ``cca_dim``).  A parameter named like an
+        argument of this function (``shape_metric``'s ``alpha``) must be given through
+        ``get_measure("shape_metric", alpha=...)``.
 
     Returns
     -------
@@ -484,10 +645,10 @@ def calibrated_alignment(
     (0.005, True)
     """
     measure = get_measure(metric, **metric_kwargs)
-    xside, yside = _sides(_single(x, "x"), _single(y, "y"), [measure])
+    xside, yside = _sides(_single(x, "x"), _single(y, "y"), [measure], check_null(null))
     perms = Permutations(xside.n, num_permutations, seed, groups)
-    return calibrate_prepared([measure], xside, yside, perms, alpha, "max",
-                              max_score)[measure].scalar()
+    return calibrate_prepared([measure], xside, yside, perms, alpha, "max", max_score,
+                              null=null)[measure].scalar()
 
 
 def _single(x: Any, name: str) -> Tensor:

@@ -77,6 +77,10 @@ class MeasureInfo:
         group: measures of one group compute their nulls in one pass (``"knn"``), or None.
         aliases: other accepted names.
         degenerate_hint: ``params -> advice`` when the null sits at s_max.
+        analytic: the null has exact permutation moments (the gram family's cosines), so
+            ``null="moments"`` / ``"auto"`` can calibrate without permutations.
+        feature_state: ``x -> state`` in feature space (no n×n matrix), used with an analytic
+            null when d < n (linear kernels).
     """
 
     name: str
@@ -96,6 +100,8 @@ class MeasureInfo:
     group: str | None = None
     aliases: tuple[str, ...] = ()
     degenerate_hint: Callable[[Mapping[str, Any]], str] | None = None
+    analytic: bool = False
+    feature_state: Callable[[Tensor], Any] | None = None
 
     def bind(self, **kwargs: Any) -> "Measure":
         """This measure with ``kwargs`` checked and defaults filled in."""
@@ -276,7 +282,8 @@ def _gram(name: str, state: Callable[..., Any], summary: str, min_n: int = 2, **
     return register_measure(MeasureInfo(
         name, "gram", summary, functools.partial(_gram_prepare, state=state), _gram_score,
         _gram_layers, min_samples=functools.partial(_constant, value=min_n),
-        null_method="n×n matrix gathered per permutation (norms are invariant)", **kw))
+        null_method="fused float64 pass over the n×n matrices per permutation; or exact "
+                    "moments + Pearson III (null='moments')", analytic=True, **kw))
 
 
 def _constant(params: Mapping[str, Any], value: int) -> int:
@@ -297,7 +304,8 @@ def _knn(name: str, summary: str, minimum_k: int = 1, min_n: int = 2,
 
 _GRAM_INVARIANCE = "rotation, isotropic scaling, translation"
 _gram("linear_cka", gm.linear_state, "HSIC(K,L)/√(HSIC(K,K)·HSIC(L,L)), K = XXᵀ, biased HSIC",
-      invariances=_GRAM_INVARIANCE, aliases=("cka-kernel=linear-hsic=gretton-score",))
+      invariances=_GRAM_INVARIANCE, aliases=("cka-kernel=linear-hsic=gretton-score",),
+      feature_state=gm.linear_feature_state)
 _gram("rbf_cka", gm.rbf_state, "CKA with K_ij = exp(−‖x_i − x_j‖²/(2σ²))",
       params=(SIGMA_PARAM,), invariances="rotation, translation (isotropic scaling with sigma='median')",
       degenerate_hint=_rbf_hint)
@@ -411,7 +419,7 @@ _other("linear_predictivity", "cross-validated R² of ridge regression x → y (
        null_method="quadratic forms of Y's centered gram, built once from x; a gather per permutation",
        invariances="rotation, isotropic scaling, translation of either side")
 _gram("rv_coefficient", gm.linear_state, "Escoufier's RV of column-centered data (= linear CKA)",
-      invariances=_GRAM_INVARIANCE)
+      invariances=_GRAM_INVARIANCE, feature_state=gm.linear_feature_state)
 
 #: The built-in measures by name (read-only view of the registry's canonical names).
 BUILTIN_MEASURES: Mapping[str, MeasureInfo] = REGISTRY

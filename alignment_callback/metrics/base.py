@@ -24,6 +24,7 @@ from alignment_callback.functional.aggregation import (
     aggregate_fn,
     named_layers,
 )
+from alignment_callback.functional.analytic_null import check_null
 from alignment_callback.functional.permutation import GroupPermuter, Permutations
 from alignment_callback.functional.pipeline import (
     PreparedSide,
@@ -71,6 +72,7 @@ class AlignmentMetricBase(Metric):
         max_score: float | None | str = AUTO,
         x_layers: Sequence[str] | None = None,
         y_layers: Sequence[str] | None = None,
+        null: str = "permutation",
         **kwargs: Any,
     ) -> None:
         tm_kwargs, measure_kwargs = split_kwargs(kwargs)
@@ -87,6 +89,7 @@ class AlignmentMetricBase(Metric):
         self.aggregate = aggregate
         self.groups = groups
         self.max_score = check_max_score(max_score)
+        self.null = check_null(null)
         self._persist = False
         self.x_layers: list[str] = []
         self.y_layers: list[str] = []
@@ -221,7 +224,7 @@ class AlignmentMetricBase(Metric):
             raise ValueError(f"reference layers {list(ys)} do not match {self.y_layers}")
         matrices = {name: self.preprocessor.matrix(self.preprocessor.rows(t)) for name, t in ys.items()}
         names, feats = side_features(matrices, "reference")
-        self._reference = prepare_side(names, feats, [self.measure], "y")
+        self._reference = prepare_side(names, feats, [self.measure], "y", null=self.null)
         if not self.y_layers:
             self.y_layers = list(ys)
 
@@ -329,7 +332,7 @@ class AlignmentMetricBase(Metric):
                                      bool((index.cpu() == torch.arange(ref_n)).all()))
             if not full:
                 yside = prepare_side(yside.names, [f[index.to(f.device)] for f in yside.features],
-                                     [self.measure], "y")
+                                     [self.measure], "y", null=self.null)
             device, dtype = yside.device, yside.dtype
         else:
             matrices = {name: self.preprocessor.matrix(y) for name, y in zip(self.y_layers, ys)}
@@ -338,9 +341,11 @@ class AlignmentMetricBase(Metric):
         matrices = {name: self.preprocessor.matrix(x.to(device)) for name, x in zip(self.x_layers, xs)}
         x_names, x_feats = side_features(matrices, "x")
         dtype = torch.promote_types(dtype, x_feats[0].dtype)
-        xside = prepare_side(x_names, [t.to(dtype) for t in x_feats], [self.measure], "x")
+        xside = prepare_side(x_names, [t.to(dtype) for t in x_feats], [self.measure], "x",
+                             null=self.null)
         if self._reference is None:
-            yside = prepare_side(y_names, [t.to(dtype) for t in y_feats], [self.measure], "y")
+            yside = prepare_side(y_names, [t.to(dtype) for t in y_feats], [self.measure], "y",
+                                 null=self.null)
         groups = self.groups
         if groups is not None and index is not None:
             groups = torch.as_tensor(groups)[index.cpu()]
@@ -348,7 +353,7 @@ class AlignmentMetricBase(Metric):
             GroupPermuter(groups, xside.n)  # clear error for a wrong length
         perms = self._perms(xside.n, groups)
         return calibrate_prepared([self.measure], xside, yside, perms, self.alpha, self.aggregate,
-                                  self.max_score)[self.measure]
+                                  self.max_score, null=self.null)[self.measure]
 
     def _raw_batch(self, xs: Any, ys: Any) -> Tensor | None:
         """Uncalibrated aggregate on one paired batch (what ``forward`` returns).

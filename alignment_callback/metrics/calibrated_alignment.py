@@ -37,6 +37,8 @@ class CalibratedAlignment(AlignmentMetricBase):
             a dict of ``prepare_features`` options, or a callable on the concatenated rows.
         groups: optional group label per sample (block permutations, docs/calibration.md).
         max_score: s_max; ``"auto"`` uses the measure's (1.0 for built-ins).
+        null: ``"permutation"`` (default), ``"moments"`` (exact permutation moments with a
+            Pearson type III null, gram family) or ``"auto"`` (moments where validated).
         **kwargs: the measure's options (``k``, ``sigma``, ``cca_dim``) and torchmetrics'
             (``compute_on_cpu``, ``sync_on_compute``, ...).
 
@@ -61,10 +63,11 @@ class CalibratedAlignment(AlignmentMetricBase):
         preprocess: Preprocess = True,
         groups: Sequence[Any] | Tensor | None = None,
         max_score: float | None | str = AUTO,
+        null: str = "permutation",
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, num_permutations, alpha, seed, max_samples, preprocess, "max",
-                         groups, max_score, x_layers=["x"], y_layers=["y"], **kwargs)
+                         groups, max_score, x_layers=["x"], y_layers=["y"], null=null, **kwargs)
 
     def update(self, x: Tensor, y: Tensor | None = None, index: Tensor | None = None) -> None:
         """Accumulate a batch: model rows ``x`` (n, ...) and reference rows ``y`` (n, ...)."""

@@ -47,10 +47,12 @@ class LayerAlignment(AlignmentMetricBase):
         max_score: float | None | str = AUTO,
         x_layers: Sequence[str] | None = None,
         y_layers: Sequence[str] | None = None,
+        null: str = "permutation",
         **kwargs: Any,
     ) -> None:
         super().__init__(metric, num_permutations, alpha, seed, max_samples, preprocess, aggregate,
-                         groups, max_score, x_layers=x_layers, y_layers=y_layers, **kwargs)
+                         groups, max_score, x_layers=x_layers, y_layers=y_layers, null=null,
+                         **kwargs)
 
     def update(
         self, xs: Mapping[str, Tensor], ys: Mapping[str, Tensor] | None = None,

@@ -1,0 +1,70 @@
+"""The permutation null spread over the processes of a multi-process strategy.
+
+Every process holds the same model replica and the same cached reference, runs the probe, and
+computes the permutations ``range(start, stop)`` of its share; one all-gather (of Python
+objects: the partial nulls, or an error) assembles the full null in permutation order on every
+process, so the values equal a single process's.  Every process reaches that collective even
+when its own computation failed, carrying the error instead: then all processes raise the same
+error and none waits forever.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from alignment_callback.functional.registry import Measure
+
+
+def share_of(num_permutations: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous range of permutations process ``rank`` computes."""
+    return (num_permutations * rank // world_size, num_permutations * (rank + 1) // world_size)
+
+
+class NullGather:
+    """The ``gather`` of :func:`~alignment_callback.functional.pipeline.calibrate_prepared`
+    over ``torch.distributed``, plus :meth:`fail` for a process whose computation raised
+    before reaching it."""
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+        self.called = False
+
+    def _exchange(self, payload: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        self.called = True
+        out: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, payload, group=self.group)
+        for rank, item in enumerate(out):
+            if isinstance(item, str):
+                raise RuntimeError(f"the alignment null failed on rank {rank}: {item}")
+        return out
+
+    def __call__(self, nulls: dict[Measure, Tensor]) -> dict[Measure, Tensor]:
+        order = list(nulls)
+        parts = self._exchange([nulls[m].cpu() for m in order])
+        device = next(iter(nulls.values())).device if nulls else torch.device("cpu")
+        return {m: torch.cat([p[i] for p in parts]).to(device) for i, m in enumerate(order)}
+
+    def fail(self, error: BaseException) -> None:
+        """Reach the collective with ``error`` so the other processes do not wait; raises."""
+        self._exchange(f"{type(error).__name__}: {error}")
+
+
+def guarded_step(compute: Callable[..., Any], num_permutations: int, group: Any = None,
+                 **kwargs: Any) -> Any:
+    """``compute(share=..., gather=NullGather, **kwargs)`` on every process, with the failure
+    protocol above (``share`` is this process's range of the ``num_permutations``)."""
+    import torch.distributed as dist
+
+    gather = NullGather(group)
+    share = share_of(num_permutations, dist.get_rank(group), dist.get_world_size(group))
+    try:
+        return compute(share=share, gather=gather, **kwargs)
+    except BaseException as err:
+        if not gather.called:
+            gather.fail(err)
+        raise

@@ -399,3 +399,23 @@ def test_compare_measure_aliases_and_deprecated_metric(data, capsys):
     lib = calibrated_layer_alignment(prepared(raw["a"]), prepared(raw["b"]), "bures_similarity",
                                      num_permutations=K)
     check_record(doc["results"]["bures_similarity"], lib)
+
+
+def test_compare_with_the_analytic_null(data):
+    """--null moments: the exact permutation moments of a single pair, recorded as such."""
+    root, raw = data
+    out = root / "out_moments"
+    proc = run_cli("compare", "c.pt", "d.npy", "--measure", "linear_cka,unbiased_cka",
+                   "--null", "moments", "--out", out, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "alignment.json").read_text())
+    assert doc["settings"]["null"] == "moments"
+    for metric in ("linear_cka", "unbiased_cka"):
+        rec = doc["results"][metric]
+        res = calibrated_layer_alignment(prepared(raw["c"]), prepared(raw["d"]), metric,
+                                         null="moments")
+        assert rec["null_method"] == "moments" and res.null_method == "moments"
+        check_record(rec, res)
+    proc = run_cli("compare", "a.pt", "b.npz", "--measure", "linear_cka", "--null", "moments",
+                   "--out", out, cwd=root)
+    assert proc.returncode == 2 and "joint permutation null" in proc.stderr

@@ -109,6 +109,10 @@ def _common_options() -> argparse.ArgumentParser:
                    help=shorthand_help("sigma", "SIGMA") + "; a number or 'median'")
     g.add_argument("--permutations", type=int, default=500, metavar="K",
                    help="permutations K (default 500)")
+    g.add_argument("--null", choices=("permutation", "moments", "auto"), default="permutation",
+                   help="the null: K permutations (default), the exact permutation moments with "
+                        "a Pearson III distribution (gram-family measures on one layer pair), or "
+                        "moments where validated and permutations elsewhere")
     g.add_argument("--alpha", type=float, default=0.05,
                    help="level of the threshold tau and of the BH FDR (default 0.05)")
     g.add_argument("--aggregate", type=_aggregate, default="max",

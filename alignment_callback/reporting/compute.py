@@ -48,10 +48,12 @@ class Calibration:
     aggregate: str
     seed: int
     bootstrap: int = 0
+    null: str = "permutation"
 
     @classmethod
     def from_args(cls, args: Any) -> "Calibration":
-        return cls(args.permutations, args.alpha, args.aggregate, args.seed, args.bootstrap)
+        return cls(args.permutations, args.alpha, args.aggregate, args.seed, args.bootstrap,
+                   getattr(args, "null", "permutation"))
 
 
 def _tolist(t: Tensor) -> Any:
@@ -160,7 +162,7 @@ def make_engine(measures: Mapping[str, Measure], cal: Calibration, groups: Any =
     """An engine for already preprocessed features (``preprocess=False``)."""
     return AlignmentEngine(dict(measures), num_permutations=cal.permutations, alpha=cal.alpha,
                            seed=cal.seed, aggregate=cal.aggregate, groups=groups,
-                           preprocess=False)
+                           preprocess=False, null=cal.null)
 
 
 def _prepare_layer(engine: AlignmentEngine, name: str, t: Tensor, role: str,
@@ -214,7 +216,8 @@ def _locate_pair(engine: AlignmentEngine, xa: Layers, ya: Layers, x_path: str | 
 
 def _record(res: LayerAlignmentResult, measure: Measure, n: int, keep_null: bool) -> dict:
     rec: dict[str, Any] = {"metric": measure.name, "kwargs": measure.kwargs,
-                           "aggregate": res.aggregate, "n_samples": n}
+                           "aggregate": res.aggregate, "n_samples": n,
+                           "null_method": res.null_method}
     rec.update({k: finite_or_none(v) for k, v in res.as_dict().items()})
     rec.update({
         "best_pair": list(res.best_pair), "argmax": list(res.argmax),

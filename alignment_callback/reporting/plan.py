@@ -196,6 +196,7 @@ def run_settings(args: argparse.Namespace, groups: Any) -> dict[str, Any]:
 
     return {
         "permutations": args.permutations, "alpha": args.alpha, "aggregate": args.aggregate,
+        "null": args.null,
         "seed": args.seed, "pool": args.pool, "clamp_quantile": args.clamp_quantile,
         "normalize": not args.no_normalize, "groups": labels_digest(groups),
         "bootstrap": args.bootstrap,

@@ -165,7 +165,8 @@ def main() -> None:
               f"CKNNA {at['best']:.3f}, then {args.patience} epoch(s) without a gain > "
               f"{args.min_delta:g})")
     else:
-        print(f"calibrated CKNNA kept improving: λ stayed {args.lam:g} for all {args.epochs} epochs")
+        print(f"calibrated CKNNA kept improving: λ stayed {args.lam:g} for all {args.epochs} "
+              "epochs")
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 

@@ -352,12 +352,16 @@ def test_source_metrics_ignores_the_history():
     assert not plateau.reads_history_of(aligner)
     assert _plateau().reads_history_of(aligner)
     assert not _plateau(monitor="alignment/linear_cka/raw").reads_history_of(aligner)
+    assert not _plateau(monitor="alignment/cknna").reads_history_of(aligner)  # no field
+    assert _plateau(monitor="alignment/dinov2/cknna/calibrated").reads_history_of(aligner)
+    assert not _plateau(monitor="other/cknna/calibrated").reads_history_of(aligner)
 
 
 @pytest.mark.parametrize("kw,arg", [
     ({"monitor": ""}, "monitor"), ({"monitor": 3}, "monitor"),
     ({"mode": "maximum"}, "mode"),
-    ({"patience": 0}, "patience"), ({"patience": 1.5}, "patience"), ({"patience": True}, "patience"),
+    ({"patience": 0}, "patience"), ({"patience": 1.5}, "patience"),
+    ({"patience": True}, "patience"),
     ({"min_delta": -0.1}, "min_delta"), ({"min_delta": float("inf")}, "min_delta"),
     ({"on_plateau": None}, "on_plateau"), ({"on_plateau": "stop"}, "on_plateau"),
     ({"source": "history"}, "source"),

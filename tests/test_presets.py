@@ -19,6 +19,8 @@ from alignment_callback.callback.presets import (
     patch_mean,
     resolve_preset,
 )
+from alignment_callback.engine import AlignmentEngine
+from alignment_callback.functional.preprocessing import pool_features
 from tests import numpy_reference as ref
 from tests.helpers import LAYERS, RefMLP, make_probe, single_thread  # noqa: F401
 
@@ -118,12 +120,25 @@ def _prh_rows(x: np.ndarray, q=0.95) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_prh_preset_is_max_over_pairs_of_mutual_knn_on_clamped_normalized_rows():
+def _engine(preset):
+    """An engine with the preset's measurement arguments (pooling happens at capture)."""
+    args = resolve_preset(preset, {})
+    return AlignmentEngine(args["measures"], num_permutations=20,
+                           aggregate=args.get("aggregate", "max"), preprocess=args["preprocess"])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_the_callback_accepts_each_preset(name):
     cb = AlignmentCallback(RefMLP(), make_probe(), LAYERS, num_permutations=20,
-                           **resolve_preset("prh", {}))
+                           **resolve_preset(name, {}))
+    assert sorted(cb.measures) == sorted(PRESETS[name].arguments["measures"])
+
+
+def test_prh_preset_is_max_over_pairs_of_mutual_knn_on_clamped_normalized_rows():
+    engine = _engine("prh")
     xs, ys = _features(0), _features(1)
-    cb.engine.set_reference(ys)
-    result = cb.engine.step(xs, epoch=1).results["mutual_knn"]
+    engine.set_reference(ys)
+    result = engine.step(xs, epoch=1).results["mutual_knn"]
     scores = np.array([[ref.mutual_knn(_prh_rows(x.double().numpy()),
                                        _prh_rows(y.double().numpy()), k=10)
                         for y in ys.values()] for x in xs.values()])
@@ -132,15 +147,15 @@ def test_prh_preset_is_max_over_pairs_of_mutual_knn_on_clamped_normalized_rows()
 
 
 def test_repa_preset_is_cknna_on_patch_means():
-    cb = AlignmentCallback(RefMLP(), make_probe(), LAYERS, num_permutations=20,
-                           **resolve_preset("repa", {}))
-    assert cb.pool == "mean" and cb.reference_pool == "mean"
     g = torch.Generator().manual_seed(2)
     tokens_x, tokens_y = torch.randn(60, 16, 8, generator=g), torch.randn(60, 16, 6, generator=g)
     tokens_y = tokens_y + tokens_x[..., :6]  # related
-    pooled_x, pooled_y = tokens_x.mean(1), tokens_y.mean(1)  # what pool="mean" captures
-    cb.engine.set_reference({"r": pooled_y})
-    result = cb.engine.step({"m": pooled_x}, epoch=1).results["cknna"]
+    pool = resolve_preset("repa", {})["pool"]
+    pooled_x, pooled_y = pool_features(tokens_x, pool), pool_features(tokens_y, pool)
+    torch.testing.assert_close(pooled_x, tokens_x.mean(1))  # the patch average
+    engine = _engine("repa")
+    engine.set_reference({"r": pooled_y})
+    result = engine.step({"m": pooled_x}, epoch=1).results["cknna"]
     unit = [p.double().numpy() / np.linalg.norm(p.double().numpy(), axis=1, keepdims=True)
             for p in (pooled_x, pooled_y)]
     assert float(result.raw) == pytest.approx(ref.cknna(*unit, k=10), abs=1e-6)  # float32

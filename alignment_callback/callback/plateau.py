@@ -181,11 +181,12 @@ class AlignmentPlateau(Callback):
 
     # ---------------------------------------------------------------------------- setup
     def _logs_monitor(self, callback: AlignmentCallback) -> bool:
-        """``callback`` logs ``monitor`` (``<prefix>/<measure>/...`` of one of its measures)."""
+        """``callback`` logs ``monitor``: ``<prefix>/<measure>/<field>`` of one of its measures
+        (or ``<prefix>/<reference name>/<measure>/<field>``)."""
         head = f"{callback.log_prefix}/"
         if not self.monitor.startswith(head):
             return False
-        return self.monitor[len(head):].split("/", 1)[0] in callback.measures
+        return any(part in callback.measures for part in self.monitor[len(head):].split("/")[:-1])
 
     def _keys_of(self, callback: AlignmentCallback) -> str:
         return ", ".join(f"{callback.log_prefix}/{m}/calibrated" for m in callback.measures)

@@ -194,8 +194,9 @@ def resolve_preset(name: str | None, explicit_kwargs: Mapping[str, Any]) -> dict
     Raises:
         ValueError: an unknown name (the message lists the presets).
 
-    >>> resolve_preset("prh", {"aggregate": "mean", "pool": UNSET})
-    {'measures': {'mutual_knn': {'k': 10}}, 'preprocess': {'clamp_quantile': 0.95, 'normalize': True}, 'aggregate': 'mean'}
+    >>> settings = resolve_preset("prh", {"aggregate": "mean", "pool": UNSET})
+    >>> settings["measures"], settings["aggregate"], "pool" in settings
+    ({'mutual_knn': {'k': 10}}, 'mean', False)
     """
     given = {k: v for k, v in explicit_kwargs.items() if v is not UNSET}
     if name is None:

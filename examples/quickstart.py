@@ -1,16 +1,25 @@
 """Quickstart: watch a network's representations align with a frozen reference, calibrated.
 
 1. Train a reference MLP on scikit-learn's handwritten digits (8×8 images, 10 classes), freeze it.
-2. Train a student of another architecture, a small CNN (random affine augmentation), with
-   ``AlignmentCallback``: before training (epoch 0) and after every epoch, the 500 held-out
-   probe digits go through both networks and linear CKA, mutual kNN and CKNNA between every
-   layer pair are computed, together with their permutation null: raw score, threshold τ (what
-   chance alone reaches), calibrated score, p-value.  The callback works in the background
-   (``background=True``): the student's probe pass, the nulls and the heatmaps run in a worker
-   thread on a copy of the model while training goes on.
+2. Train a student of another architecture, a small CNN (random affine augmentation) whose output
+   layer is a wide random-feature layer, with two ``AlignmentCallback``s.  Before training
+   (epoch 0) and after every epoch, probe digits go through both networks and the callbacks
+   compute alignment with its permutation null: raw score, threshold τ (what chance alone
+   reaches), calibrated score, p-value.
+
+   * ``alignment/``: the CNN's layers (conv blocks, hidden layer, logits) against the
+     reference's, on the 500 held-out probe digits, with linear CKA, mutual kNN and CKNNA.
+     This is real alignment: calibrated rises far above τ.
+   * ``wide/``: the student's 2048-wide random-feature layer against the reference's layers on
+     the first 64 probe digits (a batch), linear CKA.  With d/n = 32, chance alone gives a high
+     raw score: before training raw CKA is ≈ 0.4 while calibrated is ≈ 0 (the width
+     confounder, here inside a real run).
+
+   The callbacks work in the background (``background=True``): the student's probe pass, the
+   nulls and the heatmaps run in worker threads on copies of the model while training goes on.
 3. Write ``alignment_curves.png`` and ``alignment_heatmap.png`` and print a summary.
 
-Runs in under a minute on 2 CPU cores, offline, no account needed::
+Runs in about a minute on 2 CPU cores, offline, no account needed::
 
     python examples/quickstart.py                      # W&B offline (+ CSV), upload later with `wandb sync`
     python examples/quickstart.py --logger tensorboard # or csv, mlflow
@@ -26,8 +35,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from typing import Any, Sequence
@@ -39,6 +50,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 LOGGER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "csv": None}
 PROJECT = "alignment-callback-quickstart"
+WIDE_FEATURES = 2048  # width of the student's random-feature layer
+WIDE_PROBE = 64       # probe digits for the wide layer: d/n = 32
 LEGEND = ("raw: what papers report · τ: what chance alone reaches here (permutation null) · "
           "calibrated: (raw − τ)/(1 − τ) if raw > τ, else 0\np: permutation p-value "
           "(smallest possible 1/(K+1)) · best pair: the layer pair with the highest raw score")
@@ -186,13 +199,39 @@ class DigitsMLP(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
+class RandomFourierFeatures(nn.Module):
+    """``cos(W · LayerNorm(h) + b)``: W ~ N(0, 1/ℓ²) and b ~ U[0, 2π) drawn once from ``seed``
+    and never trained (buffers).  An explicit ``out_dim``-wide feature map of the RBF kernel
+    exp(−‖h − h′‖²/(2ℓ²)), like the random-feature output layer of SNGP (Liu et al. 2020).
+
+    Layer-normalized inputs lie on a sphere of radius √in_dim, so with ℓ = 1 the kernel of two
+    inputs of correlation ρ is exp(−in_dim·(1 − ρ)): their features are nearly orthogonal unless
+    the inputs are almost identical (ρ > 0.98 for in_dim = 128).  In an untrained network every
+    digit then gets its own direction and the layer is wide in the sense that matters for CKA
+    (effective rank ≈ n); training pulls the digits of a class together and structure appears."""
+
+    def __init__(self, in_dim: int, out_dim: int, lengthscale: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.norm = nn.LayerNorm(in_dim, elementwise_affine=False)
+        self.register_buffer("weight", torch.randn(out_dim, in_dim, generator=g) / lengthscale)
+        self.register_buffer("bias", torch.rand(out_dim, generator=g) * (2 * math.pi))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.cos(nn.functional.linear(self.norm(h), self.weight, self.bias))
+
+
 class DigitsCNN(DigitsMLP):
     """A small VGG-style CNN on the digit upsampled to 16×16: ``blocks.0`` and ``blocks.1``
     (two 3×3 convolutions + max-pool each; mean-pooled over space when recorded), ``blocks.2``
-    (hidden layer of 128), ``head`` (logits).  Trained on random affine augmentations (rotation
-    ±10°, scale ±10 %, shift ±1 pixel) drawn from the global RNG."""
+    (hidden layer of 128), ``wide`` (with ``random_features`` > 0 that many fixed random Fourier
+    features of the hidden layer, :class:`RandomFourierFeatures`; else the identity), ``head``
+    (logits).  Trained on random affine augmentations (rotation ±10°, scale ±10 %, shift ±1
+    pixel) drawn from the global RNG.  The convolutions and the hidden layer do not depend on
+    ``random_features``."""
 
-    def __init__(self, width: int = 64, seed: int = 0, lr: float = 1e-3, classes: int = 10) -> None:
+    def __init__(self, width: int = 64, seed: int = 0, lr: float = 1e-3, classes: int = 10,
+                 random_features: int = 0) -> None:
         pl.LightningModule.__init__(self)
         self.save_hyperparameters()
         with torch.random.fork_rng(devices=[]):
@@ -206,7 +245,9 @@ class DigitsCNN(DigitsMLP):
                 conv_block(1, width), conv_block(width, 2 * width),
                 nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 128), nn.ReLU()),
             )
-            self.head = nn.Linear(128, classes)
+            self.wide = (RandomFourierFeatures(128, random_features, seed=seed + 500)
+                         if random_features else nn.Identity())
+            self.head = nn.Linear(random_features or 128, classes)
         self.lr = lr
 
     @staticmethod
@@ -216,7 +257,7 @@ class DigitsCNN(DigitsMLP):
                                          align_corners=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.blocks(self.image(x) if x.dim() == 2 else x))
+        return self.head(self.wide(self.blocks(self.image(x) if x.dim() == 2 else x)))
 
     def train_inputs(self, x: Tensor) -> Tensor:
         img = self.image(x)
@@ -257,16 +298,44 @@ def metric_history(history: Sequence[dict[str, Any]], metric: str, prefix: str =
 def plot_curves(history: Sequence[dict[str, Any]], metrics: Sequence[str], path: str,
                 title: str = "Student vs frozen reference on 500 probe digits "
                              "(epoch 0 = before training; max over layer pairs)") -> None:
+    """One panel per metric of one callback's history: raw, τ band, calibrated."""
+    plot_panels([(history, m, "alignment", m) for m in metrics], path, title, legend="upper left")
+
+
+Panel = tuple[Sequence[dict[str, Any]], str, str, str]  # history, metric, log prefix, title
+
+
+def plot_panels(panels: Sequence[Panel], path: str, title: str, ncols: int | None = None,
+                annotate_gap: Sequence[int] = (), legend: str = "best") -> None:
+    """Panels of raw, τ band and calibrated curves (``ncols`` per row, default all in one row);
+    for the panels listed in ``annotate_gap``, the epoch where raw − calibrated is largest is
+    marked with its numbers."""
     import matplotlib.pyplot as plt
 
     from alignment_callback.metrics.plotting import plot_scores
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.9), squeeze=False)
-    epochs = [h["epoch"] for h in history]
-    for ax, name in zip(axes[0], metrics):
-        plot_scores(metric_history(history, name), ax=ax, steps=epochs, xlabel="epoch",
-                    title=name)
-        ax.legend(loc="upper left", fontsize="small", framealpha=0.9)
+    ncols = ncols or len(panels)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
+    for i, (ax, (hist, metric, prefix, panel_title)) in enumerate(zip(axes.flat, panels)):
+        series = metric_history(hist, metric, prefix)
+        epochs = [h["epoch"] for h in hist]
+        plot_scores(series, ax=ax, steps=epochs, xlabel="epoch", title=panel_title)
+        ax.legend(loc=legend, fontsize="small", framealpha=0.9)
+        if i in annotate_gap:
+            j = max(range(len(series)), key=lambda t: series[t]["raw"] - series[t]["calibrated"])
+            raw, cal, tau = (float(series[j][f]) for f in ("raw", "calibrated", "threshold"))
+            ax.annotate("", xy=(epochs[j], cal), xytext=(epochs[j], raw),
+                        arrowprops={"arrowstyle": "<->", "color": "0.2", "lw": 1.2})
+            ax.annotate(f"epoch {epochs[j]}: raw {raw:.2f}, chance τ {tau:.2f}\n"
+                        f"→ calibrated {cal:.2f}",
+                        xy=(epochs[j] + 0.1, (raw + cal) / 2), fontsize="small", va="center",
+                        xytext=(epochs[j] + 0.05 * (epochs[-1] - epochs[0]) + 0.5,
+                                min((raw + cal) / 2 + 0.3, 0.9)),
+                        arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.8},
+                        bbox={"boxstyle": "round", "fc": "white", "ec": "0.6", "alpha": 0.9})
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -317,6 +386,36 @@ def summary_table(history: Sequence[dict[str, Any]], metrics: Sequence[str],
     return "\n".join(lines)
 
 
+def in_plain_words(history: Sequence[dict[str, Any]], wide: Sequence[dict[str, Any]],
+                   metric: str = "linear_cka") -> list[str]:
+    """One sentence for the real alignment (``alignment/``), one for the wide layer (``wide/``)."""
+    g = lambda h, p, f: float(h[f"{p}/{metric}/{f}"])  # noqa: E731
+    first, last = history[0], history[-1]
+    pair = str(last[f"alignment/{metric}/best_pair"]).replace("|", " | ")
+    above = g(last, "alignment", "calibrated") > 0
+    real = (f"Real alignment: {metric} of the student's layers with the reference's goes from raw "
+            f"{g(first, 'alignment', 'raw'):.2f} at epoch {first['epoch']} to "
+            f"{g(last, 'alignment', 'raw'):.2f} at epoch {last['epoch']} (best pair {pair}), "
+            f"{'far above' if above else 'no more than'} what chance alone reaches "
+            f"(τ = {g(last, 'alignment', 'threshold'):.2f}): calibrated "
+            f"{g(first, 'alignment', 'calibrated'):.2f} → "
+            f"{g(last, 'alignment', 'calibrated'):.2f}, p = {g(last, 'alignment', 'p_value'):.4f}.")
+    h = max(wide, key=lambda h: g(h, "wide", "raw") - g(h, "wide", "calibrated"))
+    when = " (before any training)" if h["epoch"] == 0 else ""
+    end = wide[-1]
+    aligned = g(end, "wide", "calibrated") > 0 and g(end, "wide", "p_value") <= 0.05
+    chance = (f"Chance posing as alignment: at epoch {h['epoch']}{when}, raw {metric} of the "
+              f"{WIDE_FEATURES}-wide random-feature layer on {WIDE_PROBE} probe digits is "
+              f"{g(h, 'wide', 'raw'):.2f}, but chance alone reaches "
+              f"{g(h, 'wide', 'threshold'):.2f} at this width (τ, d/n = "
+              f"{WIDE_FEATURES // WIDE_PROBE}): calibrated "
+              f"{g(h, 'wide', 'calibrated'):.2f}, so that raw {g(h, 'wide', 'raw'):.2f} is width, "
+              f"not alignment (at epoch {end['epoch']} the layer "
+              f"{'has really aligned' if aligned else 'is still at chance'}: raw "
+              f"{g(end, 'wide', 'raw'):.2f}, calibrated {g(end, 'wide', 'calibrated'):.2f}).")
+    return [real, chance]
+
+
 # -------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -358,8 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{accuracy(reference, x_train, y_train):.3f}, probe acc "
           f"{accuracy(reference, x_probe, y_probe):.3f}")
 
-    # 2. the student: another architecture (a CNN) and seed, tracked by the callback
-    student = DigitsCNN(seed=args.seed + 1)
+    # 2. the student: another architecture (a CNN, with a wide random-feature output layer) and
+    #    seed, tracked by two callbacks
+    student = DigitsCNN(seed=args.seed + 1, random_features=WIDE_FEATURES)
     callback = AlignmentCallback(
         reference=reference,
         probe=x_probe,                    # a fixed tensor of 500 held-out digits
@@ -370,35 +470,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         background=not args.foreground,   # compute while training goes on
     )
+    # the width confounder inside the run: the 2048-wide layer on a batch of 64 probe digits
+    wide_callback = AlignmentCallback(
+        reference=reference,
+        probe=x_probe[:WIDE_PROBE],
+        layers=["wide"],                  # student: the random Fourier features (d = 2048)
+        reference_layers=["blocks.*", "head"],
+        measures=["linear_cka"],
+        num_permutations=args.permutations,
+        every_n_epochs=1,
+        seed=args.seed,
+        background=not args.foreground,
+        log_prefix="wide",                # logged as wide/linear_cka/{raw, calibrated, ...}
+        log_heatmaps=False,               # one student layer: the curves say it all
+    )
     loggers = make_loggers(args.logger, args.out)
     for logger in loggers:
         logger.log_hyperparams({f"cli/{k}": v for k, v in vars(args).items()})
     t_fit = time.perf_counter()
-    trainer(args.epochs, loggers, [callback]).fit(student, train)
+    trainer(args.epochs, loggers, [callback, wide_callback]).fit(student, train)
     fit_seconds = time.perf_counter() - t_fit
 
     # 3. figures and summary
     metrics = list(callback.measures)
-    history = callback.history
+    history, wide = callback.history, wide_callback.history
     curves = os.path.join(args.out, "alignment_curves.png")
     heatmap = os.path.join(args.out, "alignment_heatmap.png")
-    plot_curves(history, metrics, curves)
+    n = len(x_probe)
+    panels: list[Panel] = [(history, m, "alignment", f"{m}: student layers, n = {n}")
+                           for m in metrics]
+    panels.insert(1, (wide, "linear_cka", "wide",
+                      f"linear_cka: {WIDE_FEATURES}-wide layer, n = {WIDE_PROBE}"))
+    plot_panels(panels, curves, ncols=2, annotate_gap=[1],
+                title="Student (CNN) vs frozen reference (MLP); epoch 0 = before training; max "
+                      "over layer pairs.\nTop left and bottom: real alignment, far above chance. "
+                      f"Top right: a wide layer (d/n = {WIDE_FEATURES // WIDE_PROBE}), where "
+                      "chance alone gives a high raw score.")
     plot_heatmaps(callback.last_results, heatmap, history[-1]["epoch"])
     where = finish_loggers(loggers, [curves, heatmap], args.out)
 
-    align_seconds = sum(float(h["alignment/seconds"]) for h in history)
+    align_seconds = sum(float(h[f"{c.log_prefix}/seconds"]) for c in (callback, wide_callback)
+                        for h in c.history)
     print()
     print(f"Alignment of the student (CNN) with the frozen reference (MLP 2×128), "
-          f"n={len(x_probe)} probe digits, K={args.permutations}, α=0.05, max over layer pairs:")
+          f"n={n} probe digits, K={args.permutations}, α=0.05, max over layer pairs:")
     print(summary_table(history, metrics))
+    print()
+    print(f"The student's wide layer ({WIDE_FEATURES} random Fourier features of its hidden layer, "
+          f"see RandomFourierFeatures) on the first n={WIDE_PROBE} probe digits:")
+    print(summary_table(wide, ["linear_cka"], prefix="wide"))
     print(LEGEND)
+    print()
+    print("In plain words:")
+    for sentence in in_plain_words(history, wide):
+        print(textwrap.fill(sentence, width=100, initial_indent="- ", subsequent_indent="  "))
     print()
     print(f"train accuracy: reference {accuracy(reference, x_train, y_train):.3f}, "
           f"student {accuracy(student, x_train, y_train):.3f}   "
           f"(probe: {accuracy(reference, x_probe, y_probe):.3f} / "
           f"{accuracy(student, x_probe, y_probe):.3f})")
     where_run = "in the foreground" if args.foreground else "in the background"
-    print(f"alignment: {len(history)} steps × {len(metrics)} metrics × K={args.permutations}, "
+    print(f"alignment: {len(history)} steps × ({len(metrics)} metrics + wide layer) × "
+          f"K={args.permutations}, "
           f"{align_seconds:.1f} s of computing {where_run}; student fit {fit_seconds:.1f} s; "
           f"total run {time.perf_counter() - t_start:.1f} s (benchmarks/bench_callback_overhead.py "
           "measures the overhead)")

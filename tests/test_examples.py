@@ -1,8 +1,9 @@
 """The examples run end to end as scripts (subprocesses, small settings) and print what they say.
 
-quickstart.py with the CSV logger and with W&B offline, confounders.py --quick (the width table
-must show the width confounder: raw CKA rising with d/n, calibrated 0), and text_reference.py
-when the ``[text]`` extras are installed.
+quickstart.py with the CSV logger (its CSV must show real alignment far above chance, and its
+wide layer's raw and calibrated CKA apart by >= 0.2 at epoch 0) and with W&B offline,
+confounders.py --quick (the width table must show the width confounder: raw CKA rising with d/n,
+calibrated 0), and text_reference.py when the ``[text]`` extras are installed.
 """
 
 from __future__ import annotations
@@ -68,11 +69,25 @@ def test_quickstart_csv(tmp_path):
     assert "train accuracy: reference" in out and "s of computing in the background" in out
     assert (tmp_path / "alignment_curves.png").stat().st_size > 10_000
     assert (tmp_path / "alignment_heatmap.png").stat().st_size > 10_000
-    rows = [r for r in csv_rows(tmp_path) if r.get("alignment/epoch")]
+    all_rows = csv_rows(tmp_path)
+    rows = [r for r in all_rows if r.get("alignment/epoch")]
     assert [float(r["alignment/epoch"]) for r in rows] == [0.0, 1.0, 2.0]
     for m in METRICS:
         for field in ("raw", "calibrated", "threshold", "p_value"):
             assert rows[-1][f"alignment/{m}/{field}"] != ""
+    # real alignment: the student's layers end far above chance
+    fields = ("raw", "calibrated", "threshold")
+    cka = {f: float(rows[-1][f"alignment/linear_cka/{f}"]) for f in fields}
+    assert cka["calibrated"] > 0.3 and cka["raw"] > cka["threshold"] + 0.3, cka
+    # the wide layer on 64 probe digits: at some epoch (epoch 0, untrained) raw and calibrated
+    # come apart by >= 0.2 because chance alone reaches that raw score (τ)
+    wide = [r for r in all_rows if r.get("wide/epoch")]
+    assert [float(r["wide/epoch"]) for r in wide] == [0.0, 1.0, 2.0]
+    w = [{f: float(r[f"wide/linear_cka/{f}"]) for f in fields} for r in wide]
+    assert max(x["raw"] - x["calibrated"] for x in w) >= 0.2, w
+    assert w[0]["raw"] - w[0]["calibrated"] >= 0.2 and w[0]["calibrated"] < 0.1, w[0]
+    assert w[0]["threshold"] >= w[0]["raw"] - 0.05, w[0]  # the raw score is what chance reaches
+    assert "Real alignment:" in out and "Chance posing as alignment:" in out
     assert not (tmp_path / "wandb").exists()
 
 

@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AlignmentCallback": "alignment_callback.callback",
+    "AlignmentPlateau": "alignment_callback.callback",
+    "AlignmentEngine": "alignment_callback.engine",
     "CalibratedAlignment": "alignment_callback.metrics",
     "LayerAlignment": "alignment_callback.metrics",
     "ActivationRecorder": "alignment_callback.hooks",

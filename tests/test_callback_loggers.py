@@ -206,12 +206,15 @@ def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env, background):
     assert image_files and all(f.startswith("media/images/alignment/") for f in image_files)
     for f in image_files:
         assert (run_dir / "files" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one table of every pair at every step per measure, logged once at the end of fit
     tables = glob.glob(str(run_dir / "files" / "media" / "table" / "alignment" / "*"
                            / "pairs_*.table.json"))
-    assert len(tables) == 3 * len(METRICS)
+    assert len(tables) == len(METRICS)
     table = json.loads(Path(tables[0]).read_text())
-    assert table["columns"] == ["model_layer", "reference_layer", "raw", "calibrated", "p_value"]
-    assert len(table["data"]) == len(LAYERS) ** 2
+    assert table["columns"] == ["epoch", "step", "model_layer", "reference_layer", "raw",
+                                "calibrated", "p_value"]
+    assert len(table["data"]) == 3 * len(LAYERS) ** 2
+    assert sorted({row[0] for row in table["data"]}) == [0, 1, 2]
 
 
 # -------------------------------------------------------------------------------------- MLflow

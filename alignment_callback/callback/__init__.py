@@ -1,5 +1,8 @@
-"""Lightning orchestration: :class:`AlignmentCallback`."""
+"""Lightning orchestration: :class:`AlignmentCallback`, :class:`AlignmentPlateau` and the
+presets."""
 
 from alignment_callback.callback.alignment_callback import AlignmentCallback
+from alignment_callback.callback.plateau import AlignmentPlateau
+from alignment_callback.callback.presets import PRESETS, resolve_preset
 
-__all__ = ["AlignmentCallback"]
+__all__ = ["AlignmentCallback", "AlignmentPlateau", "PRESETS", "resolve_preset"]

@@ -9,7 +9,6 @@ calls in ``dispatch.py``.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 import time
@@ -21,11 +20,19 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from alignment_callback.callback import dispatch
+from alignment_callback.callback import dispatch, feedback
 from alignment_callback.callback.background import BackgroundQueue, Job, ModelCopy, Snapshot
 from alignment_callback.callback.distributed import guarded_step
-from alignment_callback.callback.probe import Probe, iterate_probe, load_probe, load_reference
-from alignment_callback.engine import AlignmentEngine, StepResult
+from alignment_callback.callback.presets import resolve_preset
+from alignment_callback.callback.probe import Probe, iterate_probe, load_probe
+from alignment_callback.callback.reference import (
+    Reference,
+    ReferenceSpec,
+    check_features,
+    feature_dtype,
+    resolve_references,
+)
+from alignment_callback.engine import AlignmentEngine
 from alignment_callback.engine.engine import MeasuresSpec
 from alignment_callback.functional.aggregation import Aggregate
 from alignment_callback.hooks import collect_activations, resolve_layers
@@ -35,7 +42,8 @@ from alignment_callback.hooks.collect import preserved_rng
 LayerSpec = Union[str, Sequence[str], Mapping[str, str]]
 
 DEFAULT_MEASURES = ("linear_cka", "mutual_knn", "cknna")
-Outcome = tuple[StepResult, dict[str, Any]]  # a step's result and its rendered heatmaps
+Results = dict  # {reference name (None: the single reference): StepResult}
+Outcome = tuple[Results, dict[str, Any], int, int, float]  # results, heatmaps, epoch, step, s
 
 
 class AlignmentCallback(Callback):
@@ -87,8 +95,16 @@ class AlignmentCallback(Callback):
     Single-process runs only: under DDP the callback runs in the foreground.
 
     Args:
-        reference: frozen reference (``nn.Module``/``LightningModule``) or a checkpoint path
-            (see ``reference_class``).  It is put in eval mode with ``requires_grad_(False)``.
+        reference: what the model is compared with: a frozen model (``nn.Module`` /
+            ``LightningModule``, put in eval mode with ``requires_grad_(False)``) or a
+            checkpoint path (see ``reference_class``); its features instead, a
+            ``{layer: (n, ...) tensor}`` mapping or a feature file (``.pt``, ``.npz``,
+            ``.safetensors``, ...; one written by ``alignment-callback extract`` carries its
+            probe's fingerprint, checked against ``probe``); ``"initial"`` (the model's own
+            activations at the start of fit) or ``"previous"`` (at the previous step), layer by
+            layer; or ``{name: reference}`` for several, sharing the model's probe pass, keys
+            ``<prefix>/<name>/<measure>/...`` (``reference_layers`` / ``reference_inputs`` may
+            then be keyed by name too).
         probe: the probe inputs: a ``DataLoader`` with a sequential sampler, a tensor, a
             ``.pt`` path, a callable returning batches, or a list of batches; the same rows in
             the same order every time.
@@ -97,12 +113,20 @@ class AlignmentCallback(Callback):
         reference_layers: reference layers (default: the same names as ``layers``).
         measures: names (default ``("linear_cka", "mutual_knn", "cknna")``) or a mapping
             ``{name: {options}}`` e.g. ``{"mutual_knn": {"k": 5}}``.
+        preset: ``"prh"`` (mutual kNN k = 10, rows clamped at the 0.95 quantile and
+            L2-normalized, max over layer pairs: PRH's ``measure_alignment``) or ``"repa"``
+            (CKNNA k = 10 on patch-averaged features, as REPA's public threads describe it);
+            each documents its sources and what is unknown (``PRESETS``).  Explicit
+            ``measures`` / ``aggregate`` / ``pool`` / ``reference_pool`` / ``preprocess``
+            override it.
         every_n_epochs: run after every n-th training epoch (default 1).
         every_n_train_steps: run every n optimizer steps instead (default None).
         num_permutations: K (default 500). alpha: τ level (default 0.05).
         aggregate: ``"max"`` (default), ``"mean"``, ``"topK"`` or a callable.
         seed: permutation seed (default 0). baseline: run once before training (default True).
-        pool / reference_pool: pooling of 3-D+ outputs (default ``"mean"``).
+        pool / reference_pool: pooling of 3-D+ outputs (default ``"mean"``; dict batches are
+            passed to the model as ``**kwargs``, and token outputs are pooled over the
+            ``mask_key`` entry of the batch, default ``"attention_mask"``; None disables it).
         preprocess: feature preprocessing (default True: L2-normalize rows).
         log_prefix: key prefix (default ``"alignment"``). log_heatmaps: default True.
         log_pairs: also log every pair's raw score (default False).
@@ -120,26 +144,34 @@ class AlignmentCallback(Callback):
             Pearson type III null: a p-value at every step for the cost of a few traces;
             gram-family measures on one layer pair) or ``"auto"`` (moments where validated,
             permutations elsewhere, e.g. for an aggregate over layer pairs).
+        verbose: one console line per measure after each step, and the reference's probe pass
+            as a progress bar (rank 0; default True).
+        progress_bar: calibrated values on Lightning's progress bar (default True).
+        report: write ``alignment_report.md`` / ``.html`` next to the logs at the end of fit
+            (curves, last heatmaps, final values with Benjamini–Hochberg p, settings, one
+            sentence per curve; W&B also keeps it as a file) (default True).
+        mask_key: the dict-batch key of an attention mask for pooling (default
+            ``"attention_mask"``).
         metrics: deprecated name of ``measures``.
     """
 
     def __init__(
         self,
-        reference: Union[nn.Module, str, os.PathLike],
+        reference: ReferenceSpec,
         probe: Probe,
         layers: LayerSpec,
-        reference_layers: Union[str, Sequence[str], None] = None,
-        measures: MeasuresSpec = DEFAULT_MEASURES,
+        reference_layers: Any = None,
+        measures: MeasuresSpec | None = None,
         every_n_epochs: int | None = 1,
         every_n_train_steps: int | None = None,
         num_permutations: int = 500,
         alpha: float = 0.05,
-        aggregate: Aggregate = "max",
+        aggregate: Aggregate | None = None,
         seed: int = 0,
         baseline: bool = True,
-        pool: Any = "mean",
+        pool: Any = None,
         reference_pool: Any = None,
-        preprocess: Any = True,
+        preprocess: Any = None,
         log_prefix: str = "alignment",
         log_heatmaps: bool = True,
         log_pairs: bool = False,
@@ -154,6 +186,11 @@ class AlignmentCallback(Callback):
         log_to_module: bool = True,
         background: bool = False,
         null: str = "permutation",
+        verbose: bool = True,
+        progress_bar: bool = True,
+        report: bool = True,
+        mask_key: str | None = "attention_mask",
+        preset: str | None = None,
         metrics: MeasuresSpec | None = None,
     ) -> None:
         if metrics is not None:
@@ -161,6 +198,15 @@ class AlignmentCallback(Callback):
                           "measures= (a measure is the math, a metric the torchmetrics object)",
                           DeprecationWarning, stacklevel=2)
             measures = metrics
+        given = {"measures": measures, "aggregate": aggregate, "pool": pool,
+                 "reference_pool": reference_pool, "preprocess": preprocess}
+        chosen = resolve_preset(preset, {k: v for k, v in given.items() if v is not None})
+        measures = chosen.get("measures", DEFAULT_MEASURES)
+        aggregate = chosen.get("aggregate", "max")
+        pool = chosen.get("pool", "mean")
+        reference_pool = chosen.get("reference_pool")
+        preprocess = chosen.get("preprocess", True)
+        self.preset = preset
         self.__validate_init_configuration(on_error, log_prefix, every_n_epochs,
                                            every_n_train_steps)
         self.__init_triggers(every_n_epochs, every_n_train_steps, baseline)
@@ -169,32 +215,40 @@ class AlignmentCallback(Callback):
             self.pair_map = dict(layers)
             layers, reference_layers = list(layers.keys()), list(layers.values())
         self.layers = layers
-        self.reference_layers = reference_layers if reference_layers is not None else layers
-        self.engine = AlignmentEngine(measures, num_permutations, alpha, seed, aggregate,
-                                      pairs=self.pair_map, preprocess=preprocess, null=null)
-        self.reference = load_reference(reference, reference_class)
+        engine_options = dict(measures=measures, num_permutations=num_permutations, alpha=alpha,
+                              seed=seed, aggregate=aggregate, preprocess=preprocess, null=null)
+        AlignmentEngine(**engine_options)  # checks measures and options now, before training
+        self.references = resolve_references(
+            reference, lambda pairs: AlignmentEngine(pairs=pairs, **engine_options),
+            layers=layers, reference_layers=reference_layers, reference_inputs=reference_inputs,
+            reference_input_key=reference_input_key,
+            reference_batch_transform=reference_batch_transform,
+            reference_pool=pool if reference_pool is None else reference_pool,
+            reference_class=reference_class, input_key=input_key,
+            batch_transform=batch_transform, pairs=self.pair_map)
         self.probe = load_probe(probe)
-        self.reference_inputs = load_probe(reference_inputs) if reference_inputs is not None else None
         self.pool = pool
-        self.reference_pool = pool if reference_pool is None else reference_pool
         self.log_prefix = log_prefix
         self.log_heatmaps = log_heatmaps
         self.log_pairs = log_pairs
         self.on_error = on_error
         self.input_key = input_key
         self.batch_transform = batch_transform
-        self.reference_input_key = reference_input_key if reference_inputs is not None else input_key
-        self.reference_batch_transform = (
-            reference_batch_transform if reference_inputs is not None else batch_transform
-        )
+        self.mask_key = mask_key
         self.compute_device = compute_device
         self.log_to_module = log_to_module
         self.background = background
+        self.verbose = verbose
+        self.progress_bar = progress_bar
+        self.report = report
+        self.report_paths: tuple[str, str] | None = None
+        self._tables: dict[str, list[list[Any]]] = {}  # W&B: every pair at every step, per key
+        self._samples: int | None = None  # probe samples (known after the first step)
+        self._names_logged = False  # the layer index -> name map went to the loggers
         self._queue = BackgroundQueue()
         self._threaded = False  # background in effect for the current fit
         self._copy: ModelCopy | None | bool = None  # the worker's model copy (False: not possible)
         self._probe_batches: Any = None
-        self._reference_acts: dict[str, Tensor] | None = None  # until the reference is prepared
         self._device = torch.device("cpu")  # where the measures compute
         self._scratch: str | None = None  # heatmap PNGs for W&B when no CSV logger writes them
         self._resume_pending: list[tuple[int, int]] = []  # from a checkpoint: steps to redo
@@ -220,6 +274,21 @@ class AlignmentCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
         self.baseline = baseline
+
+    @property
+    def engine(self) -> AlignmentEngine:
+        """The first reference's engine (every reference's has the same measures and options)."""
+        return self.references[0].engine
+
+    @property
+    def reference(self) -> Any:
+        """The reference: its model, features or drift mode (a dict by name for several)."""
+        def one(ref: Reference) -> Any:
+            return ref.module if ref.kind == "model" else ref.features if ref.kind == "features" else ref.kind
+
+        if len(self.references) == 1 and self.references[0].name is None:
+            return one(self.references[0])
+        return {ref.name: one(ref) for ref in self.references}
 
     @property
     def measures(self) -> dict[str, Any]:
@@ -255,7 +324,7 @@ class AlignmentCallback(Callback):
         checkpoint's, when the checkpoint was written at that step).
         """
         done, running = self._queue.snapshot()
-        history = self.history + [self._entry(outcome[0]) for outcome in done if outcome is not None]
+        history = self.history + [self._entry(outcome) for outcome in done if outcome is not None]
         return {"history": [dict(h) for h in history], "pending": [list(p) for p in running]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -268,11 +337,20 @@ class AlignmentCallback(Callback):
         if stage != "fit":
             return
         resolve_layers(pl_module, self.layers, "student model")
-        resolve_layers(self.reference, self.reference_layers, "reference model")
+        for ref in self.references:
+            if ref.kind == "model":
+                what = "reference model" if ref.name is None else f"reference model {ref.name!r}"
+                resolve_layers(ref.module, ref.layers, what)
+        if any(ref.kind == "initial" for ref in self.references) and self.history:
+            rank_zero_warn("reference='initial' on a resumed run compares with the activations "
+                           "at the start of this fit, not of the original one", category=UserWarning)
         if self.background:
             for cb in trainer.callbacks:
                 monitor = getattr(cb, "monitor", None)
                 if isinstance(monitor, str) and monitor.startswith(f"{self.log_prefix}/"):
+                    reads_history_of = getattr(cb, "reads_history_of", None)
+                    if callable(reads_history_of) and reads_history_of(self):
+                        continue  # it reads the history, which every result reaches
                     raise ValueError(
                         f"{type(cb).__name__}(monitor={monitor!r}) cannot watch an alignment key "
                         "computed with AlignmentCallback(background=True): background results "
@@ -282,19 +360,29 @@ class AlignmentCallback(Callback):
                     )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The reference's probe pass, once; a probe too small for a measure is an error."""
+        """The references' probe pass (or features), once per fit; a probe too small for a
+        measure, or features of another probe, is an error."""
         model_device = model_device_of(pl_module)
         self._device = model_device if self.compute_device is None else torch.device(self.compute_device)
-        self.engine.device = self._device
-        if self.engine.reference is None:
-            acts = self._reference_activations(model_device)
+        for ref in self.references:
+            ref.engine.device = self._device
+            if ref.engine.reference is not None or ref.drift:
+                continue
+            if ref.kind == "features":
+                check_features(ref, iterate_probe(self.probe))
+                acts = feature_dtype(ref.features, self._device)
+            else:
+                acts = self._reference_activations(ref, model_device, trainer.is_global_zero)
             n = next(iter(acts.values())).shape[0]
-            self.engine.check_samples(n, "the probe")
-            self._reference_acts = acts
+            ref.engine.check_samples(n, "the probe")
+            ref.pending = acts
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         axis = "step" if self.every_n_train_steps is not None else "epoch"
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
+        dispatch.define_summaries(trainer.loggers, [
+            f"{self._key_prefix(ref)}/{m}/{field}" for ref in self.references
+            for m in self.measures for field in ("calibrated", "raw", "p_value")])
         if self.log_heatmaps and importlib.util.find_spec("matplotlib") is None:
             rank_zero_warn("log_heatmaps needs matplotlib; skipping heatmaps", category=RuntimeWarning)
             self.log_heatmaps = False
@@ -331,6 +419,8 @@ class AlignmentCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._publish(trainer, self._queue.ready(wait=True))
         self._queue.shutdown()
+        if trainer.is_global_zero and self.history:
+            self._fit_end(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Publish the background steps that had finished, drop the rest."""
@@ -340,8 +430,9 @@ class AlignmentCallback(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._queue.shutdown(cancel=True)
-        self.engine.clear()  # drop cached reference state (memory)
-        self._reference_acts = None
+        for ref in self.references:  # drop cached reference state (memory)
+            ref.engine.clear()
+            ref.pending = None
         self._copy, self._probe_batches = None, None
         if self._scratch is not None:  # W&B copied the files into its run directory
             shutil.rmtree(self._scratch, ignore_errors=True)
@@ -448,13 +539,19 @@ class AlignmentCallback(Callback):
                        in_batch_hook: bool) -> None:
         if not self.log_to_module:
             return
-        for name in self.measures:
-            key = f"{self.log_prefix}/{name}/calibrated"
+        for key in self._calibrated_keys():
             if key in values:
                 # from a batch hook log on_step: with on_epoch the monitors would see the
                 # epoch mean of the steps' values, and only at the end of the epoch
                 pl_module.log(key, float(values[key]), logger=False, on_step=in_batch_hook,
-                              on_epoch=not in_batch_hook)
+                              on_epoch=not in_batch_hook, prog_bar=self.progress_bar)
+
+    def _calibrated_keys(self) -> list[str]:
+        return [f"{self._key_prefix(ref)}/{m}/calibrated" for ref in self.references
+                for m in self.measures]
+
+    def _key_prefix(self, ref: Reference) -> str:
+        return self.log_prefix if ref.name is None else f"{self.log_prefix}/{ref.name}"
 
     # -------------------------------------------------------------------------- capture
     def _collect(self, model: nn.Module, batches: Any, layers: Any, pool: Any, input_key: Any,
@@ -462,17 +559,20 @@ class AlignmentCallback(Callback):
                  ) -> dict[str, Tensor]:
         acts = collect_activations(
             model, batches, layers, pool=pool, device=model_device, input_key=input_key,
-            batch_transform=transform, restore_rng=restore_rng,
+            batch_transform=transform, restore_rng=restore_rng, mask_key=self.mask_key,
             to_cpu=self._device.type == "cpu",
         )
         return {k: v.to(self._device) for k, v in acts.items()}
 
-    def _reference_activations(self, model_device: torch.device) -> dict[str, Tensor]:
-        self.reference.to(model_device)
-        ref_probe = self.probe if self.reference_inputs is None else self.reference_inputs
-        return self._collect(self.reference, iterate_probe(ref_probe), self.reference_layers,
-                             self.reference_pool, self.reference_input_key,
-                             self.reference_batch_transform, model_device)
+    def _reference_activations(self, ref: Reference, model_device: torch.device,
+                               show: bool) -> dict[str, Tensor]:
+        """A reference model's probe pass (with a progress bar on rank 0 when verbose)."""
+        ref.module.to(model_device)
+        probe = iterate_probe(self.probe if ref.inputs is None else ref.inputs)
+        batches = feedback.progress(probe, f"alignment: {ref.label} probe pass",
+                                    self.verbose and show and not isinstance(probe, Tensor))
+        return self._collect(ref.module, batches, ref.layers, ref.pool, ref.input_key,
+                             ref.batch_transform, model_device)
 
     def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
                            restore_rng: bool = True) -> dict[str, Tensor]:
@@ -553,33 +653,71 @@ class AlignmentCallback(Callback):
     @torch.no_grad()
     def _compute(self, captured: tuple[dict[str, Tensor], float], epoch: int, step: int,
                  render: bool, distributed: bool = False) -> Outcome:
-        """Every measure on captured activations, and the heatmaps: may run in the worker.
-        ``distributed``: this process computes its share of the permutations only."""
+        """Every reference and measure on captured activations, and the heatmaps: may run in
+        the worker.  ``distributed``: this process computes its share of the permutations."""
+        start = time.perf_counter()
         acts, capture_seconds = captured
-        if self.engine.reference is None:
-            self.engine.set_reference(self._reference_acts)
-            self._reference_acts = None
-        if distributed:
-            result = guarded_step(self.engine.step, self.engine.num_permutations, layers=acts,
-                                  epoch=epoch, step=step, seconds=capture_seconds)
-        else:
-            result = self.engine.step(acts, epoch=epoch, step=step, seconds=capture_seconds)
+        results: Results = {}
+        for ref in self.references:
+            engine = ref.engine
+            if ref.drift and engine.reference is None:
+                engine.pairs = {name: name for name in acts}  # per layer: each with itself
+                engine.set_reference(acts)
+                if ref.kind == "previous":
+                    continue  # nothing before the first step
+            elif engine.reference is None:
+                engine.set_reference(ref.pending)
+                ref.pending = None
+            if distributed:
+                results[ref.name] = guarded_step(engine.step, engine.num_permutations,
+                                                 layers=acts, epoch=epoch, step=step)
+            else:
+                results[ref.name] = engine.step(acts, epoch=epoch, step=step)
+            if ref.kind == "previous":
+                engine.set_reference(acts)  # the next step's reference
         del acts, captured
         images = {}
         if self.log_heatmaps and render:
             from alignment_callback.metrics.plotting import heatmap_image
 
-            for name, r in result.results.items():
-                image = heatmap_image(r, f"{name} after epoch {epoch} (step {step})")
-                images[name] = (image, dispatch.encode_png(image))
-        return result, images
+            for label, r in self._flat(results).items():
+                image = heatmap_image(r, f"{label} after epoch {epoch} (step {step})")
+                images[label] = (image, dispatch.encode_png(image))
+        return results, images, epoch, step, capture_seconds + time.perf_counter() - start
+
+    @staticmethod
+    def _flat(results: Results) -> dict[str, Any]:
+        """``{measure label: result}``, prefixed by the reference's name for several."""
+        return {(m if name is None else f"{name}/{m}"): r
+                for name, step in results.items() for m, r in step.results.items()}
 
     def _capture_and_compute(self, pl_module: LightningModule, epoch: int, step: int,
                              render: bool, distributed: bool = False) -> Outcome:
         return self._compute(self._capture(pl_module), epoch, step, render, distributed)
 
-    def _entry(self, result: StepResult) -> dict[str, Any]:
-        return result.history_entry(self.log_prefix, self.log_pairs)
+    def _entry(self, outcome: Outcome) -> dict[str, Any]:
+        """The history entry of a step: the logged scalars, ``epoch``, ``step`` and the best
+        pairs by name (``<prefix>[/<reference>]/<measure>/...`` keys)."""
+        results, _, epoch, step, seconds = outcome
+        entry: dict[str, Any] = {f"{self.log_prefix}/epoch": float(epoch),
+                                 f"{self.log_prefix}/step": float(step)}
+        own = {f"{{}}/{field}" for field in ("epoch", "step", "seconds")}
+        for ref in self.references:
+            if ref.name not in results:
+                continue
+            prefix = self._key_prefix(ref)
+            scalars = results[ref.name].history_entry(prefix, self.log_pairs)
+            entry.update({k: v for k, v in scalars.items()
+                          if k not in {o.format(prefix) for o in own} and k not in ("epoch", "step")})
+            if ref.drift:  # per layer: each layer against its own earlier activations
+                for m, r in results[ref.name].results.items():
+                    for a, name in enumerate(r.x_names):
+                        b = r.y_names.index(name)
+                        entry[f"{prefix}/{m}/layer/{name}/raw"] = float(r.matrix[a, b])
+                        entry[f"{prefix}/{m}/layer/{name}/calibrated"] = float(r.pair_calibrated[a, b])
+        entry[f"{self.log_prefix}/seconds"] = float(seconds)
+        entry.update(epoch=epoch, step=step)
+        return entry
 
     def run(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> dict[str, Any]:
         """One synchronous alignment step: capture, compute every measure, log; returns the
@@ -588,26 +726,83 @@ class AlignmentCallback(Callback):
         return self.history[-1]
 
     def _log_outcome(self, trainer: Trainer, outcome: Outcome) -> None:
-        """Scalars, heatmaps and tables to the loggers; the entry to the history (main thread)."""
-        result, images = outcome
-        entry = self._entry(result)
-        step = result.step
-        dispatch.log_scalars(trainer.loggers, result.scalars(self.log_prefix, self.log_pairs), step)
-        for name, (image, png) in images.items():
+        """Scalars, best pairs by name, heatmaps to the loggers; the entry to the history and a
+        line per measure to the console (main thread)."""
+        results, images, epoch, step, _ = outcome
+        entry = self._entry(outcome)
+        flat = self._flat(results)
+        if trainer.loggers:
+            if flat and not self._names_logged:
+                self._log_layer_names(trainer, flat)
+                self._names_logged = True
+            texts = {k: v for k, v in entry.items() if isinstance(v, str)}
+            dispatch.log_text(trainer.loggers, texts, step)
+            dispatch.log_scalars(trainer.loggers, {k: v for k, v in entry.items()
+                                                   if k.startswith(f"{self.log_prefix}/")
+                                                   and not isinstance(v, str)}, step)
+        for label, (image, png) in images.items():
             if self._scratch is None:
                 self._scratch = tempfile.mkdtemp(prefix="alignment_heatmaps_")
-            dispatch.log_image(trainer.loggers, f"{self.log_prefix}/{name}/heatmap", image, png,
-                               step, f"epoch{result.epoch:04d}_step{step:06d}", self._scratch)
-        if self.log_heatmaps and trainer.loggers:
-            for name, r in result.results.items():
-                rows = [[xa, yb, float(r.matrix[a, b]), float(r.pair_calibrated[a, b]),
-                         float(r.pair_p_value[a, b])]
-                        for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names)]
-                dispatch.log_table(trainer.loggers, f"{self.log_prefix}/{name}/pairs",
-                                   ["model_layer", "reference_layer", "raw", "calibrated", "p_value"],
-                                   rows, step)
-        self.last_results = result.results
+            dispatch.log_image(trainer.loggers, f"{self.log_prefix}/{label}/heatmap", image, png,
+                               step, f"epoch{epoch:04d}_step{step:06d}", self._scratch)
+        for label, r in flat.items():
+            self._tables.setdefault(label, []).extend(
+                [epoch, step, xa, yb, float(r.matrix[a, b]), float(r.pair_calibrated[a, b]),
+                 float(r.pair_p_value[a, b])]
+                for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names))
+        if self.verbose:
+            feedback.emit(trainer, feedback.step_lines(results, epoch, step, self.log_prefix))
+        self.last_results = flat
+        self._samples = next(iter(results.values())).n if results else self._samples
         self.history.append(entry)
+
+    def _log_layer_names(self, trainer: Trainer, flat: dict[str, Any]) -> None:
+        """The index → name map of the best-layer scalars, once (every logger)."""
+        first = next(iter(flat.values()))
+        names = {"model": first.x_names}
+        for label, r in flat.items():
+            names[f"reference/{label}"] = r.y_names
+        dispatch.log_layer_names(trainer.loggers, self.log_prefix, names)
+
+    def _fit_end(self, trainer: Trainer) -> None:
+        """W&B: one chart of raw, τ and calibrated and one table of every pair per measure;
+        every run: the end-of-fit report next to the logs (a file in W&B)."""
+        xs = [h["epoch"] if self.every_n_train_steps is None else h["step"] for h in self.history]
+        xname = "epoch" if self.every_n_train_steps is None else "step"
+        for label in self.last_results:
+            prefix = f"{self.log_prefix}/{label}"
+            series = {"raw": [h.get(f"{prefix}/raw") for h in self.history],
+                      "τ": [h.get(f"{prefix}/threshold") for h in self.history],
+                      "calibrated": [h.get(f"{prefix}/calibrated") for h in self.history]}
+            keep = [i for i, v in enumerate(series["raw"]) if v is not None]
+            dispatch.log_curves(trainer.loggers, f"{prefix}/curves", [xs[i] for i in keep],
+                                {k: [v[i] for i in keep] for k, v in series.items()},
+                                f"{label}: raw, τ and calibrated", xname)
+            dispatch.log_table(trainer.loggers, f"{prefix}/pairs",
+                               ["epoch", "step", "model_layer", "reference_layer", "raw",
+                                "calibrated", "p_value"], self._tables.get(label, []))
+        if not self.report or importlib.util.find_spec("matplotlib") is None:
+            return
+        settings = {"n": self._samples, "K": self.num_permutations, "alpha": self.alpha,
+                    "seed": self.seed, "measures": {k: m.kwargs for k, m in self.measures.items()},
+                    "aggregate": str(self.engine.aggregate), "null": self.engine.null,
+                    "model layers": self.layers,
+                    "references": {ref.label: f"{ref.kind}: {ref.path or ref.layers}"
+                                   for ref in self.references}}
+        folder = dispatch.log_dir(trainer.loggers)
+        if folder is None:  # no logger: no logs to write it next to
+            return
+        try:
+            self.report_paths = feedback.write_report(folder, self.history, settings,
+                                                      self.last_results, self.log_prefix, self.alpha)
+        except Exception as err:  # noqa: BLE001 - a report never fails a finished fit
+            rank_zero_warn(f"the alignment report could not be written: {type(err).__name__}: {err}",
+                           category=RuntimeWarning)
+            return
+        dispatch.save_file(trainer.loggers, self.report_paths[0])
+        if self.verbose:
+            feedback.emit(trainer, [f"{self.log_prefix} report: {self.report_paths[0]}"])
+
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -3,8 +3,11 @@
 Scalars go through each logger's ``log_metrics`` (rank-zero only inside each logger; W&B's
 logger keeps its own step sync, we never call ``wandb.log(step=...)``).  Heatmaps, rendered
 once to an RGB array, go where a logger takes images: W&B (``log_image``), TensorBoard
-(``add_image``), MLflow (``log_image``); the CSV logger gets PNG files in its log directory.  W&B also gets a
-``wandb.Table`` of the layer matrix.
+(``add_image``), MLflow (``log_image``); the CSV logger gets PNG files in its log directory.
+Best layer pairs are logged by name where a logger takes text (W&B, TensorBoard, MLflow tags);
+a layer index → name map goes to every logger's hyperparameters once.  At the end of fit W&B
+gets, per measure, a summary (best calibrated, last p), one chart of raw, τ and calibrated, and
+one table of every pair at every step; the end-of-fit report goes to W&B as a file.
 """
 
 from __future__ import annotations
@@ -97,8 +100,78 @@ def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: in
     return written
 
 
-def log_table(loggers: Sequence[Any], key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+def log_text(loggers: Sequence[Any], texts: Mapping[str, str], step: int) -> None:
+    """Strings (best layer pairs by name) where a logger takes text."""
+    for logger in loggers:
+        kind = _kind(logger)
+        if kind == "wandb":
+            logger.experiment.log(dict(texts), commit=False)
+        elif kind == "tensorboard":
+            for key, text in texts.items():
+                logger.experiment.add_text(key, text, global_step=step)
+        elif kind == "mlflow":
+            for key, text in texts.items():
+                logger.experiment.set_tag(logger.run_id, key, text)
+
+
+def log_layer_names(loggers: Sequence[Any], prefix: str, names: Mapping[str, Sequence[str]]) -> None:
+    """The index → name map of the ``best_model_layer`` / ``best_reference_layer`` scalars, as
+    hyperparameters (``<prefix>/layers/<side>``: the names in index order), once."""
+    params = {f"{prefix}/layers/{side}": list(map(str, values)) for side, values in names.items()}
+    for logger in loggers:
+        try:
+            logger.log_hyperparams(params)
+        except Exception:  # noqa: BLE001 - a logger without hyperparameters: nothing to do
+            pass
+
+
+def define_summaries(loggers: Sequence[Any], keys: Sequence[str]) -> None:
+    """W&B run summary: the best calibrated score and raw score, the last p-value."""
+    for logger in loggers:
+        if _kind(logger) != "wandb":
+            continue
+        try:
+            exp = logger.experiment
+            for key in keys:
+                summary = "min" if key.endswith("/p_value") else "max"
+                exp.define_metric(key, summary=summary)
+        except Exception:  # noqa: BLE001 - a disabled run: nothing to configure
+            pass
+
+
+def log_curves(loggers: Sequence[Any], key: str, xs: Sequence[float],
+               series: Mapping[str, Sequence[float]], title: str, xname: str) -> None:
+    """W&B: one line chart of several series (raw, τ, calibrated) against the epoch."""
+    for logger in loggers:
+        if _kind(logger) != "wandb":
+            continue
+        import wandb
+
+        chart = wandb.plot.line_series(xs=list(xs), ys=[list(v) for v in series.values()],
+                                       keys=list(series), title=title, xname=xname)
+        logger.experiment.log({key: chart}, commit=False)
+
+
+def log_table(loggers: Sequence[Any], key: str, columns: list[str], rows: list[list[Any]],
+              step: int | None = None) -> None:
     """W&B tables (other loggers have no table type)."""
     for logger in loggers:
         if _kind(logger) == "wandb":
             logger.log_table(key=key, columns=columns, data=rows, step=step)
+
+
+def save_file(loggers: Sequence[Any], path: str) -> None:
+    """W&B: keep a file (the end-of-fit report) with the run."""
+    for logger in loggers:
+        if _kind(logger) == "wandb":
+            logger.experiment.save(path, base_path=os.path.dirname(path), policy="now")
+
+
+def log_dir(loggers: Sequence[Any]) -> str | None:
+    """Where files written next to the logs go: the first logger's directory (None without
+    loggers)."""
+    for logger in loggers:
+        folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        if folder:
+            return str(folder)
+    return None

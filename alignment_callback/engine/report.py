@@ -327,10 +327,12 @@ def history_series(history: Sequence[Mapping[str, Any]], prefix: str = "alignmen
     for entry in history:
         for key in entry:
             parts = key.split("/")
-            if key.startswith(start) and len(parts) == 3:
-                names = fields.setdefault(parts[1], [])
-                if parts[2] not in names:
-                    names.append(parts[2])
+            # <prefix>[/<reference>]/<measure>/<field>; per-pair and per-layer keys are left out
+            if (key.startswith(start) and len(parts) >= 3 and "pair" not in parts[2:-1]
+                    and "layer" not in parts[2:-1]):
+                names = fields.setdefault("/".join(parts[1:-1]), [])
+                if parts[-1] not in names:
+                    names.append(parts[-1])
     out: dict[str, dict[str, list[Any]]] = {"": {
         "epoch": [e.get("epoch", e.get(f"{start}epoch")) for e in history],
         "step": [e.get("step", e.get(f"{start}step")) for e in history],

@@ -1,18 +1,6 @@
-"""Read saved features for the offline command-line tool (``alignment-callback compare/matrix``).
-
-A *feature file* holds the activations of one model on the probe inputs, rows = samples in a
-fixed order (the same order in every file that is compared):
-
-* ``.pt`` / ``.pth``: a tensor (one layer, named ``"features"``), a ``{layer name: tensor}``
-  dict (what :func:`alignment_callback.collect_activations` returns) or a list of tensors
-  (layers ``"0"``, ``"1"``, ...); read with ``torch.load(weights_only=True)``, so no code runs.
-* ``.npy``: one array (layer ``"features"``).
-* ``.npz``: each array is a layer (named by its key).
-* ``.safetensors``: each tensor is a layer (needs the ``safetensors`` package).
-
-A ``.pt`` dict may also hold the probe's fingerprint under the reserved key ``"__probe__"``
-(written by :func:`alignment_callback.hooks.extract.extract_features`); it is not a layer and is
-dropped here.
+"""Files of the offline command-line tool (``alignment-callback compare/matrix``): feature
+files (read by :mod:`alignment_callback.hooks.feature_files`, re-exported here), their
+preprocessing and listing, group labels, and small helpers for resumable runs.
 
 Every problem is reported as a :class:`FeatureFileError` (a ``ValueError``) with a one-line
 message naming the file (and the layer).
@@ -22,195 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from alignment_callback.functional.preprocessing import Pool, prepare_features
-from alignment_callback.hooks.extract import PROBE_KEY
+from alignment_callback.hooks.feature_files import (  # noqa: F401  (re-exported)
+    FEATURE_EXTENSIONS,
+    FeatureFileError,
+    _check_path,
+    _short,
+    load_features,
+    read_pt,
+)
 
-FEATURE_EXTENSIONS: tuple[str, ...] = (".pt", ".pth", ".npy", ".npz", ".safetensors")
 GROUP_EXTENSIONS: tuple[str, ...] = (".npy", ".txt", ".csv")
-
-
-class FeatureFileError(ValueError):
-    """A feature (or groups) file is missing, unreadable, or holds something unusable."""
-
-
-def _short(err: BaseException, limit: int = 200) -> str:
-    text = str(err).strip().splitlines()
-    first = text[0] if text else type(err).__name__
-    if len(first) > limit:
-        first = first[: limit - 3] + "..."
-    return f"{type(err).__name__}: {first}"
-
-
-def _check_path(path: Path, extensions: Sequence[str], what: str) -> str:
-    ext = path.suffix.lower()
-    if ext not in extensions:
-        raise FeatureFileError(
-            f"{path}: unknown {what} file extension {path.suffix!r}; expected one of "
-            f"{', '.join(extensions)}"
-        )
-    if not path.exists():
-        raise FeatureFileError(f"{path}: no such file")
-    if not path.is_file():
-        raise FeatureFileError(f"{path}: not a file")
-    return ext
-
-
-def _as_tensor(value: Any, path: Path, name: str) -> Tensor:
-    if isinstance(value, np.ndarray):
-        if value.dtype == object or value.dtype.kind not in "biuf":
-            raise FeatureFileError(
-                f"{path}: layer {name!r} is a numpy array of dtype {value.dtype}, not numbers"
-            )
-        value = torch.from_numpy(np.ascontiguousarray(value))
-    if not isinstance(value, Tensor):
-        raise FeatureFileError(
-            f"{path}: layer {name!r} is not a tensor (got {type(value).__name__}); a feature file "
-            "must hold a tensor or a {layer name: tensor} dict"
-        )
-    if value.dtype == torch.bool or value.is_complex():
-        raise FeatureFileError(f"{path}: layer {name!r} has dtype {value.dtype}, not real numbers")
-    return value if value.dtype == torch.float64 else value.to(torch.float32)
-
-
-def _validate(layers: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
-    if not layers:
-        raise FeatureFileError(f"{path}: holds no tensors")
-    rows: dict[str, int] = {}
-    for name, t in layers.items():
-        if t.dim() == 0:
-            raise FeatureFileError(
-                f"{path}: layer {name!r} is a scalar; need (n_samples, ...) rows"
-            )
-        if t.shape[0] < 2:
-            raise FeatureFileError(
-                f"{path}: layer {name!r} has {t.shape[0]} row(s) (shape {tuple(t.shape)}); "
-                "need at least 2 samples, one row per probe input"
-            )
-        if t.numel() == 0:
-            raise FeatureFileError(f"{path}: layer {name!r} is empty (shape {tuple(t.shape)})")
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise FeatureFileError(f"{path}: layer {name!r} contains {bad} NaN/Inf value(s)")
-        rows[name] = int(t.shape[0])
-    if len(set(rows.values())) > 1:
-        raise FeatureFileError(f"{path}: layers have different numbers of rows: {rows}")
-    return layers
-
-
-def _from_object(obj: Any, path: Path) -> dict[str, Tensor]:
-    if isinstance(obj, (Tensor, np.ndarray)):
-        return {"features": _as_tensor(obj, path, "features")}
-    if isinstance(obj, Mapping):
-        return {str(k): _as_tensor(v, path, str(k)) for k, v in obj.items()
-                if not (k == PROBE_KEY and isinstance(v, Mapping))}
-    if isinstance(obj, (list, tuple)):
-        return {str(i): _as_tensor(v, path, str(i)) for i, v in enumerate(obj)}
-    raise FeatureFileError(
-        f"{path}: holds a {type(obj).__name__}; expected a tensor, a {{layer name: tensor}} dict "
-        "or a list of tensors"
-    )
-
-
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_PROTO = 0x80  # first byte of a legacy (non-zip) torch.save file: a pickle protocol mark
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-
-
-def read_pt(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with errors that say what is wrong with the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - classified below
-        raise _pt_error(path, err) from err
-
-
-def _pt_error(path: Path, err: BaseException) -> FeatureFileError:
-    """A pickled-object file (refused by ``weights_only``) or a truncated / corrupt one."""
-    chain = f"{err} {err.__context__ or ''} {err.__cause__ or ''}"
-    found = _UNSUPPORTED_GLOBAL.search(chain)
-    if found:
-        return FeatureFileError(
-            f"{path}: holds pickled Python objects ({found.group(1)}) that "
-            "torch.load(weights_only=True) refuses to load; save tensors only, e.g. "
-            "torch.save({name: torch.as_tensor(array) for name, array in layers.items()}, path)"
-        )
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        reason = "the file is empty"
-    elif head != _ZIP_MAGIC and head[0] != _PICKLE_PROTO:
-        reason = "cannot read it as a zip archive or a legacy torch pickle"
-    elif head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
-        reason = "its zip archive has no central directory: the file is cut short"
-    else:
-        inner = err.__context__ if "Weights only load failed" in str(err) and err.__context__ \
-            else err
-        reason = _short(inner).split(". ")[0] if str(inner).strip() else \
-            f"{type(inner).__name__}: it ends before its data does"
-    return FeatureFileError(f"{path}: not a readable .pt file (truncated or corrupt: {reason})")
-
-
-def load_features(path: str | Path) -> dict[str, Tensor]:
-    """Load a feature file as ``{layer name: tensor}`` (CPU, float32; float64 stays float64).
-
-    Parameters
-    ----------
-    path : str or Path
-        ``.pt``/``.pth`` (a tensor -> ``{"features": t}``, a dict of layer name -> tensor, or a
-        list of tensors; loaded with ``torch.load(weights_only=True)``; a ``"__probe__"``
-        fingerprint entry is dropped), ``.npy`` (one array -> ``{"features": a}``), ``.npz``
-        (each array a layer), ``.safetensors`` (each tensor a layer; needs the
-        ``safetensors`` package).  Layer order is the file's order.
-
-    Returns
-    -------
-    dict of str -> Tensor
-
-    Raises
-    ------
-    FeatureFileError
-        The file is missing, truncated or corrupt, holds pickled objects (``.pt``) or
-        something other than tensors, has an unknown extension, a layer has fewer than 2 rows
-        or NaN/Inf values, or the layers disagree on the number of rows.  The message names
-        the file and the layer.
-    """
-    path = Path(path)
-    ext = _check_path(path, FEATURE_EXTENSIONS, "feature")
-    try:
-        if ext in (".pt", ".pth"):
-            layers = _from_object(read_pt(path), path)
-        elif ext == ".npy":
-            layers = {"features": _as_tensor(np.load(path, allow_pickle=False), path, "features")}
-        elif ext == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                layers = {k: _as_tensor(archive[k], path, k) for k in archive.files}
-        else:  # .safetensors
-            try:
-                from safetensors.torch import load_file
-            except ImportError as err:
-                raise FeatureFileError(
-                    f"{path}: reading .safetensors files needs the safetensors package "
-                    "(pip install safetensors)"
-                ) from err
-            tensors = load_file(str(path), device="cpu")
-            layers = {k: _as_tensor(v, path, k) for k, v in tensors.items()}
-    except FeatureFileError:
-        raise
-    except Exception as err:  # any reader failure: corrupt file, pickled objects, permissions
-        raise FeatureFileError(
-            f"{path}: cannot read as {ext} feature file ({_short(err)})"
-        ) from err
-    return _validate(layers, path)
 
 
 def preprocess_layers(

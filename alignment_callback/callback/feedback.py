@@ -1,0 +1,117 @@
+"""Feedback where people look: a console line per measure after each alignment step, the
+reference's probe pass as a progress bar, and the end-of-fit report next to the logs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+from alignment_callback.engine import StepResult
+
+
+def step_lines(results: Mapping[str | None, StepResult], epoch: int, step: int,
+               prefix: str = "alignment") -> list[str]:
+    """One line per (reference, measure): raw → calibrated, p, τ and the best pair by name.
+
+    >>> import torch
+    >>> from alignment_callback.functional import calibrated_layer_alignment
+    >>> x = torch.randn(40, 5, generator=torch.Generator().manual_seed(0))
+    >>> r = calibrated_layer_alignment({"fc1": x}, {"r": x}, "linear_cka", num_permutations=99)
+    >>> print(step_lines({None: StepResult(3, 120, {"linear_cka": r}, 40)}, 3, 120)[0])
+    alignment epoch 3 (step 120) linear_cka: raw 1.000 → calibrated 1.000 (p 0.01, τ 0.171), best fc1 ~ r
+    """
+    lines = []
+    for ref, result in results.items():
+        for name, r in result.results.items():
+            label = name if ref is None else f"{ref}/{name}"
+            a, b = r.best_pair
+            lines.append(f"{prefix} epoch {epoch} (step {step}) {label}: raw {float(r.raw):.3f} → "
+                         f"calibrated {float(r.calibrated):.3f} (p {float(r.p_value):.2g}, τ "
+                         f"{float(r.threshold):.3g}), best {a} ~ {b}")
+    return lines
+
+
+def emit(trainer: Any, lines: Sequence[str]) -> None:
+    """Print on rank 0, through the progress bar when there is one (so it stays intact)."""
+    if not trainer.is_global_zero:
+        return
+    bar = getattr(trainer, "progress_bar_callback", None)
+    printer = getattr(bar, "print", None)
+    for line in lines:
+        if callable(printer):
+            printer(line)
+        else:
+            print(line, flush=True)
+
+
+def progress(batches: Iterable[Any], description: str, enabled: bool) -> Iterable[Any]:
+    """The probe batches with a progress bar on stderr (tqdm) when enabled and sized."""
+    if not enabled:
+        return batches
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with Lightning
+        return batches
+    from alignment_callback.hooks.collect import preserved_rng
+
+    try:
+        total = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    with preserved_rng():  # tqdm's set-up draws from torch's global RNG (seen with 4.67)
+        return tqdm(batches, desc=description, total=total, leave=False, unit="batch")
+
+
+def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
+                 last: Mapping[str, Any], prefix: str, alpha: float) -> tuple[str, str]:
+    """``alignment_report.md`` and ``.html`` in ``folder``: the curves and last heatmaps as
+    PNGs beside them, the final values with p and Benjamini–Hochberg p, the settings, one
+    sentence per curve.  Returns the two paths."""
+    from alignment_callback.engine.report import history_series, training_report
+
+    os.makedirs(folder, exist_ok=True)
+    images = []
+    series = history_series(history, prefix)
+    epochs = series[""]["epoch"]
+    measures = [m for m in series if m and "raw" in series[m] and "calibrated" in series[m]]
+    if measures:
+        images.append(("Raw, τ and calibrated over training", _curves(folder, history, measures,
+                                                                       epochs, prefix)))
+    for label, result in last.items():
+        images.append((f"{label}: last layer × layer matrices", _heatmap(folder, label, result, prefix)))
+    report = training_report(history, settings, images, prefix=prefix, alpha=alpha)
+    stem = "alignment_report" if prefix == "alignment" else f"alignment_report_{prefix.replace('/', '_')}"
+    md, html = os.path.join(folder, f"{stem}.md"), os.path.join(folder, f"{stem}.html")
+    report.write(md, html)
+    return md, html
+
+
+def _curves(folder: str, history: Sequence[Mapping[str, Any]], measures: Sequence[str],
+            epochs: Sequence[Any], prefix: str) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from alignment_callback.metrics.plotting import _RENDER_LOCK, plot_scores
+
+    name = f"{prefix.replace('/', '_')}_report_curves.png"
+    with _RENDER_LOCK:
+        fig = Figure(figsize=(4.6 * len(measures), 3.8))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, len(measures), squeeze=False)[0]
+        for ax, m in zip(axes, measures):
+            rows = [h for h in history if f"{prefix}/{m}/raw" in h]  # "previous": not at step 0
+            plot_scores(rows, ax=ax, measure=m, prefix=prefix, steps=[h["epoch"] for h in rows],
+                        xlabel="epoch")
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, name), dpi=90)
+    return name
+
+
+def _heatmap(folder: str, label: str, result: Any, prefix: str) -> str:
+    from alignment_callback.callback.dispatch import encode_png
+    from alignment_callback.metrics.plotting import heatmap_image
+
+    name = f"{prefix.replace('/', '_')}_report_{label.replace('/', '_')}.png"
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(encode_png(heatmap_image(result, label)))
+    return name

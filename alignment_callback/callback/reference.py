@@ -1,0 +1,205 @@
+"""What the model is compared with: the references of :class:`AlignmentCallback`.
+
+A reference is one of
+
+* a frozen model (an ``nn.Module``, or a checkpoint path with ``reference_class``), run over the
+  probe (or its own ``reference_inputs``) once per fit;
+* its features, precomputed: a ``{layer: (n, ...) tensor}`` mapping or a feature file (``.pt``,
+  ``.pth``, ``.npz``, ``.npy``, ``.safetensors``; ``alignment-callback extract`` writes one with
+  a fingerprint of its probe, checked against this probe), so a large reference never sits in
+  accelerator memory during training;
+* ``"initial"``: the model's own activations at the start of fit (drift from initialization);
+* ``"previous"``: the model's own activations at the previous alignment step.
+
+Several references go in one mapping ``{name: reference}``; their keys gain a level
+(``<prefix>/<name>/<measure>/...``) and they share one probe pass of the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+from torch import Tensor, nn
+
+from alignment_callback.callback.probe import load_probe, load_reference
+from alignment_callback.engine import AlignmentEngine
+
+DRIFT = ("initial", "previous")
+FEATURE_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
+ReferenceSpec = Union[nn.Module, str, os.PathLike, Mapping[str, Any]]
+
+
+@dataclass
+class Reference:
+    """One reference and its engine (which caches the reference's prepared state).
+
+    Attributes:
+        name: the key level of this reference (``None`` for a single reference).
+        kind: ``"model"``, ``"features"``, ``"initial"`` or ``"previous"``.
+        module: the frozen model (``kind="model"``).
+        features: ``{layer: tensor}`` (``kind="features"``).
+        path: the feature file the features came from, if any.
+        layers: which reference layers (model: names / globs; features: names, default all).
+        inputs, input_key, batch_transform, pool: how the model reference is run.
+        engine: computes this reference's steps.
+    """
+
+    name: str | None
+    kind: str
+    engine: AlignmentEngine
+    module: nn.Module | None = None
+    features: dict[str, Tensor] | None = None
+    path: str | None = None
+    layers: Any = None
+    inputs: Any = None
+    input_key: str | None = None
+    batch_transform: Any = None
+    pool: Any = "mean"
+    pending: dict[str, Tensor] | None = None  # activations / features until the engine prepares them
+
+    @property
+    def label(self) -> str:
+        return self.name or "reference"
+
+    @property
+    def drift(self) -> bool:
+        return self.kind in DRIFT
+
+
+def _is_features(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, Tensor) for v in value.values())
+
+
+def _per_reference(value: Any, name: str | None, names: list[str]) -> Any:
+    """A per-reference setting: ``{name: value}`` when keyed by the references' names."""
+    if name is not None and isinstance(value, Mapping) and set(value) <= set(names) and value:
+        return value.get(name)
+    return value
+
+
+def _load_file(path: str | os.PathLike, reference_class: Any) -> tuple[str, Any]:
+    """A path: a feature file (read safely) or a model checkpoint."""
+    if reference_class is not None or Path(path).suffix.lower() not in FEATURE_SUFFIXES:
+        return "model", load_reference(path, reference_class)
+    from alignment_callback.hooks.feature_files import FeatureFileError, load_features
+
+    try:
+        return "features", load_features(path)
+    except FeatureFileError as err:
+        if "pickled" not in str(err):
+            raise
+    return "model", load_reference(path, reference_class)  # torch.save(model, path)
+
+
+def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: Any,
+                       reference_layers: Any = None, reference_inputs: Any = None,
+                       reference_input_key: Any = None, reference_batch_transform: Any = None,
+                       reference_pool: Any = "mean", reference_class: Any = None,
+                       input_key: Any = None, batch_transform: Any = None,
+                       pairs: Mapping[str, str] | None = None) -> list[Reference]:
+    """The :class:`Reference` list of a callback's ``reference=`` argument (see the module
+    docstring); ``make_engine(pairs)`` builds each reference's engine."""
+    if _is_features(reference) or not isinstance(reference, Mapping):
+        items: list[tuple[str | None, Any]] = [(None, reference)]
+    else:
+        if not reference:
+            raise ValueError("reference: the mapping of references is empty")
+        items = [(str(k), v) for k, v in reference.items()]
+    names = [n for n, _ in items if n is not None]
+    out = []
+    for name, spec in items:
+        ref_layers = _per_reference(reference_layers, name, names)
+        inputs = _per_reference(reference_inputs, name, names)
+        key = _per_reference(reference_input_key, name, names)
+        transform = _per_reference(reference_batch_transform, name, names)
+        options = dict(name=name, layers=ref_layers if ref_layers is not None else layers,
+                       inputs=None if inputs is None else load_probe(inputs),
+                       input_key=key if inputs is not None else input_key,
+                       batch_transform=transform if inputs is not None else batch_transform,
+                       pool=_per_reference(reference_pool, name, names))
+        if isinstance(spec, str) and spec in DRIFT:
+            if ref_layers is not None or inputs is not None:
+                raise ValueError(f"reference={spec!r} compares the model with itself: it takes no "
+                                 "reference_layers or reference_inputs")
+            diagonal = {"__diagonal__": "__diagonal__"}  # resolved to the model's own layers
+            out.append(Reference(kind=spec, engine=make_engine(diagonal), **options))
+            continue
+        if isinstance(spec, (str, os.PathLike)):
+            kind, loaded = _load_file(spec, reference_class)
+            path = str(spec)
+        elif _is_features(spec):
+            kind, loaded, path = "features", dict(spec), None
+        elif isinstance(spec, nn.Module):
+            kind, loaded, path = "model", load_reference(spec), None
+        else:
+            raise TypeError(f"reference{'' if name is None else f'[{name!r}]'} must be a model, a "
+                            "checkpoint or feature-file path, a {layer: tensor} mapping, "
+                            f"'initial' or 'previous', got {type(spec).__name__}")
+        if kind == "features":
+            features = {str(k): v for k, v in loaded.items()}
+            if ref_layers is not None:
+                wanted = [ref_layers] if isinstance(ref_layers, str) else list(ref_layers)
+                missing = [w for w in wanted if w not in features]
+                if missing:
+                    raise ValueError(f"reference layers {missing} are not in the reference's "
+                                     f"features {sorted(features)}")
+                features = {w: features[w] for w in wanted}
+            options["layers"] = list(features)
+            out.append(Reference(kind="features", features=features, path=path,
+                                 engine=make_engine(pairs), **options))
+        else:
+            out.append(Reference(kind="model", module=loaded, engine=make_engine(pairs), **options))
+    return out
+
+
+def probe_rows(probe: Any) -> int | None:
+    """Rows of a probe when they can be known without running it (tensor, list of batches,
+    DataLoader over a sized dataset), else None."""
+    from torch.utils.data import DataLoader
+
+    def rows(batch: Any) -> int | None:
+        if isinstance(batch, Tensor):
+            return int(batch.shape[0])
+        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+            return int(batch[0].shape[0])
+        if isinstance(batch, Mapping):
+            first = next((v for v in batch.values() if isinstance(v, Tensor)), None)
+            return None if first is None else int(first.shape[0])
+        return None
+
+    if isinstance(probe, Tensor):
+        return int(probe.shape[0])
+    if isinstance(probe, DataLoader):
+        try:
+            return None if probe.drop_last else len(probe.dataset)
+        except TypeError:
+            return None
+    if isinstance(probe, list):
+        counts = [rows(b) for b in probe]
+        return None if any(c is None for c in counts) else sum(counts)
+    return None
+
+
+def check_features(ref: Reference, probe: Any) -> None:
+    """A configuration check before training: the features' rows against the probe's, and the
+    feature file's probe fingerprint against this probe."""
+    n_ref = next(iter(ref.features.values())).shape[0]
+    n_probe = probe_rows(probe)
+    where = f"reference {ref.path or ref.label!r}" if ref.path else f"{ref.label}'s features"
+    if n_probe is not None and n_probe != n_ref:
+        raise ValueError(f"{where} have {n_ref} rows but the probe has {n_probe}: the features "
+                         "must be of the same probe samples, in the same order")
+    if ref.path is not None:
+        from alignment_callback.hooks.extract import check_fingerprint
+
+        check_fingerprint(ref.path, probe)
+
+
+def feature_dtype(features: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Features on the compute device (float64 stays float64, the rest float32)."""
+    return {k: v.to(device=device, dtype=v.dtype if v.dtype == torch.float64 else torch.float32)
+            for k, v in features.items()}

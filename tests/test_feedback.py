@@ -1,0 +1,133 @@
+"""Feedback where people look: a console line per measure after each step, calibrated values on
+the progress bar, the end-of-fit report (its numbers equal the history), best layers by name,
+and the W&B run's summary, curves chart and pairs table."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+
+from alignment_callback import AlignmentCallback
+from alignment_callback.engine.report import fmt, fmt_p
+from tests.helpers import (
+    FAST_TRAINER,
+    LAYERS,
+    MLP,
+    RefMLP,
+    make_probe,
+    single_thread,  # noqa: F401  (autouse fixture)
+    train_loader,
+)
+
+K = 30
+MEASURES = ["linear_cka", "mutual_knn"]
+
+
+def _cb(**kw):
+    kw.setdefault("num_permutations", K)
+    kw.setdefault("measures", MEASURES)
+    return AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS, **kw)
+
+
+def _fit(logger, callbacks, max_epochs=2, **kw):
+    trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, callbacks=callbacks,
+                         enable_checkpointing=False, **{**FAST_TRAINER, **kw})
+    trainer.fit(MLP(), train_loader())
+    return trainer
+
+
+def test_console_line_per_measure_after_each_step(tmp_path, capsys):
+    cb = _cb(log_heatmaps=False)
+    _fit(CSVLogger(tmp_path, name="csv"), [cb])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("alignment epoch")]
+    assert len(lines) == len(MEASURES) * len(cb.history)
+    for h in cb.history:
+        for m in MEASURES:
+            a, b = h[f"alignment/{m}/best_pair"].split("|")
+            expected = (f"alignment epoch {h['epoch']} (step {h['step']}) {m}: raw "
+                        f"{h[f'alignment/{m}/raw']:.3f} → calibrated "
+                        f"{h[f'alignment/{m}/calibrated']:.3f}")
+            line = next(x for x in lines if x.startswith(expected))
+            assert line.endswith(f"best {a} ~ {b}")
+    assert "alignment report:" in out
+
+
+def test_verbose_false_prints_nothing(tmp_path, capsys):
+    _fit(CSVLogger(tmp_path, name="csv"), [_cb(log_heatmaps=False, verbose=False)])
+    assert "alignment epoch" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_calibrated_values_on_the_progress_bar(tmp_path, progress_bar):
+    cb = _cb(log_heatmaps=False, verbose=False, progress_bar=progress_bar)
+    trainer = _fit(CSVLogger(tmp_path, name="csv"), [cb], enable_progress_bar=True)
+    keys = {f"alignment/{m}/calibrated" for m in MEASURES}
+    assert keys <= set(trainer.callback_metrics)
+    assert (keys <= set(trainer.progress_bar_metrics)) is progress_bar
+    for key in keys:
+        if progress_bar:
+            assert trainer.progress_bar_metrics[key] == pytest.approx(cb.history[-1][key])
+
+
+def test_report_numbers_equal_the_history(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = _cb(verbose=False)
+    _fit(logger, [cb])
+    md, html = cb.report_paths
+    assert os.path.dirname(md) == logger.log_dir and os.path.exists(html)
+    text = Path(md).read_text()
+    last = cb.history[-1]
+    for m in MEASURES:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {m} |"))
+        for field in ("raw", "threshold", "calibrated"):
+            assert fmt(last[f"alignment/{m}/{field}"]) in row, (m, field, row)
+        assert fmt_p(last[f"alignment/{m}/p_value"]) in row
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (Path(md).parent / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"K = {K}" in text or f"K: {K}" in text or f"**K**: {K}" in text
+
+
+def test_layer_names_map_goes_to_the_hyperparameters(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    _fit(logger, [_cb(log_heatmaps=False, verbose=False)], max_epochs=1)
+    hparams = Path(logger.log_dir, "hparams.yaml").read_text()
+    assert "alignment/layers/model" in hparams
+    for layer in LAYERS:
+        assert layer in hparams
+
+
+def test_wandb_run_holds_summary_curves_and_one_pairs_table(tmp_path, monkeypatch):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="feedback")
+    cb = _cb(verbose=False)
+    _fit(logger, [cb])
+    summary = logger.experiment.summary
+    run_dir = Path(logger.experiment.dir).parent
+    for m in MEASURES:
+        best = max(h[f"alignment/{m}/calibrated"] for h in cb.history)
+        assert summary[f"alignment/{m}/calibrated"]["max"] == pytest.approx(best)
+        assert summary[f"alignment/{m}/best_pair"] == cb.history[-1][f"alignment/{m}/best_pair"]
+    wandb.finish()
+    for m in MEASURES:
+        (curves,) = glob.glob(str(run_dir / "files" / "media" / "table" / "alignment" / m
+                                  / "curves_table_*.table.json"))
+        data = json.loads(Path(curves).read_text())
+        raws = [row for row in data["data"] if row[1] == "raw"]
+        assert [r[2] for r in raws] == pytest.approx([h[f"alignment/{m}/raw"] for h in cb.history])
+        assert len(glob.glob(str(run_dir / "files" / "media" / "table" / "alignment" / m
+                                 / "pairs_*.table.json"))) == 1
+    assert (run_dir / "files" / "alignment_report.md").exists()

@@ -13,8 +13,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _one_thread():
+    """Every test starts with one intra-op thread, and whatever a test sets is undone."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -30,19 +29,6 @@ FAST_TRAINER = dict(
     num_sanity_val_steps=0,
     log_every_n_steps=1,
 )
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread while a test runs (import this fixture into a test module).
-
-    The probe matrices are tiny (64 x 16); on a shared 2-core machine, OpenMP threads spinning
-    against other processes make them ~100x slower than a single thread.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _build(in_dim: int, hidden: int, out_dim: int, dropout: float, seed: int

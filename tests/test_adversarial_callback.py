@@ -32,7 +32,6 @@ from tests.helpers import (  # noqa: E402
     alignment_rows,
     csv_metrics_file,
     make_probe,
-    single_thread,  # noqa: F401  (autouse fixture)
     train_loader,
 )
 

@@ -32,7 +32,6 @@ from tests.helpers import (
     make_data,
     make_probe,
     offline_alignment,
-    single_thread,  # noqa: F401  (autouse fixture)
     train_loader,
 )
 

@@ -11,7 +11,6 @@ from tests.helpers import (
     TinyDataModule,
     alignment_rows,
     make_probe,
-    single_thread,  # noqa: F401  (autouse fixture)
 )
 
 pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures]")

@@ -20,7 +20,6 @@ from tests.helpers import (
     alignment_rows,
     make_probe,
     offline_alignment,
-    single_thread,  # noqa: F401  (autouse fixture)
 )
 
 pytestmark = pytest.mark.slow

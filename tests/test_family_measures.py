@@ -37,14 +37,6 @@ F64 = torch.float64
 FIXTURE = Path(__file__).with_name("fixtures") / "netrep_family_values.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _pair(n, dx, dy, seed, dtype=F64, signal=True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dx, generator=g, dtype=F64) + 0.3

@@ -22,7 +22,6 @@ from tests.helpers import (
     MLP,
     RefMLP,
     make_probe,
-    single_thread,  # noqa: F401  (autouse fixture)
     train_loader,
 )
 

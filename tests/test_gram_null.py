@@ -24,14 +24,6 @@ BACKENDS = ("numba", "torch")
 RTOL = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _sym(n: int, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
     m = torch.randn(n, n, generator=gen, dtype=torch.float64).to(dtype)
     return m + m.T  # exactly symmetric in any dtype

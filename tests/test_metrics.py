@@ -21,7 +21,6 @@ import alignment_callback.functional as F  # noqa: E402
 from tests import numpy_reference  # noqa: E402
 from alignment_callback.metrics import CalibratedAlignment, LayerAlignment  # noqa: E402
 from alignment_callback.metrics.calibrated_alignment import RESULT_KEYS  # noqa: E402
-from tests.helpers import single_thread  # noqa: E402,F401  (autouse fixture)
 
 K = 30  # permutations: enough to exercise the null, cheap on 2 cores
 N = 48

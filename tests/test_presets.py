@@ -22,7 +22,7 @@ from alignment_callback.callback.presets import (
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import pool_features
 from tests import numpy_reference as ref
-from tests.helpers import LAYERS, RefMLP, make_probe, single_thread  # noqa: F401
+from tests.helpers import LAYERS, RefMLP, make_probe
 
 
 def test_preset_contents():

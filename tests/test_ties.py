@@ -100,37 +100,34 @@ def _measures(k: int) -> list:
     return [F.get_measure(name, k=k) for name in KNN]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
-def test_type_one_error_on_tied_data_per_pair(kind):
-    reps, n = 200, 48
+def _rejection_rates(kind: str, reps: int, first_seed: int, layers: int) -> dict[str, float]:
+    """Rate of p <= alpha of every kNN measure under independence, over ``reps`` draws of
+    ``layers`` x ``layers`` tied layers (the max over layer pairs when layers > 1)."""
     rejected = {name: 0 for name in KNN}
     for r in range(reps):
-        g = torch.Generator().manual_seed(10_000 + r)
-        x, y = tied(kind, n, g), tied(kind, n, g)
-        res = F.calibrate_measures(x[None].unbind(0), y[None].unbind(0), _measures(5),
-                                   num_permutations=99, seed=r)
+        g = torch.Generator().manual_seed(first_seed + r)
+        xs = {f"x{i}": tied(kind, 48, g) for i in range(layers)}
+        ys = {f"y{i}": tied(kind, 48, g) for i in range(layers)}
+        res = F.calibrate_measures(xs, ys, _measures(5), aggregate="max", num_permutations=99,
+                                   seed=r)
         for name in KNN:
             rejected[name] += float(res[name].p_value) <= ALPHA
             assert (float(res[name].calibrated) > 0) == (float(res[name].raw) > float(res[name].threshold))
-    rates = {name: c / reps for name, c in rejected.items()}
-    assert max(rates.values()) <= band(reps), rates
+    return {name: c / reps for name, c in rejected.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_type_one_error_on_tied_data_per_pair(kind):
+    rates = _rejection_rates(kind, reps=200, first_seed=10_000, layers=1)
+    assert max(rates.values()) <= band(200), rates
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_type_one_error_on_tied_data_layer_max(kind):
-    reps, n = 150, 48
-    rejected = {name: 0 for name in KNN}
-    for r in range(reps):
-        g = torch.Generator().manual_seed(20_000 + r)
-        xs = {f"x{i}": tied(kind, n, g) for i in range(3)}
-        ys = {f"y{i}": tied(kind, n, g) for i in range(3)}
-        res = F.calibrate_measures(xs, ys, _measures(5), aggregate="max", num_permutations=99, seed=r)
-        for name in KNN:
-            rejected[name] += float(res[name].p_value) <= ALPHA
-    rates = {name: c / reps for name, c in rejected.items()}
-    assert max(rates.values()) <= band(reps), rates
+    rates = _rejection_rates(kind, reps=150, first_seed=20_000, layers=3)
+    assert max(rates.values()) <= band(150), rates
 
 
 @pytest.mark.slow

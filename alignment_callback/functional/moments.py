@@ -1244,28 +1244,28 @@ def _wh_inv(w: Tensor, g: Tensor) -> Tensor:
     return torch.where(small, w, z)
 
 
-def _standard_upper(z: Tensor, g: Tensor) -> Tensor:
-    """``P(Z ≥ z)`` for the standardized Pearson III with skew g ≥ 0."""
+def _standard_tail(z: Tensor, g: Tensor, upper: bool) -> Tensor:
+    """``P(Z ≥ z)`` (``upper``) or ``P(Z ≤ z)`` for the standardized Pearson III with skew
+    g ≥ 0 (a shifted gamma; Wilson–Hilferty below ``_WH_SKEW``)."""
     big = g >= _WH_SKEW
     gs = torch.where(big, g, torch.ones_like(g))
     shape = 4.0 / (gs * gs)
     x = shape * (1.0 + z * gs / 2)
-    exact = torch.where(x > 0, torch.special.gammaincc(shape, x.clamp_min(0.0)),
-                        torch.ones_like(x))
-    approx = torch.special.ndtr(-_wh(z, g))
+    incomplete = torch.special.gammaincc if upper else torch.special.gammainc
+    edge = torch.ones_like(x) if upper else torch.zeros_like(x)
+    exact = torch.where(x > 0, incomplete(shape, x.clamp_min(0.0)), edge)
+    approx = torch.special.ndtr(-_wh(z, g) if upper else _wh(z, g))
     return torch.where(big, exact, approx)
+
+
+def _standard_upper(z: Tensor, g: Tensor) -> Tensor:
+    """``P(Z ≥ z)`` for the standardized Pearson III with skew g ≥ 0."""
+    return _standard_tail(z, g, upper=True)
 
 
 def _standard_lower(z: Tensor, g: Tensor) -> Tensor:
     """``P(Z ≤ z)`` for the standardized Pearson III with skew g ≥ 0."""
-    big = g >= _WH_SKEW
-    gs = torch.where(big, g, torch.ones_like(g))
-    shape = 4.0 / (gs * gs)
-    x = shape * (1.0 + z * gs / 2)
-    exact = torch.where(x > 0, torch.special.gammainc(shape, x.clamp_min(0.0)),
-                        torch.zeros_like(x))
-    approx = torch.special.ndtr(_wh(z, g))
-    return torch.where(big, exact, approx)
+    return _standard_tail(z, g, upper=False)
 
 
 def pearson3_sf(t: Any, mean: Any, std: Any, skew: Any) -> Tensor:

@@ -6,6 +6,8 @@ memory are refused before allocating.  The moments themselves are tested in test
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -56,6 +58,21 @@ def test_auto_uses_moments_where_validated_and_permutations_elsewhere():
     layers = F.calibrated_layer_alignment([x, x[:, :8]], [y], "linear_cka", num_permutations=20,
                                           null="auto")
     assert layers.null_method == "permutation" and layers.null.numel() == 20
+
+
+def test_moments_outside_the_validated_range_warns():
+    x, y = data(n=128, d=16, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inside the rule: silent
+        F.calibrated_alignment(x, y, "linear_cka", null="moments")
+    with pytest.warns(RuntimeWarning, match=r"outside the range .* here n=20"):
+        small = F.calibrated_alignment(x[:20], y[:20], "linear_cka", null="moments")
+    assert small.null_method == "moments"  # asked for, used, flagged
+    xs, ys = data(n=128, d=16, seed=3)
+    xs[0] *= 40
+    ys[0] *= 40
+    with pytest.warns(RuntimeWarning, match="null='auto' or null='permutation'"):
+        F.calibrated_alignment(xs, ys, "linear_cka", null="moments")
 
 
 def test_moments_where_they_do_not_apply_is_a_clear_error():

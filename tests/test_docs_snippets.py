@@ -50,3 +50,14 @@ def test_doc_snippet_runs(name: str, code: str, monkeypatch, tmp_path) -> None:
         exec(compile(code, f"<{name}>", "exec"), {"__name__": "__main__"})
     finally:
         torch.set_num_threads(threads)
+
+
+def test_measures_page_table_is_the_registry() -> None:
+    """docs/measures.md carries ``measure_table()`` verbatim between its markers."""
+    from alignment_callback.functional import BUILTIN_MEASURES, measure_table
+
+    text = (DOCS / "measures.md").read_text(encoding="utf-8")
+    start, end = "<!-- measure-table:start -->\n", "<!-- measure-table:end -->"
+    table = text[text.index(start) + len(start):text.index(end)]
+    assert table == measure_table(), "regenerate the table with measure_table()"
+    assert all(f"| `{name}` |" in table for name in BUILTIN_MEASURES)

@@ -31,6 +31,7 @@ from alignment_callback.functional.registry import (
     Measure,
     MeasureInfo,
     get_measure,
+    measure_table,
     register_measure,
 )
 from alignment_callback.functional.rv import rv_coefficient
@@ -73,6 +74,7 @@ __all__ = [
     "procrustes_similarity",
     "pwcca",
     "rbf_cka",
+    "measure_table",
     "register_measure",
     "rsa",
     "rv_coefficient",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -429,6 +430,13 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
                                         observed[m].dtype)
         if null == "auto" and not valid:
             continue
+        if not valid:
+            warnings.warn(
+                f"{m.name}: null='moments' is outside the range where its Pearson III p-value "
+                "and threshold were validated (n >= 32, |skewness| <= 1.5, no sample outlying in "
+                f"both representations; here n={xside.features[0].shape[0]}); they may be off by "
+                "0.05 or more. Use null='auto' or null='permutation' for an exact null",
+                RuntimeWarning, stacklevel=4)
         unresolved = smax is not None and smax - float(fields["threshold"]) <= resolution(xside.dtype)
         fields["unresolved"] = torch.tensor(unresolved)
         hint = m.info.degenerate_hint(m.kwargs) if m.info.degenerate_hint else None

@@ -425,6 +425,40 @@ _gram("rv_coefficient", gm.linear_state, "Escoufier's RV of column-centered data
 BUILTIN_MEASURES: Mapping[str, MeasureInfo] = REGISTRY
 
 
+def _fmt_range(bounds: tuple[float | None, float | None]) -> str:
+    lo, hi = bounds
+    text = ("−∞" if lo is None else f"{lo:g}", "∞" if hi is None else f"{hi:g}")
+    return f"[{text[0]}, {text[1]}]".replace("-", "−")
+
+
+def measure_table(names: Any = None) -> str:
+    """The registered measures as a Markdown table (the one in ``docs/measures.md``).
+
+    One row per measure: name, family, parameters with defaults, range, whether
+    s(x, y) = s(y, x), definition, how the fast permutation null works, invariances and aliases.
+
+    Parameters
+    ----------
+    names : iterable of str, default=None
+        Measures to list, in order (None: every registered measure, in registration order).
+
+    Examples
+    --------
+    >>> print(measure_table(["mutual_knn"]).splitlines()[2])
+    | `mutual_knn` | knn | k=10 | [0, 1] | yes | mean_i \|N_X(i) ∩ N_Y(i)\| / k | ... | ... | — |
+    """
+    rows = ["| measure | family | parameters | range | symmetric | definition | fast null "
+            "| invariant to | aliases |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in (list(REGISTRY) if names is None else [canonical_name(n) for n in names]):
+        info = REGISTRY[name]
+        cells = [f"`{name}`", info.family,
+                 ", ".join(f"{p.name}={p.default!r}" for p in info.params) or "—",
+                 _fmt_range(info.value_range), "yes" if info.symmetric else "no", info.summary, info.null_method, info.invariances,
+                 ", ".join(f"`{a}`" for a in info.aliases) or "—"]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 # ---------------------------------------------------------------------------- resolution
 def _recompute_prepare(x: Tensor, role: str, shared: Any, **bound: Any) -> Tensor:
     return x

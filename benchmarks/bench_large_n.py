@@ -1,0 +1,394 @@
+"""Instant calibration and probes of any size, measured in one run (ratios, not timed tests).
+
+Four sections (all by default, or pick with ``--only``):
+
+* ``moments``: the analytic null (exact permutation moments + Pearson III, ``null="moments"``)
+  vs K = 1000 permutations at n = 1024, d = 768 for linear / RBF (sigma="median") / unbiased
+  CKA and RSA: p and τ side by side; the time of (i) the whole ``calibrated_alignment`` call
+  and (ii) the null alone given prepared states (the permutation null, permutations drawn
+  included, vs invariants of both sides + moments + Pearson III; vs the model side's
+  invariants only, the per-step cost when the reference's are cached; vs moments + Pearson III
+  given both invariants), with ratios (target stated by the issue: >= 50x faster).
+* ``features``: linear CKA with ``null="moments"`` on the features path (d < n: no n×n
+  matrix), n = 10,000 .. 100,000 at d = 256, each in a fresh process: time and peak RSS
+  (VmHWM); targets: time(n = 100k) / time(n = 10k) <= 15 (linear in n) and peak RSS < 1.5 GB.
+* ``knn``: mutual kNN and CKNNA (k = 10, K = 200, d = 256), together (``calibrate_measures``
+  with both: one neighbor search and one pass over the permutations) and each alone, at
+  n = 8,192 .. 65,536, each in a fresh process: time and peak RSS (target: < 2 GB at
+  n = 65,536, where a dense float32 n×n matrix alone would need 17 GB).
+* ``ddp``: the permutation null of linear CKA and of mutual kNN at n = 2048, K = 1000 split
+  over 2 CPU processes (gloo, ``torch.multiprocessing`` spawn, 1 thread each, ``share_of`` +
+  ``NullGather``) vs one process (1 thread): time ratio, and whether the nulls are identical.
+
+Every timing is the best of ``--repeats`` (default 3) runs, baseline and candidate interleaved
+in the same run; the machine may be shared with other jobs (the load average is printed), so
+the ratios are what to read.  Peak RSS is ``VmHWM`` of a fresh process started with
+``subprocess.run([sys.executable, "-c", ...])`` (``ru_maxrss`` would include a large parent).
+
+    python benchmarks/bench_large_n.py                     # everything (about 15-25 minutes)
+    python benchmarks/bench_large_n.py --only moments ddp  # some sections
+    python benchmarks/bench_large_n.py --quick             # smoke run, small sizes (< 1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+GRAM_MEASURES = (("linear_cka", {}), ("rbf_cka", {"sigma": "median"}), ("unbiased_cka", {}),
+                 ("rsa", {}))
+
+
+QUICK = False  # set by --quick: the sizes are below the targets', so no verdicts
+
+
+def verdict(ok: bool) -> str:
+    return "not judged (quick)" if QUICK else ("met" if ok else "missed")
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def best_of(fns: dict, repeats: int) -> dict:
+    """Best wall time of each callable, the callables interleaved ``repeats`` times."""
+    best = {k: math.inf for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+# ----------------------------------------------------------------------------- a. moments
+def section_moments(quick: bool, repeats: int, threads: int) -> None:
+    import alignment_callback.functional as F
+    from alignment_callback.functional.analytic_null import analytic_fields, invariants
+    from alignment_callback.functional.permutation import Permutations
+    from alignment_callback.functional.pipeline import layer_nulls, prepare_side
+    from alignment_callback.functional.registry import get_measure
+
+    n, d, K = (256, 64, 200) if quick else (1024, 768, 1000)
+    alpha = 0.05
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, d, generator=g) / math.sqrt(d)
+    y = 0.05 * (x @ w) + torch.randn(n, d, generator=g)  # a weak shared signal: p ~ 0.05-0.1
+    print(f"\n== a. moments null vs K={K} permutations: n={n}, d={d}, {threads} thread(s), "
+          f"best of {repeats} interleaved, load {load()} ==")
+    print("p and tau: permutation null (K draws) vs moments + Pearson III")
+    print(f"{'measure':13s} {'p perm':>7s} {'p mom':>7s} {'tau perm':>9s} {'tau mom':>9s} "
+          f"{'|dtau|':>8s}")
+    whole, alone = {}, {}
+    for name, kw in GRAM_MEASURES:
+        calls = {null: (lambda null=null, name=name, kw=kw: F.calibrated_alignment(
+            x, y, name, num_permutations=K, null=null, **kw))
+            for null in ("permutation", "moments")}
+        rp, rm = calls["permutation"](), calls["moments"]()  # also warms up both paths
+        print(f"{name:13s} {float(rp.p_value):7.4f} {float(rm.p_value):7.4f} "
+              f"{float(rp.threshold):9.5f} {float(rm.threshold):9.5f} "
+              f"{abs(float(rp.threshold) - float(rm.threshold)):8.1e}  "
+              f"({rm.null_method}, raw {float(rp.raw):.5f})")
+        whole[name] = best_of(calls, repeats)
+
+        m = get_measure(name, **kw)
+        xs_p, ys_p = (prepare_side([s], [t], [m], s, null="permutation") for s, t in (("x", x), ("y", y)))
+        xs_m, ys_m = (prepare_side([s], [t], [m], s, null="moments") for s, t in (("x", x), ("y", y)))
+        sx, sy = xs_m.states[m][0], ys_m.states[m][0]
+        score = float(rm.raw)
+        inv_y = invariants(sy)  # the cached reference's
+        inv_x_cached = invariants(sx)
+
+        def perm_null(m=m, xs=xs_p, ys=ys_p):
+            return layer_nulls([m], xs, ys, Permutations(n, K, seed=0))
+
+        def moments_both(s=score, sx=sx, sy=sy):
+            return analytic_fields(s, invariants(sx), invariants(sy), alpha, 1.0, x.dtype)
+
+        def moments_cached(s=score, sx=sx, inv_y=inv_y):
+            return analytic_fields(s, invariants(sx), inv_y, alpha, 1.0, x.dtype)
+
+        def moments_only(s=score, inv_x=inv_x_cached, inv_y=inv_y):
+            return analytic_fields(s, inv_x, inv_y, alpha, 1.0, x.dtype)
+
+        alone[name] = best_of({"perm": perm_null, "both": moments_both, "cached": moments_cached,
+                               "p3": moments_only}, repeats)
+        alone[name]["state"] = type(sx).__name__
+
+    print("\n(i) the whole calibrated_alignment call (prepare both sides, observed score, null)")
+    print(f"{'measure':13s} {'permutation s':>13s} {'moments s':>10s} {'ratio':>7s}")
+    for name, t in whole.items():
+        print(f"{name:13s} {t['permutation']:13.3f} {t['moments']:10.3f} "
+              f"{t['permutation'] / t['moments']:6.1f}x")
+    print("\n(ii) the null alone given prepared states (permutation null: K permutations drawn and "
+          "scored;\n     moments: invariants + moments + Pearson III; 'cached ref': the model "
+          "side's invariants only;\n     'P3 only': moments + Pearson III given both invariants)")
+    print(f"{'measure':13s} {'state':>12s} {'perm null s':>11s} {'mom both s':>10s} "
+          f"{'cached ref s':>12s} {'P3 only ms':>10s} {'ratio both':>10s} {'ratio cached':>12s} "
+          f"{'ratio P3':>9s}")
+    for name, t in alone.items():
+        print(f"{name:13s} {t['state']:>12s} {t['perm']:11.3f} {t['both']:10.4f} "
+              f"{t['cached']:12.4f} {1e3 * t['p3']:10.3f} {t['perm'] / t['both']:9.1f}x "
+              f"{t['perm'] / t['cached']:11.1f}x {t['perm'] / t['p3']:8.0f}x")
+    worst = {k: min(t["perm"] / t[k] for t in alone.values()) for k in ("both", "cached", "p3")}
+    worst_whole = min(t["permutation"] / t["moments"] for t in whole.values())
+    print(f"target >= 50x faster: whole call worst {worst_whole:.1f}x "
+          f"({verdict(worst_whole >= 50)}); null alone, both sides' invariants "
+          f"worst {worst['both']:.1f}x ({verdict(worst['both'] >= 50)}); "
+          f"cached reference worst {worst['cached']:.1f}x "
+          f"({verdict(worst['cached'] >= 50)}); moments + P3 only worst "
+          f"{worst['p3']:.0f}x ({verdict(worst['p3'] >= 50)})")
+
+
+# -------------------------------------------------------------------- fresh-process children
+_CHILD_PRELUDE = r"""
+import json, sys, time, torch
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+import alignment_callback.functional as F
+
+
+def hwm_mb():  # peak RSS of this process (VmHWM); ru_maxrss would include the parent's
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+"""
+
+_FEATURES_CHILD = _CHILD_PRELUDE + r"""
+n, d = args["n"], args["d"]
+F.calibrated_alignment(torch.randn(600, 8), torch.randn(600, 8), "linear_cka", null="moments")
+g = torch.Generator().manual_seed(0)
+x = torch.randn(n, d, generator=g)  # float32, as a network's activations
+y = 0.05 * x + torch.randn(n, d, generator=g)
+before = rss_mb()
+t0 = time.perf_counter()
+res = F.calibrated_alignment(x, y, "linear_cka", null="moments")
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "peak_mb": hwm_mb(), "before_mb": before,
+                  "p": float(res.p_value), "raw": float(res.raw), "method": res.null_method}))
+"""
+
+_KNN_CHILD = _CHILD_PRELUDE + r"""
+n, d, K, measures = args["n"], args["d"], args["K"], args["measures"]
+F.calibrate_measures([torch.randn(64, 8)], [torch.randn(64, 8)], measures, num_permutations=2)
+g = torch.Generator().manual_seed(0)
+x = torch.randn(n, d, generator=g)
+y = x + 2.0 * torch.randn(n, d, generator=g)
+before = rss_mb()
+t0 = time.perf_counter()
+res = F.calibrate_measures({"x": x}, {"y": y}, measures, num_permutations=K, seed=0)
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "peak_mb": hwm_mb(), "before_mb": before,
+                  "p": {m: float(r.p_value) for m, r in res.items()}}))
+"""
+
+
+def child(code: str, timeout: float, **args) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args["threads"])}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True,
+                         text=True, env=env, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- b. features
+def section_features(quick: bool, repeats: int, threads: int) -> None:
+    d = 64 if quick else 256
+    ns = (4_000, 8_000) if quick else (10_000, 20_000, 50_000, 100_000)
+    print(f"\n== b. linear CKA, null='moments', features path: d={d}, fresh process per run, "
+          f"{threads} thread(s), best of {repeats} (sizes interleaved), load {load()} ==")
+    best: dict[int, dict] = {}
+    for _ in range(repeats):
+        for n in ns:
+            r = child(_FEATURES_CHILD, 1800, n=n, d=d, threads=threads)
+            b = best.setdefault(n, {**r, "peak_max": r["peak_mb"]})
+            b["peak_max"] = max(b["peak_max"], r["peak_mb"])
+            if r["seconds"] < b["seconds"]:
+                b.update(seconds=r["seconds"])
+    print(f"{'n':>7s} {'time s':>8s} {'vs n0':>7s} {'n/n0':>6s} {'peak RSS MB':>11s} "
+          f"{'RSS before MB':>13s} {'inputs MB':>9s} {'n×n f32 MB':>10s} {'p':>7s} method")
+    n0 = ns[0]
+    for n in ns:
+        b = best[n]
+        print(f"{n:7d} {b['seconds']:8.2f} {b['seconds'] / best[n0]['seconds']:6.1f}x "
+              f"{n / n0:6.1f} {b['peak_max']:11.0f} {b['before_mb']:13.0f} "
+              f"{2 * n * d * 4 / 2**20:9.0f} {n * n * 4 / 2**20:10.0f} {b['p']:7.4f} {b['method']}")
+    ratio = best[ns[-1]]["seconds"] / best[n0]["seconds"]
+    peak = best[ns[-1]]["peak_max"]
+    print(f"time ratio n={ns[-1]} / n={n0}: {ratio:.1f}x for {ns[-1] / n0:.0f}x the samples "
+          f"(target <= 15x: {verdict(ratio <= 15)}); peak RSS at n={ns[-1]}: "
+          f"{peak:.0f} MB (target < 1536 MB: {verdict(peak < 1536)})")
+
+
+# --------------------------------------------------------------------------------- c. kNN
+def section_knn(quick: bool, repeats: int, threads: int) -> None:
+    d, K = (64, 50) if quick else (256, 200)
+    ns = (1024, 2048) if quick else (8192, 16384, 32768, 65536)
+    big = 0 if quick else 65536
+    configs = {"both": ["mutual_knn", "cknna"], "mutual_knn": ["mutual_knn"], "cknna": ["cknna"]}
+    print(f"\n== c. mutual kNN and CKNNA, k=10, K={K}, d={d}: fresh process per run, "
+          f"{threads} thread(s), best of {repeats} (configurations interleaved; 1 run at "
+          f"n={big or '-'}), load {load()} ==")
+    print("'both': calibrate_measures with both measures (one neighbor search per side, one pass "
+          "over the permutations)")
+    print(f"{'n':>6s} {'config':>11s} {'time s':>8s} {'vs n0':>7s} {'n/n0':>5s} {'peak RSS MB':>11s} "
+          f"{'RSS before MB':>13s} {'n×n f32 MB':>10s}")
+    first: dict[str, float] = {}
+    rows = {}
+    for n in ns:
+        best: dict[str, dict] = {}
+        for _ in range(1 if n == big else repeats):
+            for label, ms in configs.items():
+                r = child(_KNN_CHILD, 3600, n=n, d=d, K=K, measures=ms, threads=threads)
+                b = best.setdefault(label, {**r, "peak_max": r["peak_mb"]})
+                b["peak_max"] = max(b["peak_max"], r["peak_mb"])
+                b["seconds"] = min(b["seconds"], r["seconds"])
+        for label, b in best.items():
+            first.setdefault(label, b["seconds"])
+            rows[(n, label)] = b
+            print(f"{n:6d} {label:>11s} {b['seconds']:8.2f} {b['seconds'] / first[label]:6.1f}x "
+                  f"{n / ns[0]:5.0f} {b['peak_max']:11.0f} {b['before_mb']:13.0f} "
+                  f"{n * n * 4 / 2**20:10.0f}", flush=True)
+        sum_alone = best["mutual_knn"]["seconds"] + best["cknna"]["seconds"]
+        print(f"{'':6s} {'':>11s} both / (mutual alone + cknna alone) = "
+              f"{best['both']['seconds'] / sum_alone:.2f}")
+    top = ns[-1]
+    peak = max(rows[(top, label)]["peak_max"] for label in configs)
+    print(f"peak RSS at n={top}: {peak:.0f} MB (target < 2048 MB at n=65536: "
+          f"{verdict(peak < 2048)}{'' if top == 65536 else ', n=65536 not run'}); "
+          f"a dense float32 n×n would need {top * top * 4 / 2**20:.0f} MB")
+
+
+# --------------------------------------------------------------------------------- d. DDP
+def _ddp_data(n: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 64, generator=g)
+    return x, x + 2.0 * torch.randn(n, 64, generator=g)
+
+
+def _ddp_worker(rank: int, world: int, port: int, n: int, K: int, repeats: int, out: str) -> None:
+    """One process of the DDP run (world = 1: the single-process baseline, no collective)."""
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from alignment_callback.callback.distributed import NullGather, share_of
+    from alignment_callback.functional.permutation import Permutations
+    from alignment_callback.functional.pipeline import calibrate_prepared, prepare_side
+    from alignment_callback.functional.registry import get_measure
+
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+    x, y = _ddp_data(n)
+    result = {}
+    for name in ("linear_cka", "mutual_knn"):
+        m = get_measure(name)
+        xside, yside = prepare_side(["x"], [x], [m], "x"), prepare_side(["y"], [y], [m], "y")
+        perms = Permutations(n, K, seed=0)
+        best = math.inf
+        for _ in range(repeats):
+            if world > 1:
+                dist.barrier()
+                kw = {"share": share_of(K, rank, world), "gather": NullGather()}
+            else:
+                kw = {}
+            t0 = time.perf_counter()
+            res = calibrate_prepared([m], xside, yside, perms, **kw)[m]
+            best = min(best, time.perf_counter() - t0)
+        result[name] = {"seconds": best, "null": res.null.clone(), "p": float(res.p_value)}
+    if rank == 0:
+        torch.save(result, out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_run(world: int, n: int, K: int, repeats: int) -> dict:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pt")
+        mp.spawn(_ddp_worker, args=(world, _free_port(), n, K, repeats, out), nprocs=world,
+                 join=True)
+        return torch.load(out)
+
+
+def section_ddp(quick: bool, repeats: int, threads: int) -> None:
+    n, K = (512, 200) if quick else (2048, 1000)
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned processes
+    print(f"\n== d. the permutation null over 2 CPU processes (gloo, spawn, 1 thread each) vs one "
+          f"process (1 thread): n={n}, K={K}, best of {repeats} calls per process, runs "
+          f"interleaved, load {load()} ==")
+    print("timed: calibrate_prepared on prepared sides (observed score, this rank's share of "
+          "the null, all_gather_object of the partial nulls, calibration)")
+    best: dict[int, dict] = {}
+    for _ in range(1 if quick else 2):
+        for world in (1, 2):
+            r = _ddp_run(world, n, K, repeats)
+            if world not in best:
+                best[world] = r
+            else:
+                for name in r:
+                    best[world][name]["seconds"] = min(best[world][name]["seconds"],
+                                                       r[name]["seconds"])
+    print(f"{'measure':11s} {'1 process s':>11s} {'2 ranks s':>9s} {'ratio 2/1':>9s} "
+          f"{'identical nulls':>15s} {'p':>7s}")
+    for name in best[1]:
+        one, two = best[1][name], best[2][name]
+        same = torch.equal(one["null"], two["null"])
+        print(f"{name:11s} {one['seconds']:11.3f} {two['seconds']:9.3f} "
+              f"{two['seconds'] / one['seconds']:9.2f} {same!s:>15s} {two['p']:7.4f}")
+    print("(2 ranks on the 2 cores of a shared machine: the ideal ratio is 0.5)")
+
+
+SECTIONS = {"moments": section_moments, "features": section_features, "knn": section_knn,
+            "ddp": section_ddp}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run (< 1 min)")
+    p.add_argument("--only", nargs="*", choices=sorted(SECTIONS), default=None)
+    p.add_argument("--repeats", type=int, default=None, help="best of (default 3, quick 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (sections a-c)")
+    args = p.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    global QUICK
+    QUICK = args.quick
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average at start {load()}")
+    print("(shared machine: other jobs may run; baseline and candidate are interleaved in one run "
+          "and each timing is a best of several, so read the ratios)")
+    for name in args.only or list(SECTIONS):
+        t0 = time.perf_counter()
+        SECTIONS[name](args.quick, repeats, args.threads)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -66,7 +66,7 @@ def width_experiment(n: int, ratios: Sequence[float], repeats: int, k_perm: int,
             x = F.prepare_features(gaussian(n, d, seed=2 * (1000 * r + d)))
             y = F.prepare_features(gaussian(n, d, seed=2 * (1000 * r + d) + 1))
             for m in METRICS:
-                res = F.calibrated_alignment(x, y, metric=m, num_permutations=k_perm, alpha=alpha,
+                res = F.calibrated_alignment(x, y, measure=m, num_permutations=k_perm, alpha=alpha,
                                              seed=r)
                 for field in per[m]:
                     per[m][field].append(float(getattr(res, field)))
@@ -141,7 +141,7 @@ def depth_experiment(n: int, d: int, depths: Sequence[int], repeats: int, k_perm
             xs = [F.prepare_features(t) for t in random_stack(n, d, depth, rho, seed=base)]
             ys = [F.prepare_features(t) for t in random_stack(n, d, depth, rho, seed=base + 1)]
             for m in METRICS:
-                res = F.calibrated_layer_alignment(xs, ys, metric=m, aggregate="max",
+                res = F.calibrated_layer_alignment(xs, ys, measure=m, aggregate="max",
                                                    num_permutations=k_perm, alpha=alpha, seed=r)
                 per[m]["raw"].append(float(res.raw))
                 per[m]["threshold"].append(float(res.threshold))

@@ -95,8 +95,8 @@ def test_compare_writes_table_json_csv_png_equal_to_library(data):
     out = root / "out_compare"
     proc = run_cli("compare", "a.pt", "b.npz", *FAST, "--out", out, cwd=root)
     assert proc.returncode == 0, proc.stderr
-    header = next(line for line in proc.stdout.splitlines() if line.startswith("metric"))
-    assert header.split()[:5] == ["metric", "raw", "tau", "calibrated", "p"]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("measure"))
+    assert header.split()[:5] == ["measure", "raw", "tau", "calibrated", "p"]
     for metric in cli.DEFAULT_METRICS:
         assert any(line.startswith(metric) for line in proc.stdout.splitlines())
         assert (out / f"heatmap_{metric}.png").stat().st_size > 1000
@@ -114,7 +114,7 @@ def test_compare_writes_table_json_csv_png_equal_to_library(data):
     assert doc["results"]["linear_cka"]["best_pair"] == ["block1", "h1"]
     assert doc["results"]["linear_cka"]["p_value"] < 0.05
     rows = list(csv.DictReader(open(out / "alignment.csv")))
-    assert [r["metric"] for r in rows] == list(cli.DEFAULT_METRICS)
+    assert [r["measure"] for r in rows] == list(cli.DEFAULT_METRICS)
     assert close(float(rows[0]["calibrated"]), doc["results"]["linear_cka"]["calibrated"])
 
 
@@ -183,7 +183,7 @@ def test_matrix_equals_library_pair_by_pair_with_bh(data, matrix_run):
         assert (out / f"matrix_{metric}.png").stat().st_size > 1000
     rows = list(csv.DictReader(open(out / "matrix.csv")))
     assert len(rows) == 8
-    assert {(r["x_model"], r["y_model"], r["metric"]) for r in rows} == {
+    assert {(r["x_model"], r["y_model"], r["measure"]) for r in rows} == {
         (x, y, m) for x in "ac" for y in "bd" for m in ("linear_cka", "mutual_knn")}
     assert "linear_cka (calibrated)" in proc.stdout and "significant after BH" in proc.stdout
 

@@ -126,3 +126,33 @@ def test_numpy_references_do_not_use_the_library():
     for module in (ref, fam):
         source = open(module.__file__).read()
         assert "import alignment_callback" not in source and "from alignment_callback" not in source
+
+
+def test_metric_keyword_is_a_deprecated_name_of_measure():
+    """``metric=`` (a measure is the math, a metric the torchmetrics object) still works
+    everywhere it used to, warns, and gives the same result as ``measure=``."""
+    from alignment_callback import AlignmentCallback
+    from alignment_callback.functional.bootstrap import bootstrap_interval
+    from alignment_callback.metrics import CalibratedAlignment, LayerAlignment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = x + torch.randn(40, 5, generator=g, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="metric= argument is now called measure="):
+        old = F.calibrated_alignment(x, y, metric="linear_cka", num_permutations=20)
+    new = F.calibrated_alignment(x, y, measure="linear_cka", num_permutations=20)
+    assert float(old.p_value) == float(new.p_value) and float(old.raw) == float(new.raw)
+    with pytest.warns(DeprecationWarning):
+        layers = F.calibrated_layer_alignment([x], [y], metric="cknna", k=5, num_permutations=20)
+    assert layers.measure == "cknna"
+    with pytest.warns(DeprecationWarning):
+        assert F.permutation_null(x, y, metric="rsa", num_permutations=3).shape == (3,)
+    with pytest.warns(DeprecationWarning):
+        boot = bootstrap_interval(x, y, metric="linear_cka", num_bootstrap=2, num_permutations=9)
+    assert boot.low <= boot.high
+    for cls in (CalibratedAlignment, LayerAlignment):
+        with pytest.warns(DeprecationWarning):
+            assert cls(metric="mutual_knn", k=3).measure.name == "mutual_knn"
+    with pytest.warns(DeprecationWarning, match="measures="):
+        cb = AlignmentCallback(torch.nn.Linear(5, 5), probe=x.float(), layers="", metrics=["rsa"])
+    assert list(cb.measures) == ["rsa"]

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
-from alignment_callback.functional.registry import MeasureSpec
+from alignment_callback.functional.registry import MeasureSpec, measure_argument
 
 
 class BootstrapInterval(NamedTuple):
@@ -75,7 +75,7 @@ def _take(x: Any, idx: Tensor) -> Any:
 def bootstrap_interval(
     x: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     y: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
-    metric: MeasureSpec = "mutual_knn",
+    measure: MeasureSpec = "mutual_knn",
     num_bootstrap: int = 200,
     confidence: float = 0.95,
     seed: int = 0,
@@ -98,7 +98,7 @@ def bootstrap_interval(
 
     Args:
         x, y: paired features (n, d) or layer lists / mappings of them.
-        metric: measure (default mutual kNN).
+        measure: the measure (default mutual kNN; ``metric=`` is its deprecated old name).
         num_bootstrap: replicates B (default 200).  Cost: B full calibrations.
         confidence: interval level in (0, 1) (default 0.95).
         seed: seed of the subsample generator and base of the permutation seeds.
@@ -113,6 +113,7 @@ def bootstrap_interval(
         :class:`BootstrapInterval` ``(low, high, estimate, replicates, raw_replicates,
         subsample_size)``.  Approximate: see the module docstring.
     """
+    measure = measure_argument(measure, kw)
     if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap or num_bootstrap < 1:
         raise ValueError(f"num_bootstrap must be a positive integer, got {num_bootstrap!r}")
     if not 0.0 < confidence < 1.0:
@@ -128,7 +129,7 @@ def bootstrap_interval(
 
     def run(xs: Any, ys: Any, s: int, g: Any) -> tuple[float, float]:
         fn = calibrated_layer_alignment if layered else calibrated_alignment
-        res = fn(xs, ys, metric, num_permutations=num_permutations, alpha=alpha, seed=s,
+        res = fn(xs, ys, measure, num_permutations=num_permutations, alpha=alpha, seed=s,
                  groups=g, **kw)
         return float(res.calibrated), float(res.raw)
 

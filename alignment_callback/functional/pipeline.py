@@ -55,6 +55,7 @@ from alignment_callback.functional.registry import (
     MeasureSpec,
     check_samples,
     get_measure,
+    measure_argument,
 )
 
 Groups = Any  # a sequence / array / tensor of one group label per sample
@@ -534,7 +535,7 @@ def calibrate_measures(
 def calibrated_layer_alignment(
     xs: Layers,
     ys: Layers,
-    metric: MeasureSpec = "linear_cka",
+    measure: MeasureSpec = "linear_cka",
     aggregate: Aggregate = "max",
     num_permutations: int = 500,
     alpha: float = 0.05,
@@ -542,19 +543,19 @@ def calibrated_layer_alignment(
     groups: Groups | None = None,
     max_score: float | None | str = AUTO,
     null: str = "permutation",
-    **metric_kwargs: Any,
+    **measure_kwargs: Any,
 ) -> LayerAlignmentResult:
-    """Aggregation-aware calibration of ``agg_{a,b} metric(xs[a], ys[b])``.
+    """Aggregation-aware calibration of ``agg_{a,b} measure(xs[a], ys[b])``.
 
     Parameters
     ----------
     xs, ys : mapping name -> (n, d) tensor, sequence of tensors, or one tensor
         Layers of the two models, rows paired across models (same n).
-    metric : str, Measure or callable, default="linear_cka"
+    measure : str, Measure or callable, default="linear_cka"
     aggregate : {"max", "mean", "topK"} or callable, default="max"
         ``"max"`` is PRH's report; the null of the aggregate applies the same permutation to
         every ``ys`` layer (Westfall–Young maxT for ``"max"``).
-    num_permutations, alpha, seed, groups, max_score, **metric_kwargs
+    num_permutations, alpha, seed, groups, max_score, **measure_kwargs
         As in :func:`calibrated_alignment`.
 
     Returns
@@ -578,7 +579,7 @@ def calibrated_layer_alignment(
     >>> res.best_pair, round(float(res.raw), 4), round(float(res.calibrated), 4)
     (('l2', 'r'), 1.0, 1.0)
     """
-    measure = get_measure(metric, **metric_kwargs)
+    measure = get_measure(measure_argument(measure, measure_kwargs), **measure_kwargs)
     xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), [measure], check_null(null))
     perms = Permutations(xside.n, num_permutations, seed, groups)
     return calibrate_prepared([measure], xside, yside, perms, alpha, aggregate, max_score,
@@ -589,18 +590,18 @@ def calibrated_layer_alignment(
 def calibrated_alignment(
     x: Tensor,
     y: Tensor,
-    metric: MeasureSpec = "mutual_knn",
+    measure: MeasureSpec = "mutual_knn",
     num_permutations: int = 500,
     alpha: float = 0.05,
     seed: int = 0,
     groups: Groups | None = None,
     max_score: float | None | str = AUTO,
     null: str = "permutation",
-    **metric_kwargs: Any,
+    **measure_kwargs: Any,
 ) -> CalibrationResult:
     """Permutation-calibrated alignment of ``x`` (n, p) and ``y`` (n, q), rows paired.
 
-    The observed score and K null scores ``metric(x, y[π_k])`` are computed on the fast path
+    The observed score and K null scores ``measure(x, y[π_k])`` are computed on the fast path
     (grams / neighbor lists prepared once, gathered or remapped per permutation) and calibrated:
     τ is the ⌈(1 − α)(K + 1)⌉-th smallest of ``{s, s_1..s_K}``, the calibrated score is
     ``max((s − τ)/(s_max − τ), 0)`` and the p-value ``(1 + #{s_k ≥ s})/(K + 1)``.
@@ -608,7 +609,7 @@ def calibrated_alignment(
     Parameters
     ----------
     x, y : Tensor of shape (n, p) and (n, q)
-    metric : str, Measure or callable, default="mutual_knn"
+    measure : str, Measure or callable, default="mutual_knn"
         A built-in name (see ``BUILTIN_MEASURES``), a :class:`Measure`, or ``f(x, y)``
         (recomputed for every permutation).
     num_permutations : int, default=500
@@ -628,10 +629,11 @@ def calibrated_alignment(
         kernel and d < n no n×n matrix either); or moments where they are validated
         (n >= 32, moderate skew, no outlying sample on both sides) and permutations
         elsewhere.  ``result.null_method`` says which was used.
-    **metric_kwargs
+    **measure_kwargs
         The measure's parameters (``k``, ``sigma``, ``cca_dim``).  A parameter named like an
         argument of this function (``shape_metric``'s ``alpha``) must be given through
-        ``get_measure("shape_metric", alpha=...)``.
+        ``get_measure("shape_metric", alpha=...)``.  (``metric=`` is the deprecated old name
+        of ``measure``.)
 
     Returns
     -------
@@ -652,7 +654,7 @@ def calibrated_alignment(
     >>> round(float(res.p_value), 4), float(res.calibrated) > 0
     (0.005, True)
     """
-    measure = get_measure(metric, **metric_kwargs)
+    measure = get_measure(measure_argument(measure, measure_kwargs), **measure_kwargs)
     xside, yside = _sides(_single(x, "x"), _single(y, "y"), [measure], check_null(null))
     perms = Permutations(xside.n, num_permutations, seed, groups)
     return calibrate_prepared([measure], xside, yside, perms, alpha, "max", max_score,
@@ -669,19 +671,19 @@ def _single(x: Any, name: str) -> Tensor:
 def permutation_null(
     x: Tensor,
     y: Tensor,
-    metric: MeasureSpec = "mutual_knn",
+    measure: MeasureSpec = "mutual_knn",
     num_permutations: int = 500,
     seed: int = 0,
     groups: Groups | None = None,
-    **metric_kwargs: Any,
+    **measure_kwargs: Any,
 ) -> Tensor:
-    """Permutation null of ``metric``: a (K,) tensor whose k-th value is
-    ``metric(x, y[permutations(n, K, seed)[k]])``.
+    """Permutation null of ``measure``: a (K,) tensor whose k-th value is
+    ``measure(x, y[permutations(n, K, seed)[k]])``.
 
     Built-in measures use the fast path (grams / neighbor lists computed once, then gathered
     or remapped per permutation); a plain callable is recomputed on every permuted Y.
     """
-    measure = get_measure(metric, **metric_kwargs)
+    measure = get_measure(measure_argument(measure, measure_kwargs), **measure_kwargs)
     xside, yside = _sides(_single(x, "x"), _single(y, "y"), [measure])
     perms = Permutations(xside.n, num_permutations, seed, groups)
     return layer_nulls([measure], xside, yside, perms)[measure][:, 0, 0]

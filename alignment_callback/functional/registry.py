@@ -18,6 +18,7 @@ NumPy reference in ``tests/``.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Union
 
@@ -502,22 +503,32 @@ def canonical_name(name: str) -> str:
     raise ValueError(f"unknown measure {name!r}{hint} Built-ins: {', '.join(sorted(REGISTRY))}")
 
 
-def get_measure(metric: MeasureSpec, **kwargs: Any) -> Measure:
-    """Resolve ``metric``: a built-in name (or alias), a :class:`Measure`, or a callable
+def measure_argument(measure: Any, kwargs: dict[str, Any], stacklevel: int = 3) -> Any:
+    """``measure``, or the deprecated ``metric=`` keyword taken out of ``kwargs`` (the
+    argument's old name: a measure is the math, a metric the torchmetrics object)."""
+    if "metric" not in kwargs:
+        return measure
+    warnings.warn("the metric= argument is now called measure= (a measure is the math, a "
+                  "metric the torchmetrics object)", DeprecationWarning, stacklevel=stacklevel)
+    return kwargs.pop("metric")
+
+
+def get_measure(measure: MeasureSpec, **kwargs: Any) -> Measure:
+    """Resolve ``measure``: a built-in name (or alias), a :class:`Measure`, or a callable
     ``f(x, y)`` (recomputed on every permuted Y: exact, slow).
 
     Keyword arguments are the measure's parameters (``k``, ``sigma``, ``cca_dim``), checked
     against its declaration; for a callable they are bound to it.
     """
-    if isinstance(metric, Measure):
+    if isinstance(measure, Measure):
         if kwargs:
             raise TypeError(f"a Measure object takes no extra keyword arguments, got {sorted(kwargs)}")
-        return metric
-    if isinstance(metric, str):
-        return REGISTRY[canonical_name(metric)].bind(**kwargs)
-    if callable(metric):
-        return _from_callable(metric, dict(kwargs))
-    raise TypeError(f"metric must be a name, a Measure or a callable, got {type(metric).__name__}")
+        return measure
+    if isinstance(measure, str):
+        return REGISTRY[canonical_name(measure)].bind(**kwargs)
+    if callable(measure):
+        return _from_callable(measure, dict(kwargs))
+    raise TypeError(f"measure must be a name, a Measure or a callable, got {type(measure).__name__}")
 
 
 def check_samples(measure: Measure, n: int) -> None:

@@ -33,7 +33,7 @@ from alignment_callback.functional.pipeline import (
     prepare_side,
     side_features,
 )
-from alignment_callback.functional.registry import MeasureSpec, get_measure
+from alignment_callback.functional.registry import MeasureSpec, get_measure, measure_argument
 from alignment_callback.metrics._rows import (
     Preprocess,
     RowPreprocessor,
@@ -61,7 +61,7 @@ class AlignmentMetricBase(Metric):
 
     def __init__(
         self,
-        metric: MeasureSpec,
+        measure: MeasureSpec,
         num_permutations: int = 500,
         alpha: float = 0.05,
         seed: int = 0,
@@ -75,9 +75,10 @@ class AlignmentMetricBase(Metric):
         null: str = "permutation",
         **kwargs: Any,
     ) -> None:
+        measure = measure_argument(measure, kwargs, stacklevel=4)
         tm_kwargs, measure_kwargs = split_kwargs(kwargs)
         super().__init__(**tm_kwargs)
-        self.measure = get_measure(metric, **measure_kwargs)
+        self.measure = get_measure(measure, **measure_kwargs)
         self.num_permutations = check_num_permutations(num_permutations)
         self.alpha = check_alpha(alpha)
         self.seed = check_seed(seed)

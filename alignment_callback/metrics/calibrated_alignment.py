@@ -27,7 +27,8 @@ class CalibratedAlignment(AlignmentMetricBase):
     ``last_result``.
 
     Args:
-        metric: built-in name (default ``"mutual_knn"``), a ``Measure`` or a callable.
+        measure: built-in name (default ``"mutual_knn"``), a ``Measure`` or a callable
+            (``metric=`` is its deprecated old name: a metric is this object).
         num_permutations: K (default 500).
         alpha: level of the threshold τ (default 0.05).
         seed: permutation seed (default 0): same seed, same permutations, comparable scores.
@@ -55,7 +56,7 @@ class CalibratedAlignment(AlignmentMetricBase):
 
     def __init__(
         self,
-        metric: MeasureSpec = "mutual_knn",
+        measure: MeasureSpec = "mutual_knn",
         num_permutations: int = 500,
         alpha: float = 0.05,
         seed: int = 0,
@@ -66,7 +67,7 @@ class CalibratedAlignment(AlignmentMetricBase):
         null: str = "permutation",
         **kwargs: Any,
     ) -> None:
-        super().__init__(metric, num_permutations, alpha, seed, max_samples, preprocess, "max",
+        super().__init__(measure, num_permutations, alpha, seed, max_samples, preprocess, "max",
                          groups, max_score, x_layers=["x"], y_layers=["y"], null=null, **kwargs)
 
     def update(self, x: Tensor, y: Tensor | None = None, index: Tensor | None = None) -> None:

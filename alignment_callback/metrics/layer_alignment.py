@@ -19,7 +19,7 @@ class LayerAlignment(AlignmentMetricBase):
     """Calibrated alignment of several model layers against several reference layers.
 
     ``update(xs, ys)`` takes ``{layer name: rows}`` for each side.  ``compute()`` builds the
-    raw LA×LB matrix ``metric(x_a, y_b)`` and calibrates the aggregate (``"max"`` by default,
+    raw LA×LB matrix ``measure(x_a, y_b)`` and calibrates the aggregate (``"max"`` by default,
     or ``"mean"``, ``"topK"``, a callable) aggregation-aware: the same permutation is applied to
     every reference layer, the whole matrix recomputed (fast path) and aggregated
     (docs/calibration.md, Algorithm 2; Westfall–Young maxT for max).
@@ -29,14 +29,14 @@ class LayerAlignment(AlignmentMetricBase):
     heatmaps — it does not account for the selection) and ``argmax`` (2,) indices.  Names of
     the best pair: ``last_result.best_pair``.
 
-    Args: as :class:`CalibratedAlignment` (default metric ``"linear_cka"``), plus
+    Args: as :class:`CalibratedAlignment` (default measure ``"linear_cka"``), plus
     ``aggregate`` and optional ``x_layers`` / ``y_layers`` names (otherwise taken from the first
     update; give them to load a ``state_dict`` into a fresh metric).
     """
 
     def __init__(
         self,
-        metric: MeasureSpec = "linear_cka",
+        measure: MeasureSpec = "linear_cka",
         aggregate: Aggregate = "max",
         num_permutations: int = 500,
         alpha: float = 0.05,
@@ -50,7 +50,7 @@ class LayerAlignment(AlignmentMetricBase):
         null: str = "permutation",
         **kwargs: Any,
     ) -> None:
-        super().__init__(metric, num_permutations, alpha, seed, max_samples, preprocess, aggregate,
+        super().__init__(measure, num_permutations, alpha, seed, max_samples, preprocess, aggregate,
                          groups, max_score, x_layers=x_layers, y_layers=y_layers, null=null,
                          **kwargs)
 

@@ -215,7 +215,7 @@ def _locate_pair(engine: AlignmentEngine, xa: Layers, ya: Layers, x_path: str | 
 
 
 def _record(res: LayerAlignmentResult, measure: Measure, n: int, keep_null: bool) -> dict:
-    rec: dict[str, Any] = {"metric": measure.name, "kwargs": measure.kwargs,
+    rec: dict[str, Any] = {"measure": measure.name, "kwargs": measure.kwargs,
                            "aggregate": res.aggregate, "n_samples": n,
                            "null_method": res.null_method}
     rec.update({k: finite_or_none(v) for k, v in res.as_dict().items()})

@@ -15,12 +15,12 @@ from typing import Any, Sequence
 from alignment_callback.reporting.plan import BOOTSTRAP_CONFIDENCE, MatrixPlan
 
 COMPARE_CSV_HEADER = [
-    "metric", "aggregate", "raw", "threshold", "calibrated", "p_value", "null_mean", "null_std",
+    "measure", "aggregate", "raw", "threshold", "calibrated", "p_value", "null_mean", "null_std",
     "effect_size", "percentile", "best_x_layer", "best_y_layer", "n_samples", "num_permutations",
     "alpha", "ci_low", "ci_high",
 ]
 MATRIX_CSV_HEADER = [
-    "x_model", "y_model", "metric", "aggregate", "raw", "threshold", "calibrated", "p_value",
+    "x_model", "y_model", "measure", "aggregate", "raw", "threshold", "calibrated", "p_value",
     "p_bh", "significant_bh", "effect_size", "best_x_layer", "best_y_layer", "ci_low", "ci_high",
 ]
 
@@ -171,7 +171,7 @@ def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, d
 
     print(f"A: {args.a} ({len(xa)} layer(s))  B: {args.b} ({len(xb)} layer(s))  n={na}")
     print(calibration_line(args, grouped))
-    headers = ["metric", "raw", "tau", "calibrated", "p", "best layer pair"]
+    headers = ["measure", "raw", "tau", "calibrated", "p", "best layer pair"]
     if args.bootstrap:
         headers.append(f"{int(BOOTSTRAP_CONFIDENCE * 100)}% interval (approx.)")
     lines = []
@@ -237,7 +237,7 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
         "x_files": [str(f) for f in plan.files_x], "y_files": [str(f) for f in plan.files_y],
         "settings": settings,
         "fdr": {"method": "benjamini-hochberg", "alpha": args.alpha,
-                "family": "all pairs of the matrix, separately per metric"},
+                "family": "all pairs of the matrix, separately per measure"},
         "versions": versions(), "results": summary,
         "pairs": [{"x_model": plan.names_x[i], "y_model": plan.names_y[j],
                    "results": {m: plan.record(i, j, m) for m in plan.measures}}

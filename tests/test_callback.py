@@ -35,7 +35,7 @@ from tests.helpers import (
     train_loader,
 )
 
-DEFAULT_METRICS = ("linear_cka", "mutual_knn", "cknna")
+DEFAULT_MEASURES = ("linear_cka", "mutual_knn", "cknna")
 K = 30
 FIELDS = ("raw", "calibrated", "p_value", "threshold")
 
@@ -72,7 +72,7 @@ def test_csv_keys_rows_and_values_match_offline_recomputation(tmp_path, backgrou
     steps = [int(r["step"]) for r in rows]
     assert steps == [0, 4, 8] and len(set(steps)) == len(steps)
     assert [h["epoch"] for h in cb.history] == [0, 1, 2]
-    for name in DEFAULT_METRICS:
+    for name in DEFAULT_MEASURES:
         for field in FIELDS:
             assert f"alignment/{name}/{field}" in rows[0], f"missing alignment/{name}/{field}"
         for r in rows:
@@ -85,7 +85,7 @@ def test_csv_keys_rows_and_values_match_offline_recomputation(tmp_path, backgrou
 
     # the last logged row is what the pure functions give on the final weights
     last = rows[-1]
-    for name in DEFAULT_METRICS:
+    for name in DEFAULT_MEASURES:
         res = offline_alignment(model, reference, make_probe(), LAYERS, name, K)
         for field in FIELDS:
             assert float(last[f"alignment/{name}/{field}"]) == pytest.approx(
@@ -96,8 +96,8 @@ def test_csv_keys_rows_and_values_match_offline_recomputation(tmp_path, backgrou
     # heatmaps: one image (raw | calibrated per pair) per metric per alignment step, as PNGs
     folder = os.path.join(trainer.logger.log_dir, "alignment_heatmaps")
     pngs = sorted(os.listdir(folder))
-    assert len(pngs) == len(DEFAULT_METRICS) * 3
-    for name in DEFAULT_METRICS:
+    assert len(pngs) == len(DEFAULT_MEASURES) * 3
+    for name in DEFAULT_MEASURES:
         for h in cb.history:
             fname = f"alignment_{name}_heatmap_epoch{h['epoch']:04d}_step{h['step']:06d}.png"
             assert fname in pngs
@@ -116,7 +116,7 @@ def _train_once(tmp_path, with_callback, background=False):
     # a DataLoader probe: creating its iterator draws a seed from the global torch RNG
     probe = DataLoader(TensorDataset(make_probe()), batch_size=32, shuffle=False)
     cbs = [_callback(reference=RefMLP(seed=1), probe=probe, log_heatmaps=True,
-                     metrics=["linear_cka", "mutual_knn"], background=background)
+                     measures=["linear_cka", "mutual_knn"], background=background)
            ] if with_callback else []
     trainer = pl.Trainer(max_epochs=2, logger=CSVLogger(tmp_path, name="csv"), callbacks=cbs,
                          deterministic=True, enable_checkpointing=False, **FAST_TRAINER)
@@ -165,7 +165,7 @@ def test_resume_from_checkpoint_continues_history(tmp_path, background, monkeypa
         monkeypatch.setattr(AlignmentCallback, "_compute",
                             lambda self, *a: (time.sleep(0.5), compute(self, *a))[1])
     ckpt_dir = tmp_path / "ckpt"
-    cb1 = _callback(metrics=["linear_cka"], background=background)
+    cb1 = _callback(measures=["linear_cka"], background=background)
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True)
     _fit(tmp_path / "run1", [cb1, ckpt], max_epochs=2, enable_checkpointing=True)
     assert [h["epoch"] for h in cb1.history] == [0, 1, 2]
@@ -179,7 +179,7 @@ def test_resume_from_checkpoint_continues_history(tmp_path, background, monkeypa
     assert state["pending"] == pending
     assert [h["epoch"] for h in state["history"]] == ([0, 1] if background else [0, 1, 2])
 
-    cb2 = _callback(metrics=["linear_cka"], background=background)
+    cb2 = _callback(measures=["linear_cka"], background=background)
     log2 = CSVLogger(tmp_path / "run2", name="csv")
     trainer = pl.Trainer(max_epochs=4, logger=log2,
                          callbacks=[cb2, ModelCheckpoint(dirpath=ckpt_dir)],
@@ -204,7 +204,7 @@ def test_resume_from_checkpoint_continues_history(tmp_path, background, monkeypa
 # ------------------------------------------------------------------------------------ schedules
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
 def test_every_n_train_steps(tmp_path, background):
-    cb = _callback(metrics=["linear_cka"], every_n_train_steps=3, background=background)
+    cb = _callback(measures=["linear_cka"], every_n_train_steps=3, background=background)
     _fit(tmp_path, [cb], max_epochs=2)  # 4 steps per epoch, 8 in all
     steps = [h["step"] for h in cb.history]
     assert steps == [0, 3, 6]
@@ -241,7 +241,7 @@ class _Uncopyable(MLP):
 
 def test_background_runs_the_probe_on_a_copy_in_the_worker(tmp_path):
     _ThreadRecordingMLP.probe_threads = []
-    cb = _callback(metrics=["linear_cka"], background=True)
+    cb = _callback(measures=["linear_cka"], background=True)
     _, model = _fit(tmp_path, [cb], max_epochs=2, model=_ThreadRecordingMLP())
     threads = _ThreadRecordingMLP.probe_threads
     # the first step checks the copy against the model in the loop (two passes), the other
@@ -257,7 +257,7 @@ def test_background_runs_the_probe_on_a_copy_in_the_worker(tmp_path):
 
 
 def test_background_falls_back_to_the_loop_for_an_uncopyable_model(tmp_path):
-    cb = _callback(metrics=["linear_cka"], background=True)
+    cb = _callback(measures=["linear_cka"], background=True)
     with pytest.warns(RuntimeWarning, match="cannot be copied"):
         _fit(tmp_path, [cb], max_epochs=1, model=_Uncopyable())
     assert [h["epoch"] for h in cb.history] == [0, 1]
@@ -284,7 +284,7 @@ def test_background_queue_keeps_order_and_bounds_pending_jobs():
 
 
 def test_every_n_epochs(tmp_path):
-    cb = _callback(metrics=["linear_cka"], every_n_epochs=2)
+    cb = _callback(measures=["linear_cka"], every_n_epochs=2)
     trainer, _ = _fit(tmp_path, [cb], max_epochs=4, loader=train_loader(n=32))
     assert [h["epoch"] for h in cb.history] == [0, 2, 4]
     rows = alignment_rows(csv_metrics_file(trainer.logger))
@@ -304,7 +304,7 @@ def _dict_train_loader():
 def test_dict_batches(tmp_path, how):
     reference = RefMLP(seed=1)
     kw = {"input_key": "x"} if how == "input_key" else {"batch_transform": operator.itemgetter("x")}
-    cb = _callback(reference=reference, probe=_dict_probe_loader(), metrics=["linear_cka"], **kw)
+    cb = _callback(reference=reference, probe=_dict_probe_loader(), measures=["linear_cka"], **kw)
     _, model = _fit(tmp_path, [cb], model=DictMLP(), loader=_dict_train_loader())
     assert [h["epoch"] for h in cb.history] == [0, 1]
     res = offline_alignment(model, reference, make_probe(), LAYERS, "linear_cka", K)
@@ -316,7 +316,7 @@ def test_dict_batches(tmp_path, how):
 def test_reference_inputs_with_another_feature_dimension(tmp_path):
     reference = RefMLP(in_dim=5, seed=1)
     ref_probe = torch.cat([make_probe()[:, :3], make_probe(seed=7)[:, :2]], 1)  # row-aligned, d=5
-    cb = _callback(reference=reference, reference_inputs=ref_probe, metrics=["linear_cka"])
+    cb = _callback(reference=reference, reference_inputs=ref_probe, measures=["linear_cka"])
     _, model = _fit(tmp_path, [cb])
     assert [h["epoch"] for h in cb.history] == [0, 1]
     res = offline_alignment(model, reference, make_probe(), LAYERS, "linear_cka", K,
@@ -331,7 +331,7 @@ def test_reference_inputs_with_dict_batches_and_own_key(tmp_path):
     ref_probe = [{"features": t} for t in make_probe(in_dim=5, seed=9).split(32)]
     cb = _callback(reference=reference, probe=_dict_probe_loader(), input_key="x",
                    reference_inputs=ref_probe, reference_input_key="features",
-                   metrics=["linear_cka"])
+                   measures=["linear_cka"])
     _fit(tmp_path, [cb], model=DictMLP(), loader=_dict_train_loader())
     assert [h["epoch"] for h in cb.history] == [0, 1]
 
@@ -341,7 +341,7 @@ def test_layer_mapping_aggregates_over_mapped_pairs_only(tmp_path):
     # the reference is the model's own initialization: the unmapped fc1-fc1 pair is ~1, the
     # mapped cross pairs are lower, so a max over the whole matrix would differ
     mapping = {"fc1": "head", "head": "fc1"}
-    cb = _callback(reference=MLP(seed=0), layers=mapping, metrics=["linear_cka", "mutual_knn"])
+    cb = _callback(reference=MLP(seed=0), layers=mapping, measures=["linear_cka", "mutual_knn"])
     _fit(tmp_path, [cb], model=MLP(seed=0, lr=0.01))
     for name in ("linear_cka", "mutual_knn"):
         r = cb.last_results[name]
@@ -364,7 +364,7 @@ def _nan_probe():
 
 
 def test_nan_probe_warns_and_training_completes(tmp_path):
-    cb = _callback(probe=_nan_probe(), metrics=["linear_cka"], on_error="warn")
+    cb = _callback(probe=_nan_probe(), measures=["linear_cka"], on_error="warn")
     with pytest.warns(RuntimeWarning, match="NaN"):
         trainer, _ = _fit(tmp_path, [cb], max_epochs=2)
     assert trainer.state.finished and trainer.current_epoch == 2
@@ -376,14 +376,14 @@ def test_nan_layer_of_the_model_warns(tmp_path, background):
     model = MLP()
     with torch.no_grad():
         model.fc2.bias[0] = float("nan")  # fc2 and later layers become NaN, fc1 stays fine
-    cb = _callback(metrics=["linear_cka"], on_error="warn", background=background)
+    cb = _callback(measures=["linear_cka"], on_error="warn", background=background)
     with pytest.warns(RuntimeWarning, match="NaN"):
         trainer, _ = _fit(tmp_path, [cb], model=model)
     assert trainer.state.finished and cb.history == []
 
 
 def test_on_error_raise(tmp_path):
-    cb = _callback(probe=_nan_probe(), metrics=["linear_cka"], on_error="raise")
+    cb = _callback(probe=_nan_probe(), measures=["linear_cka"], on_error="raise")
     with pytest.raises(ValueError, match="NaN"):
         _fit(tmp_path, [cb])
 
@@ -392,7 +392,7 @@ def test_on_error_raise_from_the_background_thread(tmp_path):
     model = MLP()
     with torch.no_grad():
         model.fc2.bias[0] = float("nan")  # fails in the worker, not in the capture
-    cb = _callback(metrics=["linear_cka"], on_error="raise", background=True)
+    cb = _callback(measures=["linear_cka"], on_error="raise", background=True)
     with pytest.raises(ValueError, match="NaN"):
         _fit(tmp_path, [cb], model=model, max_epochs=3)
     assert cb.history == [] and len(cb._queue) == 0
@@ -414,7 +414,7 @@ def test_bad_arguments_rejected(kw):
 
 # ---------------------------------------------------------------------------------- monitoring
 def test_model_checkpoint_can_monitor_calibrated_value(tmp_path):
-    cb = _callback(metrics=["mutual_knn"])
+    cb = _callback(measures=["mutual_knn"])
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="alignment/mutual_knn/calibrated",
                            mode="max", save_top_k=1)
     with warnings.catch_warnings():
@@ -450,7 +450,7 @@ class _PeekMonitor(pl.Callback):
 
 def test_every_n_train_steps_monitor_sees_the_latest_value(tmp_path):
     key = "alignment/linear_cka/calibrated"
-    cb = _callback(metrics=["linear_cka"], every_n_train_steps=1)
+    cb = _callback(measures=["linear_cka"], every_n_train_steps=1)
     peek = _PeekMonitor(cb, key)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=key, mode="max", save_top_k=1,
                            every_n_train_steps=2)

@@ -24,12 +24,12 @@ from tests.helpers import (
 )
 
 K = 20
-METRICS = ["linear_cka", "mutual_knn"]
+MEASURES = ["linear_cka", "mutual_knn"]
 
 
 def _callback(**kw):
     return AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS,
-                             metrics=kw.pop("metrics", METRICS), num_permutations=K, **kw)
+                             measures=kw.pop("measures", MEASURES), num_permutations=K, **kw)
 
 
 def _fit(logger, callbacks, max_epochs=1):
@@ -53,7 +53,7 @@ def test_tensorboard_scalars_and_heatmap_images(tmp_path, background):
     acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    for name in METRICS:
+    for name in MEASURES:
         for field in ("raw", "calibrated", "p_value", "threshold"):
             assert f"alignment/{name}/{field}" in tags["scalars"]
     events = acc.Scalars("alignment/linear_cka/calibrated")
@@ -61,7 +61,7 @@ def test_tensorboard_scalars_and_heatmap_images(tmp_path, background):
     for e, h in zip(events, cb.history):
         assert e.value == pytest.approx(h["alignment/linear_cka/calibrated"], rel=1e-6)
     assert [e.value for e in acc.Scalars("alignment/epoch")] == [0.0, 1.0, 2.0]
-    for name in METRICS:
+    for name in MEASURES:
         images = acc.Images(f"alignment/{name}/heatmap")
         assert [im.step for im in images] == [0, 4, 8]
         assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
@@ -166,7 +166,7 @@ def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env, background):
 
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="alignment-tests")
     cb = _callback(background=background)
-    cb2 = _callback(metrics=["linear_cka"], log_prefix="second", log_heatmaps=False)
+    cb2 = _callback(measures=["linear_cka"], log_prefix="second", log_heatmaps=False)
     _fit(logger, [cb, cb2], max_epochs=2)
     summary_keys = set(logger.experiment.summary.keys())
     wandb.finish()
@@ -180,7 +180,7 @@ def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env, background):
     assert [h["alignment/epoch"] for h in scalar_rows] == [0, 1, 2]
     assert [h["trainer/global_step"] for h in scalar_rows] == [h["step"] for h in cb.history]
     for row, entry in zip(scalar_rows, cb.history):
-        for name in METRICS:
+        for name in MEASURES:
             for field in ("raw", "calibrated", "p_value", "threshold"):
                 key = f"alignment/{name}/{field}"
                 assert row[key] == pytest.approx(entry[key], rel=1e-6)
@@ -195,7 +195,7 @@ def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env, background):
     # heatmaps: image history entries whose files exist under files/media
     run_dir = Path(run_file).parent
     image_files = []
-    for name in METRICS:
+    for name in MEASURES:
         key = f"alignment/{name}/heatmap"
         rows = [h for h in history if f"{key}/filenames" in h]
         assert len(rows) == 3, key
@@ -208,7 +208,7 @@ def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env, background):
     # one table of every pair at every step per measure, logged once at the end of fit
     tables = glob.glob(str(run_dir / "files" / "media" / "table" / "alignment" / "*"
                            / "pairs_*.table.json"))
-    assert len(tables) == len(METRICS)
+    assert len(tables) == len(MEASURES)
     table = json.loads(Path(tables[0]).read_text())
     assert table["columns"] == ["epoch", "step", "model_layer", "reference_layer", "raw",
                                 "calibrated", "p_value"]
@@ -224,7 +224,7 @@ def test_mlflow_metrics_and_heatmap_artifacts(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     logger = MLFlowLogger(experiment_name="alignment", tracking_uri=uri,
                           artifact_location=(tmp_path / "artifacts").as_uri())
-    cb = _callback(metrics=["linear_cka"])
+    cb = _callback(measures=["linear_cka"])
     _fit(logger, [cb], max_epochs=1)
 
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)

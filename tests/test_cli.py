@@ -97,24 +97,24 @@ def test_compare_writes_table_json_csv_png_equal_to_library(data):
     assert proc.returncode == 0, proc.stderr
     header = next(line for line in proc.stdout.splitlines() if line.startswith("measure"))
     assert header.split()[:5] == ["measure", "raw", "tau", "calibrated", "p"]
-    for metric in cli.DEFAULT_METRICS:
-        assert any(line.startswith(metric) for line in proc.stdout.splitlines())
-        assert (out / f"heatmap_{metric}.png").stat().st_size > 1000
+    for measure in cli.DEFAULT_MEASURES:
+        assert any(line.startswith(measure) for line in proc.stdout.splitlines())
+        assert (out / f"heatmap_{measure}.png").stat().st_size > 1000
     doc = json.loads((out / "alignment.json").read_text())
     assert doc["n_samples"] == N and set(doc["versions"]) >= {"torch", "alignment_callback"}
     assert doc["settings"]["permutations"] == K
     assert doc["inputs"]["a"]["layers"]["block2"] == [N, 12]  # (N, 4, 12) mean-pooled
     xa, xb = prepared(raw["a"]), prepared(raw["b"])
-    for metric in cli.DEFAULT_METRICS:
-        kw = {} if metric == "linear_cka" else {"k": 5}
-        res = calibrated_layer_alignment(xa, xb, metric, num_permutations=K, **kw)
-        rec = doc["results"][metric]
+    for measure in cli.DEFAULT_MEASURES:
+        kw = {} if measure == "linear_cka" else {"k": 5}
+        res = calibrated_layer_alignment(xa, xb, measure, num_permutations=K, **kw)
+        rec = doc["results"][measure]
         check_record(rec, res)
         assert len(rec["null"]) == K
     assert doc["results"]["linear_cka"]["best_pair"] == ["block1", "h1"]
     assert doc["results"]["linear_cka"]["p_value"] < 0.05
     rows = list(csv.DictReader(open(out / "alignment.csv")))
-    assert [r["measure"] for r in rows] == list(cli.DEFAULT_METRICS)
+    assert [r["measure"] for r in rows] == list(cli.DEFAULT_MEASURES)
     assert close(float(rows[0]["calibrated"]), doc["results"]["linear_cka"]["calibrated"])
 
 

@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-__all__ = ["DEFAULT_METRICS", "CLIError", "build_parser", "main", "run_compare", "run_matrix",
+__all__ = ["DEFAULT_MEASURES", "DEFAULT_METRICS", "CLIError", "build_parser", "main", "run_compare", "run_matrix",
            "run_settings"]
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,11 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_nulls.py
+	$(BIN)/python benchmarks/bench_family_nulls.py
+	$(BIN)/python benchmarks/bench_gram_null.py
+	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_threads.py
+	$(BIN)/python benchmarks/bench_large_n.py
 	$(BIN)/python benchmarks/bench_callback_overhead.py
 
 confounders: install

@@ -1,0 +1,41 @@
+"""The package's layers import downward only: functional ← metrics ← hooks ← engine ←
+callback ← reporting (the CLI).  A module may import its own layer and any layer below it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "alignment_callback"
+LAYERS = ["functional", "metrics", "hooks", "engine", "callback", "reporting"]
+
+
+def imported_layers(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                 else [])
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "alignment_callback" and len(parts) > 1 and parts[1] in LAYERS:
+                found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_imports_point_downward(layer):
+    allowed = set(LAYERS[:LAYERS.index(layer) + 1])
+    files = sorted((PACKAGE / layer).glob("*.py"))
+    assert files, f"no modules in {layer}/"
+    wrong = {f.name: sorted(imported_layers(f) - allowed) for f in files}
+    assert not {k: v for k, v in wrong.items() if v}, f"{layer}/ imports a layer above it: {wrong}"
+
+
+def test_no_relative_imports_hide_the_direction():
+    relative = [str(f.relative_to(PACKAGE)) for f in PACKAGE.rglob("*.py")
+                if any(isinstance(n, ast.ImportFrom) and n.level > 0
+                       for n in ast.walk(ast.parse(f.read_text(encoding="utf-8"))))]
+    assert not relative, f"relative imports (write them absolute): {relative}"

@@ -195,6 +195,19 @@ def test_knn_fast_null_default_k_and_large_k():
             torch.testing.assert_close(null, ref, atol=1e-10, rtol=0, msg=f"{name} k={k}")
 
 
+@pytest.mark.parametrize("k", [32, 64, 150])
+def test_knn_fast_null_k_from_32_up(k):
+    """k >= 32 (the per-row perfect hash once failed to build there): nulls equal recompute."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(600, 12, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(12, 9, generator=g, dtype=torch.float64) + torch.randn(
+        600, 9, generator=g, dtype=torch.float64)
+    for name in sorted(KNN):
+        null = F.permutation_null(x, y, name, 6, seed=2, k=k)
+        ref = _recompute(FUNCS[name], x, y, F.permutations(600, 6, seed=2), k=k)
+        torch.testing.assert_close(null, ref, atol=1e-10, rtol=0, msg=f"{name} k={k}")
+
+
 @pytest.mark.parametrize("name", sorted(KNN))
 def test_knn_null_in_small_chunks_equals_recompute(name, monkeypatch):
     """Chunks of one or two permutations (as at large n) give the same null."""

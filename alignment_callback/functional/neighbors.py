@@ -15,9 +15,10 @@ keys ``keys[π]``), and the two sides break ties independently.  Data without ex
 continuous data) gets exactly the lists a plain top-k gives.
 
 **Membership without n×n tables.**  "Is b a neighbor of a, and at which slot" is answered by a
-:class:`SlotTable`: a perfect hash of each row's k neighbors into 4k buckets (a per-row
-multiplier is drawn until the row's neighbors do not collide), so a look-up is two gathers,
-memory is O(n·k) and the per-permutation cost grows like n·k, whatever n is.
+:class:`SlotTable`: a perfect hash of each row's k neighbors (split into groups of 8–16 when
+k >= 16) into about 2–4 buckets per neighbor (a multiplier per group is drawn until its
+neighbors do not collide), so a look-up is a few gathers, memory is O(n·k) and the
+per-permutation cost grows like n·k, whatever n is.
 """
 
 from __future__ import annotations
@@ -92,59 +93,100 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return torch.cat(idx_parts), torch.cat(val_parts)
 
 
-_SLOT_BITS = 16  # table entries: neighbor << 16 | slot (k < 65536)
 _HASH_BITS = 32
+_HASH_MASK = (1 << _HASH_BITS) - 1
+_GROUP_MULTIPLIER = 0x9E3779B1  # fixed odd multiplier of the first level (k >= 16)
+_TRIES_PER_SIZE = 8  # failed draws of a group before its bucket count doubles
+
+
+def _multiply_shift(b: Tensor, multiplier: Tensor | int, shift: Tensor | int) -> Tensor:
+    """``((b · m) mod 2³²) >> shift``: multiply-shift hashing into ``2**(32 − shift)`` buckets."""
+    return ((b * multiplier) & _HASH_MASK) >> shift
 
 
 @dataclass(frozen=True)
 class SlotTable:
-    """A per-row perfect hash of a kNN graph: is ``b ∈ N(a)``, and at which slot.
+    """A two-level perfect hash of a kNN graph: is ``b ∈ N(a)``, and at which slot.
 
-    Row a's neighbors go to buckets ``h_a(b) = ((b · m_a) mod 2³²) >> (32 − bits)`` of the
-    row's ``2**bits >= 4k`` buckets, with ``m_a`` an odd multiplier drawn (from a fixed seed)
-    until no two of them collide.  Entries are ``b << 16 | slot`` (−1 when empty).
+    Row a's neighbors are split into ``2**group_bits`` groups by a fixed hash of b (one group
+    while k < 16); group v = (a, g) gets ``2**bits_v`` buckets, about 2–4 per neighbor, and an odd
+    multiplier ``m_v`` drawn (from a fixed seed) until ``h_v(b) = ((b · m_v) mod 2³²) >>
+    (32 − bits_v)`` puts its neighbors in distinct buckets (the bucket count doubles after a few
+    failed draws).  An entry is ``b << slot_bits | slot`` (−1 when empty), int32 when it fits.
+    A look-up is four gathers; memory is O(n·k) for every k.
     """
 
-    multipliers: Tensor  # (n,) int64
-    entries: Tensor  # (n · 2**bits,) int64
-    bits: int
+    params: Tensor  # (n · groups,) int64: multiplier | shift << 32
+    offsets: Tensor  # (n · groups,) int64: first bucket of each group
+    entries: Tensor  # (total buckets,) int32 or int64
+    group_bits: int
+    slot_bits: int
+
+    def _group(self, a: Tensor, b: Tensor) -> Tensor:
+        if not self.group_bits:
+            return a
+        return (a << self.group_bits) + _multiply_shift(b, _GROUP_MULTIPLIER,
+                                                        _HASH_BITS - self.group_bits)
 
     def lookup(self, a: Tensor, b: Tensor) -> Tensor:
         """``slot + 1`` of ``b`` in ``N(a)`` (0 when ``b`` is not a neighbor of ``a``);
         ``a`` broadcasts against ``b`` (e.g. (B, n, 1) rows for (B, n, k) queries)."""
-        m = self.multipliers[a]
-        bucket = ((b * m) & 0xFFFFFFFF) >> (_HASH_BITS - self.bits)
-        e = self.entries[(a << self.bits) + bucket]
-        hit = (e >> _SLOT_BITS) == b
-        return torch.where(hit, (e & ((1 << _SLOT_BITS) - 1)) + 1, torch.zeros_like(e))
+        v = self._group(a, b)
+        p = self.params[v]
+        bucket = _multiply_shift(b, p & _HASH_MASK, p >> _HASH_BITS)
+        e = self.entries[self.offsets[v] + bucket].long()
+        hit = (e >> self.slot_bits) == b
+        return torch.where(hit, (e & ((1 << self.slot_bits) - 1)) + 1, torch.zeros_like(e))
+
+
+def _bits_for(size: Tensor, per_key: int) -> Tensor:
+    """``ceil(log2(per_key · size))`` (0 for empty groups)."""
+    return (per_key * size).clamp_min(1).double().log2().ceil().long()
 
 
 def slot_table(indices: Tensor) -> SlotTable:
     """Build the :class:`SlotTable` of (n, k) neighbor lists (deterministic)."""
     n, k = indices.shape
-    if k >= 1 << _SLOT_BITS:
-        raise ValueError(f"k={k} is too large for the neighbor look-up table")
-    bits = max(2, (4 * k - 1).bit_length())
+    slot_bits = 8 if k <= 1 << 8 and n < 1 << 23 else 16
+    if k > 1 << 16 or n >= 1 << 31:
+        raise ValueError(f"k={k}, n={n} is too large for the neighbor look-up table")
+    group_bits = max(0, (k // 8).bit_length() - 1)  # groups of 8–16 neighbors on average
+    cpu = indices.cpu().long()
+    b = cpu.reshape(-1)
+    slot = torch.arange(k).repeat(n)
+    empty = SlotTable(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                      torch.empty(0, dtype=torch.long), group_bits, slot_bits)
+    v = empty._group(torch.arange(n).repeat_interleave(k), b)
+    groups = n << group_bits
+    size = torch.bincount(v, minlength=groups)
+    bits = _bits_for(size, 2)
+    multipliers = torch.ones(groups, dtype=torch.long)
+    failures = torch.zeros(groups, dtype=torch.long)
+    todo = size > 1  # a group of 0 or 1 neighbors never collides
     gen = torch.Generator().manual_seed(20_240_523)
-    multipliers = torch.zeros(n, dtype=torch.long)
-    todo = torch.arange(n)
-    cpu = indices.cpu()
-    for _ in range(200):
-        candidates = torch.randint(0, 1 << 30, (todo.numel(),), generator=gen) * 2 + 1
-        h = ((cpu[todo] * candidates[:, None]) & 0xFFFFFFFF) >> (_HASH_BITS - bits)
-        h = torch.sort(h, dim=1).values
-        ok = ~(h[:, 1:] == h[:, :-1]).any(1)
-        multipliers[todo[ok]] = candidates[ok]
-        todo = todo[~ok]
-        if not todo.numel():
+    for _ in range(2000):
+        if not bool(todo.any()):
             break
-    else:  # pragma: no cover - probability ~ (1 - 0.3)**200 per row
+        multipliers[todo] = torch.randint(0, 1 << 30, (int(todo.sum()),), generator=gen) * 2 + 1
+        keys = todo[v]
+        kv = v[keys]
+        h = _multiply_shift(b[keys], multipliers[kv], _HASH_BITS - bits[kv])
+        code = torch.sort((kv << _HASH_BITS) | h).values
+        todo = torch.zeros_like(todo)
+        todo[code[1:][code[1:] == code[:-1]] >> _HASH_BITS] = True
+        failures += todo
+        bits += todo & (failures % _TRIES_PER_SIZE == 0)
+    else:  # pragma: no cover - the bucket count doubles every few draws
         raise RuntimeError("could not build the neighbor look-up table")
-    h = ((cpu * multipliers[:, None]) & 0xFFFFFFFF) >> (_HASH_BITS - bits)
-    entries = torch.full((n << bits,), -1, dtype=torch.long)
-    slots = torch.arange(k).expand(n, k)
-    entries[(torch.arange(n)[:, None] << bits) + h] = (cpu << _SLOT_BITS) | slots
-    return SlotTable(multipliers.to(indices.device), entries.to(indices.device), bits)
+    offsets = torch.cumsum(1 << bits, 0) - (1 << bits)
+    h = _multiply_shift(b, multipliers[v], _HASH_BITS - bits[v])
+    dtype = torch.int32 if slot_bits == 8 else torch.long
+    entries = torch.full((int(offsets[-1] + (1 << bits[-1])),), -1, dtype=dtype)
+    entries[offsets[v] + h] = ((b << slot_bits) | slot).to(dtype)
+    params = multipliers | ((_HASH_BITS - bits) << _HASH_BITS)
+    device = indices.device
+    return SlotTable(params.to(device), offsets.to(device), entries.to(device), group_bits,
+                     slot_bits)
 
 
 @dataclass(frozen=True)

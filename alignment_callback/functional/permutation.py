@@ -145,6 +145,11 @@ class Permutations:
             self._cache[device] = cpu.to(device)
         return self._cache[device]
 
+    def count(self, start: int = 0, stop: int | None = None) -> int:
+        """Number of permutations with index in ``[start, stop)``."""
+        stop = self.num_permutations if stop is None else min(stop, self.num_permutations)
+        return max(0, stop - start)
+
     def chunks(self, chunk_size: int, device: torch.device | str | None = None, start: int = 0,
                stop: int | None = None) -> Iterator[Tensor]:
         """(B, n) chunks of permutations ``start .. stop - 1`` on ``device``."""

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -277,15 +277,18 @@ def _streamed_matrices(m: Measure, xside: PreparedSide, yside: PreparedSide,
               else stack_states((yside.state(m, b) for b in yr), len(yr)))
         xs = [xside.state(m, a) for a in xr]
         if permutations is None:
-            parts = [m.layer_scores(xs, ys, torch.arange(n, device=xside.device)[None])]
+            chunks: Iterable[Tensor] = [torch.arange(n, device=xside.device)[None]]
         else:
-            parts = [m.layer_scores(xs, ys, p) for p in
-                     permutations.chunks(chunk_size_for(m.perm_cost(n)), xside.device, start, stop)]
-        block = _clamp(m, torch.cat(parts))
-        if out is None:
-            out = block.new_empty(block.shape[0], len(xside.features), len(yside.features))
-        out[:, xr.start:xr.stop, yr.start:yr.stop] = block
-        del xs, ys, parts
+            chunks = permutations.chunks(chunk_size_for(m.perm_cost(n)), xside.device, start, stop)
+        row = 0
+        for p in chunks:
+            block = _clamp(m, m.layer_scores(xs, ys, p))
+            if out is None:
+                total = 1 if permutations is None else permutations.count(start, stop)
+                out = block.new_empty(total, len(xside.features), len(yside.features))
+            out[row:row + len(p), xr.start:xr.stop, yr.start:yr.stop] = block
+            row += len(p)
+        del xs, ys
     return out
 
 
@@ -295,14 +298,16 @@ def layer_nulls(measures: Sequence[Measure], xside: PreparedSide, yside: Prepare
     """(K', LA, LB) null layer matrices of each measure for permutations ``start .. stop-1``."""
     out = {m: _streamed_matrices(m, xside, yside, permutations, start, stop)
            for m in measures if _streamed(m, xside, yside)}
-    kept = [m for m in measures if m not in out]
-    parts: dict[Measure, list[Tensor]] = {m: [] for m in kept}
-    for group in _chunk_groups(kept):
+    total = permutations.count(start, stop)
+    for group in _chunk_groups([m for m in measures if m not in out]):
         cost = max(m.perm_cost(xside.n) for m in group)
+        row = 0
         for perms in permutations.chunks(chunk_size_for(cost), xside.device, start, stop):
             for m, scores in zip(group, _group_scores(group, xside, yside, perms)):
-                parts[m].append(scores)
-    out.update({m: torch.cat(p) for m, p in parts.items()})
+                if m not in out:  # one buffer written chunk by chunk: no list of small results
+                    out[m] = scores.new_empty((total, *scores.shape[1:]))
+                out[m][row:row + len(perms)] = scores
+            row += len(perms)
     return {m: out[m] for m in measures}
 
 

@@ -1375,14 +1375,17 @@ def pearson3_quantile(prob: Any, mean: Any, std: Any, skew: Any) -> Tensor:
     pos = skew >= 0
     interior = (prob > 0) & (prob < 1)
     pc = torch.where(interior, prob, torch.full_like(prob, 0.5))
-    # solve with the smaller tail for precision
-    use_upper_pos = pc > 0.5
-    x_pos = torch.where(use_upper_pos, _solve_gamma(shape, 1 - pc, True),
-                        _solve_gamma(shape, pc, False))
-    x_neg = torch.where(pc < 0.5, _solve_gamma(shape, pc, True),
-                        _solve_gamma(shape, 1 - pc, False))
+    # x with P(a, x) = pc (positive skew) or Q(a, x) = pc (negative), each solved with the
+    # smaller tail for precision; only the entries that need the gamma are solved
+    upper = torch.where(pos, pc > 0.5, pc < 0.5)
+    target = torch.where(torch.where(pos, pc > 0.5, pc >= 0.5), 1 - pc, pc)
+    x = shape.clone()
+    for tail in (True, False):
+        todo = big & (upper == tail)
+        if bool(todo.any()):
+            x[todo] = _solve_gamma(shape[todo], target[todo], tail)
     sq = torch.sqrt(shape)
-    z_exact = torch.where(pos, (x_pos - shape) / sq, (shape - x_neg) / sq)
+    z_exact = torch.where(pos, (x - shape) / sq, (shape - x) / sq)
     w = torch.special.ndtri(pc)
     z_wh = torch.where(pos, _wh_inv(w, g), -_wh_inv(-w, g))
     z = torch.where(big, z_exact, z_wh)

@@ -305,6 +305,8 @@ def test_a_stalled_helper_thread_does_not_stall_the_call():
     import threading
     import time
 
+    from alignment_callback.functional._tasks import run_tasks
+
     main = threading.get_ident()
     stalled = []
 
@@ -317,7 +319,7 @@ def test_a_stalled_helper_thread_does_not_stall_the_call():
         return np.full(3, float(t))
 
     start = time.perf_counter()
-    results = gram_null._run_tasks(task, 6, threads=2)
+    results = run_tasks(task, 6, threads=2)
     elapsed = time.perf_counter() - start
     assert [r[0] for r in results] == list(range(6))
     assert stalled, "the helper thread took no task"

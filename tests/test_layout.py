@@ -28,9 +28,9 @@ def imported_layers(path: Path) -> set[str]:
 @pytest.mark.parametrize("layer", LAYERS)
 def test_imports_point_downward(layer):
     allowed = set(LAYERS[:LAYERS.index(layer) + 1])
-    files = sorted((PACKAGE / layer).glob("*.py"))
+    files = sorted((PACKAGE / layer).rglob("*.py"))  # subpackages (functional/moments/) too
     assert files, f"no modules in {layer}/"
-    wrong = {f.name: sorted(imported_layers(f) - allowed) for f in files}
+    wrong = {str(f.relative_to(PACKAGE)): sorted(imported_layers(f) - allowed) for f in files}
     assert not {k: v for k, v in wrong.items() if v}, f"{layer}/ imports a layer above it: {wrong}"
 
 

@@ -8,8 +8,10 @@ Heavier versions of these checks are in ``benchmarks/check_moments.py``.
 from __future__ import annotations
 
 import doctest
+import importlib
 import itertools
 import math
+import pkgutil
 
 import numpy as np
 import pytest
@@ -27,6 +29,8 @@ from alignment_callback.functional.gram_measures import (
 )
 from alignment_callback.functional.kernels import center_gram, rbf_gram, u_center_gram
 from alignment_callback.functional.knn_measures import knn_score, knn_state
+from alignment_callback.functional.moments import features as MF
+from alignment_callback.functional.moments import patterns as P
 from alignment_callback.functional.neighbors import knn
 
 
@@ -130,9 +134,9 @@ def _mc_check(t: torch.Tensor, m: M.PermutationMoments, z_max: float = 4.5) -> N
 def test_symmetric_invariant_set_is_complete() -> None:
     """The 17 named undirected multigraphs (15 fields + trace + total) are exactly the
     connected components needed up to the third moment; 42 directed ones."""
-    assert set(M._all_keys(False)) == set(M._SYMMETRIC_FIELD)
-    assert len(M._all_keys(False)) == 17 and len(M._all_keys(True)) == 42
-    assert [len(M._program(r).partitions) for r in (1, 2, 3)] == [2, 15, 203]
+    assert set(P._all_keys(False)) == set(P._SYMMETRIC_FIELD)
+    assert len(P._all_keys(False)) == 17 and len(P._all_keys(True)) == 42
+    assert [len(P._program(r).partitions) for r in (1, 2, 3)] == [2, 15, 203]
 
 
 # --------------------------------------------------------------------- exhaustive checks
@@ -178,12 +182,12 @@ def test_sparse_knn_contractions_equal_dense() -> None:
     rng = np.random.default_rng(12)
     n, k = 40, 4
     idx = knn(_data("t3", n, 3, rng), k)[0]
-    dense = M._DenseBackend(_adjacency(idx))
+    dense = P._DenseBackend(_adjacency(idx))
     for chunk in (1 << 22, 3 * k * k):
-        sparse = M._KnnBackend(idx, chunk=chunk)
-        for key in M._all_keys(True):
-            expect = M._contract(key, dense)
-            got = 0.0 if M._has_loop(key) else M._contract(key, sparse)
+        sparse = P._KnnBackend(idx, chunk=chunk)
+        for key in P._all_keys(True):
+            expect = P._contract(key, dense)
+            got = 0.0 if P._has_loop(key) else P._contract(key, sparse)
             assert got == pytest.approx(expect, abs=1e-9), key
 
 
@@ -280,7 +284,8 @@ def test_feature_invariants_equal_gram_invariants(n: int, d: int, kind: str) -> 
     for f in FIELDS:
         assert getattr(fa, f) == pytest.approx(getattr(ga, f), rel=1e-10), f
     assert ga.rowsum_sq == 0.0 and fa.rowsum_sq == 0.0  # row-sum shortcut taken
-    assert M._cube_sum_tensor(xc, 29, tile=4) == pytest.approx(M._cube_sum_gram(xc, 29), rel=1e-12)
+    assert MF._cube_sum_tensor(xc, 29, tile=4) == pytest.approx(MF._cube_sum_gram(xc, 29),
+                                                                rel=1e-12)
     # the feature-space raw linear CKA equals the library's
     y = _data("gauss", n, 5, rng)
     assert float(M.feature_linear_cka(x, y)) == pytest.approx(float(F.linear_cka(x, y)), rel=1e-10)
@@ -442,5 +447,8 @@ def test_input_checks() -> None:
 
 
 def test_docstring_examples() -> None:
-    result = doctest.testmod(M, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 8 and result.failed == 0
+    mods = [importlib.import_module(f"{M.__name__}.{info.name}")
+            for info in pkgutil.iter_modules(M.__path__)]
+    results = [doctest.testmod(mod, optionflags=doctest.ELLIPSIS) for mod in [M, *mods]]
+    assert len(mods) >= 6
+    assert sum(r.attempted for r in results) >= 8 and sum(r.failed for r in results) == 0

@@ -8,8 +8,12 @@ reference's table, O(n·k) per permutation instead of a new O(n²·d) similarity
 one list per layer, built for the largest k (a smaller k reads a prefix), and
 :func:`knn_layer_scores` computes several measures in one pass: each model layer's edges are
 mapped through π once per chunk of permutations, and each (model, reference) layer pair is
-looked up once in the reference's hash table of neighbors.  Nothing in a chunk synchronizes
-with the host.
+looked up once in the reference's hash table of neighbors.
+
+Two backends give the same numbers: on the CPU (with numba) compiled kernels take each layer
+pair one permutation at a time, with everything the permutation touches in cache, and split
+the permutations over a few Python threads (a thread on a busy core just takes fewer of them);
+elsewhere batched tensor operations do the whole chunk with no host synchronization.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -192,14 +197,22 @@ _SCORES = {"mutual_knn": _mutual, "cycle_knn": _cycle_score, "cknna": _cknna,
 
 
 def knn_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[KnnState]]],
-                     perms: Tensor) -> list[Tensor]:
+                     perms: Tensor, backend: str | None = None) -> list[Tensor]:
     """Several kNN measures over layer pairs in one pass: a (B, LA, LB) tensor per request.
 
     Each request is ``(kind, x_states, y_states)`` (``kind`` in :data:`KNN_KINDS`); all
     requests must share the same per-layer ``lists``.  Y layers are permuted by each row of
     ``perms``.  Per chunk, each model layer's edges are mapped through π once, and each layer
     pair is looked up once (twice with cycle kNN) for all measures.
+
+    ``backend`` (default ``None``: :data:`default_backend`): ``"numba"`` runs each layer pair
+    one permutation at a time in compiled kernels, on up to ``torch.get_num_threads()`` Python
+    threads that split the permutations (CPU; counts equal the torch path exactly, CKNNA to
+    float64 rounding); ``"torch"`` runs batched tensor operations (any device); ``"auto"``
+    picks numba for CPU tensors when it is installed.
     """
+    if _pick_backend(backend, perms) == "numba":
+        return _numba_layer_scores(requests, perms)
     kind0, xs0, ys0 = requests[0]
     kmax = max(s.k for _, xs, _ in requests for s in xs)  # model edges used by any request
     batch, out = perms.shape[0], []
@@ -212,6 +225,120 @@ def knn_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[
             m = _Match(perms, moved, sx.lists, sy.lists)
             for (kind, xs, ys), o in zip(requests, out):
                 o[:, a, b] = _SCORES[kind](m, xs[a], ys[b], xs[a].k)
+    return out
+
+
+# ------------------------------------------------------------------ compiled CPU backend
+default_backend: str = "auto"
+"""Backend of :func:`knn_layer_scores` calls with ``backend=None``: ``"auto"``, ``"numba"`` or
+``"torch"``."""
+
+_TASK_SLOTS = 1 << 16  # model edges (n·k) per task, times the permutations it takes
+_MIN_PARALLEL_SLOTS = 1 << 18  # below: one thread does everything
+
+
+def _numba_kernels():
+    """The kernel module, imported on first use; ``None`` without a working numba."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from alignment_callback.functional import _knn_null_numba
+        except Exception:  # numba missing or broken (e.g. an incompatible numpy)
+            _kernels = False
+        else:
+            _kernels = _knn_null_numba
+    return _kernels or None
+
+
+_kernels = None
+
+
+def _pick_backend(backend: str | None, perms: Tensor) -> str:
+    backend = default_backend if backend is None else backend
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    usable = perms.device.type == "cpu" and _numba_kernels() is not None
+    if backend == "numba" and not usable:
+        raise ValueError("the numba backend of the kNN null needs numba and CPU tensors")
+    return "numba" if usable else "torch"
+
+
+def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[KnnState]]],
+                        perms: Tensor) -> list[Tensor]:
+    """:func:`knn_layer_scores` on the CPU through ``_knn_null_numba``."""
+    from alignment_callback.functional._tasks import run_tasks
+
+    kernels = _numba_kernels()
+    codes = {"mutual_knn": kernels.MUTUAL, "cycle_knn": kernels.CYCLE, "cknna": kernels.CKNNA,
+             "lcs_knn": kernels.LCS, "edit_distance_knn": kernels.EDIT}
+    _, xs0, ys0 = requests[0]
+    kmax = max(s.k for _, xs, _ in requests for s in xs)
+    pm = np.ascontiguousarray(perms.numpy(), dtype=np.int64)
+    batch, n = pm.shape
+    # one kernel call per CKNNA request (it brings its own lists), one for all the others
+    calls = [[r for r, (kind, _, _) in enumerate(requests) if kind != "cknna"]]
+    calls = [c for c in calls if c] + [[r] for r, (kind, _, _) in enumerate(requests)
+                                       if kind == "cknna"]
+    no_f, no_b = np.zeros((0, 0)), np.zeros((0, 0), dtype=np.bool_)
+    group = max(1, _TASK_SLOTS // max(1, n * kmax))
+    spans = [(p0, min(batch, p0 + group)) for p0 in range(0, batch, group)]
+    pairs = [(a, b) for a in range(len(xs0)) for b in range(len(ys0))]
+    x_idx = [np.ascontiguousarray(s.lists.indices[:, :kmax].numpy(), dtype=np.int64)
+             for s in xs0]
+    tables = [(t.params.numpy(), t.offsets.numpy(), t.entries.numpy(), t.group_bits,
+               t.slot_bits) for t in (s.lists.table for s in ys0)]
+
+    def arrays(r: int, a: int, b: int) -> tuple:
+        kind, xs, ys = requests[r]
+        if kind != "cknna":
+            return no_f, no_b, no_f, no_b
+        xo, yo = xs[a].own, ys[b].own
+        return (xo.values.double().numpy(), xo.reciprocal.numpy(), yo.values.double().numpy(),
+                yo.reciprocal.numpy())
+
+    def where(t: int) -> tuple[int, int, list[int], int, int]:
+        pair, rest = divmod(t, len(calls) * len(spans))
+        (a, b), call, (p0, p1) = pairs[pair], calls[rest // len(spans)], spans[rest % len(spans)]
+        return a, b, call, p0, p1
+
+    def task(t: int) -> np.ndarray:
+        a, b, call, p0, p1 = where(t)
+        kinds = np.array([codes[requests[r][0]] for r in call], dtype=np.int64)
+        ks = np.array([requests[r][1][a].k for r in call], dtype=np.int64)
+        kys = np.array([requests[r][2][b].k for r in call], dtype=np.int64)
+        out = np.empty((p1 - p0, len(call)))
+        kernels.scores_task(pm, p0, p1, x_idx[a], kmax, *tables[b], kinds, ks, kys,
+                            *arrays(call[0], a, b), out)
+        return out
+
+    count = len(pairs) * len(calls) * len(spans)
+    threads = 1 if batch * n * kmax * len(pairs) < _MIN_PARALLEL_SLOTS else torch.get_num_threads()
+    results = run_tasks(task, count, threads)
+    totals = [torch.empty(batch, len(xs0), len(ys0), dtype=torch.float64) for _ in requests]
+    for t, res in enumerate(results):
+        a, b, call, p0, p1 = where(t)
+        for j, r in enumerate(call):
+            totals[r][p0:p1, a, b] = torch.from_numpy(res[:, j])
+    return [_normalize(kind, tot, xs, ys) for (kind, xs, ys), tot in zip(requests, totals)]
+
+
+def _normalize(kind: str, total: Tensor, xs: Sequence[KnnState], ys: Sequence[KnnState]
+               ) -> Tensor:
+    """The kernels' raw totals → scores, by the same expressions as the torch path."""
+    out = torch.empty(total.shape, dtype=xs[0].own.values.dtype)
+    for a, sx in enumerate(xs):
+        for b, sy in enumerate(ys):
+            t, n, k = total[:, a, b], sx.own.n, sx.k
+            if kind == "cknna":
+                out[:, a, b] = (t / torch.sqrt(sx.self_hsic * sy.self_hsic)).to(out.dtype)
+            elif kind == "cycle_knn":
+                out[:, a, b] = t.to(out.dtype) / n
+            elif kind == "edit_distance_knn":
+                out[:, a, b] = 1.0 - t.to(out.dtype) / (n * k)
+            else:  # mutual_knn, lcs_knn
+                out[:, a, b] = t.to(out.dtype) / (n * k)
     return out
 
 

@@ -47,6 +47,19 @@ def test_numba_equals_torch(dtype, tied):
         assert float(a.std()) > 0, kind  # the permutations do change the scores
 
 
+def test_two_cknna_requests_with_other_k():
+    """Each CKNNA request brings its own lists (k = 4 and k = 10 here)."""
+    xs, ys = _layers(120, torch.float64, False, seed=9)
+    requests = _requests(xs, ys, {"cknna": 10, "mutual_knn": 6})
+    requests += [("cknna", r[1], r[2]) for r in _requests(xs, ys, {"cknna": 4})]
+    perms = torch.stack([torch.randperm(120) for _ in range(9)])
+    fast = KM.knn_layer_scores(requests, perms, backend="numba")
+    ref = KM.knn_layer_scores(requests, perms, backend="torch")
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert not torch.allclose(fast[0], fast[2])
+
+
 def test_numba_result_does_not_depend_on_threads(monkeypatch):
     xs, ys = _layers(400, torch.float32, False, seed=5)
     requests = _requests(xs, ys)

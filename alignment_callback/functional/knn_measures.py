@@ -277,10 +277,10 @@ def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequen
     kmax = max(s.k for _, xs, _ in requests for s in xs)
     pm = np.ascontiguousarray(perms.numpy(), dtype=np.int64)
     batch, n = pm.shape
-    # one kernel call per CKNNA request (it brings its own lists), one for all the others
-    calls = [[r for r, (kind, _, _) in enumerate(requests) if kind != "cknna"]]
-    calls = [c for c in calls if c] + [[r] for r, (kind, _, _) in enumerate(requests)
-                                       if kind == "cknna"]
+    # one kernel call for every request but the second and later CKNNA ones (a call takes the
+    # own lists of one CKNNA request), one call for each of those
+    cknnas = [r for r, (kind, _, _) in enumerate(requests) if kind == "cknna"]
+    calls = [[r for r in range(len(requests)) if r not in cknnas[1:]]] + [[r] for r in cknnas[1:]]
     no_f, no_b = np.zeros((0, 0)), np.zeros((0, 0), dtype=np.bool_)
     group = max(1, _TASK_SLOTS // max(1, n * kmax))
     spans = [(p0, min(batch, p0 + group)) for p0 in range(0, batch, group)]
@@ -290,11 +290,11 @@ def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequen
     tables = [(t.params.numpy(), t.offsets.numpy(), t.entries.numpy(), t.group_bits,
                t.slot_bits) for t in (s.lists.table for s in ys0)]
 
-    def arrays(r: int, a: int, b: int) -> tuple:
-        kind, xs, ys = requests[r]
-        if kind != "cknna":
+    def arrays(call: list[int], a: int, b: int) -> tuple:
+        r = next((r for r in call if requests[r][0] == "cknna"), None)
+        if r is None:
             return no_f, no_b, no_f, no_b
-        xo, yo = xs[a].own, ys[b].own
+        xo, yo = requests[r][1][a].own, requests[r][2][b].own
         return (xo.values.double().numpy(), xo.reciprocal.numpy(), yo.values.double().numpy(),
                 yo.reciprocal.numpy())
 
@@ -310,7 +310,7 @@ def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequen
         kys = np.array([requests[r][2][b].k for r in call], dtype=np.int64)
         out = np.empty((p1 - p0, len(call)))
         kernels.scores_task(pm, p0, p1, x_idx[a], kmax, *tables[b], kinds, ks, kys,
-                            *arrays(call[0], a, b), out)
+                            *arrays(call, a, b), out)
         return out
 
     count = len(pairs) * len(calls) * len(spans)

@@ -233,7 +233,7 @@ default_backend: str = "auto"
 """Backend of :func:`knn_layer_scores` calls with ``backend=None``: ``"auto"``, ``"numba"`` or
 ``"torch"``."""
 
-_TASK_SLOTS = 1 << 16  # model edges (n·k) per task, times the permutations it takes
+_TASK_SLOTS = 1 << 19  # model edges (n·k) per task, times its permutations: ~1-3 ms of work
 _MIN_PARALLEL_SLOTS = 1 << 18  # below: one thread does everything
 
 
@@ -282,7 +282,7 @@ def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequen
     cknnas = [r for r, (kind, _, _) in enumerate(requests) if kind == "cknna"]
     calls = [[r for r in range(len(requests)) if r not in cknnas[1:]]] + [[r] for r in cknnas[1:]]
     no_f, no_b = np.zeros((0, 0)), np.zeros((0, 0), dtype=np.bool_)
-    group = max(1, _TASK_SLOTS // max(1, n * kmax))
+    group = max(1, min(_TASK_SLOTS // max(1, n * kmax), -(-batch // 4)))  # >= 4 tasks a pair
     spans = [(p0, min(batch, p0 + group)) for p0 in range(0, batch, group)]
     pairs = [(a, b) for a in range(len(xs0)) for b in range(len(ys0))]
     x_idx = [np.ascontiguousarray(s.lists.indices[:, :kmax].numpy(), dtype=np.int64)
@@ -290,35 +290,33 @@ def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequen
     tables = [(t.params.numpy(), t.offsets.numpy(), t.entries.numpy(), t.group_bits,
                t.slot_bits) for t in (s.lists.table for s in ys0)]
 
-    def arrays(call: list[int], a: int, b: int) -> tuple:
-        r = next((r for r in call if requests[r][0] == "cknna"), None)
-        if r is None:
-            return no_f, no_b, no_f, no_b
-        xo, yo = requests[r][1][a].own, requests[r][2][b].own
-        return (xo.values.double().numpy(), xo.reciprocal.numpy(), yo.values.double().numpy(),
-                yo.reciprocal.numpy())
-
-    def where(t: int) -> tuple[int, int, list[int], int, int]:
-        pair, rest = divmod(t, len(calls) * len(spans))
-        (a, b), call, (p0, p1) = pairs[pair], calls[rest // len(spans)], spans[rest % len(spans)]
-        return a, b, call, p0, p1
-
-    def task(t: int) -> np.ndarray:
-        a, b, call, p0, p1 = where(t)
+    def arguments(a: int, b: int, call: list[int]) -> tuple:
+        """The kernel's arguments after the permutation range, for one pair and one call."""
         kinds = np.array([codes[requests[r][0]] for r in call], dtype=np.int64)
         ks = np.array([requests[r][1][a].k for r in call], dtype=np.int64)
         kys = np.array([requests[r][2][b].k for r in call], dtype=np.int64)
+        r = next((r for r in call if requests[r][0] == "cknna"), None)
+        own = (no_f, no_b, no_f, no_b)
+        if r is not None:
+            xo, yo = requests[r][1][a].own, requests[r][2][b].own
+            own = (xo.values.double().numpy(), xo.reciprocal.numpy(),
+                   yo.values.double().numpy(), yo.reciprocal.numpy())
+        return (x_idx[a], kmax, *tables[b], kinds, ks, kys, *own)
+
+    jobs = [(arguments(a, b, call), call, (a, b)) for a, b in pairs for call in calls]
+
+    def task(t: int) -> np.ndarray:
+        (args, call, _), (p0, p1) = jobs[t // len(spans)], spans[t % len(spans)]
         out = np.empty((p1 - p0, len(call)))
-        kernels.scores_task(pm, p0, p1, x_idx[a], kmax, *tables[b], kinds, ks, kys,
-                            *arrays(call, a, b), out)
+        kernels.scores_task(pm, p0, p1, *args, out)
         return out
 
-    count = len(pairs) * len(calls) * len(spans)
+    count = len(jobs) * len(spans)
     threads = 1 if batch * n * kmax * len(pairs) < _MIN_PARALLEL_SLOTS else torch.get_num_threads()
     results = run_tasks(task, count, threads)
     totals = [torch.empty(batch, len(xs0), len(ys0), dtype=torch.float64) for _ in requests]
     for t, res in enumerate(results):
-        a, b, call, p0, p1 = where(t)
+        (_, call, (a, b)), (p0, p1) = jobs[t // len(spans)], spans[t % len(spans)]
         for j, r in enumerate(call):
             totals[r][p0:p1, a, b] = torch.from_numpy(res[:, j])
     return [_normalize(kind, tot, xs, ys) for (kind, xs, ys), tot in zip(requests, totals)]

@@ -211,7 +211,7 @@ def knn_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[
     float64 rounding); ``"torch"`` runs batched tensor operations (any device); ``"auto"``
     picks numba for CPU tensors when it is installed.
     """
-    if _pick_backend(backend, perms) == "numba":
+    if _pick_backend(backend, perms.device) == "numba":
         return _numba_layer_scores(requests, perms)
     kind0, xs0, ys0 = requests[0]
     kmax = max(s.k for _, xs, _ in requests for s in xs)  # model edges used by any request
@@ -253,16 +253,23 @@ def _numba_kernels():
 _kernels = None
 
 
-def _pick_backend(backend: str | None, perms: Tensor) -> str:
+def _pick_backend(backend: str | None, device: torch.device) -> str:
     backend = default_backend if backend is None else backend
     if backend not in ("auto", "numba", "torch"):
         raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
     if backend == "torch":
         return "torch"
-    usable = perms.device.type == "cpu" and _numba_kernels() is not None
+    usable = device.type == "cpu" and _numba_kernels() is not None
     if backend == "numba" and not usable:
         raise ValueError("the numba backend of the kNN null needs numba and CPU tensors")
     return "numba" if usable else "torch"
+
+
+def knn_chunk_cost(n: int, batched_cost: int, device: torch.device) -> int:
+    """Temporary elements per permutation of a chunk on ``device``: ``batched_cost`` (the
+    measures' declared cost, for the batched torch path) unless the compiled kernels will run,
+    which keep no per-permutation temporaries beyond the permutation itself."""
+    return 2 * n if _pick_backend(None, torch.device(device)) == "numba" else batched_cost
 
 
 def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[KnnState]]],

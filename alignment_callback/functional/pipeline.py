@@ -47,7 +47,11 @@ from alignment_callback.functional.analytic_null import (
 )
 from alignment_callback.functional.calibration import CalibrationResult, resolution, warn_unresolved
 from alignment_callback.functional.gram_measures import FeatureState, stack_states
-from alignment_callback.functional.knn_measures import check_distinct_rows, knn_layer_scores
+from alignment_callback.functional.knn_measures import (
+    check_distinct_rows,
+    knn_chunk_cost,
+    knn_layer_scores,
+)
 from alignment_callback.functional.neighbors import neighbor_lists
 from alignment_callback.functional.permutation import Permutations, chunk_size_for
 from alignment_callback.functional.registry import (
@@ -301,6 +305,8 @@ def layer_nulls(measures: Sequence[Measure], xside: PreparedSide, yside: Prepare
     total = permutations.count(start, stop)
     for group in _chunk_groups([m for m in measures if m not in out]):
         cost = max(m.perm_cost(xside.n) for m in group)
+        if group[0].info.group == "knn":
+            cost = knn_chunk_cost(xside.n, cost, xside.device)
         row = 0
         for perms in permutations.chunks(chunk_size_for(cost), xside.device, start, stop):
             for m, scores in zip(group, _group_scores(group, xside, yside, perms)):

@@ -48,3 +48,24 @@ def test_streamed_side_reports_a_constant_layer(bad):
     with pytest.raises(ValueError, match="zero-variance"):
         F.calibrated_layer_alignment(layers, _layers(2, 30, 4, seed=5), "linear_cka",
                                      num_permutations=10)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["kept", "streamed"])
+def test_layer_null_shares_concatenate_to_the_whole(streamed, monkeypatch):
+    """Each process of a distributed null computes permutations [start, stop); the shares,
+    concatenated, are the whole null, and an empty share is a (0, LA, LB) tensor."""
+    if not streamed:
+        monkeypatch.setattr(pipeline, "GRAM_KEPT", 100)
+    measures = [F.get_measure(name) for name in ("linear_cka", "mutual_knn", "cknna")]
+    xnames, xfeats = pipeline.side_features(_layers(9, 40, 6, seed=4), "x")
+    ynames, yfeats = pipeline.side_features(_layers(3, 40, 5, seed=5), "y")
+    xs = pipeline.prepare_side(xnames, xfeats, measures, "x")
+    ys = pipeline.prepare_side(ynames, yfeats, measures, "y")
+    perms = F.Permutations(40, 25, seed=6)
+    whole = pipeline.layer_nulls(measures, xs, ys, perms)
+    shares = [pipeline.layer_nulls(measures, xs, ys, perms, a, b)
+              for a, b in ((0, 7), (7, 7), (7, 25))]
+    for m in measures:
+        assert whole[m].shape == (25, 9, 3)
+        assert shares[1][m].shape == (0, 9, 3)
+        torch.testing.assert_close(torch.cat([s[m] for s in shares]), whole[m], rtol=0, atol=0)

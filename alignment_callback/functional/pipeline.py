@@ -314,7 +314,9 @@ def layer_nulls(measures: Sequence[Measure], xside: PreparedSide, yside: Prepare
                     out[m] = scores.new_empty((total, *scores.shape[1:]))
                 out[m][row:row + len(perms)] = scores
             row += len(perms)
-    return {m: out[m] for m in measures}
+    empty = torch.empty(0, len(xside.features), len(yside.features), dtype=xside.dtype,
+                        device=xside.device)  # a share without permutations
+    return {m: empty if out.get(m) is None else out[m] for m in measures}
 
 
 def observed_matrices(measures: Sequence[Measure], xside: PreparedSide, yside: PreparedSide

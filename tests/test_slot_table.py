@@ -30,3 +30,9 @@ def test_table_memory_is_linear_in_k():
         table = slot_table(idx)
         assert table.entries.numel() <= 6 * n * k, (k, table.entries.numel())
         assert table.entries.dtype == torch.int32
+
+
+def test_repeated_neighbor_is_refused():
+    idx = torch.tensor([[1, 2, 1], [0, 2, 3], [0, 1, 3], [0, 1, 2]])
+    with pytest.raises(ValueError, match="repeat a neighbor"):
+        slot_table(idx)

@@ -22,8 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_MASK = (1 << 32) - 1
-_GROUP_MULTIPLIER = 0x9E3779B1  # must equal neighbors._GROUP_MULTIPLIER
+from alignment_callback.functional.neighbors import _GROUP_MULTIPLIER, _HASH_MASK as _MASK
 
 MUTUAL, CYCLE, CKNNA, LCS, EDIT = range(5)
 

@@ -213,7 +213,7 @@ def knn_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[
     """
     if _pick_backend(backend, perms.device) == "numba":
         return _numba_layer_scores(requests, perms)
-    kind0, xs0, ys0 = requests[0]
+    _, xs0, ys0 = requests[0]
     kmax = max(s.k for _, xs, _ in requests for s in xs)  # model edges used by any request
     batch, out = perms.shape[0], []
     for kind, xs, ys in requests:
@@ -303,12 +303,17 @@ def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequen
         ks = np.array([requests[r][1][a].k for r in call], dtype=np.int64)
         kys = np.array([requests[r][2][b].k for r in call], dtype=np.int64)
         r = next((r for r in call if requests[r][0] == "cknna"), None)
-        own = (no_f, no_b, no_f, no_b)
-        if r is not None:
-            xo, yo = requests[r][1][a].own, requests[r][2][b].own
-            own = (xo.values.double().numpy(), xo.reciprocal.numpy(),
-                   yo.values.double().numpy(), yo.reciprocal.numpy())
+        own = (no_f, no_b, no_f, no_b) if r is None else (*own_lists(r, 1, a), *own_lists(r, 2, b))
         return (x_idx[a], kmax, *tables[b], kinds, ks, kys, *own)
+
+    converted: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def own_lists(r: int, side: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """CKNNA's float64 values and reciprocity of one layer's own lists, converted once."""
+        if (r, side, layer) not in converted:
+            own = requests[r][side][layer].own
+            converted[(r, side, layer)] = (own.values.double().numpy(), own.reciprocal.numpy())
+        return converted[(r, side, layer)]
 
     jobs = [(arguments(a, b, call), call, (a, b)) for a, b in pairs for call in calls]
 

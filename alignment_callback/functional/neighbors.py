@@ -104,6 +104,13 @@ def _multiply_shift(b: Tensor, multiplier: Tensor | int, shift: Tensor | int) ->
     return ((b * multiplier) & _HASH_MASK) >> shift
 
 
+def _group_of(a: Tensor, b: Tensor, group_bits: int) -> Tensor:
+    """Index of the group of row ``a`` that neighbor ``b`` falls in (``a`` itself if one)."""
+    if not group_bits:
+        return a
+    return (a << group_bits) + _multiply_shift(b, _GROUP_MULTIPLIER, _HASH_BITS - group_bits)
+
+
 @dataclass(frozen=True)
 class SlotTable:
     """A two-level perfect hash of a kNN graph: is ``b ∈ N(a)``, and at which slot.
@@ -113,7 +120,7 @@ class SlotTable:
     multiplier ``m_v`` drawn (from a fixed seed) until ``h_v(b) = ((b · m_v) mod 2³²) >>
     (32 − bits_v)`` puts its neighbors in distinct buckets (the bucket count doubles after a few
     failed draws).  An entry is ``b << slot_bits | slot`` (−1 when empty), int32 when it fits.
-    A look-up is four gathers; memory is O(n·k) for every k.
+    A look-up is three gathers; memory is O(n·k) for every k.
     """
 
     params: Tensor  # (n · groups,) int64: multiplier | shift << 32
@@ -122,16 +129,10 @@ class SlotTable:
     group_bits: int
     slot_bits: int
 
-    def _group(self, a: Tensor, b: Tensor) -> Tensor:
-        if not self.group_bits:
-            return a
-        return (a << self.group_bits) + _multiply_shift(b, _GROUP_MULTIPLIER,
-                                                        _HASH_BITS - self.group_bits)
-
     def lookup(self, a: Tensor, b: Tensor) -> Tensor:
         """``slot + 1`` of ``b`` in ``N(a)`` (0 when ``b`` is not a neighbor of ``a``);
         ``a`` broadcasts against ``b`` (e.g. (B, n, 1) rows for (B, n, k) queries)."""
-        v = self._group(a, b)
+        v = _group_of(a, b, self.group_bits)
         p = self.params[v]
         bucket = _multiply_shift(b, p & _HASH_MASK, p >> _HASH_BITS)
         e = self.entries[self.offsets[v] + bucket].long()
@@ -148,16 +149,16 @@ def slot_table(indices: Tensor) -> SlotTable:
     """Build the :class:`SlotTable` of (n, k) neighbor lists (deterministic)."""
     n, k = indices.shape
     slot_bits = 8 if k <= 1 << 8 and n < 1 << 23 else 16
-    if k > 1 << 16 or n >= 1 << 31:
-        raise ValueError(f"k={k}, n={n} is too large for the neighbor look-up table")
     group_bits = max(0, (k // 8).bit_length() - 1)  # groups of 8–16 neighbors on average
+    groups = n << group_bits
+    if k > 1 << 16 or groups >= 1 << 31:
+        raise ValueError(f"k={k}, n={n} is too large for the neighbor look-up table")
     cpu = indices.cpu().long()
+    if k > 1 and bool((cpu.sort(1).values.diff(dim=1) == 0).any()):
+        raise ValueError("neighbor lists must not repeat a neighbor within a row")
     b = cpu.reshape(-1)
     slot = torch.arange(k).repeat(n)
-    empty = SlotTable(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                      torch.empty(0, dtype=torch.long), group_bits, slot_bits)
-    v = empty._group(torch.arange(n).repeat_interleave(k), b)
-    groups = n << group_bits
+    v = _group_of(torch.arange(n).repeat_interleave(k), b, group_bits)
     size = torch.bincount(v, minlength=groups)
     bits = _bits_for(size, 2)
     multipliers = torch.ones(groups, dtype=torch.long)

@@ -166,6 +166,7 @@ def _solve_gamma(shape: Tensor, target: Tensor, upper: bool, iters: int = 200) -
     zn = torch.special.ndtri(p_lower.clamp(1e-300, 1 - 1e-16))
     start = shape * (1 - 1 / (9 * shape) + zn / (3 * torch.sqrt(shape))).clamp_min(1e-3) ** 3
     u = torch.log(start).clamp(lo, hi)
+    frozen = torch.zeros_like(u, dtype=torch.bool)
     for _ in range(iters):
         x = torch.exp(u)
         resid = f(shape, x) - target
@@ -180,8 +181,9 @@ def _solve_gamma(shape: Tensor, target: Tensor, upper: bool, iters: int = 200) -
         bad = ~torch.isfinite(new) | (new <= lo) | (new >= hi)
         new = torch.where(bad, 0.5 * (lo + hi), new)
         done = (new - u).abs() <= 1e-15 * (1 + u.abs())
-        u = new
-        if bool(done.all()):
+        u = torch.where(frozen, u, new)  # an entry stops at its own convergence, so its
+        frozen = frozen | done  # value does not depend on the other entries of the batch
+        if bool(frozen.all()):
             break
     return torch.exp(u)
 

@@ -61,3 +61,16 @@ def test_measures_page_table_is_the_registry() -> None:
     table = text[text.index(start) + len(start):text.index(end)]
     assert table == measure_table(), "regenerate the table with measure_table()"
     assert all(f"| `{name}` |" in table for name in BUILTIN_MEASURES)
+
+
+def test_docs_and_package_refer_to_nothing_outside_the_repository():
+    """Users get the package and docs/, not the development notes they were written from."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *(root / "docs").rglob("*.md"),
+             *(root / "alignment_callback").rglob("*.py"), *(root / "examples").rglob("*.py")]
+    offenders = [str(f.relative_to(root)) for f in files
+                 if any(word in f.read_text(encoding="utf-8")
+                        for word in ("METHOD.md", "FIELD_NOTES", "../shared"))]
+    assert offenders == []

@@ -1,7 +1,7 @@
 """``alignment-callback``: calibrated alignment of saved features, from the command line.
 
 ``compare A B``        one feature file against another (all layers of A × all layers of B,
-                       aggregation-aware calibration, METHOD.md section 4).
+                       aggregation-aware calibration, docs/calibration.md).
 ``matrix DIR_X DIR_Y`` every file of DIR_X against every file of DIR_Y (PRH's model-pair matrix),
                        with Benjamini–Hochberg adjusted p-values across pairs and a report;
                        resumable; sharded over processes under ``torchrun``.

@@ -42,33 +42,13 @@ import sys
 import tempfile
 import time
 
+import _common
 import torch
+from _common import best_of, load, verdict
 
 P3_CALLS = 20  # moments + Pearson III take milliseconds: timed over this many calls
 GRAM_MEASURES = (("linear_cka", {}), ("rbf_cka", {"sigma": "median"}), ("unbiased_cka", {}),
                  ("rsa", {}))
-
-
-QUICK = False  # set by --quick: the sizes are below the targets', so no verdicts
-
-
-def verdict(ok: bool) -> str:
-    return "not judged (quick)" if QUICK else ("met" if ok else "missed")
-
-
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def best_of(fns: dict, repeats: int) -> dict:
-    """Best wall time of each callable, the callables interleaved ``repeats`` times."""
-    best = {k: math.inf for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
 
 
 # ----------------------------------------------------------------------------- a. moments
@@ -383,8 +363,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (sections a-c)")
     args = p.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
-    global QUICK
-    QUICK = args.quick
+    _common.QUICK = args.quick
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average at start {load()}")
     print("(shared machine: other jobs may run; baseline and candidate are interleaved in one run "
           "and each timing is a best of several, so read the ratios)")

@@ -16,37 +16,16 @@ be shared with other jobs (the load average is printed), so read the ratios.
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import time
 
 import torch
+from _common import best_of, peak_rss_mb
 
 import alignment_callback.functional as F
 
 DEFAULT_SUITE = ("linear_cka", "rbf_cka", "unbiased_cka", "mutual_knn", "cycle_knn", "cknna")
 OTHERS = ("svcca", "lcs_knn", "edit_distance_knn", "rsa")
 KNN = {"mutual_knn", "cycle_knn", "cknna", "lcs_knn", "edit_distance_knn"}
-
-
-def peak_rss_mb() -> float:
-    """VmHWM of this process (ru_maxrss can include the peak of a parent before exec)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return math.nan
-
-
-def best_of(fns: dict, repeats: int) -> dict:
-    """Best wall time of each callable, the callables interleaved ``repeats`` times."""
-    best = {k: math.inf for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

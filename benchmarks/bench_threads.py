@@ -38,7 +38,9 @@ import os
 import time
 import warnings
 
+import _common
 import torch
+from _common import best_of, load, verdict
 
 import alignment_callback.functional as F
 from alignment_callback.functional._scaling import rescale_exactly
@@ -50,28 +52,6 @@ from alignment_callback.functional.svcca import svcca_state
 GRAM = ("linear_cka", "rbf_cka", "unbiased_cka", "rsa")
 SKIP_LARGE = {"linear_predictivity": "cross-validated ridge null ~ n^2.8: ~110 s at n=4096, "
                                      "~12 min per call at n=8192 on one thread"}
-
-
-QUICK = False  # set by --quick: the sizes are below the targets', so no verdicts
-
-
-def verdict(ok: bool) -> str:
-    return "not judged (quick)" if QUICK else ("met" if ok else "missed")
-
-
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def best_of(fns: dict, repeats: int) -> dict:
-    """Best wall time of each callable, the callables interleaved ``repeats`` times."""
-    best = {k: math.inf for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
 
 
 def threaded(threads: int, fn):
@@ -278,8 +258,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="best of (default 3, quick 1)")
     args = p.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
-    global QUICK
-    QUICK = args.quick
+    _common.QUICK = args.quick
     from alignment_callback.functional import gram_null
 
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, numba backend "

@@ -182,3 +182,16 @@ def test_numpy_arrays_rejected_or_accepted_cleanly():
         return
     ref = F.linear_cka(torch.from_numpy(x), torch.from_numpy(y))
     assert float(out) == pytest.approx(ref.item(), rel=1e-12)
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    """The finiteness check sums first; a sum that overflows falls back to the element check."""
+    x = torch.full((30, 12), 3e38)
+    x[:, 1::2] = -1e38
+    assert not torch.isfinite(x.sum())
+    from alignment_callback.functional._validation import check_matrix
+
+    assert torch.equal(check_matrix(x), x)
+    x[4, 5] = float("nan")
+    with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
+        check_matrix(x)

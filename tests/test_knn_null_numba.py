@@ -97,3 +97,43 @@ def test_unknown_backend_is_refused():
     requests = _requests(xs[:1], ys[:1], {"mutual_knn": 3})
     with pytest.raises(ValueError, match="backend"):
         KM.knn_layer_scores(requests, torch.arange(30)[None], backend="cuda")
+
+
+@pytest.mark.parametrize("k", [127, 130])  # slots as int8 (k < 128) and as int16
+def test_numba_equals_torch_with_long_lists(k):
+    xs, ys = _layers(300, torch.float64, False, seed=5)
+    requests = _requests(xs[:1], ys[:1], {"mutual_knn": k, "cycle_knn": k - 20, "cknna": k})
+    perms = torch.stack([torch.randperm(300, generator=torch.Generator().manual_seed(i))
+                         for i in range(5)])
+    fast = KM.knn_layer_scores(requests, perms, backend="numba")
+    ref = KM.knn_layer_scores(requests, perms, backend="torch")
+    for (kind, _, _), a, b in zip(requests, fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=kind)
+
+
+def test_cycle_knn_with_hubs_equals_torch():
+    """A reference where a few rows are everyone's neighbors (in-lists of very unequal length)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    y[:5] *= 0.01  # rows near the origin: neighbors of almost every row under the L2 metric
+    y[5:] += 10.0 * torch.randn(195, 1, generator=g, dtype=torch.float64).sign()
+    requests = _requests([x], [y], {"cycle_knn": 8, "mutual_knn": 8})
+    indegree = torch.bincount(requests[0][2][0].lists.indices.reshape(-1), minlength=200)
+    perms = torch.stack([torch.randperm(200, generator=g) for _ in range(17)])
+    fast = KM.knn_layer_scores(requests, perms, backend="numba")
+    ref = KM.knn_layer_scores(requests, perms, backend="torch")
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    assert int(indegree.max()) > 4 * 8  # the case meant: hubs
+
+
+def test_in_lists_invert_the_lists():
+    kernels = KM._numba_kernels()
+    g = torch.Generator().manual_seed(2)
+    idx = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(40)]).int().numpy()
+    ptr, src, slot = kernels.in_lists(idx, kernels.slot_dtype(6))
+    got = {(int(u), int(src[e]), int(slot[e])) for u in range(40)
+           for e in range(ptr[u], ptr[u + 1])}
+    assert got == {(int(idx[v, t]), v, t + 1) for v in range(40) for t in range(6)}
+    assert ptr[-1] == idx.size and slot.dtype == kernels.slot_dtype(6)

@@ -11,9 +11,12 @@ mapped through π once per chunk of permutations, and each (model, reference) la
 looked up once in the reference's hash table of neighbors.
 
 Two backends give the same numbers: on the CPU (with numba) compiled kernels take each layer
-pair one permutation at a time, with everything the permutation touches in cache, and split
-the permutations over a few Python threads (a thread on a busy core just takes fewer of them);
-elsewhere batched tensor operations do the whole chunk with no host synchronization.
+pair one permutation at a time and split the permutations over a few Python threads (a thread
+on a busy core just takes fewer of them); they need no table: each row marks the slots of its
+reference list in a length-n byte array and reads its k edges from it, so a permutation
+touches the lists, the permutation (as 16-bit indices up to n = 65,536) and n bytes.
+Elsewhere batched tensor operations look the edges up in the hash table, the whole chunk at
+once with no host synchronization.
 """
 
 from __future__ import annotations
@@ -282,7 +285,10 @@ def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequen
              "lcs_knn": kernels.LCS, "edit_distance_knn": kernels.EDIT}
     _, xs0, ys0 = requests[0]
     kmax = max(s.k for _, xs, _ in requests for s in xs)
-    pm = np.ascontiguousarray(perms.numpy(), dtype=np.int64)
+    # row indices in the narrowest type (uint16 up to n = 65,536): the permutation's random reads
+    # stay in the L1 cache longer
+    index_type = np.uint16 if perms.shape[1] <= 1 << 16 else np.int32
+    pm = np.ascontiguousarray(perms.numpy(), dtype=index_type)
     batch, n = pm.shape
     # one kernel call for every request but the second and later CKNNA ones (a call takes the
     # own lists of one CKNNA request), one call for each of those
@@ -292,10 +298,20 @@ def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequen
     group = max(1, min(_TASK_SLOTS // max(1, n * kmax), -(-batch // 4)))  # >= 4 tasks a pair
     spans = [(p0, min(batch, p0 + group)) for p0 in range(0, batch, group)]
     pairs = [(a, b) for a in range(len(xs0)) for b in range(len(ys0))]
-    x_idx = [np.ascontiguousarray(s.lists.indices[:, :kmax].numpy(), dtype=np.int64)
+    x_idx = [np.ascontiguousarray(s.lists.indices[:, :kmax].numpy(), dtype=index_type)
              for s in xs0]
-    tables = [(t.params.numpy(), t.offsets.numpy(), t.entries.numpy(), t.group_bits,
-               t.slot_bits) for t in (s.lists.table for s in ys0)]
+    y_idx = [np.ascontiguousarray(s.lists.indices.numpy(), dtype=index_type) for s in ys0]
+    cycle = any(kind == "cycle_knn" for kind, _, _ in requests)
+
+    def reference(b: int) -> tuple:
+        """The reference layer's lists and, for cycle kNN, its in-lists (see ``in_lists``)."""
+        slot_type = kernels.slot_dtype(y_idx[b].shape[1])
+        if cycle:
+            return (y_idx[b], *kernels.in_lists(y_idx[b], slot_type))
+        return y_idx[b], np.zeros(1, dtype=np.int64), np.empty(0, dtype=np.int32), np.empty(
+            0, dtype=slot_type)
+
+    references = [reference(b) for b in range(len(ys0))]
 
     def arguments(a: int, b: int, call: list[int]) -> tuple:
         """The kernel's arguments after the permutation range, for one pair and one call."""
@@ -304,15 +320,16 @@ def _numba_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequen
         kys = np.array([requests[r][2][b].k for r in call], dtype=np.int64)
         r = next((r for r in call if requests[r][0] == "cknna"), None)
         own = (no_f, no_b, no_f, no_b) if r is None else (*own_lists(r, 1, a), *own_lists(r, 2, b))
-        return (x_idx[a], kmax, *tables[b], kinds, ks, kys, *own)
+        return (x_idx[a], kmax, *references[b], kinds, ks, kys, *own)
 
     converted: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def own_lists(r: int, side: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """CKNNA's float64 values and reciprocity of one layer's own lists, converted once."""
+        """CKNNA's values (as they are: the kernel widens them to float64 exactly) and the
+        reciprocity of one layer's own lists."""
         if (r, side, layer) not in converted:
             own = requests[r][side][layer].own
-            converted[(r, side, layer)] = (own.values.double().numpy(), own.reciprocal.numpy())
+            converted[(r, side, layer)] = (own.values.numpy(), own.reciprocal.numpy())
         return converted[(r, side, layer)]
 
     jobs = [(arguments(a, b, call), call, (a, b)) for a, b in pairs for call in calls]

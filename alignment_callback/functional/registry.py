@@ -298,7 +298,7 @@ def _knn(name: str, summary: str, minimum_k: int = 1, min_n: int = 2,
         functools.partial(_knn_score, kind=name), functools.partial(_knn_layers, kind=name),
         params=(K2_PARAM if minimum_k == 2 else K_PARAM,),
         min_samples=functools.partial(_knn_min, minimum=min_n), perm_cost=perm_cost,
-        null_method="model edges mapped through π, looked up in the reference's hash table",
+        null_method="model edges mapped through π and found in the reference's lists",
         invariances="rotation, isotropic scaling (of L2-normalized rows: any row scaling)",
         shared="neighbor_lists", group="knn", **kw))
 
@@ -325,7 +325,8 @@ register_measure(MeasureInfo(
     "svcca", "other", "mean canonical correlation of the top cca_dim singular subspaces",
     _svcca_prepare, _svcca_score, params=(CCA_DIM_PARAM,),
     min_samples=sv.svcca_min_samples, perm_cost=sv.svcca_cost,
-    null_method="rows of Y's orthonormal basis permuted; a cca_dim² SVD per permutation",
+    null_method="rows of Y's orthonormal basis permuted, in cache-sized blocks; the "
+                "eigenvalues of a cca_dim×cca_dim matrix per permutation",
     invariances="rotation, translation, per-feature scaling"))
 
 

@@ -2,10 +2,12 @@
 
 Columns are centered and scaled to unit variance, the top ``cca_dim`` left singular vectors U of
 each side span the kept subspaces, and the canonical correlations between two subspaces with
-orthonormal bases are the singular values of ``U_xᵀ U_y``.  U comes from the symmetric
-eigendecomposition of the smaller of the covariance XᵀX (d×d) and the gram XXᵀ (n×n), not from
-an SVD of X.  A row permutation of Y permutes the rows of U_y, so the null costs an
-(n×c)ᵀ(n×c) product and the singular values of a c×c matrix per permutation.
+orthonormal bases are the singular values of ``U_xᵀ U_y``.  U comes from the top ``cca_dim``
+eigenvectors of the smaller of the covariance XᵀX (d×d) and the gram XXᵀ (n×n), not from an
+SVD of X; on CPU only those eigenvectors are computed (LAPACK ``syevr`` with an index range,
+through SciPy), elsewhere a full ``torch.linalg.eigh``.  A row permutation of Y permutes the rows
+of U_y, so the null costs a gather of c×n numbers, a (c×n)(n×c) product and the eigenvalues of
+a c×c matrix per permutation.
 """
 
 from __future__ import annotations
@@ -17,6 +19,42 @@ from torch import Tensor
 
 from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import check_pair
+
+try:  # on CPU: half the covariance (BLAS syrk) and only its top eigenvectors (LAPACK syevr)
+    from scipy.linalg import blas as _blas
+    from scipy.linalg import eigh as _scipy_eigh
+except ImportError:  # pragma: no cover - scipy is a dependency; the torch path gives the same span
+    _blas = _scipy_eigh = None
+
+_GATHER_ELEMENTS = 1 << 18  # permuted numbers gathered at once: 1 MiB of float32, cache-sized
+
+
+def _lapack(t: Tensor) -> bool:
+    return _scipy_eigh is not None and t.device.type == "cpu" and t.dtype in (torch.float32,
+                                                                               torch.float64)
+
+
+def _upper_gram(a: Tensor) -> Tensor:
+    """``aᵀa``; only its upper triangle is guaranteed (on CPU the lower one is left zero)."""
+    if not _lapack(a):
+        return a.T @ a
+    m = a.numpy()
+    syrk = _blas.get_blas_funcs("syrk", (m,))
+    # BLAS reads Fortran order: an F-ordered m is used as it is, a C-ordered one as mᵀ
+    out = syrk(1.0, m, trans=1) if m.flags.f_contiguous else syrk(1.0, m.T, trans=0)
+    return torch.from_numpy(out)
+
+
+def _top_eigh(g: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """The ``c`` largest eigenvalues (descending) and eigenvectors of the symmetric matrix whose
+    upper triangle is ``g``'s."""
+    m = g.shape[0]
+    if _lapack(g):
+        evals, vecs = _scipy_eigh(g.numpy(), lower=False, subset_by_index=(m - c, m - 1),
+                                  driver="evr", overwrite_a=True, check_finite=False)
+        return torch.from_numpy(evals[::-1].copy()), torch.from_numpy(vecs[:, ::-1].copy())
+    evals, vecs = torch.linalg.eigh(g, UPLO="U")
+    return evals.flip(0)[:c], vecs.flip(1)[:, :c]
 
 
 def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
@@ -31,13 +69,15 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
         )
     x = rescale_exactly(x)
     xc = x - x.mean(0, keepdim=True)
-    std = xc.std(0, keepdim=True)
-    xs = xc / torch.where(std > 0, std, torch.ones_like(std))
-    if d <= n:  # X = U S Vᵀ: XᵀX = V S² Vᵀ, U = X V / S
-        evals, vecs = torch.linalg.eigh(xs.T @ xs)
-    else:  # XXᵀ = U S² Uᵀ
-        evals, vecs = torch.linalg.eigh(xs @ xs.T)
-    evals, vecs = evals.flip(0)[:cca_dim], vecs.flip(1)[:, :cca_dim]
+    if d <= n:  # X_s = X_c D with D = diag(1/std): X_sᵀX_s = D X_cᵀX_c D = V S² Vᵀ, U = X_s V / S
+        cov = _upper_gram(xc)
+        std = (cov.diagonal() / (n - 1)).sqrt()
+        scale = torch.where(std > 0, 1.0 / std, torch.ones_like(std))
+        evals, vecs = _top_eigh(cov * scale[:, None] * scale[None, :], cca_dim)
+    else:  # X_s X_sᵀ = U S² Uᵀ
+        std = xc.std(0, keepdim=True)
+        xs = xc / torch.where(std > 0, std, torch.ones_like(std))
+        evals, vecs = _top_eigh(_upper_gram(xs.T), cca_dim)
     if not bool(evals[-1] > evals[0] * max(n, d) * torch.finfo(evals.dtype).eps):
         raise ValueError(
             f"svcca: the representation has fewer than cca_dim={cca_dim} non-degenerate "
@@ -45,7 +85,7 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
         )
     if d > n:
         return vecs
-    u = (xs @ vecs) / evals.sqrt()
+    u = (xc @ (vecs * scale[:, None])) / evals.sqrt()
     q, _ = torch.linalg.qr(u)  # re-orthonormalize: U = XV/S loses orthogonality at small S
     return q
 
@@ -61,9 +101,24 @@ def svcca_cost(n: int, params: Mapping[str, Any]) -> int:
 
 
 def svcca_score(ux: Tensor, uy: Tensor, perms: Tensor) -> Tensor:
-    """Mean canonical correlation of ``span(U_x)`` and ``span(U_y[π])`` for each π → (B,)."""
-    m = ux.T.unsqueeze(0) @ uy[perms]  # (B, c, c)
-    return torch.linalg.svdvals(m).clamp_max(1.0).mean(-1)
+    """Mean canonical correlation of ``span(U_x)`` and ``span(U_y[π])`` for each π → (B,).
+
+    ``U_xᵀ U_y[π]`` is computed as ``(U_yᵀ[:, π] U_x)ᵀ``: the permuted columns of the transposed
+    basis are gathered in cache-sized blocks of permutations and multiplied in one product each.
+    """
+    n, c = uy.shape
+    uy_t = uy.T.contiguous()
+    step = max(1, _GATHER_ELEMENTS // max(1, n * c))
+    out = []
+    for block in perms.split(step):
+        gathered = uy_t.index_select(1, block.reshape(-1)).view(c * len(block), n)
+        m = (gathered @ ux).view(c, len(block), c).permute(1, 2, 0)  # (B, c_x, c_y)
+        # singular values as the square roots of the eigenvalues of MᵀM, formed in float64 so
+        # that small ones keep ~1e-8 absolute accuracy
+        m = m.double()
+        sv = torch.linalg.eigvalsh(m.mT @ m).clamp(0.0, 1.0).sqrt()
+        out.append(sv.mean(-1).to(ux.dtype))
+    return torch.cat(out) if out else ux.new_zeros(0)
 
 
 def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:

@@ -12,8 +12,7 @@ Four sections (all by default, or pick with ``--only``):
 * ``knn``: the kNN null from prepared states (mutual kNN, CKNNA; K = 200, k = 10) at
   n = 1024 .. 16384: ms per permutation and its growth against the growth of n·k (target: no
   faster than n·k, i.e. growth / (n/n0) <= 1).
-* ``svcca``: SVCCA's whole calibration (n = 1024, d = 768, K = 1000, one torch and one BLAS
-  thread) today vs the implementation when the target was set, whose basis came from a full
+* ``svcca``: SVCCA's whole calibration (n = 1024, d = 768, K = 1000, one thread) today vs the implementation when the target was set, whose basis came from a full
   ``torch.linalg.svd`` of the standardized features and whose null gathered (B, n, c) permuted
   bases for batched SVDs (its state and score functions are copied below as the baseline): the
   ratio (target >= 5x).
@@ -181,7 +180,6 @@ def section_svcca(quick: bool, repeats: int) -> None:
     torch.set_num_threads(1)
     previous = dataclasses.replace(REGISTRY["svcca"], name="svcca_previous",
                                    prepare=_previous_prepare, score=_previous_score).bind()
-    blas = _one_blas_thread()  # SciPy's LAPACK (today's eigenvectors) on one thread as well
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g)
     y = x + 3.0 * torch.randn(n, d, generator=g)
@@ -201,13 +199,7 @@ def section_svcca(quick: bool, repeats: int) -> None:
     ratio = t["previous"] / t["today"]
     print(f"ratio previous / today: {ratio:.1f}x (target >= 5x: {verdict(ratio >= 5)}); "
           f"max |null difference| {diff:.1e}")
-    blas.restore_original_limits()
     torch.set_num_threads(2)
-
-
-def _one_blas_thread():
-    from threadpoolctl import threadpool_limits  # scikit-learn's dependency, in the dev extra
-    return threadpool_limits(limits=1, user_api="blas")
 
 
 # --------------------------------------------------------------------------------- d. gram

@@ -1,6 +1,5 @@
-"""SVCCA's basis: the CPU path (BLAS syrk + LAPACK syevr for the top cca_dim eigenvectors only)
-and the torch path (full ``torch.linalg.eigh``, used off CPU) span the same subspace, and the
-blocked null equals the per-permutation definition."""
+"""SVCCA: the blocked null equals the per-permutation definition, and the basis (covariance with
+the column scales from its diagonal) gives the float64 NumPy reference's value."""
 
 import importlib
 
@@ -17,32 +16,6 @@ S = importlib.import_module("alignment_callback.functional.svcca")  # the module
 def _data(n, d, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)).to(dtype)
-
-
-def _projector(u: torch.Tensor) -> np.ndarray:
-    u = u.double().numpy()
-    return u @ u.T
-
-
-@pytest.mark.parametrize("n, d", [(60, 20), (20, 60), (40, 40)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lapack_and_torch_paths_span_the_same_subspace(monkeypatch, n, d, dtype):
-    x = _data(n, d, dtype=dtype)
-    lapack = S.svcca_state(x, 5)
-    monkeypatch.setattr(S, "_scipy_eigh", None)
-    plain = S.svcca_state(x, 5)
-    tol = 1e-4 if dtype == torch.float32 else 1e-10
-    np.testing.assert_allclose(_projector(lapack), _projector(plain), atol=tol)
-    np.testing.assert_allclose(lapack.T.double() @ lapack.double(), np.eye(5), atol=tol)
-
-
-@pytest.mark.parametrize("order", ["C", "F"])
-def test_upper_gram_matches_the_product(order):
-    a = _data(50, 7)
-    a = a if order == "C" else a.T.contiguous().T
-    upper = S._upper_gram(a)
-    full = (a.T @ a).numpy()
-    np.testing.assert_allclose(np.triu(upper.numpy()), np.triu(full), rtol=1e-12)
 
 
 def test_blocked_null_equals_the_definition(monkeypatch):

@@ -12,6 +12,7 @@ times, the overheads and the CPU time each fit used.  The machine may be shared 
 jobs: the load average is printed before and after.
 
     python benchmarks/bench_callback_overhead.py [--epochs 15] [--permutations 500] [--logger wandb]
+                                                 [--no-heatmaps]
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> None:
     p.add_argument("--permutations", type=int, default=500)
     p.add_argument("--logger", default="wandb", choices=sorted(qs.LOGGER_PACKAGES))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--heatmaps", action=argparse.BooleanOptionalAction, default=True,
+                   help="the alignment/ callback's heatmaps (on in the quickstart)")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of the three fits, interleaved; the best wall time of each is kept")
     args = p.parse_args()
@@ -76,7 +79,7 @@ def main() -> None:
             AlignmentCallback(reference=reference, probe=x_probe, layers=["blocks.*", "head"],
                               reference_layers=["blocks.*", "head"],
                               num_permutations=args.permutations, every_n_epochs=1, seed=0,
-                              background=background),
+                              background=background, log_heatmaps=args.heatmaps),
             AlignmentCallback(reference=reference, probe=x_probe[:qs.WIDE_PROBE], layers=["wide"],
                               reference_layers=["blocks.*", "head"], measures=["linear_cka"],
                               num_permutations=args.permutations, every_n_epochs=1, seed=0,
@@ -109,7 +112,7 @@ def main() -> None:
           f"load average {' '.join(f'{v:.2f}' for v in load_start)} at start, "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} at end (shared machine)")
     print(f"callbacks: alignment/ (probe n={len(x_probe)}, 4×3 layer pairs, metrics "
-          f"{list(fg_cbs[0].measures)}, heatmaps) and wide/ (probe n={qs.WIDE_PROBE}, the "
+          f"{list(fg_cbs[0].measures)}, heatmaps {'on' if args.heatmaps else 'off'}) and wide/ (probe n={qs.WIDE_PROBE}, the "
           f"{qs.WIDE_FEATURES}-wide layer × 3 reference layers, linear_cka)")
     print(f"{'fit':<34}{'wall s':>8}{'CPU s':>8}{'overhead':>10}")
     for name, (wall, cpu) in (("without the callbacks", base),

@@ -168,13 +168,12 @@ def plot_layer_heatmap(
         from matplotlib.patches import Rectangle
 
         ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    if m.size <= 144:
+    if m.size <= MAX_LABELED_CELLS:
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
-                star = "*" if marks is not None and bool(marks[i][j]) else ""
-                light = (m[i, j] - lo) / ((hi - lo) or 1.0) > 0.6
-                ax.text(j, i, f"{m[i, j]:.2f}{star}", ha="center", va="center",
-                        fontsize="x-small", color="black" if light else "white")
+                star = marks is not None and bool(marks[i][j])
+                text, color = cell_label(m[i, j], lo, hi, star)
+                ax.text(j, i, text, ha="center", va="center", fontsize="x-small", color=color)
     if colorbar:
         fig.colorbar(im, ax=ax)
     if title:
@@ -182,6 +181,16 @@ def plot_layer_heatmap(
     if own_figure:
         fig.tight_layout()
     return fig, ax
+
+
+MAX_LABELED_CELLS = 144  # values are written in the cells of matrices up to 12×12
+
+
+def cell_label(value: float, lo: float, hi: float, star: bool = False) -> tuple[str, str]:
+    """The text of a heatmap cell (two decimals, ``*`` when marked) and its color (black on
+    the light upper 40 % of the color range, white below)."""
+    light = (value - lo) / ((hi - lo) or 1.0) > 0.6
+    return f"{value:.2f}{'*' if star else ''}", "black" if light else "white"
 
 
 def _heatmap_size(shape: Sequence[int]) -> tuple[float, float]:
@@ -192,28 +201,34 @@ def heatmap_image(result: Any, title: str, dpi: int = 80) -> Any:
     """Raw matrix and per-pair calibrated matrix of a ``LayerAlignmentResult`` side by side,
     the arg-max pair outlined, as an (H, W, 3) uint8 array.
 
-    Uses a bare ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no global figure
-    registry) and a lock around drawing, so it is safe to call from a worker thread while the
-    main thread does not use pyplot concurrently.
+    Uses bare ``matplotlib.figure.Figure`` objects with the Agg canvas (no pyplot, no global
+    figure registry) and a lock around drawing, so it is safe to call from a worker thread while
+    the main thread does not use pyplot concurrently.  The figure of each layout (layer names,
+    dpi) is built and its static parts drawn once; later calls redraw only the values
+    (:class:`~alignment_callback.metrics.heatmap_canvas.HeatmapCanvas`), with the same pixels.
     """
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from alignment_callback.metrics.heatmap_canvas import canvas_for
 
-    width, height = _heatmap_size(tuple(result.matrix.shape))
-    both = torch.stack([torch.as_tensor(result.matrix), torch.as_tensor(result.pair_calibrated)])
+    raw = torch.as_tensor(result.matrix).detach().cpu().double()
+    cal = torch.as_tensor(result.pair_calibrated).detach().cpu().double()
+    both = torch.stack([raw, cal])
     lo, hi = min(0.0, float(both.min())), max(1.0, float(both.max()))
+    suptitle = f"{title} (colors {lo:g} to {hi:g}; red box: best raw pair)"
     with _RENDER_LOCK:
-        fig = Figure(figsize=(2 * width - 1.5, height), dpi=dpi)
-        canvas = FigureCanvasAgg(fig)
-        left, right = fig.subplots(1, 2, sharey=True)
-        for ax, matrix, name in ((left, result.matrix, "raw"),
-                                 (right, result.pair_calibrated, "calibrated per pair")):
-            plot_layer_heatmap(matrix, result.x_names, result.y_names, ax=ax, argmax=result.argmax,
-                               title=name, colorbar=False, vmin=lo, vmax=hi)
-        right.set_ylabel("")
-        right.tick_params(labelleft=False)
-        fig.suptitle(f"{title} (colors {lo:g} to {hi:g}; red box: best raw pair)", fontsize="small")
-        fig.subplots_adjust(left=0.14, right=0.98, bottom=0.28, top=0.82, wspace=0.08)
-        canvas.draw()
-        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+        canvas = canvas_for(tuple(result.x_names), tuple(result.y_names), dpi)
+        return canvas.render(raw.numpy(), cal.numpy(), tuple(result.argmax), lo, hi, suptitle)
+
+
+def heatmap_pair_axes(fig: Any, raw: Any, cal: Any, x_names: Sequence[str],
+                      y_names: Sequence[str], argmax: Sequence[int], lo: float, hi: float
+                      ) -> tuple[Any, Any]:
+    """The two heatmaps of :func:`heatmap_image` on ``fig`` (raw left, calibrated right, one
+    color range, shared rows); returns the two axes."""
+    left, right = fig.subplots(1, 2, sharey=True)
+    for ax, matrix, name in ((left, raw, "raw"), (right, cal, "calibrated per pair")):
+        plot_layer_heatmap(matrix, x_names, y_names, ax=ax, argmax=argmax, title=name,
+                           colorbar=False, vmin=lo, vmax=hi)
+    right.set_ylabel("")
+    right.tick_params(labelleft=False)
+    fig.subplots_adjust(left=0.14, right=0.98, bottom=0.28, top=0.82, wspace=0.08)
+    return left, right

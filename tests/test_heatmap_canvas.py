@@ -64,3 +64,15 @@ def test_the_cache_keeps_a_few_layouts():
     for k in range(heatmap_canvas._CACHE_SIZE + 3):
         heatmap_image(_result(2, 1 + k % 11, k), "t", dpi=40 + k)
     assert len(heatmap_canvas._CACHE) == heatmap_canvas._CACHE_SIZE
+
+
+def test_changed_matplotlib_settings_rebuild_the_figure():
+    import matplotlib
+
+    heatmap_canvas._CACHE.clear()
+    result = _result(4, 3, 5)
+    heatmap_image(result, "before")
+    with matplotlib.rc_context({"font.size": 14, "axes.edgecolor": "tab:blue"}):
+        styled = heatmap_image(result, "styled")
+        np.testing.assert_array_equal(styled, _full_draw(result, "styled"))
+    np.testing.assert_array_equal(heatmap_image(result, "after"), _full_draw(result, "after"))

@@ -36,3 +36,16 @@ def test_svcca_equals_the_numpy_reference(n, d):
     x, y = _data(n, d, seed=3), _data(n, d, seed=4) + _data(n, d, seed=3)
     assert float(F.svcca(x, y, cca_dim=8)) == pytest.approx(R.svcca(x.numpy(), y.numpy(), 8),
                                                             abs=1e-10)
+
+
+@pytest.mark.parametrize("factor", [1e-23, 1e-30, 1e20])
+def test_per_feature_scaling_invariance_in_float32(factor):
+    """Columns scaled far apart: the covariance is formed after an exact power-of-two rescaling
+    of each column, so no column's squared sum underflows or overflows in float32."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(200, 20, generator=g)
+    y = x @ torch.randn(20, 20, generator=g) + torch.randn(200, 20, generator=g)
+    scaled = x.clone()
+    scaled[:, :3] *= factor
+    assert float(F.svcca(scaled, y, cca_dim=10)) == pytest.approx(float(F.svcca(x, y, cca_dim=10)),
+                                                                 abs=1e-5)

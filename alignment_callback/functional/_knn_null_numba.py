@@ -10,8 +10,8 @@ touches stays in cache:
   ``N_Y(π(j))`` (cycle kNN).  Membership comes from the neighbor lists themselves: row i
   writes the slots of its reference list (or, with ``reverse``, of the reference's in-lists,
   :func:`in_lists`) into a length-n ``mark`` array, reads its k edges' slots from it and clears
-  it again, 3·k accesses to an array of n bytes (while k < 128) instead of k look-ups in an
-  n·k-sized table;
+  it again: 2·(list width) + k accesses (2·(in-degree) + k for ``reverse``) to a length-n array
+  of bytes (while k < 128) instead of k look-ups in an n·k-sized table;
 * the score of each requested measure from those slots.
 
 Counts (mutual, cycle, LCS and edit-distance kNN) are integers, so they equal the torch path

@@ -3,18 +3,19 @@
 Every measure works on neighbor lists prepared once per representation
 (:class:`~alignment_callback.functional.neighbors.NeighborLists`).  Under a permutation π of
 Y's rows the neighbors of i in Y[π] are π⁻¹(N_Y(π(i))), so j is one of them exactly when π(j)
-is a neighbor of π(i) in Y: each model edge (i, j) is mapped through π and looked up in the
-reference's table, O(n·k) per permutation instead of a new O(n²·d) similarity matrix.  All kNN measures of one step share
-one list per layer, built for the largest k (a smaller k reads a prefix), and
-:func:`knn_layer_scores` computes several measures in one pass: each model layer's edges are
-mapped through π once per chunk of permutations, and each (model, reference) layer pair is
-looked up once in the reference's hash table of neighbors.
+is a neighbor of π(i) in Y: each model edge (i, j) is mapped through π and found in the
+reference's lists, O(n·k) per permutation instead of a new O(n²·d) similarity matrix.  All kNN
+measures of one step share one list per layer, built for the largest k (a smaller k reads a
+prefix), and :func:`knn_layer_scores` computes several measures in one pass: each model layer's
+edges are mapped through π once per chunk of permutations, and each (model, reference) layer
+pair is matched once.
 
 Two backends give the same numbers: on the CPU (with numba) compiled kernels take each layer
 pair one permutation at a time and split the permutations over a few Python threads (a thread
 on a busy core just takes fewer of them); they need no table: each row marks the slots of its
-reference list in a length-n byte array and reads its k edges from it, so a permutation
-touches the lists, the permutation (as 16-bit indices up to n = 65,536) and n bytes.
+reference list in a length-n array (of bytes while k < 128) and reads its k edges from it, so a
+permutation touches the lists, the permutation (as 16-bit indices up to n = 65,536) and that
+array.
 Elsewhere batched tensor operations look the edges up in the hash table, the whole chunk at
 once with no host synchronization.
 """

@@ -46,6 +46,10 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
         )
     x = rescale_exactly(x)
     xc = x - x.mean(0, keepdim=True)
+    # each column times a power of two (exact) so that its largest |value| is in [0.5, 1): the
+    # standardized columns do not change, and no column's squared sum underflows in the product
+    _, exponent = torch.frexp(xc.abs().amax(0, keepdim=True))
+    xc = torch.ldexp(xc, (-exponent).to(xc.dtype))
     if d <= n:  # X_s = X_c D with D = diag(1/std): X_sᵀX_s = D X_cᵀX_c D = V S² Vᵀ, U = X_s V / S
         cov = xc.T @ xc
         std = (cov.diagonal() / (n - 1)).sqrt()

@@ -33,8 +33,11 @@ class HeatmapCanvas:
     """The two-panel heatmap figure of one layout: ``x_names`` rows, ``y_names`` columns."""
 
     def __init__(self, x_names: Sequence[str], y_names: Sequence[str], dpi: int) -> None:
+        import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+
+        self.style = dict.copy(matplotlib.rcParams)  # the settings the figure was built with
 
         shape = (len(x_names), len(y_names))
         width, height = _heatmap_size(shape)
@@ -83,12 +86,16 @@ class HeatmapCanvas:
 
 def canvas_for(x_names: tuple[str, ...], y_names: tuple[str, ...], dpi: int) -> HeatmapCanvas:
     """The cached :class:`HeatmapCanvas` of a layout (the least recently used of more than
-    four is dropped).  Callers hold the plotting module's render lock."""
+    four is dropped), built again when matplotlib's settings (``rcParams``) changed since.
+    Callers hold the plotting module's render lock."""
+    import matplotlib
+
     key = (x_names, y_names, dpi)
-    if key in _CACHE:
+    if key in _CACHE and dict.__eq__(matplotlib.rcParams, _CACHE[key].style):
         _CACHE.move_to_end(key)
     else:
         _CACHE[key] = HeatmapCanvas(x_names, y_names, dpi)
+        _CACHE.move_to_end(key)
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return _CACHE[key]

@@ -137,3 +137,11 @@ def test_in_lists_invert_the_lists():
            for e in range(ptr[u], ptr[u + 1])}
     assert got == {(int(idx[v, t]), v, t + 1) for v in range(40) for t in range(6)}
     assert ptr[-1] == idx.size and slot.dtype == kernels.slot_dtype(6)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_no_permutations_give_empty_scores(backend):
+    xs, ys = _layers(40, torch.float64, False, seed=4)
+    requests = _requests(xs, ys)
+    out = KM.knn_layer_scores(requests, torch.zeros(0, 40, dtype=torch.long), backend=backend)
+    assert [o.shape for o in out] == [(0, 2, 2)] * len(requests)

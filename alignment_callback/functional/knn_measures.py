@@ -223,6 +223,8 @@ def knn_layer_scores(requests: Sequence[tuple[str, Sequence[KnnState], Sequence[
     for kind, xs, ys in requests:
         dtype = xs[0].own.values.dtype
         out.append(torch.empty(batch, len(xs), len(ys), dtype=dtype, device=perms.device))
+    if batch == 0:  # no permutations (an empty share of a distributed null)
+        return out
     for a, sx in enumerate(xs0):
         moved = perms[:, sx.lists.indices[:, :kmax]]  # π(N_X(i)[s]): (B, n, kmax)
         for b, sy in enumerate(ys0):

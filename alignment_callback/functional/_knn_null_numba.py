@@ -135,8 +135,8 @@ def scores_task(perms, p0, p1, idx, kmax, y_idx, ptr, src, slot, kinds, ks, kys,
     ``ptr``/``src``/``slot`` its :func:`in_lists` (only read with a cycle request; ``slot``'s
     dtype, :func:`slot_dtype` of ``y_idx``'s width, is the slots' dtype).
     ``x_vals``/``x_recip`` (n, ≥ k) and ``y_vals``/``y_recip`` (n, ky) are the inner products
-    (float32 or float64, summed in float64) and the reciprocity of the CKNNA request's own lists (at most one CKNNA request
-    per call; dummies otherwise).
+    (float32 or float64, summed in float64) and the reciprocity of the CKNNA request's own
+    lists (at most one CKNNA request per call; dummies otherwise).
     """
     n = idx.shape[0]
     nreq = kinds.shape[0]

@@ -4,9 +4,9 @@ Columns are centered and scaled to unit variance, the top ``cca_dim`` left singu
 each side span the kept subspaces, and the canonical correlations between two subspaces with
 orthonormal bases are the singular values of ``U_xᵀ U_y``.  U comes from the top ``cca_dim``
 eigenvectors of the smaller of the covariance XᵀX (d×d, one product whose diagonal also gives
-the column scales) and the gram XXᵀ (n×n), not from an SVD of X.  A row permutation of Y permutes the rows
-of U_y, so the null costs a gather of c×n numbers, a (c×n)(n×c) product and the eigenvalues of
-a c×c matrix per permutation.
+the column scales) and the gram XXᵀ (n×n), not from an SVD of X.  A row permutation of Y
+permutes the rows of U_y, so the null costs a gather of c×n numbers, a (c×n)(n×c) product and
+the eigenvalues of a c×c matrix per permutation.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor
 from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import check_pair
 
-_GATHER_ELEMENTS = 1 << 20  # permuted numbers gathered at once (4 MiB of float32): few, large products
+_GATHER_ELEMENTS = 1 << 20  # permuted numbers gathered at once (4 MiB of float32)
 
 
 def _top_eigh(g: Tensor, c: int) -> tuple[Tensor, Tensor]:

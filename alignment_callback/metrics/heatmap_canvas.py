@@ -16,12 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from alignment_callback.metrics.plotting import (
-    MAX_LABELED_CELLS,
-    _heatmap_size,
-    cell_label,
-    heatmap_pair_axes,
-)
+from alignment_callback.metrics.plotting import _heatmap_size, cell_label, heatmap_pair_axes
 
 _CACHE: "OrderedDict[tuple, HeatmapCanvas]" = OrderedDict()
 # layouts kept: the measures and references of one callback share one; each costs two RGBA
@@ -47,7 +42,6 @@ class HeatmapCanvas:
         self.axes = heatmap_pair_axes(self.figure, zeros, zeros, x_names, y_names, (0, 0),
                                       0.0, 1.0)
         self.title = self.figure.suptitle(" ", fontsize="small")
-        self.labeled = zeros.size <= MAX_LABELED_CELLS
         self.ticks = [[line for axis in (ax.xaxis, ax.yaxis) for tick in axis.get_major_ticks()
                        for line in (tick.tick1line, tick.tick2line) if line.get_visible()]
                       for ax in self.axes]
@@ -72,9 +66,9 @@ class HeatmapCanvas:
             image.set_clim(lo, hi)
             (box,) = ax.patches
             box.set_xy((b - 0.5, a - 0.5))
-            cells = [(i, j) for i in range(m.shape[0]) for j in range(m.shape[1])]
-            for text, (i, j) in zip(ax.texts if self.labeled else (), cells):
-                label, color = cell_label(m[i, j], lo, hi)
+            # the cell values, row by row (plot_layer_heatmap writes none for large matrices)
+            for text, cell in zip(ax.texts, np.ndindex(m.shape)):
+                label, color = cell_label(m[cell], lo, hi)
                 text.set_text(label)
                 text.set_color(color)
             for artist in (image, box, *ticks, *ax.spines.values(), *ax.texts):

@@ -15,9 +15,8 @@ pair one permutation at a time and split the permutations over a few Python thre
 on a busy core just takes fewer of them); they need no table: each row marks the slots of its
 reference list in a length-n array (of bytes while k < 128) and reads its k edges from it, so a
 permutation touches the lists, the permutation (as 16-bit indices up to n = 65,536) and that
-array.
-Elsewhere batched tensor operations look the edges up in the hash table, the whole chunk at
-once with no host synchronization.
+array.  Elsewhere batched tensor operations look the edges up in the reference's hash table,
+the whole chunk at once with no host synchronization.
 """
 
 from __future__ import annotations

@@ -434,3 +434,23 @@ def test_hsic_rejects_nan_grams():
     for fn in (F.hsic_biased, F.hsic_unbiased):
         with pytest.raises(ValueError, match="NaN/Inf"):
             fn(K, L)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 64, 1000])
+@pytest.mark.parametrize("values", ["continuous", "few distinct", "constant"])
+def test_median_equals_numpy(size: int, values: str) -> None:
+    """kernels.median (one selection plus a pass for the upper middle value) equals NumPy's
+    median, odd and even counts, with and without ties among the middle values."""
+    from alignment_callback.functional.kernels import median
+
+    rng = np.random.default_rng(size)
+    if values == "continuous":
+        a = rng.standard_normal(size)
+    elif values == "few distinct":
+        a = rng.integers(0, 3, size).astype(float)
+    else:
+        a = np.full(size, 2.5)
+    for dtype in (torch.float32, torch.float64):
+        t = torch.tensor(a, dtype=dtype)
+        assert float(median(t.reshape(-1, 1) if size % 2 else t)) == pytest.approx(
+            float(np.median(t.double().numpy())), rel=1e-7 if dtype == torch.float32 else 1e-15)

@@ -30,6 +30,7 @@ from alignment_callback.functional.gram_measures import (
 from alignment_callback.functional.kernels import center_gram, rbf_gram, u_center_gram
 from alignment_callback.functional.knn_measures import knn_score, knn_state
 from alignment_callback.functional.moments import features as MF
+from alignment_callback.functional.moments import invariants as MI
 from alignment_callback.functional.moments import patterns as P
 from alignment_callback.functional.neighbors import knn
 
@@ -289,6 +290,37 @@ def test_feature_invariants_equal_gram_invariants(n: int, d: int, kind: str) -> 
     # the feature-space raw linear CKA equals the library's
     y = _data("gauss", n, 5, rng)
     assert float(M.feature_linear_cka(x, y)) == pytest.approx(float(F.linear_cka(x, y)), rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [5, 256, 257, 600])
+def test_blocked_triangle_sums_equal_numpy(n: int) -> None:
+    """tr A³ and Σ_ij (x_iᵀx_j)³ from the upper triangle's blocks (off-diagonal blocks counted
+    twice) equal float64 NumPy over the whole matrix, for one and several blocks."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_t(3, size=(n, 7))
+    a = x @ x.T - 0.3
+    want_trace, want_cube = np.trace(a @ a @ a), ((x @ x.T) ** 3).sum()
+    assert MI._trace_cube(torch.from_numpy(a)) == pytest.approx(want_trace, rel=1e-12)
+    assert MI._trace_cube(torch.from_numpy(a), rows=3) == pytest.approx(want_trace, rel=1e-12)
+    for rows in (1024, 29):
+        assert MF._cube_sum_gram(torch.from_numpy(x), rows) == pytest.approx(want_cube, rel=1e-12)
+
+
+def test_scatter_given_once_gives_the_same_numbers() -> None:
+    """feature_invariants / feature_linear_cka with the scatter matrices passed in equal the
+    computation without them; a scatter of the wrong shape is refused."""
+    rng = np.random.default_rng(3)
+    x, y = _data("t3", 500, 12, rng), _data("lowrank", 500, 9, rng)
+    sx, sy = M.feature_scatter(x), M.feature_scatter(y)
+    xc = x - x.mean(0)
+    np.testing.assert_allclose(sx.numpy(), (xc.T @ xc).numpy(), rtol=1e-12, atol=1e-9)
+    given, fresh = M.feature_invariants(x, scatter=sx), M.feature_invariants(x)
+    for f in FIELDS:
+        assert getattr(given, f) == pytest.approx(getattr(fresh, f), rel=1e-12), f
+    assert float(M.feature_linear_cka(x, y, sx, sy)) == pytest.approx(
+        float(F.linear_cka(x, y)), rel=1e-10)
+    with pytest.raises(ValueError, match="scatter must be the \\(12, 12\\) matrix"):
+        M.feature_invariants(x, scatter=sy)
 
 
 def test_combination_is_numerically_exact() -> None:

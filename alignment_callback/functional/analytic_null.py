@@ -47,7 +47,7 @@ def invariants(state: Any) -> mo.GramInvariants:
     a linear kernel at large n)."""
     features = getattr(state, "features", None)
     if features is not None:
-        return mo.feature_invariants(features)
+        return mo.feature_invariants(features, scatter=state.scatter)
     return mo.gram_invariants(state.matrix)
 
 

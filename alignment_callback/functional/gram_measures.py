@@ -53,9 +53,12 @@ class GramState:
 class FeatureState:
     """A linear-kernel representation kept as column-centered features (n, d) instead of its
     n×n gram: what a large probe with d < n needs for the observed score and the analytic
-    null (no permutation null can be drawn from it)."""
+    null (no permutation null can be drawn from it).  ``scatter``: the float64 d×d ``XᵀX``
+    (:func:`~alignment_callback.functional.moments.feature_scatter`), computed once for the
+    score's denominator and the invariants."""
 
     features: Tensor
+    scatter: Tensor
 
 
 def linear_feature_state(x: Tensor) -> FeatureState:
@@ -65,7 +68,9 @@ def linear_feature_state(x: Tensor) -> FeatureState:
     if not bool((xc != 0).any()):
         raise ValueError("zero-variance representation: every sample is identical; CKA is "
                          "undefined for it")
-    return FeatureState(xc)
+    from alignment_callback.functional.moments import feature_scatter
+
+    return FeatureState(xc, feature_scatter(xc))
 
 
 def _state(matrix: Tensor, scale: Tensor, what: str) -> GramState:
@@ -183,8 +188,8 @@ def _feature_scores(sxs: list[FeatureState], sys: list[FeatureState], perms: Ten
                            "prepared in feature space for the analytic null")
     from alignment_callback.functional.moments import feature_linear_cka
 
-    out = torch.stack([torch.stack([feature_linear_cka(a.features, b.features) for b in sys])
-                       for a in sxs])
+    out = torch.stack([torch.stack([feature_linear_cka(a.features, b.features, a.scatter, b.scatter)
+                                    for b in sys]) for a in sxs])
     return out[None].to(sxs[0].features.dtype)
 
 

@@ -22,11 +22,19 @@ def squared_distances(x: Tensor) -> Tensor:
 
 
 def median(values: Tensor) -> Tensor:
-    """Median of all entries, averaging the two middle values for an even count (NumPy's)."""
+    """Median of all entries, averaging the two middle values for an even count (NumPy's).
+
+    One selection (``kthvalue``) for the lower middle value; the upper one is the same value
+    when more entries than its rank are <= it, else the smallest entry above it (two passes).
+    """
     flat = values.flatten()
     m = flat.numel()
-    lo = torch.kthvalue(flat, (m + 1) // 2).values
-    hi = torch.kthvalue(flat, m // 2 + 1).values
+    rank = (m + 1) // 2
+    lo = torch.kthvalue(flat, rank).values
+    if m % 2 or int((flat <= lo).sum()) > rank:
+        hi = lo
+    else:
+        hi = flat.masked_fill(flat <= lo, float("inf")).min()
     return (lo + hi) / 2
 
 

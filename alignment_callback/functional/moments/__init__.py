@@ -17,7 +17,7 @@ Modules
   split ``A = A₀ + αI + β(J − I)`` that avoids cancellation, the 15 invariants of a symmetric
   matrix and their cost).
 * ``features``: :func:`feature_invariants` (a linear gram's invariants from
-  the features, O(n·d²) + O(n·d³)), :func:`feature_linear_cka`.
+  the features, O(n·d²) + O(n·d³)), :func:`feature_linear_cka`, :func:`feature_scatter`.
 * ``knn``: :func:`knn_graph_invariants` (O(n·k)), :func:`mutual_knn_moments`,
   :func:`cycle_knn_mean`, :func:`cknna_mean`.
 * ``pearson3``: :func:`pearson3_sf`, :func:`pearson3_quantile`,
@@ -36,7 +36,11 @@ from alignment_callback.functional.moments.exact import (
     pair_leverage,
     permutation_moments,
 )
-from alignment_callback.functional.moments.features import feature_invariants, feature_linear_cka
+from alignment_callback.functional.moments.features import (
+    feature_invariants,
+    feature_linear_cka,
+    feature_scatter,
+)
 from alignment_callback.functional.moments.invariants import (
     GramInvariants,
     GraphInvariants,
@@ -72,6 +76,7 @@ __all__ = [
     "cycle_knn_mean",
     "feature_invariants",
     "feature_linear_cka",
+    "feature_scatter",
     "gram_invariants",
     "knn_graph_invariants",
     "matrix_invariants",

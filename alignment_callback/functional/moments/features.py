@@ -1,8 +1,9 @@
 """Invariants of a linear-kernel gram ``X Xᵀ`` from the features, without forming it.
 
 From column-centered features (A = XXᵀ) the invariants of ``moments.invariants`` cost
-O(n·d²) plus O(n·d³) for ``Σ_ij (x_iᵀx_j)³ = ‖Σ_i x_i⊗x_i⊗x_i‖²`` (or O(n²·d) blocked when that
-is cheaper), in O(n·d + d²) memory.  Also the raw linear CKA in feature space.
+O(n·d²) plus O(n·d³) for ``Σ_ij (x_iᵀx_j)³ = ‖Σ_i x_i⊗x_i⊗x_i‖²`` (or O(n²·d/2) from blocks of
+the gram's upper triangle when that is cheaper), in O(n·d + d²) memory.  Also the raw linear
+CKA in feature space and the scatter matrix XᵀX both share.
 """
 
 from __future__ import annotations
@@ -56,15 +57,40 @@ def _cube_sum_tensor(x: Tensor, block_rows: int, tile: int = 16) -> float:
 
 
 def _cube_sum_gram(x: Tensor, block_rows: int) -> float:
-    """``Σ_ij (x_iᵀx_j)³`` from row blocks of the gram (O(n²·d) time, O(block·n) memory)."""
+    """``Σ_ij (x_iᵀx_j)³`` from row blocks of the gram's upper triangle: for rows ``s..s+b``
+    the block ``x[s:s+b] x[s:]ᵀ``, its leading b×b part counted once and the rest twice
+    (≈ n²·d/2 multiply-adds, O(b·n) memory, b = min(block_rows, 256))."""
+    rows = max(1, min(block_rows, 256))  # smaller blocks skip more of the lower triangle
     parts = []
-    for s in range(0, x.shape[0], block_rows):
-        g = x[s:s + block_rows] @ x.T
-        parts.append(float(torch.dot(g.reshape(-1), (g * g).reshape(-1))))
+    for s in range(0, x.shape[0], rows):
+        g = x[s:s + rows] @ x[s:].T
+        b = g.shape[0]
+        cube = g * g
+        cube *= g
+        parts.append(float(cube[:, :b].sum()))
+        parts.append(2.0 * float(cube[:, b:].sum()))
     return math.fsum(parts)
 
 
-def feature_invariants(xc: Tensor, block_rows: int = 1024) -> GramInvariants:
+def feature_scatter(xc: Tensor) -> Tensor:
+    """The scatter matrix ``C = XᵀX`` (d×d, float64) of the features re-centered per column in
+    float64; ``‖C‖_F = ‖XXᵀ‖_F``.  Pass it to :func:`feature_invariants` and
+    :func:`feature_linear_cka` to compute it once per representation.
+
+    Example
+    -------
+    >>> import torch
+    >>> x = torch.randn(30, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> xc = x - x.mean(0)
+    >>> bool(torch.allclose(feature_scatter(x).norm(), (xc @ xc.T).norm()))
+    True
+    """
+    x = _centered_features(xc)
+    return x.T @ x
+
+
+def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | None = None
+                       ) -> GramInvariants:
     """:func:`gram_invariants` of ``A = X Xᵀ`` (X column-centered) without forming A.
 
     With ``a_i = ‖x_i‖²``, ``α = mean(a)``, ``b = α/(n−1)`` and ``C = XᵀX`` (d×d), A₀ has
@@ -76,12 +102,13 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024) -> GramInvariants:
     * ``Σ A₀_ij³ = Σδ³ + (S₃ − Σa³) + 3b(‖C‖² − Σa²) − 3b²nα + n(n−1)b³`` with
       ``S₃ = Σ_ij (x_iᵀx_j)³``,
     * ``tr A₀³ = tr(A − cI)³ + 3bc²n − 3b²cn² + b³n³`` with ``c = α + b`` and
-      ``tr(A − cI)³ = tr C³ − 3c‖C‖² + 3c² tr C − c³n`` (A and J commute, AJ = 0).
+      ``tr(A − cI)³ = tr C³ − 3c‖C‖² + 3c² tr C − c³n`` (A and J commute, AJ = 0), where
+      ``tr C³ = ‖XC‖²`` comes from the same product XC as ``x_iᵀCx_i``.
 
-    Cost O(n·d²) plus S₃: O(n·d³/3) through the a ≤ b ≤ c entries of the symmetric 3-tensor
-    ``Σ_i x_i⊗x_i⊗x_i``, or O(n²·d) from row blocks of the gram when ``n < d²/3`` (whichever
-    is cheaper); memory O(n·d + d² + block_rows·(n + 256)), dominated by the float64 copy of
-    X.  If d >= n the gram route is no dearer than O(n·d²) and is used for everything
+    Cost O(n·d²) (C, unless given, and XC) plus S₃: O(n·d³/3) through the a ≤ b ≤ c entries
+    of the symmetric 3-tensor ``Σ_i x_i⊗x_i⊗x_i``, or O(n²·d/2) from row blocks of the gram's
+    upper triangle when ``n < d²/3`` (whichever is cheaper); memory O(n·d + d² +
+    block_rows·(n + 256)), dominated by the float64 copy of X.  If d >= n the gram route is no dearer than O(n·d²) and is used for everything
     (``gram_invariants(X Xᵀ)``).  Measured: n = 100,000, d = 256 (float32 input) in 15 s on
     one CPU thread, peak RSS 545 MB (``benchmarks/check_moments.py --only memory``).
 
@@ -91,6 +118,8 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024) -> GramInvariants:
         (n, d) features; re-centered per column in float64 (idempotent for centered input).
     block_rows : int, default=1024
         Rows processed at a time (memory O(block_rows·(n + 256)) in the S₃ term).
+    scatter : Tensor or None, default=None
+        ``XᵀX`` from :func:`feature_scatter` when already computed; None computes it.
 
     Returns
     -------
@@ -109,15 +138,23 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024) -> GramInvariants:
     n, dim = x.shape
     if dim >= n:
         return gram_invariants(x @ x.T)
-    c_mat = x.T @ x
+    c_mat = x.T @ x if scatter is None else scatter.to(_F64)
+    if c_mat.shape != (dim, dim):
+        raise ValueError(f"scatter must be the ({dim}, {dim}) matrix XᵀX of these features, "
+                         f"got shape {tuple(c_mat.shape)}")
     a = torch.cat([x[s:s + block_rows].pow(2).sum(1) for s in range(0, n, block_rows)])
     alpha = float(a.mean())
     b = alpha / (n - 1)
     c = alpha + b
     delta = a - alpha
     frob_c = float((c_mat * c_mat).sum())
-    xcx = torch.cat([((x[s:s + block_rows] @ c_mat) * x[s:s + block_rows]).sum(1)
-                     for s in range(0, n, block_rows)])
+    xcx, tr_c3 = [], []  # x_iᵀCx_i and ‖XC‖² = tr C³, from one product per block
+    for s in range(0, n, block_rows):
+        xb = x[s:s + block_rows]
+        xbc = xb @ c_mat
+        xcx.append((xbc * xb).sum(1))
+        tr_c3.append(float((xbc * xbc).sum()))
+    xcx = torch.cat(xcx)
     d2, d3 = float(delta @ delta), float((delta ** 3).sum())
     sum_a2, sum_a3 = float(a @ a), float((a ** 3).sum())
     q = delta * delta + (xcx - a * a) - 2.0 * b * a + (n - 1) * b * b
@@ -127,8 +164,7 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024) -> GramInvariants:
         s3 = _cube_sum_gram(x, block_rows)
     else:
         s3 = _cube_sum_tensor(x, block_rows)
-    tr_c, tr_c3 = float(c_mat.diagonal().sum()), float(torch.dot((c_mat @ c_mat).reshape(-1),
-                                                                 c_mat.reshape(-1)))
+    tr_c, tr_c3 = float(c_mat.diagonal().sum()), math.fsum(tr_c3)
     tr_g3 = math.fsum([tr_c3, -3 * c * frob_c, 3 * c * c * tr_c, -c ** 3 * n])
     return GramInvariants(
         n=n,
@@ -150,10 +186,12 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024) -> GramInvariants:
     )
 
 
-def feature_linear_cka(xc: Tensor, yc: Tensor) -> Tensor:
+def feature_linear_cka(xc: Tensor, yc: Tensor, scatter_x: Tensor | None = None,
+                       scatter_y: Tensor | None = None) -> Tensor:
     """Raw linear CKA in feature space, ``‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` on column-centered
     features (re-centered in float64), O(n·(d_x + d_y)²) (through the n×n grams when
-    n <= d_x + d_y, which is then cheaper); a float64 0-dim tensor.
+    n <= d_x + d_y, which is then cheaper); a float64 0-dim tensor.  With both scatter matrices
+    given (:func:`feature_scatter`), only ``XᵀY`` is computed: O(n·d_x·d_y).
 
     Example
     -------
@@ -165,6 +203,9 @@ def feature_linear_cka(xc: Tensor, yc: Tensor) -> Tensor:
     x, y = _centered_features(xc), _centered_features(yc)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y need the same number of rows, got {x.shape[0]}, {y.shape[0]}")
+    if scatter_x is not None and scatter_y is not None:
+        norm = scatter_x.to(_F64).norm() * scatter_y.to(_F64).norm()
+        return (x.T @ y).pow(2).sum() / norm
     if x.shape[0] <= x.shape[1] + y.shape[1]:  # wide features: the n×n grams are cheaper
         k, l = x @ x.T, y @ y.T
         return torch.dot(k.reshape(-1), l.reshape(-1)) / (k.norm() * l.norm())

@@ -16,6 +16,11 @@ from torch import Tensor
 from alignment_callback.functional.moments.invariants import GramInvariants, gram_invariants
 from alignment_callback.functional.moments.patterns import _F64
 
+#: S₃ goes through blocks of the gram (O(n²·d/2)) when ``n < fraction·d²``, else through the
+#: 3-tensor (O(n·d³/6)).  Crossover measured on one CPU thread: n ≈ 0.34·d² at d = 256,
+#: 0.48·d² at d = 128, 0.6·d² at d = 64 (float64).
+_GRAM_ROUTE_FRACTION = 1 / 3
+
 
 def _centered_features(xc: Tensor) -> Tensor:
     if not isinstance(xc, Tensor) or xc.dim() != 2:
@@ -35,7 +40,8 @@ def _cube_sum_tensor(x: Tensor, block_rows: int, tile: int | None = None) -> flo
     products ``x_ia x_ib`` of a block of rows times ``x[:, b0:]`` — and each entry is weighted
     by its number of distinct orderings (6, 3 or 1): ≈ n·d³/6 multiply-adds, memory
     O(tile²·d + rows·tile²).  Blocks of at most 128 rows keep the products ``x_ia x_ib`` in
-    cache (1.4× faster than 1024 at d = 256); tiles of 32 (d >= 192) or 16 columns.
+    cache; tiles of 32 columns from d = 192, else 16 (3–15 % faster than 1024 rows and 16
+    columns at d = 256).
     """
     n, d = x.shape
     rows = max(1, min(block_rows, 128))
@@ -111,9 +117,10 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | Non
     Cost O(n·d²) (C, unless given, and XC) plus S₃: O(n·d³/6) through the a ≤ b ≤ c entries
     of the symmetric 3-tensor ``Σ_i x_i⊗x_i⊗x_i``, or O(n²·d/2) from row blocks of the gram's
     upper triangle when ``n < d²/3`` (whichever is cheaper); memory O(n·d + d² +
-    block_rows·(n + 256)), dominated by the float64 copy of X.  If d >= n the gram route is no dearer than O(n·d²) and is used for everything
-    (``gram_invariants(X Xᵀ)``).  Measured: n = 100,000, d = 256 (float32 input) in 15 s on
-    one CPU thread, peak RSS 545 MB (``benchmarks/check_moments.py --only memory``).
+    block_rows·(n + 256)), dominated by the float64 copy of X.  If d >= n the gram route is no
+    dearer than O(n·d²) and is used for everything (``gram_invariants(X Xᵀ)``).  Measured:
+    n = 100,000, d = 256 (float32 input) in 14.5 s on one CPU thread, peak RSS 718 MB of which
+    321 MB before the call (``benchmarks/check_moments.py --only memory``).
 
     Parameters
     ----------
@@ -163,7 +170,7 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | Non
     q = delta * delta + (xcx - a * a) - 2.0 * b * a + (n - 1) * b * b
     xtd = x.T @ delta
     sum_delta = float(delta.sum())
-    if n < dim * dim / 3:
+    if n < _GRAM_ROUTE_FRACTION * dim * dim:
         s3 = _cube_sum_gram(x, block_rows)
     else:
         s3 = _cube_sum_tensor(x, block_rows)

@@ -14,7 +14,7 @@ SCRIPTS = {
     "bench_large_n.py": (
         "(i) the whole calibrated_alignment call",
         "target >= 50x faster: whole call worst",
-        "time ratio n=8000 / n=4000:",
+        "time n=8000 / n=4000 for 2x the samples:",
         "both / (mutual alone + cknna alone) =",
         "peak RSS at n=2048:",
         "ratio 2/1",

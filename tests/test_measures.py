@@ -454,3 +454,5 @@ def test_median_equals_numpy(size: int, values: str) -> None:
         t = torch.tensor(a, dtype=dtype)
         assert float(median(t.reshape(-1, 1) if size % 2 else t)) == pytest.approx(
             float(np.median(t.double().numpy())), rel=1e-7 if dtype == torch.float32 else 1e-15)
+    ints = torch.tensor(np.round(4 * a)).long()
+    assert float(median(ints)) == float(np.median(ints.numpy()))

@@ -321,6 +321,10 @@ def test_scatter_given_once_gives_the_same_numbers() -> None:
         float(F.linear_cka(x, y)), rel=1e-10)
     with pytest.raises(ValueError, match="scatter must be the \\(12, 12\\) matrix"):
         M.feature_invariants(x, scatter=sy)
+    with pytest.raises(ValueError, match="scatter must be float64"):
+        M.feature_invariants(x, scatter=sx.float())
+    with pytest.raises(ValueError, match="scatter_y must be float64"):
+        M.feature_linear_cka(x, y, sx, sy.float())
 
 
 def test_combination_is_numerically_exact() -> None:

@@ -34,7 +34,7 @@ def median(values: Tensor) -> Tensor:
     if m % 2 or int((flat <= lo).sum()) > rank:
         hi = lo
     else:
-        hi = flat.masked_fill(flat <= lo, float("inf")).min()
+        hi = flat[flat > lo].min()
     return (lo + hi) / 2
 
 

@@ -38,13 +38,14 @@ def _cube_sum_tensor(x: Tensor, block_rows: int, tile: int | None = None) -> flo
 
     Only tiles with ``a ≤ b ≤ c`` are formed — for an a-tile and a b-tile (b ≥ a), the
     products ``x_ia x_ib`` of a block of rows times ``x[:, b0:]`` — and each entry is weighted
-    by its number of distinct orderings (6, 3 or 1): ≈ n·d³/6 multiply-adds, memory
-    O(tile²·d + rows·tile²).  Blocks of at most 128 rows keep the products ``x_ia x_ib`` in
-    cache; tiles of 32 columns from d = 192, else 16 (3–15 % faster than 1024 rows and 16
-    columns at d = 256).
+    by its number of distinct orderings (6, 3 or 1): n·d³/6 multiply-adds plus the tiles'
+    overlap (1.2× that with tiles of 16, 1.4× with 32 at d = 256), memory
+    O(tile²·d + rows·tile²).  On the CPU, blocks of at most 128 rows keep the products
+    ``x_ia x_ib`` in cache; tiles of 32 columns from d = 192, else 16 (3–15 % faster than
+    1024 rows and 16 columns at d = 256).
     """
     n, d = x.shape
-    rows = max(1, min(block_rows, 128))
+    rows = max(1, min(block_rows, 128) if x.device.type == "cpu" else block_rows)
     tile = tile or (32 if d >= 192 else 16)
     idx = torch.arange(d, device=x.device)
     orderings = torch.tensor([6.0, 3.0, 1.0], dtype=_F64, device=x.device)
@@ -68,17 +69,29 @@ def _cube_sum_tensor(x: Tensor, block_rows: int, tile: int | None = None) -> flo
 def _cube_sum_gram(x: Tensor, block_rows: int) -> float:
     """``Σ_ij (x_iᵀx_j)³`` from row blocks of the gram's upper triangle: for rows ``s..s+b``
     the block ``x[s:s+b] x[s:]ᵀ``, its leading b×b part counted once and the rest twice
-    (≈ n²·d/2 multiply-adds, O(b·n) memory, b = min(block_rows, 256))."""
+    (≈ n²·d/2 multiply-adds, O(b·n) memory, b = min(block_rows, 256)); one host sync."""
     rows = max(1, min(block_rows, 256))  # smaller blocks skip more of the lower triangle
-    parts = []
+    total = x.new_zeros((), dtype=_F64)
     for s in range(0, x.shape[0], rows):
         g = x[s:s + rows] @ x[s:].T
         b = g.shape[0]
         cube = g * g
         cube *= g
-        parts.append(float(cube[:, :b].sum()))
-        parts.append(2.0 * float(cube[:, b:].sum()))
-    return math.fsum(parts)
+        total += cube[:, :b].sum() + 2.0 * cube[:, b:].sum()
+    return float(total)
+
+
+def _check_scatter(scatter: Tensor, x: Tensor, name: str) -> Tensor:
+    """``scatter`` is :func:`feature_scatter` of features like ``x`` (float64, d×d, same
+    device); returned as it is."""
+    d = x.shape[1]
+    if not isinstance(scatter, Tensor) or scatter.shape != (d, d):
+        raise ValueError(f"{name} must be the ({d}, {d}) matrix XᵀX of these features, got "
+                         f"shape {tuple(getattr(scatter, 'shape', ()))}")
+    if scatter.dtype != _F64 or scatter.device != x.device:
+        raise ValueError(f"{name} must be float64 on {x.device} (from feature_scatter), got "
+                         f"{scatter.dtype} on {scatter.device}")
+    return scatter
 
 
 def feature_scatter(xc: Tensor) -> Tensor:
@@ -127,9 +140,11 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | Non
     xc : Tensor
         (n, d) features; re-centered per column in float64 (idempotent for centered input).
     block_rows : int, default=1024
-        Rows processed at a time (memory O(block_rows·(n + 256)) in the S₃ term).
+        Rows processed at a time (at most 256 in the S₃ term, 128 on the 3-tensor route on the
+        CPU; memory O(block_rows·(n + 256))).
     scatter : Tensor or None, default=None
-        ``XᵀX`` from :func:`feature_scatter` when already computed; None computes it.
+        ``XᵀX`` from :func:`feature_scatter` (float64, on the features' device) when already
+        computed; None computes it.
 
     Returns
     -------
@@ -148,22 +163,19 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | Non
     n, dim = x.shape
     if dim >= n:
         return gram_invariants(x @ x.T)
-    c_mat = x.T @ x if scatter is None else scatter.to(_F64)
-    if c_mat.shape != (dim, dim):
-        raise ValueError(f"scatter must be the ({dim}, {dim}) matrix XᵀX of these features, "
-                         f"got shape {tuple(c_mat.shape)}")
+    c_mat = x.T @ x if scatter is None else _check_scatter(scatter, x, "scatter")
     a = torch.cat([x[s:s + block_rows].pow(2).sum(1) for s in range(0, n, block_rows)])
     alpha = float(a.mean())
     b = alpha / (n - 1)
     c = alpha + b
     delta = a - alpha
     frob_c = float((c_mat * c_mat).sum())
-    xcx, tr_c3 = [], []  # x_iᵀCx_i and ‖XC‖² = tr C³, from one product per block
+    xcx, tr_c3 = [], x.new_zeros(())  # x_iᵀCx_i and ‖XC‖² = tr C³, one product per block
     for s in range(0, n, block_rows):
         xb = x[s:s + block_rows]
         xbc = xb @ c_mat
         xcx.append((xbc * xb).sum(1))
-        tr_c3.append(float((xbc * xbc).sum()))
+        tr_c3 += (xbc * xbc).sum()
     xcx = torch.cat(xcx)
     d2, d3 = float(delta @ delta), float((delta ** 3).sum())
     sum_a2, sum_a3 = float(a @ a), float((a ** 3).sum())
@@ -174,7 +186,7 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | Non
         s3 = _cube_sum_gram(x, block_rows)
     else:
         s3 = _cube_sum_tensor(x, block_rows)
-    tr_c, tr_c3 = float(c_mat.diagonal().sum()), math.fsum(tr_c3)
+    tr_c, tr_c3 = float(c_mat.diagonal().sum()), float(tr_c3)
     tr_g3 = math.fsum([tr_c3, -3 * c * frob_c, 3 * c * c * tr_c, -c ** 3 * n])
     return GramInvariants(
         n=n,
@@ -214,7 +226,8 @@ def feature_linear_cka(xc: Tensor, yc: Tensor, scatter_x: Tensor | None = None,
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y need the same number of rows, got {x.shape[0]}, {y.shape[0]}")
     if scatter_x is not None and scatter_y is not None:
-        norm = scatter_x.to(_F64).norm() * scatter_y.to(_F64).norm()
+        norm = _check_scatter(scatter_x, x, "scatter_x").norm() * _check_scatter(
+            scatter_y, y, "scatter_y").norm()
         return (x.T @ y).pow(2).sum() / norm
     if x.shape[0] <= x.shape[1] + y.shape[1]:  # wide features: the n×n grams are cheaper
         k, l = x @ x.T, y @ y.T

@@ -196,16 +196,15 @@ def _max_asymmetry(a: Tensor, tile: int = 256) -> float:
 def _trace_cube(a: Tensor, rows: int = 256) -> float:
     """``tr A³ = Σ_ij (A²)_ij A_ij`` of a symmetric A from the upper triangle of A²: for rows
     ``s..s+b`` the block ``A[s:s+b] A[s:]ᵀ`` of A², its leading b×b part counted once and the
-    rest twice (≈ n³/2 multiply-adds instead of n³, O(rows·n) memory)."""
-    parts = []
+    rest twice (≈ n³/2 multiply-adds instead of n³, O(rows·n) memory); one host sync."""
+    total = a.new_zeros((), dtype=_F64)
     for s in range(0, a.shape[0], rows):
         block = a[s:s + rows]
         prod = block @ a[s:].T
         prod *= block[:, s:]
         b = prod.shape[0]
-        parts.append(float(prod[:, :b].sum()))
-        parts.append(2.0 * float(prod[:, b:].sum()))
-    return math.fsum(parts)
+        total += prod[:, :b].sum() + 2.0 * prod[:, b:].sum()
+    return float(total)
 
 
 def gram_invariants(a: Tensor) -> GramInvariants:

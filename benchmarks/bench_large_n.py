@@ -219,7 +219,8 @@ def section_features(quick: bool, repeats: int, threads: int) -> None:
             b["peak_max"] = max(b["peak_max"], r["peak_mb"])
             if r["seconds"] < b["seconds"]:
                 b.update(seconds=r["seconds"])
-    print(f"{'n':>7s} {'route':>15s} {'time s':>8s} {'vs n0':>7s} {'n/n0':>6s} {'peak RSS MB':>11s} "
+    print(f"{'n':>7s} {'route':>15s} {'time s':>8s} {'vs n0':>7s} {'n/n0':>6s} "
+          f"{'peak RSS MB':>11s} "
           f"{'RSS before MB':>13s} {'inputs MB':>9s} {'n×n f32 MB':>10s} {'p':>7s} method")
     n0, top = ns[0], ns[-1]
     for n, route in runs:

@@ -3,7 +3,7 @@
 From column-centered features (A = XXᵀ) the invariants of ``moments.invariants`` cost
 O(n·d²) plus O(n·d³) for ``Σ_ij (x_iᵀx_j)³ = ‖Σ_i x_i⊗x_i⊗x_i‖²`` (or O(n²·d/2) from blocks of
 the gram's upper triangle when that is cheaper), in O(n·d + d²) memory.  Also the raw linear
-CKA in feature space and the scatter matrix XᵀX both share.
+CKA in feature space, and the scatter matrix XᵀX that both use.
 """
 
 from __future__ import annotations

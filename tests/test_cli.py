@@ -416,6 +416,13 @@ def test_compare_with_the_analytic_null(data):
                                          null="moments")
         assert rec["null_method"] == "moments" and res.null_method == "moments"
         check_record(rec, res)
+    # the printed settings name the null (no "K=500 permutations"), the table each measure's
+    assert "null: exact permutation moments + Pearson III, alpha=0.05" in proc.stdout
+    assert "permutations" not in proc.stdout.splitlines()[1]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("measure"))
+    assert header.split()[-1] == "null"
+    assert all(line.split()[-1] == "moments" for line in proc.stdout.splitlines()
+               if line.startswith(("linear_cka", "unbiased_cka")))
     proc = run_cli("compare", "a.pt", "b.npz", "--measure", "linear_cka", "--null", "moments",
                    "--out", out, cwd=root)
     assert proc.returncode == 2 and "joint permutation null" in proc.stderr

@@ -91,8 +91,13 @@ def _ci(rec: dict) -> str:
 
 
 def calibration_line(args: Any, grouped: bool) -> str:
-    return (f"K={args.permutations} permutations, alpha={args.alpha}, "
-            f"aggregate={args.aggregate}, seed={args.seed}" + (", grouped" if grouped else ""))
+    """The settings line printed above a result table: the null, alpha, aggregate, seed."""
+    null = getattr(args, "null", "permutation")
+    what = {"moments": "null: exact permutation moments + Pearson III",
+            "auto": f"null: moments where validated, else K={args.permutations} permutations"
+            }.get(null, f"K={args.permutations} permutations")
+    return (f"{what}, alpha={args.alpha}, aggregate={args.aggregate}, seed={args.seed}"
+            + (", grouped" if grouped else ""))
 
 
 class Progress:
@@ -172,12 +177,17 @@ def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, d
     print(f"A: {args.a} ({len(xa)} layer(s))  B: {args.b} ({len(xb)} layer(s))  n={na}")
     print(calibration_line(args, grouped))
     headers = ["measure", "raw", "tau", "calibrated", "p", "best layer pair"]
+    analytic = getattr(args, "null", "permutation") != "permutation"
+    if analytic:
+        headers.append("null")
     if args.bootstrap:
         headers.append(f"{int(BOOTSTRAP_CONFIDENCE * 100)}% interval (approx.)")
     lines = []
     for m, r in results.items():
         row = [m, fmt(r["raw"]), fmt(r["threshold"]), fmt(r["calibrated"]),
                fmt(r["p_value"], ".4g"), f"{r['best_pair'][0]} ~ {r['best_pair'][1]}"]
+        if analytic:
+            row.append(str(r.get("null_method", "")))
         if args.bootstrap:
             row.append(_ci(r))
         lines.append(row)

@@ -275,12 +275,14 @@ FIELDS = ("norm", "diag_mean", "offdiag_mean", "diag_sq", "frob_sq", "diag_cube"
 
 
 @pytest.mark.parametrize("n,d,kind", [(40, 3, "t3"), (300, 30, "gauss"), (120, 6, "lowrank"),
-                                      (50, 80, "gauss")])
+                                      (300, 31, "lowrank"), (200, 40, "t3"), (50, 80, "gauss")])
 def test_feature_invariants_equal_gram_invariants(n: int, d: int, kind: str) -> None:
-    """Both S₃ routes (3-tensor for n ≥ d²/3, blocked gram otherwise) and d ≥ n."""
+    """Both routes (3-tensor for n ≥ d²/3: the first three; blocks of the gram below: the next
+    two) and d ≥ n."""
     rng = np.random.default_rng(n + d)
     x = _data(kind, n, d, rng)
     xc = x - x.mean(0)
+    assert (d < n < MF._GRAM_ROUTE_FRACTION * d * d) == (d in (31, 40))
     fa, ga = M.feature_invariants(xc, block_rows=37), M.gram_invariants(xc @ xc.T)
     for f in FIELDS:
         assert getattr(fa, f) == pytest.approx(getattr(ga, f), rel=1e-10), f
@@ -294,16 +296,20 @@ def test_feature_invariants_equal_gram_invariants(n: int, d: int, kind: str) -> 
 
 @pytest.mark.parametrize("n", [5, 256, 257, 600])
 def test_blocked_triangle_sums_equal_numpy(n: int) -> None:
-    """tr A³ and Σ_ij (x_iᵀx_j)³ from the upper triangle's blocks (off-diagonal blocks counted
-    twice) equal float64 NumPy over the whole matrix, for one and several blocks."""
+    """tr A³, Σ_ij (x_iᵀx_j)³ and the row sums Σ_j (x_iᵀx_j)² from the upper triangle's blocks
+    (off-diagonal blocks counted twice) equal float64 NumPy over the whole matrix, for one and
+    several blocks."""
     rng = np.random.default_rng(n)
     x = rng.standard_t(3, size=(n, 7))
     a = x @ x.T - 0.3
     want_trace, want_cube = np.trace(a @ a @ a), ((x @ x.T) ** 3).sum()
     assert MI._trace_cube(torch.from_numpy(a)) == pytest.approx(want_trace, rel=1e-12)
     assert MI._trace_cube(torch.from_numpy(a), rows=3) == pytest.approx(want_trace, rel=1e-12)
+    want_squares = ((x @ x.T) ** 2).sum(1)
     for rows in (1024, 29):
-        assert MF._cube_sum_gram(torch.from_numpy(x), rows) == pytest.approx(want_cube, rel=1e-12)
+        cube, squares = MF._gram_sums(torch.from_numpy(x), rows)
+        assert cube == pytest.approx(want_cube, rel=1e-12)
+        np.testing.assert_allclose(squares.numpy(), want_squares, rtol=1e-12)
 
 
 def test_scatter_given_once_gives_the_same_numbers() -> None:
@@ -377,6 +383,28 @@ def test_pearson3_small_skew_tends_to_normal_smoothly() -> None:
         if prev is not None:
             assert float((sf - prev).abs().max()) <= 1e-2  # no jump between regimes
         prev = sf
+
+
+@pytest.mark.parametrize("skew", [0.0037, -0.0037, 0.01, 0.3])
+def test_pearson3_quantile_newton_stops_at_the_root(skew: float, monkeypatch) -> None:
+    """The inverse incomplete gamma stops once a Newton step is below its tolerance, also when
+    that step rounds onto the bracket's end (at skew 0.0037, a gamma of shape 3e5, it used to
+    fall back to bisection there and take ~48 evaluations); the quantile is the root."""
+    calls = {"n": 0}
+    for name in ("gammainc", "gammaincc"):
+        real = getattr(torch.special, name)
+
+        def counted(a, x, real=real):
+            calls["n"] += 1
+            return real(a, x)
+
+        monkeypatch.setattr(torch.special, name, counted)
+    tau = M.pearson3_quantile(1 - ALPHA, 0.429, 7.9e-4, skew)
+    assert calls["n"] <= 8, calls["n"]
+    monkeypatch.undo()
+    assert float(M.pearson3_sf(tau, 0.429, 7.9e-4, skew)) == pytest.approx(ALPHA, rel=1e-9)
+    want = stats.pearson3.ppf(1 - ALPHA, skew, loc=0.429, scale=7.9e-4)
+    assert float(tau) == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 
 def test_pearson3_edges() -> None:

@@ -13,7 +13,11 @@ import math
 import torch
 from torch import Tensor
 
-from alignment_callback.functional.moments.invariants import GramInvariants, gram_invariants
+from alignment_callback.functional.moments.invariants import (
+    GramInvariants,
+    _trace_cube,
+    gram_invariants,
+)
 from alignment_callback.functional.moments.patterns import _F64
 
 #: S₃ goes through blocks of the gram (O(n²·d/2)) when ``n < fraction·d²``, else through the
@@ -66,19 +70,29 @@ def _cube_sum_tensor(x: Tensor, block_rows: int, tile: int | None = None) -> flo
     return math.fsum(parts)
 
 
-def _cube_sum_gram(x: Tensor, block_rows: int) -> float:
-    """``Σ_ij (x_iᵀx_j)³`` from row blocks of the gram's upper triangle: for rows ``s..s+b``
-    the block ``x[s:s+b] x[s:]ᵀ``, its leading b×b part counted once and the rest twice
-    (≈ n²·d/2 multiply-adds, O(b·n) memory, b = min(block_rows, 256)); one host sync."""
+def _gram_sums(x: Tensor, block_rows: int) -> tuple[float, Tensor]:
+    """``Σ_ij (x_iᵀx_j)³`` and, per row, ``Σ_j (x_iᵀx_j)² = x_iᵀ(XᵀX)x_i`` from row blocks of the
+    gram's upper triangle: for rows ``s..s+b`` the block ``x[s:s+b] x[s:]ᵀ``, its leading b×b
+    part counted once and the rest twice (its squares summed along rows for rows s..s+b and
+    along columns for the rows after them); ≈ n²·d/2 multiply-adds, O(b·n) memory,
+    b = min(block_rows, 256), one host sync."""
     rows = max(1, min(block_rows, 256))  # smaller blocks skip more of the lower triangle
     total = x.new_zeros((), dtype=_F64)
+    squares = x.new_zeros(x.shape[0], dtype=_F64)
     for s in range(0, x.shape[0], rows):
         g = x[s:s + rows] @ x[s:].T
         b = g.shape[0]
-        cube = g * g
-        cube *= g
-        total += cube[:, :b].sum() + 2.0 * cube[:, b:].sum()
-    return float(total)
+        sq = g * g
+        squares[s:s + b] += sq.sum(1)
+        squares[s + b:] += sq[:, b:].sum(0)
+        sq *= g
+        total += sq[:, :b].sum() + 2.0 * sq[:, b:].sum()
+    return float(total), squares
+
+
+def _cube_sum_gram(x: Tensor, block_rows: int) -> float:
+    """``Σ_ij (x_iᵀx_j)³`` of :func:`_gram_sums`."""
+    return _gram_sums(x, block_rows)[0]
 
 
 def _check_scatter(scatter: Tensor, x: Tensor, name: str) -> Tensor:
@@ -124,12 +138,13 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | Non
     * ``Σ A₀_ij³ = Σδ³ + (S₃ − Σa³) + 3b(‖C‖² − Σa²) − 3b²nα + n(n−1)b³`` with
       ``S₃ = Σ_ij (x_iᵀx_j)³``,
     * ``tr A₀³ = tr(A − cI)³ + 3bc²n − 3b²cn² + b³n³`` with ``c = α + b`` and
-      ``tr(A − cI)³ = tr C³ − 3c‖C‖² + 3c² tr C − c³n`` (A and J commute, AJ = 0), where
-      ``tr C³ = ‖XC‖²`` comes from the same product XC as ``x_iᵀCx_i``.
+      ``tr(A − cI)³ = tr C³ − 3c‖C‖² + 3c² tr C − c³n`` (A and J commute, AJ = 0).
 
-    Cost O(n·d²) (C, unless given, and XC) plus S₃: O(n·d³/6) through the a ≤ b ≤ c entries
-    of the symmetric 3-tensor ``Σ_i x_i⊗x_i⊗x_i``, or O(n²·d/2) from row blocks of the gram's
-    upper triangle when ``n < d²/3`` (whichever is cheaper); memory O(n·d + d² +
+    Two routes, whichever is cheaper.  Below ``n = d²/3``: S₃ and ``x_iᵀCx_i = Σ_j (x_iᵀx_j)²``
+    from row blocks of the gram's upper triangle (O(n²·d/2)) and tr C³ from the upper triangle
+    of C² (O(d³/2)).  Above: S₃ through the a ≤ b ≤ c entries of the symmetric 3-tensor
+    ``Σ_i x_i⊗x_i⊗x_i`` (O(n·d³/6)), ``x_iᵀCx_i`` and ``tr C³ = ‖XC‖²`` from the product XC
+    (O(n·d²)).  Plus C = XᵀX (O(n·d²)) unless given; memory O(n·d + d² +
     block_rows·(n + 256)), dominated by the float64 copy of X.  If d >= n the gram route is no
     dearer than O(n·d²) and is used for everything (``gram_invariants(X Xᵀ)``).  Measured:
     n = 100,000, d = 256 (float32 input) in 14.5 s on one CPU thread, peak RSS 718 MB of which
@@ -170,23 +185,24 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | Non
     c = alpha + b
     delta = a - alpha
     frob_c = float((c_mat * c_mat).sum())
-    xcx, tr_c3 = [], x.new_zeros(())  # x_iᵀCx_i and ‖XC‖² = tr C³, one product per block
-    for s in range(0, n, block_rows):
-        xb = x[s:s + block_rows]
-        xbc = xb @ c_mat
-        xcx.append((xbc * xb).sum(1))
-        tr_c3 += (xbc * xbc).sum()
-    xcx = torch.cat(xcx)
+    if n < _GRAM_ROUTE_FRACTION * dim * dim:  # S₃ and x_iᵀCx_i from the gram's triangle
+        s3, xcx = _gram_sums(x, block_rows)
+        tr_c3 = _trace_cube(c_mat)  # tr C³ from the upper triangle of C²: d³/2
+    else:  # x_iᵀCx_i and ‖XC‖² = tr C³ from one product XC per block: n·d²
+        xcx, tr_c3 = [], x.new_zeros(())
+        for s in range(0, n, block_rows):
+            xb = x[s:s + block_rows]
+            xbc = xb @ c_mat
+            xcx.append((xbc * xb).sum(1))
+            tr_c3 += (xbc * xbc).sum()
+        xcx, tr_c3 = torch.cat(xcx), float(tr_c3)
+        s3 = _cube_sum_tensor(x, block_rows)
     d2, d3 = float(delta @ delta), float((delta ** 3).sum())
     sum_a2, sum_a3 = float(a @ a), float((a ** 3).sum())
     q = delta * delta + (xcx - a * a) - 2.0 * b * a + (n - 1) * b * b
     xtd = x.T @ delta
     sum_delta = float(delta.sum())
-    if n < _GRAM_ROUTE_FRACTION * dim * dim:
-        s3 = _cube_sum_gram(x, block_rows)
-    else:
-        s3 = _cube_sum_tensor(x, block_rows)
-    tr_c, tr_c3 = float(c_mat.diagonal().sum()), float(tr_c3)
+    tr_c = float(c_mat.diagonal().sum())
     tr_g3 = math.fsum([tr_c3, -3 * c * frob_c, 3 * c * c * tr_c, -c ** 3 * n])
     return GramInvariants(
         n=n,

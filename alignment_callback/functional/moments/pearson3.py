@@ -177,10 +177,14 @@ def _solve_gamma(shape: Tensor, target: Tensor, upper: bool, iters: int = 200) -
         deriv = sign * torch.exp(logpdf + u)  # d f / d log x
         step = torch.where(deriv != 0, resid / torch.where(deriv != 0, deriv, 1.0),
                            torch.full_like(u, math.inf))
+        tol = 1e-15 * (1 + u.abs())
+        # a Newton step below the tolerance means u is the root to working precision; it is
+        # checked before the bracket, which such a step can leave by rounding (new == lo)
+        converged = step.abs() <= tol
         new = u - step
         bad = ~torch.isfinite(new) | (new <= lo) | (new >= hi)
-        new = torch.where(bad, 0.5 * (lo + hi), new)
-        done = (new - u).abs() <= 1e-15 * (1 + u.abs())
+        new = torch.where(converged, u, torch.where(bad, 0.5 * (lo + hi), new))
+        done = converged | ((new - u).abs() <= tol)
         u = torch.where(frozen, u, new)  # an entry stops at its own convergence, so its
         frozen = frozen | done  # value does not depend on the other entries of the batch
         if bool(frozen.all()):

@@ -12,10 +12,10 @@ Four sections (all by default, or pick with ``--only``):
 * ``knn``: the kNN null from prepared states (mutual kNN, CKNNA; K = 200, k = 10) at
   n = 1024 .. 16384: ms per permutation and its growth against the growth of n·k (target: no
   faster than n·k, i.e. growth / (n/n0) <= 1).
-* ``svcca``: SVCCA's whole calibration (n = 1024, d = 768, K = 1000, one thread) today vs the implementation when the target was set, whose basis came from a full
-  ``torch.linalg.svd`` of the standardized features and whose null gathered (B, n, c) permuted
-  bases for batched SVDs (its state and score functions are copied below as the baseline): the
-  ratio (target >= 5x).
+* ``svcca``: SVCCA's whole calibration (n = 1024, d = 768, K = 1000, one thread) today vs the
+  implementation when the target was set, whose basis came from a full ``torch.linalg.svd`` of
+  the standardized features and whose null gathered (B, n, c) permuted bases for batched SVDs
+  (its state and score functions are copied below as the baseline): the ratio (target >= 5x).
 * ``gram``: the gram path (linear, RBF, unbiased CKA, RSA) at n = 1024, 2048, 4096 against the
   bound K·n²·4 B / read bandwidth (reading one permuted float32 n×n matrix per permutation),
   the bandwidth measured in the same run (best ``torch.sum`` over 1 GiB of float32, 1 thread):

@@ -287,7 +287,7 @@ def test_feature_invariants_equal_gram_invariants(n: int, d: int, kind: str) -> 
     for f in FIELDS:
         assert getattr(fa, f) == pytest.approx(getattr(ga, f), rel=1e-10), f
     assert ga.rowsum_sq == 0.0 and fa.rowsum_sq == 0.0  # row-sum shortcut taken
-    assert MF._cube_sum_tensor(xc, 29, tile=4) == pytest.approx(MF._cube_sum_gram(xc, 29),
+    assert MF._cube_sum_tensor(xc, 29, tile=4) == pytest.approx(MF._gram_sums(xc, 29)[0],
                                                                 rel=1e-12)
     # the feature-space raw linear CKA equals the library's
     y = _data("gauss", n, 5, rng)

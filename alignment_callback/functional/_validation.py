@@ -68,6 +68,12 @@ def check_max_score(value: Any, name: str = "max_score") -> float | str | None:
     return float(value)
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite.  A sum of finite numbers is finite unless it
+    overflows: one cheap reduction, and the element check only when the sum is NaN or Inf."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_matrix(x: Tensor, name: str = "x") -> Tensor:
     """Check ``x`` is a finite 2-D (n, d) tensor with n >= 2 and d >= 1; return it as float."""
     x = as_float(x, name)
@@ -80,9 +86,7 @@ def check_matrix(x: Tensor, name: str = "x") -> Tensor:
         raise ValueError(f"{name} needs at least 2 samples (rows), got {x.shape[0]}")
     if x.shape[1] < 1:
         raise ValueError(f"{name} has no features (shape {tuple(x.shape)})")
-    # a sum of finite numbers is finite unless it overflows: one cheap reduction, and the exact
-    # element check only when the sum is NaN or Inf
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
     return x

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._validation import all_finite
 from alignment_callback.functional.moments.invariants import (
     GramInvariants,
     _trace_cube,
@@ -31,7 +32,7 @@ def _centered_features(xc: Tensor) -> Tensor:
         raise ValueError(f"features must be a 2-D (n, d) tensor, got {getattr(xc, 'shape', xc)}")
     if xc.shape[0] < 2 or xc.shape[1] < 1:
         raise ValueError(f"features need n >= 2 rows and d >= 1 columns, got {tuple(xc.shape)}")
-    if not bool(torch.isfinite(xc).all()):
+    if not all_finite(xc):
         raise ValueError("features contain NaN/Inf values")
     x = xc.to(_F64, copy=True)
     return x.sub_(x.mean(0, keepdim=True))
@@ -88,11 +89,6 @@ def _gram_sums(x: Tensor, block_rows: int) -> tuple[float, Tensor]:
         sq *= g
         total += sq[:, :b].sum() + 2.0 * sq[:, b:].sum()
     return float(total), squares
-
-
-def _cube_sum_gram(x: Tensor, block_rows: int) -> float:
-    """``Σ_ij (x_iᵀx_j)³`` of :func:`_gram_sums`."""
-    return _gram_sums(x, block_rows)[0]
 
 
 def _check_scatter(scatter: Tensor, x: Tensor, name: str) -> Tensor:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._validation import all_finite
 from alignment_callback.functional.kernels import symmetrize_
 from alignment_callback.functional.moments.patterns import (
     _F64,
@@ -179,7 +180,7 @@ def _check_square(a: Tensor, name: str = "a") -> None:
         raise ValueError(f"{name} must be a square 2-D tensor, got {getattr(a, 'shape', a)}")
     if a.shape[0] < 2:
         raise ValueError(f"{name} needs n >= 2, got n={a.shape[0]}")
-    if not bool(torch.isfinite(a).all()):
+    if not all_finite(a):
         raise ValueError(f"{name} contains NaN/Inf values")
 
 

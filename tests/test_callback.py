@@ -244,10 +244,11 @@ def test_background_runs_the_probe_on_a_copy_in_the_worker(tmp_path):
     cb = _callback(measures=["linear_cka"], background=True)
     _, model = _fit(tmp_path, [cb], max_epochs=2, model=_ThreadRecordingMLP())
     threads = _ThreadRecordingMLP.probe_threads
-    # the first step checks the copy against the model in the loop (two passes), the other
-    # steps run the probe on the copy in the worker (one probe batch of 64 rows each)
-    assert threads[:2] == ["MainThread", "MainThread"]
-    assert len(threads) == 4 and all(t.startswith("alignment") for t in threads[2:]), threads
+    # the first step captures in the loop and the worker checks the copy against it (two
+    # passes), the other steps run the probe on the copy in the worker (one probe batch of 64
+    # rows each)
+    assert threads[0] == "MainThread"
+    assert len(threads) == 4 and all(t.startswith("alignment") for t in threads[1:]), threads
     assert [h["epoch"] for h in cb.history] == [0, 1, 2]
     # the last step saw the final weights: same values as the pure functions on them
     res = offline_alignment(model, RefMLP(seed=1), make_probe(), LAYERS, "linear_cka", K)
@@ -261,6 +262,36 @@ def test_background_falls_back_to_the_loop_for_an_uncopyable_model(tmp_path):
     with pytest.warns(RuntimeWarning, match="cannot be copied"):
         _fit(tmp_path, [cb], max_epochs=1, model=_Uncopyable())
     assert [h["epoch"] for h in cb.history] == [0, 1]
+
+
+_SCALES: dict[int, float] = {}
+
+
+class _ExternalStateMLP(MLP):
+    """A forward that reads state kept outside the module (keyed by the module's identity, so
+    the worker's copy does not see it)."""
+
+    def forward(self, x):
+        return super().forward(x * _SCALES.get(id(self), 1.0))
+
+
+def test_background_falls_back_to_the_loop_when_the_copy_gives_other_activations(tmp_path):
+    histories = []
+    for background in (False, True):
+        pl.seed_everything(0)
+        model = _ExternalStateMLP()
+        _SCALES[id(model)] = 3.0
+        cb = _callback(measures=["linear_cka"], background=background)
+        if background:
+            with pytest.warns(RuntimeWarning, match="copy gives other activations"):
+                _fit(tmp_path / "bg", [cb], max_epochs=2, model=model)
+        else:
+            _fit(tmp_path / "fg", [cb], max_epochs=2, model=model)
+        histories.append([{k: v for k, v in h.items() if not k.endswith("/seconds")}
+                          for h in cb.history])
+        del _SCALES[id(model)]
+    assert [h["epoch"] for h in histories[1]] == [0, 1, 2]
+    assert histories[0] == histories[1]  # the loop's activations, not the unscaled copy's
 
 
 def test_background_queue_keeps_order_and_bounds_pending_jobs():

@@ -91,6 +91,12 @@ def test_report_numbers_equal_the_history(tmp_path):
         assert fmt_p(last[f"alignment/{m}/p_value"]) in row
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (Path(md).parent / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the report's heatmaps are the last step's, as logged (not drawn again)
+    epoch, step = cb.history[-1]["epoch"], cb.history[-1]["step"]
+    for m in MEASURES:
+        logged = Path(logger.log_dir, "alignment_heatmaps",
+                      f"alignment_{m}_heatmap_epoch{epoch:04d}_step{step:06d}.png")
+        assert Path(md).parent.joinpath(f"alignment_report_{m}.png").read_bytes() == logged.read_bytes()
     assert f"K = {K}" in text or f"K: {K}" in text or f"**K**: {K}" in text
 
 

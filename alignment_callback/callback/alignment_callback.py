@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from concurrent.futures import Future
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
@@ -87,11 +88,13 @@ class AlignmentCallback(Callback):
     ``fit``; finished ones also when training stops on an exception).  For a model on the CPU
     the probe's forward passes run in the worker too, on a private copy of the model refreshed
     at every step from the model's weights, buffers and plain attributes (a stage flag or a
-    schedule); at the first step the copy's activations are checked against the model's, and
-    if they differ (a forward that reads the trainer, or state the copy cannot hold) the
-    capture stays in the loop with a warning.  The values equal the foreground ones.  They are
-    not ``pl_module.log``-ged (when a value arrives depends on timing).  At most two steps are
-    outstanding; a checkpoint never waits (steps in flight are redone on resume).
+    schedule); at the first step the model's activations are captured in the loop and the
+    worker checks the copy's against them (a next step that comes before the check has
+    finished waits for it), and if they differ (a forward that reads the trainer, or state the
+    copy cannot hold) the capture stays in the loop with a warning.  The values equal the
+    foreground ones.  They are not ``pl_module.log``-ged (when a value arrives depends on
+    timing).  At most two steps are outstanding; a checkpoint never waits (steps in flight are
+    redone on resume).
     Single-process runs only: under DDP the callback runs in the foreground.
 
     Args:
@@ -247,13 +250,16 @@ class AlignmentCallback(Callback):
         self._names_logged = False  # the layer index -> name map went to the loggers
         self._queue = BackgroundQueue()
         self._threaded = False  # background in effect for the current fit
-        self._copy: ModelCopy | None | bool = None  # the worker's model copy (False: not possible)
+        # the worker's model copy: None before the first step, a Future while the worker checks
+        # it, False when the capture stays in the loop
+        self._copy: ModelCopy | Future | bool | None = None
         self._probe_batches: Any = None
         self._device = torch.device("cpu")  # where the measures compute
         self._scratch: str | None = None  # heatmap PNGs for W&B when no CSV logger writes them
         self._resume_pending: list[tuple[int, int]] = []  # from a checkpoint: steps to redo
         self.history: list[dict[str, Any]] = []
         self.last_results: dict[str, Any] = {}
+        self._last_pngs: dict[str, bytes] = {}  # the last step's heatmaps, PNG-encoded
 
     def __validate_init_configuration(self, on_error: str, log_prefix: str,
                                       every_n_epochs: int | None,
@@ -498,11 +504,13 @@ class AlignmentCallback(Callback):
     def _submit(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> None:
         """Background mode: capture on the model copy in the worker, or in the loop."""
         render = bool(trainer.loggers)
+        if isinstance(self._copy, Future):  # the first step's check: normally done long ago
+            self._copy = self._copy.result()
         snapshot = self._snapshot(pl_module)
         if snapshot is not None:
             job = (self._compute_on_copy, snapshot, epoch, step, render)
         else:
-            captured = self._first_copy_check(pl_module) if self._copy is None else None
+            captured = self._start_copy_check(pl_module) if self._copy is None else None
             if captured is None:
                 captured = self._guarded(epoch, step, self._capture, pl_module)
             job = None if captured is None else (self._compute, captured, epoch, step, render)
@@ -596,40 +604,52 @@ class AlignmentCallback(Callback):
         return probe
 
     @torch.no_grad()
-    def _first_copy_check(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float] | None:
-        """Background mode, first step on a CPU model: make the worker's copy and check that it
-        gives the model's activations; returns the (model's) activations of this step, or None
-        when the model is not on the CPU (the capture then stays in the loop)."""
+    def _start_copy_check(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float] | None:
+        """Background mode, first step on a CPU model: capture this step's activations in the
+        loop, make the worker's copy and queue its check against them (``_check_copy``);
+        returns the activations and the seconds they took, or None when the model is not on
+        the CPU (the capture then stays in the loop)."""
         if model_device_of(pl_module).type != "cpu":
             self._copy = False
             return None
         start = time.perf_counter()
         actual = self._model_activations(pl_module, iterate_probe(self.probe), torch.device("cpu"))
         seconds = time.perf_counter() - start
+        try:
+            copy, snapshot = ModelCopy(pl_module), ModelCopy.snapshot(pl_module)
+        except Exception as err:  # noqa: BLE001 - fall back to capturing in the loop
+            self._copy = False
+            rank_zero_warn(f"background=True: the model cannot be copied ({type(err).__name__}: "
+                           f"{err}); the probe runs in the training loop", category=RuntimeWarning)
+        else:
+            self._copy = self._queue.call(self._check_copy, copy, snapshot, self._probe_list(), actual)
+        return actual, seconds
+
+    @torch.no_grad()
+    def _check_copy(self, copy: ModelCopy, snapshot: Snapshot, batches: Any,
+                    actual: dict[str, Tensor]) -> ModelCopy | bool:
+        """Worker thread: the copy, loaded with the first step's snapshot, must give the
+        model's activations bitwise; returns the copy, or False (with a warning) when it does
+        not or cannot run the probe."""
         reason = None
         try:
-            copy = ModelCopy(pl_module)
+            copy.load(snapshot)
+            # restore_rng=False: restoring from this thread would rewind the training loop's RNG
+            seen = self._model_activations(copy.model, batches, torch.device("cpu"),
+                                           restore_rng=False)
         except Exception as err:  # noqa: BLE001 - fall back to capturing in the loop
-            reason = f"the model cannot be copied ({type(err).__name__}: {err})"
+            reason = (f"the model's copy cannot run the probe ({type(err).__name__}: {err}); "
+                      "its forward reads state the copy does not have, such as the trainer")
         else:
-            batches = self._probe_list()
-            try:
-                copy.load(ModelCopy.snapshot(pl_module))
-                seen = self._model_activations(copy.model, batches, torch.device("cpu"))
-            except Exception as err:  # noqa: BLE001
-                reason = (f"the model's copy cannot run the probe ({type(err).__name__}: {err}); "
-                          "its forward reads state the copy does not have, such as the trainer")
-            else:
-                if seen.keys() != actual.keys() or any(not _same(seen[k], actual[k]) for k in seen):
-                    reason = ("the model's copy gives other activations than the model: its "
-                              "forward reads state that is not copied")
+            if seen.keys() != actual.keys() or any(not _same(seen[k], actual[k]) for k in seen):
+                reason = ("the model's copy gives other activations than the model: its "
+                          "forward reads state that is not copied")
         if reason is not None:
             rank_zero_warn(f"background=True: {reason}; the probe runs in the training loop",
                            category=RuntimeWarning)
-            self._copy = False
-        else:
-            self._copy, self._probe_batches = copy, batches
-        return actual, seconds
+            return False
+        self._probe_batches = batches
+        return copy
 
     def _snapshot(self, pl_module: LightningModule) -> Snapshot | None:
         """Background mode: this step's weights and plain state for the worker's model copy,
@@ -753,6 +773,7 @@ class AlignmentCallback(Callback):
         if self.verbose:
             feedback.emit(trainer, feedback.step_lines(results, epoch, step, self.log_prefix))
         self.last_results = flat
+        self._last_pngs = {label: png for label, (_, png) in images.items()}  # for the report
         self._samples = next(iter(results.values())).n if results else self._samples
         self.history.append(entry)
 
@@ -794,7 +815,8 @@ class AlignmentCallback(Callback):
             return
         try:
             self.report_paths = feedback.write_report(folder, self.history, settings,
-                                                      self.last_results, self.log_prefix, self.alpha)
+                                                      self.last_results, self.log_prefix,
+                                                      self.alpha, self._last_pngs)
         except Exception as err:  # noqa: BLE001 - a report never fails a finished fit
             rank_zero_warn(f"the alignment report could not be written: {type(err).__name__}: {err}",
                            category=RuntimeWarning)

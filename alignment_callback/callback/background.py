@@ -52,10 +52,15 @@ class BackgroundQueue:
             job = self._jobs.popleft()
             job.future.exception()  # wait; the outcome is read by the caller
             finished.append(job)
+        self._jobs.append(Job(epoch, step, self.call(fn, *args)))
+        return finished
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the worker after the jobs queued so far, outside the queue
+        (no step, nothing to publish, not counted in ``max_pending``)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignment")
-        self._jobs.append(Job(epoch, step, self._executor.submit(fn, *args)))
-        return finished
+        return self._executor.submit(fn, *args)
 
     def ready(self, wait: bool = False) -> list[Job]:
         """Pop the finished jobs at the head of the queue (all of them when ``wait``)."""

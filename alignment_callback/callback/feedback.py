@@ -63,10 +63,12 @@ def progress(batches: Iterable[Any], description: str, enabled: bool) -> Iterabl
 
 
 def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
-                 last: Mapping[str, Any], prefix: str, alpha: float) -> tuple[str, str]:
+                 last: Mapping[str, Any], prefix: str, alpha: float,
+                 pngs: Mapping[str, bytes] | None = None) -> tuple[str, str]:
     """``alignment_report.md`` and ``.html`` in ``folder``: the curves and last heatmaps as
     PNGs beside them, the final values with p and Benjamini–Hochberg p, the settings, one
-    sentence per curve.  Returns the two paths."""
+    sentence per curve.  ``pngs``: the last step's heatmaps already encoded, by measure label
+    (those not given are drawn).  Returns the two paths."""
     from alignment_callback.engine.report import history_series, training_report
 
     os.makedirs(folder, exist_ok=True)
@@ -78,7 +80,8 @@ def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Ma
         images.append(("Raw, τ and calibrated over training", _curves(folder, history, measures,
                                                                        epochs, prefix)))
     for label, result in last.items():
-        images.append((f"{label}: last layer × layer matrices", _heatmap(folder, label, result, prefix)))
+        images.append((f"{label}: last layer × layer matrices",
+                       _heatmap(folder, label, result, prefix, (pngs or {}).get(label))))
     report = training_report(history, settings, images, prefix=prefix, alpha=alpha)
     stem = "alignment_report" if prefix == "alignment" else f"alignment_report_{prefix.replace('/', '_')}"
     md, html = os.path.join(folder, f"{stem}.md"), os.path.join(folder, f"{stem}.html")
@@ -102,16 +105,18 @@ def _curves(folder: str, history: Sequence[Mapping[str, Any]], measures: Sequenc
             rows = [h for h in history if f"{prefix}/{m}/raw" in h]  # "previous": not at step 0
             plot_scores(rows, ax=ax, measure=m, prefix=prefix, steps=[h["epoch"] for h in rows],
                         xlabel="epoch")
-        fig.tight_layout()
+        width = fig.get_figwidth()  # fixed margins in inches: tight_layout drew the figure twice
+        fig.subplots_adjust(left=0.62 / width, right=1 - 0.12 / width, bottom=0.14, top=0.91,
+                            wspace=0.26)
         fig.savefig(os.path.join(folder, name), dpi=90)
     return name
 
 
-def _heatmap(folder: str, label: str, result: Any, prefix: str) -> str:
+def _heatmap(folder: str, label: str, result: Any, prefix: str, png: bytes | None = None) -> str:
     from alignment_callback.callback.dispatch import encode_png
     from alignment_callback.metrics.plotting import heatmap_image
 
     name = f"{prefix.replace('/', '_')}_report_{label.replace('/', '_')}.png"
     with open(os.path.join(folder, name), "wb") as f:
-        f.write(encode_png(heatmap_image(result, label)))
+        f.write(png if png is not None else encode_png(heatmap_image(result, label)))
     return name

@@ -46,24 +46,42 @@ class Dump(pl.Callback):
 
 
 class BreakRank1(pl.Callback):
-    """Rank 1's model yields NaN activations: its share of the null fails."""
+    """Rank 1's model yields NaN activations (its share of the null, or its analytic null,
+    fails), or with ``in_probe`` its probe pass raises."""
+
+    def __init__(self, in_probe: bool = False) -> None:
+        self.in_probe = in_probe
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_rank == 1:
+        if trainer.global_rank != 1:
+            return
+        if self.in_probe:
+            def hook(module, args):
+                if not module.training:  # the probe pass runs in eval mode
+                    raise RuntimeError("rank 1's probe pass broke")
+            pl_module.fc1.register_forward_pre_hook(hook)
+        else:
             with torch.no_grad():
                 pl_module.fc2.bias[0] = float("nan")
 
 
 def main(out: str, strategy: str, mode: str = "ok") -> None:
-    failing = mode == "fail_rank1"
-    cb = AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS, measures=METRICS,
+    """``mode``: ``ok``; ``fail_rank1`` (rank 1's permutation null fails), ``fail_moments_rank1``
+    (the same with linear CKA on the analytic null: nothing to gather), ``fail_probe_rank1``
+    (rank 1's probe pass raises)."""
+    failing = mode != "ok"
+    moments = mode == "fail_moments_rank1"
+    cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc2"] if moments else LAYERS,
+                           measures=["linear_cka"] if moments else METRICS,  # one pair
+                           null="moments" if moments else "permutation",
                            num_permutations=K, log_heatmaps=True,
                            on_error="raise" if failing else "warn",
                            background=True)  # ignored under DDP: every rank computes in the loop
     trainer = pl.Trainer(
         **{**FAST_TRAINER, "devices": 2}, strategy=strategy, max_epochs=MAX_EPOCHS,
         logger=CSVLogger(out, name="csv"),
-        callbacks=[cb, Dump(out, cb)] + ([BreakRank1()] if failing else []),
+        callbacks=[cb, Dump(out, cb)] + (
+            [BreakRank1(in_probe=mode == "fail_probe_rank1")] if failing else []),
         enable_checkpointing=False,
     )
     trainer.fit(MLP(lr=0.0), train_loader())

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from alignment_callback.callback import dispatch, feedback
 from alignment_callback.callback.background import BackgroundQueue, Job, ModelCopy, Snapshot
-from alignment_callback.callback.distributed import guarded_step
+from alignment_callback.callback.distributed import first_error, guarded_step
 from alignment_callback.callback.presets import resolve_preset
 from alignment_callback.callback.probe import Probe, iterate_probe, load_probe
 from alignment_callback.callback.reference import (
@@ -477,15 +477,24 @@ class AlignmentCallback(Callback):
     def _distributed_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
                          step: int) -> dict[str, Any] | None:
         """Every process captures and computes its share of the permutations; the null is
-        gathered, rank 0 logs, and its entry is broadcast.  A failure on any process is every
-        process's failure (no collective waits for a process that raised)."""
-        outcome, error = None, None
+        gathered, rank 0 logs, and its entry is broadcast.  A failure on any process, in the
+        probe pass or in the null, is every process's failure (no collective waits for a
+        process that raised)."""
+        outcome, error, captured = None, None, None
         try:
-            outcome = self._capture_and_compute(pl_module, epoch, step,
-                                                trainer.is_global_zero and bool(trainer.loggers),
-                                                distributed=True)
-        except Exception as err:  # noqa: BLE001 - every rank reports the same below
+            captured = self._capture(pl_module)
+        except Exception as err:  # noqa: BLE001 - every rank learns it below
             error = f"{type(err).__name__}: {err}"
+        failed = first_error(error)  # before any process enters the null's collective
+        if failed is not None:
+            error = f"the probe pass failed on rank {failed[0]}: {failed[1]}"
+        else:
+            try:
+                outcome = self._compute(captured, epoch, step,
+                                        trainer.is_global_zero and bool(trainer.loggers),
+                                        distributed=True)
+            except Exception as err:  # noqa: BLE001 - every rank reports the same below
+                error = f"{type(err).__name__}: {err}"
         entry = None
         if trainer.is_global_zero and outcome is not None:
             self._log_outcome(trainer, outcome)
@@ -712,8 +721,8 @@ class AlignmentCallback(Callback):
                 for name, step in results.items() for m, r in step.results.items()}
 
     def _capture_and_compute(self, pl_module: LightningModule, epoch: int, step: int,
-                             render: bool, distributed: bool = False) -> Outcome:
-        return self._compute(self._capture(pl_module), epoch, step, render, distributed)
+                             render: bool) -> Outcome:
+        return self._compute(self._capture(pl_module), epoch, step, render)
 
     def _entry(self, outcome: Outcome) -> dict[str, Any]:
         """The history entry of a step: the logged scalars, ``epoch``, ``step`` and the best

@@ -4,8 +4,9 @@ Every process holds the same model replica and the same cached reference, runs t
 computes the permutations ``range(start, stop)`` of its share; one all-gather (of Python
 objects: the partial nulls, or an error) assembles the full null in permutation order on every
 process, so the values equal a single process's.  Every process reaches that collective even
-when its own computation failed, carrying the error instead: then all processes raise the same
-error and none waits forever.
+when its own computation failed, carrying the error instead, and even when there is nothing to
+gather (every measure on the analytic null): then all processes raise the same error and none
+waits forever.  The probe pass before it is settled the same way (:func:`first_error`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,21 @@ class NullGather:
         """Reach the collective with ``error`` so the other processes do not wait; raises."""
         self._exchange(f"{type(error).__name__}: {error}")
 
+    def meet(self) -> None:
+        """Reach the collective with nothing to gather (no permutation null in this step);
+        raises when another process failed."""
+        self._exchange(None)
+
+
+def first_error(error: str | None, group: Any = None) -> tuple[int, str] | None:
+    """Every process's ``error`` (None: it succeeded) in one all-gather: the first failed
+    process's rank and error, the same on every process, or None when none failed."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, error, group=group)
+    return next(((rank, item) for rank, item in enumerate(out) if item is not None), None)
+
 
 def guarded_step(compute: Callable[..., Any], num_permutations: int, group: Any = None,
                  **kwargs: Any) -> Any:
@@ -63,8 +79,11 @@ def guarded_step(compute: Callable[..., Any], num_permutations: int, group: Any 
     gather = NullGather(group)
     share = share_of(num_permutations, dist.get_rank(group), dist.get_world_size(group))
     try:
-        return compute(share=share, gather=gather, **kwargs)
+        result = compute(share=share, gather=gather, **kwargs)
     except BaseException as err:
         if not gather.called:
             gather.fail(err)
         raise
+    if not gather.called:  # nothing gathered: still meet a process that failed
+        gather.meet()
+    return result

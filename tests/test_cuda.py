@@ -1,6 +1,6 @@
 """The CUDA path end to end: the same numbers as on the CPU.  These tests need a GPU: they are
-marked ``cuda`` and deselected by default; run them where a GPU is present with
-``python -m pytest -m cuda``."""
+marked ``cuda``, run by the usual test command where a GPU is present and deselected elsewhere
+(``tests/conftest.py``); ``python -m pytest -m cuda`` runs only them."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def test_calibration_on_cuda_equals_cpu(name, kw):
     torch.testing.assert_close(gpu.null.cpu(), cpu.null, rtol=1e-5, atol=1e-6)
     for key in ("raw", "calibrated", "p_value", "threshold"):
         assert float(getattr(gpu, key)) == pytest.approx(float(getattr(cpu, key)), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name,null,kw", [
+    ("linear_cka", "moments", {}), ("rbf_cka", "moments", {"sigma": "median"}),
+    ("unbiased_cka", "auto", {}), ("mutual_knn", "auto", {"k": 10})])
+def test_analytic_null_on_cuda_equals_cpu(name, null, kw):
+    x, y = pair()
+    cpu = F.calibrated_alignment(x, y, name, 200, seed=3, null=null, **kw)
+    gpu = F.calibrated_alignment(x.cuda(), y.cuda(), name, 200, seed=3, null=null, **kw)
+    assert gpu.null_method == cpu.null_method
+    for key in ("raw", "calibrated", "p_value", "threshold", "null_mean", "null_std"):
+        value = getattr(gpu, key)
+        assert value.device.type == "cuda", key
+        assert float(value) == pytest.approx(float(getattr(cpu, key)), rel=1e-5, abs=1e-6), key
 
 
 def test_gram_kernel_torch_backend_on_cuda_equals_numba_on_cpu():

@@ -68,8 +68,9 @@ def test_docs_and_package_refer_to_nothing_outside_the_repository():
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    files = [root / "README.md", *(root / "docs").rglob("*.md"),
-             *(root / "alignment_callback").rglob("*.py"), *(root / "examples").rglob("*.py")]
+    files = [root / "README.md", root / "pyproject.toml", root / "Makefile",
+             *(root / "docs").rglob("*.md"), *(root / "alignment_callback").rglob("*.py"),
+             *(root / "examples").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]
     offenders = [str(f.relative_to(root)) for f in files
                  if any(word in f.read_text(encoding="utf-8")
                         for word in ("METHOD.md", "FIELD_NOTES", "../shared"))]

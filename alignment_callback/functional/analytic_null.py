@@ -52,10 +52,10 @@ def invariants(state: Any) -> mo.GramInvariants:
 
 
 def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvariants,
-                    alpha: float, max_score: float | None, dtype: torch.dtype
-                    ) -> tuple[dict[str, Tensor], bool]:
-    """The scalar fields of a calibration from the moments, and whether the Pearson III
-    approximation is within its validated range."""
+                    alpha: float, max_score: float | None, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], bool]:
+    """The scalar fields of a calibration from the moments (0-dim ``dtype`` tensors on
+    ``device``), and whether the Pearson III approximation is within its validated range."""
     m = mo.cosine_moments(inv_x, inv_y)
     p3 = mo.pearson3_null(score, m, alpha)
     tau = float(p3["threshold"])
@@ -70,7 +70,7 @@ def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvari
     std = m.std
     effect = (score - m.mean) / std if std > 0 else (0.0 if score == m.mean else math.copysign(math.inf, score - m.mean))
     valid = bool(mo.pearson3_valid(inv_x.n, m.skewness, mo.pair_leverage(inv_x, inv_y)))
-    as_t = lambda v: torch.tensor(float(v), dtype=dtype)  # noqa: E731
+    as_t = lambda v: torch.tensor(float(v), dtype=dtype, device=device)  # noqa: E731
     fields = {
         "raw": as_t(score), "calibrated": as_t(calibrated), "p_value": as_t(p3["p_value"]),
         "threshold": as_t(tau), "null_mean": as_t(m.mean), "null_std": as_t(std),

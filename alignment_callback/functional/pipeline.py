@@ -441,7 +441,7 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
         inv_y = yside.invariant(m, 0, invariants)
         smax = m.max_score if max_score == AUTO else max_score
         fields, valid = analytic_fields(float(observed[m][0, 0]), inv_x, inv_y, alpha, smax,
-                                        observed[m].dtype)
+                                        observed[m].dtype, observed[m].device)
         if null == "auto" and not valid:
             continue
         if not valid:
@@ -475,13 +475,14 @@ def _with_exact_knn_moments(m: Measure, res: LayerAlignmentResult, xside: Prepar
     if exact is None:
         return res
     mean, std = exact
-    dtype = res.raw.dtype
-    std_t = res.null_std if std is None else torch.tensor(std, dtype=dtype)
+    dtype, device = res.raw.dtype, res.raw.device
+    std_t = res.null_std if std is None else torch.tensor(std, dtype=dtype, device=device)
     diff = float(res.raw) - mean
     sd = float(std_t)
     effect = diff / sd if sd > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
-    return dataclasses.replace(res, null_mean=torch.tensor(mean, dtype=dtype), null_std=std_t,
-                               effect_size=torch.tensor(effect, dtype=dtype),
+    return dataclasses.replace(res, null_mean=torch.tensor(mean, dtype=dtype, device=device),
+                               null_std=std_t,
+                               effect_size=torch.tensor(effect, dtype=dtype, device=device),
                                null_method="permutation (exact mean)")
 
 

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import check_pair
 from alignment_callback.functional.gram_null import gram_dots, gram_dots_layers
@@ -193,24 +194,54 @@ def _feature_scores(sxs: list[FeatureState], sys: list[FeatureState], perms: Ten
     return out[None].to(sxs[0].features.dtype)
 
 
+#: From this many samples, linear CKA of features narrower than n is computed from the
+#: features (``XᵀY``, ``XᵀX``, ``YᵀY``: O(n·d²) time, O(d²) memory) instead of the grams.
+FEATURE_ROUTE_MIN_SAMPLES = 4096
+
+
 def _identity(n: int, device: torch.device) -> Tensor:
     return torch.arange(n, device=device)[None]
+
+
+def _check_memory(name: str, x: Tensor, alternatives: str) -> None:
+    """Refuse before allocating when the two sides' n×n matrices (and two being built) would
+    not fit in the memory available."""
+    error = square_matrix_error(name, x.shape[0], 4, x.dtype, x.device,
+                                available_bytes(x.device), alternatives)
+    if error is not None:
+        raise error
+
+
+_NO_GRAM = "linear_cka (computed from the features when d < n, no n×n matrix)"
 
 
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     """Linear CKA ``HSIC(K, L) / sqrt(HSIC(K, K)·HSIC(L, L))`` with biased HSIC, K = XXᵀ.
 
     In [0, 1]; 1 for x = y (up to rotation and isotropic scale). No epsilon: a zero-variance
-    representation raises ``ValueError``.
+    representation raises ``ValueError``.  From n = ``FEATURE_ROUTE_MIN_SAMPLES`` (4096) with
+    both feature dimensions below n it is ``‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` on the centered
+    features in float64 (no n×n matrix); otherwise from the grams, which are refused before
+    they are allocated when they would not fit in memory.
     """
     x, y = check_pair(x, y)
-    return gram_score(linear_state(x), linear_state(y), _identity(x.shape[0], x.device))[0]
+    n = x.shape[0]
+    if n >= FEATURE_ROUTE_MIN_SAMPLES and max(x.shape[1], y.shape[1]) < n:
+        from alignment_callback.functional.moments import feature_linear_cka
+
+        sx, sy = linear_feature_state(x), linear_feature_state(y)  # zero variance: ValueError
+        value = feature_linear_cka(sx.features, sy.features, sx.scatter, sy.scatter)
+        return value.to(torch.promote_types(x.dtype, y.dtype))
+    _check_memory("linear_cka", x, "fewer probe samples, or features narrower than n (then "
+                  "linear_cka needs no n×n matrix)")
+    return gram_score(linear_state(x), linear_state(y), _identity(n, x.device))[0]
 
 
 def rbf_cka(x: Tensor, y: Tensor, sigma: float | str = 1.0) -> Tensor:
     """RBF CKA with ``K_ij = exp(−‖x_i − x_j‖²/(2σ²))``, absolute σ (default 1.0) or
     ``sigma="median"`` (σ² = median of all n² squared distances, per representation)."""
     x, y = check_pair(x, y)
+    _check_memory("rbf_cka", x, _NO_GRAM)
     return gram_score(rbf_state(x, sigma), rbf_state(y, sigma), _identity(x.shape[0], x.device))[0]
 
 
@@ -220,6 +251,7 @@ def unbiased_cka(x: Tensor, y: Tensor) -> Tensor:
     Not clamped: it is about 0 (and may be negative) for independent representations.
     """
     x, y = check_pair(x, y)
+    _check_memory("unbiased_cka", x, _NO_GRAM)
     return gram_score(unbiased_state(x), unbiased_state(y), _identity(x.shape[0], x.device))[0]
 
 
@@ -229,4 +261,5 @@ def rsa(x: Tensor, y: Tensor) -> Tensor:
     x, y = check_pair(x, y)
     if x.shape[0] < 3:
         raise ValueError(f"rsa needs at least 3 samples, got {x.shape[0]}")
+    _check_memory("rsa", x, _NO_GRAM)
     return gram_score(rsa_state(x), rsa_state(y), _identity(x.shape[0], x.device))[0]

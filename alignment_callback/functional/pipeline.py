@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._memory import available_bytes as _available_bytes
+from alignment_callback.functional._memory import square_matrix_error
 from alignment_callback.functional._validation import (
     AUTO,
     check_alpha,
@@ -193,37 +195,17 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
     return side
 
 
-def _available_bytes(device: torch.device) -> int | None:
-    """Memory free for new tensors on ``device`` (None when it cannot be read)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_gram_memory(measure: Measure, n: int, dtype: torch.dtype, device: torch.device,
                       kept: int) -> None:
     """Refuse, before allocating, n×n matrices that would not fit: the estimate (the kept
     states plus two being built) against the memory available, and what to do instead."""
-    need = (kept + 2) * n * n * torch.tensor([], dtype=dtype).element_size()
-    free = _available_bytes(device)
-    if free is None or need <= free:
-        return
     alternatives = ("linear_cka or rv_coefficient with null='moments' (computed from the "
                     "features, no n×n matrix)" if not measure.info.feature_state
                     else "null='moments' (computed from the features, no n×n matrix)")
-    raise MemoryError(
-        f"{measure.name} at n={n} needs about {need / 2**30:.1f} GiB for its n×n matrices "
-        f"({kept + 2} of {n * n * torch.tensor([], dtype=dtype).element_size() / 2**30:.2f} GiB), "
-        f"but only {free / 2**30:.1f} GiB is available on {device}. Use {alternatives}, a kNN "
-        "measure (O(n·k) memory), or fewer probe samples"
-    )
+    error = square_matrix_error(measure.name, n, kept + 2, dtype, device,
+                                _available_bytes(device), alternatives)
+    if error is not None:
+        raise error
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -1,0 +1,63 @@
+"""The plain gram-family measure functions at large n: refused before allocating n×n matrices
+that would not fit, and linear CKA from the features (no n×n matrix) when d < n."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import alignment_callback.functional as F
+from alignment_callback.functional import gram_measures
+
+
+def _cka_numpy(x: np.ndarray, y: np.ndarray) -> float:
+    """Biased linear CKA from the n×n grams, float64: ⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖) with K = XXᵀ,
+    L = YYᵀ, H = I − 11ᵀ/n (HXXᵀH = X_c X_cᵀ for column-centered X_c)."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    k, l = xc @ xc.T, yc @ yc.T
+    return float((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
+
+
+def _pair(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    return x, x @ torch.randn(d, d + 3, generator=g) + 0.5 * torch.randn(n, d + 3, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_cka_from_the_features_at_large_n_equals_the_definition(dtype):
+    n = gram_measures.FEATURE_ROUTE_MIN_SAMPLES
+    x, y = _pair(n, 12)
+    x, y = x.to(dtype), y.to(dtype)
+    value = F.linear_cka(x, y)
+    assert value.dtype == dtype and value.shape == ()
+    expected = _cka_numpy(x.double().numpy(), y.double().numpy())
+    assert float(value) == pytest.approx(expected, rel=1e-6 if dtype == torch.float32 else 1e-12)
+    # one sample fewer takes the gram route: the same value
+    below = F.linear_cka(x[:-1], y[:-1])
+    assert float(below) == pytest.approx(_cka_numpy(x[:-1].double().numpy(), y[:-1].double().numpy()),
+                                         rel=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_linear_cka_from_the_features_refuses_zero_variance():
+    n = gram_measures.FEATURE_ROUTE_MIN_SAMPLES
+    x, _ = _pair(n, 4)
+    with pytest.raises(ValueError, match="zero-variance"):
+        F.linear_cka(x, torch.ones(n, 3))
+
+
+@pytest.mark.parametrize("name", ["linear_cka", "rbf_cka", "unbiased_cka", "rsa"])
+def test_n_by_n_measures_too_large_for_memory_are_refused(monkeypatch, name):
+    monkeypatch.setattr(gram_measures, "available_bytes", lambda device: 1 << 20)  # 1 MiB free
+    x, y = _pair(512, 8)
+    with pytest.raises(MemoryError, match=rf"{name} at n=512 needs about 0\.0 GiB .*\(4 of "
+                                          r"0\.00 GiB\), but only 0\.0 GiB is available on cpu"):
+        getattr(F, name)(x, y)
+
+
+def test_linear_cka_at_large_n_needs_no_n_by_n_memory(monkeypatch):
+    monkeypatch.setattr(gram_measures, "available_bytes", lambda device: 1 << 20)
+    n = gram_measures.FEATURE_ROUTE_MIN_SAMPLES
+    x, y = _pair(n, 8)
+    assert 0.0 < float(F.linear_cka(x, y)) < 1.0  # the grams would need 4 × 64 MiB

@@ -167,19 +167,19 @@ def test_callback_auto_null_over_several_layer_pairs_uses_permutations(tmp_path,
     torch.testing.assert_close(last.matrix, expected.matrix, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "AlignmentCallback(null='moments') with a measure or a layer layout the moments cannot "
-    "calibrate fails at every step instead (a warning under on_error='warn', an empty "
-    "history), though the class documents that configuration mistakes fail before training"))
-@pytest.mark.parametrize("kw", [{"layers": ["fc2"], "measures": ["mutual_knn"]},
-                                {"layers": LAYERS, "measures": ["linear_cka"]}],
-                         ids=["knn-measure", "several-pairs"])
-def test_callback_moments_where_they_cannot_apply_fails_before_training(tmp_path, kw):
-    cb = _callback(null="moments", **kw)
-    with pytest.raises(ValueError, match="null='moments' cannot calibrate"), \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _fit(tmp_path, [cb])
+@pytest.mark.parametrize("kw,match", [
+    ({"layers": ["fc2"], "measures": ["mutual_knn"]}, "null='moments' cannot calibrate mutual_knn"),
+    ({"layers": LAYERS, "measures": ["linear_cka"]},
+     r"null='moments' calibrates one layer pair, but 3 model layer\(s\) × 3 reference"),
+], ids=["knn-measure", "several-pairs"])
+def test_callback_moments_where_they_cannot_apply_fails_before_training(tmp_path, kw, match):
+    """A configuration mistake: refused when the callback is made (the measure) or at setup
+    (the layers), before any training step."""
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        _fit(tmp_path, [_callback(null="moments", **kw)], model=model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no step ran
 
 
 # ------------------------------------------------------------------------- LayerAlignment

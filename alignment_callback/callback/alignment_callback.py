@@ -342,11 +342,21 @@ class AlignmentCallback(Callback):
         """Configuration checks that need the models, before training starts."""
         if stage != "fit":
             return
-        resolve_layers(pl_module, self.layers, "student model")
+        model_layers = resolve_layers(pl_module, self.layers, "student model")
         for ref in self.references:
+            ref_layers = None
             if ref.kind == "model":
                 what = "reference model" if ref.name is None else f"reference model {ref.name!r}"
-                resolve_layers(ref.module, ref.layers, what)
+                ref_layers = resolve_layers(ref.module, ref.layers, what)
+            elif ref.kind == "features":
+                ref_layers = list(ref.features)
+            if ref_layers is not None and ref.engine.null == "moments" and (
+                    len(model_layers) * len(ref_layers) > 1):
+                raise ValueError(
+                    f"null='moments' calibrates one layer pair, but {len(model_layers)} model "
+                    f"layer(s) × {len(ref_layers)} reference layer(s) were chosen: their "
+                    "aggregate needs their joint permutation null; use null='permutation', or "
+                    "null='auto' to use moments where they apply")
         if any(ref.kind == "initial" for ref in self.references) and self.history:
             rank_zero_warn("reference='initial' on a resumed run compares with the activations "
                            "at the start of this fit, not of the original one", category=UserWarning)

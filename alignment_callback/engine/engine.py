@@ -131,6 +131,13 @@ class AlignmentEngine:
         self.device = torch.device(device) if device is not None else None
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
+        if self.null == "moments":
+            for m in self.measures.values():
+                if not m.info.analytic:
+                    raise ValueError(
+                        f"null='moments' cannot calibrate {m.name}: it has no analytic null (the "
+                        "gram family has); use null='permutation', or null='auto' to use "
+                        "moments where they apply")
         self.reference: PreparedSide | None = None
         self.permutations: Permutations | None = None
 

@@ -30,7 +30,7 @@ from tests.helpers import (
 )
 
 K = 30
-LOGGED = ("raw", "calibrated", "p_value", "threshold", "null_mean", "effect_size")
+LOGGED = ("raw", "calibrated", "p_value", "threshold", "null_mean", "null_std", "effect_size")
 SCALARS = ("raw", "calibrated", "p_value", "threshold", "null_mean", "null_std", "effect_size",
            "percentile")
 
@@ -86,6 +86,7 @@ def _check_step(entry: dict, expected: dict, prefix: str = "alignment") -> None:
     for name, res in expected.items():
         for field in LOGGED:
             assert entry[f"{prefix}/{name}/{field}"] == float(getattr(res, field)), (name, field)
+        assert entry[f"{prefix}/{name}/null_method"] == res.null_method, name
 
 
 # ------------------------------------------------------------------------------- callback

@@ -8,7 +8,8 @@ from typing import Any
 from alignment_callback.functional.aggregation import LayerAlignmentResult
 
 #: The per-measure fields logged as scalars (``<prefix>/<measure>/<field>``).
-LOGGED_FIELDS = ("raw", "calibrated", "p_value", "threshold", "null_mean", "effect_size")
+LOGGED_FIELDS = ("raw", "calibrated", "p_value", "threshold", "null_mean", "null_std",
+                 "effect_size")
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,13 @@ class StepResult:
         return values
 
     def history_entry(self, prefix: str = "alignment", pairs: bool = False) -> dict[str, Any]:
-        """What the callback keeps per step: the scalars, ``epoch``, ``step`` and each
-        measure's best pair as ``"<model layer>|<reference layer>"``."""
+        """What the callback keeps per step: the scalars, ``epoch``, ``step``, each measure's
+        best pair as ``"<model layer>|<reference layer>"`` and how its null was obtained
+        (``null_method``: ``"permutation"``, ``"moments"``, ... — with ``null="auto"`` it may
+        change from step to step)."""
         entry: dict[str, Any] = self.scalars(prefix, pairs)
         entry.update(epoch=self.epoch, step=self.step)
-        entry.update({f"{prefix}/{name}/best_pair": "|".join(r.best_pair)
-                      for name, r in self.results.items()})
+        for name, r in self.results.items():
+            entry[f"{prefix}/{name}/best_pair"] = "|".join(r.best_pair)
+            entry[f"{prefix}/{name}/null_method"] = r.null_method
         return entry

@@ -508,3 +508,16 @@ def test_plot_layer_heatmap() -> None:
     plt.close(fig)
     fig, ax = metric.plot(metric.compute()["matrix"])
     plt.close(fig)
+
+
+def test_plot_layer_heatmap_of_a_single_pair() -> None:
+    xs, ys = layers()
+    metric = LayerAlignment("linear_cka", num_permutations=K)
+    metric.update({"head": xs["head"]}, {"out": next(iter(ys.values()))})
+    out = metric.compute()
+    assert out["matrix"].dim() == 0 and metric.last_result.matrix.shape == (1, 1)
+    for val in (None, out, out["matrix"]):
+        fig, ax = metric.plot(val)
+        assert ax.images[0].get_array().shape == (1, 1)
+        assert float(ax.images[0].get_array()[0, 0]) == pytest.approx(float(out["matrix"]))
+        plt.close(fig)

@@ -66,7 +66,9 @@ class LayerAlignment(AlignmentMetricBase):
         self._set_reference_layers(ys)
 
     def compute(self) -> dict[str, Tensor]:
-        """Aggregation-aware calibrated result (see class docs)."""
+        """Aggregation-aware calibrated result (see class docs).  For a single layer pair
+        ``matrix`` and ``pair_calibrated`` come back 0-dim (torchmetrics squeezes one-element
+        results); ``last_result`` keeps their (1, 1) shape."""
         r = self._compute_result()
         self.last_result = r
         out = {key: getattr(r, key) for key in RESULT_KEYS}
@@ -87,6 +89,8 @@ class LayerAlignment(AlignmentMetricBase):
         if val is None:
             val = self.compute()
         matrix = val["matrix"] if isinstance(val, Mapping) else val
+        if matrix.dim() < 2:  # one layer pair: squeezed by torchmetrics' compute()
+            matrix = matrix.reshape(1, 1)
         argmax = tuple(int(i) for i in val["argmax"]) if isinstance(val, Mapping) else None
         return plot_layer_heatmap(matrix, self.x_layers, self.y_layers, ax=ax, argmax=argmax,
                                   title=f"{self.measure.name}: raw, {self.aggregate} outlined")

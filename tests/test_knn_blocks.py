@@ -92,7 +92,13 @@ def knn_in_blocks(monkeypatch, x: torch.Tensor, k: int, rows: int,
 
 
 def expected_blocks(n: int, rows: int) -> list[int]:
-    return [min(rows, n - s) for s in range(0, n, rows)]
+    """Blocks of ``rows`` rows, at least 2 (a one-row product is a matrix-vector product), and
+    a last single row joins the block before it."""
+    rows = max(2, min(n, rows))
+    starts = list(range(0, n, rows))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [b - a for a, b in zip(starts, starts[1:] + [n])]
 
 
 # ------------------------------------------------------------------------- block search
@@ -128,12 +134,14 @@ def test_blocked_search_equals_single_block_and_numpy(monkeypatch, kind, k, rows
 
 @pytest.mark.parametrize("kind", EXACT)
 def test_single_and_two_row_blocks_on_exact_ties(monkeypatch, kind):
-    """Blocks of one or two rows (a one-row last block with n odd): exact data ties exactly."""
-    n, k = 151, 9  # odd: 2-row blocks end with a 1-row block; 151 = 30·5 + 1 too
+    """Blocks asked of one, two or five rows with n = 151 (odd, and 30·5 + 1): no block has one
+    row (a last single row joins the block before it), and exact data ties exactly."""
+    n, k = 151, 9
     x, sim = data(kind, n, seed=11)
     for rows in (1, 2, 5):
         idx, vals, used = knn_in_blocks(monkeypatch, x, k, rows)
-        assert used == expected_blocks(n, rows) and used[-1] == 1
+        assert used == expected_blocks(n, rows) and min(used) >= 2 and sum(used) == n
+        assert used[-1] == (3 if rows < 5 else 6)
         exp_idx, exp_vals = np_knn(sim, k, nb.tie_keys(n, "x").numpy())
         np.testing.assert_array_equal(idx.numpy(), exp_idx)
         np.testing.assert_array_equal(vals.double().numpy(), exp_vals)
@@ -179,11 +187,6 @@ def test_explicit_keys_and_exact_power_of_two_rescaling_in_blocks(monkeypatch):
     assert np.all(ratio == ratio.flat[0]) and np.log2(ratio.flat[0]).is_integer()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "one-row similarity blocks (a gemv) round <x_i, x_j> by the memory alignment of row j, so "
-    "two identical float32 rows can get similarities an ulp apart: the exact tie is missed and "
-    "rounding, not the priority key, orders them (default _BLOCK_ELEMENTS: the last row when "
-    "n % (2**24 // n) == 1, e.g. n = 5793)"))
 def test_one_row_blocks_on_duplicated_float32_rows(monkeypatch):
     n, k = 203, 10
     g = torch.Generator().manual_seed(0)
@@ -191,8 +194,11 @@ def test_one_row_blocks_on_duplicated_float32_rows(monkeypatch):
     src = torch.randint(0, n // 2, (n,), generator=g)
     b = base.numpy()
     sim = (b @ b.T)[src.numpy()][:, src.numpy()]
+    # asked for one-row blocks (a matrix-vector product rounds <x_i, x_j> by the memory
+    # alignment of row j, so identical float32 rows could get similarities an ulp apart and
+    # rounding, not the priority key, would order them): blocks of two rows instead
     idx, _, used = knn_in_blocks(monkeypatch, base.float()[src], k, 1)
-    assert len(used) == n
+    assert used == expected_blocks(n, 1) and min(used) == 2 and used[-1] == 3
     np.testing.assert_array_equal(idx.numpy(), np_knn(sim, k, nb.tie_keys(n, "x").numpy())[0])
 
 

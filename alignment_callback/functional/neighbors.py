@@ -72,11 +72,15 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     n = x.shape[0]
     x = rescale_exactly(x)
     take = min(k + 1, n)  # one past the k-th shows a tie across the boundary
-    rows = max(1, min(n, _BLOCK_ELEMENTS // max(n, 1)))
+    # blocks of at least 2 rows: a one-row product is a matrix-vector product, which can round
+    # the similarities of identical rows apart and so hide an exact tie
+    rows = max(2, min(n, _BLOCK_ELEMENTS // max(n, 1)))
+    starts = list(range(0, n, rows))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()  # the last row joins the block before it
     priority: Tensor | None = None
     idx_parts, val_parts = [], []
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
+    for start, stop in zip(starts, starts[1:] + [n]):
         g = x[start:stop] @ x.T
         ar = torch.arange(stop - start, device=x.device)
         g[ar, ar + start] = -torch.inf

@@ -8,7 +8,7 @@ threshold τ (the 1 − α quantile) come from the moment-matched Pearson type I
 (Josse, Pagès & Husson 2008); the calibrated score from τ as for a permutation null.
 
 ``null="moments"`` uses it for every gram-family pair; ``null="auto"`` only where it has been
-validated (n ≥ 32, |skew| ≤ 1.5 and a pair leverage ≤ 0.5: heavy-tailed data with an outlying
+validated (n ≥ 32, |skew| ≤ 1.4 and a pair leverage ≤ 0.5: heavy-tailed data with an outlying
 sample on both sides makes the null a mixture three moments cannot describe) and the
 permutation null elsewhere.  An aggregate over several layer pairs needs their joint null, so
 it always uses permutations.  kNN measures keep the permutation null; with ``"auto"`` their

@@ -429,7 +429,7 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
         if not valid:
             warnings.warn(
                 f"{m.name}: null='moments' is outside the range where its Pearson III p-value "
-                "and threshold were validated (n >= 32, |skewness| <= 1.5, no sample outlying in "
+                "and threshold were validated (n >= 32, |skewness| <= 1.4, no sample outlying in "
                 f"both representations; here n={xside.features[0].shape[0]}); they may be off by "
                 "0.05 or more. Use null='auto' or null='permutation' for an exact null",
                 RuntimeWarning, stacklevel=4)

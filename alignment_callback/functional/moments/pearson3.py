@@ -34,14 +34,14 @@ _NORMAL_SKEW = 1e-12  # below: the normal distribution itself
 #: ``validity`` and ``pvalues``): n >= PEARSON3_MIN_N ...
 PEARSON3_MIN_N = 32
 #: ... and |skewness| <= PEARSON3_MAX_ABS_SKEW ...
-PEARSON3_MAX_ABS_SKEW = 1.5
+PEARSON3_MAX_ABS_SKEW = 1.4
 #: ... and pair_leverage <= PEARSON3_MAX_LEVERAGE.
 PEARSON3_MAX_LEVERAGE = 0.5
 
 
 def pearson3_valid(n: int, skewness: Any, leverage: Any = 0.0) -> Any:
     """Whether the moment-matched Pearson III p-value is trusted (for ``null="auto"``):
-    ``n >= 32``, ``|skewness| <= 1.5`` and ``leverage <= 0.5`` (:func:`pair_leverage`).
+    ``n >= 32``, ``|skewness| <= 1.4`` and ``leverage <= 0.5`` (:func:`pair_leverage`).
 
     Measured on linear / RBF / unbiased CKA and RSA with Gaussian, Student-t₃ and
     low-rank-plus-noise data, d/n ∈ {0.1, 1, 8}, n = 8..256 (``benchmarks/check_moments.py``):

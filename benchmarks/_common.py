@@ -39,3 +39,28 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM"):
                 return int(line.split()[1]) / 1024
     return math.nan
+
+
+def accelerators() -> list[str]:
+    """The devices timed beside the CPU: ``["cuda"]`` where CUDA exists, else none.  The
+    environment variable ``BENCH_EXTRA_DEVICE`` (e.g. ``cpu``) forces one, so the code path of
+    the extra column can be exercised on a machine without a GPU."""
+    import torch
+
+    forced = os.environ.get("BENCH_EXTRA_DEVICE")
+    if forced:
+        return [forced]
+    return ["cuda"] if torch.cuda.is_available() else []
+
+
+def synchronized(fn, device: str):
+    """``fn`` followed by a device synchronization (CUDA runs asynchronously), for timing."""
+    import torch
+
+    def run():
+        out = fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+
+    return run

@@ -46,7 +46,7 @@ import time
 
 import _common
 import torch
-from _common import best_of, load, verdict
+from _common import accelerators, best_of, load, synchronized, verdict
 
 P3_CALLS = 20  # moments + Pearson III take milliseconds: timed over this many calls
 GRAM_MEASURES = (("linear_cka", {}), ("rbf_cka", {"sigma": "median"}), ("unbiased_cka", {}),
@@ -74,10 +74,18 @@ def section_moments(quick: bool, repeats: int, threads: int) -> None:
     print(f"{'measure':13s} {'p perm':>7s} {'p mom':>7s} {'tau perm':>9s} {'tau mom':>9s} "
           f"{'|dtau|':>8s}")
     whole, alone = {}, {}
+    extra = accelerators()  # CUDA where it exists: the whole call timed there too
+    on = {dev: (x.to(dev), y.to(dev)) for dev in extra}
     for name, kw in GRAM_MEASURES:
         calls = {null: (lambda null=null, name=name, kw=kw: F.calibrated_alignment(
             x, y, name, num_permutations=K, null=null, **kw))
             for null in ("permutation", "moments")}
+        for dev, (xd, yd) in on.items():
+            for null in ("permutation", "moments"):
+                calls[f"{null} {dev}"] = synchronized(
+                    lambda null=null, name=name, kw=kw, xd=xd, yd=yd: F.calibrated_alignment(
+                        xd, yd, name, num_permutations=K, null=null, **kw), dev)
+                calls[f"{null} {dev}"]()  # warm-up (kernels, allocator)
         rp, rm = calls["permutation"](), calls["moments"]()  # also warms up both paths
         print(f"{name:13s} {float(rp.p_value):7.4f} {float(rm.p_value):7.4f} "
               f"{float(rp.threshold):9.5f} {float(rm.threshold):9.5f} "
@@ -111,11 +119,16 @@ def section_moments(quick: bool, repeats: int, threads: int) -> None:
         alone[name]["p3"] /= P3_CALLS
         alone[name]["state"] = type(sx).__name__
 
-    print("\n(i) the whole calibrated_alignment call (prepare both sides, observed score, null)")
-    print(f"{'measure':13s} {'permutation s':>13s} {'moments s':>10s} {'ratio':>7s}")
+    print("\n(i) the whole calibrated_alignment call (prepare both sides, observed score, null)"
+          + "".join(f"; the same on {dev} beside the CPU" for dev in extra))
+    print(f"{'measure':13s} {'permutation s':>13s} {'moments s':>10s} {'ratio':>7s}"
+          + "".join(f" {'perm ' + dev + ' s':>13s} {'mom ' + dev + ' s':>12s} {'ratio':>7s}"
+                    for dev in extra))
     for name, t in whole.items():
         print(f"{name:13s} {t['permutation']:13.3f} {t['moments']:10.3f} "
-              f"{t['permutation'] / t['moments']:6.1f}x")
+              f"{t['permutation'] / t['moments']:6.1f}x"
+              + "".join(f" {t['permutation ' + dev]:13.4f} {t['moments ' + dev]:12.4f} "
+                        f"{t['permutation ' + dev] / t['moments ' + dev]:6.1f}x" for dev in extra))
     print("\n(ii) the null alone given prepared states (permutation null: K permutations drawn and "
           "scored;\n     moments: invariants + moments + Pearson III; 'cached ref': the model "
           "side's invariants only;\n     'P3 only': moments + Pearson III given both invariants, "

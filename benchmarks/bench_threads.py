@@ -41,7 +41,7 @@ import warnings
 
 import _common
 import torch
-from _common import best_of, load, verdict
+from _common import accelerators, best_of, load, synchronized, verdict
 
 import alignment_callback.functional as F
 from alignment_callback.functional._scaling import rescale_exactly
@@ -117,6 +117,7 @@ def section_knn(quick: bool, repeats: int) -> None:
     growth = {}
     for n in ns:
         x, y = data(n, d)
+        on = {dev: (x.to(dev), y.to(dev)) for dev in extra}
         perms = Permutations(n, K, seed=0)
         perms.tensor()  # drawn once, beforehand
         fns = {}
@@ -225,11 +226,16 @@ def section_gram(quick: bool, repeats: int) -> None:
           f"{bw / 1e9:.1f} GB/s")
     print("null: layer_nulls from prepared states, permutations drawn beforehand; whole: "
           "calibrated_alignment (prepare, observed, permutations drawn, null), 1 thread")
+    extra = accelerators()  # CUDA where it exists: the whole call timed there too
+    if extra:
+        print("last column(s): the whole call on " + ", ".join(extra) + ", beside the CPU's")
     print(f"{'n':>5s} {'K':>5s} {'measure':>13s} {'bound s':>8s} {'null 1T s':>9s} {'null 2T s':>9s} "
-          f"{'whole 1T s':>10s} {'1T/bnd':>7s} {'2T/bnd':>7s} {'whole/bnd':>9s}")
+          f"{'whole 1T s':>10s} {'1T/bnd':>7s} {'2T/bnd':>7s} {'whole/bnd':>9s}"
+          + "".join(f" {'whole ' + dev + ' s':>12s}" for dev in extra))
     worst_null, worst_whole = 0.0, 0.0
     for n, K in sizes.items():
         x, y = data(n, d)
+        on = {dev: (x.to(dev), y.to(dev)) for dev in extra}
         perms = Permutations(n, K, seed=0)
         perms.tensor()
         bound = K * n * n * 4 / bw
@@ -243,15 +249,21 @@ def section_gram(quick: bool, repeats: int) -> None:
             def whole(x=x, y=y, m=m, K=K):
                 return F.calibrated_alignment(x, y, m, num_permutations=K)
 
+            calls = {"1T": threaded(1, null), "2T": threaded(2, null), "whole": threaded(1, whole)}
+            for dev, (xd, yd) in on.items():
+                calls[dev] = synchronized(lambda xd=xd, yd=yd, m=m, K=K: F.calibrated_alignment(
+                    xd, yd, m, num_permutations=K), dev)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t = best_of({"1T": threaded(1, null), "2T": threaded(2, null),
-                             "whole": threaded(1, whole)}, repeats)
+                for dev in on:
+                    calls[dev]()  # warm-up (kernels, allocator)
+                t = best_of(calls, repeats)
             worst_null = max(worst_null, t["1T"] / bound)
             worst_whole = max(worst_whole, t["whole"] / bound)
             print(f"{n:5d} {K:5d} {name:>13s} {bound:8.3f} {t['1T']:9.3f} {t['2T']:9.3f} "
                   f"{t['whole']:10.3f} {t['1T'] / bound:7.2f} {t['2T'] / bound:7.2f} "
-                  f"{t['whole'] / bound:9.2f}", flush=True)
+                  f"{t['whole'] / bound:9.2f}" + "".join(f" {t[dev]:12.4f}" for dev in on),
+                  flush=True)
     print(f"target within 2x of the bound: null from prepared states (1 thread) worst "
           f"{worst_null:.2f}x ({verdict(worst_null <= 2)}); whole call worst "
           f"{worst_whole:.2f}x ({verdict(worst_whole <= 2)})")

@@ -44,3 +44,24 @@ def test_quick_mode_runs(script):
                 and r.rstrip().endswith(tuple("0123456789"))]
         ddp = [r for r in rows if " True " in r or " False " in r]
         assert len(ddp) == 2 and all(" True " in r for r in ddp), ddp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,section,header", [
+    ("bench_large_n.py", "moments", "; the same on cpu beside the CPU"),
+    ("bench_threads.py", "gram", "last column(s): the whole call on cpu, beside the CPU's"),
+])
+def test_quick_mode_prints_the_accelerator_column(script, section, header):
+    """Where CUDA exists the whole call is also timed there, beside the CPU; the column's code
+    path runs here with BENCH_EXTRA_DEVICE=cpu standing in for the accelerator."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_EXTRA_DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), "--quick",
+                           "--only", section], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert header in proc.stdout, proc.stdout[-3000:]
+    rows = [r for r in proc.stdout.splitlines() if r.split()[:1] == ["linear_cka"]
+            or r.split()[2:3] == ["linear_cka"]]
+    assert rows and " nan" not in proc.stdout.lower()
+    extra = rows[-1].split()[-1].rstrip("x")
+    assert float(extra) > 0, rows[-1]

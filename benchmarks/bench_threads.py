@@ -117,7 +117,6 @@ def section_knn(quick: bool, repeats: int) -> None:
     growth = {}
     for n in ns:
         x, y = data(n, d)
-        on = {dev: (x.to(dev), y.to(dev)) for dev in extra}
         perms = Permutations(n, K, seed=0)
         perms.tensor()  # drawn once, beforehand
         fns = {}

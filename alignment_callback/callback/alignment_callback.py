@@ -79,8 +79,9 @@ class AlignmentCallback(Callback):
     Configuration mistakes fail before the first training step, whatever ``on_error`` says:
     an unknown measure or option, bad arguments (at construction), layers that match nothing
     in the student or the reference model, a probe with too few samples for a measure (e.g.
-    k >= n), and ``background=True`` with a checkpoint or early-stopping monitor on an
-    alignment key.  ``on_error`` governs failures that depend on the data (NaN activations).
+    k >= n), ``null="moments"`` with a measure it cannot calibrate or several layer pairs,
+    and ``background=True`` with a checkpoint or early-stopping monitor on an alignment key.
+    ``on_error`` governs failures that depend on the data (NaN activations).
 
     With ``background=True`` the measures, their permutation nulls and the heatmaps are computed
     by one worker thread while training goes on, and each result is logged, in order and with

@@ -171,8 +171,12 @@ def test_callback_auto_null_over_several_layer_pairs_uses_permutations(tmp_path,
 @pytest.mark.parametrize("kw,match", [
     ({"layers": ["fc2"], "measures": ["mutual_knn"]}, "null='moments' cannot calibrate mutual_knn"),
     ({"layers": LAYERS, "measures": ["linear_cka"]},
-     r"null='moments' calibrates one layer pair, but 3 model layer\(s\) × 3 reference"),
-], ids=["knn-measure", "several-pairs"])
+     r"null='moments' calibrates one layer pair, but 9 pairs were chosen \(3 model layer\(s\) "
+     r"× 3 reference layer\(s\)\)"),
+    ({"layers": LAYERS, "measures": ["linear_cka"], "reference": "initial"},
+     r"null='moments' calibrates one layer pair, but 3 pairs were chosen \(3 layers, each "
+     r"against its own earlier activations\)"),
+], ids=["knn-measure", "several-pairs", "several-layers-drift"])
 def test_callback_moments_where_they_cannot_apply_fails_before_training(tmp_path, kw, match):
     """A configuration mistake: refused when the callback is made (the measure) or at setup
     (the layers), before any training step."""
@@ -276,9 +280,7 @@ def test_layer_alignment_knn_null():
                               mo.knn_graph_invariants(neighbor_lists(py, 5, "y").indices))
     assert float(out["null_mean"]) == pytest.approx(5 / 95, rel=1e-12)
     assert float(out["null_std"]) == pytest.approx(m.std, rel=1e-12)
-    moments = LayerAlignment("mutual_knn", k=5, null="moments", num_permutations=K)
-    _update_in_batches(moments, {"a": x}, {"b": y})
     with pytest.raises(ValueError, match="null='moments' cannot calibrate mutual_knn"):
-        moments.compute()
+        LayerAlignment("mutual_knn", k=5, null="moments", num_permutations=K)  # when made
     with pytest.raises(ValueError, match="null must be one of"):
         LayerAlignment("linear_cka", null="analytic")

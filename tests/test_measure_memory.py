@@ -61,3 +61,14 @@ def test_linear_cka_at_large_n_needs_no_n_by_n_memory(monkeypatch):
     n = gram_measures.FEATURE_ROUTE_MIN_SAMPLES
     x, y = _pair(n, 8)
     assert 0.0 < float(F.linear_cka(x, y)) < 1.0  # the grams would need 4 × 64 MiB
+
+
+def test_linear_cka_from_the_features_refuses_constant_data_up_to_rounding():
+    """Constant columns that float32 cannot hold exactly (0.1, 0.3) center to rounding noise,
+    not to zero: refused like the gram route refuses them, not a NaN."""
+    n = gram_measures.FEATURE_ROUTE_MIN_SAMPLES
+    x, _ = _pair(n, 4)
+    constant = torch.tensor([0.1, 0.3]).repeat(n, 1)
+    for m in (n, n - 1):  # the features route, and the gram route below it
+        with pytest.raises(ValueError, match="zero-variance"):
+            F.linear_cka(x[:m], constant[:m])

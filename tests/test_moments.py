@@ -455,7 +455,7 @@ def test_pair_leverage_flags_outlying_samples() -> None:
     outliers = M.pair_leverage(M.feature_invariants(x), M.feature_invariants(y))
     assert outliers > 10
     m = M.cosine_moments(M.feature_invariants(x), M.feature_invariants(y))
-    assert M.pearson3_valid(n, m.skewness, homogeneous) or abs(m.skewness) > 1.5
+    assert M.pearson3_valid(n, m.skewness, homogeneous) or abs(m.skewness) > M.PEARSON3_MAX_ABS_SKEW
     assert not M.pearson3_valid(n, m.skewness, outliers)
     ok = M.pearson3_valid(n, torch.tensor([0.1, 0.1, 3.0]), torch.tensor([0.1, 5.0, 0.1]))
     assert ok.tolist() == [True, False, False]

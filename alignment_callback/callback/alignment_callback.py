@@ -60,7 +60,8 @@ class AlignmentCallback(Callback):
     curve is comparable across epochs.
 
     Logged through every attached logger, per measure ``<prefix>/<measure>/{raw, calibrated,
-    p_value, threshold, null_mean, effect_size}``, the arg-max pair indices, per-pair raw
+    p_value, threshold, null_mean, null_std, effect_size}`` and the text ``null_method``
+    (where the logger takes text), the arg-max pair indices, per-pair raw
     values when ``log_pairs``, and a layer×layer heatmap image ``<prefix>/<measure>/heatmap``
     (raw and per-pair calibrated side by side) where the logger takes images (W&B,
     TensorBoard, MLflow; PNG files for CSV) plus a ``wandb.Table`` of every pair.
@@ -345,19 +346,22 @@ class AlignmentCallback(Callback):
             return
         model_layers = resolve_layers(pl_module, self.layers, "student model")
         for ref in self.references:
-            ref_layers = None
             if ref.kind == "model":
                 what = "reference model" if ref.name is None else f"reference model {ref.name!r}"
-                ref_layers = resolve_layers(ref.module, ref.layers, what)
+                chosen = resolve_layers(ref.module, ref.layers, what)
+                pairs = (len(model_layers) * len(chosen),
+                         f"{len(model_layers)} model layer(s) × {len(chosen)} reference layer(s)")
             elif ref.kind == "features":
-                ref_layers = list(ref.features)
-            if ref_layers is not None and ref.engine.null == "moments" and (
-                    len(model_layers) * len(ref_layers) > 1):
+                pairs = (len(model_layers) * len(ref.features), f"{len(model_layers)} model "
+                         f"layer(s) × {len(ref.features)} reference layer(s)")
+            else:  # "initial" / "previous": each layer against its own earlier activations
+                pairs = (len(model_layers), f"{len(model_layers)} layers, each against its own "
+                         "earlier activations")
+            if ref.engine.null == "moments" and pairs[0] > 1:
                 raise ValueError(
-                    f"null='moments' calibrates one layer pair, but {len(model_layers)} model "
-                    f"layer(s) × {len(ref_layers)} reference layer(s) were chosen: their "
-                    "aggregate needs their joint permutation null; use null='permutation', or "
-                    "null='auto' to use moments where they apply")
+                    f"null='moments' calibrates one layer pair, but {pairs[0]} pairs were "
+                    f"chosen ({pairs[1]}): their aggregate needs their joint permutation null; "
+                    "use null='permutation', or null='auto' to use moments where they apply")
         if any(ref.kind == "initial" for ref in self.references) and self.history:
             rank_zero_warn("reference='initial' on a resumed run compares with the activations "
                            "at the start of this fit, not of the original one", category=UserWarning)
@@ -508,8 +512,11 @@ class AlignmentCallback(Callback):
                 error = f"{type(err).__name__}: {err}"
         entry = None
         if trainer.is_global_zero and outcome is not None:
-            self._log_outcome(trainer, outcome)
-            entry = self.history[-1]
+            try:
+                self._log_outcome(trainer, outcome)
+                entry = self.history[-1]
+            except Exception as err:  # noqa: BLE001 - the others wait in the broadcast below
+                error = f"{type(err).__name__}: {err}"
         entry, error = trainer.strategy.broadcast((entry, error), src=0)
         if error is not None:
             if self.on_error == "raise":
@@ -699,22 +706,13 @@ class AlignmentCallback(Callback):
         acts, capture_seconds = captured
         results: Results = {}
         for ref in self.references:
-            engine = ref.engine
-            if ref.drift and engine.reference is None:
-                engine.pairs = {name: name for name in acts}  # per layer: each with itself
-                engine.set_reference(acts)
-                if ref.kind == "previous":
-                    continue  # nothing before the first step
-            elif engine.reference is None:
-                engine.set_reference(ref.pending)
-                ref.pending = None
-            if distributed:
-                results[ref.name] = guarded_step(engine.step, engine.num_permutations,
-                                                 layers=acts, epoch=epoch, step=step)
+            if distributed:  # every failure of this reference's step meets the other processes
+                result = guarded_step(self._reference_step, ref.engine.num_permutations,
+                                      ref=ref, acts=acts, epoch=epoch, step=step)
             else:
-                results[ref.name] = engine.step(acts, epoch=epoch, step=step)
-            if ref.kind == "previous":
-                engine.set_reference(acts)  # the next step's reference
+                result = self._reference_step(ref, acts, epoch, step)
+            if result is not None:
+                results[ref.name] = result
         del acts, captured
         images = {}
         if self.log_heatmaps and render:
@@ -724,6 +722,26 @@ class AlignmentCallback(Callback):
                 image = heatmap_image(r, f"{label} after epoch {epoch} (step {step})")
                 images[label] = (image, dispatch.encode_png(image))
         return results, images, epoch, step, capture_seconds + time.perf_counter() - start
+
+    @staticmethod
+    def _reference_step(ref: Reference, acts: dict[str, Tensor], epoch: int, step: int,
+                        **split: Any) -> Any:
+        """One reference's step on the captured activations (its reference set first when
+        needed); None at the first step of ``reference="previous"``.  ``split``: ``share`` and
+        ``gather`` of the null over processes."""
+        engine = ref.engine
+        if ref.drift and engine.reference is None:
+            engine.pairs = {name: name for name in acts}  # per layer: each with itself
+            engine.set_reference(acts)
+            if ref.kind == "previous":
+                return None  # nothing before the first step
+        elif engine.reference is None:
+            engine.set_reference(ref.pending)
+            ref.pending = None
+        result = engine.step(acts, epoch=epoch, step=step, **split)
+        if ref.kind == "previous":
+            engine.set_reference(acts)  # the next step's reference
+        return result
 
     @staticmethod
     def _flat(results: Results) -> dict[str, Any]:

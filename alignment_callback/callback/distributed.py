@@ -4,9 +4,11 @@ Every process holds the same model replica and the same cached reference, runs t
 computes the permutations ``range(start, stop)`` of its share; one all-gather (of Python
 objects: the partial nulls, or an error) assembles the full null in permutation order on every
 process, so the values equal a single process's.  Every process reaches that collective even
-when its own computation failed, carrying the error instead, and even when there is nothing to
-gather (every measure on the analytic null): then all processes raise the same error and none
-waits forever.  The probe pass before it is settled the same way (:func:`first_error`).
+when its own computation failed, carrying the error instead, and each step ends with one more
+collective, which a process that failed after the gather, or that had nothing to gather (every
+measure on the analytic null), meets with its error: then all processes raise the same error
+and none waits forever.  The probe pass before it is settled the same way
+(:func:`first_error`).
 """
 
 from __future__ import annotations
@@ -26,21 +28,21 @@ def share_of(num_permutations: int, rank: int, world_size: int) -> tuple[int, in
 
 class NullGather:
     """The ``gather`` of :func:`~alignment_callback.functional.pipeline.calibrate_prepared`
-    over ``torch.distributed``, plus :meth:`fail` for a process whose computation raised
-    before reaching it."""
+    over ``torch.distributed``, plus :meth:`fail` for a process whose computation raised and
+    :meth:`meet` for the step's last collective."""
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
-        self.called = False
+        self.settled = False  # every process has seen a failure (and raises it)
 
     def _exchange(self, payload: Any) -> list[Any]:
         import torch.distributed as dist
 
-        self.called = True
         out: list[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(out, payload, group=self.group)
         for rank, item in enumerate(out):
             if isinstance(item, str):
+                self.settled = True
                 raise RuntimeError(f"the alignment null failed on rank {rank}: {item}")
         return out
 
@@ -73,7 +75,10 @@ def first_error(error: str | None, group: Any = None) -> tuple[int, str] | None:
 def guarded_step(compute: Callable[..., Any], num_permutations: int, group: Any = None,
                  **kwargs: Any) -> Any:
     """``compute(share=..., gather=NullGather, **kwargs)`` on every process, with the failure
-    protocol above (``share`` is this process's range of the ``num_permutations``)."""
+    protocol above (``share`` is this process's range of the ``num_permutations``): a
+    successful process makes the gather's collective (if its computation has a permutation
+    null) and then one more; a failing process makes one collective carrying its error, which
+    is the one the others are in, and every process raises it."""
     import torch.distributed as dist
 
     gather = NullGather(group)
@@ -81,9 +86,10 @@ def guarded_step(compute: Callable[..., Any], num_permutations: int, group: Any 
     try:
         result = compute(share=share, gather=gather, **kwargs)
     except BaseException as err:
-        if not gather.called:
+        # before the gather: the others are in the gather, or (no null to gather) in the last
+        # collective below; after it: in the last collective below
+        if not gather.settled:  # else the error came from a collective every process saw
             gather.fail(err)
         raise
-    if not gather.called:  # nothing gathered: still meet a process that failed
-        gather.meet()
+    gather.meet()  # every process ends the step in this collective: a late failure meets it
     return result

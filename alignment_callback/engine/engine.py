@@ -16,7 +16,7 @@ from alignment_callback.functional._validation import (
     check_seed,
 )
 from alignment_callback.functional.aggregation import Aggregate, MappedAggregate, aggregate_fn
-from alignment_callback.functional.analytic_null import check_null
+from alignment_callback.functional.analytic_null import check_moments_apply, check_null
 from alignment_callback.functional.permutation import GroupPermuter, Permutations
 from alignment_callback.functional.pipeline import (
     Gather,
@@ -131,13 +131,7 @@ class AlignmentEngine:
         self.device = torch.device(device) if device is not None else None
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
-        if self.null == "moments":
-            for m in self.measures.values():
-                if not m.info.analytic:
-                    raise ValueError(
-                        f"null='moments' cannot calibrate {m.name}: it has no analytic null (the "
-                        "gram family has); use null='permutation', or null='auto' to use "
-                        "moments where they apply")
+        check_moments_apply(self.null, self.measures.values())
         self.reference: PreparedSide | None = None
         self.permutations: Permutations | None = None
 

@@ -30,5 +30,5 @@ def square_matrix_error(what: str, n: int, count: int, dtype: torch.dtype, devic
     return MemoryError(
         f"{what} at n={n} needs about {count * size / 2**30:.1f} GiB for its n×n matrices "
         f"({count} of {size / 2**30:.2f} GiB), but only {free / 2**30:.1f} GiB is available on "
-        f"{device}. Use {alternatives}, a kNN measure (O(n·k) memory), or fewer probe samples"
+        f"{device}. Use {alternatives}, a kNN measure (O(n·k) memory), or fewer samples"
     )

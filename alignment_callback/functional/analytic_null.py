@@ -25,7 +25,7 @@ Computational Statistics & Data Analysis 53.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -40,6 +40,19 @@ def check_null(null: Any, name: str = "null") -> str:
     if null not in NULLS:
         raise ValueError(f"{name} must be one of {NULLS}, got {null!r}")
     return null
+
+
+def check_moments_apply(null: str, measures: Iterable[Any]) -> None:
+    """``null="moments"`` needs an analytic null for every measure (the gram family's): a
+    configuration error otherwise, raised before anything is computed."""
+    if null != "moments":
+        return
+    for m in measures:
+        if not m.info.analytic:
+            raise ValueError(
+                f"null='moments' cannot calibrate {m.name}: it has no analytic null (the gram "
+                "family has); use null='permutation', or null='auto' to use moments where they "
+                "apply")
 
 
 def invariants(state: Any) -> mo.GramInvariants:

@@ -63,7 +63,9 @@ class FeatureState:
 
 
 def linear_feature_state(x: Tensor) -> FeatureState:
-    """Column-centered features for linear CKA / RV in feature space (O(n·d) memory)."""
+    """Column-centered features for linear CKA / RV in feature space (O(n·d) memory).  Zero
+    variance is refused with the gram route's tolerance: ``‖XᵀX‖_F`` of the centered features
+    (= the centered gram's norm) at most ``1e3·eps·Σx²``."""
     x = rescale_exactly(x)
     xc = x - x.mean(0, keepdim=True)
     if not bool((xc != 0).any()):
@@ -71,7 +73,12 @@ def linear_feature_state(x: Tensor) -> FeatureState:
                          "undefined for it")
     from alignment_callback.functional.moments import feature_scatter
 
-    return FeatureState(xc, feature_scatter(xc))
+    scatter = feature_scatter(xc)
+    tol = 1e3 * torch.finfo(x.dtype).eps * float(torch.linalg.vector_norm(x)) ** 2
+    if not float(scatter.norm()) > tol:
+        raise ValueError("zero-variance representation: the centered features are zero up to "
+                         "rounding (all samples identical or constant); CKA is undefined for it")
+    return FeatureState(xc, scatter)
 
 
 def _state(matrix: Tensor, scale: Tensor, what: str) -> GramState:
@@ -232,8 +239,8 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
         sx, sy = linear_feature_state(x), linear_feature_state(y)  # zero variance: ValueError
         value = feature_linear_cka(sx.features, sy.features, sx.scatter, sy.scatter)
         return value.to(torch.promote_types(x.dtype, y.dtype))
-    _check_memory("linear_cka", x, "fewer probe samples, or features narrower than n (then "
-                  "linear_cka needs no n×n matrix)")
+    _check_memory("linear_cka", x, "features narrower than n (linear_cka then needs no n×n "
+                  "matrix)")
     return gram_score(linear_state(x), linear_state(y), _identity(n, x.device))[0]
 
 

@@ -72,8 +72,9 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     n = x.shape[0]
     x = rescale_exactly(x)
     take = min(k + 1, n)  # one past the k-th shows a tie across the boundary
-    # blocks of at least 2 rows: a one-row product is a matrix-vector product, which can round
-    # the similarities of identical rows apart and so hide an exact tie
+    # blocks of at least 2 rows: a one-row product is a matrix-vector product, which was seen
+    # to round the similarities of identical float32 rows apart and so hide an exact tie (a
+    # mitigation: matrix products of two or more rows kept them equal in every test)
     rows = max(2, min(n, _BLOCK_ELEMENTS // max(n, 1)))
     starts = list(range(0, n, rows))
     if len(starts) > 1 and n - starts[-1] == 1:

@@ -24,7 +24,7 @@ from alignment_callback.functional.aggregation import (
     aggregate_fn,
     named_layers,
 )
-from alignment_callback.functional.analytic_null import check_null
+from alignment_callback.functional.analytic_null import check_moments_apply, check_null
 from alignment_callback.functional.permutation import GroupPermuter, Permutations
 from alignment_callback.functional.pipeline import (
     PreparedSide,
@@ -91,6 +91,7 @@ class AlignmentMetricBase(Metric):
         self.groups = groups
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
+        check_moments_apply(self.null, [self.measure])
         self._persist = False
         self.x_layers: list[str] = []
         self.y_layers: list[str] = []

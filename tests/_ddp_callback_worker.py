@@ -47,15 +47,20 @@ class Dump(pl.Callback):
 
 class BreakRank1(pl.Callback):
     """Rank 1's model yields NaN activations (its share of the null, or its analytic null,
-    fails), or with ``in_probe`` its probe pass raises."""
+    fails), or its probe pass raises (``where="probe"``), or setting its reference raises
+    (``where="reference"``)."""
 
-    def __init__(self, in_probe: bool = False) -> None:
-        self.in_probe = in_probe
+    def __init__(self, aligner: AlignmentCallback, where: str = "null") -> None:
+        self.aligner, self.where = aligner, where
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 1:
             return
-        if self.in_probe:
+        if self.where == "reference":
+            def broken(layers):
+                raise RuntimeError("rank 1's reference broke")
+            self.aligner.references[0].engine.set_reference = broken
+        elif self.where == "probe":
             def hook(module, args):
                 if not module.training:  # the probe pass runs in eval mode
                     raise RuntimeError("rank 1's probe pass broke")
@@ -68,7 +73,8 @@ class BreakRank1(pl.Callback):
 def main(out: str, strategy: str, mode: str = "ok") -> None:
     """``mode``: ``ok``; ``fail_rank1`` (rank 1's permutation null fails), ``fail_moments_rank1``
     (the same with linear CKA on the analytic null: nothing to gather), ``fail_probe_rank1``
-    (rank 1's probe pass raises)."""
+    (rank 1's probe pass raises), ``fail_reference_rank1`` (setting rank 1's reference
+    raises)."""
     failing = mode != "ok"
     moments = mode == "fail_moments_rank1"
     cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc2"] if moments else LAYERS,
@@ -81,7 +87,8 @@ def main(out: str, strategy: str, mode: str = "ok") -> None:
         **{**FAST_TRAINER, "devices": 2}, strategy=strategy, max_epochs=MAX_EPOCHS,
         logger=CSVLogger(out, name="csv"),
         callbacks=[cb, Dump(out, cb)] + (
-            [BreakRank1(in_probe=mode == "fail_probe_rank1")] if failing else []),
+            [BreakRank1(cb, {"fail_probe_rank1": "probe", "fail_reference_rank1": "reference"}
+                        .get(mode, "null"))] if failing else []),
         enable_checkpointing=False,
     )
     trainer.fit(MLP(lr=0.0), train_loader())

@@ -83,14 +83,16 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
 
 
 @pytest.mark.parametrize("mode,expected", [
-    ("fail_rank1", ("the alignment null failed on rank 1", "NaN")),
-    ("fail_moments_rank1", ("the alignment null failed on rank 1", "NaN")),
+    ("fail_rank1", ("the alignment step failed on rank 1", "NaN")),
+    ("fail_moments_rank1", ("the alignment step failed on rank 1", "NaN")),
     ("fail_probe_rank1", ("the probe pass failed on rank 1", "rank 1's probe pass broke")),
-], ids=["permutation_null", "analytic_null", "probe_pass"])
+    ("fail_reference_rank1", ("the alignment step failed on rank 1", "rank 1's reference broke")),
+], ids=["permutation_null", "analytic_null", "probe_pass", "setting_the_reference"])
 def test_ddp_failure_on_one_rank_is_the_same_error_on_every_rank(tmp_path, mode, expected):
     """Rank 1 fails, in its share of the permutation null (NaN activations), in the analytic
-    null (no null to gather: the healthy rank must still meet it), or in its probe pass (before
-    any null): both ranks end with the same error, none waits for the other in a collective."""
+    null (no null to gather: the healthy rank must still meet it), in its probe pass (before
+    any null), or while setting its reference (before its step): both ranks end with the same
+    error, none waits for the other in a collective."""
     _run_worker(tmp_path, "ddp", mode=mode, expect_ok=False)
     errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
     assert errors[0] == errors[1], errors

@@ -43,7 +43,7 @@ class NullGather:
         for rank, item in enumerate(out):
             if isinstance(item, str):
                 self.settled = True
-                raise RuntimeError(f"the alignment null failed on rank {rank}: {item}")
+                raise RuntimeError(f"the alignment step failed on rank {rank}: {item}")
         return out
 
     def __call__(self, nulls: dict[Measure, Tensor]) -> dict[Measure, Tensor]:

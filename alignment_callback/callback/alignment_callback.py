@@ -345,23 +345,24 @@ class AlignmentCallback(Callback):
         if stage != "fit":
             return
         model_layers = resolve_layers(pl_module, self.layers, "student model")
+        count = len(model_layers)
         for ref in self.references:
+            chosen = list(ref.features) if ref.kind == "features" else None
             if ref.kind == "model":
                 what = "reference model" if ref.name is None else f"reference model {ref.name!r}"
                 chosen = resolve_layers(ref.module, ref.layers, what)
-                pairs = (len(model_layers) * len(chosen),
-                         f"{len(model_layers)} model layer(s) × {len(chosen)} reference layer(s)")
-            elif ref.kind == "features":
-                pairs = (len(model_layers) * len(ref.features), f"{len(model_layers)} model "
-                         f"layer(s) × {len(ref.features)} reference layer(s)")
-            else:  # "initial" / "previous": each layer against its own earlier activations
-                pairs = (len(model_layers), f"{len(model_layers)} layers, each against its own "
-                         "earlier activations")
-            if ref.engine.null == "moments" and pairs[0] > 1:
+            if ref.engine.null != "moments":
+                continue
+            if chosen is None:  # "initial" / "previous": each layer against its own past
+                pairs, how = count, f"{count} layers, each against its own earlier activations"
+            else:
+                pairs = count * len(chosen)
+                how = f"{count} model layer(s) × {len(chosen)} reference layer(s)"
+            if pairs > 1:
                 raise ValueError(
-                    f"null='moments' calibrates one layer pair, but {pairs[0]} pairs were "
-                    f"chosen ({pairs[1]}): their aggregate needs their joint permutation null; "
-                    "use null='permutation', or null='auto' to use moments where they apply")
+                    f"null='moments' calibrates one layer pair, but {pairs} pairs were chosen "
+                    f"({how}): their aggregate needs their joint permutation null; use "
+                    "null='permutation', or null='auto' to use moments where they apply")
         if any(ref.kind == "initial" for ref in self.references) and self.history:
             rank_zero_warn("reference='initial' on a resumed run compares with the activations "
                            "at the start of this fit, not of the original one", category=UserWarning)

@@ -26,6 +26,15 @@ def share_of(num_permutations: int, rank: int, world_size: int) -> tuple[int, in
     return (num_permutations * rank // world_size, num_permutations * (rank + 1) // world_size)
 
 
+def _all_gather(payload: Any, group: Any) -> list[Any]:
+    """Every process's ``payload`` (Python objects), in rank order."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, payload, group=group)
+    return out
+
+
 class NullGather:
     """The ``gather`` of :func:`~alignment_callback.functional.pipeline.calibrate_prepared`
     over ``torch.distributed``, plus :meth:`fail` for a process whose computation raised and
@@ -36,10 +45,7 @@ class NullGather:
         self.settled = False  # every process has seen a failure (and raises it)
 
     def _exchange(self, payload: Any) -> list[Any]:
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(out, payload, group=self.group)
+        out = _all_gather(payload, self.group)
         for rank, item in enumerate(out):
             if isinstance(item, str):
                 self.settled = True
@@ -65,10 +71,7 @@ class NullGather:
 def first_error(error: str | None, group: Any = None) -> tuple[int, str] | None:
     """Every process's ``error`` (None: it succeeded) in one all-gather: the first failed
     process's rank and error, the same on every process, or None when none failed."""
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, error, group=group)
+    out = _all_gather(error, group)
     return next(((rank, item) for rank, item in enumerate(out) if item is not None), None)
 
 

@@ -43,6 +43,7 @@ from alignment_callback.functional.aggregation import (
 )
 from alignment_callback.functional.analytic_null import (
     analytic_fields,
+    check_moments_apply,
     check_null,
     exact_knn_moments,
     invariants,
@@ -413,8 +414,8 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
     for m in measures:
         if not m.info.analytic or not _single_pair(xside, yside):
             if null == "moments":
-                why = ("the aggregate over several layer pairs needs their joint permutation null"
-                       if m.info.analytic else "it has no analytic null (the gram family has)")
+                check_moments_apply(null, [m])  # no analytic null at all
+                why = "the aggregate over several layer pairs needs their joint permutation null"
                 raise ValueError(f"null='moments' cannot calibrate {m.name}: {why}; use "
                                  "null='permutation', or null='auto' to use moments where they "
                                  "apply")

@@ -131,7 +131,7 @@ class AlignmentEngine:
         self.device = torch.device(device) if device is not None else None
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
-        check_moments_apply(self.null, self.measures.values())
+        check_moments_apply(self.null, self.measures.values(), groups)
         self.reference: PreparedSide | None = None
         self.permutations: Permutations | None = None
 

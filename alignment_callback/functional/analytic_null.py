@@ -24,13 +24,13 @@ Computational Statistics & Data Analysis 53.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
 from alignment_callback.functional import moments as mo
+from alignment_callback.functional.calibration import resolution
 
 NULLS = ("permutation", "moments", "auto")
 
@@ -42,11 +42,17 @@ def check_null(null: Any, name: str = "null") -> str:
     return null
 
 
-def check_moments_apply(null: str, measures: Iterable[Any]) -> None:
-    """``null="moments"`` needs an analytic null for every measure (the gram family's): a
-    configuration error otherwise, raised before anything is computed."""
+def check_moments_apply(null: str, measures: Iterable[Any], groups: Any = None) -> None:
+    """``null="moments"`` needs an analytic null for every measure (the gram family's) and
+    single-row permutations (no ``groups``): a configuration error otherwise, raised before
+    anything is computed."""
     if null != "moments":
         return
+    if groups is not None:
+        raise ValueError(
+            "null='moments' cannot be used with groups: the moments are those of a uniform "
+            "permutation of single rows, not of the block permutations that groups ask for; "
+            "use null='permutation', or null='auto' (which uses permutations with groups)")
     for m in measures:
         if not m.info.analytic:
             raise ValueError(
@@ -70,7 +76,14 @@ def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvari
     """The scalar fields of a calibration from the moments (0-dim ``dtype`` tensors on
     ``device``), and whether the Pearson III approximation is within its validated range."""
     m = mo.cosine_moments(inv_x, inv_y)
-    p3 = mo.pearson3_null(score, m, alpha)
+    if point_mass(m, dtype):
+        # the statistic does not change under permutation: the observed score is the null's
+        # only value (any difference is rounding), so P(s(π) >= s) = 1 and τ = the mean
+        p3 = {"p_value": 1.0, "threshold": m.mean}
+        score, std = m.mean, 0.0
+    else:
+        p3 = mo.pearson3_null(score, m, alpha)
+        std = m.std
     tau = float(p3["threshold"])
     if max_score is not None:
         tau = min(tau, max_score)
@@ -80,17 +93,27 @@ def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvari
     else:
         margin = max_score - tau
         calibrated = min(max(excess / margin, 0.0), 1.0) if margin > 1e-11 and excess > 0 else 0.0
-    std = m.std
-    effect = (score - m.mean) / std if std > 0 else (0.0 if score == m.mean else math.copysign(math.inf, score - m.mean))
-    valid = bool(mo.pearson3_valid(inv_x.n, m.skewness, mo.pair_leverage(inv_x, inv_y)))
+    effect = (score - m.mean) / std if std > 0 else 0.0
+    valid = (not point_mass(m, dtype)
+             and bool(mo.pearson3_valid(inv_x.n, m.skewness, mo.pair_leverage(inv_x, inv_y))))
     as_t = lambda v: torch.tensor(float(v), dtype=dtype, device=device)  # noqa: E731
     fields = {
         "raw": as_t(score), "calibrated": as_t(calibrated), "p_value": as_t(p3["p_value"]),
         "threshold": as_t(tau), "null_mean": as_t(m.mean), "null_std": as_t(std),
         "effect_size": as_t(effect),
-        "percentile": as_t(100.0 * (1.0 - float(mo.pearson3_sf(score, m.mean, std, m.skewness)))),
+        "percentile": as_t(0.0 if std == 0.0 else
+                           100.0 * (1.0 - float(mo.pearson3_sf(score, m.mean, std, m.skewness)))),
     }
     return fields, valid
+
+
+def point_mass(m: mo.PermutationMoments, dtype: torch.dtype) -> bool:
+    """Whether the permutation null is a point mass to the precision of the scores: a standard
+    deviation below a tenth of :func:`~alignment_callback.functional.calibration.resolution`
+    (1e-12 for float64 data, 1e-6 for float32), where the observed score and the null mean,
+    computed along different routes, differ by rounding that such a std would turn into any
+    p-value."""
+    return m.std <= 0.1 * resolution(dtype) * max(1.0, abs(m.mean))
 
 
 def exact_knn_moments(kind: str, sx: Any, sy: Any) -> tuple[float, float | None] | None:

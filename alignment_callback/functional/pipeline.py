@@ -369,7 +369,8 @@ def calibrate_prepared(
         if any(in_features) and not (all(in_features) and _single_pair(xside, yside)):
             _to_grams(m, xside, yside)
     observed = observed_matrices(measures, xside, yside)
-    out = _analytic_results(measures, observed, xside, yside, alpha, max_score, null)
+    out = _analytic_results(measures, observed, xside, yside, alpha, max_score, null,
+                           permutations.groups)
     rest = [m for m in measures if m not in out]
     for m in rest:  # a feature-space state cannot give a permutation null: n×n after all
         _to_grams(m, xside, yside)
@@ -406,10 +407,13 @@ def _single_pair(xside: PreparedSide, yside: PreparedSide) -> bool:
 
 def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tensor],
                       xside: PreparedSide, yside: PreparedSide, alpha: float,
-                      max_score: float | None | str, null: str) -> dict[Measure, LayerAlignmentResult]:
-    """Results from the exact moments, for the measures and pairs where ``null`` asks for them."""
+                      max_score: float | None | str, null: str, groups: Any = None
+                      ) -> dict[Measure, LayerAlignmentResult]:
+    """Results from the exact moments, for the measures and pairs where ``null`` asks for them
+    (none with ``groups``: block permutations have other moments)."""
     out: dict[Measure, LayerAlignmentResult] = {}
-    if null == "permutation":
+    if null == "permutation" or groups is not None:
+        check_moments_apply(null, measures, groups)
         return out
     for m in measures:
         if not m.info.analytic or not _single_pair(xside, yside):
@@ -427,7 +431,14 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
                                         observed[m].dtype, observed[m].device)
         if null == "auto" and not valid:
             continue
-        if not valid:
+        if float(fields["null_std"]) == 0.0:
+            warnings.warn(
+                f"{m.name}: the permutation null is a point mass (its exact std is below the "
+                "scores' precision): the statistic does not change when samples are permuted, "
+                "so p = 1 and the calibrated score is 0. null='auto' or "
+                "null='permutation' gives the permutation null itself",
+                RuntimeWarning, stacklevel=4)
+        elif not valid:
             warnings.warn(
                 f"{m.name}: null='moments' is outside the range where its Pearson III p-value "
                 "and threshold were validated (n >= 32, |skewness| <= 1.4, no sample outlying in "
@@ -522,7 +533,8 @@ def calibrate_measures(
     if len(set(labels)) != len(labels):
         raise ValueError(f"measure labels must be unique, got {labels}")
     ms = [m for _, m in resolved]
-    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), ms, check_null(null))
+    check_moments_apply(check_null(null), ms, groups)
+    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), ms, null)
     perms = Permutations(xside.n, num_permutations, seed, groups)
     results = calibrate_prepared(ms, xside, yside, perms, alpha, aggregate, max_score, null=null)
     return {label: results[m] for label, m in zip(labels, ms)}
@@ -577,7 +589,8 @@ def calibrated_layer_alignment(
     (('l2', 'r'), 1.0, 1.0)
     """
     measure = get_measure(measure_argument(measure, measure_kwargs), **measure_kwargs)
-    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), [measure], check_null(null))
+    check_moments_apply(check_null(null), [measure], groups)
+    xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), [measure], null)
     perms = Permutations(xside.n, num_permutations, seed, groups)
     return calibrate_prepared([measure], xside, yside, perms, alpha, aggregate, max_score,
                               null=null)[measure]
@@ -624,8 +637,10 @@ def calibrated_alignment(
         How the null is obtained: K permutations; the exact permutation moments with a
         Pearson type III distribution (gram family; no permutation drawn, and with a linear
         kernel and d < n no n×n matrix either); or moments where they are validated
-        (n >= 32, moderate skew, no outlying sample on both sides) and permutations
-        elsewhere.  ``result.null_method`` says which was used.
+        (n >= 32, moderate skew, no outlying sample on both sides, no ``groups``, a null that
+        is not a point mass) and permutations elsewhere.  ``result.null_method`` says which
+        was used.  ``"moments"`` with ``groups`` is an error (block permutations have other
+        moments).
     **measure_kwargs
         The measure's parameters (``k``, ``sigma``, ``cca_dim``).  A parameter named like an
         argument of this function (``shape_metric``'s ``alpha``) must be given through
@@ -652,7 +667,8 @@ def calibrated_alignment(
     (0.005, True)
     """
     measure = get_measure(measure_argument(measure, measure_kwargs), **measure_kwargs)
-    xside, yside = _sides(_single(x, "x"), _single(y, "y"), [measure], check_null(null))
+    check_moments_apply(check_null(null), [measure], groups)
+    xside, yside = _sides(_single(x, "x"), _single(y, "y"), [measure], null)
     perms = Permutations(xside.n, num_permutations, seed, groups)
     return calibrate_prepared([measure], xside, yside, perms, alpha, "max", max_score,
                               null=null)[measure].scalar()

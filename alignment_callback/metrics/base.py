@@ -91,7 +91,7 @@ class AlignmentMetricBase(Metric):
         self.groups = groups
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
-        check_moments_apply(self.null, [self.measure])
+        check_moments_apply(self.null, [self.measure], groups)
         self._persist = False
         self.x_layers: list[str] = []
         self.y_layers: list[str] = []

@@ -65,7 +65,7 @@ class FeatureState:
 def linear_feature_state(x: Tensor) -> FeatureState:
     """Column-centered features for linear CKA / RV in feature space (O(n·d) memory).  Zero
     variance is refused with the gram route's tolerance: ``‖XᵀX‖_F`` of the centered features
-    (= the centered gram's norm) at most ``1e3·eps·Σx²``."""
+    (= the centered gram's norm) at most :func:`centering_floor`."""
     x = rescale_exactly(x)
     xc = x - x.mean(0, keepdim=True)
     if not bool((xc != 0).any()):
@@ -74,24 +74,37 @@ def linear_feature_state(x: Tensor) -> FeatureState:
     from alignment_callback.functional.moments import feature_scatter
 
     scatter = feature_scatter(xc)
-    tol = 1e3 * torch.finfo(x.dtype).eps * float(torch.linalg.vector_norm(x)) ** 2
-    if not float(scatter.norm()) > tol:
+    if not float(scatter.norm()) > centering_floor(x):
         raise ValueError("zero-variance representation: the centered features are zero up to "
-                         "rounding (all samples identical or constant); CKA is undefined for it")
+                         f"rounding (all samples identical, or every feature constant to {x.dtype} "
+                         "precision); CKA is undefined for it")
     return FeatureState(xc, scatter)
 
 
-def _state(matrix: Tensor, scale: Tensor, what: str) -> GramState:
+def centering_floor(x: Tensor) -> float:
+    """``1e4·eps²·Σx²``: the most that centering leaves of ``x``'s centered gram (Frobenius
+    norm) when every feature is constant: each centered entry is then a few units of rounding
+    of ``|x|``.  A large offset on some features (e.g. a transformer's massive activations) is
+    not mistaken for zero variance, as a bound of ``eps·Σx²`` would."""
+    return 1e4 * torch.finfo(x.dtype).eps ** 2 * float(torch.linalg.vector_norm(x)) ** 2
+
+
+def _state(matrix: Tensor, tol: float, what: str, cause: str | None = None) -> GramState:
+    """``matrix`` symmetrized, with its norm; zero variance (norm <= ``tol``) refused."""
     symmetrize_(matrix)  # the null reads one triangle of each permuted matrix
     ident = torch.arange(matrix.shape[0], device=matrix.device)[None]
     norm = gram_dots(matrix, matrix, ident)[0].sqrt()  # float64, no n×n temporary
-    tol = 1e3 * torch.finfo(matrix.dtype).eps * float(scale)
     if not bool(norm > tol):
+        cause = cause or f"every feature constant to {matrix.dtype} precision"
         raise ValueError(
-            f"zero-variance representation: the {what} is zero after centering "
-            f"(all samples are identical or constant); CKA/RSA are undefined for it"
+            f"zero-variance representation: the {what} is zero after centering (all samples "
+            f"are identical, or {cause}); CKA/RSA are undefined for it"
         )
     return GramState(matrix, norm)
+
+
+def _eps(t: Tensor) -> float:
+    return torch.finfo(t.dtype).eps
 
 
 def stack_states(states: Iterable[GramState], count: int) -> list[GramState]:
@@ -126,19 +139,25 @@ def linear_state(x: Tensor) -> GramState:
     """``H X Xᵀ H`` (computed from column-centered features)."""
     x = rescale_exactly(x)
     xc = x - x.mean(0, keepdim=True)
-    return _state(linear_gram(xc), (x * x).sum(), "linear gram")
+    return _state(linear_gram(xc), centering_floor(x), "linear gram")
 
 
 def rbf_state(x: Tensor, sigma: float | str = 1.0) -> GramState:
     """``H K H`` with the RBF gram of ``x`` (absolute σ, or ``"median"``)."""
     k = rbf_gram(x, sigma)
-    return _state(center_gram(k), k.norm(), "RBF gram")
+    cause = (None if sigma == "median" else f"sigma={sigma} is so large against the "
+             "distances that the kernel is constant to rounding: try sigma='median'")
+    return _state(center_gram(k), 1e3 * _eps(k) * float(k.norm()), "RBF gram", cause)
 
 
 def unbiased_state(x: Tensor) -> GramState:
-    """U-centered linear gram (zero diagonal)."""
-    k = linear_gram(rescale_exactly(x))
-    return _state(u_center_gram(k), k.norm(), "U-centered linear gram")
+    """U-centered linear gram (zero diagonal), from column-centered features: U-centering
+    removes the terms ``a1ᵀ + 1aᵀ + c11ᵀ`` by which the gram of ``x`` and of the centered ``x``
+    differ, so the matrix is the same, without the rounding of a large feature offset."""
+    x = rescale_exactly(x)
+    k = linear_gram(x - x.mean(0, keepdim=True))
+    tol = max(1e3 * _eps(k) * float(k.norm()), centering_floor(x))
+    return _state(u_center_gram(k), tol, "U-centered linear gram")
 
 
 def rsa_state(x: Tensor) -> GramState:
@@ -156,7 +175,7 @@ def rsa_state(x: Tensor) -> GramState:
     m = torch.zeros(n, n, dtype=x.dtype, device=x.device)
     m[iu[0], iu[1]] = ranks
     m = m + m.T
-    return _state(m, torch.ones((), dtype=x.dtype, device=x.device), "cosine-distance rank matrix")
+    return _state(m, 1e3 * _eps(m), "cosine-distance rank matrix")
 
 
 def gram_score(sx: GramState, sy: GramState, perms: Tensor) -> Tensor:

@@ -61,6 +61,9 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
         raise ValueError(f"sigma must be positive, got {sigma}")
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) ** 2
+    if not scale >= torch.finfo(x.dtype).tiny:
+        raise ValueError(f"rbf_cka: sigma={sigma} is too small for {x.dtype}: 2*sigma^2 = "
+                         f"{scale:g} underflows. Use a larger sigma or sigma='median'")
     if not bool(torch.isfinite(d2).all()):
         raise ValueError(
             f"rbf_cka: squared distances overflow {x.dtype} (largest |x| = "

@@ -121,7 +121,7 @@ def _split(n: int, start: int, stop: int, device: torch.device) -> tuple[Tensor,
 def _check_variance(t: Tensor, what: str) -> Tensor:
     """Column-centered ``t``; raises for zero variance."""
     tc = t - t.mean(0, keepdim=True)
-    tol = 1e3 * torch.finfo(t.dtype).eps * t.abs().max() * (t.shape[0] * t.shape[1]) ** 0.5
+    tol = 1e3 * torch.finfo(t.dtype).eps * torch.linalg.vector_norm(t)  # centering's rounding
     if not bool(tc.norm() > tol):
         raise ValueError(
             f"zero-variance representation: {what} is constant over samples; "

@@ -50,7 +50,7 @@ def centered_svd(x: Tensor, measure: str) -> tuple[Tensor, Tensor, Tensor]:
     xc = x - x.mean(0, keepdim=True)
     u, s, vh = torch.linalg.svd(xc, full_matrices=False)
     eps = torch.finfo(x.dtype).eps
-    if not bool(s[0] > 1e3 * eps * x.abs().max() * math.sqrt(n * d)):
+    if not bool(s[0] > 1e3 * eps * torch.linalg.vector_norm(x)):  # centering's rounding: eps·‖x‖
         raise ValueError(
             f"zero-variance representation: all samples are identical after centering; "
             f"{measure} is undefined for it"

@@ -1,0 +1,85 @@
+"""Features with a large offset on a few dimensions (a transformer's "massive activations")
+are measured, not refused as zero variance, and float32 agrees with a float64 NumPy
+computation from the definitions; features constant up to rounding are still refused.
+
+The zero-variance tolerances scale with the rounding that centering leaves of a constant
+feature (a few units of eps·|x| per entry), so an offset of 10⁴ standard deviations on one of
+many float32 features stays well above them."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import alignment_callback.functional as F
+from alignment_callback.functional.gram_measures import linear_feature_state
+from tests import numpy_reference as ref
+
+ALL_BUT_SLOW = ("linear_cka", "unbiased_cka", "rv_coefficient", "mutual_knn", "cknna", "svcca",
+                "procrustes_similarity", "shape_metric", "cca_similarity", "pwcca")
+
+
+def centered64(t: torch.Tensor) -> np.ndarray:
+    """The float64 NumPy reference's input, column-centered first: both CKAs are invariant to
+    it, and a gram of uncentered data with an offset of 10⁴ loses 8 digits to cancellation
+    even in float64."""
+    a = t.double().numpy()
+    return a - a.mean(0)
+
+
+def massive(offset: float, n: int = 200, d: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = x + torch.randn(n, d, generator=g)
+    x[:, 0] += offset
+    y[:, 3] -= offset
+    return x, y
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+@pytest.mark.parametrize("name", ["linear_cka", "unbiased_cka"])
+def test_cka_with_massive_activations_matches_numpy(name, offset):
+    x, y = massive(offset)
+    got = float(F.calibrated_alignment(x, y, name, num_permutations=20).raw)
+    want = getattr(ref, name)(centered64(x), centered64(y))
+    assert got == pytest.approx(want, abs=2e-6)
+
+
+def test_features_route_with_massive_activations():
+    x, y = massive(1e4, n=300, d=16)
+    from alignment_callback.functional.moments import feature_linear_cka
+
+    sx, sy = linear_feature_state(x), linear_feature_state(y)
+    got = float(feature_linear_cka(sx.features, sy.features, sx.scatter, sy.scatter))
+    assert got == pytest.approx(ref.linear_cka(centered64(x), centered64(y)), abs=2e-6)
+
+
+@pytest.mark.parametrize("name", ALL_BUT_SLOW)
+def test_every_measure_accepts_a_massive_offset(name):
+    x, y = massive(1e4, n=120, d=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r32 = F.calibrated_alignment(x, y, name, num_permutations=10)
+        r64 = F.calibrated_alignment(x.double(), y.double(), name, num_permutations=10)
+    assert np.isfinite(float(r32.raw))
+    assert float(r32.raw) == pytest.approx(float(r64.raw), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear_cka", "unbiased_cka", "procrustes_similarity",
+                                  "cca_similarity", "linear_predictivity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_features_are_still_refused(name, dtype):
+    x = torch.full((50, 4), 0.1, dtype=dtype)
+    x[:, 1] = 0.3 + 1e4  # constant columns whose centering rounds
+    with pytest.raises(ValueError, match="zero-variance"):
+        F.calibrated_alignment(x, torch.randn(50, 4, dtype=dtype), name, num_permutations=10)
+
+
+def test_constant_features_refused_on_the_features_route():
+    x = torch.full((5000, 3), 0.1)
+    x[:, 2] = 1e4 + 0.7
+    with pytest.raises(ValueError, match="zero-variance"):
+        linear_feature_state(x)

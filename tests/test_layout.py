@@ -39,3 +39,14 @@ def test_no_relative_imports_hide_the_direction():
                 if any(isinstance(n, ast.ImportFrom) and n.level > 0
                        for n in ast.walk(ast.parse(f.read_text(encoding="utf-8"))))]
     assert not relative, f"relative imports (write them absolute): {relative}"
+
+
+def test_every_module_compiles_with_warnings_as_errors():
+    """No invalid escape sequence or other compile-time warning: ``python -W error`` (and
+    tools that import the package that way) must be able to import every module."""
+    import warnings
+
+    for path in sorted(PACKAGE.rglob("*.py")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")

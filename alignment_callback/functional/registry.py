@@ -434,7 +434,7 @@ def _fmt_range(bounds: tuple[float | None, float | None]) -> str:
 
 
 def measure_table(names: Any = None) -> str:
-    """The registered measures as a Markdown table (the one in ``docs/measures.md``).
+    r"""The registered measures as a Markdown table (the one in ``docs/measures.md``).
 
     One row per measure: name, family, parameters with defaults, range, whether
     s(x, y) = s(y, x), definition, how the fast permutation null works, invariances and aliases.

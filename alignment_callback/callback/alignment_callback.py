@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -31,14 +32,16 @@ from alignment_callback.callback.reference import (
     ReferenceSpec,
     check_features,
     feature_dtype,
+    probe_rows,
     resolve_references,
 )
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.engine.engine import MeasuresSpec
 from alignment_callback.functional.aggregation import Aggregate
+from alignment_callback.functional.preprocessing import check_pool
 from alignment_callback.hooks import collect_activations, resolve_layers
 from alignment_callback.hooks.collect import model_device as model_device_of
-from alignment_callback.hooks.collect import preserved_rng
+from alignment_callback.hooks.collect import preserved_rng, random_states, same_random_states
 
 LayerSpec = Union[str, Sequence[str], Mapping[str, str]]
 
@@ -208,7 +211,7 @@ class AlignmentCallback(Callback):
         chosen = resolve_preset(preset, {k: v for k, v in given.items() if v is not None})
         measures = chosen.get("measures", DEFAULT_MEASURES)
         aggregate = chosen.get("aggregate", "max")
-        pool = chosen.get("pool", "mean")
+        pool = check_pool(chosen.get("pool", "mean"), "pool")
         reference_pool = chosen.get("reference_pool")
         preprocess = chosen.get("preprocess", True)
         self.preset = preset
@@ -259,6 +262,7 @@ class AlignmentCallback(Callback):
         self._device = torch.device("cpu")  # where the measures compute
         self._scratch: str | None = None  # heatmap PNGs for W&B when no CSV logger writes them
         self._resume_pending: list[tuple[int, int]] = []  # from a checkpoint: steps to redo
+        self._trainer: weakref.ref | None = None  # the fit's trainer (its global step)
         self.history: list[dict[str, Any]] = []
         self.last_results: dict[str, Any] = {}
         self._last_pngs: dict[str, bytes] = {}  # the last step's heatmaps, PNG-encoded
@@ -326,12 +330,14 @@ class AlignmentCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """History of results (primitives only, safe for ``weights_only`` checkpoints).
 
-        Does not wait for the newest background step: finished steps not yet logged are
-        included, and a step still being computed is kept as ``pending`` ``(epoch, step)``; a
-        run resumed from the checkpoint recomputes it at its start (same weights: the
-        checkpoint's, when the checkpoint was written at that step).
+        Finished background steps not yet logged are included.  A step still being computed
+        that was taken at the checkpoint's global step is not waited for: it is kept as
+        ``pending`` ``(epoch, step)`` and a run resumed from the checkpoint recomputes it at
+        its start, from the checkpoint's weights, which are the ones it saw.  An earlier step
+        cannot be recomputed from them, so the checkpoint waits for it.
         """
-        done, running = self._queue.snapshot()
+        trainer = self._trainer() if self._trainer is not None else None
+        done, running = self._queue.snapshot(None if trainer is None else int(trainer.global_step))
         history = self.history + [self._entry(outcome) for outcome in done if outcome is not None]
         return {"history": [dict(h) for h in history], "pending": [list(p) for p in running]}
 
@@ -344,13 +350,27 @@ class AlignmentCallback(Callback):
         """Configuration checks that need the models, before training starts."""
         if stage != "fit":
             return
+        self._trainer = weakref.ref(trainer)
+        if trainer.ckpt_path is None and trainer.global_step == 0:
+            # a new training run (not resumed, not continued): a history left by an earlier fit
+            # of this callback object is another run's, and would mark these steps as done
+            self.history, self._resume_pending = [], []
         model_layers = resolve_layers(pl_module, self.layers, "student model")
         count = len(model_layers)
+        if self.pair_map is not None and set(model_layers) != set(self.pair_map):
+            raise ValueError(
+                f"layers: a mapping pairs model layers with reference layers by exact name, but "
+                f"its keys {sorted(self.pair_map)} resolve to the layers {sorted(model_layers)}; "
+                "give each model layer's name as a key (patterns are for a list of layers)")
         for ref in self.references:
             chosen = list(ref.features) if ref.kind == "features" else None
             if ref.kind == "model":
                 what = "reference model" if ref.name is None else f"reference model {ref.name!r}"
-                chosen = resolve_layers(ref.module, ref.layers, what)
+                try:
+                    chosen = resolve_layers(ref.module, ref.layers, what)
+                except ValueError as err:
+                    why = "" if ref.layers_given else " (not given, so it is layers)"
+                    raise ValueError(f"reference_layers{why}: {err}") from err
             if ref.engine.null != "moments":
                 continue
             if chosen is None:  # "initial" / "previous": each layer against its own past
@@ -386,8 +406,11 @@ class AlignmentCallback(Callback):
         measure, or features of another probe, is an error."""
         model_device = model_device_of(pl_module)
         self._device = model_device if self.compute_device is None else torch.device(self.compute_device)
+        n_probe = probe_rows(self.probe)
         for ref in self.references:
             ref.engine.device = self._device
+            if ref.drift and n_probe is not None:  # its rows are the probe's, known now
+                ref.engine.check_samples(n_probe, "the probe")
             if ref.engine.reference is not None or ref.drift:
                 continue
             if ref.kind == "features":
@@ -397,6 +420,9 @@ class AlignmentCallback(Callback):
                 acts = self._reference_activations(ref, model_device, trainer.is_global_zero)
             n = next(iter(acts.values())).shape[0]
             ref.engine.check_samples(n, "the probe")
+            if ref.inputs is not None and n_probe is not None and n != n_probe:
+                raise ValueError(f"{ref.label}: its reference_inputs give {n} rows but the probe "
+                                 f"has {n_probe}: they must be the same samples, in the same order")
             ref.pending = acts
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -456,6 +482,7 @@ class AlignmentCallback(Callback):
             ref.engine.clear()
             ref.pending = None
         self._copy, self._probe_batches = None, None
+        self._trainer = None
         if self._scratch is not None:  # W&B copied the files into its run directory
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
@@ -640,9 +667,21 @@ class AlignmentCallback(Callback):
         if model_device_of(pl_module).type != "cpu":
             self._copy = False
             return None
+        batches = self._probe_list()
         start = time.perf_counter()
-        actual = self._model_activations(pl_module, iterate_probe(self.probe), torch.device("cpu"))
+        with preserved_rng():
+            before = random_states()
+            actual = self._model_activations(pl_module, batches, torch.device("cpu"),
+                                             restore_rng=False)
+            draws = not same_random_states(before, random_states())
         seconds = time.perf_counter() - start
+        if draws:  # the copy would draw from the loop's streams, from another thread
+            self._copy = False
+            rank_zero_warn("background=True: the model's forward draws random numbers in eval "
+                           "mode (sampling, noise); its copy in the worker would draw from the "
+                           "training loop's random streams, so the probe runs in the training "
+                           "loop", category=RuntimeWarning)
+            return actual, seconds
         try:
             copy, snapshot = ModelCopy(pl_module), ModelCopy.snapshot(pl_module)
         except Exception as err:  # noqa: BLE001 - fall back to capturing in the loop
@@ -650,7 +689,7 @@ class AlignmentCallback(Callback):
             rank_zero_warn(f"background=True: the model cannot be copied ({type(err).__name__}: "
                            f"{err}); the probe runs in the training loop", category=RuntimeWarning)
         else:
-            self._copy = self._queue.call(self._check_copy, copy, snapshot, self._probe_list(), actual)
+            self._copy = self._queue.call(self._check_copy, copy, snapshot, batches, actual)
         return actual, seconds
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ and the private model copy that lets the probe pass run there too."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,13 +72,17 @@ class BackgroundQueue:
             out.append(job)
         return out
 
-    def snapshot(self) -> tuple[list[Any], list[tuple[int, int]]]:
+    def snapshot(self, current_step: int | None = None
+                 ) -> tuple[list[Any], list[tuple[int, int]]]:
         """The results of the finished, successful jobs and the ``(epoch, step)`` of the others.
 
-        Waits for every job but the newest (normally finished already: a backlog is at most
-        one job), so at most the newest is reported unfinished.  All jobs stay queued.
+        Waits for every job but the newest, and for the newest too unless it was taken at
+        ``current_step`` (only such a step can be recomputed from a checkpoint written now:
+        its weights are the checkpoint's), so at most that one is reported unfinished.  All
+        jobs stay queued.
         """
-        for job in list(self._jobs)[:-1]:
+        jobs = list(self._jobs)
+        for job in jobs if jobs and jobs[-1].step != current_step else jobs[:-1]:
             job.future.exception()
         done = [j.future.result() for j in self._jobs
                 if j.future.done() and j.future.exception() is None]
@@ -95,22 +100,52 @@ class BackgroundQueue:
             self._executor = None
 
 
+PLAIN_TENSOR_ELEMENTS = 1 << 16  # larger unregistered tensors (e.g. cached data) are not copied
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None))
+
+
+@functools.cache
+def _module_internals() -> frozenset[str]:
+    """The attributes nn.Module and LightningModule keep for themselves (hooks, the trainer)."""
+    from lightning.pytorch import LightningModule
+
+    return frozenset(vars(nn.Module())) | frozenset(vars(LightningModule()))
+
+
+def _is_plain(key: str, value: Any) -> bool:
+    if isinstance(value, nn.Module) or key in _module_internals():
+        return False
+    if isinstance(value, Tensor):
+        return value.numel() <= PLAIN_TENSOR_ELEMENTS
+    return not key.startswith("_") or isinstance(value, _SIMPLE)
+
+
 def _plain_state(model: nn.Module) -> list[dict[str, Any]]:
-    """Per submodule, its public attributes that are neither tensors nor modules (a stage
-    flag, a schedule, a step counter): state a forward may read besides the weights."""
-    out = []
-    for module in model.modules():
-        out.append({key: value for key, value in vars(module).items()
-                    if not key.startswith("_") and not isinstance(value, (Tensor, nn.Module))})
-    return out
+    """Per submodule, the state a forward may read besides its parameters and buffers (a stage
+    flag, a schedule, a temperature, a step counter): its public attributes that are not
+    modules, its private ones holding a number, string or None, and its unregistered tensors
+    of up to ``PLAIN_TENSOR_ELEMENTS`` elements."""
+    return [{key: value for key, value in vars(module).items() if _is_plain(key, value)}
+            for module in model.modules()]
+
+
+@dataclass(frozen=True)
+class LoopPosition:
+    """What a LightningModule copy's ``current_epoch`` and ``global_step`` read: the training
+    loop's position at the step (the copy has no trainer)."""
+
+    current_epoch: int
+    global_step: int
 
 
 @dataclass
 class Snapshot:
-    """What a step's model copy needs from the training model: tensors and plain state."""
+    """What a step's model copy needs from the training model: tensors, plain state and the
+    loop's position."""
 
     tensors: list[Tensor]
     plain: list[dict[str, Any]]
+    position: LoopPosition | None = None
 
 
 class ModelCopy:
@@ -118,8 +153,10 @@ class ModelCopy:
 
     Made once with ``deepcopy`` (without the trainer it is attached to); at every step it is
     refreshed from a :class:`Snapshot` of the training model taken in the loop: parameters,
-    buffers *and* plain attributes (see :func:`_plain_state`), so a forward that reads a
-    schedule or a stage flag sees this step's value.  Raises ``TypeError`` / ``RuntimeError``
+    buffers, plain attributes (see :func:`_plain_state`) and, for a LightningModule, the
+    loop's ``current_epoch`` and ``global_step`` (a :class:`LoopPosition` in place of the
+    trainer), so a forward that reads a schedule, a stage flag or the epoch sees this step's
+    value.  Any other use of the trainer in the forward fails on the copy.  Raises ``TypeError`` / ``RuntimeError``
     when the model cannot be copied (the caller falls back to the loop).
     """
 
@@ -143,7 +180,10 @@ class ModelCopy:
     def snapshot(model: nn.Module) -> Snapshot:
         """This step's weights and plain state (taken in the training loop; deep copies)."""
         tensors = [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
-        return Snapshot(tensors, copy.deepcopy(_plain_state(model)))
+        position = None
+        if getattr(model, "_trainer", None) is not None:  # an attached LightningModule
+            position = LoopPosition(int(model.current_epoch), int(model.global_step))
+        return Snapshot(tensors, copy.deepcopy(_plain_state(model)), position)
 
     @torch.no_grad()
     def load(self, snapshot: Snapshot) -> nn.Module:
@@ -153,4 +193,6 @@ class ModelCopy:
         for module, state in zip(self.model.modules(), snapshot.plain):
             for key, value in state.items():
                 setattr(module, key, value)
+        if snapshot.position is not None:  # LightningModule.current_epoch reads _trainer
+            self.model._trainer = snapshot.position
         return self.model

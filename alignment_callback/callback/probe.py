@@ -12,7 +12,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sequenti
 Probe = Union[DataLoader, Tensor, str, os.PathLike, Callable[[], Iterable[Any]], Iterable[Any]]
 
 
-def load_probe(probe: Probe) -> Any:
+def load_probe(probe: Probe, argument: str = "probe") -> Any:
     """Normalize a probe into something :func:`collect_activations` iterates.
 
     * a ``DataLoader`` with a sequential sampler (the same rows, in the same order, every
@@ -22,11 +22,15 @@ def load_probe(probe: Probe) -> Any:
     * a zero-argument callable returning an iterable of batches (called at every run),
     * one dict batch (e.g. a tokenizer's output),
     * any re-iterable of batches (e.g. a list).
+
+    ``argument`` names the setting in error messages (default ``"probe"``).
     """
     if isinstance(probe, (str, os.PathLike)):
+        if not os.path.isfile(probe):
+            raise FileNotFoundError(f"{argument}: no such file {os.fspath(probe)!r}")
         return torch.load(probe, map_location="cpu", weights_only=True)
     if isinstance(probe, DataLoader):
-        check_sequential(probe)
+        check_sequential(probe, argument)
         return probe
     if isinstance(probe, Tensor) or callable(probe):
         return probe
@@ -73,8 +77,14 @@ def check_sequential(loader: DataLoader, argument: str = "probe") -> None:
 
 
 def iterate_probe(probe: Any) -> Any:
-    """The batches of a normalized probe (calls a callable probe)."""
-    return probe() if callable(probe) and not isinstance(probe, (Tensor, nn.Module)) else probe
+    """The batches of a normalized probe (calls a callable probe; a DataLoader it returns must
+    be sequential, as in :func:`check_sequential`)."""
+    if not callable(probe) or isinstance(probe, (Tensor, nn.Module)):
+        return probe
+    batches = probe()
+    if isinstance(batches, DataLoader):
+        check_sequential(batches, "probe (the DataLoader its callable returned)")
+    return batches
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from alignment_callback.callback.probe import load_probe, load_reference
 from alignment_callback.engine import AlignmentEngine
+from alignment_callback.functional.preprocessing import check_pool
 
 DRIFT = ("initial", "previous")
 FEATURE_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
@@ -44,6 +45,7 @@ class Reference:
         features: ``{layer: tensor}`` (``kind="features"``).
         path: the feature file the features came from, if any.
         layers: which reference layers (model: names / globs; features: names, default all).
+        layers_given: whether ``reference_layers`` chose them (else they are ``layers``).
         inputs, input_key, batch_transform, pool: how the model reference is run.
         engine: computes this reference's steps.
     """
@@ -55,6 +57,7 @@ class Reference:
     features: dict[str, Tensor] | None = None
     path: str | None = None
     layers: Any = None
+    layers_given: bool = True  # False: reference_layers was not given, layers is used
     inputs: Any = None
     input_key: str | None = None
     batch_transform: Any = None
@@ -117,10 +120,12 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
         key = _per_reference(reference_input_key, name, names)
         transform = _per_reference(reference_batch_transform, name, names)
         options = dict(name=name, layers=ref_layers if ref_layers is not None else layers,
-                       inputs=None if inputs is None else load_probe(inputs),
+                       layers_given=ref_layers is not None,
+                       inputs=None if inputs is None else load_probe(inputs, "reference_inputs"),
                        input_key=key if inputs is not None else input_key,
                        batch_transform=transform if inputs is not None else batch_transform,
-                       pool=_per_reference(reference_pool, name, names))
+                       pool=check_pool(_per_reference(reference_pool, name, names),
+                                       "reference_pool"))
         if isinstance(spec, str) and spec in DRIFT:
             if ref_layers is not None or inputs is not None:
                 raise ValueError(f"reference={spec!r} compares the model with itself: it takes no "

@@ -6,7 +6,7 @@ given.  The PRH convention is ``pool -> optional outlier clamp -> L2-normalize e
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import torch
 from torch import Tensor
@@ -18,6 +18,14 @@ PoolMode = Literal["flatten", "mean", "cls", "first", "last", "none"]
 Pool = Union[PoolMode, Callable[[Tensor], Tensor]]
 
 POOL_MODES: tuple[str, ...] = ("flatten", "mean", "cls", "first", "last", "none")
+
+
+def check_pool(pool: Any, name: str = "pool") -> Pool:
+    """``pool`` is one of :data:`POOL_MODES` or a callable; a configuration error otherwise."""
+    if not callable(pool) and pool not in POOL_MODES:
+        raise ValueError(f"{name}: unknown pool {pool!r}; expected one of {POOL_MODES} or a "
+                         "callable (n, ...) -> (n, d)")
+    return pool
 
 
 def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None) -> Tensor:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -16,15 +18,34 @@ from alignment_callback.hooks.selection import Layers
 
 @contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Put the global torch RNG state (CPU, and CUDA when initialized) back on exit."""
+    """Put the global random states back on exit: torch's (CPU, and CUDA when initialized),
+    NumPy's legacy ``np.random`` and Python's ``random`` (a probe dataset or a forward may
+    draw from any of them)."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    np_rng = np.random.get_state()
+    py_rng = random.getstate()
     try:
         yield
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(np_rng)
+        random.setstate(py_rng)
+
+
+def random_states() -> tuple[Any, ...]:
+    """The global random states a forward may draw from (torch CPU, NumPy's legacy
+    ``np.random``, Python's ``random``), for :func:`same_random_states`."""
+    np_state = np.random.get_state()
+    return torch.get_rng_state(), np_state[1].copy(), tuple(np_state[2:]), random.getstate()
+
+
+def same_random_states(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two :func:`random_states` are equal: nothing was drawn between them."""
+    return (torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+            and a[3] == b[3])
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from alignment_callback.functional.preprocessing import Pool
-from alignment_callback.hooks.collect import collect_activations
+from alignment_callback.hooks.collect import collect_activations, preserved_rng
 from alignment_callback.hooks.selection import Layers
 
 #: The reserved key of a feature file that holds the probe's fingerprint.
@@ -121,11 +121,12 @@ def probe_fingerprint(probe: Any) -> dict[str, Any]:
     True
     """
     streams: dict[tuple[str, ...], _Stream] = {}
-    for batch in _probe_batches(probe):
-        if isinstance(batch, (list, tuple)) and batch:
-            batch = batch[0]  # (inputs, labels, ...): the model sees the inputs
-        for path, value in _leaves(batch):
-            streams.setdefault(path, _Stream()).add(value)
+    with preserved_rng():  # iterating a DataLoader draws a seed from the global stream
+        for batch in _probe_batches(probe):
+            if isinstance(batch, (list, tuple)) and batch:
+                batch = batch[0]  # (inputs, labels, ...): the model sees the inputs
+            for path, value in _leaves(batch):
+                streams.setdefault(path, _Stream()).add(value)
     if not streams:
         raise ValueError("probe: it holds no batch")
     summary = {"/".join(path): s.summary() for path, s in sorted(streams.items())}

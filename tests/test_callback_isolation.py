@@ -1,0 +1,238 @@
+"""What training must not notice, in the cases a first review missed, and configuration
+mistakes that must stop a fit before its first step.
+
+* NumPy's and Python's global random streams are protected like torch's (a probe dataset may
+  draw from them), and so is torch's when a feature-file reference checks the probe's
+  fingerprint by iterating a DataLoader;
+* background mode: a forward that draws random numbers in eval mode is detected at the first
+  step and keeps the probe pass in the loop (its copy would draw from the loop's streams); a
+  forward that reads the epoch or an unregistered tensor gets this step's values on the copy;
+* a checkpoint written while an earlier background step runs waits for it (a resumed run
+  cannot recompute it from the checkpoint's weights); the same callback object in a second,
+  new fit starts a new history;
+* configuration mistakes raise before training.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from alignment_callback import AlignmentCallback
+from alignment_callback.hooks.extract import extract_features
+from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, train_loader
+
+PROBE = make_probe(48)
+
+
+def callback(**kw) -> AlignmentCallback:
+    kw.setdefault("measures", ["linear_cka", "mutual_knn"])
+    kw.setdefault("num_permutations", 19)
+    kw.setdefault("log_heatmaps", False)
+    kw.setdefault("report", False)
+    kw.setdefault("verbose", False)
+    reference = kw.pop("reference", None) or RefMLP()
+    return AlignmentCallback(reference, kw.pop("probe", PROBE), kw.pop("layers", ["fc1", "fc2"]),
+                             **kw)
+
+
+def fit(callbacks, model=None, max_epochs=2, ckpt_path=None, **trainer_kw):
+    """A seeded fit; returns (trainer, model, the global random states after it)."""
+    pl.seed_everything(0, verbose=False)
+    model = model or MLP(dropout=0.3)
+    trainer = pl.Trainer(max_epochs=max_epochs, logger=False, callbacks=callbacks,
+                         enable_checkpointing=trainer_kw.pop("enable_checkpointing", False),
+                         **FAST_TRAINER, **trainer_kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(model, train_loader(), ckpt_path=ckpt_path)
+    np_state = np.random.get_state()
+    return trainer, model, (torch.get_rng_state(), np_state[1].copy(), np_state[2],
+                            random.getstate())
+
+
+def assert_same_training(a, b) -> None:
+    (_, model_a, rng_a), (_, model_b, rng_b) = a, b
+    for (name, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert torch.equal(rng_a[0], rng_b[0])
+    assert np.array_equal(rng_a[1], rng_b[1]) and rng_a[2] == rng_b[2]
+    assert rng_a[3] == rng_b[3]
+
+
+def raws(cb: AlignmentCallback, key: str = "alignment/linear_cka/raw") -> list[float]:
+    return [h[key] for h in cb.history]
+
+
+# ------------------------------------------------------------------------- random streams
+class DrawingDataset(Dataset):
+    """Fixed rows, but every item draws from NumPy's and Python's global streams (an
+    augmentation that happens to be off)."""
+
+    def __len__(self) -> int:
+        return len(PROBE)
+
+    def __getitem__(self, i: int):
+        np.random.rand()
+        random.random()
+        return (PROBE[i],)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+def test_numpy_and_python_random_streams_are_unchanged(background):
+    plain = fit([])
+    probe = DataLoader(DrawingDataset(), batch_size=16)
+    assert_same_training(plain, fit([callback(probe=probe, background=background)]))
+
+
+def test_feature_file_reference_checks_the_fingerprint_without_drawing(tmp_path):
+    probe = DataLoader(TensorDataset(PROBE), batch_size=16)
+    path = tmp_path / "reference.pt"
+    extract_features(RefMLP(), probe, ["fc1", "fc2"], path)
+    plain = fit([])
+    assert_same_training(plain, fit([callback(reference=str(path), probe=probe)]))
+
+
+# -------------------------------------------------------------------------- background copy
+class NoisyMLP(MLP):
+    """Draws noise in eval mode too (sampling, noise injection)."""
+
+    def forward(self, x):
+        return super().forward(x + 0.01 * torch.randn_like(x))
+
+
+def test_background_random_forward_stays_in_the_loop():
+    plain = fit([], model=NoisyMLP(dropout=0.3))
+    fg = callback()
+    foreground = fit([fg], model=NoisyMLP(dropout=0.3))
+    bg = callback(background=True)
+    with pytest.warns(RuntimeWarning, match="draws random numbers in eval mode"):
+        background = fit([bg], model=NoisyMLP(dropout=0.3))
+    assert_same_training(plain, foreground)
+    assert_same_training(plain, background)
+    assert raws(bg) == raws(fg) and len(raws(bg)) == 3
+
+
+class Curriculum(MLP):
+    """Reads the epoch (through the trainer), an annealed unregistered tensor and a private
+    float in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = torch.tensor(1.0)
+        self._gain = 1.0
+
+    def on_train_epoch_end(self):
+        self.temperature = self.temperature * 0.5
+        self._gain += 0.25
+
+    def forward(self, x):
+        warmup = min(1.0, 0.25 * (1 + self.current_epoch))
+        return super().forward(x * warmup * self._gain / self.temperature)
+
+
+def test_background_copy_sees_the_epoch_and_plain_state():
+    fg, bg = callback(layers=["fc1"]), callback(layers=["fc1"], background=True)
+    fit([fg], model=Curriculum(), max_epochs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: the copy is used
+        fit([bg], model=Curriculum(), max_epochs=3)
+    assert len(set(raws(fg))) == 4  # the state changes what the probe sees
+    assert raws(bg) == raws(fg)
+
+
+# ---------------------------------------------------------------------------------- resume
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_checkpoint_waits_for_an_earlier_background_step(tmp_path, monkeypatch):
+    """Step mode, K every 3 steps, a checkpoint at step 4 while step 3 still runs: the
+    checkpoint holds step 3, and the resumed run has every step once."""
+    compute = AlignmentCallback._compute
+    monkeypatch.setattr(AlignmentCallback, "_compute",
+                        lambda self, *a, **k: (time.sleep(0.5), compute(self, *a, **k))[1])
+    options = dict(measures=["linear_cka"], every_n_train_steps=3)
+    first = callback(background=True, **options)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    fit([first, ckpt], max_epochs=1, enable_checkpointing=True)  # 4 steps: one checkpoint
+    (path,) = tmp_path.glob("*.ckpt")
+    state = [v for k, v in torch.load(path, weights_only=True)["callbacks"].items()
+             if "AlignmentCallback" in k][0]
+    assert [h["step"] for h in state["history"]] == [0, 3] and state["pending"] == []
+    resumed = callback(background=True, **options)
+    fit([resumed], max_epochs=3, ckpt_path=str(path))
+    foreground = callback(**options)
+    fit([foreground], max_epochs=3)
+    assert [h["step"] for h in resumed.history] == [0, 3, 6, 9, 12]
+    # the steps before the checkpoint are the uninterrupted run's (a resumed run's later
+    # batches differ: its data order and dropout streams restart)
+    assert raws(resumed)[:2] == raws(foreground)[:2]
+
+
+def test_a_second_fit_starts_a_new_history():
+    cb = callback(measures=["linear_cka"])
+    fit([cb], max_epochs=2)
+    first = raws(cb)
+    fit([cb], model=MLP(seed=5), max_epochs=3)
+    fresh = callback(measures=["linear_cka"])
+    fit([fresh], model=MLP(seed=5), max_epochs=3)
+    assert [(h["epoch"], h["step"]) for h in cb.history] == [(0, 0), (1, 4), (2, 8), (3, 12)]
+    assert raws(cb) == raws(fresh) and raws(cb)[1:3] != first[1:3]  # not the first fit's
+
+
+# ---------------------------------------------------------------- configuration mistakes
+def no_step_taken(make, match, exc=ValueError, model=None):
+    """``make()`` builds the callback: fitting with it must raise before any training step."""
+    model = model or MLP()
+    start = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(exc, match=match):
+        fit([make()], model=model)
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+
+
+def test_drift_reference_with_too_few_probe_samples():
+    no_step_taken(lambda: callback(reference="initial", probe=PROBE[:8], layers=["fc1"],
+                                   measures={"mutual_knn": {"k": 10}}), "8 samples, too few")
+
+
+def test_reference_inputs_with_other_rows_than_the_probe():
+    no_step_taken(lambda: callback(reference_inputs=PROBE[:40]),
+                  "reference_inputs give 40 rows but the probe has 48")
+
+
+def test_a_layer_mapping_with_patterns():
+    no_step_taken(lambda: callback(layers={"fc*": "fc1"}), "mapping pairs model layers")
+
+
+def test_a_callable_probe_returning_a_shuffling_loader():
+    no_step_taken(lambda: callback(probe=lambda: DataLoader(TensorDataset(PROBE), batch_size=16,
+                                                            shuffle=True)),
+                  "the DataLoader its callable returned.*shuffles")
+
+
+def test_reference_layers_defaulting_to_layers_says_so():
+    class Other(RefMLP):
+        pass
+
+    ref = Other()
+    ref.fc2 = ref.fc1
+    del ref.fc1
+    no_step_taken(lambda: callback(reference=ref, layers=["fc1"]),
+                  r"reference_layers \(not given, so it is layers\): layer 'fc1' matched none")
+
+
+def test_constructor_checks_pool_and_probe_file(tmp_path):
+    with pytest.raises(ValueError, match="pool: unknown pool 'avg'"):
+        callback(pool="avg")
+    with pytest.raises(ValueError, match="reference_pool: unknown pool 'avg'"):
+        callback(reference_pool="avg")
+    with pytest.raises(FileNotFoundError, match="probe: no such file"):
+        callback(probe=str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match="reference_inputs: no such file"):
+        callback(reference_inputs=str(tmp_path / "nope.pt"))

@@ -75,3 +75,26 @@ def test_docs_and_package_refer_to_nothing_outside_the_repository():
                  if any(word in f.read_text(encoding="utf-8")
                         for word in ("METHOD.md", "FIELD_NOTES", "../shared"))]
     assert offenders == []
+
+
+def test_cli_grouped_example_output_is_current(tmp_path, monkeypatch, capsys) -> None:
+    """docs/cli.md §4 (grouped samples): its Python block makes the data, and the tables the
+    two `compare` commands print are the ones the page shows (deterministic: seed 0)."""
+    from alignment_callback.reporting import cli
+
+    text = (DOCS / "cli.md").read_text(encoding="utf-8")
+    section = text[text.index("## 4. Grouped samples"):text.index("## 5.")]
+    code = FENCE.search(section).group(1)
+    console = section[section.index("$ alignment-callback compare image.npy"):]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "cli.md §4", "exec"), {})
+    commands = re.findall(r"^\$ alignment-callback (.+)$", console, re.MULTILINE)
+    assert len(commands) == 2
+    rows = re.compile(r"^(linear_cka|mutual_knn|cknna) .*$", re.MULTILINE)
+    shown = [m.group(0) for m in rows.finditer(console)]
+    assert len(shown) == 6
+    printed = []
+    for command in commands:
+        assert cli.main(command.split()) == 0
+        printed += [m.group(0) for m in rows.finditer(capsys.readouterr().out)]
+    assert printed == shown

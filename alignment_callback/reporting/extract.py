@@ -27,6 +27,7 @@ from alignment_callback.hooks.extract import (
     read_fingerprint,
     save_features,
 )
+from alignment_callback.hooks import resolve_layers
 from alignment_callback.reporting.io import FeatureFileError, read_pt
 from alignment_callback.reporting.plan import CLIError
 
@@ -134,6 +135,10 @@ def run_extract(args: Any) -> int:
     probe = load_probe(args.probe)
     model = build_model(args).to(args.device)
     layers = [p for group in args.layers for p in group]
+    try:
+        resolve_layers(model, layers, "model")
+    except ValueError as err:  # the Python advice of the message does not apply here
+        raise CLIError(f"--layers: {str(err).split(' Use list_layers')[0]}") from err
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         feats = extract_features(model, probe, layers, out, pool=args.pool,

@@ -106,10 +106,11 @@ class _StagedMLP(MLP):
 
 
 class _TrainerReadingMLP(MLP):
-    """A forward that reads the trainer (the worker's copy has none)."""
+    """A forward that reads the trainer beyond the loop's position (the worker's copy has only
+    ``current_epoch`` and ``global_step``)."""
 
     def forward(self, x):
-        scale = 1.0 + 0.5 * self.trainer.current_epoch
+        scale = 1.0 + 0.5 * self.trainer.current_epoch / self.trainer.max_epochs
         return super().forward(x * scale)
 
 

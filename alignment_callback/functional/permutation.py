@@ -17,6 +17,7 @@ from torch import Tensor
 from alignment_callback.functional._validation import check_num_permutations, check_seed
 
 _CHUNK_ELEMENTS = 1 << 24  # temporary elements per chunk of permutations (~64 MB in float32)
+_CUDA_CHUNK_ELEMENTS = 1 << 26  # the same on a CUDA device (256 MB in float32)
 _MAX_CHUNK = 256
 _CACHE_ELEMENTS = 1 << 24  # permutation sets up to this many entries stay in memory (128 MB)
 
@@ -93,9 +94,16 @@ def inverse_permutations(perms: Tensor) -> Tensor:
     return inv.scatter_(1, perms, ar)
 
 
-def chunk_size_for(cost_per_perm: int) -> int:
-    """Permutations per chunk so that temporaries stay near ``_CHUNK_ELEMENTS``."""
-    return max(1, min(_MAX_CHUNK, _CHUNK_ELEMENTS // max(1, cost_per_perm)))
+def chunk_size_for(cost_per_perm: int, device: torch.device | str | None = None) -> int:
+    """Permutations per chunk so that temporaries stay near ``_CHUNK_ELEMENTS`` (on the CPU a
+    chunk's temporaries should stay in cache), or on a CUDA device near ``_CUDA_CHUNK_ELEMENTS``
+    but at most a 64th of its free memory in elements (there a chunk's cost is mostly its
+    kernel launches, so fewer, larger chunks are faster)."""
+    budget = _CHUNK_ELEMENTS
+    if device is not None and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = max(_CHUNK_ELEMENTS, min(_CUDA_CHUNK_ELEMENTS, free // 64))
+    return max(1, min(_MAX_CHUNK, budget // max(1, cost_per_perm)))
 
 
 class Permutations:

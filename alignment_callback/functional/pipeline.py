@@ -266,7 +266,8 @@ def _streamed_matrices(m: Measure, xside: PreparedSide, yside: PreparedSide,
         if permutations is None:
             chunks: Iterable[Tensor] = [torch.arange(n, device=xside.device)[None]]
         else:
-            chunks = permutations.chunks(chunk_size_for(m.perm_cost(n)), xside.device, start, stop)
+            chunks = permutations.chunks(chunk_size_for(m.perm_cost(n), xside.device),
+                                          xside.device, start, stop)
         row = 0
         for p in chunks:
             block = _clamp(m, m.layer_scores(xs, ys, p))
@@ -291,7 +292,8 @@ def layer_nulls(measures: Sequence[Measure], xside: PreparedSide, yside: Prepare
         if group[0].info.group == "knn":
             cost = knn_chunk_cost(xside.n, cost, xside.device)
         row = 0
-        for perms in permutations.chunks(chunk_size_for(cost), xside.device, start, stop):
+        for perms in permutations.chunks(chunk_size_for(cost, xside.device), xside.device,
+                                          start, stop):
             for m, scores in zip(group, _group_scores(group, xside, yside, perms)):
                 if m not in out:  # one buffer written chunk by chunk: no list of small results
                     out[m] = scores.new_empty((total, *scores.shape[1:]))

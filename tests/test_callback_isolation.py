@@ -236,3 +236,28 @@ def test_constructor_checks_pool_and_probe_file(tmp_path):
         callback(probe=str(tmp_path / "nope.pt"))
     with pytest.raises(FileNotFoundError, match="reference_inputs: no such file"):
         callback(reference_inputs=str(tmp_path / "nope.pt"))
+
+
+def test_feature_reference_refuses_reference_inputs():
+    feats = {"r": torch.randn(len(PROBE), 4)}
+    with pytest.raises(ValueError, match="is features, computed already: it takes no "
+                                         "reference_inputs"):
+        callback(reference=feats, reference_inputs=PROBE)
+
+
+class CachingMLP(MLP):
+    """Keeps its last output (with its graph while training) as a plain attribute."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.last_output = out
+        return out
+
+
+def test_background_copy_of_a_model_caching_its_output():
+    fg, bg = callback(), callback(background=True)
+    fit([fg], model=CachingMLP())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fit([bg], model=CachingMLP())
+    assert raws(bg) == raws(fg) and len(raws(bg)) == 3

@@ -129,6 +129,12 @@ def _plain_state(model: nn.Module) -> list[dict[str, Any]]:
             for module in model.modules()]
 
 
+def _copied(value: Any) -> Any:
+    """A deep copy; a tensor detached first (a cached output of the forward has a graph, which
+    ``deepcopy`` refuses)."""
+    return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+
+
 @dataclass(frozen=True)
 class LoopPosition:
     """What a LightningModule copy's ``current_epoch`` and ``global_step`` read: the training
@@ -183,7 +189,8 @@ class ModelCopy:
         position = None
         if getattr(model, "_trainer", None) is not None:  # an attached LightningModule
             position = LoopPosition(int(model.current_epoch), int(model.global_step))
-        return Snapshot(tensors, copy.deepcopy(_plain_state(model)), position)
+        return Snapshot(tensors, [{key: _copied(value) for key, value in state.items()}
+                                  for state in _plain_state(model)], position)
 
     @torch.no_grad()
     def load(self, snapshot: Snapshot) -> nn.Module:

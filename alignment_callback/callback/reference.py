@@ -145,6 +145,9 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
                             "checkpoint or feature-file path, a {layer: tensor} mapping, "
                             f"'initial' or 'previous', got {type(spec).__name__}")
         if kind == "features":
+            if inputs is not None:
+                raise ValueError(f"reference{'' if name is None else f'[{name!r}]'} is features, "
+                                 "computed already: it takes no reference_inputs")
             features = {str(k): v for k, v in loaded.items()}
             if ref_layers is not None:
                 wanted = [ref_layers] if isinstance(ref_layers, str) else list(ref_layers)

@@ -261,3 +261,15 @@ def test_background_copy_of_a_model_caching_its_output():
         warnings.simplefilter("error", RuntimeWarning)
         fit([bg], model=CachingMLP())
     assert raws(bg) == raws(fg) and len(raws(bg)) == 3
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+def test_true_precision_trainers_get_converted_probes(precision, background):
+    """The probe is fed to the student as the trainer feeds its batches (here float64 or
+    bfloat16 weights); the reference keeps its own dtype."""
+    cb = callback(measures=["linear_cka"], background=background)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no step may be skipped
+        fit([cb], precision=precision)
+    assert len(cb.history) == 3 and all(np.isfinite(raws(cb)))

@@ -639,9 +639,20 @@ class AlignmentCallback(Callback):
 
     def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
                            restore_rng: bool = True) -> dict[str, Tensor]:
-        """The chosen layers of ``model`` on the probe batches, on the compute device."""
-        return self._collect(model, batches, self.layers, self.pool, self.input_key,
-                             self.batch_transform, model_device, restore_rng)
+        """The chosen layers of ``model`` on the probe batches, on the compute device; the
+        batches are converted as the trainer converts its own (e.g. floating-point inputs to
+        bfloat16 with ``precision="bf16-true"``)."""
+        return self._collect(model, self._as_trained(batches), self.layers, self.pool,
+                             self.input_key, self.batch_transform, model_device, restore_rng)
+
+    def _as_trained(self, batches: Any) -> Any:
+        trainer = self._trainer() if self._trainer is not None else None
+        plugin = getattr(trainer, "precision_plugin", None)
+        if plugin is None:
+            return batches
+        if isinstance(batches, Tensor):
+            return plugin.convert_input(batches)
+        return (plugin.convert_input(batch) for batch in batches)
 
     @torch.no_grad()
     def _capture(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float]:

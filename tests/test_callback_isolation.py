@@ -273,3 +273,16 @@ def test_true_precision_trainers_get_converted_probes(precision, background):
         warnings.simplefilter("error", RuntimeWarning)  # no step may be skipped
         fit([cb], precision=precision)
     assert len(cb.history) == 3 and all(np.isfinite(raws(cb)))
+
+
+class ReusedActivation(MLP):
+    """One activation module applied twice per forward."""
+
+    def forward(self, x):
+        h = self.act1(self.fc1(x))
+        return self.head(self.act1(self.fc2(h)))
+
+
+def test_a_layer_that_runs_twice_fails_at_the_baseline():
+    no_step_taken(lambda: callback(layers=["act1"], reference_layers=["act1"]),
+                  "did not run exactly once", exc=RuntimeError, model=ReusedActivation())

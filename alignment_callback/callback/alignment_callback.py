@@ -41,7 +41,12 @@ from alignment_callback.functional.aggregation import Aggregate
 from alignment_callback.functional.preprocessing import check_pool
 from alignment_callback.hooks import collect_activations, resolve_layers
 from alignment_callback.hooks.collect import model_device as model_device_of
-from alignment_callback.hooks.collect import preserved_rng, random_states, same_random_states
+from alignment_callback.hooks.collect import (
+    LayerCountError,
+    preserved_rng,
+    random_states,
+    same_random_states,
+)
 
 LayerSpec = Union[str, Sequence[str], Mapping[str, str]]
 
@@ -574,11 +579,13 @@ class AlignmentCallback(Callback):
                                                       epoch=epoch, step=step))
 
     def _guarded(self, epoch: int, step: int, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``; a failure warns and returns None unless ``on_error="raise"``."""
+        """``fn(*args)``; a failure warns and returns None unless ``on_error="raise"`` or it is
+        a configuration mistake only a forward pass can show (a chosen layer that does not run
+        exactly once per pass), which is raised: at the baseline, before training."""
         try:
             return fn(*args)
         except Exception as err:  # noqa: BLE001 - reported, training goes on unless asked
-            if self.on_error == "raise":
+            if self.on_error == "raise" or isinstance(err, LayerCountError):
                 raise
             warnings.warn(f"alignment step at epoch {epoch} (step {step}) skipped: "
                           f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)

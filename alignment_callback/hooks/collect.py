@@ -35,6 +35,12 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(py_rng)
 
 
+class LayerCountError(RuntimeError):
+    """A chosen layer did not run exactly once per forward pass (a module reused inside the
+    model, or a container without a forward): a property of the model and of the layers
+    chosen, not of the data."""
+
+
 def random_states() -> tuple[Any, ...]:
     """The global random states a forward may draw from (torch CPU, NumPy's legacy
     ``np.random``, Python's ``random``), for :func:`same_random_states`."""
@@ -183,8 +189,9 @@ def collect_activations(
 
     Raises:
         ValueError: no batch was given, or a layer matches nothing.
-        RuntimeError: a layer did not run exactly once per forward pass, or layers produced
-            different numbers of rows (a layer whose output is not batch-first).
+        LayerCountError: a layer did not run exactly once per forward pass.
+        RuntimeError: layers produced different numbers of rows (a layer whose output is
+            not batch-first).
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
@@ -201,7 +208,7 @@ def collect_activations(
             run_batch(model, batch, dev, input_key, batch_transform, forward)
             bad = {n: rec.calls[n] - before[n] for n in rec.layers if rec.calls[n] - before[n] != 1}
             if bad:
-                raise RuntimeError(
+                raise LayerCountError(
                     f"these layers did not run exactly once in a forward pass: {bad} (calls per "
                     "pass); rows would not line up with samples. A module reused inside the model "
                     "or a container without forward (nn.ModuleList) cannot be recorded; hook its "

@@ -60,11 +60,14 @@ class BreakRank1(pl.Callback):
             def broken(layers):
                 raise RuntimeError("rank 1's reference broke")
             self.aligner.references[0].engine.set_reference = broken
-        elif self.where == "probe":
+        elif self.where in ("probe", "layer_count"):
             def hook(module, args):
                 if not module.training:  # the probe pass runs in eval mode
-                    raise RuntimeError("rank 1's probe pass broke")
-            pl_module.fc1.register_forward_pre_hook(hook)
+                    if self.where == "layer_count":  # fc2 runs twice in rank 1's forward
+                        module.fc2(module.fc2.weight.new_zeros(1, module.fc2.in_features))
+                    else:
+                        raise RuntimeError("rank 1's probe pass broke")
+            pl_module.register_forward_pre_hook(hook)
         else:
             with torch.no_grad():
                 pl_module.fc2.bias[0] = float("nan")
@@ -74,21 +77,23 @@ def main(out: str, strategy: str, mode: str = "ok") -> None:
     """``mode``: ``ok``; ``fail_rank1`` (rank 1's permutation null fails), ``fail_moments_rank1``
     (the same with linear CKA on the analytic null: nothing to gather), ``fail_probe_rank1``
     (rank 1's probe pass raises), ``fail_reference_rank1`` (setting rank 1's reference
-    raises)."""
+    raises), ``fail_layer_count_rank1`` (a chosen layer runs twice in rank 1's probe pass: a
+    configuration error, raised under ``on_error="warn"`` too)."""
     failing = mode != "ok"
     moments = mode == "fail_moments_rank1"
     cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc2"] if moments else LAYERS,
                            measures=["linear_cka"] if moments else METRICS,  # one pair
                            null="moments" if moments else "permutation",
                            num_permutations=K, log_heatmaps=True,
-                           on_error="raise" if failing else "warn",
+                           on_error="raise" if failing and "layer_count" not in mode else "warn",
                            background=True)  # ignored under DDP: every rank computes in the loop
     trainer = pl.Trainer(
         **{**FAST_TRAINER, "devices": 2}, strategy=strategy, max_epochs=MAX_EPOCHS,
         logger=CSVLogger(out, name="csv"),
         callbacks=[cb, Dump(out, cb)] + (
-            [BreakRank1(cb, {"fail_probe_rank1": "probe", "fail_reference_rank1": "reference"}
-                        .get(mode, "null"))] if failing else []),
+            [BreakRank1(cb, {"fail_probe_rank1": "probe", "fail_reference_rank1": "reference",
+                             "fail_layer_count_rank1": "layer_count"}.get(mode, "null"))]
+            if failing else []),
         enable_checkpointing=False,
     )
     trainer.fit(MLP(lr=0.0), train_loader())

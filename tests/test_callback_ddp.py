@@ -87,7 +87,9 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
     ("fail_moments_rank1", ("the alignment step failed on rank 1", "NaN")),
     ("fail_probe_rank1", ("the probe pass failed on rank 1", "rank 1's probe pass broke")),
     ("fail_reference_rank1", ("the alignment step failed on rank 1", "rank 1's reference broke")),
-], ids=["permutation_null", "analytic_null", "probe_pass", "setting_the_reference"])
+    ("fail_layer_count_rank1", ("LayerCountError: on rank 1", "did not run exactly once")),
+], ids=["permutation_null", "analytic_null", "probe_pass", "setting_the_reference",
+        "layer_count_under_on_error_warn"])
 def test_ddp_failure_on_one_rank_is_the_same_error_on_every_rank(tmp_path, mode, expected):
     """Rank 1 fails, in its share of the permutation null (NaN activations), in the analytic
     null (no null to gather: the healthy rank must still meet it), in its probe pass (before

@@ -286,3 +286,74 @@ class ReusedActivation(MLP):
 def test_a_layer_that_runs_twice_fails_at_the_baseline():
     no_step_taken(lambda: callback(layers=["act1"], reference_layers=["act1"]),
                   "did not run exactly once", exc=RuntimeError, model=ReusedActivation())
+
+
+# ------------------------------------------------------------------ found by a later review
+def test_true_precision_with_a_dataloader_probe_keeps_training_unchanged():
+    probe = DataLoader(TensorDataset(PROBE), batch_size=16)
+    plain = fit([], precision="bf16-true")
+    assert_same_training(plain, fit([callback(probe=probe)], precision="bf16-true"))
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+def test_a_dict_batch_probe_file(tmp_path, background):
+    """A ``.pt`` file holding one dict batch (a tokenizer's output, say)."""
+    torch.save({"x": PROBE}, tmp_path / "probe.pt")
+    cb = callback(probe=str(tmp_path / "probe.pt"), input_key="x", background=background,
+                  measures=["linear_cka"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fit([cb])
+    reference = callback(measures=["linear_cka"])
+    fit([reference])
+    assert raws(cb) == raws(reference)
+
+
+def test_dict_batch_rows_are_the_largest_leading_size():
+    from alignment_callback.callback.reference import probe_rows
+
+    batch = {"pos": torch.arange(5)[None], "x": torch.randn(48, 5)}
+    assert probe_rows([batch, batch]) == 96
+
+
+def test_reference_pool_mapping_that_leaves_out_a_drift_reference():
+    cb = callback(reference={"teacher": RefMLP(), "start": "initial"},
+                  reference_pool={"teacher": "mean"}, measures=["linear_cka"])
+    fit([cb])
+    assert len(cb.history) == 3
+    with pytest.raises(ValueError, match=r"reference_pool\['teacher'\]: no pool given"):
+        callback(reference={"teacher": RefMLP(), "start": "initial"},
+                 reference_pool={"start": "mean"})
+
+
+class LoggingMLP(MLP):
+    """A forward that logs and reads the rank and the epoch (all fine on a detached copy)."""
+
+    def forward(self, x):
+        self.log("forward_calls", 1.0)
+        return super().forward(x * (1.0 + self.global_rank + 0.25 * self.current_epoch))
+
+
+def test_background_copy_of_a_forward_that_logs():
+    fg, bg = callback(), callback(background=True)
+    fit([fg], model=LoggingMLP(), max_epochs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the copy is used, no fallback
+        warnings.filterwarnings("ignore", ".*self.log.*", UserWarning)
+        fit([bg], model=LoggingMLP(), max_epochs=3)
+    assert raws(bg) == raws(fg) and len(set(raws(fg))) == 4
+
+
+class Boom(MLP):
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("boom")
+
+
+def test_callback_pickles_after_a_failed_fit():
+    """No reference to the trainer is left (teardown does not run after an exception)."""
+    import pickle
+
+    cb = callback(measures=["linear_cka"])
+    with pytest.raises(RuntimeError, match="boom"):
+        fit([cb], model=Boom())
+    pickle.loads(pickle.dumps(cb))

@@ -110,3 +110,14 @@ def test_a_small_but_real_null_std_is_not_a_point_mass():
     assert r.null_method == "moments"
     assert 0 < float(r.null_std) < 1e-2
     assert float(r.p_value) < 1e-6 and math.isfinite(float(r.effect_size))
+
+
+def test_float32_at_a_million_samples_is_not_a_point_mass():
+    """Linear CKA's null std is about 1.4/n: below float32's resolution at n = 2·10⁶, while
+    the observed score of aligned data is far from the null mean: a real null."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2_000_000, 2, generator=g)
+    y = 0.05 * x + torch.randn(2_000_000, 2, generator=g)
+    r = F.calibrated_alignment(x, y, "linear_cka", null="moments")
+    assert 0 < float(r.null_std) < 1e-6
+    assert float(r.p_value) < 1e-6 and float(r.calibrated) > 1e-3

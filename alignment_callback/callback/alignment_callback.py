@@ -15,10 +15,11 @@ import time
 import warnings
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -479,6 +480,7 @@ class AlignmentCallback(Callback):
         """Publish the background steps that had finished, drop the rest."""
         finished = [job for job in self._queue.ready() if job.future.exception() is None]
         self._queue.shutdown(cancel=True)
+        self._trainer = None  # teardown may not run: keep the callback picklable
         self._publish(trainer, finished)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -534,6 +536,8 @@ class AlignmentCallback(Callback):
         except Exception as err:  # noqa: BLE001 - every rank learns it below
             error = f"{type(err).__name__}: {err}"
         failed = first_error(error)  # before any process enters the null's collective
+        if failed is not None and failed[1].startswith(f"{LayerCountError.__name__}:"):
+            raise LayerCountError(f"on rank {failed[0]}: {failed[1]}")  # on every process
         if failed is not None:
             error = f"the probe pass failed on rank {failed[0]}: {failed[1]}"
         else:
@@ -655,11 +659,16 @@ class AlignmentCallback(Callback):
     def _as_trained(self, batches: Any) -> Any:
         trainer = self._trainer() if self._trainer is not None else None
         plugin = getattr(trainer, "precision_plugin", None)
-        if plugin is None:
+        if plugin is None or type(plugin).convert_input is Precision.convert_input:  # no-op
             return batches
-        if isinstance(batches, Tensor):
+        if isinstance(batches, (Tensor, Mapping)):  # a tensor of rows, or one dict batch
             return plugin.convert_input(batches)
-        return (plugin.convert_input(batch) for batch in batches)
+
+        def converted() -> Iterator[Any]:  # lazy: iterating a DataLoader draws from the RNG,
+            for batch in batches:  # which only the capture's guard may see
+                yield plugin.convert_input(batch)
+
+        return converted()
 
     @torch.no_grad()
     def _capture(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float]:
@@ -671,7 +680,7 @@ class AlignmentCallback(Callback):
 
     def _probe_list(self) -> Any:
         probe = iterate_probe(self.probe)
-        if not isinstance(probe, (Tensor, list)):
+        if not isinstance(probe, (Tensor, list, Mapping)):  # a Mapping is one dict batch
             with preserved_rng():  # a DataLoader draws a seed from the global RNG
                 probe = list(probe)
         return probe

@@ -144,6 +144,16 @@ class LoopPosition:
     global_step: int
 
 
+@functools.cache
+def _positioned(cls: type) -> type:
+    """``cls`` whose ``current_epoch`` and ``global_step`` read ``self._loop_position``."""
+    return type(cls.__name__, (cls,), {
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "current_epoch": property(lambda self: self._loop_position.current_epoch),
+        "global_step": property(lambda self: self._loop_position.global_step),
+    })
+
+
 @dataclass
 class Snapshot:
     """What a step's model copy needs from the training model: tensors, plain state and the
@@ -160,10 +170,12 @@ class ModelCopy:
     Made once with ``deepcopy`` (without the trainer it is attached to); at every step it is
     refreshed from a :class:`Snapshot` of the training model taken in the loop: parameters,
     buffers, plain attributes (see :func:`_plain_state`) and, for a LightningModule, the
-    loop's ``current_epoch`` and ``global_step`` (a :class:`LoopPosition` in place of the
-    trainer), so a forward that reads a schedule, a stage flag or the epoch sees this step's
-    value.  Any other use of the trainer in the forward fails on the copy.  Raises ``TypeError`` / ``RuntimeError``
-    when the model cannot be copied (the caller falls back to the loop).
+    loop's ``current_epoch`` and ``global_step`` (:class:`LoopPosition`, read through
+    properties of a subclass made for the copy; it stays without a trainer otherwise, so
+    ``self.log`` does nothing there and ``global_rank`` is 0, as on any detached module), so a
+    forward that reads a schedule, a stage flag or the epoch sees this step's value.  Raises
+    ``TypeError`` / ``RuntimeError`` when the model cannot be copied (the caller falls back to
+    the loop).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -173,6 +185,9 @@ class ModelCopy:
             trainer = None
         memo = {id(trainer): None} if trainer is not None else {}
         self.model = copy.deepcopy(model, memo)
+        if trainer is not None:
+            self.model.__class__ = _positioned(type(model))
+            self.model._loop_position = LoopPosition(0, 0)
         self.model.requires_grad_(False)
         for p in self.model.parameters():
             p.grad = None
@@ -200,6 +215,6 @@ class ModelCopy:
         for module, state in zip(self.model.modules(), snapshot.plain):
             for key, value in state.items():
                 setattr(module, key, value)
-        if snapshot.position is not None:  # LightningModule.current_epoch reads _trainer
-            self.model._trainer = snapshot.position
+        if snapshot.position is not None:
+            self.model._loop_position = snapshot.position
         return self.model

@@ -124,8 +124,7 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
                        inputs=None if inputs is None else load_probe(inputs, "reference_inputs"),
                        input_key=key if inputs is not None else input_key,
                        batch_transform=transform if inputs is not None else batch_transform,
-                       pool=check_pool(_per_reference(reference_pool, name, names),
-                                       "reference_pool"))
+                       pool=_per_reference(reference_pool, name, names))
         if isinstance(spec, str) and spec in DRIFT:
             if ref_layers is not None or inputs is not None:
                 raise ValueError(f"reference={spec!r} compares the model with itself: it takes no "
@@ -160,6 +159,10 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
             out.append(Reference(kind="features", features=features, path=path,
                                  engine=make_engine(pairs), **options))
         else:
+            where = "reference_pool" if name is None else f"reference_pool[{name!r}]"
+            if options["pool"] is None:
+                raise ValueError(f"{where}: no pool given for this model reference")
+            check_pool(options["pool"], where)
             out.append(Reference(kind="model", module=loaded, engine=make_engine(pairs), **options))
     return out
 
@@ -174,9 +177,10 @@ def probe_rows(probe: Any) -> int | None:
             return int(batch.shape[0])
         if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
             return int(batch[0].shape[0])
-        if isinstance(batch, Mapping):
-            first = next((v for v in batch.values() if isinstance(v, Tensor)), None)
-            return None if first is None else int(first.shape[0])
+        if isinstance(batch, Mapping):  # the rows: the largest leading size (some entries,
+            # e.g. position ids of shape (1, T), broadcast over the samples)
+            sizes = [int(v.shape[0]) for v in batch.values() if isinstance(v, Tensor) and v.dim()]
+            return max(sizes) if sizes else None
         return None
 
     if isinstance(probe, Tensor):

@@ -24,6 +24,7 @@ Computational Statistics & Data Analysis 53.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -76,7 +77,7 @@ def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvari
     """The scalar fields of a calibration from the moments (0-dim ``dtype`` tensors on
     ``device``), and whether the Pearson III approximation is within its validated range."""
     m = mo.cosine_moments(inv_x, inv_y)
-    if point_mass(m, dtype):
+    if point_mass(m, score, dtype):
         # the statistic does not change under permutation: the observed score is the null's
         # only value (any difference is rounding), so P(s(π) >= s) = 1 and τ = the mean
         p3 = {"p_value": 1.0, "threshold": m.mean}
@@ -93,8 +94,9 @@ def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvari
     else:
         margin = max_score - tau
         calibrated = min(max(excess / margin, 0.0), 1.0) if margin > 1e-11 and excess > 0 else 0.0
-    effect = (score - m.mean) / std if std > 0 else 0.0
-    valid = (not point_mass(m, dtype)
+    effect = ((score - m.mean) / std if std > 0 else
+              0.0 if score == m.mean else math.copysign(math.inf, score - m.mean))
+    valid = (std > 0.0  # not a point mass
              and bool(mo.pearson3_valid(inv_x.n, m.skewness, mo.pair_leverage(inv_x, inv_y))))
     as_t = lambda v: torch.tensor(float(v), dtype=dtype, device=device)  # noqa: E731
     fields = {
@@ -107,13 +109,16 @@ def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvari
     return fields, valid
 
 
-def point_mass(m: mo.PermutationMoments, dtype: torch.dtype) -> bool:
-    """Whether the permutation null is a point mass to the precision of the scores: a standard
-    deviation below a tenth of :func:`~alignment_callback.functional.calibration.resolution`
-    (1e-12 for float64 data, 1e-6 for float32), where the observed score and the null mean,
-    computed along different routes, differ by rounding that such a std would turn into any
-    p-value."""
-    return m.std <= 0.1 * resolution(dtype) * max(1.0, abs(m.mean))
+def point_mass(m: mo.PermutationMoments, score: float, dtype: torch.dtype) -> bool:
+    """Whether the permutation null is a point mass at the observed ``score`` to the precision
+    of the scores: its standard deviation and the score's distance from its mean are both
+    below a tenth of :func:`~alignment_callback.functional.calibration.resolution` (1e-12 for
+    float64 data, 1e-6 for float32).  The observed score and the null mean are computed along
+    different routes, and such a std would turn their rounding into any p-value.  (A small
+    std with the score far from the mean, e.g. linear CKA of float32 data at n = 10⁶, whose
+    null std is about 1.4/n, is a real null, not a point mass.)"""
+    tol = 0.1 * resolution(dtype) * max(1.0, abs(m.mean))
+    return m.std <= tol and abs(score - m.mean) <= tol
 
 
 def exact_knn_moments(kind: str, sx: Any, sy: Any) -> tuple[float, float | None] | None:

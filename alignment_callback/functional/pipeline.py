@@ -433,7 +433,7 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
                                         observed[m].dtype, observed[m].device)
         if null == "auto" and not valid:
             continue
-        if float(fields["null_std"]) == 0.0:
+        if float(fields["null_std"]) == 0.0 and float(fields["p_value"]) == 1.0:  # point mass
             warnings.warn(
                 f"{m.name}: the permutation null is a point mass (its exact std is below the "
                 "scores' precision): the statistic does not change when samples are permuted, "

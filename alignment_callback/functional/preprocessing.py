@@ -57,8 +57,7 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
                 f"the pool callable must return a (n, d) tensor with n={x.shape[0]}, got {shape}"
             )
         return out
-    if pool not in POOL_MODES:
-        raise ValueError(f"unknown pool {pool!r}; expected one of {POOL_MODES} or a callable")
+    check_pool(pool)
     if x.dim() == 0:
         raise ValueError("activations must have a sample dimension, got a 0-dim tensor")
     if x.dim() == 1:

@@ -156,9 +156,24 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     return value / (n * (n - 3))
 
 
-def average_ranks(values: Tensor) -> Tensor:
-    """Ranks 1..m of a 1-D tensor, ties receiving their average rank (as scipy's rankdata)."""
-    uniq, inverse, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).to(values.dtype)
-    avg = ends - (counts.to(values.dtype) - 1) / 2
-    return avg[inverse]
+def average_ranks(values: Tensor, tol: float = 0.0) -> Tensor:
+    """Ranks 1..m of a 1-D tensor, ties receiving their average rank (as scipy's rankdata).
+
+    Values that differ by at most ``tol`` from their neighbor in sorted order form one tie
+    (default 0: exactly equal values); a ``tol`` at the rounding error of the computation that
+    produced ``values`` keeps values that are equal in exact arithmetic tied.
+    """
+    m = values.numel()
+    ordered, order = torch.sort(values)
+    starts = torch.ones(m, dtype=torch.bool, device=values.device)
+    if m > 1:
+        torch.gt(ordered[1:] - ordered[:-1], tol, out=starts[1:])
+    del ordered
+    group = starts.cumsum(0).sub_(1)
+    first = starts.nonzero().squeeze(1)  # sorted position of each tie's first value
+    del starts
+    last = torch.cat([first[1:], first.new_tensor([m])])  # one past its last value
+    avg = (first + last + 1).to(values.dtype) / 2  # mean of the ranks first + 1 .. last
+    ranks = torch.empty_like(values)
+    ranks[order] = avg[group]
+    return ranks

@@ -1,0 +1,93 @@
+"""RSA against an exact reference: the cosine distances of each pair are ordered in exact
+rational arithmetic on the inputs as given, so the reference has no rounding at all, neither in
+the distances (a large feature offset leaves nothing of ``1 − x̂_iᵀx̂_j`` in float32) nor in its
+ties (discrete features give many distances that are equal in exact arithmetic and that
+rounding would split apart)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import alignment_callback.functional as F
+from alignment_callback.functional.kernels import average_ranks
+
+
+def exact_distance_ranks(x: torch.Tensor) -> np.ndarray:
+    """Average ranks of the i < j cosine distances, from exact rational arithmetic on ``x``.
+
+    ``1 − cos`` increases as ``−sign(⟨x_i, x_j⟩)·⟨x_i, x_j⟩² / (‖x_i‖²‖x_j‖²)`` does, which is
+    rational in the entries: every float is an integer times a power of two, so the keys are
+    exact fractions and equal keys are exact ties."""
+    a = x.double().numpy()
+    _, exponent = np.frexp(np.abs(a[a != 0]).min())
+    scale = 2 ** (60 - int(exponent))  # every entry becomes an integer (53-bit mantissas)
+    rows = [[int(v * scale) for v in row] for row in a]
+    assert all(v == r / scale for row, orig in zip(rows, a) for r, v in zip(row, orig))
+    norms = [sum(v * v for v in row) for row in rows]
+    keys = []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            dot = sum(p * q for p, q in zip(rows[i], rows[j]))
+            keys.append(-(1 if dot > 0 else -1) * Fraction(dot * dot, norms[i] * norms[j]))
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    ranks = np.empty(len(keys))
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop + 1 < len(order) and keys[order[stop + 1]] == keys[order[start]]:
+            stop += 1
+        ranks[order[start:stop + 1]] = (start + stop) / 2 + 1
+        start = stop + 1
+    return ranks
+
+
+def exact_rsa(x: torch.Tensor, y: torch.Tensor) -> float:
+    a, b = exact_distance_ranks(x), exact_distance_ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+def pair(n: int = 60, d: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x, x + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("offset", [1e2, 1e4, 1e6])
+@pytest.mark.parametrize("where", ["every feature", "one feature"])
+def test_float32_with_a_large_offset_matches_exact_arithmetic(offset, where):
+    x, y = pair()
+    if where == "every feature":
+        x, y = x + offset, y + offset
+    else:  # massive activations: one large feature per side
+        x[:, 0] += offset
+        y[:, 3] -= offset
+    x, y = x.float(), y.float()
+    expected = exact_rsa(x, y)
+    assert float(F.rsa(x, y)) == pytest.approx(expected, abs=1e-6)
+    assert float(F.rsa(x.double(), y.double())) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_discrete_features_keep_their_exact_ties(levels):
+    g = torch.Generator().manual_seed(levels)
+    x = torch.randint(0, levels, (50, 6), generator=g).double()
+    y = torch.where(torch.rand(50, 6, generator=g) < 0.3, torch.randint(0, levels, (50, 6), generator=g), x)
+    x[x.sum(1) == 0, 0] = 1.0  # no all-zero row (cosine undefined)
+    y[y.sum(1) == 0, 0] = 1.0
+    ranks = exact_distance_ranks(x)
+    assert len(np.unique(ranks)) < len(ranks) / 4  # the data is heavily tied
+    assert float(F.rsa(x, y)) == pytest.approx(exact_rsa(x, y), abs=1e-12)
+    assert float(F.rsa(x.float(), y.float())) == pytest.approx(exact_rsa(x, y), abs=1e-6)
+
+
+def test_average_ranks_tolerance_joins_values_within_it():
+    values = torch.tensor([3.0, 1.0, 1.0 + 1e-14, 2.0, 1.0 - 1e-14, 5.0], dtype=torch.float64)
+    torch.testing.assert_close(average_ranks(values),
+                               torch.tensor([5.0, 2.0, 3.0, 4.0, 1.0, 6.0], dtype=torch.float64))
+    torch.testing.assert_close(average_ranks(values, tol=1e-13),
+                               torch.tensor([5.0, 2.0, 2.0, 4.0, 2.0, 6.0], dtype=torch.float64))

@@ -83,3 +83,27 @@ def test_constant_features_refused_on_the_features_route():
     x[:, 2] = 1e4 + 0.7
     with pytest.raises(ValueError, match="zero-variance"):
         linear_feature_state(x)
+
+
+EVERY_FEATURE = ("linear_cka", "rbf_cka", "unbiased_cka", "rsa", "rv_coefficient", "svcca",
+                 "procrustes_similarity", "shape_metric", "bures_similarity", "cca_similarity",
+                 "pwcca", "linear_predictivity")
+
+
+@pytest.mark.parametrize("name", EVERY_FEATURE)
+def test_an_offset_on_every_feature_costs_float32_no_accuracy(name):
+    """Rows that share a common component 10⁴ times their spread: the float32 result equals the
+    float64 one on the same numbers.  (Formulas like ‖x_i‖² + ‖x_j‖² − 2x_iᵀx_j or 1 − x̂_iᵀx̂_j
+    lose (10⁴)² of float32's 10⁷ resolution here: RBF CKA and RSA were off by 1.0 and 0.6, and
+    the SVD-based measures refused the data as constant.)  The kNN family is left out: its
+    neighbor order is as exact as the float32 input itself (rounding errors of eps·‖x‖²
+    against differences of ‖x‖·spread), not more."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(150, 24, generator=g, dtype=torch.float64)
+    y = x + 0.7 * torch.randn(150, 24, generator=g, dtype=torch.float64)
+    x, y = (x + 1e4).float(), (y + 1e4).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r32 = float(getattr(F, name)(x, y))
+        r64 = float(getattr(F, name)(x.double(), y.double()))
+    assert r32 == pytest.approx(r64, abs=1e-5)

@@ -14,7 +14,12 @@ def linear_gram(x: Tensor) -> Tensor:
 
 
 def squared_distances(x: Tensor) -> Tensor:
-    """Squared Euclidean distances ``D_ij = ‖x_i − x_j‖²`` (exact zeros on the diagonal)."""
+    """Squared Euclidean distances ``D_ij = ‖x_i − x_j‖²`` (exact zeros on the diagonal).
+
+    From the column-centered rows: the distances do not change, but ``‖x_i‖² + ‖x_j‖² −
+    2x_iᵀx_j`` of rows with a large common offset would cancel away their digits (an offset of
+    10⁴ leaves none of them in float32)."""
+    x = x - x.mean(0, keepdim=True)
     sq = (x * x).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min_(0.0)
     d2.fill_diagonal_(0.0)

@@ -91,3 +91,35 @@ def test_average_ranks_tolerance_joins_values_within_it():
                                torch.tensor([5.0, 2.0, 3.0, 4.0, 1.0, 6.0], dtype=torch.float64))
     torch.testing.assert_close(average_ranks(values, tol=1e-13),
                                torch.tensor([5.0, 2.0, 2.0, 4.0, 2.0, 6.0], dtype=torch.float64))
+
+
+def test_compiled_ranks_equal_the_sorting_ones():
+    """From 65,536 values the CPU ranks come from a radix sort (numba): the same ranks as the
+    ``torch.sort`` path and as scipy's, with ties, a tolerance, signed zeros and infinities."""
+    from scipy.stats import rankdata
+
+    from alignment_callback.functional import kernels
+
+    assert kernels._numba_ranks(), "numba is a dependency: the compiled path must be available"
+    g = torch.Generator().manual_seed(0)
+    m = kernels._NUMBA_RANKS_MIN + 1001
+    continuous = torch.randn(m, generator=g, dtype=torch.float64)
+    tied = torch.randint(0, 300, (m,), generator=g).double() / 7
+    tied[:4] = torch.tensor([-0.0, 0.0, float("inf"), -float("inf")], dtype=torch.float64)
+    near = tied + torch.randn(m, generator=g, dtype=torch.float64) * 1e-15
+    for values, tol in ((continuous, 0.0), (tied, 0.0), (near, 1e-13), (near.float(), 0.0)):
+        got = kernels.average_ranks(values, tol)
+        torch.testing.assert_close(got, kernels._sorted_average_ranks(values, tol), rtol=0, atol=0)
+        if tol == 0.0:
+            want = torch.from_numpy(rankdata(values.numpy())).to(values.dtype)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(kernels.average_ranks(near, 1e-13), kernels.average_ranks(tied))
+
+
+def test_rsa_without_the_compiled_ranks(monkeypatch):
+    from alignment_callback.functional import kernels
+
+    x, y = pair(n=400, d=8)  # 79,800 distances: the compiled path when numba is there
+    with_numba = float(F.rsa(x, y))
+    monkeypatch.setattr(kernels, "_ranks_kernel", False)
+    assert float(F.rsa(x, y)) == with_numba

@@ -57,7 +57,8 @@ def test_features_route_with_massive_activations():
     assert got == pytest.approx(ref.linear_cka(centered64(x), centered64(y)), abs=2e-6)
 
 
-@pytest.mark.parametrize("name", ALL_BUT_SLOW)
+@pytest.mark.parametrize("name", ALL_BUT_SLOW + ("rsa", "rbf_cka", "bures_similarity", "shape_metric",
+                                                 "linear_predictivity"))
 def test_every_measure_accepts_a_massive_offset(name):
     x, y = massive(1e4, n=120, d=32)
     with warnings.catch_warnings():

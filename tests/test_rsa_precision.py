@@ -107,7 +107,9 @@ def test_compiled_ranks_equal_the_sorting_ones():
     tied = torch.randint(0, 300, (m,), generator=g).double() / 7
     tied[:4] = torch.tensor([-0.0, 0.0, float("inf"), -float("inf")], dtype=torch.float64)
     near = tied + torch.randn(m, generator=g, dtype=torch.float64) * 1e-15
-    for values, tol in ((continuous, 0.0), (tied, 0.0), (near, 1e-13), (near.float(), 0.0)):
+    small = torch.randint(0, 50, (m,), generator=g).double()  # most radix digits constant
+    cases = ((continuous, 0.0), (tied, 0.0), (near, 1e-13), (near.float(), 0.0), (small, 0.0))
+    for values, tol in cases:
         got = kernels.average_ranks(values, tol)
         torch.testing.assert_close(got, kernels._sorted_average_ranks(values, tol), rtol=0, atol=0)
         if tol == 0.0:
@@ -123,3 +125,15 @@ def test_rsa_without_the_compiled_ranks(monkeypatch):
     with_numba = float(F.rsa(x, y))
     monkeypatch.setattr(kernels, "_ranks_kernel", False)
     assert float(F.rsa(x, y)) == with_numba
+
+
+@pytest.mark.parametrize("m", [10, 70_000])
+def test_average_ranks_of_integers_and_nan(m):
+    from alignment_callback.functional import kernels
+
+    values = torch.arange(m) // 2  # pairs of equal integers: ranks 1.5, 1.5, 3.5, 3.5, ...
+    ranks = kernels.average_ranks(values)
+    assert ranks.dtype == torch.float64
+    torch.testing.assert_close(ranks, (values * 2 + 1.5).double())
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.average_ranks(torch.tensor([1.0, float("nan")] * (m // 2)))

@@ -63,8 +63,8 @@ def average_ranks(values, tol, out):  # pragma: no cover - compiled
             idx2[j] = idx[i]
         keys, keys2 = keys2, keys
         idx, idx2 = idx2, idx
-    ordered = values.copy()  # the sorted values, decoded from the sorted keys
-    bits = ordered.view(np.uint64)
+    ordered = keys2.view(np.float64)  # the sorted values, decoded into the spare buffer
+    bits = keys2
     for i in range(m):
         k = keys[i]
         bits[i] = k & ~sign if k & sign else ~k

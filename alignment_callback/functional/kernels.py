@@ -187,14 +187,22 @@ def average_ranks(values: Tensor, tol: float = 0.0) -> Tensor:
     (default 0: exactly equal values); a ``tol`` at the rounding error of the computation that
     produced ``values`` keeps values that are equal in exact arithmetic tied.  On the CPU, from
     65,536 values, a compiled radix sort (numba) replaces ``torch.sort``, with the same ranks.
+    Integer values get float64 ranks; NaN raises ``ValueError``.
     """
+    global _ranks_kernel
+    if not values.is_floating_point():
+        values = values.to(torch.float64)
+    if bool(torch.isnan(values).any()):
+        raise ValueError("average_ranks: values contain NaN, which has no rank")
     m = values.numel()
-    if values.device.type == "cpu" and _NUMBA_RANKS_MIN <= m < 2**32:
-        kernel = _numba_ranks()
-        if kernel and not bool(torch.isnan(values).any()):
-            v = values.detach().to(torch.float64).contiguous().numpy()
-            out = np.empty_like(v)
-            kernel(v, float(tol), out)
+    if values.device.type == "cpu" and _NUMBA_RANKS_MIN <= m < 2**32 and _numba_ranks():
+        v = values.detach().to(torch.float64).contiguous().numpy()
+        out = np.empty_like(v)
+        try:
+            _ranks_kernel(v, float(tol), out)
+        except Exception:  # the kernel failed to compile (e.g. an incompatible numpy)
+            _ranks_kernel = False
+        else:
             return torch.from_numpy(out).to(values.dtype)
     return _sorted_average_ranks(values, tol)
 

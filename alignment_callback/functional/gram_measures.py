@@ -282,10 +282,10 @@ def _identity(n: int, device: torch.device) -> Tensor:
     return torch.arange(n, device=device)[None]
 
 
-def _check_memory(name: str, x: Tensor, alternatives: str) -> None:
-    """Refuse before allocating when the two sides' n×n matrices (and two being built) would
-    not fit in the memory available."""
-    error = square_matrix_error(name, x.shape[0], 4, x.dtype, x.device,
+def _check_memory(name: str, x: Tensor, alternatives: str, count: int = 4) -> None:
+    """Refuse before allocating when ``count`` n×n matrices of ``x``'s dtype (default 4: the
+    two sides' and two being built) would not fit in the memory available."""
+    error = square_matrix_error(name, x.shape[0], count, x.dtype, x.device,
                                 available_bytes(x.device), alternatives)
     if error is not None:
         raise error
@@ -340,5 +340,7 @@ def rsa(x: Tensor, y: Tensor) -> Tensor:
     x, y = check_pair(x, y)
     if x.shape[0] < 3:
         raise ValueError(f"rsa needs at least 3 samples, got {x.shape[0]}")
-    _check_memory("rsa", x, _NO_GRAM)
+    # ranking n(n − 1)/2 float64 distances takes 40 bytes each at its peak (the distances,
+    # keys, indices and ranks of the radix sort): five float32 n×n matrices, plus the other side
+    _check_memory("rsa", x, _NO_GRAM, count=4 if x.dtype == torch.float64 else 6)
     return gram_score(rsa_state(x), rsa_state(y), _identity(x.shape[0], x.device))[0]

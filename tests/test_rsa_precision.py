@@ -137,3 +137,21 @@ def test_average_ranks_of_integers_and_nan(m):
     torch.testing.assert_close(ranks, (values * 2 + 1.5).double())
     with pytest.raises(ValueError, match="NaN"):
         kernels.average_ranks(torch.tensor([1.0, float("nan")] * (m // 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_one_data_has_two_tied_distances(dtype):
+    """Rows c_i·v are parallel up to the rounding of each product: their cosine distances are 0
+    (same sign) or 2 (opposite signs) to rounding, and rank as those two ties."""
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(16, generator=g, dtype=torch.float64)
+    c = torch.randn(40, generator=g, dtype=torch.float64)
+    x = (c[:, None] * v[None, :]).to(dtype)
+    y = torch.randn(40, 16, generator=g, dtype=torch.float64).to(dtype)
+    i, j = np.triu_indices(40, k=1)
+    tied = np.where(np.sign(c.numpy()[i]) == np.sign(c.numpy()[j]), 0.0, 2.0)
+    from scipy.stats import rankdata
+
+    a, b = rankdata(tied), exact_distance_ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    assert float(F.rsa(x, y)) == pytest.approx(float(a @ b / np.sqrt((a @ a) * (b @ b))), abs=1e-6)

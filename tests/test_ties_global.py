@@ -56,3 +56,25 @@ def test_type_one_error_on_tied_data_per_pair(kind):
 def test_type_one_error_on_tied_data_layer_max(kind):
     rates = _rejection_rates(kind, reps=150, first_seed=40_000, layers=3)
     assert max(rates.values()) <= band(150), rates
+
+
+GRAM = {"linear_cka": {}, "rbf_cka": {"sigma": "median"}, "unbiased_cka": {}, "rsa": {},
+        "rv_coefficient": {}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_type_one_error_of_the_analytic_null_on_tied_data(kind):
+    """``null="auto"`` takes the moments + Pearson III null for most of these pairs (the exact
+    moments hold for any matrices, but the shape of a lumpy discrete null is approximated): its
+    false-positive rate stays ≤ α + 3σ too."""
+    reps, rejected, by_moments = 200, dict.fromkeys(GRAM, 0), dict.fromkeys(GRAM, 0)
+    for r in range(reps):
+        g = torch.Generator().manual_seed(50_000 + r)
+        x, y = no_zero_rows(tied(kind, 48, g)), no_zero_rows(tied(kind, 48, g))
+        for name, kw in GRAM.items():
+            res = F.calibrated_alignment(x, y, name, num_permutations=99, null="auto", seed=r, **kw)
+            rejected[name] += float(res.p_value) <= ALPHA
+            by_moments[name] += res.null_method == "moments"
+    assert max(rejected.values()) / reps <= band(reps), rejected
+    assert sum(by_moments.values()) >= 0.6 * reps * len(GRAM), by_moments

@@ -155,3 +155,12 @@ def test_rank_one_data_has_two_tied_distances(dtype):
     a, b = rankdata(tied), exact_distance_ranks(y)
     a, b = a - a.mean(), b - b.mean()
     assert float(F.rsa(x, y)) == pytest.approx(float(a @ b / np.sqrt((a @ a) * (b @ b))), abs=1e-6)
+
+
+def test_equidistant_samples_are_refused_by_name():
+    """One-hot rows of distinct classes: every cosine distance is 1, so every rank is tied and
+    Spearman's correlation is undefined; the error says why."""
+    with pytest.raises(ValueError, match="same cosine distance"):
+        F.rsa(torch.eye(6, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="same cosine distance"):
+        F.rsa(torch.eye(6) * 3.7, torch.randn(6, 3))

@@ -217,7 +217,9 @@ def rsa_state(x: Tensor) -> GramState:
         pos += n - 1 - i
     del ranks
     _mirror_upper_(m)
-    return _state(m, 1e3 * _eps(m), "cosine-distance rank matrix")
+    return _state(m, 1e3 * _eps(m), "cosine-distance rank matrix",
+                  "every pair of samples is at the same cosine distance, to rounding (e.g. "
+                  "one-hot rows of distinct classes)")
 
 
 def _mirror_upper_(m: Tensor, tile: int = 512) -> None:

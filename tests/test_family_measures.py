@@ -634,3 +634,25 @@ def test_declared_measures_run_through_the_calibration(name):
         for b in range(2):
             want = float(FUNCTIONALS[name](xs[a], ys[b]))
             assert float(layers.matrix[a, b]) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+@pytest.mark.parametrize("case", ["rotated copy + 1e-4 noise", "one dominant column"])
+def test_shape_metric_near_perfect_alignment_in_float32(alpha, case):
+    """Near θ = 0, arccos turns float32's rounding of the cosine (≈1e-7) into an angle error of
+    √(2·1e-7) ≈ 4e-4; the angle is taken from the aligned residual there instead, so float32
+    agrees with the float64 reference to 1e-6."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(150, 16, generator=g, dtype=torch.float64)
+    if case == "one dominant column":
+        x[:, 0] *= 1e4
+        y = x + torch.randn(150, 16, generator=g, dtype=torch.float64)
+    else:
+        q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+        y = x @ q + 1e-4 * torch.randn(150, 16, generator=g, dtype=torch.float64)
+    x, y = x.float(), y.float()
+    want = R.shape_metric(x.double().numpy(), y.double().numpy(), alpha)
+    assert want > 0.9997  # the regime this is about
+    got = float(F.get_measure("shape_metric", alpha=alpha)(x, y))
+    assert got == pytest.approx(want, abs=1e-6)
+    assert float(F.get_measure("shape_metric", alpha=alpha)(x.double(), y.double())) == pytest.approx(want, abs=1e-9)

@@ -137,10 +137,30 @@ def shape_state(x: Tensor, alpha: float = 1.0) -> FactorState:
     return _factor(u, alpha * s + (1.0 - alpha))
 
 
+_SMALL_ANGLE_COS = 0.999  # above: θ from the aligned residual instead of arccos
+
+
+def _small_angle(zx: Tensor, zy: Tensor) -> Tensor:
+    """``θ = 2·asin(‖Z_x − Z_y Q‖_F / 2)`` with Q the optimal orthogonal map (both sides
+    zero-padded to the same width): the chord between the aligned unit-norm shapes.  Equal to
+    ``arccos ‖Z_xᵀZ_y‖_*`` but without its loss near θ = 0, where arccos turns a rounding of
+    ε in the cosine into an angle error of √(2ε) (4e-4 in float32)."""
+    r = max(zx.shape[1], zy.shape[1])
+    zx = torch.nn.functional.pad(zx, (0, r - zx.shape[1]))
+    zy = torch.nn.functional.pad(zy, (0, r - zy.shape[1]))
+    u, _, vh = torch.linalg.svd(zx.T @ zy)  # Q = V Uᵀ maximizes tr(Z_xᵀ Z_y Q) = Σσ
+    chord = torch.linalg.vector_norm(zx - zy @ (vh.mT @ u.mT))
+    return 2.0 * torch.asin((chord / 2).clamp(max=1.0))
+
+
 def shape_score(sx: FactorState, sy: FactorState, perms: Tensor) -> Tensor:
-    """``1 − θ/(π/2)`` with ``θ = arccos ‖Z_xᵀ Z_y[π]‖_*`` for each π → (B,)."""
+    """``1 − θ/(π/2)`` with ``θ = arccos ‖Z_xᵀ Z_y[π]‖_*`` for each π → (B,); where the cosine
+    exceeds 0.999, θ comes from the aligned residual (:func:`_small_angle`)."""
     cos = procrustes_score(sx, sy, perms)
-    return 1.0 - torch.arccos(cos) / (math.pi / 2)
+    theta = torch.arccos(cos)
+    for b in (cos > _SMALL_ANGLE_COS).nonzero().flatten().tolist():
+        theta[b] = _small_angle(sx.z, sy.z[perms[b]])
+    return 1.0 - theta / (math.pi / 2)
 
 
 def shape_metric(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:

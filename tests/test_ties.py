@@ -96,24 +96,26 @@ def test_all_rows_identical_is_a_clear_error(name):
         F.calibrated_alignment(y, x, name, 10, k=3)
 
 
-def _measures(k: int) -> list:
-    return [F.get_measure(name, k=k) for name in KNN]
-
-
-def _rejection_rates(kind: str, reps: int, first_seed: int, layers: int) -> dict[str, float]:
-    """Rate of p <= alpha of every kNN measure under independence, over ``reps`` draws of
-    ``layers`` x ``layers`` tied layers (the max over layer pairs when layers > 1)."""
-    rejected = {name: 0 for name in KNN}
+def rejection_rates(kind: str, reps: int, first_seed: int, layers: int,
+                    measures: dict[str, F.Measure], rows=tied) -> dict[str, float]:
+    """Rate of p <= alpha of each of ``measures`` under independence, over ``reps`` draws of
+    ``layers`` x ``layers`` tied layers made by ``rows(kind, 48, g)`` (the max over layer pairs
+    when layers > 1); every result's calibrated score is > 0 exactly when raw > threshold."""
+    rejected = dict.fromkeys(measures, 0)
     for r in range(reps):
         g = torch.Generator().manual_seed(first_seed + r)
-        xs = {f"x{i}": tied(kind, 48, g) for i in range(layers)}
-        ys = {f"y{i}": tied(kind, 48, g) for i in range(layers)}
-        res = F.calibrate_measures(xs, ys, _measures(5), aggregate="max", num_permutations=99,
-                                   seed=r)
-        for name in KNN:
+        xs = {f"x{i}": rows(kind, 48, g) for i in range(layers)}
+        ys = {f"y{i}": rows(kind, 48, g) for i in range(layers)}
+        res = F.calibrate_measures(xs, ys, measures, aggregate="max", num_permutations=99, seed=r)
+        for name in measures:
             rejected[name] += float(res[name].p_value) <= ALPHA
             assert (float(res[name].calibrated) > 0) == (float(res[name].raw) > float(res[name].threshold))
     return {name: c / reps for name, c in rejected.items()}
+
+
+def _rejection_rates(kind: str, reps: int, first_seed: int, layers: int) -> dict[str, float]:
+    return rejection_rates(kind, reps, first_seed, layers,
+                           {name: F.get_measure(name, k=5) for name in KNN})
 
 
 @pytest.mark.slow

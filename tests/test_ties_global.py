@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import alignment_callback.functional as F
-from tests.test_ties import ALPHA, KINDS, band, tied
+from tests.test_ties import ALPHA, KINDS, band, rejection_rates, tied
 
 MEASURES = {
     "linear_cka": {}, "rbf_cka": {"sigma": "median"}, "unbiased_cka": {}, "rsa": {},
@@ -33,15 +33,8 @@ def no_zero_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _rejection_rates(kind: str, reps: int, first_seed: int, layers: int) -> dict[str, float]:
     measures = {name: F.get_measure(name, **kw) for name, kw in MEASURES.items()}
-    rejected = dict.fromkeys(measures, 0)
-    for r in range(reps):
-        g = torch.Generator().manual_seed(first_seed + r)
-        xs = {f"x{i}": no_zero_rows(tied(kind, 48, g)) for i in range(layers)}
-        ys = {f"y{i}": no_zero_rows(tied(kind, 48, g)) for i in range(layers)}
-        res = F.calibrate_measures(xs, ys, measures, aggregate="max", num_permutations=99, seed=r)
-        for name in measures:
-            rejected[name] += float(res[name].p_value) <= ALPHA
-    return {name: c / reps for name, c in rejected.items()}
+    return rejection_rates(kind, reps, first_seed, layers, measures,
+                           rows=lambda kind, n, g: no_zero_rows(tied(kind, n, g)))
 
 
 @pytest.mark.slow

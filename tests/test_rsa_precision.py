@@ -14,6 +14,7 @@ import torch
 
 import alignment_callback.functional as F
 from alignment_callback.functional.kernels import average_ranks
+from tests import numpy_reference as ref
 
 
 def exact_distance_ranks(x: torch.Tensor) -> np.ndarray:
@@ -33,16 +34,8 @@ def exact_distance_ranks(x: torch.Tensor) -> np.ndarray:
         for j in range(i + 1, len(rows)):
             dot = sum(p * q for p, q in zip(rows[i], rows[j]))
             keys.append(-(1 if dot > 0 else -1) * Fraction(dot * dot, norms[i] * norms[j]))
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    ranks = np.empty(len(keys))
-    start = 0
-    while start < len(order):
-        stop = start
-        while stop + 1 < len(order) and keys[order[stop + 1]] == keys[order[start]]:
-            stop += 1
-        ranks[order[start:stop + 1]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return ranks
+    code = {key: i for i, key in enumerate(sorted(set(keys)))}  # equal fractions: one code
+    return ref.average_ranks(np.array([code[key] for key in keys], dtype=np.float64))
 
 
 def exact_rsa(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -212,25 +212,14 @@ def rsa_state(x: Tensor) -> GramState:
     ranks = (ranks - ranks.mean()).to(x.dtype)
     m = torch.zeros(n, n, dtype=x.dtype, device=x.device)
     pos = 0
-    for i in range(n - 1):  # row i's upper part, then its mirror tile by tile
+    for i in range(n - 1):  # row i's upper part; then (m + mᵀ)/2 · 2, exact, mirrors it
         m[i, i + 1:] = ranks[pos:pos + n - 1 - i]
         pos += n - 1 - i
     del ranks
-    _mirror_upper_(m)
+    symmetrize_(m).mul_(2.0)
     return _state(m, 1e3 * _eps(m), "cosine-distance rank matrix",
                   "every pair of samples is at the same cosine distance, to rounding (e.g. "
                   "one-hot rows of distinct classes)")
-
-
-def _mirror_upper_(m: Tensor, tile: int = 512) -> None:
-    """Copy the strict upper triangle of ``m`` (zero below and on the diagonal) to its lower
-    triangle, in place, tile by tile."""
-    n = m.shape[0]
-    for a in range(0, n, tile):
-        block = m[a:a + tile, a:a + tile]
-        block.add_(block.T.clone())  # a diagonal tile: its lower triangle is zero
-        for b in range(a + tile, n, tile):
-            m[b:b + tile, a:a + tile] = m[a:a + tile, b:b + tile].T
 
 
 def gram_score(sx: GramState, sy: GramState, perms: Tensor) -> Tensor:

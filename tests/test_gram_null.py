@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from alignment_callback.functional import gram_null
+from alignment_callback.functional import _compiled, gram_null
 from alignment_callback.functional.gram_measures import linear_state, unbiased_state
 from alignment_callback.functional.gram_null import gram_dots, gram_dots_layers, use_backend
 
@@ -292,8 +292,8 @@ def test_auto_falls_back_to_torch_without_numba(monkeypatch):
     a, b = _sym(30, gen, torch.float32), _sym(30, gen, torch.float32)
     perms = _perms(30, 4, gen)
     expected = gram_dots(a, b, perms, backend="torch")
-    monkeypatch.setattr(gram_null, "_numba_module", None)
-    monkeypatch.setattr(gram_null, "_numba_error", ImportError("No module named 'numba'"))
+    monkeypatch.setitem(_compiled._loaded, "_gram_null_numba",
+                        ModuleNotFoundError("No module named 'numba'"))
     assert not gram_null.numba_available()
     assert torch.equal(gram_dots(a, b, perms), expected)
     with pytest.raises(ImportError, match="needs numba"):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import alignment_callback.functional as F
+from alignment_callback.functional import _compiled
 from alignment_callback.functional.kernels import average_ranks
 from tests import numpy_reference as ref
 
@@ -93,7 +94,7 @@ def test_compiled_ranks_equal_the_sorting_ones():
 
     from alignment_callback.functional import kernels
 
-    assert kernels._numba_ranks(), "numba is a dependency: the compiled path must be available"
+    assert _compiled.available("_ranks_numba"), "numba is a dependency: the compiled path must be there"
     g = torch.Generator().manual_seed(0)
     m = kernels._NUMBA_RANKS_MIN + 1001
     continuous = torch.randn(m, generator=g, dtype=torch.float64)
@@ -112,12 +113,30 @@ def test_compiled_ranks_equal_the_sorting_ones():
 
 
 def test_rsa_without_the_compiled_ranks(monkeypatch):
-    from alignment_callback.functional import kernels
-
     x, y = pair(n=400, d=8)  # 79,800 distances: the compiled path when numba is there
     with_numba = float(F.rsa(x, y))
-    monkeypatch.setattr(kernels, "_ranks_kernel", False)
+    monkeypatch.setitem(_compiled._loaded, "_ranks_numba", ImportError("numba is broken"))
     assert float(F.rsa(x, y)) == with_numba
+
+
+def test_a_kernel_failing_at_run_time_falls_back_to_torch(monkeypatch):
+    """A kernel that fails when first called (a compile error) is disabled, and the torch path
+    gives the ranks, this time and from then on."""
+    import types
+
+    calls = []
+
+    def broken(values, tol, out):
+        calls.append(1)
+        raise RuntimeError("numba: failed to compile")
+
+    monkeypatch.setitem(_compiled._loaded, "_ranks_numba",
+                        types.SimpleNamespace(average_ranks=broken))
+    values = torch.randint(0, 99, (70_000,), generator=torch.Generator().manual_seed(1)).double()
+    want = torch.from_numpy(ref.average_ranks(values.numpy()))
+    for _ in range(2):
+        torch.testing.assert_close(average_ranks(values), want, rtol=0, atol=0)
+    assert calls == [1] and not _compiled.available("_ranks_numba")
 
 
 @pytest.mark.parametrize("m", [10, 70_000])

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional import _compiled
 from alignment_callback.functional._tasks import run_tasks
 
 __all__ = [
@@ -80,34 +81,22 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ----------------------------------------------------------------------------- backends
 
 
-_numba_module = None
-_numba_error: Exception | None = None
+_KERNELS = "_gram_null_numba"
 
 
 def _numba_kernels():
     """The numba kernel module, imported on first use; raises ImportError without numba."""
-    global _numba_module, _numba_error
-    if _numba_module is None and _numba_error is None:
-        try:
-            from alignment_callback.functional import _gram_null_numba
-        except Exception as err:  # numba missing or broken (e.g. an incompatible numpy)
-            _numba_error = err
-        else:
-            _numba_module = _gram_null_numba
-    if _numba_module is None:
+    try:
+        return _compiled.load(_KERNELS)
+    except ImportError as err:
         raise ImportError(
-            f"the numba backend of gram_null needs numba (pip install numba): {_numba_error}"
-        )
-    return _numba_module
+            f"the numba backend of gram_null needs numba (pip install numba): {err.__cause__}"
+        ) from err
 
 
 def numba_available() -> bool:
     """Whether the numba backend can be used (numba importable); imports it on first call."""
-    try:
-        _numba_kernels()
-    except ImportError:
-        return False
-    return True
+    return _compiled.available(_KERNELS)
 
 
 @contextmanager

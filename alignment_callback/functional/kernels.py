@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional import _compiled
 from alignment_callback.functional._scaling import rescale_exactly
 
 
@@ -165,19 +164,7 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
 
 
 _NUMBA_RANKS_MIN = 1 << 16  # fewer values: torch.sort is as fast
-_ranks_kernel: Any = None
-
-
-def _numba_ranks() -> Any:
-    """The numba rank kernel, imported on first use (False without numba)."""
-    global _ranks_kernel
-    if _ranks_kernel is None:
-        try:
-            from alignment_callback.functional._ranks_numba import average_ranks as kernel
-        except Exception:  # numba missing or broken (e.g. an incompatible numpy)
-            kernel = False
-        _ranks_kernel = kernel
-    return _ranks_kernel
+_RANKS = "_ranks_numba"
 
 
 def average_ranks(values: Tensor, tol: float = 0.0) -> Tensor:
@@ -189,19 +176,18 @@ def average_ranks(values: Tensor, tol: float = 0.0) -> Tensor:
     65,536 values, a compiled radix sort (numba) replaces ``torch.sort``, with the same ranks.
     Integer values get float64 ranks; NaN raises ``ValueError``.
     """
-    global _ranks_kernel
     if not values.is_floating_point():
         values = values.to(torch.float64)
     if bool(torch.isnan(values).any()):
         raise ValueError("average_ranks: values contain NaN, which has no rank")
     m = values.numel()
-    if values.device.type == "cpu" and _NUMBA_RANKS_MIN <= m < 2**32 and _numba_ranks():
+    if values.device.type == "cpu" and _NUMBA_RANKS_MIN <= m < 2**32 and _compiled.available(_RANKS):
         v = values.detach().to(torch.float64).contiguous().numpy()
         out = np.empty_like(v)
         try:
-            _ranks_kernel(v, float(tol), out)
-        except Exception:  # the kernel failed to compile (e.g. an incompatible numpy)
-            _ranks_kernel = False
+            _compiled.load(_RANKS).average_ranks(v, float(tol), out)
+        except Exception as err:  # the kernel failed to compile (e.g. an incompatible numpy)
+            _compiled.disable(_RANKS, err)
         else:
             return torch.from_numpy(out).to(values.dtype)
     return _sorted_average_ranks(values, tol)

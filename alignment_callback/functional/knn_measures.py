@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional import _compiled
 from alignment_callback.functional._validation import check_k, check_pair
 from alignment_callback.functional.neighbors import (
     NeighborLists,
@@ -244,18 +245,10 @@ _MIN_PARALLEL_SLOTS = 1 << 18  # below: one thread does everything
 
 def _numba_kernels():
     """The kernel module, imported on first use; ``None`` without a working numba."""
-    global _kernels
-    if _kernels is None:
-        try:
-            from alignment_callback.functional import _knn_null_numba
-        except Exception:  # numba missing or broken (e.g. an incompatible numpy)
-            _kernels = False
-        else:
-            _kernels = _knn_null_numba
-    return _kernels or None
+    return _compiled.load(_KERNELS) if _compiled.available(_KERNELS) else None
 
 
-_kernels = None
+_KERNELS = "_knn_null_numba"
 
 
 def _pick_backend(backend: str | None, device: torch.device) -> str:

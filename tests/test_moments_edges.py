@@ -121,3 +121,83 @@ def test_float32_at_a_million_samples_is_not_a_point_mass():
     r = F.calibrated_alignment(x, y, "linear_cka", null="moments")
     assert 0 < float(r.null_std) < 1e-6
     assert float(r.p_value) < 1e-6 and float(r.calibrated) > 1e-3
+
+
+@pytest.mark.parametrize("n", [12, 48, 128])
+def test_point_mass_of_whitened_features_below_n(n):
+    """d = n − 1 < n: the moments come from the features, whose invariants subtract nearly
+    equal numbers for a whitened representation; the null is still found to be a point mass
+    (before, rounding gave std ≈ 1e-9 with skewness ≈ ±1e7 and p = 0)."""
+    x = torch.from_numpy(whitened(n, 2))
+    y = torch.from_numpy(np.random.default_rng(7).standard_normal((n, 3)))
+    null = F.permutation_null(x, y, "linear_cka", 300, seed=0)
+    assert float(null.max() - null.min()) < 1e-12  # the same value under every permutation
+    with pytest.warns(RuntimeWarning, match="point mass"):
+        r = F.calibrated_alignment(x, y, "linear_cka", null="moments")
+    assert float(r.p_value) == 1.0 and float(r.calibrated) == 0.0 and float(r.null_std) == 0.0
+    assert float(r.raw) == pytest.approx(float(F.linear_cka(x, y)), rel=1e-12)
+    assert float(r.threshold) == pytest.approx(float(null.mean()), abs=1e-12)
+
+
+@pytest.mark.parametrize("delta", [1e-5, 1e-6, 1e-7, 1e-8])
+def test_nearly_whitened_features_keep_exact_moments(delta):
+    """Whitened plus noise of size δ: a real null whose std (≈ 3·δ/100) the feature route
+    could not resolve below δ ≈ 1e-5 (skewness off by up to 1e5); the moments now equal those
+    of the n×n gram route, and the p-value that of 20,000 permutations."""
+    from alignment_callback.functional import moments as mo
+
+    n = 48
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(whitened(n, 2) + delta * rng.standard_normal((n, n - 1)))
+    y = torch.from_numpy(rng.standard_normal((n, 3)))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    feat = mo.cosine_moments(mo.feature_invariants(xc), mo.feature_invariants(yc))
+    gram = mo.cosine_moments(mo.gram_invariants(xc @ xc.T), mo.feature_invariants(yc))
+    assert feat.std == pytest.approx(gram.std, rel=1e-6)
+    assert feat.skewness == pytest.approx(gram.skewness, abs=1e-4)
+    null = F.permutation_null(x, y, "linear_cka", 20_000, seed=1).double()
+    assert feat.std == pytest.approx(float(null.std()), rel=0.03)
+    mom = F.calibrated_alignment(x, y, "linear_cka", null="moments")
+    perm = F.calibrated_alignment(x, y, "linear_cka", 20_000, seed=1)
+    assert abs(float(mom.p_value) - float(perm.p_value)) <= 0.01
+
+
+def test_nearly_invariant_features_too_large_for_the_gram_warn(monkeypatch):
+    from alignment_callback.functional.moments import features
+
+    monkeypatch.setattr(features, "_NEAR_INVARIANT_MAX_N", 10)
+    x = torch.from_numpy(whitened(12, 0))
+    with pytest.warns(RuntimeWarning, match="permutation-invariant"):
+        features.feature_invariants(x)
+
+
+def test_moments_in_float32_near_the_maximum():
+    """An RBF kernel with σ below the distances, float32: (a) s_max − τ below float32's
+    resolution gives a calibrated 0, as with permutations (before, the moments path used the
+    float64 bound and reported 0.88 with the warning that it was 0); (b) a null found to be a
+    point mass still reports the observed score as ``raw`` (before: the null mean)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 10))
+    x, y = (torch.tensor(v, dtype=torch.float32) for v in (x, x + 0.3 * rng.standard_normal(x.shape)))
+    with pytest.warns(RuntimeWarning, match="reaches the maximum"):
+        mom = F.calibrated_alignment(x, y, "rbf_cka", null="moments", sigma=0.55)
+    assert 1.0 - float(mom.threshold) < 1e-5 and float(mom.calibrated) == 0.0
+    with pytest.warns(RuntimeWarning, match="point mass"):
+        mom = F.calibrated_alignment(x, y, "rbf_cka", null="moments", sigma=0.5)
+    observed = float(F.rbf_cka(x, y, sigma=0.5))
+    assert float(mom.raw) == pytest.approx(observed, abs=1e-9)
+    assert abs(float(mom.raw) - float(mom.null_mean)) > 1e-7
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auto_falling_back_to_permutations_scores_on_the_null_route(seed):
+    """n = 5 < 32: "auto" falls back to permutations after preparing the feature-space state;
+    the observed score must come from the same n×n route as the null, so that every identity
+    permutation (the same statistic) counts as reaching it."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal((5, 3)))
+    y = torch.from_numpy(rng.standard_normal((5, 2)))
+    r = F.calibrated_alignment(x, y, "linear_cka", 2000, seed=0, null="auto")
+    assert r.null_method == "permutation"
+    ident = (F.permutations(5, 2000, 0) == torch.arange(5)).all(1)
+    assert int(ident.sum()) > 0 and bool((r.null[ident] >= r.raw).all())

@@ -73,28 +73,38 @@ def invariants(state: Any) -> mo.GramInvariants:
 
 def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvariants,
                     alpha: float, max_score: float | None, dtype: torch.dtype,
-                    device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], bool]:
+                    device: torch.device | str = "cpu", data_dtype: torch.dtype | None = None
+                    ) -> tuple[dict[str, Tensor], bool]:
     """The scalar fields of a calibration from the moments (0-dim ``dtype`` tensors on
-    ``device``), and whether the Pearson III approximation is within its validated range."""
+    ``device``), and whether the Pearson III approximation is within its validated range.
+
+    ``data_dtype`` (default ``dtype``) is the features' dtype, whose
+    :func:`~alignment_callback.functional.calibration.resolution` decides, as for a
+    permutation null, whether ``s_max − τ`` is resolved (else the calibrated score is 0) and
+    whether the null is a point mass."""
+    data_dtype = dtype if data_dtype is None else data_dtype
     m = mo.cosine_moments(inv_x, inv_y)
-    if point_mass(m, score, dtype):
+    degenerate = point_mass(m, score, data_dtype)
+    if degenerate:
         # the statistic does not change under permutation: the observed score is the null's
-        # only value (any difference is rounding), so P(s(π) >= s) = 1 and τ = the mean
+        # only value (any difference is rounding), so P(s(π) >= s) = 1, τ = the mean, and the
+        # calibrated score and the effect size are 0; ``raw`` stays the observed score
         p3 = {"p_value": 1.0, "threshold": m.mean}
-        score, std = m.mean, 0.0
+        std = 0.0
     else:
         p3 = mo.pearson3_null(score, m, alpha)
         std = m.std
     tau = float(p3["threshold"])
     if max_score is not None:
         tau = min(tau, max_score)
-    excess = score - tau
+    excess = 0.0 if degenerate else score - tau
     if max_score is None:
         calibrated = max(excess, 0.0)
     else:
         margin = max_score - tau
-        calibrated = min(max(excess / margin, 0.0), 1.0) if margin > 1e-11 and excess > 0 else 0.0
-    effect = ((score - m.mean) / std if std > 0 else
+        resolved = margin > resolution(data_dtype)
+        calibrated = min(max(excess / margin, 0.0), 1.0) if resolved and excess > 0 else 0.0
+    effect = (0.0 if degenerate else (score - m.mean) / std if std > 0 else
               0.0 if score == m.mean else math.copysign(math.inf, score - m.mean))
     valid = (std > 0.0  # not a point mass
              and bool(mo.pearson3_valid(inv_x.n, m.skewness, mo.pair_leverage(inv_x, inv_y))))

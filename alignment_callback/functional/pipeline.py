@@ -374,8 +374,13 @@ def calibrate_prepared(
     out = _analytic_results(measures, observed, xside, yside, alpha, max_score, null,
                            permutations.groups)
     rest = [m for m in measures if m not in out]
-    for m in rest:  # a feature-space state cannot give a permutation null: n×n after all
+    # a feature-space state cannot give a permutation null: n×n after all, and the observed
+    # score again from the n×n states, so that it and the null share one route (a null value
+    # equal to the score in exact arithmetic must be counted as reaching it)
+    converted = [m for m in rest if _in_features(xside, m) or _in_features(yside, m)]
+    for m in converted:
         _to_grams(m, xside, yside)
+    observed.update(observed_matrices(converted, xside, yside) if converted else {})
     start, stop = share if share is not None else (0, len(permutations))
     nulls = layer_nulls(rest, xside, yside, permutations, start, stop) if rest else {}
     if gather is not None and rest:
@@ -430,7 +435,7 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
         inv_y = yside.invariant(m, 0, invariants)
         smax = m.max_score if max_score == AUTO else max_score
         fields, valid = analytic_fields(float(observed[m][0, 0]), inv_x, inv_y, alpha, smax,
-                                        observed[m].dtype, observed[m].device)
+                                        observed[m].dtype, observed[m].device, xside.dtype)
         if null == "auto" and not valid:
             continue
         if float(fields["null_std"]) == 0.0 and float(fields["p_value"]) == 1.0:  # point mass

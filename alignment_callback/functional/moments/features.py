@@ -9,6 +9,7 @@ CKA in feature space, and the scatter matrix XᵀX that both use.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -25,6 +26,17 @@ from alignment_callback.functional.moments.patterns import _F64
 #: 3-tensor (O(n·d³/6)).  Crossover measured on one CPU thread: n ≈ 0.34·d² at d = 256,
 #: 0.48·d² at d = 128, 0.6·d² at d = 64 (float64).
 _GRAM_ROUTE_FRACTION = 1 / 3
+
+#: A linear kernel whose non-invariant part A₀ holds less than this share of its energy,
+#: ``‖A₀‖² ≤ fraction·‖A‖²`` (A close to αI + β(J − I): whitened or equidistant samples), loses
+#: its feature-space invariants to cancellation (``‖A₀‖² = ‖C‖² − n²α²/(n−1)`` and the like
+#: carry absolute errors of eps·‖A‖²): they then come from the n×n gram, whose centered entries
+#: keep full precision.  Measured on whitened features plus noise of size δ (n = 48–512): at
+#: ‖A₀‖²/‖A‖² ≈ 5e-12 the feature route's skewness was off by 0.1–60, at 5e-10 by 1e-3.
+_NEAR_INVARIANT = 1e-8
+#: Largest n for that n×n fallback (a float64 gram of 512 MiB); above it the feature route is
+#: kept with a warning.
+_NEAR_INVARIANT_MAX_N = 8192
 
 
 def _centered_features(xc: Tensor) -> Tensor:
@@ -181,6 +193,15 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | Non
     c = alpha + b
     delta = a - alpha
     frob_c = float((c_mat * c_mat).sum())
+    frob_sq = frob_c - n * n * alpha * alpha / (n - 1)
+    if frob_sq <= _NEAR_INVARIANT * frob_c:  # A ≈ αI + β(J − I): see _NEAR_INVARIANT
+        if n <= _NEAR_INVARIANT_MAX_N:
+            return gram_invariants(x @ x.T)
+        warnings.warn(
+            f"the linear kernel of these features is within {_NEAR_INVARIANT:g} of "
+            f"permutation-invariant (whitened or equidistant samples) and n = {n} is too large "
+            "for its n×n gram: its exact permutation moments lose precision to rounding; use "
+            "null='permutation'", RuntimeWarning, stacklevel=2)
     if n < _GRAM_ROUTE_FRACTION * dim * dim:  # S₃ and x_iᵀCx_i from the gram's triangle
         s3, xcx = _gram_sums(x, block_rows)
         tr_c3 = _trace_cube(c_mat)  # tr C³ from the upper triangle of C²: d³/2
@@ -206,7 +227,7 @@ def feature_invariants(xc: Tensor, block_rows: int = 1024, scatter: Tensor | Non
         diag_mean=alpha,
         offdiag_mean=-b,
         diag_sq=d2,
-        frob_sq=frob_c - n * n * alpha * alpha / (n - 1),
+        frob_sq=frob_sq,
         diag_cube=d3,
         cube=math.fsum([d3, s3, -sum_a3, 3 * b * frob_c, -3 * b * sum_a2, -3 * b * b * n * alpha,
                         n * (n - 1) * b ** 3]),

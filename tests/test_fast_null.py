@@ -337,3 +337,27 @@ def test_layer_null_with_groups_and_callable_aggregate():
                                        num_permutations=K, seed=4, groups=labels)
     ref = mats.flatten(1).sort(1).values[:, -2]
     torch.testing.assert_close(res.null, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(F.BUILTIN_MEASURES))
+def test_identity_permutations_reach_the_observed_score(name, dtype):
+    """p = (1 + #{s_k ≥ s})/(K + 1) counts every permutation that leaves the data as it is:
+    its null value must equal the observed score bitwise, wherever it falls in the batches of
+    the null (n = 6: K = 3000 draws hold about 4 identities)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 3, generator=g, dtype=dtype)
+    y = x[:, :2] @ torch.randn(2, 4, generator=g, dtype=dtype) + 0.3 * torch.randn(
+        6, 4, generator=g, dtype=dtype)
+    kw = {"k": 2} if name in KNN else {"cca_dim": 2} if name == "svcca" else {}
+    if name == "linear_predictivity":
+        kw = {"folds": 2}
+    K = 3000
+    res = F.calibrated_alignment(x, y, name, K, seed=0, **kw)
+    ident = (F.permutations(6, K, 0) == torch.arange(6)).all(1)
+    assert int(ident.sum()) > 0
+    if name == "linear_predictivity":  # one product over a batch of permutations: rounding
+        torch.testing.assert_close(res.null[ident], res.raw.expand(int(ident.sum())),
+                                   rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    else:
+        assert torch.equal(res.null[ident], res.raw.expand(int(ident.sum())))

@@ -129,7 +129,9 @@ def pwcca_score(sx: CCAState, sy: CCAState, perms: Tensor) -> Tensor:
     depends on the SVD's choice of basis (exact ties occur only for forced unit correlations).
     """
     lmat, rho = _left_svd(sx.u.T.unsqueeze(0) @ sy.u[perms])
-    w = (lmat.mT @ sx.coords).abs().sum(-1)  # (B, k): Σ_j |⟨h_i, x_j⟩|
+    # (B, k): Σ_j |⟨h_i, x_j⟩|, one k×k by k×d product per permutation (a single product of
+    # B·k rows would round a permutation's value differently in batches of different size)
+    w = torch.bmm(lmat.mT, sx.coords.expand(len(lmat), *sx.coords.shape)).abs().sum(-1)
     return (w * rho.clamp(0.0, 1.0)).sum(-1) / w.sum(-1)
 
 

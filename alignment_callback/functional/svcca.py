@@ -85,7 +85,10 @@ def svcca_score(ux: Tensor, uy: Tensor, perms: Tensor) -> Tensor:
     """Mean canonical correlation of ``span(U_x)`` and ``span(U_y[π])`` for each π → (B,).
 
     ``U_xᵀ U_y[π]`` is computed as ``(U_yᵀ[:, π] U_x)ᵀ``: the permuted columns of the transposed
-    basis are gathered in cache-sized blocks of permutations and multiplied in one product each.
+    basis are gathered in cache-sized blocks of permutations and multiplied in one batched
+    product each, the same c×n by n×c product for every permutation, so that a permutation's
+    value does not depend on the block it is in and the identity gives the observed score
+    bitwise (a single product of c·B rows rounded a row differently for different B).
     """
     n, c = uy.shape
     uy_t = uy.T.contiguous()
@@ -93,8 +96,8 @@ def svcca_score(ux: Tensor, uy: Tensor, perms: Tensor) -> Tensor:
     m = torch.empty(len(perms), c, c, dtype=torch.float64, device=ux.device)
     for start in range(0, len(perms), step):
         block = perms[start:start + step]
-        gathered = uy_t.index_select(1, block.reshape(-1)).view(c * len(block), n)
-        m[start:start + len(block)] = (gathered @ ux).view(c, len(block), c).permute(1, 2, 0)
+        gathered = uy_t.index_select(1, block.reshape(-1)).view(c, len(block), n).transpose(0, 1)
+        m[start:start + len(block)] = torch.bmm(gathered, ux.expand(len(block), n, c)).mT
     # singular values of M = U_xᵀU_y[π] (c_x × c_y) as the square roots of the eigenvalues of
     # MᵀM, formed in float64 so that small ones keep ~1e-8 absolute accuracy
     sv = torch.linalg.eigvalsh(m.mT @ m).clamp(0.0, 1.0).sqrt()

@@ -114,3 +114,11 @@ def test_bootstrap_interval_deterministic_and_ordered():
     assert grouped.subsample_size == 32 and grouped.low <= grouped.high
     with pytest.raises(ValueError, match="fraction"):
         bootstrap_interval(x, y, fraction=1.0)
+
+
+def test_a_p_value_on_the_step_up_boundary_is_rejected():
+    """p_(3) = 3·α/m exactly in decimals (0.05 = 3·0.2/12), while 12·0.05/3 rounds above 0.2."""
+    p = torch.tensor([0.001, 0.01, 0.05] + [0.9] * 9, dtype=torch.float64)
+    assert 12 * 0.05 / 3 > 0.2  # the rounding that made the old rule miss it
+    rejected, _ = benjamini_hochberg(p, alpha=0.2)
+    assert rejected.tolist() == [True] * 3 + [False] * 9

@@ -18,7 +18,8 @@ def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Ten
 
     With the m p-values sorted, ``p_(1) ≤ … ≤ p_(m)``, the adjusted p-values are
     ``q_(i) = min_{j ≥ i} min(m · p_(j) / j, 1)`` (monotone in p, capped at 1) and the
-    hypotheses with ``q ≤ alpha`` are rejected; this is the same set as the step-up rule
+    hypotheses with ``q ≤ alpha`` (up to rounding: 16 units in the last place) are rejected;
+    this is the same set as the step-up rule
     "reject the i* smallest, i* = max{i : p_(i) ≤ i·α/m}".  Controls the false-discovery rate at
     ``alpha`` for independent or positively dependent p-values (PRDS).
 
@@ -54,7 +55,10 @@ def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Ten
     adjusted = torch.empty_like(flat)
     adjusted[order] = adjusted_sorted
     adjusted = adjusted.reshape(p.shape)
-    return adjusted <= alpha, adjusted
+    # a p-value on the boundary p_(i) = i·α/m (e.g. p = 0.05, m = 12, i = 3, α = 0.2) must be
+    # rejected even where m·p/i rounds a few units in the last place above α
+    slack = 16 * torch.finfo(adjusted.dtype).eps
+    return adjusted <= alpha * (1 + slack), adjusted
 
 
 __all__ = ["benjamini_hochberg"]

@@ -13,6 +13,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from alignment_callback.functional._validation import (
     AUTO,
+    all_finite,
     check_alpha,
     check_max_score,
     check_num_permutations,
@@ -169,6 +170,27 @@ class AlignmentMetricBase(Metric):
         state = getattr(self, f"{side}0")
         return int(state.shape[0]) if isinstance(state, Tensor) else sum(int(t.shape[0]) for t in state)
 
+    def _index_count(self) -> int:
+        """Number of stored sample ids (``index=``); 0 when no update passed any."""
+        if isinstance(self.index, Tensor):
+            return int(self.index.numel())
+        return sum(int(t.numel()) for t in self.index)
+
+    def _check_index_use(self, given: bool) -> None:
+        """Refuse an update whose use of ``index=`` differs from the earlier updates since the
+        last reset: ids for only some rows would pair or drop the wrong rows at compute."""
+        if not self._stored_rows("x"):
+            return
+        before = self._index_count() > 0
+        if given != before:
+            which = ("to this update() but not to the earlier ones" if given else
+                     "to the earlier updates but not to this one")
+            raise ValueError(
+                f"{type(self).__name__}: index= was given {which} since the last reset(); "
+                "pass index on every update() or on none (rows without sample ids cannot be "
+                "paired with the others)"
+            )
+
     def _update_layers(self, xs: Any, ys: Any, index: Tensor | None) -> None:
         xs = self._as_layers(xs, "x")
         ys = None if ys is None else self._as_layers(ys, "y")
@@ -193,6 +215,7 @@ class AlignmentMetricBase(Metric):
                 raise ValueError(f"index has {index.numel()} entries for {n} rows")
             if bool((index < 0).any()):
                 raise ValueError(f"index must hold sample ids >= 0, got {int(index.min())}")
+        self._check_index_use(index is not None)
         check_capacity(self._stored_rows("x"), n, self.max_samples)
         x_rows = {name: self.preprocessor.rows(t) for name, t in xs.items()}  # pool (may raise)
         y_rows = None if ys is None else {name: self.preprocessor.rows(t) for name, t in ys.items()}
@@ -224,15 +247,22 @@ class AlignmentMetricBase(Metric):
         ys = self._as_layers(ys, "y")
         if self.y_layers and set(ys) != set(self.y_layers):
             raise ValueError(f"reference layers {list(ys)} do not match {self.y_layers}")
-        matrices = {name: self.preprocessor.matrix(self.preprocessor.rows(t)) for name, t in ys.items()}
+        rows = {name: self.preprocessor.rows(t) for name, t in ys.items()}
+        if self.preprocessor.fn is None:  # a callable's output is checked by side_features
+            for name, t in rows.items():
+                self._check_finite(f"reference (set_reference) layer {name!r}", t)
+        matrices = {name: self.preprocessor.matrix(t) for name, t in rows.items()}
         names, feats = side_features(matrices, "reference")
         self._reference = prepare_side(names, feats, [self.measure], "y", null=self.null)
         if not self.y_layers:
-            self.y_layers = list(ys)
+            self._register("y", list(ys))  # states too, for update(x, y) after clear_reference()
 
     def clear_reference(self) -> None:
-        """Drop the cached reference; ``update`` then needs both sides again."""
+        """Drop the cached reference *and the accumulated rows* (as ``reset()``): rows updated
+        against the reference have no reference side without it.  ``update`` then needs both
+        sides again (or call ``set_reference`` anew)."""
         self._reference = None
+        self.reset()
 
     @property
     def has_reference(self) -> bool:
@@ -251,7 +281,7 @@ class AlignmentMetricBase(Metric):
         super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
 
     def _layout(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"index": bool(self.index) if isinstance(self.index, list) else True}
+        out: dict[str, Any] = {"index": self._index_count() > 0}
         for side in ("x", "y"):
             names = getattr(self, f"{side}_layers")
             rows = self._stored_rows(side) if names else 0
@@ -309,14 +339,48 @@ class AlignmentMetricBase(Metric):
             self._permutations = Permutations(n, self.num_permutations, self.seed)
         return self._permutations
 
+    @staticmethod
+    def _check_finite(what: str, rows: Tensor, state: Any = None) -> None:
+        """Raise naming ``what`` (side and layer) if ``rows`` hold NaN/Inf values.
+
+        One reduction when the rows are finite.  Not used with a callable ``preprocess`` (it
+        may handle NaN/Inf itself; its output is checked by ``side_features``).  ``state`` (the
+        layer's list state, not yet synced) locates the first bad row's ``update()`` call.
+        """
+        if all_finite(rows):
+            return
+        bad = (~torch.isfinite(rows.reshape(rows.shape[0], -1))).any(dim=1)
+        first = int(bad.nonzero()[0, 0])
+        where = f"first: row {first}"
+        if isinstance(state, list) and state:
+            ends = torch.tensor([int(t.shape[0]) for t in state]).cumsum(0)
+            call = int(torch.searchsorted(ends, first, right=True)) + 1
+            where += f", from update() call {call} since the last reset()"
+        raise ValueError(f"{what} contains NaN/Inf values in {int(bad.sum())} of its "
+                         f"{rows.shape[0]} rows ({where})")
+
     def _compute_result(self) -> LayerAlignmentResult:
+        metric = type(self).__name__
         if not self.x_layers or not self._stored_rows("x"):
-            raise RuntimeError(f"{type(self).__name__}.compute() called before any update()")
-        if self._reference is None and not self.y_layers:
-            raise RuntimeError(f"{type(self).__name__}.compute() called before any update()")
+            raise RuntimeError(f"{metric}.compute() called before any update() (reset() and "
+                               "clear_reference() drop the accumulated rows)")
+        if self._reference is None and (not self.y_layers or not self._stored_rows("y")):
+            raise RuntimeError(
+                f"{metric}.compute() needs the reference side y: pass it to every update(x, y) "
+                "or cache it with set_reference(y) (clear_reference() dropped the cached one)"
+            )
         xs = self._gather("x")
         ys = self._gather("y") if self._reference is None else []
-        index = dim_zero_cat(self.index) if (isinstance(self.index, Tensor) or self.index) else None
+        sides = (("x", "model side (x)", xs), ("y", "reference side (y)", ys))
+        for side, label, rows in sides if self.preprocessor.fn is None else ():
+            for layer, t in zip(getattr(self, f"{side}_layers"), rows):
+                self._check_finite(f"{label} layer {layer!r}", t, self._state(side, layer))
+        index = dim_zero_cat(self.index) if self._index_count() else None
+        if index is not None and index.numel() != xs[0].shape[0]:
+            raise ValueError(
+                f"{metric}.compute(): {index.numel()} sample ids (index=) for "
+                f"{xs[0].shape[0]} accumulated rows; pass index on every update() or on none"
+            )
         index, rows = order_rows(index, *xs, *ys)
         xs, ys = rows[: len(xs)], rows[len(xs):]
         if self._reference is not None:
@@ -361,7 +425,8 @@ class AlignmentMetricBase(Metric):
         """Uncalibrated aggregate on one paired batch (what ``forward`` returns).
 
         ``None`` when the reference is cached (no paired batch) or the batch is too small for
-        the measure (e.g. n <= k): a permutation test needs the whole probe set.
+        the measure (e.g. n <= k): a permutation test needs the whole probe set.  NaN when the
+        batch holds NaN/Inf values (``compute()`` then raises, naming the side and layer).
         """
         if ys is None:
             return None
@@ -369,8 +434,20 @@ class AlignmentMetricBase(Metric):
         xs, ys = self._as_layers(xs, "x"), self._as_layers(ys, "y")
         try:
             with torch.no_grad():
-                xn, xf = side_features({k: prep.matrix(prep.rows(t)) for k, t in xs.items()}, "x")
-                yn, yf = side_features({k: prep.matrix(prep.rows(t)) for k, t in ys.items()}, "y")
+                xm = {k: prep.rows(t) for k, t in xs.items()}
+                ym = {k: prep.rows(t) for k, t in ys.items()}
+                if prep.fn is not None:  # a callable may handle NaN/Inf: check its output
+                    xm = {k: prep.matrix(t) for k, t in xm.items()}
+                    ym = {k: prep.matrix(t) for k, t in ym.items()}
+                if not all(all_finite(t) for t in (*xm.values(), *ym.values())):
+                    first_x, first_y = next(iter(xm.values())), next(iter(ym.values()))
+                    dtype = torch.promote_types(first_x.dtype, first_y.dtype)
+                    return torch.full((), float("nan"), dtype=dtype, device=first_x.device)
+                if prep.fn is None:
+                    xm = {k: prep.matrix(t) for k, t in xm.items()}
+                    ym = {k: prep.matrix(t) for k, t in ym.items()}
+                xn, xf = side_features(xm, "x")
+                yn, yf = side_features(ym, "y")
                 dtype = torch.promote_types(xf[0].dtype, yf[0].dtype)
                 xside = prepare_side(xn, [t.to(dtype) for t in xf], [self.measure], "x")
                 yside = prepare_side(yn, [t.to(dtype) for t in yf], [self.measure], "y")

@@ -45,13 +45,17 @@ class CalibratedAlignment(AlignmentMetricBase):
 
     ``forward(x, y)`` accumulates like ``update`` and returns the *uncalibrated* raw score of
     that batch alone (``None`` if the batch is too small for the measure or the reference is
-    cached); calibration needs the whole probe set, so use ``compute()`` for it.
+    cached, NaN if the batch holds NaN/Inf values); calibration needs the whole probe set, so
+    use ``compute()`` for it.  NaN/Inf rows are accepted by ``update`` (no host sync per batch)
+    and make ``compute()`` raise ``ValueError`` naming the side, the layer and the update.
 
     Cached-reference mode: ``set_reference(y)`` preprocesses the frozen reference once and
     keeps its grams / neighbor lists; then ``update(x, index=None)`` takes the model side
-    only, and every ``compute()`` reuses the reference's prepared state.  ``index`` (sample
-    ids) lets rows arrive in any order or with duplicates (DistributedSampler padding): rows are
-    sorted by id and duplicates dropped before computing.
+    only, and every ``compute()`` reuses the reference's prepared state; ``clear_reference()``
+    drops it together with the accumulated rows.  ``index`` (sample ids) lets rows arrive in any
+    order or with duplicates (DistributedSampler padding): rows are sorted by id and duplicates
+    dropped before computing.  Pass it on every ``update`` since the last ``reset()`` or on
+    none; mixing raises ``ValueError``.
     """
 
     def __init__(

@@ -80,7 +80,8 @@ class LayerAlignment(AlignmentMetricBase):
         self, xs: Mapping[str, Tensor], ys: Mapping[str, Tensor] | None = None,
         index: Tensor | None = None,
     ) -> Tensor | None:
-        """Accumulate and return the raw aggregate of this batch alone (uncalibrated)."""
+        """Accumulate and return the raw aggregate of this batch alone (uncalibrated; ``None``
+        / NaN as :meth:`CalibratedAlignment.forward`)."""
         self.update(xs, ys, index)
         return self._raw_batch(xs, ys)
 

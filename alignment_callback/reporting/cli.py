@@ -246,7 +246,7 @@ def run_compare(args: argparse.Namespace) -> int:
             f"row mismatch: {args.a} has {na} rows but {args.b} has {nb}; both files must hold "
             "the same probe inputs in the same order"
         )
-    warn_resolution(args.permutations, 1, args.alpha)
+    warn_resolution(args.permutations, 1, args.alpha, args.null)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -288,7 +288,7 @@ def _compute_share(args: argparse.Namespace, measures: dict, group: ProcessGroup
     total = len(plan.pairs)
     own = store.pairs_file(out, group.rank if group.active else None)
     if group.rank == 0:
-        warn_resolution(args.permutations, total, args.alpha)
+        warn_resolution(args.permutations, total, args.alpha, args.null)
         read = [p for p in store.pair_files(out) if p != own]
         write.matrix_intro(plan, tasks, own if not group.active and not read
                            else f"{out}/pairs*.jsonl", group.world_size)

@@ -91,6 +91,9 @@ class FeatureLoader:
             return self.cache[key]
         from alignment_callback.reporting.io import load_features, preprocess_layers
 
+        if Path(path).is_dir():
+            raise FeatureFileError(f"{path}: is a directory, not a feature file (compare takes "
+                                   "two files; matrix DIR_X DIR_Y compares folders)")
         raw = load_features(path)
         opts = dict(pool=self.args.pool, clamp_quantile=self.args.clamp_quantile,
                     normalize=not self.args.no_normalize)
@@ -237,7 +240,7 @@ def _bootstrap(xa: Layers, ya: Layers, measure: Measure, cal: Calibration, group
     bi = bootstrap_interval(
         xa, ya, measure, num_bootstrap=cal.bootstrap, confidence=BOOTSTRAP_CONFIDENCE,
         seed=cal.seed, num_permutations=cal.permutations, alpha=cal.alpha,
-        fraction=BOOTSTRAP_FRACTION, groups=groups, aggregate=cal.aggregate,
+        fraction=BOOTSTRAP_FRACTION, groups=groups, aggregate=cal.aggregate, null=cal.null,
     )
     return {
         "low": bi.low, "high": bi.high, "confidence": BOOTSTRAP_CONFIDENCE,

@@ -42,11 +42,19 @@ def preprocess_layers(
     """Apply :func:`prepare_features` to every layer (pool 3-D+ inputs -> optional clamp ->
     optional row L2-normalization), on ``device`` if given.
 
-    2-D layers are not pooled (every pool mode leaves them as they are).  Errors are raised as
-    :class:`FeatureFileError` naming ``source`` and the layer.
+    2-D layers are not pooled (every pool mode leaves them as they are); a 1-D layer is
+    refused (it would be one feature per sample, ±1 after normalization: save it as (n, 1) if
+    that is meant).  Errors are raised as :class:`FeatureFileError` naming ``source`` and the
+    layer.
     """
     out: dict[str, Tensor] = {}
     for name, t in layers.items():
+        if t.dim() == 1:
+            raise FeatureFileError(
+                f"{source}: layer {name!r} is 1-D (shape {tuple(t.shape)}); features must be a "
+                "2-D (n_samples, n_features) array, one row per probe input (or 3-D+, pooled); "
+                "save a single feature per sample as shape (n, 1)"
+            )
         if device is not None:
             t = t.to(device)
         try:

@@ -216,15 +216,18 @@ def describe_settings(args: argparse.Namespace, measures: dict[str, Measure],
             "device": args.device, "groups_file": args.groups, **run_settings(args, groups)}
 
 
-def warn_resolution(num_permutations: int, tests: int, alpha: float) -> None:
+def warn_resolution(num_permutations: int, tests: int, alpha: float,
+                    null: str = "permutation") -> None:
     """Warn when 1/(K + 1), the smallest attainable p-value, is too coarse for ``alpha``.
 
     One test (compare) needs 1/(K + 1) <= alpha.  After Benjamini–Hochberg over m tests, r pairs
     at the smallest p get q = m / (r (K + 1)), so a pair is only detectable together with at
-    least r = ⌈m / (alpha (K + 1))⌉ such pairs.
+    least r = ⌈m / (alpha (K + 1))⌉ such pairs.  Nothing to warn with ``null="moments"`` (no
+    permutations: the p-values are continuous); with ``"auto"`` the warning is about the
+    results calibrated by permutations.
     """
     smallest = 1.0 / (num_permutations + 1)
-    if tests * smallest <= alpha:
+    if null == "moments" or tests * smallest <= alpha:
         return
     need = math.ceil(tests / alpha - 1e-9) - 1
     if tests == 1:
@@ -233,8 +236,9 @@ def warn_resolution(num_permutations: int, tests: int, alpha: float) -> None:
         r = math.ceil(tests * smallest / alpha - 1e-9)
         detail = (f"after Benjamini-Hochberg over {tests} pairs a pair is only significant if at "
                   f"least {r} pairs reach that smallest p")
+    which = " (for the results --null auto calibrates by permutations)" if null == "auto" else ""
     print(f"warning: with K={num_permutations} permutations the smallest p-value is "
-          f"1/{num_permutations + 1}, so {detail}; --permutations >= {need} avoids this",
+          f"1/{num_permutations + 1}{which}, so {detail}; --permutations >= {need} avoids this",
           file=sys.stderr, flush=True)
 
 

@@ -17,11 +17,12 @@ from alignment_callback.reporting.plan import BOOTSTRAP_CONFIDENCE, MatrixPlan
 COMPARE_CSV_HEADER = [
     "measure", "aggregate", "raw", "threshold", "calibrated", "p_value", "null_mean", "null_std",
     "effect_size", "percentile", "best_x_layer", "best_y_layer", "n_samples", "num_permutations",
-    "alpha", "ci_low", "ci_high",
+    "alpha", "ci_low", "ci_high", "null_method",
 ]
 MATRIX_CSV_HEADER = [
     "x_model", "y_model", "measure", "aggregate", "raw", "threshold", "calibrated", "p_value",
     "p_bh", "significant_bh", "effect_size", "best_x_layer", "best_y_layer", "ci_low", "ci_high",
+    "null_method",
 ]
 
 
@@ -88,6 +89,34 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _ci(rec: dict) -> str:
     b = rec.get("bootstrap")
     return "" if not b else f"[{b['low']:.4f}, {b['high']:.4f}]"
+
+
+def permutations_used(record: dict, permutations: int) -> int | None:
+    """K for a result calibrated by permutations; ``None`` for one from the exact moments
+    (``null_method == "moments"``: no permutation drawn)."""
+    return None if record.get("null_method") == "moments" else permutations
+
+
+def null_settings(args: Any, records: Sequence[dict]) -> dict[str, Any]:
+    """The report's settings entries for the null: ``permutations`` (K, left out when no
+    result used permutations) and ``null`` (the method; with ``auto``, how many results each
+    measure got from the moments)."""
+    null = getattr(args, "null", "permutation")
+    if null == "moments":
+        return {"null": "moments: exact permutation moments + Pearson III (no permutations "
+                        "drawn)"}
+    if null != "auto":
+        return {"permutations": args.permutations, "null": "permutation"}
+    counts: dict[str, list[int]] = {}
+    for r in records:
+        c = counts.setdefault(str(r["measure"]), [0, 0])
+        c[0] += r.get("null_method") == "moments"
+        c[1] += 1
+    used = ", ".join(f"{m} {k} of {n}" for m, (k, n) in counts.items())
+    return {"permutations": args.permutations,
+            "null": f"auto: exact moments + Pearson III where validated, else the K permutations "
+                    f"(results from the moments: {used}; per result: null_method in "
+                    "matrix.json / matrix.csv)"}
 
 
 def calibration_line(args: Any, grouped: bool) -> str:
@@ -161,8 +190,9 @@ def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, d
         b = r["bootstrap"] or {}
         rows.append([m, r["aggregate"], r["raw"], r["threshold"], r["calibrated"], r["p_value"],
                      r["null_mean"], r["null_std"], r["effect_size"], r["percentile"],
-                     r["best_pair"][0], r["best_pair"][1], na, args.permutations, args.alpha,
-                     b.get("low"), b.get("high")])
+                     r["best_pair"][0], r["best_pair"][1], na,
+                     permutations_used(r, args.permutations), args.alpha, b.get("low"),
+                     b.get("high"), r.get("null_method")])
     write_csv(out / "alignment.csv", COMPARE_CSV_HEADER, rows)
     pngs = []
     for m, r in results.items():
@@ -229,6 +259,7 @@ def matrix_rows(plan: MatrixPlan, summary: dict[str, dict]) -> list[dict[str, An
                 "p_bh": s["p_bh"][i][j], "significant": s["significant_bh"][i][j],
                 "effect_size": r["effect_size"], "best_pair": r["best_pair"],
                 "ci_low": b.get("low"), "ci_high": b.get("high"),
+                "null_method": r.get("null_method"),
             })
     return rows
 
@@ -258,7 +289,8 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
     write_csv(out / "matrix.csv", MATRIX_CSV_HEADER, [
         [r["x"], r["y"], r["measure"], r["aggregate"], r["raw"], r["threshold"],
          r["calibrated"], r["p_value"], r["p_bh"], r["significant"], r["effect_size"],
-         r["best_pair"][0], r["best_pair"][1], r["ci_low"], r["ci_high"]] for r in rows])
+         r["best_pair"][0], r["best_pair"][1], r["ci_low"], r["ci_high"], r["null_method"]]
+        for r in rows])
     images = []
     for m, s in summary.items():
         png = f"matrix_{m}.png"
@@ -267,7 +299,7 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
                 xlabel=f"{args.dir_y}", ylabel=f"{args.dir_x}", marks=s["significant_bh"])
         images.append((f"{m}: calibrated scores, * = significant after BH", png))
     report_settings = {
-        "n": n_samples, "permutations": args.permutations, "alpha": args.alpha,
+        "n": n_samples, **null_settings(args, rows), "alpha": args.alpha,
         "aggregate": args.aggregate, "seed": args.seed,
         "measures": {m: plan.measures[m].kwargs for m in plan.measures},
         "x_files": [f.name for f in plan.files_x], "y_files": [f.name for f in plan.files_y],

@@ -1,0 +1,270 @@
+"""Regression tests of audited bugs in the metric objects and the command line.
+
+Metrics: ``index=`` on some updates only, ``clear_reference()`` keeping stale rows, NaN/Inf
+errors that named neither side nor layer, ``forward`` on a NaN batch.  Command line:
+``--bootstrap`` ignoring ``--null``, ``--null moments`` still warning about (and reporting) K
+permutations, a directory or a 1-D array given as a feature file.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+import alignment_callback.functional as F
+from alignment_callback.metrics import CalibratedAlignment, LayerAlignment
+from alignment_callback.reporting import cli, compute
+from alignment_callback.reporting.plan import warn_resolution
+
+K = 19
+N = 40
+COMPUTE_BEFORE_UPDATE = "ignore:The ``compute`` method of metric"
+
+
+def pair(n: int = N, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=g)
+    y = x @ torch.randn(10, 7, generator=g) + 0.5 * torch.randn(n, 7, generator=g)
+    return x, y
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def metric(**kw) -> CalibratedAlignment:
+    return CalibratedAlignment("linear_cka", num_permutations=K, seed=1, **kw)
+
+
+def expected(x: Tensor, y: Tensor) -> F.CalibrationResult:
+    return F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y), "linear_cka", K,
+                                  seed=1)
+
+
+def assert_same(out: dict[str, Tensor], ref) -> None:
+    for key in ("raw", "calibrated", "p_value", "threshold"):
+        torch.testing.assert_close(out[key], torch.as_tensor(getattr(ref, key)).to(out[key].dtype),
+                                   rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- index= on some updates
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("index_first", [False, True])
+def test_index_on_some_updates_only_raises(cached: bool, index_first: bool) -> None:
+    """Ids for some batches only used to pair the wrong rows (cached reference) or drop rows."""
+    x, y = pair()
+    m = metric()
+    if cached:
+        m.set_reference(y)
+
+    def update(sl: slice, with_index: bool) -> None:
+        ids = torch.arange(N)[sl] if with_index else None
+        if cached:
+            m.update(x[sl], index=ids)
+        else:
+            m.update(x[sl], y[sl], index=ids)
+
+    update(slice(0, 20), index_first)
+    with pytest.raises(ValueError, match=r"index=.*pass index on every update\(\) or on none"):
+        update(slice(20, N), not index_first)
+    assert m._stored_rows("x") == 20  # the rejected batch stored nothing
+    update(slice(20, N), index_first)  # consistent: accepted, and the result is all rows
+    assert_same(m.compute(), expected(x, y))
+    m.reset()  # a reset starts over: the other choice is fine now
+    update(slice(0, N), not index_first)
+    assert_same(m.compute(), expected(x, y))
+
+
+def test_compute_refuses_index_count_other_than_rows() -> None:
+    x, y = pair()
+    m = metric()
+    m.update(x[:20], y[:20], index=torch.arange(20))
+    m.update(x[20:], y[20:], index=torch.arange(20, N))
+    m.index.pop()  # ids of the first batch only (e.g. a hand-edited state dict)
+    with pytest.raises(ValueError, match=f"20 sample ids .* {N} accumulated rows"):
+        m.compute()  # used to calibrate on the first 20 rows, silently dropping the rest
+
+
+# ------------------------------------------------------------------------------ clear_reference
+def test_clear_reference_drops_rows_then_paired_updates_work() -> None:
+    x, y = pair()
+    m = metric()
+    m.set_reference(y)
+    m.update(x)
+    m.clear_reference()
+    assert not m.has_reference and m._stored_rows("x") == 0
+    m.update(x, y)
+    assert_same(m.compute(), expected(x, y))
+
+
+def test_layer_alignment_clear_reference_then_paired_update() -> None:
+    x, y = pair()
+    la = LayerAlignment("linear_cka", num_permutations=K, seed=1)
+    la.set_reference({"ref": y})
+    la.update({"enc": x})
+    la.clear_reference()
+    la.update({"enc": x}, {"ref": y})
+    out = la.compute()
+    torch.testing.assert_close(out["raw"], expected(x, y).raw)
+
+
+@pytest.mark.filterwarnings(COMPUTE_BEFORE_UPDATE)
+def test_compute_without_reference_side_is_a_clear_error() -> None:
+    x, y = pair()
+    m = metric()
+    m.set_reference(y)
+    m.update(x)
+    m.clear_reference()
+    with pytest.raises(RuntimeError, match=r"before any update\(\).*clear_reference"):
+        m.compute()
+    # model rows without any reference side (a cached-reference state dict, no reference)
+    m.set_reference(y)
+    m.update(x)
+    m.persistent(True)
+    fresh = metric()
+    fresh.persistent(True)
+    fresh.load_state_dict(m.state_dict())
+    with pytest.raises(RuntimeError, match=r"needs the reference side y.*set_reference"):
+        fresh.compute()
+
+
+# ---------------------------------------------------------------------------------- NaN / Inf
+def test_nan_error_names_side_layer_and_update() -> None:
+    x, y = pair()
+    ys = {"ref0": y, "ref1": y.clone()}
+    ys["ref1"][25, 2] = float("inf")  # in the second batch (rows 20..39)
+    la = LayerAlignment("linear_cka", num_permutations=K)
+    for sl in (slice(0, 20), slice(20, N)):
+        la.update({"enc": x[sl]}, {k: v[sl] for k, v in ys.items()})
+    with pytest.raises(ValueError, match=r"reference side \(y\) layer 'ref1' contains NaN/Inf "
+                                         r"values in 1 of its 40 rows \(first: row 25, from "
+                                         r"update\(\) call 2"):
+        la.compute()
+    xn = x.clone()
+    xn[3, 0] = float("nan")
+    m = metric()
+    m.update(xn, y)
+    with pytest.raises(ValueError, match=r"model side \(x\) layer 'x' contains NaN"):
+        m.compute()
+    with pytest.raises(ValueError, match=r"reference \(set_reference\) layer 'y' contains NaN"):
+        metric().set_reference(xn)
+
+
+def test_forward_on_nan_batch_returns_nan() -> None:
+    x, y = pair()
+    x[5, 1] = float("nan")
+    m = metric()
+    value = m(x[:20], y[:20])
+    assert isinstance(value, Tensor) and value.dim() == 0 and torch.isnan(value)
+    assert m(x[20:], y[20:]) is not None and not torch.isnan(m(x[20:], y[20:]))
+    with pytest.raises(ValueError, match="NaN"):
+        m.compute()
+
+
+def test_callable_preprocess_may_handle_nan() -> None:
+    """A callable ``preprocess`` sees the rows first: NaN it removes is no error."""
+    x, y = pair()
+    x[5, 1] = float("nan")
+
+    def clean(t: Tensor) -> Tensor:
+        return F.prepare_features(torch.nan_to_num(t))
+
+    m = metric(preprocess=clean)
+    value = m(x, y)
+    assert value is not None and not torch.isnan(value)
+    ref = F.calibrated_alignment(clean(x), clean(y), "linear_cka", K, seed=1)
+    assert_same(m.compute(), ref)
+
+
+# ------------------------------------------------------------------------------ command line
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit_cli")
+    x, y = pair(N, seed=5)
+    torch.save({"h": x}, root / "a.pt")
+    torch.save({"h": y}, root / "b.pt")
+    np.save(root / "oned.npy", x[:, 0].numpy())
+    for sub in ("dx", "dy"):
+        (root / sub).mkdir()
+        torch.save({"h": x}, root / sub / "a.pt")
+        torch.save({"h": y}, root / sub / "b.pt")
+    return root
+
+
+def test_bootstrap_uses_the_chosen_null(files) -> None:
+    from alignment_callback.functional.bootstrap import bootstrap_interval
+
+    measures = {"linear_cka": F.get_measure("linear_cka")}
+    xa = {"h": F.prepare_features(torch.load(files / "a.pt")["h"])}
+    xb = {"h": F.prepare_features(torch.load(files / "b.pt")["h"])}
+    cal = compute.Calibration(K, 0.05, "max", 0, bootstrap=3, null="moments")
+    rec = compute.compare_pair(xa, xb, "a.pt", "b.pt", measures, cal)["linear_cka"]
+    kw = {"num_bootstrap": 3, "confidence": 0.95, "seed": 0, "num_permutations": K,
+          "alpha": 0.05, "fraction": 0.8, "aggregate": "max"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        moments = bootstrap_interval(xa, xb, "linear_cka", null="moments", **kw)
+        permuted = bootstrap_interval(xa, xb, "linear_cka", null="permutation", **kw)
+    np.testing.assert_allclose(rec["bootstrap"]["replicates"], moments.replicates.numpy(),
+                               rtol=1e-6)
+    assert not np.allclose(moments.replicates.numpy(), permuted.replicates.numpy())
+
+
+def test_warn_resolution_only_with_permutations(capsys) -> None:
+    warn_resolution(K, 1, 0.01, "moments")
+    assert capsys.readouterr().err == ""
+    warn_resolution(K, 1, 0.01, "auto")
+    assert "calibrates by permutations" in capsys.readouterr().err
+    warn_resolution(K, 1, 0.01)
+    assert "smallest p-value is 1/20" in capsys.readouterr().err
+
+
+def test_compare_moments_no_permutation_claims(files, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(files)
+    code = cli.main(["compare", "a.pt", "b.pt", "--measure", "linear_cka", "--null", "moments",
+                     "--permutations", str(K), "--alpha", "0.01", "--out", "out_moments"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "smallest p-value" not in err
+    rows = read_csv(files / "out_moments" / "alignment.csv")
+    assert rows[0]["num_permutations"] == "" and rows[0]["null_method"] == "moments"
+    code = cli.main(["compare", "a.pt", "b.pt", "--measure", "linear_cka", "--permutations",
+                     str(K), "--out", "out_perm"])
+    assert code == 0
+    rows = read_csv(files / "out_perm" / "alignment.csv")
+    assert rows[0]["num_permutations"] == str(K) and rows[0]["null_method"] == "permutation"
+
+
+@pytest.mark.parametrize("null", ["moments", "auto"])
+def test_matrix_report_names_the_null(files, capsys, monkeypatch, null: str) -> None:
+    monkeypatch.chdir(files)
+    out = f"out_matrix_{null}"
+    code = cli.main(["matrix", "dx", "dy", "--measure", "linear_cka", "--null", null,
+                     "--permutations", str(K), "--out", out])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    report = (files / out / "report.md").read_text()
+    rows = read_csv(files / out / "matrix.csv")
+    if null == "moments":
+        assert "K (permutations)" not in report and "smallest p-value" not in err
+        assert "null: moments: exact permutation moments" in report
+        assert {r["null_method"] for r in rows} == {"moments"}
+    else:
+        assert f"K (permutations): {K}" in report
+        used = sum(r["null_method"] == "moments" for r in rows)
+        assert "null: auto: " in report and f"linear_cka {used} of 4" in report
+
+
+def test_directory_and_1d_feature_files_are_refused(files, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(files)
+    assert cli.main(["compare", "a.pt", "dx", "--out", "o"]) == 2
+    assert "dx: is a directory, not a feature file" in capsys.readouterr().err
+    assert cli.main(["compare", "oned.npy", "a.pt", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "oned.npy: layer 'features' is 1-D" in err and "2-D (n_samples, n_features)" in err

@@ -287,7 +287,8 @@ def matrix_report(
         report.paragraph(matrix_sentence(measure, measure_rows, alpha))
     report.paragraph(
         f"Calibrated = max((raw − τ)/(s_max − τ), 0), where τ is what the measure reaches on "
-        f"unrelated rows (the 1 − α quantile of its permutation null); p_BH is the "
+        f"unrelated rows (the 1 − α quantile of its permutation null, drawn or, with the "
+        f"exact moments, approximated by a Pearson type III fit); p_BH is the "
         f"Benjamini–Hochberg adjusted p-value across the pairs of each measure, and a pair is "
         f"significant when p_BH ≤ {alpha:g}."
     )

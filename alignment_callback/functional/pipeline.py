@@ -385,6 +385,7 @@ def calibrate_prepared(
     nulls = layer_nulls(rest, xside, yside, permutations, start, stop) if rest else {}
     if gather is not None and rest:
         nulls = gather(nulls)
+    _identity_scores_observed(nulls, observed, permutations, start)
     for m in rest:
         agg = aggregate.get(m, "max") if isinstance(aggregate, Mapping) else aggregate
         smax = m.max_score if max_score == AUTO else max_score
@@ -394,6 +395,26 @@ def calibrate_prepared(
             data_dtype=xside.dtype, measure=m.name, hint=hint)
         out[m] = _with_exact_knn_moments(m, res, xside, yside) if null == "auto" else res
     return {m: out[m] for m in measures}
+
+
+_IDENTITY_MAX_N = 12  # from n = 13 on, a draw is the identity with probability 1/n! < 2e-10
+
+
+def _identity_scores_observed(nulls: dict[Measure, Tensor], observed: dict[Measure, Tensor],
+                              permutations: Permutations, start: int) -> None:
+    """Give every identity permutation in the null exactly the observed matrix: s(X, Y[id]) is
+    s(X, Y) by definition and must count as reaching it in the p-value, however a batched null
+    rounded it (a product over a batch of permutations can round one row differently from the
+    observed call).  Only small n can draw the identity; ``start``: the nulls' first index
+    (nulls of all K permutations after a gather)."""
+    if not nulls or permutations.n > _IDENTITY_MAX_N:
+        return
+    perms = permutations.tensor()
+    identity = (perms == torch.arange(permutations.n)).all(1)
+    for m, null in nulls.items():
+        rows = identity if len(null) == len(identity) else identity[start:start + len(null)]
+        if bool(rows.any()):
+            null[rows.to(null.device)] = observed[m].to(null)
 
 
 def _in_features(side: PreparedSide, m: Measure) -> bool:

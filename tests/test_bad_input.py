@@ -195,3 +195,17 @@ def test_finite_values_whose_sum_overflows_are_accepted():
     x[4, 5] = float("nan")
     with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
         check_matrix(x)
+
+
+def test_complex_features_are_refused():
+    """Casting would drop the imaginary part with a one-time warning only."""
+    from alignment_callback.metrics import CalibratedAlignment
+
+    x = torch.randn(20, 4, dtype=torch.complex64)
+    y = torch.randn(20, 4)
+    with pytest.raises(TypeError, match="x must hold real numbers"):
+        F.linear_cka(x, y)
+    with pytest.raises(TypeError, match="real numbers"):
+        F.calibrated_alignment(y, x, "mutual_knn", 10)
+    with pytest.raises(TypeError, match="real numbers"):
+        CalibratedAlignment("linear_cka").update(x, y)

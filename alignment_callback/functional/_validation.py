@@ -20,9 +20,11 @@ MAX_SEED = 2**63 - 1
 
 def as_float(x: Tensor, name: str = "x") -> Tensor:
     """``x`` detached, as a floating tensor of at least float32 precision (float64 stays
-    float64); gradients are never tracked through a measure."""
+    float64); gradients are never tracked through a measure.  Complex input is refused."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():  # .to(float32) would drop the imaginary part with a warning only
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     x = x.detach()
     if x.dtype == torch.float64:
         return x

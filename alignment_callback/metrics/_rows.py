@@ -54,7 +54,9 @@ class RowPreprocessor:
             raise TypeError("preprocess must be True, False, a mapping of prepare_features options or a callable")
 
     def rows(self, x: Tensor) -> Tensor:
-        """Per-batch part: detach, pool to (n, d), float."""
+        """Per-batch part: detach, pool to (n, d), float (complex input is refused)."""
+        if x.is_complex():  # .float() would drop the imaginary part with a warning only
+            raise TypeError(f"features must hold real numbers, got dtype {x.dtype}")
         x = x.detach()
         x = pool_features(x, self.pool)
         return x if x.dtype == torch.float64 else x.float()

@@ -48,6 +48,10 @@ from alignment_callback.hooks.collect import (
     random_states,
     same_random_states,
 )
+from alignment_callback.hooks.outputs import LayerOutputError
+
+# configuration mistakes only a forward pass can show: raised whatever on_error says
+LAYER_ERRORS = (LayerCountError, LayerOutputError)
 
 LayerSpec = Union[str, Sequence[str], Mapping[str, str]]
 
@@ -90,8 +94,10 @@ class AlignmentCallback(Callback):
     an unknown measure or option, bad arguments (at construction), layers that match nothing
     in the student or the reference model, a probe with too few samples for a measure (e.g.
     k >= n), ``null="moments"`` with a measure it cannot calibrate or several layer pairs,
-    and ``background=True`` with a checkpoint or early-stopping monitor on an alignment key.
-    ``on_error`` governs failures that depend on the data (NaN activations).
+    and ``background=True`` with a checkpoint or early-stopping monitor on an alignment key;
+    a chosen layer that does not run exactly once per forward pass, or returns no tensor to
+    record, is raised at the baseline (the first step with ``baseline=False``).  ``on_error``
+    governs failures that depend on the data (NaN activations).
 
     With ``background=True`` the measures, their permutation nulls and the heatmaps are computed
     by one worker thread while training goes on, and each result is logged, in order and with
@@ -99,13 +105,16 @@ class AlignmentCallback(Callback):
     ``fit``; finished ones also when training stops on an exception).  For a model on the CPU
     the probe's forward passes run in the worker too, on a private copy of the model refreshed
     at every step from the model's weights, buffers and plain attributes (a stage flag or a
-    schedule); at the first step the model's activations are captured in the loop and the
-    worker checks the copy's against them (a next step that comes before the check has
-    finished waits for it), and if they differ (a forward that reads the trainer, or state the
-    copy cannot hold) the capture stays in the loop with a warning.  The values equal the
+    schedule: numbers, strings, small tensors, and lists / tuples / dicts of them; never a
+    lock, a writer or anything reaching the trainer); at the first step the model's
+    activations are captured in the loop and the worker checks the copy's against them (a next
+    step that comes before the check has finished waits for it), and if they differ (a forward
+    that reads the trainer, or state the copy cannot hold) the capture stays in the loop with a
+    warning.  The values equal the
     foreground ones.  They are not ``pl_module.log``-ged (when a value arrives depends on
     timing).  At most two steps are outstanding; a checkpoint never waits (steps in flight are
-    redone on resume).
+    redone on resume).  Should the model's state stop being copyable later in training, the
+    capture moves to the loop with a warning; training never fails on it.
     Single-process runs only: under DDP the callback runs in the foreground.
 
     Args:
@@ -115,15 +124,17 @@ class AlignmentCallback(Callback):
             ``{layer: (n, ...) tensor}`` mapping or a feature file (``.pt``, ``.npz``,
             ``.safetensors``, ...; one written by ``alignment-callback extract`` carries its
             probe's fingerprint, checked against ``probe``); ``"initial"`` (the model's own
-            activations at the start of fit) or ``"previous"`` (at the previous step), layer by
-            layer; or ``{name: reference}`` for several, sharing the model's probe pass, keys
+            activations at the start of fit; on a resumed run, of the resumed weights, with a
+            warning) or ``"previous"`` (at the previous step), layer by layer; or
+            ``{name: reference}`` for several, sharing the model's probe pass, keys
             ``<prefix>/<name>/<measure>/...`` (``reference_layers`` / ``reference_inputs`` may
             then be keyed by name too).
         probe: the probe inputs: a ``DataLoader`` with a sequential sampler, a tensor, a
             ``.pt`` path, a callable returning batches, or a list of batches; the same rows in
             the same order every time.
         layers: student layers (names, globs, ``"re:"`` regexes; see ``resolve_layers``), or a
-            mapping ``{student layer: reference layer}`` to aggregate over those pairs only.
+            mapping ``{student layer: reference layer}`` to aggregate over those pairs only
+            (then without ``reference_layers``).
         reference_layers: reference layers (default: the same names as ``layers``).
         measures: names (default ``("linear_cka", "mutual_knn", "cknna")``) or a mapping
             ``{name: {options}}`` e.g. ``{"mutual_knn": {"k": 5}}``.
@@ -150,7 +161,8 @@ class AlignmentCallback(Callback):
         reference_inputs: a separate probe for the reference (row-aligned with ``probe``; for
             cross-modal pairs), with ``reference_input_key`` / ``reference_batch_transform``.
         reference_class: ``LightningModule`` class to load a checkpoint path ``reference``.
-        compute_device: where measures run (default: the model's device).
+        compute_device: where measures run (default: the model's device); checked at
+            construction.
         log_to_module: also ``pl_module.log`` calibrated values for monitors (default True;
             not with ``background``).
         background: compute in a worker thread, overlapping training (default False).
@@ -223,9 +235,18 @@ class AlignmentCallback(Callback):
         self.preset = preset
         self.__validate_init_configuration(on_error, log_prefix, every_n_epochs,
                                            every_n_train_steps)
+        _check_flags(baseline=baseline, log_heatmaps=log_heatmaps, log_pairs=log_pairs,
+                     log_to_module=log_to_module, background=background, verbose=verbose,
+                     progress_bar=progress_bar, report=report)
+        _check_device(compute_device)
         self.__init_triggers(every_n_epochs, every_n_train_steps, baseline)
         self.pair_map: dict[str, str] | None = None
         if isinstance(layers, Mapping):
+            if reference_layers is not None:
+                raise ValueError(
+                    "layers is a mapping {model layer: reference layer}, which chooses the "
+                    f"reference layers already; reference_layers={reference_layers!r} conflicts "
+                    "with it: give the reference layers in one place only")
             self.pair_map = dict(layers)
             layers, reference_layers = list(layers.keys()), list(layers.values())
         self.layers = layers
@@ -389,9 +410,6 @@ class AlignmentCallback(Callback):
                     f"null='moments' calibrates one layer pair, but {pairs} pairs were chosen "
                     f"({how}): their aggregate needs their joint permutation null; use "
                     "null='permutation', or null='auto' to use moments where they apply")
-        if any(ref.kind == "initial" for ref in self.references) and self.history:
-            rank_zero_warn("reference='initial' on a resumed run compares with the activations "
-                           "at the start of this fit, not of the original one", category=UserWarning)
         if self.background:
             for cb in trainer.callbacks:
                 monitor = getattr(cb, "monitor", None)
@@ -420,7 +438,8 @@ class AlignmentCallback(Callback):
             if ref.engine.reference is not None or ref.drift:
                 continue
             if ref.kind == "features":
-                check_features(ref, iterate_probe(self.probe))
+                with preserved_rng():  # fingerprinting iterates the probe (a DataLoader draws)
+                    check_features(ref, iterate_probe(self.probe))
                 acts = feature_dtype(ref.features, self._device)
             else:
                 acts = self._reference_activations(ref, model_device, trainer.is_global_zero)
@@ -445,14 +464,56 @@ class AlignmentCallback(Callback):
             rank_zero_warn("AlignmentCallback(background=True) runs in the foreground under "
                            "multi-process strategies (rank 0 computes, results are broadcast)",
                            category=UserWarning)
-        if self.baseline and not self.history:
-            # in step mode the baseline is not pl_module.log-ged: an epoch-level value logged
-            # here would replace the latest step value in callback_metrics at every epoch end
-            self._maybe_run(trainer, pl_module, epoch=0, monitor=self.every_n_train_steps is None)
-        for epoch, step in self._resume_pending:  # in flight when the checkpoint was written
-            if step == trainer.global_step:
-                self._maybe_run(trainer, pl_module, epoch=epoch, monitor=False)
+        resumed = bool(self.history) or trainer.global_step > 0
+        pending = [(e, s) for e, s in self._resume_pending if s == trainer.global_step]
         self._resume_pending = []
+        if resumed:
+            self._anchor_drift(trainer, pl_module, retaken=bool(pending))
+        elif self.baseline:
+            self._maybe_run(trainer, pl_module, epoch=0, baseline=True)
+        for epoch, step in pending:  # in flight when the checkpoint was written
+            self._maybe_run(trainer, pl_module, epoch=epoch, monitor=False)
+
+    def _anchor_drift(self, trainer: Trainer, pl_module: LightningModule, retaken: bool) -> None:
+        """A resumed (or continued) fit: the activations an ``"initial"`` / ``"previous"``
+        reference compares with are not in the checkpoint, so they are taken now, once, from
+        the resumed weights.  ``"initial"`` then measures the drift from these weights, with a
+        warning; ``"previous"`` continues exactly when the checkpoint was written at the last
+        alignment step (else it warns).  ``retaken``: a step in flight at the checkpoint is
+        redone now, on these weights, and anchors the references itself."""
+        drift = [ref for ref in self.references if ref.drift and ref.engine.reference is None]
+        if not drift:
+            return
+        step = int(trainer.global_step)
+        kinds = {ref.kind for ref in drift}
+        if "initial" in kinds:
+            rank_zero_warn("reference='initial' on a resumed run compares with the activations "
+                           "at the start of this fit (the resumed weights), not of the original "
+                           "one: the checkpoint does not hold them", category=UserWarning)
+        at_last_step = bool(self.history) and int(self.history[-1]["step"]) == step
+        if "previous" in kinds and (retaken or not at_last_step):
+            rank_zero_warn("reference='previous' on a resumed run: the checkpoint was not written "
+                           "at the last alignment step, whose activations it does not hold; the "
+                           "first step after the resume compares with the resumed weights' "
+                           "activations instead", category=UserWarning)
+        if retaken:
+            return
+        acts, error = None, None
+        try:
+            acts = self._capture(pl_module)[0]
+        except Exception as err:  # noqa: BLE001 - reported below, as a failed step
+            error = err
+        if trainer.world_size > 1:  # every process anchors, or none does (no collective hangs)
+            failed = first_error(None if error is None else f"{type(error).__name__}: {error}")
+            if failed is not None and error is None:
+                kind = next((k for k in LAYER_ERRORS if failed[1].startswith(f"{k.__name__}:")),
+                            RuntimeError)
+                error = kind(f"the probe pass failed on rank {failed[0]}: {failed[1]}")
+        if error is not None:
+            self._guarded(int(trainer.current_epoch), step, _reraise, error)
+            return
+        for ref in drift:
+            _anchor(ref, acts)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_train_steps is not None or trainer.sanity_checking:
@@ -505,7 +566,8 @@ class AlignmentCallback(Callback):
             h["step"] == step and h["epoch"] == epoch for h in self.history)
 
     def _maybe_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
-                   in_batch_hook: bool = False, monitor: bool = True) -> None:
+                   in_batch_hook: bool = False, monitor: bool = True,
+                   baseline: bool = False) -> None:
         step = int(trainer.global_step)
         if self._already_done(epoch, step):
             return
@@ -517,11 +579,12 @@ class AlignmentCallback(Callback):
         else:
             outcome = self._guarded(epoch, step, self._capture_and_compute, pl_module, epoch, step,
                                     bool(trainer.loggers))
-            entry = None
-            if outcome is not None:
-                self._log_outcome(trainer, outcome)
-                entry = self.history[-1]
-        if entry is not None and monitor:
+            entry = None if outcome is None else self._log_outcome(trainer, outcome)
+        if entry is None or not monitor:
+            return
+        if baseline and self.every_n_train_steps is not None:
+            self._seed_monitors(trainer, entry)
+        else:
             self._log_to_module(pl_module, entry, in_batch_hook)
 
     def _distributed_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
@@ -536,8 +599,9 @@ class AlignmentCallback(Callback):
         except Exception as err:  # noqa: BLE001 - every rank learns it below
             error = f"{type(err).__name__}: {err}"
         failed = first_error(error)  # before any process enters the null's collective
-        if failed is not None and failed[1].startswith(f"{LayerCountError.__name__}:"):
-            raise LayerCountError(f"on rank {failed[0]}: {failed[1]}")  # on every process
+        for kind in LAYER_ERRORS:  # a configuration mistake: raised on every process
+            if failed is not None and failed[1].startswith(f"{kind.__name__}:"):
+                raise kind(f"on rank {failed[0]}: {failed[1]}")
         if failed is not None:
             error = f"the probe pass failed on rank {failed[0]}: {failed[1]}"
         else:
@@ -550,8 +614,7 @@ class AlignmentCallback(Callback):
         entry = None
         if trainer.is_global_zero and outcome is not None:
             try:
-                self._log_outcome(trainer, outcome)
-                entry = self.history[-1]
+                entry = self._log_outcome(trainer, outcome)
             except Exception as err:  # noqa: BLE001 - the others wait in the broadcast below
                 error = f"{type(err).__name__}: {err}"
         entry, error = trainer.strategy.broadcast((entry, error), src=0)
@@ -570,13 +633,16 @@ class AlignmentCallback(Callback):
         render = bool(trainer.loggers)
         if isinstance(self._copy, Future):  # the first step's check: normally done long ago
             self._copy = self._copy.result()
+        if self._copy is None and model_device_of(pl_module).type != "cpu":
+            self._copy = False  # a model off the CPU: the capture stays in the loop
         snapshot = self._snapshot(pl_module)
         if snapshot is not None:
             job = (self._compute_on_copy, snapshot, epoch, step, render)
         else:
-            captured = self._start_copy_check(pl_module) if self._copy is None else None
-            if captured is None:
-                captured = self._guarded(epoch, step, self._capture, pl_module)
+            # the first step's capture also starts the copy's check; a failure there is a
+            # failed step like any other (the check is tried again at the next step)
+            capture = self._start_copy_check if self._copy is None else self._capture
+            captured = self._guarded(epoch, step, capture, pl_module)
             job = None if captured is None else (self._compute, captured, epoch, step, render)
         if job is not None:
             self._publish(trainer, self._queue.submit(self._guarded, epoch, step, *job,
@@ -585,11 +651,12 @@ class AlignmentCallback(Callback):
     def _guarded(self, epoch: int, step: int, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``; a failure warns and returns None unless ``on_error="raise"`` or it is
         a configuration mistake only a forward pass can show (a chosen layer that does not run
-        exactly once per pass), which is raised: at the baseline, before training."""
+        exactly once per pass, or returns no tensor to record), which is raised: at the
+        baseline (or the first step), before training."""
         try:
             return fn(*args)
         except Exception as err:  # noqa: BLE001 - reported, training goes on unless asked
-            if self.on_error == "raise" or isinstance(err, LayerCountError):
+            if self.on_error == "raise" or isinstance(err, LAYER_ERRORS):
                 raise
             warnings.warn(f"alignment step at epoch {epoch} (step {step}) skipped: "
                           f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
@@ -619,6 +686,31 @@ class AlignmentCallback(Callback):
                 # epoch mean of the steps' values, and only at the end of the epoch
                 pl_module.log(key, float(values[key]), logger=False, on_step=in_batch_hook,
                               on_epoch=not in_batch_hook, prog_bar=self.progress_bar)
+
+    def _seed_monitors(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
+        """Step mode, baseline: the calibrated values go straight into
+        ``trainer.callback_metrics``, so a monitor on them finds its key at an epoch end before
+        the first step of ``every_n_train_steps`` (``pl_module.log`` cannot be used here: an
+        epoch-level value logged before training would replace the latest step's value at the
+        first epoch end).  The steps' values replace them as they come."""
+        if not self.log_to_module:
+            return
+        metrics = trainer.callback_metrics
+        for key in self._calibrated_keys():
+            if key in values and key not in metrics:
+                metrics[key] = torch.tensor(float(values[key]))
+
+    def has_result(self, entry: Mapping[str, Any], key: str) -> bool:
+        """Whether the step of the history ``entry`` has a result for the reference and measure
+        of ``key`` (``<prefix>[/<reference>]/<measure>/...``): False when that reference had
+        none at that step (the first capture of ``reference="previous"``, next to other
+        references), True for a key of no reference and measure of this callback."""
+        for ref in self.references:
+            head = f"{self._key_prefix(ref)}/"
+            parts = key[len(head):].split("/") if key.startswith(head) else []
+            if len(parts) > 1 and parts[0] in self.measures:
+                return any(k.startswith(f"{head}{parts[0]}/") for k in entry)
+        return True
 
     def _calibrated_keys(self) -> list[str]:
         return [f"{self._key_prefix(ref)}/{m}/calibrated" for ref in self.references
@@ -686,14 +778,10 @@ class AlignmentCallback(Callback):
         return probe
 
     @torch.no_grad()
-    def _start_copy_check(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float] | None:
+    def _start_copy_check(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float]:
         """Background mode, first step on a CPU model: capture this step's activations in the
         loop, make the worker's copy and queue its check against them (``_check_copy``);
-        returns the activations and the seconds they took, or None when the model is not on
-        the CPU (the capture then stays in the loop)."""
-        if model_device_of(pl_module).type != "cpu":
-            self._copy = False
-            return None
+        returns the activations and the seconds they took."""
         batches = self._probe_list()
         start = time.perf_counter()
         with preserved_rng():
@@ -747,10 +835,19 @@ class AlignmentCallback(Callback):
 
     def _snapshot(self, pl_module: LightningModule) -> Snapshot | None:
         """Background mode: this step's weights and plain state for the worker's model copy,
-        or None when the capture has to stay in the loop (no copy, or not checked yet)."""
+        or None when the capture has to stay in the loop (no copy, or not checked yet).  A
+        snapshot that cannot be taken never fails training: the copy is given up, with a
+        warning, and this and every later step capture in the loop."""
         if not isinstance(self._copy, ModelCopy):
             return None
-        return ModelCopy.snapshot(pl_module)
+        try:
+            return ModelCopy.snapshot(pl_module)
+        except Exception as err:  # noqa: BLE001 - fall back to capturing in the loop
+            self._copy = False
+            rank_zero_warn(f"background=True: the model's state cannot be copied any more "
+                           f"({type(err).__name__}: {err}); the probe runs in the training loop",
+                           category=RuntimeWarning)
+            return None
 
     # -------------------------------------------------------------------------- compute
     @torch.no_grad()
@@ -798,8 +895,7 @@ class AlignmentCallback(Callback):
         ``gather`` of the null over processes."""
         engine = ref.engine
         if ref.drift and engine.reference is None:
-            engine.pairs = {name: name for name in acts}  # per layer: each with itself
-            engine.set_reference(acts)
+            _anchor(ref, acts)
             if ref.kind == "previous":
                 return None  # nothing before the first step
         elif engine.reference is None:
@@ -847,12 +943,15 @@ class AlignmentCallback(Callback):
     def run(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> dict[str, Any]:
         """One synchronous alignment step: capture, compute every measure, log; returns the
         history entry (the logged scalars plus ``epoch``, ``step`` and the best pairs)."""
-        self._log_outcome(trainer, self._capture_and_compute(pl_module, epoch, step, bool(trainer.loggers)))
-        return self.history[-1]
+        return self._log_outcome(trainer, self._capture_and_compute(pl_module, epoch, step,
+                                                                    bool(trainer.loggers)))
 
-    def _log_outcome(self, trainer: Trainer, outcome: Outcome) -> None:
+    def _log_outcome(self, trainer: Trainer, outcome: Outcome) -> dict[str, Any]:
         """Scalars, best pairs by name, heatmaps to the loggers; the entry to the history and a
-        line per measure to the console (main thread)."""
+        line per measure to the console (main thread); returns the entry.  A step without a
+        result of some reference (the first capture of ``reference="previous"`` only stores
+        the activations) has no keys of that reference in its entry: :meth:`has_result` tells
+        a reader of the history (``AlignmentPlateau``) to skip it."""
         results, images, epoch, step, _ = outcome
         entry = self._entry(outcome)
         flat = self._flat(results)
@@ -881,6 +980,7 @@ class AlignmentCallback(Callback):
         self._last_pngs = {label: png for label, (_, png) in images.items()}  # for the report
         self._samples = next(iter(results.values())).n if results else self._samples
         self.history.append(entry)
+        return entry
 
     def _log_layer_names(self, trainer: Trainer, flat: dict[str, Any]) -> None:
         """The index → name map of the best-layer scalars, once (every logger)."""
@@ -930,6 +1030,35 @@ class AlignmentCallback(Callback):
         if self.verbose:
             feedback.emit(trainer, [f"{self.log_prefix} report: {self.report_paths[0]}"])
 
+
+def _reraise(error: BaseException) -> None:
+    raise error
+
+
+def _anchor(ref: Reference, acts: dict[str, Tensor]) -> None:
+    """A drift reference's first activations: each layer is compared with its own."""
+    ref.engine.pairs = {name: name for name in acts}
+    ref.engine.set_reference(acts)
+
+
+def _check_flags(**flags: Any) -> None:
+    """Boolean arguments must be ``True`` or ``False`` (``"no"`` would read as true)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_device(compute_device: Any) -> None:
+    """``compute_device``: None, a ``torch.device`` or a string naming one."""
+    if compute_device is None or isinstance(compute_device, torch.device):
+        return
+    if not isinstance(compute_device, str):
+        raise TypeError(f"compute_device must be None, a torch.device or a device string such "
+                        f"as 'cpu' or 'cuda:0', got {type(compute_device).__name__}")
+    try:
+        torch.device(compute_device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"compute_device={compute_device!r} is not a device: {err}") from err
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -10,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -101,7 +102,8 @@ class BackgroundQueue:
 
 
 PLAIN_TENSOR_ELEMENTS = 1 << 16  # larger unregistered tensors (e.g. cached data) are not copied
-_SIMPLE = (bool, int, float, complex, str, bytes, type(None))
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None), np.generic)
+_MAX_DEPTH = 4  # containers nested deeper are not plain state
 
 
 @functools.cache
@@ -112,27 +114,51 @@ def _module_internals() -> frozenset[str]:
     return frozenset(vars(nn.Module())) | frozenset(vars(LightningModule()))
 
 
+def _is_plain_value(value: Any, depth: int = 0) -> bool:
+    """A value the model copy can take at every step: a number, string, bool or None, a tensor
+    (or NumPy array) of up to ``PLAIN_TENSOR_ELEMENTS`` elements, or a list / tuple / dict of
+    such values.  Anything else (a lock, a writer, a queue, an object reaching the trainer) is
+    never copied per step."""
+    if isinstance(value, _SIMPLE):
+        return True
+    if isinstance(value, Tensor):
+        return value.numel() <= PLAIN_TENSOR_ELEMENTS
+    if isinstance(value, np.ndarray):
+        return value.dtype != object and value.size <= PLAIN_TENSOR_ELEMENTS
+    if depth >= _MAX_DEPTH:
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_value(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, _SIMPLE) and _is_plain_value(v, depth + 1)
+                   for k, v in value.items())
+    return False
+
+
 def _is_plain(key: str, value: Any) -> bool:
     if isinstance(value, nn.Module) or key in _module_internals():
         return False
-    if isinstance(value, Tensor):
-        return value.numel() <= PLAIN_TENSOR_ELEMENTS
-    return not key.startswith("_") or isinstance(value, _SIMPLE)
+    return _is_plain_value(value)
 
 
 def _plain_state(model: nn.Module) -> list[dict[str, Any]]:
     """Per submodule, the state a forward may read besides its parameters and buffers (a stage
-    flag, a schedule, a temperature, a step counter): its public attributes that are not
-    modules, its private ones holding a number, string or None, and its unregistered tensors
-    of up to ``PLAIN_TENSOR_ELEMENTS`` elements."""
+    flag, a schedule, a temperature, a step counter): its attributes that are not modules and
+    hold plain values (see :func:`_is_plain_value`)."""
     return [{key: value for key, value in vars(module).items() if _is_plain(key, value)}
             for module in model.modules()]
 
 
 def _copied(value: Any) -> Any:
-    """A deep copy; a tensor detached first (a cached output of the forward has a graph, which
-    ``deepcopy`` refuses)."""
-    return value.detach().clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+    """A copy of a plain value; tensors are detached first (a cached output of the forward has
+    a graph, which ``deepcopy`` refuses)."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if type(value) in (list, tuple):
+        return type(value)(_copied(v) for v in value)
+    if type(value) is dict:
+        return {k: _copied(v) for k, v in value.items()}
+    return copy.deepcopy(value)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ Where the values come from (``source``):
   hooks run is never re-read as a stale "no improvement", the order of the two callbacks in
   the list does not matter, and it works with ``AlignmentCallback(background=True)``, whose
   results reach the history (in order) but not ``trainer.callback_metrics``.  The baseline
-  (the entry at global step 0, before any training) is not a check;
+  (the entry at global step 0, before any training) is not a check, nor is a step at which the
+  monitored reference had no result (the first step of ``reference="previous"`` next to other
+  references);
 * ``trainer.callback_metrics`` (``source="metrics"``, or the default when no
   ``AlignmentCallback`` logs the key: a value ``pl_module.log``-ged by anything else): one check
   at every training epoch end (``check_on="epoch"``) or after every optimizer step
@@ -267,7 +269,8 @@ class AlignmentPlateau(Callback):
 
     # --------------------------------------------------------------------------- checks
     def _read_history(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Every history entry added since the last read is one check (the baseline excepted)."""
+        """Every history entry added since the last read is one check (the baseline, and an
+        entry without a result of the monitored reference, excepted)."""
         new = []
         for entry in reversed(self._history.history):
             key = (int(entry["step"]), int(entry["epoch"]))
@@ -280,6 +283,11 @@ class AlignmentPlateau(Callback):
             if step == 0 or self.fired:  # the baseline: before any training
                 continue
             value = entry.get(self.monitor)
+            if value is None and not self._history.has_result(entry, self.monitor):
+                # the monitored reference had no result at this step (the first capture of
+                # reference="previous" only stores the activations): not a check
+                self._missed += 1
+                continue
             if value is None:
                 self._missing(sorted(k for k in entry if isinstance(k, str)), "history entry")
                 continue

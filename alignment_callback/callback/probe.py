@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
+from alignment_callback.hooks.collect import preserved_rng
+
 Probe = Union[DataLoader, Tensor, str, os.PathLike, Callable[[], Iterable[Any]], Iterable[Any]]
 
 
@@ -78,10 +80,16 @@ def check_sequential(loader: DataLoader, argument: str = "probe") -> None:
 
 def iterate_probe(probe: Any) -> Any:
     """The batches of a normalized probe (calls a callable probe; a DataLoader it returns must
-    be sequential, as in :func:`check_sequential`)."""
+    be sequential, as in :func:`check_sequential`).
+
+    A callable probe is called with the global random states saved and put back afterwards
+    (see :func:`~alignment_callback.hooks.collect.preserved_rng`): one that seeds or draws
+    (``torch.manual_seed(0); return [torch.randn(...)]``) must not change training.  Iterating
+    what it returns draws under the capture's own guard."""
     if not callable(probe) or isinstance(probe, (Tensor, nn.Module)):
         return probe
-    batches = probe()
+    with preserved_rng():
+        batches = probe()
     if isinstance(batches, DataLoader):
         check_sequential(batches, "probe (the DataLoader its callable returned)")
     return batches

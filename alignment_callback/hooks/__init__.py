@@ -2,12 +2,13 @@
 
 from alignment_callback.hooks.collect import collect_activations
 from alignment_callback.hooks.layer_listing import list_layers
-from alignment_callback.hooks.outputs import select_output
+from alignment_callback.hooks.outputs import LayerOutputError, select_output
 from alignment_callback.hooks.recorder import ActivationRecorder
 from alignment_callback.hooks.selection import resolve_layers
 
 __all__ = [
     "ActivationRecorder",
+    "LayerOutputError",
     "collect_activations",
     "list_layers",
     "resolve_layers",

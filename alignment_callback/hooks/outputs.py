@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -10,13 +11,30 @@ from torch import Tensor
 OutputKey = Union[int, str, None]
 
 
+class LayerOutputError(TypeError):
+    """A chosen layer returned nothing that can be recorded (no tensor where the rules of
+    :func:`select_output` look): a property of the model and of the layers chosen, not of the
+    data."""
+
+
 def _first_tensor(values: Any) -> Tensor | None:
     return next((v for v in values if isinstance(v, Tensor)), None)
+
+
+def _fields(output: Any) -> dict[str, Any] | None:
+    """A dataclass instance's fields by name, in declaration order (None for anything else; a
+    ``Mapping`` such as an HF ``ModelOutput`` is read as a mapping)."""
+    if isinstance(output, (Mapping, type)) or not dataclasses.is_dataclass(output):
+        return None
+    return {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
 
 
 def _by_key(output: Any, key: int | str, layer: str) -> Any:
     try:
         if isinstance(key, int):
+            fields = _fields(output)
+            if fields is not None:  # a dataclass: index the non-None fields, as for a dict
+                return [v for v in fields.values() if v is not None][key]
             if isinstance(output, Mapping):  # HF ModelOutput / dict: index the non-None values
                 return [v for v in output.values() if v is not None][key]
             return output[key]
@@ -41,13 +59,15 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
 
     Default rules:
         * a ``Tensor`` is returned as is;
-        * a tuple / list gives its *first* tensor element (HF layers return
+        * a tuple / list (a namedtuple too) gives its *first* tensor element (HF layers return
           ``(hidden_states, attentions, ...)``; LSTMs ``(output, (h, c))``);
-        * a dict or HF ``ModelOutput`` gives ``last_hidden_state``, else the last element of
-          ``hidden_states``, else its first tensor value.
+        * a dict, an HF ``ModelOutput`` or a dataclass (its fields, in declaration order) gives
+          ``last_hidden_state``, else the last element of ``hidden_states``, else its first
+          tensor value.
 
     Raises:
-        TypeError: no tensor could be found (the message names the layer).
+        LayerOutputError: no tensor could be found (a ``TypeError``; the message names the
+            layer).
     """
     if output_key is not None:
         picked = _by_key(output, output_key, layer)
@@ -60,20 +80,23 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
     if isinstance(output, Tensor):
         return output
     found: Tensor | None = None
+    fields = _fields(output)
+    mapping = fields if fields is not None else output if isinstance(output, Mapping) else None
     if isinstance(output, (tuple, list)):
         found = _first_tensor(output)
-    elif isinstance(output, Mapping) or hasattr(output, "last_hidden_state"):
+    elif mapping is not None or hasattr(output, "last_hidden_state"):
         found = getattr(output, "last_hidden_state", None)
-        if not isinstance(found, Tensor) and isinstance(output, Mapping):
-            found = output.get("last_hidden_state")
-            hidden = output.get("hidden_states")
+        if not isinstance(found, Tensor) and mapping is not None:
+            found = mapping.get("last_hidden_state")
+            hidden = mapping.get("hidden_states")
             if not isinstance(found, Tensor) and isinstance(hidden, (tuple, list)) and hidden:
                 found = hidden[-1] if isinstance(hidden[-1], Tensor) else None
             if not isinstance(found, Tensor):
-                found = _first_tensor(output.values())
+                found = _first_tensor(mapping.values())
     if not isinstance(found, Tensor):
-        raise TypeError(
+        raise LayerOutputError(
             f"layer {layer!r} returned a {type(output).__name__} with no tensor to record; "
-            "pass output_key=<index or key> to choose one, or hook another layer"
+            "hook a submodule that returns the tensor instead (ActivationRecorder, "
+            "collect_activations and list_layers also take output_key=<index or key>)"
         )
     return found

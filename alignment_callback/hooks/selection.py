@@ -2,13 +2,16 @@
 
 Names are *normalized*: the prefixes that wrappers add are removed, so the same layer name works
 on a plain model, a ``torch.compile``-d one (``_orig_mod.``) and a DDP / DataParallel one
-(``module.``).  Hooks are still put on the real submodules.
+(``module.``).  Hooks are still put on the real submodules.  A wrapper is recognized by the
+model's structure, not by a name alone: a child called ``module`` that sits next to other
+children is a real layer, and its name keeps its ``module.`` prefix.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from typing import Iterable, Sequence, Union
 
 from torch import nn
@@ -20,6 +23,12 @@ _WRAPPER_ATTRS = ("module", "_orig_mod")
 _WRAPPER_PREFIX = re.compile(r"^(?:(?:module|_orig_mod)\.)+")
 
 
+def _only_child(module: nn.Module) -> str | None:
+    """The name of ``module``'s child when it has exactly one, else None."""
+    children = list(module.named_children())
+    return children[0][0] if len(children) == 1 else None
+
+
 def _wrapper_prefix(model: nn.Module) -> str:
     """Real-name prefix of the innermost model under DDP / DataParallel / compile wrappers.
 
@@ -28,16 +37,15 @@ def _wrapper_prefix(model: nn.Module) -> str:
     """
     prefix = ""
     root = model
-    while True:
-        children = list(root.named_children())
-        if len(children) != 1 or children[0][0] not in _WRAPPER_ATTRS:
-            return prefix
-        prefix += children[0][0] + "."
-        root = children[0][1]
+    while (child := _only_child(root)) in _WRAPPER_ATTRS:
+        prefix += child + "."
+        root = getattr(root, child)
+    return prefix
 
 
 def normalize_pattern(name: str) -> str:
-    """Strip leading ``module.`` / ``_orig_mod.`` and inner ``._orig_mod`` segments."""
+    """Strip leading ``module.`` / ``_orig_mod.`` and inner ``._orig_mod`` segments from a name
+    written for a wrapped model (used for a layer spec that matches nothing as written)."""
     name = _WRAPPER_PREFIX.sub("", name)
     return re.sub(r"(^|\.)_orig_mod(?=\.|$)", "", name).lstrip(".")
 
@@ -45,16 +53,24 @@ def normalize_pattern(name: str) -> str:
 def named_layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     """Every hookable submodule as ``(normalized_name, real_name, module)``, in model order.
 
-    The root module (and the wrapper modules above the real model) are skipped; when two real
-    names normalize to the same name (an inner ``torch.compile`` wrapper) the outer one is kept.
+    The normalized name drops the wrappers' prefix (:func:`_wrapper_prefix`) and the
+    ``_orig_mod`` segment of an inner ``torch.compile`` wrapper (a module whose only child is
+    ``_orig_mod``).  The root module (and the wrapper modules above the real model) are
+    skipped; an inner compile wrapper and the module it wraps get the same name, and the outer
+    one is kept.
     """
     prefix = _wrapper_prefix(model)
+    compiled = {f"{real}._orig_mod" if real else "_orig_mod"
+                for real, module in model.named_modules() if _only_child(module) == "_orig_mod"}
     out: list[tuple[str, str, nn.Module]] = []
     seen: set[str] = set()
     for real, module in model.named_modules():
         if not real.startswith(prefix):
             continue  # the root or one of the wrappers above the real model
-        name = normalize_pattern(real[len(prefix):])
+        parts = real.split(".")
+        kept = [part for i, part in enumerate(parts)
+                if i >= prefix.count(".") and ".".join(parts[:i + 1]) not in compiled]
+        name = ".".join(kept)
         if not name or name in seen:
             continue
         seen.add(name)
@@ -90,8 +106,19 @@ def _glob_to_regex(pattern: str) -> "re.Pattern[str]":
     return re.compile("".join(out))
 
 
-def _matcher(spec: LayerSpec):
-    """Return ``(label, match(normalized_name, real_name) -> bool)`` for one layer spec."""
+def _matcher(spec: LayerSpec, prefix: str = "", legacy: bool = False
+             ) -> tuple[str, Callable[[str, str], bool]]:
+    """Return ``(label, match(normalized_name, real_name) -> bool)`` for one layer spec.
+
+    ``prefix``: the model's wrapper prefix, dropped from the start of a name or glob.
+    ``legacy``: normalize the spec by its look alone (:func:`normalize_pattern`), for a spec
+    written for a wrapped model used on another (tried only when it matches nothing as is).
+    """
+    def short(text: str) -> str:
+        if legacy:
+            return normalize_pattern(text)
+        return text[len(prefix):] if prefix and text.startswith(prefix) else text
+
     if isinstance(spec, re.Pattern):
         return spec.pattern, lambda n, r: bool(spec.fullmatch(n) or spec.fullmatch(r))
     if not isinstance(spec, str):
@@ -100,10 +127,10 @@ def _matcher(spec: LayerSpec):
         rx = re.compile(spec[3:])
         return spec[3:], lambda n, r: bool(rx.fullmatch(n) or rx.fullmatch(r))
     if any(c in spec for c in "*?["):
-        raw, norm = _glob_to_regex(spec), _glob_to_regex(normalize_pattern(spec))
+        raw, norm = _glob_to_regex(spec), _glob_to_regex(short(spec))
         return spec, lambda n, r: bool(norm.fullmatch(n) or raw.fullmatch(r))
-    short = normalize_pattern(spec)
-    return spec, lambda n, r: n == short or r == spec
+    name = short(spec)
+    return spec, lambda n, r: n == name or r == spec
 
 
 def _as_list(layers: Layers) -> list[LayerSpec]:
@@ -119,10 +146,13 @@ def resolve_modules(model: nn.Module, layers: Layers, model_name: str = "model"
                     ) -> list[tuple[str, nn.Module]]:
     """Like :func:`resolve_layers` but returns ``(normalized_name, module)`` pairs."""
     table = named_layers(model)
+    prefix = _wrapper_prefix(model)
     chosen: set[str] = set()
     for spec in _as_list(layers):
-        label, match = _matcher(spec)
+        label, match = _matcher(spec, prefix)
         hits = [name for name, real, _ in table if match(name, real)]
+        if not hits:  # a name written for a wrapped model (``module.``), used on another
+            hits = [name for name, real, _ in table if _matcher(spec, legacy=True)[1](name, real)]
         if not hits:
             names = [name for name, _, _ in table]
             close = difflib.get_close_matches(normalize_pattern(label), names, n=5, cutoff=0.5)

@@ -1,0 +1,347 @@
+"""Regression tests for bugs an audit of the callback and the hooks found.
+
+* background mode: model state that cannot be copied, appearing after the first step, and a
+  failing first capture, never crash training (``on_error="warn"``);
+* ``reference="previous"`` without a baseline next to ``AlignmentPlateau``;
+* a resumed run re-anchors ``"initial"`` / ``"previous"`` at the resumed weights (with the
+  documented warning for ``"initial"``);
+* a callable probe that seeds or draws does not change training;
+* a layer returning a dataclass is recorded; one returning no tensor is a configuration error;
+* a real child called ``module`` is not mistaken for a DDP wrapper;
+* step mode: a monitor finds the baseline's key at an epoch end before the first step;
+* argument checks at construction.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+
+from alignment_callback import AlignmentCallback, AlignmentPlateau
+from alignment_callback.hooks import ActivationRecorder, collect_activations, resolve_layers
+from alignment_callback.hooks.outputs import LayerOutputError, select_output
+from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, train_loader
+
+PROBE = make_probe(48)
+KEY = "alignment/linear_cka/calibrated"
+
+
+def callback(**kw) -> AlignmentCallback:
+    kw.setdefault("measures", ["linear_cka"])
+    kw.setdefault("num_permutations", 9)
+    kw.setdefault("log_heatmaps", False)
+    kw.setdefault("report", False)
+    kw.setdefault("verbose", False)
+    reference = kw.pop("reference", None) or RefMLP()
+    return AlignmentCallback(reference, kw.pop("probe", PROBE), kw.pop("layers", ["fc1", "fc2"]),
+                             **kw)
+
+
+def fit(callbacks, model=None, max_epochs=2, ckpt_path=None, **trainer_kw) -> pl.Trainer:
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=max_epochs, logger=False, callbacks=callbacks,
+                         enable_checkpointing=trainer_kw.pop("enable_checkpointing", False),
+                         **FAST_TRAINER, **trainer_kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(model or MLP(), train_loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def raws(cb: AlignmentCallback) -> list[float]:
+    return [h["alignment/linear_cka/raw"] for h in cb.history]
+
+
+# ------------------------------------------------------------------ background: model copy
+class LateStateMLP(MLP):
+    """Gets, after the first epoch, public attributes no copy can take every step: a lock and
+    an object that reaches the trainer."""
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.lock = threading.Lock()
+            self.loop = self.trainer.fit_loop
+
+
+def test_background_survives_uncopyable_state_that_appears_after_the_first_step():
+    fg, bg = callback(), callback(background=True, on_error="warn")
+    fit([fg], model=LateStateMLP(), max_epochs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no skipped step, no fallback
+        fit([bg], model=LateStateMLP(), max_epochs=3)
+    assert [h["epoch"] for h in bg.history] == [0, 1, 2, 3]
+    assert raws(bg) == raws(fg)
+
+
+def test_plain_state_is_numbers_strings_tensors_and_containers_of_them():
+    from alignment_callback.callback.background import _plain_state
+
+    model = MLP()
+    model.stage, model.name, model._gain = 2, "warmup", 0.5
+    model.schedule = {"lr": [0.1, 0.01], "steps": (10, 20)}
+    model.temperature = torch.tensor(2.0)
+    model.lock = threading.Lock()
+    model.mixed = [1.0, threading.Lock()]
+    model.queue = __import__("queue").SimpleQueue()
+    state = _plain_state(model)[0]
+    assert {"stage", "name", "_gain", "schedule", "temperature"} <= set(state)
+    assert not {"lock", "mixed", "queue"} & set(state)
+
+
+def test_a_snapshot_that_fails_later_moves_the_capture_to_the_loop(monkeypatch):
+    from alignment_callback.callback.background import ModelCopy
+
+    snapshot = ModelCopy.snapshot
+    calls = []
+
+    def failing(model):
+        calls.append(1)
+        if len(calls) > 1:  # the first one makes the worker's copy
+            raise TypeError("cannot pickle 'SummaryWriter' object")
+        return snapshot(model)
+
+    monkeypatch.setattr(ModelCopy, "snapshot", staticmethod(failing))
+    fg, bg = callback(), callback(background=True)
+    fit([fg], max_epochs=3)
+    with pytest.warns(RuntimeWarning, match="state cannot be copied any more"):
+        fit([bg], max_epochs=3)
+    assert [h["epoch"] for h in bg.history] == [0, 1, 2, 3]
+    assert raws(bg) == raws(fg)
+
+
+class FlakyMLP(MLP):
+    """Its probe pass fails in the first epoch only (a transient, data-dependent failure)."""
+
+    def forward(self, x):
+        if not self.training and self.current_epoch == 0:
+            raise RuntimeError("transient failure in the probe pass")
+        return super().forward(x)
+
+
+def test_background_first_capture_failure_warns_and_training_goes_on():
+    cb = callback(background=True, on_error="warn")
+    with pytest.warns(RuntimeWarning, match="epoch 0 .* skipped: RuntimeError: transient"):
+        fit([cb], model=FlakyMLP(), max_epochs=3)
+    assert [h["epoch"] for h in cb.history] == [2, 3]
+
+
+# ------------------------------------------------------------ "previous" and the plateau
+@pytest.mark.parametrize("several", [False, True], ids=["previous", "several"])
+def test_plateau_on_previous_without_baseline(several):
+    if several:
+        cb = callback(reference={"a": RefMLP(), "p": "previous"}, baseline=False)
+        monitor = "alignment/p/linear_cka/calibrated"
+    else:
+        cb = callback(reference="previous", baseline=False)
+        monitor = KEY
+    plateau = AlignmentPlateau(monitor, patience=5, on_plateau=lambda t, m: None)
+    fit([cb, plateau], max_epochs=3)
+    assert plateau._seen and plateau.best is not None
+    assert [h["epoch"] for h in cb.history if monitor in h] == [2, 3]
+    assert cb.has_result(cb.history[-1], monitor)
+    assert not cb.has_result({"epoch": 1, "step": 4, "alignment/epoch": 1.0}, monitor)
+
+
+# --------------------------------------------------------------------------------- resume
+def test_resume_anchors_initial_and_previous_at_the_resumed_weights(tmp_path):
+    def drift():
+        return callback(reference={"init": "initial", "prev": "previous"}, layers=["fc2"])
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    fit([drift(), ckpt], model=MLP(lr=0.5), max_epochs=2, enable_checkpointing=True)
+    path = tmp_path / "epoch=0-step=4.ckpt"
+    resumed = drift()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fit([resumed], model=MLP(lr=0.5), max_epochs=3, ckpt_path=str(path))
+    messages = [str(w.message) for w in seen]
+    assert any("reference='initial' on a resumed run" in m for m in messages), messages
+    # written at the last alignment step: "previous" continues exactly, without a warning
+    assert not any("reference='previous' on a resumed run" in m for m in messages), messages
+    first = next(h for h in resumed.history if h["epoch"] == 2)
+    init = first["alignment/init/linear_cka/layer/fc2/raw"]
+    prev = first["alignment/prev/linear_cka/layer/fc2/raw"]
+    assert init == prev < 1.0 - 1e-6  # both against the checkpoint's model, not itself
+
+
+# ---------------------------------------------------------------------------------- RNG
+def test_a_callable_probe_that_seeds_does_not_change_training():
+    def probe():
+        torch.manual_seed(0)
+        return [torch.randn(48, 8)]
+
+    def run(callbacks):
+        model = MLP(dropout=0.3)
+        fit(callbacks, model=model)
+        return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+
+    plain, with_cb = run([]), run([callback(probe=probe)])
+    assert all(torch.equal(a, b) for a, b in zip(plain[0], with_cb[0]))
+    assert torch.equal(plain[1], with_cb[1])
+
+
+# ------------------------------------------------------------------------------- outputs
+@dataclass
+class Out:
+    logits: Tensor
+    hidden: Tensor
+
+
+@dataclass
+class Hidden:
+    aux: Tensor
+    last_hidden_state: Tensor
+
+
+@dataclass
+class NoTensor:
+    note: str
+
+
+def test_select_output_reads_dataclasses_like_dicts():
+    t = torch.randn(3, 4)
+    assert select_output(Out(t, 2 * t)) is t  # the first tensor field
+    out = Hidden(t, 2 * t)
+    assert select_output(out) is out.last_hidden_state
+    assert select_output(Out(t, 2 * t), output_key=1).equal(2 * t)
+    assert select_output(Out(t, 2 * t), output_key="hidden").equal(2 * t)
+    with pytest.raises(LayerOutputError, match="'blk'.*hook a submodule") as err:
+        select_output(NoTensor("x"), layer="blk")
+    assert isinstance(err.value, TypeError)
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 16)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return Out(h.sum(1, keepdim=True), h)
+
+
+class NothingToRecord(nn.Module):
+    def forward(self, x):
+        return NoTensor("no tensor")
+
+
+class SideMLP(MLP):
+    """The MLP plus a side module run in its forward (whose output it ignores)."""
+
+    def forward(self, x):
+        self.side(x)
+        return super().forward(x)
+
+
+def side_mlp(side: nn.Module) -> SideMLP:
+    model = SideMLP()
+    model.side = side
+    return model
+
+
+def test_a_layer_returning_a_dataclass_is_recorded():
+    model = nn.Sequential(Encoder())
+    with ActivationRecorder(model, "0", pool="none") as rec:
+        model(PROBE)
+    assert rec["0"].shape == (48, 1)  # the first tensor field, as for a dict
+    cb = callback(layers=["side"], reference_layers=["fc2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no step skipped
+        fit([cb], model=side_mlp(Encoder()), max_epochs=1)
+    assert len(cb.history) == 2
+
+
+def test_a_layer_with_nothing_to_record_fails_before_training():
+    model = side_mlp(NothingToRecord())
+    start = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(LayerOutputError, match="'side' returned a NoTensor"):
+        fit([callback(layers=["side"], reference_layers=["fc2"], on_error="warn")], model=model)
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+
+
+# --------------------------------------------------------------------------------- names
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class ChildCalledModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.module, self.fc = Inner(), nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.fc(self.module(x))
+
+
+class Wrapper(nn.Module):
+    """Looks like DDP: the real model is its only child, ``module``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_a_real_child_called_module_is_not_a_wrapper():
+    model = ChildCalledModule()
+    assert resolve_layers(model, "fc") == ["fc"]
+    assert resolve_layers(model, "module.fc") == ["module.fc"]
+    x = torch.randn(10, 4)
+    assert collect_activations(model, x, ["fc"])["fc"].shape == (10, 5)  # the top-level fc
+    assert collect_activations(model, x, ["module.fc"])["module.fc"].shape == (10, 3)
+    wrapped = Wrapper(model)  # the wrapper's prefix goes, the real child's stays
+    assert resolve_layers(wrapped, ["fc", "module.module.fc"]) == ["module.fc", "fc"]
+    assert collect_activations(wrapped, x, ["fc"])["fc"].shape == (10, 5)
+
+
+# ---------------------------------------------------------------------------- monitoring
+def test_step_mode_baseline_is_seen_by_a_monitor_before_the_first_step(tmp_path):
+    cb = callback(every_n_train_steps=20)  # 4 steps per epoch: no step before epoch 5
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max", save_top_k=1)
+    trainer = fit([cb, ckpt], max_epochs=2, enable_checkpointing=True)
+    assert [h["step"] for h in cb.history] == [0]
+    assert float(ckpt.best_model_score) == pytest.approx(cb.history[0][KEY])
+    assert float(trainer.callback_metrics[KEY]) == pytest.approx(cb.history[0][KEY])
+
+
+def test_step_mode_steps_replace_the_baseline_in_callback_metrics():
+    cb = callback(every_n_train_steps=3)
+    trainer = fit([cb], max_epochs=2)
+    assert [h["step"] for h in cb.history] == [0, 3, 6]
+    assert float(trainer.callback_metrics[KEY]) == pytest.approx(cb.history[-1][KEY])
+
+
+# ---------------------------------------------------------------------- argument checks
+def test_compute_device_is_checked_at_construction():
+    with pytest.raises(ValueError, match="compute_device='cpux'"):
+        callback(compute_device="cpux")
+    with pytest.raises(TypeError, match="compute_device"):
+        callback(compute_device=3)
+    callback(compute_device="cpu")
+    callback(compute_device=torch.device("cpu"))
+
+
+def test_a_layer_mapping_and_reference_layers_conflict():
+    with pytest.raises(ValueError, match="reference_layers=\\['fc2'\\] conflicts"):
+        callback(layers={"fc1": "fc1"}, reference_layers=["fc2"])
+
+
+@pytest.mark.parametrize("name,value", [("background", "yes"), ("log_heatmaps", "no"),
+                                        ("baseline", 1), ("report", None)])
+def test_flags_must_be_bools(name, value):
+    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+        callback(**{name: value})

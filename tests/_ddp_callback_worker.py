@@ -73,12 +73,50 @@ class BreakRank1(pl.Callback):
                 pl_module.fc2.bias[0] = float("nan")
 
 
+class BatchNormMLP(MLP):
+    """``MLP`` with a BatchNorm after fc1: its running statistics are updated by each rank's
+    own batches, so after a training epoch the replicas differ (DDP broadcasts buffers only at
+    the start of a training forward)."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.0)
+        self.bn = torch.nn.BatchNorm1d(self.fc1.out_features, momentum=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.act1(self.bn(self.fc1(x))))
+        return self.head(self.act2(self.fc2(h)))
+
+
+class LocalRecompute(pl.Callback):
+    """At the end, this rank's single-process step on its own model (the same permutations),
+    and its BatchNorm running mean, next to the logged values."""
+
+    def __init__(self, out: str, watched: AlignmentCallback) -> None:
+        self.out, self.watched = out, watched
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        acts = self.watched._capture(pl_module)[0]
+        res = self.watched.references[0].engine.step(acts, epoch=99).results["linear_cka"]
+        payload = {"local": {k: float(getattr(res, k)) for k in ("raw", "null_std", "threshold")},
+                   "running_mean": pl_module.bn.running_mean.tolist()}
+        Path(self.out, f"local{trainer.global_rank}.json").write_text(json.dumps(payload))
+
+
 def main(out: str, strategy: str, mode: str = "ok") -> None:
     """``mode``: ``ok``; ``fail_rank1`` (rank 1's permutation null fails), ``fail_moments_rank1``
     (the same with linear CKA on the analytic null: nothing to gather), ``fail_probe_rank1``
     (rank 1's probe pass raises), ``fail_reference_rank1`` (setting rank 1's reference
     raises), ``fail_layer_count_rank1`` (a chosen layer runs twice in rank 1's probe pass: a
-    configuration error, raised under ``on_error="warn"`` too)."""
+    configuration error, raised under ``on_error="warn"`` too); ``batchnorm`` (replicas whose
+    BatchNorm statistics differ, linear CKA on fc2 only)."""
+    if mode == "batchnorm":
+        cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc2"], measures=["linear_cka"],
+                               num_permutations=K, on_error="raise", verbose=False)
+        trainer = pl.Trainer(**{**FAST_TRAINER, "devices": 2}, strategy=strategy,
+                             max_epochs=MAX_EPOCHS, logger=False, enable_checkpointing=False,
+                             callbacks=[cb, Dump(out, cb), LocalRecompute(out, cb)])
+        trainer.fit(BatchNormMLP(), train_loader())
+        return
     failing = mode != "ok"
     moments = mode == "fail_moments_rank1"
     cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc2"] if moments else LAYERS,

@@ -82,6 +82,21 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
     assert len(pngs) == len(W.METRICS) * (W.MAX_EPOCHS + 1)  # one raw|calibrated image each
 
 
+def test_ddp_replicas_with_different_batchnorm_statistics_score_rank_zeros_model(tmp_path):
+    """BatchNorm running statistics differ between the replicas after an epoch (each rank's own
+    batches): every share of the null must still score rank 0's model, the one it logs, so the
+    logged step equals rank 0's single-process step on the same permutations."""
+    _run_worker(tmp_path, "ddp", "batchnorm")
+    local = [json.loads((tmp_path / f"local{r}.json").read_text()) for r in range(2)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert local[0]["running_mean"] != local[1]["running_mean"]  # the replicas differ
+    assert local[0]["local"]["raw"] != local[1]["local"]["raw"]
+    logged = ranks[0]["history"][-1]
+    assert ranks[1]["history"][-1] == logged
+    for field, value in local[0]["local"].items():
+        assert logged[f"alignment/linear_cka/{field}"] == pytest.approx(value, rel=1e-6), field
+
+
 @pytest.mark.parametrize("mode,expected", [
     ("fail_rank1", ("the alignment step failed on rank 1", "NaN")),
     ("fail_moments_rank1", ("the alignment step failed on rank 1", "NaN")),

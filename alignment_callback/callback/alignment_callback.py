@@ -462,7 +462,8 @@ class AlignmentCallback(Callback):
         self._threaded = self.background and trainer.world_size == 1
         if self.background and not self._threaded:
             rank_zero_warn("AlignmentCallback(background=True) runs in the foreground under "
-                           "multi-process strategies (rank 0 computes, results are broadcast)",
+                           "multi-process strategies (the null is split over the processes; rank "
+                           "0 logs, and its results are broadcast)",
                            category=UserWarning)
         resumed = bool(self.history) or trainer.global_step > 0
         pending = [(e, s) for e, s in self._resume_pending if s == trainer.global_step]
@@ -512,6 +513,8 @@ class AlignmentCallback(Callback):
         if error is not None:
             self._guarded(int(trainer.current_epoch), step, _reraise, error)
             return
+        if trainer.world_size > 1:
+            acts = _from_rank_zero(trainer, acts)
         for ref in drift:
             _anchor(ref, acts)
 
@@ -605,6 +608,7 @@ class AlignmentCallback(Callback):
         if failed is not None:
             error = f"the probe pass failed on rank {failed[0]}: {failed[1]}"
         else:
+            captured = (_from_rank_zero(trainer, captured[0]), captured[1])
             try:
                 outcome = self._compute(captured, epoch, step,
                                         trainer.is_global_zero and bool(trainer.loggers),
@@ -1029,6 +1033,17 @@ class AlignmentCallback(Callback):
         dispatch.save_file(trainer.loggers, self.report_paths[0])
         if self.verbose:
             feedback.emit(trainer, [f"{self.log_prefix} report: {self.report_paths[0]}"])
+
+
+def _from_rank_zero(trainer: Trainer, acts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rank 0's probe activations on every process (through the CPU, on this process's
+    device).  DDP replicas can differ where DDP does not synchronize them (BatchNorm running
+    statistics, updated by each rank's own batches after the last broadcast of the buffers):
+    every share of the null must score the same model, the one rank 0 logs."""
+    device = next(iter(acts.values())).device
+    shared = trainer.strategy.broadcast(
+        {k: v.cpu() for k, v in acts.items()} if trainer.is_global_zero else None, src=0)
+    return {k: v.to(device) for k, v in shared.items()}
 
 
 def _reraise(error: BaseException) -> None:

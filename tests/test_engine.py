@@ -76,3 +76,21 @@ def test_step_needs_the_reference_and_the_same_rows():
     engine.set_reference(_layers("r", 1))
     with pytest.raises(ValueError, match="have 30 rows but the reference's have 60"):
         engine.step(_layers("m", 1, n=30))
+
+
+def test_best_pair_of_a_layer_mapping_is_a_mapped_pair():
+    """With pairs={model: reference}, the best pair is the best of the mapped pairs, not of the
+    whole matrix (here the unmapped m1 ~ r1 is far higher than every mapped pair)."""
+    g = torch.Generator().manual_seed(0)
+    n = 120
+    ref = {"r1": torch.randn(n, 10, generator=g), "r2": torch.randn(n, 7, generator=g)}
+    model = {"m1": ref["r1"] @ torch.randn(10, 6, generator=g) + torch.randn(n, 6, generator=g),
+             "m2": torch.randn(n, 5, generator=g)}
+    engine = AlignmentEngine(["linear_cka"], num_permutations=99, pairs={"m1": "r2", "m2": "r1"})
+    engine.set_reference(ref)
+    res = engine.step(model).results["linear_cka"]
+    mapped = {(0, 1): float(res.matrix[0, 1]), (1, 0): float(res.matrix[1, 0])}
+    assert float(res.matrix[0, 0]) > max(mapped.values())  # the unmapped pair is the highest
+    assert res.argmax == max(mapped, key=mapped.get)
+    assert res.best_pair in (("m1", "r2"), ("m2", "r1"))
+    assert float(res.raw) == max(mapped.values())

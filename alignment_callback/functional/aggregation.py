@@ -172,7 +172,11 @@ def calibrate_layers_from_matrices(
     warn_unresolved(res, max_score, measure or "the aggregate", hint)
     res.pop("unresolved")
     pairs = calibrate_tensor(matrix, null, alpha, max_score, data_dtype)
-    flat = int(torch.argmax(matrix))
+    if isinstance(agg, MappedAggregate):  # the best of the chosen pairs only
+        chosen = agg.flat.to(matrix.device)
+        flat = int(chosen[torch.argmax(matrix.flatten()[chosen])])
+    else:
+        flat = int(torch.argmax(matrix))
     lb = matrix.shape[1]
     return LayerAlignmentResult(
         matrix=matrix, null=null_agg, argmax=(flat // lb, flat % lb),

@@ -27,8 +27,10 @@ ARGS = ["--measure", "linear_cka,mutual_knn", "--k", "5", "--permutations", "39"
 TIMEOUT_S = 180
 
 
-def launch(*argv: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def launch(*argv: str, cwd: Path, processes: int = 2, path: Path | None = None
+           ) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(str(p) for p in (path, ROOT) if p))
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     if processes > 1:
@@ -93,6 +95,43 @@ def test_rerun_with_another_world_size_reuses_every_pair(folders):
     proc = launch("matrix", "dx", "dy", *ARGS, "--out", "resume", cwd=root, processes=1)
     assert proc.returncode == 0, proc.stderr
     assert "6 already done" in proc.stderr and "0 to compute" in proc.stderr
+    assert results(out) == results(root / "single")
+
+
+SLOW_RANK_ZERO = """
+import importlib.abc, os, sys, time
+if os.environ.get("RANK") == "0":  # rank 0 lists the stored pairs 3 s late (a slow node)
+    class Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "alignment_callback.reporting.cli":
+                sys.meta_path.remove(self)
+                from alignment_callback.reporting import store
+                listing, first = store.pair_files, [True]
+                def slow(*args, **kwargs):
+                    if first.pop() if first else False:
+                        time.sleep(3.0)
+                    return listing(*args, **kwargs)
+                store.pair_files = slow
+            return None
+    sys.meta_path.insert(0, Hook())
+"""
+
+
+def test_a_slow_process_does_not_change_the_shards_of_a_resumed_run(folders, tmp_path):
+    """Rank 0 reads the stored pairs of a resumed run late: no process may append a pair before
+    every process has read them, or they would shard different pending lists (pairs skipped or
+    computed twice, and "pairs still missing" at the end)."""
+    root = folders
+    out = root / "slow"
+    shutil.copytree(root / "single", out)
+    kept = (out / "pairs.jsonl").read_text().splitlines(keepends=True)
+    (out / "pairs.jsonl").write_text("".join(kept[:2]))
+    (tmp_path / "sitecustomize.py").write_text(SLOW_RANK_ZERO)
+    proc = launch("matrix", "dx", "dy", *ARGS, "--out", "slow", cwd=root, path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 already done" in proc.stderr and "4 to compute" in proc.stderr
+    assert sum(len((out / f"pairs.rank{r}.jsonl").read_text().splitlines())
+               for r in (0, 1)) == 4
     assert results(out) == results(root / "single")
 
 

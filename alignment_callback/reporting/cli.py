@@ -270,12 +270,10 @@ class _Interrupted(Exception):
         self.finished = finished
 
 
-def _compute_share(args: argparse.Namespace, measures: dict, group: ProcessGroup,
-                   lines: list[dict]) -> tuple[Any, Any]:
-    """Plan, then compute this process's share of the pending pairs, appending each to its
-    pairs file (and to ``lines``).  Returns ``(plan, groups)``."""
-    import torch
-
+def _plan_pairs(args: argparse.Namespace, measures: dict, group: ProcessGroup
+                ) -> tuple[Any, Any, list]:
+    """Plan: the pairs, those already stored (a resumed run), the pending ones.  Returns
+    ``(plan, groups, pending tasks)``."""
     from alignment_callback.reporting.io import load_groups
 
     groups = load_groups(args.groups) if args.groups else None
@@ -285,13 +283,23 @@ def _compute_share(args: argparse.Namespace, measures: dict, group: ProcessGroup
     plan.done = store.read_pairs(store.pair_files(out), plan.settings, plan.kwargs,
                                  plan.fingerprints)
     tasks = plan.pending()
-    total = len(plan.pairs)
-    own = store.pairs_file(out, group.rank if group.active else None)
     if group.rank == 0:
-        warn_resolution(args.permutations, total, args.alpha, args.null)
+        own = store.pairs_file(out, group.rank if group.active else None)
+        warn_resolution(args.permutations, len(plan.pairs), args.alpha, args.null)
         read = [p for p in store.pair_files(out) if p != own]
         write.matrix_intro(plan, tasks, own if not group.active and not read
                            else f"{out}/pairs*.jsonl", group.world_size)
+    return plan, groups, tasks
+
+
+def _compute_share(args: argparse.Namespace, measures: dict, plan: Any, groups: Any,
+                   tasks: list, group: ProcessGroup, lines: list[dict]) -> None:
+    """Compute this process's share of the pending ``tasks`` (the same list on every
+    process), appending each pair to its pairs file (and to ``lines``)."""
+    import torch
+
+    total = len(plan.pairs)
+    own = store.pairs_file(Path(args.out), group.rank if group.active else None)
     mine = shard(tasks, group.rank, group.world_size)
     device = args.device
     if device == "cuda" and group.active:
@@ -314,7 +322,6 @@ def _compute_share(args: argparse.Namespace, measures: dict, group: ProcessGroup
         raise _Interrupted(finished) from None
     finally:
         progress.close()
-    return plan, groups
 
 
 def _outcome(group: ProcessGroup, err: BaseException, debug: bool) -> Outcome:
@@ -368,8 +375,9 @@ def run_matrix(args: argparse.Namespace) -> int:
     try:
         if not group.active:
             lines: list[dict] = []
+            plan, groups, tasks = _plan_pairs(args, measures, group)
             try:
-                plan, groups = _compute_share(args, measures, group, lines)
+                _compute_share(args, measures, plan, groups, tasks, group, lines)
             except _Interrupted:
                 return 130
             _write_outputs(args, plan, groups, lines)
@@ -384,7 +392,15 @@ def _run_group(args: argparse.Namespace, measures: dict, group: ProcessGroup) ->
     lines: list[dict] = []
     plan = groups = None
     try:
-        plan, groups = _compute_share(args, measures, group, lines)
+        plan, groups, tasks = _plan_pairs(args, measures, group)
+        outcome = Outcome(group.rank, tasks=tasks)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - gathered, then re-raised
+        outcome = _outcome(group, err, args.debug)
+    # no process appends a pair before every process has read the stored ones, and all share
+    # rank 0's pending list: a resumed run's shards are the same everywhere
+    tasks = _agree(group, outcome)[0].tasks
+    try:
+        _compute_share(args, measures, plan, groups, tasks, group, lines)
         outcome = Outcome(group.rank, finished=len(lines), lines=lines)
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - gathered, then re-raised
         outcome = _outcome(group, err, args.debug)

@@ -2,10 +2,13 @@
 
 When ``torchrun`` (or any launcher setting ``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) starts the command, each process computes every ``world_size``-th pending pair.
-The only collectives are two ``all_gather_object`` calls of small Python objects, which every
+The only collectives are three ``all_gather_object`` calls of small Python objects, which every
 process reaches whatever happened before (errors are caught and gathered, not raised), so no
-process can wait forever for one that failed: after the first, every process knows every
-process's outcome and ends with the same error, and rank 0 receives every finished pair.
+process can wait forever for one that failed: after each, every process knows every process's
+outcome and ends with the same error.  The first, after planning, gives every process rank 0's
+list of pending pairs (before any process appends a pair, so that a resumed run is sharded the
+same everywhere); the second gives rank 0 every finished pair; the third, the outcome of
+writing the summary.
 
 The group is a gloo group also when the pairs are computed on CUDA: only these objects travel
 through it (the features never do), and gloo needs no device.
@@ -89,6 +92,7 @@ class Outcome:
     message: str = ""
     finished: int = 0
     lines: list[dict] | None = None
+    tasks: list[Any] | None = None  # the planned pending pairs (rank 0's are everyone's)
 
 
 class GroupFailure(Exception):

@@ -136,3 +136,26 @@ def test_wandb_run_holds_summary_curves_and_one_pairs_table(tmp_path, monkeypatc
         assert len(glob.glob(str(run_dir / "files" / "media" / "table" / "alignment" / m
                                  / "pairs_*.table.json"))) == 1
     assert (run_dir / "files" / "alignment_report.md").exists()
+
+
+@pytest.mark.parametrize("steps", [None, 3])
+def test_report_curves_against_epochs_or_steps(tmp_path, monkeypatch, steps):
+    """The report's curves run along the epochs, or along the steps when several alignment
+    steps fall in one epoch (``every_n_train_steps``), never with points stacked at one x."""
+    from alignment_callback.metrics import plotting
+
+    drawn = []
+    real = plotting.plot_scores
+
+    def spy(*args, **kwargs):
+        drawn.append((kwargs["xlabel"], list(kwargs["steps"])))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plotting, "plot_scores", spy)
+    cb = _cb(verbose=False, measures=["linear_cka"],
+             **({} if steps is None else {"every_n_train_steps": steps}))
+    _fit(CSVLogger(tmp_path, name="csv"), [cb])
+    (xlabel, xs), = drawn
+    field = "epoch" if steps is None else "step"
+    assert xlabel == field and xs == [h[field] for h in cb.history]
+    assert len(set(xs)) == len(xs)

@@ -103,8 +103,10 @@ def _curves(folder: str, history: Sequence[Mapping[str, Any]], measures: Sequenc
         axes = fig.subplots(1, len(measures), squeeze=False)[0]
         for ax, m in zip(axes, measures):
             rows = [h for h in history if f"{prefix}/{m}/raw" in h]  # "previous": not at step 0
-            plot_scores(rows, ax=ax, measure=m, prefix=prefix, steps=[h["epoch"] for h in rows],
-                        xlabel="epoch")
+            # against the epoch, unless several steps share one (every_n_train_steps)
+            x = "epoch" if len({h["epoch"] for h in rows}) == len(rows) else "step"
+            plot_scores(rows, ax=ax, measure=m, prefix=prefix, steps=[h[x] for h in rows],
+                        xlabel=x)
         width = fig.get_figwidth()  # fixed margins in inches: tight_layout drew the figure twice
         fig.subplots_adjust(left=0.62 / width, right=1 - 0.12 / width, bottom=0.14, top=0.91,
                             wspace=0.26)

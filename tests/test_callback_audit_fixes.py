@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import threading
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -71,28 +72,70 @@ class LateStateMLP(MLP):
 
 
 def test_background_survives_uncopyable_state_that_appears_after_the_first_step():
+    """A public lock appears after the first step: its copy fails, the capture moves to the
+    loop with a warning, and no step is lost or changed."""
     fg, bg = callback(), callback(background=True, on_error="warn")
     fit([fg], model=LateStateMLP(), max_epochs=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no skipped step, no fallback
+    with pytest.warns(RuntimeWarning, match="cannot be copied any more"):
         fit([bg], model=LateStateMLP(), max_epochs=3)
     assert [h["epoch"] for h in bg.history] == [0, 1, 2, 3]
     assert raws(bg) == raws(fg)
 
 
-def test_plain_state_is_numbers_strings_tensors_and_containers_of_them():
+def test_the_state_copied_at_every_step():
+    """Plain values (numbers, strings, enums, small tensors and containers of them), public or
+    private, and every other public attribute (deep-copied; one that cannot be copied moves
+    the capture to the loop, next test); not private objects."""
+    import enum
+
     from alignment_callback.callback.background import _plain_state
 
+    class Stage(enum.Enum):
+        WARMUP, MAIN = 1, 2
+
     model = MLP()
-    model.stage, model.name, model._gain = 2, "warmup", 0.5
+    model.stage, model.name, model._gain, model._phase = 2, "warmup", 0.5, Stage.MAIN
     model.schedule = {"lr": [0.1, 0.01], "steps": (10, 20)}
     model.temperature = torch.tensor(2.0)
-    model.lock = threading.Lock()
-    model.mixed = [1.0, threading.Lock()]
-    model.queue = __import__("queue").SimpleQueue()
+    model.tags, model.config = {"a", "b"}, types.SimpleNamespace(mode="fast")
+    model._lock = threading.Lock()
+    model._mixed = [1.0, threading.Lock()]
     state = _plain_state(model)[0]
-    assert {"stage", "name", "_gain", "schedule", "temperature"} <= set(state)
-    assert not {"lock", "mixed", "queue"} & set(state)
+    assert {"stage", "name", "_gain", "_phase", "schedule", "temperature", "tags",
+            "config"} <= set(state)
+    assert not {"_lock", "_mixed"} & set(state)
+
+
+def test_an_enum_stage_flag_is_seen_by_the_background_copy():
+    """A forward branching on an Enum attribute switched during training: the background copy
+    follows it (values equal the foreground ones)."""
+    import enum
+
+    class Stage(enum.Enum):
+        WARMUP, MAIN = 1, 2
+
+    class Staged(MLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stage = Stage.WARMUP
+
+        def forward(self, x):
+            h = self.drop(self.act1(self.fc1(x)))
+            if self.stage is Stage.MAIN:
+                h = -h
+            return self.head(self.act2(self.fc2(h)))
+
+        def on_train_epoch_start(self) -> None:
+            if self.current_epoch >= 1:
+                self.stage = Stage.MAIN
+
+    histories = []
+    for background in (False, True):
+        cb = callback(background=background)
+        fit([cb], model=Staged(), max_epochs=3)
+        histories.append([h["alignment/linear_cka/raw"] for h in cb.history])
+    assert histories[0] == histories[1]
+    assert len(set(histories[0])) > 1  # the switch changes the values
 
 
 def test_a_snapshot_that_fails_later_moves_the_capture_to_the_loop(monkeypatch):
@@ -345,3 +388,14 @@ def test_a_layer_mapping_and_reference_layers_conflict():
 def test_flags_must_be_bools(name, value):
     with pytest.raises(TypeError, match=f"{name} must be True or False"):
         callback(**{name: value})
+
+
+def test_a_checkpoint_without_the_callback_starts_a_new_history_with_a_baseline(tmp_path):
+    """Weights trained before (a checkpoint written without the callback): the callback has
+    no history to go on from, so it takes its baseline at the resumed weights."""
+    fit([ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)], max_epochs=1,
+        enable_checkpointing=True)
+    (ckpt,) = tmp_path.glob("*.ckpt")
+    cb = callback()
+    fit([cb], max_epochs=3, ckpt_path=str(ckpt))
+    assert [(h["epoch"], h["step"]) for h in cb.history] == [(1, 4), (2, 8), (3, 12)]

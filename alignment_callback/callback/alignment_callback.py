@@ -105,8 +105,8 @@ class AlignmentCallback(Callback):
     ``fit``; finished ones also when training stops on an exception).  For a model on the CPU
     the probe's forward passes run in the worker too, on a private copy of the model refreshed
     at every step from the model's weights, buffers and plain attributes (a stage flag or a
-    schedule: numbers, strings, small tensors, and lists / tuples / dicts of them; never a
-    lock, a writer or anything reaching the trainer); at the first step the model's
+    schedule: numbers, strings, enums, small tensors and containers of them, and its other
+    public attributes, deep-copied); at the first step the model's
     activations are captured in the loop and the worker checks the copy's against them (a next
     step that comes before the check has finished waits for it), and if they differ (a forward
     that reads the trainer, or state the copy cannot hold) the capture stays in the loop with a
@@ -465,13 +465,18 @@ class AlignmentCallback(Callback):
                            "multi-process strategies (the null is split over the processes; rank "
                            "0 logs, and its results are broadcast)",
                            category=UserWarning)
-        resumed = bool(self.history) or trainer.global_step > 0
         pending = [(e, s) for e, s in self._resume_pending if s == trainer.global_step]
         self._resume_pending = []
-        if resumed:
+        if self.history:  # resumed with this callback's history: it goes on from there
             self._anchor_drift(trainer, pl_module, retaken=bool(pending))
-        elif self.baseline:
-            self._maybe_run(trainer, pl_module, epoch=0, baseline=True)
+        elif self.baseline:  # a new history (also for weights trained before: a warm start)
+            if trainer.global_step > 0 and any(ref.kind == "initial" for ref in self.references):
+                rank_zero_warn("reference='initial' on a resumed run compares with the "
+                               "activations at the start of this fit (the resumed weights), "
+                               "not of the original one", category=UserWarning)
+            self._maybe_run(trainer, pl_module, epoch=int(trainer.current_epoch), baseline=True)
+        elif trainer.global_step > 0:
+            self._anchor_drift(trainer, pl_module, retaken=False)
         for epoch, step in pending:  # in flight when the checkpoint was written
             self._maybe_run(trainer, pl_module, epoch=epoch, monitor=False)
 
@@ -641,7 +646,8 @@ class AlignmentCallback(Callback):
             self._copy = False  # a model off the CPU: the capture stays in the loop
         snapshot = self._snapshot(pl_module)
         if snapshot is not None:
-            job = (self._compute_on_copy, snapshot, epoch, step, render)
+            # the copy goes with the job: a later step may give it up before the worker runs
+            job = (self._compute_on_copy, self._copy, snapshot, epoch, step, render)
         else:
             # the first step's capture also starts the copy's check; a failure there is a
             # failed step like any other (the check is tried again at the next step)
@@ -855,10 +861,11 @@ class AlignmentCallback(Callback):
 
     # -------------------------------------------------------------------------- compute
     @torch.no_grad()
-    def _compute_on_copy(self, snapshot: Snapshot, epoch: int, step: int, render: bool) -> Outcome:
+    def _compute_on_copy(self, copy: ModelCopy, snapshot: Snapshot, epoch: int, step: int,
+                         render: bool) -> Outcome:
         """Worker thread: load the snapshot into the model copy, capture, compute."""
         start = time.perf_counter()
-        model = self._copy.load(snapshot)
+        model = copy.load(snapshot)
         del snapshot
         # restore_rng=False: restoring from this thread would rewind the training loop's RNG
         acts = self._model_activations(model, self._probe_batches, torch.device("cpu"),

@@ -4,6 +4,7 @@ and the private model copy that lets the probe pass run there too."""
 from __future__ import annotations
 
 import copy
+import enum
 import functools
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -102,7 +103,7 @@ class BackgroundQueue:
 
 
 PLAIN_TENSOR_ELEMENTS = 1 << 16  # larger unregistered tensors (e.g. cached data) are not copied
-_SIMPLE = (bool, int, float, complex, str, bytes, type(None), np.generic)
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None), np.generic, enum.Enum)
 _MAX_DEPTH = 4  # containers nested deeper are not plain state
 
 
@@ -127,7 +128,7 @@ def _is_plain_value(value: Any, depth: int = 0) -> bool:
         return value.dtype != object and value.size <= PLAIN_TENSOR_ELEMENTS
     if depth >= _MAX_DEPTH:
         return False
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return all(_is_plain_value(v, depth + 1) for v in value)
     if isinstance(value, dict):
         return all(isinstance(k, _SIMPLE) and _is_plain_value(v, depth + 1)
@@ -136,15 +137,20 @@ def _is_plain_value(value: Any, depth: int = 0) -> bool:
 
 
 def _is_plain(key: str, value: Any) -> bool:
+    """Copied at every step: plain values (:func:`_is_plain_value`), and any other public
+    attribute, deep-copied (a config object, a schedule; a copy that fails moves the capture
+    to the loop, see ``AlignmentCallback._snapshot``)."""
     if isinstance(value, nn.Module) or key in _module_internals():
         return False
-    return _is_plain_value(value)
+    if isinstance(value, Tensor):
+        return value.numel() <= PLAIN_TENSOR_ELEMENTS
+    return _is_plain_value(value) or not key.startswith("_")
 
 
 def _plain_state(model: nn.Module) -> list[dict[str, Any]]:
     """Per submodule, the state a forward may read besides its parameters and buffers (a stage
     flag, a schedule, a temperature, a step counter): its attributes that are not modules and
-    hold plain values (see :func:`_is_plain_value`)."""
+    hold plain values (see :func:`_is_plain_value`), and its other public attributes."""
     return [{key: value for key, value in vars(module).items() if _is_plain(key, value)}
             for module in model.modules()]
 
@@ -154,7 +160,7 @@ def _copied(value: Any) -> Any:
     a graph, which ``deepcopy`` refuses)."""
     if isinstance(value, Tensor):
         return value.detach().clone()
-    if type(value) in (list, tuple):
+    if type(value) in (list, tuple, set, frozenset):
         return type(value)(_copied(v) for v in value)
     if type(value) is dict:
         return {k: _copied(v) for k, v in value.items()}

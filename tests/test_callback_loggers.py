@@ -191,6 +191,20 @@ def test_wandb_offline_history_media_and_axes(tmp_path, wandb_env, background):
                    for m in records if m.WhichOneof("record_type") == "metric"}
     assert metric_defs.get("alignment/*") == "alignment/epoch"
     assert metric_defs.get("second/*") == "second/epoch"
+    # every logged key has its own definition on its axis: W&B applies a key's own definition
+    # before any glob (the summary's would leave it without one) and picks among overlapping
+    # globs (Lightning's "*" on trainer/global_step) in no fixed order
+    own = [(m.metric.name, m.metric.step_metric) for m in records
+           if m.WhichOneof("record_type") == "metric" and m.metric.name]
+    logged = {k for h in history for k in h if k.startswith(("alignment/", "second/"))}
+    logged = {k.split("/_type")[0].split("/filenames")[0] for k in logged} - {
+        "alignment/epoch", "second/epoch"}
+    defined = {name: axis for name, axis in own if name in logged}
+    assert {"alignment/linear_cka/calibrated", "alignment/linear_cka/p_value",
+            "alignment/mutual_knn/heatmap", "second/linear_cka/raw"} <= set(defined)
+    for name, axis in own:
+        if name in logged:
+            assert axis == name.split("/")[0] + "/epoch", (name, axis)
 
     # heatmaps: image history entries whose files exist under files/media
     run_dir = Path(run_file).parent

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
-_DEFINED_ATTR = "_alignment_callback_axes"  # prefixes already defined, kept on the logger
+_DEFINED_ATTR = "_alignment_callback_wandb"  # what was defined on the run (_wandb_state)
 
 
 def _kind(logger: Any) -> str:
@@ -26,32 +26,67 @@ def _kind(logger: Any) -> str:
     return "other"
 
 
+def _wandb_state(logger: Any) -> dict[str, Any]:
+    """What was defined on a W&B logger's run: ``axes`` (prefix → step metric) and ``keys``
+    (the keys given their own definition), kept on the logger."""
+    state = getattr(logger, _DEFINED_ATTR, None)
+    if state is None:
+        state = {"axes": {}, "keys": set()}
+        try:
+            setattr(logger, _DEFINED_ATTR, state)
+        except AttributeError:
+            pass
+    return state
+
+
 def define_axes(loggers: Sequence[Any], prefix: str, step_metric: str) -> None:
-    """W&B: plot every ``prefix/*`` series against ``step_metric`` (epoch or global step)."""
+    """W&B: plot every ``prefix/*`` series against ``step_metric`` (epoch or global step).
+
+    Each key also gets its own definition when first logged (:func:`_define_keys`): W&B applies
+    a key's own definition before any glob, and picks among overlapping globs (Lightning's
+    ``*`` against ``trainer/global_step`` and this ``prefix/*``) in no fixed order."""
     for logger in loggers:
         if _kind(logger) != "wandb":
             continue
-        done = getattr(logger, _DEFINED_ATTR, None)
-        if done is None:
-            done = set()
-            try:
-                setattr(logger, _DEFINED_ATTR, done)
-            except AttributeError:
-                pass
-        if (prefix, step_metric) in done:
+        state = _wandb_state(logger)
+        if state["axes"].get(prefix) == step_metric:
             continue
         try:
             exp = logger.experiment
             exp.define_metric(step_metric)
             exp.define_metric(f"{prefix}/*", step_metric=step_metric)
-            done.add((prefix, step_metric))
+            state["axes"][prefix] = step_metric
         except Exception:  # a disabled run has no define_metric: nothing to configure
             pass
+
+
+def _axis(state: Mapping[str, Any], key: str) -> str | None:
+    """The step metric of ``key``'s prefix (None for an axis itself or another key)."""
+    for prefix, step_metric in state["axes"].items():
+        if key.startswith(f"{prefix}/") and key not in state["axes"].values():
+            return step_metric
+    return None
+
+
+def _define_keys(logger: Any, keys: Sequence[str]) -> None:
+    """W&B: give each new key of a defined prefix its own ``define_metric`` on its axis."""
+    state = _wandb_state(logger)
+    for key in keys:
+        axis = _axis(state, key)
+        if key in state["keys"] or axis is None:
+            continue
+        try:
+            logger.experiment.define_metric(key, step_metric=axis)
+        except Exception:  # noqa: BLE001 - a disabled run: nothing to configure
+            return
+        state["keys"].add(key)
 
 
 def log_scalars(loggers: Sequence[Any], metrics: Mapping[str, float], step: int) -> None:
     """``log_metrics`` on every logger."""
     for logger in loggers:
+        if _kind(logger) == "wandb":
+            _define_keys(logger, list(metrics))
         logger.log_metrics(dict(metrics), step=step)
 
 
@@ -92,6 +127,7 @@ def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: in
                 path = os.path.join(scratch, f"{key.replace('/', '_')}_{label}.png")
                 with open(path, "wb") as f:
                     f.write(png)
+            _define_keys(logger, [key])
             logger.log_image(key=key, images=[path], step=step)
         elif kind == "tensorboard":
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
@@ -105,6 +141,7 @@ def log_text(loggers: Sequence[Any], texts: Mapping[str, str], step: int) -> Non
     for logger in loggers:
         kind = _kind(logger)
         if kind == "wandb":
+            _define_keys(logger, list(texts))
             logger.experiment.log(dict(texts), commit=False)
         elif kind == "tensorboard":
             for key, text in texts.items():
@@ -130,11 +167,13 @@ def define_summaries(loggers: Sequence[Any], keys: Sequence[str]) -> None:
     for logger in loggers:
         if _kind(logger) != "wandb":
             continue
+        state = _wandb_state(logger)
         try:
             exp = logger.experiment
-            for key in keys:
+            for key in keys:  # a key's own definition: its axis too, or it would have none
                 summary = "min" if key.endswith("/p_value") else "max"
-                exp.define_metric(key, summary=summary)
+                exp.define_metric(key, step_metric=_axis(state, key), summary=summary)
+                state["keys"].add(key)
         except Exception:  # noqa: BLE001 - a disabled run: nothing to configure
             pass
 

@@ -132,3 +132,21 @@ def test_history_helpers_and_edge_cases():
     r.table(["a"], [["<b>|"]])
     assert "<b>\\|" in r.to_markdown() and "&lt;b&gt;|" in r.to_html()
     assert re.search(r"<title>t</title>", r.to_html())
+
+
+def test_a_p_value_on_the_boundary_is_significant_in_the_reports():
+    """BH's boundary p_(i) = i·α/m, also as a float32 p-value (float32(0.05) > 0.05): the
+    report agrees with benjamini_hochberg."""
+    import numpy as np
+
+    from alignment_callback.engine.report import matrix_report
+
+    ps = [0.001, 0.01, float(np.float32(0.05))] + [0.9] * 9
+    rows = [{"x": f"a{i}", "y": "b", "measure": "linear_cka", "raw": 0.5, "threshold": 0.2,
+             "calibrated": 0.3, "p_value": p} for i, p in enumerate(ps)]
+    md = matrix_report({"n": 100, "alpha": 0.2}, rows).to_markdown()
+    assert "3 of 12 pairs are aligned above chance" in md
+    line = next(t for t in md.splitlines() if t.startswith("| a2 |"))
+    assert line.rstrip(" |").endswith("yes")
+    rejected, _ = benjamini_hochberg(torch.tensor(ps, dtype=torch.float32), alpha=0.2)
+    assert rejected.tolist() == [True] * 3 + [False] * 9

@@ -158,6 +158,21 @@ class Report:
 
 
 # --------------------------------------------------------------------------------- helpers
+#: Relative slack of ``q ≤ α``: p-values of float32 results carry float32's rounding
+#: (float32(0.05) = 0.0500000007 > 0.05), and one on the boundary is significant; the slack
+#: :func:`~alignment_callback.functional.fdr.benjamini_hochberg` gives float32 p-values.
+_P_SLACK = 16 * 2.0**-23
+
+
+def significant(q: float, alpha: float) -> bool:
+    """``q ≤ α`` up to the rounding of a float32 p-value (16 units in its last place).
+
+    >>> significant(float(__import__("numpy").float32(0.05)), 0.05)
+    True
+    """
+    return q <= alpha * (1 + _P_SLACK)
+
+
 def bh_adjust(p_values: Sequence[float]) -> list[float]:
     """Benjamini–Hochberg adjusted p-values of a flat list (the library's
     :func:`~alignment_callback.functional.fdr.benjamini_hochberg`).
@@ -280,7 +295,7 @@ def matrix_report(
             for r, q in zip(measure_rows, adjusted):
                 r["p_bh"] = q
         for r in measure_rows:
-            r.setdefault("significant", r["p_bh"] <= alpha)
+            r.setdefault("significant", significant(r["p_bh"], alpha))
     report = Report(title)
     report.heading("Reading")
     for measure, measure_rows in by_measure.items():
@@ -455,7 +470,7 @@ def training_report(
         q = q_of.get(i)
         rows.append([name, fmt(v.get("raw")), fmt(v.get("threshold")), fmt(v.get("calibrated")),
                      fmt_p(v.get("p_value")), fmt_p(q),
-                     fmt(None if q is None else q <= alpha),
+                     fmt(None if q is None else significant(q, alpha)),
                      str(v.get("best_pair") or "").replace("|", " ~ ")])
     report.paragraph(f"At the last step (epoch {steps['epoch'][-1]}, step {steps['step'][-1]}); "
                      f"p_BH adjusts the measures' p-values together (Benjamini–Hochberg, "

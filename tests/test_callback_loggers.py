@@ -239,9 +239,18 @@ def test_mlflow_metrics_and_heatmap_artifacts(tmp_path):
     logger = MLFlowLogger(experiment_name="alignment", tracking_uri=uri,
                           artifact_location=(tmp_path / "artifacts").as_uri())
     cb = _callback(measures=["linear_cka"])
-    _fit(logger, [cb], max_epochs=1)
+    trainer = pl.Trainer(max_epochs=1, logger=logger, callbacks=[cb], enable_checkpointing=False,
+                         default_root_dir=str(tmp_path), **FAST_TRAINER)
+    trainer.fit(MLP(), train_loader())
 
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    # no directory of its own (a database store): the report goes to the trainer's root
+    # directory and, with its images, to the run's artifacts
+    assert cb.report_paths[0] == os.path.join(str(tmp_path), "alignment_report.md")
+    reported = {os.path.basename(a.path) for a in client.list_artifacts(logger.run_id,
+                                                                       "alignment_report")}
+    assert reported == {"alignment_report.md", "alignment_report.html",
+                        "alignment_report_curves.png", "alignment_report_linear_cka.png"}
     history = client.get_metric_history(logger.run_id, "alignment/linear_cka/calibrated")
     assert sorted(m.step for m in history) == [h["step"] for h in cb.history] == [0, 4]
     by_step = {m.step: m.value for m in history}

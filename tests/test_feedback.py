@@ -135,7 +135,9 @@ def test_wandb_run_holds_summary_curves_and_one_pairs_table(tmp_path, monkeypatc
         assert [r[2] for r in raws] == pytest.approx([h[f"alignment/{m}/raw"] for h in cb.history])
         assert len(glob.glob(str(run_dir / "files" / "media" / "table" / "alignment" / m
                                  / "pairs_*.table.json"))) == 1
-    assert (run_dir / "files" / "alignment_report.md").exists()
+    saved = {p.name for p in (run_dir / "files").iterdir()}
+    assert {"alignment_report.md", "alignment_report.html", "alignment_report_curves.png"} | {
+        f"alignment_report_{m}.png" for m in MEASURES} <= saved  # the report with its images
 
 
 @pytest.mark.parametrize("steps", [None, 3])

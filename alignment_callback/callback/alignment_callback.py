@@ -1026,9 +1026,10 @@ class AlignmentCallback(Callback):
                     "model layers": self.layers,
                     "references": {ref.label: f"{ref.kind}: {ref.path or ref.layers}"
                                    for ref in self.references}}
-        folder = dispatch.log_dir(trainer.loggers)
-        if folder is None:  # no logger: no logs to write it next to
+        if not trainer.loggers:  # no logger: no logs to write it next to
             return
+        # a logger without a directory of its own (MLflow's database store): the trainer's
+        folder = dispatch.log_dir(trainer.loggers) or trainer.default_root_dir
         try:
             self.report_paths = feedback.write_report(folder, self.history, settings,
                                                       self.last_results, self.log_prefix,
@@ -1037,7 +1038,7 @@ class AlignmentCallback(Callback):
             rank_zero_warn(f"the alignment report could not be written: {type(err).__name__}: {err}",
                            category=RuntimeWarning)
             return
-        dispatch.save_file(trainer.loggers, self.report_paths[0])
+        dispatch.save_files(trainer.loggers, feedback.report_files(self.report_paths[0]))
         if self.verbose:
             feedback.emit(trainer, [f"{self.log_prefix} report: {self.report_paths[0]}"])
 

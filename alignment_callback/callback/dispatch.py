@@ -199,16 +199,21 @@ def log_table(loggers: Sequence[Any], key: str, columns: list[str], rows: list[l
             logger.log_table(key=key, columns=columns, data=rows, step=step)
 
 
-def save_file(loggers: Sequence[Any], path: str) -> None:
-    """W&B: keep a file (the end-of-fit report) with the run."""
+def save_files(loggers: Sequence[Any], paths: Sequence[str]) -> None:
+    """Keep files (the end-of-fit report and its images) with the run: W&B run files, MLflow
+    artifacts."""
     for logger in loggers:
-        if _kind(logger) == "wandb":
-            logger.experiment.save(path, base_path=os.path.dirname(path), policy="now")
+        kind = _kind(logger)
+        for path in paths:
+            if kind == "wandb":
+                logger.experiment.save(path, base_path=os.path.dirname(path), policy="now")
+            elif kind == "mlflow":
+                logger.experiment.log_artifact(logger.run_id, path, "alignment_report")
 
 
 def log_dir(loggers: Sequence[Any]) -> str | None:
-    """Where files written next to the logs go: the first logger's directory (None without
-    loggers)."""
+    """Where files written next to the logs go: the first logger's directory (None when no
+    logger has one)."""
     for logger in loggers:
         folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if folder:

@@ -4,6 +4,8 @@ reference's probe pass as a progress bar, and the end-of-fit report next to the 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from alignment_callback.engine import StepResult
@@ -87,6 +89,13 @@ def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Ma
     md, html = os.path.join(folder, f"{stem}.md"), os.path.join(folder, f"{stem}.html")
     report.write(md, html)
     return md, html
+
+
+def report_files(md: str) -> list[str]:
+    """The report's files: ``md``, its ``.html`` twin and the images ``md`` shows (beside it)."""
+    folder = os.path.dirname(md)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", Path(md).read_text(encoding="utf-8"))
+    return [md, os.path.splitext(md)[0] + ".html", *(os.path.join(folder, i) for i in images)]
 
 
 def _curves(folder: str, history: Sequence[Mapping[str, Any]], measures: Sequence[str],

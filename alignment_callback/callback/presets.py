@@ -38,8 +38,9 @@ The preset: ``measures={"mutual_knn": {"k": 10}}``, ``preprocess={"clamp_quantil
 "normalize": True}``, ``aggregate="max"``.  Differences that remain: this library clamps each
 layer at its own 0.95-quantile of ``|x|`` (linear interpolation) instead of one threshold for
 all layers of a model; pooling is the callback's ``pool`` (default ``"mean"`` over dimension 1,
-no attention mask): set ``pool="cls"`` for a ViT side as PRH does, and mask padded tokens
-yourself for a text side; ties between equal similarities may order neighbors differently.
+over the batch's ``attention_mask`` entry when it has one, see ``mask_key``): set
+``pool="cls"`` for a ViT side as PRH does; ties between equal similarities may order neighbors
+differently.
 
 ``"repa"`` -- REPA, Representation Alignment for Generation (Yu, Kwak, Jang, Jeong, Huang, Shin,
 Xie; arXiv:2410.06940, 2024; ICLR 2025); code read at github.com/sihyun-yu/REPA, commit
@@ -132,7 +133,8 @@ PRH = Preset(
         "maximum over pairs. This preset: mutual_knn k = 10, clamp 0.95 then L2 rows, max over "
         "pairs. Differences: the clamp threshold is per layer here (0.95-quantile of that "
         "layer's |x|, interpolated); pooling is the callback's pool (default mean over dim 1, "
-        "unmasked; PRH used CLS for ViTs: pass pool='cls')."
+        "over the batch's attention_mask when it has one; PRH used CLS for ViTs: pass "
+        "pool='cls')."
     ),
     unknown=(),
 )

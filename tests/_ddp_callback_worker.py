@@ -46,7 +46,7 @@ class Dump(pl.Callback):
 
 
 class BreakRank1(pl.Callback):
-    """Rank 1's model yields NaN activations (its share of the null, or its analytic null,
+    """Rank 1 computes on NaN activations (its share of the null, or its analytic null,
     fails), or its probe pass raises (``where="probe"``), or setting its reference raises
     (``where="reference"``)."""
 
@@ -68,9 +68,14 @@ class BreakRank1(pl.Callback):
                     else:
                         raise RuntimeError("rank 1's probe pass broke")
             pl_module.register_forward_pre_hook(hook)
-        else:
-            with torch.no_grad():
-                pl_module.fc2.bias[0] = float("nan")
+        else:  # rank 1 scores its share on NaN activations (every rank gets rank 0's)
+            compute = self.aligner._compute
+
+            def broken(captured, *args, **kwargs):
+                acts, seconds = captured
+                nan = {k: torch.full_like(v, float("nan")) for k, v in acts.items()}
+                return compute((nan, seconds), *args, **kwargs)
+            self.aligner._compute = broken
 
 
 class BatchNormMLP(MLP):

@@ -156,3 +156,58 @@ def test_metric_keyword_is_a_deprecated_name_of_measure():
     with pytest.warns(DeprecationWarning, match="measures="):
         cb = AlignmentCallback(torch.nn.Linear(5, 5), probe=x.float(), layers="", metrics=["rsa"])
     assert list(cb.measures) == ["rsa"]
+
+
+def _hsic(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """An unnormalized statistic (values far above 1)."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    return ((xc.T @ yc) ** 2).sum() / len(x)
+
+
+def test_a_callable_measure_is_not_clamped_and_has_no_assumed_maximum():
+    """A plain callable's range is unknown: its scores are used as they are (they were clamped
+    to 1), s_max is None (calibrated = [s − τ]₊) unless max_score is given."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = x + 0.5 * torch.randn(40, 3, generator=g, dtype=torch.float64)
+    perms = F.permutations(40, 99, seed=0)
+    direct = torch.stack([_hsic(x, y[p]) for p in perms])
+    null = F.permutation_null(x, y, _hsic, 99, seed=0)
+    torch.testing.assert_close(null, direct, rtol=1e-12, atol=0)
+    assert float(null.max()) > 1
+    r = F.calibrated_alignment(x, y, _hsic, 99, seed=0)
+    raw = float(_hsic(x, y))
+    assert float(r.raw) == pytest.approx(raw, rel=1e-12) and raw > 1
+    tau = float(torch.sort(torch.cat([r.raw[None], null]))[0][94])  # the ⌈0.95·100⌉-th smallest
+    assert float(r.threshold) == pytest.approx(tau, rel=1e-12)
+    assert float(r.calibrated) == pytest.approx(raw - tau, rel=1e-12)
+    scaled = F.calibrated_alignment(x, y, _hsic, 99, seed=0, max_score=1000.0)
+    assert float(scaled.calibrated) == pytest.approx((raw - tau) / (1000.0 - tau), rel=1e-12)
+
+
+def test_callables_with_one_name_are_different_measures():
+    """Two lambdas, or a function named like a built-in, are not merged with each other or
+    with the built-in (one result was given to both labels)."""
+    def linear_cka(x, y):  # noqa: ARG001 - a user's function named like the built-in
+        return torch.tensor(0.123, dtype=x.dtype)
+
+    f1 = lambda x, y: torch.tensor(0.25, dtype=x.dtype)  # noqa: E731, ARG005
+    f2 = lambda x, y: torch.tensor(0.75, dtype=x.dtype)  # noqa: E731, ARG005
+    assert F.get_measure(f1) != F.get_measure(f2)
+    assert F.get_measure(linear_cka) != F.get_measure("linear_cka")
+    assert F.get_measure(f1) == F.get_measure(f1)  # the same function shares its states
+    x, y = data(n=20)
+    res = F.calibrate_measures({"a": x}, {"b": y}, {"f1": f1, "f2": f2, "mine": linear_cka,
+                                                    "builtin": "linear_cka"}, num_permutations=9)
+    assert [float(res[k].raw) for k in ("f1", "f2", "mine")] == pytest.approx([0.25, 0.75, 0.123])
+    assert float(res["builtin"].raw) == pytest.approx(float(F.linear_cka(x, y)), rel=1e-6)
+    engine = AlignmentEngine({"f1": f1, "f2": f2}, num_permutations=9)  # the documented form
+    engine.set_reference({"a": y})
+    step = engine.step({"a": x})
+    assert float(step.results["f1"].raw) == 0.25 and float(step.results["f2"].raw) == 0.75
+
+
+def test_a_callable_returning_a_vector_is_a_clear_error():
+    x, y = data(n=20)
+    with pytest.raises(ValueError, match="must return a scalar"):
+        F.calibrated_alignment(x, y, lambda a, b: a.sum(0), 9)

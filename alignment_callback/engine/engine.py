@@ -33,7 +33,8 @@ MeasuresSpec = Union[str, Sequence[MeasureSpec], Mapping[str, Union[Mapping[str,
 
 
 def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
-    """``{label: Measure}`` from names, :class:`Measure` objects, or ``{name: {options}}``.
+    """``{label: Measure}`` from names, :class:`Measure` objects or callables, or
+    ``{name: {options}}`` / ``{label: Measure or callable}``.
 
     Labels are the names as given (an alias stays the label: it is what the user logs);
     options are checked against each measure's declaration, so a wrong name or option fails
@@ -48,9 +49,11 @@ def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
                 out[str(label)] = options
             elif isinstance(options, Mapping):
                 out[str(label)] = get_measure(str(label), **dict(options))
+            elif callable(options):  # your own measure f(x, y), labelled by the key
+                out[str(label)] = get_measure(options)
             else:
-                raise TypeError(f"measures[{label!r}] must be a dict of options or a Measure, got "
-                                f"{type(options).__name__}")
+                raise TypeError(f"measures[{label!r}] must be a dict of options, a Measure or a "
+                                f"callable f(x, y), got {type(options).__name__}")
     else:
         out = {}
         for spec in measures:

@@ -55,6 +55,20 @@ class Param:
     help: str
 
 
+def _three_matrices(dtype: torch.dtype) -> int:
+    return 3
+
+
+def _rsa_peak(dtype: torch.dtype) -> int:
+    """RSA's preparation: float64 distances and ranks (measured peak 5.5 float32 n×n)."""
+    return 4 if dtype == torch.float64 else 6
+
+
+def _unbiased_peak(dtype: torch.dtype) -> int:
+    """Unbiased CKA's U-centering: the gram, its copy and the expression's temporaries."""
+    return 5
+
+
 @dataclass(frozen=True)
 class MeasureInfo:
     """The declaration of a measure (see the module docstring).
@@ -82,6 +96,9 @@ class MeasureInfo:
             ``null="moments"`` / ``"auto"`` can calibrate without permutations.
         feature_state: ``x -> state`` in feature space (no n×n matrix), used with an analytic
             null when d < n (linear kernels).
+        prepare_peak: ``dtype -> count`` of n×n matrices of the data's dtype alive at the peak
+            of preparing one gram-family state, the state included (default 3); the memory
+            check before any n×n matrix is allocated uses it.
     """
 
     name: str
@@ -103,6 +120,7 @@ class MeasureInfo:
     degenerate_hint: Callable[[Mapping[str, Any]], str] | None = None
     analytic: bool = False
     feature_state: Callable[[Tensor], Any] | None = None
+    prepare_peak: Callable[[torch.dtype], int] = _three_matrices
 
     def bind(self, **kwargs: Any) -> "Measure":
         """This measure with ``kwargs`` checked and defaults filled in."""
@@ -129,6 +147,9 @@ class Measure:
     info: MeasureInfo = field(compare=False)
     params: tuple[tuple[str, Any], ...] = ()
     name: str = ""
+    #: a user callable's identity (0 for a declared measure): two functions that share a
+    #: ``__name__`` (lambdas, partials, a function named like a built-in) are two measures
+    identity: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -138,7 +159,7 @@ class Measure:
         # pickled by name: the declaration is looked up again (its functions are not copied)
         if REGISTRY.get(self.info.name) is self.info:
             return _bind_registered, (self.info.name, self.params)
-        return Measure, (self.info, self.params, self.name)
+        return Measure, (self.info, self.params, self.name, self.identity)
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -311,9 +332,10 @@ _gram("rbf_cka", gm.rbf_state, "CKA with K_ij = exp(−‖x_i − x_j‖²/(2σ�
       params=(SIGMA_PARAM,), invariances="rotation, translation (isotropic scaling with sigma='median')",
       degenerate_hint=_rbf_hint)
 _gram("unbiased_cka", gm.unbiased_state, "linear CKA with the unbiased HSIC (Song et al. 2012)",
-      min_n=4, value_range=(-1.0, 1.0), invariances=_GRAM_INVARIANCE)
+      min_n=4, value_range=(-1.0, 1.0), invariances=_GRAM_INVARIANCE, prepare_peak=_unbiased_peak)
 _gram("rsa", gm.rsa_state, "Spearman ρ of the upper triangles of the cosine-distance matrices",
-      min_n=3, value_range=(-1.0, 1.0), invariances="rotation, any row scaling")
+      min_n=3, value_range=(-1.0, 1.0), invariances="rotation, any row scaling",
+      prepare_peak=_rsa_peak)
 _knn("mutual_knn", "mean_i |N_X(i) ∩ N_Y(i)| / k")
 _knn("cycle_knn", "mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]", symmetric=False)
 _knn("cknna", "unbiased-HSIC CKA restricted to mutual kNN pairs (PRH)", minimum_k=2, min_n=4,
@@ -466,9 +488,17 @@ def _recompute_prepare(x: Tensor, role: str, shared: Any, **bound: Any) -> Tenso
     return x
 
 
+def _scalar(value: Any, like: Tensor) -> Tensor:
+    """A callable measure's value as a 0-dim tensor; a clear error for anything else."""
+    out = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if out.numel() != 1:
+        raise ValueError(f"a measure must return a scalar, got a value of shape "
+                         f"{tuple(out.shape)}")
+    return out.reshape(())
+
+
 def _recompute_score(sx: Tensor, sy: Tensor, perms: Tensor, *, fn: MeasureFn, **bound: Any) -> Tensor:
-    vals = [torch.as_tensor(fn(sx, sy[p]), dtype=sx.dtype, device=sx.device).reshape(()) for p in perms]
-    return torch.stack(vals)
+    return torch.stack([_scalar(fn(sx, sy[p]), sx) for p in perms])
 
 
 def _bound_call(x: Tensor, y: Tensor, *, fn: MeasureFn, kwargs: dict[str, Any]) -> Any:
@@ -478,10 +508,11 @@ def _bound_call(x: Tensor, y: Tensor, *, fn: MeasureFn, kwargs: dict[str, Any]) 
 def _from_callable(fn: MeasureFn, kwargs: dict[str, Any]) -> Measure:
     bound = functools.partial(_bound_call, fn=fn, kwargs=kwargs) if kwargs else fn
     name = getattr(fn, "__name__", type(fn).__name__)
+    # its range is unknown: no clamping, and s_max None unless the call gives max_score
     info = MeasureInfo(name, "other", "user-supplied callable", _recompute_prepare,
-                       functools.partial(_recompute_score, fn=bound), value_range=(None, 1.0),
+                       functools.partial(_recompute_score, fn=bound), value_range=(None, None),
                        null_method="recomputed on every permuted Y")
-    return Measure(info, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])), name)
+    return Measure(info, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])), name, id(fn))
 
 
 MeasureSpec = Union[str, Measure, MeasureFn]

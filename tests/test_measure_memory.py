@@ -51,7 +51,8 @@ def test_linear_cka_from_the_features_refuses_zero_variance():
 def test_n_by_n_measures_too_large_for_memory_are_refused(monkeypatch, name):
     monkeypatch.setattr(gram_measures, "available_bytes", lambda device: 1 << 20)  # 1 MiB free
     x, y = _pair(512, 8)
-    count = 6 if name == "rsa" else 4  # RSA's radix sort of the float64 distances: 5 n×n at its peak
+    # RSA's radix sort of the float64 distances: 5.5 n×n at its peak; unbiased CKA: 5
+    count = {"rsa": 6, "unbiased_cka": 5}.get(name, 4)
     with pytest.raises(MemoryError, match=rf"{name} at n=512 needs about 0\.0 GiB .*\({count} of "
                                           r"0\.00 GiB\), but only 0\.0 GiB is available on cpu"):
         getattr(F, name)(x, y)
@@ -73,3 +74,30 @@ def test_linear_cka_from_the_features_refuses_constant_data_up_to_rounding():
     for m in (n, n - 1):  # the features route, and the gram route below it
         with pytest.raises(ValueError, match="zero-variance"):
             F.linear_cka(x[:m], constant[:m])
+
+
+@pytest.mark.parametrize("name,peak", [("rsa", 6), ("unbiased_cka", 5), ("rbf_cka", 3)])
+def test_calibration_refuses_before_preparing_either_side(monkeypatch, name, peak):
+    """The calibration's check counts the measure's peak while preparing a state and the states
+    the other side will keep: too little memory is refused before any n×n matrix is built
+    (before, x was prepared, at up to twice the estimate, and then y refused)."""
+    from alignment_callback.functional import pipeline
+
+    n = 400
+    unit = n * n * 4  # one float32 n×n matrix
+    need = peak + 1  # x's state at its peak, and y's state
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: int((need - 0.5) * unit))
+    prepared = []
+    real = pipeline.prepare_side
+
+    def spy(names, features, measures, role, *args, **kwargs):
+        prepared.append(role)
+        return real(names, features, measures, role, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_side", spy)
+    x, y = _pair(n, 8)
+    with pytest.raises(MemoryError, match=rf"{name} at n={n} .*\({need} of "):
+        F.calibrated_alignment(x, y, name, 9)
+    assert prepared == ["x"]  # refused in x's check, nothing of y prepared
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: int((need + 0.5) * unit))
+    F.calibrated_alignment(x, y, name, 9)

@@ -148,7 +148,7 @@ def side_features(layers: Layers | Tensor, label: str, dtype: torch.dtype | None
 
 def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Sequence[Measure],
                  role: str, side: PreparedSide | None = None, keep_gram: bool | None = None,
-                 null: str = "permutation") -> PreparedSide:
+                 null: str = "permutation", reserve: int = 0) -> PreparedSide:
     """Prepare ``features`` for every measure not prepared yet in ``side`` (or a new side).
 
     kNN measures get one shared neighbor list per layer, built for their largest k.
@@ -157,7 +157,8 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
     by block when the null needs them and dropped after, so memory does not grow with the
     number of layers.  With an analytic ``null`` a single layer with d < n of a linear-kernel
     measure is kept as features (no n×n matrix at all).  Before n×n matrices are allocated,
-    their memory is estimated and a probe too large for it is refused with a clear error.
+    their memory is estimated (plus ``reserve`` n×n matrices another side will keep) and a
+    probe too large for it is refused with a clear error.
     """
     side = side or PreparedSide(role, list(names), list(features))
     if keep_gram is None:
@@ -181,7 +182,7 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
             continue
         if m.family == "gram":
             check_gram_memory(m, side.n, side.dtype, side.device,
-                              len(side.features) if keep_gram else 1)
+                              len(side.features) if keep_gram else 1, reserve)
         if m.family == "gram" and not keep_gram:
             m.prepare(side.features[0], role)  # fail now (zero variance, ...), keep nothing
             side.lazy.add(m)
@@ -197,13 +198,16 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
 
 
 def check_gram_memory(measure: Measure, n: int, dtype: torch.dtype, device: torch.device,
-                      kept: int) -> None:
-    """Refuse, before allocating, n×n matrices that would not fit: the estimate (the kept
-    states plus two being built) against the memory available, and what to do instead."""
+                      kept: int, reserve: int = 0) -> None:
+    """Refuse, before allocating, n×n matrices that would not fit: the estimate (``kept``
+    states, the last one at the peak of its preparation, ``MeasureInfo.prepare_peak``, plus
+    ``reserve`` for the other side's states) against the memory available, and what to do
+    instead."""
     alternatives = ("linear_cka or rv_coefficient with null='moments' (computed from the "
                     "features, no n×n matrix)" if not measure.info.feature_state
                     else "null='moments' (computed from the features, no n×n matrix)")
-    error = square_matrix_error(measure.name, n, kept + 2, dtype, device,
+    count = kept - 1 + measure.info.prepare_peak(dtype) + reserve
+    error = square_matrix_error(measure.name, n, count, dtype, device,
                                 _available_bytes(device), alternatives)
     if error is not None:
         raise error
@@ -520,7 +524,9 @@ def _sides(xs: Layers | Tensor, ys: Layers | Tensor, measures: Sequence[Measure]
         raise ValueError(f"x and y must have the same number of samples (rows): got "
                          f"{xt[0].shape[0]} and {yt[0].shape[0]}")
     xt, yt = [t.to(dtype) for t in xt], [t.to(dtype) for t in yt]
-    return (prepare_side(x_names, xt, measures, "x", null=null),
+    # x's check also counts the n×n states y will keep: refused before either side is built
+    y_kept = (len(yt) if len(yt) <= GRAM_KEPT else 1) * sum(m.family == "gram" for m in measures)
+    return (prepare_side(x_names, xt, measures, "x", null=null, reserve=y_kept),
             prepare_side(y_names, yt, measures, "y", null=null))
 
 

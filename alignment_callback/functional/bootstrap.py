@@ -23,6 +23,7 @@ weakly aligned pairs pile up at 0.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -30,8 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional.permutation import GroupPermuter
 from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
-from alignment_callback.functional.registry import MeasureSpec, measure_argument
+from alignment_callback.functional.registry import (
+    MeasureSpec,
+    check_samples,
+    get_measure,
+    measure_argument,
+)
 
 
 class BootstrapInterval(NamedTuple):
@@ -43,7 +50,8 @@ class BootstrapInterval(NamedTuple):
         estimate: the calibrated score on all n rows.
         replicates: (num_bootstrap,) calibrated scores, one per subsample.
         raw_replicates: (num_bootstrap,) raw scores (aggregates for layer inputs).
-        subsample_size: m, the rows per replicate.
+        subsample_size: m, the rows per replicate (with ``groups`` of unequal sizes, which
+            make it vary, the smallest over the replicates).
     """
 
     low: float
@@ -71,6 +79,14 @@ def _take(x: Any, idx: Tensor) -> Any:
     return [v[idx.to(v.device)] for v in x]
 
 
+def _pipeline_names(layered: bool) -> set[str]:
+    """Keyword names the calibration function takes itself (the rest of ``kw`` is the
+    measure's parameters)."""
+    fn = calibrated_layer_alignment if layered else calibrated_alignment
+    return {name for name, p in inspect.signature(fn).parameters.items()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
 @torch.no_grad()
 def bootstrap_interval(
     x: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
@@ -96,29 +112,76 @@ def bootstrap_interval(
     dedicated generator seeded with ``seed``: the result is deterministic and the global RNG is
     untouched.
 
-    Args:
-        x, y: paired features (n, d) or layer lists / mappings of them.
-        measure: the measure (default mutual kNN; ``metric=`` is its deprecated old name).
-        num_bootstrap: replicates B (default 200).  Cost: B full calibrations.
-        confidence: interval level in (0, 1) (default 0.95).
-        seed: seed of the subsample generator and base of the permutation seeds.
-        num_permutations: permutations per replicate (default 200, the paper's minimum).
-        alpha: calibration level (default 0.05).
-        fraction: m/n in (0, 1) (default 0.8).
-        groups: optional group labels; whole groups are subsampled (``fraction`` of the
-            groups) and the permutations of each replicate are block permutations.
-        **kw: measure keywords (``k``, ``sigma``, ...) and, for layer inputs, ``aggregate``.
+    Parameters
+    ----------
+    x, y : Tensor (n, d), or layer lists / mappings of them
+        Paired features, rows paired across ``x`` and ``y``.
+    measure : str, Measure or callable, default="mutual_knn"
+        The measure (``metric=`` is its deprecated old name).
+    num_bootstrap : int, default=200
+        Replicates B.  Cost: B full calibrations.
+    confidence : float, default=0.95
+        Interval level in (0, 1).
+    seed : int, default=0
+        Seed of the subsample generator and base of the permutation seeds.
+    num_permutations : int, default=200
+        Permutations per replicate (the paper's minimum).
+    alpha : float, default=0.05
+        Calibration level.
+    fraction : float, default=0.8
+        m/n in (0, 1).  ``m = round(fraction · n)`` must be below n (otherwise every replicate
+        would be the whole data) and at least the measure's minimum number of samples (2, or
+        more: ``k + 1`` for the kNN measures, 4 for ``unbiased_cka``, ...).
+    groups : sequence of labels or Tensor, default=None
+        Group labels, one per row.  Whole groups are subsampled: each replicate keeps
+        ``round(fraction · G)`` of the G groups (fewer than G), and its permutations are block
+        permutations, which exchange groups of equal size only.  Every replicate's groups are
+        drawn before anything is computed, and an error is raised when one of them keeps no two
+        groups of the same size (its groups would allow no block permutation) or fewer rows
+        than the measure's minimum.  With groups of unequal sizes the number of rows varies
+        between replicates.
+    **kw
+        Measure keywords (``k``, ``sigma``, ...), the calibration's ``null`` / ``max_score``
+        and, for layer inputs, ``aggregate``.
 
-    Returns:
-        :class:`BootstrapInterval` ``(low, high, estimate, replicates, raw_replicates,
-        subsample_size)``.  Approximate: see the module docstring.
+    Returns
+    -------
+    BootstrapInterval
+        ``(low, high, estimate, replicates, raw_replicates, subsample_size)``.  Approximate:
+        see the module docstring.
+
+    Raises
+    ------
+    ValueError
+        If ``num_bootstrap``, ``confidence`` or ``fraction`` is out of range; if x and y have
+        different numbers of rows; if ``groups`` is not one label per row or allows no block
+        permutation; if n is below the measure's minimum; if ``fraction`` makes the subsample
+        the whole data (``m >= n``, or with ``groups`` every group kept) or smaller than the
+        measure's minimum (``fraction`` is never silently raised to reach it); or if, with
+        ``groups``, a replicate keeps no two groups of the same size.  All of these are
+        raised before anything is computed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional.bootstrap import bootstrap_interval
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(40, 6, generator=g)
+    >>> bi = bootstrap_interval(x, x + torch.randn(40, 6, generator=g), "linear_cka",
+    ...                         num_bootstrap=5, num_permutations=49)
+    >>> bi.subsample_size, bi.low <= bi.high
+    (32, True)
+    >>> bootstrap_interval(x[:10], x[:10], "linear_cka", fraction=0.96)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: fraction=0.96 keeps round(0.96 · 10) = 10 of the n=10 rows: every replicate ...
     """
     measure = measure_argument(measure, kw)
     if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap or num_bootstrap < 1:
         raise ValueError(f"num_bootstrap must be a positive integer, got {num_bootstrap!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if not 0.0 < fraction < 1.0:
+    if isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     n = _rows(x)
     if _rows(y) != n:
@@ -126,14 +189,19 @@ def bootstrap_interval(
             f"x and y must have the same number of samples (rows): got {n} and {_rows(y)}"
         )
     layered = not isinstance(x, Tensor)
+    # Resolve the measure now (its keywords are checked) to know its minimum sample count.
+    names = _pipeline_names(layered)
+    resolved = get_measure(measure, **{k: v for k, v in kw.items() if k not in names})
+    check_samples(resolved, n)
+    need = max(2, resolved.min_samples)
+    detail = "".join(f", {k}={v}" for k, v in resolved.params)
+    minimum = f"{resolved.name}{detail} needs at least {need} samples"
 
     def run(xs: Any, ys: Any, s: int, g: Any) -> tuple[float, float]:
         fn = calibrated_layer_alignment if layered else calibrated_alignment
         res = fn(xs, ys, measure, num_permutations=num_permutations, alpha=alpha, seed=s,
                  groups=g, **kw)
         return float(res.calibrated), float(res.raw)
-
-    estimate, _ = run(x, y, seed, groups)
 
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(seed))
@@ -143,24 +211,56 @@ def bootstrap_interval(
             raise ValueError(
                 f"groups must have one label per sample: expected {n}, got shape {labels.shape}"
             )
+        GroupPermuter(labels, n)  # the full data's groups must allow a block permutation
         _, inverse = np.unique(labels, return_inverse=True)
+        inverse = inverse.reshape(-1)
         inverse_t = torch.as_tensor(inverse)
-        num_groups = int(inverse.max()) + 1
-        keep_groups = max(2, int(round(fraction * num_groups)))
+        sizes = np.bincount(inverse)
+        num_groups = int(sizes.size)
+        keep = round(float(fraction) * num_groups)
+        how = (f"fraction={fraction} with groups keeps round({fraction} · {num_groups}) = {keep} "
+               f"of the {num_groups} groups")
+        if keep >= num_groups:
+            raise ValueError(f"{how}: every replicate would be the whole data; use a smaller "
+                             "fraction")
+        # Draw every replicate's groups now, so that a subsample which cannot be calibrated is
+        # reported before anything is computed.
+        chosen = [torch.randperm(num_groups, generator=gen)[:keep]
+                  for _ in range(int(num_bootstrap))]
+        kept_sizes = [sizes[c.numpy()] for c in chosen]
+        frozen = [b for b, ks in enumerate(kept_sizes) if np.unique(ks).size == ks.size]
+        if frozen:
+            raise ValueError(
+                f"{how}, and {len(frozen)} of the {int(num_bootstrap)} replicates (the first: "
+                f"replicate {frozen[0]}, group sizes {sorted(kept_sizes[frozen[0]].tolist())}) "
+                "keep no two groups of the same size, so their groups allow no block "
+                "permutation; use a larger fraction, or groups with more groups of each size"
+            )
+        rows = [int(ks.sum()) for ks in kept_sizes]
+        m = min(rows)
+        if m < need:
+            raise ValueError(f"{how}, and a replicate keeps only {m} rows, but {minimum}; use a "
+                             "larger fraction")
     else:
-        m = max(2, int(round(fraction * n)))
+        m = round(float(fraction) * n)
+        how = f"fraction={fraction} keeps round({fraction} · {n}) = {m} of the n={n} rows"
+        if m >= n:
+            raise ValueError(f"{how}: every replicate would be the whole data; use a smaller "
+                             "fraction")
+        if m < need:
+            raise ValueError(f"{how}, but {minimum}; use a larger fraction")
+
+    estimate, _ = run(x, y, seed, groups)
+
     cal, raw = [], []
-    size = 0
     for b in range(int(num_bootstrap)):
         if groups is not None:
-            chosen = torch.randperm(num_groups, generator=gen)[:keep_groups]
-            mask = torch.isin(inverse_t, chosen)
+            mask = torch.isin(inverse_t, chosen[b])
             idx = torch.nonzero(mask).reshape(-1)
             g = labels[idx.numpy()]
         else:
             idx = torch.sort(torch.randperm(n, generator=gen)[:m]).values
             g = None
-        size = int(idx.numel())
         c, r = run(_take(x, idx), _take(y, idx), seed + 1 + b, g)
         cal.append(c)
         raw.append(r)
@@ -171,7 +271,7 @@ def bootstrap_interval(
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("bootstrap replicates are not finite")
     return BootstrapInterval(low, max(low, high), estimate, reps,
-                             torch.tensor(raw, dtype=torch.float64), size)
+                             torch.tensor(raw, dtype=torch.float64), m)
 
 
 __all__ = ["BootstrapInterval", "bootstrap_interval"]

@@ -28,26 +28,76 @@ def check_pool(pool: Any, name: str = "pool") -> Pool:
     return pool
 
 
+def _checked_mask(x: Tensor, mask: Tensor, pool: str) -> Tensor:
+    """``mask`` as a tensor on ``x``'s device, after checking that it is (n, T) for ``x`` of
+    shape (n, T, ...) and that every row has an unmasked token."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"mask must have shape (n, T) = {tuple(x.shape[:2])}, the first two dimensions of "
+            f"the activations of shape {tuple(x.shape)}; got mask of shape {tuple(mask.shape)}"
+        )
+    mask = mask.to(x.device)
+    empty = torch.nonzero(~(mask != 0).any(1)).reshape(-1)
+    if empty.numel():
+        rows = empty[:5].tolist()
+        more = f" and {empty.numel() - 5} more" if empty.numel() > 5 else ""
+        raise ValueError(
+            f"mask row(s) {rows}{more} mask out every token, so pool={pool!r} has no token to "
+            "use for them"
+        )
+    return mask
+
+
 def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None) -> Tensor:
     """Reduce an activation of shape (n, ...) to (n, d).
 
-    Args:
-        x: activations, first dimension = samples.
-        pool: how to reduce the non-sample dimensions
+    Parameters
+    ----------
+    x : Tensor of shape (n, ...)
+        Activations, first dimension = samples.
+    pool : str or callable, default="flatten"
+        How to reduce the non-sample dimensions:
 
-            * ``"flatten"``: reshape to (n, prod(rest)).
-            * ``"mean"``: mean over dimension 1 (tokens for (n, T, d); channels-last is *not*
-              assumed: for conv maps (n, C, H, W) the mean is over every spatial position,
-              giving (n, C)).
-            * ``"cls"`` / ``"first"``: element 0 along dimension 1 (the CLS token).
-            * ``"last"``: element -1 along dimension 1 (or the last unmasked token if ``mask``).
-            * ``"none"``: no pooling; ``x`` must already be 2-D.
-            * a callable ``f(x) -> (n, d)``.
-        mask: optional (n, T) attention mask for 3-D inputs; ``"mean"`` then averages only the
-            unmasked tokens and ``"last"`` takes the last unmasked token.
+        * ``"flatten"``: reshape to (n, prod(rest)).
+        * ``"mean"``: mean over dimension 1 (tokens for (n, T, d); channels-last is *not*
+          assumed: for conv maps (n, C, H, W) the mean is over every spatial position,
+          giving (n, C)).
+        * ``"cls"`` / ``"first"``: element 0 along dimension 1 (the CLS token).
+        * ``"last"``: element -1 along dimension 1 (or the last unmasked token if ``mask``).
+        * ``"none"``: no pooling; ``x`` must already be 2-D.
+        * a callable ``f(x) -> (n, d)``.
+    mask : Tensor of shape (n, T), default=None
+        Attention mask (nonzero = a real token) for ``x`` of shape (n, T, ...): ``"mean"``
+        then averages only the unmasked tokens of (n, T, d) activations, and ``"last"`` takes
+        the last unmasked token.  Other pools, and 1-D / 2-D activations, ignore it.
 
-    Returns:
-        A 2-D tensor (n, d). 1-D input (n,) becomes (n, 1).
+    Returns
+    -------
+    Tensor
+        A 2-D tensor (n, d).  1-D input (n,) becomes (n, 1).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``pool``; a callable's output that is not (n, d); ``"none"`` with
+        activations that are not 2-D; a ``mask`` with ``"mean"`` on activations that are not
+        (n, T, d); and, with ``"mean"`` or ``"last"``, a ``mask`` whose shape is not the
+        activations' first two dimensions (n, T) or with a row that masks out every token.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional.preprocessing import pool_features
+    >>> x = torch.arange(12.0).reshape(2, 3, 2)
+    >>> pool_features(x, "last", mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    tensor([[ 2.,  3.],
+            [10., 11.]])
+    >>> pool_features(x, "last", mask=torch.ones(2, 2))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: mask must have shape (n, T) = (2, 3), the first two dimensions ...
     """
     if callable(pool):
         out = pool(x)
@@ -72,7 +122,7 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
         if mask is not None:
             if x.dim() != 3:
                 raise ValueError("an attention mask needs (n, T, d) activations")
-            m = mask.to(x.dtype).unsqueeze(-1)
+            m = _checked_mask(x, mask, pool).to(x.dtype).unsqueeze(-1)
             return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         if x.dim() == 3:
             return x.mean(1)
@@ -81,7 +131,9 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
         return x[:, 0].reshape(x.shape[0], -1)
     # pool == "last"
     if mask is not None:
-        idx = (mask.long().cumsum(1).argmax(1)).to(x.device)
+        m = _checked_mask(x, mask, pool) != 0
+        # the last unmasked token: the first position where the running count reaches its total
+        idx = m.long().cumsum(1).argmax(1)
         return x[torch.arange(x.shape[0], device=x.device), idx].reshape(x.shape[0], -1)
     return x[:, -1].reshape(x.shape[0], -1)
 
@@ -113,15 +165,32 @@ def prepare_features(
     ``x`` of shape (n, ...) -> pool to (n, d) -> optionally clamp ``|x|`` at the
     ``clamp_quantile`` of ``|x|`` (PRH: 0.95) -> optionally L2-normalize each row.
 
-    Args:
-        x: activations of shape (n, ...); any float dtype (computed in float32 or float64).
-        pool: see :func:`pool_features`; default ``"flatten"``.
-        clamp_quantile: ``None`` (default) for no clamping, or a quantile in (0, 1].
-        normalize: L2-normalize rows (default True, the PRH convention). A zero row raises.
-        mask: optional (n, T) attention mask used by ``"mean"`` and ``"last"`` pooling.
+    Parameters
+    ----------
+    x : Tensor of shape (n, ...)
+        Activations; any float dtype (computed in float32 or float64).
+    pool : str or callable, default="flatten"
+        See :func:`pool_features`.
+    clamp_quantile : float or None, default=None
+        ``None`` for no clamping, or a quantile in (0, 1].
+    normalize : bool, default=True
+        L2-normalize rows (the PRH convention).  A zero row raises.
+    mask : Tensor of shape (n, T), default=None
+        Attention mask used by ``"mean"`` and ``"last"`` pooling (see :func:`pool_features`);
+        it must match the activations' first two dimensions and leave every row at least one
+        token.
 
-    Returns:
+    Returns
+    -------
+    Tensor
         A float tensor of shape (n, d) on the input's device.
+
+    Raises
+    ------
+    ValueError
+        For the pooling errors of :func:`pool_features` (including a ``mask`` of the wrong
+        shape or with an all-masked row), NaN/Inf activations, a ``clamp_quantile`` outside
+        (0, 1], or, with ``normalize``, an all-zero row.
     """
     x = as_float(x.detach())
     x = pool_features(x, pool, mask=mask)

@@ -1,0 +1,173 @@
+"""Subsample checks of ``bootstrap_interval`` and attention-mask checks of the pooling.
+
+Every bootstrap refusal must come before anything is computed (the full-data estimate
+included) and name ``fraction``; the masks of ``"mean"`` / ``"last"`` pooling must match the
+activations and leave every row a token.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import alignment_callback.functional.bootstrap as bootstrap_module
+from alignment_callback.functional import calibrated_alignment
+from alignment_callback.functional.bootstrap import bootstrap_interval
+from alignment_callback.functional.preprocessing import pool_features, prepare_features
+
+
+def _pair(n: int, d: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    return x, x + 0.7 * torch.randn(n, d, generator=g)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """Counts the calibrations ``bootstrap_interval`` runs (the estimate and each replicate)."""
+    seen: list[int] = []
+
+    def counting(*args, **kwargs):
+        seen.append(1)
+        return calibrated_alignment(*args, **kwargs)
+
+    monkeypatch.setattr(bootstrap_module, "calibrated_alignment", counting)
+    return seen
+
+
+# ----------------------------------------------------------------- 1. subsample = whole data
+@pytest.mark.parametrize("n, fraction", [(10, 0.96), (10, 0.99), (4, 0.9)])
+def test_a_fraction_that_keeps_every_row_is_refused(calls, n, fraction):
+    x, y = _pair(n)
+    with pytest.raises(ValueError, match=rf"fraction={fraction} .*whole data"):
+        bootstrap_interval(x, y, "linear_cka", num_bootstrap=3, num_permutations=9,
+                           fraction=fraction)
+    assert calls == []
+
+
+@pytest.mark.parametrize("n, fraction", [(3, 0.1), (2, 0.5), (40, 0.01)])
+def test_a_fraction_below_two_rows_is_refused_not_raised_to_two(calls, n, fraction):
+    x, y = _pair(n)
+    with pytest.raises(ValueError, match=rf"fraction={fraction} keeps .* needs at least 2"):
+        bootstrap_interval(x, y, "linear_cka", num_bootstrap=3, num_permutations=9,
+                           fraction=fraction)
+    assert calls == []
+
+
+def test_grouped_subsample_keeping_every_group_is_refused(calls):
+    x, y = _pair(40)
+    two_groups = [i % 2 for i in range(40)]  # round(0.8 · 2) = 2: both groups, every time
+    with pytest.raises(ValueError, match=r"fraction=0.8 with groups .*2 of the 2 groups.*whole"):
+        bootstrap_interval(x, y, "linear_cka", num_bootstrap=3, num_permutations=9,
+                           groups=two_groups)
+    assert calls == []
+
+
+def test_valid_fractions_still_subsample_as_before():
+    x, y = _pair(40)
+    res = bootstrap_interval(x, y, "linear_cka", num_bootstrap=3, num_permutations=19, seed=2)
+    assert res.subsample_size == 32
+    gen = torch.Generator().manual_seed(2)
+    for b in range(3):  # the documented draw: m rows of randperm, replicate seed seed + 1 + b
+        idx = torch.sort(torch.randperm(40, generator=gen)[:32]).values
+        ref = calibrated_alignment(x[idx], y[idx], "linear_cka", num_permutations=19, seed=3 + b)
+        assert float(res.replicates[b]) == float(ref.calibrated)
+
+
+# ------------------------------------------------- 2. a replicate's groups must be permutable
+def test_grouped_replicates_without_two_equal_size_groups_are_refused_up_front(calls):
+    sizes = [5, 5, 6, 7, 8]  # valid on all the data (the two 5s), not on most 4-group subsets
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    x, y = _pair(len(labels))
+    calibrated_alignment(x, y, "linear_cka", num_permutations=9, groups=labels)  # fine in full
+    calls.clear()
+    with pytest.raises(ValueError, match=r"fraction=0.8 with groups .*no two groups of the same "
+                                         r"size.*no block permutation"):
+        bootstrap_interval(x, y, "linear_cka", num_bootstrap=10, num_permutations=9,
+                           groups=labels)
+    assert calls == []
+
+
+def test_grouped_replicates_keep_whole_groups_and_block_permutations(calls):
+    labels = np.repeat(np.arange(12), [2] * 6 + [3] * 6)  # 12 groups, two sizes
+    x, y = _pair(len(labels))
+    res = bootstrap_interval(x, y, "linear_cka", num_bootstrap=4, num_permutations=9,
+                             groups=labels)
+    assert len(calls) == 5 and res.replicates.shape == (4,)
+    # round(0.8 · 12) = 10 of the 12 groups (30 rows): two dropped, 24 to 26 rows kept; the
+    # smallest replicate's count is reported
+    assert 24 <= res.subsample_size <= 26
+    assert res.low <= res.high
+
+
+# ------------------------------------------------------------ 3. too few rows for the measure
+def test_too_few_subsample_rows_for_the_measure_are_reported_before_computing(calls):
+    x, y = _pair(12)
+    with pytest.raises(ValueError, match=r"fraction=0.8 keeps round\(0.8 · 12\) = 10 of the n=12 "
+                                         r"rows, but mutual_knn, k=10 needs at least 11"):
+        bootstrap_interval(x, y, "mutual_knn", num_bootstrap=3, num_permutations=9)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"fraction=0.5 .* unbiased_cka needs at least 4"):
+        bootstrap_interval(x[:5], y[:5], "unbiased_cka", num_bootstrap=3, num_permutations=9,
+                           fraction=0.5)
+    assert calls == []
+
+
+def test_too_few_grouped_rows_for_the_measure_are_reported_before_computing(calls):
+    labels = np.repeat(np.arange(6), 2)  # 12 rows; a replicate keeps 5 groups = 10 rows
+    x, y = _pair(12)
+    with pytest.raises(ValueError, match=r"fraction=0.8 with groups .*only 10 rows, but "
+                                         r"mutual_knn, k=10 needs at least 11"):
+        bootstrap_interval(x, y, "mutual_knn", num_bootstrap=3, num_permutations=9,
+                           groups=labels)
+    assert calls == []
+
+
+def test_measure_keywords_are_checked_before_computing(calls):
+    x, y = _pair(20)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        bootstrap_interval(x, y, "linear_cka", num_bootstrap=2, num_permutations=9, k=3)
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------ 4. masks
+def _tokens(n: int = 4, t: int = 5, d: int = 3) -> torch.Tensor:
+    return torch.arange(n * t * d, dtype=torch.float32).reshape(n, t, d) + 1.0
+
+
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_a_mask_of_the_wrong_shape_is_refused(pool):
+    x = _tokens()
+    for bad in (torch.ones(4, 4), torch.ones(3, 5), torch.ones(4, 5, 1)):
+        expected = (re.escape("mask must have shape (n, T) = (4, 5)") + ".*"
+                    + re.escape("(4, 5, 3)") + ".*" + re.escape(str(tuple(bad.shape))))
+        with pytest.raises(ValueError, match=expected):
+            pool_features(x, pool, mask=bad)
+        with pytest.raises(ValueError, match="mask"):
+            prepare_features(x, pool, mask=bad)
+
+
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_a_mask_row_without_tokens_is_refused(pool):
+    x = _tokens()
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[2] = 0
+    with pytest.raises(ValueError, match=rf"mask row\(s\) \[2\] mask out every token.*{pool}"):
+        pool_features(x, pool, mask=mask)
+    with pytest.raises(ValueError, match=r"mask row\(s\) \[2\]"):
+        prepare_features(x, pool, normalize=False, mask=mask.bool())
+
+
+def test_valid_masks_pool_the_unmasked_tokens():
+    x = _tokens()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [1, 0, 0, 0, 0]])
+    last = pool_features(x, "last", mask=mask)
+    assert torch.equal(last, x[torch.arange(4), torch.tensor([2, 4, 3, 0])])
+    mean = pool_features(x, "mean", mask=mask.bool())
+    ref = torch.stack([x[i][mask[i].bool()].mean(0) for i in range(4)])
+    torch.testing.assert_close(mean, ref)
+    # pools that do not use the mask ignore it, as before
+    assert torch.equal(pool_features(x, "cls", mask=torch.zeros(4, 5)), x[:, 0])

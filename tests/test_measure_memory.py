@@ -101,3 +101,16 @@ def test_calibration_refuses_before_preparing_either_side(monkeypatch, name, pea
     assert prepared == ["x"]  # refused in x's check, nothing of y prepared
     monkeypatch.setattr(pipeline, "_available_bytes", lambda device: int((need + 0.5) * unit))
     F.calibrated_alignment(x, y, name, 9)
+
+
+def test_the_refusal_for_a_layer_list_suggests_what_a_layer_list_can_use(monkeypatch):
+    """The moments null calibrates one layer pair only: a layer list is not told to use it."""
+    from alignment_callback.functional import pipeline
+
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 1 << 10)
+    x, y = _pair(200, 8)
+    with pytest.raises(MemoryError) as err:
+        F.calibrated_layer_alignment([x, x + 1], [y, y + 1], "rbf_cka", 9, null="auto")
+    assert "one layer pair with linear_cka" in str(err.value)
+    with pytest.raises(MemoryError, match="linear_cka or rv_coefficient with null='moments'"):
+        F.calibrated_alignment(x, y, "rbf_cka", 9)

@@ -182,7 +182,8 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
             continue
         if m.family == "gram":
             check_gram_memory(m, side.n, side.dtype, side.device,
-                              len(side.features) if keep_gram else 1, reserve)
+                              len(side.features) if keep_gram else 1, reserve,
+                              single_pair=len(side.features) == 1)
         if m.family == "gram" and not keep_gram:
             m.prepare(side.features[0], role)  # fail now (zero variance, ...), keep nothing
             side.lazy.add(m)
@@ -198,14 +199,18 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
 
 
 def check_gram_memory(measure: Measure, n: int, dtype: torch.dtype, device: torch.device,
-                      kept: int, reserve: int = 0) -> None:
+                      kept: int, reserve: int = 0, single_pair: bool = True) -> None:
     """Refuse, before allocating, n×n matrices that would not fit: the estimate (``kept``
     states, the last one at the peak of its preparation, ``MeasureInfo.prepare_peak``, plus
     ``reserve`` for the other side's states) against the memory available, and what to do
-    instead."""
-    alternatives = ("linear_cka or rv_coefficient with null='moments' (computed from the "
-                    "features, no n×n matrix)" if not measure.info.feature_state
-                    else "null='moments' (computed from the features, no n×n matrix)")
+    instead (the moments null only for a single layer pair: layer lists need permutations)."""
+    if not single_pair:
+        alternatives = "one layer pair with linear_cka and null='moments' (no n×n matrix)"
+    elif not measure.info.feature_state:
+        alternatives = ("linear_cka or rv_coefficient with null='moments' (computed from the "
+                        "features, no n×n matrix)")
+    else:
+        alternatives = "null='moments' (computed from the features, no n×n matrix)"
     count = kept - 1 + measure.info.prepare_peak(dtype) + reserve
     error = square_matrix_error(measure.name, n, count, dtype, device,
                                 _available_bytes(device), alternatives)

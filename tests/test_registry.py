@@ -211,3 +211,57 @@ def test_a_callable_returning_a_vector_is_a_clear_error():
     x, y = data(n=20)
     with pytest.raises(ValueError, match="must return a scalar"):
         F.calibrated_alignment(x, y, lambda a, b: a.sum(0), 9)
+
+
+def test_a_registered_measure_calibrates_like_its_definition(monkeypatch):
+    """register_measure: a declared fast null (prepare once, score a batch of permutations)
+    equals the definition recomputed in NumPy; names and aliases may not clash or repeat."""
+    import numpy as np
+
+    from alignment_callback.functional import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))  # undone after the test
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+
+    def prepare(x, role, shared, col=0):  # noqa: ARG001
+        c = x[:, col].double() - x[:, col].double().mean()
+        return c / c.norm()
+
+    def score(sx, sy, perms, col=0):  # noqa: ARG001
+        return (sx[None, :] * sy[perms]).sum(1).abs()
+
+    def check_col(v, name):
+        if not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        return v
+
+    info = registry.MeasureInfo("colcorr", "other", "|corr| of one column", prepare, score,
+                                params=(registry.Param("col", 0, check_col, "column"),),
+                                aliases=("cc",))
+    registry.register_measure(info)
+    x, y = data(n=50)
+    K = 99
+    r = F.calibrated_alignment(x, y, "cc", K, seed=1, col=1)
+
+    def corr(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return abs(float(a @ b) / float(np.linalg.norm(a) * np.linalg.norm(b)))
+
+    xs, ys = x.numpy()[:, 1], y.numpy()[:, 1]
+    s = corr(xs, ys)
+    null = np.array([corr(xs, ys[p]) for p in F.permutations(50, K, 1).numpy()])
+    tau = np.sort(np.r_[s, null])[94]
+    assert float(r.raw) == pytest.approx(s, rel=1e-12)
+    assert float(r.threshold) == pytest.approx(tau, rel=1e-12)
+    assert float(r.p_value) == pytest.approx((1 + (null >= s).sum()) / (K + 1))
+    assert float(r.calibrated) == pytest.approx(max((s - tau) / (1 - tau), 0.0), rel=1e-12)
+    with pytest.raises(ValueError, match="col must be a non-negative int"):
+        F.calibrated_alignment(x, y, "colcorr", K, col=-1)
+    for clash in (registry.MeasureInfo("colcorr", "other", "", prepare, score),
+                  registry.MeasureInfo("zz", "other", "", prepare, score, aliases=("linear_cka",))):
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_measure(clash)
+    with pytest.raises(ValueError, match="repeat a name"):
+        registry.register_measure(registry.MeasureInfo("yy", "other", "", prepare, score,
+                                                       aliases=("yy",)))
+    assert "yy" not in registry.REGISTRY and "zz" not in registry.REGISTRY

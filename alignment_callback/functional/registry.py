@@ -291,7 +291,10 @@ _ALIASES: dict[str, str] = {}
 
 def register_measure(info: MeasureInfo) -> MeasureInfo:
     """Add a measure (and its aliases) to the registry; returns it."""
-    for name in (info.name, *info.aliases):
+    names = (info.name, *info.aliases)
+    if len(set(names)) != len(names):
+        raise ValueError(f"measure {info.name!r}: its aliases {info.aliases!r} repeat a name")
+    for name in names:
         if name in REGISTRY or name in _ALIASES:
             raise ValueError(f"a measure named {name!r} is already registered")
     REGISTRY[info.name] = info

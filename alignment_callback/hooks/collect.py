@@ -119,6 +119,9 @@ def run_batch(
     elif isinstance(batch, (tuple, list)):
         return model(batch[0])
     elif isinstance(batch, Mapping):
+        if input_key is not None and input_key not in batch:
+            raise ValueError(f"input_key={input_key!r} is not a key of the probe's batches "
+                             f"(they have {sorted(map(str, batch))})")
         inputs = batch if input_key is None else batch[input_key]
     else:
         raise TypeError(

@@ -328,6 +328,12 @@ def extract_features(
                                 input_key=input_key, batch_transform=batch_transform,
                                 forward=forward, batch_size=batch_size, **collect_kwargs)
     if path is not None:
+        rows = next(iter(feats.values())).shape[0] if feats else 0
+        if rows != fingerprint["rows"]:  # e.g. max_batches: the file would claim the whole probe
+            raise ValueError(
+                f"the features hold {rows} of the probe's {fingerprint['rows']} rows "
+                "(max_batches?): a feature file carries the whole probe's fingerprint; extract "
+                "the whole probe, or pass a probe of just these rows")
         save_features(feats, path, fingerprint)
     return feats
 

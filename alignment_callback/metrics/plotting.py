@@ -105,6 +105,12 @@ def plot_scores(
     if "raw" not in history[0]:
         epochs = [h.get("epoch") for h in history]
         history, measure = _history_series(history, measure, prefix)
+        # a step without this measure's result (reference="previous" at its first step) has no
+        # point; given steps are the history's, one per entry
+        kept = [i for i, h in enumerate(history) if "raw" in h]
+        if steps is not None and len(steps) == len(history):
+            steps = [list(steps)[i] for i in kept]
+        history, epochs = [history[i] for i in kept], [epochs[i] for i in kept]
         if steps is None and all(e is not None for e in epochs):
             steps, xlabel = epochs, xlabel or "epoch"
         title = title or measure

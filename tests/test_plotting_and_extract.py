@@ -1,0 +1,58 @@
+"""plot_scores on a callback history with steps that have no result for the plotted reference,
+and feature extraction that must not write a file claiming more of the probe than it holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from alignment_callback.hooks import collect_activations
+from alignment_callback.hooks.extract import check_fingerprint, extract_features
+from alignment_callback.metrics.plotting import plot_scores
+
+
+def _history():
+    """Two references; "prev" (reference="previous") has no result at the first step."""
+    out = []
+    for epoch in range(3):
+        h = {"epoch": epoch, "step": 4 * epoch}
+        for ref in ("teacher",) + (("prev",) if epoch else ()):
+            for field, value in (("raw", 0.5 + 0.1 * epoch), ("calibrated", 0.3),
+                                 ("threshold", 0.2), ("p_value", 0.01)):
+                h[f"alignment/{ref}/linear_cka/{field}"] = value
+        out.append(h)
+    return out
+
+
+def test_plot_scores_skips_steps_without_a_result():
+    pytest.importorskip("matplotlib")
+    history = _history()
+    fig, ax = plot_scores(history, measure="linear_cka", prefix="alignment/prev")
+    (raw,) = [line for line in ax.get_lines() if line.get_label() == "raw"]
+    assert list(raw.get_xdata()) == [1, 2]  # the epochs that have a "prev" result
+    _, ax = plot_scores(history, measure="linear_cka", prefix="alignment/prev",
+                        steps=[h["step"] for h in history])  # steps given for every entry
+    (raw,) = [line for line in ax.get_lines() if line.get_label() == "raw"]
+    assert list(raw.get_xdata()) == [4, 8]
+    _, ax = plot_scores(history, measure="linear_cka", prefix="alignment/teacher")
+    (raw,) = [line for line in ax.get_lines() if line.get_label() == "raw"]
+    assert list(raw.get_xdata()) == [0, 1, 2]
+
+
+def test_a_partial_extraction_is_not_saved_under_the_whole_probes_fingerprint(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    probe = torch.randn(100, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="30 of the probe's 100 rows"):
+        extract_features(model, probe, ["0"], batch_size=10, max_batches=3,
+                         path=tmp_path / "f.pt")
+    assert not (tmp_path / "f.pt").exists()
+    extract_features(model, probe, ["0"], batch_size=10, path=tmp_path / "f.pt")
+    assert check_fingerprint(tmp_path / "f.pt", probe)
+
+
+def test_an_input_key_missing_from_the_batches_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 8))
+    probe = [{"x": torch.randn(5, 4)}]
+    with pytest.raises(ValueError, match=r"input_key='y' is not a key .*\['x'\]"):
+        collect_activations(model, probe, ["0"], input_key="y")

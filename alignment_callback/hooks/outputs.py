@@ -21,10 +21,12 @@ def _first_tensor(values: Any) -> Tensor | None:
     return next((v for v in values if isinstance(v, Tensor)), None)
 
 
-def _fields(output: Any) -> dict[str, Any] | None:
-    """A dataclass instance's fields by name, in declaration order (None for anything else; a
-    ``Mapping`` such as an HF ``ModelOutput`` is read as a mapping)."""
-    if isinstance(output, (Mapping, type)) or not dataclasses.is_dataclass(output):
+def _as_mapping(output: Any) -> Mapping[str, Any] | None:
+    """``output`` read as a mapping: a dict or HF ``ModelOutput`` as it is, a dataclass instance
+    as its fields by name in declaration order; None for anything else."""
+    if isinstance(output, Mapping):
+        return output
+    if isinstance(output, type) or not dataclasses.is_dataclass(output):
         return None
     return {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
 
@@ -32,11 +34,9 @@ def _fields(output: Any) -> dict[str, Any] | None:
 def _by_key(output: Any, key: int | str, layer: str) -> Any:
     try:
         if isinstance(key, int):
-            fields = _fields(output)
-            if fields is not None:  # a dataclass: index the non-None fields, as for a dict
-                return [v for v in fields.values() if v is not None][key]
-            if isinstance(output, Mapping):  # HF ModelOutput / dict: index the non-None values
-                return [v for v in output.values() if v is not None][key]
+            mapping = _as_mapping(output)
+            if mapping is not None:  # dict / ModelOutput / dataclass: index the non-None values
+                return [v for v in mapping.values() if v is not None][key]
             return output[key]
         if isinstance(output, Mapping) and key in output:
             return output[key]
@@ -80,8 +80,7 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
     if isinstance(output, Tensor):
         return output
     found: Tensor | None = None
-    fields = _fields(output)
-    mapping = fields if fields is not None else output if isinstance(output, Mapping) else None
+    mapping = _as_mapping(output)
     if isinstance(output, (tuple, list)):
         found = _first_tensor(output)
     elif mapping is not None or hasattr(output, "last_hidden_state"):

@@ -53,6 +53,10 @@ from alignment_callback.hooks.outputs import LayerOutputError
 # configuration mistakes only a forward pass can show: raised whatever on_error says
 LAYER_ERRORS = (LayerCountError, LayerOutputError)
 
+_INITIAL_RESUMED = ("reference='initial' on a resumed run compares with the activations at the "
+                    "start of this fit (the resumed weights), not of the original one: the "
+                    "checkpoint does not hold them")
+
 LayerSpec = Union[str, Sequence[str], Mapping[str, str]]
 
 DEFAULT_MEASURES = ("linear_cka", "mutual_knn", "cknna")
@@ -471,9 +475,7 @@ class AlignmentCallback(Callback):
             self._anchor_drift(trainer, pl_module, retaken=bool(pending))
         elif self.baseline:  # a new history (also for weights trained before: a warm start)
             if trainer.global_step > 0 and any(ref.kind == "initial" for ref in self.references):
-                rank_zero_warn("reference='initial' on a resumed run compares with the "
-                               "activations at the start of this fit (the resumed weights), "
-                               "not of the original one", category=UserWarning)
+                rank_zero_warn(_INITIAL_RESUMED, category=UserWarning)
             self._maybe_run(trainer, pl_module, epoch=int(trainer.current_epoch), baseline=True)
         elif trainer.global_step > 0:
             self._anchor_drift(trainer, pl_module, retaken=False)
@@ -493,9 +495,7 @@ class AlignmentCallback(Callback):
         step = int(trainer.global_step)
         kinds = {ref.kind for ref in drift}
         if "initial" in kinds:
-            rank_zero_warn("reference='initial' on a resumed run compares with the activations "
-                           "at the start of this fit (the resumed weights), not of the original "
-                           "one: the checkpoint does not hold them", category=UserWarning)
+            rank_zero_warn(_INITIAL_RESUMED, category=UserWarning)
         at_last_step = bool(self.history) and int(self.history[-1]["step"]) == step
         if "previous" in kinds and (retaken or not at_last_step):
             rank_zero_warn("reference='previous' on a resumed run: the checkpoint was not written "

@@ -158,19 +158,19 @@ class Report:
 
 
 # --------------------------------------------------------------------------------- helpers
-#: Relative slack of ``q ≤ α``: p-values of float32 results carry float32's rounding
-#: (float32(0.05) = 0.0500000007 > 0.05), and one on the boundary is significant; the slack
-#: :func:`~alignment_callback.functional.fdr.benjamini_hochberg` gives float32 p-values.
-_P_SLACK = 16 * 2.0**-23
-
-
 def significant(q: float, alpha: float) -> bool:
-    """``q ≤ α`` up to the rounding of a float32 p-value (16 units in its last place).
+    """``q ≤ α`` as :func:`~alignment_callback.functional.fdr.benjamini_hochberg` decides it
+    for float32 p-values (the history's may be float32 results: float32(0.05) = 0.0500000007
+    > 0.05, and one on the boundary is significant).
 
     >>> significant(float(__import__("numpy").float32(0.05)), 0.05)
     True
     """
-    return q <= alpha * (1 + _P_SLACK)
+    import torch
+
+    from alignment_callback.functional.fdr import at_most_alpha
+
+    return bool(at_most_alpha(q, alpha, torch.float32))
 
 
 def bh_adjust(p_values: Sequence[float]) -> list[float]:

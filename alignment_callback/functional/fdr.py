@@ -55,10 +55,19 @@ def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Ten
     adjusted = torch.empty_like(flat)
     adjusted[order] = adjusted_sorted
     adjusted = adjusted.reshape(p.shape)
-    # a p-value on the boundary p_(i) = i·α/m (e.g. p = 0.05, m = 12, i = 3, α = 0.2) must be
-    # rejected even where m·p/i rounds a few units in the last place above α
-    slack = 16 * torch.finfo(adjusted.dtype).eps
-    return adjusted <= alpha * (1 + slack), adjusted
+    return at_most_alpha(adjusted, alpha, adjusted.dtype), adjusted
 
 
-__all__ = ["benjamini_hochberg"]
+def at_most_alpha(q: Any, alpha: float, dtype: torch.dtype) -> Any:
+    """``q ≤ α`` up to 16 units in the last place of ``dtype``, the precision the (adjusted)
+    p-values ``q`` were computed in: a p-value on the boundary p_(i) = i·α/m (e.g. p = 0.05,
+    m = 12, i = 3, α = 0.2) is rejected even where m·p/i, or float32's rounding of p, lands a
+    few units above α.  ``q`` a tensor or a float.
+
+    >>> at_most_alpha(float(torch.tensor(0.05, dtype=torch.float32)), 0.05, torch.float32)
+    True
+    """
+    return q <= alpha * (1 + 16 * torch.finfo(dtype).eps)
+
+
+__all__ = ["at_most_alpha", "benjamini_hochberg"]

@@ -137,6 +137,22 @@ class TinyDataModule(pl.LightningDataModule):
 
 
 # ------------------------------------------------------------------------------ reading logs
+def quiet_callback(probe: Any, measures: Sequence[str], num_permutations: int, /,
+                   **kw: Any) -> Any:
+    """An ``AlignmentCallback`` (default: reference ``RefMLP()``, layers fc1 and fc2) that
+    draws no heatmaps, writes no report and prints nothing, unless ``kw`` says otherwise; the
+    positional arguments are defaults that ``kw`` may replace."""
+    from alignment_callback import AlignmentCallback
+
+    kw.setdefault("log_heatmaps", False)
+    kw.setdefault("report", False)
+    kw.setdefault("verbose", False)
+    reference = kw.pop("reference", None) or RefMLP()
+    return AlignmentCallback(reference, kw.pop("probe", probe), kw.pop("layers", ["fc1", "fc2"]),
+                             measures=kw.pop("measures", measures),
+                             num_permutations=kw.pop("num_permutations", num_permutations), **kw)
+
+
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

@@ -28,21 +28,14 @@ from torch import Tensor, nn
 from alignment_callback import AlignmentCallback, AlignmentPlateau
 from alignment_callback.hooks import ActivationRecorder, collect_activations, resolve_layers
 from alignment_callback.hooks.outputs import LayerOutputError, select_output
-from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, train_loader
+from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, quiet_callback, train_loader
 
 PROBE = make_probe(48)
 KEY = "alignment/linear_cka/calibrated"
 
 
 def callback(**kw) -> AlignmentCallback:
-    kw.setdefault("measures", ["linear_cka"])
-    kw.setdefault("num_permutations", 9)
-    kw.setdefault("log_heatmaps", False)
-    kw.setdefault("report", False)
-    kw.setdefault("verbose", False)
-    reference = kw.pop("reference", None) or RefMLP()
-    return AlignmentCallback(reference, kw.pop("probe", PROBE), kw.pop("layers", ["fc1", "fc2"]),
-                             **kw)
+    return quiet_callback(PROBE, ["linear_cka"], 9, **kw)
 
 
 def fit(callbacks, model=None, max_epochs=2, ckpt_path=None, **trainer_kw) -> pl.Trainer:

@@ -28,20 +28,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from alignment_callback import AlignmentCallback
 from alignment_callback.hooks.extract import extract_features
-from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, train_loader
+from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, quiet_callback, train_loader
 
 PROBE = make_probe(48)
 
 
 def callback(**kw) -> AlignmentCallback:
-    kw.setdefault("measures", ["linear_cka", "mutual_knn"])
-    kw.setdefault("num_permutations", 19)
-    kw.setdefault("log_heatmaps", False)
-    kw.setdefault("report", False)
-    kw.setdefault("verbose", False)
-    reference = kw.pop("reference", None) or RefMLP()
-    return AlignmentCallback(reference, kw.pop("probe", PROBE), kw.pop("layers", ["fc1", "fc2"]),
-                             **kw)
+    return quiet_callback(PROBE, ["linear_cka", "mutual_knn"], 19, **kw)
 
 
 def fit(callbacks, model=None, max_epochs=2, ckpt_path=None, **trainer_kw):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from alignment_callback.callback import dispatch, feedback
 from alignment_callback.callback.background import BackgroundQueue, Job, ModelCopy, Snapshot
-from alignment_callback.callback.distributed import first_error, guarded_step
+from alignment_callback.callback.distributed import first_error, from_rank_zero, guarded_step
 from alignment_callback.callback.presets import resolve_preset
 from alignment_callback.callback.probe import Probe, iterate_probe, load_probe
 from alignment_callback.callback.reference import (
@@ -519,7 +519,7 @@ class AlignmentCallback(Callback):
             self._guarded(int(trainer.current_epoch), step, _reraise, error)
             return
         if trainer.world_size > 1:
-            acts = _from_rank_zero(trainer, acts)
+            acts = from_rank_zero(acts)  # all anchor at rank 0's model (see _distributed_run)
         for ref in drift:
             _anchor(ref, acts)
 
@@ -613,7 +613,10 @@ class AlignmentCallback(Callback):
         if failed is not None:
             error = f"the probe pass failed on rank {failed[0]}: {failed[1]}"
         else:
-            captured = (_from_rank_zero(trainer, captured[0]), captured[1])
+            # DDP replicas can differ where DDP does not synchronize them (BatchNorm running
+            # statistics follow each rank's own batches): every share of the null must score
+            # the same model, the one rank 0 logs
+            captured = (from_rank_zero(captured[0]), captured[1])
             try:
                 outcome = self._compute(captured, epoch, step,
                                         trainer.is_global_zero and bool(trainer.loggers),
@@ -1041,17 +1044,6 @@ class AlignmentCallback(Callback):
         dispatch.save_files(trainer.loggers, feedback.report_files(self.report_paths[0]))
         if self.verbose:
             feedback.emit(trainer, [f"{self.log_prefix} report: {self.report_paths[0]}"])
-
-
-def _from_rank_zero(trainer: Trainer, acts: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rank 0's probe activations on every process (through the CPU, on this process's
-    device).  DDP replicas can differ where DDP does not synchronize them (BatchNorm running
-    statistics, updated by each rank's own batches after the last broadcast of the buffers):
-    every share of the null must score the same model, the one rank 0 logs."""
-    device = next(iter(acts.values())).device
-    shared = trainer.strategy.broadcast(
-        {k: v.cpu() for k, v in acts.items()} if trainer.is_global_zero else None, src=0)
-    return {k: v.to(device) for k, v in shared.items()}
 
 
 def _reraise(error: BaseException) -> None:

@@ -75,6 +75,43 @@ def first_error(error: str | None, group: Any = None) -> tuple[int, str] | None:
     return next(((rank, item) for rank, item in enumerate(out) if item is not None), None)
 
 
+def _transport_device(device: torch.device, group: Any) -> torch.device:
+    """Where the backend of ``group`` moves tensors: NCCL only CUDA ones, the others the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+
+
+def from_rank_zero(tensors: dict[str, Tensor], group: Any = None) -> dict[str, Tensor]:
+    """Process 0's ``tensors`` on every process, bitwise, on this process's device.
+
+    One small object broadcast carries process 0's layout (names, shapes, dtypes), so the other
+    processes need not agree with it; each tensor then moves as its bytes in one tensor
+    broadcast (no pickling), on the device where the backend serves it (NCCL: CUDA), else
+    through the CPU.
+    """
+    import torch.distributed as dist
+
+    device = next(iter(tensors.values())).device
+    source = dist.get_global_rank(group, 0) if group is not None else 0
+    mine = dist.get_rank(group) == 0
+    layout = [[(k, tuple(v.shape), v.dtype) for k, v in tensors.items()] if mine else None]
+    dist.broadcast_object_list(layout, src=source, group=group)
+    transport = _transport_device(device, group)
+    out = {}
+    for name, shape, dtype in layout[0]:
+        if mine:
+            value = tensors[name].detach().to(transport).contiguous()
+        else:
+            value = torch.empty(shape, dtype=dtype, device=transport)
+        if value.numel():
+            dist.broadcast(value.reshape(-1).view(torch.uint8), src=source, group=group)
+        out[name] = value.to(device)
+    return out
+
+
 def guarded_step(compute: Callable[..., Any], num_permutations: int, group: Any = None,
                  **kwargs: Any) -> Any:
     """``compute(share=..., gather=NullGather, **kwargs)`` on every process, with the failure

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._validation import (
     AUTO,
     check_alpha,
@@ -161,6 +162,7 @@ class AlignmentEngine:
         return side_features({name: prep.matrix(prep.rows(t)) for name, t in moved.items()}, label)
 
     @torch.no_grad()
+    @no_autocast()
     def set_reference(self, layers: Mapping[str, Tensor]) -> PreparedSide:
         """Preprocess and prepare the frozen reference's layers once, for every measure."""
         names, feats = self.features(layers, "reference")
@@ -183,6 +185,7 @@ class AlignmentEngine:
 
     # ------------------------------------------------------------------------------- step
     @torch.no_grad()
+    @no_autocast()
     def step(self, layers: Mapping[str, Tensor], epoch: int = 0, step: int = 0,
              share: tuple[int, int] | None = None, gather: Gather | None = None,
              seconds: float = 0.0) -> StepResult:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional.permutation import GroupPermuter
 from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
 from alignment_callback.functional.registry import (
@@ -88,6 +89,7 @@ def _pipeline_names(layered: bool) -> set[str]:
 
 
 @torch.no_grad()
+@no_autocast()
 def bootstrap_interval(
     x: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     y: Tensor | Sequence[Tensor] | Mapping[str, Tensor],

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._validation import check_pair
 from alignment_callback.functional.shape_measures import centered_svd
 
@@ -74,6 +75,7 @@ def _identity(n: int, device: torch.device) -> Tensor:
     return torch.arange(n, device=device)[None]
 
 
+@no_autocast()
 def cca_similarity(x: Tensor, y: Tensor, dims: int | None = None) -> Tensor:
     """Mean canonical correlation ``(1/k) Σ_{i<=k} ρ_i`` of the column-centered features, over
     the top ``k = dims`` correlations (default all ``min(rank x, rank y)``).
@@ -135,6 +137,7 @@ def pwcca_score(sx: CCAState, sy: CCAState, perms: Tensor) -> Tensor:
     return (w * rho.clamp(0.0, 1.0)).sum(-1) / w.sum(-1)
 
 
+@no_autocast()
 def pwcca(x: Tensor, y: Tensor) -> Tensor:
     """Projection-weighted CCA (Morcos, Raghu & Bengio 2018): ``Σ_i α_i ρ_i`` with the
     canonical correlations ρ_i (i <= min(rank x, rank y)) of the column-centered features and

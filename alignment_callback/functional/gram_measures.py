@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import check_pair
@@ -285,6 +286,7 @@ def _check_memory(name: str, x: Tensor, alternatives: str, count: int = 4) -> No
 _NO_GRAM = "linear_cka (computed from the features when d < n, no n×n matrix)"
 
 
+@no_autocast()
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     """Linear CKA ``HSIC(K, L) / sqrt(HSIC(K, K)·HSIC(L, L))`` with biased HSIC, K = XXᵀ.
 
@@ -307,6 +309,7 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     return gram_score(linear_state(x), linear_state(y), _identity(n, x.device))[0]
 
 
+@no_autocast()
 def rbf_cka(x: Tensor, y: Tensor, sigma: float | str = 1.0) -> Tensor:
     """RBF CKA with ``K_ij = exp(−‖x_i − x_j‖²/(2σ²))``, absolute σ (default 1.0) or
     ``sigma="median"`` (σ² = median of all n² squared distances, per representation)."""
@@ -315,6 +318,7 @@ def rbf_cka(x: Tensor, y: Tensor, sigma: float | str = 1.0) -> Tensor:
     return gram_score(rbf_state(x, sigma), rbf_state(y, sigma), _identity(x.shape[0], x.device))[0]
 
 
+@no_autocast()
 def unbiased_cka(x: Tensor, y: Tensor) -> Tensor:
     """Linear CKA with the unbiased HSIC estimator (Song et al. 2012). Needs n >= 4.
 
@@ -325,6 +329,7 @@ def unbiased_cka(x: Tensor, y: Tensor) -> Tensor:
     return gram_score(unbiased_state(x), unbiased_state(y), _identity(x.shape[0], x.device))[0]
 
 
+@no_autocast()
 def rsa(x: Tensor, y: Tensor) -> Tensor:
     """RSA: Spearman correlation (average ranks for ties) of the upper triangles (i < j) of the
     two cosine-distance matrices ``1 − cos(x_i, x_j)``. In [−1, 1]; s_max = 1."""

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional import _compiled
 from alignment_callback.functional._scaling import rescale_exactly
 
@@ -135,6 +136,7 @@ def _check_grams(k: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
     return k.to(dtype), l.to(dtype)
 
 
+@no_autocast()
 def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
     """Biased HSIC ``tr(K H L H) = Σ_ij (HKH)_ij L_ji`` (no 1/(n−1)² factor; it cancels in
     CKA). Valid for non-symmetric matrices too."""
@@ -142,6 +144,7 @@ def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
     return (center_gram(k) * l.T).sum()
 
 
+@no_autocast()
 def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     """Unbiased HSIC (Song et al. 2012, eq. 5), valid for non-symmetric matrices too.
 

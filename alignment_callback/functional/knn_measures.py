@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional import _compiled
 from alignment_callback.functional._validation import check_k, check_pair
 from alignment_callback.functional.neighbors import (
@@ -376,18 +377,21 @@ def _pair(kind: str, x: Tensor, y: Tensor, k: int) -> Tensor:
     return knn_score(kind, sx, sy, torch.arange(x.shape[0], device=x.device)[None])[0]
 
 
+@no_autocast()
 def mutual_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """Mutual kNN: ``mean_i |N_X(i) ∩ N_Y(i)| / k`` (neighbors by inner product, self
     excluded, default k = 10, needs n > k). In [0, 1]; ≈ k/(n−1) for independent data."""
     return _pair("mutual_knn", x, y, k)
 
 
+@no_autocast()
 def cycle_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """Cycle kNN: ``mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]`` (Y's neighbors, then X's). Not
     symmetric. Default k = 10."""
     return _pair("cycle_knn", x, y, k)
 
 
+@no_autocast()
 def cknna(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """CKNNA (PRH): CKA with unbiased HSIC restricted to mutual k-nearest-neighbor pairs of the
     linear grams. Default k = 10; needs k >= 2, n > k and n >= 4. No epsilon in the
@@ -395,12 +399,14 @@ def cknna(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     return _pair("cknna", x, y, k)
 
 
+@no_autocast()
 def lcs_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """Mean over i of the longest common subsequence of the ordered neighbor lists, divided
     by k (PRH returns the unnormalized length). Default k = 10."""
     return _pair("lcs_knn", x, y, k)
 
 
+@no_autocast()
 def edit_distance_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     """``1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k`` on ordered neighbor lists. Default
     k = 10."""

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._memory import available_bytes as _available_bytes
 from alignment_callback.functional._memory import square_matrix_error
 from alignment_callback.functional._validation import (
@@ -536,6 +537,7 @@ def _sides(xs: Layers | Tensor, ys: Layers | Tensor, measures: Sequence[Measure]
 
 
 @torch.no_grad()
+@no_autocast()
 def calibrate_measures(
     xs: Layers,
     ys: Layers,
@@ -580,6 +582,7 @@ def calibrate_measures(
 
 
 @torch.no_grad()
+@no_autocast()
 def calibrated_layer_alignment(
     xs: Layers,
     ys: Layers,
@@ -636,6 +639,7 @@ def calibrated_layer_alignment(
 
 
 @torch.no_grad()
+@no_autocast()
 def calibrated_alignment(
     x: Tensor,
     y: Tensor,
@@ -720,6 +724,7 @@ def _single(x: Any, name: str) -> Tensor:
 
 
 @torch.no_grad()
+@no_autocast()
 def permutation_null(
     x: Tensor,
     y: Tensor,

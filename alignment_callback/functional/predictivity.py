@@ -41,6 +41,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._validation import check_matrix, check_pair
 
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -152,6 +153,7 @@ def _inner_choice(x: Tensor, y: Tensor, grid: tuple[float, ...], folds: int) -> 
     return int(torch.argmin(sse))
 
 
+@no_autocast()
 def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 5) -> Tensor:
     """Cross-validated R² of a ridge regression predicting y from x (see the module docstring
     for the exact folds, penalty and R² definitions).

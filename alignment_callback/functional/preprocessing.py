@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal, Union
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import as_float
 
@@ -50,6 +51,7 @@ def _checked_mask(x: Tensor, mask: Tensor, pool: str) -> Tensor:
     return mask
 
 
+@no_autocast()
 def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None) -> Tensor:
     """Reduce an activation of shape (n, ...) to (n, d).
 
@@ -153,6 +155,7 @@ def clamp_outliers(x: Tensor, quantile: float) -> Tensor:
     return x.clamp(-c, c)
 
 
+@no_autocast()
 def prepare_features(
     x: Tensor,
     pool: Pool = "flatten",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._validation import check_pair
 from alignment_callback.functional.gram_measures import GramState, gram_score, linear_state
 
@@ -29,6 +30,7 @@ def rv_score(sx: GramState, sy: GramState, perms: Tensor) -> Tensor:
     return gram_score(sx, sy, perms)
 
 
+@no_autocast()
 def rv_coefficient(x: Tensor, y: Tensor) -> Tensor:
     """Escoufier's RV coefficient of the column-centered features,
     ``‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)``; identical to :func:`linear_cka`.

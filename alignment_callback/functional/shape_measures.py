@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._validation import check_pair
 from alignment_callback.functional.kernels import center_gram, rbf_gram
 
@@ -81,6 +82,7 @@ def _identity(n: int, device: torch.device) -> Tensor:
     return torch.arange(n, device=device)[None]
 
 
+@no_autocast()
 def procrustes_similarity(x: Tensor, y: Tensor) -> Tensor:
     """Orthogonal Procrustes similarity ``‖X̂ᵀ Ŷ‖_*`` of the column-centered,
     Frobenius-normalized features ``X̂ = (X − x̄)/‖X − x̄‖_F`` (and Ŷ).
@@ -163,6 +165,7 @@ def shape_score(sx: FactorState, sy: FactorState, perms: Tensor) -> Tensor:
     return 1.0 - theta / (math.pi / 2)
 
 
+@no_autocast()
 def shape_metric(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
     """Generalized shape metric (Williams et al. 2021, "Generalized shape metrics on neural
     representations", NeurIPS) as a similarity: ``1 − θ/(π/2)``.
@@ -227,6 +230,7 @@ def bures_score(sx: FactorState, sy: FactorState, perms: Tensor) -> Tensor:
     return procrustes_score(sx, sy, perms)
 
 
+@no_autocast()
 def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float | str = 1.0
                      ) -> Tensor:
     """Normalized Bures similarity ``tr((K^½ L K^½)^½) / √(tr K · tr L)`` of the centered grams

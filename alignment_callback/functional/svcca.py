@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import check_pair
 
@@ -104,6 +105,7 @@ def svcca_score(ux: Tensor, uy: Tensor, perms: Tensor) -> Tensor:
     return sv.mean(-1).to(ux.dtype)
 
 
+@no_autocast()
 def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:
     """SVCCA: mean canonical correlation between the top-``cca_dim`` (default 10) singular
     subspaces of the column-standardized representations. In [0, 1]."""

@@ -11,6 +11,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from alignment_callback.functional._autocast import no_autocast
 from alignment_callback.functional._validation import (
     AUTO,
     all_finite,
@@ -191,6 +192,7 @@ class AlignmentMetricBase(Metric):
                 "paired with the others)"
             )
 
+    @no_autocast()
     def _update_layers(self, xs: Any, ys: Any, index: Tensor | None) -> None:
         xs = self._as_layers(xs, "x")
         ys = None if ys is None else self._as_layers(ys, "y")
@@ -242,6 +244,7 @@ class AlignmentMetricBase(Metric):
 
     # ---------------------------------------------------------------------- reference cache
     @torch.no_grad()
+    @no_autocast()
     def _set_reference_layers(self, ys: Any) -> None:
         """Preprocess and prepare (grams / neighbor lists) a frozen reference once."""
         ys = self._as_layers(ys, "y")
@@ -359,6 +362,7 @@ class AlignmentMetricBase(Metric):
         raise ValueError(f"{what} contains NaN/Inf values in {int(bad.sum())} of its "
                          f"{rows.shape[0]} rows ({where})")
 
+    @no_autocast()
     def _compute_result(self) -> LayerAlignmentResult:
         metric = type(self).__name__
         if not self.x_layers or not self._stored_rows("x"):
@@ -421,6 +425,7 @@ class AlignmentMetricBase(Metric):
         return calibrate_prepared([self.measure], xside, yside, perms, self.alpha, self.aggregate,
                                   self.max_score, null=self.null)[self.measure]
 
+    @no_autocast()
     def _raw_batch(self, xs: Any, ys: Any) -> Tensor | None:
         """Uncalibrated aggregate on one paired batch (what ``forward`` returns).
 

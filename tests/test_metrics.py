@@ -302,7 +302,7 @@ def test_metric_collection_compute_groups_and_reset() -> None:
     collection.reset()
     for metric in collection.values():
         assert metric._stored_rows("x") == 0
-    with pytest.raises(RuntimeError, match="before any update"):
+    with pytest.raises(RuntimeError, match="no accumulated rows"):
         collection.compute()
     # usable again after reset
     collection.update(x, y)
@@ -313,7 +313,7 @@ def test_metric_collection_compute_groups_and_reset() -> None:
 @pytest.mark.filterwarnings(COMPUTE_BEFORE_UPDATE)
 def test_compute_before_update_is_a_clear_error() -> None:
     for metric in (CalibratedAlignment("linear_cka", num_permutations=K), LayerAlignment(num_permutations=K)):
-        with pytest.raises(RuntimeError, match="before any update"):
+        with pytest.raises(RuntimeError, match="no accumulated rows"):
             metric.compute()
 
 

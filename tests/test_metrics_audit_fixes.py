@@ -121,7 +121,7 @@ def test_compute_without_reference_side_is_a_clear_error() -> None:
     m.set_reference(y)
     m.update(x)
     m.clear_reference()
-    with pytest.raises(RuntimeError, match=r"before any update\(\).*clear_reference"):
+    with pytest.raises(RuntimeError, match=r"no accumulated rows.*clear_reference"):
         m.compute()
     # model rows without any reference side (a cached-reference state dict, no reference)
     m.set_reference(y)
@@ -268,3 +268,123 @@ def test_directory_and_1d_feature_files_are_refused(files, capsys, monkeypatch) 
     assert cli.main(["compare", "oned.npy", "a.pt", "--out", "o"]) == 2
     err = capsys.readouterr().err
     assert "oned.npy: layer 'features' is 1-D" in err and "2-D (n_samples, n_features)" in err
+
+
+# ------------------------------------------------------------------ a later audit (8th session)
+def _functional(x: Tensor, y: Tensor, measure: str, **kw):
+    return F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y), measure,
+                                  num_permutations=K, **kw)
+
+
+@pytest.mark.filterwarnings(COMPUTE_BEFORE_UPDATE)
+def test_forward_in_a_collection_with_compute_groups_stores_each_batch_once():
+    """The compute group formed by update() shares one list per state between its metrics: each
+    metric's forward() appended its batch to it, so every row was stored once per metric."""
+    from torchmetrics import MetricCollection
+
+    x, y = pair(60)
+    c = MetricCollection({"cka": CalibratedAlignment("linear_cka", num_permutations=K),
+                          "knn": CalibratedAlignment("mutual_knn", num_permutations=K, k=5)})
+    c.update(x, y)
+    assert c.compute_groups == {0: ["cka", "knn"]}  # the shared-state path is exercised
+    c.compute()
+    c.reset()
+    c(x[:30], y[:30])
+    c(x[30:], y[30:])
+    assert c["cka"]._stored_rows("x") == c["knn"]._stored_rows("x") == 60
+    out = c.compute()
+    for key, measure, kw in (("cka", "linear_cka", {}), ("knn", "mutual_knn", {"k": 5})):
+        expected = _functional(x, y, measure, **kw)
+        assert float(out[f"{key}_raw"]) == pytest.approx(float(expected.raw), abs=1e-6)
+        assert float(out[f"{key}_p_value"]) == float(expected.p_value)
+
+
+def test_merge_state_checks_layers_and_fills_an_empty_metric():
+    x, y = pair(60)
+    a = LayerAlignment("linear_cka", num_permutations=K)
+    a.update({"a": x[:30], "b": x[:30].tanh()}, {"c": y[:30]})
+    other = LayerAlignment("linear_cka", num_permutations=K)
+    other.update({"a": x[30:], "z": x[30:].tanh()}, {"c": y[30:]})
+    with pytest.raises(ValueError, match=r"merge_state: the metrics hold different x layers"):
+        a.merge_state(other)
+    wide = LayerAlignment("linear_cka", num_permutations=K)
+    wide.update({"a": x[30:], "b": torch.cat([x[30:], x[30:]], 1)}, {"c": y[30:]})
+    with pytest.raises(ValueError, match=r"'b': 20"):
+        a.merge_state(wide)
+    fresh = LayerAlignment("linear_cka", num_permutations=K)
+    fresh.merge_state(a)  # a metric without rows takes the incoming layers and rows
+    assert fresh._stored_rows("x") == 30
+    assert torch.equal(fresh.compute()["matrix"], a.compute()["matrix"])
+
+
+def test_changing_seed_or_num_permutations_after_construction_takes_effect():
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=K, seed=0)
+    m.update(x, y)
+    m.compute()
+    m.seed, m.num_permutations = 5, 3 * K
+    m.reset()
+    m.update(x, y)
+    got = m.compute()
+    expected = F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y), "linear_cka",
+                                      num_permutations=3 * K, seed=5)
+    assert m.last_result.null.shape[-1] == 3 * K
+    assert float(got["p_value"]) == float(expected.p_value)
+    assert float(got["threshold"]) == pytest.approx(float(expected.threshold), abs=1e-7)
+
+
+def test_string_group_labels_with_index():
+    x, y = pair()
+    groups = [f"g{i % 4}" for i in range(N)]
+    expected = F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y), "linear_cka",
+                                      num_permutations=K, groups=groups)
+    m = CalibratedAlignment("linear_cka", num_permutations=K, groups=groups)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(1))
+    m.update(x[order], y[order], index=order)
+    assert float(m.compute()["p_value"]) == float(expected.p_value)
+
+
+def test_custom_dist_sync_fn_without_torch_distributed():
+    """torchmetrics' hooks for another gather backend (dist_sync_fn, distributed_available_fn)
+    work without torch.distributed: the rows of an emulated second process are gathered."""
+    from torchmetrics.utilities import dim_zero_cat
+
+    x, y = pair(60)
+    a0 = CalibratedAlignment("linear_cka", num_permutations=K, distributed_available_fn=lambda: True)
+    a1 = CalibratedAlignment("linear_cka", num_permutations=K)
+    a0.update(x[:30], y[:30])
+    a1.update(x[30:], y[30:])
+    other = [dim_zero_cat(v) if len(v) else torch.tensor([])  # torchmetrics' order and padding
+             for v in (getattr(a1, s) for s in a1._reductions)]
+    a0.dist_sync_fn = lambda t, group=None: [t, other.pop(0)]
+    assert float(a0.compute()["raw"]) == pytest.approx(float(_functional(x, y, "linear_cka").raw),
+                                                       abs=1e-6)
+
+
+def test_width_check_after_load_state_dict_and_reset():
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=K)
+    m.persistent(True)
+    m.update(x, y)
+    loaded = CalibratedAlignment("linear_cka", num_permutations=K)
+    loaded.persistent(True)
+    loaded.load_state_dict(m.state_dict())
+    with pytest.raises(ValueError, match=r"x layer 'x' has \(7,\) features in this batch but 10"):
+        loaded.update(x[:, :7], y)
+    m.reset()  # no earlier batch since the reset: another width is fine
+    m.update(x[:, :7], y)
+    assert float(m.compute()["raw"]) == pytest.approx(
+        float(_functional(x[:, :7], y, "linear_cka").raw), abs=1e-6)
+
+
+@pytest.mark.filterwarnings(COMPUTE_BEFORE_UPDATE)
+def test_empty_batches_and_0_dim_input():
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=K)
+    m.update(torch.empty(0, 3), torch.empty(0, 7))  # no width learned from an empty batch
+    with pytest.raises(RuntimeError, match="found no accumulated rows"):
+        m.compute()
+    m.update(x, y)
+    assert m._stored_rows("x") == N
+    with pytest.raises(ValueError, match=r"x layer 'x' is a 0-dim tensor"):
+        m.update(torch.tensor(1.0), torch.tensor(2.0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -43,6 +44,14 @@ from alignment_callback.metrics._rows import (
     order_rows,
     split_kwargs,
 )
+
+
+def _torch_distributed() -> bool:
+    """Whether ``torch.distributed`` runs (the layout agreement's collective needs it; a custom
+    ``dist_sync_fn`` without it skips that agreement)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 class AlignmentMetricBase(Metric):
@@ -140,13 +149,26 @@ class AlignmentMetricBase(Metric):
             raise ValueError(f"no {side} layers given")
         if names and set(layers) != set(names):
             raise ValueError(f"{side} layers {sorted(layers)} do not match the first update's {sorted(names)}")
+        for name, t in layers.items():
+            if t.dim() == 0:
+                raise ValueError(f"{side} layer {name!r} is a 0-dim tensor; pass rows of shape "
+                                 "(n, features...)")
         counts = {name: int(t.shape[0]) for name, t in layers.items()}
         if len(set(counts.values())) != 1:
             raise ValueError(f"{side} layers have different numbers of rows: {counts}")
         return next(iter(counts.values()))
 
+    def _known_widths(self, side: str) -> list[int]:
+        """Each layer's width (sorted names): from the first update, else from the stored rows
+        (rows loaded with ``load_state_dict`` or merged with ``merge_state``)."""
+        names = getattr(self, f"{side}_layers")
+        if not self._widths[side] and names and self._stored_rows(side):
+            states = [dim_zero_cat(self._state(side, name)) for name in sorted(names)]
+            self._widths[side] = [int(t.shape[1]) for t in states]
+        return self._widths[side]
+
     def _check_widths(self, side: str, rows: Mapping[str, Tensor]) -> None:
-        widths = self._widths[side]
+        widths = self._known_widths(side)
         if not widths:
             return
         for name, t in rows.items():
@@ -163,7 +185,13 @@ class AlignmentMetricBase(Metric):
         if not self._widths[side]:
             self._widths[side] = [int(rows[name].shape[1]) for name in sorted(rows)]
         for name, t in rows.items():
-            self._state(side, name).append(t)
+            self._extend(f"{side}{self._slots(getattr(self, f'{side}_layers'))[name]}", t)
+
+    def _extend(self, attr: str, t: Tensor) -> None:
+        """Add ``t`` to the list state ``attr`` as a new list: a ``MetricCollection``'s compute
+        group shares one list between its metrics, and each metric's ``forward`` adds its batch
+        once (an in-place append would store it once per metric)."""
+        setattr(self, attr, [*getattr(self, attr), t])
 
     def _stored_rows(self, side: str) -> int:
         if not getattr(self, f"{side}_layers"):
@@ -217,6 +245,8 @@ class AlignmentMetricBase(Metric):
                 raise ValueError(f"index has {index.numel()} entries for {n} rows")
             if bool((index < 0).any()):
                 raise ValueError(f"index must hold sample ids >= 0, got {int(index.min())}")
+        if n == 0:  # nothing to store (and no width to learn from an empty batch)
+            return
         self._check_index_use(index is not None)
         check_capacity(self._stored_rows("x"), n, self.max_samples)
         x_rows = {name: self.preprocessor.rows(t) for name, t in xs.items()}  # pool (may raise)
@@ -228,7 +258,7 @@ class AlignmentMetricBase(Metric):
         if y_rows is not None:
             self._append("y", y_rows)
         if index is not None:
-            self.index.append(index)
+            self._extend("index", index)
 
     def _as_layers(self, layers: Any, side: str) -> dict[str, Tensor]:
         """A batch as ``{name: rows}``: a mapping as is; a tensor is the single layer named
@@ -272,6 +302,41 @@ class AlignmentMetricBase(Metric):
         """Whether a frozen reference is cached."""
         return self._reference is not None
 
+    def reset(self) -> None:
+        """Drop the accumulated rows (the layer names and a cached reference stay); the next
+        update may bring other widths."""
+        super().reset()
+        self._widths = {"x": [], "y": []}
+
+    def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
+        """Add another metric's rows (torchmetrics' ``merge_state``: its rows come first).
+
+        A metric of this class must hold the same layers with the same widths, and both or
+        neither must cache a reference; a metric without rows takes the incoming layers.  A
+        dict of raw states is merged slot by slot (slot i is the i-th of the sorted names).
+        """
+        if isinstance(incoming_state, AlignmentMetricBase) and incoming_state._stored_rows("x"):
+            other = incoming_state
+            if (self._reference is None) != (other._reference is None):
+                raise ValueError("merge_state: one metric caches a reference (set_reference) and "
+                                 "the other does not; their rows cannot be paired")
+            for side in ("x", "y") if other._reference is None else ("x",):
+                theirs = dict(zip(sorted(getattr(other, f"{side}_layers")),
+                                  other._known_widths(side)))
+                if not self._stored_rows("x"):
+                    if not getattr(self, f"{side}_layers"):
+                        self._register(side, list(getattr(other, f"{side}_layers")))
+                    continue
+                ours = dict(zip(sorted(getattr(self, f"{side}_layers")), self._known_widths(side)))
+                if ours != theirs:
+                    raise ValueError(
+                        f"merge_state: the metrics hold different {side} layers: {ours} here, "
+                        f"{theirs} incoming (name: width)")
+            if self._stored_rows("x") and (self._index_count() > 0) != (other._index_count() > 0):
+                raise ValueError("merge_state: one metric's rows have sample ids (index=) and "
+                                 "the other's do not")
+        super().merge_state(incoming_state)
+
     # ------------------------------------------------------------------- distributed layout
     def sync(self, dist_sync_fn: Any = None, process_group: Any = None, should_sync: bool = True,
              distributed_available: Any = None) -> None:
@@ -279,7 +344,7 @@ class AlignmentMetricBase(Metric):
         if distributed_available is None:
             distributed_available = self.distributed_available_fn
         available = distributed_available() if callable(distributed_available) else False
-        if should_sync and available:
+        if should_sync and available and _torch_distributed():
             self._agree_on_layout(process_group or self.process_group)
         super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
 
@@ -317,17 +382,17 @@ class AlignmentMetricBase(Metric):
                 self._widths[side] = list(widths)
             setattr(self, f"{side}_layers", list(order))  # report in the first process's order
             for name in names:
-                state = self._state(side, name)
-                if isinstance(state, list):
-                    if not state:
-                        state.append(torch.empty(0, widths[self._slots(names)[name]], device=self.device))
-                    state[:] = [t.to(dtype) for t in state]
+                attr = f"{side}{self._slots(names)[name]}"
+                state = getattr(self, attr)
+                if isinstance(state, list):  # a new list: compute groups may share this one
+                    empty = [torch.empty(0, widths[self._slots(names)[name]], device=self.device)]
+                    setattr(self, attr, [t.to(dtype) for t in state or empty])
         with_index = [lay["index"] for lay in layouts if lay["x"][2] > 0]
         if any(with_index) and not all(with_index):
             raise ValueError(f"{type(self).__name__}: some processes passed index= and others "
                              "did not; pass sample ids on every process or on none")
         if any(with_index) and isinstance(self.index, list) and not self.index:
-            self.index.append(torch.empty(0, dtype=torch.long, device=self.device))
+            self._extend("index", torch.empty(0, dtype=torch.long, device=self.device))
 
     # ------------------------------------------------------------------------------ compute
     def _gather(self, side: str) -> list[Tensor]:
@@ -338,7 +403,9 @@ class AlignmentMetricBase(Metric):
     def _perms(self, n: int, groups: Any) -> Permutations:
         if groups is not None:
             return Permutations(n, self.num_permutations, self.seed, groups)
-        if self._permutations is None or self._permutations.n != n:
+        cached = self._permutations
+        if cached is None or (cached.n, cached.num_permutations, cached.seed) != (
+                n, self.num_permutations, self.seed):
             self._permutations = Permutations(n, self.num_permutations, self.seed)
         return self._permutations
 
@@ -366,8 +433,9 @@ class AlignmentMetricBase(Metric):
     def _compute_result(self) -> LayerAlignmentResult:
         metric = type(self).__name__
         if not self.x_layers or not self._stored_rows("x"):
-            raise RuntimeError(f"{metric}.compute() called before any update() (reset() and "
-                               "clear_reference() drop the accumulated rows)")
+            raise RuntimeError(f"{metric}.compute() found no accumulated rows: call update() "
+                               "with at least one row first (reset() and clear_reference() "
+                               "drop the accumulated rows)")
         if self._reference is None and (not self.y_layers or not self._stored_rows("y")):
             raise RuntimeError(
                 f"{metric}.compute() needs the reference side y: pass it to every update(x, y) "
@@ -418,7 +486,9 @@ class AlignmentMetricBase(Metric):
                                  null=self.null)
         groups = self.groups
         if groups is not None and index is not None:
-            groups = torch.as_tensor(groups)[index.cpu()]
+            picked = index.cpu().numpy()
+            groups = (groups.cpu()[picked] if isinstance(groups, Tensor)
+                      else np.asarray(groups)[picked])
         if groups is not None:
             GroupPermuter(groups, xside.n)  # clear error for a wrong length
         perms = self._perms(xside.n, groups)

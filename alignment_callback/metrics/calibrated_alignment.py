@@ -36,7 +36,8 @@ class CalibratedAlignment(AlignmentMetricBase):
             None: unbounded).
         preprocess: ``True`` (flatten + L2-normalize rows, the PRH convention), ``False``,
             a dict of ``prepare_features`` options, or a callable on the concatenated rows.
-        groups: optional group label per sample (block permutations, docs/calibration.md).
+        groups: optional group label per sample (block permutations, docs/calibration.md),
+            in sample-id order with ``index=``, else in the rows' arrival order.
         max_score: s_max; ``"auto"`` uses the measure's (1.0 for built-ins).
         null: ``"permutation"`` (default), ``"moments"`` (exact permutation moments with a
             Pearson type III null, gram family) or ``"auto"`` (moments where validated).

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import types
 import warnings
@@ -392,3 +393,119 @@ def test_a_checkpoint_without_the_callback_starts_a_new_history_with_a_baseline(
     cb = callback()
     fit([cb], max_epochs=3, ckpt_path=str(ckpt))
     assert [(h["epoch"], h["step"]) for h in cb.history] == [(1, 4), (2, 8), (3, 12)]
+
+
+def test_background_with_a_forward_set_on_the_instance_stays_in_the_loop():
+    """torch.compile (Lightning's from_compiled) sets the forward on the model instance, a
+    function of the original module: a deepcopy keeps calling the original, in train mode and
+    from the worker thread.  Such a model is refused as a copy: the probe runs in the loop."""
+    calls: list[tuple[str, bool]] = []
+
+    def instance_forward(model: MLP) -> MLP:
+        original = model.forward
+
+        def forward(x):
+            calls.append((threading.current_thread().name, model.training))
+            return original(x)
+
+        model.forward = forward
+        return model
+
+    histories = []
+    for background in (False, True):
+        cb = callback(background=background)
+        if background:
+            with pytest.warns(RuntimeWarning, match="set on the instance"):
+                fit([cb], model=instance_forward(MLP()))
+        else:
+            fit([cb], model=instance_forward(MLP()))
+        histories.append(raws(cb))
+    assert histories[0] == histories[1]
+    assert all(name == threading.main_thread().name for name, _ in calls)
+
+
+class FailsAtStep3(MLP):
+    def training_step(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+def test_a_callback_reused_after_a_failed_fit_starts_afresh(background):
+    """Lightning calls no teardown after an exception: the failed fit's "initial" anchor (and
+    its model copy) stayed, and the next run compared against the failed run's weights."""
+    reused = callback(reference="initial", every_n_train_steps=2, background=background)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit([reused], model=FailsAtStep3(), max_epochs=1)
+    second = MLP(seed=7)
+    fresh = callback(reference="initial", every_n_train_steps=2, background=background)
+    fit([fresh], model=copy.deepcopy(second), max_epochs=1)
+    fit([reused], model=second, max_epochs=1)
+    assert raws(reused) == raws(fresh)
+    assert raws(fresh)[0] == pytest.approx(1.0)  # the baseline: the initial weights themselves
+
+
+def test_a_new_run_of_the_same_callback_logs_its_layer_names_and_only_its_own_pairs(tmp_path):
+    """A second run (new trainer, new logger) of one callback object: its logger gets the layer
+    index -> name map too, and its pairs table holds its own steps only."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = callback(log_pairs=True)
+    per_step = None  # pairs per step, from the first run
+    for run in ("first", "second"):
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(max_epochs=2, logger=CSVLogger(tmp_path, name=run), callbacks=[cb],
+                             enable_checkpointing=False, **FAST_TRAINER)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            trainer.fit(MLP(), train_loader())
+        hparams = (tmp_path / run / "version_0" / "hparams.yaml").read_text()
+        assert "alignment/layers/model" in hparams, run
+        rows = [row for rows in cb._tables.values() for row in rows]
+        per_step = per_step or len(rows) // 3
+        assert len(cb.history) == 3 and len(rows) == 3 * per_step > 0, run  # steps 0, 1, 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_a_reference_in_another_dtype_gets_the_probe_in_its_dtype(dtype):
+    """A float64 (or bfloat16) reference fed the float32 probe crashed with a bare dtype error
+    at the first step; floating-point inputs are now cast to its parameters' dtype."""
+    histories = {}
+    for name, ref in (("float32", RefMLP()), ("other", RefMLP().to(dtype))):
+        cb = callback(reference=ref, on_error="raise")
+        fit([cb], max_epochs=1)
+        histories[name] = raws(cb)
+    tol = 1e-5 if dtype == torch.float64 else 0.05
+    assert histories["other"] == pytest.approx(histories["float32"], abs=tol)
+
+
+class SkipsInEval(MLP):
+    """``fc2`` only runs in training mode."""
+
+    def forward(self, x):
+        h = self.drop(self.act1(self.fc1(x)))
+        if self.training:
+            h = self.fc2(h)
+        return self.head(self.act2(h)) if h.shape[1] == self.head.in_features else h[:, :2]
+
+
+def test_a_layer_that_never_runs_in_eval_mode_is_named_with_the_reason():
+    cb = callback(layers=["fc1", "fc2"], on_error="raise")
+    with pytest.raises(Exception, match=r"student model: .*\['fc2'\] never ran.*eval mode"):
+        fit([cb], model=SkipsInEval(), max_epochs=1)
+
+
+def test_fast_dev_run_writes_no_report(tmp_path, monkeypatch):
+    """Lightning's dry run replaces the loggers by a DummyLogger (no directory): the report
+    went to the current directory."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    monkeypatch.chdir(tmp_path)
+    cb = callback(report=True)
+    trainer = pl.Trainer(fast_dev_run=True, logger=CSVLogger(tmp_path / "logs"), callbacks=[cb],
+                         **FAST_TRAINER)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(MLP(), train_loader())
+    assert cb.history and not list(tmp_path.rglob("alignment_report*"))

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from alignment_callback.callback import dispatch, feedback
@@ -179,7 +180,8 @@ class AlignmentCallback(Callback):
         progress_bar: calibrated values on Lightning's progress bar (default True).
         report: write ``alignment_report.md`` / ``.html`` next to the logs at the end of fit
             (curves, last heatmaps, final values with Benjamini–Hochberg p, settings, one
-            sentence per curve; W&B also keeps it as a file) (default True).
+            sentence per curve; W&B also keeps it as a file; none with ``fast_dev_run``)
+            (default True).
         mask_key: the dict-batch key of an attention mask for pooling (default
             ``"attention_mask"``).
         metrics: deprecated name of ``measures``.
@@ -386,6 +388,8 @@ class AlignmentCallback(Callback):
             # a new training run (not resumed, not continued): a history left by an earlier fit
             # of this callback object is another run's, and would mark these steps as done
             self.history, self._resume_pending = [], []
+            self._tables, self._names_logged, self.last_results = {}, False, {}
+            self._last_pngs, self._samples, self.report_paths = {}, None, None
         model_layers = resolve_layers(pl_module, self.layers, "student model")
         count = len(model_layers)
         if self.pair_map is not None and set(model_layers) != set(self.pair_map):
@@ -549,19 +553,26 @@ class AlignmentCallback(Callback):
         """Publish the background steps that had finished, drop the rest."""
         finished = [job for job in self._queue.ready() if job.future.exception() is None]
         self._queue.shutdown(cancel=True)
-        self._trainer = None  # teardown may not run: keep the callback picklable
-        self._publish(trainer, finished)
+        try:
+            self._publish(trainer, finished)
+        finally:
+            self._release()  # Lightning calls no teardown after an exception
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+        if self._scratch is not None:  # W&B copied the files into its run directory
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def _release(self) -> None:
+        """Drop what one fit built (cached references and drift anchors, the model copy, the
+        probe's batches), so that the object can serve another fit."""
         self._queue.shutdown(cancel=True)
         for ref in self.references:  # drop cached reference state (memory)
             ref.engine.clear()
             ref.pending = None
         self._copy, self._probe_batches = None, None
         self._trainer = None
-        if self._scratch is not None:  # W&B copied the files into its run directory
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
 
     # -------------------------------------------------------------------------- running
     def _already_done(self, epoch: int, step: int) -> bool:
@@ -750,16 +761,22 @@ class AlignmentCallback(Callback):
         probe = iterate_probe(self.probe if ref.inputs is None else ref.inputs)
         batches = feedback.progress(probe, f"alignment: {ref.label} probe pass",
                                     self.verbose and show and not isinstance(probe, Tensor))
-        return self._collect(ref.module, batches, ref.layers, ref.pool, ref.input_key,
-                             ref.batch_transform, model_device)
+        try:
+            return self._collect(ref.module, _in_dtype_of(ref.module, batches), ref.layers,
+                                 ref.pool, ref.input_key, ref.batch_transform, model_device)
+        except LayerCountError as err:
+            raise LayerCountError(f"{ref.label} reference model: {err}") from err
 
     def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
                            restore_rng: bool = True) -> dict[str, Tensor]:
         """The chosen layers of ``model`` on the probe batches, on the compute device; the
         batches are converted as the trainer converts its own (e.g. floating-point inputs to
         bfloat16 with ``precision="bf16-true"``)."""
-        return self._collect(model, self._as_trained(batches), self.layers, self.pool,
-                             self.input_key, self.batch_transform, model_device, restore_rng)
+        try:
+            return self._collect(model, self._as_trained(batches), self.layers, self.pool,
+                                 self.input_key, self.batch_transform, model_device, restore_rng)
+        except LayerCountError as err:
+            raise LayerCountError(f"student model: {err}") from err
 
     def _as_trained(self, batches: Any) -> Any:
         trainer = self._trainer() if self._trainer is not None else None
@@ -1023,6 +1040,8 @@ class AlignmentCallback(Callback):
                                 "calibrated", "p_value"], self._tables.get(label, []))
         if not self.report or importlib.util.find_spec("matplotlib") is None:
             return
+        if trainer.fast_dev_run:  # Lightning's dry run logs nothing: no report files either
+            return
         settings = {"n": self._samples, "K": self.num_permutations, "alpha": self.alpha,
                     "seed": self.seed, "measures": {k: m.kwargs for k, m in self.measures.items()},
                     "aggregate": str(self.engine.aggregate), "null": self.engine.null,
@@ -1044,6 +1063,28 @@ class AlignmentCallback(Callback):
         dispatch.save_files(trainer.loggers, feedback.report_files(self.report_paths[0]))
         if self.verbose:
             feedback.emit(trainer, [f"{self.log_prefix} report: {self.report_paths[0]}"])
+
+
+def _in_dtype_of(module: nn.Module, batches: Any) -> Any:
+    """``batches`` with floating-point tensors cast to the floating dtype of ``module``'s
+    parameters, when they share one (a float64 or bfloat16 reference fed a float32 probe)."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1:
+        return batches
+    dtype = dtypes.pop()
+
+    def cast(batch: Any) -> Any:
+        return apply_to_collection(batch, Tensor, lambda t: t.to(dtype)
+                                   if t.is_floating_point() and t.dtype != dtype else t)
+
+    if isinstance(batches, (Tensor, Mapping)):  # a tensor of rows, or one dict batch
+        return cast(batches)
+
+    def converted() -> Iterator[Any]:  # lazy, as in _as_trained (a generator expression would
+        for batch in batches:  # call iter(), which draws from the RNG, right away)
+            yield cast(batch)
+
+    return converted()
 
 
 def _reraise(error: BaseException) -> None:

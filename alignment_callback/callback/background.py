@@ -215,6 +215,13 @@ class ModelCopy:
             trainer = model.trainer  # LightningModule: a property; the copy gets no trainer
         except (AttributeError, RuntimeError):
             trainer = None
+        bound = [name or type(model).__name__ for name, m in model.named_modules()
+                 if "forward" in vars(m)]
+        if bound:  # torch.compile (Lightning's from_compiled) sets the forward on the instance:
+            # a function of the original module, which the copy would call (in train mode,
+            # from the worker thread, while the loop trains it)
+            raise TypeError(f"the forward of {bound[0]!r} is set on the instance (a compiled "
+                            "model?): a copy would still run the original module")
         memo = {id(trainer): None} if trainer is not None else {}
         self.model = copy.deepcopy(model, memo)
         if trainer is not None:

@@ -211,11 +211,17 @@ def collect_activations(
             run_batch(model, batch, dev, input_key, batch_transform, forward)
             bad = {n: rec.calls[n] - before[n] for n in rec.layers if rec.calls[n] - before[n] != 1}
             if bad:
+                never = sorted(n for n, c in bad.items() if c == 0)
+                why = (f" {never} never ran: the probe's forward runs in eval mode under "
+                       "no_grad, so a branch taken only in training (or only with gradients) "
+                       "is skipped, and a container without forward (nn.ModuleList) is never "
+                       "called; hook the modules that run." if never else "")
                 raise LayerCountError(
                     f"these layers did not run exactly once in a forward pass: {bad} (calls per "
-                    "pass); rows would not line up with samples. A module reused inside the model "
-                    "or a container without forward (nn.ModuleList) cannot be recorded; hook its "
-                    "children or use ActivationRecorder directly."
+                    "pass); rows would not line up with samples." + why + (
+                        " A module reused inside the model cannot be recorded; hook its "
+                        "children or use ActivationRecorder directly."
+                        if len(never) < len(bad) else "")
                 )
             n_batches += 1
         rec.mask = None

@@ -1,8 +1,11 @@
 """Under ``torch.autocast`` (Lightning's ``"16-mixed"`` / ``"bf16-mixed"`` steps run their body in
 it; CPU autocast goes through the same dispatch as CUDA's) every public entry point computes as
-without it: same dtype, same values, bitwise."""
+without it: same dtype, same values, bitwise.  TF32 (a global setting training shares) is
+noted, not changed."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -80,3 +83,17 @@ def test_layers_engine_metrics_and_bootstrap_ignore_autocast(dtype):
                lambda: bootstrap_interval(x, y, "linear_cka", num_bootstrap=5,
                                           num_permutations=10)):
         _same(fn(), _under(dtype, fn))
+
+
+def test_tf32_on_cuda_is_noted_once_and_float64_or_the_cpu_are_not(monkeypatch):
+    from alignment_callback.functional._precision import warn_if_tf32
+
+    cuda = torch.device("cuda", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_tf32(cuda, torch.float32)  # the default: TF32 off
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+        warn_if_tf32(cuda, torch.float64)
+        warn_if_tf32(torch.device("cpu"), torch.float32)
+    with pytest.warns(RuntimeWarning, match="TF32 matrix products are enabled"):
+        warn_if_tf32(cuda, torch.float32)

@@ -370,6 +370,31 @@ def test_compute_device_is_checked_at_construction():
         callback(compute_device=3)
     callback(compute_device="cpu")
     callback(compute_device=torch.device("cpu"))
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last (cuda:0 on a CPU machine)
+    with pytest.raises(ValueError, match=rf"compute_device='{missing}': this machine has"):
+        callback(compute_device=missing)
+    with pytest.raises(ValueError, match="this machine has"):
+        callback(compute_device=torch.device(missing))
+
+
+def test_an_mps_model_computes_on_the_cpu_by_default():
+    from alignment_callback.callback.alignment_callback import _compute_device
+
+    assert _compute_device(None, torch.device("mps")) == torch.device("cpu")  # no float64
+    assert _compute_device(None, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert _compute_device("cpu", torch.device("mps")) == torch.device("cpu")
+
+
+def test_the_cuda_memory_check_counts_torchs_unused_cache(monkeypatch):
+    """After training steps torch's caching allocator holds most of the GPU: reusable by this
+    process, but not free for the driver."""
+    from alignment_callback.functional._memory import available_bytes
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 70 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 6 * gib)
+    assert available_bytes(torch.device("cuda", 0)) == (10 + 70 - 6) * gib
 
 
 def test_a_layer_mapping_and_reference_layers_conflict():

@@ -166,8 +166,9 @@ class AlignmentCallback(Callback):
         reference_inputs: a separate probe for the reference (row-aligned with ``probe``; for
             cross-modal pairs), with ``reference_input_key`` / ``reference_batch_transform``.
         reference_class: ``LightningModule`` class to load a checkpoint path ``reference``.
-        compute_device: where measures run (default: the model's device); checked at
-            construction.
+        compute_device: where measures run (default: the model's device, the CPU for an
+            MPS model, which has no float64); checked at construction (a CUDA device must
+            exist).
         log_to_module: also ``pl_module.log`` calibrated values for monitors (default True;
             not with ``background``).
         background: compute in a worker thread, overlapping training (default False).
@@ -437,7 +438,7 @@ class AlignmentCallback(Callback):
         """The references' probe pass (or features), once per fit; a probe too small for a
         measure, or features of another probe, is an error."""
         model_device = model_device_of(pl_module)
-        self._device = model_device if self.compute_device is None else torch.device(self.compute_device)
+        self._device = _compute_device(self.compute_device, model_device)
         n_probe = probe_rows(self.probe)
         for ref in self.references:
             ref.engine.device = self._device
@@ -1104,17 +1105,30 @@ def _check_flags(**flags: Any) -> None:
             raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def _compute_device(compute_device: Any, model_device: torch.device) -> torch.device:
+    """Where the measures run: ``compute_device``, else the model's device, unless that has no
+    float64 (MPS), which the measures need: then the CPU."""
+    if compute_device is not None:
+        return torch.device(compute_device)
+    return torch.device("cpu") if model_device.type == "mps" else model_device
+
+
 def _check_device(compute_device: Any) -> None:
     """``compute_device``: None, a ``torch.device`` or a string naming one."""
-    if compute_device is None or isinstance(compute_device, torch.device):
+    if compute_device is None:
         return
-    if not isinstance(compute_device, str):
+    if not isinstance(compute_device, (str, torch.device)):
         raise TypeError(f"compute_device must be None, a torch.device or a device string such "
                         f"as 'cpu' or 'cuda:0', got {type(compute_device).__name__}")
     try:
-        torch.device(compute_device)
+        device = torch.device(compute_device)
     except (RuntimeError, ValueError) as err:
         raise ValueError(f"compute_device={compute_device!r} is not a device: {err}") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"compute_device={compute_device!r}: this machine has {count} CUDA "
+                             "device(s)")
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

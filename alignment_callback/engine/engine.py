@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._autocast import no_autocast
+from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import (
     AUTO,
     check_alpha,
@@ -199,6 +199,8 @@ class AlignmentEngine:
             raise RuntimeError("set_reference() must be called before step()")
         start = time.perf_counter()
         names, feats = self.features(layers, "model")
+        if feats[0].device != self.reference.device:  # device=None: the reference's counts
+            feats = [f.to(self.reference.device) for f in feats]
         if feats[0].shape[0] != self.reference.n:
             raise ValueError(f"the model's probe activations have {feats[0].shape[0]} rows but the "
                              f"reference's have {self.reference.n}: rows must be the same probe "

@@ -7,8 +7,9 @@ import torch
 
 def available_bytes(device: torch.device) -> int | None:
     """Memory free for new tensors on ``device`` (None when it cannot be read)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # free on the device, plus what torch's cache holds unused
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._autocast import no_autocast
+from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional.permutation import GroupPermuter
 from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
 from alignment_callback.functional.registry import (

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional import _compiled
-from alignment_callback.functional._autocast import no_autocast
+from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import rescale_exactly
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional import _compiled
-from alignment_callback.functional._autocast import no_autocast
+from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import check_k, check_pair
 from alignment_callback.functional.neighbors import (
     NeighborLists,

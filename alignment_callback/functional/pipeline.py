@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._autocast import no_autocast
+from alignment_callback.functional._precision import no_autocast, warn_if_tf32
 from alignment_callback.functional._memory import available_bytes as _available_bytes
 from alignment_callback.functional._memory import square_matrix_error
 from alignment_callback.functional._validation import (
@@ -162,6 +162,7 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
     probe too large for it is refused with a clear error.
     """
     side = side or PreparedSide(role, list(names), list(features))
+    warn_if_tf32(side.device, side.dtype)
     if keep_gram is None:
         keep_gram = len(side.features) <= GRAM_KEPT
     todo = [m for m in dict.fromkeys(measures) if m not in side.states and m not in side.lazy]

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._autocast import no_autocast
+from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import check_matrix, check_pair
 
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)

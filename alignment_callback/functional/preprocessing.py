@@ -11,7 +11,7 @@ from typing import Any, Callable, Literal, Union
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._autocast import no_autocast
+from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import as_float
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._autocast import no_autocast
+from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import check_pair
 from alignment_callback.functional.gram_measures import GramState, gram_score, linear_state
 

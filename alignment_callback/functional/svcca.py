@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._autocast import no_autocast
+from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import rescale_exactly
 from alignment_callback.functional._validation import check_pair
 

@@ -261,3 +261,35 @@ def test_mlflow_metrics_and_heatmap_artifacts(tmp_path):
     artifacts = client.list_artifacts(logger.run_id, "alignment/linear_cka/heatmap")
     files = sorted(os.path.basename(a.path) for a in artifacts)
     assert files == ["epoch0000_step000000.png", "epoch0001_step000004.png"]
+
+
+def test_mlflow_names_it_would_refuse_or_merge(tmp_path):
+    """MLflow refuses tag and parameter names with characters outside [A-Za-z0-9_/. -] (a
+    reference named "clip@224" crashed the fit) and Lightning strips them from metric names
+    (two references "r(1)" and "r1" shared one series); each key is now cleaned and told apart,
+    and the layer map is one parameter per index (MLflow cuts a value at 250 characters)."""
+    mlflow = pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = MLFlowLogger(experiment_name="names", tracking_uri=uri,
+                          artifact_location=(tmp_path / "artifacts").as_uri())
+    refs = {"clip@224": RefMLP(seed=1), "r(1)": RefMLP(seed=2), "r1": RefMLP(seed=3)}
+    cb = AlignmentCallback(refs, make_probe(), LAYERS, measures=["linear_cka"],
+                           num_permutations=K, on_error="raise", verbose=False,
+                           log_heatmaps=False, report=False)
+    with pytest.warns(RuntimeWarning, match="makes these keys coincide"):
+        trainer = pl.Trainer(max_epochs=1, logger=logger, callbacks=[cb],
+                             enable_checkpointing=False, default_root_dir=str(tmp_path),
+                             **FAST_TRAINER)
+        trainer.fit(MLP(), train_loader())
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    for ref, key in (("clip@224", "clip224/linear_cka/raw"), ("r(1)", "r1/linear_cka/raw"),
+                     ("r1", "r1/linear_cka/raw_2")):  # the later key of a clash gets _2
+        history = client.get_metric_history(logger.run_id, f"alignment/{key}")
+        logged = dict(sorted((m.step, m.value) for m in history))
+        expected = {h["step"]: h[f"alignment/{ref}/linear_cka/raw"] for h in cb.history}
+        assert logged.keys() == expected.keys(), ref
+        assert list(logged.values()) == pytest.approx(list(expected.values()), rel=1e-6), ref
+    params = client.get_run(logger.run_id).data.params
+    assert [params[f"alignment/layers/model/{i}"] for i in range(len(LAYERS))] == LAYERS

@@ -13,6 +13,8 @@ one table of every pair at every step; the end-of-fit report goes to W&B as a fi
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 _DEFINED_ATTR = "_alignment_callback_wandb"  # what was defined on the run (_wandb_state)
@@ -82,12 +84,38 @@ def _define_keys(logger: Any, keys: Sequence[str]) -> None:
         state["keys"].add(key)
 
 
+def mlflow_keys(logger: Any, keys: Sequence[str]) -> dict[str, str]:
+    """MLflow's name for each key: characters outside ``[A-Za-z0-9_/. -]`` dropped (what
+    Lightning's MLFlowLogger does to metric names; tags and params are refused otherwise), and
+    a key that would then coincide with an earlier one of this logger told apart by ``_2``,
+    ``_3``, ... (warned once), so two layers or references never share one series."""
+    state = logger.__dict__.setdefault("_alignment_mlflow_names", {"names": {}, "taken": {}})
+    names, taken = state["names"], state["taken"]
+    for key in keys:
+        if key in names:
+            continue
+        clean = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)
+        taken[clean] = taken.get(clean, 0) + 1
+        names[key] = clean if taken[clean] == 1 else f"{clean}_{taken[clean]}"
+        if taken[clean] > 1:
+            earlier = [k for k, v in names.items() if v == clean]
+            warnings.warn(f"MLflow drops characters outside [A-Za-z0-9_/. -] from names, which "
+                          f"makes these keys coincide: {earlier + [key]}; {key!r} is logged as "
+                          f"{names[key]!r}", RuntimeWarning, stacklevel=3)
+    return {key: names[key] for key in keys}
+
+
 def log_scalars(loggers: Sequence[Any], metrics: Mapping[str, float], step: int) -> None:
-    """``log_metrics`` on every logger."""
+    """``log_metrics`` on every logger (MLflow under :func:`mlflow_keys`)."""
     for logger in loggers:
-        if _kind(logger) == "wandb":
+        kind = _kind(logger)
+        if kind == "wandb":
             _define_keys(logger, list(metrics))
-        logger.log_metrics(dict(metrics), step=step)
+        if kind == "mlflow":
+            names = mlflow_keys(logger, list(metrics))
+            logger.log_metrics({names[k]: v for k, v in metrics.items()}, step=step)
+        else:
+            logger.log_metrics(dict(metrics), step=step)
 
 
 def encode_png(image: Any) -> bytes:
@@ -132,7 +160,8 @@ def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: in
         elif kind == "tensorboard":
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
         elif kind == "mlflow":
-            logger.experiment.log_image(logger.run_id, image, f"{key}/{label}.png")
+            name = mlflow_keys(logger, [f"{key}/{label}"])[f"{key}/{label}"]
+            logger.experiment.log_image(logger.run_id, image, f"{name}.png")
     return written
 
 
@@ -147,16 +176,25 @@ def log_text(loggers: Sequence[Any], texts: Mapping[str, str], step: int) -> Non
             for key, text in texts.items():
                 logger.experiment.add_text(key, text, global_step=step)
         elif kind == "mlflow":
+            names = mlflow_keys(logger, list(texts))
             for key, text in texts.items():
-                logger.experiment.set_tag(logger.run_id, key, text)
+                logger.experiment.set_tag(logger.run_id, names[key], text)
 
 
 def log_layer_names(loggers: Sequence[Any], prefix: str, names: Mapping[str, Sequence[str]]) -> None:
     """The index → name map of the ``best_model_layer`` / ``best_reference_layer`` scalars, as
-    hyperparameters (``<prefix>/layers/<side>``: the names in index order), once."""
+    hyperparameters (``<prefix>/layers/<side>``: the names in index order), once.  MLflow,
+    which cuts a parameter's value at 250 characters, gets one parameter per index
+    (``<prefix>/layers/<side>/<index>``)."""
     params = {f"{prefix}/layers/{side}": list(map(str, values)) for side, values in names.items()}
+    per_index = {f"{key}/{i}": name for key, values in params.items()
+                 for i, name in enumerate(values)}
     for logger in loggers:
         try:
+            if _kind(logger) == "mlflow":
+                keys = mlflow_keys(logger, list(per_index))
+                logger.log_hyperparams({keys[k]: v for k, v in per_index.items()})
+                continue
             logger.log_hyperparams(params)
         except Exception:  # noqa: BLE001 - a logger without hyperparameters: nothing to do
             pass

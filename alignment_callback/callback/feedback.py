@@ -3,10 +3,13 @@ reference's probe pass as a progress bar, and the end-of-fit report next to the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import unquote
 
 from alignment_callback.engine import StepResult
 
@@ -76,36 +79,68 @@ def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Ma
     os.makedirs(folder, exist_ok=True)
     images = []
     series = history_series(history, prefix)
-    epochs = series[""]["epoch"]
     measures = [m for m in series if m and "raw" in series[m] and "calibrated" in series[m]]
+    start = safe_file_names([prefix])[prefix]
+    names = safe_file_names(last, reserved=["curves"])  # the curves' file is not a label's
     if measures:
-        images.append(("Raw, τ and calibrated over training", _curves(folder, history, measures,
-                                                                       epochs, prefix)))
+        images.append(("Raw, τ and calibrated over training",
+                       _curves(folder, history, measures, f"{start}_report_curves.png", prefix)))
     for label, result in last.items():
+        name = f"{start}_report_{names[label]}.png"
         images.append((f"{label}: last layer × layer matrices",
-                       _heatmap(folder, label, result, prefix, (pngs or {}).get(label))))
+                       _heatmap(folder, name, label, result, (pngs or {}).get(label))))
     report = training_report(history, settings, images, prefix=prefix, alpha=alpha)
-    stem = "alignment_report" if prefix == "alignment" else f"alignment_report_{prefix.replace('/', '_')}"
+    stem = "alignment_report" if prefix == "alignment" else f"alignment_report_{start}"
     md, html = os.path.join(folder, f"{stem}.md"), os.path.join(folder, f"{stem}.html")
     report.write(md, html)
     return md, html
 
 
+def safe_file_names(labels: Iterable[str], reserved: Iterable[str] = ()) -> dict[str, str]:
+    """A file-name part per label: characters other than ``A-Z a-z 0-9 . _ -`` become ``_``
+    (``/`` too, as before), so that links to the files need no escaping; labels that would
+    then share a name (with each other or with a ``reserved`` one) get an 8-digit hash of the
+    label appended, so distinct labels keep distinct files.
+
+    >>> safe_file_names(["clip (vit-b)/linear_cka", "linear_cka"])
+    {'clip (vit-b)/linear_cka': 'clip__vit-b__linear_cka', 'linear_cka': 'linear_cka'}
+    >>> len({*safe_file_names(["a b", "a_b"]).values(), "curves"})
+    3
+    """
+    plain = {label: re.sub(r"[^A-Za-z0-9._-]", "_", label) for label in labels}
+    count = dict.fromkeys(reserved, 1)
+    for name in plain.values():
+        count[name] = count.get(name, 0) + 1
+    return {label: name if count[name] == 1 else
+            f"{name}-{hashlib.sha1(label.encode('utf-8')).hexdigest()[:8]}"
+            for label, name in plain.items()}
+
+
 def report_files(md: str) -> list[str]:
-    """The report's files: ``md``, its ``.html`` twin and the images ``md`` shows (beside it)."""
+    """The report's files: ``md``, its ``.html`` twin and the images the report shows (beside
+    it), read from the HTML's ``<img src>`` attributes (no parsing of Markdown)."""
     folder = os.path.dirname(md)
-    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", Path(md).read_text(encoding="utf-8"))
-    return [md, os.path.splitext(md)[0] + ".html", *(os.path.join(folder, i) for i in images)]
+    html = os.path.splitext(md)[0] + ".html"
+    sources: list[str] = []
+
+    class _Images(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            src = dict(attrs).get("src")
+            if tag == "img" and src:
+                sources.append(unquote(src))
+
+    _Images().feed(Path(html).read_text(encoding="utf-8"))
+    return [md, html, *(os.path.join(folder, s) for s in sources)]
 
 
 def _curves(folder: str, history: Sequence[Mapping[str, Any]], measures: Sequence[str],
-            epochs: Sequence[Any], prefix: str) -> str:
+            name: str, prefix: str) -> str:
+    """The measures' curves side by side, saved as ``name`` in ``folder``; returns ``name``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from alignment_callback.metrics.plotting import _RENDER_LOCK, plot_scores
+    from alignment_callback.metrics.plotting import _RENDER_LOCK, history_axis, plot_scores
 
-    name = f"{prefix.replace('/', '_')}_report_curves.png"
     with _RENDER_LOCK:
         fig = Figure(figsize=(4.6 * len(measures), 3.8))
         FigureCanvasAgg(fig)
@@ -113,9 +148,8 @@ def _curves(folder: str, history: Sequence[Mapping[str, Any]], measures: Sequenc
         for ax, m in zip(axes, measures):
             rows = [h for h in history if f"{prefix}/{m}/raw" in h]  # "previous": not at step 0
             # against the epoch, unless several steps share one (every_n_train_steps)
-            x = "epoch" if len({h["epoch"] for h in rows}) == len(rows) else "step"
-            plot_scores(rows, ax=ax, measure=m, prefix=prefix, steps=[h[x] for h in rows],
-                        xlabel=x)
+            x, xs = history_axis(rows) or ("step", list(range(len(rows))))
+            plot_scores(rows, ax=ax, measure=m, prefix=prefix, steps=xs, xlabel=x)
         width = fig.get_figwidth()  # fixed margins in inches: tight_layout drew the figure twice
         fig.subplots_adjust(left=0.62 / width, right=1 - 0.12 / width, bottom=0.14, top=0.91,
                             wspace=0.26)
@@ -123,11 +157,12 @@ def _curves(folder: str, history: Sequence[Mapping[str, Any]], measures: Sequenc
     return name
 
 
-def _heatmap(folder: str, label: str, result: Any, prefix: str, png: bytes | None = None) -> str:
+def _heatmap(folder: str, name: str, label: str, result: Any, png: bytes | None = None) -> str:
+    """The last heatmaps of ``label`` (``png``, else drawn) saved as ``name`` in ``folder``;
+    returns ``name``."""
     from alignment_callback.callback.dispatch import encode_png
     from alignment_callback.metrics.plotting import heatmap_image
 
-    name = f"{prefix.replace('/', '_')}_report_{label.replace('/', '_')}.png"
     with open(os.path.join(folder, name), "wb") as f:
         f.write(png if png is not None else encode_png(heatmap_image(result, label)))
     return name

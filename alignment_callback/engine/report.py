@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from alignment_callback.metrics.plotting import history_series
+
 #: Below this absolute change a curve is said to stay where it was.
 FLAT = 0.005
 
@@ -53,6 +55,18 @@ def fmt_p(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{float(value):.4g}"
+
+
+def link_target(path: str) -> str:
+    """A relative file path as a link target: percent-encoded (spaces, parentheses, ...), so
+    that Markdown and HTML links reach the file whatever its name.
+
+    >>> link_target("plots/clip (vit-b).png"), link_target("matrix_linear_cka.png")
+    ('plots/clip%20%28vit-b%29.png', 'matrix_linear_cka.png')
+    """
+    from urllib.parse import quote
+
+    return quote(path, safe="/")
 
 
 def _options(kwargs: Mapping[str, Any] | None) -> str:
@@ -117,7 +131,8 @@ class Report:
                 out += ["| " + " | ".join(row) + " |" for row in cells[1:]]
                 out.append("")
             elif kind == "image":
-                out += [f"![{block[2]}]({block[1]})", ""]
+                alt = "".join("\\" + c if c in "\\[]" else c for c in block[2])
+                out += [f"![{alt}]({link_target(block[1])})", ""]
         return "\n".join(out)
 
     def to_html(self) -> str:
@@ -138,7 +153,8 @@ class Report:
                                for r in block[2])
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
             elif kind == "image":
-                body.append(f'<p><img src="{e(block[1])}" alt="{e(block[2])}"></p>')
+                src = e(link_target(block[1]))
+                body.append(f'<p><img src="{src}" alt="{e(block[2])}"></p>')
         style = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
                  "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 8px;"
                  "text-align:left}img{max-width:100%}")
@@ -148,12 +164,13 @@ class Report:
 
     def write(self, markdown_path: str | os.PathLike,
               html_path: str | os.PathLike | None = None) -> list[Path]:
-        """Write the Markdown (and, if given, the HTML) file; returns the paths written."""
+        """Write the Markdown (and, if given, the HTML) file as UTF-8, whatever the locale;
+        returns the paths written."""
         paths = [Path(markdown_path)]
-        paths[0].write_text(self.to_markdown())
+        paths[0].write_text(self.to_markdown(), encoding="utf-8")
         if html_path is not None:
             paths.append(Path(html_path))
-            paths[1].write_text(self.to_html())
+            paths[1].write_text(self.to_html(), encoding="utf-8")
         return paths
 
 
@@ -326,42 +343,19 @@ def matrix_report(
 
 
 # -------------------------------------------------------------------------------- training
-def history_series(history: Sequence[Mapping[str, Any]], prefix: str = "alignment"
-                   ) -> dict[str, dict[str, list[Any]]]:
-    """``{measure: {field: [value per step]}}`` from flat history entries
-    (``<prefix>/<measure>/<field>`` keys, as :meth:`StepResult.history_entry` writes them),
-    plus ``{"epoch": [...], "step": [...]}`` under the key ``""``.  A field missing from an
-    entry is ``None`` there.
-
-    >>> h = [{"epoch": 0, "step": 0, "alignment/cka/raw": 0.3},
-    ...      {"epoch": 1, "step": 10, "alignment/cka/raw": 0.5}]
-    >>> history_series(h)["cka"]["raw"], history_series(h)[""]["step"]
-    ([0.3, 0.5], [0, 10])
-    """
-    start = f"{prefix}/"
-    fields: dict[str, list[str]] = {}
-    for entry in history:
-        for key in entry:
-            parts = key.split("/")
-            # <prefix>[/<reference>]/<measure>/<field>; per-pair and per-layer keys are left out
-            if (key.startswith(start) and len(parts) >= 3 and "pair" not in parts[2:-1]
-                    and "layer" not in parts[2:-1]):
-                names = fields.setdefault("/".join(parts[1:-1]), [])
-                if parts[-1] not in names:
-                    names.append(parts[-1])
-    out: dict[str, dict[str, list[Any]]] = {"": {
-        "epoch": [e.get("epoch", e.get(f"{start}epoch")) for e in history],
-        "step": [e.get("step", e.get(f"{start}step")) for e in history],
-    }}
-    for name, names in fields.items():
-        out[name] = {fld: [e.get(f"{start}{name}/{fld}") for e in history] for fld in names}
-    return out
+def _direction(first: float, last: float) -> int:
+    """+1 (rose), -1 (fell) or 0 (flat): a change counts when it exceeds :data:`FLAT` and
+    shows in the two printed decimals (never "fell 0.36 → 0.36")."""
+    if f"{first:.2f}" == f"{last:.2f}" or abs(last - first) <= FLAT:
+        return 0
+    return 1 if last > first else -1
 
 
 def _move(first: float, last: float) -> str:
-    if last - first > FLAT:
+    direction = _direction(first, last)
+    if direction > 0:
         return f"rose {first:.2f} → {last:.2f}"
-    if first - last > FLAT:
+    if direction < 0:
         return f"fell {first:.2f} → {last:.2f}"
     return f"stayed at {last:.2f}"
 
@@ -386,7 +380,7 @@ def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[floa
     tau = f"τ = {threshold:.2f}" if threshold is not None else ""
     raw_move = _move(raw[0], raw[-1])
     if all(v == 0 for v in cal):
-        if raw[-1] - raw[0] > FLAT:
+        if _direction(raw[0], raw[-1]) > 0:
             why = "the rise is what chance reaches at this width"
         else:
             why = "no step is above what chance reaches at this width"
@@ -509,6 +503,7 @@ __all__ = [
     "fmt",
     "fmt_p",
     "history_series",
+    "link_target",
     "matrix_report",
     "matrix_sentence",
     "training_report",

@@ -16,11 +16,8 @@ from torch import Tensor
 
 
 def _pyplot() -> Any:
+    """``matplotlib.pyplot``, with the user's backend as it is (never switched here)."""
     try:
-        import matplotlib
-
-        if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-            matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError as err:  # pragma: no cover - exercised only without matplotlib
         raise ModuleNotFoundError(
@@ -43,24 +40,82 @@ def _value(v: Any) -> float:
     return float(v.item() if isinstance(v, Tensor) else v)
 
 
+def history_series(history: Sequence[Mapping[str, Any]], prefix: str = "alignment"
+                   ) -> dict[str, dict[str, list[Any]]]:
+    """``{measure: {field: [value per step]}}`` from flat history entries
+    (``<prefix>/<measure>/<field>`` keys, as :meth:`StepResult.history_entry` writes them),
+    plus ``{"epoch": [...], "step": [...]}`` under the key ``""``.  A field missing from an
+    entry is ``None`` there; per-layer (``<measure>/layer/<name>/<field>``) and per-pair
+    (``<measure>/pair/<key>``) keys are not measures.
+
+    >>> h = [{"epoch": 0, "step": 0, "alignment/cka/raw": 0.3},
+    ...      {"epoch": 1, "step": 10, "alignment/cka/raw": 0.5}]
+    >>> history_series(h)["cka"]["raw"], history_series(h)[""]["step"]
+    ([0.3, 0.5], [0, 10])
+    """
+    start = f"{prefix}/"
+    fields: dict[str, list[str]] = {}
+    for entry in history:
+        for key in entry:
+            if not key.startswith(start):
+                continue
+            parts = key[len(start):].split("/")  # the prefix may hold "/" itself
+            # [<reference>/]<measure>/<field>; per-pair and per-layer keys are left out
+            if len(parts) >= 2 and "pair" not in parts[1:-1] and "layer" not in parts[1:-1]:
+                names = fields.setdefault("/".join(parts[:-1]), [])
+                if parts[-1] not in names:
+                    names.append(parts[-1])
+    out: dict[str, dict[str, list[Any]]] = {"": {
+        "epoch": [e.get("epoch", e.get(f"{start}epoch")) for e in history],
+        "step": [e.get("step", e.get(f"{start}step")) for e in history],
+    }}
+    for name, names in fields.items():
+        out[name] = {fld: [e.get(f"{start}{name}/{fld}") for e in history] for fld in names}
+    return out
+
+
 def _history_series(history: list[Mapping[str, Any]], measure: str | None, prefix: str
                     ) -> tuple[list[Mapping[str, Any]], str]:
     """A callback history (flat ``<prefix>/<measure>/<field>`` keys) as per-step
-    ``{"raw", "calibrated", "threshold"}`` dicts of one measure."""
-    found = sorted({key[len(prefix) + 1:-len("/raw")] for h in history for key in h
-                    if key.startswith(f"{prefix}/") and key.endswith("/raw")})
+    ``{"raw", "calibrated", "threshold"}`` dicts of one measure.  The measures are
+    :func:`history_series`'s: per-layer (``.../layer/<name>/raw``) and per-pair keys are
+    not measures."""
+    series = history_series(history, prefix)
+    found = sorted(name for name, fields in series.items() if name and "raw" in fields)
     if not found:
-        raise ValueError(f"nothing to plot: the entries have neither 'raw' nor '{prefix}/<measure>/raw' "
-                         "keys (pass prefix= if the callback used another log_prefix)")
+        raise ValueError(f"nothing to plot: the entries have neither 'raw' nor "
+                         f"'{prefix}/<measure>/raw' keys (pass prefix= if the callback used "
+                         "another log_prefix)")
     if measure is None:
         if len(found) > 1:
-            raise ValueError(f"the history holds several measures {found}; pass measure=one of them")
+            raise ValueError(f"the history holds several measures {found}; "
+                             "pass measure=one of them")
         measure = found[0]
     if measure not in found:
         raise ValueError(f"measure {measure!r} is not in the history; it holds {found}")
     fields = ("raw", "calibrated", "threshold", "p_value")
     return [{f: h[f"{prefix}/{measure}/{f}"] for f in fields if f"{prefix}/{measure}/{f}" in h}
             for h in history], measure
+
+
+def history_axis(entries: Sequence[Mapping[str, Any]]) -> tuple[str, list[Any]] | None:
+    """The x axis of history entries: ``("epoch", epochs)``, or ``("step", global steps)``
+    when several entries share an epoch (``every_n_train_steps``), so that no two points stack
+    at one x; ``None`` when the entries have neither.
+
+    >>> history_axis([{"epoch": 0, "step": 0}, {"epoch": 1, "step": 8}])
+    ('epoch', [0, 1])
+    >>> history_axis([{"epoch": 0, "step": 0}, {"epoch": 0, "step": 3}])
+    ('step', [0, 3])
+    """
+    epochs = [h.get("epoch") for h in entries]
+    steps = [h.get("step") for h in entries]
+    known_epochs = all(e is not None for e in epochs)
+    if known_epochs and len(set(epochs)) == len(epochs):
+        return "epoch", epochs
+    if all(s is not None for s in steps):
+        return "step", steps
+    return ("epoch", epochs) if known_epochs else None
 
 
 def plot_scores(
@@ -86,10 +141,11 @@ def plot_scores(
     ax : matplotlib Axes, default=None
         Axes to draw on (default: a new pyplot figure).
     steps : sequence of float, default=None
-        x values (default: the history's epochs, else 0, 1, 2, ...).
+        x values (default: the history's epochs, or its global steps when several entries
+        share an epoch (``every_n_train_steps``); else 0, 1, 2, ...).
     title, xlabel : str, default=None
-        Default title: the measure's name for a history; default x label: ``"epoch"`` for a
-        history, else ``"step"``.
+        Default title: the measure's name for a history; default x label: ``"epoch"`` or
+        ``"step"`` for a history (its x axis), else ``"step"``.
     measure : str, default=None
         For a callback history: which measure (optional when it holds one).
     prefix : str, default="alignment"
@@ -103,16 +159,17 @@ def plot_scores(
     if not history:
         raise ValueError("nothing to plot: empty history")
     if "raw" not in history[0]:
-        epochs = [h.get("epoch") for h in history]
-        history, measure = _history_series(history, measure, prefix)
+        entries = history
+        history, measure = _history_series(entries, measure, prefix)
         # a step without this measure's result (reference="previous" at its first step) has no
         # point; given steps are the history's, one per entry
         kept = [i for i, h in enumerate(history) if "raw" in h]
         if steps is not None and len(steps) == len(history):
             steps = [list(steps)[i] for i in kept]
-        history, epochs = [history[i] for i in kept], [epochs[i] for i in kept]
-        if steps is None and all(e is not None for e in epochs):
-            steps, xlabel = epochs, xlabel or "epoch"
+        history = [history[i] for i in kept]
+        axis = history_axis([entries[i] for i in kept])
+        if steps is None and axis is not None:
+            xlabel, steps = xlabel or axis[0], axis[1]
         title = title or measure
     xs = list(steps) if steps is not None else list(range(len(history)))
     raw = [_value(h["raw"]) for h in history]
@@ -152,8 +209,9 @@ def plot_layer_heatmap(
     """Layer×layer heatmap (model layers as rows, reference layers as columns).
 
     The arg-max pair is outlined; values are written in the cells (up to 12×12), with a ``*``
-    where ``marks`` (a boolean matrix, e.g. significant pairs) is set.  The color range is
-    ``[min(0, m), max(1, m)]`` unless ``vmin`` / ``vmax`` are given.  Returns ``(fig, ax)``.
+    where ``marks`` (a boolean matrix, e.g. significant pairs) is set; larger matrices get the
+    ``*`` alone in their marked cells.  The color range is ``[min(0, m), max(1, m)]`` unless
+    ``vmin`` / ``vmax`` are given.  Returns ``(fig, ax)``.
     """
     import numpy as np
 
@@ -174,12 +232,15 @@ def plot_layer_heatmap(
         from matplotlib.patches import Rectangle
 
         ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    if m.size <= MAX_LABELED_CELLS:
-        for i in range(m.shape[0]):
-            for j in range(m.shape[1]):
-                star = marks is not None and bool(marks[i][j])
-                text, color = cell_label(m[i, j], lo, hi, star)
-                ax.text(j, i, text, ha="center", va="center", fontsize="x-small", color=color)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            star = marks is not None and bool(marks[i][j])
+            text, color = cell_label(m[i, j], lo, hi, star)
+            if m.size > MAX_LABELED_CELLS:  # too small for the value: the mark alone
+                if not star:
+                    continue
+                text = "*"
+            ax.text(j, i, text, ha="center", va="center", fontsize="x-small", color=color)
     if colorbar:
         fig.colorbar(im, ax=ax)
     if title:

@@ -43,14 +43,17 @@ def now() -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (a temporary file, then a rename); non-finite floats refused."""
+    """Write JSON atomically (a temporary file, then a rename), as UTF-8; non-finite floats
+    refused."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    with open(path, "w", newline="") as f:
+    """Write a CSV file as UTF-8 (layer and model names may be any text), whatever the
+    locale."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(["" if v is None else v for v in r] for r in rows)
@@ -59,18 +62,19 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 def heatmap(matrix: Any, rows: Sequence[str], cols: Sequence[str], path: Path, title: str,
             xlabel: str, ylabel: str, argmax: Sequence[int] | None = None,
             marks: Any = None) -> None:
-    """Save an annotated heatmap (matplotlib Agg); ``marks`` (bool matrix) adds a ``*``."""
-    import matplotlib
+    """Save an annotated heatmap; ``marks`` (bool matrix) adds a ``*``.  Drawn on a bare
+    ``Figure`` with the Agg canvas: neither pyplot's figures nor its backend are touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from alignment_callback.metrics.plotting import _heatmap_size, plot_layer_heatmap
 
-    from alignment_callback.metrics.plotting import plot_layer_heatmap
-
-    fig, _ = plot_layer_heatmap(matrix, rows, cols, argmax=argmax, title=title, xlabel=xlabel,
-                                ylabel=ylabel, marks=marks)
+    fig = Figure(figsize=_heatmap_size((len(rows), len(cols))))
+    FigureCanvasAgg(fig)
+    plot_layer_heatmap(matrix, rows, cols, ax=fig.subplots(), argmax=argmax, title=title,
+                       xlabel=xlabel, ylabel=ylabel, marks=marks)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def fmt(v: Any, spec: str = ".4f") -> str:

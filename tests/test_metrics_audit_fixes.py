@@ -388,3 +388,17 @@ def test_empty_batches_and_0_dim_input():
     assert m._stored_rows("x") == N
     with pytest.raises(ValueError, match=r"x layer 'x' is a 0-dim tensor"):
         m.update(torch.tensor(1.0), torch.tensor(2.0))
+
+
+def test_matrix_bh_counts_a_p_value_equal_to_alpha(files, capsys, monkeypatch) -> None:
+    """K = 19: the smallest p-value is 1/20 = alpha exactly; stored as float32 (0.0500000007)
+    and read back in float64, the matrix's BH called every such pair not significant."""
+    monkeypatch.chdir(files)
+    code = cli.main(["matrix", "dx", "dy", "--measure", "linear_cka", "--permutations", str(K),
+                     "--alpha", "0.05", "--out", "out_bh_alpha"])
+    assert code == 0, capsys.readouterr().err
+    rows = read_csv(files / "out_bh_alpha" / "matrix.csv")
+    assert len(rows) == 4
+    # every pair is aligned beyond all 19 permutations: p = 1/20 each, so BH's q = 4·p/4 = α
+    assert all(float(r["p_value"]) == pytest.approx(1 / (K + 1)) for r in rows)
+    assert all(r["significant_bh"] == "True" for r in rows)

@@ -349,7 +349,9 @@ def matrix_summary(plan: MatrixPlan, alpha: float) -> dict[str, dict[str, Any]]:
             return [[(plan.record(i, j, m)["bootstrap"] or {}).get(name) for j in range(ly)]
                     for i in range(lx)]
 
-        p = torch.tensor(field("p_value"), dtype=torch.float64)
+        # float32: the p-values were computed in float32 (or are exact there), and the q <= alpha
+        # rule allows float32 rounding (float64 would read float32(0.05) as above 0.05)
+        p = torch.tensor(field("p_value"), dtype=torch.float32)
         rejected, adjusted = benjamini_hochberg(p, alpha=alpha)
         summary[m] = {
             "kwargs": plan.measures[m].kwargs, "raw": field("raw"),

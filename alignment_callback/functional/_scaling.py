@@ -35,3 +35,17 @@ def rescale_exactly(x: Tensor, per_row: bool = False) -> Tensor:
     if not bool((e != 0).any()):
         return x
     return torch.ldexp(x, (-e).to(x.dtype)) if x.is_floating_point() else x
+
+
+def center_columns(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Column-centered ``x``, and ``x`` with its constant columns zeroed.
+
+    A column whose values are all equal is constant: it is centered to exactly zero (the mean's
+    rounding would leave residue, which a per-column rescaling or standardization would blow up
+    into a spurious feature), and it is zero in the second tensor, from which callers take the
+    norm that bounds centering's rounding (one large constant feature would otherwise hide the
+    variance of all the others).
+    """
+    constant = (x == x[:1]).all(0, keepdim=True)
+    xc = (x - x.mean(0, keepdim=True)).masked_fill(constant, 0)
+    return xc, x.masked_fill(constant, 0)

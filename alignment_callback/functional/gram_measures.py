@@ -24,7 +24,7 @@ from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
-from alignment_callback.functional._scaling import rescale_exactly
+from alignment_callback.functional._scaling import center_columns, rescale_exactly
 from alignment_callback.functional._validation import check_pair
 from alignment_callback.functional.gram_null import gram_dots, gram_dots_layers
 from alignment_callback.functional.kernels import (
@@ -68,15 +68,14 @@ def linear_feature_state(x: Tensor) -> FeatureState:
     """Column-centered features for linear CKA / RV in feature space (O(n·d) memory).  Zero
     variance is refused with the gram route's tolerance: ``‖XᵀX‖_F`` of the centered features
     (= the centered gram's norm) at most :func:`centering_floor`."""
-    x = rescale_exactly(x)
-    xc = x - x.mean(0, keepdim=True)
+    xc, varying = center_columns(rescale_exactly(x))
     if not bool((xc != 0).any()):
         raise ValueError("zero-variance representation: every sample is identical; CKA is "
                          "undefined for it")
     from alignment_callback.functional.moments import feature_scatter
 
     scatter = feature_scatter(xc)
-    if not float(scatter.norm()) > centering_floor(x):
+    if not float(scatter.norm()) > centering_floor(varying):
         raise ValueError("zero-variance representation: the centered features are zero up to "
                          f"rounding (all samples identical, or every feature constant to {x.dtype} "
                          "precision); CKA is undefined for it")
@@ -139,9 +138,8 @@ def _stacked(states: Sequence[GramState]) -> Tensor:
 
 def linear_state(x: Tensor) -> GramState:
     """``H X Xᵀ H`` (computed from column-centered features)."""
-    x = rescale_exactly(x)
-    xc = x - x.mean(0, keepdim=True)
-    return _state(linear_gram(xc), centering_floor(x), "linear gram")
+    xc, varying = center_columns(rescale_exactly(x))
+    return _state(linear_gram(xc), centering_floor(varying), "linear gram")
 
 
 def rbf_state(x: Tensor, sigma: float | str = 1.0) -> GramState:
@@ -156,9 +154,9 @@ def unbiased_state(x: Tensor) -> GramState:
     """U-centered linear gram (zero diagonal), from column-centered features: U-centering
     removes the terms ``a1ᵀ + 1aᵀ + c11ᵀ`` by which the gram of ``x`` and of the centered ``x``
     differ, so the matrix is the same, without the rounding of a large feature offset."""
-    x = rescale_exactly(x)
-    k = linear_gram(x - x.mean(0, keepdim=True))
-    tol = max(1e3 * _eps(k) * float(k.norm()), centering_floor(x))
+    xc, varying = center_columns(rescale_exactly(x))
+    k = linear_gram(xc)
+    tol = max(1e3 * _eps(k) * float(k.norm()), centering_floor(varying))
     return _state(u_center_gram(k), tol, "U-centered linear gram")
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
+from alignment_callback.functional._scaling import center_columns
 from alignment_callback.functional._validation import check_matrix, check_pair
 
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -121,8 +122,8 @@ def _split(n: int, start: int, stop: int, device: torch.device) -> tuple[Tensor,
 
 def _check_variance(t: Tensor, what: str) -> Tensor:
     """Column-centered ``t``; raises for zero variance."""
-    tc = t - t.mean(0, keepdim=True)
-    tol = 1e2 * torch.finfo(t.dtype).eps * torch.linalg.vector_norm(t)  # centering's rounding
+    tc, varying = center_columns(t)
+    tol = 1e2 * torch.finfo(t.dtype).eps * torch.linalg.vector_norm(varying)  # its rounding
     if not bool(tc.norm() > tol):
         raise ValueError(
             f"zero-variance representation: {what} is constant over samples; "

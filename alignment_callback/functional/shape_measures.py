@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
+from alignment_callback.functional._scaling import center_columns, rescale_exactly
 from alignment_callback.functional._validation import check_pair
 from alignment_callback.functional.kernels import center_gram, rbf_gram
 
@@ -44,16 +45,19 @@ class FactorState:
 def centered_svd(x: Tensor, measure: str) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of the column-centered ``x`` truncated to its numerical rank.
 
-    Returns ``(u (n, r), s (r,), vh (r, d))``.  Directions with ``s <= s_max·max(n, d)·eps``
+    Returns ``(u (n, r), s (r,), vh (r, d))`` of ``x · 2**-e``, rescaled exactly so that its
+    largest ``|value|`` is moderate (see ``_scaling``; ``s · 2**e`` are ``x``'s singular
+    values, which :func:`centered_scale` gives).  Directions with ``s <= s_max·max(n, d)·eps``
     are numerical noise and dropped.  Raises ``ValueError`` for a zero-variance representation.
     """
     n, d = x.shape
-    xc = x - x.mean(0, keepdim=True)
+    xc, varying = center_columns(rescale_exactly(x))
     u, s, vh = torch.linalg.svd(xc, full_matrices=False)
     eps = torch.finfo(x.dtype).eps
-    # centering leaves a constant column a few units of eps·|x| per entry: 100·eps·‖x‖ refuses
-    # that, and keeps a large offset on every feature (10⁴ standard deviations in float32)
-    if not bool(s[0] > 1e2 * eps * torch.linalg.vector_norm(x)):
+    # centering leaves a non-constant column a few units of eps·|x| per entry: 100·eps·‖x‖
+    # (constant columns left out) refuses that, and keeps a large offset on every feature
+    # (10⁴ standard deviations in float32)
+    if not bool(s[0] > 1e2 * eps * torch.linalg.vector_norm(varying)):
         raise ValueError(
             f"zero-variance representation: all samples are identical after centering; "
             f"{measure} is undefined for it"
@@ -62,13 +66,20 @@ def centered_svd(x: Tensor, measure: str) -> tuple[Tensor, Tensor, Tensor]:
     return u[:, :r], s[:r], vh[:r]
 
 
+def centered_scale(x: Tensor) -> float:
+    """``2**e``, the factor :func:`centered_svd`'s singular values are to be multiplied by."""
+    top = x.abs().amax()
+    return float(top.double() / rescale_exactly(x).abs().amax().double()) if top > 0 else 1.0
+
+
 def _factor(u: Tensor, g: Tensor) -> FactorState:
     return FactorState(u * (g / g.norm()))
 
 
-def procrustes_state(x: Tensor) -> FactorState:
-    """``Z = U S / ‖S‖`` from the thin SVD of the column-centered ``x``."""
-    u, s, _ = centered_svd(x, "procrustes_similarity")
+def procrustes_state(x: Tensor, measure: str = "procrustes_similarity") -> FactorState:
+    """``Z = U S / ‖S‖`` from the thin SVD of the column-centered ``x`` (``measure`` names the
+    measure in errors)."""
+    u, s, _ = centered_svd(x, measure)
     return _factor(u, s)
 
 
@@ -136,6 +147,10 @@ def shape_state(x: Tensor, alpha: float = 1.0) -> FactorState:
             f"whatever the other representation is; use alpha > 0, fewer features (n >= d + 2) "
             f"or more samples"
         )
+    scale = centered_scale(x) if 0.0 < alpha < 1.0 else 1.0  # g(s) is not scale-free there
+    if scale != 1.0:  # x's own singular values, in float64 (they may not fit x's dtype)
+        g = alpha * s.double() * scale + (1.0 - alpha)
+        return _factor(u, (g / g.norm()).to(s.dtype))
     return _factor(u, alpha * s + (1.0 - alpha))
 
 
@@ -210,7 +225,7 @@ def bures_state(x: Tensor, kernel: str = "linear", sigma: float | str = 1.0) -> 
     noise and the negative round-off ones) dropped.
     """
     if _check_kernel(kernel) == "linear":
-        return procrustes_state(x)
+        return procrustes_state(x, "bures_similarity")
     k = center_gram(rbf_gram(x, sigma))
     eps = torch.finfo(k.dtype).eps
     if not bool(k.abs().max() > 1e3 * eps):  # RBF entries are <= 1; centering leaves ~eps

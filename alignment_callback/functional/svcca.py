@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._scaling import rescale_exactly
+from alignment_callback.functional._scaling import center_columns, rescale_exactly
 from alignment_callback.functional._validation import check_pair
 
 _GATHER_ELEMENTS = 1 << 20  # permuted numbers gathered at once (4 MiB of float32)
@@ -45,8 +45,7 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
             f"svcca: cca_dim={cca_dim} is too large for data with n={n} samples and d={d} "
             f"features (need cca_dim <= min(n - 1, d))"
         )
-    x = rescale_exactly(x)
-    xc = x - x.mean(0, keepdim=True)
+    xc, _ = center_columns(rescale_exactly(x))  # a constant column stays exactly zero
     # each column times a power of two (exact) so that its largest |value| is in [0.5, 1): the
     # standardized columns do not change, and no column's squared sum underflows in the product
     _, exponent = torch.frexp(xc.abs().amax(0, keepdim=True))

@@ -1,0 +1,102 @@
+"""Regression tests for an audit of the measures against definitions written from scratch.
+
+* SVCCA: centering left an exactly constant column a rounding residue, which the per-column
+  power-of-two scaling blew up into a unit-variance noise feature (0.64 became 0.45);
+* one large constant feature (2e5 in float32) made a varying representation "zero-variance"
+  for the linear-kernel and SVD-based measures (the rounding floor used the uncentered norm);
+* the SVD-based measures (Procrustes, shape, Bures, CCA, PWCCA) were not rescaled exactly and
+  refused x·1e20 (float32) or x·1e-170 (float64) as "all samples identical";
+* ``bures_similarity``'s zero-variance error named ``procrustes_similarity``.
+
+Every expectation is the measure's own value on the same data without the constant column, or
+unscaled: by definition a constant feature adds nothing after centering, and these measures
+are invariant to isotropic scaling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import alignment_callback.functional as F
+
+SCALE_FREE = ["procrustes_similarity", "shape_metric", "bures_similarity", "cca_similarity",
+              "pwcca", "linear_cka", "svcca"]
+CONSTANT_FREE = ["linear_cka", "unbiased_cka", "rv_coefficient", "procrustes_similarity",
+                 "shape_metric", "bures_similarity", "cca_similarity", "pwcca", "svcca"]
+PARAMS = {"svcca": {"cca_dim": 4}}
+
+
+def _pair(dtype: torch.dtype, n: int = 40, d: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(d, d, generator=g, dtype=torch.float64) + torch.randn(
+        n, d, generator=g, dtype=torch.float64)
+    return x.to(dtype), y.to(dtype)
+
+
+def _with_constant(x: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.cat([torch.full((x.shape[0], 1), value, dtype=x.dtype), x], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("value", [3.7, -0.17, 0.1])
+def test_svcca_ignores_an_exactly_constant_feature(dtype, value):
+    x, y = _pair(dtype)
+    expected = float(F.svcca(x, y, cca_dim=4))
+    assert float(F.svcca(_with_constant(x, value), y, cca_dim=4)) == pytest.approx(expected,
+                                                                                abs=1e-6)
+    wide, _ = _pair(dtype, n=12, d=30)  # d > n: the gram route
+    other, _ = _pair(dtype, n=12, d=8)
+    assert float(F.svcca(_with_constant(wide, value), other, cca_dim=4)) == pytest.approx(
+        float(F.svcca(wide, other, cca_dim=4)), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", CONSTANT_FREE)
+def test_one_large_constant_feature_is_not_zero_variance(name):
+    x, y = _pair(torch.float32)
+    kw = PARAMS.get(name, {})
+    expected = float(getattr(F, name)(x, y, **kw))
+    got = float(getattr(F, name)(_with_constant(x, 2e5), y, **kw))
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float32, 1e-30),
+                                         (torch.float64, 1e160), (torch.float64, 1e-170)],
+                         ids=["f32-1e20", "f32-1e-30", "f64-1e160", "f64-1e-170"])
+@pytest.mark.parametrize("name", SCALE_FREE)
+def test_scale_free_measures_at_extreme_magnitudes(name, dtype, scale):
+    x, y = _pair(dtype)
+    kw = PARAMS.get(name, {})
+    expected = float(getattr(F, name)(x, y, **kw))
+    assert float(getattr(F, name)(x * scale, y * scale, **kw)) == pytest.approx(expected,
+                                                                                abs=1e-6)
+
+
+def _shape_numpy(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
+    """1 − θ/(π/2), θ = arccos ‖Z_xᵀZ_y‖_* with Z ∝ U(αS + 1 − α) of the centered data."""
+    def factor(m: np.ndarray) -> np.ndarray:
+        u, s, _ = np.linalg.svd(m - m.mean(0), full_matrices=False)
+        keep = s > s[0] * max(m.shape) * np.finfo(np.float64).eps
+        z = u[:, keep] * (alpha * s[keep] + 1.0 - alpha)
+        return z / np.linalg.norm(z)
+
+    cos = np.linalg.svd(factor(x).T @ factor(y), compute_uv=False).sum()
+    return 1.0 - float(np.arccos(min(cos, 1.0))) / (np.pi / 2)
+
+
+def test_shape_metric_with_partial_whitening_keeps_its_scale():
+    """0 < alpha < 1 is not scale-free: x's own singular values enter g(s) = αs + 1 − α, so an
+    x the measure rescales internally (magnitudes 2**40) must still give x's value."""
+    x, y = _pair(torch.float64)
+    big = x * 2.0 ** 40
+    expected = _shape_numpy(big.numpy(), y.numpy(), 0.5)
+    assert float(F.shape_metric(big, y, alpha=0.5)) == pytest.approx(expected, abs=1e-9)
+    assert expected != pytest.approx(_shape_numpy(x.numpy(), y.numpy(), 0.5), abs=1e-5)
+
+
+def test_bures_names_itself_in_the_zero_variance_error():
+    x, y = _pair(torch.float32)
+    with pytest.raises(ValueError, match="bures_similarity is undefined"):
+        F.bures_similarity(torch.ones_like(x), y)

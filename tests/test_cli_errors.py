@@ -115,3 +115,18 @@ def test_bad_options_name_the_option(files, capsys, monkeypatch):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and text in err[0], (argv, err)
         assert "linear_cka" in err[0] or "measures" not in argv  # registry lists in errors
+
+
+def test_sparse_feature_file_seed_and_out_file_errors(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    dense = torch.load(files / "good.pt")["h1"]
+    torch.save({"h": dense.to_sparse()}, files / "sparse.pt")
+    (files / "afile").write_text("")
+    for argv, text in ((["sparse.pt", "good.pt"], "sparse.pt: layer 'h' is a torch.sparse_coo"),
+                       (["good.pt", "good.pt", "--seed", "-1"], "--seed must be an integer"),
+                       (["good.pt", "good.pt", "--out", "afile"],
+                        "--out afile: exists and is not a directory")):
+        code = cli.main(["compare", *argv, *FAST] + ([] if "--out" in argv else ["--out", "o"]))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and len(err[0]) < 400, err
+        assert text in err[0], (text, err[0])

@@ -206,3 +206,35 @@ def test_extract_console_script_subprocess(probe, tmp_path):
     assert proc.returncode == 0, proc.stderr
     feats = load_features(tmp_path / "feats.pt")
     assert {k: tuple(v.shape) for k, v in feats.items()} == {"0": (N, 6), "2": (N, 3)}
+
+
+class Embedding(nn.Module):
+    """A token model: ids outside its vocabulary raise IndexError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+
+    def forward(self, x):
+        return self.emb(x)
+
+
+def make_embedding() -> nn.Module:
+    return Embedding()
+
+
+def test_extract_input_and_output_mistakes_exit_2_naming_the_option(probe, tmp_path, capsys):
+    _, probe_path = probe
+    base = ["--model", "tests.test_cli_extract:make_model", "--layers", "fc1"]
+    assert run(*base, "--probe", probe_path, "--out", probe_path) == 2  # would overwrite it
+    assert "is the --probe file" in capsys.readouterr().err
+    assert torch.load(probe_path).shape[0] == N  # the probe is intact
+    (tmp_path / "dir.pt").mkdir()
+    assert run(*base, "--probe", probe_path, "--out", tmp_path / "dir.pt") == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert not list(tmp_path.glob("dir.pt.tmp"))
+    torch.save(torch.tensor([[1, 2], [7, 9]]), tmp_path / "ids.pt")  # ids beyond 5 tokens
+    assert run("--model", "tests.test_cli_extract:make_embedding", "--layers", "emb",
+               "--probe", tmp_path / "ids.pt", "--out", tmp_path / "e.pt") == 2
+    err = capsys.readouterr().err
+    assert "--probe" in err and "running the model on it failed (IndexError" in err

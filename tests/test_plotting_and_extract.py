@@ -56,3 +56,20 @@ def test_an_input_key_missing_from_the_batches_is_a_clear_error():
     probe = [{"x": torch.randn(5, 4)}]
     with pytest.raises(ValueError, match=r"input_key='y' is not a key .*\['x'\]"):
         collect_activations(model, probe, ["0"], input_key="y")
+
+
+def test_the_fingerprint_of_a_dict_batch_with_a_text_column_ignores_the_batching():
+    """A DataLoader collates a text field into a list of strings per batch: the list indices
+    were part of the hashed path, so the same rows batched otherwise were "another probe"."""
+    from torch.utils.data import DataLoader
+
+    from alignment_callback.hooks.extract import probe_fingerprint
+
+    x = torch.arange(32.0).reshape(8, 4)
+    texts = [f"sample {i}" for i in range(8)]
+    whole = {"x": x, "text": texts}
+    batched = [{"x": x[i:i + 4], "text": texts[i:i + 4]} for i in (0, 4)]
+    rows = [{"x": x[i], "text": texts[i]} for i in range(8)]
+    loader = DataLoader(rows, batch_size=3)  # default_collate: "text" becomes a list
+    assert probe_fingerprint(whole) == probe_fingerprint(batched) == probe_fingerprint(loader)
+    assert probe_fingerprint(whole) != probe_fingerprint({"x": x, "text": texts[::-1]})

@@ -80,6 +80,12 @@ def _leaves(batch: Any, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str,
     if isinstance(batch, Mapping):
         for key in sorted(batch, key=str):
             yield from _leaves(batch[key], path + (str(key),))
+    elif isinstance(batch, (list, tuple)) and path and all(
+            isinstance(v, (str, bytes, int, float, bool, type(None))) for v in batch):
+        # a column of plain values (a DataLoader collates a text field into a list of
+        # strings): one stream of rows, whatever the batching
+        for value in batch:
+            yield path, value
     elif isinstance(batch, (list, tuple)):
         for i, value in enumerate(batch):
             yield from _leaves(value, path + (str(i),))

@@ -69,6 +69,9 @@ def _as_tensor(value: Any, path: Path, name: str) -> Tensor:
             f"{path}: layer {name!r} is not a tensor (got {type(value).__name__}); a feature file "
             "must hold a tensor or a {layer name: tensor} dict"
         )
+    if value.layout != torch.strided:
+        raise FeatureFileError(f"{path}: layer {name!r} is a {value.layout} tensor; save it "
+                               "dense (tensor.to_dense())")
     if value.dtype == torch.bool or value.is_complex():
         raise FeatureFileError(f"{path}: layer {name!r} has dtype {value.dtype}, not real numbers")
     return value if value.dtype == torch.float64 else value.to(torch.float32)

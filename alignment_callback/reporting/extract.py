@@ -130,6 +130,12 @@ def run_extract(args: Any) -> int:
                        ".safetensors")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if out.is_dir():
+        raise CLIError(f"--out {args.out}: is a directory; give the feature file's path")
+    for option in ("probe", "checkpoint"):
+        given = getattr(args, option, None)
+        if given and Path(given).resolve() == out.resolve():
+            raise CLIError(f"--out {args.out}: is the --{option} file, which it would overwrite")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was requested but CUDA is not available")
     probe = load_probe(args.probe)
@@ -144,7 +150,10 @@ def run_extract(args: Any) -> int:
         feats = extract_features(model, probe, layers, out, pool=args.pool,
                                  batch_size=args.batch_size, input_key=args.input_key,
                                  device=args.device)
-    except RuntimeError as err:
+    except (FeatureFileError, CLIError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - the model's own error on this probe (bad ids,
+        # wrong keys): a problem of the input, told with the option that gave it
         raise CLIError(f"--probe {args.probe}: running the model on it failed "
                        f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from err
     fingerprint = read_fingerprint(out) or probe_fingerprint(probe)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--clamp-quantile must be in (0, 1], got {args.clamp_quantile}")
     if args.bootstrap < 0:
         raise CLIError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if not 0 <= args.seed < 2**63:
+        raise CLIError(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
+    out = getattr(args, "out", None)
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out}: exists and is not a directory")
     if args.device == "cuda":
         import torch
 

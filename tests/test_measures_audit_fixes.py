@@ -100,3 +100,25 @@ def test_bures_names_itself_in_the_zero_variance_error():
     x, y = _pair(torch.float32)
     with pytest.raises(ValueError, match="bures_similarity is undefined"):
         F.bures_similarity(torch.ones_like(x), y)
+
+
+def test_function_forms_take_integral_floats_and_numpy_numbers_like_get_measure():
+    """``check_k`` accepted k=5.0 and passed the float on to topk; cca_dim=3.0 and folds=3.0
+    failed inside; numpy scalars were refused as "not a positive number"."""
+    x, y = _pair(torch.float64)
+    pairs = [
+        (F.mutual_knn(x, y, k=5.0), F.mutual_knn(x, y, k=5)),
+        (F.svcca(x, y, cca_dim=3.0), F.svcca(x, y, cca_dim=3)),
+        (F.linear_predictivity(x, y, folds=4.0), F.linear_predictivity(x, y, folds=4)),
+        (F.linear_predictivity(x, y, ridge=np.float32(0.5)), F.linear_predictivity(x, y, 0.5)),
+        (F.rbf_cka(x, y, sigma=np.float32(2.0)), F.rbf_cka(x, y, sigma=2.0)),
+        (F.shape_metric(x, y, alpha=np.float64(0.5)), F.shape_metric(x, y, alpha=0.5)),
+    ]
+    for got, expected in pairs:
+        assert float(got) == float(expected)
+    F.get_measure("rbf_cka", sigma=np.float32(2.0))
+    F.get_measure("shape_metric", alpha=np.float32(0.5))
+    with pytest.raises(ValueError, match="sigma must be a positive number"):
+        F.rbf_cka(x, y, sigma=True)
+    with pytest.raises(ValueError, match="cca_dim must be a positive integer"):
+        F.svcca(x, y, cca_dim=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -65,8 +67,8 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
         if not bool(s2 > 0):
             raise ValueError("zero-variance representation: median squared distance is 0")
         return torch.exp(-d2 / (2.0 * s2))
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0:
+        raise ValueError(f"sigma must be a positive number or 'median', got {sigma!r}")
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) ** 2
     if not scale >= torch.finfo(x.dtype).tiny:

@@ -75,7 +75,7 @@ def knn_state(x: Tensor, k: int, measure: str = "kNN measure", role: str = "x",
               lists: NeighborLists | None = None) -> KnnState:
     """Check ``k`` against n and prepare (or reuse the shared ``lists`` of) ``x``."""
     minimum = 2 if measure == "cknna" else 1
-    check_k(x.shape[0], k, minimum=minimum, measure=measure)
+    k = check_k(x.shape[0], k, minimum=minimum, measure=measure)  # 5.0 -> 5
     if lists is None:
         check_distinct_rows(x, measure)
         lists = neighbor_lists(x, k, role)

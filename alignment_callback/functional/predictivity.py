@@ -35,6 +35,7 @@ penalty is redone for every permutation (the inner errors are forms too), so the
 
 from __future__ import annotations
 
+import numbers
 from functools import cached_property
 from typing import Sequence
 
@@ -69,11 +70,11 @@ def _check_params(ridge: Ridge, folds: int) -> tuple[tuple[float, ...], bool]:
         raise ValueError(f"linear_predictivity: folds must be an integer >= 2, got {folds!r}")
     if ridge is None:
         return RIDGE_GRID, False
-    values = (ridge,) if isinstance(ridge, (int, float)) else tuple(ridge)
+    values = (ridge,) if isinstance(ridge, numbers.Real) else tuple(ridge)
     if not values:
         raise ValueError("linear_predictivity: the ridge grid is empty")
     for v in values:
-        bad = isinstance(v, bool) or not isinstance(v, (int, float))
+        bad = isinstance(v, bool) or not isinstance(v, numbers.Real)
         if bad or not 0 <= v < float("inf"):
             raise ValueError(
                 f"linear_predictivity: ridge must be None, a finite number >= 0 or a sequence of "
@@ -179,6 +180,7 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
     """
     x, y = check_pair(x, y)
     grid, fixed = _check_params(ridge, folds)
+    folds = int(folds)  # 3.0 -> 3
     n = x.shape[0]
     _check_n(n, folds)
     x = _check_variance(x, "x")  # translation-invariant; centered first, the fold means of a

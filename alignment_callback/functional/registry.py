@@ -18,6 +18,7 @@ NumPy reference in ``tests/``.
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Union
@@ -221,9 +222,9 @@ def _check_sigma(value: Any, name: str) -> float | str:
         if value != "median":
             raise ValueError(f"{name} must be a positive number or 'median', got {value!r}")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
         raise ValueError(f"{name} must be a positive number or 'median', got {value!r}")
-    return float(value) if not isinstance(value, int) else value
+    return value if isinstance(value, int) else float(value)
 
 
 K_PARAM = Param("k", 10, _int_at_least(1), "neighbors per sample")

@@ -24,6 +24,7 @@ feature width d is (``r ≤ min(n − 1, d)``).  The naive path recomputes a thi
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,7 @@ def procrustes_similarity(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"shape_metric: alpha must be a number in [0, 1], got {alpha!r}")
     return float(alpha)
 

@@ -38,8 +38,9 @@ def _top_eigh(g: Tensor, c: int) -> tuple[Tensor, Tensor]:
 def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
     """Orthonormal (n, cca_dim) basis of the top singular directions of standardized ``x``."""
     n, d = x.shape
-    if int(cca_dim) != cca_dim or cca_dim < 1:
+    if isinstance(cca_dim, bool) or int(cca_dim) != cca_dim or cca_dim < 1:
         raise ValueError(f"cca_dim must be a positive integer, got {cca_dim!r}")
+    cca_dim = int(cca_dim)
     if cca_dim > min(n - 1, d):
         raise ValueError(
             f"svcca: cca_dim={cca_dim} is too large for data with n={n} samples and d={d} "

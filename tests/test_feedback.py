@@ -97,7 +97,9 @@ def test_report_numbers_equal_the_history(tmp_path):
         logged = Path(logger.log_dir, "alignment_heatmaps",
                       f"alignment_{m}_heatmap_epoch{epoch:04d}_step{step:06d}.png")
         assert Path(md).parent.joinpath(f"alignment_report_{m}.png").read_bytes() == logged.read_bytes()
-    assert f"K = {K}" in text or f"K: {K}" in text or f"**K**: {K}" in text
+    assert f"K (permutations): {K}" in text
+    assert f"model layers: {', '.join(LAYERS)}" in text  # lists were dropped from the settings
+    assert "references: " in text
 
 
 def test_layer_names_map_goes_to_the_hyperparameters(tmp_path):
@@ -161,3 +163,17 @@ def test_report_curves_against_epochs_or_steps(tmp_path, monkeypatch, steps):
     field = "epoch" if steps is None else "step"
     assert xlabel == field and xs == [h[field] for h in cb.history]
     assert len(set(xs)) == len(xs)
+
+
+def test_a_reference_without_result_at_the_first_step_gets_its_layer_map(tmp_path):
+    """reference="previous" has no result at the first step: its index -> name map was never
+    logged, since the map went out once, at the first step with any result."""
+    logger = CSVLogger(tmp_path, name="csv")
+    cb = AlignmentCallback({"frozen": RefMLP(seed=1), "prev": "previous"}, make_probe(), LAYERS,
+                           measures=["linear_cka"], num_permutations=K, log_heatmaps=False,
+                           verbose=False, report=False)
+    _fit(logger, [cb], max_epochs=2)
+    hparams = Path(logger.log_dir, "hparams.yaml").read_text()
+    assert set(cb.last_results) == {"frozen/linear_cka", "prev/linear_cka"}
+    for label in cb.last_results:
+        assert f"alignment/layers/reference/{label}" in hparams, label

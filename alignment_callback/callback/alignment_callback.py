@@ -286,7 +286,7 @@ class AlignmentCallback(Callback):
         self.report_paths: tuple[str, str] | None = None
         self._tables: dict[str, list[list[Any]]] = {}  # W&B: every pair at every step, per key
         self._samples: int | None = None  # probe samples (known after the first step)
-        self._names_logged = False  # the layer index -> name map went to the loggers
+        self._names_logged: set[str] = set()  # whose layer index -> name map was logged
         self._queue = BackgroundQueue()
         self._threaded = False  # background in effect for the current fit
         # the worker's model copy: None before the first step, a Future while the worker checks
@@ -389,7 +389,7 @@ class AlignmentCallback(Callback):
             # a new training run (not resumed, not continued): a history left by an earlier fit
             # of this callback object is another run's, and would mark these steps as done
             self.history, self._resume_pending = [], []
-            self._tables, self._names_logged, self.last_results = {}, False, {}
+            self._tables, self._names_logged, self.last_results = {}, set(), {}
             self._last_pngs, self._samples, self.report_paths = {}, None, None
         model_layers = resolve_layers(pl_module, self.layers, "student model")
         count = len(model_layers)
@@ -988,9 +988,8 @@ class AlignmentCallback(Callback):
         entry = self._entry(outcome)
         flat = self._flat(results)
         if trainer.loggers:
-            if flat and not self._names_logged:
-                self._log_layer_names(trainer, flat)
-                self._names_logged = True
+            if set(flat) - self._names_logged:  # a reference's first result ("previous": at
+                self._log_layer_names(trainer, flat)  # its second step)
             texts = {k: v for k, v in entry.items() if isinstance(v, str)}
             dispatch.log_text(trainer.loggers, texts, step)
             dispatch.log_scalars(trainer.loggers, {k: v for k, v in entry.items()
@@ -1015,12 +1014,16 @@ class AlignmentCallback(Callback):
         return entry
 
     def _log_layer_names(self, trainer: Trainer, flat: dict[str, Any]) -> None:
-        """The index → name map of the best-layer scalars, once (every logger)."""
-        first = next(iter(flat.values()))
-        names = {"model": first.x_names}
+        """The index → name map of the best-layer scalars, once per reference and measure
+        (every logger)."""
+        names = {}
+        if "model" not in self._names_logged:
+            names["model"] = next(iter(flat.values())).x_names
         for label, r in flat.items():
-            names[f"reference/{label}"] = r.y_names
+            if label not in self._names_logged:
+                names[f"reference/{label}"] = r.y_names
         dispatch.log_layer_names(trainer.loggers, self.log_prefix, names)
+        self._names_logged |= {"model", *flat}
 
     def _fit_end(self, trainer: Trainer) -> None:
         """W&B: one chart of raw, τ and calibrated and one table of every pair per measure;
@@ -1043,12 +1046,16 @@ class AlignmentCallback(Callback):
             return
         if trainer.fast_dev_run:  # Lightning's dry run logs nothing: no report files either
             return
-        settings = {"n": self._samples, "K": self.num_permutations, "alpha": self.alpha,
-                    "seed": self.seed, "measures": {k: m.kwargs for k, m in self.measures.items()},
+        settings = {"n": self._samples, "alpha": self.alpha, "seed": self.seed,
+                    "measures": {k: m.kwargs for k, m in self.measures.items()},
                     "aggregate": str(self.engine.aggregate), "null": self.engine.null,
-                    "model layers": self.layers,
-                    "references": {ref.label: f"{ref.kind}: {ref.path or ref.layers}"
-                                   for ref in self.references}}
+                    "model layers": ", ".join(map(str, self.layers)) if isinstance(
+                        self.layers, (list, tuple)) else str(self.layers),
+                    "references": "; ".join(f"{ref.label} ({ref.kind}: "
+                                            f"{ref.path or ref.layers})"
+                                            for ref in self.references)}
+        if self.engine.null != "moments":  # K permutations were drawn
+            settings["permutations"] = self.num_permutations
         if not trainer.loggers:  # no logger: no logs to write it next to
             return
         # a logger without a directory of its own (MLflow's database store): the trainer's

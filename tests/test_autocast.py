@@ -97,3 +97,21 @@ def test_tf32_on_cuda_is_noted_once_and_float64_or_the_cpu_are_not(monkeypatch):
         warn_if_tf32(torch.device("cpu"), torch.float32)
     with pytest.warns(RuntimeWarning, match="TF32 matrix products are enabled"):
         warn_if_tf32(cuda, torch.float32)
+
+
+def test_no_autocast_asks_no_driver(monkeypatch):
+    """It reads the thread's autocast state: torch.cuda.is_available() would initialize the
+    driver (and poison a later fork) on every measure call."""
+    def refuse() -> bool:
+        raise AssertionError("torch.cuda.is_available() was called")
+
+    monkeypatch.setattr(torch.cuda, "is_available", refuse)
+    x, y = _pair()
+    F.linear_cka(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear_cka(x, y).dtype == torch.float32
+
+
+def test_a_tensor_sigma_is_a_number():
+    x, y = _pair()
+    assert torch.equal(F.rbf_cka(x, y, sigma=torch.tensor(2.0)), F.rbf_cka(x, y, sigma=2.0))

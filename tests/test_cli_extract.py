@@ -238,3 +238,17 @@ def test_extract_input_and_output_mistakes_exit_2_naming_the_option(probe, tmp_p
                "--probe", tmp_path / "ids.pt", "--out", tmp_path / "e.pt") == 2
     err = capsys.readouterr().err
     assert "--probe" in err and "running the model on it failed (IndexError" in err
+
+
+def test_extract_blames_out_for_a_write_failure(probe, tmp_path, capsys, monkeypatch):
+    from alignment_callback.reporting import extract as cli_extract
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli_extract, "save_features", full_disk)
+    _, probe_path = probe
+    assert run("--model", "tests.test_cli_extract:make_model", "--layers", "fc1", "--probe",
+               probe_path, "--out", tmp_path / "o.pt") == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "No space left" in err and "--probe" not in err

@@ -402,3 +402,20 @@ def test_matrix_bh_counts_a_p_value_equal_to_alpha(files, capsys, monkeypatch) -
     # every pair is aligned beyond all 19 permutations: p = 1/20 each, so BH's q = 4·p/4 = α
     assert all(float(r["p_value"]) == pytest.approx(1 / (K + 1)) for r in rows)
     assert all(r["significant_bh"] == "True" for r in rows)
+
+
+def test_merge_state_with_empty_sides_and_empty_batches_keep_the_layer_checks():
+    x, y = pair(60)
+    full = LayerAlignment("linear_cka", num_permutations=K)
+    full.update({"a": x[:30]}, {"c": y[:30]})
+    full.merge_state(LayerAlignment("linear_cka", num_permutations=K))  # nothing to add
+    assert full._stored_rows("x") == 30
+    named = LayerAlignment("linear_cka", num_permutations=K, x_layers=["z"], y_layers=["c"])
+    with pytest.raises(ValueError, match="merge_state: the metrics hold different x layers"):
+        named.merge_state(full)  # no rows yet, but its layers are named
+    empty_first = LayerAlignment("linear_cka", num_permutations=K)
+    empty_first.update({"zz": x[:0]}, {"c": y[:0]})  # an empty batch still names the layers
+    with pytest.raises(ValueError, match="do not match the first update"):
+        empty_first.update({"a": x[:30]}, {"c": y[:30]})
+    with pytest.raises(ValueError, match="features in this batch"):
+        full.update({"a": x[:0, :3]}, {"c": y[:0]})  # an empty batch of another width

@@ -73,3 +73,19 @@ def test_the_fingerprint_of_a_dict_batch_with_a_text_column_ignores_the_batching
     loader = DataLoader(rows, batch_size=3)  # default_collate: "text" becomes a list
     assert probe_fingerprint(whole) == probe_fingerprint(batched) == probe_fingerprint(loader)
     assert probe_fingerprint(whole) != probe_fingerprint({"x": x, "text": texts[::-1]})
+
+
+def test_feature_files_of_the_earlier_fingerprint_scheme_still_match(tmp_path):
+    """Files written before text columns were read as columns hashed each list index as its
+    own stream: the same probe, batched the same way, still matches them."""
+    from alignment_callback.hooks.extract import _fingerprint, save_features
+
+    x = torch.arange(32.0).reshape(8, 4)
+    texts = [f"sample {i}" for i in range(8)]
+    batched = [{"x": x[i:i + 4], "text": texts[i:i + 4]} for i in (0, 4)]
+    old = _fingerprint(batched, columns=False)
+    assert old != _fingerprint(batched)  # the schemes differ on such probes
+    path = save_features({"h": torch.zeros(8, 2)}, tmp_path / "old.pt", old)
+    assert check_fingerprint(path, batched)
+    with pytest.raises(ValueError, match="another probe"):
+        check_fingerprint(path, [{"x": x[i:i + 4], "text": texts[::-1][i:i + 4]} for i in (0, 4)])

@@ -16,13 +16,29 @@ from typing import Iterator
 import torch
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` in this thread (no driver call)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return device_type == "cuda" and bool(torch.is_autocast_enabled())
+    except RuntimeError:  # a device type this build does not know
+        return False
+
+
 @contextlib.contextmanager
 def no_autocast() -> Iterator[None]:
-    """Disable autocast on the CPU and, where present, CUDA (usable as a decorator)."""
+    """Disable autocast on every device type where it is on (usable as a decorator); reads
+    the thread's autocast state only, so it costs no driver call."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.autocast("cpu", enabled=False))
-        if torch.cuda.is_available():
-            stack.enter_context(torch.autocast("cuda", enabled=False))
+        for device_type in _AUTOCAST_DEVICES:
+            if _autocast_on(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
 
 

@@ -67,6 +67,8 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
         if not bool(s2 > 0):
             raise ValueError("zero-variance representation: median squared distance is 0")
         return torch.exp(-d2 / (2.0 * s2))
+    if isinstance(sigma, Tensor) and sigma.numel() == 1 and not sigma.is_complex():
+        sigma = float(sigma)  # a 0-dim tensor (a learned or computed bandwidth)
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0:
         raise ValueError(f"sigma must be a positive number or 'median', got {sigma!r}")
     d2 = squared_distances(x)

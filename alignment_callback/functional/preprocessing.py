@@ -51,7 +51,6 @@ def _checked_mask(x: Tensor, mask: Tensor, pool: str) -> Tensor:
     return mask
 
 
-@no_autocast()
 def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None) -> Tensor:
     """Reduce an activation of shape (n, ...) to (n, d).
 

@@ -76,11 +76,12 @@ def _probe_batches(probe: Any) -> Iterable[Any]:
                     "batch, a list of batches or a DataLoader")
 
 
-def _leaves(batch: Any, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:
+def _leaves(batch: Any, path: tuple[str, ...] = (), columns: bool = True
+            ) -> Iterable[tuple[tuple[str, ...], Any]]:
     if isinstance(batch, Mapping):
         for key in sorted(batch, key=str):
-            yield from _leaves(batch[key], path + (str(key),))
-    elif isinstance(batch, (list, tuple)) and path and all(
+            yield from _leaves(batch[key], path + (str(key),), columns)
+    elif columns and isinstance(batch, (list, tuple)) and path and all(
             isinstance(v, (str, bytes, int, float, bool, type(None))) for v in batch):
         # a column of plain values (a DataLoader collates a text field into a list of
         # strings): one stream of rows, whatever the batching
@@ -88,7 +89,7 @@ def _leaves(batch: Any, path: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str,
             yield path, value
     elif isinstance(batch, (list, tuple)):
         for i, value in enumerate(batch):
-            yield from _leaves(value, path + (str(i),))
+            yield from _leaves(value, path + (str(i),), columns)
     else:
         yield path, batch
 
@@ -126,12 +127,18 @@ def probe_fingerprint(probe: Any) -> dict[str, Any]:
     >>> fp == probe_fingerprint(DataLoader(TensorDataset(x, torch.zeros(6)), batch_size=4))
     True
     """
+    return _fingerprint(probe)
+
+
+def _fingerprint(probe: Any, columns: bool = True) -> dict[str, Any]:
+    """:func:`probe_fingerprint`; ``columns=False``: the scheme of files written before lists
+    of plain values in dict batches were read as columns (each index its own stream)."""
     streams: dict[tuple[str, ...], _Stream] = {}
     with preserved_rng():  # iterating a DataLoader draws a seed from the global stream
         for batch in _probe_batches(probe):
             if isinstance(batch, (list, tuple)) and batch:
                 batch = batch[0]  # (inputs, labels, ...): the model sees the inputs
-            for path, value in _leaves(batch):
+            for path, value in _leaves(batch, columns=columns):
                 streams.setdefault(path, _Stream()).add(value)
     if not streams:
         raise ValueError("probe: it holds no batch")
@@ -207,7 +214,10 @@ def check_fingerprint(path: str | os.PathLike, probe: Any) -> bool:
     if stored is None:
         return False
     mine = probe if _valid_fingerprint(probe) else probe_fingerprint(probe)
-    if stored["rows"] != mine["rows"] or stored["sha256"] != mine["sha256"]:
+    same = stored["rows"] == mine["rows"] and stored["sha256"] == mine["sha256"]
+    if not same and not _valid_fingerprint(probe):  # a file of the earlier scheme
+        same = dict(stored) == _fingerprint(probe, columns=False)
+    if not same:
         raise ValueError(
             f"{path}: the features were made from another probe ({stored['rows']} rows, sha256 "
             f"{stored['sha256'][:12]}...) than this one ({mine['rows']} rows, sha256 "
@@ -245,18 +255,22 @@ def save_features(features: Mapping[str, Tensor], path: str | os.PathLike,
                          "probe fingerprint)")
     tensors = {str(k): v.detach().cpu().contiguous() for k, v in features.items()}
     tmp = path.with_name(path.name + ".tmp")
-    if ext == ".safetensors":
-        from safetensors.torch import save_file
+    try:
+        if ext == ".safetensors":
+            from safetensors.torch import save_file
 
-        meta = {PROBE_KEY: json.dumps(dict(fingerprint))} if fingerprint else None
-        save_file(tensors, str(tmp), metadata=meta)
-    else:
-        obj: dict[str, Any] = dict(tensors)
-        if fingerprint:
-            obj[PROBE_KEY] = {"rows": int(fingerprint["rows"]),
-                              "sha256": str(fingerprint["sha256"])}
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+            meta = {PROBE_KEY: json.dumps(dict(fingerprint))} if fingerprint else None
+            save_file(tensors, str(tmp), metadata=meta)
+        else:
+            obj: dict[str, Any] = dict(tensors)
+            if fingerprint:
+                obj[PROBE_KEY] = {"rows": int(fingerprint["rows"]),
+                                  "sha256": str(fingerprint["sha256"])}
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written file left beside the target
+        raise
     return path
 
 

@@ -245,15 +245,19 @@ class AlignmentMetricBase(Metric):
                 raise ValueError(f"index has {index.numel()} entries for {n} rows")
             if bool((index < 0).any()):
                 raise ValueError(f"index must hold sample ids >= 0, got {int(index.min())}")
-        if n == 0:  # nothing to store (and no width to learn from an empty batch)
-            return
-        self._check_index_use(index is not None)
-        check_capacity(self._stored_rows("x"), n, self.max_samples)
+        if n:
+            self._check_index_use(index is not None)
+            check_capacity(self._stored_rows("x"), n, self.max_samples)
         x_rows = {name: self.preprocessor.rows(t) for name, t in xs.items()}  # pool (may raise)
         y_rows = None if ys is None else {name: self.preprocessor.rows(t) for name, t in ys.items()}
         self._check_widths("x", x_rows)
         if y_rows is not None:
             self._check_widths("y", y_rows)
+        if n == 0:  # checked like any batch (and its layers named), but nothing stored
+            for side, rows in (("x", x_rows), ("y", y_rows)):
+                if rows is not None and not getattr(self, f"{side}_layers"):
+                    self._register(side, list(rows))
+            return
         self._append("x", x_rows)
         if y_rows is not None:
             self._append("y", y_rows)
@@ -315,7 +319,9 @@ class AlignmentMetricBase(Metric):
         neither must cache a reference; a metric without rows takes the incoming layers.  A
         dict of raw states is merged slot by slot (slot i is the i-th of the sorted names).
         """
-        if isinstance(incoming_state, AlignmentMetricBase) and incoming_state._stored_rows("x"):
+        if isinstance(incoming_state, AlignmentMetricBase):
+            if not incoming_state._stored_rows("x"):
+                return  # nothing to add
             other = incoming_state
             if (self._reference is None) != (other._reference is None):
                 raise ValueError("merge_state: one metric caches a reference (set_reference) and "
@@ -323,11 +329,13 @@ class AlignmentMetricBase(Metric):
             for side in ("x", "y") if other._reference is None else ("x",):
                 theirs = dict(zip(sorted(getattr(other, f"{side}_layers")),
                                   other._known_widths(side)))
-                if not self._stored_rows("x"):
-                    if not getattr(self, f"{side}_layers"):
-                        self._register(side, list(getattr(other, f"{side}_layers")))
+                names = getattr(self, f"{side}_layers")
+                if not names:  # a metric without layers takes the incoming ones
+                    self._register(side, list(getattr(other, f"{side}_layers")))
                     continue
-                ours = dict(zip(sorted(getattr(self, f"{side}_layers")), self._known_widths(side)))
+                if not self._stored_rows("x"):  # named layers, widths not known yet
+                    theirs = {name: None for name in theirs}
+                ours = dict(zip(sorted(names), self._known_widths(side) or [None] * len(names)))
                 if ours != theirs:
                     raise ValueError(
                         f"merge_state: the metrics hold different {side} layers: {ours} here, "

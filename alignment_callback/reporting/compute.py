@@ -337,7 +337,7 @@ def iter_pairs(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,
 
 def matrix_summary(plan: MatrixPlan, alpha: float) -> dict[str, dict[str, Any]]:
     """Per measure the LX×LY matrices of the records and Benjamini–Hochberg across pairs."""
-    from alignment_callback.functional.fdr import benjamini_hochberg
+    from alignment_callback.functional.fdr import at_most_alpha, benjamini_hochberg
 
     lx, ly = len(plan.files_x), len(plan.files_y)
     summary: dict[str, Any] = {}
@@ -349,10 +349,12 @@ def matrix_summary(plan: MatrixPlan, alpha: float) -> dict[str, dict[str, Any]]:
             return [[(plan.record(i, j, m)["bootstrap"] or {}).get(name) for j in range(ly)]
                     for i in range(lx)]
 
-        # float32: the p-values were computed in float32 (or are exact there), and the q <= alpha
-        # rule allows float32 rounding (float64 would read float32(0.05) as above 0.05)
-        p = torch.tensor(field("p_value"), dtype=torch.float32)
-        rejected, adjusted = benjamini_hochberg(p, alpha=alpha)
+        # q in float64 (tiny moments p-values do not underflow), but q <= alpha with float32's
+        # slack: most p-values were computed in float32 (read in float64, float32(0.05) is
+        # above 0.05), and the files do not record which were not
+        p = torch.tensor(field("p_value"), dtype=torch.float64)
+        _, adjusted = benjamini_hochberg(p, alpha=alpha)
+        rejected = at_most_alpha(adjusted, alpha, torch.float32)
         summary[m] = {
             "kwargs": plan.measures[m].kwargs, "raw": field("raw"),
             "threshold": field("threshold"), "calibrated": field("calibrated"),

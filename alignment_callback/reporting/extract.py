@@ -147,7 +147,7 @@ def run_extract(args: Any) -> int:
         raise CLIError(f"--layers: {str(err).split(' Use list_layers')[0]}") from err
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        feats = extract_features(model, probe, layers, out, pool=args.pool,
+        feats = extract_features(model, probe, layers, None, pool=args.pool,
                                  batch_size=args.batch_size, input_key=args.input_key,
                                  device=args.device)
     except (FeatureFileError, CLIError, MemoryError):
@@ -156,7 +156,11 @@ def run_extract(args: Any) -> int:
         # wrong keys): a problem of the input, told with the option that gave it
         raise CLIError(f"--probe {args.probe}: running the model on it failed "
                        f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from err
-    fingerprint = read_fingerprint(out) or probe_fingerprint(probe)
+    fingerprint = probe_fingerprint(probe)
+    try:
+        save_features(feats, out, fingerprint)
+    except OSError as err:
+        raise CLIError(f"--out {args.out}: cannot be written ({err})") from err
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feats.items())
     print(f"wrote {out}: {len(feats)} layer(s): {shapes}; probe {args.probe}: "
           f"{fingerprint['rows']} rows, sha256 {fingerprint['sha256'][:16]}...")

@@ -184,8 +184,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--clamp-quantile must be in (0, 1], got {args.clamp_quantile}")
     if args.bootstrap < 0:
         raise CLIError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    if not 0 <= args.seed < 2**63:
-        raise CLIError(f"--seed must be an integer in [0, 2**63 - 1], got {args.seed}")
+    from alignment_callback.functional._validation import check_seed
+
+    try:
+        check_seed(args.seed, "--seed")
+    except ValueError as err:
+        raise CLIError(str(err)) from err
     out = getattr(args, "out", None)
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out}: exists and is not a directory")

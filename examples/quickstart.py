@@ -289,20 +289,20 @@ def trainer(epochs: int, loggers: Any = False, callbacks: Sequence[Any] = ()) ->
 
 
 # ----------------------------------------------------------------------------------- figures
-def metric_history(history: Sequence[dict[str, Any]], metric: str, prefix: str = "alignment"):
+def measure_history(history: Sequence[dict[str, Any]], measure: str, prefix: str = "alignment"):
     """The callback's history as the ``{"raw", "calibrated", "threshold"}`` dicts plot_scores takes."""
-    return [{f: h[f"{prefix}/{metric}/{f}"] for f in ("raw", "calibrated", "threshold", "p_value")}
+    return [{f: h[f"{prefix}/{measure}/{f}"] for f in ("raw", "calibrated", "threshold", "p_value")}
             for h in history]
 
 
-def plot_curves(history: Sequence[dict[str, Any]], metrics: Sequence[str], path: str,
+def plot_curves(history: Sequence[dict[str, Any]], measures: Sequence[str], path: str,
                 title: str = "Student vs frozen reference on 500 probe digits "
                              "(epoch 0 = before training; max over layer pairs)") -> None:
-    """One panel per metric of one callback's history: raw, τ band, calibrated."""
-    plot_panels([(history, m, "alignment", m) for m in metrics], path, title, legend="upper left")
+    """One panel per measure of one callback's history: raw, τ band, calibrated."""
+    plot_panels([(history, m, "alignment", m) for m in measures], path, title, legend="upper left")
 
 
-Panel = tuple[Sequence[dict[str, Any]], str, str, str]  # history, metric, log prefix, title
+Panel = tuple[Sequence[dict[str, Any]], str, str, str]  # history, measure, log prefix, title
 
 
 def plot_panels(panels: Sequence[Panel], path: str, title: str, ncols: int | None = None,
@@ -317,8 +317,8 @@ def plot_panels(panels: Sequence[Panel], path: str, title: str, ncols: int | Non
     ncols = ncols or len(panels)
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.9 * nrows), squeeze=False)
-    for i, (ax, (hist, metric, prefix, panel_title)) in enumerate(zip(axes.flat, panels)):
-        series = metric_history(hist, metric, prefix)
+    for i, (ax, (hist, measure, prefix, panel_title)) in enumerate(zip(axes.flat, panels)):
+        series = measure_history(hist, measure, prefix)
         epochs = [h["epoch"] for h in hist]
         plot_scores(series, ax=ax, steps=epochs, xlabel="epoch", title=panel_title)
         ax.legend(loc=legend, fontsize="small", framealpha=0.9)
@@ -370,13 +370,13 @@ def plot_heatmaps(results: dict[str, Any], path: str, epoch: int, ylabel: str = 
     plt.close(fig)
 
 
-def summary_table(history: Sequence[dict[str, Any]], metrics: Sequence[str],
+def summary_table(history: Sequence[dict[str, Any]], measures: Sequence[str],
                   prefix: str = "alignment") -> str:
     first, last = history[0], history[-1]
-    head = (f"{'metric':<12} {'raw ep' + str(first['epoch']) + ' → ' + str(last['epoch']):>16} "
+    head = (f"{'measure':<12} {'raw ep' + str(first['epoch']) + ' → ' + str(last['epoch']):>16} "
             f"{'calibrated':>16} {'τ':>6} {'p':>7}  best pair (student|reference)")
     lines = [head, "-" * len(head)]
-    for m in metrics:
+    for m in measures:
         g = lambda h, f: float(h[f"{prefix}/{m}/{f}"])  # noqa: E731
         lines.append(
             f"{m:<12} {g(first, 'raw'):>7.3f} → {g(last, 'raw'):<6.3f} "
@@ -387,13 +387,13 @@ def summary_table(history: Sequence[dict[str, Any]], metrics: Sequence[str],
 
 
 def in_plain_words(history: Sequence[dict[str, Any]], wide: Sequence[dict[str, Any]],
-                   metric: str = "linear_cka") -> list[str]:
+                   measure: str = "linear_cka") -> list[str]:
     """One sentence for the real alignment (``alignment/``), one for the wide layer (``wide/``)."""
-    g = lambda h, p, f: float(h[f"{p}/{metric}/{f}"])  # noqa: E731
+    g = lambda h, p, f: float(h[f"{p}/{measure}/{f}"])  # noqa: E731
     first, last = history[0], history[-1]
-    pair = str(last[f"alignment/{metric}/best_pair"]).replace("|", " | ")
+    pair = str(last[f"alignment/{measure}/best_pair"]).replace("|", " | ")
     above = g(last, "alignment", "calibrated") > 0
-    real = (f"Real alignment: {metric} of the student's layers with the reference's goes from raw "
+    real = (f"Real alignment: {measure} of the student's layers with the reference's goes from raw "
             f"{g(first, 'alignment', 'raw'):.2f} at epoch {first['epoch']} to "
             f"{g(last, 'alignment', 'raw'):.2f} at epoch {last['epoch']} (best pair {pair}), "
             f"{'far above' if above else 'no more than'} what chance alone reaches "
@@ -404,13 +404,15 @@ def in_plain_words(history: Sequence[dict[str, Any]], wide: Sequence[dict[str, A
     when = " (before any training)" if h["epoch"] == 0 else ""
     end = wide[-1]
     aligned = g(end, "wide", "calibrated") > 0 and g(end, "wide", "p_value") <= 0.05
-    chance = (f"Chance posing as alignment: at epoch {h['epoch']}{when}, raw {metric} of the "
+    cal, p = g(h, "wide", "calibrated"), g(h, "wide", "p_value")
+    verdict = ("width, not alignment" if p > 0.05 else
+               f"almost all width (what is above chance is significant, p = {p:.3f}, but small)")
+    chance = (f"Chance posing as alignment: at epoch {h['epoch']}{when}, raw {measure} of the "
               f"{WIDE_FEATURES}-wide random-feature layer on {WIDE_PROBE} probe digits is "
               f"{g(h, 'wide', 'raw'):.2f}, but chance alone reaches "
               f"{g(h, 'wide', 'threshold'):.2f} at this width (τ, d/n = "
-              f"{WIDE_FEATURES // WIDE_PROBE}): calibrated "
-              f"{g(h, 'wide', 'calibrated'):.2f}, so that raw {g(h, 'wide', 'raw'):.2f} is width, "
-              f"not alignment (at epoch {end['epoch']} the layer "
+              f"{WIDE_FEATURES // WIDE_PROBE}): calibrated {cal:.3f}, so that raw "
+              f"{g(h, 'wide', 'raw'):.2f} is {verdict} (at epoch {end['epoch']} the layer "
               f"{'has really aligned' if aligned else 'is still at chance'}: raw "
               f"{g(end, 'wide', 'raw'):.2f}, calibrated {g(end, 'wide', 'calibrated'):.2f}).")
     return [real, chance]
@@ -492,13 +494,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit_seconds = time.perf_counter() - t_fit
 
     # 3. figures and summary
-    metrics = list(callback.measures)
+    measures = list(callback.measures)
     history, wide = callback.history, wide_callback.history
     curves = os.path.join(args.out, "alignment_curves.png")
     heatmap = os.path.join(args.out, "alignment_heatmap.png")
     n = len(x_probe)
     panels: list[Panel] = [(history, m, "alignment", f"{m}: student layers, n = {n}")
-                           for m in metrics]
+                           for m in measures]
     panels.insert(1, (wide, "linear_cka", "wide",
                       f"linear_cka: {WIDE_FEATURES}-wide layer, n = {WIDE_PROBE}"))
     plot_panels(panels, curves, ncols=2, annotate_gap=[1],
@@ -514,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"Alignment of the student (CNN) with the frozen reference (MLP 2×128), "
           f"n={n} probe digits, K={args.permutations}, α=0.05, max over layer pairs:")
-    print(summary_table(history, metrics))
+    print(summary_table(history, measures))
     print()
     print(f"The student's wide layer ({WIDE_FEATURES} random Fourier features of its hidden layer, "
           f"see RandomFourierFeatures) on the first n={WIDE_PROBE} probe digits:")
@@ -530,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"(probe: {accuracy(reference, x_probe, y_probe):.3f} / "
           f"{accuracy(student, x_probe, y_probe):.3f})")
     where_run = "in the foreground" if args.foreground else "in the background"
-    print(f"alignment: {len(history)} steps × ({len(metrics)} metrics + wide layer) × "
+    print(f"alignment: {len(history)} steps × ({len(measures)} measures + wide layer) × "
           f"K={args.permutations}, "
           f"{align_seconds:.1f} s of computing {where_run}; student fit {fit_seconds:.1f} s; "
           f"total run {time.perf_counter() - t_start:.1f} s (benchmarks/bench_callback_overhead.py "

@@ -137,17 +137,17 @@ def student_layer_names(callback: Any) -> list[str]:
     return list(next(iter(callback.last_results.values())).x_names)
 
 
-def per_layer_table(history: Sequence[dict[str, Any]], metric: str, layers: Sequence[str],
+def per_layer_table(history: Sequence[dict[str, Any]], measure: str, layers: Sequence[str],
                     prefix: str = "alignment") -> str:
     """For each student layer: its best MiniLM layer's raw score, before training and at the end."""
     def best(entry: dict[str, Any], layer: str) -> tuple[float, str]:
-        key = f"{prefix}/{metric}/pair/{layer}__"
+        key = f"{prefix}/{measure}/pair/{layer}__"
         pairs = {k[len(key):]: float(v) for k, v in entry.items() if k.startswith(key)}
         ref = max(pairs, key=pairs.get)
         return pairs[ref], ref
 
     first, last = history[0], history[-1]
-    lines = [f"{metric} per student layer (raw, best MiniLM layer), epoch {first['epoch']} → "
+    lines = [f"{measure} per student layer (raw, best MiniLM layer), epoch {first['epoch']} → "
              f"{last['epoch']}:"]
     for layer in layers:
         (v0, r0), (v1, r1) = best(first, layer), best(last, layer)
@@ -220,11 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer(args.epochs, loggers, [callback]).fit(student, train)
     fit_seconds = time.perf_counter() - t_fit
 
-    metrics = list(callback.measures)
+    measures = list(callback.measures)
     history = callback.history
     curves = os.path.join(args.out, "text_alignment_curves.png")
     heatmap = os.path.join(args.out, "text_alignment_heatmap.png")
-    plot_curves(history, metrics, curves,
+    plot_curves(history, measures, curves,
                 title=f"Color-name student vs frozen all-MiniLM-L6-v2 on {len(probe_idx)} "
                       "held-out names (epoch 0 = before training; max over layer pairs)")
     plot_heatmaps(callback.last_results, heatmap, history[-1]["epoch"],
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"Alignment of the color-name student with all-MiniLM-L6-v2, n={len(probe_idx)} "
           f"held-out names, K={args.permutations}, α=0.05, max over layer pairs:")
-    print(summary_table(history, metrics))
+    print(summary_table(history, measures))
     print(LEGEND)
     print()
     print(per_layer_table(history, "mutual_knn", student_layer_names(callback)))

@@ -53,9 +53,9 @@ def csv_rows(out: Path) -> list[dict[str, str]]:
 
 
 def assert_summary(stdout: str) -> None:
-    assert re.search(r"^metric\s+raw ep0 → \d+\s+calibrated\s+τ\s+p\s+best pair", stdout, re.M), stdout
+    assert re.search(r"^measure\s+raw ep0 → \d+\s+calibrated\s+τ\s+p\s+best pair", stdout, re.M), stdout
     for m in METRICS:
-        # metric  raw0 → rawN  cal0 → calN  τ  p  pair
+        # measure  raw0 → rawN  cal0 → calN  τ  p  pair
         assert re.search(rf"^{m}\s+[\d.]+ → [\d.]+\s+[\d.]+ → [\d.]+\s+[\d.]+\s+[\d.]+\s+\S+\|\S+",
                          stdout, re.M), f"no summary row for {m}:\n{stdout}"
 

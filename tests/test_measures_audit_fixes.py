@@ -15,6 +15,8 @@ are invariant to isotropic scaling.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,43 @@ def test_function_forms_take_integral_floats_and_numpy_numbers_like_get_measure(
         F.rbf_cka(x, y, sigma=True)
     with pytest.raises(ValueError, match="cca_dim must be a positive integer"):
         F.svcca(x, y, cca_dim=True)
+
+
+# ----------------------------------------------------------- from an audit of the docs (8th)
+def test_too_few_permutations_for_alpha_warn():
+    """K <= 18 at alpha = 0.05: τ is the largest of {s, null} for any data, so every calibrated
+    score is 0 and p >= 1/(K + 1) > alpha; that was silent."""
+    from alignment_callback.functional.calibration import threshold_index
+
+    x, y = _pair(torch.float32)
+    for k in (9, 18):
+        assert threshold_index(k, 0.05) == k  # the condition, from the τ rule
+        with pytest.warns(UserWarning, match=rf"num_permutations={k} is too few.*>= 19"):
+            r = F.calibrated_alignment(x, y, "linear_cka", num_permutations=k)
+        assert float(r.calibrated) == 0.0
+    assert threshold_index(19, 0.05) == 18
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(F.calibrated_alignment(x, y, "linear_cka", num_permutations=19).calibrated) > 0
+
+
+def test_a_list_of_measures_with_one_label_asks_for_a_dict_and_the_engine_checks_its_device():
+    from alignment_callback.engine import AlignmentEngine
+
+    with pytest.raises(ValueError, match=r"two measures are labeled '<lambda>'.*dict"):
+        AlignmentEngine([lambda x, y: x.sum(), lambda x, y: y.sum()])
+    with pytest.raises(ValueError, match="'mutual_knn' is given twice"):
+        AlignmentEngine(["mutual_knn", "mutual_knn"])
+    with pytest.raises(ValueError, match="two measures are labeled 'mutual_knn'"):
+        AlignmentEngine(["mutual_knn", F.get_measure("mutual_knn", k=5)])
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=rf"device='{missing}': this machine has"):
+        AlignmentEngine(["linear_cka"], device=missing)
+
+
+def test_a_regex_layer_that_matches_nothing_says_it_must_match_the_whole_name():
+    from alignment_callback.hooks import resolve_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match=r"layer 're:.*' matched none.*must match the whole"):
+        resolve_layers(model, "re:\\.0")

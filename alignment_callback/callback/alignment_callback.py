@@ -38,6 +38,7 @@ from alignment_callback.callback.reference import (
     resolve_references,
 )
 from alignment_callback.engine import AlignmentEngine
+from alignment_callback.functional._validation import check_device
 from alignment_callback.engine.engine import MeasuresSpec
 from alignment_callback.functional.aggregation import Aggregate
 from alignment_callback.functional.preprocessing import check_pool
@@ -245,7 +246,7 @@ class AlignmentCallback(Callback):
         _check_flags(baseline=baseline, log_heatmaps=log_heatmaps, log_pairs=log_pairs,
                      log_to_module=log_to_module, background=background, verbose=verbose,
                      progress_bar=progress_bar, report=report)
-        _check_device(compute_device)
+        check_device(compute_device, "compute_device")
         self.__init_triggers(every_n_epochs, every_n_train_steps, baseline)
         self.pair_map: dict[str, str] | None = None
         if isinstance(layers, Mapping):
@@ -1118,24 +1119,6 @@ def _compute_device(compute_device: Any, model_device: torch.device) -> torch.de
     if compute_device is not None:
         return torch.device(compute_device)
     return torch.device("cpu") if model_device.type == "mps" else model_device
-
-
-def _check_device(compute_device: Any) -> None:
-    """``compute_device``: None, a ``torch.device`` or a string naming one."""
-    if compute_device is None:
-        return
-    if not isinstance(compute_device, (str, torch.device)):
-        raise TypeError(f"compute_device must be None, a torch.device or a device string such "
-                        f"as 'cpu' or 'cuda:0', got {type(compute_device).__name__}")
-    try:
-        device = torch.device(compute_device)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"compute_device={compute_device!r} is not a device: {err}") from err
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index or 0) >= count:
-            raise ValueError(f"compute_device={compute_device!r}: this machine has {count} CUDA "
-                             "device(s)")
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -6,7 +6,7 @@ once to an RGB array, go where a logger takes images: W&B (``log_image``), Tenso
 (``add_image``), MLflow (``log_image``); the CSV logger gets PNG files in its log directory.
 Best layer pairs are logged by name where a logger takes text (W&B, TensorBoard, MLflow tags);
 a layer index → name map goes to every logger's hyperparameters once.  At the end of fit W&B
-gets, per measure, a summary (best calibrated, last p), one chart of raw, τ and calibrated, and
+gets, per measure, a summary (best calibrated, smallest p), one chart of raw, τ and calibrated, and
 one table of every pair at every step; the end-of-fit report goes to W&B as a file.
 """
 

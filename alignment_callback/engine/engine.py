@@ -12,6 +12,7 @@ from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import (
     AUTO,
     check_alpha,
+    check_device,
     check_max_score,
     check_num_permutations,
     check_seed,
@@ -50,7 +51,7 @@ def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
                 out[str(label)] = options
             elif isinstance(options, Mapping):
                 out[str(label)] = get_measure(str(label), **dict(options))
-            elif callable(options):  # your own measure f(x, y), labelled by the key
+            elif callable(options):  # your own measure f(x, y), labeled by the key
                 out[str(label)] = get_measure(options)
             else:
                 raise TypeError(f"measures[{label!r}] must be a dict of options, a Measure or a "
@@ -61,7 +62,11 @@ def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
             m = get_measure(spec)
             label = spec if isinstance(spec, str) else m.name
             if label in out:
-                raise ValueError(f"measure {label!r} is given twice")
+                same = out[label] == m if isinstance(spec, (str, Measure)) else False
+                raise ValueError(
+                    f"measure {label!r} is given twice" if same else
+                    f"two measures are labeled {label!r} (a list labels each by its name): pass "
+                    f"a dict {{label: measure}} to tell them apart")
             out[label] = m
     if not out:
         raise ValueError("no measures given")
@@ -132,7 +137,7 @@ class AlignmentEngine:
         self.pairs = dict(pairs) if pairs is not None else None
         self.groups = groups
         self.preprocessor = RowPreprocessor(preprocess)
-        self.device = torch.device(device) if device is not None else None
+        self.device = check_device(device)
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
         check_moments_apply(self.null, self.measures.values(), groups)

@@ -122,3 +122,22 @@ def check_k(n: int, k: int, minimum: int = 1, measure: str = "kNN measure") -> i
             f"(need n > k)"
         )
     return k
+
+
+def check_device(device: Any, name: str = "device") -> torch.device | None:
+    """None, or the ``torch.device`` named by ``device`` (a device or a string such as
+    ``"cuda:0"``); a CUDA device must exist on this machine."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name} must be None, a torch.device or a device string such as 'cpu' "
+                        f"or 'cuda:0', got {type(device).__name__}")
+    try:
+        out = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"{name}={device!r} is not a device: {err}") from err
+    if out.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (out.index or 0) >= count:
+            raise ValueError(f"{name}={device!r}: this machine has {count} CUDA device(s)")
+    return out

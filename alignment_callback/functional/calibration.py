@@ -55,6 +55,18 @@ def threshold_index(num_permutations: int, alpha: float) -> int:
     return max(0, min(idx, num_permutations))
 
 
+def few_permutations(num_permutations: int, alpha: float) -> str:
+    """The warning for a K so small that τ is the largest of {s, s_1..s_K} whatever the data
+    (the smallest p-value 1/(K + 1) is above α): nothing can be called aligned."""
+    need = num_permutations + 1
+    while threshold_index(need, alpha) == need:
+        need += 1
+    return (f"num_permutations={num_permutations} is too few for alpha={alpha:g}: the smallest "
+            f"p-value, 1/{num_permutations + 1}, is above alpha, so the threshold τ is the "
+            "largest of the score and its null and every calibrated score is 0; use "
+            f"num_permutations >= {need}")
+
+
 def resolution(dtype: torch.dtype) -> float:
     """The smallest ``s_max − τ`` that float error cannot fake: 1e-5 for scores computed from
     float32 (or lower precision) data, 1e-11 for float64."""
@@ -82,6 +94,8 @@ def calibrate_tensor(
         raise ValueError(f"null shape {tuple(null.shape)} does not match score shape {tuple(score.shape)}")
     if not bool(torch.isfinite(null).all()) or not bool(torch.isfinite(score).all()):
         raise ValueError("score or null contains NaN/Inf values; cannot calibrate")
+    if threshold_index(k, alpha) == k:
+        warnings.warn(few_permutations(k, alpha), UserWarning, stacklevel=2)  # a setting
     dtype = torch.promote_types(score.dtype, null.dtype)
     score, null = score.to(dtype), null.to(dtype)
     combined = torch.cat([score.unsqueeze(0), null], 0)

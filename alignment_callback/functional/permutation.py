@@ -81,7 +81,7 @@ def permutations(
 ) -> Tensor:
     """The exact permutations (K, n) the nulls use for ``seed`` (and ``groups``).
 
-    Row k is π_k; the k-th null value is ``metric(x, y[π_k])``.  Drawn with a dedicated CPU
+    Row k is π_k; the k-th null value is ``measure(x, y[π_k])``.  Drawn with a dedicated CPU
     generator; the global RNG is untouched.
     """
     return torch.cat(list(iter_permutations(n, num_permutations, seed, groups=groups)))

@@ -156,9 +156,11 @@ def resolve_modules(model: nn.Module, layers: Layers, model_name: str = "model"
         if not hits:
             names = [name for name, _, _ in table]
             close = difflib.get_close_matches(normalize_pattern(label), names, n=5, cutoff=0.5)
+            regex = isinstance(spec, str) and spec.startswith("re:")
             raise ValueError(
-                f"layer {label!r} matched none of the {model_name}'s {len(names)} layers; "
-                f"closest names: {close or names[:5]}. "
+                f"layer {spec if regex else label!r} matched none of the {model_name}'s "
+                f"{len(names)} layers" + (" (a 're:' regex must match the whole name)" if regex
+                                          else "") + f"; closest names: {close or names[:5]}. "
                 "Use list_layers(model, batch) to see every name and its output shape."
             )
         chosen.update(hits)

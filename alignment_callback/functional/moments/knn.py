@@ -194,7 +194,7 @@ def cknna_mean(indices_x: Tensor, values_x: Tensor, indices_y: Tensor, values_y:
     of order ≤ 2: ``tr(ÃB̃) = Σ (P∘M_Kᵀ)_ij (Q∘M_Lᵀ)_π(i)π(j)`` (mean: product of totals over
     n(n−1)), ``1ᵀÃ1·1ᵀB̃1 = T(P, M_L)·T(M_K, Q)`` and ``1ᵀÃB̃1 = Σ_ijl P_ij M_L,π(i)π(j)
     M_K,jl Q_π(j)π(l)``, whose means are ``Σ_p S(p) S'(p)/(n)_|p|`` over the partitions of
-    four positions (two labelled edges; for the last one only those with j = k).  O(n·k).
+    four positions (two labeled edges; for the last one only those with j = k).  O(n·k).
 
     Parameters
     ----------

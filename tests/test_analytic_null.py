@@ -187,8 +187,8 @@ def _enumerated_null(name: str, x: torch.Tensor, y: torch.Tensor, k: int) -> np.
     adjacency is M_Y[pi][:, pi]."""
     a, b = x.double().numpy(), y.double().numpy()
     n = a.shape[0]
-    mx = _np_knn_mask(a, k, tie_keys(n, "x").numpy())
-    my = _np_knn_mask(b, k, tie_keys(n, "y").numpy())
+    mx = _np_knn_mask(a, k, tie_keys(n, "x", data=x).numpy())
+    my = _np_knn_mask(b, k, tie_keys(n, "y", data=y).numpy())
     perms = np.array(list(itertools.permutations(range(n))))
     myp = my[perms[:, :, None], perms[:, None, :]]  # (n!, n, n)
     if name == "mutual_knn":  # mean_i |N_X(i) & N_Y(i)| / k

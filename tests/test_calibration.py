@@ -345,3 +345,19 @@ def test_calibrate_layers_matches_oracle_callable_agg():
     _assert_p_matches(ours, p, K, exact=False)
     assert float(ours.threshold) == pytest.approx(float(tau), abs=1e-5)
     assert float(ours.calibrated) == pytest.approx(float(cal), abs=1e-5)
+
+
+def test_threshold_index_is_the_exact_decimal_order_statistic():
+    """⌈(1 − α)(K + 1)⌉ − 1 with α as the decimal the user wrote: floats put (1 − 0.18)·1000 at
+    820.0000000000001, and τ one place too high (calibrated 0 with p <= α)."""
+    from fractions import Fraction
+
+    from alignment_callback.functional.calibration import threshold_index
+
+    for hundredths in range(1, 50):
+        alpha = hundredths / 100
+        for k in range(1, 2001, 7):
+            exact = Fraction(100 - hundredths, 100) * (k + 1)
+            expected = min(max(math.ceil(exact) - 1, 0), k)
+            assert threshold_index(k, alpha) == expected, (alpha, k)
+    assert threshold_index(999, 0.18) == 819

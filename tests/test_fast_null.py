@@ -362,3 +362,21 @@ def test_identity_permutations_reach_the_observed_score(name, dtype):
     if name != "linear_predictivity":
         alone = F.permutation_null(x, y, name, K, seed=0, **kw)[ident]
         assert torch.equal(alone, res.raw.to(alone).expand(len(alone)))
+
+
+def test_identity_block_permutations_count_as_reaching_the_score_at_any_n():
+    """Three groups of eight: one block permutation in six is the identity, at n = 24.  Only
+    n <= 12 was checked, so linear predictivity's batched null, rounding the identity's value
+    2e-7 below the score, gave p = 0.01 where the six arrangements allow no p below 1/6."""
+    n, groups = 24, [i // 8 for i in range(24)]
+    perms = F.Permutations(n, 99, 0, groups)
+    assert perms.identity_probability() == pytest.approx(1 / 6)
+    identity = (F.permutations(n, 99, seed=0, groups=groups) == torch.arange(n)).all(1)
+    assert int(identity.sum()) > 5
+    for r in range(30):
+        g = torch.Generator().manual_seed(r)
+        x, y = torch.randn(n, 5, generator=g), torch.randn(n, 5, generator=g)
+        res = F.calibrated_alignment(x, y, "linear_predictivity", num_permutations=99, seed=0,
+                                     groups=groups)
+        assert torch.equal(res.null[identity], res.raw.expand(int(identity.sum()))), r
+        assert float(res.p_value) >= (1 + int(identity.sum())) / 100 - 1e-7, r

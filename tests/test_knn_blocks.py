@@ -2,7 +2,7 @@
 n ≈ 150-220 is searched in several row blocks (a partial one last), and the neighbor lists,
 their similarities and the reciprocity flags must equal the single-block search and a float64
 NumPy brute force written from the definition: the k rows j ≠ i of largest ⟨x_i, x_j⟩, most
-similar first, exact ties to the lowest priority key (``tie_keys`` of the side's role).  Tied
+similar first, exact ties to the lowest priority key (``tie_keys`` of the side's role and data).  Tied
 data is integer-valued (every similarity exact whatever the summation order) or duplicated
 rows (the reference's similarities are tied by construction).  Calibrated kNN results through
 the pipeline must not depend on the block size either.
@@ -113,7 +113,7 @@ EXACT = ("ternary", "onehot", "dup_int")  # similarities exact in any summation 
                                   "dup_gauss"])
 def test_blocked_search_equals_single_block_and_numpy(monkeypatch, kind, k, rows):
     x, sim = data(kind, N, seed=k + rows)
-    keys = nb.tie_keys(N, "x")
+    keys = nb.tie_keys(N, "x", data=x)
     idx, vals, used = knn_in_blocks(monkeypatch, x, k, rows)
     assert used == expected_blocks(N, rows) and len(used) >= 4 and used[-1] < rows
     whole, whole_vals, one = knn_in_blocks(monkeypatch, x, k, N)
@@ -142,7 +142,7 @@ def test_single_and_two_row_blocks_on_exact_ties(monkeypatch, kind):
         idx, vals, used = knn_in_blocks(monkeypatch, x, k, rows)
         assert used == expected_blocks(n, rows) and min(used) >= 2 and sum(used) == n
         assert used[-1] == (3 if rows < 5 else 6)
-        exp_idx, exp_vals = np_knn(sim, k, nb.tie_keys(n, "x").numpy())
+        exp_idx, exp_vals = np_knn(sim, k, nb.tie_keys(n, "x", data=x).numpy())
         np.testing.assert_array_equal(idx.numpy(), exp_idx)
         np.testing.assert_array_equal(vals.double().numpy(), exp_vals)
 
@@ -154,7 +154,7 @@ def test_neighbor_lists_in_blocks_use_the_roles_keys(monkeypatch, kind, role):
     slot table agree with the lists; the two roles break ties differently."""
     n, k = 203, 8  # 203 = 29·7
     x, sim = data(kind, n, seed=4)
-    keys = nb.tie_keys(n, role).numpy()
+    keys = nb.tie_keys(n, role, data=x).numpy()
     exp_idx, exp_vals = np_knn(sim, k, keys)
     with monkeypatch.context() as m:
         m.setattr(nb, "_BLOCK_ELEMENTS", 6 * n)  # blocks of 6 rows, the last of 5
@@ -165,7 +165,7 @@ def test_neighbor_lists_in_blocks_use_the_roles_keys(monkeypatch, kind, role):
     rows = torch.arange(n).view(n, 1)
     slots = lists.table.lookup(rows, lists.indices)
     assert torch.equal(slots, torch.arange(1, k + 1).expand(n, k))
-    other = np_knn(sim, k, nb.tie_keys(n, "y" if role == "x" else "x").numpy())[0]
+    other = np_knn(sim, k, nb.tie_keys(n, "y" if role == "x" else "x", data=x).numpy())[0]
     assert not np.array_equal(other, exp_idx)  # the data does tie, and keys decide
 
 
@@ -197,9 +197,11 @@ def test_one_row_blocks_on_duplicated_float32_rows(monkeypatch):
     # asked for one-row blocks (a matrix-vector product rounds <x_i, x_j> by the memory
     # alignment of row j, so identical float32 rows could get similarities an ulp apart and
     # rounding, not the priority key, would order them): blocks of two rows instead
-    idx, _, used = knn_in_blocks(monkeypatch, base.float()[src], k, 1)
+    x = base.float()[src]
+    idx, _, used = knn_in_blocks(monkeypatch, x, k, 1)
     assert used == expected_blocks(n, 1) and min(used) == 2 and used[-1] == 3
-    np.testing.assert_array_equal(idx.numpy(), np_knn(sim, k, nb.tie_keys(n, "x").numpy())[0])
+    np.testing.assert_array_equal(idx.numpy(),
+                                  np_knn(sim, k, nb.tie_keys(n, "x", data=x).numpy())[0])
 
 
 # ------------------------------------------------------------------- through the pipeline

@@ -50,8 +50,14 @@ class CalibrationResult:
 
 
 def threshold_index(num_permutations: int, alpha: float) -> int:
-    """0-based index of τ in the sorted ``{s, s_1..s_K}``: ⌈(1 − α)(K + 1)⌉ − 1, clamped."""
-    idx = int(math.ceil((1.0 - alpha) * (num_permutations + 1))) - 1
+    """0-based index of τ in the sorted ``{s, s_1..s_K}``: ⌈(1 − α)(K + 1)⌉ − 1, clamped.
+
+    The product is taken as the exact decimal one where float rounding lands it just above an
+    integer ((1 − 0.18)·1000 is 820.0000000000001 in floats, whose ceiling would put τ one
+    place too high).
+    """
+    product = (1.0 - alpha) * (num_permutations + 1)
+    idx = int(math.ceil(product - 1e-9 * max(1.0, product))) - 1
     return max(0, min(idx, num_permutations))
 
 

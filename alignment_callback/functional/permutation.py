@@ -8,6 +8,7 @@ per-permutation temporaries (never K×n×n).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -177,6 +178,16 @@ class Permutations:
             done += part.shape[0]
             if done >= stop:
                 return
+
+    def identity_probability(self) -> float:
+        """The chance that one draw is the identity: 1/n!, or with ``groups`` 1/Π m_s! (m_s
+        groups of size s are exchanged among themselves; 1/6 for three groups of eight)."""
+        if self.groups is None:
+            return math.exp(-math.lgamma(self.n + 1))
+        labels = np.asarray(self.groups.cpu() if isinstance(self.groups, Tensor) else self.groups)
+        _, sizes = np.unique(labels, return_counts=True)
+        _, groups_per_size = np.unique(sizes, return_counts=True)
+        return math.exp(-sum(math.lgamma(int(m) + 1) for m in groups_per_size))
 
     def tensor(self, device: torch.device | str | None = None) -> Tensor:
         """All permutations as one (K, n) tensor."""

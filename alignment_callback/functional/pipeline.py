@@ -408,7 +408,7 @@ def calibrate_prepared(
     return {m: out[m] for m in measures}
 
 
-_IDENTITY_MAX_N = 12  # from n = 13 on, a draw is the identity with probability 1/n! < 2e-10
+_IDENTITY_CHANCE = 1e-12  # below this chance per draw (1/n! from n = 15 on), no identity
 
 
 def _identity_scores_observed(nulls: dict[Measure, Tensor], observed: dict[Measure, Tensor],
@@ -416,12 +416,14 @@ def _identity_scores_observed(nulls: dict[Measure, Tensor], observed: dict[Measu
     """Give every identity permutation in the null exactly the observed matrix: s(X, Y[id]) is
     s(X, Y) by definition and must count as reaching it in the p-value, however a batched null
     rounded it (a product over a batch of permutations can round one row differently from the
-    observed call).  Only small n can draw the identity; ``start``: the nulls' first index
-    (nulls of all K permutations after a gather)."""
-    if not nulls or permutations.n > _IDENTITY_MAX_N:
+    observed call).  Only small n, or block permutations of few groups (three groups: one
+    draw in six), draw the identity; ``start``: the nulls' first index (nulls of all K
+    permutations after a gather)."""
+    if not nulls or permutations.identity_probability() < _IDENTITY_CHANCE:
         return
-    perms = permutations.tensor()
-    identity = (perms == torch.arange(permutations.n)).all(1)
+    ident = torch.arange(permutations.n)
+    identity = torch.cat([(chunk == ident).all(1) for chunk in
+                          permutations.chunks(max(1, (1 << 22) // permutations.n))])
     for m, null in nulls.items():
         rows = identity if len(null) == len(identity) else identity[start:start + len(null)]
         if bool(rows.any()):

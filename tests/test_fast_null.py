@@ -380,3 +380,10 @@ def test_identity_block_permutations_count_as_reaching_the_score_at_any_n():
                                      groups=groups)
         assert torch.equal(res.null[identity], res.raw.expand(int(identity.sum()))), r
         assert float(res.p_value) >= (1 + int(identity.sum())) / 100 - 1e-7, r
+
+
+def test_one_group_is_refused_for_what_it_is():
+    with pytest.raises(ValueError, match="every sample is in one group"):
+        F.Permutations(6, 9, 0, [0] * 6).tensor()
+    with pytest.raises(ValueError, match="no two groups have the same size"):
+        F.Permutations(6, 9, 0, [0, 0, 0, 1, 1, 2]).tensor()

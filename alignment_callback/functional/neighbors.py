@@ -41,7 +41,7 @@ def _digest(data: Tensor) -> int:
     """63 bits of a hash of ``data``'s bytes, in row order (any change of a value or of the
     row order changes it)."""
     t = data.detach().cpu().contiguous()
-    h = hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=8)
+    h = hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy(), digest_size=8)  # no copy
     h.update(repr((tuple(t.shape), str(t.dtype))).encode())
     return int.from_bytes(h.digest(), "little") >> 1
 

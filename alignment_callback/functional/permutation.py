@@ -44,10 +44,9 @@ class GroupPermuter:
             by_size.setdefault(len(rows), []).append(rows)
         self.blocks = [torch.tensor(v, dtype=torch.long) for _, v in sorted(by_size.items()) if len(v) > 1]
         if not self.blocks:
-            raise ValueError(
-                "groups allow no permutation: no two groups have the same size, so no block "
-                "can be exchanged"
-            )
+            why = ("every sample is in one group" if len(members) == 1 else
+                   "no two groups have the same size, so no block can be exchanged")
+            raise ValueError(f"groups allow no permutation: {why}")
         self.n = n
 
     def __call__(self, generator: torch.Generator) -> Tensor:

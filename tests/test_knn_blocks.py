@@ -238,3 +238,12 @@ def test_calibrated_result_does_not_depend_on_the_block_size(monkeypatch, kind, 
             assert float(getattr(blocked, key)) == pytest.approx(float(getattr(default, key)),
                                                                  rel=tol, abs=tol), key
         assert float(blocked.p_value) == float(default.p_value)
+
+
+def test_default_keys_are_seeded_by_the_data_as_given():
+    """``knn(x, k)`` without keys uses ``tie_keys(n, "x", data=x)`` of x as passed, also when x
+    is rescaled internally (magnitudes beyond 2**16)."""
+    x = torch.randint(0, 3, (40, 4)).double() * 2.0**40  # exact ties, rescaled inside knn
+    idx, _ = nb.knn(x, 5)
+    expected, _ = nb.knn(x, 5, nb.tie_keys(40, "x", data=x))
+    assert torch.equal(idx, expected)

@@ -85,7 +85,7 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     k : int, the number of neighbors (``k < n``).
     keys : Tensor of shape (n,), default=None
         Tie-breaking priorities (lower wins an exact tie); ``None`` uses :func:`tie_keys` with
-        role ``"x"``.
+        role ``"x"``, seeded by ``x``.
 
     Returns
     -------
@@ -93,7 +93,7 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     Similarities are computed in row blocks (memory O(n·block), never n×n at once), after an
     exact power-of-two rescaling of ``x`` (see ``_scaling``), so magnitudes like 1e±30 work.
     """
-    n = x.shape[0]
+    n, data = x.shape[0], x  # default keys: seeded by x as given (before the rescaling)
     x = rescale_exactly(x)
     take = min(k + 1, n)  # one past the k-th shows a tie across the boundary
     # blocks of at least 2 rows: a one-row product is a matrix-vector product, which was seen
@@ -113,7 +113,7 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
         tied = (vals[:, 1:] == vals[:, :-1]).any(1)
         if bool(tied.any()):  # re-rank these rows exactly: similarity, then priority
             if priority is None:
-                priority = torch.argsort((tie_keys(n, "x", data=x) if keys is None
+                priority = torch.argsort((tie_keys(n, "x", data=data) if keys is None
                                           else keys).to(x.device))
             r = tied.nonzero().squeeze(1)
             sv, si = torch.sort(g[r][:, priority], dim=1, descending=True, stable=True)

@@ -785,14 +785,7 @@ class AlignmentCallback(Callback):
         plugin = getattr(trainer, "precision_plugin", None)
         if plugin is None or type(plugin).convert_input is Precision.convert_input:  # no-op
             return batches
-        if isinstance(batches, (Tensor, Mapping)):  # a tensor of rows, or one dict batch
-            return plugin.convert_input(batches)
-
-        def converted() -> Iterator[Any]:  # lazy: iterating a DataLoader draws from the RNG,
-            for batch in batches:  # which only the capture's guard may see
-                yield plugin.convert_input(batch)
-
-        return converted()
+        return _each_batch(plugin.convert_input, batches)
 
     @torch.no_grad()
     def _capture(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float]:
@@ -1086,14 +1079,21 @@ def _in_dtype_of(module: nn.Module, batches: Any) -> Any:
         return apply_to_collection(batch, Tensor, lambda t: t.to(dtype)
                                    if t.is_floating_point() and t.dtype != dtype else t)
 
-    if isinstance(batches, (Tensor, Mapping)):  # a tensor of rows, or one dict batch
-        return cast(batches)
+    return _each_batch(cast, batches)
 
-    def converted() -> Iterator[Any]:  # lazy, as in _as_trained (a generator expression would
-        for batch in batches:  # call iter(), which draws from the RNG, right away)
-            yield cast(batch)
 
-    return converted()
+def _each_batch(fn: Callable[[Any], Any], batches: Any) -> Any:
+    """``fn`` applied to a probe's batches: to a tensor of rows or one dict batch directly,
+    else lazily (iterating a DataLoader draws from the RNG, which only the capture's guard
+    may see; a generator expression would call ``iter`` right away)."""
+    if isinstance(batches, (Tensor, Mapping)):
+        return fn(batches)
+
+    def mapped() -> Iterator[Any]:
+        for batch in batches:
+            yield fn(batch)
+
+    return mapped()
 
 
 def _reraise(error: BaseException) -> None:

@@ -5,17 +5,15 @@ with process 0's names, shapes and dtypes even where its own differ."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from alignment_callback.callback.distributed import from_rank_zero
+from tests._spawn import free_port, spawn_and_wait
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 90.0
@@ -44,24 +42,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_process_receives_process_zeros_tensors_bitwise(tmp_path):
-    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):  # raises if a worker failed
-            if time.monotonic() > deadline:
-                pytest.fail(f"workers did not finish within {TIMEOUT_S:.0f} s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_and_wait(_worker, (free_port(), str(tmp_path)), TIMEOUT_S)
     sent = _tensors(0)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")

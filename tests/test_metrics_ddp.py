@@ -9,18 +9,16 @@ uneven per-rank counts, so the single-process reference is fed rank 0's rows the
 from __future__ import annotations
 
 import os
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from alignment_callback.metrics import CalibratedAlignment, LayerAlignment
 from alignment_callback.metrics.calibrated_alignment import RESULT_KEYS
+from tests._spawn import free_port, spawn_and_wait
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +26,8 @@ K = 40
 N = 80
 SPLIT = 37  # rank 0: 37 rows, rank 1: 43 rows (uneven: exercises padding + trimming)
 TIMEOUT_S = 90.0
-# (no ``tests.helpers`` import: the spawned workers re-import this module, and Lightning would
-# add seconds to each worker's start on a busy 2-core machine)
+# (no ``tests.helpers`` import, only ``tests._spawn``: the spawned workers re-import this
+# module, and Lightning would add seconds to each worker's start on a busy 2-core machine)
 
 
 def _data() -> dict[str, torch.Tensor]:
@@ -118,24 +116,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(out_dir: Path) -> None:
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):  # raises if a worker failed
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S:.0f} s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_and_wait(_worker, (2, free_port(), str(out_dir)), TIMEOUT_S)
 
 
 def _single_process() -> dict[str, dict[str, torch.Tensor]]:

@@ -387,3 +387,14 @@ def test_one_group_is_refused_for_what_it_is():
         F.Permutations(6, 9, 0, [0] * 6).tensor()
     with pytest.raises(ValueError, match="no two groups have the same size"):
         F.Permutations(6, 9, 0, [0, 0, 0, 1, 1, 2]).tensor()
+
+
+@pytest.mark.parametrize("spellings", [("cpu", "cpu:0", torch.device("cpu"), None),
+                                       pytest.param(("cuda", "cuda:0"), marks=pytest.mark.cuda)])
+def test_one_device_spelled_two_ways_is_cached_once(spellings):
+    """"cuda" and "cuda:0" (or "cpu" and "cpu:0") are one device: the drawn set is copied to it
+    once, not once per spelling."""
+    perms = F.Permutations(50, 40, seed=3)
+    first = [c.data_ptr() for c in perms.chunks(7, spellings[0])]
+    for device in spellings[1:]:
+        assert [c.data_ptr() for c in perms.chunks(7, device)] == first, device

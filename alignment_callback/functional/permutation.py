@@ -106,6 +106,15 @@ def chunk_size_for(cost_per_perm: int, device: torch.device | str | None = None)
     return max(1, min(_MAX_CHUNK, budget // max(1, cost_per_perm)))
 
 
+def _cache_key(device: torch.device | str | None) -> torch.device:
+    """``device`` with its index made explicit ("cuda" → "cuda:0" where 0 is current, "cpu:0"
+    → "cpu"), so that one device is cached once whichever way it is spelled."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cpu":
+        return torch.device("cpu")
+    return device if device.index is not None else torch.empty(0, device=device).device
+
+
 class Permutations:
     """One permutation set ``(n, K, seed, groups)``, drawn once and reused by every measure
     (and, in the engine, every step).
@@ -161,7 +170,7 @@ class Permutations:
     def chunks(self, chunk_size: int, device: torch.device | str | None = None, start: int = 0,
                stop: int | None = None) -> Iterator[Tensor]:
         """(B, n) chunks of permutations ``start .. stop - 1`` on ``device``."""
-        device = torch.device("cpu" if device is None else device)
+        device = _cache_key(device)
         stop = self.num_permutations if stop is None else min(stop, self.num_permutations)
         size = max(1, int(chunk_size))
         full = self._all(device)

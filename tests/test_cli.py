@@ -260,7 +260,7 @@ def bad_files(data):
     torch.save(torch.randn(N + 5, 4), root / "more.pt")
     (root / "dmix").mkdir()
     shutil.copy(root / "more.pt", root / "dmix" / "more.pt")
-    (root / "feats.txt").write_text("1 2 3\n")
+    (root / "feats.txt").write_text("1 2 3\n4 5 6\n")
     return root
 
 
@@ -305,6 +305,25 @@ def test_in_process_errors_and_debug(bad_files, capsys):
         cli.main(["compare", str(root / "nan.pt"), str(root / "a.pt"), "--debug"])
     assert cli.main(["compare"]) == 2  # argparse usage error
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("command", ["compare", "matrix"])
+def test_groups_that_allow_no_permutation_are_refused_naming_the_groups_file(data, command,
+                                                                             capsys):
+    """One group (or no two groups of one size) is an error in the --groups file, given before
+    any feature file is read or --out created; it named a feature file and came mid-run."""
+    root, _ = data
+    for labels, why in (([0] * N, "every sample is in one group"),
+                        ([0] * (N - 1) + [1], "no two groups have the same size")):
+        np.save(root / "bad_groups.npy", np.asarray(labels))
+        inputs = ["a.pt", "b.npz"] if command == "compare" else ["dx", "dx"]
+        out = root / f"out_groups_{command}"
+        code = cli.main([command, *[str(root / a) for a in inputs], "--groups",
+                         str(root / "bad_groups.npy"), *FAST, "--out", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"error: {root / 'bad_groups.npy'}: ") and why in err[0], err
+        assert not out.exists()
 
 
 def test_help_documents_saving_features(capsys):

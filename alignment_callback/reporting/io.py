@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional.permutation import GroupPermuter
 from alignment_callback.functional.preprocessing import Pool, prepare_features
 from alignment_callback.hooks.feature_files import (  # noqa: F401  (re-exported)
     FEATURE_EXTENSIONS,
@@ -105,6 +106,10 @@ def load_groups(path: str | Path, n: int | None = None) -> np.ndarray:
         )
     if labels.dtype.kind == "f" and not np.isfinite(labels).all():
         raise FeatureFileError(f"{path}: groups contain NaN/Inf labels")
+    try:  # one group, or no two of equal size: refused before any feature file is read
+        GroupPermuter(labels, labels.shape[0])
+    except ValueError as err:
+        raise FeatureFileError(f"{path}: {err}") from err
     if n is not None and labels.shape[0] != n:
         raise FeatureFileError(
             f"{path}: has {labels.shape[0]} group labels but the features have {n} rows"

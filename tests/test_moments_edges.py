@@ -57,6 +57,54 @@ def test_auto_with_groups_is_the_block_permutation_null():
     assert torch.equal(auto.null, perm.null)
 
 
+@pytest.mark.parametrize("measure", ["mutual_knn", "cycle_knn", "cknna"])
+def test_auto_with_groups_reports_the_block_null_mean_for_knn(measure):
+    """The exact kNN mean is that of single-row permutations (k/(n-1) for mutual kNN); with
+    groups ``auto`` reported it next to the block null's p-value: 0.04 against a block null
+    around 0.74, an effect size of 56 standard deviations for independent data."""
+    x, y, groups = blocks()
+    kw = dict(groups=groups, num_permutations=300, k=4)
+    perm = F.calibrated_alignment(x, y, measure, **kw)
+    auto = F.calibrated_alignment(x, y, measure, null="auto", **kw)
+    assert auto.null_method == "permutation"
+    for field in ("p_value", "null_mean", "null_std", "effect_size", "null"):
+        assert torch.equal(getattr(auto, field), getattr(perm, field)), field
+    assert float(auto.null_mean) == pytest.approx(float(perm.null.double().mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("null", ["moments", "auto"])
+def test_a_custom_aggregate_is_not_replaced_by_the_pairs_moments(null):
+    """A callable aggregate of one pair need not be the identity: ``-max`` turns a strong
+    alignment into p = 1.  ``moments``/``auto`` ignored it (reporting the pair's own p ≈ 0 and
+    aggregate "max"); now ``auto`` calibrates it by permutations and ``moments`` refuses it.
+    The built-in aggregates are the identity on one pair and keep the moments, named."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    y = x[:, :6] + torch.randn(64, 6, generator=g, dtype=torch.float64)
+
+    def negated(m):
+        return -m.max()
+
+    kw = dict(num_permutations=199)
+    if null == "moments":
+        with pytest.raises(ValueError, match="aggregate='negated'.*null='permutation'"):
+            F.calibrated_layer_alignment({"a": x}, {"b": y}, "linear_cka", aggregate=negated,
+                                         null=null, **kw)
+    else:
+        res = F.calibrated_layer_alignment({"a": x}, {"b": y}, "linear_cka", aggregate=negated,
+                                           null=null, **kw)
+        perm = F.calibrated_layer_alignment({"a": x}, {"b": y}, "linear_cka",
+                                            aggregate=negated, **kw)
+        assert res.null_method == "permutation" and res.aggregate == "negated"
+        assert float(res.p_value) == float(perm.p_value) == 1.0
+        assert float(res.raw) == -float(res.matrix[0, 0]) < 0
+    for agg in ("mean", "top3"):
+        res = F.calibrated_layer_alignment({"a": x}, {"b": y}, "linear_cka", aggregate=agg,
+                                           null=null, **kw)
+        assert res.null_method == "moments" and res.aggregate == agg
+        assert float(res.raw) == float(res.matrix[0, 0])
+
+
 def exhaustive_null(x: np.ndarray, y: np.ndarray, measure) -> np.ndarray:
     n = len(x)
     return np.array([measure(x, y[list(p)]) for p in itertools.permutations(range(n))])

@@ -39,6 +39,8 @@ from alignment_callback.functional.aggregation import (
     Aggregate,
     Layers,
     LayerAlignmentResult,
+    MappedAggregate,
+    aggregate_fn,
     calibrate_layers_from_matrices,
     named_layers,
 )
@@ -383,7 +385,7 @@ def calibrate_prepared(
             _to_grams(m, xside, yside)
     observed = observed_matrices(measures, xside, yside)
     out = _analytic_results(measures, observed, xside, yside, alpha, max_score, null,
-                           permutations.groups)
+                           permutations.groups, aggregate)
     rest = [m for m in measures if m not in out]
     # a feature-space state cannot give a permutation null: n×n after all, and the observed
     # score again from the n×n states, so that it and the null share one route (a null value
@@ -404,7 +406,8 @@ def calibrate_prepared(
         res = calibrate_layers_from_matrices(
             observed[m], nulls[m], agg, alpha, smax, list(xside.names), list(yside.names),
             data_dtype=xside.dtype, measure=m.name, hint=hint)
-        out[m] = _with_exact_knn_moments(m, res, xside, yside) if null == "auto" else res
+        exact_mean = null == "auto" and permutations.groups is None  # block nulls: other moments
+        out[m] = _with_exact_knn_moments(m, res, xside, yside) if exact_mean else res
     return {m: out[m] for m in measures}
 
 
@@ -448,15 +451,26 @@ def _single_pair(xside: PreparedSide, yside: PreparedSide) -> bool:
 
 def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tensor],
                       xside: PreparedSide, yside: PreparedSide, alpha: float,
-                      max_score: float | None | str, null: str, groups: Any = None
+                      max_score: float | None | str, null: str, groups: Any = None,
+                      aggregate: Aggregate | Mapping[Measure, Aggregate] = "max"
                       ) -> dict[Measure, LayerAlignmentResult]:
     """Results from the exact moments, for the measures and pairs where ``null`` asks for them
-    (none with ``groups``: block permutations have other moments)."""
+    (none with ``groups``: block permutations have other moments; none with a custom callable
+    aggregate, which need not be the identity on a single pair)."""
     out: dict[Measure, LayerAlignmentResult] = {}
     if null == "permutation" or groups is not None:
         check_moments_apply(null, measures, groups)
         return out
     for m in measures:
+        agg = aggregate.get(m, "max") if isinstance(aggregate, Mapping) else aggregate
+        agg_name, _ = aggregate_fn(agg)
+        if m.info.analytic and not isinstance(agg, (str, MappedAggregate)):
+            if null == "moments":
+                raise ValueError(
+                    f"null='moments' cannot calibrate {m.name} with aggregate={agg_name!r}: the "
+                    "moments are those of the pair's score, and a custom aggregate of it needs "
+                    "its own null; use null='permutation' or null='auto'")
+            continue
         if not m.info.analytic or not _single_pair(xside, yside):
             if null == "moments":
                 check_moments_apply(null, [m])  # no analytic null at all
@@ -496,7 +510,7 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
             matrix=matrix, null=matrix.new_empty(0), argmax=(0, 0), x_names=list(xside.names),
             y_names=list(yside.names), pair_threshold=fields["threshold"].reshape(1, 1),
             pair_calibrated=fields["calibrated"].reshape(1, 1),
-            pair_p_value=fields["p_value"].reshape(1, 1), aggregate="max", measure=m.name,
+            pair_p_value=fields["p_value"].reshape(1, 1), aggregate=agg_name, measure=m.name,
             null_method="moments", **fields)
     return out
 

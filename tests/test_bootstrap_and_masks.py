@@ -171,3 +171,28 @@ def test_valid_masks_pool_the_unmasked_tokens():
     torch.testing.assert_close(mean, ref)
     # pools that do not use the mask ignore it, as before
     assert torch.equal(pool_features(x, "cls", mask=torch.zeros(4, 5)), x[:, 0])
+
+
+def test_mask_values_only_say_real_or_padding():
+    """"nonzero = a real token": a global token marked 2 (Longformer), -1 or 0.5 counts once,
+    like 1.  The mean used the values as weights (a row of 1 and -1 gave x0 - x1)."""
+    x = _tokens().double()
+    binary = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [1, 1, 0, 0, 0]])
+    ref = np.stack([x[i].numpy()[binary[i].numpy() != 0].mean(0) for i in range(4)])
+    for values in (binary * 2, binary * 0.5, binary * torch.tensor([1, -1, 2, 1, 1])):
+        mean = pool_features(x, "mean", mask=values)
+        np.testing.assert_allclose(mean.numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_masked_mean_of_float16_tokens_does_not_overflow():
+    """An outlier dimension of ~±340 over 400 real tokens sums past float16's 65504; the
+    true mean is finite (and so is the unmasked mean, which torch accumulates in float32)."""
+    g = torch.Generator().manual_seed(0)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    x = (340 * sign + 30 * torch.randn(3, 512, 4, generator=g)).half()
+    mask = torch.ones(3, 512, dtype=torch.long)
+    mask[:, 400:] = 0
+    mean = pool_features(x, "mean", mask=mask)
+    ref = x[:, :400].double().numpy().mean(1)
+    assert mean.dtype == torch.float16 and torch.isfinite(mean).all()
+    np.testing.assert_allclose(mean.double().numpy(), ref, rtol=2e-3, atol=0.05)

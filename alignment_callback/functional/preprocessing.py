@@ -123,8 +123,11 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
         if mask is not None:
             if x.dim() != 3:
                 raise ValueError("an attention mask needs (n, T, d) activations")
-            m = _checked_mask(x, mask, pool).to(x.dtype).unsqueeze(-1)
-            return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+            # nonzero = a real token, whatever its value (2 for a global token, -1, 0.5); the
+            # sum in float32 at least, so that a float16 sum over many tokens cannot overflow
+            acc = torch.promote_types(x.dtype, torch.float32)
+            m = (_checked_mask(x, mask, pool) != 0).to(acc).unsqueeze(-1)
+            return ((x.to(acc) * m).sum(1) / m.sum(1).clamp_min(1.0)).to(x.dtype)
         if x.dim() == 3:
             return x.mean(1)
         return x.reshape(x.shape[0], x.shape[1], -1).mean(-1)

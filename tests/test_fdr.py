@@ -122,3 +122,46 @@ def test_a_p_value_on_the_step_up_boundary_is_rejected():
     assert 12 * 0.05 / 3 > 0.2  # the rounding that made the old rule miss it
     rejected, _ = benjamini_hochberg(p, alpha=0.2)
     assert rejected.tolist() == [True] * 3 + [False] * 9
+
+
+def _bh_reference(p: np.ndarray) -> np.ndarray:
+    """float64 q-values from the definition q_(i) = min_{j >= i} min(m p_(j) / j, 1)."""
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    scaled = p[order].astype(np.float64) * m / np.arange(1, m + 1)
+    q = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    out = np.empty(m)
+    out[order] = q
+    return out
+
+
+def test_bh_of_many_float16_p_values_does_not_overflow_its_ranks():
+    """Ranks above 65,504 were inf in float16, q = 0 at the top, and every hypothesis was
+    rejected."""
+    rng = np.random.default_rng(1)
+    p = rng.uniform(size=70_000)
+    p[:10] = 0.0
+    p16 = torch.from_numpy(p).half()
+    rejected, adjusted = benjamini_hochberg(p16, alpha=0.05)
+    ref = _bh_reference(p16.double().numpy())
+    assert adjusted.dtype == torch.float16
+    np.testing.assert_allclose(adjusted.double().numpy(), ref, rtol=1e-3, atol=0)
+    assert rejected.numpy().tolist() == (ref <= 0.05).tolist()
+
+
+def test_bh_of_bfloat16_p_values_gets_no_more_than_float32_tolerance():
+    """16 units of bfloat16 (12.5 %) accepted q = 0.0559 at alpha = 0.05."""
+    p = torch.tensor([0.0559], dtype=torch.bfloat16)
+    rejected, adjusted = benjamini_hochberg(p, alpha=0.05)
+    assert float(adjusted) > 0.055 and not bool(rejected)
+
+
+def test_bh_of_a_list_of_floats_is_float64():
+    """A list of Python floats was converted to float32: p = 1e-50 became 0, and
+    p = 0.05000009 became 0.05 and was rejected at 0.05."""
+    for values in ([1e-50, 0.5], [3e-08, 0.2, 0.9], [0.05000009]):
+        rejected, adjusted = benjamini_hochberg(values, alpha=0.05)
+        ref = _bh_reference(np.asarray(values))
+        assert adjusted.dtype == torch.float64
+        np.testing.assert_allclose(adjusted.numpy(), ref, rtol=1e-15, atol=0)
+        assert rejected.tolist() == (ref <= 0.05).tolist()

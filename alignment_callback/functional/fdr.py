@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,29 +19,31 @@ def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Ten
 
     With the m p-values sorted, ``p_(1) ≤ … ≤ p_(m)``, the adjusted p-values are
     ``q_(i) = min_{j ≥ i} min(m · p_(j) / j, 1)`` (monotone in p, capped at 1) and the
-    hypotheses with ``q ≤ alpha`` (up to rounding: 16 units in the last place) are rejected;
+    hypotheses with ``q ≤ alpha`` (up to rounding: 16 units in the last place of the input's
+    precision, at most float32's) are rejected;
     this is the same set as the step-up rule
     "reject the i* smallest, i* = max{i : p_(i) ≤ i·α/m}".  Controls the false-discovery rate at
     ``alpha`` for independent or positively dependent p-values (PRDS).
 
     Args:
-        p_values: p-values in [0, 1], a tensor (or anything ``torch.as_tensor`` accepts) of any
-            shape; all entries form one family.
+        p_values: p-values in [0, 1], a tensor (or anything ``numpy.asarray`` accepts: a list
+            of Python floats is float64) of any shape; all entries form one family.
         alpha: the FDR level, in (0, 1) (default 0.05).
 
     Returns:
-        ``(rejected, adjusted)``: a bool tensor and the adjusted p-values (float64 unless the
-        input is another floating dtype), both of the input's shape and device.
+        ``(rejected, adjusted)``: a bool tensor and the adjusted p-values (computed in float64,
+        returned in the input's floating dtype, float64 for other inputs), both of the input's
+        shape and device.
 
     Raises:
         ValueError: ``alpha`` outside (0, 1), or a p-value outside [0, 1] or NaN.
     """
     if not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    p = torch.as_tensor(p_values)
+    p = p_values if isinstance(p_values, Tensor) else torch.as_tensor(np.asarray(p_values))
     if not p.is_floating_point():
         p = p.to(torch.float64)
-    flat = p.reshape(-1)
+    flat = p.reshape(-1).to(torch.float64)  # ranks up to 2**53 exactly, no float16 overflow
     m = flat.numel()
     if m == 0:
         return torch.zeros(p.shape, dtype=torch.bool, device=p.device), p.clone()
@@ -55,19 +58,22 @@ def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Ten
     adjusted = torch.empty_like(flat)
     adjusted[order] = adjusted_sorted
     adjusted = adjusted.reshape(p.shape)
-    return at_most_alpha(adjusted, alpha, adjusted.dtype), adjusted
+    return at_most_alpha(adjusted, alpha, p.dtype), adjusted.to(p.dtype)
 
 
 def at_most_alpha(q: Any, alpha: float, dtype: torch.dtype) -> Any:
     """``q ≤ α`` up to 16 units in the last place of ``dtype``, the precision the (adjusted)
     p-values ``q`` were computed in: a p-value on the boundary p_(i) = i·α/m (e.g. p = 0.05,
     m = 12, i = 3, α = 0.2) is rejected even where m·p/i, or float32's rounding of p, lands a
-    few units above α.  ``q`` a tensor or a float.
+    few units above α.  Coarser dtypes than float32 (float16, bfloat16) get float32's
+    tolerance, not theirs (16 units of bfloat16 would accept q = 0.056 at α = 0.05).  ``q`` a
+    tensor or a float.
 
     >>> at_most_alpha(float(torch.tensor(0.05, dtype=torch.float32)), 0.05, torch.float32)
     True
     """
-    return q <= alpha * (1 + 16 * torch.finfo(dtype).eps)
+    eps = min(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    return q <= alpha * (1 + 16 * eps)
 
 
 __all__ = ["at_most_alpha", "benjamini_hochberg"]

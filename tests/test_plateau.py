@@ -299,6 +299,19 @@ def test_resume_after_firing_does_not_fire_again(tmp_path, source):
     assert second.fired_at == first.fired_at
 
 
+@pytest.mark.parametrize("source", ["history", "metrics"])
+def test_a_second_fit_with_the_same_objects_is_a_new_run(tmp_path, source):
+    """The aligner starts a new history in a new fit; the plateau kept fired, best and its
+    cursor, so it never called on_plateau in the second run (a REPA loss never switched off)."""
+    calls = Calls()
+    plateau = _plateau(monitor=KEY, patience=1, min_delta=10.0, on_plateau=calls)
+    feed = _aligner() if source == "history" else Scripted([0.5] * 10)
+    _fit(tmp_path / "a", [feed, plateau], max_epochs=3)
+    assert calls.calls == [(1, 8)]
+    _fit(tmp_path / "b", [feed, plateau], max_epochs=3)
+    assert calls.calls == [(1, 8), (1, 8)] and plateau.fired_at["epoch"] == 2
+
+
 def test_state_key_is_unique():
     a = _plateau(monitor=KEY)
     assert a.state_key != EarlyStopping(KEY, mode="max").state_key

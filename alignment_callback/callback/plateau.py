@@ -31,7 +31,8 @@ Where the values come from (``source``):
 
 State (best value, checks without improvement, whether and where it fired, the last history
 entry read) is saved in checkpoints, so a resumed run continues the count and never calls
-``on_plateau`` a second time.  Note what this does *not* restore: whatever ``on_plateau``
+``on_plateau`` a second time; a new fit (not resumed, at step 0) with the same object starts a
+new count, as the ``AlignmentCallback`` starts a new history.  Note what this does *not* restore: whatever ``on_plateau``
 changed.  Keep that in the checkpoint too (e.g. the loss weight as a registered buffer, as in
 ``examples/plateau.py``), or read :attr:`AlignmentPlateau.fired` in ``training_step``.
 """
@@ -204,6 +205,10 @@ class AlignmentPlateau(Callback):
         if stage != "fit":
             return
         self._missed = 0
+        if trainer.ckpt_path is None and trainer.global_step == 0:
+            # a new training run: the count, the best value and "fired" of an earlier fit of
+            # this object are another run's (a resumed run's state is loaded after setup)
+            self.load_state_dict({})
         aligners = [cb for cb in trainer.callbacks if isinstance(cb, AlignmentCallback)]
         if isinstance(self.source, AlignmentCallback):
             if not any(cb is self.source for cb in aligners):

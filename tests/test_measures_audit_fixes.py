@@ -164,3 +164,54 @@ def test_a_regex_layer_that_matches_nothing_says_it_must_match_the_whole_name():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
     with pytest.raises(ValueError, match=r"layer 're:.*' matched none.*must match the whole"):
         resolve_layers(model, "re:\\.0")
+
+
+# ------------------------------------------------------- from an audit of the pipeline (9th)
+def test_too_few_permutations_warn_once_pointing_at_the_callers_line():
+    """One call warned twice (aggregate and per-pair), both pointing inside the library."""
+    x, y = _pair(torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F.calibrated_alignment(x, y, "linear_cka", num_permutations=5)
+    few = [w for w in caught if "is too few" in str(w.message)]
+    assert len(few) == 1 and few[0].filename == __file__, [(w.filename, w.lineno) for w in few]
+
+
+def test_calibrate_takes_counts_and_refuses_a_matrix_null():
+    """Integer statistics (counts) crashed in torch's mean; a (K, 3) null was read as 3K
+    permutations."""
+    from alignment_callback.functional import calibrate
+
+    rng = np.random.default_rng(0)
+    null = rng.integers(0, 20, size=99)
+    res = calibrate(torch.tensor(17), torch.from_numpy(null), max_score=None)
+    assert float(res.p_value) == pytest.approx((1 + (null >= 17).sum()) / 100, abs=1e-12)
+    assert float(res.null_mean) == pytest.approx(null.mean(), abs=1e-12)
+    with pytest.raises(ValueError, match=r"one value per permutation, shape \(K,\), got shape "
+                                         r"\(99, 3\)"):
+        calibrate(0.5, torch.rand(99, 3))
+
+
+@pytest.mark.parametrize("measure, why", [
+    ("rsa", "all-zero feature vector"), ("linear_cka", "zero-variance"),
+    ("mutual_knn", "every row of the representation is identical"),
+    ("procrustes_similarity", "zero-variance")])
+def test_a_layer_that_cannot_be_prepared_is_named(measure, why):
+    """With dozens of layers, "zero-variance representation" alone did not say which."""
+    g = torch.Generator().manual_seed(0)
+    good = lambda d: torch.randn(30, d, generator=g)  # noqa: E731
+    bad = torch.ones(30, 4) if measure != "rsa" else good(4)
+    bad[5] = 0.0 if measure == "rsa" else bad[5]
+    with pytest.raises(ValueError, match=rf"^y layer 'ref\.bad': .*{why}"):
+        F.calibrated_layer_alignment({"enc.0": good(5), "enc.1": good(5)},
+                                     {"ref.a": good(4), "ref.bad": bad}, measure,
+                                     num_permutations=19)
+    with pytest.raises(ValueError, match=rf"^y: .*{why}"):  # a single tensor: the side alone
+        F.calibrated_alignment(good(5), bad, measure, num_permutations=19)
+
+
+def test_layer_names_that_are_one_name_as_strings_are_refused():
+    """{1: a, "1": b} silently lost a layer (and changed the max over layers)."""
+    a, b = torch.randn(20, 3), torch.randn(20, 3)
+    with pytest.raises(ValueError, match=r"x layers: the names \[1, '1'\] are one name"):
+        F.calibrated_layer_alignment({1: a, "1": b}, [a], "linear_cka", num_permutations=19)

@@ -7,8 +7,12 @@ API, the metric objects, the callback or the command line).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
+import os
+import sys
 from typing import Any
 
 import torch
@@ -16,6 +20,23 @@ from torch import Tensor
 
 AUTO = "auto"
 MAX_SEED = 2**63 - 1
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the files of the decorators wrapping the library's functions (no_grad, contextmanager)
+_WRAPPERS = frozenset(os.path.abspath(f) for f in (contextlib.__file__, functools.__file__,
+                                                  torch.utils._contextlib.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised in this library point at the first
+    caller outside it (and outside the decorators wrapping its functions), however deep in
+    the library it was raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(_PACKAGE + os.sep) and name not in _WRAPPERS:
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def as_float(x: Tensor, name: str = "x") -> Tensor:

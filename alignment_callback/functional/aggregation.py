@@ -34,6 +34,10 @@ def named_layers(layers: Layers, side: str = "x") -> dict[str, Tensor]:
                         "one tensor (wrap a single layer as [tensor] or {name: tensor})")
     if isinstance(layers, Mapping):
         out = {str(k): v for k, v in layers.items()}
+        if len(out) != len(layers):
+            same = [k for k in layers if [str(j) for j in layers].count(str(k)) > 1]
+            raise ValueError(f"{side} layers: the names {same!r} are one name as strings; "
+                             "give each layer a distinct name")
     elif isinstance(layers, Sequence) and not isinstance(layers, (str, bytes)):
         out = {str(i): t for i, t in enumerate(layers)}
     else:
@@ -171,7 +175,7 @@ def calibrate_layers_from_matrices(
     res = calibrate_tensor(observed, null_agg, alpha, max_score, data_dtype)
     warn_unresolved(res, max_score, measure or "the aggregate", hint)
     res.pop("unresolved")
-    pairs = calibrate_tensor(matrix, null, alpha, max_score, data_dtype)
+    pairs = calibrate_tensor(matrix, null, alpha, max_score, data_dtype, warn_few=False)
     if isinstance(agg, MappedAggregate):  # the best of the chosen pairs only
         chosen = agg.flat.to(matrix.device)
         flat = int(chosen[torch.argmax(matrix.flatten()[chosen])])

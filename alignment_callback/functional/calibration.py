@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._validation import check_alpha
+from alignment_callback.functional._validation import check_alpha, user_stacklevel
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,15 @@ def resolution(dtype: torch.dtype) -> float:
 
 def calibrate_tensor(
     score: Tensor, null: Tensor, alpha: float = 0.05, max_score: float | None = 1.0,
-    data_dtype: torch.dtype | None = None,
+    data_dtype: torch.dtype | None = None, warn_few: bool = True,
 ) -> dict[str, Tensor]:
     """Vectorized calibration: ``score`` of shape S, ``null`` of shape (K, *S).
 
     Returns the scalar fields of :class:`CalibrationResult`, each of shape S, plus
     ``"unresolved"``: where ``s_max − τ`` is below :func:`resolution` of ``data_dtype``
     (default: the scores' dtype) the calibrated score is 0, never a ratio of rounding errors;
-    callers warn with :func:`warn_unresolved`.
+    callers warn with :func:`warn_unresolved`.  Integer scores and nulls (counts) are
+    calibrated in float64.  ``warn_few``: warn when K is too small for ``alpha``.
     """
     alpha = check_alpha(alpha)
     if max_score is not None and not math.isfinite(max_score):
@@ -100,9 +101,11 @@ def calibrate_tensor(
         raise ValueError(f"null shape {tuple(null.shape)} does not match score shape {tuple(score.shape)}")
     if not bool(torch.isfinite(null).all()) or not bool(torch.isfinite(score).all()):
         raise ValueError("score or null contains NaN/Inf values; cannot calibrate")
-    if threshold_index(k, alpha) == k:
-        warnings.warn(few_permutations(k, alpha), UserWarning, stacklevel=2)  # a setting
+    if warn_few and threshold_index(k, alpha) == k:  # a setting: point at the caller's code
+        warnings.warn(few_permutations(k, alpha), UserWarning, stacklevel=user_stacklevel())
     dtype = torch.promote_types(score.dtype, null.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float64
     score, null = score.to(dtype), null.to(dtype)
     combined = torch.cat([score.unsqueeze(0), null], 0)
     tau = torch.sort(combined, dim=0).values[threshold_index(k, alpha)]
@@ -179,7 +182,11 @@ def calibrate(
     >>> round(float(res.p_value), 3), round(float(res.calibrated), 3)
     (0.005, 0.809)
     """
-    null = torch.as_tensor(null).reshape(-1)
+    null = torch.as_tensor(null)
+    if null.dim() > 1:
+        raise ValueError(f"null must hold one value per permutation, shape (K,), got shape "
+                         f"{tuple(null.shape)}")
+    null = null.reshape(-1)
     score_t = torch.as_tensor(score, dtype=null.dtype if null.is_floating_point() else None,
                               device=null.device).reshape(())
     fields_ = calibrate_tensor(score_t, null, alpha, max_score)

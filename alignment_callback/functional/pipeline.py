@@ -17,11 +17,12 @@ Work is shared wherever the math allows:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -108,7 +109,7 @@ class PreparedSide:
         gram-family measure, whose n×n states are streamed to bound memory)."""
         if measure in self.states:
             return self.states[measure][i]
-        return measure.prepare(self.features[i], self.role)
+        return _prepared(measure, self, i)
 
     @property
     def n(self) -> int:
@@ -175,31 +176,54 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
     if knn:
         kmax = max(m.kwargs["k"] for m in knn)
         for m in knn:  # first the checks that name the measure (k < n, distinct rows)
-            for f in side.features:
-                check_distinct_rows(f, m.name)
-        shared["neighbor_lists"] = [neighbor_lists(f, kmax, role) for f in side.features]
+            for i, f in enumerate(side.features):
+                with _naming_layer(side, i):
+                    check_distinct_rows(f, m.name)
+        shared["neighbor_lists"] = []
+        for i, f in enumerate(side.features):
+            with _naming_layer(side, i):
+                shared["neighbor_lists"].append(neighbor_lists(f, kmax, role))
     for m in todo:
         route = m.info.feature_state
         if (route is not None and null != "permutation" and len(side.features) == 1
                 and side.features[0].shape[1] < side.n):
-            side.states[m] = [route(side.features[0])]
+            with _naming_layer(side, 0):
+                side.states[m] = [route(side.features[0])]
             continue
         if m.family == "gram":
             check_gram_memory(m, side.n, side.dtype, side.device,
                               len(side.features) if keep_gram else 1, reserve,
                               single_pair=len(side.features) == 1)
         if m.family == "gram" and not keep_gram:
-            m.prepare(side.features[0], role)  # fail now (zero variance, ...), keep nothing
+            _prepared(m, side, 0)  # fail now (zero variance, ...), keep nothing
             side.lazy.add(m)
             continue
         if m.family == "gram":  # one (L, n, n) tensor the kernel reads as it is
-            side.states[m] = stack_states((m.prepare(f, role) for f in side.features),
-                                          len(side.features))
+            side.states[m] = stack_states((_prepared(m, side, i) for i in
+                                           range(len(side.features))), len(side.features))
             continue
         lists = shared.get(m.info.shared or "")
-        side.states[m] = [m.prepare(f, role, None if lists is None else lists[i])
-                          for i, f in enumerate(side.features)]
+        side.states[m] = [_prepared(m, side, i, None if lists is None else lists[i])
+                          for i in range(len(side.features))]
     return side
+
+
+@contextlib.contextmanager
+def _naming_layer(side: PreparedSide, i: int) -> Iterator[None]:
+    """Errors raised inside name the side and, for named layers, the layer ("y layer 'b':
+    rsa: a sample has an all-zero feature vector")."""
+    try:
+        yield
+    except ValueError as err:
+        name = side.names[i]
+        where = side.role if side.names == ["0"] else f"{side.role} layer {name!r}"
+        err.args = (f"{where}: {err.args[0] if err.args else ''}", *err.args[1:])
+        raise
+
+
+def _prepared(m: Measure, side: PreparedSide, i: int, lists: Any = None) -> Any:
+    with _naming_layer(side, i):
+        return m.prepare(side.features[i], side.role, lists)
 
 
 def check_gram_memory(measure: Measure, n: int, dtype: torch.dtype, device: torch.device,

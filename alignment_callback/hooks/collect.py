@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable
 
@@ -86,37 +88,128 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _rebuild_mapping(obj: Mapping[Any, Any], moved: dict[Any, Any]) -> Mapping[Any, Any]:
+    """``moved`` as an object of ``obj``'s type (a ``BatchEncoding``, ``UserDict``,
+    ``OrderedDict``, ``defaultdict``...): a shallow copy of ``obj`` with the moved values, else
+    ``type(obj)(moved)``, else a plain dict."""
+    if type(obj) is dict:
+        return moved
+    if isinstance(obj, MutableMapping):
+        try:
+            new = copy.copy(obj)  # keeps attributes (a BatchEncoding's encodings)
+            for key, value in moved.items():
+                new[key] = value
+        except Exception:  # noqa: BLE001 - a mapping that cannot be copied: try its constructor
+            new = None
+        if new is not None:
+            return new
+    try:
+        return type(obj)(moved)
+    except Exception:  # noqa: BLE001 - a constructor of another signature: a plain dict
+        return moved
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples / lists / mappings to ``device``."""
+    """Move every tensor inside nested tuples / lists / mappings / dataclasses to ``device``.
+
+    Containers keep their type: a namedtuple stays that namedtuple, a mapping subclass (a
+    Hugging Face ``BatchEncoding``, a ``UserDict``) is shallow-copied with the moved values, a
+    dataclass is rebuilt field by field (``dataclasses.replace``); any other object with a
+    ``to`` method (e.g. a graph batch) is shallow-copied and moved by ``copy.to(device)``.  The
+    objects given are never modified.
+    """
     if isinstance(obj, Tensor):
         return obj.to(device)
     if isinstance(obj, Mapping):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return _rebuild_mapping(obj, {k: to_device(v, device) for k, v in obj.items()})
     if isinstance(obj, (tuple, list)):
         moved = [to_device(v, device) for v in obj]
-        return moved if isinstance(obj, list) else tuple(moved)
+        if isinstance(obj, list):
+            return moved
+        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
+    if isinstance(obj, (str, bytes, int, float, complex, type(None), type)):
+        return obj
+    if callable(getattr(obj, "to", None)):
+        try:  # a ``to`` that moves in place must not move the caller's object
+            new = copy.copy(obj)
+        except Exception:  # noqa: BLE001 - an object that cannot be copied: moved as it is
+            new = obj
+        out = new.to(device)
+        return new if out is None else out
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
     return obj
 
 
-def run_batch(
-    model: nn.Module,
-    batch: Any,
-    device: torch.device,
-    input_key: str | None = None,
-    batch_transform: Callable[[Any], Any] | None = None,
-    forward: Callable[[nn.Module, Any], Any] | None = None,
-) -> Any:
-    """One forward pass on one batch with the batch rules of :func:`collect_activations`."""
+def is_column(batch: Any) -> bool:
+    """A non-empty list / tuple of plain values only (strings, bytes, numbers, None): one column
+    of rows (a ``DataLoader`` over a list of texts), not ``(inputs, labels, ...)``."""
+    return isinstance(batch, (list, tuple)) and len(batch) > 0 and all(
+        isinstance(v, (str, bytes, int, float, bool, type(None))) for v in batch)
+
+
+def probe_module(model: nn.Module) -> nn.Module:
+    """The module a probe pass calls: ``model`` without the wrappers whose forward must not run
+    with hooks inside.
+
+    * ``nn.DataParallel``: its ``module`` (``replicate`` copies the forward hooks, so a hooked
+      layer would fire once per GPU, in no fixed order).
+    * a ``torch.compile``-d module (``OptimizedModule``, also under a
+      ``DistributedDataParallel``): its ``_orig_mod``, run eagerly (a compiled graph cached
+      without the recorder's hooks never calls them).
+
+    The hooks sit on the same submodules either way, and the names do not change (see
+    :func:`~alignment_callback.hooks.selection.named_layers`).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, nn.DataParallel):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel) and _is_compiled(model.module):
+            model = model.module._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # a torch without dynamo
+        return False
+    return isinstance(module, OptimizedModule)
+
+
+def prepare_batch(batch: Any, device: torch.device,
+                  batch_transform: Callable[[Any], Any] | None = None) -> Any:
+    """``batch`` as the model is fed it: after ``batch_transform`` (if given), on ``device``."""
     if batch_transform is not None:
         batch = batch_transform(batch)
-    batch = to_device(batch, device)
+    return to_device(batch, device)
+
+
+def feed_batch(
+    model: nn.Module,
+    batch: Any,
+    input_key: str | None = None,
+    transformed: bool = False,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> Any:
+    """Call ``model`` on a batch from :func:`prepare_batch` with the batch rules of
+    :func:`collect_activations` (``transformed``: it is a ``batch_transform``'s result)."""
     if forward is not None:
         return forward(model, batch)
-    if batch_transform is not None:
+    if transformed:
         inputs = batch
-    elif isinstance(batch, Tensor):
+    elif isinstance(batch, Tensor) or is_column(batch):  # a column of texts: the rows themselves
         return model(batch)
     elif isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("dataloader_or_batches: an empty tuple / list batch has no inputs "
+                             "(a tuple / list batch is (inputs, labels, ...))")
         return model(batch[0])
     elif isinstance(batch, Mapping):
         if input_key is not None and input_key not in batch:
@@ -133,6 +226,44 @@ def run_batch(
     if isinstance(inputs, tuple):
         return model(*inputs)
     return model(inputs)
+
+
+def run_batch(
+    model: nn.Module,
+    batch: Any,
+    device: torch.device,
+    input_key: str | None = None,
+    batch_transform: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> Any:
+    """One forward pass on one batch with the batch rules of :func:`collect_activations`."""
+    batch = prepare_batch(batch, device, batch_transform)
+    return feed_batch(model, batch, input_key, batch_transform is not None, forward)
+
+
+def _mask_of(batch: Any, mask_key: str | None) -> Tensor | None:
+    """The tensor under ``mask_key`` of a mapping batch, else None."""
+    if not mask_key or not isinstance(batch, Mapping):
+        return None
+    mask = batch.get(mask_key)
+    return mask if isinstance(mask, Tensor) else None
+
+
+def _layer_count_error(bad: dict[str, int]) -> LayerCountError:
+    never = sorted(n for n, c in bad.items() if c == 0)
+    why = (f" {never} never ran: the probe's forward runs in eval mode under no_grad, so a "
+           "branch taken only in training (or only with gradients) is skipped, a container "
+           "without forward (nn.ModuleList) is never called, and a module compiled inside "
+           "the model (torch.compile of a submodule, nn.Module.compile) may run a cached "
+           "graph that calls no hooks (a whole model given as torch.compile(model) runs "
+           "eagerly; hook modules outside the compiled one); hook the modules that run."
+           if never else "")
+    return LayerCountError(
+        f"these layers did not run exactly once in a forward pass: {bad} (calls per pass); "
+        "rows would not line up with samples." + why + (
+            " A module reused inside the model cannot be recorded; hook its children or use "
+            "ActivationRecorder directly." if len(never) < len(bad) else "")
+    )
 
 
 def _batches(data: Any, batch_size: int) -> Iterable[Any]:
@@ -165,6 +296,8 @@ def collect_activations(
 
     Args:
         model: the model (wrappers fine; names are normalized, see :func:`resolve_layers`).
+            An ``nn.DataParallel`` runs as its ``module`` (one device) and a
+            ``torch.compile``-d model as its eager ``_orig_mod`` (see :func:`probe_module`).
         dataloader_or_batches: a DataLoader or any iterable of batches; a single tensor is split
             into batches of ``batch_size`` rows; a single dict is one batch.
         layers: names, globs or regexes (see :func:`resolve_layers`).
@@ -176,53 +309,52 @@ def collect_activations(
             result is passed as keywords, a tuple as positional arguments, anything else as the
             single argument (default ``None``).
         forward: ``f(model, batch)`` called instead of ``model(...)`` with the device-moved
-            batch (after ``batch_transform`` if given) (default ``None``).
+            batch (after ``batch_transform`` if given; containers keep their type, see
+            :func:`to_device`) and the module of :func:`probe_module` (default ``None``).
         max_batches: stop after this many batches (default ``None``: all).
-        batch_size: rows per batch when a tensor is given (default 256).
-        mask_key: for dict batches, the key of an ``(n, T)`` attention mask used to pool
-            ``(n, T, d)`` outputs over real tokens only (default ``"attention_mask"``; ``None``
-            disables it).
+        batch_size: rows per batch when a tensor is given, a positive integer (default 256).
+        mask_key: the key of an ``(n, T)`` attention mask used to pool ``(n, T, d)`` outputs
+            over real tokens only: taken from the mapping ``batch_transform`` returns (a
+            tokenizer's output), else from a dict batch (default ``"attention_mask"``;
+            ``None`` disables it).
         restore_rng: put the global RNG state back afterwards (default True; see
             :func:`evaluation_mode`, pass False from a thread other than the training loop's).
         **recorder_kwargs: ``detach``, ``to_cpu``, ``dtype``, ``output_key`` for
             :class:`ActivationRecorder`.
 
-    Batch rules: a tensor -> ``model(batch)``; a tuple / list -> ``model(batch[0])`` (the rest are
-    labels); a dict -> ``model(**batch)`` or ``model(batch[input_key])``.
+    Batch rules: a tensor -> ``model(batch)``; a tuple / list of plain values only (strings,
+    numbers: a ``DataLoader`` over a list of texts) -> ``model(batch)``, one row per value; any
+    other tuple / list -> ``model(batch[0])`` (the rest are labels); a dict ->
+    ``model(**batch)`` or ``model(batch[input_key])``.
 
     Raises:
-        ValueError: no batch was given, or a layer matches nothing.
+        ValueError: no batch was given, the batches hold no rows, ``batch_size`` or
+            ``max_batches`` is not a positive integer, or a layer matches nothing.
         LayerCountError: a layer did not run exactly once per forward pass.
         RuntimeError: layers produced different numbers of rows (a layer whose output is
             not batch-first).
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     dev = torch.device(device) if device is not None else model_device(model)
     rec = ActivationRecorder(model, layers, pool=pool, **recorder_kwargs)
+    runner = probe_module(model)
     n_batches = 0
     with evaluation_mode(model, restore_rng), rec:
         for batch in _batches(dataloader_or_batches, batch_size):
             if max_batches is not None and n_batches >= max_batches:
                 break
-            mask = batch.get(mask_key) if mask_key and isinstance(batch, Mapping) else None
-            rec.mask = mask if isinstance(mask, Tensor) else None
+            fed = prepare_batch(batch, dev, batch_transform)
+            # the mask of what the model is fed (a tokenizing batch_transform's), else the batch's
+            mask = _mask_of(fed, mask_key)
+            rec.mask = mask if mask is not None else _mask_of(batch, mask_key)
             before = dict(rec.calls)
-            run_batch(model, batch, dev, input_key, batch_transform, forward)
+            feed_batch(runner, fed, input_key, batch_transform is not None, forward)
             bad = {n: rec.calls[n] - before[n] for n in rec.layers if rec.calls[n] - before[n] != 1}
             if bad:
-                never = sorted(n for n, c in bad.items() if c == 0)
-                why = (f" {never} never ran: the probe's forward runs in eval mode under "
-                       "no_grad, so a branch taken only in training (or only with gradients) "
-                       "is skipped, and a container without forward (nn.ModuleList) is never "
-                       "called; hook the modules that run." if never else "")
-                raise LayerCountError(
-                    f"these layers did not run exactly once in a forward pass: {bad} (calls per "
-                    "pass); rows would not line up with samples." + why + (
-                        " A module reused inside the model cannot be recorded; hook its "
-                        "children or use ActivationRecorder directly."
-                        if len(never) < len(bad) else "")
-                )
+                raise _layer_count_error(bad)
             n_batches += 1
         rec.mask = None
     if n_batches == 0:
@@ -234,4 +366,7 @@ def collect_activations(
             f"layers produced different numbers of rows {rows}; a layer whose output is not "
             "batch-first (e.g. (T, n, d)) needs a pool callable or output_key"
         )
+    if not any(rows.values()):
+        raise ValueError(f"dataloader_or_batches holds no rows ({n_batches} batch(es) of 0 "
+                         "rows): the probe needs at least one sample")
     return acts

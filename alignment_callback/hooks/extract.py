@@ -24,11 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from alignment_callback.functional.preprocessing import Pool
-from alignment_callback.hooks.collect import collect_activations, preserved_rng
+from alignment_callback.hooks.collect import collect_activations, is_column, preserved_rng
 from alignment_callback.hooks.selection import Layers
 
 #: The reserved key of a feature file that holds the probe's fingerprint.
 PROBE_KEY = "__probe__"
+#: The stream of a batch that is one column of plain values (a list of texts).
+_COLUMN = ("[rows]",)
 #: Extensions :func:`save_features` writes.
 SAVE_EXTENSIONS: tuple[str, ...] = (".pt", ".pth", ".safetensors")
 
@@ -60,6 +62,14 @@ class _Stream:
             self.hash.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         else:  # a string, number or None inside a batch
             self.hash.update(repr(value).encode())
+
+    def add_row(self, value: Any) -> None:
+        """One row of a column of plain values (a string, bytes or a number)."""
+        kind = type(value).__name__
+        if kind not in self.dtypes:
+            self.dtypes.append(kind)
+        self.rows += 1
+        self.hash.update(repr(value).encode() + b"\n")  # repr escapes newlines: one per row
 
     def summary(self) -> list[Any]:
         return [self.rows, self.dtypes, self.row_shapes, self.hash.hexdigest()]
@@ -100,9 +110,12 @@ def probe_fingerprint(probe: Any) -> dict[str, Any]:
     The hash covers what the model is fed under :func:`collect_activations`' batch rules — a
     tensor batch, the *first* element of a tuple / list batch (the rest are labels), every entry
     of a dict batch — tensor by tensor (bytes, dtype and per-row shape), so it does not depend
-    on how the rows are split into batches or on labels: a ``(n, ...)`` tensor ``x``, the list
-    of its batches and a ``DataLoader(TensorDataset(x, y))`` (``shuffle=False``) have the same
-    fingerprint, and any change of an input value, of the row order or of the dtype changes it.
+    on how the rows are split into batches or on labels.  A tuple / list of plain values only
+    (strings, bytes, numbers: a ``DataLoader`` over a list of texts, to be tokenized by a
+    ``batch_transform``) is one column of rows, hashed and counted row by row.  A ``(n, ...)``
+    tensor ``x``, the list of its batches and a ``DataLoader(TensorDataset(x, y))``
+    (``shuffle=False``) have the same fingerprint, and any change of an input value, of the row
+    order or of the dtype changes it.
 
     Parameters
     ----------
@@ -113,7 +126,7 @@ def probe_fingerprint(probe: Any) -> dict[str, Any]:
     -------
     dict
         ``{"rows": n, "sha256": hex digest}``; ``n`` is the number of rows of the probe's first
-        tensor (sorted by position).
+        tensor (sorted by position), or of its column of plain values.
 
     Examples
     --------
@@ -132,12 +145,18 @@ def probe_fingerprint(probe: Any) -> dict[str, Any]:
 
 def _fingerprint(probe: Any, columns: bool = True) -> dict[str, Any]:
     """:func:`probe_fingerprint`; ``columns=False``: the scheme of files written before lists
-    of plain values in dict batches were read as columns (each index its own stream)."""
+    of plain values were read as columns (each index its own stream, and only the first value
+    of a list batch of them)."""
     streams: dict[tuple[str, ...], _Stream] = {}
     with preserved_rng():  # iterating a DataLoader draws a seed from the global stream
         for batch in _probe_batches(probe):
-            if isinstance(batch, (list, tuple)) and batch:
+            if isinstance(batch, (list, tuple)) and batch and not (columns and is_column(batch)):
                 batch = batch[0]  # (inputs, labels, ...): the model sees the inputs
+            if columns and is_column(batch):  # texts: one row per value
+                stream = streams.setdefault(_COLUMN, _Stream())
+                for value in batch:
+                    stream.add_row(value)
+                continue
             for path, value in _leaves(batch, columns=columns):
                 streams.setdefault(path, _Stream()).add(value)
     if not streams:

@@ -7,8 +7,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from alignment_callback.hooks.collect import evaluation_mode, model_device, run_batch
-from alignment_callback.hooks.outputs import OutputKey, select_output
+from alignment_callback.hooks.collect import (
+    evaluation_mode,
+    model_device,
+    probe_module,
+    run_batch,
+)
+from alignment_callback.hooks.outputs import OutputKey, dense_output, select_output
 from alignment_callback.hooks.selection import named_layers
 
 
@@ -26,8 +31,11 @@ def list_layers(
     Names are normalized (no ``module.`` / ``_orig_mod.``) and in model order; the root module,
     modules that did not run, and modules whose output holds no tensor are left out.  The shape
     is that of the tensor :func:`select_output` picks (before pooling), on the module's first
-    call.  Like :func:`collect_activations` this runs in ``eval()`` mode without gradients and
-    restores every train/eval flag and the RNG state afterwards.
+    call (a nested tensor, as ``nn.TransformerEncoder`` layers give with a padding mask in
+    eval mode, as its zero-padded shape).  Like :func:`collect_activations` this runs in
+    ``eval()`` mode without gradients (an ``nn.DataParallel`` as its ``module``, a
+    ``torch.compile``-d model eagerly) and restores every train/eval flag and the RNG state
+    afterwards.
 
     Args:
         model: the model.
@@ -49,7 +57,7 @@ def list_layers(
                 x: Tensor = select_output(output, output_key, name)
             except (TypeError, KeyError):
                 return
-            shapes[name] = tuple(x.shape)
+            shapes[name] = tuple(dense_output(x)[0].shape)
 
         return hook
 
@@ -58,7 +66,8 @@ def list_layers(
         try:
             for name, _, module in table:
                 handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
-            run_batch(model, example_batch, dev, input_key, batch_transform, forward)
+            run_batch(probe_module(model), example_batch, dev, input_key, batch_transform,
+                      forward)
         finally:
             for h in handles:
                 h.remove()

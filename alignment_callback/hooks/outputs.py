@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Union
 
+import torch
 from torch import Tensor
 
 OutputKey = Union[int, str, None]
@@ -99,3 +100,32 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
             "collect_activations and list_layers also take output_key=<index or key>)"
         )
     return found
+
+
+def dense_output(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A nested tensor as its zero-padded dense tensor and the mask of its real positions.
+
+    ``nn.TransformerEncoder`` given a ``src_key_padding_mask`` runs its layers on nested
+    tensors in eval mode without gradients (PyTorch's fast path): each sample holds only its
+    real tokens.  Any other tensor is returned as it is.
+
+    Parameters
+    ----------
+    x : Tensor
+        A layer's output (see :func:`select_output`).
+
+    Returns
+    -------
+    (Tensor, Tensor or None)
+        ``(padded, mask)``: ``padded`` of shape ``(n, T, ...)`` (``T`` the longest sample),
+        zero past each sample's end, and ``mask`` of shape ``(n, T)``, True on real tokens;
+        ``(x, None)`` for a tensor that is not nested.
+    """
+    if not x.is_nested:
+        return x, None
+    parts = x.unbind()
+    padded = torch.nested.to_padded_tensor(x, 0.0)
+    if padded.dim() < 2 or any(p.dim() == 0 for p in parts):
+        return padded, None
+    lengths = torch.tensor([p.shape[0] for p in parts], device=padded.device)
+    return padded, torch.arange(padded.shape[1], device=padded.device) < lengths[:, None]

@@ -9,8 +9,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from alignment_callback.functional.preprocessing import Pool, pool_features
-from alignment_callback.hooks.outputs import OutputKey, select_output
+from alignment_callback.hooks.outputs import OutputKey, dense_output, select_output
 from alignment_callback.hooks.selection import Layers, resolve_modules
+
+#: Errors of pooling re-raised with the layer's name (exactly these types: a subclass may
+#: have another constructor, and passes through unchanged).
+_NAMED_ERRORS = (ValueError, TypeError, RuntimeError, IndexError)
 
 
 def _shares_memory(x: Tensor, y: Tensor) -> bool:
@@ -25,7 +29,9 @@ class ActivationRecorder:
 
     Each time a hooked layer runs, its output is reduced at once (so memory stays ``n x d`` per
     layer): :func:`select_output` -> ``detach()`` -> :func:`pool_features` -> cast to ``dtype``
-    -> move to CPU -> appended.  The stored tensor never shares memory with the model's output
+    -> move to CPU -> appended.  A nested tensor (``nn.TransformerEncoder`` with a padding mask
+    in eval mode) is zero-padded and pooled over each sample's real tokens
+    (:func:`dense_output`).  The stored tensor never shares memory with the model's output
     (an in-place op later in the model cannot change it, and a pooled view cannot keep the full
     activation alive).
 
@@ -36,7 +42,11 @@ class ActivationRecorder:
         feats = rec.activations  # {"encoder.layer.0": (n, d), ...}
 
     Args:
-        model: the model (DDP / DataParallel / ``torch.compile`` wrappers are fine).
+        model: the model (DDP / DataParallel / ``torch.compile`` wrappers are fine for the
+            names; call an ``nn.DataParallel``'s ``module`` and a compiled model's
+            ``_orig_mod`` yourself, as :func:`collect_activations` does: DataParallel copies
+            the hooks to every GPU's replica, and a graph compiled without the hooks never
+            calls them).
         layers: names, globs or regexes; see :func:`resolve_layers`.
         pool: ``"mean"`` (default), ``"cls"``, ``"first"``, ``"last"``, ``"flatten"``,
             ``"none"`` or a callable ``(n, ...) -> (n, d)``; see :func:`pool_features`.
@@ -49,7 +59,8 @@ class ActivationRecorder:
     Attributes:
         mask: optional ``(n, T)`` attention mask for the *next* forward pass; when set, 3-D
             outputs of shape ``(n, T, d)`` are pooled over unmasked tokens only (``"mean"``
-            and ``"last"``).  :func:`collect_activations` sets it from ``attention_mask``.
+            and ``"last"``).  :func:`collect_activations` sets it from ``attention_mask``
+            (of a ``batch_transform``'s result, else of the batch).
     """
 
     def __init__(
@@ -107,15 +118,25 @@ class ActivationRecorder:
 
         return hook
 
+    def _pool(self, x: Tensor, name: str) -> Tensor:
+        """``x`` pooled with the mask that fits it; errors name the layer."""
+        x, mask = dense_output(x)  # a nested tensor: the mask of its real tokens
+        if mask is None:
+            mask = self.mask
+            fits = mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2])
+            mask = mask.to(x.device) if fits else None
+        try:
+            return pool_features(x, self.pool, mask=mask)
+        except _NAMED_ERRORS as err:
+            if type(err) not in _NAMED_ERRORS:
+                raise
+            raise type(err)(f"layer {name!r} (output of shape {tuple(x.shape)}): {err}") from err
+
     def _record(self, name: str, output: Any) -> None:
         x = select_output(output, self.output_key, name)
         if self.detach:
             x = x.detach()
-        mask = self.mask
-        if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-            y = pool_features(x, self.pool, mask=mask.to(x.device))
-        else:
-            y = pool_features(x, self.pool)
+        y = self._pool(x, name)
         if self.dtype is not None:
             y = y.to(self.dtype)
         if self.to_cpu:
@@ -130,6 +151,14 @@ class ActivationRecorder:
     def activations(self) -> dict[str, Tensor]:
         """``{layer: (n_total, d)}``: the batches of every layer that ran, concatenated (cached)."""
         if self._cache is None:
+            for name, parts in self._store.items():
+                widths = sorted({tuple(p.shape[1:]) for p in parts})
+                if len(widths) > 1:
+                    raise ValueError(
+                        f"layer {name!r}: its batches were pooled to rows of different shapes "
+                        f"{widths} (pool={self.pool!r} on batches of different lengths?); use "
+                        "a pool that removes the token axis (\"mean\", \"cls\", \"last\") or "
+                        "pad every batch to one length")
             self._cache = {n: torch.cat(v, 0) for n, v in self._store.items() if v}
         return self._cache
 

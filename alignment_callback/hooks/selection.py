@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Iterable, Sequence, Union
 
 from torch import nn
@@ -122,12 +122,21 @@ def _matcher(spec: LayerSpec, prefix: str = "", legacy: bool = False
     if isinstance(spec, re.Pattern):
         return spec.pattern, lambda n, r: bool(spec.fullmatch(n) or spec.fullmatch(r))
     if not isinstance(spec, str):
-        raise TypeError(f"a layer must be a str or re.Pattern, got {type(spec).__name__}")
+        raise TypeError(f"layers: each layer must be a str (a name, glob or 're:' regex) or a "
+                        f"re.Pattern, got {spec!r} of type {type(spec).__name__}")
     if spec.startswith("re:"):
-        rx = re.compile(spec[3:])
+        try:
+            rx = re.compile(spec[3:])
+        except re.error as err:
+            raise ValueError(f"layers: {spec!r} is not a valid regular expression ({err})"
+                             ) from err
         return spec[3:], lambda n, r: bool(rx.fullmatch(n) or rx.fullmatch(r))
     if any(c in spec for c in "*?["):
-        raw, norm = _glob_to_regex(spec), _glob_to_regex(short(spec))
+        try:
+            raw, norm = _glob_to_regex(spec), _glob_to_regex(short(spec))
+        except re.error as err:
+            raise ValueError(f"layers: {spec!r} is not a valid glob ({err}; a '[...]' "
+                             "character class needs ranges in order, e.g. '[0-3]')") from err
         return spec, lambda n, r: bool(norm.fullmatch(n) or raw.fullmatch(r))
     name = short(spec)
     return spec, lambda n, r: n == name or r == spec
@@ -136,6 +145,9 @@ def _matcher(spec: LayerSpec, prefix: str = "", legacy: bool = False
 def _as_list(layers: Layers) -> list[LayerSpec]:
     if isinstance(layers, (str, re.Pattern)):
         return [layers]
+    if isinstance(layers, (bytes, Mapping)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be a name, a glob, a 're:' regex, a re.Pattern or a list "
+                        f"of them, got {layers!r} of type {type(layers).__name__}")
     out = list(layers)
     if not out:
         raise ValueError("no layers given: pass a name, a glob, a 're:' regex, or a list of them")
@@ -182,14 +194,16 @@ def resolve_layers(model: nn.Module, layers: Layers, model_name: str = "model") 
             * a regex, as a ``"re:"``-prefixed string or a compiled ``re.Pattern``, which must
               match the whole name (``re.fullmatch``).
 
-    Returns:
-        The matched names, without duplicates, in the order of ``model.named_modules()``.
-
         model_name: how error messages call the model (default ``"model"``; the callback says
             ``"student model"`` or ``"reference model"``).
 
+    Returns:
+        The matched names, without duplicates, in the order of ``model.named_modules()``.
+
     Raises:
-        ValueError: a spec matches no module (the message lists the closest valid names).
+        ValueError: a spec matches no module (the message lists the closest valid names), or
+            is an invalid regex / glob.
+        TypeError: ``layers`` is not a spec or a sequence of specs.
     """
     return [name for name, _ in resolve_modules(model, layers, model_name)]
 

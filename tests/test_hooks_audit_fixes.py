@@ -1,0 +1,434 @@
+"""Regression tests for the audit of ``alignment_callback.hooks`` (batch transforms and masks,
+text probes, nested tensors, batch containers, torch.compile, empty probes, error messages,
+DataParallel)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from collections import UserDict, namedtuple
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from alignment_callback.hooks import ActivationRecorder, collect_activations, list_layers
+from alignment_callback.hooks.collect import LayerCountError, to_device
+from alignment_callback.hooks.extract import (
+    _fingerprint,
+    check_fingerprint,
+    extract_features,
+    probe_fingerprint,
+    read_fingerprint,
+)
+from alignment_callback.hooks.selection import resolve_layers
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def _masked_mean(h: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """From the definition: the mean of the rows' real tokens, in float64."""
+    out = np.zeros((h.shape[0], h.shape[2]))
+    for i in range(h.shape[0]):
+        out[i] = h[i][keep[i].astype(bool)].mean(0)
+    return out
+
+
+# ------------------------------------------------------------------ 1. batch_transform's mask
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(300, 4)
+        self.block = nn.Identity()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.block(self.emb(input_ids))
+
+
+def _tokenize(texts: list[str]) -> dict[str, Tensor]:
+    """A padding tokenizer, as ``tokenizer(texts, padding=True)``."""
+    width = max(len(t) for t in texts)
+    ids = torch.zeros(len(texts), width, dtype=torch.long)
+    mask = torch.zeros(len(texts), width, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids[i, :len(t)] = torch.tensor([ord(c) for c in t])
+        mask[i, :len(t)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_the_mask_a_tokenizing_batch_transform_returns_excludes_padding_from_the_mean():
+    torch.manual_seed(0)
+    model = TinyLM()
+    texts = ["hi", "a much longer sentence", "mid size"]
+    got = collect_activations(model, [texts], "block", batch_transform=_tokenize)["block"]
+    enc = _tokenize(texts)
+    table = _np(model.emb.weight)
+    expected = _masked_mean(table[enc["input_ids"].numpy()], enc["attention_mask"].numpy())
+    np.testing.assert_allclose(_np(got), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_batch_transform_without_a_mask_keeps_the_dict_batchs_mask():
+    torch.manual_seed(0)
+    model = TinyLM()
+    enc = _tokenize(["hi", "a longer one"])
+    got = collect_activations(model, [enc], "block",
+                              batch_transform=lambda b: (b["input_ids"], b["input_ids"]))
+    expected = _masked_mean(_np(model.emb.weight)[enc["input_ids"].numpy()],
+                            enc["attention_mask"].numpy())
+    np.testing.assert_allclose(_np(got["block"]), expected, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ 2. text probes
+class ByteBag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(256, 8, mode="mean")
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.emb(ids)
+
+
+def _bytes(batch: list[str]) -> Tensor:
+    return torch.tensor([[ord(c) for c in s[:6].ljust(6)] for s in batch])
+
+
+TEXTS = ["the cat", "a dog", "one bird", "two fish", "a newt"]
+
+
+def test_a_text_probe_fingerprint_counts_and_hashes_every_row():
+    fp = probe_fingerprint(DataLoader(TEXTS, batch_size=2))
+    assert fp["rows"] == len(TEXTS)
+    # independent of the batching
+    assert fp == probe_fingerprint(DataLoader(TEXTS, batch_size=3)) == probe_fingerprint([TEXTS])
+    # any row counts, not only the first of each batch
+    for i in range(len(TEXTS)):
+        changed = TEXTS[:i] + ["XXXX"] + TEXTS[i + 1:]
+        assert probe_fingerprint(DataLoader(changed, batch_size=2)) != fp
+    assert probe_fingerprint(DataLoader(TEXTS[::-1], batch_size=2)) != fp
+    # (texts, labels) batches: the texts are the inputs
+    pairs = DataLoader(list(zip(TEXTS, range(5))), batch_size=2)
+    assert probe_fingerprint(pairs)["rows"] == len(TEXTS)
+
+
+def test_numbers_in_a_column_are_separated_row_by_row():
+    assert probe_fingerprint([[12, 3]]) != probe_fingerprint([[1, 23]])
+
+
+def test_tensor_and_dict_probe_fingerprints_are_those_of_the_earlier_scheme():
+    x = torch.arange(24.0).reshape(8, 3)
+    y = torch.zeros(8)
+    for probe in (x, list(x.split(3)), DataLoader(TensorDataset(x, y), batch_size=3),
+                  {"a": x, "b": x.long()}, [{"a": x[:4]}, {"a": x[4:]}]):
+        assert probe_fingerprint(probe) == _fingerprint(probe, columns=False)
+
+
+def test_extract_features_saves_a_text_probe_and_checks_it(tmp_path):
+    torch.manual_seed(0)
+    model = ByteBag()
+    loader = DataLoader(TEXTS, batch_size=2)
+    path = tmp_path / "text.pt"
+    feats = extract_features(model, loader, "emb", path=path, batch_transform=_bytes)
+    expected = _np(model.emb.weight)[_bytes(TEXTS).numpy()].mean(1)
+    np.testing.assert_allclose(_np(feats["emb"]), expected, rtol=1e-6, atol=1e-6)
+    assert read_fingerprint(path)["rows"] == len(TEXTS)
+    assert check_fingerprint(path, DataLoader(TEXTS, batch_size=4))
+    with pytest.raises(ValueError, match="another probe"):
+        check_fingerprint(path, DataLoader(TEXTS[:4] + ["other"], batch_size=2))
+
+
+def test_a_column_batch_is_fed_whole_to_a_model_that_takes_texts():
+    class TextModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = ByteBag()
+
+        def forward(self, texts: list[str]) -> Tensor:
+            return self.inner(_bytes(texts))
+
+    torch.manual_seed(0)
+    model = TextModel()
+    got = collect_activations(model, DataLoader(TEXTS, batch_size=2), "inner.emb")["inner.emb"]
+    expected = _np(model.inner.emb.weight)[_bytes(TEXTS).numpy()].mean(1)
+    np.testing.assert_allclose(_np(got), expected, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ 3. nested tensors
+def _encoder() -> tuple[nn.TransformerEncoder, Tensor, Tensor]:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
+    enc = nn.TransformerEncoder(layer, 2)
+    src = torch.randn(4, 6, 8)
+    pad = torch.zeros(4, 6, dtype=torch.bool)  # True = padding; no row is full length
+    pad[0, 3:] = True
+    pad[1, 5:] = True
+    pad[2, 4:] = True
+    pad[3, 5:] = True
+    return enc, src, pad
+
+
+def _slow_path(enc: nn.TransformerEncoder, src: Tensor, pad: Tensor) -> list[np.ndarray]:
+    """Each layer's output on the dense (non-nested) path: train mode, no dropout."""
+    enc.train()
+    outs, h = [], src
+    with torch.no_grad():
+        for layer in enc.layers:
+            h = layer(h, src_key_padding_mask=pad)
+            outs.append(_np(h))
+    enc.eval()
+    return outs
+
+
+@pytest.mark.parametrize("pool", ["mean", "last", "cls"])
+def test_transformer_encoder_nested_outputs_pool_the_real_tokens(pool):
+    enc, src, pad = _encoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "nested tensors are a prototype"
+        got = collect_activations(enc, [{"src": src, "src_key_padding_mask": pad}],
+                                  "layers.*", pool=pool)
+    keep = ~pad.numpy()
+    for name, h in zip(["layers.0", "layers.1"], _slow_path(enc, src, pad)):
+        if pool == "mean":
+            expected = _masked_mean(h, keep)
+        elif pool == "last":
+            expected = h[np.arange(4), keep.sum(1) - 1]
+        else:
+            expected = h[:, 0]
+        np.testing.assert_allclose(_np(got[name]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_list_layers_reports_the_padded_shape_of_nested_outputs():
+    enc, src, pad = _encoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        shapes = dict(list_layers(enc, {"src": src, "src_key_padding_mask": pad}))
+    longest = int((~pad).sum(1).max())
+    assert shapes["layers.0"] == (4, longest, 8)
+    assert shapes["layers.1.linear1"] == (4, longest, 16)
+
+
+# ------------------------------------------------------------------ 4. batch containers
+Batch = namedtuple("Batch", "x y")
+
+
+class Encoding(UserDict):
+    """Like ``transformers.BatchEncoding``: a mapping with attribute access to its keys."""
+
+    def __getattr__(self, key: str):
+        try:
+            return self.data[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+@dataclasses.dataclass
+class DataBatch:
+    x: Tensor
+    tag: str = "probe"
+
+
+class Movable:
+    """A batch object with an in-place ``to`` (as graph-batch libraries have)."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+        self.moves = 0
+
+    def to(self, device: torch.device) -> Movable:
+        self.x = self.x.to(device)
+        self.moves += 1
+        return self
+
+
+def test_batch_containers_keep_their_type_for_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    x = torch.randn(5, 3)
+    w, b = _np(model[0].weight), _np(model[0].bias)
+    expected = np.maximum(_np(x) @ w.T + b, 0.0)
+    movable = Movable(x)
+    for batch, ty in ((Batch(x, torch.zeros(5)), Batch), (Encoding(x=x), Encoding),
+                      (DataBatch(x), DataBatch), (movable, Movable)):
+        seen: list[type] = []
+
+        def forward(m: nn.Module, bt, seen: list[type] = seen) -> Tensor:
+            seen.append(type(bt))
+            return m(bt.x)
+
+        got = collect_activations(model, [batch], "1", forward=forward)["1"]
+        assert seen == [ty]
+        np.testing.assert_allclose(_np(got), expected, rtol=1e-6, atol=1e-6)
+    assert movable.moves == 0  # the caller's object was copied before its in-place move
+
+
+def test_to_device_rebuilds_namedtuples_mappings_and_dataclasses():
+    x = torch.randn(2, 3)
+    cpu = torch.device("cpu")
+    moved = to_device(Batch(x, [x]), cpu)
+    assert type(moved) is Batch and moved.x is not None and isinstance(moved.y, list)
+    enc = to_device(Encoding(x=x, n=3), cpu)
+    assert type(enc) is Encoding and enc.n == 3 and torch.equal(enc.x, x)
+    dc = to_device(DataBatch(x, tag="t"), cpu)
+    assert type(dc) is DataBatch and dc.tag == "t" and torch.equal(dc.x, x)
+
+
+# ------------------------------------------------------------------ 5. torch.compile
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(2)])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _net_by_hand(net: Net, x: Tensor) -> dict[str, np.ndarray]:
+    out, h = {}, _np(x)
+    for i, block in enumerate(net.blocks):
+        pre = h @ _np(block[0].weight).T + _np(block[0].bias)
+        out[f"blocks.{i}.0"] = pre
+        h = np.maximum(pre, 0.0)
+        out[f"blocks.{i}"] = h
+    out["head"] = h @ _np(net.head.weight).T + _np(net.head.bias)
+    return out
+
+
+def test_new_layers_of_an_already_compiled_model_are_captured():
+    torch.manual_seed(0)
+    net = Net()
+    compiled = torch.compile(net, backend="eager")
+    x = torch.randn(6, 4)
+    expected = _net_by_hand(net, x)
+    with torch.no_grad():
+        compiled(x)  # a graph cached without any hook
+    for layers in (["blocks.*", "head"], ["blocks.*.0", "head"]):
+        got = collect_activations(compiled, x, layers)
+        assert sorted(got) == sorted(resolve_layers(net, layers))
+        for name, value in got.items():
+            np.testing.assert_allclose(_np(value), expected[name], rtol=1e-5, atol=1e-6)
+    shapes = dict(list_layers(compiled, x))
+    assert shapes["blocks.0.0"] == (6, 4) and shapes["head"] == (6, 2)
+
+
+def test_the_never_ran_message_mentions_torch_compile():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(x) if self.training else self.a(x)
+
+    with pytest.raises(LayerCountError, match=r"never ran.*torch\.compile"):
+        collect_activations(Branchy(), torch.randn(4, 3), ["a", "b"])
+
+
+# ------------------------------------------------------------------ 6. empty probes
+@pytest.mark.parametrize("probe", [torch.empty(0, 3), [torch.empty(0, 3)],
+                                   DataLoader(TensorDataset(torch.empty(0, 3)), batch_size=2)])
+def test_a_probe_without_rows_is_an_error(probe, tmp_path):
+    model = nn.Sequential(nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="dataloader_or_batches"):
+        collect_activations(model, probe, "0")
+    path = tmp_path / "empty.pt"
+    with pytest.raises(ValueError):
+        extract_features(model, probe, "0", path=path)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, True, 2.0])
+def test_collect_activations_validates_batch_size(batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        collect_activations(nn.Sequential(nn.Linear(3, 4)), torch.randn(4, 3), "0",
+                            batch_size=batch_size)
+
+
+def test_an_empty_tuple_batch_is_a_clear_error():
+    with pytest.raises(ValueError, match="empty tuple / list batch"):
+        collect_activations(nn.Sequential(nn.Linear(3, 4)), [()], "0")
+
+
+# ------------------------------------------------------------------ 7. error messages
+MODEL = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+
+
+@pytest.mark.parametrize("spec", ["re:[", "[z-a]", "2.[z-a]"])
+def test_an_invalid_regex_or_glob_is_a_value_error_naming_it(spec):
+    with pytest.raises(ValueError, match=re.escape(repr(spec))):
+        resolve_layers(MODEL, spec)
+    with pytest.raises(ValueError, match=re.escape(repr(spec))):
+        resolve_layers(MODEL, ["0", spec])
+
+
+@pytest.mark.parametrize("layers", [1, None, 2.5, {"0": 1}])
+def test_a_layers_value_that_is_no_spec_names_layers(layers):
+    with pytest.raises(TypeError, match="layers"):
+        resolve_layers(MODEL, layers)
+    with pytest.raises(TypeError, match="layers"):
+        collect_activations(MODEL, torch.randn(4, 3), layers)
+
+
+def test_pooling_errors_name_the_layer():
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Identity())
+    with pytest.raises(ValueError, match=r"layer '0'.*pool='none'"):
+        collect_activations(seq, torch.randn(5, 3, 4), ["0", "1"], pool="none")
+    with pytest.raises(ValueError, match=r"layer '0'.*callable"):
+        collect_activations(seq, torch.randn(5, 3, 4), ["0", "1"], pool=lambda t: t)
+
+
+def test_variable_length_batches_with_flatten_name_the_layer():
+    batches = [torch.randn(2, 3, 4), torch.randn(2, 5, 4)]
+    with pytest.raises(ValueError, match=r"layer '0'.*different shapes.*flatten"):
+        collect_activations(nn.Sequential(nn.Identity()), batches, "0", pool="flatten")
+
+
+# ------------------------------------------------------------------ 8. DataParallel
+def test_data_parallel_runs_as_its_module(monkeypatch):
+    torch.manual_seed(0)
+    net = Net()
+    wrapped = nn.DataParallel(net)
+    x = torch.randn(6, 4)
+
+    def no_replicas(self, *args, **kwargs):
+        raise AssertionError("DataParallel.forward would copy the hooks to every replica")
+
+    monkeypatch.setattr(nn.DataParallel, "forward", no_replicas)
+    layers = ["blocks.*", "module.head"]
+    got = collect_activations(wrapped, x, layers)
+    assert sorted(got) == ["blocks.0", "blocks.1", "head"]
+    expected = _net_by_hand(net, x)
+    for name, value in got.items():
+        np.testing.assert_allclose(_np(value), expected[name], rtol=1e-5, atol=1e-6)
+    assert [n for n, _ in list_layers(wrapped, x)] == [n for n, _ in list_layers(net, x)]
+    with ActivationRecorder(wrapped, "head") as rec:  # names normalized for direct use too
+        assert rec.layers == ["head"]
+
+
+def test_a_compiled_model_under_ddp_runs_eagerly(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = Net()
+        wrapped = DistributedDataParallel(torch.compile(net, backend="eager"))
+        x = torch.randn(6, 4)
+        with torch.no_grad():
+            wrapped(x)  # a graph cached without any hook
+        got = collect_activations(wrapped, x, ["module.blocks.*.0", "head"])
+    finally:
+        dist.destroy_process_group()
+    assert sorted(got) == ["blocks.0.0", "blocks.1.0", "head"]
+    expected = _net_by_hand(net, x)
+    for name, value in got.items():
+        np.testing.assert_allclose(_np(value), expected[name], rtol=1e-5, atol=1e-6)

@@ -215,3 +215,22 @@ def test_layer_names_that_are_one_name_as_strings_are_refused():
     a, b = torch.randn(20, 3), torch.randn(20, 3)
     with pytest.raises(ValueError, match=r"x layers: the names \[1, '1'\] are one name"):
         F.calibrated_layer_alignment({1: a, "1": b}, [a], "linear_cka", num_permutations=19)
+
+
+# ------------------------------------------------------- from an audit of the moments (9th)
+def test_a_tiny_alpha_warns_at_once_with_the_permutations_it_needs():
+    """The K it needs was found by counting up from K + 1: 14 s at alpha = 1e-7, a hang at
+    1e-300.  Checked against the τ rule for a range of alphas."""
+    import time
+
+    from alignment_callback.functional import calibrate
+    from alignment_callback.functional.calibration import few_permutations, threshold_index
+
+    for alpha in (0.05, 0.01, 1 / 3, 1e-3, 1e-7):
+        need = int(few_permutations(99, alpha).rsplit(">= ", 1)[1]) if 100 * alpha < 1 else None
+        if need is not None:
+            assert threshold_index(need, alpha) < need and threshold_index(need - 1, alpha) == need - 1
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="is too few for alpha=1e-300"):
+        calibrate(0.9, torch.rand(500), alpha=1e-300)
+    assert time.perf_counter() - start < 5.0

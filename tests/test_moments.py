@@ -16,7 +16,7 @@ import pkgutil
 import numpy as np
 import pytest
 import torch
-from scipy import stats
+from scipy import special, stats
 
 import alignment_callback.functional as F
 from alignment_callback.functional import moments as M
@@ -363,6 +363,33 @@ def test_pearson3_matches_scipy(skew: float) -> None:
     # round trip at the level's threshold
     tau = M.pearson3_quantile(1 - ALPHA, 0.3, 2.0, skew)
     assert float(M.pearson3_sf(tau, 0.3, 2.0, skew)) == pytest.approx(ALPHA, abs=1e-10)
+
+
+@pytest.mark.parametrize("skew", [-1.0, -0.01, 0.0, 0.01, 1.0, 3.0])
+def test_pearson3_upper_quantile_is_exact_at_any_alpha(skew: float) -> None:
+    """τ at α below 1e-16 was solved from 1 − α, which rounds: 2.4e-3 off at 3e-16 and
+    infinite at 1e-17.  The upper tail is solved directly (scipy's isf as reference), and for
+    ordinary α it equals the lower-tail quantile of 1 − α."""
+    alphas = np.array([0.3, 0.05, 1e-3, 1e-12, 3e-16, 1e-17, 1e-30])
+    tau = M.pearson3_quantile(torch.from_numpy(alphas), 0.06, 0.02, skew, upper=True).numpy()
+    if skew == 0.0:
+        z = stats.norm.isf(alphas)
+    else:  # Z = (X - a)/sqrt(a) with X ~ Gamma(a), a = 4/skew^2, mirrored for negative skew
+        a = 4 / skew**2
+        x = special.gammainccinv(a, alphas) if skew > 0 else special.gammaincinv(a, alphas)
+        z = np.sign(skew) * (x - a) / np.sqrt(a)
+    np.testing.assert_allclose(tau, 0.06 + 0.02 * z, rtol=1e-9, atol=0)
+    moments = M.PermutationMoments(0.06, 0.02**2, skew)
+    for alpha, expected in zip(alphas, 0.06 + 0.02 * z):  # the threshold of the moments null
+        assert float(M.pearson3_null(0.1, moments, alpha)["threshold"]) == pytest.approx(
+            expected, rel=1e-9)
+    lower = M.pearson3_quantile(torch.from_numpy(1 - alphas[:3]), 0.06, 0.02, skew).numpy()
+    np.testing.assert_allclose(tau[:3], lower, rtol=1e-12, atol=1e-15)
+    ends = M.pearson3_quantile(torch.tensor([0.0, 1.0], dtype=F64), 0.0, 1.0, skew, upper=True)
+    low_end = -math.inf if skew <= 0 else -2 / skew
+    high_end = math.inf if skew >= 0 else -2 / skew
+    assert ends.tolist() == [high_end, low_end] if abs(skew) >= 2e-3 else \
+        ends.tolist() == [math.inf, -math.inf]
 
 
 def test_pearson3_small_skew_tends_to_normal_smoothly() -> None:

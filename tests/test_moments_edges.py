@@ -249,3 +249,22 @@ def test_auto_falling_back_to_permutations_scores_on_the_null_route(seed):
     assert r.null_method == "permutation"
     ident = (F.permutations(5, 2000, 0) == torch.arange(5)).all(1)
     assert int(ident.sum()) > 0 and bool((r.null[ident] >= r.raw).all())
+
+
+def test_a_cached_reference_keeps_its_feature_space_state_after_a_permutation_step():
+    """One step outside the validated range (calibrated by permutations under "auto") turned
+    the engine's cached reference into an n×n gram for every later step (O(n²) memory, the
+    opposite of the features route's promise)."""
+    from alignment_callback.functional.gram_measures import FeatureState
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 512, 16
+    engine = AlignmentEngine(["linear_cka"], num_permutations=99, null="auto", preprocess=False)
+    engine.set_reference({"r": torch.randn(n, d, generator=g)})
+    (measure,) = engine.measures.values()
+    heavy = torch.randn(n, 1, generator=g) ** 5  # a skewed null: not validated for moments
+    methods = [engine.step({"m": x}).results["linear_cka"].null_method
+               for x in (torch.randn(n, d, generator=g), heavy, torch.randn(n, d, generator=g))]
+    assert methods == ["moments", "permutation", "moments"]
+    state = engine.reference.states[measure][0]
+    assert isinstance(state, FeatureState) and tuple(state.features.shape) == (n, d)

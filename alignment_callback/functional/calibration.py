@@ -64,9 +64,12 @@ def threshold_index(num_permutations: int, alpha: float) -> int:
 def few_permutations(num_permutations: int, alpha: float) -> str:
     """The warning for a K so small that τ is the largest of {s, s_1..s_K} whatever the data
     (the smallest p-value 1/(K + 1) is above α): nothing can be called aligned."""
-    need = num_permutations + 1
-    while threshold_index(need, alpha) == need:
-        need += 1
+    # the smallest K' with τ below the top, by bisection (τ leaves the top once α(K' + 1) >= 1,
+    # so K' <= ⌈1/α⌉; counting up from K + 1 took time 1/α: a hang at α = 1e-300)
+    low, need = num_permutations, max(num_permutations + 1, math.ceil(1.0 / alpha))
+    while need - low > 1:
+        mid = (low + need) // 2
+        low, need = (mid, need) if threshold_index(mid, alpha) == mid else (low, mid)
     return (f"num_permutations={num_permutations} is too few for alpha={alpha:g}: the smallest "
             f"p-value, 1/{num_permutations + 1}, is above alpha, so the threshold τ is the "
             "largest of the score and its null and every calibrated score is 0; use "

@@ -403,6 +403,9 @@ def calibrate_prepared(
         raise ValueError(f"the permutations are of {permutations.n} samples, the data has {xside.n}")
     null = check_null(null)
     measures = list(dict.fromkeys(measures))
+    # states converted to n×n below are this call's: a cached side (the engine's or a metric's
+    # reference) keeps its feature-space states for the next call
+    xside, yside = _call_copy(xside), _call_copy(yside)
     for m in measures:  # feature space only when both sides are in it, for one pair
         in_features = [_in_features(side, m) for side in (xside, yside)]
         if any(in_features) and not (all(in_features) and _single_pair(xside, yside)):
@@ -459,6 +462,12 @@ def _identity_scores_observed(nulls: dict[Measure, Tensor], observed: dict[Measu
 
 def _in_features(side: PreparedSide, m: Measure) -> bool:
     return isinstance(side.states.get(m, [None])[0], FeatureState)
+
+
+def _call_copy(side: PreparedSide) -> PreparedSide:
+    """``side`` with its own ``states`` and ``lazy`` (the invariants, which do not depend on
+    a state's route, stay shared)."""
+    return dataclasses.replace(side, states=dict(side.states), lazy=set(side.lazy))
 
 
 def _to_grams(m: Measure, *sides: PreparedSide) -> None:

@@ -192,9 +192,12 @@ def _solve_gamma(shape: Tensor, target: Tensor, upper: bool, iters: int = 200) -
     return torch.exp(u)
 
 
-def pearson3_quantile(prob: Any, mean: Any, std: Any, skew: Any) -> Tensor:
+def pearson3_quantile(prob: Any, mean: Any, std: Any, skew: Any, upper: bool = False
+                      ) -> Tensor:
     """Quantile ``t`` with ``P(S ≤ t) = prob`` of the Pearson type III (see
-    :func:`pearson3_sf`); e.g. the threshold ``τ = pearson3_quantile(1 − α, …)``.
+    :func:`pearson3_sf`), or with ``upper`` ``P(S > t) = prob``: the threshold is
+    ``τ = pearson3_quantile(α, …, upper=True)``, exact for any α (``1 − α`` rounds to 1 below
+    α ≈ 1e-16).
 
     Inverts the regularized incomplete gamma by Newton's method on log x, safeguarded by a
     bracket (bisection whenever a step leaves it), in float64; for ``|skew| < 2e-3`` the
@@ -204,9 +207,11 @@ def pearson3_quantile(prob: Any, mean: Any, std: Any, skew: Any) -> Tensor:
     Parameters
     ----------
     prob : float or Tensor
-        Lower-tail probability in [0, 1].
+        Lower-tail probability in [0, 1] (upper-tail with ``upper``).
     mean, std, skew : float or Tensor
         Moments of the distribution.
+    upper : bool, default=False
+        Read ``prob`` as the upper tail ``P(S > t)``.
 
     Example
     -------
@@ -225,33 +230,38 @@ def pearson3_quantile(prob: Any, mean: Any, std: Any, skew: Any) -> Tensor:
     shape = 4.0 / (gs * gs)
     # positive skew: P(Z <= z) = P(a, a + z√a);  negative: P(Z <= z) = Q(a, a − z√a)
     pos = skew >= 0
-    interior = (prob > 0) & (prob < 1)
-    pc = torch.where(interior, prob, torch.full_like(prob, 0.5))
+    at_lo, at_hi = (prob >= 1, prob <= 0) if upper else (prob <= 0, prob >= 1)
+    interior = ~at_lo & ~at_hi
+    half = torch.full_like(prob, 0.5)
+    # both tails, each exact where it is the smaller one: pc = P(S <= t), qc = P(S > t)
+    pc = torch.where(interior, 1 - prob if upper else prob, half)
+    qc = torch.where(interior, prob if upper else 1 - prob, half)
     # x with P(a, x) = pc (positive skew) or Q(a, x) = pc (negative), each solved with the
     # smaller tail for precision; only the entries that need the gamma are solved
-    upper = torch.where(pos, pc > 0.5, pc < 0.5)
-    target = torch.where(torch.where(pos, pc > 0.5, pc >= 0.5), 1 - pc, pc)
+    tails = torch.where(pos, pc > 0.5, pc < 0.5)
+    target = torch.where(torch.where(pos, pc > 0.5, pc >= 0.5), qc, pc)
     x = shape.clone()
     for tail in (True, False):
-        todo = big & (upper == tail)
+        todo = big & (tails == tail)
         if bool(todo.any()):
             x[todo] = _solve_gamma(shape[todo], target[todo], tail)
     sq = torch.sqrt(shape)
     z_exact = torch.where(pos, (x - shape) / sq, (shape - x) / sq)
-    w = torch.special.ndtri(pc)
+    w = torch.where(pc > 0.5, -torch.special.ndtri(qc), torch.special.ndtri(pc))
     z_wh = torch.where(pos, _wh_inv(w, g), -_wh_inv(-w, g))
     z = torch.where(big, z_exact, z_wh)
     # ends of the support
     end_hi = torch.where(pos | ~big, torch.full_like(z, math.inf), sq)   # neg skew: z <= √a
     end_lo = torch.where(~pos | ~big, torch.full_like(z, -math.inf), -sq)  # pos skew: z >= −√a
-    z = torch.where(prob <= 0, end_lo, torch.where(prob >= 1, end_hi, z))
+    z = torch.where(at_lo, end_lo, torch.where(at_hi, end_hi, z))
     return mean + std * z
 
 
 def pearson3_null(score: Any, moments: PermutationMoments, alpha: float = 0.05
                   ) -> dict[str, Tensor]:
     """Analytic calibration of an observed cosine ``score`` against its permutation moments:
-    ``p_value = pearson3_sf(score, …)``, ``threshold = pearson3_quantile(1 − alpha, …)``,
+    ``p_value = pearson3_sf(score, …)``, ``threshold = pearson3_quantile(alpha, …,
+    upper=True)``,
     plus ``null_mean``, ``null_std`` and ``skewness`` (float64 tensors).
 
     Parameters
@@ -274,7 +284,7 @@ def pearson3_null(score: Any, moments: PermutationMoments, alpha: float = 0.05
     mu, sd, g = moments.mean, moments.std, moments.skewness
     return {
         "p_value": pearson3_sf(score, mu, sd, g),
-        "threshold": pearson3_quantile(1.0 - alpha, mu, sd, g),
+        "threshold": pearson3_quantile(alpha, mu, sd, g, upper=True),
         "null_mean": torch.tensor(mu, dtype=_F64),
         "null_std": torch.tensor(sd, dtype=_F64),
         "skewness": torch.tensor(g, dtype=_F64),

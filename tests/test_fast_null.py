@@ -398,3 +398,13 @@ def test_one_device_spelled_two_ways_is_cached_once(spellings):
     first = [c.data_ptr() for c in perms.chunks(7, spellings[0])]
     for device in spellings[1:]:
         assert [c.data_ptr() for c in perms.chunks(7, device)] == first, device
+
+
+def test_group_labels_of_mixed_kinds_are_a_clear_error():
+    """None among strings gave numpy's "'<' not supported between 'str' and 'NoneType'"."""
+    with pytest.raises(ValueError, match="groups labels must be of one comparable kind.*"
+                                         "NoneType, str"):
+        F.Permutations(6, 9, 0, [None, "a", "a", "b", "b", None])
+    x = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="groups labels"):
+        F.calibrated_alignment(x, x, "linear_cka", groups=[None, "a", "a", "b", "b", None])

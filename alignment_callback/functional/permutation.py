@@ -35,7 +35,12 @@ class GroupPermuter:
         labels = np.asarray(groups.cpu() if isinstance(groups, Tensor) else groups)
         if labels.ndim != 1 or labels.shape[0] != n:
             raise ValueError(f"groups must have one label per sample: expected {n}, got shape {labels.shape}")
-        _, inverse = np.unique(labels, return_inverse=True)
+        try:
+            _, inverse = np.unique(labels, return_inverse=True)
+        except TypeError as err:  # labels that cannot be ordered: None among strings, ...
+            kinds = sorted({type(v).__name__ for v in labels.tolist()})
+            raise ValueError(f"groups labels must be of one comparable kind (all numbers or all "
+                             f"strings), got a mix of {', '.join(kinds)}") from err
         members: dict[int, list[int]] = {}
         for row, g in enumerate(inverse.tolist()):
             members.setdefault(g, []).append(row)

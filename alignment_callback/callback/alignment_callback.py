@@ -8,6 +8,8 @@ calls in ``dispatch.py``.
 
 from __future__ import annotations
 
+import ast
+import copy
 import importlib.util
 import shutil
 import tempfile
@@ -28,13 +30,19 @@ from alignment_callback.callback import dispatch, feedback
 from alignment_callback.callback.background import BackgroundQueue, Job, ModelCopy, Snapshot
 from alignment_callback.callback.distributed import first_error, from_rank_zero, guarded_step
 from alignment_callback.callback.presets import resolve_preset
-from alignment_callback.callback.probe import Probe, iterate_probe, load_probe
+from alignment_callback.callback.probe import (
+    Probe,
+    freeze,
+    iterate_probe,
+    load_probe,
+    shared_with,
+)
 from alignment_callback.callback.reference import (
     Reference,
     ReferenceSpec,
     check_features,
+    count_rows,
     feature_dtype,
-    probe_rows,
     resolve_references,
 )
 from alignment_callback.engine import AlignmentEngine
@@ -98,9 +106,13 @@ class AlignmentCallback(Callback):
 
     Configuration mistakes fail before the first training step, whatever ``on_error`` says:
     an unknown measure or option, bad arguments (at construction), layers that match nothing
-    in the student or the reference model, a probe with too few samples for a measure (e.g.
-    k >= n), ``null="moments"`` with a measure it cannot calibrate or several layer pairs,
-    and ``background=True`` with a checkpoint or early-stopping monitor on an alignment key;
+    in the student or the reference model, a reference model that shares modules or
+    parameters with the model in training, a probe with too few samples for a measure (e.g.
+    k >= n; a probe whose size only running it tells, such as an ``IterableDataset``, is
+    counted once at the start of fit), a shuffling probe, features or ``reference_inputs``
+    with other row counts than the probe, ``null="moments"`` with a measure it cannot
+    calibrate or several layer pairs, and ``background=True`` with a checkpoint or
+    early-stopping monitor on an alignment key;
     a chosen layer that does not run exactly once per forward pass, or returns no tensor to
     record, is raised at the baseline (the first step with ``baseline=False``).  ``on_error``
     governs failures that depend on the data (NaN activations).
@@ -125,9 +137,11 @@ class AlignmentCallback(Callback):
 
     Args:
         reference: what the model is compared with: a frozen model (``nn.Module`` /
-            ``LightningModule``, put in eval mode with ``requires_grad_(False)``) or a
-            checkpoint path (see ``reference_class``); its features instead, a
-            ``{layer: (n, ...) tensor}`` mapping or a feature file (``.pt``, ``.npz``,
+            ``LightningModule``, put in eval mode with ``requires_grad_(False)`` at setup; one
+            that shares modules or parameters with the model in training is refused: pass a
+            ``copy.deepcopy``) or a checkpoint path (see ``reference_class``); its features
+            instead, a ``{layer: (n, ...) tensor}`` mapping (``(n, T, d)`` features are pooled
+            with ``reference_pool``) or a feature file (``.pt``, ``.npz``,
             ``.safetensors``, ...; one written by ``alignment-callback extract`` carries its
             probe's fingerprint, checked against ``probe``); ``"initial"`` (the model's own
             activations at the start of fit; on a resumed run, of the resumed weights, with a
@@ -135,9 +149,10 @@ class AlignmentCallback(Callback):
             ``{name: reference}`` for several, sharing the model's probe pass, keys
             ``<prefix>/<name>/<measure>/...`` (``reference_layers`` / ``reference_inputs`` may
             then be keyed by name too).
-        probe: the probe inputs: a ``DataLoader`` with a sequential sampler, a tensor, a
-            ``.pt`` path, a callable returning batches, or a list of batches; the same rows in
-            the same order every time.
+        probe: the probe inputs: a ``DataLoader`` with a sequential sampler, a tensor or
+            numeric NumPy array, a ``.pt`` path (a tensor, a dict batch, a tuple batch
+            ``(inputs, labels)`` or a list of batches), a callable returning batches, or a list
+            of batches; the same rows in the same order every time.
         layers: student layers (names, globs, ``"re:"`` regexes; see ``resolve_layers``), or a
             mapping ``{student layer: reference layer}`` to aggregate over those pairs only
             (then without ``reference_layers``).
@@ -146,7 +161,10 @@ class AlignmentCallback(Callback):
             ``{name: {options}}`` e.g. ``{"mutual_knn": {"k": 5}}``.
         preset: ``"prh"`` (mutual kNN k = 10, rows clamped at the 0.95 quantile and
             L2-normalized, max over layer pairs: PRH's ``measure_alignment``) or ``"repa"``
-            (CKNNA k = 10 on patch-averaged features, as REPA's public threads describe it);
+            (CKNNA k = 10 on token-averaged features, as REPA's public threads describe it;
+            ``pool="mean"`` averages every token, a ViT's CLS and register tokens too: pass
+            ``reference_pool=patch_mean(1)`` from ``alignment_callback.callback.presets`` to
+            average a DINOv2 reference's patch tokens only);
             each documents its sources and what is unknown (``PRESETS``).  Explicit
             ``measures`` / ``aggregate`` / ``pool`` / ``reference_pool`` / ``preprocess``
             override it.
@@ -157,7 +175,9 @@ class AlignmentCallback(Callback):
         seed: permutation seed (default 0). baseline: run once before training (default True).
         pool / reference_pool: pooling of 3-D+ outputs (default ``"mean"``; dict batches are
             passed to the model as ``**kwargs``, and token outputs are pooled over the
-            ``mask_key`` entry of the batch, default ``"attention_mask"``; None disables it).
+            ``mask_key`` entry of the batch, default ``"attention_mask"``; None disables it);
+            ``reference_pool`` (default: ``pool``) also pools reference features of more than
+            two dimensions (without a mask).
         preprocess: feature preprocessing (default True: L2-normalize rows).
         log_prefix: key prefix (default ``"alignment"``). log_heatmaps: default True.
         log_pairs: also log every pair's raw score (default False).
@@ -271,6 +291,7 @@ class AlignmentCallback(Callback):
             batch_transform=batch_transform, pairs=self.pair_map)
         self.probe = load_probe(probe)
         self.pool = pool
+        self._preprocess = preprocess  # as given: part of the settings a checkpoint records
         self.log_prefix = log_prefix
         self.log_heatmaps = log_heatmaps
         self.log_pairs = log_pairs
@@ -363,7 +384,8 @@ class AlignmentCallback(Callback):
         return self._generate_state_key(log_prefix=self.log_prefix, metrics=sorted(self.measures))
 
     def state_dict(self) -> dict[str, Any]:
-        """History of results (primitives only, safe for ``weights_only`` checkpoints).
+        """History of results, the W&B pair tables, the probe size and the settings the values
+        were computed with (primitives only, safe for ``weights_only`` checkpoints).
 
         Finished background steps not yet logged are included.  A step still being computed
         that was taken at the checkpoint's global step is not waited for: it is kept as
@@ -373,12 +395,123 @@ class AlignmentCallback(Callback):
         """
         trainer = self._trainer() if self._trainer is not None else None
         done, running = self._queue.snapshot(None if trainer is None else int(trainer.global_step))
-        history = self.history + [self._entry(outcome) for outcome in done if outcome is not None]
-        return {"history": [dict(h) for h in history], "pending": [list(p) for p in running]}
+        finished = [outcome for outcome in done if outcome is not None]
+        history = self.history + [self._entry(outcome) for outcome in finished]
+        tables = {label: [list(row) for row in rows] for label, rows in self._tables.items()}
+        for results, _, epoch, step, _ in finished:
+            for label, rows in _pair_rows(self._flat(results), epoch, step).items():
+                tables.setdefault(label, []).extend(rows)
+        samples = next((next(iter(o[0].values())).n for o in reversed(finished) if o[0]),
+                       self._samples)
+        return {"history": [dict(h) for h in history], "pending": [list(p) for p in running],
+                "tables": tables, "samples": None if samples is None else int(samples),
+                "settings": self._settings()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [dict(h) for h in state_dict.get("history", [])]
-        self._resume_pending = [(int(e), int(s)) for e, s in state_dict.get("pending", [])]
+        """The history of a checkpoint.  When it was written with other settings (layers,
+        references, measures or their options, K, seed, α, aggregate, preprocessing, pooling,
+        null), the curves those settings change are not continued: a warning names what
+        differs, their values are dropped from the history and their curves start anew (all
+        of them, with a baseline, when a setting of every curve changed)."""
+        self._load_state(state_dict, None)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of this callback written with other measures stores its state under
+        another key (the key names the measures): found by its ``log_prefix``, and loaded with
+        the settings check of :meth:`load_state_dict` (Lightning loads a state under this
+        callback's own key itself)."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        taken = {cb.state_key for cb in trainer.callbacks if cb is not self}
+        found = []
+        for key, state in states.items():
+            fields = _state_key_fields(key, type(self).__qualname__)
+            if key not in taken and fields.get("log_prefix") == self.log_prefix:
+                found.append((state, fields.get("metrics")))
+        if len(found) == 1 and isinstance(found[0][0], Mapping):
+            state, measures = found[0]
+            self._load_state(copy.deepcopy(dict(state)),
+                             list(measures) if isinstance(measures, (list, tuple)) else None)
+
+    def _load_state(self, state: Mapping[str, Any], key_measures: list[str] | None) -> None:
+        """Load ``state``; ``key_measures``: the measures its checkpoint key names (a state
+        found under another key), the only settings known of a checkpoint written before
+        settings were saved."""
+        self.history = [dict(h) for h in state.get("history", [])]
+        self._resume_pending = [(int(e), int(s)) for e, s in state.get("pending", [])]
+        self._tables = {str(k): [list(r) for r in rows]
+                        for k, rows in (state.get("tables") or {}).items()}
+        samples = state.get("samples")
+        self._samples = None if samples is None else int(samples)
+        saved = state.get("settings")
+        if not isinstance(saved, Mapping):  # written before settings were saved
+            saved = {} if key_measures is None else {"measures": dict.fromkeys(key_measures)}
+        current = self._settings()
+        changes = _setting_changes(saved, current)
+        if not changes or not self.history:
+            return
+        kept, dropped = self._keep_curves(saved, current)
+        if kept:
+            new = [label for label in self._labels() if label not in kept]
+            fate = (f"the curves of {', '.join(kept)} continue"
+                    + (f"; the values of {', '.join(dropped)} are dropped from the history"
+                       if dropped else "")
+                    + (f"; those of {', '.join(new)} start at this fit" if new else ""))
+        else:
+            fate = ("its alignment history is not continued: every curve starts anew at this "
+                    "fit" + (", with a baseline" if self.baseline else ""))
+        rank_zero_warn(f"AlignmentCallback(log_prefix={self.log_prefix!r}) resumes from a "
+                       f"checkpoint written with other settings ({'; '.join(changes)}): {fate}",
+                       category=UserWarning)
+
+    def _labels(self) -> list[str]:
+        """The labels ``[<reference>/]<measure>`` of this callback's curves."""
+        return [m if ref.name is None else f"{ref.name}/{m}"
+                for ref in self.references for m in self.measures]
+
+    def _settings(self) -> dict[str, Any]:
+        """What the logged values depend on, as primitives: saved in checkpoints and compared
+        when a run resumes (``references`` and ``measures`` by their key level)."""
+        engine = self.engine
+        return {
+            "layers": _describe(self.layers), "pairs": _describe(self.pair_map),
+            "pool": _describe(self.pool), "num_permutations": engine.num_permutations,
+            "seed": engine.seed, "alpha": engine.alpha, "aggregate": _describe(engine.aggregate),
+            "preprocess": _describe(self._preprocess), "null": engine.null,
+            "references": {ref.name or "": _reference_settings(ref) for ref in self.references},
+            "measures": {label: {"name": m.name, "options": _describe(m.kwargs)}
+                         for label, m in self.measures.items()},
+        }
+
+    def _keep_curves(self, saved: Mapping[str, Any], current: Mapping[str, Any]
+                     ) -> tuple[list[str], list[str]]:
+        """Drop from the history and the tables the curves ``saved`` settings computed that
+        ``current`` ones compute otherwise (or not at all); returns the labels of the curves
+        kept and dropped.  With none kept, the history is cleared (a new one, with a
+        baseline)."""
+        same_global = all(saved[k] == current[k] for k in current
+                          if k not in ("references", "measures") and k in saved)
+        old_refs = saved.get("references", current["references"])
+        old_measures = saved.get("measures", current["measures"])
+        kept, dropped = [], []
+        for ref in old_refs:
+            for m in old_measures:
+                label = m if ref == "" else f"{ref}/{m}"
+                same = (same_global and ref in current["references"]
+                        and old_refs[ref] in (None, current["references"][ref])
+                        and m in current["measures"]
+                        and old_measures[m] in (None, current["measures"][m]))
+                (kept if same else dropped).append(label)
+        if not kept:
+            self.history, self._resume_pending, self._tables, self._samples = [], [], {}, None
+            return [], dropped
+        heads = tuple(f"{self.log_prefix}/{label}/" for label in dropped)
+        self.history = [{k: v for k, v in h.items() if not k.startswith(heads)}
+                        for h in self.history]
+        self._tables = {k: v for k, v in self._tables.items() if k not in dropped}
+        return kept, dropped
 
     # ---------------------------------------------------------------------------- hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -392,6 +525,7 @@ class AlignmentCallback(Callback):
             self.history, self._resume_pending = [], []
             self._tables, self._names_logged, self.last_results = {}, set(), {}
             self._last_pngs, self._samples, self.report_paths = {}, None, None
+        self._freeze_references(pl_module)
         model_layers = resolve_layers(pl_module, self.layers, "student model")
         count = len(model_layers)
         if self.pair_map is not None and set(model_layers) != set(self.pair_map):
@@ -435,12 +569,41 @@ class AlignmentCallback(Callback):
                         "background=False for monitored keys."
                     )
 
+    def _freeze_references(self, pl_module: LightningModule) -> None:
+        """Freeze the reference models (eval mode, ``requires_grad_(False)``), after checking
+        that none shares a module or parameter with the model in training: freezing it would
+        stop that part's training."""
+        for ref in self.references:
+            if ref.kind != "model":
+                continue
+            shared = shared_with(ref.module, pl_module)
+            if shared:
+                which = "reference" if ref.name is None else f"reference[{ref.name!r}]"
+                parts = ", ".join("the whole module" if n == "" else repr(n) for n in shared[:5])
+                raise ValueError(
+                    f"{which} shares modules or parameters with the model in training ({parts}"
+                    f"{', ...' if len(shared) > 5 else ''}): a reference is frozen, which would "
+                    "stop their training. To compare the model with its own earlier "
+                    "activations use reference='initial' or reference='previous'; to compare "
+                    "with a fixed copy, pass reference=copy.deepcopy(module)")
+            freeze(ref.module)
+
+    def _probe_size(self) -> int | None:
+        """The probe's rows, before training: a callable probe is called (a DataLoader it
+        returns must be sequential) and a probe whose size is not known otherwise is iterated
+        once, with the global random states put back; None when its batches' rows cannot be
+        read (batches only a ``batch_transform`` understands)."""
+        with preserved_rng():
+            return count_rows(iterate_probe(self.probe))
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The references' probe pass (or features), once per fit; a probe too small for a
-        measure, or features of another probe, is an error."""
+        measure, or features or ``reference_inputs`` of another size, is an error."""
         model_device = model_device_of(pl_module)
         self._device = _compute_device(self.compute_device, model_device)
-        n_probe = probe_rows(self.probe)
+        n_probe = self._probe_size()
+        if self._samples is None:
+            self._samples = n_probe
         for ref in self.references:
             ref.engine.device = self._device
             if ref.drift and n_probe is not None:  # its rows are the probe's, known now
@@ -449,8 +612,9 @@ class AlignmentCallback(Callback):
                 continue
             if ref.kind == "features":
                 with preserved_rng():  # fingerprinting iterates the probe (a DataLoader draws)
-                    check_features(ref, iterate_probe(self.probe))
-                acts = feature_dtype(ref.features, self._device)
+                    check_features(ref, iterate_probe(self.probe), n_probe)
+                where = "reference_pool" if ref.name is None else f"reference_pool[{ref.name!r}]"
+                acts = feature_dtype(ref.features, self._device, ref.pool, where)
             else:
                 acts = self._reference_activations(ref, model_device, trainer.is_global_zero)
             n = next(iter(acts.values())).shape[0]
@@ -994,11 +1158,8 @@ class AlignmentCallback(Callback):
                 self._scratch = tempfile.mkdtemp(prefix="alignment_heatmaps_")
             dispatch.log_image(trainer.loggers, f"{self.log_prefix}/{label}/heatmap", image, png,
                                step, f"epoch{epoch:04d}_step{step:06d}", self._scratch)
-        for label, r in flat.items():
-            self._tables.setdefault(label, []).extend(
-                [epoch, step, xa, yb, float(r.matrix[a, b]), float(r.pair_calibrated[a, b]),
-                 float(r.pair_p_value[a, b])]
-                for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names))
+        for label, rows in _pair_rows(flat, epoch, step).items():
+            self._tables.setdefault(label, []).extend(rows)
         if self.verbose:
             feedback.emit(trainer, feedback.step_lines(results, epoch, step, self.log_prefix))
         self.last_results = flat
@@ -1019,12 +1180,20 @@ class AlignmentCallback(Callback):
         dispatch.log_layer_names(trainer.loggers, self.log_prefix, names)
         self._names_logged |= {"model", *flat}
 
+    def _curve_labels(self) -> list[str]:
+        """The labels (``[<reference>/]<measure>``) of the curves the history holds: the last
+        step's, or, when this fit took none (resumed at its end), every one with a value."""
+        if self.last_results:
+            return list(self.last_results)
+        return [label for label in self._labels()
+                if any(f"{self.log_prefix}/{label}/raw" in h for h in self.history)]
+
     def _fit_end(self, trainer: Trainer) -> None:
         """W&B: one chart of raw, τ and calibrated and one table of every pair per measure;
         every run: the end-of-fit report next to the logs (a file in W&B)."""
         xs = [h["epoch"] if self.every_n_train_steps is None else h["step"] for h in self.history]
         xname = "epoch" if self.every_n_train_steps is None else "step"
-        for label in self.last_results:
+        for label in self._curve_labels():
             prefix = f"{self.log_prefix}/{label}"
             series = {"raw": [h.get(f"{prefix}/raw") for h in self.history],
                       "τ": [h.get(f"{prefix}/threshold") for h in self.history],
@@ -1094,6 +1263,69 @@ def _each_batch(fn: Callable[[Any], Any], batches: Any) -> Any:
             yield fn(batch)
 
     return mapped()
+
+
+def _pair_rows(flat: Mapping[str, Any], epoch: int, step: int) -> dict[str, list[list[Any]]]:
+    """The W&B pair table's rows of one step, by measure label: epoch, step, model layer,
+    reference layer, raw, calibrated, p (primitives, so that a checkpoint keeps them)."""
+    return {label: [[int(epoch), int(step), str(xa), str(yb), float(r.matrix[a, b]),
+                     float(r.pair_calibrated[a, b]), float(r.pair_p_value[a, b])]
+                    for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names)]
+            for label, r in flat.items()}
+
+
+def _describe(value: Any) -> Any:
+    """``value`` as primitives for a checkpoint's settings: a callable by its qualified name,
+    an object by its ``str`` (its type's name when that would hold a memory address)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if callable(value):
+        return getattr(value, "__qualname__", None) or type(value).__qualname__
+    text = str(value)
+    return type(value).__qualname__ if " at 0x" in text else text
+
+
+def _reference_settings(ref: Reference) -> dict[str, Any]:
+    """A reference's part of the settings: its kind, where it came from, layers and pool."""
+    if ref.drift:
+        return {"kind": ref.kind}
+    pooled = ref.kind == "model" or any(v.dim() > 2 for v in ref.features.values())
+    return {"kind": ref.kind, "source": ref.source, "layers": _describe(ref.layers),
+            "pool": _describe(ref.pool) if pooled else None}
+
+
+def _setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between a checkpoint's settings and this callback's, one phrase each
+    (settings the checkpoint does not record are taken as unchanged)."""
+    changes = [f"{k} {saved[k]!r} → {current[k]!r}" for k in current
+               if k not in ("references", "measures") and k in saved and saved[k] != current[k]]
+    for field, what in (("references", "reference"), ("measures", "measure")):
+        if field not in saved:
+            continue
+        old, new = saved[field], current[field]
+        name = (lambda key: "the reference" if key == "" else repr(key)) if field == "references" \
+            else repr
+        changes += [f"{what} {name(k)} added" for k in new if k not in old]
+        changes += [f"{what} {name(k)} removed" for k in old if k not in new]
+        changes += [f"{what} {name(k)} {old[k]!r} → {new[k]!r}" for k in new
+                    if k in old and old[k] is not None and old[k] != new[k]]
+    return changes
+
+
+def _state_key_fields(key: Any, qualname: str) -> dict[str, Any]:
+    """The fields of a state key written by ``_generate_state_key`` for the class
+    ``qualname`` (``{}`` for another key)."""
+    if not isinstance(key, str) or not key.startswith(f"{qualname}{{"):
+        return {}
+    try:
+        fields = ast.literal_eval(key[len(qualname):])
+    except (ValueError, SyntaxError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
 
 
 def _reraise(error: BaseException) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterable, Mapping, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
@@ -19,31 +20,84 @@ def load_probe(probe: Probe, argument: str = "probe") -> Any:
 
     * a ``DataLoader`` with a sequential sampler (the same rows, in the same order, every
       time; see :func:`check_sequential`),
-    * a tensor (split into batches of 256 rows),
-    * a path to a ``.pt`` file holding a tensor / dict / tuple (loaded with ``weights_only``),
+    * a tensor, or a numeric NumPy array (made a tensor; split into batches of 256 rows),
+    * a path to a ``.pt`` file (loaded with ``weights_only``) holding a tensor, one dict batch,
+      one tuple batch ``(inputs, labels, ...)`` (the model gets ``inputs``) or a list of
+      batches,
     * a zero-argument callable returning an iterable of batches (called at every run),
     * one dict batch (e.g. a tokenizer's output),
-    * any re-iterable of batches (e.g. a list).
+    * any re-iterable of batches (e.g. a list; a tuple of tensors is several batches).
 
-    ``argument`` names the setting in error messages (default ``"probe"``).
+    Numeric NumPy arrays inside the batches of a list become tensors too.
+
+    Parameters
+    ----------
+    probe : DataLoader, Tensor, ndarray, str, os.PathLike, callable or iterable
+        The probe inputs.
+    argument : str, default="probe"
+        Names the setting in error messages.
+
+    Raises
+    ------
+    FileNotFoundError
+        A path that is not a file.
+    TypeError
+        A NumPy array that is not numeric, or a type that is no probe.
+    ValueError
+        An empty probe, or a DataLoader that is not sequential.
     """
     if isinstance(probe, (str, os.PathLike)):
         if not os.path.isfile(probe):
             raise FileNotFoundError(f"{argument}: no such file {os.fspath(probe)!r}")
-        return torch.load(probe, map_location="cpu", weights_only=True)
+        loaded = torch.load(probe, map_location="cpu", weights_only=True)
+        if isinstance(loaded, tuple):  # torch.save((inputs, labels), path): one batch
+            if not loaded:
+                raise ValueError(f"{argument}: {os.fspath(probe)!r} holds an empty tuple")
+            return [loaded]
+        if not isinstance(loaded, (Tensor, Mapping, list)):
+            raise TypeError(f"{argument}: {os.fspath(probe)!r} holds a "
+                            f"{type(loaded).__name__}; a probe file holds a tensor, a dict "
+                            "batch, a tuple batch or a list of batches")
+        return load_probe(loaded, argument)
+    if isinstance(probe, np.ndarray):
+        return _as_tensor(probe, argument)
     if isinstance(probe, DataLoader):
         check_sequential(probe, argument)
         return probe
     if isinstance(probe, Tensor) or callable(probe):
         return probe
     if isinstance(probe, Mapping):  # one dict batch (e.g. tokenizer output)
-        return [probe]
+        return [_numpy_to_tensors(probe, argument)]
     if isinstance(probe, Iterable):
-        batches = list(probe)
+        batches = [_numpy_to_tensors(b, argument) for b in probe]
         if not batches:
-            raise ValueError("the probe is empty")
+            raise ValueError(f"{argument}: the probe is empty")
         return batches
-    raise TypeError(f"unsupported probe type {type(probe).__name__}")
+    raise TypeError(f"{argument}: unsupported probe type {type(probe).__name__}")
+
+
+def _as_tensor(array: np.ndarray, argument: str) -> Tensor:
+    """A numeric (or boolean) NumPy array as a tensor; anything else is refused."""
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{argument}: a NumPy array of dtype {array.dtype} cannot be fed to a "
+                        "model; pass a numeric array or tensor, or a list of batches with "
+                        "batch_transform=...")
+    if array.ndim == 0:
+        raise ValueError(f"{argument}: a 0-dimensional array has no rows")
+    return torch.as_tensor(array)
+
+
+def _numpy_to_tensors(batch: Any, argument: str) -> Any:
+    """``batch`` with its numeric NumPy arrays (itself, or entries of a tuple, list or dict)
+    made tensors; other values are left as they are (strings for a ``batch_transform``)."""
+    if isinstance(batch, np.ndarray):
+        return _as_tensor(batch, argument) if batch.dtype.kind in "biuf" else batch
+    if isinstance(batch, Mapping) and any(isinstance(v, np.ndarray) for v in batch.values()):
+        return {k: _numpy_to_tensors(v, argument) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)) and any(isinstance(v, np.ndarray) for v in batch):
+        converted = [_numpy_to_tensors(v, argument) for v in batch]
+        return converted if isinstance(batch, list) else tuple(converted)
+    return batch
 
 
 def check_sequential(loader: DataLoader, argument: str = "probe") -> None:
@@ -102,16 +156,29 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_reference(reference: Union[nn.Module, str, os.PathLike], reference_class: Any = None) -> nn.Module:
-    """The frozen reference: an ``nn.Module`` (a ``LightningModule`` too), or a checkpoint path.
+def load_reference(reference: Union[nn.Module, str, os.PathLike], reference_class: Any = None,
+                   frozen: bool = True) -> nn.Module:
+    """The reference: an ``nn.Module`` (a ``LightningModule`` too), or a checkpoint path.
 
     A path needs ``reference_class`` (a ``LightningModule`` subclass: loaded with
     ``load_from_checkpoint``); without it the file must hold a whole pickled module saved with
     ``torch.save(model, path)``, which is loaded with ``weights_only=False`` — only do that for
     files you trust.
+
+    Parameters
+    ----------
+    reference : nn.Module, str or os.PathLike
+        The module, or the checkpoint path.
+    reference_class : LightningModule subclass, default=None
+        Loads a Lightning checkpoint path.
+    frozen : bool, default=True
+        Put a given ``nn.Module`` in eval mode with ``requires_grad_(False)`` (see
+        :func:`freeze`); ``False`` leaves it as it is, for a caller that first checks that it
+        shares nothing with the model in training (:func:`shared_with`).  A module loaded from
+        a path is always frozen (it can share nothing).
     """
     if isinstance(reference, nn.Module):
-        return freeze(reference)
+        return freeze(reference) if frozen else reference
     if isinstance(reference, (str, os.PathLike)):
         if reference_class is not None:
             return freeze(reference_class.load_from_checkpoint(reference, map_location="cpu"))
@@ -122,3 +189,19 @@ def load_reference(reference: Union[nn.Module, str, os.PathLike], reference_clas
             )
         return freeze(module)
     raise TypeError(f"reference must be an nn.Module or a checkpoint path, got {type(reference).__name__}")
+
+
+def shared_with(reference: nn.Module, model: nn.Module) -> list[str]:
+    """The names, in ``reference``, of the outermost modules and of the parameters that are
+    also ``model``'s (the same objects): freezing them would stop their training."""
+    modules = {id(m) for m in model.modules()}
+    params = {id(p) for p in model.parameters()}
+    shared: list[str] = []
+    for name, module in reference.named_modules():
+        if id(module) in modules and not any(name.startswith(f"{s}.") or s == ""
+                                             for s in shared):
+            shared.append(name)
+    for name, param in reference.named_parameters():
+        if id(param) in params and not any(name.startswith(f"{s}.") or s == "" for s in shared):
+            shared.append(name)
+    return shared

@@ -7,7 +7,8 @@ A reference is one of
 * its features, precomputed: a ``{layer: (n, ...) tensor}`` mapping or a feature file (``.pt``,
   ``.pth``, ``.npz``, ``.npy``, ``.safetensors``; ``alignment-callback extract`` writes one with
   a fingerprint of its probe, checked against this probe), so a large reference never sits in
-  accelerator memory during training;
+  accelerator memory during training; features of more than two dimensions (``(n, T, d)``)
+  are pooled with ``reference_pool``, as a model reference's outputs would be;
 * ``"initial"``: the model's own activations at the start of fit (drift from initialization);
 * ``"previous"``: the model's own activations at the previous alignment step.
 
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from alignment_callback.callback.probe import load_probe, load_reference
 from alignment_callback.engine import AlignmentEngine
-from alignment_callback.functional.preprocessing import check_pool
+from alignment_callback.functional.preprocessing import check_pool, pool_features
 
 DRIFT = ("initial", "previous")
 FEATURE_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
@@ -44,9 +45,14 @@ class Reference:
         module: the frozen model (``kind="model"``).
         features: ``{layer: tensor}`` (``kind="features"``).
         path: the feature file the features came from, if any.
+        source: where the reference came from, in words (its file's name, or the module's
+            class and size, and the features' shapes): part of the settings a checkpoint
+            records.
         layers: which reference layers (model: names / globs; features: names, default all).
         layers_given: whether ``reference_layers`` chose them (else they are ``layers``).
-        inputs, input_key, batch_transform, pool: how the model reference is run.
+        inputs, input_key, batch_transform: how the model reference is run.
+        pool: how a model reference's outputs, and features of more than two dimensions, are
+            reduced to (n, d) (``reference_pool``).
         engine: computes this reference's steps.
     """
 
@@ -56,6 +62,7 @@ class Reference:
     module: nn.Module | None = None
     features: dict[str, Tensor] | None = None
     path: str | None = None
+    source: str | None = None
     layers: Any = None
     layers_given: bool = True  # False: reference_layers was not given, layers is used
     inputs: Any = None
@@ -138,7 +145,8 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
         elif _is_features(spec):
             kind, loaded, path = "features", dict(spec), None
         elif isinstance(spec, nn.Module):
-            kind, loaded, path = "model", load_reference(spec), None
+            # frozen at setup, once it is known to share nothing with the trained model
+            kind, loaded, path = "model", load_reference(spec, frozen=False), None
         else:
             raise TypeError(f"reference{'' if name is None else f'[{name!r}]'} must be a model, a "
                             "checkpoint or feature-file path, a {layer: tensor} mapping, "
@@ -156,6 +164,9 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
                                      f"features {sorted(features)}")
                 features = {w: features[w] for w in wanted}
             options["layers"] = list(features)
+            _check_feature_tensors(features, options["pool"], name)
+            shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in features.items())
+            options["source"] = shapes if path is None else f"{Path(path).name}: {shapes}"
             out.append(Reference(kind="features", features=features, path=path,
                                  engine=make_engine(pairs), **options))
         else:
@@ -163,8 +174,38 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
             if options["pool"] is None:
                 raise ValueError(f"{where}: no pool given for this model reference")
             check_pool(options["pool"], where)
+            options["source"] = Path(path).name if path else _module_source(loaded)
             out.append(Reference(kind="model", module=loaded, engine=make_engine(pairs), **options))
     return out
+
+
+def _module_source(module: nn.Module) -> str:
+    """A reference module in words: its class and number of parameters."""
+    try:
+        size = f"{sum(p.numel() for p in module.parameters())} parameters"
+    except (RuntimeError, ValueError):  # lazy modules: not initialized yet
+        size = "uninitialized parameters"
+    return f"{type(module).__qualname__} of {size}"
+
+
+def _check_feature_tensors(features: Mapping[str, Tensor], pool: Any, name: str | None) -> None:
+    """Every layer of a features reference has the same rows (one per probe sample), and
+    features with more than two dimensions have a pool (``reference_pool``) to reduce them."""
+    where = "reference" if name is None else f"reference[{name!r}]"
+    flat = [k for k, v in features.items() if v.dim() == 0]
+    if flat:
+        raise ValueError(f"{where}: features {flat} are 0-dimensional; each layer needs one row "
+                         "per probe sample, (n, ...)")
+    rows = {k: int(v.shape[0]) for k, v in features.items()}
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"{where}: the feature layers have different numbers of rows {rows}; "
+                         "each layer needs one row per probe sample, in the probe's order")
+    if any(v.dim() > 2 for v in features.values()):
+        place = "reference_pool" if name is None else f"reference_pool[{name!r}]"
+        if pool is None:
+            raise ValueError(f"{place}: no pool given for {where}'s features of more than two "
+                             "dimensions (e.g. (n, tokens, d))")
+        check_pool(pool, place)
 
 
 def probe_rows(probe: Any) -> int | None:
@@ -172,35 +213,59 @@ def probe_rows(probe: Any) -> int | None:
     DataLoader over a sized dataset), else None."""
     from torch.utils.data import DataLoader
 
-    def rows(batch: Any) -> int | None:
-        if isinstance(batch, Tensor):
-            return int(batch.shape[0])
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-            return int(batch[0].shape[0])
-        if isinstance(batch, Mapping):  # the rows: the largest leading size (some entries,
-            # e.g. position ids of shape (1, T), broadcast over the samples)
-            sizes = [int(v.shape[0]) for v in batch.values() if isinstance(v, Tensor) and v.dim()]
-            return max(sizes) if sizes else None
-        return None
-
     if isinstance(probe, Tensor):
         return int(probe.shape[0])
     if isinstance(probe, DataLoader):
         try:
-            return None if probe.drop_last else len(probe.dataset)
+            n = len(probe.dataset)
         except TypeError:
             return None
+        if not probe.drop_last:
+            return n
+        size = probe.batch_size  # a plain BatchSampler (check_sequential) drops the remainder
+        return None if size is None else n // size * size
     if isinstance(probe, list):
-        counts = [rows(b) for b in probe]
+        counts = [batch_rows(b) for b in probe]
         return None if any(c is None for c in counts) else sum(counts)
     return None
 
 
-def check_features(ref: Reference, probe: Any) -> None:
-    """A configuration check before training: the features' rows against the probe's, and the
-    feature file's probe fingerprint against this probe."""
+def batch_rows(batch: Any) -> int | None:
+    """Rows of one probe batch: a tensor's, a tuple's / list's first tensor's, the largest
+    leading size of a dict's tensors; None when they cannot be read."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return int(batch[0].shape[0]) if batch[0].dim() else None
+    if isinstance(batch, Mapping):  # the rows: the largest leading size (some entries,
+        # e.g. position ids of shape (1, T), broadcast over the samples)
+        sizes = [int(v.shape[0]) for v in batch.values() if isinstance(v, Tensor) and v.dim()]
+        return max(sizes) if sizes else None
+    return None
+
+
+def count_rows(batches: Any) -> int | None:
+    """Rows of a probe's batches (iterated when they cannot be counted otherwise; call it
+    under :func:`~alignment_callback.hooks.collect.preserved_rng`: a DataLoader draws); None
+    when a batch's rows cannot be read."""
+    known = probe_rows(batches)
+    if known is not None or isinstance(batches, (Tensor, list)):
+        return known
+    if isinstance(batches, Mapping):
+        return batch_rows(batches)
+    total = 0
+    for batch in batches:
+        n = batch_rows(batch)
+        if n is None:
+            return None
+        total += n
+    return total
+
+
+def check_features(ref: Reference, probe: Any, n_probe: int | None) -> None:
+    """A configuration check before training: the features' rows against the probe's
+    ``n_probe`` (None: unknown), and the feature file's probe fingerprint against ``probe``."""
     n_ref = next(iter(ref.features.values())).shape[0]
-    n_probe = probe_rows(probe)
     where = f"reference {ref.path or ref.label!r}" if ref.path else f"{ref.label}'s features"
     if n_probe is not None and n_probe != n_ref:
         raise ValueError(f"{where} have {n_ref} rows but the probe has {n_probe}: the features "
@@ -211,7 +276,19 @@ def check_features(ref: Reference, probe: Any) -> None:
         check_fingerprint(ref.path, probe)
 
 
-def feature_dtype(features: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """Features on the compute device (float64 stays float64, the rest float32)."""
-    return {k: v.to(device=device, dtype=v.dtype if v.dtype == torch.float64 else torch.float32)
-            for k, v in features.items()}
+def feature_dtype(features: Mapping[str, Tensor], device: torch.device, pool: Any = None,
+                  where: str = "reference_pool") -> dict[str, Tensor]:
+    """Features on the compute device (float64 stays float64, the rest float32), those of more
+    than two dimensions reduced to (n, d) by ``pool`` (the reference's ``reference_pool``, as
+    a model reference's outputs are; ``where`` names it in errors)."""
+    out = {}
+    for k, v in features.items():
+        v = v.to(device=device, dtype=v.dtype if v.dtype == torch.float64 else torch.float32)
+        if v.dim() > 2:
+            try:
+                v = pool_features(v, pool)
+            except ValueError as err:
+                raise ValueError(f"{where}: the features of layer {k!r}, of shape "
+                                 f"{tuple(v.shape)}: {err}") from err
+        out[k] = v
+    return out

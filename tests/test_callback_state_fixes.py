@@ -1,0 +1,351 @@
+"""Regression tests for the callback's state and configuration checks an audit found wrong.
+
+* features of more than two dimensions are pooled with ``reference_pool`` (they were flattened);
+* a reference that shares modules or parameters with the trained model is refused at setup
+  (it was frozen, and the student stopped training);
+* a probe whose size is known only by running it (``drop_last``, an ``IterableDataset``, a
+  callable, a dict in a ``.pt`` file) and the drift references get the row checks before
+  training; feature layers of different row counts are refused;
+* a run resumed with other settings does not continue curves those settings change, and one
+  that adds a measure keeps the others' history;
+* the W&B pair tables and the probe size survive a resume;
+* a ``.pt`` file holding a tuple is one ``(inputs, labels)`` batch, and a NumPy probe is a
+  tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from alignment_callback import AlignmentCallback
+from alignment_callback.callback import dispatch
+from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, quiet_callback, train_loader
+from tests.numpy_reference import linear_cka
+
+N = 48
+PROBE = make_probe(N)
+RAW = "alignment/linear_cka/raw"
+
+
+def callback(**kw) -> AlignmentCallback:
+    kw.setdefault("layers", ["fc1"])
+    return quiet_callback(PROBE, ["linear_cka"], 19, **kw)
+
+
+def fit(callbacks, model=None, max_epochs=2, ckpt_path=None, **trainer_kw) -> pl.Trainer:
+    pl.seed_everything(0, verbose=False)
+    trainer_kw.setdefault("logger", False)
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks,
+                         enable_checkpointing=trainer_kw.pop("enable_checkpointing", False),
+                         **FAST_TRAINER, **trainer_kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*callbacks used to create the checkpoint.*")
+        trainer.fit(model or MLP(), train_loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def unit_rows(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def student_fc1(probe=PROBE) -> np.ndarray:
+    """The untrained MLP's ``fc1`` activations (the baseline's)."""
+    with torch.no_grad():
+        return MLP().fc1(probe).numpy()
+
+
+class TrainSteps(MLP):
+    """Counts its training steps: a configuration error must come before the first."""
+
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+def fails_before_training(cb: AlignmentCallback, match: str) -> None:
+    TrainSteps.steps = 0
+    with pytest.raises(ValueError, match=match):
+        fit([cb], model=TrainSteps())
+    assert TrainSteps.steps == 0
+
+
+# ------------------------------------------------------------------------- 3-D features
+class Tokens(nn.Module):
+    """(n, 8) -> (n, 6 tokens, 5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            self.proj = nn.Linear(8, 30)
+
+    def forward(self, x):
+        return self.proj(x).reshape(len(x), 6, 5)
+
+
+class TokenReference(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = Tokens()
+
+    def forward(self, x):
+        return self.tokens(x)
+
+
+@pytest.mark.parametrize("pool", [None, "mean", "cls"])
+def test_3d_features_are_pooled_like_a_model_reference(pool):
+    """The same (n, T, d) tensor scores the same as features as from a model reference, and
+    as linear CKA of the pooled tensor computed from its definition."""
+    reference = TokenReference()
+    with torch.no_grad():
+        features = reference.tokens(PROBE)
+    as_model = callback(reference=reference, reference_layers="tokens", reference_pool=pool)
+    as_features = callback(reference={"tokens": features}, reference_pool=pool)
+    fit([as_model], max_epochs=1)
+    fit([as_features], max_epochs=1)
+    pooled = features[:, 0] if pool == "cls" else features.mean(1)
+    expected = linear_cka(unit_rows(student_fc1()), unit_rows(pooled))
+    assert as_features.history[0][RAW] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert as_features.history[0][RAW] == pytest.approx(as_model.history[0][RAW], rel=1e-6)
+
+
+def test_3d_features_need_a_pool():
+    with pytest.raises(ValueError, match=r"reference_pool\['a'\]: no pool given"):
+        callback(reference={"a": {"t": torch.randn(N, 3, 4)}, "b": RefMLP()},
+                 reference_layers={"b": "fc1"}, reference_pool={"b": "mean"})
+
+
+def test_feature_layers_with_different_rows_are_refused():
+    with pytest.raises(ValueError, match=r"different numbers of rows \{'a': 48, 'b': 47\}"):
+        callback(reference={"a": torch.randn(N, 5), "b": torch.randn(N - 1, 5)})
+
+
+# ------------------------------------------------------------------ shared reference
+@pytest.mark.parametrize("shared", ["whole", "part"])
+def test_a_reference_sharing_the_models_modules_is_refused(shared):
+    model = MLP()
+    reference = model if shared == "whole" else nn.Sequential(model.fc1, nn.Tanh())
+    layer = "fc1" if shared == "whole" else "0"
+    cb = callback(reference=reference, reference_layers=layer)
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen when built
+    with pytest.raises(ValueError, match="shares modules or parameters with the model in "
+                                         "training.*reference='initial'.*deepcopy"):
+        fit([cb], model=model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(m.training for m in model.modules())
+
+
+def test_a_copied_reference_is_frozen_and_the_student_trains():
+    import copy
+
+    model = MLP()
+    before = model.fc1.weight.detach().clone()
+    cb = callback(reference=copy.deepcopy(model), reference_layers="fc1")
+    fit([cb], model=model)
+    assert not torch.equal(before, model.fc1.weight)
+    assert not any(p.requires_grad for p in cb.reference.parameters())
+
+
+# ------------------------------------------------------------- row checks before training
+class Stream(IterableDataset):
+    def __init__(self, x) -> None:
+        self.x = x
+
+    def __iter__(self):
+        return iter(self.x)
+
+
+def test_drop_last_probe_against_features_of_every_row():
+    probe = DataLoader(TensorDataset(PROBE), batch_size=20, drop_last=True)  # 40 of 48 rows
+    fails_before_training(callback(probe=probe, reference={"r": torch.randn(N, 5)}),
+                          "have 48 rows but the probe has 40")
+
+
+def test_drop_last_probe_against_reference_inputs():
+    probe = DataLoader(TensorDataset(PROBE), batch_size=20, drop_last=True)
+    fails_before_training(callback(probe=probe, reference_layers="fc1", reference_inputs=PROBE),
+                          "reference_inputs give 48 rows but the probe has 40")
+
+
+def test_streamed_probe_too_small_for_k_with_a_drift_reference():
+    probe = DataLoader(Stream(PROBE[:8]), batch_size=4)
+    fails_before_training(callback(probe=probe, reference="initial",
+                                   measures={"mutual_knn": {"k": 10}}),
+                          r"the probe has 8 samples, too few: mutual_knn \(k=10\)")
+
+
+def test_probe_file_with_a_dict_batch_is_counted(tmp_path):
+    path = tmp_path / "probe.pt"
+    torch.save({"x": PROBE}, path)
+    fails_before_training(callback(probe=str(path), input_key="x",
+                                   reference={"r": torch.randn(N + 1, 5)}),
+                          "have 49 rows but the probe has 48")
+
+
+@pytest.mark.parametrize("reference", ["initial", "previous", "features"])
+def test_shuffling_loader_from_a_callable_is_refused_for_every_reference(reference):
+    def shuffled():
+        return DataLoader(TensorDataset(PROBE), batch_size=16, shuffle=True)
+
+    ref = {"r": torch.randn(N, 5)} if reference == "features" else reference
+    fails_before_training(callback(probe=shuffled, reference=ref), "shuffles")
+
+
+def test_counting_a_streamed_probe_does_not_change_training():
+    probe = DataLoader(Stream(PROBE), batch_size=16)
+    with_cb, without = MLP(), MLP()
+    fit([callback(probe=probe, reference="initial")], model=with_cb)
+    state_with = torch.get_rng_state()
+    fit([], model=without)
+    assert torch.equal(state_with, torch.get_rng_state())
+    for (name, a), b in zip(with_cb.named_parameters(), without.parameters()):
+        assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------- resume: settings
+def first_run(tmp_path, **kw) -> tuple[AlignmentCallback, str]:
+    """Two epochs (steps 0, 4, 8) with a checkpoint at the end; returns the callback and it."""
+    cb = callback(**kw)
+    fit([cb, ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)],
+        enable_checkpointing=True)
+    return cb, str(tmp_path / "epoch=1-step=8.ckpt")
+
+
+def resume(ckpt: str, max_epochs: int = 3, **kw) -> tuple[AlignmentCallback, list[str]]:
+    cb = callback(**kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit([cb], max_epochs=max_epochs, ckpt_path=ckpt)
+    return cb, [str(w.message) for w in caught if "other settings" in str(w.message)]
+
+
+def test_resume_with_another_seed_and_k_starts_new_curves(tmp_path):
+    _, ckpt = first_run(tmp_path)
+    cb, said = resume(ckpt, seed=5, num_permutations=29)
+    assert len(said) == 1 and "num_permutations 19 → 29" in said[0] and "seed 0 → 5" in said[0]
+    assert [h["step"] for h in cb.history] == [8, 12]  # a baseline at the resume, then on
+    fresh, said = resume(ckpt)  # the same settings: the history goes on
+    assert not said and [h["step"] for h in fresh.history] == [0, 4, 8, 12]
+
+
+def test_resume_with_other_layers_starts_new_curves(tmp_path):
+    _, ckpt = first_run(tmp_path)
+    cb, said = resume(ckpt, layers=["fc2"])
+    assert len(said) == 1 and "layers ['fc1'] → ['fc2']" in said[0]
+    assert [h["step"] for h in cb.history] == [8, 12]
+
+
+def test_resume_adding_a_measure_keeps_the_others_history(tmp_path):
+    old, ckpt = first_run(tmp_path)
+    cb, said = resume(ckpt, measures=["linear_cka", "mutual_knn"])
+    assert len(said) == 1 and "measure 'mutual_knn' added" in said[0]
+    assert [h["step"] for h in cb.history] == [0, 4, 8, 12]
+    assert [h[RAW] for h in cb.history[:3]] == [h[RAW] for h in old.history]
+    assert [h["step"] for h in cb.history if "alignment/mutual_knn/raw" in h] == [12]
+
+
+def test_resume_with_a_changed_measure_option_drops_only_that_curve(tmp_path):
+    measures = {"linear_cka": {}, "mutual_knn": {"k": 5}}
+    old, ckpt = first_run(tmp_path, measures=measures)
+    cb, said = resume(ckpt, measures={"linear_cka": {}, "mutual_knn": {"k": 7}})
+    assert len(said) == 1 and "measure 'mutual_knn'" in said[0]
+    assert [h[RAW] for h in cb.history[:3]] == [h[RAW] for h in old.history]
+    assert [h["step"] for h in cb.history if "alignment/mutual_knn/raw" in h] == [12]
+    assert "mutual_knn" in cb._tables and {r[1] for r in cb._tables["mutual_knn"]} == {12}
+
+
+def _strip_to_old_format(ckpt: str) -> None:
+    """The checkpoint as a version that saved no settings, tables or probe size wrote it."""
+    state = torch.load(ckpt, weights_only=True)
+    for value in state["callbacks"].values():
+        for field in ("settings", "tables", "samples"):
+            value.pop(field, None)
+    torch.save(state, ckpt)
+
+
+def test_an_old_checkpoint_without_settings_still_loads(tmp_path):
+    old, ckpt = first_run(tmp_path)
+    _strip_to_old_format(ckpt)
+    cb, said = resume(ckpt)
+    assert not said and [h["step"] for h in cb.history] == [0, 4, 8, 12]
+    assert [h[RAW] for h in cb.history[:3]] == [h[RAW] for h in old.history]
+
+
+def test_an_old_checkpoint_of_fewer_measures_is_found(tmp_path):
+    """Its state is under a key that names its measures; adding one keeps the history."""
+    old, ckpt = first_run(tmp_path)
+    _strip_to_old_format(ckpt)
+    cb, said = resume(ckpt, measures=["linear_cka", "mutual_knn"])
+    assert len(said) == 1 and "measure 'mutual_knn' added" in said[0]
+    assert [h[RAW] for h in cb.history[:3]] == [h[RAW] for h in old.history]
+
+
+# --------------------------------------------------------------- resume: tables, probe size
+def test_pair_tables_and_probe_size_survive_a_resume(tmp_path, monkeypatch):
+    tables = {}
+    monkeypatch.setattr(dispatch, "log_table",
+                        lambda loggers, key, columns, rows, step=None: tables.update({key: rows}))
+    first = callback(every_n_epochs=2)
+    fit([first, ModelCheckpoint(dirpath=tmp_path / "ck", every_n_epochs=1, save_top_k=-1)],
+        max_epochs=4, enable_checkpointing=True)
+    assert sorted({row[0] for row in first._tables["linear_cka"]}) == [0, 2, 4]
+    ckpt = str(tmp_path / "ck" / "epoch=3-step=16.ckpt")
+
+    tables.clear()
+    later = callback(every_n_epochs=2)
+    fit([later], max_epochs=6, ckpt_path=ckpt)
+    rows = tables["alignment/linear_cka/pairs"]
+    assert sorted({row[0] for row in rows}) == [0, 2, 4, 6]
+    assert [r for r in rows if r[0] < 6] == first._tables["linear_cka"]
+
+    tables.clear()  # resumed at the end: no step in this fit, the table and report still come
+    last = callback(every_n_epochs=2, report=True)
+    fit([last], max_epochs=5, ckpt_path=ckpt, logger=CSVLogger(tmp_path, name="logs"))
+    assert [h["epoch"] for h in last.history] == [0, 2, 4] and not last.last_results
+    assert tables["alignment/linear_cka/pairs"] == first._tables["linear_cka"]
+    assert last.report_paths is not None  # matplotlib is a test dependency
+    with open(last.report_paths[0], encoding="utf-8") as f:
+        assert f"n (probe samples): {N}" in f.read()
+
+
+# --------------------------------------------------------------------------- probe forms
+def test_a_probe_file_holding_a_tuple_is_one_batch(tmp_path):
+    path = tmp_path / "probe.pt"
+    torch.save((PROBE, torch.zeros(N, 2)), path)
+    from_file, from_tensor = callback(probe=str(path)), callback()
+    fit([from_file], max_epochs=1)
+    fit([from_tensor], max_epochs=1)
+    assert [h[RAW] for h in from_file.history] == [h[RAW] for h in from_tensor.history]
+    assert from_file._samples == N
+
+
+def test_a_numpy_probe_is_a_tensor():
+    from_numpy, from_tensor = callback(probe=PROBE.numpy()), callback()
+    fit([from_numpy], max_epochs=1)
+    fit([from_tensor], max_epochs=1)
+    assert [h[RAW] for h in from_numpy.history] == [h[RAW] for h in from_tensor.history]
+    expected = linear_cka(unit_rows(student_fc1()), unit_rows(
+        RefMLP().fc1(PROBE).detach().numpy()))
+    assert from_numpy.history[0][RAW] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_probes_that_are_not_inputs_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="probe: a NumPy array of dtype <U1"):
+        callback(probe=np.array(["a", "b"]))
+    path = tmp_path / "probe.pt"
+    torch.save(3, path)
+    with pytest.raises(TypeError, match="probe: .*probe.pt' holds a int"):
+        callback(probe=str(path))

@@ -252,3 +252,19 @@ def test_extract_blames_out_for_a_write_failure(probe, tmp_path, capsys, monkeyp
                probe_path, "--out", tmp_path / "o.pt") == 2
     err = capsys.readouterr().err
     assert "--out" in err and "No space left" in err and "--probe" not in err
+
+
+def test_a_tuple_probe_file_is_one_batch_as_the_callback_reads_it(probe, tmp_path, capsys):
+    """torch.save((inputs, labels)): the model gets the inputs, and the fingerprint matches the
+    callback's reading of the same file (a tuple was read as two batches, labels fed too)."""
+    from alignment_callback.callback.probe import load_probe
+
+    x, _ = probe
+    torch.save((x, torch.randn(N, 2)), tmp_path / "pair.pt")
+    out = tmp_path / "feats.pt"
+    assert run("--model", "tests.test_cli_extract:make_model", "--probe", tmp_path / "pair.pt",
+               "--layers", "fc1", "--out", out) == 0
+    capsys.readouterr()
+    assert_same(load_features(out), collect_activations(make_model(), x, ["fc1"]))
+    assert read_fingerprint(out)["rows"] == N
+    assert check_fingerprint(out, load_probe(str(tmp_path / "pair.pt"))) is True

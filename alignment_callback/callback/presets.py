@@ -141,8 +141,10 @@ PRH = Preset(
 
 REPA = Preset(
     name="repa",
-    summary="CKNNA, k = 10, on patch-averaged hidden states with L2-normalized rows (REPA's "
-            "alignment curves, as far as its public threads document them)",
+    summary="CKNNA, k = 10, on token-averaged hidden states with L2-normalized rows (REPA's "
+            "alignment curves, as far as its public threads document them; the patch average "
+            "of a DiT/SiT, which has no CLS token; for a ViT reference pass "
+            "reference_pool=patch_mean(1) to leave its CLS token out)",
     arguments={
         "measures": {"cknna": {"k": 10}},
         "pool": "mean",

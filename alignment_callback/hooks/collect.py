@@ -219,7 +219,8 @@ def feed_batch(
     else:
         raise TypeError(
             f"cannot feed a {type(batch).__name__} batch to the model; "
-            "pass batch_transform=... or forward=..."
+            "pass batch_transform=... (a function making it the model's input; "
+            "collect_activations also takes forward=...)"
         )
     if isinstance(inputs, Mapping):
         return model(**inputs)

@@ -112,14 +112,16 @@ def build_model(args: Any) -> nn.Module:
 
 
 def load_probe(path: str) -> Any:
-    """The probe of ``--probe``: a tensor, a dict batch or a list of batches (``.pt``)."""
+    """The probe of ``--probe``: a tensor, a dict batch, a tuple batch ``(inputs, labels,
+    ...)`` or a list of batches (``.pt``), read as the callback reads a probe file."""
     p = Path(path)
     if not p.is_file():
         raise CLIError(f"--probe {path}: no such file")
     try:
-        return read_pt(p)
+        loaded = read_pt(p)
     except FeatureFileError as err:
         raise CLIError(f"--probe {err}") from err
+    return [loaded] if isinstance(loaded, tuple) else loaded  # one (inputs, labels) batch
 
 
 def run_extract(args: Any) -> int:

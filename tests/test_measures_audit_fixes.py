@@ -234,3 +234,14 @@ def test_a_tiny_alpha_warns_at_once_with_the_permutations_it_needs():
     with pytest.warns(UserWarning, match="is too few for alpha=1e-300"):
         calibrate(0.9, torch.rand(500), alpha=1e-300)
     assert time.perf_counter() - start < 5.0
+
+
+def test_empty_pairs_are_refused_naming_pairs():
+    """pairs={} failed at the first step with "tensors used as indices must be long"."""
+    from alignment_callback.engine import AlignmentEngine
+    from alignment_callback.functional.aggregation import MappedAggregate
+
+    with pytest.raises(ValueError, match="pairs is empty"):
+        AlignmentEngine(["linear_cka"], pairs={})
+    with pytest.raises(ValueError, match="pairs is empty"):
+        MappedAggregate({}, ["a"], ["b"])

@@ -268,3 +268,24 @@ def test_a_cached_reference_keeps_its_feature_space_state_after_a_permutation_st
     assert methods == ["moments", "permutation", "moments"]
     state = engine.reference.states[measure][0]
     assert isinstance(state, FeatureState) and tuple(state.features.shape) == (n, d)
+
+
+def test_engine_steps_equal_fresh_calls_whatever_route_an_earlier_step_took():
+    """A cached reference's moments invariants were kept from the first step's route (its
+    feature-space state, or the n×n gram a wide model layer needs), so later steps of the other
+    route differed from a fresh call in the last digits, and a matrix computed in another
+    order (torchrun, a resumed run) differed from a single process."""
+    g = torch.Generator().manual_seed(0)
+    n = 48
+    base = torch.randn(n, 8, generator=g)
+    ref = {"r": base @ torch.randn(8, 8, generator=g)}
+    engine = AlignmentEngine(["linear_cka"], num_permutations=49, seed=2, preprocess=False,
+                             null="moments")
+    engine.set_reference(ref)
+    for width in (4, 70, 8, 70, 4):  # d < n, d > n (n×n route), ...
+        model = {"m": torch.cat([base, torch.randn(n, 70, generator=g)], 1)[:, :width]}
+        got = engine.step(model).results["linear_cka"]
+        fresh = F.calibrated_layer_alignment(model, ref, "linear_cka", num_permutations=49,
+                                             seed=2, null="moments")
+        for field in ("raw", "threshold", "p_value", "null_mean", "null_std", "effect_size"):
+            assert float(getattr(got, field)) == float(getattr(fresh, field)), (width, field)

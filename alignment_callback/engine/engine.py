@@ -135,6 +135,9 @@ class AlignmentEngine:
         aggregate_fn(aggregate)
         self.aggregate = aggregate
         self.pairs = dict(pairs) if pairs is not None else None
+        if self.pairs == {}:
+            raise ValueError("pairs is empty: give at least one {model layer: reference layer} "
+                             "pair, or pairs=None for every layer pair")
         self.groups = groups
         self.preprocessor = RowPreprocessor(preprocess)
         self.device = check_device(device)

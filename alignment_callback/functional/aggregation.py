@@ -147,6 +147,9 @@ class MappedAggregate:
 
     def __init__(self, pairs: Mapping[str, str], x_names: Sequence[str], y_names: Sequence[str],
                  aggregate: Aggregate = "max") -> None:
+        if not pairs:
+            raise ValueError("pairs is empty: choose at least one (model layer, reference "
+                             "layer) pair")
         missing = [(a, b) for a, b in pairs.items() if a not in x_names or b not in y_names]
         if missing:
             raise ValueError(f"layer pairs {missing} are not among the model layers {list(x_names)} "

@@ -99,7 +99,10 @@ class PreparedSide:
     def invariant(self, measure: Measure, i: int, compute: Callable[[Any], Any]) -> Any:
         """Layer ``i``'s permutation invariants for ``measure`` (computed once, kept: a
         cached reference's serve every step)."""
-        key = (measure, i)
+        # keyed by the state's route too: a feature-space and an n×n state give the same
+        # invariants up to rounding, and a call must not take another call's route's rounding
+        route = type(self.states[measure][i]).__name__ if measure in self.states else "lazy"
+        key = (measure, i, route)
         if key not in self.invariants:
             self.invariants[key] = compute(self.state(measure, i))
         return self.invariants[key]
@@ -465,8 +468,8 @@ def _in_features(side: PreparedSide, m: Measure) -> bool:
 
 
 def _call_copy(side: PreparedSide) -> PreparedSide:
-    """``side`` with its own ``states`` and ``lazy`` (the invariants, which do not depend on
-    a state's route, stay shared)."""
+    """``side`` with its own ``states`` and ``lazy`` (the invariants, keyed by the state's
+    route, stay shared)."""
     return dataclasses.replace(side, states=dict(side.states), lazy=set(side.lazy))
 
 

@@ -103,6 +103,20 @@ def test_a_custom_aggregate_is_not_replaced_by_the_pairs_moments(null):
                                            null=null, **kw)
         assert res.null_method == "moments" and res.aggregate == agg
         assert float(res.raw) == float(res.matrix[0, 0])
+    # the same through the engine's chosen pairs (a MappedAggregate around the callable)
+    engine = AlignmentEngine(["linear_cka"], aggregate=negated, pairs={"a": "b"}, null=null,
+                             num_permutations=199, preprocess=False)
+    engine.set_reference({"b": y})
+    if null == "moments":
+        with pytest.raises(ValueError, match="aggregate='negated_over_pairs'"):
+            engine.step({"a": x})
+    else:
+        res = engine.step({"a": x}).results["linear_cka"]
+        assert res.null_method == "permutation" and float(res.p_value) == 1.0
+    engine = AlignmentEngine(["linear_cka"], aggregate="max", pairs={"a": "b"}, null=null,
+                             num_permutations=199, preprocess=False)
+    engine.set_reference({"b": y})
+    assert engine.step({"a": x}).results["linear_cka"].null_method == "moments"
 
 
 def exhaustive_null(x: np.ndarray, y: np.ndarray, measure) -> np.ndarray:

@@ -156,6 +156,8 @@ class MappedAggregate:
                              f"x reference layers {list(y_names)}")
         inner_name, self.inner = aggregate_fn(aggregate)
         self.__name__ = f"{inner_name}_over_pairs"
+        #: the inner aggregate is "max", "mean" or "topK" (the identity on a single pair)
+        self.builtin = isinstance(aggregate, str)
         lb = len(y_names)
         self.flat = torch.tensor([list(x_names).index(a) * lb + list(y_names).index(b)
                                   for a, b in pairs.items()])

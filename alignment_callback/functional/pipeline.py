@@ -500,7 +500,8 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
     for m in measures:
         agg = aggregate.get(m, "max") if isinstance(aggregate, Mapping) else aggregate
         agg_name, _ = aggregate_fn(agg)
-        if m.info.analytic and not isinstance(agg, (str, MappedAggregate)):
+        builtin = isinstance(agg, str) or (isinstance(agg, MappedAggregate) and agg.builtin)
+        if m.info.analytic and not builtin:
             if null == "moments":
                 raise ValueError(
                     f"null='moments' cannot calibrate {m.name} with aggregate={agg_name!r}: the "

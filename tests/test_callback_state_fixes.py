@@ -141,11 +141,34 @@ def test_a_reference_sharing_the_models_modules_is_refused(shared):
     layer = "fc1" if shared == "whole" else "0"
     cb = callback(reference=reference, reference_layers=layer)
     assert all(p.requires_grad for p in model.parameters())  # nothing frozen when built
-    with pytest.raises(ValueError, match="shares modules or parameters with the model in "
-                                         "training.*reference='initial'.*deepcopy"):
+    with pytest.raises(ValueError, match="shares parameters the model in training trains.*"
+                                         "reference='initial'.*deepcopy"):
         fit([cb], model=model)
     assert all(p.requires_grad for p in model.parameters())
     assert all(m.training for m in model.modules())
+
+
+def test_a_frozen_teacher_kept_on_the_model_is_a_reference_used_as_it_is():
+    """The REPA layout: the target encoder lives on the module (for the loss), frozen.  Sharing
+    only frozen parameters is fine (this was refused); the teacher is not put in eval mode or
+    otherwise changed, and the student trains."""
+
+    class WithTeacher(MLP):
+        def __init__(self):
+            super().__init__()
+            self.teacher = RefMLP(seed=1).requires_grad_(False)
+
+    import copy
+
+    model = WithTeacher()
+    before = model.fc1.weight.detach().clone()
+    copied = callback(reference=copy.deepcopy(model.teacher), reference_layers="fc1")
+    fit([copied], model=copy.deepcopy(model))
+    cb = callback(reference=model.teacher, reference_layers="fc1")
+    fit([cb], model=model)
+    assert not torch.equal(before, model.fc1.weight) and len(cb.history) >= 2
+    assert model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
+    assert [h[RAW] for h in cb.history] == [h[RAW] for h in copied.history]  # as a copy
 
 
 def test_a_copied_reference_is_frozen_and_the_student_trains():

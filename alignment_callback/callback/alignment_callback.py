@@ -106,8 +106,8 @@ class AlignmentCallback(Callback):
 
     Configuration mistakes fail before the first training step, whatever ``on_error`` says:
     an unknown measure or option, bad arguments (at construction), layers that match nothing
-    in the student or the reference model, a reference model that shares modules or
-    parameters with the model in training, a probe with too few samples for a measure (e.g.
+    in the student or the reference model, a reference model that shares parameters the
+    model in training trains, a probe with too few samples for a measure (e.g.
     k >= n; a probe whose size only running it tells, such as an ``IterableDataset``, is
     counted once at the start of fit), a shuffling probe, features or ``reference_inputs``
     with other row counts than the probe, ``null="moments"`` with a measure it cannot
@@ -138,8 +138,9 @@ class AlignmentCallback(Callback):
     Args:
         reference: what the model is compared with: a frozen model (``nn.Module`` /
             ``LightningModule``, put in eval mode with ``requires_grad_(False)`` at setup; one
-            that shares modules or parameters with the model in training is refused: pass a
-            ``copy.deepcopy``) or a checkpoint path (see ``reference_class``); its features
+            that shares trained parameters with the model in training is refused: pass a
+            ``copy.deepcopy``; a frozen module kept on the model is used as it is) or a
+            checkpoint path (see ``reference_class``); its features
             instead, a ``{layer: (n, ...) tensor}`` mapping (``(n, T, d)`` features are pooled
             with ``reference_pool``) or a feature file (``.pt``, ``.npz``,
             ``.safetensors``, ...; one written by ``alignment-callback extract`` carries its
@@ -570,23 +571,28 @@ class AlignmentCallback(Callback):
                     )
 
     def _freeze_references(self, pl_module: LightningModule) -> None:
-        """Freeze the reference models (eval mode, ``requires_grad_(False)``), after checking
-        that none shares a module or parameter with the model in training: freezing it would
-        stop that part's training."""
+        """Freeze the reference models (eval mode, ``requires_grad_(False)``).  A reference
+        that shares modules or parameters with the model in training is left as it is when
+        every shared parameter is already frozen (a REPA target kept on the model for its
+        loss; its probe pass runs in eval mode and restores the mode), and refused when one
+        is trained: freezing it would stop that part's training."""
+        trained = {id(p) for p in pl_module.parameters() if p.requires_grad}
         for ref in self.references:
             if ref.kind != "model":
                 continue
-            shared = shared_with(ref.module, pl_module)
+            if not shared_with(ref.module, pl_module):
+                freeze(ref.module)
+                continue
+            shared = [n for n, p in ref.module.named_parameters() if id(p) in trained]
             if shared:
                 which = "reference" if ref.name is None else f"reference[{ref.name!r}]"
-                parts = ", ".join("the whole module" if n == "" else repr(n) for n in shared[:5])
+                parts = ", ".join(repr(n) for n in shared[:5])
                 raise ValueError(
-                    f"{which} shares modules or parameters with the model in training ({parts}"
+                    f"{which} shares parameters the model in training trains ({parts}"
                     f"{', ...' if len(shared) > 5 else ''}): a reference is frozen, which would "
                     "stop their training. To compare the model with its own earlier "
                     "activations use reference='initial' or reference='previous'; to compare "
                     "with a fixed copy, pass reference=copy.deepcopy(module)")
-            freeze(ref.module)
 
     def _probe_size(self) -> int | None:
         """The probe's rows, before training: a callable probe is called (a DataLoader it

@@ -372,3 +372,22 @@ def test_probes_that_are_not_inputs_are_refused(tmp_path):
     torch.save(3, path)
     with pytest.raises(TypeError, match="probe: .*probe.pt' holds a int"):
         callback(probe=str(path))
+
+
+def test_a_loader_of_whole_batches_is_counted_by_its_rows():
+    """DataLoader(batch_size=None) over a dataset of batches: len(dataset) is the number of
+    batches, not of rows (4 batches of 12 rows were "4 samples, too few" for mutual kNN)."""
+    from alignment_callback.callback.reference import count_rows, probe_rows
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return PROBE[12 * i:12 * (i + 1)]
+
+    loader = DataLoader(Batches(), batch_size=None)
+    assert probe_rows(loader) is None and count_rows(loader) == N == 48
+    cb = quiet_callback(loader, ["mutual_knn"], 19, layers=["fc1"], reference="initial")
+    fit([cb], max_epochs=1)
+    assert len(cb.history) == 2 and cb._samples == N

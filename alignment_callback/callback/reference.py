@@ -216,6 +216,8 @@ def probe_rows(probe: Any) -> int | None:
     if isinstance(probe, Tensor):
         return int(probe.shape[0])
     if isinstance(probe, DataLoader):
+        if probe.batch_size is None:  # items are batches themselves (or a custom batch_sampler)
+            return None
         try:
             n = len(probe.dataset)
         except TypeError:

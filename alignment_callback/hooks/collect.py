@@ -115,8 +115,10 @@ def to_device(obj: Any, device: torch.device) -> Any:
     Containers keep their type: a namedtuple stays that namedtuple, a mapping subclass (a
     Hugging Face ``BatchEncoding``, a ``UserDict``) is shallow-copied with the moved values, a
     dataclass is rebuilt field by field (``dataclasses.replace``); any other object with a
-    ``to`` method (e.g. a graph batch) is shallow-copied and moved by ``copy.to(device)``.  The
-    objects given are never modified.
+    ``to`` method (e.g. a graph batch) is shallow-copied and moved by ``copy.to(device)``.
+    Tensors, lists, tuples, dicts and dataclasses given are never modified; a shallow copy
+    shares what it holds, so an object whose ``to`` moves its contents in place, or a mapping
+    whose copy shares its storage, can be.
     """
     if isinstance(obj, Tensor):
         return obj.to(device)

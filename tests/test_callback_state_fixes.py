@@ -391,3 +391,18 @@ def test_a_loader_of_whole_batches_is_counted_by_its_rows():
     cb = quiet_callback(loader, ["mutual_knn"], 19, layers=["fc1"], reference="initial")
     fit([cb], max_epochs=1)
     assert len(cb.history) == 2 and cb._samples == N
+
+
+def test_a_tuple_probe_file_runs_in_batches_of_256_rows(tmp_path):
+    """A (inputs, labels) file ran as one forward pass over every row (a GPU memory spike
+    where the tensor file runs in batches)."""
+    from alignment_callback.callback.probe import load_probe
+
+    x = torch.randn(600, 4)
+    torch.save((x, torch.arange(600)), tmp_path / "pair.pt")
+    batches = load_probe(str(tmp_path / "pair.pt"))
+    assert [tuple(b[0].shape) for b in batches] == [(256, 4), (256, 4), (88, 4)]
+    assert torch.equal(torch.cat([b[0] for b in batches]), x)
+    assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(600))
+    torch.save((x, torch.arange(5)), tmp_path / "odd.pt")  # not row-aligned: one batch
+    assert len(load_probe(str(tmp_path / "odd.pt"))) == 1

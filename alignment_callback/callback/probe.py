@@ -10,7 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
-from alignment_callback.hooks.collect import preserved_rng
+from alignment_callback.hooks.collect import preserved_rng, split_rows
+
+PROBE_BATCH_ROWS = 256  # rows per batch of a tensor or tuple probe (collect_activations')
 
 Probe = Union[DataLoader, Tensor, str, os.PathLike, Callable[[], Iterable[Any]], Iterable[Any]]
 
@@ -22,8 +24,8 @@ def load_probe(probe: Probe, argument: str = "probe") -> Any:
       time; see :func:`check_sequential`),
     * a tensor, or a numeric NumPy array (made a tensor; split into batches of 256 rows),
     * a path to a ``.pt`` file (loaded with ``weights_only``) holding a tensor, one dict batch,
-      one tuple batch ``(inputs, labels, ...)`` (the model gets ``inputs``) or a list of
-      batches,
+      one tuple batch ``(inputs, labels, ...)`` (the model gets ``inputs``; split into batches
+      of 256 rows like a tensor) or a list of batches,
     * a zero-argument callable returning an iterable of batches (called at every run),
     * one dict batch (e.g. a tokenizer's output),
     * any re-iterable of batches (e.g. a list; a tuple of tensors is several batches).
@@ -53,7 +55,7 @@ def load_probe(probe: Probe, argument: str = "probe") -> Any:
         if isinstance(loaded, tuple):  # torch.save((inputs, labels), path): one batch
             if not loaded:
                 raise ValueError(f"{argument}: {os.fspath(probe)!r} holds an empty tuple")
-            return [loaded]
+            return split_rows(loaded, PROBE_BATCH_ROWS)
         if not isinstance(loaded, (Tensor, Mapping, list)):
             raise TypeError(f"{argument}: {os.fspath(probe)!r} holds a "
                             f"{type(loaded).__name__}; a probe file holds a tensor, a dict "

@@ -269,6 +269,16 @@ def _layer_count_error(bad: dict[str, int]) -> LayerCountError:
     )
 
 
+def split_rows(batch: tuple[Any, ...], batch_size: int) -> list[tuple[Any, ...]]:
+    """A tuple batch ``(inputs, labels, ...)`` of tensors with one number of rows, as batches
+    of ``batch_size`` rows (a tuple saved whole, e.g. ``torch.save((images, labels), path)``,
+    would otherwise be fed in one pass); any other tuple as the one batch it is."""
+    sizes = {int(t.shape[0]) if isinstance(t, Tensor) and t.dim() else None for t in batch}
+    if len(sizes) != 1 or None in sizes:
+        return [batch]
+    return [tuple(parts) for parts in zip(*(t.split(batch_size) for t in batch))]
+
+
 def _batches(data: Any, batch_size: int) -> Iterable[Any]:
     if isinstance(data, Tensor):
         return data.split(batch_size)

@@ -28,6 +28,7 @@ from alignment_callback.hooks.extract import (
     save_features,
 )
 from alignment_callback.hooks import resolve_layers
+from alignment_callback.hooks.collect import split_rows
 from alignment_callback.reporting.io import FeatureFileError, read_pt
 from alignment_callback.reporting.plan import CLIError
 
@@ -111,7 +112,7 @@ def build_model(args: Any) -> nn.Module:
                        f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from err
 
 
-def load_probe(path: str) -> Any:
+def load_probe(path: str, batch_size: int = 256) -> Any:
     """The probe of ``--probe``: a tensor, a dict batch, a tuple batch ``(inputs, labels,
     ...)`` or a list of batches (``.pt``), read as the callback reads a probe file."""
     p = Path(path)
@@ -121,7 +122,9 @@ def load_probe(path: str) -> Any:
         loaded = read_pt(p)
     except FeatureFileError as err:
         raise CLIError(f"--probe {err}") from err
-    return [loaded] if isinstance(loaded, tuple) else loaded  # one (inputs, labels) batch
+    if isinstance(loaded, tuple):  # one (inputs, labels) batch, in --batch-size rows
+        return split_rows(loaded, batch_size)
+    return loaded
 
 
 def run_extract(args: Any) -> int:
@@ -140,7 +143,7 @@ def run_extract(args: Any) -> int:
             raise CLIError(f"--out {args.out}: is the --{option} file, which it would overwrite")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was requested but CUDA is not available")
-    probe = load_probe(args.probe)
+    probe = load_probe(args.probe, args.batch_size)
     model = build_model(args).to(args.device)
     layers = [p for group in args.layers for p in group]
     try:

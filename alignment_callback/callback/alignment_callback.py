@@ -399,9 +399,10 @@ class AlignmentCallback(Callback):
         finished = [outcome for outcome in done if outcome is not None]
         history = self.history + [self._entry(outcome) for outcome in finished]
         tables = {label: [list(row) for row in rows] for label, rows in self._tables.items()}
-        for results, _, epoch, step, _ in finished:
-            for label, rows in _pair_rows(self._flat(results), epoch, step).items():
-                tables.setdefault(label, []).extend(rows)
+        if trainer is not None and dispatch.keeps_tables(trainer.loggers):
+            for results, _, epoch, step, _ in finished:
+                for label, rows in _pair_rows(self._flat(results), epoch, step).items():
+                    tables.setdefault(label, []).extend(rows)
         samples = next((next(iter(o[0].values())).n for o in reversed(finished) if o[0]),
                        self._samples)
         return {"history": [dict(h) for h in history], "pending": [list(p) for p in running],
@@ -1164,8 +1165,9 @@ class AlignmentCallback(Callback):
                 self._scratch = tempfile.mkdtemp(prefix="alignment_heatmaps_")
             dispatch.log_image(trainer.loggers, f"{self.log_prefix}/{label}/heatmap", image, png,
                                step, f"epoch{epoch:04d}_step{step:06d}", self._scratch)
-        for label, rows in _pair_rows(flat, epoch, step).items():
-            self._tables.setdefault(label, []).extend(rows)
+        if dispatch.keeps_tables(trainer.loggers):  # kept (and checkpointed) for W&B only
+            for label, rows in _pair_rows(flat, epoch, step).items():
+                self._tables.setdefault(label, []).extend(rows)
         if self.verbose:
             feedback.emit(trainer, feedback.step_lines(results, epoch, step, self.log_prefix))
         self.last_results = flat

@@ -200,6 +200,11 @@ def log_layer_names(loggers: Sequence[Any], prefix: str, names: Mapping[str, Seq
             pass
 
 
+def keeps_tables(loggers: Sequence[Any]) -> bool:
+    """Whether a logger takes the end-of-fit table of every pair (W&B)."""
+    return any(_kind(logger) == "wandb" for logger in loggers)
+
+
 def define_summaries(loggers: Sequence[Any], keys: Sequence[str]) -> None:
     """W&B run summary: the best calibrated score and raw score, the last p-value."""
     for logger in loggers:

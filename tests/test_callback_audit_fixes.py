@@ -471,10 +471,15 @@ def test_a_callback_reused_after_a_failed_fit_starts_afresh(background):
     assert raws(fresh)[0] == pytest.approx(1.0)  # the baseline: the initial weights themselves
 
 
-def test_a_new_run_of_the_same_callback_logs_its_layer_names_and_only_its_own_pairs(tmp_path):
+def test_a_new_run_of_the_same_callback_logs_its_layer_names_and_only_its_own_pairs(
+        tmp_path, monkeypatch):
     """A second run (new trainer, new logger) of one callback object: its logger gets the layer
-    index -> name map too, and its pairs table holds its own steps only."""
+    index -> name map too, and its pairs table (kept for W&B) holds its own steps only."""
     from lightning.pytorch.loggers import CSVLogger
+
+    from alignment_callback.callback import dispatch
+
+    monkeypatch.setattr(dispatch, "keeps_tables", lambda loggers: True)  # as with W&B
 
     cb = callback(log_pairs=True)
     per_step = None  # pairs per step, from the first run

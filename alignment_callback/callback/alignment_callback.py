@@ -308,6 +308,9 @@ class AlignmentCallback(Callback):
         self.report = report
         self.report_paths: tuple[str, str] | None = None
         self._tables: dict[str, list[list[Any]]] = {}  # W&B: every pair at every step, per key
+        #: key prefixes (``<prefix>/<label>/``) of the curves the last checkpoint loaded did not
+        #: continue (written with other settings): an ``AlignmentPlateau`` restarts its count
+        self.restarted: set[str] = set()
         self._samples: int | None = None  # probe samples (known after the first step)
         self._names_logged: set[str] = set()  # whose layer index -> name map was logged
         self._queue = BackgroundQueue()
@@ -452,9 +455,12 @@ class AlignmentCallback(Callback):
             saved = {} if key_measures is None else {"measures": dict.fromkeys(key_measures)}
         current = self._settings()
         changes = _setting_changes(saved, current)
+        self.restarted = set()
         if not changes or not self.history:
             return
         kept, dropped = self._keep_curves(saved, current)
+        self.restarted = {f"{self.log_prefix}/{label}/" for label in self._labels()
+                          if label not in kept}
         if kept:
             new = [label for label in self._labels() if label not in kept]
             fate = (f"the curves of {', '.join(kept)} continue"
@@ -524,7 +530,7 @@ class AlignmentCallback(Callback):
         if trainer.ckpt_path is None and trainer.global_step == 0:
             # a new training run (not resumed, not continued): a history left by an earlier fit
             # of this callback object is another run's, and would mark these steps as done
-            self.history, self._resume_pending = [], []
+            self.history, self._resume_pending, self.restarted = [], [], set()
             self._tables, self._names_logged, self.last_results = {}, set(), {}
             self._last_pngs, self._samples, self.report_paths = {}, None, None
         self._freeze_references(pl_module)

@@ -32,7 +32,9 @@ Where the values come from (``source``):
 State (best value, checks without improvement, whether and where it fired, the last history
 entry read) is saved in checkpoints, so a resumed run continues the count and never calls
 ``on_plateau`` a second time; a new fit (not resumed, at step 0) with the same object starts a
-new count, as the ``AlignmentCallback`` starts a new history.  Note what this does *not* restore: whatever ``on_plateau``
+new count, as the ``AlignmentCallback`` starts a new history, and so does a resume in which
+the ``AlignmentCallback`` starts the monitored curve anew (a checkpoint written with other
+settings).  Note what this does *not* restore: whatever ``on_plateau``
 changed.  Keep that in the checkpoint too (e.g. the loss weight as a registered buffer, as in
 ``examples/plateau.py``), or read :attr:`AlignmentPlateau.fired` in ``training_step``.
 """
@@ -261,6 +263,18 @@ class AlignmentPlateau(Callback):
         elif self.check_on == "epoch" and not trainer.sanity_checking:
             self._read_metrics(trainer, pl_module, int(trainer.current_epoch) + 1,
                                int(trainer.global_step))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a checkpoint is loaded: a curve the source did not continue (the checkpoint
+        was written with other settings) is a new curve, so the count starts anew too."""
+        restarted = getattr(self._history, "restarted", ())
+        if any(self.monitor.startswith(prefix) for prefix in restarted) and (
+                self.best is not None or self.fired):
+            rank_zero_warn(f"AlignmentPlateau(monitor={self.monitor!r}): the curve starts anew "
+                           "(its AlignmentCallback resumed with other settings), and so does "
+                           "the count: best value, checks without improvement, fired",
+                           category=UserWarning)
+            self.load_state_dict({})
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._history is not None:

@@ -35,6 +35,9 @@ confounders: install
 text: install
 	$(BIN)/python examples/text_reference.py
 
+# what the examples write into the repository root (--out .): figures, the end-of-fit reports
+# of the callbacks (alignment/: alignment_report.*, wide/: alignment_report_wide.*) and their PNGs
 clean:
 	rm -rf $(VENV) wandb lightning_logs mlruns mlflow.db alignment_out *.egg-info \
-		alignment_curves.png alignment_heatmap.png text_alignment_*.png
+		alignment_curves.png alignment_heatmap.png text_alignment_*.png \
+		alignment_report*.md alignment_report*.html alignment_report*.png wide_report*.png

@@ -1,11 +1,15 @@
-"""What the benchmark scripts share: interleaved best-of timing, the load average, peak RSS and
-the verdict line.  Imported by the scripts as ``_common`` (they run as ``python
-benchmarks/<script>.py``, which puts this folder on ``sys.path``)."""
+"""What the benchmark scripts share: interleaved best-of timing, the load average, peak RSS (of
+this process, or of a fresh child process), the verdict line.  Imported by the scripts as
+``_common`` (they run as ``python benchmarks/<script>.py``, which puts this folder on
+``sys.path``)."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 QUICK = False  # set by a script's --quick: the sizes are below the targets', so no verdicts
@@ -39,6 +43,43 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM"):
                 return int(line.split()[1]) / 1024
     return math.nan
+
+
+# The start of the code a fresh child process runs (``run_child``): its arguments (a JSON
+# object, with "threads"), the library imported, and its own peak RSS.  A child's ru_maxrss
+# starts at its parent's peak on Linux (it survives the exec), so the child reads VmHWM.
+CHILD_PRELUDE = r"""
+import json, sys, time, torch
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+import alignment_callback.functional as F
+
+
+def hwm_mb():  # peak RSS of this process (VmHWM); ru_maxrss would include the parent's
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+"""
+
+
+def run_child(code: str, timeout: float, **args) -> dict:
+    """Run ``code`` (``CHILD_PRELUDE`` + a body that prints one JSON line last) in a fresh
+    Python process with ``args`` (which must hold ``threads``, also its ``OMP_NUM_THREADS``);
+    returns that JSON line."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args["threads"])}
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True,
+                         text=True, env=env, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def accelerators() -> list[str]:

@@ -4,7 +4,7 @@
    against the sum of three single-measure steps: they share the neighbor lists and the
    per-permutation remap and match work (target: ratio <= 0.8).
 2. Peak resident memory of a layer null above its inputs (the features), each measured in a
-   fresh process: 12×12 linear-CKA layers at n = 4096 (target: <= 8 × n²·4 bytes, whatever the
+   fresh process by its own peak RSS (VmHWM after the call minus VmHWM before it): 12×12 linear-CKA layers at n = 4096 (target: <= 8 × n²·4 bytes, whatever the
    number of layer pairs) and a single linear-CKA pair (target: <= 3 × n²·4 bytes).
 
     python benchmarks/bench_engine.py            # n = 1024 steps, n = 4096 memory
@@ -14,13 +14,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
 
 import torch
+from _common import CHILD_PRELUDE, run_child
 
 
 def _layers(prefix: str, count: int, n: int, d: int, seed: int) -> dict[str, torch.Tensor]:
@@ -38,6 +35,7 @@ def knn_sharing(n: int, d: int, k: int, perms: int, repeats: int) -> None:
     def step_seconds(measures) -> float:
         engine = AlignmentEngine({m: {"k": k} for m in measures}, num_permutations=perms)
         engine.set_reference(ref)  # once per fit: not part of a step
+        engine.step(model)  # warm-up, untimed: kernels compiled, first-call allocations
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
@@ -57,28 +55,24 @@ def knn_sharing(n: int, d: int, k: int, perms: int, repeats: int) -> None:
     print(f"  ratio {joint / total:.2f}  (target <= 0.80)")
 
 
-_MEMORY_CHILD = r"""
-import json, resource, sys, torch
-torch.set_num_threads(1)
-n, d, la, lb, perms = (int(v) for v in sys.argv[1:6])
-import alignment_callback.functional as F
+_MEMORY_CHILD = CHILD_PRELUDE + r"""
+n, d, la, lb, perms = args["n"], args["d"], args["la"], args["lb"], args["perms"]
 g = torch.Generator().manual_seed(0)
 xs = {f"x{i}": torch.randn(n, d, generator=g) for i in range(la)}
 ys = {f"y{i}": torch.randn(n, d, generator=g) for i in range(lb)}
 F.calibrated_layer_alignment({"w": torch.randn(64, 8)}, {"w": torch.randn(64, 8)}, "linear_cka",
                              num_permutations=2)  # imports and first-call allocations
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = hwm_mb()
 res = F.calibrated_layer_alignment(xs, ys, "linear_cka", num_permutations=perms, seed=0)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"above_inputs": after - before, "raw": float(res.raw)}))
+print(json.dumps({"above_inputs": (hwm_mb() - before) * 2**20, "raw": float(res.raw)}))
 """
 
 
-def peak_memory(n: int, d: int, la: int, lb: int, perms: int) -> int:
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(n), str(d), str(la), str(lb),
-                          str(perms)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])["above_inputs"]
+def peak_memory(n: int, d: int, la: int, lb: int, perms: int) -> float:
+    """Peak RSS (bytes) of an la×lb linear-CKA layer null above its inputs, in a fresh process
+    (its own VmHWM: a child's ru_maxrss would start at this process's peak)."""
+    return run_child(_MEMORY_CHILD, 3600, n=n, d=d, la=la, lb=lb, perms=perms,
+                     threads=1)["above_inputs"]
 
 
 def memory(n: int, d: int, perms: int) -> None:
@@ -87,7 +81,7 @@ def memory(n: int, d: int, perms: int) -> None:
           f"(n²·4 B = {unit / 2**20:.0f} MiB)")
     for la, lb, target in ((12, 12, 8), (1, 1, 3)):
         peak = peak_memory(n, d, la, lb, perms)
-        print(f"  {la:>2}x{lb:<2} layers: {peak / 2**20:7.0f} MiB = {peak / unit:5.1f} x n²·4 B "
+        print(f"  {la:>2}x{lb:<2} layers: {peak / 2**20:7.1f} MiB = {peak / unit:5.1f} x n²·4 B "
               f"(target <= {target})")
 
 

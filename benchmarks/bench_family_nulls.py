@@ -1,7 +1,9 @@
 """Fast permutation nulls of the shape / CCA / predictivity / RV measures vs recomputation.
 
 For each measure: the fast path (prepare both sides once, the observed score, then K null
-scores in chunks of :func:`permutations`) timed end to end, and the naive baseline, which calls
+scores in chunks of :func:`permutations`) timed end to end, after every prepare / score pair
+has run once on a small input (kernels compiled, first-call allocations, untimed), and the
+naive baseline, which calls
 the public functional measure on ``(x, y[π])`` for ``--naive-perms`` permutations (it
 recomputes both sides' SVDs / eigendecompositions / ridge fits each time).  Reported per
 permutation; the speed-up is naive ms/perm over fast ms/perm (prepare cost included in fast).
@@ -9,6 +11,9 @@ permutation; the speed-up is naive ms/perm over fast ms/perm (prepare cost inclu
     python benchmarks/bench_family_nulls.py                 # n=1024, d=768, K=1000, 1 thread
     python benchmarks/bench_family_nulls.py --quick         # n=256, d=128, K=100
     python benchmarks/bench_family_nulls.py --only cca_similarity,pwcca
+
+``--only`` takes measure names (``shape_metric`` selects the row ``shape_metric(a=0.5)``,
+``linear_predictivity`` both of its rows) or whole row labels; an unknown name is an error.
 
 The RBF Bures null is O(n³) per permutation whatever d is (an (n−1)-rank factor and an
 (n−1)×(n−1) SVD): it runs with ``--rbf-permutations`` (default 200) permutations.
@@ -58,7 +63,24 @@ def measures(n: int, d: int):
     }
 
 
-def main() -> None:
+def measure_name(label: str) -> str:
+    """The measure's name in a row label: ``"shape_metric(a=0.5)"`` -> ``"shape_metric"``."""
+    return label.split("(")[0]
+
+
+def warm_up(table: dict, n: int = 64, d: int = 16) -> None:
+    """Run every prepare / score pair and the naive baseline once on a small input, untimed, so
+    that one-time costs (kernels compiled, first-call allocations) stay out of the first
+    measure's times."""
+    g = torch.Generator().manual_seed(1)
+    x = prepare_features(torch.randn(n, d, generator=g))
+    y = prepare_features(torch.randn(n, d, generator=g))
+    for prep, score, fn, _ in table.values():
+        score(prep(x), prep(y), permutations(n, 2, seed=0))
+        fn(x, y)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1024)
     p.add_argument("--d", type=int, default=768)
@@ -68,9 +90,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", type=str, default="", help="comma-separated measure names")
     p.add_argument("--quick", action="store_true", help="n=256, d=128, K=100")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.quick:
         args.n, args.d, args.permutations, args.rbf_permutations = 256, 128, 100, 100
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    table = measures(args.n, args.d)
+    unknown = sorted(only - {measure_name(label) for label in table} - set(table))
+    if unknown:
+        p.error(f"--only: unknown measure name(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(dict.fromkeys(measure_name(label) for label in table))}")
+    table = {k: v for k, v in table.items() if not only or {k, measure_name(k)} & only}
     torch.set_num_threads(args.threads)
     n, d = args.n, args.d
     g = torch.Generator().manual_seed(0)
@@ -81,10 +110,8 @@ def main() -> None:
     print(f"{'measure':25s} {'K':>5s} {'fast total s':>12s} {'fast ms/perm':>12s} "
           f"{'naive ms/perm':>13s} {'speed-up':>9s}")
     naive_perms = permutations(n, args.naive_perms, seed=123)
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-    for name, (prep, score, fn, cost) in measures(n, d).items():
-        if only and name not in only:
-            continue
+    warm_up(table)
+    for name, (prep, score, fn, cost) in table.items():
         k = args.rbf_permutations if "rbf" in name else args.permutations
         t0 = time.perf_counter()
         sx, sy = prep(x), prep(y)

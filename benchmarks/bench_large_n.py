@@ -35,18 +35,23 @@ the ratios are what to read.  Peak RSS is ``VmHWM`` of a fresh process started w
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 
 import _common
 import torch
-from _common import accelerators, best_of, load, synchronized, verdict
+from _common import (
+    CHILD_PRELUDE,
+    accelerators,
+    best_of,
+    load,
+    run_child,
+    synchronized,
+    verdict,
+)
 
 P3_CALLS = 20  # moments + Pearson III take milliseconds: timed over this many calls
 GRAM_MEASURES = (("linear_cka", {}), ("rbf_cka", {"sigma": "median"}), ("unbiased_cka", {}),
@@ -151,28 +156,7 @@ def section_moments(quick: bool, repeats: int, threads: int) -> None:
 
 
 # -------------------------------------------------------------------- fresh-process children
-_CHILD_PRELUDE = r"""
-import json, sys, time, torch
-args = json.loads(sys.argv[1])
-torch.set_num_threads(args["threads"])
-import alignment_callback.functional as F
-
-
-def hwm_mb():  # peak RSS of this process (VmHWM); ru_maxrss would include the parent's
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-"""
-
-_FEATURES_CHILD = _CHILD_PRELUDE + r"""
+_FEATURES_CHILD = CHILD_PRELUDE + r"""
 n, d = args["n"], args["d"]
 if args["route"] == "tensor":  # force the O(n·d³) route of the cubic sum at every n
     import alignment_callback.functional.moments.features as MF
@@ -189,7 +173,7 @@ print(json.dumps({"seconds": seconds, "peak_mb": hwm_mb(), "before_mb": before,
                   "p": float(res.p_value), "raw": float(res.raw), "method": res.null_method}))
 """
 
-_KNN_CHILD = _CHILD_PRELUDE + r"""
+_KNN_CHILD = CHILD_PRELUDE + r"""
 n, d, K, measures = args["n"], args["d"], args["K"], args["measures"]
 F.calibrate_measures([torch.randn(64, 8)], [torch.randn(64, 8)], measures, num_permutations=2)
 g = torch.Generator().manual_seed(0)
@@ -202,15 +186,6 @@ seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "peak_mb": hwm_mb(), "before_mb": before,
                   "p": {m: float(r.p_value) for m, r in res.items()}}))
 """
-
-
-def child(code: str, timeout: float, **args) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args["threads"])}
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True,
-                         text=True, env=env, timeout=timeout, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"child failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------- b. features
@@ -227,7 +202,7 @@ def section_features(quick: bool, repeats: int, threads: int) -> None:
     best: dict[tuple, dict] = {}
     for _ in range(repeats):
         for n, route in runs:
-            r = child(_FEATURES_CHILD, 1800, n=n, d=d, threads=threads, route=route)
+            r = run_child(_FEATURES_CHILD, 1800, n=n, d=d, threads=threads, route=route)
             b = best.setdefault((n, route), {**r, "peak_max": r["peak_mb"]})
             b["peak_max"] = max(b["peak_max"], r["peak_mb"])
             if r["seconds"] < b["seconds"]:
@@ -273,7 +248,7 @@ def section_knn(quick: bool, repeats: int, threads: int) -> None:
         best: dict[str, dict] = {}
         for _ in range(1 if n == big else repeats):
             for label, ms in configs.items():
-                r = child(_KNN_CHILD, 3600, n=n, d=d, K=K, measures=ms, threads=threads)
+                r = run_child(_KNN_CHILD, 3600, n=n, d=d, K=K, measures=ms, threads=threads)
                 b = best.setdefault(label, {**r, "peak_max": r["peak_mb"]})
                 b["peak_max"] = max(b["peak_max"], r["peak_mb"])
                 b["seconds"] = min(b["seconds"], r["seconds"])

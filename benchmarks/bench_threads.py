@@ -10,8 +10,8 @@ Four sections (all by default, or pick with ``--only``):
   ridge null grows like n^2.8: about 110 s per call at n = 4096 on one thread, so about 12
   minutes at 8192).
 * ``knn``: the kNN null from prepared states (mutual kNN, CKNNA; K = 200, k = 10) at
-  n = 1024 .. 16384: ms per permutation and its growth against the growth of n·k (target: no
-  faster than n·k, i.e. growth / (n/n0) <= 1).
+  n = 1024 .. 16384, after one untimed call of each variant: ms per permutation and its growth
+  against the growth of n·k (target: no faster than n·k, i.e. growth / (n/n0) <= 1).
 * ``svcca``: SVCCA's whole calibration (n = 1024, d = 768, K = 1000, one thread) today vs the
   implementation when the target was set, whose basis came from a full ``torch.linalg.svd`` of
   the standardized features and whose null gathered (B, n, c) permuted bases for batched SVDs
@@ -126,6 +126,8 @@ def section_knn(quick: bool, repeats: int) -> None:
             for th in (1, 2):
                 fns[(name, th)] = threaded(th, lambda m=m, xs=xs, ys=ys, p=perms:
                                            layer_nulls([m], xs, ys, p))
+        for fn in fns.values():
+            fn()  # warm-up, untimed: kernels compiled, first-call allocations
         t = best_of(fns, repeats)
         for name in ("mutual_knn", "cknna"):
             row = []

@@ -313,30 +313,38 @@ def test_a_second_fit_with_the_same_objects_is_a_new_run(tmp_path, source):
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_a_resume_that_restarts_the_curve_restarts_the_count(tmp_path):
+@pytest.mark.parametrize("source", [None, "metrics"])
+def test_a_resume_that_restarts_the_curve_restarts_the_count(tmp_path, source):
     """Resumed with another k, the AlignmentCallback starts the mutual kNN curve anew; the
     plateau kept the old curve's best (k = 30's, higher than k = 3's) and fired at the new
     curve's first check, switching a REPA loss off on a comparison across settings."""
-    key = "alignment/mutual_knn/raw"
+    key = "alignment/mutual_knn/calibrated"
     ckpt_dir = tmp_path / "ckpt"
 
     def run(where, k, max_epochs, ckpt_path=None):
         aligner = _aligner(measures={"mutual_knn": {"k": k}})
-        plateau = _plateau(monitor=key, patience=1, min_delta=10.0)
+        plateau = _plateau(monitor=key, patience=1, min_delta=10.0, source=source)
+        trainer = pl.Trainer(max_epochs=max_epochs, logger=False, default_root_dir=tmp_path / where,
+                             callbacks=[aligner, plateau, ModelCheckpoint(ckpt_dir, save_last=True)],
+                             **FAST_TRAINER)
+        model = MLP()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _fit(tmp_path / where, [aligner, plateau, ModelCheckpoint(ckpt_dir, save_last=True)],
-                 max_epochs=max_epochs, ckpt_path=ckpt_path, enable_checkpointing=True)
-        return aligner, plateau, [str(w.message) for w in caught]
+            trainer.fit(model, train_loader(), ckpt_path=ckpt_path)
+        return aligner, plateau, [str(w.message) for w in caught], trainer, model
 
-    first, before, _ = run("a", 30, 2)
-    assert before.on_plateau.calls == [(1, 8)]
-    aligner, plateau, said = run("b", 3, 4, ckpt_path=str(ckpt_dir / "last.ckpt"))
+    _, before, _, _, _ = run("a", 30, 2)
+    assert len(before.on_plateau.calls) == 1
+    aligner, plateau, said, trainer, model = run("b", 3, 4, str(ckpt_dir / "last.ckpt"))
     assert any("the curve starts anew" in s for s in said)
     new = [h[key] for h in aligner.history]
-    assert plateau.best == max(new) < before.best and len(new) == 3  # a baseline, 2 checks
-    # fired at the new curve's first check against the new curve's own baseline
-    assert plateau.on_plateau.calls == [(2, 12)] and plateau.fired_at["best"] == new[0]
+    assert len(new) == 3 and max(new) < before.best  # a baseline at the resume, 2 checks
+    assert plateau.best in new  # the new curve's best, not the old one's
+    # fired once, against the new curve's own values
+    assert len(plateau.on_plateau.calls) == 1 and plateau.fired_at["best"] in new
+    trainer.fit_loop.max_epochs = 6  # the same run continued: no restart, no second call
+    trainer.fit(model, train_loader())
+    assert len(plateau.on_plateau.calls) == 1 and not aligner.restarted
 
 
 def test_state_key_is_unique():

@@ -527,10 +527,11 @@ class AlignmentCallback(Callback):
         if stage != "fit":
             return
         self._trainer = weakref.ref(trainer)
+        self.restarted = set()  # a checkpoint loaded after setup says which curves restart
         if trainer.ckpt_path is None and trainer.global_step == 0:
             # a new training run (not resumed, not continued): a history left by an earlier fit
             # of this callback object is another run's, and would mark these steps as done
-            self.history, self._resume_pending, self.restarted = [], [], set()
+            self.history, self._resume_pending = [], []
             self._tables, self._names_logged, self.last_results = {}, set(), {}
             self._last_pngs, self._samples, self.report_paths = {}, None, None
         self._freeze_references(pl_module)

@@ -266,15 +266,18 @@ class AlignmentPlateau(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After a checkpoint is loaded: a curve the source did not continue (the checkpoint
-        was written with other settings) is a new curve, so the count starts anew too."""
-        restarted = getattr(self._history, "restarted", ())
+        was written with other settings) is a new curve, so the count starts anew too (with
+        ``source="metrics"``, when any ``AlignmentCallback`` restarted the monitored key)."""
+        sources = ([self._history] if self._history is not None else
+                   [cb for cb in trainer.callbacks if isinstance(cb, AlignmentCallback)])
+        restarted = {prefix for cb in sources for prefix in getattr(cb, "restarted", ())}
         if any(self.monitor.startswith(prefix) for prefix in restarted) and (
                 self.best is not None or self.fired):
             rank_zero_warn(f"AlignmentPlateau(monitor={self.monitor!r}): the curve starts anew "
                            "(its AlignmentCallback resumed with other settings), and so does "
                            "the count: best value, checks without improvement, fired",
                            category=UserWarning)
-            self.load_state_dict({})
+            self.load_state_dict({})  # the history holds only the new curve's values of it
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._history is not None:

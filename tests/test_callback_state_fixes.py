@@ -420,3 +420,9 @@ def test_without_a_wandb_logger_no_pair_table_is_kept_or_checkpointed(tmp_path):
     state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["callbacks"]
     (saved,) = [v for k, v in state.items() if k.startswith("AlignmentCallback")]
     assert saved["tables"] == {} and len(saved["history"]) == 3
+
+
+def test_an_empty_layer_mapping_names_layers():
+    """It said "pairs is empty ... or pairs=None", an argument the callback does not have."""
+    with pytest.raises(ValueError, match="layers is an empty mapping"):
+        callback(layers={})

@@ -276,6 +276,10 @@ class AlignmentCallback(Callback):
                     "layers is a mapping {model layer: reference layer}, which chooses the "
                     f"reference layers already; reference_layers={reference_layers!r} conflicts "
                     "with it: give the reference layers in one place only")
+            if not layers:
+                raise ValueError("layers is an empty mapping: give {model layer: reference "
+                                 "layer} pairs, or a list of model layers (or None for the "
+                                 "default) to compare every pair")
             self.pair_map = dict(layers)
             layers, reference_layers = list(layers.keys()), list(layers.values())
         self.layers = layers

@@ -406,8 +406,9 @@ def test_a_tuple_probe_file_runs_in_batches_of_256_rows(tmp_path):
     assert [tuple(b[0].shape) for b in batches] == [(256, 4), (256, 4), (88, 4)]
     assert torch.equal(torch.cat([b[0] for b in batches]), x)
     assert torch.equal(torch.cat([b[1] for b in batches]), torch.arange(600))
-    torch.save((x, torch.arange(5)), tmp_path / "odd.pt")  # not row-aligned: one batch
-    assert len(load_probe(str(tmp_path / "odd.pt"))) == 1
+    torch.save((x, torch.arange(5)), tmp_path / "odd.pt")  # an entry of other length: whole
+    odd = load_probe(str(tmp_path / "odd.pt"))
+    assert len(odd) == 3 and all(torch.equal(b[1], torch.arange(5)) for b in odd)
 
 
 def test_without_a_wandb_logger_no_pair_table_is_kept_or_checkpointed(tmp_path):
@@ -426,3 +427,24 @@ def test_an_empty_layer_mapping_names_layers():
     """It said "pairs is empty ... or pairs=None", an argument the callback does not have."""
     with pytest.raises(ValueError, match="layers is an empty mapping"):
         callback(layers={})
+
+
+def test_tuple_probe_files_of_common_layouts_run_in_row_batches(tmp_path):
+    """(images, label strings), a scalar next to the inputs and (dict, labels) ran as one pass
+    over every row: only tuples of tensors of one length were split."""
+    from alignment_callback.callback.probe import load_probe
+
+    x = torch.randn(600, 4)
+    names = [f"class{i % 7}" for i in range(600)]
+    for saved, inputs in (((x, names), lambda b: b[0]),
+                          ((x, torch.arange(600), torch.tensor(3.0)), lambda b: b[0]),
+                          (({"pixels": x, "pos": torch.arange(4)[None]}, names),
+                           lambda b: b[0]["pixels"])):
+        torch.save(saved, tmp_path / "probe.pt")
+        batches = load_probe(str(tmp_path / "probe.pt"))
+        assert [inputs(b).shape[0] for b in batches] == [256, 256, 88]
+        assert torch.equal(torch.cat([inputs(b) for b in batches]), x)
+        if isinstance(saved[1], list):
+            assert sum((list(b[1]) for b in batches), []) == names
+        if isinstance(saved[0], dict):  # a broadcast entry is repeated whole
+            assert all(torch.equal(b[0]["pos"], saved[0]["pos"]) for b in batches)

@@ -269,14 +269,39 @@ def _layer_count_error(bad: dict[str, int]) -> LayerCountError:
     )
 
 
+def _leading(value: Any) -> int | None:
+    """Rows of a tensor (its leading size), or of a mapping of tensors (the largest)."""
+    if isinstance(value, Tensor):
+        return int(value.shape[0]) if value.dim() else None
+    if isinstance(value, Mapping):
+        sizes = [int(v.shape[0]) for v in value.values() if isinstance(v, Tensor) and v.dim()]
+        return max(sizes) if sizes else None
+    return None
+
+
+def _rows_of(value: Any, rows: int, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of what has ``rows`` rows (a tensor, a mapping's such tensors, a list or
+    tuple of that length); anything else whole (a scalar, a broadcast entry)."""
+    if isinstance(value, Tensor):
+        return value[lo:hi] if value.dim() and value.shape[0] == rows else value
+    if isinstance(value, Mapping):
+        return {k: _rows_of(v, rows, lo, hi) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and len(value) == rows:
+        return value[lo:hi]
+    return value
+
+
 def split_rows(batch: tuple[Any, ...], batch_size: int) -> list[tuple[Any, ...]]:
-    """A tuple batch ``(inputs, labels, ...)`` of tensors with one number of rows, as batches
-    of ``batch_size`` rows (a tuple saved whole, e.g. ``torch.save((images, labels), path)``,
-    would otherwise be fed in one pass); any other tuple as the one batch it is."""
-    sizes = {int(t.shape[0]) if isinstance(t, Tensor) and t.dim() else None for t in batch}
-    if len(sizes) != 1 or None in sizes:
+    """A tuple batch ``(inputs, labels, ...)`` whose inputs are a tensor (or a mapping of
+    tensors), as batches of ``batch_size`` of their rows (a tuple saved whole, e.g.
+    ``torch.save((images, labels), path)``, would otherwise be fed in one pass).  The other
+    entries are cut alike where they have as many rows (tensors, label lists) and repeated
+    whole otherwise; a tuple without row inputs is the one batch it is."""
+    rows = _leading(batch[0]) if batch else None
+    if not rows:
         return [batch]
-    return [tuple(parts) for parts in zip(*(t.split(batch_size) for t in batch))]
+    return [tuple(_rows_of(v, rows, lo, min(lo + batch_size, rows)) for v in batch)
+            for lo in range(0, rows, batch_size)]
 
 
 def _batches(data: Any, batch_size: int) -> Iterable[Any]:

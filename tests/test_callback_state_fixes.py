@@ -448,3 +448,31 @@ def test_tuple_probe_files_of_common_layouts_run_in_row_batches(tmp_path):
             assert sum((list(b[1]) for b in batches), []) == names
         if isinstance(saved[0], dict):  # a broadcast entry is repeated whole
             assert all(torch.equal(b[0]["pos"], saved[0]["pos"]) for b in batches)
+
+
+def test_a_shared_frozen_reference_unfrozen_later_is_warned_about():
+    """BackboneFinetuning freezes the backbone at setup and unfreezes it later: a reference
+    taken from it passed the setup check and was then trained without a word."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(MLP().fc1, nn.Tanh())
+            self.head = nn.Linear(self.backbone[0].out_features, 2)
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+        def training_step(self, batch, _):
+            return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    model = Net()
+    cb = callback(reference=model.backbone, layers=["backbone.0"], reference_layers="0")
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
+    with pytest.warns(UserWarning, match="the model now trains parameters of this reference"):
+        fit([finetuning, cb], model=model, max_epochs=3)
+    assert len(cb.history) == 4

@@ -312,6 +312,7 @@ class AlignmentCallback(Callback):
         self.report = report
         self.report_paths: tuple[str, str] | None = None
         self._tables: dict[str, list[list[Any]]] = {}  # W&B: every pair at every step, per key
+        self._shared_frozen: list[tuple[Reference, Any]] = []  # (reference, frozen shared param)
         #: key prefixes (``<prefix>/<label>/``) of the curves the last checkpoint loaded did not
         #: continue (written with other settings): an ``AlignmentPlateau`` restarts its count
         self.restarted: set[str] = set()
@@ -589,12 +590,16 @@ class AlignmentCallback(Callback):
         loss; its probe pass runs in eval mode and restores the mode), and refused when one
         is trained: freezing it would stop that part's training."""
         trained = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        model_params = {id(p) for p in pl_module.parameters()}
+        self._shared_frozen = []
         for ref in self.references:
             if ref.kind != "model":
                 continue
             if not shared_with(ref.module, pl_module):
                 freeze(ref.module)
                 continue
+            self._shared_frozen += [(ref, p) for p in ref.module.parameters()
+                                    if id(p) in model_params]
             shared = [n for n, p in ref.module.named_parameters() if id(p) in trained]
             if shared:
                 which = "reference" if ref.name is None else f"reference[{ref.name!r}]"
@@ -710,6 +715,20 @@ class AlignmentCallback(Callback):
             acts = from_rank_zero(acts)  # all anchor at rank 0's model (see _distributed_run)
         for ref in drift:
             _anchor(ref, acts)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A frozen module of the model used as the reference that training unfreezes later
+        (e.g. ``BackboneFinetuning``) is warned about once: its features were taken at the
+        start of fit, and a resumed run would take them from the trained weights."""
+        unfrozen = {ref.label for ref, p in self._shared_frozen if p.requires_grad}
+        if unfrozen:
+            self._shared_frozen = []
+            rank_zero_warn(
+                f"{', '.join(sorted(unfrozen))}: the model now trains parameters of this "
+                "reference (unfrozen after setup, e.g. by BackboneFinetuning); its features are "
+                "those of the start of this fit, and a resumed run would take them from the "
+                "trained weights. Pass reference=copy.deepcopy(module) for a fixed reference",
+                category=UserWarning)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.every_n_train_steps is not None or trainer.sanity_checking:

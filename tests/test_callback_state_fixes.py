@@ -476,3 +476,11 @@ def test_a_shared_frozen_reference_unfrozen_later_is_warned_about():
     with pytest.warns(UserWarning, match="the model now trains parameters of this reference"):
         fit([finetuning, cb], model=model, max_epochs=3)
     assert len(cb.history) == 4
+
+
+def test_a_layer_spelled_as_a_string_or_a_list_is_one_setting(tmp_path):
+    """layers="fc1" and layers=["fc1"] mean the same layers: no "other settings" warning and
+    the curves continue (they were restarted)."""
+    old, ckpt = first_run(tmp_path, layers="fc1")
+    cb, said = resume(ckpt, layers=["fc1"])
+    assert not said and [h["step"] for h in cb.history] == [0, 4, 8, 12]

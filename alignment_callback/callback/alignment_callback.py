@@ -489,7 +489,7 @@ class AlignmentCallback(Callback):
         when a run resumes (``references`` and ``measures`` by their key level)."""
         engine = self.engine
         return {
-            "layers": _describe(self.layers), "pairs": _describe(self.pair_map),
+            "layers": _describe(_as_list(self.layers)), "pairs": _describe(self.pair_map),
             "pool": _describe(self.pool), "num_permutations": engine.num_permutations,
             "seed": engine.seed, "alpha": engine.alpha, "aggregate": _describe(engine.aggregate),
             "preprocess": _describe(self._preprocess), "null": engine.null,
@@ -1312,6 +1312,11 @@ def _pair_rows(flat: Mapping[str, Any], epoch: int, step: int) -> dict[str, list
             for label, r in flat.items()}
 
 
+def _as_list(layers: Any) -> Any:
+    """A single layer spec as the one-element list it means ("fc1" is ["fc1"])."""
+    return [layers] if isinstance(layers, str) else layers
+
+
 def _describe(value: Any) -> Any:
     """``value`` as primitives for a checkpoint's settings: a callable by its qualified name,
     an object by its ``str`` (its type's name when that would hold a memory address)."""
@@ -1332,7 +1337,7 @@ def _reference_settings(ref: Reference) -> dict[str, Any]:
     if ref.drift:
         return {"kind": ref.kind}
     pooled = ref.kind == "model" or any(v.dim() > 2 for v in ref.features.values())
-    return {"kind": ref.kind, "source": ref.source, "layers": _describe(ref.layers),
+    return {"kind": ref.kind, "source": ref.source, "layers": _describe(_as_list(ref.layers)),
             "pool": _describe(ref.pool) if pooled else None}
 
 

@@ -419,3 +419,124 @@ def test_merge_state_with_empty_sides_and_empty_batches_keep_the_layer_checks():
         empty_first.update({"a": x[:30]}, {"c": y[:30]})
     with pytest.raises(ValueError, match="features in this batch"):
         full.update({"a": x[:0, :3]}, {"c": y[:0]})  # an empty batch of another width
+
+
+# ------------------------------------------------------- from an audit of the metrics (9th)
+def test_compute_after_a_new_reference_merge_or_load_is_not_the_cached_result():
+    """torchmetrics caches compute()'s result until the next update: a new set_reference, a
+    merge_state or a load_state_dict returned the previous result (0.98 for a random
+    reference)."""
+    def metric():
+        return CalibratedAlignment("linear_cka", num_permutations=19, preprocess=False)
+
+    x, y = pair()
+    other = torch.randn_like(y)
+    expected = float(F.calibrated_alignment(x, other, "linear_cka", num_permutations=19).raw)
+    m = metric()
+    m.set_reference(y)
+    m.update(x)
+    aligned = float(m.compute()["raw"])
+    m.set_reference(other)
+    assert float(m.compute()["raw"]) == pytest.approx(expected, abs=1e-6) != aligned
+    more = metric()
+    more.update(x, y)
+    before = float(more.compute()["raw"])
+    half = metric()
+    half.update(x[:20], other[:20])
+    more.merge_state(half)
+    assert float(more.compute()["raw"]) != before
+    loaded, source = metric(), metric()
+    for m in (loaded, source):
+        m.persistent(True)
+    loaded.update(x, y)
+    loaded.compute()
+    source.update(x, other)
+    loaded.load_state_dict(source.state_dict())
+    assert float(loaded.compute()["raw"]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_cached_reference_follows_the_order_of_y_layers():
+    """The columns are labeled by y_layers; a reference given in another dict order kept its
+    own, so the heatmap and best_pair named the wrong reference layer."""
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
+    ys = {"r1": x + 0.1 * torch.randn(50, 6), "r2": torch.randn(50, 6)}
+    cached = LayerAlignment(num_permutations=19, x_layers=["a"], y_layers=["r2", "r1"])
+    cached.set_reference(ys)
+    cached.update({"a": x})
+    paired = LayerAlignment(num_permutations=19, x_layers=["a"], y_layers=["r2", "r1"])
+    paired.update({"a": x}, ys)
+    assert torch.equal(cached.compute()["matrix"], paired.compute()["matrix"])
+    assert cached.last_result.y_names == ["r2", "r1"] and cached.last_result.best_pair == ("a", "r1")
+
+
+def test_set_reference_refuses_rows_paired_with_their_own_reference():
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=19)
+    m.update(x, y)
+    with pytest.raises(ValueError, match=r"set_reference: .*update\(x, y\).*reset\(\)"):
+        m.set_reference(torch.randn_like(y))
+    m.reset()
+    m.set_reference(y)  # fine after reset
+
+
+@pytest.mark.parametrize("measure", ["linear_cka", "procrustes_similarity", "mutual_knn"])
+def test_float64_model_rows_against_a_float32_cached_reference(measure):
+    """The cached reference stayed float32: a raw dtype error for the SVD measures (also after
+    set_dtype(float64)); the result now equals the paired metric's."""
+    x, y = pair()
+    cached = CalibratedAlignment(measure, num_permutations=19)
+    cached.set_reference(y)
+    cached.update(x.double())
+    paired = CalibratedAlignment(measure, num_permutations=19)
+    paired.update(x.double(), y.double())
+    assert float(cached.compute()["raw"]) == pytest.approx(float(paired.compute()["raw"]),
+                                                            abs=1e-6)
+    assert cached.compute()["raw"].dtype == torch.float64
+
+
+def test_max_samples_holds_inside_a_compute_group():
+    """torchmetrics updates a compute group through its first metric, so the second one's
+    max_samples was never checked (90 rows kept under max_samples=60)."""
+    from torchmetrics import MetricCollection
+
+    x, y = pair(90)
+    coll = MetricCollection({"a": CalibratedAlignment("linear_cka", num_permutations=19),
+                             "b": CalibratedAlignment("linear_cka", num_permutations=19,
+                                                      max_samples=60)})
+    for i in range(3):
+        coll.update(x[30 * i:30 * (i + 1)], y[30 * i:30 * (i + 1)])
+    with pytest.raises(ValueError, match="holds 90 rows, more than max_samples=60.*compute "
+                                         "group"):
+        coll.compute()
+
+
+def test_an_all_zero_row_names_the_side_and_layer():
+    x, y = pair()
+    x[3] = 0.0
+    m = LayerAlignment(num_permutations=19)
+    m.update({"block2": x}, {"r": y})
+    with pytest.raises(ValueError, match=r"model side \(x\) layer 'block2': 1 sample\(s\) have "
+                                         "an all-zero"):
+        m.compute()
+    with pytest.raises(ValueError, match=r"reference \(set_reference\) layer 'block2'"):
+        LayerAlignment(num_permutations=19).set_reference({"block2": x})
+
+
+def test_groups_shorter_than_the_sample_ids_name_groups_and_index():
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=19, groups=[i // 2 for i in range(20)])
+    m.set_reference(y)
+    m.update(x[:30], index=torch.arange(30))
+    with pytest.raises(ValueError, match=r"groups has 20 labels but index= holds sample id 29"):
+        m.compute()
+
+
+def test_warnings_from_compute_point_at_the_callers_line():
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=5)
+    m.update(x, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.compute()
+    few = [w for w in caught if "is too few" in str(w.message)]
+    assert len(few) == 1 and few[0].filename == __file__

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
 import numbers
 import os
@@ -24,6 +25,13 @@ _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the files of the decorators wrapping the library's functions (no_grad, contextmanager)
 _WRAPPERS = frozenset(os.path.abspath(f) for f in (contextlib.__file__, functools.__file__,
                                                   torch.utils._contextlib.__file__))
+# torchmetrics' wrappers of update / compute / forward (metric objects, collections), found
+# without importing it
+_SPEC = importlib.util.find_spec("torchmetrics")
+if _SPEC is not None and _SPEC.origin:
+    _TORCHMETRICS = os.path.dirname(os.path.abspath(_SPEC.origin))
+    _WRAPPERS |= {os.path.join(_TORCHMETRICS, "metric.py"),
+                  os.path.join(_TORCHMETRICS, "collections.py")}
 
 
 def user_stacklevel() -> int:

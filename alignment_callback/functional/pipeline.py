@@ -35,6 +35,7 @@ from alignment_callback.functional._validation import (
     check_alpha,
     check_matrix,
     check_max_score,
+    user_stacklevel,
 )
 from alignment_callback.functional.aggregation import (
     Aggregate,
@@ -529,14 +530,14 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
                 "scores' precision): the statistic does not change when samples are permuted, "
                 "so p = 1 and the calibrated score is 0. null='auto' or "
                 "null='permutation' gives the permutation null itself",
-                RuntimeWarning, stacklevel=4)
+                RuntimeWarning, stacklevel=user_stacklevel())
         elif not valid:
             warnings.warn(
                 f"{m.name}: null='moments' is outside the range where its Pearson III p-value "
                 "and threshold were validated (n >= 32, |skewness| <= 1.4, no sample outlying in "
                 f"both representations; here n={xside.features[0].shape[0]}); they may be off by "
                 "0.05 or more. Use null='auto' or null='permutation' for an exact null",
-                RuntimeWarning, stacklevel=4)
+                RuntimeWarning, stacklevel=user_stacklevel())
         unresolved = smax is not None and smax - float(fields["threshold"]) <= resolution(xside.dtype)
         fields["unresolved"] = torch.tensor(unresolved)
         hint = m.info.degenerate_hint(m.kwargs) if m.info.degenerate_hint else None

@@ -108,6 +108,7 @@ class AlignmentMetricBase(Metric):
         self.y_layers: list[str] = []
         self._widths: dict[str, list[int]] = {"x": [], "y": []}
         self._reference: PreparedSide | None = None
+        self._widened: dict[torch.dtype, PreparedSide] = {}  # the reference in wider dtypes
         self._permutations: Permutations | None = None
         self.last_result: LayerAlignmentResult | None = None
         self.add_state("index", default=[], dist_reduce_fx="cat")
@@ -284,21 +285,38 @@ class AlignmentMetricBase(Metric):
         ys = self._as_layers(ys, "y")
         if self.y_layers and set(ys) != set(self.y_layers):
             raise ValueError(f"reference layers {list(ys)} do not match {self.y_layers}")
+        if self._stored_rows("y"):
+            raise ValueError("set_reference: the metric holds rows updated with their own "
+                             "reference side (update(x, y)), which a cached reference would "
+                             "silently replace; call reset() first")
+        if self.y_layers:  # the order of y_layers, which labels the results' columns
+            ys = {name: ys[name] for name in self.y_layers}
         rows = {name: self.preprocessor.rows(t) for name, t in ys.items()}
+        label = "reference (set_reference) layer"
         if self.preprocessor.fn is None:  # a callable's output is checked by side_features
             for name, t in rows.items():
-                self._check_finite(f"reference (set_reference) layer {name!r}", t)
-        matrices = {name: self.preprocessor.matrix(t) for name, t in rows.items()}
+                self._check_finite(f"{label} {name!r}", t)
+        matrices = {name: self._matrix(f"{label} {name!r}", t) for name, t in rows.items()}
         names, feats = side_features(matrices, "reference")
         self._reference = prepare_side(names, feats, [self.measure], "y", null=self.null)
+        self._widened = {}
+        self._computed = None  # a result computed against the previous reference is stale
         if not self.y_layers:
             self._register("y", list(ys))  # states too, for update(x, y) after clear_reference()
+
+    def _matrix(self, label: str, rows: Tensor) -> Tensor:
+        """The preprocessed (n, d) matrix of one layer's rows; errors name ``label``."""
+        try:
+            return self.preprocessor.matrix(rows)
+        except ValueError as err:
+            err.args = (f"{label}: {err.args[0] if err.args else ''}", *err.args[1:])
+            raise
 
     def clear_reference(self) -> None:
         """Drop the cached reference *and the accumulated rows* (as ``reset()``): rows updated
         against the reference have no reference side without it.  ``update`` then needs both
         sides again (or call ``set_reference`` anew)."""
-        self._reference = None
+        self._reference, self._widened = None, {}
         self.reset()
 
     @property
@@ -344,6 +362,11 @@ class AlignmentMetricBase(Metric):
                 raise ValueError("merge_state: one metric's rows have sample ids (index=) and "
                                  "the other's do not")
         super().merge_state(incoming_state)
+        self._computed = None  # the merged rows make a new result
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._computed = None  # loaded rows make a new result
 
     # ------------------------------------------------------------------- distributed layout
     def sync(self, dist_sync_fn: Any = None, process_group: Any = None, should_sync: bool = True,
@@ -440,7 +463,14 @@ class AlignmentMetricBase(Metric):
     @no_autocast()
     def _compute_result(self) -> LayerAlignmentResult:
         metric = type(self).__name__
-        if not self.x_layers or not self._stored_rows("x"):
+        stored = self._stored_rows("x")
+        if self.max_samples is not None and stored > self.max_samples:
+            raise ValueError(
+                f"{metric} holds {stored} rows, more than max_samples={self.max_samples}: in a "
+                "MetricCollection, metrics that share a compute group are all updated through "
+                "the first one; give a metric with its own max_samples its own collection, or "
+                "pass compute_groups=False")
+        if not self.x_layers or not stored:
             raise RuntimeError(f"{metric}.compute() found no accumulated rows: call update() "
                                "with at least one row first (reset() and clear_reference() "
                                "drop the accumulated rows)")
@@ -465,6 +495,14 @@ class AlignmentMetricBase(Metric):
         xs, ys = rows[: len(xs)], rows[len(xs):]
         if self._reference is not None:
             yside = self._reference
+            wide = torch.promote_types(yside.dtype, xs[0].dtype if xs[0].is_floating_point()
+                                       else yside.dtype)
+            if wide != yside.dtype:  # float64 model rows: the reference in float64 too
+                if wide not in self._widened:
+                    self._widened[wide] = prepare_side(
+                        yside.names, [f.to(wide) for f in yside.features], [self.measure], "y",
+                        null=self.null)
+                yside = self._widened[wide]
             ref_n = yside.n
             if index is None and xs[0].shape[0] != ref_n:
                 raise ValueError(
@@ -481,10 +519,12 @@ class AlignmentMetricBase(Metric):
                                      [self.measure], "y", null=self.null)
             device, dtype = yside.device, yside.dtype
         else:
-            matrices = {name: self.preprocessor.matrix(y) for name, y in zip(self.y_layers, ys)}
+            matrices = {name: self._matrix(f"reference side (y) layer {name!r}", y)
+                        for name, y in zip(self.y_layers, ys)}
             y_names, y_feats = side_features(matrices, "y")
             device, dtype = y_feats[0].device, y_feats[0].dtype
-        matrices = {name: self.preprocessor.matrix(x.to(device)) for name, x in zip(self.x_layers, xs)}
+        matrices = {name: self._matrix(f"model side (x) layer {name!r}", x.to(device))
+                    for name, x in zip(self.x_layers, xs)}
         x_names, x_feats = side_features(matrices, "x")
         dtype = torch.promote_types(dtype, x_feats[0].dtype)
         xside = prepare_side(x_names, [t.to(dtype) for t in x_feats], [self.measure], "x",
@@ -495,6 +535,10 @@ class AlignmentMetricBase(Metric):
         groups = self.groups
         if groups is not None and index is not None:
             picked = index.cpu().numpy()
+            if int(picked.max()) >= len(groups):
+                raise ValueError(
+                    f"groups has {len(groups)} labels but index= holds sample id "
+                    f"{int(picked.max())}: with index=, groups[i] is the label of sample id i")
             groups = (groups.cpu()[picked] if isinstance(groups, Tensor)
                       else np.asarray(groups)[picked])
         if groups is not None:
@@ -507,8 +551,9 @@ class AlignmentMetricBase(Metric):
     def _raw_batch(self, xs: Any, ys: Any) -> Tensor | None:
         """Uncalibrated aggregate on one paired batch (what ``forward`` returns).
 
-        ``None`` when the reference is cached (no paired batch) or the batch is too small for
-        the measure (e.g. n <= k): a permutation test needs the whole probe set.  NaN when the
+        ``None`` when the reference is cached (no paired batch), the batch is too small for
+        the measure (e.g. n <= k: a permutation test needs the whole probe set) or cannot be
+        scored alone (e.g. an all-zero row; ``compute()`` then raises, naming it).  NaN when the
         batch holds NaN/Inf values (``compute()`` then raises, naming the side and layer).
         """
         if ys is None:

@@ -37,7 +37,8 @@ class CalibratedAlignment(AlignmentMetricBase):
         preprocess: ``True`` (flatten + L2-normalize rows, the PRH convention), ``False``,
             a dict of ``prepare_features`` options, or a callable on the concatenated rows.
         groups: optional group label per sample (block permutations, docs/calibration.md),
-            in sample-id order with ``index=``, else in the rows' arrival order.
+            with ``index=`` ``groups[i]`` is the label of sample id i, else labels follow the
+            rows' arrival order.
         max_score: s_max; ``"auto"`` uses the measure's (1.0 for built-ins).
         null: ``"permutation"`` (default), ``"moments"`` (exact permutation moments with a
             Pearson type III null, gram family) or ``"auto"`` (moments where validated).
@@ -45,8 +46,9 @@ class CalibratedAlignment(AlignmentMetricBase):
             (``compute_on_cpu``, ``sync_on_compute``, ...).
 
     ``forward(x, y)`` accumulates like ``update`` and returns the *uncalibrated* raw score of
-    that batch alone (``None`` if the batch is too small for the measure or the reference is
-    cached, NaN if the batch holds NaN/Inf values); calibration needs the whole probe set, so
+    that batch alone (``None`` if the batch is too small for the measure or cannot be scored
+    alone, e.g. an all-zero row, or the reference is cached; NaN if the batch holds NaN/Inf
+    values); calibration needs the whole probe set, so
     use ``compute()`` for it.  NaN/Inf rows are accepted by ``update`` (no host sync per batch)
     and make ``compute()`` raise ``ValueError`` naming the side, the layer and the update.
 

@@ -250,3 +250,10 @@ def test_a_seed_whose_replicate_seeds_overflow_is_refused_before_computing(calls
                                          r"seed \+ 1 \+ b"):
         bootstrap_interval(x, y, "linear_cka", num_bootstrap=3, seed=2**63 - 1)
     assert calls == []
+
+
+def test_masked_mean_of_integer_tokens_is_not_truncated():
+    """The float mean was cast back to the integer dtype: the mean of 1 and 2 became 1."""
+    x = torch.tensor([[[1], [2], [7]]])
+    mean = pool_features(x, "mean", mask=torch.tensor([[1, 1, 0]]))
+    assert mean.is_floating_point() and float(mean) == 1.5

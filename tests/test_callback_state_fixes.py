@@ -484,3 +484,23 @@ def test_a_layer_spelled_as_a_string_or_a_list_is_one_setting(tmp_path):
     old, ckpt = first_run(tmp_path, layers="fc1")
     cb, said = resume(ckpt, layers=["fc1"])
     assert not said and [h["step"] for h in cb.history] == [0, 4, 8, 12]
+
+
+def test_token_features_are_moved_and_pooled_in_row_blocks(monkeypatch):
+    """(n, T, d) features went whole to the compute device in float32 before pooling (a
+    float16 file of 20 GB needed 40 GB on the GPU to keep 0.15 GB); now 256 rows at a time,
+    with the same result."""
+    from alignment_callback.callback import reference as reference_module
+
+    feats = torch.randn(600, 5, 3, dtype=torch.float16)
+    seen = []
+    real = reference_module.pool_features
+
+    def spy(x, pool, **kw):
+        seen.append(x.shape[0])
+        return real(x, pool, **kw)
+
+    monkeypatch.setattr(reference_module, "pool_features", spy)
+    out = reference_module.feature_dtype({"f": feats}, torch.device("cpu"), "mean")
+    assert seen == [256, 256, 88]
+    np.testing.assert_allclose(out["f"].numpy(), feats.double().mean(1).numpy(), atol=1e-6)

@@ -165,3 +165,14 @@ def test_bh_of_a_list_of_floats_is_float64():
         assert adjusted.dtype == torch.float64
         np.testing.assert_allclose(adjusted.numpy(), ref, rtol=1e-15, atol=0)
         assert rejected.tolist() == (ref <= 0.05).tolist()
+
+
+def test_bh_of_a_list_of_0_dim_tensors():
+    """p-values gathered from results ([r.p_value for r in results]) are 0-dim tensors, on the
+    GPU or in bfloat16: numpy could not read them (CUDA: "can't convert cuda:0 device type
+    tensor to numpy"; bfloat16: unsupported ScalarType)."""
+    values = [torch.tensor(v, dtype=torch.bfloat16) for v in (0.001, 0.01, 0.2, 0.9)]
+    rejected, adjusted = benjamini_hochberg(values, alpha=0.05)
+    ref = _bh_reference(np.array([float(v) for v in values]))
+    assert adjusted.dtype == torch.float64 and rejected.tolist() == (ref <= 0.05).tolist()
+    np.testing.assert_allclose(adjusted.numpy(), ref, rtol=1e-15)

@@ -432,3 +432,17 @@ def test_a_compiled_model_under_ddp_runs_eagerly(tmp_path):
     expected = _net_by_hand(net, x)
     for name, value in got.items():
         np.testing.assert_allclose(_np(value), expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_packed_sequence_batch_moves_as_it_moves_itself():
+    """PackedSequence is a namedtuple whose batch_sizes must stay on the CPU: rebuilding it
+    field by field on another device raised (every probe pass on a GPU; "meta" stands in)."""
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+    from alignment_callback.hooks.collect import to_device
+
+    packed = pack_padded_sequence(torch.randn(3, 5, 4), torch.tensor([5, 3, 2]),
+                                  batch_first=True)
+    moved = to_device((packed, torch.arange(3)), torch.device("meta"))
+    assert isinstance(moved[0], PackedSequence) and moved[0].data.device.type == "meta"
+    assert moved[0].batch_sizes.device.type == "cpu" and moved[1].device.type == "meta"

@@ -31,6 +31,7 @@ from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
 
 DRIFT = ("initial", "previous")
+_POOL_ROWS = 256  # rows of (n, T, d) reference features moved and pooled at a time
 FEATURE_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
 ReferenceSpec = Union[nn.Module, str, os.PathLike, Mapping[str, Any]]
 
@@ -285,12 +286,14 @@ def feature_dtype(features: Mapping[str, Tensor], device: torch.device, pool: An
     a model reference's outputs are; ``where`` names it in errors)."""
     out = {}
     for k, v in features.items():
-        v = v.to(device=device, dtype=v.dtype if v.dtype == torch.float64 else torch.float32)
-        if v.dim() > 2:
-            try:
-                v = pool_features(v, pool)
-            except ValueError as err:
-                raise ValueError(f"{where}: the features of layer {k!r}, of shape "
-                                 f"{tuple(v.shape)}: {err}") from err
-        out[k] = v
+        dtype = v.dtype if v.dtype == torch.float64 else torch.float32
+        if v.dim() <= 2:
+            out[k] = v.to(device=device, dtype=dtype)
+            continue
+        try:  # pooled in row blocks, as a model reference's batches are: only (n, d) is kept
+            out[k] = torch.cat([pool_features(part.to(device=device, dtype=dtype), pool)
+                                for part in v.split(_POOL_ROWS)])
+        except ValueError as err:
+            raise ValueError(f"{where}: the features of layer {k!r}, of shape "
+                             f"{tuple(v.shape)}: {err}") from err
     return out

@@ -26,8 +26,8 @@ def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Ten
     ``alpha`` for independent or positively dependent p-values (PRDS).
 
     Args:
-        p_values: p-values in [0, 1], a tensor (or anything ``numpy.asarray`` accepts: a list
-            of Python floats is float64) of any shape; all entries form one family.
+        p_values: p-values in [0, 1], a tensor, a NumPy array or a (nested) list of numbers or
+            0-dim tensors (read as float64), of any shape; all entries form one family.
         alpha: the FDR level, in (0, 1) (default 0.05).
 
     Returns:
@@ -40,7 +40,12 @@ def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Ten
     """
     if not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    p = p_values if isinstance(p_values, Tensor) else torch.as_tensor(np.asarray(p_values))
+    if isinstance(p_values, Tensor):
+        p = p_values
+    elif isinstance(p_values, np.ndarray):
+        p = torch.as_tensor(p_values)
+    else:  # a list of floats or of 0-dim tensors (on any device, in any dtype): float64 values
+        p = torch.as_tensor(p_values, dtype=torch.float64)
     if not p.is_floating_point():
         p = p.to(torch.float64)
     flat = p.reshape(-1).to(torch.float64)  # ranks up to 2**53 exactly, no float16 overflow

@@ -127,7 +127,8 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
             # sum in float32 at least, so that a float16 sum over many tokens cannot overflow
             acc = torch.promote_types(x.dtype, torch.float32)
             m = (_checked_mask(x, mask, pool) != 0).to(acc).unsqueeze(-1)
-            return ((x.to(acc) * m).sum(1) / m.sum(1).clamp_min(1.0)).to(x.dtype)
+            mean = (x.to(acc) * m).sum(1) / m.sum(1).clamp_min(1.0)
+            return mean.to(x.dtype) if x.is_floating_point() else mean  # no integer mean
         if x.dim() == 3:
             return x.mean(1)
         return x.reshape(x.shape[0], x.shape[1], -1).mean(-1)

@@ -124,6 +124,9 @@ def to_device(obj: Any, device: torch.device) -> Any:
         return obj.to(device)
     if isinstance(obj, Mapping):
         return _rebuild_mapping(obj, {k: to_device(v, device) for k, v in obj.items()})
+    if isinstance(obj, tuple) and callable(getattr(obj, "to", None)):
+        return obj.to(device)  # a namedtuple that moves itself (PackedSequence: batch_sizes
+        # must stay on the CPU)
     if isinstance(obj, (tuple, list)):
         moved = [to_device(v, device) for v in obj]
         if isinstance(obj, list):

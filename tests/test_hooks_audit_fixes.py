@@ -201,6 +201,31 @@ def test_transformer_encoder_nested_outputs_pool_the_real_tokens(pool):
         np.testing.assert_allclose(_np(got[name]), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_the_encoder_itself_pools_its_real_tokens(pool):
+    """The encoder module returns a dense output, zero at the padding: hooked itself, it was
+    pooled over every position (the mean counted the zeros, "last" took a zero row).  The
+    padding mask it is called with now says which tokens are real."""
+
+    class Wrapped(nn.Module):  # the encoder as a named submodule, called with the mask
+        def __init__(self, enc):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, src, src_key_padding_mask):
+            return self.enc(src, src_key_padding_mask=src_key_padding_mask)
+
+    enc, src, pad = _encoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        got = collect_activations(Wrapped(enc), [{"src": src, "src_key_padding_mask": pad}],
+                                  ["enc"], pool=pool)
+    keep = ~pad.numpy()
+    h = _slow_path(enc, src, pad)[-1]  # the encoder's output: its last layer's (no norm)
+    expected = _masked_mean(h, keep) if pool == "mean" else h[np.arange(4), keep.sum(1) - 1]
+    np.testing.assert_allclose(_np(got["enc"]), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_list_layers_reports_the_padded_shape_of_nested_outputs():
     enc, src, pad = _encoder()
     with warnings.catch_warnings():

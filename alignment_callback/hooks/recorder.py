@@ -17,6 +17,19 @@ from alignment_callback.hooks.selection import Layers, resolve_modules
 _NAMED_ERRORS = (ValueError, TypeError, RuntimeError, IndexError)
 
 
+def _real_tokens(module: nn.Module, args: Any, kwargs: Any) -> Tensor | None:
+    """The real-token mask of the ``src_key_padding_mask`` a transformer encoder (or encoder
+    layer) was called with (True or 0 = a real token), else None: the encoder's own output
+    is dense, zero at the padding, which a mean must not count."""
+    padding = kwargs.get("src_key_padding_mask")
+    encoders = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
+    if padding is None and isinstance(module, encoders) and len(args) > 2:
+        padding = args[2]  # forward(src, mask, src_key_padding_mask, ...)
+    if not isinstance(padding, Tensor) or padding.dim() != 2:
+        return None
+    return ~padding if padding.dtype == torch.bool else padding == 0  # float: -inf at padding
+
+
 def _shares_memory(x: Tensor, y: Tensor) -> bool:
     try:
         return y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
@@ -114,17 +127,20 @@ class ActivationRecorder:
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            self._record(name, output)
+            self._record(name, output, _real_tokens(module, args, kwargs))
 
         return hook
 
-    def _pool(self, x: Tensor, name: str) -> Tensor:
-        """``x`` pooled with the mask that fits it; errors name the layer."""
+    def _pool(self, x: Tensor, name: str, real: Tensor | None = None) -> Tensor:
+        """``x`` pooled with the mask that fits it (a nested tensor's own, the padding mask
+        the module was given, else :attr:`mask`); errors name the layer."""
         x, mask = dense_output(x)  # a nested tensor: the mask of its real tokens
-        if mask is None:
-            mask = self.mask
-            fits = mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2])
-            mask = mask.to(x.device) if fits else None
+        for candidate in (real, self.mask) if mask is None else ():
+            fits = (candidate is not None and x.dim() == 3
+                    and tuple(candidate.shape) == tuple(x.shape[:2]))
+            if fits:
+                mask = candidate.to(x.device)
+                break
         try:
             return pool_features(x, self.pool, mask=mask)
         except _NAMED_ERRORS as err:
@@ -132,11 +148,11 @@ class ActivationRecorder:
                 raise
             raise type(err)(f"layer {name!r} (output of shape {tuple(x.shape)}): {err}") from err
 
-    def _record(self, name: str, output: Any) -> None:
+    def _record(self, name: str, output: Any, real: Tensor | None = None) -> None:
         x = select_output(output, self.output_key, name)
         if self.detach:
             x = x.detach()
-        y = self._pool(x, name)
+        y = self._pool(x, name, real)
         if self.dtype is not None:
             y = y.to(self.dtype)
         if self.to_cpu:

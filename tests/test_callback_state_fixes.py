@@ -504,3 +504,23 @@ def test_token_features_are_moved_and_pooled_in_row_blocks(monkeypatch):
     out = reference_module.feature_dtype({"f": feats}, torch.device("cpu"), "mean")
     assert seen == [256, 256, 88]
     np.testing.assert_allclose(out["f"].numpy(), feats.double().mean(1).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["texts", "dict_tuple"])
+def test_rows_of_text_and_dict_batches_are_counted_before_training(kind, tmp_path):
+    """A probe of text lists, or a (dict, labels) file, could not be counted: with a drift
+    reference n <= k was only a warning at every step while training ran on."""
+    if kind == "texts":
+        probe = [[f"text {i}" for i in range(6)]]
+
+        def transform(batch):  # a stand-in tokenizer: one feature row per text
+            return torch.stack([PROBE[i] for i in range(len(batch))])
+    else:
+        torch.save(({"x": PROBE[:6]}, torch.arange(6)), tmp_path / "probe.pt")
+        probe = str(tmp_path / "probe.pt")
+
+        def transform(batch):
+            return batch[0]["x"]
+    cb = quiet_callback(probe, ["mutual_knn"], 19, layers=["fc1"], reference="initial",
+                        batch_transform=transform)
+    fails_before_training(cb, "the probe has 6 samples, too few: mutual_knn")

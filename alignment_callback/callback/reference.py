@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from alignment_callback.callback.probe import load_probe, load_reference
+from alignment_callback.hooks.collect import is_column
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
 
@@ -233,17 +234,20 @@ def probe_rows(probe: Any) -> int | None:
     return None
 
 
-def batch_rows(batch: Any) -> int | None:
-    """Rows of one probe batch: a tensor's, a tuple's / list's first tensor's, the largest
-    leading size of a dict's tensors; None when they cannot be read."""
+def batch_rows(batch: Any, inner: bool = False) -> int | None:
+    """Rows of one probe batch: a tensor's; a column of plain values' (texts); the largest
+    leading size of a dict's tensors (or its columns' lengths); a tuple's / list's first
+    element's (``(inputs, labels, ...)``); None when they cannot be read."""
     if isinstance(batch, Tensor):
         return int(batch.shape[0]) if batch.dim() else None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return int(batch[0].shape[0]) if batch[0].dim() else None
+    if is_column(batch):
+        return len(batch)
     if isinstance(batch, Mapping):  # the rows: the largest leading size (some entries,
         # e.g. position ids of shape (1, T), broadcast over the samples)
-        sizes = [int(v.shape[0]) for v in batch.values() if isinstance(v, Tensor) and v.dim()]
+        sizes = [n for n in (batch_rows(v, True) for v in batch.values()) if n is not None]
         return max(sizes) if sizes else None
+    if isinstance(batch, (tuple, list)) and batch and not inner:
+        return batch_rows(batch[0], True)
     return None
 
 

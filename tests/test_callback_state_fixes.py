@@ -524,3 +524,21 @@ def test_rows_of_text_and_dict_batches_are_counted_before_training(kind, tmp_pat
     cb = quiet_callback(probe, ["mutual_knn"], 19, layers=["fc1"], reference="initial",
                         batch_transform=transform)
     fails_before_training(cb, "the probe has 6 samples, too few: mutual_knn")
+
+
+def test_a_run_resumed_at_its_end_still_writes_its_report(tmp_path, monkeypatch):
+    """Lightning skips the training loop of a run resumed at its max_epochs, so on_train_end
+    (and with it the charts, the pairs table and the report) never came."""
+    monkeypatch.setattr(dispatch, "keeps_tables", lambda loggers: True)  # as with W&B
+    tables = {}
+    monkeypatch.setattr(dispatch, "log_table",
+                        lambda loggers, key, columns, rows, step=None: tables.update({key: rows}))
+    first = callback(every_n_epochs=2)
+    fit([first, ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)], max_epochs=2,
+        enable_checkpointing=True)
+    tables.clear()
+    again = callback(every_n_epochs=2, report=True)
+    fit([again], max_epochs=2, ckpt_path=str(tmp_path / "ck" / "last.ckpt"),
+        logger=CSVLogger(tmp_path, name="logs"))
+    assert [h["epoch"] for h in again.history] == [0, 2] and again.report_paths is not None
+    assert tables["alignment/linear_cka/pairs"] == first._tables["linear_cka"]

@@ -313,6 +313,7 @@ class AlignmentCallback(Callback):
         self.report_paths: tuple[str, str] | None = None
         self._tables: dict[str, list[list[Any]]] = {}  # W&B: every pair at every step, per key
         self._shared_frozen: list[tuple[Reference, Any]] = []  # (reference, frozen shared param)
+        self._ended = False
         #: key prefixes (``<prefix>/<label>/``) of the curves the last checkpoint loaded did not
         #: continue (written with other settings): an ``AlignmentPlateau`` restarts its count
         self.restarted: set[str] = set()
@@ -533,6 +534,7 @@ class AlignmentCallback(Callback):
             return
         self._trainer = weakref.ref(trainer)
         self.restarted = set()  # a checkpoint loaded after setup says which curves restart
+        self._ended = False  # on_train_end ran (on_fit_end covers a run resumed at its end)
         if trainer.ckpt_path is None and trainer.global_step == 0:
             # a new training run (not resumed, not continued): a history left by an earlier fit
             # of this callback object is another run's, and would mark these steps as done
@@ -749,7 +751,14 @@ class AlignmentCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._publish(trainer, self._queue.ready(wait=True))
         self._queue.shutdown()
+        self._ended = True
         if trainer.is_global_zero and self.history:
+            self._fit_end(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A run resumed at its end (Lightning skips the training loop, so ``on_train_end``
+        never comes) still gets its end-of-fit charts, table and report."""
+        if not self._ended and trainer.is_global_zero and self.history:
             self._fit_end(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -370,7 +370,7 @@ def test_pearson3_upper_quantile_is_exact_at_any_alpha(skew: float) -> None:
     """τ at α below 1e-16 was solved from 1 − α, which rounds: 2.4e-3 off at 3e-16 and
     infinite at 1e-17.  The upper tail is solved directly (scipy's isf as reference), and for
     ordinary α it equals the lower-tail quantile of 1 − α."""
-    alphas = np.array([0.3, 0.05, 1e-3, 1e-12, 3e-16, 1e-17, 1e-30])
+    alphas = np.array([0.3, 0.05, 1e-3, 1e-12, 3e-16, 1e-17, 1e-30, 1e-100])
     tau = M.pearson3_quantile(torch.from_numpy(alphas), 0.06, 0.02, skew, upper=True).numpy()
     if skew == 0.0:
         z = stats.norm.isf(alphas)
@@ -385,6 +385,8 @@ def test_pearson3_upper_quantile_is_exact_at_any_alpha(skew: float) -> None:
             expected, rel=1e-9)
     lower = M.pearson3_quantile(torch.from_numpy(1 - alphas[:3]), 0.06, 0.02, skew).numpy()
     np.testing.assert_allclose(tau[:3], lower, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="upper-tail probability must be 0 or at least 1e-100"):
+        M.pearson3_quantile(1e-120, 0.06, 0.02, skew, upper=True)  # its start is not reliable
     ends = M.pearson3_quantile(torch.tensor([0.0, 1.0], dtype=F64), 0.0, 1.0, skew, upper=True)
     low_end = -math.inf if skew <= 0 else -2 / skew
     high_end = math.inf if skew >= 0 else -2 / skew

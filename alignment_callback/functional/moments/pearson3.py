@@ -37,6 +37,8 @@ PEARSON3_MIN_N = 32
 PEARSON3_MAX_ABS_SKEW = 1.4
 #: ... and pair_leverage <= PEARSON3_MAX_LEVERAGE.
 PEARSON3_MAX_LEVERAGE = 0.5
+#: The smallest positive upper-tail probability (α) the quantile is computed for.
+MIN_TAIL = 1e-100
 
 
 def pearson3_valid(n: int, skewness: Any, leverage: Any = 0.0) -> Any:
@@ -196,8 +198,8 @@ def pearson3_quantile(prob: Any, mean: Any, std: Any, skew: Any, upper: bool = F
                       ) -> Tensor:
     """Quantile ``t`` with ``P(S ≤ t) = prob`` of the Pearson type III (see
     :func:`pearson3_sf`), or with ``upper`` ``P(S > t) = prob``: the threshold is
-    ``τ = pearson3_quantile(α, …, upper=True)``, exact for any α (``1 − α`` rounds to 1 below
-    α ≈ 1e-16).
+    ``τ = pearson3_quantile(α, …, upper=True)``, accurate down to α = 1e-100 (``1 − α``
+    rounds to 1 below α ≈ 1e-16); a positive tail probability below 1e-100 is refused.
 
     Inverts the regularized incomplete gamma by Newton's method on log x, safeguarded by a
     bracket (bisection whenever a step leaves it), in float64; for ``|skew| < 2e-3`` the
@@ -222,6 +224,11 @@ def pearson3_quantile(prob: Any, mean: Any, std: Any, skew: Any, upper: bool = F
     0.05
     """
     prob, mean, std, skew = _as64(prob, mean, std, skew)
+    tail = prob if upper else 1 - prob
+    if bool(((tail > 0) & (tail < MIN_TAIL)).any()):
+        raise ValueError(f"the upper-tail probability must be 0 or at least {MIN_TAIL:g} (the "
+                         "gamma inversion's start is not reliable below), got "
+                         f"{float(tail[(tail > 0) & (tail < MIN_TAIL)].min()):g}")
     if bool(((prob < 0) | (prob > 1)).any()):
         raise ValueError("prob must lie in [0, 1]")
     g = skew.abs()

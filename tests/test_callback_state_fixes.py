@@ -437,12 +437,16 @@ def test_tuple_probe_files_of_common_layouts_run_in_row_batches(tmp_path):
     x = torch.randn(600, 4)
     names = [f"class{i % 7}" for i in range(600)]
     for saved, inputs in (((x, names), lambda b: b[0]),
+                          ((names, torch.arange(600)), lambda b: b[0]),  # (texts, labels)
                           ((x, torch.arange(600), torch.tensor(3.0)), lambda b: b[0]),
                           (({"pixels": x, "pos": torch.arange(4)[None]}, names),
                            lambda b: b[0]["pixels"])):
         torch.save(saved, tmp_path / "probe.pt")
         batches = load_probe(str(tmp_path / "probe.pt"))
-        assert [inputs(b).shape[0] for b in batches] == [256, 256, 88]
+        assert [len(inputs(b)) for b in batches] == [256, 256, 88]
+        if isinstance(saved[0], list):
+            assert sum((list(b[0]) for b in batches), []) == names
+            continue
         assert torch.equal(torch.cat([inputs(b) for b in batches]), x)
         if isinstance(saved[1], list):
             assert sum((list(b[1]) for b in batches), []) == names

@@ -471,3 +471,14 @@ def test_a_packed_sequence_batch_moves_as_it_moves_itself():
     moved = to_device((packed, torch.arange(3)), torch.device("meta"))
     assert isinstance(moved[0], PackedSequence) and moved[0].data.device.type == "meta"
     assert moved[0].batch_sizes.device.type == "cpu" and moved[1].device.type == "meta"
+
+
+def test_a_dict_batch_of_texts_counts_its_rows():
+    """{"text": [...]} batches gave rows 0 (only tensors were counted), so mismatch errors
+    spoke of a 0-row probe; the hash, and so files written before, stays the same."""
+    from alignment_callback.hooks.extract import probe_fingerprint
+
+    texts = [f"sample {i}" for i in range(10)]
+    whole = probe_fingerprint([{"text": texts}])
+    split = probe_fingerprint([{"text": texts[:4]}, {"text": texts[4:]}])
+    assert whole == split and whole["rows"] == 10

@@ -1346,7 +1346,7 @@ def _reference_settings(ref: Reference) -> dict[str, Any]:
     if ref.drift:
         return {"kind": ref.kind}
     pooled = ref.kind == "model" or any(v.dim() > 2 for v in ref.features.values())
-    return {"kind": ref.kind, "source": ref.source, "layers": _describe(_as_list(ref.layers)),
+    return {"kind": ref.kind, "origin": ref.origin, "layers": _describe(_as_list(ref.layers)),
             "pool": _describe(ref.pool) if pooled else None}
 
 

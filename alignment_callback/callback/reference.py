@@ -47,8 +47,8 @@ class Reference:
         module: the frozen model (``kind="model"``).
         features: ``{layer: tensor}`` (``kind="features"``).
         path: the feature file the features came from, if any.
-        source: where the reference came from, in words (its file's name, or the module's
-            class and size, and the features' shapes): part of the settings a checkpoint
+        origin: where the reference came from, in words (its file's name, or the module's
+            class and number of parameters, and the features' shapes): part of the settings a checkpoint
             records.
         layers: which reference layers (model: names / globs; features: names, default all).
         layers_given: whether ``reference_layers`` chose them (else they are ``layers``).
@@ -64,7 +64,7 @@ class Reference:
     module: nn.Module | None = None
     features: dict[str, Tensor] | None = None
     path: str | None = None
-    source: str | None = None
+    origin: str | None = None
     layers: Any = None
     layers_given: bool = True  # False: reference_layers was not given, layers is used
     inputs: Any = None
@@ -168,7 +168,7 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
             options["layers"] = list(features)
             _check_feature_tensors(features, options["pool"], name)
             shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in features.items())
-            options["source"] = shapes if path is None else f"{Path(path).name}: {shapes}"
+            options["origin"] = shapes if path is None else f"{Path(path).name}: {shapes}"
             out.append(Reference(kind="features", features=features, path=path,
                                  engine=make_engine(pairs), **options))
         else:
@@ -176,12 +176,12 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
             if options["pool"] is None:
                 raise ValueError(f"{where}: no pool given for this model reference")
             check_pool(options["pool"], where)
-            options["source"] = Path(path).name if path else _module_source(loaded)
+            options["origin"] = Path(path).name if path else _module_origin(loaded)
             out.append(Reference(kind="model", module=loaded, engine=make_engine(pairs), **options))
     return out
 
 
-def _module_source(module: nn.Module) -> str:
+def _module_origin(module: nn.Module) -> str:
     """A reference module in words: its class and number of parameters."""
     try:
         size = f"{sum(p.numel() for p in module.parameters())} parameters"

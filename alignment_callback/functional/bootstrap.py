@@ -13,9 +13,9 @@ calibration (score, permutation null, τ, calibrated score) on that subsample.  
 duplicated, so neighbor lists and the null stay valid within a replicate.
 
 **Rescaled to n.**  Given the data, m rows drawn without replacement vary less than n fresh
-samples would: a smooth statistic's subsample variance is about σ²(1/m − 1/n), a fraction
-(n − m)/n of its sampling variance σ²/n (a quarter at m = 0.8 n, so raw replicate quantiles give
-half the width).  The interval therefore scales the replicates' deviations from their own mean
+samples would: a smooth statistic's subsample variance is about σ²(1/m − 1/n), which is
+(n − m)/m times its sampling variance σ²/n (a quarter at m = 0.8 n, so raw replicate quantiles
+give half the width).  The interval therefore scales the replicates' deviations from their own mean
 by c = √(m/(n − m)) (the delete-d jackknife's factor; Shao & Wu 1989) and centers them on the
 full-data estimate:
 
@@ -61,8 +61,9 @@ class BootstrapInterval(NamedTuple):
 
     Attributes:
         low, high: ``estimate + c · (q − mean(replicates))`` for the ``(1 − confidence)/2``
-            and ``(1 + confidence)/2`` quantiles q of the replicates, c = √(m/(n − m)) (m, n
-            in groups with ``groups``), clipped to the calibrated score's range
+            and ``(1 + confidence)/2`` quantiles q of the replicates, c = √(m/(n − m)) with m
+            of the n rows kept (with ``groups``: c = √(g/(G − g)), g of the G groups kept,
+            not ``subsample_size``), clipped to the calibrated score's range
             (``low <= high``).
         estimate: the calibrated score on all n rows.
         replicates: (num_bootstrap,) calibrated scores, one per subsample.

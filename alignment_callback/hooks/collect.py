@@ -273,7 +273,10 @@ def _layer_count_error(bad: dict[str, int]) -> LayerCountError:
 
 
 def _leading(value: Any) -> int | None:
-    """Rows of a tensor (its leading size), or of a mapping of tensors (the largest)."""
+    """Rows of a tensor (its leading size), of a column of plain values (texts), or of a
+    mapping of tensors (the largest)."""
+    if is_column(value):
+        return len(value)
     if isinstance(value, Tensor):
         return int(value.shape[0]) if value.dim() else None
     if isinstance(value, Mapping):
@@ -295,8 +298,8 @@ def _rows_of(value: Any, rows: int, lo: int, hi: int) -> Any:
 
 
 def split_rows(batch: tuple[Any, ...], batch_size: int) -> list[tuple[Any, ...]]:
-    """A tuple batch ``(inputs, labels, ...)`` whose inputs are a tensor (or a mapping of
-    tensors), as batches of ``batch_size`` of their rows (a tuple saved whole, e.g.
+    """A tuple batch ``(inputs, labels, ...)`` whose inputs are a tensor (a mapping of
+    tensors, a column of texts), as batches of ``batch_size`` of their rows (a tuple saved whole, e.g.
     ``torch.save((images, labels), path)``, would otherwise be fed in one pass).  The other
     entries are cut alike where they have as many rows (tensors, label lists) and repeated
     whole otherwise; a tuple without row inputs is the one batch it is."""

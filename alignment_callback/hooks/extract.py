@@ -75,6 +75,15 @@ class _Stream:
         return [self.rows, self.dtypes, self.row_shapes, self.hash.hexdigest()]
 
 
+class _Row:
+    """One value of a column of plain values inside a dict batch (a row of texts)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 def _probe_batches(probe: Any) -> Iterable[Any]:
     if isinstance(probe, (Tensor, np.ndarray, Mapping)):
         return [probe]
@@ -96,7 +105,7 @@ def _leaves(batch: Any, path: tuple[str, ...] = (), columns: bool = True
         # a column of plain values (a DataLoader collates a text field into a list of
         # strings): one stream of rows, whatever the batching
         for value in batch:
-            yield path, value
+            yield path, _Row(value)
     elif isinstance(batch, (list, tuple)):
         for i, value in enumerate(batch):
             yield from _leaves(value, path + (str(i),), columns)
@@ -158,7 +167,12 @@ def _fingerprint(probe: Any, columns: bool = True) -> dict[str, Any]:
                     stream.add_row(value)
                 continue
             for path, value in _leaves(batch, columns=columns):
-                streams.setdefault(path, _Stream()).add(value)
+                stream = streams.setdefault(path, _Stream())
+                if isinstance(value, _Row):  # hashed as before, and counted
+                    stream.add(value.value)
+                    stream.rows += 1
+                else:
+                    stream.add(value)
     if not streams:
         raise ValueError("probe: it holds no batch")
     summary = {"/".join(path): s.summary() for path, s in sorted(streams.items())}

@@ -4,8 +4,9 @@
    against the sum of three single-measure steps: they share the neighbor lists and the
    per-permutation remap and match work (target: ratio <= 0.8).
 2. Peak resident memory of a layer null above its inputs (the features), each measured in a
-   fresh process by its own peak RSS (VmHWM after the call minus VmHWM before it): 12×12 linear-CKA layers at n = 4096 (target: <= 8 × n²·4 bytes, whatever the
-   number of layer pairs) and a single linear-CKA pair (target: <= 3 × n²·4 bytes).
+   fresh process by its own peak RSS (VmHWM after the call minus VmHWM before it): 12×12
+   linear-CKA layers at n = 4096 (target: <= 8 × n²·4 bytes, whatever the number of layer
+   pairs) and a single linear-CKA pair (target: <= 3 × n²·4 bytes).
 
     python benchmarks/bench_engine.py            # n = 1024 steps, n = 4096 memory
     python benchmarks/bench_engine.py --quick    # a smoke run (small n)

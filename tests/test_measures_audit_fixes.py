@@ -229,7 +229,8 @@ def test_a_tiny_alpha_warns_at_once_with_the_permutations_it_needs():
     for alpha in (0.05, 0.01, 1 / 3, 1e-3, 1e-7):
         need = int(few_permutations(99, alpha).rsplit(">= ", 1)[1]) if 100 * alpha < 1 else None
         if need is not None:
-            assert threshold_index(need, alpha) < need and threshold_index(need - 1, alpha) == need - 1
+            assert threshold_index(need, alpha) < need
+            assert threshold_index(need - 1, alpha) == need - 1
     start = time.perf_counter()
     with pytest.warns(UserWarning, match="is too few for alpha=1e-300"):
         calibrate(0.9, torch.rand(500), alpha=1e-300)

@@ -466,7 +466,8 @@ def test_a_cached_reference_follows_the_order_of_y_layers():
     paired = LayerAlignment(num_permutations=19, x_layers=["a"], y_layers=["r2", "r1"])
     paired.update({"a": x}, ys)
     assert torch.equal(cached.compute()["matrix"], paired.compute()["matrix"])
-    assert cached.last_result.y_names == ["r2", "r1"] and cached.last_result.best_pair == ("a", "r1")
+    assert cached.last_result.y_names == ["r2", "r1"]
+    assert cached.last_result.best_pair == ("a", "r1")
 
 
 def test_set_reference_refuses_rows_paired_with_their_own_reference():

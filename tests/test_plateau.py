@@ -324,9 +324,9 @@ def test_a_resume_that_restarts_the_curve_restarts_the_count(tmp_path, source):
     def run(where, k, max_epochs, ckpt_path=None):
         aligner = _aligner(measures={"mutual_knn": {"k": k}})
         plateau = _plateau(monitor=key, patience=1, min_delta=10.0, source=source)
-        trainer = pl.Trainer(max_epochs=max_epochs, logger=False, default_root_dir=tmp_path / where,
-                             callbacks=[aligner, plateau, ModelCheckpoint(ckpt_dir, save_last=True)],
-                             **FAST_TRAINER)
+        callbacks = [aligner, plateau, ModelCheckpoint(ckpt_dir, save_last=True)]
+        trainer = pl.Trainer(max_epochs=max_epochs, logger=False, callbacks=callbacks,
+                             default_root_dir=tmp_path / where, **FAST_TRAINER)
         model = MLP()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from alignment_callback.callback.probe import load_probe, load_reference
-from alignment_callback.hooks.collect import is_column
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
+from alignment_callback.hooks.collect import is_column
 
 DRIFT = ("initial", "previous")
 _POOL_ROWS = 256  # rows of (n, T, d) reference features moved and pooled at a time
@@ -48,8 +48,8 @@ class Reference:
         features: ``{layer: tensor}`` (``kind="features"``).
         path: the feature file the features came from, if any.
         origin: where the reference came from, in words (its file's name, or the module's
-            class and number of parameters, and the features' shapes): part of the settings a checkpoint
-            records.
+            class and number of parameters, and the features' shapes): part of the settings
+            a checkpoint records.
         layers: which reference layers (model: names / globs; features: names, default all).
         layers_given: whether ``reference_layers`` chose them (else they are ``layers``).
         inputs, input_key, batch_transform: how the model reference is run.

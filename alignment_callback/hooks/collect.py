@@ -299,10 +299,10 @@ def _rows_of(value: Any, rows: int, lo: int, hi: int) -> Any:
 
 def split_rows(batch: tuple[Any, ...], batch_size: int) -> list[tuple[Any, ...]]:
     """A tuple batch ``(inputs, labels, ...)`` whose inputs are a tensor (a mapping of
-    tensors, a column of texts), as batches of ``batch_size`` of their rows (a tuple saved whole, e.g.
-    ``torch.save((images, labels), path)``, would otherwise be fed in one pass).  The other
-    entries are cut alike where they have as many rows (tensors, label lists) and repeated
-    whole otherwise; a tuple without row inputs is the one batch it is."""
+    tensors, a column of texts), as batches of ``batch_size`` of their rows (a tuple saved
+    whole, e.g. ``torch.save((images, labels), path)``, would otherwise be fed in one pass).
+    The other entries are cut alike where they have as many rows (tensors, label lists) and
+    repeated whole otherwise; a tuple without row inputs is the one batch it is."""
     rows = _leading(batch[0]) if batch else None
     if not rows:
         return [batch]

@@ -268,3 +268,14 @@ def test_a_tuple_probe_file_is_one_batch_as_the_callback_reads_it(probe, tmp_pat
     assert_same(load_features(out), collect_activations(make_model(), x, ["fc1"]))
     assert read_fingerprint(out)["rows"] == N
     assert check_fingerprint(out, load_probe(str(tmp_path / "pair.pt"))) is True
+
+
+def test_a_probe_file_of_texts_is_refused_with_the_way_to_tokenize_it(tmp_path, capsys):
+    """The command line has no tokenizer; it suggested batch_transform=..., which it does not
+    take."""
+    torch.save([f"text {i}" for i in range(N)], tmp_path / "texts.pt")
+    assert run("--model", "tests.test_cli_extract:make_model", "--probe", tmp_path / "texts.pt",
+               "--layers", "fc1", "--out", tmp_path / "f.pt") == 2
+    err = capsys.readouterr().err
+    assert "holds texts" in err and "return_tensors='pt'" in err and "extract_features" in err
+    assert not (tmp_path / "f.pt").exists()

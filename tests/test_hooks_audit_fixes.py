@@ -482,3 +482,38 @@ def test_a_dict_batch_of_texts_counts_its_rows():
     whole = probe_fingerprint([{"text": texts}])
     split = probe_fingerprint([{"text": texts[:4]}, {"text": texts[4:]}])
     assert whole == split and whole["rows"] == 10
+
+
+def test_a_plain_list_of_texts_has_the_fingerprint_of_its_rows():
+    """Each text of a plain list is its own batch: they were hashed but not counted (0 rows),
+    so extract_features refused the probe and a matching feature file was rejected."""
+    from alignment_callback.hooks.extract import probe_fingerprint
+
+    texts = [f"sample {i}" for i in range(20)]
+    fp = probe_fingerprint(texts)
+    assert fp["rows"] == 20
+    assert fp == probe_fingerprint(DataLoader(texts, batch_size=5)) == probe_fingerprint(
+        [texts[:7], texts[7:]])
+
+
+def test_texts_reaching_the_model_say_so():
+    """A DataLoader of texts without batch_transform, or a tokenizer without
+    return_tensors='pt', ended in the model's own "'list' object has no attribute 'size'"."""
+
+    class Embedder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.EmbeddingBag(10, 4)
+
+        def forward(self, input_ids):
+            return self.emb(input_ids)
+
+    texts = ["a b", "c", "d e f"]
+    with pytest.raises(AttributeError,
+                       match=r"probe batch 0 \(a list of 3 str\).*batch_transform="):
+        collect_activations(Embedder(), DataLoader(texts, batch_size=3), ["emb"])
+    lists = lambda batch: {"input_ids": [[1, 2], [3, 0], [4, 5]]}  # noqa: E731 - no tensors
+    with pytest.raises(AttributeError,
+                       match=r"input_ids: a list of 3 list.*return_tensors=.pt."):
+        collect_activations(Embedder(), DataLoader(texts, batch_size=3), ["emb"],
+                            batch_transform=lists)

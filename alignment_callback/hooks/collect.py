@@ -310,6 +310,39 @@ def split_rows(batch: tuple[Any, ...], batch_size: int) -> list[tuple[Any, ...]]
             for lo in range(0, rows, batch_size)]
 
 
+#: Errors of the model call re-raised with what it was fed (exactly these types: a subclass
+#: may have another constructor).
+_EXPLAINED = (TypeError, AttributeError, ValueError, RuntimeError, IndexError)
+
+
+def _fed_summary(fed: Any) -> str:
+    """What a batch fed to the model is, in a few words: its type, and a mapping's entries."""
+    def kind(v: Any) -> str:
+        if isinstance(v, Tensor):
+            return f"tensor {tuple(v.shape)}"
+        if isinstance(v, (list, tuple)):
+            inner = type(v[0]).__name__ if v else "nothing"
+            return f"a {type(v).__name__} of {len(v)} {inner}"
+        return type(v).__name__
+
+    if isinstance(fed, Mapping):
+        return f"a {type(fed).__name__} of " + ", ".join(f"{k}: {kind(v)}"
+                                                          for k, v in fed.items())
+    return kind(fed)
+
+
+def _text_hint(fed: Any) -> str:
+    """The fix when texts or Python lists reached the model instead of tensors."""
+    values = list(fed.values()) if isinstance(fed, Mapping) else [fed]
+    if any(isinstance(v, str) or (isinstance(v, (list, tuple)) and v
+                                  and isinstance(v[0], (str, list, int)))
+           for v in values):
+        return (". Texts or Python lists reached the model: pass batch_transform=... that "
+                "makes tensors, e.g. lambda texts: tokenizer(texts, padding=True, "
+                "return_tensors='pt')")
+    return ""
+
+
 def _batches(data: Any, batch_size: int) -> Iterable[Any]:
     if isinstance(data, Tensor):
         return data.split(batch_size)
@@ -395,7 +428,13 @@ def collect_activations(
             mask = _mask_of(fed, mask_key)
             rec.mask = mask if mask is not None else _mask_of(batch, mask_key)
             before = dict(rec.calls)
-            feed_batch(runner, fed, input_key, batch_transform is not None, forward)
+            try:
+                feed_batch(runner, fed, input_key, batch_transform is not None, forward)
+            except _EXPLAINED as err:  # what was fed, and the usual cause for texts
+                if type(err) not in _EXPLAINED:
+                    raise
+                raise type(err)(f"the model failed on probe batch {n_batches} "
+                                f"({_fed_summary(fed)}): {err}{_text_hint(fed)}") from err
             bad = {n: rec.calls[n] - before[n] for n in rec.layers if rec.calls[n] - before[n] != 1}
             if bad:
                 raise _layer_count_error(bad)

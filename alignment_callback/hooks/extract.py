@@ -166,6 +166,9 @@ def _fingerprint(probe: Any, columns: bool = True) -> dict[str, Any]:
                 for value in batch:
                     stream.add_row(value)
                 continue
+            if columns and is_column([batch]):  # a list of texts: each text a batch of one
+                streams.setdefault(_COLUMN, _Stream()).add_row(batch)
+                continue
             for path, value in _leaves(batch, columns=columns):
                 stream = streams.setdefault(path, _Stream())
                 if isinstance(value, _Row):  # hashed as before, and counted

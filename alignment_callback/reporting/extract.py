@@ -112,6 +112,17 @@ def build_model(args: Any) -> nn.Module:
                        f"({type(err).__name__}: {' '.join(str(err).split())[:300]})") from err
 
 
+def _holds_texts(loaded: Any, depth: int = 0) -> bool:
+    """Whether a probe file holds strings (its first batch's first entries)."""
+    if isinstance(loaded, (str, bytes)):
+        return True
+    if isinstance(loaded, (list, tuple)) and loaded and depth < 3:
+        return _holds_texts(loaded[0], depth + 1)
+    if isinstance(loaded, dict) and depth < 3:
+        return any(_holds_texts(v, depth + 1) for v in loaded.values())
+    return False
+
+
 def load_probe(path: str, batch_size: int = 256) -> Any:
     """The probe of ``--probe``: a tensor, a dict batch, a tuple batch ``(inputs, labels,
     ...)`` or a list of batches (``.pt``), read as the callback reads a probe file."""
@@ -122,6 +133,12 @@ def load_probe(path: str, batch_size: int = 256) -> Any:
         loaded = read_pt(p)
     except FeatureFileError as err:
         raise CLIError(f"--probe {err}") from err
+    if _holds_texts(loaded):
+        raise CLIError(f"--probe {path}: holds texts, and the command line has no tokenizer: "
+                       "save the tokenizer's output as the probe (a dict of tensors with "
+                       "input_ids and attention_mask, e.g. tokenizer(texts, padding=True, "
+                       "return_tensors='pt')), or call extract_features(model, texts, layers, "
+                       "path, batch_transform=tokenizer) in Python")
     if isinstance(loaded, tuple):  # one (inputs, labels) batch, in --batch-size rows
         return split_rows(loaded, batch_size)
     return loaded

@@ -32,9 +32,14 @@ Where the values come from (``source``):
 State (best value, checks without improvement, whether and where it fired, the last history
 entry read) is saved in checkpoints, so a resumed run continues the count and never calls
 ``on_plateau`` a second time; a new fit (not resumed, at step 0) with the same object starts a
-new count, as the ``AlignmentCallback`` starts a new history, and so does a resume in which
-the ``AlignmentCallback`` starts the monitored curve anew (a checkpoint written with other
-settings).  Note what this does *not* restore: whatever ``on_plateau``
+new count, as the ``AlignmentCallback`` starts a new history.  A resume in which the
+``AlignmentCallback`` starts the monitored curve anew (a checkpoint written with other
+settings) restarts the count (best value, checks without improvement) but not ``fired``: an
+``on_plateau`` that ran is not called again.  With ``AlignmentCallback(background=True)`` the
+decision is the foreground's (the same values, in order), but ``on_plateau`` runs at the first
+training hook after the deciding result is ready, so the step at which training changes
+depends on timing (``fired_at["called_at_step"]``); use ``background=False`` where that step
+must be reproducible.  Note what this does *not* restore: whatever ``on_plateau``
 changed.  Keep that in the checkpoint too (e.g. the loss weight as a registered buffer, as in
 ``examples/plateau.py``), or read :attr:`AlignmentPlateau.fired` in ``training_step``.
 """
@@ -272,12 +277,16 @@ class AlignmentPlateau(Callback):
                    [cb for cb in trainer.callbacks if isinstance(cb, AlignmentCallback)])
         restarted = {prefix for cb in sources for prefix in getattr(cb, "restarted", ())}
         if any(self.monitor.startswith(prefix) for prefix in restarted) and (
-                self.best is not None or self.fired):
+                self.best is not None or self.wait):
             rank_zero_warn(f"AlignmentPlateau(monitor={self.monitor!r}): the curve starts anew "
                            "(its AlignmentCallback resumed with other settings), and so does "
-                           "the count: best value, checks without improvement, fired",
+                           "the count (best value, checks without improvement); a plateau "
+                           "that fired stays fired (its on_plateau is not called again)",
                            category=UserWarning)
-            self.load_state_dict({})  # the history holds only the new curve's values of it
+            # the history holds only the new curve's values of the key: read it from the start
+            fired, fired_at = self.fired, self.fired_at
+            self.load_state_dict({})
+            self.fired, self.fired_at = fired, fired_at
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._history is not None:
@@ -375,8 +384,10 @@ class AlignmentPlateau(Callback):
     def _fire(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int,
               step: int, value: float | None) -> None:
         self.fired = True
+        # step: the alignment step whose value decided; called_at_step: where on_plateau ran
+        # (later with background=True: at the first training hook after the result arrived)
         self.fired_at = {"epoch": int(epoch), "step": int(step), "value": value,
-                         "best": self.best}
+                         "best": self.best, "called_at_step": int(trainer.global_step)}
         if self.verbose:
             rank_zero_info(f"AlignmentPlateau: {self.monitor} has not improved by more than "
                            f"{self.min_delta:g} for {self.wait} check(s) (best {self.best}); "

@@ -257,7 +257,10 @@ def check_fingerprint(path: str | os.PathLike, probe: Any) -> bool:
         raise ValueError(
             f"{path}: the features were made from another probe ({stored['rows']} rows, sha256 "
             f"{stored['sha256'][:12]}...) than this one ({mine['rows']} rows, sha256 "
-            f"{mine['sha256'][:12]}...); extract them again from this probe"
+            f"{mine['sha256'][:12]}...); extract them again from this probe, or, if the "
+            "reference sees other inputs for the same rows (images for a model fed noised "
+            "latents), stamp the file with this probe's fingerprint after checking that the "
+            "rows correspond: save_features(feats, path, fingerprint=probe_fingerprint(probe))"
         )
     return True
 

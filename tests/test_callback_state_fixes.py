@@ -546,3 +546,12 @@ def test_a_run_resumed_at_its_end_still_writes_its_report(tmp_path, monkeypatch)
         logger=CSVLogger(tmp_path, name="logs"))
     assert [h["epoch"] for h in again.history] == [0, 2] and again.report_paths is not None
     assert tables["alignment/linear_cka/pairs"] == first._tables["linear_cka"]
+
+
+def test_a_pattern_and_the_names_it_matches_are_one_setting(tmp_path):
+    """layers="fc[1]" and layers=["fc1"] choose the same layer: the settings compare the
+    layers chosen, not their spelling (a resume restarted every curve)."""
+    old, ckpt = first_run(tmp_path, layers="fc[1]")
+    cb, said = resume(ckpt, layers=["fc1"])
+    assert not said and [h["step"] for h in cb.history] == [0, 4, 8, 12]
+    assert [h[RAW] for h in cb.history[:3]] == [h[RAW] for h in old.history]

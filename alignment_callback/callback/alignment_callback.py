@@ -314,6 +314,7 @@ class AlignmentCallback(Callback):
         self._tables: dict[str, list[list[Any]]] = {}  # W&B: every pair at every step, per key
         self._shared_frozen: list[tuple[Reference, Any]] = []  # (reference, frozen shared param)
         self._ended = False
+        self._resolved_layers: list[str] | None = None  # the model layers layers= chose
         #: key prefixes (``<prefix>/<label>/``) of the curves the last checkpoint loaded did not
         #: continue (written with other settings): an ``AlignmentPlateau`` restarts its count
         self.restarted: set[str] = set()
@@ -490,7 +491,10 @@ class AlignmentCallback(Callback):
         when a run resumes (``references`` and ``measures`` by their key level)."""
         engine = self.engine
         return {
-            "layers": _describe(_as_list(self.layers)), "pairs": _describe(self.pair_map),
+            # the layers chosen, however spelled ("blocks.*" or the names it matches)
+            "layers": (self._resolved_layers if self._resolved_layers is not None
+                       else _describe(_as_list(self.layers))),
+            "pairs": _describe(self.pair_map),
             "pool": _describe(self.pool), "num_permutations": engine.num_permutations,
             "seed": engine.seed, "alpha": engine.alpha, "aggregate": _describe(engine.aggregate),
             "preprocess": _describe(self._preprocess), "null": engine.null,
@@ -543,6 +547,7 @@ class AlignmentCallback(Callback):
             self._last_pngs, self._samples, self.report_paths = {}, None, None
         self._freeze_references(pl_module)
         model_layers = resolve_layers(pl_module, self.layers, "student model")
+        self._resolved_layers = [str(name) for name in model_layers]  # for the settings
         count = len(model_layers)
         if self.pair_map is not None and set(model_layers) != set(self.pair_map):
             raise ValueError(
@@ -1346,7 +1351,10 @@ def _reference_settings(ref: Reference) -> dict[str, Any]:
     if ref.drift:
         return {"kind": ref.kind}
     pooled = ref.kind == "model" or any(v.dim() > 2 for v in ref.features.values())
-    return {"kind": ref.kind, "origin": ref.origin, "layers": _describe(_as_list(ref.layers)),
+    # reference layers not given are the model's (layers=), which the settings compare as
+    # the layers chosen
+    layers = _describe(_as_list(ref.layers)) if ref.layers_given else "as layers="
+    return {"kind": ref.kind, "origin": ref.origin, "layers": layers,
             "pool": _describe(ref.pool) if pooled else None}
 
 

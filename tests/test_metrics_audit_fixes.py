@@ -541,3 +541,21 @@ def test_warnings_from_compute_point_at_the_callers_line():
         m.compute()
     few = [w for w in caught if "is too few" in str(w.message)]
     assert len(few) == 1 and few[0].filename == __file__
+
+
+def test_max_samples_at_compute_counts_this_process_rows_only():
+    """The compute-time check of max_samples (for compute groups) must not count the rows a
+    distributed sync gathered from the other processes: 30 + 30 rows under max_samples=30."""
+    from torchmetrics.utilities import dim_zero_cat
+
+    x, y = pair(60)
+    a0 = CalibratedAlignment("linear_cka", num_permutations=K, max_samples=30,
+                             distributed_available_fn=lambda: True)
+    a1 = CalibratedAlignment("linear_cka", num_permutations=K, max_samples=30)
+    a0.update(x[:30], y[:30])
+    a1.update(x[30:], y[30:])
+    other = [dim_zero_cat(v) if len(v) else torch.tensor([])
+             for v in (getattr(a1, s) for s in a1._reductions)]
+    a0.dist_sync_fn = lambda t, group=None: [t, other.pop(0)]
+    assert float(a0.compute()["raw"]) == pytest.approx(float(_functional(x, y, "linear_cka").raw),
+                                                       abs=1e-6)

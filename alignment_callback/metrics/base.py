@@ -464,7 +464,9 @@ class AlignmentMetricBase(Metric):
     def _compute_result(self) -> LayerAlignmentResult:
         metric = type(self).__name__
         stored = self._stored_rows("x")
-        if self.max_samples is not None and stored > self.max_samples:
+        # this process's rows only (after a distributed sync they are every process's)
+        synced = bool(getattr(self, "_is_synced", False))
+        if self.max_samples is not None and not synced and stored > self.max_samples:
             raise ValueError(
                 f"{metric} holds {stored} rows, more than max_samples={self.max_samples}: in a "
                 "MetricCollection, metrics that share a compute group are all updated through "

@@ -32,8 +32,10 @@ class CalibratedAlignment(AlignmentMetricBase):
         num_permutations: K (default 500).
         alpha: level of the threshold τ (default 0.05).
         seed: permutation seed (default 0): same seed, same permutations, comparable scores.
-        max_samples: bound on accumulated rows; exceeding it raises ``ValueError`` (default
-            None: unbounded).
+        max_samples: bound on this process's accumulated rows; exceeding it raises
+            ``ValueError`` at the update, or at ``compute()`` for rows that came otherwise (a
+            ``MetricCollection`` compute group updates its metrics through the first one;
+            merged or loaded rows) (default None: unbounded).
         preprocess: ``True`` (flatten + L2-normalize rows, the PRH convention), ``False``,
             a dict of ``prepare_features`` options, or a callable on the concatenated rows.
         groups: optional group label per sample (block permutations, docs/calibration.md),

@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -32,6 +32,16 @@ if _SPEC is not None and _SPEC.origin:
     _TORCHMETRICS = os.path.dirname(os.path.abspath(_SPEC.origin))
     _WRAPPERS |= {os.path.join(_TORCHMETRICS, "metric.py"),
                   os.path.join(_TORCHMETRICS, "collections.py")}
+
+
+@contextlib.contextmanager
+def errors_named(where: str) -> Iterator[None]:
+    """``ValueError``s raised inside start with ``where`` ("y layer 'b': ..."), same type."""
+    try:
+        yield
+    except ValueError as err:
+        err.args = (f"{where}: {err.args[0] if err.args else ''}", *err.args[1:])
+        raise
 
 
 def user_stacklevel() -> int:

@@ -22,7 +22,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ from alignment_callback.functional._validation import (
     check_alpha,
     check_matrix,
     check_max_score,
+    errors_named,
     user_stacklevel,
 )
 from alignment_callback.functional.aggregation import (
@@ -212,17 +213,11 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
     return side
 
 
-@contextlib.contextmanager
-def _naming_layer(side: PreparedSide, i: int) -> Iterator[None]:
+def _naming_layer(side: PreparedSide, i: int) -> contextlib.AbstractContextManager[None]:
     """Errors raised inside name the side and, for named layers, the layer ("y layer 'b':
     rsa: a sample has an all-zero feature vector")."""
-    try:
-        yield
-    except ValueError as err:
-        name = side.names[i]
-        where = side.role if side.names == ["0"] else f"{side.role} layer {name!r}"
-        err.args = (f"{where}: {err.args[0] if err.args else ''}", *err.args[1:])
-        raise
+    name = side.names[i]
+    return errors_named(side.role if side.names == ["0"] else f"{side.role} layer {name!r}")
 
 
 def _prepared(m: Measure, side: PreparedSide, i: int, lists: Any = None) -> Any:

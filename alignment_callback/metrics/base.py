@@ -20,6 +20,7 @@ from alignment_callback.functional._validation import (
     check_max_score,
     check_num_permutations,
     check_seed,
+    errors_named,
 )
 from alignment_callback.functional.aggregation import (
     Aggregate,
@@ -306,11 +307,8 @@ class AlignmentMetricBase(Metric):
 
     def _matrix(self, label: str, rows: Tensor) -> Tensor:
         """The preprocessed (n, d) matrix of one layer's rows; errors name ``label``."""
-        try:
+        with errors_named(label):
             return self.preprocessor.matrix(rows)
-        except ValueError as err:
-            err.args = (f"{label}: {err.args[0] if err.args else ''}", *err.args[1:])
-            raise
 
     def clear_reference(self) -> None:
         """Drop the cached reference *and the accumulated rows* (as ``reset()``): rows updated

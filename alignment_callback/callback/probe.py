@@ -10,9 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
-from alignment_callback.hooks.collect import preserved_rng, split_rows
-
-PROBE_BATCH_ROWS = 256  # rows per batch of a tensor or tuple probe (collect_activations')
+from alignment_callback.hooks.collect import BATCH_ROWS, preserved_rng, split_rows
 
 Probe = Union[DataLoader, Tensor, str, os.PathLike, Callable[[], Iterable[Any]], Iterable[Any]]
 
@@ -55,7 +53,7 @@ def load_probe(probe: Probe, argument: str = "probe") -> Any:
         if isinstance(loaded, tuple):  # torch.save((inputs, labels), path): one batch
             if not loaded:
                 raise ValueError(f"{argument}: {os.fspath(probe)!r} holds an empty tuple")
-            return split_rows(loaded, PROBE_BATCH_ROWS)
+            return split_rows(loaded, BATCH_ROWS)
         if not isinstance(loaded, (Tensor, Mapping, list)):
             raise TypeError(f"{argument}: {os.fspath(probe)!r} holds a "
                             f"{type(loaded).__name__}; a probe file holds a tensor, a dict "

@@ -29,10 +29,9 @@ from torch import Tensor, nn
 from alignment_callback.callback.probe import load_probe, load_reference
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
-from alignment_callback.hooks.collect import is_column
+from alignment_callback.hooks.collect import BATCH_ROWS, is_column
 
 DRIFT = ("initial", "previous")
-_POOL_ROWS = 256  # rows of (n, T, d) reference features moved and pooled at a time
 FEATURE_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
 ReferenceSpec = Union[nn.Module, str, os.PathLike, Mapping[str, Any]]
 
@@ -296,7 +295,7 @@ def feature_dtype(features: Mapping[str, Tensor], device: torch.device, pool: An
             continue
         try:  # pooled in row blocks, as a model reference's batches are: only (n, d) is kept
             out[k] = torch.cat([pool_features(part.to(device=device, dtype=dtype), pool)
-                                for part in v.split(_POOL_ROWS)])
+                                for part in v.split(BATCH_ROWS)])
         except ValueError as err:
             raise ValueError(f"{where}: the features of layer {k!r}, of shape "
                              f"{tuple(v.shape)}: {err}") from err

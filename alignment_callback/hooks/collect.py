@@ -272,6 +272,11 @@ def _layer_count_error(bad: dict[str, int]) -> LayerCountError:
     )
 
 
+#: Rows per batch of a probe given whole (a tensor, a tuple file) and of reference features
+#: pooled on the compute device.
+BATCH_ROWS = 256
+
+
 def _leading(value: Any) -> int | None:
     """Rows of a tensor (its leading size), of a column of plain values (texts), or of a
     mapping of tensors (the largest)."""
@@ -361,7 +366,7 @@ def collect_activations(
     batch_transform: Callable[[Any], Any] | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     max_batches: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = BATCH_ROWS,
     mask_key: str | None = "attention_mask",
     restore_rng: bool = True,
     **recorder_kwargs: Any,

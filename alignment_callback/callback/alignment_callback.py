@@ -3,12 +3,12 @@
 The callback decides *when* an alignment step runs, captures the probe's activations, hands them
 to the :class:`~alignment_callback.engine.AlignmentEngine` and logs what comes back.  The
 computing lives in the engine, the worker thread and model copy in ``background.py``, the logger
-calls in ``dispatch.py``.
+calls in ``dispatch.py``, the probe's handling in ``probe.py`` and what a checkpoint records of the
+settings in ``settings.py``.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import importlib.util
 import shutil
@@ -17,22 +17,23 @@ import time
 import warnings
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
-from alignment_callback.callback import dispatch, feedback
+from alignment_callback.callback import dispatch, feedback, settings
 from alignment_callback.callback.background import BackgroundQueue, Job, ModelCopy, Snapshot
 from alignment_callback.callback.distributed import first_error, from_rank_zero, guarded_step
 from alignment_callback.callback.presets import resolve_preset
 from alignment_callback.callback.probe import (
     Probe,
+    each_batch,
     freeze,
+    in_dtype_of,
     iterate_probe,
     load_probe,
     shared_with,
@@ -46,18 +47,18 @@ from alignment_callback.callback.reference import (
     resolve_references,
 )
 from alignment_callback.engine import AlignmentEngine
-from alignment_callback.functional._validation import check_device
 from alignment_callback.engine.engine import MeasuresSpec
+from alignment_callback.functional._validation import check_device
 from alignment_callback.functional.aggregation import Aggregate
 from alignment_callback.functional.preprocessing import check_pool
 from alignment_callback.hooks import collect_activations, resolve_layers
-from alignment_callback.hooks.collect import model_device as model_device_of
 from alignment_callback.hooks.collect import (
     LayerCountError,
     preserved_rng,
     random_states,
     same_random_states,
 )
+from alignment_callback.hooks.collect import model_device as model_device_of
 from alignment_callback.hooks.outputs import LayerOutputError
 
 # configuration mistakes only a forward pass can show: raised whatever on_error says
@@ -411,7 +412,7 @@ class AlignmentCallback(Callback):
         tables = {label: [list(row) for row in rows] for label, rows in self._tables.items()}
         if trainer is not None and dispatch.keeps_tables(trainer.loggers):
             for results, _, epoch, step, _ in finished:
-                for label, rows in _pair_rows(self._flat(results), epoch, step).items():
+                for label, rows in dispatch.pair_rows(self._flat(results), epoch, step).items():
                     tables.setdefault(label, []).extend(rows)
         samples = next((next(iter(o[0].values())).n for o in reversed(finished) if o[0]),
                        self._samples)
@@ -439,7 +440,7 @@ class AlignmentCallback(Callback):
         taken = {cb.state_key for cb in trainer.callbacks if cb is not self}
         found = []
         for key, state in states.items():
-            fields = _state_key_fields(key, type(self).__qualname__)
+            fields = settings.state_key_fields(key, type(self).__qualname__)
             if key not in taken and fields.get("log_prefix") == self.log_prefix:
                 found.append((state, fields.get("metrics")))
         if len(found) == 1 and isinstance(found[0][0], Mapping):
@@ -461,25 +462,16 @@ class AlignmentCallback(Callback):
         if not isinstance(saved, Mapping):  # written before settings were saved
             saved = {} if key_measures is None else {"measures": dict.fromkeys(key_measures)}
         current = self._settings()
-        changes = _setting_changes(saved, current)
+        changes = settings.setting_changes(saved, current)
         self.restarted = set()
         if not changes or not self.history:
             return
         kept, dropped = self._keep_curves(saved, current)
         self.restarted = {f"{self.log_prefix}/{label}/" for label in self._labels()
                           if label not in kept}
-        if kept:
-            new = [label for label in self._labels() if label not in kept]
-            fate = (f"the curves of {', '.join(kept)} continue"
-                    + (f"; the values of {', '.join(dropped)} are dropped from the history"
-                       if dropped else "")
-                    + (f"; those of {', '.join(new)} start at this fit" if new else ""))
-        else:
-            fate = ("its alignment history is not continued: every curve starts anew at this "
-                    "fit" + (", with a baseline" if self.baseline else ""))
-        rank_zero_warn(f"AlignmentCallback(log_prefix={self.log_prefix!r}) resumes from a "
-                       f"checkpoint written with other settings ({'; '.join(changes)}): {fate}",
-                       category=UserWarning)
+        new = [label for label in self._labels() if label not in kept]
+        rank_zero_warn(settings.resume_warning(self.log_prefix, changes, kept, dropped, new,
+                                               self.baseline), category=UserWarning)
 
     def _labels(self) -> list[str]:
         """The labels ``[<reference>/]<measure>`` of this callback's curves."""
@@ -493,35 +485,23 @@ class AlignmentCallback(Callback):
         return {
             # the layers chosen, however spelled ("blocks.*" or the names it matches)
             "layers": (self._resolved_layers if self._resolved_layers is not None
-                       else _describe(_as_list(self.layers))),
-            "pairs": _describe(self.pair_map),
-            "pool": _describe(self.pool), "num_permutations": engine.num_permutations,
-            "seed": engine.seed, "alpha": engine.alpha, "aggregate": _describe(engine.aggregate),
-            "preprocess": _describe(self._preprocess), "null": engine.null,
-            "references": {ref.name or "": _reference_settings(ref) for ref in self.references},
-            "measures": {label: {"name": m.name, "options": _describe(m.kwargs)}
+                       else settings.describe(settings.as_list(self.layers))),
+            "pairs": settings.describe(self.pair_map),
+            "pool": settings.describe(self.pool), "num_permutations": engine.num_permutations,
+            "seed": engine.seed, "alpha": engine.alpha, "aggregate": settings.describe(engine.aggregate),
+            "preprocess": settings.describe(self._preprocess), "null": engine.null,
+            "references": {ref.name or "": settings.reference_settings(ref) for ref in self.references},
+            "measures": {label: {"name": m.name, "options": settings.describe(m.kwargs)}
                          for label, m in self.measures.items()},
         }
 
     def _keep_curves(self, saved: Mapping[str, Any], current: Mapping[str, Any]
                      ) -> tuple[list[str], list[str]]:
-        """Drop from the history and the tables the curves ``saved`` settings computed that
+        """Drop from the history and the tables the curves that ``saved`` settings computed and
         ``current`` ones compute otherwise (or not at all); returns the labels of the curves
         kept and dropped.  With none kept, the history is cleared (a new one, with a
         baseline)."""
-        same_global = all(saved[k] == current[k] for k in current
-                          if k not in ("references", "measures") and k in saved)
-        old_refs = saved.get("references", current["references"])
-        old_measures = saved.get("measures", current["measures"])
-        kept, dropped = [], []
-        for ref in old_refs:
-            for m in old_measures:
-                label = m if ref == "" else f"{ref}/{m}"
-                same = (same_global and ref in current["references"]
-                        and old_refs[ref] in (None, current["references"][ref])
-                        and m in current["measures"]
-                        and old_measures[m] in (None, current["measures"][m]))
-                (kept if same else dropped).append(label)
+        kept, dropped = settings.curves_kept(saved, current)
         if not kept:
             self.history, self._resume_pending, self._tables, self._samples = [], [], {}, None
             return [], dropped
@@ -979,7 +959,7 @@ class AlignmentCallback(Callback):
         batches = feedback.progress(probe, f"alignment: {ref.label} probe pass",
                                     self.verbose and show and not isinstance(probe, Tensor))
         try:
-            return self._collect(ref.module, _in_dtype_of(ref.module, batches), ref.layers,
+            return self._collect(ref.module, in_dtype_of(ref.module, batches), ref.layers,
                                  ref.pool, ref.input_key, ref.batch_transform, model_device)
         except LayerCountError as err:
             raise LayerCountError(f"{ref.label} reference model: {err}") from err
@@ -1000,7 +980,7 @@ class AlignmentCallback(Callback):
         plugin = getattr(trainer, "precision_plugin", None)
         if plugin is None or type(plugin).convert_input is Precision.convert_input:  # no-op
             return batches
-        return _each_batch(plugin.convert_input, batches)
+        return each_batch(plugin.convert_input, batches)
 
     @torch.no_grad()
     def _capture(self, pl_module: LightningModule) -> tuple[dict[str, Tensor], float]:
@@ -1210,7 +1190,7 @@ class AlignmentCallback(Callback):
             dispatch.log_image(trainer.loggers, f"{self.log_prefix}/{label}/heatmap", image, png,
                                step, f"epoch{epoch:04d}_step{step:06d}", self._scratch)
         if dispatch.keeps_tables(trainer.loggers):  # kept (and checkpointed) for W&B only
-            for label, rows in _pair_rows(flat, epoch, step).items():
+            for label, rows in dispatch.pair_rows(flat, epoch, step).items():
                 self._tables.setdefault(label, []).extend(rows)
         if self.verbose:
             feedback.emit(trainer, feedback.step_lines(results, epoch, step, self.log_prefix))
@@ -1261,7 +1241,7 @@ class AlignmentCallback(Callback):
             return
         if trainer.fast_dev_run:  # Lightning's dry run logs nothing: no report files either
             return
-        settings = {"n": self._samples, "alpha": self.alpha, "seed": self.seed,
+        shown = {"n": self._samples, "alpha": self.alpha, "seed": self.seed,
                     "measures": {k: m.kwargs for k, m in self.measures.items()},
                     "aggregate": str(self.engine.aggregate), "null": self.engine.null,
                     "model layers": ", ".join(map(str, self.layers)) if isinstance(
@@ -1270,13 +1250,13 @@ class AlignmentCallback(Callback):
                                             f"{ref.path or ref.layers})"
                                             for ref in self.references)}
         if self.engine.null != "moments":  # K permutations were drawn
-            settings["permutations"] = self.num_permutations
+            shown["permutations"] = self.num_permutations
         if not trainer.loggers:  # no logger: no logs to write it next to
             return
         # a logger without a directory of its own (MLflow's database store): the trainer's
         folder = dispatch.log_dir(trainer.loggers) or trainer.default_root_dir
         try:
-            self.report_paths = feedback.write_report(folder, self.history, settings,
+            self.report_paths = feedback.write_report(folder, self.history, shown,
                                                       self.last_results, self.log_prefix,
                                                       self.alpha, self._last_pngs)
         except Exception as err:  # noqa: BLE001 - a report never fails a finished fit
@@ -1286,106 +1266,6 @@ class AlignmentCallback(Callback):
         dispatch.save_files(trainer.loggers, feedback.report_files(self.report_paths[0]))
         if self.verbose:
             feedback.emit(trainer, [f"{self.log_prefix} report: {self.report_paths[0]}"])
-
-
-def _in_dtype_of(module: nn.Module, batches: Any) -> Any:
-    """``batches`` with floating-point tensors cast to the floating dtype of ``module``'s
-    parameters, when they share one (a float64 or bfloat16 reference fed a float32 probe)."""
-    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
-    if len(dtypes) != 1:
-        return batches
-    dtype = dtypes.pop()
-
-    def cast(batch: Any) -> Any:
-        return apply_to_collection(batch, Tensor, lambda t: t.to(dtype)
-                                   if t.is_floating_point() and t.dtype != dtype else t)
-
-    return _each_batch(cast, batches)
-
-
-def _each_batch(fn: Callable[[Any], Any], batches: Any) -> Any:
-    """``fn`` applied to a probe's batches: to a tensor of rows or one dict batch directly,
-    else lazily (iterating a DataLoader draws from the RNG, which only the capture's guard
-    may see; a generator expression would call ``iter`` right away)."""
-    if isinstance(batches, (Tensor, Mapping)):
-        return fn(batches)
-
-    def mapped() -> Iterator[Any]:
-        for batch in batches:
-            yield fn(batch)
-
-    return mapped()
-
-
-def _pair_rows(flat: Mapping[str, Any], epoch: int, step: int) -> dict[str, list[list[Any]]]:
-    """The W&B pair table's rows of one step, by measure label: epoch, step, model layer,
-    reference layer, raw, calibrated, p (primitives, so that a checkpoint keeps them)."""
-    return {label: [[int(epoch), int(step), str(xa), str(yb), float(r.matrix[a, b]),
-                     float(r.pair_calibrated[a, b]), float(r.pair_p_value[a, b])]
-                    for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names)]
-            for label, r in flat.items()}
-
-
-def _as_list(layers: Any) -> Any:
-    """A single layer spec as the one-element list it means ("fc1" is ["fc1"])."""
-    return [layers] if isinstance(layers, str) else layers
-
-
-def _describe(value: Any) -> Any:
-    """``value`` as primitives for a checkpoint's settings: a callable by its qualified name,
-    an object by its ``str`` (its type's name when that would hold a memory address)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _describe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
-    if callable(value):
-        return getattr(value, "__qualname__", None) or type(value).__qualname__
-    text = str(value)
-    return type(value).__qualname__ if " at 0x" in text else text
-
-
-def _reference_settings(ref: Reference) -> dict[str, Any]:
-    """A reference's part of the settings: its kind, where it came from, layers and pool."""
-    if ref.drift:
-        return {"kind": ref.kind}
-    pooled = ref.kind == "model" or any(v.dim() > 2 for v in ref.features.values())
-    # reference layers not given are the model's (layers=), which the settings compare as
-    # the layers chosen
-    layers = _describe(_as_list(ref.layers)) if ref.layers_given else "as layers="
-    return {"kind": ref.kind, "origin": ref.origin, "layers": layers,
-            "pool": _describe(ref.pool) if pooled else None}
-
-
-def _setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """What differs between a checkpoint's settings and this callback's, one phrase each
-    (settings the checkpoint does not record are taken as unchanged)."""
-    changes = [f"{k} {saved[k]!r} → {current[k]!r}" for k in current
-               if k not in ("references", "measures") and k in saved and saved[k] != current[k]]
-    for field, what in (("references", "reference"), ("measures", "measure")):
-        if field not in saved:
-            continue
-        old, new = saved[field], current[field]
-        name = (lambda key: "the reference" if key == "" else repr(key)) if field == "references" \
-            else repr
-        changes += [f"{what} {name(k)} added" for k in new if k not in old]
-        changes += [f"{what} {name(k)} removed" for k in old if k not in new]
-        changes += [f"{what} {name(k)} {old[k]!r} → {new[k]!r}" for k in new
-                    if k in old and old[k] is not None and old[k] != new[k]]
-    return changes
-
-
-def _state_key_fields(key: Any, qualname: str) -> dict[str, Any]:
-    """The fields of a state key written by ``_generate_state_key`` for the class
-    ``qualname`` (``{}`` for another key)."""
-    if not isinstance(key, str) or not key.startswith(f"{qualname}{{"):
-        return {}
-    try:
-        fields = ast.literal_eval(key[len(qualname):])
-    except (ValueError, SyntaxError):
-        return {}
-    return fields if isinstance(fields, dict) else {}
 
 
 def _reraise(error: BaseException) -> None:

@@ -200,6 +200,15 @@ def log_layer_names(loggers: Sequence[Any], prefix: str, names: Mapping[str, Seq
             pass
 
 
+def pair_rows(flat: Mapping[str, Any], epoch: int, step: int) -> dict[str, list[list[Any]]]:
+    """The W&B pair table's rows of one step, by measure label: epoch, step, model layer,
+    reference layer, raw, calibrated, p (primitives, so that a checkpoint keeps them)."""
+    return {label: [[int(epoch), int(step), str(xa), str(yb), float(r.matrix[a, b]),
+                     float(r.pair_calibrated[a, b]), float(r.pair_p_value[a, b])]
+                    for a, xa in enumerate(r.x_names) for b, yb in enumerate(r.y_names)]
+            for label, r in flat.items()}
+
+
 def keeps_tables(loggers: Sequence[Any]) -> bool:
     """Whether a logger takes the end-of-fit table of every pair (W&B)."""
     return any(_kind(logger) == "wandb" for logger in loggers)

@@ -1,0 +1,107 @@
+"""What a checkpoint of :class:`AlignmentCallback` records of its settings, and how a
+resumed run compares them with its own: the curves whose settings changed start anew."""
+
+from __future__ import annotations
+
+import ast
+from typing import Any, Mapping
+
+from alignment_callback.callback.reference import Reference
+
+
+def as_list(layers: Any) -> Any:
+    """A single layer spec as the one-element list it means ("fc1" is ["fc1"])."""
+    return [layers] if isinstance(layers, str) else layers
+
+
+def describe(value: Any) -> Any:
+    """``value`` as primitives for a checkpoint's settings: a callable by its qualified name,
+    an object by its ``str`` (its type's name when that would hold a memory address)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if callable(value):
+        return getattr(value, "__qualname__", None) or type(value).__qualname__
+    text = str(value)
+    return type(value).__qualname__ if " at 0x" in text else text
+
+
+def reference_settings(ref: Reference) -> dict[str, Any]:
+    """A reference's part of the settings: its kind, where it came from, layers and pool."""
+    if ref.drift:
+        return {"kind": ref.kind}
+    pooled = ref.kind == "model" or any(v.dim() > 2 for v in ref.features.values())
+    # reference layers not given are the model's (layers=), which the settings compare as
+    # the layers chosen
+    layers = describe(as_list(ref.layers)) if ref.layers_given else "as layers="
+    return {"kind": ref.kind, "origin": ref.origin, "layers": layers,
+            "pool": describe(ref.pool) if pooled else None}
+
+
+def setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """What differs between a checkpoint's settings and this callback's, one phrase each
+    (settings the checkpoint does not record are taken as unchanged)."""
+    changes = [f"{k} {saved[k]!r} → {current[k]!r}" for k in current
+               if k not in ("references", "measures") and k in saved and saved[k] != current[k]]
+    for field, what in (("references", "reference"), ("measures", "measure")):
+        if field not in saved:
+            continue
+        old, new = saved[field], current[field]
+        name = (lambda key: "the reference" if key == "" else repr(key)) if field == "references" \
+            else repr
+        changes += [f"{what} {name(k)} added" for k in new if k not in old]
+        changes += [f"{what} {name(k)} removed" for k in old if k not in new]
+        changes += [f"{what} {name(k)} {old[k]!r} → {new[k]!r}" for k in new
+                    if k in old and old[k] is not None and old[k] != new[k]]
+    return changes
+
+
+def state_key_fields(key: Any, qualname: str) -> dict[str, Any]:
+    """The fields of a state key written by ``_generate_state_key`` for the class
+    ``qualname`` (``{}`` for another key)."""
+    if not isinstance(key, str) or not key.startswith(f"{qualname}{{"):
+        return {}
+    try:
+        fields = ast.literal_eval(key[len(qualname):])
+    except (ValueError, SyntaxError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def curves_kept(saved: Mapping[str, Any], current: Mapping[str, Any]
+                ) -> tuple[list[str], list[str]]:
+    """The labels ``[<reference>/]<measure>`` of the checkpoint's curves that ``current``
+    settings continue (same global settings, same reference and measure settings) and of those
+    they do not."""
+    same_global = all(saved[k] == current[k] for k in current
+                      if k not in ("references", "measures") and k in saved)
+    old_refs = saved.get("references", current["references"])
+    old_measures = saved.get("measures", current["measures"])
+    kept, dropped = [], []
+    for ref in old_refs:
+        for m in old_measures:
+            label = m if ref == "" else f"{ref}/{m}"
+            same = (same_global and ref in current["references"]
+                    and old_refs[ref] in (None, current["references"][ref])
+                    and m in current["measures"]
+                    and old_measures[m] in (None, current["measures"][m]))
+            (kept if same else dropped).append(label)
+    return kept, dropped
+
+
+def resume_warning(log_prefix: str, changes: list[str], kept: list[str], dropped: list[str],
+                   new: list[str], baseline: bool) -> str:
+    """The warning of a run resumed with other settings: what changed and which curves go on."""
+    if kept:
+        fate = (f"the curves of {', '.join(kept)} continue"
+                + (f"; the values of {', '.join(dropped)} are dropped from the history"
+                   if dropped else "")
+                + (f"; those of {', '.join(new)} start at this fit" if new else ""))
+    else:
+        fate = ("its alignment history is not continued: every curve starts anew at this "
+                "fit" + (", with a baseline" if baseline else ""))
+    return (f"AlignmentCallback(log_prefix={log_prefix!r}) resumes from a checkpoint written "
+            f"with other settings ({'; '.join(changes)}): {fate}")

@@ -170,7 +170,8 @@ class AlignmentCallback(Callback):
             each documents its sources and what is unknown (``PRESETS``).  Explicit
             ``measures`` / ``aggregate`` / ``pool`` / ``reference_pool`` / ``preprocess``
             override it.
-        every_n_epochs: run after every n-th training epoch (default 1).
+        every_n_epochs: run after every n-th training epoch (default None: 1 unless
+            ``every_n_train_steps`` is given; giving both is an error).
         every_n_train_steps: run every n optimizer steps instead (default None).
         num_permutations: K (default 500). alpha: τ level (default 0.05).
         aggregate: ``"max"`` (default), ``"mean"``, ``"topK"`` or a callable.
@@ -218,7 +219,7 @@ class AlignmentCallback(Callback):
         layers: LayerSpec,
         reference_layers: Any = None,
         measures: MeasuresSpec | None = None,
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
         every_n_train_steps: int | None = None,
         num_permutations: int = 500,
         alpha: float = 0.05,
@@ -332,6 +333,8 @@ class AlignmentCallback(Callback):
         self._resume_pending: list[tuple[int, int]] = []  # from a checkpoint: steps to redo
         self._trainer: weakref.ref | None = None  # the fit's trainer (its global step)
         self.history: list[dict[str, Any]] = []
+        #: steps that failed under ``on_error="warn"``: ``{"epoch", "step", "reason"}`` each
+        self.skipped: list[dict[str, Any]] = []
         self.last_results: dict[str, Any] = {}
         self._last_pngs: dict[str, bytes] = {}  # the last step's heatmaps, PNG-encoded
 
@@ -346,12 +349,15 @@ class AlignmentCallback(Callback):
                             ("every_n_train_steps", every_n_train_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
-        if every_n_train_steps is None and every_n_epochs is None:
-            raise ValueError("give every_n_epochs >= 1 or every_n_train_steps >= 1")
+        if every_n_train_steps is not None and every_n_epochs is not None:
+            raise ValueError(f"give every_n_epochs ({every_n_epochs}) or every_n_train_steps "
+                             f"({every_n_train_steps}), not both: an alignment step runs on one "
+                             "schedule")
 
     def __init_triggers(self, every_n_epochs: int | None, every_n_train_steps: int | None,
                         baseline: bool) -> None:
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = 1 if every_n_epochs is None and every_n_train_steps is None \
+            else every_n_epochs
         self.every_n_train_steps = every_n_train_steps
         self.baseline = baseline
 
@@ -418,7 +424,7 @@ class AlignmentCallback(Callback):
                        self._samples)
         return {"history": [dict(h) for h in history], "pending": [list(p) for p in running],
                 "tables": tables, "samples": None if samples is None else int(samples),
-                "settings": self._settings()}
+                "skipped": [dict(s) for s in self.skipped], "settings": self._settings()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The history of a checkpoint.  When it was written with other settings (layers,
@@ -454,6 +460,7 @@ class AlignmentCallback(Callback):
         settings were saved."""
         self.history = [dict(h) for h in state.get("history", [])]
         self._resume_pending = [(int(e), int(s)) for e, s in state.get("pending", [])]
+        self.skipped = [dict(s) for s in state.get("skipped", [])]
         self._tables = {str(k): [list(r) for r in rows]
                         for k, rows in (state.get("tables") or {}).items()}
         samples = state.get("samples")
@@ -504,6 +511,7 @@ class AlignmentCallback(Callback):
         kept, dropped = settings.curves_kept(saved, current)
         if not kept:
             self.history, self._resume_pending, self._tables, self._samples = [], [], {}, None
+            self.skipped = []
             return [], dropped
         heads = tuple(f"{self.log_prefix}/{label}/" for label in dropped)
         self.history = [{k: v for k, v in h.items() if not k.startswith(heads)}
@@ -522,7 +530,7 @@ class AlignmentCallback(Callback):
         if trainer.ckpt_path is None and trainer.global_step == 0:
             # a new training run (not resumed, not continued): a history left by an earlier fit
             # of this callback object is another run's, and would mark these steps as done
-            self.history, self._resume_pending = [], []
+            self.history, self._resume_pending, self.skipped = [], [], []
             self._tables, self._names_logged, self.last_results = {}, set(), {}
             self._last_pngs, self._samples, self.report_paths = {}, None, None
         self._freeze_references(pl_module)
@@ -737,13 +745,13 @@ class AlignmentCallback(Callback):
         self._publish(trainer, self._queue.ready(wait=True))
         self._queue.shutdown()
         self._ended = True
-        if trainer.is_global_zero and self.history:
+        if trainer.is_global_zero and (self.history or self.skipped):
             self._fit_end(trainer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A run resumed at its end (Lightning skips the training loop, so ``on_train_end``
         never comes) still gets its end-of-fit charts, table and report."""
-        if not self._ended and trainer.is_global_zero and self.history:
+        if not self._ended and trainer.is_global_zero and (self.history or self.skipped):
             self._fit_end(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -841,6 +849,7 @@ class AlignmentCallback(Callback):
         if error is not None:
             if self.on_error == "raise":
                 raise RuntimeError(f"alignment step at epoch {epoch} (step {step}) failed: {error}")
+            self.skipped.append({"epoch": int(epoch), "step": int(step), "reason": error})
             rank_zero_warn(f"alignment step at epoch {epoch} (step {step}) skipped: {error}",
                            category=RuntimeWarning)
             return None
@@ -879,8 +888,10 @@ class AlignmentCallback(Callback):
         except Exception as err:  # noqa: BLE001 - reported, training goes on unless asked
             if self.on_error == "raise" or isinstance(err, LAYER_ERRORS):
                 raise
-            warnings.warn(f"alignment step at epoch {epoch} (step {step}) skipped: "
-                          f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+            reason = f"{type(err).__name__}: {err}"
+            self.skipped.append({"epoch": int(epoch), "step": int(step), "reason": reason})
+            warnings.warn(f"alignment step at epoch {epoch} (step {step}) skipped: {reason}",
+                          RuntimeWarning, stacklevel=2)
             return None
         finally:
             if torch.cuda.is_available():
@@ -961,8 +972,8 @@ class AlignmentCallback(Callback):
         try:
             return self._collect(ref.module, in_dtype_of(ref.module, batches), ref.layers,
                                  ref.pool, ref.input_key, ref.batch_transform, model_device)
-        except LayerCountError as err:
-            raise LayerCountError(f"{ref.label} reference model: {err}") from err
+        except Exception as err:  # which model failed: there may be several references
+            raise _named(err, f"{ref.label} reference model") from err
 
     def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
                            restore_rng: bool = True) -> dict[str, Tensor]:
@@ -1241,14 +1252,20 @@ class AlignmentCallback(Callback):
             return
         if trainer.fast_dev_run:  # Lightning's dry run logs nothing: no report files either
             return
+        labels = [label for label in self._labels()
+                  if any(f"{self.log_prefix}/{label}/raw" in h for h in self.history)]
+        layers = self._resolved_layers or settings.as_list(self.layers)
         shown = {"n": self._samples, "alpha": self.alpha, "seed": self.seed,
-                    "measures": {k: m.kwargs for k, m in self.measures.items()},
-                    "aggregate": str(self.engine.aggregate), "null": self.engine.null,
-                    "model layers": ", ".join(map(str, self.layers)) if isinstance(
-                        self.layers, (list, tuple)) else str(self.layers),
-                    "references": "; ".join(f"{ref.label} ({ref.kind}: "
-                                            f"{ref.path or ref.layers})"
-                                            for ref in self.references)}
+                 "measures": {k: m.kwargs for k, m in self.measures.items()},
+                 "aggregate": str(settings.describe(self.engine.aggregate)),
+                 "null": self.engine.null, "model layers": ", ".join(map(str, layers)),
+                 "references": "; ".join(f"{ref.label} ({ref.kind}: {ref.path or ref.layers})"
+                                         for ref in self.references)}
+        methods = {label: self.history[-1].get(f"{self.log_prefix}/{label}/null_method")
+                   for label in labels}
+        if self.engine.null == "auto" and any(methods.values()):  # which null each curve got
+            shown["null methods"] = "; ".join(f"{label}: {method}" for label, method
+                                              in methods.items() if method)
         if self.engine.null != "moments":  # K permutations were drawn
             shown["permutations"] = self.num_permutations
         if not trainer.loggers:  # no logger: no logs to write it next to
@@ -1258,14 +1275,30 @@ class AlignmentCallback(Callback):
         try:
             self.report_paths = feedback.write_report(folder, self.history, shown,
                                                       self.last_results, self.log_prefix,
-                                                      self.alpha, self._last_pngs)
+                                                      self.alpha, self._last_pngs, labels=labels,
+                                                      skipped=self.skipped)
         except Exception as err:  # noqa: BLE001 - a report never fails a finished fit
             rank_zero_warn(f"the alignment report could not be written: {type(err).__name__}: {err}",
                            category=RuntimeWarning)
             return
-        dispatch.save_files(trainer.loggers, feedback.report_files(self.report_paths[0]))
+        try:
+            dispatch.save_files(trainer.loggers, feedback.report_files(self.report_paths[0]))
+        except Exception as err:  # noqa: BLE001 - nor does its copy to a logger
+            rank_zero_warn(f"the alignment report ({self.report_paths[0]}) could not be saved to "
+                           f"the loggers: {type(err).__name__}: {err}", category=RuntimeWarning)
         if self.verbose:
             feedback.emit(trainer, [f"{self.log_prefix} report: {self.report_paths[0]}"])
+
+
+def _named(error: Exception, what: str) -> Exception:
+    """``error`` with ``what: `` before its message: of its own type where that type takes one
+    message as it is (a configuration mistake stays one), else a ``RuntimeError``."""
+    text = f"{what}: {error}"
+    try:
+        named = type(error)(text)
+    except Exception:  # noqa: BLE001 - a type that takes other arguments
+        return RuntimeError(text)
+    return named if str(named) == text else RuntimeError(text)
 
 
 def _reraise(error: BaseException) -> None:

@@ -69,18 +69,23 @@ def progress(batches: Iterable[Any], description: str, enabled: bool) -> Iterabl
 
 def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
                  last: Mapping[str, Any], prefix: str, alpha: float,
-                 pngs: Mapping[str, bytes] | None = None) -> tuple[str, str]:
-    """``alignment_report.md`` and ``.html`` in ``folder``: the curves and last heatmaps as
-    PNGs beside them, the final values with p and Benjamini–Hochberg p, the settings, one
-    sentence per curve.  ``pngs``: the last step's heatmaps already encoded, by measure label
-    (those not given are drawn).  Returns the two paths."""
+                 pngs: Mapping[str, bytes] | None = None, labels: Sequence[str] | None = None,
+                 skipped: Sequence[Mapping[str, Any]] = ()) -> tuple[str, str]:
+    """``alignment_report.md`` and ``.html`` in ``folder`` (``alignment_report_<prefix>.*`` for
+    another prefix, see :func:`report_stem`): the curves and last heatmaps as PNGs beside them,
+    the final values with p and Benjamini–Hochberg p, the settings, one sentence per curve and
+    the ``skipped`` steps (``epoch``, ``step``, ``reason``: steps that failed with
+    ``on_error="warn"``).  ``pngs``: the last step's heatmaps already encoded, by measure label
+    (those not given are drawn); ``last`` empty with a history (a fit resumed at its end) is
+    said under the figures.  ``labels``: the curves' labels (``[<reference>/]<measure>``),
+    else read from the keys' shapes.  Returns the two paths."""
     from alignment_callback.engine.report import history_series, training_report
 
     os.makedirs(folder, exist_ok=True)
     images = []
-    series = history_series(history, prefix)
+    series = history_series(history, prefix, labels)
     measures = [m for m in series if m and "raw" in series[m] and "calibrated" in series[m]]
-    start = safe_file_names([prefix])[prefix]
+    start = report_stem(prefix)
     names = safe_file_names(last, reserved=["curves"])  # the curves' file is not a label's
     if measures:
         images.append(("Raw, τ and calibrated over training",
@@ -89,11 +94,34 @@ def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Ma
         name = f"{start}_report_{names[label]}.png"
         images.append((f"{label}: last layer × layer matrices",
                        _heatmap(folder, name, label, result, (pngs or {}).get(label))))
-    report = training_report(history, settings, images, prefix=prefix, alpha=alpha)
+    notes = []
+    if history and not last:
+        notes.append("The last step's layer × layer heatmaps are not available: this fit took no "
+                     "successful alignment step (a fit resumed at its end takes none), so the "
+                     "report shows the curves of the restored history only.")
+    report = training_report(history, settings, images, prefix=prefix, alpha=alpha,
+                             labels=labels, skipped=skipped, figure_notes=notes)
     stem = "alignment_report" if prefix == "alignment" else f"alignment_report_{start}"
     md, html = os.path.join(folder, f"{stem}.md"), os.path.join(folder, f"{stem}.html")
     report.write(md, html)
     return md, html
+
+
+def report_stem(prefix: str) -> str:
+    """The file-name part of a ``log_prefix``: characters other than ``A-Z a-z 0-9 . _ -``
+    become ``_``, and when that changed the prefix an 8-digit hash of it is appended, so that
+    two prefixes never share report files (``probe/a`` and ``probe_a``, non-ASCII ones).
+
+    >>> report_stem("probe_a"), report_stem("probe/a")
+    ('probe_a', 'probe_a-c8729893')
+    """
+    plain = re.sub(r"[^A-Za-z0-9._-]", "_", prefix)
+    return plain if plain == prefix else f"{plain}-{_hash(prefix)}"
+
+
+def _hash(text: str) -> str:
+    """8 hex digits of the SHA-1 of ``text`` (UTF-8)."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
 
 
 def safe_file_names(labels: Iterable[str], reserved: Iterable[str] = ()) -> dict[str, str]:
@@ -111,8 +139,7 @@ def safe_file_names(labels: Iterable[str], reserved: Iterable[str] = ()) -> dict
     count = dict.fromkeys(reserved, 1)
     for name in plain.values():
         count[name] = count.get(name, 0) + 1
-    return {label: name if count[name] == 1 else
-            f"{name}-{hashlib.sha1(label.encode('utf-8')).hexdigest()[:8]}"
+    return {label: name if count[name] == 1 else f"{name}-{_hash(label)}"
             for label, name in plain.items()}
 
 

@@ -232,8 +232,24 @@ def _settings_bullets(settings: Mapping[str, Any]) -> list[str]:
             names = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
             label = {"x_files": "files (rows, X)", "y_files": "files (columns, Y)"}.get(key, key)
             items.append(f"{label}: {names}")
-    items += [f"{k}: {fmt(v)}" for k, v in s.items() if not isinstance(v, (dict, list))]
+    items += [f"{k}: {_setting(v)}" for k, v in s.items()]
     return items
+
+
+def _setting(value: Any) -> str:
+    """A setting of no known key as text: a mapping as ``key: value; ...``, a list, tuple or
+    set as ``a, b``, a float with up to 6 significant digits, anything else as :func:`fmt`.
+
+    >>> _setting({"linear_cka": "moments"}), _setting(("fc1", "fc2")), _setting(1e-06)
+    ('linear_cka: moments', 'fc1, fc2', '1e-06')
+    """
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {_setting(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ", ".join(_setting(v) for v in value)
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:g}"
+    return fmt(value)
 
 
 def matrix_sentence(measure: str, rows: Sequence[Mapping[str, Any]], alpha: float) -> str:
@@ -361,8 +377,14 @@ def _move(first: float, last: float) -> str:
 
 
 def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[float],
-                   threshold: float | None = None, p_value: float | None = None) -> str:
-    """One plain sentence reading a measure's curve over training.
+                   threshold: float | None = None, p_value: float | None = None,
+                   p_bh: float | None = None, alpha: float = 0.05) -> str:
+    """A plain reading of a measure's curve over training (one sentence, two with BH).
+
+    With ``p_bh`` (the last step's Benjamini–Hochberg adjusted p-value across the measures,
+    as in the report's Final values) the sentence says "above chance" only when ``p_bh ≤
+    alpha``, as the table's significance column does: a last step above τ that BH does not
+    keep reads "above τ ... but not above chance after Benjamini–Hochberg".
 
     >>> print(curve_sentence("linear_cka", [0.31, 0.40, 0.52], [0.0, 0.0, 0.0], 0.55))
     ... # doctest: +NORMALIZE_WHITESPACE
@@ -372,6 +394,16 @@ def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[floa
     ... # doctest: +NORMALIZE_WHITESPACE
     mutual_knn: raw rose 0.10 → 0.30 and calibrated rose 0.00 → 0.21: above chance at the
     last step (τ = 0.12, p = 0.002).
+    >>> print(curve_sentence("mutual_knn", [0.10, 0.30], [0.0, 0.21], 0.12, 0.03, 0.06))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    mutual_knn: raw rose 0.10 → 0.30 and calibrated rose 0.00 → 0.21: above τ at the last step
+    (τ = 0.12, p = 0.03) but not above chance after Benjamini–Hochberg across the measures
+    (p_BH = 0.06 > 0.05).
+    >>> print(curve_sentence("mutual_knn", [0.10, 0.30], [0.0, 0.21], 0.12, 0.002, 0.004))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    mutual_knn: raw rose 0.10 → 0.30 and calibrated rose 0.00 → 0.21: above chance at the
+    last step (τ = 0.12, p = 0.002). It stays so after Benjamini–Hochberg across the measures
+    (p_BH = 0.004 ≤ 0.05).
     """
     raw = [float(v) for v in raw if v is not None]
     cal = [float(v) for v in calibrated if v is not None]
@@ -379,18 +411,31 @@ def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[floa
         return f"{measure}: no values."
     tau = f"τ = {threshold:.2f}" if threshold is not None else ""
     raw_move = _move(raw[0], raw[-1])
-    if all(v == 0 for v in cal):
+    kept = None if p_bh is None else significant(p_bh, alpha)  # the BH decision
+    if all(v == 0 for v in cal) and not kept:
         if _direction(raw[0], raw[-1]) > 0:
             why = "the rise is what chance reaches at this width"
         else:
             why = "no step is above what chance reaches at this width"
         return (f"{measure}: raw {raw_move} while calibrated stayed 0: {why}"
                 + (f" ({tau} at the last step)." if tau else "."))
-    end = "above chance at the last step" if cal[-1] > 0 else "at chance level at the last step"
     p_text = f"p = {fmt_p(p_value)}" if p_value is not None else ""
     detail = ", ".join(x for x in (tau, p_text) if x)
-    return (f"{measure}: raw {raw_move} and calibrated {_move(cal[0], cal[-1])}: {end}"
-            + (f" ({detail})." if detail else "."))
+    detail = f" ({detail})" if detail else ""
+    head = f"{measure}: raw {raw_move} and calibrated {_move(cal[0], cal[-1])}: "
+    if kept is None:  # no BH decision: the per-measure reading
+        end = "above chance" if cal[-1] > 0 else "at chance level"
+        return f"{head}{end} at the last step{detail}."
+    bh = f"after Benjamini–Hochberg across the measures (p_BH = {fmt_p(p_bh)}"
+    if kept and cal[-1] > 0:
+        return (f"{head}above chance at the last step{detail}. It stays so {bh} ≤ "
+                f"{alpha:g}).")
+    if kept:  # on τ (ties): not above it, yet the test keeps it
+        return f"{head}not above τ at the last step{detail}, yet significant {bh} ≤ {alpha:g})."
+    if cal[-1] > 0:
+        return (f"{head}above τ at the last step{detail} but not above chance {bh} > "
+                f"{alpha:g}).")
+    return f"{head}at chance level at the last step{detail}."
 
 
 def training_report(
@@ -401,6 +446,9 @@ def training_report(
     alpha: float | None = None,
     title: str = "Calibrated alignment during training",
     max_rows: int = 50,
+    labels: Sequence[str] | None = None,
+    skipped: Sequence[Mapping[str, Any]] = (),
+    figure_notes: Sequence[str] = (),
 ) -> Report:
     """The end-of-fit report of a training history.
 
@@ -408,10 +456,10 @@ def training_report(
     ----------
     history : sequence of mappings
         One flat entry per alignment step with ``epoch``, ``step`` and
-        ``<prefix>/<measure>/<field>`` keys (``raw``, ``calibrated``, ``p_value``,
+        ``<prefix>/<label>/<field>`` keys (``raw``, ``calibrated``, ``p_value``,
         ``threshold``, ``best_pair``, ...), as :meth:`StepResult.history_entry` returns.
     settings : mapping, default=None
-        Shown as a list (as in :func:`matrix_report`).
+        Shown as a list (as in :func:`matrix_report`; keys it does not know as ``key: value``).
     images : sequence of (caption, relative path), default=()
         Curves and last heatmaps, drawn by the caller.
     prefix : str, default="alignment"
@@ -420,7 +468,17 @@ def training_report(
         0.05).
     title : str, default="Calibrated alignment during training"
     max_rows : int, default=50
-        Steps shown in the curve table (evenly spaced, first and last always included).
+        Steps shown in the curve table (evenly spaced, first and last always included; the
+        table says how many of how many it shows).
+    labels : sequence of str, default=None
+        The curves' labels (``[<reference>/]<measure>``); default: read from the keys'
+        shapes (:func:`history_series`).
+    skipped : sequence of mappings, default=()
+        Alignment steps that failed and were skipped (``on_error="warn"``), each with
+        ``epoch``, ``step`` and ``reason``: listed in a section of their own.  With an empty
+        history they make the report say that no step succeeded.
+    figure_notes : sequence of str, default=()
+        Paragraphs under the figures (e.g. why the last heatmaps are missing).
 
     Returns
     -------
@@ -440,24 +498,34 @@ def training_report(
     """
     settings = dict(settings or {})
     alpha = float(alpha if alpha is not None else settings.get("alpha", 0.05))
-    series = history_series(history, prefix)
+    series = history_series(history, prefix, labels)
     steps = series.pop("")
     report = Report(title)
     if not history:
-        report.paragraph("No alignment step was recorded.")
+        if not skipped:
+            report.paragraph("No alignment step was recorded.")
+            return report
+        report.paragraph(f"No alignment step succeeded: {_count(len(skipped), 'step')} failed "
+                         "and were skipped (listed below).")
+        if settings:
+            report.heading("Settings")
+            report.bullets(_settings_bullets(settings))
+        _skipped_section(report, skipped)
         return report
+    names = list(series)
+    final_p = [(series[n].get("p_value") or [None])[-1] for n in names]
+    tested = [i for i, p in enumerate(final_p) if p is not None]
+    q_of = dict(zip(tested, bh_adjust([float(final_p[i]) for i in tested])))
     report.heading("Reading")
-    for name, values in series.items():
+    for i, (name, values) in enumerate(series.items()):
         report.paragraph(curve_sentence(name, values.get("raw", []),
                                         values.get("calibrated", []),
                                         (values.get("threshold") or [None])[-1],
-                                        (values.get("p_value") or [None])[-1]))
+                                        final_p[i], q_of.get(i), alpha))
+    if skipped:
+        report.paragraph(f"{_count(len(skipped), 'alignment step')} failed and "
+                         f"{'was' if len(skipped) == 1 else 'were'} skipped (see Skipped steps).")
     report.heading("Final values")
-    names = list(series)
-    final_p = [series[n].get("p_value", [None])[-1] for n in names]
-    tested = [i for i, p in enumerate(final_p) if p is not None]
-    adjusted = bh_adjust([float(final_p[i]) for i in tested])
-    q_of = dict(zip(tested, adjusted))
     rows = []
     for i, name in enumerate(names):
         v = {fld: vals[-1] for fld, vals in series[name].items()}
@@ -474,26 +542,68 @@ def training_report(
     if settings:
         report.heading("Settings")
         report.bullets(_settings_bullets(settings))
-    report.heading("Curves")
-    count = len(history)
+    _curves_section(report, series, steps, max_rows)
+    if skipped:
+        _skipped_section(report, skipped)
+    if images or figure_notes:
+        report.heading("Figures")
+        for caption, src in images:
+            report.image(src, caption)
+        for note in figure_notes:
+            report.paragraph(note)
+    return report
+
+
+def _count(n: int, noun: str) -> str:
+    """``"1 step"``, ``"3 steps"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def shown_rows(count: int, max_rows: int) -> list[int]:
+    """The indices of the curve table's rows: every one of ``count`` steps, or ``max_rows``
+    (at least 2) evenly spaced ones with the first and the last.
+
+    >>> shown_rows(3, 50), shown_rows(9, 3)
+    ([0, 1, 2], [0, 4, 8])
+    """
+    if count == 0:
+        return []
     kept = max(min(count, max_rows), 2)
-    shown = sorted({round(i * (count - 1) / (kept - 1)) for i in range(kept)})
+    return sorted({round(i * (count - 1) / (kept - 1)) for i in range(kept)})
+
+
+def _curves_section(report: Report, series: Mapping[str, Mapping[str, list[Any]]],
+                    steps: Mapping[str, list[Any]], max_rows: int) -> None:
+    """The table of raw and calibrated values per step (evenly spaced rows when there are more
+    than ``max_rows`` steps, said in a line above it)."""
+    report.heading("Curves")
+    count = len(steps["step"])
+    shown = shown_rows(count, max_rows)
+    if len(shown) < count:
+        report.paragraph(f"{len(shown)} of {count} steps shown, evenly spaced; every step is "
+                         "in the logs.")
     headers = ["epoch", "step"]
-    for name in names:
+    for name in series:
         headers += [f"{name} raw", f"{name} calibrated"]
     table = []
     for i in shown:
         row = [fmt(steps["epoch"][i]), fmt(steps["step"][i])]
-        for name in names:
-            row += [fmt((series[name].get("raw") or [None] * count)[i]),
-                    fmt((series[name].get("calibrated") or [None] * count)[i])]
+        for values in series.values():
+            row += [fmt((values.get("raw") or [None] * count)[i]),
+                    fmt((values.get("calibrated") or [None] * count)[i])]
         table.append(row)
     report.table(headers, table)
-    if images:
-        report.heading("Figures")
-        for caption, src in images:
-            report.image(src, caption)
-    return report
+
+
+def _skipped_section(report: Report, skipped: Sequence[Mapping[str, Any]]) -> None:
+    """The alignment steps that failed (``on_error="warn"``): epoch, step and reason."""
+    report.heading("Skipped steps")
+    report.paragraph("These alignment steps failed and were skipped (on_error=\"warn\"): they "
+                     "have no values in the curves.")
+    report.table(["epoch", "step", "reason"],
+                 [[fmt(s.get("epoch")), fmt(s.get("step")),
+                   " ".join(str(s.get("reason", "")).split())]  # one line in a table cell
+                  for s in skipped])
 
 
 __all__ = [
@@ -506,5 +616,6 @@ __all__ = [
     "link_target",
     "matrix_report",
     "matrix_sentence",
+    "shown_rows",
     "training_report",
 ]

@@ -8,6 +8,7 @@ draw in its background thread.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Mapping, Sequence
 
@@ -40,31 +41,32 @@ def _value(v: Any) -> float:
     return float(v.item() if isinstance(v, Tensor) else v)
 
 
-def history_series(history: Sequence[Mapping[str, Any]], prefix: str = "alignment"
-                   ) -> dict[str, dict[str, list[Any]]]:
-    """``{measure: {field: [value per step]}}`` from flat history entries
-    (``<prefix>/<measure>/<field>`` keys, as :meth:`StepResult.history_entry` writes them),
-    plus ``{"epoch": [...], "step": [...]}`` under the key ``""``.  A field missing from an
-    entry is ``None`` there; per-layer (``<measure>/layer/<name>/<field>``) and per-pair
-    (``<measure>/pair/<key>``) keys are not measures.
+def history_series(history: Sequence[Mapping[str, Any]], prefix: str = "alignment",
+                   labels: Sequence[str] | None = None) -> dict[str, dict[str, list[Any]]]:
+    """``{label: {field: [value per step]}}`` from flat history entries
+    (``<prefix>/<label>/<field>`` keys, as :meth:`StepResult.history_entry` writes them, with
+    ``<label>`` = ``[<reference>/]<measure>``), plus ``{"epoch": [...], "step": [...]}`` under
+    the key ``""``.  A field missing from an entry is ``None`` there.
+
+    With ``labels`` (the callback's curve labels) the curves are exactly these, in this order,
+    each with its one-segment fields.  Without, they are read from the keys' shapes: every
+    ``<label>/<field>`` key is a candidate, and a candidate is left out when it is another
+    label's per-layer (``<label>/layer/<name>/<field>``) or per-pair (``<label>/pair/<key>``)
+    key, i.e. when ``layer`` or ``pair`` follows a label that has a ``raw`` field; a reference
+    named ``dino/layer/8`` stays (ambiguous only when a reference is named like another
+    label followed by ``/layer/``: pass ``labels`` then).
 
     >>> h = [{"epoch": 0, "step": 0, "alignment/cka/raw": 0.3},
     ...      {"epoch": 1, "step": 10, "alignment/cka/raw": 0.5}]
     >>> history_series(h)["cka"]["raw"], history_series(h)[""]["step"]
     ([0.3, 0.5], [0, 10])
+    >>> h = [{"alignment/dino/layer/8/cka/raw": 0.4, "alignment/dino/layer/8/cka/pair/a__b": 0.7}]
+    >>> [k for k in history_series(h) if k]
+    ['dino/layer/8/cka']
     """
     start = f"{prefix}/"
-    fields: dict[str, list[str]] = {}
-    for entry in history:
-        for key in entry:
-            if not key.startswith(start):
-                continue
-            parts = key[len(start):].split("/")  # the prefix may hold "/" itself
-            # [<reference>/]<measure>/<field>; per-pair and per-layer keys are left out
-            if len(parts) >= 2 and "pair" not in parts[1:-1] and "layer" not in parts[1:-1]:
-                names = fields.setdefault("/".join(parts[:-1]), [])
-                if parts[-1] not in names:
-                    names.append(parts[-1])
+    fields = (_label_fields(history, start, labels) if labels is not None
+              else _guessed_fields(history, start))
     out: dict[str, dict[str, list[Any]]] = {"": {
         "epoch": [e.get("epoch", e.get(f"{start}epoch")) for e in history],
         "step": [e.get("step", e.get(f"{start}step")) for e in history],
@@ -74,14 +76,54 @@ def history_series(history: Sequence[Mapping[str, Any]], prefix: str = "alignmen
     return out
 
 
+def _label_fields(history: Sequence[Mapping[str, Any]], start: str, labels: Sequence[str]
+                  ) -> dict[str, list[str]]:
+    """The one-segment fields (``<start><label>/<field>``) of each given label."""
+    fields: dict[str, list[str]] = {str(label): [] for label in labels}
+    for entry in history:
+        for key in entry:
+            if not key.startswith(start):
+                continue
+            label, _, field = key[len(start):].rpartition("/")
+            if label in fields and field not in fields[label]:
+                fields[label].append(field)
+    return fields
+
+
+def _guessed_fields(history: Sequence[Mapping[str, Any]], start: str) -> dict[str, list[str]]:
+    """The fields of every ``<label>/<field>`` key, less other labels' per-layer and per-pair
+    keys (``layer`` or ``pair`` right after a label with a ``raw`` field)."""
+    fields: dict[str, list[str]] = {}
+    for entry in history:
+        for key in entry:
+            if not key.startswith(start):
+                continue
+            label, _, field = key[len(start):].rpartition("/")  # the prefix may hold "/" itself
+            if label:
+                names = fields.setdefault(label, [])
+                if field not in names:
+                    names.append(field)
+    curves = [label for label, names in fields.items() if "raw" in names]
+
+    def nested(label: str) -> bool:
+        return any(label == f"{c}/pair" or label.startswith((f"{c}/pair/", f"{c}/layer/"))
+                   for c in curves if c != label)
+
+    return {label: names for label, names in fields.items() if not nested(label)}
+
+
 def _history_series(history: list[Mapping[str, Any]], measure: str | None, prefix: str
                     ) -> tuple[list[Mapping[str, Any]], str]:
     """A callback history (flat ``<prefix>/<measure>/<field>`` keys) as per-step
     ``{"raw", "calibrated", "threshold"}`` dicts of one measure.  The measures are
     :func:`history_series`'s: per-layer (``.../layer/<name>/raw``) and per-pair keys are
-    not measures."""
-    series = history_series(history, prefix)
-    found = sorted(name for name, fields in series.items() if name and "raw" in fields)
+    not measures; a ``measure`` named by the caller is taken as it is when it has ``raw``
+    values (a reference named ``dino/layer/8`` needs no guessing)."""
+    if measure is not None and any(f"{prefix}/{measure}/raw" in h for h in history):
+        found = [measure]
+    else:
+        series = history_series(history, prefix)
+        found = sorted(name for name, fields in series.items() if name and "raw" in fields)
     if not found:
         raise ValueError(f"nothing to plot: the entries have neither 'raw' nor "
                          f"'{prefix}/<measure>/raw' keys (pass prefix= if the callback used "
@@ -154,6 +196,13 @@ def plot_scores(
     Returns
     -------
     (fig, ax)
+
+    Raises
+    ------
+    ValueError
+        When a point lacks ``raw``, ``calibrated`` or ``threshold`` (naming it) or ``steps``
+        does not have one value per point.  Non-finite values (τ = inf) are drawn where
+        matplotlib can and do not set the y limits.
     """
     history = [val] if isinstance(val, Mapping) else list(val)
     if not history:
@@ -171,7 +220,10 @@ def plot_scores(
         if steps is None and axis is not None:
             xlabel, steps = xlabel or axis[0], axis[1]
         title = title or measure
+    _check_points(history, measure, prefix)
     xs = list(steps) if steps is not None else list(range(len(history)))
+    if len(xs) != len(history):
+        raise ValueError(f"steps has {len(xs)} values for {len(history)} points to plot")
     raw = [_value(h["raw"]) for h in history]
     cal = [_value(h["calibrated"]) for h in history]
     tau = [_value(h["threshold"]) for h in history]
@@ -184,11 +236,26 @@ def plot_scores(
     ax.plot(xs, cal, color="tab:red", marker=marker, label="calibrated")
     ax.set_xlabel(xlabel or "step")
     ax.set_ylabel("score")
-    ax.set_ylim(min(0.0, min(raw + cal + tau)) - 0.02, max(1.0, max(raw + tau)) + 0.02)
+    low = [v for v in raw + cal + tau if math.isfinite(v)]  # τ = inf: no finite null quantile
+    high = [v for v in raw + tau if math.isfinite(v)]
+    ax.set_ylim(min([0.0, *low]) - 0.02, max([1.0, *high]) + 0.02)
     if title:
         ax.set_title(title)
     ax.legend(loc="best", fontsize="small")
     return fig, ax
+
+
+def _check_points(points: Sequence[Mapping[str, Any]], measure: str | None, prefix: str) -> None:
+    """Every point has ``raw``, ``calibrated`` and ``threshold`` (a ``ValueError`` naming the
+    missing field, and for a callback history its key, otherwise)."""
+    if not points:
+        raise ValueError("nothing to plot: no step has a raw value")
+    for i, point in enumerate(points):
+        for name in ("raw", "calibrated", "threshold"):
+            if name not in point:
+                where = (f"the history has no '{prefix}/{measure}/{name}' at plotted point {i}"
+                         if measure is not None else f"val[{i}] has no '{name}' entry")
+                raise ValueError(f"plot_scores needs raw, calibrated and threshold: {where}")
 
 
 def plot_layer_heatmap(
@@ -211,13 +278,18 @@ def plot_layer_heatmap(
     The arg-max pair is outlined; values are written in the cells (up to 12×12), with a ``*``
     where ``marks`` (a boolean matrix, e.g. significant pairs) is set; larger matrices get the
     ``*`` alone in their marked cells.  The color range is ``[min(0, m), max(1, m)]`` unless
-    ``vmin`` / ``vmax`` are given.  Returns ``(fig, ax)``.
+    ``vmin`` / ``vmax`` are given (NaN and infinite cells do not set it).  Returns
+    ``(fig, ax)``; a ``ValueError`` names the argument when ``matrix`` is not a non-empty
+    2-D one or ``x_names`` (rows), ``y_names`` (columns), ``argmax`` or ``marks`` do not fit
+    its shape.
     """
     import numpy as np
 
     m = np.asarray(torch.as_tensor(matrix).detach().cpu().double().numpy(), dtype=float)
-    lo = min(0.0, float(m.min())) if vmin is None else vmin
-    hi = max(1.0, float(m.max())) if vmax is None else vmax
+    _check_heatmap(m, x_names, y_names, argmax, marks)
+    finite = m[np.isfinite(m)]  # NaN / inf cells do not set the color range
+    lo = min(0.0, float(finite.min(initial=0.0))) if vmin is None else vmin
+    hi = max(1.0, float(finite.max(initial=1.0))) if vmax is None else vmax
     own_figure = ax is None
     fig, ax = _axes(ax, _heatmap_size(m.shape))
     im = ax.imshow(m, vmin=lo, vmax=hi, cmap=cmap, aspect="auto")
@@ -248,6 +320,37 @@ def plot_layer_heatmap(
     if own_figure:
         fig.tight_layout()
     return fig, ax
+
+
+def _check_heatmap(m: Any, x_names: Sequence[str], y_names: Sequence[str],
+                   argmax: Sequence[int] | None, marks: Any) -> None:
+    """``ValueError`` naming the argument when the matrix is not a non-empty 2-D one or the
+    names, ``argmax`` or ``marks`` do not fit its shape."""
+    import numpy as np
+
+    if m.ndim != 2:
+        raise ValueError(f"matrix must be 2-D (model layers × reference layers), got shape "
+                         f"{tuple(m.shape)}")
+    if m.size == 0:
+        raise ValueError(f"matrix is empty (shape {tuple(m.shape)}): nothing to plot")
+    rows, cols = m.shape
+    if len(x_names) != rows:
+        raise ValueError(f"x_names has {len(x_names)} names for the matrix's {rows} rows "
+                         "(model layers)")
+    if len(y_names) != cols:
+        raise ValueError(f"y_names has {len(y_names)} names for the matrix's {cols} columns "
+                         "(reference layers)")
+    if argmax is not None:
+        a = [int(i) for i in argmax]
+        if len(a) != 2 or not (0 <= a[0] < rows and 0 <= a[1] < cols):
+            raise ValueError(f"argmax must be (row, column) inside the {rows}×{cols} matrix, "
+                             f"got {tuple(a)}")
+    if marks is not None:
+        shape = np.shape(torch.as_tensor(marks).detach().cpu().numpy() if isinstance(marks, Tensor)
+                         else marks)
+        if tuple(shape) != (rows, cols):
+            raise ValueError(f"marks must have the matrix's shape {(rows, cols)}, got "
+                             f"{tuple(shape)}")
 
 
 MAX_LABELED_CELLS = 144  # values are written in the cells of matrices up to 12×12

@@ -1,0 +1,58 @@
+"""Configuration the callback must not misread: a failing reference model is named as such
+(not "the model", which is the model in training), and ``every_n_epochs`` with
+``every_n_train_steps`` is refused rather than ignored (as Lightning's ``ModelCheckpoint``)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from alignment_callback import AlignmentCallback
+from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, train_loader
+
+
+def _wrong_width_reference() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 4))  # the probe has 8
+
+
+@pytest.mark.parametrize("name", [None, "dino"])
+def test_a_failing_reference_model_is_named(name):
+    ref = _wrong_width_reference()
+    probe = make_probe()
+    assert probe.shape[1] != 5
+    cb = AlignmentCallback(ref if name is None else {name: ref}, probe, ["fc1"],
+                           reference_layers=["0"], measures=["linear_cka"], num_permutations=19,
+                           verbose=False)
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[cb],
+                         enable_checkpointing=False, **FAST_TRAINER)
+    with pytest.raises(RuntimeError) as info:
+        trainer.fit(MLP(), train_loader())
+    label = "reference" if name is None else name
+    message = str(info.value)
+    assert message.startswith(f"{label} reference model: the model failed on probe batch 0")
+    assert "mat1 and mat2" in message
+
+
+def test_every_n_epochs_with_every_n_train_steps_is_refused():
+    with pytest.raises(ValueError, match=r"every_n_epochs \(5\) or every_n_train_steps \(100\)"):
+        AlignmentCallback(RefMLP(), make_probe(), ["fc1"], every_n_epochs=5,
+                          every_n_train_steps=100)
+
+
+@pytest.mark.parametrize("kw, epochs, steps", [({}, 1, None), ({"every_n_epochs": 3}, 3, None),
+                                              ({"every_n_train_steps": 7}, None, 7)])
+def test_schedule_defaults(kw, epochs, steps):
+    cb = AlignmentCallback(RefMLP(), make_probe(), ["fc1"], **kw)
+    assert (cb.every_n_epochs, cb.every_n_train_steps) == (epochs, steps)
+
+
+def test_named_error_keeps_its_type_where_it_can():
+    from alignment_callback.callback.alignment_callback import _named
+    from alignment_callback.hooks.collect import LayerCountError
+
+    assert type(_named(LayerCountError("x"), "r")) is LayerCountError
+    assert str(_named(ValueError("bad"), "r")) == "r: bad"
+    assert type(_named(KeyError("k"), "r")) is RuntimeError  # str(KeyError) quotes its text
+    assert type(_named(torch.cuda.OutOfMemoryError("oom"), "r")) is torch.cuda.OutOfMemoryError

@@ -1,0 +1,127 @@
+"""The end-of-fit report as the callback writes it: steps skipped under ``on_error="warn"``
+are recorded (and checkpointed) and listed, a failed copy of the report to a logger never
+fails the finished fit, and the settings name what was compared (the layers a pattern chose,
+a callable aggregate by its name)."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from alignment_callback import AlignmentCallback
+from alignment_callback.callback import dispatch
+from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, train_loader
+
+FAILING = {"epochs": set()}  # alignment steps whose model activations are NaN, by epoch label
+
+
+class _Toggle(pl.Callback):
+    """Makes the alignment step labelled ``epoch + 1`` see NaN activations."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pl_module._nan = trainer.current_epoch + 1 in FAILING["epochs"]
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        pl_module._nan = False
+
+
+def _nan_model() -> MLP:
+    model = MLP()
+    model._nan = False
+    model.fc2.register_forward_hook(
+        lambda mod, inp, out: out * float("nan") if getattr(model, "_nan", False) else out)
+    return model
+
+
+def _cb(**kw) -> AlignmentCallback:
+    kw.setdefault("measures", ["linear_cka"])
+    return AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc1", "fc2"], num_permutations=19,
+                             verbose=False, on_error="warn", log_heatmaps=False, **kw)
+
+
+def _fit(tmp_path, cb, max_epochs=3, model=None):
+    trainer = pl.Trainer(max_epochs=max_epochs, logger=CSVLogger(tmp_path, name="csv"),
+                         callbacks=[_Toggle(), cb], enable_checkpointing=False, **FAST_TRAINER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model if model is not None else _nan_model(), train_loader())
+    return trainer
+
+
+def test_skipped_steps_are_recorded_checkpointed_and_reported(tmp_path):
+    FAILING["epochs"] = {2}
+    cb = _cb()
+    _fit(tmp_path, cb)
+    assert [h["epoch"] for h in cb.history] == [0, 1, 3]
+    assert [(s["epoch"], s["step"]) for s in cb.skipped] == [(2, 8)]
+    reason = cb.skipped[0]["reason"]
+    assert reason.startswith(("ValueError", "RuntimeError")) and reason.split(": ", 1)[1]
+    state = cb.state_dict()
+    assert state["skipped"] == cb.skipped
+    again = _cb()
+    again.load_state_dict(state)
+    assert again.skipped == cb.skipped
+    report = open(cb.report_paths[0], encoding="utf-8").read()
+    assert "Skipped" in report and reason.split(": ", 1)[1][:40] in report
+
+
+def test_a_fit_whose_every_step_failed_still_gets_a_report(tmp_path):
+    FAILING["epochs"] = {0, 1, 2}
+    cb = _cb(baseline=False)
+    model = _nan_model()
+    model._nan = True  # also the first step
+    _fit(tmp_path, cb, max_epochs=2, model=model)
+    assert cb.history == [] and [s["epoch"] for s in cb.skipped] == [1, 2]
+    assert cb.report_paths is not None
+    report = open(cb.report_paths[0], encoding="utf-8").read()
+    assert "Skipped" in report
+
+
+def test_a_new_fit_forgets_the_skipped_steps_of_the_last(tmp_path):
+    FAILING["epochs"] = {1}
+    cb = _cb()
+    _fit(tmp_path / "a", cb, max_epochs=1)
+    assert len(cb.skipped) == 1
+    FAILING["epochs"] = set()
+    _fit(tmp_path / "b", cb, max_epochs=1)
+    assert cb.skipped == []
+
+
+def test_a_failed_copy_of_the_report_to_a_logger_does_not_fail_the_fit(tmp_path, monkeypatch):
+    FAILING["epochs"] = set()
+
+    def broken(loggers, paths):
+        raise NotADirectoryError("artifacts: not a directory")
+
+    monkeypatch.setattr(dispatch, "save_files", broken)
+    cb = _cb()
+    trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="csv"), callbacks=[cb],
+                         enable_checkpointing=False, **FAST_TRAINER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(MLP(), train_loader())  # raised NotADirectoryError before
+    assert cb.report_paths is not None and len(cb.history) == 2
+    messages = [str(w.message) for w in caught]
+    assert any("could not be saved to the loggers" in m and "not a directory" in m
+               for m in messages)
+
+
+def test_report_settings_name_the_chosen_layers_and_the_aggregate(tmp_path):
+    FAILING["epochs"] = set()
+
+    def top_two(m: torch.Tensor) -> torch.Tensor:
+        return m.flatten(-2).topk(2, dim=-1).values.mean(-1)
+
+    cb = AlignmentCallback(RefMLP(seed=1), make_probe(), "fc*", measures=["linear_cka"],
+                           num_permutations=19, verbose=False, log_heatmaps=False,
+                           aggregate=top_two)
+    trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="csv"), callbacks=[cb],
+                         enable_checkpointing=False, **FAST_TRAINER)
+    trainer.fit(MLP(), train_loader())
+    report = open(cb.report_paths[0], encoding="utf-8").read()
+    chosen = [name for name, _ in MLP().named_modules() if name.startswith("fc")]
+    assert ", ".join(chosen) in report
+    assert "top_two" in report and " at 0x" not in report

@@ -73,37 +73,64 @@ class AlignmentPlateau(Callback):
     when the count reaches ``patience`` the function is called and the callback stops checking.
     Non-finite values are skipped with a warning.
 
-    Args:
-        monitor: the key to watch (default ``"alignment/cknna/calibrated"``).
-        mode: ``"max"`` (default: alignment should rise) or ``"min"``.
-        patience: checks without improvement before ``on_plateau`` is called (an integer
-            >= 1; default 3).
-        min_delta: the smallest change that counts as an improvement (>= 0; default 0).
-        on_plateau: ``f(trainer, pl_module)``, called once (keyword-only, required).  Under
-            DDP it is called on every rank at the same check.
-        source: ``None`` (default): the history of the trainer's ``AlignmentCallback`` that
-            logs ``monitor``, else ``trainer.callback_metrics``; an ``AlignmentCallback``:
-            its history; ``"metrics"``: ``trainer.callback_metrics``.  See the module
-            docstring.
-        check_on: ``"epoch"`` (default) or ``"step"``: when ``trainer.callback_metrics`` is
-            read (ignored for a history source, where every new entry is a check).
-        strict: ``True`` (default, as ``EarlyStopping``): a check without the key is an error
-            (and so is a source that does not log it, at setup); ``False``: such checks are
-            skipped, and a key that never appeared is reported with a warning when training
-            ends.
-        verbose: log each check's outcome and the call (rank 0; default False).
-        name: an extra label for :attr:`state_key`, needed only to use two plateaus with the
-            same ``monitor`` and ``mode`` in one trainer.
+    Parameters
+    ----------
+    monitor : str, default="alignment/cknna/calibrated"
+        The key to watch.
+    mode : {"max", "min"}, default="max"
+        ``"max"``: alignment should rise; ``"min"``: it should fall.
+    patience : int, default=3
+        Checks without improvement before ``on_plateau`` is called (an integer >= 1).
+    min_delta : float, default=0.0
+        The smallest change that counts as an improvement (>= 0).
+    on_plateau : callable
+        ``f(trainer, pl_module)``, called once (keyword-only, required).  Under DDP it is
+        called on every rank at the same check.
+    source : None, "metrics" or AlignmentCallback, default=None
+        ``None``: the history of the trainer's ``AlignmentCallback`` that logs ``monitor``,
+        else ``trainer.callback_metrics``; an ``AlignmentCallback``: its history;
+        ``"metrics"``: ``trainer.callback_metrics``.  See the module docstring.
+    check_on : {"epoch", "step"}, default="epoch"
+        When ``trainer.callback_metrics`` is read (ignored for a history source, where every
+        new entry is a check).
+    strict : bool, default=True
+        As ``EarlyStopping``: a check without the key is an error (and so is a source that
+        does not log it, at setup); ``False``: such checks are skipped, and a key that never
+        appeared is reported with a warning when training ends.
+    verbose : bool, default=False
+        Log each check's outcome and the call (rank 0).
+    name : str or None, default=None
+        An extra label for :attr:`state_key`, needed only to use two plateaus with the same
+        ``monitor`` and ``mode`` in one trainer.
 
-    Attributes:
-        best: the best value so far (None before the first check).
-        wait: checks since the last improvement.
-        fired: whether ``on_plateau`` has been called (also in an earlier, resumed run).
-        fired_at: ``{"epoch", "step", "value", "best"}`` of the check that called it, else None
-            (``epoch`` and ``step`` numbered like ``AlignmentCallback``'s history: the epoch
-            count after an epoch-end check, the global step).
+    Attributes
+    ----------
+    best : float or None
+        The best value so far (None before the first check).
+    wait : int
+        Checks since the last improvement.
+    fired : bool
+        Whether ``on_plateau`` has been called (also in an earlier, resumed run).
+    fired_at : dict or None
+        None until ``on_plateau`` is called, then the check that called it:
+        ``{"epoch", "step", "value", "best", "called_at_step"}``.  ``epoch`` and ``step``
+        are numbered like ``AlignmentCallback``'s history (the epoch count after an
+        epoch-end check; the global step of the alignment result that decided); ``value`` is
+        the monitored value at that check (None on a DDP rank that lacked the key and fired
+        with the others) and ``best`` the best value so far; ``called_at_step`` is the
+        ``trainer.global_step`` at which ``on_plateau`` ran: ``step`` in the foreground,
+        later with ``AlignmentCallback(background=True)``, where the call comes at the first
+        training hook after the deciding result arrives (so it depends on timing).
 
-    Example::
+    Examples
+    --------
+    >>> from alignment_callback.callback import AlignmentPlateau
+    >>> plateau = AlignmentPlateau("alignment/cknna/calibrated", patience=3, min_delta=0.01,
+    ...                            on_plateau=lambda trainer, module: None)
+    >>> plateau.fired, plateau.fired_at is None, plateau.best
+    (False, True, None)
+
+    In a training run (``dinov2``, ``probe`` and ``layers`` as for ``AlignmentCallback``)::
 
         plateau = AlignmentPlateau("alignment/cknna/calibrated", patience=3, min_delta=0.01,
                                    on_plateau=lambda trainer, module: module.repa_weight.zero_())

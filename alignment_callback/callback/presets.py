@@ -187,17 +187,31 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (PRH, REPA)
 def resolve_preset(name: str | None, explicit_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The preset's arguments with ``explicit_kwargs`` laid over them.
 
-    Args:
-        name: a key of :data:`PRESETS`, or None (no preset: the explicit arguments alone).
-        explicit_kwargs: the arguments the caller gave; entries equal to :data:`UNSET` count as
-            not given.  An explicit argument replaces the preset's value whole.
+    ``{**PRESETS[name].arguments, **given}`` (deep-copied), with ``given`` the entries of
+    ``explicit_kwargs`` that are not :data:`UNSET`.
 
-    Returns:
+    Parameters
+    ----------
+    name : str or None
+        A key of :data:`PRESETS` (``"prh"``, ``"repa"``), or None (no preset: the explicit
+        arguments alone).
+    explicit_kwargs : mapping of str to Any
+        The arguments the caller gave; entries equal to :data:`UNSET` count as not given.  An
+        explicit argument replaces the preset's value whole.
+
+    Returns
+    -------
+    dict
         A new dict (the preset's values are copies: changing them changes no preset).
 
-    Raises:
-        ValueError: an unknown name (the message lists the presets).
+    Raises
+    ------
+    ValueError
+        An unknown name (the message lists the presets).
 
+    Examples
+    --------
+    >>> from alignment_callback.callback.presets import UNSET, resolve_preset
     >>> settings = resolve_preset("prh", {"aggregate": "mean", "pool": UNSET})
     >>> settings["measures"], settings["aggregate"], "pool" in settings
     ({'mutual_knn': {'k': 10}}, 'mean', False)
@@ -214,10 +228,27 @@ def resolve_preset(name: str | None, explicit_kwargs: Mapping[str, Any]) -> dict
 
 
 def patch_mean(prefix_tokens: int = 1) -> Callable[[Tensor], Tensor]:
-    """A ``pool`` for ViT outputs (n, tokens, d) that averages the patch tokens only, skipping
-    the first ``prefix_tokens`` (1 for DINOv2's CLS token; 1 + 4 for DINOv2 with registers).
+    """A ``pool`` for ViT outputs (n, tokens, d) that averages the patch tokens only.
 
+    ``pool(x)_i = mean_{t >= p} x[i, t]`` with p = ``prefix_tokens``, the leading tokens
+    skipped (1 for DINOv2's CLS token; 1 + 4 for DINOv2 with registers).
+
+    Parameters
+    ----------
+    prefix_tokens : int, default=1
+        Leading tokens to leave out, an integer >= 0.
+
+    Returns
+    -------
+    callable
+        ``pool(x: Tensor (n, tokens, d)) -> Tensor (n, d)``, for ``pool=`` /
+        ``reference_pool=``; it raises ``ValueError`` for outputs that are not 3-D or have
+        at most ``prefix_tokens`` tokens.
+
+    Examples
+    --------
     >>> import torch
+    >>> from alignment_callback.callback.presets import patch_mean
     >>> x = torch.tensor([[[9.0], [1.0], [3.0]]])  # CLS, then two patches
     >>> patch_mean(1)(x)
     tensor([[2.]])

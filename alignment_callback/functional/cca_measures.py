@@ -77,14 +77,46 @@ def _identity(n: int, device: torch.device) -> Tensor:
 
 @no_autocast()
 def cca_similarity(x: Tensor, y: Tensor, dims: int | None = None) -> Tensor:
-    """Mean canonical correlation ``(1/k) Σ_{i<=k} ρ_i`` of the column-centered features, over
-    the top ``k = dims`` correlations (default all ``min(rank x, rank y)``).
+    """Mean canonical correlation of the column-centered features (Hotelling 1936).
 
+    ``(1/k) Σ_{i<=k} ρ_i`` over the top ``k = dims`` canonical correlations ρ_i, the singular
+    values of ``U_xᵀ U_y`` with U an orthonormal basis of each side's centered column space.
     Range [0, 1], 1 iff one column space contains the other (for ``dims=None``).  Symmetric.
     Invariant to invertible linear maps of either side's features (so to rotation, any
     scaling) and translation.  Needs rank < n − 1 on both sides — n >= d + 2 for full-rank
     features — else ``ValueError`` (see the module docstring); n >= 3.  Fast null: one
     batched r_x×r_y product and SVD per permutation.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    dims : int or None, default=None
+        How many of the largest correlations to average; ``None`` for all
+        ``min(rank x, rank y)``.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Hotelling. Relations between two sets of variates. Biometrika 28, 1936.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import cca_similarity
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(50, 4)
+    >>> a = torch.randn(4, 4)  # invertible (almost surely)
+    >>> round(float(cca_similarity(x, x @ a + 1.0)), 4)
+    1.0
+    >>> 0.0 <= float(cca_similarity(x, torch.randn(50, 3), dims=1)) <= 1.0
+    True
     """
     x, y = check_pair(x, y)
     return cca_score(cca_state(x), cca_state(y), _identity(x.shape[0], x.device), dims)[0]
@@ -139,10 +171,12 @@ def pwcca_score(sx: CCAState, sy: CCAState, perms: Tensor) -> Tensor:
 
 @no_autocast()
 def pwcca(x: Tensor, y: Tensor) -> Tensor:
-    """Projection-weighted CCA (Morcos, Raghu & Bengio 2018): ``Σ_i α_i ρ_i`` with the
-    canonical correlations ρ_i (i <= min(rank x, rank y)) of the column-centered features and
-    weights from **x's side** as in the paper: ``α_i ∝ Σ_j |⟨h_i, x_j⟩|``, ``Σ α_i = 1``, h_i the
-    i-th unit-norm canonical variate of x and x_j the j-th centered feature (neuron) of x.
+    """Projection-weighted CCA (Morcos, Raghu & Bengio 2018), weights from x's side.
+
+    ``Σ_i α_i ρ_i`` with the canonical correlations ρ_i (i <= min(rank x, rank y)) of the
+    column-centered features and weights from **x's side** as in the paper:
+    ``α_i ∝ Σ_j |⟨h_i, x_j⟩|``, ``Σ α_i = 1``, h_i the i-th unit-norm canonical variate of x
+    and x_j the j-th centered feature (neuron) of x.
 
     (Google's ``pwcca.py`` weights from whichever side has fewer neurons and adds the mean back
     to the variates; repsim averages both directions.  Here the direction is explicit:
@@ -153,6 +187,34 @@ def pwcca(x: Tensor, y: Tensor) -> Tensor:
     anisotropic scaling of x (the weights use x's neuron basis).  Rank requirement and n as
     :func:`cca_similarity`.  Fast null: one batched product, an r_x×r_y SVD with left vectors
     and a (k × r_x)(r_x × p) weight product per permutation.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Morcos, Raghu, Bengio. Insights on representational similarity in neural networks with
+    canonical correlation. NeurIPS 2018.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import pwcca
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(50, 4)
+    >>> round(float(pwcca(x, x @ torch.randn(4, 4) + 1.0)), 4)  # y: an invertible map of x
+    1.0
+    >>> 0.0 <= float(pwcca(x, torch.randn(50, 3))) <= 1.0
+    True
     """
     x, y = check_pair(x, y)
     return pwcca_score(pwcca_state(x), pwcca_state(y), _identity(x.shape[0], x.device))[0]

@@ -25,18 +25,40 @@ def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Ten
     "reject the i* smallest, i* = max{i : p_(i) ≤ i·α/m}".  Controls the false-discovery rate at
     ``alpha`` for independent or positively dependent p-values (PRDS).
 
-    Args:
-        p_values: p-values in [0, 1], a tensor, a NumPy array or a (nested) list of numbers or
-            0-dim tensors (read as float64), of any shape; all entries form one family.
-        alpha: the FDR level, in (0, 1) (default 0.05).
+    Parameters
+    ----------
+    p_values : Tensor, ndarray or sequence of float
+        p-values in [0, 1]: a tensor, a NumPy array or a (nested) list of numbers or 0-dim
+        tensors (read as float64), of any shape; all entries form one family.
+    alpha : float, default=0.05
+        The FDR level, in (0, 1).
 
-    Returns:
-        ``(rejected, adjusted)``: a bool tensor and the adjusted p-values (computed in float64,
-        returned in the input's floating dtype, float64 for other inputs), both of the input's
-        shape and device.
+    Returns
+    -------
+    rejected : Tensor of bool
+        Whether each hypothesis is rejected (``adjusted ≤ alpha``, up to rounding).
+    adjusted : Tensor
+        The adjusted p-values q (computed in float64, returned in the input's floating dtype,
+        float64 for other inputs).  Both outputs have the input's shape and device.
 
-    Raises:
-        ValueError: ``alpha`` outside (0, 1), or a p-value outside [0, 1] or NaN.
+    Raises
+    ------
+    ValueError
+        ``alpha`` outside (0, 1), or a p-value outside [0, 1] or NaN.
+
+    References
+    ----------
+    Benjamini, Hochberg. Controlling the false discovery rate: a practical and powerful
+    approach to multiple testing. J. R. Stat. Soc. B 57(1), 1995.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import benjamini_hochberg
+    >>> p = torch.tensor([0.01, 0.04, 0.03, 0.5], dtype=torch.float64)
+    >>> rejected, adjusted = benjamini_hochberg(p, alpha=0.05)
+    >>> rejected.tolist(), [round(q, 4) for q in adjusted.tolist()]
+    ([True, False, False, False], [0.04, 0.0533, 0.0533, 0.5])
     """
     if not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")

@@ -286,13 +286,44 @@ _NO_GRAM = "linear_cka (computed from the features when d < n, no n×n matrix)"
 
 @no_autocast()
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:
-    """Linear CKA ``HSIC(K, L) / sqrt(HSIC(K, K)·HSIC(L, L))`` with biased HSIC, K = XXᵀ.
+    """Linear CKA: the cosine of the centered linear grams (Kornblith et al. 2019).
 
-    In [0, 1]; 1 for x = y (up to rotation and isotropic scale). No epsilon: a zero-variance
-    representation raises ``ValueError``.  From n = ``FEATURE_ROUTE_MIN_SAMPLES`` (4096) with
-    both feature dimensions below n it is ``‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` on the centered
-    features in float64 (no n×n matrix); otherwise from the grams, which are refused before
-    they are allocated when they would not fit in memory.
+    ``CKA = HSIC(K, L) / sqrt(HSIC(K, K)·HSIC(L, L))`` with the biased ``HSIC(K, L) =
+    tr(KHLH)``, ``K = XXᵀ``, ``L = YYᵀ``, ``H = I − 11ᵀ/n``.  In [0, 1]; 1 for x = y up to
+    rotation, isotropic scaling and translation.  No epsilon: a zero-variance representation
+    raises ``ValueError``.  From n = ``FEATURE_ROUTE_MIN_SAMPLES`` (4096) with both feature
+    dimensions below n it is ``‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` on the centered features in
+    float64 (no n×n matrix); otherwise from the grams, which are refused before they are
+    allocated when they would not fit in memory.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Kornblith, Norouzi, Lee, Hinton. Similarity of neural network representations revisited.
+    ICML 2019.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import linear_cka
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(50, 8)
+    >>> q, _ = torch.linalg.qr(torch.randn(8, 8))  # an orthogonal matrix
+    >>> round(float(linear_cka(x, 3.0 * x @ q + 1.0)), 4)  # rotated, scaled, shifted
+    1.0
+    >>> 0.0 < float(linear_cka(x, torch.randn(50, 4))) < 1.0
+    True
     """
     x, y = check_pair(x, y)
     n = x.shape[0]
@@ -309,8 +340,43 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
 
 @no_autocast()
 def rbf_cka(x: Tensor, y: Tensor, sigma: float | str = 1.0) -> Tensor:
-    """RBF CKA with ``K_ij = exp(−‖x_i − x_j‖²/(2σ²))``, absolute σ (default 1.0) or
-    ``sigma="median"`` (σ² = median of all n² squared distances, per representation)."""
+    """RBF CKA: linear CKA's formula on RBF grams (Kornblith et al. 2019).
+
+    ``HSIC(K, L) / sqrt(HSIC(K, K)·HSIC(L, L))`` (biased HSIC) with
+    ``K_ij = exp(−‖x_i − x_j‖²/(2σ²))`` and ``L`` alike from y.  σ is absolute (PRH's
+    convention) or ``"median"``: σ² = the median of all n² squared distances, per
+    representation (then also invariant to isotropic scaling).  In [0, 1].
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    sigma : float or "median", default=1.0
+        The kernel bandwidth σ, shared by both sides.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Kornblith, Norouzi, Lee, Hinton. Similarity of neural network representations revisited.
+    ICML 2019.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import rbf_cka
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(40, 6)
+    >>> round(float(rbf_cka(x, 10.0 * x + 1.0, sigma="median")), 4)
+    1.0
+    >>> 0.0 < float(rbf_cka(x, torch.randn(40, 3), sigma=2.0)) < 1.0
+    True
+    """
     x, y = check_pair(x, y)
     _check_memory("rbf_cka", x, _NO_GRAM)
     return gram_score(rbf_state(x, sigma), rbf_state(y, sigma), _identity(x.shape[0], x.device))[0]
@@ -318,9 +384,42 @@ def rbf_cka(x: Tensor, y: Tensor, sigma: float | str = 1.0) -> Tensor:
 
 @no_autocast()
 def unbiased_cka(x: Tensor, y: Tensor) -> Tensor:
-    """Linear CKA with the unbiased HSIC estimator (Song et al. 2012). Needs n >= 4.
+    """Unbiased linear CKA: linear CKA with the unbiased HSIC estimator (Song et al. 2012).
 
-    Not clamped: it is about 0 (and may be negative) for independent representations.
+    ``HSIC_u(K, L) / sqrt(HSIC_u(K, K)·HSIC_u(L, L))`` with ``K = XXᵀ``, ``L = YYᵀ`` and
+    ``HSIC_u`` as :func:`~alignment_callback.functional.hsic_unbiased` (computed as the cosine
+    of the U-centered grams).  Not clamped: about 0 (and possibly negative) for independent
+    representations, so the range is [−1, 1].  Needs n >= 4.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Song, Smola, Gretton, Bedo, Borgwardt. Feature selection via dependence maximization.
+    JMLR 13, 2012 (eq. 5).  Kornblith, Norouzi, Lee, Hinton. Similarity of neural network
+    representations revisited. ICML 2019.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import unbiased_cka
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(50, 8)
+    >>> q, _ = torch.linalg.qr(torch.randn(8, 8))
+    >>> round(float(unbiased_cka(x, 2.0 * x @ q)), 4)
+    1.0
+    >>> abs(float(unbiased_cka(x, torch.randn(50, 8)))) < 0.2
+    True
     """
     x, y = check_pair(x, y)
     _check_memory("unbiased_cka", x, _NO_GRAM, count=5)  # measured peak: 5 n×n
@@ -329,8 +428,41 @@ def unbiased_cka(x: Tensor, y: Tensor) -> Tensor:
 
 @no_autocast()
 def rsa(x: Tensor, y: Tensor) -> Tensor:
-    """RSA: Spearman correlation (average ranks for ties) of the upper triangles (i < j) of the
-    two cosine-distance matrices ``1 − cos(x_i, x_j)``. In [−1, 1]; s_max = 1."""
+    """RSA: Spearman correlation of the two cosine-distance matrices (Kriegeskorte et al. 2008).
+
+    Spearman's ρ (average ranks for ties) between the upper triangles (i < j) of
+    ``D_ij = 1 − cos(x_i, x_j)`` and the same for y.  In [−1, 1]; s_max = 1.  Invariant to
+    rotations and to any scaling of the rows.  Needs n >= 3.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Kriegeskorte, Mur, Bandettini. Representational similarity analysis – connecting the
+    branches of systems neuroscience. Front. Syst. Neurosci. 2, 2008.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import rsa
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(30, 5)
+    >>> q, _ = torch.linalg.qr(torch.randn(5, 5))
+    >>> round(float(rsa(x, 2.0 * x @ q)), 4)
+    1.0
+    >>> -1.0 <= float(rsa(x, torch.randn(30, 5))) <= 1.0
+    True
+    """
     x, y = check_pair(x, y)
     if x.shape[0] < 3:
         raise ValueError(f"rsa needs at least 3 samples, got {x.shape[0]}")

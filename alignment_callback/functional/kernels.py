@@ -142,8 +142,38 @@ def _check_grams(k: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
 
 @no_autocast()
 def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
-    """Biased HSIC ``tr(K H L H) = Σ_ij (HKH)_ij L_ji`` (no 1/(n−1)² factor; it cancels in
-    CKA). Valid for non-symmetric matrices too."""
+    """Biased HSIC: ``tr(K H L H) = Σ_ij (HKH)_ij L_ji``, ``H = I − 11ᵀ/n`` (Gretton et al. 2005).
+
+    Without the ``1/(n−1)²`` factor, which cancels in CKA.  Valid for non-symmetric matrices
+    too.
+
+    Parameters
+    ----------
+    k : Tensor of shape (n, n)
+        The first gram (kernel) matrix, e.g. ``X Xᵀ``.
+    l : Tensor of shape (n, n)
+        The second gram matrix, of the same samples in the same order.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Gretton, Bousquet, Smola, Schölkopf. Measuring statistical dependence with
+    Hilbert-Schmidt norms. ALT 2005.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import hsic_biased
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    >>> k, l, h = x @ x.T, y @ y.T, torch.eye(10, dtype=torch.float64) - 1.0 / 10
+    >>> bool(torch.isclose(hsic_biased(k, l), torch.trace(k @ h @ l @ h)))
+    True
+    """
     k, l = _check_grams(k, l)
     return (center_gram(k) * l.T).sum()
 
@@ -155,6 +185,35 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     With K̃, L̃ the matrices with zeroed diagonals:
     ``[tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2·1ᵀK̃L̃1/(n−2)] / (n(n−3))``,
     where ``tr(K̃L̃) = Σ_ij K̃_ij L̃_ji`` and ``1ᵀK̃L̃1 = Σ_j colsum(K̃)_j rowsum(L̃)_j``.
+    Needs n >= 4.
+
+    Parameters
+    ----------
+    k : Tensor of shape (n, n)
+        The first gram (kernel) matrix, e.g. ``X Xᵀ``.
+    l : Tensor of shape (n, n)
+        The second gram matrix, of the same samples in the same order.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Song, Smola, Gretton, Bedo, Borgwardt. Feature selection via dependence maximization.
+    JMLR 13, 2012.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import hsic_unbiased, unbiased_cka
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    >>> k, l = x @ x.T, y @ y.T
+    >>> cka = hsic_unbiased(k, l) / (hsic_unbiased(k, k) * hsic_unbiased(l, l)).sqrt()
+    >>> bool(torch.isclose(cka, unbiased_cka(x, y)))
+    True
     """
     k, l = _check_grams(k, l)
     n = k.shape[0]

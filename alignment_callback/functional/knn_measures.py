@@ -379,35 +379,210 @@ def _pair(kind: str, x: Tensor, y: Tensor, k: int) -> Tensor:
 
 @no_autocast()
 def mutual_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """Mutual kNN: ``mean_i |N_X(i) ∩ N_Y(i)| / k`` (neighbors by inner product, self
-    excluded, default k = 10, needs n > k). In [0, 1]; ≈ k/(n−1) for independent data."""
+    """Mutual kNN: the mean fraction of shared nearest neighbors (PRH).
+
+    ``mean_i |N_X(i) ∩ N_Y(i)| / k`` with ``N_X(i)`` the k rows with the largest inner
+    product ``⟨x_i, x_j⟩``, j ≠ i.  In [0, 1]; symmetric; about ``k/(n − 1)`` for independent
+    data.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    k : int, default=10
+        Neighbors per sample (self excluded), by inner product: cosine on L2-normalized
+        rows.  Needs n > k.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Huh, Cheung, Wang, Isola. The Platonic Representation Hypothesis. ICML 2024
+    (code: github.com/minyoungg/platonic-rep, ``metrics.py``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import mutual_knn
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(40, 6)
+    >>> round(float(mutual_knn(x, 2.0 * x, k=5)), 4)
+    1.0
+    >>> float(mutual_knn(x, torch.randn(40, 6), k=5)) < 0.5
+    True
+    """
     return _pair("mutual_knn", x, y, k)
 
 
 @no_autocast()
 def cycle_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """Cycle kNN: ``mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]`` (Y's neighbors, then X's). Not
-    symmetric. Default k = 10."""
+    """Cycle kNN: the fraction of samples i that are an X-neighbor of one of their Y-neighbors
+    (PRH).
+
+    ``mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]`` (neighbors as in :func:`mutual_knn`).  In [0, 1];
+    not symmetric; below 1 even for y = x, since kNN graphs are not symmetric.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    k : int, default=10
+        Neighbors per sample (self excluded), by inner product: cosine on L2-normalized
+        rows.  Needs n > k.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Huh, Cheung, Wang, Isola. The Platonic Representation Hypothesis. ICML 2024
+    (code: github.com/minyoungg/platonic-rep, ``metrics.py``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import cycle_knn
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(40, 6)
+    >>> round(float(cycle_knn(x, 2.0 * x, k=5)), 4)  # j ∈ N(i) does not imply i ∈ N(j)
+    0.775
+    >>> 0.0 <= float(cycle_knn(x, torch.randn(40, 6), k=5)) <= 1.0
+    True
+    """
     return _pair("cycle_knn", x, y, k)
 
 
 @no_autocast()
 def cknna(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """CKNNA (PRH): CKA with unbiased HSIC restricted to mutual k-nearest-neighbor pairs of the
-    linear grams. Default k = 10; needs k >= 2, n > k and n >= 4. No epsilon in the
-    denominator."""
+    """CKNNA (PRH): unbiased CKA restricted to mutual k-nearest-neighbor pairs.
+
+    ``HSIC_u(M⊙K, M⊙L) / sqrt(HSIC_u(M_K⊙K, M_K⊙K)·HSIC_u(M_L⊙L, M_L⊙L))`` with the linear
+    grams ``K = XXᵀ``, ``L = YYᵀ``, ``M_K`` the kNN mask of K (``(M_K)_ij = 1`` when j is
+    one of i's k neighbors), ``M = M_K⊙M_L`` and ``HSIC_u`` the unbiased estimator
+    (:func:`~alignment_callback.functional.hsic_unbiased`).  In [−1, 1]; symmetric.  No
+    epsilon in the denominator: degenerate neighborhoods raise ``ValueError``.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    k : int, default=10
+        Neighbors per sample (self excluded), by inner product: cosine on L2-normalized
+        rows.  Needs k >= 2, n >= 4 and n > k.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Huh, Cheung, Wang, Isola. The Platonic Representation Hypothesis. ICML 2024
+    (code: github.com/minyoungg/platonic-rep, ``metrics.py``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import cknna
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(40, 6)
+    >>> round(float(cknna(x, 2.0 * x, k=5)), 4)
+    1.0
+    >>> -1.0 <= float(cknna(x, torch.randn(40, 6), k=5)) <= 1.0
+    True
+    """
     return _pair("cknna", x, y, k)
 
 
 @no_autocast()
 def lcs_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """Mean over i of the longest common subsequence of the ordered neighbor lists, divided
-    by k (PRH returns the unnormalized length). Default k = 10."""
+    """LCS kNN: the mean longest common subsequence of the ordered neighbor lists, over k.
+
+    ``mean_i LCS(N_X(i), N_Y(i)) / k`` with the lists ordered most similar first (neighbors
+    as in :func:`mutual_knn`; PRH returns the unnormalized length).  In [0, 1]; symmetric.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    k : int, default=10
+        Neighbors per sample (self excluded), by inner product: cosine on L2-normalized
+        rows.  Needs n > k.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Huh, Cheung, Wang, Isola. The Platonic Representation Hypothesis. ICML 2024
+    (code: github.com/minyoungg/platonic-rep, ``metrics.py``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import lcs_knn
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(40, 6)
+    >>> round(float(lcs_knn(x, 2.0 * x, k=5)), 4)
+    1.0
+    >>> 0.0 <= float(lcs_knn(x, torch.randn(40, 6), k=5)) <= 1.0
+    True
+    """
     return _pair("lcs_knn", x, y, k)
 
 
 @no_autocast()
 def edit_distance_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
-    """``1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k`` on ordered neighbor lists. Default
-    k = 10."""
+    """Edit-distance kNN: one minus the mean Levenshtein distance of the ordered neighbor
+    lists, over k.
+
+    ``1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k`` with the lists ordered most similar first
+    (neighbors as in :func:`mutual_knn`).  In [0, 1]; symmetric.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    k : int, default=10
+        Neighbors per sample (self excluded), by inner product: cosine on L2-normalized
+        rows.  Needs n > k.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Huh, Cheung, Wang, Isola. The Platonic Representation Hypothesis. ICML 2024
+    (code: github.com/minyoungg/platonic-rep, ``metrics.py``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import edit_distance_knn
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(40, 6)
+    >>> round(float(edit_distance_knn(x, 2.0 * x, k=5)), 4)
+    1.0
+    >>> 0.0 <= float(edit_distance_knn(x, torch.randn(40, 6), k=5)) <= 1.0
+    True
+    """
     return _pair("edit_distance_knn", x, y, k)

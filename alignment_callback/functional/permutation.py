@@ -87,7 +87,39 @@ def permutations(
     """The exact permutations (K, n) the nulls use for ``seed`` (and ``groups``).
 
     Row k is π_k; the k-th null value is ``measure(x, y[π_k])``.  Drawn with a dedicated CPU
-    generator; the global RNG is untouched.
+    generator (``torch.Generator().manual_seed(seed)``, then ``torch.randperm`` per row); the
+    global RNG is untouched.
+
+    Parameters
+    ----------
+    n : int
+        Number of samples (the length of each permutation).
+    num_permutations : int
+        K, a positive integer.
+    seed : int, default=0
+        Seed of the dedicated generator, in ``[0, 2**63 - 1]``.
+    groups : sequence of labels, Tensor or None, default=None
+        One label per sample: rows sharing a label move together, as whole groups exchanged
+        with groups of the same size (see :class:`GroupPermuter`); ``None`` for ordinary
+        permutations.
+
+    Returns
+    -------
+    Tensor of shape (K, n)
+        int64 row indices, on the CPU.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import permutations
+    >>> p = permutations(5, 3, seed=0)
+    >>> p.shape, bool((p.sort(1).values == torch.arange(5)).all())
+    (torch.Size([3, 5]), True)
+    >>> torch.equal(p, permutations(5, 3, seed=0))  # the same seed, the same permutations
+    True
+    >>> g = permutations(4, 2, seed=1, groups=["a", "a", "b", "b"])  # blocks of two move together
+    >>> all(row.tolist() in ([0, 1, 2, 3], [2, 3, 0, 1]) for row in g)
+    True
     """
     return torch.cat(list(iter_permutations(n, num_permutations, seed, groups=groups)))
 
@@ -136,8 +168,24 @@ class Permutations:
         K, checked to be a positive integer.
     seed : int, default=0
         Seed of the dedicated generator (the global RNG is never used).
-    groups : sequence of labels, optional
-        Block permutations of groups (see :class:`GroupPermuter`).
+    groups : sequence of labels, Tensor or None, default=None
+        Block permutations of groups (see :class:`GroupPermuter`); ``None`` for ordinary
+        permutations.
+    cache_elements : int, default=16777216
+        Sets of at most this many entries (``n·K``; 2**24 by default) are kept in memory per
+        device; larger ones are drawn again for each pass.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import Permutations, permutations
+    >>> perms = Permutations(6, 5, seed=0)
+    >>> len(perms), perms.count(start=1, stop=3)
+    (5, 2)
+    >>> [tuple(c.shape) for c in perms.chunks(2)]
+    [(2, 6), (2, 6), (1, 6)]
+    >>> torch.equal(perms.tensor(), permutations(6, 5, seed=0))
+    True
     """
 
     def __init__(self, n: int, num_permutations: int, seed: int = 0,

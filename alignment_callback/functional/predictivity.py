@@ -157,14 +157,11 @@ def _inner_choice(x: Tensor, y: Tensor, grid: tuple[float, ...], folds: int) -> 
 
 @no_autocast()
 def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 5) -> Tensor:
-    """Cross-validated R² of a ridge regression predicting y from x (see the module docstring
-    for the exact folds, penalty and R² definitions).
+    """Cross-validated R² of a ridge regression predicting y from x (Brain-Score style).
 
-    Args:
-        ridge: relative penalty ``λ / (‖X_Tᶜ‖²_F / min(m − 1, p))`` (0 = least squares); None
-            (default) chooses it per outer fold by inner CV over :data:`RIDGE_GRID`
-            ``(1e-3, …, 1e3)``; a sequence is used as the grid.
-        folds: outer (and inner) folds, contiguous by row position (default 5).
+    ``R² = 1 − Σ_f ‖Y_f − Ŷ_f‖²_F / ‖Y − ȳ‖²_F``, pooled over all outputs and the ``folds``
+    contiguous test folds, ``Ŷ_f`` the predictions of a ridge regression with intercept fitted
+    on the other folds (see the module docstring for the exact folds, penalty and R²).
 
     Range (−∞, 1]: 1 for perfect out-of-fold predictions, about 0 (often slightly below) when
     x carries no information about y.  **Directional**: ``linear_predictivity(x, y)`` predicts y
@@ -177,6 +174,41 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
     This computes the regression directly (one thin SVD per fit: ``folds`` outer fits plus
     ``folds²`` inner ones); the permutation null uses the quadratic-form path of
     :func:`predictivity_state` / :func:`predictivity_score`, which gives the same values.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        The predictors, one row per sample.
+    y : Tensor of shape (n, d_y)
+        The targets: the same samples, in the same order.
+    ridge : float, sequence of float or None, default=None
+        Relative penalty ``λ / (‖X_Tᶜ‖²_F / min(m − 1, p))`` (0 = least squares) for a
+        training set of m rows and p features; ``None`` chooses it per outer fold by inner
+        CV over :data:`RIDGE_GRID` ``(1e-3, …, 1e3)``; a sequence is used as the grid.
+    folds : int, default=5
+        Outer (and inner) folds, contiguous by row position, as
+        ``KFold(folds, shuffle=False)``; an integer >= 2.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Schrimpf et al. Brain-Score: Which artificial neural network for object recognition is
+    most brain-like? bioRxiv 407007, 2018.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import linear_predictivity
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(50, 4)
+    >>> round(float(linear_predictivity(x, x @ torch.randn(4, 3) + 1.0, ridge=0.0)), 4)
+    1.0
+    >>> float(linear_predictivity(x, torch.randn(50, 3))) < 0.2  # no information
+    True
     """
     x, y = check_pair(x, y)
     grid, fixed = _check_params(ridge, folds)

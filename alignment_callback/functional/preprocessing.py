@@ -166,10 +166,11 @@ def prepare_features(
     normalize: bool = True,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """Preprocess activations for the measures (docs/measures.md, preprocessing).
+    """Preprocess activations for the measures: pool, clamp outliers, L2-normalize rows.
 
-    ``x`` of shape (n, ...) -> pool to (n, d) -> optionally clamp ``|x|`` at the
-    ``clamp_quantile`` of ``|x|`` (PRH: 0.95) -> optionally L2-normalize each row.
+    ``x`` of shape (n, ...) -> pool to (n, d) -> optionally clamp to ``[−c, c]``, c the
+    ``clamp_quantile`` of ``|x|`` over the whole matrix (linear interpolation; PRH: 0.95) ->
+    optionally ``x_i / ‖x_i‖₂`` for each row (docs/measures.md, preprocessing).
 
     Parameters
     ----------
@@ -197,6 +198,16 @@ def prepare_features(
         For the pooling errors of :func:`pool_features` (including a ``mask`` of the wrong
         shape or with an all-masked row), NaN/Inf activations, a ``clamp_quantile`` outside
         (0, 1], or, with ``normalize``, an all-zero row.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import prepare_features
+    >>> prepare_features(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))  # rows x_i / ‖x_i‖
+    tensor([[0.6000, 0.8000],
+            [0.0000, 1.0000]])
+    >>> prepare_features(torch.ones(2, 5, 3), pool="mean", normalize=False).shape
+    torch.Size([2, 3])
     """
     x = as_float(x.detach())
     x = pool_features(x, pool, mask=mask)

@@ -32,12 +32,42 @@ def rv_score(sx: GramState, sy: GramState, perms: Tensor) -> Tensor:
 
 @no_autocast()
 def rv_coefficient(x: Tensor, y: Tensor) -> Tensor:
-    """Escoufier's RV coefficient of the column-centered features,
-    ``‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)``; identical to :func:`linear_cka`.
+    """Escoufier's RV coefficient of the column-centered features (Robert & Escoufier 1976).
 
-    Range [0, 1], 1 iff ``Y = c X Q`` (Q orthogonal).  Symmetric.  Invariant to orthogonal
-    maps, isotropic scaling and translation.  Needs n >= 2 and non-constant representations.
-    Fast null: one n×n gather + dot per permutation.
+    ``RV = ‖XᵀY‖²_F / (‖XᵀX‖_F ‖YᵀY‖_F)`` for column-centered X, Y; identical to
+    :func:`~alignment_callback.functional.linear_cka`.  Range [0, 1], 1 iff ``Y = c X Q``
+    (Q orthogonal).  Symmetric.  Invariant to orthogonal maps, isotropic scaling and
+    translation.  Needs n >= 2 and non-constant representations.  Fast null: one n×n gather +
+    dot per permutation.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Robert, Escoufier. A unifying tool for linear multivariate statistical methods: the
+    RV-coefficient. J. R. Stat. Soc. C (Applied Statistics) 25(3), 1976.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import linear_cka, rv_coefficient
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(30, 5), torch.randn(30, 3)
+    >>> bool(torch.isclose(rv_coefficient(x, y), linear_cka(x, y)))
+    True
+    >>> q, _ = torch.linalg.qr(torch.randn(5, 5))
+    >>> round(float(rv_coefficient(x, 2.0 * x @ q)), 4)
+    1.0
     """
     x, y = check_pair(x, y)
     return rv_score(rv_state(x), rv_state(y), torch.arange(x.shape[0], device=x.device)[None])[0]

@@ -96,18 +96,48 @@ def _identity(n: int, device: torch.device) -> Tensor:
 
 @no_autocast()
 def procrustes_similarity(x: Tensor, y: Tensor) -> Tensor:
-    """Orthogonal Procrustes similarity ``‖X̂ᵀ Ŷ‖_*`` of the column-centered,
-    Frobenius-normalized features ``X̂ = (X − x̄)/‖X − x̄‖_F`` (and Ŷ).
+    """Orthogonal Procrustes similarity: the nuclear norm ``‖X̂ᵀ Ŷ‖_*`` of the normalized
+    features.
 
-    Equals ``1 − d²/2`` with ``d = min_Q ‖X̂ − Ŷ Q‖_F`` the orthogonal Procrustes distance (Q
-    orthogonal, the narrower side zero-padded), ``cos`` of the Procrustes angular distance
-    (Williams et al. 2021, α = 1), and the normalized Bures similarity of the linear grams
-    (:func:`bures_similarity`).
+    ``X̂ = (X − x̄)/‖X − x̄‖_F`` (and Ŷ alike) are the column-centered, Frobenius-normalized
+    features.  Equals ``1 − d²/2`` with ``d = min_Q ‖X̂ − Ŷ Q‖_F`` the orthogonal Procrustes
+    distance (Q orthogonal, the narrower side zero-padded), ``cos`` of the Procrustes angular
+    distance (Williams et al. 2021, α = 1), and the normalized Bures similarity of the linear
+    grams (:func:`bures_similarity`).
 
     Range [0, 1], 1 iff Ŷ = X̂ Q.  Symmetric.  Invariant to orthogonal maps of either side's
     features, isotropic scaling and translation; not to anisotropic scaling or general linear
     maps.  Needs n >= 2 and a non-constant representation.  Fast null: one batched r×r product
     and an r×r ``svdvals`` per permutation (r <= min(n − 1, d)).
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Williams, Kunz, Kornblith, Linderman. Generalized shape metrics on neural
+    representations. NeurIPS 2021.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import procrustes_similarity
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(30, 5)
+    >>> q, _ = torch.linalg.qr(torch.randn(5, 5))
+    >>> round(float(procrustes_similarity(x, 2.0 * x @ q + 1.0)), 4)
+    1.0
+    >>> 0.0 <= float(procrustes_similarity(x, torch.randn(30, 3))) <= 1.0
+    True
     """
     x, y = check_pair(x, y)
     ident = _identity(x.shape[0], x.device)
@@ -183,8 +213,7 @@ def shape_score(sx: FactorState, sy: FactorState, perms: Tensor) -> Tensor:
 
 @no_autocast()
 def shape_metric(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
-    """Generalized shape metric (Williams et al. 2021, "Generalized shape metrics on neural
-    representations", NeurIPS) as a similarity: ``1 − θ/(π/2)``.
+    """Generalized shape metric (Williams et al. 2021) as a similarity: ``1 − θ/(π/2)``.
 
     ``θ = arccos(max_Q ⟨φ_α(X), φ_α(Y) Q⟩ / (‖φ_α(X)‖‖φ_α(Y)‖))`` is the angular shape distance
     (netrep's ``LinearMetric(alpha, score_method="angular")``, ``center_columns=True``,
@@ -203,6 +232,37 @@ def shape_metric(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
       so the input's overall scale sets how much it is whitened.
 
     Symmetric.  Needs n >= 2.  Fast null: as :func:`procrustes_similarity`.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    alpha : float, default=1.0
+        Partial whitening α in [0, 1]: 1 is Procrustes, 0 CCA-like.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Williams, Kunz, Kornblith, Linderman. Generalized shape metrics on neural
+    representations. NeurIPS 2021.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import shape_metric
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(30, 5)
+    >>> q, _ = torch.linalg.qr(torch.randn(5, 5))
+    >>> round(float(shape_metric(x, 2.0 * x @ q)), 4)  # alpha=1: rotation and scale
+    1.0
+    >>> round(float(shape_metric(x, x @ torch.randn(5, 5), alpha=0.0)), 4)  # any linear map
+    1.0
     """
     x, y = check_pair(x, y)
     ident = _identity(x.shape[0], x.device)
@@ -249,12 +309,13 @@ def bures_score(sx: FactorState, sy: FactorState, perms: Tensor) -> Tensor:
 @no_autocast()
 def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float | str = 1.0
                      ) -> Tensor:
-    """Normalized Bures similarity ``tr((K^½ L K^½)^½) / √(tr K · tr L)`` of the centered grams
-    ``K = H Kₓ H``, ``L = H K_y H``.
+    """Normalized Bures similarity (fidelity) of the centered grams (Harvey et al. 2023).
 
-    ``kernel="linear"`` (``K = XXᵀ``) equals :func:`procrustes_similarity`.  ``kernel="rbf"``
-    uses ``exp(−‖x_i − x_j‖²/(2σ²))`` with absolute ``sigma`` (default 1.0) or
-    ``sigma="median"`` (as :func:`~alignment_callback.functional.kernels.rbf_gram`).
+    ``tr((K^½ L K^½)^½) / √(tr K · tr L)`` with ``K = H Kₓ H``, ``L = H K_y H`` the centered
+    grams, ``H = I − 11ᵀ/n``.  ``kernel="linear"`` (``Kₓ = XXᵀ``) equals
+    :func:`procrustes_similarity`.  ``kernel="rbf"`` uses ``exp(−‖x_i − x_j‖²/(2σ²))`` with
+    absolute ``sigma`` or ``sigma="median"`` (as
+    :func:`~alignment_callback.functional.kernels.rbf_gram`).
 
     Range [0, 1], 1 iff the normalized centered grams are equal.  Symmetric.  Linear: invariant
     to orthogonal maps, isotropic scaling, translation.  RBF: invariant to orthogonal maps and
@@ -266,6 +327,38 @@ def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float 
     an O(n r_x r_y) product plus an r × r SVD — about O(n³) — against two O(n³)
     eigendecompositions plus that SVD when recomputing.  The square root makes the RBF value
     accurate to about ``√(n·eps)`` relative when the gram has eigenvalues at round-off level.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    kernel : {"linear", "rbf"}, default="linear"
+        The gram of each side.
+    sigma : float or "median", default=1.0
+        The RBF bandwidth σ (ignored for ``kernel="linear"``).
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Harvey, Lipshutz, Williams. Duality of Bures and shape distances with implications for
+    comparing neural representations. UniReps workshop, NeurIPS 2023.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import bures_similarity, procrustes_similarity
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(30, 5), torch.randn(30, 3)
+    >>> bool(torch.isclose(bures_similarity(x, y), procrustes_similarity(x, y)))
+    True
+    >>> round(float(bures_similarity(x, 2.0 * x, kernel="rbf", sigma="median")), 4)
+    1.0
     """
     x, y = check_pair(x, y)
     ident = _identity(x.shape[0], x.device)

@@ -107,8 +107,44 @@ def svcca_score(ux: Tensor, uy: Tensor, perms: Tensor) -> Tensor:
 
 @no_autocast()
 def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:
-    """SVCCA: mean canonical correlation between the top-``cca_dim`` (default 10) singular
-    subspaces of the column-standardized representations. In [0, 1]."""
+    """SVCCA: the mean canonical correlation of the top singular subspaces (Raghu et al. 2017).
+
+    Each side's columns are centered and scaled to unit variance, its top ``cca_dim`` left
+    singular vectors U span the kept subspace, and the score is ``(1/c) Σ_i σ_i(U_xᵀ U_y)``,
+    the mean of the c = ``cca_dim`` canonical correlations between the two subspaces.  In
+    [0, 1]; symmetric; deterministic (no random projection).  Needs
+    ``cca_dim <= min(n − 1, d)`` on both sides.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d_x)
+        First representation, one row per sample.
+    y : Tensor of shape (n, d_y)
+        Second representation: the same samples, in the same order.
+    cca_dim : int, default=10
+        Singular directions kept per side.
+
+    Returns
+    -------
+    Tensor
+        0-dim; float32, or float64 when an input is float64.
+
+    References
+    ----------
+    Raghu, Gilmer, Yosinski, Sohl-Dickstein. SVCCA: Singular vector canonical correlation
+    analysis for deep learning dynamics and interpretability. NeurIPS 2017.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.functional import svcca
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(50, 8)
+    >>> round(float(svcca(x, 3.0 * x[:, [2, 0, 1, 3, 4, 5, 6, 7]] + 1.0, cca_dim=4)), 4)
+    1.0
+    >>> 0.0 <= float(svcca(x, torch.randn(50, 8), cca_dim=4)) <= 1.0
+    True
+    """
     x, y = check_pair(x, y)
     ident = torch.arange(x.shape[0], device=x.device)[None]
     return svcca_score(svcca_state(x, cca_dim), svcca_state(y, cca_dim), ident)[0]

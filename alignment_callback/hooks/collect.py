@@ -376,45 +376,75 @@ def collect_activations(
     The model runs in ``eval()`` mode under ``torch.no_grad()``; afterwards (also on errors)
     every submodule's train/eval flag and the global RNG state are restored exactly.
 
-    Args:
-        model: the model (wrappers fine; names are normalized, see :func:`resolve_layers`).
-            An ``nn.DataParallel`` runs as its ``module`` (one device) and a
-            ``torch.compile``-d model as its eager ``_orig_mod`` (see :func:`probe_module`).
-        dataloader_or_batches: a DataLoader or any iterable of batches; a single tensor is split
-            into batches of ``batch_size`` rows; a single dict is one batch.
-        layers: names, globs or regexes (see :func:`resolve_layers`).
-        pool: pooling at capture time (default ``"mean"``; see :func:`pool_features`).
-        device: where inputs go (default: the device of the model's first parameter, or CPU).
-        input_key: for dict batches, call ``model(batch[input_key])`` instead of
-            ``model(**batch)`` (default ``None``).
-        batch_transform: ``f(batch) -> inputs`` replacing the batch rules below; a mapping
-            result is passed as keywords, a tuple as positional arguments, anything else as the
-            single argument (default ``None``).
-        forward: ``f(model, batch)`` called instead of ``model(...)`` with the device-moved
-            batch (after ``batch_transform`` if given; containers keep their type, see
-            :func:`to_device`) and the module of :func:`probe_module` (default ``None``).
-        max_batches: stop after this many batches (default ``None``: all).
-        batch_size: rows per batch when a tensor is given, a positive integer (default 256).
-        mask_key: the key of an ``(n, T)`` attention mask used to pool ``(n, T, d)`` outputs
-            over real tokens only: taken from the mapping ``batch_transform`` returns (a
-            tokenizer's output), else from a dict batch (default ``"attention_mask"``;
-            ``None`` disables it).
-        restore_rng: put the global RNG state back afterwards (default True; see
-            :func:`evaluation_mode`, pass False from a thread other than the training loop's).
-        **recorder_kwargs: ``detach``, ``to_cpu``, ``dtype``, ``output_key`` for
-            :class:`ActivationRecorder`.
-
     Batch rules: a tensor -> ``model(batch)``; a tuple / list of plain values only (strings,
     numbers: a ``DataLoader`` over a list of texts) -> ``model(batch)``, one row per value; any
     other tuple / list -> ``model(batch[0])`` (the rest are labels); a dict ->
     ``model(**batch)`` or ``model(batch[input_key])``.
 
-    Raises:
-        ValueError: no batch was given, the batches hold no rows, ``batch_size`` or
-            ``max_batches`` is not a positive integer, or a layer matches nothing.
-        LayerCountError: a layer did not run exactly once per forward pass.
-        RuntimeError: layers produced different numbers of rows (a layer whose output is
-            not batch-first).
+    Parameters
+    ----------
+    model : nn.Module
+        The model (wrappers fine; names are normalized, see :func:`resolve_layers`).  An
+        ``nn.DataParallel`` runs as its ``module`` (one device) and a ``torch.compile``-d
+        model as its eager ``_orig_mod`` (see :func:`probe_module`).
+    dataloader_or_batches : DataLoader, iterable of batches, Tensor or dict
+        A DataLoader or any iterable of batches; a single tensor is split into batches of
+        ``batch_size`` rows; a single dict is one batch.
+    layers : str, re.Pattern or sequence of them
+        Names, globs or regexes (see :func:`resolve_layers`).
+    pool : str or callable, default="mean"
+        Pooling at capture time (see :func:`pool_features`).
+    device : torch.device, str or None, default=None
+        Where inputs go; ``None``: the device of the model's first parameter, or CPU.
+    input_key : str or None, default=None
+        For dict batches, call ``model(batch[input_key])`` instead of ``model(**batch)``.
+    batch_transform : callable or None, default=None
+        ``f(batch) -> inputs`` replacing the batch rules above; a mapping result is passed as
+        keywords, a tuple as positional arguments, anything else as the single argument.
+    forward : callable or None, default=None
+        ``f(model, batch)`` called instead of ``model(...)`` with the device-moved batch
+        (after ``batch_transform`` if given; containers keep their type, see
+        :func:`to_device`) and the module of :func:`probe_module`.
+    max_batches : int or None, default=None
+        Stop after this many batches; ``None``: all.
+    batch_size : int, default=256
+        Rows per batch when a tensor is given, a positive integer.
+    mask_key : str or None, default="attention_mask"
+        The key of an ``(n, T)`` attention mask used to pool ``(n, T, d)`` outputs over real
+        tokens only: taken from the mapping ``batch_transform`` returns (a tokenizer's
+        output), else from a dict batch; ``None`` disables it.
+    restore_rng : bool, default=True
+        Put the global RNG state back afterwards (see :func:`evaluation_mode`; pass False
+        from a thread other than the training loop's).
+    **recorder_kwargs
+        ``detach``, ``to_cpu``, ``dtype``, ``output_key`` for :class:`ActivationRecorder`.
+
+    Returns
+    -------
+    dict of str to Tensor
+        ``{layer: (n, d)}`` for every resolved layer, in model order: the pooled activations
+        of all n probe rows (float32 on the CPU with the recorder's defaults).
+
+    Raises
+    ------
+    ValueError
+        No batch was given, the batches hold no rows, ``batch_size`` or ``max_batches`` is
+        not a positive integer, or a layer matches nothing.
+    LayerCountError
+        A layer did not run exactly once per forward pass.
+    RuntimeError
+        Layers produced different numbers of rows (a layer whose output is not batch-first).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from alignment_callback.hooks import collect_activations
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> acts = collect_activations(model, torch.randn(10, 4), ["0", "2"], batch_size=4)
+    >>> {name: tuple(a.shape) for name, a in acts.items()}
+    {'0': (10, 8), '2': (10, 2)}
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")

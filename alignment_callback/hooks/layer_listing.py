@@ -37,13 +37,37 @@ def list_layers(
     ``torch.compile``-d model eagerly) and restores every train/eval flag and the RNG state
     afterwards.
 
-    Args:
-        model: the model.
-        example_batch: one batch, with the batch rules of :func:`collect_activations` (a tensor
-            is used whole).
-        device, input_key, batch_transform, forward: as in :func:`collect_activations`
-            (defaults: model's device, ``None``, ``None``, ``None``).
-        output_key: as in :class:`ActivationRecorder` (default ``None``).
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    example_batch : Any
+        One batch, with the batch rules of :func:`collect_activations` (a tensor is used
+        whole).
+    device : torch.device, str or None, default=None
+        As in :func:`collect_activations`; ``None``: the model's device.
+    input_key : str or None, default=None
+        As in :func:`collect_activations`.
+    batch_transform : callable or None, default=None
+        As in :func:`collect_activations`.
+    forward : callable or None, default=None
+        As in :func:`collect_activations`.
+    output_key : int, str or None, default=None
+        As in :class:`ActivationRecorder`.
+
+    Returns
+    -------
+    list of (str, tuple of int)
+        ``(name, output_shape)`` for every layer that ran, in model order.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from alignment_callback.hooks import list_layers
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> list_layers(model, torch.zeros(3, 4))
+    [('0', (3, 8)), ('1', (3, 8)), ('2', (3, 2))]
     """
     table = named_layers(model)
     shapes: dict[str, tuple[int, ...]] = {}

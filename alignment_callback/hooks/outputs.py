@@ -15,7 +15,17 @@ OutputKey = Union[int, str, None]
 class LayerOutputError(TypeError):
     """A chosen layer returned nothing that can be recorded (no tensor where the rules of
     :func:`select_output` look): a property of the model and of the layers chosen, not of the
-    data."""
+    data.
+
+    Examples
+    --------
+    >>> from alignment_callback.hooks import LayerOutputError, select_output
+    >>> try:
+    ...     select_output((None, "text"), layer="head")
+    ... except LayerOutputError as err:
+    ...     print(isinstance(err, TypeError), "'head'" in str(err))
+    True True
+    """
 
 
 def _first_tensor(values: Any) -> Tensor | None:
@@ -51,24 +61,51 @@ def _by_key(output: Any, key: int | str, layer: str) -> Any:
 def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -> Tensor:
     """Pick the tensor to record from a module's output.
 
-    Args:
-        output: what the module's ``forward`` returned.
-        output_key: ``None`` (default) for the rules below; an ``int`` indexes a tuple/list (or the
-            non-``None`` values of a dict / ``ModelOutput``); a ``str`` is a dict key or attribute
-            (``"pooler_output"``).  The selected value must be a tensor.
-        layer: the layer's name, used in error messages only.
+    Default rules (``output_key=None``):
 
-    Default rules:
-        * a ``Tensor`` is returned as is;
-        * a tuple / list (a namedtuple too) gives its *first* tensor element (HF layers return
-          ``(hidden_states, attentions, ...)``; LSTMs ``(output, (h, c))``);
-        * a dict, an HF ``ModelOutput`` or a dataclass (its fields, in declaration order) gives
-          ``last_hidden_state``, else the last element of ``hidden_states``, else its first
-          tensor value.
+    * a ``Tensor`` is returned as is;
+    * a tuple / list (a namedtuple too) gives its *first* tensor element (HF layers return
+      ``(hidden_states, attentions, ...)``; LSTMs ``(output, (h, c))``);
+    * a dict, an HF ``ModelOutput`` or a dataclass (its fields, in declaration order) gives
+      ``last_hidden_state``, else the last element of ``hidden_states``, else its first tensor
+      value.
 
-    Raises:
-        LayerOutputError: no tensor could be found (a ``TypeError``; the message names the
-            layer).
+    Parameters
+    ----------
+    output : Any
+        What the module's ``forward`` returned.
+    output_key : int, str or None, default=None
+        ``None`` for the default rules; an ``int`` indexes a tuple/list (or the non-``None``
+        values of a dict / ``ModelOutput``); a ``str`` is a dict key or attribute
+        (``"pooler_output"``).  The selected value must be a tensor.
+    layer : str, default="?"
+        The layer's name, used in error messages only.
+
+    Returns
+    -------
+    Tensor
+        The selected tensor itself (not a copy).
+
+    Raises
+    ------
+    LayerOutputError
+        No tensor could be found (a ``TypeError``; the message names the layer).
+    KeyError
+        ``output_key`` is not in the output.
+    TypeError
+        ``output_key`` selects something other than a tensor.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.hooks import select_output
+    >>> hidden, attn = torch.zeros(2, 3, 4), torch.zeros(2, 3, 3)
+    >>> select_output((hidden, attn)) is hidden
+    True
+    >>> select_output({"logits": attn, "last_hidden_state": hidden}) is hidden
+    True
+    >>> select_output((hidden, attn), output_key=1) is attn
+    True
     """
     if output_key is not None:
         picked = _by_key(output, output_key, layer)

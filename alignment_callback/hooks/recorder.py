@@ -48,32 +48,52 @@ class ActivationRecorder:
     (an in-place op later in the model cannot change it, and a pooled view cannot keep the full
     activation alive).
 
-    Example::
+    Parameters
+    ----------
+    model : nn.Module
+        The model (DDP / DataParallel / ``torch.compile`` wrappers are fine for the names;
+        call an ``nn.DataParallel``'s ``module`` and a compiled model's ``_orig_mod``
+        yourself, as :func:`collect_activations` does: DataParallel copies the hooks to every
+        GPU's replica, and a graph compiled without the hooks never calls them).
+    layers : str, re.Pattern or sequence of them
+        Names, globs or regexes; see :func:`resolve_layers`.
+    pool : str or callable, default="mean"
+        ``"mean"``, ``"cls"``, ``"first"``, ``"last"``, ``"flatten"``, ``"none"`` or a
+        callable ``(n, ...) -> (n, d)``; see :func:`pool_features`.
+    detach : bool, default=True
+        Detach outputs from the autograd graph.
+    to_cpu : bool, default=True
+        Move recorded tensors to the CPU.
+    dtype : torch.dtype or None, default=torch.float32
+        Dtype of the recorded tensors; ``None`` keeps the output's.
+    output_key : int, str or None, default=None
+        Which part of a tuple / dict output to record; ``None``: the rules of
+        :func:`select_output`.
 
-        with ActivationRecorder(model, "encoder.layer.*", pool="cls") as rec:
-            model(batch)
-        feats = rec.activations  # {"encoder.layer.0": (n, d), ...}
+    Attributes
+    ----------
+    mask : Tensor of shape (n, T) or None
+        Attention mask for the *next* forward pass; when set, 3-D outputs of shape
+        ``(n, T, d)`` are pooled over unmasked tokens only (``"mean"`` and ``"last"``).
+        :func:`collect_activations` sets it from ``attention_mask`` (of a
+        ``batch_transform``'s result, else of the batch).
+    activations : dict of str to Tensor
+        ``{layer: (n_total, d)}``: every recorded batch, concatenated.
+    layers : list of str
+        The resolved (normalized) layer names, in model order.
 
-    Args:
-        model: the model (DDP / DataParallel / ``torch.compile`` wrappers are fine for the
-            names; call an ``nn.DataParallel``'s ``module`` and a compiled model's
-            ``_orig_mod`` yourself, as :func:`collect_activations` does: DataParallel copies
-            the hooks to every GPU's replica, and a graph compiled without the hooks never
-            calls them).
-        layers: names, globs or regexes; see :func:`resolve_layers`.
-        pool: ``"mean"`` (default), ``"cls"``, ``"first"``, ``"last"``, ``"flatten"``,
-            ``"none"`` or a callable ``(n, ...) -> (n, d)``; see :func:`pool_features`.
-        detach: detach outputs from the autograd graph (default True).
-        to_cpu: move recorded tensors to the CPU (default True).
-        dtype: dtype of the recorded tensors (default ``torch.float32``; ``None`` keeps it).
-        output_key: which part of a tuple / dict output to record (default ``None``: see
-            :func:`select_output`).
-
-    Attributes:
-        mask: optional ``(n, T)`` attention mask for the *next* forward pass; when set, 3-D
-            outputs of shape ``(n, T, d)`` are pooled over unmasked tokens only (``"mean"``
-            and ``"last"``).  :func:`collect_activations` sets it from ``attention_mask``
-            (of a ``batch_transform``'s result, else of the batch).
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from alignment_callback.hooks import ActivationRecorder
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> with ActivationRecorder(model, ["0", "2"]) as rec:
+    ...     _ = model(torch.randn(3, 4))
+    ...     _ = model(torch.randn(2, 4))
+    >>> {name: tuple(a.shape) for name, a in rec.activations.items()}
+    {'0': (5, 8), '2': (5, 2)}
     """
 
     def __init__(

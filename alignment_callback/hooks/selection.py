@@ -182,28 +182,48 @@ def resolve_modules(model: nn.Module, layers: Layers, model_name: str = "model"
 def resolve_layers(model: nn.Module, layers: Layers, model_name: str = "model") -> list[str]:
     """Resolve layer specs to normalized module names, in model (``named_modules``) order.
 
-    Args:
-        model: the model, possibly wrapped by DDP / DataParallel (``module.``) or
-            ``torch.compile`` (``_orig_mod.``); those prefixes are removed from names.
-        layers: one spec or a sequence of specs; each is
+    Parameters
+    ----------
+    model : nn.Module
+        The model, possibly wrapped by DDP / DataParallel (``module.``) or ``torch.compile``
+        (``_orig_mod.``); those prefixes are removed from names.
+    layers : str, re.Pattern or sequence of them
+        One spec or a sequence of specs; each is
 
-            * an exact module name (``"encoder.layer.3"``; ``"module.encoder.layer.3"`` also
-              works on a wrapped model),
-            * a glob (``"encoder.layer.*.output"``): ``*`` and ``?`` stay within one dotted
-              component, ``**`` spans several, ``[...]`` is a character class,
-            * a regex, as a ``"re:"``-prefixed string or a compiled ``re.Pattern``, which must
-              match the whole name (``re.fullmatch``).
+        * an exact module name (``"encoder.layer.3"``; ``"module.encoder.layer.3"`` also
+          works on a wrapped model),
+        * a glob (``"encoder.layer.*.output"``): ``*`` and ``?`` stay within one dotted
+          component, ``**`` spans several, ``[...]`` is a character class,
+        * a regex, as a ``"re:"``-prefixed string or a compiled ``re.Pattern``, which must
+          match the whole name (``re.fullmatch``).
+    model_name : str, default="model"
+        How error messages call the model (the callback says ``"student model"`` or
+        ``"reference model"``).
 
-        model_name: how error messages call the model (default ``"model"``; the callback says
-            ``"student model"`` or ``"reference model"``).
-
-    Returns:
+    Returns
+    -------
+    list of str
         The matched names, without duplicates, in the order of ``model.named_modules()``.
 
-    Raises:
-        ValueError: a spec matches no module (the message lists the closest valid names), or
-            is an invalid regex / glob.
-        TypeError: ``layers`` is not a spec or a sequence of specs.
+    Raises
+    ------
+    ValueError
+        A spec matches no module (the message lists the closest valid names), or is an
+        invalid regex / glob.
+    TypeError
+        ``layers`` is not a spec or a sequence of specs.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from alignment_callback.hooks import resolve_layers
+    >>> model = nn.Sequential()
+    >>> model.add_module("encoder", nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    >>> model.add_module("head", nn.Linear(4, 2))
+    >>> resolve_layers(model, "encoder.*")
+    ['encoder.0', 'encoder.1', 'encoder.2']
+    >>> resolve_layers(model, ["head", r"re:encoder\\.[02]"])  # model order, not spec order
+    ['encoder.0', 'encoder.2', 'head']
     """
     return [name for name, _ in resolve_modules(model, layers, model_name)]
 

@@ -87,6 +87,19 @@ class AlignmentCallback(Callback):
     their grams / neighbor lists.  The same seeded permutations are used every time, so the
     curve is comparable across epochs.
 
+    What a step computes, per measure s (docs/calibration.md): **raw** is the aggregate
+    A = agg_{a,b} s(X_a, Y_b) of the LA×LB matrix of model layers X_a and reference layers Y_b
+    (``aggregate``; scores clamped to the measure's range), and its null A_1..A_K applies each
+    of the K seeded permutations π_k to the rows of every reference layer at once and
+    aggregates the recomputed matrix (Westfall–Young maxT for ``"max"``).  With α = ``alpha``,
+    the threshold **τ** is the ⌈(1 − α)(K + 1)⌉-th smallest value of {A, A_1, …, A_K} (an
+    order statistic, not an interpolated quantile); **calibrated** =
+    max((A − τ)/(s_max − τ), 0), clamped to ≤ 1, with s_max the measure's maximum (1 for every
+    built-in; [A − τ]₊ for an unbounded measure; 0 when s_max − τ is below the float
+    resolution); the **p-value** is p = (1 + #{k : A_k ≥ A})/(K + 1), so under the null
+    P(p ≤ α) ≤ α and P(calibrated > 0) ≤ α.  With ``null="moments"`` τ and p come from a
+    Pearson type III fit to the exact permutation moments instead of drawn permutations.
+
     Logged through every attached logger, per measure ``<prefix>/<measure>/{raw, calibrated,
     p_value, threshold, null_mean, null_std, effect_size}`` and the text ``null_method``
     (where the logger takes text), the arg-max pair indices, per-pair raw
@@ -136,80 +149,203 @@ class AlignmentCallback(Callback):
     capture moves to the loop with a warning; training never fails on it.
     Single-process runs only: under DDP the callback runs in the foreground.
 
-    Args:
-        reference: what the model is compared with: a frozen model (``nn.Module`` /
-            ``LightningModule``, put in eval mode with ``requires_grad_(False)`` at setup; one
-            that shares trained parameters with the model in training is refused: pass a
-            ``copy.deepcopy``; a frozen module kept on the model is used as it is) or a
-            checkpoint path (see ``reference_class``); its features
-            instead, a ``{layer: (n, ...) tensor}`` mapping (``(n, T, d)`` features are pooled
-            with ``reference_pool``) or a feature file (``.pt``, ``.npz``,
-            ``.safetensors``, ...; one written by ``alignment-callback extract`` carries its
-            probe's fingerprint, checked against ``probe``); ``"initial"`` (the model's own
-            activations at the start of fit; on a resumed run, of the resumed weights, with a
-            warning) or ``"previous"`` (at the previous step), layer by layer; or
-            ``{name: reference}`` for several, sharing the model's probe pass, keys
-            ``<prefix>/<name>/<measure>/...`` (``reference_layers`` / ``reference_inputs`` may
-            then be keyed by name too).
-        probe: the probe inputs: a ``DataLoader`` with a sequential sampler, a tensor or
-            numeric NumPy array, a ``.pt`` path (a tensor, a dict batch, a tuple batch
-            ``(inputs, labels)`` or a list of batches), a callable returning batches, or a list
-            of batches; the same rows in the same order every time.
-        layers: student layers (names, globs, ``"re:"`` regexes; see ``resolve_layers``), or a
-            mapping ``{student layer: reference layer}`` to aggregate over those pairs only
-            (then without ``reference_layers``).
-        reference_layers: reference layers (default: the same names as ``layers``).
-        measures: names (default ``("linear_cka", "mutual_knn", "cknna")``) or a mapping
-            ``{name: {options}}`` e.g. ``{"mutual_knn": {"k": 5}}``.
-        preset: ``"prh"`` (mutual kNN k = 10, rows clamped at the 0.95 quantile and
-            L2-normalized, max over layer pairs: PRH's ``measure_alignment``) or ``"repa"``
-            (CKNNA k = 10 on token-averaged features, as REPA's public threads describe it;
-            ``pool="mean"`` averages every token, a ViT's CLS and register tokens too: pass
-            ``reference_pool=patch_mean(1)`` from ``alignment_callback.callback.presets`` to
-            average a DINOv2 reference's patch tokens only);
-            each documents its sources and what is unknown (``PRESETS``).  Explicit
-            ``measures`` / ``aggregate`` / ``pool`` / ``reference_pool`` / ``preprocess``
-            override it.
-        every_n_epochs: run after every n-th training epoch (default None: 1 unless
-            ``every_n_train_steps`` is given; giving both is an error).
-        every_n_train_steps: run every n optimizer steps instead (default None).
-        num_permutations: K (default 500). alpha: τ level (default 0.05).
-        aggregate: ``"max"`` (default), ``"mean"``, ``"topK"`` or a callable.
-        seed: permutation seed (default 0). baseline: run once before training (default True).
-        pool / reference_pool: pooling of 3-D+ outputs (default ``"mean"``; dict batches are
-            passed to the model as ``**kwargs``, and token outputs are pooled over the
-            ``mask_key`` entry of the batch, default ``"attention_mask"``; None disables it);
-            ``reference_pool`` (default: ``pool``) also pools reference features of more than
-            two dimensions (without a mask).
-        preprocess: feature preprocessing (default True: L2-normalize rows).
-        log_prefix: key prefix (default ``"alignment"``). log_heatmaps: default True.
-        log_pairs: also log every pair's raw score (default False).
-        on_error: ``"warn"`` (default: warn with the reason and keep training) or ``"raise"``;
-            data-dependent failures only.
-        input_key / batch_transform: how to get the model input from a batch (dict batches).
-        reference_inputs: a separate probe for the reference (row-aligned with ``probe``; for
-            cross-modal pairs), with ``reference_input_key`` / ``reference_batch_transform``.
-        reference_class: ``LightningModule`` class to load a checkpoint path ``reference``.
-        compute_device: where measures run (default: the model's device, the CPU for an
-            MPS model, which has no float64); checked at construction (a CUDA device must
-            exist).
-        log_to_module: also ``pl_module.log`` calibrated values for monitors (default True;
-            not with ``background``).
-        background: compute in a worker thread, overlapping training (default False).
-        null: ``"permutation"`` (default), ``"moments"`` (exact permutation moments with a
-            Pearson type III null: a p-value at every step for the cost of a few traces;
-            gram-family measures on one layer pair) or ``"auto"`` (moments where validated,
-            permutations elsewhere, e.g. for an aggregate over layer pairs).
-        verbose: one console line per measure after each step, and the reference's probe pass
-            as a progress bar (rank 0; default True).
-        progress_bar: calibrated values on Lightning's progress bar (default True).
-        report: write ``alignment_report.md`` / ``.html`` next to the logs at the end of fit
-            (curves, last heatmaps, final values with Benjamini–Hochberg p, settings, one
-            sentence per curve; W&B also keeps it as a file; none with ``fast_dev_run``)
-            (default True).
-        mask_key: the dict-batch key of an attention mask for pooling (default
-            ``"attention_mask"``).
-        metrics: deprecated name of ``measures``.
+    Parameters
+    ----------
+    reference : nn.Module, LightningModule, str, path, mapping, "initial" or "previous"
+        What the model is compared with: a frozen model (``nn.Module`` /
+        ``LightningModule``, put in eval mode with ``requires_grad_(False)`` at setup; one
+        that shares trained parameters with the model in training is refused: pass a
+        ``copy.deepcopy``; a frozen module kept on the model is used as it is) or a
+        checkpoint path (see ``reference_class``); its features instead, a
+        ``{layer: (n, ...) tensor}`` mapping (``(n, T, d)`` features are pooled with
+        ``reference_pool``) or a feature file (``.pt``, ``.npz``, ``.safetensors``, ...; one
+        written by ``alignment-callback extract`` carries its probe's fingerprint, checked
+        against ``probe``); ``"initial"`` (the model's own activations at the start of fit; on
+        a resumed run, of the resumed weights, with a warning) or ``"previous"`` (at the
+        previous step), layer by layer; or ``{name: reference}`` for several, sharing the
+        model's probe pass, keys ``<prefix>/<name>/<measure>/...`` (``reference_layers`` /
+        ``reference_inputs`` may then be keyed by name too).
+    probe : DataLoader, Tensor, ndarray, str, path, callable or list of batches
+        The probe inputs: a ``DataLoader`` with a sequential sampler, a tensor or numeric
+        NumPy array, a ``.pt`` path (a tensor, a dict batch, a tuple batch
+        ``(inputs, labels)`` or a list of batches), a callable returning batches, or a list
+        of batches; the same rows in the same order every time.
+    layers : str, sequence of str or mapping of str to str
+        Student layers (names, globs, ``"re:"`` regexes; see ``resolve_layers``), or a
+        mapping ``{student layer: reference layer}`` to aggregate over those pairs only
+        (then without ``reference_layers``).
+    reference_layers : str, sequence of str or mapping, default=None
+        Reference layers; None: the same names as ``layers``.
+    measures : sequence of str or mapping of str to dict, default=None
+        Names, or a mapping ``{name: {options}}`` e.g. ``{"mutual_knn": {"k": 5}}``; None:
+        ``("linear_cka", "mutual_knn", "cknna")``, or the ``preset``'s.
+    every_n_epochs : int or None, default=None
+        Run after every n-th training epoch; None: 1 unless ``every_n_train_steps`` is given
+        (giving both is an error).
+    every_n_train_steps : int or None, default=None
+        Run every n optimizer steps instead; None: by epochs.
+    num_permutations : int, default=500
+        K, the permutations of every null.
+    alpha : float, default=0.05
+        α, the level of the threshold τ.
+    aggregate : {"max", "mean", "topK"} or callable, default=None
+        How the LA×LB layer matrix is aggregated (``"topK"`` e.g. ``"top3"``); None:
+        ``"max"``, or the ``preset``'s.
+    seed : int, default=0
+        The permutation seed.
+    baseline : bool, default=True
+        Run once before training (logged as epoch 0).
+    pool : str or callable, default=None
+        Pooling of 3-D+ outputs: one of ``"flatten"``, ``"mean"``, ``"cls"``, ``"first"``,
+        ``"last"``, ``"none"`` or a callable ``(n, ...) -> (n, d)``; None: ``"mean"``, or
+        the ``preset``'s.  Dict batches are passed to the model as ``**kwargs``, and token
+        outputs are pooled over the ``mask_key`` entry of the batch (default
+        ``"attention_mask"``; a ``mask_key`` of None disables it).
+    reference_pool : str or callable, default=None
+        Pooling of the reference's outputs; it also pools reference features of more than
+        two dimensions (without a mask).  None: ``pool``, or the ``preset``'s.
+    preprocess : bool, mapping or callable, default=None
+        Feature preprocessing: True L2-normalizes rows, False uses rows as given, a mapping
+        passes ``pool`` / ``clamp_quantile`` / ``normalize`` to ``prepare_features``, a
+        callable maps (n, d) rows to features; None: True, or the ``preset``'s.
+    log_prefix : str, default="alignment"
+        The key prefix ``<prefix>``.
+    log_heatmaps : bool, default=True
+        Log the layer×layer heatmaps (needs matplotlib).
+    log_pairs : bool, default=False
+        Also log every pair's raw score.
+    on_error : {"warn", "raise"}, default="warn"
+        ``"warn"``: warn with the reason and keep training; ``"raise"``: raise.  For
+        data-dependent failures only.
+    input_key : str or None, default=None
+        How to get the model input from a dict batch: ``model(batch[input_key])``; None:
+        ``model(**batch)``.
+    batch_transform : callable or None, default=None
+        ``f(batch) -> inputs``, how to get the model input from a batch, replacing the rules
+        above.
+    reference_inputs : probe-like or None, default=None
+        A separate probe for the reference (row-aligned with ``probe``; for cross-modal
+        pairs); None: the reference runs on ``probe``.
+    reference_input_key : str or None, default=None
+        ``input_key`` for ``reference_inputs``.
+    reference_batch_transform : callable or None, default=None
+        ``batch_transform`` for ``reference_inputs``.
+    reference_class : type or None, default=None
+        ``LightningModule`` class to load a checkpoint path ``reference``.
+    compute_device : str, torch.device or None, default=None
+        Where measures run; None: the model's device (the CPU for an MPS model, which has
+        no float64).  Checked at construction (a CUDA device must exist).
+    log_to_module : bool, default=True
+        Also ``pl_module.log`` calibrated values for monitors (not with ``background``).
+    background : bool, default=False
+        Compute in a worker thread, overlapping training (see above).
+    null : {"permutation", "moments", "auto"}, default="permutation"
+        ``"permutation"``: K permutations; ``"moments"``: exact permutation moments with a
+        Pearson type III null, a p-value at every step for the cost of a few traces
+        (gram-family measures on one layer pair); ``"auto"``: moments where validated,
+        permutations elsewhere, e.g. for an aggregate over layer pairs.
+    verbose : bool, default=True
+        One console line per measure after each step, and the reference's probe pass as a
+        progress bar (rank 0).
+    progress_bar : bool, default=True
+        Show the calibrated values on Lightning's progress bar.
+    report : bool, default=True
+        Write ``alignment_report.md`` / ``.html`` next to the logs at the end of fit
+        (curves, last heatmaps, final values with Benjamini–Hochberg p, settings, one
+        sentence per curve; W&B also keeps it as a file; none with ``fast_dev_run``).
+    mask_key : str or None, default="attention_mask"
+        The dict-batch key of an attention mask for pooling; None: no mask.
+    preset : {"prh", "repa"} or None, default=None
+        ``"prh"``: mutual kNN k = 10, rows clamped at the 0.95 quantile and L2-normalized,
+        max over layer pairs (PRH's ``measure_alignment``); ``"repa"``: CKNNA k = 10 on
+        token-averaged features, as REPA's public threads describe it (``pool="mean"``
+        averages every token, a ViT's CLS and register tokens too: pass
+        ``reference_pool=patch_mean(1)`` from ``alignment_callback.callback.presets`` to
+        average a DINOv2 reference's patch tokens only); each documents its sources and
+        what is unknown (``PRESETS``).  Explicit ``measures`` / ``aggregate`` / ``pool`` /
+        ``reference_pool`` / ``preprocess`` override it.
+    metrics : sequence of str or mapping of str to dict, default=None
+        Deprecated name of ``measures`` (a ``DeprecationWarning``).
+
+    Attributes
+    ----------
+    history : list of dict
+        One entry per alignment step with a result, in order: the logged scalars
+        (``<prefix>[/<reference>]/<measure>/<field>``, the best layer indices, with
+        ``log_pairs`` every pair's raw score), ``<prefix>/epoch``, ``<prefix>/step``,
+        ``<prefix>/seconds``, each measure's ``best_pair`` (``"<model layer>|<reference
+        layer>"``) and ``null_method``, per-layer raw and calibrated scores for an
+        ``"initial"`` / ``"previous"`` reference, and plain ``epoch`` and ``step``.  Saved
+        in checkpoints; a step without a result of some reference has no keys of it (see
+        :meth:`has_result`).
+    skipped : list of dict
+        Steps that failed under ``on_error="warn"``: ``{"epoch", "step", "reason"}`` each
+        (saved in checkpoints and listed in the report).
+    last_results : dict
+        The last step's ``{measure label: LayerAlignmentResult}``, labels prefixed by the
+        reference's name for several references; empty before the first result.
+    report_paths : tuple of (str, str) or None
+        The paths of the end-of-fit report (``.md``, ``.html``); None until it is written.
+    restarted : set of str
+        Key prefixes (``<prefix>/<label>/``) of the curves the last checkpoint loaded did not
+        continue (written with other settings): an ``AlignmentPlateau`` restarts its count.
+
+    See Also
+    --------
+    AlignmentPlateau : call a function once when an alignment value stops improving.
+    alignment_callback.engine.AlignmentEngine : the computation of one step, without Lightning.
+    alignment_callback.functional.calibrated_layer_alignment : aggregation-aware calibration.
+    alignment_callback.functional.calibrate : τ, calibrated score and p of one score and null.
+    alignment_callback.callback.presets.PRESETS : the ``preset`` settings and their sources.
+
+    References
+    ----------
+    Kornblith, Norouzi, Lee, Hinton. Similarity of neural network representations revisited.
+    ICML 2019 (linear CKA).
+
+    Huh, Cheung, Wang, Isola. The Platonic Representation Hypothesis. ICML 2024 (mutual kNN,
+    CKNNA; code: github.com/minyoungg/platonic-rep).
+
+    Permutation calibration of representational similarity, arXiv 2602.14486 (Algorithms 1
+    and 2: τ, the calibrated score, p, and the aggregation-aware calibration).
+
+    Westfall & Young (1993), *Resampling-Based Multiple Testing* (maxT).
+
+    Kazi-Aoual, Hitier, Sabatier & Lebreton (1995), "Refined approximations to permutation
+    tests for multivariate inference", *Computational Statistics & Data Analysis* 20; Josse,
+    Pagès & Husson (2008), "Testing the significance of the RV coefficient", *Computational
+    Statistics & Data Analysis* 53 (``null="moments"``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from alignment_callback.callback import AlignmentCallback
+    >>> _ = torch.manual_seed(0)
+    >>> reference = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> probe = torch.randn(64, 8)
+    >>> cb = AlignmentCallback(reference, probe, layers=["0", "2"], num_permutations=99)
+    >>> list(cb.measures), cb.every_n_epochs, cb.every_n_train_steps, cb.num_permutations
+    (['linear_cka', 'mutual_knn', 'cknna'], 1, None, 99)
+    >>> cb.history, cb.skipped, cb.last_results, cb.report_paths
+    ([], [], {}, None)
+    >>> prh = AlignmentCallback(reference, probe, layers="0", preset="prh",
+    ...                         every_n_train_steps=50)
+    >>> dict(prh.measures["mutual_knn"].params), prh.every_n_epochs
+    ({'k': 10}, None)
+
+    In training (``module`` a ``LightningModule`` holding ``self.net``, a model with the
+    reference's layout, and ``train_loader`` its data)::
+
+        from lightning.pytorch import Trainer
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        cb = AlignmentCallback(reference, probe, layers=["net.0", "net.2"],
+                               reference_layers=["0", "2"], every_n_epochs=2)
+        best = ModelCheckpoint(monitor="alignment/mutual_knn/calibrated", mode="max")
+        trainer = Trainer(max_epochs=10, callbacks=[cb, best])
+        trainer.fit(module, train_loader)
+        cb.history[-1]["alignment/mutual_knn/calibrated"], cb.report_paths
     """
 
     def __init__(
@@ -399,6 +535,8 @@ class AlignmentCallback(Callback):
     # ------------------------------------------------------------------------- identity
     @property
     def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: the class name with ``log_prefix``
+        and the sorted measure names."""
         return self._generate_state_key(log_prefix=self.log_prefix, metrics=sorted(self.measures))
 
     def state_dict(self) -> dict[str, Any]:
@@ -643,6 +781,9 @@ class AlignmentCallback(Callback):
             ref.pending = acts
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Set the loggers' axes and summaries, then run the baseline, or on a resumed run go on
+        from the checkpoint's history (anchoring ``"initial"`` / ``"previous"`` references
+        and redoing the steps that were in flight when it was written)."""
         axis = "step" if self.every_n_train_steps is not None else "epoch"
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
         dispatch.define_summaries(trainer.loggers, [
@@ -726,6 +867,8 @@ class AlignmentCallback(Callback):
                 category=UserWarning)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Run a step after every ``every_n_epochs``-th epoch (not with ``every_n_train_steps``)
+        and log the background results that are ready."""
         if self.every_n_train_steps is not None or trainer.sanity_checking:
             return
         epoch = trainer.current_epoch + 1
@@ -735,6 +878,8 @@ class AlignmentCallback(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        """With ``every_n_train_steps``: run a step at every n-th global step; log the
+        background results that are ready."""
         n = self.every_n_train_steps
         if n is not None and trainer.global_step > 0 and trainer.global_step % n == 0:
             self._maybe_run(trainer, pl_module, epoch=trainer.current_epoch, in_batch_hook=True)
@@ -742,6 +887,8 @@ class AlignmentCallback(Callback):
             self._publish(trainer, self._queue.ready())
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log the background results still outstanding (waiting for them), stop the worker,
+        and on rank 0 write the end-of-fit charts, table and report."""
         self._publish(trainer, self._queue.ready(wait=True))
         self._queue.shutdown()
         self._ended = True
@@ -764,6 +911,8 @@ class AlignmentCallback(Callback):
             self._release()  # Lightning calls no teardown after an exception
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Drop what the fit built (cached reference state, the model copy, the probe's
+        batches) and remove the temporary heatmap folder."""
         self._release()
         if self._scratch is not None:  # W&B copied the files into its run directory
             shutil.rmtree(self._scratch, ignore_errors=True)

@@ -8,6 +8,7 @@ in ``trainer.callback_metrics`` to ``OUT_DIR/rank{r}.json``.  Not collected by p
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -113,7 +114,10 @@ def main(out: str, strategy: str, mode: str = "ok") -> None:
     (rank 1's probe pass raises), ``fail_reference_rank1`` (setting rank 1's reference
     raises), ``fail_layer_count_rank1`` (a chosen layer runs twice in rank 1's probe pass: a
     configuration error, raised under ``on_error="warn"`` too); ``batchnorm`` (replicas whose
-    BatchNorm statistics differ, linear CKA on fc2 only)."""
+    BatchNorm statistics differ, linear CKA on fc2 only); ``rank_reference`` (rank 1 holds
+    another reference model and another probe: every rank must use rank 0's);
+    ``fail_reference_pass_rank1`` (the reference model's probe pass raises on rank 1, at the
+    start of fit)."""
     if mode == "batchnorm":
         cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc2"], measures=["linear_cka"],
                                num_permutations=K, on_error="raise", verbose=False)
@@ -121,6 +125,24 @@ def main(out: str, strategy: str, mode: str = "ok") -> None:
                              max_epochs=MAX_EPOCHS, logger=False, enable_checkpointing=False,
                              callbacks=[cb, Dump(out, cb), LocalRecompute(out, cb)])
         trainer.fit(BatchNormMLP(), train_loader())
+        return
+    if mode in ("rank_reference", "fail_reference_pass_rank1"):
+        import torch.distributed as dist
+
+        rank = int(os.environ.get("LOCAL_RANK", "0"))  # before the process group exists
+        reference = RefMLP(seed=1 + rank if mode == "rank_reference" else 1)
+        probe = make_probe(seed=123 + rank) if mode == "rank_reference" else make_probe()
+        if mode == "fail_reference_pass_rank1":
+            def hook(module, args):
+                if dist.is_initialized() and dist.get_rank() == 1:
+                    raise RuntimeError("rank 1's reference pass broke")
+            reference.register_forward_pre_hook(hook)
+        cb = AlignmentCallback(reference, probe, LAYERS, measures=METRICS, num_permutations=K,
+                               log_heatmaps=False, verbose=False, on_error="warn")
+        trainer = pl.Trainer(**{**FAST_TRAINER, "devices": 2}, strategy=strategy,
+                             max_epochs=MAX_EPOCHS, logger=False, enable_checkpointing=False,
+                             callbacks=[cb, Dump(out, cb)])
+        trainer.fit(MLP(lr=0.0), train_loader())
         return
     failing = mode != "ok"
     moments = mode == "fail_moments_rank1"

@@ -114,3 +114,32 @@ def test_ddp_failure_on_one_rank_is_the_same_error_on_every_rank(tmp_path, mode,
     errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
     assert errors[0] == errors[1], errors
     assert all(part in errors[0] for part in expected), errors[0]
+
+
+def test_ddp_every_rank_uses_rank_zeros_reference_and_probe(tmp_path):
+    """Rank 1 holds another reference model and another probe (an unseeded random reference or
+    probe under ``strategy="ddp"``, which launches the script again per process): the model's
+    activations come from rank 0 at every step, and so must the reference's, or the shares of
+    the null mix two references; the logged values equal one process's with rank 0's."""
+    _run_worker(tmp_path, "ddp", "rank_reference")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    model, reference = MLP(lr=0.0), RefMLP(seed=1)
+    expected = {name: offline_alignment(model, reference, make_probe(), LAYERS, name, W.K)
+                for name in W.METRICS}
+    hist0 = ranks[0]["history"]
+    assert ranks[1]["history"] == hist0 and len(hist0) == W.MAX_EPOCHS + 1
+    for h in hist0:
+        for name, res in expected.items():
+            for field in ("raw", "calibrated", "p_value", "threshold", "null_std"):
+                assert h[f"alignment/{name}/{field}"] == pytest.approx(
+                    float(getattr(res, field)), rel=1e-5, abs=1e-6), (h["epoch"], name, field)
+
+
+def test_ddp_a_reference_pass_failing_on_one_rank_fails_every_rank(tmp_path):
+    """The reference model's probe pass at the start of fit raises on rank 1 only: every rank
+    raises the same error, naming the rank, instead of rank 0 waiting in the first step's
+    collective for a process that is gone."""
+    _run_worker(tmp_path, "ddp", mode="fail_reference_pass_rank1", expect_ok=False)
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    assert errors[0] == errors[1], errors
+    assert "on rank 1" in errors[0] and "rank 1's reference pass broke" in errors[0], errors[0]

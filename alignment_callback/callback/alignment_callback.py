@@ -754,7 +754,28 @@ class AlignmentCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The references' probe pass (or features), once per fit; a probe too small for a
-        measure, or features or ``reference_inputs`` of another size, is an error."""
+        measure, or features or ``reference_inputs`` of another size, is an error.  Under a
+        multi-process strategy every process takes rank 0's reference activations, as it takes
+        rank 0's model activations at every step (a reference model or probe that differs
+        between processes, e.g. unseeded, would otherwise mix two references in the null), and
+        a failure on any process is every process's error (none waits in a collective)."""
+        if trainer.world_size == 1:
+            self._prepare_references(trainer, pl_module)
+            return
+        error = None
+        try:
+            self._prepare_references(trainer, pl_module)
+        except Exception as err:  # noqa: BLE001 - every rank learns it below
+            error = err
+        failed = first_error(None if error is None else f"{type(error).__name__}: {error}")
+        if failed is not None:
+            raise _from_rank(*failed) from error
+        for ref in self.references:  # the same references on every rank (their state is)
+            if ref.pending is not None:
+                ref.pending = from_rank_zero(ref.pending)
+
+    def _prepare_references(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """This process's part of :meth:`on_fit_start`."""
         model_device = model_device_of(pl_module)
         self._device = _compute_device(self.compute_device, model_device)
         n_probe = self._probe_size()
@@ -1065,8 +1086,11 @@ class AlignmentCallback(Callback):
             if key in values:
                 # from a batch hook log on_step: with on_epoch the monitors would see the
                 # epoch mean of the steps' values, and only at the end of the epoch
+                # sync_dist: the values are rank 0's on every rank (broadcast), so the mean is
+                # theirs; without it Lightning warns that epoch-level values are not synced
                 pl_module.log(key, float(values[key]), logger=False, on_step=in_batch_hook,
-                              on_epoch=not in_batch_hook, prog_bar=self.progress_bar)
+                              on_epoch=not in_batch_hook, prog_bar=self.progress_bar,
+                              sync_dist=pl_module.trainer.world_size > 1)
 
     def _seed_monitors(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
         """Step mode, baseline: the calibrated values go straight into
@@ -1448,6 +1472,15 @@ def _named(error: Exception, what: str) -> Exception:
     except Exception:  # noqa: BLE001 - a type that takes other arguments
         return RuntimeError(text)
     return named if str(named) == text else RuntimeError(text)
+
+
+def _from_rank(rank: int, error: str) -> Exception:
+    """The error ``"<Type>: <message>"`` of process ``rank`` as every process raises it: of its
+    type where that is a common or configuration error (else ``RuntimeError``), naming the
+    rank."""
+    kinds = {kind.__name__: kind for kind in (ValueError, TypeError, RuntimeError,
+                                              FileNotFoundError, *LAYER_ERRORS)}
+    return kinds.get(error.partition(":")[0], RuntimeError)(f"on rank {rank}: {error}")
 
 
 def _reraise(error: BaseException) -> None:

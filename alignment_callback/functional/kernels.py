@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -51,9 +52,9 @@ def median(values: Tensor) -> Tensor:
 def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
     """RBF kernel ``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``.
 
-    ``sigma`` is absolute (PRH convention, default 1.0), or ``"median"`` for
-    ``σ = sqrt(median of all n² squared distances)`` (scale-free: the data is first rescaled
-    exactly by a power of two, so huge or tiny magnitudes work).
+    ``sigma`` is absolute (a finite positive number; PRH convention, default 1.0), or
+    ``"median"`` for ``σ = sqrt(median of all n² squared distances)`` (scale-free: the data is
+    first rescaled exactly by a power of two, so huge or tiny magnitudes work).
 
     Raises ``ValueError`` naming overflow or underflow when the data's scale makes the kernel
     meaningless at this absolute ``sigma`` (distances overflow, or are all negligible against
@@ -61,7 +62,7 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
     """
     if isinstance(sigma, str):
         if sigma != "median":
-            raise ValueError(f"sigma must be a positive number or 'median', got {sigma!r}")
+            raise ValueError(f"sigma must be a finite positive number or 'median', got {sigma!r}")
         d2 = squared_distances(rescale_exactly(x))
         s2 = median(d2)
         if not bool(s2 > 0):
@@ -69,8 +70,9 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
         return torch.exp(-d2 / (2.0 * s2))
     if isinstance(sigma, Tensor) and sigma.numel() == 1 and not sigma.is_complex():
         sigma = float(sigma)  # a 0-dim tensor (a learned or computed bandwidth)
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0:
-        raise ValueError(f"sigma must be a positive number or 'median', got {sigma!r}")
+    if (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0
+            or not math.isfinite(sigma)):  # sigma=inf: a constant kernel, whatever the data
+        raise ValueError(f"sigma must be a finite positive number or 'median', got {sigma!r}")
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) ** 2
     if not scale >= torch.finfo(x.dtype).tiny:

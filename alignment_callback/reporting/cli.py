@@ -44,11 +44,14 @@ from alignment_callback.reporting.plan import (
     deprecation_note,
     describe_settings,
     measure_names_text,
+    moments_layers,
     parameters_text,
     plan_matrix,
     run_settings,
     shard,
     shorthand_help,
+    topk_note,
+    warn_bootstrap,
     warn_resolution,
 )
 
@@ -116,15 +119,16 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=0.05,
                    help="level of the threshold tau and of the BH FDR (default 0.05)")
     g.add_argument("--aggregate", type=_aggregate, default="max",
-                   help="aggregate over layer pairs: max (default), mean or topK")
+                   help="aggregate over layer pairs: max (default), mean or topK (the mean of "
+                        "the K largest; a K above the number of layer pairs is clamped to it)")
     g.add_argument("--seed", type=int, default=0, help="permutation seed (default 0)")
     g.add_argument("--groups", metavar="FILE",
                    help="group labels, one per row (.npy/.txt/.csv): rows of a group are "
                         "permuted together (several captions per image, frames of a video)")
     g.add_argument("--bootstrap", type=int, default=0, metavar="B",
                    help="approximate 95%% interval of the calibrated score from B subsamples of "
-                        "80%% of the rows without replacement (default 0: off; costs B "
-                        "calibrations)")
+                        "80%% of the rows without replacement (default 0: off; else B >= 2, "
+                        "and below 40 a warning; costs B calibrations)")
     p = common.add_argument_group("features")
     p.add_argument("--pool", choices=("mean", "cls", "last", "flatten"), default="mean",
                    help="pooling of 3-D+ activations (default mean); 2-D ones are used as is")
@@ -216,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         metavar="SECONDS",
                         help="under torchrun: how long a process waits for the others at the "
-                             "end (default 7 days)")
+                             "end (default 7 days; > 0 and at most 1e9)")
     _extract_parser(sub, fmt)
     return parser
 
@@ -233,7 +237,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from alignment_callback.reporting.io import load_groups
 
     measures = choose_measures(args)
-    check_args(args)
+    check_args(args, measures)
     if _world_size() > 1:
         raise CLIError("compare runs in one process; launch it without torchrun (WORLD_SIZE > 1)")
     groups = load_groups(args.groups) if args.groups else None
@@ -246,7 +250,12 @@ def run_compare(args: argparse.Namespace) -> int:
             f"row mismatch: {args.a} has {na} rows but {args.b} has {nb}; both files must hold "
             "the same probe inputs in the same order"
         )
+    moments_layers(args.null, (len(xa), len(xb)), (args.a, args.b))
+    note = topk_note(args.aggregate, len(xa) * len(xb))
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     warn_resolution(args.permutations, 1, args.alpha, args.null)
+    warn_bootstrap(args.bootstrap)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -286,6 +295,7 @@ def _plan_pairs(args: argparse.Namespace, measures: dict, group: ProcessGroup
     if group.rank == 0:
         own = store.pairs_file(out, group.rank if group.active else None)
         warn_resolution(args.permutations, len(plan.pairs), args.alpha, args.null)
+        warn_bootstrap(args.bootstrap)
         read = [p for p in store.pair_files(out) if p != own]
         write.matrix_intro(plan, tasks, own if not group.active and not read
                            else f"{out}/pairs*.jsonl", group.world_size)
@@ -306,11 +316,13 @@ def _compute_share(args: argparse.Namespace, measures: dict, plan: Any, groups: 
         device = torch.device("cuda", group.local_rank)
         torch.cuda.set_device(device)
     loader = compute.FeatureLoader(args, measures, groups, device=device)
+    cal = compute.Calibration.from_args(args)
+    compute.check_first_pair(mine, plan, loader, cal)  # before the progress bar
     progress = write.Progress(len(mine), enabled=group.rank == 0)
     try:
-        for task, line in compute.iter_pairs(mine, plan, loader,
-                                             compute.Calibration.from_args(args), groups,
-                                             warn=lambda t: progress.write(f"warning: {t}")):
+        for task, line in compute.iter_pairs(mine, plan, loader, cal, groups,
+                                             warn=lambda t: progress.write(f"warning: {t}"),
+                                             note=lambda t: progress.write(f"note: {t}")):
             store.append_line(own, line)
             lines.append(line)
             progress.update(f"{plan.names_x[task.i]} vs {plan.names_y[task.j]}")
@@ -370,7 +382,7 @@ def run_matrix(args: argparse.Namespace) -> int:
     """``matrix DIR_X DIR_Y``: plan, compute the pending pairs (this process's share), store
     them, and (rank 0) write the summary of every pair."""
     measures = choose_measures(args)
-    check_args(args)
+    check_args(args, measures)
     group = ProcessGroup.from_env(args.dist_timeout)
     try:
         if not group.active:

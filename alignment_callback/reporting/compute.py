@@ -31,6 +31,8 @@ from alignment_callback.reporting.plan import (
     CLIError,
     MatrixPlan,
     PairTask,
+    moments_layers,
+    topk_note,
 )
 
 Layers = dict[str, Tensor]
@@ -176,6 +178,17 @@ def _prepare_layer(engine: AlignmentEngine, name: str, t: Tensor, role: str,
     return prepare_side(names, feats, list(engine.measures.values()), role)
 
 
+def _layer_error(path: str | Path, name: str, role: str, err: BaseException) -> FeatureFileError:
+    """``path: layer 'name': ...``: the library's own naming of the side and layer ("y layer
+    'name': ", or "y: " for a layer named "0") is dropped, so that the layer is named once."""
+    text = _one_line(err)
+    for prefix in (f"{role} layer {name!r}: ", f"{role}: "):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+            break
+    return FeatureFileError(f"{path}: layer {name!r}: {text}")
+
+
 def _locate_layer(engine: AlignmentEngine, layers: Layers, path: str | Path, role: str,
                   dtype: torch.dtype | None = None) -> FeatureFileError | None:
     """The first layer of ``path`` whose preparation fails, as an error naming it."""
@@ -183,7 +196,7 @@ def _locate_layer(engine: AlignmentEngine, layers: Layers, path: str | Path, rol
         try:
             _prepare_layer(engine, name, t, role, dtype)
         except _DATA_ERRORS as err:
-            return FeatureFileError(f"{path}: layer {name!r}: {_one_line(err)}")
+            return _layer_error(path, name, role, err)
     return None
 
 
@@ -207,7 +220,7 @@ def _locate_pair(engine: AlignmentEngine, xa: Layers, ya: Layers, x_path: str | 
         try:
             yside = _prepare_layer(engine, b, tb, "y", dtype)
         except _DATA_ERRORS as e:
-            return FeatureFileError(f"{y_path}: layer {b!r}: {_one_line(e)}")
+            return _layer_error(y_path, b, "y", e)
         for a, ta in xa.items():
             try:
                 observed_matrices(measures, _prepare_layer(engine, a, ta, "x", dtype), yside)
@@ -237,11 +250,14 @@ def _record(res: LayerAlignmentResult, measure: Measure, n: int, keep_null: bool
 def _bootstrap(xa: Layers, ya: Layers, measure: Measure, cal: Calibration, groups: Any) -> dict:
     from alignment_callback.functional.bootstrap import bootstrap_interval
 
-    bi = bootstrap_interval(
-        xa, ya, measure, num_bootstrap=cal.bootstrap, confidence=BOOTSTRAP_CONFIDENCE,
-        seed=cal.seed, num_permutations=cal.permutations, alpha=cal.alpha,
-        fraction=BOOTSTRAP_FRACTION, groups=groups, aggregate=cal.aggregate, null=cal.null,
-    )
+    with warnings.catch_warnings():
+        # too few replicates: said once per run in the command line's words (warn_bootstrap)
+        warnings.filterwarnings("ignore", "num_bootstrap=.* is too few", UserWarning)
+        bi = bootstrap_interval(
+            xa, ya, measure, num_bootstrap=cal.bootstrap, confidence=BOOTSTRAP_CONFIDENCE,
+            seed=cal.seed, num_permutations=cal.permutations, alpha=cal.alpha,
+            fraction=BOOTSTRAP_FRACTION, groups=groups, aggregate=cal.aggregate, null=cal.null,
+        )
     return {
         "low": bi.low, "high": bi.high, "confidence": BOOTSTRAP_CONFIDENCE,
         "fraction": BOOTSTRAP_FRACTION, "subsample_size": bi.subsample_size,
@@ -307,13 +323,37 @@ def pair_line(plan: MatrixPlan, task: PairTask, results: dict[str, dict], second
     }
 
 
+def _load_y(plan: MatrixPlan, loader: FeatureLoader, j: int) -> Layers:
+    """Y file ``j``, kept loaded only when it is an X file too (one read for both roles)."""
+    key = plan.key_y[j]
+    keep = key in plan.key_x
+    ya = loader.load(plan.files_y[j], key, keep=keep)
+    if not keep:
+        loader.drop(key)  # read ahead by check_first_pair: not kept for the whole run
+    return ya
+
+
+def check_first_pair(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,
+                     cal: Calibration) -> None:
+    """Before any pair is computed: read the first pair's files (X first: it fixes n) and
+    check what depends on their layers (``--null moments`` needs one layer pair).  The files
+    are kept for :func:`iter_pairs`, which reads them next."""
+    if not tasks or cal.null != "moments":
+        return
+    i, j = tasks[0].i, tasks[0].j
+    xa = loader.load(plan.files_x[i], plan.key_x[i])
+    ya = loader.load(plan.files_y[j], plan.key_y[j])
+    moments_layers(cal.null, (len(xa), len(ya)), (plan.files_x[i], plan.files_y[j]))
+
+
 def iter_pairs(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,
-               cal: Calibration, groups: Any = None, warn: Warn | None = None
-               ) -> Iterator[tuple[PairTask, dict[str, Any]]]:
+               cal: Calibration, groups: Any = None, warn: Warn | None = None,
+               note: Warn | None = None) -> Iterator[tuple[PairTask, dict[str, Any]]]:
     """Compute ``tasks`` (Y-major), yielding ``(task, pairs.jsonl line)`` as each finishes.
 
     Each Y file is prepared once per run of consecutive tasks that share it (and the same
-    missing measures); X files are read once and kept.
+    missing measures); X files are read once and kept.  ``note`` gets the first pair whose
+    layer pairs are fewer than ``--aggregate topK``'s K (once per run).
     """
     if not tasks:
         return
@@ -321,14 +361,21 @@ def iter_pairs(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,
     current: tuple[int, tuple[str, ...]] | None = None
     engine: AlignmentEngine | None = None
     ya: Layers = {}
+    noted = False
     for task in tasks:
+        xa = loader.load(plan.files_x[task.i], plan.key_x[task.i])
         if (task.j, task.missing) != current:
             current = (task.j, task.missing)
-            ya = loader.load(plan.files_y[task.j], plan.key_y[task.j],
-                             keep=plan.key_y[task.j] in plan.key_x)
+            ya = _load_y(plan, loader, task.j)
+            engine = None
+        moments_layers(cal.null, (len(xa), len(ya)), (plan.files_x[task.i], plan.files_y[task.j]))
+        text = topk_note(cal.aggregate, len(xa) * len(ya))
+        if text is not None and note is not None and not noted:
+            note(f"{plan.files_x[task.i]} vs {plan.files_y[task.j]}: {text}")
+            noted = True
+        if engine is None:
             engine = make_engine({m: plan.measures[m] for m in task.missing}, cal, groups)
             set_reference(engine, ya, plan.files_y[task.j])
-        xa = loader.load(plan.files_x[task.i], plan.key_x[task.i])
         start = time.perf_counter()
         results = step_pair(engine, ya, xa, plan.files_x[task.i], plan.files_y[task.j], cal,
                             groups, warn=warn)
@@ -368,6 +415,7 @@ def matrix_summary(plan: MatrixPlan, alpha: float) -> dict[str, dict[str, Any]]:
 __all__ = [
     "Calibration",
     "FeatureLoader",
+    "check_first_pair",
     "compare_pair",
     "iter_pairs",
     "make_engine",

@@ -23,6 +23,9 @@ from typing import Any
 
 #: Default collective timeout: processes wait for the slowest one at the end of their shard.
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
+#: The longest collective timeout (about 31 years): torch.distributed's clocks count
+#: nanoseconds in 64 bits, and a timeout past ~292 years overflows them.
+MAX_TIMEOUT_S = 10**9
 
 
 @dataclass
@@ -118,4 +121,5 @@ def first_failure(outcomes: list[Outcome]) -> Outcome | None:
     return min(failed, key=lambda o: (o.code == 130, o.rank))
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "GroupFailure", "Outcome", "ProcessGroup", "first_failure"]
+__all__ = ["DEFAULT_TIMEOUT_S", "MAX_TIMEOUT_S", "GroupFailure", "Outcome", "ProcessGroup",
+           "first_failure"]

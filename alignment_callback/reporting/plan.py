@@ -122,6 +122,15 @@ def _measure_words(args: argparse.Namespace) -> tuple[list[str], str]:
     return names, word
 
 
+def _finite(value: Any) -> bool:
+    """No infinite or NaN number in an option's value (a number or a list of them)."""
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
+
+
 def choose_measures(args: argparse.Namespace) -> dict[str, Measure]:
     """The chosen measures bound to their options: ``{canonical name: Measure}``.
 
@@ -162,6 +171,9 @@ def choose_measures(args: argparse.Namespace) -> dict[str, Measure]:
                     kwargs[p.name] = p.check(opt.value, f"{name}: {p.name}")
                 except (ValueError, TypeError) as err:
                     raise CLIError(f"{opt.source}: {err}") from None
+                if not _finite(kwargs[p.name]):  # e.g. --sigma inf: no data could fix it
+                    raise CLIError(f"{opt.source}: {name}: {p.name} must be finite, got "
+                                   f"{opt.value!r}")
         out[name] = info.bind(**kwargs)
     return out
 
@@ -174,22 +186,21 @@ def deprecation_note(args: argparse.Namespace) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- settings
-def check_args(args: argparse.Namespace) -> None:
-    """Range checks of the calibration options; each error names its option."""
+def check_args(args: argparse.Namespace, measures: dict[str, Measure] | None = None) -> None:
+    """Range checks of the calibration options, and ``--null moments`` against the chosen
+    ``measures`` and ``--groups``, before any file is read; each error names its option."""
     if args.permutations < 1:
         raise CLIError(f"--permutations must be >= 1, got {args.permutations}")
     if not 0.0 < args.alpha < 1.0:
         raise CLIError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.clamp_quantile is not None and not 0.0 < args.clamp_quantile <= 1.0:
         raise CLIError(f"--clamp-quantile must be in (0, 1], got {args.clamp_quantile}")
-    if args.bootstrap < 0:
-        raise CLIError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    from alignment_callback.functional._validation import check_seed
-
-    try:
-        check_seed(args.seed, "--seed")
-    except ValueError as err:
-        raise CLIError(str(err)) from err
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise CLIError(f"--bootstrap must be 0 (off) or >= 2 (one replicate gives an interval of "
+                       f"width 0), got {args.bootstrap}")
+    _check_seed(args.seed, args.bootstrap)
+    _check_null(args, measures or {})
+    _check_timeout(getattr(args, "dist_timeout", None))
     out = getattr(args, "out", None)
     if out is not None and os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out}: exists and is not a directory")
@@ -198,6 +209,91 @@ def check_args(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise CLIError("--device cuda was requested but CUDA is not available")
+
+
+def _check_seed(seed: int, bootstrap: int) -> None:
+    """``--seed`` is a permutation seed, and with ``--bootstrap B`` replicate b (0-based) uses
+    seed + 1 + b, which must stay a seed too."""
+    from alignment_callback.functional._validation import MAX_SEED, check_seed
+
+    try:
+        check_seed(seed, "--seed")
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    if seed + bootstrap > MAX_SEED:
+        raise CLIError(f"--seed must be at most 2**63 - 1 - {bootstrap} = {MAX_SEED - bootstrap} "
+                       f"with --bootstrap {bootstrap} (bootstrap replicate b uses seed + 1 + b), "
+                       f"got {seed}")
+
+
+def _check_timeout(timeout: float | None) -> None:
+    """``--dist-timeout`` (``matrix`` only): seconds in (0, MAX_TIMEOUT_S]."""
+    from alignment_callback.reporting.distributed import MAX_TIMEOUT_S
+
+    if timeout is None:
+        return
+    if not timeout > 0:  # NaN too
+        raise CLIError(f"--dist-timeout must be > 0, got {timeout}")
+    if not timeout <= MAX_TIMEOUT_S:
+        raise CLIError(f"--dist-timeout must be at most {MAX_TIMEOUT_S} seconds (about 31 "
+                       f"years; torch.distributed's clock overflows beyond), got {timeout:g}")
+
+
+def _check_null(args: argparse.Namespace, measures: dict[str, Measure]) -> None:
+    """``--null moments`` needs an analytic null for every measure and single-row permutations
+    (the number of layer pairs is checked once the files are read, :func:`moments_layers`)."""
+    if args.null != "moments":
+        return
+    if args.groups:
+        raise CLIError("--null moments cannot be used with --groups: the moments are those of a "
+                       "uniform permutation of single rows, not of the block permutations that "
+                       "groups ask for; use --null permutation, or --null auto (which uses "
+                       "permutations with groups)")
+    without = [name for name, m in measures.items() if not m.info.analytic]
+    if without:
+        analytic = [name for name, info in REGISTRY.items() if info.analytic]
+        raise CLIError(f"--null moments cannot calibrate --measure {', '.join(without)}: "
+                       f"{'it has' if len(without) == 1 else 'they have'} no analytic null (only "
+                       f"the gram family has: {', '.join(analytic)}); use --null permutation, or "
+                       "--null auto to use moments where they apply")
+
+
+def moments_layers(null: str, layers: Sequence[int], paths: Sequence[Any]) -> None:
+    """``--null moments`` calibrates a single layer pair: refuse files of several layers (the
+    aggregate over layer pairs needs their joint permutation null), naming the first."""
+    if null != "moments":
+        return
+    for count, path in zip(layers, paths):
+        if count > 1:
+            raise CLIError(f"--null moments calibrates one layer pair, but {path} has {count} "
+                           "layers: an aggregate over several layer pairs (--aggregate) needs "
+                           "their joint permutation null; use --null permutation, or --null auto "
+                           "to use moments where they apply (on files of one layer)")
+
+
+def topk_note(aggregate: str, pairs: int) -> str | None:
+    """The note for ``--aggregate topK`` with K above the number of layer pairs: K is clamped
+    to it, so the aggregate is their mean."""
+    if not aggregate.startswith("top") or int(aggregate[3:]) <= pairs:
+        return None
+    return (f"--aggregate {aggregate} over {pairs} layer pair(s): K is clamped to the number "
+            "of pairs, so the aggregate is their mean (the same as --aggregate mean)")
+
+
+def warn_bootstrap(bootstrap: int) -> None:
+    """Warn when ``--bootstrap B`` is too few for the 95 % interval's ends (the library's
+    warning, :func:`~alignment_callback.functional.bootstrap.few_replicates`, in the
+    command line's words; the library's own is not repeated for every pair)."""
+    from alignment_callback.functional.bootstrap import enough_replicates
+
+    need = enough_replicates(BOOTSTRAP_CONFIDENCE)
+    if not 0 < bootstrap < need:
+        return
+    tail = 100.0 * (1.0 - BOOTSTRAP_CONFIDENCE) / 2.0
+    print(f"warning: with --bootstrap {bootstrap} the {BOOTSTRAP_CONFIDENCE:.0%} interval's ends, "
+          f"the {tail:g}% and {100.0 - tail:g}% quantiles of the replicates, are interpolated "
+          "between the most extreme replicates, so the interval is too narrow and changes with "
+          f"--seed; --bootstrap >= {need} avoids this", file=sys.stderr, flush=True)
 
 
 def run_settings(args: argparse.Namespace, groups: Any) -> dict[str, Any]:
@@ -338,8 +434,11 @@ __all__ = [
     "PairTask",
     "check_args",
     "choose_measures",
+    "moments_layers",
     "plan_matrix",
     "run_settings",
     "shard",
+    "topk_note",
+    "warn_bootstrap",
     "warn_resolution",
 ]

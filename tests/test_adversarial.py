@@ -200,8 +200,9 @@ def test_bad_arguments_name_the_argument(arg, value, message):
     ("mutual_knn", {"k": 0}, "mutual_knn: k must be an integer >= 1, got 0"),
     ("cknna", {"k": 1}, "cknna: k must be an integer >= 2, got 1"),
     ("mutual_knn", {"k": 2.5}, "mutual_knn: k must be an integer >= 1, got 2.5"),
-    ("rbf_cka", {"sigma": -1}, "rbf_cka: sigma must be a positive number or 'median'"),
-    ("rbf_cka", {"sigma": "mean"}, "rbf_cka: sigma must be a positive number or 'median'"),
+    ("rbf_cka", {"sigma": -1}, "rbf_cka: sigma must be a finite positive number or 'median'"),
+    ("rbf_cka", {"sigma": "mean"}, "rbf_cka: sigma must be a finite positive number or 'median'"),
+    ("rbf_cka", {"sigma": float("inf")}, "rbf_cka: sigma must be a finite positive number"),
     ("svcca", {"cca_dim": 0}, "svcca: cca_dim must be an integer >= 1"),
 ])
 def test_bad_measure_options_fail_when_the_measure_is_built(name, options, message):

@@ -120,7 +120,7 @@ def test_function_forms_take_integral_floats_and_numpy_numbers_like_get_measure(
         assert float(got) == float(expected)
     F.get_measure("rbf_cka", sigma=np.float32(2.0))
     F.get_measure("shape_metric", alpha=np.float32(0.5))
-    with pytest.raises(ValueError, match="sigma must be a positive number"):
+    with pytest.raises(ValueError, match="sigma must be a finite positive number"):
         F.rbf_cka(x, y, sigma=True)
     with pytest.raises(ValueError, match="cca_dim must be a positive integer"):
         F.svcca(x, y, cca_dim=True)

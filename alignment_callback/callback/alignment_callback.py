@@ -51,6 +51,7 @@ from alignment_callback.engine.engine import MeasuresSpec
 from alignment_callback.functional._validation import check_device
 from alignment_callback.functional.aggregation import Aggregate
 from alignment_callback.functional.preprocessing import check_pool
+from alignment_callback.functional.registry import renamed_argument
 from alignment_callback.hooks import collect_activations, resolve_layers
 from alignment_callback.hooks.collect import (
     LayerCountError,
@@ -386,11 +387,7 @@ class AlignmentCallback(Callback):
         preset: str | None = None,
         metrics: MeasuresSpec | None = None,
     ) -> None:
-        if metrics is not None:
-            warnings.warn("AlignmentCallback(metrics=...) is deprecated: the argument is called "
-                          "measures= (a measure is the math, a metric the torchmetrics object)",
-                          DeprecationWarning, stacklevel=2)
-            measures = metrics
+        measures = renamed_argument("measures", measures, "metrics", metrics)
         given = {"measures": measures, "aggregate": aggregate, "pool": pool,
                  "reference_pool": reference_pool, "preprocess": preprocess}
         chosen = resolve_preset(preset, {k: v for k, v in given.items() if v is not None})

@@ -18,6 +18,7 @@ Several references go in one mapping ``{name: reference}``; their keys gain a le
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,19 @@ def _load_file(path: str | os.PathLike, reference_class: Any) -> tuple[str, Any]
     return "model", load_reference(path, reference_class)  # torch.save(model, path)
 
 
+def _check_path(spec: str | os.PathLike, name: str | None) -> None:
+    """A reference path that does not exist: an error naming the argument, with ``'initial'`` /
+    ``'previous'`` suggested for a near miss (``"inital"``).  A URL (``s3://...``, loaded by
+    ``reference_class.load_from_checkpoint``) is left to the loader."""
+    path = os.fspath(spec)
+    if os.path.exists(path) or "://" in path:
+        return
+    where = "reference" if name is None else f"reference[{name!r}]"
+    close = difflib.get_close_matches(path, DRIFT, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise FileNotFoundError(f"{where}: no such file {path!r}{hint}")
+
+
 def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: Any,
                        reference_layers: Any = None, reference_inputs: Any = None,
                        reference_input_key: Any = None, reference_batch_transform: Any = None,
@@ -141,6 +155,7 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
             out.append(Reference(kind=spec, engine=make_engine(diagonal), **options))
             continue
         if isinstance(spec, (str, os.PathLike)):
+            _check_path(spec, name)
             kind, loaded = _load_file(spec, reference_class)
             path = str(spec)
         elif _is_features(spec):

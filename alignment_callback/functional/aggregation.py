@@ -28,7 +28,8 @@ Aggregate = Union[str, Callable[[Tensor], Tensor]]
 
 
 def named_layers(layers: Layers, side: str = "x") -> dict[str, Tensor]:
-    """``layers`` as an ordered ``{name: tensor}`` dict (see :data:`Layers`)."""
+    """``layers`` as an ordered ``{name: tensor}`` dict (see :data:`Layers`); one tensor is
+    refused (wrap a single layer as ``[tensor]`` or ``{name: tensor}``)."""
     if isinstance(layers, Tensor):
         raise TypeError(f"{side} layers must be a sequence or a mapping of (n, d) tensors, not "
                         "one tensor (wrap a single layer as [tensor] or {name: tensor})")
@@ -41,8 +42,8 @@ def named_layers(layers: Layers, side: str = "x") -> dict[str, Tensor]:
     elif isinstance(layers, Sequence) and not isinstance(layers, (str, bytes)):
         out = {str(i): t for i, t in enumerate(layers)}
     else:
-        raise TypeError(f"{side} layers must be a tensor, a sequence or a mapping of (n, d) "
-                        f"tensors, got {type(layers).__name__}")
+        raise TypeError(f"{side} layers must be a sequence or a mapping of (n, d) tensors, got "
+                        f"{type(layers).__name__}")
     if not out:
         raise ValueError(f"{side} layers are empty")
     for name, t in out.items():

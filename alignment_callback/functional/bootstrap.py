@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -45,12 +46,13 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._validation import AUTO, MAX_SEED, check_seed
+from alignment_callback.functional._validation import AUTO, MAX_SEED, check_seed, user_stacklevel
 from alignment_callback.functional.permutation import GroupPermuter
 from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
 from alignment_callback.functional.registry import (
     MeasureSpec,
     check_samples,
+    default_value,
     get_measure,
     measure_argument,
 )
@@ -97,6 +99,23 @@ def _take(x: Any, idx: Tensor) -> Any:
     return [v[idx.to(v.device)] for v in x]
 
 
+def enough_replicates(confidence: float) -> int:
+    """The fewest replicates whose ``(1 ∓ confidence)/2`` quantiles are not read off the most
+    extreme replicate alone: B with ``B · (1 − confidence)/2 >= 1`` (40 at 95 %)."""
+    return max(2, math.ceil(2.0 / (1.0 - confidence) - 1e-9))
+
+
+def few_replicates(num_bootstrap: int, confidence: float) -> str:
+    """The warning for a B below :func:`enough_replicates` (the interval's ends are the
+    interpolated extremes of a handful of replicates)."""
+    need = enough_replicates(confidence)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    return (f"num_bootstrap={num_bootstrap} is too few for confidence={confidence:g}: the "
+            f"interval's ends, the {tail:g}% and {100.0 - tail:g}% quantiles of the replicates, "
+            "are interpolated between the most extreme replicates, so the interval is too "
+            f"narrow and changes with the seed; use num_bootstrap >= {need}")
+
+
 def _pipeline_names(layered: bool) -> set[str]:
     """Keyword names the calibration function takes itself (the rest of ``kw`` is the
     measure's parameters)."""
@@ -110,7 +129,7 @@ def _pipeline_names(layered: bool) -> set[str]:
 def bootstrap_interval(
     x: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     y: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
-    measure: MeasureSpec = "mutual_knn",
+    measure: MeasureSpec = default_value("mutual_knn"),
     num_bootstrap: int = 200,
     confidence: float = 0.95,
     seed: int = 0,
@@ -138,7 +157,9 @@ def bootstrap_interval(
     measure : str, Measure or callable, default="mutual_knn"
         The measure (``metric=`` is its deprecated old name).
     num_bootstrap : int, default=200
-        Replicates B.  Cost: B full calibrations.
+        Replicates B, at least 2 (one replicate has no spread).  Cost: B full calibrations.
+        Fewer than ``2 / (1 − confidence)`` (40 at 95 %) warn: the interval's ends are then
+        interpolated between the most extreme replicates.
     confidence : float, default=0.95
         Interval level in (0, 1).
     seed : int, default=0
@@ -196,8 +217,9 @@ def bootstrap_interval(
     ValueError: fraction=0.96 keeps round(0.96 · 10) = 10 of the n=10 rows: every replicate ...
     """
     measure = measure_argument(measure, kw)
-    if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap or num_bootstrap < 1:
-        raise ValueError(f"num_bootstrap must be a positive integer, got {num_bootstrap!r}")
+    if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap or num_bootstrap < 2:
+        raise ValueError(f"num_bootstrap must be an integer >= 2 (one replicate gives an interval "
+                         f"of width 0), got {num_bootstrap!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
@@ -279,6 +301,9 @@ def bootstrap_interval(
             raise ValueError(f"{how}, but {minimum}; use a larger fraction")
         scale = math.sqrt(m / (n - m))
 
+    if int(num_bootstrap) < enough_replicates(confidence):  # a setting: point at the caller
+        warnings.warn(few_replicates(int(num_bootstrap), confidence), UserWarning,
+                      stacklevel=user_stacklevel())
     estimate, _ = run(x, y, seed, groups)
 
     cal, raw = [], []
@@ -305,4 +330,4 @@ def bootstrap_interval(
                              torch.tensor(raw, dtype=torch.float64), m)
 
 
-__all__ = ["BootstrapInterval", "bootstrap_interval"]
+__all__ = ["BootstrapInterval", "bootstrap_interval", "enough_replicates", "few_replicates"]

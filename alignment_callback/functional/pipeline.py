@@ -67,11 +67,17 @@ from alignment_callback.functional.registry import (
     Measure,
     MeasureSpec,
     check_samples,
+    check_shadowed_options,
+    default_value,
     get_measure,
     measure_argument,
 )
 
 Groups = Any  # a sequence / array / tensor of one group label per sample
+
+#: The public functions' default measures, marked so that the same name given explicitly counts
+#: as given (``measure=`` next to its deprecated ``metric=`` is an error).
+_KNN, _CKA = default_value("mutual_knn"), default_value("linear_cka")
 
 #: Gram-family states kept per side without streaming; a streamed layer null holds at most
 #: GRAM_BLOCK reference states and one model state at a time.
@@ -636,7 +642,7 @@ def calibrate_measures(
 def calibrated_layer_alignment(
     xs: Layers,
     ys: Layers,
-    measure: MeasureSpec = "linear_cka",
+    measure: MeasureSpec = _CKA,
     aggregate: Aggregate = "max",
     num_permutations: int = 500,
     alpha: float = 0.05,
@@ -650,8 +656,10 @@ def calibrated_layer_alignment(
 
     Parameters
     ----------
-    xs, ys : mapping name -> (n, d) tensor, sequence of tensors, or one tensor
-        Layers of the two models, rows paired across models (same n).
+    xs, ys : mapping name -> (n, d) tensor, or sequence of tensors (named "0", "1", ...)
+        Layers of the two models, rows paired across models (same n).  One tensor is refused:
+        wrap a single layer as ``[tensor]`` or ``{name: tensor}`` (or use
+        :func:`calibrated_alignment` for one pair).
     measure : str, Measure or callable, default="linear_cka"
     aggregate : {"max", "mean", "topK"} or callable, default="max"
         ``"max"`` is PRH's report; the null of the aggregate applies the same permutation to
@@ -680,7 +688,9 @@ def calibrated_layer_alignment(
     >>> res.best_pair, round(float(res.raw), 4), round(float(res.calibrated), 4)
     (('l2', 'r'), 1.0, 1.0)
     """
-    measure = get_measure(measure_argument(measure, measure_kwargs), **measure_kwargs)
+    measure = measure_argument(measure, measure_kwargs)
+    check_shadowed_options(measure, "calibrated_layer_alignment", alpha=alpha)
+    measure = get_measure(measure, **measure_kwargs)
     check_moments_apply(check_null(null), [measure], groups)
     xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), [measure], null)
     perms = Permutations(xside.n, num_permutations, seed, groups)
@@ -693,7 +703,7 @@ def calibrated_layer_alignment(
 def calibrated_alignment(
     x: Tensor,
     y: Tensor,
-    measure: MeasureSpec = "mutual_knn",
+    measure: MeasureSpec = _KNN,
     num_permutations: int = 500,
     alpha: float = 0.05,
     seed: int = 0,
@@ -737,8 +747,10 @@ def calibrated_alignment(
     **measure_kwargs
         The measure's parameters (``k``, ``sigma``, ``cca_dim``).  A parameter named like an
         argument of this function (``shape_metric``'s ``alpha``) must be given through
-        ``get_measure("shape_metric", alpha=...)``.  (``metric=`` is the deprecated old name
-        of ``measure``.)
+        ``measure=get_measure("shape_metric", alpha=...)``: an ``alpha=`` other than the
+        default next to the name ``"shape_metric"`` raises ``TypeError`` rather than set the
+        level where the whitening may have been meant.  (``metric=`` is the deprecated old
+        name of ``measure``; giving both raises ``TypeError``.)
 
     Returns
     -------
@@ -759,7 +771,9 @@ def calibrated_alignment(
     >>> round(float(res.p_value), 4), float(res.calibrated) > 0
     (0.005, True)
     """
-    measure = get_measure(measure_argument(measure, measure_kwargs), **measure_kwargs)
+    measure = measure_argument(measure, measure_kwargs)
+    check_shadowed_options(measure, "calibrated_alignment", alpha=alpha)
+    measure = get_measure(measure, **measure_kwargs)
     check_moments_apply(check_null(null), [measure], groups)
     xside, yside = _sides(_single(x, "x"), _single(y, "y"), [measure], null)
     perms = Permutations(xside.n, num_permutations, seed, groups)
@@ -778,7 +792,7 @@ def _single(x: Any, name: str) -> Tensor:
 def permutation_null(
     x: Tensor,
     y: Tensor,
-    measure: MeasureSpec = "mutual_knn",
+    measure: MeasureSpec = _KNN,
     num_permutations: int = 500,
     seed: int = 0,
     groups: Groups | None = None,

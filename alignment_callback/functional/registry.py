@@ -18,6 +18,7 @@ NumPy reference in ``tests/``.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -220,10 +221,11 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
 def _check_sigma(value: Any, name: str) -> float | str:
     if isinstance(value, str):
         if value != "median":
-            raise ValueError(f"{name} must be a positive number or 'median', got {value!r}")
+            raise ValueError(f"{name} must be a finite positive number or 'median', got {value!r}")
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number or 'median', got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0
+            or not math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite positive number or 'median', got {value!r}")
     return value if isinstance(value, int) else float(value)
 
 
@@ -539,14 +541,83 @@ def canonical_name(name: str) -> str:
     raise ValueError(f"unknown measure {name!r}{hint} Built-ins: {', '.join(sorted(REGISTRY))}")
 
 
+class _DefaultName(str):
+    """A parameter's default name, marked (see :func:`default_value`)."""
+
+    __slots__ = ()
+
+
+def default_value(value: str) -> str:
+    """``value`` marked as a parameter's default: equal to it and shown as it in signatures,
+    but told apart (:func:`is_default`) from the same value given explicitly, so that
+    ``measure="mutual_knn", metric=...`` is a conflict even when ``"mutual_knn"`` is the
+    default."""
+    return _DefaultName(value)
+
+
+def is_default(value: Any) -> bool:
+    """Whether ``value`` is a :func:`default_value` marker: the caller left the argument out."""
+    return isinstance(value, _DefaultName)
+
+
+def renamed_argument(name: str, value: Any, old: str, old_value: Any, stacklevel: int = 3) -> Any:
+    """The value of argument ``name``, or of its deprecated name ``old`` (with a
+    ``DeprecationWarning``).  ``old_value`` is None when ``old`` was not given; ``value`` counts as
+    not given when it is None or a :func:`default_value` marker.  Giving both is a ``TypeError``:
+    neither silently overrides the other.
+
+    The callback's ``measures=`` / ``metrics=``:
+    ``measures = renamed_argument("measures", measures, "metrics", metrics)``.
+    """
+    if old_value is None:
+        return value
+    if value is not None and not is_default(value):
+        raise TypeError(f"give {name}= or its deprecated name {old}=, not both")
+    warnings.warn(f"the {old}= argument is now called {name}= (a measure is the math, a "
+                  "metric the torchmetrics object)", DeprecationWarning, stacklevel=stacklevel)
+    return old_value
+
+
 def measure_argument(measure: Any, kwargs: dict[str, Any], stacklevel: int = 3) -> Any:
     """``measure``, or the deprecated ``metric=`` keyword taken out of ``kwargs`` (the
-    argument's old name: a measure is the math, a metric the torchmetrics object)."""
+    argument's old name: a measure is the math, a metric the torchmetrics object).  The
+    caller's default of ``measure`` is a :func:`default_value` marker, so that a ``measure``
+    given next to ``metric=`` is a ``TypeError`` (:func:`renamed_argument`).
+    """
     if "metric" not in kwargs:
         return measure
-    warnings.warn("the metric= argument is now called measure= (a measure is the math, a "
-                  "metric the torchmetrics object)", DeprecationWarning, stacklevel=stacklevel)
-    return kwargs.pop("metric")
+    return renamed_argument("measure", measure, "metric", kwargs.pop("metric"), stacklevel + 1)
+
+
+#: Arguments of the calibrating functions and metrics that a measure option may share a name
+#: with (``shape_metric``'s ``alpha``): their default and meaning.
+_OWN_ARGUMENTS = {"alpha": (0.05, "the level of the threshold τ")}
+
+
+def check_shadowed_options(measure: Any, owner: str, **arguments: Any) -> None:
+    """Refuse ``owner``'s argument (of :data:`_OWN_ARGUMENTS`) set away from its default next to
+    a measure *named* in ``measure`` with an option of the same name: ``alpha=0.5`` next to
+    ``"shape_metric"`` would set the test level, never the measure's ``alpha``.  The measure's
+    option goes through ``measure=get_measure(name, ...)``, after which ``owner``'s argument is
+    unambiguous.  The default (0.05) passes: it is the conventional level, and what a caller
+    that forwards its own ``alpha`` gives without being asked."""
+    if not isinstance(measure, str):
+        return
+    info = REGISTRY.get(_ALIASES.get(measure, measure))
+    if info is None:  # an unknown name: get_measure says so
+        return
+    for param in info.params:
+        if param.name not in arguments or param.name not in _OWN_ARGUMENTS:
+            continue
+        name, value = param.name, arguments[param.name]
+        default, meaning = _OWN_ARGUMENTS[name]
+        if value == default:
+            continue
+        raise TypeError(
+            f"{owner}: {name}={value!r} is ambiguous: it sets {owner}'s own {name} ({meaning}), "
+            f"and measure {measure!r} has an option {name!r} too. Pass the measure as "
+            f"measure=get_measure({info.name!r}, {name}=...) for its option (or "
+            f"get_measure({info.name!r}) for its default); {name}= then sets {owner}'s only")
 
 
 def get_measure(measure: MeasureSpec, **kwargs: Any) -> Measure:

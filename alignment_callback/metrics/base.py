@@ -4,6 +4,7 @@ frozen reference, and calibration at ``compute()`` through the library's one pip
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -37,7 +38,12 @@ from alignment_callback.functional.pipeline import (
     prepare_side,
     side_features,
 )
-from alignment_callback.functional.registry import MeasureSpec, get_measure, measure_argument
+from alignment_callback.functional.registry import (
+    MeasureSpec,
+    check_shadowed_options,
+    get_measure,
+    measure_argument,
+)
 from alignment_callback.metrics._rows import (
     Preprocess,
     RowPreprocessor,
@@ -87,7 +93,10 @@ class AlignmentMetricBase(Metric):
         null: str = "permutation",
         **kwargs: Any,
     ) -> None:
+        # the subclasses' default measures are default_value markers: measure= and metric= both
+        # given is an error, as is an alpha= other than 0.05 next to "shape_metric"
         measure = measure_argument(measure, kwargs, stacklevel=4)
+        check_shadowed_options(measure, type(self).__name__, alpha=alpha)
         tm_kwargs, measure_kwargs = split_kwargs(kwargs)
         super().__init__(**tm_kwargs)
         self.measure = get_measure(measure, **measure_kwargs)
@@ -113,6 +122,7 @@ class AlignmentMetricBase(Metric):
         self._permutations: Permutations | None = None
         self.last_result: LayerAlignmentResult | None = None
         self.add_state("index", default=[], dist_reduce_fx="cat")
+        self._named = {"x": x_layers is not None, "y": y_layers is not None}  # x_layers= given
         if x_layers is not None:
             self._register("x", list(x_layers))
         if y_layers is not None:
@@ -150,7 +160,10 @@ class AlignmentMetricBase(Metric):
         if not layers:
             raise ValueError(f"no {side} layers given")
         if names and set(layers) != set(names):
-            raise ValueError(f"{side} layers {sorted(layers)} do not match the first update's {sorted(names)}")
+            source = (f"the names given in {side}_layers" if self._named[side]
+                      else "the first update's")
+            raise ValueError(f"{side} layers {sorted(layers)} do not match {source} "
+                             f"{sorted(names)}")
         for name, t in layers.items():
             if t.dim() == 0:
                 raise ValueError(f"{side} layer {name!r} is a 0-dim tensor; pass rows of shape "
@@ -362,9 +375,31 @@ class AlignmentMetricBase(Metric):
         super().merge_state(incoming_state)
         self._computed = None  # the merged rows make a new result
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if strict:
+            error_msgs.extend(self._unregistered_layers(state_dict, prefix))
         self._computed = None  # loaded rows make a new result
+
+    def _unregistered_layers(self, state_dict: Mapping[str, Any], prefix: str) -> list[str]:
+        """What to do about rows in ``state_dict`` of more layers than this metric has
+        registered (a metric takes its layer names from its first update, or from
+        ``x_layers`` / ``y_layers``: without them a fresh one has no state to load rows into)."""
+        out = []
+        for side in ("x", "y"):
+            names = getattr(self, f"{side}_layers")
+            keys = sorted(k[len(prefix):] for k in state_dict
+                          if k.startswith(prefix) and re.fullmatch(rf"{side}\d+", k[len(prefix):]))
+            if len(keys) > len(names):
+                has = f"{len(names)} ({names})" if names else f"no {side} layers"
+                out.append(
+                    f"the state dict holds rows of {len(keys)} {side} layer(s) ({', '.join(keys)}) "
+                    f"but this {type(self).__name__} has {has}: pass {side}_layers=[...] with "
+                    "the layer names to its constructor to load them")
+        return out
 
     # ------------------------------------------------------------------- distributed layout
     def sync(self, dist_sync_fn: Any = None, process_group: Any = None, should_sync: bool = True,

@@ -7,13 +7,15 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from alignment_callback.functional._validation import AUTO
-from alignment_callback.functional.registry import MeasureSpec
+from alignment_callback.functional.registry import MeasureSpec, default_value
 from alignment_callback.metrics._rows import Preprocess
 from alignment_callback.metrics.base import AlignmentMetricBase
 from alignment_callback.metrics.plotting import plot_scores
 
 RESULT_KEYS = ("raw", "calibrated", "p_value", "threshold", "null_mean", "null_std",
                "effect_size", "percentile")
+#: The default, marked: ``measure="mutual_knn"`` next to the deprecated ``metric=`` is a conflict.
+DEFAULT_MEASURE = default_value("mutual_knn")
 
 
 class CalibratedAlignment(AlignmentMetricBase):
@@ -28,9 +30,14 @@ class CalibratedAlignment(AlignmentMetricBase):
 
     Args:
         measure: built-in name (default ``"mutual_knn"``), a ``Measure`` or a callable
-            (``metric=`` is its deprecated old name: a metric is this object).
+            (``metric=`` is its deprecated old name: a metric is this object; giving both
+            raises ``TypeError``).
         num_permutations: K (default 500).
-        alpha: level of the threshold τ (default 0.05).
+        alpha: level of the threshold τ (default 0.05).  A measure option called ``alpha``
+            (``shape_metric``'s whitening) goes through
+            ``measure=get_measure("shape_metric", alpha=...)``: an ``alpha=`` other than 0.05
+            next to the name ``"shape_metric"`` raises ``TypeError`` rather than silently set
+            the level.
         seed: permutation seed (default 0): same seed, same permutations, comparable scores.
         max_samples: bound on this process's accumulated rows; exceeding it raises
             ``ValueError`` at the update, or at ``compute()`` for rows that came otherwise (a
@@ -65,7 +72,7 @@ class CalibratedAlignment(AlignmentMetricBase):
 
     def __init__(
         self,
-        measure: MeasureSpec = "mutual_knn",
+        measure: MeasureSpec = DEFAULT_MEASURE,
         num_permutations: int = 500,
         alpha: float = 0.05,
         seed: int = 0,

@@ -8,11 +8,14 @@ from torch import Tensor
 
 from alignment_callback.functional._validation import AUTO
 from alignment_callback.functional.aggregation import Aggregate
-from alignment_callback.functional.registry import MeasureSpec
+from alignment_callback.functional.registry import MeasureSpec, default_value
 from alignment_callback.metrics._rows import Preprocess
 from alignment_callback.metrics.base import AlignmentMetricBase
 from alignment_callback.metrics.calibrated_alignment import RESULT_KEYS
 from alignment_callback.metrics.plotting import plot_layer_heatmap
+
+#: The default, marked: ``measure="linear_cka"`` next to the deprecated ``metric=`` is a conflict.
+DEFAULT_MEASURE = default_value("linear_cka")
 
 
 class LayerAlignment(AlignmentMetricBase):
@@ -36,7 +39,7 @@ class LayerAlignment(AlignmentMetricBase):
 
     def __init__(
         self,
-        measure: MeasureSpec = "linear_cka",
+        measure: MeasureSpec = DEFAULT_MEASURE,
         aggregate: Aggregate = "max",
         num_permutations: int = 500,
         alpha: float = 0.05,

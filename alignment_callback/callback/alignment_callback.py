@@ -1237,12 +1237,16 @@ class AlignmentCallback(Callback):
     def _snapshot(self, pl_module: LightningModule) -> Snapshot | None:
         """Background mode: this step's weights and plain state for the worker's model copy,
         or None when the capture has to stay in the loop (no copy, or not checked yet).  A
-        snapshot that cannot be taken never fails training: the copy is given up, with a
-        warning, and this and every later step capture in the loop."""
+        snapshot that cannot be taken, or that the copy cannot take (a parameter or buffer
+        added or removed in training; one that changed its shape is refreshed on the copy),
+        never fails training: the copy is given up, with a warning, and this and every later
+        step capture in the loop."""
         if not isinstance(self._copy, ModelCopy):
             return None
         try:
-            return ModelCopy.snapshot(pl_module)
+            snapshot = ModelCopy.snapshot(pl_module)
+            self._copy.check(snapshot)
+            return snapshot
         except Exception as err:  # noqa: BLE001 - fall back to capturing in the loop
             self._copy = False
             rank_zero_warn(f"background=True: the model's state cannot be copied any more "

@@ -8,7 +8,7 @@ import enum
 import functools
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -194,6 +194,13 @@ class Snapshot:
     tensors: list[Tensor]
     plain: list[dict[str, Any]]
     position: LoopPosition | None = None
+    names: list[str] = field(default_factory=list)  # of ``tensors``: parameters, then buffers
+
+
+def _tensor_names(model: nn.Module) -> list[str]:
+    """The names of ``[*model.parameters(), *model.buffers()]``, in that order."""
+    return [*(name for name, _ in model.named_parameters()),
+            *(name for name, _ in model.named_buffers())]
 
 
 class ModelCopy:
@@ -207,7 +214,11 @@ class ModelCopy:
     ``self.log`` does nothing there and ``global_rank`` is 0, as on any detached module), so a
     forward that reads a schedule, a stage flag or the epoch sees this step's value.  Raises
     ``TypeError`` / ``RuntimeError`` when the model cannot be copied (the caller falls back to
-    the loop).
+    the loop).  A module compiled in place (``nn.Module.compile()``) runs eagerly on the copy:
+    its compiled call is bound to the original module.  A parameter or buffer whose shape or
+    dtype changes in training (a growing history, a lazily sized buffer) is refreshed on the
+    copy; one added, removed or moved to another device makes :meth:`check` refuse the
+    snapshot.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -224,6 +235,10 @@ class ModelCopy:
                             "model?): a copy would still run the original module")
         memo = {id(trainer): None} if trainer is not None else {}
         self.model = copy.deepcopy(model, memo)
+        for module in self.model.modules():
+            # nn.Module.compile() stores torch.compile(self._call_impl): bound to the ORIGINAL
+            # module, which calling the copy would run (in train mode, from the worker thread)
+            vars(module).pop("_compiled_call_impl", None)
         if trainer is not None:
             self.model.__class__ = _positioned(type(model))
             self.model._loop_position = LoopPosition(0, 0)
@@ -234,6 +249,8 @@ class ModelCopy:
         source = [*model.parameters(), *model.buffers()]
         if [t.shape for t in self.tensors] != [t.shape for t in source]:
             raise RuntimeError("the model's copy has other parameters or buffers than the model")
+        self.names = _tensor_names(self.model)
+        self.devices = [t.device for t in self.tensors]
 
     @staticmethod
     @torch.no_grad()
@@ -244,13 +261,31 @@ class ModelCopy:
         if getattr(model, "_trainer", None) is not None:  # an attached LightningModule
             position = LoopPosition(int(model.current_epoch), int(model.global_step))
         return Snapshot(tensors, [{key: _copied(value) for key, value in state.items()}
-                                  for state in _plain_state(model)], position)
+                                  for state in _plain_state(model)], position,
+                        _tensor_names(model))
+
+    def check(self, snapshot: Snapshot) -> None:
+        """Raise ``RuntimeError`` when the snapshot's parameters and buffers are not the copy's
+        (one added, removed or renamed in training, or moved to another device): the copy
+        cannot take it (called in the loop, which then gives the copy up)."""
+        if snapshot.names != self.names:
+            added = sorted(set(snapshot.names) - set(self.names))
+            removed = sorted(set(self.names) - set(snapshot.names))
+            raise RuntimeError(f"its parameters or buffers changed since the copy was made "
+                               f"(added: {added or 'none'}, removed: {removed or 'none'})")
+        for name, device, src in zip(self.names, self.devices, snapshot.tensors):
+            if src.device != device:
+                raise RuntimeError(f"{name!r} moved from {device} to {src.device}")
 
     @torch.no_grad()
     def load(self, snapshot: Snapshot) -> nn.Module:
         """Make the copy equal to the model at the snapshot; returns the copy."""
+        self.check(snapshot)
         for dst, src in zip(self.tensors, snapshot.tensors):
-            dst.copy_(src)
+            if dst.shape != src.shape or dst.dtype != src.dtype:
+                dst.data = src  # re-sized or re-typed in training; the snapshot's own clone
+            else:
+                dst.copy_(src)
         for module, state in zip(self.model.modules(), snapshot.plain):
             for key, value in state.items():
                 setattr(module, key, value)

@@ -56,19 +56,146 @@ def same_random_states(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
             and a[3] == b[3])
 
 
+def _is_default_generator(gen: torch.Generator) -> bool:
+    """A global generator (torch's CPU one, a CUDA device's): restored by
+    :func:`preserved_rng` only, which the loop's thread alone may do."""
+    if gen is torch.default_generator:
+        return True
+    return torch.cuda.is_initialized() and any(gen is g for g in torch.cuda.default_generators)
+
+
+def _put_back(tensor: Tensor, saved: Tensor) -> None:
+    """Give ``tensor`` (a buffer) the values of ``saved`` again, in place where it can be (so
+    a view of it sees them too): resized back when a forward resized it (an observer's
+    per-channel statistics), re-pointed when its dtype or device changed; untouched when
+    already equal, so an unchanged buffer keeps its version counter."""
+    if tensor.dtype != saved.dtype or tensor.device != saved.device:
+        tensor.data = saved
+        return
+    if tensor.shape != saved.shape:
+        tensor.resize_(saved.shape)
+    elif torch.equal(tensor, saved):
+        return
+    tensor.copy_(saved)
+
+
+def _restorable(tensor: Tensor | None) -> bool:
+    """A plain, materialized, strided tensor with data (not a lazy module's uninitialized
+    buffer, a meta tensor or a tensor subclass, whose values are only re-bound)."""
+    return (type(tensor) is Tensor and tensor.layout == torch.strided
+            and tensor.device.type != "meta")
+
+
+@contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Put every submodule's buffers back on exit: the same tensor objects under the same
+    names (a forward that re-binds or registers one: a cache rebuilt for a longer input), and
+    their values (a forward that updates one in eval mode: a quantization observer's
+    min / max, scale and zero point; a resized one gets its shape back).
+
+    Cost: one clone of every buffer per block (a probe pass), on the buffer's device, and one
+    comparison per buffer on exit; buffers (running statistics, observers, masks) are small
+    next to the activations of a forward pass.
+    """
+    clones: dict[int, Tensor] = {}
+    saved = []
+    for module in model.modules():
+        entries = list(module._buffers.items())
+        for _, buf in entries:
+            if _restorable(buf) and id(buf) not in clones:
+                clones[id(buf)] = buf.detach().clone()
+        saved.append((module, entries, set(module._non_persistent_buffers_set)))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, entries, non_persistent in saved:
+                buffers = module._buffers
+                if (list(buffers) != [name for name, _ in entries]
+                        or any(buffers[name] is not buf for name, buf in entries)):
+                    buffers.clear()  # in place: the module's dict, in its order
+                    buffers.update(entries)
+                if module._non_persistent_buffers_set != non_persistent:
+                    module._non_persistent_buffers_set.clear()
+                    module._non_persistent_buffers_set.update(non_persistent)
+            for module, entries, _ in saved:
+                for _, buf in entries:
+                    if buf is not None and id(buf) in clones:
+                        _put_back(buf, clones[id(buf)])
+
+
+@contextmanager
+def preserved_generators(model: nn.Module) -> Iterator[None]:
+    """Put back the state of the ``torch.Generator`` objects the model's submodules hold as
+    attributes (a model drawing its noise from its own generator), and the attributes
+    themselves.  The global generators are left to :func:`preserved_rng`: restoring one from
+    a thread other than the training loop's would rewind the loop's stream."""
+    saved = [(module, key, gen, gen.get_state())
+             for module in model.modules() for key, gen in vars(module).items()
+             if isinstance(gen, torch.Generator) and not _is_default_generator(gen)]
+    try:
+        yield
+    finally:
+        for module, key, gen, state in saved:
+            vars(module)[key] = gen
+            gen.set_state(state)
+
+
+def _uncompiled(fn: Any) -> Any:
+    """The function ``torch.compile`` (or ``torch._dynamo.optimize``) wrapped to make ``fn``,
+    else ``fn``; a ``functools.wraps`` copy of such a wrapper is the user's own function."""
+    while (hasattr(fn, "_torchdynamo_orig_callable")
+           and getattr(fn, "_torchdynamo_wrapper_id", None) == id(fn)):
+        fn = fn._torchdynamo_orig_callable
+    return fn
+
+
+@contextmanager
+def running_eagerly(model: nn.Module) -> Iterator[None]:
+    """Run the model's modules without their compiled graphs inside the block: a module
+    compiled in place (``nn.Module.compile()``: its ``_compiled_call_impl``) is called
+    eagerly, and a ``forward`` set on the instance by ``torch.compile`` (Lightning's
+    ``trainer.fit(torch.compile(model))``, a ``torch.compile``-d submodule) is replaced by the
+    function it compiles.  So a probe pass (other shapes, hooks, eval mode) adds no graph to
+    the compiler's cache and never makes training recompile.  Local to the model's modules:
+    the compiler's global state (``torch.compiler.set_stance``) is untouched, as a worker
+    thread running concurrently with training needs.  Functions compiled on their own and
+    called inside a forward still run compiled."""
+    compiled = [(m, vars(m)["_compiled_call_impl"]) for m in model.modules()
+                if vars(m).get("_compiled_call_impl") is not None]
+    forwards = [(m, vars(m)["forward"]) for m in model.modules()
+                if _uncompiled(vars(m).get("forward")) is not vars(m).get("forward")]
+    try:
+        for module, _ in compiled:
+            vars(module)["_compiled_call_impl"] = None
+        for module, forward in forwards:
+            vars(module)["forward"] = _uncompiled(forward)
+        yield
+    finally:
+        for module, call in compiled:
+            vars(module)["_compiled_call_impl"] = call
+        for module, forward in forwards:
+            vars(module)["forward"] = forward
+
+
 @contextmanager
 def evaluation_mode(model: nn.Module, restore_rng: bool = True) -> Iterator[None]:
-    """Run a block in ``eval()`` mode under ``torch.no_grad()``, leaving no trace.
+    """Run a block in ``eval()`` mode under ``torch.no_grad()``, eagerly, leaving no trace.
 
     On exit (also on exceptions) the ``training`` flag of *every* submodule is restored exactly
-    (mixed train/eval models included) and, with ``restore_rng`` (default), the global torch RNG
-    state (CPU, and CUDA when it is initialized) is put back, so probing never shifts the
-    training run's random stream (a ``DataLoader`` draws a seed from it even with
-    ``shuffle=False``).  A thread other than the training loop's must pass
-    ``restore_rng=False``: restoring a state saved earlier would rewind the loop's stream.
+    (mixed train/eval models included), so are the buffers of every submodule (a forward may
+    update some in eval mode, see :func:`preserved_buffers`; that costs one clone of the
+    buffers per block) and the ``torch.Generator`` objects the submodules hold
+    (:func:`preserved_generators`) and, with ``restore_rng`` (default), the global torch RNG
+    state (CPU, and CUDA when it is initialized), so probing never shifts the training run's
+    random stream (a ``DataLoader`` draws a seed from it even with ``shuffle=False``).  A
+    thread other than the training loop's must pass ``restore_rng=False``: restoring a state
+    saved earlier would rewind the loop's stream.  Compiled modules run eagerly inside the
+    block (:func:`running_eagerly`).
     """
     flags = [(m, m.training) for m in model.modules()]
-    with preserved_rng() if restore_rng else nullcontext():
+    with (preserved_rng() if restore_rng else nullcontext(), preserved_generators(model),
+          preserved_buffers(model), running_eagerly(model)):
         try:
             model.eval()
             with torch.no_grad():
@@ -162,7 +289,9 @@ def probe_module(model: nn.Module) -> nn.Module:
       layer would fire once per GPU, in no fixed order).
     * a ``torch.compile``-d module (``OptimizedModule``, also under a
       ``DistributedDataParallel``): its ``_orig_mod``, run eagerly (a compiled graph cached
-      without the recorder's hooks never calls them).
+      without the recorder's hooks never calls them).  Modules compiled inside the model
+      (``nn.Module.compile()``, a ``torch.compile``-d submodule, Lightning's compiled
+      ``forward``) run eagerly too, by :func:`evaluation_mode` (see :func:`running_eagerly`).
 
     The hooks sit on the same submodules either way, and the names do not change (see
     :func:`~alignment_callback.hooks.selection.named_layers`).
@@ -259,10 +388,10 @@ def _layer_count_error(bad: dict[str, int]) -> LayerCountError:
     never = sorted(n for n, c in bad.items() if c == 0)
     why = (f" {never} never ran: the probe's forward runs in eval mode under no_grad, so a "
            "branch taken only in training (or only with gradients) is skipped, a container "
-           "without forward (nn.ModuleList) is never called, and a module compiled inside "
-           "the model (torch.compile of a submodule, nn.Module.compile) may run a cached "
-           "graph that calls no hooks (a whole model given as torch.compile(model) runs "
-           "eagerly; hook modules outside the compiled one); hook the modules that run."
+           "without forward (nn.ModuleList) is never called, and a function compiled on "
+           "its own and called in the forward may run a cached graph that calls no hooks "
+           "(compiled modules run eagerly: torch.compile(model), nn.Module.compile, a "
+           "torch.compile-d submodule); hook the modules that run."
            if never else "")
     return LayerCountError(
         f"these layers did not run exactly once in a forward pass: {bad} (calls per pass); "
@@ -374,7 +503,8 @@ def collect_activations(
     """Run ``model`` over probe batches and return ``{layer: (n, d)}`` pooled activations.
 
     The model runs in ``eval()`` mode under ``torch.no_grad()``; afterwards (also on errors)
-    every submodule's train/eval flag and the global RNG state are restored exactly.
+    every submodule's train/eval flag, buffers and generators and the global RNG state are
+    restored exactly (see :func:`evaluation_mode`).
 
     Batch rules: a tensor -> ``model(batch)``; a tuple / list of plain values only (strings,
     numbers: a ``DataLoader`` over a list of texts) -> ``model(batch)``, one row per value; any
@@ -385,8 +515,9 @@ def collect_activations(
     ----------
     model : nn.Module
         The model (wrappers fine; names are normalized, see :func:`resolve_layers`).  An
-        ``nn.DataParallel`` runs as its ``module`` (one device) and a ``torch.compile``-d
-        model as its eager ``_orig_mod`` (see :func:`probe_module`).
+        ``nn.DataParallel`` runs as its ``module`` (one device), a ``torch.compile``-d
+        model as its eager ``_orig_mod`` (see :func:`probe_module`) and modules compiled
+        inside it eagerly too (see :func:`running_eagerly`).
     dataloader_or_batches : DataLoader, iterable of batches, Tensor or dict
         A DataLoader or any iterable of batches; a single tensor is split into batches of
         ``batch_size`` rows; a single dict is one batch.

@@ -302,3 +302,11 @@ def test_an_infinite_sigma_is_refused_when_the_measure_is_made():
 
     with pytest.raises(ValueError, match="sigma must be a finite positive number"):
         get_measure("rbf_cka", sigma=float("inf"))
+
+
+def test_bootstrap_interval_names_itself_for_an_ambiguous_alpha():
+    from alignment_callback.functional.bootstrap import bootstrap_interval
+
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=r"^bootstrap_interval: alpha=0\.1 is ambiguous"):
+        bootstrap_interval(x, x, "shape_metric", num_bootstrap=40, alpha=0.1)

@@ -125,3 +125,23 @@ def test_report_settings_name_the_chosen_layers_and_the_aggregate(tmp_path):
     chosen = [name for name, _ in MLP().named_modules() if name.startswith("fc")]
     assert ", ".join(chosen) in report
     assert "top_two" in report and " at 0x" not in report
+
+
+def test_a_failed_step_is_not_retried_at_each_micro_batch(tmp_path):
+    """Gradient accumulation calls the batch hook once per micro-batch of a global step: a
+    step that failed is done (skipped), not retried and counted again at the next one."""
+    FAILING["epochs"] = set()
+    calls = []
+    cb = _cb(every_n_train_steps=1, baseline=False)
+
+    def boom(*args, **kwargs):
+        calls.append(args[1:3])
+        raise RuntimeError("the step broke")
+
+    cb._capture_and_compute = boom
+    trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=4, logger=False, callbacks=[cb],
+                         enable_checkpointing=False, **FAST_TRAINER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(MLP(), train_loader(n=128))
+    assert [s["step"] for s in cb.skipped] == [1, 2] and len(calls) == 2

@@ -310,3 +310,35 @@ def test_background_copy_is_given_up_when_a_buffer_is_added():
         background = fit([bg], model=LateBufferMLP())
     assert_same_training(plain, background)
     assert bg.skipped == [] and raws(bg) == raws(fg) and len(raws(bg)) == 3
+
+
+def test_a_compiled_forward_is_unwrapped_by_torch_s_rule_of_each_version():
+    """torch ≤ 2.10 marks its wrapper with ``_torchdynamo_orig_callable`` only (no
+    ``_torchdynamo_wrapper_id``): followed, as torch itself did; from 2.11 a wrapper records
+    its own id, and a ``functools.wraps`` copy of it (other id) is the user's function."""
+    import functools
+
+    from alignment_callback.hooks.collect import _uncompiled
+
+    def original(x):
+        return x
+
+    def old_style(x):  # what torch <= 2.10's compile left
+        return original(x)
+
+    old_style._torchdynamo_orig_callable = original
+    assert _uncompiled(old_style) is original
+
+    def new_style(x):
+        return original(x)
+
+    new_style._torchdynamo_orig_callable = original
+    new_style._torchdynamo_wrapper_id = id(new_style)
+    assert _uncompiled(new_style) is original
+
+    @functools.wraps(new_style)
+    def users_wrapper(x):
+        return new_style(x)
+
+    assert users_wrapper._torchdynamo_wrapper_id == id(new_style)  # copied by wraps
+    assert _uncompiled(users_wrapper) is users_wrapper

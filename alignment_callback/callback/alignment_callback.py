@@ -948,13 +948,15 @@ class AlignmentCallback(Callback):
 
     # -------------------------------------------------------------------------- running
     def _already_done(self, epoch: int, step: int) -> bool:
-        """A step that was computed (or is queued): never twice.  In step mode the global step
-        alone identifies it (gradient accumulation calls the batch hook several times per
-        step, and an epoch may end between them); in epoch mode the epoch does too."""
+        """A step that was computed, is queued or failed (``skipped``): never twice.  In step
+        mode the global step alone identifies it (gradient accumulation calls the batch hook
+        several times per step, and an epoch may end between them); in epoch mode the epoch
+        does too."""
+        done = [*self.history, *self.skipped]
         if self.every_n_train_steps is not None:
-            return any(j.step == step for j in self._queue) or any(h["step"] == step for h in self.history)
+            return any(j.step == step for j in self._queue) or any(h["step"] == step for h in done)
         return self._queue.has(epoch, step) or any(
-            h["step"] == step and h["epoch"] == epoch for h in self.history)
+            h["step"] == step and h["epoch"] == epoch for h in done)
 
     def _maybe_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
                    in_batch_hook: bool = False, monitor: bool = True,

@@ -52,6 +52,7 @@ from alignment_callback.functional.pipeline import calibrated_alignment, calibra
 from alignment_callback.functional.registry import (
     MeasureSpec,
     check_samples,
+    check_shadowed_options,
     default_value,
     get_measure,
     measure_argument,
@@ -217,6 +218,7 @@ def bootstrap_interval(
     ValueError: fraction=0.96 keeps round(0.96 · 10) = 10 of the n=10 rows: every replicate ...
     """
     measure = measure_argument(measure, kw)
+    check_shadowed_options(measure, "bootstrap_interval", alpha=alpha)
     if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap or num_bootstrap < 2:
         raise ValueError(f"num_bootstrap must be an integer >= 2 (one replicate gives an interval "
                          f"of width 0), got {num_bootstrap!r}")

@@ -143,9 +143,13 @@ def preserved_generators(model: nn.Module) -> Iterator[None]:
 
 def _uncompiled(fn: Any) -> Any:
     """The function ``torch.compile`` (or ``torch._dynamo.optimize``) wrapped to make ``fn``,
-    else ``fn``; a ``functools.wraps`` copy of such a wrapper is the user's own function."""
-    while (hasattr(fn, "_torchdynamo_orig_callable")
-           and getattr(fn, "_torchdynamo_wrapper_id", None) == id(fn)):
+    else ``fn``.  From torch 2.11 a wrapper records its own id (``_torchdynamo_wrapper_id``),
+    so a ``functools.wraps`` copy of it, which copies its attributes, is the user's own
+    function; before, torch followed ``_torchdynamo_orig_callable`` wherever it was, as here."""
+    while hasattr(fn, "_torchdynamo_orig_callable"):
+        wrapper_id = getattr(fn, "_torchdynamo_wrapper_id", None)
+        if wrapper_id is not None and wrapper_id != id(fn):
+            break
         fn = fn._torchdynamo_orig_callable
     return fn
 

@@ -46,6 +46,24 @@ def _digest(data: Tensor) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _distinct_rows(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(distinct rows, index of each row's copy among them)``, or ``(x, None)`` when every row
+    differs.  A hash of each row's bits in integer arithmetic (exact in any order, unlike a
+    floating-point projection) settles the common case, distinct hashes, in O(n·d); equal
+    hashes are checked exactly with ``torch.unique``.  ``-0.0`` counts as ``0.0``."""
+    bits = (x + 0.0).contiguous()  # -0.0 + 0.0 = +0.0: equal values, equal bits
+    words = bits.view(_INT_OF_SIZE[bits.element_size()]).to(torch.int64)
+    mix = torch.arange(1, 2 * x.shape[1], 2, device=x.device, dtype=torch.int64) * 0x9E3779B1
+    hashes = (words * mix).sum(1)  # wraps around 2**64: the same sum in any order
+    if torch.unique(hashes).numel() == x.shape[0]:
+        return x, None
+    distinct, copies = torch.unique(bits, dim=0, return_inverse=True)
+    return (x, None) if distinct.shape[0] == x.shape[0] else (distinct, copies)
+
+
 def tie_keys(n: int, role: str = "x", device: torch.device | str | None = None,
              data: Tensor | None = None) -> Tensor:
     """Tie-breaking priorities of n rows: a random permutation of ``0..n-1`` drawn from a
@@ -92,9 +110,14 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     (indices, values) : both (n, k), ordered by decreasing inner product (ties by key).
     Similarities are computed in row blocks (memory O(n·block), never n×n at once), after an
     exact power-of-two rescaling of ``x`` (see ``_scaling``), so magnitudes like 1e±30 work.
+    Identical rows get bitwise identical similarities (a tie the keys break): with duplicated
+    rows each block is multiplied by the distinct rows only and its columns gathered, since a
+    matrix product may round a column by its position (seen on AMD EPYC, float64: two copies of
+    a row an ulp apart, so rounding, not the keys, ordered them).
     """
     n, data = x.shape[0], x  # default keys: seeded by x as given (before the rescaling)
     x = rescale_exactly(x)
+    distinct, copies = _distinct_rows(x)
     take = min(k + 1, n)  # one past the k-th shows a tie across the boundary
     # blocks of at least 2 rows: a one-row product is a matrix-vector product, which was seen
     # to round the similarities of identical float32 rows apart and so hide an exact tie (a
@@ -106,7 +129,9 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     priority: Tensor | None = None
     idx_parts, val_parts = [], []
     for start, stop in zip(starts, starts[1:] + [n]):
-        g = x[start:stop] @ x.T
+        g = x[start:stop] @ distinct.T
+        if copies is not None:
+            g = g[:, copies]  # the copies of a row: one computed column each
         ar = torch.arange(stop - start, device=x.device)
         g[ar, ar + start] = -torch.inf
         vals, idx = torch.topk(g, take, dim=1, largest=True, sorted=True)

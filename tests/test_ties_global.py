@@ -9,6 +9,7 @@ p-value counts null values equal to the observed one as at least as large
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,16 +59,18 @@ GRAM = {"linear_cka": {}, "rbf_cka": {"sigma": "median"}, "unbiased_cka": {}, "r
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_type_one_error_of_the_analytic_null_on_tied_data(kind):
-    """``null="auto"`` takes the moments + Pearson III null for most of these pairs (the exact
-    moments hold for any matrices, but the shape of a lumpy discrete null is approximated): its
-    false-positive rate stays ≤ α + 3σ too."""
-    reps, rejected, by_moments = 200, dict.fromkeys(GRAM, 0), dict.fromkeys(GRAM, 0)
+    """``null="auto"`` on tied data: with two identical rows on a side it takes the permutation
+    null (the Pearson III shape was validated on continuous data; a lumpy discrete null made it
+    anti-conservative), else the moments; either way the false-positive rate stays ≤ α + 3σ."""
+    reps, rejected, wrong = 200, dict.fromkeys(GRAM, 0), []
     for r in range(reps):
         g = torch.Generator().manual_seed(50_000 + r)
         x, y = no_zero_rows(tied(kind, 48, g)), no_zero_rows(tied(kind, 48, g))
+        copies = any(np.unique(v.numpy(), axis=0).shape[0] < v.shape[0] for v in (x, y))
         for name, kw in GRAM.items():
             res = F.calibrated_alignment(x, y, name, num_permutations=99, null="auto", seed=r, **kw)
             rejected[name] += float(res.p_value) <= ALPHA
-            by_moments[name] += res.null_method == "moments"
+            if copies and res.null_method != "permutation":
+                wrong.append((r, name, res.null_method))
     assert max(rejected.values()) / reps <= band(reps), rejected
-    assert sum(by_moments.values()) >= 0.6 * reps * len(GRAM), by_moments
+    assert not wrong, wrong[:5]

@@ -8,9 +8,10 @@ threshold τ (the 1 − α quantile) come from the moment-matched Pearson type I
 (Josse, Pagès & Husson 2008); the calibrated score from τ as for a permutation null.
 
 ``null="moments"`` uses it for every gram-family pair; ``null="auto"`` only where it has been
-validated (n ≥ 32, |skew| ≤ 1.4 and a pair leverage ≤ 0.5: heavy-tailed data with an outlying
-sample on both sides makes the null a mixture three moments cannot describe; the validation
-used continuous data, and discrete data can be off by 0.08 inside the range) and the
+validated (n ≥ 32, |skew| ≤ 1.4, a pair leverage ≤ 0.5: heavy-tailed data with an outlying
+sample on both sides makes the null a mixture three moments cannot describe; and no tied
+samples: the validation used continuous data, and two identical rows on either side, as in
+one-hot or integer-coded data, make the null lumpy, its p-values off by up to 0.08) and the
 permutation null elsewhere.  An aggregate over several layer pairs needs their joint null, so
 it always uses permutations.  kNN measures keep the permutation null; with ``"auto"`` their
 ``null_mean`` (and for mutual kNN ``null_std``) are the exact permutation values.
@@ -74,10 +75,12 @@ def invariants(state: Any) -> mo.GramInvariants:
 
 def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvariants,
                     alpha: float, max_score: float | None, dtype: torch.dtype,
-                    device: torch.device | str = "cpu", data_dtype: torch.dtype | None = None
-                    ) -> tuple[dict[str, Tensor], bool]:
+                    device: torch.device | str = "cpu", data_dtype: torch.dtype | None = None,
+                    tied: bool = False) -> tuple[dict[str, Tensor], bool]:
     """The scalar fields of a calibration from the moments (0-dim ``dtype`` tensors on
-    ``device``), and whether the Pearson III approximation is within its validated range.
+    ``device``), and whether the Pearson III approximation is within its validated range
+    (:func:`~alignment_callback.functional.moments.pearson3_valid`; ``tied``: either side has
+    tied samples, :func:`~alignment_callback.functional.moments.has_tied_rows`).
 
     ``data_dtype`` (default ``dtype``) is the features' dtype, whose
     :func:`~alignment_callback.functional.calibration.resolution` decides, as for a
@@ -108,7 +111,8 @@ def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvari
     effect = (0.0 if degenerate else (score - m.mean) / std if std > 0 else
               0.0 if score == m.mean else math.copysign(math.inf, score - m.mean))
     valid = (std > 0.0  # not a point mass
-             and bool(mo.pearson3_valid(inv_x.n, m.skewness, mo.pair_leverage(inv_x, inv_y))))
+             and bool(mo.pearson3_valid(inv_x.n, m.skewness, mo.pair_leverage(inv_x, inv_y),
+                                        tied)))
     as_t = lambda v: torch.tensor(float(v), dtype=dtype, device=device)  # noqa: E731
     fields = {
         "raw": as_t(score), "calibrated": as_t(calibrated), "p_value": as_t(p3["p_value"]),

@@ -61,6 +61,7 @@ from alignment_callback.functional.knn_measures import (
     knn_chunk_cost,
     knn_layer_scores,
 )
+from alignment_callback.functional.moments import has_tied_rows
 from alignment_callback.functional.neighbors import neighbor_lists
 from alignment_callback.functional.permutation import Permutations, chunk_size_for
 from alignment_callback.functional.registry import (
@@ -518,11 +519,14 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
                                  "null='permutation', or null='auto' to use moments where they "
                                  "apply")
             continue
-        inv_x = xside.invariant(m, 0, invariants)
-        inv_y = yside.invariant(m, 0, invariants)
+        ties = _tied_sides(xside, yside)
+        if null == "auto" and ties:  # a lumpy null: permutations, no invariants needed
+            continue
+        inv_x, inv_y = xside.invariant(m, 0, invariants), yside.invariant(m, 0, invariants)
         smax = m.max_score if max_score == AUTO else max_score
         fields, valid = analytic_fields(float(observed[m][0, 0]), inv_x, inv_y, alpha, smax,
-                                        observed[m].dtype, observed[m].device, xside.dtype)
+                                        observed[m].dtype, observed[m].device, xside.dtype,
+                                        tied=bool(ties))
         if null == "auto" and not valid:
             continue
         if float(fields["null_std"]) == 0.0 and float(fields["p_value"]) == 1.0:  # point mass
@@ -536,8 +540,10 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
             warnings.warn(
                 f"{m.name}: null='moments' is outside the range where its Pearson III p-value "
                 "and threshold were validated (n >= 32, |skewness| <= 1.4, no sample outlying in "
-                f"both representations; here n={xside.features[0].shape[0]}); they may be off by "
-                "0.05 or more. Use null='auto' or null='permutation' for an exact null",
+                f"both representations, no tied samples; here n={xside.features[0].shape[0]}"
+                f"{f' and {ties} tied (identical) rows, which make the null lumpy' if ties else ''}"
+                "); they may be off by 0.05 or more. Use null='auto' or null='permutation' for an "
+                "exact null",
                 RuntimeWarning, stacklevel=user_stacklevel())
         unresolved = smax is not None and smax - float(fields["threshold"]) <= resolution(xside.dtype)
         fields["unresolved"] = torch.tensor(unresolved)
@@ -552,6 +558,22 @@ def _analytic_results(measures: Sequence[Measure], observed: dict[Measure, Tenso
             pair_p_value=fields["p_value"].reshape(1, 1), aggregate=agg_name, measure=m.name,
             null_method="moments", **fields)
     return out
+
+
+def _tied_rows(side: PreparedSide, i: int) -> bool:
+    """Whether layer ``i``'s features have tied (identical) rows, kept with the side's
+    invariants (one answer for every measure and route: a cached reference computes it once)."""
+    key = ("tied_rows", i)
+    if key not in side.invariants:
+        side.invariants[key] = has_tied_rows(side.features[i])
+    return side.invariants[key]
+
+
+def _tied_sides(xside: PreparedSide, yside: PreparedSide) -> str:
+    """Which sides of a single pair have tied rows, in words ("x has", "y has", "x and y
+    have"; "" for none)."""
+    sides = [side.role for side in (xside, yside) if _tied_rows(side, 0)]
+    return "" if not sides else " and ".join(sides) + (" have" if len(sides) == 2 else " has")
 
 
 def _with_exact_knn_moments(m: Measure, res: LayerAlignmentResult, xside: PreparedSide,
@@ -740,10 +762,10 @@ def calibrated_alignment(
         How the null is obtained: K permutations; the exact permutation moments with a
         Pearson type III distribution (gram family; no permutation drawn, and with a linear
         kernel and d < n no n×n matrix either); or moments where they are validated
-        (n >= 32, moderate skew, no outlying sample on both sides, no ``groups``, a null that
-        is not a point mass) and permutations elsewhere.  ``result.null_method`` says which
-        was used.  ``"moments"`` with ``groups`` is an error (block permutations have other
-        moments).
+        (n >= 32, moderate skew, no outlying sample on both sides, no tied (identical) rows
+        on either side, no ``groups``, a null that is not a point mass) and permutations
+        elsewhere.  ``result.null_method`` says which was used.  ``"moments"`` with
+        ``groups`` is an error (block permutations have other moments).
     **measure_kwargs
         The measure's parameters (``k``, ``sigma``, ``cca_dim``).  A parameter named like an
         argument of this function (``shape_metric``'s ``alpha``) must be given through

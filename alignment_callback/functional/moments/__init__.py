@@ -15,7 +15,7 @@ Modules
 * ``invariants``: :class:`GramInvariants`, :class:`GraphInvariants`,
   :class:`PermutationMoments`; :func:`gram_invariants`, :func:`matrix_invariants` (the
   split ``A = A₀ + αI + β(J − I)`` that avoids cancellation, the 15 invariants of a symmetric
-  matrix and their cost).
+  matrix and their cost); :func:`has_tied_rows` (tied samples, outside the validated range).
 * ``features``: :func:`feature_invariants` (a linear gram's invariants from
   the features, O(n·d²) + O(n·d³)), :func:`feature_linear_cka`, :func:`feature_scatter`.
 * ``knn``: :func:`knn_graph_invariants` (O(n·k)), :func:`mutual_knn_moments`,
@@ -46,6 +46,7 @@ from alignment_callback.functional.moments.invariants import (
     GraphInvariants,
     PermutationMoments,
     gram_invariants,
+    has_tied_rows,
     matrix_invariants,
 )
 from alignment_callback.functional.moments.knn import (
@@ -78,6 +79,7 @@ __all__ = [
     "feature_linear_cka",
     "feature_scatter",
     "gram_invariants",
+    "has_tied_rows",
     "knn_graph_invariants",
     "matrix_invariants",
     "mutual_knn_moments",

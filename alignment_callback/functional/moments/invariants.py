@@ -159,6 +159,44 @@ class PermutationMoments:
 
 
 # ----------------------------------------------------------------------------------------------
+# Tied samples
+# ----------------------------------------------------------------------------------------------
+
+
+def has_tied_rows(x: Tensor) -> bool:
+    """Whether two rows (samples) of ``x`` are identical, compared exactly (``-0.0 == 0.0``).
+
+    Tied samples (one-hot labels, integer codes, repeated inputs) make the permutation null
+    lumpy: swapping two of them leaves every score unchanged, and with many ties the null has
+    few distinct values (atoms) where the moment-matched Pearson III is continuous, outside
+    the range where it was validated (:func:`pearson3_valid`).  Any gram of the rows (linear,
+    RBF, U-centered, ranked distances) then has tied rows too.  Cost: one lexicographic sort
+    of the rows (``torch.unique(x, dim=0)``), O(n·d·log n), a fraction of the invariants'
+    O(n·d²); one host sync.
+
+    Parameters
+    ----------
+    x : Tensor
+        (n, d) features.
+
+    Returns
+    -------
+    bool
+
+    Example
+    -------
+    >>> import torch
+    >>> has_tied_rows(torch.eye(3)[torch.tensor([0, 1, 2, 1])])  # one-hot labels, a repeat
+    True
+    >>> has_tied_rows(torch.randn(5, 2, generator=torch.Generator().manual_seed(0)))
+    False
+    """
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D (n, d) tensor, got {getattr(x, 'shape', x)}")
+    return torch.unique(x, dim=0).shape[0] < x.shape[0]
+
+
+# ----------------------------------------------------------------------------------------------
 # Invariants of a dense matrix
 # ----------------------------------------------------------------------------------------------
 

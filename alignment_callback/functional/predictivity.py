@@ -31,17 +31,23 @@ inner-CV forms when the penalty is chosen by inner CV, each stored as its upper 
 permutation is one n × n gather of L plus one dot product (fixed penalty, as cheap as linear
 CKA), or plus one row of a chunk-wide matrix product with the packed forms.  The choice of
 penalty is redone for every permutation (the inner errors are forms too), so the null is exact.
+
+Memory: the forms, y's gram and two n × n gathers (about 4 n × n matrices of the data's dtype
+for a fixed penalty, 40 with the inner CV; :func:`forms_bytes`).  :func:`predictivity_score`
+refuses with ``MemoryError`` before allocating any of them when they would not fit in the
+memory available; :func:`linear_predictivity` itself needs O(n·d) and is never refused.
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import center_columns
 from alignment_callback.functional._validation import check_matrix, check_pair
@@ -232,50 +238,54 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
 class PredictivityForms:
     """x's quadratic forms: one full n × n matrix for a fixed penalty; otherwise the outer and
     inner forms packed as upper triangles (weights 2 off the diagonal) at flat indices
-    ``flat`` of an n × n matrix."""
+    ``flat`` of an n × n matrix.  One n × n form is alive at a time while they are built (see
+    :func:`forms_bytes`)."""
 
     def __init__(self, x: Tensor, grid: tuple[float, ...], fixed: bool, folds: int) -> None:
         n = x.shape[0]
-        iu = torch.triu_indices(n, n, device=x.device)
-        self.flat = iu[0] * n + iu[1]
-        weight = torch.where(iu[0] == iu[1], 1.0, 2.0).to(x.dtype)
         self.fixed = fixed
 
-        def pack(g: Tensor) -> Tensor:
-            return g[iu[0], iu[1]] * weight
-
-        def residual_forms(fit: Tensor, test: Tensor, train: Tensor, lams) -> list[Tensor]:
-            """MᵀM (n × n) for each penalty, M = [I_test, −A_train]."""
-            out = []
+        def residual_forms(fit: _Fit, test: Tensor, train: Tensor, lams: Sequence[float],
+                           pack: Callable[[Tensor], Tensor] | None = None) -> Iterator[Tensor]:
+            """MᵀM (n × n, or ``pack``ed) for each penalty, M = [I_test, −A_train], one at a
+            time."""
+            mmat = x.new_zeros(test.shape[0], n)
+            mmat[:, test] = torch.eye(test.shape[0], dtype=x.dtype, device=x.device)
             for lam in lams:
-                mmat = x.new_zeros(test.shape[0], n)
-                mmat[:, test] = torch.eye(test.shape[0], dtype=x.dtype, device=x.device)
                 mmat[:, train] = -fit.operator(lam)
-                out.append(mmat.T @ mmat)
-            return out
+                yield mmat.T @ mmat if pack is None else pack(mmat.T @ mmat)
 
         slices = fold_slices(n, folds)
         if fixed:
             total = x.new_zeros(n, n)
             for start, stop in slices:
                 test, train = _split(n, start, stop, x.device)
-                total += residual_forms(_Fit(x[train], x[test]), test, train, grid)[0]
+                total += next(residual_forms(_Fit(x[train], x[test]), test, train, grid))
             self.total = total
             return
-        outer, inner = [], []
-        for start, stop in slices:
+        iu = torch.triu_indices(n, n, device=x.device)
+        self.flat = iu[0] * n + iu[1]
+        weight = torch.where(iu[0] == iu[1], 1.0, 2.0).to(x.dtype)
+        del iu
+
+        def pack(g: Tensor) -> Tensor:
+            return torch.take(g, self.flat) * weight
+
+        size = len(grid)
+        # (folds·|grid|, P), fold-major; the inner forms summed over inner folds as packed
+        self.outer = x.new_empty(folds * size, self.flat.shape[0])
+        self.inner = x.new_zeros(folds * size, self.flat.shape[0])
+        for f, (start, stop) in enumerate(slices):
             test, train = _split(n, start, stop, x.device)
-            outer += [pack(g) for g in residual_forms(_Fit(x[train], x[test]), test, train, grid)]
-            acc = [x.new_zeros(n, n) for _ in grid]
+            fit = _Fit(x[train], x[test])
+            for k, form in enumerate(residual_forms(fit, test, train, grid, pack)):
+                self.outer[f * size + k] = form
             for a, b in fold_slices(train.shape[0], folds):
                 itest, itrain = train[a:b], torch.cat([train[:a], train[b:]])
                 fit = _Fit(x[itrain], x[itest])
-                for k, g in enumerate(residual_forms(fit, itest, itrain, grid)):
-                    acc[k] += g
-            inner += [pack(g) for g in acc]
-        self.outer = torch.stack(outer)  # (folds·|grid|, P), fold-major
-        self.inner = torch.stack(inner)
-        self.shape = (folds, len(grid))
+                for k, form in enumerate(residual_forms(fit, itest, itrain, grid, pack)):
+                    self.inner[f * size + k] += form
+        self.shape = (folds, size)
 
 
 class PredictivityState:
@@ -309,16 +319,66 @@ def predictivity_state(x: Tensor, ridge: Ridge = None, folds: int = 5) -> Predic
     return PredictivityState(x, ridge, folds)
 
 
+def forms_bytes(n: int, dtype: torch.dtype, fixed: bool, folds: int, grid_size: int
+                ) -> tuple[int, int]:
+    """``(peak while building, kept)`` bytes of :class:`PredictivityForms` on n samples.
+
+    Kept: one n × n form for a fixed penalty; otherwise ``2·folds·grid_size`` packed upper
+    triangles (n(n + 1)/2 numbers each: about 35 n × n matrices at the defaults) and their
+    int64 flat indices.  While building, also one n × n form, its packed copies, the packing
+    weights and the (n/folds) × n residual operator with its temporaries.
+    """
+    size = torch.tensor([], dtype=dtype).element_size()
+    square, triangle, rows = n * n * size, n * (n + 1) // 2, -(-n // folds) * n * size
+    if fixed:
+        return 2 * square + 4 * rows, square
+    kept = 2 * folds * grid_size * triangle * size + 8 * triangle
+    return kept + triangle * size + 2 * square + 4 * rows, kept
+
+
+def _check_memory(sx: PredictivityState, sy: PredictivityState, batch: int) -> None:
+    """Refuse, before any n × n matrix is allocated, a score whose matrices would not fit:
+    x's forms unless built (their peak, then kept), y's centered gram unless built, and the
+    scoring's two n × n gathers and ``batch`` packed triangles.  Built states are in use
+    already, so the memory available does not count them."""
+    n, dtype, device = sx.x.shape[0], sx.x.dtype, sx.x.device
+    size = torch.tensor([], dtype=dtype).element_size()
+    square = n * n * size
+    build = kept = 0
+    if "forms" not in vars(sx):  # cached properties: in the instance's dict once built
+        build, kept = forms_bytes(n, dtype, sx.fixed, sx.folds, len(sx.grid))
+    scoring = 2 * square + (0 if "target" in vars(sy) else square)
+    if not sx.fixed:
+        scoring += batch * (n * (n + 1) // 2) * size
+    need = max(build, kept + scoring)
+    if sx.fixed:
+        cheaper = ""
+    else:
+        cheaper = (f"a fixed ridge=<number> (one n×n form instead of "
+                   f"{2 * sx.folds * len(sx.grid)} packed triangles), ")
+    alternatives = (f"{cheaper}linear_predictivity(x, y) for the value alone (a direct "
+                    "regression, O(n·d) memory), linear_cka with null='moments' (no n×n matrix)")
+    error = square_matrix_error("linear_predictivity", n, -(-need // square), dtype, device,
+                                available_bytes(device), alternatives)
+    if error is not None:
+        raise error
+
+
 def predictivity_score(sx: PredictivityState, sy: PredictivityState, perms: Tensor) -> Tensor:
-    """Cross-validated R² of predicting ``y[π]`` from x for each π (B, n) → (B,)."""
-    forms = sx.forms
-    gram, sst = sy.target
-    n = gram.shape[0]
+    """Cross-validated R² of predicting ``y[π]`` from x for each π (B, n) → (B,).
+
+    Builds x's forms and y's gram on first use, after refusing with ``MemoryError`` (the
+    estimate and what to use instead) matrices that would not fit in the memory available.
+    """
+    n = sy.x.shape[0]
     if sx.x.shape[0] != n:
         raise ValueError(
             f"x and y must have the same number of samples, got {sx.x.shape[0]} and {n}"
         )
     b = perms.shape[0]
+    _check_memory(sx, sy, b)
+    forms = sx.forms
+    gram, sst = sy.target
     rows, gathered = torch.empty_like(gram), torch.empty_like(gram)
     if forms.fixed:
         total = forms.total.reshape(-1)

@@ -17,7 +17,13 @@ from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import check_pair
-from alignment_callback.functional.gram_measures import GramState, gram_score, linear_state
+from alignment_callback.functional.gram_measures import (
+    _NO_GRAM,
+    GramState,
+    _check_memory,
+    gram_score,
+    linear_state,
+)
 
 
 def rv_state(x: Tensor) -> GramState:
@@ -70,4 +76,5 @@ def rv_coefficient(x: Tensor, y: Tensor) -> Tensor:
     1.0
     """
     x, y = check_pair(x, y)
+    _check_memory("rv_coefficient", x, _NO_GRAM)  # before the two n×n grams are built
     return rv_score(rv_state(x), rv_state(y), torch.arange(x.shape[0], device=x.device)[None])[0]

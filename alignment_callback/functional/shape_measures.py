@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import center_columns, rescale_exactly
 from alignment_callback.functional._validation import check_pair
@@ -278,15 +279,33 @@ def _check_kernel(kernel: str) -> str:
     return kernel
 
 
+#: n×n matrices of the data's dtype alive at the peak of preparing an RBF Bures state (the
+#: gram, its centered and symmetrized copies, the eigendecomposition's; measured 5.1–5.3)
+RBF_STATE_PEAK = 6
+
+
+def _check_rbf_memory(x: Tensor, count: int) -> None:
+    """Refuse before allocating when ``count`` n×n matrices of ``x``'s dtype would not fit in
+    the memory available (the RBF Bures state's gram and eigendecomposition)."""
+    error = square_matrix_error("bures_similarity (kernel='rbf')", x.shape[0], count, x.dtype,
+                                x.device, available_bytes(x.device),
+                                "kernel='linear' (= procrustes_similarity, from the features: "
+                                "no n×n matrix)")
+    if error is not None:
+        raise error
+
+
 def bures_state(x: Tensor, kernel: str = "linear", sigma: float | str = 1.0) -> FactorState:
     """Normalized factor of the centered gram: ``Z Zᵀ = HKH / tr(HKH)``.
 
     Linear: the Procrustes factor (thin SVD of the centered features).  RBF: ``V Λ^½`` from
     the eigendecomposition of the centered RBF gram, eigenvalues ``<= λ_max·n·eps`` (numerical
-    noise and the negative round-off ones) dropped.
+    noise and the negative round-off ones) dropped; refused with ``MemoryError`` before the
+    gram is allocated when its ``RBF_STATE_PEAK`` n×n matrices would not fit in memory.
     """
     if _check_kernel(kernel) == "linear":
         return procrustes_state(x, "bures_similarity")
+    _check_rbf_memory(x, RBF_STATE_PEAK)
     k = center_gram(rbf_gram(x, sigma))
     eps = torch.finfo(k.dtype).eps
     if not bool(k.abs().max() > 1e3 * eps):  # RBF entries are <= 1; centering leaves ~eps
@@ -327,6 +346,9 @@ def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float 
     an O(n r_x r_y) product plus an r × r SVD — about O(n³) — against two O(n³)
     eigendecompositions plus that SVD when recomputing.  The square root makes the RBF value
     accurate to about ``√(n·eps)`` relative when the gram has eigenvalues at round-off level.
+    RBF memory: about 7 n×n matrices of the data's dtype at the peak (one side's state while
+    the other's gram is decomposed), refused with ``MemoryError`` before any is allocated when
+    they would not fit in the memory available.
 
     Parameters
     ----------
@@ -361,5 +383,7 @@ def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float 
     1.0
     """
     x, y = check_pair(x, y)
+    if _check_kernel(kernel) == "rbf":  # x's state kept while y's is prepared
+        _check_rbf_memory(x, RBF_STATE_PEAK + 1)
     ident = _identity(x.shape[0], x.device)
     return bures_score(bures_state(x, kernel, sigma), bures_state(y, kernel, sigma), ident)[0]

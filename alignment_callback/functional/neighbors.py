@@ -49,7 +49,7 @@ def _digest(data: Tensor) -> int:
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _distinct_rows(x: Tensor) -> tuple[Tensor, Tensor | None]:
+def distinct_rows(x: Tensor) -> tuple[Tensor, Tensor | None]:
     """``(distinct rows, index of each row's copy among them)``, or ``(x, None)`` when every row
     differs.  A hash of each row's bits in integer arithmetic (exact in any order, unlike a
     floating-point projection) settles the common case, distinct hashes, in O(n·d); equal
@@ -117,7 +117,7 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """
     n, data = x.shape[0], x  # default keys: seeded by x as given (before the rescaling)
     x = rescale_exactly(x)
-    distinct, copies = _distinct_rows(x)
+    distinct, copies = distinct_rows(x)
     take = min(k + 1, n)  # one past the k-th shows a tie across the boundary
     # blocks of at least 2 rows: a one-row product is a matrix-vector product, which was seen
     # to round the similarities of identical float32 rows apart and so hide an exact tie (a

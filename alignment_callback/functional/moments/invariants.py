@@ -38,6 +38,7 @@ from alignment_callback.functional.moments.patterns import (
     _contract,
     _DenseBackend,
 )
+from alignment_callback.functional.neighbors import distinct_rows
 
 _EPS = torch.finfo(_F64).eps
 
@@ -170,9 +171,10 @@ def has_tied_rows(x: Tensor) -> bool:
     lumpy: swapping two of them leaves every score unchanged, and with many ties the null has
     few distinct values (atoms) where the moment-matched Pearson III is continuous, outside
     the range where it was validated (:func:`pearson3_valid`).  Any gram of the rows (linear,
-    RBF, U-centered, ranked distances) then has tied rows too.  Cost: one lexicographic sort
-    of the rows (``torch.unique(x, dim=0)``), O(n·d·log n), a fraction of the invariants'
-    O(n·d²); one host sync.
+    RBF, U-centered, ranked distances) then has tied rows too.  Answered by
+    :func:`~alignment_callback.functional.neighbors.distinct_rows`, as for the kNN search: a
+    hash of each row's bits, O(n·d), and a sort of the rows only when two hashes are equal; a
+    fraction of the invariants' O(n·d²); one host sync.
 
     Parameters
     ----------
@@ -193,7 +195,7 @@ def has_tied_rows(x: Tensor) -> bool:
     """
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D (n, d) tensor, got {getattr(x, 'shape', x)}")
-    return torch.unique(x, dim=0).shape[0] < x.shape[0]
+    return distinct_rows(x)[1] is not None
 
 
 # ----------------------------------------------------------------------------------------------

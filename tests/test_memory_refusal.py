@@ -320,3 +320,43 @@ def test_rv_coefficient_is_refused_before_its_grams(monkeypatch):
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(MemoryError, match=r"rv_coefficient at n=64 needs about"):
         rv_module.rv_coefficient(x, x)
+
+
+# --------------------------------------------------------- a bound measure called directly
+@pytest.mark.parametrize("name", ["linear_cka", "rbf_cka", "unbiased_cka", "rsa",
+                                  "rv_coefficient"])
+def test_bound_gram_measure_call_is_refused_before_its_grams(monkeypatch, name):
+    """``get_measure(name)(x, y)`` (documented in docs/measures.md) builds each side's n×n
+    state: with too little memory it refuses first, naming the measure and the estimate."""
+    from alignment_callback.functional import registry
+
+    n = 300
+    monkeypatch.setattr(registry, "available_bytes", lambda device: 1024)
+    measure = get_measure(name)
+
+    def spy(*args, **kwargs):
+        raise AssertionError("prepare was called: an n×n matrix was built")
+
+    monkeypatch.setattr(type(measure), "prepare", spy)
+    x, y = _pair(n)
+    with pytest.raises(MemoryError, match=rf"{name} at n={n} needs about .*null='moments'"):
+        measure(x, y)
+
+
+@pytest.mark.parametrize("name", ["linear_cka", "rv_coefficient"])
+def test_bound_linear_cka_call_takes_the_feature_route_at_large_n(monkeypatch, name):
+    """From 4096 samples with features narrower than n, the bound measure computes like the
+    function: from the features (no n×n matrix, nothing refused), the same value."""
+    from alignment_callback.functional import registry
+
+    n = 4096
+    monkeypatch.setattr(registry, "available_bytes", lambda device: 1024)
+    x, y = _pair(n, dx=12, dy=5, seed=3)
+    got = get_measure(name)(x, y)
+    assert got.dtype == torch.float32
+    assert float(got) == float(getattr(F, name)(x, y))
+    xd, yd = x.double().numpy(), y.double().numpy()
+    xd, yd = xd - xd.mean(0), yd - yd.mean(0)
+    expected = (np.linalg.norm(xd.T @ yd) ** 2
+                / (np.linalg.norm(xd.T @ xd) * np.linalg.norm(yd.T @ yd)))
+    assert float(got) == pytest.approx(expected, abs=1e-6)

@@ -33,6 +33,7 @@ from alignment_callback.functional import knn_measures as km
 from alignment_callback.functional import predictivity as pr
 from alignment_callback.functional import shape_measures as shm
 from alignment_callback.functional import svcca as sv
+from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._validation import check_matrix, check_pair, check_positive_int
 
 MeasureFn = Callable[[Tensor, Tensor], Any]
@@ -202,11 +203,31 @@ class Measure:
         return torch.stack(rows, 1)
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        """The measure's value on ``(x, y)`` (no permutation)."""
+        """The measure's value on ``(x, y)`` (no permutation).
+
+        Gram-family measures take the feature route where their functions do (linear CKA and
+        RV from ``n >= 4096`` samples with features narrower than n: no n×n matrix), and
+        otherwise refuse with a ``MemoryError`` before allocating n×n matrices that would not
+        fit.
+        """
         x, y = check_pair(x, y)
-        check_samples(self, x.shape[0])
+        n = x.shape[0]
+        check_samples(self, n)
+        identity = torch.arange(n, device=x.device)[None]
+        if self.family == "gram":
+            route = self.info.feature_state
+            if (route is not None and n >= gm.FEATURE_ROUTE_MIN_SAMPLES
+                    and max(x.shape[1], y.shape[1]) < n):
+                value = self.layer_scores([route(x)], [route(y)], identity)[0, 0, 0]
+                return value.to(torch.promote_types(x.dtype, y.dtype))
+            error = square_matrix_error(
+                self.name, n, 1 + self.info.prepare_peak(x.dtype), x.dtype, x.device,
+                available_bytes(x.device), "calibrated_alignment with null='moments' for "
+                "linear_cka (computed from the features when d < n)")
+            if error is not None:
+                raise error
         sx, sy = self.prepare(x, "x"), self.prepare(y, "y")
-        return self.score(sx, sy, torch.arange(x.shape[0], device=x.device)[None])[0]
+        return self.score(sx, sy, identity)[0]
 
 
 # ------------------------------------------------------------------------------ parameters

@@ -94,3 +94,19 @@ def test_best_pair_of_a_layer_mapping_is_a_mapped_pair():
     assert res.argmax == max(mapped, key=mapped.get)
     assert res.best_pair in (("m1", "r2"), ("m2", "r1"))
     assert float(res.raw) == max(mapped.values())
+
+
+@pytest.mark.parametrize("bad_row", ["nan", "zero"])
+def test_preprocessing_errors_name_the_side_and_the_layer(bad_row):
+    """NaN/Inf and all-zero rows found while preprocessing name the side and layer, in a step
+    and in ``set_reference`` (they named neither)."""
+    g = torch.Generator().manual_seed(0)
+    good = torch.randn(50, 4, generator=g)
+    bad = good.clone()
+    bad[3] = float("nan") if bad_row == "nan" else 0.0
+    engine = AlignmentEngine(["linear_cka"], num_permutations=19)
+    with pytest.raises(ValueError, match=r"^reference layer 'r1': "):
+        engine.set_reference({"r0": good, "r1": bad})
+    engine.set_reference({"r0": good})
+    with pytest.raises(ValueError, match=r"^model layer 'l3': "):
+        engine.step({"l1": good, "l3": bad})

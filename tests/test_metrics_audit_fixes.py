@@ -559,3 +559,32 @@ def test_max_samples_at_compute_counts_this_process_rows_only():
     a0.dist_sync_fn = lambda t, group=None: [t, other.pop(0)]
     assert float(a0.compute()["raw"]) == pytest.approx(float(_functional(x, y, "linear_cka").raw),
                                                        abs=1e-6)
+
+
+# ------------------------------------------------- rows that arrive without update()
+@pytest.mark.parametrize("how", ["load_state_dict", "merge_state"])
+def test_loaded_or_merged_rows_compute_without_warning_and_name_their_source(how):
+    """Rows from ``load_state_dict`` / ``merge_state`` count as updated (torchmetrics' "compute
+    called before update" warning was false there), and a ``max_samples`` refusal names them
+    instead of blaming a MetricCollection that is not involved."""
+    x, y = pair(120)
+    source = CalibratedAlignment("linear_cka", num_permutations=K)
+    source.persistent(True)
+    source.update(x, y)
+    expected = float(source.compute()["raw"])
+
+    def receive(metric):
+        if how == "load_state_dict":
+            metric.load_state_dict(source.state_dict())
+        else:
+            metric.merge_state(source)
+        return metric
+
+    target = receive(CalibratedAlignment("linear_cka", num_permutations=K))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(target.compute()["raw"]) == expected
+    small = receive(CalibratedAlignment("linear_cka", num_permutations=K, max_samples=50))
+    with pytest.raises(ValueError, match=r"120 rows, more than max_samples=50 \(rows from "
+                                         r"update\(\), merge_state\(\) or load_state_dict\(\)"):
+        small.compute()

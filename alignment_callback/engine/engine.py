@@ -16,6 +16,7 @@ from alignment_callback.functional._validation import (
     check_max_score,
     check_num_permutations,
     check_seed,
+    errors_named,
 )
 from alignment_callback.functional.aggregation import Aggregate, MappedAggregate, aggregate_fn
 from alignment_callback.functional.analytic_null import check_moments_apply, check_null
@@ -166,8 +167,11 @@ class AlignmentEngine:
     def features(self, layers: Mapping[str, Tensor], label: str) -> tuple[list[str], list[Tensor]]:
         """Preprocessed (n, d) features of ``layers`` on the compute device, one dtype."""
         prep = self.preprocessor
-        moved = {name: (t if self.device is None else t.to(self.device)) for name, t in layers.items()}
-        return side_features({name: prep.matrix(prep.rows(t)) for name, t in moved.items()}, label)
+        mats = {}
+        for name, t in layers.items():
+            with errors_named(f"{label} layer {name!r}"):  # NaN, zero rows: name the layer
+                mats[name] = prep.matrix(prep.rows(t if self.device is None else t.to(self.device)))
+        return side_features(mats, label)
 
     @torch.no_grad()
     @no_autocast()

@@ -374,6 +374,13 @@ class AlignmentMetricBase(Metric):
                                  "the other's do not")
         super().merge_state(incoming_state)
         self._computed = None  # the merged rows make a new result
+        self._count_rows_as_updated()
+
+    def _count_rows_as_updated(self) -> None:
+        """Rows that arrived without ``update()`` (merged, loaded) count as an update, so that
+        torchmetrics does not warn that ``compute()`` was called before ``update()``."""
+        if self._stored_rows("x"):
+            self._update_count = max(self._update_count, 1)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
@@ -383,6 +390,7 @@ class AlignmentMetricBase(Metric):
         if strict:
             error_msgs.extend(self._unregistered_layers(state_dict, prefix))
         self._computed = None  # loaded rows make a new result
+        self._count_rows_as_updated()
 
     def _unregistered_layers(self, state_dict: Mapping[str, Any], prefix: str) -> list[str]:
         """What to do about rows in ``state_dict`` of more layers than this metric has
@@ -501,10 +509,11 @@ class AlignmentMetricBase(Metric):
         synced = bool(getattr(self, "_is_synced", False))
         if self.max_samples is not None and not synced and stored > self.max_samples:
             raise ValueError(
-                f"{metric} holds {stored} rows, more than max_samples={self.max_samples}: in a "
-                "MetricCollection, metrics that share a compute group are all updated through "
-                "the first one; give a metric with its own max_samples its own collection, or "
-                "pass compute_groups=False")
+                f"{metric} holds {stored} rows, more than max_samples={self.max_samples} (rows "
+                "from update(), merge_state() or load_state_dict(); in a MetricCollection, "
+                "metrics that share a compute group are all updated through the first one: give "
+                "a metric with its own max_samples its own collection, or pass "
+                "compute_groups=False)")
         if not self.x_layers or not stored:
             raise RuntimeError(f"{metric}.compute() found no accumulated rows: call update() "
                                "with at least one row first (reset() and clear_reference() "

@@ -215,7 +215,7 @@ def keeps_tables(loggers: Sequence[Any]) -> bool:
 
 
 def define_summaries(loggers: Sequence[Any], keys: Sequence[str]) -> None:
-    """W&B run summary: the best calibrated score and raw score, the last p-value."""
+    """W&B run summary: the best calibrated score and raw score, the smallest p-value."""
     for logger in loggers:
         if _kind(logger) != "wandb":
             continue

@@ -27,7 +27,9 @@ class CalibrationResult:
             the std is 0).
         percentile: percent of null values below s, ties counted half (mid-rank).
         null: the K null scores (empty when the null is analytic).
-        null_method: ``"permutation"`` or ``"moments"`` (how the null was obtained).
+        null_method: ``"permutation"``, ``"moments"`` or ``"permutation (exact mean)"`` (how
+            the null was obtained; the last: permutations, with the exact permutation
+            mean as ``null_mean``, and for mutual kNN the exact standard deviation as ``null_std``).
     """
 
     raw: Tensor

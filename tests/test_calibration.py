@@ -361,3 +361,23 @@ def test_threshold_index_is_the_exact_decimal_order_statistic():
             expected = min(max(math.ceil(exact) - 1, 0), k)
             assert threshold_index(k, alpha) == expected, (alpha, k)
     assert threshold_index(999, 0.18) == 819
+
+
+@pytest.mark.parametrize("count", [0, 4, 9, 33])
+def test_p_value_is_the_exact_ratio_in_float64_for_float32_scores(count):
+    """p = (1 + c)/(K + 1) is float64 whatever the scores' dtype, so that it equals Python's
+    ratio: at p = 5/100 ``float(p) <= 0.05`` holds (a float32 p read 0.0500000007)."""
+    k = 99
+    null = torch.cat([torch.full((count,), 0.9), torch.full((k - count,), 0.1)])
+    res = F.calibrate(torch.tensor(0.5), null.to(torch.float32))
+    assert res.p_value.dtype == torch.float64
+    assert float(res.p_value) == (1 + count) / (k + 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 4, generator=g)
+    got = F.calibrated_alignment(x, x + torch.randn(60, 4, generator=g), "linear_cka",
+                                 num_permutations=k, seed=0)
+    assert got.raw.dtype == torch.float32 and got.p_value.dtype == torch.float64
+    assert float(got.p_value) == (1 + int((got.null >= got.raw).sum())) / (k + 1)
+    moments = F.calibrated_alignment(x, torch.randn(60, 4, generator=g), "linear_cka",
+                                     null="moments")
+    assert moments.p_value.dtype == torch.float64

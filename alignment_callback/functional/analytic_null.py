@@ -115,7 +115,8 @@ def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvari
                                         tied)))
     as_t = lambda v: torch.tensor(float(v), dtype=dtype, device=device)  # noqa: E731
     fields = {
-        "raw": as_t(score), "calibrated": as_t(calibrated), "p_value": as_t(p3["p_value"]),
+        "raw": as_t(score), "calibrated": as_t(calibrated),
+        "p_value": torch.tensor(float(p3["p_value"]), dtype=torch.float64, device=device),
         "threshold": as_t(tau), "null_mean": as_t(m.mean), "null_std": as_t(std),
         "effect_size": as_t(effect),
         "percentile": as_t(0.0 if std == 0.0 else

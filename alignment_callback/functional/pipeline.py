@@ -688,6 +688,10 @@ def calibrated_layer_alignment(
         every ``ys`` layer (Westfall–Young maxT for ``"max"``).
     num_permutations, alpha, seed, groups, max_score, **measure_kwargs
         As in :func:`calibrated_alignment`.
+    null : {"permutation", "moments", "auto"}, default="permutation"
+        ``"moments"`` only for one layer pair of a gram-family measure (the aggregate over
+        several pairs needs their joint null: refused); ``"auto"``: the moments there where
+        they are validated, permutations elsewhere.  The result records its ``null_method``.
 
     Returns
     -------

@@ -438,7 +438,7 @@ def calibrate_prepared(
         hint = m.info.degenerate_hint(m.kwargs) if m.info.degenerate_hint else None
         res = calibrate_layers_from_matrices(
             observed[m], nulls[m], agg, alpha, smax, list(xside.names), list(yside.names),
-            data_dtype=xside.dtype, measure=m.name, hint=hint)
+            data_dtype=xside.dtype, measure=m.name, hint=hint, exact=m.info.exact_scores)
         exact_mean = null == "auto" and permutations.groups is None  # block nulls: other moments
         out[m] = _with_exact_knn_moments(m, res, xside, yside) if exact_mean else res
     return {m: out[m] for m in measures}

@@ -102,6 +102,9 @@ class MeasureInfo:
         prepare_peak: ``dtype -> count`` of n×n matrices of the data's dtype alive at the peak
             of preparing one gram-family state, the state included (default 3); the memory
             check before any n×n matrix is allocated uses it.
+        exact_scores: equal statistics are computed bit for bit equal (ratios of integer
+            counts), so the null is compared with the score as it is; otherwise (default)
+            null values within ``tie_tolerance`` of the score are its ties.
     """
 
     name: str
@@ -124,6 +127,7 @@ class MeasureInfo:
     analytic: bool = False
     feature_state: Callable[[Tensor], Any] | None = None
     prepare_peak: Callable[[torch.dtype], int] = _three_matrices
+    exact_scores: bool = False
 
     def bind(self, **kwargs: Any) -> "Measure":
         """This measure with ``kwargs`` checked and defaults filled in."""
@@ -363,13 +367,14 @@ _gram("unbiased_cka", gm.unbiased_state, "linear CKA with the unbiased HSIC (Son
 _gram("rsa", gm.rsa_state, "Spearman ρ of the upper triangles of the cosine-distance matrices",
       min_n=3, value_range=(-1.0, 1.0), invariances="rotation, any row scaling",
       prepare_peak=_rsa_peak)
-_knn("mutual_knn", "mean_i |N_X(i) ∩ N_Y(i)| / k")
-_knn("cycle_knn", "mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]", symmetric=False)
+_knn("mutual_knn", "mean_i |N_X(i) ∩ N_Y(i)| / k", exact_scores=True)
+_knn("cycle_knn", "mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]", symmetric=False, exact_scores=True)
 _knn("cknna", "unbiased-HSIC CKA restricted to mutual kNN pairs (PRH)", minimum_k=2, min_n=4,
      value_range=(-1.0, 1.0))
-_knn("lcs_knn", "mean_i LCS(N_X(i), N_Y(i)) / k of the ordered lists", perm_cost=_ordered_knn_cost)
+_knn("lcs_knn", "mean_i LCS(N_X(i), N_Y(i)) / k of the ordered lists", perm_cost=_ordered_knn_cost,
+     exact_scores=True)
 _knn("edit_distance_knn", "1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k of the ordered lists",
-     perm_cost=_ordered_knn_cost)
+     perm_cost=_ordered_knn_cost, exact_scores=True)
 register_measure(MeasureInfo(
     "svcca", "other", "mean canonical correlation of the top cca_dim singular subspaces",
     _svcca_prepare, _svcca_score, params=(CCA_DIM_PARAM,),

@@ -992,9 +992,8 @@ class AlignmentCallback(Callback):
         except Exception as err:  # noqa: BLE001 - every rank learns it below
             error = f"{type(err).__name__}: {err}"
         failed = first_error(error)  # before any process enters the null's collective
-        for kind in LAYER_ERRORS:  # a configuration mistake: raised on every process
-            if failed is not None and failed[1].startswith(f"{kind.__name__}:"):
-                raise kind(f"on rank {failed[0]}: {failed[1]}")
+        if failed is not None and isinstance(_from_rank(*failed), LAYER_ERRORS):
+            raise _from_rank(*failed)  # a configuration mistake: raised on every process
         if failed is not None:
             error = f"the probe pass failed on rank {failed[0]}: {failed[1]}"
         else:

@@ -189,6 +189,36 @@ def test_rbf_bures_state_is_refused_in_the_pipeline(monkeypatch, how):
     assert spy.calls == []
 
 
+@pytest.mark.parametrize("how", ["calibrated", "measure", "layers", "engine"])
+def test_rbf_bures_counts_the_states_kept_before_any_side_is_prepared(monkeypatch, how):
+    """One side's state at its peak fits, but not with the other states kept (x's while y's is
+    prepared; every layer's in a layer list or an engine step): refused before the first RBF
+    gram, with the count of n×n matrices (before: x's eigendecomposition ran first, and a
+    layer list or a step counted one state at a time)."""
+    from alignment_callback.engine import AlignmentEngine
+
+    n = 256
+    _free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n)
+    x, y = _pair(n)
+    measure = get_measure("bures_similarity", kernel="rbf", sigma="median")
+    engine = AlignmentEngine({"bures": measure}, num_permutations=19, preprocess=False)
+    if how == "engine":
+        engine.set_reference({"r": y})  # one state at its peak: fits
+    spy = _spy_rbf(monkeypatch)
+    kept = 2 if how in ("layers", "engine") else 1
+    with pytest.raises(MemoryError, match=rf"^bures_similarity \(kernel='rbf'\) at n={n} needs"
+                                          rf" about .*\({shm.RBF_STATE_PEAK + kept} of"):
+        if how == "calibrated":
+            F.calibrated_alignment(x, y, measure, 19)
+        elif how == "measure":
+            measure(x, y)
+        elif how == "layers":
+            F.calibrated_layer_alignment({"a": x, "b": 2.0 * x}, {"r": y}, measure, 19)
+        else:
+            engine.step({"a": x, "b": 2.0 * x})
+    assert spy.calls == []
+
+
 def test_rbf_bures_with_ample_memory_equals_the_reference(monkeypatch):
     n = 40
     _free(monkeypatch, 8.0, n, torch.float64)  # just above the 7 the function counts

@@ -223,7 +223,8 @@ class AlignmentEngine:
         if dtype != reference.dtype:  # a float64 model against a float32 reference: this step
             reference = prepare_side(reference.names, [f.to(dtype) for f in reference.features],
                                      measures, "y", null=self.null)
-        xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x", null=self.null)
+        xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x", null=self.null,
+                             held=len(reference.features))
         results = calibrate_prepared(measures, xside, reference, self.permutations,
                                      self.alpha, self._aggregate(names, reference.names),
                                      self.max_score, share, gather, self.null)

@@ -164,7 +164,7 @@ def side_features(layers: Layers | Tensor, label: str, dtype: torch.dtype | None
 
 def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Sequence[Measure],
                  role: str, side: PreparedSide | None = None, keep_gram: bool | None = None,
-                 null: str = "permutation", reserve: int = 0) -> PreparedSide:
+                 null: str = "permutation", reserve: int = 0, held: int = 0) -> PreparedSide:
     """Prepare ``features`` for every measure not prepared yet in ``side`` (or a new side).
 
     kNN measures get one shared neighbor list per layer, built for their largest k.
@@ -174,7 +174,9 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
     number of layers.  With an analytic ``null`` a single layer with d < n of a linear-kernel
     measure is kept as features (no n×n matrix at all).  Before n×n matrices are allocated,
     their memory is estimated (plus ``reserve`` n×n matrices another side will keep) and a
-    probe too large for it is refused with a clear error.
+    probe too large for it is refused with a clear error; measures with n×n states outside the
+    gram family (RBF Bures) are checked before any layer is prepared, counting every layer's
+    state of this side and the ``held`` layers' of the other side.
     """
     side = side or PreparedSide(role, list(names), list(features))
     warn_if_tf32(side.device, side.dtype)
@@ -183,6 +185,9 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
     todo = [m for m in dict.fromkeys(measures) if m not in side.states and m not in side.lazy]
     for m in todo:
         check_samples(m, side.n)
+    for m in todo:
+        if m.info.memory_check is not None:
+            m.info.memory_check(side.features[0], len(side.features) - 1 + held, m.kwargs)
     shared: dict[str, list[Any]] = {}
     knn = [m for m in todo if m.info.shared == "neighbor_lists"]
     if knn:
@@ -610,8 +615,8 @@ def _sides(xs: Layers | Tensor, ys: Layers | Tensor, measures: Sequence[Measure]
     xt, yt = [t.to(dtype) for t in xt], [t.to(dtype) for t in yt]
     # x's check also counts the n×n states y will keep: refused before either side is built
     y_kept = (len(yt) if len(yt) <= GRAM_KEPT else 1) * sum(m.family == "gram" for m in measures)
-    return (prepare_side(x_names, xt, measures, "x", null=null, reserve=y_kept),
-            prepare_side(y_names, yt, measures, "y", null=null))
+    return (prepare_side(x_names, xt, measures, "x", null=null, reserve=y_kept, held=len(yt)),
+            prepare_side(y_names, yt, measures, "y", null=null, held=len(xt)))
 
 
 @torch.no_grad()

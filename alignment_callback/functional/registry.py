@@ -105,6 +105,10 @@ class MeasureInfo:
         exact_scores: equal statistics are computed bit for bit equal (ratios of integer
             counts), so the null is compared with the score as it is; otherwise (default)
             null values within ``tie_tolerance`` of the score are its ties.
+        memory_check: ``(x, kept, params) -> None`` raising ``MemoryError`` before any state
+            is prepared when the preparation's peak, with ``kept`` states of n×n size already
+            held (every other layer's, both sides), would not fit; None: no n×n state outside
+            the gram family.
     """
 
     name: str
@@ -128,6 +132,7 @@ class MeasureInfo:
     feature_state: Callable[[Tensor], Any] | None = None
     prepare_peak: Callable[[torch.dtype], int] = _three_matrices
     exact_scores: bool = False
+    memory_check: Callable[[Tensor, int, Mapping[str, Any]], None] | None = None
 
     def bind(self, **kwargs: Any) -> "Measure":
         """This measure with ``kwargs`` checked and defaults filled in."""
@@ -230,6 +235,8 @@ class Measure:
                 "linear_cka (computed from the features when d < n)")
             if error is not None:
                 raise error
+        if self.info.memory_check is not None:  # y's state is prepared while x's is kept
+            self.info.memory_check(x, 1, self.kwargs)
         sx, sy = self.prepare(x, "x"), self.prepare(y, "y")
         return self.score(sx, sy, identity)[0]
 
@@ -455,6 +462,7 @@ _other("shape_metric", "1 − θ/(π/2), θ the angular shape distance with part
 _other("bures_similarity", "tr((K^½ L K^½)^½)/√(tr K·tr L) of the centered grams",
        shm.bures_state, shm.bures_score,
        params=(Param("kernel", "linear", _check_kernel_param, "'linear' or 'rbf'"), SIGMA_PARAM),
+       memory_check=shm.check_bures_memory,
        null_method=_FACTOR_NULL + " (RBF: r ≈ n, O(n³) per permutation)", aliases=("nbs",),
        invariances="linear: rotation, isotropic scaling, translation; rbf: rotation, translation")
 register_measure(MeasureInfo(

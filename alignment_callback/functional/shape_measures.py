@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -293,6 +294,14 @@ def _check_rbf_memory(x: Tensor, count: int) -> None:
                                 "no n×n matrix)")
     if error is not None:
         raise error
+
+
+def check_bures_memory(x: Tensor, kept: int, params: Mapping[str, Any]) -> None:
+    """Refuse RBF Bures before any side is prepared when a state's preparation peak with
+    ``kept`` other states held (each up to n×n: the RBF factor has r ≈ n columns) would not
+    fit; the linear kernel works on the features and is never refused."""
+    if params["kernel"] == "rbf":
+        _check_rbf_memory(x, RBF_STATE_PEAK + kept)
 
 
 def bures_state(x: Tensor, kernel: str = "linear", sigma: float | str = 1.0) -> FactorState:

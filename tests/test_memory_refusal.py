@@ -358,10 +358,10 @@ def test_rv_coefficient_is_refused_before_its_grams(monkeypatch):
 def test_bound_gram_measure_call_is_refused_before_its_grams(monkeypatch, name):
     """``get_measure(name)(x, y)`` (documented in docs/measures.md) builds each side's n×n
     state: with too little memory it refuses first, naming the measure and the estimate."""
-    from alignment_callback.functional import registry
+    from alignment_callback.functional import gram_measures
 
     n = 300
-    monkeypatch.setattr(registry, "available_bytes", lambda device: 1024)
+    monkeypatch.setattr(gram_measures, "available_bytes", lambda device: 1024)
     measure = get_measure(name)
 
     def spy(*args, **kwargs):
@@ -377,14 +377,21 @@ def test_bound_gram_measure_call_is_refused_before_its_grams(monkeypatch, name):
 def test_bound_linear_cka_call_takes_the_feature_route_at_large_n(monkeypatch, name):
     """From 4096 samples with features narrower than n, the bound measure computes like the
     function: from the features (no n×n matrix, nothing refused), the same value."""
-    from alignment_callback.functional import registry
+    from alignment_callback.functional import gram_measures
 
     n = 4096
-    monkeypatch.setattr(registry, "available_bytes", lambda device: 1024)
     x, y = _pair(n, dx=12, dy=5, seed=3)
-    got = get_measure(name)(x, y)
+    function_value = float(getattr(F, name)(x, y))  # rv_coefficient's function uses the grams
+    monkeypatch.setattr(gram_measures, "available_bytes", lambda device: 1024)
+    measure = get_measure(name)
+
+    def spy(*args, **kwargs):
+        raise AssertionError("prepare was called: an n×n gram was built")
+
+    monkeypatch.setattr(type(measure), "prepare", spy)
+    got = measure(x, y)
     assert got.dtype == torch.float32
-    assert float(got) == float(getattr(F, name)(x, y))
+    assert float(got) == function_value
     xd, yd = x.double().numpy(), y.double().numpy()
     xd, yd = xd - xd.mean(0), yd - yd.mean(0)
     expected = (np.linalg.norm(xd.T @ yd) ** 2

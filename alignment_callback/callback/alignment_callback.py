@@ -859,8 +859,8 @@ class AlignmentCallback(Callback):
         if trainer.world_size > 1:  # every process anchors, or none does (no collective hangs)
             failed = first_error(None if error is None else f"{type(error).__name__}: {error}")
             if failed is not None and error is None:
-                kind = next((k for k in LAYER_ERRORS if failed[1].startswith(f"{k.__name__}:")),
-                            RuntimeError)
+                rebuilt = _from_rank(*failed)
+                kind = type(rebuilt) if isinstance(rebuilt, LAYER_ERRORS) else RuntimeError
                 error = kind(f"the probe pass failed on rank {failed[0]}: {failed[1]}")
         if error is not None:
             self._guarded(int(trainer.current_epoch), step, _reraise, error)
@@ -992,8 +992,9 @@ class AlignmentCallback(Callback):
         except Exception as err:  # noqa: BLE001 - every rank learns it below
             error = f"{type(err).__name__}: {err}"
         failed = first_error(error)  # before any process enters the null's collective
-        if failed is not None and isinstance(_from_rank(*failed), LAYER_ERRORS):
-            raise _from_rank(*failed)  # a configuration mistake: raised on every process
+        rebuilt = None if failed is None else _from_rank(*failed)
+        if isinstance(rebuilt, LAYER_ERRORS):  # a configuration mistake: raised on every process
+            raise rebuilt
         if failed is not None:
             error = f"the probe pass failed on rank {failed[0]}: {failed[1]}"
         else:

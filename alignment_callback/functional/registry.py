@@ -33,7 +33,6 @@ from alignment_callback.functional import knn_measures as km
 from alignment_callback.functional import predictivity as pr
 from alignment_callback.functional import shape_measures as shm
 from alignment_callback.functional import svcca as sv
-from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._validation import check_matrix, check_pair, check_positive_int
 
 MeasureFn = Callable[[Tensor, Tensor], Any]
@@ -229,12 +228,9 @@ class Measure:
                     and max(x.shape[1], y.shape[1]) < n):
                 value = self.layer_scores([route(x)], [route(y)], identity)[0, 0, 0]
                 return value.to(torch.promote_types(x.dtype, y.dtype))
-            error = square_matrix_error(
-                self.name, n, 1 + self.info.prepare_peak(x.dtype), x.dtype, x.device,
-                available_bytes(x.device), "calibrated_alignment with null='moments' for "
-                "linear_cka (computed from the features when d < n)")
-            if error is not None:
-                raise error
+            gm._check_memory(self.name, x, "calibrated_alignment with null='moments' for "
+                             "linear_cka (computed from the features when d < n)",
+                             1 + self.info.prepare_peak(x.dtype))
         if self.info.memory_check is not None:  # y's state is prepared while x's is kept
             self.info.memory_check(x, 1, self.kwargs)
         sx, sy = self.prepare(x, "x"), self.prepare(y, "y")

@@ -392,7 +392,6 @@ def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float 
     1.0
     """
     x, y = check_pair(x, y)
-    if _check_kernel(kernel) == "rbf":  # x's state kept while y's is prepared
-        _check_rbf_memory(x, RBF_STATE_PEAK + 1)
+    check_bures_memory(x, 1, {"kernel": _check_kernel(kernel)})  # x's kept while y's is built
     ident = _identity(x.shape[0], x.device)
     return bures_score(bures_state(x, kernel, sigma), bures_state(y, kernel, sigma), ident)[0]

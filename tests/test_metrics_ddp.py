@@ -9,6 +9,7 @@ uneven per-rank counts, so the single-process reference is fed rank 0's rows the
 from __future__ import annotations
 
 import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def _metrics() -> dict[str, object]:
     return {
         "order": LayerAlignment("linear_cka", num_permutations=K, seed=4),
         "idle": LayerAlignment("mutual_knn", num_permutations=K, seed=4, k=5),
+        "idle0": LayerAlignment("linear_cka", num_permutations=K, seed=4),
         "ca": CalibratedAlignment("mutual_knn", num_permutations=K, seed=4, k=5),
         "la": LayerAlignment("linear_cka", num_permutations=K, seed=4),
         "ca_index": CalibratedAlignment("linear_cka", num_permutations=K, seed=4),
@@ -68,8 +70,10 @@ def _feed(metrics: dict, d: dict, rows: torch.Tensor, ids: torch.Tensor) -> None
 
 def _feed_rank(metrics: dict, d: dict, rows: torch.Tensor, rank: int) -> None:
     """Rank-specific feeding: rank 1 lists the layers in another order, and never updates
-    the "idle" metric."""
+    the "idle" metric; rank 0 never updates "idle0"."""
     x, y, x2, y2 = d["x"], d["y"], d["x2"], d["y2"]
+    if rank == 1:
+        metrics["idle0"].update({"a": x[rows]}, {"c": y[rows]})
     xs = {"a": x[rows], "b": x2[rows]}
     ys = {"c": y[rows], "d": y2[rows]}
     if rank == 1:
@@ -80,7 +84,14 @@ def _feed_rank(metrics: dict, d: dict, rows: torch.Tensor, rank: int) -> None:
 
 
 def _results(metrics: dict) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: {k: v.clone() for k, v in m.compute().items()} for name, m in metrics.items()}
+    out, caught = {}, {}
+    for name, m in metrics.items():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out[name] = {k: v.clone() for k, v in m.compute().items()}
+        caught[name] = [str(w.message) for w in seen]
+    out["_warnings"] = caught
+    return out
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -127,10 +138,15 @@ def _single_process() -> dict[str, dict[str, torch.Tensor]]:
     # rank-major order for the plain metrics; in-order, deduplicated rows for the index= ones
     _feed(metrics, d, d["order"], torch.arange(N))
     _feed_rank(metrics, d, d["order"], 0)
+    del metrics["idle0"]  # rank 0 never updates it: computed below on rank 1's rows
     out = _results(metrics)
     idle = LayerAlignment("mutual_knn", num_permutations=K, seed=4, k=5)  # rank 0's rows only
     _feed_rank({"order": LayerAlignment(), "idle": idle}, d, d["order"][:SPLIT], 0)
     out["idle"] = _results({"idle": idle})["idle"]
+    idle0 = LayerAlignment("linear_cka", num_permutations=K, seed=4)  # rank 1's rows only
+    _feed_rank({"order": LayerAlignment(), "idle": LayerAlignment(), "idle0": idle0}, d,
+               d["order"][SPLIT:], 1)
+    out["idle0"] = _results({"idle0": idle0})["idle0"]
     return out
 
 
@@ -151,15 +167,25 @@ def single_results() -> dict[str, dict[str, torch.Tensor]]:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ["ca", "la", "ca_index", "la_index", "cached_index", "order", "idle"])
+@pytest.mark.parametrize("name", ["ca", "la", "ca_index", "la_index", "cached_index", "order", "idle",
+                                  "idle0"])
 def test_ddp_matches_single_process(ddp_results, single_results, name: str) -> None:
     expected = single_results[name]
-    layered = name.startswith("la") or name in ("order", "idle")
+    layered = name.startswith("la") or name in ("order", "idle", "idle0")
     keys = RESULT_KEYS + (("matrix", "pair_calibrated", "argmax") if layered else ())
     for rank, results in enumerate(ddp_results):
         for key in keys:
             torch.testing.assert_close(results[name][key], expected[key],
                                        msg=lambda m, k=key, r=rank: f"rank {r}, {name}.{k}: {m}")
+
+
+def test_ddp_process_without_rows_does_not_warn_compute_before_update(ddp_results) -> None:
+    """A process that never updated gathers the others' rows: torchmetrics' "compute was
+    called before update" warning would be false there (rank 0 for "idle0", rank 1 for "idle")."""
+    for rank, results in enumerate(ddp_results):
+        for name in ("idle", "idle0"):
+            before = [m for m in results["_warnings"][name] if "before the ``update``" in m]
+            assert not before, f"rank {rank}, {name}: {before}"
 
 
 def test_ddp_local_states_restored(ddp_results) -> None:

@@ -4,7 +4,9 @@ frozen reference, and calibration at ``compute()`` through the library's one pip
 
 from __future__ import annotations
 
+import functools
 import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -51,6 +53,9 @@ from alignment_callback.metrics._rows import (
     order_rows,
     split_kwargs,
 )
+
+# torchmetrics' warning when compute() runs on a process that never called update()
+_BEFORE_UPDATE = r"The ``compute`` method of metric .* was called before the ``update`` method"
 
 
 def _torch_distributed() -> bool:
@@ -410,6 +415,23 @@ class AlignmentMetricBase(Metric):
         return out
 
     # ------------------------------------------------------------------- distributed layout
+    def _wrap_compute(self, compute: Any) -> Any:
+        """torchmetrics' compute wrapper, without its "compute before update" warning on a
+        process that will gather the other processes' rows (a process may hold none of them:
+        uneven shards).  If no process holds rows, ``compute()`` raises its own clear error."""
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def quiet_when_synced(*args: Any, **kwargs: Any) -> Any:
+            available = self.distributed_available_fn
+            if self.update_called or not (self._to_sync and callable(available) and available()):
+                return wrapped(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_BEFORE_UPDATE, category=UserWarning)
+                return wrapped(*args, **kwargs)
+
+        return quiet_when_synced
+
     def sync(self, dist_sync_fn: Any = None, process_group: Any = None, should_sync: bool = True,
              distributed_available: Any = None) -> None:
         """Agree on the layer layout across processes, then torchmetrics' sync."""

@@ -103,6 +103,36 @@ def test_calibration_refuses_before_preparing_either_side(monkeypatch, name, pea
     F.calibrated_alignment(x, y, name, 9)
 
 
+@pytest.mark.parametrize("name,peak", [("rsa", 6), ("rbf_cka", 3)])
+def test_a_metric_refuses_before_preparing_either_side(monkeypatch, name, peak):
+    """A metric without a cached reference counts the states its reference side will keep
+    when it prepares the model side, as ``calibrated_alignment`` does (before: each side was
+    checked alone, so a probe too large for both passed every check)."""
+    from alignment_callback.functional import pipeline
+    from alignment_callback.metrics import CalibratedAlignment, base
+
+    n = 400
+    unit = n * n * 4
+    need = peak + 1
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: int((need - 0.5) * unit))
+    prepared = []
+    real = base.prepare_side
+
+    def spy(names, features, measures, role, *args, **kwargs):
+        prepared.append(role)
+        return real(names, features, measures, role, *args, **kwargs)
+
+    monkeypatch.setattr(base, "prepare_side", spy)
+    x, y = _pair(n, 8)
+    metric = CalibratedAlignment(name, num_permutations=9)
+    metric.update(x, y)
+    with pytest.raises(MemoryError, match=rf"{name} at n={n} .*\({need} of "):
+        metric.compute()
+    assert prepared == ["x"]
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: int((need + 0.5) * unit))
+    metric.compute()
+
+
 def test_the_refusal_for_a_layer_list_suggests_what_a_layer_list_can_use(monkeypatch):
     """The moments null calibrates one layer pair only: a layer list is not told to use it."""
     from alignment_callback.functional import pipeline

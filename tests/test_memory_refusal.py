@@ -189,13 +189,14 @@ def test_rbf_bures_state_is_refused_in_the_pipeline(monkeypatch, how):
     assert spy.calls == []
 
 
-@pytest.mark.parametrize("how", ["calibrated", "measure", "layers", "engine"])
+@pytest.mark.parametrize("how", ["calibrated", "measure", "layers", "engine", "metric"])
 def test_rbf_bures_counts_the_states_kept_before_any_side_is_prepared(monkeypatch, how):
-    """One side's state at its peak fits, but not with the other states kept (x's while y's is
-    prepared; every layer's in a layer list or an engine step): refused before the first RBF
+    """One side's state at its peak fits, but not with the other states kept (y's, prepared
+    after x's; every layer's in a layer list or an engine step): refused before the first RBF
     gram, with the count of n×n matrices (before: x's eigendecomposition ran first, and a
-    layer list or a step counted one state at a time)."""
+    layer list, a step or a metric counted one state at a time)."""
     from alignment_callback.engine import AlignmentEngine
+    from alignment_callback.metrics import CalibratedAlignment
 
     n = 256
     _free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n)
@@ -205,7 +206,7 @@ def test_rbf_bures_counts_the_states_kept_before_any_side_is_prepared(monkeypatc
     if how == "engine":
         engine.set_reference({"r": y})  # one state at its peak: fits
     spy = _spy_rbf(monkeypatch)
-    kept = 2 if how in ("layers", "engine") else 1
+    kept = 2 if how == "layers" else 1  # an engine step: x's other layer (y's is held already)
     with pytest.raises(MemoryError, match=rf"^bures_similarity \(kernel='rbf'\) at n={n} needs"
                                           rf" about .*\({shm.RBF_STATE_PEAK + kept} of"):
         if how == "calibrated":
@@ -214,9 +215,62 @@ def test_rbf_bures_counts_the_states_kept_before_any_side_is_prepared(monkeypatc
             measure(x, y)
         elif how == "layers":
             F.calibrated_layer_alignment({"a": x, "b": 2.0 * x}, {"r": y}, measure, 19)
-        else:
+        elif how == "engine":
             engine.step({"a": x, "b": 2.0 * x})
+        else:
+            metric = CalibratedAlignment(measure, num_permutations=19, preprocess=False)
+            metric.update(x, y)
+            metric.compute()
     assert spy.calls == []
+
+
+def _shrinking_free(monkeypatch, n_by_n: float, n: int) -> list[int]:
+    """Free memory that drops by one n×n float32 matrix per RBF gram built (the state each
+    leaves held), as the memory available does; returns the list of grams' sizes built."""
+    built: list[int] = []
+    rbf_gram = shm.rbf_gram
+
+    def counting(x, sigma):
+        built.append(x.shape[0])
+        return rbf_gram(x, sigma)
+
+    monkeypatch.setattr(shm, "rbf_gram", counting)
+    free = lambda device: int((n_by_n - len(built)) * n * n * 4)  # noqa: E731
+    monkeypatch.setattr(shm, "available_bytes", free)
+    return built
+
+
+@pytest.mark.parametrize("how", ["calibrated", "engine", "metric"])
+def test_rbf_bures_does_not_count_a_side_prepared_already(monkeypatch, how):
+    """A side whose states are built holds memory the system no longer reports available:
+    counting them again refused probes that fit (y after x in calibrated_alignment, an engine
+    step after set_reference, a metric against its cached reference)."""
+    from alignment_callback.engine import AlignmentEngine
+    from alignment_callback.metrics import CalibratedAlignment
+
+    n = 64
+    x, y = _pair(n)
+    measure = get_measure("bures_similarity", kernel="rbf", sigma=2.0)
+    if how == "calibrated":
+        built = _shrinking_free(monkeypatch, shm.RBF_STATE_PEAK + 1.5, n)
+        result = F.calibrated_alignment(x, y, measure, 19)
+    elif how == "engine":
+        engine = AlignmentEngine({"bures": measure}, num_permutations=19, preprocess=False)
+        engine.set_reference({"r": y, "s": 2.0 * y, "t": y + 1.0})  # three states held
+        built = _shrinking_free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n)
+        result = engine.step({"a": x}).results["bures"]
+    else:
+        metric = CalibratedAlignment(measure, num_permutations=19, preprocess=False)
+        metric.set_reference(y)
+        built = _shrinking_free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n)
+        metric.update(x)
+        metric.compute()
+        result = metric.last_result
+    refs = [y, 2.0 * y, y + 1.0] if how == "engine" else [y]  # the engine reports the max
+    expected = max(R.bures_fidelity(R.center(R.rbf_gram(x.double().numpy(), 2.0)),
+                                    R.center(R.rbf_gram(r.double().numpy(), 2.0))) for r in refs)
+    assert float(result.raw) == pytest.approx(expected, rel=1e-4)
+    assert built == ([n, n] if how == "calibrated" else [n])
 
 
 def test_rbf_bures_with_ample_memory_equals_the_reference(monkeypatch):

@@ -26,6 +26,7 @@ from alignment_callback.functional.pipeline import (
     PreparedSide,
     calibrate_prepared,
     prepare_side,
+    room_for,
     side_features,
 )
 from alignment_callback.functional.registry import Measure, MeasureSpec, get_measure
@@ -222,9 +223,10 @@ class AlignmentEngine:
         reference = self.reference
         if dtype != reference.dtype:  # a float64 model against a float32 reference: this step
             reference = prepare_side(reference.names, [f.to(dtype) for f in reference.features],
-                                     measures, "y", null=self.null)
-        xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x", null=self.null,
-                             held=len(reference.features))
+                                     measures, "y", null=self.null,
+                                     **room_for(len(feats), measures))
+        # the reference's states are held already: the memory available no longer counts them
+        xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x", null=self.null)
         results = calibrate_prepared(measures, xside, reference, self.permutations,
                                      self.alpha, self._aggregate(names, reference.names),
                                      self.max_score, share, gather, self.null)

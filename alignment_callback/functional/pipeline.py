@@ -173,10 +173,12 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
     by block when the null needs them and dropped after, so memory does not grow with the
     number of layers.  With an analytic ``null`` a single layer with d < n of a linear-kernel
     measure is kept as features (no n×n matrix at all).  Before n×n matrices are allocated,
-    their memory is estimated (plus ``reserve`` n×n matrices another side will keep) and a
-    probe too large for it is refused with a clear error; measures with n×n states outside the
-    gram family (RBF Bures) are checked before any layer is prepared, counting every layer's
-    state of this side and the ``held`` layers' of the other side.
+    their memory is estimated and a probe too large for it is refused with a clear error;
+    measures with n×n states outside the gram family (RBF Bures) are checked before any layer
+    is prepared, counting every layer's state of this side.  ``reserve`` (gram family) and
+    ``held`` (the others) count the states of a side that will be prepared *after* this one
+    (:func:`room_for`); a side prepared already is not counted again: the memory it holds is
+    no longer reported available.
     """
     side = side or PreparedSide(role, list(names), list(features))
     warn_if_tf32(side.device, side.dtype)
@@ -614,9 +616,17 @@ def _sides(xs: Layers | Tensor, ys: Layers | Tensor, measures: Sequence[Measure]
                          f"{xt[0].shape[0]} and {yt[0].shape[0]}")
     xt, yt = [t.to(dtype) for t in xt], [t.to(dtype) for t in yt]
     # x's check also counts the n×n states y will keep: refused before either side is built
-    y_kept = (len(yt) if len(yt) <= GRAM_KEPT else 1) * sum(m.family == "gram" for m in measures)
-    return (prepare_side(x_names, xt, measures, "x", null=null, reserve=y_kept, held=len(yt)),
-            prepare_side(y_names, yt, measures, "y", null=null, held=len(xt)))
+    return (prepare_side(x_names, xt, measures, "x", null=null, **room_for(len(yt), measures)),
+            prepare_side(y_names, yt, measures, "y", null=null))
+
+
+def room_for(layers: int, measures: Sequence[Measure]) -> dict[str, int]:
+    """``prepare_side``'s ``reserve`` and ``held`` for a side prepared before another side of
+    ``layers`` layers: the n×n states that side will keep (a gram-family measure keeps every
+    layer's up to :data:`GRAM_KEPT` layers, one at a time beyond), counted so that a probe
+    too large for both sides is refused before either is built."""
+    grams = sum(m.family == "gram" for m in dict.fromkeys(measures))
+    return {"reserve": (layers if layers <= GRAM_KEPT else 1) * grams, "held": layers}
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ from alignment_callback.functional.pipeline import (
     calibrate_prepared,
     observed_matrices,
     prepare_side,
+    room_for,
     side_features,
 )
 from alignment_callback.functional.registry import (
@@ -567,7 +568,7 @@ class AlignmentMetricBase(Metric):
                 if wide not in self._widened:
                     self._widened[wide] = prepare_side(
                         yside.names, [f.to(wide) for f in yside.features], [self.measure], "y",
-                        null=self.null)
+                        null=self.null, **room_for(len(xs), [self.measure]))
                 yside = self._widened[wide]
             ref_n = yside.n
             if index is None and xs[0].shape[0] != ref_n:
@@ -582,7 +583,8 @@ class AlignmentMetricBase(Metric):
                                      bool((index.cpu() == torch.arange(ref_n)).all()))
             if not full:
                 yside = prepare_side(yside.names, [f[index.to(f.device)] for f in yside.features],
-                                     [self.measure], "y", null=self.null)
+                                     [self.measure], "y", null=self.null,
+                                     **room_for(len(xs), [self.measure]))
             device, dtype = yside.device, yside.dtype
         else:
             matrices = {name: self._matrix(f"reference side (y) layer {name!r}", y)
@@ -593,8 +595,11 @@ class AlignmentMetricBase(Metric):
                     for name, x in zip(self.x_layers, xs)}
         x_names, x_feats = side_features(matrices, "x")
         dtype = torch.promote_types(dtype, x_feats[0].dtype)
+        # before the reference side is built, count the states it will keep (a cached
+        # reference is held already: the memory available no longer counts it)
+        room = room_for(len(y_feats), [self.measure]) if self._reference is None else {}
         xside = prepare_side(x_names, [t.to(dtype) for t in x_feats], [self.measure], "x",
-                             null=self.null)
+                             null=self.null, **room)
         if self._reference is None:
             yside = prepare_side(y_names, [t.to(dtype) for t in y_feats], [self.measure], "y",
                                  null=self.null)

@@ -4,10 +4,16 @@ configuration, stored by ``tests/fixtures/make_v01_step_fixture.py``, recomputed
 The redesign must not change numbers on continuous data.  Where an issue deliberately changed
 them, the tolerance says so:
 
-* mutual kNN: counts of shared neighbors, identical bit for bit;
+* mutual kNN: counts of shared neighbors, identical bit for bit, except for the fixture's last
+  model layer (below: its inner products are multiplied in float64 today, which settles 1–2
+  near-tied neighbors per 1,000 differently, as a float64 NumPy computation does; tested below);
 * CKNNA: its masked HSIC is now accumulated in float64 over a dense (B, n, k) layout instead of
   a float32 sum over a compacted entry list (no host synchronization per chunk), so values
-  agree to float32 rounding (1e-6), not bit for bit;
+  agree to float32 rounding (1e-6), not bit for bit; and the inner products of rows that share
+  a component more than 10 times their spread are multiplied in float64 (the fixture's last
+  model layer: its L2-normalized rows have such a mean), which moved that layer's CKNNA values
+  by up to 5e-4, to within 1e-6 of a float64 NumPy computation (tested below): v0.1's float32
+  products had rounded them;
 * linear CKA: v0.1 summed the n² products of each null value in one float32 dot, with errors of
   a few 1e-6 at n = 500; the fused gram kernel accumulates in float64, so today's values agree
   with v0.1 to 1e-5 and with a float64 computation to 1e-6 (tested below).
@@ -26,7 +32,8 @@ from alignment_callback.functional.pipeline import calibrate_prepared, prepare_s
 from alignment_callback.functional.registry import get_measure
 
 FIXTURE = Path(__file__).parent / "fixtures" / "v01_step.pt"
-EXACT = {"linear_cka": 1e-5, "mutual_knn": 0.0, "cknna": 1e-6}
+EXACT = {"linear_cka": 1e-5, "mutual_knn": 1e-3, "cknna": 1e-3}
+WIDENED = 3  # the model layer whose rows' inner products are multiplied in float64 today
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +67,9 @@ def test_matrix_null_and_calibration_equal_v01(v01, today, name):
     # compares exactly); v0.1 kept them in the data's float32: the same ratio, rounded
     assert float(new.p_value.to(torch.float32)) == pytest.approx(old["p_value"], abs=tol * 10)
     assert new.p_value.dtype == torch.float64
-    if tol == 0.0:
-        assert torch.equal(new.matrix, old["matrix"])
+    if name == "mutual_knn":  # the layers multiplied in float32, as in v0.1: bit for bit
+        keep = [i for i in range(new.matrix.shape[0]) if i != WIDENED]
+        assert torch.equal(new.matrix[keep], old["matrix"][keep])
 
 
 @pytest.mark.parametrize("name", sorted(EXACT))
@@ -85,3 +93,26 @@ def test_linear_cka_matrix_equals_float64(v01, today):
     ys = {k: F.prepare_features(v.double()) for k, v in v01["y"].items()}
     exact = torch.tensor([[float(F.linear_cka(x, y)) for y in ys.values()] for x in xs.values()])
     torch.testing.assert_close(today["linear_cka"].matrix.double(), exact.double(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mutual_knn", "cknna"])
+def test_knn_matrices_equal_float64(v01, today, name):
+    """Mutual kNN and CKNNA of every layer pair equal a float64 NumPy computation on the same
+    float32 rows (neighbor lists by the same tie keys): exactly, and to 1e-6."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import numpy_reference as R
+
+    from alignment_callback.functional.neighbors import _offset_dominates, tie_keys
+
+    xs = [F.prepare_features(v) for v in v01["x"].values()]
+    ys = [F.prepare_features(v) for v in v01["y"].values()]
+    assert [_offset_dominates(x) for x in xs].index(True) == WIDENED
+    n = xs[0].shape[0]
+    exact = torch.tensor([[getattr(R, name)(x.double().numpy(), y.double().numpy(), k=10,
+                                            keys_x=tie_keys(n, "x", data=x).numpy(),
+                                            keys_y=tie_keys(n, "y", data=y).numpy())
+                           for y in ys] for x in xs], dtype=torch.float64)
+    atol = 1e-6 if name == "cknna" else 1e-7  # mutual kNN: a count over n·k, in float32
+    torch.testing.assert_close(today[name].matrix.double(), exact, rtol=0, atol=atol)

@@ -34,6 +34,10 @@ from torch import Tensor
 from alignment_callback.functional._scaling import rescale_exactly
 
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries computed at a time: ~64 MB in float32
+#: inner products of float32 (or narrower) rows are computed in float64 when the rows' mean
+#: is longer than this many times their spread (root mean squared distance to the mean): a
+#: float32 product then rounds away more of the rows' differences than the input holds
+OFFSET_RATIO = 10.0
 TIE_SEEDS = {"x": 20_240_521, "y": 20_240_522}  # one priority stream per side
 
 
@@ -94,6 +98,18 @@ def tie_keys(n: int, role: str = "x", device: torch.device | str | None = None,
     return keys if device is None else keys.to(device)
 
 
+def _offset_dominates(x: Tensor) -> bool:
+    """Whether the rows of a float32 (or narrower) ``x`` share a component more than
+    :data:`OFFSET_RATIO` times longer than their spread: ``‖m‖ > OFFSET_RATIO · s`` with ``m``
+    the mean row and ``s² = mean_j ‖x_j − m‖²`` (in float64, a block of rows at a time)."""
+    if x.dtype == torch.float64 or x.shape[0] < 2:
+        return False
+    blocks = x.split(max(1, _BLOCK_ELEMENTS // max(x.shape[1], 1)))
+    mean = sum(b.double().sum(0) for b in blocks) / x.shape[0]
+    spread = sum(float((b.double() - mean).square().sum()) for b in blocks) / x.shape[0]
+    return float(mean.square().sum()) > OFFSET_RATIO**2 * spread
+
+
 def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Top-k neighbors of every row of ``x`` by inner product, self excluded.
 
@@ -114,10 +130,18 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
     rows each block is multiplied by the distinct rows only and its columns gathered, since a
     matrix product may round a column by its position (seen on AMD EPYC, float64: two copies of
     a row an ulp apart, so rounding, not the keys, ordered them).
+
+    Rows of float32 (or narrower) dtype that share a large component (their mean row more than
+    :data:`OFFSET_RATIO` times longer than their spread: a transformer's massive activations,
+    un-centered embeddings) are multiplied in float64, where products of float32 numbers are
+    exact: a float32 product would round the inner products to ``eps·‖x‖²``, far coarser than
+    the rows' differences that the input holds.  The values are returned in ``x``'s dtype.
     """
-    n, data = x.shape[0], x  # default keys: seeded by x as given (before the rescaling)
+    n, data, dtype = x.shape[0], x, x.dtype  # default keys: seeded by x as given
     x = rescale_exactly(x)
     distinct, copies = distinct_rows(x)
+    if _offset_dominates(x):
+        x, distinct = x.double(), distinct.double()
     take = min(k + 1, n)  # one past the k-th shows a tie across the boundary
     # blocks of at least 2 rows: a one-row product is a matrix-vector product, which was seen
     # to round the similarities of identical float32 rows apart and so hide an exact tie (a
@@ -144,7 +168,7 @@ def knn(x: Tensor, k: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
             sv, si = torch.sort(g[r][:, priority], dim=1, descending=True, stable=True)
             vals[r], idx[r] = sv[:, :take], priority[si[:, :take]]
         idx_parts.append(idx[:, :k])
-        val_parts.append(vals[:, :k])
+        val_parts.append(vals[:, :k].to(dtype))
     return torch.cat(idx_parts), torch.cat(val_parts)
 
 

@@ -293,3 +293,54 @@ def test_mlflow_names_it_would_refuse_or_merge(tmp_path):
         assert list(logged.values()) == pytest.approx(list(expected.values()), rel=1e-6), ref
     params = client.get_run(logger.run_id).data.params
     assert [params[f"alignment/layers/model/{i}"] for i in range(len(LAYERS))] == LAYERS
+
+
+# ------------------------------------------------------------------------- subclassed loggers
+def test_subclassed_csv_and_tensorboard_loggers_get_heatmaps_and_text(tmp_path):
+    """A user's subclass of a built-in logger is served as the built-in one (before: the kind
+    was read from the class name's prefix, so ``ProjectCSVLogger`` got no heatmap files and a
+    ``TensorBoardLogger`` subclass named ``MyTB`` no images and no text)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class ProjectCSVLogger(CSVLogger):
+        pass
+
+    class MyTB(TensorBoardLogger):
+        pass
+
+    csv, tb = ProjectCSVLogger(tmp_path, name="csv"), MyTB(tmp_path, name="tb")
+    cb = _callback(measures=["linear_cka"])
+    _fit([csv, tb], [cb])
+    tb.experiment.flush()
+    pngs = sorted(os.listdir(os.path.join(csv.log_dir, "alignment_heatmaps")))
+    assert len(pngs) == len(cb.history) == 2 and all(p.endswith(".png") for p in pngs)
+    acc = EventAccumulator(tb.log_dir, size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    assert [im.step for im in acc.Images("alignment/linear_cka/heatmap")] == [0, 4]
+    assert any(tag.startswith("alignment/linear_cka/best_pair") for tag in acc.Tags()["tensors"])
+
+
+def test_mlflow_refusing_the_layer_map_is_said():
+    """MLflow keeps a parameter's first value: a run resumed with other layers cannot update the
+    layer map, which then names the earlier layers; that is now a warning, not silence."""
+    from alignment_callback.callback import dispatch
+
+    class MLFlowLogger:  # the name is what a subclass of Lightning's shares
+        def __init__(self):
+            self.calls = 0
+
+        def log_hyperparams(self, params):
+            self.calls += 1
+            raise RuntimeError("Changing param values is not allowed")
+
+    class Plain:
+        def log_hyperparams(self, params):
+            raise NotImplementedError
+
+    logger = MLFlowLogger()
+    with pytest.warns(UserWarning, match=r"MLflow refused the layer map alignment/layers/.*"
+                                         r"Changing param values is not allowed"):
+        dispatch.log_layer_names([logger, Plain()], "alignment",
+                                 {"model": ["b"], "reference": ["r"]})
+    assert logger.calls == 1

@@ -21,10 +21,13 @@ _DEFINED_ATTR = "_alignment_callback_wandb"  # what was defined on the run (_wan
 
 
 def _kind(logger: Any) -> str:
-    name = type(logger).__name__
-    for kind in ("Wandb", "TensorBoard", "CSV", "MLFlow"):
-        if name.startswith(kind):
-            return kind.lower()
+    """Which built-in Lightning logger ``logger`` is, or extends ("other": none of them).  The
+    class names of its bases are compared, so that a user's subclass is recognized without
+    importing the optional W&B / MLflow packages."""
+    for cls in type(logger).__mro__:
+        for kind in ("Wandb", "TensorBoard", "CSV", "MLFlow"):
+            if cls.__name__.startswith(kind):
+                return kind.lower()
     return "other"
 
 
@@ -196,8 +199,14 @@ def log_layer_names(loggers: Sequence[Any], prefix: str, names: Mapping[str, Seq
                 logger.log_hyperparams({keys[k]: v for k, v in per_index.items()})
                 continue
             logger.log_hyperparams(params)
-        except Exception:  # noqa: BLE001 - a logger without hyperparameters: nothing to do
-            pass
+        except Exception as err:  # noqa: BLE001 - a logger without hyperparameters: nothing to do
+            if _kind(logger) == "mlflow":  # a run resumed with other layers: its params stay
+                warnings.warn(
+                    f"MLflow refused the layer map {prefix}/layers/... ({err.__class__.__name__}: "
+                    f"{str(err)[:200]}); MLflow keeps a parameter's first value, so in a run "
+                    "resumed with other layers the map names the earlier layers: read the layer "
+                    "names from the logged best_pair tags or the end-of-fit report",
+                    UserWarning, stacklevel=2)
 
 
 def pair_rows(flat: Mapping[str, Any], epoch: int, step: int) -> dict[str, list[list[Any]]]:

@@ -209,3 +209,27 @@ def test_complex_features_are_refused():
         F.calibrated_alignment(y, x, "mutual_knn", 10)
     with pytest.raises(TypeError, match="real numbers"):
         CalibratedAlignment("linear_cka").update(x, y)
+
+
+@pytest.mark.parametrize("groups", ["x", 3, [[0, 1], [1, 0]]])
+def test_groups_that_are_not_a_label_sequence_are_refused_when_the_metric_is_made(groups):
+    """Before: accepted by the constructor, refused only at compute() after every update."""
+    from alignment_callback.metrics import CalibratedAlignment, LayerAlignment
+
+    for cls in (CalibratedAlignment, LayerAlignment):
+        with pytest.raises(ValueError, match=r"groups must be a sequence of labels, one per "
+                                             r"sample; got (str|int|list) of shape"):
+            cls("linear_cka", groups=groups)
+
+
+def test_a_custom_aggregate_must_return_one_number():
+    """A callable returning the whole matrix got torch's "shape '[]' is invalid" error."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
+    with pytest.raises(ValueError, match=r"aggregate: the callable must return one number for "
+                                         r"the \(2, 1\) matrix .* got a value of shape \(2, 1\)"):
+        F.calibrated_layer_alignment({"a": x, "b": 2 * x}, {"r": y}, "linear_cka",
+                                     aggregate=lambda m: m, num_permutations=19)
+    value = F.calibrated_layer_alignment({"a": x, "b": 2 * x}, {"r": y}, "linear_cka",
+                                         aggregate=lambda m: m.max(), num_permutations=19)
+    assert float(value.raw) == pytest.approx(float(F.linear_cka(x, y)), abs=1e-6)

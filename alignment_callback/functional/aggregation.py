@@ -132,7 +132,15 @@ class _Batched:
         self.fn = fn
 
     def __call__(self, s: Tensor) -> Tensor:
-        return torch.stack([torch.as_tensor(self.fn(m)).reshape(()) for m in s]).to(s.dtype)
+        return torch.stack([self._scalar(m) for m in s]).to(s.dtype)
+
+    def _scalar(self, matrix: Tensor) -> Tensor:
+        value = torch.as_tensor(self.fn(matrix))
+        if value.numel() != 1:
+            raise ValueError(f"aggregate: the callable must return one number for the "
+                             f"{tuple(matrix.shape)} matrix of layer-pair scores, got a value of "
+                             f"shape {tuple(value.shape)}")
+        return value.reshape(())
 
 
 class MappedAggregate:

@@ -23,6 +23,16 @@ _MAX_CHUNK = 256
 _CACHE_ELEMENTS = 1 << 24  # permutation sets up to this many entries stay in memory (128 MB)
 
 
+def group_labels(groups: Sequence[Any] | Tensor | np.ndarray) -> np.ndarray:
+    """``groups`` as a 1-D array of labels; anything else (a string, a scalar, a matrix) is
+    refused, naming ``groups``."""
+    labels = np.asarray(groups.cpu() if isinstance(groups, Tensor) else groups)
+    if labels.ndim != 1:
+        raise ValueError(f"groups must be a sequence of labels, one per sample; got "
+                         f"{type(groups).__name__} of shape {labels.shape}")
+    return labels
+
+
 class GroupPermuter:
     """Block permutations: rows sharing a group label move together (docs/calibration.md).
 
@@ -32,8 +42,8 @@ class GroupPermuter:
     """
 
     def __init__(self, groups: Sequence[Any] | Tensor | np.ndarray, n: int) -> None:
-        labels = np.asarray(groups.cpu() if isinstance(groups, Tensor) else groups)
-        if labels.ndim != 1 or labels.shape[0] != n:
+        labels = group_labels(groups)
+        if labels.shape[0] != n:
             raise ValueError(f"groups must have one label per sample: expected {n}, got shape {labels.shape}")
         try:
             _, inverse = np.unique(labels, return_inverse=True)

@@ -32,7 +32,7 @@ from alignment_callback.functional.aggregation import (
     named_layers,
 )
 from alignment_callback.functional.analytic_null import check_moments_apply, check_null
-from alignment_callback.functional.permutation import GroupPermuter, Permutations
+from alignment_callback.functional.permutation import GroupPermuter, Permutations, group_labels
 from alignment_callback.functional.pipeline import (
     PreparedSide,
     calibrate_prepared,
@@ -115,6 +115,8 @@ class AlignmentMetricBase(Metric):
         self.preprocessor = RowPreprocessor(preprocess)
         aggregate_fn(aggregate)  # validate early
         self.aggregate = aggregate
+        if groups is not None:
+            group_labels(groups)  # a string, scalar or matrix: refused now, not at compute()
         self.groups = groups
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)

@@ -1,7 +1,8 @@
 """Pure tensor math: measures, preprocessing, permutation nulls and calibration.
 
 Every function takes ``torch.Tensor`` inputs of shape (n, d) on any device, computes in float32
-or better (float64 stays float64), returns tensors, and never touches the global RNG.
+or better (float64, and int32 / int64 integers, which float32 cannot hold exactly, in float64),
+returns tensors, and never touches the global RNG.
 """
 
 from alignment_callback.functional.aggregation import Layers, LayerAlignmentResult

@@ -9,6 +9,8 @@ therefore give identical results on ``x`` and ``x · c``, including ``c = 1e20``
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,11 +24,32 @@ def _exponent_to_unit(maxabs: Tensor) -> Tensor:
     return torch.where(safe, torch.zeros_like(e), e)
 
 
+def times_power_of_two(x: Tensor, e: Tensor) -> Tensor:
+    """``x · 2**e`` for integer exponents ``e`` (broadcast against ``x``), exact unless the
+    result overflows or underflows.
+
+    ``torch.ldexp(x, e)`` multiplies by ``2**e`` itself, which is inf from ``e = 128``
+    (float32) or ``1024`` (float64) on, although ``x · 2**e`` may be small: a subnormal ``x``
+    (float32 ``|x| < 2**-126``) needs such a factor to reach [0.5, 1).  The power is applied
+    in steps whose factors are finite and nonzero; every step is exact while its products are
+    (a single step where that is enough, as ``torch.ldexp``).
+    """
+    info = torch.finfo(x.dtype)
+    hi = math.frexp(info.max)[1] - 1  # 2**hi: the largest finite power of two
+    lo = math.frexp(info.tiny * info.eps)[1] - 1  # 2**lo: the smallest subnormal
+    while True:
+        step = e.clamp(lo, hi)
+        x = torch.ldexp(x, step.to(x.dtype))
+        e = e - step
+        if not bool((e != 0).any()):
+            return x
+
+
 def rescale_exactly(x: Tensor, per_row: bool = False) -> Tensor:
     """``x · 2**-e`` with the largest ``|x|`` (of the matrix, or of each row) in [0.5, 1).
 
     Returns ``x`` itself when its magnitudes are already moderate (in ``[2**-16, 2**16]``), so
-    ordinary inputs are not copied.
+    ordinary inputs are not copied.  Subnormal magnitudes are scaled up exactly too.
     """
     if x.numel() == 0:
         return x
@@ -34,7 +57,7 @@ def rescale_exactly(x: Tensor, per_row: bool = False) -> Tensor:
     e = _exponent_to_unit(maxabs)
     if not bool((e != 0).any()):
         return x
-    return torch.ldexp(x, (-e).to(x.dtype)) if x.is_floating_point() else x
+    return times_power_of_two(x, -e) if x.is_floating_point() else x
 
 
 def center_columns(x: Tensor) -> tuple[Tensor, Tensor]:

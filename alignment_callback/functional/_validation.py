@@ -59,14 +59,25 @@ def user_stacklevel() -> int:
 
 def as_float(x: Tensor, name: str = "x") -> Tensor:
     """``x`` detached, as a floating tensor of at least float32 precision (float64 stays
-    float64); gradients are never tracked through a measure.  Complex input is refused."""
+    float64); gradients are never tracked through a measure.
+
+    Integers that float32 cannot all hold exactly (int32, int64, uint32, uint64: float32 has
+    24 significant bits, so 10**8 + 1 rounds to 10**8) become float64; bool, int8, uint8,
+    int16 and uint16 become float32.  Complex input is refused, and so is a meta tensor
+    (``device="meta"``), which has a shape but no values.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.is_complex():  # .to(float32) would drop the imaginary part with a warning only
         raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    if x.is_meta:
+        raise ValueError(f"{name} is a meta tensor (device='meta'): meta tensors hold no data, "
+                         "so there is nothing to measure; pass a tensor on a real device")
     x = x.detach()
     if x.dtype == torch.float64:
         return x
+    if x.dtype != torch.bool and not x.is_floating_point() and torch.iinfo(x.dtype).bits > 16:
+        return x.to(torch.float64)
     return x.to(torch.float32)
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from alignment_callback.functional import _compiled
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._scaling import rescale_exactly
+from alignment_callback.functional._scaling import rescale_exactly, times_power_of_two
 
 
 def linear_gram(x: Tensor) -> Tensor:
@@ -74,7 +74,7 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
             or not math.isfinite(sigma)):  # sigma=inf: a constant kernel, whatever the data
         raise ValueError(f"sigma must be a finite positive number or 'median', got {sigma!r}")
     d2 = squared_distances(x)
-    scale = 2.0 * float(sigma) ** 2
+    scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error
     if not scale >= torch.finfo(x.dtype).tiny:
         raise ValueError(f"rbf_cka: sigma={sigma} is too small for {x.dtype}: 2*sigma^2 = "
                          f"{scale:g} underflows. Use a larger sigma or sigma='median'")
@@ -84,14 +84,19 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
             f"{float(x.abs().max()):.3g}); at sigma={sigma} the kernel would be the identity. "
             "Rescale the features (e.g. L2-normalize rows) or use sigma='median'"
         )
+    # d2 / (2σ²) with σ = m·2**e: the power of two is applied to the tensor first, exactly, so
+    # that 2σ² need not be a finite number of x's dtype (nor of a Python float)
+    m, e = math.frexp(float(sigma))
+    ratio = times_power_of_two(d2, torch.tensor(-2 * e, device=d2.device)) / (2.0 * m * m)
     distinct = bool((x != x[:1]).any())
-    if distinct and not bool((d2 / scale > torch.finfo(x.dtype).eps).any()):
+    if distinct and not bool((ratio > torch.finfo(x.dtype).eps).any()):
+        bound = f"= {scale:g}" if math.isfinite(scale) else "> 1.8e+308"
         raise ValueError(
-            f"rbf_cka: squared distances underflow against 2*sigma^2 = {scale:g} (largest "
+            f"rbf_cka: squared distances underflow against 2*sigma^2 {bound} (largest "
             f"distance² = {float(d2.max()):.3g}); the RBF kernel is constant at sigma={sigma}. "
             "Rescale the features or use sigma='median'"
         )
-    return torch.exp(-d2 / scale)
+    return torch.exp(-ratio)
 
 
 def center_gram(k: Tensor) -> Tensor:
@@ -159,7 +164,7 @@ def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64.
+        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
 
     References
     ----------
@@ -199,7 +204,7 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64.
+        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
 
     References
     ----------

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._scaling import center_columns
+from alignment_callback.functional._scaling import center_columns, rescale_exactly
 from alignment_callback.functional._validation import check_matrix, check_pair
 
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -128,8 +128,10 @@ def _split(n: int, start: int, stop: int, device: torch.device) -> tuple[Tensor,
 
 
 def _check_variance(t: Tensor, what: str) -> Tensor:
-    """Column-centered ``t``; raises for zero variance."""
-    tc, varying = center_columns(t)
+    """Column-centered ``t``, rescaled exactly by a power of two (the measure is invariant to
+    isotropic scaling of either side; squared norms of huge or tiny magnitudes would overflow
+    or underflow); raises for zero variance."""
+    tc, varying = center_columns(rescale_exactly(t))
     tol = 1e2 * torch.finfo(t.dtype).eps * torch.linalg.vector_norm(varying)  # its rounding
     if not bool(tc.norm() > tol):
         raise ValueError(
@@ -198,7 +200,7 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64.
+        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
 
     References
     ----------

@@ -17,7 +17,11 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._scaling import center_columns, rescale_exactly
+from alignment_callback.functional._scaling import (
+    center_columns,
+    rescale_exactly,
+    times_power_of_two,
+)
 from alignment_callback.functional._validation import check_pair
 
 _GATHER_ELEMENTS = 1 << 20  # permuted numbers gathered at once (4 MiB of float32)
@@ -50,7 +54,7 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
     # each column times a power of two (exact) so that its largest |value| is in [0.5, 1): the
     # standardized columns do not change, and no column's squared sum underflows in the product
     _, exponent = torch.frexp(xc.abs().amax(0, keepdim=True))
-    xc = torch.ldexp(xc, (-exponent).to(xc.dtype))
+    xc = times_power_of_two(xc, -exponent)  # in steps: a subnormal column needs > 2**127
     if d <= n:  # X_s = X_c D with D = diag(1/std): X_sᵀX_s = D X_cᵀX_c D = V S² Vᵀ, U = X_s V / S
         cov = xc.T @ xc
         std = (cov.diagonal() / (n - 1)).sqrt()
@@ -127,7 +131,7 @@ def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64.
+        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
 
     References
     ----------

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._validation import as_float
 from alignment_callback.hooks.extract import PROBE_KEY
 
 FEATURE_EXTENSIONS: tuple[str, ...] = (".pt", ".pth", ".npy", ".npz", ".safetensors")
@@ -74,7 +75,7 @@ def _as_tensor(value: Any, path: Path, name: str) -> Tensor:
                                "dense (tensor.to_dense())")
     if value.dtype == torch.bool or value.is_complex():
         raise FeatureFileError(f"{path}: layer {name!r} has dtype {value.dtype}, not real numbers")
-    return value if value.dtype == torch.float64 else value.to(torch.float32)
+    return as_float(value, f"layer {name!r}")  # float32; float64 for float64, int32 / int64
 
 
 def _validate(layers: dict[str, Tensor], path: Path) -> dict[str, Tensor]:

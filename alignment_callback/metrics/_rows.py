@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Union
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._validation import as_float
 from alignment_callback.functional.preprocessing import pool_features, prepare_features
 
 TORCHMETRICS_KWARGS = frozenset({
@@ -54,12 +55,14 @@ class RowPreprocessor:
             raise TypeError("preprocess must be True, False, a mapping of prepare_features options or a callable")
 
     def rows(self, x: Tensor) -> Tensor:
-        """Per-batch part: detach, pool to (n, d), float (complex input is refused)."""
+        """Per-batch part: detach, pool to (n, d), float: float32, or float64 for float64 and
+        for int32 / int64 features, which float32 cannot hold exactly (complex input is
+        refused)."""
         if x.is_complex():  # .float() would drop the imaginary part with a warning only
             raise TypeError(f"features must hold real numbers, got dtype {x.dtype}")
         x = x.detach()
         x = pool_features(x, self.pool)
-        return x if x.dtype == torch.float64 else x.float()
+        return as_float(x, "features")
 
     def matrix(self, x: Tensor) -> Tensor:
         """Whole-matrix part, applied to all accumulated rows."""

@@ -454,6 +454,7 @@ class AlignmentCallback(Callback):
         #: continue (written with other settings): an ``AlignmentPlateau`` restarts its count
         self.restarted: set[str] = set()
         self._samples: int | None = None  # probe samples (known after the first step)
+        self._probe_known: dict[str, Any] | None = None  # the probe's settings, once per fit
         self._names_logged: set[str] = set()  # whose layer index -> name map was logged
         self._queue = BackgroundQueue()
         self._threaded = False  # background in effect for the current fit
@@ -559,14 +560,16 @@ class AlignmentCallback(Callback):
                        self._samples)
         return {"history": [dict(h) for h in history], "pending": [list(p) for p in running],
                 "tables": tables, "samples": None if samples is None else int(samples),
-                "skipped": [dict(s) for s in self.skipped], "settings": self._settings()}
+                "skipped": [dict(s) for s in self.skipped],
+                "settings": {**self._settings(), **self._probe_settings()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The history of a checkpoint.  When it was written with other settings (layers,
         references, measures or their options, K, seed, α, aggregate, preprocessing, pooling,
-        null), the curves those settings change are not continued: a warning names what
-        differs, their values are dropped from the history and their curves start anew (all
-        of them, with a baseline, when a setting of every curve changed)."""
+        null, the probe's rows or, in a single-process run, its inputs), the curves those
+        settings change are not continued: a warning names what differs, their values are
+        dropped from the history and their curves start anew (all of them, with a baseline,
+        when a setting of every curve changed)."""
         self._load_state(state_dict, None)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule,
@@ -603,10 +606,14 @@ class AlignmentCallback(Callback):
         saved = state.get("settings")
         if not isinstance(saved, Mapping):  # written before settings were saved
             saved = {} if key_measures is None else {"measures": dict.fromkeys(key_measures)}
-        current = self._settings()
-        changes = settings.setting_changes(saved, current)
         self.restarted = set()
-        if not changes or not self.history:
+        if not self.history:
+            return
+        # the probe: a checkpoint written before its settings recorded it has its rows only
+        saved = {**settings.probe_settings(self._samples), **saved}
+        current = {**self._settings(), **self._probe_settings()}
+        changes = settings.setting_changes(saved, current)
+        if not changes:
             return
         kept, dropped = self._keep_curves(saved, current)
         self.restarted = {f"{self.log_prefix}/{label}/" for label in self._labels()
@@ -637,6 +644,24 @@ class AlignmentCallback(Callback):
                          for label, m in self.measures.items()},
         }
 
+    def _probe_settings(self) -> dict[str, Any]:
+        """The probe's part of the settings (``settings.probe_settings``), taken once per fit:
+        its rows and, in a single-process run, a hash of its inputs.  Under several processes
+        the hash is left out: each process may hold another probe (rank 0's activations are
+        the ones used), and every process must decide alike whether the curves go on.  What
+        cannot be read (rows only a ``batch_transform`` understands) is not compared."""
+        if self._probe_known is None:
+            trainer = self._trainer() if self._trainer is not None else None
+            try:
+                rows = self._probe_size()
+            except Exception:  # noqa: BLE001 - raised at the start of fit, where it belongs
+                rows = None
+            single = trainer is None or trainer.world_size == 1
+            digest = (settings.probe_digest(iterate_probe(self.probe))
+                      if single and rows is not None else None)
+            self._probe_known = settings.probe_settings(rows, digest)
+        return dict(self._probe_known)
+
     def _keep_curves(self, saved: Mapping[str, Any], current: Mapping[str, Any]
                      ) -> tuple[list[str], list[str]]:
         """Drop from the history and the tables the curves that ``saved`` settings computed and
@@ -661,6 +686,7 @@ class AlignmentCallback(Callback):
             return
         self._trainer = weakref.ref(trainer)
         self.restarted = set()  # a checkpoint loaded after setup says which curves restart
+        self._probe_known = None  # taken anew for this fit (a callable probe is called again)
         self._ended = False  # on_train_end ran (on_fit_end covers a run resumed at its end)
         if trainer.ckpt_path is None and trainer.global_step == 0:
             # a new training run (not resumed, not continued): a history left by an earlier fit
@@ -820,6 +846,7 @@ class AlignmentCallback(Callback):
         self._resume_pending = []
         if self.history:  # resumed with this callback's history: it goes on from there
             self._anchor_drift(trainer, pl_module, retaken=bool(pending))
+            self._resume_monitors(trainer, pl_module)
         elif self.baseline:  # a new history (also for weights trained before: a warm start)
             if trainer.global_step > 0 and any(ref.kind == "initial" for ref in self.references):
                 rank_zero_warn(_INITIAL_RESUMED, category=UserWarning)
@@ -975,10 +1002,34 @@ class AlignmentCallback(Callback):
             entry = None if outcome is None else self._log_outcome(trainer, outcome)
         if entry is None or not monitor:
             return
-        if baseline and self.every_n_train_steps is not None:
-            self._seed_monitors(trainer, entry)
+        if baseline:
+            self._monitor_before_training(trainer, pl_module, entry)
         else:
             self._log_to_module(pl_module, entry, in_batch_hook)
+
+    def _monitor_before_training(self, trainer: Trainer, pl_module: LightningModule,
+                                 values: Mapping[str, Any]) -> None:
+        """The calibrated ``values`` for the monitors at the start of training (the baseline's,
+        or on a resumed run the history's last): as an epoch-level value in epoch mode, put
+        straight into ``trainer.callback_metrics`` in step mode (see ``_seed_monitors``)."""
+        if self.every_n_train_steps is not None:
+            self._seed_monitors(trainer, values)
+        else:
+            self._log_to_module(pl_module, values, in_batch_hook=False)
+
+    def _resume_monitors(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A resumed run: the last value of each calibrated key in the history goes back to the
+        monitors (``ModelCheckpoint``, ``EarlyStopping``, ``AlignmentPlateau(source="metrics")``),
+        which in an uninterrupted run hold it until the next step; not to the loggers, which
+        have it already.  Not in background mode, whose values the module never logs."""
+        if self._threaded:
+            return
+        last: dict[str, Any] = {}
+        keys = self._calibrated_keys()
+        for entry in self.history:
+            last.update({key: entry[key] for key in keys if key in entry})
+        if last:
+            self._monitor_before_training(trainer, pl_module, last)
 
     def _distributed_run(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
                          step: int) -> dict[str, Any] | None:
@@ -1092,9 +1143,10 @@ class AlignmentCallback(Callback):
                               sync_dist=pl_module.trainer.world_size > 1)
 
     def _seed_monitors(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
-        """Step mode, baseline: the calibrated values go straight into
-        ``trainer.callback_metrics``, so a monitor on them finds its key at an epoch end before
-        the first step of ``every_n_train_steps`` (``pl_module.log`` cannot be used here: an
+        """Step mode, before training (the baseline, or a resumed run's last values): the
+        calibrated values go straight into ``trainer.callback_metrics``, so a monitor on them
+        finds its key at an epoch end before the first step of ``every_n_train_steps``
+        (``pl_module.log`` cannot be used here: an
         epoch-level value logged before training would replace the latest step's value at the
         first epoch end).  The steps' values replace them as they come."""
         if not self.log_to_module:

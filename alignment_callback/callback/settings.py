@@ -4,7 +4,11 @@ resumed run compares them with its own: the curves whose settings changed start 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from typing import Any, Mapping
+
+import numpy as np
+from torch import Tensor
 
 from alignment_callback.callback.reference import Reference
 
@@ -39,6 +43,46 @@ def reference_settings(ref: Reference) -> dict[str, Any]:
     layers = describe(as_list(ref.layers)) if ref.layers_given else "as layers="
     return {"kind": ref.kind, "origin": ref.origin, "layers": layers,
             "pool": describe(ref.pool) if pooled else None}
+
+
+def probe_settings(rows: int | None, digest: str | None = None) -> dict[str, Any]:
+    """The probe's part of the settings compared at a resume: its rows and a hash of its
+    inputs, each where known (what is not known is not compared)."""
+    known = {"probe rows": rows, "probe inputs": digest}
+    return {k: v for k, v in known.items() if v is not None}
+
+
+def probe_digest(batches: Any) -> str | None:
+    """``"sha256:"`` and the first 16 hex digits of the probe's
+    :func:`~alignment_callback.hooks.extract.probe_fingerprint` (the values, dtypes and row
+    shapes of what the model is fed, however the rows are batched), or None when a batch holds
+    anything but tensors, arrays, strings, numbers and None (the text another object, such as
+    an image, is hashed by may hold a memory address, which differs from run to run) or the
+    probe cannot be read."""
+    from alignment_callback.hooks.extract import probe_fingerprint
+
+    plain = True
+
+    def checked() -> Iterator[Any]:
+        nonlocal plain
+        for batch in [batches] if isinstance(batches, (Tensor, Mapping)) else batches:
+            plain = plain and _plain(batch)
+            yield batch
+
+    try:
+        digest = probe_fingerprint(checked())["sha256"]
+    except Exception:  # noqa: BLE001 - a probe that cannot be hashed is not compared
+        return None
+    return f"sha256:{digest[:16]}" if plain else None
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` holds only tensors, arrays, strings, numbers and None."""
+    if isinstance(value, Mapping):
+        return all(_plain(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (Tensor, np.ndarray, str, bytes, int, float))
 
 
 def setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

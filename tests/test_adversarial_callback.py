@@ -246,12 +246,21 @@ def test_bad_configuration_fails_at_construction(kw, match):
 
 
 def test_data_dependent_failures_still_warn_and_continue(tmp_path):
+    """NaN activations of the model in training warn and training goes on; NaN in the probe
+    row that the frozen reference also sees fails before training (no step could succeed)."""
+    from alignment_callback.callback.alignment_callback import FrozenReferenceError
+
+    model = MLP()
+    with torch.no_grad():
+        model.fc2.bias[0] = float("nan")
+    cb = _callback()
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        trainer, _ = _fit(tmp_path, [cb], model=model)
+    assert trainer.state.finished and cb.history == [] and len(cb.skipped) > 0
     probe = make_probe()
     probe[3, 1] = float("nan")
-    cb = _callback(probe=probe)
-    with pytest.warns(RuntimeWarning, match="NaN"):
-        trainer, _ = _fit(tmp_path, [cb])
-    assert trainer.state.finished and cb.history == []
+    with pytest.raises(FrozenReferenceError, match="NaN"):
+        _fit(tmp_path, [_callback(probe=probe)])
 
 
 # ------------------------------------------------------------------ documented plot call

@@ -401,12 +401,15 @@ def _nan_probe():
     return probe
 
 
-def test_nan_probe_warns_and_training_completes(tmp_path):
+def test_nan_probe_is_raised_before_training_whatever_on_error(tmp_path):
+    """NaN in the probe makes the frozen reference's activations NaN, which no step changes:
+    raised at the baseline (before: with on_error="warn" every step warned, nothing logged)."""
+    from alignment_callback.callback.alignment_callback import FrozenReferenceError
+
     cb = _callback(probe=_nan_probe(), measures=["linear_cka"], on_error="warn")
-    with pytest.warns(RuntimeWarning, match="NaN"):
-        trainer, _ = _fit(tmp_path, [cb], max_epochs=2)
-    assert trainer.state.finished and trainer.current_epoch == 2
-    assert cb.history == []
+    with pytest.raises(FrozenReferenceError, match="NaN"):
+        _fit(tmp_path, [cb], max_epochs=2)
+    assert cb.history == [] and cb.skipped == []
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])

@@ -56,3 +56,45 @@ def test_named_error_keeps_its_type_where_it_can():
     assert str(_named(ValueError("bad"), "r")) == "r: bad"
     assert type(_named(KeyError("k"), "r")) is RuntimeError  # str(KeyError) quotes its text
     assert type(_named(torch.cuda.OutOfMemoryError("oom"), "r")) is torch.cuda.OutOfMemoryError
+
+
+class _Counting(MLP):
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        type(self).steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+@pytest.mark.parametrize("case", ["cca_dim", "nan_reference"])
+def test_a_frozen_reference_that_cannot_be_measured_fails_before_training(case, background):
+    """The frozen reference's activations never change: a measure option its widths cannot
+    take, or NaN in them, would fail every step.  Before, ``on_error="warn"`` trained the whole
+    run with a warning per step and nothing logged; now it is raised at the baseline."""
+    from alignment_callback.callback.alignment_callback import FrozenReferenceError
+    from alignment_callback.functional import get_measure
+
+    ref = RefMLP(seed=1)
+    if case == "nan_reference":
+        with torch.no_grad():
+            ref.fc1.weight[0, 0] = float("nan")
+        measures, match = ["linear_cka"], "NaN"
+    else:  # the reference's fc1 is 16 wide
+        measures, match = [get_measure("svcca", cca_dim=50)], "cca_dim=50 is too large"
+    cb = AlignmentCallback(ref, make_probe(), ["fc1"], measures=measures, num_permutations=19,
+                           verbose=False, report=False, background=background, on_error="warn")
+    trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[cb],
+                         enable_checkpointing=False, **FAST_TRAINER)
+    _Counting.steps = 0
+    expected = rf"frozen reference's probe activations .*{match}"
+    with pytest.raises(FrozenReferenceError, match=expected):
+        trainer.fit(_Counting(), train_loader())
+    assert cb.skipped == [] and cb.history == []
+    if not background:
+        assert _Counting.steps == 0  # before the first training step
+
+
+def test_a_meta_compute_device_is_refused_when_built():
+    with pytest.raises(ValueError, match="compute_device='meta' holds no data"):
+        AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc1"], compute_device="meta")

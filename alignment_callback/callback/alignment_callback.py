@@ -62,8 +62,15 @@ from alignment_callback.hooks.collect import (
 from alignment_callback.hooks.collect import model_device as model_device_of
 from alignment_callback.hooks.outputs import LayerOutputError
 
+
+
+class FrozenReferenceError(ValueError):
+    """A frozen reference's probe activations cannot be measured (a measure option its widths
+    cannot take, NaN activations, ...): they never change, so every step would fail."""
+
+
 # configuration mistakes only a forward pass can show: raised whatever on_error says
-LAYER_ERRORS = (LayerCountError, LayerOutputError)
+LAYER_ERRORS = (LayerCountError, LayerOutputError, FrozenReferenceError)
 
 _INITIAL_RESUMED = ("reference='initial' on a resumed run compares with the activations at the "
                     "start of this fit (the resumed weights), not of the original one: the "
@@ -129,8 +136,10 @@ class AlignmentCallback(Callback):
     calibrate or several layer pairs, and ``background=True`` with a checkpoint or
     early-stopping monitor on an alignment key;
     a chosen layer that does not run exactly once per forward pass, or returns no tensor to
-    record, is raised at the baseline (the first step with ``baseline=False``).  ``on_error``
-    governs failures that depend on the data (NaN activations).
+    record, and a frozen reference whose probe activations cannot be measured (NaN values, a
+    measure option its widths cannot take, such as SVCCA's ``cca_dim``), are raised at the
+    baseline (the first step with ``baseline=False``).  ``on_error`` governs failures that
+    depend on the model's data during training (NaN activations).
 
     With ``background=True`` the measures, their permutation nulls and the heatmaps are computed
     by one worker thread while training goes on, and each result is logged, in order and with
@@ -217,7 +226,8 @@ class AlignmentCallback(Callback):
         Also log every pair's raw score.
     on_error : {"warn", "raise"}, default="warn"
         ``"warn"``: warn with the reason and keep training; ``"raise"``: raise.  For
-        data-dependent failures only.
+        failures that depend on the model's data during training only (configuration
+        mistakes and a frozen reference that cannot be measured are always raised).
     input_key : str or None, default=None
         How to get the model input from a dict batch: ``model(batch[input_key])``; None:
         ``model(**batch)``.
@@ -402,7 +412,9 @@ class AlignmentCallback(Callback):
         _check_flags(baseline=baseline, log_heatmaps=log_heatmaps, log_pairs=log_pairs,
                      log_to_module=log_to_module, background=background, verbose=verbose,
                      progress_bar=progress_bar, report=report)
-        check_device(compute_device, "compute_device")
+        if getattr(check_device(compute_device, "compute_device"), "type", None) == "meta":
+            raise ValueError("compute_device='meta' holds no data: the measures need a real "
+                             "device such as 'cpu' or 'cuda'")
         self.__init_triggers(every_n_epochs, every_n_train_steps, baseline)
         self.pair_map: dict[str, str] | None = None
         if isinstance(layers, Mapping):
@@ -1359,7 +1371,12 @@ class AlignmentCallback(Callback):
             if ref.kind == "previous":
                 return None  # nothing before the first step
         elif engine.reference is None:
-            engine.set_reference(ref.pending)
+            try:
+                engine.set_reference(ref.pending)
+            except (ValueError, TypeError, RuntimeError) as err:
+                raise FrozenReferenceError(
+                    f"the frozen reference's probe activations cannot be measured, which no "
+                    f"step would change: {err}") from err
             ref.pending = None
         result = engine.step(acts, epoch=epoch, step=step, **split)
         if ref.kind == "previous":

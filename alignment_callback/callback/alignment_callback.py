@@ -1373,7 +1373,7 @@ class AlignmentCallback(Callback):
         elif engine.reference is None:
             try:
                 engine.set_reference(ref.pending)
-            except (ValueError, TypeError, RuntimeError) as err:
+            except ValueError as err:  # NaN, an option the widths cannot take (not: out of memory)
                 raise FrozenReferenceError(
                     f"the frozen reference's probe activations cannot be measured, which no "
                     f"step would change: {err}") from err

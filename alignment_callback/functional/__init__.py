@@ -1,7 +1,7 @@
 """Pure tensor math: measures, preprocessing, permutation nulls and calibration.
 
 Every function takes ``torch.Tensor`` inputs of shape (n, d) on any device, computes in float32
-or better (float64, and int32 / int64 integers, which float32 cannot hold exactly, in float64),
+or better (float64 for float64 input and for integers above 2**24, which float32 cannot hold),
 returns tensors, and never touches the global RNG.
 """
 

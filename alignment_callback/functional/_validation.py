@@ -57,14 +57,21 @@ def user_stacklevel() -> int:
     return level
 
 
+#: float32 holds every integer of magnitude up to 2**24 exactly
+FLOAT32_EXACT_INTEGERS = 2**24
+
+
 def as_float(x: Tensor, name: str = "x") -> Tensor:
     """``x`` detached, as a floating tensor of at least float32 precision (float64 stays
     float64); gradients are never tracked through a measure.
 
-    Integers that float32 cannot all hold exactly (int32, int64, uint32, uint64: float32 has
-    24 significant bits, so 10**8 + 1 rounds to 10**8) become float64; bool, int8, uint8,
-    int16 and uint16 become float32.  Complex input is refused, and so is a meta tensor
-    (``device="meta"``), which has a shape but no values.
+    Integers become float32, which holds every integer up to 2**24 exactly, unless one of
+    them is larger in magnitude (float32 rounds 10**8 + 1 to 10**8): such int32 / int64 /
+    uint32 / uint64 values become float64 (on a device without float64, such as Apple's MPS,
+    float32).  Integers float32 holds keep float32, so their results (and the tie-breaking
+    keys of the kNN measures, drawn from the data and its dtype) do not depend on the integer
+    type.  Complex input is refused, and so is a meta tensor (``device="meta"``), which has a
+    shape but no values.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -76,8 +83,11 @@ def as_float(x: Tensor, name: str = "x") -> Tensor:
     x = x.detach()
     if x.dtype == torch.float64:
         return x
-    if x.dtype != torch.bool and not x.is_floating_point() and torch.iinfo(x.dtype).bits > 16:
-        return x.to(torch.float64)
+    if (x.dtype != torch.bool and not x.is_floating_point() and torch.iinfo(x.dtype).bits > 16
+            and x.device.type != "mps" and x.numel() > 0):
+        wide = x.to(torch.float64)
+        if bool(wide.abs().max() > FLOAT32_EXACT_INTEGERS):
+            return wide
     return x.to(torch.float32)
 
 

@@ -100,7 +100,7 @@ def cca_similarity(x: Tensor, y: Tensor, dims: int | None = None) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -198,7 +198,7 @@ def pwcca(x: Tensor, y: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------

@@ -306,7 +306,7 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -359,7 +359,7 @@ def rbf_cka(x: Tensor, y: Tensor, sigma: float | str = 1.0) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -401,7 +401,7 @@ def unbiased_cka(x: Tensor, y: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -444,7 +444,7 @@ def rsa(x: Tensor, y: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------

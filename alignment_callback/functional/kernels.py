@@ -86,17 +86,21 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
         )
     # d2 / (2σ²) with σ = m·2**e: the power of two is applied to the tensor first, exactly, so
     # that 2σ² need not be a finite number of x's dtype (nor of a Python float)
+    # (in place where it can: d2 is this function's own, and the n×n copies are what limits n)
     m, e = math.frexp(float(sigma))
-    ratio = times_power_of_two(d2, torch.tensor(-2 * e, device=d2.device)) / (2.0 * m * m)
+    if e != 0:
+        d2 = times_power_of_two(d2, torch.tensor(-2 * e, device=d2.device))
+    ratio = d2.div_(2.0 * m * m)
     distinct = bool((x != x[:1]).any())
     if distinct and not bool((ratio > torch.finfo(x.dtype).eps).any()):
         bound = f"= {scale:g}" if math.isfinite(scale) else "> 1.8e+308"
+        largest = math.ldexp(float(ratio.max()) * 2.0 * m * m, 2 * e)
         raise ValueError(
             f"rbf_cka: squared distances underflow against 2*sigma^2 {bound} (largest "
-            f"distance² = {float(d2.max()):.3g}); the RBF kernel is constant at sigma={sigma}. "
+            f"distance² = {largest:.3g}); the RBF kernel is constant at sigma={sigma}. "
             "Rescale the features or use sigma='median'"
         )
-    return torch.exp(-ratio)
+    return torch.exp(ratio.neg_())
 
 
 def center_gram(k: Tensor) -> Tensor:
@@ -164,7 +168,7 @@ def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -204,7 +208,7 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------

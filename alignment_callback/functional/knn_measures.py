@@ -398,7 +398,7 @@ def mutual_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -440,7 +440,7 @@ def cycle_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -484,7 +484,7 @@ def cknna(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -525,7 +525,7 @@ def lcs_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -567,7 +567,7 @@ def edit_distance_knn(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------

@@ -200,7 +200,7 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------

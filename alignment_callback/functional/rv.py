@@ -56,7 +56,7 @@ def rv_coefficient(x: Tensor, y: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------

@@ -122,7 +122,7 @@ def procrustes_similarity(x: Tensor, y: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -247,7 +247,7 @@ def shape_metric(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------
@@ -373,7 +373,7 @@ def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float 
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------

@@ -131,7 +131,7 @@ def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:
     Returns
     -------
     Tensor
-        0-dim; float32, or float64 when an input is float64 (or int32 / int64).
+        0-dim; float32, or float64 when an input is float64 (or holds integers above 2**24).
 
     References
     ----------

@@ -75,7 +75,7 @@ def _as_tensor(value: Any, path: Path, name: str) -> Tensor:
                                "dense (tensor.to_dense())")
     if value.dtype == torch.bool or value.is_complex():
         raise FeatureFileError(f"{path}: layer {name!r} has dtype {value.dtype}, not real numbers")
-    return as_float(value, f"layer {name!r}")  # float32; float64 for float64, int32 / int64
+    return as_float(value, f"layer {name!r}")  # float32; float64 for float64, integers > 2**24
 
 
 def _validate(layers: dict[str, Tensor], path: Path) -> dict[str, Tensor]:

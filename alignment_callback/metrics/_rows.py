@@ -55,9 +55,9 @@ class RowPreprocessor:
             raise TypeError("preprocess must be True, False, a mapping of prepare_features options or a callable")
 
     def rows(self, x: Tensor) -> Tensor:
-        """Per-batch part: detach, pool to (n, d), float: float32, or float64 for float64 and
-        for int32 / int64 features, which float32 cannot hold exactly (complex input is
-        refused)."""
+        """Per-batch part: detach, pool to (n, d), float: float32, or float64 for float64
+        features and for integers above 2**24, which float32 cannot hold exactly (complex
+        input is refused)."""
         if x.is_complex():  # .float() would drop the imaginary part with a warning only
             raise TypeError(f"features must hold real numbers, got dtype {x.dtype}")
         x = x.detach()

@@ -98,3 +98,27 @@ def test_a_frozen_reference_that_cannot_be_measured_fails_before_training(case, 
 def test_a_meta_compute_device_is_refused_when_built():
     with pytest.raises(ValueError, match="compute_device='meta' holds no data"):
         AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc1"], compute_device="meta")
+
+
+def test_a_transient_failure_of_the_reference_still_follows_on_error(monkeypatch):
+    """Out of memory while the reference is prepared may pass: it warns (on_error="warn") and
+    the next step retries, keeping its type; only ValueErrors (NaN, an option the widths cannot
+    take) are taken as permanent."""
+    from alignment_callback.engine import AlignmentEngine
+
+    real, calls = AlignmentEngine.set_reference, []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AlignmentEngine, "set_reference", flaky)
+    cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc1"], measures=["linear_cka"],
+                           num_permutations=19, verbose=False, report=False, on_error="warn")
+    trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[cb],
+                         enable_checkpointing=False, **FAST_TRAINER)
+    with pytest.warns(RuntimeWarning, match="skipped: OutOfMemoryError: CUDA out of memory"):
+        trainer.fit(MLP(), train_loader())
+    assert [s["step"] for s in cb.skipped] == [0] and len(cb.history) == 2

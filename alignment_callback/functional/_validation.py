@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -42,6 +42,19 @@ def errors_named(where: str) -> Iterator[None]:
     except ValueError as err:
         err.args = (f"{where}: {err.args[0] if err.args else ''}", *err.args[1:])
         raise
+
+
+def per_side(prepare: Callable[..., Any], x: Tensor, y: Tensor, *args: Any,
+             **kwargs: Any) -> tuple[Any, Any]:
+    """``prepare(x, *args, **kwargs)`` and the same of ``y``, in that order; a ``ValueError``
+    from either names its side ("y: zero-variance representation: ..."), as
+    ``calibrated_alignment``'s do.  Only per-side preparation belongs inside: errors about the
+    pair or the parameters are raised before it, unnamed."""
+    with errors_named("x"):
+        sx = prepare(x, *args, **kwargs)
+    with errors_named("y"):
+        sy = prepare(y, *args, **kwargs)
+    return sx, sy
 
 
 def user_stacklevel() -> int:
@@ -152,6 +165,21 @@ def check_matrix(x: Tensor, name: str = "x") -> Tensor:
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
     return x
+
+
+def check_bandwidth(sigma: Any) -> None:
+    """Refuse an RBF bandwidth that is neither ``"median"`` nor a finite positive number (a
+    one-element real tensor counts as its number): a parameter error, raised by ``rbf_gram``
+    and, before either side is prepared, by the measures calling it."""
+    if isinstance(sigma, str):
+        if sigma != "median":
+            raise ValueError(f"sigma must be a finite positive number or 'median', got {sigma!r}")
+        return
+    if isinstance(sigma, Tensor) and sigma.numel() == 1 and not sigma.is_complex():
+        sigma = float(sigma)
+    if (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0
+            or not math.isfinite(sigma)):
+        raise ValueError(f"sigma must be a finite positive number or 'median', got {sigma!r}")
 
 
 def check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._validation import check_pair
+from alignment_callback.functional._validation import check_pair, per_side
 from alignment_callback.functional.shape_measures import centered_svd
 
 
@@ -119,7 +119,7 @@ def cca_similarity(x: Tensor, y: Tensor, dims: int | None = None) -> Tensor:
     True
     """
     x, y = check_pair(x, y)
-    return cca_score(cca_state(x), cca_state(y), _identity(x.shape[0], x.device), dims)[0]
+    return cca_score(*per_side(cca_state, x, y), _identity(x.shape[0], x.device), dims)[0]
 
 
 def pwcca_state(x: Tensor) -> CCAState:
@@ -217,4 +217,4 @@ def pwcca(x: Tensor, y: Tensor) -> Tensor:
     True
     """
     x, y = check_pair(x, y)
-    return pwcca_score(pwcca_state(x), pwcca_state(y), _identity(x.shape[0], x.device))[0]
+    return pwcca_score(*per_side(pwcca_state, x, y), _identity(x.shape[0], x.device))[0]

@@ -25,7 +25,7 @@ from torch import Tensor
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._scaling import center_columns, rescale_exactly
-from alignment_callback.functional._validation import check_pair
+from alignment_callback.functional._validation import check_bandwidth, check_pair, per_side
 from alignment_callback.functional.gram_null import gram_dots, gram_dots_layers
 from alignment_callback.functional.kernels import (
     average_ranks,
@@ -330,12 +330,12 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     if n >= FEATURE_ROUTE_MIN_SAMPLES and max(x.shape[1], y.shape[1]) < n:
         from alignment_callback.functional.moments import feature_linear_cka
 
-        sx, sy = linear_feature_state(x), linear_feature_state(y)  # zero variance: ValueError
+        sx, sy = per_side(linear_feature_state, x, y)  # zero variance: ValueError
         value = feature_linear_cka(sx.features, sy.features, sx.scatter, sy.scatter)
         return value.to(torch.promote_types(x.dtype, y.dtype))
     _check_memory("linear_cka", x, "features narrower than n (linear_cka then needs no n×n "
                   "matrix)")
-    return gram_score(linear_state(x), linear_state(y), _identity(n, x.device))[0]
+    return gram_score(*per_side(linear_state, x, y), _identity(n, x.device))[0]
 
 
 @no_autocast()
@@ -378,8 +378,9 @@ def rbf_cka(x: Tensor, y: Tensor, sigma: float | str = 1.0) -> Tensor:
     True
     """
     x, y = check_pair(x, y)
+    check_bandwidth(sigma)
     _check_memory("rbf_cka", x, _NO_GRAM)
-    return gram_score(rbf_state(x, sigma), rbf_state(y, sigma), _identity(x.shape[0], x.device))[0]
+    return gram_score(*per_side(rbf_state, x, y, sigma), _identity(x.shape[0], x.device))[0]
 
 
 @no_autocast()
@@ -422,8 +423,10 @@ def unbiased_cka(x: Tensor, y: Tensor) -> Tensor:
     True
     """
     x, y = check_pair(x, y)
+    if x.shape[0] < 4:  # the pair's n, not a side's data
+        raise ValueError(f"unbiased HSIC needs n >= 4 samples, got {x.shape[0]}")
     _check_memory("unbiased_cka", x, _NO_GRAM, count=5)  # measured peak: 5 n×n
-    return gram_score(unbiased_state(x), unbiased_state(y), _identity(x.shape[0], x.device))[0]
+    return gram_score(*per_side(unbiased_state, x, y), _identity(x.shape[0], x.device))[0]
 
 
 @no_autocast()
@@ -469,4 +472,4 @@ def rsa(x: Tensor, y: Tensor) -> Tensor:
     # ranking n(n − 1)/2 float64 distances takes 40 bytes each at its peak (the distances,
     # keys, indices and ranks of the radix sort): five float32 n×n matrices, plus the other side
     _check_memory("rsa", x, _NO_GRAM, count=4 if x.dtype == torch.float64 else 6)
-    return gram_score(rsa_state(x), rsa_state(y), _identity(x.shape[0], x.device))[0]
+    return gram_score(*per_side(rsa_state, x, y), _identity(x.shape[0], x.device))[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 import torch
@@ -12,6 +11,7 @@ from torch import Tensor
 from alignment_callback.functional import _compiled
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import rescale_exactly, times_power_of_two
+from alignment_callback.functional._validation import check_bandwidth
 
 
 def linear_gram(x: Tensor) -> Tensor:
@@ -60,19 +60,14 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
     meaningless at this absolute ``sigma`` (distances overflow, or are all negligible against
     2σ² so the kernel is constant).
     """
-    if isinstance(sigma, str):
-        if sigma != "median":
-            raise ValueError(f"sigma must be a finite positive number or 'median', got {sigma!r}")
+    check_bandwidth(sigma)
+    if isinstance(sigma, str):  # "median"
         d2 = squared_distances(rescale_exactly(x))
         s2 = median(d2)
         if not bool(s2 > 0):
             raise ValueError("zero-variance representation: median squared distance is 0")
         return torch.exp(-d2 / (2.0 * s2))
-    if isinstance(sigma, Tensor) and sigma.numel() == 1 and not sigma.is_complex():
-        sigma = float(sigma)  # a 0-dim tensor (a learned or computed bandwidth)
-    if (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0
-            or not math.isfinite(sigma)):  # sigma=inf: a constant kernel, whatever the data
-        raise ValueError(f"sigma must be a finite positive number or 'median', got {sigma!r}")
+    sigma = float(sigma)  # also a 0-dim tensor (a learned or computed bandwidth)
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error
     if not scale >= torch.finfo(x.dtype).tiny:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from alignment_callback.functional import _compiled
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._validation import check_k, check_pair
+from alignment_callback.functional._validation import check_k, check_pair, errors_named
 from alignment_callback.functional.neighbors import (
     NeighborLists,
     lcs_from_matches,
@@ -71,19 +71,24 @@ def check_distinct_rows(x: Tensor, measure: str) -> None:
         )
 
 
+def _checked_k(n: int, k: int, measure: str) -> int:
+    """``k`` checked against n samples (and cknna's n >= 4): the pair's, not a side's."""
+    k = check_k(n, k, minimum=2 if measure == "cknna" else 1, measure=measure)  # 5.0 -> 5
+    if measure == "cknna" and n < 4:
+        raise ValueError(f"cknna needs at least 4 samples (unbiased HSIC), got {n}")
+    return k
+
+
 def knn_state(x: Tensor, k: int, measure: str = "kNN measure", role: str = "x",
               lists: NeighborLists | None = None) -> KnnState:
     """Check ``k`` against n and prepare (or reuse the shared ``lists`` of) ``x``."""
-    minimum = 2 if measure == "cknna" else 1
-    k = check_k(x.shape[0], k, minimum=minimum, measure=measure)  # 5.0 -> 5
+    k = _checked_k(x.shape[0], k, measure)
     if lists is None:
         check_distinct_rows(x, measure)
         lists = neighbor_lists(x, k, role)
     own = lists.prefix(k)
     if measure != "cknna":
         return KnnState(lists, own)
-    if x.shape[0] < 4:
-        raise ValueError(f"cknna needs at least 4 samples (unbiased HSIC), got {x.shape[0]}")
     return KnnState(lists, own, _checked_self_hsic(own))
 
 
@@ -373,7 +378,11 @@ def knn_score(kind: str, sx: KnnState, sy: KnnState, perms: Tensor) -> Tensor:
 # ------------------------------------------------------------------------- public measures
 def _pair(kind: str, x: Tensor, y: Tensor, k: int) -> Tensor:
     x, y = check_pair(x, y)
-    sx, sy = knn_state(x, k, kind, "x"), knn_state(y, k, kind, "y")
+    k = _checked_k(x.shape[0], k, kind)
+    with errors_named("x"):  # the role (tie-breaking) differs, so not per_side
+        sx = knn_state(x, k, kind, "x")
+    with errors_named("y"):
+        sy = knn_state(y, k, kind, "y")
     return knn_score(kind, sx, sy, torch.arange(x.shape[0], device=x.device)[None])[0]
 
 

@@ -50,7 +50,7 @@ from torch import Tensor
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import center_columns, rescale_exactly
-from alignment_callback.functional._validation import check_matrix, check_pair
+from alignment_callback.functional._validation import check_matrix, check_pair, per_side
 
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 """Relative penalties searched by inner CV when ``ridge=None``."""
@@ -223,8 +223,8 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
     folds = int(folds)  # 3.0 -> 3
     n = x.shape[0]
     _check_n(n, folds)
-    x = _check_variance(x, "x")  # translation-invariant; centered first, the fold means of a
-    yc = _check_variance(y, "y")  # large offset round far less
+    # translation-invariant; centered first, the fold means of a large offset round far less
+    x, yc = per_side(_check_variance, x, y, "the representation")
     sse = torch.zeros((), dtype=x.dtype, device=x.device)
     for start, stop in fold_slices(n, folds):
         test, train = _split(n, start, stop, x.device)

@@ -33,7 +33,13 @@ from alignment_callback.functional import knn_measures as km
 from alignment_callback.functional import predictivity as pr
 from alignment_callback.functional import shape_measures as shm
 from alignment_callback.functional import svcca as sv
-from alignment_callback.functional._validation import check_matrix, check_pair, check_positive_int
+from alignment_callback.functional._validation import (
+    check_matrix,
+    check_pair,
+    check_positive_int,
+    errors_named,
+    per_side,
+)
 
 MeasureFn = Callable[[Tensor, Tensor], Any]
 
@@ -216,7 +222,8 @@ class Measure:
         Gram-family measures take the feature route where their functions do (linear CKA and
         RV from ``n >= 4096`` samples with features narrower than n: no n×n matrix), and
         otherwise refuse with a ``MemoryError`` before allocating n×n matrices that would not
-        fit.
+        fit.  A ``ValueError`` from one side's data names it ("y: zero-variance
+        representation: ..."), as ``calibrated_alignment``'s do.
         """
         x, y = check_pair(x, y)
         n = x.shape[0]
@@ -226,14 +233,18 @@ class Measure:
             route = self.info.feature_state
             if (route is not None and n >= gm.FEATURE_ROUTE_MIN_SAMPLES
                     and max(x.shape[1], y.shape[1]) < n):
-                value = self.layer_scores([route(x)], [route(y)], identity)[0, 0, 0]
+                sx, sy = per_side(route, x, y)
+                value = self.layer_scores([sx], [sy], identity)[0, 0, 0]
                 return value.to(torch.promote_types(x.dtype, y.dtype))
             gm._check_memory(self.name, x, "calibrated_alignment with null='moments' for "
                              "linear_cka (computed from the features when d < n)",
                              1 + self.info.prepare_peak(x.dtype))
         if self.info.memory_check is not None:  # y's state is prepared while x's is kept
             self.info.memory_check(x, 1, self.kwargs)
-        sx, sy = self.prepare(x, "x"), self.prepare(y, "y")
+        with errors_named("x"):
+            sx = self.prepare(x, "x")
+        with errors_named("y"):
+            sy = self.prepare(y, "y")
         return self.score(sx, sy, identity)[0]
 
 

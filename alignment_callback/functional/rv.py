@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._validation import check_pair
+from alignment_callback.functional._validation import check_pair, per_side
 from alignment_callback.functional.gram_measures import (
     _NO_GRAM,
     GramState,
@@ -77,4 +77,4 @@ def rv_coefficient(x: Tensor, y: Tensor) -> Tensor:
     """
     x, y = check_pair(x, y)
     _check_memory("rv_coefficient", x, _NO_GRAM)  # before the two n×n grams are built
-    return rv_score(rv_state(x), rv_state(y), torch.arange(x.shape[0], device=x.device)[None])[0]
+    return rv_score(*per_side(rv_state, x, y), torch.arange(x.shape[0], device=x.device)[None])[0]

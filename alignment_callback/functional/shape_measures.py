@@ -34,7 +34,7 @@ from torch import Tensor
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import center_columns, rescale_exactly
-from alignment_callback.functional._validation import check_pair
+from alignment_callback.functional._validation import check_bandwidth, check_pair, per_side
 from alignment_callback.functional.kernels import center_gram, rbf_gram
 
 
@@ -143,7 +143,7 @@ def procrustes_similarity(x: Tensor, y: Tensor) -> Tensor:
     """
     x, y = check_pair(x, y)
     ident = _identity(x.shape[0], x.device)
-    return procrustes_score(procrustes_state(x), procrustes_state(y), ident)[0]
+    return procrustes_score(*per_side(procrustes_state, x, y), ident)[0]
 
 
 # --------------------------------------------------------------------------- shape metric
@@ -267,8 +267,9 @@ def shape_metric(x: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
     1.0
     """
     x, y = check_pair(x, y)
+    alpha = _check_alpha(alpha)
     ident = _identity(x.shape[0], x.device)
-    return shape_score(shape_state(x, alpha), shape_state(y, alpha), ident)[0]
+    return shape_score(*per_side(shape_state, x, y, alpha), ident)[0]
 
 
 # --------------------------------------------------------------------------- Bures
@@ -392,6 +393,8 @@ def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float 
     1.0
     """
     x, y = check_pair(x, y)
-    check_bures_memory(x, 1, {"kernel": _check_kernel(kernel)})  # x's kept while y's is built
+    if _check_kernel(kernel) == "rbf":  # the linear kernel has no bandwidth
+        check_bandwidth(sigma)
+    check_bures_memory(x, 1, {"kernel": kernel})  # x's kept while y's is built
     ident = _identity(x.shape[0], x.device)
-    return bures_score(bures_state(x, kernel, sigma), bures_state(y, kernel, sigma), ident)[0]
+    return bures_score(*per_side(bures_state, x, y, kernel, sigma), ident)[0]

@@ -22,7 +22,7 @@ from alignment_callback.functional._scaling import (
     rescale_exactly,
     times_power_of_two,
 )
-from alignment_callback.functional._validation import check_pair
+from alignment_callback.functional._validation import check_pair, per_side
 
 _GATHER_ELEMENTS = 1 << 20  # permuted numbers gathered at once (4 MiB of float32)
 
@@ -39,17 +39,23 @@ def _top_eigh(g: Tensor, c: int) -> tuple[Tensor, Tensor]:
     return evals.flip(0)[:c], vecs.flip(1)[:, :c]
 
 
+def _check_cca_dim(cca_dim: int) -> int:
+    if isinstance(cca_dim, bool) or int(cca_dim) != cca_dim or cca_dim < 1:
+        raise ValueError(f"cca_dim must be a positive integer, got {cca_dim!r}")
+    return int(cca_dim)
+
+
+def _too_large(cca_dim: int, n: int, d: int) -> ValueError:
+    return ValueError(f"svcca: cca_dim={cca_dim} is too large for data with n={n} samples and "
+                      f"d={d} features (need cca_dim <= min(n - 1, d))")
+
+
 def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
     """Orthonormal (n, cca_dim) basis of the top singular directions of standardized ``x``."""
     n, d = x.shape
-    if isinstance(cca_dim, bool) or int(cca_dim) != cca_dim or cca_dim < 1:
-        raise ValueError(f"cca_dim must be a positive integer, got {cca_dim!r}")
-    cca_dim = int(cca_dim)
+    cca_dim = _check_cca_dim(cca_dim)
     if cca_dim > min(n - 1, d):
-        raise ValueError(
-            f"svcca: cca_dim={cca_dim} is too large for data with n={n} samples and d={d} "
-            f"features (need cca_dim <= min(n - 1, d))"
-        )
+        raise _too_large(cca_dim, n, d)
     xc, _ = center_columns(rescale_exactly(x))  # a constant column stays exactly zero
     # each column times a power of two (exact) so that its largest |value| is in [0.5, 1): the
     # standardized columns do not change, and no column's squared sum underflows in the product
@@ -150,5 +156,8 @@ def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:
     True
     """
     x, y = check_pair(x, y)
+    cca_dim = _check_cca_dim(cca_dim)
+    if cca_dim > x.shape[0] - 1:  # too few samples: the pair's n (a side's d: its own error)
+        raise _too_large(cca_dim, x.shape[0], x.shape[1])
     ident = torch.arange(x.shape[0], device=x.device)[None]
-    return svcca_score(svcca_state(x, cca_dim), svcca_state(y, cca_dim), ident)[0]
+    return svcca_score(*per_side(svcca_state, x, y, cca_dim), ident)[0]

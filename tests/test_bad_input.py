@@ -233,3 +233,13 @@ def test_a_custom_aggregate_must_return_one_number():
     value = F.calibrated_layer_alignment({"a": x, "b": 2 * x}, {"r": y}, "linear_cka",
                                          aggregate=lambda m: m.max(), num_permutations=19)
     assert float(value.raw) == pytest.approx(float(F.linear_cka(x, y)), abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [None, "3", float("nan"), float("inf"), 2.5, True])
+def test_a_k_that_is_not_an_integer_is_named_by_the_plain_functions(k):
+    """``mutual_knn(x, y, k=None)`` raised int()'s raw TypeError (NaN: a raw ValueError)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
+    for fn in (F.mutual_knn, F.cycle_knn, F.cknna, F.lcs_knn, F.edit_distance_knn):
+        with pytest.raises(TypeError, match=r"^k must be an integer, got "):
+            fn(x, y, k=k)

@@ -199,7 +199,8 @@ def check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 def check_k(n: int, k: int, minimum: int = 1, measure: str = "kNN measure") -> int:
     """Check the neighbor count: ``minimum <= k < n`` (self is excluded, so n > k is needed)."""
-    if isinstance(k, bool) or int(k) != k:
+    if (isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k)
+            or int(k) != k):
         raise TypeError(f"k must be an integer, got {k!r}")
     k = int(k)
     if k < minimum:

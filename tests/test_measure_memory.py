@@ -76,6 +76,19 @@ def test_linear_cka_from_the_features_refuses_constant_data_up_to_rounding():
             F.linear_cka(x[:m], constant[:m])
 
 
+def _spy_prepare_side(monkeypatch, module) -> list[str]:
+    """Record the role of every side ``module.prepare_side`` prepares (still preparing it)."""
+    prepared: list[str] = []
+    real = module.prepare_side
+
+    def spy(names, features, measures, role, *args, **kwargs):
+        prepared.append(role)
+        return real(names, features, measures, role, *args, **kwargs)
+
+    monkeypatch.setattr(module, "prepare_side", spy)
+    return prepared
+
+
 @pytest.mark.parametrize("name,peak", [("rsa", 6), ("unbiased_cka", 5), ("rbf_cka", 3)])
 def test_calibration_refuses_before_preparing_either_side(monkeypatch, name, peak):
     """The calibration's check counts the measure's peak while preparing a state and the states
@@ -87,14 +100,7 @@ def test_calibration_refuses_before_preparing_either_side(monkeypatch, name, pea
     unit = n * n * 4  # one float32 n×n matrix
     need = peak + 1  # x's state at its peak, and y's state
     monkeypatch.setattr(pipeline, "_available_bytes", lambda device: int((need - 0.5) * unit))
-    prepared = []
-    real = pipeline.prepare_side
-
-    def spy(names, features, measures, role, *args, **kwargs):
-        prepared.append(role)
-        return real(names, features, measures, role, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "prepare_side", spy)
+    prepared = _spy_prepare_side(monkeypatch, pipeline)
     x, y = _pair(n, 8)
     with pytest.raises(MemoryError, match=rf"{name} at n={n} .*\({need} of "):
         F.calibrated_alignment(x, y, name, 9)
@@ -115,14 +121,7 @@ def test_a_metric_refuses_before_preparing_either_side(monkeypatch, name, peak):
     unit = n * n * 4
     need = peak + 1
     monkeypatch.setattr(pipeline, "_available_bytes", lambda device: int((need - 0.5) * unit))
-    prepared = []
-    real = base.prepare_side
-
-    def spy(names, features, measures, role, *args, **kwargs):
-        prepared.append(role)
-        return real(names, features, measures, role, *args, **kwargs)
-
-    monkeypatch.setattr(base, "prepare_side", spy)
+    prepared = _spy_prepare_side(monkeypatch, base)
     x, y = _pair(n, 8)
     metric = CalibratedAlignment(name, num_permutations=9)
     metric.update(x, y)

@@ -143,3 +143,21 @@ def test_the_refusal_for_a_layer_list_suggests_what_a_layer_list_can_use(monkeyp
     assert "one layer pair with linear_cka" in str(err.value)
     with pytest.raises(MemoryError, match="linear_cka or rv_coefficient with null='moments'"):
         F.calibrated_alignment(x, y, "rbf_cka", 9)
+
+
+# ------------------------------------------------- the null buffers: K that cannot fit
+def test_permutations_whose_nulls_cannot_fit_are_refused_naming_num_permutations(monkeypatch):
+    """The (K, LA, LB) null of each measure is allocated whole: K = 2**45 raised the
+    allocator's raw "can't allocate memory" error (of 128 TiB); it is now a MemoryError that
+    names num_permutations and the size, raised before any null is allocated."""
+    import alignment_callback.functional.pipeline as pipeline
+
+    x, y = torch.randn(20, 4), torch.randn(20, 4)
+    with pytest.raises(MemoryError, match=r"num_permutations=35184372088832: .* 131072\.0 GiB"):
+        F.calibrated_alignment(x, y, "linear_cka", num_permutations=2**45)
+    # the count: 6 layer pairs × K float32 values against the memory available
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 6 * 100 * 4 - 1)
+    with pytest.raises(MemoryError, match=r"\(1 measure\(s\) × 6 layer pair\(s\) × K\)"):
+        F.calibrated_layer_alignment([x, x], [y, y, y], "mutual_knn", num_permutations=100)
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 6 * 100 * 4)
+    F.calibrated_layer_alignment([x, x], [y, y, y], "mutual_knn", num_permutations=100)

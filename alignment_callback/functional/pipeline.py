@@ -369,6 +369,24 @@ def observed_matrices(measures: Sequence[Measure], xside: PreparedSide, yside: P
 Gather = Callable[[dict[Measure, Tensor]], dict[Measure, Tensor]]
 
 
+def _check_null_room(measures: Sequence[Measure], xside: PreparedSide, yside: PreparedSide,
+                     num_permutations: int) -> None:
+    """Refuse with ``MemoryError``, naming ``num_permutations``, K that would make the (K, LA, LB)
+    nulls of ``measures`` larger than the memory available on their device (they are allocated
+    whole, one per measure)."""
+    free = _available_bytes(xside.device)
+    if not measures or free is None:
+        return
+    pairs = len(xside.features) * len(yside.features)
+    size = torch.tensor([], dtype=xside.dtype).element_size()
+    need = len(measures) * num_permutations * pairs * size
+    if need > free:
+        raise MemoryError(
+            f"num_permutations={num_permutations}: the permutation nulls ({len(measures)} "
+            f"measure(s) × {pairs} layer pair(s) × K) need {need / 2**30:.1f} GiB, but only "
+            f"{free / 2**30:.1f} GiB is available on {xside.device}; use fewer permutations")
+
+
 def calibrate_prepared(
     measures: Sequence[Measure],
     xside: PreparedSide,
@@ -433,6 +451,7 @@ def calibrate_prepared(
     converted = [m for m in rest if _in_features(xside, m) or _in_features(yside, m)]
     for m in converted:
         _to_grams(m, xside, yside)
+    _check_null_room(rest, xside, yside, len(permutations))
     observed.update(observed_matrices(converted, xside, yside) if converted else {})
     start, stop = share if share is not None else (0, len(permutations))
     nulls = layer_nulls(rest, xside, yside, permutations, start, stop) if rest else {}

@@ -263,6 +263,8 @@ def _bootstrap(xa: Layers, ya: Layers, measure: Measure, cal: Calibration, group
         "fraction": BOOTSTRAP_FRACTION, "subsample_size": bi.subsample_size,
         "method": "m-out-of-n subsampling without replacement (approximate)",
         "replicates": _tolist(bi.replicates),
+        "unclipped_estimate": bi.unclipped_estimate,
+        "unclipped_replicates": _tolist(bi.unclipped_replicates),
     }
 
 

@@ -130,3 +130,22 @@ def test_sparse_feature_file_seed_and_out_file_errors(files, capsys, monkeypatch
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and len(err[0]) < 400, err
         assert text in err[0], (text, err[0])
+
+
+def test_bootstrap_refusal_gives_advice_the_command_line_can_follow(files, capsys, monkeypatch):
+    """The library's refusal ends "use a larger/smaller fraction"; the command line has no
+    fraction to change (it subsamples 0.8), so it names --bootstrap and what can be changed."""
+    monkeypatch.chdir(files)
+    g = torch.Generator().manual_seed(1)
+    torch.save({"h": torch.randn(13, 4, generator=g)}, files / "rows13.pt")
+    for argv, text in (
+        (["rows13.pt", "rows13.pt", "--measure", "mutual_knn"],
+         "mutual_knn, k=10 needs at least 11 samples"),
+        (["good.pt", "good.pt", "--groups", "groups2.txt"], "every replicate would be the whole"),
+    ):
+        (files / "groups2.txt").write_text("\n".join(str(i % 2) for i in range(N)) + "\n")
+        code = cli.main(["compare", *argv, "--bootstrap", "2", *FAST, "--out", "out_boot"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("error: --bootstrap 2: fraction=0.8"), err
+        assert text in err[-1] and "fraction is fixed at 0.8" in err[-1], err
+        assert "use a larger fraction" not in err[-1] and "smaller fraction" not in err[-1], err

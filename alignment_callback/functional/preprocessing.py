@@ -62,9 +62,9 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
         How to reduce the non-sample dimensions:
 
         * ``"flatten"``: reshape to (n, prod(rest)).
-        * ``"mean"``: mean over dimension 1 (tokens for (n, T, d); channels-last is *not*
-          assumed: for conv maps (n, C, H, W) the mean is over every spatial position,
-          giving (n, C)).
+        * ``"mean"``: for (n, T, d) the mean over dimension 1 (the tokens); for four or
+          more dimensions (n, C, ...) the mean over dimensions 2 and up (every spatial
+          position of a conv map), giving (n, C): channels-last is *not* assumed.
         * ``"cls"`` / ``"first"``: element 0 along dimension 1 (the CLS token).
         * ``"last"``: element -1 along dimension 1 (or the last unmasked token if ``mask``).
         * ``"none"``: no pooling; ``x`` must already be 2-D.

@@ -131,7 +131,8 @@ def _common_options() -> argparse.ArgumentParser:
                         "and below 40 a warning; costs B calibrations)")
     p = common.add_argument_group("features")
     p.add_argument("--pool", choices=("mean", "cls", "last", "flatten"), default="mean",
-                   help="pooling of 3-D+ activations (default mean); 2-D ones are used as is")
+                   help="pooling of 3-D+ activations (default mean: over dimension 1 of (n, T, d), "
+                        "over dimensions 2 and up of (n, C, H, W)); 2-D ones are used as is")
     p.add_argument("--clamp-quantile", type=float, default=None, metavar="Q",
                    help="clamp |x| at its Q-quantile (PRH: 0.95; default off)")
     p.add_argument("--no-normalize", action="store_true",

@@ -11,6 +11,7 @@ Every data error names the file and the layer (or the two files and layers of a 
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -247,17 +248,30 @@ def _record(res: LayerAlignmentResult, measure: Measure, n: int, keep_null: bool
     return rec
 
 
+_FIXED_FRACTION = re.compile(r"use a (larger|smaller) fraction(, or groups with more groups of "
+                             r"each size)?")
+
+
 def _bootstrap(xa: Layers, ya: Layers, measure: Measure, cal: Calibration, groups: Any) -> dict:
     from alignment_callback.functional.bootstrap import bootstrap_interval
 
     with warnings.catch_warnings():
         # too few replicates: said once per run in the command line's words (warn_bootstrap)
         warnings.filterwarnings("ignore", "num_bootstrap=.* is too few", UserWarning)
-        bi = bootstrap_interval(
-            xa, ya, measure, num_bootstrap=cal.bootstrap, confidence=BOOTSTRAP_CONFIDENCE,
-            seed=cal.seed, num_permutations=cal.permutations, alpha=cal.alpha,
-            fraction=BOOTSTRAP_FRACTION, groups=groups, aggregate=cal.aggregate, null=cal.null,
-        )
+        try:
+            bi = bootstrap_interval(
+                xa, ya, measure, num_bootstrap=cal.bootstrap, confidence=BOOTSTRAP_CONFIDENCE,
+                seed=cal.seed, num_permutations=cal.permutations, alpha=cal.alpha,
+                fraction=BOOTSTRAP_FRACTION, groups=groups, aggregate=cal.aggregate,
+                null=cal.null,
+            )
+        except ValueError as err:  # the library's advice names a fraction the CLI does not take
+            if not str(err).startswith("fraction="):
+                raise
+            raise ValueError(f"--bootstrap {cal.bootstrap}: " + _FIXED_FRACTION.sub(
+                f"the command line's fraction is fixed at {BOOTSTRAP_FRACTION}: use more rows "
+                "or groups, options that need fewer samples, or no --bootstrap", str(err))
+            ) from None
     return {
         "low": bi.low, "high": bi.high, "confidence": BOOTSTRAP_CONFIDENCE,
         "fraction": BOOTSTRAP_FRACTION, "subsample_size": bi.subsample_size,

@@ -199,6 +199,20 @@ def test_the_unclipped_estimate_is_the_excess_over_tau_before_clipping(max_score
         assert (excess < 0) if y is noise else (excess > 0.1)
 
 
+def test_a_threshold_near_the_maximum_cannot_make_the_unclipped_values_explode():
+    """(s - τ)/(1 - τ) with τ a hair below 1 is about -(1 - s)/(1 - τ): one such replicate
+    (-9000 at τ = 0.9999) would move the replicates' mean, and so the interval, arbitrarily.
+    The unclipped value is bounded below by -1, and is 0 where 1 - τ is within float error of
+    0 (1e-5 for float32 data), where the calibration itself reports 0."""
+    unclipped = bootstrap_module._unclipped
+    assert unclipped(0.0, 0.1, 0.9999, 1.0, torch.float32) == -1.0
+    assert unclipped(0.0, 0.1, 1.0 - 1e-6, 1.0, torch.float32) == 0.0
+    assert unclipped(0.0, 0.1, 1.0 - 1e-6, 1.0, torch.float64) == -1.0
+    assert unclipped(0.0, 0.1, 0.2, 1.0, torch.float32) == pytest.approx(-0.125)
+    assert unclipped(0.0, 0.1, 0.2, None, torch.float32) == pytest.approx(-0.1)  # unbounded
+    assert unclipped(0.3, 0.5, 0.2, 1.0, torch.float32) == 0.3  # above 0: the calibrated score
+
+
 def test_weakly_aligned_pairs_get_intervals_not_zero_width():
     """Monte Carlo at n = 100, weak signal (linear CKA, moments null for speed): a third of
     the calibrated estimates are 0.  The interval formed from the clipped replicates was

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
+from alignment_callback.functional.calibration import resolution
 from alignment_callback.functional._validation import AUTO, MAX_SEED, check_seed, user_stacklevel
 from alignment_callback.functional.permutation import GroupPermuter
 from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
@@ -86,7 +87,8 @@ class BootstrapInterval(NamedTuple):
         subsample_size: m, the rows per replicate (with ``groups`` of unequal sizes, which
             make it vary, the smallest over the replicates).
         unclipped_estimate: the estimate before clipping at 0: ``(s − τ)/(s_max − τ)``
-            (``s − τ`` when unbounded), negative when the raw score s is below τ; equal to
+            (``s − τ`` when unbounded), negative when the raw score s is below τ, bounded
+            below by −1 (and 0 where s_max − τ is within float error of 0); equal to
             ``estimate`` when that is above 0.
         unclipped_replicates: (num_bootstrap,) the replicates before clipping at 0; the
             interval is formed from these and ``unclipped_estimate``.
@@ -102,24 +104,34 @@ class BootstrapInterval(NamedTuple):
     unclipped_replicates: Tensor
 
 
-def _unclipped(calibrated: float, raw: float, tau: float, top: float | None) -> float:
+def _unclipped(calibrated: float, raw: float, tau: float, top: float | None,
+               dtype: torch.dtype) -> float:
     """The calibrated score before its clipping at 0: the calibrated score where it is above 0,
-    else ``min((s − τ)/(s_max − τ), 0)`` (``min(s − τ, 0)`` unbounded), and 0 where s_max − τ
-    is not above 0 (the measure cannot tell aligned from independent data)."""
+    else ``(s − τ)/(s_max − τ)`` in [−1, 0] (``min(s − τ, 0)`` unbounded), and 0 where s_max − τ
+    is within float error of 0 (there the calibration reports 0: the measure cannot tell
+    aligned from independent data).  The bound −1 keeps a τ just below s_max from making one
+    replicate's value, and so the replicates' mean, arbitrarily large."""
     if calibrated > 0.0:
         return calibrated
     if top is None:
         return min(raw - tau, 0.0)
-    return min((raw - tau) / (top - tau), 0.0) if top - tau > 0.0 else 0.0
+    if top - tau <= resolution(dtype):
+        return 0.0
+    return min(max((raw - tau) / (top - tau), -1.0), 0.0)
 
 
-def _rows(x: Any) -> int:
+def _first(x: Any) -> Tensor:
+    """``x`` itself, or its first layer."""
     if isinstance(x, Tensor):
-        return int(x.shape[0])
+        return x
     values = list(x.values()) if isinstance(x, Mapping) else list(x)
     if not values:
         raise ValueError("no layers given")
-    return int(values[0].shape[0])
+    return values[0]
+
+
+def _rows(x: Any) -> int:
+    return int(_first(x).shape[0])
 
 
 def _take(x: Any, idx: Tensor) -> Any:
@@ -262,6 +274,7 @@ def bootstrap_interval(
             f"x and y must have the same number of samples (rows): got {n} and {_rows(y)}"
         )
     layered = not isinstance(x, Tensor)
+    dtype = _first(x).dtype  # the data's: float error of s_max − τ (calibration.resolution)
     # Resolve the measure now (its keywords are checked) to know its minimum sample count.
     names = _pipeline_names(layered)
     resolved = get_measure(measure, **{k: v for k, v in kw.items() if k not in names})
@@ -278,7 +291,7 @@ def bootstrap_interval(
         res = fn(xs, ys, measure, num_permutations=num_permutations, alpha=alpha, seed=s,
                  groups=g, **kw)
         cal, raw = float(res.calibrated), float(res.raw)
-        return cal, raw, _unclipped(cal, raw, float(res.threshold), top)
+        return cal, raw, _unclipped(cal, raw, float(res.threshold), top, dtype)
 
     seed = check_seed(seed)
     if seed + int(num_bootstrap) > MAX_SEED:

@@ -311,26 +311,31 @@ def test_linear_cka_with_the_moments_null_is_not_refused(monkeypatch):
 
 # ------------------------------------------------------------------------- cgroup memory
 def _files(tmp_path: Path, monkeypatch, meminfo_kib: int | None,
-           v2: tuple[str, str, str] | None = None, v1: tuple[str, str, str] | None = None) -> None:
-    """Point ``_memory`` at tmp files: /proc/meminfo and the (limit, usage, stat) of each
-    cgroup version (None: the files do not exist)."""
+           v2: tuple[str, str, str] | None = None, v1: tuple[str, str, str] | None = None,
+           own: str = "/") -> None:
+    """Point ``_memory`` at tmp files: /proc/meminfo, /proc/self/cgroup (the process in cgroup
+    ``own`` of both versions) and the (limit, usage, stat) files of each version's mount point
+    (None: the files do not exist)."""
     meminfo = tmp_path / "meminfo"
     if meminfo_kib is not None:
         meminfo.write_text(f"MemTotal:       99999999 kB\nMemFree:  1 kB\n"
                            f"MemAvailable:   {meminfo_kib} kB\nBuffers: 5 kB\n")
     monkeypatch.setattr(_memory, "MEMINFO", str(meminfo))
-    groups = []
-    for version, contents in (("v2", v2), ("v1", v1)):
-        folder = tmp_path / version
+    (tmp_path / "proc_cgroup").write_text(f"9:name=systemd:/\n4:memory:{own}\n1:cpu:/\n0::{own}\n")
+    monkeypatch.setattr(_memory, "PROC_CGROUP", str(tmp_path / "proc_cgroup"))
+    versions = []
+    for (_, controller, *names, key), contents in zip(_memory.CGROUP_VERSIONS, (v2, v1)):
+        folder = tmp_path / (controller or "unified")
         folder.mkdir()
-        paths = [folder / "limit", folder / "usage", folder / "memory.stat"]
-        key = "inactive_file" if version == "v2" else "total_inactive_file"
-        if contents is not None:
-            for path, text in zip(paths, contents):
-                if text is not None:
-                    path.write_text(text)
-        groups.append((*map(str, paths), key))
-    monkeypatch.setattr(_memory, "CGROUP_FILES", tuple(groups))
+        _cgroup_files(folder, names, contents)
+        versions.append((str(folder), controller, *names, key))
+    monkeypatch.setattr(_memory, "CGROUP_VERSIONS", tuple(versions))
+
+
+def _cgroup_files(folder: Path, names: list[str], contents: tuple[str, ...] | None) -> None:
+    for name, text in zip(names, contents or ()):
+        if text is not None:
+            (folder / name).write_text(text)
 
 
 CPU = torch.device("cpu")
@@ -375,6 +380,35 @@ def test_cgroup_usage_above_the_limit_and_missing_files(tmp_path, monkeypatch):
     only.mkdir()
     _files(only, monkeypatch, None, v2=(f"{GiB}\n", f"{GiB // 4}\n", None))
     assert _memory.available_bytes(CPU) == GiB - GiB // 4
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_the_limit_of_a_cgroup_above_the_process_is_used(tmp_path, monkeypatch, version):
+    """A batch scheduler's job (SLURM: /job_7/step_0/task_0) limits memory at the job's cgroup,
+    and the mount point itself has no limit: only the mount point was read, so a 2 GiB job on
+    a 20 GiB host was given 20 GiB.  Every cgroup from the process's own up is read, and the
+    smallest room counts; a path that does not exist under the mount (a container without a
+    cgroup namespace) is skipped."""
+    no_limit = ("max\n" if version == "v2" else "9223372036854771712\n", f"{5 * GiB}\n", None)
+    own = "/job_7/step_0/task_0"
+    _files(tmp_path, monkeypatch, 20 * 2**20, **{version: no_limit}, own=own)
+    index = 0 if version == "v2" else 1
+    mount, _, *names, _ = _memory.CGROUP_VERSIONS[index]
+    task = Path(mount) / own[1:]
+    step, job = task.parent, task.parent.parent
+    for folder in (job, step, task):
+        folder.mkdir(parents=True, exist_ok=True)
+    _cgroup_files(job, names, (f"{2 * GiB}\n", f"{GiB}\n", None))
+    _cgroup_files(step, names, (no_limit[0], f"{GiB}\n", None))
+    _cgroup_files(task, names, (f"{4 * GiB}\n", f"{GiB}\n", None))
+    assert _memory.available_bytes(CPU) == GiB  # the job's 2 GiB less its 1 GiB in use
+    _cgroup_files(task, names, (f"{GiB + GiB // 2}\n", f"{GiB}\n", None))
+    assert _memory.available_bytes(CPU) == GiB // 2  # the task's own limit is smaller
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _files(elsewhere, monkeypatch, 20 * 2**20, **{version: (f"{3 * GiB}\n", f"{GiB}\n", None)},
+           own="/docker/0123abcd")  # not under the mount: the mount's own limit
+    assert _memory.available_bytes(CPU) == 2 * GiB
 
 
 def test_a_cgroup_limit_refuses_what_meminfo_would_allow(tmp_path, monkeypatch):

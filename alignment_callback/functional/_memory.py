@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 MEMINFO = "/proc/meminfo"
 
-#: (limit, usage, statistics, the statistic of reclaimable page cache) of a cgroup v2, then v1
-CGROUP_FILES: tuple[tuple[str, str, str, str], ...] = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
-     "inactive_file"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-     "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
+#: The process's cgroups: lines ``hierarchy:controllers:path``
+PROC_CGROUP = "/proc/self/cgroup"
+
+#: Per cgroup version, v2 then v1: (mount point, the controller named in ``PROC_CGROUP`` ("" for
+#: v2's single hierarchy), limit, usage and statistics files, the statistic of reclaimable page
+#: cache)
+CGROUP_VERSIONS: tuple[tuple[str, str, str, str, str, str], ...] = (
+    ("/sys/fs/cgroup", "", "memory.max", "memory.current", "memory.stat", "inactive_file"),
+    ("/sys/fs/cgroup/memory", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+     "memory.stat", "total_inactive_file"),
 )
 
 #: A cgroup v1 limit at or above this is "no limit" (the kernel writes 2**63 rounded to a page)
@@ -22,9 +28,10 @@ def available_bytes(device: torch.device) -> int | None:
     """Memory free for new tensors on ``device`` (None when it cannot be read).
 
     On a CUDA device: its free memory plus what torch's cache holds unused.  On the CPU: the
-    smaller of the system's ``MemAvailable`` and, inside a cgroup with a finite memory limit
-    (a container), that limit less the cgroup's usage (its inactive page cache, which the
-    kernel reclaims before the limit is hit, counted as free).
+    smallest of the system's ``MemAvailable`` and, for the process's cgroup and each cgroup
+    above it with a finite memory limit (a container, a batch scheduler's job), that limit
+    less the cgroup's usage (its inactive page cache, which the kernel reclaims before the
+    limit is hit, counted as free).
     """
     if device.type == "cuda":  # free on the device, plus what torch's cache holds unused
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
@@ -67,16 +74,51 @@ def _reclaimable(path: str, key: str) -> int:
     return 0
 
 
-def _cgroup_available() -> int | None:
-    """The cgroup's limit less its usage, for the first cgroup version with a finite limit
-    (None: no cgroup memory files, or no limit)."""
-    for limit_path, usage_path, stat_path, key in CGROUP_FILES:
-        limit, usage = _read_int(limit_path), _read_int(usage_path)
-        if limit is None or usage is None or limit >= _NO_LIMIT:
-            continue
-        in_use = max(0, usage - _reclaimable(stat_path, key))
-        return max(0, limit - in_use)
+def _own_cgroup(controller: str) -> str | None:
+    """The process's cgroup path (``/a/b``) in the hierarchy of ``controller`` ("": v2's), from
+    ``PROC_CGROUP`` (None when it cannot be read)."""
+    try:
+        with open(PROC_CGROUP) as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) != 3:
+                    continue
+                hierarchy, controllers, path = parts
+                names = controllers.split(",")
+                if controller in names if controller else (hierarchy == "0" and names == [""]):
+                    return path
+    except OSError:
+        return None
     return None
+
+
+def _cgroup_folders(mount: str, controller: str) -> list[str]:
+    """The folders of the process's cgroup and of every cgroup above it, up to the mount point
+    (which is always included: inside a container's cgroup namespace the process's path is
+    ``/``; without one it may not exist under the container's mount, and is skipped)."""
+    folders = [mount]
+    path = _own_cgroup(controller)
+    parts = [p for p in (path or "").split("/") if p not in ("", ".", "..")]
+    for depth in range(1, len(parts) + 1):
+        folder = os.path.join(mount, *parts[:depth])
+        if os.path.isdir(folder):
+            folders.append(folder)
+    return folders
+
+
+def _cgroup_available() -> int | None:
+    """The smallest limit less usage over the process's cgroup and those above it that have a
+    finite limit, in either cgroup version (None: no cgroup memory files, or no limit)."""
+    rooms = []
+    for mount, controller, limit_file, usage_file, stat_file, key in CGROUP_VERSIONS:
+        for folder in _cgroup_folders(mount, controller):
+            limit = _read_int(os.path.join(folder, limit_file))
+            usage = _read_int(os.path.join(folder, usage_file))
+            if limit is None or usage is None or limit >= _NO_LIMIT:
+                continue
+            in_use = max(0, usage - _reclaimable(os.path.join(folder, stat_file), key))
+            rooms.append(max(0, limit - in_use))
+    return min(rooms) if rooms else None
 
 
 def square_matrix_error(what: str, n: int, count: int, dtype: torch.dtype, device: torch.device,

@@ -39,6 +39,7 @@ class Dump(pl.Callback):
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "history": self.watched.history,
+            "restarted": sorted(self.watched.restarted),
             "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()
                                  if k.startswith("alignment/")},
             "params": {k: v.tolist() for k, v in pl_module.state_dict().items()},
@@ -117,7 +118,22 @@ def main(out: str, strategy: str, mode: str = "ok") -> None:
     BatchNorm statistics differ, linear CKA on fc2 only); ``rank_reference`` (rank 1 holds
     another reference model and another probe: every rank must use rank 0's);
     ``fail_reference_pass_rank1`` (the reference model's probe pass raises on rank 1, at the
-    start of fit)."""
+    start of fit); ``resume_probe`` (one epoch with checkpoints, then a resumed fit with a
+    probe of the same rows and other values)."""
+    if mode == "resume_probe":
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        ckpt = Path(out, "ckpt")
+        for epochs, probe in ((1, make_probe()), (MAX_EPOCHS, make_probe(seed=999))):
+            cb = AlignmentCallback(RefMLP(seed=1), probe, LAYERS, measures=METRICS,
+                                   num_permutations=K, log_heatmaps=False, verbose=False)
+            trainer = pl.Trainer(**{**FAST_TRAINER, "devices": 2}, strategy=strategy,
+                                 max_epochs=epochs, logger=False,
+                                 callbacks=[cb, Dump(out, cb),
+                                            ModelCheckpoint(dirpath=ckpt, save_last=True)])
+            trainer.fit(MLP(lr=0.0), train_loader(),
+                        ckpt_path=str(ckpt / "last.ckpt") if epochs > 1 else None)
+        return
     if mode == "batchnorm":
         cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc2"], measures=["linear_cka"],
                                num_permutations=K, on_error="raise", verbose=False)

@@ -135,6 +135,25 @@ def test_ddp_every_rank_uses_rank_zeros_reference_and_probe(tmp_path):
                     float(getattr(res, field)), rel=1e-5, abs=1e-6), (h["epoch"], name, field)
 
 
+def test_ddp_resume_with_other_probe_inputs_starts_new_curves_on_every_rank(tmp_path):
+    """A resumed DDP run whose probe has the same rows and other values: the probe's hash was
+    compared in single-process runs only, so the curves went on, mixing two probes.  Every
+    process now compares rank 0's probe (sent from rank 0 at setup) and starts new curves
+    alike: after the resume the history holds the new probe's values only."""
+    _run_worker(tmp_path, "ddp_spawn", "resume_probe")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    model, reference = MLP(lr=0.0), RefMLP(seed=1)
+    expected = {name: offline_alignment(model, reference, make_probe(seed=999), LAYERS, name,
+                                        W.K) for name in W.METRICS}
+    hist = ranks[0]["history"]
+    assert ranks[1]["history"] == hist and ranks[0]["restarted"] == ranks[1]["restarted"]
+    assert ranks[0]["restarted"] == [f"alignment/{name}/" for name in sorted(W.METRICS)]
+    assert hist and all(h["epoch"] >= 1 for h in hist), [h["epoch"] for h in hist]
+    for h in hist:
+        for name, res in expected.items():
+            assert h[f"alignment/{name}/raw"] == pytest.approx(float(res.raw), rel=1e-5), h
+
+
 def test_ddp_a_reference_pass_failing_on_one_rank_fails_every_rank(tmp_path):
     """The reference model's probe pass at the start of fit raises on rank 1 only: every rank
     raises the same error, naming the rank, instead of rank 0 waiting in the first step's

@@ -5,7 +5,6 @@ starts new curves instead of continuing the old ones."""
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import lightning.pytorch as pl
 import pytest
@@ -195,17 +194,3 @@ def test_a_probe_of_other_objects_has_no_digest():
     assert settings.probe_digest([Box(PROBE)]) is None
     assert settings.probe_digest([{"x": PROBE, "meta": Box(PROBE)}]) is None
     assert settings.probe_digest([{"x": PROBE, "text": ["a"] * N}]) is not None
-
-
-def test_the_digest_is_left_out_under_several_processes():
-    """Each process may hold another probe (rank 0's is used): every process must decide
-    alike, so only the rows are compared."""
-    cb = callback()
-    assert cb._probe_settings() == {"probe rows": N, "probe inputs": settings.probe_digest(PROBE)}
-
-    class TwoProcesses:
-        world_size = 2
-
-    trainer = TwoProcesses()
-    cb._trainer, cb._probe_known = weakref.ref(trainer), None
-    assert cb._probe_settings() == {"probe rows": N}

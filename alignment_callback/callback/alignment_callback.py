@@ -578,7 +578,7 @@ class AlignmentCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The history of a checkpoint.  When it was written with other settings (layers,
         references, measures or their options, K, seed, α, aggregate, preprocessing, pooling,
-        null, the probe's rows or, in a single-process run, its inputs), the curves those
+        null, the probe's rows or its inputs: rank 0's under DDP), the curves those
         settings change are not continued: a warning names what differs, their values are
         dropped from the history and their curves start anew (all of them, with a baseline,
         when a setting of every curve changed)."""
@@ -658,21 +658,24 @@ class AlignmentCallback(Callback):
 
     def _probe_settings(self) -> dict[str, Any]:
         """The probe's part of the settings (``settings.probe_settings``), taken once per fit:
-        its rows and, in a single-process run, a hash of its inputs.  Under several processes
-        the hash is left out: each process may hold another probe (rank 0's activations are
-        the ones used), and every process must decide alike whether the curves go on.  What
-        cannot be read (rows only a ``batch_transform`` understands) is not compared."""
+        its rows and a hash of its inputs.  Under several processes they are rank 0's, sent to
+        every process by :meth:`setup` (rank 0's activations are the ones used, and every
+        process must decide alike whether the curves go on).  What cannot be read (rows only
+        a ``batch_transform`` understands) is not compared."""
         if self._probe_known is None:
-            trainer = self._trainer() if self._trainer is not None else None
-            try:
-                rows = self._probe_size()
-            except Exception:  # noqa: BLE001 - raised at the start of fit, where it belongs
-                rows = None
-            single = trainer is None or trainer.world_size == 1
-            digest = (settings.probe_digest(iterate_probe(self.probe))
-                      if single and rows is not None else None)
-            self._probe_known = settings.probe_settings(rows, digest)
+            self._probe_known = self._read_probe_settings()
         return dict(self._probe_known)
+
+    def _read_probe_settings(self) -> dict[str, Any]:
+        """This process's probe rows and input hash (``settings.probe_settings``)."""
+        try:
+            rows = self._probe_size()
+        except Exception:  # noqa: BLE001 - raised at the start of fit, where it belongs
+            rows = None
+        with preserved_rng():
+            digest = (settings.probe_digest(iterate_probe(self.probe))
+                      if rows is not None else None)
+        return settings.probe_settings(rows, digest)
 
     def _keep_curves(self, saved: Mapping[str, Any], current: Mapping[str, Any]
                      ) -> tuple[list[str], list[str]]:
@@ -750,6 +753,9 @@ class AlignmentCallback(Callback):
                         "module and a monitor would see them late or never. Use "
                         "background=False for monitored keys."
                     )
+        if trainer.world_size > 1:  # every process compares rank 0's probe at a resume
+            known = self._read_probe_settings() if trainer.is_global_zero else None
+            self._probe_known = trainer.strategy.broadcast(known, src=0)
 
     def _freeze_references(self, pl_module: LightningModule) -> None:
         """Freeze the reference models (eval mode, ``requires_grad_(False)``).  A reference

@@ -18,7 +18,7 @@ demo: install
 	$(BIN)/python examples/quickstart.py $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q -n auto --dist worksteal $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_nulls.py

@@ -92,7 +92,8 @@ class LayerAlignmentResult(CalibrationResult):
 
 def aggregate_fn(aggregate: Aggregate) -> tuple[str, Callable[[Tensor], Tensor]]:
     """Resolve ``"max"``, ``"mean"``, ``"topK"`` (mean of the K largest, e.g. ``"top3"``; of all
-    pairs when there are fewer than K) or a callable ``f(matrix (LA, LB)) -> scalar`` into a batched ``(B, LA, LB) -> (B,)``."""
+    pairs when there are fewer than K) or a callable ``f(matrix (LA, LB)) -> scalar`` into a
+    batched ``(B, LA, LB) -> (B,)``."""
     if isinstance(aggregate, MappedAggregate):
         return aggregate.__name__, aggregate
     if callable(aggregate):

@@ -58,8 +58,8 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional.calibration import resolution
 from alignment_callback.functional._validation import AUTO, MAX_SEED, check_seed, user_stacklevel
+from alignment_callback.functional.calibration import resolution
 from alignment_callback.functional.permutation import GroupPermuter
 from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
 from alignment_callback.functional.registry import (

@@ -380,9 +380,14 @@ def test_missing_key_not_strict_warns_once_at_the_end(tmp_path):
 
 def test_measure_not_logged_by_the_alignment_callback(tmp_path):
     """A prefix that matches an AlignmentCallback but a measure it does not compute: an error
-    at setup naming the keys it logs (strict), a warning otherwise."""
-    with pytest.raises(ValueError, match=r"no AlignmentCallback logs this key.*alignment/cknna"):
+    at setup naming the keys it logs (strict; it said "reading trainer.callback_metrics
+    instead", which only strict=False does), a warning otherwise."""
+    with pytest.raises(ValueError, match=r"no AlignmentCallback logs this key.*alignment/cknna"
+                       r".*; with strict=False it is read from trainer.callback_metrics$"):
         _fit(tmp_path, [_aligner(), _plateau(monitor="alignment/mutual_knn/calibrated")], 1)
+    with pytest.warns(RuntimeWarning, match="; reading trainer.callback_metrics instead"):
+        _fit(tmp_path, [_aligner(), _plateau(monitor="alignment/mutual_knn/calibrated",
+                                             strict=False)], 1)
     source = _aligner()
     with pytest.raises(ValueError, match="source AlignmentCallback does not log this key"):
         _fit(tmp_path, [source, _plateau(monitor="alignment/mknn/raw", source=source)], 1)

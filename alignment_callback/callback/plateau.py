@@ -269,8 +269,9 @@ class AlignmentPlateau(Callback):
         if prefixed:
             self._report(f"AlignmentPlateau(monitor={self.monitor!r}): no AlignmentCallback "
                          f"logs this key (they log e.g. "
-                         f"{'; '.join(self._keys_of(cb) for cb in prefixed)}); reading "
-                         "trainer.callback_metrics instead")
+                         f"{'; '.join(self._keys_of(cb) for cb in prefixed)}); "
+                         + ("with strict=False it is read from trainer.callback_metrics"
+                            if self.strict else "reading trainer.callback_metrics instead"))
 
     # ---------------------------------------------------------------------------- hooks
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -131,7 +131,7 @@ def test_auto_falls_back_to_grams_when_the_feature_route_is_not_valid():
 def test_n_by_n_measures_too_large_for_memory_are_refused(monkeypatch):
     monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 1 << 20)  # 1 MiB free
     x, y = data(n=512, d=8)
-    with pytest.raises(MemoryError, match=r"rbf_cka at n=512 needs about .* GiB .* only 0\.0 GiB "
+    with pytest.raises(MemoryError, match=r"rbf_cka at n=512 needs about 8\.0 MiB .* only 1\.0 MiB "
                                           r"is available .* null='moments'"):
         F.calibrated_alignment(x, y, "rbf_cka", 10)
     # the linear kernel in feature space needs no n×n matrix

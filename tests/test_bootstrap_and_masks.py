@@ -213,6 +213,26 @@ def test_a_threshold_near_the_maximum_cannot_make_the_unclipped_values_explode()
     assert unclipped(0.3, 0.5, 0.2, 1.0, torch.float32) == 0.3  # above 0: the calibrated score
 
 
+def test_float_error_of_s_max_minus_tau_is_judged_at_the_calibration_s_precision(monkeypatch):
+    """The calibration takes float64 precision (1e-11) when a layer of either side is float64;
+    the bootstrap read x's first layer only, so float32 x with float64 y judged s_max - τ at
+    float32's 1e-5 and could report 0 where the calibration's rule gives -1."""
+    seen = []
+
+    def spy(*args):
+        seen.append(args[-1])
+        return unclipped(*args)
+
+    unclipped = bootstrap_module._unclipped
+    monkeypatch.setattr(bootstrap_module, "_unclipped", spy)
+    x, y = _pair(30)
+    for xs, ys, expected in ((x, y.double(), torch.float64), ([x, x], [y, y.double()],
+                             torch.float64), (x, y, torch.float32)):
+        seen.clear()
+        bootstrap_interval(xs, ys, "linear_cka", num_bootstrap=2, num_permutations=19)
+        assert seen and set(seen) == {expected}
+
+
 def test_weakly_aligned_pairs_get_intervals_not_zero_width():
     """Monte Carlo at n = 100, weak signal (linear CKA, moments null for speed): a third of
     the calibrated estimates are 0.  The interval formed from the clipped replicates was

@@ -138,14 +138,35 @@ def test_bootstrap_refusal_gives_advice_the_command_line_can_follow(files, capsy
     monkeypatch.chdir(files)
     g = torch.Generator().manual_seed(1)
     torch.save({"h": torch.randn(13, 4, generator=g)}, files / "rows13.pt")
-    for argv, text in (
+    torch.save({"h": torch.randn(16, 4, generator=g)}, files / "rows16.pt")
+    (files / "groups2.txt").write_text("\n".join(str(i % 2) for i in range(N)) + "\n")
+    unequal = [0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 4]  # no two groups of one size
+    (files / "unequal.txt").write_text("\n".join(map(str, unequal)) + "\n")
+    for argv, texts in (
         (["rows13.pt", "rows13.pt", "--measure", "mutual_knn"],
-         "mutual_knn, k=10 needs at least 11 samples"),
-        (["good.pt", "good.pt", "--groups", "groups2.txt"], "every replicate would be the whole"),
+         ["mutual_knn, k=10 needs at least 11 samples",
+          "use more rows, options that need fewer samples (such as a smaller --k)"]),
+        (["good.pt", "good.pt", "--groups", "groups2.txt"],
+         ["every replicate would be the whole", "use more rows or groups, or no --bootstrap"]),
+        (["rows16.pt", "rows16.pt", "--groups", "unequal.txt"],
+         ["allow no block permutation", "use groups with more groups of each size, or no "
+          "--bootstrap"]),
     ):
-        (files / "groups2.txt").write_text("\n".join(str(i % 2) for i in range(N)) + "\n")
-        code = cli.main(["compare", *argv, "--bootstrap", "2", *FAST, "--out", "out_boot"])
+        code = cli.main(["compare", *argv, "--bootstrap", "40", *FAST, "--out", "out_boot"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and err[-1].startswith("error: --bootstrap 2: fraction=0.8"), err
-        assert text in err[-1] and "fraction is fixed at 0.8" in err[-1], err
-        assert "use a larger fraction" not in err[-1] and "smaller fraction" not in err[-1], err
+        assert code == 2 and err[-1].startswith("error: --bootstrap 40: fraction=0.8"), err
+        assert "the command line's fraction is fixed at 0.8: " in err[-1], err
+        assert all(text in err[-1] for text in texts), (texts, err[-1])
+        assert "larger fraction" not in err[-1] and "smaller fraction" not in err[-1], err
+
+
+def test_permutations_whose_nulls_cannot_fit_are_bad_input(files, capsys, monkeypatch):
+    """A MemoryError of the library (a refusal before allocating) was reported as an internal
+    error with exit code 1 ("rerun with --debug"); it is bad input: one line naming
+    --permutations, exit code 2."""
+    monkeypatch.chdir(files)
+    code = cli.main(["compare", "good.pt", "good.pt", "--permutations", str(2**45), "--out", "o"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --permutations 35184372088832: the permutation nulls"), err
+    assert "use fewer permutations" in err[0] and "internal error" not in err[0], err

@@ -53,8 +53,9 @@ def test_n_by_n_measures_too_large_for_memory_are_refused(monkeypatch, name):
     x, y = _pair(512, 8)
     # RSA's radix sort of the float64 distances: 5.5 n×n at its peak; unbiased CKA: 5
     count = {"rsa": 6, "unbiased_cka": 5}.get(name, 4)
-    with pytest.raises(MemoryError, match=rf"{name} at n=512 needs about 0\.0 GiB .*\({count} of "
-                                          r"0\.00 GiB\), but only 0\.0 GiB is available on cpu"):
+    expected = (rf"{name} at n=512 needs about {count}\.0 MiB .*\({count} of 1\.0 MiB\), but "
+                r"only 1\.0 MiB is available on cpu")
+    with pytest.raises(MemoryError, match=expected):
         getattr(F, name)(x, y)
 
 

@@ -46,8 +46,8 @@ def _free(monkeypatch, n_by_n: float, n: int, dtype=torch.float32) -> None:
 
 
 def _count(message: str) -> int:
-    """The n×n matrices a refusal counted: "(40 of 0.00 GiB)"."""
-    return int(re.search(r"\((\d+) of \d+\.\d+ GiB\)", message).group(1))
+    """The n×n matrices a refusal counted: "(40 of 1.0 MiB)"."""
+    return int(re.search(r"\((\d+) of \d+\.\d+ [KMG]iB\)", message).group(1))
 
 
 class _Spy:
@@ -85,7 +85,7 @@ def test_calibrated_predictivity_is_refused_before_any_n_by_n_matrix(monkeypatch
     text = str(err.value)
     assert spy.calls == []
     assert text.startswith(f"linear_predictivity at n={n} needs about ")
-    assert "but only 0.0 GiB is available on cpu" in text
+    assert f"but only {_memory.format_bytes(2.0 * n * n * 4)} is available on cpu" in text
     # the default keeps 2·folds·|grid| = 70 packed triangles (35 n×n) plus the gathers of L[π]
     assert low <= _count(text) <= high
     assert "linear_predictivity(x, y) for the value alone" in text
@@ -418,7 +418,7 @@ def test_a_cgroup_limit_refuses_what_meminfo_would_allow(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gram_measures, "available_bytes", _memory.available_bytes)
     x, y = _pair(2048)  # 4 n×n float32 matrices: 64 MiB
-    with pytest.raises(MemoryError, match=r"rbf_cka at n=2048 .* only 0\.0 GiB is available"):
+    with pytest.raises(MemoryError, match=r"rbf_cka at n=2048 .* only 48\.0 MiB is available"):
         F.rbf_cka(x, y)
     monkeypatch.setattr(pr, "available_bytes", _memory.available_bytes)
     with pytest.raises(MemoryError, match="linear_predictivity at n=2048"):

@@ -121,6 +121,15 @@ def _cgroup_available() -> int | None:
     return min(rooms) if rooms else None
 
 
+def format_bytes(num: float) -> str:
+    """``num`` bytes in the largest binary unit it reaches, to one decimal: "1.5 GiB",
+    "48.0 MiB" (a small amount does not print as "0.0 GiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num >= scale:
+            return f"{num / scale:.1f} {unit}"
+    return f"{int(num)} bytes"
+
+
 def square_matrix_error(what: str, n: int, count: int, dtype: torch.dtype, device: torch.device,
                         free: int | None, alternatives: str) -> MemoryError | None:
     """The error to raise when ``count`` n×n ``dtype`` matrices need more than ``free`` bytes
@@ -130,7 +139,7 @@ def square_matrix_error(what: str, n: int, count: int, dtype: torch.dtype, devic
     if free is None or count * size <= free:
         return None
     return MemoryError(
-        f"{what} at n={n} needs about {count * size / 2**30:.1f} GiB for its n×n matrices "
-        f"({count} of {size / 2**30:.2f} GiB), but only {free / 2**30:.1f} GiB is available on "
+        f"{what} at n={n} needs about {format_bytes(count * size)} for its n×n matrices "
+        f"({count} of {format_bytes(size)}), but only {format_bytes(free)} is available on "
         f"{device}. Use {alternatives}, a kNN measure (O(n·k) memory), or fewer samples"
     )

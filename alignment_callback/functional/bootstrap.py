@@ -12,24 +12,25 @@ thresholds computed on such resamples are biased.
 calibration (score, permutation null, τ, calibrated score) on that subsample.  No row is
 duplicated, so neighbor lists and the null stay valid within a replicate.
 
-**Rescaled to n.**  Given the data, m rows drawn without replacement vary less than n fresh
+**Rescaled to n.** Given the data, m rows drawn without replacement vary less than n fresh
 samples would: a smooth statistic's subsample variance is about σ²(1/m − 1/n), which is
 (n − m)/m times its sampling variance σ²/n (a quarter at m = 0.8 n, so raw replicate quantiles
-give half the width).  The interval therefore scales the replicates' deviations from their own mean
-by c = √(m/(n − m)) (the delete-d jackknife's factor; Shao & Wu 1989) and centers them on the
-full-data estimate:
+give half the width). The interval therefore scales the replicates' deviations from their own
+mean by c = √(m/(n − m)) (the delete-d jackknife's factor; Shao & Wu 1989) and centers them on
+the full-data estimate:
 
     low, high = u + c · (q_lo − mean),  u + c · (q_hi − mean)
 
 with u the estimate and q_lo, q_hi the replicates' (1 ∓ confidence)/2 quantiles, all taken
 *before* the calibrated score's clipping at 0 (u = (s − τ)/(s_max − τ), negative when the raw
-score s is below τ), and the ends then clipped to the calibrated score's range [0, 1]
-(``max_score=None``: [0, ∞)).  Centering on the replicates' own mean removes the
-shift of measures whose value depends on n itself (mutual kNN at a fixed k).  With ``groups``,
-m and n count groups.  In simulations (n = 200, 80 % subsamples, a clear signal) the 95 %
-interval of linear CKA had the width of the true 95 % sampling range (1.01–1.09×) and covered
-the mean estimate 91–95 % of the time (with ``groups``: 98 %, 0.95×); that of mutual kNN, a
-count that is not smooth in the rows, was 1.15–1.20× as wide and covered 96–100 %.  The
+score s is below τ, at least −1, and 0 where s_max − τ is within float error of 0, as the
+calibration reports it; s − τ for unbounded scores), and the ends then clipped to the calibrated
+score's range [0, 1] (``max_score=None``: [0, ∞)). Centering on the replicates' own mean removes
+the shift of measures whose value depends on n itself (mutual kNN at a fixed k). With
+``groups``, m and n count groups. In simulations (n = 200, 80 % subsamples, a clear signal) the
+95 % interval of linear CKA had the width of the true 95 % sampling range (1.01–1.09×) and
+covered the mean estimate 91–95 % of the time (with ``groups``: 98 %, 0.95×); that of mutual
+kNN, a count that is not smooth in the rows, was 1.15–1.20× as wide and covered 96–100 %. The
 unscaled percentile interval had half the width and covered 60–66 %.
 
 **Weak alignment.**  Forming the interval before the clipping matters where the calibrated
@@ -38,9 +39,10 @@ exactly [0, 0] in 26–39 % of the data sets of a weakly aligned pair (two third
 CKA's estimates at 0), covering the mean estimate in 57–70 %.  Formed from the unclipped
 values, 2 % of the intervals were [0, 0] and 97 % covered the mean estimate (mutual kNN, more
 than half the estimates at 0: 0 % and 99 %; linear CKA's max over 2×2 layer pairs, half at
-0: 1 % and 97 %; with 50 groups of 4 rows: 0 % and 95 %).  For independent data every interval
-started at 0 (12–20 % were [0, 0]).  An interval [0, h] then says that the data do
-not tell the alignment apart from none, and that it is at most h.
+0: 1 % and 97 %; with 50 groups of 4 rows: 0 % and 95 %; all at n = 200, d = 10, K = 200,
+B = 40).  For independent data every interval started at 0, and many were exactly [0, 0]
+(12–20 % at n = 200, d = 10; a quarter to a third at n = 100–200 with d = 4–8).  An interval
+[0, h] says that the data do not tell the alignment apart from none, and that it is at most h.
 
 **Caveats (why it is "approximate").** Replicates are calibrated at m rather than n rows (τ
 depends on n through the width confounder), and the scaling assumes a statistic that is smooth
@@ -88,10 +90,10 @@ class BootstrapInterval(NamedTuple):
         raw_replicates: (num_bootstrap,) raw scores (aggregates for layer inputs).
         subsample_size: m, the rows per replicate (with ``groups`` of unequal sizes, which
             make it vary, the smallest over the replicates).
-        unclipped_estimate: the estimate before clipping at 0: ``(s − τ)/(s_max − τ)``
-            (``s − τ`` when unbounded), negative when the raw score s is below τ, bounded
-            below by −1 (and 0 where s_max − τ is within float error of 0); equal to
-            ``estimate`` when that is above 0.
+        unclipped_estimate: the estimate before clipping at 0: ``(s − τ)/(s_max − τ)``,
+            negative when the raw score s is below τ, bounded below by −1, and 0 where
+            s_max − τ is within float error of 0 (unbounded scores: ``s − τ``, not bounded
+            below); equal to ``estimate`` when that is above 0.
         unclipped_replicates: (num_bootstrap,) the replicates before clipping at 0; the
             interval is formed from these and ``unclipped_estimate``.
     """
@@ -109,9 +111,9 @@ class BootstrapInterval(NamedTuple):
 def _unclipped(calibrated: float, raw: float, tau: float, top: float | None,
                dtype: torch.dtype) -> float:
     """The calibrated score before its clipping at 0: the calibrated score where it is above 0,
-    else ``(s − τ)/(s_max − τ)`` in [−1, 0] (``min(s − τ, 0)`` unbounded), and 0 where s_max − τ
-    is within float error of 0 (there the calibration reports 0: the measure cannot tell
-    aligned from independent data).  The bound −1 keeps a τ just below s_max from making one
+    else ``(s − τ)/(s_max − τ)`` in [−1, 0] (``min(s − τ, 0)`` unbounded), and 0 where
+    s_max − τ is within float error of 0 (there the calibration reports 0: the measure cannot
+    tell aligned from independent data).  The bound −1 keeps a τ just below s_max from making one
     replicate's value, and so the replicates' mean, arbitrarily large."""
     if calibrated > 0.0:
         return calibrated
@@ -122,18 +124,18 @@ def _unclipped(calibrated: float, raw: float, tau: float, top: float | None,
     return min(max((raw - tau) / (top - tau), -1.0), 0.0)
 
 
-def _first(x: Any) -> Tensor:
-    """``x`` itself, or its first layer."""
+def _layers(x: Any) -> list[Tensor]:
+    """``[x]``, or its layers."""
     if isinstance(x, Tensor):
-        return x
+        return [x]
     values = list(x.values()) if isinstance(x, Mapping) else list(x)
     if not values:
         raise ValueError("no layers given")
-    return values[0]
+    return values
 
 
 def _rows(x: Any) -> int:
-    return int(_first(x).shape[0])
+    return int(_layers(x)[0].shape[0])
 
 
 def _take(x: Any, idx: Tensor) -> Any:
@@ -276,7 +278,10 @@ def bootstrap_interval(
             f"x and y must have the same number of samples (rows): got {n} and {_rows(y)}"
         )
     layered = not isinstance(x, Tensor)
-    dtype = _first(x).dtype  # the data's: float error of s_max − τ (calibration.resolution)
+    # the data's, for the float error of s_max − τ (calibration.resolution): float64 when a
+    # layer of either side is, as in the calibration
+    wide = any(t.dtype == torch.float64 for t in _layers(x) + _layers(y))
+    dtype = torch.float64 if wide else torch.float32
     # Resolve the measure now (its keywords are checked) to know its minimum sample count.
     names = _pipeline_names(layered)
     resolved = get_measure(measure, **{k: v for k, v in kw.items() if k not in names})

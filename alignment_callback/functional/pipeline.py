@@ -29,7 +29,7 @@ from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast, warn_if_tf32
 from alignment_callback.functional._memory import available_bytes as _available_bytes
-from alignment_callback.functional._memory import square_matrix_error
+from alignment_callback.functional._memory import format_bytes, square_matrix_error
 from alignment_callback.functional._validation import (
     AUTO,
     check_alpha,
@@ -383,8 +383,8 @@ def _check_null_room(measures: Sequence[Measure], xside: PreparedSide, yside: Pr
     if need > free:
         raise MemoryError(
             f"num_permutations={num_permutations}: the permutation nulls ({len(measures)} "
-            f"measure(s) × {pairs} layer pair(s) × K) need {need / 2**30:.1f} GiB, but only "
-            f"{free / 2**30:.1f} GiB is available on {xside.device}; use fewer permutations")
+            f"measure(s) × {pairs} layer pair(s) × K) need {format_bytes(need)}, but only "
+            f"{format_bytes(free)} is available on {xside.device}; use fewer permutations")
 
 
 def calibrate_prepared(

@@ -460,10 +460,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError) as err:  # bad input (FeatureFileError is a ValueError)
+    except (ValueError, TypeError, OSError, MemoryError) as err:
+        # bad input (FeatureFileError is a ValueError), or a refusal of what cannot fit
         if args.debug:
             raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        text = _one_line(err)
+        if text.startswith("num_permutations="):  # the library's name of --permutations
+            text = "--permutations " + text[len("num_permutations="):]
+        print(f"error: {text}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - anything else is a bug: one line, exit 1
         if args.debug:

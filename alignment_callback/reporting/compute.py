@@ -248,8 +248,15 @@ def _record(res: LayerAlignmentResult, measure: Measure, n: int, keep_null: bool
     return rec
 
 
-_FIXED_FRACTION = re.compile(r"use a (larger|smaller) fraction(, or groups with more groups of "
-                             r"each size)?")
+#: the library's advice about ``fraction`` -> what the command line (fraction fixed) can change
+_FRACTION_ADVICE = {
+    "use a larger fraction, or groups with more groups of each size":
+        "use groups with more groups of each size, or no --bootstrap",
+    "use a larger fraction": "use more rows, options that need fewer samples (such as a "
+                             "smaller --k), or no --bootstrap",
+    "use a smaller fraction": "use more rows or groups, or no --bootstrap",
+}
+_FIXED_FRACTION = re.compile("|".join(map(re.escape, _FRACTION_ADVICE)))
 
 
 def _bootstrap(xa: Layers, ya: Layers, measure: Measure, cal: Calibration, groups: Any) -> dict:
@@ -268,10 +275,9 @@ def _bootstrap(xa: Layers, ya: Layers, measure: Measure, cal: Calibration, group
         except ValueError as err:  # the library's advice names a fraction the CLI does not take
             if not str(err).startswith("fraction="):
                 raise
+            fixed = f"the command line's fraction is fixed at {BOOTSTRAP_FRACTION}: "
             raise ValueError(f"--bootstrap {cal.bootstrap}: " + _FIXED_FRACTION.sub(
-                f"the command line's fraction is fixed at {BOOTSTRAP_FRACTION}: use more rows "
-                "or groups, options that need fewer samples, or no --bootstrap", str(err))
-            ) from None
+                lambda advice: fixed + _FRACTION_ADVICE[advice.group(0)], str(err))) from None
     return {
         "low": bi.low, "high": bi.high, "confidence": BOOTSTRAP_CONFIDENCE,
         "fraction": BOOTSTRAP_FRACTION, "subsample_size": bi.subsample_size,

@@ -10,6 +10,11 @@ from typing import Any, Callable
 import pytest
 import torch.multiprocessing as mp
 
+#: Marks tests that start processes talking over a local port (``free_port``, torchrun,
+#: Lightning's DDP): they run one at a time across pytest workers (tests/conftest.py), since a
+#: port found free by one worker could be taken by another's run before it is bound.
+PORTS = pytest.mark.ports
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

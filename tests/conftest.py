@@ -1,10 +1,18 @@
 """Suite-wide settings: small problems run faster on one thread, and a 2-core CI machine
 shared with Lightning's worker threads thrashes with more."""
 
+import contextlib
 import os
+import tempfile
+from typing import Iterator
 
 import pytest
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (the suite runs its workers on Linux in CI)
+    fcntl = None
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -20,6 +28,42 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _port_lock() -> Iterator[None]:
+    """Hold a lock shared by every pytest worker of this machine (``-n``): the tests marked
+    ``ports`` run one at a time."""
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(tempfile.gettempdir(), "alignment_callback_tests_ports.lock"),
+              "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ports_module(request):
+    """A module marked ``ports`` holds the lock throughout, its module fixtures included
+    (they may start the processes)."""
+    marked = any(mark.name == "ports" for mark in request.node.iter_markers())
+    with _port_lock() if marked else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _ports_test(request):
+    """A test marked ``ports`` in a module that is not holds the lock while it runs."""
+    module = request.node.getparent(pytest.Module)
+    in_marked_module = module is not None and any(
+        mark.name == "ports" for mark in module.iter_markers())
+    marked = request.node.get_closest_marker("ports") is not None and not in_marked_module
+    with _port_lock() if marked else contextlib.nullcontext():
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

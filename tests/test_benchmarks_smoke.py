@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests._spawn import PORTS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
 
@@ -99,7 +101,8 @@ def run_script(script: str, *args: str, extra_env: dict | None = None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize("script", [  # bench_large_n splits a null over two local processes
+    pytest.param(s, marks=PORTS) if s == "bench_large_n.py" else s for s in sorted(SCRIPTS)])
 def test_quick_mode_runs(script):
     args, lines = SCRIPTS[script]
     proc = run_script(script, "--quick", *args)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import _ddp_callback_worker as W
+from tests._spawn import PORTS
 from tests.helpers import (
     LAYERS,
     MLP,
@@ -22,7 +23,8 @@ from tests.helpers import (
     offline_alignment,
 )
 
-pytestmark = pytest.mark.slow
+# tests that open local ports take turns across pytest workers (tests/conftest.py)
+pytestmark = [pytest.mark.slow, PORTS]
 TIMEOUT_S = 150
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+from tests._spawn import PORTS
+
+# tests that open local ports take turns across pytest workers (tests/conftest.py)
+pytestmark = [pytest.mark.slow, PORTS]
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 48

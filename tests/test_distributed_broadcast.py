@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 
 from alignment_callback.callback.distributed import from_rank_zero
-from tests._spawn import free_port, spawn_and_wait
+from tests._spawn import PORTS, free_port, spawn_and_wait
 
-pytestmark = pytest.mark.slow
+# tests that open local ports take turns across pytest workers (tests/conftest.py)
+pytestmark = [pytest.mark.slow, PORTS]
 TIMEOUT_S = 90.0
 
 

@@ -19,9 +19,10 @@ import torch.distributed as dist
 
 from alignment_callback.metrics import CalibratedAlignment, LayerAlignment
 from alignment_callback.metrics.calibrated_alignment import RESULT_KEYS
-from tests._spawn import free_port, spawn_and_wait
+from tests._spawn import PORTS, free_port, spawn_and_wait
 
-pytestmark = pytest.mark.slow
+# tests that open local ports take turns across pytest workers (tests/conftest.py)
+pytestmark = [pytest.mark.slow, PORTS]
 
 K = 40
 N = 80

@@ -170,3 +170,9 @@ def test_permutations_whose_nulls_cannot_fit_are_bad_input(files, capsys, monkey
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error: --permutations 35184372088832: the permutation nulls"), err
     assert "use fewer permutations" in err[0] and "internal error" not in err[0], err
+    # the same under torchrun: each process's outcome (gathered, then printed by every one)
+    from types import SimpleNamespace
+
+    outcome = cli._outcome(SimpleNamespace(rank=1), MemoryError("num_permutations=7: too big"),
+                           debug=False)
+    assert (outcome.code, outcome.message) == (2, "--permutations 7: too big")

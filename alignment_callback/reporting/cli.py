@@ -345,8 +345,8 @@ def _outcome(group: ProcessGroup, err: BaseException, debug: bool) -> Outcome:
                        "command to resume")
     if isinstance(err, GroupFailure):
         return Outcome(group.rank, err.code, err.message)
-    if isinstance(err, (ValueError, TypeError, OSError)):
-        return Outcome(group.rank, 2, _one_line(err))
+    if isinstance(err, _BAD_INPUT):
+        return Outcome(group.rank, 2, _error_text(err))
     return Outcome(group.rank, 1, f"internal error ({type(err).__name__}: {_one_line(err)}); "
                    "rerun with --debug for the traceback")
 
@@ -436,6 +436,19 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+#: Errors that are bad input (exit code 2): FeatureFileError is a ValueError, and a MemoryError
+#: is the library's refusal, before allocating, of what would not fit
+_BAD_INPUT = (ValueError, TypeError, OSError, MemoryError)
+
+
+def _error_text(err: BaseException) -> str:
+    """The one line of a bad-input error, in the command line's words."""
+    text = _one_line(err)
+    if text.startswith("num_permutations="):  # the library's name of --permutations
+        text = "--permutations " + text[len("num_permutations="):]
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 bad input, 130 interrupted, 1 bug)."""
     parser = build_parser()
@@ -460,14 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, MemoryError) as err:
-        # bad input (FeatureFileError is a ValueError), or a refusal of what cannot fit
+    except _BAD_INPUT as err:
         if args.debug:
             raise
-        text = _one_line(err)
-        if text.startswith("num_permutations="):  # the library's name of --permutations
-            text = "--permutations " + text[len("num_permutations="):]
-        print(f"error: {text}", file=sys.stderr)
+        print(f"error: {_error_text(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - anything else is a bug: one line, exit 1
         if args.debug:

@@ -393,6 +393,25 @@ def test_measure_not_logged_by_the_alignment_callback(tmp_path):
         _fit(tmp_path, [source, _plateau(monitor="alignment/mknn/raw", source=source)], 1)
 
 
+def test_a_field_the_alignment_callback_does_not_log_is_refused_at_setup(tmp_path):
+    """A typo in the field (``calibrate``) was found only at the first check, after the
+    baseline step; it is refused at setup, naming the fields logged per measure (a warning
+    without strict).  Longer keys (a layer's, a pair's) are not checked at setup."""
+    source = _aligner()
+    for plateau in (_plateau(monitor="alignment/cknna/calibrate"),
+                    _plateau(monitor="alignment/cknna/calibrate", source=source)):
+        aligner = source if plateau.source is source else _aligner()
+        with pytest.raises(ValueError, match=r"'calibrate' is not a number the AlignmentCallback "
+                                             r"logs per measure; those are raw, calibrated, "):
+            _fit(tmp_path, [aligner, plateau], 1)
+        assert aligner.history == []  # before any step
+    with pytest.warns(RuntimeWarning, match="'p' is not a number"):
+        _fit(tmp_path, [_aligner(), _plateau(monitor="alignment/cknna/p", strict=False)], 1)
+    for good in ("alignment/cknna/p_value", "alignment/cknna/best_model_layer"):
+        plateau = _plateau(monitor=good)
+        _fit(tmp_path, [_aligner(), plateau], 1)
+
+
 def test_two_alignment_callbacks_logging_the_key_need_source(tmp_path):
     with pytest.raises(ValueError, match="2 AlignmentCallbacks log this key; pass .* source="):
         _fit(tmp_path, [_aligner(), _aligner(measures=["cknna", "linear_cka"]),

@@ -55,6 +55,10 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from alignment_callback.callback.alignment_callback import AlignmentCallback
+from alignment_callback.engine.result import LOGGED_FIELDS
+
+#: The numbers logged per measure as ``<prefix>/<measure>/<field>``
+_FIELDS = (*LOGGED_FIELDS, "best_model_layer", "best_reference_layer")
 
 OnPlateau = Callable[["pl.Trainer", "pl.LightningModule"], Any]
 Source = None | str | AlignmentCallback
@@ -94,9 +98,10 @@ class AlignmentPlateau(Callback):
         When ``trainer.callback_metrics`` is read (ignored for a history source, where every
         new entry is a check).
     strict : bool, default=True
-        As ``EarlyStopping``: a check without the key is an error (and so is a source that
-        does not log it, at setup); ``False``: such checks are skipped, and a key that never
-        appeared is reported with a warning when training ends.
+        As ``EarlyStopping``: a check without the key is an error (and so, at setup, is a
+        source that does not log it, or a ``<prefix>/<measure>/<field>`` key whose field is
+        not one it logs, such as ``calibrate``); ``False``: such checks are skipped, and a key
+        that never appeared is reported with a warning when training ends.
     verbose : bool, default=False
         Log each check's outcome and the call (rank 0).
     name : str or None, default=None
@@ -225,6 +230,22 @@ class AlignmentPlateau(Callback):
             return False
         return any(part in callback.measures for part in self.monitor[len(head):].split("/")[:-1])
 
+    def _unknown_field(self, callback: AlignmentCallback) -> str | None:
+        """The last part of ``monitor`` when it names no number ``callback`` logs per measure
+        (``<prefix>/<measure>/calibrate``); None otherwise (longer keys, such as a layer's or a
+        pair's, are not checked here)."""
+        parts = self.monitor[len(callback.log_prefix) + 1:].split("/")
+        at = next((i for i, part in enumerate(parts) if part in callback.measures), None)
+        rest = [] if at is None else parts[at + 1:]
+        return rest[0] if len(rest) == 1 and rest[0] not in _FIELDS else None
+
+    def _check_field(self, callback: AlignmentCallback) -> None:
+        field = self._unknown_field(callback)
+        if field is not None:
+            self._report(f"AlignmentPlateau(monitor={self.monitor!r}): {field!r} is not a number "
+                         f"the AlignmentCallback logs per measure; those are "
+                         f"{', '.join(_FIELDS)}")
+
     def _keys_of(self, callback: AlignmentCallback) -> str:
         return ", ".join(f"{callback.log_prefix}/{m}/calibrated" for m in callback.measures)
 
@@ -254,6 +275,8 @@ class AlignmentPlateau(Callback):
                 self._report(f"AlignmentPlateau(monitor={self.monitor!r}): the source "
                              f"AlignmentCallback does not log this key; it logs e.g. "
                              f"{self._keys_of(self.source)}")
+            else:
+                self._check_field(self.source)
             return
         self._history = None
         if self.source == "metrics":
@@ -264,6 +287,7 @@ class AlignmentPlateau(Callback):
                              "AlignmentCallbacks log this key; pass the one to watch as source=")
         if matches:
             self._history = matches[0]
+            self._check_field(matches[0])
             return
         prefixed = [cb for cb in aligners if self.monitor.startswith(f"{cb.log_prefix}/")]
         if prefixed:

@@ -64,7 +64,11 @@ from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import AUTO, MAX_SEED, check_seed, user_stacklevel
 from alignment_callback.functional.calibration import resolution
 from alignment_callback.functional.permutation import GroupPermuter
-from alignment_callback.functional.pipeline import calibrated_alignment, calibrated_layer_alignment
+from alignment_callback.functional.pipeline import (
+    calibrated_alignment,
+    calibrated_layer_alignment,
+    side_features,
+)
 from alignment_callback.functional.registry import (
     MeasureSpec,
     check_samples,
@@ -124,18 +128,13 @@ def _unclipped(calibrated: float, raw: float, tau: float, top: float | None,
     return min(max((raw - tau) / (top - tau), -1.0), 0.0)
 
 
-def _layers(x: Any) -> list[Tensor]:
-    """``[x]``, or its layers."""
+def _rows(x: Any) -> int:
     if isinstance(x, Tensor):
-        return [x]
+        return int(x.shape[0])
     values = list(x.values()) if isinstance(x, Mapping) else list(x)
     if not values:
         raise ValueError("no layers given")
-    return values
-
-
-def _rows(x: Any) -> int:
-    return int(_layers(x)[0].shape[0])
+    return int(values[0].shape[0])
 
 
 def _take(x: Any, idx: Tensor) -> Any:
@@ -278,10 +277,6 @@ def bootstrap_interval(
             f"x and y must have the same number of samples (rows): got {n} and {_rows(y)}"
         )
     layered = not isinstance(x, Tensor)
-    # the data's, for the float error of s_max − τ (calibration.resolution): float64 when a
-    # layer of either side is, as in the calibration
-    wide = any(t.dtype == torch.float64 for t in _layers(x) + _layers(y))
-    dtype = torch.float64 if wide else torch.float32
     # Resolve the measure now (its keywords are checked) to know its minimum sample count.
     names = _pipeline_names(layered)
     resolved = get_measure(measure, **{k: v for k, v in kw.items() if k not in names})
@@ -358,6 +353,10 @@ def bootstrap_interval(
     if int(num_bootstrap) < enough_replicates(confidence):  # a setting: point at the caller
         warnings.warn(few_replicates(int(num_bootstrap), confidence), UserWarning,
                       stacklevel=user_stacklevel())
+    # the float error of s_max − τ (calibration.resolution) is judged at the dtype the
+    # calibration computes in: both sides' features as ``side_features`` converts them
+    dtype = torch.promote_types(side_features(x, "x")[1][0].dtype,
+                                side_features(y, "y")[1][0].dtype)
     estimate, _, unclipped = run(x, y, seed, groups)
 
     cal, raw, below = [], [], []

@@ -31,7 +31,10 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from functools import cache
 from typing import Any
+
+import numpy as np
 
 from alignment_callback.functional.moments.invariants import (
     GramInvariants,
@@ -46,13 +49,54 @@ def _sum(terms: list, exact: bool = False) -> Any:
     return sum(terms, Fraction(0)) if exact else math.fsum(terms)
 
 
+@cache
+def _flat_program(r: int, directed: bool) -> tuple:
+    """The moment program as arrays for the float path: the distinct component keys, for each
+    at-least sum the indices of its keys (padded with the index of a trailing 1.0, factors in
+    the program's order), and the Möbius rows flattened (column indices, integer weights as
+    float64, row boundaries)."""
+    prog = _program(r)
+    keys = prog.keys_directed if directed else prog.keys_undirected
+    distinct = sorted({key for ks in keys for key in ks})
+    where = {key: i for i, key in enumerate(distinct)}
+    width = max(len(ks) for ks in keys)
+    factors = np.full((len(keys), width), len(distinct), dtype=np.intp)
+    for q, ks in enumerate(keys):
+        factors[q, :len(ks)] = [where[key] for key in ks]
+    columns = [q for row in prog.mobius for q, _ in row]
+    weights = [float(mu) for row in prog.mobius for _, mu in row]
+    ends = np.cumsum([len(row) for row in prog.mobius]).tolist()
+    return (distinct, factors, np.asarray(columns, dtype=np.intp),
+            np.asarray(weights, dtype=np.float64), list(zip([0] + ends[:-1], ends)))
+
+
+def _float_pattern_sums(inv: Invariants, r: int, directed: bool) -> list | None:
+    """:func:`_pattern_sums` for float invariants with array arithmetic: every product is
+    formed in the same order and rounded the same way, and ``math.fsum`` of a multiset is
+    order-independent (zero terms add nothing), so the sums equal the loop's bit for bit.
+    ``None`` where a value is not finite (the loop's zero short-cuts then matter)."""
+    distinct, factors, columns, weights, bounds = _flat_program(r, directed)
+    values = np.array([inv.value(key, directed) for key in distinct] + [1.0], dtype=np.float64)
+    if not np.isfinite(values).all():
+        return None
+    at_least = values[factors[:, 0]]
+    for t in range(1, factors.shape[1]):
+        at_least = at_least * values[factors[:, t]]
+    terms = (weights * at_least[columns]).tolist()
+    return [math.fsum(terms[lo:hi]) for lo, hi in bounds]
+
+
 def _pattern_sums(inv: Invariants, r: int, directed: bool) -> list:
     """Exact-pattern sums ``S(p)`` for the partitions of 2r positions (cached per object)."""
     cache_key = (r, directed)
     if cache_key not in inv._cache:
+        exact = isinstance(inv.norm, Fraction)
+        sums = None if exact else _float_pattern_sums(inv, r, directed)
+        if sums is not None:
+            inv._cache[cache_key] = sums
+            return sums
         prog = _program(r)
         keys = prog.keys_directed if directed else prog.keys_undirected
-        exact = isinstance(inv.norm, Fraction)
         at_least = []
         for ks in keys:
             v = 1
@@ -81,12 +125,13 @@ def _raw_terms(inv_a: Invariants, inv_b: Invariants, n: int, r: int, directed: b
     sa = _pattern_sums(inv_a, r, directed)
     sb = _pattern_sums(inv_b, r, directed)
     exact = isinstance(inv_a.norm, Fraction) and isinstance(inv_b.norm, Fraction)
+    falling = [_falling(n, m) for m in range(2 * r + 1)]
+    falling = [Fraction(f) for f in falling] if exact else [float(f) for f in falling]
     out = []
     for p, m in enumerate(prog.blocks):
         if m > n or sa[p] == 0 or sb[p] == 0:
             continue
-        ff = _falling(n, m)
-        out.append(sa[p] * sb[p] / (Fraction(ff) if exact else float(ff)))
+        out.append(sa[p] * sb[p] / falling[m])
     return out
 
 

@@ -104,14 +104,18 @@ def test_bures_names_itself_in_the_zero_variance_error():
         F.bures_similarity(torch.ones_like(x), y)
 
 
-def test_function_forms_take_integral_floats_and_numpy_numbers_like_get_measure():
-    """``check_k`` accepted k=5.0 and passed the float on to topk; cca_dim=3.0 and folds=3.0
-    failed inside; numpy scalars were refused as "not a positive number"."""
+def test_integer_parameters_take_numpy_integers_and_refuse_floats_in_both_forms():
+    """An integer parameter (k, cca_dim, dims, folds, num_bootstrap) takes Python and NumPy
+    integers and refuses a float such as 5.0 or a bool, alike in the function and in
+    ``get_measure`` (the function forms took 5.0 while get_measure refused k=5.0 and
+    cca_dim=3.0 but took folds=4.0); numpy scalars are accepted as real parameters."""
+    from alignment_callback.functional.bootstrap import bootstrap_interval
+
     x, y = _pair(torch.float64)
     pairs = [
-        (F.mutual_knn(x, y, k=5.0), F.mutual_knn(x, y, k=5)),
-        (F.svcca(x, y, cca_dim=3.0), F.svcca(x, y, cca_dim=3)),
-        (F.linear_predictivity(x, y, folds=4.0), F.linear_predictivity(x, y, folds=4)),
+        (F.mutual_knn(x, y, k=np.int64(5)), F.mutual_knn(x, y, k=5)),
+        (F.svcca(x, y, cca_dim=np.int32(3)), F.svcca(x, y, cca_dim=3)),
+        (F.linear_predictivity(x, y, folds=np.int64(4)), F.linear_predictivity(x, y, folds=4)),
         (F.linear_predictivity(x, y, ridge=np.float32(0.5)), F.linear_predictivity(x, y, 0.5)),
         (F.rbf_cka(x, y, sigma=np.float32(2.0)), F.rbf_cka(x, y, sigma=2.0)),
         (F.shape_metric(x, y, alpha=np.float64(0.5)), F.shape_metric(x, y, alpha=0.5)),
@@ -120,10 +124,27 @@ def test_function_forms_take_integral_floats_and_numpy_numbers_like_get_measure(
         assert float(got) == float(expected)
     F.get_measure("rbf_cka", sigma=np.float32(2.0))
     F.get_measure("shape_metric", alpha=np.float32(0.5))
+    F.get_measure("mutual_knn", k=np.int64(5))
     with pytest.raises(ValueError, match="sigma must be a finite positive number"):
         F.rbf_cka(x, y, sigma=True)
-    with pytest.raises(ValueError, match="cca_dim must be a positive integer"):
-        F.svcca(x, y, cca_dim=True)
+    for bad in (5.0, True, "5"):
+        for name in ("mutual_knn", "cycle_knn", "cknna"):
+            with pytest.raises(TypeError, match="k must be an integer"):
+                getattr(F, name)(x, y, k=bad)
+            with pytest.raises(ValueError, match="k must be an integer"):
+                F.get_measure(name, k=bad)
+        with pytest.raises(ValueError, match="cca_dim must be a"):
+            F.svcca(x, y, cca_dim=bad)
+        with pytest.raises(ValueError, match="cca_dim must be an integer"):
+            F.get_measure("svcca", cca_dim=bad)
+        with pytest.raises(ValueError, match="dims must be a positive integer"):
+            F.cca_similarity(x, y, dims=bad)
+        with pytest.raises(ValueError, match="folds must be an integer >= 2"):
+            F.linear_predictivity(x, y, folds=bad)
+        with pytest.raises(ValueError, match="folds must be an integer"):
+            F.get_measure("linear_predictivity", folds=bad)
+        with pytest.raises(ValueError, match="num_bootstrap must be an integer >= 2"):
+            bootstrap_interval(x, y, "linear_cka", num_bootstrap=bad)
 
 
 # ----------------------------------------------------------- from an audit of the docs (8th)

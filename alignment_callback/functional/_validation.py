@@ -104,20 +104,21 @@ def as_float(x: Tensor, name: str = "x") -> Tensor:
     return x.to(torch.float32)
 
 
-def _is_int(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """A Python or NumPy integer (not a bool; floats such as 5.0 are not integers here)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:
     """A permutation seed: an integer in ``[0, 2**63 - 1]``."""
-    if not _is_int(seed) or not 0 <= int(seed) <= MAX_SEED:
+    if not is_integer(seed) or not 0 <= int(seed) <= MAX_SEED:
         raise ValueError(f"{name} must be an integer in [0, 2**63 - 1], got {seed!r}")
     return int(seed)
 
 
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     """An integer ``>= minimum`` (bools and floats such as 2.7 are refused)."""
-    if not _is_int(value) or int(value) < minimum:
+    if not is_integer(value) or int(value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
@@ -199,8 +200,7 @@ def check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 def check_k(n: int, k: int, minimum: int = 1, measure: str = "kNN measure") -> int:
     """Check the neighbor count: ``minimum <= k < n`` (self is excluded, so n > k is needed)."""
-    if (isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k)
-            or int(k) != k):
+    if not is_integer(k):
         raise TypeError(f"k must be an integer, got {k!r}")
     k = int(k)
     if k < minimum:

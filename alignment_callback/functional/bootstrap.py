@@ -61,7 +61,13 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._validation import AUTO, MAX_SEED, check_seed, user_stacklevel
+from alignment_callback.functional._validation import (
+    AUTO,
+    MAX_SEED,
+    check_seed,
+    is_integer,
+    user_stacklevel,
+)
 from alignment_callback.functional.calibration import resolution
 from alignment_callback.functional.permutation import GroupPermuter
 from alignment_callback.functional.pipeline import (
@@ -264,7 +270,7 @@ def bootstrap_interval(
     """
     measure = measure_argument(measure, kw)
     check_shadowed_options(measure, "bootstrap_interval", alpha=alpha)
-    if isinstance(num_bootstrap, bool) or int(num_bootstrap) != num_bootstrap or num_bootstrap < 2:
+    if not is_integer(num_bootstrap) or num_bootstrap < 2:
         raise ValueError(f"num_bootstrap must be an integer >= 2 (one replicate gives an interval "
                          f"of width 0), got {num_bootstrap!r}")
     if not 0.0 < confidence < 1.0:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._validation import check_pair, per_side
+from alignment_callback.functional._validation import check_pair, is_integer, per_side
 from alignment_callback.functional.shape_measures import centered_svd
 
 
@@ -52,7 +52,7 @@ def cca_state(x: Tensor, measure: str = "cca_similarity") -> CCAState:
 def _check_dims(dims: int | None) -> int | None:
     if dims is None:
         return None
-    if isinstance(dims, bool) or int(dims) != dims or dims < 1:
+    if not is_integer(dims) or dims < 1:
         raise ValueError(f"cca_similarity: dims must be a positive integer or None, got {dims!r}")
     return int(dims)
 

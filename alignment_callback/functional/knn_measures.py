@@ -73,7 +73,7 @@ def check_distinct_rows(x: Tensor, measure: str) -> None:
 
 def _checked_k(n: int, k: int, measure: str) -> int:
     """``k`` checked against n samples (and cknna's n >= 4): the pair's, not a side's."""
-    k = check_k(n, k, minimum=2 if measure == "cknna" else 1, measure=measure)  # 5.0 -> 5
+    k = check_k(n, k, minimum=2 if measure == "cknna" else 1, measure=measure)
     if measure == "cknna" and n < 4:
         raise ValueError(f"cknna needs at least 4 samples (unbiased HSIC), got {n}")
     return k

@@ -50,7 +50,12 @@ from torch import Tensor
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import center_columns, rescale_exactly
-from alignment_callback.functional._validation import check_matrix, check_pair, per_side
+from alignment_callback.functional._validation import (
+    check_matrix,
+    check_pair,
+    is_integer,
+    per_side,
+)
 
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 """Relative penalties searched by inner CV when ``ridge=None``."""
@@ -72,7 +77,7 @@ Ridge = float | Sequence[float] | None
 
 def _check_params(ridge: Ridge, folds: int) -> tuple[tuple[float, ...], bool]:
     """Return (penalty grid, fixed?)."""
-    if isinstance(folds, bool) or int(folds) != folds or folds < 2:
+    if not is_integer(folds) or folds < 2:
         raise ValueError(f"linear_predictivity: folds must be an integer >= 2, got {folds!r}")
     if ridge is None:
         return RIDGE_GRID, False

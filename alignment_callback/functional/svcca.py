@@ -22,7 +22,7 @@ from alignment_callback.functional._scaling import (
     rescale_exactly,
     times_power_of_two,
 )
-from alignment_callback.functional._validation import check_pair, per_side
+from alignment_callback.functional._validation import check_pair, is_integer, per_side
 
 _GATHER_ELEMENTS = 1 << 20  # permuted numbers gathered at once (4 MiB of float32)
 
@@ -40,7 +40,7 @@ def _top_eigh(g: Tensor, c: int) -> tuple[Tensor, Tensor]:
 
 
 def _check_cca_dim(cca_dim: int) -> int:
-    if isinstance(cca_dim, bool) or int(cca_dim) != cca_dim or cca_dim < 1:
+    if not is_integer(cca_dim) or cca_dim < 1:
         raise ValueError(f"cca_dim must be a positive integer, got {cca_dim!r}")
     return int(cca_dim)
 

@@ -224,7 +224,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join("docs", "img"), help="folder for the PNGs")
     p.add_argument("--n", type=int, default=256, help="samples (probe size)")
     p.add_argument("--permutations", type=int, default=200, help="K per null")
-    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of each test")
     p.add_argument("--repeats", type=int, default=10, help="independent draws per width")
     p.add_argument("--depth-repeats", type=int, default=10, help="independent draws per depth")
     p.add_argument("--depth-width", type=int, default=64, help="d of every layer in (b)")

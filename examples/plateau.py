@@ -120,13 +120,16 @@ def make_data(n: int, encoder: Encoder, seed: int) -> tuple[Tensor, Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs at most")
     parser.add_argument("--n", type=int, default=1024, help="training samples")
     parser.add_argument("--probe", type=int, default=256, help="probe samples")
     parser.add_argument("--permutations", type=int, default=200, help="K of the null")
     parser.add_argument("--lam", type=float, default=0.5, help="initial alignment loss weight")
-    parser.add_argument("--patience", type=int, default=2)
-    parser.add_argument("--min-delta", type=float, default=0.01)
+    parser.add_argument("--patience", type=int, default=2,
+                        help="checks (alignment steps) in a row without a gain before the loss is "
+                             "switched off")
+    parser.add_argument("--min-delta", type=float, default=0.01,
+                        help="the smallest rise of calibrated CKNNA that counts as a gain")
     parser.add_argument("--out", default=".", help="folder for Lightning's files")
     args = parser.parse_args()
 

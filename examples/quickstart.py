@@ -428,7 +428,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-epochs", type=int, default=15, help="reference training epochs")
     p.add_argument("--permutations", type=int, default=500, help="K, permutations per null")
     p.add_argument("--out", default=".", help="output folder (logs and PNGs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the data split, the models, the batches and the permutations")
     p.add_argument("--foreground", action="store_true",
                    help="compute alignment inside the training loop (background=False)")
     p.add_argument("--threads", type=int, default=1,

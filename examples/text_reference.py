@@ -161,11 +161,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--logger", choices=sorted(LOGGER_PACKAGES), default="csv",
                    help="tracker (a CSVLogger is always added); wandb runs offline")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=20, help="student training epochs")
     p.add_argument("--permutations", type=int, default=500, help="K, permutations per null")
     p.add_argument("--probe-size", type=int, default=400, help="held-out color names")
     p.add_argument("--out", default=".", help="output folder (logs and PNGs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the name split, the student, the batches and the permutations")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return p.parse_args(argv)
 

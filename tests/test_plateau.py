@@ -222,17 +222,6 @@ def test_history_source_every_n_train_steps(tmp_path):
     assert plateau.on_plateau.calls == [(0, 4)]  # the last batch of the first epoch
 
 
-def _setup_lets_history_readers_watch() -> bool:
-    """AlignmentCallback.setup exempts callbacks that read its history (``reads_history_of``)
-    from its background-monitor check (a change to alignment_callback.py, pending)."""
-    import inspect
-
-    return "reads_history_of" in inspect.getsource(AlignmentCallback.setup)
-
-
-@pytest.mark.xfail(not _setup_lets_history_readers_watch(), raises=ValueError, strict=True,
-                   reason="AlignmentCallback.setup does not yet exempt AlignmentPlateau "
-                          "(reads_history_of) from its background monitor check")
 def test_history_source_with_background_alignment(tmp_path):
     """background=True results never reach callback_metrics, but they reach the history: the
     plateau reads them there (the AlignmentCallback's monitor check lets it, as it reads the

@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from alignment_callback.callback import dispatch, feedback, settings
+from alignment_callback.callback import dispatch, feedback, monitors, settings
 from alignment_callback.callback.background import BackgroundQueue, Job, ModelCopy, Snapshot
 from alignment_callback.callback.distributed import first_error, from_rank_zero, guarded_step
 from alignment_callback.callback.presets import resolve_preset
@@ -114,10 +114,13 @@ class AlignmentCallback(Callback):
     values when ``log_pairs``, and a layer×layer heatmap image ``<prefix>/<measure>/heatmap``
     (raw and per-pair calibrated side by side) where the logger takes images (W&B,
     TensorBoard, MLflow; PNG files for CSV) plus a ``wandb.Table`` of every pair.
-    ``<prefix>/epoch`` and ``<prefix>/step`` are logged alongside; W&B plots the series against
-    the epoch (the global step with ``every_n_train_steps``).  The calibrated aggregates are
-    also ``pl_module.log``-ged (logger=False) so ``ModelCheckpoint`` and ``EarlyStopping`` can
-    monitor e.g. ``"alignment/mutual_knn/calibrated"`` (foreground mode).
+    ``<prefix>/epoch`` (the training epochs finished) and ``<prefix>/step`` (the global step)
+    are logged alongside; W&B plots the series against the epoch (the global step with
+    ``every_n_train_steps``).  The calibrated aggregates are also ``pl_module.log``-ged
+    (logger=False) so ``ModelCheckpoint`` and ``EarlyStopping`` can monitor e.g.
+    ``"alignment/mutual_knn/calibrated"`` (foreground mode); a monitor that would check where
+    no fresh value is (at a validation end before the epoch's step, on epochs without a step)
+    is warned about at setup, with the setting that fixes it.
 
     Training is unchanged: global RNG states are restored, train/eval modes restored, no
     gradients, hooks removed, activations freed after each step.  Under a multi-process
@@ -190,10 +193,10 @@ class AlignmentCallback(Callback):
         Names, or a mapping ``{name: {options}}`` e.g. ``{"mutual_knn": {"k": 5}}``; None:
         ``("linear_cka", "mutual_knn", "cknna")``, or the ``preset``'s.
     every_n_epochs : int or None, default=None
-        Run after every n-th training epoch; None: 1 unless ``every_n_train_steps`` is given
-        (giving both is an error).
+        Run at the end of every n-th finished training epoch; None: 1 unless
+        ``every_n_train_steps`` is given (giving both is an error).
     every_n_train_steps : int or None, default=None
-        Run every n optimizer steps instead; None: by epochs.
+        Run every n optimizer steps (Lightning's ``global_step``) instead; None: by epochs.
     num_permutations : int, default=500
         K, the permutations of every null.
     alpha : float, default=0.05
@@ -353,7 +356,9 @@ class AlignmentCallback(Callback):
 
         cb = AlignmentCallback(reference, probe, layers=["net.0", "net.2"],
                                reference_layers=["0", "2"], every_n_epochs=2)
-        best = ModelCheckpoint(monitor="alignment/mutual_knn/calibrated", mode="max")
+        # checks on the epochs of an alignment step, at their end (where the step runs)
+        best = ModelCheckpoint(monitor="alignment/mutual_knn/calibrated", mode="max",
+                               every_n_epochs=2, save_on_train_epoch_end=True)
         trainer = Trainer(max_epochs=10, callbacks=[cb, best])
         trainer.fit(module, train_loader)
         cb.history[-1]["alignment/mutual_knn/calibrated"], cb.report_paths
@@ -739,20 +744,13 @@ class AlignmentCallback(Callback):
                     f"null='moments' calibrates one layer pair, but {pairs} pairs were chosen "
                     f"({how}): their aggregate needs their joint permutation null; use "
                     "null='permutation', or null='auto' to use moments where they apply")
+        watching = monitors.alignment_monitors(trainer, self.log_prefix, self)
         if self.background:
-            for cb in trainer.callbacks:
-                monitor = getattr(cb, "monitor", None)
-                if isinstance(monitor, str) and monitor.startswith(f"{self.log_prefix}/"):
-                    reads_history_of = getattr(cb, "reads_history_of", None)
-                    if callable(reads_history_of) and reads_history_of(self):
-                        continue  # it reads the history, which every result reaches
-                    raise ValueError(
-                        f"{type(cb).__name__}(monitor={monitor!r}) cannot watch an alignment key "
-                        "computed with AlignmentCallback(background=True): background results "
-                        "arrive whenever the worker finishes, so they are not logged to the "
-                        "module and a monitor would see them late or never. Use "
-                        "background=False for monitored keys."
-                    )
+            monitors.refuse_in_background(watching)
+        elif self.every_n_train_steps is None:
+            for message in monitors.stale_monitor_warnings(trainer, pl_module, watching,
+                                                           self.every_n_epochs):
+                rank_zero_warn(message, category=UserWarning)
         if trainer.world_size > 1:  # every process compares rank 0's probe at a resume
             known = self._read_probe_settings() if trainer.is_global_zero else None
             self._probe_known = trainer.strategy.broadcast(known, src=0)
@@ -862,8 +860,9 @@ class AlignmentCallback(Callback):
                            category=UserWarning)
         pending = [(e, s) for e, s in self._resume_pending if s == trainer.global_step]
         self._resume_pending = []
+        missed = self._missed_epoch_step(trainer, pending)
         if self.history:  # resumed with this callback's history: it goes on from there
-            self._anchor_drift(trainer, pl_module, retaken=bool(pending))
+            self._anchor_drift(trainer, pl_module, retaken=bool(pending) or missed is not None)
             self._resume_monitors(trainer, pl_module)
         elif self.baseline:  # a new history (also for weights trained before: a warm start)
             if trainer.global_step > 0 and any(ref.kind == "initial" for ref in self.references):
@@ -873,6 +872,22 @@ class AlignmentCallback(Callback):
             self._anchor_drift(trainer, pl_module, retaken=False)
         for epoch, step in pending:  # in flight when the checkpoint was written
             self._maybe_run(trainer, pl_module, epoch=epoch, monitor=False)
+        if missed is not None:
+            self._maybe_run(trainer, pl_module, epoch=missed)
+
+    def _missed_epoch_step(self, trainer: Trainer, pending: list[tuple[int, int]]) -> int | None:
+        """Epoch mode, a resumed run: the epoch whose step is due but was not run because the
+        checkpoint was written after the epoch's last batch and before its end (a checkpoint
+        every n training steps); Lightning resumes with the next epoch, so the step is run now,
+        on the same weights.  None when there is no such epoch."""
+        if self.every_n_train_steps is not None or trainer.ckpt_path is None:
+            return None
+        epoch = int(trainer.current_epoch)
+        if epoch == 0 or epoch % self.every_n_epochs or any(e == epoch for e, _ in pending):
+            return None
+        if any(int(h["epoch"]) == epoch for h in [*self.history, *self.skipped]):
+            return None
+        return epoch
 
     def _anchor_drift(self, trainer: Trainer, pl_module: LightningModule, retaken: bool) -> None:
         """A resumed (or continued) fit: the activations an ``"initial"`` / ``"previous"``
@@ -935,7 +950,9 @@ class AlignmentCallback(Callback):
         if self.every_n_train_steps is not None or trainer.sanity_checking:
             return
         epoch = trainer.current_epoch + 1
-        if epoch % self.every_n_epochs == 0:
+        # an epoch cut short (max_steps, a stop requested mid-epoch) is not a finished epoch:
+        # a resumed run finishes it, and its step comes at its end, as in an uninterrupted run
+        if epoch % self.every_n_epochs == 0 and _epoch_finished(trainer):
             self._maybe_run(trainer, pl_module, epoch=epoch)
         self._publish(trainer, self._queue.ready())
 
@@ -945,7 +962,10 @@ class AlignmentCallback(Callback):
         background results that are ready."""
         n = self.every_n_train_steps
         if n is not None and trainer.global_step > 0 and trainer.global_step % n == 0:
-            self._maybe_run(trainer, pl_module, epoch=trainer.current_epoch, in_batch_hook=True)
+            # the epoch label counts finished epochs, as in epoch mode: the last batch of an
+            # epoch finishes it
+            epoch = trainer.current_epoch + int(_epoch_finished(trainer))
+            self._maybe_run(trainer, pl_module, epoch=epoch, in_batch_hook=True)
         if len(self._queue):
             self._publish(trainer, self._queue.ready())
 
@@ -1028,11 +1048,12 @@ class AlignmentCallback(Callback):
     def _monitor_before_training(self, trainer: Trainer, pl_module: LightningModule,
                                  values: Mapping[str, Any]) -> None:
         """The calibrated ``values`` for the monitors at the start of training (the baseline's,
-        or on a resumed run the history's last): as an epoch-level value in epoch mode, put
-        straight into ``trainer.callback_metrics`` in step mode (see ``_seed_monitors``)."""
-        if self.every_n_train_steps is not None:
-            self._seed_monitors(trainer, values)
-        else:
+        or on a resumed run the history's last): put straight into ``trainer.callback_metrics``
+        (see ``_seed_monitors``), where a monitor checking before the first epoch end finds them
+        (a mid-epoch validation, a checkpoint every n training steps), and in epoch mode also
+        logged as an epoch-level value."""
+        self._seed_monitors(trainer, values)
+        if self.every_n_train_steps is None:
             self._log_to_module(pl_module, values, in_batch_hook=False)
 
     def _resume_monitors(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -1161,12 +1182,13 @@ class AlignmentCallback(Callback):
                               sync_dist=pl_module.trainer.world_size > 1)
 
     def _seed_monitors(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
-        """Step mode, before training (the baseline, or a resumed run's last values): the
-        calibrated values go straight into ``trainer.callback_metrics``, so a monitor on them
-        finds its key at an epoch end before the first step of ``every_n_train_steps``
-        (``pl_module.log`` cannot be used here: an
-        epoch-level value logged before training would replace the latest step's value at the
-        first epoch end).  The steps' values replace them as they come."""
+        """Before training (the baseline, or a resumed run's last values): the calibrated values
+        go straight into ``trainer.callback_metrics``, so a monitor on them finds its key
+        wherever it checks before the first step (in step mode ``pl_module.log`` cannot be used
+        here: an epoch-level value logged before training would replace the latest step's value
+        at the first epoch end; in epoch mode an epoch-level value reaches the monitors only at
+        the first epoch end, after a mid-epoch validation).  The steps' values replace them as
+        they come."""
         if not self.log_to_module:
             return
         metrics = trainer.callback_metrics
@@ -1559,6 +1581,14 @@ def _from_rank(rank: int, error: str) -> Exception:
     kinds = {kind.__name__: kind for kind in (ValueError, TypeError, RuntimeError,
                                               FileNotFoundError, *LAYER_ERRORS)}
     return kinds.get(error.partition(":")[0], RuntimeError)(f"on rank {rank}: {error}")
+
+
+def _epoch_finished(trainer: Trainer) -> bool:
+    """Whether the training epoch in progress has run its last batch (Lightning's batch
+    progress: False when ``max_steps`` or a requested stop ended it early; True where the
+    progress cannot be read)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return bool(getattr(getattr(loop, "batch_progress", None), "is_last_batch", True))
 
 
 def _reraise(error: BaseException) -> None:

@@ -1,0 +1,114 @@
+"""The monitors of an AlignmentCallback's keys (``ModelCheckpoint``, ``EarlyStopping``): when
+they check, set against when the alignment step runs.
+
+A monitor reads ``trainer.callback_metrics``, which holds the last alignment step's value until
+the next step replaces it.  A monitor that checks between two steps reads a value measured on
+earlier weights: a checkpoint is then scored (and chosen as best) by another model's alignment,
+and ``EarlyStopping`` counts the repeated value as no improvement.  In epoch mode
+(``every_n_epochs``) the step runs at the training epoch end, so a monitor must check there,
+and on the epochs of a step.  In step mode (``every_n_train_steps``) the step runs in the
+batch hook, before any monitor of that batch, so whatever a monitor reads is the latest step's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+
+def alignment_monitors(trainer: Trainer, prefix: str, owner: Any) -> list[Callback]:
+    """The callbacks of ``trainer`` whose ``monitor`` is a key under ``prefix/``, except those
+    that read ``owner``'s history instead of the logged metrics (``AlignmentPlateau``)."""
+    found = []
+    for cb in trainer.callbacks:
+        monitor = getattr(cb, "monitor", None)
+        if not (isinstance(monitor, str) and monitor.startswith(f"{prefix}/")):
+            continue
+        reads_history_of = getattr(cb, "reads_history_of", None)
+        if callable(reads_history_of) and reads_history_of(owner):
+            continue
+        found.append(cb)
+    return found
+
+
+def refuse_in_background(monitors: list[Callback]) -> None:
+    """``background=True``: results arrive whenever the worker finishes and are not logged to
+    the module, so no monitor can watch them."""
+    for cb in monitors:
+        raise ValueError(
+            f"{type(cb).__name__}(monitor={cb.monitor!r}) cannot watch an alignment key "
+            "computed with AlignmentCallback(background=True): background results arrive "
+            "whenever the worker finishes, so they are not logged to the module and a monitor "
+            "would see them late or never. Use background=False for monitored keys."
+        )
+
+
+def stale_monitor_warnings(trainer: Trainer, pl_module: LightningModule, monitors: list[Callback],
+                           every_n_epochs: int) -> list[str]:
+    """Epoch mode: one message per monitor that would check where no fresh alignment value is
+    (at a validation end, which comes before the training epoch end; or on epochs, or at
+    training steps, between two alignment steps), naming the setting that fixes it."""
+    messages = []
+    for cb in monitors:
+        name = f"{type(cb).__name__}(monitor={cb.monitor!r})"
+        why = _checks_at_validation_end(cb, trainer, pl_module)
+        if why is not None:
+            fix = ("save_on_train_epoch_end=True" if isinstance(cb, ModelCheckpoint)
+                   else "check_on_train_epoch_end=True")
+            messages.append(
+                f"{name} checks at the validation end ({why}), which comes before the training "
+                "epoch end where the epoch's alignment step runs: it would read the previous "
+                f"step's value, measured on earlier weights. Pass {type(cb).__name__}({fix})")
+        elif isinstance(cb, ModelCheckpoint):
+            steps = getattr(cb, "_every_n_train_steps", 0) or 0
+            epochs = getattr(cb, "_every_n_epochs", 0) or 0
+            if steps > 0 or getattr(cb, "_train_time_interval", None) is not None:
+                what = f"every_n_train_steps={steps}" if steps > 0 else "train_time_interval"
+                messages.append(
+                    f"{name} saves by training steps or time ({what}) while the alignment step "
+                    f"runs every {every_n_epochs} epoch(s): its checkpoints between two steps "
+                    "would be scored with the last step's value, measured on earlier weights. "
+                    f"Pass ModelCheckpoint(every_n_epochs={every_n_epochs}), or "
+                    "AlignmentCallback(every_n_train_steps=...) to align by steps")
+            elif epochs > 0 and epochs % every_n_epochs != 0:
+                messages.append(
+                    f"{name} saves every {epochs} epoch(s) while the alignment step runs every "
+                    f"{every_n_epochs}: on the epochs between, its checkpoints would be scored "
+                    "with the last step's value, measured on earlier weights. Pass "
+                    f"ModelCheckpoint(every_n_epochs={every_n_epochs}) (or a multiple)")
+        elif isinstance(cb, EarlyStopping) and every_n_epochs > 1:
+            messages.append(
+                f"{name} checks at every epoch end while the alignment step runs every "
+                f"{every_n_epochs} epochs: on the epochs between, it reads the last step's value "
+                f"again and counts it as no improvement, so patience={cb.patience} counts epochs "
+                "rather than alignment steps. Use AlignmentPlateau (which counts alignment "
+                "steps) or every_n_epochs=1")
+    return messages
+
+
+def _checks_at_validation_end(cb: Callback, trainer: Trainer, pl_module: LightningModule
+                              ) -> str | None:
+    """Why ``cb`` (a ``ModelCheckpoint`` or ``EarlyStopping``) checks at the validation end
+    rather than the training epoch end, by Lightning's rule for each; None when it checks at
+    the training epoch end, when the module has no validation loop (a validation end never
+    comes), or for another kind of monitor."""
+    if isinstance(cb, ModelCheckpoint):
+        setting, option = getattr(cb, "_save_on_train_epoch_end", None), "save_on_train_epoch_end"
+    elif isinstance(cb, EarlyStopping):
+        setting, option = getattr(cb, "_check_on_train_epoch_end", None), "check_on_train_epoch_end"
+    else:
+        return None
+    if not is_overridden("validation_step", pl_module) or setting is True:
+        return None
+    if setting is False:
+        return f"{option}=False"
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return "validation by time"
+    if trainer.check_val_every_n_epoch != 1:
+        return f"Trainer(check_val_every_n_epoch={trainer.check_val_every_n_epoch})"
+    if trainer.val_check_interval != 1.0:
+        return f"Trainer(val_check_interval={trainer.val_check_interval})"
+    return None

@@ -1,0 +1,170 @@
+"""When the alignment steps run and how they are labeled, against Lightning's loop: a step's
+``epoch`` counts finished epochs in both modes, an epoch cut short is not a finished epoch, a
+resume from a checkpoint written at an epoch's last batch runs that epoch's step, the
+baseline reaches a monitor that checks mid-epoch, and monitors that would read a value
+measured on earlier weights are warned about at setup, naming the setting that fixes them."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
+
+from tests.helpers import FAST_TRAINER, MLP, make_probe, quiet_callback, train_loader
+
+KEY = "alignment/linear_cka/calibrated"
+# 64 training rows in batches of 16: 4 optimizer steps per epoch
+
+
+class ValMLP(MLP):
+    """The MLP with a validation loop."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+
+def callback(**kw):
+    kw.setdefault("layers", ["fc1"])
+    return quiet_callback(make_probe(48), ["linear_cka"], 19, **kw)
+
+
+def fit(callbacks, module=None, ckpt_path=None, val=False, **trainer_kw):
+    pl.seed_everything(0, verbose=False)
+    trainer_kw.setdefault("max_epochs", 3)
+    trainer = pl.Trainer(callbacks=callbacks, logger=False,
+                         enable_checkpointing=any(isinstance(c, ModelCheckpoint)
+                                                  for c in callbacks),
+                         **{**FAST_TRAINER, **trainer_kw})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module or (ValMLP() if val else MLP()), train_loader(),
+                    train_loader(shuffle=False) if val else None, ckpt_path=ckpt_path)
+    return trainer, [str(w.message) for w in caught]
+
+
+def labels(cb):
+    return [(int(h["epoch"]), int(h["step"])) for h in cb.history]
+
+
+def test_the_epoch_label_counts_finished_epochs_in_both_modes():
+    """Epoch mode logged the number of finished epochs, step mode the 0-based epoch in progress:
+    the same state, at the last batch of the second epoch, was epoch 2 in one mode and 1 in the
+    other."""
+    by_epoch, by_step, every_two = callback(), callback(every_n_train_steps=4), \
+        callback(every_n_train_steps=2)
+    fit([by_epoch])
+    fit([by_step])
+    fit([every_two])
+    assert labels(by_epoch) == [(0, 0), (1, 4), (2, 8), (3, 12)]
+    assert labels(by_step) == labels(by_epoch)
+    assert labels(every_two) == [(0, 0), (0, 2), (1, 4), (1, 6), (2, 8), (2, 10), (3, 12)]
+
+
+def test_an_epoch_cut_short_has_no_epoch_step_and_a_resume_finishes_it(tmp_path):
+    """max_steps = 6 stops in the middle of the second epoch: that was logged as epoch 2 (as if
+    finished), and a run resumed from there logged epoch 2 twice (steps 6 and 8)."""
+    whole = callback()
+    fit([whole], max_epochs=3)
+    cut = callback()
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
+                            filename="{step}")
+    fit([cut, saver], max_steps=6)
+    assert labels(cut) == [(0, 0), (1, 4)]
+    resumed = callback()
+    fit([resumed], max_epochs=3, ckpt_path=str(tmp_path / "step=6.ckpt"))
+    assert labels(resumed) == labels(whole)
+
+
+def test_a_checkpoint_at_an_epochs_last_batch_resumes_with_that_epochs_step(tmp_path):
+    """A checkpoint every 4 training steps is written at the last batch of each epoch, before
+    the epoch end where the epoch's step runs; Lightning resumes with the next epoch, so the
+    step was lost for good (a gap in the curve).  It is run at the resume, on the same weights,
+    and equals the uninterrupted run's."""
+    whole = callback()
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1,
+                            filename="{step}")
+    fit([whole, saver], max_epochs=4)
+    resumed = callback()
+    fit([resumed], max_epochs=4, ckpt_path=str(tmp_path / "step=8.ckpt"))
+    assert labels(resumed) == labels(whole) == [(0, 0), (1, 4), (2, 8), (3, 12), (4, 16)]
+    assert resumed.history[2][KEY] == whole.history[2][KEY]
+    assert resumed.history[2]["alignment/linear_cka/raw"] == whole.history[2][
+        "alignment/linear_cka/raw"]
+
+
+@pytest.mark.parametrize("monitor", ["checkpoint", "early_stopping"])
+def test_the_baseline_reaches_a_monitor_that_checks_mid_epoch(tmp_path, monitor):
+    """Epoch mode, validation twice per epoch: the baseline's value was logged as an epoch-level
+    value, which reaches ``callback_metrics`` only at the first epoch end, so the first
+    mid-epoch validation failed ("could not find the monitored key")."""
+    cb = callback()
+    watcher = (ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max", save_top_k=-1,
+                               filename="{step}")
+               if monitor == "checkpoint" else EarlyStopping(KEY, mode="max", patience=10))
+    trainer, _ = fit([cb, watcher], val=True, max_epochs=2, val_check_interval=0.5)
+    assert trainer.global_step == 8 and labels(cb) == [(0, 0), (1, 4), (2, 8)]
+    if monitor == "checkpoint":  # the mid-epoch checkpoint of the first epoch: the baseline's
+        first = torch.load(tmp_path / "step=2.ckpt", weights_only=False)
+        state = next(v for k, v in first["callbacks"].items() if k.startswith("ModelCheckpoint"))
+        assert float(state["current_score"]) == cb.history[0][KEY]
+
+
+def _stale(messages):
+    return [m for m in messages if "measured on earlier weights" in m or "AlignmentPlateau" in m]
+
+
+@pytest.mark.parametrize("case,fix", [
+    ("checkpoint_at_validation_end", "ModelCheckpoint(save_on_train_epoch_end=True)"),
+    ("early_stopping_at_validation_end", "EarlyStopping(check_on_train_epoch_end=True)"),
+    ("checkpoint_every_epoch", "ModelCheckpoint(every_n_epochs=2)"),
+    ("checkpoint_by_steps", "ModelCheckpoint(every_n_epochs=1)"),
+    ("early_stopping_every_epoch", "Use AlignmentPlateau"),
+])
+def test_monitors_that_would_read_an_earlier_steps_value_are_warned_at_setup(tmp_path, case, fix):
+    """With validation every second epoch, ModelCheckpoint and EarlyStopping check at the
+    validation end, before the epoch end where the step runs: each checkpoint carried the
+    previous step's score.  With every_n_epochs=2, a checkpoint every epoch (or every n training
+    steps) is scored on the epochs between with the last step's value, and EarlyStopping counts
+    the repeated value as no improvement."""
+    kw, every = {}, {}
+    if case == "checkpoint_at_validation_end":
+        watcher, kw = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max"), \
+            {"check_val_every_n_epoch": 2}
+    elif case == "early_stopping_at_validation_end":
+        watcher, kw = EarlyStopping(KEY, mode="max", patience=5), {"check_val_every_n_epoch": 2}
+    elif case == "checkpoint_every_epoch":
+        watcher, every = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max"), \
+            {"every_n_epochs": 2}
+    elif case == "checkpoint_by_steps":
+        watcher = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max",
+                                  every_n_train_steps=3)
+    else:
+        watcher, every = EarlyStopping(KEY, mode="max", patience=5), {"every_n_epochs": 2}
+    _, messages = fit([callback(**every), watcher], val="validation" in case, max_epochs=2, **kw)
+    stale = _stale(messages)
+    assert len(stale) == 1 and fix in stale[0], messages
+    assert re.search(rf"{type(watcher).__name__}\(monitor='{KEY}'\)", stale[0])
+
+
+def test_monitors_that_check_where_the_steps_are_get_no_warning_and_fresh_scores(tmp_path):
+    """The fixes the warnings name: every checkpoint then carries the score of its own weights
+    (the history's value at its step); step mode and AlignmentPlateau get no warning."""
+    cb = callback(every_n_epochs=2)
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max", save_top_k=-1,
+                            filename="{step}", every_n_epochs=2, save_on_train_epoch_end=True)
+    _, messages = fit([cb, saver], val=True, max_epochs=4, check_val_every_n_epoch=2)
+    assert not _stale(messages), messages
+    scores = {int(re.search(r"step=(\d+)", path).group(1)): float(score)
+              for path, score in saver.best_k_models.items()}
+    assert scores == {int(h["step"]): h[KEY] for h in cb.history if h["step"] > 0}
+    _, messages = fit([callback(every_n_train_steps=3),
+                       ModelCheckpoint(dirpath=tmp_path / "steps", monitor=KEY, mode="max"),
+                       EarlyStopping(KEY, mode="max", patience=5)],
+                      val=True, max_epochs=2, check_val_every_n_epoch=2)
+    assert not _stale(messages), messages

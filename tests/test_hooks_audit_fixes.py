@@ -517,3 +517,52 @@ def test_texts_reaching_the_model_say_so():
                        match=r"input_ids: a list of 3 list.*return_tensors=.pt."):
         collect_activations(Embedder(), DataLoader(texts, batch_size=3), ["emb"],
                             batch_transform=lists)
+
+
+# ------------------------------------------------------- from an audit of the capture (14th)
+class _HalfTokens(nn.Module):
+    """A bfloat16 / float16 token model: (n, T, 8) -> (n, T, 32)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            self.proj = nn.Linear(8, 32).to(dtype)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.proj(x.to(self.proj.weight.dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_outputs_are_pooled_at_the_precision_recorded(dtype):
+    """A bfloat16 / float16 model's token mean was formed (or, with a mask, rounded back) in
+    its dtype before the cast to the recorded dtype: relative errors of 1.7e-3 (bfloat16), also
+    with dtype=torch.float64, and the same tensor given as reference features scored
+    differently.  The mean of the very outputs, from float64 arithmetic, is now what is
+    recorded, to float32 rounding (float64: exactly)."""
+    from alignment_callback.functional.preprocessing import pool_features
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 12, 8, generator=g)
+    mask = (torch.arange(12) < torch.randint(3, 13, (40, 1), generator=g)).long()
+    model = _HalfTokens(dtype)
+    with torch.no_grad():
+        out = model(x).double()  # the outputs the hook sees, in float64
+    exact = out.mean(1)
+    m = mask.double().unsqueeze(-1)
+    exact_masked = (out * m).sum(1) / m.sum(1)
+    for recorded, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        got = collect_activations(model, x, ["act"], pool="mean", dtype=recorded)["act"]
+        assert got.dtype == recorded
+        assert float(((got.double() - exact).norm() / exact.norm())) < tol, recorded
+        with ActivationRecorder(model, ["act"], pool="mean", dtype=recorded) as rec:
+            rec.mask = mask
+            with torch.no_grad():
+                model(x)
+        got = rec["act"]
+        assert float(((got.double() - exact_masked).norm() / exact_masked.norm())) < tol
+    pooled = pool_features(out.to(dtype), "mean")  # the function alone: float32 at least
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled.double(), out.to(dtype).double().mean(1), rtol=1e-6,
+                               atol=1e-7)

@@ -64,7 +64,9 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
         * ``"flatten"``: reshape to (n, prod(rest)).
         * ``"mean"``: for (n, T, d) the mean over dimension 1 (the tokens); for four or
           more dimensions (n, C, ...) the mean over dimensions 2 and up (every spatial
-          position of a conv map), giving (n, C): channels-last is *not* assumed.
+          position of a conv map), giving (n, C): channels-last is *not* assumed.  Summed and
+          returned in float32 at least (float64 stays float64): a float16 / bfloat16 mean is
+          not rounded back to its dtype.
         * ``"cls"`` / ``"first"``: element 0 along dimension 1 (the CLS token).
         * ``"last"``: element -1 along dimension 1 (or the last unmasked token if ``mask``).
         * ``"none"``: no pooling; ``x`` must already be 2-D.
@@ -120,18 +122,18 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
     if pool == "flatten":
         return x.reshape(x.shape[0], -1)
     if pool == "mean":
+        # in float32 at least, and kept there: a float16 sum over many tokens cannot overflow,
+        # and a float16 / bfloat16 mean is not rounded back to its 11 / 8 significant bits
+        acc = torch.promote_types(x.dtype, torch.float32)
         if mask is not None:
             if x.dim() != 3:
                 raise ValueError("an attention mask needs (n, T, d) activations")
-            # nonzero = a real token, whatever its value (2 for a global token, -1, 0.5); the
-            # sum in float32 at least, so that a float16 sum over many tokens cannot overflow
-            acc = torch.promote_types(x.dtype, torch.float32)
+            # nonzero = a real token, whatever its value (2 for a global token, -1, 0.5)
             m = (_checked_mask(x, mask, pool) != 0).to(acc).unsqueeze(-1)
-            mean = (x.to(acc) * m).sum(1) / m.sum(1).clamp_min(1.0)
-            return mean.to(x.dtype) if x.is_floating_point() else mean  # no integer mean
+            return (x.to(acc) * m).sum(1) / m.sum(1).clamp_min(1.0)
         if x.dim() == 3:
-            return x.mean(1)
-        return x.reshape(x.shape[0], x.shape[1], -1).mean(-1)
+            return x.mean(1, dtype=acc)
+        return x.reshape(x.shape[0], x.shape[1], -1).mean(-1, dtype=acc)
     if pool in ("cls", "first"):
         return x[:, 0].reshape(x.shape[0], -1)
     # pool == "last"

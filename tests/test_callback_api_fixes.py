@@ -29,9 +29,9 @@ def test_a_failing_reference_model_is_named(name):
                          enable_checkpointing=False, **FAST_TRAINER)
     with pytest.raises(RuntimeError) as info:
         trainer.fit(MLP(), train_loader())
-    label = "reference" if name is None else name
+    label = "the reference" if name is None else "reference 'dino'"  # not "reference reference"
     message = str(info.value)
-    assert message.startswith(f"{label} reference model: the model failed on probe batch 0")
+    assert message.startswith(f"{label} model: the model failed on probe batch 0")
     assert "mat1 and mat2" in message
 
 

@@ -539,3 +539,63 @@ def test_fast_dev_run_writes_no_report(tmp_path, monkeypatch):
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(MLP(), train_loader())
     assert cb.history and not list(tmp_path.rglob("alignment_report*"))
+
+
+# ------------------------------------------------------- from an audit of the capture (14th)
+class _Odd(nn.Module):
+    """A layer whose output has no row per sample: ``kind`` "broadcast" returns (1, d) (a
+    position embedding), "scalar" a 0-dim loss, "seq_first" (d, n, 1): its rows are the features."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.kind == "broadcast":
+            return h[:1]
+        if self.kind == "scalar":
+            return h.pow(2).mean()
+        return h.T.unsqueeze(-1)  # (16, n, 1): rows are the 16 features
+
+
+class _OddMLP(MLP):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.odd = _Odd(kind)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act1(self.fc1(x))
+        self.odd(h)
+        return self.head(self.act2(self.fc2(h)))
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("broadcast", "different numbers of rows"),
+    ("scalar", "returned a 0-dim tensor"),
+    ("seq_first", "have 16 rows but the reference's have 48"),
+])
+def test_a_student_layer_without_a_row_per_sample_fails_before_training(kind, message):
+    """Such a layer (a broadcast position embedding, a loss, a sequence-first output) is a
+    property of the model and the layers chosen, as it is on the reference side, where it
+    failed at setup; on the student it was warned about and skipped at every step under
+    on_error="warn", and fit ended with an empty history."""
+    layers = ["odd"] if kind == "seq_first" else ["fc1", "odd"]  # alone: no other layer's rows
+    cb = quiet_callback(make_probe(48), ["linear_cka"], 19, layers=layers,
+                        reference_layers=["fc1", "fc2"], on_error="warn")
+    trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[cb], enable_checkpointing=False,
+                         **FAST_TRAINER)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(_OddMLP(kind), train_loader())
+    assert trainer.global_step == 0 and not cb.history
+
+
+def test_a_layers_mapping_whose_values_are_patterns_is_refused_at_setup():
+    """{model layer: "*"} passed setup (the glob matches every reference layer), then every step
+    warned that the pair is not among the layers; values, like keys, must be layer names."""
+    for value in ("*", "re:fc.*"):
+        cb = quiet_callback(make_probe(48), ["linear_cka"], 19, layers={"fc1": value})
+        trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[cb],
+                             enable_checkpointing=False, **FAST_TRAINER)
+        with pytest.raises(ValueError, match=r"its values \[.*\] resolve to the layers"):
+            trainer.fit(MLP(), train_loader())
+        assert not cb.history

@@ -566,3 +566,25 @@ def test_half_precision_outputs_are_pooled_at_the_precision_recorded(dtype):
     assert pooled.dtype == torch.float32
     torch.testing.assert_close(pooled.double(), out.to(dtype).double().mean(1), rtol=1e-6,
                                atol=1e-7)
+
+
+def test_a_second_name_of_a_module_is_explained():
+    """``self.tied = self.inp``: named_modules lists the module once, under its first name, so
+    'tied' "matched none" of the layers with no word of why."""
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 4)
+            self.tied = self.inp
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(self.tied(x))
+
+    with pytest.raises(ValueError, match=r"'tied' is another name of the module 'inp'"):
+        resolve_layers(Tied(), ["tied"])
+    with pytest.raises(ValueError, match=r"matched none") as info:
+        resolve_layers(Tied(), ["nope"])
+    assert "another name" not in str(info.value)
+    got = collect_activations(Tied(), torch.randn(6, 4), ["inp"])["inp"]
+    assert got.shape == (6, 4)

@@ -60,8 +60,7 @@ from alignment_callback.hooks.collect import (
     same_random_states,
 )
 from alignment_callback.hooks.collect import model_device as model_device_of
-from alignment_callback.hooks.outputs import LayerOutputError
-
+from alignment_callback.hooks.outputs import LayerOutputError, LayerShapeError
 
 
 class FrozenReferenceError(ValueError):
@@ -70,7 +69,7 @@ class FrozenReferenceError(ValueError):
 
 
 # configuration mistakes only a forward pass can show: raised whatever on_error says
-LAYER_ERRORS = (LayerCountError, LayerOutputError, FrozenReferenceError)
+LAYER_ERRORS = (LayerCountError, LayerOutputError, LayerShapeError, FrozenReferenceError)
 
 _INITIAL_RESUMED = ("reference='initial' on a resumed run compares with the activations at the "
                     "start of this fit (the resumed weights), not of the original one: the "
@@ -138,8 +137,9 @@ class AlignmentCallback(Callback):
     with other row counts than the probe, ``null="moments"`` with a measure it cannot
     calibrate or several layer pairs, and ``background=True`` with a checkpoint or
     early-stopping monitor on an alignment key;
-    a chosen layer that does not run exactly once per forward pass, or returns no tensor to
-    record, and a frozen reference whose probe activations cannot be measured (NaN values, a
+    a chosen layer that does not run exactly once per forward pass, returns no tensor to
+    record, or gives no row per probe sample (a 0-dim loss, an output that is not batch-first),
+    and a frozen reference whose probe activations cannot be measured (NaN values, a
     measure option its widths cannot take, such as SVCCA's ``cca_dim``), are raised at the
     baseline (the first step with ``baseline=False``).  ``on_error`` governs failures that
     depend on the model's data during training (NaN activations).
@@ -732,6 +732,13 @@ class AlignmentCallback(Callback):
                 except ValueError as err:
                     why = "" if ref.layers_given else " (not given, so it is layers)"
                     raise ValueError(f"reference_layers{why}: {err}") from err
+            wanted = set(self.pair_map.values()) if self.pair_map is not None else set()
+            if chosen is not None and wanted and not wanted <= {str(c) for c in chosen}:
+                raise ValueError(
+                    f"layers: a mapping pairs model layers with {_which(ref)}'s layers by exact "
+                    f"name, but its values {sorted(wanted)} resolve to the layers "
+                    f"{sorted(str(c) for c in chosen)}; give each reference layer's name as a "
+                    "value (patterns are for a list of layers)")
             if ref.engine.null != "moments":
                 continue
             if chosen is None:  # "initial" / "previous": each layer against its own past
@@ -1140,8 +1147,8 @@ class AlignmentCallback(Callback):
     def _guarded(self, epoch: int, step: int, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``; a failure warns and returns None unless ``on_error="raise"`` or it is
         a configuration mistake only a forward pass can show (a chosen layer that does not run
-        exactly once per pass, or returns no tensor to record), which is raised: at the
-        baseline (or the first step), before training."""
+        exactly once per pass, returns no tensor to record, or gives no row per probe sample),
+        which is raised: at the baseline (or the first step), before training."""
         try:
             return fn(*args)
         except Exception as err:  # noqa: BLE001 - reported, training goes on unless asked
@@ -1237,7 +1244,7 @@ class AlignmentCallback(Callback):
             return self._collect(ref.module, in_dtype_of(ref.module, batches), ref.layers,
                                  ref.pool, ref.input_key, ref.batch_transform, model_device)
         except Exception as err:  # which model failed: there may be several references
-            raise _named(err, f"{ref.label} reference model") from err
+            raise _named(err, f"{_which(ref)} model") from err
 
     def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
                            restore_rng: bool = True) -> dict[str, Tensor]:
@@ -1581,6 +1588,11 @@ def _from_rank(rank: int, error: str) -> Exception:
     kinds = {kind.__name__: kind for kind in (ValueError, TypeError, RuntimeError,
                                               FileNotFoundError, *LAYER_ERRORS)}
     return kinds.get(error.partition(":")[0], RuntimeError)(f"on rank {rank}: {error}")
+
+
+def _which(ref: Reference) -> str:
+    """``"the reference"``, or ``"reference 'name'"`` for one of several."""
+    return "the reference" if ref.name is None else f"reference {ref.name!r}"
 
 
 def _epoch_finished(trainer: Trainer) -> bool:

@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
+from alignment_callback.engine.result import StepResult
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import (
     AUTO,
@@ -30,7 +31,7 @@ from alignment_callback.functional.pipeline import (
     side_features,
 )
 from alignment_callback.functional.registry import Measure, MeasureSpec, get_measure
-from alignment_callback.engine.result import StepResult
+from alignment_callback.hooks.outputs import LayerShapeError
 from alignment_callback.metrics._rows import Preprocess, RowPreprocessor
 
 MeasuresSpec = Union[str, Sequence[MeasureSpec], Mapping[str, Union[Mapping[str, Any], Measure]]]
@@ -215,9 +216,11 @@ class AlignmentEngine:
         if feats[0].device != self.reference.device:  # device=None: the reference's counts
             feats = [f.to(self.reference.device) for f in feats]
         if feats[0].shape[0] != self.reference.n:
-            raise ValueError(f"the model's probe activations have {feats[0].shape[0]} rows but the "
-                             f"reference's have {self.reference.n}: rows must be the same probe "
-                             "samples in the same order")
+            raise LayerShapeError(
+                f"the model's probe activations have {feats[0].shape[0]} rows but the "
+                f"reference's have {self.reference.n}: rows must be the same probe samples in "
+                "the same order (a layer whose output is not batch-first, such as (T, n, d), "
+                "needs a pool callable or output_key)")
         measures = list(self.measures.values())
         dtype = torch.promote_types(feats[0].dtype, self.reference.dtype)
         reference = self.reference

@@ -2,13 +2,14 @@
 
 from alignment_callback.hooks.collect import collect_activations
 from alignment_callback.hooks.layer_listing import list_layers
-from alignment_callback.hooks.outputs import LayerOutputError, select_output
+from alignment_callback.hooks.outputs import LayerOutputError, LayerShapeError, select_output
 from alignment_callback.hooks.recorder import ActivationRecorder
 from alignment_callback.hooks.selection import resolve_layers
 
 __all__ = [
     "ActivationRecorder",
     "LayerOutputError",
+    "LayerShapeError",
     "collect_activations",
     "list_layers",
     "resolve_layers",

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from alignment_callback.functional.preprocessing import Pool
+from alignment_callback.hooks.outputs import LayerShapeError
 from alignment_callback.hooks.recorder import ActivationRecorder
 from alignment_callback.hooks.selection import Layers
 
@@ -567,8 +568,9 @@ def collect_activations(
         not a positive integer, or a layer matches nothing.
     LayerCountError
         A layer did not run exactly once per forward pass.
-    RuntimeError
-        Layers produced different numbers of rows (a layer whose output is not batch-first).
+    LayerShapeError
+        A layer returned a 0-dim tensor, or layers produced different numbers of rows (a
+        layer whose output is not batch-first); a ``ValueError``.
 
     Examples
     --------
@@ -615,7 +617,7 @@ def collect_activations(
     acts = rec.activations
     rows = {name: a.shape[0] for name, a in acts.items()}
     if len(set(rows.values())) > 1:
-        raise RuntimeError(
+        raise LayerShapeError(
             f"layers produced different numbers of rows {rows}; a layer whose output is not "
             "batch-first (e.g. (T, n, d)) needs a pool callable or output_key"
         )

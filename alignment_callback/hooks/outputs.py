@@ -28,6 +28,26 @@ class LayerOutputError(TypeError):
     """
 
 
+class LayerShapeError(ValueError):
+    """A chosen layer's outputs do not give one row per probe sample: a 0-dim output (a loss),
+    layers with different numbers of rows, or rows that are not the reference's (an output
+    that is not batch-first, such as (T, n, d)); a property of the model and of the layers
+    chosen, not of the data.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.hooks import LayerShapeError, collect_activations
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    >>> handle = model[0].register_forward_hook(lambda m, i, out: out.sum())  # a scalar output
+    >>> try:
+    ...     collect_activations(model, torch.randn(4, 3), ["0"])
+    ... except LayerShapeError as err:
+    ...     print("0-dim" in str(err))
+    True
+    """
+
+
 def _first_tensor(values: Any) -> Tensor | None:
     return next((v for v in values if isinstance(v, Tensor)), None)
 

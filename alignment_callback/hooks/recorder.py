@@ -9,7 +9,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from alignment_callback.functional.preprocessing import Pool, pool_features
-from alignment_callback.hooks.outputs import OutputKey, dense_output, select_output
+from alignment_callback.hooks.outputs import (
+    LayerShapeError,
+    OutputKey,
+    dense_output,
+    select_output,
+)
 from alignment_callback.hooks.selection import Layers, resolve_modules
 
 #: Errors of pooling re-raised with the layer's name (exactly these types: a subclass may
@@ -177,6 +182,11 @@ class ActivationRecorder:
 
     def _record(self, name: str, output: Any, real: Tensor | None = None) -> None:
         x = select_output(output, self.output_key, name)
+        if x.dim() == 0:
+            raise LayerShapeError(
+                f"layer {name!r} returned a 0-dim tensor (a loss or another scalar), which has "
+                "no row per sample: choose a layer whose output is (batch, ...), or pass "
+                "output_key (a ModelOutput's first value is its loss when the batch holds labels)")
         if self.detach:
             x = x.detach()
         y = self._pool(x, name, real)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping
-from typing import Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 from torch import nn
 
@@ -172,11 +172,26 @@ def resolve_modules(model: nn.Module, layers: Layers, model_name: str = "model"
             raise ValueError(
                 f"layer {spec if regex else label!r} matched none of the {model_name}'s "
                 f"{len(names)} layers" + (" (a 're:' regex must match the whole name)" if regex
-                                          else "") + f"; closest names: {close or names[:5]}. "
+                                          else "") + _alias(model, spec, table)
+                + f"; closest names: {close or names[:5]}. "
                 "Use list_layers(model, batch) to see every name and its output shape."
             )
         chosen.update(hits)
     return [(name, module) for name, _, module in table if name in chosen]
+
+
+def _alias(model: nn.Module, spec: Any, table: list) -> str:
+    """A note for a name that is a second attribute of a module listed under another name
+    (``self.tied = self.inp``: ``named_modules`` lists each module once), else ""."""
+    if not isinstance(spec, str) or spec.startswith("re:"):
+        return ""
+    try:
+        module = model.get_submodule(spec)
+    except AttributeError:
+        return ""
+    listed = next((name for name, _, m in table if m is module), None)
+    return "" if listed is None else (f" ({spec!r} is another name of the module {listed!r}, "
+                                      "which is listed once, under that name: use it)")
 
 
 def resolve_layers(model: nn.Module, layers: Layers, model_name: str = "model") -> list[str]:

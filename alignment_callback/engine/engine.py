@@ -219,8 +219,8 @@ class AlignmentEngine:
             raise LayerShapeError(
                 f"the model's probe activations have {feats[0].shape[0]} rows but the "
                 f"reference's have {self.reference.n}: rows must be the same probe samples in "
-                "the same order (a layer whose output is not batch-first, such as (T, n, d), "
-                "needs a pool callable or output_key)")
+                "the same order (outputs must be batch-first; a (T, n, d) output is not: hook a "
+                "batch-first layer)")
         measures = list(self.measures.values())
         dtype = torch.promote_types(feats[0].dtype, self.reference.dtype)
         reference = self.reference

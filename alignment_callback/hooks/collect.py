@@ -618,8 +618,9 @@ def collect_activations(
     rows = {name: a.shape[0] for name, a in acts.items()}
     if len(set(rows.values())) > 1:
         raise LayerShapeError(
-            f"layers produced different numbers of rows {rows}; a layer whose output is not "
-            "batch-first (e.g. (T, n, d)) needs a pool callable or output_key"
+            f"layers produced different numbers of rows {rows}: outputs must be batch-first, "
+            "with one row per sample (a (T, n, d) output is not: hook a batch-first layer; "
+            "output_key picks the part of a tuple or dict output to record)"
         )
     if not any(rows.values()):
         raise ValueError(f"dataloader_or_batches holds no rows ({n_batches} batch(es) of 0 "

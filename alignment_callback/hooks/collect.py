@@ -401,8 +401,10 @@ def _layer_count_error(bad: dict[str, int]) -> LayerCountError:
     return LayerCountError(
         f"these layers did not run exactly once in a forward pass: {bad} (calls per pass); "
         "rows would not line up with samples." + why + (
-            " A module reused inside the model cannot be recorded; hook its children or use "
-            "ActivationRecorder directly." if len(never) < len(bad) else "")
+            " A module called several times in one forward (shared weights, a recurrent "
+            "cell) gives several rows per sample: hook a module that is called once per "
+            "forward (such as the one that makes the repeated calls), or record every call "
+            "with ActivationRecorder directly." if len(never) < len(bad) else "")
     )
 
 

@@ -14,8 +14,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
-from tests.helpers import FAST_TRAINER, MLP, make_probe, quiet_callback, train_loader
+from alignment_callback import AlignmentPlateau
+from tests.helpers import FAST_TRAINER, MLP, make_data, make_probe, quiet_callback, train_loader
 
 KEY = "alignment/linear_cka/calibrated"
 # 64 training rows in batches of 16: 4 optimizer steps per epoch
@@ -34,7 +36,7 @@ def callback(**kw):
     return quiet_callback(make_probe(48), ["linear_cka"], 19, **kw)
 
 
-def fit(callbacks, module=None, ckpt_path=None, val=False, **trainer_kw):
+def fit(callbacks, module=None, ckpt_path=None, val=False, loader=None, **trainer_kw):
     pl.seed_everything(0, verbose=False)
     trainer_kw.setdefault("max_epochs", 3)
     trainer = pl.Trainer(callbacks=callbacks, logger=False,
@@ -43,7 +45,8 @@ def fit(callbacks, module=None, ckpt_path=None, val=False, **trainer_kw):
                          **{**FAST_TRAINER, **trainer_kw})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module or (ValMLP() if val else MLP()), train_loader(),
+        trainer.fit(module or (ValMLP() if val else MLP()),
+                    train_loader() if loader is None else loader,
                     train_loader(shuffle=False) if val else None, ckpt_path=ckpt_path)
     return trainer, [str(w.message) for w in caught]
 
@@ -168,3 +171,69 @@ def test_monitors_that_check_where_the_steps_are_get_no_warning_and_fresh_scores
                        EarlyStopping(KEY, mode="max", patience=5)],
                       val=True, max_epochs=2, check_val_every_n_epoch=2)
     assert not _stale(messages), messages
+
+
+class _Stream(IterableDataset):
+    """64 rows in 4 batches of 16, with no length."""
+
+    def __iter__(self):
+        x, y = make_data(64)
+        for i in range(0, 64, 16):
+            yield x[i:i + 16], y[i:i + 16]
+
+
+class _IterMLP(MLP):
+    """A training_step that reads the dataloader_iter: Lightning cannot tell the last batch."""
+
+    def training_step(self, dataloader_iter):
+        (x, y), _, _ = next(dataloader_iter)
+        return nn.functional.mse_loss(self(x), y)
+
+
+def test_epochs_whose_last_batch_lightning_cannot_tell_still_get_their_steps():
+    """With a dataloader_iter over an IterableDataset, the epoch ends when the iterator does, and
+    Lightning's is_last_batch stays False: the epoch-mode steps were all skipped as if the epochs
+    were cut short."""
+    cb = callback(log_to_module=False)
+    trainer, _ = fit([cb], module=_IterMLP(), loader=DataLoader(_Stream(), batch_size=None),
+                     max_epochs=2)
+    assert trainer.global_step == 8 and labels(cb) == [(0, 0), (1, 4), (2, 8)]
+
+
+def test_a_warm_start_from_a_mid_epoch_checkpoint_runs_no_extra_step(tmp_path):
+    """A run without the callback checkpointed in the middle of its second epoch, continued with
+    AlignmentCallback(baseline=False): a step labeled as finished epoch 1 ran at once on the
+    mid-epoch weights."""
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
+                            filename="{step}")
+    fit([saver], max_epochs=2)
+    warm = callback(baseline=False)
+    fit([warm], max_epochs=3, ckpt_path=str(tmp_path / "step=6.ckpt"))
+    assert labels(warm) == [(2, 8), (3, 12)]
+
+
+def test_the_plateau_numbers_its_step_checks_like_the_history():
+    """AlignmentPlateau(check_on="step") gave the epoch in progress, the history the finished
+    epochs: its fired_at of the step at the end of the first epoch said epoch 0, the history 1."""
+    cb = callback(every_n_train_steps=4)
+    calls = []  # checks at every optimizer step: 1 (the first value), 2, 3, 4 (fires)
+    plateau = AlignmentPlateau(KEY, mode="max", patience=3, min_delta=10.0, check_on="step",
+                               source="metrics", on_plateau=lambda t, m: calls.append(1))
+    fit([cb, plateau], max_epochs=2)
+    assert calls == [1]
+    at = (plateau.fired_at["epoch"], plateau.fired_at["step"])
+    assert at == (1, 4) and at in labels(cb)  # the last batch of the first epoch
+
+
+def test_no_stale_monitor_warning_without_a_validation_loop(tmp_path):
+    """limit_val_batches=0 turns validation off, so ModelCheckpoint checks at the training epoch
+    end; it was warned about as checking at the validation end."""
+    cb = callback()
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max", save_top_k=-1,
+                            filename="{step}")
+    _, messages = fit([cb, saver], val=True, max_epochs=2, val_check_interval=0.5,
+                      limit_val_batches=0)
+    assert not _stale(messages), messages
+    scores = {int(re.search(r"step=(\d+)", path).group(1)): float(score)
+              for path, score in saver.best_k_models.items()}
+    assert scores == {int(h["step"]): h[KEY] for h in cb.history if h["step"] > 0}

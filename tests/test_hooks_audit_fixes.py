@@ -562,6 +562,15 @@ def test_half_precision_outputs_are_pooled_at_the_precision_recorded(dtype):
                 model(x)
         got = rec["act"]
         assert float(((got.double() - exact_masked).norm() / exact_masked.norm())) < tol
+    # the pools that select values are cast after the selection (no float32 copy of every
+    # token); they are exact either way.  dtype=None keeps the output's dtype, but a mean is
+    # float32 at least
+    first = collect_activations(model, x, ["act"], pool="cls", dtype=torch.float32)["act"]
+    assert torch.equal(first.double(), out[:, 0])
+    kept = collect_activations(model, x, ["act"], pool="cls", dtype=None)["act"]
+    assert kept.dtype == dtype
+    assert collect_activations(model, x, ["act"], pool="mean", dtype=None)["act"].dtype == \
+        torch.float32
     pooled = pool_features(out.to(dtype), "mean")  # the function alone: float32 at least
     assert pooled.dtype == torch.float32
     torch.testing.assert_close(pooled.double(), out.to(dtype).double().mean(1), rtol=1e-6,

@@ -38,6 +38,7 @@ from alignment_callback.callback.probe import (
     load_probe,
     shared_with,
 )
+from alignment_callback.callback.progress import epoch_cut_short, last_batch_ran
 from alignment_callback.callback.reference import (
     Reference,
     ReferenceSpec,
@@ -883,11 +884,13 @@ class AlignmentCallback(Callback):
             self._maybe_run(trainer, pl_module, epoch=missed)
 
     def _missed_epoch_step(self, trainer: Trainer, pending: list[tuple[int, int]]) -> int | None:
-        """Epoch mode, a resumed run: the epoch whose step is due but was not run because the
-        checkpoint was written after the epoch's last batch and before its end (a checkpoint
-        every n training steps); Lightning resumes with the next epoch, so the step is run now,
-        on the same weights.  None when there is no such epoch."""
-        if self.every_n_train_steps is not None or trainer.ckpt_path is None:
+        """Epoch mode, a run resumed with this callback's history: the epoch whose step is due
+        but was not run because the checkpoint was written after the epoch's last batch and
+        before its end (a checkpoint every n training steps); Lightning resumes with the next
+        epoch, so the step is run now, on the same weights.  None when there is no such epoch
+        (also for a checkpoint written in the middle of an epoch)."""
+        if (self.every_n_train_steps is not None or trainer.ckpt_path is None
+                or not self.history or not last_batch_ran(trainer)):
             return None
         epoch = int(trainer.current_epoch)
         if epoch == 0 or epoch % self.every_n_epochs or any(e == epoch for e, _ in pending):
@@ -959,7 +962,7 @@ class AlignmentCallback(Callback):
         epoch = trainer.current_epoch + 1
         # an epoch cut short (max_steps, a stop requested mid-epoch) is not a finished epoch:
         # a resumed run finishes it, and its step comes at its end, as in an uninterrupted run
-        if epoch % self.every_n_epochs == 0 and _epoch_finished(trainer):
+        if epoch % self.every_n_epochs == 0 and not epoch_cut_short(trainer):
             self._maybe_run(trainer, pl_module, epoch=epoch)
         self._publish(trainer, self._queue.ready())
 
@@ -971,7 +974,7 @@ class AlignmentCallback(Callback):
         if n is not None and trainer.global_step > 0 and trainer.global_step % n == 0:
             # the epoch label counts finished epochs, as in epoch mode: the last batch of an
             # epoch finishes it
-            epoch = trainer.current_epoch + int(_epoch_finished(trainer))
+            epoch = trainer.current_epoch + int(last_batch_ran(trainer))
             self._maybe_run(trainer, pl_module, epoch=epoch, in_batch_hook=True)
         if len(self._queue):
             self._publish(trainer, self._queue.ready())
@@ -1593,14 +1596,6 @@ def _from_rank(rank: int, error: str) -> Exception:
 def _which(ref: Reference) -> str:
     """``"the reference"``, or ``"reference 'name'"`` for one of several."""
     return "the reference" if ref.name is None else f"reference {ref.name!r}"
-
-
-def _epoch_finished(trainer: Trainer) -> bool:
-    """Whether the training epoch in progress has run its last batch (Lightning's batch
-    progress: False when ``max_steps`` or a requested stop ended it early; True where the
-    progress cannot be read)."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    return bool(getattr(getattr(loop, "batch_progress", None), "is_last_batch", True))
 
 
 def _reraise(error: BaseException) -> None:

@@ -93,15 +93,17 @@ def _checks_at_validation_end(cb: Callback, trainer: Trainer, pl_module: Lightni
                               ) -> str | None:
     """Why ``cb`` (a ``ModelCheckpoint`` or ``EarlyStopping``) checks at the validation end
     rather than the training epoch end, by Lightning's rule for each; None when it checks at
-    the training epoch end, when the module has no validation loop (a validation end never
-    comes), or for another kind of monitor."""
+    the training epoch end, when there is no validation loop (no ``validation_step``, or
+    ``limit_val_batches=0``: a validation end never comes), or for another kind of monitor."""
     if isinstance(cb, ModelCheckpoint):
         setting, option = getattr(cb, "_save_on_train_epoch_end", None), "save_on_train_epoch_end"
     elif isinstance(cb, EarlyStopping):
         setting, option = getattr(cb, "_check_on_train_epoch_end", None), "check_on_train_epoch_end"
     else:
         return None
-    if not is_overridden("validation_step", pl_module) or setting is True:
+    no_validation = (not is_overridden("validation_step", pl_module)
+                     or trainer.limit_val_batches == 0)
+    if no_validation or setting is True:
         return None
     if setting is False:
         return f"{option}=False"

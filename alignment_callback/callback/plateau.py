@@ -55,6 +55,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from alignment_callback.callback.alignment_callback import AlignmentCallback
+from alignment_callback.callback.progress import last_batch_ran
 from alignment_callback.engine.result import LOGGED_FIELDS
 
 #: The numbers logged per measure as ``<prefix>/<measure>/<field>``
@@ -312,7 +313,9 @@ class AlignmentPlateau(Callback):
             # once per optimizer step (gradient accumulation calls this hook several times)
             if step > 0 and step != self._last_step:
                 self._last_step = step
-                self._read_metrics(trainer, pl_module, int(trainer.current_epoch), step)
+                # finished epochs, as the AlignmentCallback's history numbers its steps
+                epoch = int(trainer.current_epoch) + int(last_batch_ran(trainer))
+                self._read_metrics(trainer, pl_module, epoch, step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._history is not None:

@@ -84,6 +84,16 @@ def test_an_epoch_cut_short_has_no_epoch_step_and_a_resume_finishes_it(tmp_path)
     assert labels(resumed) == labels(whole)
 
 
+class _FirstBatch(pl.Callback):
+    """The monitored key in ``trainer.callback_metrics`` when the first batch starts."""
+
+    value = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.value is None:
+            self.value = float(trainer.callback_metrics[KEY])
+
+
 def test_a_checkpoint_at_an_epochs_last_batch_resumes_with_that_epochs_step(tmp_path):
     """A checkpoint every 4 training steps is written at the last batch of each epoch, before
     the epoch end where the epoch's step runs; Lightning resumes with the next epoch, so the
@@ -93,10 +103,12 @@ def test_a_checkpoint_at_an_epochs_last_batch_resumes_with_that_epochs_step(tmp_
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1,
                             filename="{step}")
     fit([whole, saver], max_epochs=4)
-    resumed = callback()
-    fit([resumed], max_epochs=4, ckpt_path=str(tmp_path / "step=8.ckpt"))
+    resumed, seen = callback(), _FirstBatch()
+    fit([resumed, seen], max_epochs=4, ckpt_path=str(tmp_path / "step=8.ckpt"))
     assert labels(resumed) == labels(whole) == [(0, 0), (1, 4), (2, 8), (3, 12), (4, 16)]
     assert resumed.history[2][KEY] == whole.history[2][KEY]
+    # the monitors start from that step's value, the latest, not from the one before it
+    assert seen.value == pytest.approx(whole.history[2][KEY], abs=1e-6)
     assert resumed.history[2]["alignment/linear_cka/raw"] == whole.history[2][
         "alignment/linear_cka/raw"]
 

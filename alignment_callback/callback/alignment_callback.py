@@ -869,9 +869,9 @@ class AlignmentCallback(Callback):
         pending = [(e, s) for e, s in self._resume_pending if s == trainer.global_step]
         self._resume_pending = []
         missed = self._missed_epoch_step(trainer, pending)
-        if self.history:  # resumed with this callback's history: it goes on from there
+        resumed = bool(self.history)
+        if resumed:  # resumed with this callback's history: it goes on from there
             self._anchor_drift(trainer, pl_module, retaken=bool(pending) or missed is not None)
-            self._resume_monitors(trainer, pl_module)
         elif self.baseline:  # a new history (also for weights trained before: a warm start)
             if trainer.global_step > 0 and any(ref.kind == "initial" for ref in self.references):
                 rank_zero_warn(_INITIAL_RESUMED, category=UserWarning)
@@ -881,7 +881,9 @@ class AlignmentCallback(Callback):
         for epoch, step in pending:  # in flight when the checkpoint was written
             self._maybe_run(trainer, pl_module, epoch=epoch, monitor=False)
         if missed is not None:
-            self._maybe_run(trainer, pl_module, epoch=missed)
+            self._maybe_run(trainer, pl_module, epoch=missed, monitor=False)
+        if resumed:  # the history's last values (the missed step's too) to the monitors, once
+            self._resume_monitors(trainer, pl_module)
 
     def _missed_epoch_step(self, trainer: Trainer, pending: list[tuple[int, int]]) -> int | None:
         """Epoch mode, a run resumed with this callback's history: the epoch whose step is due

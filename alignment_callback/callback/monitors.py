@@ -37,7 +37,8 @@ def alignment_monitors(trainer: Trainer, prefix: str, owner: Any) -> list[Callba
 def refuse_in_background(monitors: list[Callback]) -> None:
     """``background=True``: results arrive whenever the worker finishes and are not logged to
     the module, so no monitor can watch them."""
-    for cb in monitors:
+    if monitors:
+        cb = monitors[0]
         raise ValueError(
             f"{type(cb).__name__}(monitor={cb.monitor!r}) cannot watch an alignment key "
             "computed with AlignmentCallback(background=True): background results arrive "

@@ -138,7 +138,7 @@ def test_the_refusal_for_a_layer_list_suggests_what_a_layer_list_can_use(monkeyp
     from alignment_callback.functional import pipeline
 
     monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 1 << 10)
-    x, y = _pair(200, 8)
+    x, y = _pair(400, 8)
     with pytest.raises(MemoryError) as err:
         F.calibrated_layer_alignment([x, x + 1], [y, y + 1], "rbf_cka", 9, null="auto")
     assert "one layer pair with linear_cka" in str(err.value)
@@ -156,9 +156,11 @@ def test_permutations_whose_nulls_cannot_fit_are_refused_naming_num_permutations
     x, y = torch.randn(20, 4), torch.randn(20, 4)
     with pytest.raises(MemoryError, match=r"num_permutations=35184372088832: .* 131072\.0 GiB"):
         F.calibrated_alignment(x, y, "linear_cka", num_permutations=2**45)
-    # the count: 6 layer pairs × K float32 values against the memory available
-    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 6 * 100 * 4 - 1)
+    # the count: 6 layer pairs × K float32 values against the memory available (K large
+    # enough for the nulls to be above the small requests that are never refused)
+    K = 50_000
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 6 * K * 4 - 1)
     with pytest.raises(MemoryError, match=r"\(1 measure\(s\) × 6 layer pair\(s\) × K\)"):
-        F.calibrated_layer_alignment([x, x], [y, y, y], "mutual_knn", num_permutations=100)
-    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 6 * 100 * 4)
-    F.calibrated_layer_alignment([x, x], [y, y, y], "mutual_knn", num_permutations=100)
+        F.calibrated_layer_alignment([x, x], [y, y, y], "mutual_knn", num_permutations=K)
+    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 6 * K * 4)
+    F.calibrated_layer_alignment([x, x], [y, y, y], "mutual_knn", num_permutations=K)

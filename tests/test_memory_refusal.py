@@ -94,7 +94,7 @@ def test_calibrated_predictivity_is_refused_before_any_n_by_n_matrix(monkeypatch
 
 
 def test_predictivity_measure_call_is_refused_too(monkeypatch):
-    n = 120
+    n = 300  # its four n×n matrices above _memory.SMALL_REQUEST, which is never refused
     _free(monkeypatch, 1.0, n)
     spy = _spy_predictivity(monkeypatch)
     x, y = _pair(n)
@@ -435,8 +435,8 @@ def test_rv_coefficient_is_refused_before_its_grams(monkeypatch):
 
     monkeypatch.setattr(gram_measures, "available_bytes", lambda device: 1024)
     monkeypatch.setattr(rv_module, "rv_state", spy)
-    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(MemoryError, match=r"rv_coefficient at n=64 needs about"):
+    x = torch.randn(400, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(MemoryError, match=r"rv_coefficient at n=400 needs about"):
         rv_module.rv_coefficient(x, x)
 
 
@@ -485,3 +485,40 @@ def test_bound_linear_cka_call_takes_the_feature_route_at_large_n(monkeypatch, n
     expected = (np.linalg.norm(xd.T @ yd) ** 2
                 / (np.linalg.norm(xd.T @ xd) * np.linalg.norm(yd.T @ yd)))
     assert float(got) == pytest.approx(expected, abs=1e-6)
+
+
+# ------------------------------------------------------ small requests read no memory
+def test_small_requests_do_not_read_the_free_memory(monkeypatch):
+    """Reading the free memory (``/proc``, cgroup files: about half a millisecond) cost more
+    than the work at small n, where it ran several times per calibration; requests of at most
+    ``_memory.SMALL_REQUEST`` bytes are never refused and do not read it.  Above it, every
+    check reads it and refuses as before."""
+    from alignment_callback.functional import gram_measures, pipeline
+
+    reads: list[str] = []
+
+    def counting(where: str):
+        def read(device: torch.device) -> int:
+            reads.append(where)
+            return 0  # nothing free: every check that reads refuses
+        return read
+
+    for module, name in ((gram_measures, "available_bytes"), (pipeline, "_available_bytes"),
+                         (pr, "available_bytes"), (shm, "available_bytes")):
+        monkeypatch.setattr(module, name, counting(module.__name__.rsplit(".", 1)[1]))
+    small = int(math.sqrt(_memory.SMALL_REQUEST / (8 * 8)))  # 8 float64 n×n fit in it
+    x, y = _pair(small, dtype=torch.float64)
+    for name in ("linear_cka", "rbf_cka", "unbiased_cka", "rsa", "rv_coefficient",
+                 "bures_similarity", "linear_predictivity"):
+        kw = {"bures_similarity": {"kernel": "rbf"},
+              "linear_predictivity": {"ridge": 1.0}}.get(name, {})  # the CV grid: 40 n×n
+        F.calibrated_alignment(x, y, get_measure(name, **kw), 19, seed=0)
+        getattr(F, name)(x, y, **kw)
+    F.calibrated_layer_alignment([x, x], [y, y], "rbf_cka", num_permutations=19, seed=0)
+    assert reads == []
+    big = 2 * int(math.sqrt(_memory.SMALL_REQUEST / 4))  # one float32 n×n is above it
+    xb, yb = _pair(big)
+    for name in ("linear_cka", "rbf_cka", "unbiased_cka", "rsa", "rv_coefficient"):
+        with pytest.raises(MemoryError, match=rf"{name} at n={big}"):
+            F.calibrated_alignment(xb, yb, name, 19, null="permutation")
+    assert reads and set(reads) <= {"gram_measures", "pipeline"}, reads

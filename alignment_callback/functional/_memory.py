@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -130,12 +131,22 @@ def format_bytes(num: float) -> str:
     return f"{int(num)} bytes"
 
 
+#: Requests up to this many bytes are never refused and do not read the free memory: the read
+#: (``/proc`` and cgroup files, about half a millisecond) costs more than the allocation, and a
+#: machine without a MiB to spare fails anyway
+SMALL_REQUEST = 1 << 20
+
+
 def square_matrix_error(what: str, n: int, count: int, dtype: torch.dtype, device: torch.device,
-                        free: int | None, alternatives: str) -> MemoryError | None:
-    """The error to raise when ``count`` n×n ``dtype`` matrices need more than ``free`` bytes
-    (None: they fit, or the free memory is unknown); it gives the estimate and
-    ``alternatives``."""
+                        free: Callable[[torch.device], int | None],
+                        alternatives: str) -> MemoryError | None:
+    """The error to raise when ``count`` n×n ``dtype`` matrices need more than the bytes
+    ``free(device)`` reads (None: they fit, they are at most ``SMALL_REQUEST`` bytes, or the
+    free memory is unknown); it gives the estimate and ``alternatives``."""
     size = n * n * torch.tensor([], dtype=dtype).element_size()
+    if count * size <= SMALL_REQUEST:
+        return None
+    free = free(device)
     if free is None or count * size <= free:
         return None
     return MemoryError(

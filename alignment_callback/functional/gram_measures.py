@@ -276,7 +276,7 @@ def _check_memory(name: str, x: Tensor, alternatives: str, count: int = 4) -> No
     """Refuse before allocating when ``count`` n×n matrices of ``x``'s dtype (default 4: the
     two sides' and two being built) would not fit in the memory available."""
     error = square_matrix_error(name, x.shape[0], count, x.dtype, x.device,
-                                available_bytes(x.device), alternatives)
+                                available_bytes, alternatives)
     if error is not None:
         raise error
 

@@ -29,7 +29,11 @@ from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast, warn_if_tf32
 from alignment_callback.functional._memory import available_bytes as _available_bytes
-from alignment_callback.functional._memory import format_bytes, square_matrix_error
+from alignment_callback.functional._memory import (
+    SMALL_REQUEST,
+    format_bytes,
+    square_matrix_error,
+)
 from alignment_callback.functional._validation import (
     AUTO,
     check_alpha,
@@ -254,7 +258,7 @@ def check_gram_memory(measure: Measure, n: int, dtype: torch.dtype, device: torc
         alternatives = "null='moments' (computed from the features, no n×n matrix)"
     count = kept - 1 + measure.info.prepare_peak(dtype) + reserve
     error = square_matrix_error(measure.name, n, count, dtype, device,
-                                _available_bytes(device), alternatives)
+                                _available_bytes, alternatives)
     if error is not None:
         raise error
 
@@ -374,13 +378,13 @@ def _check_null_room(measures: Sequence[Measure], xside: PreparedSide, yside: Pr
     """Refuse with ``MemoryError``, naming ``num_permutations``, K that would make the (K, LA, LB)
     nulls of ``measures`` larger than the memory available on their device (they are allocated
     whole, one per measure)."""
-    free = _available_bytes(xside.device)
-    if not measures or free is None:
-        return
     pairs = len(xside.features) * len(yside.features)
     size = torch.tensor([], dtype=xside.dtype).element_size()
     need = len(measures) * num_permutations * pairs * size
-    if need > free:
+    if need <= SMALL_REQUEST:
+        return
+    free = _available_bytes(xside.device)
+    if free is not None and need > free:
         raise MemoryError(
             f"num_permutations={num_permutations}: the permutation nulls ({len(measures)} "
             f"measure(s) × {pairs} layer pair(s) × K) need {format_bytes(need)}, but only "

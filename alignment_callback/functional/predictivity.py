@@ -366,7 +366,7 @@ def _check_memory(sx: PredictivityState, sy: PredictivityState, batch: int) -> N
     alternatives = (f"{cheaper}linear_predictivity(x, y) for the value alone (a direct "
                     "regression, O(n·d) memory), linear_cka with null='moments' (no n×n matrix)")
     error = square_matrix_error("linear_predictivity", n, -(-need // square), dtype, device,
-                                available_bytes(device), alternatives)
+                                available_bytes, alternatives)
     if error is not None:
         raise error
 

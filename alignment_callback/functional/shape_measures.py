@@ -290,7 +290,7 @@ def _check_rbf_memory(x: Tensor, count: int) -> None:
     """Refuse before allocating when ``count`` n×n matrices of ``x``'s dtype would not fit in
     the memory available (the RBF Bures state's gram and eigendecomposition)."""
     error = square_matrix_error("bures_similarity (kernel='rbf')", x.shape[0], count, x.dtype,
-                                x.device, available_bytes(x.device),
+                                x.device, available_bytes,
                                 "kernel='linear' (= procrustes_similarity, from the features: "
                                 "no n×n matrix)")
     if error is not None:

@@ -158,8 +158,9 @@ class AlignmentCallback(Callback):
     that reads the trainer, or state the copy cannot hold) the capture stays in the loop with a
     warning.  The values equal the
     foreground ones.  They are not ``pl_module.log``-ged (when a value arrives depends on
-    timing).  At most two steps are outstanding; a checkpoint never waits (steps in flight are
-    redone on resume).  Should the model's state stop being copyable later in training, the
+    timing).  At most two steps are outstanding; a checkpoint waits for an earlier step still
+    being computed, not for one taken at its own global step, which it saves as pending and a
+    resumed run recomputes.  Should the model's state stop being copyable later in training, the
     capture moves to the loop with a warning; training never fails on it.
     Single-process runs only: under DDP the callback runs in the foreground.
 

@@ -165,8 +165,8 @@ def _extract_parser(sub: Any, fmt: Any) -> None:
                     help="keyword arguments of the factory (or of load_from_checkpoint) as a "
                          "JSON object")
     ex.add_argument("--probe", required=True, metavar="PROBE.pt",
-                    help="the probe inputs: a tensor, a dict batch or a list of batches (.pt, "
-                         "read with weights_only=True)")
+                    help="the probe inputs: a tensor, a tuple or dict batch, or a list of "
+                         "batches (.pt, read with weights_only=True)")
     ex.add_argument("--layers", required=True, action="append", nargs="+", metavar="PATTERN",
                     help="layer names, globs ('encoder.layer.*') or regexes (repeatable)")
     ex.add_argument("--out", required=True, metavar="FEATS.pt",

@@ -28,7 +28,16 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from alignment_callback import AlignmentCallback
 from alignment_callback.hooks.extract import extract_features
-from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, quiet_callback, train_loader
+from alignment_callback.hooks import collect_activations
+from tests.helpers import (
+    FAST_TRAINER,
+    MLP,
+    RefMLP,
+    make_probe,
+    offline_alignment,
+    quiet_callback,
+    train_loader,
+)
 
 PROBE = make_probe(48)
 
@@ -266,6 +275,34 @@ def test_true_precision_trainers_get_converted_probes(precision, background):
         warnings.simplefilter("error", RuntimeWarning)  # no step may be skipped
         fit([cb], precision=precision)
     assert len(cb.history) == 3 and all(np.isfinite(raws(cb)))
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+def test_a_float64_model_and_reference_are_compared_in_float64(background):
+    """``precision="64-true"`` and a float64 reference: the activations were recorded in
+    float32, so the logged values were float32 ones (on these discrete probe rows mutual kNN
+    0.5683333278 for 0.5683333333, and the reference given as its own float64 features scored
+    otherwise than the module).  They now equal the float64 calibration of the float64
+    activations, and the features score as the module does."""
+    probe = torch.randint(-2, 3, (48, PROBE.shape[1]),
+                          generator=torch.Generator().manual_seed(5)).double()
+    measures = ["linear_cka", "mutual_knn", "rsa"]
+    ref = RefMLP().double()
+    by_module = callback(probe=probe, measures=measures, reference=ref, background=background)
+    _, model, _ = fit([by_module], precision="64-true", max_epochs=1)
+    features = collect_activations(ref, probe, ["fc1", "fc2"], dtype=None)
+    assert {v.dtype for v in features.values()} == {torch.float64}
+    by_features = callback(probe=probe, measures=measures, reference=features)
+    fit([by_features], precision="64-true", max_epochs=1)
+    def timeless(history):
+        return [{k: v for k, v in h.items() if not k.endswith("/seconds")} for h in history]
+
+    assert timeless(by_features.history) == timeless(by_module.history)
+    for name in measures:
+        expected = offline_alignment(model, ref, probe, ["fc1", "fc2"], name, 19, dtype=None)
+        for field in ("raw", "calibrated", "p_value", "threshold"):
+            assert by_module.history[-1][f"alignment/{name}/{field}"] == float(
+                getattr(expected, field)), (name, field)
 
 
 class ReusedActivation(MLP):

@@ -571,6 +571,15 @@ def test_half_precision_outputs_are_pooled_at_the_precision_recorded(dtype):
     assert kept.dtype == dtype
     assert collect_activations(model, x, ["act"], pool="mean", dtype=None)["act"].dtype == \
         torch.float32
+    # a pool callable too (the REPA preset's patch mean): with dtype=None it received the
+    # half-precision tokens and averaged them there; they are now cast to float32 first
+    def patch_mean(t: torch.Tensor) -> torch.Tensor:
+        return t[:, 1:].mean(1)
+
+    kept = collect_activations(model, x, ["act"], pool=patch_mean, dtype=None)["act"]
+    assert kept.dtype == torch.float32
+    exact_patches = out[:, 1:].mean(1)
+    assert float(((kept.double() - exact_patches).norm() / exact_patches.norm())) < 1e-6
     pooled = pool_features(out.to(dtype), "mean")  # the function alone: float32 at least
     assert pooled.dtype == torch.float32
     torch.testing.assert_close(pooled.double(), out.to(dtype).double().mean(1), rtol=1e-6,

@@ -43,6 +43,7 @@ from alignment_callback.callback.reference import (
     Reference,
     ReferenceSpec,
     check_features,
+    compute_dtype,
     count_rows,
     feature_dtype,
     resolve_references,
@@ -1235,9 +1236,10 @@ class AlignmentCallback(Callback):
         acts = collect_activations(
             model, batches, layers, pool=pool, device=model_device, input_key=input_key,
             batch_transform=transform, restore_rng=restore_rng, mask_key=self.mask_key,
-            to_cpu=self._device.type == "cpu",
-        )
-        return {k: v.to(self._device) for k, v in acts.items()}
+            to_cpu=self._device.type == "cpu", dtype=None,
+        )  # recorded in the output's dtype (half precision pooled in float32), then compared in
+        # float64 when the model computes in float64 (precision="64-true"), else in float32
+        return {k: v.to(self._device, compute_dtype(v)) for k, v in acts.items()}
 
     def _reference_activations(self, ref: Reference, model_device: torch.device,
                                show: bool) -> dict[str, Tensor]:

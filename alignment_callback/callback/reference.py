@@ -297,6 +297,12 @@ def check_features(ref: Reference, probe: Any, n_probe: int | None) -> None:
         check_fingerprint(ref.path, probe)
 
 
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype activations and features are compared in: float64 stays float64 (a float64
+    model, float64 features), everything else is float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def feature_dtype(features: Mapping[str, Tensor], device: torch.device, pool: Any = None,
                   where: str = "reference_pool") -> dict[str, Tensor]:
     """Features on the compute device (float64 stays float64, the rest float32), those of more
@@ -304,7 +310,7 @@ def feature_dtype(features: Mapping[str, Tensor], device: torch.device, pool: An
     a model reference's outputs are; ``where`` names it in errors)."""
     out = {}
     for k, v in features.items():
-        dtype = v.dtype if v.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(v)
         if v.dim() <= 2:
             out[k] = v.to(device=device, dtype=dtype)
             continue

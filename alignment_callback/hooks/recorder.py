@@ -70,10 +70,11 @@ class ActivationRecorder:
     to_cpu : bool, default=True
         Move recorded tensors to the CPU.
     dtype : torch.dtype or None, default=torch.float32
-        Dtype of the recorded tensors; ``None`` keeps the output's (except that ``"mean"`` of
-        float16 / bfloat16 outputs is float32: see ``pool_features``).  With ``"mean"`` or a
-        pool callable, an output of a narrower float dtype (a float16 / bfloat16 model) is cast
-        before it is pooled, so the average is formed at the precision recorded.
+        Dtype of the recorded tensors; ``None`` keeps the output's, except that a float16 /
+        bfloat16 output pooled with ``"mean"`` or a pool callable is pooled and recorded in
+        float32.  With ``"mean"`` or a pool callable, an output of a narrower float dtype (a
+        float16 / bfloat16 model) is cast before it is pooled, so the average is formed at the
+        precision recorded.
     output_key : int, str or None, default=None
         Which part of a tuple / dict output to record; ``None``: the rules of
         :func:`select_output`.
@@ -163,13 +164,13 @@ class ActivationRecorder:
         """``x`` pooled with the mask that fits it (a nested tensor's own, the padding mask
         the module was given, else :attr:`mask`); errors name the layer."""
         x, mask = dense_output(x)  # a nested tensor: the mask of its real tokens
-        if ((self.pool == "mean" or callable(self.pool)) and self.dtype is not None
-                and self.dtype.is_floating_point and x.is_floating_point()
-                and torch.finfo(self.dtype).bits > torch.finfo(x.dtype).bits):
+        target = torch.float32 if self.dtype is None else self.dtype  # None: float32 at least
+        if ((self.pool == "mean" or callable(self.pool)) and target.is_floating_point
+                and x.is_floating_point() and torch.finfo(target).bits > torch.finfo(x.dtype).bits):
             # averaged at the precision recorded (a float16 / bfloat16 model's mean or pooling
             # callable then works on the values the reference features of the same tensor do);
             # the other pools select values, which the cast after pooling keeps exactly
-            x = x.to(self.dtype)
+            x = x.to(target)
         for candidate in (real, self.mask) if mask is None else ():
             fits = (candidate is not None and x.dim() == 3
                     and tuple(candidate.shape) == tuple(x.shape[:2]))

@@ -138,15 +138,15 @@ SMALL_REQUEST = 1 << 20
 
 
 def square_matrix_error(what: str, n: int, count: int, dtype: torch.dtype, device: torch.device,
-                        free: Callable[[torch.device], int | None],
+                        read_free: Callable[[torch.device], int | None],
                         alternatives: str) -> MemoryError | None:
     """The error to raise when ``count`` n×n ``dtype`` matrices need more than the bytes
-    ``free(device)`` reads (None: they fit, they are at most ``SMALL_REQUEST`` bytes, or the
-    free memory is unknown); it gives the estimate and ``alternatives``."""
+    ``read_free(device)`` returns (None: they fit, they are at most ``SMALL_REQUEST`` bytes, or
+    the free memory is unknown); it gives the estimate and ``alternatives``."""
     size = n * n * torch.tensor([], dtype=dtype).element_size()
     if count * size <= SMALL_REQUEST:
         return None
-    free = free(device)
+    free = read_free(device)
     if free is None or count * size <= free:
         return None
     return MemoryError(

@@ -344,3 +344,81 @@ def test_mlflow_refusing_the_layer_map_is_said():
         dispatch.log_layer_names([logger, Plain()], "alignment",
                                  {"model": ["b"], "reference": ["r"]})
     assert logger.calls == 1
+
+
+# ------------------------------------------------------------ from an audit of the loggers
+def test_a_nested_prefix_is_plotted_against_its_own_axis():
+    """W&B: with callbacks logging under ``alignment`` (epochs) and ``alignment/wide`` (global
+    steps), every key of the second was defined on ``alignment/epoch``, the first prefix it
+    starts with, so its points were plotted at the other callback's stale epochs.  The longest
+    prefix decides."""
+    from alignment_callback.callback import dispatch
+
+    for axes in ({"alignment": "alignment/epoch", "alignment/wide": "alignment/wide/step"},
+                 {"alignment/wide": "alignment/wide/step", "alignment": "alignment/epoch"}):
+        state = {"axes": axes, "keys": set()}
+        assert dispatch._axis(state, "alignment/wide/linear_cka/raw") == "alignment/wide/step"
+        assert dispatch._axis(state, "alignment/linear_cka/raw") == "alignment/epoch"
+        assert dispatch._axis(state, "alignment/widen/raw") == "alignment/epoch"
+        assert dispatch._axis(state, "alignment/wide/step") is None  # an axis itself
+        assert dispatch._axis(state, "other/raw") is None
+
+
+def test_csv_heatmaps_of_two_prefixes_that_look_alike_keep_their_own_files(tmp_path):
+    """``log_prefix="probe/a"`` and ``"probe_a"`` wrote the same PNG names (``/`` became
+    ``_``), each step's image of one callback overwriting the other's; the prefix is now
+    written as in the report's file names (a hash appended where a character was replaced)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    a = _callback(measures=["linear_cka"], log_prefix="probe/a", verbose=False, report=False)
+    b = _callback(measures=["linear_cka"], log_prefix="probe_a", verbose=False, report=False)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    _fit(logger, [a, b])
+    names = sorted(os.path.basename(p) for p in
+                   glob.glob(os.path.join(logger.log_dir, "alignment_heatmaps", "*.png")))
+    assert len(names) == 4, names  # 2 steps (baseline, epoch 1) × 2 callbacks
+    assert sum(n.startswith("probe_a-c8729893_linear_cka_heatmap_epoch") for n in names) == 2
+    assert sum(n.startswith("probe_a_linear_cka_heatmap_epoch") for n in names) == 2
+
+
+def _summary(records) -> dict:
+    out: dict = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            for item in r.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
+def test_wandb_summary_of_a_resumed_run_is_the_whole_runs_best(tmp_path, wandb_env):
+    """W&B keeps each summary (best calibrated and raw score, smallest p) from the values its
+    process logged, so a run resumed under the same id summarized the resumed part only; the
+    callback now writes the best of its whole history at the end of fit."""
+    import wandb
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import WandbLogger
+
+    run_id, ckpt = None, tmp_path / "ckpt"
+    for epochs in (1, 3):
+        cb = _callback(log_heatmaps=False, verbose=False, report=False)
+        logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="alignment-tests",
+                             id=run_id, resume="allow" if run_id else None)
+        trainer = pl.Trainer(max_epochs=epochs, logger=logger, enable_checkpointing=True,
+                             callbacks=[cb, ModelCheckpoint(dirpath=ckpt, save_last=True)],
+                             **FAST_TRAINER)
+        trainer.fit(MLP(lr=2.0), train_loader(), ckpt_path=str(ckpt / "last.ckpt") if run_id
+                    else None)
+        run_id = logger.experiment.id
+        wandb.finish()
+    files = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert len(files) == 2
+    summary = _summary(_wait_for_complete_run_file(files[1]))  # the resumed part's run file
+    assert len(cb.history) == 4
+    first_part_best = 0
+    for name in MEASURES:
+        for field, pick in (("calibrated", max), ("raw", max), ("p_value", min)):
+            key = f"alignment/{name}/{field}"
+            best = pick(h[key] for h in cb.history)
+            assert summary[key] == {pick.__name__: pytest.approx(best, rel=1e-7)}, key
+            first_part_best += best not in [h[key] for h in cb.history[2:]]
+    assert first_part_best  # the baseline, before training moves away: what is tested

@@ -856,9 +856,7 @@ class AlignmentCallback(Callback):
         and redoing the steps that were in flight when it was written)."""
         axis = "step" if self.every_n_train_steps is not None else "epoch"
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
-        dispatch.define_summaries(trainer.loggers, [
-            f"{self._key_prefix(ref)}/{m}/{field}" for ref in self.references
-            for m in self.measures for field in ("calibrated", "raw", "p_value")])
+        dispatch.define_summaries(trainer.loggers, self._summary_keys())
         if self.log_heatmaps and importlib.util.find_spec("matplotlib") is None:
             rank_zero_warn("log_heatmaps needs matplotlib; skipping heatmaps", category=RuntimeWarning)
             self.log_heatmaps = False
@@ -1486,8 +1484,10 @@ class AlignmentCallback(Callback):
         for label, (image, png) in images.items():
             if self._scratch is None:
                 self._scratch = tempfile.mkdtemp(prefix="alignment_heatmaps_")
+            # the prefix as in the report's file names: probe/a and probe_a keep their own files
+            stem = f"{feedback.report_stem(self.log_prefix)}_{label.replace('/', '_')}_heatmap"
             dispatch.log_image(trainer.loggers, f"{self.log_prefix}/{label}/heatmap", image, png,
-                               step, f"epoch{epoch:04d}_step{step:06d}", self._scratch)
+                               step, f"epoch{epoch:04d}_step{step:06d}", self._scratch, stem)
         if dispatch.keeps_tables(trainer.loggers):  # kept (and checkpointed) for W&B only
             for label, rows in dispatch.pair_rows(flat, epoch, step).items():
                 self._tables.setdefault(label, []).extend(rows)
@@ -1511,6 +1511,12 @@ class AlignmentCallback(Callback):
         dispatch.log_layer_names(trainer.loggers, self.log_prefix, names)
         self._names_logged |= {"model", *flat}
 
+    def _summary_keys(self) -> list[str]:
+        """The keys with a W&B run summary: each curve's best calibrated and raw score and its
+        smallest p-value."""
+        return [f"{self._key_prefix(ref)}/{m}/{field}" for ref in self.references
+                for m in self.measures for field in ("calibrated", "raw", "p_value")]
+
     def _curve_labels(self) -> list[str]:
         """The labels (``[<reference>/]<measure>``) of the curves the history holds: the last
         step's, or, when this fit took none (resumed at its end), every one with a value."""
@@ -1524,6 +1530,12 @@ class AlignmentCallback(Callback):
         every run: the end-of-fit report next to the logs (a file in W&B)."""
         xs = [h["epoch"] if self.every_n_train_steps is None else h["step"] for h in self.history]
         xname = "epoch" if self.every_n_train_steps is None else "step"
+        best = {}  # over the whole history, a resumed run's too (W&B: this process's values)
+        for key in self._summary_keys():
+            values = [h[key] for h in self.history if key in h]
+            if values:
+                best[key] = (min if key.endswith("/p_value") else max)(values)
+        dispatch.write_summaries(trainer.loggers, best)
         for label in self._curve_labels():
             prefix = f"{self.log_prefix}/{label}"
             series = {"raw": [h.get(f"{prefix}/raw") for h in self.history],

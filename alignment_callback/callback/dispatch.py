@@ -66,11 +66,13 @@ def define_axes(loggers: Sequence[Any], prefix: str, step_metric: str) -> None:
 
 
 def _axis(state: Mapping[str, Any], key: str) -> str | None:
-    """The step metric of ``key``'s prefix (None for an axis itself or another key)."""
-    for prefix, step_metric in state["axes"].items():
-        if key.startswith(f"{prefix}/") and key not in state["axes"].values():
-            return step_metric
-    return None
+    """The step metric of ``key``'s prefix, the longest of the defined prefixes it starts with
+    (``alignment/wide/...`` is ``alignment/wide``'s, not ``alignment``'s); None for an axis
+    itself or another key."""
+    if key in state["axes"].values():
+        return None
+    prefixes = [prefix for prefix in state["axes"] if key.startswith(f"{prefix}/")]
+    return state["axes"][max(prefixes, key=len)] if prefixes else None
 
 
 def _define_keys(logger: Any, keys: Sequence[str]) -> None:
@@ -133,21 +135,23 @@ def encode_png(image: Any) -> bytes:
 
 
 def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: int, label: str,
-              scratch: str) -> list[str]:
+              scratch: str, file_stem: str | None = None) -> list[str]:
     """Log an (H, W, 3) uint8 image, already encoded as ``png``, where supported.
 
-    CSV loggers get ``<log_dir>/alignment_heatmaps/<key>_<label>.png``; W&B gets that file (or
-    one written to ``scratch``) so the image is not encoded again; TensorBoard and MLflow take
-    the array.  Returns the files written into CSV log directories.
+    CSV loggers get ``<log_dir>/alignment_heatmaps/<file_stem>_<label>.png`` (``file_stem``
+    default: ``key`` with ``/`` as ``_``); W&B gets that file (or one written to ``scratch``) so
+    the image is not encoded again; TensorBoard and MLflow take the array.  Returns the files
+    written into CSV log directories.
     """
     written: list[str] = []
     path = None
+    name = f"{file_stem or key.replace('/', '_')}_{label}.png"
     for logger in sorted(loggers, key=lambda lg: _kind(lg) != "csv"):  # CSV files first
         kind = _kind(logger)
         if kind == "csv" and getattr(logger, "log_dir", None):
             folder = os.path.join(logger.log_dir, "alignment_heatmaps")
             os.makedirs(folder, exist_ok=True)
-            target = os.path.join(folder, f"{key.replace('/', '_')}_{label}.png")
+            target = os.path.join(folder, name)
             with open(target, "wb") as f:
                 f.write(png)
             written.append(target)
@@ -155,7 +159,7 @@ def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: in
         elif kind == "wandb":
             if path is None:
                 os.makedirs(scratch, exist_ok=True)
-                path = os.path.join(scratch, f"{key.replace('/', '_')}_{label}.png")
+                path = os.path.join(scratch, name)
                 with open(path, "wb") as f:
                     f.write(png)
             _define_keys(logger, [key])
@@ -236,6 +240,22 @@ def define_summaries(loggers: Sequence[Any], keys: Sequence[str]) -> None:
                 exp.define_metric(key, step_metric=_axis(state, key), summary=summary)
                 state["keys"].add(key)
         except Exception:  # noqa: BLE001 - a disabled run: nothing to configure
+            pass
+
+
+def write_summaries(loggers: Sequence[Any], best: Mapping[str, float]) -> None:
+    """W&B run summary: ``best`` (key → the best value over the whole history) written as the
+    summaries :func:`define_summaries` asks for (``{"max": v}``, p-values ``{"min": v}``).  W&B
+    tracks them from the values this process logged, so a resumed run's summary covered the
+    resumed part only."""
+    for logger in loggers:
+        if _kind(logger) != "wandb":
+            continue
+        try:
+            summary = logger.experiment.summary
+            for key, value in best.items():
+                summary[key] = {"min" if key.endswith("/p_value") else "max": value}
+        except Exception:  # noqa: BLE001 - a disabled run: no summary
             pass
 
 

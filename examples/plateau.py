@@ -164,9 +164,9 @@ def main() -> None:
 
     if plateau.fired:
         at = plateau.fired_at
-        print(f"λ was switched off after epoch {at['epoch']} of {args.epochs} (best calibrated "
-              f"CKNNA {at['best']:.3f}, then {args.patience} epoch(s) without a gain > "
-              f"{args.min_delta:g})")
+        print(f"λ was switched off after epoch {at['epoch']} of {args.epochs} (calibrated "
+              f"CKNNA reached {at['best']:.3f}, then gained no more than {args.min_delta:g} "
+              f"over it in {args.patience} epoch(s))")
     else:
         print(f"calibrated CKNNA kept improving: λ stayed {args.lam:g} for all {args.epochs} "
               "epochs")

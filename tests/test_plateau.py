@@ -419,7 +419,8 @@ def test_source_metrics_ignores_the_history():
     assert _plateau().reads_history_of(aligner)
     assert not _plateau(monitor="alignment/linear_cka/raw").reads_history_of(aligner)
     assert not _plateau(monitor="alignment/cknna").reads_history_of(aligner)  # no field
-    assert _plateau(monitor="alignment/dinov2/cknna/calibrated").reads_history_of(aligner)
+    # a reference's name where the one reference has none: not a key it logs (15th session)
+    assert not _plateau(monitor="alignment/dinov2/cknna/calibrated").reads_history_of(aligner)
     assert not _plateau(monitor="other/cknna/calibrated").reads_history_of(aligner)
 
 
@@ -463,3 +464,53 @@ def test_example_runs_and_switches_the_loss_off(tmp_path):
     assert sorted(weights) == list(range(1, 13))
     assert all(weights[e] == 0 for e in weights if e > fired_epoch) and fired_epoch < 12
     assert time.perf_counter() - start < 120
+
+
+# ---------------------------------------------------------- from an audit of the plateau (15th)
+def test_a_key_no_reference_logs_is_refused_at_setup(tmp_path):
+    """Keys that name a measure but none of the callback's references (the key without the
+    reference's name when there are several, a misspelt name, a name when the one reference
+    has none) passed setup: ``strict`` failed at the first alignment step, after training
+    had started, and ``strict=False`` never fired.  They are refused before any step."""
+    two = {"a": RefMLP(seed=1), "b": RefMLP(seed=2)}
+    for refs, monitor in ((two, "alignment/cknna/calibrated"),
+                          (two, "alignment/c/cknna/calibrated"),
+                          (None, "alignment/dino/cknna/calibrated")):
+        aligner = (_aligner() if refs is None else
+                   AlignmentCallback(refs, make_probe(), LAYERS, measures=["cknna"],
+                                     num_permutations=20, log_heatmaps=False))
+        with pytest.raises(ValueError, match=r"no AlignmentCallback logs this key \(they log "
+                                             r"e\.g\. alignment/(a/)?cknna/calibrated"):
+            _fit(tmp_path, [aligner, _plateau(monitor=monitor)], 1)
+        assert aligner.history == []
+    aligner = AlignmentCallback(two, make_probe(), LAYERS, measures=["cknna"],
+                                num_permutations=20, log_heatmaps=False)
+    plateau = _plateau(monitor="alignment/b/cknna/calibrated", patience=1, min_delta=10.0)
+    _fit(tmp_path, [aligner, plateau], 2)
+    assert plateau.fired_at["epoch"] == 2
+
+
+class SlowProbeMLP(MLP):
+    """Its probe passes (eval mode, in the background worker) take 0.3 s each."""
+
+    def forward(self, x):
+        if not self.training:
+            time.sleep(0.3)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("order", ["aligner_first", "plateau_first"])
+def test_background_results_published_at_the_end_are_checked_in_either_order(tmp_path, order):
+    """The last background steps are published in the AlignmentCallback's ``on_train_end``;
+    a plateau listed before it read the history first and never saw them: here the deciding
+    check (epoch 3 of a flat curve, patience 2) was lost, ``fired`` stayed False.  The plateau
+    now has them published before its last read."""
+    aligner = _aligner(background=True)
+    plateau = _plateau(monitor=KEY, patience=2, min_delta=10.0)
+    callbacks = [aligner, plateau] if order == "aligner_first" else [plateau, aligner]
+    trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=callbacks,
+                         default_root_dir=tmp_path, enable_checkpointing=False, **FAST_TRAINER)
+    trainer.fit(SlowProbeMLP(lr=0.0), train_loader())
+    assert aligner._threaded and [h["epoch"] for h in aligner.history] == [0, 1, 2, 3]
+    assert plateau.fired and plateau.fired_at["epoch"] == 3
+    assert len(plateau.on_plateau.calls) == 1

@@ -984,7 +984,7 @@ class AlignmentCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log the background results still outstanding (waiting for them), stop the worker,
         and on rank 0 write the end-of-fit charts, table and report."""
-        self._publish(trainer, self._queue.ready(wait=True))
+        self.publish_outstanding(trainer)
         self._queue.shutdown()
         self._ended = True
         if trainer.is_global_zero and (self.history or self.skipped):
@@ -1168,6 +1168,13 @@ class AlignmentCallback(Callback):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def publish_outstanding(self, trainer: Trainer) -> None:
+        """Wait for the background steps still being computed and add them to the history (and
+        the loggers), in order; nothing to do in the foreground.  Called at the end of
+        training, and by an ``AlignmentPlateau`` that reads the history there first (listed
+        before this callback)."""
+        self._publish(trainer, self._queue.ready(wait=True))
+
     def _publish(self, trainer: Trainer, jobs: list[Job]) -> None:
         """Log finished background jobs in order (main thread); re-raise under ``on_error="raise"``."""
         for job in jobs:
@@ -1219,6 +1226,12 @@ class AlignmentCallback(Callback):
             if len(parts) > 1 and parts[0] in self.measures:
                 return any(k.startswith(f"{head}{parts[0]}/") for k in entry)
         return True
+
+    def measure_prefixes(self) -> list[str]:
+        """``<prefix>[/<reference name>]/<measure>``: how every key this callback logs for a
+        reference and measure begins (``<prefix>/<measure>`` for a single unnamed
+        reference)."""
+        return [f"{self._key_prefix(ref)}/{m}" for ref in self.references for m in self.measures]
 
     def _calibrated_keys(self) -> list[str]:
         return [f"{self._key_prefix(ref)}/{m}/calibrated" for ref in self.references

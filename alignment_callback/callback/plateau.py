@@ -5,9 +5,9 @@ towards a frozen encoder's features: that loss helps early and can hurt later (H
 Works Until It Doesn't", reports both), so one wants to switch it off once the alignment it
 buys has plateaued.  ``AlignmentPlateau`` watches a key such as
 ``"alignment/cknna/calibrated"`` with :class:`~lightning.pytorch.callbacks.EarlyStopping`'s
-rule (improvement over the best value so far by more than ``min_delta``, in the direction of
-``mode``; ``patience`` checks in a row without one) and, instead of stopping training, calls
-``on_plateau(trainer, pl_module)`` exactly once.
+rule (improvement by more than ``min_delta`` over the last value that improved, in the
+direction of ``mode``; ``patience`` checks in a row without one) and, instead of stopping
+training, calls ``on_plateau(trainer, pl_module)`` exactly once.
 
 Where the values come from (``source``):
 
@@ -73,9 +73,12 @@ class AlignmentPlateau(Callback):
     not improved by more than ``min_delta`` for ``patience`` consecutive checks.
 
     Improvement follows ``EarlyStopping``: with ``mode="max"`` a value ``v`` improves on the
-    best so far ``b`` when ``v - min_delta > b`` (``mode="min"``: ``v + min_delta < b``); the
-    first value checked always does.  An improvement resets the count, anything else adds one;
-    when the count reaches ``patience`` the function is called and the callback stops checking.
+    reference value ``b``, the last value that improved, when ``v - min_delta > b``
+    (``mode="min"``: ``v + min_delta < b``); the first value checked always does.  With
+    ``min_delta > 0`` a later value that is higher by no more than ``min_delta`` leaves ``b``
+    as it is, so ``b`` need not be the largest value seen.  An improvement resets the count,
+    anything else adds one; when the count reaches ``patience`` the function is called and
+    the callback stops checking.
     Non-finite values are skipped with a warning.
 
     Parameters
@@ -112,7 +115,8 @@ class AlignmentPlateau(Callback):
     Attributes
     ----------
     best : float or None
-        The best value so far (None before the first check).
+        The reference value ``b``: the last value that improved (the largest so far when
+        ``min_delta=0``); None before the first check.
     wait : int
         Checks since the last improvement.
     fired : bool
@@ -123,7 +127,7 @@ class AlignmentPlateau(Callback):
         are numbered like ``AlignmentCallback``'s history (the epoch count after an
         epoch-end check; the global step of the alignment result that decided); ``value`` is
         the monitored value at that check (None on a DDP rank that lacked the key and fired
-        with the others) and ``best`` the best value so far; ``called_at_step`` is the
+        with the others) and ``best`` the reference value then; ``called_at_step`` is the
         ``trainer.global_step`` at which ``on_plateau`` ran: ``step`` in the foreground,
         later with ``AlignmentCallback(background=True)``, where the call comes at the first
         training hook after the deciding result arrives (so it depends on timing).
@@ -223,21 +227,24 @@ class AlignmentPlateau(Callback):
                 and self._logs_monitor(callback))
 
     # ---------------------------------------------------------------------------- setup
+    def _head(self, callback: AlignmentCallback) -> str | None:
+        """The ``<prefix>[/<reference name>]/<measure>`` of ``callback`` that ``monitor``
+        begins with (None: it logs no such key; a key without the reference's name, when the
+        callback has several references, is none of its keys)."""
+        return next((head for head in callback.measure_prefixes()
+                     if self.monitor.startswith(f"{head}/")), None)
+
     def _logs_monitor(self, callback: AlignmentCallback) -> bool:
-        """``callback`` logs ``monitor``: ``<prefix>/<measure>/<field>`` of one of its measures
-        (or ``<prefix>/<reference name>/<measure>/<field>``)."""
-        head = f"{callback.log_prefix}/"
-        if not self.monitor.startswith(head):
-            return False
-        return any(part in callback.measures for part in self.monitor[len(head):].split("/")[:-1])
+        """``callback`` logs ``monitor``: ``<prefix>[/<reference name>]/<measure>/...`` of one
+        of its references and measures."""
+        return self._head(callback) is not None
 
     def _unknown_field(self, callback: AlignmentCallback) -> str | None:
         """The last part of ``monitor`` when it names no number ``callback`` logs per measure
         (``<prefix>/<measure>/calibrate``); None otherwise (longer keys, such as a layer's or a
         pair's, are not checked here)."""
-        parts = self.monitor[len(callback.log_prefix) + 1:].split("/")
-        at = next((i for i, part in enumerate(parts) if part in callback.measures), None)
-        rest = [] if at is None else parts[at + 1:]
+        head = self._head(callback)
+        rest = [] if head is None else self.monitor[len(head) + 1:].split("/")
         return rest[0] if len(rest) == 1 and rest[0] not in _FIELDS else None
 
     def _check_field(self, callback: AlignmentCallback) -> None:
@@ -248,7 +255,7 @@ class AlignmentPlateau(Callback):
                          f"{', '.join(_FIELDS)}")
 
     def _keys_of(self, callback: AlignmentCallback) -> str:
-        return ", ".join(f"{callback.log_prefix}/{m}/calibrated" for m in callback.measures)
+        return ", ".join(f"{head}/calibrated" for head in callback.measure_prefixes())
 
     def _report(self, message: str, error: type[Exception] = ValueError) -> None:
         """An error with ``strict``, else a warning."""
@@ -344,7 +351,8 @@ class AlignmentPlateau(Callback):
             self.fired, self.fired_at = fired, fired_at
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._history is not None:
+        if self._history is not None:  # its last background steps too, when it ends after us
+            self._history.publish_outstanding(trainer)
             self._read_history(trainer, pl_module)
         if not self._seen and self._missed:
             where = ("the AlignmentCallback's history" if self._history is not None

@@ -372,13 +372,20 @@ def test_csv_heatmaps_of_two_prefixes_that_look_alike_keep_their_own_files(tmp_p
 
     a = _callback(measures=["linear_cka"], log_prefix="probe/a", verbose=False, report=False)
     b = _callback(measures=["linear_cka"], log_prefix="probe_a", verbose=False, report=False)
+    # log_prefix="probe" with a reference named "a": its label a/linear_cka is written like a
+    # prefix too (it wrote probe_a_linear_cka_..., b's names)
+    c = AlignmentCallback({"a": RefMLP(seed=1), "b": RefMLP(seed=2)}, make_probe(), LAYERS,
+                          measures=["linear_cka"], num_permutations=K, log_prefix="probe",
+                          verbose=False, report=False)
     logger = CSVLogger(str(tmp_path), name="csv")
-    _fit(logger, [a, b])
+    _fit(logger, [a, b, c])
     names = sorted(os.path.basename(p) for p in
                    glob.glob(os.path.join(logger.log_dir, "alignment_heatmaps", "*.png")))
-    assert len(names) == 4, names  # 2 steps (baseline, epoch 1) × 2 callbacks
+    assert len(names) == 8, names  # 2 steps (baseline, epoch 1) × 4 heatmaps
     assert sum(n.startswith("probe_a-c8729893_linear_cka_heatmap_epoch") for n in names) == 2
     assert sum(n.startswith("probe_a_linear_cka_heatmap_epoch") for n in names) == 2
+    assert sum(n.startswith("probe_a_linear_cka-") for n in names) == 2
+    assert sum(n.startswith("probe_b_linear_cka-") for n in names) == 2
 
 
 def _summary(records) -> dict:

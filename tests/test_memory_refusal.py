@@ -106,7 +106,7 @@ def test_predictivity_measure_call_is_refused_too(monkeypatch):
 def test_predictivity_refusal_names_an_alternative_that_fits(monkeypatch):
     """With room for ~10 n×n matrices the default (inner CV, ~40) is refused; the fixed ridge
     it suggests (~4) runs, and gives the independent float64 reference's value."""
-    n = 200
+    n = 300  # the fixed ridge's ~4 n×n above _memory.SMALL_REQUEST, so its room is checked
     _free(monkeypatch, 10.0, n)
     x, y = _pair(n, seed=3)
     with pytest.raises(MemoryError, match="a fixed ridge=<number>"):
@@ -224,9 +224,10 @@ def test_rbf_bures_counts_the_states_kept_before_any_side_is_prepared(monkeypatc
     assert spy.calls == []
 
 
-def _shrinking_free(monkeypatch, n_by_n: float, n: int) -> list[int]:
-    """Free memory that drops by one n×n float32 matrix per RBF gram built (the state each
-    leaves held), as the memory available does; returns the list of grams' sizes built."""
+def _shrinking_free(monkeypatch, n_by_n: float, n: int, size: int = 4) -> list[int]:
+    """Free memory that drops by one n×n matrix (``size`` bytes an element) per RBF gram built
+    (the state each leaves held), as the memory available does; returns the list of grams'
+    sizes built."""
     built: list[int] = []
     rbf_gram = shm.rbf_gram
 
@@ -235,7 +236,7 @@ def _shrinking_free(monkeypatch, n_by_n: float, n: int) -> list[int]:
         return rbf_gram(x, sigma)
 
     monkeypatch.setattr(shm, "rbf_gram", counting)
-    free = lambda device: int((n_by_n - len(built)) * n * n * 4)  # noqa: E731
+    free = lambda device: int((n_by_n - len(built)) * n * n * size)  # noqa: E731
     monkeypatch.setattr(shm, "available_bytes", free)
     return built
 
@@ -248,21 +249,21 @@ def test_rbf_bures_does_not_count_a_side_prepared_already(monkeypatch, how):
     from alignment_callback.engine import AlignmentEngine
     from alignment_callback.metrics import CalibratedAlignment
 
-    n = 64
-    x, y = _pair(n)
+    n = 160  # float64: its counts above _memory.SMALL_REQUEST, which reads no free memory
+    x, y = _pair(n, dtype=torch.float64)
     measure = get_measure("bures_similarity", kernel="rbf", sigma=2.0)
     if how == "calibrated":
-        built = _shrinking_free(monkeypatch, shm.RBF_STATE_PEAK + 1.5, n)
+        built = _shrinking_free(monkeypatch, shm.RBF_STATE_PEAK + 1.5, n, 8)
         result = F.calibrated_alignment(x, y, measure, 19)
     elif how == "engine":
         engine = AlignmentEngine({"bures": measure}, num_permutations=19, preprocess=False)
         engine.set_reference({"r": y, "s": 2.0 * y, "t": y + 1.0})  # three states held
-        built = _shrinking_free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n)
+        built = _shrinking_free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n, 8)
         result = engine.step({"a": x}).results["bures"]
     else:
         metric = CalibratedAlignment(measure, num_permutations=19, preprocess=False)
         metric.set_reference(y)
-        built = _shrinking_free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n)
+        built = _shrinking_free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n, 8)
         metric.update(x)
         metric.compute()
         result = metric.last_result
@@ -274,7 +275,7 @@ def test_rbf_bures_does_not_count_a_side_prepared_already(monkeypatch, how):
 
 
 def test_rbf_bures_with_ample_memory_equals_the_reference(monkeypatch):
-    n = 40
+    n = 160  # 7 float64 n×n above _memory.SMALL_REQUEST: the room is checked
     _free(monkeypatch, 8.0, n, torch.float64)  # just above the 7 the function counts
     x, y = _pair(n, seed=2, dtype=torch.float64)
     value = F.bures_similarity(x, y, kernel="rbf", sigma=2.0)

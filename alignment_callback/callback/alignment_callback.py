@@ -1248,8 +1248,9 @@ class AlignmentCallback(Callback):
             model, batches, layers, pool=pool, device=model_device, input_key=input_key,
             batch_transform=transform, restore_rng=restore_rng, mask_key=self.mask_key,
             to_cpu=self._device.type == "cpu", dtype=None,
-        )  # recorded in the output's dtype (half precision pooled in float32), then compared in
-        # float64 when the model computes in float64 (precision="64-true"), else in float32
+        )  # recorded in the output's dtype (half precision averaged in float32 by "mean" or a
+        # pool callable), then compared in float64 when the model computes in float64
+        # (precision="64-true"), else in float32
         return {k: v.to(self._device, compute_dtype(v)) for k, v in acts.items()}
 
     def _reference_activations(self, ref: Reference, model_device: torch.device,
@@ -1497,8 +1498,10 @@ class AlignmentCallback(Callback):
         for label, (image, png) in images.items():
             if self._scratch is None:
                 self._scratch = tempfile.mkdtemp(prefix="alignment_heatmaps_")
-            # the prefix as in the report's file names: probe/a and probe_a keep their own files
-            stem = f"{feedback.report_stem(self.log_prefix)}_{label.replace('/', '_')}_heatmap"
+            # prefix and label (<reference>/<measure>) as in the report's file names: probe/a and
+            # probe_a, or probe with a reference "a" and probe_a, keep their own files
+            stem = (f"{feedback.report_stem(self.log_prefix)}_{feedback.report_stem(label)}"
+                    "_heatmap")
             dispatch.log_image(trainer.loggers, f"{self.log_prefix}/{label}/heatmap", image, png,
                                step, f"epoch{epoch:04d}_step{step:06d}", self._scratch, stem)
         if dispatch.keeps_tables(trainer.loggers):  # kept (and checkpointed) for W&B only
@@ -1547,7 +1550,7 @@ class AlignmentCallback(Callback):
         for key in self._summary_keys():
             values = [h[key] for h in self.history if key in h]
             if values:
-                best[key] = (min if key.endswith("/p_value") else max)(values)
+                best[key] = min(values) if dispatch.summary_of(key) == "min" else max(values)
         dispatch.write_summaries(trainer.loggers, best)
         for label in self._curve_labels():
             prefix = f"{self.log_prefix}/{label}"

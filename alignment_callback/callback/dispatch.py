@@ -6,8 +6,9 @@ once to an RGB array, go where a logger takes images: W&B (``log_image``), Tenso
 (``add_image``), MLflow (``log_image``); the CSV logger gets PNG files in its log directory.
 Best layer pairs are logged by name where a logger takes text (W&B, TensorBoard, MLflow tags);
 a layer index → name map goes to every logger's hyperparameters once.  At the end of fit W&B
-gets, per measure, a summary (best calibrated, smallest p), one chart of raw, τ and calibrated, and
-one table of every pair at every step; the end-of-fit report goes to W&B as a file.
+gets, per measure, a summary (best calibrated and raw, smallest p), one chart of raw, τ and
+calibrated, and one table of every pair at every step; the end-of-fit report goes to W&B as a
+file.
 """
 
 from __future__ import annotations
@@ -227,6 +228,11 @@ def keeps_tables(loggers: Sequence[Any]) -> bool:
     return any(_kind(logger) == "wandb" for logger in loggers)
 
 
+def summary_of(key: str) -> str:
+    """The W&B summary of a key: ``"min"`` for a p-value, else ``"max"``."""
+    return "min" if key.endswith("/p_value") else "max"
+
+
 def define_summaries(loggers: Sequence[Any], keys: Sequence[str]) -> None:
     """W&B run summary: the best calibrated score and raw score, the smallest p-value."""
     for logger in loggers:
@@ -236,8 +242,7 @@ def define_summaries(loggers: Sequence[Any], keys: Sequence[str]) -> None:
         try:
             exp = logger.experiment
             for key in keys:  # a key's own definition: its axis too, or it would have none
-                summary = "min" if key.endswith("/p_value") else "max"
-                exp.define_metric(key, step_metric=_axis(state, key), summary=summary)
+                exp.define_metric(key, step_metric=_axis(state, key), summary=summary_of(key))
                 state["keys"].add(key)
         except Exception:  # noqa: BLE001 - a disabled run: nothing to configure
             pass
@@ -254,7 +259,7 @@ def write_summaries(loggers: Sequence[Any], best: Mapping[str, float]) -> None:
         try:
             summary = logger.experiment.summary
             for key, value in best.items():
-                summary[key] = {"min" if key.endswith("/p_value") else "max": value}
+                summary[key] = {summary_of(key): value}
         except Exception:  # noqa: BLE001 - a disabled run: no summary
             pass
 

@@ -137,6 +137,13 @@ def format_bytes(num: float) -> str:
 SMALL_REQUEST = 1 << 20
 
 
+def free_to_check(need: int, device: torch.device,
+                  read_free: Callable[[torch.device], int | None]) -> int | None:
+    """The bytes ``read_free(device)`` reports for a request of ``need`` bytes, or None when
+    it is at most ``SMALL_REQUEST`` (never refused, nothing read) or the memory is unknown."""
+    return None if need <= SMALL_REQUEST else read_free(device)
+
+
 def square_matrix_error(what: str, n: int, count: int, dtype: torch.dtype, device: torch.device,
                         read_free: Callable[[torch.device], int | None],
                         alternatives: str) -> MemoryError | None:
@@ -144,9 +151,7 @@ def square_matrix_error(what: str, n: int, count: int, dtype: torch.dtype, devic
     ``read_free(device)`` returns (None: they fit, they are at most ``SMALL_REQUEST`` bytes, or
     the free memory is unknown); it gives the estimate and ``alternatives``."""
     size = n * n * torch.tensor([], dtype=dtype).element_size()
-    if count * size <= SMALL_REQUEST:
-        return None
-    free = read_free(device)
+    free = free_to_check(count * size, device, read_free)
     if free is None or count * size <= free:
         return None
     return MemoryError(

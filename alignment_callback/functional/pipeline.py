@@ -30,8 +30,8 @@ from torch import Tensor
 from alignment_callback.functional._precision import no_autocast, warn_if_tf32
 from alignment_callback.functional._memory import available_bytes as _available_bytes
 from alignment_callback.functional._memory import (
-    SMALL_REQUEST,
     format_bytes,
+    free_to_check,
     square_matrix_error,
 )
 from alignment_callback.functional._validation import (
@@ -381,9 +381,7 @@ def _check_null_room(measures: Sequence[Measure], xside: PreparedSide, yside: Pr
     pairs = len(xside.features) * len(yside.features)
     size = torch.tensor([], dtype=xside.dtype).element_size()
     need = len(measures) * num_permutations * pairs * size
-    if need <= SMALL_REQUEST:
-        return
-    free = _available_bytes(xside.device)
+    free = free_to_check(need, xside.device, _available_bytes)
     if free is not None and need > free:
         raise MemoryError(
             f"num_permutations={num_permutations}: the permutation nulls ({len(measures)} "

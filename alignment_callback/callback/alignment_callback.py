@@ -1231,11 +1231,10 @@ class AlignmentCallback(Callback):
         """``<prefix>[/<reference name>]/<measure>``: how every key this callback logs for a
         reference and measure begins (``<prefix>/<measure>`` for a single unnamed
         reference)."""
-        return [f"{self._key_prefix(ref)}/{m}" for ref in self.references for m in self.measures]
+        return [f"{self.log_prefix}/{label}" for label in self._labels()]
 
     def _calibrated_keys(self) -> list[str]:
-        return [f"{self._key_prefix(ref)}/{m}/calibrated" for ref in self.references
-                for m in self.measures]
+        return [f"{head}/calibrated" for head in self.measure_prefixes()]
 
     def _key_prefix(self, ref: Reference) -> str:
         return self.log_prefix if ref.name is None else f"{self.log_prefix}/{ref.name}"
@@ -1530,8 +1529,8 @@ class AlignmentCallback(Callback):
     def _summary_keys(self) -> list[str]:
         """The keys with a W&B run summary: each curve's best calibrated and raw score and its
         smallest p-value."""
-        return [f"{self._key_prefix(ref)}/{m}/{field}" for ref in self.references
-                for m in self.measures for field in ("calibrated", "raw", "p_value")]
+        return [f"{head}/{field}" for head in self.measure_prefixes()
+                for field in ("calibrated", "raw", "p_value")]
 
     def _curve_labels(self) -> list[str]:
         """The labels (``[<reference>/]<measure>``) of the curves the history holds: the last

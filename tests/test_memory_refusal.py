@@ -162,7 +162,8 @@ def _spy_rbf(monkeypatch) -> _Spy:
 
 def test_rbf_bures_function_is_refused_before_any_n_by_n_matrix(monkeypatch):
     n = 256
-    _free(monkeypatch, 6.5, n)  # one side's state at its peak fits, both sides do not
+    _free(monkeypatch, 6.5, n, torch.float64)  # one side's peak fits, both sides do not
+    # (float64: the gram is decomposed in float64 for float32 input too)
     spy = _spy_rbf(monkeypatch)
     x, y = _pair(n)
     with pytest.raises(MemoryError) as err:
@@ -177,7 +178,7 @@ def test_rbf_bures_function_is_refused_before_any_n_by_n_matrix(monkeypatch):
 @pytest.mark.parametrize("how", ["calibrated", "measure"])
 def test_rbf_bures_state_is_refused_in_the_pipeline(monkeypatch, how):
     n = 256
-    _free(monkeypatch, 3.0, n)
+    _free(monkeypatch, 3.0, n, torch.float64)
     spy = _spy_rbf(monkeypatch)
     x, y = _pair(n)
     with pytest.raises(MemoryError, match=r"^bures_similarity \(kernel='rbf'\) at n=256 .*"
@@ -199,7 +200,7 @@ def test_rbf_bures_counts_the_states_kept_before_any_side_is_prepared(monkeypatc
     from alignment_callback.metrics import CalibratedAlignment
 
     n = 256
-    _free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n)
+    _free(monkeypatch, shm.RBF_STATE_PEAK + 0.5, n, torch.float64)
     x, y = _pair(n)
     measure = get_measure("bures_similarity", kernel="rbf", sigma="median")
     engine = AlignmentEngine({"bures": measure}, num_permutations=19, preprocess=False)

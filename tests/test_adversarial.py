@@ -210,6 +210,21 @@ def test_bad_measure_options_fail_when_the_measure_is_built(name, options, messa
         F.get_measure(name, **options)
 
 
+@pytest.mark.parametrize("name,options", [("rbf_cka", {}),
+                                          ("bures_similarity", {"kernel": "rbf"})])
+def test_a_bound_measure_takes_the_bandwidths_its_function_takes(name, options):
+    """A one-element tensor σ (as ``rbf_cka(x, y, sigma=torch.tensor(2.0))`` takes) binds as
+    its number; before, ``get_measure`` refused it as not a positive number."""
+    x, y = pair()
+    tensor = F.get_measure(name, sigma=torch.tensor(2.0), **options)
+    plain = F.get_measure(name, sigma=2.0, **options)
+    assert tensor.kwargs["sigma"] == 2.0 and isinstance(tensor.kwargs["sigma"], float)
+    assert tensor == plain  # one measure: they share prepared states and nulls
+    assert torch.equal(tensor(x, y), plain(x, y))
+    with pytest.raises(ValueError, match=f"{name}: sigma must be a finite positive number"):
+        F.get_measure(name, sigma=torch.tensor(-2.0), **options)
+
+
 def test_unknown_measure_suggests_close_names():
     with pytest.raises(ValueError, match="unknown measure 'mutual_kn'; did you mean 'mutual_knn'"):
         F.get_measure("mutual_kn")

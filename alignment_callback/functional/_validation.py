@@ -168,19 +168,21 @@ def check_matrix(x: Tensor, name: str = "x") -> Tensor:
     return x
 
 
-def check_bandwidth(sigma: Any) -> None:
+def check_bandwidth(sigma: Any, name: str = "sigma") -> float | str:
     """Refuse an RBF bandwidth that is neither ``"median"`` nor a finite positive number (a
-    one-element real tensor counts as its number): a parameter error, raised by ``rbf_gram``
-    and, before either side is prepared, by the measures calling it."""
+    one-element real tensor counts as its number): a parameter error, raised by ``rbf_gram``,
+    by the measures calling it before either side is prepared, and by ``get_measure``.
+    Returns ``"median"``, a Python int as given, or the number as a float."""
     if isinstance(sigma, str):
         if sigma != "median":
-            raise ValueError(f"sigma must be a finite positive number or 'median', got {sigma!r}")
-        return
+            raise ValueError(f"{name} must be a finite positive number or 'median', got {sigma!r}")
+        return sigma
     if isinstance(sigma, Tensor) and sigma.numel() == 1 and not sigma.is_complex():
         sigma = float(sigma)
     if (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0
             or not math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a finite positive number or 'median', got {sigma!r}")
+        raise ValueError(f"{name} must be a finite positive number or 'median', got {sigma!r}")
+    return sigma if isinstance(sigma, int) else float(sigma)
 
 
 def check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,8 +18,6 @@ NumPy reference in ``tests/``.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Union
@@ -34,6 +32,7 @@ from alignment_callback.functional import predictivity as pr
 from alignment_callback.functional import shape_measures as shm
 from alignment_callback.functional import svcca as sv
 from alignment_callback.functional._validation import (
+    check_bandwidth,
     check_matrix,
     check_pair,
     check_positive_int,
@@ -257,20 +256,9 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     return check_positive_int(value, name, minimum)
 
 
-def _check_sigma(value: Any, name: str) -> float | str:
-    if isinstance(value, str):
-        if value != "median":
-            raise ValueError(f"{name} must be a finite positive number or 'median', got {value!r}")
-        return value
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0
-            or not math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite positive number or 'median', got {value!r}")
-    return value if isinstance(value, int) else float(value)
-
-
 K_PARAM = Param("k", 10, _int_at_least(1), "neighbors per sample")
 K2_PARAM = Param("k", 10, _int_at_least(2), "neighbors per sample (>= 2)")
-SIGMA_PARAM = Param("sigma", 1.0, _check_sigma,
+SIGMA_PARAM = Param("sigma", 1.0, check_bandwidth,
                     "RBF bandwidth: absolute (rows are usually L2-normalized) or 'median'")
 CCA_DIM_PARAM = Param("cca_dim", 10, _int_at_least(1), "singular directions kept per side")
 

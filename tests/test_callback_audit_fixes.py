@@ -154,17 +154,18 @@ def test_a_snapshot_that_fails_later_moves_the_capture_to_the_loop(monkeypatch):
 
 
 class FlakyMLP(MLP):
-    """Its probe pass fails in the first epoch only (a transient, data-dependent failure)."""
+    """Its probe pass runs out of memory in the first epoch only (a transient failure: a
+    failure of the first probe pass other than memory is a configuration mistake)."""
 
     def forward(self, x):
         if not self.training and self.current_epoch == 0:
-            raise RuntimeError("transient failure in the probe pass")
+            raise MemoryError("transient failure in the probe pass")
         return super().forward(x)
 
 
 def test_background_first_capture_failure_warns_and_training_goes_on():
     cb = callback(background=True, on_error="warn")
-    with pytest.warns(RuntimeWarning, match="epoch 0 .* skipped: RuntimeError: .*transient"):
+    with pytest.warns(RuntimeWarning, match="epoch 0 .* skipped: MemoryError: .*transient"):
         fit([cb], model=FlakyMLP(), max_epochs=3)
     assert [h["epoch"] for h in cb.history] == [2, 3]
 

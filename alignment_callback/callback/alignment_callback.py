@@ -50,7 +50,7 @@ from alignment_callback.callback.reference import (
 )
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.engine.engine import MeasuresSpec
-from alignment_callback.functional._validation import check_device
+from alignment_callback.functional._validation import ShapeOptionError, check_device
 from alignment_callback.functional.aggregation import Aggregate
 from alignment_callback.functional.preprocessing import check_pool
 from alignment_callback.functional.registry import renamed_argument
@@ -70,8 +70,14 @@ class FrozenReferenceError(ValueError):
     cannot take, NaN activations, ...): they never change, so every step would fail."""
 
 
+class ProbeInputError(RuntimeError):
+    """The model in training failed on the probe before it ever ran on it in this fit (inputs
+    of another width, dtype or structure than it takes): every step would fail the same way."""
+
+
 # configuration mistakes only a forward pass can show: raised whatever on_error says
-LAYER_ERRORS = (LayerCountError, LayerOutputError, LayerShapeError, FrozenReferenceError)
+LAYER_ERRORS = (LayerCountError, LayerOutputError, LayerShapeError, FrozenReferenceError,
+                ProbeInputError, ShapeOptionError)
 
 _INITIAL_RESUMED = ("reference='initial' on a resumed run compares with the activations at the "
                     "start of this fit (the resumed weights), not of the original one: the "
@@ -485,6 +491,11 @@ class AlignmentCallback(Callback):
         self._device = torch.device("cpu")  # where the measures compute
         self._scratch: str | None = None  # heatmap PNGs for W&B when no CSV logger writes them
         self._resume_pending: list[tuple[int, int]] = []  # from a checkpoint: steps to redo
+        self._probe_ran = False  # the model ran on the probe in this fit (see _model_activations)
+        # (epoch, step) whose activations are "initial"'s: the fit's first step (None: taken
+        # when training starts, or not taken)
+        self._initial_at: tuple[int, int] | None = None
+        self._lost: set[str | None] = set()  # "initial" references warned to have no values
         self._trainer: weakref.ref | None = None  # the fit's trainer (its global step)
         self.history: list[dict[str, Any]] = []
         #: steps that failed under ``on_error="warn"``: ``{"epoch", "step", "reason"}`` each
@@ -808,6 +819,7 @@ class AlignmentCallback(Callback):
         rank 0's model activations at every step (a reference model or probe that differs
         between processes, e.g. unseeded, would otherwise mix two references in the null), and
         a failure on any process is every process's error (none waits in a collective)."""
+        self._probe_ran, self._initial_at, self._lost = False, None, set()
         if trainer.world_size == 1:
             self._prepare_references(trainer, pl_module)
             return
@@ -871,12 +883,15 @@ class AlignmentCallback(Callback):
         missed = self._missed_epoch_step(trainer, pending)
         resumed = bool(self.history)
         if resumed:  # resumed with this callback's history: it goes on from there
-            self._anchor_drift(trainer, pl_module, retaken=bool(pending) or missed is not None)
+            if pending or missed is not None:  # the redone step's activations are "initial"'s
+                self._initial_at = pending[0] if pending else (missed, int(trainer.global_step))
+            self._anchor_drift(trainer, pl_module, retaken=self._initial_at is not None)
         elif self.baseline:  # a new history (also for weights trained before: a warm start)
             if trainer.global_step > 0 and any(ref.kind == "initial" for ref in self.references):
                 rank_zero_warn(_INITIAL_RESUMED, category=UserWarning)
+            self._initial_at = (int(trainer.current_epoch), int(trainer.global_step))
             self._maybe_run(trainer, pl_module, epoch=int(trainer.current_epoch), baseline=True)
-        elif trainer.global_step > 0:
+        else:  # no step now: "initial" takes the activations at the start all the same
             self._anchor_drift(trainer, pl_module, retaken=False)
         for epoch, step in pending:  # in flight when the checkpoint was written
             self._maybe_run(trainer, pl_module, epoch=epoch, monitor=False)
@@ -907,13 +922,16 @@ class AlignmentCallback(Callback):
         the resumed weights.  ``"initial"`` then measures the drift from these weights, with a
         warning; ``"previous"`` continues exactly when the checkpoint was written at the last
         alignment step (else it warns).  ``retaken``: a step in flight at the checkpoint is
-        redone now, on these weights, and anchors the references itself."""
-        drift = [ref for ref in self.references if ref.drift and ref.engine.reference is None]
+        redone now, on these weights, and anchors the references itself.  A new fit without a
+        baseline (``global_step`` 0) anchors ``"initial"`` only, with no warning: ``"previous"``
+        has no value before the first step."""
+        step = int(trainer.global_step)
+        drift = [ref for ref in self.references if ref.drift and ref.engine.reference is None
+                 and (step > 0 or ref.kind == "initial")]
         if not drift:
             return
-        step = int(trainer.global_step)
         kinds = {ref.kind for ref in drift}
-        if "initial" in kinds:
+        if "initial" in kinds and step > 0:
             rank_zero_warn(_INITIAL_RESUMED, category=UserWarning)
         at_last_step = bool(self.history) and int(self.history[-1]["step"]) == step
         if "previous" in kinds and (retaken or not at_last_step):
@@ -1271,10 +1289,19 @@ class AlignmentCallback(Callback):
         batches are converted as the trainer converts its own (e.g. floating-point inputs to
         bfloat16 with ``precision="bf16-true"``)."""
         try:
-            return self._collect(model, self._as_trained(batches), self.layers, self.pool,
+            acts = self._collect(model, self._as_trained(batches), self.layers, self.pool,
                                  self.input_key, self.batch_transform, model_device, restore_rng)
         except LayerCountError as err:
             raise LayerCountError(f"student model: {err}") from err
+        except Exception as err:
+            # before the model ever ran on the probe in this fit, a failure is the probe's or
+            # the layers' (inputs it cannot take), not the weights': a configuration mistake
+            if self._probe_ran or isinstance(err, (*LAYER_ERRORS, MemoryError)) or _oom(err):
+                raise
+            raise ProbeInputError(f"the model in training failed on the probe at the first "
+                                  f"probe pass of this fit ({type(err).__name__}: {err})") from err
+        self._probe_ran = True
+        return acts
 
     def _as_trained(self, batches: Any) -> Any:
         trainer = self._trainer() if self._trainer is not None else None
@@ -1395,7 +1422,14 @@ class AlignmentCallback(Callback):
         start = time.perf_counter()
         acts, capture_seconds = captured
         results: Results = {}
+        for ref in self.references:  # the start's activations, whatever fails below
+            if (ref.kind == "initial" and ref.engine.reference is None and ref.pending is None
+                    and (epoch, step) == self._initial_at):
+                ref.pending = acts  # kept until the engine has prepared them
         for ref in self.references:
+            if ref.kind == "initial" and ref.engine.reference is None and ref.pending is None:
+                self._initial_lost(ref)  # the step at the start failed before its capture
+                continue
             if distributed:  # every failure of this reference's step meets the other processes
                 result = guarded_step(self._reference_step, ref.engine.num_permutations,
                                       ref=ref, acts=acts, epoch=epoch, step=step)
@@ -1403,6 +1437,15 @@ class AlignmentCallback(Callback):
                 result = self._reference_step(ref, acts, epoch, step)
             if result is not None:
                 results[ref.name] = result
+        # every reference's step succeeded: "previous" compares the next one with this one (a
+        # failed step, which the history does not hold, is no one's previous step)
+        for ref in self.references:
+            if ref.kind != "previous":
+                continue
+            if distributed:
+                guarded_step(_advance, ref.engine.num_permutations, ref=ref, acts=acts)
+            else:
+                _advance(ref, acts)
         del acts, captured
         images = {}
         if self.log_heatmaps and render:
@@ -1417,25 +1460,33 @@ class AlignmentCallback(Callback):
     def _reference_step(ref: Reference, acts: dict[str, Tensor], epoch: int, step: int,
                         **split: Any) -> Any:
         """One reference's step on the captured activations (its reference set first when
-        needed); None at the first step of ``reference="previous"``.  ``split``: ``share`` and
-        ``gather`` of the null over processes."""
+        needed: a model's or features' probe activations, or ``"initial"``'s, are pending
+        until then); None at the first step of ``reference="previous"``.  ``split``: ``share``
+        and ``gather`` of the null over processes."""
         engine = ref.engine
-        if ref.drift and engine.reference is None:
-            _anchor(ref, acts)
+        if engine.reference is None:
             if ref.kind == "previous":
                 return None  # nothing before the first step
-        elif engine.reference is None:
+            what = ("the model's probe activations at the start of the fit" if ref.drift
+                    else "the frozen reference's probe activations")
             try:
+                if ref.drift:  # each layer against its own earlier activations
+                    engine.pairs = {name: name for name in ref.pending}
                 engine.set_reference(ref.pending)
             except ValueError as err:  # NaN, an option the widths cannot take (not: out of memory)
                 raise FrozenReferenceError(
-                    f"the frozen reference's probe activations cannot be measured, which no "
-                    f"step would change: {err}") from err
+                    f"{what} cannot be measured, which no step would change: {err}") from err
             ref.pending = None
-        result = engine.step(acts, epoch=epoch, step=step, **split)
-        if ref.kind == "previous":
-            engine.set_reference(acts)  # the next step's reference
-        return result
+        return engine.step(acts, epoch=epoch, step=step, **split)
+
+    def _initial_lost(self, ref: Reference) -> None:
+        """Warn (once per fit) that ``"initial"`` reports nothing: the step at the start of the
+        fit failed, and a later step's activations are not the start's."""
+        if ref.name not in self._lost:
+            self._lost.add(ref.name)
+            rank_zero_warn(f"{_which(ref)} ('initial') has no values in this fit: the step at "
+                           f"its start failed (see its warning), so the activations it measures "
+                           f"drift from were not taken", category=RuntimeWarning)
 
     @staticmethod
     def _flat(results: Results) -> dict[str, Any]:
@@ -1638,6 +1689,18 @@ def _anchor(ref: Reference, acts: dict[str, Tensor]) -> None:
     """A drift reference's first activations: each layer is compared with its own."""
     ref.engine.pairs = {name: name for name in acts}
     ref.engine.set_reference(acts)
+
+
+def _advance(ref: Reference, acts: dict[str, Tensor], **split: Any) -> None:
+    """``"previous"``: the activations the next step compares with (``split`` unused: the
+    call meets the other processes as a step does)."""
+    _anchor(ref, acts)
+
+
+def _oom(error: BaseException) -> bool:
+    """A device out of memory (torch raises a ``RuntimeError`` subclass): not the probe's
+    fault, so not a configuration mistake."""
+    return "out of memory" in str(error).lower()
 
 
 def _check_flags(**flags: Any) -> None:

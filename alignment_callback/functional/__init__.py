@@ -5,6 +5,7 @@ or better (float64 for float64 input and for integers above 2**24, which float32
 returns tensors, and never touches the global RNG.
 """
 
+from alignment_callback.functional._validation import ShapeOptionError
 from alignment_callback.functional.aggregation import Layers, LayerAlignmentResult
 from alignment_callback.functional.calibration import CalibrationResult, calibrate
 from alignment_callback.functional.cca_measures import cca_similarity, pwcca
@@ -51,6 +52,7 @@ __all__ = [
     "Measure",
     "MeasureInfo",
     "Permutations",
+    "ShapeOptionError",
     "benjamini_hochberg",
     "bures_similarity",
     "calibrate",

@@ -168,6 +168,11 @@ def check_matrix(x: Tensor, name: str = "x") -> Tensor:
     return x
 
 
+class ShapeOptionError(ValueError):
+    """A measure option the data's shape cannot take (such as SVCCA's ``cca_dim`` above a
+    layer's width): a property of the probe's size and the layers chosen, not of the values."""
+
+
 def check_bandwidth(sigma: Any, name: str = "sigma") -> float | str:
     """Refuse an RBF bandwidth that is neither ``"median"`` nor a finite positive number (a
     one-element real tensor counts as its number): a parameter error, raised by ``rbf_gram``,

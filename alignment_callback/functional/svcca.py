@@ -22,7 +22,12 @@ from alignment_callback.functional._scaling import (
     rescale_exactly,
     times_power_of_two,
 )
-from alignment_callback.functional._validation import check_pair, is_integer, per_side
+from alignment_callback.functional._validation import (
+    ShapeOptionError,
+    check_pair,
+    is_integer,
+    per_side,
+)
 
 _GATHER_ELEMENTS = 1 << 20  # permuted numbers gathered at once (4 MiB of float32)
 
@@ -45,9 +50,9 @@ def _check_cca_dim(cca_dim: int) -> int:
     return int(cca_dim)
 
 
-def _too_large(cca_dim: int, n: int, d: int) -> ValueError:
-    return ValueError(f"svcca: cca_dim={cca_dim} is too large for data with n={n} samples and "
-                      f"d={d} features (need cca_dim <= min(n - 1, d))")
+def _too_large(cca_dim: int, n: int, d: int) -> ShapeOptionError:
+    return ShapeOptionError(f"svcca: cca_dim={cca_dim} is too large for data with n={n} "
+                            f"samples and d={d} features (need cca_dim <= min(n - 1, d))")
 
 
 def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,6 +224,18 @@ def test_a_bound_measure_takes_the_bandwidths_its_function_takes(name, options):
     assert torch.equal(tensor(x, y), plain(x, y))
     with pytest.raises(ValueError, match=f"{name}: sigma must be a finite positive number"):
         F.get_measure(name, sigma=torch.tensor(-2.0), **options)
+
+
+@pytest.mark.parametrize("ridge", [np.float32(0.5), torch.tensor(0.5)], ids=["numpy", "tensor"])
+def test_a_bound_predictivity_takes_a_numpy_or_tensor_ridge(ridge):
+    """``get_measure`` called ``tuple(ridge)`` on anything but a Python number (a TypeError for
+    a NumPy float32, "iteration over a 0-d tensor" for a tensor, in the function too)."""
+    x, y = pair(n=40)
+    want = F.linear_predictivity(x, y, ridge=0.5)
+    bound = F.get_measure("linear_predictivity", ridge=ridge)
+    assert bound.kwargs["ridge"] == 0.5
+    assert torch.equal(bound(x, y), want)
+    assert torch.equal(F.linear_predictivity(x, y, ridge=ridge), want)
 
 
 def test_unknown_measure_suggests_close_names():

@@ -267,3 +267,35 @@ def test_empty_pairs_are_refused_naming_pairs():
         AlignmentEngine(["linear_cka"], pairs={})
     with pytest.raises(ValueError, match="pairs is empty"):
         MappedAggregate({}, ["a"], ["b"])
+
+
+# ------------------------------------------------- the registry's symmetry and invariance claims
+def _anisotropic(seed: int = 3):
+    g = np.random.default_rng(seed)
+    x = g.standard_normal((40, 6)) * np.array([3, 2, 1.5, 1, 0.5, 0.2])
+    y = x[:, :5] @ g.standard_normal((5, 5)) + 0.8 * g.standard_normal((40, 5))
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@pytest.mark.parametrize("name", sorted(F.BUILTIN_MEASURES))
+def test_the_symmetric_flag_is_what_the_measure_does(name):
+    """cknna was flagged symmetric; its unbiased HSIC's cross term reads non-symmetric masked
+    grams, so swapping x and y changes it (0.5647 against 0.5344 here)."""
+    x, y = _anisotropic()
+    options = {"k": 5} if "knn" in name else {"cca_dim": 3} if name == "svcca" else {}
+    measure = F.get_measure(name, **options)
+    forward, backward = float(measure(x, y)), float(measure(y, x))
+    assert (abs(forward - backward) < 1e-10) == measure.info.symmetric, (forward, backward)
+
+
+def test_svcca_is_rotation_invariant_only_when_it_keeps_every_direction():
+    """svcca standardizes each feature before its SVD: a rotation changes the top directions
+    it keeps (the registry claimed rotation invariance), not the full-rank CCA it becomes."""
+    x, y = _anisotropic()
+    x = x[:, :5]  # full rank 5 on both sides
+    q = torch.from_numpy(np.linalg.qr(np.random.default_rng(0).standard_normal((5, 5)))[0])
+    assert abs(float(F.svcca(x @ q, y, cca_dim=2)) - float(F.svcca(x, y, cca_dim=2))) > 0.05
+    assert float(F.svcca(x @ q, y, cca_dim=5)) == pytest.approx(float(F.svcca(x, y, cca_dim=5)),
+                                                                abs=1e-10)
+    assert "rotation and invertible linear maps when cca_dim >= the rank" in \
+        F.get_measure("svcca").info.invariances

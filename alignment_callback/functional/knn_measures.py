@@ -477,8 +477,16 @@ def cknna(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     ``HSIC_u(M⊙K, M⊙L) / sqrt(HSIC_u(M_K⊙K, M_K⊙K)·HSIC_u(M_L⊙L, M_L⊙L))`` with the linear
     grams ``K = XXᵀ``, ``L = YYᵀ``, ``M_K`` the kNN mask of K (``(M_K)_ij = 1`` when j is
     one of i's k neighbors), ``M = M_K⊙M_L`` and ``HSIC_u`` the unbiased estimator
-    (:func:`~alignment_callback.functional.hsic_unbiased`).  In [−1, 1]; symmetric.  No
-    epsilon in the denominator: degenerate neighborhoods raise ``ValueError``.
+    (:func:`~alignment_callback.functional.hsic_unbiased`).  1 for ``y = x``.  No epsilon in
+    the denominator: degenerate neighborhoods raise ``ValueError``.
+
+    Not bounded by ±1 in general (the numerator's mask ``M`` is not the denominators'
+    ``M_K``, ``M_L``): values above 1 occur on raw features far from the origin (a shared
+    offset), not on L2-normalized rows.  Calibration clamps the score and every null value to
+    [−1, 1], a monotone map of both (the p-value stays valid, conservative at the clamp), and
+    calibrates against ``s_max = 1``, the score of ``y = x``; this function returns the value
+    unclamped.  Not symmetric: ``HSIC_u``'s cross term ``1ᵀ(M⊙K)(M⊙L)1`` changes when x and
+    y swap, as the masked grams are not symmetric.
 
     Parameters
     ----------

@@ -76,11 +76,13 @@ Ridge = float | Sequence[float] | None
 
 
 def _check_params(ridge: Ridge, folds: int) -> tuple[tuple[float, ...], bool]:
-    """Return (penalty grid, fixed?)."""
+    """Return (penalty grid, fixed?); a 0-dim tensor ridge counts as its number."""
     if not is_integer(folds) or folds < 2:
         raise ValueError(f"linear_predictivity: folds must be an integer >= 2, got {folds!r}")
     if ridge is None:
         return RIDGE_GRID, False
+    if isinstance(ridge, Tensor) and ridge.dim() == 0 and not ridge.is_complex():
+        ridge = float(ridge)
     values = (ridge,) if isinstance(ridge, numbers.Real) else tuple(ridge)
     if not values:
         raise ValueError("linear_predictivity: the ridge grid is empty")

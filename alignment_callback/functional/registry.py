@@ -371,8 +371,9 @@ _gram("rsa", gm.rsa_state, "Spearman ρ of the upper triangles of the cosine-dis
       prepare_peak=_rsa_peak)
 _knn("mutual_knn", "mean_i |N_X(i) ∩ N_Y(i)| / k", exact_scores=True)
 _knn("cycle_knn", "mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]", symmetric=False, exact_scores=True)
-_knn("cknna", "unbiased-HSIC CKA restricted to mutual kNN pairs (PRH)", minimum_k=2, min_n=4,
-     value_range=(-1.0, 1.0))
+_knn("cknna", "unbiased-HSIC CKA restricted to mutual kNN pairs (PRH); can pass ±1 on raw "
+     "features far from the origin: clamped", minimum_k=2, min_n=4, value_range=(-1.0, 1.0),
+     symmetric=False)
 _knn("lcs_knn", "mean_i LCS(N_X(i), N_Y(i)) / k of the ordered lists", perm_cost=_ordered_knn_cost,
      exact_scores=True)
 _knn("edit_distance_knn", "1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k of the ordered lists",
@@ -383,7 +384,8 @@ register_measure(MeasureInfo(
     min_samples=sv.svcca_min_samples, perm_cost=sv.svcca_cost,
     null_method="rows of Y's orthonormal basis permuted, in cache-sized blocks; the "
                 "eigenvalues of a cca_dim×cca_dim matrix per permutation",
-    invariances="rotation, translation, per-feature scaling"))
+    invariances="translation, per-feature scaling (rotation and invertible linear maps "
+                "when cca_dim >= the rank of both sides)"))
 
 
 # ----------------------------------------------------------------- shape, CCA, predictivity
@@ -413,8 +415,10 @@ def _check_dims_param(value: Any, name: str) -> int | None:
 
 
 def _check_ridge(value: Any, name: str) -> Any:
-    pr._check_params(value, 2)
-    return value if value is None or isinstance(value, (int, float)) else tuple(value)
+    grid, fixed = pr._check_params(value, 2)
+    if value is None or isinstance(value, (int, float)):
+        return value
+    return grid[0] if fixed and not isinstance(value, (list, tuple)) else grid  # NumPy, tensors
 
 
 def _check_folds(value: Any, name: str) -> int:

@@ -168,6 +168,41 @@ def test_rbf_with_sigma_beyond_the_float_range_of_its_square(dtype, power):
     assert float(got) == pytest.approx(want, abs=tol)
 
 
+def _exact_centered_rbf(x: np.ndarray, sigma: float):
+    """H K H in 50-digit arithmetic (mpmath), rounded to float64 at the end."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    n = x.shape[0]
+    d2 = [[sum((mpmath.mpf(float(a)) - mpmath.mpf(float(b))) ** 2 for a, b in zip(x[i], x[j]))
+           for j in range(n)] for i in range(n)]
+    k = mpmath.matrix([[mpmath.exp(-v / (2 * mpmath.mpf(sigma) ** 2)) for v in row]
+                       for row in d2])
+    h = mpmath.eye(n) - mpmath.ones(n, n) / n
+    return np.array((h * k * h).tolist(), dtype=np.float64)
+
+
+@pytest.mark.parametrize("scale", [1e-5, 1e-6])
+def test_rbf_with_a_sigma_far_above_the_distances_keeps_its_digits(scale):
+    """σ = 1 on features of scale 1e-5: every kernel entry is 1 − O(1e-10), which ``exp``
+    rounded before centering removed the 1 (rbf_cka off by 1e-9 to 2e-6, RBF Bures by 7e-6 to
+    8e-5); ``K − 1 = expm1(…)`` keeps them."""
+    x, y = (t[:16, :3] * scale for t in _pair())
+    k, m = _exact_centered_rbf(x.numpy(), 1.0), _exact_centered_rbf(y.numpy(), 1.0)
+    cka = float((k * m).sum() / np.sqrt((k * k).sum() * (m * m).sum()))
+    assert float(F.rbf_cka(x, y, sigma=1.0)) == pytest.approx(cka, abs=1e-12)
+    got = float(F.bures_similarity(x, y, kernel="rbf", sigma=1.0))
+    assert got == pytest.approx(RF.bures_fidelity(k, m), abs=1e-7)
+
+
+def test_the_constant_kernel_refusal_gives_the_largest_distance():
+    """The largest squared distance was read after the ratio underflowed: "= 0" at σ = 1e200."""
+    x, y = _pair()
+    largest = float(torch.cdist(x, x).square().max())
+    with pytest.raises(ValueError, match=rf"largest distance² = {largest:.3g}\)"):
+        F.rbf_cka(x, y, sigma=1e200)
+
+
 @pytest.mark.parametrize("sigma", [1e155, 1e200, 1e308])
 def test_rbf_with_a_sigma_so_large_the_kernel_is_constant_is_refused_clearly(sigma):
     x, y = _pair()

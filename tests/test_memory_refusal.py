@@ -232,9 +232,9 @@ def _shrinking_free(monkeypatch, n_by_n: float, n: int, size: int = 4) -> list[i
     built: list[int] = []
     rbf_gram = shm.rbf_gram
 
-    def counting(x, sigma):
+    def counting(x, sigma, **kw):
         built.append(x.shape[0])
-        return rbf_gram(x, sigma)
+        return rbf_gram(x, sigma, **kw)
 
     monkeypatch.setattr(shm, "rbf_gram", counting)
     free = lambda device: int((n_by_n - len(built)) * n * n * size)  # noqa: E731

@@ -143,8 +143,9 @@ def linear_state(x: Tensor) -> GramState:
 
 
 def rbf_state(x: Tensor, sigma: float | str = 1.0) -> GramState:
-    """``H K H`` with the RBF gram of ``x`` (absolute σ, or ``"median"``)."""
-    k = rbf_gram(x, sigma)
+    """``H K H`` with the RBF gram of ``x`` (absolute σ, or ``"median"``), centered from
+    ``K − 1`` (the same matrix, without the rounding of ``exp`` near 1)."""
+    k = rbf_gram(x, sigma, minus_one=True)
     cause = (None if sigma == "median" else f"sigma={sigma} is so large against the "
              "distances that the kernel is constant to rounding: try sigma='median'")
     return _state(center_gram(k), 1e3 * _eps(k) * float(k.norm()), "RBF gram", cause)

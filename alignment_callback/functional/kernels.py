@@ -49,8 +49,10 @@ def median(values: Tensor) -> Tensor:
     return (lo + hi) / 2
 
 
-def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
-    """RBF kernel ``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``.
+def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False) -> Tensor:
+    """RBF kernel ``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``, or with ``minus_one`` ``K − 1`` as
+    ``expm1(−‖x_i − x_j‖² / (2σ²))``: centering removes the constant, and ``K − 1`` keeps the
+    digits that ``exp`` rounds away where ``K`` is close to 1 (σ large against the distances).
 
     ``sigma`` is absolute (a finite positive number; PRH convention, default 1.0), or
     ``"median"`` for ``σ = sqrt(median of all n² squared distances)`` (scale-free: the data is
@@ -66,7 +68,7 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
         s2 = median(d2)
         if not bool(s2 > 0):
             raise ValueError("zero-variance representation: median squared distance is 0")
-        return torch.exp(-d2 / (2.0 * s2))
+        return (torch.expm1 if minus_one else torch.exp)(-d2 / (2.0 * s2))
     sigma = float(sigma)  # also a 0-dim tensor (a learned or computed bandwidth)
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error
@@ -83,19 +85,19 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0) -> Tensor:
     # that 2σ² need not be a finite number of x's dtype (nor of a Python float)
     # (in place where it can: d2 is this function's own, and the n×n copies are what limits n)
     m, e = math.frexp(float(sigma))
+    largest = float(d2.max())  # before the scaling below, which may underflow it
     if e != 0:
         d2 = times_power_of_two(d2, torch.tensor(-2 * e, device=d2.device))
     ratio = d2.div_(2.0 * m * m)
     distinct = bool((x != x[:1]).any())
     if distinct and not bool((ratio > torch.finfo(x.dtype).eps).any()):
         bound = f"= {scale:g}" if math.isfinite(scale) else "> 1.8e+308"
-        largest = math.ldexp(float(ratio.max()) * 2.0 * m * m, 2 * e)
         raise ValueError(
             f"rbf_cka: squared distances underflow against 2*sigma^2 {bound} (largest "
             f"distance² = {largest:.3g}); the RBF kernel is constant at sigma={sigma}. "
             "Rescale the features or use sigma='median'"
         )
-    return torch.exp(ratio.neg_())
+    return (torch.expm1 if minus_one else torch.exp)(ratio.neg_())
 
 
 def center_gram(k: Tensor) -> Tensor:

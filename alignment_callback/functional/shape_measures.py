@@ -320,9 +320,11 @@ def bures_state(x: Tensor, kernel: str = "linear", sigma: float | str = 1.0) -> 
     if _check_kernel(kernel) == "linear":
         return procrustes_state(x, "bures_similarity")
     _check_rbf_memory(x, RBF_STATE_PEAK)
-    k = center_gram(rbf_gram(x.to(torch.float64), sigma))
+    k = rbf_gram(x.to(torch.float64), sigma, minus_one=True)  # K − 1: exact where K ≈ 1
     eps = torch.finfo(k.dtype).eps
-    if not bool(k.abs().max() > 1e3 * eps):  # RBF entries are <= 1; centering leaves ~eps
+    floor = 1e3 * eps * float(k.abs().max())  # centering leaves ~eps of K − 1's entries
+    k = center_gram(k)
+    if not bool(k.abs().max() > floor):
         raise ValueError(
             "zero-variance representation: the centered RBF gram is zero (all samples are "
             "identical, or sigma is so large that they look so); bures_similarity is undefined "

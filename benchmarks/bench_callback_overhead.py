@@ -120,7 +120,8 @@ def main() -> None:
     computing = {cb.log_prefix: sum(h[f"{cb.log_prefix}/seconds"] for h in cb.history) / steps
                  for cb in bg_cbs}
     print(f"threads={torch.get_num_threads()} of {os.cpu_count()} cores, epochs={args.epochs}, "
-          f"K={args.permutations}, {steps} alignment steps, best of {args.repeats} interleaved rounds, loggers: {args.logger} + csv; "
+          f"K={args.permutations}, {steps} alignment steps, best of {args.repeats} interleaved "
+          f"rounds, loggers: {args.logger if args.logger == 'csv' else args.logger + ' + csv'}; "
           f"load average {' '.join(f'{v:.2f}' for v in load_start)} at start, "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} at end (shared machine)")
     print(f"callbacks: alignment/ (probe n={len(x_probe)}, 4×3 layer pairs, metrics "

@@ -1,20 +1,21 @@
-"""Gram-family permutation null: today's gather + float32 dot vs ``gram_null``, in one run.
+"""Gram-family permutation null: the previous gather + float32 dot vs ``gram_null``, in one run.
 
 For each n: milliseconds per permutation of
 
-* ``old``: the loop of ``gram_measures.gram_score`` (two ``index_select`` into n×n buffers and a
-  float32 ``torch.dot`` per permutation), copied here as the baseline;
+* ``old``: the previous loop of ``gram_measures.gram_score`` (two ``index_select`` into n×n
+  buffers and a float32 ``torch.dot`` per permutation; ``gram_score`` now calls
+  ``gram_dots``), copied here as the baseline;
 * ``new``: :func:`alignment_callback.functional.gram_null.gram_dots` (exact float64), with 1 and
   with 2 threads (``torch.set_num_threads``; the library follows it as an upper bound);
 
 next to the memory-read bound ``n²·4 B / bandwidth`` (reading the permuted float32 matrix once)
 and the ratio to it.  The bandwidth is measured first: best of several ``torch.sum`` over a
 1 GiB float32 tensor on one thread.  Then the same for ``gram_dots_layers`` with 4×4 and 12×12
-layers (bound: the L moved matrices read once per permutation) against today's layer loop
-(``gram_layer_scores``: L gathers + one float32 matrix product per permutation).
+layers (bound: the L moved matrices read once per permutation) against the previous layer loop
+(L gathers + one float32 matrix product per permutation).
 
 Every timing is the best of 3 repetitions; the load average is printed because the machine may
-be shared.  ``old err`` is today's float32 result minus the exact one, divided by ‖A‖·‖B‖ (in
+be shared.  ``old err`` is the previous float32 result minus the exact one, divided by ‖A‖·‖B‖ (in
 CKA units).
 
     python benchmarks/bench_gram_null.py            # n = 1024, 2048, 4096 (about 2 minutes)

@@ -214,7 +214,7 @@ def section_features(quick: bool, repeats: int, threads: int) -> None:
     for n, route in runs:
         b = best[(n, route)]
         gram = n < MF._GRAM_ROUTE_FRACTION * d * d
-        shown = "linear (forced)" if route == "tensor" else ("gram" if gram else "linear")
+        shown = "3-tensor (forced)" if route == "tensor" else ("gram" if gram else "3-tensor")
         print(f"{n:7d} {shown:>15s} {b['seconds']:8.2f} "
               f"{b['seconds'] / best[(n0, 'default')]['seconds']:6.1f}x "
               f"{n / n0:6.1f} {b['peak_max']:11.0f} {b['before_mb']:13.0f} "
@@ -222,7 +222,7 @@ def section_features(quick: bool, repeats: int, threads: int) -> None:
     ratio = best[(top, "default")]["seconds"] / best[(n0, "default")]["seconds"]
     linear = best[(top, "default")]["seconds"] / best[(n0, "tensor")]["seconds"]
     peak = best[(top, "default")]["peak_max"]
-    first = "gram" if n0 < MF._GRAM_ROUTE_FRACTION * d * d else "linear"
+    first = "gram" if n0 < MF._GRAM_ROUTE_FRACTION * d * d else "3-tensor"
     print(f"time n={top} / n={n0} for {top / n0:.0f}x the samples: {ratio:.1f}x as called "
           f"(n={n0} on the {first} route), {linear:.1f}x on the O(n·d³) route at both "
           f"sizes (target <= 15x, linear not quadratic: {verdict(linear <= 15)}); "

@@ -72,7 +72,7 @@ def matrix(measure: str, x: torch.Tensor) -> torch.Tensor:
 
 def perm_scores(a: torch.Tensor, b: torch.Tensor, perms: torch.Tensor, dtype=F64) -> torch.Tensor:
     """``⟨A, B[π][:, π]⟩ / (‖A‖‖B‖)`` for each row of perms, on the library's own null path
-    (``gram_score``: two index_selects into reused buffers per permutation)."""
+    (``gram_score``, which reads one triangle of each permuted gram: ``gram_null.gram_dots``)."""
     a_, b_ = a.to(dtype), b.to(dtype)
     return gram_score(GramState(a_, a_.norm()), GramState(b_, b_.norm()), perms).to(F64)
 

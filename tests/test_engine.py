@@ -110,3 +110,19 @@ def test_preprocessing_errors_name_the_side_and_the_layer(bad_row):
     engine.set_reference({"r0": good})
     with pytest.raises(ValueError, match=r"^model layer 'l3': "):
         engine.step({"l1": good, "l3": bad})
+
+
+@pytest.mark.parametrize("measure", ["linear_cka", "mutual_knn"])
+def test_preparation_errors_name_the_model_and_the_reference(measure):
+    """A layer a measure cannot prepare was named "x layer" / "y layer" (the functions' words)
+    where every other engine error says "model layer" / "reference layer"."""
+    g = torch.Generator().manual_seed(0)
+    good, constant = torch.randn(50, 4, generator=g), torch.ones(50, 4)
+    engine = AlignmentEngine([measure], num_permutations=19, preprocess=False)
+    with pytest.raises(ValueError, match=rf"^reference layer 'r1': {measure}: |"
+                                         r"^reference layer 'r1': zero-variance"):
+        engine.set_reference({"r0": good, "r1": constant})
+    engine.set_reference({"r0": good})
+    with pytest.raises(ValueError, match=rf"^model layer 'l3': {measure}: |"
+                                         r"^model layer 'l3': zero-variance"):
+        engine.step({"l1": good, "l3": constant})

@@ -195,6 +195,30 @@ def test_rbf_with_a_sigma_far_above_the_distances_keeps_its_digits(scale):
     assert got == pytest.approx(RF.bures_fidelity(k, m), abs=1e-7)
 
 
+def test_a_zero_median_bandwidth_says_so_and_names_the_measure():
+    """Most rows identical (not all): the median squared distance is 0, which was reported as
+    a zero-variance representation (the data has variance, and linear CKA works on it)."""
+    x, y = _pair()
+    x = x.clone()
+    x[2:] = x[1]  # 22 of 24 rows identical
+    assert float(F.linear_cka(x, y)) > 0
+    for call, name in ((lambda: F.rbf_cka(x, y, sigma="median"), "rbf_cka"),
+                       (lambda: F.bures_similarity(x, y, kernel="rbf", sigma="median"),
+                        "bures_similarity")):
+        with pytest.raises(ValueError, match=rf"{name}: sigma='median' is 0: at least half of "
+                                             r"the squared distances .* give sigma a number"):
+            call()
+    with pytest.raises(ValueError, match=r"^x: bures_similarity: squared distances underflow"):
+        F.bures_similarity(x + 1.0, y, kernel="rbf", sigma=1e200)
+
+
+@pytest.mark.parametrize("quantile", ["0.9", True, 0.0, 1.5])
+def test_a_clamp_quantile_that_is_not_a_number_in_range_is_refused(quantile):
+    x, _ = _pair()
+    with pytest.raises(ValueError, match=r"clamp_quantile must be a number in \(0, 1\], got"):
+        F.prepare_features(x, clamp_quantile=quantile)
+
+
 def test_the_constant_kernel_refusal_gives_the_largest_distance():
     """The largest squared distance was read after the ratio underflowed: "= 0" at σ = 1e200."""
     x, y = _pair()

@@ -182,7 +182,7 @@ class AlignmentEngine:
         names, feats = self.features(layers, "reference")
         self.check_samples(feats[0].shape[0], "the reference's probe activation")
         self.reference = prepare_side(names, feats, list(self.measures.values()), "y",
-                                      null=self.null)
+                                      null=self.null, label="reference")
         if self.permutations is None or self.permutations.n != self.reference.n:
             self.permutations = Permutations(self.reference.n, self.num_permutations, self.seed,
                                              self.groups)
@@ -226,10 +226,11 @@ class AlignmentEngine:
         reference = self.reference
         if dtype != reference.dtype:  # a float64 model against a float32 reference: this step
             reference = prepare_side(reference.names, [f.to(dtype) for f in reference.features],
-                                     measures, "y", null=self.null,
+                                     measures, "y", null=self.null, label="reference",
                                      **room_for(len(feats), measures))
         # the reference's states are held already: the memory available no longer counts them
-        xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x", null=self.null)
+        xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x", null=self.null,
+                             label="model")
         results = calibrate_prepared(measures, xside, reference, self.permutations,
                                      self.alpha, self._aggregate(names, reference.names),
                                      self.max_score, share, gather, self.null)

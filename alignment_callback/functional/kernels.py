@@ -49,7 +49,8 @@ def median(values: Tensor) -> Tensor:
     return (lo + hi) / 2
 
 
-def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False) -> Tensor:
+def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
+             measure: str = "rbf_cka") -> Tensor:
     """RBF kernel ``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``, or with ``minus_one`` ``K − 1`` as
     ``expm1(−‖x_i − x_j‖² / (2σ²))``: centering removes the constant, and ``K − 1`` keeps the
     digits that ``exp`` rounds away where ``K`` is close to 1 (σ large against the distances).
@@ -60,24 +61,27 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False) -> Te
 
     Raises ``ValueError`` naming overflow or underflow when the data's scale makes the kernel
     meaningless at this absolute ``sigma`` (distances overflow, or are all negligible against
-    2σ² so the kernel is constant).
+    2σ² so the kernel is constant), and ``measure`` (the one the gram is for).
     """
     check_bandwidth(sigma)
     if isinstance(sigma, str):  # "median"
         d2 = squared_distances(rescale_exactly(x))
         s2 = median(d2)
         if not bool(s2 > 0):
-            raise ValueError("zero-variance representation: median squared distance is 0")
+            raise ValueError(
+                f"{measure}: sigma='median' is 0: at least half of the squared distances between "
+                "rows are 0 (mostly identical rows; all of them: a zero-variance representation);"
+                " give sigma a number")
         return (torch.expm1 if minus_one else torch.exp)(-d2 / (2.0 * s2))
     sigma = float(sigma)  # also a 0-dim tensor (a learned or computed bandwidth)
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error
     if not scale >= torch.finfo(x.dtype).tiny:
-        raise ValueError(f"rbf_cka: sigma={sigma} is too small for {x.dtype}: 2*sigma^2 = "
+        raise ValueError(f"{measure}: sigma={sigma} is too small for {x.dtype}: 2*sigma^2 = "
                          f"{scale:g} underflows. Use a larger sigma or sigma='median'")
     if not bool(torch.isfinite(d2).all()):
         raise ValueError(
-            f"rbf_cka: squared distances overflow {x.dtype} (largest |x| = "
+            f"{measure}: squared distances overflow {x.dtype} (largest |x| = "
             f"{float(x.abs().max()):.3g}); at sigma={sigma} the kernel would be the identity. "
             "Rescale the features (e.g. L2-normalize rows) or use sigma='median'"
         )
@@ -93,7 +97,7 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False) -> Te
     if distinct and not bool((ratio > torch.finfo(x.dtype).eps).any()):
         bound = f"= {scale:g}" if math.isfinite(scale) else "> 1.8e+308"
         raise ValueError(
-            f"rbf_cka: squared distances underflow against 2*sigma^2 {bound} (largest "
+            f"{measure}: squared distances underflow against 2*sigma^2 {bound} (largest "
             f"distance² = {largest:.3g}); the RBF kernel is constant at sigma={sigma}. "
             "Rescale the features or use sigma='median'"
         )

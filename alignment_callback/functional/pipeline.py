@@ -100,6 +100,8 @@ class PreparedSide:
         names: layer names, in order.
         features: the (n, d) matrices the states were prepared from.
         states: per measure, one prepared state per layer.
+        label: the side's name in messages (default: ``role``; the engine's ``"model"`` and
+            ``"reference"``).
     """
 
     role: str
@@ -108,6 +110,12 @@ class PreparedSide:
     states: dict[Measure, list[Any]] = field(default_factory=dict)
     lazy: set[Measure] = field(default_factory=set)
     invariants: dict[tuple[Measure, int], Any] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def who(self) -> str:
+        """The side's name in messages."""
+        return self.label or self.role
 
     def invariant(self, measure: Measure, i: int, compute: Callable[[Any], Any]) -> Any:
         """Layer ``i``'s permutation invariants for ``measure`` (computed once, kept: a
@@ -141,7 +149,8 @@ class PreparedSide:
 
     def subset(self, rows: Tensor) -> "PreparedSide":
         """The same layers restricted to ``rows`` (states are prepared again on use)."""
-        return PreparedSide(self.role, list(self.names), [f[rows.to(f.device)] for f in self.features])
+        return PreparedSide(self.role, list(self.names),
+                            [f[rows.to(f.device)] for f in self.features], label=self.label)
 
 
 def side_features(layers: Layers | Tensor, label: str, dtype: torch.dtype | None = None,
@@ -168,7 +177,8 @@ def side_features(layers: Layers | Tensor, label: str, dtype: torch.dtype | None
 
 def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Sequence[Measure],
                  role: str, side: PreparedSide | None = None, keep_gram: bool | None = None,
-                 null: str = "permutation", reserve: int = 0, held: int = 0) -> PreparedSide:
+                 null: str = "permutation", reserve: int = 0, held: int = 0,
+                 label: str = "") -> PreparedSide:
     """Prepare ``features`` for every measure not prepared yet in ``side`` (or a new side).
 
     kNN measures get one shared neighbor list per layer, built for their largest k.
@@ -184,7 +194,7 @@ def prepare_side(names: Sequence[str], features: Sequence[Tensor], measures: Seq
     (:func:`room_for`); a side prepared already is not counted again: the memory it holds is
     no longer reported available.
     """
-    side = side or PreparedSide(role, list(names), list(features))
+    side = side or PreparedSide(role, list(names), list(features), label=label)
     warn_if_tf32(side.device, side.dtype)
     if keep_gram is None:
         keep_gram = len(side.features) <= GRAM_KEPT
@@ -235,7 +245,7 @@ def _naming_layer(side: PreparedSide, i: int) -> contextlib.AbstractContextManag
     """Errors raised inside name the side and, for named layers, the layer ("y layer 'b':
     rsa: a sample has an all-zero feature vector")."""
     name = side.names[i]
-    return errors_named(side.role if side.names == ["0"] else f"{side.role} layer {name!r}")
+    return errors_named(side.who if side.names == ["0"] else f"{side.who} layer {name!r}")
 
 
 def _prepared(m: Measure, side: PreparedSide, i: int, lists: Any = None) -> Any:
@@ -600,7 +610,7 @@ def _tied_rows(side: PreparedSide, i: int) -> bool:
 def _tied_sides(xside: PreparedSide, yside: PreparedSide) -> str:
     """Which sides of a single pair have tied rows, in words ("x has", "y has", "x and y
     have"; "" for none)."""
-    sides = [side.role for side in (xside, yside) if _tied_rows(side, 0)]
+    sides = [side.who for side in (xside, yside) if _tied_rows(side, 0)]
     return "" if not sides else " and ".join(sides) + (" have" if len(sides) == 2 else " has")
 
 

@@ -6,6 +6,7 @@ given.  The PRH convention is ``pool -> optional outlier clamp -> L2-normalize e
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Literal, Union
 
 import torch
@@ -147,8 +148,9 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
 
 def clamp_outliers(x: Tensor, quantile: float) -> Tensor:
     """Clamp ``|x|`` at the ``quantile`` of ``|x|`` over the whole matrix (PRH uses 0.95)."""
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"clamp_quantile must be in (0, 1], got {quantile}")
+    if (isinstance(quantile, bool) or not isinstance(quantile, numbers.Real)
+            or not 0.0 < quantile <= 1.0):
+        raise ValueError(f"clamp_quantile must be a number in (0, 1], got {quantile!r}")
     flat = x.abs().flatten()
     # torch.quantile has an input-size limit; kthvalue gives the same "lower" order statistic
     # without it.  Linear interpolation as torch.quantile/numpy default:

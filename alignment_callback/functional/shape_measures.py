@@ -320,7 +320,7 @@ def bures_state(x: Tensor, kernel: str = "linear", sigma: float | str = 1.0) -> 
     if _check_kernel(kernel) == "linear":
         return procrustes_state(x, "bures_similarity")
     _check_rbf_memory(x, RBF_STATE_PEAK)
-    k = rbf_gram(x.to(torch.float64), sigma, minus_one=True)  # K − 1: exact where K ≈ 1
+    k = rbf_gram(x.to(torch.float64), sigma, minus_one=True, measure="bures_similarity")
     eps = torch.finfo(k.dtype).eps
     floor = 1e3 * eps * float(k.abs().max())  # centering leaves ~eps of K − 1's entries
     k = center_gram(k)

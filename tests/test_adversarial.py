@@ -226,7 +226,8 @@ def test_a_bound_measure_takes_the_bandwidths_its_function_takes(name, options):
         F.get_measure(name, sigma=torch.tensor(-2.0), **options)
 
 
-@pytest.mark.parametrize("ridge", [np.float32(0.5), torch.tensor(0.5)], ids=["numpy", "tensor"])
+@pytest.mark.parametrize("ridge", [np.float32(0.5), np.array(0.5), torch.tensor(0.5)],
+                         ids=["numpy", "0-d array", "tensor"])
 def test_a_bound_predictivity_takes_a_numpy_or_tensor_ridge(ridge):
     """``get_measure`` called ``tuple(ridge)`` on anything but a Python number (a TypeError for
     a NumPy float32, "iteration over a 0-d tensor" for a tensor, in the function too)."""

@@ -7,18 +7,29 @@ pass shows fails before training.
   step's activations became the start, which then scored 1.0 against itself);
 * ``reference="previous"`` compares with the last step in the history: a step that failed on
   another reference does not move it, whatever order the references are listed in;
-* a probe the model in training cannot take, and a measure option its layer widths cannot
-  take, are raised whatever ``on_error`` says (before, every step warned and the fit ended
-  with an empty history).
+* a probe the model in training cannot take (it fails on the probe after running training
+  batches, never having run on it), and a measure option its layer widths cannot take, are
+  raised whatever ``on_error`` says (before, every step warned and the fit ended with an empty
+  history); a failure before the first training batch (statistics initialized from the first
+  batch) and one out of memory still follow ``on_error``.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+import warnings
+
+import lightning.pytorch as pl
 import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from alignment_callback.callback import ProbeInputError
 from alignment_callback.functional import ShapeOptionError
-from tests.helpers import IN_DIM, MLP, RefMLP, make_probe
+from tests.helpers import FAST_TRAINER, IN_DIM, MLP, RefMLP, make_probe, train_loader
 from tests.test_callback_audit_fixes import PROBE, callback, fit
 
 
@@ -101,8 +112,8 @@ class FailsOnce(MLP):
 
 def test_initial_whose_start_was_not_captured_reports_nothing_and_the_others_go_on():
     cb = callback(reference={"a": RefMLP(), "init": "initial"}, layers=["fc2"])
-    with pytest.warns(RuntimeWarning, match=r"reference 'init' \('initial'\) has no values in "
-                                            r"this fit: the step at its start failed"):
+    with pytest.warns(RuntimeWarning, match=r"reference 'init' \('initial'\) has no values: the "
+                                            r"activations at the start of the fit.* not taken"):
         fit([cb], model=FailsOnce(1, MemoryError("out of memory at the start"), lr=0.5),
             max_epochs=3)
     assert [s["epoch"] for s in cb.skipped] == [0]
@@ -127,6 +138,76 @@ def test_previous_after_a_failed_step_compares_with_the_last_step_in_the_history
     assert _values(cb, "alignment/prev/linear_cka/layer/fc2/raw")[3] != init[3]
 
 
+def test_previous_does_not_move_to_a_step_whose_heatmaps_failed(tmp_path, monkeypatch):
+    """The heatmaps are drawn after the measures: a failure there skips the step, so
+    "previous" must not have moved to it (it compared epoch 2 with the skipped epoch 1)."""
+    from alignment_callback.metrics import plotting
+
+    draw, calls = plotting.heatmap_image, []
+
+    def failing(result, title):
+        calls.append(title)
+        if "after epoch 1 " in title:
+            raise RuntimeError("cannot draw")
+        return draw(result, title)
+
+    monkeypatch.setattr(plotting, "heatmap_image", failing)
+    cb = callback(reference={"prev": "previous", "init": "initial"}, layers=["fc2"],
+                  log_heatmaps=True)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=3, logger=CSVLogger(tmp_path), callbacks=[cb],
+                         enable_checkpointing=False, **FAST_TRAINER)
+    with pytest.warns(RuntimeWarning, match="epoch 1 .* skipped: RuntimeError: cannot draw"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            trainer.fit(MLP(lr=0.5), train_loader())
+    prev = _values(cb, "alignment/prev/linear_cka/layer/fc2/raw")
+    init = _values(cb, "alignment/init/linear_cka/layer/fc2/raw")
+    assert sorted(prev) == [2, 3] and prev[2] == init[2]
+
+
+def test_a_resume_that_redoes_the_first_step_gives_previous_no_value_there(tmp_path):
+    """Background, step mode, no baseline: a checkpoint written while the first step was in
+    flight holds no history and that step as pending; the resumed run anchored "initial" and
+    "previous" at the resumed weights and then redid the step on them (1.0 against itself)."""
+
+    def aligner():
+        cb = callback(reference={"init": "initial", "prev": "previous"}, layers=["fc2"],
+                      baseline=False, background=True, every_n_train_steps=2)
+        compute = cb._compute
+
+        def slow(*args, **kwargs):  # keeps the job in flight when the checkpoint is written
+            if threading.current_thread() is not threading.main_thread():
+                time.sleep(1.5)
+            return compute(*args, **kwargs)
+
+        cb._compute = slow
+        return cb
+
+    def run(callbacks, max_steps, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(max_steps=max_steps, logger=False, callbacks=callbacks,
+                             default_root_dir=tmp_path, **FAST_TRAINER)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(MLP(lr=0.5), train_loader(), ckpt_path=ckpt_path)
+
+    first = aligner()
+    run([first, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
+                                filename="{step}")], 2)
+    path = os.path.join(tmp_path, "step=2.ckpt")
+    state = next(v for k, v in torch.load(path, weights_only=False)["callbacks"].items()
+                 if "Alignment" in k)
+    assert state["history"] == [] and state["pending"] == [[0, 2]]
+    resumed = aligner()
+    run([resumed], 6, path)
+    prev = {h["step"]: h.get("alignment/prev/linear_cka/layer/fc2/raw") for h in resumed.history}
+    init = {h["step"]: h.get("alignment/init/linear_cka/layer/fc2/raw") for h in resumed.history}
+    assert sorted(prev) == [2, 4, 6] and prev[2] is None  # as in an uninterrupted run
+    # the redone step is the start of this fit (documented) and the previous step of step 4
+    assert init[2] == 1.0 and prev[4] == init[4] < 1.0
+
+
 # ------------------------------------------------------------------ configuration mistakes
 class Counting(MLP):
     batches = 0
@@ -139,16 +220,54 @@ class Counting(MLP):
 @pytest.mark.parametrize("reference", ["initial", "model"])
 @pytest.mark.parametrize("baseline", [True, False])
 def test_a_probe_the_model_cannot_take_fails_whatever_on_error_says(reference, baseline):
+    """Raised at the first step after a training batch (the start's failure warns: a model
+    may not run before its first batch), not after the whole fit."""
     wide = make_probe(48, in_dim=IN_DIM + 1)  # the reference model takes it, the model not
     ref = "initial" if reference == "initial" else RefMLP(in_dim=IN_DIM + 1)
     cb = callback(reference=ref, probe=wide, layers=["fc2"], baseline=baseline, on_error="warn")
     Counting.batches = 0
-    with pytest.raises(ProbeInputError, match="the model in training failed on the probe at the "
-                                              "first probe pass of this fit .*mat1 and mat2"):
-        fit([cb], model=Counting(), max_epochs=2)
-    # before training, unless the first step comes after the first epoch
-    assert Counting.batches == (4 if reference == "model" and not baseline else 0)
-    assert cb.skipped == []
+    with pytest.raises(ProbeInputError, match="the model in training runs its training batches "
+                                              "but failed on the probe.*mat1 and mat2"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the start's failure
+            fit([cb], model=Counting(), max_epochs=3)
+    assert Counting.batches == 4  # one epoch, not three
+    started = baseline or reference == "initial"  # a probe pass at the start, which warned
+    assert [s["step"] for s in cb.skipped] == ([0] if started else [])
+
+
+class InitializedByTheFirstBatch(MLP):
+    """Its forward cannot run before the first training batch (as ActNorm's statistics)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.ready = False
+
+    def training_step(self, batch, batch_idx):
+        self.ready = True
+        return super().training_step(batch, batch_idx)
+
+    def forward(self, x):
+        if not self.ready:
+            raise RuntimeError("not initialized: run a training batch first")
+        return super().forward(x)
+
+
+def test_a_model_that_runs_only_after_its_first_batch_warns_at_the_start_and_goes_on():
+    cb = callback(on_error="warn")
+    with pytest.warns(RuntimeWarning, match="epoch 0 .* skipped: RuntimeError: .*not initialized"):
+        fit([cb], model=InitializedByTheFirstBatch(), max_epochs=2)
+    assert [h["epoch"] for h in cb.history] == [1, 2]
+
+
+@pytest.mark.parametrize("message", ["CUDA out of memory. Tried to allocate 2.00 GiB",
+                                     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                     "`cublasCreate(handle)`"])
+def test_a_first_probe_pass_out_of_device_memory_warns(message):
+    cb = callback(baseline=False, on_error="warn")
+    with pytest.warns(RuntimeWarning, match="epoch 1 .* skipped: RuntimeError: .*CU"):
+        fit([cb], model=FailsOnce(1, RuntimeError(message)), max_epochs=3)
+    assert [h["epoch"] for h in cb.history] == [2, 3]
 
 
 def test_a_later_failure_of_the_probe_pass_warns():

@@ -212,11 +212,18 @@ def test_a_zero_median_bandwidth_says_so_and_names_the_measure():
         F.bures_similarity(x + 1.0, y, kernel="rbf", sigma=1e200)
 
 
-@pytest.mark.parametrize("quantile", ["0.9", True, 0.0, 1.5])
+@pytest.mark.parametrize("quantile", ["0.9", True, 0.0, 1.5, torch.tensor(1.5)])
 def test_a_clamp_quantile_that_is_not_a_number_in_range_is_refused(quantile):
     x, _ = _pair()
     with pytest.raises(ValueError, match=r"clamp_quantile must be a number in \(0, 1\], got"):
         F.prepare_features(x, clamp_quantile=quantile)
+
+
+@pytest.mark.parametrize("quantile", [torch.tensor(0.9), np.array(0.9), np.float32(0.9)])
+def test_a_clamp_quantile_given_as_a_0_dim_tensor_or_array_is_its_number(quantile):
+    x, _ = _pair()
+    want = F.prepare_features(x, clamp_quantile=float(quantile))
+    assert torch.equal(F.prepare_features(x, clamp_quantile=quantile), want)
 
 
 def test_the_constant_kernel_refusal_gives_the_largest_distance():

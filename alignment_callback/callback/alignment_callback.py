@@ -71,8 +71,9 @@ class FrozenReferenceError(ValueError):
 
 
 class ProbeInputError(RuntimeError):
-    """The model in training failed on the probe before it ever ran on it in this fit (inputs
-    of another width, dtype or structure than it takes): every step would fail the same way."""
+    """The model in training failed on the probe although it has run training batches, and it
+    never ran on the probe in this fit (inputs of another width, dtype or structure than it
+    takes): every step would fail the same way."""
 
 
 # configuration mistakes only a forward pass can show: raised whatever on_error says
@@ -882,17 +883,18 @@ class AlignmentCallback(Callback):
         self._resume_pending = []
         missed = self._missed_epoch_step(trainer, pending)
         resumed = bool(self.history)
+        retaken = bool(pending) or missed is not None
+        if retaken:  # a step redone now: its activations are "initial"'s
+            self._initial_at = pending[0] if pending else (missed, int(trainer.global_step))
         if resumed:  # resumed with this callback's history: it goes on from there
-            if pending or missed is not None:  # the redone step's activations are "initial"'s
-                self._initial_at = pending[0] if pending else (missed, int(trainer.global_step))
-            self._anchor_drift(trainer, pl_module, retaken=self._initial_at is not None)
+            self._anchor_drift(trainer, pl_module, retaken=retaken)
         elif self.baseline:  # a new history (also for weights trained before: a warm start)
             if trainer.global_step > 0 and any(ref.kind == "initial" for ref in self.references):
                 rank_zero_warn(_INITIAL_RESUMED, category=UserWarning)
             self._initial_at = (int(trainer.current_epoch), int(trainer.global_step))
             self._maybe_run(trainer, pl_module, epoch=int(trainer.current_epoch), baseline=True)
         else:  # no step now: "initial" takes the activations at the start all the same
-            self._anchor_drift(trainer, pl_module, retaken=False)
+            self._anchor_drift(trainer, pl_module, retaken=retaken)
         for epoch, step in pending:  # in flight when the checkpoint was written
             self._maybe_run(trainer, pl_module, epoch=epoch, monitor=False)
         if missed is not None:
@@ -1294,14 +1296,24 @@ class AlignmentCallback(Callback):
         except LayerCountError as err:
             raise LayerCountError(f"student model: {err}") from err
         except Exception as err:
-            # before the model ever ran on the probe in this fit, a failure is the probe's or
-            # the layers' (inputs it cannot take), not the weights': a configuration mistake
-            if self._probe_ran or isinstance(err, (*LAYER_ERRORS, MemoryError)) or _oom(err):
+            # a model that runs training batches but has never run on the probe in this fit
+            # cannot take the probe (its width, dtype or structure): a configuration mistake.
+            # Before the first training batch a forward may legitimately fail (statistics
+            # initialized from the first batch), so the baseline's failure follows on_error.
+            if (self._probe_ran or not self._has_trained() or _resource_error(err)
+                    or isinstance(err, LAYER_ERRORS)):
                 raise
-            raise ProbeInputError(f"the model in training failed on the probe at the first "
-                                  f"probe pass of this fit ({type(err).__name__}: {err})") from err
+            raise ProbeInputError(f"the model in training runs its training batches but failed "
+                                  f"on the probe, on which it has not run in this fit "
+                                  f"({type(err).__name__}: {err})") from err
         self._probe_ran = True
         return acts
+
+    def _has_trained(self) -> bool:
+        """Whether the fit's model has run a training batch (read from the training thread or
+        the worker: the global step only grows)."""
+        trainer = self._trainer() if self._trainer is not None else None
+        return trainer is not None and int(trainer.global_step) > 0
 
     def _as_trained(self, batches: Any) -> Any:
         trainer = self._trainer() if self._trainer is not None else None
@@ -1437,8 +1449,15 @@ class AlignmentCallback(Callback):
                 result = self._reference_step(ref, acts, epoch, step)
             if result is not None:
                 results[ref.name] = result
-        # every reference's step succeeded: "previous" compares the next one with this one (a
-        # failed step, which the history does not hold, is no one's previous step)
+        images = {}
+        if self.log_heatmaps and render:
+            from alignment_callback.metrics.plotting import heatmap_image
+
+            for label, r in self._flat(results).items():
+                image = heatmap_image(r, f"{label} after epoch {epoch} (step {step})")
+                images[label] = (image, dispatch.encode_png(image))
+        # the step succeeded: "previous" compares the next one with this one (a failed step,
+        # which the history does not hold, is no one's previous step)
         for ref in self.references:
             if ref.kind != "previous":
                 continue
@@ -1447,13 +1466,6 @@ class AlignmentCallback(Callback):
             else:
                 _advance(ref, acts)
         del acts, captured
-        images = {}
-        if self.log_heatmaps and render:
-            from alignment_callback.metrics.plotting import heatmap_image
-
-            for label, r in self._flat(results).items():
-                image = heatmap_image(r, f"{label} after epoch {epoch} (step {step})")
-                images[label] = (image, dispatch.encode_png(image))
         return results, images, epoch, step, capture_seconds + time.perf_counter() - start
 
     @staticmethod
@@ -1484,9 +1496,10 @@ class AlignmentCallback(Callback):
         fit failed, and a later step's activations are not the start's."""
         if ref.name not in self._lost:
             self._lost.add(ref.name)
-            rank_zero_warn(f"{_which(ref)} ('initial') has no values in this fit: the step at "
-                           f"its start failed (see its warning), so the activations it measures "
-                           f"drift from were not taken", category=RuntimeWarning)
+            rank_zero_warn(f"{_which(ref)} ('initial') has no values: the activations at the "
+                           f"start of the fit, which it measures drift from, were not taken (the "
+                           f"probe pass there failed: see its warning; or no fit is running)",
+                           category=RuntimeWarning)
 
     @staticmethod
     def _flat(results: Results) -> dict[str, Any]:
@@ -1697,10 +1710,13 @@ def _advance(ref: Reference, acts: dict[str, Tensor], **split: Any) -> None:
     _anchor(ref, acts)
 
 
-def _oom(error: BaseException) -> bool:
-    """A device out of memory (torch raises a ``RuntimeError`` subclass): not the probe's
-    fault, so not a configuration mistake."""
-    return "out of memory" in str(error).lower()
+def _resource_error(error: BaseException) -> bool:
+    """Out of memory (host or device: torch raises ``RuntimeError`` subclasses, and CUDA
+    libraries their own status errors), or another CUDA error: not the probe's fault, so not
+    a configuration mistake."""
+    text = str(error).lower()
+    return (isinstance(error, MemoryError) or "out of memory" in text or "cuda error" in text
+            or "alloc" in text)
 
 
 def _check_flags(**flags: Any) -> None:

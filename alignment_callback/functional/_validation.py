@@ -168,6 +168,13 @@ def check_matrix(x: Tensor, name: str = "x") -> Tensor:
     return x
 
 
+def as_number(value: Any, name: str) -> float:
+    """A 0-dim tensor or array as a Python float (``name`` in the error for a complex one)."""
+    if getattr(value, "dtype", None) is not None and "complex" in str(value.dtype):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
 class ShapeOptionError(ValueError):
     """A measure option the data's shape cannot take (such as SVCCA's ``cca_dim`` above a
     layer's width): a property of the probe's size and the layers chosen, not of the values."""

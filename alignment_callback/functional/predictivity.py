@@ -51,6 +51,7 @@ from alignment_callback.functional._memory import available_bytes, square_matrix
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import center_columns, rescale_exactly
 from alignment_callback.functional._validation import (
+    as_number,
     check_matrix,
     check_pair,
     is_integer,
@@ -76,13 +77,13 @@ Ridge = float | Sequence[float] | None
 
 
 def _check_params(ridge: Ridge, folds: int) -> tuple[tuple[float, ...], bool]:
-    """Return (penalty grid, fixed?); a 0-dim tensor ridge counts as its number."""
+    """Return (penalty grid, fixed?); a 0-dim tensor or array ridge counts as its number."""
     if not is_integer(folds) or folds < 2:
         raise ValueError(f"linear_predictivity: folds must be an integer >= 2, got {folds!r}")
     if ridge is None:
         return RIDGE_GRID, False
-    if isinstance(ridge, Tensor) and ridge.dim() == 0 and not ridge.is_complex():
-        ridge = float(ridge)
+    if getattr(ridge, "ndim", None) == 0 and not isinstance(ridge, numbers.Real):
+        ridge = as_number(ridge, "linear_predictivity: ridge")
     values = (ridge,) if isinstance(ridge, numbers.Real) else tuple(ridge)
     if not values:
         raise ValueError("linear_predictivity: the ridge grid is empty")

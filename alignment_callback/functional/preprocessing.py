@@ -14,7 +14,7 @@ from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import rescale_exactly
-from alignment_callback.functional._validation import as_float
+from alignment_callback.functional._validation import as_float, as_number
 
 PoolMode = Literal["flatten", "mean", "cls", "first", "last", "none"]
 Pool = Union[PoolMode, Callable[[Tensor], Tensor]]
@@ -148,9 +148,12 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
 
 def clamp_outliers(x: Tensor, quantile: float) -> Tensor:
     """Clamp ``|x|`` at the ``quantile`` of ``|x|`` over the whole matrix (PRH uses 0.95)."""
+    if getattr(quantile, "ndim", None) == 0 and not isinstance(quantile, numbers.Real):
+        quantile = as_number(quantile, "clamp_quantile")  # a 0-dim tensor or array
     if (isinstance(quantile, bool) or not isinstance(quantile, numbers.Real)
             or not 0.0 < quantile <= 1.0):
         raise ValueError(f"clamp_quantile must be a number in (0, 1], got {quantile!r}")
+    quantile = float(quantile)  # a NumPy float32 would round the position in float32
     flat = x.abs().flatten()
     # torch.quantile has an input-size limit; kthvalue gives the same "lower" order statistic
     # without it.  Linear interpolation as torch.quantile/numpy default:

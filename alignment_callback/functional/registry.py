@@ -371,9 +371,9 @@ _gram("rsa", gm.rsa_state, "Spearman ρ of the upper triangles of the cosine-dis
       prepare_peak=_rsa_peak)
 _knn("mutual_knn", "mean_i |N_X(i) ∩ N_Y(i)| / k", exact_scores=True)
 _knn("cycle_knn", "mean_i 1[∃ j ∈ N_Y(i): i ∈ N_X(j)]", symmetric=False, exact_scores=True)
-_knn("cknna", "unbiased-HSIC CKA restricted to mutual kNN pairs (PRH); can pass ±1 on raw "
-     "features far from the origin: clamped", minimum_k=2, min_n=4, value_range=(-1.0, 1.0),
-     symmetric=False)
+_knn("cknna", "unbiased-HSIC CKA restricted to mutual kNN pairs (PRH); can pass ±1 (raw "
+     "features far from the origin, tiny n): clamped", minimum_k=2, min_n=4,
+     value_range=(-1.0, 1.0), symmetric=False)
 _knn("lcs_knn", "mean_i LCS(N_X(i), N_Y(i)) / k of the ordered lists", perm_cost=_ordered_knn_cost,
      exact_scores=True)
 _knn("edit_distance_knn", "1 − mean_i Levenshtein(N_X(i), N_Y(i)) / k of the ordered lists",

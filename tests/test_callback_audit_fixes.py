@@ -154,8 +154,9 @@ def test_a_snapshot_that_fails_later_moves_the_capture_to_the_loop(monkeypatch):
 
 
 class FlakyMLP(MLP):
-    """Its probe pass runs out of memory in the first epoch only (a transient failure: a
-    failure of the first probe pass other than memory is a configuration mistake)."""
+    """Its probe pass runs out of memory in the first epoch only, at the baseline and at the
+    first epoch's step (a transient failure; another failure there, after training batches and
+    before any probe pass succeeded, would be a configuration mistake: ProbeInputError)."""
 
     def forward(self, x):
         if not self.training and self.current_epoch == 0:

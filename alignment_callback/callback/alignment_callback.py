@@ -1449,6 +1449,14 @@ class AlignmentCallback(Callback):
                 result = self._reference_step(ref, acts, epoch, step)
             if result is not None:
                 results[ref.name] = result
+        # the step succeeded: "previous" compares the next one with this one (a failed step,
+        # which the history does not hold, is no one's previous step).  One process: after
+        # the heatmaps, which can fail too; several: before them, as only rank 0 draws them
+        # and every process must meet the others in the advance
+        advance = [ref for ref in self.references if ref.kind == "previous"]
+        if distributed:
+            for ref in advance:
+                guarded_step(_advance, ref.engine.num_permutations, ref=ref, acts=acts)
         images = {}
         if self.log_heatmaps and render:
             from alignment_callback.metrics.plotting import heatmap_image
@@ -1456,14 +1464,8 @@ class AlignmentCallback(Callback):
             for label, r in self._flat(results).items():
                 image = heatmap_image(r, f"{label} after epoch {epoch} (step {step})")
                 images[label] = (image, dispatch.encode_png(image))
-        # the step succeeded: "previous" compares the next one with this one (a failed step,
-        # which the history does not hold, is no one's previous step)
-        for ref in self.references:
-            if ref.kind != "previous":
-                continue
-            if distributed:
-                guarded_step(_advance, ref.engine.num_permutations, ref=ref, acts=acts)
-            else:
+        if not distributed:
+            for ref in advance:
                 _advance(ref, acts)
         del acts, captured
         return results, images, epoch, step, capture_seconds + time.perf_counter() - start

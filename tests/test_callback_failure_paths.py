@@ -171,17 +171,18 @@ def test_a_resume_that_redoes_the_first_step_gives_previous_no_value_there(tmp_p
     flight holds no history and that step as pending; the resumed run anchored "initial" and
     "previous" at the resumed weights and then redid the step on them (1.0 against itself)."""
 
-    def aligner():
+    def aligner(slow: bool = False):
         cb = callback(reference={"init": "initial", "prev": "previous"}, layers=["fc2"],
                       baseline=False, background=True, every_n_train_steps=2)
         compute = cb._compute
 
-        def slow(*args, **kwargs):  # keeps the job in flight when the checkpoint is written
+        def slowly(*args, **kwargs):  # keeps the job in flight when the checkpoint is written
             if threading.current_thread() is not threading.main_thread():
-                time.sleep(1.5)
+                time.sleep(3.0)
             return compute(*args, **kwargs)
 
-        cb._compute = slow
+        if slow:
+            cb._compute = slowly
         return cb
 
     def run(callbacks, max_steps, ckpt_path=None):
@@ -192,7 +193,7 @@ def test_a_resume_that_redoes_the_first_step_gives_previous_no_value_there(tmp_p
             warnings.simplefilter("ignore")
             trainer.fit(MLP(lr=0.5), train_loader(), ckpt_path=ckpt_path)
 
-    first = aligner()
+    first = aligner(slow=True)
     run([first, ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
                                 filename="{step}")], 2)
     path = os.path.join(tmp_path, "step=2.ckpt")

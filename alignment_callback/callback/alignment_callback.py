@@ -579,7 +579,7 @@ class AlignmentCallback(Callback):
         its start, from the checkpoint's weights, which are the ones it saw.  An earlier step
         cannot be recomputed from them, so the checkpoint waits for it.
         """
-        trainer = self._trainer() if self._trainer is not None else None
+        trainer = self._fit_trainer()
         done, running = self._queue.snapshot(None if trainer is None else int(trainer.global_step))
         finished = [outcome for outcome in done if outcome is not None]
         history = self.history + [self._entry(outcome) for outcome in finished]
@@ -1309,15 +1309,18 @@ class AlignmentCallback(Callback):
         self._probe_ran = True
         return acts
 
+    def _fit_trainer(self) -> Trainer | None:
+        """The trainer of the fit in progress (None outside a fit, or once it is gone)."""
+        return self._trainer() if self._trainer is not None else None
+
     def _has_trained(self) -> bool:
         """Whether the fit's model has run a training batch (read from the training thread or
         the worker: the global step only grows)."""
-        trainer = self._trainer() if self._trainer is not None else None
+        trainer = self._fit_trainer()
         return trainer is not None and int(trainer.global_step) > 0
 
     def _as_trained(self, batches: Any) -> Any:
-        trainer = self._trainer() if self._trainer is not None else None
-        plugin = getattr(trainer, "precision_plugin", None)
+        plugin = getattr(self._fit_trainer(), "precision_plugin", None)
         if plugin is None or type(plugin).convert_input is Precision.convert_input:  # no-op
             return batches
         return each_batch(plugin.convert_input, batches)
@@ -1484,9 +1487,10 @@ class AlignmentCallback(Callback):
             what = ("the model's probe activations at the start of the fit" if ref.drift
                     else "the frozen reference's probe activations")
             try:
-                if ref.drift:  # each layer against its own earlier activations
-                    engine.pairs = {name: name for name in ref.pending}
-                engine.set_reference(ref.pending)
+                if ref.drift:
+                    _anchor(ref, ref.pending)
+                else:
+                    engine.set_reference(ref.pending)
             except ValueError as err:  # NaN, an option the widths cannot take (not: out of memory)
                 raise FrozenReferenceError(
                     f"{what} cannot be measured, which no step would change: {err}") from err

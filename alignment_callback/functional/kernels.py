@@ -64,6 +64,7 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
     2σ² so the kernel is constant), and ``measure`` (the one the gram is for).
     """
     check_bandwidth(sigma)
+    kernel = torch.expm1 if minus_one else torch.exp
     if isinstance(sigma, str):  # "median"
         d2 = squared_distances(rescale_exactly(x))
         s2 = median(d2)
@@ -72,7 +73,7 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
                 f"{measure}: sigma='median' is 0: at least half of the squared distances between "
                 "rows are 0 (mostly identical rows; all of them: a zero-variance representation);"
                 " give sigma a number")
-        return (torch.expm1 if minus_one else torch.exp)(-d2 / (2.0 * s2))
+        return kernel(-d2 / (2.0 * s2))
     sigma = float(sigma)  # also a 0-dim tensor (a learned or computed bandwidth)
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error
@@ -101,7 +102,7 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
             f"distance² = {largest:.3g}); the RBF kernel is constant at sigma={sigma}. "
             "Rescale the features or use sigma='median'"
         )
-    return (torch.expm1 if minus_one else torch.exp)(ratio.neg_())
+    return kernel(ratio.neg_())
 
 
 def center_gram(k: Tensor) -> Tensor:

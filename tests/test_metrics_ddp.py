@@ -56,6 +56,10 @@ def _metrics() -> dict[str, object]:
         "ca_index": CalibratedAlignment("linear_cka", num_permutations=K, seed=4),
         "la_index": LayerAlignment("mutual_knn", aggregate="mean", num_permutations=K, seed=4, k=5),
         "cached_index": CalibratedAlignment("mutual_knn", num_permutations=K, seed=4, k=5),
+        # float32 model rows against float64 reference rows: each side keeps its own dtype
+        "mixed": CalibratedAlignment("linear_cka", num_permutations=K, seed=4),
+        # rank 0's rows arrive with load_state_dict, rank 1's with update
+        "loaded": CalibratedAlignment("linear_cka", num_permutations=K, seed=4),
     }
 
 
@@ -67,6 +71,7 @@ def _feed(metrics: dict, d: dict, rows: torch.Tensor, ids: torch.Tensor) -> None
     metrics["ca_index"].update(x[ids], y[ids], index=ids)
     metrics["la_index"].update({"a": x[ids], "b": x2[ids]}, {"c": y[ids], "d": y2[ids]}, index=ids)
     metrics["cached_index"].update(x[ids], index=ids)
+    metrics["mixed"].update(x[rows], y[rows].double())
 
 
 def _feed_rank(metrics: dict, d: dict, rows: torch.Tensor, rank: int) -> None:
@@ -110,6 +115,14 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         for part in (slice(0, 11), slice(11, None)):
             _feed(metrics, d, rows[part], ids[part])
             _feed_rank(metrics, d, rows[part], rank)
+        if rank == 0:
+            source = CalibratedAlignment("linear_cka", num_permutations=K, seed=4)
+            source.persistent(True)
+            source.update(d["x"][rows], d["y"][rows])
+            metrics["loaded"].persistent(True)
+            metrics["loaded"].load_state_dict(source.state_dict())
+        else:
+            metrics["loaded"].update(d["x"][rows], d["y"][rows])
         local_rows = metrics["ca"]._stored_rows("x")
         results = _results(metrics)
         conflict = LayerAlignment("linear_cka", num_permutations=K)
@@ -139,6 +152,7 @@ def _single_process() -> dict[str, dict[str, torch.Tensor]]:
     # rank-major order for the plain metrics; in-order, deduplicated rows for the index= ones
     _feed(metrics, d, d["order"], torch.arange(N))
     _feed_rank(metrics, d, d["order"], 0)
+    metrics["loaded"].update(d["x"][d["order"]], d["y"][d["order"]])
     del metrics["idle0"]  # rank 0 never updates it: computed below on rank 1's rows
     out = _results(metrics)
     idle = LayerAlignment("mutual_knn", num_permutations=K, seed=4, k=5)  # rank 0's rows only
@@ -169,7 +183,7 @@ def single_results() -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("name", ["ca", "la", "ca_index", "la_index", "cached_index", "order", "idle",
-                                  "idle0"])
+                                  "idle0", "mixed", "loaded"])
 def test_ddp_matches_single_process(ddp_results, single_results, name: str) -> None:
     expected = single_results[name]
     layered = name.startswith("la") or name in ("order", "idle", "idle0")
@@ -178,6 +192,17 @@ def test_ddp_matches_single_process(ddp_results, single_results, name: str) -> N
         for key in keys:
             torch.testing.assert_close(results[name][key], expected[key],
                                        msg=lambda m, k=key, r=rank: f"rank {r}, {name}.{k}: {m}")
+
+
+@pytest.mark.parametrize("name", ["mixed", "loaded"])
+def test_ddp_mixed_dtypes_and_loaded_rows_equal_one_process_exactly(ddp_results, single_results,
+                                                                    name: str) -> None:
+    """The same rows in the same order: the same numbers to the last bit (float32 model rows
+    are not widened, nor float64 reference rows narrowed, by the processes' agreement)."""
+    for rank, results in enumerate(ddp_results):
+        for key in RESULT_KEYS:
+            torch.testing.assert_close(results[name][key], single_results[name][key], rtol=0,
+                                       atol=0, msg=lambda m, k=key, r=rank: f"rank {r}, {k}: {m}")
 
 
 def test_ddp_process_without_rows_does_not_warn_compute_before_update(ddp_results) -> None:

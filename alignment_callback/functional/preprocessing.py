@@ -146,14 +146,20 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
     return x[:, -1].reshape(x.shape[0], -1)
 
 
-def clamp_outliers(x: Tensor, quantile: float) -> Tensor:
-    """Clamp ``|x|`` at the ``quantile`` of ``|x|`` over the whole matrix (PRH uses 0.95)."""
+def check_clamp_quantile(quantile: Any, name: str = "clamp_quantile") -> float:
+    """``quantile`` as a float in (0, 1] (a 0-dim tensor or array is taken by value; a NumPy
+    float32 would round the clamp position in float32)."""
     if getattr(quantile, "ndim", None) == 0 and not isinstance(quantile, numbers.Real):
-        quantile = as_number(quantile, "clamp_quantile")  # a 0-dim tensor or array
+        quantile = as_number(quantile, name)
     if (isinstance(quantile, bool) or not isinstance(quantile, numbers.Real)
             or not 0.0 < quantile <= 1.0):
-        raise ValueError(f"clamp_quantile must be a number in (0, 1], got {quantile!r}")
-    quantile = float(quantile)  # a NumPy float32 would round the position in float32
+        raise ValueError(f"{name} must be a number in (0, 1], got {quantile!r}")
+    return float(quantile)
+
+
+def clamp_outliers(x: Tensor, quantile: float) -> Tensor:
+    """Clamp ``|x|`` at the ``quantile`` of ``|x|`` over the whole matrix (PRH uses 0.95)."""
+    quantile = check_clamp_quantile(quantile)
     flat = x.abs().flatten()
     # torch.quantile has an input-size limit; kthvalue gives the same "lower" order statistic
     # without it.  Linear interpolation as torch.quantile/numpy default:

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from alignment_callback.functional._validation import as_float
-from alignment_callback.functional.preprocessing import pool_features, prepare_features
+from alignment_callback.functional.preprocessing import (
+    check_clamp_quantile,
+    check_pool,
+    pool_features,
+    prepare_features,
+)
 
 TORCHMETRICS_KWARGS = frozenset({
     "compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",
@@ -50,6 +56,14 @@ class RowPreprocessor:
             if unknown:
                 raise ValueError(f"unknown preprocess option(s) {sorted(unknown)}; expected pool, "
                                  "clamp_quantile, normalize")
+            check_pool(self.pool, "preprocess")
+            if opts.get("clamp_quantile") is not None:
+                opts["clamp_quantile"] = check_clamp_quantile(opts["clamp_quantile"],
+                                                              "preprocess: clamp_quantile")
+            normalize = opts.get("normalize", True)
+            if not isinstance(normalize, (bool, np.bool_)):
+                raise TypeError(f"preprocess: normalize must be True or False, got {normalize!r}")
+            opts["normalize"] = bool(normalize)
             self.options.update(opts)
         elif preprocess is not True:
             raise TypeError("preprocess must be True, False, a mapping of prepare_features options or a callable")

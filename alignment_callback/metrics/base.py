@@ -22,6 +22,7 @@ from alignment_callback.functional._validation import (
     check_alpha,
     check_max_score,
     check_num_permutations,
+    check_positive_int,
     check_seed,
     errors_named,
 )
@@ -57,6 +58,15 @@ from alignment_callback.metrics._rows import (
 
 # torchmetrics' warning when compute() runs on a process that never called update()
 _BEFORE_UPDATE = r"The ``compute`` method of metric .* was called before the ``update`` method"
+
+
+def _layer_names(names: Any, name: str) -> list[str]:
+    """``x_layers`` / ``y_layers``: a sequence of strings (a string would be split into its
+    characters; an integer name never matches the string keys of an update's mapping)."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not all(
+            isinstance(n, str) for n in names):
+        raise TypeError(f"{name} must be a sequence of layer names (strings), got {names!r}")
+    return list(names)
 
 
 def _torch_distributed() -> bool:
@@ -109,9 +119,8 @@ class AlignmentMetricBase(Metric):
         self.num_permutations = check_num_permutations(num_permutations)
         self.alpha = check_alpha(alpha)
         self.seed = check_seed(seed)
-        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 2):
-            raise ValueError(f"max_samples must be an integer >= 2 or None, got {max_samples!r}")
-        self.max_samples = max_samples
+        self.max_samples = (None if max_samples is None else
+                            check_positive_int(max_samples, "max_samples", 2))
         self.preprocessor = RowPreprocessor(preprocess)
         aggregate_fn(aggregate)  # validate early
         self.aggregate = aggregate
@@ -132,9 +141,9 @@ class AlignmentMetricBase(Metric):
         self.add_state("index", default=[], dist_reduce_fx="cat")
         self._named = {"x": x_layers is not None, "y": y_layers is not None}  # x_layers= given
         if x_layers is not None:
-            self._register("x", list(x_layers))
+            self._register("x", _layer_names(x_layers, "x_layers"))
         if y_layers is not None:
-            self._register("y", list(y_layers))
+            self._register("y", _layer_names(y_layers, "y_layers"))
 
     # ----------------------------------------------------------------------------- states
     def persistent(self, mode: bool = False) -> None:
@@ -380,9 +389,41 @@ class AlignmentMetricBase(Metric):
             if self._stored_rows("x") and (self._index_count() > 0) != (other._index_count() > 0):
                 raise ValueError("merge_state: one metric's rows have sample ids (index=) and "
                                  "the other's do not")
+        elif isinstance(incoming_state, Mapping):
+            self._check_incoming_rows(incoming_state)
         super().merge_state(incoming_state)
         self._computed = None  # the merged rows make a new result
         self._count_rows_as_updated()
+
+    def _check_incoming_rows(self, state: Mapping[str, Any]) -> None:
+        """``merge_state`` with a dict of raw states: its rows must fill this metric's slots
+        (slot i is the i-th of the sorted names) with the same widths, as many x rows as y."""
+        own = {f"{side}{i}" for side in ("x", "y")
+               for i in range(len(getattr(self, f"{side}_layers")))}
+        slots = sorted(k for k in state if re.fullmatch(r"[xy]\d+", k))
+        unknown = [k for k in slots if k not in own]
+        if unknown:
+            raise ValueError(
+                f"merge_state: the dict holds rows of layer slot(s) {unknown} that this "
+                f"{type(self).__name__} has not registered: pass x_layers=[...] / y_layers=[...] "
+                "to its constructor, or update it once, before merging raw states")
+        counts: dict[str, set[int]] = {"x": set(), "y": set()}
+        for side in ("x", "y"):
+            widths = self._known_widths(side)
+            for i in range(len(getattr(self, f"{side}_layers"))):
+                value = state.get(f"{side}{i}", [])
+                tensors = [value] if isinstance(value, Tensor) else list(value)
+                counts[side].add(sum(int(t.shape[0]) for t in tensors))
+                for t in tensors:
+                    if widths and (t.dim() != 2 or t.shape[1] != widths[i]):
+                        raise ValueError(
+                            f"merge_state: {side} layer slot {side}{i} has rows of shape "
+                            f"{tuple(t.shape)}; this metric's rows have {widths[i]} features")
+        if len(counts["x"]) > 1 or (self._reference is None and counts["y"]
+                                    and counts["y"] != counts["x"]):
+            x, y = ("/".join(map(str, sorted(counts[side]))) for side in ("x", "y"))
+            raise ValueError(f"merge_state: the dict holds {x} x rows and {y} y rows (per layer "
+                             "slot); every layer needs the same number of rows")
 
     def _count_rows_as_updated(self) -> None:
         """Rows that arrived without ``update()`` (merged, loaded) count as an update, so that
@@ -397,6 +438,7 @@ class AlignmentMetricBase(Metric):
                                       unexpected_keys, error_msgs)
         if strict:
             error_msgs.extend(self._unregistered_layers(state_dict, prefix))
+        self._widths = {"x": [], "y": []}  # taken again from the loaded rows
         self._computed = None  # loaded rows make a new result
         self._count_rows_as_updated()
 
@@ -419,21 +461,20 @@ class AlignmentMetricBase(Metric):
 
     # ------------------------------------------------------------------- distributed layout
     def _wrap_compute(self, compute: Any) -> Any:
-        """torchmetrics' compute wrapper, without its "compute before update" warning on a
-        process that will gather the other processes' rows (a process may hold none of them:
-        uneven shards).  If no process holds rows, ``compute()`` raises its own clear error."""
+        """torchmetrics' compute wrapper, without its "compute before update" warning: a
+        process without rows either gathers the other processes' rows (uneven shards) or gets
+        ``compute()``'s own clear error, which the warning would only precede."""
         wrapped = super()._wrap_compute(compute)
 
         @functools.wraps(compute)
-        def quiet_when_synced(*args: Any, **kwargs: Any) -> Any:
-            available = self.distributed_available_fn
-            if self.update_called or not (self._to_sync and callable(available) and available()):
+        def quiet_before_update(*args: Any, **kwargs: Any) -> Any:
+            if self.update_called:
                 return wrapped(*args, **kwargs)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_BEFORE_UPDATE, category=UserWarning)
                 return wrapped(*args, **kwargs)
 
-        return quiet_when_synced
+        return quiet_before_update
 
     def sync(self, dist_sync_fn: Any = None, process_group: Any = None, should_sync: bool = True,
              distributed_available: Any = None) -> None:
@@ -450,9 +491,16 @@ class AlignmentMetricBase(Metric):
         for side in ("x", "y"):
             names = getattr(self, f"{side}_layers")
             rows = self._stored_rows(side) if names else 0
-            out[side] = (sorted(names), list(self._widths[side]), rows, list(names))
-        out["dtype"] = next((str(t.dtype) for t in getattr(self, "x0", []) or []), None)
+            widths = self._known_widths(side) if rows else []  # also of loaded or merged rows
+            out[side] = (sorted(names), list(widths), rows, list(names))
+            out[f"{side}_float64"] = [self._holds_float64(f"{side}{i}") for i in range(len(names))]
         return out
+
+    def _holds_float64(self, attr: str) -> bool:
+        """Whether the list state ``attr`` holds float64 rows (concatenated, they are float64)."""
+        state = getattr(self, attr)
+        tensors = [state] if isinstance(state, Tensor) else state
+        return any(t.dtype == torch.float64 for t in tensors)
 
     def _agree_on_layout(self, group: Any) -> None:
         import torch.distributed as dist
@@ -472,17 +520,20 @@ class AlignmentMetricBase(Metric):
                         f"has {dict(zip(names2, widths2))}; every process must update the same "
                         "layers with the same widths"
                     )
-            dtypes = {lay["dtype"] for lay in layouts if lay["dtype"] is not None}
-            dtype = torch.float64 if "torch.float64" in dtypes else torch.float32
+            # each layer slot in float64 where any process holds float64 rows of it, as the
+            # concatenation of one process's rows would be
+            flags = [layouts[r][f"{side}_float64"] for r, _ in filled]
+            wide = [any(slot) for slot in zip(*flags)]
             if not getattr(self, f"{side}_layers"):
                 self._register(side, list(order))
                 self._widths[side] = list(widths)
             setattr(self, f"{side}_layers", list(order))  # report in the first process's order
-            for name in names:
-                attr = f"{side}{self._slots(names)[name]}"
+            for slot, width in enumerate(widths):
+                attr = f"{side}{slot}"
                 state = getattr(self, attr)
                 if isinstance(state, list):  # a new list: compute groups may share this one
-                    empty = [torch.empty(0, widths[self._slots(names)[name]], device=self.device)]
+                    dtype = torch.float64 if wide[slot] else torch.float32
+                    empty = [torch.empty(0, width, device=self.device)]
                     setattr(self, attr, [t.to(dtype) for t in state or empty])
         with_index = [lay["index"] for lay in layouts if lay["x"][2] > 0]
         if any(with_index) and not all(with_index):

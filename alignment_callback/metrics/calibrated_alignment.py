@@ -83,6 +83,10 @@ class CalibratedAlignment(AlignmentMetricBase):
         null: str = "permutation",
         **kwargs: Any,
     ) -> None:
+        layered = sorted({"aggregate", "x_layers", "y_layers"} & set(kwargs))
+        if layered:
+            raise TypeError(f"CalibratedAlignment scores one pair of representations and takes no "
+                            f"{', '.join(layered)}; use LayerAlignment to score named layers")
         super().__init__(measure, num_permutations, alpha, seed, max_samples, preprocess, "max",
                          groups, max_score, x_layers=["x"], y_layers=["y"], null=null, **kwargs)
 

@@ -21,6 +21,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker more than the CPUs this process may use (``--maxprocesses``
+    caps it; ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still overrides).  The subprocess and
+    multi-process tests leave a core idle while their interpreters start and while they wait
+    their turn for local ports; the extra worker fills it (on 2 cores the suite took 15 min
+    with 3 workers, 18-19 min with 2)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) + 1
+    return (os.cpu_count() or 1) + 1
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Every test starts with one intra-op thread, and whatever a test sets is undone."""

@@ -1438,11 +1438,10 @@ class AlignmentCallback(Callback):
         acts, capture_seconds = captured
         results: Results = {}
         for ref in self.references:  # the start's activations, whatever fails below
-            if (ref.kind == "initial" and ref.engine.reference is None and ref.pending is None
-                    and (epoch, step) == self._initial_at):
+            if _initial_unset(ref) and (epoch, step) == self._initial_at:
                 ref.pending = acts  # kept until the engine has prepared them
         for ref in self.references:
-            if ref.kind == "initial" and ref.engine.reference is None and ref.pending is None:
+            if _initial_unset(ref):
                 self._initial_lost(ref)  # the step at the start failed before its capture
                 continue
             if distributed:  # every failure of this reference's step meets the other processes
@@ -1708,6 +1707,11 @@ def _anchor(ref: Reference, acts: dict[str, Tensor]) -> None:
     """A drift reference's first activations: each layer is compared with its own."""
     ref.engine.pairs = {name: name for name in acts}
     ref.engine.set_reference(acts)
+
+
+def _initial_unset(ref: Reference) -> bool:
+    """An ``"initial"`` reference without its activations, neither prepared nor pending."""
+    return ref.kind == "initial" and ref.engine.reference is None and ref.pending is None
 
 
 def _advance(ref: Reference, acts: dict[str, Tensor], **split: Any) -> None:

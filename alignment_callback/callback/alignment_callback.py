@@ -17,13 +17,15 @@ import time
 import warnings
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable, Mapping, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from alignment_callback.callback import dispatch, feedback, monitors, settings
 from alignment_callback.callback.background import BackgroundQueue, Job, ModelCopy, Snapshot
@@ -57,6 +59,7 @@ from alignment_callback.functional.registry import renamed_argument
 from alignment_callback.hooks import collect_activations, resolve_layers
 from alignment_callback.hooks.collect import (
     LayerCountError,
+    preserved_loader_seed,
     preserved_rng,
     random_states,
     same_random_states,
@@ -692,10 +695,19 @@ class AlignmentCallback(Callback):
             rows = self._probe_size()
         except Exception:  # noqa: BLE001 - raised at the start of fit, where it belongs
             rows = None
-        with preserved_rng():
-            digest = (settings.probe_digest(iterate_probe(self.probe))
-                      if rows is not None else None)
+        digest = None
+        if rows is not None:
+            with self._iterated_probe() as batches:
+                digest = settings.probe_digest(batches)
         return settings.probe_settings(rows, digest)
+
+    @contextmanager
+    def _iterated_probe(self) -> Iterator[Any]:
+        """The probe's batches, to iterate outside a probe pass: the global random states and
+        a DataLoader's own generator are put back afterwards (iterating draws a seed)."""
+        batches = iterate_probe(self.probe)
+        with preserved_rng(), preserved_loader_seed(batches):
+            yield batches
 
     def _keep_curves(self, saved: Mapping[str, Any], current: Mapping[str, Any]
                      ) -> tuple[list[str], list[str]]:
@@ -810,8 +822,8 @@ class AlignmentCallback(Callback):
         returns must be sequential) and a probe whose size is not known otherwise is iterated
         once, with the global random states put back; None when its batches' rows cannot be
         read (batches only a ``batch_transform`` understands)."""
-        with preserved_rng():
-            return count_rows(iterate_probe(self.probe))
+        with self._iterated_probe() as batches:
+            return count_rows(batches)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The references' probe pass (or features), once per fit; a probe too small for a
@@ -850,8 +862,8 @@ class AlignmentCallback(Callback):
             if ref.engine.reference is not None or ref.drift:
                 continue
             if ref.kind == "features":
-                with preserved_rng():  # fingerprinting iterates the probe (a DataLoader draws)
-                    check_features(ref, iterate_probe(self.probe), n_probe)
+                with self._iterated_probe() as batches:  # fingerprinting iterates the probe
+                    check_features(ref, batches, n_probe)
                 where = "reference_pool" if ref.name is None else f"reference_pool[{ref.name!r}]"
                 acts = feature_dtype(ref.features, self._device, ref.pool, where)
             else:
@@ -867,6 +879,15 @@ class AlignmentCallback(Callback):
         """Set the loggers' axes and summaries, then run the baseline, or on a resumed run go on
         from the checkpoint's history (anchoring ``"initial"`` / ``"previous"`` references
         and redoing the steps that were in flight when it was written)."""
+        if self.baseline or any(ref.kind == "initial" for ref in self.references):
+            lazy = _uninitialized_lazy(pl_module)
+            if lazy:
+                raise ValueError(
+                    f"the model's lazy modules {lazy} are not initialized when training starts: "
+                    "the probe pass at the start of fit (baseline=True, or reference='initial') "
+                    "would initialize them with other random numbers than training would. Run "
+                    "one forward pass on an example batch before fit, or pass baseline=False "
+                    "(and no reference='initial')")
         axis = "step" if self.every_n_train_steps is not None else "epoch"
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
         dispatch.define_summaries(trainer.loggers, self._summary_keys())
@@ -1280,8 +1301,9 @@ class AlignmentCallback(Callback):
         batches = feedback.progress(probe, f"alignment: {ref.label} probe pass",
                                     self.verbose and show and not isinstance(probe, Tensor))
         try:
-            return self._collect(ref.module, in_dtype_of(ref.module, batches), ref.layers,
-                                 ref.pool, ref.input_key, ref.batch_transform, model_device)
+            with preserved_loader_seed(probe):
+                return self._collect(ref.module, in_dtype_of(ref.module, batches), ref.layers,
+                                     ref.pool, ref.input_key, ref.batch_transform, model_device)
         except Exception as err:  # which model failed: there may be several references
             raise _named(err, f"{_which(ref)} model") from err
 
@@ -1291,8 +1313,10 @@ class AlignmentCallback(Callback):
         batches are converted as the trainer converts its own (e.g. floating-point inputs to
         bfloat16 with ``precision="bf16-true"``)."""
         try:
-            acts = self._collect(model, self._as_trained(batches), self.layers, self.pool,
-                                 self.input_key, self.batch_transform, model_device, restore_rng)
+            with _logging_off(model):
+                acts = self._collect(model, self._as_trained(batches), self.layers, self.pool,
+                                     self.input_key, self.batch_transform, model_device,
+                                     restore_rng)
         except LayerCountError as err:
             raise LayerCountError(f"student model: {err}") from err
         except Exception as err:
@@ -1330,13 +1354,15 @@ class AlignmentCallback(Callback):
         """The model's probe activations on the compute device (training thread), and the
         seconds it took."""
         start = time.perf_counter()
-        acts = self._model_activations(pl_module, iterate_probe(self.probe), model_device_of(pl_module))
+        probe = iterate_probe(self.probe)
+        with preserved_loader_seed(probe):
+            acts = self._model_activations(pl_module, probe, model_device_of(pl_module))
         return acts, time.perf_counter() - start
 
     def _probe_list(self) -> Any:
         probe = iterate_probe(self.probe)
         if not isinstance(probe, (Tensor, list, Mapping)):  # a Mapping is one dict batch
-            with preserved_rng():  # a DataLoader draws a seed from the global RNG
+            with preserved_rng(), preserved_loader_seed(probe):  # a DataLoader draws a seed
                 probe = list(probe)
         return probe
 
@@ -1707,6 +1733,41 @@ def _anchor(ref: Reference, acts: dict[str, Tensor]) -> None:
     """A drift reference's first activations: each layer is compared with its own."""
     ref.engine.pairs = {name: name for name in acts}
     ref.engine.set_reference(acts)
+
+
+@contextmanager
+def _logging_off(model: nn.Module) -> Iterator[None]:
+    """``self.log`` and ``self.log_dict`` do nothing on the LightningModules of ``model`` while
+    the probe runs: a forward that logs (an activation statistic) would put the probe's
+    eval-mode values into the epoch's metrics, which checkpoints, early stopping and
+    schedulers read.  Methods set on an instance before are put back."""
+    modules = [m for m in model.modules() if isinstance(m, LightningModule)]
+    saved = [(m, {k: vars(m)[k] for k in _LOGGING if k in vars(m)}) for m in modules]
+    for module in modules:
+        vars(module).update(dict.fromkeys(_LOGGING, _log_nothing))
+    try:
+        yield
+    finally:
+        for module, own in saved:
+            for name in _LOGGING:
+                if name in own:
+                    vars(module)[name] = own[name]
+                else:
+                    vars(module).pop(name, None)
+
+
+_LOGGING = ("log", "log_dict")
+
+
+def _log_nothing(*args: Any, **kwargs: Any) -> None:
+    """``self.log`` / ``self.log_dict`` during a probe pass (see :func:`_logging_off`)."""
+
+
+def _uninitialized_lazy(model: nn.Module) -> list[str]:
+    """The lazy modules of ``model`` (``nn.LazyLinear``, ...) whose parameters are not
+    initialized yet: their first forward draws them from the global RNG."""
+    return [name or type(model).__name__ for name, module in model.named_modules()
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()]
 
 
 def _initial_unset(ref: Reference) -> bool:

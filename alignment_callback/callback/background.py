@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import types
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -197,6 +198,22 @@ class Snapshot:
     names: list[str] = field(default_factory=list)  # of ``tensors``: parameters, then buffers
 
 
+def _function_hooks(model: nn.Module) -> list[str]:
+    """The forward (pre-)hooks of ``model`` that are Python functions (lambdas, closures,
+    module-level functions, or partials of them); bound methods and callable objects are
+    copied with the model, so their state is the copy's."""
+    found = []
+    for name, module in model.named_modules():
+        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
+            fn = hook
+            while isinstance(fn, functools.partial):
+                fn = fn.func
+            if isinstance(fn, types.FunctionType):
+                found.append(f"the forward hook {fn.__qualname__!r} of "
+                             f"{name or type(model).__name__!r}")
+    return found
+
+
 def _tensor_names(model: nn.Module) -> list[str]:
     """The names of ``[*model.parameters(), *model.buffers()]``, in that order."""
     return [*(name for name, _ in model.named_parameters()),
@@ -215,7 +232,8 @@ class ModelCopy:
     forward that reads a schedule, a stage flag or the epoch sees this step's value.  Raises
     ``TypeError`` / ``RuntimeError`` when the model cannot be copied (the caller falls back to
     the loop).  A module compiled in place (``nn.Module.compile()``) runs eagerly on the copy:
-    its compiled call is bound to the original module.  A parameter or buffer whose shape or
+    its compiled call is bound to the original module; a model with a forward hook that is a
+    Python function raises (:func:`_function_hooks`).  A parameter or buffer whose shape or
     dtype changes in training (a growing history, a lazily sized buffer) is refreshed on the
     copy; one added, removed or moved to another device makes :meth:`check` refuse the
     snapshot.
@@ -233,6 +251,13 @@ class ModelCopy:
             # from the worker thread, while the loop trains it)
             raise TypeError(f"the forward of {bound[0]!r} is set on the instance (a compiled "
                             "model?): a copy would still run the original module")
+        shared = _function_hooks(model)
+        if shared:  # deepcopy keeps functions: what a hook's closure or globals hold (the
+            # model itself, a dict of features for an auxiliary loss) would be written from
+            # the worker thread while the loop trains
+            raise TypeError(f"{shared[0]} is a function, which the copy would share with the "
+                            "model: run from another thread it would write what it writes "
+                            "for the model in training")
         memo = {id(trainer): None} if trainer is not None else {}
         self.model = copy.deepcopy(model, memo)
         for module in self.model.modules():

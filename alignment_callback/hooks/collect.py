@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from alignment_callback.functional.preprocessing import Pool
 from alignment_callback.hooks.outputs import LayerShapeError
@@ -36,6 +37,21 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
         np.random.set_state(np_rng)
         random.setstate(py_rng)
+
+
+@contextmanager
+def preserved_loader_seed(data: Any) -> Iterator[None]:
+    """Put back, on exit, the ``generator`` of a DataLoader ``data`` that has its own: each
+    iteration of a DataLoader draws its base seed from it (from the global RNG without one,
+    which :func:`preserved_rng` restores), so a generator the training loader shares would
+    otherwise move at every pass over the probe.  Anything else passes through."""
+    generator = data.generator if isinstance(data, DataLoader) else None
+    state = generator.get_state() if generator is not None else None
+    try:
+        yield
+    finally:
+        if generator is not None:
+            generator.set_state(state)
 
 
 class LayerCountError(RuntimeError):
@@ -241,7 +257,7 @@ def _rebuild_mapping(obj: Mapping[Any, Any], moved: dict[Any, Any]) -> Mapping[A
         return moved
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
+def to_device(obj: Any, device: torch.device, fresh: bool = False) -> Any:
     """Move every tensor inside nested tuples / lists / mappings / dataclasses to ``device``.
 
     Containers keep their type: a namedtuple stays that namedtuple, a mapping subclass (a
@@ -250,17 +266,19 @@ def to_device(obj: Any, device: torch.device) -> Any:
     ``to`` method (e.g. a graph batch) is shallow-copied and moved by ``copy.to(device)``.
     Tensors, lists, tuples, dicts and dataclasses given are never modified; a shallow copy
     shares what it holds, so an object whose ``to`` moves its contents in place, or a mapping
-    whose copy shares its storage, can be.
+    whose copy shares its storage, can be.  ``fresh``: a tensor already on ``device`` is
+    cloned too (in the containers above), so the result shares no tensor with ``obj``.
     """
     if isinstance(obj, Tensor):
-        return obj.to(device)
+        moved = obj.to(device)
+        return moved.clone() if fresh and moved is obj else moved
     if isinstance(obj, Mapping):
-        return _rebuild_mapping(obj, {k: to_device(v, device) for k, v in obj.items()})
+        return _rebuild_mapping(obj, {k: to_device(v, device, fresh) for k, v in obj.items()})
     if isinstance(obj, tuple) and callable(getattr(obj, "to", None)):
         return obj.to(device)  # a namedtuple that moves itself (PackedSequence: batch_sizes
         # must stay on the CPU)
     if isinstance(obj, (tuple, list)):
-        moved = [to_device(v, device) for v in obj]
+        moved = [to_device(v, device, fresh) for v in obj]
         if isinstance(obj, list):
             return moved
         return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
@@ -274,7 +292,7 @@ def to_device(obj: Any, device: torch.device) -> Any:
         out = new.to(device)
         return new if out is None else out
     if dataclasses.is_dataclass(obj):
-        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device)
+        return dataclasses.replace(obj, **{f.name: to_device(getattr(obj, f.name), device, fresh)
                                            for f in dataclasses.fields(obj) if f.init})
     return obj
 
@@ -324,10 +342,12 @@ def _is_compiled(module: nn.Module) -> bool:
 
 def prepare_batch(batch: Any, device: torch.device,
                   batch_transform: Callable[[Any], Any] | None = None) -> Any:
-    """``batch`` as the model is fed it: after ``batch_transform`` (if given), on ``device``."""
+    """``batch`` as the model is fed it: after ``batch_transform`` (if given), on ``device``,
+    in tensors of its own (a tensor already on ``device`` is cloned: a forward that changes
+    its input in place must not change the probe, nor data the probe's rows are a view of)."""
     if batch_transform is not None:
         batch = batch_transform(batch)
-    return to_device(batch, device)
+    return to_device(batch, device, fresh=True)
 
 
 def feed_batch(
@@ -593,7 +613,7 @@ def collect_activations(
     rec = ActivationRecorder(model, layers, pool=pool, **recorder_kwargs)
     runner = probe_module(model)
     n_batches = 0
-    with evaluation_mode(model, restore_rng), rec:
+    with evaluation_mode(model, restore_rng), preserved_loader_seed(dataloader_or_batches), rec:
         for batch in _batches(dataloader_or_batches, batch_size):
             if max_batches is not None and n_batches >= max_batches:
                 break

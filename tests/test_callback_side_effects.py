@@ -109,6 +109,20 @@ class AuxiliaryFeatures(MLP):
         return nn.functional.mse_loss(out, y) + 0.01 * feat.pow(2).mean()
 
 
+def test_background_with_a_global_hook_function_captures_in_the_loop():
+    seen: dict[str, torch.Tensor] = {}
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.__setitem__(type(module).__name__, out))
+    try:
+        cb = quiet_callback(PROBE, ["linear_cka"], 19, background=True)
+        with pytest.warns(RuntimeWarning, match=r"of every module \(a global hook\) is a "
+                                                r"function"):
+            run(MLP(), [cb])
+    finally:
+        handle.remove()
+    assert len(cb.history) == 3
+
+
 def test_background_with_a_hook_function_captures_in_the_loop():
     _, plain = run(AuxiliaryFeatures(), [], max_epochs=3)
     cb = quiet_callback(PROBE, ["linear_cka"], 19, background=True, every_n_train_steps=1)
@@ -128,8 +142,29 @@ class LazyMLP(MLP):
 @pytest.mark.parametrize("kw", [{}, {"reference": "initial", "baseline": False}])
 def test_lazy_modules_are_refused_before_the_probe_pass_at_the_start(kw):
     cb = quiet_callback(PROBE, ["linear_cka"], 19, **kw)
-    with pytest.raises(ValueError, match=r"lazy modules \['fc2'\] are not initialized"):
+    with pytest.raises(ValueError, match=r"lazy modules \['fc2'\] were not initialized when "
+                                         r"training started, and the probe pass"):
         run(LazyMLP(), [cb])
+
+
+class LazyAuxiliary(MLP):
+    """A lazy auxiliary head used by the training step only: the probe pass never runs it."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.3)
+        self.aux = nn.LazyLinear(2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.act1(self.fc1(x))
+        return nn.functional.mse_loss(self(x), y) + 0.1 * self.aux(h).pow(2).mean()
+
+
+def test_lazy_modules_the_probe_pass_does_not_run_are_fine():
+    _, plain = run(LazyAuxiliary(), [])
+    cb = quiet_callback(PROBE, ["linear_cka"], 19)
+    _, model = run(LazyAuxiliary(), [cb])
+    assert len(cb.history) == 3 and same_weights(model, plain)
 
 
 def test_lazy_modules_without_a_pass_at_the_start_train_as_without_the_callback():

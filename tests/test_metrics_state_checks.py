@@ -50,6 +50,23 @@ def test_layer_names_must_be_a_sequence_of_strings(layers) -> None:
         LayerAlignment(y_layers=layers)
 
 
+def test_layer_names_from_any_iterable_of_strings() -> None:
+    x, y = pair()
+    layers = {"enc": x, "dec": x[:, :4]}
+    for names in (layers.keys(), np.array(["enc", "dec"]), ("enc", "dec")):
+        m = LayerAlignment("linear_cka", num_permutations=K, x_layers=names, y_layers=["r"])
+        assert m.x_layers == ["enc", "dec"] and all(type(n) is str for n in m.x_layers)
+        m.update(layers, {"r": y})
+        assert torch.isfinite(m.compute()["raw"])
+
+
+def test_merge_state_names_the_slots_of_a_calibrated_alignment() -> None:
+    m = CalibratedAlignment("linear_cka", num_permutations=K)
+    with pytest.raises(ValueError, match=r"slot\(s\) \['x1'\].*it holds the slots \['x0', 'y0'\]"):
+        m.merge_state({"x0": [torch.randn(4, 3)], "x1": [torch.randn(4, 3)],
+                       "y0": [torch.randn(4, 3)], "index": []})
+
+
 def test_max_samples_takes_numpy_integers_and_names_itself() -> None:
     x, y = pair()
     m = CalibratedAlignment("linear_cka", num_permutations=K, max_samples=np.int64(30))
@@ -74,7 +91,7 @@ def test_preprocess_options_are_checked_by_the_constructor(option, message) -> N
 
 def test_preprocess_options_that_are_valid_still_apply() -> None:
     x, y = pair()
-    options = {"clamp_quantile": np.float64(0.9), "normalize": np.bool_(False)}
+    options = {"clamp_quantile": np.float64(0.9), "normalize": torch.tensor(False)}
     m = CalibratedAlignment("linear_cka", num_permutations=K, preprocess=options)
     m.update(x, y)
     assert torch.isfinite(m.compute()["raw"])

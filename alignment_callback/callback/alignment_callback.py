@@ -878,16 +878,22 @@ class AlignmentCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Set the loggers' axes and summaries, then run the baseline, or on a resumed run go on
         from the checkpoint's history (anchoring ``"initial"`` / ``"previous"`` references
-        and redoing the steps that were in flight when it was written)."""
-        if self.baseline or any(ref.kind == "initial" for ref in self.references):
-            lazy = _uninitialized_lazy(pl_module)
-            if lazy:
-                raise ValueError(
-                    f"the model's lazy modules {lazy} are not initialized when training starts: "
-                    "the probe pass at the start of fit (baseline=True, or reference='initial') "
-                    "would initialize them with other random numbers than training would. Run "
-                    "one forward pass on an example batch before fit, or pass baseline=False "
-                    "(and no reference='initial')")
+        and redoing the steps that were in flight when it was written).  Lazy modules that
+        the probe pass at the start initialized are an error (training would have drawn
+        their parameters at another point of the random streams)."""
+        lazy = _uninitialized_lazy(pl_module)
+        self._start_of_training(trainer, pl_module)
+        initialized = sorted(set(lazy) - set(_uninitialized_lazy(pl_module)))
+        if initialized:
+            raise ValueError(
+                f"the model's lazy modules {initialized} were not initialized when training "
+                "started, and the probe pass at the start of fit (baseline=True, or "
+                "reference='initial') initialized them, with other random numbers than "
+                "training would have. Run one forward pass on an example batch before fit, or "
+                "pass baseline=False (and no reference='initial')")
+
+    def _start_of_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """What :meth:`on_train_start` does, but for the check of lazy modules."""
         axis = "step" if self.every_n_train_steps is not None else "epoch"
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
         dispatch.define_summaries(trainer.loggers, self._summary_keys())

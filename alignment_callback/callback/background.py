@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import os
+import sysconfig
 import types
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -199,19 +201,40 @@ class Snapshot:
 
 
 def _function_hooks(model: nn.Module) -> list[str]:
-    """The forward (pre-)hooks of ``model`` that are Python functions (lambdas, closures,
-    module-level functions, or partials of them); bound methods and callable objects are
-    copied with the model, so their state is the copy's."""
+    """The forward (pre-)hooks of ``model``, and the global ones, that are Python functions
+    (lambdas, closures, module-level functions, or partials of them) defined outside the
+    installed packages: user code, which may write what the hook sees into the model or a
+    dict of its own.  Bound methods and callable objects are copied with the model (their
+    state is the copy's); functions of installed packages (quantization observers, a
+    library's ``output.requires_grad_()``) are taken to write only to their arguments."""
     found = []
-    for name, module in model.named_modules():
-        for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()):
-            fn = hook
-            while isinstance(fn, functools.partial):
-                fn = fn.func
-            if isinstance(fn, types.FunctionType):
-                found.append(f"the forward hook {fn.__qualname__!r} of "
-                             f"{name or type(model).__name__!r}")
+    modules = [(f"{name or type(model).__name__!r}", module)
+               for name, module in model.named_modules()]
+    hooks = [(where, hook) for where, module in modules
+             for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())]
+    hooks += [("every module (a global hook)", hook)
+              for hook in (*nn.modules.module._global_forward_pre_hooks.values(),
+                           *nn.modules.module._global_forward_hooks.values())]
+    for where, hook in hooks:
+        fn = hook
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        if isinstance(fn, types.FunctionType) and not _installed(fn):
+            found.append(f"the forward hook {fn.__qualname__!r} of {where}")
     return found
+
+
+@functools.lru_cache(maxsize=1)
+def _library_folders() -> tuple[str, ...]:
+    """The folders of the installed packages and of the standard library."""
+    paths = sysconfig.get_paths()
+    return tuple(os.path.join(os.path.realpath(paths[key]), "")
+                 for key in ("purelib", "platlib", "stdlib") if key in paths)
+
+
+def _installed(fn: types.FunctionType) -> bool:
+    """Whether ``fn`` is defined in an installed package (or the standard library)."""
+    return os.path.realpath(fn.__code__.co_filename).startswith(_library_folders())
 
 
 def _tensor_names(model: nn.Module) -> list[str]:

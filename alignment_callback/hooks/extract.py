@@ -24,7 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from alignment_callback.functional.preprocessing import Pool
-from alignment_callback.hooks.collect import collect_activations, is_column, preserved_rng
+from alignment_callback.hooks.collect import (
+    collect_activations,
+    is_column,
+    preserved_loader_seed,
+    preserved_rng,
+)
 from alignment_callback.hooks.selection import Layers
 
 #: The reserved key of a feature file that holds the probe's fingerprint.
@@ -157,7 +162,8 @@ def _fingerprint(probe: Any, columns: bool = True) -> dict[str, Any]:
     of plain values were read as columns (each index its own stream, and only the first value
     of a list batch of them)."""
     streams: dict[tuple[str, ...], _Stream] = {}
-    with preserved_rng():  # iterating a DataLoader draws a seed from the global stream
+    # iterating a DataLoader draws a seed from the global stream, or from its own generator
+    with preserved_rng(), preserved_loader_seed(probe):
         for batch in _probe_batches(probe):
             if isinstance(batch, (list, tuple)) and batch and not (columns and is_column(batch)):
                 batch = batch[0]  # (inputs, labels, ...): the model sees the inputs

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,7 +60,7 @@ class RowPreprocessor:
                 opts["clamp_quantile"] = check_clamp_quantile(opts["clamp_quantile"],
                                                               "preprocess: clamp_quantile")
             normalize = opts.get("normalize", True)
-            if not isinstance(normalize, (bool, np.bool_)):
+            if isinstance(normalize, (str, bytes)):  # "false" would be true
                 raise TypeError(f"preprocess: normalize must be True or False, got {normalize!r}")
             opts["normalize"] = bool(normalize)
             self.options.update(opts)

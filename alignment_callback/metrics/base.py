@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -61,12 +61,15 @@ _BEFORE_UPDATE = r"The ``compute`` method of metric .* was called before the ``u
 
 
 def _layer_names(names: Any, name: str) -> list[str]:
-    """``x_layers`` / ``y_layers``: a sequence of strings (a string would be split into its
-    characters; an integer name never matches the string keys of an update's mapping)."""
-    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not all(
-            isinstance(n, str) for n in names):
+    """``x_layers`` / ``y_layers``: an iterable of strings, such as a list or a dict's keys (a
+    string would be split into its characters; an integer name never matches the string keys
+    of an update's mapping)."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
         raise TypeError(f"{name} must be a sequence of layer names (strings), got {names!r}")
-    return list(names)
+    names = [str(n) if isinstance(n, np.str_) else n for n in names]
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{name} must be a sequence of layer names (strings), got {names!r}")
+    return names
 
 
 def _torch_distributed() -> bool:
@@ -403,10 +406,12 @@ class AlignmentMetricBase(Metric):
         slots = sorted(k for k in state if re.fullmatch(r"[xy]\d+", k))
         unknown = [k for k in slots if k not in own]
         if unknown:
-            raise ValueError(
-                f"merge_state: the dict holds rows of layer slot(s) {unknown} that this "
-                f"{type(self).__name__} has not registered: pass x_layers=[...] / y_layers=[...] "
-                "to its constructor, or update it once, before merging raw states")
+            fix = (f"it holds the slots {sorted(own)} (sorted layer names: "
+                   f"{sorted(self.x_layers)}, {sorted(self.y_layers)})" if own else
+                   "pass x_layers=[...] / y_layers=[...] to its constructor, or update it once, "
+                   "before merging raw states")
+            raise ValueError(f"merge_state: the dict holds rows of layer slot(s) {unknown} that "
+                             f"this {type(self).__name__} has not registered: {fix}")
         counts: dict[str, set[int]] = {"x": set(), "y": set()}
         for side in ("x", "y"):
             widths = self._known_widths(side)

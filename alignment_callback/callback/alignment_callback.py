@@ -1741,6 +1741,9 @@ def _anchor(ref: Reference, acts: dict[str, Tensor]) -> None:
     ref.engine.set_reference(acts)
 
 
+_LOGGING = ("log", "log_dict")
+
+
 @contextmanager
 def _logging_off(model: nn.Module) -> Iterator[None]:
     """``self.log`` and ``self.log_dict`` do nothing on the LightningModules of ``model`` while
@@ -1760,9 +1763,6 @@ def _logging_off(model: nn.Module) -> Iterator[None]:
                     vars(module)[name] = own[name]
                 else:
                     vars(module).pop(name, None)
-
-
-_LOGGING = ("log", "log_dict")
 
 
 def _log_nothing(*args: Any, **kwargs: Any) -> None:

@@ -208,9 +208,7 @@ def _function_hooks(model: nn.Module) -> list[str]:
     state is the copy's); functions of installed packages (quantization observers, a
     library's ``output.requires_grad_()``) are taken to write only to their arguments."""
     found = []
-    modules = [(f"{name or type(model).__name__!r}", module)
-               for name, module in model.named_modules()]
-    hooks = [(where, hook) for where, module in modules
+    hooks = [(repr(name or type(model).__name__), hook) for name, module in model.named_modules()
              for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())]
     hooks += [("every module (a global hook)", hook)
               for hook in (*nn.modules.module._global_forward_pre_hooks.values(),

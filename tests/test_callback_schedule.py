@@ -249,3 +249,50 @@ def test_no_stale_monitor_warning_without_a_validation_loop(tmp_path):
     scores = {int(re.search(r"step=(\d+)", path).group(1)): float(score)
               for path, score in saver.best_k_models.items()}
     assert scores == {int(h["step"]): h[KEY] for h in cb.history if h["step"] > 0}
+
+
+class _LogsUnderThePrefix(MLP):
+    """Logs its own loss under the callback's prefix (a REPA loss as "alignment/repa_loss")."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("alignment/repa_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+
+def test_only_monitors_of_the_callbacks_own_keys_are_checked(tmp_path):
+    """The callback checked every monitor whose key began with its log_prefix: an EarlyStopping
+    on a loss the user logs as "alignment/repa_loss", or on a second callback's key
+    ("alignment/wide/..."), was refused beside a background callback and warned about with
+    the first callback's schedule.  Now the monitor is checked only by the callback that logs
+    its key."""
+    user_key = EarlyStopping("alignment/repa_loss", mode="min", patience=5)
+    trainer, messages = fit([callback(background=True), user_key], module=_LogsUnderThePrefix(),
+                            max_epochs=2)
+    assert trainer.current_epoch == 2 and "alignment/repa_loss" in trainer.callback_metrics
+    wide = "alignment/wide/linear_cka/calibrated"
+    first, second = callback(every_n_epochs=2), callback(log_prefix="alignment/wide")
+    _, messages = fit([first, second, EarlyStopping(wide, mode="max", patience=5)],
+                      max_epochs=2)
+    assert not _stale(messages), messages
+    with pytest.raises(ValueError, match="cannot watch an alignment key computed with"):
+        fit([callback(), callback(log_prefix="alignment/wide", background=True),
+             EarlyStopping(wide, mode="max", patience=5)], max_epochs=1)
+
+
+@pytest.mark.parametrize("field,log_to_module", [("p_value", True), ("raw", True),
+                                                  ("calibrated", False)])
+def test_a_monitor_on_a_key_monitors_never_see_fails_at_setup(tmp_path, field, log_to_module):
+    """Only the calibrated scores are logged to the module, where monitors read them (the other
+    fields go to the loggers): EarlyStopping on ".../p_value" failed after the first epoch, a
+    ModelCheckpoint on ".../raw" never saved (Lightning only warns), and a monitor with
+    log_to_module=False did the same.  Each is now an error at setup, before any training step,
+    naming the monitor."""
+    key = f"alignment/linear_cka/{field}"
+    for watcher in (EarlyStopping(key, mode="max", patience=5),
+                    ModelCheckpoint(dirpath=tmp_path, monitor=key, mode="max")):
+        module = MLP()
+        with pytest.raises(ValueError, match=rf"{type(watcher).__name__}\(monitor='{key}'\) "
+                                             "watches an alignment key that monitors never see"):
+            fit([callback(log_to_module=log_to_module), watcher], module=module)
+        assert module.trainer.global_step == 0

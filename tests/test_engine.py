@@ -4,6 +4,8 @@ per fit, and the permutations are drawn once."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -126,3 +128,32 @@ def test_preparation_errors_name_the_model_and_the_reference(measure):
     with pytest.raises(ValueError, match=rf"^model layer 'l3': {measure}: |"
                                          r"^model layer 'l3': zero-variance"):
         engine.step({"l1": good, "l3": constant})
+
+
+def test_layers_that_are_not_a_mapping_are_named_as_such():
+    """A bare tensor (which the metric objects take) raised AttributeError: 'Tensor' object
+    has no attribute 'items'."""
+    engine = AlignmentEngine(["linear_cka"], num_permutations=19)
+    layers = _layers("r", 1)
+    for bad in (layers["r0"], [layers["r0"]]):
+        with pytest.raises(TypeError, match=r"reference layers must be a mapping \{layer name"):
+            engine.set_reference(bad)
+    engine.set_reference(layers)
+    with pytest.raises(TypeError, match=r"model layers must be a mapping .* got Tensor"):
+        engine.step(layers["r0"])
+
+
+def test_too_few_permutations_warn_once_at_construction_pointing_at_the_callers_line():
+    """K below (1 - α)/α is a setting, known before any data: the engine warned at every step
+    and measure instead (after the callback's baseline probe pass), and not at construction."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = AlignmentEngine(["linear_cka", "rsa"], num_permutations=10)
+        assert [(w.filename, str(w.message)[:34]) for w in caught] == [
+            (__file__, "num_permutations=10 is too few for")]
+        engine.set_reference(_layers("r", 2))
+        for _ in range(2):
+            engine.step(_layers("m", 2))
+        AlignmentEngine(["linear_cka"], num_permutations=10, null="moments")
+        AlignmentEngine(["linear_cka"], num_permutations=19)
+    assert len([w for w in caught if "is too few" in str(w.message)]) == 1

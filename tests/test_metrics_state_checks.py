@@ -134,3 +134,19 @@ def test_compute_before_update_is_one_clear_error_without_a_warning() -> None:
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match=r"compute\(\) found no accumulated rows"):
             m.compute()
+
+
+def test_too_few_permutations_warn_once_at_construction() -> None:
+    """K below (1 - α)/α is a setting: the metric warned at every ``compute()``, and not when
+    it was made.  Now once, at construction, pointing at the line that made it."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metric = CalibratedAlignment("linear_cka", num_permutations=9)
+        assert [w.filename for w in caught if "is too few" in str(w.message)] == [__file__]
+        for _ in range(2):
+            metric.update(x, y)
+            metric.compute()
+        CalibratedAlignment("linear_cka", num_permutations=9, null="moments")
+    assert len([w for w in caught if "is too few" in str(w.message)]) == 1

@@ -514,3 +514,21 @@ def test_background_results_published_at_the_end_are_checked_in_either_order(tmp
     assert aligner._threaded and [h["epoch"] for h in aligner.history] == [0, 1, 2, 3]
     assert plateau.fired and plateau.fired_at["epoch"] == 3
     assert len(plateau.on_plateau.calls) == 1
+
+
+def test_patience_and_min_delta_take_numpy_numbers_and_refuse_others():
+    """``patience=np.int64(3)`` (from a config array, a sweep) was refused as "not an integer";
+    ``min_delta=np.float32(0.01)`` as "not a number".  They are taken (as Python numbers);
+    bools, fractions of a check, negative and non-finite values are still refused."""
+    import numpy as np
+
+    plateau = AlignmentPlateau(KEY, patience=np.int64(3), min_delta=np.float32(0.01),
+                               on_plateau=print)
+    assert plateau.patience == 3 and type(plateau.patience) is int
+    assert plateau.min_delta == pytest.approx(0.01) and type(plateau.min_delta) is float
+    for patience in (True, 2.5, 0, np.int64(0)):
+        with pytest.raises(ValueError, match="patience must be an integer >= 1"):
+            AlignmentPlateau(KEY, patience=patience, on_plateau=print)
+    for min_delta in (True, -0.1, math.inf, np.float64("nan"), "0.1"):
+        with pytest.raises(ValueError, match="min_delta must be a finite number >= 0"):
+            AlignmentPlateau(KEY, min_delta=min_delta, on_plateau=print)

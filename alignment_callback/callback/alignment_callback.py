@@ -778,10 +778,11 @@ class AlignmentCallback(Callback):
                     f"null='moments' calibrates one layer pair, but {pairs} pairs were chosen "
                     f"({how}): their aggregate needs their joint permutation null; use "
                     "null='permutation', or null='auto' to use moments where they apply")
-        watching = monitors.alignment_monitors(trainer, self.log_prefix, self)
+        watching = monitors.alignment_monitors(trainer, self)
         if self.background:
             monitors.refuse_in_background(watching)
-        elif self.every_n_train_steps is None:
+        monitors.refuse_unlogged(watching, self._calibrated_keys() if self.log_to_module else [])
+        if not self.background and self.every_n_train_steps is None:
             for message in monitors.stale_monitor_warnings(trainer, pl_module, watching,
                                                            self.every_n_epochs):
                 rank_zero_warn(message, category=UserWarning)

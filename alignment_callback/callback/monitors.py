@@ -19,13 +19,16 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 
-def alignment_monitors(trainer: Trainer, prefix: str, owner: Any) -> list[Callback]:
-    """The callbacks of ``trainer`` whose ``monitor`` is a key under ``prefix/``, except those
-    that read ``owner``'s history instead of the logged metrics (``AlignmentPlateau``)."""
+def alignment_monitors(trainer: Trainer, owner: Any) -> list[Callback]:
+    """The callbacks of ``trainer`` whose ``monitor`` is one of ``owner``'s keys (under one of
+    its ``measure_prefixes()``; not a key the user logs under the same prefix, nor another
+    callback's), except those that read ``owner``'s history instead of the logged metrics
+    (``AlignmentPlateau``)."""
+    heads = tuple(f"{head}/" for head in owner.measure_prefixes())
     found = []
     for cb in trainer.callbacks:
         monitor = getattr(cb, "monitor", None)
-        if not (isinstance(monitor, str) and monitor.startswith(f"{prefix}/")):
+        if not (isinstance(monitor, str) and monitor.startswith(heads)):
             continue
         reads_history_of = getattr(cb, "reads_history_of", None)
         if callable(reads_history_of) and reads_history_of(owner):
@@ -45,6 +48,23 @@ def refuse_in_background(monitors: list[Callback]) -> None:
             "whenever the worker finishes, so they are not logged to the module and a monitor "
             "would see them late or never. Use background=False for monitored keys."
         )
+
+
+def refuse_unlogged(monitors: list[Callback], logged: list[str]) -> None:
+    """A monitor reads ``trainer.callback_metrics``, which gets only the ``logged`` keys (the
+    calibrated scores, with ``log_to_module=True``); the other fields go to the loggers only,
+    so a monitor on one would fail after the first epoch (``EarlyStopping``) or never save
+    (``ModelCheckpoint``)."""
+    for cb in monitors:
+        if cb.monitor not in logged:
+            kept = (f"only the calibrated scores ({', '.join(logged)}) are" if logged else
+                    "nothing is, with log_to_module=False,")
+            raise ValueError(
+                f"{type(cb).__name__}(monitor={cb.monitor!r}) watches an alignment key that "
+                f"monitors never see: {kept} logged to the module, where monitors read them; "
+                "the other fields go to the loggers only. Monitor a calibrated score (with "
+                "log_to_module=True), or use AlignmentPlateau, which reads any field from the "
+                "callback's history")
 
 
 def stale_monitor_warnings(trainer: Trainer, pl_module: LightningModule, monitors: list[Callback],

@@ -47,6 +47,7 @@ changed.  Keep that in the checkpoint too (e.g. the loss weight as a registered 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -166,7 +167,7 @@ class AlignmentPlateau(Callback):
                   verbose, name)
         self.monitor = monitor
         self.mode = mode
-        self.patience = patience
+        self.patience = int(patience)
         self.min_delta = float(min_delta)
         self.on_plateau = on_plateau
         self.source = source
@@ -464,9 +465,9 @@ def _validate(monitor: Any, mode: Any, patience: Any, min_delta: Any, on_plateau
         raise ValueError(f"AlignmentPlateau: monitor must be a non-empty string, got {monitor!r}")
     if mode not in MODES:
         raise ValueError(f"AlignmentPlateau: mode must be 'min' or 'max', got {mode!r}")
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+    if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1:
         raise ValueError(f"AlignmentPlateau: patience must be an integer >= 1, got {patience!r}")
-    if (isinstance(min_delta, bool) or not isinstance(min_delta, (int, float))
+    if (isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real)
             or not math.isfinite(min_delta) or min_delta < 0):
         raise ValueError(f"AlignmentPlateau: min_delta must be a finite number >= 0, got "
                          f"{min_delta!r}")

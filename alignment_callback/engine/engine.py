@@ -21,6 +21,7 @@ from alignment_callback.functional._validation import (
 )
 from alignment_callback.functional.aggregation import Aggregate, MappedAggregate, aggregate_fn
 from alignment_callback.functional.analytic_null import check_moments_apply, check_null
+from alignment_callback.functional.calibration import warn_if_few
 from alignment_callback.functional.permutation import GroupPermuter, Permutations
 from alignment_callback.functional.pipeline import (
     Gather,
@@ -147,6 +148,8 @@ class AlignmentEngine:
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
         check_moments_apply(self.null, self.measures.values(), groups)
+        if self.null != "moments":  # a setting: warned once here, not at every step
+            warn_if_few(self.num_permutations, self.alpha)
         self.reference: PreparedSide | None = None
         self.permutations: Permutations | None = None
 
@@ -168,6 +171,10 @@ class AlignmentEngine:
     # ------------------------------------------------------------------------------ sides
     def features(self, layers: Mapping[str, Tensor], label: str) -> tuple[list[str], list[Tensor]]:
         """Preprocessed (n, d) features of ``layers`` on the compute device, one dtype."""
+        if not isinstance(layers, Mapping):
+            raise TypeError(f"{label} layers must be a mapping {{layer name: (n, ...) tensor}}, "
+                            f"got {type(layers).__name__}: name the layer, e.g. "
+                            "{'features': activations}")
         prep = self.preprocessor
         mats = {}
         for name, t in layers.items():
@@ -233,7 +240,7 @@ class AlignmentEngine:
                              label="model")
         results = calibrate_prepared(measures, xside, reference, self.permutations,
                                      self.alpha, self._aggregate(names, reference.names),
-                                     self.max_score, share, gather, self.null)
+                                     self.max_score, share, gather, self.null, warn_few=False)
         by_label = {label: results[m] for label, m in self.measures.items()}
         return StepResult(epoch, step, by_label, xside.n,
                           seconds + time.perf_counter() - start)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from alignment_callback.functional.aggregation import LayerAlignmentResult
@@ -49,7 +49,6 @@ class StepResult:
     results: dict[str, LayerAlignmentResult]
     n: int
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def scalars(self, prefix: str = "alignment", pairs: bool = False) -> dict[str, float]:
         """Flat ``{key: float}`` for loggers: ``<prefix>/epoch``, ``<prefix>/step``, per measure

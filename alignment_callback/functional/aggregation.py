@@ -181,19 +181,21 @@ def calibrate_layers_from_matrices(
     matrix: Tensor, null: Tensor, aggregate: Aggregate = "max", alpha: float = 0.05,
     max_score: float | None = 1.0, x_names: list[str] | None = None,
     y_names: list[str] | None = None, data_dtype: torch.dtype | None = None,
-    measure: str = "", hint: str | None = None, exact: bool = False,
+    measure: str = "", hint: str | None = None, exact: bool = False, warn_few: bool = True,
 ) -> LayerAlignmentResult:
     """Calibrate the aggregate of an observed (LA, LB) ``matrix`` against null matrices (K, LA, LB).
 
     ``exact``: the measure computes equal statistics bit for bit equal (ratios of integer
     counts), so its values are compared as they are; otherwise (and for an aggregate other than
     the max, whose sums round) null values within ``tie_tolerance`` of the score are its ties.
+    ``warn_few``: warn when K is too few for ``alpha`` (False: the caller warned already).
     """
     agg_name, agg = aggregate_fn(aggregate)
     observed = agg(matrix.unsqueeze(0))[0]
     null_agg = agg(null)
     exact_max = exact and (agg_name in ("max", "max_over_pairs") or matrix.numel() == 1)
-    res = calibrate_tensor(observed, null_agg, alpha, max_score, data_dtype, ties=not exact_max)
+    res = calibrate_tensor(observed, null_agg, alpha, max_score, data_dtype, warn_few,
+                           ties=not exact_max)
     warn_unresolved(res, max_score, measure or "the aggregate", hint)
     res.pop("unresolved")
     pairs = calibrate_tensor(matrix, null, alpha, max_score, data_dtype, warn_few=False,

@@ -64,6 +64,14 @@ def threshold_index(num_permutations: int, alpha: float) -> int:
     return max(0, min(idx, num_permutations))
 
 
+def warn_if_few(num_permutations: int, alpha: float) -> None:
+    """Warn (pointing at the caller's code: it is a setting) when ``num_permutations`` is too
+    few for ``alpha`` (see :func:`few_permutations`)."""
+    if threshold_index(num_permutations, alpha) == num_permutations:
+        warnings.warn(few_permutations(num_permutations, alpha), UserWarning,
+                      stacklevel=user_stacklevel())
+
+
 def few_permutations(num_permutations: int, alpha: float) -> str:
     """The warning for a K so small that τ is the largest of {s, s_1..s_K} whatever the data
     (the smallest p-value 1/(K + 1) is above α): nothing can be called aligned."""
@@ -128,8 +136,8 @@ def calibrate_tensor(
         raise ValueError(f"null shape {tuple(null.shape)} does not match score shape {tuple(score.shape)}")
     if not bool(torch.isfinite(null).all()) or not bool(torch.isfinite(score).all()):
         raise ValueError("score or null contains NaN/Inf values; cannot calibrate")
-    if warn_few and threshold_index(k, alpha) == k:  # a setting: point at the caller's code
-        warnings.warn(few_permutations(k, alpha), UserWarning, stacklevel=user_stacklevel())
+    if warn_few:
+        warn_if_few(k, alpha)
     dtype = torch.promote_types(score.dtype, null.dtype)
     ties = ties and dtype.is_floating_point  # integer scores (counts) are exact
     if not dtype.is_floating_point:

@@ -410,6 +410,7 @@ def calibrate_prepared(
     share: tuple[int, int] | None = None,
     gather: Gather | None = None,
     null: str = "permutation",
+    warn_few: bool = True,
 ) -> dict[Measure, LayerAlignmentResult]:
     """Observed matrices, nulls and calibration of several measures at once.
 
@@ -432,6 +433,8 @@ def calibrate_prepared(
         ``"moments"``: the exact permutation moments and a Pearson type III null for every
         gram-family measure on a single pair (see ``analytic_null``); ``"auto"``: that where
         it is validated, permutations elsewhere.  Each result records its ``null_method``.
+    warn_few : bool, default=True
+        Warn when K is too few for ``alpha`` (False: the caller warned once already).
 
     Returns
     -------
@@ -476,7 +479,8 @@ def calibrate_prepared(
         hint = m.info.degenerate_hint(m.kwargs) if m.info.degenerate_hint else None
         res = calibrate_layers_from_matrices(
             observed[m], nulls[m], agg, alpha, smax, list(xside.names), list(yside.names),
-            data_dtype=xside.dtype, measure=m.name, hint=hint, exact=m.info.exact_scores)
+            data_dtype=xside.dtype, measure=m.name, hint=hint, exact=m.info.exact_scores,
+            warn_few=warn_few)
         exact_mean = null == "auto" and permutations.groups is None  # block nulls: other moments
         out[m] = _with_exact_knn_moments(m, res, xside, yside) if exact_mean else res
     return {m: out[m] for m in measures}

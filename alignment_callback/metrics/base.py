@@ -33,6 +33,7 @@ from alignment_callback.functional.aggregation import (
     named_layers,
 )
 from alignment_callback.functional.analytic_null import check_moments_apply, check_null
+from alignment_callback.functional.calibration import warn_if_few
 from alignment_callback.functional.permutation import GroupPermuter, Permutations, group_labels
 from alignment_callback.functional.pipeline import (
     PreparedSide,
@@ -133,6 +134,8 @@ class AlignmentMetricBase(Metric):
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
         check_moments_apply(self.null, [self.measure], groups)
+        if self.null != "moments":  # a setting: warned once here, not at every compute()
+            warn_if_few(self.num_permutations, self.alpha)
         self._persist = False
         self.x_layers: list[str] = []
         self.y_layers: list[str] = []
@@ -674,7 +677,7 @@ class AlignmentMetricBase(Metric):
             GroupPermuter(groups, xside.n)  # clear error for a wrong length
         perms = self._perms(xside.n, groups)
         return calibrate_prepared([self.measure], xside, yside, perms, self.alpha, self.aggregate,
-                                  self.max_score, null=self.null)[self.measure]
+                                  self.max_score, null=self.null, warn_few=False)[self.measure]
 
     @no_autocast()
     def _raw_batch(self, xs: Any, ys: Any) -> Tensor | None:

@@ -261,6 +261,7 @@ def bad_files(data):
     (root / "dmix").mkdir()
     shutil.copy(root / "more.pt", root / "dmix" / "more.pt")
     (root / "feats.txt").write_text("1 2 3\n4 5 6\n")
+    (root / "short_groups.txt").write_text("0\n0\n1\n1\n")
     return root
 
 
@@ -290,7 +291,8 @@ def test_in_process_errors_and_debug(bad_files, capsys):
         (["compare", "a.pt", "b.npz", "--permutations", "0"], "--permutations"),
         (["matrix", "dx", "nowhere"], "no such directory"),
         (["matrix", "dx", "dmix"], f"has {N + 5} rows but"),
-        (["compare", "a.pt", "b.npz", "--groups", "feats.txt"], "group labels"),
+        (["compare", "a.pt", "b.npz", "--groups", "feats.txt"], "labels are distinct"),
+        (["compare", "a.pt", "b.npz", "--groups", "short_groups.txt"], "group labels"),
     ):
         paths = [str(root / a) if a.endswith((".pt", ".npz", ".txt")) or
                  a in ("dx", "nowhere", "dmix") else a for a in argv[1:]]
@@ -301,8 +303,10 @@ def test_in_process_errors_and_debug(bad_files, capsys):
         assert "Traceback" not in err
         if argv[0] == "compare":
             assert len(err.strip().splitlines()) == 1
-    with pytest.raises(FeatureFileError):
-        cli.main(["compare", str(root / "nan.pt"), str(root / "a.pt"), "--debug"])
+    # --debug prints the traceback and keeps the exit code of bad input
+    assert cli.main(["compare", str(root / "nan.pt"), str(root / "a.pt"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "FeatureFileError" in err
     assert cli.main(["compare"]) == 2  # argparse usage error
     capsys.readouterr()
 

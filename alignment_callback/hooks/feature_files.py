@@ -156,6 +156,32 @@ def _pt_error(path: Path, err: BaseException) -> FeatureFileError:
     return FeatureFileError(f"{path}: not a readable .pt file (truncated or corrupt: {reason})")
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """``np.load(allow_pickle=False)`` with errors that say what is wrong with the file: not a
+    ``.npy`` file at all (no ``\\x93NUMPY`` magic: numpy would read it as a pickle), cut short,
+    or an array of Python objects (which would need unpickling)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+    if head != _NPY_MAGIC:
+        reason = ("the file is empty" if not head else
+                  f"it does not start with the .npy magic string {_NPY_MAGIC!r}")
+        raise FeatureFileError(f"{path}: not a readable .npy file (truncated or corrupt: "
+                               f"{reason})")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as err:
+        if "allow_pickle" in str(err):  # a valid header of dtype object: pickled contents
+            raise FeatureFileError(
+                f"{path}: holds an array of Python objects (dtype object), not numbers; save a "
+                "numeric array, e.g. np.save(path, np.asarray(features, dtype=np.float32))"
+            ) from err
+        raise FeatureFileError(f"{path}: not a readable .npy file (truncated or corrupt: "
+                               f"{_short(err)})") from err
+
+
 def load_features(path: str | Path) -> dict[str, Tensor]:
     """Load a feature file as ``{layer name: tensor}`` (CPU, float32; float64 stays float64).
 
@@ -175,10 +201,10 @@ def load_features(path: str | Path) -> dict[str, Tensor]:
     Raises
     ------
     FeatureFileError
-        The file is missing, truncated or corrupt, holds pickled objects (``.pt``) or
-        something other than tensors, has an unknown extension, a layer has fewer than 2 rows
-        or NaN/Inf values, or the layers disagree on the number of rows.  The message names
-        the file and the layer.
+        The file is missing, truncated or corrupt, holds pickled objects (``.pt``; an
+        object array in a ``.npy``) or something other than tensors, has an unknown
+        extension, a layer has fewer than 2 rows or NaN/Inf values, or the layers disagree on
+        the number of rows.  The message names the file and the layer.
     """
     path = Path(path)
     ext = _check_path(path, FEATURE_EXTENSIONS, "feature")
@@ -186,7 +212,7 @@ def load_features(path: str | Path) -> dict[str, Tensor]:
         if ext in (".pt", ".pth"):
             layers = _from_object(read_pt(path), path)
         elif ext == ".npy":
-            layers = {"features": _as_tensor(np.load(path, allow_pickle=False), path, "features")}
+            layers = {"features": _as_tensor(read_npy(path), path, "features")}
         elif ext == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 layers = {k: _as_tensor(archive[k], path, k) for k in archive.files}

@@ -9,7 +9,8 @@
                        fingerprint).
 
 Exit codes: 0 success, 2 bad input (one ``error: ...`` line on stderr), 130 interrupted,
-1 unexpected internal error.  ``--debug`` shows tracebacks.  See ``docs/cli.md``.
+1 unexpected internal error.  ``--debug`` shows tracebacks (above that line; the exit code stays
+the same).  See ``docs/cli.md``.
 
 The work is split by what it is about: :mod:`.plan` (measures, options, settings, pairs, what
 is done), :mod:`.compute` (pairs through the engine), :mod:`.store` (``pairs*.jsonl``),
@@ -45,6 +46,7 @@ from alignment_callback.reporting.plan import (
     describe_settings,
     measure_names_text,
     moments_layers,
+    out_folder,
     parameters_text,
     plan_matrix,
     run_settings,
@@ -257,8 +259,7 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr, flush=True)
     warn_resolution(args.permutations, 1, args.alpha, args.null)
     warn_bootstrap(args.bootstrap)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(args.out)
     start = time.perf_counter()
     results = compute.compare_pair(xa, xb, args.a, args.b, measures,
                                    compute.Calibration.from_args(args), groups,
@@ -288,8 +289,7 @@ def _plan_pairs(args: argparse.Namespace, measures: dict, group: ProcessGroup
 
     groups = load_groups(args.groups) if args.groups else None
     plan = plan_matrix(args, measures, groups)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(args.out)
     plan.done = store.read_pairs(store.pair_files(out), plan.settings, plan.kwargs,
                                  plan.fingerprints)
     tasks = plan.pending()
@@ -450,7 +450,10 @@ def _error_text(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 bad input, 130 interrupted, 1 bug)."""
+    """Run the command line; returns the exit code (0 ok, 2 bad input, 130 interrupted, 1 bug).
+
+    With ``--debug`` the traceback is printed above the ``error:`` line; the exit code is the
+    same."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -469,25 +472,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(err.line, file=sys.stderr)
         return err.code
     except KeyboardInterrupt:
-        if args.debug:
-            raise
+        _traceback(args.debug)
         print("interrupted", file=sys.stderr)
         return 130
     except _BAD_INPUT as err:
-        if args.debug:
-            raise
+        _traceback(args.debug)
         print(f"error: {_error_text(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - anything else is a bug: one line, exit 1
-        if args.debug:
-            raise
-        print(f"error: internal error ({type(err).__name__}: {_one_line(err)}); rerun with "
-              "--debug for the traceback", file=sys.stderr)
+        _traceback(args.debug)
+        hint = "" if args.debug else "; rerun with --debug for the traceback"
+        print(f"error: internal error ({type(err).__name__}: {_one_line(err)}){hint}",
+              file=sys.stderr)
         return 1
 
 
-__all__ = ["DEFAULT_MEASURES", "DEFAULT_METRICS", "CLIError", "build_parser", "main", "run_compare", "run_matrix",
-           "run_settings"]
+def _traceback(debug: bool) -> None:
+    """``--debug``: print the traceback of the exception being handled (to stderr)."""
+    if debug:
+        traceback.print_exc()
+        sys.stderr.flush()
+
+
+__all__ = ["DEFAULT_MEASURES", "DEFAULT_METRICS", "CLIError", "build_parser", "main",
+           "run_compare", "run_matrix", "run_settings"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignment_callback.hooks import resolve_layers
+from alignment_callback.hooks.collect import split_rows
 from alignment_callback.hooks.extract import (
     PROBE_KEY,
     check_fingerprint,
@@ -27,10 +29,8 @@ from alignment_callback.hooks.extract import (
     read_fingerprint,
     save_features,
 )
-from alignment_callback.hooks import resolve_layers
-from alignment_callback.hooks.collect import split_rows
 from alignment_callback.reporting.io import FeatureFileError, read_pt
-from alignment_callback.reporting.plan import CLIError
+from alignment_callback.reporting.plan import CLIError, os_reason
 
 
 def import_object(spec: str, option: str) -> Any:
@@ -167,7 +167,11 @@ def run_extract(args: Any) -> int:
         resolve_layers(model, layers, "model")
     except ValueError as err:  # the Python advice of the message does not apply here
         raise CLIError(f"--layers: {str(err).split(' Use list_layers')[0]}") from err
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--out {args.out}: cannot write the feature file ({os_reason(err)})"
+                       ) from err
     try:
         feats = extract_features(model, probe, layers, None, pool=args.pool,
                                  batch_size=args.batch_size, input_key=args.input_key,
@@ -182,7 +186,8 @@ def run_extract(args: Any) -> int:
     try:
         save_features(feats, out, fingerprint)
     except OSError as err:
-        raise CLIError(f"--out {args.out}: cannot be written ({err})") from err
+        raise CLIError(f"--out {args.out}: cannot write the feature file ({os_reason(err)})"
+                       ) from err
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in feats.items())
     print(f"wrote {out}: {len(feats)} layer(s): {shapes}; probe {args.probe}: "
           f"{fingerprint['rows']} rows, sha256 {fingerprint['sha256'][:16]}...")

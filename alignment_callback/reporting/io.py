@@ -87,17 +87,48 @@ def model_names(files: Sequence[Path]) -> list[str]:
     return [f.stem if stems.count(f.stem) == 1 else f.name for f in files]
 
 
+#: Separators of columns: a ``.txt``/``.csv`` line holding one is not a single label
+_COLUMN_SEPARATORS: tuple[str, ...] = (",", ";", "\t")
+
+
+def _label_lines(path: Path) -> list[str]:
+    """The labels of a ``.txt``/``.csv`` groups file, one per line (blank lines ignored); a
+    line of several columns (``row,label``) is refused, naming its line number."""
+    labels = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        label = line.strip()
+        sep = next((s for s in _COLUMN_SEPARATORS if s in label), None)
+        if sep is not None:
+            raise FeatureFileError(
+                f"{path}: line {number} ({label[:40]!r}) has several columns ({sep!r}): "
+                "--groups takes one label per line (row i's label on the i-th line), not a "
+                "table such as 'row,label'; e.g. np.savetxt('groups.txt', labels, fmt='%s')"
+            )
+        if label:
+            labels.append(label)
+    return labels
+
+
 def load_groups(path: str | Path, n: int | None = None) -> np.ndarray:
     """Group labels, one per row: ``.npy`` (a 1-D array) or ``.txt``/``.csv`` (one label per
-    line; blank lines ignored; labels kept as strings).  Checks the count against ``n``."""
+    line; blank lines ignored; labels kept as strings).  Checks the count against ``n``.
+
+    Refused (:class:`FeatureFileError`, naming the file): a line with a comma, semicolon or
+    tab (a table such as ``row,label`` is not a label per line), labels that allow no
+    permutation (one group, no two groups of one size), and labels that are all distinct:
+    every row its own group is the ungrouped test, so ``--groups`` would have no effect (the
+    library's ``groups=`` accepts that as ordinary permutations; on the command line it is a
+    file that is not what was meant).
+    """
     path = Path(path)
     ext = _check_path(path, GROUP_EXTENSIONS, "groups")
     try:
         if ext == ".npy":
             labels = np.load(path, allow_pickle=False)
         else:
-            lines = [ln.strip() for ln in path.read_text().splitlines()]
-            labels = np.asarray([ln for ln in lines if ln])
+            labels = np.asarray(_label_lines(path))
+    except FeatureFileError:
+        raise
     except Exception as err:
         raise FeatureFileError(f"{path}: cannot read groups ({_short(err)})") from err
     if labels.ndim != 1:
@@ -110,6 +141,12 @@ def load_groups(path: str | Path, n: int | None = None) -> np.ndarray:
         GroupPermuter(labels, labels.shape[0])
     except ValueError as err:
         raise FeatureFileError(f"{path}: {err}") from err
+    if len(np.unique(labels)) == labels.shape[0]:
+        raise FeatureFileError(
+            f"{path}: all {labels.shape[0]} labels are distinct, so every row would be its "
+            "own group: --groups would have no effect; give one label per row with rows of a "
+            "group sharing it"
+        )
     if n is not None and labels.shape[0] != n:
         raise FeatureFileError(
             f"{path}: has {labels.shape[0]} group labels but the features have {n} rows"

@@ -297,7 +297,9 @@ def warn_bootstrap(bootstrap: int) -> None:
 
 
 def run_settings(args: argparse.Namespace, groups: Any) -> dict[str, Any]:
-    """Settings that change results (the measures' options are recorded per measure)."""
+    """Settings that change results (the measures' options are recorded per measure), as
+    given: what the outputs record.  A stored pair is reused when its :func:`resume_key`
+    matches."""
     from alignment_callback.reporting.io import labels_digest
 
     return {
@@ -310,6 +312,27 @@ def run_settings(args: argparse.Namespace, groups: Any) -> dict[str, Any]:
     }
 
 
+#: Settings that ``--null moments`` does not use: no permutation is drawn, so K and the seed
+#: change no result (the seed still draws the ``--bootstrap`` subsamples)
+_UNUSED_BY_MOMENTS: tuple[str, ...] = ("permutations", "seed")
+
+
+def resume_key(settings: dict[str, Any]) -> dict[str, Any]:
+    """The part of :func:`run_settings` that decides whether a stored pair is reused: all of
+    it, except ``permutations`` and ``seed`` with ``null == "moments"`` (``seed`` only without
+    ``--bootstrap``).  ``"auto"`` keeps both: it may fall back to permutations.
+
+    >>> resume_key({"null": "moments", "permutations": 500, "seed": 0, "bootstrap": 0})
+    {'null': 'moments', 'bootstrap': 0}
+    >>> resume_key({"null": "moments", "permutations": 500, "seed": 0, "bootstrap": 40})
+    {'null': 'moments', 'seed': 0, 'bootstrap': 40}
+    """
+    if settings.get("null") != "moments":
+        return dict(settings)
+    unused = [k for k in _UNUSED_BY_MOMENTS if not (k == "seed" and settings.get("bootstrap"))]
+    return {k: v for k, v in settings.items() if k not in unused}
+
+
 def measure_kwargs(measures: dict[str, Measure]) -> dict[str, dict[str, Any]]:
     """``{measure: its bound options}`` (defaults included), as recorded with every result."""
     return {name: m.kwargs for name, m in measures.items()}
@@ -320,6 +343,25 @@ def describe_settings(args: argparse.Namespace, measures: dict[str, Measure],
     """The ``settings`` entry of ``alignment.json`` / ``matrix.json``."""
     return {"metrics": list(measures), "measures": measure_kwargs(measures),
             "device": args.device, "groups_file": args.groups, **run_settings(args, groups)}
+
+
+def out_folder(path: str | Path) -> Path:
+    """Create the ``--out`` folder (and its parents); a failure is a :class:`CLIError` naming
+    ``--out`` (a path under a regular file, no permission, a read-only filesystem)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"--out {path}: cannot create the output folder ({os_reason(err)})"
+                       ) from err
+    return out
+
+
+def os_reason(err: OSError) -> str:
+    """The reason of a failed file operation, without the errno and the path Python adds."""
+    if isinstance(err, FileExistsError) and err.filename:  # mkdir(exist_ok=True): not a folder
+        return f"{err.filename} exists and is not a folder"
+    return err.strerror or " ".join(str(err).split()) or type(err).__name__
 
 
 def warn_resolution(num_permutations: int, tests: int, alpha: float,
@@ -435,7 +477,10 @@ __all__ = [
     "check_args",
     "choose_measures",
     "moments_layers",
+    "os_reason",
+    "out_folder",
     "plan_matrix",
+    "resume_key",
     "run_settings",
     "shard",
     "topk_note",

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from alignment_callback.reporting.plan import resume_key
+
 PAIRS_FILE = "pairs.jsonl"
 _PAIRS_NAME = re.compile(r"pairs(?:\.rank(\d+))?\.jsonl")
 
@@ -59,11 +61,14 @@ def _normalized(obj: Any) -> Any:
 
 def merge_line(done: Done, rec: dict, settings: dict, kwargs: dict[str, dict],
                fingerprints: dict[str, list[int]]) -> None:
-    """Add the results of one line to ``done`` if they are valid for these settings.
+    """Add the results of one line to ``done`` if they are valid for these settings (equal
+    :func:`~alignment_callback.reporting.plan.resume_key`: with ``--null moments`` the line's
+    ``permutations`` and ``seed`` may differ, as they change no result).
 
     ``settings`` and ``kwargs`` must be JSON-normalized (as read back from a line).
     """
-    if rec.get("settings") != settings:
+    stored = rec.get("settings")
+    if not isinstance(stored, dict) or resume_key(stored) != resume_key(settings):
         return
     xf, yf = rec["x_file"], rec["y_file"]
     if (fingerprints.get(xf) != rec["x_fingerprint"]
@@ -78,9 +83,9 @@ def read_pairs(paths: Path | Iterable[Path], settings: dict, kwargs: dict[str, d
                fingerprints: dict[str, list[int]]) -> Done:
     """Results valid for these settings: ``{(x_file, y_file): {measure: record}}``.
 
-    A line counts if its settings equal ``settings``, both files still have the recorded
-    fingerprint (size, mtime), and per measure the measure's options match; later lines (and
-    later files) win.  Malformed lines (e.g. cut by a crash) are skipped.
+    A line counts if its settings match ``settings`` (:func:`merge_line`), both files still
+    have the recorded fingerprint (size, mtime), and per measure the measure's options match;
+    later lines (and later files) win.  Malformed lines (e.g. cut by a crash) are skipped.
 
     Parameters
     ----------

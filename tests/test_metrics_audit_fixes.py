@@ -532,17 +532,6 @@ def test_groups_shorter_than_the_sample_ids_name_groups_and_index():
         m.compute()
 
 
-def test_warnings_from_compute_point_at_the_callers_line():
-    x, y = pair()
-    m = CalibratedAlignment("linear_cka", num_permutations=5)
-    m.update(x, y)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        m.compute()
-    few = [w for w in caught if "is too few" in str(w.message)]
-    assert len(few) == 1 and few[0].filename == __file__
-
-
 def test_max_samples_at_compute_counts_this_process_rows_only():
     """The compute-time check of max_samples (for compute groups) must not count the rows a
     distributed sync gathered from the other processes: 30 + 30 rows under max_samples=30."""

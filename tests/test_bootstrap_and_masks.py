@@ -158,9 +158,9 @@ def test_the_interval_is_the_replicates_rescaled_deviations_around_the_estimate(
 def test_the_interval_covers_like_a_confidence_interval():
     """Monte Carlo at n = 100 (linear CKA, moments null for speed): the 95 % interval has about
     the width of the true 95 % range of the estimate over fresh data sets, and covers the mean
-    estimate in most data sets.  The unscaled percentile interval had half the width and
-    covered 66 % (a quarter of the sampling variance: m rows drawn without replacement vary by
-    σ²(1/m - 1/n))."""
+    estimate as often as a 95 % interval does, within 3σ (here 71 of 80).  The unscaled
+    percentile interval had half the width and covered 66 % (a quarter of the sampling
+    variance: m rows drawn without replacement vary by σ²(1/m - 1/n))."""
     gen = torch.Generator().manual_seed(1)
 
     def draw():
@@ -176,7 +176,8 @@ def test_the_interval_covers_like_a_confidence_interval():
         covered.append(bi.low <= estimates.mean() <= bi.high)
         widths.append(bi.high - bi.low)
     assert 0.8 <= np.mean(widths) / (hi - lo) <= 1.3
-    assert np.mean(covered) >= 0.8  # nominal 0.95; the unscaled interval: 0.66
+    # within 3σ of the nominal 0.95 over 80 data sets (the unscaled interval: 0.66)
+    assert np.mean(covered) >= 0.95 - 3 * np.sqrt(0.95 * 0.05 / 80)
 
 
 @pytest.mark.parametrize("max_score", ["auto", None])

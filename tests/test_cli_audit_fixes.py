@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +235,19 @@ def test_moments_rerun_with_other_permutations_or_seed_reuses_pairs(files, capsy
     assert "1 already done" in matrix(*boot, "--permutations", "7")
     assert "0 already done" in matrix(*boot, "--seed", "3")
     capsys.readouterr()
+
+
+def test_too_few_permutations_are_said_once_in_the_command_lines_words(files, capsys) -> None:
+    """The engine warns about too few permutations once, when it is made (it warned at every
+    pair and measure before): the command line, which says it in its own words first, must
+    not add Python's raw warning line ("<frozen runpy>:88: UserWarning: ...")."""
+    for command, inputs in (("compare", ["a.pt", "b.pt"]), ("matrix", ["sx", "sy"])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, _, err = run(capsys, command, *[files / a for a in inputs], "--permutations",
+                               "10", "--out", files / f"out_few_{command}")
+        assert code == 0, err
+        assert not [str(w.message) for w in caught if "1/11" in str(w.message)]
+        lines = [ln for ln in err.splitlines() if "1/11" in ln]
+        assert len(lines) == 1 and lines[0].startswith("warning: with K=10"), err
+        assert "UserWarning" not in err, err

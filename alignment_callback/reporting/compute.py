@@ -166,9 +166,12 @@ class FeatureLoader:
 def make_engine(measures: Mapping[str, Measure], cal: Calibration, groups: Any = None
                 ) -> AlignmentEngine:
     """An engine for already preprocessed features (``preprocess=False``)."""
-    return AlignmentEngine(dict(measures), num_permutations=cal.permutations, alpha=cal.alpha,
-                           seed=cal.seed, aggregate=cal.aggregate, groups=groups,
-                           preprocess=False, null=cal.null)
+    with warnings.catch_warnings():
+        # too few permutations: said once per run in the command line's words (warn_resolution)
+        warnings.filterwarnings("ignore", "num_permutations=.* is too few", UserWarning)
+        return AlignmentEngine(dict(measures), num_permutations=cal.permutations,
+                               alpha=cal.alpha, seed=cal.seed, aggregate=cal.aggregate,
+                               groups=groups, preprocess=False, null=cal.null)
 
 
 def _prepare_layer(engine: AlignmentEngine, name: str, t: Tensor, role: str,

@@ -606,3 +606,185 @@ def test_a_second_name_of_a_module_is_explained():
     assert "another name" not in str(info.value)
     got = collect_activations(Tied(), torch.randn(6, 4), ["inp"])["inp"]
     assert got.shape == (6, 4)
+
+
+# ======================================================= second audit of activation capture
+# (output_key on tensor outputs, non-finite padding, sampler generators, a mask that does not
+# fit a layer, one-shot / callable probes of extract_features, compiled-regex hint)
+def _linear_np(layer: nn.Linear, x: Tensor) -> np.ndarray:
+    """``layer(x)`` from its weights, in NumPy float64."""
+    return _np(x) @ _np(layer.weight).T + _np(layer.bias)
+
+
+class _ProjGRU(nn.Module):
+    """A Linear (tensor output) feeding a GRU (tuple output ``(output, h_n)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4).double()
+        self.gru = nn.GRU(4, 3, batch_first=True).double()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.gru(self.proj(x))
+
+
+def test_output_key_leaves_a_tensor_output_as_it_is():
+    """A run-wide output_key (for the GRU's tuple) indexed the Linear's tensor output along
+    the batch axis: the first sample's tokens came back as rows."""
+    from alignment_callback.hooks import select_output
+
+    torch.manual_seed(0)
+    model, x = _ProjGRU(), torch.randn(10, 7, 4, dtype=torch.float64)
+    got = collect_activations(model, x, ["proj", "gru"], output_key=0, batch_size=5, dtype=None)
+    assert got["proj"].shape == (10, 4)
+    np.testing.assert_allclose(_np(got["proj"]), _linear_np(model.proj, x).mean(1),
+                               rtol=0, atol=1e-12)
+    with torch.no_grad():
+        seq, _ = model.gru(model.proj(x))
+    np.testing.assert_allclose(_np(got["gru"]), _np(seq).mean(1), rtol=0, atol=1e-12)
+    assert dict(list_layers(model, x, output_key=0))["proj"] == (10, 7, 4)
+    hidden = torch.zeros(3, 2)
+    assert select_output(hidden, output_key=1) is select_output(hidden, output_key="x") is hidden
+
+
+def _padded_rows(fill: float) -> tuple[Tensor, Tensor, np.ndarray]:
+    """(n, T, d) activations whose padded positions hold ``fill``, their mask, and the NumPy
+    float64 mean of each row's real tokens."""
+    g = torch.Generator().manual_seed(0)
+    n, T, d = 6, 5, 3
+    lengths = np.array([5, 2, 3, 1, 4, 5])
+    keep = np.arange(T)[None] < lengths[:, None]
+    h = torch.randn(n, T, d, generator=g, dtype=torch.float64)
+    x = h.masked_fill(~torch.from_numpy(keep)[..., None], fill)
+    return x, torch.from_numpy(keep.astype(np.int64)), _masked_mean(_np(h), keep)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), float("inf"), float("nan")])
+def test_a_masked_pool_never_reads_the_padding(fill):
+    """The masked mean multiplied by the mask: -inf * 0 = NaN turned every padded row NaN."""
+    from alignment_callback.functional.preprocessing import pool_features
+
+    x, mask, expected = _padded_rows(fill)
+    np.testing.assert_allclose(_np(pool_features(x, "mean", mask=mask)), expected,
+                               rtol=0, atol=1e-12)
+    last = np.stack([_np(x)[i, int(mask[i].sum()) - 1] for i in range(len(x))])
+    np.testing.assert_array_equal(_np(pool_features(x, "last", mask=mask)), last)
+    # through the recorder, from a dict batch's attention_mask, float16 activations too
+    for dtype, atol in ((torch.float64, 1e-12), (torch.float16, 2e-3)):
+        class Fill(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.filled = nn.Identity()
+
+            def forward(self, h: Tensor, attention_mask: Tensor) -> Tensor:
+                return self.filled(h)
+
+        batch = {"h": x.to(dtype), "attention_mask": mask}
+        got = collect_activations(Fill(), [batch], "filled", dtype=None)["filled"]
+        exp = _masked_mean(_np(x.to(dtype).masked_fill(mask[..., None] == 0, 0)),
+                           _np(mask))
+        np.testing.assert_allclose(_np(got), exp, rtol=0, atol=atol)
+
+
+def _loaders(n: int) -> dict[str, tuple[DataLoader, list[torch.Generator]]]:
+    """DataLoaders whose order comes from a generator of their own, and those generators."""
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    ds = TensorDataset(torch.arange(n, dtype=torch.float64)[:, None].repeat(1, 4))
+    g1, g2, g3, g4 = (torch.Generator().manual_seed(s) for s in (1, 2, 3, 4))
+    return {
+        "sampler": (DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, generator=g1)), [g1]),
+        "batch_sampler": (DataLoader(ds, batch_sampler=BatchSampler(
+            RandomSampler(ds, generator=g2), batch_size=4, drop_last=False)), [g2]),
+        "shared": (DataLoader(ds, batch_size=4, shuffle=True, generator=g3), [g3]),
+        "loader and sampler": (DataLoader(ds, batch_size=4, generator=g4,
+                                          sampler=RandomSampler(ds, generator=g1)), [g4, g1]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["sampler", "batch_sampler", "shared", "loader and sampler"])
+def test_a_samplers_own_generator_is_put_back_after_a_pass(kind):
+    """Only loader.generator was restored: a RandomSampler(generator=g) moved at every pass, so
+    two passes (and two fingerprints) saw the rows in other orders."""
+    n = 10
+    loader, gens = _loaders(n)[kind]
+    states = [g.get_state().clone() for g in gens]
+    x = torch.cat([b[0] for b in loader])  # the rows of a first pass, then rewound by hand
+    for s, g in zip(states, gens):
+        g.set_state(s)
+    model = nn.Sequential(nn.Linear(4, 3).double())
+    first = collect_activations(model, loader, "0", dtype=None)["0"]
+    assert all(torch.equal(s, g.get_state()) for s, g in zip(states, gens))
+    second = collect_activations(model, loader, "0", dtype=None)["0"]
+    assert torch.equal(first, second)
+    assert not torch.equal(x[:, 0], torch.arange(n, dtype=x.dtype))  # shuffled indeed
+    np.testing.assert_allclose(_np(first), _linear_np(model[0], x), rtol=0, atol=1e-12)
+    assert probe_fingerprint(loader) == probe_fingerprint(loader)
+    assert all(torch.equal(s, g.get_state()) for s, g in zip(states, gens))
+
+
+class _WithCLS(nn.Module):
+    """Prepends a CLS token: ``body`` is (n, T + 1, d) for an (n, T) attention mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(3, 4).double()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4, dtype=torch.float64))
+        self.body = nn.Linear(4, 4).double()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        h = torch.cat([self.cls.expand(len(input_ids), 1, 4), self.emb(input_ids)], 1)
+        return self.body(h)
+
+
+def test_a_mask_that_does_not_fit_a_layer_is_warned_about_once():
+    """The (n, T) mask was silently dropped for an (n, T + 1, d) output: its mean counted the
+    padding with no word."""
+    torch.manual_seed(0)
+    model, n, T = _WithCLS(), 6, 5
+    ids = torch.randn(n, T, 3, dtype=torch.float64)
+    keep = np.arange(T)[None] < np.array([5, 2, 3, 1, 4, 5])[:, None]
+    mask = torch.from_numpy(keep.astype(np.int64))
+    batches = [{"input_ids": ids[:3], "attention_mask": mask[:3]},
+               {"input_ids": ids[3:], "attention_mask": mask[3:]}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = collect_activations(model, batches, ["emb", "body"], dtype=None)
+    texts = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(texts) == 1, texts  # once for the layer, not once per batch; none for 'emb'
+    assert all(s in texts[0] for s in ("'body'", "(3, 6, 4)", "(3, 5)", "not applied"))
+    np.testing.assert_allclose(_np(got["emb"]), _masked_mean(_linear_np(model.emb, ids), keep),
+                               rtol=0, atol=1e-12)
+    with torch.no_grad():
+        full = _np(model(ids, mask))
+    np.testing.assert_allclose(_np(got["body"]), full.mean(1), rtol=0, atol=1e-12)
+    with warnings.catch_warnings(record=True) as caught:  # cls does not use the mask
+        warnings.simplefilter("always")
+        collect_activations(model, batches, ["body"], pool="cls")
+    assert not [w for w in caught if "not applied" in str(w.message)]
+
+
+@pytest.mark.parametrize("how", ["iterator", "generator", "callable", "callable of generator"])
+def test_extract_features_reads_a_one_shot_or_callable_probe_once(how, tmp_path):
+    """probe_fingerprint consumed a one-shot iterator before the capture ("yielded no batch"),
+    and a callable probe was iterated itself ("'function' object is not iterable")."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 4, dtype=torch.float64)
+    parts = list(x.split(5))
+    probe = {"iterator": lambda: iter(parts), "generator": lambda: (p for p in parts),
+             "callable": lambda: lambda: parts,
+             "callable of generator": lambda: lambda: (p for p in parts)}[how]()
+    model = nn.Sequential(nn.Linear(4, 3).double())
+    path = tmp_path / "f.pt"
+    feats = extract_features(model, probe, ["0"], path=path, dtype=None)
+    np.testing.assert_allclose(_np(feats["0"]), _linear_np(model[0], x), rtol=0, atol=1e-12)
+    assert read_fingerprint(path) == probe_fingerprint(x)
+
+
+def test_a_compiled_pattern_that_matches_nothing_says_it_must_match_the_whole_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ValueError, match=r"must match the whole name") as info:
+        resolve_layers(model, re.compile(r"blocks\.9"))
+    assert "blocks" in str(info.value)
+    with pytest.raises(ValueError, match=r"must match the whole name"):
+        resolve_layers(model, [re.compile("0"), re.compile("1.")])  # "1." needs two characters

@@ -75,7 +75,9 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
     mask : Tensor of shape (n, T), default=None
         Attention mask (nonzero = a real token) for ``x`` of shape (n, T, ...): ``"mean"``
         then averages only the unmasked tokens of (n, T, d) activations, and ``"last"`` takes
-        the last unmasked token.  Other pools, and 1-D / 2-D activations, ignore it.
+        the last unmasked token; the masked positions are never read, so padding filled with
+        ``-inf`` or NaN does not reach the result.  Other pools (a callable is not given the
+        mask), and 1-D / 2-D activations, ignore it.
 
     Returns
     -------
@@ -129,9 +131,12 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
         if mask is not None:
             if x.dim() != 3:
                 raise ValueError("an attention mask needs (n, T, d) activations")
-            # nonzero = a real token, whatever its value (2 for a global token, -1, 0.5)
-            m = (_checked_mask(x, mask, pool) != 0).to(acc).unsqueeze(-1)
-            return (x.to(acc) * m).sum(1) / m.sum(1).clamp_min(1.0)
+            # nonzero = a real token, whatever its value (2 for a global token, -1, 0.5);
+            # masked positions are selected out, not multiplied by 0: padding a layer filled
+            # with -inf or NaN (before a masked max) must not reach the sum
+            keep = (_checked_mask(x, mask, pool) != 0).unsqueeze(-1)
+            total = torch.where(keep, x.to(acc), torch.zeros((), dtype=acc, device=x.device))
+            return total.sum(1) / keep.sum(1).to(acc).clamp_min(1.0)
         if x.dim() == 3:
             return x.mean(1, dtype=acc)
         return x.reshape(x.shape[0], x.shape[1], -1).mean(-1, dtype=acc)

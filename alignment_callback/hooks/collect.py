@@ -39,19 +39,40 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(py_rng)
 
 
+def _loader_generators(data: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a pass over the DataLoader ``data`` draws from, each
+    once: the loader's own ``generator`` (its base seed), and the ``generator`` attribute of
+    its ``sampler`` and of its ``batch_sampler``'s ``sampler`` (a ``RandomSampler(ds,
+    generator=g)`` draws its permutation from ``g``; ``shuffle=True, generator=g`` makes the
+    sampler share the loader's).  The global generators are left to :func:`preserved_rng`."""
+    if not isinstance(data, DataLoader):
+        return []
+    owners = (data, getattr(data, "sampler", None),
+              getattr(getattr(data, "batch_sampler", None), "sampler", None))
+    found: list[torch.Generator] = []
+    for owner in owners:
+        gen = getattr(owner, "generator", None)
+        if (isinstance(gen, torch.Generator) and not _is_default_generator(gen)
+                and not any(gen is g for g in found)):
+            found.append(gen)
+    return found
+
+
 @contextmanager
 def preserved_loader_seed(data: Any) -> Iterator[None]:
-    """Put back, on exit, the ``generator`` of a DataLoader ``data`` that has its own: each
-    iteration of a DataLoader draws its base seed from it (from the global RNG without one,
-    which :func:`preserved_rng` restores), so a generator the training loader shares would
-    otherwise move at every pass over the probe.  Anything else passes through."""
-    generator = data.generator if isinstance(data, DataLoader) else None
-    state = generator.get_state() if generator is not None else None
+    """Put back, on exit, the generators of a DataLoader ``data`` that has its own (see
+    :func:`_loader_generators`: the loader's ``generator``, its sampler's, its batch
+    sampler's sampler's): each iteration of a DataLoader draws its base seed from the first
+    (from the global RNG without one, which :func:`preserved_rng` restores) and a random
+    sampler its order from its own, so a generator the training loader shares would otherwise
+    move at every pass over the probe, and two passes would see the rows in other orders.
+    Anything else passes through."""
+    saved = [(gen, gen.get_state()) for gen in _loader_generators(data)]
     try:
         yield
     finally:
-        if generator is not None:
-            generator.set_state(state)
+        for gen, state in saved:
+            gen.set_state(state)
 
 
 class LayerCountError(RuntimeError):

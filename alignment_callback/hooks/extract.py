@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -328,6 +328,19 @@ def _split_mapping(batch: Mapping[str, Any], batch_size: int) -> list[Any]:
     return [{k: v[i:i + batch_size] for k, v in batch.items()} for i in range(0, n, batch_size)]
 
 
+def _reusable(probe: Any) -> Any:
+    """``probe`` as something :func:`extract_features` can read twice: a zero-argument
+    callable's result (called once), and a one-shot iterator as the list of its batches (read
+    once, under :func:`preserved_rng` as a fingerprint reads a probe); anything else as it
+    is."""
+    with preserved_rng():
+        if callable(probe) and not isinstance(probe, nn.Module):
+            probe = probe()
+        if isinstance(probe, Iterator) and not isinstance(probe, (Tensor, Mapping)):
+            probe = list(probe)
+    return probe
+
+
 def extract_features(
     model: nn.Module,
     probe: Any,
@@ -350,8 +363,12 @@ def extract_features(
     Parameters
     ----------
     model : nn.Module
-    probe : Tensor, dict batch, list of batches or DataLoader (``shuffle=False``)
-        The probe inputs, the same rows in the same order for every model compared later.
+    probe : Tensor, dict batch, list of batches, DataLoader, iterator or callable
+        The probe inputs, the same rows in the same order for every model compared later (a
+        DataLoader with ``shuffle=False``).  A zero-argument callable is called once, and a
+        one-shot iterator (a generator, also one the callable returns) is read once into the
+        list of its batches, held in memory: the fingerprint and the capture then see the
+        same batches.
     layers : str, pattern or sequence of them
         Names, globs (``"encoder.layer.*"``) or regexes (see :func:`resolve_layers`).
     path : str or path-like, default=None
@@ -387,6 +404,7 @@ def extract_features(
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    probe = _reusable(probe)  # read twice below: for the fingerprint, then by the model
     fingerprint = probe_fingerprint(probe)
     data = _split_mapping(probe, batch_size) if isinstance(probe, Mapping) else probe
     feats = collect_activations(model, data, layers, pool=pool, device=device,

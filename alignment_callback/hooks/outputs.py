@@ -81,9 +81,10 @@ def _by_key(output: Any, key: int | str, layer: str) -> Any:
 def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -> Tensor:
     """Pick the tensor to record from a module's output.
 
-    Default rules (``output_key=None``):
+    A ``Tensor`` is returned as it is, whatever ``output_key`` is (a run-wide ``output_key``
+    meant for a tuple / dict output never indexes a plain tensor, whose first axis is the
+    batch).  Default rules for a container output (``output_key=None``):
 
-    * a ``Tensor`` is returned as is;
     * a tuple / list (a namedtuple too) gives its *first* tensor element (HF layers return
       ``(hidden_states, attentions, ...)``; LSTMs ``(output, (h, c))``);
     * a dict, an HF ``ModelOutput`` or a dataclass (its fields, in declaration order) gives
@@ -95,9 +96,10 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
     output : Any
         What the module's ``forward`` returned.
     output_key : int, str or None, default=None
-        ``None`` for the default rules; an ``int`` indexes a tuple/list (or the non-``None``
-        values of a dict / ``ModelOutput``); a ``str`` is a dict key or attribute
-        (``"pooler_output"``).  The selected value must be a tensor.
+        For container outputs only (a tensor output is used as it is): ``None`` for the
+        default rules; an ``int`` indexes a tuple/list (or the non-``None`` values of a dict /
+        ``ModelOutput``); a ``str`` is a dict key or attribute (``"pooler_output"``).  The
+        selected value must be a tensor.
     layer : str, default="?"
         The layer's name, used in error messages only.
 
@@ -126,7 +128,11 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
     True
     >>> select_output((hidden, attn), output_key=1) is attn
     True
+    >>> select_output(hidden, output_key=1) is hidden  # a tensor output: as it is
+    True
     """
+    if isinstance(output, Tensor):
+        return output
     if output_key is not None:
         picked = _by_key(output, output_key, layer)
         if not isinstance(picked, Tensor):
@@ -135,8 +141,6 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
                 f"{type(picked).__name__}, not a tensor"
             )
         return picked
-    if isinstance(output, Tensor):
-        return output
     found: Tensor | None = None
     mapping = _as_mapping(output)
     if isinstance(output, (tuple, list)):

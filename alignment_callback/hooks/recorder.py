@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from alignment_callback.functional._validation import user_stacklevel
 from alignment_callback.functional.preprocessing import Pool, pool_features
 from alignment_callback.hooks.outputs import (
     LayerShapeError,
@@ -77,13 +79,17 @@ class ActivationRecorder:
         precision recorded.
     output_key : int, str or None, default=None
         Which part of a tuple / dict output to record; ``None``: the rules of
-        :func:`select_output`.
+        :func:`select_output`.  Container outputs only: a layer whose output is a tensor is
+        recorded as it is.
 
     Attributes
     ----------
     mask : Tensor of shape (n, T) or None
         Attention mask for the *next* forward pass; when set, 3-D outputs of shape
-        ``(n, T, d)`` are pooled over unmasked tokens only (``"mean"`` and ``"last"``).
+        ``(n, T, d)`` are pooled over unmasked tokens only (``"mean"`` and ``"last"``).  A 3-D
+        output with the mask's ``n`` rows but not its ``T`` positions (a CLS token prepended
+        inside the model: ``(n, T + 1, d)``) is pooled without it, with a ``UserWarning``
+        naming the layer and both shapes, once per layer.
         :func:`collect_activations` sets it from ``attention_mask`` (of a
         ``batch_transform``'s result, else of the batch).
     activations : dict of str to Tensor
@@ -127,6 +133,7 @@ class ActivationRecorder:
         self._store: dict[str, list[Tensor]] = {name: [] for name, _ in self._modules}
         self.calls: dict[str, int] = {name: 0 for name, _ in self._modules}
         self._cache: dict[str, Tensor] | None = None
+        self._mask_warned: set[str] = set()  # layers warned about a mask that does not fit
 
     @property
     def layers(self) -> list[str]:
@@ -177,12 +184,33 @@ class ActivationRecorder:
             if fits:
                 mask = candidate.to(x.device)
                 break
+        if mask is None:
+            self._warn_unmasked(x, name)
         try:
             return pool_features(x, self.pool, mask=mask)
         except _NAMED_ERRORS as err:
             if type(err) not in _NAMED_ERRORS:
                 raise
             raise type(err)(f"layer {name!r} (output of shape {tuple(x.shape)}): {err}") from err
+
+    def _warn_unmasked(self, x: Tensor, name: str) -> None:
+        """Warn, once per layer, when :attr:`mask` is set, ``"mean"`` / ``"last"`` would use
+        it, and the layer's 3-D output has the mask's rows but another number of positions
+        (a model that prepends a CLS token: (n, T + 1, d) for an (n, T) mask): the mask is
+        not applied to that layer, whose padding positions then count."""
+        mask = self.mask
+        if (mask is None or self.pool not in ("mean", "last") or x.dim() != 3
+                or mask.dim() != 2 or x.shape[0] != mask.shape[0]
+                or x.shape[1] == mask.shape[1] or name in self._mask_warned):
+            return
+        self._mask_warned.add(name)
+        warnings.warn(
+            f"layer {name!r}: its output of shape {tuple(x.shape)} has {x.shape[1]} positions "
+            f"but the attention mask has shape {tuple(mask.shape)}, so the mask was not "
+            f"applied: pool={self.pool!r} reads this layer's padding positions too (a token "
+            "added or removed inside the model?); hook a layer whose outputs have the mask's "
+            "positions, or pool the layer yourself",
+            UserWarning, stacklevel=user_stacklevel())
 
     def _record(self, name: str, output: Any, real: Tensor | None = None) -> None:
         x = select_output(output, self.output_key, name)

@@ -168,11 +168,14 @@ def resolve_modules(model: nn.Module, layers: Layers, model_name: str = "model"
         if not hits:
             names = [name for name, _, _ in table]
             close = difflib.get_close_matches(normalize_pattern(label), names, n=5, cutoff=0.5)
-            regex = isinstance(spec, str) and spec.startswith("re:")
+            # a "re:" string or a compiled pattern: shown as given, with the fullmatch rule
+            pattern = isinstance(spec, re.Pattern)
+            regex = pattern or (isinstance(spec, str) and spec.startswith("re:"))
+            kind = "a regex" if pattern else "a 're:' regex"
+            rule = f" ({kind} must match the whole name)" if regex else ""
             raise ValueError(
                 f"layer {spec if regex else label!r} matched none of the {model_name}'s "
-                f"{len(names)} layers" + (" (a 're:' regex must match the whole name)" if regex
-                                          else "") + _alias(model, spec, table)
+                f"{len(names)} layers" + rule + _alias(model, spec, table)
                 + f"; closest names: {close or names[:5]}. "
                 "Use list_layers(model, batch) to see every name and its output shape."
             )

@@ -201,7 +201,11 @@ class AlignmentCallback(Callback):
         mapping ``{student layer: reference layer}`` to aggregate over those pairs only
         (then without ``reference_layers``).
     reference_layers : str, sequence of str or mapping, default=None
-        Reference layers; None: the same names as ``layers``.
+        Reference layers: of a model reference, names, globs or ``"re:"`` regexes as for
+        ``layers``; of features, exact feature layer names (patterns are not matched against
+        them).  None: a model reference's are ``layers``; features use all their layers.
+        With several references, ``{name: layers}`` per reference (a name left out: None;
+        ``"initial"`` / ``"previous"`` take none).
     measures : sequence of str or mapping of str to dict, default=None
         Names, or a mapping ``{name: {options}}`` e.g. ``{"mutual_knn": {"k": 5}}``; None:
         ``("linear_cka", "mutual_knn", "cknna")``, or the ``preset``'s.
@@ -227,9 +231,10 @@ class AlignmentCallback(Callback):
         the ``preset``'s.  Dict batches are passed to the model as ``**kwargs``, and token
         outputs are pooled over the ``mask_key`` entry of the batch (default
         ``"attention_mask"``; a ``mask_key`` of None disables it).
-    reference_pool : str or callable, default=None
+    reference_pool : str, callable or mapping, default=None
         Pooling of the reference's outputs; it also pools reference features of more than
-        two dimensions (without a mask).  None: ``pool``, or the ``preset``'s.
+        two dimensions (without a mask).  None: ``pool``, or the ``preset``'s.  With several
+        references, ``{name: pool}`` per reference (a name left out: ``pool``).
     preprocess : bool, mapping or callable, default=None
         Feature preprocessing: True L2-normalizes rows, False uses rows as given, a mapping
         passes ``pool`` / ``clamp_quantile`` / ``normalize`` to ``prepare_features``, a
@@ -257,8 +262,12 @@ class AlignmentCallback(Callback):
         ``input_key`` for ``reference_inputs``.
     reference_batch_transform : callable or None, default=None
         ``batch_transform`` for ``reference_inputs``.
-    reference_class : type or None, default=None
-        ``LightningModule`` class to load a checkpoint path ``reference``.
+    reference_class : type, mapping or None, default=None
+        ``LightningModule`` class to load a checkpoint path ``reference``: a path of
+        another suffix than a feature file's (``.ckpt``), or a ``.pt`` / ``.pth`` holding a
+        Lightning checkpoint (``state_dict``, ``pytorch-lightning_version``); a feature file
+        is read as features all the same.  With several references, ``{name: class}`` per
+        reference.
     compute_device : str, torch.device or None, default=None
         Where measures run; None: the model's device (the CPU for an MPS model, which has
         no float64).  Checked at construction (a CUDA device must exist).
@@ -458,7 +467,7 @@ class AlignmentCallback(Callback):
             reference_batch_transform=reference_batch_transform,
             reference_pool=pool if reference_pool is None else reference_pool,
             reference_class=reference_class, input_key=input_key,
-            batch_transform=batch_transform, pairs=self.pair_map)
+            batch_transform=batch_transform, pairs=self.pair_map, pool=pool)
         self.probe = load_probe(probe)
         self.pool = pool
         self._preprocess = preprocess  # as given: part of the settings a checkpoint records
@@ -1201,13 +1210,17 @@ class AlignmentCallback(Callback):
         """``fn(*args)``; a failure warns and returns None unless ``on_error="raise"`` or it is
         a configuration mistake only a forward pass can show (a chosen layer that does not run
         exactly once per pass, returns no tensor to record, or gives no row per probe sample),
-        which is raised: at the baseline (or the first step), before training."""
+        which is raised: at the baseline (or the first step), before training.  With several
+        references, the reason (warned, and kept in ``skipped``) names the one that failed,
+        and its measure when it has a single one; the step is skipped for all of them."""
         try:
             return fn(*args)
         except Exception as err:  # noqa: BLE001 - reported, training goes on unless asked
             if self.on_error == "raise" or isinstance(err, LAYER_ERRORS):
                 raise
             reason = f"{type(err).__name__}: {err}"
+            where = getattr(err, "_alignment_where", None)  # one of several references
+            reason = reason if where is None else f"{where}: {reason}"
             self.skipped.append({"epoch": int(epoch), "step": int(step), "reason": reason})
             warnings.warn(f"alignment step at epoch {epoch} (step {step}) skipped: {reason}",
                           RuntimeWarning, stacklevel=2)
@@ -1481,7 +1494,14 @@ class AlignmentCallback(Callback):
                 result = guarded_step(self._reference_step, ref.engine.num_permutations,
                                       ref=ref, acts=acts, epoch=epoch, step=step)
             else:
-                result = self._reference_step(ref, acts, epoch, step)
+                try:
+                    result = self._reference_step(ref, acts, epoch, step)
+                except Exception as err:
+                    if ref.name is not None:  # one of several: the warning says which failed,
+                        labels = list(ref.engine.measures)  # and its measure when it has one
+                        err._alignment_where = _which(ref) + (
+                            f", measure {labels[0]!r}" if len(labels) == 1 else "")
+                    raise
             if result is not None:
                 results[ref.name] = result
         # the step succeeded: "previous" compares the next one with this one (a failed step,

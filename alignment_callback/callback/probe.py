@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
 from alignment_callback.hooks.collect import BATCH_ROWS, preserved_rng, split_rows
 
@@ -43,7 +43,8 @@ def load_probe(probe: Probe, argument: str = "probe") -> Any:
     FileNotFoundError
         A path that is not a file.
     TypeError
-        A NumPy array that is not numeric, or a type that is no probe.
+        A NumPy array that is not numeric, or a type that is no probe (a ``Dataset``: the
+        message says to wrap it in a ``DataLoader``).
     ValueError
         An empty probe, or a DataLoader that is not sequential.
     """
@@ -74,7 +75,9 @@ def load_probe(probe: Probe, argument: str = "probe") -> Any:
         if not batches:
             raise ValueError(f"{argument}: the probe is empty")
         return batches
-    raise TypeError(f"{argument}: unsupported probe type {type(probe).__name__}")
+    hint = "; wrap a Dataset in DataLoader(dataset, batch_size=...)" \
+        if isinstance(probe, Dataset) else ""
+    raise TypeError(f"{argument}: unsupported probe type {type(probe).__name__}{hint}")
 
 
 def _as_tensor(array: np.ndarray, argument: str) -> Tensor:

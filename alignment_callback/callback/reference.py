@@ -13,7 +13,9 @@ A reference is one of
 * ``"previous"``: the model's own activations at the previous alignment step.
 
 Several references go in one mapping ``{name: reference}``; their keys gain a level
-(``<prefix>/<name>/<measure>/...``) and they share one probe pass of the model.
+(``<prefix>/<name>/<measure>/...``) and they share one probe pass of the model.  Their settings
+(``reference_layers``, ``reference_pool``, ``reference_class``, ...) may then be given per
+reference, ``{name: value}``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from alignment_callback.callback.probe import load_probe, load_reference
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
 from alignment_callback.hooks.collect import BATCH_ROWS, is_column
+from alignment_callback.hooks.extract import PROBE_KEY
 
 DRIFT = ("initial", "previous")
 FEATURE_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
@@ -87,24 +90,130 @@ def _is_features(value: Any) -> bool:
 
 
 def _per_reference(value: Any, name: str | None, names: list[str]) -> Any:
-    """A per-reference setting: ``{name: value}`` when keyed by the references' names."""
+    """A per-reference setting: ``{name: value}`` when keyed by the references' names (a name
+    left out: None, the setting's default)."""
     if name is not None and isinstance(value, Mapping) and set(value) <= set(names) and value:
         return value.get(name)
     return value
 
 
+def _check_per_name(settings: Mapping[str, Any], names: list[str]) -> None:
+    """With named references, a per-reference setting given as a mapping is keyed by their
+    names: a mapping with a key that is no reference's name is an error, naming the keys and
+    listing the names.  ``reference_inputs`` alone may be a mapping of other keys, one dict
+    batch for every reference, unless it mixes those with reference names."""
+    if not names:
+        return
+    for setting, value in settings.items():
+        if not isinstance(value, Mapping) or not value:
+            continue
+        unknown = [str(k) for k in value if k not in names]
+        if not unknown or (setting == "reference_inputs" and len(unknown) == len(value)):
+            continue
+        close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+        hint = "".join(f"; {k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+        raise ValueError(f"{setting}: the keys {unknown} are not reference names {names}: "
+                         "with several references a mapping gives each reference's setting "
+                         f"by its name ({{name: ...}}; a name left out takes the default){hint}")
+
+
+#: The last part of a parameter's or buffer's name in a ``state_dict``.
+PARAMETER_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _peek(path: Path) -> Any:
+    """The content of a ``.pt`` / ``.pth`` file (``weights_only``, memory-mapped where it can
+    be), or ``{name: meta tensor of its shape}`` of a ``.safetensors`` file without a probe
+    fingerprint; None for other files and for what cannot be read so (pickled objects)."""
+    try:
+        if path.suffix.lower() in (".pt", ".pth"):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                if PROBE_KEY in (f.metadata() or {}):
+                    return None
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta")
+                        for k in f.keys()}
+    except Exception:  # noqa: BLE001 - the file's reader says what is wrong with it
+        return None
+    return None
+
+
+def _is_checkpoint(content: Any) -> bool:
+    """A Lightning checkpoint: a dict holding a ``state_dict`` dict or a
+    ``pytorch-lightning_version``."""
+    return isinstance(content, Mapping) and (isinstance(content.get("state_dict"), Mapping)
+                                             or "pytorch-lightning_version" in content)
+
+
+def _is_state_dict(content: Any) -> bool:
+    """A model's ``state_dict`` rather than features: a dict of tensors without a probe
+    fingerprint whose keys all name parameters or buffers (their last dotted part is one of
+    :data:`PARAMETER_NAMES`) and whose shapes cannot be one probe's features (a 0-dimensional
+    tensor, tensors of different numbers of dimensions, such as a weight and its bias, or of
+    different first dimensions)."""
+    if not isinstance(content, Mapping) or not content or PROBE_KEY in content:
+        return False
+    if not all(isinstance(v, Tensor) for v in content.values()):
+        return False
+    if not all(str(k).rsplit(".", 1)[-1] in PARAMETER_NAMES for k in content):
+        return False
+    shapes = [tuple(v.shape) for v in content.values()]
+    return (any(not s for s in shapes) or len({len(s) for s in shapes}) > 1
+            or len({s[0] for s in shapes}) > 1)
+
+
 def _load_file(path: str | os.PathLike, reference_class: Any) -> tuple[str, Any]:
-    """A path: a feature file (read safely) or a model checkpoint."""
-    if reference_class is not None or Path(path).suffix.lower() not in FEATURE_SUFFIXES:
-        return "model", load_reference(path, reference_class)
+    """A path: a feature file (read safely) or a model checkpoint.
+
+    A path with a feature suffix (:data:`FEATURE_SUFFIXES`) is read as features unless it holds
+    a Lightning checkpoint (:func:`_is_checkpoint`) and ``reference_class`` is given, or pickled
+    objects (a whole module, ``torch.save(model, path)``, or a checkpoint with pickled
+    hyperparameters for ``reference_class``); any other path is a checkpoint.  A model's
+    ``state_dict`` (:func:`_is_state_dict`) is refused, and a Lightning checkpoint without
+    ``reference_class`` is an error that asks for it."""
     from alignment_callback.hooks.feature_files import FeatureFileError, load_features
 
+    if reference_class is not None and not hasattr(reference_class, "load_from_checkpoint"):
+        raise TypeError(f"reference_class must be a LightningModule subclass (its "
+                        f"load_from_checkpoint loads {os.fspath(path)!r}), got "
+                        f"{reference_class!r}")
+    if Path(path).suffix.lower() not in FEATURE_SUFFIXES:  # as given: a URL stays one
+        return "model", load_reference(path, reference_class)
+    content = _peek(Path(path))
+    if reference_class is not None and _is_checkpoint(content):
+        return "model", load_reference(path, reference_class)
+    if _is_state_dict(content):
+        keys = list(content)
+        raise FeatureFileError(
+            f"{path}: looks like a model's state_dict (its keys {keys[:3]}"
+            f"{' ...' if len(keys) > 3 else ''} name parameters and buffers, and their shapes "
+            "are not one probe's features): pass the model itself with these weights "
+            "(model.load_state_dict(torch.load(path)); reference=model), or a Lightning "
+            "checkpoint with reference_class=")
     try:
         return "features", load_features(path)
     except FeatureFileError as err:
+        if _is_checkpoint(content):
+            raise FeatureFileError(
+                f"{path}: holds a Lightning checkpoint ('state_dict', "
+                "'pytorch-lightning_version'), not features: pass "
+                "reference_class=<its LightningModule class> to load it as a model") from err
         if "pickled" not in str(err):
             raise
     return "model", load_reference(path, reference_class)  # torch.save(model, path)
+
+
+def _name_error(error: Exception, where: str) -> None:
+    """Put ``where: `` before the message of ``error`` (in place: its type and traceback stay)
+    when that message is its first argument."""
+    if error.args and isinstance(error.args[0], str):
+        error.args = (f"{where}: {error.args[0]}", *error.args[1:])
 
 
 def _check_path(spec: str | os.PathLike, name: str | None) -> None:
@@ -125,9 +234,17 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
                        reference_input_key: Any = None, reference_batch_transform: Any = None,
                        reference_pool: Any = "mean", reference_class: Any = None,
                        input_key: Any = None, batch_transform: Any = None,
-                       pairs: Mapping[str, str] | None = None) -> list[Reference]:
+                       pairs: Mapping[str, str] | None = None, pool: Any = None
+                       ) -> list[Reference]:
     """The :class:`Reference` list of a callback's ``reference=`` argument (see the module
-    docstring); ``make_engine(pairs)`` builds each reference's engine."""
+    docstring); ``make_engine(pairs)`` builds each reference's engine.
+
+    With several (named) references, ``reference_layers``, ``reference_inputs``,
+    ``reference_input_key``, ``reference_batch_transform``, ``reference_pool`` and
+    ``reference_class`` may each be ``{name: value}``; a name left out takes the default (the
+    model's ``layers``, its inputs, ``pool``, no class), and a key that is no reference's name
+    is an error (:func:`_check_per_name`).  ``pool``: the model's pool, what a name left out of
+    a per-name ``reference_pool`` falls back to (None: such a model reference is an error)."""
     if _is_features(reference) or not isinstance(reference, Mapping):
         items: list[tuple[str | None, Any]] = [(None, reference)]
     else:
@@ -135,9 +252,18 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
             raise ValueError("reference: the mapping of references is empty")
         items = [(str(k), v) for k, v in reference.items()]
     names = [n for n, _ in items if n is not None]
+    _check_per_name({"reference_layers": reference_layers, "reference_inputs": reference_inputs,
+                     "reference_input_key": reference_input_key,
+                     "reference_batch_transform": reference_batch_transform,
+                     "reference_pool": reference_pool, "reference_class": reference_class},
+                    names)
     out = []
     for name, spec in items:
+        where = "reference" if name is None else f"reference[{name!r}]"
         ref_layers = _per_reference(reference_layers, name, names)
+        ref_pool = _per_reference(reference_pool, name, names)
+        if ref_pool is None and isinstance(reference_pool, Mapping):  # a name left out
+            ref_pool = pool
         inputs = _per_reference(reference_inputs, name, names)
         key = _per_reference(reference_input_key, name, names)
         transform = _per_reference(reference_batch_transform, name, names)
@@ -146,17 +272,26 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
                        inputs=None if inputs is None else load_probe(inputs, "reference_inputs"),
                        input_key=key if inputs is not None else input_key,
                        batch_transform=transform if inputs is not None else batch_transform,
-                       pool=_per_reference(reference_pool, name, names))
+                       pool=ref_pool)
         if isinstance(spec, str) and spec in DRIFT:
             if ref_layers is not None or inputs is not None:
-                raise ValueError(f"reference={spec!r} compares the model with itself: it takes no "
-                                 "reference_layers or reference_inputs")
+                others = [n for n in names if n != name]
+                hint = "" if not others else (
+                    "; give them to the other references by name, e.g. "
+                    f"reference_layers={{{others[0]!r}: ...}}")
+                raise ValueError(f"{where}={spec!r} compares the model with itself: it takes no "
+                                 f"reference_layers or reference_inputs{hint}")
             diagonal = {"__diagonal__": "__diagonal__"}  # resolved to the model's own layers
             out.append(Reference(kind=spec, engine=make_engine(diagonal), **options))
             continue
         if isinstance(spec, (str, os.PathLike)):
             _check_path(spec, name)
-            kind, loaded = _load_file(spec, reference_class)
+            try:
+                kind, loaded = _load_file(spec, _per_reference(reference_class, name, names))
+            except Exception as err:
+                if name is not None:  # one of several: say which
+                    _name_error(err, where)
+                raise
             path = str(spec)
         elif _is_features(spec):
             kind, loaded, path = "features", dict(spec), None
@@ -164,20 +299,23 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
             # frozen at setup, once it is known to share nothing with the trained model
             kind, loaded, path = "model", load_reference(spec, frozen=False), None
         else:
-            raise TypeError(f"reference{'' if name is None else f'[{name!r}]'} must be a model, a "
-                            "checkpoint or feature-file path, a {layer: tensor} mapping, "
-                            f"'initial' or 'previous', got {type(spec).__name__}")
+            raise TypeError(f"{where} must be a model, a checkpoint or feature-file path, a "
+                            "{layer: tensor} mapping, 'initial' or 'previous', got "
+                            f"{type(spec).__name__}")
         if kind == "features":
             if inputs is not None:
-                raise ValueError(f"reference{'' if name is None else f'[{name!r}]'} is features, "
-                                 "computed already: it takes no reference_inputs")
+                raise ValueError(f"{where} is features, computed already: it takes no "
+                                 "reference_inputs")
             features = {str(k): v for k, v in loaded.items()}
             if ref_layers is not None:
                 wanted = [ref_layers] if isinstance(ref_layers, str) else list(ref_layers)
                 missing = [w for w in wanted if w not in features]
                 if missing:
-                    raise ValueError(f"reference layers {missing} are not in the reference's "
-                                     f"features {sorted(features)}")
+                    whose = "the reference's" if name is None else f"{where}'s"
+                    raise ValueError(f"reference layers {missing} are not in {whose} features "
+                                     f"{sorted(features)}: feature layers are chosen by exact "
+                                     "name (globs and 're:' patterns choose a model "
+                                     "reference's modules only)")
                 features = {w: features[w] for w in wanted}
             options["layers"] = list(features)
             _check_feature_tensors(features, options["pool"], name)
@@ -186,10 +324,11 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
             out.append(Reference(kind="features", features=features, path=path,
                                  engine=make_engine(pairs), **options))
         else:
-            where = "reference_pool" if name is None else f"reference_pool[{name!r}]"
+            place = "reference_pool" if name is None else f"reference_pool[{name!r}]"
             if options["pool"] is None:
-                raise ValueError(f"{where}: no pool given for this model reference")
-            check_pool(options["pool"], where)
+                raise ValueError(f"{place}: no pool given for this model reference; give it "
+                                 "one in reference_pool={name: pool}")
+            check_pool(options["pool"], place)
             options["origin"] = Path(path).name if path else _module_origin(loaded)
             out.append(Reference(kind="model", module=loaded, engine=make_engine(pairs), **options))
     return out

@@ -351,9 +351,12 @@ def test_reference_pool_mapping_that_leaves_out_a_drift_reference():
                   reference_pool={"teacher": "mean"}, measures=["linear_cka"])
     fit([cb])
     assert len(cb.history) == 3
-    with pytest.raises(ValueError, match=r"reference_pool\['teacher'\]: no pool given"):
-        callback(reference={"teacher": RefMLP(), "start": "initial"},
-                 reference_pool={"start": "mean"})
+    # a name left out of the mapping takes pool, as a name left out of reference_layers takes
+    # layers (it was an error: "reference_pool['teacher']: no pool given")
+    cb = callback(reference={"teacher": RefMLP(), "start": "initial"},
+                  reference_pool={"start": "mean"}, pool="flatten")
+    assert {ref.name: ref.pool for ref in cb.references} == {"teacher": "flatten",
+                                                             "start": "mean"}
 
 
 class LoggingMLP(MLP):

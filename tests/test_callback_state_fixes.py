@@ -122,10 +122,19 @@ def test_3d_features_are_pooled_like_a_model_reference(pool):
     assert as_features.history[0][RAW] == pytest.approx(as_model.history[0][RAW], rel=1e-6)
 
 
-def test_3d_features_need_a_pool():
+def test_3d_features_left_out_of_a_per_name_reference_pool_take_pool():
+    """A name left out of a per-name reference_pool takes the callback's pool (it was an
+    error, while a name left out of reference_layers took layers); without any pool to fall
+    back to, 3-D features still need one."""
+    from alignment_callback.callback.reference import resolve_references
+
+    features = {"t": torch.randn(N, 3, 4)}
+    cb = callback(reference={"a": features, "b": RefMLP()}, reference_layers={"b": "fc1"},
+                  reference_pool={"b": "mean"}, pool="cls")
+    assert [ref.pool for ref in cb.references] == ["cls", "mean"]
     with pytest.raises(ValueError, match=r"reference_pool\['a'\]: no pool given"):
-        callback(reference={"a": {"t": torch.randn(N, 3, 4)}, "b": RefMLP()},
-                 reference_layers={"b": "fc1"}, reference_pool={"b": "mean"})
+        resolve_references({"a": features, "b": RefMLP()}, lambda pairs: None,
+                           layers=["fc1"], reference_pool={"b": "mean"})
 
 
 def test_feature_layers_with_different_rows_are_refused():

@@ -157,3 +157,19 @@ def test_too_few_permutations_warn_once_at_construction_pointing_at_the_callers_
         AlignmentEngine(["linear_cka"], num_permutations=10, null="moments")
         AlignmentEngine(["linear_cka"], num_permutations=19)
     assert len([w for w in caught if "is too few" in str(w.message)]) == 1
+
+
+def test_too_few_permutations_with_null_auto_warn_only_where_permutations_are_drawn():
+    """null="auto" on one gram-family pair uses the moments and draws no permutation: no
+    warning (a construction-time warning said K was too few for a K never used); on several
+    layer pairs it draws them, and the step warns."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = AlignmentEngine(["linear_cka"], num_permutations=10, null="auto")
+        engine.set_reference(_layers("r", 1))
+        assert engine.step(_layers("m", 1)).results["linear_cka"].null_method == "moments"
+        assert not [w for w in caught if "is too few" in str(w.message)]
+        engine = AlignmentEngine(["linear_cka"], num_permutations=10, null="auto")
+        engine.set_reference(_layers("r", 2))
+        assert engine.step(_layers("m", 2)).results["linear_cka"].null_method == "permutation"
+    assert len([w for w in caught if "is too few" in str(w.message)]) == 1

@@ -8,6 +8,7 @@ Lightning checkpoint without ``reference_class`` and a ``Dataset`` probe get a h
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import lightning
 import lightning.pytorch as pl
@@ -208,3 +209,25 @@ def test_a_dataset_probe_is_told_to_be_wrapped_in_a_dataloader():
     with pytest.raises(TypeError, match=r"TensorDataset; wrap a Dataset in "
                                         r"DataLoader\(dataset, batch_size=\.\.\.\)"):
         quiet_callback(dataset, ["linear_cka"], K)
+
+
+def test_references_keyed_by_integers_take_per_name_settings_by_those_integers():
+    """Reference names are the mapping's keys as strings; a per-name setting keyed by the same
+    integers was refused as "the keys ['0'] are not reference names ['0', '1']"."""
+    features = {"f": torch.randn(N, 5), "g": torch.randn(N, 4)}
+    cb = _cb({0: features, 1: dict(features)}, reference_layers={0: "f"})
+    assert [(ref.name, ref.layers) for ref in cb.references] == [("0", ["f"]),
+                                                                 ("1", ["f", "g"])]
+    with pytest.raises(ValueError, match=r"the keys \['2'\] are not reference names"):
+        _cb({0: features, 1: dict(features)}, reference_layers={2: "f"})
+
+
+def test_too_few_permutations_are_said_once_by_a_callback_of_several_references():
+    """The callback builds an engine to check its options and one per reference: each warned."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_callback(_probe(), ["linear_cka"], 10, reference={"a": RefMLP(seed=1),
+                                                               "b": RefMLP(seed=2)})
+    few = [w for w in caught if "is too few" in str(w.message)]
+    # once, pointing at the line that made the callback (in quiet_callback)
+    assert [Path(w.filename).name for w in few] == ["helpers.py"]

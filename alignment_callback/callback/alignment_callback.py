@@ -54,6 +54,7 @@ from alignment_callback.engine import AlignmentEngine
 from alignment_callback.engine.engine import MeasuresSpec
 from alignment_callback.functional._validation import ShapeOptionError, check_device
 from alignment_callback.functional.aggregation import Aggregate
+from alignment_callback.functional.calibration import warn_if_few
 from alignment_callback.functional.preprocessing import check_pool
 from alignment_callback.functional.registry import renamed_argument
 from alignment_callback.hooks import collect_activations, resolve_layers
@@ -459,15 +460,19 @@ class AlignmentCallback(Callback):
         self.layers = layers
         engine_options = dict(measures=measures, num_permutations=num_permutations, alpha=alpha,
                               seed=seed, aggregate=aggregate, preprocess=preprocess, null=null)
-        AlignmentEngine(**engine_options)  # checks measures and options now, before training
-        self.references = resolve_references(
-            reference, lambda pairs: AlignmentEngine(pairs=pairs, **engine_options),
-            layers=layers, reference_layers=reference_layers, reference_inputs=reference_inputs,
-            reference_input_key=reference_input_key,
-            reference_batch_transform=reference_batch_transform,
-            reference_pool=pool if reference_pool is None else reference_pool,
-            reference_class=reference_class, input_key=input_key,
-            batch_transform=batch_transform, pairs=self.pair_map, pool=pool)
+        with warnings.catch_warnings():  # too few permutations: said once, below
+            warnings.filterwarnings("ignore", "num_permutations=.* is too few", UserWarning)
+            checked = AlignmentEngine(**engine_options)  # checks the options before training
+            self.references = resolve_references(
+                reference, lambda pairs: AlignmentEngine(pairs=pairs, **engine_options),
+                layers=layers, reference_layers=reference_layers,
+                reference_inputs=reference_inputs, reference_input_key=reference_input_key,
+                reference_batch_transform=reference_batch_transform,
+                reference_pool=pool if reference_pool is None else reference_pool,
+                reference_class=reference_class, input_key=input_key,
+                batch_transform=batch_transform, pairs=self.pair_map, pool=pool)
+        if checked.null == "permutation":
+            warn_if_few(checked.num_permutations, checked.alpha)
         self.probe = load_probe(probe)
         self.pool = pool
         self._preprocess = preprocess  # as given: part of the settings a checkpoint records

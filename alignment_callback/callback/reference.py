@@ -92,8 +92,10 @@ def _is_features(value: Any) -> bool:
 def _per_reference(value: Any, name: str | None, names: list[str]) -> Any:
     """A per-reference setting: ``{name: value}`` when keyed by the references' names (a name
     left out: None, the setting's default)."""
-    if name is not None and isinstance(value, Mapping) and set(value) <= set(names) and value:
-        return value.get(name)
+    if name is not None and isinstance(value, Mapping) and value:
+        keyed = {str(k): v for k, v in value.items()}  # as the references' names are
+        if set(keyed) <= set(names):
+            return keyed.get(name)
     return value
 
 
@@ -107,7 +109,7 @@ def _check_per_name(settings: Mapping[str, Any], names: list[str]) -> None:
     for setting, value in settings.items():
         if not isinstance(value, Mapping) or not value:
             continue
-        unknown = [str(k) for k in value if k not in names]
+        unknown = [str(k) for k in value if str(k) not in names]
         if not unknown or (setting == "reference_inputs" and len(unknown) == len(value)):
             continue
         close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}

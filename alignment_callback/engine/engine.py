@@ -148,8 +148,8 @@ class AlignmentEngine:
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
         check_moments_apply(self.null, self.measures.values(), groups)
-        if self.null != "moments":  # a setting: warned once here, not at every step
-            warn_if_few(self.num_permutations, self.alpha)
+        if self.null == "permutation":  # a setting: warned once here, not at every step
+            warn_if_few(self.num_permutations, self.alpha)  # ("auto": where it draws them)
         self.reference: PreparedSide | None = None
         self.permutations: Permutations | None = None
 
@@ -240,7 +240,8 @@ class AlignmentEngine:
                              label="model")
         results = calibrate_prepared(measures, xside, reference, self.permutations,
                                      self.alpha, self._aggregate(names, reference.names),
-                                     self.max_score, share, gather, self.null, warn_few=False)
+                                     self.max_score, share, gather, self.null,
+                                     warn_few=self.null == "auto")
         by_label = {label: results[m] for label, m in self.measures.items()}
         return StepResult(epoch, step, by_label, xside.n,
                           seconds + time.perf_counter() - start)

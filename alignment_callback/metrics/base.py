@@ -134,8 +134,8 @@ class AlignmentMetricBase(Metric):
         self.max_score = check_max_score(max_score)
         self.null = check_null(null)
         check_moments_apply(self.null, [self.measure], groups)
-        if self.null != "moments":  # a setting: warned once here, not at every compute()
-            warn_if_few(self.num_permutations, self.alpha)
+        if self.null == "permutation":  # a setting: warned once here, not at every compute()
+            warn_if_few(self.num_permutations, self.alpha)  # ("auto": where it draws them)
         self._persist = False
         self.x_layers: list[str] = []
         self.y_layers: list[str] = []
@@ -677,7 +677,8 @@ class AlignmentMetricBase(Metric):
             GroupPermuter(groups, xside.n)  # clear error for a wrong length
         perms = self._perms(xside.n, groups)
         return calibrate_prepared([self.measure], xside, yside, perms, self.alpha, self.aggregate,
-                                  self.max_score, null=self.null, warn_few=False)[self.measure]
+                                  self.max_score, null=self.null,
+                                  warn_few=self.null == "auto")[self.measure]
 
     @no_autocast()
     def _raw_batch(self, xs: Any, ys: Any) -> Tensor | None:

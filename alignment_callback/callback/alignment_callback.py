@@ -54,7 +54,7 @@ from alignment_callback.engine import AlignmentEngine
 from alignment_callback.engine.engine import MeasuresSpec
 from alignment_callback.functional._validation import ShapeOptionError, check_device
 from alignment_callback.functional.aggregation import Aggregate
-from alignment_callback.functional.calibration import warn_if_few
+from alignment_callback.functional.calibration import few_permutations_unsaid, warn_if_few
 from alignment_callback.functional.preprocessing import check_pool
 from alignment_callback.functional.registry import renamed_argument
 from alignment_callback.hooks import collect_activations, resolve_layers
@@ -460,8 +460,7 @@ class AlignmentCallback(Callback):
         self.layers = layers
         engine_options = dict(measures=measures, num_permutations=num_permutations, alpha=alpha,
                               seed=seed, aggregate=aggregate, preprocess=preprocess, null=null)
-        with warnings.catch_warnings():  # too few permutations: said once, below
-            warnings.filterwarnings("ignore", "num_permutations=.* is too few", UserWarning)
+        with few_permutations_unsaid():  # said once, below
             checked = AlignmentEngine(**engine_options)  # checks the options before training
             self.references = resolve_references(
                 reference, lambda pairs: AlignmentEngine(pairs=pairs, **engine_options),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -70,6 +72,15 @@ def warn_if_few(num_permutations: int, alpha: float) -> None:
     if threshold_index(num_permutations, alpha) == num_permutations:
         warnings.warn(few_permutations(num_permutations, alpha), UserWarning,
                       stacklevel=user_stacklevel())
+
+
+@contextmanager
+def few_permutations_unsaid() -> Iterator[None]:
+    """Within it, :func:`warn_if_few` says nothing: for a caller that says it once itself (a
+    callback building several engines, the command line in its own words)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "num_permutations=.* is too few", UserWarning)
+        yield
 
 
 def few_permutations(num_permutations: int, alpha: float) -> str:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.aggregation import LayerAlignmentResult
+from alignment_callback.functional.calibration import few_permutations_unsaid
 from alignment_callback.functional.pipeline import observed_matrices, prepare_side
 from alignment_callback.functional.registry import Measure
 from alignment_callback.reporting.io import FeatureFileError, finite_or_none
@@ -166,9 +167,7 @@ class FeatureLoader:
 def make_engine(measures: Mapping[str, Measure], cal: Calibration, groups: Any = None
                 ) -> AlignmentEngine:
     """An engine for already preprocessed features (``preprocess=False``)."""
-    with warnings.catch_warnings():
-        # too few permutations: said once per run in the command line's words (warn_resolution)
-        warnings.filterwarnings("ignore", "num_permutations=.* is too few", UserWarning)
+    with few_permutations_unsaid():  # said in the command line's words (warn_resolution)
         return AlignmentEngine(dict(measures), num_permutations=cal.permutations,
                                alpha=cal.alpha, seed=cal.seed, aggregate=cal.aggregate,
                                groups=groups, preprocess=False, null=cal.null)

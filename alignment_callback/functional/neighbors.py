@@ -53,19 +53,55 @@ def _digest(data: Tensor) -> int:
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _signed(c: int) -> int:
+    """The 64-bit constant ``c`` as the int64 of the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+# splitmix64's finalizer (Steele, Lea & Flood 2014): every input bit moves every output bit
+_MIX = (_signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB))
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+
+
+def _shift_right(z: Tensor, s: int) -> Tensor:
+    """Logical shift of int64 bits (torch's ``>>`` copies the sign bit)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _row_hashes(bits: Tensor) -> Tensor:
+    """A 64-bit hash of each row's bits: each word, offset by its column, goes through
+    splitmix64's finalizer and the results are summed (wrapping around 2⁶⁴, so the same in any
+    summation order).  A row block at a time: memory O(block), not O(n·d) int64 words."""
+    d = bits.shape[1]
+    offsets = torch.arange(1, d + 1, device=bits.device, dtype=torch.int64) * _GOLDEN
+    parts = []
+    for block in bits.split(max(1, _BLOCK_ELEMENTS // max(d, 1))):
+        z = block.view(_INT_OF_SIZE[block.element_size()]).to(torch.int64) + offsets
+        z = (z ^ _shift_right(z, 30)) * _MIX[0]
+        z = (z ^ _shift_right(z, 27)) * _MIX[1]
+        parts.append((z ^ _shift_right(z, 31)).sum(1))
+    return torch.cat(parts)
+
+
 def distinct_rows(x: Tensor) -> tuple[Tensor, Tensor | None]:
     """``(distinct rows, index of each row's copy among them)``, or ``(x, None)`` when every row
     differs.  A hash of each row's bits in integer arithmetic (exact in any order, unlike a
-    floating-point projection) settles the common case, distinct hashes, in O(n·d); equal
-    hashes are checked exactly with ``torch.unique``.  ``-0.0`` counts as ``0.0``."""
+    floating-point projection) settles the common case, distinct hashes, in O(n·d); the rows
+    whose hash another row shares are compared exactly (``torch.unique`` over those rows only),
+    and only when two rows are identical are all rows sorted (``torch.unique(dim=0)``, whose
+    lexicographic order of the distinct rows is the one returned).  ``-0.0`` counts as
+    ``0.0``."""
+    n = x.shape[0]
     bits = (x + 0.0).contiguous()  # -0.0 + 0.0 = +0.0: equal values, equal bits
-    words = bits.view(_INT_OF_SIZE[bits.element_size()]).to(torch.int64)
-    mix = torch.arange(1, 2 * x.shape[1], 2, device=x.device, dtype=torch.int64) * 0x9E3779B1
-    hashes = (words * mix).sum(1)  # wraps around 2**64: the same sum in any order
-    if torch.unique(hashes).numel() == x.shape[0]:
+    hashes, inverse, counts = torch.unique(_row_hashes(bits), return_inverse=True,
+                                           return_counts=True)
+    if hashes.numel() == n:
         return x, None
+    shared = (counts[inverse] > 1).nonzero().squeeze(1)  # rows whose hash is not their own
+    if torch.unique(bits[shared], dim=0).shape[0] == shared.numel():
+        return x, None  # hash collisions of different rows only
     distinct, copies = torch.unique(bits, dim=0, return_inverse=True)
-    return (x, None) if distinct.shape[0] == x.shape[0] else (distinct, copies)
+    return distinct, copies
 
 
 def tie_keys(n: int, role: str = "x", device: torch.device | str | None = None,

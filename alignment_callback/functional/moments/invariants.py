@@ -173,8 +173,9 @@ def has_tied_rows(x: Tensor) -> bool:
     the range where it was validated (:func:`pearson3_valid`).  Any gram of the rows (linear,
     RBF, U-centered, ranked distances) then has tied rows too.  Answered by
     :func:`~alignment_callback.functional.neighbors.distinct_rows`, as for the kNN search: a
-    hash of each row's bits, O(n·d), and a sort of the rows only when two hashes are equal; a
-    fraction of the invariants' O(n·d²); one host sync.
+    hash of each row's bits, O(n·d), an exact comparison of the rows whose hashes are equal, and
+    a sort of all rows only when two rows are identical; a fraction of the invariants'
+    O(n·d²); a few host syncs.
 
     Parameters
     ----------

@@ -12,12 +12,12 @@ import torch
 
 import alignment_callback.functional as F
 from alignment_callback.functional.aggregation import MappedAggregate
-from tests.test_ties import ALPHA, band, tied
+from tests.test_ties import ALPHA, K, band, tied
 from tests.test_ties_global import no_zero_rows
 
 pytestmark = pytest.mark.slow
 
-N, K, DRAWS = 48, 99, 150
+N, DRAWS = 48, 150
 # a gram measure, a rank measure and two neighbor measures (each family's null code path)
 MEASURES = {"linear_cka": {}, "rsa": {}, "mutual_knn": {"k": 5}, "cknna": {"k": 5}}
 X, Y = [f"x{i}" for i in range(3)], [f"y{i}" for i in range(3)]

@@ -31,7 +31,7 @@ def _band(level: float, reps: int) -> float:
 
 
 def test_depth_confounder_aggregation_aware_vs_per_pair():
-    n, d, R, K = 64, 32, 200, 100
+    n, d, R, K = 64, 32, 200, 39  # p = (1 + c)/40: mass exactly α = 0.05 at the level
     raw_max, thresholds, agg_fp, pair_fp, pair_cal_fp = {}, {}, {}, {}, {}
     for L in (1, 3, 6):
         raws, taus, agg_pos, pair_pos, pair_cal_pos = [], [], [], [], []
@@ -64,7 +64,7 @@ def test_depth_confounder_aggregation_aware_vs_per_pair():
 
 
 def test_mean_aggregate_is_valid_under_independence():
-    n, d, R, K = 48, 16, 150, 100
+    n, d, R, K = 48, 16, 150, 39
     pos, pvals = [], []
     for r in range(R):
         g = torch.Generator().manual_seed(77_000 + r)

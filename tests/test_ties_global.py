@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import alignment_callback.functional as F
-from tests.test_ties import ALPHA, KINDS, band, rejection_rates, tied
+from tests.test_ties import ALPHA, KINDS, K, band, rejection_rates, tied
 
 MEASURES = {
     "linear_cka": {}, "rbf_cka": {"sigma": "median"}, "unbiased_cka": {}, "rsa": {},
@@ -68,7 +68,7 @@ def test_type_one_error_of_the_analytic_null_on_tied_data(kind):
         x, y = no_zero_rows(tied(kind, 48, g)), no_zero_rows(tied(kind, 48, g))
         copies = any(np.unique(v.numpy(), axis=0).shape[0] < v.shape[0] for v in (x, y))
         for name, kw in GRAM.items():
-            res = F.calibrated_alignment(x, y, name, num_permutations=99, null="auto", seed=r, **kw)
+            res = F.calibrated_alignment(x, y, name, num_permutations=K, null="auto", seed=r, **kw)
             rejected[name] += float(res.p_value) <= ALPHA
             if copies and res.null_method != "permutation":
                 wrong.append((r, name, res.null_method))

@@ -92,7 +92,7 @@ def test_forced_moments_on_discrete_data_keep_the_level_on_average():
 def test_every_measure_on_float32_normalized_tied_rows(kind):
     """Tied rows as the callback feeds them: float32, L2-normalized by ``prepare_features``
     (similarities equal in exact arithmetic then differ by rounding, and the fast nulls'
-    products and tie tolerance decide).  Every measure, per pair, n = 48, K = 99: the rate of
+    products and tie tolerance decide).  Every measure, per pair, n = 48, K = 39: the rate of
     p <= 0.05 is ≤ α + 3σ."""
     measures = {name: F.get_measure(name, **kw) for name, kw in MEASURES.items()}
     measures.update({name: F.get_measure(name, k=5) for name in KNN})

@@ -1,7 +1,8 @@
 """The examples run end to end as scripts (subprocesses, small settings) and print what they say.
 
-quickstart.py with the CSV logger (its CSV must show real alignment far above chance, and its
-wide layer's raw and calibrated CKA apart by >= 0.2 at epoch 0) and with W&B offline,
+quickstart.py with W&B offline and the CSV logger, as ``make demo`` runs it (its CSV must show
+real alignment far above chance, and its wide layer's raw and calibrated CKA apart by >= 0.2 at
+epoch 0; the W&B offline run must be written),
 confounders.py --quick (the width table must show the width confounder: raw CKA rising with d/n,
 calibrated 0), and text_reference.py when the ``[text]`` extras are installed.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import importlib.util
 import os
 import re
 import subprocess
@@ -60,10 +62,11 @@ def assert_summary(stdout: str) -> None:
                          stdout, re.M), f"no summary row for {m}:\n{stdout}"
 
 
-def test_quickstart_csv(tmp_path):
+def test_quickstart_wandb_offline_and_csv(tmp_path):
+    """The main job as the README runs it (W&B offline plus the CSV logger), small settings."""
     proc = run_example("quickstart.py", "--epochs", "2", "--permutations", "30",
-                       "--reference-epochs", "3", "--logger", "csv", "--out", str(tmp_path),
-                       cwd=tmp_path)
+                       "--reference-epochs", "3", "--out", ".", cwd=tmp_path,
+                       env=wandb_env(tmp_path))
     out = proc.stdout
     assert_summary(out)
     assert "train accuracy: reference" in out and "s of computing in the background" in out
@@ -88,20 +91,22 @@ def test_quickstart_csv(tmp_path):
     assert w[0]["raw"] - w[0]["calibrated"] >= 0.2 and w[0]["calibrated"] < 0.1, w[0]
     assert w[0]["threshold"] >= w[0]["raw"] - 0.05, w[0]  # the raw score is what chance reaches
     assert "Real alignment:" in out and "Chance posing as alignment:" in out
-    assert not (tmp_path / "wandb").exists()
-
-
-def test_quickstart_wandb_offline(tmp_path):
-    proc = run_example("quickstart.py", "--epochs", "1", "--permutations", "30",
-                       "--reference-epochs", "2", "--out", ".", cwd=tmp_path,
-                       env=wandb_env(tmp_path))
-    assert_summary(proc.stdout)
+    # the W&B offline run, and the command that uploads it
     (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     assert glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    sync = re.search(r"wandb sync (\S+)", proc.stdout)
-    assert sync, proc.stdout
+    sync = re.search(r"wandb sync (\S+)", out)
+    assert sync, out
     assert os.path.samefile(os.path.join(tmp_path, sync.group(1)), run_dir)
-    assert (tmp_path / "alignment_curves.png").exists() and csv_rows(tmp_path)
+
+
+def test_quickstart_csv_logger_alone(tmp_path):
+    """``--logger csv`` makes the CSV logger only (no W&B run), in-process."""
+    spec = importlib.util.spec_from_file_location("quickstart", EXAMPLES / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    loggers = quickstart.make_loggers("csv", str(tmp_path))
+    assert [type(logger).__name__ for logger in loggers] == ["CSVLogger"]
+    assert loggers[0].log_dir.startswith(str(tmp_path))
 
 
 def parse_width_table(stdout: str) -> list[list[float]]:

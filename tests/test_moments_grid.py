@@ -315,7 +315,8 @@ def test_false_positive_rate_under_independence(measure, kind, ratio):
             fallbacks += 1
     rate_auto = hits_auto / R_FPR
     label = (f"{measure}/{kind}/d/n={ratio:g}/n={n}: auto {rate_auto:.3f} ({fallbacks}/{R_FPR} "
-             f"draws on permutations; moments {hits_inside}/{inside} on the others), bound {BAND:.4f}")
+             f"draws on permutations; moments {hits_inside}/{inside} on the others), "
+             f"bound {BAND:.4f}")
     assert rate_auto <= BAND, label
     # the moments themselves where "auto" trusts them (inside the validated range): within
     # α + 3σ for the draws there, when there are enough of them to judge

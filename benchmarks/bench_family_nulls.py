@@ -9,7 +9,7 @@ recomputes both sides' SVDs / eigendecompositions / ridge fits each time).  Repo
 permutation; the speed-up is naive ms/perm over fast ms/perm (prepare cost included in fast).
 
     python benchmarks/bench_family_nulls.py                 # n=1024, d=768, K=1000, 1 thread
-    python benchmarks/bench_family_nulls.py --quick         # n=256, d=128, K=100
+    python benchmarks/bench_family_nulls.py --quick         # n=128, d=64, K=50
     python benchmarks/bench_family_nulls.py --only cca_similarity,pwcca
 
 ``--only`` takes measure names (``shape_metric`` selects the row ``shape_metric(a=0.5)``,
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--naive-perms", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", type=str, default="", help="comma-separated measure names")
-    p.add_argument("--quick", action="store_true", help="n=256, d=128, K=100")
+    p.add_argument("--quick", action="store_true", help="n=128, d=64, K=50")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.d, args.permutations, args.rbf_permutations = 256, 128, 100, 100
+        args.n, args.d, args.permutations, args.rbf_permutations = 128, 64, 50, 50
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     table = measures(args.n, args.d)
     unknown = sorted(only - {measure_name(label) for label in table} - set(table))

@@ -10,9 +10,10 @@ For each n: milliseconds per permutation of
 
 next to the memory-read bound ``n²·4 B / bandwidth`` (reading the permuted float32 matrix once)
 and the ratio to it.  The bandwidth is measured first: best of several ``torch.sum`` over a
-1 GiB float32 tensor on one thread.  Then the same for ``gram_dots_layers`` with 4×4 and 12×12
-layers (bound: the L moved matrices read once per permutation) against the previous layer loop
-(L gathers + one float32 matrix product per permutation).
+1 GiB float32 tensor on one thread (1/16 GiB in a quick run).  Then the same for
+``gram_dots_layers`` with 4×4 and 12×12 layers (bound: the L moved matrices read once per
+permutation) against the previous layer loop (L gathers + one float32 matrix product per
+permutation).
 
 Every timing is the best of 3 repetitions; the load average is printed because the machine may
 be shared.  ``old err`` is the previous float32 result minus the exact one, divided by ‖A‖·‖B‖ (in
@@ -113,8 +114,10 @@ def main() -> None:
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("(the machine is shared with other jobs: every timing is the best of 3 repetitions)")
     torch.set_num_threads(1)
-    bw = read_bandwidth()
-    print(f"read bandwidth, 1 thread (best torch.sum over 1 GiB float32): {bw / 1e9:.1f} GB/s")
+    gib = 1 / 16 if args.quick else 1.0
+    bw = read_bandwidth(gib)
+    print(f"read bandwidth, 1 thread (best torch.sum over {gib:g} GiB float32): "
+          f"{bw / 1e9:.1f} GB/s")
 
     gen = torch.Generator().manual_seed(0)
     print("\ngram_dots, float32 matrices, ms per permutation (chunks of 256 permutations)")

@@ -26,6 +26,10 @@ Every timing is the best of ``--repeats`` (default 3) runs, baseline and candida
 in the same run; the machine may be shared with other jobs (the load average is printed), so
 the ratios are what to read.  Peak RSS is ``VmHWM`` of a fresh process started with
 ``subprocess.run([sys.executable, "-c", ...])`` (``ru_maxrss`` would include a large parent).
+``--quick`` (a smoke run: small sizes, no verdicts) saves process start-ups: the runs of
+``features`` share one fresh process, those of ``knn`` another (so a run's peak RSS there
+includes the earlier runs'), and the single-process baseline of ``ddp`` runs in the script's
+own process; every run's code still runs.
 
     python benchmarks/bench_large_n.py                     # everything (about 15-25 minutes)
     python benchmarks/bench_large_n.py --only moments ddp  # some sections
@@ -156,36 +160,62 @@ def section_moments(quick: bool, repeats: int, threads: int) -> None:
 
 
 # -------------------------------------------------------------------- fresh-process children
+# The children run the list args["runs"] (one run per process, except in a quick run: see
+# run_children) and print {"runs": [one result per run]} last.
 _FEATURES_CHILD = CHILD_PRELUDE + r"""
-n, d = args["n"], args["d"]
-if args["route"] == "tensor":  # force the O(n·d³) route of the cubic sum at every n
-    import alignment_callback.functional.moments.features as MF
-    MF._GRAM_ROUTE_FRACTION = 0.0
-F.calibrated_alignment(torch.randn(600, 8), torch.randn(600, 8), "linear_cka", null="moments")
-g = torch.Generator().manual_seed(0)
-x = torch.randn(n, d, generator=g)  # float32, as a network's activations
-y = 0.05 * x + torch.randn(n, d, generator=g)
-before = rss_mb()
-t0 = time.perf_counter()
-res = F.calibrated_alignment(x, y, "linear_cka", null="moments")
-seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "peak_mb": hwm_mb(), "before_mb": before,
-                  "p": float(res.p_value), "raw": float(res.raw), "method": res.null_method}))
+import alignment_callback.functional.moments.features as MF
+gram_route_fraction = MF._GRAM_ROUTE_FRACTION
+results = []
+for run in args["runs"]:
+    n, d = run["n"], run["d"]
+    # "tensor": force the O(n·d³) route of the cubic sum at every n
+    MF._GRAM_ROUTE_FRACTION = 0.0 if run["route"] == "tensor" else gram_route_fraction
+    F.calibrated_alignment(torch.randn(600, 8), torch.randn(600, 8), "linear_cka", null="moments")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)  # float32, as a network's activations
+    y = 0.05 * x + torch.randn(n, d, generator=g)
+    before = rss_mb()
+    t0 = time.perf_counter()
+    res = F.calibrated_alignment(x, y, "linear_cka", null="moments")
+    seconds = time.perf_counter() - t0
+    results.append({"seconds": seconds, "peak_mb": hwm_mb(), "before_mb": before,
+                    "p": float(res.p_value), "raw": float(res.raw), "method": res.null_method})
+    del x, y, res
+print(json.dumps({"runs": results}))
 """
 
 _KNN_CHILD = CHILD_PRELUDE + r"""
-n, d, K, measures = args["n"], args["d"], args["K"], args["measures"]
-F.calibrate_measures([torch.randn(64, 8)], [torch.randn(64, 8)], measures, num_permutations=2)
-g = torch.Generator().manual_seed(0)
-x = torch.randn(n, d, generator=g)
-y = x + 2.0 * torch.randn(n, d, generator=g)
-before = rss_mb()
-t0 = time.perf_counter()
-res = F.calibrate_measures({"x": x}, {"y": y}, measures, num_permutations=K, seed=0)
-seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "peak_mb": hwm_mb(), "before_mb": before,
-                  "p": {m: float(r.p_value) for m, r in res.items()}}))
+results = []
+for run in args["runs"]:
+    n, d, K, measures = run["n"], run["d"], run["K"], run["measures"]
+    F.calibrate_measures([torch.randn(64, 8)], [torch.randn(64, 8)], measures, num_permutations=2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    y = x + 2.0 * torch.randn(n, d, generator=g)
+    before = rss_mb()
+    t0 = time.perf_counter()
+    res = F.calibrate_measures({"x": x}, {"y": y}, measures, num_permutations=K, seed=0)
+    seconds = time.perf_counter() - t0
+    results.append({"seconds": seconds, "peak_mb": hwm_mb(), "before_mb": before,
+                    "p": {m: float(r.p_value) for m, r in res.items()}})
+    del x, y, res
+print(json.dumps({"runs": results}))
 """
+
+
+def run_children(code: str, timeout: float, runs: list[dict], quick: bool,
+                 threads: int) -> list[dict]:
+    """Each of ``runs`` (the child's arguments) by ``code``, each in a fresh process of its own,
+    or, in a quick run, all in one fresh process (start-ups of a few seconds each saved; every
+    run's code still runs, but a run's peak RSS then includes the earlier runs'): their
+    results, in order."""
+    batches = [runs] if quick else [[run] for run in runs]
+    return [r for batch in batches
+            for r in run_child(code, timeout * len(batch), runs=batch, threads=threads)["runs"]]
+
+
+def fresh_process_note(quick: bool) -> str:
+    return "one fresh process for all runs (quick)" if quick else "fresh process per run"
 
 
 # ---------------------------------------------------------------------------- b. features
@@ -193,16 +223,18 @@ def section_features(quick: bool, repeats: int, threads: int) -> None:
     from alignment_callback.functional.moments import features as MF
 
     d = 64 if quick else 256
-    ns = (4_000, 8_000) if quick else (10_000, 20_000, 50_000, 100_000)
-    print(f"\n== b. linear CKA, null='moments', features path: d={d}, fresh process per run, "
+    # quick: n0 below d²/3 = 1365 (the gram route as called), the top above it
+    ns = (1_024, 2_048) if quick else (10_000, 20_000, 50_000, 100_000)
+    print(f"\n== b. linear CKA, null='moments', features path: d={d}, {fresh_process_note(quick)}, "
           f"{threads} thread(s), best of {repeats} (sizes interleaved), load {load()} ==")
     # the default chooses the cheaper route of the cubic sum Σ(x_iᵀx_j)³ (blocks of the gram,
     # O(n²·d), below n = d²/3); "linear route" forces the O(n·d³) one at the smallest n too
     runs = [(n, "default") for n in ns] + [(ns[0], "tensor")]
     best: dict[tuple, dict] = {}
     for _ in range(repeats):
-        for n, route in runs:
-            r = run_child(_FEATURES_CHILD, 1800, n=n, d=d, threads=threads, route=route)
+        results = run_children(_FEATURES_CHILD, 1800, [{"n": n, "d": d, "route": route}
+                                                       for n, route in runs], quick, threads)
+        for (n, route), r in zip(runs, results):
             b = best.setdefault((n, route), {**r, "peak_max": r["peak_mb"]})
             b["peak_max"] = max(b["peak_max"], r["peak_mb"])
             if r["seconds"] < b["seconds"]:
@@ -235,7 +267,7 @@ def section_knn(quick: bool, repeats: int, threads: int) -> None:
     ns = (2048,) if quick else (8192, 16384, 32768, 65536)
     big = 0 if quick else 65536
     configs = {"both": ["mutual_knn", "cknna"], "mutual_knn": ["mutual_knn"], "cknna": ["cknna"]}
-    print(f"\n== c. mutual kNN and CKNNA, k=10, K={K}, d={d}: fresh process per run, "
+    print(f"\n== c. mutual kNN and CKNNA, k=10, K={K}, d={d}: {fresh_process_note(quick)}, "
           f"{threads} thread(s), best of {repeats} (configurations interleaved; 1 run at "
           f"n={big or '-'}), load {load()} ==")
     print("'both': calibrate_measures with both measures (one neighbor search per side, one pass "
@@ -247,8 +279,9 @@ def section_knn(quick: bool, repeats: int, threads: int) -> None:
     for n in ns:
         best: dict[str, dict] = {}
         for _ in range(1 if n == big else repeats):
-            for label, ms in configs.items():
-                r = run_child(_KNN_CHILD, 3600, n=n, d=d, K=K, measures=ms, threads=threads)
+            results = run_children(_KNN_CHILD, 3600, [{"n": n, "d": d, "K": K, "measures": ms}
+                                                      for ms in configs.values()], quick, threads)
+            for label, r in zip(configs, results):
                 b = best.setdefault(label, {**r, "peak_max": r["peak_mb"]})
                 b["peak_max"] = max(b["peak_max"], r["peak_mb"])
                 b["seconds"] = min(b["seconds"], r["seconds"])
@@ -318,13 +351,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_run(world: int, n: int, K: int, repeats: int) -> dict:
+def _ddp_run(world: int, n: int, K: int, repeats: int, quick: bool) -> dict:
+    """The null over ``world`` spawned processes; in a quick run, the single-process baseline
+    (world = 1) runs in this process instead (one start-up saved; the same code)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
-        mp.spawn(_ddp_worker, args=(world, _free_port(), n, K, repeats, out), nprocs=world,
-                 join=True)
+        if quick and world == 1:
+            threads = torch.get_num_threads()
+            _ddp_worker(0, 1, 0, n, K, repeats, out)
+            torch.set_num_threads(threads)
+        else:
+            mp.spawn(_ddp_worker, args=(world, _free_port(), n, K, repeats, out), nprocs=world,
+                     join=True)
         return torch.load(out)
 
 
@@ -339,7 +379,7 @@ def section_ddp(quick: bool, repeats: int, threads: int) -> None:
     best: dict[int, dict] = {}
     for _ in range(1 if quick else 2):
         for world in (1, 2):
-            r = _ddp_run(world, n, K, repeats)
+            r = _ddp_run(world, n, K, repeats, quick)
             if world not in best:
                 best[world] = r
             else:

@@ -10,7 +10,7 @@ allocations), then fast and naive are timed interleaved, best of ``--repeats``; 
 be shared with other jobs (the load average is printed), so read the ratios.
 
     python benchmarks/bench_nulls.py            # the paper's timing setting: n=1024, d=768, K=1000
-    python benchmarks/bench_nulls.py --quick    # small smoke run
+    python benchmarks/bench_nulls.py --quick    # small smoke run (n=256, d=128, K=100, best of 1)
 """
 
 from __future__ import annotations
@@ -39,11 +39,15 @@ def main() -> None:
     p.add_argument("--layer-permutations", type=int, default=500)
     p.add_argument("--layer-naive-perms", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="best of (fast and naive interleaved)")
-    p.add_argument("--quick", action="store_true", help="n=256, d=128, K=100, 4x4 layers")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="best of, fast and naive interleaved (default 3, quick 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="n=256, d=128, K=100 (naive: 3 permutations), 4x4 layers, best of 1")
     args = p.parse_args()
     if args.quick:
         args.n, args.d, args.permutations, args.layers, args.layer_permutations = 256, 128, 100, 4, 50
+        args.naive_perms = 3
+    args.repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
     n, d, K = args.n, args.d, args.permutations
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ Four sections (all by default, or pick with ``--only``):
   ``torch.set_num_threads(1)`` vs 2 threads: the 2-thread / 1-thread time ratio per measure
   (target: never > 1.0).  ``linear_predictivity`` is skipped at n = 8192 (its cross-validated
   ridge null grows like n^2.8: about 110 s per call at n = 4096 on one thread, so about 12
-  minutes at 8192).
+  minutes at 8192); a quick run skips it at its larger n too.
 * ``knn``: the kNN null from prepared states (mutual kNN, CKNNA; K = 200, k = 10) at
   n = 1024 .. 16384, after one untimed call of each variant: ms per permutation and its growth
   against the growth of n·k (target: no faster than n·k, i.e. growth / (n/n0) <= 1).
@@ -80,7 +80,9 @@ def section_threads(quick: bool, repeats: int) -> None:
     for n in ns:
         x, y = data(n, d)
         for name in REGISTRY:
-            if n == ns[-1] and not quick and name in SKIP_LARGE:
+            # quick too (the skip's code runs): its 2-thread call took up to 19 s at n = 512
+            # on a busy 2-core machine
+            if n == ns[-1] and name in SKIP_LARGE:
                 table[name].append(f"{'skipped':>12s} {'':>7s} {'':>6s}")
                 continue
 
@@ -99,8 +101,7 @@ def section_threads(quick: bool, repeats: int) -> None:
     print(f"2-thread / 1-thread ratio: worst {ratios[worst]:.2f} ({worst[0]}, n={worst[1]}), "
           f"{sum(r > 1.0 for r in ratios.values())} of {len(ratios)} above 1.0 (target: never "
           f"> 1.0: {verdict(ratios[worst] <= 1.0)})")
-    if not quick:
-        print("skipped at n=8192: " + "; ".join(f"{k} ({v})" for k, v in SKIP_LARGE.items()))
+    print(f"skipped at n={ns[-1]}: " + "; ".join(f"{k} ({v})" for k, v in SKIP_LARGE.items()))
     torch.set_num_threads(2)
 
 
@@ -220,10 +221,11 @@ def read_bandwidth(gib: float, repeats: int = 7) -> float:
 def section_gram(quick: bool, repeats: int) -> None:
     sizes = {256: 200, 512: 100} if quick else {1024: 1000, 2048: 500, 4096: 200}
     d = 32 if quick else 128
-    bw = read_bandwidth(0.25 if quick else 1.0)
+    gib = 1 / 16 if quick else 1.0
+    bw = read_bandwidth(gib)
     print(f"\n== d. gram path vs the read bound K·n²·4 B / bandwidth: d={d}, best of {repeats} "
           f"interleaved, load {load()} ==")
-    print(f"read bandwidth, 1 thread (best torch.sum over {0.25 if quick else 1.0} GiB float32): "
+    print(f"read bandwidth, 1 thread (best torch.sum over {gib} GiB float32): "
           f"{bw / 1e9:.1f} GB/s")
     print("null: layer_nulls from prepared states, permutations drawn beforehand; whole: "
           "calibrated_alignment (prepare, observed, permutations drawn, null), 1 thread")

@@ -71,11 +71,12 @@ def _shift_right(z: Tensor, s: int) -> Tensor:
 def _row_hashes(bits: Tensor) -> Tensor:
     """A 64-bit hash of each row's bits: each word, offset by its column, goes through
     splitmix64's finalizer and the results are summed (wrapping around 2⁶⁴, so the same in any
-    summation order).  A row block at a time: memory O(block), not O(n·d) int64 words."""
+    summation order).  A block of rows at a time: a few int64 copies of 2²¹ words (16 MB
+    each), not of all n·d words."""
     d = bits.shape[1]
     offsets = torch.arange(1, d + 1, device=bits.device, dtype=torch.int64) * _GOLDEN
     parts = []
-    for block in bits.split(max(1, _BLOCK_ELEMENTS // max(d, 1))):
+    for block in bits.split(max(1, (_BLOCK_ELEMENTS >> 3) // max(d, 1))):
         z = block.view(_INT_OF_SIZE[block.element_size()]).to(torch.int64) + offsets
         z = (z ^ _shift_right(z, 30)) * _MIX[0]
         z = (z ^ _shift_right(z, 27)) * _MIX[1]

@@ -6,8 +6,13 @@ import os
 import tempfile
 from typing import Iterator
 
-import pytest
-import torch
+# NumPy's OpenBLAS on one thread, as torch's intra-op pool below: set before anything imports
+# NumPy (torch does), and inherited by the tests' subprocesses.  Its idle threads spin and
+# yield, which on a 2-core machine shared by three workers burns CPU the other workers need.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 try:
     import fcntl

@@ -16,29 +16,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import TYPE_CHECKING
 
+import torch
 from _common import CHILD_PRELUDE, run_child
-
-if TYPE_CHECKING:
-    import torch
-
-# torch is imported where it is used: importing this module stays cheap (no torch), so a
-# parent that only starts the memory children keeps a small peak of its own
-# (tests/test_benchmarks_smoke.py)
 
 
 def _layers(prefix: str, count: int, n: int, d: int, seed: int) -> dict[str, torch.Tensor]:
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, d, generator=g)
     return {f"{prefix}{i}": base + (i + 1) * torch.randn(n, d, generator=g) for i in range(count)}
 
 
 def knn_sharing(n: int, d: int, k: int, perms: int, repeats: int) -> None:
-    import torch
-
     from alignment_callback.engine import AlignmentEngine
 
     ref, model = _layers("r", 3, n, d, 0), _layers("m", 4, n, d, 1)
@@ -101,8 +90,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     args = parser.parse_args()
-    import torch
-
     torch.set_num_threads(1)
     if args.quick:
         knn_sharing(n=256, d=64, k=10, perms=50, repeats=1)

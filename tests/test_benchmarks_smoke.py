@@ -187,7 +187,6 @@ def test_engine_memory_is_the_childs_own_peak():
     starts at the parent's peak on Linux, which floored the value to 0)."""
     bench_engine = bench_module("bench_engine")
     n, d, perms = 1024, 32, 4
-    # the small parent imports no torch (bench_engine imports it where it is used)
     code = (f"import sys; sys.path.insert(0, {BENCH!r}); import bench_engine; "
             f"print(bench_engine.peak_memory({n}, {d}, 1, 1, {perms}))")
     small_parent = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

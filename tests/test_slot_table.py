@@ -1,9 +1,10 @@
-"""The neighbor look-up table against a dense membership matrix, for every k."""
+"""The neighbor look-up table and the reciprocity flags against a dense membership matrix, for
+every k."""
 
 import pytest
 import torch
 
-from alignment_callback.functional.neighbors import slot_table
+from alignment_callback.functional.neighbors import reciprocal_flags, slot_table
 
 
 @pytest.mark.parametrize("n,k", [(50, 1), (300, 10), (300, 15), (300, 16), (400, 33),
@@ -20,6 +21,24 @@ def test_lookup_equals_dense_membership(n, k):
     torch.testing.assert_close(table.lookup(rows, idx), torch.arange(1, k + 1).expand(n, k))
     # a broadcast the other way: a (n, k), b (n, 1)
     torch.testing.assert_close(table.lookup(idx, rows), dense[idx, rows])
+
+
+@pytest.mark.parametrize("n,k", [(1, 0), (2, 1), (50, 1), (300, 10), (300, 299)])
+def test_reciprocal_flags_equal_dense_membership(n, k):
+    """``reciprocal[i, t]``: i is a neighbor of ``j = idx[i, t]``; graphs with many reciprocal
+    pairs (neighbors within a short cyclic distance) and few (neighbors drawn from all rows)."""
+    g = torch.Generator().manual_seed(n + k)
+    rows = torch.arange(n)[:, None].expand(n, k)
+    w = k // 2 + 1
+    near = torch.cat([torch.arange(1, w + 1), -torch.arange(1, w + 1)])
+    for offsets in ([near] if 2 * w < n else []) + [torch.arange(1, n)]:
+        idx = torch.stack([(i + offsets[torch.randperm(len(offsets), generator=g)[:k]]) % n
+                           for i in range(n)])
+        dense = torch.zeros(n, n, dtype=torch.bool)
+        dense[rows, idx] = True
+        expected = dense[idx, rows]
+        assert torch.equal(reciprocal_flags(idx), expected)
+        assert 0 < int(expected.sum()) < n * k or len(offsets) >= n - 1
 
 
 def test_table_memory_is_linear_in_k():

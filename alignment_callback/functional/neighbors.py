@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -320,7 +321,12 @@ class NeighborLists:
     indices: Tensor
     values: Tensor
     reciprocal: Tensor
-    table: SlotTable | None = None
+
+    @cached_property
+    def table(self) -> SlotTable:
+        """The :class:`SlotTable` of ``indices``, built on first use (the batched torch path of
+        the null looks neighbors up in it; the compiled kernels and the moments do not)."""
+        return slot_table(self.indices)
 
     @property
     def n(self) -> int:
@@ -337,14 +343,24 @@ class NeighborLists:
         return neighbor_lists_from(self.indices[:, :k].contiguous(), self.values[:, :k].contiguous())
 
 
+def reciprocal_flags(indices: Tensor) -> Tensor:
+    """(n, k) bool: ``i ∈ N(j)`` for ``j = indices[i, t]``, by binary search of the sorted edge
+    codes ``i·n + j`` (O(n·k·log(n·k)), no table)."""
+    n, k = indices.shape
+    if n * k == 0:
+        return torch.zeros(n, k, dtype=torch.bool, device=indices.device)
+    src = torch.arange(n, device=indices.device).repeat_interleave(k)
+    dst = indices.reshape(-1).long()
+    codes = torch.sort(src * n + dst).values
+    query = dst * n + src
+    found = codes[torch.searchsorted(codes, query).clamp_max_(codes.numel() - 1)] == query
+    return found.view(n, k)
+
+
 def neighbor_lists_from(indices: Tensor, values: Tensor) -> NeighborLists:
-    """:class:`NeighborLists` from (n, k) indices and values (builds the look-up table and
-    ``reciprocal``)."""
-    n = indices.shape[0]
-    table = slot_table(indices)
-    rows = torch.arange(n, device=indices.device).view(n, 1)
-    reciprocal = table.lookup(indices, rows) > 0  # i ∈ N(j) for j = indices[i, t]
-    return NeighborLists(indices, values, reciprocal, table)
+    """:class:`NeighborLists` from (n, k) indices and values (computes ``reciprocal``; the
+    look-up table is built when first used)."""
+    return NeighborLists(indices, values, reciprocal_flags(indices))
 
 
 def neighbor_lists(x: Tensor, k: int, role: str = "x") -> NeighborLists:

@@ -99,6 +99,12 @@ def test_resolve_names_globs_regexes(net):
     assert resolve_layers(net, "blocks.*.fc") == ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]
     assert resolve_layers(net, "blocks.*") == ["blocks.0", "blocks.1", "blocks.2"]  # one level
     assert resolve_layers(net, "**.act") == ["blocks.0.act", "blocks.1.act", "blocks.2.act"]
+    # a whole "**." component also matches no component: the top-level layer and nested ones
+    assert resolve_layers(net, "**.head") == ["head"]
+    assert resolve_layers(net, "**.blocks.**.fc") == ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]
+    assert resolve_layers(net, "blocks.**.fc") == resolve_layers(net, "blocks.*.fc")
+    assert resolve_layers(net, "**") == [name for name, _ in net.named_modules() if name]
+    assert resolve_layers(net, "st**") == ["stem"]  # inside a component: any characters
     assert resolve_layers(net, "blocks.[02].fc") == ["blocks.0.fc", "blocks.2.fc"]
     assert resolve_layers(net, r"re:blocks\.\d+$") == ["blocks.0", "blocks.1", "blocks.2"]
     assert resolve_layers(net, re.compile(r"blocks\.1\..*")) == [

@@ -79,10 +79,16 @@ def named_layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
 
 
 def _glob_to_regex(pattern: str) -> "re.Pattern[str]":
-    """Translate a dotted-name glob: ``*`` stays inside one component, ``**`` spans several."""
+    """Translate a dotted-name glob: ``*`` stays inside one component, ``**`` spans several; a
+    ``**.`` component also matches none (``"**.fc"`` matches ``fc``, ``"a.**.b"`` matches
+    ``a.b``)."""
     out, i = [], 0
     while i < len(pattern):
         c = pattern[i]
+        if pattern.startswith("**.", i) and (i == 0 or pattern[i - 1] == "."):
+            out.append(r"(?:.*\.)?")  # zero or more whole components
+            i += 3
+            continue
         if pattern.startswith("**", i):
             out.append(".*")
             i += 2
@@ -211,7 +217,8 @@ def resolve_layers(model: nn.Module, layers: Layers, model_name: str = "model") 
         * an exact module name (``"encoder.layer.3"``; ``"module.encoder.layer.3"`` also
           works on a wrapped model),
         * a glob (``"encoder.layer.*.output"``): ``*`` and ``?`` stay within one dotted
-          component, ``**`` spans several, ``[...]`` is a character class,
+          component, ``**`` spans several (a ``**.`` component none too: ``"**.fc"``
+          matches ``fc`` and ``head.fc``), ``[...]`` is a character class,
         * a regex, as a ``"re:"``-prefixed string or a compiled ``re.Pattern``, which must
           match the whole name (``re.fullmatch``).
     model_name : str, default="model"

@@ -1,6 +1,6 @@
 """Instant calibration and probes of any size, measured in one run (ratios, not timed tests).
 
-Four sections (all by default, or pick with ``--only``):
+Five sections (all by default, or pick with ``--only``):
 
 * ``moments``: the analytic null (exact permutation moments + Pearson III, ``null="moments"``)
   vs K = 1000 permutations at n = 1024, d = 768 for linear / RBF (sigma="median") / unbiased
@@ -21,6 +21,10 @@ Four sections (all by default, or pick with ``--only``):
 * ``ddp``: the permutation null of linear CKA and of mutual kNN at n = 2048, K = 1000 split
   over 2 CPU processes (gloo, ``torch.multiprocessing`` spawn, 1 thread each, ``share_of`` +
   ``NullGather``) vs one process (1 thread): time ratio, and whether the nulls are identical.
+* ``prep``: preparing a side: the exact-tie check (``has_tied_rows``, behind ``null="auto"``
+  and every kNN search) of 2·10⁶ distinct rows vs sorting them (``torch.unique(dim=0)``), and
+  the kNN neighbor lists at n = 64 .. 65,536 (k = 10) vs the same with the slot look-up table
+  built too (no targets: what each preparation costs against what it replaces).
 
 Every timing is the best of ``--repeats`` (default 3) runs, baseline and candidate interleaved
 in the same run; the machine may be shared with other jobs (the load average is printed), so
@@ -396,8 +400,41 @@ def section_ddp(quick: bool, repeats: int, threads: int) -> None:
     print("(2 ranks on the 2 cores of a shared machine: the ideal ratio is 0.5)")
 
 
+# ------------------------------------------------------------------------ e. preparation
+def section_prep(quick: bool, repeats: int, threads: int) -> None:
+    from alignment_callback.functional import neighbors as nb
+    from alignment_callback.functional.moments.invariants import has_tied_rows
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000 if quick else 2_000_000
+    x = torch.randn(n, 2, generator=gen)  # distinct rows: the common case, nothing to merge
+    print(f"\n== e. preparing a side: the exact-tie check and kNN neighbor lists, "
+          f"{threads} thread(s)")
+    t = best_of({"ours": lambda: has_tied_rows(x), "sort": lambda: torch.unique(x, dim=0)},
+                repeats)
+    print(f"exact-tie check of n={n:,} distinct float32 rows of width 2: has_tied_rows "
+          f"{t['ours']:.3f} s vs torch.unique(dim=0) {t['sort']:.3f} s (sorting every row): "
+          f"{t['sort'] / t['ours']:.1f}x faster")
+    print("neighbor lists from a k=10 search (reciprocity flags): as prepared now vs with the "
+          "slot look-up table built too (as before; only the batched torch null reads it)")
+    print(f"{'n':>7s} {'calls':>5s} {'lists s':>9s} {'+ table s':>9s} {'ratio':>6s}")
+    for rows in (64, 4096) if quick else (64, 4096, 65_536):
+        idx, vals = nb.knn(torch.randn(rows, 32, generator=gen), 10)
+        calls = max(1, 8192 // rows)  # a sub-millisecond preparation is timed over many calls
+
+        def lists(table: bool) -> None:
+            for _ in range(calls):
+                prepared = nb.neighbor_lists_from(idx, vals)
+                if table:
+                    prepared.table  # noqa: B018 - builds the cached table
+        t = best_of({"lists": lambda: lists(False), "table": lambda: lists(True)}, repeats)
+        print(f"{rows:7d} {calls:5d} {t['lists']:9.4f} {t['table']:9.4f} "
+              f"{t['table'] / t['lists']:5.1f}x")
+
+
 SECTIONS = {"moments": section_moments, "features": section_features, "knn": section_knn,
-            "ddp": section_ddp}
+            "ddp": section_ddp, "prep": section_prep}
 
 
 def main() -> None:

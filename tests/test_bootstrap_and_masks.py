@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import alignment_callback.functional.bootstrap as bootstrap_module
-from alignment_callback.functional import calibrated_alignment
+from alignment_callback.functional import calibrated_alignment, calibrated_layer_alignment
 from alignment_callback.functional.bootstrap import bootstrap_interval
 from alignment_callback.functional.preprocessing import pool_features, prepare_features
 
@@ -178,6 +178,49 @@ def test_the_interval_covers_like_a_confidence_interval():
     assert 0.8 <= np.mean(widths) / (hi - lo) <= 1.3
     # within 3σ of the nominal 0.95 over 80 data sets (the unscaled interval: 0.66)
     assert np.mean(covered) >= 0.95 - 3 * np.sqrt(0.95 * 0.05 / 80)
+
+
+@pytest.mark.parametrize("case", ["mutual_knn", "groups", "layer_max"])
+def test_the_interval_covers_like_a_confidence_interval_beyond_smooth_single_pairs(case):
+    """The same Monte Carlo (n = 100, a clear signal, 80 data sets, 40 replicates) where the
+    smooth-statistic argument for the √(m/(n − m)) scaling does not hold as such, each with
+    the permutation null it needs (K = 39): mutual kNN (a count, not smooth in the rows),
+    linear CKA with 25 groups of 4 (whole groups subsampled, block permutations) and the max of
+    linear CKA over 2 × 2 layer pairs.  The interval covers the mean estimate as often as a
+    95 % interval does, within 3σ, and has about the width of the estimate's true 95 % range
+    (measured: 1.06×, 1.04×, 1.13×; the unscaled percentile interval is half as wide)."""
+    gen = torch.Generator().manual_seed(1)
+    n, measure = 100, "mutual_knn" if case == "mutual_knn" else "linear_cka"
+    kw = {"num_permutations": 39}
+    if case == "groups":
+        kw["groups"] = torch.arange(n) // 4
+
+    def pair():
+        x = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+        if case == "groups":  # rows of a group share a component: they are not exchangeable
+            x = x + torch.randn(n // 4, 4, generator=gen, dtype=torch.float64).repeat_interleave(4, 0)
+        return x, x + torch.randn(n, 4, generator=gen, dtype=torch.float64)
+
+    def draw():
+        if case != "layer_max":
+            return pair()
+        (x1, y1), (x2, y2) = pair(), pair()
+        return [x1, x2], [y1, y2]
+
+    def estimate(x, y, seed):
+        fn = calibrated_layer_alignment if case == "layer_max" else calibrated_alignment
+        return float(fn(x, y, measure, seed=seed, **kw).calibrated)
+
+    estimates = np.array([estimate(*draw(), seed) for seed in range(300)])
+    assert np.mean(estimates > 0) > 0.95  # a clear signal: the estimates are not clipped
+    lo, hi = np.quantile(estimates, [0.025, 0.975])
+    covered, widths = [], []
+    for r in range(80):
+        bi = bootstrap_interval(*draw(), measure, num_bootstrap=40, seed=r, **kw)
+        covered.append(bi.low <= estimates.mean() <= bi.high)
+        widths.append(bi.high - bi.low)
+    assert 0.8 <= np.mean(widths) / (hi - lo) <= 1.4, np.mean(widths) / (hi - lo)
+    assert np.mean(covered) >= 0.95 - 3 * np.sqrt(0.95 * 0.05 / 80), np.mean(covered)
 
 
 @pytest.mark.parametrize("max_score", ["auto", None])

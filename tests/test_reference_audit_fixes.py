@@ -124,7 +124,7 @@ def _picky(a, b):  # fails on the 20-wide reference "a" once training has starte
     return linear_cka(a, b)
 
 
-def test_a_failed_step_of_one_of_several_references_names_it_and_its_measure():
+def test_a_failed_step_of_one_of_several_references_names_it_and_its_measure(monkeypatch):
     _Failing.training = False
     reference_a = nn.Sequential(nn.Linear(8, 20), nn.Tanh())
     features_b = {"f": torch.randn(N, 24, generator=torch.Generator().manual_seed(5))}
@@ -140,6 +140,18 @@ def test_a_failed_step_of_one_of_several_references_names_it_and_its_measure():
     skipped = [str(w.message) for w in caught if "skipped" in str(w.message)]
     assert skipped == [f"alignment step at epoch 1 (step 2) skipped: {expected}"]
     assert [h["epoch"] for h in cb.history] == [0]  # the step is skipped for both references
+
+    # under a multi-process strategy the step goes through guarded_step (each process its
+    # share of the null): the failure it raises (this process's, or another's sent to it) is
+    # named the same way
+    def failing_share(compute, num_permutations, **kwargs):
+        raise RuntimeError("rank 1's share failed")
+
+    monkeypatch.setattr("alignment_callback.callback.alignment_callback.guarded_step",
+                        failing_share)
+    with pytest.raises(RuntimeError, match="rank 1's share failed") as err:
+        cb._compute(cb._capture(trainer.lightning_module), 2, 3, False, distributed=True)
+    assert err.value._alignment_where == "reference 'a', measure 'picky'"
 
 
 # ------------------------------------------------------------------ 4. per-name keys

@@ -1494,18 +1494,18 @@ class AlignmentCallback(Callback):
             if _initial_unset(ref):
                 self._initial_lost(ref)  # the step at the start failed before its capture
                 continue
-            if distributed:  # every failure of this reference's step meets the other processes
-                result = guarded_step(self._reference_step, ref.engine.num_permutations,
-                                      ref=ref, acts=acts, epoch=epoch, step=step)
-            else:
-                try:
+            try:
+                if distributed:  # every failure of this reference's step meets the others
+                    result = guarded_step(self._reference_step, ref.engine.num_permutations,
+                                          ref=ref, acts=acts, epoch=epoch, step=step)
+                else:
                     result = self._reference_step(ref, acts, epoch, step)
-                except Exception as err:
-                    if ref.name is not None:  # one of several: the warning says which failed,
-                        labels = list(ref.engine.measures)  # and its measure when it has one
-                        err._alignment_where = _which(ref) + (
-                            f", measure {labels[0]!r}" if len(labels) == 1 else "")
-                    raise
+            except Exception as err:
+                if ref.name is not None:  # one of several: the warning says which failed,
+                    labels = list(ref.engine.measures)  # and its measure when it has one
+                    err._alignment_where = _which(ref) + (
+                        f", measure {labels[0]!r}" if len(labels) == 1 else "")
+                raise
             if result is not None:
                 results[ref.name] = result
         # the step succeeded: "previous" compares the next one with this one (a failed step,

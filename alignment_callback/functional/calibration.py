@@ -116,7 +116,9 @@ def tie_tolerance(dtype: torch.dtype) -> float:
     A null value that equals the score in exact arithmetic (discrete data makes many) is
     computed along another route (another summation order, another SVD) and lands a few ulps
     from it, below as often as above; p = (1 + #{s_k ≥ s})/(K + 1) must count it.  Measured on
-    one-hot data, such ties are at most 1.6 ulps apart for every built-in measure.
+    one-hot data, such ties are at most 1.6 ulps apart for every built-in measure.  A null value
+    that differs from s in exact arithmetic by less than the tolerance counts as a tie too: p
+    can only grow, and a score can only be calibrated to 0, so the rule is conservative.
     """
     return TIE_ULPS * torch.finfo(dtype).eps
 

@@ -198,7 +198,8 @@ def test_the_interval_covers_like_a_confidence_interval_beyond_smooth_single_pai
     def pair():
         x = torch.randn(n, 4, generator=gen, dtype=torch.float64)
         if case == "groups":  # rows of a group share a component: they are not exchangeable
-            x = x + torch.randn(n // 4, 4, generator=gen, dtype=torch.float64).repeat_interleave(4, 0)
+            shared = torch.randn(n // 4, 4, generator=gen, dtype=torch.float64)
+            x = x + shared.repeat_interleave(4, 0)
         return x, x + torch.randn(n, 4, generator=gen, dtype=torch.float64)
 
     def draw():

@@ -93,21 +93,26 @@ def _define_keys(logger: Any, keys: Sequence[str]) -> None:
 def mlflow_keys(logger: Any, keys: Sequence[str]) -> dict[str, str]:
     """MLflow's name for each key: characters outside ``[A-Za-z0-9_/. -]`` dropped (what
     Lightning's MLFlowLogger does to metric names; tags and params are refused otherwise), and
-    a key that would then coincide with an earlier one of this logger told apart by ``_2``,
-    ``_3``, ... (warned once), so two layers or references never share one series."""
-    state = logger.__dict__.setdefault("_alignment_mlflow_names", {"names": {}, "taken": {}})
-    names, taken = state["names"], state["taken"]
+    a key whose name would then be one an earlier key of this logger has told apart by ``_2``,
+    ``_3``, ... (the first suffix no key has; warned once), so two layers or references never
+    share one series."""
+    names = logger.__dict__.setdefault("_alignment_mlflow_names", {"names": {}})["names"]
+    used = set(names.values())
     for key in keys:
         if key in names:
             continue
-        clean = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)
-        taken[clean] = taken.get(clean, 0) + 1
-        names[key] = clean if taken[clean] == 1 else f"{clean}_{taken[clean]}"
-        if taken[clean] > 1:
+        clean = name = re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)
+        suffix = 1
+        while name in used:
+            suffix += 1
+            name = f"{clean}_{suffix}"
+        if name != clean:
             earlier = [k for k, v in names.items() if v == clean]
             warnings.warn(f"MLflow drops characters outside [A-Za-z0-9_/. -] from names, which "
                           f"makes these keys coincide: {earlier + [key]}; {key!r} is logged as "
-                          f"{names[key]!r}", RuntimeWarning, stacklevel=3)
+                          f"{name!r}", RuntimeWarning, stacklevel=3)
+        names[key] = name
+        used.add(name)
     return {key: names[key] for key in keys}
 
 
@@ -168,8 +173,8 @@ def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: in
         elif kind == "tensorboard":
             logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
         elif kind == "mlflow":
-            name = mlflow_keys(logger, [f"{key}/{label}"])[f"{key}/{label}"]
-            logger.experiment.log_image(logger.run_id, image, f"{name}.png")
+            artifact = mlflow_keys(logger, [f"{key}/{label}"])[f"{key}/{label}"]
+            logger.experiment.log_image(logger.run_id, image, f"{artifact}.png")
     return written
 
 

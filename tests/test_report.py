@@ -3,6 +3,7 @@ inputs: the numbers in the report are the inputs, the sentences count what they 
 
 from __future__ import annotations
 
+import html
 import re
 
 import pytest
@@ -150,3 +151,44 @@ def test_a_p_value_on_the_boundary_is_significant_in_the_reports():
     assert line.rstrip(" |").endswith("yes")
     rejected, _ = benjamini_hochberg(torch.tensor(ps, dtype=torch.float32), alpha=0.2)
     assert rejected.tolist() == [True] * 3 + [False] * 9
+
+
+# ------------------------------------------------------------------ Markdown shows the text
+TRICKY = ["**.fc and blocks.*.attn", "__main__.fc ~ *ref*", "C:\\dir\\|x", "linear_cka, p <= 0.05",
+          "- 0.3 is not a list", "1. not a list either", "# not a heading", "<b>not bold</b>",
+          "`code` [link](x) ~~struck~~ a_b_c _x_ fc1 ~ fc2", "> not a quote"]
+MARKUP = ("<strong>", "<em>", "<code>", "<a ", "<b>", "<s>", "<del>", "<ol", "<ul", "<h2",
+          "<blockquote>")
+
+
+def _render(markdown: str) -> tuple[str, list[str]]:
+    """HTML of CommonMark with GFM tables and strikethrough (markdown-it-py), and its text
+    lines (tags dropped, entities decoded)."""
+    from markdown_it import MarkdownIt
+
+    rendered = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(markdown)
+    return rendered, html.unescape(re.sub(r"<[^>]+>", "", rendered)).split("\n")
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_markdown_shows_every_text_as_given(text):
+    """Globs (``**.fc`` rendered bold), dunder names, pipes and backslashes in table cells,
+    leading list, heading or quote markers, HTML: a rendered paragraph, bullet, heading, table
+    cell and image caption show the text as written, and no other markup appears."""
+    cases = {"paragraph": (lambda r: r.paragraph(text), ()),
+             "bullet": (lambda r: r.bullets([text]), ("<ul",)),
+             "heading": (lambda r: r.heading(text), ("<h2",)),
+             "cell": (lambda r: r.table(["h"], [[text]]), ())}
+    for kind, (add, expected_tags) in cases.items():
+        report = Report("T")
+        add(report)
+        rendered, lines = _render(report.to_markdown())
+        assert text in lines, (kind, lines)
+        for tag in MARKUP:
+            assert (tag in rendered) == (tag in expected_tags), (kind, tag, rendered)
+        if kind == "cell":
+            assert rendered.count("<td>") == 1, rendered
+    report = Report("T")
+    report.image("a.png", text)
+    rendered, _ = _render(report.to_markdown())
+    assert f'alt="{html.escape(text)}"' in rendered, rendered

@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -69,6 +70,41 @@ def link_target(path: str) -> str:
     return quote(path, safe="/")
 
 
+_ALWAYS = frozenset("\\`*[]|")  # markup wherever they stand
+_LEADING = re.compile(r"^(?:[#>+=-]|\d+[.)](?=\s|$))")  # a heading, quote or list at the start
+
+
+def markdown_escape(text: str) -> str:
+    r"""``text`` with a backslash before each character Markdown would read as markup, so that
+    it renders as written: a glob ``**.fc`` is not bold, ``__main__`` not emphasized, a ``|``
+    does not end a table cell.  Escaped: ``\ ` * [ ] |`` everywhere; ``_`` and ``~`` unless
+    they stand inside a word (``linear_cka``) or between spaces (``fc1 ~ fc2``); ``<`` before
+    a tag or link (a letter, ``/``, ``!`` or ``?``); a heading, quote or list marker at the
+    start.
+
+    >>> print(markdown_escape("**.fc | __main__.fc ~ linear_cka, p <= 0.05"))
+    \*\*.fc \| \_\_main\_\_.fc ~ linear_cka, p <= 0.05
+    >>> print(markdown_escape("- 0.3 <b>"))
+    \- 0.3 \<b>
+    """
+    out = []
+    for i, c in enumerate(text):
+        before = text[i - 1] if i else " "
+        after = text[i + 1] if i + 1 < len(text) else " "
+        if (c in _ALWAYS
+                or (c == "_" and not (before.isalnum() and after.isalnum()))
+                or (c == "~" and not (before.isspace() and after.isspace()))
+                or (c == "<" and (after.isalpha() or after in "/!?"))):
+            out.append("\\")
+        out.append(c)
+    escaped = "".join(out)
+    leading = _LEADING.match(escaped)
+    if leading:  # the marker's last character: "-" or the "." of "1."
+        cut = leading.end() - 1
+        escaped = escaped[:cut] + "\\" + escaped[cut:]
+    return escaped
+
+
 def _options(kwargs: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in (kwargs or {}).items())
 
@@ -86,7 +122,7 @@ class Report:
     >>> print(r.to_markdown())
     # Demo
     <BLANKLINE>
-    one | two
+    one \\| two
     <BLANKLINE>
     | a | b |
     |---|---|
@@ -114,25 +150,27 @@ class Report:
 
     # --------------------------------------------------------------------------- rendering
     def to_markdown(self) -> str:
-        """The report as GitHub-flavored Markdown."""
-        out = [f"# {self.title}", ""]
+        """The report as GitHub-flavored Markdown.  Every text is shown as given: the
+        characters Markdown would read as markup (``*`` and ``_`` of globs and layer names,
+        ``|`` in a table cell, ...) are escaped."""
+        e = markdown_escape
+        out = [f"# {e(self.title)}", ""]
         for block in self.blocks:
             kind = block[0]
             if kind == "heading":
-                out += ["#" * block[1] + " " + block[2], ""]
+                out += ["#" * block[1] + " " + e(block[2]), ""]
             elif kind == "paragraph":
-                out += [block[1], ""]
+                out += [e(block[1]), ""]
             elif kind == "bullets":
-                out += [f"- {item}" for item in block[1]] + [""]
+                out += [f"- {e(item)}" for item in block[1]] + [""]
             elif kind == "table":
-                cells = [[c.replace("|", "\\|") for c in row] for row in [block[1], *block[2]]]
+                cells = [[e(c) for c in row] for row in [block[1], *block[2]]]
                 out.append("| " + " | ".join(cells[0]) + " |")
                 out.append("|" + "|".join("---" for _ in cells[0]) + "|")
                 out += ["| " + " | ".join(row) + " |" for row in cells[1:]]
                 out.append("")
             elif kind == "image":
-                alt = "".join("\\" + c if c in "\\[]" else c for c in block[2])
-                out += [f"![{alt}]({link_target(block[1])})", ""]
+                out += [f"![{e(block[2])}]({link_target(block[1])})", ""]
         return "\n".join(out)
 
     def to_html(self) -> str:

@@ -76,3 +76,20 @@ def test_changed_matplotlib_settings_rebuild_the_figure():
         styled = heatmap_image(result, "styled")
         np.testing.assert_array_equal(styled, _full_draw(result, "styled"))
     np.testing.assert_array_equal(heatmap_image(result, "after"), _full_draw(result, "after"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_cells_do_not_set_the_color_range(bad):
+    """As in ``plot_layer_heatmap``: a NaN cell made ``min(0, nan)`` 0 (a raw -0.4 was
+    clipped), an infinite one made the range infinite (one color for every cell)."""
+    result = _result(3, 4, seed=5)
+    result.matrix[0, 0] = -0.4
+    result.pair_calibrated[2, 3] = bad
+    finite = torch.stack([result.matrix, result.pair_calibrated])
+    finite = finite[torch.isfinite(finite)]
+    lo, hi = min(0.0, float(finite.min())), max(1.0, float(finite.max()))
+    heatmap_image(result, "t")
+    canvas = heatmap_canvas.canvas_for(tuple(result.x_names), tuple(result.y_names), 80)
+    for image in (ax.images[0] for ax in canvas.axes):
+        assert image.get_clim() == (pytest.approx(lo), pytest.approx(hi))
+    assert f"colors {lo:g} to {hi:g}" in canvas.title.get_text()

@@ -508,6 +508,16 @@ def test_plot_layer_heatmap() -> None:
     plt.close(fig)
     fig, ax = metric.plot(metric.compute()["matrix"])
     plt.close(fig)
+    # the box is the best pair whatever the aggregate (the title said "mean outlined")
+    metric = LayerAlignment("linear_cka", num_permutations=K, aggregate="mean")
+    metric.update(xs, ys)
+    out = metric.compute()
+    fig, ax = metric.plot(out)
+    assert ax.get_title() == "linear_cka: raw, best pair outlined"
+    (box,) = [p for p in ax.patches if p.get_edgecolor()[:3] == (1.0, 0.0, 0.0)]
+    flat = int(out["matrix"].argmax())
+    assert box.get_xy() == (flat % 3 - 0.5, flat // 3 - 0.5)
+    plt.close(fig)
 
 
 def test_plot_layer_heatmap_of_a_single_pair() -> None:

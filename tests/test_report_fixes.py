@@ -329,6 +329,12 @@ def test_plot_layer_heatmap_checks_argmax_and_marks_and_skips_nan_in_the_colors(
         plot_layer_heatmap([[0.1, 0.2]], ["a"], ["b", "c"], argmax=(1, 0))
     with pytest.raises(ValueError, match="marks"):
         plot_layer_heatmap([[0.1, 0.2]], ["a"], ["b", "c"], marks=[[True]])
+    # not a pair, and ragged marks: the argument is named (were TypeError / NumPy's message)
+    with pytest.raises(ValueError, match=r"argmax must be \(row, column\) .* got 7"):
+        plot_layer_heatmap([[0.1, 0.2]], ["a"], ["b", "c"], argmax=7)
+    with pytest.raises(ValueError, match="marks must be a 2×2 boolean matrix"):
+        plot_layer_heatmap([[0.1, 0.2], [0.3, 0.4]], ["a", "b"], ["c", "d"],
+                           marks=[[True, False], [True]])
     fig, ax = plot_layer_heatmap([[math.nan, 1.5], [-0.3, 0.2]], ["a", "b"], ["c", "d"])
     lo, hi = ax.images[0].get_clim()
     assert (lo, hi) == (pytest.approx(-0.3), pytest.approx(1.5))

@@ -97,4 +97,4 @@ class LayerAlignment(AlignmentMetricBase):
             matrix = matrix.reshape(1, 1)
         argmax = tuple(int(i) for i in val["argmax"]) if isinstance(val, Mapping) else None
         return plot_layer_heatmap(matrix, self.x_layers, self.y_layers, ax=ax, argmax=argmax,
-                                  title=f"{self.measure.name}: raw, {self.aggregate} outlined")
+                                  title=f"{self.measure.name}: raw, best pair outlined")

@@ -341,13 +341,21 @@ def _check_heatmap(m: Any, x_names: Sequence[str], y_names: Sequence[str],
         raise ValueError(f"y_names has {len(y_names)} names for the matrix's {cols} columns "
                          "(reference layers)")
     if argmax is not None:
-        a = [int(i) for i in argmax]
+        try:
+            a = [int(i) for i in argmax]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"argmax must be (row, column) inside the {rows}×{cols} matrix, "
+                             f"got {argmax!r}") from err
         if len(a) != 2 or not (0 <= a[0] < rows and 0 <= a[1] < cols):
             raise ValueError(f"argmax must be (row, column) inside the {rows}×{cols} matrix, "
                              f"got {tuple(a)}")
     if marks is not None:
-        shape = np.shape(torch.as_tensor(marks).detach().cpu().numpy() if isinstance(marks, Tensor)
-                         else marks)
+        try:
+            shape = np.shape(marks.detach().cpu().numpy() if isinstance(marks, Tensor)
+                             else np.asarray(marks, dtype=bool))
+        except (TypeError, ValueError) as err:  # ragged nested lists
+            raise ValueError(f"marks must be a {rows}×{cols} boolean matrix, got {marks!r}"
+                             ) from err
         if tuple(shape) != (rows, cols):
             raise ValueError(f"marks must have the matrix's shape {(rows, cols)}, got "
                              f"{tuple(shape)}")
@@ -382,7 +390,9 @@ def heatmap_image(result: Any, title: str, dpi: int = 80) -> Any:
     raw = torch.as_tensor(result.matrix).detach().cpu().double()
     cal = torch.as_tensor(result.pair_calibrated).detach().cpu().double()
     both = torch.stack([raw, cal])
-    lo, hi = min(0.0, float(both.min())), max(1.0, float(both.max()))
+    finite = both[torch.isfinite(both)]  # NaN / inf cells do not set the range (as in
+    lo = min(0.0, float(finite.min())) if finite.numel() else 0.0  # plot_layer_heatmap)
+    hi = max(1.0, float(finite.max())) if finite.numel() else 1.0
     suptitle = f"{title} (colors {lo:g} to {hi:g}; red box: best raw pair)"
     with _RENDER_LOCK:
         canvas = canvas_for(tuple(result.x_names), tuple(result.y_names), dpi)

@@ -401,6 +401,60 @@ def test_a_field_the_alignment_callback_does_not_log_is_refused_at_setup(tmp_pat
         _fit(tmp_path, [_aligner(), plateau], 1)
 
 
+@pytest.mark.parametrize("field", ["best_pair", "null_method"])
+def test_a_text_field_is_refused_at_setup_even_without_strict(tmp_path, field):
+    """With strict=False an unknown field only warns; a text field then crashed the fit at
+    its first check (float('fc1|fc1')).  A text can never be a number: refused at setup."""
+    plateau = _plateau(monitor=f"alignment/cknna/{field}", strict=False)
+    with pytest.raises(ValueError, match=f"'{field}' is a text"):
+        _fit(tmp_path, [_aligner(), plateau], 1)
+
+
+def test_a_plateau_with_a_source_is_no_monitor_of_another_alignment_callback(tmp_path):
+    """Two AlignmentCallbacks log the key and the plateau names its source, as the error of
+    the next test asks: the other callback took the plateau for a reader of the logged
+    metrics and refused it (a raw field is not logged to the module; background=True)."""
+    # the other callback measures linear_cka too (Lightning needs distinct state keys)
+    watched, other = _aligner(), _aligner(background=True, measures=["cknna", "linear_cka"])
+    plateau = _plateau(monitor="alignment/cknna/raw", source=watched, patience=1,
+                       min_delta=10.0)  # no improvement: it fires at its second check
+    _fit(tmp_path, [watched, other, plateau], 2)
+    assert plateau.fired_at is not None  # it read the watched callback's history
+    assert plateau.fired_at["value"] == watched.history[-1]["alignment/cknna/raw"]
+
+
+def test_a_plateau_on_the_logged_metrics_is_told_to_drop_source_metrics(tmp_path):
+    """``source="metrics"`` is the one reason a plateau reads the logged metrics: the fix is
+    to drop it, not 'use AlignmentPlateau' or 'use background=False'."""
+    for aligner_kw, monitor in (({}, "alignment/cknna/raw"), ({"background": True}, KEY)):
+        plateau = _plateau(monitor=monitor, source="metrics")
+        with pytest.raises(ValueError, match='Drop source="metrics"') as err:
+            _fit(tmp_path, [_aligner(**aligner_kw), plateau], 1)
+        assert "use AlignmentPlateau" not in str(err.value)
+        assert "Use background=False" not in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_an_epoch_cut_short_is_checked_once_across_a_resume(tmp_path):
+    """check_on="epoch", a flat value, patience 2: 8 steps in one run make 2 checks (epochs 1
+    and 2); cut at step 6 (max_steps, in epoch 2) and resumed to step 8, epoch 2 was checked at
+    the cut and again at its end, and the plateau fired where the same run did not."""
+    flat = [0.5] * 4
+    whole = _plateau(monitor=KEY, patience=2)
+    _fit(tmp_path / "whole", [Scripted(flat), whole], 10, max_steps=8)
+    assert (whole.wait, whole.fired) == (1, False)
+    ckpt_dir = tmp_path / "ckpt"
+    cut = _plateau(monitor=KEY, patience=2)
+    _fit(tmp_path / "cut", [Scripted(flat), cut, ModelCheckpoint(ckpt_dir, save_last=True)], 10,
+         max_steps=6, enable_checkpointing=True)
+    assert cut.wait == 0  # the cut epoch is not a check
+    resumed = _plateau(monitor=KEY, patience=2)
+    _fit(tmp_path / "resumed", [Scripted(flat), resumed], 10, max_steps=8,
+         ckpt_path=str(ckpt_dir / "last.ckpt"))
+    assert (resumed.wait, resumed.fired) == (whole.wait, whole.fired)
+
+
 def test_two_alignment_callbacks_logging_the_key_need_source(tmp_path):
     with pytest.raises(ValueError, match="2 AlignmentCallbacks log this key; pass .* source="):
         _fit(tmp_path, [_aligner(), _aligner(measures=["cknna", "linear_cka"]),

@@ -23,7 +23,9 @@ Where the values come from (``source``):
   references);
 * ``trainer.callback_metrics`` (``source="metrics"``, or the default when no
   ``AlignmentCallback`` logs the key: a value ``pl_module.log``-ged by anything else): one check
-  at every training epoch end (``check_on="epoch"``) or after every optimizer step
+  at every training epoch end (``check_on="epoch"``; an epoch cut short by ``max_steps``,
+  ``max_time`` or a stop is checked at its real end when the run resumes, once, unlike
+  ``EarlyStopping``) or after every optimizer step
   (``check_on="step"``), like ``EarlyStopping``.  The key must then be logged afresh for every
   check (a value left over from an earlier epoch counts as one more check without improvement),
   and the logging code must run before this callback's hook (put this callback after the one
@@ -56,11 +58,12 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from alignment_callback.callback.alignment_callback import AlignmentCallback
-from alignment_callback.callback.progress import last_batch_ran
+from alignment_callback.callback.progress import epoch_cut_short, last_batch_ran
 from alignment_callback.engine.result import LOGGED_FIELDS
 
 #: The numbers logged per measure as ``<prefix>/<measure>/<field>``
 _FIELDS = (*LOGGED_FIELDS, "best_model_layer", "best_reference_layer")
+_TEXT_FIELDS = ("best_pair", "null_method")  # logged per measure too, as texts
 
 OnPlateau = Callable[["pl.Trainer", "pl.LightningModule"], Any]
 Source = None | str | AlignmentCallback
@@ -106,7 +109,8 @@ class AlignmentPlateau(Callback):
         As ``EarlyStopping``: a check without the key is an error (and so, at setup, is a
         source that does not log it, or a ``<prefix>/<measure>/<field>`` key whose field is
         not one it logs, such as ``calibrate``); ``False``: such checks are skipped, and a key
-        that never appeared is reported with a warning when training ends.
+        that never appeared is reported with a warning when training ends.  A text field
+        (``best_pair``, ``null_method``) is an error either way.
     verbose : bool, default=False
         Log each check's outcome and the call (rank 0).
     name : str or None, default=None
@@ -219,6 +223,12 @@ class AlignmentPlateau(Callback):
         self._last_step = None if last_step is None else int(last_step)
         self._seen = bool(state_dict.get("seen", False))
 
+    @property
+    def reads_metrics(self) -> bool:
+        """Whether this plateau may read ``trainer.callback_metrics`` (False: its ``source``
+        is an ``AlignmentCallback``, whose history it reads, whatever other callbacks log)."""
+        return not isinstance(self.source, AlignmentCallback)
+
     def reads_history_of(self, callback: Any) -> bool:
         """Whether this plateau reads ``callback``'s history rather than
         ``trainer.callback_metrics`` (so it may watch a ``background=True`` callback)."""
@@ -251,9 +261,11 @@ class AlignmentPlateau(Callback):
     def _check_field(self, callback: AlignmentCallback) -> None:
         field = self._unknown_field(callback)
         if field is not None:
-            self._report(f"AlignmentPlateau(monitor={self.monitor!r}): {field!r} is not a number "
-                         f"the AlignmentCallback logs per measure; those are "
-                         f"{', '.join(_FIELDS)}")
+            message = (f"AlignmentPlateau(monitor={self.monitor!r}): {field!r} is not a number "
+                       f"the AlignmentCallback logs per measure; those are {', '.join(_FIELDS)}")
+            if field in _TEXT_FIELDS:  # a text, never a number: an error even without strict
+                raise ValueError(message + f" ({field!r} is a text)")
+            self._report(message)
 
     def _keys_of(self, callback: AlignmentCallback) -> str:
         return ", ".join(f"{head}/calibrated" for head in callback.measure_prefixes())
@@ -328,7 +340,10 @@ class AlignmentPlateau(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._history is not None:
             self._read_history(trainer, pl_module)
-        elif self.check_on == "epoch" and not trainer.sanity_checking:
+        elif (self.check_on == "epoch" and not trainer.sanity_checking
+              and not epoch_cut_short(trainer)):
+            # an epoch cut short (max_steps, max_time, a stop) is checked at its real end
+            # when the run resumes, once, as in a run that was not interrupted
             self._read_metrics(trainer, pl_module, int(trainer.current_epoch) + 1,
                                int(trainer.global_step))
 
@@ -385,6 +400,9 @@ class AlignmentPlateau(Callback):
                 continue
             if value is None:
                 self._missing(sorted(k for k in entry if isinstance(k, str)), "history entry")
+                continue
+            if isinstance(value, str):  # a text where a number was expected: no check
+                self._missed += 1
                 continue
             self._check(trainer, pl_module, float(value), epoch, step)
 

@@ -137,6 +137,8 @@ def _stale(messages):
 @pytest.mark.parametrize("case,fix", [
     ("checkpoint_at_validation_end", "ModelCheckpoint(save_on_train_epoch_end=True)"),
     ("early_stopping_at_validation_end", "EarlyStopping(check_on_train_epoch_end=True)"),
+    ("early_stopping_listed_first_at_validation_end",
+     "EarlyStopping(check_on_train_epoch_end=True)"),
     ("checkpoint_every_epoch", "ModelCheckpoint(every_n_epochs=2)"),
     ("checkpoint_by_steps", "ModelCheckpoint(every_n_epochs=1)"),
     ("early_stopping_every_epoch", "Use AlignmentPlateau"),
@@ -151,7 +153,7 @@ def test_monitors_that_would_read_an_earlier_steps_value_are_warned_at_setup(tmp
     if case == "checkpoint_at_validation_end":
         watcher, kw = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max"), \
             {"check_val_every_n_epoch": 2}
-    elif case == "early_stopping_at_validation_end":
+    elif case.startswith("early_stopping") and case.endswith("at_validation_end"):
         watcher, kw = EarlyStopping(KEY, mode="max", patience=5), {"check_val_every_n_epoch": 2}
     elif case == "checkpoint_every_epoch":
         watcher, every = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max"), \
@@ -161,10 +163,15 @@ def test_monitors_that_would_read_an_earlier_steps_value_are_warned_at_setup(tmp
                                   every_n_train_steps=3)
     else:
         watcher, every = EarlyStopping(KEY, mode="max", patience=5), {"every_n_epochs": 2}
-    _, messages = fit([callback(**every), watcher], val="validation" in case, max_epochs=2, **kw)
+    callbacks = [callback(**every), watcher]
+    _, messages = fit(callbacks[::-1] if "listed_first" in case else callbacks,
+                      val="validation" in case, max_epochs=2, **kw)
     stale = _stale(messages)
     assert len(stale) == 1 and fix in stale[0], messages
     assert re.search(rf"{type(watcher).__name__}\(monitor='{KEY}'\)", stale[0])
+    if kw:  # the reason is the Trainer's setting, whichever callback sets up first (the
+        # EarlyStopping's own setup turns its check_on_train_epoch_end=None into False)
+        assert "(Trainer(check_val_every_n_epoch=2))" in stale[0], stale[0]
 
 
 def test_monitors_that_check_where_the_steps_are_get_no_warning_and_fresh_scores(tmp_path):

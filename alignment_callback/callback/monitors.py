@@ -33,8 +33,19 @@ def alignment_monitors(trainer: Trainer, owner: Any) -> list[Callback]:
         reads_history_of = getattr(cb, "reads_history_of", None)
         if callable(reads_history_of) and reads_history_of(owner):
             continue
+        if getattr(cb, "reads_metrics", True) is False:  # it reads another callback's history
+            continue
         found.append(cb)
     return found
+
+
+def _plateau_advice(cb: Callback) -> str | None:
+    """The fix for an ``AlignmentPlateau(source="metrics")`` (it reads the logged metrics only
+    because it was told to), None for other monitors."""
+    if not callable(getattr(cb, "reads_history_of", None)):
+        return None
+    return ("Drop source=\"metrics\": by default AlignmentPlateau reads the callback's "
+            "history, which holds every field and the background results")
 
 
 def refuse_in_background(monitors: list[Callback]) -> None:
@@ -46,7 +57,8 @@ def refuse_in_background(monitors: list[Callback]) -> None:
             f"{type(cb).__name__}(monitor={cb.monitor!r}) cannot watch an alignment key "
             "computed with AlignmentCallback(background=True): background results arrive "
             "whenever the worker finishes, so they are not logged to the module and a monitor "
-            "would see them late or never. Use background=False for monitored keys."
+            "would see them late or never. "
+            + (_plateau_advice(cb) or "Use background=False for monitored keys.")
         )
 
 
@@ -62,9 +74,10 @@ def refuse_unlogged(monitors: list[Callback], logged: list[str]) -> None:
             raise ValueError(
                 f"{type(cb).__name__}(monitor={cb.monitor!r}) watches an alignment key that "
                 f"monitors never see: {kept} logged to the module, where monitors read them; "
-                "the other fields go to the loggers only. Monitor a calibrated score (with "
-                "log_to_module=True), or use AlignmentPlateau, which reads any field from the "
-                "callback's history")
+                "the other fields go to the loggers only. "
+                + (_plateau_advice(cb) or "Monitor a calibrated score (with "
+                   "log_to_module=True), or use AlignmentPlateau, which reads any field from "
+                   "the callback's history"))
 
 
 def stale_monitor_warnings(trainer: Trainer, pl_module: LightningModule, monitors: list[Callback],
@@ -126,12 +139,14 @@ def _checks_at_validation_end(cb: Callback, trainer: Trainer, pl_module: Lightni
                      or trainer.limit_val_batches == 0)
     if no_validation or setting is True:
         return None
-    if setting is False:
-        return f"{option}=False"
+    # the Trainer's settings first: EarlyStopping's own setup turns its None into False when
+    # one of them holds, so False alone does not say that the user passed it
     if getattr(trainer, "_val_check_time_interval", None) is not None:
         return "validation by time"
     if trainer.check_val_every_n_epoch != 1:
         return f"Trainer(check_val_every_n_epoch={trainer.check_val_every_n_epoch})"
     if trainer.val_check_interval != 1.0:
         return f"Trainer(val_check_interval={trainer.val_check_interval})"
+    if setting is False:
+        return f"{option}=False"
     return None

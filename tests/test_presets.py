@@ -98,6 +98,10 @@ def test_presets_cannot_be_changed_through_results():
         PRESETS["prh"].arguments["aggregate"] = "mean"  # type: ignore[index]
     with pytest.raises(TypeError):
         PRESETS["mine"] = PRESETS["prh"]  # type: ignore[index]
+    with pytest.raises(TypeError):  # nested options too (they were plain dicts)
+        PRESETS["prh"].arguments["measures"]["mutual_knn"]["k"] = 3  # type: ignore[index]
+    assert resolve_preset("prh", {})["measures"] == {"mutual_knn": {"k": 10}}
+    assert type(resolve_preset("prh", {})["measures"]["mutual_knn"]) is dict  # the caller's
 
 
 def test_a_preset_sets_only_measurement_arguments():
@@ -168,5 +172,11 @@ def test_patch_mean():
     assert patch_mean(5).__name__ == "patch_mean(5)"
     with pytest.raises(ValueError, match="more than 5 tokens"):
         patch_mean(5)(x)
-    with pytest.raises(ValueError, match="prefix_tokens must be"):
+    with pytest.raises(ValueError, match="patch_mean: prefix_tokens must be"):
         patch_mean(-1)
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(ValueError, match="patch_mean: prefix_tokens must be"):
+            patch_mean(bad)
+    for integer in (np.int64(1), torch.tensor(1).item(), np.uint8(1)):  # any integer type
+        torch.testing.assert_close(patch_mean(integer)(x), x[:, 1:].mean(1))
+        assert patch_mean(integer).__name__ == "patch_mean(1)"

@@ -70,7 +70,7 @@ patch-mean features once and pass those.
 
 from __future__ import annotations
 
-import copy
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -103,7 +103,26 @@ class Preset:
         if unknown_args:
             raise ValueError(f"preset {self.name!r}: arguments {sorted(unknown_args)} cannot be "
                              f"set by a preset (only {', '.join(PRESET_ARGUMENTS)})")
-        object.__setattr__(self, "arguments", MappingProxyType(dict(self.arguments)))
+        object.__setattr__(self, "arguments", _frozen(self.arguments))
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` with every mapping read-only and every list a tuple, at every depth: a preset
+    changed in place would change every later ``preset=`` of the process."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _thawed(value: Any) -> Any:
+    """A fresh copy of a :func:`_frozen` value with plain dicts (the caller may change it)."""
+    if isinstance(value, Mapping):
+        return {k: _thawed(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_thawed(v) for v in value)
+    return value
 
 
 PRH = Preset(
@@ -187,7 +206,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (PRH, REPA)
 def resolve_preset(name: str | None, explicit_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The preset's arguments with ``explicit_kwargs`` laid over them.
 
-    ``{**PRESETS[name].arguments, **given}`` (deep-copied), with ``given`` the entries of
+    ``{**PRESETS[name].arguments, **given}`` (a fresh copy), with ``given`` the entries of
     ``explicit_kwargs`` that are not :data:`UNSET`.
 
     Parameters
@@ -222,7 +241,7 @@ def resolve_preset(name: str | None, explicit_kwargs: Mapping[str, Any]) -> dict
     if not isinstance(name, str) or name not in PRESETS:
         known = ", ".join(f"{key!r} ({p.summary})" for key, p in PRESETS.items())
         raise ValueError(f"unknown preset {name!r}; the presets are: {known}")
-    out = copy.deepcopy(dict(PRESETS[name].arguments))
+    out = _thawed(PRESETS[name].arguments)
     out.update(given)
     return out
 
@@ -253,8 +272,11 @@ def patch_mean(prefix_tokens: int = 1) -> Callable[[Tensor], Tensor]:
     >>> patch_mean(1)(x)
     tensor([[2.]])
     """
-    if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int) or prefix_tokens < 0:
-        raise ValueError(f"prefix_tokens must be an integer >= 0, got {prefix_tokens!r}")
+    if (isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, numbers.Integral)
+            or prefix_tokens < 0):
+        raise ValueError(f"patch_mean: prefix_tokens must be an integer >= 0, got "
+                         f"{prefix_tokens!r}")
+    prefix_tokens = int(prefix_tokens)
 
     def pool(x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[1] <= prefix_tokens:

@@ -49,3 +49,28 @@ def test_per_feature_scaling_invariance_in_float32(factor):
     scaled[:, :3] *= factor
     assert float(F.svcca(scaled, y, cca_dim=10)) == pytest.approx(float(F.svcca(x, y, cca_dim=10)),
                                                                  abs=1e-5)
+
+
+@pytest.mark.parametrize("n,d", [(2048, 64), (300, 2000)])  # both routes: d <= n and d > n
+def test_float32_data_with_small_top_directions_is_not_called_rank_deficient(n, d):
+    """A full-rank power-law spectrum whose 10th standardized singular value is 0.3-0.4 % of
+    the first: the float32 products round the eigenvalues by about eps·λ₁, and the rank test
+    refused the data as rank-deficient (below ~n·eps·λ₁); the basis now comes from float64
+    products there and the value is the float64 reference's.  Data that is rank-deficient
+    (9 directions for cca_dim = 10) is still refused, also with noise at float32's resolution
+    (1e-7 of its largest value) added: float64 products see that noise as a 10th direction,
+    and the float32 data's own resolution (s/s₁ > max(n, d)·eps) refuses it."""
+    g = torch.Generator().manual_seed(0)
+    r = min(n - 1, d)
+    u, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))
+    s = torch.arange(1, r + 1, dtype=torch.float64) ** -3.0
+    x = ((u * s) @ v.T).float()
+    y = (x.double() + 0.01 * torch.randn(n, d, generator=g, dtype=torch.float64)).float()
+    expected = R.svcca(x.double().numpy(), y.double().numpy(), 10)
+    assert float(F.svcca(x, y)) == pytest.approx(expected, abs=1e-5)
+    low = (u[:, :9] * s[:9]) @ v[:, :9].T  # rank 9
+    noise = 1e-7 * low.abs().max() * torch.randn(n, d, generator=g, dtype=torch.float64)
+    for z in (low, low + noise):
+        with pytest.raises(ValueError, match="fewer than cca_dim=10 non-degenerate directions"):
+            F.svcca(z.float(), y)

@@ -66,6 +66,28 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
     # standardized columns do not change, and no column's squared sum underflows in the product
     _, exponent = torch.frexp(xc.abs().amax(0, keepdim=True))
     xc = times_power_of_two(xc, -exponent)  # in steps: a subnormal column needs > 2**127
+    size_eps = max(n, d) * torch.finfo(xc.dtype).eps
+    basis = _top_directions(xc, cca_dim, size_eps)
+    if basis is None and xc.dtype != torch.float64:
+        # a float32 product rounds the eigenvalues λ = s² by about eps·λ₁, so the test refuses
+        # a direction with λ under ~n·eps·λ₁ (s/s₁ under 1.6e-2 at n = 2048) that the data
+        # holds: with float64 products, the data's own resolution decides (s/s₁ above
+        # max(n, d)·eps of its dtype, as in a rank test of singular values)
+        basis = _top_directions(xc.double(), cca_dim, size_eps ** 2)
+        basis = None if basis is None else basis.to(xc.dtype)
+    if basis is None:
+        raise ValueError(
+            f"svcca: the representation has fewer than cca_dim={cca_dim} non-degenerate "
+            "directions (zero-variance or rank-deficient features)"
+        )
+    return basis
+
+
+def _top_directions(xc: Tensor, cca_dim: int, min_ratio: float) -> Tensor | None:
+    """Orthonormal (n, cca_dim) basis of the top singular directions of the standardized
+    columns of the centered ``xc``; None when its ``cca_dim``-th eigenvalue is not above
+    ``λ₁·min_ratio`` (rank-deficient, to float resolution)."""
+    n, d = xc.shape
     if d <= n:  # X_s = X_c D with D = diag(1/std): X_sᵀX_s = D X_cᵀX_c D = V S² Vᵀ, U = X_s V / S
         cov = xc.T @ xc
         std = (cov.diagonal() / (n - 1)).sqrt()
@@ -75,11 +97,8 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
         std = xc.std(0, keepdim=True)
         xs = xc / torch.where(std > 0, std, torch.ones_like(std))
         evals, vecs = _top_eigh(xs @ xs.T, cca_dim)
-    if not bool(evals[-1] > evals[0] * max(n, d) * torch.finfo(evals.dtype).eps):
-        raise ValueError(
-            f"svcca: the representation has fewer than cca_dim={cca_dim} non-degenerate "
-            "directions (zero-variance or rank-deficient features)"
-        )
+    if not bool(evals[-1] > evals[0] * min_ratio):
+        return None
     if d > n:
         return vecs
     u = (xc @ (vecs * scale[:, None])) / evals.sqrt()

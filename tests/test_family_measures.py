@@ -144,6 +144,12 @@ def test_ridge_zero_is_least_squares_and_explicit_grid():
     grid = (0.01, 3.0, 30.0)
     got = float(pr.linear_predictivity(x, y, ridge=grid, folds=4))
     assert got == pytest.approx(R.ridge_cv_r2(X, Y, None, folds=4, grid=grid), rel=1e-9)
+    # the grid as a 1-D tensor or array (a tensor was refused), directly and calibrated
+    for as_given in (torch.tensor(grid, dtype=F64), np.array(grid)):
+        assert float(pr.linear_predictivity(x, y, ridge=as_given, folds=4)) == got
+        res = F.calibrated_alignment(x, y, "linear_predictivity", ridge=as_given, folds=4,
+                                     num_permutations=9)
+        assert float(res.raw) == pytest.approx(got, rel=1e-12)
 
 
 def test_procrustes_identities():

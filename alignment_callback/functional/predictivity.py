@@ -77,13 +77,16 @@ Ridge = float | Sequence[float] | None
 
 
 def _check_params(ridge: Ridge, folds: int) -> tuple[tuple[float, ...], bool]:
-    """Return (penalty grid, fixed?); a 0-dim tensor or array ridge counts as its number."""
+    """Return (penalty grid, fixed?); a 0-dim tensor or array ridge counts as its number, a
+    1-D one as the list of its numbers."""
     if not is_integer(folds) or folds < 2:
         raise ValueError(f"linear_predictivity: folds must be an integer >= 2, got {folds!r}")
     if ridge is None:
         return RIDGE_GRID, False
     if getattr(ridge, "ndim", None) == 0 and not isinstance(ridge, numbers.Real):
         ridge = as_number(ridge, "linear_predictivity: ridge")
+    elif getattr(ridge, "ndim", 0) >= 1 and hasattr(ridge, "tolist"):  # a tensor or array grid
+        ridge = ridge.tolist()
     values = (ridge,) if isinstance(ridge, numbers.Real) else tuple(ridge)
     if not values:
         raise ValueError("linear_predictivity: the ridge grid is empty")

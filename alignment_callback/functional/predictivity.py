@@ -192,7 +192,8 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
 
     This computes the regression directly (one thin SVD per fit: ``folds`` outer fits plus
     ``folds²`` inner ones); the permutation null uses the quadratic-form path of
-    :func:`predictivity_state` / :func:`predictivity_score`, which gives the same values to rounding (an ulp or two).
+    :func:`predictivity_state` / :func:`predictivity_score`, which gives the same values to
+    rounding (an ulp or two).
 
     Parameters
     ----------

@@ -260,9 +260,13 @@ class AlignmentCallback(Callback):
         A separate probe for the reference (row-aligned with ``probe``; for cross-modal
         pairs); None: the reference runs on ``probe``.
     reference_input_key : str or None, default=None
-        ``input_key`` for ``reference_inputs``.
+        ``input_key`` of the reference's pass: over ``reference_inputs``, or over ``probe``
+        when the reference needs its batches otherwise than the model.  None: none for
+        ``reference_inputs``, the model's ``input_key`` for ``probe``.
     reference_batch_transform : callable or None, default=None
-        ``batch_transform`` for ``reference_inputs``.
+        ``batch_transform`` of the reference's pass, likewise (e.g. the reference's own
+        normalization of the probe's images).  None: none for ``reference_inputs``, the
+        model's ``batch_transform`` for ``probe``.
     reference_class : type, mapping or None, default=None
         ``LightningModule`` class to load a checkpoint path ``reference``: a path of
         another suffix than a feature file's (``.ckpt``), or a ``.pt`` / ``.pth`` holding a
@@ -440,6 +444,11 @@ class AlignmentCallback(Callback):
         _check_flags(baseline=baseline, log_heatmaps=log_heatmaps, log_pairs=log_pairs,
                      log_to_module=log_to_module, background=background, verbose=verbose,
                      progress_bar=progress_bar, report=report)
+        _check_transforms(batch_transform=batch_transform,
+                          reference_batch_transform=reference_batch_transform)
+        if mask_key is not None and not isinstance(mask_key, str):
+            raise TypeError(f"mask_key must be a str (the dict batch's entry holding the "
+                            f"attention mask) or None, got {mask_key!r}")
         if getattr(check_device(compute_device, "compute_device"), "type", None) == "meta":
             raise ValueError("compute_device='meta' holds no data: the measures need a real "
                              "device such as 'cpu' or 'cuda'")
@@ -1323,7 +1332,8 @@ class AlignmentCallback(Callback):
         ref.module.to(model_device)
         probe = iterate_probe(self.probe if ref.inputs is None else ref.inputs)
         batches = feedback.progress(probe, f"alignment: {ref.label} probe pass",
-                                    self.verbose and show and not isinstance(probe, Tensor))
+                                    self.verbose and show
+                                    and not isinstance(probe, (Tensor, Mapping)))
         try:
             with preserved_loader_seed(probe):
                 return self._collect(ref.module, in_dtype_of(ref.module, batches), ref.layers,
@@ -1749,6 +1759,18 @@ def _from_rank(rank: int, error: str) -> Exception:
     kinds = {kind.__name__: kind for kind in (ValueError, TypeError, RuntimeError,
                                               FileNotFoundError, *LAYER_ERRORS)}
     return kinds.get(error.partition(":")[0], RuntimeError)(f"on rank {rank}: {error}")
+
+
+def _check_transforms(**transforms: Any) -> None:
+    """Each transform is None or a callable ``f(batch) -> inputs`` (a mapping of them, per
+    reference, for ``reference_batch_transform``)."""
+    for argument, value in transforms.items():
+        items = value.items() if isinstance(value, Mapping) else [(None, value)]
+        for name, fn in items:
+            if fn is not None and not callable(fn):
+                where = argument if name is None else f"{argument}[{name!r}]"
+                raise TypeError(f"{where} must be a callable f(batch) -> inputs or None, got "
+                                f"{fn!r}")
 
 
 def _which(ref: Reference) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+import random
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import numpy as np
@@ -66,18 +68,36 @@ def load_probe(probe: Probe, argument: str = "probe") -> Any:
     if isinstance(probe, DataLoader):
         check_sequential(probe, argument)
         return probe
-    if isinstance(probe, Tensor) or callable(probe):
+    if isinstance(probe, Tensor):
+        if probe.dim() == 0:
+            raise ValueError(f"{argument}: a 0-dimensional tensor has no rows")
+        return probe
+    if callable(probe):
+        _check_no_arguments(probe, argument)
         return probe
     if isinstance(probe, Mapping):  # one dict batch (e.g. tokenizer output)
         return [_numpy_to_tensors(probe, argument)]
+    if isinstance(probe, Dataset):  # an IterableDataset too: it yields samples, not batches
+        raise TypeError(f"{argument}: unsupported probe type {type(probe).__name__}; wrap a "
+                        "Dataset in DataLoader(dataset, batch_size=...) (it yields single "
+                        "samples, not batches)")
     if isinstance(probe, Iterable):
         batches = [_numpy_to_tensors(b, argument) for b in probe]
         if not batches:
             raise ValueError(f"{argument}: the probe is empty")
         return batches
-    hint = "; wrap a Dataset in DataLoader(dataset, batch_size=...)" \
-        if isinstance(probe, Dataset) else ""
-    raise TypeError(f"{argument}: unsupported probe type {type(probe).__name__}{hint}")
+    raise TypeError(f"{argument}: unsupported probe type {type(probe).__name__}")
+
+
+def _check_no_arguments(fn: Callable[..., Any], argument: str) -> None:
+    """A callable probe is called with no arguments: refuse one that needs some."""
+    try:
+        inspect.signature(fn).bind()
+    except TypeError as err:
+        raise TypeError(f"{argument}: a callable probe is called with no arguments and returns "
+                        f"the batches; {fn!r} needs some ({err})") from None
+    except ValueError:  # no signature to read (a builtin): it is called as it is
+        pass
 
 
 def _as_tensor(array: np.ndarray, argument: str) -> Tensor:
@@ -124,7 +144,7 @@ def check_sequential(loader: DataLoader, argument: str = "probe") -> None:
             "at every alignment step: use shuffle=False and batch_size=..., or pass a tensor or "
             "a list of batches"
         )
-    if batch_sampler is None:
+    if batch_sampler is None:  # batch_size=None: the dataset's items are the batches
         sampler = loader.sampler
     if not isinstance(sampler, SequentialSampler):
         what = "shuffles (RandomSampler)" if type(sampler).__name__ == "RandomSampler" else \
@@ -136,20 +156,40 @@ def check_sequential(loader: DataLoader, argument: str = "probe") -> None:
         )
 
 
+#: the global random generators are seeded with this before a callable probe is called
+PROBE_SEED = 0
+
+
 def iterate_probe(probe: Any) -> Any:
-    """The batches of a normalized probe (calls a callable probe; a DataLoader it returns must
-    be sequential, as in :func:`check_sequential`).
+    """The batches of a normalized probe (calls a callable probe; what it returns is
+    normalized as by :func:`load_probe`: a DataLoader must be sequential, NumPy arrays become
+    tensors).
 
     A callable probe is called with the global random states saved and put back afterwards
-    (see :func:`~alignment_callback.hooks.collect.preserved_rng`): one that seeds or draws
-    (``torch.manual_seed(0); return [torch.randn(...)]``) must not change training.  Iterating
-    what it returns draws under the capture's own guard."""
+    (see :func:`~alignment_callback.hooks.collect.preserved_rng`), and seeded with
+    :data:`PROBE_SEED` (torch's on every device, NumPy's ``np.random``, Python's ``random``)
+    before the call: one that draws (``return [torch.randn(...)]``) returns the same rows at
+    every step, as the reference's were computed on, and does not change training.
+    Iterating what it returns draws under the capture's own guard."""
     if not callable(probe) or isinstance(probe, (Tensor, nn.Module)):
         return probe
     with preserved_rng():
+        torch.manual_seed(PROBE_SEED)
+        np.random.seed(PROBE_SEED)
+        random.seed(PROBE_SEED)
         batches = probe()
+    if batches is None or (not isinstance(batches, (Tensor, np.ndarray, Mapping))
+                           and not isinstance(batches, Iterable)):
+        raise TypeError(f"probe: the callable probe must return batches (a DataLoader, a "
+                        f"tensor, a list of batches, ...), it returned {batches!r}")
+    if isinstance(batches, np.ndarray):
+        return _as_tensor(batches, "probe (what its callable returned)")
+    if isinstance(batches, Mapping):  # one dict batch
+        return _numpy_to_tensors(batches, "probe (what its callable returned)")
     if isinstance(batches, DataLoader):
         check_sequential(batches, "probe (the DataLoader its callable returned)")
+    elif isinstance(batches, (list, tuple)):
+        return [_numpy_to_tensors(b, "probe (what its callable returned)") for b in batches]
     return batches
 
 

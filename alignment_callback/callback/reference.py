@@ -272,17 +272,26 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
         options = dict(name=name, layers=ref_layers if ref_layers is not None else layers,
                        layers_given=ref_layers is not None,
                        inputs=None if inputs is None else load_probe(inputs, "reference_inputs"),
-                       input_key=key if inputs is not None else input_key,
-                       batch_transform=transform if inputs is not None else batch_transform,
+                       # the reference's own key / transform, for reference_inputs or for
+                       # the probe (a reference that needs the probe's batches otherwise)
+                       input_key=key if inputs is not None or key is not None else input_key,
+                       batch_transform=(transform if inputs is not None or transform is not None
+                                        else batch_transform),
                        pool=ref_pool)
         if isinstance(spec, str) and spec in DRIFT:
-            if ref_layers is not None or inputs is not None:
+            given = [arg for arg, value in (("reference_layers", ref_layers),
+                                            ("reference_inputs", inputs),
+                                            ("reference_input_key", key),
+                                            ("reference_batch_transform", transform))
+                     if value is not None]
+            if given:
                 others = [n for n in names if n != name]
                 hint = "" if not others else (
                     "; give them to the other references by name, e.g. "
-                    f"reference_layers={{{others[0]!r}: ...}}")
+                    f"{given[0]}={{{others[0]!r}: ...}}")
                 raise ValueError(f"{where}={spec!r} compares the model with itself: it takes no "
-                                 f"reference_layers or reference_inputs{hint}")
+                                 f"reference_layers, reference_inputs, reference_input_key or "
+                                 f"reference_batch_transform (got {', '.join(given)}){hint}")
             diagonal = {"__diagonal__": "__diagonal__"}  # resolved to the model's own layers
             out.append(Reference(kind=spec, engine=make_engine(diagonal), **options))
             continue

@@ -1,0 +1,130 @@
+"""Probe forms and the reference's own inputs: a Dataset yielding samples is refused, a
+callable probe is called seeded (one that draws gives the same rows at every step, as the
+reference's were computed on, in the foreground and the background alike) and its result is
+normalized like a probe given directly (one dict batch, NumPy batches), the reference's
+``reference_batch_transform`` / ``reference_input_key`` apply to the probe too, and bad
+arguments are refused before training, naming them."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import IterableDataset, TensorDataset
+
+from alignment_callback.callback.probe import iterate_probe, load_probe
+from tests import numpy_reference as ref
+from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, quiet_callback, train_loader
+
+K = 19
+
+
+def _fit(cb, max_epochs=2, model=None):
+    pl.seed_everything(0, verbose=False)  # the same training in every run
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[cb], logger=False,
+                         enable_checkpointing=False, **FAST_TRAINER)
+    trainer.fit(model or MLP(), train_loader())
+    return cb
+
+
+def _raws(cb, key="alignment/linear_cka/raw"):
+    return [h[key] for h in cb.history]
+
+
+class _Samples(IterableDataset):
+    def __iter__(self):
+        return iter(make_probe(8))
+
+
+def test_a_dataset_given_directly_is_refused_with_the_wrap_hint():
+    """An IterableDataset is iterable, so it was taken as a list of batches: each sample a
+    batch of its features (640 rows from 40 samples, a wrong value and no warning)."""
+    for dataset in (_Samples(), TensorDataset(make_probe(8))):
+        with pytest.raises(TypeError, match=r"wrap a Dataset in DataLoader\(dataset, "
+                                            r"batch_size=\.\.\.\) \(it yields single samples"):
+            load_probe(dataset)
+
+
+def test_a_drawing_callable_probe_gives_the_same_rows_at_every_step_in_both_modes():
+    """``lambda: [torch.randn(...)]`` drew other rows at every step from wherever training's
+    random stream was, while the reference's rows were drawn once: the model's rows were
+    other samples than the reference's (raw fell from 0.61 to 0.09), and the background,
+    which calls the callable once, disagreed with the foreground."""
+    def drawing():
+        return [torch.randn(40, 8)]
+
+    torch.manual_seed(0)
+    fixed = torch.randn(40, 8)
+    expected = _raws(_fit(quiet_callback(fixed, ["linear_cka"], K, layers=["fc1"])))
+    for background in (False, True):
+        cb = _fit(quiet_callback(drawing, ["linear_cka"], K, layers=["fc1"],
+                                 background=background))
+        assert _raws(cb) == expected, (background, _raws(cb), expected)
+    assert len(set(expected)) == len(expected)  # training changes the model: real curves
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    assert torch.equal(iterate_probe(drawing)[0], fixed)
+    assert torch.equal(torch.get_rng_state(), state)  # the global state is put back
+
+
+def test_a_callable_probe_returning_one_dict_batch_or_numpy_batches():
+    """One dict batch from a callable made the verbose (default) reference pass iterate the
+    dict's keys; NumPy batches from a callable were refused ("cannot feed a ndarray batch")
+    where the same list given directly works."""
+    x = make_probe(40)
+    expected = _raws(_fit(quiet_callback(x, ["linear_cka"], K, layers=["fc1"]), 1))
+    dict_cb = quiet_callback(lambda: {"x": x}, ["linear_cka"], K, layers=["fc1"],
+                             input_key="x", verbose=True)
+    assert _raws(_fit(dict_cb, 1)) == expected
+    numpy_cb = quiet_callback(lambda: [x[:25].numpy(), x[25:].numpy()], ["linear_cka"], K,
+                              layers=["fc1"])
+    assert _raws(_fit(numpy_cb, 1)) == expected
+
+
+def test_the_reference_batch_transform_applies_to_the_probe_without_reference_inputs():
+    """The reference's own transform of the probe's batches (its own normalization) was
+    dropped unless reference_inputs was given: the model's transform ran for the reference.
+    The baseline's raw score equals a float64 NumPy linear CKA of the two models' fc1 outputs
+    on their own inputs."""
+    x = make_probe(40)
+    model, reference = MLP(), RefMLP()
+
+    def own(batch):  # not affine: linear CKA of fc1's outputs would not tell it
+        return torch.tanh(3.0 * batch)
+
+    cb = quiet_callback(x, ["linear_cka"], K, layers=["fc1"], reference=reference,
+                        reference_batch_transform=own, preprocess=False)
+    with torch.no_grad():  # the baseline (step 0) sees the initial weights
+        fx = model.fc1(x).double().numpy()
+        fy = reference.fc1(own(x)).double().numpy()
+    _fit(cb, 1, model)
+    assert cb.history[0]["alignment/linear_cka/raw"] == pytest.approx(ref.linear_cka(fx, fy),
+                                                                       rel=1e-5)
+    with torch.no_grad():  # the model's own batches would give another value
+        assert ref.linear_cka(fx, reference.fc1(x).double().numpy()) != pytest.approx(
+            cb.history[0]["alignment/linear_cka/raw"], rel=1e-3)
+    with pytest.raises(ValueError, match="compares the model with itself: it takes no "
+                                         ".*reference_batch_transform"):
+        quiet_callback(x, ["linear_cka"], K, reference="initial",
+                       reference_batch_transform=own)
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    ({"batch_transform": "abc"}, TypeError, "batch_transform must be a callable"),
+    ({"reference_batch_transform": {"a": 3}}, TypeError,
+     r"reference_batch_transform\['a'\] must be a callable"),
+    ({"probe": lambda b: b}, TypeError, "probe: a callable probe is called with no arguments"),
+    ({"probe": torch.tensor(3.0)}, ValueError, "probe: a 0-dimensional tensor has no rows"),
+    ({"mask_key": 5}, TypeError, "mask_key must be a str"),
+])
+def test_bad_probe_arguments_are_refused_at_construction_naming_them(kw, error, match):
+    with pytest.raises(error, match=match):
+        quiet_callback(make_probe(8), ["linear_cka"], K, **kw)
+
+
+def test_a_callable_probe_returning_no_batches_is_named():
+    with pytest.raises(TypeError, match="probe: the callable probe must return batches"):
+        iterate_probe(lambda: None)
+    assert np.array_equal(iterate_probe(lambda: np.ones((3, 2), np.float32)).numpy(),
+                          np.ones((3, 2), np.float32))

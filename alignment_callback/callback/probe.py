@@ -174,7 +174,9 @@ def iterate_probe(probe: Any) -> Any:
     if not callable(probe) or isinstance(probe, (Tensor, nn.Module)):
         return probe
     with preserved_rng():
-        torch.manual_seed(PROBE_SEED)
+        torch.default_generator.manual_seed(PROBE_SEED)
+        if torch.cuda.is_initialized():  # (torch.manual_seed would queue a seed for a later
+            torch.cuda.manual_seed_all(PROBE_SEED)  # CUDA start, which training would see)
         np.random.seed(PROBE_SEED)
         random.seed(PROBE_SEED)
         batches = probe()

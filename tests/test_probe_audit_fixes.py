@@ -128,3 +128,20 @@ def test_a_callable_probe_returning_no_batches_is_named():
         iterate_probe(lambda: None)
     assert np.array_equal(iterate_probe(lambda: np.ones((3, 2), np.float32)).numpy(),
                           np.ones((3, 2), np.float32))
+
+
+def test_settings_tell_two_partials_apart():
+    """A pool or measure option given as functools.partial was recorded as 'partial', so a
+    resume with other arguments of it kept the curves."""
+    import functools
+
+    from alignment_callback.callback.settings import describe
+
+    def pool(x, q=0.5):
+        return x
+
+    a, b = functools.partial(pool, q=0.1), functools.partial(pool, q=0.9)
+    assert describe(a) != describe(b)
+    assert describe(a) == f"{pool.__qualname__}(q=0.1)"
+    assert describe(functools.partial(pool, 3)) == f"{pool.__qualname__}(3)"
+    assert describe({"pool": a}) == {"pool": describe(a)}

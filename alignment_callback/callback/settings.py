@@ -4,6 +4,7 @@ resumed run compares them with its own: the curves whose settings changed start 
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from typing import Any, Mapping
 
@@ -27,6 +28,10 @@ def describe(value: Any) -> Any:
         return {str(k): describe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [describe(v) for v in value]
+    if isinstance(value, functools.partial):  # its arguments tell two partials apart
+        args = [repr(describe(a)) for a in value.args]
+        args += [f"{k}={describe(v)!r}" for k, v in value.keywords.items()]
+        return f"{describe(value.func)}({', '.join(args)})"
     if callable(value):
         return getattr(value, "__qualname__", None) or type(value).__qualname__
     text = str(value)

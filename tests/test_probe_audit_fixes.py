@@ -145,3 +145,43 @@ def test_settings_tell_two_partials_apart():
     assert describe(a) == f"{pool.__qualname__}(q=0.1)"
     assert describe(functools.partial(pool, 3)) == f"{pool.__qualname__}(3)"
     assert describe({"pool": a}) == {"pool": describe(a)}
+
+
+class _TwoInputs(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"a": self.x[i], "b": -self.x[i] ** 3}
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+@pytest.mark.parametrize("case", ["batch_transform", "input_key", "reference_inputs",
+                                  "reference_batch_transform"])
+def test_a_resume_fed_otherwise_starts_new_curves(tmp_path, case):
+    """What the model or the reference is fed changed between the checkpoint and the resume:
+    the probe's hash is of the batches before ``batch_transform``, and none of these was
+    compared, so the curves went on mixing two inputs.  They start anew, with the warning."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    x = make_probe(40)
+    probe = torch.utils.data.DataLoader(_TwoInputs(x), batch_size=8) if case == "input_key" else x
+    first, second = {
+        "batch_transform": ({}, {"batch_transform": lambda b: b ** 3}),
+        "input_key": ({"input_key": "a"}, {"input_key": "b"}),
+        "reference_inputs": ({}, {"reference_inputs": -x ** 3}),
+        "reference_batch_transform": ({}, {"reference_batch_transform": torch.tanh}),
+    }[case]
+    cb = quiet_callback(probe, ["linear_cka"], K, layers=["fc2"], **first)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_epochs=2, callbacks=[cb, saver], logger=False, **FAST_TRAINER).fit(
+        MLP(), train_loader())
+    resumed = quiet_callback(probe, ["linear_cka"], K, layers=["fc2"], **second)
+    with pytest.warns(UserWarning, match="resumes from a checkpoint written with other settings"):
+        pl.Trainer(max_epochs=3, callbacks=[resumed], logger=False, enable_checkpointing=False,
+                   **FAST_TRAINER).fit(MLP(), train_loader(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert [h["epoch"] for h in resumed.history] == [2, 3]  # a new curve, from a baseline

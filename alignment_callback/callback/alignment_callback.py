@@ -699,6 +699,12 @@ class AlignmentCallback(Callback):
             "references": {ref.name or "": settings.reference_settings(ref) for ref in self.references},
             "measures": {label: {"name": m.name, "options": settings.describe(m.kwargs)}
                          for label, m in self.measures.items()},
+            # how the batches become inputs (a checkpoint without them is taken as unchanged)
+            "input_key": self.input_key, "batch_transform": settings.describe(self.batch_transform),
+            "reference input rules": {
+                ref.name or "": {"input_key": ref.input_key,
+                                 "batch_transform": settings.describe(ref.batch_transform)}
+                for ref in self.references if ref.kind == "model"},
         }
 
     def _probe_settings(self) -> dict[str, Any]:
@@ -721,7 +727,19 @@ class AlignmentCallback(Callback):
         if rows is not None:
             with self._iterated_probe() as batches:
                 digest = settings.probe_digest(batches)
-        return settings.probe_settings(rows, digest)
+        known = settings.probe_settings(rows, digest)
+        inputs = {}  # what each reference model is fed: the probe, or its reference_inputs
+        for ref in self.references:
+            if ref.kind != "model":
+                continue
+            inputs[ref.name or ""] = "the probe"
+            if ref.inputs is not None:
+                batches = iterate_probe(ref.inputs)
+                with preserved_rng(), preserved_loader_seed(batches):
+                    inputs[ref.name or ""] = settings.probe_digest(batches) or "not readable"
+        if inputs:
+            known["reference inputs"] = inputs
+        return known
 
     @contextmanager
     def _iterated_probe(self) -> Iterator[Any]:

@@ -189,7 +189,8 @@ def pwcca(x: Tensor, y: Tensor) -> Tensor:
     tied group whose canonical directions, and so whose L1 weights, depend on the SVD's
     choice of basis: the value is then defined to about 1e-2 (0.849–0.857 over bases of one
     such group at n = 40, r_x = 20, r_y = 30), and the invariances hold to that precision
-    only; keep ``r_x + r_y <= n − 1`` (or reduce the features first) for an exact value.  Fast null: one batched product, an r_x×r_y SVD with left vectors
+    only; keep ``r_x + r_y <= n − 1`` (or reduce the features first) for an exact value.
+    Fast null: one batched product, an r_x×r_y SVD with left vectors
     and a (k × r_x)(r_x × p) weight product per permutation.
 
     Parameters

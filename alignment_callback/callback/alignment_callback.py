@@ -734,18 +734,18 @@ class AlignmentCallback(Callback):
                 continue
             inputs[ref.name or ""] = "the probe"
             if ref.inputs is not None:
-                batches = iterate_probe(ref.inputs)
-                with preserved_rng(), preserved_loader_seed(batches):
+                with self._iterated_probe(ref.inputs) as batches:
                     inputs[ref.name or ""] = settings.probe_digest(batches) or "not readable"
         if inputs:
             known["reference inputs"] = inputs
         return known
 
     @contextmanager
-    def _iterated_probe(self) -> Iterator[Any]:
-        """The probe's batches, to iterate outside a probe pass: the global random states and
-        a DataLoader's own generator are put back afterwards (iterating draws a seed)."""
-        batches = iterate_probe(self.probe)
+    def _iterated_probe(self, probe: Any = None) -> Iterator[Any]:
+        """The batches of ``probe`` (default: the probe), to iterate outside a probe pass: the
+        global random states and a DataLoader's own generator are put back afterwards
+        (iterating draws a seed)."""
+        batches = iterate_probe(self.probe if probe is None else probe)
         with preserved_rng(), preserved_loader_seed(batches):
             yield batches
 

@@ -184,14 +184,10 @@ def iterate_probe(probe: Any) -> Any:
                            and not isinstance(batches, Iterable)):
         raise TypeError(f"probe: the callable probe must return batches (a DataLoader, a "
                         f"tensor, a list of batches, ...), it returned {batches!r}")
-    if isinstance(batches, np.ndarray):
-        return _as_tensor(batches, "probe (what its callable returned)")
-    if isinstance(batches, Mapping):  # one dict batch
-        return _numpy_to_tensors(batches, "probe (what its callable returned)")
     if isinstance(batches, DataLoader):
         check_sequential(batches, "probe (the DataLoader its callable returned)")
-    elif isinstance(batches, (list, tuple)):
-        return [_numpy_to_tensors(b, "probe (what its callable returned)") for b in batches]
+    elif isinstance(batches, (np.ndarray, Mapping, list, tuple)):  # a generator stays lazy
+        return load_probe(batches, "probe (what its callable returned)")
     return batches
 
 

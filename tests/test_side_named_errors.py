@@ -147,5 +147,8 @@ def test_a_good_pair_gives_the_same_value_everywhere():
         if callable(fn):
             assert float(fn(x, y)) == pytest.approx(float(F.get_measure(name)(x, y)),
                                                     rel=1e-9, abs=1e-12), name
-    # the linear kernel ignores sigma, as before
-    assert float(F.bures_similarity(x, y, sigma=-1.0)) == float(F.bures_similarity(x, y))
+    # a bad sigma is refused for the linear kernel too (it does not use it), as by get_measure
+    for call in (lambda: F.bures_similarity(x, y, sigma=-1.0),
+                 lambda: F.get_measure("bures_similarity", sigma=-1.0)):
+        with pytest.raises(ValueError, match="sigma must be a finite positive number"):
+            call()

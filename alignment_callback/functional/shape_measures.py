@@ -376,7 +376,8 @@ def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float 
     kernel : {"linear", "rbf"}, default="linear"
         The gram of each side.
     sigma : float or "median", default=1.0
-        The RBF bandwidth σ (ignored for ``kernel="linear"``).
+        The RBF bandwidth σ: a finite positive number or ``"median"`` (checked for both
+        kernels; ``kernel="linear"`` does not use it).
 
     Returns
     -------
@@ -400,8 +401,8 @@ def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float 
     1.0
     """
     x, y = check_pair(x, y)
-    if _check_kernel(kernel) == "rbf":  # the linear kernel has no bandwidth
-        check_bandwidth(sigma)
+    _check_kernel(kernel)
+    check_bandwidth(sigma)  # checked for both kernels, as get_measure("bures_similarity") does
     check_bures_memory(x, 1, {"kernel": kernel})  # x's kept while y's is built
     ident = _identity(x.shape[0], x.device)
     return bures_score(*per_side(bures_state, x, y, kernel, sigma), ident)[0]

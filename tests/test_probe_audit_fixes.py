@@ -11,9 +11,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from alignment_callback.callback.probe import iterate_probe, load_probe
+from alignment_callback.hooks import LayerShapeError, collect_activations
 from tests import numpy_reference as ref
 from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, quiet_callback, train_loader
 
@@ -44,6 +45,27 @@ def test_a_dataset_given_directly_is_refused_with_the_wrap_hint():
         with pytest.raises(TypeError, match=r"wrap a Dataset in DataLoader\(dataset, "
                                             r"batch_size=\.\.\.\) \(it yields single samples"):
             load_probe(dataset)
+
+
+def test_single_samples_fed_one_by_one_are_refused_and_flat_batches_still_work():
+    """A list of per-sample 1-D tensors, or a DataLoader with batch_size=None over samples,
+    fed each sample alone: its layer's 16 features became 16 rows (640 rows from 40 samples,
+    raw 0.017 against 0.680) with no error.  A 1-D input is one value per sample, so every
+    layer must give that many rows; token ids and scalars in 1-D batches still work."""
+    x = make_probe(40)
+    for probe in ([row for row in x], DataLoader(TensorDataset(x), batch_size=None)):
+        with pytest.raises(LayerShapeError, match=r"probe batch 0: the model was fed a 1-D "
+                           r"tensor of 8 values, .* rows \{'fc1': 16\}: is the probe a "
+                           r"sequence of single samples"):
+            collect_activations(RefMLP(), probe, ["fc1"])
+        with pytest.raises(LayerShapeError, match="sequence of single samples"):
+            _fit(quiet_callback(probe, ["linear_cka"], K, layers=["fc1"]), max_epochs=1)
+    ids = torch.arange(12) % 5
+    embed = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 2))
+    acts = collect_activations(embed, ids, ["0", "1"], batch_size=5)
+    assert {k: tuple(v.shape) for k, v in acts.items()} == {"0": (12, 3), "1": (12, 2)}
+    scalars = torch.nn.Sequential(torch.nn.Unflatten(0, (-1, 1)), torch.nn.Linear(1, 4))
+    assert tuple(collect_activations(scalars, torch.randn(7), ["1"])["1"].shape) == (7, 4)
 
 
 def test_a_drawing_callable_probe_gives_the_same_rows_at_every_step_in_both_modes():

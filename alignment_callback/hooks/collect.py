@@ -525,6 +525,37 @@ def _text_hint(fed: Any) -> str:
     return ""
 
 
+def _single_input(fed: Any, input_key: str | None, transformed: bool) -> Tensor | None:
+    """The one tensor :func:`feed_batch` calls the model with (without ``forward``), else
+    None."""
+    if transformed or isinstance(fed, Tensor):
+        inputs = fed
+    elif isinstance(fed, (tuple, list)) and fed and not is_column(fed):
+        inputs = fed[0]
+    elif isinstance(fed, Mapping) and input_key is not None:
+        inputs = fed.get(input_key)
+    else:
+        return None
+    return inputs if isinstance(inputs, Tensor) else None
+
+
+def _check_flat_input(fed: Tensor | None, added: dict[str, int], batch: int) -> None:
+    """A 1-D input holds one value per sample (token ids, scalars): every layer must give that
+    many rows.  Other rows mean one sample was fed alone (a list of per-sample tensors, a
+    ``DataLoader`` with ``batch_size=None`` over samples), whose layers would give a row per
+    feature."""
+    if fed is None or fed.dim() != 1:
+        return
+    bad = {name: rows for name, rows in added.items() if rows != fed.shape[0]}
+    if bad:
+        raise LayerShapeError(
+            f"probe batch {batch}: the model was fed a 1-D tensor of {fed.shape[0]} values, "
+            f"read as {fed.shape[0]} samples, but layers gave other numbers of rows {bad}: "
+            "is the probe a sequence of single samples (a list of per-sample tensors, a "
+            "DataLoader with batch_size=None over a Dataset)? Batch them: "
+            "DataLoader(dataset, batch_size=...) or torch.stack(samples)")
+
+
 def _batches(data: Any, batch_size: int) -> Iterable[Any]:
     if isinstance(data, Tensor):
         return data.split(batch_size)
@@ -612,8 +643,9 @@ def collect_activations(
     LayerCountError
         A layer did not run exactly once per forward pass.
     LayerShapeError
-        A layer returned a 0-dim tensor, or layers produced different numbers of rows (a
-        layer whose output is not batch-first); a ``ValueError``.
+        A layer returned a 0-dim tensor, layers produced different numbers of rows (a
+        layer whose output is not batch-first), or a layer's rows from a 1-D input (one value
+        per sample) are not one per value (a single sample fed alone); a ``ValueError``.
 
     Examples
     --------
@@ -642,7 +674,7 @@ def collect_activations(
             # the mask of what the model is fed (a tokenizing batch_transform's), else the batch's
             mask = _mask_of(fed, mask_key)
             rec.mask = mask if mask is not None else _mask_of(batch, mask_key)
-            before = dict(rec.calls)
+            before, rows_before = dict(rec.calls), dict(rec.rows)
             try:
                 feed_batch(runner, fed, input_key, batch_transform is not None, forward)
             except _EXPLAINED as err:  # what was fed, and the usual cause for texts
@@ -653,6 +685,10 @@ def collect_activations(
             bad = {n: rec.calls[n] - before[n] for n in rec.layers if rec.calls[n] - before[n] != 1}
             if bad:
                 raise _layer_count_error(bad)
+            if forward is None:
+                _check_flat_input(_single_input(fed, input_key, batch_transform is not None),
+                                  {n: rec.rows[n] - rows_before[n] for n in rec.layers},
+                                  n_batches)
             n_batches += 1
         rec.mask = None
     if n_batches == 0:
@@ -663,7 +699,8 @@ def collect_activations(
         raise LayerShapeError(
             f"layers produced different numbers of rows {rows}: outputs must be batch-first, "
             "with one row per sample (a (T, n, d) output is not: hook a batch-first layer; "
-            "output_key picks the part of a tuple or dict output to record)"
+            "output_key picks the part of a tuple or dict output to record; a probe of single "
+            "samples fed one at a time gives rows per feature or channel: batch them)"
         )
     if not any(rows.values()):
         raise ValueError(f"dataloader_or_batches holds no rows ({n_batches} batch(es) of 0 "

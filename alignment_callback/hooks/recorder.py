@@ -96,6 +96,9 @@ class ActivationRecorder:
         ``{layer: (n_total, d)}``: every recorded batch, concatenated.
     layers : list of str
         The resolved (normalized) layer names, in model order.
+    calls, rows : dict of str to int
+        Per layer, the forward calls and the rows recorded since the recorder was made or
+        last cleared.
 
     Examples
     --------
@@ -132,6 +135,7 @@ class ActivationRecorder:
         self._handles: list[RemovableHandle] = []
         self._store: dict[str, list[Tensor]] = {name: [] for name, _ in self._modules}
         self.calls: dict[str, int] = {name: 0 for name, _ in self._modules}
+        self.rows: dict[str, int] = {name: 0 for name, _ in self._modules}
         self._cache: dict[str, Tensor] | None = None
         self._mask_warned: set[str] = set()  # layers warned about a mask that does not fit
 
@@ -230,6 +234,7 @@ class ActivationRecorder:
             y = y.clone()  # never alias the model's buffer (in-place ops, memory of views)
         self._store[name].append(y)
         self.calls[name] += 1
+        self.rows[name] += y.shape[0]
         self._cache = None
 
     @property
@@ -263,6 +268,7 @@ class ActivationRecorder:
         for v in self._store.values():
             v.clear()
         self.calls = {name: 0 for name in self.calls}
+        self.rows = {name: 0 for name in self.rows}
         self._cache = None
 
     def __repr__(self) -> str:

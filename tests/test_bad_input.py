@@ -142,6 +142,25 @@ def test_zero_variance_cka(measure, side, kind):
         getattr(F, name)(x, y, **kw)
 
 
+def test_unbiased_cka_of_rows_all_equal_but_one_names_that_cause():
+    """All rows but one equal: the centered gram's off-diagonal is a_i + a_j + c, which
+    U-centering removes, so HSIC_u(L, L) = 0 (unbiased CKA undefined, linear CKA defined); the
+    message blamed identical samples or constant features, neither of which holds."""
+    y = torch.zeros(12, 3, dtype=torch.float64)
+    y[:, 0] = 1.0
+    y[7] = torch.tensor([0.3, 2.0, -1.0], dtype=torch.float64)
+    c = y.numpy() - y.numpy().mean(0)
+    k = c @ c.T
+    np.fill_diagonal(k, 0.0)  # U-centering (n = 12): zero diagonal, then (n − 2), (n−1)(n−2)
+    u = k - k.sum(0) / 10 - k.sum(1)[:, None] / 10 + k.sum() / 110
+    np.fill_diagonal(u, 0.0)
+    assert np.abs(u).max() < 1e-12  # independent: the U-centered gram is zero
+    assert float(F.linear_cka(_data(12, 5), y)) > 0.0
+    with pytest.raises(ValueError, match=r"^y: zero-variance .*all samples are identical, or "
+                                         r"all but one are, or every feature constant"):
+        F.unbiased_cka(_data(12, 5), y)
+
+
 @pytest.mark.parametrize("side", ["x", "y"])
 def test_zero_variance_rbf_median(side):
     """Constant rows: every distance is 0, so the median bandwidth is 0 as well."""

@@ -146,6 +146,10 @@ def test_point_mass_null_gives_p_one(seed):
     assert float(r.p_value) == 1.0 and float(r.calibrated) == 0.0
     assert float(r.null_std) == 0.0 and float(r.effect_size) == 0.0
     assert float(r.threshold) == pytest.approx(null.mean(), abs=1e-12)
+    # the share of the null below the score, ties counted half: every value ties it (it said 0)
+    raw = float(r.raw)
+    ties = np.abs(null - raw) <= 1e-12
+    assert float(r.percentile) == 100.0 * (np.mean(~ties & (null < raw)) + 0.5 * np.mean(ties))
     auto = F.calibrated_alignment(xt, yt, "linear_cka", null="auto", num_permutations=200)
     assert auto.null_method == "permutation"
 
@@ -161,6 +165,7 @@ def test_nearly_identity_rbf_kernel_is_not_called_aligned():
     with pytest.warns(RuntimeWarning, match="point mass"):
         mom = F.calibrated_alignment(x, y, "rbf_cka", null="moments")
     assert float(mom.p_value) == 1.0 and float(mom.calibrated) == 0.0
+    assert float(mom.percentile) == float(auto.percentile) == 50.0  # ties counted half
 
 
 def test_a_small_but_real_null_std_is_not_a_point_mass():

@@ -1,8 +1,8 @@
 """Benjamini–Hochberg false-discovery-rate control over many permutation p-values.
 
 When many model pairs (or measures) are tested, some p-values fall below α by chance alone.  The
-calibration paper applies Benjamini–Hochberg across its 204 model pairs (docs/calibration.md,
-"many comparisons"); :func:`benjamini_hochberg` is that step-up procedure.
+calibration paper applies Benjamini–Hochberg across its 204 model pairs (docs/cli.md, "Many
+pairs: Benjamini–Hochberg"); :func:`benjamini_hochberg` is that step-up procedure.
 """
 
 from __future__ import annotations

@@ -158,7 +158,10 @@ def unbiased_state(x: Tensor) -> GramState:
     xc, varying = center_columns(rescale_exactly(x))
     k = linear_gram(xc)
     tol = max(1e3 * _eps(k) * float(k.norm()), centering_floor(varying))
-    return _state(u_center_gram(k), tol, "U-centered linear gram")
+    # a gram whose off-diagonal is a_i + a_j + c is U-centered to 0: all samples but one
+    # identical (their unbiased HSIC is 0, though linear CKA is defined)
+    return _state(u_center_gram(k), tol, "U-centered linear gram",
+                  f"all but one are, or every feature constant to {k.dtype} precision")
 
 
 _DISTANCE_BLOCK = 1 << 22  # float64 distances computed at a time (32 MiB)

@@ -235,6 +235,24 @@ def test_auto_knn_moments_equal_the_enumerated_permutation_distribution(kind, se
         assert float(res.raw) == pytest.approx(float(getattr(F, name)(x, y, k=k)), rel=1e-12)
 
 
+def test_auto_cknna_reports_the_permutation_mean_when_its_values_were_clamped():
+    """CKNNA can pass 1 at small n, and calibration clamps the score and the null to [−1, 1];
+    its exact mean is the unclamped statistic's (0.83 against 0.60 for the null reported at
+    n = 6, k = 3), so "auto" reports the permutations' mean then."""
+    rng = np.random.default_rng(0)
+    perms = F.permutations(6, 200, 0)
+    for _ in range(200):
+        x, y = (torch.as_tensor(rng.standard_normal((6, 3))) for _ in range(2))
+        plain = np.array([float(F.cknna(x, y[p], k=3)) for p in perms])
+        if (plain > 1).mean() > 0.05:
+            break
+    assert (plain > 1).mean() > 0.05  # data whose null the clamp changes
+    res = F.calibrated_alignment(x, y, "cknna", 200, null="auto", k=3)
+    assert res.null_method == "permutation"
+    assert float(res.null.max()) == 1.0
+    assert float(res.null_mean) == pytest.approx(float(res.null.mean()), rel=1e-12)
+
+
 @pytest.mark.parametrize("name", KNN)
 def test_auto_reports_each_knn_measures_null_std(name):
     """Through ``calibrated_alignment(null="auto")``: mutual kNN's null_std is the functional

@@ -623,6 +623,10 @@ def _with_exact_knn_moments(m: Measure, res: LayerAlignmentResult, xside: Prepar
     """``null="auto"``: a single kNN pair reports the exact permutation mean (and std)."""
     if m.info.group != "knn" or not _single_pair(xside, yside):
         return res
+    if m.name == "cknna" and (abs(float(res.raw)) >= 1 or bool((res.null.abs() >= 1).any())):
+        # CKNNA can leave [−1, 1] (small n, offsets) and is then clamped: the exact mean is the
+        # unclamped statistic's, not that of the null and score reported (the permutations')
+        return res
     exact = exact_knn_moments(m.name, xside.states[m][0], yside.states[m][0])
     if exact is None:
         return res
@@ -875,7 +879,8 @@ def permutation_null(
     **measure_kwargs: Any,
 ) -> Tensor:
     """Permutation null of ``measure``: a (K,) tensor whose k-th value is
-    ``measure(x, y[permutations(n, K, seed)[k]])``.
+    ``measure(x, y[permutations(n, K, seed)[k]])``, clamped to the measure's range as in a
+    calibration (only CKNNA can leave it: [−1, 1]; the plain function returns it unclamped).
 
     Built-in measures use the fast path (grams / neighbor lists computed once, then gathered
     or remapped per permutation); a plain callable is recomputed on every permuted Y.

@@ -256,9 +256,12 @@ def test_a_custom_aggregate_must_return_one_number():
 
 @pytest.mark.parametrize("k", [None, "3", float("nan"), float("inf"), 2.5, True])
 def test_a_k_that_is_not_an_integer_is_named_by_the_plain_functions(k):
-    """``mutual_knn(x, y, k=None)`` raised int()'s raw TypeError (NaN: a raw ValueError)."""
+    """``mutual_knn(x, y, k=None)`` raised int()'s raw TypeError (NaN: a raw ValueError); the
+    error is get_measure's, naming the measure."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
     for fn in (F.mutual_knn, F.cycle_knn, F.cknna, F.lcs_knn, F.edit_distance_knn):
-        with pytest.raises(TypeError, match=r"^k must be an integer, got "):
+        low = 2 if fn is F.cknna else 1
+        with pytest.raises(ValueError, match=rf"^{fn.__name__}: k must be an integer >= "
+                                             rf"{low}, got "):
             fn(x, y, k=k)

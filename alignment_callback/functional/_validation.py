@@ -214,8 +214,8 @@ def check_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 def check_k(n: int, k: int, minimum: int = 1, measure: str = "kNN measure") -> int:
     """Check the neighbor count: ``minimum <= k < n`` (self is excluded, so n > k is needed)."""
-    if not is_integer(k):
-        raise TypeError(f"k must be an integer, got {k!r}")
+    if not is_integer(k):  # the words and type of get_measure's parameter check
+        raise ValueError(f"{measure}: k must be an integer >= {minimum}, got {k!r}")
     k = int(k)
     if k < minimum:
         raise ValueError(f"{measure} needs k >= {minimum}, got k={k}")

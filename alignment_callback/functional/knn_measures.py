@@ -477,8 +477,9 @@ def cknna(x: Tensor, y: Tensor, k: int = 10) -> Tensor:
     ``HSIC_u(M⊙K, M⊙L) / sqrt(HSIC_u(M_K⊙K, M_K⊙K)·HSIC_u(M_L⊙L, M_L⊙L))`` with the linear
     grams ``K = XXᵀ``, ``L = YYᵀ``, ``M_K`` the kNN mask of K (``(M_K)_ij = 1`` when j is
     one of i's k neighbors), ``M = M_K⊙M_L`` and ``HSIC_u`` the unbiased estimator
-    (:func:`~alignment_callback.functional.hsic_unbiased`).  1 for ``y = x``.  No epsilon in
-    the denominator: degenerate neighborhoods raise ``ValueError``.
+    (:func:`~alignment_callback.functional.hsic_unbiased`).  1 for ``y = x`` without exact
+    ties (tied rows are broken by keys drawn per side, so a tied ``x`` scores below 1 against
+    itself).  No epsilon in the denominator: degenerate neighborhoods raise ``ValueError``.
 
     Not bounded by ±1 in general (the numerator's mask ``M`` is not the denominators'
     ``M_K``, ``M_L``): values above 1 occur on raw features far from the origin (a shared

@@ -44,8 +44,11 @@ TIE_SEEDS = {"x": 20_240_521, "y": 20_240_522}  # one priority stream per side
 
 def _digest(data: Tensor) -> int:
     """63 bits of a hash of ``data``'s bytes, in row order (any change of a value or of the
-    row order changes it)."""
-    t = data.detach().cpu().contiguous()
+    row order changes it; ``-0.0`` counts as ``0.0``, an equal value)."""
+    t = data.detach()
+    if t.is_floating_point() and bool(torch.signbit(t).logical_and_(t == 0).any()):
+        t = t + 0  # -0.0 + 0 = +0.0, the other values as they are
+    t = t.cpu().contiguous()
     h = hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy(), digest_size=8)  # no copy
     h.update(repr((tuple(t.shape), str(t.dtype))).encode())
     return int.from_bytes(h.digest(), "little") >> 1

@@ -36,7 +36,7 @@ def knn_graph_invariants(indices: Tensor) -> GraphInvariants:
     ----------
     indices : LongTensor
         (n, k) neighbor indices (distinct within a row, self excluded), as
-        ``NeighborState.indices``.
+        ``NeighborLists.indices``.
 
     Returns
     -------
@@ -188,7 +188,7 @@ def cknna_mean(indices_x: Tensor, values_x: Tensor, indices_y: Tensor, values_y:
                ) -> float:
     """Exact permutation mean of CKNNA ``HSIC_u(M⊙K, M⊙L_π) / sqrt(HSIC_u(M_K⊙K, M_K⊙K)·
     HSIC_u(M_L⊙L, M_L⊙L))`` with the mutual mask ``M = M_K ⊙ M_{L_π}`` (as
-    ``knn_measures.cknna_score``).
+    ``knn_measures.cknna``).
 
     With ``P = K∘M_K``, ``Q = L∘M_L`` the numerator's three parts are permutation statistics
     of order ≤ 2: ``tr(ÃB̃) = Σ (P∘M_Kᵀ)_ij (Q∘M_Lᵀ)_π(i)π(j)`` (mean: product of totals over
@@ -200,7 +200,7 @@ def cknna_mean(indices_x: Tensor, values_x: Tensor, indices_y: Tensor, values_y:
     ----------
     indices_x, values_x : Tensor
         (n, k) neighbor indices of X and their inner products ``⟨x_i, x_j⟩``
-        (``NeighborState.indices`` / ``.values``); likewise for Y.
+        (``NeighborLists.indices`` / ``.values``); likewise for Y.
     """
     n = indices_x.shape[0]
     px, mx, rx = _masked_parts(indices_x, values_x)

@@ -194,3 +194,35 @@ def test_a_probe_of_other_objects_has_no_digest():
     assert settings.probe_digest([Box(PROBE)]) is None
     assert settings.probe_digest([{"x": PROBE, "meta": Box(PROBE)}]) is None
     assert settings.probe_digest([{"x": PROBE, "text": ["a"] * N}]) is not None
+
+
+class _Validated(MLP):
+    def validation_step(self, batch, index):
+        self.log("val", self(batch[0]).square().mean())
+
+
+def test_validate_or_test_from_a_checkpoint_leaves_the_fits_state(tmp_path):
+    """Lightning loads callback states for ``validate`` / ``test`` given a ``ckpt_path`` too:
+    the common "fit, then test the best checkpoint" replaced the fit's history with the
+    checkpoint's (steps [0, 4, 8] of [0, 4, 8, 12, 16]) and the plateau's count, and a new
+    callback of other settings warned that its curves restart although no fit ran."""
+    cb = callback()
+    plateau = AlignmentPlateau(KEY, patience=50, source=cb, on_plateau=lambda t, m: None)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    trainer = fit([cb, plateau, ckpt], 4, enable_checkpointing=True)
+    history = [dict(h) for h in cb.history]
+    counts = plateau.state_dict()
+    assert [h["step"] for h in history] == [0, 4, 8, 12, 16]
+    fresh = callback(seed=9)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("error", ".*resumes from a checkpoint.*")
+        trainer.validate(_Validated(), train_loader(shuffle=False), ckpt_path=str(tmp_path / "epoch=0.ckpt"),
+                         verbose=False)
+        pl.Trainer(callbacks=[fresh], logger=False, **FAST_TRAINER).validate(
+            _Validated(), train_loader(shuffle=False), ckpt_path=str(tmp_path / "epoch=1.ckpt"), verbose=False)
+    assert cb.history == history and plateau.state_dict() == counts
+    assert fresh.history == []
+    cb.load_state_dict(torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
+                       ["callbacks"][cb.state_key])  # called directly: loaded
+    assert [h["step"] for h in cb.history] == [0, 4]

@@ -521,8 +521,11 @@ class AlignmentCallback(Callback):
         # (epoch, step) whose activations are "initial"'s: the fit's first step (None: taken
         # when training starts, or not taken)
         self._initial_at: tuple[int, int] | None = None
+        # a step redone at a resume, which anchors "initial" and has no value of it
+        self._redone_at: tuple[int, int] | None = None
         self._lost: set[str | None] = set()  # "initial" references warned to have no values
         self._trainer: weakref.ref | None = None  # the fit's trainer (its global step)
+        self._stage: str | None = None  # the trainer's stage, from setup to teardown
         self.history: list[dict[str, Any]] = []
         #: steps that failed under ``on_error="warn"``: ``{"epoch", "step", "reason"}`` each
         self.skipped: list[dict[str, Any]] = []
@@ -626,8 +629,11 @@ class AlignmentCallback(Callback):
         null, the probe's rows or its inputs: rank 0's under DDP), the curves those
         settings change are not continued: a warning names what differs, their values are
         dropped from the history and their curves start anew (all of them, with a baseline,
-        when a setting of every curve changed)."""
-        self._load_state(state_dict, None)
+        when a setting of every curve changed).  Outside a fit (``trainer.validate`` / ``test``
+        / ``predict`` given a ``ckpt_path``, which Lightning loads callback states for too) the
+        state is left as it is: the history stays the fit's."""
+        if self._stage in (None, "fit"):
+            self._load_state(state_dict, None)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -636,7 +642,7 @@ class AlignmentCallback(Callback):
         the settings check of :meth:`load_state_dict` (Lightning loads a state under this
         callback's own key itself)."""
         states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
+        if self.state_key in states or self._stage not in (None, "fit"):
             return
         taken = {cb.state_key for cb in trainer.callbacks if cb is not self}
         found = []
@@ -769,6 +775,7 @@ class AlignmentCallback(Callback):
     # ---------------------------------------------------------------------------- hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Configuration checks that need the models, before training starts."""
+        self._stage = stage  # a checkpoint is loaded after setup, for every stage
         if stage != "fit":
             return
         self._trainer = weakref.ref(trainer)
@@ -874,6 +881,7 @@ class AlignmentCallback(Callback):
         between processes, e.g. unseeded, would otherwise mix two references in the null), and
         a failure on any process is every process's error (none waits in a collective)."""
         self._probe_ran, self._initial_at, self._lost = False, None, set()
+        self._redone_at = None
         if trainer.world_size == 1:
             self._prepare_references(trainer, pl_module)
             return
@@ -954,6 +962,7 @@ class AlignmentCallback(Callback):
         retaken = bool(pending) or missed is not None
         if retaken:  # a step redone now: its activations are "initial"'s
             self._initial_at = pending[0] if pending else (missed, int(trainer.global_step))
+            self._redone_at = self._initial_at
         if resumed:  # resumed with this callback's history: it goes on from there
             self._anchor_drift(trainer, pl_module, retaken=retaken)
         elif self.baseline:  # a new history (also for weights trained before: a warm start)
@@ -1004,7 +1013,13 @@ class AlignmentCallback(Callback):
         if "initial" in kinds and step > 0:
             rank_zero_warn(_INITIAL_RESUMED, category=UserWarning)
         at_last_step = bool(self.history) and int(self.history[-1]["step"]) == step
-        if "previous" in kinds and (retaken or not at_last_step):
+        if "previous" in kinds and retaken:
+            rank_zero_warn("reference='previous' on a resumed run: the step in flight when the "
+                           "checkpoint was written is computed again at the resume, on the "
+                           "checkpoint's weights, and has no 'previous' value (the activations "
+                           "of the step before it are not in the checkpoint); the steps after it "
+                           "compare with it, as in the original run", category=UserWarning)
+        elif "previous" in kinds and not at_last_step:
             rank_zero_warn("reference='previous' on a resumed run: the checkpoint was not written "
                            "at the last alignment step, whose activations it does not hold; the "
                            "first step after the resume compares with the resumed weights' "
@@ -1096,6 +1111,7 @@ class AlignmentCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Drop what the fit built (cached reference state, the model copy, the probe's
         batches) and remove the temporary heatmap folder."""
+        self._stage = None
         self._release()
         if self._scratch is not None:  # W&B copied the files into its run directory
             shutil.rmtree(self._scratch, ignore_errors=True)
@@ -1522,6 +1538,12 @@ class AlignmentCallback(Callback):
             if _initial_unset(ref):
                 self._initial_lost(ref)  # the step at the start failed before its capture
                 continue
+            if ref.kind == "initial" and ref.pending is not None and (epoch, step) == self._redone_at:
+                # the first run's value at this step compared with its start, which the
+                # checkpoint does not hold: anchored here, "initial" has no value of this step
+                # (as "previous"), rather than the resumed weights against themselves
+                _set_reference(ref)
+                continue
             try:
                 if distributed:  # every failure of this reference's step meets the others
                     result = guarded_step(self._reference_step, ref.engine.num_permutations,
@@ -1568,17 +1590,7 @@ class AlignmentCallback(Callback):
         if engine.reference is None:
             if ref.kind == "previous":
                 return None  # nothing before the first step
-            what = ("the model's probe activations at the start of the fit" if ref.drift
-                    else "the frozen reference's probe activations")
-            try:
-                if ref.drift:
-                    _anchor(ref, ref.pending)
-                else:
-                    engine.set_reference(ref.pending)
-            except ValueError as err:  # NaN, an option the widths cannot take (not: out of memory)
-                raise FrozenReferenceError(
-                    f"{what} cannot be measured, which no step would change: {err}") from err
-            ref.pending = None
+            _set_reference(ref)
         return engine.step(acts, epoch=epoch, step=step, **split)
 
     def _initial_lost(self, ref: Reference) -> None:
@@ -1839,6 +1851,22 @@ def _uninitialized_lazy(model: nn.Module) -> list[str]:
     initialized yet: their first forward draws them from the global RNG."""
     return [name or type(model).__name__ for name, module in model.named_modules()
             if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()]
+
+
+def _set_reference(ref: Reference) -> None:
+    """Set a reference's pending activations (a model's or features' probe activations, or
+    ``"initial"``'s) as its engine's reference."""
+    what = ("the model's probe activations at the start of the fit" if ref.drift
+            else "the frozen reference's probe activations")
+    try:
+        if ref.drift:
+            _anchor(ref, ref.pending)
+        else:
+            ref.engine.set_reference(ref.pending)
+    except ValueError as err:  # NaN, an option the widths cannot take (not: out of memory)
+        raise FrozenReferenceError(
+            f"{what} cannot be measured, which no step would change: {err}") from err
+    ref.pending = None
 
 
 def _initial_unset(ref: Reference) -> bool:

@@ -187,6 +187,7 @@ class AlignmentPlateau(Callback):
         self._last_step: int | None = None  # metrics source, check_on="step": last step read
         self._seen = False  # the key was present at some check
         self._missed = 0  # checks without the key (this run)
+        self._stage: str | None = None  # the trainer's stage, from setup to teardown
         self._history: AlignmentCallback | None = None  # resolved at setup
 
     # ------------------------------------------------------------------------- identity
@@ -211,6 +212,10 @@ class AlignmentPlateau(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The count, best value and firing of a checkpoint; outside a fit (``validate`` /
+        ``test`` / ``predict`` given a ``ckpt_path``) the state is left as it is."""
+        if self._stage not in (None, "fit"):
+            return
         best = state_dict.get("best")
         self.best = None if best is None else float(best)
         self.wait = int(state_dict.get("wait", 0))
@@ -278,6 +283,7 @@ class AlignmentPlateau(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Find the source: an ``AlignmentCallback``'s history or ``callback_metrics``."""
+        self._stage = stage  # a checkpoint is loaded after setup, for every stage
         if stage != "fit":
             return
         self._missed = 0
@@ -376,6 +382,9 @@ class AlignmentPlateau(Callback):
             rank_zero_warn(f"AlignmentPlateau(monitor={self.monitor!r}): the key never appeared "
                            f"in {where} ({self._missed} check(s) without it), so on_plateau was "
                            "never called", category=RuntimeWarning)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = None
 
     # --------------------------------------------------------------------------- checks
     def _read_history(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

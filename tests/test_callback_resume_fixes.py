@@ -217,10 +217,11 @@ def test_validate_or_test_from_a_checkpoint_leaves_the_fits_state(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("error", ".*resumes from a checkpoint.*")
-        trainer.validate(_Validated(), train_loader(shuffle=False), ckpt_path=str(tmp_path / "epoch=0.ckpt"),
+        data = train_loader(shuffle=False)
+        trainer.validate(_Validated(), data, ckpt_path=str(tmp_path / "epoch=0.ckpt"),
                          verbose=False)
         pl.Trainer(callbacks=[fresh], logger=False, **FAST_TRAINER).validate(
-            _Validated(), train_loader(shuffle=False), ckpt_path=str(tmp_path / "epoch=1.ckpt"), verbose=False)
+            _Validated(), data, ckpt_path=str(tmp_path / "epoch=1.ckpt"), verbose=False)
     assert cb.history == history and plateau.state_dict() == counts
     assert fresh.history == []
     cb.load_state_dict(torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)

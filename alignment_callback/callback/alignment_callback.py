@@ -1538,7 +1538,8 @@ class AlignmentCallback(Callback):
             if _initial_unset(ref):
                 self._initial_lost(ref)  # the step at the start failed before its capture
                 continue
-            if ref.kind == "initial" and ref.pending is not None and (epoch, step) == self._redone_at:
+            redone = (epoch, step) == self._redone_at
+            if ref.kind == "initial" and ref.pending is not None and redone:
                 # the first run's value at this step compared with its start, which the
                 # checkpoint does not hold: anchored here, "initial" has no value of this step
                 # (as "previous"), rather than the resumed weights against themselves

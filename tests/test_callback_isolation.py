@@ -177,6 +177,36 @@ def test_checkpoint_waits_for_an_earlier_background_step(tmp_path, monkeypatch):
     assert raws(resumed)[:2] == raws(foreground)[:2]
 
 
+class _Preempted(MLP):
+    def training_step(self, batch, index):
+        if self.global_step == 5:
+            raise RuntimeError("preempted")
+        return super().training_step(batch, index)
+
+
+def test_a_checkpoint_on_an_exception_holds_the_background_steps_in_flight(tmp_path,
+                                                                           monkeypatch):
+    """Every 2 steps, training fails at step 5 while step 2 runs and step 4 waits: the
+    exception dropped both, and OnExceptionCheckpoint (which runs after the callback) saved a
+    history of [0] with nothing pending, so the resumed run never had steps 2 and 4."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    compute = AlignmentCallback._compute
+    monkeypatch.setattr(AlignmentCallback, "_compute",
+                        lambda self, *a, **k: (time.sleep(0.5), compute(self, *a, **k))[1])
+    options = dict(measures=["linear_cka"], every_n_train_steps=2)
+    first = callback(background=True, **options)
+    with pytest.raises(RuntimeError, match="preempted"):
+        fit([first, OnExceptionCheckpoint(dirpath=tmp_path, filename="failed")],
+            model=_Preempted(dropout=0.3), enable_checkpointing=True)
+    state = [v for k, v in torch.load(tmp_path / "failed.ckpt", weights_only=True)
+             ["callbacks"].items() if "AlignmentCallback" in k][0]
+    assert [h["step"] for h in state["history"]] == [0, 2, 4] and state["pending"] == []
+    whole = callback(**options)
+    fit([whole], model=MLP(dropout=0.3))
+    assert raws(first) == raws(whole)[:3]
+
+
 def test_a_second_fit_starts_a_new_history():
     cb = callback(measures=["linear_cka"])
     fit([cb], max_epochs=2)

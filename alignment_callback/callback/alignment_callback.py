@@ -1100,9 +1100,13 @@ class AlignmentCallback(Callback):
             self._fit_end(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        """Publish the background steps that had finished, drop the rest."""
-        finished = [job for job in self._queue.ready() if job.future.exception() is None]
-        self._queue.shutdown(cancel=True)
+        """Publish the background steps: the outstanding ones (at most two, taken before the
+        failure from weights a checkpoint written now could not reproduce) are finished first,
+        so that a checkpoint written on the exception (``OnExceptionCheckpoint``, which runs
+        after this) holds them; on a ``KeyboardInterrupt`` only the running one is, and the
+        one waiting is dropped."""
+        jobs = self._queue.drain(wait=not isinstance(exception, KeyboardInterrupt))
+        finished = [job for job in jobs if job.future.exception() is None]
         try:
             self._publish(trainer, finished)
         finally:

@@ -94,6 +94,18 @@ class BackgroundQueue:
         running = [(j.epoch, j.step) for j in self._jobs if not j.future.done()]
         return done, running
 
+    def drain(self, wait: bool = True) -> list[Job]:
+        """Stop the worker and pop every job: all of them run to their end (``wait``), else
+        the jobs not started are dropped and the running one finishes.  Returns the jobs that
+        ran, in order."""
+        jobs = list(self._jobs)
+        self._jobs.clear()
+        if not wait:
+            for job in jobs:
+                job.future.cancel()  # False for the running one: it finishes
+        self.shutdown()
+        return [job for job in jobs if not job.future.cancelled()]
+
     def shutdown(self, cancel: bool = False) -> None:
         """Stop the worker (after the running job); ``cancel`` drops the queued ones."""
         if cancel:

@@ -228,6 +228,21 @@ def no_step_taken(make, match, exc=ValueError, model=None):
     assert all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
 
 
+def test_two_callbacks_with_one_log_prefix_are_refused_before_training():
+    """Other measures give other checkpoint keys, so Lightning took them: both wrote one
+    report file (the second overwrote the first) and logged ``alignment/seconds`` twice per
+    step with different values."""
+    model = MLP()
+    start = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"log_prefix='alignment': another AlignmentCallback "
+                                         r"of this Trainer has it too"):
+        fit([quiet_callback(PROBE, ["linear_cka"], 19),
+             quiet_callback(PROBE, ["mutual_knn"], 19)], model=model)
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+    fit([quiet_callback(PROBE, ["linear_cka"], 19),
+         quiet_callback(PROBE, ["mutual_knn"], 19, log_prefix="other")])
+
+
 def test_drift_reference_with_too_few_probe_samples():
     no_step_taken(lambda: callback(reference="initial", probe=PROBE[:8], layers=["fc1"],
                                    measures={"mutual_knn": {"k": 10}}), "8 samples, too few")

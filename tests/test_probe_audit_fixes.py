@@ -169,6 +169,17 @@ def test_settings_tell_two_partials_apart():
     assert describe({"pool": a}) == {"pool": describe(a)}
 
 
+def test_setting_changes_name_the_unnamed_reference_once():
+    """'reference the reference {...} → {...}' read twice."""
+    from alignment_callback.callback.settings import setting_changes
+
+    saved = {"references": {"": {"kind": "model"}, "b": 1}, "measures": {"m": 1}}
+    current = {"references": {"": {"kind": "features"}, "c": 1}, "measures": {"m": 2}}
+    assert setting_changes(saved, current) == [
+        "reference 'c' added", "reference 'b' removed",
+        "the reference {'kind': 'model'} → {'kind': 'features'}", "measure 'm' 1 → 2"]
+
+
 class _TwoInputs(torch.utils.data.Dataset):
     def __init__(self, x):
         self.x = x
@@ -182,7 +193,7 @@ class _TwoInputs(torch.utils.data.Dataset):
 
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 @pytest.mark.parametrize("case", ["batch_transform", "input_key", "reference_inputs",
-                                  "reference_batch_transform"])
+                                  "reference_batch_transform", "mask_key"])
 def test_a_resume_fed_otherwise_starts_new_curves(tmp_path, case):
     """What the model or the reference is fed changed between the checkpoint and the resume:
     the probe's hash is of the batches before ``batch_transform``, and none of these was
@@ -196,6 +207,7 @@ def test_a_resume_fed_otherwise_starts_new_curves(tmp_path, case):
         "input_key": ({"input_key": "a"}, {"input_key": "b"}),
         "reference_inputs": ({}, {"reference_inputs": -x ** 3}),
         "reference_batch_transform": ({}, {"reference_batch_transform": torch.tanh}),
+        "mask_key": ({}, {"mask_key": None}),  # padded token outputs pooled otherwise
     }[case]
     cb = quiet_callback(probe, ["linear_cka"], K, layers=["fc2"], **first)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)

@@ -707,6 +707,7 @@ class AlignmentCallback(Callback):
                          for label, m in self.measures.items()},
             # how the batches become inputs (a checkpoint without them is taken as unchanged)
             "input_key": self.input_key, "batch_transform": settings.describe(self.batch_transform),
+            "mask_key": self.mask_key,  # which tokens the mean / last pools read
             "reference input rules": {
                 ref.name or "": {"input_key": ref.input_key,
                                  "batch_transform": settings.describe(ref.batch_transform)}
@@ -778,6 +779,12 @@ class AlignmentCallback(Callback):
         self._stage = stage  # a checkpoint is loaded after setup, for every stage
         if stage != "fit":
             return
+        if any(isinstance(cb, AlignmentCallback) and cb is not self
+               and cb.log_prefix == self.log_prefix for cb in trainer.callbacks):
+            raise ValueError(
+                f"log_prefix={self.log_prefix!r}: another AlignmentCallback of this Trainer has "
+                "it too, so their logged keys, report files and checkpoint states would mix; "
+                "give each callback its own log_prefix")
         self._trainer = weakref.ref(trainer)
         self.restarted = set()  # a checkpoint loaded after setup says which curves restart
         self._probe_known = None  # taken anew for this fit (a callable probe is called again)

@@ -99,11 +99,13 @@ def setting_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> lis
         if field not in saved:
             continue
         old, new = saved[field], current[field]
-        name = (lambda key: "the reference" if key == "" else repr(key)) if field == "references" \
-            else repr
-        changes += [f"{what} {name(k)} added" for k in new if k not in old]
-        changes += [f"{what} {name(k)} removed" for k in old if k not in new]
-        changes += [f"{what} {name(k)} {old[k]!r} → {new[k]!r}" for k in new
+
+        def name(key: str) -> str:  # the one reference of a callback has no name
+            return f"the {what}" if key == "" else f"{what} {key!r}"
+
+        changes += [f"{name(k)} added" for k in new if k not in old]
+        changes += [f"{name(k)} removed" for k in old if k not in new]
+        changes += [f"{name(k)} {old[k]!r} → {new[k]!r}" for k in new
                     if k in old and old[k] is not None and old[k] != new[k]]
     return changes
 

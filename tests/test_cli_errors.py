@@ -176,3 +176,22 @@ def test_permutations_whose_nulls_cannot_fit_are_bad_input(files, capsys, monkey
     outcome = cli._outcome(SimpleNamespace(rank=1), MemoryError("num_permutations=7: too big"),
                            debug=False)
     assert (outcome.code, outcome.message) == (2, "--permutations 7: too big")
+
+
+class _ClosedPipe:
+    """A stdout whose reader has gone (``... | head -1``)."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+
+def test_an_output_pipe_closed_by_its_reader_ends_quietly(files, capsys, monkeypatch):
+    """A closed pipe was an OSError, so bad input: 'error: [Errno 32] Broken pipe', exit 2."""
+    monkeypatch.chdir(files)
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    code = cli.main(["compare", "good.pt", "good.pt", *FAST, "--out", "out_pipe"])
+    assert code == 141
+    assert capsys.readouterr().err == ""

@@ -750,7 +750,7 @@ class AlignmentCallback(Callback):
     @contextmanager
     def _iterated_probe(self, probe: Any = None) -> Iterator[Any]:
         """The batches of ``probe`` (default: the probe), to iterate outside a probe pass: the
-        global random states and a DataLoader's own generator are put back afterwards
+        global random states and a DataLoader's own generator are put back afterward
         (iterating draws a seed)."""
         batches = iterate_probe(self.probe if probe is None else probe)
         with preserved_rng(), preserved_loader_seed(batches):

@@ -1,7 +1,7 @@
 """``AlignmentPlateau``: call a function once, when an alignment value stops improving.
 
 The use case is REPA-style training, where an auxiliary loss pulls a model's hidden states
-towards a frozen encoder's features: that loss helps early and can hurt later (HASTE, "REPA
+toward a frozen encoder's features: that loss helps early and can hurt later (HASTE, "REPA
 Works Until It Doesn't", reports both), so one wants to switch it off once the alignment it
 buys has plateaued.  ``AlignmentPlateau`` watches a key such as
 ``"alignment/cknna/calibrated"`` with :class:`~lightning.pytorch.callbacks.EarlyStopping`'s

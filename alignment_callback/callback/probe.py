@@ -165,7 +165,7 @@ def iterate_probe(probe: Any) -> Any:
     normalized as by :func:`load_probe`: a DataLoader must be sequential, NumPy arrays become
     tensors).
 
-    A callable probe is called with the global random states saved and put back afterwards
+    A callable probe is called with the global random states saved and put back afterward
     (see :func:`~alignment_callback.hooks.collect.preserved_rng`), and seeded with
     :data:`PROBE_SEED` (torch's on every device, NumPy's ``np.random``, Python's ``random``)
     before the call: one that draws (``return [torch.randn(...)]``) returns the same rows at

@@ -1,7 +1,7 @@
 """Exact rescaling by powers of two, so extreme magnitudes neither overflow nor underflow.
 
 Multiplying by 2**e changes only the exponent of every float, so every product, sum, norm and
-ratio computed afterwards equals the unscaled one times a power of two, bit for bit (as long as
+ratio computed afterward equals the unscaled one times a power of two, bit for bit (as long as
 nothing overflowed or underflowed before).  Scale-invariant measures (cosines, rankings, CKA)
 therefore give identical results on ``x`` and ``x · c``, including ``c = 1e20`` in float32, where
 ``x @ x.T`` or ``‖x‖²`` would otherwise overflow.

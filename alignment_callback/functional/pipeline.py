@@ -704,7 +704,8 @@ def calibrate_measures(
     resolved = [(label, get_measure(spec)) for label, spec in items]
     labels = [label or m.name for label, m in resolved]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"measure labels must be unique, got {labels}")
+        raise ValueError(f"measure labels must be unique, got {labels}: pass a dict "
+                         "{label: measure} to tell measures of one name apart")
     ms = [m for _, m in resolved]
     check_moments_apply(check_null(null), ms, groups)
     xside, yside = _sides(named_layers(xs, "x"), named_layers(ys, "y"), ms, null)

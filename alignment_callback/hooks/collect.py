@@ -581,7 +581,7 @@ def collect_activations(
 ) -> dict[str, Tensor]:
     """Run ``model`` over probe batches and return ``{layer: (n, d)}`` pooled activations.
 
-    The model runs in ``eval()`` mode under ``torch.no_grad()``; afterwards (also on errors)
+    The model runs in ``eval()`` mode under ``torch.no_grad()``; afterward (also on errors)
     every submodule's train/eval flag, buffers and generators and the global RNG state are
     restored exactly (see :func:`evaluation_mode`).
 
@@ -624,7 +624,7 @@ def collect_activations(
         tokens only: taken from the mapping ``batch_transform`` returns (a tokenizer's
         output), else from a dict batch; ``None`` disables it.
     restore_rng : bool, default=True
-        Put the global RNG state back afterwards (see :func:`evaluation_mode`; pass False
+        Put the global RNG state back afterward (see :func:`evaluation_mode`; pass False
         from a thread other than the training loop's).
     **recorder_kwargs
         ``detach``, ``to_cpu``, ``dtype``, ``output_key`` for :class:`ActivationRecorder`.

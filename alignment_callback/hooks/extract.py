@@ -357,7 +357,7 @@ def extract_features(
     """Run ``model`` over ``probe``, return ``{layer: (n, d)}`` and save it with a fingerprint.
 
     The activations are exactly those of :func:`collect_activations` with the same arguments
-    (eval mode, no grad, the model's train flags and the global RNG restored afterwards); a
+    (eval mode, no grad, the model's train flags and the global RNG restored afterward); a
     single dict batch (e.g. a tokenizer's output) is split into batches of ``batch_size`` rows.
 
     Parameters

@@ -35,7 +35,7 @@ def list_layers(
     eval mode, as its zero-padded shape).  Like :func:`collect_activations` this runs in
     ``eval()`` mode without gradients (an ``nn.DataParallel`` as its ``module``, a
     ``torch.compile``-d model eagerly) and restores every train/eval flag and the RNG state
-    afterwards.
+    afterward.
 
     Parameters
     ----------

@@ -450,7 +450,8 @@ def _error_text(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 bad input, 130 interrupted, 1 bug).
+    """Run the command line; returns the exit code (0 ok, 2 bad input, 130 interrupted, 141
+    stdout closed by its reader, 1 bug).
 
     With ``--debug`` the traceback is printed above the ``error:`` line; the exit code is the
     same."""
@@ -475,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _traceback(args.debug)
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed by its reader (`... | head -1`): stop quietly
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a tool killed by the signal
     except _BAD_INPUT as err:
         _traceback(args.debug)
         print(f"error: {_error_text(err)}", file=sys.stderr)
@@ -485,6 +489,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: internal error ({type(err).__name__}: {_one_line(err)}){hint}",
               file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so that flushing it at exit raises no second
+    ``BrokenPipeError`` (the recipe of Python's ``signal`` documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout)
+        pass
 
 
 def _traceback(debug: bool) -> None:

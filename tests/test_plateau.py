@@ -79,7 +79,7 @@ def _aligner(**kw):
     kw.setdefault("measures", ["cknna"])
     kw.setdefault("num_permutations", 20)
     kw.setdefault("log_heatmaps", False)
-    return AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS, **kw)
+    return AlignmentCallback(kw.pop("reference", RefMLP(seed=1)), make_probe(), LAYERS, **kw)
 
 
 def _plateau(**kw):
@@ -414,13 +414,14 @@ def test_a_plateau_with_a_source_is_no_monitor_of_another_alignment_callback(tmp
     """Two AlignmentCallbacks log the key and the plateau names its source, as the error of
     the next test asks: the other callback took the plateau for a reader of the logged
     metrics and refused it (a raw field is not logged to the module; background=True)."""
-    # the other callback measures linear_cka too (Lightning needs distinct state keys)
-    watched, other = _aligner(), _aligner(background=True, measures=["cknna", "linear_cka"])
-    plateau = _plateau(monitor="alignment/cknna/raw", source=watched, patience=1,
+    # two log_prefixes that give one key (one log_prefix for two callbacks is refused)
+    watched = _aligner(log_prefix="a", reference={"b": RefMLP(seed=1)})
+    other = _aligner(log_prefix="a/b", background=True)
+    plateau = _plateau(monitor="a/b/cknna/raw", source=watched, patience=1,
                        min_delta=10.0)  # no improvement: it fires at its second check
     _fit(tmp_path, [watched, other, plateau], 2)
     assert plateau.fired_at is not None  # it read the watched callback's history
-    assert plateau.fired_at["value"] == watched.history[-1]["alignment/cknna/raw"]
+    assert plateau.fired_at["value"] == watched.history[-1]["a/b/cknna/raw"]
 
 
 def test_a_plateau_on_the_logged_metrics_is_told_to_drop_source_metrics(tmp_path):
@@ -457,8 +458,8 @@ def test_an_epoch_cut_short_is_checked_once_across_a_resume(tmp_path):
 
 def test_two_alignment_callbacks_logging_the_key_need_source(tmp_path):
     with pytest.raises(ValueError, match="2 AlignmentCallbacks log this key; pass .* source="):
-        _fit(tmp_path, [_aligner(), _aligner(measures=["cknna", "linear_cka"]),
-                        _plateau(monitor=KEY)], 1)
+        _fit(tmp_path, [_aligner(log_prefix="a", reference={"b": RefMLP(seed=1)}),
+                        _aligner(log_prefix="a/b"), _plateau(monitor="a/b/cknna/calibrated")], 1)
 
 
 def test_source_must_be_a_trainer_callback(tmp_path):

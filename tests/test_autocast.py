@@ -49,8 +49,13 @@ def _under(dtype: torch.dtype, fn):
 def test_measures_and_their_calibration_ignore_autocast(name, dtype):
     x, y = _pair()
     kw = PARAMS.get(name, {})
+    measure = F.get_measure(name, **kw)  # a bound measure, called and used directly too
+    sx, sy = measure.prepare(x, "x"), measure.prepare(y, "y")
+    ident = torch.arange(x.shape[0])[None]
     for fn in (lambda: getattr(F, name)(x, y, **kw),
-               lambda: F.calibrated_alignment(x, y, name, num_permutations=20, **kw)):
+               lambda: F.calibrated_alignment(x, y, name, num_permutations=20, **kw),
+               lambda: measure(x, y), lambda: measure.score(sx, sy, ident),
+               lambda: measure.score(measure.prepare(x, "x"), measure.prepare(y, "y"), ident)):
         _same(fn(), _under(dtype, fn))
 
 

@@ -31,6 +31,7 @@ from alignment_callback.functional import knn_measures as km
 from alignment_callback.functional import predictivity as pr
 from alignment_callback.functional import shape_measures as shm
 from alignment_callback.functional import svcca as sv
+from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import (
     check_bandwidth,
     check_matrix,
@@ -199,15 +200,18 @@ class Measure:
         """Temporary elements per permutation (sets chunk sizes)."""
         return self.info.perm_cost(n, self.kwargs)
 
+    @no_autocast()
     def prepare(self, x: Tensor, role: str = "x", shared: Any = None) -> Any:
         """The prepared state of one representation (``role``: ``"x"`` model, ``"y"``
         reference; only tie-breaking depends on it)."""
         return self.info.prepare(x, role, shared, **self.kwargs)
 
+    @no_autocast()
     def score(self, sx: Any, sy: Any, perms: Tensor) -> Tensor:
         """(B,) scores of ``(x, y[π])`` for every row π of ``perms``."""
         return self.info.score(sx, sy, perms, **self.kwargs)
 
+    @no_autocast()
     def layer_scores(self, sxs: list, sys: list, perms: Tensor) -> Tensor:
         """(B, LA, LB) scores, every Y layer permuted by the same π."""
         if self.info.layer_scores is not None:
@@ -215,6 +219,7 @@ class Measure:
         rows = [torch.stack([self.score(sx, sy, perms) for sy in sys], 1) for sx in sxs]
         return torch.stack(rows, 1)
 
+    @no_autocast()
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         """The measure's value on ``(x, y)`` (no permutation).
 

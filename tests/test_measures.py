@@ -334,6 +334,54 @@ def test_hsic_unbiased_matches_numpy(kind):
     assert got.item() == pytest.approx(R.hsic_unbiased(K, L), rel=1e-6, abs=_hsic_tol(K, L))
 
 
+def _exact_hsic_unbiased(K, L):
+    """Song et al.'s estimator in exact rational arithmetic (integer grams)."""
+    from fractions import Fraction
+
+    n = len(K)
+    kt = [[0 if i == j else int(K[i][j]) for j in range(n)] for i in range(n)]
+    lt = [[0 if i == j else int(L[i][j]) for j in range(n)] for i in range(n)]
+    trace = sum(kt[i][j] * lt[j][i] for i in range(n) for j in range(n))
+    cross = sum(sum(kt[i][j] for i in range(n)) * sum(lt[j][m] for m in range(n))
+                for j in range(n))
+    total = Fraction(sum(map(sum, kt)) * sum(map(sum, lt)), (n - 1) * (n - 2))
+    return (trace + total - Fraction(2 * cross, n - 2)) / (n * (n - 3))
+
+
+@pytest.mark.parametrize("offset", [0, 2**20, 2**26, 2**30])
+def test_hsic_of_grams_with_a_large_constant_offset(offset):
+    """Un-centered grams: HSIC_u ignores a constant added to the off-diagonal entries, but the
+    formula's terms cancelled its digits (relative error 0.17 at 2**26, the value 0 at 2**30);
+    integer grams above 2**24 gave a float32 0 for biased HSIC."""
+    g = torch.Generator().manual_seed(0)
+    s, t = (torch.randint(-3, 4, (12, 3), generator=g) for _ in range(2))
+    k, l = offset + s @ s.T, offset + t @ t.T  # int64
+    exact = float(_exact_hsic_unbiased(k.tolist(), l.tolist()))
+    for kk, ll in ((k, l), (k.double(), l.double())):
+        got = F.hsic_unbiased(kk, ll)  # integers that float32 holds exactly stay float32
+        assert (got.dtype == torch.float64) == (kk.is_floating_point() or offset > 2**20)
+        rel = 1e-9 if got.dtype == torch.float64 else 1e-6
+        assert float(got) == pytest.approx(exact, rel=rel)
+    # centering takes the offset away
+    biased = R.hsic_biased((s @ s.T).double().numpy(), (t @ t.T).double().numpy())
+    got = F.hsic_biased(k, l)
+    rel = 1e-9 if got.dtype == torch.float64 else 1e-6
+    assert float(got) == pytest.approx(biased, rel=rel)
+
+
+def test_hsic_grams_are_checked_like_features():
+    """Detached (no graph kept), NumPy refused by name, NaN blamed on the gram holding it."""
+    x = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    k = x @ x.T
+    assert F.hsic_unbiased(k, k).grad_fn is None and F.hsic_biased(k, k).grad_fn is None
+    with pytest.raises(TypeError, match="k must be a torch.Tensor"):
+        F.hsic_biased(k.detach().numpy(), k)
+    bad = k.detach().clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="^l contains NaN/Inf"):
+        F.hsic_unbiased(k, bad)
+
+
 def test_hsic_unbiased_is_not_symmetrised_for_nonsymmetric_input():
     """tr(K~L~) = sum_ij K~_ij L~_ji: for non-symmetric grams it differs from sum_ij K~_ij L~_ij."""
     K, L = _grams("masked_nonsymmetric")

@@ -11,7 +11,7 @@ from torch import Tensor
 from alignment_callback.functional import _compiled
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import rescale_exactly, times_power_of_two
-from alignment_callback.functional._validation import check_bandwidth
+from alignment_callback.functional._validation import as_float, check_bandwidth
 
 
 def linear_gram(x: Tensor) -> Tensor:
@@ -145,11 +145,15 @@ def u_center_gram(k: Tensor) -> Tensor:
 
 
 def _check_grams(k: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
+    """The grams as detached floats of one dtype (float64 when either is float64 or holds
+    integers above 2**24, see ``as_float``), after checking their shapes and values."""
+    k, l = as_float(k, "k"), as_float(l, "l")
     if k.shape != l.shape or k.dim() != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"grams must be square and of equal shape, got {tuple(k.shape)}, {tuple(l.shape)}")
-    if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(l).all())):
-        raise ValueError("grams contain NaN/Inf values")
-    dtype = torch.promote_types(torch.promote_types(k.dtype, l.dtype), torch.float32)
+    for name, gram in (("k", k), ("l", l)):
+        if not bool(torch.isfinite(gram).all()):
+            raise ValueError(f"{name} contains NaN/Inf values")
+    dtype = torch.promote_types(k.dtype, l.dtype)
     return k.to(dtype), l.to(dtype)
 
 
@@ -188,7 +192,9 @@ def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
     True
     """
     k, l = _check_grams(k, l)
-    return (center_gram(k) * l.T).sum()
+    # tr(KHLH) = Σ (HKH)_ij (HLH)_ji, and H(K − c)H = HKH: both centered, their means taken
+    # out first, so that a large offset (un-centered grams) costs no digits
+    return (center_gram(k - k.mean()) * center_gram(l - l.mean()).T).sum()
 
 
 @no_autocast()
@@ -232,10 +238,11 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     n = k.shape[0]
     if n < 4:
         raise ValueError(f"unbiased HSIC needs n >= 4 samples, got {n}")
-    kt = k.clone()
-    kt.fill_diagonal_(0.0)
-    lt = l.clone()
-    lt.fill_diagonal_(0.0)
+    # the estimator ignores a constant added to the off-diagonal entries: taking their mean
+    # out first keeps the three terms from cancelling the offset's digits (un-centered grams)
+    off = 1.0 - torch.eye(n, dtype=k.dtype, device=k.device)
+    kt = (k - (k * off).sum() / (n * (n - 1))) * off
+    lt = (l - (l * off).sum() / (n * (n - 1))) * off
     trace = (kt * lt.T).sum()
     cross = (kt.sum(0) * lt.sum(1)).sum()
     value = trace + kt.sum() * lt.sum() / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)

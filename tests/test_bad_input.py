@@ -265,3 +265,40 @@ def test_a_k_that_is_not_an_integer_is_named_by_the_plain_functions(k):
         with pytest.raises(ValueError, match=rf"^{fn.__name__}: k must be an integer >= "
                                              rf"{low}, got "):
             fn(x, y, k=k)
+
+
+def test_prepare_features_names_what_is_wrong_with_its_input():
+    """NumPy input raised AttributeError ('no attribute detach'), an empty input IndexError
+    (with clamping) or a reshape RuntimeError, no features 'all-zero feature vector', and NaN
+    and zero rows were not counted or located."""
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+        F.prepare_features(np.zeros((4, 3)))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+        F.pool_features(np.zeros((4, 3, 2)), "mean")
+    for shape, kw in (((24, 0), {}), ((0, 3), {"clamp_quantile": 0.9}), ((0, 4, 3), {})):
+        with pytest.raises(ValueError, match=r"x holds no values \(pooled to shape"):
+            F.prepare_features(torch.zeros(shape), **kw)
+    x = _data(30, 4)
+    x[5, 2] = float("nan")
+    x[7, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"activations contain 2 NaN/Inf value\(s\)"):
+        F.prepare_features(x)
+    x = _data(30, 4)
+    x[[3, 17]] = 0.0
+    with pytest.raises(ValueError, match=r"2 sample\(s\) have an all-zero feature vector "
+                                         r"\(rows 3, 17\)"):
+        F.prepare_features(x)
+    assert F.pool_features(torch.zeros(0, 4, 3), "flatten").shape == (0, 12)
+
+
+def test_a_misspelled_calibration_argument_is_named_as_such():
+    """``num_permutation=9`` reached the measure, which said it accepts ['k'] only."""
+    x, y = _data(), _data(seed=1)
+    with pytest.raises(TypeError, match=r"\['num_permutation'\]; it accepts \['k'\] \(did "
+                                        r"you mean num_permutations, an argument of the "
+                                        r"calibration itself\?\)"):
+        F.calibrated_alignment(x, y, "mutual_knn", num_permutation=9)
+    with pytest.raises(TypeError, match="did you mean aggregate"):
+        F.calibrated_layer_alignment({"a": x}, {"b": y}, "linear_cka", agregate="mean")
+    with pytest.raises(TypeError, match=r"it accepts none$"):  # nothing close: no guess
+        F.get_measure("linear_cka", bandwidth=2)

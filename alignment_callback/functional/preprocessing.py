@@ -6,6 +6,7 @@ given.  The PRH convention is ``pool -> optional outlier clamp -> L2-normalize e
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, Literal, Union
 
@@ -105,6 +106,8 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
     ...
     ValueError: mask must have shape (n, T) = (2, 3), the first two dimensions ...
     """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if callable(pool):
         out = pool(x)
         if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
@@ -123,7 +126,7 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
             raise ValueError(f"pool='none' needs 2-D activations, got shape {tuple(x.shape)}")
         return x
     if pool == "flatten":
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))  # also for 0 rows
     if pool == "mean":
         # in float32 at least, and kept there: a float16 sum over many tokens cannot overflow,
         # and a float16 / bfloat16 mean is not rounded back to its 11 / 8 significant bits
@@ -208,7 +211,9 @@ def prepare_features(
     Returns
     -------
     Tensor
-        A float tensor of shape (n, d) on the input's device.
+        A float tensor of shape (n, d) on the input's device; when no step changes the values
+        (a float32 / float64 2-D ``x``, ``normalize=False``, no clamping) it may be ``x``
+        itself or a view of it, detached.
 
     Raises
     ------
@@ -227,18 +232,24 @@ def prepare_features(
     >>> prepare_features(torch.ones(2, 5, 3), pool="mean", normalize=False).shape
     torch.Size([2, 3])
     """
-    x = as_float(x.detach())
+    x = as_float(x)  # detached; a tensor (a NumPy array is refused by name)
     x = pool_features(x, pool, mask=mask)
     x = as_float(x)
+    if x.numel() == 0:
+        raise ValueError(f"x holds no values (pooled to shape {tuple(x.shape)}): it needs "
+                         "samples (rows) and features")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError("activations contain NaN/Inf values")
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"activations contain {bad} NaN/Inf value(s)")
     if clamp_quantile is not None:
         x = clamp_outliers(x, clamp_quantile)
     if normalize:
         x = rescale_exactly(x, per_row=True)  # exact: ‖x·c‖ would overflow at c = 1e20
         norms = x.norm(dim=1, keepdim=True)
-        zero = int((norms == 0).sum())
+        zero = (norms[:, 0] == 0).nonzero()[:, 0].tolist()
         if zero:
-            raise ValueError(f"{zero} sample(s) have an all-zero feature vector; cannot L2-normalize")
+            rows = ", ".join(map(str, zero[:5])) + (", ..." if len(zero) > 5 else "")
+            raise ValueError(f"{len(zero)} sample(s) have an all-zero feature vector (rows "
+                             f"{rows}); cannot L2-normalize")
         x = x / norms
     return x

@@ -17,6 +17,7 @@ NumPy reference in ``tests/``.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import warnings
 from dataclasses import dataclass, field
@@ -144,13 +145,22 @@ class MeasureInfo:
         known = {p.name: p for p in self.params}
         unknown = set(kwargs) - set(known)
         if unknown:
+            near = sorted({m for name in unknown
+                           for m in difflib.get_close_matches(name, _CALIBRATION_ARGUMENTS, 1)})
+            hint = (f" (did you mean {', '.join(near)}, an argument of the calibration itself?)"
+                    if near else "")
             raise TypeError(
                 f"{self.name} got unexpected keyword argument(s) {sorted(unknown)}; it accepts "
-                f"{sorted(known) or 'none'}"
+                f"{sorted(known) or 'none'}{hint}"
             )
         params = {p.name: p.check(kwargs.get(p.name, p.default), f"{self.name}: {p.name}")
                   for p in self.params}
         return Measure(self, tuple(params.items()))
+
+
+#: The calibration functions' own arguments, which a misspelling passes on to the measure
+_CALIBRATION_ARGUMENTS = ("num_permutations", "alpha", "seed", "aggregate", "null", "groups",
+                          "max_score", "num_bootstrap", "confidence")
 
 
 @dataclass(frozen=True)
@@ -572,8 +582,6 @@ def canonical_name(name: str) -> str:
         return name
     if name in _ALIASES:
         return _ALIASES[name]
-    import difflib
-
     close = difflib.get_close_matches(name, list(REGISTRY) + list(_ALIASES), n=3)
     hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
     raise ValueError(f"unknown measure {name!r}{hint} Built-ins: {', '.join(sorted(REGISTRY))}")

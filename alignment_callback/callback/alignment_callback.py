@@ -1021,11 +1021,12 @@ class AlignmentCallback(Callback):
             rank_zero_warn(_INITIAL_RESUMED, category=UserWarning)
         at_last_step = bool(self.history) and int(self.history[-1]["step"]) == step
         if "previous" in kinds and retaken:
-            rank_zero_warn("reference='previous' on a resumed run: the step in flight when the "
-                           "checkpoint was written is computed again at the resume, on the "
-                           "checkpoint's weights, and has no 'previous' value (the activations "
-                           "of the step before it are not in the checkpoint); the steps after it "
-                           "compare with it, as in the original run", category=UserWarning)
+            rank_zero_warn("reference='previous' on a resumed run: the step the checkpoint "
+                           "could not hold (in flight in the background, or due at the end of "
+                           "its epoch) is computed again at the resume, on the checkpoint's "
+                           "weights, and has no 'previous' value (the activations of the step "
+                           "before it are not in the checkpoint); the steps after it compare "
+                           "with it, as in the original run", category=UserWarning)
         elif "previous" in kinds and not at_last_step:
             rank_zero_warn("reference='previous' on a resumed run: the checkpoint was not written "
                            "at the last alignment step, whose activations it does not hold; the "

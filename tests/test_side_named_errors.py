@@ -123,10 +123,11 @@ def test_linear_predictivity_names_y_once():
     (lambda x, y: F.cknna(x[:3], y[:3], k=2), "cknna needs at least 4 samples"),
     (lambda x, y: F.unbiased_cka(x[:3], y[:3]), "unbiased HSIC needs n >= 4"),
     (lambda x, y: F.rsa(x[:2], y[:2]), "rsa needs at least 3 samples"),
-    (lambda x, y: F.rbf_cka(x, y, sigma=-1.0), "sigma must be a finite positive number"),
-    (lambda x, y: F.rbf_cka(x, y, sigma="mean"), "sigma must be a finite positive number"),
-    (lambda x, y: F.rbf_cka(x, y, sigma=torch.tensor(0.0)), "sigma must be a finite positive"),
-    (lambda x, y: F.bures_similarity(x, y, kernel="rbf", sigma=0.0), "sigma must be a finite"),
+    (lambda x, y: F.rbf_cka(x, y, sigma=-1.0), "rbf_cka: sigma must be a finite positive number"),
+    (lambda x, y: F.rbf_cka(x, y, sigma="mean"), "rbf_cka: sigma must be a finite positive"),
+    (lambda x, y: F.rbf_cka(x, y, sigma=torch.tensor(0.0)), "rbf_cka: sigma must be a finite"),
+    (lambda x, y: F.bures_similarity(x, y, kernel="rbf", sigma=0.0),
+     "bures_similarity: sigma must be a finite"),
     (lambda x, y: F.bures_similarity(x, y, kernel="cosine"), "bures_similarity: kernel must be"),
     (lambda x, y: F.shape_metric(x, y, alpha=2.0), "shape_metric: alpha must be"),
     (lambda x, y: F.svcca(x, y, cca_dim=True), "cca_dim must be a positive integer"),
@@ -150,5 +151,5 @@ def test_a_good_pair_gives_the_same_value_everywhere():
     # a bad sigma is refused for the linear kernel too (it does not use it), as by get_measure
     for call in (lambda: F.bures_similarity(x, y, sigma=-1.0),
                  lambda: F.get_measure("bures_similarity", sigma=-1.0)):
-        with pytest.raises(ValueError, match="sigma must be a finite positive number"):
+        with pytest.raises(ValueError, match="bures_similarity: sigma must be a finite positive"):
             call()

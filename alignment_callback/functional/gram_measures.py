@@ -382,7 +382,7 @@ def rbf_cka(x: Tensor, y: Tensor, sigma: float | str = 1.0) -> Tensor:
     True
     """
     x, y = check_pair(x, y)
-    check_bandwidth(sigma)
+    check_bandwidth(sigma, "rbf_cka: sigma")  # named as get_measure names it
     _check_memory("rbf_cka", x, _NO_GRAM)
     return gram_score(*per_side(rbf_state, x, y, sigma), _identity(x.shape[0], x.device))[0]
 

@@ -402,7 +402,7 @@ def bures_similarity(x: Tensor, y: Tensor, kernel: str = "linear", sigma: float 
     """
     x, y = check_pair(x, y)
     _check_kernel(kernel)
-    check_bandwidth(sigma)  # checked for both kernels, as get_measure("bures_similarity") does
+    check_bandwidth(sigma, "bures_similarity: sigma")  # both kernels, as get_measure does
     check_bures_memory(x, 1, {"kernel": kernel})  # x's kept while y's is built
     ident = _identity(x.shape[0], x.device)
     return bures_score(*per_side(bures_state, x, y, kernel, sigma), ident)[0]

@@ -142,6 +142,34 @@ def test_wandb_run_holds_summary_curves_and_one_pairs_table(tmp_path, monkeypatc
         f"alignment_report_{m}.png" for m in MEASURES} <= saved  # the report with its images
 
 
+def test_each_wandb_run_keeps_its_own_report_as_files(tmp_path, monkeypatch):
+    """W&B's save_dir is shared by its runs: with W&B the first logger every run wrote the
+    report to ``<save_dir>/alignment_report.md`` (the second overwrote the first), and each run
+    held symbolic links to it, so the first run would have synced the second's report; behind a
+    CSV logger, its run files were links into the CSV logger's folder."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    folders = []
+    for epochs, csv_first in ((1, False), (2, False), (1, True)):
+        logger = WandbLogger(save_dir=str(tmp_path / "wb"), offline=True, project="feedback")
+        loggers = [CSVLogger(tmp_path, name="csv"), logger] if csv_first else [logger]
+        cb = _cb(verbose=False, measures=["linear_cka"], log_heatmaps=False)
+        _fit(loggers, [cb], max_epochs=epochs)
+        files = logger.experiment.dir
+        wandb.finish()
+        assert (os.path.dirname(cb.report_paths[0]) == files) != csv_first
+        report = Path(files) / "alignment_report.md"
+        assert not report.is_symlink() and report.is_file()
+        assert f"(epoch {epochs}, step {4 * epochs})" in report.read_text()
+        folders.append(files)
+    assert len(set(folders)) == 3
+
+
 @pytest.mark.parametrize("steps", [None, 3])
 def test_report_curves_against_epochs_or_steps(tmp_path, monkeypatch, steps):
     """The report's curves run along the epochs, or along the steps when several alignment

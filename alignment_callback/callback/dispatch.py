@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -290,23 +291,36 @@ def log_table(loggers: Sequence[Any], key: str, columns: list[str], rows: list[l
             logger.log_table(key=key, columns=columns, data=rows, step=step)
 
 
+def _wandb_files(logger: Any) -> str | None:
+    """The folder of a W&B run's own files (``<save_dir>/wandb/<run>/files``), or None."""
+    folder = getattr(logger.experiment, "dir", None)
+    return folder if isinstance(folder, str) and folder else None
+
+
 def save_files(loggers: Sequence[Any], paths: Sequence[str]) -> None:
-    """Keep files (the end-of-fit report and its images) with the run: W&B run files, MLflow
-    artifacts."""
+    """Keep files (the end-of-fit report and its images) with the run: W&B run files (copied
+    into the run's folder, so that an offline run holds the files themselves rather than links
+    to another logger's, which ``wandb sync`` would follow to whatever is there by then),
+    MLflow artifacts."""
     for logger in loggers:
         kind = _kind(logger)
         for path in paths:
             if kind == "wandb":
+                run_files = _wandb_files(logger)
+                if run_files is not None and os.path.dirname(os.path.abspath(path)) != \
+                        os.path.abspath(run_files):
+                    path = shutil.copy2(path, os.path.join(run_files, os.path.basename(path)))
                 logger.experiment.save(path, base_path=os.path.dirname(path), policy="now")
             elif kind == "mlflow":
                 logger.experiment.log_artifact(logger.run_id, path, "alignment_report")
 
 
 def log_dir(loggers: Sequence[Any]) -> str | None:
-    """Where files written next to the logs go: the first logger's directory (None when no
-    logger has one)."""
+    """Where files written next to the logs go: the first logger's directory (a W&B run's own
+    folder: its ``save_dir`` is shared by every run; None when no logger has one)."""
     for logger in loggers:
-        folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        folder = (_wandb_files(logger) if _kind(logger) == "wandb" else None) or \
+            getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if folder:
             return str(folder)
     return None

@@ -35,8 +35,8 @@ confounders: install
 text: install
 	$(BIN)/python examples/text_reference.py
 
-# what the examples write into the repository root (--out .): figures, the end-of-fit reports
-# of the callbacks (alignment/: alignment_report.*, wide/: alignment_report_wide.*) and their PNGs
+# what the examples write into the repository root (--out .): logs, figures, and end-of-fit
+# reports (alignment_report*, wide_report*) of runs whose logger wrote them there
 clean:
 	rm -rf $(VENV) wandb lightning_logs mlruns mlflow.db alignment_out *.egg-info \
 		alignment_curves.png alignment_heatmap.png text_alignment_*.png \

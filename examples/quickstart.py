@@ -539,6 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"total run {time.perf_counter() - t_start:.1f} s (benchmarks/bench_callback_overhead.py "
           "measures the overhead)")
     print(f"figures: {curves}, {heatmap}")
+    reports = [cb.report_paths[1] for cb in (callback, wide_callback) if cb.report_paths]
+    if reports:  # next to the first logger's files (W&B: in its run's folder)
+        print(f"end-of-fit reports: {', '.join(reports)}")
     for line in where:
         print(line)
     return 0

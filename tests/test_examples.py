@@ -97,6 +97,13 @@ def test_quickstart_wandb_offline_and_csv(tmp_path):
     sync = re.search(r"wandb sync (\S+)", out)
     assert sync, out
     assert os.path.samefile(os.path.join(tmp_path, sync.group(1)), run_dir)
+    # both callbacks' reports, files of that run (printed where they are)
+    reports = re.search(r"end-of-fit reports: (\S+), (\S+)", out)
+    assert reports, out
+    for path, name in zip(reports.groups(), ("alignment_report.html",
+                                             "alignment_report_wide.html")):
+        assert os.path.samefile(os.path.join(tmp_path, path),
+                                os.path.join(run_dir, "files", name))
 
 
 def test_quickstart_csv_logger_alone(tmp_path):

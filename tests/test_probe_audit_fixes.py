@@ -68,6 +68,36 @@ def test_single_samples_fed_one_by_one_are_refused_and_flat_batches_still_work()
     assert tuple(collect_activations(scalars, torch.randn(7), ["1"])["1"].shape) == (7, 4)
 
 
+class _Tokens(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.emb(input_ids)
+
+
+def test_a_mask_key_the_batches_do_not_hold_is_refused():
+    """``mask_key="mask"`` with a tokenizer's dict (``attention_mask``) pooled every token
+    output over the padding too, with no word; the default key missing means no mask."""
+    torch.manual_seed(0)
+    model = _Tokens()
+    ids = torch.randint(0, 10, (6, 5))
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2] * 3)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with pytest.raises(ValueError, match=r"mask_key='mask' is not a tensor entry of the probe's "
+                                         r"batches \(they have \['attention_mask', 'input_ids'\]"):
+        collect_activations(model, [batch], ["emb"], mask_key="mask")
+    emb = model.emb.weight.detach().numpy()[ids.numpy()]  # (6, 5, 4)
+    m = mask.numpy()[..., None]
+    masked = collect_activations(model, [batch], ["emb"])["emb"].numpy()
+    np.testing.assert_allclose(masked, (emb * m).sum(1) / m.sum(1), rtol=1e-6)
+    plain = collect_activations(model, [batch], ["emb"], mask_key=None)["emb"].numpy()
+    np.testing.assert_allclose(plain, emb.mean(1), rtol=1e-6)
+    only_ids = collect_activations(model, [{"input_ids": ids}], ["emb"])["emb"].numpy()
+    np.testing.assert_allclose(only_ids, emb.mean(1), rtol=1e-6)  # default key absent: no mask
+
+
 def test_a_drawing_callable_probe_gives_the_same_rows_at_every_step_in_both_modes():
     """``lambda: [torch.randn(...)]`` drew other rows at every step from wherever training's
     random stream was, while the reference's rows were drawn once: the model's rows were

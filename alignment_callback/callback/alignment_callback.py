@@ -295,7 +295,8 @@ class AlignmentCallback(Callback):
         (curves, last heatmaps, final values with Benjamini–Hochberg p, settings, one
         sentence per curve; W&B also keeps it as a file; none with ``fast_dev_run``).
     mask_key : str or None, default="attention_mask"
-        The dict-batch key of an attention mask for pooling; None: no mask.
+        The dict-batch key of an attention mask for pooling; None: no mask.  Another key that
+        the batches do not hold is refused at the start of fit.
     preset : {"prh", "repa"} or None, default=None
         ``"prh"``: mutual kNN k = 10, rows clamped at the 0.95 quantile and L2-normalized,
         max over layer pairs (PRH's ``measure_alignment``); ``"repa"``: CKNNA k = 10 on

@@ -422,6 +422,21 @@ def run_batch(
     return feed_batch(model, batch, input_key, batch_transform is not None, forward)
 
 
+#: The mask key of a tokenizer's output, the default: a batch without it has no mask
+DEFAULT_MASK_KEY = "attention_mask"
+
+
+def _check_mask_key(mask_key: str, fed: Any, batch: Any) -> None:
+    """A ``mask_key`` chosen (not the default) that a mapping batch does not hold as a tensor
+    is a mistake: token outputs would be pooled over the padding too, silently."""
+    mapping = fed if isinstance(fed, Mapping) else batch if isinstance(batch, Mapping) else None
+    if mapping is not None:
+        raise ValueError(
+            f"mask_key={mask_key!r} is not a tensor entry of the probe's batches (they have "
+            f"{sorted(map(str, mapping))}): the mean / last pools of token outputs would read "
+            "the padding too; pass the key of the attention mask, or mask_key=None")
+
+
 def _mask_of(batch: Any, mask_key: str | None) -> Tensor | None:
     """The tensor under ``mask_key`` of a mapping batch, else None."""
     if not mask_key or not isinstance(batch, Mapping):
@@ -622,7 +637,9 @@ def collect_activations(
     mask_key : str or None, default="attention_mask"
         The key of an ``(n, T)`` attention mask used to pool ``(n, T, d)`` outputs over real
         tokens only: taken from the mapping ``batch_transform`` returns (a tokenizer's
-        output), else from a dict batch; ``None`` disables it.
+        output), else from a dict batch; ``None`` disables it.  A key other than the default
+        that a dict batch does not hold is refused (a ``ValueError`` naming the batch's keys);
+        without the default key a batch has no mask.
     restore_rng : bool, default=True
         Put the global RNG state back afterward (see :func:`evaluation_mode`; pass False
         from a thread other than the training loop's).
@@ -674,6 +691,8 @@ def collect_activations(
             # the mask of what the model is fed (a tokenizing batch_transform's), else the batch's
             mask = _mask_of(fed, mask_key)
             rec.mask = mask if mask is not None else _mask_of(batch, mask_key)
+            if rec.mask is None and mask_key not in (None, DEFAULT_MASK_KEY):
+                _check_mask_key(mask_key, fed, batch)
             before, rows_before = dict(rec.calls), dict(rec.rows)
             try:
                 feed_batch(runner, fed, input_key, batch_transform is not None, forward)

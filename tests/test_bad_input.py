@@ -302,3 +302,20 @@ def test_a_misspelled_calibration_argument_is_named_as_such():
         F.calibrated_layer_alignment({"a": x}, {"b": y}, "linear_cka", agregate="mean")
     with pytest.raises(TypeError, match=r"it accepts none$"):  # nothing close: no guess
         F.get_measure("linear_cka", bandwidth=2)
+
+
+def test_a_clamp_that_would_zero_sparse_features_is_refused():
+    """2.5 % nonzeros, every row nonzero: the 0.95 quantile of |x| is 0, the clamp zeroed every
+    value, and the error blamed the data ('128 sample(s) have an all-zero feature vector')."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(128, 40)
+    cols = torch.randint(0, 40, (128,), generator=g)
+    x[torch.arange(128), cols] = torch.rand(128, generator=g) + 0.5
+    assert bool((x.abs().sum(1) > 0).all()) and float(np.quantile(x.abs().numpy(), 0.95)) == 0.0
+    with pytest.raises(ValueError, match=r"clamp_quantile=0.95: that quantile of \|x\| is 0 "
+                                         r"\(98% of the values are zero"):
+        F.prepare_features(x, clamp_quantile=0.95)
+    assert bool((F.prepare_features(x, clamp_quantile=0.99).abs().sum(1) > 0).all())
+    from alignment_callback.functional.preprocessing import clamp_outliers
+
+    assert clamp_outliers(torch.zeros(4, 3), 0.5).abs().sum() == 0  # all zero: nothing to lose

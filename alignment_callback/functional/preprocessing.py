@@ -166,7 +166,9 @@ def check_clamp_quantile(quantile: Any, name: str = "clamp_quantile") -> float:
 
 
 def clamp_outliers(x: Tensor, quantile: float) -> Tensor:
-    """Clamp ``|x|`` at the ``quantile`` of ``|x|`` over the whole matrix (PRH uses 0.95)."""
+    """Clamp ``|x|`` at the ``quantile`` of ``|x|`` over the whole matrix (PRH uses 0.95); a
+    quantile of 0 on nonzero ``x`` (mostly zero, sparse features) is refused: it would zero
+    every value."""
     quantile = check_clamp_quantile(quantile)
     flat = x.abs().flatten()
     # torch.quantile has an input-size limit; kthvalue gives the same "lower" order statistic
@@ -176,6 +178,12 @@ def clamp_outliers(x: Tensor, quantile: float) -> Tensor:
     hi = min(lo + 1, flat.numel() - 1)
     s = torch.sort(flat).values
     c = s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    if not bool(c > 0) and bool(s[-1] > 0):
+        zeros = float((s == 0).float().mean())
+        raise ValueError(
+            f"clamp_quantile={quantile}: that quantile of |x| is 0 ({zeros:.0%} of the values "
+            "are zero: sparse features?), so clamping would set every value to 0; use a higher "
+            "clamp_quantile, or no clamping")
     return x.clamp(-c, c)
 
 

@@ -99,11 +99,8 @@ class BackgroundQueue:
         the jobs not started are dropped and the running one finishes.  Returns the jobs that
         ran, in order."""
         jobs = list(self._jobs)
+        self.shutdown(cancel=not wait)  # a cancel leaves the running one to finish
         self._jobs.clear()
-        if not wait:
-            for job in jobs:
-                job.future.cancel()  # False for the running one: it finishes
-        self.shutdown()
         return [job for job in jobs if not job.future.cancelled()]
 
     def shutdown(self, cancel: bool = False) -> None:

@@ -180,8 +180,7 @@ def iterate_probe(probe: Any) -> Any:
         np.random.seed(PROBE_SEED)
         random.seed(PROBE_SEED)
         batches = probe()
-    if batches is None or (not isinstance(batches, (Tensor, np.ndarray, Mapping))
-                           and not isinstance(batches, Iterable)):
+    if not isinstance(batches, Iterable):  # None, a number (tensors, arrays, dicts iterate)
         raise TypeError(f"probe: the callable probe must return batches (a DataLoader, a "
                         f"tensor, a list of batches, ...), it returned {batches!r}")
     if isinstance(batches, DataLoader):

@@ -197,6 +197,16 @@ def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
     return (center_gram(k - k.mean()) * center_gram(l - l.mean()).T).sum()
 
 
+def _off_diagonal_centered(k: Tensor) -> Tensor:
+    """``k`` with a zero diagonal and the mean of its off-diagonal entries taken out of them:
+    the unbiased estimator ignores such a constant, and without it the estimator's three terms
+    cancel a large offset's digits (un-centered grams)."""
+    n = k.shape[0]
+    kt = k - (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+    kt.fill_diagonal_(0.0)
+    return kt
+
+
 @no_autocast()
 def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     """Unbiased HSIC (Song et al. 2012, eq. 5), valid for non-symmetric matrices too.
@@ -238,11 +248,7 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     n = k.shape[0]
     if n < 4:
         raise ValueError(f"unbiased HSIC needs n >= 4 samples, got {n}")
-    # the estimator ignores a constant added to the off-diagonal entries: taking their mean
-    # out first keeps the three terms from cancelling the offset's digits (un-centered grams)
-    off = 1.0 - torch.eye(n, dtype=k.dtype, device=k.device)
-    kt = (k - (k * off).sum() / (n * (n - 1))) * off
-    lt = (l - (l * off).sum() / (n * (n - 1))) * off
+    kt, lt = _off_diagonal_centered(k), _off_diagonal_centered(l)
     trace = (kt * lt.T).sum()
     cross = (kt.sum(0) * lt.sum(1)).sum()
     value = trace + kt.sum() * lt.sum() / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)

@@ -590,7 +590,7 @@ def collect_activations(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     max_batches: int | None = None,
     batch_size: int = BATCH_ROWS,
-    mask_key: str | None = "attention_mask",
+    mask_key: str | None = DEFAULT_MASK_KEY,
     restore_rng: bool = True,
     **recorder_kwargs: Any,
 ) -> dict[str, Tensor]:

@@ -1,8 +1,14 @@
-"""Worker for ``test_callback_ddp.py``: ``python -m tests._ddp_callback_worker OUT_DIR STRATEGY``.
+"""Worker for ``test_callback_ddp.py``:
+``python -m tests._ddp_callback_worker OUT_DIR STRATEGY MODE[,MODE...]``.
 
-Trains ``MLP(lr=0)`` (weights never change) on 2 CPU processes (gloo) with an
-``AlignmentCallback`` and writes, from every rank, its callback history and the alignment values
-in ``trainer.callback_metrics`` to ``OUT_DIR/rank{r}.json``.  Not collected by pytest.
+For each mode in turn, trains ``MLP(lr=0)`` (weights never change) on 2 CPU processes (gloo)
+with an ``AlignmentCallback`` and writes, from every rank, its callback history and the
+alignment values in ``trainer.callback_metrics`` (or the error it ended with) to
+``OUT_DIR/MODE/rank{r}.json``.  Under ``strategy="ddp"`` the script is launched once for all
+the modes: Lightning starts rank 1 (this script again, same arguments) at the first fit, and
+the later fits of both processes reuse the process group, as a script calling ``fit`` then
+``test`` does.  A mode that raises on every rank leaves its error in its files and the next
+mode runs.  Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
+from pathlib import Path
 
 import torch
-from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
@@ -109,8 +116,21 @@ class LocalRecompute(pl.Callback):
         Path(self.out, f"local{trainer.global_rank}.json").write_text(json.dumps(payload))
 
 
-def main(out: str, strategy: str, mode: str = "ok") -> None:
-    """``mode``: ``ok``; ``fail_rank1`` (rank 1's permutation null fails), ``fail_moments_rank1``
+def main(out: str, strategy: str, modes: str = "ok") -> None:
+    """Each of the comma-separated ``modes`` in turn, in ``OUT_DIR/MODE`` (``run``); a mode's
+    ``started`` file there marks how far a launch got."""
+    for mode in modes.split(","):
+        target = Path(out, mode)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "started").touch()
+        try:
+            run(str(target), strategy, mode)
+        except Exception:  # its rank files hold the error (Dump.on_exception): on to the next
+            print(f"== {mode} raised:", traceback.format_exc(), sep="\n", flush=True)
+
+
+def run(out: str, strategy: str, mode: str) -> None:
+    """One fit (two for ``resume_probe``) writing to ``out``.  ``mode``: ``ok``; ``fail_rank1`` (rank 1's permutation null fails), ``fail_moments_rank1``
     (the same with linear CKA on the analytic null: nothing to gather), ``fail_probe_rank1``
     (rank 1's probe pass raises), ``fail_reference_rank1`` (setting rank 1's reference
     raises), ``fail_layer_count_rank1`` (a chosen layer runs twice in rank 1's probe pass: a

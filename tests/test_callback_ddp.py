@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -25,13 +26,25 @@ from tests.helpers import (
 
 # tests that open local ports take turns across pytest workers (tests/conftest.py)
 pytestmark = [pytest.mark.slow, PORTS]
-TIMEOUT_S = 150
 REPO = Path(__file__).resolve().parents[1]
 
+# Every scenario of a strategy runs in one launch of the worker (an interpreter start-up and a
+# Lightning import per process, once): the tests below read their scenario's files.
+SCENARIOS = {
+    "ddp": ["ok", "batchnorm", "rank_reference", "fail_rank1", "fail_moments_rank1",
+            "fail_probe_rank1", "fail_reference_rank1", "fail_layer_count_rank1",
+            "fail_reference_pass_rank1"],
+    "ddp_spawn": ["ok", "resume_probe"],
+}
+TIMEOUT_S = 60 + 40 * max(map(len, SCENARIOS.values()))
 
-def _run_worker(out: Path, strategy: str, mode: str = "ok", expect_ok: bool = True) -> str:
+
+def _launch(out: Path, strategy: str) -> None:
+    """Runs the worker on every scenario of ``strategy``; a hang, a crash or a scenario left
+    without its files fails with the log."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "tests._ddp_callback_worker", str(out), strategy, mode]
+    modes = SCENARIOS[strategy]
+    cmd = [sys.executable, "-m", "tests._ddp_callback_worker", str(out), strategy, ",".join(modes)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -39,18 +52,60 @@ def _run_worker(out: Path, strategy: str, mode: str = "ok", expect_ok: bool = Tr
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the worker and the ranks it started
         log, _ = proc.communicate()
-        pytest.fail(f"DDP run did not finish within {TIMEOUT_S} s (hang?)\n{log[-3000:]}")
-    assert (proc.returncode == 0) == expect_ok, log[-5000:]
-    return log
+        started = [m for m in modes if (out / m / "started").exists()]
+        pytest.fail(f"the {strategy} scenarios did not finish within {TIMEOUT_S} s (hang? the "
+                    f"last one started: {started[-1:]})\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-5000:]
+    missing = [(m, r) for m in modes for r in range(2) if not (out / m / f"rank{r}.json").exists()]
+    assert not missing, f"scenarios without a rank's file: {missing}\n{log[-5000:]}"
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Callable[[str, str], Path]:
+    """``launched(strategy, mode)``: the folder of that scenario's files, from one launch per
+    strategy in this pytest run, shared by every pytest worker (run under the port lock this
+    module holds; a failed launch is reported again to every test that needs it)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "callback_ddp"
+
+    def get(strategy: str, mode: str) -> Path:
+        out = root / strategy
+        failure = out / "launch_failed.txt"
+        if not (out / "done").exists() and not failure.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                _launch(out, strategy)
+            except BaseException as e:  # pytest.fail's Failed, an AssertionError
+                failure.write_text(str(e))
+                raise
+            (out / "done").touch()
+        if failure.exists():
+            pytest.fail(failure.read_text(), pytrace=False)
+        return out / mode
+
+    return get
+
+
+def _ranks(out: Path) -> list[dict]:
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert "error" not in r, f"{out.name}: rank {r['rank']} failed: {r['error']}"
+    return ranks
+
+
+def _errors(out: Path) -> list[str]:
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all("error" in r for r in ranks), f"{out.name}: a rank did not fail"
+    return [r["error"] for r in ranks]
 
 
 @pytest.mark.parametrize("strategy", [
     "ddp",  # the worker script is re-launched for rank 1 (2 interpreters in all)
     "ddp_spawn",  # the ranks are spawned from the worker (3 interpreters)
 ])
-def test_ddp_two_cpu_processes(tmp_path, strategy):
-    _run_worker(tmp_path, strategy)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_ddp_two_cpu_processes(launched, strategy):
+    out = launched(strategy, "ok")
+    ranks = _ranks(out)
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
 
     # lr=0: the weights are the initial ones on both ranks, so every alignment step equals the
@@ -75,22 +130,22 @@ def test_ddp_two_cpu_processes(tmp_path, strategy):
             assert r["callback_metrics"][key] == pytest.approx(float(res.calibrated),
                                                                rel=1e-5, abs=1e-6)
 
-    (csv_file,) = list(tmp_path.glob("csv/version_*/metrics.csv"))  # rank 0 only
+    (csv_file,) = list(out.glob("csv/version_*/metrics.csv"))  # rank 0 only
     rows = alignment_rows(csv_file)
     assert [float(r["alignment/epoch"]) for r in rows] == [0.0, 1.0, 2.0]
     steps = [int(r["step"]) for r in rows]
     assert len(set(steps)) == len(steps)
-    pngs = list(tmp_path.glob("csv/version_*/alignment_heatmaps/*.png"))
+    pngs = list(out.glob("csv/version_*/alignment_heatmaps/*.png"))
     assert len(pngs) == len(W.METRICS) * (W.MAX_EPOCHS + 1)  # one raw|calibrated image each
 
 
-def test_ddp_replicas_with_different_batchnorm_statistics_score_rank_zeros_model(tmp_path):
+def test_ddp_replicas_with_different_batchnorm_statistics_score_rank_zeros_model(launched):
     """BatchNorm running statistics differ between the replicas after an epoch (each rank's own
     batches): every share of the null must still score rank 0's model, the one it logs, so the
     logged step equals rank 0's single-process step on the same permutations."""
-    _run_worker(tmp_path, "ddp", "batchnorm")
-    local = [json.loads((tmp_path / f"local{r}.json").read_text()) for r in range(2)]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    out = launched("ddp", "batchnorm")
+    ranks = _ranks(out)
+    local = [json.loads((out / f"local{r}.json").read_text()) for r in range(2)]
     assert local[0]["running_mean"] != local[1]["running_mean"]  # the replicas differ
     assert local[0]["local"]["raw"] != local[1]["local"]["raw"]
     logged = ranks[0]["history"][-1]
@@ -107,24 +162,22 @@ def test_ddp_replicas_with_different_batchnorm_statistics_score_rank_zeros_model
     ("fail_layer_count_rank1", ("LayerCountError: on rank 1", "did not run exactly once")),
 ], ids=["permutation_null", "analytic_null", "probe_pass", "setting_the_reference",
         "layer_count_under_on_error_warn"])
-def test_ddp_failure_on_one_rank_is_the_same_error_on_every_rank(tmp_path, mode, expected):
+def test_ddp_failure_on_one_rank_is_the_same_error_on_every_rank(launched, mode, expected):
     """Rank 1 fails, in its share of the permutation null (NaN activations), in the analytic
     null (no null to gather: the healthy rank must still meet it), in its probe pass (before
     any null), or while setting its reference (before its step): both ranks end with the same
     error, none waits for the other in a collective."""
-    _run_worker(tmp_path, "ddp", mode=mode, expect_ok=False)
-    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    errors = _errors(launched("ddp", mode))
     assert errors[0] == errors[1], errors
     assert all(part in errors[0] for part in expected), errors[0]
 
 
-def test_ddp_every_rank_uses_rank_zeros_reference_and_probe(tmp_path):
+def test_ddp_every_rank_uses_rank_zeros_reference_and_probe(launched):
     """Rank 1 holds another reference model and another probe (an unseeded random reference or
     probe under ``strategy="ddp"``, which launches the script again per process): the model's
     activations come from rank 0 at every step, and so must the reference's, or the shares of
     the null mix two references; the logged values equal one process's with rank 0's."""
-    _run_worker(tmp_path, "ddp", "rank_reference")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = _ranks(launched("ddp", "rank_reference"))
     model, reference = MLP(lr=0.0), RefMLP(seed=1)
     expected = {name: offline_alignment(model, reference, make_probe(), LAYERS, name, W.K)
                 for name in W.METRICS}
@@ -137,13 +190,12 @@ def test_ddp_every_rank_uses_rank_zeros_reference_and_probe(tmp_path):
                     float(getattr(res, field)), rel=1e-5, abs=1e-6), (h["epoch"], name, field)
 
 
-def test_ddp_resume_with_other_probe_inputs_starts_new_curves_on_every_rank(tmp_path):
+def test_ddp_resume_with_other_probe_inputs_starts_new_curves_on_every_rank(launched):
     """A resumed DDP run whose probe has the same rows and other values: the probe's hash was
     compared in single-process runs only, so the curves went on, mixing two probes.  Every
     process now compares rank 0's probe (sent from rank 0 at setup) and starts new curves
     alike: after the resume the history holds the new probe's values only."""
-    _run_worker(tmp_path, "ddp_spawn", "resume_probe")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = _ranks(launched("ddp_spawn", "resume_probe"))
     model, reference = MLP(lr=0.0), RefMLP(seed=1)
     expected = {name: offline_alignment(model, reference, make_probe(seed=999), LAYERS, name,
                                         W.K) for name in W.METRICS}
@@ -156,11 +208,10 @@ def test_ddp_resume_with_other_probe_inputs_starts_new_curves_on_every_rank(tmp_
             assert h[f"alignment/{name}/raw"] == pytest.approx(float(res.raw), rel=1e-5), h
 
 
-def test_ddp_a_reference_pass_failing_on_one_rank_fails_every_rank(tmp_path):
+def test_ddp_a_reference_pass_failing_on_one_rank_fails_every_rank(launched):
     """The reference model's probe pass at the start of fit raises on rank 1 only: every rank
     raises the same error, naming the rank, instead of rank 0 waiting in the first step's
     collective for a process that is gone."""
-    _run_worker(tmp_path, "ddp", mode="fail_reference_pass_rank1", expect_ok=False)
-    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    errors = _errors(launched("ddp", "fail_reference_pass_rank1"))
     assert errors[0] == errors[1], errors
     assert "on rank 1" in errors[0] and "rank 1's reference pass broke" in errors[0], errors[0]

@@ -19,9 +19,8 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
-
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from alignment_callback import AlignmentCallback
@@ -130,10 +129,11 @@ def main(out: str, strategy: str, modes: str = "ok") -> None:
 
 
 def run(out: str, strategy: str, mode: str) -> None:
-    """One fit (two for ``resume_probe``) writing to ``out``.  ``mode``: ``ok``; ``fail_rank1`` (rank 1's permutation null fails), ``fail_moments_rank1``
-    (the same with linear CKA on the analytic null: nothing to gather), ``fail_probe_rank1``
-    (rank 1's probe pass raises), ``fail_reference_rank1`` (setting rank 1's reference
-    raises), ``fail_layer_count_rank1`` (a chosen layer runs twice in rank 1's probe pass: a
+    """One fit (two for ``resume_probe``) writing to ``out``.  ``mode``: ``ok``;
+    ``fail_rank1`` (rank 1's permutation null fails), ``fail_moments_rank1`` (the same with
+    linear CKA on the analytic null: nothing to gather), ``fail_probe_rank1`` (rank 1's probe
+    pass raises), ``fail_reference_rank1`` (setting rank 1's reference raises),
+    ``fail_layer_count_rank1`` (a chosen layer runs twice in rank 1's probe pass: a
     configuration error, raised under ``on_error="warn"`` too); ``batchnorm`` (replicas whose
     BatchNorm statistics differ, linear CKA on fc2 only); ``rank_reference`` (rank 1 holds
     another reference model and another probe: every rank must use rank 0's);

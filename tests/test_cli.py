@@ -265,20 +265,15 @@ def bad_files(data):
     return root
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["missing.pt", "a.pt"], ["missing.pt", "no such file"]),
-    (["a.pt", "more.pt"], ["row mismatch", f"{N} rows", f"{N + 5}"]),
-    (["nan.pt", "a.pt"], ["nan.pt", "'broken'", "NaN"]),
-])
-def test_bad_input_exit_2_one_line(bad_files, args, expected):
-    """End to end in a subprocess (more cases in-process below, same code path)."""
-    proc = run_cli("compare", *args, *FAST, "--out", bad_files / "out_err", cwd=bad_files)
+def test_bad_input_exit_2_one_line(bad_files):
+    """End to end in a subprocess (the other cases in-process below, same code path)."""
+    proc = run_cli("compare", "missing.pt", "a.pt", *FAST, "--out", bad_files / "out_err",
+                   cwd=bad_files)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
-    for text in expected:
-        assert text in lines[0]
+    assert "missing.pt" in lines[0] and "no such file" in lines[0], lines
 
 
 def test_in_process_errors_and_debug(bad_files, capsys):
@@ -287,6 +282,10 @@ def test_in_process_errors_and_debug(bad_files, capsys):
         (["compare", "feats.txt", "a.pt"], "unknown feature file extension '.txt'"),
         (["compare", "one.pt", "a.pt"], "layer 'features' has 1 row(s)"),
         (["compare", "a.pt", "more.pt"], f"has {N} rows but"),
+        (["compare", "a.pt", "more.pt"], "row mismatch"),
+        (["compare", "more.pt", "a.pt"], f"has {N + 5} rows but"),
+        (["compare", "nan.pt", "a.pt"], "nan.pt: layer 'broken'"),
+        (["compare", "nan.pt", "a.pt"], "NaN"),
         (["compare", "a.pt", "b.npz", "--metric", "nope"], "unknown metric"),
         (["compare", "a.pt", "b.npz", "--permutations", "0"], "--permutations"),
         (["matrix", "dx", "nowhere"], "no such directory"),

@@ -260,7 +260,7 @@ def bootstrap_interval(
     >>> g = torch.Generator().manual_seed(0)
     >>> x = torch.randn(40, 6, generator=g)
     >>> bi = bootstrap_interval(x, x + torch.randn(40, 6, generator=g), "linear_cka",
-    ...                         num_bootstrap=5, num_permutations=49)
+    ...                         num_bootstrap=40, num_permutations=19)
     >>> bi.subsample_size, bi.low <= bi.high
     (32, True)
     >>> bootstrap_interval(x[:10], x[:10], "linear_cka", fraction=0.96)  # doctest: +ELLIPSIS

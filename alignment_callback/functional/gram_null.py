@@ -168,7 +168,7 @@ def gram_dots(
     perms : Tensor
         (P, n) integer tensor (int64 or int32) whose rows are permutations of ``0..n-1``, on
         the same device.  P may be 0.
-    symmetric : bool, default True
+    symmetric : bool, default=True
         Whether ``a`` and ``b`` are symmetric (they must be, for the gram measures).  The numba
         backend then reads only the upper triangle of the moved matrix (half the memory
         traffic): each pair {i, j} is counted twice as ``a[i, j] · b[π(i), π(j)]`` with
@@ -179,7 +179,7 @@ def gram_dots(
         to 2e-9 for RBF, 3e-11 for unbiased CKA; linear grams and RSA matrices were exactly
         symmetric); ``(m + m.T) / 2`` makes a matrix exactly symmetric.  ``False`` makes numba
         use the full definition as well (exact for any matrices, 1.7-1.9× slower).
-    backend : {"auto", "numba", "torch"} or None, default None
+    backend : {"auto", "numba", "torch"} or None, default=None
         None uses :data:`default_backend` (``"auto"`` unless changed, e.g. by
         :func:`use_backend`).  ``"auto"``: numba on CPU when it is installed, otherwise torch.
         ``"numba"`` raises ImportError without numba and ValueError for non-CPU tensors.

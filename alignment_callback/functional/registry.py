@@ -670,8 +670,30 @@ def get_measure(measure: MeasureSpec, **kwargs: Any) -> Measure:
     """Resolve ``measure``: a built-in name (or alias), a :class:`Measure`, or a callable
     ``f(x, y)`` (recomputed on every permuted Y: exact, slow).
 
-    Keyword arguments are the measure's parameters (``k``, ``sigma``, ``cca_dim``), checked
-    against its declaration; for a callable they are bound to it.
+    Parameters
+    ----------
+    measure : str, Measure or callable
+        The measure; a :class:`Measure` is returned as it is (it takes no ``kwargs``:
+        ``TypeError``).
+    **kwargs
+        The measure's parameters (``k``, ``sigma``, ``cca_dim``), checked against its
+        declaration (an unknown name or a bad value raises ``ValueError`` naming the measure);
+        for a callable they are bound to it.
+
+    Returns
+    -------
+    Measure
+        Callable as ``measure(x, y)``; its name, parameters and fast-null hooks travel with it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import alignment_callback.functional as F
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x, y = torch.randn(30, 4, generator=g), torch.randn(30, 5, generator=g)
+    >>> m = F.get_measure("mutual_knn", k=5)
+    >>> m.name, m.params, float(m(x, y)) == float(F.mutual_knn(x, y, k=5))
+    ('mutual_knn', (('k', 5),), True)
     """
     if isinstance(measure, Measure):
         if kwargs:

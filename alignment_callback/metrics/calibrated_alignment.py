@@ -28,31 +28,39 @@ class CalibratedAlignment(AlignmentMetricBase):
     null_std, effect_size, percentile``.  The full result (with the null) is kept in
     ``last_result``.
 
-    Args:
-        measure: built-in name (default ``"mutual_knn"``), a ``Measure`` or a callable
-            (``metric=`` is its deprecated old name: a metric is this object; giving both
-            raises ``TypeError``).
-        num_permutations: K (default 500).
-        alpha: level of the threshold τ (default 0.05).  A measure option called ``alpha``
-            (``shape_metric``'s whitening) goes through
-            ``measure=get_measure("shape_metric", alpha=...)``: an ``alpha=`` other than 0.05
-            next to the name ``"shape_metric"`` raises ``TypeError`` rather than silently set
-            the level.
-        seed: permutation seed (default 0): same seed, same permutations, comparable scores.
-        max_samples: bound on this process's accumulated rows; exceeding it raises
-            ``ValueError`` at the update, or at ``compute()`` for rows that came otherwise (a
-            ``MetricCollection`` compute group updates its metrics through the first one;
-            merged or loaded rows) (default None: unbounded).
-        preprocess: ``True`` (flatten + L2-normalize rows, the PRH convention), ``False``,
-            a dict of ``prepare_features`` options, or a callable on the concatenated rows.
-        groups: optional group label per sample (block permutations, docs/calibration.md),
-            with ``index=`` ``groups[i]`` is the label of sample id i, else labels follow the
-            rows' arrival order.
-        max_score: s_max; ``"auto"`` uses the measure's (1.0 for built-ins).
-        null: ``"permutation"`` (default), ``"moments"`` (exact permutation moments with a
-            Pearson type III null, gram family) or ``"auto"`` (moments where validated).
-        **kwargs: the measure's options (``k``, ``sigma``, ``cca_dim``) and torchmetrics'
-            (``compute_on_cpu``, ``sync_on_compute``, ...).
+    Parameters
+    ----------
+    measure : str, Measure or callable, default="mutual_knn"
+        A built-in name, a ``Measure`` or a callable ``(x, y) -> score`` (``metric=`` is its
+        deprecated old name: a metric is this object; giving both raises ``TypeError``).
+    num_permutations : int, default=500
+        K, the permutations of the reference rows in the null.
+    alpha : float, default=0.05
+        Level of the threshold τ.  A measure option called ``alpha`` (``shape_metric``'s
+        whitening) goes through ``measure=get_measure("shape_metric", alpha=...)``: an
+        ``alpha=`` other than 0.05 next to the name ``"shape_metric"`` raises ``TypeError``
+        rather than silently set the level.
+    seed : int, default=0
+        Permutation seed: same seed, same permutations, comparable scores.
+    max_samples : int or None, default=None
+        Bound on this process's accumulated rows (None: unbounded); exceeding it raises
+        ``ValueError`` at the update, or at ``compute()`` for rows that came otherwise (a
+        ``MetricCollection`` compute group updates its metrics through the first one; merged
+        or loaded rows).
+    preprocess : bool, dict or callable, default=True
+        ``True`` (flatten + L2-normalize rows, the PRH convention), ``False``, a dict of
+        ``prepare_features`` options, or a callable on the concatenated rows.
+    groups : sequence or Tensor, default=None
+        A group label per sample (block permutations, docs/calibration.md); with ``index=``,
+        ``groups[i]`` is the label of sample id i, else labels follow the rows' arrival order.
+    max_score : float, None or "auto", default="auto"
+        s_max; ``"auto"`` uses the measure's (1.0 for built-ins), None an unbounded measure.
+    null : {"permutation", "moments", "auto"}, default="permutation"
+        ``"moments"``: exact permutation moments with a Pearson type III null (gram family);
+        ``"auto"``: the moments where they are validated, else the permutations.
+    **kwargs
+        The measure's options (``k``, ``sigma``, ``cca_dim``) and torchmetrics'
+        (``compute_on_cpu``, ``sync_on_compute``, ...).
 
     ``forward(x, y)`` accumulates like ``update`` and returns the *uncalibrated* raw score of
     that batch alone (``None`` if the batch is too small for the measure or cannot be scored
@@ -68,6 +76,18 @@ class CalibratedAlignment(AlignmentMetricBase):
     order or with duplicates (DistributedSampler padding): rows are sorted by id and duplicates
     dropped before computing.  Pass it on every ``update`` since the last ``reset()`` or on
     none; mixing raises ``ValueError``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.metrics import CalibratedAlignment
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(64, 8, generator=g)
+    >>> metric = CalibratedAlignment("linear_cka", num_permutations=99)
+    >>> metric.update(x, x @ torch.randn(8, 8, generator=g))  # a linear map of x: aligned
+    >>> out = metric.compute()
+    >>> round(float(out["raw"]), 3), round(float(out["calibrated"]), 3), float(out["p_value"])
+    (0.768, 0.735, 0.01)
     """
 
     def __init__(

@@ -12,7 +12,7 @@ cell values, the title), so the pixels are a full draw's.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

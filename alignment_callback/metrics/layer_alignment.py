@@ -32,9 +32,31 @@ class LayerAlignment(AlignmentMetricBase):
     heatmaps — it does not account for the selection) and ``argmax`` (2,) indices.  Names of
     the best pair: ``last_result.best_pair``.
 
-    Args: as :class:`CalibratedAlignment` (default measure ``"linear_cka"``), plus
-    ``aggregate`` and optional ``x_layers`` / ``y_layers`` names (otherwise taken from the first
-    update; give them to load a ``state_dict`` into a fresh metric).
+    Parameters
+    ----------
+    measure : str, Measure or callable, default="linear_cka"
+        As in :class:`CalibratedAlignment`.
+    aggregate : {"max", "mean", "topK"} or callable, default="max"
+        What is calibrated over the LA×LB matrix (``"top3"`` for the mean of the 3 largest; a
+        callable maps the matrix to a scalar).
+    num_permutations, alpha, seed, max_samples, preprocess, groups, max_score, null, **kwargs
+        As in :class:`CalibratedAlignment` (same defaults).
+    x_layers, y_layers : sequence of str, default=None
+        Layer names of each side (None: taken from the first update); give them to load a
+        ``state_dict`` into a fresh metric.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from alignment_callback.metrics import LayerAlignment
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x, noise = torch.randn(64, 8, generator=g), torch.randn(64, 5, generator=g)
+    >>> metric = LayerAlignment("linear_cka", num_permutations=99)
+    >>> metric.update({"block1": x, "block2": noise},
+    ...               {"early": torch.randn(64, 6, generator=g), "late": x[:, :4]})
+    >>> out = metric.compute()
+    >>> metric.last_result.best_pair, float(out["p_value"])  # the max over 2×2 pairs
+    (('block1', 'late'), 0.01)
     """
 
     def __init__(

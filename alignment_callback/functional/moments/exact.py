@@ -151,7 +151,7 @@ def permutation_moments(inv_a: Invariants, inv_b: Invariants, n: int | None = No
     inv_a, inv_b : GramInvariants or GraphInvariants
         From :func:`gram_invariants`, :func:`feature_invariants`, :func:`matrix_invariants`
         or :func:`knn_graph_invariants`.
-    n : int, optional, default=None
+    n : int, default=None
         Number of samples (checked against the invariants when given).
 
     Returns

@@ -198,9 +198,23 @@ def cknna_mean(indices_x: Tensor, values_x: Tensor, indices_y: Tensor, values_y:
 
     Parameters
     ----------
-    indices_x, values_x : Tensor
+    indices_x, values_x, indices_y, values_y : Tensor
         (n, k) neighbor indices of X and their inner products ``⟨x_i, x_j⟩``
-        (``NeighborLists.indices`` / ``.values``); likewise for Y.
+        (``NeighborLists.indices`` / ``.values``, or :func:`~alignment_callback.functional.
+        neighbors.knn`'s pair), then Y's.
+
+    Examples
+    --------
+    >>> import itertools, torch
+    >>> import alignment_callback.functional as F
+    >>> from alignment_callback.functional.neighbors import knn
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    >>> y = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    >>> (ix, vx), (iy, vy) = knn(x, 2), knn(y, 2)
+    >>> every = [float(F.cknna(x, y[list(p)], k=2)) for p in itertools.permutations(range(6))]
+    >>> round(cknna_mean(ix, vx, iy, vy), 10) == round(sum(every) / len(every), 10)
+    True
     """
     n = indices_x.shape[0]
     px, mx, rx = _masked_parts(indices_x, values_x)

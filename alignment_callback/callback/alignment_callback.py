@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import numbers
 import shutil
 import tempfile
 import time
@@ -289,7 +290,8 @@ class AlignmentCallback(Callback):
         One console line per measure after each step, and the reference's probe pass as a
         progress bar (rank 0).
     progress_bar : bool, default=True
-        Show the calibrated values on Lightning's progress bar.
+        Show the calibrated values on Lightning's progress bar (with the values logged to
+        the module: not with ``log_to_module=False`` nor ``background=True``).
     report : bool, default=True
         Write ``alignment_report.md`` / ``.html`` next to the logs at the end of fit
         (curves, last heatmaps, final values with Benjamini–Hochberg p, settings, one
@@ -538,11 +540,11 @@ class AlignmentCallback(Callback):
                                       every_n_train_steps: int | None) -> None:
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}")
-        if not isinstance(log_prefix, str) or not log_prefix:
-            raise ValueError(f"log_prefix must be a non-empty string, got {log_prefix!r}")
+        dispatch.check_key_part(log_prefix, "log_prefix")
         for name, value in (("every_n_epochs", every_n_epochs),
                             ("every_n_train_steps", every_n_train_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, numbers.Integral) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise ValueError(f"give every_n_epochs ({every_n_epochs}) or every_n_train_steps "
@@ -551,9 +553,10 @@ class AlignmentCallback(Callback):
 
     def __init_triggers(self, every_n_epochs: int | None, every_n_train_steps: int | None,
                         baseline: bool) -> None:
+        as_int = (lambda v: None if v is None else int(v))  # a NumPy integer as Python's
         self.every_n_epochs = 1 if every_n_epochs is None and every_n_train_steps is None \
-            else every_n_epochs
-        self.every_n_train_steps = every_n_train_steps
+            else as_int(every_n_epochs)
+        self.every_n_train_steps = as_int(every_n_train_steps)
         self.baseline = baseline
 
     @property
@@ -837,9 +840,12 @@ class AlignmentCallback(Callback):
         if self.background:
             monitors.refuse_in_background(watching)
         monitors.refuse_unlogged(watching, self._calibrated_keys() if self.log_to_module else [])
-        if not self.background and self.every_n_train_steps is None:
-            for message in monitors.stale_monitor_warnings(trainer, pl_module, watching,
-                                                           self.every_n_epochs):
+        if not self.background:
+            stale = (monitors.stale_monitor_warnings(trainer, pl_module, watching,
+                                                     self.every_n_epochs)
+                     if self.every_n_train_steps is None else
+                     monitors.stale_step_monitor_warnings(watching, self.every_n_train_steps))
+            for message in stale:
                 rank_zero_warn(message, category=UserWarning)
         if trainer.world_size > 1:  # every process compares rank 0's probe at a resume
             known = self._read_probe_settings() if trainer.is_global_zero else None

@@ -7,7 +7,10 @@ earlier weights: a checkpoint is then scored (and chosen as best) by another mod
 and ``EarlyStopping`` counts the repeated value as no improvement.  In epoch mode
 (``every_n_epochs``) the step runs at the training epoch end, so a monitor must check there,
 and on the epochs of a step.  In step mode (``every_n_train_steps``) the step runs in the
-batch hook, before any monitor of that batch, so whatever a monitor reads is the latest step's.
+batch hook, before any monitor of that batch, so a monitor reads the latest step's value; that
+value belongs to the weights it checks only where it checks on the step of an alignment step
+(``ModelCheckpoint(every_n_train_steps=n)`` or a multiple of n).  A monitor at epoch or
+validation ends reads the last step's value, up to n − 1 training steps old.
 """
 
 from __future__ import annotations
@@ -120,6 +123,27 @@ def stale_monitor_warnings(trainer: Trainer, pl_module: LightningModule, monitor
                 f"again and counts it as no improvement, so patience={cb.patience} counts epochs "
                 "rather than alignment steps. Use AlignmentPlateau (which counts alignment "
                 "steps) or every_n_epochs=1")
+    return messages
+
+
+def stale_step_monitor_warnings(monitors: list[Callback], every_n_train_steps: int
+                                ) -> list[str]:
+    """Step mode: one message per ``ModelCheckpoint`` that saves by training steps between two
+    alignment steps (``every_n_train_steps`` not a multiple of the callback's) or by time: its
+    checkpoints would be scored with a value measured on earlier weights."""
+    n, messages = every_n_train_steps, []
+    for cb in monitors:
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        steps = getattr(cb, "_every_n_train_steps", 0) or 0
+        timed = getattr(cb, "_train_time_interval", None) is not None
+        if (steps > 0 and steps % n != 0) or timed:
+            what = f"every {steps} training steps" if steps > 0 else "by time (train_time_interval)"
+            messages.append(
+                f"ModelCheckpoint(monitor={cb.monitor!r}) saves {what} while the alignment "
+                f"step runs every {n}: its checkpoints between two steps would be scored with "
+                "the last step's value, measured on earlier weights. Pass "
+                f"ModelCheckpoint(every_n_train_steps={n}) (or a multiple)")
     return messages
 
 

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Union
 import torch
 from torch import Tensor, nn
 
+from alignment_callback.callback.dispatch import check_key_part
 from alignment_callback.callback.probe import load_probe, load_reference
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
@@ -252,7 +253,8 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
     else:
         if not reference:
             raise ValueError("reference: the mapping of references is empty")
-        items = [(str(k), v) for k, v in reference.items()]
+        items = [(check_key_part(str(k), "reference name"), v)
+                 for k, v in reference.items()]
     names = [n for n, _ in items if n is not None]
     _check_per_name({"reference_layers": reference_layers, "reference_inputs": reference_inputs,
                      "reference_input_key": reference_input_key,

@@ -1,0 +1,93 @@
+"""Configuration mistakes of the callback's user-facing settings, refused or warned before
+training: names that would make logged keys MLflow refuses, a pool that cannot reduce a chosen
+layer's outputs, a step-mode checkpoint that saves between alignment steps; NumPy integers as
+schedules."""
+
+from __future__ import annotations
+
+import posixpath
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from alignment_callback import AlignmentCallback
+from alignment_callback.callback import dispatch
+from alignment_callback.callback.presets import patch_mean
+from alignment_callback.hooks import LayerShapeError
+from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, quiet_callback, train_loader
+from tests.test_dispatch import MLFlowLoggerStandIn
+
+BAD_NAMES = ["alignment/", "/alignment", "a//b", "a/./b", "a/../b", ".", "..", ""]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_log_prefix_that_makes_paths_mlflow_refuses_is_refused_at_construction(name):
+    with pytest.raises(ValueError, match="log_prefix"):
+        AlignmentCallback(RefMLP(), make_probe(), ["fc1"], log_prefix=name)
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_reference_name_that_makes_paths_mlflow_refuses_is_refused_at_construction(name):
+    with pytest.raises(ValueError, match="reference name"):
+        AlignmentCallback({name: RefMLP(), "dino": RefMLP(seed=2)}, make_probe(), ["fc1"])
+
+
+def test_names_with_inner_slashes_are_accepted():
+    cb = AlignmentCallback({"dino/v2": RefMLP()}, make_probe(), ["fc1"], log_prefix="probe/a")
+    assert cb.log_prefix == "probe/a" and cb.references[0].name == "dino/v2"
+
+
+def test_mlflow_names_never_resolve_to_other_paths():
+    """Dropped characters can leave an empty part (a layer or reference named ``ü``): such
+    parts, and ``.`` / ``..``, are written ``_``; the names stay distinct."""
+    keys = ["alignment/ü/linear_cka/calibrated", "alignment/./x", "alignment/../x",
+            "alignment/_/x"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the keys that coincide are warned
+        names = dispatch.mlflow_keys(MLFlowLoggerStandIn(), keys)
+    assert names["alignment/ü/linear_cka/calibrated"] == "alignment/_/linear_cka/calibrated"
+    assert len(set(names.values())) == len(keys), names
+    for name in names.values():
+        assert posixpath.normpath(name) == name and not name.startswith("/"), name
+
+
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+def test_a_pool_that_cannot_reduce_a_layer_is_raised_before_training(on_error):
+    """``patch_mean`` on 2-D outputs: the baseline skipped it with a warning under
+    ``on_error="warn"``, and the first epoch's step raised a ``ProbeInputError`` that blamed the
+    model; no data can fix it, so it is raised at the baseline, naming the layer and the pool."""
+    cb = quiet_callback(make_probe(), ["linear_cka"], 19, pool=patch_mean(1),
+                        reference_pool="mean", on_error=on_error)
+    trainer = pl.Trainer(**FAST_TRAINER, max_epochs=2, logger=False, enable_checkpointing=False,
+                         callbacks=[cb])
+    with pytest.raises(LayerShapeError, match=r"layer 'fc1' .*pool=patch_mean\(1\)"):
+        trainer.fit(MLP(), train_loader())
+    assert trainer.global_step == 0
+
+
+def test_numpy_integers_are_schedules():
+    cb = quiet_callback(make_probe(), ["linear_cka"], 19, every_n_epochs=np.int64(2))
+    assert cb.every_n_epochs == 2 and type(cb.every_n_epochs) is int
+    cb = quiet_callback(make_probe(), ["linear_cka"], 19, every_n_train_steps=np.int32(3))
+    assert cb.every_n_train_steps == 3 and type(cb.every_n_train_steps) is int
+
+
+@pytest.mark.parametrize("save_every,warned", [(2, True), (6, False), (3, False)])
+def test_step_mode_checkpoints_between_alignment_steps_are_warned(tmp_path, save_every, warned):
+    """``every_n_train_steps=3`` and a checkpoint every 2 steps: the checkpoint at step 2 was
+    scored with the baseline's value, at step 8 with step 6's (measured on other weights), with
+    no warning; epoch mode warned of the same mistake."""
+    cb = quiet_callback(make_probe(), ["linear_cka"], 19, every_n_train_steps=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="alignment/linear_cka/calibrated",
+                           mode="max", every_n_train_steps=save_every)
+    trainer = pl.Trainer(**FAST_TRAINER, max_epochs=1, logger=False, callbacks=[cb, ckpt])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(MLP(), train_loader())
+    messages = [str(w.message) for w in caught if "saves every" in str(w.message)]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert "every_n_train_steps=3" in messages[0] and "every 2 training steps" in messages[0]

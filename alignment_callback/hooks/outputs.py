@@ -30,8 +30,9 @@ class LayerOutputError(TypeError):
 
 class LayerShapeError(ValueError):
     """A chosen layer's outputs do not give one row per probe sample: a 0-dim output (a loss),
-    layers with different numbers of rows, or rows that are not the reference's (an output
-    that is not batch-first, such as (T, n, d)); a property of the model and of the layers
+    layers with different numbers of rows, rows that are not the reference's (an output that is
+    not batch-first, such as (T, n, d)), or a pool that cannot reduce the output to rows
+    (``pool="none"`` on a 3-D output); a property of the model, of the layers and of the pool
     chosen, not of the data.
 
     Examples

@@ -19,11 +19,12 @@ from alignment_callback.hooks.outputs import (
 )
 from alignment_callback.hooks.selection import Layers, resolve_modules
 
-#: Errors of pooling re-raised as :class:`LayerShapeError` naming the layer and the pool
-#: (exactly these types: a subclass may be the pool's own signal, and passes through
-#: unchanged).  A pool that cannot reduce a layer's outputs to one row per sample (``"none"``
-#: on 3-D outputs, ``patch_mean`` on 2-D ones, a callable that fails) is a choice of layer and
-#: pool, not something the data can change: the callback raises it before training.
+#: Errors of pooling re-raised naming the layer (exactly these types: a subclass may be the
+#: pool's own signal, and passes through unchanged).  Those but ``RuntimeError`` (out of
+#: memory, a device error) become :class:`LayerShapeError`, naming the pool too: a pool that
+#: cannot reduce a layer's outputs to one row per sample (``"none"`` on 3-D outputs,
+#: ``patch_mean`` on 2-D ones, a callable that indexes a missing axis) is a choice of layer and
+#: pool, not something the data can change, so the callback raises it before training.
 _NAMED_ERRORS = (ValueError, TypeError, RuntimeError, IndexError)
 
 
@@ -198,12 +199,14 @@ class ActivationRecorder:
         except _NAMED_ERRORS as err:
             if type(err) not in _NAMED_ERRORS:
                 raise
+            where = f"layer {name!r} (output of shape {tuple(x.shape)})"
+            if type(err) is RuntimeError:
+                raise RuntimeError(f"{where}: {err}") from err
             what = "" if type(err) is ValueError else f"{type(err).__name__}: "
             pool = (repr(self.pool) if isinstance(self.pool, str)
                     else getattr(self.pool, "__qualname__", type(self.pool).__name__))
-            raise LayerShapeError(f"layer {name!r} (output of shape {tuple(x.shape)}): pool="
-                                  f"{pool} cannot reduce it to one row per sample: {what}{err}"
-                                  ) from err
+            raise LayerShapeError(f"{where}: pool={pool} cannot reduce it to one row per "
+                                  f"sample: {what}{err}") from err
 
     def _warn_unmasked(self, x: Tensor, name: str) -> None:
         """Warn, once per layer, when :attr:`mask` is set, ``"mean"`` / ``"last"`` would use

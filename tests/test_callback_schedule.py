@@ -185,11 +185,19 @@ def test_monitors_that_check_where_the_steps_are_get_no_warning_and_fresh_scores
     scores = {int(re.search(r"step=(\d+)", path).group(1)): float(score)
               for path, score in saver.best_k_models.items()}
     assert scores == {int(h["step"]): h[KEY] for h in cb.history if h["step"] > 0}
-    _, messages = fit([callback(every_n_train_steps=3),
-                       ModelCheckpoint(dirpath=tmp_path / "steps", monitor=KEY, mode="max"),
-                       EarlyStopping(KEY, mode="max", patience=5)],
-                      val=True, max_epochs=2, check_val_every_n_epoch=2)
-    assert not _stale(messages), messages
+    # step mode whose steps fall where the monitors check (validation every 2 epochs of 4
+    # optimizer steps: at step 8, a multiple of 4); with every_n_train_steps=3 both would
+    # read step 6's value at step 8, and are warned about
+    for every, warned in ((4, False), (3, True)):
+        _, messages = fit([callback(every_n_train_steps=every),
+                           ModelCheckpoint(dirpath=tmp_path / f"steps{every}", monitor=KEY,
+                                           mode="max"),
+                           EarlyStopping(KEY, mode="max", patience=5)],
+                          val=True, max_epochs=2, check_val_every_n_epoch=2)
+        stale = _stale(messages)
+        assert len(stale) == (2 if warned else 0), messages
+        assert all("checks at the validation end, every 8 optimizer step(s)" in m
+                   for m in stale), stale
 
 
 class _Stream(IterableDataset):

@@ -11,7 +11,7 @@ import warnings
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from alignment_callback import AlignmentCallback
 from alignment_callback.callback import dispatch
@@ -91,3 +91,36 @@ def test_step_mode_checkpoints_between_alignment_steps_are_warned(tmp_path, save
     assert bool(messages) == warned, messages
     if warned:
         assert "every_n_train_steps=3" in messages[0] and "every 2 training steps" in messages[0]
+
+
+@pytest.mark.parametrize("monitor_cls,every,accumulate,warned", [
+    (ModelCheckpoint, 3, 1, True),  # 4 optimizer steps per epoch, a step every 3
+    (ModelCheckpoint, 2, 1, False),
+    (EarlyStopping, 3, 1, True),
+    (EarlyStopping, 4, 1, False),
+    (ModelCheckpoint, 4, 2, True),  # 2 optimizer steps per epoch
+    (ModelCheckpoint, 2, 2, False),
+])
+def test_step_mode_monitors_at_epoch_ends_between_alignment_steps_are_warned(
+        tmp_path, monitor_cls, every, accumulate, warned):
+    """A monitor at the training epoch end reads the last alignment step's value: measured on
+    the weights it checks only when the epoch's optimizer steps are a multiple of n."""
+    cb = quiet_callback(make_probe(), ["linear_cka"], 19, every_n_train_steps=every)
+    key = "alignment/linear_cka/calibrated"
+    monitor = (ModelCheckpoint(dirpath=tmp_path, monitor=key, mode="max")
+               if monitor_cls is ModelCheckpoint else
+               EarlyStopping(monitor=key, mode="max", patience=100))
+    trainer = pl.Trainer(**FAST_TRAINER, max_epochs=2, logger=False, callbacks=[cb, monitor],
+                         accumulate_grad_batches=accumulate, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(MLP(), train_loader())  # 4 batches per epoch
+    messages = [str(w.message) for w in caught if "up to" in str(w.message)]
+    assert bool(messages) == warned, messages
+    # warned exactly when an epoch end (global steps 4 // accumulate, 8 // accumulate) falls
+    # between two alignment steps
+    per_epoch = 4 // accumulate
+    steps = {h["step"] for h in cb.history}
+    assert warned == any(e * per_epoch not in steps for e in (1, 2)), (steps, per_epoch)
+    if warned:
+        assert f"every {per_epoch} optimizer step(s)" in messages[0], messages[0]

@@ -958,6 +958,11 @@ class AlignmentCallback(Callback):
     def _start_of_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """What :meth:`on_train_start` does, but for the check of lazy modules."""
         axis = "step" if self.every_n_train_steps is not None else "epoch"
+        if axis == "step" and not self.background:  # the epoch's length is known now
+            for message in monitors.stale_epoch_end_warnings(
+                    trainer, pl_module, monitors.alignment_monitors(trainer, self),
+                    self.every_n_train_steps):
+                rank_zero_warn(message, category=UserWarning)
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
         dispatch.define_summaries(trainer.loggers, self._summary_keys())
         if self.log_heatmaps and importlib.util.find_spec("matplotlib") is None:

@@ -9,12 +9,14 @@ and ``EarlyStopping`` counts the repeated value as no improvement.  In epoch mod
 and on the epochs of a step.  In step mode (``every_n_train_steps``) the step runs in the
 batch hook, before any monitor of that batch, so a monitor reads the latest step's value; that
 value belongs to the weights it checks only where it checks on the step of an alignment step
-(``ModelCheckpoint(every_n_train_steps=n)`` or a multiple of n).  A monitor at epoch or
-validation ends reads the last step's value, up to n − 1 training steps old.
+(``ModelCheckpoint(every_n_train_steps=n)`` or a multiple of n).  A monitor at epoch ends
+reads the last step's value, up to n − 1 training steps old, unless the optimizer steps
+between its checks are a multiple of n.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -144,6 +146,51 @@ def stale_step_monitor_warnings(monitors: list[Callback], every_n_train_steps: i
                 f"step runs every {n}: its checkpoints between two steps would be scored with "
                 "the last step's value, measured on earlier weights. Pass "
                 f"ModelCheckpoint(every_n_train_steps={n}) (or a multiple)")
+    return messages
+
+
+def stale_epoch_end_warnings(trainer: Trainer, pl_module: LightningModule,
+                             monitors: list[Callback], every_n_train_steps: int) -> list[str]:
+    """Step mode, once the epoch's length is known (at the start of training): one message per
+    monitor that checks at epoch ends (``EarlyStopping``; a ``ModelCheckpoint`` on no step or
+    time schedule), at the training epoch end or at a validation run at epoch ends only, when
+    the optimizer steps from one of its checks to the next are not a multiple of the
+    callback's n: it would read a value up to n − 1 steps old.  Validation inside an epoch or
+    by time, manual optimization and an epoch of unknown length are not judged."""
+    n, batches = every_n_train_steps, trainer.num_training_batches
+    if not pl_module.automatic_optimization or not 0 < batches < math.inf:
+        return []
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    messages = []
+    for cb in monitors:
+        epochs = 1
+        if isinstance(cb, ModelCheckpoint):
+            if ((getattr(cb, "_every_n_train_steps", 0) or 0) > 0
+                    or getattr(cb, "_train_time_interval", None) is not None):
+                continue  # on steps or time: stale_step_monitor_warnings
+            epochs = getattr(cb, "_every_n_epochs", 1) or 0
+            if epochs < 1:
+                continue  # it never saves at an epoch end
+        elif not isinstance(cb, EarlyStopping):
+            continue
+        where = "at the training epoch end"
+        if _checks_at_validation_end(cb, trainer, pl_module) is not None:
+            every = trainer.check_val_every_n_epoch
+            if (every is None or getattr(trainer, "_val_check_time_interval", None) is not None
+                    or trainer.val_check_batch < batches):
+                continue  # validation inside epochs or by time: not judged
+            epochs *= every
+            where = "at the validation end"
+        interval = per_epoch * epochs
+        if interval % n == 0:
+            continue
+        fix = (f"Pass ModelCheckpoint(every_n_train_steps={n})" if isinstance(cb, ModelCheckpoint)
+               else "Use AlignmentPlateau (which counts alignment steps)")
+        messages.append(
+            f"{type(cb).__name__}(monitor={cb.monitor!r}) checks {where}, every {interval} "
+            f"optimizer step(s), while the alignment step runs every {n}: it would read the "
+            f"last step's value, up to {n - 1} step(s) old, measured on earlier weights. {fix}, "
+            "or choose every_n_train_steps to divide the steps between its checks")
     return messages
 
 

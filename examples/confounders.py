@@ -111,7 +111,8 @@ def plot_width(rows, n: int, repeats: int, k_perm: int, path: str) -> None:
         else:
             ax.axhline(10 / (n - 1), color="tab:blue", alpha=0.5, linestyle=":",
                        label="k/(n−1) (null mean)")
-            ax.set_ylim(-0.005, 0.08)
+            top = max(max(tau), 10 / (n - 1), *(max(rows[r][1][m]["raw"]) for r in ratios))
+            ax.set_ylim(-0.005, max(0.08, 1.3 * top))  # 0.08 at n = 256; more at small n
         ax.set_xscale("log", base=2)
         ax.set_xticks(ratios)
         ax.set_xticklabels([f"{r:g}" for r in ratios])
@@ -223,17 +224,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.path.join("docs", "img"), help="folder for the PNGs")
     p.add_argument("--n", type=int, default=256, help="samples (probe size)")
-    p.add_argument("--permutations", type=int, default=200, help="K per null")
+    p.add_argument("--permutations", type=int, default=None, help="K per null (default 200; "
+                   "100 with --quick)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of each test")
-    p.add_argument("--repeats", type=int, default=10, help="independent draws per width")
-    p.add_argument("--depth-repeats", type=int, default=10, help="independent draws per depth")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="independent draws per width (default 10; 3 with --quick)")
+    p.add_argument("--depth-repeats", type=int, default=None,
+                   help="independent draws per depth (default 10; 3 with --quick)")
     p.add_argument("--depth-width", type=int, default=64, help="d of every layer in (b)")
     p.add_argument("--rho", type=float, default=0.0,
                    help="correlation of consecutive layers in a stack (0: independent layers)")
     p.add_argument("--quick", action="store_true",
-                   help="a few seconds: 3 draws per width, depths 1-8 with 3 draws, K=100")
+                   help="a few seconds: 3 draws per width, depths 1-8 with 3 draws, K=100 "
+                        "(--repeats, --depth-repeats and --permutations given explicitly win)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, normal, quick in (("repeats", 10, 3), ("depth_repeats", 10, 3),
+                                ("permutations", 200, 100)):
+        if getattr(args, name) is None:  # not given: the mode's value
+            setattr(args, name, quick if args.quick else normal)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -241,7 +251,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     depths = DEPTHS
     if args.quick:
-        args.repeats, args.depth_repeats, args.permutations = 3, 3, 100
         depths = (1, 2, 4, 8)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()

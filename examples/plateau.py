@@ -130,8 +130,13 @@ def main() -> None:
                              "switched off")
     parser.add_argument("--min-delta", type=float, default=0.01,
                         help="the smallest rise of calibrated CKNNA that counts as a gain")
-    parser.add_argument("--out", default=".", help="folder for Lightning's files")
+    parser.add_argument("--out", default=".",
+                        help="Lightning's default_root_dir (this run writes no files there: no "
+                             "logger, no checkpoints)")
     args = parser.parse_args()
+    for flag in ("epochs", "n", "probe", "permutations", "patience"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)

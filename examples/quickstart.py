@@ -412,30 +412,55 @@ def in_plain_words(history: Sequence[dict[str, Any]], wide: Sequence[dict[str, A
               f"{g(h, 'wide', 'raw'):.2f}, but chance alone reaches "
               f"{g(h, 'wide', 'threshold'):.2f} at this width (τ, d/n = "
               f"{WIDE_FEATURES // WIDE_PROBE}): calibrated {cal:.3f}, so that raw "
-              f"{g(h, 'wide', 'raw'):.2f} is {verdict} (at epoch {end['epoch']} the layer "
+              f"{g(h, 'wide', 'raw'):.2f} is {verdict}. At epoch {end['epoch']} the layer "
               f"{'has really aligned' if aligned else 'is still at chance'}: raw "
-              f"{g(end, 'wide', 'raw'):.2f}, calibrated {g(end, 'wide', 'calibrated'):.2f}).")
+              f"{g(end, 'wide', 'raw'):.2f}, calibrated {g(end, 'wide', 'calibrated'):.2f}.")
     return [real, chance]
 
 
 # -------------------------------------------------------------------------------------- main
+def count(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a clear error before any work)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"  # what argparse names in its message
+    return parse
+
+
+def output_folder(parser: argparse.ArgumentParser, folder: str) -> None:
+    """Create ``--out`` (an argparse error naming it when that fails)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {folder}: cannot create the output folder: {err.strerror or err}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--logger", choices=sorted(LOGGER_PACKAGES), default="wandb",
                    help="tracker (a CSVLogger is always added); wandb runs offline")
-    p.add_argument("--epochs", type=int, default=15, help="student training epochs")
-    p.add_argument("--reference-epochs", type=int, default=15, help="reference training epochs")
-    p.add_argument("--permutations", type=int, default=500, help="K, permutations per null")
+    p.add_argument("--epochs", type=count(1), default=15, help="student training epochs")
+    p.add_argument("--reference-epochs", type=count(1), default=15,
+                   help="reference training epochs")
+    p.add_argument("--permutations", type=count(1), default=500, help="K, permutations per null")
     p.add_argument("--out", default=".", help="output folder (logs and PNGs)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=count(0), default=0,
                    help="seeds the data split, the models, the batches and the permutations")
     p.add_argument("--foreground", action="store_true",
                    help="compute alignment inside the training loop (background=False)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=count(1), default=1,
                    help="torch CPU threads; the probe matrices are small, and on a busy machine "
                         "extra threads mostly wait for each other")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    output_folder(p, args.out)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -443,8 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_lightning()
     check_example_packages()
     check_logger_package(args.logger)
-    torch.set_num_threads(max(1, args.threads))
-    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(args.threads)
     from alignment_callback import AlignmentCallback
 
     t_start = time.perf_counter()

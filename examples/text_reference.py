@@ -38,8 +38,10 @@ from quickstart import (  # noqa: E402  (shared helpers of the examples)
     LOGGER_PACKAGES,
     check_example_packages,
     check_logger_package,
+    count,
     finish_loggers,
     make_loggers,
+    output_folder,
     plot_curves,
     plot_heatmaps,
     quiet_lightning,
@@ -161,14 +163,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--logger", choices=sorted(LOGGER_PACKAGES), default="csv",
                    help="tracker (a CSVLogger is always added); wandb runs offline")
-    p.add_argument("--epochs", type=int, default=20, help="student training epochs")
-    p.add_argument("--permutations", type=int, default=500, help="K, permutations per null")
-    p.add_argument("--probe-size", type=int, default=400, help="held-out color names")
+    p.add_argument("--epochs", type=count(1), default=20, help="student training epochs")
+    p.add_argument("--permutations", type=count(1), default=500, help="K, permutations per null")
+    p.add_argument("--probe-size", type=count(2), default=400, help="held-out color names")
     p.add_argument("--out", default=".", help="output folder (logs and PNGs)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=count(0), default=0,
                    help="seeds the name split, the student, the batches and the permutations")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=count(1), default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    output_folder(p, args.out)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,8 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_lightning()
     check_example_packages(("matplotlib",))
     check_logger_package(args.logger)
-    torch.set_num_threads(max(1, args.threads))
-    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(args.threads)
     from alignment_callback import AlignmentCallback
 
     t_start = time.perf_counter()

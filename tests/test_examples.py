@@ -108,12 +108,44 @@ def test_quickstart_wandb_offline_and_csv(tmp_path):
 
 def test_quickstart_csv_logger_alone(tmp_path):
     """``--logger csv`` makes the CSV logger only (no W&B run), in-process."""
-    spec = importlib.util.spec_from_file_location("quickstart", EXAMPLES / "quickstart.py")
-    quickstart = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quickstart)
+    quickstart = _example_module("quickstart")
     loggers = quickstart.make_loggers("csv", str(tmp_path))
     assert [type(logger).__name__ for logger in loggers] == ["CSVLogger"]
     assert loggers[0].log_dir.startswith(str(tmp_path))
+
+
+def _example_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bad_flags_are_errors_before_any_work(tmp_path, capsys):
+    """``--epochs 0`` trained the reference, then failed with "nothing to plot: empty
+    history"; ``--permutations 0``, ``--seed -1`` and an ``--out`` that cannot be created ended
+    in tracebacks: each is now argparse's one-line error naming the flag."""
+    quickstart = _example_module("quickstart")
+    (tmp_path / "file").write_text("")
+    for argv, text in ((["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+                       (["--reference-epochs", "0"], "argument --reference-epochs: must be"),
+                       (["--permutations", "0"], "argument --permutations: must be at least 1"),
+                       (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+                       (["--threads", "0"], "argument --threads: must be at least 1"),
+                       (["--out", str(tmp_path / "file" / "x")],
+                        "cannot create the output folder")):
+        with pytest.raises(SystemExit) as exit_:
+            quickstart.parse_args(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and text in err, (argv, err)
+
+
+def test_confounders_explicit_flags_win_over_quick():
+    confounders = _example_module("confounders")
+    args = confounders.parse_args(["--quick", "--permutations", "20", "--repeats", "1"])
+    assert (args.permutations, args.repeats, args.depth_repeats) == (20, 1, 3)
+    args = confounders.parse_args([])
+    assert (args.permutations, args.repeats, args.depth_repeats) == (200, 10, 10)
 
 
 def parse_width_table(stdout: str) -> list[list[float]]:

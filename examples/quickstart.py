@@ -41,7 +41,7 @@ import sys
 import textwrap
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -419,7 +419,7 @@ def in_plain_words(history: Sequence[dict[str, Any]], wide: Sequence[dict[str, A
 
 
 # -------------------------------------------------------------------------------------- main
-def count(minimum: int):
+def count(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum`` (a clear error before any work)."""
     def parse(text: str) -> int:
         try:

@@ -840,12 +840,9 @@ class AlignmentCallback(Callback):
         if self.background:
             monitors.refuse_in_background(watching)
         monitors.refuse_unlogged(watching, self._calibrated_keys() if self.log_to_module else [])
-        if not self.background:
-            stale = (monitors.stale_monitor_warnings(trainer, pl_module, watching,
-                                                     self.every_n_epochs)
-                     if self.every_n_train_steps is None else
-                     monitors.stale_step_monitor_warnings(watching, self.every_n_train_steps))
-            for message in stale:
+        if not self.background and self.every_n_train_steps is None:
+            for message in monitors.stale_monitor_warnings(trainer, pl_module, watching,
+                                                           self.every_n_epochs):
                 rank_zero_warn(message, category=UserWarning)
         if trainer.world_size > 1:  # every process compares rank 0's probe at a resume
             known = self._read_probe_settings() if trainer.is_global_zero else None
@@ -959,7 +956,7 @@ class AlignmentCallback(Callback):
         """What :meth:`on_train_start` does, but for the check of lazy modules."""
         axis = "step" if self.every_n_train_steps is not None else "epoch"
         if axis == "step" and not self.background:  # the epoch's length is known now
-            for message in monitors.stale_epoch_end_warnings(
+            for message in monitors.stale_step_monitor_warnings(
                     trainer, pl_module, monitors.alignment_monitors(trainer, self),
                     self.every_n_train_steps):
                 rank_zero_warn(message, category=UserWarning)

@@ -102,9 +102,8 @@ def stale_monitor_warnings(trainer: Trainer, pl_module: LightningModule, monitor
                 "epoch end where the epoch's alignment step runs: it would read the previous "
                 f"step's value, measured on earlier weights. Pass {type(cb).__name__}({fix})")
         elif isinstance(cb, ModelCheckpoint):
-            steps = getattr(cb, "_every_n_train_steps", 0) or 0
-            epochs = getattr(cb, "_every_n_epochs", 0) or 0
-            if steps > 0 or getattr(cb, "_train_time_interval", None) is not None:
+            steps, epochs, timed = _checkpoint_schedule(cb)
+            if steps > 0 or timed:
                 what = f"every_n_train_steps={steps}" if steps > 0 else "train_time_interval"
                 messages.append(
                     f"{name} saves by training steps or time ({what}) while the alignment step "
@@ -128,50 +127,40 @@ def stale_monitor_warnings(trainer: Trainer, pl_module: LightningModule, monitor
     return messages
 
 
-def stale_step_monitor_warnings(monitors: list[Callback], every_n_train_steps: int
+def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
+                                monitors: list[Callback], every_n_train_steps: int
                                 ) -> list[str]:
-    """Step mode: one message per ``ModelCheckpoint`` that saves by training steps between two
-    alignment steps (``every_n_train_steps`` not a multiple of the callback's) or by time: its
-    checkpoints would be scored with a value measured on earlier weights."""
-    n, messages = every_n_train_steps, []
-    for cb in monitors:
-        if not isinstance(cb, ModelCheckpoint):
-            continue
-        steps = getattr(cb, "_every_n_train_steps", 0) or 0
-        timed = getattr(cb, "_train_time_interval", None) is not None
-        if (steps > 0 and steps % n != 0) or timed:
-            what = f"every {steps} training steps" if steps > 0 else "by time (train_time_interval)"
-            messages.append(
-                f"ModelCheckpoint(monitor={cb.monitor!r}) saves {what} while the alignment "
-                f"step runs every {n}: its checkpoints between two steps would be scored with "
-                "the last step's value, measured on earlier weights. Pass "
-                f"ModelCheckpoint(every_n_train_steps={n}) (or a multiple)")
-    return messages
-
-
-def stale_epoch_end_warnings(trainer: Trainer, pl_module: LightningModule,
-                             monitors: list[Callback], every_n_train_steps: int) -> list[str]:
-    """Step mode, once the epoch's length is known (at the start of training): one message per
+    """Step mode, at the start of training (the epoch's length is known then): one message per
+    monitor that would read a value measured on earlier weights.  A ``ModelCheckpoint`` that
+    saves by training steps (every m with m not a multiple of the callback's n) or by time; a
     monitor that checks at epoch ends (``EarlyStopping``; a ``ModelCheckpoint`` on no step or
     time schedule), at the training epoch end or at a validation run at epoch ends only, when
-    the optimizer steps from one of its checks to the next are not a multiple of the
-    callback's n: it would read a value up to n − 1 steps old.  Validation inside an epoch or
-    by time, manual optimization and an epoch of unknown length are not judged."""
+    the optimizer steps from one of its checks to the next are not a multiple of n (it would
+    read a value up to n − 1 steps old).  Validation inside an epoch or by time, manual
+    optimization and an epoch of unknown length are not judged."""
     n, batches = every_n_train_steps, trainer.num_training_batches
-    if not pl_module.automatic_optimization or not 0 < batches < math.inf:
-        return []
-    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    judged = pl_module.automatic_optimization and 0 < batches < math.inf
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if judged else 0
     messages = []
     for cb in monitors:
         epochs = 1
         if isinstance(cb, ModelCheckpoint):
-            if ((getattr(cb, "_every_n_train_steps", 0) or 0) > 0
-                    or getattr(cb, "_train_time_interval", None) is not None):
-                continue  # on steps or time: stale_step_monitor_warnings
-            epochs = getattr(cb, "_every_n_epochs", 1) or 0
+            steps, epochs, timed = _checkpoint_schedule(cb)
+            if steps > 0 or timed:
+                if steps % n != 0 or timed:
+                    what = (f"every {steps} training steps" if steps > 0
+                            else "by time (train_time_interval)")
+                    messages.append(
+                        f"ModelCheckpoint(monitor={cb.monitor!r}) saves {what} while the "
+                        f"alignment step runs every {n}: its checkpoints between two steps "
+                        "would be scored with the last step's value, measured on earlier "
+                        f"weights. Pass ModelCheckpoint(every_n_train_steps={n}) (or a multiple)")
+                continue
             if epochs < 1:
                 continue  # it never saves at an epoch end
         elif not isinstance(cb, EarlyStopping):
+            continue
+        if not judged:
             continue
         where = "at the training epoch end"
         if _checks_at_validation_end(cb, trainer, pl_module) is not None:
@@ -192,6 +181,13 @@ def stale_epoch_end_warnings(trainer: Trainer, pl_module: LightningModule,
             f"last step's value, up to {n - 1} step(s) old, measured on earlier weights. {fix}, "
             "or choose every_n_train_steps to divide the steps between its checks")
     return messages
+
+
+def _checkpoint_schedule(cb: ModelCheckpoint) -> tuple[int, int, bool]:
+    """A ``ModelCheckpoint``'s ``every_n_train_steps``, ``every_n_epochs`` (0: unset) and
+    whether it saves by time (``train_time_interval``)."""
+    return (getattr(cb, "_every_n_train_steps", 0) or 0, getattr(cb, "_every_n_epochs", 0) or 0,
+            getattr(cb, "_train_time_interval", None) is not None)
 
 
 def _checks_at_validation_end(cb: Callback, trainer: Trainer, pl_module: LightningModule

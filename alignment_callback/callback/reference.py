@@ -45,21 +45,38 @@ ReferenceSpec = Union[nn.Module, str, os.PathLike, Mapping[str, Any]]
 class Reference:
     """One reference and its engine (which caches the reference's prepared state).
 
-    Attributes:
-        name: the key level of this reference (``None`` for a single reference).
-        kind: ``"model"``, ``"features"``, ``"initial"`` or ``"previous"``.
-        module: the frozen model (``kind="model"``).
-        features: ``{layer: tensor}`` (``kind="features"``).
-        path: the feature file the features came from, if any.
-        origin: where the reference came from, in words (its file's name, or the module's
-            class and number of parameters, and the features' shapes): part of the settings
-            a checkpoint records.
-        layers: which reference layers (model: names / globs; features: names, default all).
-        layers_given: whether ``reference_layers`` chose them (else they are ``layers``).
-        inputs, input_key, batch_transform: how the model reference is run.
-        pool: how a model reference's outputs, and features of more than two dimensions, are
-            reduced to (n, d) (``reference_pool``).
-        engine: computes this reference's steps.
+    Attributes
+    ----------
+    name : str | None
+        The key level of this reference (``None`` for a single reference).
+    kind : str
+        ``"model"``, ``"features"``, ``"initial"`` or ``"previous"``.
+    module : nn.Module | None
+        The frozen model (``kind="model"``).
+    features : dict[str, Tensor] | None
+        ``{layer: tensor}`` (``kind="features"``).
+    path : str | None
+        The feature file the features came from, if any.
+    origin : str | None
+        Where the reference came from, in words (its file's name, or the module's
+        class and number of parameters, and the features' shapes): part of the settings
+        a checkpoint records.
+    layers : Any
+        Which reference layers (model: names / globs; features: names, default all).
+    layers_given : bool
+        Whether ``reference_layers`` chose them (else they are ``layers``).
+    inputs : Any
+        The reference's own probe, row-aligned with the model's (``reference_inputs``),
+        or None: it runs on the model's probe.
+    input_key : str | None
+        ``reference_input_key``: how a dict batch is fed to the reference.
+    batch_transform : Any
+        ``reference_batch_transform``: ``f(batch) -> inputs`` of the reference.
+    pool : Any
+        How a model reference's outputs, and features of more than two dimensions, are
+        reduced to (n, d) (``reference_pool``).
+    engine : AlignmentEngine
+        Computes this reference's steps.
     """
 
     name: str | None

@@ -36,12 +36,18 @@ def pair_keys(x_names: Sequence[str], y_names: Sequence[str]) -> dict[tuple[int,
 class StepResult:
     """One alignment step: where it was taken and every measure's calibrated layer result.
 
-    Attributes:
-        epoch: training epoch of the step (0: before training).
-        step: global optimizer step.
-        results: ``{measure label: LayerAlignmentResult}``.
-        n: number of probe samples.
-        seconds: wall time of the step (capture and compute).
+    Attributes
+    ----------
+    epoch : int
+        Training epoch of the step (0: before training).
+    step : int
+        Global optimizer step.
+    results : dict[str, LayerAlignmentResult]
+        ``{measure label: LayerAlignmentResult}``.
+    n : int
+        Number of probe samples.
+    seconds : float
+        Wall time of the step (capture and compute).
     """
 
     epoch: int

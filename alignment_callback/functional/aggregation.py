@@ -59,14 +59,21 @@ class LayerAlignmentResult(CalibrationResult):
     The fields of :class:`CalibrationResult` (``raw``, ``calibrated``, ``p_value``,
     ``threshold``, ... and ``null``, the K null aggregates) describe the aggregate; in addition:
 
-    Attributes:
-        matrix: raw (LA, LB) scores ``s(X_a, Y_b)``.
-        argmax: (a, b) indices of the best raw pair; ``best_pair`` gives their names.
-        x_names, y_names: layer names (indices as strings for sequences).
-        pair_threshold, pair_calibrated, pair_p_value: (LA, LB) per-pair calibration against
-            each pair's own null (does *not* account for selecting a pair; for heatmaps).
-        aggregate: the aggregate's name.
-        measure: the measure's name.
+    Attributes
+    ----------
+    matrix : Tensor
+        Raw (LA, LB) scores ``s(X_a, Y_b)``.
+    argmax : tuple[int, int]
+        (a, b) indices of the best raw pair; ``best_pair`` gives their names.
+    x_names, y_names : list[str]
+        Layer names (indices as strings for sequences).
+    pair_threshold, pair_calibrated, pair_p_value : Tensor
+        (LA, LB) per-pair calibration against
+        each pair's own null (does *not* account for selecting a pair; for heatmaps).
+    aggregate : str
+        The aggregate's name.
+    measure : str
+        The measure's name.
     """
 
     matrix: Tensor

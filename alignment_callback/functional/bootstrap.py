@@ -88,24 +88,32 @@ from alignment_callback.functional.registry import (
 class BootstrapInterval(NamedTuple):
     """Interval of the calibrated score from subsamples, rescaled to n (module docstring).
 
-    Attributes:
-        low, high: ``estimate + c · (q − mean(replicates))`` for the ``(1 − confidence)/2``
-            and ``(1 + confidence)/2`` quantiles q of the replicates, c = √(m/(n − m)) with m
-            of the n rows kept (with ``groups``: c = √(g/(G − g)), g of the G groups kept,
-            not ``subsample_size``), with the estimate and the replicates taken before their
-            clipping at 0 (``unclipped_*``), and the ends clipped to the calibrated score's
-            range (``low <= high``).
-        estimate: the calibrated score on all n rows.
-        replicates: (num_bootstrap,) calibrated scores, one per subsample.
-        raw_replicates: (num_bootstrap,) raw scores (aggregates for layer inputs).
-        subsample_size: m, the rows per replicate (with ``groups`` of unequal sizes, which
-            make it vary, the smallest over the replicates).
-        unclipped_estimate: the estimate before clipping at 0: ``(s − τ)/(s_max − τ)``,
-            negative when the raw score s is below τ, bounded below by −1, and 0 where
-            s_max − τ is within float error of 0 (unbounded scores: ``s − τ``, not bounded
-            below); equal to ``estimate`` when that is above 0.
-        unclipped_replicates: (num_bootstrap,) the replicates before clipping at 0; the
-            interval is formed from these and ``unclipped_estimate``.
+    Attributes
+    ----------
+    low, high : float
+        ``estimate + c · (q − mean(replicates))`` for the ``(1 − confidence)/2``
+        and ``(1 + confidence)/2`` quantiles q of the replicates, c = √(m/(n − m)) with m
+        of the n rows kept (with ``groups``: c = √(g/(G − g)), g of the G groups kept,
+        not ``subsample_size``), with the estimate and the replicates taken before their
+        clipping at 0 (``unclipped_*``), and the ends clipped to the calibrated score's
+        range (``low <= high``).
+    estimate : float
+        The calibrated score on all n rows.
+    replicates : Tensor
+        (num_bootstrap,) calibrated scores, one per subsample.
+    raw_replicates : Tensor
+        (num_bootstrap,) raw scores (aggregates for layer inputs).
+    subsample_size : int
+        The rows per replicate m (with ``groups`` of unequal sizes, which
+        make it vary, the smallest over the replicates).
+    unclipped_estimate : float
+        The estimate before clipping at 0: ``(s − τ)/(s_max − τ)``,
+        negative when the raw score s is below τ, bounded below by −1, and 0 where
+        s_max − τ is within float error of 0 (unbounded scores: ``s − τ``, not bounded
+        below); equal to ``estimate`` when that is above 0.
+    unclipped_replicates : Tensor
+        (num_bootstrap,) the replicates before clipping at 0; the
+        interval is formed from these and ``unclipped_estimate``.
     """
 
     low: float

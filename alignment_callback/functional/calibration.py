@@ -19,20 +19,30 @@ from alignment_callback.functional._validation import check_alpha, user_stacklev
 class CalibrationResult:
     """A calibrated score. Every field is a 0-dim tensor except ``null`` (K,).
 
-    Attributes:
-        raw: the observed score s.
-        calibrated: ``max((s − τ)/(s_max − τ), 0)`` clamped to ≤ 1 (``[s − τ]₊`` if unbounded).
-        p_value: ``(1 + #{k: s_k ≥ s}) / (K + 1)``; smallest attainable ``1/(K + 1)``; float64
-            whatever the data's dtype (a ratio of counts: ``float(p) <= alpha`` holds exactly).
-        threshold: τ, the ⌈(1 − α)(K + 1)⌉-th smallest of ``{s, s_1, …, s_K}``.
-        null_mean, null_std: mean and (unbiased, K − 1) standard deviation of the null.
-        effect_size: ``(s − null_mean) / null_std`` (0 if both differences are 0, ±inf if only
-            the std is 0).
-        percentile: percent of null values below s, ties counted half (mid-rank).
-        null: the K null scores (empty when the null is analytic).
-        null_method: ``"permutation"``, ``"moments"`` or ``"permutation (exact mean)"`` (how
-            the null was obtained; the last: permutations, with the exact permutation
-            mean as ``null_mean``, and for mutual kNN the exact standard deviation as ``null_std``).
+    Attributes
+    ----------
+    raw : Tensor
+        The observed score s.
+    calibrated : Tensor
+        ``max((s − τ)/(s_max − τ), 0)`` clamped to ≤ 1 (``[s − τ]₊`` if unbounded).
+    p_value : Tensor
+        ``(1 + #{k: s_k ≥ s}) / (K + 1)``; smallest attainable ``1/(K + 1)``; float64
+        whatever the data's dtype (a ratio of counts: ``float(p) <= alpha`` holds exactly).
+    threshold : Tensor
+        The threshold τ, the ⌈(1 − α)(K + 1)⌉-th smallest of ``{s, s_1, …, s_K}``.
+    null_mean, null_std : Tensor
+        Mean and (unbiased, K − 1) standard deviation of the null.
+    effect_size : Tensor
+        ``(s − null_mean) / null_std`` (0 if both differences are 0, ±inf if only
+        the std is 0).
+    percentile : Tensor
+        Percent of null values below s, ties counted half (mid-rank).
+    null : Tensor
+        The K null scores (empty when the null is analytic).
+    null_method : str
+        ``"permutation"``, ``"moments"`` or ``"permutation (exact mean)"`` (how
+        the null was obtained; the last: permutations, with the exact permutation
+        mean as ``null_mean``, and for mutual kNN the exact standard deviation as ``null_std``).
     """
 
     raw: Tensor

@@ -45,12 +45,16 @@ KNN_KINDS = ("mutual_knn", "cycle_knn", "cknna", "lcs_knn", "edit_distance_knn")
 class KnnState:
     """One representation prepared for a kNN measure with ``k`` neighbors.
 
-    Attributes:
-        lists: the neighbor lists shared by every kNN measure of the representation (their
-            ``k`` is the largest any of them asked for).
-        own: ``lists.prefix(k)``.
-        self_hsic: CKNNA's permutation-invariant self term ``HSIC_u(M⊙K, M⊙K)`` (float64), or
-            ``None`` for the other measures.
+    Attributes
+    ----------
+    lists : NeighborLists
+        The neighbor lists shared by every kNN measure of the representation (their
+        ``k`` is the largest any of them asked for).
+    own : NeighborLists
+        ``lists.prefix(k)``.
+    self_hsic : Tensor | None
+        CKNNA's permutation-invariant self term ``HSIC_u(M⊙K, M⊙K)`` (float64), or
+        ``None`` for the other measures.
     """
 
     lists: NeighborLists

@@ -314,11 +314,15 @@ def slot_table(indices: Tensor) -> SlotTable:
 class NeighborLists:
     """Neighbor lists of one representation, prepared once and reused for every permutation.
 
-    Attributes:
-        indices: (n, k) neighbor indices, most similar first.
-        values: (n, k) inner products ``⟨x_i, x_j⟩`` of those neighbors (of the exactly
-            rescaled rows; scale-invariant measures only).
-        reciprocal: (n, k) bool, ``i ∈ N(j)`` for ``j = indices[i, t]``.
+    Attributes
+    ----------
+    indices : Tensor
+        (n, k) neighbor indices, most similar first.
+    values : Tensor
+        (n, k) inner products ``⟨x_i, x_j⟩`` of those neighbors (of the exactly
+        rescaled rows; scale-invariant measures only).
+    reciprocal : Tensor
+        (n, k) bool, ``i ∈ N(j)`` for ``j = indices[i, t]``.
     """
 
     indices: Tensor

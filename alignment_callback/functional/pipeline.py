@@ -95,13 +95,19 @@ GRAM_BLOCK = 4
 class PreparedSide:
     """One side's layers, preprocessed features and prepared states for a set of measures.
 
-    Attributes:
-        role: ``"x"`` (the model) or ``"y"`` (the reference): only tie-breaking depends on it.
-        names: layer names, in order.
-        features: the (n, d) matrices the states were prepared from.
-        states: per measure, one prepared state per layer.
-        label: the side's name in messages (default: ``role``; the engine's ``"model"`` and
-            ``"reference"``).
+    Attributes
+    ----------
+    role : str
+        ``"x"`` (the model) or ``"y"`` (the reference): only tie-breaking depends on it.
+    names : list[str]
+        Layer names, in order.
+    features : list[Tensor]
+        The (n, d) matrices the states were prepared from.
+    states : dict[Measure, list[Any]]
+        Per measure, one prepared state per layer.
+    label : str
+        The side's name in messages (default: ``role``; the engine's ``"model"`` and
+        ``"reference"``).
     """
 
     role: str

@@ -82,39 +82,62 @@ def _unbiased_peak(dtype: torch.dtype) -> int:
 class MeasureInfo:
     """The declaration of a measure (see the module docstring).
 
-    Attributes:
-        name: canonical name.
-        family: ``"gram"`` (a function of one n×n matrix per side; the null gathers it),
-            ``"knn"`` (neighbor lists; the null maps edges through π) or ``"other"``.
-        summary: the math in one line (the docs table).
-        prepare: ``(x, role, shared, **params) -> state``.
-        score: ``(state_x, state_y, perms, **params) -> (B,)``.
-        layer_scores: optional ``(states_x, states_y, perms, **params) -> (B, LA, LB)``.
-        params: the parameters, in order.
-        symmetric: ``s(x, y) == s(y, x)``.
-        value_range: documented (min, max); ``max`` is s_max (``None``: unbounded).
-        min_samples: ``params -> n``: the fewest samples the measure is defined for.
-        perm_cost: ``(n, params) -> elements`` of temporary memory per permutation.
-        null_method: how the fast null works (the docs table).
-        invariances: what the measure is invariant to (the docs table).
-        shared: name of a preparation several measures share (``"neighbor_lists"``), or None.
-        group: measures of one group compute their nulls in one pass (``"knn"``), or None.
-        aliases: other accepted names.
-        degenerate_hint: ``params -> advice`` when the null sits at s_max.
-        analytic: the null has exact permutation moments (the gram family's cosines), so
-            ``null="moments"`` / ``"auto"`` can calibrate without permutations.
-        feature_state: ``x -> state`` in feature space (no n×n matrix), used with an analytic
-            null when d < n (linear kernels).
-        prepare_peak: ``dtype -> count`` of n×n matrices of the data's dtype alive at the peak
-            of preparing one gram-family state, the state included (default 3); the memory
-            check before any n×n matrix is allocated uses it.
-        exact_scores: equal statistics are computed bit for bit equal (ratios of integer
-            counts), so the null is compared with the score as it is; otherwise (default)
-            null values within ``tie_tolerance`` of the score are its ties.
-        memory_check: ``(x, kept, params) -> None`` raising ``MemoryError`` before any state
-            is prepared when the preparation's peak, with ``kept`` states of n×n size already
-            held (every other layer's, both sides), would not fit; None: no n×n state outside
-            the gram family.
+    Attributes
+    ----------
+    name : str
+        Canonical name.
+    family : str
+        ``"gram"`` (a function of one n×n matrix per side; the null gathers it),
+        ``"knn"`` (neighbor lists; the null maps edges through π) or ``"other"``.
+    summary : str
+        The math in one line (the docs table).
+    prepare : Callable[..., Any]
+        ``(x, role, shared, **params) -> state``.
+    score : Callable[..., Tensor]
+        ``(state_x, state_y, perms, **params) -> (B,)``.
+    layer_scores : Callable[..., Tensor] | None
+        Optional ``(states_x, states_y, perms, **params) -> (B, LA, LB)``.
+    params : tuple[Param, ...]
+        The parameters, in order.
+    symmetric : bool
+        ``s(x, y) == s(y, x)``.
+    value_range : tuple[float | None, float | None]
+        Documented (min, max); ``max`` is s_max (``None``: unbounded).
+    min_samples : Callable[[Mapping[str, Any]], int]
+        ``params -> n``: the fewest samples the measure is defined for.
+    perm_cost : Callable[[int, Mapping[str, Any]], int]
+        ``(n, params) -> elements`` of temporary memory per permutation.
+    null_method : str
+        How the fast null works (the docs table).
+    invariances : str
+        What the measure is invariant to (the docs table).
+    shared : str | None
+        Name of a preparation several measures share (``"neighbor_lists"``), or None.
+    group : str | None
+        Measures of one group compute their nulls in one pass (``"knn"``), or None.
+    aliases : tuple[str, ...]
+        Other accepted names.
+    degenerate_hint : Callable[[Mapping[str, Any]], str] | None
+        ``params -> advice`` when the null sits at s_max.
+    analytic : bool
+        The null has exact permutation moments (the gram family's cosines), so
+        ``null="moments"`` / ``"auto"`` can calibrate without permutations.
+    feature_state : Callable[[Tensor], Any] | None
+        ``x -> state`` in feature space (no n×n matrix), used with an analytic
+        null when d < n (linear kernels).
+    prepare_peak : Callable[[torch.dtype], int]
+        ``dtype -> count`` of n×n matrices of the data's dtype alive at the peak
+        of preparing one gram-family state, the state included (default 3); the memory
+        check before any n×n matrix is allocated uses it.
+    exact_scores : bool
+        Equal statistics are computed bit for bit equal (ratios of integer
+        counts), so the null is compared with the score as it is; otherwise (default)
+        null values within ``tie_tolerance`` of the score are its ties.
+    memory_check : Callable[[Tensor, int, Mapping[str, Any]], None] | None
+        ``(x, kept, params) -> None`` raising ``MemoryError`` before any state
+        is prepared when the preparation's peak, with ``kept`` states of n×n size already
+        held (every other layer's, both sides), would not fit; None: no n×n state outside
+        the gram family.
     """
 
     name: str

@@ -143,7 +143,25 @@ Invariants = Any  # GramInvariants | GraphInvariants
 
 @dataclass(frozen=True)
 class PermutationMoments:
-    """Mean, variance and skewness ``E[(T−μ)³]/σ³`` of a permutation distribution."""
+    """Mean, variance and skewness of a permutation distribution of a statistic T.
+
+    Attributes
+    ----------
+    mean : float
+        μ = E[T] over the uniform permutations.
+    variance : float
+        σ² = E[(T − μ)²]; ``std`` is σ (0 for a variance rounded below 0).
+    skewness : float
+        E[(T − μ)³]/σ³, invariant under positive scaling of T.
+
+    Examples
+    --------
+    >>> m = PermutationMoments(mean=0.1, variance=0.0004, skewness=0.8)
+    >>> m.std
+    0.02
+    >>> m.scaled(10.0).mean, round(m.scaled(10.0).std, 12), m.scaled(10.0).skewness
+    (1.0, 0.2, 0.8)
+    """
 
     mean: float
     variance: float

@@ -393,3 +393,44 @@ def test_masked_mean_of_integer_tokens_is_not_truncated():
     x = torch.tensor([[[1], [2], [7]]])
     mean = pool_features(x, "mean", mask=torch.tensor([[1, 1, 0]]))
     assert mean.is_floating_point() and float(mean) == 1.5
+
+
+# ------------------------------------------------- replicates the calibration cannot resolve
+def test_a_replicate_that_cannot_be_calibrated_is_refused_not_counted_as_zero(calls):
+    """At m = k + 1 rows every row's k neighbors are all the others: mutual kNN is 1 for every
+    permutation, τ = 1 = s_max, and the replicate's calibrated score is 0 by the rule for
+    unresolvable thresholds.  Mixed in as 0 next to the estimate (resolved on all n rows),
+    such replicates gave an interval of width 0 at the estimate; they are refused, naming the
+    replicate, τ and the fix."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(14, 8, generator=g)
+    y = x + 0.3 * torch.randn(14, 8, generator=g)
+    full = calibrated_alignment(x, y, "mutual_knn", k=10, num_permutations=99)
+    assert 0.0 < float(full.threshold) < 1.0 and float(full.calibrated) > 0.0  # resolved
+    calls.clear()
+    with pytest.raises(ValueError, match=r"fraction=0.8 keeps round\(0.8 · 14\) = 11 of the "
+                       r"n=14 rows, but replicate 0 of 40 cannot be calibrated on its 11 rows: "
+                       r"its null threshold τ = 1 reaches the maximum 1 of mutual_knn, k=10 "
+                       r".*use a larger fraction"):
+        bootstrap_interval(x, y, "mutual_knn", k=10, num_bootstrap=40, num_permutations=99)
+    assert len(calls) == 2  # the estimate and the first replicate: nothing more is computed
+    # one more row per replicate resolves them: an interval of positive width
+    bi = bootstrap_interval(x, y, "mutual_knn", k=9, num_bootstrap=40, num_permutations=99)
+    assert bi.high > bi.low
+
+
+@pytest.mark.parametrize("name", ["confidence", "fraction"])
+@pytest.mark.parametrize("value", ["0.9", None, True, float("nan"), 1.0])
+def test_confidence_and_fraction_of_the_wrong_type_name_the_argument(calls, name, value):
+    x, y = _pair(20)
+    with pytest.raises(ValueError, match=rf"^{name} must be a number in \(0, 1\), got "):
+        bootstrap_interval(x, y, "linear_cka", num_bootstrap=3, num_permutations=9,
+                           **{name: value})
+    assert calls == []
+
+
+@pytest.mark.parametrize("empty, side", [(([], [torch.ones(3, 2)]), "x"),
+                                         (([torch.ones(3, 2)], {}), "y")])
+def test_empty_layer_inputs_name_their_side(empty, side):
+    with pytest.raises(ValueError, match=rf"^{side} layers are empty"):
+        bootstrap_interval(*empty, "linear_cka", num_bootstrap=3, num_permutations=9)

@@ -64,6 +64,7 @@ from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import (
     AUTO,
     MAX_SEED,
+    check_alpha,
     check_seed,
     is_integer,
     user_stacklevel,
@@ -142,12 +143,12 @@ def _unclipped(calibrated: float, raw: float, tau: float, top: float | None,
     return min(max((raw - tau) / (top - tau), -1.0), 0.0)
 
 
-def _rows(x: Any) -> int:
+def _rows(x: Any, label: str) -> int:
     if isinstance(x, Tensor):
         return int(x.shape[0])
     values = list(x.values()) if isinstance(x, Mapping) else list(x)
     if not values:
-        raise ValueError("no layers given")
+        raise ValueError(f"{label} layers are empty")
     return int(values[0].shape[0])
 
 
@@ -259,7 +260,11 @@ def bootstrap_interval(
         the whole data (``m >= n``, or with ``groups`` every group kept) or smaller than the
         measure's minimum (``fraction`` is never silently raised to reach it); or if, with
         ``groups``, a replicate keeps no two groups of the same size.  All of these are
-        raised before anything is computed.
+        raised before anything is computed.  Also, when that replicate is computed, if a
+        replicate cannot be calibrated although the full data can: its null threshold τ
+        reaches s_max within float error (mutual and cycle kNN at m = k + 1 rows, where every
+        row's neighbors are all the others), so its calibrated score would be 0 whatever the
+        data, and counting it as 0 would bias the interval.
 
     Examples
     --------
@@ -281,14 +286,12 @@ def bootstrap_interval(
     if not is_integer(num_bootstrap) or num_bootstrap < 2:
         raise ValueError(f"num_bootstrap must be an integer >= 2 (one replicate gives an interval "
                          f"of width 0), got {num_bootstrap!r}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    n = _rows(x)
-    if _rows(y) != n:
+    confidence = check_alpha(confidence, "confidence")
+    fraction = check_alpha(fraction, "fraction")
+    n = _rows(x, "x")
+    if _rows(y, "y") != n:
         raise ValueError(
-            f"x and y must have the same number of samples (rows): got {n} and {_rows(y)}"
+            f"x and y must have the same number of samples (rows): got {n} and {_rows(y, 'y')}"
         )
     layered = not isinstance(x, Tensor)
     # Resolve the measure now (its keywords are checked) to know its minimum sample count.
@@ -296,18 +299,22 @@ def bootstrap_interval(
     resolved = get_measure(measure, **{k: v for k, v in kw.items() if k not in names})
     check_samples(resolved, n)
     need = max(2, resolved.min_samples)
-    detail = "".join(f", {k}={v}" for k, v in resolved.params)
-    minimum = f"{resolved.name}{detail} needs at least {need} samples"
+    label = resolved.name + "".join(f", {k}={v}" for k, v in resolved.params)
+    minimum = f"{label} needs at least {need} samples"
 
     smax = kw.get("max_score", AUTO)
     top = resolved.max_score if smax == AUTO else smax  # s_max, None when unbounded
 
-    def run(xs: Any, ys: Any, s: int, g: Any) -> tuple[float, float, float]:
+    def run(xs: Any, ys: Any, s: int, g: Any) -> tuple[float, float, float, float]:
+        """calibrated, raw and unclipped score, and τ."""
         fn = calibrated_layer_alignment if layered else calibrated_alignment
         res = fn(xs, ys, measure, num_permutations=num_permutations, alpha=alpha, seed=s,
                  groups=g, **kw)
-        cal, raw = float(res.calibrated), float(res.raw)
-        return cal, raw, _unclipped(cal, raw, float(res.threshold), top, dtype)
+        cal, raw, tau = float(res.calibrated), float(res.raw), float(res.threshold)
+        return cal, raw, _unclipped(cal, raw, tau, top, dtype), tau
+
+    def unresolved(tau: float) -> bool:
+        return top is not None and top - tau <= resolution(dtype)
 
     seed = check_seed(seed)
     if seed + int(num_bootstrap) > MAX_SEED:
@@ -371,7 +378,8 @@ def bootstrap_interval(
     # calibration computes in: both sides' features as ``side_features`` converts them
     dtype = torch.promote_types(side_features(x, "x")[1][0].dtype,
                                 side_features(y, "y")[1][0].dtype)
-    estimate, _, unclipped = run(x, y, seed, groups)
+    estimate, _, unclipped, tau = run(x, y, seed, groups)
+    resolved = not unresolved(tau)
 
     cal, raw, below = [], [], []
     for b in range(int(num_bootstrap)):
@@ -382,7 +390,17 @@ def bootstrap_interval(
         else:
             idx = torch.sort(torch.randperm(n, generator=gen)[:m]).values
             g = None
-        c, r, u = run(_take(x, idx), _take(y, idx), seed + 1 + b, g)
+        c, r, u, tau_b = run(_take(x, idx), _take(y, idx), seed + 1 + b, g)
+        if resolved and unresolved(tau_b):
+            # a replicate the calibration cannot tell from independent data would enter the
+            # interval as 0 next to resolved values: refused rather than a biased interval
+            raise ValueError(
+                f"{how}, but replicate {b} of {int(num_bootstrap)} cannot be calibrated on its "
+                f"{idx.numel()} rows: its null threshold τ = {tau_b:.9g} reaches the maximum "
+                f"{top:g} of {label} (on all {n} rows τ = {tau:.9g}), so "
+                "the measure cannot tell aligned from independent data there (mutual and cycle "
+                "kNN at k + 1 rows, where every row's neighbors are all the others) and the "
+                "interval would count it as 0; use a larger fraction")
         cal.append(c)
         raw.append(r)
         below.append(u)

@@ -200,6 +200,20 @@ def test_monitors_that_check_where_the_steps_are_get_no_warning_and_fresh_scores
                    for m in stale), stale
 
 
+def test_a_step_mode_checkpoint_saving_every_few_epochs_at_validations_is_judged_by_both(
+        tmp_path):
+    """``ModelCheckpoint(every_n_epochs=2)`` checking at validations every 2 epochs saves every
+    2 epochs (8 optimizer steps), not every 4: with a step every 16 it scores step 8's
+    checkpoint with the baseline's value, and is warned about like every_n_epochs=1."""
+    for epochs in (1, 2):
+        _, messages = fit([callback(every_n_train_steps=16),
+                           ModelCheckpoint(dirpath=tmp_path / f"e{epochs}", monitor=KEY,
+                                           mode="max", every_n_epochs=epochs)],
+                          val=True, max_epochs=1, check_val_every_n_epoch=2)
+        stale = _stale(messages)
+        assert len(stale) == 1 and "every 8 optimizer step(s)" in stale[0], (epochs, messages)
+
+
 class _Stream(IterableDataset):
     """64 rows in 4 batches of 16, with no length."""
 

@@ -20,7 +20,7 @@ from alignment_callback.hooks import LayerShapeError
 from tests.helpers import FAST_TRAINER, MLP, RefMLP, make_probe, quiet_callback, train_loader
 from tests.test_dispatch import MLFlowLoggerStandIn
 
-BAD_NAMES = ["alignment/", "/alignment", "a//b", "a/./b", "a/../b", ".", "..", ""]
+BAD_NAMES = ["alignment/", "/alignment", "a//b", "a/./b", "a/../b", ".", "..", "", "..v2", "..."]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -44,14 +44,36 @@ def test_mlflow_names_never_resolve_to_other_paths():
     """Dropped characters can leave an empty part (a layer or reference named ``ü``): such
     parts, and ``.`` / ``..``, are written ``_``; the names stay distinct."""
     keys = ["alignment/ü/linear_cka/calibrated", "alignment/./x", "alignment/../x",
-            "alignment/_/x"]
+            "alignment/_/x", "..v2/x", "../x"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the keys that coincide are warned
         names = dispatch.mlflow_keys(MLFlowLoggerStandIn(), keys)
     assert names["alignment/ü/linear_cka/calibrated"] == "alignment/_/linear_cka/calibrated"
     assert len(set(names.values())) == len(keys), names
-    for name in names.values():
-        assert posixpath.normpath(name) == name and not name.startswith("/"), name
+    for name in names.values():  # MLflow's rule (mlflow.utils.validation.path_not_unique)
+        assert posixpath.normpath(name) == name and not name.startswith(("/", "..")), name
+
+
+def test_names_mlflow_accepts_are_kept():
+    for name in ("v1.5", "dino/v2", "clip/vit-b.16", ".hidden", "a/..b"):
+        AlignmentCallback({name: RefMLP(), "other": RefMLP(seed=2)}, make_probe(), ["fc1"],
+                          log_prefix=name)
+
+
+@pytest.mark.parametrize("pool, error", [
+    (lambda x: x.reshape(x.shape[0], 7), LayerShapeError),  # torch's shape RuntimeError
+    (lambda x: (_ for _ in ()).throw(RuntimeError("CUDA out of memory. Tried to allocate")),
+     RuntimeError),
+])
+def test_a_pool_s_torch_shape_error_is_a_layer_shape_error_but_out_of_memory_is_not(pool, error):
+    """torch's shape errors are plain ``RuntimeError`` s: the pool cannot reduce the layer, as
+    for the other error types; running out of memory is not the pool's fault."""
+    from alignment_callback.hooks import collect_activations
+    from tests.helpers import MLP as Model
+
+    with pytest.raises((RuntimeError, ValueError)) as info:
+        collect_activations(Model(), make_probe(), ["fc1"], pool=pool)
+    assert type(info.value) is error and "layer 'fc1'" in str(info.value)
 
 
 @pytest.mark.parametrize("on_error", ["warn", "raise"])
@@ -124,3 +146,34 @@ def test_step_mode_monitors_at_epoch_ends_between_alignment_steps_are_warned(
     assert warned == any(e * per_epoch not in steps for e in (1, 2)), (steps, per_epoch)
     if warned:
         assert f"every {per_epoch} optimizer step(s)" in messages[0], messages[0]
+
+
+def test_a_cuda_compute_device_without_an_index_is_resolved_in_the_training_thread(monkeypatch):
+    """``"cuda"`` is each thread's current device: a background worker thread would compute on
+    cuda:0 while the Trainer trains on cuda:1; it is resolved where the callback is set up."""
+    import torch
+
+    from alignment_callback.callback.alignment_callback import _compute_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _compute_device("cuda", torch.device("cpu")) == torch.device("cuda", 1)
+    assert _compute_device(torch.device("cuda"), torch.device("cpu")) == torch.device("cuda", 1)
+    assert _compute_device("cuda:0", torch.device("cpu")) == torch.device("cuda", 0)
+    assert _compute_device(None, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert _compute_device("cpu", torch.device("cuda", 1)) == torch.device("cpu")
+
+
+def test_numpy_integers_are_batch_sizes_and_batch_counts():
+    from alignment_callback.hooks import collect_activations
+    from alignment_callback.hooks.extract import extract_features
+    from tests.helpers import MLP as Model
+
+    x = make_probe(12)
+    acts = collect_activations(Model(), x, ["fc1"], batch_size=np.int64(4), max_batches=np.int32(2))
+    assert acts["fc1"].shape[0] == 8
+    assert extract_features(Model(), x, ["fc1"], batch_size=np.int64(5))["fc1"].shape[0] == 12
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            collect_activations(Model(), x, ["fc1"], batch_size=bad)
+    with pytest.raises(ValueError, match="max_batches must be an integer >= 1"):
+        collect_activations(Model(), x, ["fc1"], max_batches=0)

@@ -53,7 +53,11 @@ from alignment_callback.callback.reference import (
 )
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.engine.engine import MeasuresSpec
-from alignment_callback.functional._validation import ShapeOptionError, check_device
+from alignment_callback.functional._validation import (
+    ShapeOptionError,
+    check_device,
+    resource_error,
+)
 from alignment_callback.functional.aggregation import Aggregate
 from alignment_callback.functional.calibration import few_permutations_unsaid, warn_if_few
 from alignment_callback.functional.preprocessing import check_pool
@@ -1413,7 +1417,7 @@ class AlignmentCallback(Callback):
             # cannot take the probe (its width, dtype or structure): a configuration mistake.
             # Before the first training batch a forward may legitimately fail (statistics
             # initialized from the first batch), so the baseline's failure follows on_error.
-            if (self._probe_ran or not self._has_trained() or _resource_error(err)
+            if (self._probe_ran or not self._has_trained() or resource_error(err)
                     or isinstance(err, LAYER_ERRORS)):
                 raise
             raise ProbeInputError(f"the model in training runs its training batches but failed "
@@ -1902,15 +1906,6 @@ def _advance(ref: Reference, acts: dict[str, Tensor], **split: Any) -> None:
     _anchor(ref, acts)
 
 
-def _resource_error(error: BaseException) -> bool:
-    """Out of memory (host or device: torch raises ``RuntimeError`` subclasses, and CUDA
-    libraries their own status errors), or another CUDA error: not the probe's fault, so not
-    a configuration mistake."""
-    text = str(error).lower()
-    return (isinstance(error, MemoryError) or "out of memory" in text or "cuda error" in text
-            or "alloc" in text)
-
-
 def _check_flags(**flags: Any) -> None:
     """Boolean arguments must be ``True`` or ``False`` (``"no"`` would read as true)."""
     for name, value in flags.items():
@@ -1920,9 +1915,14 @@ def _check_flags(**flags: Any) -> None:
 
 def _compute_device(compute_device: Any, model_device: torch.device) -> torch.device:
     """Where the measures run: ``compute_device``, else the model's device, unless that has no
-    float64 (MPS), which the measures need: then the CPU."""
+    float64 (MPS), which the measures need: then the CPU.  A ``"cuda"`` without an index is
+    this process's current CUDA device, resolved now, in the training thread (a background
+    worker thread has its own current device, ``cuda:0``, whatever device the Trainer set)."""
     if compute_device is not None:
-        return torch.device(compute_device)
+        device = torch.device(compute_device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
     return torch.device("cpu") if model_device.type == "mps" else model_device
 
 

@@ -94,22 +94,25 @@ def _define_keys(logger: Any, keys: Sequence[str]) -> None:
 def check_key_part(value: Any, argument: str) -> str:
     """``value``, a name that becomes part of every logged key (``log_prefix``, a reference's
     name): a non-empty string whose ``/``-separated parts are neither empty nor ``.`` or
-    ``..``.  ``alignment/``, ``a//b`` or ``a/../b`` would make keys that MLflow refuses (as
-    paths that resolve to other names) in the middle of training."""
+    ``..``, and which does not start with ``..``.  ``alignment/``, ``a//b``, ``a/../b`` or
+    ``..v2`` would make keys that MLflow refuses (as paths that resolve to other names, or
+    that start with ``..``) in the middle of training."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{argument} must be a non-empty string, got {value!r}")
-    if any(part in ("", ".", "..") for part in value.split("/")):
+    if any(part in ("", ".", "..") for part in value.split("/")) or value.startswith(".."):
         raise ValueError(f"{argument}={value!r}: it is part of every logged key, so it may not "
-                         "start or end with '/', hold '//', or have a '.' or '..' part (MLflow "
-                         "refuses such keys as paths that resolve to other names)")
+                         "start or end with '/', start with '..', hold '//', or have a '.' or "
+                         "'..' part (MLflow refuses such keys as paths that resolve to other "
+                         "names)")
     return value
 
 
 def mlflow_keys(logger: Any, keys: Sequence[str]) -> dict[str, str]:
     """MLflow's name for each key: characters outside ``[A-Za-z0-9_/. -]`` dropped (what
     Lightning's MLFlowLogger does to metric names; tags and params are refused otherwise), a
-    ``/``-separated part left empty, ``.`` or ``..`` written ``_`` (MLflow refuses names that
-    resolve to other paths), and a key whose name would then be one an earlier key of this
+    ``/``-separated part left empty, ``.`` or ``..`` written ``_`` and a name that starts with
+    ``..`` prefixed with ``_`` (MLflow refuses names that resolve to other paths or start with
+    ``..``), and a key whose name would then be one an earlier key of this
     logger has told apart by ``_2``, ``_3``, ... (the first suffix no key has; warned once), so
     two layers or references never share one series."""
     names = logger.__dict__.setdefault("_alignment_mlflow_names", {"names": {}})["names"]
@@ -119,6 +122,8 @@ def mlflow_keys(logger: Any, keys: Sequence[str]) -> dict[str, str]:
             continue
         clean = "/".join(part if part not in ("", ".", "..") else "_"
                          for part in re.sub(r"[^a-zA-Z0-9_/. -]+", "", key).split("/"))
+        if clean.startswith(".."):
+            clean = "_" + clean
         name = clean
         suffix = 1
         while name in used:

@@ -168,7 +168,7 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
             if (every is None or getattr(trainer, "_val_check_time_interval", None) is not None
                     or trainer.val_check_batch < batches):
                 continue  # validation inside epochs or by time: not judged
-            epochs *= every
+            epochs = math.lcm(epochs, every)  # it checks on the epochs of both schedules
             where = "at the validation end"
         interval = per_epoch * epochs
         if interval % n == 0:

@@ -244,3 +244,12 @@ def check_device(device: Any, name: str = "device") -> torch.device | None:
         if (out.index or 0) >= count:
             raise ValueError(f"{name}={device!r}: this machine has {count} CUDA device(s)")
     return out
+
+
+def resource_error(error: BaseException) -> bool:
+    """Out of memory (host or device: torch raises ``RuntimeError`` subclasses, and CUDA
+    libraries their own status errors), or another CUDA error: not the fault of the data,
+    the probe or a setting (a pool, a layer), so not reported as one."""
+    text = str(error).lower()
+    return (isinstance(error, MemoryError) or "out of memory" in text or "cuda error" in text
+            or "alloc" in text)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from alignment_callback.functional._validation import check_positive_int
 from alignment_callback.functional.preprocessing import Pool
 from alignment_callback.hooks.outputs import LayerShapeError
 from alignment_callback.hooks.recorder import ActivationRecorder
@@ -662,7 +663,8 @@ def collect_activations(
     LayerShapeError
         A layer returned a 0-dim tensor, layers produced different numbers of rows (a
         layer whose output is not batch-first), or a layer's rows from a 1-D input (one value
-        per sample) are not one per value (a single sample fed alone); a ``ValueError``.
+        per sample) are not one per value (a single sample fed alone), or ``pool`` cannot
+        reduce a layer's output to one row per sample; a ``ValueError``.
 
     Examples
     --------
@@ -675,10 +677,9 @@ def collect_activations(
     >>> {name: tuple(a.shape) for name, a in acts.items()}
     {'0': (10, 8), '2': (10, 2)}
     """
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_batches is not None:
+        max_batches = check_positive_int(max_batches, "max_batches")
+    batch_size = check_positive_int(batch_size, "batch_size")
     dev = torch.device(device) if device is not None else model_device(model)
     rec = ActivationRecorder(model, layers, pool=pool, **recorder_kwargs)
     runner = probe_module(model)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from alignment_callback.functional._validation import check_positive_int
 from alignment_callback.functional.preprocessing import Pool
 from alignment_callback.hooks.collect import (
     collect_activations,
@@ -402,8 +403,7 @@ def extract_features(
     >>> {k: tuple(v.shape) for k, v in feats.items()}
     {'0': (10, 8), '2': (10, 2)}
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     probe = _reusable(probe)  # read twice below: for the fingerprint, then by the model
     fingerprint = probe_fingerprint(probe)
     data = _split_mapping(probe, batch_size) if isinstance(probe, Mapping) else probe

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from alignment_callback.functional._validation import user_stacklevel
+from alignment_callback.functional._validation import resource_error, user_stacklevel
 from alignment_callback.functional.preprocessing import Pool, pool_features
 from alignment_callback.hooks.outputs import (
     LayerShapeError,
@@ -200,7 +200,7 @@ class ActivationRecorder:
             if type(err) not in _NAMED_ERRORS:
                 raise
             where = f"layer {name!r} (output of shape {tuple(x.shape)})"
-            if type(err) is RuntimeError:
+            if type(err) is RuntimeError and resource_error(err):  # not the pool's fault
                 raise RuntimeError(f"{where}: {err}") from err
             what = "" if type(err) is ValueError else f"{type(err).__name__}: "
             pool = (repr(self.pool) if isinstance(self.pool, str)

@@ -87,3 +87,39 @@ def test_callback_on_a_gpu_trainer(tmp_path):
     trainer.fit(MLP(), train_loader())
     assert [h["epoch"] for h in cb.history] == [0, 1, 2]
     assert cb.last_results["linear_cka"].matrix.device.type == "cuda"
+
+
+def test_rbf_median_under_the_deterministic_mode_equals_cpu():
+    """``Trainer(deterministic=True)`` turns the deterministic mode on; torch before 2.10 has
+    no deterministic CUDA ``kthvalue``, which the median bandwidth used."""
+    x, y = pair(n=256)
+    cpu = F.calibrated_alignment(x, y, "rbf_cka", 100, seed=3, sigma="median")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        gpu = F.calibrated_alignment(x.cuda(), y.cuda(), "rbf_cka", 100, seed=3, sigma="median")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert float(gpu.raw) == pytest.approx(float(cpu.raw), rel=1e-5)
+
+
+def test_pearson3_with_cuda_tensors_and_numbers():
+    from alignment_callback.functional.moments import pearson3_sf
+
+    t = torch.linspace(0.1, 0.6, 5, device="cuda")
+    gpu = pearson3_sf(t, 0.3, 0.1, 0.5)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), pearson3_sf(t.cpu(), 0.3, 0.1, 0.5))
+
+
+def test_metric_forward_on_a_cuda_model_side_and_a_cpu_reference_side():
+    """``update`` and ``compute`` take x on the GPU and y on the CPU (x joins y's device);
+    ``forward`` scored the batch without moving it."""
+    from alignment_callback.metrics import CalibratedAlignment
+
+    x, y = pair(n=128)
+    metric = CalibratedAlignment("linear_cka", num_permutations=50, seed=1)
+    batch = metric(x.cuda(), y)
+    assert batch is not None and float(batch) == pytest.approx(
+        float(F.linear_cka(x, y)), rel=1e-5)
+    assert float(metric.compute()["raw"]) == pytest.approx(float(F.linear_cka(x, y)), rel=1e-5)

@@ -143,7 +143,7 @@ class _Batched:
         return torch.stack([self._scalar(m) for m in s]).to(s.dtype)
 
     def _scalar(self, matrix: Tensor) -> Tensor:
-        value = torch.as_tensor(self.fn(matrix))
+        value = torch.as_tensor(self.fn(matrix), device=matrix.device)  # a float joins it
         if value.numel() != 1:
             raise ValueError(f"aggregate: the callable must return one number for the "
                              f"{tuple(matrix.shape)} matrix of layer-pair scores, got a value of "

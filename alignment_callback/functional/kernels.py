@@ -32,16 +32,27 @@ def squared_distances(x: Tensor) -> Tensor:
     return d2
 
 
+def _kthvalue_may_refuse(t: Tensor) -> bool:
+    """``torch.kthvalue`` on ``t`` may raise under the deterministic mode (CUDA, torch < 2.10)."""
+    return t.device.type != "cpu" and torch.are_deterministic_algorithms_enabled()
+
+
 def median(values: Tensor) -> Tensor:
     """Median of all entries, averaging the two middle values for an even count (NumPy's).
 
     One selection (``kthvalue``) for the lower middle value; the upper one is the same value
     when more entries than its rank are <= it, else the smallest entry above it (two passes).
+    Where ``kthvalue`` may refuse (a CUDA tensor under ``torch.use_deterministic_algorithms``,
+    as ``Trainer(deterministic=True)`` sets: torch before 2.10 has no deterministic CUDA
+    kernel for it), the lower middle value is read off a sort instead: the same value.
     """
     flat = values.flatten()
     m = flat.numel()
     rank = (m + 1) // 2
-    lo = torch.kthvalue(flat, rank).values
+    if _kthvalue_may_refuse(flat):
+        lo = torch.sort(flat).values[rank - 1]
+    else:
+        lo = torch.kthvalue(flat, rank).values
     if m % 2 or int((flat <= lo).sum()) > rank:
         hi = lo
     else:

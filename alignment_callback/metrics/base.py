@@ -710,7 +710,9 @@ class AlignmentMetricBase(Metric):
                 xn, xf = side_features(xm, "x")
                 yn, yf = side_features(ym, "y")
                 dtype = torch.promote_types(xf[0].dtype, yf[0].dtype)
-                xside = prepare_side(xn, [t.to(dtype) for t in xf], [self.measure], "x")
+                # on the reference side's device, as compute() puts them
+                xside = prepare_side(xn, [t.to(yf[0].device, dtype) for t in xf],
+                                     [self.measure], "x")
                 yside = prepare_side(yn, [t.to(dtype) for t in yf], [self.measure], "y")
         except ValueError:
             return None

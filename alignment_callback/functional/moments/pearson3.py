@@ -81,7 +81,11 @@ def pearson3_valid(n: int, skewness: Any, leverage: Any = 0.0, tied: Any = False
 
 
 def _as64(*xs: Any) -> list[Tensor]:
-    ts = [torch.as_tensor(x, dtype=_F64) for x in xs]
+    """The arguments as float64 tensors broadcast together, on the device of the first of them
+    that is not on the CPU (numbers and CPU tensors join it), else on the CPU."""
+    device = next((x.device for x in xs if isinstance(x, Tensor) and x.device.type != "cpu"),
+                  None)
+    ts = [torch.as_tensor(x, dtype=_F64, device=device) for x in xs]
     return list(torch.broadcast_tensors(*ts))
 
 

@@ -25,7 +25,7 @@ def test_pearson3_arguments_join_the_device_of_a_tensor_argument():
 
 
 def test_a_callable_aggregate_returning_a_float_stays_on_the_matrices_device():
-    name, fn = aggregate_fn(lambda m: float(m.numel()))
+    _, fn = aggregate_fn(lambda m: float(m.numel()))
     scores = torch.zeros(3, 2, 2, device="meta")
     out = fn(scores)
     assert out.device.type == "meta" and tuple(out.shape) == (3,)

@@ -243,6 +243,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 ("permutations", 200, 100)):
         if getattr(args, name) is None:  # not given: the mode's value
             setattr(args, name, quick if args.quick else normal)
+    # mutual kNN with k = 10 needs 11 samples; every other count at least 1
+    for name, least in (("n", 11), ("permutations", 1), ("repeats", 1), ("depth_repeats", 1),
+                        ("depth_width", 1), ("threads", 1)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got "
+                    f"{getattr(args, name)}")
+    if not 0.0 < args.alpha < 1.0:
+        p.error(f"--alpha must be in (0, 1), got {args.alpha}")
+    if not -1.0 <= args.rho <= 1.0:
+        p.error(f"--rho must be a correlation in [-1, 1], got {args.rho}")
     return args
 
 

@@ -419,8 +419,9 @@ def in_plain_words(history: Sequence[dict[str, Any]], wide: Sequence[dict[str, A
 
 
 # -------------------------------------------------------------------------------------- main
-def count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum`` (a clear error before any work)."""
+def count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``; a clear error before
+    any work)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -428,9 +429,16 @@ def count(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
-    parse.__name__ = f"integer >= {minimum}"  # what argparse names in its message
+    parse.__name__ = (f"integer >= {minimum}" if maximum is None  # argparse names it
+                      else f"integer in [{minimum}, {maximum}]")
     return parse
+
+
+#: The largest seed ``lightning.seed_everything`` takes (NumPy's seeds are 32-bit).
+MAX_SEED = 2**32 - 1
 
 
 def output_folder(parser: argparse.ArgumentParser, folder: str) -> None:
@@ -451,7 +459,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="reference training epochs")
     p.add_argument("--permutations", type=count(1), default=500, help="K, permutations per null")
     p.add_argument("--out", default=".", help="output folder (logs and PNGs)")
-    p.add_argument("--seed", type=count(0), default=0,
+    p.add_argument("--seed", type=count(0, MAX_SEED), default=0,
                    help="seeds the data split, the models, the batches and the permutations")
     p.add_argument("--foreground", action="store_true",
                    help="compute alignment inside the training loop (background=False)")

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quickstart import (  # noqa: E402  (shared helpers of the examples)
     LEGEND,
     LOGGER_PACKAGES,
+    MAX_SEED,
     check_example_packages,
     check_logger_package,
     count,
@@ -167,7 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--permutations", type=count(1), default=500, help="K, permutations per null")
     p.add_argument("--probe-size", type=count(2), default=400, help="held-out color names")
     p.add_argument("--out", default=".", help="output folder (logs and PNGs)")
-    p.add_argument("--seed", type=count(0), default=0,
+    p.add_argument("--seed", type=count(0, MAX_SEED), default=0,
                    help="seeds the name split, the student, the batches and the permutations")
     p.add_argument("--threads", type=count(1), default=1, help="torch CPU threads")
     args = p.parse_args(argv)

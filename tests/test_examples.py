@@ -131,6 +131,8 @@ def test_bad_flags_are_errors_before_any_work(tmp_path, capsys):
                        (["--reference-epochs", "0"], "argument --reference-epochs: must be"),
                        (["--permutations", "0"], "argument --permutations: must be at least 1"),
                        (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+                       (["--seed", str(2**32)],  # Lightning's seed_everything refused it
+                        "argument --seed: must be at most 4294967295, got 4294967296"),
                        (["--threads", "0"], "argument --threads: must be at least 1"),
                        (["--out", str(tmp_path / "file" / "x")],
                         "cannot create the output folder")):
@@ -146,6 +148,33 @@ def test_confounders_explicit_flags_win_over_quick():
     assert (args.permutations, args.repeats, args.depth_repeats) == (20, 1, 3)
     args = confounders.parse_args([])
     assert (args.permutations, args.repeats, args.depth_repeats) == (200, 10, 10)
+
+
+@pytest.mark.parametrize("argv, text", [
+    (["--quick", "--repeats", "0"], "--repeats must be at least 1, got 0"),  # ZeroDivisionError
+    (["--permutations", "0"], "--permutations must be at least 1, got 0"),
+    (["--n", "10"], "--n must be at least 11, got 10"),  # mutual kNN's k = 10
+    (["--depth-width", "0"], "--depth-width must be at least 1, got 0"),
+    (["--alpha", "1.5"], "--alpha must be in (0, 1), got 1.5"),
+    (["--rho", "2"], "--rho must be a correlation in [-1, 1], got 2.0"),
+])
+def test_confounders_bad_flags_are_errors_before_any_work(capsys, argv, text):
+    """They ended in tracebacks from inside the experiments."""
+    confounders = _example_module("confounders")
+    with pytest.raises(SystemExit) as exit_:
+        confounders.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and text in err, err
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--n", "--probe", "--permutations", "--patience"])
+def test_plateau_bad_counts_are_errors_before_any_work(monkeypatch, capsys, flag):
+    plateau = _example_module("plateau")
+    monkeypatch.setattr(sys, "argv", ["plateau.py", flag, "0"])
+    with pytest.raises(SystemExit) as exit_:
+        plateau.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{flag} must be at least 1, got 0" in err, err
 
 
 def parse_width_table(stdout: str) -> list[list[float]]:

@@ -177,3 +177,17 @@ def test_numpy_integers_are_batch_sizes_and_batch_counts():
             collect_activations(Model(), x, ["fc1"], batch_size=bad)
     with pytest.raises(ValueError, match="max_batches must be an integer >= 1"):
         collect_activations(Model(), x, ["fc1"], max_batches=0)
+
+
+def test_a_pool_s_own_message_does_not_name_the_pool_twice():
+    import torch
+    from torch import nn
+
+    from alignment_callback.hooks import collect_activations
+
+    with pytest.raises(LayerShapeError) as info:
+        collect_activations(nn.Sequential(nn.Conv1d(3, 4, 1)), torch.randn(6, 3, 5), ["0"],
+                            pool="none")
+    text = str(info.value)
+    assert text.count("pool='none'") == 1, text
+    assert "cannot reduce it to one row per sample: it needs 2-D activations" in text, text

@@ -205,8 +205,11 @@ class ActivationRecorder:
             what = "" if type(err) is ValueError else f"{type(err).__name__}: "
             pool = (repr(self.pool) if isinstance(self.pool, str)
                     else getattr(self.pool, "__qualname__", type(self.pool).__name__))
+            text = str(err)
+            if text.startswith(f"pool={pool} "):  # the pool named once
+                text = "it" + text[len(f"pool={pool}"):]
             raise LayerShapeError(f"{where}: pool={pool} cannot reduce it to one row per "
-                                  f"sample: {what}{err}") from err
+                                  f"sample: {what}{text}") from err
 
     def _warn_unmasked(self, x: Tensor, name: str) -> None:
         """Warn, once per layer, when :attr:`mask` is set, ``"mean"`` / ``"last"`` would use

@@ -280,7 +280,8 @@ class AlignmentCallback(Callback):
         reference.
     compute_device : str, torch.device or None, default=None
         Where measures run; None: the model's device (the CPU for an MPS model, which has
-        no float64).  Checked at construction (a CUDA device must exist).
+        no float64).  Checked at construction (a CUDA device must exist); ``"cuda"`` without
+        an index is the training process's current CUDA device when training starts.
     log_to_module : bool, default=True
         Also ``pl_module.log`` calibrated values for monitors (not with ``background``).
     background : bool, default=False

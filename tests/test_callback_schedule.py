@@ -209,9 +209,56 @@ def test_a_step_mode_checkpoint_saving_every_few_epochs_at_validations_is_judged
         _, messages = fit([callback(every_n_train_steps=16),
                            ModelCheckpoint(dirpath=tmp_path / f"e{epochs}", monitor=KEY,
                                            mode="max", every_n_epochs=epochs)],
-                          val=True, max_epochs=1, check_val_every_n_epoch=2)
+                          val=True, max_epochs=2, check_val_every_n_epoch=2)
         stale = _stale(messages)
         assert len(stale) == 1 and "every 8 optimizer step(s)" in stale[0], (epochs, messages)
+    # one epoch of training: no validation comes, nothing is read, nothing to warn about
+    _, messages = fit([callback(every_n_train_steps=16),
+                       ModelCheckpoint(dirpath=tmp_path / "one", monitor=KEY, mode="max")],
+                      val=True, max_epochs=1, check_val_every_n_epoch=2)
+    assert not _stale(messages), messages
+
+
+class _Freshness(pl.Callback):
+    """At each validation end a monitor on every ``every``-th epoch sees: whether the latest
+    alignment step ran at the current optimizer step (its value is the checked weights')."""
+
+    def __init__(self, aligner, every=1):
+        self.aligner, self.every, self.fresh = aligner, every, []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every == 0:
+            self.fresh.append(self.aligner.history[-1]["step"] == trainer.global_step)
+
+
+@pytest.mark.parametrize("every_n,trainer_kw,ckpt_epochs", [
+    (2, {"val_check_interval": 2}, None),  # validations at steps 2, 4 of each epoch
+    (4, {"val_check_interval": 2}, None),  # step 2: step 0's value
+    (2, {"val_check_interval": 0.5}, None),
+    (4, {"val_check_interval": 0.5}, None),
+    (3, {"val_check_interval": 3, "check_val_every_n_epoch": None}, None),  # 3, 6, 9, ...
+    (2, {"val_check_interval": 3, "check_val_every_n_epoch": None}, None),
+    (1, {"val_check_interval": 2, "accumulate_grad_batches": 2}, None),  # steps 1, 2
+    (2, {"val_check_interval": 2, "accumulate_grad_batches": 2}, None),  # step 1: step 0's
+    (2, {"val_check_interval": 2}, 2),  # a checkpoint on epochs 2 and 4: steps 6, 8, 14, 16
+    (4, {"val_check_interval": 2}, 2),
+    (4, {"val_check_interval": 3, "check_val_every_n_epoch": None}, 2),
+])
+def test_step_mode_monitors_at_validations_inside_epochs_are_judged_by_what_they_read(
+        tmp_path, every_n, trainer_kw, ckpt_epochs):
+    """Validation inside epochs (``val_check_interval``): the warning at the start of training
+    says whether some validation end the monitor sees falls between two alignment steps, as
+    the values it reads there show."""
+    cb = callback(every_n_train_steps=every_n)
+    monitor = (EarlyStopping(KEY, mode="max", patience=100) if ckpt_epochs is None else
+               ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max",
+                               every_n_epochs=ckpt_epochs))
+    oracle = _Freshness(cb, ckpt_epochs or 1)
+    _, messages = fit([cb, monitor, oracle], val=True, max_epochs=4, **trainer_kw)
+    assert len(oracle.fresh) >= 2  # validations the monitor saw
+    stale = _stale(messages)
+    assert bool(stale) == (not all(oracle.fresh)), (oracle.fresh, messages)
+    assert len(stale) <= 1 and all("at the validation end" in m for m in stale), stale
 
 
 class _Stream(IterableDataset):

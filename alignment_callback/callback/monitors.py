@@ -11,7 +11,8 @@ batch hook, before any monitor of that batch, so a monitor reads the latest step
 value belongs to the weights it checks only where it checks on the step of an alignment step
 (``ModelCheckpoint(every_n_train_steps=n)`` or a multiple of n).  A monitor at epoch ends
 reads the last step's value, up to n − 1 training steps old, unless the optimizer steps
-between its checks are a multiple of n.
+between its checks are a multiple of n; one at validation ends (inside epochs too), unless
+every validation it sees ends at a multiple of n optimizer steps.
 """
 
 from __future__ import annotations
@@ -134,10 +135,12 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
     monitor that would read a value measured on earlier weights.  A ``ModelCheckpoint`` that
     saves by training steps (every m with m not a multiple of the callback's n) or by time; a
     monitor that checks at epoch ends (``EarlyStopping``; a ``ModelCheckpoint`` on no step or
-    time schedule), at the training epoch end or at a validation run at epoch ends only, when
-    the optimizer steps from one of its checks to the next are not a multiple of n (it would
-    read a value up to n − 1 steps old).  Validation inside an epoch or by time, manual
-    optimization and an epoch of unknown length are not judged."""
+    time schedule), when the optimizer steps from one of its checks to the next are not a
+    multiple of n (it would read a value up to n − 1 steps old); one that checks at validation
+    ends (at epoch ends, or inside epochs by ``val_check_interval``), when a validation it
+    sees ends at an optimizer step that is not a multiple of n (the validation ends are listed
+    from Lightning's schedule, over the training's epochs or one period of the schedule).
+    Validation by time, manual optimization and an epoch of unknown length are not judged."""
     n, batches = every_n_train_steps, trainer.num_training_batches
     judged = pl_module.automatic_optimization and 0 < batches < math.inf
     per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if judged else 0
@@ -162,25 +165,70 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
             continue
         if not judged:
             continue
-        where = "at the training epoch end"
-        if _checks_at_validation_end(cb, trainer, pl_module) is not None:
-            every = trainer.check_val_every_n_epoch
-            if (every is None or getattr(trainer, "_val_check_time_interval", None) is not None
-                    or trainer.val_check_batch < batches):
-                continue  # validation inside epochs or by time: not judged
-            epochs = math.lcm(epochs, every)  # it checks on the epochs of both schedules
+        if _checks_at_validation_end(cb, trainer, pl_module) is None:
+            where, steps = "at the training epoch end", [per_epoch * epochs]
+        else:
             where = "at the validation end"
-        interval = per_epoch * epochs
-        if interval % n == 0:
+            steps = _validation_steps(trainer, batches, per_epoch, epochs, n)
+            if steps is None:
+                continue  # by time, or too long a schedule to list: not judged
+        stale = [s for s in steps if s % n]
+        if not stale:
             continue
         fix = (f"Pass ModelCheckpoint(every_n_train_steps={n})" if isinstance(cb, ModelCheckpoint)
                else "Use AlignmentPlateau (which counts alignment steps)")
+        first = stale[0]
         messages.append(
-            f"{type(cb).__name__}(monitor={cb.monitor!r}) checks {where}, every {interval} "
-            f"optimizer step(s), while the alignment step runs every {n}: it would read the "
-            f"last step's value, up to {n - 1} step(s) old, measured on earlier weights. {fix}, "
-            "or choose every_n_train_steps to divide the steps between its checks")
+            f"{type(cb).__name__}(monitor={cb.monitor!r}) checks {where}, {_describe(steps)}, "
+            f"while the alignment step runs every {n}: it would read the last step's value, "
+            f"up to {n - 1} step(s) old (at step {first}, step {first - first % n}'s), measured "
+            f"on earlier weights. {fix}, or choose every_n_train_steps to divide the steps of "
+            "its checks")
     return messages
+
+
+#: Validation ends listed to judge a monitor's schedule; a longer schedule is not judged.
+MAX_LISTED_CHECKS = 100_000
+
+
+def _validation_steps(trainer: Trainer, batches: int, per_epoch: int, every_epochs: int,
+                      n: int) -> list[int] | None:
+    """The optimizer steps (``global_step``) at which the validations a monitor checking on
+    every ``every_epochs``-th epoch sees end, by Lightning's schedule: after training batch b
+    (1-based) of epoch e when ``b`` is a multiple of ``val_check_batch`` and ``e + 1`` one of
+    ``check_val_every_n_epoch``, or, with ``check_val_every_n_epoch=None``, when the batches
+    since the start are a multiple of ``val_check_batch``.  Listed over the training's epochs
+    (``max_epochs``) or, when shorter, one period after which the steps repeat modulo n.
+    None: validation by time, or more than :data:`MAX_LISTED_CHECKS` validations to list."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return None
+    every_val, v = trainer.check_val_every_n_epoch, int(trainer.val_check_batch)
+    accumulate = trainer.accumulate_grad_batches
+    period = math.lcm(every_epochs, every_val or 1, n // math.gcd(per_epoch, n),
+                      v // math.gcd(batches, v) if every_val is None else 1)
+    max_epochs = trainer.max_epochs
+    epochs = period if max_epochs is None or max_epochs < 0 else min(period, max_epochs)
+    steps: list[int] = []
+    for e in range(epochs):
+        if (e + 1) % every_epochs or (every_val is not None and (e + 1) % every_val):
+            continue
+        start = e * batches  # batches before this epoch, counted from the start (check_val None)
+        offset = 0 if every_val is not None else start
+        first = (offset // v + 1) * v - offset  # the epoch's first validation batch (1-based)
+        for b in range(first, batches + 1, v):
+            steps.append(e * per_epoch + (per_epoch if b == batches else b // accumulate))
+            if len(steps) > MAX_LISTED_CHECKS:
+                return None
+    return steps
+
+
+def _describe(steps: list[int]) -> str:
+    """``every d optimizer step(s)`` for the steps d, 2d, 3d, …; else the first few."""
+    d = steps[0]
+    if d > 0 and all(s == d * (i + 1) for i, s in enumerate(steps)):
+        return f"every {d} optimizer step(s)"
+    shown = ", ".join(map(str, steps[:6]))
+    return f"at optimizer steps {shown}{', …' if len(steps) > 6 else ''}"
 
 
 def _checkpoint_schedule(cb: ModelCheckpoint) -> tuple[int, int, bool]:

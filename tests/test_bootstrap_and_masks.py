@@ -411,7 +411,7 @@ def test_a_replicate_that_cannot_be_calibrated_is_refused_not_counted_as_zero(ca
     with pytest.raises(ValueError, match=r"fraction=0.8 keeps round\(0.8 · 14\) = 11 of the "
                        r"n=14 rows, but replicate 0 of 40 cannot be calibrated on its 11 rows: "
                        r"its null threshold τ = 1 reaches the maximum 1 of mutual_knn, k=10 "
-                       r".*use a larger fraction"):
+                       r".*use more rows, a smaller k or a larger fraction$"):
         bootstrap_interval(x, y, "mutual_knn", k=10, num_bootstrap=40, num_permutations=99)
     assert len(calls) == 2  # the estimate and the first replicate: nothing more is computed
     # one more row per replicate resolves them: an interval of positive width

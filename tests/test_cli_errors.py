@@ -139,6 +139,9 @@ def test_bootstrap_refusal_gives_advice_the_command_line_can_follow(files, capsy
     g = torch.Generator().manual_seed(1)
     torch.save({"h": torch.randn(13, 4, generator=g)}, files / "rows13.pt")
     torch.save({"h": torch.randn(16, 4, generator=g)}, files / "rows16.pt")
+    x14 = torch.randn(14, 8, generator=g)  # 11 rows per replicate: every mutual kNN null is 1
+    torch.save({"h": x14}, files / "x14.pt")
+    torch.save({"h": x14 + 0.3 * torch.randn(14, 8, generator=g)}, files / "y14.pt")
     (files / "groups2.txt").write_text("\n".join(str(i % 2) for i in range(N)) + "\n")
     unequal = [0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 4]  # no two groups of one size
     (files / "unequal.txt").write_text("\n".join(map(str, unequal)) + "\n")
@@ -150,6 +153,9 @@ def test_bootstrap_refusal_gives_advice_the_command_line_can_follow(files, capsy
          ["every replicate would be the whole", "use more rows or groups, or no --bootstrap"]),
         (["rows16.pt", "rows16.pt", "--groups", "unequal.txt"],
          ["allow no block permutation", "use groups with more groups of each size, or no "
+          "--bootstrap"]),
+        (["x14.pt", "y14.pt", "--measure", "mutual_knn"],
+         ["cannot be calibrated on its 11 rows", "use more rows, a smaller --k, or no "
           "--bootstrap"]),
     ):
         code = cli.main(["compare", *argv, "--bootstrap", "40", *FAST, "--out", "out_boot"])

@@ -56,3 +56,12 @@ def test_kthvalue_is_avoided_only_off_the_cpu_under_the_deterministic_mode():
         assert not kernels._kthvalue_may_refuse(torch.zeros(3, device="meta"))
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_the_validity_rule_takes_tied_flags_from_the_cpu_with_device_moments():
+    skew = torch.tensor([0.1, 0.1, 3.0], device="meta")
+    ok = pearson3.pearson3_valid(40, skew, 0.0, tied=torch.tensor([False, True, False]))
+    assert ok.device.type == "meta" and ok.dtype == torch.bool
+    cpu = pearson3.pearson3_valid(40, torch.tensor([0.1, 0.1, 3.0]), 0.0,
+                                  tied=torch.tensor([False, True, False]))
+    assert cpu.tolist() == [True, False, False]

@@ -251,5 +251,6 @@ def resource_error(error: BaseException) -> bool:
     libraries their own status errors), or another CUDA error: not the fault of the data,
     the probe or a setting (a pool, a layer), so not reported as one."""
     text = str(error).lower()
-    return (isinstance(error, MemoryError) or "out of memory" in text or "cuda error" in text
-            or "alloc" in text)
+    return isinstance(error, MemoryError) or any(
+        part in text for part in ("out of memory", "cuda error", "alloc", "cublas", "cudnn",
+                                  "cusolver"))

@@ -143,6 +143,14 @@ def _unclipped(calibrated: float, raw: float, tau: float, top: float | None,
     return min(max((raw - tau) / (top - tau), -1.0), 0.0)
 
 
+def _more_rows_advice(measure: Any) -> str:
+    """What lets a replicate's null stay below s_max: more rows per replicate, or a smaller k
+    for the kNN measures."""
+    if any(name == "k" for name, _ in measure.params):
+        return "use more rows, a smaller k or a larger fraction"
+    return "use a larger fraction"
+
+
 def _rows(x: Any, label: str) -> int:
     if isinstance(x, Tensor):
         return int(x.shape[0])
@@ -262,9 +270,10 @@ def bootstrap_interval(
         ``groups``, a replicate keeps no two groups of the same size.  All of these are
         raised before anything is computed.  Also, when that replicate is computed, if a
         replicate cannot be calibrated although the full data can: its null threshold τ
-        reaches s_max within float error (mutual and cycle kNN at m = k + 1 rows, where every
-        row's neighbors are all the others), so its calibrated score would be 0 whatever the
-        data, and counting it as 0 would bias the interval.
+        reaches s_max within float error (kNN measures whose k is a large part of the m rows:
+        mutual and cycle kNN at m = k + 1, where every row's neighbors are all the others,
+        cycle kNN also well above), so its calibrated score would be 0 whatever the data, and
+        counting it as 0 would bias the interval.
 
     Examples
     --------
@@ -296,14 +305,14 @@ def bootstrap_interval(
     layered = not isinstance(x, Tensor)
     # Resolve the measure now (its keywords are checked) to know its minimum sample count.
     names = _pipeline_names(layered)
-    resolved = get_measure(measure, **{k: v for k, v in kw.items() if k not in names})
-    check_samples(resolved, n)
-    need = max(2, resolved.min_samples)
-    label = resolved.name + "".join(f", {k}={v}" for k, v in resolved.params)
+    resolved_measure = get_measure(measure, **{k: v for k, v in kw.items() if k not in names})
+    check_samples(resolved_measure, n)
+    need = max(2, resolved_measure.min_samples)
+    label = resolved_measure.name + "".join(f", {k}={v}" for k, v in resolved_measure.params)
     minimum = f"{label} needs at least {need} samples"
 
     smax = kw.get("max_score", AUTO)
-    top = resolved.max_score if smax == AUTO else smax  # s_max, None when unbounded
+    top = resolved_measure.max_score if smax == AUTO else smax  # s_max, None when unbounded
 
     def run(xs: Any, ys: Any, s: int, g: Any) -> tuple[float, float, float, float]:
         """calibrated, raw and unclipped score, and τ."""
@@ -397,10 +406,11 @@ def bootstrap_interval(
             raise ValueError(
                 f"{how}, but replicate {b} of {int(num_bootstrap)} cannot be calibrated on its "
                 f"{idx.numel()} rows: its null threshold τ = {tau_b:.9g} reaches the maximum "
-                f"{top:g} of {label} (on all {n} rows τ = {tau:.9g}), so "
-                "the measure cannot tell aligned from independent data there (mutual and cycle "
-                "kNN at k + 1 rows, where every row's neighbors are all the others) and the "
-                "interval would count it as 0; use a larger fraction")
+                f"{top:g} of {label} (on all {n} rows τ = {tau:.9g}), so the measure cannot tell "
+                "aligned from independent data on so few rows (kNN measures where k is a large "
+                "part of them: mutual and cycle kNN at k + 1 rows, where every row's neighbors "
+                "are all the others, cycle kNN also well above) and the interval would count "
+                f"it as 0; {_more_rows_advice(resolved_measure)}")
         cal.append(c)
         raw.append(r)
         below.append(u)

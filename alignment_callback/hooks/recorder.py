@@ -20,8 +20,9 @@ from alignment_callback.hooks.outputs import (
 from alignment_callback.hooks.selection import Layers, resolve_modules
 
 #: Errors of pooling re-raised naming the layer (exactly these types: a subclass may be the
-#: pool's own signal, and passes through unchanged).  Those but ``RuntimeError`` (out of
-#: memory, a device error) become :class:`LayerShapeError`, naming the pool too: a pool that
+#: pool's own signal, and passes through unchanged).  All become :class:`LayerShapeError`,
+#: naming the pool too, except a ``RuntimeError`` for which ``resource_error`` holds (out of
+#: memory, a CUDA error), which stays a ``RuntimeError``: a pool that
 #: cannot reduce a layer's outputs to one row per sample (``"none"`` on 3-D outputs,
 #: ``patch_mean`` on 2-D ones, a callable that indexes a missing axis) is a choice of layer and
 #: pool, not something the data can change, so the callback raises it before training.

@@ -257,6 +257,8 @@ _FRACTION_ADVICE = {
     "use a larger fraction": "use more rows, options that need fewer samples (such as a "
                              "smaller --k), or no --bootstrap",
     "use a smaller fraction": "use more rows or groups, or no --bootstrap",
+    "use more rows, a smaller k or a larger fraction": "use more rows, a smaller --k, or no "
+                                                       "--bootstrap",
 }
 _FIXED_FRACTION = re.compile("|".join(map(re.escape, _FRACTION_ADVICE)))
 

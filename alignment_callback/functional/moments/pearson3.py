@@ -72,10 +72,10 @@ def pearson3_valid(n: int, skewness: Any, leverage: Any = 0.0, tied: Any = False
         either side's features); False when unknown, which skips that part of the rule.
     """
     if isinstance(skewness, Tensor) or isinstance(leverage, Tensor) or isinstance(tied, Tensor):
-        skewness, leverage = _as64(skewness, leverage)
+        skewness, leverage, tied = _as64(skewness, leverage, tied)  # one device, one shape
         ok = (skewness.abs() <= PEARSON3_MAX_ABS_SKEW) & (leverage <= PEARSON3_MAX_LEVERAGE) & (
             n >= PEARSON3_MIN_N)
-        return ok & ~torch.as_tensor(tied, dtype=torch.bool)
+        return ok & (tied == 0)
     return (n >= PEARSON3_MIN_N and abs(skewness) <= PEARSON3_MAX_ABS_SKEW
             and leverage <= PEARSON3_MAX_LEVERAGE and not tied)
 

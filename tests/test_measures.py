@@ -504,3 +504,17 @@ def test_median_equals_numpy(size: int, values: str) -> None:
             float(np.median(t.double().numpy())), rel=1e-7 if dtype == torch.float32 else 1e-15)
     ints = torch.tensor(np.round(4 * a)).long()
     assert float(median(ints)) == float(np.median(ints.numpy()))
+
+
+@pytest.mark.parametrize("block", [1, 50, 1000, 1 << 22])
+def test_rsa_rank_matrix_filled_in_blocks_of_rows_matches_numpy(monkeypatch, block):
+    """The upper triangle of the rank matrix is filled a block of rows at a time (few kernel
+    launches on a GPU): one row per block, uneven last blocks and a single block give the
+    same RSA as NumPy's Spearman correlation of the condensed distances."""
+    from alignment_callback.functional import gram_measures
+
+    monkeypatch.setattr(gram_measures, "_TRIANGLE_BLOCK", block)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 5, generator=g, dtype=torch.float64)
+    y = x + torch.randn(37, 5, generator=g, dtype=torch.float64)
+    assert float(F.rsa(x, y)) == pytest.approx(R.rsa(x.numpy(), y.numpy()), rel=1e-10)

@@ -202,6 +202,10 @@ def cosine_distances(x: Tensor) -> tuple[Tensor, float]:
     return out.clamp_(min=0.0), tol
 
 
+#: Entries of the boolean mask of one block of rows when the rank matrix is filled.
+_TRIANGLE_BLOCK = 1 << 22
+
+
 def rsa_state(x: Tensor) -> GramState:
     """Centered average ranks of the cosine distances ``1 − cos(x_i, x_j)`` over i < j.
 
@@ -214,10 +218,17 @@ def rsa_state(x: Tensor) -> GramState:
     del dist
     ranks = (ranks - ranks.mean()).to(x.dtype)
     m = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    # the upper triangle, row by row as ``ranks`` lists it, a block of rows at a time (a few
+    # kernel launches, not one per row, on a GPU); then (m + mᵀ)/2 · 2, exact, mirrors it
+    cols = torch.arange(n, device=x.device)
+    rows_per_block = max(1, _TRIANGLE_BLOCK // max(n, 1))
     pos = 0
-    for i in range(n - 1):  # row i's upper part; then (m + mᵀ)/2 · 2, exact, mirrors it
-        m[i, i + 1:] = ranks[pos:pos + n - 1 - i]
-        pos += n - 1 - i
+    for i0 in range(0, n - 1, rows_per_block):
+        i1 = min(i0 + rows_per_block, n - 1)
+        upper = cols[None, :] > cols[i0:i1, None]
+        count = (i1 - i0) * (n - 1) - (i0 + i1 - 1) * (i1 - i0) // 2  # Σ (n − 1 − i)
+        m[i0:i1].masked_scatter_(upper, ranks[pos:pos + count])
+        pos += count
     del ranks
     symmetrize_(m).mul_(2.0)
     return _state(m, 1e3 * _eps(m), "cosine-distance rank matrix",

@@ -196,7 +196,7 @@ def test_monitors_that_check_where_the_steps_are_get_no_warning_and_fresh_scores
                           val=True, max_epochs=2, check_val_every_n_epoch=2)
         stale = _stale(messages)
         assert len(stale) == (2 if warned else 0), messages
-        assert all("checks at the validation end, every 8 optimizer step(s)" in m
+        assert all("checks at the validation end, at optimizer step 8," in m
                    for m in stale), stale
 
 
@@ -211,7 +211,7 @@ def test_a_step_mode_checkpoint_saving_every_few_epochs_at_validations_is_judged
                                            mode="max", every_n_epochs=epochs)],
                           val=True, max_epochs=2, check_val_every_n_epoch=2)
         stale = _stale(messages)
-        assert len(stale) == 1 and "every 8 optimizer step(s)" in stale[0], (epochs, messages)
+        assert len(stale) == 1 and "at optimizer step 8," in stale[0], (epochs, messages)
     # one epoch of training: no validation comes, nothing is read, nothing to warn about
     _, messages = fit([callback(every_n_train_steps=16),
                        ModelCheckpoint(dirpath=tmp_path / "one", monitor=KEY, mode="max")],
@@ -259,6 +259,46 @@ def test_step_mode_monitors_at_validations_inside_epochs_are_judged_by_what_they
     stale = _stale(messages)
     assert bool(stale) == (not all(oracle.fresh)), (oracle.fresh, messages)
     assert len(stale) <= 1 and all("at the validation end" in m for m in stale), stale
+
+
+def test_step_mode_validations_after_max_steps_are_not_judged(tmp_path):
+    """``max_steps`` ends training before later validations: only those that come count (a
+    validation at step 12 that never comes was warned about)."""
+    cb = callback(every_n_train_steps=4)
+    oracle = _Freshness(cb)
+    _, messages = fit([cb, EarlyStopping(KEY, mode="max", patience=100), oracle], val=True,
+                      max_epochs=None, max_steps=5, val_check_interval=4,
+                      loader=train_loader(n=112))  # 7 batches per epoch: validations at 4, 11
+    assert oracle.fresh == [True] and not _stale(messages), (oracle.fresh, messages)
+
+
+def test_a_long_schedule_is_judged_by_the_validations_listed(tmp_path, monkeypatch):
+    """Past ``MAX_LISTED_CHECKS`` validations a schedule whose listed ones are all fresh is not
+    judged, but one with a stale one among them is warned about (it was dropped too)."""
+    from alignment_callback.callback import monitors
+
+    monkeypatch.setattr(monitors, "MAX_LISTED_CHECKS", 3)
+    for every_n, warned in ((4, True), (1, False)):
+        cb = callback(every_n_train_steps=every_n)
+        oracle = _Freshness(cb)
+        _, messages = fit([cb, EarlyStopping(KEY, mode="max", patience=100), oracle], val=True,
+                          max_epochs=2, val_check_interval=1, check_val_every_n_epoch=None)
+        stale = _stale(messages)
+        assert bool(stale) == warned == (not all(oracle.fresh)), (oracle.fresh, messages)
+        if warned:
+            assert "at optimizer steps 1, 2, 3, …" in stale[0], stale
+
+
+def test_the_warning_lists_the_steps_of_an_uneven_schedule(tmp_path):
+    """5 batches an epoch, 2 accumulated per optimizer step (3 steps an epoch), a validation
+    every 3 batches: at steps 1, 4, 7, … (one validation per period was read as "every 1";
+    two periods are listed)."""
+    _, messages = fit([callback(every_n_train_steps=3), EarlyStopping(KEY, mode="max",
+                                                                      patience=100)],
+                      val=True, max_epochs=4, val_check_interval=3, accumulate_grad_batches=2,
+                      loader=train_loader(n=80))
+    stale = _stale(messages)
+    assert len(stale) == 1 and "at optimizer steps 1, 4, …, while" in stale[0], messages
 
 
 class _Stream(IterableDataset):

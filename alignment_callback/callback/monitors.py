@@ -139,8 +139,9 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
     multiple of n (it would read a value up to n − 1 steps old); one that checks at validation
     ends (at epoch ends, or inside epochs by ``val_check_interval``), when a validation it
     sees ends at an optimizer step that is not a multiple of n (the validation ends are listed
-    from Lightning's schedule, over the training's epochs or one period of the schedule).
-    Validation by time, manual optimization and an epoch of unknown length are not judged."""
+    from Lightning's schedule up to ``max_epochs`` and ``max_steps``, over at most two periods
+    of the schedule).  Validation by time, manual optimization, an epoch of unknown length and
+    a schedule too long to list whose listed validations are all fresh are not judged."""
     n, batches = every_n_train_steps, trainer.num_training_batches
     judged = pl_module.automatic_optimization and 0 < batches < math.inf
     per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if judged else 0
@@ -165,70 +166,98 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
             continue
         if not judged:
             continue
+        max_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
         if _checks_at_validation_end(cb, trainer, pl_module) is None:
-            where, steps = "at the training epoch end", [per_epoch * epochs]
+            interval = per_epoch * epochs
+            if interval % n == 0 or interval > max_steps:  # fresh, or never reached
+                continue
+            where, first = "at the training epoch end", interval
+            when = f"every {interval} optimizer step(s)"
         else:
             where = "at the validation end"
-            steps = _validation_steps(trainer, batches, per_epoch, epochs, n)
-            if steps is None:
-                continue  # by time, or too long a schedule to list: not judged
-        stale = [s for s in steps if s % n]
-        if not stale:
-            continue
+            listed = _validation_steps(trainer, batches, per_epoch, epochs, n, max_steps)
+            if listed is None:
+                continue  # by time, or a long schedule fresh as far as listed: not judged
+            steps, extent = listed
+            stale = [s for s in steps if s % n]
+            if not stale:
+                continue
+            when, first = _describe(steps, extent), stale[0]
         fix = (f"Pass ModelCheckpoint(every_n_train_steps={n})" if isinstance(cb, ModelCheckpoint)
                else "Use AlignmentPlateau (which counts alignment steps)")
-        first = stale[0]
         messages.append(
-            f"{type(cb).__name__}(monitor={cb.monitor!r}) checks {where}, {_describe(steps)}, "
-            f"while the alignment step runs every {n}: it would read the last step's value, "
-            f"up to {n - 1} step(s) old (at step {first}, step {first - first % n}'s), measured "
-            f"on earlier weights. {fix}, or choose every_n_train_steps to divide the steps of "
-            "its checks")
+            f"{type(cb).__name__}(monitor={cb.monitor!r}) checks {where}, {when}, while the "
+            f"alignment step runs every {n}: it would read the last step's value, up to "
+            f"{n - 1} step(s) old (at step {first}, step {first - first % n}'s), measured on "
+            f"earlier weights. {fix}, or choose every_n_train_steps to divide the steps of its "
+            "checks")
     return messages
 
 
-#: Validation ends listed to judge a monitor's schedule; a longer schedule is not judged.
+#: Validation ends listed to judge a monitor's schedule: a longer schedule is judged by the
+#: ones listed when one of them is stale, else not judged.
 MAX_LISTED_CHECKS = 100_000
 
 
 def _validation_steps(trainer: Trainer, batches: int, per_epoch: int, every_epochs: int,
-                      n: int) -> list[int] | None:
+                      n: int, max_steps: float) -> tuple[list[int], str] | None:
     """The optimizer steps (``global_step``) at which the validations a monitor checking on
     every ``every_epochs``-th epoch sees end, by Lightning's schedule: after training batch b
     (1-based) of epoch e when ``b`` is a multiple of ``val_check_batch`` and ``e + 1`` one of
     ``check_val_every_n_epoch``, or, with ``check_val_every_n_epoch=None``, when the batches
-    since the start are a multiple of ``val_check_batch``.  Listed over the training's epochs
-    (``max_epochs``) or, when shorter, one period after which the steps repeat modulo n.
-    None: validation by time, or more than :data:`MAX_LISTED_CHECKS` validations to list."""
+    since the start are a multiple of ``val_check_batch``.  Listed in order up to
+    ``max_epochs`` and ``max_steps``, and over at most two periods of the schedule (after one,
+    the steps repeat modulo n, shifted by the period's steps); with how far they reach:
+    ``"all"`` (to the end of training), ``"periods"`` (two whole periods: the rest repeats
+    them) or ``"some"`` (the first :data:`MAX_LISTED_CHECKS`, one of them stale).  None:
+    validation by time, or more validations than that to list, none of the listed stale."""
     if getattr(trainer, "_val_check_time_interval", None) is not None:
         return None
     every_val, v = trainer.check_val_every_n_epoch, int(trainer.val_check_batch)
     accumulate = trainer.accumulate_grad_batches
     period = math.lcm(every_epochs, every_val or 1, n // math.gcd(per_epoch, n),
                       v // math.gcd(batches, v) if every_val is None else 1)
-    max_epochs = trainer.max_epochs
-    epochs = period if max_epochs is None or max_epochs < 0 else min(period, max_epochs)
+    limit = math.inf if trainer.max_epochs is None or trainer.max_epochs < 0 else trainer.max_epochs
+    if max_steps < math.inf:
+        limit = min(limit, math.ceil(max_steps / per_epoch))  # epochs that start
+    epochs = min(limit, 2 * period)
+    extent = "periods" if epochs < limit else "all"
+
+    def ends():  # (epoch, batch of the epoch) of each validation, in order
+        if every_val is None:  # every v batches counted from the start
+            for g in range(v, epochs * batches + 1, v):
+                yield (g - 1) // batches, (g - 1) % batches + 1
+        else:
+            every = math.lcm(every_epochs, every_val)
+            for e in range(every - 1, epochs, every):
+                for b in range(v, batches + 1, v):
+                    yield e, b
+
     steps: list[int] = []
-    for e in range(epochs):
-        if (e + 1) % every_epochs or (every_val is not None and (e + 1) % every_val):
+    for visited, (e, b) in enumerate(ends()):
+        if visited >= MAX_LISTED_CHECKS:
+            return (steps, "some") if any(s % n for s in steps) else None
+        if (e + 1) % every_epochs:
             continue
-        start = e * batches  # batches before this epoch, counted from the start (check_val None)
-        offset = 0 if every_val is not None else start
-        first = (offset // v + 1) * v - offset  # the epoch's first validation batch (1-based)
-        for b in range(first, batches + 1, v):
-            steps.append(e * per_epoch + (per_epoch if b == batches else b // accumulate))
-            if len(steps) > MAX_LISTED_CHECKS:
-                return None
-    return steps
+        step = e * per_epoch + (per_epoch if b == batches else b // accumulate)
+        if step > max_steps:
+            return steps, "all"
+        steps.append(step)
+    return steps, extent
 
 
-def _describe(steps: list[int]) -> str:
-    """``every d optimizer step(s)`` for the steps d, 2d, 3d, …; else the first few."""
+def _describe(steps: list[int], extent: str) -> str:
+    """``every d optimizer step(s)`` for the steps d, 2d, 3d, … (listed to the end of training,
+    or over two whole periods, which the rest repeats); else the first few (``…``: more
+    follow)."""
     d = steps[0]
-    if d > 0 and all(s == d * (i + 1) for i, s in enumerate(steps)):
+    if (extent != "some" and len(steps) > 1
+            and all(s == d * (i + 1) for i, s in enumerate(steps))):
         return f"every {d} optimizer step(s)"
+    if extent == "all" and len(steps) == 1:
+        return f"at optimizer step {d}"
     shown = ", ".join(map(str, steps[:6]))
-    return f"at optimizer steps {shown}{', …' if len(steps) > 6 else ''}"
+    return f"at optimizer steps {shown}{', …' if extent != 'all' or len(steps) > 6 else ''}"
 
 
 def _checkpoint_schedule(cb: ModelCheckpoint) -> tuple[int, int, bool]:

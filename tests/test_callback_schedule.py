@@ -412,3 +412,18 @@ def test_a_monitor_on_a_key_monitors_never_see_fails_at_setup(tmp_path, field, l
                                              "watches an alignment key that monitors never see"):
             fit([callback(log_to_module=log_to_module), watcher], module=module)
         assert module.trainer.global_step == 0
+
+
+def test_step_mode_epoch_end_checks_that_never_come_are_not_judged(tmp_path):
+    """A checkpoint every 2 epochs in a 1-epoch run, or at an epoch end after ``max_steps``,
+    never checks: nothing is read, nothing to warn about (a step every 3, 4 steps an epoch)."""
+    for saver, kw in ((ModelCheckpoint(dirpath=tmp_path / "a", monitor=KEY, mode="max",
+                                       every_n_epochs=2), {"max_epochs": 1}),
+                      (ModelCheckpoint(dirpath=tmp_path / "b", monitor=KEY, mode="max"),
+                       {"max_epochs": None, "max_steps": 3})):
+        _, messages = fit([callback(every_n_train_steps=3), saver], **kw)
+        assert not _stale(messages), messages
+    _, messages = fit([callback(every_n_train_steps=3),
+                       ModelCheckpoint(dirpath=tmp_path / "c", monitor=KEY, mode="max")],
+                      max_epochs=1)
+    assert len(_stale(messages)) == 1, messages  # the epoch end at step 4 reads step 3's value

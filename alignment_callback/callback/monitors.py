@@ -169,7 +169,9 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
         max_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
         if _checks_at_validation_end(cb, trainer, pl_module) is None:
             interval = per_epoch * epochs
-            if interval % n == 0 or interval > max_steps:  # fresh, or never reached
+            max_epochs = trainer.max_epochs
+            if (interval % n == 0 or interval > max_steps  # fresh, or never reached
+                    or max_epochs is not None and 0 <= max_epochs < epochs):
                 continue
             where, first = "at the training epoch end", interval
             when = f"every {interval} optimizer step(s)"

@@ -268,8 +268,8 @@ def bootstrap_interval(
         the whole data (``m >= n``, or with ``groups`` every group kept) or smaller than the
         measure's minimum (``fraction`` is never silently raised to reach it); or if, with
         ``groups``, a replicate keeps no two groups of the same size.  All of these are
-        raised before anything is computed.  Also, when that replicate is computed, if a
-        replicate cannot be calibrated although the full data can: its null threshold τ
+        raised before anything is computed.  Also raised, when it is computed, for a
+        replicate that cannot be calibrated although the full data can: its null threshold τ
         reaches s_max within float error (kNN measures whose k is a large part of the m rows:
         mutual and cycle kNN at m = k + 1, where every row's neighbors are all the others,
         cycle kNN also well above), so its calibrated score would be 0 whatever the data, and

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import numbers
 import shutil
 import tempfile
 import time
@@ -56,6 +55,7 @@ from alignment_callback.engine.engine import MeasuresSpec
 from alignment_callback.functional._validation import (
     ShapeOptionError,
     check_device,
+    is_integer,
     resource_error,
 )
 from alignment_callback.functional.aggregation import Aggregate
@@ -548,8 +548,7 @@ class AlignmentCallback(Callback):
         dispatch.check_key_part(log_prefix, "log_prefix")
         for name, value in (("every_n_epochs", every_n_epochs),
                             ("every_n_train_steps", every_n_train_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(
-                    value, numbers.Integral) or value < 1):
+            if value is not None and (not is_integer(value) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
         if every_n_train_steps is not None and every_n_epochs is not None:
             raise ValueError(f"give every_n_epochs ({every_n_epochs}) or every_n_train_steps "

@@ -127,6 +127,12 @@ class BootstrapInterval(NamedTuple):
     unclipped_replicates: Tensor
 
 
+def _unresolvable(tau: float, top: float | None, dtype: torch.dtype) -> bool:
+    """s_max − τ within float error of 0 (the calibration's rule, :func:`resolution`): the
+    measure cannot tell aligned from independent data there, and the calibrated score is 0."""
+    return top is not None and top - tau <= resolution(dtype)
+
+
 def _unclipped(calibrated: float, raw: float, tau: float, top: float | None,
                dtype: torch.dtype) -> float:
     """The calibrated score before its clipping at 0: the calibrated score where it is above 0,
@@ -138,7 +144,7 @@ def _unclipped(calibrated: float, raw: float, tau: float, top: float | None,
         return calibrated
     if top is None:
         return min(raw - tau, 0.0)
-    if top - tau <= resolution(dtype):
+    if _unresolvable(tau, top, dtype):
         return 0.0
     return min(max((raw - tau) / (top - tau), -1.0), 0.0)
 
@@ -305,14 +311,14 @@ def bootstrap_interval(
     layered = not isinstance(x, Tensor)
     # Resolve the measure now (its keywords are checked) to know its minimum sample count.
     names = _pipeline_names(layered)
-    resolved_measure = get_measure(measure, **{k: v for k, v in kw.items() if k not in names})
-    check_samples(resolved_measure, n)
-    need = max(2, resolved_measure.min_samples)
-    label = resolved_measure.name + "".join(f", {k}={v}" for k, v in resolved_measure.params)
+    resolved = get_measure(measure, **{k: v for k, v in kw.items() if k not in names})
+    check_samples(resolved, n)
+    need = max(2, resolved.min_samples)
+    label = resolved.name + "".join(f", {k}={v}" for k, v in resolved.params)
     minimum = f"{label} needs at least {need} samples"
 
     smax = kw.get("max_score", AUTO)
-    top = resolved_measure.max_score if smax == AUTO else smax  # s_max, None when unbounded
+    top = resolved.max_score if smax == AUTO else smax  # s_max, None when unbounded
 
     def run(xs: Any, ys: Any, s: int, g: Any) -> tuple[float, float, float, float]:
         """calibrated, raw and unclipped score, and τ."""
@@ -321,9 +327,6 @@ def bootstrap_interval(
                  groups=g, **kw)
         cal, raw, tau = float(res.calibrated), float(res.raw), float(res.threshold)
         return cal, raw, _unclipped(cal, raw, tau, top, dtype), tau
-
-    def unresolved(tau: float) -> bool:
-        return top is not None and top - tau <= resolution(dtype)
 
     seed = check_seed(seed)
     if seed + int(num_bootstrap) > MAX_SEED:
@@ -388,7 +391,7 @@ def bootstrap_interval(
     dtype = torch.promote_types(side_features(x, "x")[1][0].dtype,
                                 side_features(y, "y")[1][0].dtype)
     estimate, _, unclipped, tau = run(x, y, seed, groups)
-    resolved = not unresolved(tau)
+    estimate_resolved = not _unresolvable(tau, top, dtype)
 
     cal, raw, below = [], [], []
     for b in range(int(num_bootstrap)):
@@ -400,7 +403,7 @@ def bootstrap_interval(
             idx = torch.sort(torch.randperm(n, generator=gen)[:m]).values
             g = None
         c, r, u, tau_b = run(_take(x, idx), _take(y, idx), seed + 1 + b, g)
-        if resolved and unresolved(tau_b):
+        if estimate_resolved and _unresolvable(tau_b, top, dtype):
             # a replicate the calibration cannot tell from independent data would enter the
             # interval as 0 next to resolved values: refused rather than a biased interval
             raise ValueError(
@@ -410,7 +413,7 @@ def bootstrap_interval(
                 "aligned from independent data on so few rows (kNN measures where k is a large "
                 "part of them: mutual and cycle kNN at k + 1 rows, where every row's neighbors "
                 "are all the others, cycle kNN also well above) and the interval would count "
-                f"it as 0; {_more_rows_advice(resolved_measure)}")
+                f"it as 0; {_more_rows_advice(resolved)}")
         cal.append(c)
         raw.append(r)
         below.append(u)

@@ -53,8 +53,12 @@ def rescale_exactly(x: Tensor, per_row: bool = False) -> Tensor:
     """
     if x.numel() == 0:
         return x
-    maxabs = x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True) if per_row else x.abs().amax()
-    e = _exponent_to_unit(maxabs)
+    if not per_row:  # one magnitude: decided on the host (small inputs are called often)
+        e = math.frexp(float(x.abs().amax()))[1]
+        if -SAFE_EXPONENT <= e <= SAFE_EXPONENT or not x.is_floating_point():
+            return x
+        return times_power_of_two(x, torch.tensor(-e, device=x.device))
+    e = _exponent_to_unit(x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True))
     if not bool((e != 0).any()):
         return x
     return times_power_of_two(x, -e) if x.is_floating_point() else x

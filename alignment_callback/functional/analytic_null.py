@@ -119,10 +119,10 @@ def analytic_fields(score: float, inv_x: mo.GramInvariants, inv_y: mo.GramInvari
         "p_value": torch.tensor(float(p3["p_value"]), dtype=torch.float64, device=device),
         "threshold": as_t(tau), "null_mean": as_t(m.mean), "null_std": as_t(std),
         "effect_size": as_t(effect),
-        # a point mass at the score: every null value ties it, and ties count half (50)
+        # a point mass at the score: every null value ties it, and ties count half (50);
+        # else 100 · P(S < score), from the p-value P(S ≥ score) (continuous: no atom at it)
         "percentile": as_t(50.0 if degenerate else (100.0 if score > m.mean else 0.0)
-                           if std == 0.0 else
-                           100.0 * (1.0 - float(mo.pearson3_sf(score, m.mean, std, m.skewness)))),
+                           if std == 0.0 else 100.0 * (1.0 - float(p3["p_value"]))),
     }
     return fields, valid
 

@@ -157,7 +157,7 @@ def calibrate_tensor(
         raise ValueError("the null needs at least one permutation")
     if null.shape[1:] != score.shape:
         raise ValueError(f"null shape {tuple(null.shape)} does not match score shape {tuple(score.shape)}")
-    if not bool(torch.isfinite(null).all()) or not bool(torch.isfinite(score).all()):
+    if not bool(torch.isfinite(null).all() & torch.isfinite(score).all()):
         raise ValueError("score or null contains NaN/Inf values; cannot calibrate")
     if warn_few:
         warn_if_few(k, alpha)
@@ -166,37 +166,42 @@ def calibrate_tensor(
     if not dtype.is_floating_point:
         dtype = torch.float64
     score, null = score.to(dtype), null.to(dtype)
-    tol = (tie_tolerance(dtype) * score.abs().clamp_min(1.0) if ties
-           else torch.zeros_like(score))
+    # null values in [low, high] tie the score (without ``ties``: only values equal to it)
+    if ties:
+        tol = tie_tolerance(dtype) * score.abs().clamp_min(1.0)
+        low, high = score - tol, score + tol
+    else:
+        tol, low, high = 0.0, score, score
     combined = torch.cat([score.unsqueeze(0), null], 0)
     tau = torch.sort(combined, dim=0).values[threshold_index(k, alpha)]
     # a ratio of counts, in float64 whatever the scores' dtype: (1 + c)/(K + 1) is then the
     # double nearest the exact ratio, as Python's, so ``float(p) <= 0.05`` holds at p = 5/100
     # (in float32 it reads 0.0500000007) and logged p-values print as the ratios they are
-    reach = null >= score - tol
-    p_value = (1.0 + reach.sum(0).to(torch.float64)) / (k + 1)
+    reach = null >= low
+    reached = reach.sum(0)
+    p_value = (1.0 + reached.to(torch.float64)) / (k + 1)
     excess = score - tau
     zero = torch.zeros_like(excess)
     if max_score is None:
         calibrated = torch.where(excess > tol, excess, zero)
+        unresolved = torch.zeros_like(score, dtype=torch.bool)
     else:
         denom = max_score - tau
         unresolved = denom <= resolution(data_dtype or dtype)
-        safe = torch.where(unresolved, torch.ones_like(denom), denom)
+        safe = torch.where(unresolved, 1.0, denom)
         calibrated = torch.where((excess > tol) & ~unresolved, (excess / safe).clamp(0.0, 1.0),
                                  zero)
     mean = null.mean(0)
     std = null.std(0) if k > 1 else torch.zeros_like(mean)
     diff = score - mean
-    effect = torch.where(
-        std > 0, diff / torch.where(std > 0, std, torch.ones_like(std)),
-        torch.where(diff == 0, zero, torch.sign(diff) * torch.inf),
-    )
-    below = (~reach).sum(0).to(dtype) + 0.5 * (reach & (null <= score + tol)).sum(0).to(dtype)
+    spread = std > 0
+    effect = torch.where(spread, diff / torch.where(spread, std, 1.0),
+                         torch.where(diff == 0, zero, torch.sign(diff) * torch.inf))
+    below = (k - reached).to(dtype) + 0.5 * (reach & (null <= high)).sum(0).to(dtype)
     return {
         "raw": score, "calibrated": calibrated, "p_value": p_value, "threshold": tau,
         "null_mean": mean, "null_std": std, "effect_size": effect, "percentile": 100.0 * below / k,
-        "unresolved": torch.zeros_like(score, dtype=torch.bool) if max_score is None else unresolved,
+        "unresolved": unresolved,
     }
 
 

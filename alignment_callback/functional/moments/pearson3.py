@@ -183,13 +183,14 @@ def _solve_gamma(shape: Tensor, target: Tensor, upper: bool, iters: int = 200) -
     start = shape * (1 - 1 / (9 * shape) + zn / (3 * torch.sqrt(shape))).clamp_min(1e-3) ** 3
     u = torch.log(start).clamp(lo, hi)
     frozen = torch.zeros_like(u, dtype=torch.bool)
+    shape_1, log_gamma = shape - 1, torch.lgamma(shape)
     for _ in range(iters):
         x = torch.exp(u)
         resid = f(shape, x) - target
         below = (resid < 0) if not upper else (resid > 0)  # root lies above u
         lo = torch.where(below, u, lo)
         hi = torch.where(below, hi, u)
-        logpdf = (shape - 1) * torch.log(x) - x - torch.lgamma(shape)
+        logpdf = shape_1 * torch.log(x) - x - log_gamma
         deriv = sign * torch.exp(logpdf + u)  # d f / d log x
         step = torch.where(deriv != 0, resid / torch.where(deriv != 0, deriv, 1.0),
                            torch.full_like(u, math.inf))

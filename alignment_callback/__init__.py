@@ -5,7 +5,7 @@
 ``alignment_callback.functional``.
 """
 
-from typing import Any
+from alignment_callback._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -21,11 +21,4 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    """Import the heavy parts (Lightning, torchmetrics) only when used."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'alignment_callback' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -50,3 +50,22 @@ def test_every_module_compiles_with_warnings_as_errors():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             compile(path.read_text(encoding="utf-8"), str(path), "exec")
+
+
+def test_light_modules_do_not_import_lightning_or_torchmetrics():
+    """The packages export their heavy classes lazily: the functional API, the engine, the
+    hooks, the CLI, the plots and the null sharing of ``callback.distributed`` (the processes of
+    a distributed null) start without Lightning and torchmetrics (several seconds each)."""
+    import subprocess
+    import sys
+
+    light = ["alignment_callback", "alignment_callback.functional", "alignment_callback.engine",
+             "alignment_callback.hooks", "alignment_callback.reporting.cli",
+             "alignment_callback.metrics.plotting", "alignment_callback.callback.distributed"]
+    code = (f"import importlib, sys\nfor m in {light!r}: importlib.import_module(m)\n"
+            "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'torchmetrics') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

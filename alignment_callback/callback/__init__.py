@@ -5,7 +5,7 @@ Imported lazily, so the Lightning-free parts (``alignment_callback.callback.dist
 by processes that only share a permutation null) do not pay for importing Lightning.
 """
 
-from typing import Any
+from alignment_callback._lazy import lazy_getattr
 
 _LAZY = {
     "AlignmentCallback": "alignment_callback.callback.alignment_callback",
@@ -18,10 +18,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'alignment_callback.callback' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -3,7 +3,7 @@
 Imported lazily, so ``alignment_callback.metrics.plotting`` does not pay for torchmetrics.
 """
 
-from typing import Any
+from alignment_callback._lazy import lazy_getattr
 
 _LAZY = {
     "CalibratedAlignment": "alignment_callback.metrics.calibrated_alignment",
@@ -14,10 +14,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'alignment_callback.metrics' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

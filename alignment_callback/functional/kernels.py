@@ -55,8 +55,8 @@ def median(values: Tensor) -> Tensor:
         lo = torch.kthvalue(flat, rank).values
     if m % 2 or int((flat <= lo).sum()) > rank:
         hi = lo
-    else:
-        hi = flat[flat > lo].min()
+    else:  # the smallest entry above lo (a pass, no copy of the entries above it)
+        hi = torch.where(flat > lo, flat, math.inf).amin()
     return (lo + hi) / 2
 
 
@@ -84,7 +84,8 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
                 f"{measure}: sigma='median' is 0: at least half of the squared distances between "
                 "rows are 0 (mostly identical rows; all of them: a zero-variance representation);"
                 " give sigma a number")
-        return kernel(-d2 / (2.0 * s2))
+        # in place (d2 is this function's own): -d2 / (2σ²) is d2 / (-2σ²), bit for bit
+        return kernel(d2.div_(-2.0 * s2), out=d2)
     sigma = float(sigma)  # also a 0-dim tensor (a learned or computed bandwidth)
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error

@@ -24,29 +24,27 @@ def pair(n: int, d: int, aligned: bool, seed: int = 0):
     return F.prepare_features(x), F.prepare_features(y)
 
 
-def _null(name: str, x: torch.Tensor, y: torch.Tensor, perms: Permutations, **kw):
-    m = F.get_measure(name, **kw)
-    xs = prepare_side(*side_features([x], "x"), [m], "x")
-    ys = prepare_side(*side_features([y], "y"), [m], "y")
-    return layer_nulls([m], xs, ys, perms)[m][:, 0, 0]
-
-
 @pytest.mark.parametrize("n,perms", [(1024, 64), (4096, 8)])
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "independent"])
 @pytest.mark.parametrize("name,kw", [("linear_cka", {}), ("rbf_cka", {"sigma": "median"}),
                                      ("unbiased_cka", {})], ids=["linear", "rbf", "unbiased"])
+@pytest.mark.filterwarnings("ignore:num_permutations=8 is too few")  # τ is not checked here
 def test_float32_equals_float64_within_1e6(name, kw, n, perms, aligned):
+    """The score and its permutation null, from one ``calibrated_alignment`` call per dtype;
+    at n = 1024 also the functional measure, which returns that score bit for bit."""
     x64, y64 = pair(n, 64, aligned)
-    x32, y32 = x64.float(), y64.float()
-    value64 = float(getattr(F, name)(x64, y64, **kw))
-    value32 = float(getattr(F, name)(x32, y32, **kw))
+    res64 = F.calibrated_alignment(x64, y64, name, num_permutations=perms, seed=1, **kw)
+    res32 = F.calibrated_alignment(x64.float(), y64.float(), name, num_permutations=perms,
+                                   seed=1, **kw)
+    value64, value32 = float(res64.raw), float(res32.raw)
+    if n == 1024:
+        assert float(getattr(F, name)(x64.float(), y64.float(), **kw)) == value32
+        assert float(getattr(F, name)(x64, y64, **kw)) == value64
     assert abs(value32 - value64) <= 1e-6, (value32, value64)
     if aligned and name == "linear_cka":
         assert value64 > 0.95  # strongly aligned indeed
-    p = Permutations(n, perms, seed=1)
-    null64 = _null(name, x64, y64, p, **kw)
-    null32 = _null(name, x32, y32, p, **kw)
-    assert float((null32.double() - null64).abs().max()) <= 1e-6
+    assert res32.null.dtype == torch.float32 and res64.null.dtype == torch.float64
+    assert float((res32.null.double() - res64.null).abs().max()) <= 1e-6
 
 
 class _Count(TorchFunctionMode):

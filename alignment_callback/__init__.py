@@ -5,7 +5,7 @@
 ``alignment_callback.functional``.
 """
 
-from alignment_callback._lazy import lazy_getattr
+from alignment_callback._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -21,4 +21,4 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)

@@ -8,13 +8,20 @@ import importlib
 from typing import Any, Callable
 
 
-def lazy_getattr(package: str, table: dict[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package`` that imports ``table[name]`` and returns its
-    ``name``; other names raise ``AttributeError`` as for any module."""
+def lazy_exports(namespace: dict[str, Any], table: dict[str, str]
+                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's module ``__getattr__`` and ``__dir__``: ``__getattr__`` imports
+    ``table[name]`` and returns its ``name`` (other names raise ``AttributeError`` as for any
+    module); ``__dir__`` lists the package's own names and the exports.  ``namespace`` is the
+    package's ``globals()``."""
+    package = namespace["__name__"]
 
     def __getattr__(name: str) -> Any:
         if name in table:
             return getattr(importlib.import_module(table[name]), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
-    return __getattr__
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(table))
+
+    return __getattr__, __dir__

@@ -106,6 +106,24 @@ def test_inputs_requiring_grad(name):
     assert torch.isfinite(res.raw)
 
 
+@pytest.mark.parametrize("sigma", ["median", 1.5])
+@pytest.mark.parametrize("minus_one", [False, True])
+def test_rbf_gram_of_an_input_requiring_grad(sigma, minus_one):
+    """The kernel itself (as a measure's prepare calls it) on an input that requires grad: the
+    same matrix as on the detached input (its in-place steps take no ``out=``, which autograd
+    refuses)."""
+    from alignment_callback.functional.kernels import rbf_gram
+
+    x, _ = pair()
+    expected = rbf_gram(x, sigma, minus_one=minus_one)
+    k = rbf_gram(x.clone().requires_grad_(True), sigma, minus_one=minus_one)
+    assert torch.equal(k.detach(), expected)
+    if sigma == "median" and minus_one:  # as the measures call it
+        for name, kw_ in (("rbf_cka", {"sigma": "median"}),
+                          ("bures_similarity", {"kernel": "rbf", "sigma": "median"})):
+            F.get_measure(name, **kw_).prepare(x.clone().requires_grad_(True))
+
+
 @pytest.mark.parametrize("name", ("linear_cka", "mutual_knn", "cknna"))
 def test_mixed_float32_float64_layers(name):
     x, y = pair(dtype=torch.float64)

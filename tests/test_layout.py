@@ -69,3 +69,19 @@ def test_light_modules_do_not_import_lightning_or_torchmetrics():
                          timeout=300, cwd=PACKAGE.parent)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_lazy_exports_are_listed_and_resolved():
+    """``dir()`` of a lazily exporting package lists its exports; each resolves to the object
+    its module defines; an unknown name is an ``AttributeError`` naming the package."""
+    import importlib
+
+    for package in ("alignment_callback", "alignment_callback.metrics",
+                    "alignment_callback.callback"):
+        module = importlib.import_module(package)
+        for name in module._LAZY:
+            assert name in dir(module), (package, name)
+            source = importlib.import_module(module._LAZY[name])
+            assert getattr(module, name) is getattr(source, name)
+        with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nope'"):
+            module.nope  # noqa: B018

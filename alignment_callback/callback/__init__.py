@@ -5,7 +5,7 @@ Imported lazily, so the Lightning-free parts (``alignment_callback.callback.dist
 by processes that only share a permutation null) do not pay for importing Lightning.
 """
 
-from alignment_callback._lazy import lazy_getattr
+from alignment_callback._lazy import lazy_exports
 
 _LAZY = {
     "AlignmentCallback": "alignment_callback.callback.alignment_callback",
@@ -18,4 +18,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)

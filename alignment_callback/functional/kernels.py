@@ -85,7 +85,8 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
                 "rows are 0 (mostly identical rows; all of them: a zero-variance representation);"
                 " give sigma a number")
         # in place (d2 is this function's own): -d2 / (2σ²) is d2 / (-2σ²), bit for bit
-        return kernel(d2.div_(-2.0 * s2), out=d2)
+        d2.div_(-2.0 * s2)
+        return d2.expm1_() if minus_one else d2.exp_()
     sigma = float(sigma)  # also a 0-dim tensor (a learned or computed bandwidth)
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error

@@ -3,7 +3,7 @@
 Imported lazily, so ``alignment_callback.metrics.plotting`` does not pay for torchmetrics.
 """
 
-from alignment_callback._lazy import lazy_getattr
+from alignment_callback._lazy import lazy_exports
 
 _LAZY = {
     "CalibratedAlignment": "alignment_callback.metrics.calibrated_alignment",
@@ -14,4 +14,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-__getattr__ = lazy_getattr(__name__, _LAZY)
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)

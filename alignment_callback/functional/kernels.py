@@ -60,6 +60,12 @@ def median(values: Tensor) -> Tensor:
     return (lo + hi) / 2
 
 
+def _kernel_(exponent: Tensor, minus_one: bool) -> Tensor:
+    """``exp`` (or ``expm1``) of ``exponent`` in its own memory (the n×n copies are what
+    limits n; in-place methods, as autograd allows, not ``out=``)."""
+    return exponent.expm1_() if minus_one else exponent.exp_()
+
+
 def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
              measure: str = "rbf_cka") -> Tensor:
     """RBF kernel ``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``, or with ``minus_one`` ``K − 1`` as
@@ -75,7 +81,6 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
     2σ² so the kernel is constant), and ``measure`` (the one the gram is for).
     """
     check_bandwidth(sigma)
-    kernel = torch.expm1 if minus_one else torch.exp
     if isinstance(sigma, str):  # "median"
         d2 = squared_distances(rescale_exactly(x))
         s2 = median(d2)
@@ -84,9 +89,8 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
                 f"{measure}: sigma='median' is 0: at least half of the squared distances between "
                 "rows are 0 (mostly identical rows; all of them: a zero-variance representation);"
                 " give sigma a number")
-        # in place (d2 is this function's own): -d2 / (2σ²) is d2 / (-2σ²), bit for bit
-        d2.div_(-2.0 * s2)
-        return d2.expm1_() if minus_one else d2.exp_()
+        # -d2 / (2σ²) is d2 / (-2σ²), bit for bit; d2 is this function's own
+        return _kernel_(d2.div_(-2.0 * s2), minus_one)
     sigma = float(sigma)  # also a 0-dim tensor (a learned or computed bandwidth)
     d2 = squared_distances(x)
     scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error
@@ -115,7 +119,7 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
             f"distance² = {largest:.3g}); the RBF kernel is constant at sigma={sigma}. "
             "Rescale the features or use sigma='median'"
         )
-    return kernel(ratio.neg_())
+    return _kernel_(ratio.neg_(), minus_one)
 
 
 def center_gram(k: Tensor) -> Tensor:

@@ -2,11 +2,12 @@
 reference name, and a feature file given with it read as features; a model's ``state_dict``
 file refused as features; a failed step's warning names the reference (and its measure); a
 per-name setting with a key that is no reference name refused; a name left out of a per-name
-``reference_pool`` falls back to ``pool``; feature layers chosen by exact name, said so; a
+``reference_pool`` falls back to ``pool``; feature layers chosen by name, glob or regex; a
 Lightning checkpoint without ``reference_class`` and a ``Dataset`` probe get a hint."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -202,12 +203,29 @@ def test_a_name_left_out_of_a_per_name_reference_pool_falls_back_to_pool():
 
 
 # ------------------------------------------------------------------ 6. feature layers by name
-def test_a_glob_for_feature_layers_says_they_are_chosen_by_exact_name():
-    with pytest.raises(ValueError, match=r"\['blocks\.\*'\] are not in the reference's features "
-                                         r".*chosen by exact name"):
-        _cb(_features(), reference_layers="blocks.*")
-    with pytest.raises(ValueError, match=r"reference\['dino'\]'s features .*exact name"):
-        _cb({"dino": _features(), "self": "initial"}, reference_layers={"dino": "blocks.*"})
+@pytest.mark.parametrize("spec", ["blocks.*", "re:blocks\\.[01]", re.compile(r"blocks\.\d"),
+                                  ["blocks.1", "blocks.0"], ["blocks.?", "blocks.0"]])
+def test_feature_layers_are_chosen_by_name_glob_or_regex_in_the_features_order(spec):
+    """As a model reference's modules are: each spec matches the feature layer names, and the
+    chosen layers keep the features' order (as modules keep the model's)."""
+    features = {"head": torch.randn(N, 3), **_features()}
+    (ref,) = _cb(features, reference_layers=spec).references
+    assert list(ref.features) == ref.layers == ["blocks.0", "blocks.1"]
+    for name in ref.features:
+        assert ref.features[name] is features[name]
+
+
+def test_a_feature_layer_spec_that_matches_nothing_names_the_argument_and_the_closest():
+    with pytest.raises(ValueError, match=r"^reference_layers: layer 'block\.\*' matched none of "
+                                         r"the 2 layers of the reference's features; closest "
+                                         r"names: \['blocks\.1', 'blocks\.0'\]"):
+        _cb(_features(), reference_layers="block.*")
+    with pytest.raises(ValueError, match=r"'re:blocks' matched none of the 2 layers of "
+                                         r"reference\['dino'\]'s features \(a 're:' regex must "
+                                         r"match the whole name\)"):
+        _cb({"dino": _features(), "self": "initial"}, reference_layers={"dino": "re:blocks"})
+    with pytest.raises(ValueError, match=r"layer 'nope' matched none"):
+        _cb(_features(), reference_layers=["blocks.0", "nope"])
 
 
 # ------------------------------------------------------------------ 7. hints

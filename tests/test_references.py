@@ -83,7 +83,8 @@ def test_features_with_another_number_of_rows_are_refused_before_training(tmp_pa
 def test_reference_layers_select_features_and_unknown_ones_are_an_error():
     cb = _cb(_reference_features(), reference_layers=["fc2", "head"])
     assert list(cb.reference) == ["fc2", "head"]
-    with pytest.raises(ValueError, match=r"reference layers \['fc9'\] are not in"):
+    with pytest.raises(ValueError, match=r"^reference_layers: layer .fc9. matched none of the "
+                                         r"\d layers of the reference's features"):
         _cb(_reference_features(), reference_layers=["fc9"])
 
 

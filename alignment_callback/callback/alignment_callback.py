@@ -207,9 +207,10 @@ class AlignmentCallback(Callback):
         mapping ``{student layer: reference layer}`` to aggregate over those pairs only
         (then without ``reference_layers``).
     reference_layers : str, sequence of str or mapping, default=None
-        Reference layers: of a model reference, names, globs or ``"re:"`` regexes as for
-        ``layers``; of features, exact feature layer names (patterns are not matched against
-        them).  None: a model reference's are ``layers``; features use all their layers.
+        Reference layers: names, globs or ``"re:"`` regexes as for ``layers``, matched
+        against a model reference's modules (chosen in model order) or the layer names of
+        features (in the features' order; ``resolve_names``).  None: a model reference's are
+        ``layers``; features use all their layers.
         With several references, ``{name: layers}`` per reference (a name left out: None;
         ``"initial"`` / ``"previous"`` take none).
     measures : sequence of str or mapping of str to dict, default=None

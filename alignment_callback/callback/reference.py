@@ -35,6 +35,7 @@ from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
 from alignment_callback.hooks.collect import BATCH_ROWS, is_column
 from alignment_callback.hooks.extract import PROBE_KEY
+from alignment_callback.hooks.selection import resolve_names
 
 DRIFT = ("initial", "previous")
 FEATURE_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
@@ -338,15 +339,12 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
                                  "reference_inputs")
             features = {str(k): v for k, v in loaded.items()}
             if ref_layers is not None:
-                wanted = [ref_layers] if isinstance(ref_layers, str) else list(ref_layers)
-                missing = [w for w in wanted if w not in features]
-                if missing:
-                    whose = "the reference's" if name is None else f"{where}'s"
-                    raise ValueError(f"reference layers {missing} are not in {whose} features "
-                                     f"{sorted(features)}: feature layers are chosen by exact "
-                                     "name (globs and 're:' patterns choose a model "
-                                     "reference's modules only)")
-                features = {w: features[w] for w in wanted}
+                whose = "the reference's" if name is None else f"{where}'s"
+                try:
+                    chosen = resolve_names(list(features), ref_layers, f"{whose} features")
+                except ValueError as err:
+                    raise ValueError(f"reference_layers: {err}") from err
+                features = {w: features[w] for w in chosen}
             options["layers"] = list(features)
             _check_feature_tensors(features, options["pool"], name)
             shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in features.items())

@@ -4,7 +4,7 @@ from alignment_callback.hooks.collect import collect_activations
 from alignment_callback.hooks.layer_listing import list_layers
 from alignment_callback.hooks.outputs import LayerOutputError, LayerShapeError, select_output
 from alignment_callback.hooks.recorder import ActivationRecorder
-from alignment_callback.hooks.selection import resolve_layers
+from alignment_callback.hooks.selection import resolve_layers, resolve_names
 
 __all__ = [
     "ActivationRecorder",
@@ -13,5 +13,6 @@ __all__ = [
     "collect_activations",
     "list_layers",
     "resolve_layers",
+    "resolve_names",
     "select_output",
 ]

@@ -1,4 +1,4 @@
-"""Choose which submodules to hook: exact names, globs or regexes.
+"""Choose layers by exact name, glob or regex: the submodules to hook, or saved features' layers.
 
 Names are *normalized*: the prefixes that wrappers add are removed, so the same layer name works
 on a plain model, a ``torch.compile``-d one (``_orig_mod.``) and a DDP / DataParallel one
@@ -173,20 +173,70 @@ def resolve_modules(model: nn.Module, layers: Layers, model_name: str = "model"
             hits = [name for name, real, _ in table if _matcher(spec, legacy=True)[1](name, real)]
         if not hits:
             names = [name for name, _, _ in table]
-            close = difflib.get_close_matches(normalize_pattern(label), names, n=5, cutoff=0.5)
-            # a "re:" string or a compiled pattern: shown as given, with the fullmatch rule
-            pattern = isinstance(spec, re.Pattern)
-            regex = pattern or (isinstance(spec, str) and spec.startswith("re:"))
-            kind = "a regex" if pattern else "a 're:' regex"
-            rule = f" ({kind} must match the whole name)" if regex else ""
-            raise ValueError(
-                f"layer {spec if regex else label!r} matched none of the {model_name}'s "
-                f"{len(names)} layers" + rule + _alias(model, spec, table)
-                + f"; closest names: {close or names[:5]}. "
-                "Use list_layers(model, batch) to see every name and its output shape."
-            )
+            raise ValueError(_no_match(spec, label, names, f"the {model_name}'s {len(names)} "
+                                       "layers", _alias(model, spec, table))
+                             + " Use list_layers(model, batch) to see every name and its "
+                             "output shape.")
         chosen.update(hits)
     return [(name, module) for name, _, module in table if name in chosen]
+
+
+def _no_match(spec: LayerSpec, label: str, names: list[str], among: str, note: str = "") -> str:
+    """The message for a spec that matched none of the layer ``names`` (``among`` says whose)."""
+    close = difflib.get_close_matches(normalize_pattern(label), names, n=5, cutoff=0.5)
+    # a "re:" string or a compiled pattern: shown as given, with the fullmatch rule
+    pattern = isinstance(spec, re.Pattern)
+    regex = pattern or (isinstance(spec, str) and spec.startswith("re:"))
+    kind = "a regex" if pattern else "a 're:' regex"
+    rule = f" ({kind} must match the whole name)" if regex else ""
+    return (f"layer {spec if regex else label!r} matched none of {among}" + rule + note
+            + f"; closest names: {close or names[:5]}.")
+
+
+def resolve_names(names: Sequence[str], layers: Layers, owner: str = "the features"
+                  ) -> list[str]:
+    """Resolve layer specs against a list of layer names, such as saved features' layers.
+
+    The same specs as :func:`resolve_layers` (exact names, globs, ``"re:"`` regexes,
+    ``re.Pattern``), matched against ``names`` as they are (no wrapper prefix to remove).
+
+    Parameters
+    ----------
+    names : sequence of str
+        The layer names to choose from.
+    layers : str, re.Pattern or sequence of them
+        One spec or a sequence of specs (see :func:`resolve_layers`).
+    owner : str, default="the features"
+        Whose names they are, for error messages ("matched none of the 3 layers of <owner>").
+
+    Returns
+    -------
+    list of str
+        The matched names, without duplicates, in the order of ``names``.
+
+    Raises
+    ------
+    ValueError
+        A spec matches no name (the message lists the closest ones), or is an invalid regex /
+        glob.
+    TypeError
+        ``layers`` is not a spec or a sequence of specs.
+
+    Examples
+    --------
+    >>> from alignment_callback.hooks.selection import resolve_names
+    >>> resolve_names(["blocks.0", "blocks.1", "head"], ["head", "blocks.*"])
+    ['blocks.0', 'blocks.1', 'head']
+    """
+    names = [str(name) for name in names]
+    chosen: set[str] = set()
+    for spec in _as_list(layers):
+        label, match = _matcher(spec)
+        hits = [name for name in names if match(name, name)]
+        if not hits:
+            raise ValueError(_no_match(spec, label, names, f"the {len(names)} layers of {owner}"))
+        chosen.update(hits)
+    return [name for name in names if name in chosen]
 
 
 def _alias(model: nn.Module, spec: Any, table: list) -> str:

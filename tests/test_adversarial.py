@@ -244,15 +244,20 @@ def test_a_bound_measure_takes_the_bandwidths_its_function_takes(name, options):
         F.get_measure(name, sigma=torch.tensor(-2.0), **options)
 
 
-@pytest.mark.parametrize("ridge", [np.float32(0.5), np.array(0.5), torch.tensor(0.5)],
-                         ids=["numpy", "0-d array", "tensor"])
+@pytest.mark.parametrize("ridge", [np.float32(0.5), np.array(0.5), torch.tensor(0.5), [0.5],
+                                   (0.5,), np.array([0.5]), torch.tensor([0.5])],
+                         ids=["numpy", "0-d array", "tensor", "list", "tuple", "1-d array",
+                              "1-d tensor"])
 def test_a_bound_predictivity_takes_a_numpy_or_tensor_ridge(ridge):
     """``get_measure`` called ``tuple(ridge)`` on anything but a Python number (a TypeError for
-    a NumPy float32, "iteration over a 0-d tensor" for a tensor, in the function too)."""
+    a NumPy float32, "iteration over a 0-d tensor" for a tensor, in the function too).  A grid
+    of one penalty is that fixed penalty (no inner CV), and binds as it: the same measure,
+    recorded with the same settings."""
     x, y = pair(n=40)
     want = F.linear_predictivity(x, y, ridge=0.5)
     bound = F.get_measure("linear_predictivity", ridge=ridge)
-    assert bound.kwargs["ridge"] == 0.5
+    assert bound.kwargs["ridge"] == 0.5 and type(bound.kwargs["ridge"]) is float
+    assert bound == F.get_measure("linear_predictivity", ridge=0.5)
     assert torch.equal(bound(x, y), want)
     assert torch.equal(F.linear_predictivity(x, y, ridge=ridge), want)
 

@@ -204,7 +204,8 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
     ridge : float, sequence of float or None, default=None
         Relative penalty ``λ / (‖X_Tᶜ‖²_F / min(m − 1, p))`` (0 = least squares) for a
         training set of m rows and p features; ``None`` chooses it per outer fold by inner
-        CV over :data:`RIDGE_GRID` ``(1e-3, …, 1e3)``; a sequence is used as the grid.
+        CV over :data:`RIDGE_GRID` ``(1e-3, …, 1e3)``; a sequence is used as the grid (one
+        of a single penalty is that fixed penalty).
     folds : int, default=5
         Outer (and inner) folds, contiguous by row position, as
         ``KFold(folds, shuffle=False)``; an integer >= 2.

@@ -456,7 +456,7 @@ def _check_ridge(value: Any, name: str) -> Any:
     grid, fixed = pr._check_params(value, 2)
     if value is None or isinstance(value, (int, float)):
         return value
-    return grid[0] if fixed and not isinstance(value, (list, tuple)) else grid  # NumPy, tensors
+    return grid[0] if fixed else grid  # one penalty, however given, is that fixed penalty
 
 
 def _check_folds(value: Any, name: str) -> int:

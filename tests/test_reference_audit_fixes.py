@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ def test_a_load_error_of_one_of_several_references_names_it(tmp_path):
 
 
 # ------------------------------------------------------------------ 2. a state_dict file
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".npz"])
 def test_a_state_dict_file_is_refused_as_features(tmp_path, suffix):
     # first dims all 24 (the old reader took it for 4 layers of 24 rows): refused by the
     # keys (parameter names) and a weight next to its bias (2-D and 1-D)
@@ -84,6 +85,8 @@ def test_a_state_dict_file_is_refused_as_features(tmp_path, suffix):
     path = tmp_path / f"ref{suffix}"
     if suffix == ".pth":
         torch.save(model.state_dict(), path)
+    elif suffix == ".npz":
+        np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})
     else:
         from safetensors.torch import save_file
 

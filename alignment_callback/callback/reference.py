@@ -142,11 +142,34 @@ def _check_per_name(settings: Mapping[str, Any], names: list[str]) -> None:
 PARAMETER_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+def _npz_shapes(path: Path) -> dict[str, Tensor] | None:
+    """``{name: meta tensor of its shape}`` of a ``.npz`` file's arrays, read from their
+    headers (no array is loaded); None as soon as a name is no parameter's (features)."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    out = {}
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.namelist():
+            name = member.removesuffix(".npy")
+            if name.rsplit(".", 1)[-1] not in PARAMETER_NAMES:
+                return None
+            with archive.open(member) as f:
+                header = (npy.read_array_header_1_0 if npy.read_magic(f) == (1, 0)
+                          else npy.read_array_header_2_0)
+                out[name] = torch.empty(header(f)[0], device="meta")
+    return out
+
+
 def _peek(path: Path) -> Any:
     """The content of a ``.pt`` / ``.pth`` file (``weights_only``, memory-mapped where it can
     be), or ``{name: meta tensor of its shape}`` of a ``.safetensors`` file without a probe
-    fingerprint; None for other files and for what cannot be read so (pickled objects)."""
+    fingerprint or of a ``.npz`` file whose names could all be parameters'; None for other
+    files and for what cannot be read so (pickled objects)."""
     try:
+        if path.suffix.lower() == ".npz":
+            return _npz_shapes(path)
         if path.suffix.lower() in (".pt", ".pth"):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -215,7 +238,7 @@ def _load_file(path: str | os.PathLike, reference_class: Any) -> tuple[str, Any]
             f"{path}: looks like a model's state_dict (its keys {keys[:3]}"
             f"{' ...' if len(keys) > 3 else ''} name parameters and buffers, and their shapes "
             "are not one probe's features): pass the model itself with these weights "
-            "(model.load_state_dict(torch.load(path)); reference=model), or a Lightning "
+            "(model.load_state_dict(<them>); reference=model), or a Lightning "
             "checkpoint with reference_class=")
     try:
         return "features", load_features(path)

@@ -372,6 +372,30 @@ def prepare_batch(batch: Any, device: torch.device,
     return to_device(batch, device, fresh=True)
 
 
+def _model_inputs(batch: Any, input_key: str | None, transformed: bool) -> tuple[Any, bool]:
+    """What :func:`feed_batch` calls the model with, and whether a mapping or tuple of it is
+    spread (``model(**inputs)`` / ``model(*inputs)``) rather than passed as one argument."""
+    if transformed:
+        return batch, True
+    if isinstance(batch, Tensor) or is_column(batch):  # a column of texts: the rows themselves
+        return batch, False
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("dataloader_or_batches: an empty tuple / list batch has no inputs "
+                             "(a tuple / list batch is (inputs, labels, ...))")
+        return batch[0], False
+    if isinstance(batch, Mapping):
+        if input_key is not None and input_key not in batch:
+            raise ValueError(f"input_key={input_key!r} is not a key of the probe's batches "
+                             f"(they have {sorted(map(str, batch))})")
+        return (batch if input_key is None else batch[input_key]), True
+    raise TypeError(
+        f"cannot feed a {type(batch).__name__} batch to the model; "
+        "pass batch_transform=... (a function making it the model's input; "
+        "collect_activations also takes forward=...)"
+    )
+
+
 def feed_batch(
     model: nn.Module,
     batch: Any,
@@ -383,29 +407,10 @@ def feed_batch(
     :func:`collect_activations` (``transformed``: it is a ``batch_transform``'s result)."""
     if forward is not None:
         return forward(model, batch)
-    if transformed:
-        inputs = batch
-    elif isinstance(batch, Tensor) or is_column(batch):  # a column of texts: the rows themselves
-        return model(batch)
-    elif isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("dataloader_or_batches: an empty tuple / list batch has no inputs "
-                             "(a tuple / list batch is (inputs, labels, ...))")
-        return model(batch[0])
-    elif isinstance(batch, Mapping):
-        if input_key is not None and input_key not in batch:
-            raise ValueError(f"input_key={input_key!r} is not a key of the probe's batches "
-                             f"(they have {sorted(map(str, batch))})")
-        inputs = batch if input_key is None else batch[input_key]
-    else:
-        raise TypeError(
-            f"cannot feed a {type(batch).__name__} batch to the model; "
-            "pass batch_transform=... (a function making it the model's input; "
-            "collect_activations also takes forward=...)"
-        )
-    if isinstance(inputs, Mapping):
+    inputs, spread = _model_inputs(batch, input_key, transformed)
+    if spread and isinstance(inputs, Mapping):
         return model(**inputs)
-    if isinstance(inputs, tuple):
+    if spread and isinstance(inputs, tuple):
         return model(*inputs)
     return model(inputs)
 
@@ -542,16 +547,9 @@ def _text_hint(fed: Any) -> str:
 
 
 def _single_input(fed: Any, input_key: str | None, transformed: bool) -> Tensor | None:
-    """The one tensor :func:`feed_batch` calls the model with (without ``forward``), else
+    """The one tensor :func:`feed_batch` called the model with (without ``forward``), else
     None."""
-    if transformed or isinstance(fed, Tensor):
-        inputs = fed
-    elif isinstance(fed, (tuple, list)) and fed and not is_column(fed):
-        inputs = fed[0]
-    elif isinstance(fed, Mapping) and input_key is not None:
-        inputs = fed.get(input_key)
-    else:
-        return None
+    inputs, _ = _model_inputs(fed, input_key, transformed)
     return inputs if isinstance(inputs, Tensor) else None
 
 

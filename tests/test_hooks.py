@@ -436,3 +436,13 @@ def test_list_layers(net):
     assert dict(layers)["blocks.2.fc"] == (3, 8) and dict(layers)["head"] == (3, 2)
     assert names == [n for n, _ in list_layers(Wrap(net), torch.randn(3, 4))]
     assert no_hooks(net)
+
+
+def test_a_module_name_that_reads_as_a_glob_chooses_itself():
+    """A ModuleDict key such as ``"h[0]"`` is a name: as a glob it would choose ``h0``."""
+    model = nn.Sequential()
+    model.add_module("h", nn.ModuleDict({"h[0]": nn.Linear(2, 2), "h0": nn.Linear(2, 2),
+                                         "x?": nn.Linear(2, 2), "xy": nn.Linear(2, 2)}))
+    assert resolve_layers(model, "h.h[0]") == ["h.h[0]"]
+    assert resolve_layers(model, "h.x?") == ["h.x?"]
+    assert resolve_layers(model, "h.h[01]") == ["h.h0"]  # not a name: a glob

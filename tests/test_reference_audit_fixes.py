@@ -218,6 +218,34 @@ def test_feature_layers_are_chosen_by_name_glob_or_regex_in_the_features_order(s
         assert ref.features[name] is features[name]
 
 
+def test_a_feature_name_that_reads_as_a_glob_chooses_itself():
+    g = torch.Generator().manual_seed(4)
+    features = {name: torch.randn(N, 3, generator=g) for name in ("h[0]", "h[1]", "h0", "out?",
+                                                                  "outx")}
+    for spec, want in [("h[0]", ["h[0]"]), (["h[1]"], ["h[1]"]), ("out?", ["out?"]),
+                       ("h[01]", ["h0"]), ("out[x]", ["outx"])]:
+        (ref,) = _cb(features, reference_layers=spec).references
+        assert ref.layers == want, spec
+
+
+@pytest.mark.parametrize("spec, error, message", [
+    ("re:(", ValueError, r"^reference_layers: 're:\(' is not a valid regular expression"),
+    ([0], TypeError, r"^reference_layers: each layer must be a str"),
+    (0, TypeError, r"^reference_layers must be a name, a glob"),
+    ([], ValueError, r"^reference_layers: no layers given"),
+])
+def test_a_bad_feature_layer_spec_is_an_error_of_reference_layers(spec, error, message):
+    with pytest.raises(error, match=message):
+        _cb(_features(), reference_layers=spec)
+
+
+def test_the_closest_feature_names_are_not_normalized_as_module_names():
+    """``normalize_pattern`` strips a wrapper's ``module.``, which feature names keep."""
+    features = {f"module.{name}": torch.randn(N, 2) for name in ("block0", "block1", "head")}
+    with pytest.raises(ValueError, match=r"closest names: \['module\.head', "):
+        _cb(features, reference_layers="module.haed")
+
+
 def test_a_feature_layer_spec_that_matches_nothing_names_the_argument_and_the_closest():
     with pytest.raises(ValueError, match=r"^reference_layers: layer 'block\.\*' matched none of "
                                          r"the 2 layers of the reference's features; closest "

@@ -72,6 +72,7 @@ from alignment_callback.hooks.collect import (
 )
 from alignment_callback.hooks.collect import model_device as model_device_of
 from alignment_callback.hooks.outputs import LayerOutputError, LayerShapeError
+from alignment_callback.hooks.selection import about_argument
 
 
 class FrozenReferenceError(ValueError):
@@ -819,9 +820,9 @@ class AlignmentCallback(Callback):
                 what = "reference model" if ref.name is None else f"reference model {ref.name!r}"
                 try:
                     chosen = resolve_layers(ref.module, ref.layers, what)
-                except ValueError as err:
+                except (TypeError, ValueError) as err:
                     why = "" if ref.layers_given else " (not given, so it is layers)"
-                    raise ValueError(f"reference_layers{why}: {err}") from err
+                    raise about_argument(err, f"reference_layers{why}") from err
             wanted = set(self.pair_map.values()) if self.pair_map is not None else set()
             if chosen is not None and wanted and not wanted <= {str(c) for c in chosen}:
                 raise ValueError(

@@ -35,7 +35,7 @@ from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
 from alignment_callback.hooks.collect import BATCH_ROWS, is_column
 from alignment_callback.hooks.extract import PROBE_KEY
-from alignment_callback.hooks.selection import resolve_names
+from alignment_callback.hooks.selection import about_argument, resolve_names
 
 DRIFT = ("initial", "previous")
 FEATURE_SUFFIXES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
@@ -365,8 +365,8 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
                 whose = "the reference's" if name is None else f"{where}'s"
                 try:
                     chosen = resolve_names(list(features), ref_layers, f"{whose} features")
-                except ValueError as err:
-                    raise ValueError(f"reference_layers: {err}") from err
+                except (TypeError, ValueError) as err:
+                    raise about_argument(err, "reference_layers") from err
                 features = {w: features[w] for w in chosen}
             options["layers"] = list(features)
             _check_feature_tensors(features, options["pool"], name)

@@ -168,22 +168,27 @@ def resolve_modules(model: nn.Module, layers: Layers, model_name: str = "model"
     chosen: set[str] = set()
     for spec in _as_list(layers):
         label, match = _matcher(spec, prefix)
-        hits = [name for name, real, _ in table if match(name, real)]
+        # a name that reads as a glob ("h[0]", a ModuleDict key) chooses itself
+        exact = [name for name, real, _ in table if isinstance(spec, str) and spec in (name, real)]
+        hits = exact or [name for name, real, _ in table if match(name, real)]
         if not hits:  # a name written for a wrapped model (``module.``), used on another
             hits = [name for name, real, _ in table if _matcher(spec, legacy=True)[1](name, real)]
         if not hits:
             names = [name for name, _, _ in table]
             raise ValueError(_no_match(spec, label, names, f"the {model_name}'s {len(names)} "
-                                       "layers", _alias(model, spec, table))
+                                       "layers", normalize_pattern(label),
+                                       _alias(model, spec, table))
                              + " Use list_layers(model, batch) to see every name and its "
                              "output shape.")
         chosen.update(hits)
     return [(name, module) for name, _, module in table if name in chosen]
 
 
-def _no_match(spec: LayerSpec, label: str, names: list[str], among: str, note: str = "") -> str:
-    """The message for a spec that matched none of the layer ``names`` (``among`` says whose)."""
-    close = difflib.get_close_matches(normalize_pattern(label), names, n=5, cutoff=0.5)
+def _no_match(spec: LayerSpec, label: str, names: list[str], among: str, like: str,
+              note: str = "") -> str:
+    """The message for a spec that matched none of the layer ``names`` (``among`` says whose;
+    the closest names are those most ``like`` it)."""
+    close = difflib.get_close_matches(like, names, n=5, cutoff=0.5)
     # a "re:" string or a compiled pattern: shown as given, with the fullmatch rule
     pattern = isinstance(spec, re.Pattern)
     regex = pattern or (isinstance(spec, str) and spec.startswith("re:"))
@@ -198,7 +203,8 @@ def resolve_names(names: Sequence[str], layers: Layers, owner: str = "the featur
     """Resolve layer specs against a list of layer names, such as saved features' layers.
 
     The same specs as :func:`resolve_layers` (exact names, globs, ``"re:"`` regexes,
-    ``re.Pattern``), matched against ``names`` as they are (no wrapper prefix to remove).
+    ``re.Pattern``), matched against ``names`` as they are (no wrapper prefix to remove); a
+    spec equal to a name chooses that name, even one that reads as a glob (``"h[0]"``).
 
     Parameters
     ----------
@@ -228,15 +234,25 @@ def resolve_names(names: Sequence[str], layers: Layers, owner: str = "the featur
     >>> resolve_names(["blocks.0", "blocks.1", "head"], ["head", "blocks.*"])
     ['blocks.0', 'blocks.1', 'head']
     """
-    names = [str(name) for name in names]
+    names = list(dict.fromkeys(str(name) for name in names))
     chosen: set[str] = set()
     for spec in _as_list(layers):
         label, match = _matcher(spec)
-        hits = [name for name in names if match(name, name)]
+        hits = [spec] if spec in names else [name for name in names if match(name, name)]
         if not hits:
-            raise ValueError(_no_match(spec, label, names, f"the {len(names)} layers of {owner}"))
+            raise ValueError(_no_match(spec, label, names, f"the {len(names)} layers of {owner}",
+                                       label))
         chosen.update(hits)
     return [name for name in names if name in chosen]
+
+
+def about_argument(error: ValueError | TypeError, argument: str) -> ValueError | TypeError:
+    """``error`` (same type) with its message about ``argument``: the messages above speak of
+    ``layers``, the argument of :func:`resolve_layers`."""
+    message = str(error)
+    message = (argument + message[len("layers"):] if message.startswith("layers")
+               else f"{argument}: {message}")
+    return type(error)(message)
 
 
 def _alias(model: nn.Module, spec: Any, table: list) -> str:
@@ -265,7 +281,8 @@ def resolve_layers(model: nn.Module, layers: Layers, model_name: str = "model") 
         One spec or a sequence of specs; each is
 
         * an exact module name (``"encoder.layer.3"``; ``"module.encoder.layer.3"`` also
-          works on a wrapped model),
+          works on a wrapped model; a name that reads as a glob, such as the ``ModuleDict``
+          key ``"h[0]"``, chooses that module),
         * a glob (``"encoder.layer.*.output"``): ``*`` and ``?`` stay within one dotted
           component, ``**`` spans several (a ``**.`` component none too: ``"**.fc"``
           matches ``fc`` and ``head.fc``), ``[...]`` is a character class,

@@ -564,3 +564,26 @@ def test_a_pattern_and_the_names_it_matches_are_one_setting(tmp_path):
     cb, said = resume(ckpt, layers=["fc1"])
     assert not said and [h["step"] for h in cb.history] == [0, 4, 8, 12]
     assert [h[RAW] for h in cb.history[:3]] == [h[RAW] for h in old.history]
+
+
+def test_settings_given_as_numpy_scalars_are_saved_as_python_numbers(tmp_path):
+    """A NumPy float in ``preprocess`` was saved as it is: the checkpoint no longer loaded with
+    ``weights_only=True`` (so a resume failed), and a NumPy integer was saved as its ``str``,
+    another setting than the same Python number."""
+    numpy = quiet_callback(make_probe(16), ["linear_cka"], 9, preprocess={
+        "clamp_quantile": np.float64(0.95), "normalize": np.bool_(True)},
+        measures={"mutual_knn": {"k": np.int64(5)}})
+    plain = quiet_callback(make_probe(16), ["linear_cka"], 9, preprocess={
+        "clamp_quantile": 0.95, "normalize": True}, measures={"mutual_knn": {"k": 5}})
+    torch.save({"settings": numpy._settings()}, tmp_path / "settings.pt")
+    loaded = torch.load(tmp_path / "settings.pt", weights_only=True)["settings"]
+    assert loaded == plain._settings()
+
+    def leaves(value):
+        if isinstance(value, dict):
+            return [leaf for v in value.values() for leaf in leaves(v)]
+        if isinstance(value, list):
+            return [leaf for v in value for leaf in leaves(v)]
+        return [value]
+
+    assert {type(v) for v in leaves(loaded)} <= {bool, int, float, str, type(None)}

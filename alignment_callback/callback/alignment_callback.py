@@ -716,10 +716,11 @@ class AlignmentCallback(Callback):
             "measures": {label: {"name": m.name, "options": settings.describe(m.kwargs)}
                          for label, m in self.measures.items()},
             # how the batches become inputs (a checkpoint without them is taken as unchanged)
-            "input_key": self.input_key, "batch_transform": settings.describe(self.batch_transform),
-            "mask_key": self.mask_key,  # which tokens the mean / last pools read
+            "input_key": settings.describe(self.input_key),
+            "batch_transform": settings.describe(self.batch_transform),
+            "mask_key": settings.describe(self.mask_key),  # which tokens the mean / last pools read
             "reference input rules": {
-                ref.name or "": {"input_key": ref.input_key,
+                ref.name or "": {"input_key": settings.describe(ref.input_key),
                                  "batch_transform": settings.describe(ref.batch_transform)}
                 for ref in self.references if ref.kind == "model"},
         }

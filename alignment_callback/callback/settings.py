@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import numbers
 from collections.abc import Iterator
 from typing import Any, Mapping
 
@@ -20,10 +21,22 @@ def as_list(layers: Any) -> Any:
 
 
 def describe(value: Any) -> Any:
-    """``value`` as primitives for a checkpoint's settings: a callable by its qualified name,
-    an object by its ``str`` (its type's name when that would hold a memory address)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    """``value`` as primitives for a checkpoint's settings (which load with
+    ``weights_only=True``): a number as a Python ``bool`` / ``int`` / ``float`` (NumPy scalars
+    and 0-dim tensors too), a callable by its qualified name, an object by its ``str`` (its
+    type's name when that would hold a memory address)."""
+    if value is None or type(value) in (bool, int, float, str):
         return value
+    if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
     if isinstance(value, Mapping):
         return {str(k): describe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

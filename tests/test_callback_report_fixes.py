@@ -5,9 +5,12 @@ a callable aggregate by its name)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
@@ -145,3 +148,72 @@ def test_a_failed_step_is_not_retried_at_each_micro_batch(tmp_path):
         warnings.simplefilter("ignore")
         trainer.fit(MLP(), train_loader(n=128))
     assert [s["step"] for s in cb.skipped] == [1, 2] and len(calls) == 2
+
+
+def test_a_missing_matplotlib_is_said_for_the_report_too(tmp_path, monkeypatch):
+    """Without matplotlib the heatmaps were said to be skipped, the report (default on) was
+    not written without a word."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None
+                        if name.split(".")[0] == "matplotlib" else real(name, *a, **k))
+    cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc1", "fc2"], measures=["linear_cka"],
+                           num_permutations=19, verbose=False)
+    trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp_path, name="csv"), callbacks=[cb],
+                         enable_checkpointing=False, **FAST_TRAINER)
+    with pytest.warns(RuntimeWarning, match="report needs matplotlib .* no end-of-fit report"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            trainer.fit(MLP(), train_loader())
+    assert cb.report_paths is None
+
+
+class _Boom(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("boom")
+
+
+def test_the_heatmap_folder_is_removed_when_the_fit_fails(tmp_path, monkeypatch):
+    """Lightning calls no teardown after an exception: the temporary folder of the heatmap
+    PNGs was left behind."""
+    import alignment_callback.callback.alignment_callback as module
+
+    made, mkdtemp = [], module.tempfile.mkdtemp
+    monkeypatch.setattr(module.tempfile, "mkdtemp",
+                        lambda *a, **k: made.append(mkdtemp(*a, dir=tmp_path, **k)) or made[-1])
+    cb = AlignmentCallback(RefMLP(seed=1), make_probe(), ["fc1", "fc2"], measures=["linear_cka"],
+                           num_permutations=19, verbose=False, report=False)
+    trainer = pl.Trainer(max_epochs=3, logger=CSVLogger(tmp_path, name="csv"),
+                         callbacks=[cb, _Boom()], enable_checkpointing=False, **FAST_TRAINER)
+    with pytest.raises(RuntimeError, match="boom"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(MLP(), train_loader())
+    assert len(made) == 1 and not os.path.exists(made[0]) and cb._scratch is None
+
+
+def test_a_disabled_wandb_run_does_not_hold_the_report(tmp_path, monkeypatch):
+    """A disabled W&B run's folder is a temporary one outside save_dir: the report goes to the
+    next logger's folder."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for var, value in {"WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
+                       "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+                       "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+                       "WANDB_DATA_DIR": str(tmp_path / "data")}.items():
+        monkeypatch.setenv(var, value)
+    cb = _cb()
+    csv = CSVLogger(tmp_path, name="csv")
+    trainer = pl.Trainer(max_epochs=1, logger=[WandbLogger(mode="disabled", save_dir=tmp_path),
+                                               csv],
+                         callbacks=[cb], enable_checkpointing=False, **FAST_TRAINER)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(MLP(), train_loader())
+    finally:  # a run left open is taken up by the next WandbLogger of this process
+        import wandb
+
+        wandb.finish()
+    assert cb.report_paths is not None
+    for path in cb.report_paths:
+        assert os.path.dirname(os.path.abspath(path)) == os.path.abspath(csv.log_dir), path

@@ -302,7 +302,8 @@ class AlignmentCallback(Callback):
     report : bool, default=True
         Write ``alignment_report.md`` / ``.html`` next to the logs at the end of fit
         (curves, last heatmaps, final values with Benjamini–Hochberg p, settings, one
-        sentence per curve; W&B also keeps it as a file; none with ``fast_dev_run``).
+        sentence per curve; W&B also keeps it as a file; none with ``fast_dev_run``).  Needs
+        matplotlib (without it, a warning at the start of fit says no report will be written).
     mask_key : str or None, default="attention_mask"
         The dict-batch key of an attention mask for pooling; None: no mask.  Another key that
         the batches do not hold is refused at the start of fit.
@@ -969,9 +970,14 @@ class AlignmentCallback(Callback):
                 rank_zero_warn(message, category=UserWarning)
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
         dispatch.define_summaries(trainer.loggers, self._summary_keys())
-        if self.log_heatmaps and importlib.util.find_spec("matplotlib") is None:
-            rank_zero_warn("log_heatmaps needs matplotlib; skipping heatmaps", category=RuntimeWarning)
-            self.log_heatmaps = False
+        if importlib.util.find_spec("matplotlib") is None:
+            if self.log_heatmaps:
+                rank_zero_warn("log_heatmaps needs matplotlib; skipping heatmaps",
+                               category=RuntimeWarning)
+                self.log_heatmaps = False
+            if self.report and not trainer.fast_dev_run:
+                rank_zero_warn("report needs matplotlib (pip install matplotlib): no end-of-fit "
+                               "report will be written", category=RuntimeWarning)
         self._threaded = self.background and trainer.world_size == 1
         if self.background and not self._threaded:
             rank_zero_warn("AlignmentCallback(background=True) runs in the foreground under "
@@ -1135,13 +1141,18 @@ class AlignmentCallback(Callback):
             self._publish(trainer, finished)
         finally:
             self._release()  # Lightning calls no teardown after an exception
+            self._remove_scratch()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Drop what the fit built (cached reference state, the model copy, the probe's
         batches) and remove the temporary heatmap folder."""
         self._stage = None
         self._release()
-        if self._scratch is not None:  # W&B copied the files into its run directory
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        """Remove the temporary heatmap folder (W&B copied the files into its run folder)."""
+        if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
 

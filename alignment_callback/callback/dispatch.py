@@ -314,7 +314,10 @@ def log_table(loggers: Sequence[Any], key: str, columns: list[str], rows: list[l
 
 
 def _wandb_files(logger: Any) -> str | None:
-    """The folder of a W&B run's own files (``<save_dir>/wandb/<run>/files``), or None."""
+    """The folder of a W&B run's own files (``<save_dir>/wandb/<run>/files``), or None (also
+    for a disabled run, whose folder is a temporary one outside ``save_dir``)."""
+    if getattr(logger.experiment, "disabled", False):
+        return None
     folder = getattr(logger.experiment, "dir", None)
     return folder if isinstance(folder, str) and folder else None
 
@@ -339,10 +342,11 @@ def save_files(loggers: Sequence[Any], paths: Sequence[str]) -> None:
 
 def log_dir(loggers: Sequence[Any]) -> str | None:
     """Where files written next to the logs go: the first logger's directory (a W&B run's own
-    folder: its ``save_dir`` is shared by every run; None when no logger has one)."""
+    folder: its ``save_dir`` is shared by every run, and a disabled run has none; None when no
+    logger has one)."""
     for logger in loggers:
-        folder = (_wandb_files(logger) if _kind(logger) == "wandb" else None) or \
-            getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        folder = _wandb_files(logger) if _kind(logger) == "wandb" else (
+            getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None))
         if folder:
             return str(folder)
     return None

@@ -217,3 +217,16 @@ def test_a_disabled_wandb_run_does_not_hold_the_report(tmp_path, monkeypatch):
     assert cb.report_paths is not None
     for path in cb.report_paths:
         assert os.path.dirname(os.path.abspath(path)) == os.path.abspath(csv.log_dir), path
+
+
+def test_the_report_settings_name_the_preset_preprocessing_and_pools(tmp_path):
+    """Two runs whose values differ by their preprocessing (a preset's clamp) had the same
+    Settings section."""
+    FAILING["epochs"] = set()
+    cb = _cb(preset="prh", reference_pool="flatten")
+    _fit(tmp_path, cb, max_epochs=1)
+    report = open(cb.report_paths[0], encoding="utf-8").read()
+    settings = report[report.index("Settings"):]
+    for line in ("preset: prh", "preprocess: clamp_quantile: 0.95; normalize: yes",
+                 "pool: mean", "reference pool: reference: flatten"):
+        assert f"- {line}\n" in settings, (line, settings[:800])

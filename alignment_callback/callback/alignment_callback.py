@@ -1781,7 +1781,15 @@ class AlignmentCallback(Callback):
                  "aggregate": str(settings.describe(self.engine.aggregate)),
                  "null": self.engine.null, "model layers": ", ".join(map(str, layers)),
                  "references": "; ".join(f"{ref.label} ({ref.kind}: {ref.path or ref.layers})"
-                                         for ref in self.references)}
+                                         for ref in self.references),
+                 "preprocess": settings.describe(self._preprocess),
+                 "pool": settings.describe(self.pool)}
+        pools = {ref.label: settings.describe(ref.pool) for ref in self.references
+                 if not ref.drift and ref.pool != self.pool}
+        if pools:  # a reference's own pool
+            shown["reference pool"] = "; ".join(f"{k}: {v}" for k, v in pools.items())
+        if self.preset is not None:
+            shown["preset"] = self.preset
         methods = {label: self.history[-1].get(f"{self.log_prefix}/{label}/null_method")
                    for label in labels}
         if self.engine.null == "auto" and any(methods.values()):  # which null each curve got

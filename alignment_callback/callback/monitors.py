@@ -75,11 +75,12 @@ def refuse_unlogged(monitors: list[Callback], logged: list[str]) -> None:
     (``ModelCheckpoint``)."""
     for cb in monitors:
         if cb.monitor not in logged:
-            kept = (f"only the calibrated scores ({', '.join(logged)}) are" if logged else
-                    "nothing is, with log_to_module=False,")
+            kept = (f"only the calibrated scores ({', '.join(logged)}) are logged to the "
+                    "module, where monitors read them" if logged else "with log_to_module=False "
+                    "nothing is logged to the module, where monitors read values")
             raise ValueError(
                 f"{type(cb).__name__}(monitor={cb.monitor!r}) watches an alignment key that "
-                f"monitors never see: {kept} logged to the module, where monitors read them; "
+                f"monitors never see: {kept}; "
                 "the other fields go to the loggers only. "
                 + (_plateau_advice(cb) or "Monitor a calibrated score (with "
                    "log_to_module=True), or use AlignmentPlateau, which reads any field from "

@@ -80,3 +80,70 @@ def test_mlflow_names_stay_distinct_whatever_the_keys_and_their_order():
                 clean = key.replace("@", "").replace("(", "").replace(")", "")
                 assert name == clean or (name.startswith(clean + "_")
                                          and name[len(clean) + 1:].isdigit()), (key, name)
+
+
+class _Recorder:
+    """A logger's experiment that records every call: ``(method, args, kwargs)``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.summary: dict = {}
+
+    def __getattr__(self, method):
+        return lambda *args, **kwargs: self.calls.append((method, args, kwargs))
+
+
+class _PrefixedStandIn:
+    LOGGER_JOIN_CHAR = "-"
+    run_id = "run"
+
+    def __init__(self) -> None:
+        self._prefix = "exp"
+        self.experiment = _Recorder()
+        self.metrics: list[dict] = []
+
+    def log_metrics(self, metrics, step=None) -> None:  # Lightning prefixes these itself
+        self.metrics.append({f"exp-{k}": v for k, v in metrics.items()})
+
+
+class WandbLoggerPrefixed(_PrefixedStandIn):
+    pass
+
+
+class TensorBoardLoggerPrefixed(_PrefixedStandIn):
+    pass
+
+
+class MLFlowLoggerPrefixed(_PrefixedStandIn):
+    pass
+
+
+def test_a_loggers_own_prefix_names_what_goes_to_its_experiment_too(tmp_path):
+    """Lightning's ``prefix=`` is added by ``log_metrics`` only: axes, summaries, texts and
+    images sent to the experiment directly went out unprefixed, so W&B plotted the series
+    against no axis and kept a summary of no series, and TensorBoard / MLflow kept the images
+    and texts apart from the scalars (two fits sharing a run overwrote each other's)."""
+    wandb, tb, mlflow = WandbLoggerPrefixed(), TensorBoardLoggerPrefixed(), MLFlowLoggerPrefixed()
+    loggers = [wandb, tb, mlflow]
+    dispatch.define_axes(loggers, "alignment", "alignment/epoch")
+    dispatch.define_summaries(loggers, ["alignment/linear_cka/calibrated"])
+    dispatch.log_scalars(loggers, {"alignment/linear_cka/raw": 0.5}, 4)
+    dispatch.log_text(loggers, {"alignment/linear_cka/best_pair": "fc1|fc2"}, 4)
+    image = np.zeros((4, 4, 3), np.uint8)
+    wandb.log_image = lambda **kw: None
+    dispatch.log_image(loggers, "alignment/linear_cka/heatmap", image,
+                       dispatch.encode_png(image), 4, "epoch0001", str(tmp_path))
+    dispatch.write_summaries(loggers, {"alignment/linear_cka/calibrated": 0.7})
+    for logger in loggers:
+        where = {"define_metric": 0, "add_image": 0, "add_text": 0, "set_tag": 1, "log_image": 2}
+        names = [args[where[method]] for method, args, _ in logger.experiment.calls
+                 if method in where]
+        names += [k for method, args, _ in logger.experiment.calls if method == "log"
+                  for k in args[0]]
+        assert names and all(n.startswith("exp-alignment/") for n in names), (logger, names)
+    axes = {args[0]: kwargs.get("step_metric") for method, args, kwargs
+            in wandb.experiment.calls if method == "define_metric"}
+    assert axes["exp-alignment/*"] == axes["exp-alignment/linear_cka/raw"] == \
+        axes["exp-alignment/linear_cka/calibrated"] == "exp-alignment/epoch"
+    assert wandb.experiment.summary == {"exp-alignment/linear_cka/calibrated": {"max": 0.7}}
+    assert {k for m in wandb.metrics for k in m} == {"exp-alignment/linear_cka/raw"}

@@ -8,7 +8,8 @@ Best layer pairs are logged by name where a logger takes text (W&B, TensorBoard,
 a layer index → name map goes to every logger's hyperparameters once.  At the end of fit W&B
 gets, per measure, a summary (best calibrated and raw, smallest p), one chart of raw, τ and
 calibrated, and one table of every pair at every step; the end-of-fit report goes to W&B as a
-file.
+file.  A logger's own ``prefix=`` names every key sent to it, the direct calls to its
+experiment as its ``log_metrics`` does.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ def _kind(logger: Any) -> str:
             if cls.__name__.startswith(kind):
                 return kind.lower()
     return "other"
+
+
+def _named(logger: Any, key: str) -> str:
+    """``key`` as ``logger`` writes it: after the ``prefix=`` of a Lightning logger
+    (``<prefix><LOGGER_JOIN_CHAR><key>``, what its ``log_metrics`` does), for the calls that go
+    to the logger's experiment directly (axes, texts, images, summaries, charts)."""
+    prefix = getattr(logger, "_prefix", "")
+    if not prefix or not isinstance(prefix, str):
+        return key
+    return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}{key}"
 
 
 def _wandb_state(logger: Any) -> dict[str, Any]:
@@ -60,8 +71,9 @@ def define_axes(loggers: Sequence[Any], prefix: str, step_metric: str) -> None:
             continue
         try:
             exp = logger.experiment
-            exp.define_metric(step_metric)
-            exp.define_metric(f"{prefix}/*", step_metric=step_metric)
+            exp.define_metric(_named(logger, step_metric))
+            exp.define_metric(_named(logger, f"{prefix}/*"),
+                              step_metric=_named(logger, step_metric))
             state["axes"][prefix] = step_metric
         except Exception:  # a disabled run has no define_metric: nothing to configure
             pass
@@ -85,7 +97,8 @@ def _define_keys(logger: Any, keys: Sequence[str]) -> None:
         if key in state["keys"] or axis is None:
             continue
         try:
-            logger.experiment.define_metric(key, step_metric=axis)
+            logger.experiment.define_metric(_named(logger, key),
+                                            step_metric=_named(logger, axis))
         except Exception:  # noqa: BLE001 - a disabled run: nothing to configure
             return
         state["keys"].add(key)
@@ -194,10 +207,11 @@ def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: in
             _define_keys(logger, [key])
             logger.log_image(key=key, images=[path], step=step)
         elif kind == "tensorboard":
-            logger.experiment.add_image(key, image, global_step=step, dataformats="HWC")
+            logger.experiment.add_image(_named(logger, key), image, global_step=step,
+                                        dataformats="HWC")
         elif kind == "mlflow":
             artifact = mlflow_keys(logger, [f"{key}/{label}"])[f"{key}/{label}"]
-            logger.experiment.log_image(logger.run_id, image, f"{artifact}.png")
+            logger.experiment.log_image(logger.run_id, image, f"{_named(logger, artifact)}.png")
     return written
 
 
@@ -207,14 +221,14 @@ def log_text(loggers: Sequence[Any], texts: Mapping[str, str], step: int) -> Non
         kind = _kind(logger)
         if kind == "wandb":
             _define_keys(logger, list(texts))
-            logger.experiment.log(dict(texts), commit=False)
+            logger.experiment.log({_named(logger, k): v for k, v in texts.items()}, commit=False)
         elif kind == "tensorboard":
             for key, text in texts.items():
-                logger.experiment.add_text(key, text, global_step=step)
+                logger.experiment.add_text(_named(logger, key), text, global_step=step)
         elif kind == "mlflow":
             names = mlflow_keys(logger, list(texts))
             for key, text in texts.items():
-                logger.experiment.set_tag(logger.run_id, names[key], text)
+                logger.experiment.set_tag(logger.run_id, _named(logger, names[key]), text)
 
 
 def log_layer_names(loggers: Sequence[Any], prefix: str, names: Mapping[str, Sequence[str]]) -> None:
@@ -270,7 +284,9 @@ def define_summaries(loggers: Sequence[Any], keys: Sequence[str]) -> None:
         try:
             exp = logger.experiment
             for key in keys:  # a key's own definition: its axis too, or it would have none
-                exp.define_metric(key, step_metric=_axis(state, key), summary=summary_of(key))
+                axis = _axis(state, key)
+                exp.define_metric(_named(logger, key), summary=summary_of(key),
+                                  step_metric=None if axis is None else _named(logger, axis))
                 state["keys"].add(key)
         except Exception:  # noqa: BLE001 - a disabled run: nothing to configure
             pass
@@ -287,7 +303,7 @@ def write_summaries(loggers: Sequence[Any], best: Mapping[str, float]) -> None:
         try:
             summary = logger.experiment.summary
             for key, value in best.items():
-                summary[key] = {summary_of(key): value}
+                summary[_named(logger, key)] = {summary_of(key): value}
         except Exception:  # noqa: BLE001 - a disabled run: no summary
             pass
 
@@ -302,7 +318,7 @@ def log_curves(loggers: Sequence[Any], key: str, xs: Sequence[float],
 
         chart = wandb.plot.line_series(xs=list(xs), ys=[list(v) for v in series.values()],
                                        keys=list(series), title=title, xname=xname)
-        logger.experiment.log({key: chart}, commit=False)
+        logger.experiment.log({_named(logger, key): chart}, commit=False)
 
 
 def log_table(loggers: Sequence[Any], key: str, columns: list[str], rows: list[list[Any]],

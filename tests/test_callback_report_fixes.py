@@ -230,3 +230,25 @@ def test_the_report_settings_name_the_preset_preprocessing_and_pools(tmp_path):
     for line in ("preset: prh", "preprocess: clamp_quantile: 0.95; normalize: yes",
                  "pool: mean", "reference pool: reference: flatten"):
         assert f"- {line}\n" in settings, (line, settings[:800])
+
+
+def test_monitors_are_told_when_a_failed_step_leaves_them_an_earlier_value(tmp_path):
+    """A failed step logs nothing: a checkpoint at its epoch end was scored, silently, with the
+    alignment of the last step that succeeded (other weights)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    FAILING["epochs"] = {2}
+    cb = _cb()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="alignment/linear_cka/calibrated",
+                                 mode="max", save_top_k=-1)
+    trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=[_Toggle(), cb, checkpoint],
+                         default_root_dir=tmp_path, **FAST_TRAINER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_nan_model(), train_loader())
+    said = [str(w.message) for w in caught if "failed, so until" in str(w.message)]
+    assert said == ["ModelCheckpoint(monitor='alignment/linear_cka/calibrated'): the alignment "
+                    "step at epoch 2 (step 8) failed, so until the next alignment step it reads "
+                    "the value of the last step that succeeded (epoch 1, step 4), measured on "
+                    "earlier weights"]
+    assert [(s["epoch"], s["step"]) for s in cb.skipped] == [(2, 8)]

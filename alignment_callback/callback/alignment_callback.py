@@ -1193,6 +1193,11 @@ class AlignmentCallback(Callback):
             outcome = self._guarded(epoch, step, self._capture_and_compute, pl_module, epoch, step,
                                     bool(trainer.loggers))
             entry = None if outcome is None else self._log_outcome(trainer, outcome)
+        if entry is None and monitor and not baseline and self.history:  # a failed step
+            watching = monitors.alignment_monitors(trainer, self)
+            if watching:
+                rank_zero_warn(monitors.failed_step_warning(watching, self.history[-1], epoch,
+                                                            step), category=RuntimeWarning)
         if entry is None or not monitor:
             return
         if baseline:

@@ -18,7 +18,7 @@ every validation it sees ends at a multiple of n optimizer steps.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -66,6 +66,16 @@ def refuse_in_background(monitors: list[Callback]) -> None:
             "would see them late or never. "
             + (_plateau_advice(cb) or "Use background=False for monitored keys.")
         )
+
+
+def failed_step_warning(watching: list[Callback], last: Mapping[str, Any], epoch: int,
+                        step: int) -> str:
+    """What the monitors read after the alignment step at ``epoch`` / ``step`` failed: the
+    value of ``last``, the history's last step, measured on earlier weights."""
+    names = ", ".join(f"{type(cb).__name__}(monitor={cb.monitor!r})" for cb in watching)
+    return (f"{names}: the alignment step at epoch {epoch} (step {step}) failed, so until the "
+            f"next alignment step it reads the value of the last step that succeeded (epoch "
+            f"{int(last['epoch'])}, step {int(last['step'])}), measured on earlier weights")
 
 
 def refuse_unlogged(monitors: list[Callback], logged: list[str]) -> None:

@@ -427,3 +427,38 @@ def test_step_mode_epoch_end_checks_that_never_come_are_not_judged(tmp_path):
                        ModelCheckpoint(dirpath=tmp_path / "c", monitor=KEY, mode="max")],
                       max_epochs=1)
     assert len(_stale(messages)) == 1, messages  # the epoch end at step 4 reads step 3's value
+
+
+@pytest.mark.parametrize("every", [None, 4, 3])
+def test_a_monitor_at_the_end_of_an_epoch_cut_by_max_steps_is_warned_about(tmp_path, every):
+    """max_steps = 6 ends training two steps into the second epoch (4 steps each), whose end
+    the checkpoint and early stopping still check: in epoch mode the cut epoch has no step, in
+    step mode every 4 the value is step 4's; every 3 is fresh at step 6."""
+    watchers = [ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max", save_top_k=-1),
+                EarlyStopping(KEY, mode="max", patience=5)]
+    kw = {} if every is None else {"every_n_train_steps": every}
+    _, messages = fit([callback(**kw), *watchers], max_steps=6, max_epochs=3)
+    cut = [m for m in messages if "max_steps=6" in m]
+    if every == 3:
+        assert cut == [], messages
+        return
+    assert len(cut) == 2, messages
+    for watcher, message in zip(("EarlyStopping", "ModelCheckpoint"), sorted(cut)):
+        assert message.startswith(f"{watcher}(monitor='{KEY}') checks at the training epoch "
+                                  "end, and Trainer(max_steps=6) ends training 2 optimizer "
+                                  "step(s) into epoch 1 (of 4)"), message
+        assert ("step 4's value" if every else "an earlier epoch's alignment step") in message
+        assert message.endswith(f"Choose max_steps a multiple of {every or 4}")
+
+
+def test_a_validation_step_without_validation_data_checks_at_the_training_epoch_end(tmp_path):
+    """No val dataloader: Lightning runs no validation, and the monitors check at the training
+    epoch end, fresh; they were warned about as checking at a validation end."""
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max", save_top_k=-1)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(callbacks=[callback(), saver], logger=False, max_epochs=2,
+                         val_check_interval=0.5, **FAST_TRAINER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ValMLP(), train_loader())
+    assert not [str(w.message) for w in caught if "validation end" in str(w.message)]

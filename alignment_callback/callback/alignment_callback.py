@@ -963,10 +963,16 @@ class AlignmentCallback(Callback):
     def _start_of_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """What :meth:`on_train_start` does, but for the check of lazy modules."""
         axis = "step" if self.every_n_train_steps is not None else "epoch"
-        if axis == "step" and not self.background:  # the epoch's length is known now
-            for message in monitors.stale_step_monitor_warnings(
-                    trainer, pl_module, monitors.alignment_monitors(trainer, self),
-                    self.every_n_train_steps):
+        if not self.background:  # the epoch's length is known now
+            watching = monitors.alignment_monitors(trainer, self)
+            messages = [] if axis == "epoch" else monitors.stale_step_monitor_warnings(
+                trainer, pl_module, watching, self.every_n_train_steps)
+            said = [cb for cb in watching if any(f"(monitor={cb.monitor!r})" in m and
+                                                 type(cb).__name__ in m for m in messages)]
+            messages += monitors.cut_epoch_warnings(
+                trainer, pl_module, [cb for cb in watching if cb not in said],
+                self.every_n_train_steps)
+            for message in messages:
                 rank_zero_warn(message, category=UserWarning)
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")
         dispatch.define_summaries(trainer.loggers, self._summary_keys())

@@ -273,6 +273,53 @@ def _describe(steps: list[int], extent: str) -> str:
     return f"at optimizer steps {shown}{', …' if extent != 'all' or len(steps) > 6 else ''}"
 
 
+def _validates(trainer: Trainer) -> bool:
+    """Lightning's ``Trainer.enable_validation`` (validation data, a ``validation_step`` and
+    ``limit_val_batches > 0``); True where it cannot say."""
+    try:
+        return bool(trainer.enable_validation)
+    except Exception:  # noqa: BLE001 - no module attached yet, another Lightning: assume so
+        return True
+
+
+def cut_epoch_warnings(trainer: Trainer, pl_module: LightningModule, monitors: list[Callback],
+                       every_n_train_steps: int | None) -> list[str]:
+    """At the start of training: one message per monitor that checks at the end of an epoch
+    that ``max_steps`` cuts short, where it would read a value measured on earlier weights (in
+    epoch mode a cut epoch gets no alignment step; in step mode the value is fresh only when
+    ``max_steps`` is a multiple of the steps' n).  Monitors at validation ends, manual
+    optimization and epochs of unknown length are not judged here."""
+    batches, max_steps = trainer.num_training_batches, trainer.max_steps
+    if not (pl_module.automatic_optimization and 0 < batches < math.inf and max_steps > 0):
+        return []
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    epoch, done = divmod(max_steps, per_epoch)
+    n = every_n_train_steps
+    max_epochs = trainer.max_epochs
+    if done == 0 or (max_epochs is not None and 0 <= max_epochs <= epoch) or \
+            (n is not None and max_steps % n == 0):
+        return []  # no epoch cut short, or the cut comes after the last epoch, or fresh
+    last = (f"step {max_steps - max_steps % n}'s value" if n is not None
+            else "the value of an earlier epoch's alignment step (a cut epoch gets none)")
+    fix = f"a multiple of {n}" if n is not None else f"a multiple of {per_epoch}"
+    messages = []
+    for cb in monitors:
+        if _checks_at_validation_end(cb, trainer, pl_module) is not None:
+            continue
+        if isinstance(cb, ModelCheckpoint):
+            steps, epochs, timed = _checkpoint_schedule(cb)
+            if steps > 0 or timed or epochs < 1 or (epoch + 1) % epochs:
+                continue  # it does not save at that epoch end
+        elif not isinstance(cb, EarlyStopping):
+            continue
+        messages.append(
+            f"{type(cb).__name__}(monitor={cb.monitor!r}) checks at the training epoch end, and "
+            f"Trainer(max_steps={max_steps}) ends training {done} optimizer step(s) into epoch "
+            f"{epoch} (of {per_epoch}): at that end it would read {last}, measured on earlier "
+            f"weights. Choose max_steps {fix}")
+    return messages
+
+
 def _checkpoint_schedule(cb: ModelCheckpoint) -> tuple[int, int, bool]:
     """A ``ModelCheckpoint``'s ``every_n_train_steps``, ``every_n_epochs`` (0: unset) and
     whether it saves by time (``train_time_interval``)."""
@@ -284,8 +331,9 @@ def _checks_at_validation_end(cb: Callback, trainer: Trainer, pl_module: Lightni
                               ) -> str | None:
     """Why ``cb`` (a ``ModelCheckpoint`` or ``EarlyStopping``) checks at the validation end
     rather than the training epoch end, by Lightning's rule for each; None when it checks at
-    the training epoch end, when there is no validation loop (no ``validation_step``, or
-    ``limit_val_batches=0``: a validation end never comes), or for another kind of monitor."""
+    the training epoch end, when there is no validation loop (no ``validation_step``, no
+    validation data, or ``limit_val_batches=0``: a validation end never comes), or for another
+    kind of monitor."""
     if isinstance(cb, ModelCheckpoint):
         setting, option = getattr(cb, "_save_on_train_epoch_end", None), "save_on_train_epoch_end"
     elif isinstance(cb, EarlyStopping):
@@ -293,7 +341,7 @@ def _checks_at_validation_end(cb: Callback, trainer: Trainer, pl_module: Lightni
     else:
         return None
     no_validation = (not is_overridden("validation_step", pl_module)
-                     or trainer.limit_val_batches == 0)
+                     or trainer.limit_val_batches == 0 or not _validates(trainer))
     if no_validation or setting is True:
         return None
     # the Trainer's settings first: EarlyStopping's own setup turns its None into False when

@@ -147,3 +147,26 @@ def test_a_loggers_own_prefix_names_what_goes_to_its_experiment_too(tmp_path):
         axes["exp-alignment/linear_cka/calibrated"] == "exp-alignment/epoch"
     assert wandb.experiment.summary == {"exp-alignment/linear_cka/calibrated": {"max": 0.7}}
     assert {k for m in wandb.metrics for k in m} == {"exp-alignment/linear_cka/raw"}
+
+
+class TensorBoardLoggerStandIn:
+    def __init__(self) -> None:
+        self.experiment = _Recorder()
+        self.hyperparams: list[tuple[dict, dict | None]] = []
+
+    def log_hyperparams(self, params, metrics=None) -> None:
+        self.hyperparams.append((params, metrics))
+
+
+def test_tensorboard_gets_the_layer_map_as_text_and_no_hp_metric_point():
+    """TensorBoard's HParams view keeps its first session (the model's hyperparameters) and
+    ``hparams.yaml`` is written before the first step: the map was in neither, and each call
+    added an ``hp_metric`` point of -1 (``metrics=None`` means Lightning's default metric)."""
+    tb = TensorBoardLoggerStandIn()
+    dispatch.log_layer_names([tb], "alignment", {"model": ["fc1", "fc2"], "reference": ["0"]})
+    assert tb.hyperparams == [({"alignment/layers/model": ["fc1", "fc2"],
+                                "alignment/layers/reference": ["0"]}, {})]
+    texts = {args[0]: (args[1], kwargs) for method, args, kwargs in tb.experiment.calls
+             if method == "add_text"}
+    assert texts == {"alignment/layers/model": ("0: fc1, 1: fc2", {"global_step": 0}),
+                     "alignment/layers/reference": ("0: 0", {"global_step": 0})}

@@ -235,7 +235,9 @@ def log_layer_names(loggers: Sequence[Any], prefix: str, names: Mapping[str, Seq
     """The index → name map of the ``best_model_layer`` / ``best_reference_layer`` scalars, as
     hyperparameters (``<prefix>/layers/<side>``: the names in index order), once.  MLflow,
     which cuts a parameter's value at 250 characters, gets one parameter per index
-    (``<prefix>/layers/<side>/<index>``)."""
+    (``<prefix>/layers/<side>/<index>``); TensorBoard, whose HParams view keeps the first
+    session only (the model's) and whose ``hparams.yaml`` is written before, also gets it as
+    text (``0: name, 1: name, ...``), and no ``hp_metric`` point."""
     params = {f"{prefix}/layers/{side}": list(map(str, values)) for side, values in names.items()}
     per_index = {f"{key}/{i}": name for key, values in params.items()
                  for i, name in enumerate(values)}
@@ -244,6 +246,12 @@ def log_layer_names(loggers: Sequence[Any], prefix: str, names: Mapping[str, Seq
             if _kind(logger) == "mlflow":
                 keys = mlflow_keys(logger, list(per_index))
                 logger.log_hyperparams({keys[k]: v for k, v in per_index.items()})
+                continue
+            if _kind(logger) == "tensorboard":
+                logger.log_hyperparams(params, metrics={})  # {}: no hp_metric point
+                for key, values in params.items():
+                    text = ", ".join(f"{i}: {name}" for i, name in enumerate(values))
+                    logger.experiment.add_text(_named(logger, key), text, global_step=0)
                 continue
             logger.log_hyperparams(params)
         except Exception as err:  # noqa: BLE001 - a logger without hyperparameters: nothing to do

@@ -45,6 +45,7 @@ class Dump(pl.Callback):
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
             "history": self.watched.history,
+            "skipped": self.watched.skipped,
             "restarted": sorted(self.watched.restarted),
             "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()
                                  if k.startswith("alignment/")},
@@ -138,7 +139,9 @@ def run(out: str, strategy: str, mode: str) -> None:
     BatchNorm statistics differ, linear CKA on fc2 only); ``rank_reference`` (rank 1 holds
     another reference model and another probe: every rank must use rank 0's);
     ``fail_reference_pass_rank1`` (the reference model's probe pass raises on rank 1, at the
-    start of fit); ``resume_probe`` (one epoch with checkpoints, then a resumed fit with a
+    start of fit); ``config_error`` (svcca's ``cca_dim`` above the frozen reference's widths,
+    ``on_error="warn"``: raised before training); ``fail_named_rank1`` (rank 1's null fails
+    for reference ``"m"`` of two, ``on_error="warn"``); ``resume_probe`` (one epoch with checkpoints, then a resumed fit with a
     probe of the same rows and other values)."""
     if mode == "resume_probe":
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -178,6 +181,18 @@ def run(out: str, strategy: str, mode: str) -> None:
         trainer = pl.Trainer(**{**FAST_TRAINER, "devices": 2}, strategy=strategy,
                              max_epochs=MAX_EPOCHS, logger=False, enable_checkpointing=False,
                              callbacks=[cb, Dump(out, cb)])
+        trainer.fit(MLP(lr=0.0), train_loader())
+        return
+    if mode in ("config_error", "fail_named_rank1"):
+        named = mode == "fail_named_rank1"
+        cb = AlignmentCallback({"m": RefMLP(seed=1), "init": "initial"} if named else
+                               RefMLP(seed=1), make_probe(), LAYERS,
+                               measures=METRICS if named else {"svcca": {"cca_dim": 20}},
+                               num_permutations=K, log_heatmaps=False, verbose=False,
+                               on_error="warn")  # wider than the layers: a configuration error
+        trainer = pl.Trainer(**{**FAST_TRAINER, "devices": 2}, strategy=strategy,
+                             max_epochs=MAX_EPOCHS, logger=False, enable_checkpointing=False,
+                             callbacks=[cb, Dump(out, cb)] + ([BreakRank1(cb)] if named else []))
         trainer.fit(MLP(lr=0.0), train_loader())
         return
     failing = mode != "ok"

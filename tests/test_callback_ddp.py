@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = {
     "ddp": ["ok", "batchnorm", "rank_reference", "resume_probe", "fail_rank1",
             "fail_moments_rank1", "fail_probe_rank1", "fail_reference_rank1",
-            "fail_layer_count_rank1", "fail_reference_pass_rank1"],
+            "fail_layer_count_rank1", "fail_reference_pass_rank1", "config_error",
+            "fail_named_rank1"],
     "ddp_spawn": ["ok"],  # every fit spawns two fresh interpreters: one fit only
 }
 TIMEOUT_S = 60 + 40 * max(map(len, SCENARIOS.values()))
@@ -215,3 +216,24 @@ def test_ddp_a_reference_pass_failing_on_one_rank_fails_every_rank(launched):
     errors = _errors(launched("ddp", "fail_reference_pass_rank1"))
     assert errors[0] == errors[1], errors
     assert "on rank 1" in errors[0] and "rank 1's reference pass broke" in errors[0], errors[0]
+
+
+def test_ddp_a_configuration_error_in_a_step_is_raised_on_every_rank(launched):
+    """svcca's cca_dim above the frozen reference's widths, on_error="warn": one process raises
+    FrozenReferenceError at the baseline, before training; under DDP the gathered failure was a
+    RuntimeError, so every step was skipped with a warning and training went on."""
+    errors = _errors(launched("ddp", "config_error"))
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("FrozenReferenceError: on rank 0: FrozenReferenceError: "), errors
+    assert "cca_dim=20 is too large" in errors[0], errors[0]
+
+
+def test_ddp_a_skipped_steps_reason_names_the_reference_that_failed(launched):
+    """One of several references fails on rank 1 (NaN activations), on_error="warn": the
+    reason (warned, kept in ``skipped`` and the report) named the rank and the error but not
+    the reference, as one process's does."""
+    ranks = _ranks(launched("ddp", "fail_named_rank1"))
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] and ranks[0]["skipped"], ranks
+    for skipped in ranks[0]["skipped"]:
+        assert skipped["reason"].startswith("reference 'm': RuntimeError: the alignment step "
+                                            "failed on rank 1: "), skipped

@@ -335,9 +335,11 @@ class AlignmentCallback(Callback):
         (saved in checkpoints and listed in the report).
     last_results : dict
         The last step's ``{measure label: LayerAlignmentResult}``, labels prefixed by the
-        reference's name for several references; empty before the first result.
+        reference's name for several references; empty before the first result (and on every
+        process but rank 0 under a multi-process strategy, where ``history`` is complete).
     report_paths : tuple of (str, str) or None
-        The paths of the end-of-fit report (``.md``, ``.html``); None until it is written.
+        The paths of the end-of-fit report (``.md``, ``.html``); None until it is written (on
+        rank 0 only, which writes it).
     restarted : set of str
         Key prefixes (``<prefix>/<label>/``) of the curves the last checkpoint loaded did not
         continue (written with other settings): an ``AlignmentPlateau`` restarts its count.
@@ -1263,7 +1265,11 @@ class AlignmentCallback(Callback):
                                         trainer.is_global_zero and bool(trainer.loggers),
                                         distributed=True)
             except Exception as err:  # noqa: BLE001 - every rank reports the same below
-                error = f"{type(err).__name__}: {err}"
+                origin = getattr(err, "origin", None)  # a process's failure, gathered by all
+                rebuilt = None if origin is None else _from_rank(*origin)
+                if isinstance(rebuilt, LAYER_ERRORS):  # a configuration mistake: as above
+                    raise rebuilt from err
+                error = _reason(err)
         entry = None
         if trainer.is_global_zero and outcome is not None:
             try:
@@ -1315,9 +1321,7 @@ class AlignmentCallback(Callback):
         except Exception as err:  # noqa: BLE001 - reported, training goes on unless asked
             if self.on_error == "raise" or isinstance(err, LAYER_ERRORS):
                 raise
-            reason = f"{type(err).__name__}: {err}"
-            where = getattr(err, "_alignment_where", None)  # one of several references
-            reason = reason if where is None else f"{where}: {reason}"
+            reason = _reason(err)
             self.skipped.append({"epoch": int(epoch), "step": int(step), "reason": reason})
             warnings.warn(f"alignment step at epoch {epoch} (step {step}) skipped: {reason}",
                           RuntimeWarning, stacklevel=2)
@@ -1839,6 +1843,14 @@ def _named(error: Exception, what: str) -> Exception:
     except Exception:  # noqa: BLE001 - a type that takes other arguments
         return RuntimeError(text)
     return named if str(named) == text else RuntimeError(text)
+
+
+def _reason(error: BaseException) -> str:
+    """A failed step's reason, ``"<Type>: <message>"``, after the reference that failed (and
+    its measure when it has a single one) when it is one of several."""
+    reason = f"{type(error).__name__}: {error}"
+    where = getattr(error, "_alignment_where", None)
+    return reason if where is None else f"{where}: {reason}"
 
 
 def _from_rank(rank: int, error: str) -> Exception:

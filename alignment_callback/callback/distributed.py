@@ -45,11 +45,16 @@ class NullGather:
         self.settled = False  # every process has seen a failure (and raises it)
 
     def _exchange(self, payload: Any) -> list[Any]:
+        """Every process's ``payload``; the first failure's error when a process failed, the
+        same on every process, with ``origin``: that process's rank and ``"<Type>: <message>"``
+        (from which a caller can raise the error's own type)."""
         out = _all_gather(payload, self.group)
         for rank, item in enumerate(out):
             if isinstance(item, str):
                 self.settled = True
-                raise RuntimeError(f"the alignment step failed on rank {rank}: {item}")
+                error = RuntimeError(f"the alignment step failed on rank {rank}: {item}")
+                error.origin = (rank, item)  # type: ignore[attr-defined]
+                raise error
         return out
 
     def __call__(self, nulls: dict[Measure, Tensor]) -> dict[Measure, Tensor]:

@@ -141,8 +141,8 @@ def run(out: str, strategy: str, mode: str) -> None:
     ``fail_reference_pass_rank1`` (the reference model's probe pass raises on rank 1, at the
     start of fit); ``config_error`` (svcca's ``cca_dim`` above the frozen reference's widths,
     ``on_error="warn"``: raised before training); ``fail_named_rank1`` (rank 1's null fails
-    for reference ``"m"`` of two, ``on_error="warn"``); ``resume_probe`` (one epoch with checkpoints, then a resumed fit with a
-    probe of the same rows and other values)."""
+    for reference ``"m"`` of two, ``on_error="warn"``); ``resume_probe`` (one epoch with
+    checkpoints, then a resumed fit with a probe of the same rows and other values)."""
     if mode == "resume_probe":
         from lightning.pytorch.callbacks import ModelCheckpoint
 

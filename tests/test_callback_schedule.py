@@ -462,3 +462,35 @@ def test_a_validation_step_without_validation_data_checks_at_the_training_epoch_
         warnings.simplefilter("always")
         trainer.fit(ValMLP(), train_loader())
     assert not [str(w.message) for w in caught if "validation end" in str(w.message)]
+
+
+def test_monitors_that_never_check_without_validation_data_are_not_warned_about(tmp_path):
+    """No validation data and check_val_every_n_epoch=2: Lightning has EarlyStopping check at
+    validation ends only (its own setup's rule) and ModelCheckpoint save at none, so neither
+    reads a value anywhere; they were warned about as checking at the epoch end, or a validation
+    end, on a stale value."""
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max", save_top_k=-1)
+    stopper = EarlyStopping(KEY, mode="max", patience=5)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(callbacks=[callback(every_n_epochs=2), saver, stopper], logger=False,
+                         max_epochs=3, max_steps=6, check_val_every_n_epoch=2, **FAST_TRAINER)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ValMLP(), train_loader())
+    assert not [str(w.message) for w in caught if f"(monitor='{KEY}')" in str(w.message)]
+    assert not list(tmp_path.glob("*.ckpt"))  # it never saved
+
+
+def test_two_monitors_of_one_kind_on_one_key_are_each_warned_about(tmp_path):
+    """Step mode every 4, max_steps = 6: the epoch-end checkpoint reads step 4's value at the
+    cut epoch's end, and the one every 2 steps at steps 2 and 6; the first one's warning was
+    dropped as already said (the messages were matched by their text)."""
+    at_end = ModelCheckpoint(dirpath=tmp_path / "end", monitor=KEY, mode="max", save_top_k=-1)
+    by_steps = ModelCheckpoint(dirpath=tmp_path / "steps", monitor=KEY, mode="max",
+                               save_top_k=-1, every_n_train_steps=2)
+    _, messages = fit([callback(every_n_train_steps=4), at_end, by_steps], max_steps=6)
+    mine = [m for m in messages if m.startswith(f"ModelCheckpoint(monitor='{KEY}')")]
+    assert len(mine) == 2, messages
+    assert any("saves every 2 training steps" in m for m in mine), mine
+    assert any("Trainer(max_steps=6) ends training 2 optimizer step(s) into epoch 1" in m
+               for m in mine), mine

@@ -170,3 +170,18 @@ def test_tensorboard_gets_the_layer_map_as_text_and_no_hp_metric_point():
              if method == "add_text"}
     assert texts == {"alignment/layers/model": ("0: fc1, 1: fc2", {"global_step": 0}),
                      "alignment/layers/reference": ("0: 0", {"global_step": 0})}
+
+
+def test_mlflow_names_are_cleaned_after_the_prefix_is_added():
+    """As Lightning's ``log_metrics`` does: the prefix first, then the characters MLflow refuses
+    dropped; a tag named with the raw prefix ``exp#1`` made MLflow raise in the middle of a fit."""
+    mlflow = MLFlowLoggerPrefixed()
+    mlflow._prefix = "exp#1"
+    dispatch.log_text([mlflow], {"alignment/m/best_pair": "fc1|fc2"}, 0)
+    image = np.zeros((4, 4, 3), np.uint8)
+    dispatch.log_image([mlflow], "alignment/m/heatmap", image, dispatch.encode_png(image), 0,
+                       "epoch0000", "unused")
+    (tag,) = [args[1] for method, args, _ in mlflow.experiment.calls if method == "set_tag"]
+    (artifact,) = [args[2] for method, args, _ in mlflow.experiment.calls if method == "log_image"]
+    assert tag == "exp1-alignment/m/best_pair"
+    assert artifact == "exp1-alignment/m/heatmap/epoch0000.png"

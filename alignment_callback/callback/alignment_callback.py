@@ -826,7 +826,7 @@ class AlignmentCallback(Callback):
                     chosen = resolve_layers(ref.module, ref.layers, what)
                 except (TypeError, ValueError) as err:
                     why = "" if ref.layers_given else " (not given, so it is layers)"
-                    raise about_argument(err, f"reference_layers{why}") from err
+                    raise about_argument(err, f"reference_layers{why}")
             wanted = set(self.pair_map.values()) if self.pair_map is not None else set()
             if chosen is not None and wanted and not wanted <= {str(c) for c in chosen}:
                 raise ValueError(
@@ -969,11 +969,8 @@ class AlignmentCallback(Callback):
             watching = monitors.alignment_monitors(trainer, self)
             messages = [] if axis == "epoch" else monitors.stale_step_monitor_warnings(
                 trainer, pl_module, watching, self.every_n_train_steps)
-            said = [cb for cb in watching if any(f"(monitor={cb.monitor!r})" in m and
-                                                 type(cb).__name__ in m for m in messages)]
-            messages += monitors.cut_epoch_warnings(
-                trainer, pl_module, [cb for cb in watching if cb not in said],
-                self.every_n_train_steps)
+            messages += monitors.cut_epoch_warnings(trainer, pl_module, watching,
+                                                    self.every_n_train_steps)
             for message in messages:
                 rank_zero_warn(message, category=UserWarning)
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")

@@ -9,7 +9,7 @@ a layer index → name map goes to every logger's hyperparameters once.  At the 
 gets, per measure, a summary (best calibrated and raw, smallest p), one chart of raw, τ and
 calibrated, and one table of every pair at every step; the end-of-fit report goes to W&B as a
 file.  A logger's own ``prefix=`` names every key sent to it, the direct calls to its
-experiment as its ``log_metrics`` does.
+experiment as its ``log_metrics`` does (hyperparameters excepted, as in Lightning).
 """
 
 from __future__ import annotations
@@ -210,8 +210,9 @@ def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: in
             logger.experiment.add_image(_named(logger, key), image, global_step=step,
                                         dataformats="HWC")
         elif kind == "mlflow":
-            artifact = mlflow_keys(logger, [f"{key}/{label}"])[f"{key}/{label}"]
-            logger.experiment.log_image(logger.run_id, image, f"{_named(logger, artifact)}.png")
+            name = _named(logger, f"{key}/{label}")  # prefixed, then cleaned: as Lightning does
+            artifact = mlflow_keys(logger, [name])[name]
+            logger.experiment.log_image(logger.run_id, image, f"{artifact}.png")
     return written
 
 
@@ -226,9 +227,9 @@ def log_text(loggers: Sequence[Any], texts: Mapping[str, str], step: int) -> Non
             for key, text in texts.items():
                 logger.experiment.add_text(_named(logger, key), text, global_step=step)
         elif kind == "mlflow":
-            names = mlflow_keys(logger, list(texts))
+            names = mlflow_keys(logger, [_named(logger, key) for key in texts])
             for key, text in texts.items():
-                logger.experiment.set_tag(logger.run_id, _named(logger, names[key]), text)
+                logger.experiment.set_tag(logger.run_id, names[_named(logger, key)], text)
 
 
 def log_layer_names(loggers: Sequence[Any], prefix: str, names: Mapping[str, Sequence[str]]) -> None:

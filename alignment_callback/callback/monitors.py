@@ -104,6 +104,8 @@ def stale_monitor_warnings(trainer: Trainer, pl_module: LightningModule, monitor
     training steps, between two alignment steps), naming the setting that fixes it."""
     messages = []
     for cb in monitors:
+        if _never_checks(cb, trainer, pl_module):
+            continue
         name = f"{type(cb).__name__}(monitor={cb.monitor!r})"
         why = _checks_at_validation_end(cb, trainer, pl_module)
         if why is not None:
@@ -158,6 +160,8 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
     per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if judged else 0
     messages = []
     for cb in monitors:
+        if _never_checks(cb, trainer, pl_module):
+            continue
         epochs = 1
         if isinstance(cb, ModelCheckpoint):
             steps, epochs, timed = _checkpoint_schedule(cb)
@@ -273,6 +277,28 @@ def _describe(steps: list[int], extent: str) -> str:
     return f"at optimizer steps {shown}{', …' if extent != 'all' or len(steps) > 6 else ''}"
 
 
+def _never_checks(cb: Callback, trainer: Trainer, pl_module: LightningModule) -> bool:
+    """Whether ``cb`` (a ``ModelCheckpoint`` or ``EarlyStopping``) checks nowhere: without a
+    validation loop, one that Lightning has check at validation ends only (its own setting, or
+    by Lightning's rule for each when unset: ``EarlyStopping`` with ``val_check_interval`` or
+    ``check_val_every_n_epoch`` other than 1, ``ModelCheckpoint`` with
+    ``check_val_every_n_epoch`` other than 1) never reads a value, fresh or not."""
+    if is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0 \
+            and _validates(trainer):
+        return False
+    if isinstance(cb, ModelCheckpoint):
+        setting = getattr(cb, "_save_on_train_epoch_end", None)
+        if setting is None:
+            setting = trainer.check_val_every_n_epoch == 1
+    elif isinstance(cb, EarlyStopping):
+        setting = getattr(cb, "_check_on_train_epoch_end", None)
+        if setting is None:
+            setting = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+    else:
+        return False
+    return not setting
+
+
 def _validates(trainer: Trainer) -> bool:
     """Lightning's ``Trainer.enable_validation`` (validation data, a ``validation_step`` and
     ``limit_val_batches > 0``); True where it cannot say."""
@@ -304,7 +330,8 @@ def cut_epoch_warnings(trainer: Trainer, pl_module: LightningModule, monitors: l
     fix = f"a multiple of {n}" if n is not None else f"a multiple of {per_epoch}"
     messages = []
     for cb in monitors:
-        if _checks_at_validation_end(cb, trainer, pl_module) is not None:
+        if _never_checks(cb, trainer, pl_module) or \
+                _checks_at_validation_end(cb, trainer, pl_module) is not None:
             continue
         if isinstance(cb, ModelCheckpoint):
             steps, epochs, timed = _checkpoint_schedule(cb)

@@ -366,7 +366,7 @@ def resolve_references(reference: ReferenceSpec, make_engine: Any, *, layers: An
                 try:
                     chosen = resolve_names(list(features), ref_layers, f"{whose} features")
                 except (TypeError, ValueError) as err:
-                    raise about_argument(err, "reference_layers") from err
+                    raise about_argument(err, "reference_layers")
                 features = {w: features[w] for w in chosen}
             options["layers"] = list(features)
             _check_feature_tensors(features, options["pool"], name)

@@ -247,12 +247,13 @@ def resolve_names(names: Sequence[str], layers: Layers, owner: str = "the featur
 
 
 def about_argument(error: ValueError | TypeError, argument: str) -> ValueError | TypeError:
-    """``error`` (same type) with its message about ``argument``: the messages above speak of
-    ``layers``, the argument of :func:`resolve_layers`."""
+    """``error`` itself (type and traceback kept), its message about ``argument``: the messages
+    above speak of ``layers``, the argument of :func:`resolve_layers`."""
     message = str(error)
     message = (argument + message[len("layers"):] if message.startswith("layers")
                else f"{argument}: {message}")
-    return type(error)(message)
+    error.args = (message, *error.args[1:])
+    return error
 
 
 def _alias(model: nn.Module, spec: Any, table: list) -> str:

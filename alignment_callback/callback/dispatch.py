@@ -210,8 +210,8 @@ def log_image(loggers: Sequence[Any], key: str, image: Any, png: bytes, step: in
             logger.experiment.add_image(_named(logger, key), image, global_step=step,
                                         dataformats="HWC")
         elif kind == "mlflow":
-            name = _named(logger, f"{key}/{label}")  # prefixed, then cleaned: as Lightning does
-            artifact = mlflow_keys(logger, [name])[name]
+            tagged = _named(logger, f"{key}/{label}")  # prefixed, then cleaned, as Lightning does
+            artifact = mlflow_keys(logger, [tagged])[tagged]
             logger.experiment.log_image(logger.run_id, image, f"{artifact}.png")
     return written
 

@@ -283,8 +283,7 @@ def _never_checks(cb: Callback, trainer: Trainer, pl_module: LightningModule) ->
     by Lightning's rule for each when unset: ``EarlyStopping`` with ``val_check_interval`` or
     ``check_val_every_n_epoch`` other than 1, ``ModelCheckpoint`` with
     ``check_val_every_n_epoch`` other than 1) never reads a value, fresh or not."""
-    if is_overridden("validation_step", pl_module) and trainer.limit_val_batches != 0 \
-            and _validates(trainer):
+    if _validates(trainer, pl_module):
         return False
     if isinstance(cb, ModelCheckpoint):
         setting = getattr(cb, "_save_on_train_epoch_end", None)
@@ -299,9 +298,12 @@ def _never_checks(cb: Callback, trainer: Trainer, pl_module: LightningModule) ->
     return not setting
 
 
-def _validates(trainer: Trainer) -> bool:
-    """Lightning's ``Trainer.enable_validation`` (validation data, a ``validation_step`` and
-    ``limit_val_batches > 0``); True where it cannot say."""
+def _validates(trainer: Trainer, pl_module: LightningModule) -> bool:
+    """Whether the fit has a validation loop: a ``validation_step``, ``limit_val_batches > 0``
+    and validation data (Lightning's ``Trainer.enable_validation``, taken as true where it
+    cannot say)."""
+    if not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0:
+        return False
     try:
         return bool(trainer.enable_validation)
     except Exception:  # noqa: BLE001 - no module attached yet, another Lightning: assume so
@@ -367,9 +369,7 @@ def _checks_at_validation_end(cb: Callback, trainer: Trainer, pl_module: Lightni
         setting, option = getattr(cb, "_check_on_train_epoch_end", None), "check_on_train_epoch_end"
     else:
         return None
-    no_validation = (not is_overridden("validation_step", pl_module)
-                     or trainer.limit_val_batches == 0 or not _validates(trainer))
-    if no_validation or setting is True:
+    if not _validates(trainer, pl_module) or setting is True:
         return None
     # the Trainer's settings first: EarlyStopping's own setup turns its None into False when
     # one of them holds, so False alone does not say that the user passed it

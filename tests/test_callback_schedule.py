@@ -494,3 +494,31 @@ def test_two_monitors_of_one_kind_on_one_key_are_each_warned_about(tmp_path):
     assert any("saves every 2 training steps" in m for m in mine), mine
     assert any("Trainer(max_steps=6) ends training 2 optimizer step(s) into epoch 1" in m
                for m in mine), mine
+
+
+@pytest.mark.parametrize("every, max_steps", [(5, -1), (None, 2), (3, 2)])
+def test_with_baseline_false_a_check_before_the_first_step_finds_no_value(tmp_path, every,
+                                                                           max_steps):
+    """baseline=False: a monitor that checks before the first alignment step (the epoch end at
+    step 4, steps every 5; an epoch that max_steps=2 cuts) reads no value at all, and Lightning
+    stops training there (EarlyStopping(strict=True)) or skips the check; the warnings said it
+    would read step 0's value, which does not exist."""
+    kw = {} if every is None else {"every_n_train_steps": every}
+    stopper = EarlyStopping(KEY, mode="max", patience=5, strict=False)
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max", save_top_k=-1)
+    _, messages = fit([callback(baseline=False, **kw), stopper, saver], max_epochs=2,
+                      max_steps=max_steps)
+    warned = sorted(m for m in messages if m.startswith(("EarlyStopping(", "ModelCheckpoint(")))
+    assert len(warned) == 2, messages
+    for message, what in zip(warned, ("EarlyStopping(strict=False) skips that check",
+                                      "ModelCheckpoint skips that save")):
+        assert "step 0's" not in message and "an earlier epoch's" not in message, message
+        assert "(baseline=False)" in message and f"no value at all: {what}" in message \
+            or f"no value, as no alignment step has run before it (baseline=False): {what}" \
+            in message, message
+    _, messages = fit([callback(**kw), EarlyStopping(KEY, mode="max", patience=5),
+                       ModelCheckpoint(dirpath=tmp_path / "b", monitor=KEY, mode="max")],
+                      max_epochs=2, max_steps=max_steps)
+    warned = [m for m in messages if m.startswith(("EarlyStopping(", "ModelCheckpoint("))]
+    assert len(warned) == 2 and all("no value" not in m for m in warned), messages
+    assert all(("step 0's" if every else "an earlier epoch's") in m for m in warned), messages

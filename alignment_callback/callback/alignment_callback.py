@@ -968,9 +968,11 @@ class AlignmentCallback(Callback):
         if not self.background:  # the epoch's length is known now
             watching = monitors.alignment_monitors(trainer, self)
             messages = [] if axis == "epoch" else monitors.stale_step_monitor_warnings(
-                trainer, pl_module, watching, self.every_n_train_steps)
-            messages += monitors.cut_epoch_warnings(trainer, pl_module, watching,
-                                                    self.every_n_train_steps)
+                trainer, pl_module, watching, self.every_n_train_steps,
+                baseline=self.baseline or bool(self.history))
+            messages += monitors.cut_epoch_warnings(
+                trainer, pl_module, watching, self.every_n_train_steps, self.every_n_epochs or 1,
+                baseline=self.baseline or bool(self.history))
             for message in messages:
                 rank_zero_warn(message, category=UserWarning)
         dispatch.define_axes(trainer.loggers, self.log_prefix, f"{self.log_prefix}/{axis}")

@@ -142,8 +142,8 @@ def stale_monitor_warnings(trainer: Trainer, pl_module: LightningModule, monitor
 
 
 def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
-                                monitors: list[Callback], every_n_train_steps: int
-                                ) -> list[str]:
+                                monitors: list[Callback], every_n_train_steps: int,
+                                baseline: bool = True) -> list[str]:
     """Step mode, at the start of training (the epoch's length is known then): one message per
     monitor that would read a value measured on earlier weights.  A ``ModelCheckpoint`` that
     saves by training steps (every m with m not a multiple of the callback's n) or by time; a
@@ -154,10 +154,9 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
     sees ends at an optimizer step that is not a multiple of n (the validation ends are listed
     from Lightning's schedule up to ``max_epochs`` and ``max_steps``, over at most two periods
     of the schedule).  Validation by time, manual optimization, an epoch of unknown length and
-    a schedule too long to list whose listed validations are all fresh are not judged."""
-    n, batches = every_n_train_steps, trainer.num_training_batches
-    judged = pl_module.automatic_optimization and 0 < batches < math.inf
-    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if judged else 0
+    a schedule too long to list whose listed validations are all fresh are not judged.  With
+    ``baseline=False`` a check before step n finds no value at all (see :func:`_no_value`)."""
+    n, per_epoch = every_n_train_steps, _optimizer_steps_per_epoch(trainer, pl_module)
     messages = []
     for cb in monitors:
         if _never_checks(cb, trainer, pl_module):
@@ -179,7 +178,7 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
                 continue  # it never saves at an epoch end
         elif not isinstance(cb, EarlyStopping):
             continue
-        if not judged:
+        if per_epoch is None:
             continue
         max_steps = trainer.max_steps if trainer.max_steps >= 0 else math.inf
         if _checks_at_validation_end(cb, trainer, pl_module) is None:
@@ -192,7 +191,8 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
             when = f"every {interval} optimizer step(s)"
         else:
             where = "at the validation end"
-            listed = _validation_steps(trainer, batches, per_epoch, epochs, n, max_steps)
+            listed = _validation_steps(trainer, trainer.num_training_batches, per_epoch,
+                                       epochs, n, max_steps)
             if listed is None:
                 continue  # by time, or a long schedule fresh as far as listed: not judged
             steps, extent = listed
@@ -202,12 +202,15 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
             when, first = _describe(steps, extent), stale[0]
         fix = (f"Pass ModelCheckpoint(every_n_train_steps={n})" if isinstance(cb, ModelCheckpoint)
                else "Use AlignmentPlateau (which counts alignment steps)")
+        read = (f" (at step {first}, step {first - first % n}'s), measured on earlier weights"
+                if baseline or first >= n else ", measured on earlier weights, and at step "
+                f"{first}, before the first alignment step (baseline=False), no value at all: "
+                f"{_no_value(cb)}")
         messages.append(
             f"{type(cb).__name__}(monitor={cb.monitor!r}) checks {where}, {when}, while the "
             f"alignment step runs every {n}: it would read the last step's value, up to "
-            f"{n - 1} step(s) old (at step {first}, step {first - first % n}'s), measured on "
-            f"earlier weights. {fix}, or choose every_n_train_steps to divide the steps of its "
-            "checks")
+            f"{n - 1} step(s) old{read}. {fix}, or choose every_n_train_steps to divide the "
+            "steps of its checks")
     return messages
 
 
@@ -311,16 +314,17 @@ def _validates(trainer: Trainer, pl_module: LightningModule) -> bool:
 
 
 def cut_epoch_warnings(trainer: Trainer, pl_module: LightningModule, monitors: list[Callback],
-                       every_n_train_steps: int | None) -> list[str]:
+                       every_n_train_steps: int | None, every_n_epochs: int = 1,
+                       baseline: bool = True) -> list[str]:
     """At the start of training: one message per monitor that checks at the end of an epoch
     that ``max_steps`` cuts short, where it would read a value measured on earlier weights (in
     epoch mode a cut epoch gets no alignment step; in step mode the value is fresh only when
-    ``max_steps`` is a multiple of the steps' n).  Monitors at validation ends, manual
-    optimization and epochs of unknown length are not judged here."""
-    batches, max_steps = trainer.num_training_batches, trainer.max_steps
-    if not (pl_module.automatic_optimization and 0 < batches < math.inf and max_steps > 0):
+    ``max_steps`` is a multiple of the steps' n), or with ``baseline=False`` no value at all
+    when no step came before.  Monitors at validation ends, manual optimization and epochs of
+    unknown length are not judged here."""
+    per_epoch, max_steps = _optimizer_steps_per_epoch(trainer, pl_module), trainer.max_steps
+    if per_epoch is None or max_steps <= 0:
         return []
-    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
     epoch, done = divmod(max_steps, per_epoch)
     n = every_n_train_steps
     max_epochs = trainer.max_epochs
@@ -329,6 +333,7 @@ def cut_epoch_warnings(trainer: Trainer, pl_module: LightningModule, monitors: l
         return []  # no epoch cut short, or the cut comes after the last epoch, or fresh
     last = (f"step {max_steps - max_steps % n}'s value" if n is not None
             else "the value of an earlier epoch's alignment step (a cut epoch gets none)")
+    earlier = max_steps >= n if n is not None else epoch >= every_n_epochs
     fix = f"a multiple of {n}" if n is not None else f"a multiple of {per_epoch}"
     messages = []
     for cb in monitors:
@@ -341,12 +346,33 @@ def cut_epoch_warnings(trainer: Trainer, pl_module: LightningModule, monitors: l
                 continue  # it does not save at that epoch end
         elif not isinstance(cb, EarlyStopping):
             continue
+        read = (f"{last}, measured on earlier weights" if baseline or earlier
+                else "no value, as no alignment step has run before it (baseline=False): "
+                f"{_no_value(cb)}")
         messages.append(
             f"{type(cb).__name__}(monitor={cb.monitor!r}) checks at the training epoch end, and "
             f"Trainer(max_steps={max_steps}) ends training {done} optimizer step(s) into epoch "
-            f"{epoch} (of {per_epoch}): at that end it would read {last}, measured on earlier "
-            f"weights. Choose max_steps {fix}")
+            f"{epoch} (of {per_epoch}): at that end it would read {read}. Choose max_steps {fix}")
     return messages
+
+
+def _optimizer_steps_per_epoch(trainer: Trainer, pl_module: LightningModule) -> int | None:
+    """The optimizer steps of one training epoch; None where they are not known in advance
+    (manual optimization, an epoch of unknown length)."""
+    batches = trainer.num_training_batches
+    if not (pl_module.automatic_optimization and 0 < batches < math.inf):
+        return None
+    return math.ceil(batches / trainer.accumulate_grad_batches)
+
+
+def _no_value(cb: Callback) -> str:
+    """What Lightning does where ``cb`` checks a key that has no value yet (an alignment step
+    with ``baseline=False`` has not run)."""
+    if isinstance(cb, EarlyStopping):
+        return ("EarlyStopping(strict=True) stops training with an error there" if cb.strict
+                else "EarlyStopping(strict=False) skips that check")
+    return ("ModelCheckpoint skips that save, or stops training with an error once a validation "
+            "has run")
 
 
 def _checkpoint_schedule(cb: ModelCheckpoint) -> tuple[int, int, bool]:

@@ -511,7 +511,7 @@ def test_with_baseline_false_a_check_before_the_first_step_finds_no_value(tmp_pa
     warned = sorted(m for m in messages if m.startswith(("EarlyStopping(", "ModelCheckpoint(")))
     assert len(warned) == 2, messages
     for message, what in zip(warned, ("EarlyStopping(strict=False) skips that check",
-                                      "ModelCheckpoint skips that save")):
+                                      "ModelCheckpoint skips that save"), strict=True):
         assert "step 0's" not in message and "an earlier epoch's" not in message, message
         assert "(baseline=False)" in message and f"no value at all: {what}" in message \
             or f"no value, as no alignment step has run before it (baseline=False): {what}" \

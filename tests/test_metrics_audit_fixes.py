@@ -1,9 +1,11 @@
 """Regression tests of audited bugs in the metric objects and the command line.
 
-Metrics: ``index=`` on some updates only, ``clear_reference()`` keeping stale rows, NaN/Inf
-errors that named neither side nor layer, ``forward`` on a NaN batch.  Command line:
-``--bootstrap`` ignoring ``--null``, ``--null moments`` still warning about (and reporting) K
-permutations, a directory or a 1-D array given as a feature file.
+Metrics: ``index=`` on some updates only (or in a merged dict), ``clear_reference()`` keeping
+stale rows, NaN/Inf errors that named neither side nor layer, ``forward`` on a NaN batch or in
+another layer order, settings set after ``compute()`` ignored, a strict load of fewer layers,
+``plot`` of a ``forward`` value.  Command line: ``--bootstrap`` ignoring ``--null``, ``--null
+moments`` still warning about (and reporting) K permutations, a directory or a 1-D array given
+as a feature file.
 """
 
 from __future__ import annotations
@@ -577,3 +579,92 @@ def test_loaded_or_merged_rows_compute_without_warning_and_name_their_source(how
     with pytest.raises(ValueError, match=r"120 rows, more than max_samples=50 \(rows from "
                                          r"update\(\), merge_state\(\) or load_state_dict\(\)"):
         small.compute()
+
+
+def test_forward_scores_the_batch_in_the_metric_s_layer_order():
+    """A position-dependent aggregate ("the first pair"): forward() built the batch matrix in
+    the batch dict's order, compute() in x_layers' order, so forward on all rows differed from
+    compute's raw score."""
+    x, y = pair()
+    noise = torch.randn(N, 10, generator=torch.Generator().manual_seed(3))
+    first = (lambda m: m[0, 0])  # noqa: E731
+    m = LayerAlignment("linear_cka", aggregate=first, num_permutations=K,
+                       x_layers=["good", "bad"], y_layers=["ref"])
+    batch = m({"bad": noise, "good": x}, {"ref": y})
+    assert float(batch) == pytest.approx(float(m.compute()["raw"]), abs=1e-6)
+    assert float(batch) == pytest.approx(float(F.linear_cka(F.prepare_features(x),
+                                                            F.prepare_features(y))), abs=1e-6)
+
+
+@pytest.mark.parametrize("setting, value", [("seed", 7), ("num_permutations", 3 * K),
+                                            ("alpha", 0.2)])
+def test_a_setting_changed_after_compute_takes_effect_at_the_next_compute(setting, value):
+    """torchmetrics caches compute()'s result until the next update: a seed (or K, or alpha)
+    set after a compute() was ignored, so a loop over seeds got one p-value."""
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=K, seed=0)
+    m.update(x, y)
+    m.compute()
+    setattr(m, setting, value)
+    got = m.compute()
+    expected = F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y), "linear_cka",
+                                      **{"num_permutations": K, "seed": 0, setting: value})
+    assert m.last_result.null.shape[-1] == (value if setting == "num_permutations" else K)
+    assert float(got["p_value"]) == float(expected.p_value)
+    assert float(got["threshold"]) == pytest.approx(float(expected.threshold), abs=1e-7)
+    with pytest.raises(ValueError, match=setting):
+        setattr(m, setting, -1)
+
+
+def test_merge_state_with_a_dict_checks_the_use_of_index():
+    """A dict of raw states with sample ids merged into a metric whose rows have none (and a
+    dict with fewer ids than rows) was accepted; compute() then blamed the updates."""
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=K)
+    m.update(x[:20], y[:20])
+    donor = CalibratedAlignment("linear_cka", num_permutations=K)
+    donor.update(x[20:], y[20:], index=torch.arange(20, N))
+    with pytest.raises(ValueError, match="sample ids"):
+        m.merge_state({k: getattr(donor, k) for k in ("x0", "y0", "index")})
+    with_ids = CalibratedAlignment("linear_cka", num_permutations=K)
+    with_ids.update(x[:20], y[:20], index=torch.arange(20))
+    with pytest.raises(ValueError, match="5 sample ids"):
+        with_ids.merge_state({"x0": [x[20:]], "y0": [y[20:]], "index": [torch.arange(5)]})
+    with_ids.merge_state({k: getattr(donor, k) for k in ("x0", "y0", "index")})
+    expected = F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y),
+                                      "linear_cka", num_permutations=K)
+    assert float(with_ids.compute()["p_value"]) == float(expected.p_value)
+
+
+def test_a_strict_load_with_rows_of_fewer_layers_than_registered_is_refused():
+    """torchmetrics takes the states it loads out of the state dict before the metric's own
+    check, so rows of 2 layers loaded into a metric of 3 went through; compute() then failed
+    with "No samples to concatenate"."""
+    x, y = pair()
+    saved = LayerAlignment("linear_cka", num_permutations=K)
+    saved.persistent(True)
+    saved.update({"p": x, "q": x[:, :3]}, {"r": y})
+    state = saved.state_dict()
+    three = LayerAlignment("linear_cka", num_permutations=K, x_layers=["p", "q", "s"],
+                           y_layers=["r"])
+    with pytest.raises(RuntimeError, match=r"rows of 2 x layer\(s\) \(x0, x1\).* has 3"):
+        three.load_state_dict(state, strict=True)
+    two = LayerAlignment("linear_cka", num_permutations=K, x_layers=["p", "q"], y_layers=["r"])
+    two.load_state_dict(state, strict=True)
+    assert torch.equal(two.compute()["matrix"], saved.compute()["matrix"])
+
+
+def test_plot_refuses_what_is_not_a_compute_result_clearly():
+    """metric.plot(metric(x, y)), torchmetrics' idiom, failed with "iteration over a 0-d
+    tensor"; a list for a heatmap with "'list' object has no attribute 'dim'"."""
+    pytest.importorskip("matplotlib")
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=K)
+    with pytest.raises(TypeError, match="compute\\(\\) result.*forward\\(\\) returns"):
+        m.plot(m(x, y))
+    with pytest.raises(TypeError, match="got list"):
+        m.plot([0.5])
+    layers = LayerAlignment("linear_cka", num_permutations=K)
+    layers.update({"a": x}, {"r": y})
+    with pytest.raises(TypeError, match="one compute\\(\\) result.*got list"):
+        layers.plot([layers.compute()])

@@ -97,6 +97,19 @@ class AlignmentMetricBase(Metric):
     higher_is_better = True
     full_state_update = False
 
+    #: Attributes that ``compute()`` reads: setting one (after construction too) drops the
+    #: result torchmetrics caches, and the first three are checked as the constructor does.
+    _SETTINGS = {"num_permutations": check_num_permutations, "alpha": check_alpha,
+                 "seed": check_seed, "aggregate": None, "groups": None, "max_score": None,
+                 "max_samples": None}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._SETTINGS:
+            check = self._SETTINGS[name]
+            value = value if check is None else check(value)
+            self.__dict__["_computed"] = None  # a result computed with the old value is stale
+        super().__setattr__(name, value)
+
     def __init__(
         self,
         measure: MeasureSpec,
@@ -302,6 +315,11 @@ class AlignmentMetricBase(Metric):
         if index is not None:
             self._extend("index", index)
 
+    def _in_order(self, layers: dict[str, Tensor], side: str) -> dict[str, Tensor]:
+        """``layers`` in the order of the registered names of ``side`` (when they are those)."""
+        names = getattr(self, f"{side}_layers")
+        return {name: layers[name] for name in names} if set(layers) == set(names) else layers
+
     def _as_layers(self, layers: Any, side: str) -> dict[str, Tensor]:
         """A batch as ``{name: rows}``: a mapping as is; a tensor is the single layer named
         after the side (``"x"`` / ``"y"``) or the only registered one; a list names its tensors
@@ -432,6 +450,15 @@ class AlignmentMetricBase(Metric):
             x, y = ("/".join(map(str, sorted(counts[side]))) for side in ("x", "y"))
             raise ValueError(f"merge_state: the dict holds {x} x rows and {y} y rows (per layer "
                              "slot); every layer needs the same number of rows")
+        value = state.get("index", [])
+        ids = sum(int(t.numel()) for t in ([value] if isinstance(value, Tensor) else value))
+        rows = max(counts["x"], default=0)
+        if rows and self._stored_rows("x") and (ids > 0) != (self._index_count() > 0):
+            raise ValueError("merge_state: one metric's rows have sample ids (index=) and "
+                             "the other's do not")
+        if ids and ids != rows:
+            raise ValueError(f"merge_state: the dict holds {ids} sample ids (index) for {rows} "
+                             "rows per layer slot; every row needs its id")
 
     def _count_rows_as_updated(self) -> None:
         """Rows that arrived without ``update()`` (merged, loaded) count as an update, so that
@@ -442,10 +469,11 @@ class AlignmentMetricBase(Metric):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
+        unregistered = self._unregistered_layers(state_dict, prefix)  # before torchmetrics
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+                                      unexpected_keys, error_msgs)  # pops the states it loads
         if strict:
-            error_msgs.extend(self._unregistered_layers(state_dict, prefix))
+            error_msgs.extend(unregistered)
         self._widths = {"x": [], "y": []}  # taken again from the loaded rows
         self._computed = None  # loaded rows make a new result
         self._count_rows_as_updated()
@@ -453,7 +481,8 @@ class AlignmentMetricBase(Metric):
     def _unregistered_layers(self, state_dict: Mapping[str, Any], prefix: str) -> list[str]:
         """What to do about rows in ``state_dict`` of more layers than this metric has
         registered (a metric takes its layer names from its first update, or from
-        ``x_layers`` / ``y_layers``: without them a fresh one has no state to load rows into)."""
+        ``x_layers`` / ``y_layers``: without them a fresh one has no state to load rows into),
+        or of fewer (its other layers would have no rows)."""
         out = []
         for side in ("x", "y"):
             names = getattr(self, f"{side}_layers")
@@ -465,6 +494,11 @@ class AlignmentMetricBase(Metric):
                     f"the state dict holds rows of {len(keys)} {side} layer(s) ({', '.join(keys)}) "
                     f"but this {type(self).__name__} has {has}: pass {side}_layers=[...] with "
                     "the layer names to its constructor to load them")
+            elif 0 < len(keys) < len(names):
+                out.append(
+                    f"the state dict holds rows of {len(keys)} {side} layer(s) ({', '.join(keys)}) "
+                    f"but this {type(self).__name__} has {len(names)} ({names}): the others "
+                    f"would have no rows; pass {side}_layers=[...] with the state's layer names")
         return out
 
     # ------------------------------------------------------------------- distributed layout
@@ -692,7 +726,9 @@ class AlignmentMetricBase(Metric):
         if ys is None:
             return None
         prep = self.preprocessor
-        xs, ys = self._as_layers(xs, "x"), self._as_layers(ys, "y")
+        # in the metric's layer order, as compute() reports (a position-dependent aggregate)
+        xs, ys = (self._in_order(self._as_layers(layers, side), side)
+                  for layers, side in ((xs, "x"), (ys, "y")))
         try:
             with torch.no_grad():
                 xm = {k: prep.rows(t) for k, t in xs.items()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
@@ -132,5 +132,12 @@ class CalibratedAlignment(AlignmentMetricBase):
     def plot(self, val: Any = None, ax: Any = None) -> tuple[Any, Any]:
         """Raw and calibrated score with the threshold band; ``val`` is one ``compute()``
         result or a list of them (a curve over epochs). Default: ``compute()`` now."""
+        if val is not None and not (isinstance(val, Mapping) or isinstance(val, (list, tuple))
+                                    and all(isinstance(v, Mapping) for v in val)):
+            raise TypeError(
+                f"plot(val): val must be a compute() result (a dict) or a list of them, got "
+                f"{type(val).__name__}" + (" (forward() returns the batch's raw score, which "
+                                           "has no threshold to draw)"
+                                           if isinstance(val, Tensor) else ""))
         return plot_scores(self.compute() if val is None else val, ax=ax,
                            title=f"{self.measure.name} (K={self.num_permutations})")

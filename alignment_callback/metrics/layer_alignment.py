@@ -114,6 +114,9 @@ class LayerAlignment(AlignmentMetricBase):
         """Layer×layer heatmap of the raw matrix (``val``: a ``compute()`` dict or a matrix)."""
         if val is None:
             val = self.compute()
+        if not isinstance(val, (Mapping, Tensor)):
+            raise TypeError("plot(val): val must be one compute() result (a dict) or its "
+                            f"layer×layer matrix (a tensor), got {type(val).__name__}")
         matrix = val["matrix"] if isinstance(val, Mapping) else val
         if matrix.dim() < 2:  # one layer pair: squeezed by torchmetrics' compute()
             matrix = matrix.reshape(1, 1)

@@ -293,7 +293,8 @@ def _setting(value: Any) -> str:
 def matrix_sentence(measure: str, rows: Sequence[Mapping[str, Any]], alpha: float) -> str:
     """One plain sentence reading a measure's pairs.
 
-    ``rows`` hold ``raw``, ``threshold`` and ``significant`` (BH decision) per pair.
+    ``rows`` hold ``raw``, ``threshold`` and ``significant`` (BH decision) per pair; a row
+    with ``self`` true (a model against itself) is not counted.
 
     >>> rows = [{"raw": 0.42, "threshold": 0.19, "significant": True},
     ...         {"raw": 0.10, "threshold": 0.12, "significant": False}]
@@ -301,8 +302,11 @@ def matrix_sentence(measure: str, rows: Sequence[Mapping[str, Any]], alpha: floa
     mutual_knn: 1 of 2 pairs are aligned above chance after BH at q ≤ 0.05; raw scores
     reach 0.42 but chance alone reaches 0.19 at this width and depth.
     """
+    rows = [r for r in rows if not r.get("self")]
     m = len(rows)
     k = sum(bool(r["significant"]) for r in rows)
+    if m == 0:
+        return f"{measure}: no pair of two different models to test."
     if k == 0:
         head = f"none of the {m} pairs is aligned above chance" if m > 1 else \
             "the pair is not aligned above chance"
@@ -338,7 +342,9 @@ def matrix_report(
     rows : sequence of mappings
         One per pair and measure: ``x``, ``y``, ``measure``, ``raw``, ``threshold``,
         ``calibrated``, ``p_value`` and optionally ``p_bh`` and ``significant`` (computed here
-        per measure across its pairs when absent).
+        per measure across its pairs when absent) and ``self`` (true for a model against
+        itself, aligned by construction: shown, but left out of Benjamini–Hochberg and of the
+        sentences).
     images : sequence of (caption, relative path), default=()
     alpha : float, default=None
         The BH level (default ``settings["alpha"]``, else 0.05).
@@ -361,12 +367,16 @@ def matrix_report(
     for row in rows:
         by_measure.setdefault(str(row["measure"]), []).append(dict(row))
     for measure_rows in by_measure.values():
-        if any("p_bh" not in r for r in measure_rows):
-            adjusted = bh_adjust([float(r["p_value"]) for r in measure_rows])
-            for r, q in zip(measure_rows, adjusted):
+        tested = [r for r in measure_rows if not r.get("self")]
+        if any("p_bh" not in r for r in tested):
+            adjusted = bh_adjust([float(r["p_value"]) for r in tested])
+            for r, q in zip(tested, adjusted, strict=True):
                 r["p_bh"] = q
         for r in measure_rows:
-            r.setdefault("significant", significant(r["p_bh"], alpha))
+            if r.get("self"):
+                r["p_bh"] = r["significant"] = None
+            elif "significant" not in r:
+                r["significant"] = significant(r["p_bh"], alpha)
     report = Report(title)
     report.heading("Reading")
     for measure, measure_rows in by_measure.items():
@@ -376,7 +386,9 @@ def matrix_report(
         f"unrelated rows (the 1 − α quantile of its permutation null, drawn or, with the "
         f"exact moments, approximated by a Pearson type III fit); p_BH is the "
         f"Benjamini–Hochberg adjusted p-value across the pairs of each measure, and a pair is "
-        f"significant when p_BH ≤ {alpha:g}."
+        f"significant when p_BH ≤ {alpha:g}"
+        + ("; a model against itself (\"self\") is aligned by construction and not tested."
+           if any(r.get("self") for r in rows) else ".")
     )
     report.heading("Settings")
     report.bullets(_settings_bullets(settings))
@@ -386,7 +398,7 @@ def matrix_report(
         for r in measure_rows:
             table.append([str(r["x"]), str(r["y"]), measure, fmt(r["raw"]), fmt(r["threshold"]),
                           fmt(r["calibrated"]), fmt_p(r["p_value"]), fmt_p(r["p_bh"]),
-                          fmt(bool(r["significant"]))])
+                          "self" if r.get("self") else fmt(bool(r["significant"]))])
     report.table(["x", "y", "measure", "raw", "τ", "calibrated", "p", "p_BH",
                   f"significant (q ≤ {alpha:g})"], table)
     if images:

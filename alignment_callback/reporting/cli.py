@@ -295,7 +295,7 @@ def _plan_pairs(args: argparse.Namespace, measures: dict, group: ProcessGroup
     tasks = plan.pending()
     if group.rank == 0:
         own = store.pairs_file(out, group.rank if group.active else None)
-        warn_resolution(args.permutations, len(plan.pairs), args.alpha, args.null)
+        warn_resolution(args.permutations, plan.tested_pairs, args.alpha, args.null)
         warn_bootstrap(args.bootstrap)
         read = [p for p in store.pair_files(out) if p != own]
         write.matrix_intro(plan, tasks, own if not group.active and not read

@@ -11,6 +11,7 @@ Every data error names the file and the layer (or the two files and layers of a 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import warnings
@@ -409,7 +410,10 @@ def iter_pairs(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,
 
 
 def matrix_summary(plan: MatrixPlan, alpha: float) -> dict[str, dict[str, Any]]:
-    """Per measure the LX×LY matrices of the records and Benjamini–Hochberg across pairs."""
+    """Per measure the LX×LY matrices of the records and Benjamini–Hochberg across the pairs of
+    two different files: a file against itself (p = 1/(K + 1) by construction) would add a
+    sure discovery and loosen the threshold of the others; its ``p_bh`` and ``significant_bh``
+    are None."""
     from alignment_callback.functional.fdr import at_most_alpha, benjamini_hochberg
 
     lx, ly = len(plan.files_x), len(plan.files_y)
@@ -426,13 +430,21 @@ def matrix_summary(plan: MatrixPlan, alpha: float) -> dict[str, dict[str, Any]]:
         # slack: most p-values were computed in float32 (read in float64, float32(0.05) is
         # above 0.05), and the files do not record which were not
         p = torch.tensor(field("p_value"), dtype=torch.float64)
-        _, adjusted = benjamini_hochberg(p, alpha=alpha)
+        tested = torch.tensor([[not plan.is_self(i, j) for j in range(ly)] for i in range(lx)])
+        adjusted = torch.full_like(p, math.nan)
+        if tested.any():
+            _, adjusted[tested] = benjamini_hochberg(p[tested], alpha=alpha)
         rejected = at_most_alpha(adjusted, alpha, torch.float32)
+
+        def family(values: Tensor, tested: Tensor = tested) -> list:  # None: not tested
+            return [[v if t else None for v, t in zip(row, keep, strict=True)]
+                    for row, keep in zip(values.tolist(), tested.tolist(), strict=True)]
+
         summary[m] = {
             "kwargs": plan.measures[m].kwargs, "raw": field("raw"),
             "threshold": field("threshold"), "calibrated": field("calibrated"),
-            "p_value": field("p_value"), "p_bh": adjusted.tolist(),
-            "significant_bh": rejected.tolist(), "effect_size": field("effect_size"),
+            "p_value": field("p_value"), "p_bh": family(adjusted),
+            "significant_bh": family(rejected), "effect_size": field("effect_size"),
             "best_pair": field("best_pair"), "ci_low": boot("low"), "ci_high": boot("high"),
         }
     return summary

@@ -368,18 +368,20 @@ def warn_resolution(num_permutations: int, tests: int, alpha: float,
                     null: str = "permutation") -> None:
     """Warn when 1/(K + 1), the smallest attainable p-value, is too coarse for ``alpha``.
 
-    One test (compare) needs 1/(K + 1) <= alpha.  After Benjamini–Hochberg over m tests, r pairs
-    at the smallest p get q = m / (r (K + 1)), so a pair is only detectable together with at
-    least r = ⌈m / (alpha (K + 1))⌉ such pairs.  Nothing to warn with ``null="moments"`` (no
-    permutations: the p-values are continuous); with ``"auto"`` the warning is about the
-    results calibrated by permutations.
+    Every test needs 1/(K + 1) <= alpha (else no p-value reaches alpha, τ is the largest of a
+    score and its null, and every calibrated score is 0).  After Benjamini–Hochberg over m
+    tests, r pairs at the smallest p get q = m / (r (K + 1)), so a pair is only detectable
+    together with at least r = ⌈m / (alpha (K + 1))⌉ such pairs.  Nothing to warn with
+    ``null="moments"`` (no permutations: the p-values are continuous); with ``"auto"`` the
+    warning is about the results calibrated by permutations.
     """
     smallest = 1.0 / (num_permutations + 1)
-    if null == "moments" or tests * smallest <= alpha:
+    if null == "moments" or max(tests, 1) * smallest <= alpha:
         return
-    need = math.ceil(tests / alpha - 1e-9) - 1
-    if tests == 1:
-        detail = f"no p-value can reach alpha={alpha}"
+    need = math.ceil(max(tests, 1) / alpha - 1e-9) - 1
+    if tests <= 1 or smallest > alpha:
+        detail = (f"no p-value can reach alpha={alpha}: the threshold τ is the largest of a "
+                  "score and its null, and every calibrated score is 0")
     else:
         r = math.ceil(tests * smallest / alpha - 1e-9)
         detail = (f"after Benjamini-Hochberg over {tests} pairs a pair is only significant if at "
@@ -423,6 +425,16 @@ class MatrixPlan:
     def pairs(self) -> list[tuple[int, int]]:
         """Every (X index, Y index) pair, X-major (the order of the outputs)."""
         return [(i, j) for i in range(len(self.files_x)) for j in range(len(self.files_y))]
+
+    def is_self(self, i: int, j: int) -> bool:
+        """Whether pair (i, j) is a file against itself (a folder against itself: the
+        diagonal), which is aligned by construction and left out of Benjamini–Hochberg."""
+        return self.key_x[i] == self.key_y[j]
+
+    @property
+    def tested_pairs(self) -> int:
+        """The pairs in the Benjamini–Hochberg family: those of two different files."""
+        return sum(not self.is_self(i, j) for i, j in self.pairs)
 
     def pending(self) -> list[PairTask]:
         """Pairs with measures not done yet, Y-major: each Y file is prepared once for the X

@@ -17,13 +17,22 @@ from alignment_callback.reporting.plan import BOOTSTRAP_CONFIDENCE, MatrixPlan
 COMPARE_CSV_HEADER = [
     "measure", "aggregate", "raw", "threshold", "calibrated", "p_value", "null_mean", "null_std",
     "effect_size", "percentile", "best_x_layer", "best_y_layer", "n_samples", "num_permutations",
-    "alpha", "ci_low", "ci_high", "null_method",
+    "alpha", "ci_low", "ci_high", "null_method", "seed", "options",
 ]
 MATRIX_CSV_HEADER = [
     "x_model", "y_model", "measure", "aggregate", "raw", "threshold", "calibrated", "p_value",
     "p_bh", "significant_bh", "effect_size", "best_x_layer", "best_y_layer", "ci_low", "ci_high",
-    "null_method",
+    "null_method", "n_samples", "num_permutations", "alpha", "seed", "options",
 ]
+
+
+def options_text(kwargs: dict[str, Any]) -> str:
+    """A measure's options as the CSV files write them (``k=3 sigma=median``; empty: none).
+
+    >>> options_text({"k": 3, "sigma": "median"})
+    'k=3 sigma=median'
+    """
+    return " ".join(f"{k}={v}" for k, v in kwargs.items())
 
 
 # ---------------------------------------------------------------------------------- basics
@@ -196,7 +205,8 @@ def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, d
                      r["null_mean"], r["null_std"], r["effect_size"], r["percentile"],
                      r["best_pair"][0], r["best_pair"][1], na,
                      permutations_used(r, args.permutations), args.alpha, b.get("low"),
-                     b.get("high"), r.get("null_method")])
+                     b.get("high"), r.get("null_method"), args.seed,
+                     options_text(r.get("kwargs") or {})])
     write_csv(out / "alignment.csv", COMPARE_CSV_HEADER, rows)
     pngs = []
     for m, r in results.items():
@@ -234,7 +244,7 @@ def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, d
 # ---------------------------------------------------------------------------------- matrix
 def matrix_intro(plan: MatrixPlan, tasks: Sequence[Any], where: Any, world_size: int) -> None:
     """The first stderr line of ``matrix``: pairs, measures, what is done and what is left."""
-    total = len(plan.files_x) * len(plan.files_y)
+    total = len(plan.pairs)
     partial = sum(len(t.missing) < len(plan.measures) for t in tasks)
     print(f"matrix: {len(plan.files_x)} x {len(plan.files_y)} = {total} pairs, "
           f"{len(plan.measures)} measure(s); {total - len(tasks)} already done in {where}, "
@@ -261,6 +271,9 @@ def matrix_rows(plan: MatrixPlan, summary: dict[str, dict]) -> list[dict[str, An
                 "aggregate": r["aggregate"], "raw": r["raw"], "threshold": r["threshold"],
                 "calibrated": r["calibrated"], "p_value": r["p_value"],
                 "p_bh": s["p_bh"][i][j], "significant": s["significant_bh"][i][j],
+                "self": plan.is_self(i, j), "n_samples": r["n_samples"],
+                "num_permutations": permutations_used(r, plan.settings["permutations"]),
+                "options": options_text(r.get("kwargs") or {}),
                 "effect_size": r["effect_size"], "best_pair": r["best_pair"],
                 "ci_low": b.get("low"), "ci_high": b.get("high"),
                 "null_method": r.get("null_method"),
@@ -282,7 +295,10 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
         "x_files": [str(f) for f in plan.files_x], "y_files": [str(f) for f in plan.files_y],
         "settings": settings,
         "fdr": {"method": "benjamini-hochberg", "alpha": args.alpha,
-                "family": "all pairs of the matrix, separately per measure"},
+                "family": "the pairs of two different files, separately per measure (a file "
+                          "against itself is aligned by construction: p_bh and significant_bh "
+                          "null)",
+                "pairs": plan.tested_pairs},
         "versions": versions(), "results": summary,
         "pairs": [{"x_model": plan.names_x[i], "y_model": plan.names_y[j],
                    "results": {m: plan.record(i, j, m) for m in plan.measures}}
@@ -293,7 +309,8 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
     write_csv(out / "matrix.csv", MATRIX_CSV_HEADER, [
         [r["x"], r["y"], r["measure"], r["aggregate"], r["raw"], r["threshold"],
          r["calibrated"], r["p_value"], r["p_bh"], r["significant"], r["effect_size"],
-         r["best_pair"][0], r["best_pair"][1], r["ci_low"], r["ci_high"], r["null_method"]]
+         r["best_pair"][0], r["best_pair"][1], r["ci_low"], r["ci_high"], r["null_method"],
+         r["n_samples"], r["num_permutations"], args.alpha, args.seed, r["options"]]
         for r in rows])
     images = []
     for m, s in summary.items():
@@ -315,16 +332,19 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
     report = matrix_report(report_settings, rows, images, alpha=args.alpha)
     report.write(out / "report.md", out / "report.html")
 
-    total = lx * ly
-    print(calibration_line(args, grouped)
-          + f"; * = significant after Benjamini-Hochberg across {total} pairs (q <= {args.alpha})")
+    tested = plan.tested_pairs
+    itself = (f"; a file against itself ({len(plan.pairs) - tested} pair(s)) is aligned by "
+              "construction and not tested" if tested < len(plan.pairs) else "")
+    print(calibration_line(args, grouped) + f"; * = significant after Benjamini-Hochberg "
+          f"across {tested} pairs (q <= {args.alpha}){itself}")
     for m, s in summary.items():
         print(f"\n{m} (calibrated):")
         grid = [[plan.names_x[i]] + [
             f"{s['calibrated'][i][j]:.4f}" + ("*" if s["significant_bh"][i][j] else " ")
             for j in range(ly)] for i in range(lx)]
         print(table([""] + plan.names_y, grid))
-        print(f"{sum(map(sum, s['significant_bh']))} of {total} pairs significant after BH")
+        found = sum(bool(v) for row in s["significant_bh"] for v in row)
+        print(f"{found} of {tested} pairs significant after BH")
     files = ", ".join(str(p) for p in pairs_files)
     print(f"\nwrote {out / 'matrix.json'}, matrix.csv, "
           + ", ".join(f"matrix_{m}.png" for m in summary)

@@ -100,6 +100,23 @@ def test_matrix_data_error_names_file_and_layer(files, capsys, monkeypatch):
     assert "dy/constant.pt: layer 'flat' is constant" in err[-1]
 
 
+@pytest.mark.parametrize("bad", ["inf.pt", "one_row.pt"])
+def test_matrix_checks_every_file_before_the_first_pair(files, capsys, monkeypatch, bad):
+    """A bad file in the last column of DIR_Y (NaN/Inf, another row count) was found when its
+    column came, after every pair before it was computed (hours at real sizes)."""
+    monkeypatch.chdir(files)
+    folder = files / f"late_{bad[:-3]}"
+    folder.mkdir()
+    shutil.copy(files / "good.pt", folder / "a_good.pt")
+    shutil.copy(files / "good.pt", folder / "b_good.pt")
+    shutil.copy(files / bad, folder / f"z_{bad}")
+    out = files / f"out_late_{bad[:-3]}"
+    code = cli.main(["matrix", "dx", str(folder), *FAST, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and f"z_{bad}" in err[-1], err
+    assert not (out / "pairs.jsonl").exists() or (out / "pairs.jsonl").read_text() == ""
+
+
 def test_bad_options_name_the_option(files, capsys, monkeypatch):
     monkeypatch.chdir(files)
     for argv, text in (

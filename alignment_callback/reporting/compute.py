@@ -362,15 +362,18 @@ def _load_y(plan: MatrixPlan, loader: FeatureLoader, j: int) -> Layers:
 
 def check_first_pair(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,
                      cal: Calibration) -> None:
-    """Before any pair is computed: read the first pair's files (X first: it fixes n) and
-    check what depends on their layers (``--null moments`` needs one layer pair).  The files
-    are kept for :func:`iter_pairs`, which reads them next."""
-    if not tasks or cal.null != "moments":
+    """Before any pair is computed: read every file ``tasks`` need (X files first: the first
+    fixes n), so that a bad file (rows, NaN/Inf, a constant layer, too few rows for a measure)
+    fails the run before hours of pairs rather than at its column; X files are kept for
+    :func:`iter_pairs`, Y files that are not X files too are read again there.  Also checks
+    what depends on the first pair's layers (``--null moments`` needs one layer pair)."""
+    if not tasks:
         return
+    x_layers = {i: len(loader.load(plan.files_x[i], plan.key_x[i]))
+                for i in dict.fromkeys(task.i for task in tasks)}
+    y_layers = {j: len(_load_y(plan, loader, j)) for j in dict.fromkeys(task.j for task in tasks)}
     i, j = tasks[0].i, tasks[0].j
-    xa = loader.load(plan.files_x[i], plan.key_x[i])
-    ya = loader.load(plan.files_y[j], plan.key_y[j])
-    moments_layers(cal.null, (len(xa), len(ya)), (plan.files_x[i], plan.files_y[j]))
+    moments_layers(cal.null, (x_layers[i], y_layers[j]), (plan.files_x[i], plan.files_y[j]))
 
 
 def iter_pairs(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,

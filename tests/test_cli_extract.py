@@ -279,3 +279,24 @@ def test_a_probe_file_of_texts_is_refused_with_the_way_to_tokenize_it(tmp_path, 
     err = capsys.readouterr().err
     assert "holds texts" in err and "return_tensors='pt'" in err and "extract_features" in err
     assert not (tmp_path / "f.pt").exists()
+
+
+def test_safetensors_features_keep_their_layer_order(tmp_path):
+    """safetensors stores tensors by name: features of layers 0, 2, …, 10 written by
+    save_features read back as 0, 10, 2, …; a file of another writer is read in the names'
+    natural order (h.2 before h.10) rather than as strings sort."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from alignment_callback.hooks.extract import save_features
+
+    g = torch.Generator().manual_seed(0)
+    names = ["0", "2", "4", "10", "12", "1b", "1a"]  # the model's order, not a sorted one
+    feats = {name: torch.randn(N, 3, generator=g) for name in names}
+    save_features(feats, tmp_path / "ours.safetensors")
+    loaded = load_features(tmp_path / "ours.safetensors")
+    assert list(loaded) == names
+    assert all(torch.equal(loaded[k], feats[k]) for k in names)
+    save_file({f"h.{i}": torch.randn(N, 2, generator=g) for i in (10, 2, 1)},
+              str(tmp_path / "theirs.safetensors"))
+    assert list(load_features(tmp_path / "theirs.safetensors")) == ["h.1", "h.2", "h.10"]

@@ -34,7 +34,7 @@ from alignment_callback.callback.probe import load_probe, load_reference
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
 from alignment_callback.hooks.collect import BATCH_ROWS, is_column
-from alignment_callback.hooks.extract import PROBE_KEY
+from alignment_callback.hooks.extract import LAYERS_KEY, PROBE_KEY
 from alignment_callback.hooks.selection import about_argument, resolve_names
 
 DRIFT = ("initial", "previous")
@@ -164,8 +164,8 @@ def _npz_shapes(path: Path) -> dict[str, Tensor] | None:
 
 def _peek(path: Path) -> Any:
     """The content of a ``.pt`` / ``.pth`` file (``weights_only``, memory-mapped where it can
-    be), or ``{name: meta tensor of its shape}`` of a ``.safetensors`` file without a probe
-    fingerprint or of a ``.npz`` file whose names could all be parameters'; None for other
+    be), or ``{name: meta tensor of its shape}`` of a ``.safetensors`` file that
+    :func:`~alignment_callback.hooks.extract.save_features` did not write or of a ``.npz`` file whose names could all be parameters'; None for other
     files and for what cannot be read so (pickled objects)."""
     try:
         if path.suffix.lower() == ".npz":
@@ -179,7 +179,7 @@ def _peek(path: Path) -> Any:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                if PROBE_KEY in (f.metadata() or {}):
+                if {PROBE_KEY, LAYERS_KEY} & set(f.metadata() or {}):  # save_features wrote it
                     return None
                 return {k: torch.empty(f.get_slice(k).get_shape(), device="meta")
                         for k in f.keys()}

@@ -35,6 +35,9 @@ from alignment_callback.hooks.selection import Layers
 
 #: The reserved key of a feature file that holds the probe's fingerprint.
 PROBE_KEY = "__probe__"
+#: The metadata key of a ``.safetensors`` feature file that holds its layer order (safetensors
+#: stores tensors by name).
+LAYERS_KEY = "__layers__"
 #: The stream of a batch that is one column of plain values (a list of texts).
 _COLUMN = ("[rows]",)
 #: Extensions :func:`save_features` writes.
@@ -282,7 +285,8 @@ def save_features(features: Mapping[str, Tensor], path: str | os.PathLike,
     features : mapping layer name -> Tensor
     path : str or path-like
         ``.pt`` / ``.pth`` (a dict, read with ``torch.load(weights_only=True)``; the fingerprint
-        is the ``"__probe__"`` entry) or ``.safetensors`` (the fingerprint is metadata).
+        is the ``"__probe__"`` entry) or ``.safetensors`` (the fingerprint and the layer
+        order, which safetensors does not keep, are metadata).
     fingerprint : dict, default=None
         ``{"rows": n, "sha256": ...}`` from :func:`probe_fingerprint`.
 
@@ -305,7 +309,9 @@ def save_features(features: Mapping[str, Tensor], path: str | os.PathLike,
         if ext == ".safetensors":
             from safetensors.torch import save_file
 
-            meta = {PROBE_KEY: json.dumps(dict(fingerprint))} if fingerprint else None
+            meta = {LAYERS_KEY: json.dumps(list(tensors))}
+            if fingerprint:
+                meta[PROBE_KEY] = json.dumps(dict(fingerprint))
             save_file(tensors, str(tmp), metadata=meta)
         else:
             obj: dict[str, Any] = dict(tensors)

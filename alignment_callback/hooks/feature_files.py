@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from alignment_callback.functional._validation import as_float
-from alignment_callback.hooks.extract import PROBE_KEY
+from alignment_callback.hooks.extract import LAYERS_KEY, PROBE_KEY
 
 FEATURE_EXTENSIONS: tuple[str, ...] = (".pt", ".pth", ".npy", ".npz", ".safetensors")
 
@@ -182,6 +182,30 @@ def read_npy(path: Path) -> np.ndarray:
                                f"{_short(err)})") from err
 
 
+def _natural(name: str) -> list[Any]:
+    """A sort key that orders the numbers in names by value (``h.2`` before ``h.10``)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", name) if part]
+
+
+def _safetensors_order(path: Path, names: list[str]) -> list[str]:
+    """The layer order of a ``.safetensors`` file: the one :func:`save_features` recorded in
+    its metadata when it names these layers, else the names' natural order."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get(LAYERS_KEY)
+    try:
+        recorded = json.loads(text) if text else None
+    except ValueError:
+        recorded = None
+    if isinstance(recorded, list) and sorted(map(str, recorded)) == sorted(names):
+        return [str(name) for name in recorded]
+    return sorted(names, key=_natural)
+
+
 def load_features(path: str | Path) -> dict[str, Tensor]:
     """Load a feature file as ``{layer name: tensor}`` (CPU, float32; float64 stays float64).
 
@@ -192,7 +216,9 @@ def load_features(path: str | Path) -> dict[str, Tensor]:
         list of tensors; loaded with ``torch.load(weights_only=True)``; a ``"__probe__"``
         fingerprint entry is dropped), ``.npy`` (one array -> ``{"features": a}``), ``.npz``
         (each array a layer), ``.safetensors`` (each tensor a layer; needs the
-        ``safetensors`` package).  Layer order is the file's order.
+        ``safetensors`` package).  Layer order is the file's order; safetensors stores
+        tensors by name, so a ``.safetensors`` file's order is the one :func:`save_features`
+        recorded in its metadata, else the names' natural order (``2`` before ``10``).
 
     Returns
     -------
@@ -225,7 +251,8 @@ def load_features(path: str | Path) -> dict[str, Tensor]:
                     "(pip install safetensors)"
                 ) from err
             tensors = load_file(str(path), device="cpu")
-            layers = {k: _as_tensor(v, path, k) for k, v in tensors.items()}
+            layers = {k: _as_tensor(tensors[k], path, k)
+                      for k in _safetensors_order(path, list(tensors))}
     except FeatureFileError:
         raise
     except Exception as err:  # any reader failure: corrupt file, pickled objects, permissions

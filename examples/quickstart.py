@@ -373,15 +373,19 @@ def plot_heatmaps(results: dict[str, Any], path: str, epoch: int, ylabel: str = 
 def summary_table(history: Sequence[dict[str, Any]], measures: Sequence[str],
                   prefix: str = "alignment") -> str:
     first, last = history[0], history[-1]
+    # raw, calibrated and τ at the first and the last step (τ changes with the weights: a
+    # calibrated score is read against its own step's τ); p and the best pair at the last
     head = (f"{'measure':<12} {'raw ep' + str(first['epoch']) + ' → ' + str(last['epoch']):>16} "
-            f"{'calibrated':>16} {'τ':>6} {'p':>7}  best pair (student|reference)")
+            f"{'calibrated':>16} {'τ':>15} {'p ep' + str(last['epoch']):>8}  "
+            "best pair (student|reference)")
     lines = [head, "-" * len(head)]
     for m in measures:
         g = lambda h, f: float(h[f"{prefix}/{m}/{f}"])  # noqa: E731
         lines.append(
             f"{m:<12} {g(first, 'raw'):>7.3f} → {g(last, 'raw'):<6.3f} "
             f"{g(first, 'calibrated'):>7.3f} → {g(last, 'calibrated'):<6.3f} "
-            f"{g(last, 'threshold'):>6.3f} {g(last, 'p_value'):>7.4f}  {last[f'{prefix}/{m}/best_pair']}"
+            f"{g(first, 'threshold'):>6.3f} → {g(last, 'threshold'):<6.3f} "
+            f"{g(last, 'p_value'):>8.4f}  {last[f'{prefix}/{m}/best_pair']}"
         )
     return "\n".join(lines)
 

@@ -55,11 +55,12 @@ def csv_rows(out: Path) -> list[dict[str, str]]:
 
 
 def assert_summary(stdout: str) -> None:
-    assert re.search(r"^measure\s+raw ep0 → \d+\s+calibrated\s+τ\s+p\s+best pair", stdout, re.M), stdout
+    assert re.search(r"^measure\s+raw ep0 → (\d+)\s+calibrated\s+τ\s+p ep\1\s+best pair",
+                     stdout, re.M), stdout
     for m in METRICS:
-        # measure  raw0 → rawN  cal0 → calN  τ  p  pair
-        assert re.search(rf"^{m}\s+[\d.]+ → [\d.]+\s+[\d.]+ → [\d.]+\s+[\d.]+\s+[\d.]+\s+\S+\|\S+",
-                         stdout, re.M), f"no summary row for {m}:\n{stdout}"
+        # measure  raw0 → rawN  cal0 → calN  τ0 → τN  p  pair
+        assert re.search(rf"^{m}\s+[\d.]+ → [\d.]+\s+[\d.]+ → [\d.]+\s+[\d.]+ → [\d.]+\s+"
+                         r"[\d.]+\s+\S+\|\S+", stdout, re.M), f"no summary row for {m}:\n{stdout}"
 
 
 def test_quickstart_wandb_offline_and_csv(tmp_path):

@@ -322,6 +322,44 @@ def test_true_precision_trainers_get_converted_probes(precision, background):
     assert len(cb.history) == 3 and all(np.isfinite(raws(cb)))
 
 
+class CreatingMLP(MLP):
+    """A forward that creates tensors (a scale, positions): in training they get the default
+    dtype the precision plugin sets (float64 with "64-true", bfloat16 with "bf16-true")."""
+
+    def forward(self, x):
+        h = self.drop(self.act1(self.fc1(x))) * torch.tensor(0.1)
+        h = h + torch.linspace(0, 1, h.shape[-1])
+        return self.head(self.act2(self.fc2(h)))
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_the_probe_forward_creates_tensors_in_the_precision_s_dtype(precision):
+    """The probe pass ran outside the plugin's forward context, so the tensors a forward
+    creates were float32: under "bf16-true" the fit failed at its first step (blaming the
+    probe), under "64-true" the activations were not training's; in background mode the
+    worker's forward took whatever default dtype the training loop had set at that moment
+    (background results differed from the foreground's, or the copy was given up with a
+    wrong reason).  Now both equal the activations of a forward under the precision's
+    default dtype, and each other."""
+    dtype = torch.float64 if precision == "64-true" else torch.bfloat16
+    probe = PROBE.to(dtype)
+    fg, bg = (callback(probe=probe, measures=["linear_cka"], background=b)
+              for b in (False, True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no step skipped, no copy given up
+        _, model, _ = fit([fg], model=CreatingMLP(), precision=precision)
+        fit([bg], model=CreatingMLP(), precision=precision)
+    assert len(fg.history) == 3 and raws(bg) == raws(fg)
+    reference, before = RefMLP(), torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        expected = offline_alignment(model, reference, probe, ["fc1", "fc2"], "linear_cka", 19,
+                                     reference_probe=probe.float(), dtype=None)
+    finally:
+        torch.set_default_dtype(before)
+    assert raws(fg)[-1] == pytest.approx(float(expected.raw), abs=1e-6)
+
+
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
 def test_a_float64_model_and_reference_are_compared_in_float64(background):
     """``precision="64-true"`` and a float64 reference: the activations were recorded in

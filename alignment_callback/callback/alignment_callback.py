@@ -1429,12 +1429,15 @@ class AlignmentCallback(Callback):
             raise _named(err, f"{_which(ref)} model") from err
 
     def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
-                           restore_rng: bool = True) -> dict[str, Tensor]:
+                           restore_rng: bool = True, forward_dtype: torch.dtype | None = None
+                           ) -> dict[str, Tensor]:
         """The chosen layers of ``model`` on the probe batches, on the compute device; the
         batches are converted as the trainer converts its own (e.g. floating-point inputs to
-        bfloat16 with ``precision="bf16-true"``)."""
+        bfloat16 with ``precision="bf16-true"``), and tensors the forward creates get
+        ``forward_dtype`` (:meth:`_forward_dtype`; only from the training loop's thread: the
+        default dtype is the process's)."""
         try:
-            with _logging_off(model):
+            with _logging_off(model), _default_dtype(forward_dtype):
                 acts = self._collect(model, self._as_trained(batches), self.layers, self.pool,
                                      self.input_key, self.batch_transform, model_device,
                                      restore_rng)
@@ -1464,6 +1467,23 @@ class AlignmentCallback(Callback):
         trainer = self._fit_trainer()
         return trainer is not None and int(trainer.global_step) > 0
 
+    def _forward_dtype(self) -> torch.dtype | None:
+        """The default dtype the trainer's precision plugin sets for a training forward (float64
+        with ``precision="64-true"``, bfloat16 / float16 with ``"bf16-true"`` / ``"16-true"``),
+        so that the probe's forward creates tensors as training's does; None where it sets
+        none.  Read by entering the plugin's forward context with no forward in it (a mixed
+        precision's autocast is not used: the probe runs without it)."""
+        plugin = getattr(self._fit_trainer(), "precision_plugin", None)
+        if plugin is None:
+            return None
+        outside = torch.get_default_dtype()
+        try:
+            with plugin.forward_context():
+                inside = torch.get_default_dtype()
+        except Exception:  # noqa: BLE001 - a plugin whose context needs more: none is set
+            return None
+        return inside if inside != outside else None
+
     def _as_trained(self, batches: Any) -> Any:
         plugin = getattr(self._fit_trainer(), "precision_plugin", None)
         if plugin is None or type(plugin).convert_input is Precision.convert_input:  # no-op
@@ -1477,7 +1497,8 @@ class AlignmentCallback(Callback):
         start = time.perf_counter()
         probe = iterate_probe(self.probe)
         with preserved_loader_seed(probe):
-            acts = self._model_activations(pl_module, probe, model_device_of(pl_module))
+            acts = self._model_activations(pl_module, probe, model_device_of(pl_module),
+                                           forward_dtype=self._forward_dtype())
         return acts, time.perf_counter() - start
 
     def _probe_list(self) -> Any:
@@ -1494,12 +1515,16 @@ class AlignmentCallback(Callback):
         returns the activations and the seconds they took."""
         batches = self._probe_list()
         start = time.perf_counter()
+        forward_dtype = self._forward_dtype()
         with preserved_rng():
             before = random_states()
             actual = self._model_activations(pl_module, batches, torch.device("cpu"),
-                                             restore_rng=False)
+                                             restore_rng=False, forward_dtype=forward_dtype)
             draws = not same_random_states(before, random_states())
         seconds = time.perf_counter() - start
+        if forward_dtype is not None:  # the worker cannot set the process's default dtype
+            self._copy = False
+            return actual, seconds
         if draws:  # the copy would draw from the loop's streams, from another thread
             self._copy = False
             rank_zero_warn("background=True: the model's forward draws random numbers in eval "
@@ -1889,6 +1914,21 @@ def _anchor(ref: Reference, acts: dict[str, Tensor]) -> None:
 
 
 _LOGGING = ("log", "log_dict")
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` inside, the previous default put back after (None:
+    nothing changes)."""
+    if dtype is None:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 @contextmanager

@@ -321,6 +321,33 @@ def test_background_queue_keeps_order_and_bounds_pending_jobs():
     assert not _callback_threads()
 
 
+def test_a_job_that_finishes_while_a_checkpoint_is_taken_is_saved_once():
+    """snapshot() read each job's state twice (finished? then running?): a job finishing
+    between the two reads was in neither list, so a checkpoint written then lost its step."""
+    from concurrent.futures import Future
+
+    from alignment_callback.callback.background import BackgroundQueue, Job
+
+    class FinishesWhenAsked(Future):
+        """Running at the first ``done()``, finished (with result 7) from the second on."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked = 0
+
+        def done(self) -> bool:
+            self.asked += 1
+            if self.asked == 2:
+                self.set_result(7)
+            return super().done()
+
+    queue = BackgroundQueue()
+    queue._jobs.append(Job(3, 12, FinishesWhenAsked()))
+    done, running = queue.snapshot(current_step=12)
+    assert (done, running) in (([7], []), ([], [(3, 12)]))
+    queue.shutdown()
+
+
 def test_every_n_epochs(tmp_path):
     cb = _callback(measures=["linear_cka"], every_n_epochs=2)
     trainer, _ = _fit(tmp_path, [cb], max_epochs=4, loader=train_loader(n=32))

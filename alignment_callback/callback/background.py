@@ -89,9 +89,12 @@ class BackgroundQueue:
         jobs = list(self._jobs)
         for job in jobs if jobs and jobs[-1].step != current_step else jobs[:-1]:
             job.future.exception()
-        done = [j.future.result() for j in self._jobs
-                if j.future.done() and j.future.exception() is None]
-        running = [(j.epoch, j.step) for j in self._jobs if not j.future.done()]
+        # each job's state read once: one that finishes between two reads would be in neither
+        # list, and a checkpoint written now would lose its step
+        finished = [(j, j.future.done()) for j in self._jobs]
+        done = [j.future.result() for j, over in finished
+                if over and j.future.exception() is None]
+        running = [(j.epoch, j.step) for j, over in finished if not over]
         return done, running
 
     def drain(self, wait: bool = True) -> list[Job]:

@@ -237,6 +237,24 @@ def test_history_source_with_background_alignment(tmp_path):
     assert plateau.fired_at["step"] == 8
 
 
+def test_verbose_names_where_a_background_decision_is_called(tmp_path, caplog):
+    """In background mode on_plateau runs when the result is published, after the deciding
+    step: the message said "calling on_plateau at epoch E (step S)" with the deciding step's
+    labels (and printed the best value unrounded)."""
+    aligner = _aligner(background=True, every_n_train_steps=1)
+    plateau = _plateau(monitor=KEY, patience=1, min_delta=10.0, verbose=True)
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, [aligner, plateau], max_epochs=1)
+    fired = plateau.fired_at
+    (line,) = [r.getMessage() for r in caplog.records if "calling on_plateau" in r.getMessage()]
+    assert f"(best {fired['best']:.4f})" in line
+    if fired["called_at_step"] == fired["step"]:
+        assert line.endswith(f"at epoch {fired['epoch']} (step {fired['step']})"), line
+    else:
+        assert line.endswith(f"at training step {fired['called_at_step']} (the alignment step "
+                             f"of epoch {fired['epoch']}, step {fired['step']}, decided)"), line
+
+
 def test_explicit_source_and_prefix(tmp_path):
     aligner = _aligner(log_prefix="align")
     plateau = _plateau(monitor="align/cknna/p_value", mode="min", patience=1, min_delta=10.0,

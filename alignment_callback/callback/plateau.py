@@ -480,9 +480,13 @@ class AlignmentPlateau(Callback):
         self.fired_at = {"epoch": int(epoch), "step": int(step), "value": value,
                          "best": self.best, "called_at_step": int(trainer.global_step)}
         if self.verbose:
+            decided = (f"at epoch {epoch} (step {step})" if int(trainer.global_step) == step
+                       else f"at training step {int(trainer.global_step)} (the alignment step "
+                            f"of epoch {epoch}, step {step}, decided)")
             rank_zero_info(f"AlignmentPlateau: {self.monitor} has not improved by more than "
-                           f"{self.min_delta:g} for {self.wait} check(s) (best {self.best}); "
-                           f"calling on_plateau at epoch {epoch} (step {step})")
+                           f"{self.min_delta:g} for {self.wait} check(s) (best "
+                           f"{'none' if self.best is None else format(self.best, '.4f')}); "
+                           f"calling on_plateau {decided}")
         self.on_plateau(trainer, pl_module)
 
 

@@ -165,8 +165,9 @@ def _npz_shapes(path: Path) -> dict[str, Tensor] | None:
 def _peek(path: Path) -> Any:
     """The content of a ``.pt`` / ``.pth`` file (``weights_only``, memory-mapped where it can
     be), or ``{name: meta tensor of its shape}`` of a ``.safetensors`` file that
-    :func:`~alignment_callback.hooks.extract.save_features` did not write or of a ``.npz`` file whose names could all be parameters'; None for other
-    files and for what cannot be read so (pickled objects)."""
+    :func:`~alignment_callback.hooks.extract.save_features` did not write or of a ``.npz``
+    file whose names could all be parameters'; None for other files and for what cannot be
+    read so (pickled objects)."""
     try:
         if path.suffix.lower() == ".npz":
             return _npz_shapes(path)

@@ -788,3 +788,64 @@ def test_a_compiled_pattern_that_matches_nothing_says_it_must_match_the_whole_na
     assert "blocks" in str(info.value)
     with pytest.raises(ValueError, match=r"must match the whole name"):
         resolve_layers(model, [re.compile("0"), re.compile("1.")])  # "1." needs two characters
+
+
+# ------------------------------------------------------------ a capture of real models' layers
+class PassesFeaturesOn(nn.Module):
+    """A sentence-transformers-style module: adds its output to the features dict it was
+    given (token ids and mask first) and returns the dict."""
+
+    def __init__(self, adds_embeddings: bool = True) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+        self.adds_embeddings = adds_embeddings
+
+    def forward(self, features: dict, x: Tensor) -> dict:
+        out = {**features, "cls_embedding": None}  # an optional output this model leaves out
+        if self.adds_embeddings:
+            out["token_embeddings"] = self.proj(x)
+        return out
+
+
+class FeaturesModel(nn.Module):
+    def __init__(self, adds_embeddings: bool = True) -> None:
+        super().__init__()
+        self.block = PassesFeaturesOn(adds_embeddings)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, x: Tensor) -> dict:
+        return self.block({"input_ids": input_ids, "attention_mask": attention_mask}, x)
+
+
+def _features_batch(n: int = 6) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(100, 2000, (n, 5), generator=g),
+            "attention_mask": torch.ones(n, 5, dtype=torch.long),
+            "x": torch.randn(n, 5, 4, generator=g)}
+
+
+def test_a_dict_output_of_ids_and_activations_gives_the_activations():
+    """The first tensor value of such a dict is input_ids: the layer was recorded as the
+    token ids cast to float, silently (the "sentence embedding" layer of a
+    SentenceTransformer)."""
+    model, batch = FeaturesModel(), _features_batch()
+    acts = collect_activations(model, [batch], ["block"], pool="mean")
+    expected = model.block.proj(batch["x"]).mean(1)
+    torch.testing.assert_close(acts["block"], expected)
+    with pytest.raises(TypeError, match="only integer or boolean tensors.*output_key"):
+        collect_activations(FeaturesModel(adds_embeddings=False), [batch], ["block"])
+
+
+def test_an_output_key_that_selects_no_tensor_is_not_called_a_model_failure():
+    """"the model failed on probe batch 0": the model ran; output_key picked None."""
+    from alignment_callback.hooks.outputs import LayerOutputError
+
+    with pytest.raises(LayerOutputError, match="output_key='cls_embedding' selects a "
+                       "NoneType") as err:
+        collect_activations(FeaturesModel(), [_features_batch()], ["block"],
+                            output_key="cls_embedding")
+    assert "model failed" not in str(err.value)
+
+
+def test_a_mistyped_pool_fails_when_the_recorder_is_made():
+    with pytest.raises(ValueError, match="unknown pool 'avg'"):
+        ActivationRecorder(nn.Sequential(nn.Linear(2, 2)), ["0"], pool="avg")

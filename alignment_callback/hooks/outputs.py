@@ -50,7 +50,11 @@ class LayerShapeError(ValueError):
 
 
 def _first_tensor(values: Any) -> Tensor | None:
-    return next((v for v in values if isinstance(v, Tensor)), None)
+    """The first floating-point (or complex) tensor of ``values``: integer and boolean ones
+    are ids and masks passed along (a sentence-transformers module returns the features dict
+    it was given, ``input_ids`` first), not activations."""
+    return next((v for v in values if isinstance(v, Tensor)
+                 and (v.is_floating_point() or v.is_complex())), None)
 
 
 def _as_mapping(output: Any) -> Mapping[str, Any] | None:
@@ -86,11 +90,14 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
     meant for a tuple / dict output never indexes a plain tensor, whose first axis is the
     batch).  Default rules for a container output (``output_key=None``):
 
-    * a tuple / list (a namedtuple too) gives its *first* tensor element (HF layers return
-      ``(hidden_states, attentions, ...)``; LSTMs ``(output, (h, c))``);
+    * a tuple / list (a namedtuple too) gives its *first* floating-point tensor element (HF
+      layers return ``(hidden_states, attentions, ...)``; LSTMs ``(output, (h, c))``);
     * a dict, an HF ``ModelOutput`` or a dataclass (its fields, in declaration order) gives
-      ``last_hidden_state``, else the last element of ``hidden_states``, else its first tensor
-      value.
+      ``last_hidden_state``, else the last element of ``hidden_states``, else its first
+      floating-point tensor value.
+
+    Integer and boolean tensors (token ids, masks) are passed over: a container holding no
+    other tensor is an error, as ``output_key`` can pick one explicitly.
 
     Parameters
     ----------
@@ -112,11 +119,10 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
     Raises
     ------
     LayerOutputError
-        No tensor could be found (a ``TypeError``; the message names the layer).
+        No floating-point tensor could be found, or ``output_key`` selects something other
+        than a tensor (a ``TypeError``; the message names the layer).
     KeyError
         ``output_key`` is not in the output.
-    TypeError
-        ``output_key`` selects something other than a tensor.
 
     Examples
     --------
@@ -137,7 +143,7 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
     if output_key is not None:
         picked = _by_key(output, output_key, layer)
         if not isinstance(picked, Tensor):
-            raise TypeError(
+            raise LayerOutputError(
                 f"layer {layer!r}: output_key={output_key!r} selects a "
                 f"{type(picked).__name__}, not a tensor"
             )
@@ -156,10 +162,17 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
             if not isinstance(found, Tensor):
                 found = _first_tensor(mapping.values())
     if not isinstance(found, Tensor):
+        values = list(mapping.values()) if mapping is not None else (
+            list(output) if isinstance(output, (tuple, list)) else [])
+        only_ids = any(isinstance(v, Tensor) for v in values)
+        what = ("only integer or boolean tensors (token ids, masks: not activations; a "
+                "sentence-transformers module returns the features dict it was given)"
+                if only_ids else "no tensor to record")
         raise LayerOutputError(
-            f"layer {layer!r} returned a {type(output).__name__} with no tensor to record; "
-            "hook a submodule that returns the tensor instead (ActivationRecorder, "
-            "collect_activations and list_layers also take output_key=<index or key>)"
+            f"layer {layer!r} returned a {type(output).__name__} with {what}; hook a "
+            "submodule that returns the activations instead, or pick them with "
+            "output_key=<index or key> (ActivationRecorder, collect_activations and "
+            "list_layers take it)"
         )
     return found
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from alignment_callback.functional._validation import resource_error, user_stacklevel
-from alignment_callback.functional.preprocessing import Pool, pool_features
+from alignment_callback.functional.preprocessing import Pool, check_pool, pool_features
 from alignment_callback.hooks.outputs import (
     LayerShapeError,
     OutputKey,
@@ -90,7 +90,9 @@ class ActivationRecorder:
     Attributes
     ----------
     mask : Tensor of shape (n, T) or None
-        Attention mask for the *next* forward pass; when set, 3-D outputs of shape
+        Attention mask for the forward passes that follow, until it is set again (in your own
+        loop, set it before each batch's forward: ``rec.mask = batch["attention_mask"]``);
+        when set, 3-D outputs of shape
         ``(n, T, d)`` are pooled over unmasked tokens only (``"mean"`` and ``"last"``).  A 3-D
         output with the mask's ``n`` rows but not its ``T`` positions (a CLS token prepended
         inside the model: ``(n, T + 1, d)``) is pooled without it, with a ``UserWarning``
@@ -130,7 +132,7 @@ class ActivationRecorder:
         output_key: OutputKey = None,
     ) -> None:
         self.model = model
-        self.pool = pool
+        self.pool = check_pool(pool)  # a mistyped mode fails here, not in the first forward
         self.detach = detach
         self.to_cpu = to_cpu
         self.dtype = dtype

@@ -108,3 +108,22 @@ def test_an_offset_on_every_feature_costs_float32_no_accuracy(name):
         r32 = float(getattr(F, name)(x, y))
         r64 = float(getattr(F, name)(x.double(), y.double()))
     assert r32 == pytest.approx(r64, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", EVERY_FEATURE)
+def test_one_feature_far_larger_than_the_others_hides_none_of_their_variance(name):
+    """One feature at 2·10⁵ (and one of y at −10⁶) beside unit-variance ones, in float32: the
+    zero-variance bound was taken over every feature at once, so the rounding of the large
+    one (its centered values vary by 40 units of its rounding) hid the others' variance and
+    linear / unbiased CKA, Procrustes, shape, Bures, CCA, PWCCA and predictivity refused the
+    data as constant.  Each feature is now held to its own rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 16, generator=g)
+    y = x @ torch.randn(16, 12, generator=g) + torch.randn(128, 12, generator=g)
+    x[:, 0] += 2e5
+    y[:, 5] -= 1e6
+    measure = F.get_measure(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r32, r64 = float(measure(x, y)), float(measure(x.double(), y.double()))
+    assert r32 == pytest.approx(r64, abs=2e-5)

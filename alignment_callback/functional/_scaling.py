@@ -76,3 +76,19 @@ def center_columns(x: Tensor) -> tuple[Tensor, Tensor]:
     constant = (x == x[:1]).all(0, keepdim=True)
     xc = (x - x.mean(0, keepdim=True)).masked_fill(constant, 0)
     return xc, x.masked_fill(constant, 0)
+
+
+#: Centering's rounding of a column, in units of ``eps·‖x_j‖``: a column varies when its
+#: centered values exceed it (a sum of n values rounds by far less).
+CENTERING_ULPS = 1e2
+
+
+def has_variance(xc: Tensor, varying: Tensor) -> bool:
+    """Whether some column of the column-centered ``xc`` varies by more than centering's
+    rounding of that column's own values (``CENTERING_ULPS·eps·‖x_j‖``, with ``varying`` the
+    uncentered columns, constant ones zeroed: :func:`center_columns`).  Column by column, so
+    one feature with a large offset (a transformer's massive activations) does not make the
+    variance of all the others look like its rounding."""
+    bound = CENTERING_ULPS * torch.finfo(xc.dtype).eps
+    own = torch.linalg.vector_norm(xc, dim=0)
+    return bool((own > bound * torch.linalg.vector_norm(varying, dim=0)).any())

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
-from alignment_callback.functional._scaling import center_columns, rescale_exactly
+from alignment_callback.functional._scaling import center_columns, has_variance, rescale_exactly
 from alignment_callback.functional._validation import check_bandwidth, check_pair, per_side
 from alignment_callback.functional.gram_null import gram_dots, gram_dots_layers
 from alignment_callback.functional.kernels import (
@@ -66,8 +66,7 @@ class FeatureState:
 
 def linear_feature_state(x: Tensor) -> FeatureState:
     """Column-centered features for linear CKA / RV in feature space (O(n·d) memory).  Zero
-    variance is refused with the gram route's tolerance: ``‖XᵀX‖_F`` of the centered features
-    (= the centered gram's norm) at most :func:`centering_floor`."""
+    variance is refused with the gram route's rule (:func:`has_variance`)."""
     xc, varying = center_columns(rescale_exactly(x))
     if not bool((xc != 0).any()):
         raise ValueError("zero-variance representation: every sample is identical; CKA is "
@@ -75,19 +74,18 @@ def linear_feature_state(x: Tensor) -> FeatureState:
     from alignment_callback.functional.moments import feature_scatter
 
     scatter = feature_scatter(xc)
-    if not float(scatter.norm()) > centering_floor(varying):
+    if not (float(scatter.norm()) > 0 and has_variance(xc, varying)):
         raise ValueError("zero-variance representation: the centered features are zero up to "
                          f"rounding (all samples identical, or every feature constant to {x.dtype} "
                          "precision); CKA is undefined for it")
     return FeatureState(xc, scatter)
 
 
-def centering_floor(x: Tensor) -> float:
-    """``1e4·eps²·Σx²``: the most that centering leaves of ``x``'s centered gram (Frobenius
-    norm) when every feature is constant: each centered entry is then a few units of rounding
-    of ``|x|``.  A large offset on some features (e.g. a transformer's massive activations) is
-    not mistaken for zero variance, as a bound of ``eps·Σx²`` would."""
-    return 1e4 * torch.finfo(x.dtype).eps ** 2 * float(torch.linalg.vector_norm(x)) ** 2
+def centering_floor(xc: Tensor, varying: Tensor) -> float:
+    """The norm a centered gram must exceed: 0 when some feature varies by more than
+    centering's rounding of its own values (:func:`has_variance`), else infinite (every
+    feature constant to the dtype's precision: zero variance)."""
+    return 0.0 if has_variance(xc, varying) else math.inf
 
 
 def _state(matrix: Tensor, tol: float, what: str, cause: str | None = None) -> GramState:
@@ -139,7 +137,7 @@ def _stacked(states: Sequence[GramState]) -> Tensor:
 def linear_state(x: Tensor) -> GramState:
     """``H X Xᵀ H`` (computed from column-centered features)."""
     xc, varying = center_columns(rescale_exactly(x))
-    return _state(linear_gram(xc), centering_floor(varying), "linear gram")
+    return _state(linear_gram(xc), centering_floor(xc, varying), "linear gram")
 
 
 def rbf_state(x: Tensor, sigma: float | str = 1.0) -> GramState:
@@ -157,7 +155,7 @@ def unbiased_state(x: Tensor) -> GramState:
     differ, so the matrix is the same, without the rounding of a large feature offset."""
     xc, varying = center_columns(rescale_exactly(x))
     k = linear_gram(xc)
-    tol = max(1e3 * _eps(k) * float(k.norm()), centering_floor(varying))
+    tol = max(1e3 * _eps(k) * float(k.norm()), centering_floor(xc, varying))
     # a gram whose off-diagonal is a_i + a_j + c is U-centered to 0: all samples but one
     # identical (their unbiased HSIC is 0, though linear CKA is defined)
     return _state(u_center_gram(k), tol, "U-centered linear gram",

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._scaling import center_columns, rescale_exactly
+from alignment_callback.functional._scaling import center_columns, has_variance, rescale_exactly
 from alignment_callback.functional._validation import (
     as_number,
     check_matrix,
@@ -143,8 +143,7 @@ def _check_variance(t: Tensor, what: str) -> Tensor:
     isotropic scaling of either side; squared norms of huge or tiny magnitudes would overflow
     or underflow); raises for zero variance."""
     tc, varying = center_columns(rescale_exactly(t))
-    tol = 1e2 * torch.finfo(t.dtype).eps * torch.linalg.vector_norm(varying)  # its rounding
-    if not bool(tc.norm() > tol):
+    if not has_variance(tc, varying):  # every column constant to its own rounding
         raise ValueError(
             f"zero-variance representation: {what} is constant over samples; "
             f"linear_predictivity is undefined for it"

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._scaling import center_columns, rescale_exactly
+from alignment_callback.functional._scaling import center_columns, has_variance, rescale_exactly
 from alignment_callback.functional._validation import check_bandwidth, check_pair, per_side
 from alignment_callback.functional.kernels import center_gram, rbf_gram
 
@@ -57,10 +57,10 @@ def centered_svd(x: Tensor, measure: str) -> tuple[Tensor, Tensor, Tensor]:
     xc, varying = center_columns(rescale_exactly(x))
     u, s, vh = torch.linalg.svd(xc, full_matrices=False)
     eps = torch.finfo(x.dtype).eps
-    # centering leaves a non-constant column a few units of eps·|x| per entry: 100·eps·‖x‖
-    # (constant columns left out) refuses that, and keeps a large offset on every feature
-    # (10⁴ standard deviations in float32)
-    if not bool(s[0] > 1e2 * eps * torch.linalg.vector_norm(varying)):
+    # centering leaves a column constant up to rounding a few units of eps·|x_j| per entry:
+    # zero variance when every column is so (has_variance), which keeps a large offset on
+    # every feature (10⁴ standard deviations in float32) or one feature's much larger one
+    if not (bool(s[0] > 0) and has_variance(xc, varying)):
         raise ValueError(
             f"zero-variance representation: all samples are identical after centering; "
             f"{measure} is undefined for it"

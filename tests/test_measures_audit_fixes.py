@@ -299,3 +299,30 @@ def test_svcca_is_rotation_invariant_only_when_it_keeps_every_direction():
                                                                 abs=1e-10)
     assert "rotation and invertible linear maps when cca_dim >= the rank" in \
         F.get_measure("svcca").info.invariances
+
+
+@pytest.mark.parametrize("name", ["hsic_biased", "hsic_unbiased"])
+def test_hsic_of_huge_or_tiny_grams_is_their_value_not_nan(name):
+    """HSIC is bilinear: K·2³⁷·…, L·2⁻³⁷·… (float32, entries near float32's largest) have the
+    value of K, L, but the sums of products overflowed to inf − inf = NaN; a value beyond
+    float32's range is ±inf (or 0 below it), never NaN."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
+    k, l = x @ x.T, y @ y.T
+    hsic = getattr(F, name)
+    exact = float(hsic(k.double(), l.double()))
+    big, small = 2.0 ** 120, 2.0 ** -120  # powers of two: the scaled grams are exact
+    assert float(hsic(k * big, l * small)) == pytest.approx(exact, rel=1e-5)
+    assert float(hsic(k * small, l * big)) == pytest.approx(exact, rel=1e-5)
+    assert float(hsic(k * 2.0 ** 70, l * 2.0 ** 70)) == (np.inf if exact > 0 else -np.inf)
+    assert float(hsic(k * 2.0 ** -80, l * 2.0 ** -80)) == 0.0
+    assert float(hsic(k, l)) == float(hsic(k.clone(), l.clone()))  # moderate: not rescaled
+
+
+def test_calibrate_refuses_a_meta_tensor_naming_it():
+    """calibrate() with a meta score or null failed inside ("Tensor.item() cannot be called on
+    meta tensors", "Cannot copy out of meta tensor"), naming neither."""
+    with pytest.raises(ValueError, match="score is a meta tensor"):
+        F.calibrate(torch.tensor(0.5, device="meta"), torch.rand(19))
+    with pytest.raises(ValueError, match="null is a meta tensor"):
+        F.calibrate(0.5, torch.rand(19, device="meta"))

@@ -254,6 +254,10 @@ def calibrate(
     (0.005, 0.809)
     """
     null = torch.as_tensor(null)
+    for name, value in (("score", score), ("null", null)):
+        if isinstance(value, Tensor) and value.is_meta:
+            raise ValueError(f"{name} is a meta tensor (device='meta'): meta tensors hold no "
+                             "data to calibrate")
     if null.dim() > 1:
         raise ValueError(f"null must hold one value per permutation, shape (K,), got shape "
                          f"{tuple(null.shape)}")

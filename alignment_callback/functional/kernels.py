@@ -174,6 +174,24 @@ def _check_grams(k: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
     return k.to(dtype), l.to(dtype)
 
 
+def _unit_scaled(gram: Tensor) -> tuple[Tensor, int]:
+    """``gram · 2**-e`` with its largest ``|entry|`` moderate (``rescale_exactly``), and ``e``:
+    HSIC is bilinear, so computed on the rescaled grams it is the same number times
+    ``2**-(e_k + e_l)`` (exact), and huge or tiny grams neither overflow (inf − inf = NaN) nor
+    underflow in its sums of products."""
+    scaled = rescale_exactly(gram)
+    if scaled is gram:
+        return gram, 0
+    return scaled, math.frexp(float(gram.abs().amax()))[1]
+
+
+def _scaled_back(value: Tensor, exponent: int) -> Tensor:
+    """``value · 2**exponent`` (exact; ±inf where the dtype cannot hold it)."""
+    if exponent == 0:
+        return value
+    return times_power_of_two(value, torch.tensor(exponent, device=value.device))
+
+
 @no_autocast()
 def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
     """Biased HSIC: ``tr(K H L H) = Σ_ij (HKH)_ij L_ji``, ``H = I − 11ᵀ/n`` (Gretton et al. 2005).
@@ -208,10 +226,11 @@ def hsic_biased(k: Tensor, l: Tensor) -> Tensor:
     >>> bool(torch.isclose(hsic_biased(k, l), torch.trace(k @ h @ l @ h)))
     True
     """
-    k, l = _check_grams(k, l)
+    (k, ek), (l, el) = (_unit_scaled(g) for g in _check_grams(k, l))
     # tr(KHLH) = Σ (HKH)_ij (HLH)_ji, and H(K − c)H = HKH: both centered, their means taken
     # out first, so that a large offset (un-centered grams) costs no digits
-    return (center_gram(k - k.mean()) * center_gram(l - l.mean()).T).sum()
+    return _scaled_back((center_gram(k - k.mean()) * center_gram(l - l.mean()).T).sum(),
+                        ek + el)
 
 
 def _off_diagonal_centered(k: Tensor) -> Tensor:
@@ -261,7 +280,7 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     >>> bool(torch.isclose(cka, unbiased_cka(x, y)))
     True
     """
-    k, l = _check_grams(k, l)
+    (k, ek), (l, el) = (_unit_scaled(g) for g in _check_grams(k, l))
     n = k.shape[0]
     if n < 4:
         raise ValueError(f"unbiased HSIC needs n >= 4 samples, got {n}")
@@ -269,7 +288,7 @@ def hsic_unbiased(k: Tensor, l: Tensor) -> Tensor:
     trace = (kt * lt.T).sum()
     cross = (kt.sum(0) * lt.sum(1)).sum()
     value = trace + kt.sum() * lt.sum() / ((n - 1) * (n - 2)) - 2.0 * cross / (n - 2)
-    return value / (n * (n - 3))
+    return _scaled_back(value / (n * (n - 3)), ek + el)
 
 
 _NUMBA_RANKS_MIN = 1 << 16  # fewer values: torch.sort is as fast

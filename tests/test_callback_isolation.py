@@ -360,6 +360,33 @@ def test_the_probe_forward_creates_tensors_in_the_precision_s_dtype(precision):
     assert raws(fg)[-1] == pytest.approx(float(expected.raw), abs=1e-6)
 
 
+class DtypeRecordingRows(Dataset):
+    """The probe's rows, noting the default dtype each is built under (a transform such as
+    ToTensor + Normalize builds rows in it)."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows, self.seen = rows, set()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.seen.add(torch.get_default_dtype())
+        return self.rows[i] * torch.tensor(1.0)
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_the_probe_s_rows_are_built_as_training_s_under_a_true_precision(precision):
+    """Only the forward runs under the precision's default dtype: the probe DataLoader's rows
+    were built under it too (bfloat16 rows from a float32 pipeline: 167 of 256 values
+    differ), unlike training's, and unlike the reference's rows."""
+    rows = DtypeRecordingRows(PROBE)
+    cb = callback(probe=DataLoader(rows, batch_size=16), measures=["linear_cka"],
+                  every_n_train_steps=2)
+    fit([cb], model=CreatingMLP(), precision=precision, max_epochs=1)
+    assert len(cb.history) >= 2 and rows.seen == {torch.float32}
+
+
 @pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
 def test_a_float64_model_and_reference_are_compared_in_float64(background):
     """``precision="64-true"`` and a float64 reference: the activations were recorded in

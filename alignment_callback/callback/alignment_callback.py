@@ -1402,12 +1402,12 @@ class AlignmentCallback(Callback):
 
     # -------------------------------------------------------------------------- capture
     def _collect(self, model: nn.Module, batches: Any, layers: Any, pool: Any, input_key: Any,
-                 transform: Any, model_device: torch.device, restore_rng: bool = True
-                 ) -> dict[str, Tensor]:
+                 transform: Any, model_device: torch.device, restore_rng: bool = True,
+                 forward_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
         acts = collect_activations(
             model, batches, layers, pool=pool, device=model_device, input_key=input_key,
             batch_transform=transform, restore_rng=restore_rng, mask_key=self.mask_key,
-            to_cpu=self._device.type == "cpu", dtype=None,
+            to_cpu=self._device.type == "cpu", dtype=None, default_dtype=forward_dtype,
         )  # recorded in the output's dtype (half precision averaged in float32 by "mean" or a
         # pool callable), then compared in float64 when the model computes in float64
         # (precision="64-true"), else in float32
@@ -1435,12 +1435,13 @@ class AlignmentCallback(Callback):
         batches are converted as the trainer converts its own (e.g. floating-point inputs to
         bfloat16 with ``precision="bf16-true"``), and tensors the forward creates get
         ``forward_dtype`` (:meth:`_forward_dtype`; only from the training loop's thread: the
-        default dtype is the process's)."""
+        default dtype is the process's), while the probe's batches are built as training's
+        are."""
         try:
-            with _logging_off(model), _default_dtype(forward_dtype):
+            with _logging_off(model):
                 acts = self._collect(model, self._as_trained(batches), self.layers, self.pool,
                                      self.input_key, self.batch_transform, model_device,
-                                     restore_rng)
+                                     restore_rng, forward_dtype)
         except LayerCountError as err:
             raise LayerCountError(f"student model: {err}") from err
         except Exception as err:
@@ -1914,21 +1915,6 @@ def _anchor(ref: Reference, acts: dict[str, Tensor]) -> None:
 
 
 _LOGGING = ("log", "log_dict")
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
-    """``torch.set_default_dtype(dtype)`` inside, the previous default put back after (None:
-    nothing changes)."""
-    if dtype is None:
-        yield
-        return
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 @contextmanager

@@ -396,6 +396,21 @@ def _model_inputs(batch: Any, input_key: str | None, transformed: bool) -> tuple
     )
 
 
+@contextmanager
+def default_dtype_of_forward(dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.set_default_dtype(dtype)`` inside, the previous default put back after (None:
+    nothing changes)."""
+    if dtype is None:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def feed_batch(
     model: nn.Module,
     batch: Any,
@@ -591,6 +606,7 @@ def collect_activations(
     batch_size: int = BATCH_ROWS,
     mask_key: str | None = DEFAULT_MASK_KEY,
     restore_rng: bool = True,
+    default_dtype: torch.dtype | None = None,
     **recorder_kwargs: Any,
 ) -> dict[str, Tensor]:
     """Run ``model`` over probe batches and return ``{layer: (n, d)}`` pooled activations.
@@ -642,6 +658,12 @@ def collect_activations(
     restore_rng : bool, default=True
         Put the global RNG state back afterward (see :func:`evaluation_mode`; pass False
         from a thread other than the training loop's).
+    default_dtype : torch.dtype or None, default=None
+        ``torch.set_default_dtype`` while the model runs, put back after each forward (the
+        batches are fetched and transformed under the caller's): what a trainer's precision
+        sets for its forwards (float64 with ``"64-true"``), so that tensors a forward creates
+        get it.  None: unchanged.  The default dtype is the process's: set it from the thread
+        that trains only.
     **recorder_kwargs
         ``detach``, ``to_cpu``, ``dtype``, ``output_key`` for :class:`ActivationRecorder`.
 
@@ -694,7 +716,8 @@ def collect_activations(
                 _check_mask_key(mask_key, fed, batch)
             before, rows_before = dict(rec.calls), dict(rec.rows)
             try:
-                feed_batch(runner, fed, input_key, batch_transform is not None, forward)
+                with default_dtype_of_forward(default_dtype):
+                    feed_batch(runner, fed, input_key, batch_transform is not None, forward)
             except _EXPLAINED as err:  # what was fed, and the usual cause for texts
                 if type(err) not in _EXPLAINED:
                     raise

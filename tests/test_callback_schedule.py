@@ -522,3 +522,27 @@ def test_with_baseline_false_a_check_before_the_first_step_finds_no_value(tmp_pa
     warned = [m for m in messages if m.startswith(("EarlyStopping(", "ModelCheckpoint("))]
     assert len(warned) == 2 and all("no value" not in m for m in warned), messages
     assert all(("step 0's" if every else "an earlier epoch's") in m for m in warned), messages
+
+
+def test_with_baseline_false_checks_only_before_the_first_step_are_not_called_stale(tmp_path):
+    """One epoch of 4 steps, steps every 5, baseline=False: the epoch end (step 4) comes before
+    any alignment step, and no later check exists; the warning also said it would read "the
+    last step's value, up to 4 step(s) old".  A checkpoint every 3 steps was only said to be
+    scored with an earlier value, though its saves before step 5 find none."""
+    stopper = EarlyStopping(KEY, mode="max", patience=5, strict=False)
+    _, messages = fit([callback(baseline=False, every_n_train_steps=5), stopper], max_epochs=1)
+    (warned,) = [m for m in messages if m.startswith("EarlyStopping(")]
+    assert "up to 4 step(s) old" not in warned, warned
+    assert ("at step 4, before the first alignment step (baseline=False), it would find no "
+            "value at all: EarlyStopping(strict=False) skips that check") in warned, warned
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor=KEY, mode="max", every_n_train_steps=3,
+                            save_top_k=-1)
+    _, messages = fit([callback(baseline=False, every_n_train_steps=5), saver], max_epochs=2)
+    (warned,) = [m for m in messages if m.startswith("ModelCheckpoint(")]
+    assert ("A save before step 5, the first alignment step (baseline=False), would find no "
+            "value at all: ModelCheckpoint skips that save") in warned, warned
+    _, messages = fit([callback(every_n_train_steps=5),
+                       ModelCheckpoint(dirpath=tmp_path / "b", monitor=KEY, mode="max",
+                                       every_n_train_steps=3)], max_epochs=2)
+    (warned,) = [m for m in messages if m.startswith("ModelCheckpoint(")]
+    assert "no value" not in warned, warned  # the baseline's value is there

@@ -168,11 +168,15 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
                 if steps % n != 0 or timed:
                     what = (f"every {steps} training steps" if steps > 0
                             else "by time (train_time_interval)")
+                    early = "" if baseline or (steps >= n and not timed) else (
+                        f" A save before step {n}, the first alignment step (baseline=False), "
+                        f"would find no value at all: {_no_value(cb)}.")
                     messages.append(
                         f"ModelCheckpoint(monitor={cb.monitor!r}) saves {what} while the "
                         f"alignment step runs every {n}: its checkpoints between two steps "
                         "would be scored with the last step's value, measured on earlier "
-                        f"weights. Pass ModelCheckpoint(every_n_train_steps={n}) (or a multiple)")
+                        f"weights.{early} Pass ModelCheckpoint(every_n_train_steps={n}) (or a "
+                        "multiple)")
                 continue
             if epochs < 1:
                 continue  # it never saves at an epoch end
@@ -189,6 +193,9 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
                 continue
             where, first = "at the training epoch end", interval
             when = f"every {interval} optimizer step(s)"
+            end = max_steps if max_epochs is None or max_epochs < 0 else min(
+                max_steps, max_epochs * per_epoch)
+            later = _stale_from(interval, n, end)
         else:
             where = "at the validation end"
             listed = _validation_steps(trainer, trainer.num_training_batches, per_epoch,
@@ -200,17 +207,23 @@ def stale_step_monitor_warnings(trainer: Trainer, pl_module: LightningModule,
             if not stale:
                 continue
             when, first = _describe(steps, extent), stale[0]
+            later = extent != "all" or any(s >= n for s in stale)
         fix = (f"Pass ModelCheckpoint(every_n_train_steps={n})" if isinstance(cb, ModelCheckpoint)
                else "Use AlignmentPlateau (which counts alignment steps)")
-        read = (f" (at step {first}, step {first - first % n}'s), measured on earlier weights"
-                if baseline or first >= n else ", measured on earlier weights, and at step "
-                f"{first}, before the first alignment step (baseline=False), no value at all: "
-                f"{_no_value(cb)}")
+        stale_read = f"it would read the last step's value, up to {n - 1} step(s) old"
+        before = f"at step {first}, before the first alignment step (baseline=False)"
+        if baseline or first >= n:
+            read = (f"{stale_read} (at step {first}, step {first - first % n}'s), measured on "
+                    "earlier weights")
+        elif later:  # stale checks after the first step too
+            read = (f"{stale_read}, measured on earlier weights, and {before}, no value at "
+                    f"all: {_no_value(cb)}")
+        else:
+            read = f"{before}, it would find no value at all: {_no_value(cb)}"
         messages.append(
             f"{type(cb).__name__}(monitor={cb.monitor!r}) checks {where}, {when}, while the "
-            f"alignment step runs every {n}: it would read the last step's value, up to "
-            f"{n - 1} step(s) old{read}. {fix}, or choose every_n_train_steps to divide the "
-            "steps of its checks")
+            f"alignment step runs every {n}: {read}. {fix}, or choose every_n_train_steps to "
+            "divide the steps of its checks")
     return messages
 
 
@@ -354,6 +367,19 @@ def cut_epoch_warnings(trainer: Trainer, pl_module: LightningModule, monitors: l
             f"Trainer(max_steps={max_steps}) ends training {done} optimizer step(s) into epoch "
             f"{epoch} (of {per_epoch}): at that end it would read {read}. Choose max_steps {fix}")
     return messages
+
+
+def _stale_from(every: int, n: int, end: float) -> bool:
+    """Whether checks at every, 2·every, … (up to step ``end``) fall on a step at or after n
+    that is not a multiple of n (the residues repeat after n / gcd(every, n) checks)."""
+    k = max(1, -(-n // every))
+    for _ in range(n // math.gcd(every, n) + 1):
+        if k * every > end:
+            return False
+        if (k * every) % n:
+            return True
+        k += 1
+    return False
 
 
 def _optimizer_steps_per_epoch(trainer: Trainer, pl_module: LightningModule) -> int | None:

@@ -218,3 +218,37 @@ def test_an_output_pipe_closed_by_its_reader_ends_quietly(files, capsys, monkeyp
     code = cli.main(["compare", "good.pt", "good.pt", *FAST, "--out", "out_pipe"])
     assert code == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_feature_far_larger_than_the_others_is_not_a_constant_layer(files, capsys):
+    """One feature at 10⁶ beside unit-variance ones (float32): the command line judged the
+    layer constant over all features at once ("all 40 rows are identical"), as the library
+    did before it held each feature to its own rounding."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 8, generator=g)
+    x[:, 0] += 1e6
+    torch.save({"h": x}, files / "offset.pt")
+    for extra in ([], ["--no-normalize"]):
+        code = cli.main(["compare", str(files / "offset.pt"), str(files / "good.pt"), *FAST,
+                         "--measure", "linear_cka", "--out", str(files / "out_offset"), *extra])
+        assert code == 0, capsys.readouterr().err
+
+
+def test_moments_refuses_a_file_of_several_layers_in_the_last_column_first(files, capsys):
+    """--null moments takes one layer pair: only the first pair's files were checked before
+    computing, so a two-layer file in DIR_Y's last column failed after the pairs before it."""
+    folder = files / "moments_y"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(2)
+    torch.save({"h": torch.randn(N, 5, generator=g)}, folder / "a_one.pt")
+    torch.save({"h": torch.randn(N, 5, generator=g), "k": torch.randn(N, 4, generator=g)},
+               folder / "z_two.pt")
+    single = files / "moments_x"
+    single.mkdir()
+    torch.save({"h": torch.randn(N, 6, generator=g)}, single / "m.pt")
+    out = files / "out_moments_late"
+    code = cli.main(["matrix", str(single), str(folder), "--measure", "linear_cka", "--null",
+                     "moments", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "z_two.pt has 2 layers" in err[-1], err
+    assert not (out / "pairs.jsonl").exists() or (out / "pairs.jsonl").read_text() == ""

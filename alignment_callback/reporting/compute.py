@@ -122,9 +122,10 @@ class FeatureLoader:
 
     @staticmethod
     def _constant(t: Tensor) -> bool:
-        """All rows equal up to float round-off (a few ulps of the largest value)."""
-        spread = float((t - t[:1]).abs().max())
-        return spread <= 64 * torch.finfo(t.dtype).eps * float(t.abs().max())
+        """All rows equal up to float round-off: every feature within a few ulps of its own
+        largest value (one feature with a far larger offset does not hide the others')."""
+        spread = (t - t[:1]).abs().amax(0)
+        return bool((spread <= 64 * torch.finfo(t.dtype).eps * t.abs().amax(0)).all())
 
     def _check_constant(self, path: str | Path, raw: Layers, feats: Layers,
                         opts: dict[str, Any]) -> None:
@@ -366,14 +367,14 @@ def check_first_pair(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoa
     fixes n), so that a bad file (rows, NaN/Inf, a constant layer, too few rows for a measure)
     fails the run before hours of pairs rather than at its column; X files are kept for
     :func:`iter_pairs`, Y files that are not X files too are read again there.  Also checks
-    what depends on the first pair's layers (``--null moments`` needs one layer pair)."""
+    what depends on the files' layers (``--null moments`` needs one layer pair)."""
     if not tasks:
         return
     x_layers = {i: len(loader.load(plan.files_x[i], plan.key_x[i]))
                 for i in dict.fromkeys(task.i for task in tasks)}
     y_layers = {j: len(_load_y(plan, loader, j)) for j in dict.fromkeys(task.j for task in tasks)}
-    i, j = tasks[0].i, tasks[0].j
-    moments_layers(cal.null, (x_layers[i], y_layers[j]), (plan.files_x[i], plan.files_y[j]))
+    moments_layers(cal.null, [*x_layers.values(), *y_layers.values()],
+                   [*(plan.files_x[i] for i in x_layers), *(plan.files_y[j] for j in y_layers)])
 
 
 def iter_pairs(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,

@@ -126,6 +126,8 @@ def test_linear_predictivity_names_y_once():
     (lambda x, y: F.rbf_cka(x, y, sigma=-1.0), "rbf_cka: sigma must be a finite positive number"),
     (lambda x, y: F.rbf_cka(x, y, sigma="mean"), "rbf_cka: sigma must be a finite positive"),
     (lambda x, y: F.rbf_cka(x, y, sigma=torch.tensor(0.0)), "rbf_cka: sigma must be a finite"),
+    (lambda x, y: F.rbf_cka(x, y, sigma=1e-160), "rbf_cka: sigma=1e-160 is too small for "
+                                                 "torch.float64"),
     (lambda x, y: F.bures_similarity(x, y, kernel="rbf", sigma=0.0),
      "bures_similarity: sigma must be a finite"),
     (lambda x, y: F.bures_similarity(x, y, kernel="cosine"), "bures_similarity: kernel must be"),

@@ -30,6 +30,7 @@ from alignment_callback.functional.gram_null import gram_dots, gram_dots_layers
 from alignment_callback.functional.kernels import (
     average_ranks,
     center_gram,
+    check_sigma_fits,
     linear_gram,
     rbf_gram,
     symmetrize_,
@@ -392,6 +393,7 @@ def rbf_cka(x: Tensor, y: Tensor, sigma: float | str = 1.0) -> Tensor:
     """
     x, y = check_pair(x, y)
     check_bandwidth(sigma, "rbf_cka: sigma")  # named as get_measure names it
+    check_sigma_fits(sigma, x.dtype)  # a parameter error: not named after a side
     _check_memory("rbf_cka", x, _NO_GRAM)
     return gram_score(*per_side(rbf_state, x, y, sigma), _identity(x.shape[0], x.device))[0]
 

@@ -66,6 +66,18 @@ def _kernel_(exponent: Tensor, minus_one: bool) -> Tensor:
     return exponent.expm1_() if minus_one else exponent.exp_()
 
 
+def check_sigma_fits(sigma: float | str, dtype: torch.dtype, measure: str = "rbf_cka") -> float:
+    """``2σ²`` for an absolute ``sigma`` (0.0 for ``"median"``); a ``ValueError`` naming
+    ``measure`` when it underflows ``dtype`` (a parameter error, whatever the data)."""
+    if isinstance(sigma, str):
+        return 0.0
+    scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error
+    if not scale >= torch.finfo(dtype).tiny:
+        raise ValueError(f"{measure}: sigma={float(sigma)} is too small for {dtype}: 2*sigma^2 "
+                         f"= {scale:g} underflows. Use a larger sigma or sigma='median'")
+    return scale
+
+
 def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
              measure: str = "rbf_cka") -> Tensor:
     """RBF kernel ``K_ij = exp(−‖x_i − x_j‖² / (2σ²))``, or with ``minus_one`` ``K − 1`` as
@@ -93,10 +105,7 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
         return _kernel_(d2.div_(-2.0 * s2), minus_one)
     sigma = float(sigma)  # also a 0-dim tensor (a learned or computed bandwidth)
     d2 = squared_distances(x)
-    scale = 2.0 * float(sigma) * float(sigma)  # inf in Python for sigma > 1.3e154, no error
-    if not scale >= torch.finfo(x.dtype).tiny:
-        raise ValueError(f"{measure}: sigma={sigma} is too small for {x.dtype}: 2*sigma^2 = "
-                         f"{scale:g} underflows. Use a larger sigma or sigma='median'")
+    scale = check_sigma_fits(sigma, x.dtype, measure)
     if not bool(torch.isfinite(d2).all()):
         raise ValueError(
             f"{measure}: squared distances overflow {x.dtype} (largest |x| = "

@@ -20,7 +20,12 @@ import torch
 
 from alignment_callback.callback.feedback import report_files, write_report
 from alignment_callback.engine import StepResult
-from alignment_callback.engine.report import Report, curve_sentence, history_series
+from alignment_callback.engine.report import (
+    Report,
+    curve_sentence,
+    history_series,
+    training_report,
+)
 from alignment_callback.functional import calibrated_layer_alignment
 from alignment_callback.metrics.plotting import plot_layer_heatmap, plot_scores
 from tests.helpers import FAST_TRAINER, MLP, make_probe, quiet_callback, train_loader
@@ -220,7 +225,8 @@ def test_curve_sentence_never_moves_between_equal_printed_values() -> None:
     # changes around the 2-decimal display and FLAT
     for first, change in zip(rng.random(400), rng.uniform(-0.02, 0.02, 400)):
         text = curve_sentence("m", [first, first + change], [0.0, 0.0], 0.5)
-        moves = re.findall(r"(rose|fell) (\d+\.\d\d) → (\d+\.\d\d)", text)
+        # two decimals, or two significant digits below 0.005
+        moves = re.findall(r"(rose|fell) (-?[\d.e-]+) → (-?[\d.e-]+)", text)
         for word, a, b in moves:
             assert a != b, text
             assert (float(b) > float(a)) == (word == "rose"), text
@@ -243,3 +249,60 @@ def test_plot_scores_runs_along_the_steps_when_epochs_repeat() -> None:
     assert ax.get_xlabel() == "epoch"
     assert list(raw.get_xdata()) == [e for e, _ in points]
     plt.close(fig)
+
+
+def test_curve_sentences_of_small_single_or_missing_values_say_what_is_there() -> None:
+    """A calibrated 0.0041 read "stayed at 0.00: above chance"; -0.004 → 0.004 read "rose -0.00
+    → 0.00"; a one-step curve "stayed" at its value; a continuous p_BH of 0.0500004 read
+    "p_BH = 0.05 > 0.05"; BH is across every curve (references × measures), not "the
+    measures"; a curve with no value at the last step (a drift reference at a redone step) was
+    read "above chance at the last step" from an earlier step's value."""
+    small = curve_sentence("cknna", [0.1716, 0.1716], [0.0041, 0.0041], 0.1682, 0.05)
+    assert "calibrated stayed at 0.0041: above chance" in small, small
+    signed = curve_sentence("unbiased_cka", [-0.004, 0.004], [0.0, 0.0], 0.02, 0.4)
+    assert "raw rose -0.004 → 0.004" in signed and "-0.00 " not in signed, signed
+    one = curve_sentence("prev", [1.0], [1.0], 0.1, 0.01)
+    assert "raw was 1.00 and calibrated was 1.00" in one, one
+    assert "calibrated was 0" in curve_sentence("prev", [0.2], [0.0], 0.3, 0.5)
+    near = curve_sentence("m", [0.1, 0.3], [0.0, 0.2], 0.1, 0.05, 0.0500004, 0.05)
+    assert "across the curves (p_BH = 0.0500004 > 0.05)" in near, near
+    missing = curve_sentence("prev", [0.9, 1.0], [0.5, 1.0], 0.1, None, None, 0.05,
+                             last_value_at="epoch 1, step 4")
+    assert missing.endswith("no value at the last step (its last value is at epoch 1, step 4)."), \
+        missing
+    assert "above chance" not in missing
+    def entry(epoch, step, **curves):
+        return {"epoch": epoch, "step": step,
+                **{f"alignment/{c}/m/{f}": v for c, (raw, cal) in curves.items()
+                   for f, v in (("raw", raw), ("calibrated", cal), ("p_value", 0.01),
+                                ("threshold", 0.1))}}
+
+    history = [entry(0, 0, ref=(0.3, 0.2)), entry(1, 4, ref=(0.4, 0.3), prev=(1.0, 1.0)),
+               entry(2, 8, ref=(0.5, 0.4))]
+    md = training_report(history).to_markdown()
+    assert "prev/m: raw was 1.00 and calibrated was 1.00: no value at the last step (its last " \
+           "value is at epoch 1, step 4)." in md, md
+
+
+def test_the_curves_panels_share_one_axis(tmp_path, monkeypatch) -> None:
+    """Step mode with a "previous" reference (no value at step 0): its rows have distinct
+    epochs, so its panel was drawn against the epoch while the other ran along the steps, and
+    its first point (step 3) sat at x = 0."""
+    import alignment_callback.metrics.plotting as plotting
+    from alignment_callback.callback.feedback import _curves
+
+    drawn = {}
+
+    def record(rows, ax=None, measure=None, prefix="alignment", steps=None, xlabel=None):
+        drawn[measure] = (xlabel, list(steps))
+
+    monkeypatch.setattr(plotting, "plot_scores", record)
+
+    def entry(epoch, step, *labels):
+        return {"epoch": epoch, "step": step,
+                **{f"alignment/{c}/linear_cka/{f}": 0.5 for c in labels
+                   for f in ("raw", "calibrated", "threshold", "p_value")}}
+
+    history = [entry(0, 0, "ref"), entry(0, 3, "ref", "prev"), entry(1, 6, "ref", "prev")]
+    _curves(str(tmp_path), history, ["ref/linear_cka", "prev/linear_cka"], "c.png", "alignment")
+    assert drawn == {"ref/linear_cka": ("step", [0, 3, 6]), "prev/linear_cka": ("step", [3, 6])}

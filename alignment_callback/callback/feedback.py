@@ -172,11 +172,15 @@ def _curves(folder: str, history: Sequence[Mapping[str, Any]], measures: Sequenc
         fig = Figure(figsize=(4.6 * len(measures), 3.8))
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, len(measures), squeeze=False)[0]
+        # one axis for every panel, chosen on the whole history: against the epoch, unless
+        # several steps share one (every_n_train_steps)
+        x = (history_axis(history) or ("step",))[0]
         for ax, m in zip(axes, measures):
             rows = [h for h in history if f"{prefix}/{m}/raw" in h]  # "previous": not at step 0
-            # against the epoch, unless several steps share one (every_n_train_steps)
-            x, xs = history_axis(rows) or ("step", list(range(len(rows))))
-            plot_scores(rows, ax=ax, measure=m, prefix=prefix, steps=xs, xlabel=x)
+            label, xs = x, [h.get(x) for h in rows]
+            if any(v is None for v in xs):
+                label, xs = "step", list(range(len(rows)))
+            plot_scores(rows, ax=ax, measure=m, prefix=prefix, steps=xs, xlabel=label)
         width = fig.get_figwidth()  # fixed margins in inches: tight_layout drew the figure twice
         fig.subplots_adjust(left=0.62 / width, right=1 - 0.12 / width, bottom=0.14, top=0.91,
                             wspace=0.26)

@@ -409,32 +409,58 @@ def matrix_report(
 
 
 # -------------------------------------------------------------------------------- training
+def _two(value: float) -> str:
+    """A score as the sentences print it: two decimals, or two significant digits below 0.005
+    (a calibrated 0.004 is not "0.00", a value just below 0 not "-0.00").
+
+    >>> _two(0.3565), _two(0.0041), _two(-0.0004), _two(0.0)
+    ('0.36', '0.0041', '-0.0004', '0.00')
+    """
+    if value == 0:
+        return "0.00"
+    return f"{value:.2g}" if abs(value) < 0.005 else f"{value:.2f}"
+
+
 def _direction(first: float, last: float) -> int:
     """+1 (rose), -1 (fell) or 0 (flat): a change counts when it exceeds :data:`FLAT` and
-    shows in the two printed decimals (never "fell 0.36 → 0.36")."""
-    if f"{first:.2f}" == f"{last:.2f}" or abs(last - first) <= FLAT:
+    shows in the printed values (never "fell 0.36 → 0.36")."""
+    if _two(first) == _two(last) or abs(last - first) <= FLAT:
         return 0
     return 1 if last > first else -1
 
 
-def _move(first: float, last: float) -> str:
+def _move(values: Sequence[float]) -> str:
+    """How a curve went: "rose a → b", "fell a → b", "stayed at b", or "was a" (one value)."""
+    first, last = values[0], values[-1]
+    if len(values) == 1:
+        return f"was {_two(last)}"
     direction = _direction(first, last)
     if direction > 0:
-        return f"rose {first:.2f} → {last:.2f}"
+        return f"rose {_two(first)} → {_two(last)}"
     if direction < 0:
-        return f"fell {first:.2f} → {last:.2f}"
-    return f"stayed at {last:.2f}"
+        return f"fell {_two(first)} → {_two(last)}"
+    return f"stayed at {_two(last)}"
+
+
+def _p_against(p: float, alpha: float) -> str:
+    """``p`` printed so that its side of ``alpha`` shows: more digits where the usual four
+    would read as ``alpha`` itself (a continuous p of 0.0500004 is not "0.05")."""
+    text = fmt_p(p)
+    return f"{float(p):.8g}" if float(text) == alpha and float(p) != alpha else text
 
 
 def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[float],
                    threshold: float | None = None, p_value: float | None = None,
-                   p_bh: float | None = None, alpha: float = 0.05) -> str:
+                   p_bh: float | None = None, alpha: float = 0.05,
+                   last_value_at: str | None = None) -> str:
     """A plain reading of a measure's curve over training (one sentence, two with BH).
 
-    With ``p_bh`` (the last step's Benjamini–Hochberg adjusted p-value across the measures,
-    as in the report's Final values) the sentence says "above chance" only when ``p_bh ≤
+    With ``p_bh`` (the last step's Benjamini–Hochberg adjusted p-value across the curves, as
+    in the report's Final values) the sentence says "above chance" only when ``p_bh ≤
     alpha``, as the table's significance column does: a last step above τ that BH does not
-    keep reads "above τ ... but not above chance after Benjamini–Hochberg".
+    keep reads "above τ ... but not above chance after Benjamini–Hochberg".  A curve with no
+    value at the history's last step (a drift reference at a step it has none) gets no verdict:
+    ``last_value_at`` names where its last value is.
 
     >>> print(curve_sentence("linear_cka", [0.31, 0.40, 0.52], [0.0, 0.0, 0.0], 0.55))
     ... # doctest: +NORMALIZE_WHITESPACE
@@ -447,12 +473,12 @@ def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[floa
     >>> print(curve_sentence("mutual_knn", [0.10, 0.30], [0.0, 0.21], 0.12, 0.03, 0.06))
     ... # doctest: +NORMALIZE_WHITESPACE
     mutual_knn: raw rose 0.10 → 0.30 and calibrated rose 0.00 → 0.21: above τ at the last step
-    (τ = 0.12, p = 0.03) but not above chance after Benjamini–Hochberg across the measures
+    (τ = 0.12, p = 0.03) but not above chance after Benjamini–Hochberg across the curves
     (p_BH = 0.06 > 0.05).
     >>> print(curve_sentence("mutual_knn", [0.10, 0.30], [0.0, 0.21], 0.12, 0.002, 0.004))
     ... # doctest: +NORMALIZE_WHITESPACE
     mutual_knn: raw rose 0.10 → 0.30 and calibrated rose 0.00 → 0.21: above chance at the
-    last step (τ = 0.12, p = 0.002). It stays so after Benjamini–Hochberg across the measures
+    last step (τ = 0.12, p = 0.002). It stays so after Benjamini–Hochberg across the curves
     (p_BH = 0.004 ≤ 0.05).
     """
     raw = [float(v) for v in raw if v is not None]
@@ -460,23 +486,27 @@ def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[floa
     if not raw or not cal:
         return f"{measure}: no values."
     tau = f"τ = {threshold:.2f}" if threshold is not None else ""
-    raw_move = _move(raw[0], raw[-1])
+    raw_move = _move(raw)
+    if last_value_at is not None:
+        return (f"{measure}: raw {raw_move} and calibrated {_move(cal)}: no value at the last "
+                f"step (its last value is at {last_value_at}).")
     kept = None if p_bh is None else significant(p_bh, alpha)  # the BH decision
     if all(v == 0 for v in cal) and not kept:
-        if _direction(raw[0], raw[-1]) > 0:
+        if len(raw) > 1 and _direction(raw[0], raw[-1]) > 0:
             why = "the rise is what chance reaches at this width"
         else:
             why = "no step is above what chance reaches at this width"
-        return (f"{measure}: raw {raw_move} while calibrated stayed 0: {why}"
+        zero = "stayed 0" if len(cal) > 1 else "was 0"
+        return (f"{measure}: raw {raw_move} while calibrated {zero}: {why}"
                 + (f" ({tau} at the last step)." if tau else "."))
     p_text = f"p = {fmt_p(p_value)}" if p_value is not None else ""
     detail = ", ".join(x for x in (tau, p_text) if x)
     detail = f" ({detail})" if detail else ""
-    head = f"{measure}: raw {raw_move} and calibrated {_move(cal[0], cal[-1])}: "
+    head = f"{measure}: raw {raw_move} and calibrated {_move(cal)}: "
     if kept is None:  # no BH decision: the per-measure reading
         end = "above chance" if cal[-1] > 0 else "at chance level"
         return f"{head}{end} at the last step{detail}."
-    bh = f"after Benjamini–Hochberg across the measures (p_BH = {fmt_p(p_bh)}"
+    bh = f"after Benjamini–Hochberg across the curves (p_BH = {_p_against(p_bh, alpha)}"
     if kept and cal[-1] > 0:
         return (f"{head}above chance at the last step{detail}. It stays so {bh} ≤ "
                 f"{alpha:g}).")
@@ -514,7 +544,7 @@ def training_report(
         Curves and last heatmaps, drawn by the caller.
     prefix : str, default="alignment"
     alpha : float, default=None
-        BH level across the measures' final p-values (default ``settings["alpha"]``, else
+        BH level across the curves' final p-values (default ``settings["alpha"]``, else
         0.05).
     title : str, default="Calibrated alignment during training"
     max_rows : int, default=50
@@ -564,6 +594,13 @@ def training_report(
         return report
     names = list(series)
     final_p = [(series[n].get("p_value") or [None])[-1] for n in names]
+    last_at = {}  # curves with no value at the last step: where their last value is
+    for n in names:
+        cal = series[n].get("calibrated") or []
+        if cal and cal[-1] is None:
+            j = max((i for i, v in enumerate(cal) if v is not None), default=None)
+            if j is not None:
+                last_at[n] = f"epoch {steps['epoch'][j]}, step {steps['step'][j]}"
     tested = [i for i, p in enumerate(final_p) if p is not None]
     q_of = dict(zip(tested, bh_adjust([float(final_p[i]) for i in tested])))
     report.heading("Reading")
@@ -571,7 +608,7 @@ def training_report(
         report.paragraph(curve_sentence(name, values.get("raw", []),
                                         values.get("calibrated", []),
                                         (values.get("threshold") or [None])[-1],
-                                        final_p[i], q_of.get(i), alpha))
+                                        final_p[i], q_of.get(i), alpha, last_at.get(name)))
     if skipped:
         report.paragraph(f"{_count(len(skipped), 'alignment step')} failed and "
                          f"{'was' if len(skipped) == 1 else 'were'} skipped (see Skipped steps).")
@@ -585,7 +622,7 @@ def training_report(
                      fmt(None if q is None else significant(q, alpha)),
                      str(v.get("best_pair") or "").replace("|", " ~ ")])
     report.paragraph(f"At the last step (epoch {steps['epoch'][-1]}, step {steps['step'][-1]}); "
-                     f"p_BH adjusts the measures' p-values together (Benjamini–Hochberg, "
+                     f"p_BH adjusts the curves' p-values together (Benjamini–Hochberg, "
                      f"q ≤ {alpha:g}).")
     report.table(["measure", "raw", "τ", "calibrated", "p", "p_BH",
                   f"significant (q ≤ {alpha:g})", "best layer pair"], rows)

@@ -84,6 +84,20 @@ def test_an_epoch_cut_short_has_no_epoch_step_and_a_resume_finishes_it(tmp_path)
     assert labels(resumed) == labels(whole)
 
 
+def test_without_a_baseline_the_first_epochs_step_is_run_at_a_resume_too(tmp_path):
+    """baseline=False: the checkpoint at the first epoch's last batch holds this callback's
+    state with an empty history (no step yet), which was taken for "not resumed", so the first
+    epoch's step was never computed."""
+    whole = callback(baseline=False)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1,
+                            filename="{step}")
+    fit([whole, saver], max_epochs=3)
+    resumed = callback(baseline=False)
+    fit([resumed], max_epochs=3, ckpt_path=str(tmp_path / "step=4.ckpt"))
+    assert labels(resumed) == labels(whole) == [(1, 4), (2, 8), (3, 12)]
+    assert resumed.history[0][KEY] == whole.history[0][KEY]
+
+
 class _FirstBatch(pl.Callback):
     """The monitored key in ``trainer.callback_metrics`` when the first batch starts."""
 

@@ -530,6 +530,7 @@ class AlignmentCallback(Callback):
         self._device = torch.device("cpu")  # where the measures compute
         self._scratch: str | None = None  # heatmap PNGs for W&B when no CSV logger writes them
         self._resume_pending: list[tuple[int, int]] = []  # from a checkpoint: steps to redo
+        self._state_loaded = False  # this fit resumed from a checkpoint of this callback
         self._probe_ran = False  # the model ran on the probe in this fit (see _model_activations)
         # (epoch, step) whose activations are "initial"'s: the fit's first step (None: taken
         # when training starts, or not taken)
@@ -673,6 +674,7 @@ class AlignmentCallback(Callback):
         found under another key), the only settings known of a checkpoint written before
         settings were saved."""
         self.history = [dict(h) for h in state.get("history", [])]
+        self._state_loaded = True
         self._resume_pending = [(int(e), int(s)) for e, s in state.get("pending", [])]
         self.skipped = [dict(s) for s in state.get("skipped", [])]
         self._tables = {str(k): [list(r) for r in rows]
@@ -779,7 +781,7 @@ class AlignmentCallback(Callback):
         kept, dropped = settings.curves_kept(saved, current)
         if not kept:
             self.history, self._resume_pending, self._tables, self._samples = [], [], {}, None
-            self.skipped = []
+            self.skipped, self._state_loaded = [], False  # a new history
             return [], dropped
         heads = tuple(f"{self.log_prefix}/{label}/" for label in dropped)
         self.history = [{k: v for k, v in h.items() if not k.startswith(heads)}
@@ -801,6 +803,7 @@ class AlignmentCallback(Callback):
                 "give each callback its own log_prefix")
         self._trainer = weakref.ref(trainer)
         self.restarted = set()  # a checkpoint loaded after setup says which curves restart
+        self._state_loaded = False  # set when it is loaded
         self._probe_known = None  # taken anew for this fit (a callable probe is called again)
         self._ended = False  # on_train_end ran (on_fit_end covers a run resumed at its end)
         if trainer.ckpt_path is None and trainer.global_step == 0:
@@ -1020,9 +1023,12 @@ class AlignmentCallback(Callback):
         but was not run because the checkpoint was written after the epoch's last batch and
         before its end (a checkpoint every n training steps); Lightning resumes with the next
         epoch, so the step is run now, on the same weights.  None when there is no such epoch
-        (also for a checkpoint written in the middle of an epoch)."""
+        (also for a checkpoint written in the middle of an epoch).  With ``baseline=False`` a
+        checkpoint of this callback written before its first step holds an empty history: its
+        missed step is due all the same."""
+        continued = self.history or (self._state_loaded and not self.baseline)
         if (self.every_n_train_steps is not None or trainer.ckpt_path is None
-                or not self.history or not last_batch_ran(trainer)):
+                or not continued or not last_batch_ran(trainer)):
             return None
         epoch = int(trainer.current_epoch)
         if epoch == 0 or epoch % self.every_n_epochs or any(e == epoch for e, _ in pending):

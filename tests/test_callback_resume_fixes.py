@@ -227,3 +227,26 @@ def test_validate_or_test_from_a_checkpoint_leaves_the_fits_state(tmp_path):
     cb.load_state_dict(torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
                        ["callbacks"][cb.state_key])  # called directly: loaded
     assert [h["step"] for h in cb.history] == [0, 4]
+
+
+@pytest.mark.parametrize("spelled, kept", [(["fc1", "fc2"], True), ("fc*", True),
+                                           ("re:fc[12]", True), (["fc1"], False)])
+def test_reference_layers_are_compared_as_the_layers_they_choose(tmp_path, spelled, kept):
+    """The student's layers are compared at a resume as the layers chosen, however spelled;
+    a reference model's were compared as written, so giving the default reference layers by
+    name, or as a pattern, dropped every curve (with a warning that the reference changed)."""
+    first = callback(layers=["fc1", "fc2"])
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit([first, saver], max_epochs=2, enable_checkpointing=True)
+    resumed = callback(layers=["fc1", "fc2"], reference_layers=spelled)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit([resumed], max_epochs=3, ckpt_path=str(tmp_path / "last.ckpt"))
+    warned = [str(w.message) for w in caught if "resumes from a checkpoint" in str(w.message)]
+    steps = [h["step"] for h in resumed.history]
+    if kept:
+        assert not warned and steps[:len(first.history)] == [h["step"] for h in first.history]
+        assert resumed.history[:len(first.history)] == first.history
+    else:
+        assert len(warned) == 1 and "reference" in warned[0], warned
+        assert steps[0] == first.history[-1]["step"]  # a new history, with a baseline

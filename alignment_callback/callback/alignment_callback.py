@@ -515,6 +515,7 @@ class AlignmentCallback(Callback):
         self._shared_frozen: list[tuple[Reference, Any]] = []  # (reference, frozen shared param)
         self._ended = False
         self._resolved_layers: list[str] | None = None  # the model layers layers= chose
+        self._reference_layers: dict[str, list[str]] = {}  # per reference: the layers chosen
         #: key prefixes (``<prefix>/<label>/``) of the curves the last checkpoint loaded did not
         #: continue (written with other settings): an ``AlignmentPlateau`` restarts its count
         self.restarted: set[str] = set()
@@ -690,6 +691,7 @@ class AlignmentCallback(Callback):
         # the probe: a checkpoint written before its settings recorded it has its rows only
         saved = {**settings.probe_settings(self._samples), **saved}
         current = {**self._settings(), **self._probe_settings()}
+        saved = self._same_reference_layers(saved, current)
         changes = settings.setting_changes(saved, current)
         if not changes:
             return
@@ -772,6 +774,37 @@ class AlignmentCallback(Callback):
         with preserved_rng(), preserved_loader_seed(batches):
             yield batches
 
+    def _same_reference_layers(self, saved: Mapping[str, Any], current: Mapping[str, Any]
+                               ) -> Mapping[str, Any]:
+        """``saved`` with a reference model's ``layers`` taken as ``current``'s where the
+        checkpoint's spelling (its ``reference_layers``, or ``layers=`` when they were not
+        given) chooses the same layers of this model as this fit's (``"fc*"`` for ``["fc1",
+        "fc2"]``), as the student's layers are compared; a spelling that does not resolve
+        counts as changed (features' layers are compared as spelled)."""
+        old, new = saved.get("references"), current.get("references")
+        if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+            return saved
+        refs = {ref.name or "": ref for ref in self.references}
+        same = {}
+        for key, was in old.items():
+            ref, now, chosen = refs.get(key), new.get(key), self._reference_layers.get(key)
+            if not (isinstance(was, Mapping) and isinstance(now, Mapping) and ref is not None
+                    and ref.kind == "model" and chosen is not None
+                    and was.get("layers") != now.get("layers")
+                    and {k: v for k, v in was.items() if k != "layers"}
+                    == {k: v for k, v in now.items() if k != "layers"}):
+                continue
+            spelled = was.get("layers")
+            if spelled == "as layers=":
+                spelled = saved.get("layers")
+            try:
+                names = [str(n) for n in resolve_layers(ref.module, spelled, "reference")]
+            except Exception:  # noqa: BLE001 - not these layers any more: a change
+                continue
+            if names == chosen:
+                same[key] = {**was, "layers": now.get("layers")}
+        return {**saved, "references": {**old, **same}} if same else saved
+
     def _keep_curves(self, saved: Mapping[str, Any], current: Mapping[str, Any]
                      ) -> tuple[list[str], list[str]]:
         """Drop from the history and the tables the curves that ``saved`` settings computed and
@@ -830,6 +863,8 @@ class AlignmentCallback(Callback):
                 except (TypeError, ValueError) as err:
                     why = "" if ref.layers_given else " (not given, so it is layers)"
                     raise about_argument(err, f"reference_layers{why}")
+            if chosen is not None:  # compared at a resume however they are spelled
+                self._reference_layers[ref.name or ""] = [str(c) for c in chosen]
             wanted = set(self.pair_map.values()) if self.pair_map is not None else set()
             if chosen is not None and wanted and not wanted <= {str(c) for c in chosen}:
                 raise ValueError(

@@ -105,7 +105,12 @@ def markdown_escape(text: str) -> str:
     return escaped
 
 
-def _options(kwargs: Mapping[str, Any] | None) -> str:
+def options_text(kwargs: Mapping[str, Any] | None) -> str:
+    """A measure's options as the reports and CSV files write them (empty: none).
+
+    >>> options_text({"k": 3, "sigma": "median"})
+    'k=3, sigma=median'
+    """
     return ", ".join(f"{k}={v}" for k, v in (kwargs or {}).items())
 
 
@@ -260,7 +265,7 @@ def _settings_bullets(settings: Mapping[str, Any]) -> list[str]:
     if "measures" in s:
         measures = s.pop("measures")
         if isinstance(measures, Mapping):
-            text = "; ".join(f"{m} ({_options(o)})" if o else m for m, o in measures.items())
+            text = "; ".join(f"{m} ({options_text(o)})" if o else m for m, o in measures.items())
         else:
             text = ", ".join(map(str, measures))
         items.append(f"measures: {text}")

@@ -344,8 +344,7 @@ class AlignmentMetricBase(Metric):
             raise ValueError("set_reference: the metric holds rows updated with their own "
                              "reference side (update(x, y)), which a cached reference would "
                              "silently replace; call reset() first")
-        if self.y_layers:  # the order of y_layers, which labels the results' columns
-            ys = {name: ys[name] for name in self.y_layers}
+        ys = self._in_order(ys, "y")  # the order of y_layers, which labels the columns
         rows = {name: self.preprocessor.rows(t) for name, t in ys.items()}
         label = "reference (set_reference) layer"
         if self.preprocessor.fn is None:  # a callable's output is checked by side_features

@@ -421,6 +421,13 @@ def matrix_summary(plan: MatrixPlan, alpha: float) -> dict[str, dict[str, Any]]:
     from alignment_callback.functional.fdr import at_most_alpha, benjamini_hochberg
 
     lx, ly = len(plan.files_x), len(plan.files_y)
+    tested = torch.tensor([[not plan.is_self(i, j) for j in range(ly)] for i in range(lx)])
+    keep = tested.tolist()
+
+    def family(values: Tensor) -> list:  # None where the pair is not tested
+        return [[v if t else None for v, t in zip(row, kept, strict=True)]
+                for row, kept in zip(values.tolist(), keep, strict=True)]
+
     summary: dict[str, Any] = {}
     for m in plan.measures:
         def field(name: str, m: str = m) -> list:
@@ -434,16 +441,10 @@ def matrix_summary(plan: MatrixPlan, alpha: float) -> dict[str, dict[str, Any]]:
         # slack: most p-values were computed in float32 (read in float64, float32(0.05) is
         # above 0.05), and the files do not record which were not
         p = torch.tensor(field("p_value"), dtype=torch.float64)
-        tested = torch.tensor([[not plan.is_self(i, j) for j in range(ly)] for i in range(lx)])
         adjusted = torch.full_like(p, math.nan)
         if tested.any():
             _, adjusted[tested] = benjamini_hochberg(p[tested], alpha=alpha)
         rejected = at_most_alpha(adjusted, alpha, torch.float32)
-
-        def family(values: Tensor, tested: Tensor = tested) -> list:  # None: not tested
-            return [[v if t else None for v, t in zip(row, keep, strict=True)]
-                    for row, keep in zip(values.tolist(), tested.tolist(), strict=True)]
-
         summary[m] = {
             "kwargs": plan.measures[m].kwargs, "raw": field("raw"),
             "threshold": field("threshold"), "calibrated": field("calibrated"),

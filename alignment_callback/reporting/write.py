@@ -26,14 +26,6 @@ MATRIX_CSV_HEADER = [
 ]
 
 
-def options_text(kwargs: dict[str, Any]) -> str:
-    """A measure's options as the CSV files write them (``k=3 sigma=median``; empty: none).
-
-    >>> options_text({"k": 3, "sigma": "median"})
-    'k=3 sigma=median'
-    """
-    return " ".join(f"{k}={v}" for k, v in kwargs.items())
-
 
 # ---------------------------------------------------------------------------------- basics
 def versions() -> dict[str, str]:
@@ -187,6 +179,8 @@ def warn_line(text: str) -> None:
 def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, dict],
                   settings: dict, seconds: float, grouped: bool) -> None:
     """``alignment.json``, ``alignment.csv``, ``heatmap_<measure>.png`` and the console table."""
+    from alignment_callback.engine.report import options_text
+
     na = int(next(iter(xa.values())).shape[0])
     doc = {
         "command": "compare", "created": now(), "n_samples": na,
@@ -206,7 +200,7 @@ def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, d
                      r["best_pair"][0], r["best_pair"][1], na,
                      permutations_used(r, args.permutations), args.alpha, b.get("low"),
                      b.get("high"), r.get("null_method"), args.seed,
-                     options_text(r.get("kwargs") or {})])
+                     options_text(r.get("kwargs"))])
     write_csv(out / "alignment.csv", COMPARE_CSV_HEADER, rows)
     pngs = []
     for m, r in results.items():
@@ -261,6 +255,8 @@ def interrupted_line(finished: int, total: int, this_run: int, path: Path) -> No
 
 def matrix_rows(plan: MatrixPlan, summary: dict[str, dict]) -> list[dict[str, Any]]:
     """One plain row per pair and measure (the report's and the CSV's content)."""
+    from alignment_callback.engine.report import options_text
+
     rows = []
     for m, s in summary.items():
         for i, j in plan.pairs:
@@ -273,7 +269,7 @@ def matrix_rows(plan: MatrixPlan, summary: dict[str, dict]) -> list[dict[str, An
                 "p_bh": s["p_bh"][i][j], "significant": s["significant_bh"][i][j],
                 "self": plan.is_self(i, j), "n_samples": r["n_samples"],
                 "num_permutations": permutations_used(r, plan.settings["permutations"]),
-                "options": options_text(r.get("kwargs") or {}),
+                "options": options_text(r.get("kwargs")),
                 "effect_size": r["effect_size"], "best_pair": r["best_pair"],
                 "ci_low": b.get("low"), "ci_high": b.get("high"),
                 "null_method": r.get("null_method"),

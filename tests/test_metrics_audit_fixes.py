@@ -335,6 +335,35 @@ def test_changing_seed_or_num_permutations_after_construction_takes_effect():
     assert float(got["threshold"]) == pytest.approx(float(expected.threshold), abs=1e-7)
 
 
+def test_changing_null_or_measure_after_compute_takes_effect():
+    """null and measure are settings too: a result cached with the old value is not returned,
+    and a cached reference gets the new measure's state."""
+    x, y = pair()
+    m = CalibratedAlignment("linear_cka", num_permutations=K, null="moments")
+    m.set_reference(y)
+    m.update(x)
+    m.compute()
+    m.null = "permutation"
+    expected = F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y), "linear_cka",
+                                      num_permutations=K)
+    assert float(m.compute()["p_value"]) == float(expected.p_value)
+    m.measure = "mutual_knn"
+    expected = F.calibrated_alignment(F.prepare_features(x), F.prepare_features(y), "mutual_knn",
+                                      num_permutations=K)
+    got = m.compute()
+    assert float(got["raw"]) == pytest.approx(float(expected.raw), abs=1e-7)
+    assert float(got["p_value"]) == float(expected.p_value)
+    with pytest.raises(ValueError, match="null='moments' cannot calibrate mutual_knn"):
+        m.null = "moments"  # refused as at construction, and the old value kept
+    assert m.null == "permutation"
+    with pytest.raises(ValueError, match="null must be one of"):
+        m.null = "analytic"
+    lin = CalibratedAlignment("linear_cka", num_permutations=K, null="moments")
+    with pytest.raises(ValueError, match="cannot be used with groups"):
+        lin.groups = [i % 4 for i in range(N)]
+    assert lin.groups is None
+
+
 def test_string_group_labels_with_index():
     x, y = pair()
     groups = [f"g{i % 4}" for i in range(N)]

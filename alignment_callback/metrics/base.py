@@ -98,15 +98,19 @@ class AlignmentMetricBase(Metric):
     full_state_update = False
 
     #: Attributes that ``compute()`` reads: setting one (after construction too) drops the
-    #: result torchmetrics caches, and the first three are checked as the constructor does.
+    #: result torchmetrics caches; those with a check are checked as the constructor does.
     _SETTINGS = {"num_permutations": check_num_permutations, "alpha": check_alpha,
-                 "seed": check_seed, "aggregate": None, "groups": None, "max_score": None,
-                 "max_samples": None}
+                 "seed": check_seed, "null": check_null, "measure": get_measure,
+                 "aggregate": None, "groups": None, "max_score": None, "max_samples": None}
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._SETTINGS:
             check = self._SETTINGS[name]
             value = value if check is None else check(value)
+            if name in ("null", "measure", "groups") and "_named" in self.__dict__:
+                now = {"null": self.null, "measure": self.measure, "groups": self.groups}
+                now[name] = value  # after construction: the three must still go together
+                check_moments_apply(now["null"], [now["measure"]], now["groups"])
             self.__dict__["_computed"] = None  # a result computed with the old value is stale
         super().__setattr__(name, value)
 
@@ -655,7 +659,7 @@ class AlignmentMetricBase(Metric):
         index, rows = order_rows(index, *xs, *ys)
         xs, ys = rows[: len(xs)], rows[len(xs):]
         if self._reference is not None:
-            yside = self._reference
+            yside = self._ready(self._reference)
             wide = torch.promote_types(yside.dtype, xs[0].dtype if xs[0].is_floating_point()
                                        else yside.dtype)
             if wide != yside.dtype:  # float64 model rows: the reference in float64 too
@@ -663,7 +667,7 @@ class AlignmentMetricBase(Metric):
                     self._widened[wide] = prepare_side(
                         yside.names, [f.to(wide) for f in yside.features], [self.measure], "y",
                         null=self.null, **room_for(len(xs), [self.measure]))
-                yside = self._widened[wide]
+                yside = self._ready(self._widened[wide])
             ref_n = yside.n
             if index is None and xs[0].shape[0] != ref_n:
                 raise ValueError(
@@ -712,6 +716,12 @@ class AlignmentMetricBase(Metric):
         return calibrate_prepared([self.measure], xside, yside, perms, self.alpha, self.aggregate,
                                   self.max_score, null=self.null,
                                   warn_few=self.null == "auto")[self.measure]
+
+    def _ready(self, side: PreparedSide) -> PreparedSide:
+        """A cached reference side with the state of the metric's measure (prepared now when
+        ``measure`` was set after ``set_reference``)."""
+        return prepare_side(side.names, side.features, [self.measure], "y", side=side,
+                            null=self.null)
 
     @no_autocast()
     def _raw_batch(self, xs: Any, ys: Any) -> Tensor | None:

@@ -44,6 +44,22 @@ def test_permutations_are_drawn_once_per_fit(monkeypatch):
     assert draws == [(60, 20, 0)]
 
 
+def test_permutation_settings_changed_after_construction_are_used():
+    """seed / num_permutations set on the engine between steps draw the set again: the null
+    then equals a fresh engine's, not the one drawn at set_reference."""
+    ref, model = _layers("r", 1), _layers("m", 1, seed=3)
+    engine = AlignmentEngine(["linear_cka"], num_permutations=20)
+    engine.set_reference(ref)
+    engine.step(model)
+    engine.seed, engine.num_permutations = 7, 30
+    got = engine.step(model).results["linear_cka"]
+    fresh = AlignmentEngine(["linear_cka"], num_permutations=30, seed=7)
+    fresh.set_reference(ref)
+    expected = fresh.step(model).results["linear_cka"]
+    assert got.null.shape == (30,)
+    assert torch.equal(got.null, expected.null)
+
+
 def test_features_are_prepared_once_per_layer_per_step(monkeypatch):
     from alignment_callback.metrics import _rows
 

@@ -190,10 +190,17 @@ class AlignmentEngine:
         self.check_samples(feats[0].shape[0], "the reference's probe activation")
         self.reference = prepare_side(names, feats, list(self.measures.values()), "y",
                                       null=self.null, label="reference")
-        if self.permutations is None or self.permutations.n != self.reference.n:
-            self.permutations = Permutations(self.reference.n, self.num_permutations, self.seed,
-                                             self.groups)
+        self._drawn(self.reference.n)
         return self.reference
+
+    def _drawn(self, n: int) -> Permutations:
+        """The permutation set for ``n`` samples, drawn again only when ``n``,
+        ``num_permutations``, ``seed`` or ``groups`` changed (set after construction too)."""
+        p = self.permutations
+        if (p is None or (p.n, p.num_permutations, p.seed) != (n, self.num_permutations, self.seed)
+                or p.groups is not self.groups):
+            self.permutations = Permutations(n, self.num_permutations, self.seed, self.groups)
+        return self.permutations
 
     def clear(self) -> None:
         """Drop the reference's prepared state (memory)."""
@@ -238,7 +245,7 @@ class AlignmentEngine:
         # the reference's states are held already: the memory available no longer counts them
         xside = prepare_side(names, [f.to(dtype) for f in feats], measures, "x", null=self.null,
                              label="model")
-        results = calibrate_prepared(measures, xside, reference, self.permutations,
+        results = calibrate_prepared(measures, xside, reference, self._drawn(xside.n),
                                      self.alpha, self._aggregate(names, reference.names),
                                      self.max_score, share, gather, self.null,
                                      warn_few=self.null == "auto")

@@ -87,6 +87,15 @@ class BreakRank1(pl.Callback):
             self.aligner._compute = broken
 
 
+class FailingLogger(CSVLogger):
+    """Rank 0's logger: writing the alignment values fails (a full disk)."""
+
+    def log_metrics(self, metrics, step=None):
+        if any(k.startswith("alignment/") for k in metrics):
+            raise OSError("disk full (simulated)")
+        super().log_metrics(metrics, step)
+
+
 class BatchNormMLP(MLP):
     """``MLP`` with a BatchNorm after fc1: its running statistics are updated by each rank's
     own batches, so after a training epoch the replicas differ (DDP broadcasts buffers only at
@@ -142,7 +151,9 @@ def run(out: str, strategy: str, mode: str) -> None:
     start of fit); ``config_error`` (svcca's ``cca_dim`` above the frozen reference's widths,
     ``on_error="warn"``: raised before training); ``fail_named_rank1`` (rank 1's null fails
     for reference ``"m"`` of two, ``on_error="warn"``); ``resume_probe`` (one epoch with
-    checkpoints, then a resumed fit with a probe of the same rows and other values)."""
+    checkpoints, then a resumed fit with a probe of the same rows and other values);
+    ``fail_logger_rank0`` (rank 0's logger raises OSError on the alignment values,
+    ``on_error="warn"``: not the data's failure, raised on every rank)."""
     if mode == "resume_probe":
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -193,6 +204,15 @@ def run(out: str, strategy: str, mode: str) -> None:
         trainer = pl.Trainer(**{**FAST_TRAINER, "devices": 2}, strategy=strategy,
                              max_epochs=MAX_EPOCHS, logger=False, enable_checkpointing=False,
                              callbacks=[cb, Dump(out, cb)] + ([BreakRank1(cb)] if named else []))
+        trainer.fit(MLP(lr=0.0), train_loader())
+        return
+    if mode == "fail_logger_rank0":
+        cb = AlignmentCallback(RefMLP(seed=1), make_probe(), LAYERS, measures=METRICS,
+                               num_permutations=K, log_heatmaps=False, verbose=False,
+                               on_error="warn")
+        trainer = pl.Trainer(**{**FAST_TRAINER, "devices": 2}, strategy=strategy,
+                             max_epochs=MAX_EPOCHS, logger=FailingLogger(out, name="csv"),
+                             enable_checkpointing=False, callbacks=[cb, Dump(out, cb)])
         trainer.fit(MLP(lr=0.0), train_loader())
         return
     failing = mode != "ok"

@@ -34,7 +34,7 @@ SCENARIOS = {
     "ddp": ["ok", "batchnorm", "rank_reference", "resume_probe", "fail_rank1",
             "fail_moments_rank1", "fail_probe_rank1", "fail_reference_rank1",
             "fail_layer_count_rank1", "fail_reference_pass_rank1", "config_error",
-            "fail_named_rank1"],
+            "fail_named_rank1", "fail_logger_rank0"],
     "ddp_spawn": ["ok"],  # every fit spawns two fresh interpreters: one fit only
 }
 TIMEOUT_S = 60 + 40 * max(map(len, SCENARIOS.values()))
@@ -237,3 +237,12 @@ def test_ddp_a_skipped_steps_reason_names_the_reference_that_failed(launched):
     for skipped in ranks[0]["skipped"]:
         assert skipped["reason"].startswith("reference 'm': RuntimeError: the alignment step "
                                             "failed on rank 1: "), skipped
+
+
+def test_ddp_a_logger_failing_on_rank_zero_is_raised_on_every_rank(launched):
+    """Rank 0's logger raises (a full disk) with on_error="warn": a single process raises it
+    (on_error covers the data's failures only), but under DDP the step was skipped with a
+    warning and training went on.  Every rank now raises it, of its type."""
+    errors = _errors(launched("ddp", "fail_logger_rank0"))
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("OSError: on rank 0: OSError: disk full (simulated)"), errors

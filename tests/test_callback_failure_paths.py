@@ -286,3 +286,22 @@ def test_a_measure_option_the_model_layer_widths_cannot_take_fails_whatever_on_e
     with pytest.raises(ShapeOptionError, match="svcca: cca_dim=20 is too large .* d=16"):
         fit([cb], max_epochs=2)
     assert cb.skipped == [] and PROBE.shape[0] > 21
+
+
+def test_a_logger_failure_is_raised_whatever_on_error_says(tmp_path):
+    """Writing the values failing (a full disk) is not the data's failure: on_error="warn"
+    does not turn it into a skipped step (under DDP every rank raises it too:
+    test_callback_ddp.py)."""
+
+    class FullDisk(CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            if any(k.startswith("alignment/") for k in metrics):
+                raise OSError("disk full (simulated)")
+            super().log_metrics(metrics, step)
+
+    cb = callback(on_error="warn")
+    trainer = pl.Trainer(max_epochs=2, logger=FullDisk(tmp_path), callbacks=[cb],
+                         enable_checkpointing=False, default_root_dir=tmp_path, **FAST_TRAINER)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.fit(MLP(), train_loader())
+    assert cb.skipped == []

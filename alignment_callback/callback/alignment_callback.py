@@ -1310,13 +1310,15 @@ class AlignmentCallback(Callback):
                 if isinstance(rebuilt, LAYER_ERRORS):  # a configuration mistake: as above
                     raise rebuilt from err
                 error = _reason(err)
-        entry = None
+        entry, logging, failure = None, None, None
         if trainer.is_global_zero and outcome is not None:
             try:
                 entry = self._log_outcome(trainer, outcome)
             except Exception as err:  # noqa: BLE001 - the others wait in the broadcast below
-                error = f"{type(err).__name__}: {err}"
-        entry, error = trainer.strategy.broadcast((entry, error), src=0)
+                logging, failure = f"{type(err).__name__}: {err}", err
+        entry, error, logging = trainer.strategy.broadcast((entry, error, logging), src=0)
+        if logging is not None:  # not the data's failure: raised, as one process raises it
+            raise _from_rank(0, logging) from failure
         if error is not None:
             if self.on_error == "raise":
                 raise RuntimeError(f"alignment step at epoch {epoch} (step {step}) failed: {error}")
@@ -1923,7 +1925,7 @@ def _from_rank(rank: int, error: str) -> Exception:
     """The error ``"<Type>: <message>"`` of process ``rank`` as every process raises it: of its
     type where that is a common or configuration error (else ``RuntimeError``), naming the
     rank."""
-    kinds = {kind.__name__: kind for kind in (ValueError, TypeError, RuntimeError,
+    kinds = {kind.__name__: kind for kind in (ValueError, TypeError, RuntimeError, OSError,
                                               FileNotFoundError, *LAYER_ERRORS)}
     return kinds.get(error.partition(":")[0], RuntimeError)(f"on rank {rank}: {error}")
 

@@ -364,6 +364,16 @@ def test_changing_null_or_measure_after_compute_takes_effect():
     assert lin.groups is None
 
 
+def test_dist_sync_on_step_is_refused_with_the_reason():
+    """forward() returns the local batch's uncalibrated score: torchmetrics' per-step sync was
+    accepted and did nothing."""
+    with pytest.raises(ValueError, match="dist_sync_on_step=True is not supported: forward"):
+        CalibratedAlignment("linear_cka", dist_sync_on_step=True)
+    with pytest.raises(ValueError, match="dist_sync_on_step=True is not supported"):
+        LayerAlignment("linear_cka", dist_sync_on_step=True)
+    CalibratedAlignment("linear_cka", num_permutations=K, dist_sync_on_step=False)
+
+
 def test_string_group_labels_with_index():
     x, y = pair()
     groups = [f"g{i % 4}" for i in range(N)]

@@ -132,6 +132,17 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             results["_conflict"] = "no error"
         except ValueError as err:
             results["_conflict"] = str(err)
+        mixed = CalibratedAlignment("linear_cka", num_permutations=K)
+        if rank == 0:
+            mixed.set_reference(d["y"])
+            mixed.update(d["x"])
+        else:
+            mixed.update(d["x"][rows], d["y"][rows])
+        try:
+            mixed.compute()
+            results["_mixed_reference"] = "no error"
+        except ValueError as err:
+            results["_mixed_reference"] = str(err)
         # after compute the local (unsynced) states are restored
         results["_local"] = {"rows": torch.tensor(local_rows),
                              "after": torch.tensor(metrics["ca"]._stored_rows("x"))}
@@ -226,3 +237,11 @@ def test_ddp_different_layers_on_two_ranks_is_one_clear_error_on_both(ddp_result
         message = results["_conflict"]
         assert "the processes hold different x layers" in message, message
         assert "rank 0 has {'a': 10}" in message and "rank 1 has {'z': 10}" in message
+
+
+def test_ddp_a_reference_cached_on_one_rank_only_is_one_clear_error_on_both(ddp_results) -> None:
+    """Rank 0 caches the reference (set_reference), rank 1 passes y to update(): rank 0 got a
+    result and rank 1 an unrelated row-count error (and, in a loop, the next collective waits)."""
+    for results in ddp_results:
+        message = results["_mixed_reference"]
+        assert "rank 0 caches a reference (set_reference) and rank 1 does not" in message, message

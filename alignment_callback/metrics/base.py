@@ -135,6 +135,11 @@ class AlignmentMetricBase(Metric):
         measure = measure_argument(measure, kwargs, stacklevel=4)
         check_shadowed_options(measure, type(self).__name__, alpha=alpha)
         tm_kwargs, measure_kwargs = split_kwargs(kwargs)
+        if tm_kwargs.get("dist_sync_on_step"):
+            raise ValueError(
+                "dist_sync_on_step=True is not supported: forward() returns the uncalibrated "
+                "score of this process's batch (a permutation test needs the whole probe); "
+                "compute() gathers every process's rows")
         super().__init__(**tm_kwargs)
         self.measure = get_measure(measure, **measure_kwargs)
         self.num_permutations = check_num_permutations(num_permutations)
@@ -532,7 +537,8 @@ class AlignmentMetricBase(Metric):
         super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
 
     def _layout(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"index": self._index_count() > 0}
+        out: dict[str, Any] = {"index": self._index_count() > 0,
+                               "reference": self._reference is not None}
         for side in ("x", "y"):
             names = getattr(self, f"{side}_layers")
             rows = self._stored_rows(side) if names else 0
@@ -552,6 +558,12 @@ class AlignmentMetricBase(Metric):
 
         layouts: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(layouts, self._layout(), group=group)
+        cached = [lay["reference"] for lay in layouts]
+        if len(set(cached)) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: rank {cached.index(True)} caches a reference "
+                f"(set_reference) and rank {cached.index(False)} does not; every process must "
+                "call set_reference, or every process pass y to update()")
         for side in ("x", "y"):
             filled = [(r, lay[side]) for r, lay in enumerate(layouts) if lay[side][2] > 0]
             if not filled:

@@ -74,8 +74,25 @@ def center_columns(x: Tensor) -> tuple[Tensor, Tensor]:
     variance of all the others).
     """
     constant = (x == x[:1]).all(0, keepdim=True)
-    xc = (x - x.mean(0, keepdim=True)).masked_fill(constant, 0)
-    return xc, x.masked_fill(constant, 0)
+    if x.dtype == torch.float64 or not x.is_floating_point():
+        xc = x - x.mean(0, keepdim=True)
+    else:  # the mean rounded to x's dtype is off by up to half an ulp of a large offset (0.03
+        # at 1e6 in float32, a few % of a unit spread): subtract it, then what it left, so the
+        # centered values are those of the float64 mean (no float64 copy of x)
+        exact = x.mean(0, keepdim=True, dtype=torch.float64)
+        rounded = exact.to(x.dtype)
+        xc = (x - rounded) - (exact - rounded).to(x.dtype)
+    return xc.masked_fill(constant, 0), x.masked_fill(constant, 0)
+
+
+def equilibrate_columns(xc: Tensor) -> tuple[Tensor, Tensor]:
+    """``xc`` with each column times a power of two (exact) so that its largest ``|value|`` is
+    in [0.5, 1) (zero columns left as they are), and the exponents ``e`` (1, d): ``xc`` is the
+    result times ``2**e``.  Measures that depend on the column space only (CCA, whitening) are
+    unchanged, but a float32 SVD no longer loses the directions of small columns next to a
+    much larger one (a rank tolerance relative to the largest singular value)."""
+    _, exponent = torch.frexp(xc.abs().amax(0, keepdim=True))
+    return times_power_of_two(xc, -exponent), exponent  # in steps: a subnormal column needs > 2**127
 
 
 #: Centering's rounding of a column, in units of ``eps·‖x_j‖``: a column varies when its

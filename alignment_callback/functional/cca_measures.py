@@ -37,7 +37,7 @@ class CCAState:
 def cca_state(x: Tensor, measure: str = "cca_similarity") -> CCAState:
     """Orthonormal basis of the column-centered ``x``'s column space (and its coordinates)."""
     n, d = x.shape
-    u, s, vh = centered_svd(x, measure)
+    u, s, vh = centered_svd(x, measure, per_column=True)  # the column space only
     if u.shape[1] >= n - 1:
         raise ValueError(
             f"{measure}: the centered representation has rank {u.shape[1]} = n - 1 (n={n} "

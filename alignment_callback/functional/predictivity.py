@@ -49,7 +49,13 @@ from torch import Tensor
 
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._scaling import center_columns, has_variance, rescale_exactly
+from alignment_callback.functional._scaling import (
+    center_columns,
+    equilibrate_columns,
+    has_variance,
+    rescale_exactly,
+    times_power_of_two,
+)
 from alignment_callback.functional._validation import (
     as_number,
     check_matrix,
@@ -108,17 +114,20 @@ def min_samples(folds: int = 5) -> int:
 class _Fit:
     """Ridge regression fitted on rows ``x_train`` and evaluated at rows ``x_test``."""
 
-    def __init__(self, x_train: Tensor, x_test: Tensor) -> None:
+    def __init__(self, x_train: Tensor, x_test: Tensor, least_squares: bool = False) -> None:
         m, p = x_train.shape
         mean = x_train.mean(0, keepdim=True)
-        xc = x_train - mean
+        xc, xt = x_train - mean, x_test - mean
+        self.scale = float((xc * xc).sum()) / min(m - 1, p) if m > 1 else 0.0
+        if least_squares:  # ridge 0 depends on x's column space only: a float32 SVD keeps the
+            xc, e = equilibrate_columns(xc)  # directions of small columns next to a large one
+            xt = times_power_of_two(xt, -e)
         u, s, vh = torch.linalg.svd(xc, full_matrices=False)
         eps = torch.finfo(x_train.dtype).eps
         r = int((s > s[0] * max(m, p) * eps).sum()) if bool(s[0] > 0) else 0
         self.m = m
         self.u, self.s = u[:, :r], s[:r]
-        self.p = (x_test - mean) @ vh[:r].T  # (n_test, r)
-        self.scale = float((xc * xc).sum()) / min(m - 1, p) if m > 1 else 0.0
+        self.p = xt @ vh[:r].T  # (n_test, r)
 
     def coef(self, ridge: float) -> Tensor:
         """``s / (s² + λ)`` with ``λ = ridge · scale``."""
@@ -167,7 +176,7 @@ def _inner_choice(x: Tensor, y: Tensor, grid: tuple[float, ...], folds: int) -> 
     sse = torch.zeros(len(grid), dtype=x.dtype, device=x.device)
     for start, stop in fold_slices(x.shape[0], folds):
         test, train = _split(x.shape[0], start, stop, x.device)
-        fit = _Fit(x[train], x[test])
+        fit = _Fit(x[train], x[test], not any(grid))
         for k, ridge in enumerate(grid):
             sse[k] += ((y[test] - fit.predict(y[train], ridge)) ** 2).sum()
     return int(torch.argmin(sse))
@@ -241,7 +250,7 @@ def linear_predictivity(x: Tensor, y: Tensor, ridge: Ridge = None, folds: int = 
     for start, stop in fold_slices(n, folds):
         test, train = _split(n, start, stop, x.device)
         lam = grid[0] if fixed else grid[_inner_choice(x[train], yc[train], grid, folds)]
-        fit = _Fit(x[train], x[test])
+        fit = _Fit(x[train], x[test], lam == 0)
         sse = sse + ((yc[test] - fit.predict(yc[train], lam)) ** 2).sum()
     return 1.0 - sse / (yc * yc).sum()
 
@@ -274,7 +283,8 @@ class PredictivityForms:
             total = x.new_zeros(n, n)
             for start, stop in slices:
                 test, train = _split(n, start, stop, x.device)
-                total += next(residual_forms(_Fit(x[train], x[test]), test, train, grid))
+                total += next(residual_forms(_Fit(x[train], x[test], not any(grid)), test,
+                                             train, grid))
             self.total = total
             return
         iu = torch.triu_indices(n, n, device=x.device)
@@ -291,12 +301,12 @@ class PredictivityForms:
         self.inner = x.new_zeros(folds * size, self.flat.shape[0])
         for f, (start, stop) in enumerate(slices):
             test, train = _split(n, start, stop, x.device)
-            fit = _Fit(x[train], x[test])
+            fit = _Fit(x[train], x[test], not any(grid))
             for k, form in enumerate(residual_forms(fit, test, train, grid, pack)):
                 self.outer[f * size + k] = form
             for a, b in fold_slices(train.shape[0], folds):
                 itest, itrain = train[a:b], torch.cat([train[:a], train[b:]])
-                fit = _Fit(x[itrain], x[itest])
+                fit = _Fit(x[itrain], x[itest], not any(grid))
                 for k, form in enumerate(residual_forms(fit, itest, itrain, grid, pack)):
                     self.inner[f * size + k] += form
         self.shape = (folds, size)

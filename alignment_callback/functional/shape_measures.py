@@ -33,7 +33,13 @@ from torch import Tensor
 
 from alignment_callback.functional._memory import available_bytes, square_matrix_error
 from alignment_callback.functional._precision import no_autocast
-from alignment_callback.functional._scaling import center_columns, has_variance, rescale_exactly
+from alignment_callback.functional._scaling import (
+    center_columns,
+    equilibrate_columns,
+    has_variance,
+    rescale_exactly,
+    times_power_of_two,
+)
 from alignment_callback.functional._validation import check_bandwidth, check_pair, per_side
 from alignment_callback.functional.kernels import center_gram, rbf_gram
 
@@ -45,28 +51,37 @@ class FactorState:
     z: Tensor
 
 
-def centered_svd(x: Tensor, measure: str) -> tuple[Tensor, Tensor, Tensor]:
+def centered_svd(x: Tensor, measure: str, per_column: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of the column-centered ``x`` truncated to its numerical rank.
 
     Returns ``(u (n, r), s (r,), vh (r, d))`` of ``x · 2**-e``, rescaled exactly so that its
     largest ``|value|`` is moderate (see ``_scaling``; ``s · 2**e`` are ``x``'s singular
-    values, which :func:`centered_scale` gives).  Directions with ``s <= s_max·max(n, d)·eps``
-    are numerical noise and dropped.  Raises ``ValueError`` for a zero-variance representation.
+    values, which :func:`centered_scale` gives).  With ``per_column`` the SVD is that of each
+    centered column times its own power of two (:func:`equilibrate_columns`), for measures of
+    the column space only: ``u`` spans the same space, ``s`` are not ``x``'s, and ``vh`` is
+    scaled back so that ``u·diag(s)·vh`` still gives the centered ``x · 2**-e`` (its rows are
+    then not orthonormal).  Directions with ``s <= s_max·max(n, d)·eps`` are numerical noise
+    and dropped.  Raises ``ValueError`` for a zero-variance representation.
     """
     n, d = x.shape
     xc, varying = center_columns(rescale_exactly(x))
-    u, s, vh = torch.linalg.svd(xc, full_matrices=False)
-    eps = torch.finfo(x.dtype).eps
     # centering leaves a column constant up to rounding a few units of eps·|x_j| per entry:
     # zero variance when every column is so (has_variance), which keeps a large offset on
     # every feature (10⁴ standard deviations in float32) or one feature's much larger one
-    if not (bool(s[0] > 0) and has_variance(xc, varying)):
+    if not has_variance(xc, varying):
         raise ValueError(
             f"zero-variance representation: all samples are identical after centering; "
             f"{measure} is undefined for it"
         )
+    exponent = None
+    if per_column:
+        xc, exponent = equilibrate_columns(xc)
+    u, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    eps = torch.finfo(x.dtype).eps
     r = int((s > s[0] * max(n, d) * eps).sum())
-    return u[:, :r], s[:r], vh[:r]
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    return u, s, (vh if exponent is None else times_power_of_two(vh, exponent))
 
 
 def centered_scale(x: Tensor) -> float:
@@ -170,7 +185,7 @@ def shape_state(x: Tensor, alpha: float = 1.0) -> FactorState:
     directions (rank n − 1, e.g. d >= n − 1) the angle is a constant, so this raises.
     """
     alpha = _check_alpha(alpha)
-    u, s, _ = centered_svd(x, "shape_metric")
+    u, s, _ = centered_svd(x, "shape_metric", per_column=alpha == 0.0)  # the column space only
     n = x.shape[0]
     if alpha == 0.0 and u.shape[1] >= n - 1:
         raise ValueError(

@@ -19,8 +19,8 @@ from torch import Tensor
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._scaling import (
     center_columns,
+    equilibrate_columns,
     rescale_exactly,
-    times_power_of_two,
 )
 from alignment_callback.functional._validation import (
     ShapeOptionError,
@@ -62,10 +62,9 @@ def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
     if cca_dim > min(n - 1, d):
         raise _too_large(cca_dim, n, d)
     xc, _ = center_columns(rescale_exactly(x))  # a constant column stays exactly zero
-    # each column times a power of two (exact) so that its largest |value| is in [0.5, 1): the
-    # standardized columns do not change, and no column's squared sum underflows in the product
-    _, exponent = torch.frexp(xc.abs().amax(0, keepdim=True))
-    xc = times_power_of_two(xc, -exponent)  # in steps: a subnormal column needs > 2**127
+    # the standardized columns do not change, and no column's squared sum underflows in the
+    # product
+    xc, _ = equilibrate_columns(xc)
     size_eps = max(n, d) * torch.finfo(xc.dtype).eps
     basis = _top_directions(xc, cca_dim, size_eps)
     if basis is None and xc.dtype != torch.float64:

@@ -74,3 +74,18 @@ def test_float32_data_with_small_top_directions_is_not_called_rank_deficient(n, 
     for z in (low, low + noise):
         with pytest.raises(ValueError, match="fewer than cca_dim=10 non-degenerate directions"):
             F.svcca(z.float(), y)
+
+
+def test_cca_dim_of_n_minus_one_is_refused_not_a_constant_one():
+    """With cca_dim = n − 1 both kept subspaces are every centered direction: the score was 1
+    for independent data, and its calibration vacuous (p = 1).  It needs n >= cca_dim + 2."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(11, 32, generator=g), torch.randn(11, 32, generator=g)
+    with pytest.raises(ValueError, match=r"cca_dim=10 is too large .*min\(n - 2, d\).* all "
+                                         r"canonical correlations are 1"):
+        F.svcca(x, y, cca_dim=10)
+    with pytest.raises(ValueError, match="cca_dim=10 needs at least 12 samples"):
+        F.calibrated_alignment(x, y, "svcca", num_permutations=19)
+    assert F.get_measure("svcca", cca_dim=10).min_samples == 12
+    x, y = torch.randn(12, 32, generator=g), torch.randn(12, 32, generator=g)
+    assert float(F.svcca(x, y, cca_dim=10)) < 1.0

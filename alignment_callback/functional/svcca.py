@@ -51,15 +51,18 @@ def _check_cca_dim(cca_dim: int) -> int:
 
 
 def _too_large(cca_dim: int, n: int, d: int) -> ShapeOptionError:
+    spans = ("; with cca_dim = n - 1 both subspaces are every centered direction, so all "
+             "canonical correlations are 1 whatever the data" if cca_dim == n - 1 else "")
     return ShapeOptionError(f"svcca: cca_dim={cca_dim} is too large for data with n={n} "
-                            f"samples and d={d} features (need cca_dim <= min(n - 1, d))")
+                            f"samples and d={d} features (need cca_dim <= min(n - 2, d)"
+                            f"{spans})")
 
 
 def svcca_state(x: Tensor, cca_dim: int = 10) -> Tensor:
     """Orthonormal (n, cca_dim) basis of the top singular directions of standardized ``x``."""
     n, d = x.shape
     cca_dim = _check_cca_dim(cca_dim)
-    if cca_dim > min(n - 1, d):
+    if cca_dim > min(n - 2, d):
         raise _too_large(cca_dim, n, d)
     xc, _ = center_columns(rescale_exactly(x))  # a constant column stays exactly zero
     # the standardized columns do not change, and no column's squared sum underflows in the
@@ -106,8 +109,9 @@ def _top_directions(xc: Tensor, cca_dim: int, min_ratio: float) -> Tensor | None
 
 
 def svcca_min_samples(params: Mapping[str, Any]) -> int:
-    """Fewest samples for ``cca_dim`` directions: ``cca_dim + 1``."""
-    return params["cca_dim"] + 1
+    """Fewest samples for ``cca_dim`` directions: ``cca_dim + 2`` (with ``cca_dim + 1`` the
+    subspaces are every centered direction: the score is 1 whatever the data)."""
+    return params["cca_dim"] + 2
 
 
 def svcca_cost(n: int, params: Mapping[str, Any]) -> int:
@@ -146,7 +150,8 @@ def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:
     singular vectors U span the kept subspace, and the score is ``(1/c) Σ_i σ_i(U_xᵀ U_y)``,
     the mean of the c = ``cca_dim`` canonical correlations between the two subspaces.  In
     [0, 1]; symmetric; deterministic (no random projection).  Needs
-    ``cca_dim <= min(n − 1, d)`` on both sides.
+    ``cca_dim <= min(n − 2, d)`` on both sides (at ``cca_dim = n − 1`` each subspace is
+    every centered direction and the score is 1 whatever the data).
 
     Parameters
     ----------
@@ -180,7 +185,7 @@ def svcca(x: Tensor, y: Tensor, cca_dim: int = 10) -> Tensor:
     """
     x, y = check_pair(x, y)
     cca_dim = _check_cca_dim(cca_dim)
-    if cca_dim > x.shape[0] - 1:  # too few samples: the pair's n (a side's d: its own error)
+    if cca_dim > x.shape[0] - 2:  # too few samples: the pair's n (a side's d: its own error)
         raise _too_large(cca_dim, x.shape[0], x.shape[1])
     ident = torch.arange(x.shape[0], device=x.device)[None]
     return svcca_score(*per_side(svcca_state, x, y, cca_dim), ident)[0]

@@ -295,6 +295,35 @@ def test_mlflow_names_it_would_refuse_or_merge(tmp_path):
     assert [params[f"alignment/layers/model/{i}"] for i in range(len(LAYERS))] == LAYERS
 
 
+def test_mlflow_names_longer_than_it_takes_are_shortened(tmp_path):
+    """A reference named like a checkpoint path made keys over MLflow's 250 characters: the
+    fit crashed at its first step.  The longest part is cut and ends with a hash of the key,
+    the measure and field stay at the end, and each key keeps its own series."""
+    mlflow = pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = MLFlowLogger(experiment_name="long", tracking_uri=uri, prefix="exp",
+                          artifact_location=(tmp_path / "artifacts").as_uri())
+    long = "checkpoints_" * 22  # 264 characters
+    cb = AlignmentCallback({long: RefMLP(seed=1)}, make_probe(), LAYERS,
+                           measures=["linear_cka"], num_permutations=K, on_error="raise",
+                           verbose=False, log_heatmaps=False, report=False)
+    with pytest.warns(RuntimeWarning, match="MLflow refuses names longer than 250 characters"):
+        trainer = pl.Trainer(max_epochs=1, logger=logger, callbacks=[cb],
+                             enable_checkpointing=False, default_root_dir=str(tmp_path),
+                             **FAST_TRAINER)
+        trainer.fit(MLP(), train_loader())
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    names = set(client.get_run(logger.run_id).data.metrics)
+    assert all(len(name) <= 250 for name in names)
+    for field in ("raw", "calibrated", "p_value"):
+        (name,) = [n for n in names if n.endswith(f"/linear_cka/{field}") and "checkpoints" in n]
+        logged = {m.step: m.value for m in client.get_metric_history(logger.run_id, name)}
+        expected = {h["step"]: h[f"alignment/{long}/linear_cka/{field}"] for h in cb.history}
+        assert logged == pytest.approx(expected, rel=1e-6), field
+
+
 # ------------------------------------------------------------------------- subclassed loggers
 def test_subclassed_csv_and_tensorboard_loggers_get_heatmaps_and_text(tmp_path):
     """A user's subclass of a built-in logger is served as the built-in one (before: the kind

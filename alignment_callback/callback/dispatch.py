@@ -14,6 +14,7 @@ experiment as its ``log_metrics`` does (hyperparameters excepted, as in Lightnin
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -120,6 +121,9 @@ def check_key_part(value: Any, argument: str) -> str:
     return value
 
 
+MLFLOW_NAME_LIMIT = 250  # MLflow's longest metric, tag and parameter name
+
+
 def mlflow_keys(logger: Any, keys: Sequence[str]) -> dict[str, str]:
     """MLflow's name for each key: characters outside ``[A-Za-z0-9_/. -]`` dropped (what
     Lightning's MLFlowLogger does to metric names; tags and params are refused otherwise), a
@@ -127,9 +131,14 @@ def mlflow_keys(logger: Any, keys: Sequence[str]) -> dict[str, str]:
     ``..`` prefixed with ``_`` (MLflow refuses names that resolve to other paths or start with
     ``..``), and a key whose name would then be one an earlier key of this
     logger has told apart by ``_2``, ``_3``, ... (the first suffix no key has; warned once), so
-    two layers or references never share one series."""
+    two layers or references never share one series.  A name longer than MLflow's 250
+    characters (less the logger's ``prefix``) has its longest ``/``-separated part cut and
+    ended with 8 hex digits of the key's SHA-1 (warned once), so the measure and field at its
+    end stay readable."""
     names = logger.__dict__.setdefault("_alignment_mlflow_names", {"names": {}})["names"]
     used = set(names.values())
+    prefix = getattr(logger, "_prefix", "") or ""
+    limit = MLFLOW_NAME_LIMIT - (len(prefix) + 1 if prefix else 0) - 4  # 4: room for "_<n>"
     for key in keys:
         if key in names:
             continue
@@ -137,6 +146,11 @@ def mlflow_keys(logger: Any, keys: Sequence[str]) -> dict[str, str]:
                          for part in re.sub(r"[^a-zA-Z0-9_/. -]+", "", key).split("/"))
         if clean.startswith(".."):
             clean = "_" + clean
+        if len(clean) > limit:
+            short = _shortened(clean, limit, hashlib.sha1(key.encode()).hexdigest()[:8])
+            warnings.warn(f"MLflow refuses names longer than {MLFLOW_NAME_LIMIT} characters: "
+                          f"{key!r} is logged as {short!r}", RuntimeWarning, stacklevel=3)
+            clean = short
         name = clean
         suffix = 1
         while name in used:
@@ -150,6 +164,18 @@ def mlflow_keys(logger: Any, keys: Sequence[str]) -> dict[str, str]:
         names[key] = name
         used.add(name)
     return {key: names[key] for key in keys}
+
+
+def _shortened(name: str, limit: int, digest: str) -> str:
+    """``name`` cut to ``limit`` characters, ending its longest part (or, if that is not
+    enough, the whole name) with ``_<digest>``."""
+    parts = name.split("/")
+    longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+    keep = len(parts[longest]) - (len(name) - limit) - len(digest) - 1
+    if keep < 1:
+        return f"{name[:limit - len(digest) - 1]}_{digest}"
+    parts[longest] = f"{parts[longest][:keep]}_{digest}"
+    return "/".join(parts)
 
 
 def log_scalars(loggers: Sequence[Any], metrics: Mapping[str, float], step: int) -> None:

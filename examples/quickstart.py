@@ -372,6 +372,8 @@ def plot_heatmaps(results: dict[str, Any], path: str, epoch: int, ylabel: str = 
 
 def summary_table(history: Sequence[dict[str, Any]], measures: Sequence[str],
                   prefix: str = "alignment") -> str:
+    from alignment_callback.engine.report import score_text
+
     first, last = history[0], history[-1]
     # raw, calibrated and τ at the first and the last step (τ changes with the weights: a
     # calibrated score is read against its own step's τ); p and the best pair at the last
@@ -380,12 +382,14 @@ def summary_table(history: Sequence[dict[str, Any]], measures: Sequence[str],
             "best pair (student|reference)")
     lines = [head, "-" * len(head)]
     for m in measures:
-        g = lambda h, f: float(h[f"{prefix}/{m}/{f}"])  # noqa: E731
+        # three decimals, or significant digits: a tiny calibrated score is not "0.000"
+        t = {f: [score_text(float(h[f"{prefix}/{m}/{f}"]), 3) for h in (first, last)]
+             for f in ("raw", "calibrated", "threshold")}
         lines.append(
-            f"{m:<12} {g(first, 'raw'):>7.3f} → {g(last, 'raw'):<6.3f} "
-            f"{g(first, 'calibrated'):>7.3f} → {g(last, 'calibrated'):<6.3f} "
-            f"{g(first, 'threshold'):>6.3f} → {g(last, 'threshold'):<6.3f} "
-            f"{g(last, 'p_value'):>8.4f}  {last[f'{prefix}/{m}/best_pair']}"
+            f"{m:<12} {t['raw'][0]:>7} → {t['raw'][1]:<6} "
+            f"{t['calibrated'][0]:>7} → {t['calibrated'][1]:<6} "
+            f"{t['threshold'][0]:>6} → {t['threshold'][1]:<6} "
+            f"{float(last[f'{prefix}/{m}/p_value']):>8.4f}  {last[f'{prefix}/{m}/best_pair']}"
         )
     return "\n".join(lines)
 
@@ -393,6 +397,8 @@ def summary_table(history: Sequence[dict[str, Any]], measures: Sequence[str],
 def in_plain_words(history: Sequence[dict[str, Any]], wide: Sequence[dict[str, Any]],
                    measure: str = "linear_cka") -> list[str]:
     """One sentence for the real alignment (``alignment/``), one for the wide layer (``wide/``)."""
+    from alignment_callback.engine.report import score_text
+
     g = lambda h, p, f: float(h[f"{p}/{measure}/{f}"])  # noqa: E731
     first, last = history[0], history[-1]
     pair = str(last[f"alignment/{measure}/best_pair"]).replace("|", " | ")
@@ -402,8 +408,9 @@ def in_plain_words(history: Sequence[dict[str, Any]], wide: Sequence[dict[str, A
             f"{g(last, 'alignment', 'raw'):.2f} at epoch {last['epoch']} (best pair {pair}), "
             f"{'far above' if above else 'no more than'} what chance alone reaches "
             f"(τ = {g(last, 'alignment', 'threshold'):.2f}): calibrated "
-            f"{g(first, 'alignment', 'calibrated'):.2f} → "
-            f"{g(last, 'alignment', 'calibrated'):.2f}, p = {g(last, 'alignment', 'p_value'):.4f}.")
+            f"{score_text(g(first, 'alignment', 'calibrated'))} → "
+            f"{score_text(g(last, 'alignment', 'calibrated'))}, "
+            f"p = {g(last, 'alignment', 'p_value'):.4f}.")
     h = max(wide, key=lambda h: g(h, "wide", "raw") - g(h, "wide", "calibrated"))
     when = " (before any training)" if h["epoch"] == 0 else ""
     end = wide[-1]
@@ -415,10 +422,10 @@ def in_plain_words(history: Sequence[dict[str, Any]], wide: Sequence[dict[str, A
               f"{WIDE_FEATURES}-wide random-feature layer on {WIDE_PROBE} probe digits is "
               f"{g(h, 'wide', 'raw'):.2f}, but chance alone reaches "
               f"{g(h, 'wide', 'threshold'):.2f} at this width (τ, d/n = "
-              f"{WIDE_FEATURES // WIDE_PROBE}): calibrated {cal:.3f}, so that raw "
+              f"{WIDE_FEATURES // WIDE_PROBE}): calibrated {score_text(cal, 3)}, so that raw "
               f"{g(h, 'wide', 'raw'):.2f} is {verdict}. At epoch {end['epoch']} the layer "
               f"{'has really aligned' if aligned else 'is still at chance'}: raw "
-              f"{g(end, 'wide', 'raw'):.2f}, calibrated {g(end, 'wide', 'calibrated'):.2f}.")
+              f"{g(end, 'wide', 'raw'):.2f}, calibrated {score_text(g(end, 'wide', 'calibrated'))}.")
     return [real, chance]
 
 

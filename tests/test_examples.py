@@ -115,6 +115,24 @@ def test_quickstart_csv_logger_alone(tmp_path):
     assert loggers[0].log_dir.startswith(str(tmp_path))
 
 
+def test_quickstart_prints_a_tiny_calibrated_score_with_its_digits():
+    """A calibrated 0.000167 (significant, p = 0.039) printed as "0.000" beside "significant";
+    the table and the sentences now print significant digits where decimals round to zero."""
+    quickstart = _example_module("quickstart")
+
+    def entry(epoch, raw, cal, tau, p, prefix):
+        keys = {"raw": raw, "calibrated": cal, "threshold": tau, "p_value": p, "best_pair": "a|b"}
+        return {"epoch": epoch, **{f"{prefix}/linear_cka/{k}": v for k, v in keys.items()}}
+
+    history = [entry(0, 0.39, 0.000167, 0.3899, 0.039, "alignment"),
+               entry(3, 0.9, 0.812, 0.4, 0.0196, "alignment")]
+    row = quickstart.summary_table(history, ["linear_cka"]).splitlines()[-1]
+    assert "0.000167 → 0.812" in row and "0.390 → 0.900" in row, row
+    wide = [entry(0, 0.39, 0.000167, 0.3899, 0.039, "wide"), entry(3, 0.35, 0.0, 0.45, 0.3, "wide")]
+    chance = quickstart.in_plain_words(history, wide)[1]
+    assert "calibrated 0.000167, so that raw 0.39 is almost all width" in chance, chance
+
+
 def _example_module(name: str):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

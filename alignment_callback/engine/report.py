@@ -414,22 +414,26 @@ def matrix_report(
 
 
 # -------------------------------------------------------------------------------- training
-def _two(value: float) -> str:
-    """A score as the sentences print it: two decimals, or two significant digits below 0.005
-    (a calibrated 0.004 is not "0.00", a value just below 0 not "-0.00").
+def score_text(value: float, digits: int = 2) -> str:
+    """A score as the sentences print it: ``digits`` decimals, or as many significant digits
+    where that would round a nonzero value to zero (a calibrated 0.004 is not "0.00", a value
+    just below 0 not "-0.00").
 
-    >>> _two(0.3565), _two(0.0041), _two(-0.0004), _two(0.0)
+    >>> score_text(0.3565), score_text(0.0041), score_text(-0.0004), score_text(0.0)
     ('0.36', '0.0041', '-0.0004', '0.00')
+    >>> score_text(0.000167, 3), score_text(0.81234, 3)
+    ('0.000167', '0.812')
     """
     if value == 0:
-        return "0.00"
-    return f"{value:.2g}" if abs(value) < 0.005 else f"{value:.2f}"
+        return f"{0:.{digits}f}"
+    small = abs(value) < 0.5 * 10.0 ** -digits
+    return f"{value:.{digits}g}" if small else f"{value:.{digits}f}"
 
 
 def _direction(first: float, last: float) -> int:
     """+1 (rose), -1 (fell) or 0 (flat): a change counts when it exceeds :data:`FLAT` and
     shows in the printed values (never "fell 0.36 → 0.36")."""
-    if _two(first) == _two(last) or abs(last - first) <= FLAT:
+    if score_text(first) == score_text(last) or abs(last - first) <= FLAT:
         return 0
     return 1 if last > first else -1
 
@@ -438,13 +442,13 @@ def _move(values: Sequence[float]) -> str:
     """How a curve went: "rose a → b", "fell a → b", "stayed at b", or "was a" (one value)."""
     first, last = values[0], values[-1]
     if len(values) == 1:
-        return f"was {_two(last)}"
+        return f"was {score_text(last)}"
     direction = _direction(first, last)
     if direction > 0:
-        return f"rose {_two(first)} → {_two(last)}"
+        return f"rose {score_text(first)} → {score_text(last)}"
     if direction < 0:
-        return f"fell {_two(first)} → {_two(last)}"
-    return f"stayed at {_two(last)}"
+        return f"fell {score_text(first)} → {score_text(last)}"
+    return f"stayed at {score_text(last)}"
 
 
 def _p_against(p: float, alpha: float) -> str:
@@ -708,6 +712,7 @@ __all__ = [
     "link_target",
     "matrix_report",
     "matrix_sentence",
+    "score_text",
     "shown_rows",
     "training_report",
 ]

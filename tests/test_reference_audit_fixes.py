@@ -292,3 +292,21 @@ def test_too_few_permutations_are_said_once_by_a_callback_of_several_references(
     few = [w for w in caught if "is too few" in str(w.message)]
     # once, pointing at the line that made the callback (in quiet_callback)
     assert [Path(w.filename).name for w in few] == ["helpers.py"]
+
+
+def test_a_reference_model_that_takes_other_inputs_points_at_reference_inputs(tmp_path):
+    """A live reference fed the model's probe (latents where it takes images) failed with the
+    forward's error only: the message now names reference_inputs / reference_batch_transform,
+    and with reference_inputs the same reference runs."""
+    probe = make_probe()
+    images = torch.randn(probe.shape[0], 5, generator=torch.Generator().manual_seed(3))
+    wide = RefMLP(in_dim=5)
+    cb = quiet_callback(probe, ["linear_cka"], K, reference=wide)
+    with pytest.raises(RuntimeError, match=r"failed on probe batch 0 .*pass them as "
+                                           r"reference_inputs= .* reference_batch_transform="):
+        pl.Trainer(max_epochs=1, logger=False, callbacks=[cb], enable_checkpointing=False,
+                   default_root_dir=tmp_path, **FAST_TRAINER).fit(MLP(), train_loader())
+    cb = quiet_callback(probe, ["linear_cka"], K, reference=wide, reference_inputs=images)
+    pl.Trainer(max_epochs=1, logger=False, callbacks=[cb], enable_checkpointing=False,
+               default_root_dir=tmp_path, **FAST_TRAINER).fit(MLP(), train_loader())
+    assert len(cb.history) == 2

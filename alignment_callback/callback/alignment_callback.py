@@ -1469,6 +1469,9 @@ class AlignmentCallback(Callback):
                 return self._collect(ref.module, in_dtype_of(ref.module, batches), ref.layers,
                                      ref.pool, ref.input_key, ref.batch_transform, model_device)
         except Exception as err:  # which model failed: there may be several references
+            if (ref.inputs is None and ref.batch_transform is None
+                    and "failed on probe batch" in str(err)):
+                raise _named(err, f"{_which(ref)} model", _OWN_INPUTS) from err
             raise _named(err, f"{_which(ref)} model") from err
 
     def _model_activations(self, model: nn.Module, batches: Any, model_device: torch.device,
@@ -1902,10 +1905,17 @@ class AlignmentCallback(Callback):
             feedback.emit(trainer, [f"{self.log_prefix} report: {self.report_paths[0]}"])
 
 
-def _named(error: Exception, what: str) -> Exception:
-    """``error`` with ``what: `` before its message: of its own type where that type takes one
-    message as it is (a configuration mistake stays one), else a ``RuntimeError``."""
-    text = f"{what}: {error}"
+_OWN_INPUTS = ("; the reference model is fed the model's probe batches: if it takes other "
+               "inputs (images where the model is fed latents), pass them as reference_inputs= "
+               "(the same samples in the same order) or map each batch with "
+               "reference_batch_transform=")
+
+
+def _named(error: Exception, what: str, hint: str = "") -> Exception:
+    """``error`` with ``what: `` before its message (and ``hint`` after it): of its own type
+    where that type takes one message as it is (a configuration mistake stays one), else a
+    ``RuntimeError``."""
+    text = f"{what}: {error}{hint}"
     try:
         named = type(error)(text)
     except Exception:  # noqa: BLE001 - a type that takes other arguments

@@ -38,7 +38,7 @@ CHUNK = 256  # permutations per call, as permutation.null_from_states passes the
 
 
 def old_gram_dots(a: torch.Tensor, b: torch.Tensor, perms: torch.Tensor) -> torch.Tensor:
-    """Today's ``gram_score`` loop without the final division by the norms."""
+    """The previous ``gram_score`` loop without the final division by the norms."""
     a = a.reshape(-1)
     out = torch.empty(perms.shape[0], dtype=a.dtype, device=a.device)
     rows, gathered = torch.empty_like(b), torch.empty_like(b)
@@ -50,7 +50,7 @@ def old_gram_dots(a: torch.Tensor, b: torch.Tensor, perms: torch.Tensor) -> torc
 
 
 def old_layer_dots(fixed: list[torch.Tensor], moved: list[torch.Tensor], perms: torch.Tensor) -> torch.Tensor:
-    """Today's ``gram_layer_scores`` loop (moved side gathered) without the norms: (P, LB, LA)."""
+    """The previous ``gram_layer_scores`` loop (moved side gathered) without the norms: (P, LB, LA)."""
     fixed_flat = torch.stack([m.reshape(-1) for m in fixed])
     n = moved[0].shape[0]
     rows = moved[0].new_empty(n, n)

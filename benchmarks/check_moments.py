@@ -459,7 +459,9 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         kwargs = {"pvalues": {"seed": args.seed}, "memory": {"threads": args.threads}}
         SECTIONS[name](**kwargs.get(name, {}))
-        print(f"[{name}: {time.perf_counter() - t0:.0f} s, peak RSS "
+        # this process's peak so far (it only grows: a section's own is at most this; the
+        # memory section measures in a child process and prints that child's peak itself)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s, this process's peak RSS so far "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB]", flush=True)
 
 

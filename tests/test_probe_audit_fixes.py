@@ -120,6 +120,41 @@ def test_a_drawing_callable_probe_gives_the_same_rows_at_every_step_in_both_mode
     assert torch.equal(torch.get_rng_state(), state)  # the global state is put back
 
 
+class _Noisy(torch.utils.data.Dataset):
+    """A dataset that draws when read (noise augmentation)."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return torch.full((8,), float(i % 7)) + torch.randn(8)
+
+
+@pytest.mark.parametrize("kind", ["generator", "drawing_dataset"])
+def test_a_probe_that_draws_as_it_is_iterated_gives_the_same_rows_to_every_pass(kind):
+    """A callable returning a generator (or a DataLoader whose dataset draws) draws as it is
+    iterated, after the seeded call: the model and the reference read other rows (raw linear
+    CKA of a model with its own copy 0.57, not 1) and the background, which reads the probe
+    once, disagreed with the foreground.  Every probe pass now runs with the generators
+    seeded."""
+    import copy
+
+    def probe():
+        if kind == "generator":
+            return (torch.randn(8, 8) for _ in range(5))
+        return DataLoader(_Noisy(), batch_size=10)
+
+    runs = []
+    for background in (False, True):
+        model = MLP()
+        cb = _fit(quiet_callback(probe, ["linear_cka"], K, reference=copy.deepcopy(model),
+                                 background=background), model=model)
+        runs.append(_raws(cb))
+    assert runs[0][0] == pytest.approx(1.0, abs=1e-6)  # the model is its reference at the start
+    assert runs[0] == runs[1]
+    assert len(set(runs[0])) == len(runs[0])  # training changes the model: a real curve
+
+
 def test_a_callable_probe_returning_one_dict_batch_or_numpy_batches():
     """One dict batch from a callable made the verbose (default) reference pass iterate the
     dict's keys; NumPy batches from a callable were refused ("cannot feed a ndarray batch")

@@ -38,6 +38,7 @@ from alignment_callback.callback.probe import (
     in_dtype_of,
     iterate_probe,
     load_probe,
+    seeded_rng,
     shared_with,
 )
 from alignment_callback.callback.progress import epoch_cut_short, last_batch_ran
@@ -66,7 +67,6 @@ from alignment_callback.hooks import collect_activations, resolve_layers
 from alignment_callback.hooks.collect import (
     LayerCountError,
     preserved_loader_seed,
-    preserved_rng,
     random_states,
     same_random_states,
 )
@@ -202,7 +202,9 @@ class AlignmentCallback(Callback):
         The probe inputs: a ``DataLoader`` with a sequential sampler, a tensor or numeric
         NumPy array, a ``.pt`` path (a tensor, a dict batch, a tuple batch
         ``(inputs, labels)`` or a list of batches), a callable returning batches, or a list
-        of batches; the same rows in the same order every time.
+        of batches; the same rows in the same order every time (every probe pass runs with
+        the global random generators seeded with 0 and put back after, so a probe that draws
+        gives the same rows).
     layers : str, sequence of str or mapping of str to str
         Student layers (names, globs, ``"re:"`` regexes; see ``resolve_layers``), or a
         mapping ``{student layer: reference layer}`` to aggregate over those pairs only
@@ -770,9 +772,10 @@ class AlignmentCallback(Callback):
         """The batches of ``probe`` (default: the probe), to iterate outside a probe pass: the
         global random states and a DataLoader's own generator are put back afterward
         (iterating draws a seed)."""
-        batches = iterate_probe(self.probe if probe is None else probe)
-        with preserved_rng(), preserved_loader_seed(batches):
-            yield batches
+        with seeded_rng():  # iterated as in a probe pass: a probe that draws gives its rows
+            batches = iterate_probe(self.probe if probe is None else probe)
+            with preserved_loader_seed(batches):
+                yield batches
 
     def _same_reference_layers(self, saved: Mapping[str, Any], current: Mapping[str, Any]
                                ) -> Mapping[str, Any]:
@@ -1460,14 +1463,16 @@ class AlignmentCallback(Callback):
                                show: bool) -> dict[str, Tensor]:
         """A reference model's probe pass (with a progress bar on rank 0 when verbose)."""
         ref.module.to(model_device)
-        probe = iterate_probe(self.probe if ref.inputs is None else ref.inputs)
-        batches = feedback.progress(probe, f"alignment: {ref.label} probe pass",
-                                    self.verbose and show
-                                    and not isinstance(probe, (Tensor, Mapping)))
         try:
-            with preserved_loader_seed(probe):
-                return self._collect(ref.module, in_dtype_of(ref.module, batches), ref.layers,
-                                     ref.pool, ref.input_key, ref.batch_transform, model_device)
+            with seeded_rng():  # the rows a probe that draws gives the model's passes too
+                probe = iterate_probe(self.probe if ref.inputs is None else ref.inputs)
+                batches = feedback.progress(probe, f"alignment: {ref.label} probe pass",
+                                            self.verbose and show
+                                            and not isinstance(probe, (Tensor, Mapping)))
+                with preserved_loader_seed(probe):
+                    return self._collect(ref.module, in_dtype_of(ref.module, batches),
+                                         ref.layers, ref.pool, ref.input_key,
+                                         ref.batch_transform, model_device)
         except Exception as err:  # which model failed: there may be several references
             if (ref.inputs is None and ref.batch_transform is None
                     and "failed on probe batch" in str(err)):
@@ -1542,17 +1547,19 @@ class AlignmentCallback(Callback):
         """The model's probe activations on the compute device (training thread), and the
         seconds it took."""
         start = time.perf_counter()
-        probe = iterate_probe(self.probe)
-        with preserved_loader_seed(probe):
-            acts = self._model_activations(pl_module, probe, model_device_of(pl_module),
-                                           forward_dtype=self._forward_dtype())
+        with seeded_rng():  # a probe that draws as it is iterated: the same rows every pass
+            probe = iterate_probe(self.probe)
+            with preserved_loader_seed(probe):
+                acts = self._model_activations(pl_module, probe, model_device_of(pl_module),
+                                               forward_dtype=self._forward_dtype())
         return acts, time.perf_counter() - start
 
     def _probe_list(self) -> Any:
-        probe = iterate_probe(self.probe)
-        if not isinstance(probe, (Tensor, list, Mapping)):  # a Mapping is one dict batch
-            with preserved_rng(), preserved_loader_seed(probe):  # a DataLoader draws a seed
-                probe = list(probe)
+        with seeded_rng():  # the rows of a foreground pass (a DataLoader draws a seed too)
+            probe = iterate_probe(self.probe)
+            if not isinstance(probe, (Tensor, list, Mapping)):  # a Mapping is one dict batch
+                with preserved_loader_seed(probe):
+                    probe = list(probe)
         return probe
 
     @torch.no_grad()
@@ -1563,7 +1570,7 @@ class AlignmentCallback(Callback):
         batches = self._probe_list()
         start = time.perf_counter()
         forward_dtype = self._forward_dtype()
-        with preserved_rng():
+        with seeded_rng():  # as a foreground pass starts
             before = random_states()
             actual = self._model_activations(pl_module, batches, torch.device("cpu"),
                                              restore_rng=False, forward_dtype=forward_dtype)
@@ -1573,6 +1580,10 @@ class AlignmentCallback(Callback):
             self._copy = False
             return actual, seconds
         if draws:  # the copy would draw from the loop's streams, from another thread
+            # this step's values as every later step's, a foreground pass (a DataLoader probe
+            # draws its seed between the forward's draws there, not before the pass)
+            actual, again = self._capture(pl_module)
+            seconds += again
             self._copy = False
             rank_zero_warn("background=True: the model's forward draws random numbers in eval "
                            "mode (sampling, noise); its copy in the worker would draw from the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import random
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 
 import numpy as np
@@ -160,25 +161,35 @@ def check_sequential(loader: DataLoader, argument: str = "probe") -> None:
 PROBE_SEED = 0
 
 
-def iterate_probe(probe: Any) -> Any:
-    """The batches of a normalized probe (calls a callable probe; what it returns is
-    normalized as by :func:`load_probe`: a DataLoader must be sequential, NumPy arrays become
-    tensors).
-
-    A callable probe is called with the global random states saved and put back afterward
-    (see :func:`~alignment_callback.hooks.collect.preserved_rng`), and seeded with
-    :data:`PROBE_SEED` (torch's on every device, NumPy's ``np.random``, Python's ``random``)
-    before the call: one that draws (``return [torch.randn(...)]``) returns the same rows at
-    every step, as the reference's were computed on, and does not change training.
-    Iterating what it returns draws under the capture's own guard."""
-    if not callable(probe) or isinstance(probe, (Tensor, nn.Module)):
-        return probe
+@contextmanager
+def seeded_rng() -> Iterator[None]:
+    """The global random generators seeded with :data:`PROBE_SEED` inside (torch's on every
+    device, NumPy's ``np.random``, Python's ``random``), their states put back on exit (see
+    :func:`~alignment_callback.hooks.collect.preserved_rng`): a probe that draws gives the same
+    rows at every pass, and training's random streams do not change.  The training loop's
+    thread only."""
     with preserved_rng():
         torch.default_generator.manual_seed(PROBE_SEED)
         if torch.cuda.is_initialized():  # (torch.manual_seed would queue a seed for a later
             torch.cuda.manual_seed_all(PROBE_SEED)  # CUDA start, which training would see)
         np.random.seed(PROBE_SEED)
         random.seed(PROBE_SEED)
+        yield
+
+
+def iterate_probe(probe: Any) -> Any:
+    """The batches of a normalized probe (calls a callable probe; what it returns is
+    normalized as by :func:`load_probe`: a DataLoader must be sequential, NumPy arrays become
+    tensors).
+
+    A callable probe is called under :func:`seeded_rng`: one that draws
+    (``return [torch.randn(...)]``) returns the same rows at every step, as the reference's
+    were computed on, and does not change training.  What it returns is iterated later: the
+    probe passes run under :func:`seeded_rng` too, so a generator or a DataLoader whose
+    dataset draws gives the same rows at every pass as well."""
+    if not callable(probe) or isinstance(probe, (Tensor, nn.Module)):
+        return probe
+    with seeded_rng():
         batches = probe()
     if not isinstance(batches, Iterable):  # None, a number (tensors, arrays, dicts iterate)
         raise TypeError(f"probe: the callable probe must return batches (a DataLoader, a "

@@ -151,6 +151,33 @@ def test_background_copy_sees_the_epoch_and_plain_state():
     assert raws(bg) == raws(fg)
 
 
+class Bank(MLP):
+    """Reads a public (unregistered) tensor of 72,000 elements that training changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.bank = torch.zeros(9000, 8)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.bank = self.bank + 0.2 * batch[0].mean(0)
+
+    def forward(self, x):
+        return super().forward(x + self.bank[:1])
+
+
+def test_background_copy_refreshes_a_large_public_tensor():
+    """Public attributes are copied at every step, but a tensor over 65,536 elements was
+    skipped: the copy kept the first step's bank and the values drifted from the foreground's
+    without a warning."""
+    fg, bg = callback(layers=["fc1"]), callback(layers=["fc1"], background=True)
+    fit([fg], model=Bank())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback: the copy is used
+        fit([bg], model=Bank())
+    assert len(set(raws(fg))) == 3
+    assert raws(bg) == raws(fg)
+
+
 # ---------------------------------------------------------------------------------- resume
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_checkpoint_waits_for_an_earlier_background_step(tmp_path, monkeypatch):

@@ -170,7 +170,7 @@ class AlignmentCallback(Callback):
     the probe's forward passes run in the worker too, on a private copy of the model refreshed
     at every step from the model's weights, buffers and plain attributes (a stage flag or a
     schedule: numbers, strings, enums, small tensors and containers of them, and its other
-    public attributes, deep-copied); at the first step the model's
+    public attributes, large tensors included, deep-copied); at the first step the model's
     activations are captured in the loop and the worker checks the copy's against them (a next
     step that comes before the check has finished waits for it), and if they differ (a forward
     that reads the trainer, or state the copy cannot hold) the capture stays in the loop with a

@@ -117,7 +117,7 @@ class BackgroundQueue:
             self._executor = None
 
 
-PLAIN_TENSOR_ELEMENTS = 1 << 16  # larger unregistered tensors (e.g. cached data) are not copied
+PLAIN_TENSOR_ELEMENTS = 1 << 16  # larger private unregistered tensors (cached data) are not copied
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None), np.generic, enum.Enum)
 _MAX_DEPTH = 4  # containers nested deeper are not plain state
 
@@ -153,12 +153,10 @@ def _is_plain_value(value: Any, depth: int = 0) -> bool:
 
 def _is_plain(key: str, value: Any) -> bool:
     """Copied at every step: plain values (:func:`_is_plain_value`), and any other public
-    attribute, deep-copied (a config object, a schedule; a copy that fails moves the capture
-    to the loop, see ``AlignmentCallback._snapshot``)."""
+    attribute, deep-copied (a config object, a schedule, a large tensor such as a memory bank;
+    a copy that fails moves the capture to the loop, see ``AlignmentCallback._snapshot``)."""
     if isinstance(value, nn.Module) or key in _module_internals():
         return False
-    if isinstance(value, Tensor):
-        return value.numel() <= PLAIN_TENSOR_ELEMENTS
     return _is_plain_value(value) or not key.startswith("_")
 
 

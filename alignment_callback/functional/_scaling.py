@@ -74,14 +74,11 @@ def center_columns(x: Tensor) -> tuple[Tensor, Tensor]:
     variance of all the others).
     """
     constant = (x == x[:1]).all(0, keepdim=True)
-    if x.dtype == torch.float64 or not x.is_floating_point():
-        xc = x - x.mean(0, keepdim=True)
-    else:  # the mean rounded to x's dtype is off by up to half an ulp of a large offset (0.03
-        # at 1e6 in float32, a few % of a unit spread): subtract it, then what it left, so the
-        # centered values are those of the float64 mean (no float64 copy of x)
-        exact = x.mean(0, keepdim=True, dtype=torch.float64)
-        rounded = exact.to(x.dtype)
-        xc = (x - rounded) - (exact - rounded).to(x.dtype)
+    xc = x - x.mean(0, keepdim=True)
+    if x.is_floating_point():  # the mean, rounded, is off by up to half an ulp of a large
+        # offset (0.03 at 1e6 in float32, a few % of a unit spread): subtract what it left too
+        # (exact where the offset dominates, x − mean losing no digit), a second pass
+        xc = xc - xc.mean(0, keepdim=True)
     return xc.masked_fill(constant, 0), x.masked_fill(constant, 0)
 
 

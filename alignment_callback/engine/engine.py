@@ -198,7 +198,7 @@ class AlignmentEngine:
         ``num_permutations``, ``seed`` or ``groups`` changed (set after construction too)."""
         p = self.permutations
         if (p is None or (p.n, p.num_permutations, p.seed) != (n, self.num_permutations, self.seed)
-                or p.groups is not self.groups):
+                or not p.same_groups(self.groups)):
             self.permutations = Permutations(n, self.num_permutations, self.seed, self.groups)
         return self.permutations
 

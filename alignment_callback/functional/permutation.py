@@ -9,13 +9,18 @@ per-permutation temporaries (never K×n×n).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._validation import check_num_permutations, check_seed
+from alignment_callback.functional._validation import (
+    check_num_permutations,
+    check_seed,
+    user_stacklevel,
+)
 
 _CHUNK_ELEMENTS = 1 << 24  # temporary elements per chunk of permutations (~64 MB in float32)
 _CUDA_CHUNK_ELEMENTS = 1 << 26  # the same on a CUDA device (256 MB in float32)
@@ -30,6 +35,13 @@ def group_labels(groups: Sequence[Any] | Tensor | np.ndarray) -> np.ndarray:
     if labels.ndim != 1:
         raise ValueError(f"groups must be a sequence of labels, one per sample; got "
                          f"{type(groups).__name__} of shape {labels.shape}")
+    if labels.dtype.kind in "USO":  # NumPy would make 1 and "1" one string label
+        text = {isinstance(v, (str, bytes, np.str_, np.bytes_)) for v in
+                (groups.tolist() if isinstance(groups, np.ndarray) else groups)}
+        if len(text) > 1:
+            kinds = sorted({type(v).__name__ for v in groups})
+            raise ValueError(f"groups labels must be of one comparable kind (all numbers or "
+                             f"all strings), got a mix of {', '.join(kinds)}")
     return labels
 
 
@@ -204,9 +216,10 @@ class Permutations:
         self.n = int(n)
         self.num_permutations = check_num_permutations(num_permutations)
         self.seed = check_seed(seed)
-        self.groups = groups
-        if groups is not None:
-            GroupPermuter(groups, self.n)  # validate now
+        # a copy: labels changed in place later would no longer be the ones drawn with
+        self.groups = None if groups is None else group_labels(groups).copy()
+        if self.groups is not None:
+            GroupPermuter(self.groups, self.n)  # validate now
         self.cache_elements = cache_elements
         self._cache: dict[torch.device, Tensor] = {}
 
@@ -255,10 +268,32 @@ class Permutations:
         groups of size s are exchanged among themselves; 1/6 for three groups of eight)."""
         if self.groups is None:
             return math.exp(-math.lgamma(self.n + 1))
-        labels = np.asarray(self.groups.cpu() if isinstance(self.groups, Tensor) else self.groups)
-        _, sizes = np.unique(labels, return_counts=True)
+        _, sizes = np.unique(self.groups, return_counts=True)
         _, groups_per_size = np.unique(sizes, return_counts=True)
         return math.exp(-sum(math.lgamma(int(m) + 1) for m in groups_per_size))
+
+    def same_groups(self, groups: Sequence[Any] | Tensor | None) -> bool:
+        """Whether ``groups`` holds the labels this set was drawn with (values, not identity)."""
+        if groups is None or self.groups is None:
+            return groups is None and self.groups is None
+        labels = group_labels(groups)
+        return labels.shape == self.groups.shape and bool((labels == self.groups).all())
+
+    def warn_if_few_blocks(self, alpha: float) -> None:
+        """Warn when ``groups`` allow fewer than 1/``alpha`` distinct block permutations: the
+        identity, which scores the observed value, is then more than ``alpha`` of the draws, so
+        p stays above ``alpha`` and every calibrated score is 0 whatever the data."""
+        if self.groups is None:
+            return
+        chance = self.identity_probability()
+        if chance > alpha:
+            count = round(1.0 / chance)
+            warnings.warn(
+                f"groups allow only {count} distinct block permutations (groups of equal size "
+                f"exchanged): one draw in {count} is the identity, which scores the observed "
+                f"value, so p is at least about 1/{count} = {chance:.3g} > alpha={alpha:g} and "
+                "every calibrated score is 0 whatever the data; use more groups of equal size",
+                UserWarning, stacklevel=user_stacklevel())
 
     def tensor(self, device: torch.device | str | None = None) -> Tensor:
         """All permutations as one (K, n) tensor."""

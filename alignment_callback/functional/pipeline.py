@@ -454,6 +454,7 @@ def calibrate_prepared(
     if permutations.n != xside.n:
         raise ValueError(f"the permutations are of {permutations.n} samples, the data has {xside.n}")
     null = check_null(null)
+    permutations.warn_if_few_blocks(alpha)
     measures = list(dict.fromkeys(measures))
     # states converted to n×n below are this call's: a cached side (the engine's or a metric's
     # reference) keeps its feature-space states for the next call

@@ -100,6 +100,32 @@ def test_extract_from_factory_equals_collect_activations(probe, tmp_path, capsys
     assert check_fingerprint(out, loader) is True  # nor labels next to the inputs
 
 
+def make_bf16_model() -> nn.Module:
+    return Tiny().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_extract_feeds_the_probe_in_the_models_dtype(probe, tmp_path, dtype):
+    """A bfloat16 or float64 model fed the float32 probe failed ("mat1 and mat2 must have the
+    same dtype"); a probe cast by hand had another fingerprint, which the callback refuses
+    for the float32 probe; and a float64 model's features were saved in float32.  The probe
+    is now cast as the callback casts it, the fingerprint is the probe's as given, and the
+    features are kept as the callback keeps a reference's (float64 stays float64)."""
+    x, _ = probe
+    model = Tiny().to(dtype)
+    feats = extract_features(model, x, ["fc1", "fc2"], tmp_path / "f.pt")
+    want = collect_activations(model, x.to(dtype), ["fc1", "fc2"], dtype=None)
+    kept = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, t in feats.items():
+        assert t.dtype == kept
+        torch.testing.assert_close(t, want[name].to(kept), rtol=0, atol=0)
+    assert check_fingerprint(tmp_path / "f.pt", x)  # the float32 probe the callback is given
+    if dtype == torch.bfloat16:
+        assert run("--model", "tests.test_cli_extract:make_bf16_model", "--probe", probe[1],
+                   "--layers", "fc1", "--out", tmp_path / "cli.pt") == 0
+        assert_same(load_features(tmp_path / "cli.pt"), {"fc1": feats["fc1"]})
+
+
 def test_extract_from_lightning_checkpoint(probe, tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     from tests.helpers import MLP

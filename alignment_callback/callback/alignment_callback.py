@@ -33,9 +33,7 @@ from alignment_callback.callback.distributed import first_error, from_rank_zero,
 from alignment_callback.callback.presets import resolve_preset
 from alignment_callback.callback.probe import (
     Probe,
-    each_batch,
     freeze,
-    in_dtype_of,
     iterate_probe,
     load_probe,
     seeded_rng,
@@ -46,7 +44,6 @@ from alignment_callback.callback.reference import (
     Reference,
     ReferenceSpec,
     check_features,
-    compute_dtype,
     count_rows,
     feature_dtype,
     resolve_references,
@@ -64,6 +61,7 @@ from alignment_callback.functional.calibration import few_permutations_unsaid, w
 from alignment_callback.functional.preprocessing import check_pool
 from alignment_callback.functional.registry import renamed_argument
 from alignment_callback.hooks import collect_activations, resolve_layers
+from alignment_callback.hooks.batches import compute_dtype, each_batch, in_dtype_of
 from alignment_callback.hooks.collect import (
     LayerCountError,
     preserved_loader_seed,

@@ -33,6 +33,7 @@ from alignment_callback.callback.dispatch import check_key_part
 from alignment_callback.callback.probe import load_probe, load_reference
 from alignment_callback.engine import AlignmentEngine
 from alignment_callback.functional.preprocessing import check_pool, pool_features
+from alignment_callback.hooks.batches import compute_dtype
 from alignment_callback.hooks.collect import BATCH_ROWS, is_column
 from alignment_callback.hooks.extract import LAYERS_KEY, PROBE_KEY
 from alignment_callback.hooks.selection import about_argument, resolve_names
@@ -486,12 +487,6 @@ def check_features(ref: Reference, probe: Any, n_probe: int | None) -> None:
         from alignment_callback.hooks.extract import check_fingerprint
 
         check_fingerprint(ref.path, probe)
-
-
-def compute_dtype(t: Tensor) -> torch.dtype:
-    """The dtype activations and features are compared in: float64 stays float64 (a float64
-    model, float64 features), everything else is float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def feature_dtype(features: Mapping[str, Tensor], device: torch.device, pool: Any = None,

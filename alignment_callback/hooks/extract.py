@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from alignment_callback.functional._validation import check_positive_int
 from alignment_callback.functional.preprocessing import Pool
+from alignment_callback.hooks.batches import compute_dtype, in_dtype_of
 from alignment_callback.hooks.collect import (
     collect_activations,
     is_column,
@@ -363,9 +364,13 @@ def extract_features(
 ) -> dict[str, Tensor]:
     """Run ``model`` over ``probe``, return ``{layer: (n, d)}`` and save it with a fingerprint.
 
-    The activations are exactly those of :func:`collect_activations` with the same arguments
-    (eval mode, no grad, the model's train flags and the global RNG restored afterward); a
-    single dict batch (e.g. a tokenizer's output) is split into batches of ``batch_size`` rows.
+    The activations are those of :func:`collect_activations` with the same arguments (eval
+    mode, no grad, the model's train flags and the global RNG restored afterward), as the
+    callback records a reference model's: the probe's floating-point tensors are cast to the
+    model's parameter dtype (a bfloat16 or float64 model fed a float32 probe), and the
+    activations are kept in float64 for a float64 model, else float32 (``dtype=`` overrides);
+    the fingerprint is the probe's as given.  A single dict batch (e.g. a tokenizer's output)
+    is split into batches of ``batch_size`` rows.
 
     Parameters
     ----------
@@ -411,11 +416,18 @@ def extract_features(
     """
     batch_size = check_positive_int(batch_size, "batch_size")
     probe = _reusable(probe)  # read twice below: for the fingerprint, then by the model
-    fingerprint = probe_fingerprint(probe)
+    fingerprint = probe_fingerprint(probe)  # of the probe as given, whatever the model's dtype
     data = _split_mapping(probe, batch_size) if isinstance(probe, Mapping) else probe
-    feats = collect_activations(model, data, layers, pool=pool, device=device,
-                                input_key=input_key, batch_transform=batch_transform,
-                                forward=forward, batch_size=batch_size, **collect_kwargs)
+    as_compared = "dtype" not in collect_kwargs
+    collect_kwargs.setdefault("dtype", None)  # kept as the model gives it, then as compared
+    with preserved_loader_seed(data):  # (the cast below reads a DataLoader lazily)
+        feats = collect_activations(model, in_dtype_of(model, data), layers, pool=pool,
+                                    device=device, input_key=input_key,
+                                    batch_transform=batch_transform, forward=forward,
+                                    batch_size=batch_size, **collect_kwargs)
+    if as_compared:
+        feats = {k: v.to(compute_dtype(v)) if v.is_floating_point() else v
+                 for k, v in feats.items()}
     if path is not None:
         rows = next(iter(feats.values())).shape[0] if feats else 0
         if rows != fingerprint["rows"]:  # e.g. max_batches: the file would claim the whole probe

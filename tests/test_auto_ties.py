@@ -207,6 +207,46 @@ def test_auto_false_positive_rate_on_tied_data_is_at_most_alpha():
     assert methods == {"permutation"}
 
 
+def test_auto_false_positive_rate_on_nearly_tied_data_is_at_most_alpha():
+    """The same design with 1e-6 noise on every entry (a saturated softmax is as close): no
+    two rows are identical, so "auto" took the moments, whose null is as wrong here as on
+    exact ties (26.5 % of independent draws rejected at α = 0.15).  Rows within
+    NEAR_TIE_RTOL of the rows' RMS distance now count as tied: permutations."""
+    n, alpha, draws, k = 32, 0.14, 400, 200
+    rejected, methods = 0, set()
+    for draw in range(draws):
+        g = torch.Generator().manual_seed(5000 + draw)
+        x = one_hot(torch.randperm(n, generator=g) % 2, 2)
+        y = one_hot(torch.randperm(n, generator=g) % 16, 16)
+        x, y = (t + 1e-6 * torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (x, y))
+        res = quiet(F.calibrated_alignment, x, y, "linear_cka", k, alpha=alpha, null="auto",
+                    seed=draw)
+        methods.add(res.null_method)
+        rejected += float(res.p_value) <= alpha
+    bound = alpha + 3 * math.sqrt(alpha * (1 - alpha) / draws)
+    assert rejected / draws <= bound
+    assert methods == {"permutation"}
+
+
+def test_near_ties_are_found_without_the_distance_matrix():
+    """Against the brute-force nearest pair: tied when the closest two rows are within rtol of
+    the RMS pairwise distance, on clustered and continuous data."""
+    g = torch.Generator().manual_seed(4)
+    for trial in range(30):
+        n, d = 20 + 7 * trial, 1 + trial % 6
+        centers = torch.randn(max(2, trial), d, generator=g, dtype=torch.float64)
+        x = centers[torch.randint(0, len(centers), (n,), generator=g)]
+        x = x + 10.0 ** -(trial % 8) * torch.randn(n, d, generator=g, dtype=torch.float64)
+        dist = torch.cdist(x, x)
+        rms = math.sqrt(float((dist ** 2).sum()) / (n * (n - 1)))
+        closest = float(dist[~torch.eye(n, dtype=torch.bool)].min())
+        rtol = 1e-3
+        if abs(closest / rms - rtol) < 1e-2 * rtol:
+            continue  # too close to the threshold to tell
+        assert mo.has_tied_rows(x, rtol=rtol) is (closest <= rtol * rms), (trial, closest / rms)
+    assert not mo.has_tied_rows(x, rtol=0.0) or len(np.unique(x.numpy(), axis=0)) < n
+
+
 # ------------------------------------------------------------ cached references get it too
 def test_calibrated_alignment_metric_with_a_cached_tied_reference(monkeypatch):
     g = torch.Generator().manual_seed(11)
@@ -214,7 +254,8 @@ def test_calibrated_alignment_metric_with_a_cached_tied_reference(monkeypatch):
     x = torch.randn(48, 6, generator=g, dtype=torch.float64)
     calls = []
     check = pipeline.has_tied_rows
-    monkeypatch.setattr(pipeline, "has_tied_rows", lambda t: calls.append(t.shape) or check(t))
+    monkeypatch.setattr(pipeline, "has_tied_rows",
+                        lambda t, **kw: calls.append(t.shape) or check(t, **kw))
     metric = CalibratedAlignment("linear_cka", null="auto", num_permutations=K,
                                  preprocess=False)
     metric.set_reference(y)

@@ -10,8 +10,9 @@ threshold τ (the 1 − α quantile) come from the moment-matched Pearson type I
 ``null="moments"`` uses it for every gram-family pair; ``null="auto"`` only where it has been
 validated (n ≥ 32, |skew| ≤ 1.4, a pair leverage ≤ 0.5: heavy-tailed data with an outlying
 sample on both sides makes the null a mixture three moments cannot describe; and no tied
-samples: the validation used continuous data, and two identical rows on either side, as in
-one-hot or integer-coded data, make the null lumpy, its p-values off by up to 0.08) and the
+samples: the validation used continuous data, and two identical (or nearly identical) rows on
+either side, as in one-hot or integer-coded data, make the null lumpy, its p-values off by up
+to 0.08) and the
 permutation null elsewhere.  An aggregate over several layer pairs needs their joint null, so
 it always uses permutations.  kNN measures keep the permutation null; with ``"auto"`` their
 ``null_mean`` (and for mutual kNN ``null_std``) are the exact permutation values.

@@ -65,7 +65,7 @@ from alignment_callback.functional.knn_measures import (
     knn_chunk_cost,
     knn_layer_scores,
 )
-from alignment_callback.functional.moments import has_tied_rows
+from alignment_callback.functional.moments import NEAR_TIE_RTOL, has_tied_rows
 from alignment_callback.functional.neighbors import neighbor_lists
 from alignment_callback.functional.permutation import Permutations, chunk_size_for
 from alignment_callback.functional.registry import (
@@ -614,7 +614,7 @@ def _tied_rows(side: PreparedSide, i: int) -> bool:
     invariants (one answer for every measure and route: a cached reference computes it once)."""
     key = ("tied_rows", i)
     if key not in side.invariants:
-        side.invariants[key] = has_tied_rows(side.features[i])
+        side.invariants[key] = has_tied_rows(side.features[i], rtol=NEAR_TIE_RTOL)
     return side.invariants[key]
 
 

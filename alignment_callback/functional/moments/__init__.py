@@ -42,6 +42,7 @@ from alignment_callback.functional.moments.features import (
     feature_scatter,
 )
 from alignment_callback.functional.moments.invariants import (
+    NEAR_TIE_RTOL,
     GramInvariants,
     GraphInvariants,
     PermutationMoments,
@@ -79,6 +80,7 @@ __all__ = [
     "feature_linear_cka",
     "feature_scatter",
     "gram_invariants",
+    "NEAR_TIE_RTOL",
     "has_tied_rows",
     "knn_graph_invariants",
     "matrix_invariants",

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._scaling import center_columns
 from alignment_callback.functional._validation import all_finite
 from alignment_callback.functional.kernels import symmetrize_
 from alignment_callback.functional.moments.patterns import (
@@ -182,8 +183,16 @@ class PermutationMoments:
 # ----------------------------------------------------------------------------------------------
 
 
-def has_tied_rows(x: Tensor) -> bool:
-    """Whether two rows (samples) of ``x`` are identical, compared exactly (``-0.0 == 0.0``).
+#: Rows closer than this fraction of the rows' root-mean-square pairwise distance count as tied
+#: (a one-hot label with 1e-6 noise, a saturated softmax): their null is as lumpy as exact ties'.
+NEAR_TIE_RTOL = 1e-4
+#: Near ties are looked for up to this many rows (beyond, only exact ties: the search's cost).
+NEAR_TIE_MAX_N = 4096
+
+
+def has_tied_rows(x: Tensor, rtol: float = 0.0) -> bool:
+    """Whether two rows (samples) of ``x`` are identical, compared exactly (``-0.0 == 0.0``),
+    or with ``rtol > 0`` closer than ``rtol`` times the root-mean-square distance between rows.
 
     Tied samples (one-hot labels, integer codes, repeated inputs) make the permutation null
     lumpy: swapping two of them leaves every score unchanged, and with many ties the null has
@@ -199,6 +208,13 @@ def has_tied_rows(x: Tensor) -> bool:
     ----------
     x : Tensor
         (n, d) features.
+    rtol : float, default=0.0
+        Near ties: rows within ``rtol·sqrt(mean_{i<j} ‖x_i − x_j‖²)`` of each other count too
+        (:data:`NEAR_TIE_RTOL` is what ``null="auto"`` uses), for at most
+        :data:`NEAR_TIE_MAX_N` rows (more: exact ties only).  Found without the n×n distances:
+        the rows are sorted by a fixed random projection, and only pairs whose projections are
+        that close (a necessary condition) are compared, first on 7 more projections, then in
+        full.
 
     Returns
     -------
@@ -214,7 +230,36 @@ def has_tied_rows(x: Tensor) -> bool:
     """
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a 2-D (n, d) tensor, got {getattr(x, 'shape', x)}")
-    return distinct_rows(x)[1] is not None
+    if distinct_rows(x)[1] is not None:
+        return True
+    return rtol > 0 and 1 < x.shape[0] <= NEAR_TIE_MAX_N and _near_tie(x, rtol)
+
+
+def _near_tie(x: Tensor, rtol: float) -> bool:
+    """Two rows closer than ``rtol`` times the rows' RMS pairwise distance (see
+    :func:`has_tied_rows`)."""
+    n = x.shape[0]
+    xc, _ = center_columns(x if x.is_floating_point() else x.double())
+    delta = rtol * math.sqrt(2.0 * float((xc * xc).sum(dtype=torch.float64)) / (n - 1))
+    if delta == 0.0:  # (the RMS pairwise distance above)
+        return False
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(x.shape[1], 8, generator=g, dtype=torch.float64)
+    proj = xc @ (u / u.norm(dim=0, keepdim=True)).to(xc.device, xc.dtype)  # |Δ proj| <= ‖Δ row‖
+    reach = 2.0 * delta  # on each projection, with room for its rounding
+    first, order = torch.sort(proj[:, 0])
+    for k in range(1, n):  # sorted: pairs k apart are at least as far as pairs k - 1 apart
+        close = (first[k:] - first[:-k] <= reach).nonzero().flatten()
+        if close.numel() == 0:
+            return False
+        a, b = order[close], order[close + k]
+        near = ((proj[a] - proj[b]).abs() <= reach).all(1)
+        a, b = a[near], b[near]
+        for start in range(0, a.numel(), 4096):  # the survivors, compared in full
+            diff = xc[a[start:start + 4096]] - xc[b[start:start + 4096]]
+            if bool((torch.linalg.vector_norm(diff, dim=1) <= delta).any()):
+                return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -245,8 +245,9 @@ def test_a_custom_aggregate_must_return_one_number():
     """A callable returning the whole matrix got torch's "shape '[]' is invalid" error."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(30, 4, generator=g), torch.randn(30, 3, generator=g)
-    with pytest.raises(ValueError, match=r"aggregate: the callable must return one number for "
-                                         r"the \(2, 1\) matrix .* got a value of shape \(2, 1\)"):
+    with pytest.raises(ValueError, match=r"aggregate: the callable's value for the \(2, 1\) "
+                                         r"matrix .* must be one number, got a value of shape "
+                                         r"\(2, 1\)"):
         F.calibrated_layer_alignment({"a": x, "b": 2 * x}, {"r": y}, "linear_cka",
                                      aggregate=lambda m: m, num_permutations=19)
     value = F.calibrated_layer_alignment({"a": x, "b": 2 * x}, {"r": y}, "linear_cka",

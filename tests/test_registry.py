@@ -209,7 +209,7 @@ def test_callables_with_one_name_are_different_measures():
 
 def test_a_callable_returning_a_vector_is_a_clear_error():
     x, y = data(n=20)
-    with pytest.raises(ValueError, match="must return a scalar"):
+    with pytest.raises(ValueError, match="a measure callable's value must be one number"):
         F.calibrated_alignment(x, y, lambda a, b: a.sum(0), 9)
 
 

@@ -31,7 +31,7 @@ from alignment_callback.functional.pipeline import (
     room_for,
     side_features,
 )
-from alignment_callback.functional.registry import Measure, MeasureSpec, get_measure
+from alignment_callback.functional.registry import Measure, MeasureSpec, get_measure, measure_list
 from alignment_callback.hooks.outputs import LayerShapeError
 from alignment_callback.metrics._rows import Preprocess, RowPreprocessor
 
@@ -46,8 +46,6 @@ def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
     options are checked against each measure's declaration, so a wrong name or option fails
     here, before any data is seen.
     """
-    if isinstance(measures, str):
-        measures = [measures]
     if isinstance(measures, Mapping):
         out = {}
         for label, options in measures.items():
@@ -62,7 +60,7 @@ def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
                                 f"callable f(x, y), got {type(options).__name__}")
     else:
         out = {}
-        for spec in measures:
+        for spec in measure_list(measures):
             m = get_measure(spec)
             label = spec if isinstance(spec, str) else m.name
             if label in out:
@@ -138,6 +136,9 @@ class AlignmentEngine:
         self.seed = check_seed(seed)
         aggregate_fn(aggregate)
         self.aggregate = aggregate
+        if pairs is not None and not isinstance(pairs, Mapping):
+            raise TypeError("pairs must be a {model layer: reference layer} mapping or None, got "
+                            f"{type(pairs).__name__}")
         self.pairs = dict(pairs) if pairs is not None else None
         if self.pairs == {}:
             raise ValueError("pairs is empty: give at least one {model layer: reference layer} "

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -102,6 +103,23 @@ def as_float(x: Tensor, name: str = "x") -> Tensor:
         if bool(wide.abs().max() > FLOAT32_EXACT_INTEGERS):
             return wide
     return x.to(torch.float32)
+
+
+def as_scalar(value: Any, what: str, like: Tensor | None = None) -> Tensor:
+    """``value`` (a number or a one-element tensor or array) as a 0-dim real tensor, in
+    ``like``'s dtype and on its device when given; a ``TypeError`` / ``ValueError`` naming
+    ``what`` (``"score"``, ``"the measure callable's value"``) for anything else."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise TypeError(f"{what} must be one real number, got {type(value).__name__}")
+    try:  # a Python float through NumPy: float64, not torch's default float32
+        out = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{what} must be one real number, got {type(value).__name__}") from error
+    if out.is_complex() or out.dtype == torch.bool or out.is_meta:
+        raise TypeError(f"{what} must be one real number, got a {out.dtype} value")
+    if out.numel() != 1:
+        raise ValueError(f"{what} must be one number, got a value of shape {tuple(out.shape)}")
+    return out.reshape(()) if like is None else out.reshape(()).to(like.device, like.dtype)
 
 
 def is_integer(value: Any) -> bool:

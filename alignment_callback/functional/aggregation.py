@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Sequence, Union
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._validation import as_scalar
 from alignment_callback.functional.calibration import (
     CalibrationResult,
     calibrate_tensor,
@@ -143,12 +144,9 @@ class _Batched:
         return torch.stack([self._scalar(m) for m in s]).to(s.dtype)
 
     def _scalar(self, matrix: Tensor) -> Tensor:
-        value = torch.as_tensor(self.fn(matrix), device=matrix.device)  # a float joins it
-        if value.numel() != 1:
-            raise ValueError(f"aggregate: the callable must return one number for the "
-                             f"{tuple(matrix.shape)} matrix of layer-pair scores, got a value of "
-                             f"shape {tuple(value.shape)}")
-        return value.reshape(())
+        what = (f"aggregate: the callable's value for the {tuple(matrix.shape)} matrix of "
+                "layer-pair scores")
+        return as_scalar(self.fn(matrix), what, matrix)
 
 
 class MappedAggregate:

@@ -12,7 +12,13 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._validation import check_alpha, user_stacklevel
+from alignment_callback.functional._validation import (
+    AUTO,
+    as_scalar,
+    check_alpha,
+    check_max_score,
+    user_stacklevel,
+)
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,18 @@ def warn_unresolved(fields: dict[str, Tensor], max_score: float | None, what: st
         RuntimeWarning, stacklevel=3)
 
 
+def warn_above_max(score: float, max_score: float | None, dtype: torch.dtype,
+                   what: str = "the score") -> None:
+    """Warn (``RuntimeWarning``) when a score given ``max_score`` exceeds it by more than the
+    float resolution: the calibrated score is capped at 1 there, so ``max_score`` is not the
+    measure's largest value."""
+    if max_score is not None and score > max_score + resolution(dtype):
+        warnings.warn(
+            f"{what} = {score:.6g} is above max_score={max_score:g}, so its calibrated score is "
+            "capped at 1: max_score must be the measure's largest possible value (or None for "
+            "an unbounded measure)", RuntimeWarning, stacklevel=user_stacklevel())
+
+
 def calibrate(
     score: Tensor | float, null: Tensor, alpha: float = 0.05, max_score: float | None = 1.0
 ) -> CalibrationResult:
@@ -234,7 +252,8 @@ def calibrate(
         Level of the threshold: τ is the ⌈(1 − α)(K + 1)⌉-th smallest of the combined
         ``{s, s_1..s_K}`` (an order statistic, no interpolation).
     max_score : float or None, default=1.0
-        s_max; ``None`` for unbounded measures (calibrated = [s − τ]₊).
+        s_max, the measure's largest possible value (a score above it warns); ``None`` for
+        unbounded measures (calibrated = [s − τ]₊).
 
     Returns
     -------
@@ -253,7 +272,17 @@ def calibrate(
     >>> round(float(res.p_value), 3), round(float(res.calibrated), 3)
     (0.005, 0.809)
     """
-    null = torch.as_tensor(null)
+    try:
+        null = torch.as_tensor(null)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError("null must hold numbers (a tensor, an array or a list), got "
+                        f"{type(null).__name__}") from error
+    if null.is_complex() or null.dtype == torch.bool:
+        raise TypeError(f"null must hold real numbers, got dtype {null.dtype}")
+    max_score = check_max_score(max_score)
+    if max_score == AUTO:
+        raise ValueError("max_score='auto' needs a measure to take the maximum from; calibrate "
+                         "takes the measure's largest possible value as a number, or None")
     for name, value in (("score", score), ("null", null)):
         if isinstance(value, Tensor) and value.is_meta:
             raise ValueError(f"{name} is a meta tensor (device='meta'): meta tensors hold no "
@@ -262,13 +291,13 @@ def calibrate(
         raise ValueError(f"null must hold one value per permutation, shape (K,), got shape "
                          f"{tuple(null.shape)}")
     null = null.reshape(-1)
-    score_t = torch.as_tensor(score, dtype=null.dtype if null.is_floating_point() else None,
-                              device=null.device).reshape(())
+    score_t = as_scalar(score, "score", null if null.is_floating_point() else None).to(null.device)
     fields_ = calibrate_tensor(score_t, null, alpha, max_score)
+    warn_above_max(float(score_t), max_score, torch.promote_types(score_t.dtype, null.dtype))
     warn_unresolved(fields_, max_score)
     fields_.pop("unresolved")
     return CalibrationResult(null=null, **fields_)
 
 
 __all__ = ["CalibrationResult", "calibrate", "calibrate_tensor", "resolution", "threshold_index",
-           "warn_unresolved"]
+           "warn_above_max", "warn_unresolved"]

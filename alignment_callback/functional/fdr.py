@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alignment_callback.functional._validation import check_alpha
+
 
 def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Tensor, Tensor]:
     """Benjamini–Hochberg step-up procedure.
@@ -60,14 +62,19 @@ def benjamini_hochberg(p_values: Tensor | Any, alpha: float = 0.05) -> tuple[Ten
     >>> rejected.tolist(), [round(q, 4) for q in adjusted.tolist()]
     ([True, False, False, False], [0.04, 0.0533, 0.0533, 0.5])
     """
-    if not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    alpha = check_alpha(alpha)
     if isinstance(p_values, Tensor):
         p = p_values
-    elif isinstance(p_values, np.ndarray):
+    elif isinstance(p_values, np.ndarray) and p_values.dtype.kind in "biuf":
         p = torch.as_tensor(p_values)
     else:  # a list of floats or of 0-dim tensors (on any device, in any dtype): float64 values
-        p = torch.as_tensor(p_values, dtype=torch.float64)
+        try:
+            p = torch.as_tensor(p_values, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError("p_values must be numbers (a tensor, an array or a list), got "
+                            f"{type(p_values).__name__}") from error
+    if p.is_complex():
+        raise TypeError(f"p_values must be real numbers, got dtype {p.dtype}")
     if not p.is_floating_point():
         p = p.to(torch.float64)
     flat = p.reshape(-1).to(torch.float64)  # ranks up to 2**53 exactly, no float16 overflow

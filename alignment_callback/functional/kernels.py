@@ -90,7 +90,9 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
 
     Raises ``ValueError`` naming overflow or underflow when the data's scale makes the kernel
     meaningless at this absolute ``sigma`` (distances overflow, or are all negligible against
-    2σ² so the kernel is constant), and ``measure`` (the one the gram is for).
+    2σ² so the kernel is constant, or all so large that every entry off the diagonal
+    underflows to 0, so the kernel is the identity), and ``measure`` (the one the gram is
+    for).
     """
     check_bandwidth(sigma)
     if isinstance(sigma, str):  # "median"
@@ -128,7 +130,29 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
             f"distance² = {largest:.3g}); the RBF kernel is constant at sigma={sigma}. "
             "Rescale the features or use sigma='median'"
         )
+    # every off-diagonal exp(−d²/2σ²) underflows to 0: K = I exactly, whatever the data
+    nearest = _smallest_off_diagonal(ratio) if distinct else 0.0
+    if float(torch.tensor(-nearest, dtype=x.dtype).exp()) == 0.0:
+        bound = f"= {scale:g}" if math.isfinite(scale) else "> 1.8e+308"
+        raise ValueError(
+            f"{measure}: every distance is large against 2*sigma^2 {bound} (the smallest "
+            f"distance² between two rows is {nearest:.3g} times 2σ²): every kernel value off "
+            f"the diagonal underflows {x.dtype} to 0, so at sigma={sigma} the RBF kernel is "
+            "the identity, the same for any data. Rescale the features (e.g. L2-normalize "
+            "rows) or use sigma='median'"
+        )
     return _kernel_(ratio.neg_(), minus_one)
+
+
+def _smallest_off_diagonal(m: Tensor) -> float:
+    """The smallest entry of the square ``m`` off its diagonal (O(n) extra memory)."""
+    diagonal = m.diagonal()
+    saved = diagonal.clone()
+    diagonal.fill_(math.inf)
+    try:
+        return float(m.min())
+    finally:
+        diagonal.copy_(saved)
 
 
 def center_gram(k: Tensor) -> Tensor:
@@ -176,6 +200,8 @@ def _check_grams(k: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
     k, l = as_float(k, "k"), as_float(l, "l")
     if k.shape != l.shape or k.dim() != 2 or k.shape[0] != k.shape[1]:
         raise ValueError(f"grams must be square and of equal shape, got {tuple(k.shape)}, {tuple(l.shape)}")
+    if k.shape[0] < 2:
+        raise ValueError(f"HSIC needs grams of at least 2 samples, got {k.shape[0]}")
     for name, gram in (("k", k), ("l", l)):
         if not bool(torch.isfinite(gram).all()):
             raise ValueError(f"{name} contains NaN/Inf values")

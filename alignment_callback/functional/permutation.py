@@ -18,6 +18,7 @@ from torch import Tensor
 
 from alignment_callback.functional._validation import (
     check_num_permutations,
+    check_positive_int,
     check_seed,
     user_stacklevel,
 )
@@ -92,6 +93,7 @@ def iter_permutations(
     groups: Sequence[Any] | Tensor | None = None,
 ) -> Iterator[Tensor]:
     """Yield the permutations of :func:`permutations` as (B, n) chunks, B <= ``chunk_size``."""
+    n = check_positive_int(n, "n")
     num_permutations = check_num_permutations(num_permutations)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(check_seed(seed))
@@ -213,7 +215,7 @@ class Permutations:
     def __init__(self, n: int, num_permutations: int, seed: int = 0,
                  groups: Sequence[Any] | Tensor | None = None,
                  cache_elements: int = _CACHE_ELEMENTS) -> None:
-        self.n = int(n)
+        self.n = check_positive_int(n, "n")
         self.num_permutations = check_num_permutations(num_permutations)
         self.seed = check_seed(seed)
         # a copy: labels changed in place later would no longer be the ones drawn with

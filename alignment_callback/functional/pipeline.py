@@ -58,7 +58,12 @@ from alignment_callback.functional.analytic_null import (
     exact_knn_moments,
     invariants,
 )
-from alignment_callback.functional.calibration import CalibrationResult, resolution, warn_unresolved
+from alignment_callback.functional.calibration import (
+    CalibrationResult,
+    resolution,
+    warn_above_max,
+    warn_unresolved,
+)
 from alignment_callback.functional.gram_measures import FeatureState, stack_states
 from alignment_callback.functional.knn_measures import (
     check_distinct_rows,
@@ -76,6 +81,7 @@ from alignment_callback.functional.registry import (
     default_value,
     get_measure,
     measure_argument,
+    measure_list,
 )
 
 Groups = Any  # a sequence / array / tensor of one group label per sample
@@ -464,6 +470,9 @@ def calibrate_prepared(
         if any(in_features) and not (all(in_features) and _single_pair(xside, yside)):
             _to_grams(m, xside, yside)
     observed = observed_matrices(measures, xside, yside)
+    if max_score != AUTO:  # the measures' own maxima hold by construction
+        for m in measures:
+            warn_above_max(float(observed[m].max()), max_score, xside.dtype, f"{m.name}'s score")
     out = _analytic_results(measures, observed, xside, yside, alpha, max_score, null,
                            permutations.groups, aggregate)
     rest = [m for m in measures if m not in out]
@@ -707,7 +716,7 @@ def calibrate_measures(
     (['linear_cka', 'mutual_knn'], 0.01)
     """
     items = (list(measures.items()) if isinstance(measures, Mapping)
-             else [(None, spec) for spec in measures])
+             else [(None, spec) for spec in measure_list(measures)])
     resolved = [(label, get_measure(spec)) for label, spec in items]
     labels = [label or m.name for label, m in resolved]
     if len(set(labels)) != len(labels):

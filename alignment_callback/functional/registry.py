@@ -21,7 +21,7 @@ import difflib
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ from alignment_callback.functional import shape_measures as shm
 from alignment_callback.functional import svcca as sv
 from alignment_callback.functional._precision import no_autocast
 from alignment_callback.functional._validation import (
+    as_scalar,
     check_bandwidth,
     check_matrix,
     check_pair,
@@ -359,6 +360,8 @@ _ALIASES: dict[str, str] = {}
 
 def register_measure(info: MeasureInfo) -> MeasureInfo:
     """Add a measure (and its aliases) to the registry; returns it."""
+    if not isinstance(info, MeasureInfo):
+        raise TypeError(f"register_measure takes a MeasureInfo, got {type(info).__name__}")
     names = (info.name, *info.aliases)
     if len(set(names)) != len(names):
         raise ValueError(f"measure {info.name!r}: its aliases {info.aliases!r} repeat a name")
@@ -550,7 +553,8 @@ def measure_table(names: Any = None) -> str:
     """
     rows = ["| measure | family | parameters | range | symmetric | definition | fast null "
             "| invariant to | aliases |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in (list(REGISTRY) if names is None else [canonical_name(n) for n in names]):
+    for name in (list(REGISTRY) if names is None
+                 else [canonical_name(n) for n in measure_list(names, "names")]):
         info = REGISTRY[name]
         cells = [f"`{name}`", info.family,
                  ", ".join(f"{p.name}={p.default!r}" for p in info.params) or "—",
@@ -567,11 +571,7 @@ def _recompute_prepare(x: Tensor, role: str, shared: Any, **bound: Any) -> Tenso
 
 def _scalar(value: Any, like: Tensor) -> Tensor:
     """A callable measure's value as a 0-dim tensor; a clear error for anything else."""
-    out = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if out.numel() != 1:
-        raise ValueError(f"a measure must return a scalar, got a value of shape "
-                         f"{tuple(out.shape)}")
-    return out.reshape(())
+    return as_scalar(value, "a measure callable's value", like)
 
 
 def _recompute_score(sx: Tensor, sy: Tensor, perms: Tensor, *, fn: MeasureFn, **bound: Any) -> Tensor:
@@ -593,6 +593,17 @@ def _from_callable(fn: MeasureFn, kwargs: dict[str, Any]) -> Measure:
 
 
 MeasureSpec = Union[str, Measure, MeasureFn]
+
+
+def measure_list(measures: Any, name: str = "measures") -> list[Any]:
+    """``measures`` as a list of measure specifications: one name, :class:`Measure` or
+    callable is a list of it (a name is never split into its letters)."""
+    if isinstance(measures, (str, Measure)) or callable(measures):
+        return [measures]
+    if isinstance(measures, Mapping) or not isinstance(measures, Iterable):
+        raise TypeError(f"{name} must be a measure name, a Measure, a callable or a list of "
+                        f"them, got {type(measures).__name__}")
+    return list(measures)
 
 
 def _bind_registered(name: str, params: tuple[tuple[str, Any], ...]) -> Measure:

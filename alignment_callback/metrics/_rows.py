@@ -86,14 +86,39 @@ class RowPreprocessor:
         return prepare_features(x, pool="none", **self.options)
 
 
+#: A repeated sample id's rows may differ by this much (relative to the row's norm): the same
+#: input run in another batch (a DistributedSampler's padding on another process) can round
+#: differently, in bfloat16 too, while rows of two different samples differ wholly.
+REPEAT_RTOL = 1e-2
+
+
 def order_rows(index: Tensor | None, *sides: Tensor) -> tuple[Tensor | None, list[Tensor]]:
-    """Sort rows by sample index and drop repeated indices (DistributedSampler padding)."""
+    """Sort rows by sample index and drop repeated indices (DistributedSampler padding).
+
+    A repeated id must repeat its rows (to ``REPEAT_RTOL``): ids that restart in every batch
+    (``index=torch.arange(len(batch))``) would otherwise keep the first batch only."""
     if index is None or index.numel() == 0:
         return None, list(sides)
     idx, order = torch.sort(index.long(), stable=True)
     keep = torch.ones_like(idx, dtype=torch.bool)
     keep[1:] = idx[1:] != idx[:-1]
     sel = order[keep]
+    if not bool(keep.all()):
+        # each dropped row against the kept row of its id (the first of its run in sorted order)
+        first = torch.cummax(torch.where(keep, torch.arange(len(idx), device=idx.device), 0),
+                             0).values
+        dropped, kept = order[~keep], order[first[~keep]]
+        for s in sides:
+            a, b = (s[r.to(s.device)].flatten(1).double() for r in (dropped, kept))
+            off = (a - b).norm(dim=1) > REPEAT_RTOL * torch.maximum(a.norm(dim=1), b.norm(dim=1))
+            if bool(off.any()):
+                sample = int(idx[~keep][off.to(idx.device)][0])
+                raise ValueError(
+                    f"index: sample id {sample} was given {int((idx == sample).sum())} times with "
+                    "different features; index must hold each row's sample id in the whole probe "
+                    "set (e.g. the batch's offset + torch.arange(len(batch))), not its position in "
+                    "the batch. Repeated ids are dropped only as repeats of the same sample (a "
+                    "DistributedSampler's padding)")
     return idx[keep], [s[sel.to(s.device)] for s in sides]
 
 

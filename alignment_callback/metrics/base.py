@@ -213,6 +213,11 @@ class AlignmentMetricBase(Metric):
             if t.dim() == 0:
                 raise ValueError(f"{side} layer {name!r} is a 0-dim tensor; pass rows of shape "
                                  "(n, features...)")
+            if t.dim() == 1:  # one sample of d features, or d samples of one? never guessed
+                raise ValueError(
+                    f"{side} layer {name!r} is 1-D (shape {tuple(t.shape)}); pass rows of shape "
+                    f"(n, features...): one sample is {side}[None], one feature per sample is "
+                    f"{side}[:, None]")
         counts = {name: int(t.shape[0]) for name, t in layers.items()}
         if len(set(counts.values())) != 1:
             raise ValueError(f"{side} layers have different numbers of rows: {counts}")

@@ -211,6 +211,46 @@ def test_a_resume_that_redoes_the_first_step_gives_previous_no_value_there(tmp_p
     assert init[2] is None and prev[4] == init[4] < 1.0
 
 
+class _Validated(MLP):
+    def validation_step(self, batch, batch_idx):
+        x, y = self._xy(batch)
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_resume_from_a_validation_checkpoint_gives_drift_no_self_comparison(tmp_path,
+                                                                             background):
+    """A checkpoint written at an epoch's validation (before that epoch's end, where its step
+    runs): Lightning resumes at that epoch end, whose step ran on the weights "initial" and
+    "previous" had just been anchored at, and logged 1.0, the weights against themselves.
+    The step now anchors them itself, with no value of them, as a redone step does."""
+
+    def run(name, ckpt_path=None):
+        cb = callback(reference={"init": "initial", "prev": "previous"}, layers=["fc2"],
+                      background=background)
+        extra = [] if ckpt_path else [ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1)]
+        pl.seed_everything(0, verbose=False)
+        trainer = pl.Trainer(max_epochs=4, logger=False, callbacks=[cb, *extra],
+                             check_val_every_n_epoch=2, enable_checkpointing=not ckpt_path,
+                             default_root_dir=tmp_path / name, **FAST_TRAINER)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(_Validated(lr=0.5), train_loader(shuffle=False),
+                        train_loader(shuffle=False), ckpt_path=ckpt_path)
+        return {h["epoch"]: (h.get("alignment/init/linear_cka/layer/fc2/raw"),
+                             h.get("alignment/prev/linear_cka/layer/fc2/raw"))
+                for h in cb.history}
+
+    straight = run("straight")
+    resumed = run("resumed", tmp_path / "ck" / "epoch=1-step=8.ckpt")
+    assert sorted(resumed) == sorted(straight) == [0, 1, 2, 3, 4]
+    assert resumed[2] == (None, None)  # was (1.0, 1.0)
+    # "previous" goes on exactly: epoch 3 compares with epoch 2, computed again on its weights
+    assert resumed[3][1] == straight[3][1] < 1.0 and resumed[4][1] == straight[4][1]
+    # "initial" measures the drift from the resumed weights (documented), not from themselves
+    assert resumed[3][0] == resumed[3][1] < 1.0
+
+
 # ------------------------------------------------------------------ configuration mistakes
 class Counting(MLP):
     batches = 0

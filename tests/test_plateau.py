@@ -196,8 +196,8 @@ def test_history_source_found_automatically_and_baseline_not_a_check(tmp_path):
 @pytest.mark.parametrize("order", ["after", "before"])
 def test_history_source_replays_the_real_values(tmp_path, order):
     """The call happens at the check the rule picks from the logged values, whichever the order
-    of the two callbacks (listed first, the plateau reads the entry at the next batch start:
-    still before the next optimizer step)."""
+    of the two callbacks (listed first, the plateau reads the entry when the aligner's hook
+    that added it ends)."""
     aligner = _aligner(every_n_epochs=1)
     calls = Calls()
     plateau = AlignmentPlateau(KEY, patience=2, min_delta=0.0, on_plateau=calls)
@@ -210,6 +210,30 @@ def test_history_source_replays_the_real_values(tmp_path, order):
     else:
         assert plateau.fired_at["epoch"] == check + 1 and plateau.fired_at["value"] == values[check]
         assert len(calls.calls) == 1 and calls.calls[0][1] == (check + 1) * STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize("every", [{"every_n_epochs": 1}, {"every_n_train_steps": 2}],
+                         ids=["epochs", "steps"])
+def test_a_plateau_listed_first_stops_training_where_one_listed_second_does(tmp_path, every):
+    """Listed before the AlignmentCallback in epoch mode, the plateau read the epoch's entry
+    only at the next epoch's first batch: an on_plateau that stops training let one more
+    optimizer step run, in another epoch, after the epoch's checkpoint was written."""
+
+    def stop(trainer, pl_module):
+        trainer.should_stop = True
+
+    ends = {}
+    for order in ("after", "before"):
+        aligner = _aligner(**every)
+        plateau = AlignmentPlateau(KEY, patience=1, min_delta=10.0, on_plateau=stop)
+        cbs = [aligner, plateau] if order == "after" else [plateau, aligner]
+        pl.seed_everything(0, verbose=False)
+        trainer = _fit(tmp_path, cbs, max_epochs=6)
+        ends[order] = (trainer.global_step, trainer.current_epoch, plateau.fired_at)
+    assert ends["before"] == ends["after"]
+    step = ends["after"][2]["step"]  # min_delta=10: the second check fires
+    assert step == (2 * STEPS_PER_EPOCH if "every_n_epochs" in every else 4)
+    assert ends["after"][0] == step and ends["after"][2]["called_at_step"] == step
 
 
 def test_history_source_every_n_train_steps(tmp_path):
@@ -398,6 +422,28 @@ def test_measure_not_logged_by_the_alignment_callback(tmp_path):
     source = _aligner()
     with pytest.raises(ValueError, match="source AlignmentCallback does not log this key"):
         _fit(tmp_path, [source, _plateau(monitor="alignment/mknn/raw", source=source)], 1)
+
+
+@pytest.mark.parametrize("monitor", ["alignment/cknna/layer/fc1/calibrated",
+                                     "alignment/cknna/pair/fc1__0", "alignment/cknna/calibrated/"])
+def test_a_key_the_baseline_lacks_fails_before_the_first_training_step(tmp_path, monitor):
+    """A layer's key of a frozen reference (only drift references log them), a pair's key
+    without log_pairs, a trailing slash: strict failed at the first step after training, an
+    every_n_epochs period in; the baseline holds every key a step logs, so it fails there."""
+    aligner = _aligner()
+    with pytest.raises(RuntimeError, match=r"the key is not in the baseline's history entry"):
+        _fit(tmp_path, [_plateau(monitor=monitor), aligner], 3)
+    assert [h["step"] for h in aligner.history] == [0]
+
+
+def test_a_key_of_a_reference_without_a_baseline_result_waits_for_its_steps(tmp_path):
+    """reference="previous" has no result at the baseline: its keys are checked at its steps."""
+    aligner = _aligner(reference={"frozen": RefMLP(seed=1), "prev": "previous"})
+    plateau = _plateau(monitor="alignment/prev/cknna/layer/fc1/calibrated", patience=1,
+                       min_delta=10.0)
+    _fit(tmp_path, [aligner, plateau], 3)
+    # the baseline (no result of "prev") is skipped; checks at epochs 1 and 2
+    assert plateau.fired_at["step"] == 2 * STEPS_PER_EPOCH
 
 
 def test_a_field_the_alignment_callback_does_not_log_is_refused_at_setup(tmp_path):

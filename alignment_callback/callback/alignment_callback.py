@@ -477,6 +477,12 @@ class AlignmentCallback(Callback):
                 raise ValueError("layers is an empty mapping: give {model layer: reference "
                                  "layer} pairs, or a list of model layers (or None for the "
                                  "default) to compare every pair")
+            for key, value in layers.items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise TypeError(
+                        "layers: a mapping pairs a model layer's name with a reference layer's "
+                        f"name, both str; got {key!r}: {value!r} "
+                        f"({type(key).__name__}: {type(value).__name__})")
             self.pair_map = dict(layers)
             layers, reference_layers = list(layers.keys()), list(layers.values())
         self.layers = layers
@@ -538,6 +544,10 @@ class AlignmentCallback(Callback):
         self._initial_at: tuple[int, int] | None = None
         # a step redone at a resume, which anchors "initial" and has no value of it
         self._redone_at: tuple[int, int] | None = None
+        # "initial" / "previous" anchor on the resumed weights at the first training batch,
+        # unless a step comes first (see _anchor_drift)
+        self._anchor_due = False
+        self._readers: list[Callable[[Trainer, LightningModule], None]] = []
         self._lost: set[str | None] = set()  # "initial" references warned to have no values
         self._trainer: weakref.ref | None = None  # the fit's trainer (its global step)
         self._stage: str | None = None  # the trainer's stage, from setup to teardown
@@ -836,6 +846,7 @@ class AlignmentCallback(Callback):
                 "it too, so their logged keys, report files and checkpoint states would mix; "
                 "give each callback its own log_prefix")
         self._trainer = weakref.ref(trainer)
+        self._readers = []  # this fit's readers sign up at on_fit_start (after every setup)
         self.restarted = set()  # a checkpoint loaded after setup says which curves restart
         self._state_loaded = False  # set when it is loaded
         self._probe_known = None  # taken anew for this fit (a callable probe is called again)
@@ -941,7 +952,7 @@ class AlignmentCallback(Callback):
         between processes, e.g. unseeded, would otherwise mix two references in the null), and
         a failure on any process is every process's error (none waits in a collective)."""
         self._probe_ran, self._initial_at, self._lost = False, None, set()
-        self._redone_at = None
+        self._redone_at, self._anchor_due = None, False
         if trainer.world_size == 1:
             self._prepare_references(trainer, pl_module)
             return
@@ -1073,18 +1084,24 @@ class AlignmentCallback(Callback):
             return None
         return epoch
 
+    def _unanchored(self, step: int) -> list[Reference]:
+        """The drift references without activations to compare with at global step ``step``
+        (``"previous"`` needs none before training)."""
+        return [ref for ref in self.references if ref.drift and ref.engine.reference is None
+                and (step > 0 or ref.kind == "initial")]
+
     def _anchor_drift(self, trainer: Trainer, pl_module: LightningModule, retaken: bool) -> None:
         """A resumed (or continued) fit: the activations an ``"initial"`` / ``"previous"``
-        reference compares with are not in the checkpoint, so they are taken now, once, from
-        the resumed weights.  ``"initial"`` then measures the drift from these weights, with a
-        warning; ``"previous"`` continues exactly when the checkpoint was written at the last
-        alignment step (else it warns).  ``retaken``: a step in flight at the checkpoint is
+        reference compares with are not in the checkpoint, so they are taken once from the
+        resumed weights, at the first training batch (or by a step due before it, which then
+        has no value of them; a new fit takes them now).  ``"initial"`` then measures the
+        drift from these weights, with a warning; ``"previous"`` continues exactly when the
+        checkpoint was written at the last alignment step (else it warns).  ``retaken``: a step in flight at the checkpoint is
         redone now, on these weights, and anchors the references itself.  A new fit without a
         baseline (``global_step`` 0) anchors ``"initial"`` only, with no warning: ``"previous"``
         has no value before the first step."""
         step = int(trainer.global_step)
-        drift = [ref for ref in self.references if ref.drift and ref.engine.reference is None
-                 and (step > 0 or ref.kind == "initial")]
+        drift = self._unanchored(step)
         if not drift:
             return
         kinds = {ref.kind for ref in drift}
@@ -1102,8 +1119,34 @@ class AlignmentCallback(Callback):
             rank_zero_warn("reference='previous' on a resumed run: the checkpoint was not written "
                            "at the last alignment step, whose activations it does not hold; the "
                            "first step after the resume compares with the resumed weights' "
-                           "activations instead", category=UserWarning)
+                           "activations instead (a step due before any training, as at the end "
+                           "of an epoch whose validation wrote the checkpoint, has no 'previous' "
+                           "value)", category=UserWarning)
         if retaken:
+            return
+        if step > 0:
+            # taken at the first training batch: a step due before it (the epoch end that
+            # Lightning runs first when the checkpoint was written at that epoch's validation)
+            # is on these same weights, and anchors them itself with no value (not 1.0, the
+            # weights against themselves)
+            self._anchor_due = True
+            return
+        # a new fit: now, where lazy modules the probe pass would initialize are caught
+        self._take_anchor(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        """A resumed (or continued) fit's ``"initial"`` / ``"previous"`` anchor, on the weights
+        training starts from (see ``_anchor_drift``)."""
+        if self._anchor_due:
+            self._anchor_due = False
+            self._take_anchor(trainer, pl_module)
+
+    def _take_anchor(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Capture the probe's activations and make them the drift references' anchor."""
+        step = int(trainer.global_step)
+        drift = self._unanchored(step)
+        if not drift:
             return
         acts, error = None, None
         try:
@@ -1149,6 +1192,7 @@ class AlignmentCallback(Callback):
         if epoch % self.every_n_epochs == 0 and not epoch_cut_short(trainer):
             self._maybe_run(trainer, pl_module, epoch=epoch)
         self._publish(trainer, self._queue.ready())
+        self._read_by_readers(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -1162,6 +1206,23 @@ class AlignmentCallback(Callback):
             self._maybe_run(trainer, pl_module, epoch=epoch, in_batch_hook=True)
         if len(self._queue):
             self._publish(trainer, self._queue.ready())
+        self._read_by_readers(trainer, pl_module)
+
+    def add_history_reader(self, read: Callable[[Trainer, LightningModule], None]) -> None:
+        """Have ``read(trainer, pl_module)`` called at the end of each training hook that may
+        add to :attr:`history` (an ``AlignmentPlateau`` reads its new entries there, whichever
+        comes first in the trainer's callback list); once per reader."""
+        if read not in self._readers:
+            self._readers.append(read)
+
+    def remove_history_reader(self, read: Callable[[Trainer, LightningModule], None]) -> None:
+        """Undo :meth:`add_history_reader` (nothing when ``read`` is not a reader)."""
+        if read in self._readers:
+            self._readers.remove(read)
+
+    def _read_by_readers(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for read in list(self._readers):
+            read(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log the background results still outstanding (waiting for them), stop the worker,
@@ -1233,6 +1294,9 @@ class AlignmentCallback(Callback):
         step = int(trainer.global_step)
         if self._already_done(epoch, step):
             return
+        if self._anchor_due:  # resumed weights, no training since: the step anchors them
+            self._anchor_due = False
+            self._initial_at = self._redone_at = (epoch, step)
         if self._threaded:
             self._submit(trainer, pl_module, epoch, step)
             return

@@ -15,12 +15,16 @@ Where the values come from (``source``):
   ``AlignmentCallback`` that logs the monitored key, or ``source=<that callback>``): every new
   history entry is one check, read at the first training hook after it was added (batch start or
   end, epoch end, train end).  Nothing is counted twice, a value recomputed less often than the
-  hooks run is never re-read as a stale "no improvement", the order of the two callbacks in
-  the list does not matter, and it works with ``AlignmentCallback(background=True)``, whose
-  results reach the history (in order) but not ``trainer.callback_metrics``.  The baseline
-  (the entry at global step 0, before any training) is not a check, nor is a step at which the
-  monitored reference had no result (the first step of ``reference="previous"`` next to other
-  references);
+  hooks run is never re-read as a stale "no improvement", and it works with
+  ``AlignmentCallback(background=True)``, whose results reach the history (in order) but not
+  ``trainer.callback_metrics``.  The order of the two callbacks in the list does not matter:
+  the ``AlignmentCallback`` has its readers read a new entry at the end of the hook that added
+  it, so ``on_plateau`` runs in that hook (before the epoch's checkpoint) either way.  The
+  baseline (the entry at global step 0, before any training) is not a check, nor is a step at
+  which the monitored reference had no result (the first step of ``reference="previous"`` next
+  to other references); but the baseline holds every key a step logs, so with ``strict`` a key
+  it lacks (a layer's key of a frozen reference, a pair's key without ``log_pairs``) is an
+  error at the first training batch, not after the first period of training;
 * ``trainer.callback_metrics`` (``source="metrics"``, or the default when no
   ``AlignmentCallback`` logs the key: a value ``pl_module.log``-ged by anything else): one check
   at every training epoch end (``check_on="epoch"``; an epoch cut short by ``max_steps``,
@@ -356,7 +360,10 @@ class AlignmentPlateau(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After a checkpoint is loaded: a curve the source did not continue (the checkpoint
         was written with other settings) is a new curve, so the count starts anew too (with
-        ``source="metrics"``, when any ``AlignmentCallback`` restarted the monitored key)."""
+        ``source="metrics"``, when any ``AlignmentCallback`` restarted the monitored key).
+        A history source has this plateau read its new entries in the hook that adds them."""
+        if self._history is not None:
+            self._history.add_history_reader(self._read_history)
         sources = ([self._history] if self._history is not None else
                    [cb for cb in trainer.callbacks if isinstance(cb, AlignmentCallback)])
         restarted = {prefix for cb in sources for prefix in getattr(cb, "restarted", ())}
@@ -385,6 +392,8 @@ class AlignmentPlateau(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = None
+        if self._history is not None:
+            self._history.remove_history_reader(self._read_history)
 
     # --------------------------------------------------------------------------- checks
     def _read_history(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -399,6 +408,12 @@ class AlignmentPlateau(Callback):
         for key, entry in reversed(new):
             self._cursor = key
             step, epoch = key
+            if step == 0 and not self.fired and self.strict and self.monitor not in entry and \
+                    self._history.has_result(entry, self.monitor):
+                # the baseline is no check, but every step logs the keys it holds
+                self._missing(sorted(k for k in entry if isinstance(k, str)),
+                              "baseline's history entry (step 0), which holds every key a "
+                              "step logs")
             if step == 0 or self.fired:  # the baseline: before any training
                 continue
             value = entry.get(self.monitor)

@@ -42,15 +42,22 @@ OFFSET_RATIO = 10.0
 TIE_SEEDS = {"x": 20_240_521, "y": 20_240_522}  # one priority stream per side
 
 
+_DIGEST_ELEMENTS = 1 << 20  # values hashed at a time (8 MB in float64)
+
+
 def _digest(data: Tensor) -> int:
-    """63 bits of a hash of ``data``'s bytes, in row order (any change of a value or of the
-    row order changes it; ``-0.0`` counts as ``0.0``, an equal value)."""
+    """63 bits of a hash of ``data``'s values, in row order (any change of a value or of the
+    row order changes it; ``-0.0`` counts as ``0.0``, an equal value).  The values are hashed
+    as float64, a block of rows at a time: the same numbers in float32 and in float64 (one-hot
+    rows, small integers) give the same hash, so they draw the same keys."""
     t = data.detach()
-    if t.is_floating_point() and bool(torch.signbit(t).logical_and_(t == 0).any()):
-        t = t + 0  # -0.0 + 0 = +0.0, the other values as they are
-    t = t.cpu().contiguous()
-    h = hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy(), digest_size=8)  # no copy
-    h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+    rows = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+    h = hashlib.blake2b(repr(tuple(t.shape)).encode(), digest_size=8)
+    step = max(1, _DIGEST_ELEMENTS // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step].to("cpu", torch.float64, copy=True)
+        block.add_(0)  # -0.0 + 0 = +0.0, the other values as they are
+        h.update(block.contiguous().view(torch.uint8).numpy())
     return int.from_bytes(h.digest(), "little") >> 1
 
 

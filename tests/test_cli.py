@@ -427,6 +427,21 @@ def test_compare_measure_aliases_and_deprecated_metric(data, capsys):
     check_record(doc["results"]["bures_similarity"], lib)
 
 
+def test_k_or_sigma_no_chosen_measure_takes_is_noted(data, capsys):
+    """--k and --sigma apply to the measures that declare them and are ignored by the others;
+    ignored by every chosen measure, they were ignored silently (--option k=5 is an error)."""
+    root, _ = data
+    args = ["compare", str(root / "c.pt"), str(root / "d.npy"), "--permutations", "19"]
+    assert cli.main([*args, "--measure", "linear_cka", "--k", "5", "--sigma", "2",
+                     "--out", str(root / "out_note")]) == 0
+    err = capsys.readouterr().err
+    assert ("note: --k 5 and --sigma 2.0 ignored: none of the chosen measures (linear_cka) has "
+            "that parameter") in err
+    assert cli.main([*args, "--measure", "linear_cka,mutual_knn", "--k", "5",
+                     "--out", str(root / "out_note2")]) == 0
+    assert "ignored" not in capsys.readouterr().err  # mutual_knn takes k
+
+
 def test_compare_with_the_analytic_null(data):
     """--null moments: the exact permutation moments of a single pair, recorded as such."""
     root, raw = data

@@ -44,6 +44,7 @@ from alignment_callback.reporting.plan import (
     choose_measures,
     deprecation_note,
     describe_settings,
+    ignored_shorthand_note,
     measure_names_text,
     moments_layers,
     out_folder,
@@ -229,9 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _note_deprecations(args: argparse.Namespace) -> None:
-    note = deprecation_note(args)
-    if note:
-        print(note, file=sys.stderr, flush=True)
+    """The notes on how the command line was written, after the outputs."""
+    for note in (ignored_shorthand_note(args), deprecation_note(args)):
+        if note:
+            print(note, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------- compare

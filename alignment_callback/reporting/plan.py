@@ -178,6 +178,19 @@ def choose_measures(args: argparse.Namespace) -> dict[str, Measure]:
     return out
 
 
+def ignored_shorthand_note(args: argparse.Namespace) -> str | None:
+    """The note printed when ``--k`` / ``--sigma`` was given but no chosen measure has that
+    parameter (ignored, as documented, but said: ``--option`` would be an error)."""
+    chosen = sorted({canonical_name(name) for name in _measure_words(args)[0]})
+    ignored = [opt.source for opt in requested_options(args).values()
+               if not opt.source.startswith("--option")
+               and not any(opt.name in {p.name for p in REGISTRY[m].params} for m in chosen)]
+    if not ignored:
+        return None
+    return (f"note: {' and '.join(ignored)} ignored: none of the chosen measures "
+            f"({', '.join(chosen)}) has that parameter")
+
+
 def deprecation_note(args: argparse.Namespace) -> str | None:
     """The note printed when the deprecated ``--metric`` was used."""
     if getattr(args, "metric", None):

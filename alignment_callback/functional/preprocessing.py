@@ -69,14 +69,15 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
           position of a conv map), giving (n, C): channels-last is *not* assumed.  Summed and
           returned in float32 at least (float64 stays float64): a float16 / bfloat16 mean is
           not rounded back to its dtype.
-        * ``"cls"`` / ``"first"``: element 0 along dimension 1 (the CLS token).
+        * ``"cls"`` / ``"first"``: element 0 along dimension 1 (the CLS token), or the first
+          unmasked token if ``mask`` (the CLS token of a left-padded row).
         * ``"last"``: element -1 along dimension 1 (or the last unmasked token if ``mask``).
         * ``"none"``: no pooling; ``x`` must already be 2-D.
         * a callable ``f(x) -> (n, d)``.
     mask : Tensor of shape (n, T), default=None
         Attention mask (nonzero = a real token) for ``x`` of shape (n, T, ...): ``"mean"``
-        then averages only the unmasked tokens of (n, T, d) activations, and ``"last"`` takes
-        the last unmasked token; the masked positions are never read, so padding filled with
+        then averages only the unmasked tokens of (n, T, d) activations, ``"cls"`` /
+        ``"first"`` take the first unmasked token and ``"last"`` the last one; the masked positions are never read, so padding filled with
         ``-inf`` or NaN does not reach the result.  Other pools (a callable is not given the
         mask), and 1-D / 2-D activations, ignore it.
 
@@ -144,6 +145,9 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
             return x.mean(1, dtype=acc)
         return x.reshape(x.shape[0], x.shape[1], -1).mean(-1, dtype=acc)
     if pool in ("cls", "first"):
+        if mask is not None:  # the first unmasked token: [CLS] under left padding too
+            idx = (_checked_mask(x, mask, pool) != 0).long().argmax(1)
+            return x[torch.arange(x.shape[0], device=x.device), idx].reshape(x.shape[0], -1)
         return x[:, 0].reshape(x.shape[0], -1)
     # pool == "last"
     if mask is not None:

@@ -447,23 +447,38 @@ def run_batch(
 DEFAULT_MASK_KEY = "attention_mask"
 
 
-def _check_mask_key(mask_key: str, fed: Any, batch: Any) -> None:
+def _mappings(fed: Any, batch: Any, input_key: str | None, transformed: bool) -> list[Mapping]:
+    """Where a batch's attention mask can be, in order: what the model is fed (a tokenizing
+    ``batch_transform``'s result, a dict batch, or the dict of an ``(inputs, labels)``
+    batch), then the batch as it came."""
+    try:
+        inputs = _model_inputs(fed, input_key, transformed)[0]
+    except (TypeError, ValueError):  # raised again, with its message, when the model is fed
+        inputs = None
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+    found: list[Mapping] = []
+    for candidate in (fed, inputs, batch, first):
+        if isinstance(candidate, Mapping) and not any(candidate is m for m in found):
+            found.append(candidate)
+    return found
+
+
+def _check_mask_key(mask_key: str, mappings: list[Mapping]) -> None:
     """A ``mask_key`` chosen (not the default) that a mapping batch does not hold as a tensor
     is a mistake: token outputs would be pooled over the padding too, silently."""
-    mapping = fed if isinstance(fed, Mapping) else batch if isinstance(batch, Mapping) else None
-    if mapping is not None:
+    if mappings:
         raise ValueError(
             f"mask_key={mask_key!r} is not a tensor entry of the probe's batches (they have "
-            f"{sorted(map(str, mapping))}): the mean / last pools of token outputs would read "
-            "the padding too; pass the key of the attention mask, or mask_key=None")
+            f"{sorted(map(str, mappings[0]))}): the mean / last pools of token outputs would "
+            "read the padding too; pass the key of the attention mask, or mask_key=None")
 
 
-def _mask_of(batch: Any, mask_key: str | None) -> Tensor | None:
-    """The tensor under ``mask_key`` of a mapping batch, else None."""
-    if not mask_key or not isinstance(batch, Mapping):
+def _mask_of(mappings: list[Mapping], mask_key: str | None) -> Tensor | None:
+    """The first tensor under ``mask_key`` of the batch's mappings, else None."""
+    if not mask_key:
         return None
-    mask = batch.get(mask_key)
-    return mask if isinstance(mask, Tensor) else None
+    masks = [m.get(mask_key) for m in mappings]
+    return next((mask for mask in masks if isinstance(mask, Tensor)), None)
 
 
 def _layer_count_error(bad: dict[str, int]) -> LayerCountError:
@@ -709,11 +724,12 @@ def collect_activations(
             if max_batches is not None and n_batches >= max_batches:
                 break
             fed = prepare_batch(batch, dev, batch_transform)
-            # the mask of what the model is fed (a tokenizing batch_transform's), else the batch's
-            mask = _mask_of(fed, mask_key)
-            rec.mask = mask if mask is not None else _mask_of(batch, mask_key)
+            # the mask of what the model is fed (a tokenizing batch_transform's, the dict of an
+            # (inputs, labels) batch), else the batch's
+            mappings = _mappings(fed, batch, input_key, batch_transform is not None)
+            rec.mask = _mask_of(mappings, mask_key)
             if rec.mask is None and mask_key not in (None, DEFAULT_MASK_KEY):
-                _check_mask_key(mask_key, fed, batch)
+                _check_mask_key(mask_key, mappings)
             before, rows_before = dict(rec.calls), dict(rec.rows)
             try:
                 with default_dtype_of_forward(default_dtype):

@@ -49,12 +49,26 @@ class LayerShapeError(ValueError):
     """
 
 
-def _first_tensor(values: Any) -> Tensor | None:
+def _first_tensor(values: Any, depth: int = 0) -> Tensor | None:
     """The first floating-point (or complex) tensor of ``values``: integer and boolean ones
     are ids and masks passed along (a sentence-transformers module returns the features dict
-    it was given, ``input_ids`` first), not activations."""
-    return next((v for v in values if isinstance(v, Tensor)
-                 and (v.is_floating_point() or v.is_complex())), None)
+    it was given, ``input_ids`` first), not activations.  None at the top level: the first
+    one in its nested tuples, lists and mappings, depth first (``((hidden, attn), ids)``)."""
+    values = list(values)
+    found = next((v for v in values if isinstance(v, Tensor)
+                  and (v.is_floating_point() or v.is_complex())), None)
+    if found is not None or depth >= _NESTING:
+        return found
+    for v in values:
+        inner = _as_mapping(v)
+        inner = inner.values() if inner is not None else v if isinstance(v, (tuple, list)) else ()
+        found = _first_tensor(inner, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+_NESTING = 4  # container levels searched below a module's output
 
 
 def _as_mapping(output: Any) -> Mapping[str, Any] | None:
@@ -96,8 +110,10 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
       ``last_hidden_state``, else the last element of ``hidden_states``, else its first
       floating-point tensor value.
 
-    Integer and boolean tensors (token ids, masks) are passed over: a container holding no
-    other tensor is an error, as ``output_key`` can pick one explicitly.
+    Integer and boolean tensors (token ids, masks) are passed over.  Where the top level holds
+    no floating-point tensor, nested tuples, lists and mappings are searched, depth first
+    (``((hidden, attn), ids)`` gives ``hidden``); a container holding none is an error, as
+    ``output_key`` can pick one explicitly.
 
     Parameters
     ----------
@@ -107,7 +123,7 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
         For container outputs only (a tensor output is used as it is): ``None`` for the
         default rules; an ``int`` indexes a tuple/list (or the non-``None`` values of a dict /
         ``ModelOutput``); a ``str`` is a dict key or attribute (``"pooler_output"``).  The
-        selected value must be a tensor.
+        selected value must be a tensor, or a container the default rules pick one from.
     layer : str, default="?"
         The layer's name, used in error messages only.
 
@@ -142,6 +158,8 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
         return output
     if output_key is not None:
         picked = _by_key(output, output_key, layer)
+        if isinstance(picked, (tuple, list)) or _as_mapping(picked) is not None:
+            return select_output(picked, None, layer)  # the default rules, one level down
         if not isinstance(picked, Tensor):
             raise LayerOutputError(
                 f"layer {layer!r}: output_key={output_key!r} selects a "
@@ -164,10 +182,12 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
     if not isinstance(found, Tensor):
         values = list(mapping.values()) if mapping is not None else (
             list(output) if isinstance(output, (tuple, list)) else [])
-        only_ids = any(isinstance(v, Tensor) for v in values)
+        nested = any(isinstance(v, (tuple, list)) or _as_mapping(v) is not None for v in values)
+        only_ids = any(isinstance(v, Tensor) for v in values) and not nested
         what = ("only integer or boolean tensors (token ids, masks: not activations; a "
                 "sentence-transformers module returns the features dict it was given)"
-                if only_ids else "no tensor to record")
+                if only_ids else "no floating-point tensor, at its top level or nested"
+                if nested else "no tensor to record")
         raise LayerOutputError(
             f"layer {layer!r} returned a {type(output).__name__} with {what}; hook a "
             "submodule that returns the activations instead, or pick them with "

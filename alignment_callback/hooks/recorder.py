@@ -93,12 +93,14 @@ class ActivationRecorder:
         Attention mask for the forward passes that follow, until it is set again (in your own
         loop, set it before each batch's forward: ``rec.mask = batch["attention_mask"]``);
         when set, 3-D outputs of shape
-        ``(n, T, d)`` are pooled over unmasked tokens only (``"mean"`` and ``"last"``).  A 3-D
-        output with the mask's ``n`` rows but not its ``T`` positions (a CLS token prepended
-        inside the model: ``(n, T + 1, d)``) is pooled without it, with a ``UserWarning``
-        naming the layer and both shapes, once per layer.
-        :func:`collect_activations` sets it from ``attention_mask`` (of a
-        ``batch_transform``'s result, else of the batch).
+        ``(n, T, d)`` are pooled over unmasked tokens only (``"mean"``, ``"last"``, and
+        ``"cls"`` / ``"first"``: the first unmasked token).  A 3-D output with the mask's ``n``
+        rows but not its ``T`` positions (a CLS token prepended inside the model:
+        ``(n, T + 1, d)``) is pooled without it (for ``"mean"`` / ``"last"`` with a
+        ``UserWarning`` naming the layer and both shapes, once per layer).
+        :func:`collect_activations` sets it from ``attention_mask`` (of what the model is
+        fed: a ``batch_transform``'s result, a dict batch, the dict of an ``(inputs, labels)``
+        batch; else of the batch).
     activations : dict of str to Tensor
         ``{layer: (n_total, d)}``: every recorded batch, concatenated.
     layers : list of str
@@ -139,6 +141,7 @@ class ActivationRecorder:
         self.output_key = output_key
         self.mask: Tensor | None = None
         self._modules = resolve_modules(model, layers)
+        _warn_sequence_first(self._modules)
         self._handles: list[RemovableHandle] = []
         self._store: dict[str, list[Tensor]] = {name: [] for name, _ in self._modules}
         self.calls: dict[str, int] = {name: 0 for name, _ in self._modules}
@@ -291,3 +294,18 @@ class ActivationRecorder:
     def __repr__(self) -> str:
         state = "active" if self._handles else "inactive"
         return f"ActivationRecorder({state}, layers={self.layers}, pool={self.pool!r})"
+
+
+def _warn_sequence_first(modules: list[tuple[str, nn.Module]]) -> None:
+    """Warn about chosen modules built sequence-first (``batch_first=False``: PyTorch's
+    ``nn.MultiheadAttention``, ``nn.Transformer*`` layers and RNNs by default): their outputs
+    are (T, n, ...), whose first axis is not the samples, so rows would be positions (or,
+    with T = n, silently the wrong rows)."""
+    seq_first = [name for name, module in modules if getattr(module, "batch_first", None) is False]
+    if seq_first:
+        warnings.warn(
+            f"layers {seq_first} are sequence-first modules (batch_first=False): their outputs "
+            "are (T, n, ...), read here as rows of samples along the first axis, which they are "
+            "not; hook a batch-first module (one built with batch_first=True, or the block "
+            "around it), or pool with a callable that moves the batch axis first",
+            UserWarning, stacklevel=user_stacklevel())

@@ -306,3 +306,72 @@ def test_the_curves_panels_share_one_axis(tmp_path, monkeypatch) -> None:
     history = [entry(0, 0, "ref"), entry(0, 3, "ref", "prev"), entry(1, 6, "ref", "prev")]
     _curves(str(tmp_path), history, ["ref/linear_cka", "prev/linear_cka"], "c.png", "alignment")
     assert drawn == {"ref/linear_cka": ("step", [0, 3, 6]), "prev/linear_cka": ("step", [3, 6])}
+
+
+# ------------------------------------------------------------- drift curves: their own BH family
+def _final_p_history(p: dict[str, float]) -> list[dict]:
+    entry = {"epoch": 1, "step": 8}
+    for label, value in p.items():
+        entry.update({f"alignment/{label}/raw": 0.5, f"alignment/{label}/calibrated": 0.1,
+                      f"alignment/{label}/threshold": 0.4, f"alignment/{label}/p_value": value})
+    return [entry]
+
+
+def _bh(p: list[float]) -> list[float]:
+    """Benjamini–Hochberg written out: q_(i) = min_{j >= i} m p_(j) / j."""
+    m, order = len(p), np.argsort(p)
+    q = np.minimum.accumulate((np.array(p)[order] * m / np.arange(1, m + 1))[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out.tolist()
+
+
+def _p_bh_column(md: str) -> dict[str, str]:
+    rows = [line.split("|") for line in md.splitlines() if line.startswith("| a/")
+            or line.startswith("| prev/")]
+    return {cells[1].strip().replace("\\", ""): cells[6].strip() for cells in rows}
+
+
+def test_drift_curves_are_a_bh_family_of_their_own():
+    """"previous" curves (p = 1/(K+1) by construction) joined the BH family of the reference's
+    curves and loosened their threshold: a/linear_cka's p_BH was 0.048 (significant) with
+    them and 0.06 without."""
+    p = {"a/linear_cka": 0.04, "a/mutual_knn": 0.04, "a/cknna": 0.10,
+         "prev/linear_cka": 0.02, "prev/mutual_knn": 0.02, "prev/cknna": 0.02}
+    drift = ["prev/linear_cka", "prev/mutual_knn", "prev/cknna"]
+    md = training_report(_final_p_history(p), labels=list(p), drift=drift).to_markdown()
+    shown = _p_bh_column(md)
+    own = _bh([0.04, 0.04, 0.10])
+    assert [shown[k] for k in ("a/linear_cka", "a/mutual_knn", "a/cknna")] == [
+        f"{q:.4g}" for q in own]  # 0.06, 0.06, 0.1: not significant at 0.05
+    assert [shown[k] for k in drift] == [f"{q:.4g}" for q in _bh([0.02] * 3)]
+    assert "the drift curves (the model against its own earlier activations) as a family" in md
+    together = _p_bh_column(training_report(_final_p_history(p), labels=list(p)).to_markdown())
+    assert together["a/linear_cka"] == f"{_bh(list(p.values()))[0]:.4g}"  # 0.048
+
+
+def test_the_callback_passes_its_drift_references(tmp_path):
+    cb = quiet_callback(make_probe(), ["linear_cka"], 9,
+                        reference={"init": "initial", "frozen": MLP(seed=3)})
+    assert cb._labels(drift_only=True) == ["init/linear_cka"]
+    assert cb._labels() == ["init/linear_cka", "frozen/linear_cka"]
+
+
+# ------------------------------------------------------------- Markdown escaping
+@pytest.mark.parametrize("text, shown", [
+    ("a&amp;b", "a&amp;b"), ("a&lt;b", "a&lt;b"), ("&#60;b&#62;", "&#60;b&#62;"),
+    ("two\nlines", "two lines"), ("x|y", "x|y")])
+def test_markdown_texts_render_as_written(text, shown):
+    """Entities (&amp;) rendered as the character they name, and a newline split a table row."""
+    import html
+
+    import markdown_it  # a CommonMark renderer (installed with rich, Lightning's progress bars)
+
+    from alignment_callback.engine.report import markdown_escape
+
+    md = markdown_it.MarkdownIt("commonmark").enable("table")
+    rendered = md.render(f"| a | b |\n|---|---|\n| {markdown_escape(text)} | x |\n")
+    rows = re.findall(r"<tr>(.*?)</tr>", rendered, re.S)
+    assert len(rows) == 2  # the header and one row
+    cell = re.search(r"<td>(.*?)</td>", rows[1], re.S).group(1)
+    assert html.unescape(cell) == shown

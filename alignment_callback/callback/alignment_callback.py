@@ -226,8 +226,8 @@ class AlignmentCallback(Callback):
         K, the permutations of every null.
     alpha : float, default=0.05
         α, the level of the threshold τ.
-    aggregate : {"max", "mean", "topK"} or callable, default=None
-        How the LA×LB layer matrix is aggregated (``"topK"`` e.g. ``"top3"``); None:
+    aggregate : {"max", "mean", "top<m>"} or callable, default=None
+        How the LA×LB layer matrix is aggregated (``"top<m>"`` e.g. ``"top3"``); None:
         ``"max"``, or the ``preset``'s.
     seed : int, default=0
         The permutation seed.
@@ -712,10 +712,11 @@ class AlignmentCallback(Callback):
         rank_zero_warn(settings.resume_warning(self.log_prefix, changes, kept, dropped, new,
                                                self.baseline), category=UserWarning)
 
-    def _labels(self) -> list[str]:
-        """The labels ``[<reference>/]<measure>`` of this callback's curves."""
+    def _labels(self, drift_only: bool = False) -> list[str]:
+        """The labels ``[<reference>/]<measure>`` of this callback's curves (``drift_only``:
+        of its ``"initial"`` / ``"previous"`` references)."""
         return [m if ref.name is None else f"{ref.name}/{m}"
-                for ref in self.references for m in self.measures]
+                for ref in self.references if ref.drift or not drift_only for m in self.measures]
 
     def _settings(self) -> dict[str, Any]:
         """What the logged values depend on, as primitives: saved in checkpoints and compared
@@ -1964,7 +1965,8 @@ class AlignmentCallback(Callback):
             self.report_paths = feedback.write_report(folder, self.history, shown,
                                                       self.last_results, self.log_prefix,
                                                       self.alpha, self._last_pngs, labels=labels,
-                                                      skipped=self.skipped)
+                                                      skipped=self.skipped,
+                                                      drift=self._labels(drift_only=True))
         except Exception as err:  # noqa: BLE001 - a report never fails a finished fit
             rank_zero_warn(f"the alignment report could not be written: {type(err).__name__}: {err}",
                            category=RuntimeWarning)

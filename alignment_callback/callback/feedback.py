@@ -70,7 +70,8 @@ def progress(batches: Iterable[Any], description: str, enabled: bool) -> Iterabl
 def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
                  last: Mapping[str, Any], prefix: str, alpha: float,
                  pngs: Mapping[str, bytes] | None = None, labels: Sequence[str] | None = None,
-                 skipped: Sequence[Mapping[str, Any]] = ()) -> tuple[str, str]:
+                 skipped: Sequence[Mapping[str, Any]] = (),
+                 drift: Sequence[str] = ()) -> tuple[str, str]:
     """``alignment_report.md`` and ``.html`` in ``folder`` (``alignment_report_<prefix>.*`` for
     another prefix, see :func:`report_stem`): the curves and last heatmaps as PNGs beside them,
     the final values with p and Benjamini–Hochberg p, the settings, one sentence per curve and
@@ -78,7 +79,8 @@ def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Ma
     ``on_error="warn"``).  ``pngs``: the last step's heatmaps already encoded, by measure label
     (those not given are drawn); ``last`` empty with a history (a fit resumed at its end) is
     said under the figures.  ``labels``: the curves' labels (``[<reference>/]<measure>``),
-    else read from the keys' shapes.  Returns the two paths."""
+    else read from the keys' shapes; ``drift``: those of drift references, a BH family of
+    their own.  Returns the two paths."""
     from alignment_callback.engine.report import history_series, training_report
 
     os.makedirs(folder, exist_ok=True)
@@ -100,7 +102,7 @@ def write_report(folder: str, history: Sequence[Mapping[str, Any]], settings: Ma
                      "successful alignment step (a fit resumed at its end takes none), so the "
                      "report shows the curves of the restored history only.")
     report = training_report(history, settings, images, prefix=prefix, alpha=alpha,
-                             labels=labels, skipped=skipped, figure_notes=notes)
+                             labels=labels, skipped=skipped, figure_notes=notes, drift=drift)
     stem = "alignment_report" if prefix == "alignment" else f"alignment_report_{start}"
     md, html = os.path.join(folder, f"{stem}.md"), os.path.join(folder, f"{stem}.html")
     report.write(md, html)

@@ -70,23 +70,25 @@ def link_target(path: str) -> str:
     return quote(path, safe="/")
 
 
-_ALWAYS = frozenset("\\`*[]|")  # markup wherever they stand
+_ALWAYS = frozenset("\\`*[]|&")  # markup wherever they stand (& begins an entity)
 _LEADING = re.compile(r"^(?:[#>+=-]|\d+[.)](?=\s|$))")  # a heading, quote or list at the start
 
 
 def markdown_escape(text: str) -> str:
     r"""``text`` with a backslash before each character Markdown would read as markup, so that
     it renders as written: a glob ``**.fc`` is not bold, ``__main__`` not emphasized, a ``|``
-    does not end a table cell.  Escaped: ``\ ` * [ ] |`` everywhere; ``_`` and ``~`` unless
-    they stand inside a word (``linear_cka``) or between spaces (``fc1 ~ fc2``); ``<`` before
-    a tag or link (a letter, ``/``, ``!`` or ``?``); a heading, quote or list marker at the
-    start.
+    does not end a table cell, ``&lt;`` is not an entity.  Escaped: ``\ ` * [ ] | &``
+    everywhere; ``_`` and ``~`` unless they stand inside a word (``linear_cka``) or between
+    spaces (``fc1 ~ fc2``); ``<`` before a tag or link (a letter, ``/``, ``!`` or ``?``); a
+    heading, quote or list marker at the start.  Line breaks become spaces (a table row, a
+    list item, is one line).
 
     >>> print(markdown_escape("**.fc | __main__.fc ~ linear_cka, p <= 0.05"))
     \*\*.fc \| \_\_main\_\_.fc ~ linear_cka, p <= 0.05
     >>> print(markdown_escape("- 0.3 <b>"))
     \- 0.3 \<b>
     """
+    text = " ".join(text.splitlines()) if "\n" in text or "\r" in text else text
     out = []
     for i, c in enumerate(text):
         before = text[i - 1] if i else " "
@@ -538,6 +540,7 @@ def training_report(
     labels: Sequence[str] | None = None,
     skipped: Sequence[Mapping[str, Any]] = (),
     figure_notes: Sequence[str] = (),
+    drift: Sequence[str] = (),
 ) -> Report:
     """The end-of-fit report of a training history.
 
@@ -568,6 +571,11 @@ def training_report(
         history they make the report say that no step succeeded.
     figure_notes : sequence of str, default=()
         Paragraphs under the figures (e.g. why the last heatmaps are missing).
+    drift : sequence of str, default=()
+        Labels of drift curves (the model against its own earlier activations, the
+        ``"initial"`` / ``"previous"`` references), whose p-values are small by construction:
+        they are adjusted as a family of their own, so that they do not loosen the other
+        curves' Benjamini–Hochberg threshold.
 
     Returns
     -------
@@ -610,8 +618,11 @@ def training_report(
             j = max((i for i, v in enumerate(cal) if v is not None), default=None)
             if j is not None:
                 last_at[n] = f"epoch {steps['epoch'][j]}, step {steps['step'][j]}"
-    tested = [i for i, p in enumerate(final_p) if p is not None]
-    q_of = dict(zip(tested, bh_adjust([float(final_p[i]) for i in tested])))
+    q_of = {}
+    for family in (False, True):  # the drift curves apart (see ``drift``)
+        tested = [i for i, p in enumerate(final_p) if p is not None
+                  and (names[i] in drift) == family]
+        q_of.update(zip(tested, bh_adjust([float(final_p[i]) for i in tested])))
     report.heading("Reading")
     for i, (name, values) in enumerate(series.items()):
         report.paragraph(curve_sentence(name, values.get("raw", []),
@@ -630,9 +641,11 @@ def training_report(
                      fmt_p(v.get("p_value")), fmt_p(q),
                      fmt(None if q is None else significant(q, alpha)),
                      str(v.get("best_pair") or "").replace("|", " ~ ")])
+    apart = ("; the drift curves (the model against its own earlier activations) as a family "
+             "of their own" if any(n in drift for n in names) else "")
     report.paragraph(f"At the last step (epoch {steps['epoch'][-1]}, step {steps['step'][-1]}); "
                      f"p_BH adjusts the curves' p-values together (Benjamini–Hochberg, "
-                     f"q ≤ {alpha:g}).")
+                     f"q ≤ {alpha:g}){apart}.")
     report.table(["measure", "raw", "τ", "calibrated", "p", "p_BH",
                   f"significant (q ≤ {alpha:g})", "best layer pair"], rows)
     if settings:

@@ -238,7 +238,7 @@ def test_layers_matching_nothing_name_the_model(tmp_path):
     ({"alpha": "0.05"}, "alpha must be a number in"),
     ({"every_n_epochs": 0}, "every_n_epochs must be an integer >= 1"),
     ({"on_error": "ignore"}, "on_error must be 'warn' or 'raise'"),
-    ({"aggregate": "median"}, "aggregate must be 'max', 'mean', 'topK'"),
+    ({"aggregate": "median"}, "aggregate must be 'max', 'mean', 'top<m>'"),
 ])
 def test_bad_configuration_fails_at_construction(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -1,7 +1,7 @@
 """Fixes of the command line's checks and messages (audit 10): ``--dist-timeout`` out of range,
 ``--null moments`` where it cannot apply, ``--seed`` with ``--bootstrap``, a layer named once in
 layer errors, ``--sigma inf``, ``--bootstrap 1`` (and ``num_bootstrap`` < 2 in the library, a
-warning below 40) and ``--aggregate topK`` with K above the number of layer pairs.
+warning below 40) and ``--aggregate top<m>`` with m above the number of layer pairs.
 
 The command line runs in process (``cli.main``); numbers are checked against float64 NumPy.
 """
@@ -208,7 +208,7 @@ def test_cli_sigma_inf_names_the_option_not_the_data(files, capsys, option) -> N
     assert "missing_a.pt" not in line
 
 
-# --------------------------------------------------------------------- 5. bootstrap and topK
+# --------------------------------------------------------------------- 5. bootstrap and top<m>
 def _xy(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 5, generator=g)
@@ -280,7 +280,7 @@ def test_topk_above_the_number_of_layer_pairs_is_their_mean_with_a_note(files, c
                        "--out", out)
     assert code == 0, err
     notes = [line for line in err.splitlines() if line.startswith("note:")]
-    assert notes == [("note: --aggregate top7 over 4 layer pair(s): K is clamped to the number of "
+    assert notes == [("note: --aggregate top7 over 4 layer pair(s): m is clamped to the number of "
                       "pairs, so the aggregate is their mean (the same as --aggregate mean)")]
     a, b = torch.load(files / "two.pt"), torch.load(files / "other.pt")
     expected = np.mean([_linear_cka(u.double().numpy(), v.double().numpy())
@@ -300,4 +300,4 @@ def test_matrix_topk_note_is_printed_once(files, capsys) -> None:
     assert len(notes) == 1, err
     # the first pair (Y-major, files in name order): one.pt (1 layer) vs other.pt (2 layers)
     assert notes[0].startswith(f"note: {files / 'dx' / 'one.pt'} vs {files / 'dy' / 'other.pt'}: "
-                               "--aggregate top9 over 2 layer pair(s): K is clamped")
+                               "--aggregate top9 over 2 layer pair(s): m is clamped")

@@ -87,7 +87,7 @@ class AlignmentEngine:
     seed : int, default=0
         The permutations are drawn once from this seed and reused at every step, so the
         curve over steps is comparable.
-    aggregate : {"max", "mean", "topK"} or callable, default="max"
+    aggregate : {"max", "mean", "top<m>"} or callable, default="max"
     pairs : mapping model layer -> reference layer, default=None
         Aggregate over these pairs only (the whole LA×LB matrix is still computed).
     groups : sequence of labels, default=None

@@ -99,8 +99,8 @@ class LayerAlignmentResult(CalibrationResult):
 
 
 def aggregate_fn(aggregate: Aggregate) -> tuple[str, Callable[[Tensor], Tensor]]:
-    """Resolve ``"max"``, ``"mean"``, ``"topK"`` (mean of the K largest, e.g. ``"top3"``; of all
-    pairs when there are fewer than K) or a callable ``f(matrix (LA, LB)) -> scalar`` into a
+    """Resolve ``"max"``, ``"mean"``, ``"top<m>"`` (mean of the m largest, e.g. ``"top3"``; of all
+    pairs when there are fewer than m) or a callable ``f(matrix (LA, LB)) -> scalar`` into a
     batched ``(B, LA, LB) -> (B,)``."""
     if isinstance(aggregate, MappedAggregate):
         return aggregate.__name__, aggregate
@@ -116,7 +116,7 @@ def aggregate_fn(aggregate: Aggregate) -> tuple[str, Callable[[Tensor], Tensor]]
         if k < 1:
             raise ValueError(f"aggregate {aggregate!r} needs a positive count")
         return aggregate, _TopMean(k)
-    raise ValueError(f"aggregate must be 'max', 'mean', 'topK' (e.g. 'top3') or a callable, got {aggregate!r}")
+    raise ValueError(f"aggregate must be 'max', 'mean', 'top<m>' (e.g. 'top3') or a callable, got {aggregate!r}")
 
 
 def _max(s: Tensor) -> Tensor:
@@ -156,7 +156,7 @@ class MappedAggregate:
     ----------
     pairs : mapping model layer -> reference layer
     x_names, y_names : the layer names of the matrix's rows and columns
-    aggregate : "max", "mean" or "topK", default="max"
+    aggregate : "max", "mean" or "top<m>", default="max"
         How the chosen pairs are combined.
     """
 
@@ -171,7 +171,7 @@ class MappedAggregate:
                              f"x reference layers {list(y_names)}")
         inner_name, self.inner = aggregate_fn(aggregate)
         self.__name__ = f"{inner_name}_over_pairs"
-        #: the inner aggregate is "max", "mean" or "topK" (the identity on a single pair)
+        #: the inner aggregate is "max", "mean" or "top<m>" (the identity on a single pair)
         self.builtin = isinstance(aggregate, str)
         lb = len(y_names)
         self.flat = torch.tensor([list(x_names).index(a) * lb + list(y_names).index(b)

@@ -754,7 +754,7 @@ def calibrated_layer_alignment(
         wrap a single layer as ``[tensor]`` or ``{name: tensor}`` (or use
         :func:`calibrated_alignment` for one pair).
     measure : str, Measure or callable, default="linear_cka"
-    aggregate : {"max", "mean", "topK"} or callable, default="max"
+    aggregate : {"max", "mean", "top<m>"} or callable, default="max"
         ``"max"`` is PRH's report; the null of the aggregate applies the same permutation to
         every ``ys`` layer (Westfall–Young maxT for ``"max"``).
     num_permutations, alpha, seed, groups, max_score, **measure_kwargs

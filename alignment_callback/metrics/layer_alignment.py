@@ -23,7 +23,7 @@ class LayerAlignment(AlignmentMetricBase):
 
     ``update(xs, ys)`` takes ``{layer name: rows}`` for each side.  ``compute()`` builds the
     raw LA×LB matrix ``measure(x_a, y_b)`` and calibrates the aggregate (``"max"`` by default,
-    or ``"mean"``, ``"topK"``, a callable) aggregation-aware: the same permutation is applied to
+    or ``"mean"``, ``"top<m>"``, a callable) aggregation-aware: the same permutation is applied to
     every reference layer, the whole matrix recomputed (fast path) and aggregated
     (docs/calibration.md, Algorithm 2; Westfall–Young maxT for max).
 
@@ -36,7 +36,7 @@ class LayerAlignment(AlignmentMetricBase):
     ----------
     measure : str, Measure or callable, default="linear_cka"
         As in :class:`CalibratedAlignment`.
-    aggregate : {"max", "mean", "topK"} or callable, default="max"
+    aggregate : {"max", "mean", "top<m>"} or callable, default="max"
         What is calibrated over the LA×LB matrix (``"top3"`` for the mean of the 3 largest; a
         callable maps the matrix to a scalar).
     num_permutations, alpha, seed, max_samples, preprocess, groups, max_score, null, **kwargs

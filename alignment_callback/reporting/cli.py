@@ -95,7 +95,7 @@ def _sigma(text: str) -> float | str:
 def _aggregate(text: str) -> str:
     if text in ("max", "mean") or re.fullmatch(r"top[1-9][0-9]*", text):
         return text
-    raise argparse.ArgumentTypeError(f"expected max, mean or topK (e.g. top3), got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected max, mean or top<m> (e.g. top3), got {text!r}")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -122,8 +122,8 @@ def _common_options() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=0.05,
                    help="level of the threshold tau and of the BH FDR (default 0.05)")
     g.add_argument("--aggregate", type=_aggregate, default="max",
-                   help="aggregate over layer pairs: max (default), mean or topK (the mean of "
-                        "the K largest; a K above the number of layer pairs is clamped to it)")
+                   help="aggregate over layer pairs: max (default), mean or top<m> (the mean of "
+                        "the m largest; an m above the number of layer pairs is clamped to it)")
     g.add_argument("--seed", type=int, default=0, help="permutation seed (default 0)")
     g.add_argument("--groups", metavar="FILE",
                    help="group labels, one per row (.npy/.txt/.csv): rows of a group are "

@@ -384,7 +384,7 @@ def iter_pairs(tasks: list[PairTask], plan: MatrixPlan, loader: FeatureLoader,
 
     Each Y file is prepared once per run of consecutive tasks that share it (and the same
     missing measures); X files are read once and kept.  ``note`` gets the first pair whose
-    layer pairs are fewer than ``--aggregate topK``'s K (once per run).
+    layer pairs are fewer than ``--aggregate top<m>``'s m (once per run).
     """
     if not tasks:
         return

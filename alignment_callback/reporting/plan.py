@@ -285,11 +285,11 @@ def moments_layers(null: str, layers: Sequence[int], paths: Sequence[Any]) -> No
 
 
 def topk_note(aggregate: str, pairs: int) -> str | None:
-    """The note for ``--aggregate topK`` with K above the number of layer pairs: K is clamped
+    """The note for ``--aggregate top<m>`` with m above the number of layer pairs: m is clamped
     to it, so the aggregate is their mean."""
     if not aggregate.startswith("top") or int(aggregate[3:]) <= pairs:
         return None
-    return (f"--aggregate {aggregate} over {pairs} layer pair(s): K is clamped to the number "
+    return (f"--aggregate {aggregate} over {pairs} layer pair(s): m is clamped to the number "
             "of pairs, so the aggregate is their mean (the same as --aggregate mean)")
 
 

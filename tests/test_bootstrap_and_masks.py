@@ -343,8 +343,10 @@ def test_valid_masks_pool_the_unmasked_tokens():
     mean = pool_features(x, "mean", mask=mask.bool())
     ref = torch.stack([x[i][mask[i].bool()].mean(0) for i in range(4)])
     torch.testing.assert_close(mean, ref)
+    # "cls" takes the first unmasked token (the CLS token of a left-padded row)
+    assert torch.equal(pool_features(x, "cls", mask=mask), x[torch.arange(4), torch.tensor([0, 0, 2, 0])])
     # pools that do not use the mask ignore it, as before
-    assert torch.equal(pool_features(x, "cls", mask=torch.zeros(4, 5)), x[:, 0])
+    assert torch.equal(pool_features(x, "flatten", mask=torch.zeros(4, 5)), x.reshape(4, -1))
 
 
 def test_mask_values_only_say_real_or_padding():

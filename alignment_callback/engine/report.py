@@ -622,7 +622,7 @@ def training_report(
     for family in (False, True):  # the drift curves apart (see ``drift``)
         tested = [i for i, p in enumerate(final_p) if p is not None
                   and (names[i] in drift) == family]
-        q_of.update(zip(tested, bh_adjust([float(final_p[i]) for i in tested])))
+        q_of.update(zip(tested, bh_adjust([float(final_p[i]) for i in tested]), strict=True))
     report.heading("Reading")
     for i, (name, values) in enumerate(series.items()):
         report.paragraph(curve_sentence(name, values.get("raw", []),

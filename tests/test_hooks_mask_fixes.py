@@ -152,3 +152,63 @@ def test_sequence_first_modules_are_warned_about():
     with w.catch_warnings():
         w.simplefilter("error")  # a batch-first layer: no warning
         collect_activations(SeqFirstInside(), x, ["out"], pool="mean")
+
+
+def test_with_forward_the_mask_is_not_taken_from_a_part_the_model_may_not_be_fed():
+    """With forward=, what the model is fed is unknown: (query, doc) batches fed the doc had
+    their outputs pooled with the query's mask (batch[0])."""
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, D)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.emb(input_ids)
+
+    torch.manual_seed(0)
+    model = Encoder()
+    query = {"input_ids": torch.randint(1, 50, (3, T)),
+             "attention_mask": torch.tensor([[1, 1, 0, 0, 0]] * 3)}
+    doc = {"input_ids": torch.randint(1, 50, (3, T))}
+    got = collect_activations(model, [(query, doc)], ["emb"], pool="mean",
+                              forward=lambda m, b: m(**b[1]))["emb"]
+    with torch.no_grad():
+        assert torch.allclose(got, model.emb(doc["input_ids"]).mean(1), atol=1e-6)
+
+
+def test_a_packed_sequence_output_is_refused_with_its_reason():
+    """An LSTM fed packed sequences returns (PackedSequence, (h, c)): the nested search took
+    PackedSequence.data, one row per token of every sample."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from alignment_callback.hooks.outputs import LayerOutputError
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(D, 5, batch_first=True)
+
+        def forward(self, x):
+            packed = pack_padded_sequence(x, torch.tensor([5, 3, 1, 1]), batch_first=True)
+            return self.lstm(packed)[1][0][-1]
+
+    for key in (None, 0):
+        with pytest.raises(LayerOutputError, match="returned a PackedSequence"):
+            collect_activations(Packed(), torch.randn(4, T, D), ["lstm"], output_key=key)
+
+
+def test_an_output_key_picking_a_container_without_floats_says_so():
+    from alignment_callback.hooks import select_output
+    from alignment_callback.hooks.outputs import LayerOutputError
+
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(LayerOutputError, match=r"layer 'blk': output_key='masks' selects a tuple "
+                                               r"holding no floating-point tensor"):
+        select_output({"h": torch.randn(2, 3), "masks": (ids, ids)}, "masks", layer="blk")
+
+
+def test_tie_keys_of_no_rows():
+    from alignment_callback.functional.neighbors import tie_keys
+
+    assert tie_keys(0, "x", data=torch.zeros(0, 4)).shape == (0,)

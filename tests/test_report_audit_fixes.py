@@ -350,11 +350,31 @@ def test_drift_curves_are_a_bh_family_of_their_own():
     assert together["a/linear_cka"] == f"{_bh(list(p.values()))[0]:.4g}"  # 0.048
 
 
-def test_the_callback_passes_its_drift_references(tmp_path):
-    cb = quiet_callback(make_probe(), ["linear_cka"], 9,
-                        reference={"init": "initial", "frozen": MLP(seed=3)})
-    assert cb._labels(drift_only=True) == ["init/linear_cka"]
-    assert cb._labels() == ["init/linear_cka", "frozen/linear_cka"]
+def test_the_callback_reports_its_drift_curves_as_their_own_family(tmp_path):
+    """End to end: a fit with a frozen and a "previous" reference writes a report whose p_BH
+    of each curve is BH over its own family's final p-values."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.helpers import RefMLP
+
+    cb = quiet_callback(make_probe(), ["linear_cka", "mutual_knn"], 19, report=True,
+                        reference={"frozen": RefMLP(seed=1), "prev": "previous"})
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=CSVLogger(tmp_path),
+                         default_root_dir=tmp_path, **FAST_TRAINER)
+    trainer.fit(MLP(), train_loader())
+    md = Path(cb.report_paths[0]).read_text(encoding="utf-8")
+    assert "the drift curves (the model against its own earlier activations) as a family" in md
+    last = cb.history[-1]
+    shown = {}
+    for line in md.splitlines():
+        cells = [c.strip().replace("\\", "") for c in line.split("|")]
+        if len(cells) > 7 and cells[1].startswith(("frozen/", "prev/")):
+            shown[cells[1]] = cells[6]
+    for family in ("frozen", "prev"):
+        labels = [f"{family}/linear_cka", f"{family}/mutual_knn"]
+        q = _bh([last[f"alignment/{label}/p_value"] for label in labels])
+        assert [shown[label] for label in labels] == [f"{v:.4g}" for v in q]
 
 
 # ------------------------------------------------------------- Markdown escaping

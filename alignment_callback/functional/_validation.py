@@ -115,7 +115,10 @@ def as_scalar(value: Any, what: str, like: Tensor | None = None) -> Tensor:
         out = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(f"{what} must be one real number, got {type(value).__name__}") from error
-    if out.is_complex() or out.dtype == torch.bool or out.is_meta:
+    if out.is_meta:
+        raise TypeError(f"{what} must be one real number, got a meta tensor (device='meta'), "
+                        "which holds no value")
+    if out.is_complex() or out.dtype == torch.bool:
         raise TypeError(f"{what} must be one real number, got a {out.dtype} value")
     if out.numel() != 1:
         raise ValueError(f"{what} must be one number, got a value of shape {tuple(out.shape)}")

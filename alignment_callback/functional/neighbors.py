@@ -51,8 +51,10 @@ def _digest(data: Tensor) -> int:
     as float64, a block of rows at a time: the same numbers in float32 and in float64 (one-hot
     rows, small integers) give the same hash, so they draw the same keys."""
     t = data.detach()
-    rows = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
     h = hashlib.blake2b(repr(tuple(t.shape)).encode(), digest_size=8)
+    if t.numel() == 0:
+        return int.from_bytes(h.digest(), "little") >> 1
+    rows = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
     step = max(1, _DIGEST_ELEMENTS // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
         block = rows[start:start + step].to("cpu", torch.float64, copy=True)

@@ -447,17 +447,22 @@ def run_batch(
 DEFAULT_MASK_KEY = "attention_mask"
 
 
-def _mappings(fed: Any, batch: Any, input_key: str | None, transformed: bool) -> list[Mapping]:
+def _mappings(fed: Any, batch: Any, input_key: str | None, transformed: bool,
+              forward: bool = False) -> list[Mapping]:
     """Where a batch's attention mask can be, in order: what the model is fed (a tokenizing
     ``batch_transform``'s result, a dict batch, or the dict of an ``(inputs, labels)``
-    batch), then the batch as it came."""
-    try:
-        inputs = _model_inputs(fed, input_key, transformed)[0]
-    except (TypeError, ValueError):  # raised again, with its message, when the model is fed
-        inputs = None
-    first = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+    batch), then the batch as it came.  With ``forward`` (a function feeding the model) what
+    the model is fed is not known: ``fed`` and the batch only."""
+    candidates: tuple[Any, ...] = (fed, batch)
+    if not forward:
+        try:
+            inputs = _model_inputs(fed, input_key, transformed)[0]
+        except (TypeError, ValueError):  # raised again, with its message, when the model is fed
+            inputs = None
+        first = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+        candidates = (fed, inputs, batch, first)
     found: list[Mapping] = []
-    for candidate in (fed, inputs, batch, first):
+    for candidate in candidates:
         if isinstance(candidate, Mapping) and not any(candidate is m for m in found):
             found.append(candidate)
     return found
@@ -726,7 +731,8 @@ def collect_activations(
             fed = prepare_batch(batch, dev, batch_transform)
             # the mask of what the model is fed (a tokenizing batch_transform's, the dict of an
             # (inputs, labels) batch), else the batch's
-            mappings = _mappings(fed, batch, input_key, batch_transform is not None)
+            mappings = _mappings(fed, batch, input_key, batch_transform is not None,
+                                 forward is not None)
             rec.mask = _mask_of(mappings, mask_key)
             if rec.mask is None and mask_key not in (None, DEFAULT_MASK_KEY):
                 _check_mask_key(mask_key, mappings)

@@ -8,6 +8,7 @@ from typing import Any, Union
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 OutputKey = Union[int, str, None]
 
@@ -59,9 +60,10 @@ def _first_tensor(values: Any, depth: int = 0) -> Tensor | None:
                   and (v.is_floating_point() or v.is_complex())), None)
     if found is not None or depth >= _NESTING:
         return found
-    for v in values:
+    for v in values:  # plain containers only: a namedtuple's fields have meanings of their own
         inner = _as_mapping(v)
-        inner = inner.values() if inner is not None else v if isinstance(v, (tuple, list)) else ()
+        inner = (inner.values() if inner is not None
+                 else v if type(v) in (tuple, list) else ())
         found = _first_tensor(inner, depth + 1)
         if found is not None:
             return found
@@ -156,10 +158,25 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
     """
     if isinstance(output, Tensor):
         return output
+    packed = [v for v in ([output] + (list(output) if isinstance(output, (tuple, list)) else []))
+              if isinstance(v, PackedSequence)]
+    if packed and output_key is None and (output is packed[0] or _first_tensor(
+            [v for v in output if not isinstance(v, PackedSequence)], _NESTING) is None):
+        raise LayerOutputError(
+            f"layer {layer!r} returned a PackedSequence (an RNN fed packed sequences): its rows "
+            "are the tokens of every sample, not one row per sample; hook a module after "
+            "pad_packed_sequence, or one returning a tensor per sample")
     if output_key is not None:
         picked = _by_key(output, output_key, layer)
+        if isinstance(picked, PackedSequence):
+            return select_output(picked, None, layer)  # refused above, with the reason
         if isinstance(picked, (tuple, list)) or _as_mapping(picked) is not None:
-            return select_output(picked, None, layer)  # the default rules, one level down
+            try:  # the default rules, one level down
+                return select_output(picked, None, layer)
+            except LayerOutputError as err:
+                raise LayerOutputError(
+                    f"layer {layer!r}: output_key={output_key!r} selects a "
+                    f"{type(picked).__name__} holding no floating-point tensor") from err
         if not isinstance(picked, Tensor):
             raise LayerOutputError(
                 f"layer {layer!r}: output_key={output_key!r} selects a "

@@ -3,12 +3,13 @@ preprocessing at compute time, sample-index ordering and the ``max_samples`` bou
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Union
 
 import torch
 from torch import Tensor
 
-from alignment_callback.functional._validation import as_float
+from alignment_callback.functional._validation import as_float, user_stacklevel
 from alignment_callback.functional.preprocessing import (
     check_clamp_quantile,
     check_pool,
@@ -95,8 +96,11 @@ REPEAT_RTOL = 1e-2
 def order_rows(index: Tensor | None, *sides: Tensor) -> tuple[Tensor | None, list[Tensor]]:
     """Sort rows by sample index and drop repeated indices (DistributedSampler padding).
 
-    A repeated id must repeat its rows (to ``REPEAT_RTOL``): ids that restart in every batch
-    (``index=torch.arange(len(batch))``) would otherwise keep the first batch only."""
+    A repeated id should repeat its rows (to ``REPEAT_RTOL``).  Ids that restart in every
+    batch (``index=torch.arange(len(batch))``) would keep the first batch only: many
+    repeats with other rows (a quarter of the ids or more, at least 2) are an error; a few
+    (a DistributedSampler's padding, fewer than the processes, through a stochastic forward:
+    dropout, augmentation) a warning, the first rows of each id kept."""
     if index is None or index.numel() == 0:
         return None, list(sides)
     idx, order = torch.sort(index.long(), stable=True)
@@ -108,17 +112,27 @@ def order_rows(index: Tensor | None, *sides: Tensor) -> tuple[Tensor | None, lis
         first = torch.cummax(torch.where(keep, torch.arange(len(idx), device=idx.device), 0),
                              0).values
         dropped, kept = order[~keep], order[first[~keep]]
+        differ = torch.zeros(len(dropped), dtype=torch.bool)
         for s in sides:
             a, b = (s[r.to(s.device)].flatten(1).double() for r in (dropped, kept))
             off = (a - b).norm(dim=1) > REPEAT_RTOL * torch.maximum(a.norm(dim=1), b.norm(dim=1))
-            if bool(off.any()):
-                sample = int(idx[~keep][off.to(idx.device)][0])
+            differ |= off.cpu()
+        if bool(differ.any()):
+            ids = idx[~keep].cpu()[differ]
+            sample, count = int(ids[0]), int(ids.unique().numel())
+            what = (f"index: {count} sample id(s) (e.g. {sample}, {int((idx == sample).sum())} "
+                    "times) were given again with other features")
+            if count >= max(2, int(keep.sum()) // 4):
                 raise ValueError(
-                    f"index: sample id {sample} was given {int((idx == sample).sum())} times with "
-                    "different features; index must hold each row's sample id in the whole probe "
-                    "set (e.g. the batch's offset + torch.arange(len(batch))), not its position in "
-                    "the batch. Repeated ids are dropped only as repeats of the same sample (a "
+                    f"{what}; index must hold each row's sample id in the whole probe set (e.g. "
+                    "the batch's offset + torch.arange(len(batch))), not its position in the "
+                    "batch. Repeated ids are dropped as repeats of the same sample (a "
                     "DistributedSampler's padding)")
+            warnings.warn(
+                f"{what}: the first rows of each are kept. Expected from a DistributedSampler's "
+                "padding when the forward is stochastic (dropout, augmentation); otherwise index "
+                "should hold sample ids in the whole probe set, not positions in a batch",
+                RuntimeWarning, stacklevel=user_stacklevel())
     return idx[keep], [s[sel.to(s.device)] for s in sides]
 
 

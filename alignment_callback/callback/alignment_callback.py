@@ -1097,8 +1097,9 @@ class AlignmentCallback(Callback):
         resumed weights, at the first training batch (or by a step due before it, which then
         has no value of them; a new fit takes them now).  ``"initial"`` then measures the
         drift from these weights, with a warning; ``"previous"`` continues exactly when the
-        checkpoint was written at the last alignment step (else it warns).  ``retaken``: a step in flight at the checkpoint is
-        redone now, on these weights, and anchors the references itself.  A new fit without a
+        checkpoint was written at the last alignment step (else it warns).  ``retaken``: a
+        step in flight at the checkpoint is redone now, on these weights, and anchors the
+        references itself.  A new fit without a
         baseline (``global_step`` 0) anchors ``"initial"`` only, with no warning: ``"previous"``
         has no value before the first step."""
         step = int(trainer.global_step)

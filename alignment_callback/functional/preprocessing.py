@@ -77,8 +77,9 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
     mask : Tensor of shape (n, T), default=None
         Attention mask (nonzero = a real token) for ``x`` of shape (n, T, ...): ``"mean"``
         then averages only the unmasked tokens of (n, T, d) activations, ``"cls"`` /
-        ``"first"`` take the first unmasked token and ``"last"`` the last one; the masked positions are never read, so padding filled with
-        ``-inf`` or NaN does not reach the result.  Other pools (a callable is not given the
+        ``"first"`` take the first unmasked token and ``"last"`` the last one; the masked
+        positions are never read, so padding filled with ``-inf`` or NaN does not reach the
+        result.  Other pools (a callable is not given the
         mask), and 1-D / 2-D activations, ignore it.
 
     Returns
@@ -144,18 +145,15 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
         if x.dim() == 3:
             return x.mean(1, dtype=acc)
         return x.reshape(x.shape[0], x.shape[1], -1).mean(-1, dtype=acc)
-    if pool in ("cls", "first"):
-        if mask is not None:  # the first unmasked token: [CLS] under left padding too
-            idx = (_checked_mask(x, mask, pool) != 0).long().argmax(1)
-            return x[torch.arange(x.shape[0], device=x.device), idx].reshape(x.shape[0], -1)
-        return x[:, 0].reshape(x.shape[0], -1)
-    # pool == "last"
-    if mask is not None:
-        m = _checked_mask(x, mask, pool) != 0
-        # the last unmasked token: the first position where the running count reaches its total
-        idx = m.long().cumsum(1).argmax(1)
-        return x[torch.arange(x.shape[0], device=x.device), idx].reshape(x.shape[0], -1)
-    return x[:, -1].reshape(x.shape[0], -1)
+    # "cls" / "first" / "last": one token per row
+    first = pool in ("cls", "first")
+    if mask is None:
+        return x[:, 0 if first else -1].reshape(x.shape[0], -1)
+    real = (_checked_mask(x, mask, pool) != 0).long()
+    # the first unmasked token ([CLS] under left padding too), or the last: the first position
+    # where the running count reaches its total
+    idx = real.argmax(1) if first else real.cumsum(1).argmax(1)
+    return x[torch.arange(x.shape[0], device=x.device), idx].reshape(x.shape[0], -1)
 
 
 def check_clamp_quantile(quantile: Any, name: str = "clamp_quantile") -> float:

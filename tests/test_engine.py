@@ -60,6 +60,47 @@ def test_permutation_settings_changed_after_construction_are_used():
     assert torch.equal(got.null, expected.null)
 
 
+@pytest.mark.parametrize("change", ["measures", "null"])
+def test_measures_or_null_set_after_set_reference_are_used_at_the_next_step(change):
+    """Measures (given as a list, resolved like the constructor's) or the null set on the
+    engine after set_reference() prepare the cached reference for them at the next step: the
+    results equal a fresh engine's, and measures no longer computed drop their states."""
+    layers = 2 if change == "measures" else 1  # one pair: the moments null's feature route
+    ref, model = _layers("r", layers), _layers("m", layers, seed=3)
+    engine = AlignmentEngine(["linear_cka"], num_permutations=20)
+    engine.set_reference(ref)
+    engine.step(model)
+    settings = {"measures": ["mutual_knn", "unbiased_cka"], "null": "moments"}
+    if change == "measures":
+        engine.measures = settings["measures"]
+        fresh = AlignmentEngine(settings["measures"], num_permutations=20)
+    else:
+        engine.null = settings["null"]
+        fresh = AlignmentEngine(["linear_cka"], num_permutations=20, null="moments")
+    got = engine.step(model).results
+    fresh.set_reference(ref)
+    expected = fresh.step(model).results
+    assert sorted(got) == sorted(expected) == sorted(engine.measures)
+    for label in got:
+        for field in ("matrix", "raw", "calibrated", "p_value", "threshold"):
+            assert torch.equal(getattr(got[label], field), getattr(expected[label], field))
+        assert got[label].null_method == expected[label].null_method
+    held = set(engine.reference.states) | engine.reference.lazy
+    assert held == set(engine.measures.values())
+
+
+def test_measures_and_null_set_after_construction_are_checked():
+    engine = AlignmentEngine(["linear_cka"], num_permutations=20)
+    with pytest.raises(ValueError, match="unknown measure"):
+        engine.measures = ["linear_ckaa"]
+    with pytest.raises(ValueError, match="null"):
+        engine.null = "analytic"
+    engine.measures = ["mutual_knn"]
+    with pytest.raises(ValueError, match="mutual_knn"):  # no analytic null for kNN measures
+        engine.null = "moments"
+    assert engine.null == "permutation" and list(engine.measures) == ["mutual_knn"]
+
+
 def test_features_are_prepared_once_per_layer_per_step(monkeypatch):
     from alignment_callback.metrics import _rows
 

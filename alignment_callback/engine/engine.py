@@ -130,7 +130,7 @@ class AlignmentEngine:
         max_score: float | None | str = AUTO,
         null: str = "permutation",
     ) -> None:
-        self.measures = resolve_measures(measures)
+        self._measures = resolve_measures(measures)
         self.num_permutations = check_num_permutations(num_permutations)
         self.alpha = check_alpha(alpha)
         self.seed = check_seed(seed)
@@ -147,12 +147,39 @@ class AlignmentEngine:
         self.preprocessor = RowPreprocessor(preprocess)
         self.device = check_device(device)
         self.max_score = check_max_score(max_score)
-        self.null = check_null(null)
+        self._null = check_null(null)
         check_moments_apply(self.null, self.measures.values(), groups)
         if self.null == "permutation":  # a setting: warned once here, not at every step
             warn_if_few(self.num_permutations, self.alpha)  # ("auto": where it draws them)
         self.reference: PreparedSide | None = None
         self.permutations: Permutations | None = None
+        self._reference_null = self.null
+
+    # ------------------------------------------------------------------------- settings
+    @property
+    def measures(self) -> dict[str, Measure]:
+        """``{label: Measure}``.  Assigning names, Measure objects or a mapping resolves and
+        checks them like the constructor; a cached reference is prepared for new measures at
+        the next step."""
+        return self._measures
+
+    @measures.setter
+    def measures(self, measures: MeasuresSpec) -> None:
+        resolved = resolve_measures(measures)
+        check_moments_apply(self.null, resolved.values(), self.groups)
+        self._measures = resolved
+
+    @property
+    def null(self) -> str:
+        """How each null is obtained; assigning it is checked like the constructor's, and a
+        cached reference is prepared for it again at the next step."""
+        return self._null
+
+    @null.setter
+    def null(self, null: str) -> None:
+        null = check_null(null)
+        check_moments_apply(null, self.measures.values(), self.groups)
+        self._null = null
 
     # ----------------------------------------------------------------------------- checks
     @property
@@ -191,8 +218,30 @@ class AlignmentEngine:
         self.check_samples(feats[0].shape[0], "the reference's probe activation")
         self.reference = prepare_side(names, feats, list(self.measures.values()), "y",
                                       null=self.null, label="reference")
+        self._reference_null = self.null
         self._drawn(self.reference.n)
         return self.reference
+
+    def _prepared_reference(self, measures: list[Measure]) -> PreparedSide:
+        """The cached reference prepared for ``measures`` and the current ``null``: measures
+        set after :meth:`set_reference` are prepared now from its kept features (all of them
+        again when the null changed), and the states of measures no longer computed dropped."""
+        ref = self.reference
+        assert ref is not None
+        stale = self._reference_null != self.null
+        if stale or any(m not in ref.states and m not in ref.lazy for m in measures):
+            self.check_samples(ref.n, "the reference's probe activation")
+            ref = self.reference = prepare_side(ref.names, ref.features, measures, "y",
+                                                side=None if stale else ref, null=self.null,
+                                                label="reference")
+            self._reference_null = self.null
+        for m in set(ref.states) | ref.lazy:
+            if m not in measures:
+                ref.states.pop(m, None)
+                ref.lazy.discard(m)
+        for key in [key for key in ref.invariants if key[0] not in measures]:
+            del ref.invariants[key]
+        return ref
 
     def _drawn(self, n: int) -> Permutations:
         """The permutation set for ``n`` samples, drawn again only when ``n``,
@@ -237,8 +286,8 @@ class AlignmentEngine:
                 "the same order (outputs must be batch-first; a (T, n, d) output is not: hook a "
                 "batch-first layer)")
         measures = list(self.measures.values())
-        dtype = torch.promote_types(feats[0].dtype, self.reference.dtype)
-        reference = self.reference
+        reference = self._prepared_reference(measures)
+        dtype = torch.promote_types(feats[0].dtype, reference.dtype)
         if dtype != reference.dtype:  # a float64 model against a float32 reference: this step
             reference = prepare_side(reference.names, [f.to(dtype) for f in reference.features],
                                      measures, "y", null=self.null, label="reference",

@@ -168,6 +168,23 @@ def test_rbf_with_sigma_beyond_the_float_range_of_its_square(dtype, power):
     assert float(got) == pytest.approx(want, abs=tol)
 
 
+@pytest.mark.parametrize("dtype,power", [(torch.float64, 520), (torch.float32, 70)],
+                         ids=["f64", "f32"])
+def test_rbf_of_features_whose_squared_distances_overflow_at_a_sigma_of_their_scale(dtype, power):
+    """x·2**520 (float64) or x·2**70 (float32) at σ = 1.5·2**power: the squared distances
+    (~2**1040, 2**140) overflow the dtype, but the kernel depends on x/σ only, so it is that of
+    x at σ = 1.5 (the rows and σ are rescaled together, exactly; this was refused as an
+    overflow)."""
+    x, y = _pair()
+    xs, ys = (x * 2.0 ** power).to(dtype), (y * 2.0 ** power).to(dtype)
+    sigma = 1.5 * 2.0 ** power
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert float(F.rbf_cka(xs, ys, sigma=sigma)) == pytest.approx(
+        R.rbf_cka(x.numpy(), y.numpy(), sigma=1.5), abs=tol)
+    got = F.bures_similarity(xs, ys, kernel="rbf", sigma=sigma)
+    assert float(got) == pytest.approx(_bures(x.numpy(), y.numpy(), "rbf", 1.5), abs=tol)
+
+
 def _exact_centered_rbf(x: np.ndarray, sigma: float):
     """H K H in 50-digit arithmetic (mpmath), rounded to float64 at the end."""
     import mpmath

@@ -85,14 +85,15 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
     digits that ``exp`` rounds away where ``K`` is close to 1 (σ large against the distances).
 
     ``sigma`` is absolute (a finite positive number; PRH convention, default 1.0), or
-    ``"median"`` for ``σ = sqrt(median of all n² squared distances)`` (scale-free: the data is
-    first rescaled exactly by a power of two, so huge or tiny magnitudes work).
+    ``"median"`` for ``σ = sqrt(median of all n² squared distances)`` (scale-free).  Either
+    way the data is first rescaled exactly by a power of two (an absolute σ by the same one:
+    the kernel depends on x/σ only), so huge or tiny magnitudes neither overflow nor underflow
+    the squared distances.
 
-    Raises ``ValueError`` naming overflow or underflow when the data's scale makes the kernel
-    meaningless at this absolute ``sigma`` (distances overflow, or are all negligible against
-    2σ² so the kernel is constant, or all so large that every entry off the diagonal
-    underflows to 0, so the kernel is the identity), and ``measure`` (the one the gram is
-    for).
+    Raises ``ValueError`` naming underflow when the data's scale makes the kernel meaningless
+    at this absolute ``sigma`` (distances all negligible against 2σ², so the kernel is
+    constant, or all so large that every entry off the diagonal underflows to 0, so the kernel
+    is the identity), and ``measure`` (the one the gram is for).
     """
     check_bandwidth(sigma)
     if isinstance(sigma, str):  # "median"
@@ -106,42 +107,62 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
         # -d2 / (2σ²) is d2 / (-2σ²), bit for bit; d2 is this function's own
         return _kernel_(d2.div_(-2.0 * s2), minus_one)
     sigma = float(sigma)  # also a 0-dim tensor (a learned or computed bandwidth)
-    d2 = squared_distances(x)
     scale = check_sigma_fits(sigma, x.dtype, measure)
-    if not bool(torch.isfinite(d2).all()):
-        raise ValueError(
-            f"{measure}: squared distances overflow {x.dtype} (largest |x| = "
-            f"{float(x.abs().max()):.3g}); at sigma={sigma} the kernel would be the identity. "
-            "Rescale the features (e.g. L2-normalize rows) or use sigma='median'"
-        )
-    # d2 / (2σ²) with σ = m·2**e: the power of two is applied to the tensor first, exactly, so
-    # that 2σ² need not be a finite number of x's dtype (nor of a Python float)
-    # (in place where it can: d2 is this function's own, and the n×n copies are what limits n)
-    m, e = math.frexp(float(sigma))
-    largest = float(d2.max())  # before the scaling below, which may underflow it
-    if e != 0:
-        d2 = times_power_of_two(d2, torch.tensor(-2 * e, device=d2.device))
+    # the kernel depends on x / σ only: x is brought to magnitude ~1 by a power of two 2**ex,
+    # exactly, so that huge (or tiny) features do not overflow their squared distances, and
+    # d2 / (2σ²) with σ = m·2**e is d2(x·2**-ex) · 2**(2(ex − e)) / (2m²): the power of two is
+    # applied to the tensor, exactly, so that 2σ² need not be a finite number of x's dtype
+    # (nor of a Python float); in place where it can (d2 is this function's own, and the n×n
+    # copies are what limits n)
+    scaled = rescale_exactly(x)
+    ex = 0 if scaled is x else math.frexp(float(x.abs().amax()))[1]
+    d2 = squared_distances(scaled)
+    m, e = math.frexp(sigma)
+    largest = _power_of_two_str(float(d2.max()), 2 * ex)  # before the scaling below
+    if e != ex:
+        d2 = times_power_of_two(d2, torch.tensor(2 * (ex - e), device=d2.device))
     ratio = d2.div_(2.0 * m * m)
     distinct = bool((x != x[:1]).any())
     if distinct and not bool((ratio > torch.finfo(x.dtype).eps).any()):
         bound = f"= {scale:g}" if math.isfinite(scale) else "> 1.8e+308"
         raise ValueError(
             f"{measure}: squared distances underflow against 2*sigma^2 {bound} (largest "
-            f"distance² = {largest:.3g}); the RBF kernel is constant at sigma={sigma}. "
+            f"distance² = {largest}); the RBF kernel is constant at sigma={sigma}. "
             "Rescale the features or use sigma='median'"
         )
     # every off-diagonal exp(−d²/2σ²) underflows to 0: K = I exactly, whatever the data
     nearest = _smallest_off_diagonal(ratio) if distinct else 0.0
     if float(torch.tensor(-nearest, dtype=x.dtype).exp()) == 0.0:
         bound = f"= {scale:g}" if math.isfinite(scale) else "> 1.8e+308"
+        times = f"{nearest:.3g}"
+        if not math.isfinite(nearest):  # beyond x's dtype: from the distances before scaling
+            smallest = _smallest_off_diagonal(squared_distances(scaled)) / (2.0 * m * m)
+            times = _power_of_two_str(smallest, 2 * (ex - e))
         raise ValueError(
             f"{measure}: every distance is large against 2*sigma^2 {bound} (the smallest "
-            f"distance² between two rows is {nearest:.3g} times 2σ²): every kernel value off "
+            f"distance² between two rows is {times} times 2σ²): every kernel value off "
             f"the diagonal underflows {x.dtype} to 0, so at sigma={sigma} the RBF kernel is "
             "the identity, the same for any data. Rescale the features (e.g. L2-normalize "
             "rows) or use sigma='median'"
         )
     return _kernel_(ratio.neg_(), minus_one)
+
+
+def _power_of_two_str(v: float, p: int) -> str:
+    """``v · 2**p`` written with 3 significant digits (``.3g``), also beyond the range of a
+    float."""
+    try:
+        exact = math.ldexp(v, p)
+        if exact != 0.0 or v == 0.0 or not math.isfinite(v):
+            return f"{exact:.3g}"
+    except OverflowError:
+        pass
+    exponent = math.log10(abs(v)) + p * math.log10(2.0)
+    whole = math.floor(exponent)
+    mantissa = math.copysign(10.0 ** (exponent - whole), v)
+    if f"{mantissa:.2f}".startswith(("10", "-10")):  # 9.996 rounds up to 10.0
+        mantissa, whole = mantissa / 10.0, whole + 1
+    return f"{mantissa:.2f}e{whole:+03d}"
 
 
 def _smallest_off_diagonal(m: Tensor) -> float:

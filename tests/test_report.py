@@ -118,6 +118,18 @@ def test_training_report_curves_final_values_and_sentences():
     assert "<h2>Final values</h2>" in report.to_html()
 
 
+@pytest.mark.parametrize("pair,cell", [("fc2|teacher", "fc2 ~ teacher"),
+                                       ("a|b|r", "a\\|b\\|r")])
+def test_the_best_pair_cell_splits_only_an_unambiguous_pair(pair, cell):
+    """A pair whose layer names hold a "|" themselves cannot be split where the history joined
+    it ("a|b" against "r", or "a" against "b|r"): it is shown as logged, not as three layers."""
+    h = history([0.3], [0.0], [0.5], [0.5])
+    h[0]["alignment/linear_cka/best_pair"] = pair
+    row = [line for line in training_report(h).to_markdown().splitlines()
+           if line.startswith("| linear_cka |")]
+    assert len(row) == 1 and row[0].endswith(f"| {cell} |")
+
+
 def test_history_helpers_and_edge_cases():
     h = [{"epoch": 0, "step": 0, "alignment/cka/raw": 0.2},
          {"epoch": 1, "step": 5, "alignment/cka/raw": 0.2, "alignment/cka/calibrated": 0.0}]

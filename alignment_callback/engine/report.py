@@ -640,7 +640,7 @@ def training_report(
         rows.append([name, fmt(v.get("raw")), fmt(v.get("threshold")), fmt(v.get("calibrated")),
                      fmt_p(v.get("p_value")), fmt_p(q),
                      fmt(None if q is None else significant(q, alpha)),
-                     str(v.get("best_pair") or "").replace("|", " ~ ")])
+                     _pair_text(str(v.get("best_pair") or ""))])
     apart = ("; the drift curves (the model against its own earlier activations) as a family "
              "of their own" if any(n in drift for n in names) else "")
     report.paragraph(f"At the last step (epoch {steps['epoch'][-1]}, step {steps['step'][-1]}); "
@@ -661,6 +661,12 @@ def training_report(
         for note in figure_notes:
             report.paragraph(note)
     return report
+
+
+def _pair_text(pair: str) -> str:
+    """A logged ``"<model layer>|<reference layer>"`` as ``"<model layer> ~ <reference
+    layer>"``; as logged when a name holds a ``|`` itself (where to split is unknown)."""
+    return pair.replace("|", " ~ ") if pair.count("|") == 1 else pair
 
 
 def _count(n: int, noun: str) -> str:

@@ -243,6 +243,11 @@ def test_loading_rows_without_layer_names_says_to_pass_them():
     source.persistent(True)
     source.update({"a": x}, {"r": y})
     state = source.state_dict()
+    fresh = LayerAlignment("linear_cka", num_permutations=K)
+    fresh.load_state_dict(state)  # the state names its layers: a fresh metric takes them
+    assert fresh.x_layers == ["a"] and fresh.y_layers == ["r"]
+    assert torch.equal(fresh.compute()["matrix"], source.compute()["matrix"])
+    del state["_layer_names"]  # a state dict saved before the names were
     with pytest.raises(RuntimeError, match=r"x layer\(s\) \(x0\) but this LayerAlignment has no x "
                                            r"layers: pass x_layers=\[\.\.\.\]") as err:
         LayerAlignment("linear_cka").load_state_dict(state)

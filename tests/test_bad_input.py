@@ -277,7 +277,7 @@ def test_prepare_features_names_what_is_wrong_with_its_input():
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
         F.pool_features(np.zeros((4, 3, 2)), "mean")
     for shape, kw in (((24, 0), {}), ((0, 3), {"clamp_quantile": 0.9}), ((0, 4, 3), {})):
-        with pytest.raises(ValueError, match=r"x holds no values \(pooled to shape"):
+        with pytest.raises(ValueError, match=r"the activations hold no values \(pooled to shape"):
             F.prepare_features(torch.zeros(shape), **kw)
     x = _data(30, 4)
     x[5, 2] = float("nan")

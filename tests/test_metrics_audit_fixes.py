@@ -131,9 +131,17 @@ def test_compute_without_reference_side_is_a_clear_error() -> None:
     m.persistent(True)
     fresh = metric()
     fresh.persistent(True)
-    fresh.load_state_dict(m.state_dict())
-    with pytest.raises(RuntimeError, match=r"needs the reference side y.*set_reference"):
-        fresh.compute()
+    with pytest.raises(RuntimeError, match=r"x rows without their reference side.*"
+                                           r"call set_reference\(\) with that reference"):
+        fresh.load_state_dict(m.state_dict())  # refused at the load now, not at compute()
+    assert not fresh.update_called and fresh._stored_rows("x") == 0  # nothing loaded
+    state = m.state_dict()
+    del state["_layer_names"]  # a state dict saved before the names were: refused the same
+    with pytest.raises(RuntimeError, match=r"x rows without their reference side"):
+        fresh.load_state_dict(state)
+    fresh.set_reference(y)  # as the message says
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.compute()["p_value"], m.compute()["p_value"])
 
 
 # ---------------------------------------------------------------------------------- NaN / Inf
@@ -686,8 +694,13 @@ def test_a_strict_load_with_rows_of_fewer_layers_than_registered_is_refused():
     state = saved.state_dict()
     three = LayerAlignment("linear_cka", num_permutations=K, x_layers=["p", "q", "s"],
                            y_layers=["r"])
+    with pytest.raises(RuntimeError, match=r"rows of the x layers \['p', 'q'\] but this "
+                                           r"LayerAlignment has \['p', 'q', 's'\]"):
+        three.load_state_dict(state, strict=True)
+    del state["_layer_names"]  # a state dict saved before the names were: slots counted
     with pytest.raises(RuntimeError, match=r"rows of 2 x layer\(s\) \(x0, x1\).* has 3"):
         three.load_state_dict(state, strict=True)
+    state = saved.state_dict()
     two = LayerAlignment("linear_cka", num_permutations=K, x_layers=["p", "q"], y_layers=["r"])
     two.load_state_dict(state, strict=True)
     assert torch.equal(two.compute()["matrix"], saved.compute()["matrix"])
@@ -707,3 +720,69 @@ def test_plot_refuses_what_is_not_a_compute_result_clearly():
     layers.update({"a": x}, {"r": y})
     with pytest.raises(TypeError, match="one compute\\(\\) result.*got list"):
         layers.plot([layers.compute()])
+
+
+# -------------------------------------------------------------- state dicts and their pairing
+def test_rows_paired_with_their_own_reference_are_refused_by_a_metric_caching_one():
+    """A paired state (x and y rows) loaded or merged into a metric caching a reference went
+    through, and compute() scored its x rows against the cached reference instead."""
+    x, y = pair()
+    paired = metric()
+    paired.persistent(True)
+    paired.update(x, y)
+    cached = metric()
+    cached.set_reference(pair(seed=1)[1])
+    with pytest.raises(RuntimeError, match=r"holds y rows .* caches a reference"):
+        cached.load_state_dict(paired.state_dict())
+    with pytest.raises(ValueError, match=r"merge_state: the dict holds y rows .* caches a "
+                                         r"reference"):
+        cached.merge_state({"x0": [x], "y0": [y]})
+    assert cached._stored_rows("x") == 0  # nothing loaded or merged
+    cached.clear_reference()  # as the message says: then the rows load, with their own y
+    cached.load_state_dict(paired.state_dict())
+    assert_same(cached.compute(), expected(x, y))
+
+
+def test_rows_are_loaded_by_layer_name():
+    """Rows were loaded by slot (the i-th of the sorted names) whatever the names: rows of
+    layers 'a', 'b' loaded into a metric of layers 'b', 'c' were labeled 'b', 'c'."""
+    x, y = pair()
+    saved = LayerAlignment("linear_cka", num_permutations=K)
+    saved.persistent(True)
+    saved.update({"a": x, "b": x[:, :3]}, {"p": y})
+    other = LayerAlignment("linear_cka", num_permutations=K, x_layers=["b", "c"],
+                           y_layers=["p"])
+    with pytest.raises(RuntimeError, match=r"rows of the x layers \['a', 'b'\] but this "
+                                           r"LayerAlignment has \['b', 'c'\]"):
+        other.load_state_dict(saved.state_dict())
+    same = LayerAlignment("linear_cka", num_permutations=K, x_layers=["b", "a"],
+                          y_layers=["p"])  # the same names in another order: loaded by name
+    same.load_state_dict(saved.state_dict())
+    got, want = same.compute(), saved.compute()
+    assert same.last_result.x_names == ["b", "a"]
+    assert torch.equal(got["matrix"], want["matrix"].flip(0))
+
+
+@pytest.mark.parametrize("bad", [torch.randn(N), torch.randn(6)])
+def test_a_one_dimensional_reference_is_refused_as_update_refuses_it(bad):
+    m = metric()
+    with pytest.raises(ValueError, match=r"y layer 'y' is 1-D .*one sample is y\[None\]"):
+        m.set_reference(bad)
+    with pytest.raises(ValueError, match=r"y layer 'p' is 1-D"):
+        LayerAlignment("linear_cka").set_reference({"p": bad})
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("max_samples", "abc", "max_samples must be an integer >= 2"),
+    ("max_samples", 1.5, "max_samples must be an integer >= 2"),
+    ("groups", "abc", "groups must be a sequence of labels"),
+    ("aggregate", "bogus", "aggregate must be"),
+    ("max_score", "high", "max_score"),
+])
+def test_every_setting_assigned_after_construction_is_checked_as_the_constructor_checks_it(
+        setting, value, message):
+    m = metric()
+    before = getattr(m, setting)
+    with pytest.raises((ValueError, TypeError), match=message):
+        setattr(m, setting, value)
+    assert getattr(m, setting) == before  # the old value kept

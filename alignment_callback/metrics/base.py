@@ -73,6 +73,27 @@ def _layer_names(names: Any, name: str) -> list[str]:
     return names
 
 
+_NAMES_KEY = "_layer_names"  # in a state dict: the layers whose rows it holds
+
+
+def _check_rows_shape(side: str, layers: Mapping[str, Tensor]) -> None:
+    """Refuse a 0-D or 1-D layer of ``side``: rows are (n, features...), never guessed."""
+    for name, t in layers.items():
+        if t.dim() == 0:
+            raise ValueError(f"{side} layer {name!r} is a 0-dim tensor; pass rows of shape "
+                             "(n, features...)")
+        if t.dim() == 1:  # one sample of d features, or d samples of one? never guessed
+            raise ValueError(
+                f"{side} layer {name!r} is 1-D (shape {tuple(t.shape)}); pass rows of shape "
+                f"(n, features...): one sample is {side}[None], one feature per sample is "
+                f"{side}[:, None]")
+
+
+def _rows_held(value: Any) -> int:
+    """Rows of a list state's value (a tensor or a list of tensors)."""
+    return int(value.shape[0]) if isinstance(value, Tensor) else sum(int(t.shape[0]) for t in value)
+
+
 def _torch_distributed() -> bool:
     """Whether ``torch.distributed`` runs (the layout agreement's collective needs it; a custom
     ``dist_sync_fn`` without it skips that agreement)."""
@@ -101,7 +122,11 @@ class AlignmentMetricBase(Metric):
     #: result torchmetrics caches; those with a check are checked as the constructor does.
     _SETTINGS = {"num_permutations": check_num_permutations, "alpha": check_alpha,
                  "seed": check_seed, "null": check_null, "measure": get_measure,
-                 "aggregate": None, "groups": None, "max_score": None, "max_samples": None}
+                 "aggregate": lambda v: (aggregate_fn(v), v)[1],
+                 "groups": lambda v: v if v is None else (group_labels(v), v)[1],
+                 "max_score": check_max_score,
+                 "max_samples": lambda v: (None if v is None else
+                                           check_positive_int(v, "max_samples", 2))}
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._SETTINGS:
@@ -209,15 +234,7 @@ class AlignmentMetricBase(Metric):
                       else "the first update's")
             raise ValueError(f"{side} layers {sorted(layers)} do not match {source} "
                              f"{sorted(names)}")
-        for name, t in layers.items():
-            if t.dim() == 0:
-                raise ValueError(f"{side} layer {name!r} is a 0-dim tensor; pass rows of shape "
-                                 "(n, features...)")
-            if t.dim() == 1:  # one sample of d features, or d samples of one? never guessed
-                raise ValueError(
-                    f"{side} layer {name!r} is 1-D (shape {tuple(t.shape)}); pass rows of shape "
-                    f"(n, features...): one sample is {side}[None], one feature per sample is "
-                    f"{side}[:, None]")
+        _check_rows_shape(side, layers)
         counts = {name: int(t.shape[0]) for name, t in layers.items()}
         if len(set(counts.values())) != 1:
             raise ValueError(f"{side} layers have different numbers of rows: {counts}")
@@ -261,8 +278,7 @@ class AlignmentMetricBase(Metric):
     def _stored_rows(self, side: str) -> int:
         if not getattr(self, f"{side}_layers"):
             return 0
-        state = getattr(self, f"{side}0")
-        return int(state.shape[0]) if isinstance(state, Tensor) else sum(int(t.shape[0]) for t in state)
+        return _rows_held(getattr(self, f"{side}0"))
 
     def _index_count(self) -> int:
         """Number of stored sample ids (``index=``); 0 when no update passed any."""
@@ -358,6 +374,7 @@ class AlignmentMetricBase(Metric):
             raise ValueError("set_reference: the metric holds rows updated with their own "
                              "reference side (update(x, y)), which a cached reference would "
                              "silently replace; call reset() first")
+        _check_rows_shape("y", ys)
         ys = self._in_order(ys, "y")  # the order of y_layers, which labels the columns
         rows = {name: self.preprocessor.rows(t) for name, t in ys.items()}
         label = "reference (set_reference) layer"
@@ -458,6 +475,10 @@ class AlignmentMetricBase(Metric):
                         raise ValueError(
                             f"merge_state: {side} layer slot {side}{i} has rows of shape "
                             f"{tuple(t.shape)}; this metric's rows have {widths[i]} features")
+        if self._reference is not None and any(counts["y"]):
+            raise ValueError("merge_state: the dict holds y rows (rows updated with their own "
+                             "reference side, update(x, y)) but this metric caches a reference "
+                             "(set_reference), which its rows are paired with")
         if len(counts["x"]) > 1 or (self._reference is None and counts["y"]
                                     and counts["y"] != counts["x"]):
             x, y = ("/".join(map(str, sorted(counts[side]))) for side in ("x", "y"))
@@ -482,6 +503,11 @@ class AlignmentMetricBase(Metric):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
+        names = state_dict.pop(prefix + _NAMES_KEY, None)  # not a torchmetrics state
+        refused = self._refused_rows(state_dict, prefix, names)
+        if refused:  # nothing loaded: the metric stays as it was
+            error_msgs.append(refused)
+            return
         unregistered = self._unregistered_layers(state_dict, prefix)  # before torchmetrics
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # pops the states it loads
@@ -490,6 +516,40 @@ class AlignmentMetricBase(Metric):
         self._widths = {"x": [], "y": []}  # taken again from the loaded rows
         self._computed = None  # loaded rows make a new result
         self._count_rows_as_updated()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._persist:  # slot i holds the i-th of the sorted names: the names say whose
+            destination[prefix + _NAMES_KEY] = {"x": list(self.x_layers),
+                                                "y": list(self.y_layers)}
+
+    def _refused_rows(self, state_dict: Mapping[str, Any], prefix: str,
+                      names: Mapping[str, Sequence[str]] | None) -> str:
+        """Why the rows of ``state_dict`` cannot be loaded here ("" when they can): saved under
+        other layer names (slots are matched by name, and a metric without names takes the
+        saved ones), y rows into a metric caching a reference, or x rows without their y rows
+        (saved with a cached reference) into a metric without one."""
+        names = {side: list(names.get(side, [])) for side in ("x", "y")} if names else {}
+        for side, saved in names.items():
+            ours = getattr(self, f"{side}_layers")
+            if saved and ours and sorted(saved) != sorted(ours):
+                return (f"the state dict holds rows of the {side} layers {sorted(saved)} but "
+                        f"this {type(self).__name__} has {sorted(ours)}: rows are loaded by "
+                        "layer name")
+        rows = {side: [_rows_held(v) for k, v in state_dict.items() if k.startswith(prefix)
+                       and re.fullmatch(rf"{side}\d+", k[len(prefix):])] for side in ("x", "y")}
+        if self._reference is not None and any(rows["y"]):
+            return ("the state dict holds y rows (updated with their own reference side, "
+                    "update(x, y)) but this metric caches a reference (set_reference): load "
+                    "them into a metric without one (or call clear_reference() first)")
+        if self._reference is None and any(rows["x"]) and rows["y"] and not any(rows["y"]):
+            return ("the state dict holds x rows without their reference side (saved from a "
+                    "metric caching a reference): call set_reference() with that reference "
+                    "before loading them")
+        for side, saved in names.items():
+            if saved and not getattr(self, f"{side}_layers"):
+                self._register(side, saved)  # a metric without layers takes the saved ones
+        return ""
 
     def _unregistered_layers(self, state_dict: Mapping[str, Any], prefix: str) -> list[str]:
         """What to do about rows in ``state_dict`` of more layers than this metric has

@@ -786,3 +786,18 @@ def test_every_setting_assigned_after_construction_is_checked_as_the_constructor
     with pytest.raises((ValueError, TypeError), match=message):
         setattr(m, setting, value)
     assert getattr(m, setting) == before  # the old value kept
+
+
+@pytest.mark.parametrize("pool", ["flatten", "mean", "first", "last", "cls"])
+@pytest.mark.parametrize("shape", [(7, 4), (3, 2, 2)], ids=["3d", "4d"])
+def test_an_empty_batch_is_pooled_to_the_width_of_a_full_one(pool, shape):
+    """A 0-row batch crashed update() for every pool but "flatten" (a reshape to -1 of 0
+    elements is ambiguous); it is pooled to (0, d) and stores nothing."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N, *shape, generator=g), torch.randn(N, 3, generator=g)
+    full = F.pool_features(x, pool)
+    assert F.pool_features(x[:0], pool).shape == (0, full.shape[1])
+    m = metric(preprocess={"pool": pool})
+    m.update(x[:0], y[:0])
+    m.update(x, y)
+    assert_same(m.compute(), expected(full, y))

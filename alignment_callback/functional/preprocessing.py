@@ -144,16 +144,17 @@ def pool_features(x: Tensor, pool: Pool = "flatten", mask: Tensor | None = None)
             return total.sum(1) / keep.sum(1).to(acc).clamp_min(1.0)
         if x.dim() == 3:
             return x.mean(1, dtype=acc)
-        return x.reshape(x.shape[0], x.shape[1], -1).mean(-1, dtype=acc)
+        return x.reshape(*x.shape[:2], math.prod(x.shape[2:])).mean(-1, dtype=acc)  # 0 rows too
     # "cls" / "first" / "last": one token per row
     first = pool in ("cls", "first")
     if mask is None:
-        return x[:, 0 if first else -1].reshape(x.shape[0], -1)
+        return x[:, 0 if first else -1].reshape(x.shape[0], math.prod(x.shape[2:]))
     real = (_checked_mask(x, mask, pool) != 0).long()
     # the first unmasked token ([CLS] under left padding too), or the last: the first position
     # where the running count reaches its total
     idx = real.argmax(1) if first else real.cumsum(1).argmax(1)
-    return x[torch.arange(x.shape[0], device=x.device), idx].reshape(x.shape[0], -1)
+    return x[torch.arange(x.shape[0], device=x.device), idx].reshape(x.shape[0],
+                                                                      math.prod(x.shape[2:]))
 
 
 def check_clamp_quantile(quantile: Any, name: str = "clamp_quantile") -> float:

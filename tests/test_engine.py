@@ -230,3 +230,9 @@ def test_too_few_permutations_with_null_auto_warn_only_where_permutations_are_dr
         engine.set_reference(_layers("r", 2))
         assert engine.step(_layers("m", 2)).results["linear_cka"].null_method == "permutation"
     assert len([w for w in caught if "is too few" in str(w.message)]) == 1
+
+
+def test_mapping_keys_that_are_the_same_label_are_refused():
+    """{1: f, "1": g} labeled both measures "1": one was lost without a word."""
+    with pytest.raises(ValueError, match=r"two measures are labeled '1' \(the keys \[1, '1'\]\)"):
+        AlignmentEngine({1: lambda x, y: (x * y).sum(), "1": lambda x, y: (x - y).sum()})

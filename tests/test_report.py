@@ -204,3 +204,39 @@ def test_markdown_shows_every_text_as_given(text):
     report.image("a.png", text)
     rendered, _ = _render(report.to_markdown())
     assert f'alt="{html.escape(text)}"' in rendered, rendered
+
+
+def test_the_sentence_prints_a_small_tau_with_its_digits():
+    """τ was printed with 2 decimals: a τ of 0.0009 read "τ = 0.00" next to "above chance"."""
+    text = curve_sentence("linear_cka", [0.001, 0.0087], [0.0, 0.0078], 0.000916, 0.01)
+    assert "τ = 0.00092" in text and "above chance" in text
+
+
+def test_a_change_below_flat_that_shows_in_the_printed_values_is_not_called_stayed():
+    text = curve_sentence("m", [0.312, 0.316], [0.0, 0.004], 0.3, 0.04)
+    assert "raw changed little (0.31 → 0.32)" in text  # was "stayed at 0.32"
+    assert "calibrated changed little (0.00 → 0.004)" in text
+    assert "raw stayed at 0.31" in curve_sentence("m", [0.3121, 0.3124], [0.0, 0.0], 0.4)
+
+
+def test_a_nan_p_value_at_the_last_step_is_not_applicable_not_a_crash():
+    h = history([0.3, 0.4], [0.0, 0.1], [0.2, float("nan")], [0.3, 0.3])
+    md = training_report(h).to_markdown()  # raised: p-values must lie in [0, 1]
+    row = [line for line in md.splitlines() if line.startswith("| linear_cka |")][0]
+    assert row.split(" | ")[4:6] == ["n/a", "n/a"]  # p, p_BH
+
+
+def test_the_console_line_prints_p_with_the_digits_that_tell_it_from_alpha():
+    from dataclasses import replace
+
+    from alignment_callback.callback.feedback import step_lines
+    from alignment_callback.engine import AlignmentEngine
+
+    g = torch.Generator().manual_seed(0)
+    engine = AlignmentEngine(["linear_cka"], num_permutations=99)
+    engine.set_reference({"r": torch.randn(40, 5, generator=g)})
+    step = engine.step({"m": torch.randn(40, 5, generator=g)}, epoch=1, step=1)
+    r = step.results["linear_cka"]
+    step.results["linear_cka"] = replace(r, p_value=torch.tensor(252 / 5000))
+    line = step_lines({None: step}, 1, 1)[0]
+    assert "(p 0.0504," in line  # was "p 0.05": a p above alpha read as alpha

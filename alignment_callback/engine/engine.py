@@ -49,6 +49,10 @@ def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
     if isinstance(measures, Mapping):
         out = {}
         for label, options in measures.items():
+            if str(label) in out:  # {1: ..., "1": ...}: one label, one measure lost
+                raise ValueError(f"two measures are labeled {str(label)!r} (the keys "
+                                 f"{[k for k in measures if str(k) == str(label)]!r}): labels "
+                                 "are strings, give them distinct names")
             if isinstance(options, Measure):
                 out[str(label)] = options
             elif isinstance(options, Mapping):

@@ -441,7 +441,8 @@ def _direction(first: float, last: float) -> int:
 
 
 def _move(values: Sequence[float]) -> str:
-    """How a curve went: "rose a → b", "fell a → b", "stayed at b", or "was a" (one value)."""
+    """How a curve went: "rose a → b", "fell a → b", "stayed at b", "changed little (a → b)"
+    (a change below :data:`FLAT` that shows in the printed values) or "was a" (one value)."""
     first, last = values[0], values[-1]
     if len(values) == 1:
         return f"was {score_text(last)}"
@@ -450,6 +451,8 @@ def _move(values: Sequence[float]) -> str:
         return f"rose {score_text(first)} → {score_text(last)}"
     if direction < 0:
         return f"fell {score_text(first)} → {score_text(last)}"
+    if score_text(first) != score_text(last):
+        return f"changed little ({score_text(first)} → {score_text(last)})"
     return f"stayed at {score_text(last)}"
 
 
@@ -496,7 +499,7 @@ def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[floa
     cal = [float(v) for v in calibrated if v is not None]
     if not raw or not cal:
         return f"{measure}: no values."
-    tau = f"τ = {threshold:.2f}" if threshold is not None else ""
+    tau = f"τ = {score_text(threshold)}" if threshold is not None else ""  # 0.0009 not "0.00"
     raw_move = _move(raw)
     if last_value_at is not None:
         return (f"{measure}: raw {raw_move} and calibrated {_move(cal)}: no value at the last "
@@ -611,6 +614,7 @@ def training_report(
         return report
     names = list(series)
     final_p = [(series[n].get("p_value") or [None])[-1] for n in names]
+    final_p = [None if p is None or not math.isfinite(float(p)) else p for p in final_p]  # NaN: n/a
     last_at = {}  # curves with no value at the last step: where their last value is
     for n in names:
         cal = series[n].get("calibrated") or []

@@ -236,3 +236,24 @@ def test_mapping_keys_that_are_the_same_label_are_refused():
     """{1: f, "1": g} labeled both measures "1": one was lost without a word."""
     with pytest.raises(ValueError, match=r"two measures are labeled '1' \(the keys \[1, '1'\]\)"):
         AlignmentEngine({1: lambda x, y: (x * y).sum(), "1": lambda x, y: (x - y).sum()})
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("alpha", 1.5, "alpha"), ("num_permutations", 0, "num_permutations"),
+    ("seed", -1, "seed"), ("max_score", "high", "max_score"),
+    ("aggregate", "bogus", "aggregate must be"), ("groups", "abc", "groups must be"),
+])
+def test_settings_assigned_after_construction_are_checked(setting, value, message):
+    """They were taken as given and failed (or not) at a later step."""
+    engine = AlignmentEngine(["linear_cka"], num_permutations=20)
+    before = getattr(engine, setting)
+    with pytest.raises((ValueError, TypeError), match=message):
+        setattr(engine, setting, value)
+    assert getattr(engine, setting) == before
+
+
+def test_groups_assigned_to_an_engine_with_the_moments_null_are_refused():
+    engine = AlignmentEngine(["linear_cka"], num_permutations=20, null="moments")
+    with pytest.raises(ValueError, match="groups"):
+        engine.groups = [0, 1] * 30
+    assert engine.groups is None

@@ -22,7 +22,7 @@ from alignment_callback.functional._validation import (
 from alignment_callback.functional.aggregation import Aggregate, MappedAggregate, aggregate_fn
 from alignment_callback.functional.analytic_null import check_moments_apply, check_null
 from alignment_callback.functional.calibration import warn_if_few
-from alignment_callback.functional.permutation import GroupPermuter, Permutations
+from alignment_callback.functional.permutation import GroupPermuter, Permutations, group_labels
 from alignment_callback.functional.pipeline import (
     Gather,
     PreparedSide,
@@ -120,6 +120,20 @@ class AlignmentEngine:
     (['linear_cka', 'mutual_knn'], 0.01)
     """
 
+    #: Settings checked as the constructor checks them, also when assigned later.
+    _CHECKS = {"num_permutations": check_num_permutations, "alpha": check_alpha,
+               "seed": check_seed, "max_score": check_max_score,
+               "aggregate": lambda v: (aggregate_fn(v), v)[1],
+               "groups": lambda v: v if v is None else (group_labels(v), v)[1]}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = self._CHECKS.get(name)
+        if check is not None:
+            value = check(value)
+            if name == "groups" and "_null" in self.__dict__:  # after construction
+                check_moments_apply(self.null, self.measures.values(), value)
+        super().__setattr__(name, value)
+
     def __init__(
         self,
         measures: MeasuresSpec,
@@ -135,10 +149,9 @@ class AlignmentEngine:
         null: str = "permutation",
     ) -> None:
         self._measures = resolve_measures(measures)
-        self.num_permutations = check_num_permutations(num_permutations)
-        self.alpha = check_alpha(alpha)
-        self.seed = check_seed(seed)
-        aggregate_fn(aggregate)
+        self.num_permutations = num_permutations  # each checked by __setattr__
+        self.alpha = alpha
+        self.seed = seed
         self.aggregate = aggregate
         if pairs is not None and not isinstance(pairs, Mapping):
             raise TypeError("pairs must be a {model layer: reference layer} mapping or None, got "
@@ -150,7 +163,7 @@ class AlignmentEngine:
         self.groups = groups
         self.preprocessor = RowPreprocessor(preprocess)
         self.device = check_device(device)
-        self.max_score = check_max_score(max_score)
+        self.max_score = max_score
         self._null = check_null(null)
         check_moments_apply(self.null, self.measures.values(), groups)
         if self.null == "permutation":  # a setting: warned once here, not at every step

@@ -257,3 +257,29 @@ def test_groups_assigned_to_an_engine_with_the_moments_null_are_refused():
     with pytest.raises(ValueError, match="groups"):
         engine.groups = [0, 1] * 30
     assert engine.groups is None
+
+
+def test_preprocess_cannot_be_changed_under_a_cached_reference():
+    """engine.preprocess = False created an attribute nothing read; assigning preprocessor
+    processed the model side anew against a reference processed the old way."""
+    engine = AlignmentEngine(["linear_cka"], num_permutations=20)
+    for name in ("preprocess", "preprocessor"):
+        with pytest.raises(AttributeError, match="preprocess is fixed at construction"):
+            setattr(engine, name, False)
+
+
+def test_pairs_and_device_assigned_later_are_checked_and_too_few_permutations_warn():
+    engine = AlignmentEngine(["linear_cka"], num_permutations=20)
+    with pytest.raises(TypeError, match="pairs must be a {model layer: reference layer} mapping"):
+        engine.pairs = [("m", "r")]
+    with pytest.raises(ValueError, match="pairs is empty"):
+        engine.pairs = {}
+    with pytest.raises(ValueError, match="device='nonsense' is not a device"):
+        engine.device = "nonsense"
+    with pytest.raises(TypeError, match="device must be None"):
+        engine.device = 3.5
+    assert engine.pairs is None and engine.device is None
+    with pytest.warns(UserWarning, match="num_permutations=9 is too few for alpha=0.05"):
+        engine.num_permutations = 9
+    with pytest.warns(UserWarning, match="num_permutations=49 is too few for alpha=0.01"):
+        engine.num_permutations, engine.alpha = 49, 0.01

@@ -240,3 +240,37 @@ def test_the_console_line_prints_p_with_the_digits_that_tell_it_from_alpha():
     step.results["linear_cka"] = replace(r, p_value=torch.tensor(252 / 5000))
     line = step_lines({None: step}, 1, 1)[0]
     assert "(p 0.0504," in line  # was "p 0.05": a p above alpha read as alpha
+    step.results["linear_cka"] = replace(r, calibrated=torch.tensor(0.0004))
+    assert "calibrated 0.0004 (" in step_lines({None: step}, 1, 1)[0]  # was "0.000"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), None])
+def test_matrix_report_gives_a_pair_without_a_p_value_n_a(bad):
+    """A NaN or missing p raised (in Benjamini–Hochberg, or float(None)); the pair is left out
+    of the family, shown as n/a, and the others are adjusted among themselves."""
+    rows = [{"x": "a", "y": "b", "measure": "m", "raw": 0.8, "threshold": 0.2,
+             "calibrated": 0.75, "p_value": 0.002},
+            {"x": "a", "y": "c", "measure": "m", "raw": 0.1, "threshold": 0.2,
+             "calibrated": 0.0, "p_value": 0.04},
+            {"x": "b", "y": "c", "measure": "m", "raw": 0.3, "threshold": 0.2,
+             "calibrated": 0.1, "p_value": bad}]
+    md = matrix_report({"alpha": 0.05}, rows).to_markdown()
+    q = [min(2 * 0.002 / 1, 2 * 0.04 / 2), 2 * 0.04 / 2]  # BH over the two tested pairs
+    assert f"| a | b | m | 0.8000 | 0.2000 | 0.7500 | 0.002 | {q[0]:.4g} | yes |" in md
+    assert f"| a | c | m | 0.1000 | 0.2000 | 0.0000 | 0.04 | {q[1]:.4g} | yes |" in md
+    assert "| b | c | m | 0.3000 | 0.2000 | 0.1000 | n/a | n/a | n/a |" in md
+    assert "m: 2 of 3 pairs are aligned above chance" in md
+
+
+def test_a_nan_in_the_history_reads_as_no_value_in_the_sentences():
+    h = history([float("nan"), 0.3], [0.1, float("nan")], [0.04, 0.2], [0.1, float("nan")])
+    md = training_report(h).to_markdown()
+    assert "nan" not in md
+    assert "no value at the last step (its last value is at epoch 0, step 0)" in md
+
+
+def test_one_aligned_pair_is_one_pair_in_the_sentence():
+    rows = [{"raw": 0.42, "threshold": 0.19, "significant": True},
+            {"raw": 0.10, "threshold": 0.12, "significant": False},
+            {"raw": 0.11, "threshold": 0.12, "significant": False}]
+    assert "m: 1 of 3 pairs is aligned above chance" in matrix_sentence("m", rows, 0.05)

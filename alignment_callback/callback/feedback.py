@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import unquote
 
 from alignment_callback.engine import StepResult
-from alignment_callback.engine.report import fmt_p
+from alignment_callback.engine.report import fmt_p, score_text
 
 
 def step_lines(results: Mapping[str | None, StepResult], epoch: int, step: int,
@@ -32,7 +32,7 @@ def step_lines(results: Mapping[str | None, StepResult], epoch: int, step: int,
             label = name if ref is None else f"{ref}/{name}"
             a, b = r.best_pair
             lines.append(f"{prefix} epoch {epoch} (step {step}) {label}: raw {float(r.raw):.3f} → "
-                         f"calibrated {float(r.calibrated):.3f} (p {fmt_p(r.p_value)}, τ "
+                         f"calibrated {score_text(float(r.calibrated), 3)} (p {fmt_p(r.p_value)}, τ "
                          f"{float(r.threshold):.3g}), best {a} ~ {b}")
     return lines
 

@@ -79,6 +79,19 @@ def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
     return out
 
 
+def _checked_pairs(pairs: Mapping[str, str] | None) -> dict[str, str] | None:
+    """``pairs`` as a dict (a copy), or None; a clear error for anything else or an empty one."""
+    if pairs is None:
+        return None
+    if not isinstance(pairs, Mapping):
+        raise TypeError("pairs must be a {model layer: reference layer} mapping or None, got "
+                        f"{type(pairs).__name__}")
+    if not pairs:
+        raise ValueError("pairs is empty: give at least one {model layer: reference layer} "
+                         "pair, or pairs=None for every layer pair")
+    return dict(pairs)
+
+
 class AlignmentEngine:
     """Calibrated alignment of a model's layers with a cached reference, step after step.
 
@@ -124,15 +137,23 @@ class AlignmentEngine:
     _CHECKS = {"num_permutations": check_num_permutations, "alpha": check_alpha,
                "seed": check_seed, "max_score": check_max_score,
                "aggregate": lambda v: (aggregate_fn(v), v)[1],
-               "groups": lambda v: v if v is None else (group_labels(v), v)[1]}
+               "groups": lambda v: v if v is None else (group_labels(v), v)[1],
+               "pairs": lambda v: _checked_pairs(v), "device": check_device}
 
     def __setattr__(self, name: str, value: Any) -> None:
+        built = "_null" in self.__dict__  # after construction
+        if built and name in ("preprocess", "preprocessor"):
+            raise AttributeError(
+                "preprocess is fixed at construction (the cached reference was preprocessed "
+                "with it): build a new AlignmentEngine with the new preprocess")
         check = self._CHECKS.get(name)
         if check is not None:
             value = check(value)
-            if name == "groups" and "_null" in self.__dict__:  # after construction
+            if name == "groups" and built:
                 check_moments_apply(self.null, self.measures.values(), value)
         super().__setattr__(name, value)
+        if built and name in ("num_permutations", "alpha") and self.null == "permutation":
+            warn_if_few(self.num_permutations, self.alpha)  # as the constructor warns
 
     def __init__(
         self,
@@ -153,16 +174,10 @@ class AlignmentEngine:
         self.alpha = alpha
         self.seed = seed
         self.aggregate = aggregate
-        if pairs is not None and not isinstance(pairs, Mapping):
-            raise TypeError("pairs must be a {model layer: reference layer} mapping or None, got "
-                            f"{type(pairs).__name__}")
-        self.pairs = dict(pairs) if pairs is not None else None
-        if self.pairs == {}:
-            raise ValueError("pairs is empty: give at least one {model layer: reference layer} "
-                             "pair, or pairs=None for every layer pair")
+        self.pairs = pairs
         self.groups = groups
         self.preprocessor = RowPreprocessor(preprocess)
-        self.device = check_device(device)
+        self.device = device
         self.max_score = max_score
         self._null = check_null(null)
         check_moments_apply(self.null, self.measures.values(), groups)

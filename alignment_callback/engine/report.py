@@ -306,12 +306,12 @@ def matrix_sentence(measure: str, rows: Sequence[Mapping[str, Any]], alpha: floa
     >>> rows = [{"raw": 0.42, "threshold": 0.19, "significant": True},
     ...         {"raw": 0.10, "threshold": 0.12, "significant": False}]
     >>> print(matrix_sentence("mutual_knn", rows, 0.05))  # doctest: +NORMALIZE_WHITESPACE
-    mutual_knn: 1 of 2 pairs are aligned above chance after BH at q ≤ 0.05; raw scores
+    mutual_knn: 1 of 2 pairs is aligned above chance after BH at q ≤ 0.05; raw scores
     reach 0.42 but chance alone reaches 0.19 at this width and depth.
     """
     rows = [r for r in rows if not r.get("self")]
     m = len(rows)
-    k = sum(bool(r["significant"]) for r in rows)
+    k = sum(bool(r.get("significant")) for r in rows)
     if m == 0:
         return f"{measure}: no pair of two different models to test."
     if k == 0:
@@ -321,7 +321,7 @@ def matrix_sentence(measure: str, rows: Sequence[Mapping[str, Any]], alpha: floa
         head = f"all {m} pairs are aligned above chance" if m > 1 else \
             "the pair is aligned above chance"
     else:
-        head = f"{k} of {m} pairs are aligned above chance"
+        head = f"{k} of {m} pairs {'is' if k == 1 else 'are'} aligned above chance"
     raws = [r["raw"] for r in rows if r.get("raw") is not None]
     taus = [r["threshold"] for r in rows if r.get("threshold") is not None]
     tail = ""
@@ -374,13 +374,13 @@ def matrix_report(
     for row in rows:
         by_measure.setdefault(str(row["measure"]), []).append(dict(row))
     for measure_rows in by_measure.values():
-        tested = [r for r in measure_rows if not r.get("self")]
+        tested = [r for r in measure_rows if not r.get("self") and _finite(r.get("p_value"))]
         if any("p_bh" not in r for r in tested):
             adjusted = bh_adjust([float(r["p_value"]) for r in tested])
             for r, q in zip(tested, adjusted, strict=True):
                 r["p_bh"] = q
         for r in measure_rows:
-            if r.get("self"):
+            if r.get("self") or not _finite(r.get("p_value")):  # no test: n/a
                 r["p_bh"] = r["significant"] = None
             elif "significant" not in r:
                 r["significant"] = significant(r["p_bh"], alpha)
@@ -405,7 +405,8 @@ def matrix_report(
         for r in measure_rows:
             table.append([str(r["x"]), str(r["y"]), measure, fmt(r["raw"]), fmt(r["threshold"]),
                           fmt(r["calibrated"]), fmt_p(r["p_value"]), fmt_p(r["p_bh"]),
-                          "self" if r.get("self") else fmt(bool(r["significant"]))])
+                          "self" if r.get("self") else
+                          fmt(None if r["significant"] is None else bool(r["significant"]))])
     report.table(["x", "y", "measure", "raw", "τ", "calibrated", "p", "p_BH",
                   f"significant (q ≤ {alpha:g})"], table)
     if images:
@@ -430,6 +431,14 @@ def score_text(value: float, digits: int = 2) -> str:
         return f"{0:.{digits}f}"
     small = abs(value) < 0.5 * 10.0 ** -digits
     return f"{value:.{digits}g}" if small else f"{value:.{digits}f}"
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a number other than NaN/Inf (None is not)."""
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _direction(first: float, last: float) -> int:
@@ -613,8 +622,11 @@ def training_report(
         _skipped_section(report, skipped)
         return report
     names = list(series)
+    for values in series.values():  # a NaN (a restored or hand-made history) reads as n/a
+        for field_name, vals in values.items():
+            values[field_name] = [v if v is None or isinstance(v, str) or _finite(v) else None
+                                  for v in vals]
     final_p = [(series[n].get("p_value") or [None])[-1] for n in names]
-    final_p = [None if p is None or not math.isfinite(float(p)) else p for p in final_p]  # NaN: n/a
     last_at = {}  # curves with no value at the last step: where their last value is
     for n in names:
         cal = series[n].get("calibrated") or []

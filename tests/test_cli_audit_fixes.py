@@ -251,3 +251,45 @@ def test_too_few_permutations_are_said_once_in_the_command_lines_words(files, ca
         lines = [ln for ln in err.splitlines() if "1/11" in ln]
         assert len(lines) == 1 and lines[0].startswith("warning: with K=10"), err
         assert "UserWarning" not in err, err
+
+
+# ------------------------------------------------------------------------------ wording
+def test_moments_without_bootstrap_report_no_seed(files, capsys) -> None:
+    """--null moments draws nothing: "seed=0" next to its results suggested one did."""
+    out = files / "out_moments_seed"
+    code, stdout, err = run(capsys, "compare", files / "a.pt", files / "b.pt", "--measure",
+                            "linear_cka", "--null", "moments", "--seed", "7")
+    assert code == 0, err
+    assert "null: exact permutation moments + Pearson III, alpha=0.05, aggregate=max" in stdout
+    assert "seed" not in stdout
+    code, stdout, err = run(capsys, "matrix", files / "sx", files / "sy", "--measure",
+                            "linear_cka", "--null", "moments", "--out", out)
+    assert code == 0, err
+    assert "seed=" not in stdout and "permutation seed" not in (out / "report.md").read_text()
+    code, stdout, err = run(capsys, "compare", files / "a.pt", files / "b.pt", "--measure",
+                            "linear_cka", "--null", "moments", "--bootstrap", "40", "--seed", "7")
+    assert code == 0, err
+    assert "seed=7" in stdout  # the bootstrap resamples are drawn from it
+
+
+def test_one_pair_matrix_counts_in_the_singular(files, capsys) -> None:
+    code, stdout, err = run(capsys, "matrix", files / "sx", files / "sy", "--measure",
+                            "linear_cka", "--permutations", "99", "--out", files / "out_one")
+    assert code == 0, err
+    assert "matrix: 1 x 1 = 1 pair, 1 measure(s)" in err
+    assert "across 1 pair (q <= 0.05)" in stdout and "of 1 pair significant after BH" in stdout
+
+
+def test_an_unknown_measure_hint_ends_once(files, capsys) -> None:
+    code, _, err = run(capsys, "compare", files / "a.pt", files / "b.pt", "--measure", "foo_cka")
+    assert code == 2
+    line = one_error(err)
+    assert "did you mean 'rbf_cka'? Measures: " in line and "?." not in line
+
+
+def test_a_numpy_probe_is_named_as_another_format_not_a_corrupt_file(files, capsys) -> None:
+    np.save(files / "probe.npy", np.zeros((N, 4), dtype=np.float32))
+    code, _, err = run(capsys, "extract", "--model", "tests.test_cli_audit_fixes:make_model",
+                       "--probe", files / "probe.npy", "--layers", "0", "--out", files / "e.pt")
+    assert code == 2
+    assert "a probe is a .pt file (torch.save), not .npy" in one_error(err)

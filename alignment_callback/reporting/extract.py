@@ -132,6 +132,9 @@ def load_probe(path: str, batch_size: int = 256) -> Any:
     try:
         loaded = read_pt(p)
     except FeatureFileError as err:
+        if p.suffix.lower() in (".npy", ".npz", ".safetensors"):  # a readable file, another format
+            raise CLIError(f"--probe {path}: a probe is a .pt file (torch.save), not "
+                           f"{p.suffix}: save it with torch.save(tensor, 'probe.pt')") from err
         raise CLIError(f"--probe {err}") from err
     if _holds_texts(loaded):
         raise CLIError(f"--probe {path}: holds texts, and the command line has no tokenizer: "

@@ -148,7 +148,8 @@ def choose_measures(args: argparse.Namespace) -> dict[str, Measure]:
         except ValueError as err:
             hint = str(err).split("Built-ins:")[0].strip().rstrip(";")
             hint = hint.replace("unknown measure", f"unknown {word}")
-            raise CLIError(f"--{word}: {hint}. Measures: {measure_names_text()}") from None
+            end = " " if hint.endswith(("?", ".")) else ". "  # not "?. Measures"
+            raise CLIError(f"--{word}: {hint}{end}Measures: {measure_names_text()}") from None
         if canon not in chosen:
             chosen.append(canon)
     options = requested_options(args)

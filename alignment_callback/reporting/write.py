@@ -130,7 +130,10 @@ def calibration_line(args: Any, grouped: bool) -> str:
     what = {"moments": "null: exact permutation moments + Pearson III",
             "auto": f"null: moments where validated, else K={args.permutations} permutations"
             }.get(null, f"K={args.permutations} permutations")
-    return (f"{what}, alpha={args.alpha}, aggregate={args.aggregate}, seed={args.seed}"
+    # the seed draws the permutations (and bootstrap resamples): moments draw none
+    seed = ("" if null == "moments" and not getattr(args, "bootstrap", 0) else
+            f", seed={args.seed}")
+    return (f"{what}, alpha={args.alpha}, aggregate={args.aggregate}{seed}"
             + (", grouped" if grouped else ""))
 
 
@@ -236,11 +239,16 @@ def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, d
 
 
 # ---------------------------------------------------------------------------------- matrix
+def _pairs(count: int) -> str:
+    """``"1 pair"``, ``"6 pairs"``."""
+    return f"{count} pair{'' if count == 1 else 's'}"
+
+
 def matrix_intro(plan: MatrixPlan, tasks: Sequence[Any], where: Any, world_size: int) -> None:
     """The first stderr line of ``matrix``: pairs, measures, what is done and what is left."""
     total = len(plan.pairs)
     partial = sum(len(t.missing) < len(plan.measures) for t in tasks)
-    print(f"matrix: {len(plan.files_x)} x {len(plan.files_y)} = {total} pairs, "
+    print(f"matrix: {len(plan.files_x)} x {len(plan.files_y)} = {_pairs(total)}, "
           f"{len(plan.measures)} measure(s); {total - len(tasks)} already done in {where}, "
           f"{len(tasks)} to compute"
           + (f" ({partial} of them only for missing measures)" if partial else "")
@@ -317,7 +325,8 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
         images.append((f"{m}: calibrated scores, * = significant after BH", png))
     report_settings = {
         "n": n_samples, **null_settings(args, rows), "alpha": args.alpha,
-        "aggregate": args.aggregate, "seed": args.seed,
+        "aggregate": args.aggregate,
+        **({} if args.null == "moments" and not args.bootstrap else {"seed": args.seed}),
         "measures": {m: plan.measures[m].kwargs for m in plan.measures},
         "x_files": [f.name for f in plan.files_x], "y_files": [f.name for f in plan.files_y],
         "preprocessing": (f"pool={args.pool}, clamp_quantile={args.clamp_quantile}, "
@@ -331,8 +340,9 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
     tested = plan.tested_pairs
     itself = (f"; a file against itself ({len(plan.pairs) - tested} pair(s)) is aligned by "
               "construction and not tested" if tested < len(plan.pairs) else "")
-    print(calibration_line(args, grouped) + f"; * = significant after Benjamini-Hochberg "
-          f"across {tested} pairs (q <= {args.alpha}){itself}")
+    bh = (f"* = significant after Benjamini-Hochberg across {_pairs(tested)} (q <= {args.alpha})"
+          if tested else "no pair of two different files to test")
+    print(calibration_line(args, grouped) + f"; {bh}{itself}")
     for m, s in summary.items():
         print(f"\n{m} (calibrated):")
         grid = [[plan.names_x[i]] + [
@@ -340,7 +350,8 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
             for j in range(ly)] for i in range(lx)]
         print(table([""] + plan.names_y, grid))
         found = sum(bool(v) for row in s["significant_bh"] for v in row)
-        print(f"{found} of {tested} pairs significant after BH")
+        if tested:
+            print(f"{found} of {_pairs(tested)} significant after BH")
     files = ", ".join(str(p) for p in pairs_files)
     print(f"\nwrote {out / 'matrix.json'}, matrix.csv, "
           + ", ".join(f"matrix_{m}.png" for m in summary)

@@ -801,3 +801,19 @@ def test_an_empty_batch_is_pooled_to_the_width_of_a_full_one(pool, shape):
     m.update(x[:0], y[:0])
     m.update(x, y)
     assert_same(m.compute(), expected(full, y))
+
+
+def test_merging_a_metric_that_caches_another_reference_is_refused():
+    """Its rows were paired with another reference: they were scored against this one."""
+    x, y = pair()
+    ours, theirs = metric(), metric()
+    ours.set_reference(y)
+    theirs.set_reference(pair(seed=1)[1])
+    theirs.update(x)
+    with pytest.raises(ValueError, match="merge_state: the metrics cache different references"):
+        ours.merge_state(theirs)
+    same = metric()
+    same.set_reference(y)
+    same.update(x)
+    ours.merge_state(same)  # the same reference: merged
+    assert_same(ours.compute(), expected(x, y))

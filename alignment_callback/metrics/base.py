@@ -94,6 +94,12 @@ def _rows_held(value: Any) -> int:
     return int(value.shape[0]) if isinstance(value, Tensor) else sum(int(t.shape[0]) for t in value)
 
 
+def _same_side(a: PreparedSide, b: PreparedSide) -> bool:
+    """Whether two prepared sides hold the same layers with the same features."""
+    return a.names == b.names and all(
+        f.shape == g.shape and torch.equal(f, g.to(f.device)) for f, g in zip(a.features, b.features))
+
+
 def _torch_distributed() -> bool:
     """Whether ``torch.distributed`` runs (the layout agreement's collective needs it; a custom
     ``dist_sync_fn`` without it skips that agreement)."""
@@ -426,6 +432,9 @@ class AlignmentMetricBase(Metric):
             if (self._reference is None) != (other._reference is None):
                 raise ValueError("merge_state: one metric caches a reference (set_reference) and "
                                  "the other does not; their rows cannot be paired")
+            if self._reference is not None and not _same_side(self._reference, other._reference):
+                raise ValueError("merge_state: the metrics cache different references "
+                                 "(set_reference): the incoming rows were paired with another")
             for side in ("x", "y") if other._reference is None else ("x",):
                 theirs = dict(zip(sorted(getattr(other, f"{side}_layers")),
                                   other._known_widths(side)))

@@ -96,8 +96,9 @@ def _rows_held(value: Any) -> int:
 
 def _same_side(a: PreparedSide, b: PreparedSide) -> bool:
     """Whether two prepared sides hold the same layers with the same features."""
-    return a.names == b.names and all(
-        f.shape == g.shape and torch.equal(f, g.to(f.device)) for f, g in zip(a.features, b.features))
+    return a.names == b.names and all(  # same names: as many features
+        f.shape == g.shape and torch.equal(f, g.to(f.device))
+        for f, g in zip(a.features, b.features, strict=True))
 
 
 def _torch_distributed() -> bool:

@@ -256,18 +256,19 @@ def test_too_few_permutations_are_said_once_in_the_command_lines_words(files, ca
 # ------------------------------------------------------------------------------ wording
 def test_moments_without_bootstrap_report_no_seed(files, capsys) -> None:
     """--null moments draws nothing: "seed=0" next to its results suggested one did."""
-    out = files / "out_moments_seed"
+    out = files / "out_moments_nos"
     code, stdout, err = run(capsys, "compare", files / "a.pt", files / "b.pt", "--measure",
-                            "linear_cka", "--null", "moments", "--seed", "7")
+                            "linear_cka", "--null", "moments", "--seed", "7", "--out", out)
     assert code == 0, err
     assert "null: exact permutation moments + Pearson III, alpha=0.05, aggregate=max" in stdout
-    assert "seed" not in stdout
+    assert "seed=" not in stdout
     code, stdout, err = run(capsys, "matrix", files / "sx", files / "sy", "--measure",
                             "linear_cka", "--null", "moments", "--out", out)
     assert code == 0, err
     assert "seed=" not in stdout and "permutation seed" not in (out / "report.md").read_text()
     code, stdout, err = run(capsys, "compare", files / "a.pt", files / "b.pt", "--measure",
-                            "linear_cka", "--null", "moments", "--bootstrap", "40", "--seed", "7")
+                            "linear_cka", "--null", "moments", "--bootstrap", "40", "--seed", "7",
+                            "--out", out)
     assert code == 0, err
     assert "seed=7" in stdout  # the bootstrap resamples are drawn from it
 
@@ -281,7 +282,8 @@ def test_one_pair_matrix_counts_in_the_singular(files, capsys) -> None:
 
 
 def test_an_unknown_measure_hint_ends_once(files, capsys) -> None:
-    code, _, err = run(capsys, "compare", files / "a.pt", files / "b.pt", "--measure", "foo_cka")
+    code, _, err = run(capsys, "compare", files / "a.pt", files / "b.pt", "--measure", "foo_cka",
+                       "--out", files / "out_foo")
     assert code == 2
     line = one_error(err)
     assert "did you mean 'rbf_cka'? Measures: " in line and "?." not in line
@@ -293,3 +295,27 @@ def test_a_numpy_probe_is_named_as_another_format_not_a_corrupt_file(files, caps
                        "--probe", files / "probe.npy", "--layers", "0", "--out", files / "e.pt")
     assert code == 2
     assert "a probe is a .pt file (torch.save), not .npy" in one_error(err)
+
+
+def test_the_matrix_report_says_when_k_is_too_coarse_for_bh(files, capsys, tmp_path) -> None:
+    """The resolution warning went to stderr only: report.md read "none aligned" next to large
+    calibrated scores without saying that no p-value could pass BH."""
+    for sub in ("mx", "my"):
+        (tmp_path / sub).mkdir()
+    for i, name in enumerate(("a.pt", "b.pt")):
+        shutil.copy(files / name, tmp_path / "mx" / f"m{i}.pt")
+        shutil.copy(files / name, tmp_path / "my" / f"r{i}.pt")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "matrix", tmp_path / "mx", tmp_path / "my", "--measure",
+                       "linear_cka", "--permutations", "19", "--out", out)
+    assert code == 0, err
+    m, k = 4, 19  # 2 x 2 files, all tested
+    r = int(np.ceil(m / (0.05 * (k + 1)) - 1e-9))  # pairs needed at the smallest p for BH
+    text = (f"Note: with K=19 permutations the smallest p-value is 1/20, so after "
+            f"Benjamini-Hochberg over {m} pairs a pair is only significant if at least {r} pairs "
+            "reach that smallest p")
+    assert text in err.replace("warning: ", "Note: ")
+    assert text in (out / "report.md").read_text()
+    code, _, err = run(capsys, "matrix", tmp_path / "mx", tmp_path / "my", "--measure",
+                       "linear_cka", "--permutations", "199", "--out", tmp_path / "out199")
+    assert "Note: with K" not in (tmp_path / "out199" / "report.md").read_text()

@@ -338,6 +338,7 @@ def matrix_report(
     images: Sequence[tuple[str, str]] = (),
     alpha: float | None = None,
     title: str = "Calibrated alignment matrix",
+    notes: Sequence[str] = (),
 ) -> Report:
     """The report of a model-pair matrix.
 
@@ -356,6 +357,9 @@ def matrix_report(
     alpha : float, default=None
         The BH level (default ``settings["alpha"]``, else 0.05).
     title : str, default="Calibrated alignment matrix"
+    notes : sequence of str, default=()
+        Paragraphs after the reading (e.g. that K permutations are too few for the p-values
+        to reach alpha after Benjamini–Hochberg).
 
     Returns
     -------
@@ -388,6 +392,8 @@ def matrix_report(
     report.heading("Reading")
     for measure, measure_rows in by_measure.items():
         report.paragraph(matrix_sentence(measure, measure_rows, alpha))
+    for note in notes:
+        report.paragraph(note)
     report.paragraph(
         f"Calibrated = max((raw − τ)/(s_max − τ), 0), where τ is what the measure reaches on "
         f"unrelated rows (the 1 − α quantile of its permutation null, drawn or, with the "

@@ -380,7 +380,17 @@ def os_reason(err: OSError) -> str:
 
 def warn_resolution(num_permutations: int, tests: int, alpha: float,
                     null: str = "permutation") -> None:
-    """Warn when 1/(K + 1), the smallest attainable p-value, is too coarse for ``alpha``.
+    """Warn on stderr when 1/(K + 1), the smallest attainable p-value, is too coarse for
+    ``alpha`` (:func:`resolution_note`)."""
+    note = resolution_note(num_permutations, tests, alpha, null)
+    if note:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+
+
+def resolution_note(num_permutations: int, tests: int, alpha: float,
+                    null: str = "permutation") -> str:
+    """Why 1/(K + 1), the smallest attainable p-value, is too coarse for ``alpha`` ("" when
+    it is not).
 
     Every test needs 1/(K + 1) <= alpha (else no p-value reaches alpha, τ is the largest of a
     score and its null, and every calibrated score is 0).  After Benjamini–Hochberg over m
@@ -391,7 +401,7 @@ def warn_resolution(num_permutations: int, tests: int, alpha: float,
     """
     smallest = 1.0 / (num_permutations + 1)
     if null == "moments" or max(tests, 1) * smallest <= alpha:
-        return
+        return ""
     need = math.ceil(max(tests, 1) / alpha - 1e-9) - 1
     if tests <= 1 or smallest > alpha:
         detail = (f"no p-value can reach alpha={alpha}: the threshold τ is the largest of a "
@@ -401,9 +411,8 @@ def warn_resolution(num_permutations: int, tests: int, alpha: float,
         detail = (f"after Benjamini-Hochberg over {tests} pairs a pair is only significant if at "
                   f"least {r} pairs reach that smallest p")
     which = " (for the results --null auto calibrates by permutations)" if null == "auto" else ""
-    print(f"warning: with K={num_permutations} permutations the smallest p-value is "
-          f"1/{num_permutations + 1}{which}, so {detail}; --permutations >= {need} avoids this",
-          file=sys.stderr, flush=True)
+    return (f"with K={num_permutations} permutations the smallest p-value is "
+            f"1/{num_permutations + 1}{which}, so {detail}; --permutations >= {need} avoids this")
 
 
 # ------------------------------------------------------------------------------------ matrix
@@ -511,5 +520,6 @@ __all__ = [
     "shard",
     "topk_note",
     "warn_bootstrap",
+    "resolution_note",
     "warn_resolution",
 ]

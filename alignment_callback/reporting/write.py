@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from alignment_callback.reporting.plan import BOOTSTRAP_CONFIDENCE, MatrixPlan
+from alignment_callback.reporting.plan import BOOTSTRAP_CONFIDENCE, MatrixPlan, resolution_note
 
 COMPARE_CSV_HEADER = [
     "measure", "aggregate", "raw", "threshold", "calibrated", "p_value", "null_mean", "null_std",
@@ -334,7 +334,9 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
         "groups": args.groups or "none (rows exchangeable)",
         "bootstrap": args.bootstrap,
     }
-    report = matrix_report(report_settings, rows, images, alpha=args.alpha)
+    note = resolution_note(args.permutations, plan.tested_pairs, args.alpha, args.null)
+    report = matrix_report(report_settings, rows, images, alpha=args.alpha,
+                           notes=[f"Note: {note}."] if note else ())
     report.write(out / "report.md", out / "report.html")
 
     tested = plan.tested_pairs

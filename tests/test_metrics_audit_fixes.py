@@ -393,18 +393,25 @@ def test_string_group_labels_with_index():
     assert float(m.compute()["p_value"]) == float(expected.p_value)
 
 
+def _gathered(value):
+    """A state as torchmetrics hands it to dist_sync_fn: a tensor as is (the pooling marker),
+    a list concatenated, an empty list as an empty tensor."""
+    from torchmetrics.utilities import dim_zero_cat
+
+    if isinstance(value, torch.Tensor):
+        return value
+    return dim_zero_cat(value) if len(value) else torch.tensor([])
+
+
 def test_custom_dist_sync_fn_without_torch_distributed():
     """torchmetrics' hooks for another gather backend (dist_sync_fn, distributed_available_fn)
     work without torch.distributed: the rows of an emulated second process are gathered."""
-    from torchmetrics.utilities import dim_zero_cat
-
     x, y = pair(60)
     a0 = CalibratedAlignment("linear_cka", num_permutations=K, distributed_available_fn=lambda: True)
     a1 = CalibratedAlignment("linear_cka", num_permutations=K)
     a0.update(x[:30], y[:30])
     a1.update(x[30:], y[30:])
-    other = [dim_zero_cat(v) if len(v) else torch.tensor([])  # torchmetrics' order and padding
-             for v in (getattr(a1, s) for s in a1._reductions)]
+    other = [_gathered(getattr(a1, s)) for s in a1._reductions]  # torchmetrics' order
     a0.dist_sync_fn = lambda t, group=None: [t, other.pop(0)]
     assert float(a0.compute()["raw"]) == pytest.approx(float(_functional(x, y, "linear_cka").raw),
                                                        abs=1e-6)
@@ -584,16 +591,13 @@ def test_groups_shorter_than_the_sample_ids_name_groups_and_index():
 def test_max_samples_at_compute_counts_this_process_rows_only():
     """The compute-time check of max_samples (for compute groups) must not count the rows a
     distributed sync gathered from the other processes: 30 + 30 rows under max_samples=30."""
-    from torchmetrics.utilities import dim_zero_cat
-
     x, y = pair(60)
     a0 = CalibratedAlignment("linear_cka", num_permutations=K, max_samples=30,
                              distributed_available_fn=lambda: True)
     a1 = CalibratedAlignment("linear_cka", num_permutations=K, max_samples=30)
     a0.update(x[:30], y[:30])
     a1.update(x[30:], y[30:])
-    other = [dim_zero_cat(v) if len(v) else torch.tensor([])
-             for v in (getattr(a1, s) for s in a1._reductions)]
+    other = [_gathered(getattr(a1, s)) for s in a1._reductions]
     a0.dist_sync_fn = lambda t, group=None: [t, other.pop(0)]
     assert float(a0.compute()["raw"]) == pytest.approx(float(_functional(x, y, "linear_cka").raw),
                                                        abs=1e-6)
@@ -817,3 +821,39 @@ def test_merging_a_metric_that_caches_another_reference_is_refused():
     same.update(x)
     ours.merge_state(same)  # the same reference: merged
     assert_same(ours.compute(), expected(x, y))
+
+
+@pytest.mark.parametrize("first", ["empty", "one token"])
+def test_metrics_that_pool_differently_are_never_grouped(first):
+    """torchmetrics groups metrics whose rows are equal after the first update: an empty first
+    batch, or one of one token per row, pools to the same rows for "mean", "last" and "cls",
+    and the later metrics then computed on the first one's rows."""
+    from torchmetrics import MetricCollection
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N, 7, 4, generator=g), torch.randn(N, 3, generator=g)
+    pools = ("mean", "last", "cls")
+    collection = MetricCollection({p: metric(preprocess={"pool": p}) for p in pools})
+    head = x[:0] if first == "empty" else x[:5, :1]
+    collection.update(head, y[:len(head)])
+    collection.update(x, y)
+    assert len(collection.compute_groups) == 3
+    out = collection.compute()
+    for p in pools:
+        rows = torch.cat([F.pool_features(head, p), F.pool_features(x, p)])
+        want = expected(rows, torch.cat([y[:len(head)], y]))
+        assert_same({k[len(p) + 1:]: v for k, v in out.items() if k.startswith(p + "_")}, want)
+    same = MetricCollection({"a": metric(preprocess={"pool": "mean"}), "b": metric(
+        preprocess={"pool": "mean"}, alpha=0.1)})
+    same.update(x, y)
+    assert len(same.compute_groups) == 1  # the same pooling still shares its rows
+
+
+def test_merging_rows_pooled_another_way_is_refused():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N, 7, 4, generator=g), torch.randn(N, 3, generator=g)
+    mean, last = metric(preprocess={"pool": "mean"}), metric(preprocess={"pool": "last"})
+    last.update(x[:, :, :1], y)  # one feature per token: the widths agree
+    mean.update(x[:, :, :1], y)
+    with pytest.raises(ValueError, match=r"pool rows differently \(pool='mean' here, 'last'"):
+        mean.merge_state(last)

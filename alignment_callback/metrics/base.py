@@ -5,6 +5,7 @@ frozen reference, and calibration at ``compute()`` through the library's one pip
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -73,6 +74,7 @@ def _layer_names(names: Any, name: str) -> list[str]:
     return names
 
 
+_FNS = itertools.count()  # numbers the pooling markers of metrics with a pool callable
 _NAMES_KEY = "_layer_names"  # in a state dict: the layers whose rows it holds
 
 
@@ -180,6 +182,14 @@ class AlignmentMetricBase(Metric):
         self.max_samples = (None if max_samples is None else
                             check_positive_int(max_samples, "max_samples", 2))
         self.preprocessor = RowPreprocessor(preprocess)
+        # a state named after the pooling done at update(): a MetricCollection groups only
+        # metrics with the same states, so metrics that pool differently are never grouped
+        # (their rows would be compared, and a first batch of one token per row, or of none,
+        # pools to the same rows whatever the pool)
+        pool = self.preprocessor.pool
+        self._pool_state = f"pool_{pool}" if isinstance(pool, str) else f"pool_fn{next(_FNS)}"
+        self.add_state(self._pool_state, default=torch.zeros(()), dist_reduce_fx="max",
+                       persistent=False)
         aggregate_fn(aggregate)  # validate early
         self.aggregate = aggregate
         if groups is not None:
@@ -211,6 +221,7 @@ class AlignmentMetricBase(Metric):
         later, at the first update)."""
         self._persist = mode
         super().persistent(mode)
+        self._persistent[self._pool_state] = False  # a marker, not rows
 
     @staticmethod
     def _slots(names: Sequence[str]) -> dict[str, int]:
@@ -430,6 +441,10 @@ class AlignmentMetricBase(Metric):
             if not incoming_state._stored_rows("x"):
                 return  # nothing to add
             other = incoming_state
+            if other.preprocessor.pool != self.preprocessor.pool:
+                raise ValueError(f"merge_state: the metrics pool rows differently (pool="
+                                 f"{self.preprocessor.pool!r} here, "
+                                 f"{other.preprocessor.pool!r} incoming)")
             if (self._reference is None) != (other._reference is None):
                 raise ValueError("merge_state: one metric caches a reference (set_reference) and "
                                  "the other does not; their rows cannot be paired")
@@ -455,6 +470,8 @@ class AlignmentMetricBase(Metric):
                                  "the other's do not")
         elif isinstance(incoming_state, Mapping):
             self._check_incoming_rows(incoming_state)
+            # torchmetrics reduces every state: the pooling marker is this metric's own
+            incoming_state = {**incoming_state, self._pool_state: getattr(self, self._pool_state)}
         super().merge_state(incoming_state)
         self._computed = None  # the merged rows make a new result
         self._count_rows_as_updated()

@@ -274,3 +274,10 @@ def test_one_aligned_pair_is_one_pair_in_the_sentence():
             {"raw": 0.10, "threshold": 0.12, "significant": False},
             {"raw": 0.11, "threshold": 0.12, "significant": False}]
     assert "m: 1 of 3 pairs is aligned above chance" in matrix_sentence("m", rows, 0.05)
+
+
+def test_a_tau_that_prints_as_the_raw_score_is_printed_with_the_digits_between_them():
+    """"raw was 0.18 ... above τ (τ = 0.18)" read as a score above itself."""
+    text = curve_sentence("mutual_knn", [0.1844], [0.0019], 0.1828, 0.04)
+    assert "(τ = 0.1828 against raw 0.1844, p = 0.04)" in text
+    assert "(τ = 0.12, p = 0.04)" in curve_sentence("m", [0.30], [0.2], 0.12, 0.04)

@@ -515,6 +515,8 @@ def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[floa
     if not raw or not cal:
         return f"{measure}: no values."
     tau = f"τ = {score_text(threshold)}" if threshold is not None else ""  # 0.0009 not "0.00"
+    if tau and score_text(threshold) == score_text(raw[-1]) and float(threshold) != raw[-1]:
+        tau = f"τ = {float(threshold):.4g} against raw {raw[-1]:.4g}"  # not "above τ = raw"
     raw_move = _move(raw)
     if last_value_at is not None:
         return (f"{measure}: raw {raw_move} and calibrated {_move(cal)}: no value at the last "

@@ -283,3 +283,11 @@ def test_pairs_and_device_assigned_later_are_checked_and_too_few_permutations_wa
         engine.num_permutations = 9
     with pytest.warns(UserWarning, match="num_permutations=49 is too few for alpha=0.01"):
         engine.num_permutations, engine.alpha = 49, 0.01
+
+
+@pytest.mark.parametrize("label", ["cka/pair", "knn/layer/x", "a/pair/m__r"])
+def test_labels_that_logged_keys_would_misread_are_refused(label):
+    """The report read <label>/pair/... as the pair scores of another measure: it was dropped."""
+    with pytest.raises(ValueError, match=r"a '/pair' or '/layer' segment"):
+        AlignmentEngine({"linear_cka": {}, label: lambda x, y: (x * y).sum()})
+    AlignmentEngine({"knn/k5": lambda x, y: (x * y).sum(), "pairs": lambda x, y: x.sum()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Mapping, Sequence, Union
 
@@ -76,6 +77,11 @@ def resolve_measures(measures: MeasuresSpec) -> dict[str, Measure]:
             out[label] = m
     if not out:
         raise ValueError("no measures given")
+    for label in out:  # <prefix>/<label>/pair/... and /layer/...: the keys would be misread
+        if re.search(r"/(pair|layer)(/|$)", label):
+            raise ValueError(f"measure label {label!r}: a '/pair' or '/layer' segment is where "
+                             "the logged keys hold a measure's layer pairs and drift layers; "
+                             "choose another label")
     return out
 
 

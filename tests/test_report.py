@@ -281,3 +281,8 @@ def test_a_tau_that_prints_as_the_raw_score_is_printed_with_the_digits_between_t
     text = curve_sentence("mutual_knn", [0.1844], [0.0019], 0.1828, 0.04)
     assert "(τ = 0.1828 against raw 0.1844, p = 0.04)" in text
     assert "(τ = 0.12, p = 0.04)" in curve_sentence("m", [0.30], [0.2], 0.12, 0.04)
+
+
+def test_a_matrix_report_without_pairs_says_so():
+    md = matrix_report({"n": 10, "alpha": 0.05}, []).to_markdown()
+    assert "No pair was computed." in md and "## Settings" not in md and "|---|" not in md

@@ -389,6 +389,9 @@ def matrix_report(
             elif "significant" not in r:
                 r["significant"] = significant(r["p_bh"], alpha)
     report = Report(title)
+    if not rows:
+        report.paragraph("No pair was computed.")
+        return report
     report.heading("Reading")
     for measure, measure_rows in by_measure.items():
         report.paragraph(matrix_sentence(measure, measure_rows, alpha))

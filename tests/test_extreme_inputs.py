@@ -369,3 +369,15 @@ def test_large_integer_rows_reach_the_metric_objects_exactly():
     assert raw.dtype == torch.float64
     want = R.linear_cka(xi.double().numpy() - 1e8, yi.double().numpy() - 1e8)
     assert float(raw) == pytest.approx(want, abs=1e-9)
+
+
+def test_rbf_gram_of_float16_features_whose_distances_overflow_says_so():
+    """float16 rows beyond ~180 (kept as given: only magnitudes beyond 2**16 are rescaled)
+    gave NaN kernel entries (inf − inf) after the rescaling removed the overflow check."""
+    from alignment_callback.functional.kernels import rbf_gram
+
+    x, _ = _pair()
+    with pytest.raises(ValueError, match=r"squared distances overflow torch.float16 .*pass "
+                                         r"float32 or float64"):
+        rbf_gram((x * 1e4).half(), sigma=1e4)
+    assert torch.isfinite(rbf_gram((x * 20).half(), sigma=20.0)).all()

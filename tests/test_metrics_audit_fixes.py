@@ -857,3 +857,32 @@ def test_merging_rows_pooled_another_way_is_refused():
     mean.update(x[:, :, :1], y)
     with pytest.raises(ValueError, match=r"pool rows differently \(pool='mean' here, 'last'"):
         mean.merge_state(last)
+
+
+def test_metrics_with_the_same_pool_callable_merge_and_share_a_group():
+    """Each metric with a pool callable had a marker of its own: merging two with the same
+    callable raised torchmetrics' 'Expected state variable pool_fn0'."""
+    from torchmetrics import MetricCollection
+
+    def first_token(t):  # the first token of x (n, 7, 4); y (n, 3) as it is
+        return t.reshape(len(t), -1)[:, :4]
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N, 7, 4, generator=g), torch.randn(N, 3, generator=g)
+    a, b = metric(preprocess={"pool": first_token}), metric(preprocess={"pool": first_token})
+    a.update(x[:20], y[:20])
+    b.update(x[20:], y[20:])
+    b.merge_state(a)  # the incoming rows first: x[:20], then x[20:]
+    assert_same(b.compute(), expected(x[:, 0], y))
+    other = metric(preprocess={"pool": lambda t: t.reshape(len(t), -1)[:, -4:]})
+    collection = MetricCollection({"a": metric(preprocess={"pool": first_token}),
+                                   "b": metric(preprocess={"pool": first_token}, alpha=0.1),
+                                   "c": other})
+    collection.update(x, y)
+    assert sorted(map(sorted, collection.compute_groups.values())) == [["a", "b"], ["c"]]
+    mean = metric(preprocess={"pool": "mean"})
+    mean.update(x, y)
+    last = metric(preprocess={"pool": "last"})
+    last.update(x, y)
+    with pytest.raises(ValueError, match="the dict holds rows pooled another way"):
+        mean.merge_state(last.metric_state)

@@ -259,7 +259,8 @@ def test_matrix_report_gives_a_pair_without_a_p_value_n_a(bad):
     assert f"| a | b | m | 0.8000 | 0.2000 | 0.7500 | 0.002 | {q[0]:.4g} | yes |" in md
     assert f"| a | c | m | 0.1000 | 0.2000 | 0.0000 | 0.04 | {q[1]:.4g} | yes |" in md
     assert "| b | c | m | 0.3000 | 0.2000 | 0.1000 | n/a | n/a | n/a |" in md
-    assert "m: 2 of 3 pairs are aligned above chance" in md
+    assert ("m: all 2 pairs are aligned above chance after BH at q ≤ 0.05 (1 more without a "
+            "p-value)") in md  # the pair without a p is not counted as tested
 
 
 def test_a_nan_in_the_history_reads_as_no_value_in_the_sentences():
@@ -286,3 +287,18 @@ def test_a_tau_that_prints_as_the_raw_score_is_printed_with_the_digits_between_t
 def test_a_matrix_report_without_pairs_says_so():
     md = matrix_report({"n": 10, "alpha": 0.05}, []).to_markdown()
     assert "No pair was computed." in md and "## Settings" not in md and "|---|" not in md
+
+
+def test_pairs_without_a_p_value_are_not_counted_as_tested():
+    rows = [{"raw": 0.5, "threshold": 0.2, "significant": True},
+            {"raw": 0.5, "threshold": 0.2, "significant": None},
+            {"raw": 0.1, "threshold": 0.2, "significant": False}]
+    assert "m: 1 of 2 pairs is aligned above chance after BH at q ≤ 0.05 (1 more without a " \
+           "p-value)" in matrix_sentence("m", rows, 0.05)
+    none = [dict(r, significant=None) for r in rows]
+    assert matrix_sentence("m", none, 0.05) == "m: no pair could be tested (3 without a p-value)."
+
+
+def test_a_tau_within_four_digits_of_raw_gets_the_digits_that_separate_them():
+    text = curve_sentence("m", [0.18], [0.0], 0.18000001, 0.2)
+    assert "τ = 0.18000001 against raw 0.18" in text

@@ -310,10 +310,13 @@ def matrix_sentence(measure: str, rows: Sequence[Mapping[str, Any]], alpha: floa
     reach 0.42 but chance alone reaches 0.19 at this width and depth.
     """
     rows = [r for r in rows if not r.get("self")]
+    untested = sum("significant" in r and r["significant"] is None for r in rows)
+    rows = [r for r in rows if not ("significant" in r and r["significant"] is None)]
     m = len(rows)
     k = sum(bool(r.get("significant")) for r in rows)
     if m == 0:
-        return f"{measure}: no pair of two different models to test."
+        return (f"{measure}: no pair could be tested ({untested} without a p-value)." if untested
+                else f"{measure}: no pair of two different models to test.")
     if k == 0:
         head = f"none of the {m} pairs is aligned above chance" if m > 1 else \
             "the pair is not aligned above chance"
@@ -328,7 +331,8 @@ def matrix_sentence(measure: str, rows: Sequence[Mapping[str, Any]], alpha: floa
     if raws and taus:
         tail = (f"; raw scores reach {max(raws):.2f} but chance alone reaches {max(taus):.2f} at "
                 "this width and depth")
-    return f"{measure}: {head} after BH at q ≤ {alpha:g}{tail}."
+    without = f" ({untested} more without a p-value)" if untested else ""
+    return f"{measure}: {head} after BH at q ≤ {alpha:g}{without}{tail}."
 
 
 # ---------------------------------------------------------------------------------- matrix
@@ -519,7 +523,8 @@ def curve_sentence(measure: str, raw: Sequence[float], calibrated: Sequence[floa
         return f"{measure}: no values."
     tau = f"τ = {score_text(threshold)}" if threshold is not None else ""  # 0.0009 not "0.00"
     if tau and score_text(threshold) == score_text(raw[-1]) and float(threshold) != raw[-1]:
-        tau = f"τ = {float(threshold):.4g} against raw {raw[-1]:.4g}"  # not "above τ = raw"
+        digits = next(d for d in range(4, 18) if f"{float(threshold):.{d}g}" != f"{raw[-1]:.{d}g}")
+        tau = f"τ = {float(threshold):.{digits}g} against raw {raw[-1]:.{digits}g}"  # not τ = raw
     raw_move = _move(raw)
     if last_value_at is not None:
         return (f"{measure}: raw {raw_move} and calibrated {_move(cal)}: no value at the last "

@@ -87,10 +87,12 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
     ``sigma`` is absolute (a finite positive number; PRH convention, default 1.0), or
     ``"median"`` for ``σ = sqrt(median of all n² squared distances)`` (scale-free).  Either
     way the data is first rescaled exactly by a power of two (an absolute σ by the same one:
-    the kernel depends on x/σ only), so huge or tiny magnitudes neither overflow nor underflow
-    the squared distances.
+    the kernel depends on x/σ only), so huge or tiny float32 / float64 magnitudes neither
+    overflow nor underflow the squared distances (an absolute σ must still have a 2σ² the dtype
+    holds: :func:`check_sigma_fits`).
 
-    Raises ``ValueError`` naming underflow when the data's scale makes the kernel meaningless
+    Raises ``ValueError`` naming overflow when the squared distances overflow the dtype
+    (float16 features beyond about 180), and underflow when the data's scale makes the kernel meaningless
     at this absolute ``sigma`` (distances all negligible against 2σ², so the kernel is
     constant, or all so large that every entry off the diagonal underflows to 0, so the kernel
     is the identity), and ``measure`` (the one the gram is for).
@@ -117,6 +119,10 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
     scaled = rescale_exactly(x)
     ex = 0 if scaled is x else math.frexp(float(x.abs().amax()))[1]
     d2 = squared_distances(scaled)
+    if not bool(torch.isfinite(d2).all()):  # float16: magnitudes up to 2**16 are kept as given
+        raise ValueError(
+            f"{measure}: squared distances overflow {x.dtype} (largest |x| = "
+            f"{float(x.abs().max()):.3g}); pass float32 or float64 features")
     m, e = math.frexp(sigma)
     largest = _power_of_two_str(float(d2.max()), 2 * ex)  # before the scaling below
     if e != ex:

@@ -8,6 +8,7 @@ import functools
 import itertools
 import re
 import warnings
+import weakref
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -74,7 +75,20 @@ def _layer_names(names: Any, name: str) -> list[str]:
     return names
 
 
-_FNS = itertools.count()  # numbers the pooling markers of metrics with a pool callable
+_FNS = itertools.count()  # numbers the pool callables, for their metrics' pooling markers
+_FN_NUMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pool_marker(pool: Any) -> str:
+    """The name of the state that marks how a metric pools at update: ``pool_<mode>``, or
+    ``pool_fn<i>`` for a callable (one number per callable object, shared by its metrics)."""
+    if isinstance(pool, str):
+        return f"pool_{pool}"
+    try:
+        number = _FN_NUMBERS.setdefault(pool, next(_FNS))
+    except TypeError:  # an object that takes no weak reference: a number of its own
+        number = next(_FNS)
+    return f"pool_fn{number}"
 _NAMES_KEY = "_layer_names"  # in a state dict: the layers whose rows it holds
 
 
@@ -187,7 +201,7 @@ class AlignmentMetricBase(Metric):
         # (their rows would be compared, and a first batch of one token per row, or of none,
         # pools to the same rows whatever the pool)
         pool = self.preprocessor.pool
-        self._pool_state = f"pool_{pool}" if isinstance(pool, str) else f"pool_fn{next(_FNS)}"
+        self._pool_state = _pool_marker(pool)
         self.add_state(self._pool_state, default=torch.zeros(()), dist_reduce_fx="max",
                        persistent=False)
         aggregate_fn(aggregate)  # validate early
@@ -469,6 +483,11 @@ class AlignmentMetricBase(Metric):
                 raise ValueError("merge_state: one metric's rows have sample ids (index=) and "
                                  "the other's do not")
         elif isinstance(incoming_state, Mapping):
+            other_pools = [k for k in incoming_state
+                           if k.startswith("pool_") and k != self._pool_state]
+            if other_pools:  # a metric_state of rows pooled another way
+                raise ValueError(f"merge_state: the dict holds rows pooled another way "
+                                 f"({other_pools[0]}; this metric's rows are {self._pool_state})")
             self._check_incoming_rows(incoming_state)
             # torchmetrics reduces every state: the pooling marker is this metric's own
             incoming_state = {**incoming_state, self._pool_state: getattr(self, self._pool_state)}

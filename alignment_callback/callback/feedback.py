@@ -31,8 +31,9 @@ def step_lines(results: Mapping[str | None, StepResult], epoch: int, step: int,
         for name, r in result.results.items():
             label = name if ref is None else f"{ref}/{name}"
             a, b = r.best_pair
+            calibrated = score_text(float(r.calibrated), 3)
             lines.append(f"{prefix} epoch {epoch} (step {step}) {label}: raw {float(r.raw):.3f} → "
-                         f"calibrated {score_text(float(r.calibrated), 3)} (p {fmt_p(r.p_value)}, τ "
+                         f"calibrated {calibrated} (p {fmt_p(r.p_value)}, τ "
                          f"{float(r.threshold):.3g}), best {a} ~ {b}")
     return lines
 

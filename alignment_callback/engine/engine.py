@@ -20,10 +20,10 @@ from alignment_callback.functional._validation import (
     check_seed,
     errors_named,
 )
-from alignment_callback.functional.aggregation import Aggregate, MappedAggregate, aggregate_fn
+from alignment_callback.functional.aggregation import Aggregate, MappedAggregate, check_aggregate
 from alignment_callback.functional.analytic_null import check_moments_apply, check_null
 from alignment_callback.functional.calibration import warn_if_few
-from alignment_callback.functional.permutation import GroupPermuter, Permutations, group_labels
+from alignment_callback.functional.permutation import GroupPermuter, Permutations, check_groups
 from alignment_callback.functional.pipeline import (
     Gather,
     PreparedSide,
@@ -142,9 +142,8 @@ class AlignmentEngine:
     #: Settings checked as the constructor checks them, also when assigned later.
     _CHECKS = {"num_permutations": check_num_permutations, "alpha": check_alpha,
                "seed": check_seed, "max_score": check_max_score,
-               "aggregate": lambda v: (aggregate_fn(v), v)[1],
-               "groups": lambda v: v if v is None else (group_labels(v), v)[1],
-               "pairs": lambda v: _checked_pairs(v), "device": check_device}
+               "aggregate": check_aggregate, "groups": check_groups, "pairs": _checked_pairs,
+               "device": check_device}
 
     def __setattr__(self, name: str, value: Any) -> None:
         built = "_null" in self.__dict__  # after construction

@@ -98,6 +98,12 @@ class LayerAlignmentResult(CalibrationResult):
                                     (*CalibrationResult.SCALARS, "null", "null_method")})
 
 
+def check_aggregate(aggregate: Aggregate) -> Aggregate:
+    """``aggregate`` itself, after :func:`aggregate_fn` has accepted it (a setting's check)."""
+    aggregate_fn(aggregate)
+    return aggregate
+
+
 def aggregate_fn(aggregate: Aggregate) -> tuple[str, Callable[[Tensor], Tensor]]:
     """Resolve ``"max"``, ``"mean"``, ``"top<m>"`` (mean of the m largest, e.g. ``"top3"``; of all
     pairs when there are fewer than m) or a callable ``f(matrix (LA, LB)) -> scalar`` into a

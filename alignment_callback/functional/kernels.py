@@ -92,8 +92,8 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
     holds: :func:`check_sigma_fits`).
 
     Raises ``ValueError`` naming overflow when the squared distances overflow the dtype
-    (float16 features beyond about 180), and underflow when the data's scale makes the kernel meaningless
-    at this absolute ``sigma`` (distances all negligible against 2σ², so the kernel is
+    (float16 features beyond about 180), and underflow when the data's scale makes the kernel
+    meaningless at this absolute ``sigma`` (distances all negligible against 2σ², so the kernel is
     constant, or all so large that every entry off the diagonal underflows to 0, so the kernel
     is the identity), and ``measure`` (the one the gram is for).
     """
@@ -112,8 +112,8 @@ def rbf_gram(x: Tensor, sigma: float | str = 1.0, minus_one: bool = False,
     scale = check_sigma_fits(sigma, x.dtype, measure)
     # the kernel depends on x / σ only: x is brought to magnitude ~1 by a power of two 2**ex,
     # exactly, so that huge (or tiny) features do not overflow their squared distances, and
-    # d2 / (2σ²) with σ = m·2**e is d2(x·2**-ex) · 2**(2(ex − e)) / (2m²): the power of two is
-    # applied to the tensor, exactly, so that 2σ² need not be a finite number of x's dtype
+    # d2 / (2σ²) with σ = m·2**e is d2(x·2**-ex) · 2**(2(ex − e)) / (2m²): the power of two
+    # is applied to the tensor, exactly, so that 2σ² need not be a finite number of x's dtype
     # (nor of a Python float); in place where it can (d2 is this function's own, and the n×n
     # copies are what limits n)
     scaled = rescale_exactly(x)

@@ -29,6 +29,13 @@ _MAX_CHUNK = 256
 _CACHE_ELEMENTS = 1 << 24  # permutation sets up to this many entries stay in memory (128 MB)
 
 
+def check_groups(groups: Any) -> Any:
+    """``groups`` itself (None, or labels :func:`group_labels` accepts: a setting's check)."""
+    if groups is not None:
+        group_labels(groups)
+    return groups
+
+
 def group_labels(groups: Sequence[Any] | Tensor | np.ndarray) -> np.ndarray:
     """``groups`` as a 1-D array of labels; anything else (a string, a scalar, a matrix) is
     refused, naming ``groups``."""

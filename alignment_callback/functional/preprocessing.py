@@ -247,8 +247,8 @@ def prepare_features(
     x = pool_features(x, pool, mask=mask)
     x = as_float(x)
     if x.numel() == 0:
-        raise ValueError(f"the activations hold no values (pooled to shape {tuple(x.shape)}): it needs "
-                         "samples (rows) and features")
+        raise ValueError(f"the activations hold no values (pooled to shape {tuple(x.shape)}): "
+                         "they need samples (rows) and features")
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"activations contain {bad} NaN/Inf value(s)")

@@ -32,11 +32,12 @@ from alignment_callback.functional.aggregation import (
     Aggregate,
     LayerAlignmentResult,
     aggregate_fn,
+    check_aggregate,
     named_layers,
 )
 from alignment_callback.functional.analytic_null import check_moments_apply, check_null
 from alignment_callback.functional.calibration import warn_if_few
-from alignment_callback.functional.permutation import GroupPermuter, Permutations, group_labels
+from alignment_callback.functional.permutation import GroupPermuter, Permutations, check_groups
 from alignment_callback.functional.pipeline import (
     PreparedSide,
     calibrate_prepared,
@@ -89,6 +90,8 @@ def _pool_marker(pool: Any) -> str:
     except TypeError:  # an object that takes no weak reference: a number of its own
         number = next(_FNS)
     return f"pool_fn{number}"
+
+
 _NAMES_KEY = "_layer_names"  # in a state dict: the layers whose rows it holds
 
 
@@ -108,6 +111,13 @@ def _check_rows_shape(side: str, layers: Mapping[str, Tensor]) -> None:
 def _rows_held(value: Any) -> int:
     """Rows of a list state's value (a tensor or a list of tensors)."""
     return int(value.shape[0]) if isinstance(value, Tensor) else sum(int(t.shape[0]) for t in value)
+
+
+def _slot_states(state: Mapping[str, Any], prefix: str, side: str) -> dict[str, Any]:
+    """``{slot: value}`` of the row states of ``side`` (``x0``, ``x1``, ...) in ``state``,
+    with ``prefix`` taken off their keys."""
+    return {k[len(prefix):]: v for k, v in state.items()
+            if k.startswith(prefix) and re.fullmatch(rf"{side}\d+", k[len(prefix):])}
 
 
 def _same_side(a: PreparedSide, b: PreparedSide) -> bool:
@@ -145,8 +155,7 @@ class AlignmentMetricBase(Metric):
     #: result torchmetrics caches; those with a check are checked as the constructor does.
     _SETTINGS = {"num_permutations": check_num_permutations, "alpha": check_alpha,
                  "seed": check_seed, "null": check_null, "measure": get_measure,
-                 "aggregate": lambda v: (aggregate_fn(v), v)[1],
-                 "groups": lambda v: v if v is None else (group_labels(v), v)[1],
+                 "aggregate": check_aggregate, "groups": check_groups,
                  "max_score": check_max_score,
                  "max_samples": lambda v: (None if v is None else
                                            check_positive_int(v, "max_samples", 2))}
@@ -190,11 +199,10 @@ class AlignmentMetricBase(Metric):
                 "compute() gathers every process's rows")
         super().__init__(**tm_kwargs)
         self.measure = get_measure(measure, **measure_kwargs)
-        self.num_permutations = check_num_permutations(num_permutations)
-        self.alpha = check_alpha(alpha)
-        self.seed = check_seed(seed)
-        self.max_samples = (None if max_samples is None else
-                            check_positive_int(max_samples, "max_samples", 2))
+        self.num_permutations = num_permutations  # each setting checked by __setattr__
+        self.alpha = alpha
+        self.seed = seed
+        self.max_samples = max_samples
         self.preprocessor = RowPreprocessor(preprocess)
         # a state named after the pooling done at update(): a MetricCollection groups only
         # metrics with the same states, so metrics that pool differently are never grouped
@@ -204,13 +212,10 @@ class AlignmentMetricBase(Metric):
         self._pool_state = _pool_marker(pool)
         self.add_state(self._pool_state, default=torch.zeros(()), dist_reduce_fx="max",
                        persistent=False)
-        aggregate_fn(aggregate)  # validate early
         self.aggregate = aggregate
-        if groups is not None:
-            group_labels(groups)  # a string, scalar or matrix: refused now, not at compute()
-        self.groups = groups
-        self.max_score = check_max_score(max_score)
-        self.null = check_null(null)
+        self.groups = groups  # a string, scalar or matrix: refused now, not at compute()
+        self.max_score = max_score
+        self.null = null
         check_moments_apply(self.null, [self.measure], groups)
         if self.null == "permutation":  # a setting: warned once here, not at every compute()
             warn_if_few(self.num_permutations, self.alpha)  # ("auto": where it draws them)
@@ -582,8 +587,8 @@ class AlignmentMetricBase(Metric):
                 return (f"the state dict holds rows of the {side} layers {sorted(saved)} but "
                         f"this {type(self).__name__} has {sorted(ours)}: rows are loaded by "
                         "layer name")
-        rows = {side: [_rows_held(v) for k, v in state_dict.items() if k.startswith(prefix)
-                       and re.fullmatch(rf"{side}\d+", k[len(prefix):])] for side in ("x", "y")}
+        rows = {side: [_rows_held(v) for v in _slot_states(state_dict, prefix, side).values()]
+                for side in ("x", "y")}
         if self._reference is not None and any(rows["y"]):
             return ("the state dict holds y rows (updated with their own reference side, "
                     "update(x, y)) but this metric caches a reference (set_reference): load "
@@ -605,8 +610,7 @@ class AlignmentMetricBase(Metric):
         out = []
         for side in ("x", "y"):
             names = getattr(self, f"{side}_layers")
-            keys = sorted(k[len(prefix):] for k in state_dict
-                          if k.startswith(prefix) and re.fullmatch(rf"{side}\d+", k[len(prefix):]))
+            keys = sorted(_slot_states(state_dict, prefix, side))
             if len(keys) > len(names):
                 has = f"{len(names)} ({names})" if names else f"no {side} layers"
                 out.append(

@@ -630,7 +630,7 @@ def training_report(
         if not skipped:
             report.paragraph("No alignment step was recorded.")
             return report
-        report.paragraph(f"No alignment step succeeded: {_count(len(skipped), 'step')} failed "
+        report.paragraph(f"No alignment step succeeded: {count_text(len(skipped), 'step')} failed "
                          "and were skipped (listed below).")
         if settings:
             report.heading("Settings")
@@ -662,7 +662,7 @@ def training_report(
                                         (values.get("threshold") or [None])[-1],
                                         final_p[i], q_of.get(i), alpha, last_at.get(name)))
     if skipped:
-        report.paragraph(f"{_count(len(skipped), 'alignment step')} failed and "
+        report.paragraph(f"{count_text(len(skipped), 'alignment step')} failed and "
                          f"{'was' if len(skipped) == 1 else 'were'} skipped (see Skipped steps).")
     report.heading("Final values")
     rows = []
@@ -701,7 +701,7 @@ def _pair_text(pair: str) -> str:
     return pair.replace("|", " ~ ") if pair.count("|") == 1 else pair
 
 
-def _count(n: int, noun: str) -> str:
+def count_text(n: int, noun: str) -> str:
     """``"1 step"``, ``"3 steps"``."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 

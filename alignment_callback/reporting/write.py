@@ -239,16 +239,13 @@ def write_compare(out: Path, args: Any, xa: dict, xb: dict, results: dict[str, d
 
 
 # ---------------------------------------------------------------------------------- matrix
-def _pairs(count: int) -> str:
-    """``"1 pair"``, ``"6 pairs"``."""
-    return f"{count} pair{'' if count == 1 else 's'}"
-
-
 def matrix_intro(plan: MatrixPlan, tasks: Sequence[Any], where: Any, world_size: int) -> None:
     """The first stderr line of ``matrix``: pairs, measures, what is done and what is left."""
+    from alignment_callback.engine.report import count_text
+
     total = len(plan.pairs)
     partial = sum(len(t.missing) < len(plan.measures) for t in tasks)
-    print(f"matrix: {len(plan.files_x)} x {len(plan.files_y)} = {_pairs(total)}, "
+    print(f"matrix: {len(plan.files_x)} x {len(plan.files_y)} = {count_text(total, 'pair')}, "
           f"{len(plan.measures)} measure(s); {total - len(tasks)} already done in {where}, "
           f"{len(tasks)} to compute"
           + (f" ({partial} of them only for missing measures)" if partial else "")
@@ -289,7 +286,7 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
                  settings: dict, pairs_files: Sequence[Path], grouped: bool) -> None:
     """``matrix.json``, ``matrix.csv``, ``matrix_<measure>.png``, ``report.md``,
     ``report.html`` and the console tables."""
-    from alignment_callback.engine.report import matrix_report
+    from alignment_callback.engine.report import count_text, matrix_report
 
     lx, ly = len(plan.files_x), len(plan.files_y)
     n_samples = plan.record(0, 0, next(iter(plan.measures)))["n_samples"]
@@ -342,7 +339,8 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
     tested = plan.tested_pairs
     itself = (f"; a file against itself ({len(plan.pairs) - tested} pair(s)) is aligned by "
               "construction and not tested" if tested < len(plan.pairs) else "")
-    bh = (f"* = significant after Benjamini-Hochberg across {_pairs(tested)} (q <= {args.alpha})"
+    bh = (f"* = significant after Benjamini-Hochberg across {count_text(tested, 'pair')} "
+          f"(q <= {args.alpha})"
           if tested else "no pair of two different files to test")
     print(calibration_line(args, grouped) + f"; {bh}{itself}")
     for m, s in summary.items():
@@ -353,7 +351,7 @@ def write_matrix(out: Path, args: Any, plan: MatrixPlan, summary: dict[str, dict
         print(table([""] + plan.names_y, grid))
         found = sum(bool(v) for row in s["significant_bh"] for v in row)
         if tested:
-            print(f"{found} of {_pairs(tested)} significant after BH")
+            print(f"{found} of {count_text(tested, 'pair')} significant after BH")
     files = ", ".join(str(p) for p in pairs_files)
     print(f"\nwrote {out / 'matrix.json'}, matrix.csv, "
           + ", ".join(f"matrix_{m}.png" for m in summary)

@@ -886,3 +886,21 @@ def test_metrics_with_the_same_pool_callable_merge_and_share_a_group():
     last.update(x, y)
     with pytest.raises(ValueError, match="the dict holds rows pooled another way"):
         mean.merge_state(last.metric_state)
+
+
+def test_a_state_dict_of_rows_pooled_another_way_is_refused():
+    """The pooling was not saved: rows pooled with "mean" loaded into a metric pooling with
+    "last", whose later updates pooled their rows the other way (merge_state refused it)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N, 7, 4, generator=g), torch.randn(N, 3, generator=g)
+    mean = metric(preprocess={"pool": "mean"})
+    mean.persistent(True)
+    mean.update(x, y)
+    last = metric(preprocess={"pool": "last"})
+    with pytest.raises(RuntimeError, match="pooled with pool='mean' but this CalibratedAlignment "
+                                           "pools with pool='last'"):
+        last.load_state_dict(mean.state_dict())
+    assert last._stored_rows("x") == 0  # nothing loaded
+    same = metric(preprocess={"pool": "mean"})
+    same.load_state_dict(mean.state_dict())
+    assert_same(same.compute(), expected(x.mean(1), y))

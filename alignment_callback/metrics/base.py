@@ -92,7 +92,13 @@ def _pool_marker(pool: Any) -> str:
     return f"pool_fn{number}"
 
 
-_NAMES_KEY = "_layer_names"  # in a state dict: the layers whose rows it holds
+_NAMES_KEY = "_layer_names"  # in a state dict: the layers whose rows it holds, and their pool
+
+
+def _pool_name(pool: Any) -> str:
+    """How rows were pooled, as a state dict records it: the mode, or ``"callable"`` (a
+    callable cannot be named across processes)."""
+    return pool if isinstance(pool, str) else "callable"
 
 
 def _check_rows_shape(side: str, layers: Mapping[str, Tensor]) -> None:
@@ -562,8 +568,9 @@ class AlignmentMetricBase(Metric):
         unregistered = self._unregistered_layers(state_dict, prefix)  # before torchmetrics
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # pops the states it loads
-        if strict:
-            error_msgs.extend(unregistered)
+        # PyTorch passes strict=True here whatever load_state_dict was given: rows that fit no
+        # registered layer are refused by a non-strict load too
+        error_msgs.extend(unregistered)
         self._widths = {"x": [], "y": []}  # taken again from the loaded rows
         self._computed = None  # loaded rows make a new result
         self._count_rows_as_updated()
@@ -572,14 +579,20 @@ class AlignmentMetricBase(Metric):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._persist:  # slot i holds the i-th of the sorted names: the names say whose
             destination[prefix + _NAMES_KEY] = {"x": list(self.x_layers),
-                                                "y": list(self.y_layers)}
+                                                "y": list(self.y_layers),
+                                                "pool": _pool_name(self.preprocessor.pool)}
 
     def _refused_rows(self, state_dict: Mapping[str, Any], prefix: str,
                       names: Mapping[str, Sequence[str]] | None) -> str:
         """Why the rows of ``state_dict`` cannot be loaded here ("" when they can): saved under
         other layer names (slots are matched by name, and a metric without names takes the
-        saved ones), y rows into a metric caching a reference, or x rows without their y rows
-        (saved with a cached reference) into a metric without one."""
+        saved ones), rows pooled another way, y rows into a metric caching a reference, or x
+        rows without their y rows (saved with a cached reference) into a metric without one."""
+        pool, ours = (names or {}).get("pool"), _pool_name(self.preprocessor.pool)
+        if pool is not None and pool != ours:
+            return (f"the state dict holds rows pooled with pool={pool!r} but this "
+                    f"{type(self).__name__} pools with pool={ours!r}: its updates would pool "
+                    "their rows another way")
         names = {side: list(names.get(side, [])) for side in ("x", "y")} if names else {}
         for side, saved in names.items():
             ours = getattr(self, f"{side}_layers")

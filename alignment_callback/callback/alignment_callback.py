@@ -1352,6 +1352,7 @@ class AlignmentCallback(Callback):
         probe pass or in the null, is every process's failure (no collective waits for a
         process that raised)."""
         outcome, error, captured = None, None, None
+        origin: tuple[int, str] | None = None  # the failed process and its "<Type>: <message>"
         try:
             captured = self._capture(pl_module)
         except Exception as err:  # noqa: BLE001 - every rank learns it below
@@ -1361,7 +1362,7 @@ class AlignmentCallback(Callback):
         if isinstance(rebuilt, LAYER_ERRORS):  # a configuration mistake: raised on every process
             raise rebuilt
         if failed is not None:
-            error = f"the probe pass failed on rank {failed[0]}: {failed[1]}"
+            error, origin = f"the probe pass failed on rank {failed[0]}: {failed[1]}", failed
         else:
             # DDP replicas can differ where DDP does not synchronize them (BatchNorm running
             # statistics follow each rank's own batches): every share of the null must score
@@ -1377,18 +1378,20 @@ class AlignmentCallback(Callback):
                 if isinstance(rebuilt, LAYER_ERRORS):  # a configuration mistake: as above
                     raise rebuilt from err
                 error = _reason(err)
+                origin = origin or (trainer.global_rank, error)
         entry, logging, failure = None, None, None
         if trainer.is_global_zero and outcome is not None:
             try:
                 entry = self._log_outcome(trainer, outcome)
             except Exception as err:  # noqa: BLE001 - the others wait in the broadcast below
                 logging, failure = f"{type(err).__name__}: {err}", err
-        entry, error, logging = trainer.strategy.broadcast((entry, error, logging), src=0)
+        entry, error, origin, logging = trainer.strategy.broadcast(
+            (entry, error, origin, logging), src=0)
         if logging is not None:  # not the data's failure: raised, as one process raises it
             raise _from_rank(0, logging) from failure
         if error is not None:
-            if self.on_error == "raise":
-                raise RuntimeError(f"alignment step at epoch {epoch} (step {step}) failed: {error}")
+            if self.on_error == "raise":  # the failed process's error, of its type
+                raise _from_rank(*origin)
             self.skipped.append({"epoch": int(epoch), "step": int(step), "reason": error})
             rank_zero_warn(f"alignment step at epoch {epoch} (step {step}) skipped: {error}",
                            category=RuntimeWarning)
@@ -2009,11 +2012,14 @@ def _reason(error: BaseException) -> str:
 
 def _from_rank(rank: int, error: str) -> Exception:
     """The error ``"<Type>: <message>"`` of process ``rank`` as every process raises it: of its
-    type where that is a common or configuration error (else ``RuntimeError``), naming the
-    rank."""
+    type where that is a common or configuration error (``"on rank <rank>: <message>"``), else
+    a ``RuntimeError`` of the whole text."""
     kinds = {kind.__name__: kind for kind in (ValueError, TypeError, RuntimeError, OSError,
                                               FileNotFoundError, *LAYER_ERRORS)}
-    return kinds.get(error.partition(":")[0], RuntimeError)(f"on rank {rank}: {error}")
+    name, _, message = error.partition(": ")
+    kind = kinds.get(name)
+    return RuntimeError(f"on rank {rank}: {error}") if kind is None else \
+        kind(f"on rank {rank}: {message}")
 
 
 def _check_transforms(**transforms: Any) -> None:

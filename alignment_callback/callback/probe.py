@@ -11,7 +11,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Union
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    SequentialSampler,
+)
 
 from alignment_callback.hooks.collect import BATCH_ROWS, preserved_rng, split_rows
 
@@ -131,8 +138,18 @@ def check_sequential(loader: DataLoader, argument: str = "probe") -> None:
     probe must yield the same samples in the same order every time: a ``SequentialSampler``
     (``shuffle=False``), batched by a plain ``BatchSampler``.  Anything else (a
     ``RandomSampler``, ``SubsetRandomSampler``, a shuffling or custom ``batch_sampler``) is an
-    error; pass the rows as a tensor or a list of batches to use another fixed order.
+    error; pass the rows as a tensor or a list of batches to use another fixed order.  So is
+    ``persistent_workers=True``: a pass restarts the loader's one iterator (a loader shared with
+    training would lose the rest of its epoch), and its workers' random state goes on from the
+    last pass (a dataset that draws noise would give other rows at every step).
     """
+    if getattr(loader, "persistent_workers", False):
+        raise ValueError(
+            f"{argument}: the DataLoader keeps its workers between passes "
+            "(persistent_workers=True): each probe pass would restart its one iterator (a "
+            "loader shared with training loses the rest of its epoch) and continue its "
+            "workers' random streams (a dataset that draws noise gives other rows at every "
+            "step); pass a DataLoader with persistent_workers=False")
     if isinstance(loader.dataset, IterableDataset):
         return  # its order is the dataset's own
     batch_sampler = loader.batch_sampler
@@ -146,6 +163,12 @@ def check_sequential(loader: DataLoader, argument: str = "probe") -> None:
         )
     if batch_sampler is None:  # batch_size=None: the dataset's items are the batches
         sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        raise ValueError(
+            f"{argument}: the DataLoader samples with DistributedSampler, which gives each "
+            "process its own (padded) shard; every process runs the whole probe (under DDP "
+            "the callback splits the permutations, not the rows): pass a DataLoader with "
+            "shuffle=False and no sampler, a tensor or a list of batches")
     if not isinstance(sampler, SequentialSampler):
         what = "shuffles (RandomSampler)" if type(sampler).__name__ == "RandomSampler" else \
             f"samples with {type(sampler).__name__}"

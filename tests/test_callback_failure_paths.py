@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from alignment_callback.callback import ProbeInputError
-from alignment_callback.functional import ShapeOptionError
+from alignment_callback.functional import MeasureOutputError, ShapeOptionError, get_measure
 from tests.helpers import FAST_TRAINER, IN_DIM, MLP, RefMLP, make_probe, train_loader
 from tests.test_callback_audit_fixes import PROBE, callback, fit
 
@@ -326,6 +326,27 @@ def test_a_measure_option_the_model_layer_widths_cannot_take_fails_whatever_on_e
     with pytest.raises(ShapeOptionError, match="svcca: cca_dim=20 is too large .* d=16"):
         fit([cb], max_epochs=2)
     assert cb.skipped == [] and PROBE.shape[0] > 21
+
+
+def test_a_measure_callable_that_cannot_be_called_as_f_x_y_is_refused_when_built():
+    """A callable of the wrong arity only warned at every step under on_error="warn": training
+    ran to its end with an empty history."""
+    with pytest.raises(TypeError, match=r"measure callable '<lambda>' cannot be called as "
+                                        r"f\(x, y\): too many positional arguments"):
+        callback(measures={"mine": lambda x: 0.0})
+    with pytest.raises(TypeError, match=r"cannot be called as f\(x, y\) with its options \['k'\]"):
+        get_measure(lambda x, y: 0.0, k=3)
+    get_measure(lambda x, y, k=1: 0.0, k=3)  # takes its option
+
+
+def test_a_measure_callable_whose_value_is_not_a_number_fails_whatever_on_error_says():
+    """Its value is the callable's mistake, not the data's: it warned at every step."""
+    model = MLP()
+    cb = callback(measures={"mine": lambda x, y: torch.ones(3)}, on_error="warn")
+    with pytest.raises(MeasureOutputError, match=r"must be one number, got a value of shape "
+                                                 r"\(3,\) \(measure callable '<lambda>'\)"):
+        fit([cb], model=model, max_epochs=2)
+    assert cb.skipped == [] and model.global_step == 0  # at the baseline, before training
 
 
 def test_a_logger_failure_is_raised_whatever_on_error_says(tmp_path):

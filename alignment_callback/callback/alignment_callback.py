@@ -59,7 +59,7 @@ from alignment_callback.functional._validation import (
 from alignment_callback.functional.aggregation import Aggregate
 from alignment_callback.functional.calibration import few_permutations_unsaid, warn_if_few
 from alignment_callback.functional.preprocessing import check_pool
-from alignment_callback.functional.registry import renamed_argument
+from alignment_callback.functional.registry import MeasureOutputError, renamed_argument
 from alignment_callback.hooks import collect_activations, resolve_layers
 from alignment_callback.hooks.batches import compute_dtype, each_batch, in_dtype_of
 from alignment_callback.hooks.collect import (
@@ -84,9 +84,10 @@ class ProbeInputError(RuntimeError):
     takes): every step would fail the same way."""
 
 
-# configuration mistakes only a forward pass can show: raised whatever on_error says
+# configuration mistakes only a forward pass (or a measure callable's value) can show: raised
+# whatever on_error says
 LAYER_ERRORS = (LayerCountError, LayerOutputError, LayerShapeError, FrozenReferenceError,
-                ProbeInputError, ShapeOptionError)
+                ProbeInputError, ShapeOptionError, MeasureOutputError)
 
 _INITIAL_RESUMED = ("reference='initial' on a resumed run compares with the activations at the "
                     "start of this fit (the resumed weights), not of the original one: the "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Union
@@ -569,13 +570,38 @@ def _recompute_prepare(x: Tensor, role: str, shared: Any, **bound: Any) -> Tenso
     return x
 
 
-def _scalar(value: Any, like: Tensor) -> Tensor:
+class MeasureOutputError(TypeError, ValueError):
+    """A measure callable returned something other than one real number: a mistake in the
+    callable, not in the data (the callback raises it whatever ``on_error`` says)."""
+
+
+def _scalar(value: Any, like: Tensor, name: str = "") -> Tensor:
     """A callable measure's value as a 0-dim tensor; a clear error for anything else."""
-    return as_scalar(value, "a measure callable's value", like)
+    try:
+        return as_scalar(value, "a measure callable's value", like)
+    except (TypeError, ValueError) as error:
+        raise MeasureOutputError(f"{error} (measure callable {name!r})" if name else
+                                 str(error)) from None
 
 
-def _recompute_score(sx: Tensor, sy: Tensor, perms: Tensor, *, fn: MeasureFn, **bound: Any) -> Tensor:
-    return torch.stack([_scalar(fn(sx, sy[p]), sx) for p in perms])
+def _check_signature(fn: MeasureFn, name: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse a callable that cannot be called as ``fn(x, y, **kwargs)`` (a configuration
+    mistake, found before any data is seen); one without a readable signature is let through."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C extensions
+        return
+    try:
+        signature.bind(None, None, **kwargs)
+    except TypeError as error:
+        given = f" with its options {sorted(kwargs)}" if kwargs else ""
+        raise TypeError(f"measure callable {name!r} cannot be called as f(x, y){given}: "
+                        f"{error}") from None
+
+
+def _recompute_score(sx: Tensor, sy: Tensor, perms: Tensor, *, fn: MeasureFn, name: str = "",
+                     **bound: Any) -> Tensor:
+    return torch.stack([_scalar(fn(sx, sy[p]), sx, name) for p in perms])
 
 
 def _bound_call(x: Tensor, y: Tensor, *, fn: MeasureFn, kwargs: dict[str, Any]) -> Any:
@@ -583,11 +609,13 @@ def _bound_call(x: Tensor, y: Tensor, *, fn: MeasureFn, kwargs: dict[str, Any]) 
 
 
 def _from_callable(fn: MeasureFn, kwargs: dict[str, Any]) -> Measure:
-    bound = functools.partial(_bound_call, fn=fn, kwargs=kwargs) if kwargs else fn
     name = getattr(fn, "__name__", type(fn).__name__)
+    _check_signature(fn, name, kwargs)
+    bound = functools.partial(_bound_call, fn=fn, kwargs=kwargs) if kwargs else fn
     # its range is unknown: no clamping, and s_max None unless the call gives max_score
     info = MeasureInfo(name, "other", "user-supplied callable", _recompute_prepare,
-                       functools.partial(_recompute_score, fn=bound), value_range=(None, None),
+                       functools.partial(_recompute_score, fn=bound, name=name),
+                       value_range=(None, None),
                        null_method="recomputed on every permuted Y")
     return Measure(info, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])), name, id(fn))
 

@@ -146,24 +146,30 @@ def test_quantization_observers_are_unchanged_by_the_probe(background):
 
 
 class OwnNoiseMLP(MLP):
-    """Draws input noise from its own generator, in eval mode too."""
+    """Draws input noise from its own generator, in eval mode too, held under ``name``."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "noise") -> None:
         super().__init__(dropout=0.3)
-        self.noise = torch.Generator().manual_seed(7)
+        self.name = name
+        setattr(self, name, torch.Generator().manual_seed(7))
 
     def forward(self, x):
-        return super().forward(x + 0.1 * torch.randn(x.shape, generator=self.noise))
+        noise = getattr(self, self.name)
+        return super().forward(x + 0.1 * torch.randn(x.shape, generator=noise))
 
 
-def test_a_models_own_generator_is_unchanged_by_the_probe():
-    plain = fit([], model=OwnNoiseMLP())
+@pytest.mark.parametrize("name", ["noise", "_noise"])
+def test_a_models_own_generator_is_unchanged_by_the_probe(name):
+    """Background results equal foreground ones: a generator under a private name was not
+    copied to the worker's model copy, whose probe pass drew from the state it had when the
+    copy was made (the foreground one from its state at the step)."""
+    plain = fit([], model=OwnNoiseMLP(name))
     fg, bg = callback(), callback(background=True)
-    foreground = fit([fg], model=OwnNoiseMLP())
-    background = no_runtime_warning_fit(bg, OwnNoiseMLP())  # the copy is used
+    foreground = fit([fg], model=OwnNoiseMLP(name))
+    background = no_runtime_warning_fit(bg, OwnNoiseMLP(name))  # the copy is used
     for run in (foreground, background):
         assert_same_training(plain, run)
-        assert torch.equal(run[1].noise.get_state(), plain[1].noise.get_state())
+        assert torch.equal(getattr(run[1], name).get_state(), getattr(plain[1], name).get_state())
     assert raws(bg) == raws(fg) and len(raws(bg)) == 3
 
 

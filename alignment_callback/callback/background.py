@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from alignment_callback.hooks.collect import is_default_generator
+
 
 @dataclass
 class Job:
@@ -151,13 +153,20 @@ def _is_plain_value(value: Any, depth: int = 0) -> bool:
     return False
 
 
+def _own_generator(value: Any) -> bool:
+    """A ``torch.Generator`` of the model's own (not a global one, which the copy shares)."""
+    return isinstance(value, torch.Generator) and not is_default_generator(value)
+
+
 def _is_plain(key: str, value: Any) -> bool:
-    """Copied at every step: plain values (:func:`_is_plain_value`), and any other public
-    attribute, deep-copied (a config object, a schedule, a large tensor such as a memory bank;
-    a copy that fails moves the capture to the loop, see ``AlignmentCallback._snapshot``)."""
+    """Copied at every step: plain values (:func:`_is_plain_value`), a generator of the
+    model's own whatever its name (the probe pass draws from its state at the step), and any
+    other public attribute, deep-copied (a config object, a schedule, a large tensor such as a
+    memory bank; a copy that fails moves the capture to the loop, see
+    ``AlignmentCallback._snapshot``)."""
     if isinstance(value, nn.Module) or key in _module_internals():
         return False
-    return _is_plain_value(value) or not key.startswith("_")
+    return _is_plain_value(value) or _own_generator(value) or not key.startswith("_")
 
 
 def _plain_state(model: nn.Module) -> list[dict[str, Any]]:
@@ -173,6 +182,10 @@ def _copied(value: Any) -> Any:
     a graph, which ``deepcopy`` refuses)."""
     if isinstance(value, Tensor):
         return value.detach().clone()
+    if _own_generator(value):  # its state now (deepcopy of a generator needs a recent torch)
+        generator = torch.Generator(device=value.device)
+        generator.set_state(value.get_state())
+        return generator
     if type(value) in (list, tuple, set, frozenset):
         return type(value)(_copied(v) for v in value)
     if type(value) is dict:

@@ -53,7 +53,7 @@ def _loader_generators(data: Any) -> list[torch.Generator]:
     found: list[torch.Generator] = []
     for owner in owners:
         gen = getattr(owner, "generator", None)
-        if (isinstance(gen, torch.Generator) and not _is_default_generator(gen)
+        if (isinstance(gen, torch.Generator) and not is_default_generator(gen)
                 and not any(gen is g for g in found)):
             found.append(gen)
     return found
@@ -95,7 +95,7 @@ def same_random_states(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
             and a[3] == b[3])
 
 
-def _is_default_generator(gen: torch.Generator) -> bool:
+def is_default_generator(gen: torch.Generator) -> bool:
     """A global generator (torch's CPU one, a CUDA device's): restored by
     :func:`preserved_rng` only, which the loop's thread alone may do."""
     if gen is torch.default_generator:
@@ -171,7 +171,7 @@ def preserved_generators(model: nn.Module) -> Iterator[None]:
     a thread other than the training loop's would rewind the loop's stream."""
     saved = [(module, key, gen, gen.get_state())
              for module in model.modules() for key, gen in vars(module).items()
-             if isinstance(gen, torch.Generator) and not _is_default_generator(gen)]
+             if isinstance(gen, torch.Generator) and not is_default_generator(gen)]
     try:
         yield
     finally:

@@ -301,6 +301,14 @@ def test_reference_layers_defaulting_to_layers_says_so():
                   r"reference_layers \(not given, so it is layers\): layer 'fc1' matched none")
 
 
+def test_a_mapping_value_that_matches_no_reference_layer_names_layers():
+    """The reference layers of a ``layers`` mapping were reported as ``reference_layers``, an
+    argument not given."""
+    no_step_taken(lambda: callback(layers={"fc1": "nope"}),
+                  r"^layers \(the mapping's values, the reference layers\): layer 'nope' "
+                  r"matched none")
+
+
 def test_constructor_checks_pool_and_probe_file(tmp_path):
     with pytest.raises(ValueError, match="pool: unknown pool 'avg'"):
         callback(pool="avg")

@@ -875,8 +875,11 @@ class AlignmentCallback(Callback):
                 try:
                     chosen = resolve_layers(ref.module, ref.layers, what)
                 except (TypeError, ValueError) as err:
-                    why = "" if ref.layers_given else " (not given, so it is layers)"
-                    raise about_argument(err, f"reference_layers{why}")
+                    argument = ("layers (the mapping's values, the reference layers)"
+                                if self.pair_map is not None else "reference_layers"
+                                if ref.layers_given else
+                                "reference_layers (not given, so it is layers)")
+                    raise about_argument(err, argument)
             if chosen is not None:  # compared at a resume however they are spelled
                 self._reference_layers[ref.name or ""] = [str(c) for c in chosen]
             wanted = set(self.pair_map.values()) if self.pair_map is not None else set()

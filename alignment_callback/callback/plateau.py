@@ -81,7 +81,7 @@ class AlignmentPlateau(Callback):
     not improved by more than ``min_delta`` for ``patience`` consecutive checks.
 
     Improvement follows ``EarlyStopping``: with ``mode="max"`` a value ``v`` improves on the
-    reference value ``b``, the last value that improved, when ``v - min_delta > b``
+    value to beat ``b``, the last value that improved, when ``v - min_delta > b``
     (``mode="min"``: ``v + min_delta < b``); the first value checked always does.  With
     ``min_delta > 0`` a later value that is higher by no more than ``min_delta`` leaves ``b``
     as it is, so ``b`` need not be the largest value seen.  An improvement resets the count,
@@ -124,7 +124,7 @@ class AlignmentPlateau(Callback):
     Attributes
     ----------
     best : float or None
-        The reference value ``b``: the last value that improved (the largest so far when
+        The value to beat ``b``: the last value that improved (the largest so far when
         ``min_delta=0``); None before the first check.
     wait : int
         Checks since the last improvement.
@@ -136,7 +136,7 @@ class AlignmentPlateau(Callback):
         are numbered like ``AlignmentCallback``'s history (the epoch count after an
         epoch-end check; the global step of the alignment result that decided); ``value`` is
         the monitored value at that check (None on a DDP rank that lacked the key and fired
-        with the others) and ``best`` the reference value then; ``called_at_step`` is the
+        with the others) and ``best`` the value to beat then; ``called_at_step`` is the
         ``trainer.global_step`` at which ``on_plateau`` ran: ``step`` in the foreground,
         later with ``AlignmentCallback(background=True)``, where the call comes at the first
         training hook after the deciding result arrives (so it depends on timing).

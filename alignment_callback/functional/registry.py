@@ -518,7 +518,9 @@ _other("pwcca", "Σ α_i ρ_i, weights from x's projections (Morcos et al. 2018)
        invariances="translation, isotropic scaling of x, invertible linear maps of y")
 _other("linear_predictivity", "cross-validated R² of ridge regression x → y (pooled over outputs)",
        pr.predictivity_state, pr.predictivity_score, symmetric=False, value_range=(None, 1.0),
-       params=(Param("ridge", None, _check_ridge, "penalty (None: inner CV over a grid)"),
+       params=(Param("ridge", None, _check_ridge,
+                     "penalty relative to the training rows' scale, "
+                     "ridge*||X||_F^2/min(m-1, p) (0: least squares; None: inner CV over a grid)"),
                Param("folds", 5, _check_folds, "contiguous cross-validation folds")),
        min_samples=_predictivity_min,
        null_method="quadratic forms of Y's centered gram, built once from x; a gather per permutation",

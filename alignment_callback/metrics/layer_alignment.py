@@ -42,8 +42,8 @@ class LayerAlignment(AlignmentMetricBase):
     num_permutations, alpha, seed, max_samples, preprocess, groups, max_score, null, **kwargs
         As in :class:`CalibratedAlignment` (same defaults).
     x_layers, y_layers : sequence of str, default=None
-        Layer names of each side (None: taken from the first update); give them to load a
-        ``state_dict`` into a fresh metric.
+        Layer names of each side (None: taken from the first update, or from a loaded state
+        dict, which names its layers); needed only to load a state dict saved without names.
 
     Examples
     --------

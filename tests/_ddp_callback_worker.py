@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -96,6 +97,47 @@ class FailingLogger(CSVLogger):
         super().log_metrics(metrics, step)
 
 
+class EpochMLP(MLP):
+    """``MLP`` whose hidden activations grow with the epoch (weights unchanged at lr=0), so
+    each alignment step's fc2 activations differ from the step before's."""
+
+    def forward(self, x):
+        h = self.act1(self.fc1(x) * (1 + self.current_epoch) ** 2)
+        return self.head(self.act2(self.fc2(h)))
+
+
+def previous_callback() -> AlignmentCallback:
+    return AlignmentCallback("previous", make_probe(), ["fc1", "fc2"], measures=["linear_cka"],
+                             num_permutations=K, log_heatmaps=True, verbose=False, report=False)
+
+
+def fit_previous(cb: AlignmentCallback, devices: int, strategy: str | None, out: str,
+                 extra: Sequence[pl.Callback] = ()) -> None:
+    """A fit of ``EpochMLP`` with ``cb`` (``reference="previous"``) for 3 epochs, whose heatmap
+    of the step after epoch 2 fails to draw (where it is drawn: rank 0 under DDP): that step is
+    skipped, so the next one compares with the step after epoch 1, in one process as in several
+    (the steps after epochs 1, 2 and 3 run at current_epoch 0, 1 and 2)."""
+    import alignment_callback.metrics.plotting as plotting
+
+    drawn = plotting.heatmap_image
+
+    def failing(result, title, *args, **kwargs):
+        if "after epoch 2 " in title:
+            raise RuntimeError("the heatmap could not be drawn (simulated)")
+        return drawn(result, title, *args, **kwargs)
+
+    plotting.heatmap_image = failing
+    try:
+        trainer = pl.Trainer(**{**FAST_TRAINER, "devices": devices},
+                             **({"strategy": strategy} if strategy else {}),
+                             max_epochs=3, default_root_dir=out,
+                             logger=CSVLogger(out, name="csv"), enable_checkpointing=False,
+                             callbacks=[cb, *extra])
+        trainer.fit(EpochMLP(lr=0.0), train_loader())
+    finally:
+        plotting.heatmap_image = drawn
+
+
 class BatchNormMLP(MLP):
     """``MLP`` with a BatchNorm after fc1: its running statistics are updated by each rank's
     own batches, so after a training epoch the replicas differ (DDP broadcasts buffers only at
@@ -153,7 +195,12 @@ def run(out: str, strategy: str, mode: str) -> None:
     for reference ``"m"`` of two, ``on_error="warn"``); ``resume_probe`` (one epoch with
     checkpoints, then a resumed fit with a probe of the same rows and other values);
     ``fail_logger_rank0`` (rank 0's logger raises OSError on the alignment values,
-    ``on_error="warn"``: not the data's failure, raised on every rank)."""
+    ``on_error="warn"``: not the data's failure, raised on every rank);
+    ``previous_heatmap_rank0`` (see :func:`fit_previous`)."""
+    if mode == "previous_heatmap_rank0":
+        cb = previous_callback()
+        fit_previous(cb, 2, strategy, out, [Dump(out, cb)])
+        return
     if mode == "resume_probe":
         from lightning.pytorch.callbacks import ModelCheckpoint
 

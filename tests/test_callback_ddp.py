@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +35,7 @@ SCENARIOS = {
     "ddp": ["ok", "batchnorm", "rank_reference", "resume_probe", "fail_rank1",
             "fail_moments_rank1", "fail_probe_rank1", "fail_reference_rank1",
             "fail_layer_count_rank1", "fail_reference_pass_rank1", "config_error",
-            "fail_named_rank1", "fail_logger_rank0"],
+            "fail_named_rank1", "fail_logger_rank0", "previous_heatmap_rank0"],
     "ddp_spawn": ["ok"],  # every fit spawns two fresh interpreters: one fit only
 }
 TIMEOUT_S = 60 + 40 * max(map(len, SCENARIOS.values()))
@@ -252,3 +253,23 @@ def test_ddp_a_logger_failing_on_rank_zero_is_raised_on_every_rank(launched):
     errors = _errors(launched("ddp", "fail_logger_rank0"))
     assert errors[0] == errors[1], errors
     assert errors[0].startswith("OSError: on rank 0: disk full (simulated)"), errors
+
+
+def test_ddp_a_step_whose_heatmap_fails_is_no_ones_previous_step(launched, tmp_path):
+    """Rank 0's heatmap of a step fails (the step is skipped): under DDP "previous" had taken
+    that step's activations already, so the next step compared with it, where one process
+    compares with the step before.  The values now equal one process's."""
+    ranks = _ranks(launched("ddp", "previous_heatmap_rank0"))
+    single = W.previous_callback()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        W.fit_previous(single, 1, None, str(tmp_path))
+    assert [s["epoch"] for s in single.skipped] == [2]
+    for rank in ranks:
+        assert [s["epoch"] for s in rank["skipped"]] == [2], rank["skipped"]
+        assert [h["epoch"] for h in rank["history"]] == [h["epoch"] for h in single.history]
+        for got, want in zip(rank["history"], single.history):
+            for key, value in want.items():
+                if key.endswith(("/raw", "/calibrated", "/p_value", "/threshold")):
+                    assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert any("/raw" in key for key in single.history[-1])  # the last step has values

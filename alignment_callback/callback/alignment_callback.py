@@ -548,6 +548,9 @@ class AlignmentCallback(Callback):
         # "initial" / "previous" anchor on the resumed weights at the first training batch,
         # unless a step comes first (see _anchor_drift)
         self._anchor_due = False
+        # under several processes, a step's activations "previous" takes once every process
+        # knows the step succeeded (see _distributed_run)
+        self._advance_with: dict[str, Tensor] | None = None
         self._readers: list[Callable[[Trainer, LightningModule], None]] = []
         self._lost: set[str | None] = set()  # "initial" references warned to have no values
         self._trainer: weakref.ref | None = None  # the fit's trainer (its global step)
@@ -1393,6 +1396,9 @@ class AlignmentCallback(Callback):
             (entry, error, origin, logging), src=0)
         if logging is not None:  # not the data's failure: raised, as one process raises it
             raise _from_rank(0, logging) from failure
+        acts, self._advance_with = self._advance_with, None
+        if error is None and acts is not None:  # every process: the step is in the history
+            self._advance_previous(acts, epoch, step)
         if error is not None:
             if self.on_error == "raise":  # the failed process's error, of its type
                 raise _from_rank(*origin)
@@ -1403,6 +1409,26 @@ class AlignmentCallback(Callback):
         if entry is not None and not trainer.is_global_zero:
             self.history.append(dict(entry))
         return entry
+
+    def _advance_previous(self, acts: dict[str, Tensor], epoch: int, step: int) -> None:
+        """Under several processes: ``"previous"`` takes this (logged) step's activations on
+        every process.  A failure there (the same on every process) warns, or raises with
+        ``on_error="raise"``; the next step then compares with the step before this one."""
+        for ref in self.references:
+            if ref.kind != "previous":
+                continue
+            try:
+                guarded_step(_advance, ref.engine.num_permutations, ref=ref, acts=acts)
+            except Exception as err:  # noqa: BLE001 - the same on every process
+                origin = getattr(err, "origin", None)
+                if self.on_error == "raise" and origin is None:
+                    raise
+                if self.on_error == "raise":
+                    raise _from_rank(*origin) from err
+                rank_zero_warn(f"{_which(ref)} ('previous') did not take the activations of "
+                               f"the step at epoch {epoch} (step {step}): {_reason(err)}; the "
+                               "next step compares with the step before it",
+                               category=RuntimeWarning)
 
     def _submit(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> None:
         """Background mode: capture on the model copy in the worker, or in the loop."""
@@ -1768,12 +1794,11 @@ class AlignmentCallback(Callback):
                 results[ref.name] = result
         # the step succeeded: "previous" compares the next one with this one (a failed step,
         # which the history does not hold, is no one's previous step).  One process: after
-        # the heatmaps, which can fail too; several: before them, as only rank 0 draws them
-        # and every process must meet the others in the advance
+        # the heatmaps, which can fail too; several: once every process knows that rank 0's
+        # heatmaps and logging succeeded (_distributed_run)
         advance = [ref for ref in self.references if ref.kind == "previous"]
         if distributed:
-            for ref in advance:
-                guarded_step(_advance, ref.engine.num_permutations, ref=ref, acts=acts)
+            self._advance_with = acts if advance else None
         images = {}
         if self.log_heatmaps and render:
             from alignment_callback.metrics.plotting import heatmap_image

@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -268,7 +268,7 @@ def test_ddp_a_step_whose_heatmap_fails_is_no_ones_previous_step(launched, tmp_p
     for rank in ranks:
         assert [s["epoch"] for s in rank["skipped"]] == [2], rank["skipped"]
         assert [h["epoch"] for h in rank["history"]] == [h["epoch"] for h in single.history]
-        for got, want in zip(rank["history"], single.history):
+        for got, want in zip(rank["history"], single.history, strict=True):
             for key, value in want.items():
                 if key.endswith(("/raw", "/calibrated", "/p_value", "/threshold")):
                     assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -47,13 +47,24 @@ SAVE_EXTENSIONS: tuple[str, ...] = (".pt", ".pth", ".safetensors")
 
 # ------------------------------------------------------------------------------ fingerprint
 class _Stream:
-    """One leaf of the probe (a tensor at one position of every batch), hashed row-major."""
+    """One leaf of the probe (a tensor at one position of every batch), hashed row-major.  A
+    scalar (a number, a 0-dim tensor: one value for a batch's rows) is hashed when its value
+    changes (``repeat_scalars``: in every batch, the scheme of earlier files), so a constant
+    one does not make the fingerprint depend on the batching."""
 
-    def __init__(self) -> None:
+    def __init__(self, repeat_scalars: bool = False) -> None:
         self.hash = hashlib.sha256()
         self.rows = 0
         self.dtypes: list[str] = []
         self.row_shapes: list[list[int]] = []
+        self.repeat_scalars = repeat_scalars
+        self.last_scalar: bytes | None = None
+
+    def _scalar(self, text: str) -> None:
+        encoded = text.encode()
+        if self.repeat_scalars or encoded != self.last_scalar:
+            self.hash.update(encoded)
+        self.last_scalar = encoded
 
     def add(self, value: Any) -> None:
         if isinstance(value, np.ndarray):
@@ -64,14 +75,14 @@ class _Stream:
             if dtype not in self.dtypes:
                 self.dtypes.append(dtype)
             if t.dim() == 0:
-                self.hash.update(repr(t.item()).encode())
+                self._scalar(repr(t.item()))
                 return
             if shape[1:] not in self.row_shapes:
                 self.row_shapes.append(shape[1:])
             self.rows += shape[0]
             self.hash.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         else:  # a string, number or None inside a batch
-            self.hash.update(repr(value).encode())
+            self._scalar(repr(value))
 
     def add_row(self, value: Any) -> None:
         """One row of a column of plain values (a string, bytes or a number)."""
@@ -129,7 +140,9 @@ def probe_fingerprint(probe: Any) -> dict[str, Any]:
     The hash covers what the model is fed under :func:`collect_activations`' batch rules — a
     tensor batch, the *first* element of a tuple / list batch (the rest are labels), every entry
     of a dict batch — tensor by tensor (bytes, dtype and per-row shape), so it does not depend
-    on how the rows are split into batches or on labels.  A tuple / list of plain values only
+    on how the rows are split into batches or on labels (a scalar entry of a dict batch, one
+    value for the batch's rows, counts each time its value changes: one that differs between
+    batches ties the fingerprint to the batching).  A tuple / list of plain values only
     (strings, bytes, numbers: a ``DataLoader`` over a list of texts, to be tokenized by a
     ``batch_transform``) is one column of rows, hashed and counted row by row.  A ``(n, ...)``
     tensor ``x``, the list of its batches and a ``DataLoader(TensorDataset(x, y))``
@@ -144,8 +157,9 @@ def probe_fingerprint(probe: Any) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``{"rows": n, "sha256": hex digest}``; ``n`` is the number of rows of the probe's first
-        tensor (sorted by position), or of its column of plain values.
+        ``{"rows": n, "sha256": hex digest}``; ``n`` is the number of rows: per batch, the
+        largest leading size of the tensors it feeds the model (a broadcast ``(1, ...)``
+        entry beside ``(b, ...)`` rows counts b), or the length of its column of plain values.
 
     Examples
     --------
@@ -162,35 +176,46 @@ def probe_fingerprint(probe: Any) -> dict[str, Any]:
     return _fingerprint(probe)
 
 
-def _fingerprint(probe: Any, columns: bool = True) -> dict[str, Any]:
-    """:func:`probe_fingerprint`; ``columns=False``: the scheme of files written before lists
+def _fingerprint(probe: Any, columns: bool = True, repeat_scalars: bool = False
+                 ) -> dict[str, Any]:
+    """:func:`probe_fingerprint`; the schemes of earlier files: ``columns=False``, before lists
     of plain values were read as columns (each index its own stream, and only the first value
-    of a list batch of them)."""
+    of a list batch of them); ``repeat_scalars=True``, before a scalar was hashed only when it
+    changes."""
     streams: dict[tuple[str, ...], _Stream] = {}
+    rows = 0
+
+    def stream_at(path: tuple[str, ...]) -> _Stream:
+        return streams.setdefault(path, _Stream(repeat_scalars))
+
     # iterating a DataLoader draws a seed from the global stream, or from its own generator
     with preserved_rng(), preserved_loader_seed(probe):
         for batch in _probe_batches(probe):
             if isinstance(batch, (list, tuple)) and batch and not (columns and is_column(batch)):
                 batch = batch[0]  # (inputs, labels, ...): the model sees the inputs
             if columns and is_column(batch):  # texts: one row per value
-                stream = streams.setdefault(_COLUMN, _Stream())
+                stream = stream_at(_COLUMN)
                 for value in batch:
                     stream.add_row(value)
+                rows += len(batch)
                 continue
             if columns and is_column([batch]):  # a list of texts: each text a batch of one
-                streams.setdefault(_COLUMN, _Stream()).add_row(batch)
+                stream_at(_COLUMN).add_row(batch)
+                rows += 1
                 continue
+            before = {path: s.rows for path, s in streams.items()}
             for path, value in _leaves(batch, columns=columns):
-                stream = streams.setdefault(path, _Stream())
+                stream = stream_at(path)
                 if isinstance(value, _Row):  # hashed as before, and counted
                     stream.add(value.value)
                     stream.rows += 1
                 else:
                     stream.add(value)
+            # the batch's rows: its largest leading size (a broadcast (1, ...) entry is not)
+            rows += max((s.rows - before.get(path, 0) for path, s in streams.items()), default=0)
     if not streams:
         raise ValueError("probe: it holds no batch")
     summary = {"/".join(path): s.summary() for path, s in sorted(streams.items())}
-    rows = next((s.rows for _, s in sorted(streams.items()) if s.rows), 0)
     digest = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
     return {"rows": int(rows), "sha256": digest}
 
@@ -215,21 +240,33 @@ def read_fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
     -------
     dict or None
         ``{"rows": n, "sha256": hex digest}``.
+
+    Raises
+    ------
+    FeatureFileError
+        The file cannot be read (truncated, corrupt, holding pickled objects); a ValueError
+        naming it.
     """
+    from alignment_callback.hooks.feature_files import FeatureFileError, read_pt
+
     path = Path(path)
     ext = path.suffix.lower()
     if ext in (".pt", ".pth"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be memory-mapped;
+            obj = read_pt(path)  # a corrupt one gets its reason here
         value = obj.get(PROBE_KEY) if isinstance(obj, Mapping) else None
     elif ext == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get(PROBE_KEY)
-        value = json.loads(text) if text else None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                text = (f.metadata() or {}).get(PROBE_KEY)
+            value = json.loads(text) if text else None
+        except Exception as err:  # noqa: BLE001 - a corrupt header or fingerprint entry
+            raise FeatureFileError(f"{path}: cannot read its probe fingerprint as a "
+                                   f".safetensors file ({type(err).__name__}: {err})") from err
     else:
         return None
     return {"rows": int(value["rows"]), "sha256": str(value["sha256"])} \
@@ -262,8 +299,9 @@ def check_fingerprint(path: str | os.PathLike, probe: Any) -> bool:
         return False
     mine = probe if _valid_fingerprint(probe) else probe_fingerprint(probe)
     same = stored["rows"] == mine["rows"] and stored["sha256"] == mine["sha256"]
-    if not same and not _valid_fingerprint(probe):  # a file of the earlier scheme
-        same = dict(stored) == _fingerprint(probe, columns=False)
+    if not same and not _valid_fingerprint(probe):  # a file of an earlier scheme
+        same = any(dict(stored) == _fingerprint(probe, columns, repeat_scalars=True)
+                   for columns in (True, False))
     if not same:
         raise ValueError(
             f"{path}: the features were made from another probe ({stored['rows']} rows, sha256 "
@@ -304,7 +342,14 @@ def save_features(features: Mapping[str, Tensor], path: str | os.PathLike,
     if PROBE_KEY in features:
         raise ValueError(f"{path}: a layer may not be named {PROBE_KEY!r} (reserved for the "
                          "probe fingerprint)")
-    tensors = {str(k): v.detach().cpu().contiguous() for k, v in features.items()}
+    tensors, storages = {}, set()
+    for k, v in features.items():
+        t = v.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        if storage.nbytes() > t.numel() * t.element_size() or storage.data_ptr() in storages:
+            t = t.clone()  # a view: .pt would write its whole storage, .safetensors refuses
+        storages.add(t.untyped_storage().data_ptr())
+        tensors[str(k)] = t
     tmp = path.with_name(path.name + ".tmp")
     try:
         if ext == ".safetensors":

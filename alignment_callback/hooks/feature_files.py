@@ -16,7 +16,9 @@ problem is a :class:`FeatureFileError` (a ``ValueError``) naming the file (and t
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -134,7 +136,7 @@ def _pt_error(path: Path, err: BaseException) -> FeatureFileError:
     """A pickled-object file (refused by ``weights_only``) or a truncated / corrupt one."""
     chain = f"{err} {err.__context__ or ''} {err.__cause__ or ''}"
     found = _UNSUPPORTED_GLOBAL.search(chain)
-    if found:
+    if found and _resolves(found.group(1)):  # else a name cut short or garbled: corrupt
         return FeatureFileError(
             f"{path}: holds pickled Python objects ({found.group(1)}) that "
             "torch.load(weights_only=True) refuses to load; save tensors only, e.g. "
@@ -154,6 +156,26 @@ def _pt_error(path: Path, err: BaseException) -> FeatureFileError:
         reason = _short(inner).split(". ")[0] if str(inner).strip() else \
             f"{type(inner).__name__}: it ends before its data does"
     return FeatureFileError(f"{path}: not a readable .pt file (truncated or corrupt: {reason})")
+
+
+def _resolves(name: str) -> bool:
+    """Whether the dotted ``name`` of a pickled global can name an object, imported nothing: an
+    attribute path of an imported module, or a name under an installed top-level module not
+    imported yet (a name cut short or garbled in a corrupt file does not)."""
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return False
+    for cut in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:cut]))
+        if module is not None:
+            obj: Any = module
+            try:
+                for attribute in parts[cut:]:
+                    obj = getattr(obj, attribute)
+            except AttributeError:
+                return False
+            return True
+    return importlib.util.find_spec(parts[0]) is not None
 
 
 _NPY_MAGIC = b"\x93NUMPY"

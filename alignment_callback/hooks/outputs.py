@@ -114,8 +114,9 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
 
     Integer and boolean tensors (token ids, masks) are passed over.  Where the top level holds
     no floating-point tensor, nested tuples, lists and mappings are searched, depth first
-    (``((hidden, attn), ids)`` gives ``hidden``); a container holding none is an error, as
-    ``output_key`` can pick one explicitly.
+    (``((hidden, attn), ids)`` gives ``hidden``; a nested namedtuple's fields, which have
+    meanings of their own, are not); a container holding none is an error, as ``output_key``
+    can pick one explicitly.
 
     Parameters
     ----------
@@ -200,11 +201,16 @@ def select_output(output: Any, output_key: OutputKey = None, layer: str = "?") -
         values = list(mapping.values()) if mapping is not None else (
             list(output) if isinstance(output, (tuple, list)) else [])
         nested = any(isinstance(v, (tuple, list)) or _as_mapping(v) is not None for v in values)
+        named = [f"{type(v).__module__}.{type(v).__qualname__}" for v in values
+                 if isinstance(v, tuple) and type(v) is not tuple]  # not searched
         only_ids = any(isinstance(v, Tensor) for v in values) and not nested
         what = ("only integer or boolean tensors (token ids, masks: not activations; a "
                 "sentence-transformers module returns the features dict it was given)"
                 if only_ids else "no floating-point tensor, at its top level or nested"
                 if nested else "no tensor to record")
+        if named:
+            what += (f" (the fields of a namedtuple, here {named[0]}, are not searched: they "
+                     "have meanings of their own)")
         raise LayerOutputError(
             f"layer {layer!r} returned a {type(output).__name__} with {what}; hook a "
             "submodule that returns the activations instead, or pick them with "
